@@ -1,0 +1,255 @@
+"""Structured configs: the schema every YAML file in conf/ and every command-line override is checked against.
+
+Registered in Hydra's ConfigStore as ``config_schema``; conf/config.yaml lists it first in its defaults, so a
+misspelt key (``data.roott=x``) or a wrong type (``sft.max_steps=ten``) fails at compose time with a message
+naming the key, before any work starts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+TASK_TYPES = ("report_generation", "classification", "multi_label", "regression")
+STAGES = ("prepare", "sft", "rl", "infer", "eval", "pipeline", "sweep_report")
+
+
+@dataclass
+class StageConfig:
+    name: str = "pipeline"
+    # For the pipeline stage: the stages run in order, each in its own sub-directory of the run dir.
+    steps: List[str] = field(default_factory=list)
+
+
+@dataclass
+class PathsConfig:
+    # Relative paths are taken from the directory launch.py was started in.
+    output_root: str = "outputs"
+    cache_dir: str = "${oc.env:FLARE_EXP_CACHE,.cache/flare_exp}"
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    alpha: int = 16
+    dropout: float = 0.0
+    # "all-linear" or an explicit list of module-name suffixes.
+    target_modules: Any = "all-linear"
+    finetune_vision_layers: bool = True
+    finetune_language_layers: bool = True
+    finetune_attention_modules: bool = True
+    finetune_mlp_modules: bool = True
+    modules_to_save: List[str] = field(default_factory=list)
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    # A local directory. A hub id works only where the machine reaches a hub (compute nodes usually don't).
+    path: str = MISSING
+    # What to fetch when `path` is missing, shown in the error message.
+    download_hint: str = ""
+    backend: str = "hf"  # hf | unsloth
+    dtype: str = "auto"  # auto | bfloat16 | float16 | float32
+    attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = False
+    # Image token budget, applied identically in sft, rl and infer (None = the processor's own default).
+    min_pixels: Optional[int] = None
+    max_pixels: Optional[int] = None
+    max_seq_length: int = 12000
+    # model=tiny: build a tiny random Qwen3-VL at `path` when it is missing.
+    build_tiny: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class DemoConfig:
+    seed: int = 0
+    train_per_dataset: int = 8
+    val_per_dataset: int = 4
+    test_per_dataset: int = 2
+    image_size: int = 96
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    # The raw FLARE download (after unzipping, or holding the zips: prepare unzips them in place).
+    root: str = MISSING
+    # Where prepare writes train/val/test.jsonl and where sft/rl/infer read them.
+    prepared_dir: str = MISSING
+    datasets: List[str] = field(
+        default_factory=lambda: ["IU_XRay", "chestdr", "dental", "periapical", "boneresorption"])
+    # Which FLARE split folders feed which output file.
+    train_splits: List[str] = field(default_factory=lambda: ["training"])
+    val_splits: List[str] = field(default_factory=lambda: ["validation-public"])
+    test_splits: List[str] = field(default_factory=lambda: ["testing"])
+    # Optional instruction put before the question, per normalised task type ("" = none).
+    instructions: Dict[str, str] = field(default_factory=dict)
+    unzip: bool = True
+    verify_images: bool = True
+    strict: bool = False
+    allow_overlap: bool = False
+    # data=demo: generate a synthetic FLARE-layout tree at `root` when it is missing.
+    demo: Optional[DemoConfig] = None
+
+
+@dataclass
+class TaskRewardConfig:
+    # term name -> weight; the terms are looked up in the reward registry.
+    weights: Dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class RadGraphConfig:
+    model_type: str = "radgraph-xl"
+    # Directory holding <model_type>/{config.json,vocabulary/,weights.th}.
+    model_dir: Optional[str] = None
+    reward_level: str = "RG_ER"  # RG_E | RG_ER | RG_ER_bar
+    cache_size: int = 100000
+
+
+@dataclass
+class RewardConfig:
+    name: str = MISSING
+    clip_min: float = -2.0
+    clip_max: float = 2.0
+    # Score given when a completion is not a string (None, a number, ...), instead of crashing a GRPO step.
+    invalid_completion: float = -1.0
+    report_generation: TaskRewardConfig = field(default_factory=TaskRewardConfig)
+    classification: TaskRewardConfig = field(default_factory=TaskRewardConfig)
+    multi_label: TaskRewardConfig = field(default_factory=TaskRewardConfig)
+    regression: TaskRewardConfig = field(default_factory=TaskRewardConfig)
+    # Per-term parameters (term name -> {param: value}), shared by every task type that uses the term.
+    terms: Dict[str, Any] = field(default_factory=dict)
+    radgraph: RadGraphConfig = field(default_factory=RadGraphConfig)
+
+
+@dataclass
+class SFTConfig:
+    train_file: str = "${data.prepared_dir}/train.jsonl"
+    val_file: Optional[str] = "${data.prepared_dir}/val.jsonl"
+    init_from: Optional[str] = None  # continue from an adapter (run dir or checkpoint)
+    per_device_train_batch_size: int = 4
+    per_device_eval_batch_size: int = 4
+    gradient_accumulation_steps: int = 4
+    learning_rate: float = 2e-5
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    lr_scheduler_type: str = "linear"
+    optim: str = "adamw_torch"
+    max_steps: int = 1500
+    num_train_epochs: float = 1.0
+    logging_steps: int = 10
+    save_steps: int = 500
+    eval_steps: int = 100
+    save_total_limit: Optional[int] = 3
+    early_stopping_patience: Optional[int] = None
+    max_train_samples: Optional[int] = None
+    max_eval_samples: Optional[int] = None
+    # What to do with a sample longer than model.max_seq_length: skip (and count) or error.
+    on_too_long: str = "skip"
+    dataloader_num_workers: int = 0
+    report_to: str = "none"  # none | wandb | tensorboard
+    wandb_project: str = "flare_exp"
+    wandb_mode: str = "offline"
+
+
+@dataclass
+class RLConfig:
+    train_file: str = "${data.prepared_dir}/train.jsonl"
+    init_from: Optional[str] = None  # SFT run dir or checkpoint (adapter); None = base model + fresh LoRA
+    num_generations: int = 2
+    per_device_train_batch_size: int = 2
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 5e-6
+    warmup_ratio: float = 0.1
+    lr_scheduler_type: str = "linear"
+    max_completion_length: int = 256
+    max_prompt_length: Optional[int] = None
+    loss_type: str = "dr_grpo"
+    importance_sampling_level: str = "sequence"
+    beta: float = 0.0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_steps: int = 800
+    logging_steps: int = 1
+    save_steps: int = 100
+    save_total_limit: Optional[int] = 3
+    optim: str = "adamw_torch"
+    max_train_samples: Optional[int] = None
+    task_types: List[str] = field(default_factory=list)  # empty = all
+    use_vllm: bool = False
+    report_to: str = "none"
+    wandb_project: str = "flare_exp_rl"
+    wandb_mode: str = "offline"
+
+
+@dataclass
+class InferConfig:
+    checkpoint: Optional[str] = None  # None = the base model at model.path
+    label: Optional[str] = None  # column header in the sheet; default: derived from the checkpoint
+    split: str = "val"
+    input_file: Optional[str] = None  # default: ${data.prepared_dir}/<split>.jsonl
+    batch_size: int = 8
+    num_samples: int = 0  # <= 0: all
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    sort_by_length: bool = True
+    cache_implementation: Optional[str] = None  # e.g. "static" on GPU
+
+
+@dataclass
+class GreenConfig:
+    model_path: Optional[str] = None
+    batch_size: int = 8
+    max_length: int = 2048
+    max_new_tokens: int = 512
+
+
+@dataclass
+class EvalConfig:
+    # One predictions.jsonl, or several (comparison mode), or run dirs holding one.
+    predictions: List[str] = field(default_factory=list)
+    green: GreenConfig = field(default_factory=GreenConfig)
+    radgraph: bool = True
+    chexbert_path: Optional[str] = None
+
+
+@dataclass
+class SweepReportConfig:
+    sweep_dir: Optional[str] = None
+
+
+@dataclass
+class Config:
+    stage: StageConfig = field(default_factory=StageConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    sweep_report: SweepReportConfig = field(default_factory=SweepReportConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    # Set by conf/experiment/*.yaml; "demo" guards against running demo budgets on real data.
+    experiment_name: str = "none"
+    run_name: str = "${stage.name}-${data.name}-${model.name}"
+    seed: int = 42
+    # A finished run (DONE marker) is never overwritten unless this is true.
+    overwrite: bool = False
+    # auto: continue from the last checkpoint in the run dir if there is one; never: start fresh
+    # (refusing if checkpoints exist); or a checkpoint path.
+    resume: str = "auto"
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="config_schema", node=Config)
+
+
+register_configs()

@@ -1,0 +1,48 @@
+"""The entry point's body: validate the composed config, prepare the run dir, dispatch to the stage."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from flare_exp import stages
+from flare_exp.runtime import check_not_finished, run_with_markers, write_run_metadata
+
+log = logging.getLogger(__name__)
+
+
+def validate(cfg: DictConfig) -> None:
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ValueError(f"these config values must be set: {', '.join(missing)} "
+                         f"(e.g. python launch.py {missing[0]}=...)")
+    if cfg.experiment_name == "demo" and (cfg.model.name != "tiny" or cfg.data.name != "demo"):
+        raise ValueError(
+            f"experiment=demo runs demo-sized budgets (a few steps), but model={cfg.model.name} "
+            f"data={cfg.data.name} were chosen. For real runs pass experiment=flare (or ~experiment) "
+            "so the full training settings apply.")
+    if cfg.model.backend not in ("hf", "unsloth"):
+        raise ValueError(f"model.backend={cfg.model.backend!r}: choose hf or unsloth")
+
+
+def run(cfg: DictConfig, run_dir: Path | None = None):
+    validate(cfg)
+    if run_dir is None:
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+    stage = cfg.stage.name
+    runner = stages.get_runner(stage)
+    out_dir = stages.output_dir(stage, cfg, run_dir)
+    if stage != "pipeline":  # the pipeline reuses finished steps instead of refusing
+        check_not_finished(out_dir, cfg.overwrite, what=f"{stage} run")
+    write_run_metadata(run_dir, cfg)
+    if out_dir != run_dir:
+        write_run_metadata(out_dir, cfg)
+    log.info("stage=%s model=%s (%s) data=%s -> %s", stage, cfg.model.name, cfg.model.backend, cfg.data.name,
+             out_dir)
+    result = run_with_markers(out_dir, runner.run, cfg, out_dir)
+    if out_dir != run_dir:
+        run_with_markers(run_dir, lambda: result)
+    print(f"\n[flare-exp] stage={stage} finished. Outputs: {out_dir}")
+    return result

@@ -1,0 +1,105 @@
+"""What every run leaves in its run dir: resolved config, git commit, package versions, DONE/FAILED marker.
+
+SLURM (through submitit) reports a job whose task raised as "completed", so the marker written here is the
+truth about how a run ended. FAILED carries the traceback.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from importlib import metadata
+from pathlib import Path
+
+from hydra.utils import to_absolute_path
+from omegaconf import DictConfig, OmegaConf
+
+from flare_exp.io import write_json, write_text
+
+log = logging.getLogger(__name__)
+
+DONE = "DONE"
+FAILED = "FAILED"
+TRACKED_PACKAGES = ("torch", "torchvision", "transformers", "trl", "peft", "accelerate", "datasets", "unsloth",
+                    "unsloth_zoo", "bitsandbytes", "radgraph", "rouge-score", "hydra-core", "omegaconf",
+                    "submitit", "hydra-submitit-launcher", "wandb", "openpyxl")
+
+
+class RunFinishedError(RuntimeError):
+    """The run dir already holds a finished run and overwrite is off."""
+
+
+def abspath(path: str | Path) -> Path:
+    """Resolve a config path against the directory launch.py was started from."""
+    return Path(to_absolute_path(str(path)))
+
+
+def git_commit() -> str | None:
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def package_versions() -> dict:
+    versions = {"python": platform.python_version()}
+    for name in TRACKED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def marker(run_dir: Path) -> str | None:
+    if (run_dir / DONE).exists():
+        return DONE
+    if (run_dir / FAILED).exists():
+        return FAILED
+    return None
+
+
+def check_not_finished(run_dir: Path, overwrite: bool, what: str = "run") -> None:
+    if (run_dir / DONE).exists() and not overwrite:
+        raise RunFinishedError(
+            f"{run_dir} already holds a finished {what} ({DONE} marker present). Nothing was changed. "
+            f"Pass overwrite=true to redo it there, or choose another run_name=.")
+
+
+def write_run_metadata(run_dir: Path, cfg: DictConfig) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # YAML text, never a pickled DictConfig: torch>=2.6 refuses to load checkpoints holding one.
+    write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    write_json(run_dir / "run_info.json", {
+        "started": _dt.datetime.now().isoformat(timespec="seconds"),
+        "git_commit": git_commit(),
+        "host": platform.node(),
+        "argv": sys.argv,
+        "packages": package_versions(),
+    })
+
+
+def run_with_markers(run_dir: Path, fn, *args, **kwargs):
+    """Run ``fn`` and leave DONE (with its result summary) or FAILED (with the traceback) in ``run_dir``."""
+    for name in (DONE, FAILED):
+        (run_dir / name).unlink(missing_ok=True)
+    start = time.time()
+    try:
+        result = fn(*args, **kwargs)
+    except BaseException as e:
+        write_text(run_dir / FAILED, f"{type(e).__name__}: {e}\n\n{traceback.format_exc()}")
+        raise
+    write_json(run_dir / DONE, {"seconds": round(time.time() - start, 2),
+                                "finished": _dt.datetime.now().isoformat(timespec="seconds"),
+                                "result": result if isinstance(result, (dict, list, str, int, float)) else None})
+    return result

@@ -1,0 +1,32 @@
+"""Stage registry: stage name -> runner module. Modules are imported only when their stage runs, so a
+prepare job never pays for importing torch/transformers and Unsloth is never imported by accident.
+
+A runner module defines ``run(cfg, out_dir) -> dict`` (a small JSON-able summary) and may define
+``output_dir(cfg, run_dir) -> Path`` when its outputs live outside the Hydra run dir (prepare does).
+"""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from types import ModuleType
+
+RUNNERS = {
+    "prepare": "flare_exp.stages.prepare",
+    "sft": "flare_exp.stages.sft",
+    "rl": "flare_exp.stages.rl",
+    "infer": "flare_exp.stages.infer",
+    "eval": "flare_exp.stages.evaluate",
+    "sweep_report": "flare_exp.stages.sweep_report",
+    "pipeline": "flare_exp.stages.pipeline",
+}
+
+
+def get_runner(name: str) -> ModuleType:
+    if name not in RUNNERS:
+        raise ValueError(f"unknown stage {name!r}; known stages: {', '.join(RUNNERS)}")
+    return importlib.import_module(RUNNERS[name])
+
+
+def output_dir(name: str, cfg, run_dir: Path) -> Path:
+    runner = get_runner(name)
+    return runner.output_dir(cfg, run_dir) if hasattr(runner, "output_dir") else run_dir

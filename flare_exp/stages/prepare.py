@@ -1,0 +1,26 @@
+"""prepare stage: writes ${data.prepared_dir}/{train,val,test,rejects}.jsonl + summary.json."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from flare_exp.data.prepare import format_summary, prepare
+from flare_exp.runtime import abspath
+
+log = logging.getLogger(__name__)
+
+
+def output_dir(cfg, run_dir: Path) -> Path:
+    return abspath(cfg.data.prepared_dir)
+
+
+def run(cfg, out_dir: Path) -> dict:
+    root = abspath(cfg.data.root)
+    if cfg.data.demo is not None and not root.exists():
+        from flare_exp.data.demo import generate_demo
+
+        log.info("data=%s: generating the synthetic FLARE-layout demo tree at %s", cfg.data.name, root)
+        generate_demo(root, **cfg.data.demo)
+    summary = prepare(cfg.data, root, out_dir)
+    log.info("prepared data in %s\n%s", out_dir, format_summary(summary))
+    return {"prepared_dir": str(out_dir), "records": summary["records"], "rejects": summary["rejects"]}

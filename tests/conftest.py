@@ -1,0 +1,56 @@
+"""Shared fixtures: Hydra compose API configs, a tiny Qwen3-VL and the prepared demo, built once per session."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+REPO = Path(__file__).resolve().parent.parent
+CONF = REPO / "conf"
+sys.path.insert(0, str(REPO))
+
+import flare_exp.config  # noqa: E402,F401  (registers the schema)
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def compose_cfg(overrides: list[str] | None = None):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides or []))
+
+
+@pytest.fixture(scope="session")
+def session_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("flare_session")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(session_dir) -> Path:
+    from flare_exp.models.tiny import build_tiny_qwen3vl
+
+    return build_tiny_qwen3vl(session_dir / "cache" / "models" / "tiny-qwen3vl")
+
+
+@pytest.fixture(scope="session")
+def demo_prepared(session_dir) -> Path:
+    """The demo tree generated and prepared once: returns the prepared dir (train/val/test.jsonl)."""
+    from flare_exp.main import run
+
+    cfg = compose_cfg([f"paths.cache_dir={session_dir / 'cache'}", f"paths.output_root={session_dir / 'out'}",
+                       "stage=prepare"])
+    run(cfg, run_dir=session_dir / "out" / "prepare")
+    return session_dir / "cache" / "demo" / "prepared"
+
+
+@pytest.fixture
+def base_overrides(session_dir, tmp_path, tiny_model_dir, demo_prepared) -> list[str]:
+    """Overrides for a test run: shared tiny model + prepared demo, a private output dir."""
+    return [f"paths.cache_dir={session_dir / 'cache'}", f"paths.output_root={tmp_path / 'out'}"]

@@ -1,0 +1,79 @@
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import CONF, compose_cfg
+from hydra.errors import ConfigCompositionException as HydraCompositionError
+
+
+def _options(group):
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("stage", _options("stage"))
+def test_every_stage_composes(stage):
+    cfg = compose_cfg([f"stage={stage}"])
+    assert cfg.stage.name == stage
+
+
+@pytest.mark.parametrize("model", _options("model"))
+def test_every_model_composes(model):
+    cfg = compose_cfg(["~experiment", f"model={model}", "data.root=/x"])
+    assert cfg.model.name == model
+    assert cfg.model.backend in ("hf", "unsloth")
+
+
+@pytest.mark.parametrize("data", _options("data"))
+def test_every_data_composes(data):
+    cfg = compose_cfg(["~experiment", f"data={data}", "data.root=/x"])
+    assert cfg.data.name == data
+    assert OmegaConf.to_container(cfg.data, resolve=True)
+
+
+@pytest.mark.parametrize("reward", _options("reward"))
+def test_every_reward_composes(reward):
+    cfg = compose_cfg([f"reward={reward}"])
+    assert cfg.reward.name == reward
+
+
+@pytest.mark.parametrize("experiment", _options("experiment"))
+def test_every_experiment_composes(experiment):
+    cfg = compose_cfg([f"experiment={experiment}", "data.root=/x"])
+    assert cfg.experiment_name == experiment
+
+
+def test_default_is_the_demo():
+    cfg = compose_cfg()
+    assert (cfg.stage.name, cfg.model.name, cfg.data.name, cfg.experiment_name) == ("pipeline", "tiny", "demo", "demo")
+
+
+def test_misspelt_key_fails_at_compose_time():
+    with pytest.raises(HydraCompositionError, match="roott"):
+        compose_cfg(["data.roott=x"])
+
+
+def test_wrong_type_fails_at_compose_time():
+    with pytest.raises(HydraCompositionError, match="max_steps"):
+        compose_cfg(["sft.max_steps=ten"])
+
+
+def test_missing_data_root_is_named(tmp_path):
+    from flare_exp.main import validate
+
+    cfg = compose_cfg(["experiment=flare", "stage=prepare"])
+    with pytest.raises(ValueError, match="data.root"):
+        validate(cfg)
+
+
+def test_demo_experiment_refuses_real_model():
+    from flare_exp.main import validate
+
+    cfg = compose_cfg(["model=qwen3vl_4b"])
+    with pytest.raises(ValueError, match="experiment=flare"):
+        validate(cfg)
+
+
+def test_unknown_backend_rejected():
+    from flare_exp.main import validate
+
+    with pytest.raises(ValueError, match="backend"):
+        validate(compose_cfg(["model.backend=vllm"]))

@@ -1,0 +1,197 @@
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, compose_cfg
+from flare_exp.data.demo import generate_demo
+from flare_exp.io import read_jsonl
+from flare_exp.main import run
+from flare_exp.runtime import RunFinishedError
+
+
+def _cfg(tmp_path, root, *extra):
+    return compose_cfg(["~experiment", "data=flare_xray", "model=tiny", "stage=prepare",
+                        f"data.root={root}", f"paths.output_root={tmp_path / 'out'}",
+                        f"paths.cache_dir={tmp_path / 'cache'}", *extra])
+
+
+def _prepare(tmp_path, root, *extra):
+    cfg = _cfg(tmp_path, root, *extra)
+    run(cfg, run_dir=tmp_path / "run")
+    return tmp_path / "out" / "prepared" / "flare_xray"
+
+
+@pytest.fixture
+def demo_root(tmp_path):
+    return generate_demo(tmp_path / "raw", seed=0)
+
+
+def test_demo_is_deterministic(tmp_path):
+    a, b = generate_demo(tmp_path / "a", seed=3), generate_demo(tmp_path / "b", seed=3)
+    files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert files_a == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    for rel in files_a:
+        assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
+    c = generate_demo(tmp_path / "c", seed=4)
+    assert (a / "training/Xray/IU_XRay/IU_XRay_questions_train.json").read_text() != \
+        (c / "training/Xray/IU_XRay/IU_XRay_questions_train.json").read_text()
+
+
+def test_demo_has_the_real_flare_layout(demo_root):
+    assert (demo_root / "training/Xray/periapical.zip").exists()  # nested archive, unzipped by prepare
+    assert (demo_root / "val/validation-public/Xray/IU_XRay/IU_XRay_all_val.json").exists()
+    tests = json.loads((demo_root / "testing/Xray/dental/dental_questions_test.json").read_text())
+    assert tests and all("Answer" not in r for r in tests)
+    iu = json.loads((demo_root / "training/Xray/IU_XRay/IU_XRay_questions_train.json").read_text())
+    assert {r["TaskType"] for r in iu} == {"Report_Generation"}
+    assert all(isinstance(r["ImageName"], list) and len(r["ImageName"]) == 2 for r in iu)
+
+
+def test_prepare_demo(tmp_path, demo_root):
+    out = _prepare(tmp_path, demo_root, "data.val_splits=[validation-public,validation-hidden]")
+    train, val, test = (read_jsonl(out / f"{s}.jsonl") for s in ("train", "val", "test"))
+    assert {r["dataset"] for r in train} == {"IU_XRay", "chestdr", "dental", "periapical", "boneresorption"}
+    assert {r["task_type"] for r in train} == {"report_generation", "multi_label", "classification", "regression"}
+    for r in train + val + test:
+        assert set(r) >= {"id", "dataset", "task_type", "split", "images", "question", "answer", "messages"}
+        assert all((demo_root / p).is_file() for p in r["images"])
+        user = r["messages"][0]["content"]
+        assert [p["type"] for p in user] == ["image"] * len(r["images"]) + ["text"]
+    iu = [r for r in train if r["dataset"] == "IU_XRay"]
+    assert all(r["images"][0].endswith("-0.png") and r["images"][1].endswith("-1.png") for r in iu)
+    assert any(r["image_name"][0].endswith("-1.png") for r in iu)  # some came lateral-first
+    assert all(r["answer"] is None and len(r["messages"]) == 1 for r in test)
+    assert all(r["messages"][1]["content"][0]["text"] == r["answer"] for r in train)
+    assert any("Endodontic Treatment, Restorative Treatment, and Complications" in r["answer"]
+               for r in train if r["dataset"] == "periapical")
+    assert any(r["answer"] in "GHIJK" for r in train + val if r["dataset"] == "dental")
+    assert len({r["id"] for r in train + val + test}) == len(train + val + test)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["records"] == {"train": len(train), "val": len(val), "test": len(test)}
+    assert (out / "DONE").exists() and (tmp_path / "run" / "config.yaml").exists()
+    assert (demo_root / "training/Xray/periapical.zip.unzipped").exists()
+
+
+def test_rerun_refuses_then_overwrite(tmp_path, demo_root):
+    out = _prepare(tmp_path, demo_root)
+    before = (out / "train.jsonl").read_bytes()
+    with pytest.raises(RunFinishedError, match="overwrite=true"):
+        _prepare(tmp_path, demo_root)
+    _prepare(tmp_path, demo_root, "overwrite=true")  # idempotent unzip, same output
+    assert (out / "train.jsonl").read_bytes() == before
+
+
+def test_instruction_prefix(tmp_path, demo_root):
+    out = _prepare(tmp_path, demo_root, "+data.instructions.report_generation='Write the report.'")
+    iu = [r for r in read_jsonl(out / "train.jsonl") if r["dataset"] == "IU_XRay"]
+    assert iu[0]["messages"][0]["content"][-1]["text"].startswith("Write the report.\n")
+
+
+def _small_tree(root: Path, records: list, dataset="chestdr", split="training", images=("a.png", "b.png")):
+    from PIL import Image
+
+    d = root / split / "Xray" / dataset
+    (d / "imagesTr").mkdir(parents=True, exist_ok=True)
+    for name in images:
+        Image.new("RGB", (32, 32), 128).save(d / "imagesTr" / name)
+    (d / f"{dataset}_questions_train.json").write_text(json.dumps(records))
+    return d
+
+
+GOOD = {"TaskType": "Multi-label Classification", "Modality": "Xray", "ImageName": "imagesTr/a.png",
+        "Question": "Which?", "Answer": "Effusion, Mass", "Split": "train"}
+
+
+def test_each_reject_reason(tmp_path):
+    root = tmp_path / "raw"
+    d = _small_tree(root, [
+        GOOD,
+        {**GOOD, "ImageName": "imagesTr/missing.png", "Question": "q1"},
+        {**GOOD, "ImageName": "imagesTr/corrupt.png", "Question": "q2"},
+        {k: v for k, v in GOOD.items() if k != "Question"},
+        {**GOOD, "TaskType": "Detection", "Question": "q3"},
+        {**GOOD, "Answer": "  ", "Question": "q4"},
+        GOOD,  # duplicate ImageName||Question
+    ])
+    (d / "imagesTr" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+    out = _prepare(tmp_path, root, "data.datasets=[chestdr]")
+    rejects = read_jsonl(out / "rejects.jsonl")
+    reasons = [r["reason"] for r in rejects]
+    assert [r["index"] for r in rejects] == [1, 2, 3, 4, 5, 6]
+    assert reasons[0] == "missing image imagesTr/missing.png"
+    assert reasons[1].startswith("corrupt image corrupt.png")
+    assert reasons[2] == "missing key Question"
+    assert reasons[3] == "unknown TaskType 'Detection'"
+    assert reasons[4] == "empty answer"
+    assert reasons[5].startswith("duplicate")
+    assert all(r["file"] == "training/Xray/chestdr/chestdr_questions_train.json" for r in rejects)
+    assert len(read_jsonl(out / "train.jsonl")) == 1
+
+
+def test_strict_mode_names_file_and_index(tmp_path):
+    root = tmp_path / "raw"
+    _small_tree(root, [GOOD, {**GOOD, "TaskType": "Counting", "Question": "q"}])
+    with pytest.raises(ValueError, match=r"chestdr_questions_train.json record 1: unknown TaskType"):
+        _prepare(tmp_path, root, "data.datasets=[chestdr]", "data.strict=true")
+
+
+def test_malformed_json_names_the_file(tmp_path):
+    root = tmp_path / "raw"
+    d = _small_tree(root, [GOOD])
+    (d / "chestdr_questions_train.json").write_text('[{"TaskType": ')
+    with pytest.raises(ValueError, match="chestdr_questions_train.json: malformed JSON"):
+        _prepare(tmp_path, root, "data.datasets=[chestdr]")
+    assert not (tmp_path / "out" / "prepared" / "flare_xray" / "DONE").exists()
+    assert (tmp_path / "out" / "prepared" / "flare_xray" / "FAILED").exists()
+
+
+def test_leakage_guard(tmp_path):
+    root = tmp_path / "raw"
+    _small_tree(root, [GOOD])
+    val = root / "validation-public" / "Xray" / "chestdr"
+    shutil.copytree(root / "training" / "Xray" / "chestdr" / "imagesTr", val / "imagesVal")
+    (val / "chestdr_questions_val.json").write_text(json.dumps([{**GOOD, "ImageName": "imagesVal/a.png"}]))
+    with pytest.raises(ValueError, match=r"(?s)1 studies appear both in train and in val/test.*chestdr:a.png"):
+        _prepare(tmp_path, root, "data.datasets=[chestdr]")
+    out = _prepare(tmp_path, root, "data.datasets=[chestdr]", "data.allow_overlap=true")
+    assert len(read_jsonl(out / "val.jsonl")) == 1
+
+
+def test_leakage_guard_sees_the_same_picture_under_another_name(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "raw"
+    _small_tree(root, [GOOD])
+    val = root / "validation-public" / "Xray" / "chestdr"
+    (val / "imagesVal").mkdir(parents=True)
+    shutil.copy(root / "training/Xray/chestdr/imagesTr/a.png", val / "imagesVal" / "renamed.png")
+    Image.new("RGB", (32, 32), 7).save(val / "imagesVal" / "other.png")
+    recs = [{**GOOD, "ImageName": "imagesVal/renamed.png"}, {**GOOD, "ImageName": "imagesVal/other.png"}]
+    (val / "chestdr_questions_val.json").write_text(json.dumps(recs))
+    with pytest.raises(ValueError, match=r"(?s)^1 studies.*chestdr:a.png"):
+        _prepare(tmp_path, root, "data.datasets=[chestdr]")
+
+
+def test_missing_root_is_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="data.root="):
+        _prepare(tmp_path, tmp_path / "nope")
+
+
+def test_launch_py_subprocess(tmp_path):
+    """The real entry point: `python launch.py stage=prepare` on the demo writes its outputs and DONE."""
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "launch.py", "stage=prepare", f"paths.output_root={tmp_path / 'out'}",
+           f"paths.cache_dir={tmp_path / 'cache'}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "stage=prepare finished" in proc.stdout
+    assert (tmp_path / "cache" / "demo" / "prepared" / "DONE").exists()
+    run_dir = tmp_path / "out" / "runs" / "demo-prepare"
+    assert (run_dir / "DONE").exists() and (run_dir / "config.yaml").exists()
+    assert json.loads((run_dir / "run_info.json").read_text())["packages"]["hydra-core"] == "1.3.8"
+    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode != 0 and "overwrite=true" in again.stderr

@@ -1,0 +1,173 @@
+"""The model layer used by sft, rl, infer and eval: one interface, two backends.
+
+``model.backend=hf``: transformers + PEFT, on CPU or GPU. ``model.backend=unsloth``: Unsloth's
+FastVisionModel, GPU only; ``unsloth`` is imported only here, only when that backend is chosen.
+Both apply the same LoRA switches and the same image token budget (min_pixels / max_pixels).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flare_exp.models.checkpoints import read_meta, resolve_adapter
+from flare_exp.runtime import abspath
+
+log = logging.getLogger(__name__)
+
+_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj", "attn.qkv", "attn.proj")
+_MLP = ("gate_proj", "up_proj", "down_proj", "linear_fc1", "linear_fc2")
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    processor: Any
+    base_path: Path
+    adapter: Path | None
+    backend: str
+
+
+def resolve_model_path(model_cfg) -> Path:
+    path = abspath(model_cfg.path)
+    if not (path / "config.json").exists() and model_cfg.build_tiny:
+        from flare_exp.models.tiny import build_tiny_qwen3vl
+
+        log.info("model=%s: building the tiny random Qwen3-VL at %s", model_cfg.name, path)
+        build_tiny_qwen3vl(path, min_pixels=model_cfg.min_pixels or 32 * 32,
+                           max_pixels=model_cfg.max_pixels or 128 * 128)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(
+            f"model.path={path} holds no model (no config.json). {model_cfg.download_hint or ''}".strip())
+    return path
+
+
+def torch_dtype(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    try:
+        return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+    except KeyError:
+        raise ValueError(f"model.dtype={name!r}: choose auto, bfloat16, float16 or float32") from None
+
+
+def apply_pixel_budget(processor, model_cfg) -> None:
+    """The same image token budget in every stage: it decides how many image tokens a sample costs."""
+    ip = processor.image_processor
+    size = dict(getattr(ip, "size", None) or {})
+    if model_cfg.min_pixels is not None:
+        size["shortest_edge"] = ip.min_pixels = int(model_cfg.min_pixels)
+    if model_cfg.max_pixels is not None:
+        size["longest_edge"] = ip.max_pixels = int(model_cfg.max_pixels)
+    if size:
+        ip.size = size
+
+
+def lora_target_modules(model, lora_cfg) -> list[str]:
+    """Full names of the Linear layers the LoRA switches select (vision/language x attention/MLP)."""
+    import torch
+
+    if lora_cfg.target_modules != "all-linear":
+        return list(lora_cfg.target_modules)
+    names = []
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or name.endswith("lm_head"):
+            continue
+        is_vision = ".visual." in f".{name}."
+        if (is_vision and not lora_cfg.finetune_vision_layers) or (
+                not is_vision and not lora_cfg.finetune_language_layers):
+            continue
+        is_attention = any(k in name for k in _ATTENTION)
+        is_mlp = any(k in name for k in _MLP)
+        if (is_attention and lora_cfg.finetune_attention_modules) or (is_mlp and lora_cfg.finetune_mlp_modules):
+            names.append(name)
+    if not names:
+        raise ValueError("the LoRA switches (model.lora.finetune_*) select no layer to train")
+    return names
+
+
+def _adapter_and_base(model_cfg, init_from: str | None) -> tuple[Path | None, Path]:
+    if init_from is None:
+        return None, resolve_model_path(model_cfg)
+    adapter = resolve_adapter(abspath(init_from))
+    recorded = read_meta(adapter).get("base_model_path")
+    base = resolve_model_path(model_cfg)
+    if recorded and Path(recorded).resolve() != base.resolve():
+        log.warning("adapter %s was trained on %s; loading it on model.path=%s", adapter, recorded, base)
+    return adapter, base
+
+
+def load_model(model_cfg, init_from: str | None = None, training: bool = True, seed: int = 0) -> LoadedModel:
+    """Load base model + processor, then either a fresh LoRA (training, no init_from) or the saved adapter."""
+    if model_cfg.backend == "unsloth":
+        return _load_unsloth(model_cfg, init_from, training, seed)
+    if model_cfg.backend != "hf":
+        raise ValueError(f"model.backend={model_cfg.backend!r}: choose hf or unsloth")
+    return _load_hf(model_cfg, init_from, training)
+
+
+def _load_hf(model_cfg, init_from, training) -> LoadedModel:
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    adapter, base = _adapter_and_base(model_cfg, init_from)
+    processor = AutoProcessor.from_pretrained(adapter or base)
+    apply_pixel_budget(processor, model_cfg)
+    model = AutoModelForImageTextToText.from_pretrained(
+        base, dtype=torch_dtype(model_cfg.dtype), attn_implementation=model_cfg.attn_implementation)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter, is_trainable=training)
+    elif training:
+        lora = model_cfg.lora
+        model = get_peft_model(model, LoraConfig(
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none",
+            target_modules=lora_target_modules(model, lora), modules_to_save=list(lora.modules_to_save) or None,
+            task_type="CAUSAL_LM"))
+    if training and model_cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    if not training:
+        model.eval()
+    return LoadedModel(model, processor, base, adapter, "hf")
+
+
+def _load_unsloth(model_cfg, init_from, training, seed) -> LoadedModel:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("model.backend=unsloth needs a CUDA GPU (Unsloth's vision loaders are GPU-only); "
+                           "use model.backend=hf on this machine.")
+    try:
+        from unsloth import FastVisionModel  # imported here only: the hf backend never pays for it
+    except ImportError as e:
+        raise ImportError("model.backend=unsloth but Unsloth is not installed: pip install -r "
+                          "env/requirements-gpu.txt (offline nodes: see README 'GPU install')") from e
+    adapter, base = _adapter_and_base(model_cfg, init_from)
+    kwargs = dict(dtype=torch_dtype(model_cfg.dtype), load_in_4bit=False, max_seq_length=model_cfg.max_seq_length,
+                  use_gradient_checkpointing="unsloth" if model_cfg.gradient_checkpointing else False,
+                  local_files_only=True)
+    model, processor = FastVisionModel.from_pretrained(str(base), **kwargs)
+    apply_pixel_budget(processor, model_cfg)
+    lora = model_cfg.lora
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter, is_trainable=training)
+    elif training:
+        model = FastVisionModel.get_peft_model(
+            model, finetune_vision_layers=lora.finetune_vision_layers,
+            finetune_language_layers=lora.finetune_language_layers,
+            finetune_attention_modules=lora.finetune_attention_modules,
+            finetune_mlp_modules=lora.finetune_mlp_modules,
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none", random_state=seed,
+            target_modules="all-linear" if lora.target_modules == "all-linear" else list(lora.target_modules),
+            modules_to_save=list(lora.modules_to_save) or None,
+            use_gradient_checkpointing="unsloth" if model_cfg.gradient_checkpointing else False)
+    if training:
+        FastVisionModel.for_training(model)
+    else:
+        FastVisionModel.for_inference(model)
+    return LoadedModel(model, processor, base, adapter, "unsloth")

@@ -1,0 +1,113 @@
+"""sft stage: LoRA supervised fine-tuning of Qwen3-VL on the prepared JSONL, loss on the answer tokens only.
+
+Setup (model, data, length check) -> train (transformers Trainer, resumable) -> save final/ adapter with its
+config, base path and data fingerprints. Same code for model.backend=hf and model.backend=unsloth.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from flare_exp.data.vision import SFTCollator, VisionChat, filter_by_length
+from flare_exp.io import read_jsonl, write_json
+from flare_exp.models.loading import load_model
+from flare_exp.runtime import abspath
+from flare_exp.training import (CheckpointMeta, ProgressLog, data_fingerprints, finish_tracking,
+                                resume_checkpoint, setup_tracking)
+
+log = logging.getLogger(__name__)
+
+
+class RecordDataset:
+    """A list of prepared records; the collator does the (lazy) image loading and tokenisation."""
+
+    def __init__(self, records: list[dict]):
+        self.records = records
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, i):
+        return self.records[i]
+
+
+def check_settings(sft) -> None:
+    if sft.early_stopping_patience and sft.save_steps % sft.eval_steps:
+        raise ValueError(f"sft.early_stopping_patience needs sft.save_steps ({sft.save_steps}) to be a multiple "
+                         f"of sft.eval_steps ({sft.eval_steps}) so the best checkpoint can be kept")
+    if sft.on_too_long not in ("skip", "error"):
+        raise ValueError(f"sft.on_too_long={sft.on_too_long!r}: choose skip or error")
+
+
+def load_split(path, limit, chat, max_len, on_too_long, what) -> tuple[list[dict], list[dict]]:
+    records = [r for r in read_jsonl(abspath(path)) if r.get("answer") is not None]
+    if limit:
+        records = records[:limit]
+    if not records:
+        raise ValueError(f"{path}: no records with answers for {what}")
+    return filter_by_length(chat, records, max_len, on_too_long)
+
+
+def run(cfg, out_dir: Path) -> dict:
+    import torch
+    from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
+
+    sft = cfg.sft
+    check_settings(sft)
+    torch.manual_seed(cfg.seed)
+    loaded = load_model(cfg.model, init_from=sft.init_from, training=True, seed=cfg.seed)
+    chat = VisionChat(loaded.processor, abspath(cfg.data.root), cfg.model.max_seq_length)
+    max_len = cfg.model.max_seq_length
+    train, too_long = load_split(sft.train_file, sft.max_train_samples, chat, max_len, sft.on_too_long, "training")
+    val, val_too_long = ([], [])
+    if sft.val_file and abspath(sft.val_file).exists():
+        val, val_too_long = load_split(sft.val_file, sft.max_eval_samples, chat, max_len, sft.on_too_long, "eval")
+    if too_long or val_too_long:
+        log.warning("skipped %d train / %d val samples longer than model.max_seq_length=%d (listed in "
+                    "too_long.json)", len(too_long), len(val_too_long), max_len)
+        write_json(out_dir / "too_long.json", {"train": too_long, "val": val_too_long})
+    log.info("sft: %d train / %d val samples, backend=%s", len(train), len(val), cfg.model.backend)
+
+    report_to = setup_tracking(sft, out_dir)
+    use_bf16 = loaded.model.dtype == torch.bfloat16
+    evaluating = bool(val) and sft.eval_steps > 0
+    args = TrainingArguments(
+        output_dir=str(out_dir),
+        per_device_train_batch_size=sft.per_device_train_batch_size,
+        per_device_eval_batch_size=sft.per_device_eval_batch_size,
+        gradient_accumulation_steps=sft.gradient_accumulation_steps,
+        learning_rate=sft.learning_rate, warmup_ratio=sft.warmup_ratio, weight_decay=sft.weight_decay,
+        lr_scheduler_type=sft.lr_scheduler_type, optim=sft.optim,
+        max_steps=sft.max_steps, num_train_epochs=sft.num_train_epochs,
+        logging_steps=sft.logging_steps, save_steps=sft.save_steps, save_total_limit=sft.save_total_limit,
+        eval_strategy="steps" if evaluating else "no", eval_steps=sft.eval_steps if evaluating else None,
+        load_best_model_at_end=bool(sft.early_stopping_patience and evaluating),
+        metric_for_best_model="eval_loss" if evaluating else None, greater_is_better=False,
+        bf16=use_bf16, fp16=loaded.model.dtype == torch.float16,
+        remove_unused_columns=False, dataloader_num_workers=sft.dataloader_num_workers,
+        include_num_input_tokens_seen="non_padding", report_to=report_to,
+        seed=cfg.seed, save_safetensors=True, disable_tqdm=False, logging_first_step=True,
+    )
+    meta = CheckpointMeta(loaded.base_path, cfg, data_fingerprints(sft.train_file, sft.val_file), loaded.processor)
+    callbacks = [ProgressLog(), meta]
+    if sft.early_stopping_patience and evaluating:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=sft.early_stopping_patience))
+    trainer = Trainer(model=loaded.model, args=args, train_dataset=RecordDataset(train),
+                      eval_dataset=RecordDataset(val) if evaluating else None, data_collator=SFTCollator(chat),
+                      callbacks=callbacks)
+    try:
+        result = trainer.train(resume_from_checkpoint=resume_checkpoint(cfg.resume, out_dir))
+        final = out_dir / "final"
+        trainer.save_model(str(final))
+        meta.write(final, step=trainer.state.global_step, best=trainer.state.best_model_checkpoint)
+    finally:
+        finish_tracking(report_to)
+    history = [h for h in trainer.state.log_history if "loss" in h]
+    summary = {"final_adapter": str(final), "global_step": trainer.state.global_step,
+               "train_loss": result.training_loss, "first_loss": history[0]["loss"] if history else None,
+               "last_loss": history[-1]["loss"] if history else None,
+               "best_checkpoint": trainer.state.best_model_checkpoint,
+               "train_samples": len(train), "skipped_too_long": len(too_long) + len(val_too_long)}
+    write_json(out_dir / "sft_summary.json", summary)
+    log.info("sft finished: adapter at %s (loss %s -> %s)", final, summary["first_loss"], summary["last_loss"])
+    return summary

@@ -1,0 +1,123 @@
+"""What sft and rl share: resume decisions, experiment tracking, per-step log lines, checkpoint metadata."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from transformers import TrainerCallback
+
+from flare_exp.io import file_fingerprint
+from flare_exp.models.checkpoints import list_checkpoints, write_meta
+from flare_exp.runtime import abspath
+
+log = logging.getLogger(__name__)
+
+
+def resume_checkpoint(resume: str, out_dir: Path) -> str | None:
+    """resume=auto: the last complete checkpoint in out_dir, if any; never: none (refuse if some exist);
+    anything else: that checkpoint path."""
+    ckpts = list_checkpoints(out_dir)
+    if resume == "auto":
+        if ckpts:
+            log.info("resume=auto: continuing from %s", ckpts[-1])
+        return str(ckpts[-1]) if ckpts else None
+    if resume == "never":
+        if ckpts:
+            raise RuntimeError(f"{out_dir} already holds checkpoints ({ckpts[-1].name}) and resume=never; use "
+                               "resume=auto to continue, or another run_name= to start fresh")
+        return None
+    path = abspath(resume)
+    if not (path / "trainer_state.json").exists():
+        raise FileNotFoundError(f"resume={resume}: {path} is not a Trainer checkpoint (no trainer_state.json)")
+    return str(path)
+
+
+def setup_tracking(section, out_dir: Path) -> str:
+    """report_to for TrainingArguments; wandb gets a stable run id derived from the run dir, so a requeued
+    SLURM job resumes the same wandb run instead of starting a new one."""
+    report_to = section.report_to
+    if report_to == "wandb":
+        run_id = hashlib.sha1(str(out_dir.resolve()).encode()).hexdigest()[:16]
+        os.environ.setdefault("WANDB_PROJECT", section.wandb_project)
+        os.environ.setdefault("WANDB_MODE", section.wandb_mode)
+        os.environ["WANDB_RUN_ID"] = run_id
+        os.environ["WANDB_RESUME"] = "allow"
+        os.environ.setdefault("WANDB_DIR", str(out_dir))
+        os.environ.setdefault("WANDB_NAME", out_dir.name)
+    return report_to
+
+
+def finish_tracking(report_to: str) -> None:
+    if report_to == "wandb":
+        import wandb
+
+        wandb.finish()  # one run per job: a sweep's next job in this process must not log into this one
+
+
+def data_fingerprints(*paths) -> list[dict]:
+    return [file_fingerprint(abspath(p)) for p in paths if p and abspath(p).exists()]
+
+
+class ProgressLog(TrainerCallback):
+    """A readable log line per logging step: loss, lr, tokens/s, peak memory."""
+
+    def __init__(self):
+        self._t = time.time()
+        self._tokens = 0
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or not state.is_world_process_zero:
+            return
+        now, seen = time.time(), getattr(state, "num_input_tokens_seen", 0) or 0
+        tok_s = (seen - self._tokens) / max(now - self._t, 1e-9) if seen else None
+        self._t, self._tokens = now, seen
+        parts = [f"step {state.global_step}/{state.max_steps}"]
+        for key in ("loss", "eval_loss", "reward", "reward_std", "learning_rate", "grad_norm"):
+            if key in logs:
+                parts.append(f"{key} {logs[key]:.4g}")
+        if tok_s:
+            parts.append(f"{tok_s:,.0f} tok/s")
+            logs["tokens_per_second"] = round(tok_s, 1)
+        mem = _peak_memory_gib()
+        if mem is not None:
+            parts.append(f"peak mem {mem:.1f} GiB")
+            logs["peak_memory_gib"] = round(mem, 2)
+        log.info(" | ".join(parts))
+
+
+def _peak_memory_gib() -> float | None:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    except ImportError:
+        return None
+
+
+class CheckpointMeta(TrainerCallback):
+    """Writes flare_exp_checkpoint.json (base path, config YAML, data fingerprints) into every checkpoint."""
+
+    def __init__(self, base_model_path: Path, cfg, fingerprints: list[dict], processor=None):
+        self.base = str(base_model_path)
+        self.config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+        self.fingerprints = fingerprints
+        self.processor = processor
+
+    def write(self, adapter_dir: Path, **extra) -> None:
+        if self.processor is not None:
+            self.processor.save_pretrained(adapter_dir)
+        write_meta(adapter_dir, self.base, self.config_yaml, data=self.fingerprints, **extra)
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if ckpt.is_dir():
+                self.write(ckpt, step=state.global_step)

@@ -1,0 +1,139 @@
+import json
+import shutil
+import sys
+
+import pytest
+import torch
+
+from conftest import compose_cfg
+from flare_exp.data.vision import VisionChat
+from flare_exp.io import read_jsonl
+from flare_exp.main import run
+
+
+def _sft_cfg(base_overrides, *extra):
+    return compose_cfg(["stage=sft", *base_overrides, "sft.logging_steps=1", *extra])
+
+
+def test_labels_cover_only_the_answer(tiny_model_dir, demo_prepared):
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    records = read_jsonl(demo_prepared / "train.jsonl")
+    picked = [records[0], next(r for r in records if r["dataset"] == "periapical")]
+    chat = VisionChat(processor, demo_prepared.parent / "raw")
+    batch = chat.sft_batch(picked)
+    image_id = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    for i, r in enumerate(picked):
+        labels, ids = batch["labels"][i], batch["input_ids"][i]
+        assert processor.tokenizer.decode(ids[labels != -100]) == r["answer"] + "<|im_end|>\n"
+        assert not (labels[ids == image_id] != -100).any()
+        assert (labels[batch["attention_mask"][i] == 0] == -100).all()
+        prompt_len = int(batch["attention_mask"][i].sum()) - int((labels != -100).sum())
+        assert processor.tokenizer.decode(ids[:prompt_len]).endswith("<|im_start|>assistant\n")
+        assert chat.sequence_length(r) == int(batch["attention_mask"][i].sum())
+
+
+def test_sft_writes_an_adapter_the_model_layer_loads(base_overrides, tmp_path):
+    from flare_exp.models.loading import load_model
+
+    cfg = _sft_cfg(base_overrides, "sft.max_steps=2", "sft.save_steps=2", "sft.eval_steps=2")
+    summary = run(cfg, run_dir=tmp_path / "sft")
+    final = tmp_path / "sft" / "final"
+    assert (final / "adapter_config.json").exists() and (final / "flare_exp_checkpoint.json").exists()
+    meta = json.loads((final / "flare_exp_checkpoint.json").read_text())
+    assert "sft:" in meta["config_yaml"] and meta["data"][0]["sha256"]
+    assert (tmp_path / "sft" / "checkpoint-2" / "flare_exp_checkpoint.json").exists()
+    assert summary["global_step"] == 2
+    loaded = load_model(cfg.model, init_from=str(tmp_path / "sft"), training=False)
+    assert loaded.adapter == final
+    chat = VisionChat(loaded.processor, cfg.data.root)
+    batch = chat.generation_batch(read_jsonl(cfg.sft.train_file)[:2])
+    out = loaded.model.generate(**batch, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == batch["input_ids"].shape[1] + 3
+    assert "unsloth" not in sys.modules  # the hf backend never imports Unsloth
+
+
+def test_overfitting_four_samples_lowers_the_loss(base_overrides, tmp_path, demo_prepared):
+    four = read_jsonl(demo_prepared / "train.jsonl")[:4]
+    (tmp_path / "four.jsonl").write_text("".join(json.dumps(r) + "\n" for r in four))
+    cfg = _sft_cfg(base_overrides, f"sft.train_file={tmp_path / 'four.jsonl'}", "sft.val_file=null",
+                   "sft.max_steps=30", "sft.per_device_train_batch_size=4", "sft.gradient_accumulation_steps=1",
+                   "sft.learning_rate=2e-2", "sft.warmup_ratio=0", "sft.save_steps=100", "model.lora.modules_to_save=[lm_head]")
+    summary = run(cfg, run_dir=tmp_path / "sft")
+    assert summary["last_loss"] < 0.5 * summary["first_loss"], summary
+
+
+def test_resume_continues_from_the_last_checkpoint(base_overrides, tmp_path):
+    run_dir = tmp_path / "sft"
+    common = ["sft.save_steps=2", "sft.eval_steps=0", "sft.warmup_ratio=0", "sft.save_total_limit=null"]
+    first = run(_sft_cfg(base_overrides, "sft.max_steps=2", *common), run_dir=run_dir)
+    assert first["global_step"] == 2
+    # Simulate a job preempted after checkpoint-2: no final adapter, no DONE marker.
+    shutil.rmtree(run_dir / "final")
+    (run_dir / "DONE").unlink()
+    state_before = json.loads((run_dir / "checkpoint-2" / "trainer_state.json").read_text())
+    second = run(_sft_cfg(base_overrides, "sft.max_steps=4", *common), run_dir=run_dir)
+    assert second["global_step"] == 4
+    state = json.loads((run_dir / "checkpoint-4" / "trainer_state.json").read_text())
+    steps = [h["step"] for h in state["log_history"] if "loss" in h]
+    assert steps == [1, 2, 3, 4]  # steps 1-2 come from the first job, 3-4 from the resumed one
+    assert state["log_history"][0] == state_before["log_history"][0]
+
+
+def test_resume_never_refuses_existing_checkpoints(base_overrides, tmp_path):
+    run_dir = tmp_path / "sft"
+    run(_sft_cfg(base_overrides, "sft.max_steps=2", "sft.save_steps=2", "sft.eval_steps=0"), run_dir=run_dir)
+    (run_dir / "DONE").unlink()
+    with pytest.raises(RuntimeError, match="resume=never"):
+        run(_sft_cfg(base_overrides, "sft.max_steps=2", "resume=never"), run_dir=run_dir)
+
+
+def test_too_long_samples_are_skipped_or_refused(base_overrides, tmp_path):
+    cfg = _sft_cfg(base_overrides, "sft.max_steps=1", "model.max_seq_length=60", "sft.eval_steps=0")
+    summary = run(cfg, run_dir=tmp_path / "a")
+    assert summary["skipped_too_long"] > 0
+    assert json.loads((tmp_path / "a" / "too_long.json").read_text())["train"][0]["tokens"] > 60
+    with pytest.raises(ValueError, match="model.max_seq_length=60"):
+        run(_sft_cfg(base_overrides, "sft.max_steps=1", "model.max_seq_length=60", "sft.on_too_long=error"),
+            run_dir=tmp_path / "b")
+
+
+def test_missing_model_names_the_key(base_overrides, tmp_path):
+    cfg = compose_cfg(["stage=sft", *base_overrides, "experiment=flare", f"model.path={tmp_path / 'nope'}",
+                       f"data.root={tmp_path}"])
+    from flare_exp.models.loading import load_model
+
+    with pytest.raises(FileNotFoundError, match=r"model.path=.*nope.*huggingface-cli download Qwen/Qwen3-VL-4B"):
+        load_model(cfg.model)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
+def test_unsloth_without_gpu_is_a_clear_error(base_overrides):
+    from flare_exp.models.loading import load_model
+
+    with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+        load_model(compose_cfg([*base_overrides, "model.backend=unsloth"]).model)
+
+
+def test_early_stopping_settings_are_checked(base_overrides, tmp_path):
+    cfg = _sft_cfg(base_overrides, "sft.early_stopping_patience=2", "sft.save_steps=5", "sft.eval_steps=2")
+    with pytest.raises(ValueError, match="multiple"):
+        run(cfg, run_dir=tmp_path / "x")
+
+
+def test_lora_switches_select_layers(tiny_model_dir):
+    from omegaconf import OmegaConf
+    from transformers import AutoModelForImageTextToText
+
+    from flare_exp.config import LoraConfig
+    from flare_exp.models.loading import lora_target_modules
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
+    cfg = OmegaConf.structured(LoraConfig)
+    everything = lora_target_modules(model, cfg)
+    assert any(".visual." in n for n in everything) and any("language_model" in n for n in everything)
+    cfg.finetune_vision_layers = False
+    cfg.finetune_mlp_modules = False
+    language_attention = lora_target_modules(model, cfg)
+    assert language_attention and all(".visual." not in n and "mlp" not in n for n in language_attention)

@@ -8,7 +8,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from flare_exp import stages
-from flare_exp.runtime import check_not_finished, run_with_markers, write_run_metadata
+from flare_exp.runtime import check_not_finished, clear_finished_outputs, run_with_markers, write_run_metadata
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,8 @@ def run(cfg: DictConfig, run_dir: Path | None = None):
     out_dir = stages.output_dir(stage, cfg, run_dir)
     if stage != "pipeline":  # the pipeline reuses finished steps instead of refusing
         check_not_finished(out_dir, cfg.overwrite, what=f"{stage} run")
+        if cfg.overwrite:
+            clear_finished_outputs(out_dir)
     write_run_metadata(run_dir, cfg)
     if out_dir != run_dir:
         write_run_metadata(out_dir, cfg)

@@ -76,6 +76,19 @@ def check_not_finished(run_dir: Path, overwrite: bool, what: str = "run") -> Non
             f"Pass overwrite=true to redo it there, or choose another run_name=.")
 
 
+def clear_finished_outputs(run_dir: Path) -> None:
+    """overwrite=true on a finished run: its checkpoints must not be resumed from, so remove them first."""
+    import shutil
+
+    if not (run_dir / DONE).exists():
+        return
+    for path in sorted(run_dir.glob("checkpoint-*")) + [run_dir / "final"]:
+        if path.is_dir():
+            log.info("overwrite=true: removing %s of the finished run", path)
+            shutil.rmtree(path)
+    (run_dir / DONE).unlink()
+
+
 def write_run_metadata(run_dir: Path, cfg: DictConfig) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     # YAML text, never a pickled DictConfig: torch>=2.6 refuses to load checkpoints holding one.

@@ -68,13 +68,18 @@ class ProgressLog(TrainerCallback):
     def __init__(self):
         self._t = time.time()
         self._tokens = 0
+        self._step = 0
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or not state.is_world_process_zero:
             return
         now, seen = time.time(), getattr(state, "num_input_tokens_seen", 0) or 0
+        if "loss" not in logs and "reward" not in logs:  # eval / final summary lines: no new steps
+            return
         tok_s = (seen - self._tokens) / max(now - self._t, 1e-9) if seen else None
-        self._t, self._tokens = now, seen
+        if state.global_step > self._step:
+            logs["step_seconds"] = round((now - self._t) / (state.global_step - self._step), 4)
+        self._t, self._tokens, self._step = now, seen, state.global_step
         parts = [f"step {state.global_step}/{state.max_steps}"]
         for key in ("loss", "eval_loss", "reward", "reward_std", "learning_rate", "grad_norm"):
             if key in logs:
@@ -86,6 +91,9 @@ class ProgressLog(TrainerCallback):
         if mem is not None:
             parts.append(f"peak mem {mem:.1f} GiB")
             logs["peak_memory_gib"] = round(mem, 2)
+        if state.log_history:  # the Trainer stored a copy of `logs` before calling us: keep ours there too
+            state.log_history[-1].update({k: logs[k] for k in ("tokens_per_second", "peak_memory_gib",
+                                                               "step_seconds") if k in logs})
         log.info(" | ".join(parts))
 
 

@@ -137,3 +137,15 @@ def test_lora_switches_select_layers(tiny_model_dir):
     cfg.finetune_mlp_modules = False
     language_attention = lora_target_modules(model, cfg)
     assert language_attention and all(".visual." not in n and "mlp" not in n for n in language_attention)
+
+
+def test_overwrite_starts_fresh_instead_of_resuming_the_finished_run(base_overrides, tmp_path):
+    from flare_exp.runtime import RunFinishedError
+
+    run_dir = tmp_path / "sft"
+    args = ["sft.max_steps=2", "sft.save_steps=2", "sft.eval_steps=0"]
+    run(_sft_cfg(base_overrides, *args), run_dir=run_dir)
+    with pytest.raises(RunFinishedError):
+        run(_sft_cfg(base_overrides, *args), run_dir=run_dir)
+    again = run(_sft_cfg(base_overrides, *args, "overwrite=true"), run_dir=run_dir)
+    assert again["global_step"] == 2 and again["first_loss"] is not None  # trained again, from step 0

@@ -12,7 +12,7 @@ from pathlib import Path
 from omegaconf import OmegaConf, open_dict
 
 from flare_exp import stages
-from flare_exp.runtime import DONE, run_with_markers, write_run_metadata
+from flare_exp.runtime import DONE, clear_finished_outputs, run_with_markers, write_run_metadata
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,7 @@ def run(cfg, out_dir: Path) -> dict:
             log.info("[%s] already finished in %s: reusing it (overwrite=true redoes it)", step, step_dir)
             results[step] = {"reused": str(step_dir)}
         else:
+            clear_finished_outputs(step_dir)
             log.info("[%s] running in %s", step, step_dir)
             write_run_metadata(step_dir, step_cfg)
             results[step] = run_with_markers(step_dir, stages.get_runner(step).run, step_cfg, step_dir)

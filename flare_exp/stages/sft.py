@@ -102,6 +102,7 @@ def run(cfg, out_dir: Path) -> dict:
         meta.write(final, step=trainer.state.global_step, best=trainer.state.best_model_checkpoint)
     finally:
         finish_tracking(report_to)
+    write_json(out_dir / "log_history.json", trainer.state.log_history)
     history = [h for h in trainer.state.log_history if "loss" in h]
     summary = {"final_adapter": str(final), "global_step": trainer.state.global_step,
                "train_loss": result.training_loss, "first_loss": history[0]["loss"] if history else None,

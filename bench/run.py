@@ -1,0 +1,149 @@
+"""flare-exp GPU benchmark: runs the project's own stage code on a Qwen3-VL-4B-shaped random model.
+
+    python -m bench.run sft --backend hf --batch 8 --steps 12 --out bench_out/
+    python -m bench.run sft --backend unsloth ...
+
+Each measurement runs in its own process (Unsloth patches transformers globally on import, which would
+contaminate a plain-hf measurement in the same process). Results go to <out>/<what>-<backend>-....json;
+bench/report.py turns a folder of them into a Markdown table.
+
+MFU = 6 * N * tokens/s / peak bf16 FLOP/s, N = all model parameters (frozen included), peak = 989 TFLOP/s
+(H100/H200 SXM dense bf16). Tokens = non-padding input tokens, image tokens included.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+PEAK_FLOPS = 989e12
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    import flare_exp.config  # noqa: F401
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=overrides)
+
+
+def bench_data(work: Path) -> list[str]:
+    return [f"paths.cache_dir={work / 'cache'}", f"data.root={work / 'data' / 'raw'}",
+            f"data.prepared_dir={work / 'data' / 'prepared'}"]
+
+
+def demo_data(image_size: int) -> list[str]:
+    """The demo generator at 512 px: IU_XRay-like (two views + a short section answer) and one-view tasks."""
+    return [f"data.demo.image_size={image_size}", "data.demo.train_per_dataset=64", "data.demo.val_per_dataset=16"]
+
+
+def ensure_prepared(work: Path, image_size: int) -> None:
+    from flare_exp.main import run
+
+    if (work / "data" / "prepared" / "DONE").exists():
+        return
+    run(compose(["stage=prepare", *bench_data(work), *demo_data(image_size)]), run_dir=work / "runs" / "prepare")
+
+
+def filtered_file(work: Path, dataset: str) -> Path:
+    from flare_exp.io import read_jsonl, write_jsonl
+
+    out = work / "data" / f"train_{dataset}.jsonl"
+    if not out.exists():
+        rows = [r for r in read_jsonl(work / "data" / "prepared" / "train.jsonl") if r["dataset"] == dataset]
+        write_jsonl(out, rows * 8)
+    return out
+
+
+def model_overrides(args) -> list[str]:
+    return [f"model.path={args.model_dir}", f"model.backend={args.backend}", "model.build_tiny=false",
+            f"model.dtype={args.dtype}", "model.min_pixels=3136", f"model.max_pixels={512 * 512}",
+            "model.max_seq_length=16384", "model.lora.modules_to_save=[]", "model.lora.r=16",
+            "model.lora.alpha=16", f"model.gradient_checkpointing={args.grad_ckpt}"]
+
+
+def summarise(history: list[dict], skip: int) -> dict:
+    steps = [h for h in history if "step_seconds" in h][skip:]
+    if not steps:
+        return {}
+    med = lambda k: statistics.median(h[k] for h in steps if k in h)  # noqa: E731
+    return {"steps_measured": len(steps), "step_seconds_median": med("step_seconds"),
+            "tokens_per_second_median": med("tokens_per_second") if any("tokens_per_second" in h for h in steps)
+            else None, "peak_memory_gib": max(h.get("peak_memory_gib", 0) for h in steps)}
+
+
+def run_sft(args, work: Path) -> dict:
+    import torch
+
+    from flare_exp.main import run
+
+    ensure_prepared(work, args.image_size)
+    train = filtered_file(work, args.dataset)
+    name = f"sft-{args.backend}-bs{args.batch}-{args.dataset}"
+    cfg = compose(["stage=sft", "experiment=flare", *bench_data(work), *model_overrides(args),
+                   f"sft.train_file={train}", "sft.val_file=null", f"sft.max_steps={args.steps}",
+                   f"sft.per_device_train_batch_size={args.batch}", "sft.gradient_accumulation_steps=1",
+                   "sft.logging_steps=1", "sft.save_steps=100000", "sft.eval_steps=0", "sft.warmup_ratio=0",
+                   "sft.learning_rate=1e-5", "overwrite=true", f"paths.output_root={work / 'out'}"])
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.time()
+    run(cfg, run_dir=work / "runs" / name)
+    history = json.loads((work / "runs" / name / "log_history.json").read_text())
+    result = {"what": "sft", "backend": args.backend, "batch": args.batch, "dataset": args.dataset,
+              "wall_seconds": round(time.time() - t0, 1), **summarise(history, args.warmup),
+              "peak_memory_gib_torch": round(torch.cuda.max_memory_allocated() / 2**30, 2)
+              if torch.cuda.is_available() else None}
+    meta = Path(args.model_dir) / "bench_model.json"
+    n_params = json.loads(meta.read_text())["params"] if meta.exists() else 0
+    if result.get("tokens_per_second_median"):
+        result["mfu"] = round(6 * n_params * result["tokens_per_second_median"] / PEAK_FLOPS, 4)
+    result["params"] = n_params
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("what", choices=["build", "sft"])
+    p.add_argument("--backend", default="hf", choices=["hf", "unsloth"])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--dataset", default="IU_XRay")
+    p.add_argument("--image-size", type=int, default=512)
+    p.add_argument("--grad-ckpt", default="true")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--model-dir", default="/tmp/flare_bench/qwen3vl-4b-random")
+    p.add_argument("--work", default="/tmp/flare_bench")
+    p.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
+    args = p.parse_args()
+    work = Path(args.work)
+    if args.what == "build":
+        from bench.model import build_qwen3vl_4b_random
+
+        t0 = time.time()
+        build_qwen3vl_4b_random(args.model_dir)
+        print(f"built {args.model_dir} in {time.time() - t0:.0f} s")
+        return
+    import torch
+
+    result = {"run_sft": run_sft}[f"run_{args.what}"](args, work)
+    result.update(device=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+                  torch=torch.__version__,
+                  date=time.strftime("%Y-%m-%d %H:%M"))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"{args.what}-{args.backend}-bs{args.batch}-{args.dataset}.json"
+    (out / name).write_text(json.dumps(result, indent=2))
+    print("BENCH", json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -109,6 +109,8 @@ class RadGraphConfig:
     model_dir: Optional[str] = None
     reward_level: str = "RG_ER"  # RG_E | RG_ER | RG_ER_bar
     cache_size: int = 100000
+    # experiment=demo: build a tiny random RadGraph at model_dir when it is missing.
+    build_tiny: bool = False
 
 
 @dataclass

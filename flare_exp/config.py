@@ -183,6 +183,9 @@ class RLConfig:
     optim: str = "adamw_torch"
     max_train_samples: Optional[int] = None
     task_types: List[str] = field(default_factory=list)  # empty = all
+    # A prompt longer than max_prompt_length (default: model.max_seq_length - max_completion_length):
+    # error (at startup, naming the fix) or skip.
+    on_too_long: str = "error"
     use_vllm: bool = False
     report_to: str = "none"
     wandb_project: str = "flare_exp_rl"

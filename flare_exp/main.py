@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
@@ -27,14 +28,38 @@ def validate(cfg: DictConfig) -> None:
         raise ValueError(f"model.backend={cfg.model.backend!r}: choose hf or unsloth")
 
 
+def preload_backend(cfg: DictConfig) -> None:
+    """Unsloth must be imported before transformers / peft / trl to patch them all: do it before any stage
+    module is imported. Only for model.backend=unsloth, and only for stages that load the model."""
+    steps = set(cfg.stage.steps) if cfg.stage.name == "pipeline" else {cfg.stage.name}
+    if cfg.model.backend != "unsloth" or not steps & {"sft", "rl", "infer"}:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("model.backend=unsloth needs a CUDA GPU (Unsloth's vision loaders are GPU-only); "
+                           "use model.backend=hf on this machine.")
+    try:
+        import unsloth  # noqa: F401
+    except ImportError as e:
+        raise ImportError("model.backend=unsloth but Unsloth is not installed: pip install -r "
+                          "env/requirements-gpu.txt (offline nodes: see README 'GPU install')") from e
+
+
 def run(cfg: DictConfig, run_dir: Path | None = None):
+    # Offline first: nothing here ever asks a model hub (compute nodes have none); every model is a local path.
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        os.environ.setdefault(var, "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     validate(cfg)
     if run_dir is None:
         run_dir = Path(HydraConfig.get().runtime.output_dir)
     stage = cfg.stage.name
+    preload_backend(cfg)
     runner = stages.get_runner(stage)
     out_dir = stages.output_dir(stage, cfg, run_dir)
-    if stage != "pipeline":  # the pipeline reuses finished steps instead of refusing
+    # The pipeline reuses finished steps instead of refusing; a sweep report is only a view, regenerated.
+    if stage not in ("pipeline", "sweep_report"):
         check_not_finished(out_dir, cfg.overwrite, what=f"{stage} run")
         if cfg.overwrite:
             clear_finished_outputs(out_dir)

@@ -194,9 +194,11 @@ def test_reward_throughput_report_pairs(tiny_radgraph, capsys):
 
     rng = random.Random(0)
     words = "heart size normal lungs clear no effusion pneumothorax mild cardiomegaly opacity spine".split()
+    # GRPO-shaped: 64 prompts x 8 generations; short answers repeat within a group (3 distinct per prompt).
     refs = [" ".join(rng.choices(words, k=6)) for _ in range(64)]
-    hyps = [rng.choice(refs) if rng.random() < 0.5 else " ".join(rng.choices(words, k=6)) for _ in range(512)]
-    pairs_refs = [rng.choice(refs) for _ in range(512)]
+    pairs_refs = [r for r in refs for _ in range(8)]
+    options = {r: [r] + [" ".join(rng.choices(words, k=6)) for _ in range(2)] for r in refs}
+    hyps = [rng.choice(options[r]) for r in pairs_refs]
     rates = {}
     for use_cache in (False, True):
         term = get_term("radgraph")(model_dir=str(tiny_radgraph), use_cache=use_cache)

@@ -49,6 +49,7 @@ class CombinedReward:
         names = sorted({n for w in self.weights.values() for n in w})
         self.terms = {n: get_term(n)(**(term_params.get(n) or {})) for n in names}  # unknown name -> KeyError
         self.last_term_means: dict[str, float] = {}
+        self._totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
         self._warned: set = set()
 
     def task_types(self) -> list[str]:
@@ -81,11 +82,20 @@ class CombinedReward:
             for name, weight in self.weights[task].items():
                 scores = self.terms[name](sub_texts, sub_answers, rows)
                 means[f"{task}/{name}"] = sum(scores) / len(scores)
+                self._totals[f"{task}/{name}"][0] += sum(scores)
+                self._totals[f"{task}/{name}"][1] += len(scores)
                 for i, s in zip(idx, scores):
                     rewards[i] += weight * s
         self.last_term_means = means
         lo, hi = self.clip
         return [min(max(r, lo), hi) for r in rewards]
+
+
+    def pop_term_means(self) -> dict[str, float]:
+        """Mean of every (task type, term) since the last call: per-term curves for the training log."""
+        means = {k: total / count for k, (total, count) in self._totals.items() if count}
+        self._totals.clear()
+        return means
 
 
 def build_reward(reward_cfg) -> CombinedReward:

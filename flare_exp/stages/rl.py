@@ -1,0 +1,168 @@
+"""rl stage: GRPO (TRL GRPOTrainer) from the SFT adapter, with the reward built from ``reward=...``.
+
+Setup (settings check, model + adapter, GRPO dataset with lazily loaded images, reward) -> train
+(resumable from the run dir's last checkpoint) -> save final/ adapter, log history and rl_summary.json
+(the numbers a sweep report compares). Same code for model.backend=hf and model.backend=unsloth.
+"""
+from __future__ import annotations
+
+import logging
+import statistics
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from flare_exp.data.vision import VisionChat, _render_messages, filter_by_length
+from flare_exp.io import read_jsonl, write_json
+from flare_exp.models.loading import load_model
+from flare_exp.rewards.combine import build_reward
+from flare_exp.runtime import abspath
+from flare_exp.training import (CheckpointMeta, ProgressLog, data_fingerprints, finish_tracking,
+                                resume_checkpoint, setup_tracking)
+
+log = logging.getLogger(__name__)
+
+
+def grpo_dataset(records: list[dict], chat: VisionChat):
+    """Prepared records as GRPO rows: conversational prompt with one image placeholder per view, the images,
+    and the columns the reward reads. Images are loaded when a row is read (a lazy transform), so the
+    dataset never holds every picture in memory."""
+    import json
+
+    from datasets import Dataset
+
+    table = Dataset.from_list([{
+        "prompt_json": json.dumps(_render_messages([m for m in r["messages"] if m["role"] != "assistant"])),
+        "image_paths": r["images"], "task_type": r["task_type"], "answer": r["answer"], "dataset": r["dataset"],
+        "id": r["id"]} for r in records])
+
+    def materialise(batch: dict) -> dict:
+        out = {k: v for k, v in batch.items() if k not in ("prompt_json", "image_paths")}
+        out["prompt"] = [json.loads(p) for p in batch["prompt_json"]]
+        out["images"] = [chat.load_images({"id": i, "images": paths})
+                         for i, paths in zip(batch["id"], batch["image_paths"])]
+        return out
+
+    return table.with_transform(materialise)
+
+
+def check_settings(rl, max_seq_length: int) -> int:
+    """Fail at startup, saying what to change, instead of deep inside TRL. Returns the prompt length limit."""
+    generation_batch = rl.per_device_train_batch_size * rl.gradient_accumulation_steps
+    if rl.num_generations < 2:
+        raise ValueError(f"rl.num_generations={rl.num_generations}: GRPO needs at least 2 completions per prompt")
+    if generation_batch % rl.num_generations:
+        raise ValueError(
+            f"rl.per_device_train_batch_size x rl.gradient_accumulation_steps = {generation_batch} completions per "
+            f"generation round is not divisible by rl.num_generations={rl.num_generations}. Make the batch a "
+            f"multiple of it, e.g. rl.per_device_train_batch_size={rl.num_generations * max(1, round(rl.per_device_train_batch_size / rl.num_generations))}")
+    if rl.on_too_long not in ("error", "skip"):
+        raise ValueError(f"rl.on_too_long={rl.on_too_long!r}: choose error or skip")
+    limit = rl.max_prompt_length or max_seq_length - rl.max_completion_length
+    if limit <= 0:
+        raise ValueError(f"rl.max_completion_length={rl.max_completion_length} leaves no room for the prompt in "
+                         f"model.max_seq_length={max_seq_length}")
+    return limit
+
+
+class RewardTermLog(TrainerCallback):
+    """Adds the per-term reward means since the last log line to the log (and wandb)."""
+
+    def __init__(self, reward):
+        self.reward = reward
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None:
+            return
+        terms = {f"reward_term/{k}": round(v, 4) for k, v in self.reward.pop_term_means().items()}
+        logs.update(terms)
+        if state.log_history:
+            state.log_history[-1].update(terms)
+
+
+def grpo_args(cfg, out_dir: Path, report_to: str, bf16: bool):
+    from trl import GRPOConfig
+
+    rl = cfg.rl
+    return GRPOConfig(
+        output_dir=str(out_dir), num_generations=rl.num_generations,
+        per_device_train_batch_size=rl.per_device_train_batch_size,
+        gradient_accumulation_steps=rl.gradient_accumulation_steps,
+        learning_rate=rl.learning_rate, warmup_ratio=rl.warmup_ratio, lr_scheduler_type=rl.lr_scheduler_type,
+        max_completion_length=rl.max_completion_length, loss_type=rl.loss_type,
+        importance_sampling_level=rl.importance_sampling_level, beta=rl.beta, temperature=rl.temperature,
+        top_p=rl.top_p, max_steps=rl.max_steps, logging_steps=rl.logging_steps, save_steps=rl.save_steps,
+        save_total_limit=rl.save_total_limit, optim=rl.optim, use_vllm=rl.use_vllm, report_to=report_to,
+        bf16=bf16, remove_unused_columns=False, seed=cfg.seed, disable_tqdm=False, logging_first_step=True,
+    )
+
+
+def run(cfg, out_dir: Path) -> dict:
+    import torch
+    from trl import GRPOTrainer
+
+    rl = cfg.rl
+    prompt_limit = check_settings(rl, cfg.model.max_seq_length)
+    reward = build_reward(cfg.reward)
+    records = [r for r in read_jsonl(abspath(rl.train_file)) if r.get("answer") is not None]
+    wanted = list(rl.task_types) or reward.task_types()
+    records = [r for r in records if r["task_type"] in wanted]
+    missing = sorted({r["task_type"] for r in records} - set(reward.task_types()))
+    if missing:
+        raise ValueError(f"reward={cfg.reward.name} has no weights for task types {missing}; set "
+                         f"reward.<task>.weights or restrict rl.task_types")
+    if rl.max_train_samples:
+        records = records[:rl.max_train_samples]
+    if not records:
+        raise ValueError(f"{rl.train_file}: no records for task types {wanted}")
+    torch.manual_seed(cfg.seed)
+    loaded = load_model(cfg.model, init_from=rl.init_from, training=True, seed=cfg.seed)
+    chat = VisionChat(loaded.processor, abspath(cfg.data.root))
+    records, too_long = filter_by_length(chat, records, prompt_limit, "skip", with_answer=False)
+    if too_long:
+        msg = (f"{len(too_long)} prompts are longer than {prompt_limit} tokens (model.max_seq_length - "
+               f"rl.max_completion_length), e.g. {too_long[0]['id']} with {too_long[0]['tokens']}")
+        if rl.on_too_long == "error":
+            raise ValueError(msg + ". Raise model.max_seq_length, lower model.max_pixels or "
+                             "rl.max_completion_length, or pass rl.on_too_long=skip")
+        log.warning("%s: skipped", msg)
+        write_json(out_dir / "too_long.json", too_long)
+    log.info("rl: %d prompts (%s), init_from=%s, backend=%s", len(records), ", ".join(wanted), loaded.adapter,
+             cfg.model.backend)
+
+    report_to = setup_tracking(rl, out_dir)
+    meta = CheckpointMeta(loaded.base_path, cfg, data_fingerprints(rl.train_file), loaded.processor)
+    trainer = GRPOTrainer(model=loaded.model, reward_funcs=[reward], processing_class=loaded.processor,
+                          args=grpo_args(cfg, out_dir, report_to, loaded.model.dtype == torch.bfloat16),
+                          train_dataset=grpo_dataset(records, chat),
+                          callbacks=[RewardTermLog(reward), ProgressLog(), meta])
+    try:
+        trainer.train(resume_from_checkpoint=resume_checkpoint(cfg.resume, out_dir))
+        final = out_dir / "final"
+        trainer.save_model(str(final))
+        meta.write(final, step=trainer.state.global_step, init_from=str(loaded.adapter or ""))
+    finally:
+        finish_tracking(report_to)
+    history = trainer.state.log_history
+    write_json(out_dir / "log_history.json", history)
+    summary = summarise(history, trainer.state.global_step)
+    summary.update(final_adapter=str(final), prompts=len(records), skipped_too_long=len(too_long))
+    write_json(out_dir / "rl_summary.json", summary)
+    log.info("rl finished: adapter at %s, final reward %s", final, summary.get("reward_last"))
+    return summary
+
+
+def summarise(history: list[dict], global_step: int) -> dict:
+    """Final numbers for sweep comparison: the mean of the last quarter of logged steps, per metric."""
+    steps = [h for h in history if "reward" in h]
+    tail = steps[-max(1, len(steps) // 4):] if steps else []
+    out = {"global_step": global_step, "logged_steps": len(steps)}
+    keys = {k for h in tail for k in h if k == "reward" or k.startswith(("reward_term/", "rewards/")) or
+            k in ("reward_std", "completions/mean_length", "step_seconds", "peak_memory_gib")}
+    for k in sorted(keys):
+        values = [h[k] for h in tail if isinstance(h.get(k), (int, float))]
+        if values:
+            out[f"{k}_last" if k == "reward" else k] = round(statistics.fmean(values), 4)
+    if steps:
+        out["reward_first"] = steps[0]["reward"]
+    return out

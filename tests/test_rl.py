@@ -1,0 +1,76 @@
+import json
+import shutil
+
+import pytest
+
+from conftest import compose_cfg
+from flare_exp.main import run
+
+
+@pytest.fixture(scope="module")
+def sft_adapter(tmp_path_factory, session_dir, tiny_model_dir, demo_prepared):
+    out = tmp_path_factory.mktemp("sft_for_rl")
+    cfg = compose_cfg(["stage=sft", f"paths.cache_dir={session_dir / 'cache'}", f"paths.output_root={out}",
+                       "sft.max_steps=2", "sft.eval_steps=0"])
+    run(cfg, run_dir=out / "sft")
+    return out / "sft"
+
+
+def _rl_cfg(base_overrides, sft_adapter, *extra):
+    return compose_cfg(["stage=rl", *base_overrides, f"rl.init_from={sft_adapter}", "rl.max_steps=2",
+                        "rl.per_device_train_batch_size=4", "rl.num_generations=2", "rl.max_completion_length=8",
+                        "rl.save_steps=1", "rl.save_total_limit=null", *extra])
+
+
+def test_grpo_two_steps_from_the_sft_adapter(base_overrides, sft_adapter, tmp_path):
+    summary = run(_rl_cfg(base_overrides, sft_adapter), run_dir=tmp_path / "rl")
+    assert summary["global_step"] == 2
+    final = tmp_path / "rl" / "final"
+    meta = json.loads((final / "flare_exp_checkpoint.json").read_text())
+    assert meta["init_from"].endswith("sft/final") and (final / "adapter_config.json").exists()
+    history = json.loads((tmp_path / "rl" / "log_history.json").read_text())
+    logged = [h for h in history if "reward" in h]
+    assert len(logged) == 2 and all("reward_std" in h and "completions/mean_length" in h for h in logged)
+    assert any(k.startswith("reward_term/") for h in logged for k in h)  # per-term means reach the log
+    assert json.loads((tmp_path / "rl" / "rl_summary.json").read_text())["reward_last"] == summary["reward_last"]
+
+
+def test_seed_readme_batch_is_refused_with_the_fix(base_overrides, sft_adapter, tmp_path):
+    cfg = _rl_cfg(base_overrides, sft_adapter, "rl.per_device_train_batch_size=5", "rl.num_generations=2")
+    with pytest.raises(ValueError, match=r"5 completions .* not divisible by rl.num_generations=2.*per_device_train_batch_size=\d"):
+        run(cfg, run_dir=tmp_path / "rl")
+
+
+def test_long_prompts_fail_at_startup_or_are_skipped(base_overrides, sft_adapter, tmp_path):
+    cfg = _rl_cfg(base_overrides, sft_adapter, "model.max_seq_length=80", "rl.max_completion_length=20")
+    with pytest.raises(ValueError, match=r"longer than 60 tokens.*rl.on_too_long=skip"):
+        run(cfg, run_dir=tmp_path / "a")
+    summary = run(_rl_cfg(base_overrides, sft_adapter, "model.max_seq_length=80", "rl.max_completion_length=20",
+                          "rl.on_too_long=skip", "rl.max_steps=1"), run_dir=tmp_path / "b")
+    assert summary["skipped_too_long"] > 0
+
+
+def test_rl_resumes_from_its_last_checkpoint(base_overrides, sft_adapter, tmp_path):
+    run_dir = tmp_path / "rl"
+    run(_rl_cfg(base_overrides, sft_adapter), run_dir=run_dir)
+    shutil.rmtree(run_dir / "final")  # as if the job were preempted after checkpoint-2
+    (run_dir / "DONE").unlink()
+    summary = run(_rl_cfg(base_overrides, sft_adapter, "rl.max_steps=3"), run_dir=run_dir)
+    assert summary["global_step"] == 3
+    state = json.loads((run_dir / "checkpoint-3" / "trainer_state.json").read_text())
+    assert [h["step"] for h in state["log_history"] if "reward" in h] == [1, 2, 3]
+
+
+def test_wandb_run_id_is_stable_per_run_dir(tmp_path, monkeypatch):
+    import os
+
+    from flare_exp.training import setup_tracking
+
+    section = compose_cfg(["rl.report_to=wandb"]).rl
+    monkeypatch.delenv("WANDB_RUN_ID", raising=False)
+    assert setup_tracking(section, tmp_path / "job") == "wandb"
+    first = os.environ["WANDB_RUN_ID"]
+    setup_tracking(section, tmp_path / "job")
+    assert os.environ["WANDB_RUN_ID"] == first and os.environ["WANDB_RESUME"] == "allow"
+    setup_tracking(section, tmp_path / "other")
+    assert os.environ["WANDB_RUN_ID"] != first

@@ -1,0 +1,105 @@
+"""Reward-weight sweeps through Hydra multirun + submitit: local launcher, and SLURM through stand-in commands."""
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+FAKE_SLURM = Path(__file__).parent / "fake_slurm"
+
+
+@pytest.fixture(scope="module")
+def sft_dir(tmp_path_factory, session_dir, tiny_model_dir, demo_prepared):
+    from conftest import compose_cfg
+    from flare_exp.main import run
+
+    out = tmp_path_factory.mktemp("sweep_sft")
+    run(compose_cfg(["stage=sft", f"paths.cache_dir={session_dir / 'cache'}", f"paths.output_root={out}",
+                     "sft.max_steps=1", "sft.eval_steps=0"]), run_dir=out / "sft")
+    return out / "sft"
+
+
+def _launch(args, tmp_path, env_extra=None, timeout=600):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", **(env_extra or {})}
+    return subprocess.run([sys.executable, "launch.py", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _rl_args(session_dir, tmp_path, sft_dir):
+    return [f"paths.cache_dir={session_dir / 'cache'}", f"paths.output_root={tmp_path / 'out'}", "stage=rl",
+            f"rl.init_from={sft_dir}", "rl.max_steps=1", "rl.max_completion_length=8", "run_name=sweep"]
+
+
+def test_local_sweep_2x2_and_report(session_dir, tmp_path, sft_dir):
+    proc = _launch(["-m", *_rl_args(session_dir, tmp_path, sft_dir), "hydra/launcher=local",
+                    "reward.report_generation.weights.radgraph=0.5,0.7",
+                    "reward.report_generation.weights.rouge_l=0.1,0.3"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sweep = tmp_path / "out" / "sweeps" / "sweep"
+    jobs = sorted(p for p in sweep.iterdir() if p.name.isdigit())
+    assert len(jobs) == 4 and all((j / "DONE").exists() and (j / "rl_summary.json").exists() for j in jobs)
+    weights = {(json.loads(json.dumps(__import__("yaml").safe_load((j / ".hydra" / "overrides.yaml").read_text()))))[-1]
+               for j in jobs}
+    assert len(weights) == 2
+    report = _launch([f"paths.output_root={tmp_path / 'out'}", f"paths.cache_dir={session_dir / 'cache'}",
+                      "stage=sweep_report", f"sweep_report.sweep_dir={sweep}"], tmp_path)
+    assert report.returncode == 0, report.stderr[-3000:]
+    rows = list(csv.DictReader((sweep / "report" / "sweep.csv").open()))
+    assert [r["status"] for r in rows] == ["DONE"] * 4
+    assert {(r["reward.report_generation.weights.radgraph"], r["reward.report_generation.weights.rouge_l"])
+            for r in rows} == {("0.5", "0.1"), ("0.5", "0.3"), ("0.7", "0.1"), ("0.7", "0.3")}
+    assert all(r["reward_last"] != "" for r in rows)
+    assert (sweep / "report" / "sweep.png").stat().st_size > 1000 and (sweep / "report" / "sweep.md").exists()
+
+
+def test_slurm_sweep_through_stand_in_commands(session_dir, tmp_path, sft_dir):
+    """sbatch/srun/sacct/scancel stand-ins on PATH: the real submitit_slurm launcher submits an array job, the
+    jobs run, one fails (a setting the stage refuses) and the report marks it FAILED."""
+    state = tmp_path / "slurm"
+    env = {"PATH": f"{FAKE_SLURM}:{os.environ['PATH']}", "FAKE_SLURM_DIR": str(state)}
+    proc = _launch(["-m", *_rl_args(session_dir, tmp_path, sft_dir), "hydra/launcher=slurm",
+                    "hydra.launcher.partition=gpu-a100", "hydra.launcher.account=proj42", "hydra.launcher.qos=normal",
+                    "hydra.launcher.timeout_min=90", "hydra.launcher.array_parallelism=2",
+                    "hydra.launcher.gpus_per_node=1",
+                    "hydra.launcher.setup=[module load cuda/12.4,source /opt/venv/bin/activate]",
+                    "rl.num_generations=2,3"], tmp_path, env)
+    script = (state / "1000.sbatch").read_text()
+    lines = script.splitlines()
+    for expected in ["#SBATCH --partition=gpu-a100", "#SBATCH --account=proj42", "#SBATCH --qos=normal",
+                     "#SBATCH --time=90", "#SBATCH --gpus-per-node=1", "#SBATCH --array=0-1%2",
+                     "#SBATCH --cpus-per-task=8", "#SBATCH --mem=64GB", "module load cuda/12.4",
+                     "source /opt/venv/bin/activate"]:
+        assert expected in lines, f"{expected!r} not in sbatch script:\n{script}"
+    assert any(l.startswith("srun ") for l in lines)
+    assert lines.index("module load cuda/12.4") < next(i for i, l in enumerate(lines) if l.startswith("srun "))
+    sweep = tmp_path / "out" / "sweeps" / "sweep"
+    assert (sweep / "0" / "DONE").exists()
+    assert (sweep / "1" / "FAILED").exists() and "not divisible" in (sweep / "1" / "FAILED").read_text()
+    assert proc.returncode != 0  # Hydra reports the failed job; the DONE job's outputs stand
+    report = _launch([f"paths.output_root={tmp_path / 'out'}", "stage=sweep_report",
+                      f"sweep_report.sweep_dir={sweep}", f"paths.cache_dir={session_dir / 'cache'}"], tmp_path)
+    rows = list(csv.DictReader((sweep / "report" / "sweep.csv").open()))
+    assert [(r["rl.num_generations"], r["status"]) for r in rows] == [("2", "DONE"), ("3", "FAILED")]
+    assert "not divisible" in rows[1]["error"]
+
+
+def test_sweep_report_marks_unfinished_jobs(tmp_path):
+    from conftest import compose_cfg
+    from flare_exp.main import run
+
+    sweep = tmp_path / "sweep"
+    for n, marker in enumerate(["DONE", None]):
+        (sweep / str(n) / ".hydra").mkdir(parents=True)
+        (sweep / str(n) / ".hydra" / "overrides.yaml").write_text(f"- rl.beta={n}\n")
+        if marker:
+            (sweep / str(n) / marker).write_text("{}")
+            (sweep / str(n) / "rl_summary.json").write_text('{"reward_last": 0.5}')
+    run(compose_cfg(["stage=sweep_report", f"sweep_report.sweep_dir={sweep}"]), run_dir=tmp_path / "r")
+    rows = list(csv.DictReader((sweep / "report" / "sweep.csv").open()))
+    assert [(r["rl.beta"], r["status"], r["reward_last"]) for r in rows] == [("0", "DONE", "0.5"),
+                                                                            ("1", "unfinished", "")]

@@ -136,3 +136,26 @@ def build_tiny_qwen3vl(out_dir: str | Path, seed: int = 0, vocab_size: int = 600
         raise
     log.info("built tiny Qwen3-VL at %s (%.2fM params)", out_dir, sum(p.numel() for p in model.parameters()) / 1e6)
     return out_dir
+
+
+def build_tiny_causal_lm(out_dir: str | Path, seed: int = 0) -> Path:
+    """A tiny random Llama-style causal LM + tokenizer (for testing the GREEN judge's code path)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    out_dir = Path(out_dir)
+    if (out_dir / "config.json").exists():
+        return out_dir
+    torch.manual_seed(seed)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=_train_tokenizer(600), eos_token="<|endoftext|>",
+                                        pad_token="<|endoftext|>")
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=4096,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=None)
+    tmp = Path(tempfile.mkdtemp(prefix=".judge-", dir=out_dir.parent if out_dir.parent.exists() else None))
+    LlamaForCausalLM(config).save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(tmp), out_dir)
+    return out_dir

@@ -1,0 +1,1 @@
+"""Evaluation metrics: FLARE's official per-task metrics, report-text metrics, and the real GREEN judge."""

@@ -1,0 +1,161 @@
+"""infer stage: predictions for a prepared split, an Excel sheet for reading them, and (test split) a FLARE
+submission.
+
+Fixes the seed's make_val_sheet.py: the prompt carries the generation prompt (the seed's did not, so the base
+model continued the user's text and fine-tuned outputs began with "assistant"), every view of a sample goes
+in, only the new tokens are decoded, and generation is batched (length-sorted, left-padded). Predictions are
+appended to predictions.jsonl batch by batch, so a preempted job resumes where it stopped.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from flare_exp.data.vision import VisionChat
+from flare_exp.io import read_jsonl, write_json
+from flare_exp.models.loading import load_model
+from flare_exp.runtime import abspath
+
+log = logging.getLogger(__name__)
+PREDICTIONS = "predictions.jsonl"
+
+
+def checkpoint_label(checkpoint: str | None) -> str:
+    if not checkpoint:
+        return "base"
+    path = Path(checkpoint)
+    parts = [p for p in path.parts[-3:] if p not in ("final",)]
+    return "/".join(parts[-2:]) if parts else path.name
+
+
+def read_done(path: Path) -> dict[str, dict]:
+    """Predictions already written; a torn last line (the job was killed mid-write) is dropped."""
+    done = {}
+    if not path.exists():
+        return done
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for i, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                log.warning("%s: dropping a torn last line (interrupted write)", path)
+                continue
+            raise ValueError(f"{path}:{i + 1}: not valid JSON") from None
+        done[row["id"]] = row
+    with open(path, "w", encoding="utf-8") as f:  # rewrite without the torn line before appending
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in done.values())
+    return done
+
+
+def generate(model, chat: VisionChat, records: list[dict], inf) -> list[str]:
+    import torch
+
+    batch = chat.generation_batch(records)
+    batch = {k: v.to(model.device) if hasattr(v, "to") else v for k, v in batch.items()}
+    kwargs = dict(max_new_tokens=inf.max_new_tokens, do_sample=inf.do_sample,
+                  pad_token_id=chat.tokenizer.pad_token_id)
+    if inf.do_sample:
+        kwargs.update(temperature=inf.temperature, top_p=inf.top_p)
+    if inf.cache_implementation:
+        kwargs["cache_implementation"] = inf.cache_implementation
+    with torch.inference_mode():
+        out = model.generate(**batch, **kwargs)
+    new_tokens = out[:, batch["input_ids"].shape[1]:]  # left padding: the prompt ends at the same column
+    return [t.strip() for t in chat.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+def write_sheet(path: Path, rows: list[dict], label: str) -> None:
+    from openpyxl import Workbook
+    from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
+    from openpyxl.styles import Alignment, Font
+
+    from flare_exp.io import atomic_path
+
+    wb = Workbook()
+    ws = wb.active
+    ws.title = "predictions"
+    header = ["ImageName", "Question", "Answer", label, "Dataset", "TaskType", "id"]
+    ws.append(header)
+    for r in rows:
+        name = r["image_name"] if isinstance(r["image_name"], str) else ", ".join(r["image_name"])
+        values = [name, r["question"], r["answer"], r["prediction"], r["dataset"], r["task_type"], r["id"]]
+        # Generated text can hold control characters that a worksheet cannot store: drop them in the sheet only.
+        ws.append([ILLEGAL_CHARACTERS_RE.sub("", v) if isinstance(v, str) else v for v in values])
+    for cell in ws[1]:
+        cell.font = Font(bold=True)
+    for col, width in zip("ABCDEFG", (38, 60, 50, 50, 16, 18, 30)):
+        ws.column_dimensions[col].width = width
+        for cell in ws[col][1:]:
+            cell.alignment = Alignment(wrap_text=True, vertical="top")
+    ws.freeze_panes = "A2"
+    ws.auto_filter.ref = ws.dimensions
+    with atomic_path(path) as tmp:
+        wb.save(tmp)
+
+
+def write_submission(out_dir: Path, rows: list[dict]) -> None:
+    """FLARE's format: the question records with Answer filled in, one file per dataset; FLARE joins them to
+    its ground truth on ImageName||Question."""
+    by_dataset: dict[str, list] = {}
+    for r in rows:
+        by_dataset.setdefault(r["dataset"], []).append({
+            "TaskType": r["raw_task_type"], "Modality": r.get("modality", "Xray"), "ImageName": r["image_name"],
+            "Question": r["question"], "Answer": r["prediction"], "Split": "test"})
+    for dataset, records in by_dataset.items():
+        write_json(out_dir / "submission" / f"{dataset}_predictions.json", records)
+
+
+def run(cfg, out_dir: Path) -> dict:
+    inf = cfg.infer
+    source = abspath(inf.input_file or f"{cfg.data.prepared_dir}/{inf.split}.jsonl")
+    records = read_jsonl(source)
+    if inf.num_samples and inf.num_samples > 0:
+        records = records[:inf.num_samples]
+    if not records:
+        raise ValueError(f"{source}: no records to predict")
+    label = inf.label or checkpoint_label(inf.checkpoint)
+    pred_path = out_dir / PREDICTIONS
+    done = read_done(pred_path)
+    todo = [r for r in records if r["id"] not in done]
+    if done:
+        log.info("resuming: %d of %d predictions already in %s", len(done), len(records), pred_path)
+
+    elapsed, generated = 0.0, 0
+    if todo:
+        loaded = load_model(cfg.model, init_from=inf.checkpoint, training=False, seed=cfg.seed)
+        chat = VisionChat(loaded.processor, abspath(cfg.data.root))
+        if inf.sort_by_length:  # similar lengths share a batch: less padding, fewer wasted decode steps
+            todo.sort(key=lambda r: chat.sequence_length(r, with_answer=False), reverse=True)
+        bar = tqdm(total=len(todo), desc=f"infer {label}", unit="report")
+        with open(pred_path, "a", encoding="utf-8") as f:
+            for start in range(0, len(todo), inf.batch_size):
+                chunk = todo[start:start + inf.batch_size]
+                t0 = time.perf_counter()
+                predictions = generate(loaded.model, chat, chunk, inf)
+                elapsed += time.perf_counter() - t0
+                generated += len(chunk)
+                for r, p in zip(chunk, predictions):
+                    row = {k: r[k] for k in ("id", "dataset", "task_type", "raw_task_type", "split", "image_name",
+                                             "images", "question", "answer")}
+                    row.update(prediction=p, model=label)
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    done[r["id"]] = row
+                f.flush()
+                bar.update(len(chunk))
+                bar.set_postfix(reports_per_s=f"{generated / max(elapsed, 1e-9):.2f}")
+        bar.close()
+    rows = [done[r["id"]] for r in records]  # the input's order
+    write_sheet(out_dir / "predictions.xlsx", rows, label)
+    if all(r["answer"] is None for r in rows):
+        write_submission(out_dir, rows)
+    summary = {"predictions": str(pred_path), "sheet": str(out_dir / "predictions.xlsx"), "label": label,
+               "checkpoint": inf.checkpoint, "split": inf.split, "samples": len(rows), "generated_now": generated,
+               "reports_per_second": round(generated / elapsed, 3) if elapsed else None,
+               "batch_size": inf.batch_size, "max_new_tokens": inf.max_new_tokens}
+    write_json(out_dir / "infer_summary.json", summary)
+    return summary

@@ -1,0 +1,205 @@
+import json
+import math
+
+import pytest
+
+from conftest import compose_cfg
+from flare_exp.main import run
+from flare_exp.metrics import tasks, text
+from flare_exp.metrics.green import GreenJudge, green_score, make_prompt, parse_green
+
+
+@pytest.fixture(scope="module")
+def sft_dir(tmp_path_factory, session_dir, tiny_model_dir, demo_prepared):
+    out = tmp_path_factory.mktemp("infer_sft")
+    run(compose_cfg(["stage=sft", f"paths.cache_dir={session_dir / 'cache'}", f"paths.output_root={out}",
+                     "sft.max_steps=1", "sft.eval_steps=0"]), run_dir=out / "sft")
+    return out / "sft"
+
+
+def _infer(base_overrides, run_dir, *extra):
+    return run(compose_cfg(["stage=infer", *base_overrides, "infer.max_new_tokens=6", "infer.batch_size=5",
+                            *extra]), run_dir=run_dir)
+
+
+def test_infer_writes_predictions_and_a_sheet(base_overrides, sft_dir, tmp_path, demo_prepared):
+    from openpyxl import load_workbook
+
+    from flare_exp.io import read_jsonl
+
+    summary = _infer(base_overrides, tmp_path / "inf", f"infer.checkpoint={sft_dir}")
+    val = read_jsonl(demo_prepared / "val.jsonl")
+    preds = read_jsonl(tmp_path / "inf" / "predictions.jsonl")
+    assert summary["samples"] == len(val) == len(preds) and summary["label"].endswith("sft")
+    assert all(isinstance(p["prediction"], str) and not p["prediction"].startswith("assistant") for p in preds)
+    ws = load_workbook(tmp_path / "inf" / "predictions.xlsx").active
+    header = [c.value for c in ws[1]]
+    assert header[:4] == ["ImageName", "Question", "Answer", summary["label"]]
+    assert header[4:6] == ["Dataset", "TaskType"] and ws.max_row == len(val) + 1
+    assert ws.freeze_panes == "A2" and ws.auto_filter.ref
+    assert [ws.cell(i + 2, 7).value for i in range(len(val))] == [r["id"] for r in val]  # input order
+
+
+def test_decoding_keeps_only_new_tokens_and_uses_every_view(tiny_model_dir, demo_prepared):
+    from omegaconf import OmegaConf
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from flare_exp.data.vision import VisionChat
+    from flare_exp.io import read_jsonl
+    from flare_exp.stages.infer import generate
+
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir).eval()
+    chat = VisionChat(processor, demo_prepared.parent / "raw")
+    iu = [r for r in read_jsonl(demo_prepared / "val.jsonl") if r["dataset"] == "IU_XRay"][:3]
+    batch = chat.generation_batch(iu)
+    assert batch["image_grid_thw"].shape[0] == 6  # two views per IU_XRay sample
+    assert processor.tokenizer.decode(batch["input_ids"][0]).endswith("<|im_start|>assistant\n")
+    inf = OmegaConf.create({"max_new_tokens": 5, "do_sample": False, "cache_implementation": None})
+    batched = generate(model, chat, iu, inf)
+    single = [generate(model, chat, [r], inf)[0] for r in iu]
+    assert batched == single  # left padding does not change greedy outputs
+    assert all(r["question"] not in p for r, p in zip(iu, batched))
+
+
+def test_infer_resumes_after_a_torn_write(base_overrides, sft_dir, tmp_path):
+    run_dir = tmp_path / "inf"
+    _infer(base_overrides, run_dir, f"infer.checkpoint={sft_dir}", "infer.num_samples=6")
+    lines = (run_dir / "predictions.jsonl").read_text().splitlines()
+    (run_dir / "predictions.jsonl").write_text("\n".join(lines[:3]) + "\n" + lines[3][:20])  # killed mid-write
+    (run_dir / "DONE").unlink()
+    summary = _infer(base_overrides, run_dir, f"infer.checkpoint={sft_dir}", "infer.num_samples=6")
+    assert summary["generated_now"] == 3 and summary["samples"] == 6
+    rows = [json.loads(l) for l in (run_dir / "predictions.jsonl").read_text().splitlines()]
+    assert len({r["id"] for r in rows}) == 6
+
+
+def test_test_split_writes_a_flare_submission(base_overrides, tmp_path):
+    _infer(base_overrides, tmp_path / "inf", "infer.split=test")
+    files = sorted((tmp_path / "inf" / "submission").glob("*.json"))
+    assert {f.name for f in files} == {f"{d}_predictions.json" for d in
+                                       ("IU_XRay", "boneresorption", "chestdr", "dental", "periapical")}
+    records = json.loads((tmp_path / "inf" / "submission" / "dental_predictions.json").read_text())
+    assert set(records[0]) == {"TaskType", "Modality", "ImageName", "Question", "Answer", "Split"}
+    assert records[0]["TaskType"] == "Classification"
+
+
+def test_eval_demo_and_comparison(base_overrides, sft_dir, tmp_path):
+    _infer(base_overrides, tmp_path / "a", f"infer.checkpoint={sft_dir}")
+    _infer(base_overrides, tmp_path / "b", "infer.label=base")
+    cfg = compose_cfg(["stage=eval", *base_overrides, f"eval.predictions=[{tmp_path / 'a'},{tmp_path / 'b'}]"])
+    summary = run(cfg, run_dir=tmp_path / "eval")
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert list(metrics)[1] == "base" and len(metrics) == 2
+    report = metrics["base"]["by_task"]["report_generation"]
+    assert report["green"] is None and "eval.green.model_path" in report["green_note"]
+    assert "radgraph_RG_ER" in report and "bleu_4" in report and "seed_bleu" in report
+    assert set(metrics["base"]["by_task"]) == {"classification", "multi_label", "regression", "report_generation"}
+    md = (tmp_path / "eval" / "report.md").read_text()
+    assert "| metric | " in md and "green (official) | n/a | n/a" in md
+    assert (tmp_path / "eval" / "metrics.png").stat().st_size > 1000 and (tmp_path / "eval" / "report.html").exists()
+    assert any(k.startswith("base/classification/") for k in summary)
+
+
+def _rows(task, dataset, pairs):
+    return [{"task_type": task, "dataset": dataset, "prediction": p, "answer": a} for p, a in pairs]
+
+
+def test_balanced_accuracy_by_hand():
+    rows = _rows("classification", "dental", [("A", "A"), ("B", "A"), ("a ", "A"), ("C", "C"), ("the answer is C", "C")])
+    m = tasks.classification_metrics(rows)
+    assert m["balanced_accuracy"] == pytest.approx((2 / 3 + 1 / 2) / 2)  # strings: "the answer is c" != "c"
+    assert m["balanced_accuracy_parsed"] == pytest.approx((2 / 3 + 1) / 2)
+
+
+def test_multi_label_f1_by_hand():
+    rows = _rows("multi_label", "chestdr", [("Effusion, Mass", "Effusion"), ("Nodule", "Nodule, Mass")])
+    m = tasks.multi_label_metrics(rows)
+    # TP=2 (effusion, nodule), FP=1 (mass), FN=1 (mass): micro = 4 / 6; per sample 2/3 and 2/3
+    assert m["f1_micro"] == pytest.approx(4 / 6) and m["f1_example"] == pytest.approx(2 / 3)
+
+
+def test_mae_reports_unparseable():
+    m = tasks.regression_metrics(_rows("regression", "boneresorption", [("20%", "22"), ("30", "25"), ("n/a", "10")]))
+    assert m["mae"] == pytest.approx(3.5) and m["unparseable"] == 1 and m["mae_flare"] is None
+
+
+def test_bleu_by_hand():
+    b = text.corpus_bleu(["the heart is normal"], ["the heart is normal"])
+    assert b["bleu_4"] == pytest.approx(1.0)
+    b = text.corpus_bleu(["the heart"], ["the heart is normal"])
+    assert b["bleu_1"] == pytest.approx(math.exp(1 - 4 / 2)) and b["bleu_2"] == pytest.approx(math.exp(-1))
+    # seed_bleu averages per-sample precisions: 1-grams (1 + 0.5)/2, 2-grams (1 + 0)/2 ...
+    assert text.seed_bleu(["a b", "c d"], ["a b", "c x"], max_n=2) == pytest.approx(math.sqrt(0.75 * 0.5))
+
+
+WELL_FORMED = """[Explanation]:
+The candidate misses the effusion.
+
+[Clinically Significant Errors]:
+(a) False report of a finding in the candidate: 0.
+(b) Missing a finding present in the reference: 1. Pleural effusion.
+(c) Misidentification of a finding's anatomic location/position: 0.
+(d) Misassessment of the severity of a finding: 0.
+(e) Mentioning a comparison that isn't in the reference: 0.
+(f) Omitting a comparison detailing a change from a prior study: 0.
+
+[Clinically Insignificant Errors]:
+(a) False report of a finding in the candidate: 1. Small granuloma.
+
+[Matched Findings]:
+3. Normal heart; Clear lungs; No pneumothorax.
+"""
+
+
+@pytest.mark.parametrize("output,significant,matched,score", [
+    (WELL_FORMED, [0, 1, 0, 0, 0, 0], 3, 0.75),
+    (WELL_FORMED.replace("\n\n", "\n"), [0, 1, 0, 0, 0, 0], 3, 0.75),  # no blank lines between sections
+    (WELL_FORMED.replace(": 1. Pleural effusion.", ": 2").replace("3. Normal", "2 Normal"),
+     [0, 2, 0, 0, 0, 0], 2, 0.5),  # counts without a trailing period
+    ("[Explanation]: fine.\n[Clinically Significant Errors]: No errors.\n[Matched Findings]: 4.", [0] * 6, 4, 1.0),
+    ("[Clinically Significant Errors]:\n(a) False report: 2.\n[Matched Findings]:\n0.", [2, 0, 0, 0, 0, 0], 0, 0.0),
+])
+def test_green_parser(output, significant, matched, score):
+    counts = parse_green(output)
+    assert counts["significant"] == significant and counts["matched"] == matched
+    assert green_score(counts) == pytest.approx(score)
+
+
+def test_green_parser_garbage_is_unparsed():
+    counts = parse_green("lorem ipsum 3 4 5")
+    assert counts["parsed"] is False and green_score(counts) is None
+
+
+def test_green_prompt_cuts_reports_to_300_words():
+    prompt = make_prompt("word " * 500, "short candidate")
+    assert prompt.count("word") == 300 and "[Matched Findings]" in prompt and "short candidate" in prompt
+
+
+def test_green_judge_code_path_with_a_tiny_lm(tmp_path):
+    from flare_exp.models.tiny import build_tiny_causal_lm
+
+    judge = GreenJudge(build_tiny_causal_lm(tmp_path / "judge"), batch_size=2, max_new_tokens=8)
+    rendered = judge.render("PROMPT")
+    assert "<|user|>\nPROMPT<|endoftext|>" in rendered and rendered.rstrip().endswith("<|assistant|>")
+    summary, samples = judge.score(["The heart is normal."] * 3, ["Heart normal.", "Lungs clear.", ""])
+    assert len(samples) == 3 and all(isinstance(s["judge_output"], str) for s in samples)
+    assert summary["green_n"] + summary["green_unparsed"] == 3  # random text: unparsed, never a made-up score
+
+
+def test_green_missing_judge_names_the_key(tmp_path):
+    with pytest.raises(FileNotFoundError, match="eval.green.model_path=.*GREEN-radllama2-7b"):
+        GreenJudge(tmp_path / "none")
+
+
+def test_eval_runs_green_when_configured(base_overrides, tmp_path):
+    from flare_exp.models.tiny import build_tiny_causal_lm
+
+    _infer(base_overrides, tmp_path / "inf", "infer.num_samples=20")
+    judge = build_tiny_causal_lm(tmp_path / "judge")
+    run(compose_cfg(["stage=eval", *base_overrides, f"eval.predictions=[{tmp_path / 'inf'}]",
+                     f"eval.green.model_path={judge}", "eval.green.max_new_tokens=4"]), run_dir=tmp_path / "eval")
+    report = json.loads((tmp_path / "eval" / "metrics.json").read_text())["base"]["by_task"]["report_generation"]
+    assert "green_note" not in report and report["green_unparsed"] + report["green_n"] == report["n"]
+    samples = (tmp_path / "eval" / "green_samples_base.jsonl").read_text().splitlines()
+    assert len(samples) == report["n"] and "judge_output" in json.loads(samples[0])

@@ -52,13 +52,13 @@ def ensure_prepared(work: Path, image_size: int) -> None:
     run(compose(["stage=prepare", *bench_data(work), *demo_data(image_size)]), run_dir=work / "runs" / "prepare")
 
 
-def filtered_file(work: Path, dataset: str) -> Path:
+def filtered_file(work: Path, dataset: str, repeat: int = 8) -> Path:
     from flare_exp.io import read_jsonl, write_jsonl
 
-    out = work / "data" / f"train_{dataset}.jsonl"
+    out = work / "data" / f"train_{dataset}_x{repeat}.jsonl"
     if not out.exists():
         rows = [r for r in read_jsonl(work / "data" / "prepared" / "train.jsonl") if r["dataset"] == dataset]
-        write_jsonl(out, rows * 8)
+        write_jsonl(out, rows * repeat)
     return out
 
 
@@ -109,9 +109,71 @@ def run_sft(args, work: Path) -> dict:
     return result
 
 
+def run_grpo(args, work: Path) -> dict:
+    """GRPO steps through the rl stage: fresh LoRA on the base model, IU_XRay-like prompts, reward=flare
+    (tiny RadGraph), args.batch completions per step = args.batch / num_generations prompts."""
+    from flare_exp.main import run
+
+    ensure_prepared(work, args.image_size)
+    name = f"grpo-{args.backend}-ng{args.num_generations}"
+    cfg = compose(["stage=rl", "experiment=flare", *bench_data(work), *model_overrides(args),
+                   f"rl.train_file={filtered_file(work, args.dataset, 1)}", f"rl.max_steps={args.steps}",
+                   f"rl.num_generations={args.num_generations}", f"rl.per_device_train_batch_size={args.batch}",
+                   f"rl.max_completion_length={args.completion_length}", "rl.logging_steps=1",
+                   "rl.save_steps=100000", "rl.task_types=[report_generation]", "overwrite=true",
+                   f"reward.radgraph.model_dir={work / 'radgraph'}", "reward.radgraph.build_tiny=true",
+                   f"paths.output_root={work / 'out'}"])
+    t0 = time.time()
+    run(cfg, run_dir=work / "runs" / name)
+    history = json.loads((work / "runs" / name / "log_history.json").read_text())
+    return {"what": "grpo", "backend": args.backend, "num_generations": args.num_generations,
+            "completions_per_step": args.batch, "completion_length": args.completion_length,
+            "wall_seconds": round(time.time() - t0, 1), "first_step_seconds": next(
+                (h["step_seconds"] for h in history if "step_seconds" in h), None),
+            **summarise(history, args.warmup)}
+
+
+def run_infer(args, work: Path) -> dict:
+    """Inference through the infer stage: two 512-px views + a question, args.new_tokens new tokens each
+    (min_new_tokens forces the full length, so every report costs the same)."""
+    from flare_exp.main import run
+
+    ensure_prepared(work, args.image_size)
+    source = filtered_file(work, args.dataset, 1)
+    name = f"infer-{args.backend}-bs{args.batch}-{args.cache or 'dynamic'}"
+    overrides = ["stage=infer", "experiment=flare", *bench_data(work), *model_overrides(args),
+                 f"infer.input_file={source}", f"infer.batch_size={args.batch}", f"infer.num_samples={args.samples}",
+                 f"infer.max_new_tokens={args.new_tokens}", "overwrite=true", f"paths.output_root={work / 'out'}",
+                 f"infer.sort_by_length={'false' if args.batch == 1 else 'true'}"]
+    if args.cache:
+        overrides.append(f"infer.cache_implementation={args.cache}")
+    import flare_exp.stages.infer as infer_stage
+
+    original = infer_stage.generate
+
+    def forced_length(model, chat, records, inf):  # every report exactly new_tokens long
+        model.generation_config.min_new_tokens = args.new_tokens
+        return original(model, chat, records, inf)
+
+    infer_stage.generate = forced_length
+    if args.warm:  # one untimed batch first: compilation (static cache) is not throughput
+        run(compose([*overrides, f"infer.num_samples={args.batch}"]), run_dir=work / "runs" / (name + "-warm"))
+    t0 = time.time()
+    summary = run(compose(overrides), run_dir=work / "runs" / name)
+    return {"what": "infer", "backend": args.backend, "batch": args.batch, "cache": args.cache or "dynamic",
+            "new_tokens": args.new_tokens, "samples": summary["samples"],
+            "reports_per_second": summary["reports_per_second"], "wall_seconds": round(time.time() - t0, 1)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=["build", "sft"])
+    p.add_argument("what", choices=["build", "sft", "grpo", "infer"])
+    p.add_argument("--num-generations", type=int, default=8)
+    p.add_argument("--completion-length", type=int, default=256)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--samples", type=int, default=128)
+    p.add_argument("--cache", default=None)
+    p.add_argument("--warm", action="store_true")
     p.add_argument("--backend", default="hf", choices=["hf", "unsloth"])
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=12)
@@ -134,13 +196,14 @@ def main() -> None:
         return
     import torch
 
-    result = {"run_sft": run_sft}[f"run_{args.what}"](args, work)
+    result = {"sft": run_sft, "grpo": run_grpo, "infer": run_infer}[args.what](args, work)
     result.update(device=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
                   torch=torch.__version__,
                   date=time.strftime("%Y-%m-%d %H:%M"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = f"{args.what}-{args.backend}-bs{args.batch}-{args.dataset}.json"
+    extra = {"grpo": f"-ng{args.num_generations}", "infer": f"-{args.cache or 'dynamic'}"}.get(args.what, "")
+    name = f"{args.what}-{args.backend}-bs{args.batch}{extra}-{args.dataset}.json"
     (out / name).write_text(json.dumps(result, indent=2))
     print("BENCH", json.dumps(result))
 

@@ -130,6 +130,11 @@ def _load_hf(model_cfg, init_from, training) -> LoadedModel:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     if not training:
+        # The Trainer places training models itself; inference must not silently stay on the CPU.
+        import torch
+
+        if torch.cuda.is_available():
+            model.to("cuda")
         model.eval()
     return LoadedModel(model, processor, base, adapter, "hf")
 

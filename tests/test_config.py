@@ -77,3 +77,29 @@ def test_unknown_backend_rejected():
 
     with pytest.raises(ValueError, match="backend"):
         validate(compose_cfg(["model.backend=vllm"]))
+
+
+@pytest.mark.parametrize("overrides", [
+    ["stage=prepare"],
+    ["stage=sft", "run_name=sft-r16", "model.backend=unsloth", "sft.early_stopping_patience=5"],
+    ["stage=rl", "run_name=rl-flare", "rl.init_from=outputs/runs/sft-r16", "reward=flare"],
+    ["stage=infer", "infer.checkpoint=outputs/runs/rl-flare", "infer.batch_size=32"],
+    ["stage=eval", "eval.green.model_path=/m/GREEN", "eval.predictions=[a,b]"],
+    ["stage=rl", "reward.report_generation.weights.radgraph=0.5", "reward=seed"],
+])
+def test_readme_commands_compose(overrides):
+    from flare_exp.main import validate
+
+    cfg = compose_cfg(["experiment=flare", "data.root=/data/FLARE_Task5", *overrides])
+    validate(cfg)
+    assert OmegaConf.to_container(cfg, resolve=True)
+
+
+def test_sweep_launchers_compose():
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
+    assert cfg.hydra.launcher.max_num_timeout == 3 and cfg.hydra.launcher.gpus_per_node == 1

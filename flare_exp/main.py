@@ -34,16 +34,9 @@ def preload_backend(cfg: DictConfig) -> None:
     steps = set(cfg.stage.steps) if cfg.stage.name == "pipeline" else {cfg.stage.name}
     if cfg.model.backend != "unsloth" or not steps & {"sft", "rl", "infer"}:
         return
-    import torch
+    from flare_exp.models.loading import require_unsloth
 
-    if not torch.cuda.is_available():
-        raise RuntimeError("model.backend=unsloth needs a CUDA GPU (Unsloth's vision loaders are GPU-only); "
-                           "use model.backend=hf on this machine.")
-    try:
-        import unsloth  # noqa: F401
-    except ImportError as e:
-        raise ImportError("model.backend=unsloth but Unsloth is not installed: pip install -r "
-                          "env/requirements-gpu.txt (offline nodes: see README 'GPU install')") from e
+    require_unsloth()
 
 
 def run(cfg: DictConfig, run_dir: Path | None = None):

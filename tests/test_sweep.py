@@ -83,6 +83,7 @@ def test_slurm_sweep_through_stand_in_commands(session_dir, tmp_path, sft_dir):
     assert proc.returncode != 0  # Hydra reports the failed job; the DONE job's outputs stand
     report = _launch([f"paths.output_root={tmp_path / 'out'}", "stage=sweep_report",
                       f"sweep_report.sweep_dir={sweep}", f"paths.cache_dir={session_dir / 'cache'}"], tmp_path)
+    assert report.returncode == 0, report.stderr[-3000:]
     rows = list(csv.DictReader((sweep / "report" / "sweep.csv").open()))
     assert [(r["rl.num_generations"], r["status"]) for r in rows] == [("2", "DONE"), ("3", "FAILED")]
     assert "not divisible" in rows[1]["error"]

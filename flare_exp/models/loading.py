@@ -139,17 +139,23 @@ def _load_hf(model_cfg, init_from, training) -> LoadedModel:
     return LoadedModel(model, processor, base, adapter, "hf")
 
 
-def _load_unsloth(model_cfg, init_from, training, seed) -> LoadedModel:
+def require_unsloth():
+    """Import Unsloth (only for backend=unsloth: the hf backend never pays for it), with clear errors."""
     import torch
 
     if not torch.cuda.is_available():
         raise RuntimeError("model.backend=unsloth needs a CUDA GPU (Unsloth's vision loaders are GPU-only); "
                            "use model.backend=hf on this machine.")
     try:
-        from unsloth import FastVisionModel  # imported here only: the hf backend never pays for it
+        import unsloth
     except ImportError as e:
         raise ImportError("model.backend=unsloth but Unsloth is not installed: pip install -r "
                           "env/requirements-gpu.txt (offline nodes: see README 'GPU install')") from e
+    return unsloth
+
+
+def _load_unsloth(model_cfg, init_from, training, seed) -> LoadedModel:
+    FastVisionModel = require_unsloth().FastVisionModel
     adapter, base = _adapter_and_base(model_cfg, init_from)
     kwargs = dict(dtype=torch_dtype(model_cfg.dtype), load_in_4bit=False, max_seq_length=model_cfg.max_seq_length,
                   use_gradient_checkpointing="unsloth" if model_cfg.gradient_checkpointing else False,

@@ -12,7 +12,7 @@ import logging
 from collections import defaultdict
 from pathlib import Path
 
-from flare_exp.io import atomic_path, read_jsonl, write_json, write_jsonl, write_text
+from flare_exp.io import read_jsonl, write_json, write_jsonl, write_text
 from flare_exp.metrics import tasks, text
 from flare_exp.runtime import abspath
 
@@ -163,13 +163,10 @@ def write_reports(out_dir: Path, results: dict) -> None:
 
 
 def _plot(path: Path, results: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from flare_exp.plotting import save_png, subplots
 
     task_list = sorted({t for r in results.values() for t in r["by_task"]})
-    fig, axes = plt.subplots(1, len(task_list), figsize=(4 * len(task_list), 3.6), squeeze=False)
+    fig, axes = subplots(1, len(task_list), figsize=(4 * len(task_list), 3.6), squeeze=False)
     for ax, task in zip(axes[0], task_list):
         metric = OFFICIAL[task] if task != "report_generation" or any(
             r["by_task"].get(task, {}).get("green") is not None for r in results.values()) else "rouge_l"
@@ -177,10 +174,7 @@ def _plot(path: Path, results: dict) -> None:
         ax.bar(list(results), values, color="tab:blue")
         ax.set_title(f"{task}\n{metric}", fontsize=9)
         ax.tick_params(axis="x", rotation=20, labelsize=7)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def run(cfg, out_dir: Path) -> dict:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from flare_exp.io import atomic_path, write_text
+from flare_exp.io import write_text
 from flare_exp.runtime import abspath, marker
 
 log = logging.getLogger(__name__)
@@ -61,12 +61,9 @@ def markdown(header: list[str], rows: list[list]) -> str:
 
 
 def plot(jobs: list[dict], header: list[str], path: Path) -> None:
-    import matplotlib
+    from flare_exp.plotting import save_png, subplots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (curves, finals) = plt.subplots(1, 2, figsize=(13, 4.5))
+    fig, (curves, finals) = subplots(1, 2, figsize=(13, 4.5))
     varying = [h for h in header[2:] if any(h in j["overrides"] for j in jobs)]
 
     def label(j):
@@ -86,10 +83,7 @@ def plot(jobs: list[dict], header: list[str], path: Path) -> None:
     finals.bar([label(j) for j in jobs], values, color=[colors.get(j["status"], "tab:gray") for j in jobs])
     finals.set(title="final reward (mean of the last quarter; red = failed, grey = unfinished)")
     finals.tick_params(axis="x", rotation=30, labelsize=7)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def run(cfg, out_dir: Path) -> dict:

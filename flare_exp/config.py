@@ -217,12 +217,22 @@ class GreenConfig:
 
 
 @dataclass
+class CheXbertConfig:
+    # chexbert.pth (stanfordmlgroup/CheXbert, 1.31 GB) and a local bert-base-uncased dir (config + tokenizer).
+    path: Optional[str] = None
+    encoder_path: Optional[str] = None
+    # Uncertain (class 3) counted as positive (true) or negative (false): it changes results, so it is named.
+    uncertain_as_positive: bool = True
+    batch_size: int = 16
+
+
+@dataclass
 class EvalConfig:
     # One predictions.jsonl, or several (comparison mode), or run dirs holding one.
     predictions: List[str] = field(default_factory=list)
     green: GreenConfig = field(default_factory=GreenConfig)
     radgraph: bool = True
-    chexbert_path: Optional[str] = None
+    chexbert: CheXbertConfig = field(default_factory=CheXbertConfig)
 
 
 @dataclass

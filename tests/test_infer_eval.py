@@ -203,3 +203,34 @@ def test_eval_runs_green_when_configured(base_overrides, tmp_path):
     assert "green_note" not in report and report["green_unparsed"] + report["green_n"] == report["n"]
     samples = (tmp_path / "eval" / "green_samples_base.jsonl").read_text().splitlines()
     assert len(samples) == report["n"] and "judge_output" in json.loads(samples[0])
+
+
+def test_chexbert_efficacy_by_hand():
+    from flare_exp.metrics.chexbert import binarise, efficacy
+
+    gold = binarise([[1, 2, 3], [0, 1, 0]], uncertain_as_positive=True)   # [[1,0,1],[0,1,0]]
+    pred = binarise([[1, 1, 0], [0, 1, 3]], uncertain_as_positive=True)   # [[1,1,0],[0,1,1]]
+    m = efficacy(pred, gold)
+    # TP=2, FP=2, FN=1: micro P=0.5 R=2/3
+    assert m["chexbert_precision_micro"] == pytest.approx(0.5) and m["chexbert_recall_micro"] == pytest.approx(2 / 3)
+    # per label F1: [1, 2/3, 0] -> macro 5/9; per example F1: [0.5, 2/3]
+    assert m["chexbert_f1_macro"] == pytest.approx(5 / 9) and m["chexbert_f1_example"] == pytest.approx(7 / 12)
+    assert binarise([[3]], uncertain_as_positive=False) == [[0]]
+
+
+def test_chexbert_labeler_loads_a_checkpoint_in_the_published_layout(base_overrides, tmp_path):
+    import torch
+
+    from flare_exp.metrics.chexbert import build_labeler
+    from flare_exp.models.tiny_radgraph import _build_bert
+
+    _build_bert(tmp_path / "bert")
+    state = {f"module.{k}": v for k, v in build_labeler(tmp_path / "bert").state_dict().items()}
+    torch.save({"model_state_dict": state}, tmp_path / "chexbert.pth")
+    _infer(base_overrides, tmp_path / "inf", "infer.num_samples=20")
+    run(compose_cfg(["stage=eval", *base_overrides, f"eval.predictions=[{tmp_path / 'inf'}]",
+                     f"eval.chexbert.path={tmp_path / 'chexbert.pth'}", f"eval.chexbert.encoder_path={tmp_path / 'bert'}"]),
+        run_dir=tmp_path / "eval")
+    report = json.loads((tmp_path / "eval" / "metrics.json").read_text())["base"]["by_task"]["report_generation"]
+    assert {"chexbert_f1_micro", "chexbert_f1_macro", "chexbert_f1_example"} <= set(report)
+    assert report["chexbert_uncertain_as"] == "positive"

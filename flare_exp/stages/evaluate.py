@@ -36,7 +36,7 @@ class ReportScorers:
 
     def __init__(self, cfg, out_dir: Path):
         self.cfg, self.out_dir = cfg, out_dir
-        self._radgraph = self._green = None
+        self._radgraph = self._green = self._chexbert = None
 
     def radgraph(self):
         rg = self.cfg.reward.radgraph
@@ -48,6 +48,17 @@ class ReportScorers:
             self._radgraph = RadGraphTerm(model_dir=str(abspath(rg.model_dir)), model_type=rg.model_type,
                                           build_tiny=rg.build_tiny).scorer
         return self._radgraph
+
+    def chexbert(self):
+        c = self.cfg.eval.chexbert
+        if not c.path:
+            return None
+        if self._chexbert is None:
+            from flare_exp.metrics.chexbert import CheXbert
+
+            self._chexbert = CheXbert(abspath(c.path), abspath(c.encoder_path) if c.encoder_path else None,
+                                      c.batch_size)
+        return self._chexbert
 
     def green(self):
         if not self.cfg.eval.green.model_path:
@@ -71,6 +82,13 @@ def report_metrics(rows: list[dict], scorers: ReportScorers, label: str) -> dict
             out[name] = sum(t[i] for t in triples) / len(triples)
     else:
         out["radgraph_note"] = "not computed: reward.radgraph.model_dir is not set (or eval.radgraph=false)"
+    labeler = scorers.chexbert()
+    if labeler is not None:
+        from flare_exp.metrics.chexbert import binarise, efficacy
+
+        uap = scorers.cfg.eval.chexbert.uncertain_as_positive
+        out.update(efficacy(binarise(labeler.label(hyps), uap), binarise(labeler.label(refs), uap)))
+        out["chexbert_uncertain_as"] = "positive" if uap else "negative"
     judge = scorers.green()
     if judge is None:
         out["green"] = None

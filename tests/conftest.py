@@ -54,3 +54,15 @@ def demo_prepared(session_dir) -> Path:
 def base_overrides(session_dir, tmp_path, tiny_model_dir, demo_prepared) -> list[str]:
     """Overrides for a test run: shared tiny model + prepared demo, a private output dir."""
     return [f"paths.cache_dir={session_dir / 'cache'}", f"paths.output_root={tmp_path / 'out'}"]
+
+
+@pytest.fixture(scope="session")
+def sft_adapter(session_dir, tiny_model_dir, demo_prepared) -> Path:
+    """A tiny SFT run (2 steps) whose adapter the rl, infer and sweep tests start from."""
+    from flare_exp.main import run
+
+    out = session_dir / "sft_adapter"
+    if not (out / "sft" / "DONE").exists():
+        run(compose_cfg(["stage=sft", f"paths.cache_dir={session_dir / 'cache'}", f"paths.output_root={out}",
+                         "sft.max_steps=2", "sft.eval_steps=0"]), run_dir=out / "sft")
+    return out / "sft"

@@ -9,25 +9,17 @@ from flare_exp.metrics import tasks, text
 from flare_exp.metrics.green import GreenJudge, green_score, make_prompt, parse_green
 
 
-@pytest.fixture(scope="module")
-def sft_dir(tmp_path_factory, session_dir, tiny_model_dir, demo_prepared):
-    out = tmp_path_factory.mktemp("infer_sft")
-    run(compose_cfg(["stage=sft", f"paths.cache_dir={session_dir / 'cache'}", f"paths.output_root={out}",
-                     "sft.max_steps=1", "sft.eval_steps=0"]), run_dir=out / "sft")
-    return out / "sft"
-
-
 def _infer(base_overrides, run_dir, *extra):
     return run(compose_cfg(["stage=infer", *base_overrides, "infer.max_new_tokens=6", "infer.batch_size=5",
                             *extra]), run_dir=run_dir)
 
 
-def test_infer_writes_predictions_and_a_sheet(base_overrides, sft_dir, tmp_path, demo_prepared):
+def test_infer_writes_predictions_and_a_sheet(base_overrides, sft_adapter, tmp_path, demo_prepared):
     from openpyxl import load_workbook
 
     from flare_exp.io import read_jsonl
 
-    summary = _infer(base_overrides, tmp_path / "inf", f"infer.checkpoint={sft_dir}")
+    summary = _infer(base_overrides, tmp_path / "inf", f"infer.checkpoint={sft_adapter}")
     val = read_jsonl(demo_prepared / "val.jsonl")
     preds = read_jsonl(tmp_path / "inf" / "predictions.jsonl")
     assert summary["samples"] == len(val) == len(preds) and summary["label"].endswith("sft")
@@ -62,13 +54,13 @@ def test_decoding_keeps_only_new_tokens_and_uses_every_view(tiny_model_dir, demo
     assert all(r["question"] not in p for r, p in zip(iu, batched))
 
 
-def test_infer_resumes_after_a_torn_write(base_overrides, sft_dir, tmp_path):
+def test_infer_resumes_after_a_torn_write(base_overrides, sft_adapter, tmp_path):
     run_dir = tmp_path / "inf"
-    _infer(base_overrides, run_dir, f"infer.checkpoint={sft_dir}", "infer.num_samples=6")
+    _infer(base_overrides, run_dir, f"infer.checkpoint={sft_adapter}", "infer.num_samples=6")
     lines = (run_dir / "predictions.jsonl").read_text().splitlines()
     (run_dir / "predictions.jsonl").write_text("\n".join(lines[:3]) + "\n" + lines[3][:20])  # killed mid-write
     (run_dir / "DONE").unlink()
-    summary = _infer(base_overrides, run_dir, f"infer.checkpoint={sft_dir}", "infer.num_samples=6")
+    summary = _infer(base_overrides, run_dir, f"infer.checkpoint={sft_adapter}", "infer.num_samples=6")
     assert summary["generated_now"] == 3 and summary["samples"] == 6
     rows = [json.loads(l) for l in (run_dir / "predictions.jsonl").read_text().splitlines()]
     assert len({r["id"] for r in rows}) == 6
@@ -84,8 +76,8 @@ def test_test_split_writes_a_flare_submission(base_overrides, tmp_path):
     assert records[0]["TaskType"] == "Classification"
 
 
-def test_eval_demo_and_comparison(base_overrides, sft_dir, tmp_path):
-    _infer(base_overrides, tmp_path / "a", f"infer.checkpoint={sft_dir}")
+def test_eval_demo_and_comparison(base_overrides, sft_adapter, tmp_path):
+    _infer(base_overrides, tmp_path / "a", f"infer.checkpoint={sft_adapter}")
     _infer(base_overrides, tmp_path / "b", "infer.label=base")
     cfg = compose_cfg(["stage=eval", *base_overrides, f"eval.predictions=[{tmp_path / 'a'},{tmp_path / 'b'}]"])
     summary = run(cfg, run_dir=tmp_path / "eval")

@@ -7,15 +7,6 @@ from conftest import compose_cfg
 from flare_exp.main import run
 
 
-@pytest.fixture(scope="module")
-def sft_adapter(tmp_path_factory, session_dir, tiny_model_dir, demo_prepared):
-    out = tmp_path_factory.mktemp("sft_for_rl")
-    cfg = compose_cfg(["stage=sft", f"paths.cache_dir={session_dir / 'cache'}", f"paths.output_root={out}",
-                       "sft.max_steps=2", "sft.eval_steps=0"])
-    run(cfg, run_dir=out / "sft")
-    return out / "sft"
-
-
 def _rl_cfg(base_overrides, sft_adapter, *extra):
     return compose_cfg(["stage=rl", *base_overrides, f"rl.init_from={sft_adapter}", "rl.max_steps=2",
                         "rl.per_device_train_batch_size=4", "rl.num_generations=2", "rl.max_completion_length=8",

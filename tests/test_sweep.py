@@ -13,30 +13,19 @@ from conftest import REPO
 FAKE_SLURM = Path(__file__).parent / "fake_slurm"
 
 
-@pytest.fixture(scope="module")
-def sft_dir(tmp_path_factory, session_dir, tiny_model_dir, demo_prepared):
-    from conftest import compose_cfg
-    from flare_exp.main import run
-
-    out = tmp_path_factory.mktemp("sweep_sft")
-    run(compose_cfg(["stage=sft", f"paths.cache_dir={session_dir / 'cache'}", f"paths.output_root={out}",
-                     "sft.max_steps=1", "sft.eval_steps=0"]), run_dir=out / "sft")
-    return out / "sft"
-
-
 def _launch(args, tmp_path, env_extra=None, timeout=600):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", **(env_extra or {})}
     return subprocess.run([sys.executable, "launch.py", *args], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=timeout)
 
 
-def _rl_args(session_dir, tmp_path, sft_dir):
+def _rl_args(session_dir, tmp_path, sft_adapter):
     return [f"paths.cache_dir={session_dir / 'cache'}", f"paths.output_root={tmp_path / 'out'}", "stage=rl",
-            f"rl.init_from={sft_dir}", "rl.max_steps=1", "rl.max_completion_length=8", "run_name=sweep"]
+            f"rl.init_from={sft_adapter}", "rl.max_steps=1", "rl.max_completion_length=8", "run_name=sweep"]
 
 
-def test_local_sweep_2x2_and_report(session_dir, tmp_path, sft_dir):
-    proc = _launch(["-m", *_rl_args(session_dir, tmp_path, sft_dir), "hydra/launcher=local",
+def test_local_sweep_2x2_and_report(session_dir, tmp_path, sft_adapter):
+    proc = _launch(["-m", *_rl_args(session_dir, tmp_path, sft_adapter), "hydra/launcher=local",
                     "reward.report_generation.weights.radgraph=0.5,0.7",
                     "reward.report_generation.weights.rouge_l=0.1,0.3"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -57,12 +46,12 @@ def test_local_sweep_2x2_and_report(session_dir, tmp_path, sft_dir):
     assert (sweep / "report" / "sweep.png").stat().st_size > 1000 and (sweep / "report" / "sweep.md").exists()
 
 
-def test_slurm_sweep_through_stand_in_commands(session_dir, tmp_path, sft_dir):
+def test_slurm_sweep_through_stand_in_commands(session_dir, tmp_path, sft_adapter):
     """sbatch/srun/sacct/scancel stand-ins on PATH: the real submitit_slurm launcher submits an array job, the
     jobs run, one fails (a setting the stage refuses) and the report marks it FAILED."""
     state = tmp_path / "slurm"
     env = {"PATH": f"{FAKE_SLURM}:{os.environ['PATH']}", "FAKE_SLURM_DIR": str(state)}
-    proc = _launch(["-m", *_rl_args(session_dir, tmp_path, sft_dir), "hydra/launcher=slurm",
+    proc = _launch(["-m", *_rl_args(session_dir, tmp_path, sft_adapter), "hydra/launcher=slurm",
                     "hydra.launcher.partition=gpu-a100", "hydra.launcher.account=proj42", "hydra.launcher.qos=normal",
                     "hydra.launcher.timeout_min=90", "hydra.launcher.array_parallelism=2",
                     "hydra.launcher.gpus_per_node=1",

@@ -14,7 +14,7 @@ from PIL import Image
 IGNORE_INDEX = -100
 
 
-def _render_messages(messages: list[dict]) -> list[dict]:
+def render_messages(messages: list[dict]) -> list[dict]:
     # The template needs only the part types; paths stay out so no processor tries to open them itself.
     out = []
     for m in messages:
@@ -37,11 +37,11 @@ class VisionChat:
     # -- text -------------------------------------------------------------------------------------------
     def prompt_text(self, record: dict) -> str:
         user = [m for m in record["messages"] if m["role"] != "assistant"]
-        return self.processor.apply_chat_template(_render_messages(user), tokenize=False,
+        return self.processor.apply_chat_template(render_messages(user), tokenize=False,
                                                   add_generation_prompt=True)
 
     def full_text(self, record: dict) -> str:
-        return self.processor.apply_chat_template(_render_messages(record["messages"]), tokenize=False,
+        return self.processor.apply_chat_template(render_messages(record["messages"]), tokenize=False,
                                                   add_generation_prompt=False)
 
     def answer_text(self, record: dict) -> str:

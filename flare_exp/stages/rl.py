@@ -12,7 +12,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from flare_exp.data.vision import VisionChat, _render_messages, filter_by_length
+from flare_exp.data.vision import VisionChat, render_messages, filter_by_length
 from flare_exp.io import read_jsonl, write_json
 from flare_exp.models.loading import load_model
 from flare_exp.rewards.combine import build_reward
@@ -32,7 +32,7 @@ def grpo_dataset(records: list[dict], chat: VisionChat):
     from datasets import Dataset
 
     table = Dataset.from_list([{
-        "prompt_json": json.dumps(_render_messages([m for m in r["messages"] if m["role"] != "assistant"])),
+        "prompt_json": json.dumps(render_messages([m for m in r["messages"] if m["role"] != "assistant"])),
         "image_paths": r["images"], "task_type": r["task_type"], "answer": r["answer"], "dataset": r["dataset"],
         "id": r["id"]} for r in records])
 

@@ -77,15 +77,16 @@ def check_not_finished(run_dir: Path, overwrite: bool, what: str = "run") -> Non
 
 
 def clear_finished_outputs(run_dir: Path) -> None:
-    """overwrite=true on a finished run: its checkpoints must not be resumed from, so remove them first."""
+    """overwrite=true on a finished run: what a rerun would resume from (training checkpoints, the final
+    adapter, written predictions) must go first, or the "rerun" would only resume the finished one."""
     import shutil
 
     if not (run_dir / DONE).exists():
         return
-    for path in sorted(run_dir.glob("checkpoint-*")) + [run_dir / "final"]:
-        if path.is_dir():
+    for path in sorted(run_dir.glob("checkpoint-*")) + [run_dir / "final", run_dir / "predictions.jsonl"]:
+        if path.exists():
             log.info("overwrite=true: removing %s of the finished run", path)
-            shutil.rmtree(path)
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
     (run_dir / DONE).unlink()
 
 

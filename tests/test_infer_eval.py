@@ -226,3 +226,13 @@ def test_chexbert_labeler_loads_a_checkpoint_in_the_published_layout(base_overri
     report = json.loads((tmp_path / "eval" / "metrics.json").read_text())["base"]["by_task"]["report_generation"]
     assert {"chexbert_f1_micro", "chexbert_f1_macro", "chexbert_f1_example"} <= set(report)
     assert report["chexbert_uncertain_as"] == "positive"
+
+
+def test_infer_overwrite_regenerates(base_overrides, tmp_path):
+    from flare_exp.runtime import RunFinishedError
+
+    first = _infer(base_overrides, tmp_path / "inf", "infer.num_samples=4")
+    with pytest.raises(RunFinishedError):
+        _infer(base_overrides, tmp_path / "inf", "infer.num_samples=4")
+    again = _infer(base_overrides, tmp_path / "inf", "infer.num_samples=4", "overwrite=true")
+    assert first["generated_now"] == again["generated_now"] == 4

@@ -122,6 +122,7 @@ def run_grpo(args, work: Path) -> dict:
                    f"rl.max_completion_length={args.completion_length}", "rl.logging_steps=1",
                    "rl.save_steps=100000", "rl.task_types=[report_generation]", "overwrite=true",
                    f"reward.radgraph.model_dir={work / 'radgraph'}", "reward.radgraph.build_tiny=true",
+                   *([f"rl.cache_implementation={args.cache}"] if args.cache else []),
                    f"paths.output_root={work / 'out'}"])
     t0 = time.time()
     run(cfg, run_dir=work / "runs" / name)

@@ -186,6 +186,8 @@ class RLConfig:
     # A prompt longer than max_prompt_length (default: model.max_seq_length - max_completion_length):
     # error (at startup, naming the fix) or skip.
     on_too_long: str = "error"
+    # KV cache for the rollouts (e.g. "static" on GPU): generation is most of a GRPO step.
+    cache_implementation: Optional[str] = None
     use_vllm: bool = False
     report_to: str = "none"
     wandb_project: str = "flare_exp_rl"

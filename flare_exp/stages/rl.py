@@ -93,6 +93,7 @@ def grpo_args(cfg, out_dir: Path, report_to: str, bf16: bool):
         importance_sampling_level=rl.importance_sampling_level, beta=rl.beta, temperature=rl.temperature,
         top_p=rl.top_p, max_steps=rl.max_steps, logging_steps=rl.logging_steps, save_steps=rl.save_steps,
         save_total_limit=rl.save_total_limit, optim=rl.optim, use_vllm=rl.use_vllm, report_to=report_to,
+        cache_implementation=rl.cache_implementation,
         bf16=bf16, remove_unused_columns=False, seed=cfg.seed, disable_tqdm=False, logging_first_step=True,
     )
 

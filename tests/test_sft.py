@@ -149,3 +149,10 @@ def test_overwrite_starts_fresh_instead_of_resuming_the_finished_run(base_overri
         run(_sft_cfg(base_overrides, *args), run_dir=run_dir)
     again = run(_sft_cfg(base_overrides, *args, "overwrite=true"), run_dir=run_dir)
     assert again["global_step"] == 2 and again["first_loss"] is not None  # trained again, from step 0
+
+
+def test_sft_with_dataloader_workers(base_overrides, tmp_path):
+    """Image loading and processing can move to DataLoader workers (the collator pickles)."""
+    summary = run(_sft_cfg(base_overrides, "sft.max_steps=2", "sft.eval_steps=0", "sft.dataloader_num_workers=2"),
+                  run_dir=tmp_path / "sft")
+    assert summary["global_step"] == 2

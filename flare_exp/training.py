@@ -42,12 +42,10 @@ def setup_tracking(section, out_dir: Path) -> str:
     report_to = section.report_to
     if report_to == "wandb":
         run_id = hashlib.sha1(str(out_dir.resolve()).encode()).hexdigest()[:16]
-        os.environ.setdefault("WANDB_PROJECT", section.wandb_project)
-        os.environ.setdefault("WANDB_MODE", section.wandb_mode)
-        os.environ["WANDB_RUN_ID"] = run_id
-        os.environ["WANDB_RESUME"] = "allow"
-        os.environ.setdefault("WANDB_DIR", str(out_dir))
-        os.environ.setdefault("WANDB_NAME", out_dir.name)
+        # Per run, not setdefault: a pipeline's sft and rl (or a bench) share one process.
+        os.environ.update(WANDB_PROJECT=section.wandb_project, WANDB_RUN_ID=run_id, WANDB_RESUME="allow",
+                          WANDB_DIR=str(out_dir), WANDB_NAME=out_dir.name)
+        os.environ.setdefault("WANDB_MODE", section.wandb_mode)  # WANDB_MODE=disabled in the env still wins
     return report_to
 
 
@@ -60,6 +58,14 @@ def finish_tracking(report_to: str) -> None:
 
 def data_fingerprints(*paths) -> list[dict]:
     return [file_fingerprint(abspath(p)) for p in paths if p and abspath(p).exists()]
+
+
+def add_to_log(state, logs: dict, extras: dict) -> None:
+    """Add values to a log line: the Trainer stored a copy of ``logs`` in log_history before calling its
+    callbacks, so both must get them (log_history.json and the sweep report read the history)."""
+    logs.update(extras)
+    if state.log_history:
+        state.log_history[-1].update(extras)
 
 
 class ProgressLog(TrainerCallback):
@@ -77,23 +83,22 @@ class ProgressLog(TrainerCallback):
         if "loss" not in logs and "reward" not in logs:  # eval / final summary lines: no new steps
             return
         tok_s = (seen - self._tokens) / max(now - self._t, 1e-9) if seen else None
+        extras = {}
         if state.global_step > self._step:
-            logs["step_seconds"] = round((now - self._t) / (state.global_step - self._step), 4)
+            extras["step_seconds"] = round((now - self._t) / (state.global_step - self._step), 4)
         self._t, self._tokens, self._step = now, seen, state.global_step
         parts = [f"step {state.global_step}/{state.max_steps}"]
-        for key in ("loss", "eval_loss", "reward", "reward_std", "learning_rate", "grad_norm"):
+        for key in ("loss", "reward", "reward_std", "learning_rate", "grad_norm"):
             if key in logs:
                 parts.append(f"{key} {logs[key]:.4g}")
         if tok_s:
             parts.append(f"{tok_s:,.0f} tok/s")
-            logs["tokens_per_second"] = round(tok_s, 1)
+            extras["tokens_per_second"] = round(tok_s, 1)
         mem = _peak_memory_gib()
         if mem is not None:
             parts.append(f"peak mem {mem:.1f} GiB")
-            logs["peak_memory_gib"] = round(mem, 2)
-        if state.log_history:  # the Trainer stored a copy of `logs` before calling us: keep ours there too
-            state.log_history[-1].update({k: logs[k] for k in ("tokens_per_second", "peak_memory_gib",
-                                                               "step_seconds") if k in logs})
+            extras["peak_memory_gib"] = round(mem, 2)
+        add_to_log(state, logs, extras)
         log.info(" | ".join(parts))
 
 

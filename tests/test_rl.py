@@ -65,3 +65,4 @@ def test_wandb_run_id_is_stable_per_run_dir(tmp_path, monkeypatch):
     assert os.environ["WANDB_RUN_ID"] == first and os.environ["WANDB_RESUME"] == "allow"
     setup_tracking(section, tmp_path / "other")
     assert os.environ["WANDB_RUN_ID"] != first
+    assert os.environ["WANDB_DIR"] == str(tmp_path / "other")  # a second run in the same process: its own dir

@@ -5,7 +5,6 @@ Shared by sft (labels on the answer only), infer/eval (generation prompt, every 
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -27,11 +26,10 @@ def render_messages(messages: list[dict]) -> list[dict]:
 
 
 class VisionChat:
-    def __init__(self, processor, image_root: str | Path, max_seq_length: int | None = None):
+    def __init__(self, processor, image_root: str | Path):
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.image_root = Path(image_root)
-        self.max_seq_length = max_seq_length
         self.image_token = getattr(processor, "image_token", "<|image_pad|>")
 
     # -- text -------------------------------------------------------------------------------------------
@@ -137,7 +135,3 @@ def filter_by_length(chat: VisionChat, records: list[dict], max_len: int, on_too
                              "model.max_seq_length, lower model.max_pixels, or set on_too_long=skip")
         dropped.append({"id": r.get("id"), "tokens": n})
     return keep, dropped
-
-
-def ceil_div(a: int, b: int) -> int:
-    return int(math.ceil(a / b))

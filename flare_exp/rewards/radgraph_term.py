@@ -48,7 +48,13 @@ def get_scorer(model_dir, model_type: str):
 class RadGraphScorer:
     """(RG_E, RG_ER, RG_ER_bar) per (hyp, ref) pair, batched, de-duplicated and cached."""
 
-    def __init__(self, model_dir, model_type: str = "radgraph-xl", cache_size: int = 100000, use_cache=True):
+    def __init__(self, model_dir, model_type: str = "radgraph-xl", cache_size: int = 100000, use_cache=True,
+                 build_tiny: bool = False):
+        if build_tiny and model_dir and not (Path(model_dir) / model_type / "weights.th").exists():
+            from flare_exp.models.tiny_radgraph import build_tiny_radgraph
+
+            log.info("building a tiny random RadGraph at %s (reward.radgraph.build_tiny=true)", model_dir)
+            build_tiny_radgraph(model_dir, model_type)
         self.model_dir = check_model_dir(model_dir, model_type)
         self.model_type = model_type
         self.cache: OrderedDict = OrderedDict()
@@ -84,15 +90,10 @@ class RadGraphScorer:
 class RadGraphTerm:
     def __init__(self, model_dir=None, model_type: str = "radgraph-xl", reward_level: str = "RG_ER",
                  cache_size: int = 100000, use_cache: bool = True, build_tiny: bool = False):
-        if build_tiny and model_dir and not (Path(model_dir) / model_type / "weights.th").exists():
-            from flare_exp.models.tiny_radgraph import build_tiny_radgraph
-
-            log.info("building a tiny random RadGraph at %s (reward.radgraph.build_tiny=true)", model_dir)
-            build_tiny_radgraph(model_dir, model_type)
         if reward_level not in LEVELS:
             raise ValueError(f"radgraph reward_level={reward_level!r}: choose one of {', '.join(LEVELS)}")
         self.level = LEVELS[reward_level]
-        self.scorer = RadGraphScorer(model_dir, model_type, cache_size, use_cache)
+        self.scorer = RadGraphScorer(model_dir, model_type, cache_size, use_cache, build_tiny)
 
     def __call__(self, completions, answers, rows=None) -> list[float]:
         hyps = [c if isinstance(c, str) else "" for c in completions]

@@ -43,10 +43,10 @@ class ReportScorers:
         if not self.cfg.eval.radgraph or not rg.model_dir:
             return None
         if self._radgraph is None:
-            from flare_exp.rewards.radgraph_term import RadGraphTerm
+            from flare_exp.rewards.radgraph_term import RadGraphScorer
 
-            self._radgraph = RadGraphTerm(model_dir=str(abspath(rg.model_dir)), model_type=rg.model_type,
-                                          build_tiny=rg.build_tiny).scorer
+            self._radgraph = RadGraphScorer(str(abspath(rg.model_dir)), rg.model_type, rg.cache_size,
+                                            build_tiny=rg.build_tiny)
         return self._radgraph
 
     def chexbert(self):

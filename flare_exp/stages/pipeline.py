@@ -16,10 +16,6 @@ from flare_exp.runtime import DONE, clear_finished_outputs, run_with_markers, wr
 
 log = logging.getLogger(__name__)
 
-# step -> (config key it reads, step whose output dir feeds it)
-CHAIN = {"rl": ("rl.init_from", "sft"), "infer": ("infer.checkpoint", None), "eval": ("eval.predictions", "infer")}
-
-
 def _chain(step: str, cfg, done_dirs: dict[str, Path]) -> None:
     with open_dict(cfg):
         if step == "rl" and cfg.rl.init_from is None and "sft" in done_dirs:

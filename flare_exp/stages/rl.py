@@ -12,12 +12,12 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from flare_exp.data.vision import VisionChat, render_messages, filter_by_length
+from flare_exp.data.vision import VisionChat, filter_by_length, render_messages
 from flare_exp.io import read_jsonl, write_json
 from flare_exp.models.loading import load_model
 from flare_exp.rewards.combine import build_reward
 from flare_exp.runtime import abspath
-from flare_exp.training import (CheckpointMeta, ProgressLog, data_fingerprints, finish_tracking,
+from flare_exp.training import (CheckpointMeta, ProgressLog, add_to_log, data_fingerprints, finish_tracking,
                                 resume_checkpoint, setup_tracking)
 
 log = logging.getLogger(__name__)
@@ -74,10 +74,7 @@ class RewardTermLog(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None:
             return
-        terms = {f"reward_term/{k}": round(v, 4) for k, v in self.reward.pop_term_means().items()}
-        logs.update(terms)
-        if state.log_history:
-            state.log_history[-1].update(terms)
+        add_to_log(state, logs, {f"reward_term/{k}": round(v, 4) for k, v in self.reward.pop_term_means().items()})
 
 
 def grpo_args(cfg, out_dir: Path, report_to: str, bf16: bool):

@@ -56,7 +56,7 @@ def run(cfg, out_dir: Path) -> dict:
     check_settings(sft)
     torch.manual_seed(cfg.seed)
     loaded = load_model(cfg.model, init_from=sft.init_from, training=True, seed=cfg.seed)
-    chat = VisionChat(loaded.processor, abspath(cfg.data.root), cfg.model.max_seq_length)
+    chat = VisionChat(loaded.processor, abspath(cfg.data.root))
     max_len = cfg.model.max_seq_length
     train, too_long = load_split(sft.train_file, sft.max_train_samples, chat, max_len, sft.on_too_long, "training")
     val, val_too_long = ([], [])

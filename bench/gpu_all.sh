@@ -10,11 +10,14 @@ mkdir -p "$out"
 python3 -m bench.run build > "$out/build.log" 2>&1
 R="python3 -m bench.run"
 case $piece in
-  sft)          for b in hf unsloth; do for bs in 4 8; do timeout 200 $R sft --backend $b --batch $bs --steps 12 --out "$out"; done; done ;;
-  infer)        timeout 100 $R infer --batch 1 --samples 6 --out "$out"
-                for bs in 8 32 64; do timeout 120 $R infer --batch $bs --samples 128 --out "$out"; done
-                for bs in 64 128; do timeout 150 $R infer --batch $bs --samples 256 --cache static --warm --out "$out"; done ;;
-  grpo-hf)      for g in 2 8; do timeout 200 $R grpo --backend hf --num-generations $g --batch 8 --steps 4 --warmup 1 --out "$out"; done ;;
-  grpo-unsloth) for g in 2 8; do timeout 280 $R grpo --backend unsloth --num-generations $g --batch 8 --steps 4 --warmup 1 --out "$out"; done ;;
+  sft)          for b in hf unsloth; do timeout 150 $R sft --backend $b --batch 8 --steps 12 --profile --out "$out"
+                                        timeout 120 $R sft --backend $b --batch 8 --steps 12 --workers 4 --out "$out"; done ;;
+  infer)        timeout 60 $R infer --batch 8 --samples 32 --image-device cpu --out "$out"
+                timeout 60 $R infer --batch 8 --samples 32 --out "$out"
+                for bs in 128 256; do timeout 150 $R infer --batch $bs --samples 512 --cache static --warm --out "$out"; done ;;
+  grpo-hf)      timeout 170 $R grpo --backend hf --num-generations 8 --batch 8 --steps 3 --warmup 1 --out "$out"
+                timeout 230 $R grpo --backend hf --num-generations 8 --batch 8 --steps 4 --warmup 1 --cache static --compile --out "$out"
+                timeout 150 $R grpo --backend hf --num-generations 2 --batch 8 --steps 3 --warmup 1 --out "$out" ;;
+  grpo-unsloth) for g in 8 2; do timeout 270 $R grpo --backend unsloth --num-generations $g --batch 8 --steps 3 --warmup 1 --out "$out"; done ;;
   *) echo "unknown piece $piece" >&2; exit 2 ;;
 esac

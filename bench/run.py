@@ -58,7 +58,7 @@ def filtered_file(work: Path, dataset: str, repeat: int = 8) -> Path:
     out = work / "data" / f"train_{dataset}_x{repeat}.jsonl"
     if not out.exists():
         rows = [r for r in read_jsonl(work / "data" / "prepared" / "train.jsonl") if r["dataset"] == dataset]
-        write_jsonl(out, rows * repeat)
+        write_jsonl(out, [{**r, "id": f"{r['id']}#{k}"} for k in range(repeat) for r in rows])
     return out
 
 
@@ -79,25 +79,99 @@ def summarise(history: list[dict], skip: int) -> dict:
             else None, "peak_memory_gib": max(h.get("peak_memory_gib", 0) for h in steps)}
 
 
+class CollateTimer:
+    """Wraps the sft stage's collator: seconds spent building batches in the training process (image
+    decoding + processing + tokenising). With DataLoader workers this runs elsewhere and is not counted."""
+
+    def __init__(self):
+        import flare_exp.stages.sft as sft_stage
+
+        self.seconds, self.calls = 0.0, 0
+        original, timer = sft_stage.SFTCollator, self
+
+        class TimedCollator(original):
+            def __call__(self, records):
+                t0 = time.perf_counter()
+                try:
+                    return super().__call__(records)
+                finally:
+                    timer.seconds += time.perf_counter() - t0
+                    timer.calls += 1
+
+        sft_stage.SFTCollator = TimedCollator
+
+
+def profile_steps(out: Path, name: str, first: int = 5, steps: int = 2):
+    """A callback that runs torch.profiler over `steps` training steps and writes the top CUDA and CPU ops."""
+    import torch
+    from transformers import TrainerCallback
+
+    class Profile(TrainerCallback):
+        prof = None
+
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step == first and self.prof is None:
+                activities = [torch.profiler.ProfilerActivity.CPU]
+                if torch.cuda.is_available():
+                    activities.append(torch.profiler.ProfilerActivity.CUDA)
+                self.prof = torch.profiler.profile(activities=activities)
+                self.prof.__enter__()
+                self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            if self.prof is not None and state.global_step == first + steps:
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                wall = time.perf_counter() - self.t0
+                self.prof.__exit__(None, None, None)
+                events = self.prof.key_averages()
+                device_us = sum(e.self_device_time_total for e in events)
+                out.mkdir(parents=True, exist_ok=True)
+                (out / f"profile-{name}.txt").write_text(
+                    f"{steps} steps: wall {wall:.3f} s, device kernels {device_us / 1e6:.3f} s "
+                    f"(busy {device_us / 1e6 / wall:.0%})\n\n"
+                    + events.table(sort_by="self_device_time_total", row_limit=25) + "\n\n"
+                    + events.table(sort_by="self_cpu_time_total", row_limit=15))
+                self.prof = None
+
+    return Profile()
+
+
 def run_sft(args, work: Path) -> dict:
     import torch
 
+    import flare_exp.stages.sft as sft_stage
     from flare_exp.main import run
 
     ensure_prepared(work, args.image_size)
     train = filtered_file(work, args.dataset)
-    name = f"sft-{args.backend}-bs{args.batch}-{args.dataset}"
+    name = f"sft-{args.backend}-bs{args.batch}-{args.dataset}-w{args.workers}"
+    timer = CollateTimer()
+    if args.profile:
+        profiler, progress = profile_steps(Path(args.out), name), sft_stage.ProgressLog
+
+        class ProgressAndProfile(progress):
+            def on_step_begin(self, *a, **kw):
+                profiler.on_step_begin(*a, **kw)
+
+            def on_step_end(self, *a, **kw):
+                profiler.on_step_end(*a, **kw)
+
+        sft_stage.ProgressLog = ProgressAndProfile
     cfg = compose(["stage=sft", "experiment=flare", *bench_data(work), *model_overrides(args),
                    f"sft.train_file={train}", "sft.val_file=null", f"sft.max_steps={args.steps}",
                    f"sft.per_device_train_batch_size={args.batch}", "sft.gradient_accumulation_steps=1",
                    "sft.logging_steps=1", "sft.save_steps=100000", "sft.eval_steps=0", "sft.warmup_ratio=0",
-                   "sft.learning_rate=1e-5", "overwrite=true", f"paths.output_root={work / 'out'}"])
+                   "sft.learning_rate=1e-5", f"sft.dataloader_num_workers={args.workers}", "overwrite=true",
+                   f"paths.output_root={work / 'out'}"])
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
     run(cfg, run_dir=work / "runs" / name)
     history = json.loads((work / "runs" / name / "log_history.json").read_text())
     result = {"what": "sft", "backend": args.backend, "batch": args.batch, "dataset": args.dataset,
+              "dataloader_workers": args.workers,
+              "collate_seconds_per_batch_in_process": round(timer.seconds / timer.calls, 4) if timer.calls else None,
               "wall_seconds": round(time.time() - t0, 1), **summarise(history, args.warmup),
               "peak_memory_gib_torch": round(torch.cuda.max_memory_allocated() / 2**30, 2)
               if torch.cuda.is_available() else None}
@@ -115,7 +189,7 @@ def run_grpo(args, work: Path) -> dict:
     from flare_exp.main import run
 
     ensure_prepared(work, args.image_size)
-    name = f"grpo-{args.backend}-ng{args.num_generations}"
+    name = f"grpo-{args.backend}-ng{args.num_generations}-{args.cache or 'dynamic'}{'-compiled' if args.compile else ''}"
     cfg = compose(["stage=rl", "experiment=flare", *bench_data(work), *model_overrides(args),
                    f"rl.train_file={filtered_file(work, args.dataset, 1)}", f"rl.max_steps={args.steps}",
                    f"rl.num_generations={args.num_generations}", f"rl.per_device_train_batch_size={args.batch}",
@@ -123,11 +197,13 @@ def run_grpo(args, work: Path) -> dict:
                    "rl.save_steps=100000", "rl.task_types=[report_generation]", "overwrite=true",
                    f"reward.radgraph.model_dir={work / 'radgraph'}", "reward.radgraph.build_tiny=true",
                    *([f"rl.cache_implementation={args.cache}"] if args.cache else []),
+                   f"rl.compile_generation={'true' if args.compile else 'false'}",
                    f"paths.output_root={work / 'out'}"])
     t0 = time.time()
     run(cfg, run_dir=work / "runs" / name)
     history = json.loads((work / "runs" / name / "log_history.json").read_text())
     return {"what": "grpo", "backend": args.backend, "num_generations": args.num_generations,
+            "cache": args.cache or "dynamic", "compiled_decode": args.compile,
             "completions_per_step": args.batch, "completion_length": args.completion_length,
             "wall_seconds": round(time.time() - t0, 1), "first_step_seconds": next(
                 (h["step_seconds"] for h in history if "step_seconds" in h), None),
@@ -140,21 +216,22 @@ def run_infer(args, work: Path) -> dict:
     from flare_exp.main import run
 
     ensure_prepared(work, args.image_size)
-    source = filtered_file(work, args.dataset, 1)
-    name = f"infer-{args.backend}-bs{args.batch}-{args.cache or 'dynamic'}"
+    source = filtered_file(work, args.dataset, max(1, -(-args.samples // 64)))  # 64 demo records per dataset
+    name = f"infer-{args.backend}-bs{args.batch}-{args.cache or 'dynamic'}-img{args.image_device}"
     overrides = ["stage=infer", "experiment=flare", *bench_data(work), *model_overrides(args),
                  f"infer.input_file={source}", f"infer.batch_size={args.batch}", f"infer.num_samples={args.samples}",
                  f"infer.max_new_tokens={args.new_tokens}", "overwrite=true", f"paths.output_root={work / 'out'}",
-                 f"infer.sort_by_length={'false' if args.batch == 1 else 'true'}"]
+                 f"infer.sort_by_length={'false' if args.batch == 1 else 'true'}",
+                 f"infer.image_device={args.image_device}"]
     if args.cache:
         overrides.append(f"infer.cache_implementation={args.cache}")
     import flare_exp.stages.infer as infer_stage
 
     original = infer_stage.generate
 
-    def forced_length(model, chat, records, inf):  # every report exactly new_tokens long
+    def forced_length(model, chat, records, inf, *rest):  # every report exactly new_tokens long
         model.generation_config.min_new_tokens = args.new_tokens
-        return original(model, chat, records, inf)
+        return original(model, chat, records, inf, *rest)
 
     infer_stage.generate = forced_length
     if args.warm:  # one untimed batch first: compilation (static cache) is not throughput
@@ -162,6 +239,7 @@ def run_infer(args, work: Path) -> dict:
     t0 = time.time()
     summary = run(compose(overrides), run_dir=work / "runs" / name)
     return {"what": "infer", "backend": args.backend, "batch": args.batch, "cache": args.cache or "dynamic",
+            "image_device": args.image_device,
             "new_tokens": args.new_tokens, "samples": summary["samples"],
             "reports_per_second": summary["reports_per_second"], "wall_seconds": round(time.time() - t0, 1)}
 
@@ -175,6 +253,10 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=128)
     p.add_argument("--cache", default=None)
     p.add_argument("--warm", action="store_true")
+    p.add_argument("--compile", action="store_true", help="grpo: rl.compile_generation=true (needs --cache static)")
+    p.add_argument("--image-device", default="auto", help="infer: infer.image_device")
+    p.add_argument("--workers", type=int, default=0, help="sft: sft.dataloader_num_workers")
+    p.add_argument("--profile", action="store_true", help="sft: torch.profiler table of two steps")
     p.add_argument("--backend", default="hf", choices=["hf", "unsloth"])
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=12)
@@ -203,7 +285,9 @@ def main() -> None:
                   date=time.strftime("%Y-%m-%d %H:%M"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    extra = {"grpo": f"-ng{args.num_generations}", "infer": f"-{args.cache or 'dynamic'}"}.get(args.what, "")
+    extra = {"grpo": f"-ng{args.num_generations}-{args.cache or 'dynamic'}{'-compiled' if args.compile else ''}",
+             "infer": f"-{args.cache or 'dynamic'}-img{args.image_device}",
+             "sft": f"-w{args.workers}"}.get(args.what, "")
     name = f"{args.what}-{args.backend}-bs{args.batch}{extra}-{args.dataset}.json"
     (out / name).write_text(json.dumps(result, indent=2))
     print("BENCH", json.dumps(result))

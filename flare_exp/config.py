@@ -186,8 +186,10 @@ class RLConfig:
     # A prompt longer than max_prompt_length (default: model.max_seq_length - max_completion_length):
     # error (at startup, naming the fix) or skip.
     on_too_long: str = "error"
-    # KV cache for the rollouts (e.g. "static" on GPU): generation is most of a GRPO step.
+    # Rollouts are most of a GRPO step. They run in eval mode; with cache_implementation=static and
+    # compile_generation=true the decode step is compiled (CUDA graphs) on GPU: fewer kernel launches per token.
     cache_implementation: Optional[str] = None
+    compile_generation: bool = False
     use_vllm: bool = False
     report_to: str = "none"
     wandb_project: str = "flare_exp_rl"
@@ -208,6 +210,10 @@ class InferConfig:
     top_p: float = 1.0
     sort_by_length: bool = True
     cache_implementation: Optional[str] = None  # e.g. "static" on GPU
+    # Fold a LoRA checkpoint into the weights (backend=hf): same outputs up to rounding, fewer kernels per token.
+    merge_adapter: bool = True
+    # Where images are resized and patched: auto = the model's device (GPU when there is one), or cpu.
+    image_device: str = "auto"
 
 
 @dataclass

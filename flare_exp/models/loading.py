@@ -100,16 +100,18 @@ def _adapter_and_base(model_cfg, init_from: str | None) -> tuple[Path | None, Pa
     return adapter, base
 
 
-def load_model(model_cfg, init_from: str | None = None, training: bool = True, seed: int = 0) -> LoadedModel:
-    """Load base model + processor, then either a fresh LoRA (training, no init_from) or the saved adapter."""
+def load_model(model_cfg, init_from: str | None = None, training: bool = True, seed: int = 0,
+               merge_adapter: bool = False) -> LoadedModel:
+    """Load base model + processor, then either a fresh LoRA (training, no init_from) or the saved adapter.
+    merge_adapter (inference, backend=hf): fold the adapter into the base weights."""
     if model_cfg.backend == "unsloth":
         return _load_unsloth(model_cfg, init_from, training, seed)
     if model_cfg.backend != "hf":
         raise ValueError(f"model.backend={model_cfg.backend!r}: choose hf or unsloth")
-    return _load_hf(model_cfg, init_from, training)
+    return _load_hf(model_cfg, init_from, training, merge_adapter and not training)
 
 
-def _load_hf(model_cfg, init_from, training) -> LoadedModel:
+def _load_hf(model_cfg, init_from, training, merge_adapter=False) -> LoadedModel:
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -120,6 +122,8 @@ def _load_hf(model_cfg, init_from, training) -> LoadedModel:
         base, dtype=torch_dtype(model_cfg.dtype), attn_implementation=model_cfg.attn_implementation)
     if adapter is not None:
         model = PeftModel.from_pretrained(model, adapter, is_trainable=training)
+        if merge_adapter:  # an unmerged LoRA adds two small matmuls per projection to every decode step
+            model = model.merge_and_unload()
     elif training:
         lora = model_cfg.lora
         model = get_peft_model(model, LoraConfig(

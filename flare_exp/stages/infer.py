@@ -52,10 +52,10 @@ def read_done(path: Path) -> dict[str, dict]:
     return done
 
 
-def generate(model, chat: VisionChat, records: list[dict], inf) -> list[str]:
+def generate(model, chat: VisionChat, records: list[dict], inf, images=None) -> list[str]:
     import torch
 
-    batch = chat.generation_batch(records)
+    batch = chat.generation_batch(records, images)
     batch = {k: v.to(model.device) if hasattr(v, "to") else v for k, v in batch.items()}
     kwargs = dict(max_new_tokens=inf.max_new_tokens, do_sample=inf.do_sample,
                   pad_token_id=chat.tokenizer.pad_token_id)
@@ -67,6 +67,29 @@ def generate(model, chat: VisionChat, records: list[dict], inf) -> list[str]:
         out = model.generate(**batch, **kwargs)
     new_tokens = out[:, batch["input_ids"].shape[1]:]  # left padding: the prompt ends at the same column
     return [t.strip() for t in chat.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+def image_device(setting: str, model) -> str | None:
+    if setting == "auto":
+        return None if model.device.type == "cpu" else str(model.device)
+    if setting not in ("cpu", "cuda") and not setting.startswith("cuda:"):
+        raise ValueError(f"infer.image_device={setting!r}: choose auto, cpu or cuda[:N]")
+    return setting
+
+
+def batches_with_images(chat: VisionChat, todo: list[dict], size: int):
+    """(records, their decoded images) per batch; the next batch's files are read and decoded in a thread
+    while the current one generates."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    chunks = [todo[i:i + size] for i in range(0, len(todo), size)]
+    load = lambda chunk: [chat.load_images(r) for r in chunk]  # noqa: E731
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(load, chunks[0]) if chunks else None
+        for i, chunk in enumerate(chunks):
+            images = pending.result()
+            pending = pool.submit(load, chunks[i + 1]) if i + 1 < len(chunks) else None
+            yield chunk, images
 
 
 def write_sheet(path: Path, rows: list[dict], label: str) -> None:
@@ -127,17 +150,16 @@ def run(cfg, out_dir: Path) -> dict:
 
     elapsed, generated = 0.0, 0
     if todo:
-        loaded = load_model(cfg.model, init_from=inf.checkpoint, training=False, seed=cfg.seed)
-        chat = VisionChat(loaded.processor, abspath(cfg.data.root))
+        loaded = load_model(cfg.model, init_from=inf.checkpoint, training=False, seed=cfg.seed,
+                            merge_adapter=inf.merge_adapter)
+        chat = VisionChat(loaded.processor, abspath(cfg.data.root), image_device(inf.image_device, loaded.model))
         if inf.sort_by_length:  # similar lengths share a batch: less padding, fewer wasted decode steps
             todo.sort(key=lambda r: chat.sequence_length(r, with_answer=False), reverse=True)
         bar = tqdm(total=len(todo), desc=f"infer {label}", unit="report")
         with open(pred_path, "a", encoding="utf-8") as f:
-            for start in range(0, len(todo), inf.batch_size):
-                chunk = todo[start:start + inf.batch_size]
-                t0 = time.perf_counter()
-                predictions = generate(loaded.model, chat, chunk, inf)
-                elapsed += time.perf_counter() - t0
+            start = time.perf_counter()  # reports/s over the whole loop: reading, processing, writing included
+            for chunk, images in batches_with_images(chat, todo, inf.batch_size):
+                predictions = generate(loaded.model, chat, chunk, inf, images)
                 generated += len(chunk)
                 for r, p in zip(chunk, predictions):
                     row = {k: r[k] for k in ("id", "dataset", "task_type", "raw_task_type", "split", "image_name",
@@ -146,6 +168,7 @@ def run(cfg, out_dir: Path) -> dict:
                     f.write(json.dumps(row, ensure_ascii=False) + "\n")
                     done[r["id"]] = row
                 f.flush()
+                elapsed = time.perf_counter() - start
                 bar.update(len(chunk))
                 bar.set_postfix(reports_per_s=f"{generated / max(elapsed, 1e-9):.2f}")
         bar.close()

@@ -56,6 +56,9 @@ def check_settings(rl, max_seq_length: int) -> int:
             f"rl.per_device_train_batch_size x rl.gradient_accumulation_steps = {generation_batch} completions per "
             f"generation round is not divisible by rl.num_generations={rl.num_generations}. Make the batch a "
             f"multiple of it, e.g. rl.per_device_train_batch_size={rl.num_generations * max(1, round(rl.per_device_train_batch_size / rl.num_generations))}")
+    if rl.compile_generation and rl.cache_implementation != "static":
+        raise ValueError("rl.compile_generation=true compiles the decode step over a fixed-size KV cache: "
+                         "also pass rl.cache_implementation=static")
     if rl.on_too_long not in ("error", "skip"):
         raise ValueError(f"rl.on_too_long={rl.on_too_long!r}: choose error or skip")
     limit = rl.max_prompt_length or max_seq_length - rl.max_completion_length
@@ -75,6 +78,26 @@ class RewardTermLog(TrainerCallback):
         if logs is None:
             return
         add_to_log(state, logs, {f"reward_term/{k}": round(v, 4) for k, v in self.reward.pop_term_means().items()})
+
+
+def with_rollouts_in_eval_mode(trainer_class):
+    """TRL generates with the policy in training mode. Eval mode for the rollout (restored afterwards) keeps
+    dropout and the gradient-checkpointing wrappers out of the decode loop, and lets a compiled decode step
+    be traced once for inference instead of for training."""
+
+    class FlareGRPOTrainer(trainer_class):
+        def _generate_single_turn(self, *args, **kwargs):
+            was_training = self.model.training
+            self.model.eval()
+            try:
+                return super()._generate_single_turn(*args, **kwargs)
+            finally:
+                self.model.train(was_training)
+
+    if not hasattr(trainer_class, "_generate_single_turn"):  # another TRL layout: keep its own behaviour
+        log.warning("this TRL version has no GRPOTrainer._generate_single_turn: rollouts stay in training mode")
+        return trainer_class
+    return FlareGRPOTrainer
 
 
 def grpo_args(cfg, out_dir: Path, report_to: str, bf16: bool):
@@ -130,10 +153,13 @@ def run(cfg, out_dir: Path) -> dict:
 
     report_to = setup_tracking(rl, out_dir)
     meta = CheckpointMeta(loaded.base_path, cfg, data_fingerprints(rl.train_file), loaded.processor)
-    trainer = GRPOTrainer(model=loaded.model, reward_funcs=[reward], processing_class=loaded.processor,
-                          args=grpo_args(cfg, out_dir, report_to, loaded.model.dtype == torch.bfloat16),
-                          train_dataset=grpo_dataset(records, chat),
-                          callbacks=[RewardTermLog(reward), ProgressLog(), meta])
+    trainer_class = with_rollouts_in_eval_mode(GRPOTrainer)
+    trainer = trainer_class(model=loaded.model, reward_funcs=[reward], processing_class=loaded.processor,
+                            args=grpo_args(cfg, out_dir, report_to, loaded.model.dtype == torch.bfloat16),
+                            train_dataset=grpo_dataset(records, chat),
+                            callbacks=[RewardTermLog(reward), ProgressLog(), meta])
+    if hasattr(trainer, "generation_config"):  # TRL turns compilation off for its rollouts; ours is opt-in
+        trainer.generation_config.disable_compile = not rl.compile_generation
     try:
         trainer.train(resume_from_checkpoint=resume_checkpoint(cfg.resume, out_dir))
         final = out_dir / "final"

@@ -17,29 +17,40 @@ def load(folder: Path) -> list[dict]:
     return rows
 
 
+def _num(value) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
 def tables(rows: list[dict]) -> str:
     out = []
     sft = [r for r in rows if r["what"] == "sft"]
     if sft:
         out += ["### SFT (the sft stage, LoRA r=16, gradient checkpointing, IU_XRay-like: two 512-px views)", "",
-                "| backend | batch | tokens/s | MFU (6·N) | step s | peak GiB | device |", "|---|---|---|---|---|---|---|"]
-        out += [f"| {r['backend']} | {r['batch']} | {r.get('tokens_per_second_median', 0):,.0f} | "
-                f"{r.get('mfu', 0):.3f} | {r.get('step_seconds_median', 0):.3f} | {r.get('peak_memory_gib', 0)} | "
-                f"{r['device']} |" for r in sft]
+                "| backend | batch | workers | tokens/s | MFU (6·N) | step s | collate s in-process | peak GiB | device |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        out += [f"| {r['backend']} | {r['batch']} | {r.get('dataloader_workers', 0)} | "
+                f"{r.get('tokens_per_second_median', 0):,.0f} | {r.get('mfu', 0):.3f} | "
+                f"{r.get('step_seconds_median', 0):.3f} | {r.get('collate_seconds_per_batch_in_process') or 'n/a'} | "
+                f"{r.get('peak_memory_gib', 0)} | {r['device']} |" for r in sft]
         out.append("")
     inf = [r for r in rows if r["what"] == "infer"]
     if inf:
         out += ["### Inference (the infer stage, 128 new tokens forced, two 512-px views)", "",
-                "| backend | batch | KV cache | reports/s | samples | device |", "|---|---|---|---|---|---|"]
-        out += [f"| {r['backend']} | {r['batch']} | {r['cache']} | {r['reports_per_second']} | {r['samples']} | "
-                f"{r['device']} |" for r in sorted(inf, key=lambda r: (r['cache'], r['batch']))]
+                "| backend | batch | KV cache | image processing | reports/s | samples | device |",
+                "|---|---|---|---|---|---|---|"]
+        out += [f"| {r['backend']} | {r['batch']} | {r['cache']} | {r.get('image_device', 'cpu')} | "
+                f"{r['reports_per_second']} | {r['samples']} | {r['device']} |"
+                for r in sorted(inf, key=lambda r: (r['cache'], r['batch']))]
         out.append("")
     grpo = [r for r in rows if r["what"] == "grpo"]
     if grpo:
-        out += ["### GRPO (the rl stage)", "", "| backend | generations | completions/step | s/step | peak GiB |",
-                "|---|---|---|---|---|"]
+        out += ["### GRPO (the rl stage)", "",
+                "| backend | generations | completions/step | rollouts | s/step (median) | first step s | peak GiB |",
+                "|---|---|---|---|---|---|---|"]
         out += [f"| {r['backend']} | {r['num_generations']} | {r['completions_per_step']} | "
-                f"{r.get('step_seconds_median')} | {r.get('peak_memory_gib')} |" for r in grpo]
+                f"{r.get('cache', 'dynamic')}{' + compiled decode' if r.get('compiled_decode') else ''} | "
+                f"{_num(r.get('step_seconds_median'))} | {_num(r.get('first_step_seconds'))} | {r.get('peak_memory_gib')} |"
+                for r in grpo]
     return "\n".join(out) + "\n"
 
 

@@ -125,7 +125,8 @@ def profile_steps(out: Path, name: str, first: int = 5, steps: int = 2):
                 wall = time.perf_counter() - self.t0
                 self.prof.__exit__(None, None, None)
                 events = self.prof.key_averages()
-                device_us = sum(e.self_device_time_total for e in events)
+                device_us = sum(e.self_device_time_total for e in events  # kernels, not the ops launching them
+                                if e.device_type == torch.autograd.DeviceType.CUDA)
                 out.mkdir(parents=True, exist_ok=True)
                 (out / f"profile-{name}.txt").write_text(
                     f"{steps} steps: wall {wall:.3f} s, device kernels {device_us / 1e6:.3f} s "
@@ -145,7 +146,7 @@ def run_sft(args, work: Path) -> dict:
 
     ensure_prepared(work, args.image_size)
     train = filtered_file(work, args.dataset)
-    name = f"sft-{args.backend}-bs{args.batch}-{args.dataset}-w{args.workers}"
+    name = f"sft-{args.backend}-bs{args.batch}-{args.dataset}-w{'default' if args.workers is None else args.workers}"
     timer = CollateTimer()
     if args.profile:
         profiler, progress = profile_steps(Path(args.out), name), sft_stage.ProgressLog
@@ -162,7 +163,7 @@ def run_sft(args, work: Path) -> dict:
                    f"sft.train_file={train}", "sft.val_file=null", f"sft.max_steps={args.steps}",
                    f"sft.per_device_train_batch_size={args.batch}", "sft.gradient_accumulation_steps=1",
                    "sft.logging_steps=1", "sft.save_steps=100000", "sft.eval_steps=0", "sft.warmup_ratio=0",
-                   "sft.learning_rate=1e-5", f"sft.dataloader_num_workers={args.workers}", "overwrite=true",
+                   "sft.learning_rate=1e-5", *([] if args.workers is None else [f"sft.dataloader_num_workers={args.workers}"]), "overwrite=true",
                    f"paths.output_root={work / 'out'}"])
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -170,7 +171,7 @@ def run_sft(args, work: Path) -> dict:
     run(cfg, run_dir=work / "runs" / name)
     history = json.loads((work / "runs" / name / "log_history.json").read_text())
     result = {"what": "sft", "backend": args.backend, "batch": args.batch, "dataset": args.dataset,
-              "dataloader_workers": args.workers,
+              "dataloader_workers": cfg.sft.dataloader_num_workers,
               "collate_seconds_per_batch_in_process": round(timer.seconds / timer.calls, 4) if timer.calls else None,
               "wall_seconds": round(time.time() - t0, 1), **summarise(history, args.warmup),
               "peak_memory_gib_torch": round(torch.cuda.max_memory_allocated() / 2**30, 2)
@@ -196,7 +197,7 @@ def run_grpo(args, work: Path) -> dict:
                    f"rl.max_completion_length={args.completion_length}", "rl.logging_steps=1",
                    "rl.save_steps=100000", "rl.task_types=[report_generation]", "overwrite=true",
                    f"reward.radgraph.model_dir={work / 'radgraph'}", "reward.radgraph.build_tiny=true",
-                   *([f"rl.cache_implementation={args.cache}"] if args.cache else []),
+                   f"rl.cache_implementation={args.cache or 'dynamic'}",  # the baseline: TRL's own rollouts
                    f"rl.compile_generation={'true' if args.compile else 'false'}",
                    f"paths.output_root={work / 'out'}"])
     t0 = time.time()
@@ -255,7 +256,7 @@ def main() -> None:
     p.add_argument("--warm", action="store_true")
     p.add_argument("--compile", action="store_true", help="grpo: rl.compile_generation=true (needs --cache static)")
     p.add_argument("--image-device", default="auto", help="infer: infer.image_device")
-    p.add_argument("--workers", type=int, default=0, help="sft: sft.dataloader_num_workers")
+    p.add_argument("--workers", type=int, default=None, help="sft: sft.dataloader_num_workers (default: the stage's)")
     p.add_argument("--profile", action="store_true", help="sft: torch.profiler table of two steps")
     p.add_argument("--backend", default="hf", choices=["hf", "unsloth"])
     p.add_argument("--batch", type=int, default=8)
@@ -287,7 +288,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     extra = {"grpo": f"-ng{args.num_generations}-{args.cache or 'dynamic'}{'-compiled' if args.compile else ''}",
              "infer": f"-{args.cache or 'dynamic'}-img{args.image_device}",
-             "sft": f"-w{args.workers}"}.get(args.what, "")
+             "sft": f"-w{'default' if args.workers is None else args.workers}"}.get(args.what, "")
     name = f"{args.what}-{args.backend}-bs{args.batch}{extra}-{args.dataset}.json"
     (out / name).write_text(json.dumps(result, indent=2))
     print("BENCH", json.dumps(result))

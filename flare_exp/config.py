@@ -153,7 +153,9 @@ class SFTConfig:
     max_eval_samples: Optional[int] = None
     # What to do with a sample longer than model.max_seq_length: skip (and count) or error.
     on_too_long: str = "skip"
-    dataloader_num_workers: int = 0
+    # Images are decoded and processed by the collator: ~0.19 s per batch of 8 two-view samples, 15% of an
+    # H200 step when it runs in the training process (docs/benchmarks.md). Workers do it alongside the GPU.
+    dataloader_num_workers: int = 4
     report_to: str = "none"  # none | wandb | tensorboard
     wandb_project: str = "flare_exp"
     wandb_mode: str = "offline"
@@ -172,6 +174,10 @@ class RLConfig:
     max_completion_length: int = 256
     max_prompt_length: Optional[int] = None
     loss_type: str = "dr_grpo"
+    # Dr. GRPO does not divide advantages by the group's reward std. Passed explicitly so both backends agree:
+    # TRL's default is "group", and Unsloth silently switches "group" to "none" when loss_type=dr_grpo (the seed,
+    # trained with Unsloth, ran with "none").
+    scale_rewards: str = "none"  # none | group | batch
     importance_sampling_level: str = "sequence"
     beta: float = 0.0
     temperature: float = 1.0
@@ -186,10 +192,11 @@ class RLConfig:
     # A prompt longer than max_prompt_length (default: model.max_seq_length - max_completion_length):
     # error (at startup, naming the fix) or skip.
     on_too_long: str = "error"
-    # Rollouts are most of a GRPO step. They run in eval mode; with cache_implementation=static and
-    # compile_generation=true the decode step is compiled (CUDA graphs) on GPU: fewer kernel launches per token.
-    cache_implementation: Optional[str] = None
-    compile_generation: bool = False
+    # Rollouts are most of a GRPO step. They run in eval mode. "auto" (both keys): with model.backend=hf a
+    # static KV cache and a compiled decode step (CUDA graphs; GPU only, the first step pays ~1 min of
+    # compilation), 2.7x faster steps on an H200 (docs/benchmarks.md); with backend=unsloth TRL's defaults.
+    cache_implementation: Optional[str] = "auto"  # auto | static | dynamic | null (= dynamic)
+    compile_generation: Optional[bool] = None  # null = auto: on for backend=hf with a static cache
     use_vllm: bool = False
     report_to: str = "none"
     wandb_project: str = "flare_exp_rl"
@@ -217,6 +224,13 @@ class InferConfig:
 
 
 @dataclass
+class KeywordMetricsConfig:
+    # utils/metrics.py of a local checkout of medfm-flare/FLARE25-QWen2.5VL: its keyword heuristics are run
+    # as they are and reported as keyword_green / keyword_clinical_efficacy (comparison with published numbers).
+    module: Optional[str] = None
+
+
+@dataclass
 class GreenConfig:
     model_path: Optional[str] = None
     batch_size: int = 8
@@ -241,6 +255,7 @@ class EvalConfig:
     green: GreenConfig = field(default_factory=GreenConfig)
     radgraph: bool = True
     chexbert: CheXbertConfig = field(default_factory=CheXbertConfig)
+    keyword_metrics: KeywordMetricsConfig = field(default_factory=KeywordMetricsConfig)
 
 
 @dataclass

@@ -236,3 +236,37 @@ def test_infer_overwrite_regenerates(base_overrides, tmp_path):
         _infer(base_overrides, tmp_path / "inf", "infer.num_samples=4")
     again = _infer(base_overrides, tmp_path / "inf", "infer.num_samples=4", "overwrite=true")
     assert first["generated_now"] == again["generated_now"] == 4
+
+
+def test_merged_adapter_predicts_what_the_unmerged_one_does(base_overrides, sft_adapter, tmp_path):
+    from peft import PeftModel
+
+    from flare_exp.io import read_jsonl
+    from flare_exp.models.loading import load_model
+
+    cfg = compose_cfg(base_overrides)
+    assert not isinstance(load_model(cfg.model, str(sft_adapter), training=False, merge_adapter=True).model,
+                          PeftModel)
+    common = (f"infer.checkpoint={sft_adapter}", "infer.num_samples=10")
+    _infer(base_overrides, tmp_path / "merged", *common)
+    _infer(base_overrides, tmp_path / "unmerged", *common, "infer.merge_adapter=false")
+    predictions = [[r["prediction"] for r in read_jsonl(tmp_path / d / "predictions.jsonl")]
+                   for d in ("merged", "unmerged")]
+    assert predictions[0] == predictions[1]  # float32 tiny model, greedy: folding the LoRA changes nothing
+
+
+def test_images_are_prefetched_in_order_and_image_device_is_checked(demo_prepared):
+    from types import SimpleNamespace
+
+    from flare_exp.io import read_jsonl
+    from flare_exp.stages.infer import batches_with_images, image_device
+
+    records = read_jsonl(demo_prepared / "val.jsonl")[:7]
+    chat = SimpleNamespace(load_images=lambda r: [r["id"]] * len(r["images"]))
+    batches = list(batches_with_images(chat, records, 3))
+    assert [len(b) for b, _ in batches] == [3, 3, 1]
+    assert all(imgs == [[r["id"]] * len(r["images"]) for r in b] for b, imgs in batches)
+    model = SimpleNamespace(device=SimpleNamespace(type="cpu"))
+    assert image_device("auto", model) is None and image_device("cuda:1", model) == "cuda:1"
+    with pytest.raises(ValueError, match="infer.image_device='gpu'"):
+        image_device("gpu", model)

@@ -66,3 +66,53 @@ def test_wandb_run_id_is_stable_per_run_dir(tmp_path, monkeypatch):
     setup_tracking(section, tmp_path / "other")
     assert os.environ["WANDB_RUN_ID"] != first
     assert os.environ["WANDB_DIR"] == str(tmp_path / "other")  # a second run in the same process: its own dir
+
+
+@pytest.mark.parametrize("backend,cache,compiled,expected", [
+    ("hf", "auto", None, ("static", True)), ("unsloth", "auto", None, (None, False)),
+    ("hf", "dynamic", None, (None, False)), ("hf", "static", False, ("static", False)),
+    ("unsloth", "static", True, ("static", True))])
+def test_rollout_settings_resolve_auto_per_backend(backend, cache, compiled, expected):
+    from flare_exp.stages.rl import rollout_settings
+
+    rl = compose_cfg([f"rl.cache_implementation={cache}", f"rl.compile_generation={compiled}"
+                      if compiled is not None else "rl.compile_generation=null"]).rl
+    assert rollout_settings(rl, backend) == expected
+
+
+def test_compiled_rollouts_need_a_static_cache():
+    from flare_exp.stages.rl import rollout_settings
+
+    with pytest.raises(ValueError, match="rl.cache_implementation=static"):
+        rollout_settings(compose_cfg(["rl.cache_implementation=dynamic", "rl.compile_generation=true"]).rl, "hf")
+
+
+def test_grpo_config_passes_scale_rewards_and_rollout_cache(tmp_path):
+    from flare_exp.stages.rl import grpo_args
+
+    cfg = compose_cfg(["model.backend=hf"])
+    args = grpo_args(cfg, tmp_path, "none", bf16=False)
+    assert args.scale_rewards == "none" and args.cache_implementation == "static" and args.loss_type == "dr_grpo"
+    with pytest.raises(ValueError, match="rl.scale_rewards='std'"):
+        from flare_exp.stages.rl import check_settings
+
+        check_settings(compose_cfg(["rl.scale_rewards=std"]).rl, 1024)
+
+
+def test_rollouts_run_in_eval_mode_and_training_resumes(base_overrides, sft_adapter, tmp_path, monkeypatch):
+    from transformers.models.qwen3_vl import modeling_qwen3_vl
+
+    modes = []  # (training?, tokens in this forward) per call of the first decoder layer
+    layer = modeling_qwen3_vl.Qwen3VLTextDecoderLayer
+    original = layer.forward
+
+    def recording(self, hidden_states, *args, **kwargs):
+        if self.self_attn.layer_idx == 0:
+            modes.append((self.training, hidden_states.shape[1]))
+        return original(self, hidden_states, *args, **kwargs)
+
+    monkeypatch.setattr(layer, "forward", recording)
+    run(_rl_cfg(base_overrides, sft_adapter, "rl.max_steps=1"), run_dir=tmp_path / "rl")
+    decode_steps = [training for training, tokens in modes if tokens == 1]
+    assert len(decode_steps) >= 7 and not any(decode_steps)  # the rollout (8 tokens) ran in eval mode
+    assert modes[-1][0] and modes[-1][1] > 1  # the policy's loss forward ran in training mode again

@@ -36,7 +36,7 @@ class ReportScorers:
 
     def __init__(self, cfg, out_dir: Path):
         self.cfg, self.out_dir = cfg, out_dir
-        self._radgraph = self._green = self._chexbert = None
+        self._radgraph = self._green = self._chexbert = self._keyword = None
 
     def radgraph(self):
         rg = self.cfg.reward.radgraph
@@ -60,6 +60,16 @@ class ReportScorers:
                                       c.batch_size)
         return self._chexbert
 
+    def keyword(self):
+        path = self.cfg.eval.keyword_metrics.module
+        if not path:
+            return None
+        if self._keyword is None:
+            from flare_exp.metrics.keyword import load_reference_module
+
+            self._keyword = load_reference_module(abspath(path))
+        return self._keyword
+
     def green(self):
         if not self.cfg.eval.green.model_path:
             return None
@@ -82,6 +92,14 @@ def report_metrics(rows: list[dict], scorers: ReportScorers, label: str) -> dict
             out[name] = sum(t[i] for t in triples) / len(triples)
     else:
         out["radgraph_note"] = "not computed: reward.radgraph.model_dir is not set (or eval.radgraph=false)"
+    reference = scorers.keyword()
+    if reference is None:
+        out["keyword_note"] = ("keyword_green / keyword_clinical_efficacy not computed: set "
+                               "eval.keyword_metrics.module to compare with the seed's published numbers")
+    else:
+        from flare_exp.metrics.keyword import keyword_metrics
+
+        out.update(keyword_metrics(reference, hyps, refs, seed_bleu=out["seed_bleu"]))
     labeler = scorers.chexbert()
     if labeler is not None:
         from flare_exp.metrics.chexbert import binarise, efficacy
@@ -163,7 +181,9 @@ def tables(results: dict) -> list[tuple[str, list[str], list[list[str]]]]:
 
 def write_reports(out_dir: Path, results: dict) -> None:
     md = ["# flare-exp evaluation", "", "Official FLARE metric per task type is marked (official). "
-          "BLEU: corpus BLEU on lower-cased whitespace tokens; seed_bleu: the seed's per-sample-averaged variant.", ""]
+          "BLEU: corpus BLEU on lower-cased whitespace tokens; seed_bleu: the seed's per-sample-averaged variant. "
+          "keyword_green / keyword_clinical_efficacy: the seed's and FLARE25 baseline's keyword heuristics (not "
+          "GREEN, not CheXbert), only for comparison with their published numbers.", ""]
     page = ["<html><head><meta charset='utf-8'><title>flare-exp evaluation</title><style>body{font-family:sans-serif}"
             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px}</style></head>"
             "<body><h1>flare-exp evaluation</h1><img src='metrics.png' style='max-width:100%'>"]

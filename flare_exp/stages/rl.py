@@ -56,9 +56,8 @@ def check_settings(rl, max_seq_length: int) -> int:
             f"rl.per_device_train_batch_size x rl.gradient_accumulation_steps = {generation_batch} completions per "
             f"generation round is not divisible by rl.num_generations={rl.num_generations}. Make the batch a "
             f"multiple of it, e.g. rl.per_device_train_batch_size={rl.num_generations * max(1, round(rl.per_device_train_batch_size / rl.num_generations))}")
-    if rl.compile_generation and rl.cache_implementation != "static":
-        raise ValueError("rl.compile_generation=true compiles the decode step over a fixed-size KV cache: "
-                         "also pass rl.cache_implementation=static")
+    if rl.scale_rewards not in ("none", "group", "batch"):
+        raise ValueError(f"rl.scale_rewards={rl.scale_rewards!r}: choose none, group or batch")
     if rl.on_too_long not in ("error", "skip"):
         raise ValueError(f"rl.on_too_long={rl.on_too_long!r}: choose error or skip")
     limit = rl.max_prompt_length or max_seq_length - rl.max_completion_length
@@ -78,6 +77,21 @@ class RewardTermLog(TrainerCallback):
         if logs is None:
             return
         add_to_log(state, logs, {f"reward_term/{k}": round(v, 4) for k, v in self.reward.pop_term_means().items()})
+
+
+def rollout_settings(rl, backend: str) -> tuple[str | None, bool]:
+    """(KV cache implementation, compiled decode) for the rollouts, resolving "auto" per backend."""
+    cache = rl.cache_implementation
+    if cache == "auto":
+        cache = "static" if backend == "hf" else None
+    cache = None if cache in (None, "dynamic") else cache
+    compiled = rl.compile_generation
+    if compiled is None:
+        compiled = backend == "hf" and cache == "static"
+    if compiled and cache != "static":
+        raise ValueError("rl.compile_generation=true compiles the decode step over a fixed-size KV cache: "
+                         "also pass rl.cache_implementation=static")
+    return cache, compiled
 
 
 def with_rollouts_in_eval_mode(trainer_class):
@@ -104,16 +118,17 @@ def grpo_args(cfg, out_dir: Path, report_to: str, bf16: bool):
     from trl import GRPOConfig
 
     rl = cfg.rl
+    cache, _ = rollout_settings(rl, cfg.model.backend)
     return GRPOConfig(
         output_dir=str(out_dir), num_generations=rl.num_generations,
         per_device_train_batch_size=rl.per_device_train_batch_size,
         gradient_accumulation_steps=rl.gradient_accumulation_steps,
         learning_rate=rl.learning_rate, warmup_ratio=rl.warmup_ratio, lr_scheduler_type=rl.lr_scheduler_type,
-        max_completion_length=rl.max_completion_length, loss_type=rl.loss_type,
+        max_completion_length=rl.max_completion_length, loss_type=rl.loss_type, scale_rewards=rl.scale_rewards,
         importance_sampling_level=rl.importance_sampling_level, beta=rl.beta, temperature=rl.temperature,
         top_p=rl.top_p, max_steps=rl.max_steps, logging_steps=rl.logging_steps, save_steps=rl.save_steps,
         save_total_limit=rl.save_total_limit, optim=rl.optim, use_vllm=rl.use_vllm, report_to=report_to,
-        cache_implementation=rl.cache_implementation,
+        cache_implementation=cache,
         bf16=bf16, remove_unused_columns=False, seed=cfg.seed, disable_tqdm=False, logging_first_step=True,
     )
 
@@ -124,6 +139,7 @@ def run(cfg, out_dir: Path) -> dict:
 
     rl = cfg.rl
     prompt_limit = check_settings(rl, cfg.model.max_seq_length)
+    cache, compiled = rollout_settings(rl, cfg.model.backend)
     reward = build_reward(cfg.reward)
     records = [r for r in read_jsonl(abspath(rl.train_file)) if r.get("answer") is not None]
     wanted = list(rl.task_types) or reward.task_types()
@@ -148,8 +164,9 @@ def run(cfg, out_dir: Path) -> dict:
                              "rl.max_completion_length, or pass rl.on_too_long=skip")
         log.warning("%s: skipped", msg)
         write_json(out_dir / "too_long.json", too_long)
-    log.info("rl: %d prompts (%s), init_from=%s, backend=%s", len(records), ", ".join(wanted), loaded.adapter,
-             cfg.model.backend)
+    log.info("rl: %d prompts (%s), init_from=%s, backend=%s, rollouts: %s KV cache%s", len(records),
+             ", ".join(wanted), loaded.adapter, cfg.model.backend, cache or "dynamic",
+             ", compiled decode (GPU)" if compiled else "")
 
     report_to = setup_tracking(rl, out_dir)
     meta = CheckpointMeta(loaded.base_path, cfg, data_fingerprints(rl.train_file), loaded.processor)
@@ -158,8 +175,8 @@ def run(cfg, out_dir: Path) -> dict:
                             args=grpo_args(cfg, out_dir, report_to, loaded.model.dtype == torch.bfloat16),
                             train_dataset=grpo_dataset(records, chat),
                             callbacks=[RewardTermLog(reward), ProgressLog(), meta])
-    if hasattr(trainer, "generation_config"):  # TRL turns compilation off for its rollouts; ours is opt-in
-        trainer.generation_config.disable_compile = not rl.compile_generation
+    if hasattr(trainer, "generation_config"):  # TRL turns compilation off for its rollouts
+        trainer.generation_config.disable_compile = not compiled
     try:
         trainer.train(resume_from_checkpoint=resume_checkpoint(cfg.resume, out_dir))
         final = out_dir / "final"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole benchmark on one GPU box, in pieces that each fit a 10-minute command. Usage (from the repo root,
 # after `source bench/gpu_setup.sh` where wheels must be carried):
-#   bash bench/gpu_all.sh sft|infer|grpo-hf|grpo-unsloth  OUT_DIR
+#   bash bench/gpu_all.sh sft|infer|grpo-hf|grpo-unsloth|grpo-unsloth-ng8  OUT_DIR
 # Each piece rebuilds the random 4B model if missing (~25 s) and writes one JSON per measurement to OUT_DIR;
 # `python -m bench.report OUT_DIR` makes the tables.
 set -u
@@ -10,14 +10,18 @@ mkdir -p "$out"
 python3 -m bench.run build > "$out/build.log" 2>&1
 R="python3 -m bench.run"
 case $piece in
-  sft)          for b in hf unsloth; do timeout 150 $R sft --backend $b --batch 8 --steps 12 --profile --out "$out"
-                                        timeout 120 $R sft --backend $b --batch 8 --steps 12 --workers 4 --out "$out"; done ;;
-  infer)        timeout 60 $R infer --batch 8 --samples 32 --image-device cpu --out "$out"
-                timeout 60 $R infer --batch 8 --samples 32 --out "$out"
-                for bs in 128 256; do timeout 150 $R infer --batch $bs --samples 512 --cache static --warm --out "$out"; done ;;
+  sft)          for b in hf unsloth; do timeout 150 $R sft --backend $b --batch 8 --steps 12 --workers 0 --profile --out "$out"
+                                        timeout 120 $R sft --backend $b --batch 8 --steps 12 --out "$out"; done
+                timeout 150 $R sft --backend unsloth --batch 16 --steps 10 --out "$out" ;;
+  infer)        timeout 100 $R infer --batch 8 --samples 64 --image-device cpu --out "$out"
+                timeout 100 $R infer --batch 8 --samples 64 --out "$out"
+                timeout 150 $R infer --batch 64 --samples 256 --cache static --warm --profile --out "$out"
+                timeout 200 $R infer --batch 256 --samples 768 --cache static --warm --out "$out" ;;
   grpo-hf)      timeout 170 $R grpo --backend hf --num-generations 8 --batch 8 --steps 3 --warmup 1 --out "$out"
                 timeout 230 $R grpo --backend hf --num-generations 8 --batch 8 --steps 4 --warmup 1 --cache static --compile --out "$out"
                 timeout 150 $R grpo --backend hf --num-generations 2 --batch 8 --steps 3 --warmup 1 --out "$out" ;;
   grpo-unsloth) for g in 8 2; do timeout 270 $R grpo --backend unsloth --num-generations $g --batch 8 --steps 3 --warmup 1 --out "$out"; done ;;
+  grpo-unsloth-ng8) timeout 380 $R grpo --backend unsloth --num-generations 8 --batch 8 --steps 3 --warmup 1 --out "$out"
+                timeout 150 $R grpo --backend unsloth --num-generations 8 --batch 8 --steps 3 --warmup 1 --cache static --compile --out "$out" ;;
   *) echo "unknown piece $piece" >&2; exit 2 ;;
 esac

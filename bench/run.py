@@ -101,6 +101,19 @@ class CollateTimer:
         sft_stage.SFTCollator = TimedCollator
 
 
+def write_profile(path: Path, prof, wall: float, what: str) -> None:
+    """The top ops by GPU and by CPU time, headed by kernel time vs wall time (how busy the GPU was)."""
+    import torch
+
+    events = prof.key_averages()
+    device_us = sum(e.self_device_time_total for e in events  # kernel rows only, not the ops launching them
+                    if e.device_type == torch.autograd.DeviceType.CUDA)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{what}: wall {wall:.3f} s, GPU kernels {device_us / 1e6:.3f} s (busy "
+                    f"{device_us / 1e6 / wall:.0%})\n\n" + events.table(sort_by="self_device_time_total", row_limit=25)
+                    + "\n\n" + events.table(sort_by="self_cpu_time_total", row_limit=15))
+
+
 def profile_steps(out: Path, name: str, first: int = 5, steps: int = 2):
     """A callback that runs torch.profiler over `steps` training steps and writes the top CUDA and CPU ops."""
     import torch
@@ -124,15 +137,7 @@ def profile_steps(out: Path, name: str, first: int = 5, steps: int = 2):
                     torch.cuda.synchronize()
                 wall = time.perf_counter() - self.t0
                 self.prof.__exit__(None, None, None)
-                events = self.prof.key_averages()
-                device_us = sum(e.self_device_time_total for e in events  # kernels, not the ops launching them
-                                if e.device_type == torch.autograd.DeviceType.CUDA)
-                out.mkdir(parents=True, exist_ok=True)
-                (out / f"profile-{name}.txt").write_text(
-                    f"{steps} steps: wall {wall:.3f} s, device kernels {device_us / 1e6:.3f} s "
-                    f"(busy {device_us / 1e6 / wall:.0%})\n\n"
-                    + events.table(sort_by="self_device_time_total", row_limit=25) + "\n\n"
-                    + events.table(sort_by="self_cpu_time_total", row_limit=15))
+                write_profile(out / f"profile-{name}.txt", self.prof, wall, f"{steps} steps")
                 self.prof = None
 
     return Profile()
@@ -230,16 +235,35 @@ def run_infer(args, work: Path) -> dict:
 
     original = infer_stage.generate
 
+    import torch
+
+    batch_seconds: list[float] = []
+
     def forced_length(model, chat, records, inf, *rest):  # every report exactly new_tokens long
         model.generation_config.min_new_tokens = args.new_tokens
-        return original(model, chat, records, inf, *rest)
+        profiling = args.profile and len(batch_seconds) == 1  # the second batch of the timed run
+        prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] + (
+            [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])) if profiling else None
+        t0 = time.perf_counter()
+        if prof:
+            prof.__enter__()
+        try:
+            return original(model, chat, records, inf, *rest)
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            batch_seconds.append(round(time.perf_counter() - t0, 3))
+            if prof:
+                prof.__exit__(None, None, None)
+                write_profile(Path(args.out) / f"profile-{name}.txt", prof, batch_seconds[-1], "one batch")
 
     infer_stage.generate = forced_length
     if args.warm:  # one untimed batch first: compilation (static cache) is not throughput
         run(compose([*overrides, f"infer.num_samples={args.batch}"]), run_dir=work / "runs" / (name + "-warm"))
+    batch_seconds.clear()
     t0 = time.time()
     summary = run(compose(overrides), run_dir=work / "runs" / name)
-    return {"what": "infer", "backend": args.backend, "batch": args.batch, "cache": args.cache or "dynamic",
+    return {"what": "infer", "generate_seconds_per_batch": batch_seconds, "backend": args.backend, "batch": args.batch, "cache": args.cache or "dynamic",
             "image_device": args.image_device,
             "new_tokens": args.new_tokens, "samples": summary["samples"],
             "reports_per_second": summary["reports_per_second"], "wall_seconds": round(time.time() - t0, 1)}
@@ -257,7 +281,7 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="grpo: rl.compile_generation=true (needs --cache static)")
     p.add_argument("--image-device", default="auto", help="infer: infer.image_device")
     p.add_argument("--workers", type=int, default=None, help="sft: sft.dataloader_num_workers (default: the stage's)")
-    p.add_argument("--profile", action="store_true", help="sft: torch.profiler table of two steps")
+    p.add_argument("--profile", action="store_true", help="sft: torch.profiler over two steps; infer: one batch")
     p.add_argument("--backend", default="hf", choices=["hf", "unsloth"])
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=12)

@@ -229,8 +229,7 @@ def run_infer(args, work: Path) -> dict:
                  f"infer.max_new_tokens={args.new_tokens}", "overwrite=true", f"paths.output_root={work / 'out'}",
                  f"infer.sort_by_length={'false' if args.batch == 1 else 'true'}",
                  f"infer.image_device={args.image_device}"]
-    if args.cache:
-        overrides.append(f"infer.cache_implementation={args.cache}")
+    overrides.append(f"infer.cache_implementation={args.cache or 'dynamic'}")
     import flare_exp.stages.infer as infer_stage
 
     original = infer_stage.generate

@@ -38,6 +38,11 @@ def abspath(path: str | Path) -> Path:
     return Path(to_absolute_path(str(path)))
 
 
+def is_compilation_error(error: BaseException) -> bool:
+    """An error raised by torch.compile (dynamo tracing or inductor code generation), not by the model."""
+    return type(error).__module__.startswith(("torch._dynamo", "torch._inductor"))
+
+
 def git_commit() -> str | None:
     repo = Path(__file__).resolve().parent.parent
     try:

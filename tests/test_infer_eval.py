@@ -270,3 +270,36 @@ def test_images_are_prefetched_in_order_and_image_device_is_checked(demo_prepare
     assert image_device("auto", model) is None and image_device("cuda:1", model) == "cuda:1"
     with pytest.raises(ValueError, match="infer.image_device='gpu'"):
         image_device("gpu", model)
+
+
+def test_infer_kv_cache_auto_and_a_failing_compiled_decode(base_overrides, tmp_path, monkeypatch, caplog):
+    import torch._dynamo.exc
+    from types import SimpleNamespace
+
+    from transformers import PreTrainedModel
+    from transformers.generation.utils import GenerationMixin
+
+    from flare_exp.stages.infer import kv_cache
+
+    gpu, cpu = (SimpleNamespace(device=SimpleNamespace(type=t)) for t in ("cuda", "cpu"))
+    assert kv_cache("auto", gpu, "hf") == "static" and kv_cache("auto", gpu, "unsloth") is None
+    assert kv_cache("auto", cpu, "hf") is None and kv_cache("dynamic", gpu, "hf") is None
+
+    caches, attempts = [], []
+
+    def criteria(self, model_kwargs, config):  # as on a GPU: a static cache gets a compiled decode step
+        caches.append(type(model_kwargs.get("past_key_values")).__name__)
+        return not config.disable_compile and caches[-1] == "StaticCache"
+
+    def failing_compiled_call(self, compile_config):
+        def call(*args, **kwargs):
+            attempts.append(1)
+            raise torch._dynamo.exc.TorchDynamoException("backend compiler failed")
+        return call
+
+    monkeypatch.setattr(GenerationMixin, "_valid_auto_compile_criteria", criteria)
+    monkeypatch.setattr(PreTrainedModel, "get_compiled_call", failing_compiled_call)
+    summary = _infer(base_overrides, tmp_path / "inf", "infer.num_samples=12", "infer.cache_implementation=static")
+    assert summary["samples"] == 12 and len(attempts) == 1 and "continuing uncompiled" in caplog.text
+    # batch 1 (failed compiled attempt + eager retry) and batch 2 on the static cache; the last 2 reports dynamic
+    assert caches == ["StaticCache"] * 3 + ["DynamicCache"]

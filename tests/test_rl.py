@@ -116,3 +116,28 @@ def test_rollouts_run_in_eval_mode_and_training_resumes(base_overrides, sft_adap
     decode_steps = [training for training, tokens in modes if tokens == 1]
     assert len(decode_steps) >= 7 and not any(decode_steps)  # the rollout (8 tokens) ran in eval mode
     assert modes[-1][0] and modes[-1][1] > 1  # the policy's loss forward ran in training mode again
+
+
+def test_a_failing_compiled_decode_falls_back_to_eager_rollouts(base_overrides, sft_adapter, tmp_path, monkeypatch,
+                                                                caplog):
+    """Compilation only happens on GPU; here the decode step is 'compiled' into a function that fails the way
+    torch.compile does, and the step must still finish, with eager rollouts and a warning."""
+    import torch._dynamo.exc
+    from transformers import PreTrainedModel
+    from transformers.generation.utils import GenerationMixin
+
+    attempts = []
+
+    def failing_compiled_call(self, compile_config):
+        def call(*args, **kwargs):
+            attempts.append(1)
+            raise torch._dynamo.exc.TorchDynamoException("backend compiler failed")
+        return call
+
+    monkeypatch.setattr(GenerationMixin, "_valid_auto_compile_criteria",
+                        lambda self, kwargs, config: not config.disable_compile)
+    monkeypatch.setattr(PreTrainedModel, "get_compiled_call", failing_compiled_call)
+    summary = run(_rl_cfg(base_overrides, sft_adapter, "rl.max_steps=2", "rl.cache_implementation=static",
+                          "rl.compile_generation=true"), run_dir=tmp_path / "rl")
+    assert summary["global_step"] == 2 and len(attempts) == 1  # tried once, then eager for good
+    assert "continuing with uncompiled rollouts" in caplog.text

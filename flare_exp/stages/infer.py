@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from flare_exp.data.vision import VisionChat
 from flare_exp.io import read_jsonl, write_json
 from flare_exp.models.loading import load_model
-from flare_exp.runtime import abspath
+from flare_exp.runtime import abspath, is_compilation_error
 
 log = logging.getLogger(__name__)
 PREDICTIONS = "predictions.jsonl"
@@ -52,7 +52,8 @@ def read_done(path: Path) -> dict[str, dict]:
     return done
 
 
-def generate(model, chat: VisionChat, records: list[dict], inf, images=None) -> list[str]:
+def generate(model, chat: VisionChat, records: list[dict], inf, images=None, cache: str | None = None,
+             compile_decode: bool = True) -> list[str]:
     import torch
 
     batch = chat.generation_batch(records, images)
@@ -61,12 +62,19 @@ def generate(model, chat: VisionChat, records: list[dict], inf, images=None) -> 
                   pad_token_id=chat.tokenizer.pad_token_id)
     if inf.do_sample:
         kwargs.update(temperature=inf.temperature, top_p=inf.top_p)
-    if inf.cache_implementation:
-        kwargs["cache_implementation"] = inf.cache_implementation
+    if cache:
+        kwargs["cache_implementation"] = cache
+        kwargs["disable_compile"] = not compile_decode
     with torch.inference_mode():
         out = model.generate(**batch, **kwargs)
     new_tokens = out[:, batch["input_ids"].shape[1]:]  # left padding: the prompt ends at the same column
     return [t.strip() for t in chat.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+def kv_cache(setting: str | None, model, backend: str) -> str | None:
+    if setting == "auto":
+        return "static" if model.device.type == "cuda" and backend == "hf" else None
+    return None if setting in (None, "dynamic") else setting
 
 
 def image_device(setting: str, model) -> str | None:
@@ -153,13 +161,24 @@ def run(cfg, out_dir: Path) -> dict:
         loaded = load_model(cfg.model, init_from=inf.checkpoint, training=False, seed=cfg.seed,
                             merge_adapter=inf.merge_adapter)
         chat = VisionChat(loaded.processor, abspath(cfg.data.root), image_device(inf.image_device, loaded.model))
+        cache, compile_decode = kv_cache(inf.cache_implementation, loaded.model, cfg.model.backend), True
         if inf.sort_by_length:  # similar lengths share a batch: less padding, fewer wasted decode steps
             todo.sort(key=lambda r: chat.sequence_length(r, with_answer=False), reverse=True)
         bar = tqdm(total=len(todo), desc=f"infer {label}", unit="report")
         with open(pred_path, "a", encoding="utf-8") as f:
             start = time.perf_counter()  # reports/s over the whole loop: reading, processing, writing included
             for chunk, images in batches_with_images(chat, todo, inf.batch_size):
-                predictions = generate(loaded.model, chat, chunk, inf, images)
+                # A smaller last batch would need a new static cache and a new compilation: decode it eagerly.
+                batch_cache = cache if len(chunk) == inf.batch_size else None
+                try:
+                    predictions = generate(loaded.model, chat, chunk, inf, images, batch_cache, compile_decode)
+                except Exception as e:
+                    if not (batch_cache == "static" and compile_decode and is_compilation_error(e)):
+                        raise
+                    log.warning("compiling the decode step failed (%s); continuing uncompiled. Pass "
+                                "infer.cache_implementation=dynamic to skip the attempt.", type(e).__name__)
+                    compile_decode = False
+                    predictions = generate(loaded.model, chat, chunk, inf, images, batch_cache, compile_decode)
                 generated += len(chunk)
                 for r, p in zip(chunk, predictions):
                     row = {k: r[k] for k in ("id", "dataset", "task_type", "raw_task_type", "split", "image_name",

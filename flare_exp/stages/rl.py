@@ -16,7 +16,7 @@ from flare_exp.data.vision import VisionChat, filter_by_length, render_messages
 from flare_exp.io import read_jsonl, write_json
 from flare_exp.models.loading import load_model
 from flare_exp.rewards.combine import build_reward
-from flare_exp.runtime import abspath
+from flare_exp.runtime import abspath, is_compilation_error
 from flare_exp.training import (CheckpointMeta, ProgressLog, add_to_log, data_fingerprints, finish_tracking,
                                 resume_checkpoint, setup_tracking)
 
@@ -97,13 +97,23 @@ def rollout_settings(rl, backend: str) -> tuple[str | None, bool]:
 def with_rollouts_in_eval_mode(trainer_class):
     """TRL generates with the policy in training mode. Eval mode for the rollout (restored afterwards) keeps
     dropout and the gradient-checkpointing wrappers out of the decode loop, and lets a compiled decode step
-    be traced once for inference instead of for training."""
+    be traced once for inference instead of for training. If compiling the decode step fails (another GPU,
+    another torch), training goes on with eager rollouts and says so once."""
 
     class FlareGRPOTrainer(trainer_class):
         def _generate_single_turn(self, *args, **kwargs):
             was_training = self.model.training
             self.model.eval()
             try:
+                return super()._generate_single_turn(*args, **kwargs)
+            except Exception as e:
+                config = getattr(self, "generation_config", None)
+                if config is None or config.disable_compile or not is_compilation_error(e):
+                    raise
+                log.warning("compiling the rollout decode step failed (%s: %s); continuing with uncompiled "
+                            "rollouts. Pass rl.compile_generation=false to skip the attempt.",
+                            type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+                config.disable_compile = True
                 return super()._generate_single_turn(*args, **kwargs)
             finally:
                 self.model.train(was_training)

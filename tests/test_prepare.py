@@ -194,4 +194,8 @@ def test_launch_py_subprocess(tmp_path):
     assert (run_dir / "DONE").exists() and (run_dir / "config.yaml").exists()
     assert json.loads((run_dir / "run_info.json").read_text())["packages"]["hydra-core"] == "1.3.8"
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert again.returncode != 0 and "overwrite=true" in again.stderr
+    assert again.returncode == 1 and "overwrite=true" in again.stderr
+    assert "flare-exp: RunFinishedError:" in again.stderr and "Traceback" not in again.stderr  # message only
+    verbose = subprocess.run(cmd, cwd=REPO, env={**env, "HYDRA_FULL_ERROR": "1"}, capture_output=True, text=True,
+                             timeout=300)
+    assert verbose.returncode == 1 and "Traceback" in verbose.stderr

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole benchmark on one GPU box, in pieces that each fit a 10-minute command. Usage (from the repo root,
 # after `source bench/gpu_setup.sh` where wheels must be carried):
-#   bash bench/gpu_all.sh sft|infer|grpo-hf|grpo-unsloth|grpo-unsloth-ng8  OUT_DIR
+#   bash bench/gpu_all.sh sft|infer|grpo-1|grpo-2  OUT_DIR
 # Each piece rebuilds the random 4B model if missing (~25 s) and writes one JSON per measurement to OUT_DIR;
 # `python -m bench.report OUT_DIR` makes the tables.
 set -u
@@ -17,11 +17,11 @@ case $piece in
                 timeout 100 $R infer --batch 8 --samples 64 --out "$out"
                 timeout 150 $R infer --batch 64 --samples 256 --cache static --warm --profile --out "$out"
                 timeout 200 $R infer --batch 256 --samples 768 --cache static --warm --out "$out" ;;
-  grpo-hf)      timeout 170 $R grpo --backend hf --num-generations 8 --batch 8 --steps 3 --warmup 1 --out "$out"
-                timeout 230 $R grpo --backend hf --num-generations 8 --batch 8 --steps 4 --warmup 1 --cache static --compile --out "$out"
-                timeout 150 $R grpo --backend hf --num-generations 2 --batch 8 --steps 3 --warmup 1 --out "$out" ;;
-  grpo-unsloth) for g in 8 2; do timeout 270 $R grpo --backend unsloth --num-generations $g --batch 8 --steps 3 --warmup 1 --out "$out"; done ;;
-  grpo-unsloth-ng8) timeout 380 $R grpo --backend unsloth --num-generations 8 --batch 8 --steps 3 --warmup 1 --out "$out"
-                timeout 150 $R grpo --backend unsloth --num-generations 8 --batch 8 --steps 3 --warmup 1 --cache static --compile --out "$out" ;;
+  # GRPO, both backends on one machine in two consecutive calls (keep it warm: run grpo-2 right after grpo-1)
+  grpo-1)       timeout 130 $R grpo --backend hf --num-generations 8 --batch 8 --steps 3 --warmup 1 --out "$out"
+                timeout 400 $R grpo --backend unsloth --num-generations 8 --batch 8 --steps 3 --warmup 1 --out "$out" ;;
+  grpo-2)       timeout 260 $R grpo --backend unsloth --num-generations 2 --batch 8 --steps 3 --warmup 1 --out "$out"
+                timeout 130 $R grpo --backend hf --num-generations 2 --batch 8 --steps 3 --warmup 1 --out "$out"
+                timeout 170 $R grpo --backend hf --num-generations 8 --batch 8 --steps 4 --warmup 1 --cache static --compile --out "$out" ;;
   *) echo "unknown piece $piece" >&2; exit 2 ;;
 esac

@@ -17,8 +17,8 @@ def load(folder: Path) -> list[dict]:
     return rows
 
 
-def _num(value) -> str:
-    return "n/a" if value is None else f"{value:.2f}"
+def _num(value, digits: int = 2) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
 
 
 def tables(rows: list[dict]) -> str:
@@ -26,11 +26,12 @@ def tables(rows: list[dict]) -> str:
     sft = [r for r in rows if r["what"] == "sft"]
     if sft:
         out += ["### SFT (the sft stage, LoRA r=16, gradient checkpointing, IU_XRay-like: two 512-px views)", "",
-                "| backend | batch | workers | tokens/s | MFU (6·N) | step s | collate s in-process | peak GiB | device |",
-                "|---|---|---|---|---|---|---|---|---|"]
+                "| backend | batch | workers | tokens/s | MFU (6·N) | step s | data wait s/step | collate s in-process | "
+                "peak GiB | device |", "|---|---|---|---|---|---|---|---|---|---|"]
         out += [f"| {r['backend']} | {r['batch']} | {r.get('dataloader_workers', 0)} | "
                 f"{r.get('tokens_per_second_median', 0):,.0f} | {r.get('mfu', 0):.3f} | "
-                f"{r.get('step_seconds_median', 0):.3f} | {r.get('collate_seconds_per_batch_in_process') or 'n/a'} | "
+                f"{r.get('step_seconds_median', 0):.3f} | {_num(r.get('data_wait_seconds_median'), 3)} | "
+                f"{r.get('collate_seconds_per_batch_in_process') or 'n/a'} | "
                 f"{r.get('peak_memory_gib', 0)} | {r['device']} |" for r in sft]
         out.append("")
     inf = [r for r in rows if r["what"] == "infer"]

@@ -76,7 +76,9 @@ def summarise(history: list[dict], skip: int) -> dict:
     med = lambda k: statistics.median(h[k] for h in steps if k in h)  # noqa: E731
     return {"steps_measured": len(steps), "step_seconds_median": med("step_seconds"),
             "tokens_per_second_median": med("tokens_per_second") if any("tokens_per_second" in h for h in steps)
-            else None, "peak_memory_gib": max(h.get("peak_memory_gib", 0) for h in steps)}
+            else None, "peak_memory_gib": max(h.get("peak_memory_gib", 0) for h in steps),
+            "data_wait_seconds_median": med("data_wait_seconds") if any("data_wait_seconds" in h for h in steps)
+            else None}
 
 
 class CollateTimer:

@@ -69,12 +69,23 @@ def add_to_log(state, logs: dict, extras: dict) -> None:
 
 
 class ProgressLog(TrainerCallback):
-    """A readable log line per logging step: loss, lr, tokens/s, peak memory."""
+    """A readable log line per logging step: loss, lr, tokens/s, peak memory, and how long the loop waited
+    for its next batch (``data_wait_seconds`` per step: from one step's end to the next one's start, where the
+    Trainer fetches and collates the batch; near zero when DataLoader workers keep up)."""
 
     def __init__(self):
         self._t = time.time()
         self._tokens = 0
         self._step = 0
+        self._step_end = None
+        self._wait = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self._step_end is not None:
+            self._wait += time.perf_counter() - self._step_end
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._step_end = time.perf_counter()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or not state.is_world_process_zero:
@@ -85,12 +96,16 @@ class ProgressLog(TrainerCallback):
         tok_s = (seen - self._tokens) / max(now - self._t, 1e-9) if seen else None
         extras = {}
         if state.global_step > self._step:
-            extras["step_seconds"] = round((now - self._t) / (state.global_step - self._step), 4)
-        self._t, self._tokens, self._step = now, seen, state.global_step
+            steps = state.global_step - self._step
+            extras["step_seconds"] = round((now - self._t) / steps, 4)
+            extras["data_wait_seconds"] = round(self._wait / steps, 4)
+        self._t, self._tokens, self._step, self._wait = now, seen, state.global_step, 0.0
         parts = [f"step {state.global_step}/{state.max_steps}"]
         for key in ("loss", "reward", "reward_std", "learning_rate", "grad_norm"):
             if key in logs:
                 parts.append(f"{key} {logs[key]:.4g}")
+        if "data_wait_seconds" in extras:
+            parts.append(f"data wait {extras['data_wait_seconds']:.3f} s/step")
         if tok_s:
             parts.append(f"{tok_s:,.0f} tok/s")
             extras["tokens_per_second"] = round(tok_s, 1)

@@ -156,3 +156,22 @@ def test_sft_with_dataloader_workers(base_overrides, tmp_path):
     summary = run(_sft_cfg(base_overrides, "sft.max_steps=2", "sft.eval_steps=0", "sft.dataloader_num_workers=2"),
                   run_dir=tmp_path / "sft")
     assert summary["global_step"] == 2
+
+
+def test_the_log_shows_how_long_training_waited_for_data(base_overrides, tmp_path, monkeypatch):
+    import time
+
+    from flare_exp.data.vision import SFTCollator
+
+    original = SFTCollator.__call__
+
+    def slow(self, records):
+        time.sleep(0.3)  # a slow input pipeline, in the training process (no workers)
+        return original(self, records)
+
+    monkeypatch.setattr(SFTCollator, "__call__", slow)
+    run(_sft_cfg(base_overrides, "sft.max_steps=3", "sft.eval_steps=0", "sft.dataloader_num_workers=0"),
+        run_dir=tmp_path / "sft")
+    history = [h for h in json.loads((tmp_path / "sft" / "log_history.json").read_text()) if "loss" in h]
+    waits = [h["data_wait_seconds"] for h in history]
+    assert len(waits) == 3 and waits[0] == 0 and min(waits[1:]) >= 0.3  # step 1 has no previous step to wait after

@@ -71,7 +71,8 @@ def add_to_log(state, logs: dict, extras: dict) -> None:
 class ProgressLog(TrainerCallback):
     """A readable log line per logging step: loss, lr, tokens/s, peak memory, and how long the loop waited
     for its next batch (``data_wait_seconds`` per step: from one step's end to the next one's start, where the
-    Trainer fetches and collates the batch; near zero when DataLoader workers keep up)."""
+    Trainer fetches and collates the batch, evaluation and checkpointing left out; near zero when DataLoader
+    workers keep up)."""
 
     def __init__(self):
         self._t = time.time()
@@ -86,6 +87,11 @@ class ProgressLog(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self._step_end = time.perf_counter()
+
+    def on_evaluate(self, args, state, control, **kwargs):  # evaluation and saving are not waiting for data
+        self._step_end = time.perf_counter()
+
+    on_save = on_evaluate
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or not state.is_world_process_zero:

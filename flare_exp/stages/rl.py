@@ -125,6 +125,7 @@ def with_rollouts_in_eval_mode(trainer_class):
 
 
 def grpo_args(cfg, out_dir: Path, report_to: str, bf16: bool):
+    import torch
     from trl import GRPOConfig
 
     rl = cfg.rl
@@ -140,6 +141,7 @@ def grpo_args(cfg, out_dir: Path, report_to: str, bf16: bool):
         save_total_limit=rl.save_total_limit, optim=rl.optim, use_vllm=rl.use_vllm, report_to=report_to,
         cache_implementation=cache,
         bf16=bf16, remove_unused_columns=False, seed=cfg.seed, disable_tqdm=False, logging_first_step=True,
+        dataloader_pin_memory=torch.cuda.is_available(),
     )
 
 

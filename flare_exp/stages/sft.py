@@ -85,6 +85,7 @@ def run(cfg, out_dir: Path) -> dict:
         metric_for_best_model="eval_loss" if evaluating else None, greater_is_better=False,
         bf16=use_bf16, fp16=loaded.model.dtype == torch.float16,
         remove_unused_columns=False, dataloader_num_workers=sft.dataloader_num_workers,
+        dataloader_pin_memory=torch.cuda.is_available(),
         include_num_input_tokens_seen="non_padding", report_to=report_to,
         seed=cfg.seed, save_safetensors=True, disable_tqdm=False, logging_first_step=True,
     )

@@ -77,6 +77,27 @@ def kv_cache(setting: str | None, model, backend: str) -> str | None:
     return None if setting in (None, "dynamic") else setting
 
 
+class Decoder:
+    """generate() with the run's KV cache; a compilation failure turns compilation off for the rest of the run."""
+
+    def __init__(self, model, chat: VisionChat, inf, backend: str):
+        self.model, self.chat, self.inf = model, chat, inf
+        self.cache, self.compiled = kv_cache(inf.cache_implementation, model, backend), True
+
+    def __call__(self, records: list[dict], images) -> list[str]:
+        # A smaller last batch would need a new static cache and a new compilation: decode it eagerly.
+        cache = self.cache if len(records) == self.inf.batch_size else None
+        try:
+            return generate(self.model, self.chat, records, self.inf, images, cache, self.compiled)
+        except Exception as e:
+            if not (cache == "static" and self.compiled and is_compilation_error(e)):
+                raise
+            log.warning("compiling the decode step failed (%s); continuing uncompiled. Pass "
+                        "infer.cache_implementation=dynamic to skip the attempt.", type(e).__name__)
+            self.compiled = False
+            return generate(self.model, self.chat, records, self.inf, images, cache, self.compiled)
+
+
 def image_device(setting: str, model) -> str | None:
     if setting == "auto":
         return None if model.device.type == "cpu" else str(model.device)
@@ -161,24 +182,14 @@ def run(cfg, out_dir: Path) -> dict:
         loaded = load_model(cfg.model, init_from=inf.checkpoint, training=False, seed=cfg.seed,
                             merge_adapter=inf.merge_adapter)
         chat = VisionChat(loaded.processor, abspath(cfg.data.root), image_device(inf.image_device, loaded.model))
-        cache, compile_decode = kv_cache(inf.cache_implementation, loaded.model, cfg.model.backend), True
+        decode = Decoder(loaded.model, chat, inf, cfg.model.backend)
         if inf.sort_by_length:  # similar lengths share a batch: less padding, fewer wasted decode steps
             todo.sort(key=lambda r: chat.sequence_length(r, with_answer=False), reverse=True)
         bar = tqdm(total=len(todo), desc=f"infer {label}", unit="report")
         with open(pred_path, "a", encoding="utf-8") as f:
             start = time.perf_counter()  # reports/s over the whole loop: reading, processing, writing included
             for chunk, images in batches_with_images(chat, todo, inf.batch_size):
-                # A smaller last batch would need a new static cache and a new compilation: decode it eagerly.
-                batch_cache = cache if len(chunk) == inf.batch_size else None
-                try:
-                    predictions = generate(loaded.model, chat, chunk, inf, images, batch_cache, compile_decode)
-                except Exception as e:
-                    if not (batch_cache == "static" and compile_decode and is_compilation_error(e)):
-                        raise
-                    log.warning("compiling the decode step failed (%s); continuing uncompiled. Pass "
-                                "infer.cache_implementation=dynamic to skip the attempt.", type(e).__name__)
-                    compile_decode = False
-                    predictions = generate(loaded.model, chat, chunk, inf, images, batch_cache, compile_decode)
+                predictions = decode(chunk, images)
                 generated += len(chunk)
                 for r, p in zip(chunk, predictions):
                     row = {k: r[k] for k in ("id", "dataset", "task_type", "raw_task_type", "split", "image_name",

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole benchmark on one GPU box, in pieces that each fit a 10-minute command. Usage (from the repo root,
 # after `source bench/gpu_setup.sh` where wheels must be carried):
-#   bash bench/gpu_all.sh sft|infer|grpo-1|grpo-2  OUT_DIR
+#   bash bench/gpu_all.sh sft-1|sft-2|infer|grpo-1|grpo-2  OUT_DIR
 # Each piece rebuilds the random 4B model if missing (~25 s) and writes one JSON per measurement to OUT_DIR;
 # `python -m bench.report OUT_DIR` makes the tables.
 set -u
@@ -10,8 +10,11 @@ mkdir -p "$out"
 python3 -m bench.run build > "$out/build.log" 2>&1
 R="python3 -m bench.run"
 case $piece in
-  sft)          for b in hf unsloth; do timeout 150 $R sft --backend $b --batch 8 --steps 12 --workers 0 --profile --out "$out"
-                                        timeout 120 $R sft --backend $b --batch 8 --steps 12 --out "$out"; done
+  sft-1)        timeout 150 $R sft --backend hf --batch 8 --steps 12 --workers 0 --profile --out "$out"
+                timeout 150 $R sft --backend unsloth --batch 8 --steps 12 --workers 0 --profile --out "$out"
+                timeout 150 $R sft --backend unsloth --batch 8 --steps 12 --out "$out" ;;
+  sft-2)        timeout 120 $R sft --backend hf --batch 8 --steps 12 --out "$out"
+                timeout 220 $R sft --backend hf --batch 8 --steps 12 --compile --out "$out"
                 timeout 150 $R sft --backend unsloth --batch 16 --steps 10 --out "$out" ;;
   infer)        timeout 100 $R infer --batch 8 --samples 64 --image-device cpu --out "$out"
                 timeout 100 $R infer --batch 8 --samples 64 --out "$out"

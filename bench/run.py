@@ -153,7 +153,8 @@ def run_sft(args, work: Path) -> dict:
 
     ensure_prepared(work, args.image_size)
     train = filtered_file(work, args.dataset)
-    name = f"sft-{args.backend}-bs{args.batch}-{args.dataset}-w{'default' if args.workers is None else args.workers}"
+    name = (f"sft-{args.backend}-bs{args.batch}-{args.dataset}-w{'default' if args.workers is None else args.workers}"
+            f"{'-compiled' if args.compile else ''}")
     timer = CollateTimer()
     if args.profile:
         profiler, progress = profile_steps(Path(args.out), name), sft_stage.ProgressLog
@@ -170,7 +171,8 @@ def run_sft(args, work: Path) -> dict:
                    f"sft.train_file={train}", "sft.val_file=null", f"sft.max_steps={args.steps}",
                    f"sft.per_device_train_batch_size={args.batch}", "sft.gradient_accumulation_steps=1",
                    "sft.logging_steps=1", "sft.save_steps=100000", "sft.eval_steps=0", "sft.warmup_ratio=0",
-                   "sft.learning_rate=1e-5", *([] if args.workers is None else [f"sft.dataloader_num_workers={args.workers}"]), "overwrite=true",
+                   "sft.learning_rate=1e-5", *([] if args.workers is None else [f"sft.dataloader_num_workers={args.workers}"]),
+                   f"sft.compile_layers={'true' if args.compile else 'false'}", "overwrite=true",
                    f"paths.output_root={work / 'out'}"])
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -178,7 +180,7 @@ def run_sft(args, work: Path) -> dict:
     run(cfg, run_dir=work / "runs" / name)
     history = json.loads((work / "runs" / name / "log_history.json").read_text())
     result = {"what": "sft", "backend": args.backend, "batch": args.batch, "dataset": args.dataset,
-              "dataloader_workers": cfg.sft.dataloader_num_workers,
+              "dataloader_workers": cfg.sft.dataloader_num_workers, "compiled_layers": args.compile,
               "collate_seconds_per_batch_in_process": round(timer.seconds / timer.calls, 4) if timer.calls else None,
               "wall_seconds": round(time.time() - t0, 1), **summarise(history, args.warmup),
               "peak_memory_gib_torch": round(torch.cuda.max_memory_allocated() / 2**30, 2)
@@ -279,7 +281,8 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=128)
     p.add_argument("--cache", default=None)
     p.add_argument("--warm", action="store_true")
-    p.add_argument("--compile", action="store_true", help="grpo: rl.compile_generation=true (needs --cache static)")
+    p.add_argument("--compile", action="store_true",
+                   help="grpo: rl.compile_generation=true (needs --cache static); sft: sft.compile_layers=true")
     p.add_argument("--image-device", default="auto", help="infer: infer.image_device")
     p.add_argument("--workers", type=int, default=None, help="sft: sft.dataloader_num_workers (default: the stage's)")
     p.add_argument("--profile", action="store_true", help="sft: torch.profiler over two steps; infer: one batch")
@@ -313,7 +316,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     extra = {"grpo": f"-ng{args.num_generations}-{args.cache or 'dynamic'}{'-compiled' if args.compile else ''}",
              "infer": f"-{args.cache or 'dynamic'}-img{args.image_device}",
-             "sft": f"-w{'default' if args.workers is None else args.workers}"}.get(args.what, "")
+             "sft": f"-w{'default' if args.workers is None else args.workers}{'-compiled' if args.compile else ''}"
+             }.get(args.what, "")
     name = f"{args.what}-{args.backend}-bs{args.batch}{extra}-{args.dataset}.json"
     (out / name).write_text(json.dumps(result, indent=2))
     print("BENCH", json.dumps(result))

@@ -156,6 +156,11 @@ class SFTConfig:
     # Images are decoded and processed by the collator: ~0.19 s per batch of 8 two-view samples, 15% of an
     # H200 step when it runs in the training process (docs/benchmarks.md). Workers do it alongside the GPU.
     dataloader_num_workers: int = 4
+    # backend=hf: compile each repeated block (decoder layers, vision blocks) with torch.compile, fusing the
+    # many small kernels a LoRA step launches (the step is launch-bound, docs/benchmarks.md). Same losses;
+    # costs compilation time at the first step. Unmeasured on GPU yet, so off by default.
+    compile_layers: bool = False
+    compile_backend: str = "inductor"  # torch.compile backend for compile_layers (aot_eager: trace only, to debug)
     report_to: str = "none"  # none | wandb | tensorboard
     wandb_project: str = "flare_exp"
     wandb_mode: str = "offline"

@@ -175,3 +175,23 @@ def test_the_log_shows_how_long_training_waited_for_data(base_overrides, tmp_pat
     history = [h for h in json.loads((tmp_path / "sft" / "log_history.json").read_text()) if "loss" in h]
     waits = [h["data_wait_seconds"] for h in history]
     assert len(waits) == 3 and waits[0] == 0 and min(waits[1:]) >= 0.3  # step 1 has no previous step to wait after
+
+
+def test_compiled_blocks_train_to_the_same_losses(base_overrides, tmp_path, caplog):
+    """Dynamo traces every LoRA block under gradient checkpointing, AOT autograd builds its backward; the
+    aot_eager backend skips inductor's C++ code generation, which takes minutes on 2 CPU cores."""
+    common = ("sft.max_steps=2", "sft.eval_steps=0", "model.gradient_checkpointing=true",
+              "sft.compile_backend=aot_eager")
+    caplog.set_level("INFO", logger="flare_exp.stages.sft")
+    losses = {}
+    for compiled in ("false", "true"):
+        run(_sft_cfg(base_overrides, *common, f"sft.compile_layers={compiled}"), run_dir=tmp_path / compiled)
+        history = json.loads((tmp_path / compiled / "log_history.json").read_text())
+        losses[compiled] = [h["loss"] for h in history if "loss" in h]
+    import re
+
+    from torch._dynamo.utils import counters
+
+    compiled = re.search(r"sft.compile_layers: (\d+) blocks compiled", caplog.text)
+    assert compiled and int(compiled.group(1)) >= 4 and counters["stats"]["unique_graphs"] > 0
+    assert len(losses["true"]) == 2 and losses["true"] == pytest.approx(losses["false"], abs=1e-4)

@@ -143,6 +143,18 @@ def _load_hf(model_cfg, init_from, training, merge_adapter=False) -> LoadedModel
     return LoadedModel(model, processor, base, adapter, "hf")
 
 
+def compile_repeated_blocks(model, backend: str = "inductor") -> int:
+    """torch.compile every gradient-checkpointing block (decoder layers, vision blocks) in place: one
+    compiled graph serves all blocks of a class (their weights are graph inputs), the checkpointing wrapper
+    around each stays eager. Returns how many blocks were compiled."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for block in blocks:
+        block.compile(backend=backend)
+    return len(blocks)
+
+
 def require_unsloth():
     """Import Unsloth (only for backend=unsloth: the hf backend never pays for it), with clear errors."""
     import torch

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from flare_exp.data.vision import SFTCollator, VisionChat, filter_by_length
 from flare_exp.io import read_jsonl, write_json
-from flare_exp.models.loading import load_model
+from flare_exp.models.loading import compile_repeated_blocks, load_model
 from flare_exp.runtime import abspath
 from flare_exp.training import (CheckpointMeta, ProgressLog, data_fingerprints, finish_tracking,
                                 resume_checkpoint, setup_tracking)
@@ -56,6 +56,12 @@ def run(cfg, out_dir: Path) -> dict:
     check_settings(sft)
     torch.manual_seed(cfg.seed)
     loaded = load_model(cfg.model, init_from=sft.init_from, training=True, seed=cfg.seed)
+    if sft.compile_layers:
+        if cfg.model.backend == "unsloth":
+            log.warning("sft.compile_layers: Unsloth compiles its own blocks; nothing more compiled")
+        else:
+            log.info("sft.compile_layers: %d blocks compiled (the first step compiles them)",
+                     compile_repeated_blocks(loaded.model, sft.compile_backend))
     chat = VisionChat(loaded.processor, abspath(cfg.data.root))
     max_len = cfg.model.max_seq_length
     train, too_long = load_split(sft.train_file, sft.max_train_samples, chat, max_len, sft.on_too_long, "training")

@@ -9,7 +9,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from flare_exp import stages
-from flare_exp.runtime import check_not_finished, clear_finished_outputs, run_with_markers, write_run_metadata
+from flare_exp.runtime import (abspath, check_not_finished, clear_finished_outputs, run_with_markers,
+                               write_run_metadata)
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,9 @@ def run(cfg: DictConfig, run_dir: Path | None = None):
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
         os.environ.setdefault(var, "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Compiled rollouts/decoding cost ~1 min per job; kernels cached beside our other caches (not in a node's
+    # /tmp) let the next job of a sweep reuse them.
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(abspath(cfg.paths.cache_dir) / "torch_compile"))
     validate(cfg)
     if run_dir is None:
         run_dir = Path(HydraConfig.get().runtime.output_dir)

@@ -103,3 +103,15 @@ def test_sweep_launchers_compose():
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="config", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
     assert cfg.hydra.launcher.max_num_timeout == 3 and cfg.hydra.launcher.gpus_per_node == 1
+
+
+def test_compiled_kernels_are_cached_beside_the_other_caches(tmp_path, monkeypatch):
+    import os
+
+    from flare_exp.main import run
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "placeholder")  # so that teardown restores the original
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    run(compose_cfg(["stage=prepare", f"paths.cache_dir={tmp_path / 'cache'}",
+                     f"paths.output_root={tmp_path / 'out'}"]), run_dir=tmp_path / "out" / "prepare")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache" / "torch_compile")

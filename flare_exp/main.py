@@ -15,6 +15,10 @@ from flare_exp.runtime import (abspath, check_not_finished, clear_finished_outpu
 log = logging.getLogger(__name__)
 
 
+def steps_of(cfg: DictConfig) -> set[str]:
+    return set(cfg.stage.steps) if cfg.stage.name == "pipeline" else {cfg.stage.name}
+
+
 def validate(cfg: DictConfig) -> None:
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
@@ -27,13 +31,32 @@ def validate(cfg: DictConfig) -> None:
             "so the full training settings apply.")
     if cfg.model.backend not in ("hf", "unsloth"):
         raise ValueError(f"model.backend={cfg.model.backend!r}: choose hf or unsloth")
+    check_one_process_per_job(uses_gpu=bool(steps_of(cfg) & {"sft", "rl", "infer"}))
+
+
+def check_one_process_per_job(uses_gpu: bool = True) -> None:
+    """A job is one process on one GPU (sweeps spread jobs over GPUs). torchrun / srun with several tasks
+    would have every rank write the same markers and predictions: refuse it instead of corrupting a run, and
+    say when GPUs given to the job would sit idle."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1:
+        raise ValueError(f"WORLD_SIZE={world}: flare-exp runs one process per job (one GPU). Launch "
+                         "`python launch.py ...` without torchrun, keep hydra.launcher.tasks_per_node=1, and "
+                         "spread work over GPUs with a sweep (-m) instead")
+    if not uses_gpu:
+        return
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.device_count() > 1:
+        log.warning("this job sees %d GPUs but uses one (cuda:0); ask for one GPU per job "
+                    "(hydra.launcher.gpus_per_node=1) and run a sweep to use the others",
+                    torch.cuda.device_count())
 
 
 def preload_backend(cfg: DictConfig) -> None:
     """Unsloth must be imported before transformers / peft / trl to patch them all: do it before any stage
     module is imported. Only for model.backend=unsloth, and only for stages that load the model."""
-    steps = set(cfg.stage.steps) if cfg.stage.name == "pipeline" else {cfg.stage.name}
-    if cfg.model.backend != "unsloth" or not steps & {"sft", "rl", "infer"}:
+    if cfg.model.backend != "unsloth" or not steps_of(cfg) & {"sft", "rl", "infer"}:
         return
     from flare_exp.models.loading import require_unsloth
 

@@ -115,3 +115,18 @@ def test_compiled_kernels_are_cached_beside_the_other_caches(tmp_path, monkeypat
     run(compose_cfg(["stage=prepare", f"paths.cache_dir={tmp_path / 'cache'}",
                      f"paths.output_root={tmp_path / 'out'}"]), run_dir=tmp_path / "out" / "prepare")
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache" / "torch_compile")
+
+
+def test_one_process_per_job(monkeypatch, caplog):
+    import torch
+
+    from flare_exp.main import check_one_process_per_job
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="WORLD_SIZE=2: flare-exp runs one process per job"):
+        check_one_process_per_job()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    check_one_process_per_job()
+    assert "sees 4 GPUs but uses one" in caplog.text

@@ -21,37 +21,35 @@ def _num(value, digits: int = 2) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+def section(title: str, columns: list[str], rows: list[list]) -> list[str]:
+    """A Markdown table under a heading; nothing when there are no rows."""
+    if not rows:
+        return []
+    return [f"### {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns),
+            *("| " + " | ".join(str(c) for c in row) + " |" for row in rows), ""]
+
+
 def tables(rows: list[dict]) -> str:
-    out = []
-    sft = [r for r in rows if r["what"] == "sft"]
-    if sft:
-        out += ["### SFT (the sft stage, LoRA r=16, gradient checkpointing, IU_XRay-like: two 512-px views)", "",
-                "| backend | batch | workers | tokens/s | MFU (6·N) | step s | data wait s/step | collate s in-process | "
-                "peak GiB | device |", "|---|---|---|---|---|---|---|---|---|---|"]
-        out += [f"| {r['backend']} | {r['batch']} | {r.get('dataloader_workers', 0)} | "
-                f"{r.get('tokens_per_second_median', 0):,.0f} | {r.get('mfu', 0):.3f} | "
-                f"{r.get('step_seconds_median', 0):.3f} | {_num(r.get('data_wait_seconds_median'), 3)} | "
-                f"{r.get('collate_seconds_per_batch_in_process') or 'n/a'} | "
-                f"{r.get('peak_memory_gib', 0)} | {r['device']} |" for r in sft]
-        out.append("")
-    inf = [r for r in rows if r["what"] == "infer"]
-    if inf:
-        out += ["### Inference (the infer stage, 128 new tokens forced, two 512-px views)", "",
-                "| backend | batch | KV cache | image processing | reports/s | samples | device |",
-                "|---|---|---|---|---|---|---|"]
-        out += [f"| {r['backend']} | {r['batch']} | {r['cache']} | {r.get('image_device', 'cpu')} | "
-                f"{r['reports_per_second']} | {r['samples']} | {r['device']} |"
-                for r in sorted(inf, key=lambda r: (r['cache'], r['batch']))]
-        out.append("")
-    grpo = [r for r in rows if r["what"] == "grpo"]
-    if grpo:
-        out += ["### GRPO (the rl stage)", "",
-                "| backend | generations | completions/step | rollouts | s/step (median) | first step s | peak GiB |",
-                "|---|---|---|---|---|---|---|"]
-        out += [f"| {r['backend']} | {r['num_generations']} | {r['completions_per_step']} | "
-                f"{r.get('cache', 'dynamic')}{' + compiled decode' if r.get('compiled_decode') else ''} | "
-                f"{_num(r.get('step_seconds_median'))} | {_num(r.get('first_step_seconds'))} | {r.get('peak_memory_gib')} |"
-                for r in grpo]
+    of = lambda what: [r for r in rows if r["what"] == what]  # noqa: E731
+    out = section("SFT (the sft stage, LoRA r=16, gradient checkpointing, IU_XRay-like: two 512-px views)",
+                  ["backend", "batch", "workers", "tokens/s", "MFU (6·N)", "step s", "data wait s/step",
+                   "collate s in-process", "peak GiB", "device"],
+                  [[r["backend"], r["batch"], r.get("dataloader_workers", 0),
+                    f"{r.get('tokens_per_second_median', 0):,.0f}", f"{r.get('mfu', 0):.3f}",
+                    f"{r.get('step_seconds_median', 0):.3f}", _num(r.get("data_wait_seconds_median"), 3),
+                    r.get("collate_seconds_per_batch_in_process") or "n/a", r.get("peak_memory_gib", 0),
+                    r["device"]] for r in of("sft")])
+    out += section("Inference (the infer stage, 128 new tokens forced, two 512-px views)",
+                   ["backend", "batch", "KV cache", "image processing", "reports/s", "samples", "device"],
+                   [[r["backend"], r["batch"], r["cache"], r.get("image_device", "cpu"), r["reports_per_second"],
+                     r["samples"], r["device"]] for r in sorted(of("infer"), key=lambda r: (r["cache"], r["batch"]))])
+    out += section("GRPO (the rl stage)",
+                   ["backend", "generations", "completions/step", "rollouts", "s/step (median)", "first step s",
+                    "peak GiB"],
+                   [[r["backend"], r["num_generations"], r["completions_per_step"],
+                     r.get("cache", "dynamic") + (" + compiled decode" if r.get("compiled_decode") else ""),
+                     _num(r.get("step_seconds_median")), _num(r.get("first_step_seconds")), r.get("peak_memory_gib")]
+                    for r in of("grpo")])
     return "\n".join(out) + "\n"
 
 

@@ -43,6 +43,20 @@ def is_compilation_error(error: BaseException) -> bool:
     return type(error).__module__.startswith(("torch._dynamo", "torch._inductor"))
 
 
+def retry_uncompiled(call, turn_compilation_off, what: str, then: str):
+    """``call()``; if torch.compile fails inside it (another GPU, another torch), warn once, turn compilation
+    off and call again, so a run goes on uncompiled instead of dying."""
+    try:
+        return call()
+    except Exception as e:
+        if not is_compilation_error(e):
+            raise
+        first_line = str(e).splitlines()[0][:200] if str(e) else ""
+        log.warning("compiling %s failed (%s: %s); %s", what, type(e).__name__, first_line, then)
+        turn_compilation_off()
+        return call()
+
+
 def git_commit() -> str | None:
     repo = Path(__file__).resolve().parent.parent
     try:

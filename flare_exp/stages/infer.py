@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from flare_exp.data.vision import VisionChat
 from flare_exp.io import read_jsonl, write_json
 from flare_exp.models.loading import load_model
-from flare_exp.runtime import abspath, is_compilation_error
+from flare_exp.runtime import abspath, retry_uncompiled
 
 log = logging.getLogger(__name__)
 PREDICTIONS = "predictions.jsonl"
@@ -87,15 +87,11 @@ class Decoder:
     def __call__(self, records: list[dict], images) -> list[str]:
         # A smaller last batch would need a new static cache and a new compilation: decode it eagerly.
         cache = self.cache if len(records) == self.inf.batch_size else None
-        try:
-            return generate(self.model, self.chat, records, self.inf, images, cache, self.compiled)
-        except Exception as e:
-            if not (cache == "static" and self.compiled and is_compilation_error(e)):
-                raise
-            log.warning("compiling the decode step failed (%s); continuing uncompiled. Pass "
-                        "infer.cache_implementation=dynamic to skip the attempt.", type(e).__name__)
-            self.compiled = False
-            return generate(self.model, self.chat, records, self.inf, images, cache, self.compiled)
+        decode = lambda: generate(self.model, self.chat, records, self.inf, images, cache, self.compiled)  # noqa: E731
+        if cache != "static" or not self.compiled:
+            return decode()
+        return retry_uncompiled(decode, lambda: setattr(self, "compiled", False), "the decode step",
+                                "continuing uncompiled. Pass infer.cache_implementation=dynamic to skip the attempt.")
 
 
 def image_device(setting: str, model) -> str | None:

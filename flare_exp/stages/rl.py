@@ -16,7 +16,7 @@ from flare_exp.data.vision import VisionChat, filter_by_length, render_messages
 from flare_exp.io import read_jsonl, write_json
 from flare_exp.models.loading import load_model
 from flare_exp.rewards.combine import build_reward
-from flare_exp.runtime import abspath, is_compilation_error
+from flare_exp.runtime import abspath, retry_uncompiled
 from flare_exp.training import (CheckpointMeta, ProgressLog, add_to_log, data_fingerprints, finish_tracking,
                                 resume_checkpoint, setup_tracking)
 
@@ -102,19 +102,16 @@ def with_rollouts_in_eval_mode(trainer_class):
 
     class FlareGRPOTrainer(trainer_class):
         def _generate_single_turn(self, *args, **kwargs):
+            config = getattr(self, "generation_config", None)
+            rollout = lambda: super(FlareGRPOTrainer, self)._generate_single_turn(*args, **kwargs)  # noqa: E731
             was_training = self.model.training
             self.model.eval()
             try:
-                return super()._generate_single_turn(*args, **kwargs)
-            except Exception as e:
-                config = getattr(self, "generation_config", None)
-                if config is None or config.disable_compile or not is_compilation_error(e):
-                    raise
-                log.warning("compiling the rollout decode step failed (%s: %s); continuing with uncompiled "
-                            "rollouts. Pass rl.compile_generation=false to skip the attempt.",
-                            type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
-                config.disable_compile = True
-                return super()._generate_single_turn(*args, **kwargs)
+                if config is None or config.disable_compile:
+                    return rollout()
+                return retry_uncompiled(rollout, lambda: setattr(config, "disable_compile", True),
+                                        "the rollout decode step", "continuing with uncompiled rollouts. Pass "
+                                        "rl.compile_generation=false to skip the attempt.")
             finally:
                 self.model.train(was_training)
 

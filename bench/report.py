@@ -39,6 +39,13 @@ def tables(rows: list[dict]) -> str:
                     f"{r.get('step_seconds_median', 0):.3f}", _num(r.get("data_wait_seconds_median"), 3),
                     r.get("collate_seconds_per_batch_in_process") or "n/a", r.get("peak_memory_gib", 0),
                     r["device"]] for r in of("sft")])
+    out += section("SFT model cost in a bare loop (bench/loop.py: same model and batches, no Trainer/collation)",
+                   ["backend", "batch", "tokens/batch", "autocast: tokens/s", "step s", "peak GiB",
+                    "no autocast: tokens/s", "step s", "peak GiB", "device"],
+                   [[r["backend"], r["batch"], r["tokens_per_batch"],
+                     *(x for v in ("autocast", "plain") for x in (f"{r[v]['tokens_per_second']:,.0f}",
+                                                                   r[v]["step_seconds_median"], r[v]["peak_memory_gib"])),
+                     r["device"]] for r in of("loop")])
     out += section("Inference (the infer stage, 128 new tokens forced, two 512-px views)",
                    ["backend", "batch", "KV cache", "image processing", "reports/s", "samples", "device"],
                    [[r["backend"], r["batch"], r["cache"], r.get("image_device", "cpu"), r["reports_per_second"],

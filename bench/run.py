@@ -2,6 +2,7 @@
 
     python -m bench.run sft --backend hf --batch 8 --steps 12 --out bench_out/
     python -m bench.run sft --backend unsloth ...
+    python -m bench.run loop --backend hf ...   # the same model and batches in a bare loop (bench/loop.py)
 
 Each measurement runs in its own process (Unsloth patches transformers globally on import, which would
 contaminate a plain-hf measurement in the same process). Results go to <out>/<what>-<backend>-....json;
@@ -274,7 +275,7 @@ def run_infer(args, work: Path) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=["build", "sft", "grpo", "infer"])
+    p.add_argument("what", choices=["build", "sft", "loop", "grpo", "infer"])
     p.add_argument("--num-generations", type=int, default=8)
     p.add_argument("--completion-length", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=128)
@@ -308,7 +309,12 @@ def main() -> None:
         return
     import torch
 
-    result = {"sft": run_sft, "grpo": run_grpo, "infer": run_infer}[args.what](args, work)
+    if args.what == "loop":
+        from bench.loop import run_loop
+
+        result = run_loop(args, work)
+    else:
+        result = {"sft": run_sft, "grpo": run_grpo, "infer": run_infer}[args.what](args, work)
     result.update(device=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
                   torch=torch.__version__,
                   date=time.strftime("%Y-%m-%d %H:%M"))

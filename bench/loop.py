@@ -1,0 +1,78 @@
+"""The sft stage's model and batches in a bare training loop: what the model itself costs per step, without the
+Trainer, the DataLoader or collation (batches are built once, before timing, and kept on the GPU).
+
+    python -m bench.run loop --backend hf --batch 8 --steps 10 --out bench_out/
+
+Same model loading (flare_exp.models.loading.load_model: LoRA, gradient checkpointing, pixel budget) and the
+same collator as `stage=sft`, AdamW on the trainable parameters. Two variants, one after the other in one
+process: `autocast` (bf16 autocast around forward, as the Trainer does with bf16=True) and `plain` (no
+autocast: the weights are already bf16). Stage tokens/s divided by loop tokens/s is the stage's overhead.
+"""
+from __future__ import annotations
+
+import time
+
+from bench.run import bench_data, compose, ensure_prepared, filtered_file, model_overrides
+
+
+def timed_steps(model, optimizer, batches: list[dict], steps: int, warmup: int, autocast: bool) -> dict:
+    import contextlib
+
+    import torch
+
+    cuda = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    seconds, tokens = [], []
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(warmup + steps):
+        batch = batches[i % len(batches)]
+        sync()
+        t0 = time.perf_counter()
+        amp = torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+        with amp:
+            loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss.item()  # the Trainer's per-step sync (logging) as well
+        sync()
+        if i >= warmup:
+            seconds.append(time.perf_counter() - t0)
+            tokens.append(int(batch["attention_mask"].sum()))
+    seconds.sort()
+    median = seconds[len(seconds) // 2]
+    return {"step_seconds_median": round(median, 4),
+            "tokens_per_second": round(sum(tokens) / sum(seconds), 1),
+            "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None}
+
+
+def run_loop(args, work) -> dict:
+    import torch
+
+    from flare_exp.data.vision import SFTCollator, VisionChat
+    from flare_exp.io import read_jsonl
+    from flare_exp.models.loading import load_model
+    from flare_exp.runtime import abspath
+
+    ensure_prepared(work, args.image_size)
+    cfg = compose(["stage=sft", "experiment=flare", *bench_data(work), *model_overrides(args)])
+    loaded = load_model(cfg.model, training=True, seed=cfg.seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = loaded.model.to(device)
+    model.train()
+    records = read_jsonl(filtered_file(work, args.dataset))
+    collate = SFTCollator(VisionChat(loaded.processor, abspath(cfg.data.root)))
+    t0 = time.perf_counter()
+    n_batches = 4
+    batches = [{k: v.to(device) for k, v in collate(records[i * args.batch:(i + 1) * args.batch]).items()}
+               for i in range(n_batches)]
+    collate_seconds = (time.perf_counter() - t0) / n_batches
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=device == "cuda")
+    result = {"what": "loop", "backend": args.backend, "batch": args.batch, "dataset": args.dataset,
+              "collate_seconds_per_batch": round(collate_seconds, 4),
+              "tokens_per_batch": int(batches[0]["attention_mask"].sum()),
+              "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    for variant in ("autocast", "plain"):
+        result[variant] = timed_steps(model, optimizer, batches, args.steps, args.warmup, variant == "autocast")
+    return result

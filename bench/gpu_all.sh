@@ -12,7 +12,7 @@ R="python3 -m bench.run"
 case $piece in
   # the stage and the same model in a bare loop, both backends, one call: where the stage's time goes
   sft-loop)     timeout 100 $R loop --backend hf --batch 8 --steps 8 --warmup 2 --out "$out"
-                timeout 130 $R loop --backend unsloth --batch 8 --steps 8 --warmup 2 --out "$out"
+                timeout 240 $R loop --backend unsloth --batch 8 --steps 8 --warmup 2 --out "$out"
                 timeout 110 $R sft --backend hf --batch 8 --steps 10 --out "$out"
                 timeout 140 $R sft --backend unsloth --batch 8 --steps 10 --out "$out" ;;
   sft-1)        timeout 150 $R sft --backend hf --batch 8 --steps 12 --workers 0 --profile --out "$out"

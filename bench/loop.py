@@ -40,10 +40,13 @@ def timed_steps(model, optimizer, batches: list[dict], steps: int, warmup: int, 
         if i >= warmup:
             seconds.append(time.perf_counter() - t0)
             tokens.append(int(batch["attention_mask"].sum()))
-    seconds.sort()
-    median = seconds[len(seconds) // 2]
-    return {"step_seconds_median": round(median, 4),
-            "tokens_per_second": round(sum(tokens) / sum(seconds), 1),
+    import statistics
+
+    # Medians, as for the stage (bench.run.summarise): one slow step (an allocator or autotuning hiccup) must
+    # not decide the comparison.
+    return {"step_seconds_median": round(statistics.median(seconds), 4),
+            "tokens_per_second_median": round(statistics.median(t / s for t, s in zip(tokens, seconds)), 1),
+            "tokens_per_second_mean": round(sum(tokens) / sum(seconds), 1),
             "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None}
 
 

@@ -29,6 +29,13 @@ def section(title: str, columns: list[str], rows: list[list]) -> list[str]:
             *("| " + " | ".join(str(c) for c in row) + " |" for row in rows), ""]
 
 
+def loop_tokens_per_second(row: dict, variant: str) -> float:
+    """Median tokens/s of a bench/loop.py variant (results before it stored the median: tokens per batch
+    over the median step time)."""
+    v = row[variant]
+    return v.get("tokens_per_second_median") or row["tokens_per_batch"] / v["step_seconds_median"]
+
+
 def tables(rows: list[dict]) -> str:
     of = lambda what: [r for r in rows if r["what"] == what]  # noqa: E731
     out = section("SFT (the sft stage, LoRA r=16, gradient checkpointing, IU_XRay-like: two 512-px views)",
@@ -40,10 +47,10 @@ def tables(rows: list[dict]) -> str:
                     r.get("collate_seconds_per_batch_in_process") or "n/a", r.get("peak_memory_gib", 0),
                     r["device"]] for r in of("sft")])
     out += section("SFT model cost in a bare loop (bench/loop.py: same model and batches, no Trainer/collation)",
-                   ["backend", "batch", "tokens/batch", "autocast: tokens/s", "step s", "peak GiB",
-                    "no autocast: tokens/s", "step s", "peak GiB", "device"],
+                   ["backend", "batch", "tokens/batch", "autocast: tokens/s (median)", "step s", "peak GiB",
+                    "no autocast: tokens/s (median)", "step s", "peak GiB", "device"],
                    [[r["backend"], r["batch"], r["tokens_per_batch"],
-                     *(x for v in ("autocast", "plain") for x in (f"{r[v]['tokens_per_second']:,.0f}",
+                     *(x for v in ("autocast", "plain") for x in (f"{loop_tokens_per_second(r, v):,.0f}",
                                                                    r[v]["step_seconds_median"], r[v]["peak_memory_gib"])),
                      r["device"]] for r in of("loop")])
     out += section("Inference (the infer stage, 128 new tokens forced, two 512-px views)",

@@ -307,6 +307,12 @@ def main() -> None:
         build_qwen3vl_4b_random(args.model_dir)
         print(f"built {args.model_dir} in {time.time() - t0:.0f} s")
         return
+    if args.backend == "unsloth":
+        # Before anything imports transformers (the stage modules patched below do): Unsloth patches at import
+        # and warns "may run slower" otherwise, as launch.py's path (flare_exp.main.preload_backend) avoids.
+        from flare_exp.models.loading import require_unsloth
+
+        require_unsloth()
     import torch
 
     if args.what == "loop":

@@ -130,3 +130,20 @@ def test_one_process_per_job(monkeypatch, caplog):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     check_one_process_per_job()
     assert "sees 4 GPUs but uses one" in caplog.text
+
+
+def test_entry_point_imports_no_ml_library_before_the_backend():
+    """Unsloth must be imported before transformers/peft/trl to patch them (main.preload_backend does it
+    first thing in run()): importing the entry point and composing a config must not import them."""
+    import subprocess
+    import sys
+
+    code = ("import sys, launch, flare_exp.main\n"
+            "from conftest import compose_cfg\n"
+            "compose_cfg(['stage=sft', 'model.backend=unsloth'])\n"
+            "print(sorted(m for m in ('transformers', 'peft', 'trl', 'unsloth') if m in sys.modules))")
+    tests = CONF.parent / "tests"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=CONF.parent,
+                         env={**__import__("os").environ, "PYTHONPATH": f"{CONF.parent}:{tests}"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"

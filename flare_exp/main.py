@@ -71,6 +71,9 @@ def run(cfg: DictConfig, run_dir: Path | None = None):
     # Compiled rollouts/decoding cost ~1 min per job; kernels cached beside our other caches (not in a node's
     # /tmp) let the next job of a sweep reuse them.
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(abspath(cfg.paths.cache_dir) / "torch_compile"))
+    # Unsloth writes its generated modules to ./unsloth_compiled_cache otherwise: into whatever directory a
+    # job was submitted from, shared by every job of a sweep.
+    os.environ.setdefault("UNSLOTH_COMPILE_LOCATION", str(abspath(cfg.paths.cache_dir) / "unsloth_compiled_cache"))
     validate(cfg)
     if run_dir is None:
         run_dir = Path(HydraConfig.get().runtime.output_dir)

@@ -110,11 +110,13 @@ def test_compiled_kernels_are_cached_beside_the_other_caches(tmp_path, monkeypat
 
     from flare_exp.main import run
 
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "placeholder")  # so that teardown restores the original
-    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    for var in ("TORCHINDUCTOR_CACHE_DIR", "UNSLOTH_COMPILE_LOCATION"):
+        monkeypatch.setenv(var, "placeholder")  # so that teardown restores the original
+        monkeypatch.delenv(var)
     run(compose_cfg(["stage=prepare", f"paths.cache_dir={tmp_path / 'cache'}",
                      f"paths.output_root={tmp_path / 'out'}"]), run_dir=tmp_path / "out" / "prepare")
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache" / "torch_compile")
+    assert os.environ["UNSLOTH_COMPILE_LOCATION"] == str(tmp_path / "cache" / "unsloth_compiled_cache")
 
 
 def test_one_process_per_job(monkeypatch, caplog):

@@ -70,6 +70,20 @@ def model_overrides(args) -> list[str]:
             "model.lora.alpha=16", f"model.gradient_checkpointing={args.grad_ckpt}"]
 
 
+def measurement_name(args) -> str:
+    """One name per measured setting: its run directory, profile file and result JSON."""
+    parts = [args.what, args.backend, f"bs{args.batch}"]
+    if args.what == "grpo":
+        parts += [f"ng{args.num_generations}", args.cache or "dynamic"] + (["compiled"] if args.compile else [])
+    elif args.what == "infer":
+        parts += [args.cache or "dynamic", f"img{args.image_device}"]
+    elif args.what == "sft":
+        parts += [f"w{'default' if args.workers is None else args.workers}"] + (["compiled"] if args.compile else [])
+    if args.what in ("sft", "loop") and args.grad_ckpt == "false":
+        parts.append("nockpt")
+    return "-".join(parts + [args.dataset])
+
+
 def summarise(history: list[dict], skip: int) -> dict:
     steps = [h for h in history if "step_seconds" in h][skip:]
     if not steps:
@@ -154,8 +168,7 @@ def run_sft(args, work: Path) -> dict:
 
     ensure_prepared(work, args.image_size)
     train = filtered_file(work, args.dataset)
-    name = (f"sft-{args.backend}-bs{args.batch}-{args.dataset}-w{'default' if args.workers is None else args.workers}"
-            f"{'-compiled' if args.compile else ''}")
+    name = measurement_name(args)
     timer = CollateTimer()
     if args.profile:
         profiler, progress = profile_steps(Path(args.out), name), sft_stage.ProgressLog
@@ -200,7 +213,7 @@ def run_grpo(args, work: Path) -> dict:
     from flare_exp.main import run
 
     ensure_prepared(work, args.image_size)
-    name = f"grpo-{args.backend}-ng{args.num_generations}-{args.cache or 'dynamic'}{'-compiled' if args.compile else ''}"
+    name = measurement_name(args)
     cfg = compose(["stage=rl", "experiment=flare", *bench_data(work), *model_overrides(args),
                    f"rl.train_file={filtered_file(work, args.dataset, 1)}", f"rl.max_steps={args.steps}",
                    f"rl.num_generations={args.num_generations}", f"rl.per_device_train_batch_size={args.batch}",
@@ -228,7 +241,7 @@ def run_infer(args, work: Path) -> dict:
 
     ensure_prepared(work, args.image_size)
     source = filtered_file(work, args.dataset, max(1, -(-args.samples // 64)))  # 64 demo records per dataset
-    name = f"infer-{args.backend}-bs{args.batch}-{args.cache or 'dynamic'}-img{args.image_device}"
+    name = measurement_name(args)
     overrides = ["stage=infer", "experiment=flare", *bench_data(work), *model_overrides(args),
                  f"infer.input_file={source}", f"infer.batch_size={args.batch}", f"infer.num_samples={args.samples}",
                  f"infer.max_new_tokens={args.new_tokens}", "overwrite=true", f"paths.output_root={work / 'out'}",
@@ -321,17 +334,14 @@ def main() -> None:
         result = run_loop(args, work)
     else:
         result = {"sft": run_sft, "grpo": run_grpo, "infer": run_infer}[args.what](args, work)
+    if args.what in ("sft", "loop"):
+        result["gradient_checkpointing"] = args.grad_ckpt != "false"
     result.update(device=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
                   torch=torch.__version__,
                   date=time.strftime("%Y-%m-%d %H:%M"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    extra = {"grpo": f"-ng{args.num_generations}-{args.cache or 'dynamic'}{'-compiled' if args.compile else ''}",
-             "infer": f"-{args.cache or 'dynamic'}-img{args.image_device}",
-             "sft": f"-w{'default' if args.workers is None else args.workers}{'-compiled' if args.compile else ''}"
-             }.get(args.what, "")
-    name = f"{args.what}-{args.backend}-bs{args.batch}{extra}-{args.dataset}.json"
-    (out / name).write_text(json.dumps(result, indent=2))
+    (out / f"{measurement_name(args)}.json").write_text(json.dumps(result, indent=2))
     print("BENCH", json.dumps(result))
 
 

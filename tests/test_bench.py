@@ -1,0 +1,32 @@
+"""The GPU benchmark harness runs end to end on CPU with the tiny model (its numbers mean nothing here): a broken
+bench must show up here, not in a lent GPU slot."""
+import json
+import subprocess
+import sys
+
+from conftest import CONF
+
+REPO = CONF.parent
+
+
+def bench(*args, cwd=REPO):
+    out = subprocess.run([sys.executable, "-m", "bench.run", *args], capture_output=True, text=True, cwd=cwd)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.split("BENCH", 1)[1])
+
+
+def test_bench_sft_loop_and_report(tmp_path, tiny_model_dir):
+    common = ["--model-dir", str(tiny_model_dir), "--work", str(tmp_path / "work"), "--image-size", "96",
+              "--dtype", "float32", "--out", str(tmp_path / "out")]
+    sft = bench("sft", "--steps", "3", "--warmup", "1", "--workers", "0", "--grad-ckpt", "false", *common)
+    assert sft["steps_measured"] == 2 and sft["tokens_per_second_median"] > 0
+    assert sft["gradient_checkpointing"] is False and sft["collate_seconds_per_batch_in_process"] > 0
+    loop = bench("loop", "--steps", "2", "--warmup", "1", *common)
+    assert loop["tokens_per_batch"] > 0 and loop["trainable_params"] > 0
+    assert all(loop[v]["tokens_per_second_median"] > 0 for v in ("autocast", "plain"))
+    names = sorted(p.name for p in (tmp_path / "out").glob("*.json"))
+    assert names == ["loop-hf-bs8-IU_XRay.json", "sft-hf-bs8-w0-nockpt-IU_XRay.json"]
+    report = subprocess.run([sys.executable, "-m", "bench.report", str(tmp_path / "out")], capture_output=True,
+                            text=True, cwd=REPO, check=True).stdout
+    assert "| hf | 8 | 0 | no | no |" in report  # the sft row: workers 0, not compiled, no checkpointing
+    assert "### SFT model cost in a bare loop" in report

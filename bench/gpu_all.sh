@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole benchmark on one GPU box, in pieces that each fit a 10-minute command. Usage (from the repo root,
 # after `source bench/gpu_setup.sh` where wheels must be carried):
-#   bash bench/gpu_all.sh sft-1|sft-2|sft-loop|infer|grpo-1|grpo-2|grpo-compiled  OUT_DIR
+#   bash bench/gpu_all.sh sft-1|sft-2|sft-loop|infer|reward|grpo-1|grpo-2|grpo-compiled  OUT_DIR
 # Each piece rebuilds the random 4B model if missing (~25 s) and writes one JSON per measurement to OUT_DIR;
 # `python -m bench.report OUT_DIR` makes the tables.
 set -u
@@ -26,6 +26,8 @@ case $piece in
   infer)        timeout 150 $R infer --batch 64 --samples 256 --cache static --warm --profile --out "$out"
                 timeout 170 $R infer --batch 128 --samples 512 --cache static --warm --out "$out"
                 timeout 220 $R infer --batch 256 --samples 768 --cache static --warm --out "$out" ;;
+  # reward completions/s, RadGraph (radgraph-xl's shapes) on CPU and GPU, ours vs F1RadGraph pair by pair
+  reward)       timeout 300 $R reward --samples 64 --num-generations 8 --out "$out" ;;
   # GRPO, both backends on one machine in two consecutive calls (keep it warm: run grpo-2 right after grpo-1)
   grpo-1)       timeout 150 $R grpo --backend hf --num-generations 8 --batch 8 --steps 3 --warmup 1 --out "$out"
                 timeout 380 $R grpo --backend unsloth --num-generations 8 --batch 8 --steps 3 --warmup 1 --out "$out" ;;

@@ -69,6 +69,11 @@ def tables(rows: list[dict]) -> str:
                      r.get("cache", "dynamic") + (" + compiled decode" if r.get("compiled_decode") else ""),
                      _num(r.get("step_seconds_median")), _num(r.get("first_step_seconds")), r.get("peak_memory_gib")]
                     for r in of("grpo")])
+    out += section("Reward (reward=flare on report completions, RadGraph of radgraph-xl's shapes, random weights)",
+                   ["RadGraph device", "path", "completions", "generations per reference", "completions/s",
+                    "device"],
+                   [[row["device"], row["path"], r["completions"], r["num_generations"],
+                     row["completions_per_second"], r["device"]] for r in of("reward") for row in r["rows"]])
     return "\n".join(out) + "\n"
 
 

@@ -3,6 +3,7 @@
     python -m bench.run sft --backend hf --batch 8 --steps 12 --out bench_out/
     python -m bench.run sft --backend unsloth ...
     python -m bench.run loop --backend hf ...   # the same model and batches in a bare loop (bench/loop.py)
+    python -m bench.run reward ...              # reward completions/s, RadGraph on CPU and GPU (bench/reward.py)
 
 Each measurement runs in its own process (Unsloth patches transformers globally on import, which would
 contaminate a plain-hf measurement in the same process). Results go to <out>/<what>-<backend>-....json;
@@ -79,6 +80,8 @@ def measurement_name(args) -> str:
         parts += [args.cache or "dynamic", f"img{args.image_device}"]
     elif args.what == "sft":
         parts += [f"w{'default' if args.workers is None else args.workers}"] + (["compiled"] if args.compile else [])
+    if args.what == "reward":
+        return f"reward-ng{args.num_generations}-n{args.samples}-radgraph{args.radgraph_size}"
     if args.what in ("sft", "loop") and args.grad_ckpt == "false":
         parts.append("nockpt")
     return "-".join(parts + [args.dataset])
@@ -288,7 +291,7 @@ def run_infer(args, work: Path) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=["build", "sft", "loop", "grpo", "infer"])
+    p.add_argument("what", choices=["build", "sft", "loop", "grpo", "infer", "reward"])
     p.add_argument("--num-generations", type=int, default=8)
     p.add_argument("--completion-length", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=128)
@@ -300,6 +303,7 @@ def main() -> None:
     p.add_argument("--image-device", default="auto", help="infer: infer.image_device")
     p.add_argument("--workers", type=int, default=None, help="sft: sft.dataloader_num_workers (default: the stage's)")
     p.add_argument("--profile", action="store_true", help="sft: torch.profiler over two steps; infer: one batch")
+    p.add_argument("--radgraph-size", default="base", choices=["tiny", "base"], help="reward: the RadGraph's shapes")
     p.add_argument("--backend", default="hf", choices=["hf", "unsloth"])
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=12)
@@ -332,6 +336,10 @@ def main() -> None:
         from bench.loop import run_loop
 
         result = run_loop(args, work)
+    elif args.what == "reward":
+        from bench.reward import run_reward
+
+        result = run_reward(args, work)
     else:
         result = {"sft": run_sft, "grpo": run_grpo, "infer": run_infer}[args.what](args, work)
     if args.what in ("sft", "loop"):

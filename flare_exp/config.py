@@ -111,6 +111,8 @@ class RadGraphConfig:
     cache_size: int = 100000
     # experiment=demo: build a tiny random RadGraph at model_dir when it is missing.
     build_tiny: bool = False
+    # Where reports are parsed: auto = the job's GPU when it has one (a few hundred MB), else the CPU.
+    device: str = "auto"
 
 
 @dataclass

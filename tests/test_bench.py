@@ -30,3 +30,14 @@ def test_bench_sft_loop_and_report(tmp_path, tiny_model_dir):
                             text=True, cwd=REPO, check=True).stdout
     assert "| hf | 8 | 0 | no | no |" in report  # the sft row: workers 0, not compiled, no checkpointing
     assert "### SFT model cost in a bare loop" in report
+
+
+def test_bench_reward(tmp_path):
+    result = bench("reward", "--samples", "8", "--num-generations", "4", "--radgraph-size", "tiny",
+                   "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"))
+    assert [(r["device"], r["path"]) for r in result["rows"]][:2] == [("cpu", "each report once"),
+                                                                       ("cpu", "F1RadGraph per pair")]
+    assert all(r["completions_per_second"] > 0 for r in result["rows"]) and result["completions"] == 8
+    report = subprocess.run([sys.executable, "-m", "bench.report", str(tmp_path / "out")], capture_output=True,
+                            text=True, cwd=REPO, check=True).stdout
+    assert "| cpu | each report once | 8 | 4 |" in report

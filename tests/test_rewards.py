@@ -114,17 +114,51 @@ def test_radgraph_term_through_the_real_package(tiny_radgraph):
     assert scores[:2] == pytest.approx(lists[0])
 
 
-def test_radgraph_cache_scores_duplicates_once(tiny_radgraph, monkeypatch):
+def test_radgraph_parses_each_report_once(tiny_radgraph, monkeypatch):
     from flare_exp.rewards import radgraph_term
 
     term = radgraph_term.RadGraphTerm(model_dir=str(tiny_radgraph))
-    scorer = radgraph_term.get_scorer(term.scorer.model_dir, "radgraph-xl")
+    annotator = radgraph_term.get_scorer(term.scorer.model_dir, "radgraph-xl").radgraph
     seen = []
-    real = scorer.forward
-    monkeypatch.setattr(scorer, "forward", lambda refs, hyps: (seen.append(len(hyps)), real(refs=refs, hyps=hyps))[1])
+    real = annotator.forward
+    monkeypatch.setattr(annotator, "forward", lambda reports: (seen.append(list(reports)), real(reports))[1])
     first = term(["heart is normal"] * 4 + ["lungs clear"], ["the heart size is normal"] * 5)
-    second = term(["heart is normal"], ["the heart size is normal"])
-    assert seen == [2] and first[0] == first[3] == second[0]
+    second = term(["heart is normal", "no effusion"], ["the heart size is normal"] * 2)
+    # one call per step, each distinct report once, graphs kept across steps
+    assert seen == [["heart is normal", "the heart size is normal", "lungs clear"], ["no effusion"]]
+    assert first[0] == first[3] == second[0]
+
+
+def test_radgraph_scores_equal_the_packages_own(tiny_radgraph):
+    """The per-report graphs + radgraph.rewards.compute_reward give F1RadGraph's numbers, all three levels."""
+    from radgraph import F1RadGraph
+
+    from flare_exp.rewards.radgraph_term import RadGraphScorer
+
+    words = "no acute cardiopulmonary abnormality the heart size is normal lungs are clear pleural effusion".split()
+    rng = __import__("random").Random(3)
+    refs = [" ".join(rng.choices(words, k=rng.randint(3, 12))) for _ in range(12)]
+    hyps = [" ".join(rng.choices(words, k=rng.randint(2, 12))) for _ in range(12)] + refs[:3]
+    refs = refs + refs[:3][::-1]
+    direct = F1RadGraph(reward_level="all", model_type="radgraph-xl", model_cache_dir=str(tiny_radgraph), cuda=-1)
+    _, lists, _, _ = direct(refs=refs, hyps=hyps)
+    ours = RadGraphScorer(str(tiny_radgraph), device="cpu").score_pairs(hyps, refs)
+    reference = RadGraphScorer(str(tiny_radgraph), use_cache=False, device="cpu").score_pairs(hyps, refs)
+    assert ours == reference == list(zip(*lists))
+    assert len({v for triple in ours for v in triple}) > 2  # the random model finds entities: not all zeros
+
+
+def test_radgraph_device_setting(tiny_radgraph):
+    from flare_exp.rewards.radgraph_term import RadGraphScorer, radgraph_device
+
+    assert radgraph_device("cpu") == -1 and radgraph_device("auto") in (-1, 0)
+    with pytest.raises(ValueError, match="reward.radgraph.device='gpu0'"):
+        RadGraphScorer(str(tiny_radgraph), device="gpu0")
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU here"):
+            RadGraphScorer(str(tiny_radgraph), device="cuda:0")
 
 
 def test_radgraph_missing_weights_name_the_key(tmp_path):

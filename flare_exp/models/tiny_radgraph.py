@@ -20,7 +20,17 @@ _WORDS = ("no acute cardiopulmonary abnormality the heart size is normal lungs a
           "lower lobe opacity concerning for pneumonia bones contours . , ; 0 1 2 3 4 5 6 7 8 9").split()
 
 
-def _build_bert(out: Path) -> None:
+# "tiny" for tests and the demo; "base" has radgraph-xl's shapes (a BERT-base encoder, spans up to 8 words) for
+# measuring scoring speed (bench/run.py reward).
+SIZES = {"tiny": dict(bert=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                max_position_embeddings=128), max_length=128, feature_size=8, max_span_width=3,
+                      feedforward=dict(num_layers=1, hidden_dims=16)),
+         "base": dict(bert=dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                                max_position_embeddings=512), max_length=512, feature_size=20, max_span_width=8,
+                      feedforward=dict(num_layers=2, hidden_dims=150))}
+
+
+def _build_bert(out: Path, size: str = "tiny") -> None:
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
     out.mkdir(parents=True)
@@ -28,13 +38,13 @@ def _build_bert(out: Path) -> None:
         f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"] + list("abcdefghijklmnopqrstuvwxyz")
     (out / "vocab.txt").write_text("\n".join(dict.fromkeys(vocab)) + "\n")
     BertTokenizerFast(vocab_file=str(out / "vocab.txt"), do_lower_case=True).save_pretrained(out)
-    config = BertConfig(vocab_size=len(dict.fromkeys(vocab)), hidden_size=32, num_hidden_layers=1,
-                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
+    config = BertConfig(vocab_size=len(dict.fromkeys(vocab)), **SIZES[size]["bert"])
     BertModel(config).save_pretrained(out)
 
 
-def build_tiny_radgraph(model_dir: str | Path, model_type: str = "radgraph-xl", seed: int = 0) -> Path:
-    """Write the tiny model under ``model_dir/model_type`` (atomically) and return ``model_dir``."""
+def build_tiny_radgraph(model_dir: str | Path, model_type: str = "radgraph-xl", seed: int = 0,
+                        size: str = "tiny") -> Path:
+    """Write the random model under ``model_dir/model_type`` (atomically) and return ``model_dir``."""
     import torch
 
     model_dir = Path(model_dir)
@@ -44,9 +54,9 @@ def build_tiny_radgraph(model_dir: str | Path, model_type: str = "radgraph-xl", 
     model_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".radgraph-", dir=model_dir))
     try:
-        bert = model_dir / "tiny-bert"
+        bert = model_dir / f"{size}-bert"
         if not (bert / "config.json").exists():
-            _build_bert(tmp / "bert")
+            _build_bert(tmp / "bert", size)
             shutil.rmtree(bert, ignore_errors=True)
             (tmp / "bert").rename(bert)
         vocab_dir = tmp / "vocabulary"
@@ -54,14 +64,15 @@ def build_tiny_radgraph(model_dir: str | Path, model_type: str = "radgraph-xl", 
         (vocab_dir / "non_padded_namespaces.txt").write_text("*tags\n*labels\n")
         (vocab_dir / f"{model_type}__ner_labels.txt").write_text("\n".join(["", *NER_LABELS]) + "\n")
         (vocab_dir / f"{model_type}__relation_labels.txt").write_text("\n".join(["", *RELATION_LABELS]) + "\n")
-        bert_ref = {"model_name": str(bert.resolve()), "max_length": 128}
+        shape = SIZES[size]
+        bert_ref = {"model_name": str(bert.resolve()), "max_length": shape["max_length"]}
         config = {
-            "dataset_reader": {"max_span_width": 3, "token_indexers": {"bert": dict(bert_ref)}},
+            "dataset_reader": {"max_span_width": shape["max_span_width"], "token_indexers": {"bert": dict(bert_ref)}},
             "model": {
                 "type": "dygie", "embedder": {"token_embedders": {"bert": dict(bert_ref)}},
                 "initializer": {}, "module_initializer": {},
-                "feature_size": 8, "max_span_width": 3, "target_task": "relation",
-                "feedforward_params": {"num_layers": 1, "hidden_dims": 16, "dropout": 0.0},
+                "feature_size": shape["feature_size"], "max_span_width": shape["max_span_width"],
+                "target_task": "relation", "feedforward_params": {**shape["feedforward"], "dropout": 0.0},
                 "loss_weights": {"ner": 1.0, "relation": 1.0, "coref": 0.0, "events": 0.0},
                 "modules": {
                     "ner": {}, "relation": {"spans_per_word": 0.5},

@@ -45,6 +45,7 @@ class CombinedReward:
         term_params["radgraph"] = {"model_dir": rg.get("model_dir"), "model_type": rg.get("model_type", "radgraph-xl"),
                                    "reward_level": rg.get("reward_level", "RG_ER"),
                                    "cache_size": rg.get("cache_size", 100000), "build_tiny": rg.get("build_tiny", False),
+                                   "device": rg.get("device", "auto"),
                                    **term_params.get("radgraph", {})}
         names = sorted({n for w in self.weights.values() for n in w})
         self.terms = {n: get_term(n)(**(term_params.get(n) or {})) for n in names}  # unknown name -> KeyError

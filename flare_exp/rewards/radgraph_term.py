@@ -1,8 +1,11 @@
 """radgraph: F1-RadGraph through the real ``radgraph`` package (0.1.18).
 
 One scorer per process (loading it costs seconds), inputs lower-cased (0.1.18 matches entity tokens
-case-sensitively), identical (hyp, ref) pairs scored once, and results cached across GRPO steps (the same
-reference meets the same short answers again and again). Weights load from a local dir: nothing downloads.
+case-sensitively). The package parses both reports of every pair, one report at a time; here each distinct
+report is parsed once and its graph kept (a GRPO group's completions share one reference, which returns every
+epoch), and the package's own ``compute_reward`` scores the pairs from the graphs: the same numbers as
+``F1RadGraph`` (tested). ``device=auto`` parses on the job's GPU when it has one. Weights load from a local
+dir: nothing downloads.
 """
 from __future__ import annotations
 
@@ -30,70 +33,99 @@ def check_model_dir(model_dir, model_type: str, key: str = "reward.radgraph.mode
     return path
 
 
-def get_scorer(model_dir, model_type: str):
-    """One F1RadGraph per (dir, type) per process."""
-    key = (str(model_dir), model_type)
+def radgraph_device(setting: str, key: str = "reward.radgraph.device") -> int:
+    """radgraph's ``cuda`` argument: a GPU index, or -1 for the CPU."""
+    import torch
+
+    if setting == "auto":
+        return 0 if torch.cuda.is_available() else -1
+    if setting == "cpu":
+        return -1
+    if setting == "cuda" or (setting.startswith("cuda:") and setting[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise ValueError(f"{key}={setting}: no CUDA GPU here; use auto or cpu")
+        return int(setting[5:] or 0) if setting != "cuda" else 0
+    raise ValueError(f"{key}={setting!r}: choose auto, cpu, cuda or cuda:N")
+
+
+def get_scorer(model_dir, model_type: str, device: str = "auto"):
+    """One F1RadGraph per (dir, type, device) per process."""
+    cuda = radgraph_device(device)
+    key = (str(model_dir), model_type, cuda)
     if key not in _SCORERS:
         import os
 
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from radgraph import F1RadGraph
 
-        log.info("loading RadGraph %s from %s", model_type, model_dir)
+        log.info("loading RadGraph %s from %s on %s", model_type, model_dir, "cpu" if cuda < 0 else f"cuda:{cuda}")
         _SCORERS[key] = F1RadGraph(reward_level="all", model_type=model_type, model_cache_dir=str(model_dir),
-                                   cuda=-1)
+                                   cuda=cuda)
     return _SCORERS[key]
 
 
+def _remember(cache: OrderedDict, key, value, size: int) -> None:
+    cache[key] = value
+    cache.move_to_end(key)
+    while len(cache) > size:
+        cache.popitem(last=False)
+
+
 class RadGraphScorer:
-    """(RG_E, RG_ER, RG_ER_bar) per (hyp, ref) pair, batched, de-duplicated and cached."""
+    """(RG_E, RG_ER, RG_ER_bar) per (hyp, ref) pair: each distinct report parsed once and its graph cached.
+    use_cache=False scores every pair through F1RadGraph itself (the package's path, for comparison)."""
 
     def __init__(self, model_dir, model_type: str = "radgraph-xl", cache_size: int = 100000, use_cache=True,
-                 build_tiny: bool = False):
+                 build_tiny: bool = False, device: str = "auto"):
         if build_tiny and model_dir and not (Path(model_dir) / model_type / "weights.th").exists():
             from flare_exp.models.tiny_radgraph import build_tiny_radgraph
 
             log.info("building a tiny random RadGraph at %s (reward.radgraph.build_tiny=true)", model_dir)
             build_tiny_radgraph(model_dir, model_type)
         self.model_dir = check_model_dir(model_dir, model_type)
-        self.model_type = model_type
-        self.cache: OrderedDict = OrderedDict()
+        self.model_type, self.device = model_type, device
+        radgraph_device(device)  # a bad setting fails here, before any training starts
+        self.graphs: OrderedDict = OrderedDict()  # report -> its RadGraph annotation
         self.cache_size = cache_size if use_cache else 0
+
+    def _scorer(self):
+        return get_scorer(self.model_dir, self.model_type, self.device)
+
+    def graphs_of(self, reports: list[str]) -> dict:
+        new = list(dict.fromkeys(r for r in reports if r not in self.graphs))
+        parsed = self._scorer().radgraph(new) if new else {}
+        found = {r: self.graphs[r] for r in reports if r in self.graphs}
+        for i, report in enumerate(new):
+            # radgraph prints a traceback and leaves out a report it cannot parse: no entities, F1 0
+            graph = parsed.get(str(i)) or {"entities": {}}
+            found[report] = graph
+            _remember(self.graphs, report, graph, self.cache_size)
+        return found
 
     def score_pairs(self, hyps: list[str], refs: list[str]) -> list[tuple[float, float, float]]:
         pairs = [(h.strip().lower(), r.strip().lower()) for h, r in zip(hyps, refs)]
-        todo = [p for p in pairs if p not in self.cache and p[0] and p[1]]
-        if self.cache_size:  # without the cache every pair is scored, duplicates too (for comparison)
-            todo = list(dict.fromkeys(todo))
-        results = dict()
-        if todo:
-            _, lists, _, _ = get_scorer(self.model_dir, self.model_type)(refs=[r for _, r in todo],
-                                                                         hyps=[h for h, _ in todo])
-            for i, pair in enumerate(todo):
-                results[pair] = (float(lists[0][i]), float(lists[1][i]), float(lists[2][i]))
-        out = []
-        for pair in pairs:
-            if not pair[0] or not pair[1]:
-                out.append((0.0, 0.0, 0.0))
-                continue
-            value = results.get(pair) or self.cache[pair]
-            if self.cache_size:
-                self.cache[pair] = value
-                self.cache.move_to_end(pair)
-                while len(self.cache) > self.cache_size:
-                    self.cache.popitem(last=False)
-            out.append(value)
-        return out
+        scored = [p for p in pairs if p[0] and p[1]]
+        if not scored:
+            return [(0.0, 0.0, 0.0)] * len(pairs)
+        if not self.cache_size:
+            _, lists, _, _ = self._scorer()(refs=[r for _, r in scored], hyps=[h for h, _ in scored])
+            values = iter(zip(*lists))
+            return [tuple(map(float, next(values))) if p[0] and p[1] else (0.0, 0.0, 0.0) for p in pairs]
+        from radgraph.rewards import compute_reward
+
+        graphs = self.graphs_of([text for pair in scored for text in pair])
+        return [tuple(float(v) for v in compute_reward(graphs[h], graphs[r], "all")) if h and r else (0.0, 0.0, 0.0)
+                for h, r in pairs]
 
 
 @register("radgraph")
 class RadGraphTerm:
     def __init__(self, model_dir=None, model_type: str = "radgraph-xl", reward_level: str = "RG_ER",
-                 cache_size: int = 100000, use_cache: bool = True, build_tiny: bool = False):
+                 cache_size: int = 100000, use_cache: bool = True, build_tiny: bool = False, device: str = "auto"):
         if reward_level not in LEVELS:
             raise ValueError(f"radgraph reward_level={reward_level!r}: choose one of {', '.join(LEVELS)}")
         self.level = LEVELS[reward_level]
-        self.scorer = RadGraphScorer(model_dir, model_type, cache_size, use_cache, build_tiny)
+        self.scorer = RadGraphScorer(model_dir, model_type, cache_size, use_cache, build_tiny, device)
 
     def __call__(self, completions, answers, rows=None) -> list[float]:
         hyps = [c if isinstance(c, str) else "" for c in completions]

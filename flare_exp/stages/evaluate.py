@@ -46,7 +46,7 @@ class ReportScorers:
             from flare_exp.rewards.radgraph_term import RadGraphScorer
 
             self._radgraph = RadGraphScorer(str(abspath(rg.model_dir)), rg.model_type, rg.cache_size,
-                                            build_tiny=rg.build_tiny)
+                                            build_tiny=rg.build_tiny, device=rg.device)
         return self._radgraph
 
     def chexbert(self):

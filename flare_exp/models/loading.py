@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from flare_exp.models.checkpoints import read_meta, resolve_adapter
+from flare_exp.models.vision_attention import use_batched_vision_attention
 from flare_exp.runtime import abspath
 
 log = logging.getLogger(__name__)
@@ -105,10 +106,16 @@ def load_model(model_cfg, init_from: str | None = None, training: bool = True, s
     """Load base model + processor, then either a fresh LoRA (training, no init_from) or the saved adapter.
     merge_adapter (inference, backend=hf): fold the adapter into the base weights."""
     if model_cfg.backend == "unsloth":
-        return _load_unsloth(model_cfg, init_from, training, seed)
-    if model_cfg.backend != "hf":
+        loaded = _load_unsloth(model_cfg, init_from, training, seed)
+    elif model_cfg.backend == "hf":
+        loaded = _load_hf(model_cfg, init_from, training, merge_adapter and not training)
+    else:
         raise ValueError(f"model.backend={model_cfg.backend!r}: choose hf or unsloth")
-    return _load_hf(model_cfg, init_from, training, merge_adapter and not training)
+    n = use_batched_vision_attention(loaded.model, model_cfg.vision_attention)
+    if n:
+        log.info("model.vision_attention=batched: %d vision attention modules attend over equally sized images "
+                 "in one call", n)
+    return loaded
 
 
 def _load_hf(model_cfg, init_from, training, merge_adapter=False) -> LoadedModel:

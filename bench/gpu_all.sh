@@ -19,15 +19,15 @@ case $piece in
   sft-2)        timeout 120 $R sft --backend hf --batch 8 --steps 10 --grad-ckpt false --out "$out"
                 timeout 200 $R sft --backend unsloth --batch 8 --steps 10 --grad-ckpt false --out "$out"
                 timeout 240 $R sft --backend unsloth --batch 16 --steps 8 --out "$out" ;;
-  # the same model and batches in a bare loop (what the stage adds), and the vision attention's two settings
+  # the same model and batches in a bare loop (what the stage adds), and the vision encoder's two settings
   sft-loop)     timeout 100 $R loop --backend hf --batch 8 --steps 8 --warmup 2 --out "$out"
-                timeout 100 $R loop --backend hf --batch 8 --steps 8 --warmup 2 --vision-attention per_image --out "$out"
+                timeout 100 $R loop --backend hf --batch 8 --steps 8 --warmup 2 --vision-encoder per_image --out "$out"
                 timeout 240 $R loop --backend unsloth --batch 8 --steps 8 --warmup 2 --out "$out" ;;
   # inference toward 30 reports/s: static cache + compiled decode (one batch warm-up untimed), the vision
   # attention's two settings side by side
   infer)        timeout 150 $R infer --batch 64 --samples 256 --cache static --warm --profile --out "$out"
                 timeout 170 $R infer --batch 128 --samples 512 --cache static --warm --out "$out"
-                timeout 170 $R infer --batch 128 --samples 512 --cache static --warm --vision-attention per_image --out "$out" ;;
+                timeout 170 $R infer --batch 128 --samples 512 --cache static --warm --vision-encoder per_image --out "$out" ;;
   # reward completions/s, RadGraph (radgraph-xl's shapes) on CPU and GPU, ours vs F1RadGraph pair by pair
   reward)       timeout 300 $R reward --samples 64 --num-generations 8 --out "$out" ;;
   # GRPO, both backends on one machine in two consecutive calls (keep it warm: run grpo-2 right after grpo-1)

@@ -69,7 +69,7 @@ def model_overrides(args) -> list[str]:
             f"model.dtype={args.dtype}", "model.min_pixels=3136", f"model.max_pixels={512 * 512}",
             "model.max_seq_length=16384", "model.lora.modules_to_save=[]", "model.lora.r=16",
             "model.lora.alpha=16", f"model.gradient_checkpointing={args.grad_ckpt}",
-            f"model.vision_attention={args.vision_attention}"]
+            f"model.vision_encoder={args.vision_encoder}"]
 
 
 def measurement_name(args) -> str:
@@ -85,8 +85,8 @@ def measurement_name(args) -> str:
         return f"reward-ng{args.num_generations}-n{args.samples}-radgraph{args.radgraph_size}"
     if args.what in ("sft", "loop") and args.grad_ckpt == "false":
         parts.append("nockpt")
-    if args.vision_attention != "batched":
-        parts.append(f"vision-{args.vision_attention}")
+    if args.vision_encoder != "batched":
+        parts.append(f"vision-{args.vision_encoder}")
     return "-".join(parts + [args.dataset])
 
 
@@ -314,8 +314,8 @@ def main() -> None:
     p.add_argument("--dataset", default="IU_XRay")
     p.add_argument("--image-size", type=int, default=512)
     p.add_argument("--grad-ckpt", default="true")
-    p.add_argument("--vision-attention", default="batched", choices=["batched", "per_image"],
-                   help="model.vision_attention")
+    p.add_argument("--vision-encoder", default="batched", choices=["batched", "per_image"],
+                   help="model.vision_encoder")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--model-dir", default="/tmp/flare_bench/qwen3vl-4b-random")
     p.add_argument("--work", default="/tmp/flare_bench")
@@ -350,7 +350,7 @@ def main() -> None:
     if args.what in ("sft", "loop"):
         result["gradient_checkpointing"] = args.grad_ckpt != "false"
     if args.what != "reward":
-        result["vision_attention"] = args.vision_attention
+        result["vision_encoder"] = args.vision_encoder
     result.update(device=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
                   torch=torch.__version__,
                   date=time.strftime("%Y-%m-%d %H:%M"))

@@ -54,9 +54,9 @@ class ModelConfig:
     backend: str = "hf"  # hf | unsloth
     dtype: str = "auto"  # auto | bfloat16 | float16 | float32
     attn_implementation: str = "sdpa"
-    # batched: one attention call per run of equally sized images in the vision encoder (sdpa; same math);
-    # per_image: transformers' own loop, one call per image.
-    vision_attention: str = "batched"
+    # batched: the vision encoder attends over each run of equally sized images in one call (sdpa) and builds
+    # position embeddings once per image size; per_image: transformers' own per-image loops. Same math.
+    vision_encoder: str = "batched"
     gradient_checkpointing: bool = False
     # Image token budget, applied identically in sft, rl and infer (None = the processor's own default).
     min_pixels: Optional[int] = None

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from flare_exp.models.checkpoints import read_meta, resolve_adapter
-from flare_exp.models.vision_attention import use_batched_vision_attention
+from flare_exp.models.vision_encoder import use_batched_vision_encoder
 from flare_exp.runtime import abspath
 
 log = logging.getLogger(__name__)
@@ -111,10 +111,7 @@ def load_model(model_cfg, init_from: str | None = None, training: bool = True, s
         loaded = _load_hf(model_cfg, init_from, training, merge_adapter and not training)
     else:
         raise ValueError(f"model.backend={model_cfg.backend!r}: choose hf or unsloth")
-    n = use_batched_vision_attention(loaded.model, model_cfg.vision_attention)
-    if n:
-        log.info("model.vision_attention=batched: %d vision attention modules attend over equally sized images "
-                 "in one call", n)
+    use_batched_vision_encoder(loaded.model, model_cfg.vision_encoder)
     return loaded
 
 

@@ -1,0 +1,97 @@
+"""Qwen3-VL's vision encoder without its per-image Python loops (``model.vision_encoder=batched``).
+
+transformers (4.57) handles the images of a batch one by one in three places:
+- attention (attn_implementation=sdpa): one call per image in each of the 24 blocks: an IU_XRay batch of 8
+  two-view samples is 16 calls per block (recomputed under gradient checkpointing), an inference batch of 128 is
+  256. Images of the same size that follow each other are stacked on the batch dimension instead: the same
+  block-diagonal attention (each image attends only to itself) in one kernel.
+- position embeddings (``fast_pos_embed_interpolate``, ``rot_pos_emb``): rebuilt for every image from Python
+  lists (4 x 1024 indices and weights per 512-px image, synchronising with the GPU per image). They depend on
+  the image's grid only, so they are built once per distinct grid and repeated.
+Installed per module instance; ``per_image`` keeps transformers' own code. Same outputs and gradients (tested).
+"""
+from __future__ import annotations
+
+import logging
+import types
+from itertools import groupby
+
+log = logging.getLogger(__name__)
+
+
+def equal_length_runs(lengths: list[int]) -> list[tuple[int, int]]:
+    """[(length, count)] for consecutive equal lengths: [256, 256, 64, 256] -> [(256, 2), (64, 1), (256, 1)]."""
+    return [(length, len(list(group))) for length, group in groupby(lengths)]
+
+
+def batched_attention_forward(self, hidden_states, cu_seqlens, rotary_pos_emb=None, position_embeddings=None,
+                              **kwargs):
+    import torch
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb_vision
+
+    seq_length = hidden_states.shape[0]
+    query, key, value = self.qkv(hidden_states).reshape(seq_length, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    cos, sin = position_embeddings
+    query, key = apply_rotary_pos_emb_vision(query, key, cos, sin)  # (patches, heads, head_dim)
+    outputs, start = [], 0
+    for length, count in equal_length_runs((cu_seqlens[1:] - cu_seqlens[:-1]).tolist()):
+        end = start + length * count
+        q, k, v = (t[start:end].reshape(count, length, self.num_heads, -1).transpose(1, 2) for t in (query, key, value))
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.attention_dropout if self.training else 0.0, scale=self.scaling)
+        outputs.append(out.transpose(1, 2).reshape(length * count, -1))
+        start = end
+    attn_output = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+    return self.proj(attn_output.contiguous())
+
+
+def once_per_grid(original):
+    """A per-image position function computed once per distinct (t, h, w) grid, its rows repeated in order."""
+
+    def per_grid(self, grid_thw):
+        import torch
+
+        grids = [tuple(g) for g in grid_thw.tolist()]  # one synchronisation instead of one per image
+        distinct = list(dict.fromkeys(grids))
+        if len(distinct) == len(grids):
+            return original(self, grid_thw)
+        built = {g: original(self, torch.tensor([g], dtype=grid_thw.dtype)) for g in distinct}
+        return torch.cat([built[g] for g in grids])
+
+    return per_grid
+
+
+def use_batched_vision_encoder(model, setting: str) -> int:
+    """Install the batched attention (sdpa only) and per-grid position functions on Qwen3-VL's vision encoder.
+    Returns how many modules were changed; 0 when the setting says per_image, the model has no Qwen3-VL vision
+    encoder, or another library already replaced transformers' code (left alone)."""
+    if setting not in ("batched", "per_image"):
+        raise ValueError(f"model.vision_encoder={setting!r}: choose batched or per_image")
+    try:
+        from transformers.models.qwen3_vl import modeling_qwen3_vl as qwen3_vl
+    except ImportError:
+        return 0
+    if setting == "per_image":
+        return 0
+    ours = qwen3_vl.__file__
+    changed = 0
+    attention = qwen3_vl.Qwen3VLVisionAttention
+    if attention.forward.__code__.co_filename == ours:
+        for module in model.modules():
+            # flash_attention_2 already makes one varlen call; eager stays the reference
+            if isinstance(module, attention) and module.config._attn_implementation == "sdpa":
+                module.forward = types.MethodType(batched_attention_forward, module)
+                changed += 1
+    encoder = qwen3_vl.Qwen3VLVisionModel
+    for name in ("fast_pos_embed_interpolate", "rot_pos_emb"):
+        original = getattr(encoder, name)
+        if original.__code__.co_filename != ours:
+            continue
+        for module in model.modules():
+            if isinstance(module, encoder):
+                setattr(module, name, types.MethodType(once_per_grid(original), module))
+                changed += 1
+    if not changed:
+        log.info("model.vision_encoder=batched: nothing to change (no Qwen3-VL vision encoder, or its code is "
+                 "already replaced by another library)")
+    return changed

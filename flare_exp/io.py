@@ -45,6 +45,34 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
     return n
 
 
+def read_journal(path: str | Path, key: str) -> dict[str, dict]:
+    """Rows of an append-only JSONL journal (predictions, judgments) by ``row[key]``, for resuming. A torn last
+    line (the job was killed mid-write) is dropped and the file rewritten without it, so appends continue
+    cleanly; a broken line elsewhere is an error naming it."""
+    import logging
+
+    path = Path(path)
+    rows: dict[str, dict] = {}
+    if not path.exists():
+        return rows
+    lines = path.read_text(encoding="utf-8").splitlines()
+    torn = False
+    for i, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                logging.getLogger(__name__).warning("%s: dropping a torn last line (interrupted write)", path)
+                torn = True
+                continue
+            raise ValueError(f"{path}:{i + 1}: not valid JSON") from None
+        rows[row[key]] = row
+    if torn:
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows.values()), encoding="utf-8")
+    return rows
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
     """Read a JSONL file; a broken line is an error naming the file and line number."""
     path = Path(path)

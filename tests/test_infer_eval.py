@@ -179,6 +179,28 @@ def test_green_judge_code_path_with_a_tiny_lm(tmp_path):
     assert summary["green_n"] + summary["green_unparsed"] == 3  # random text: unparsed, never a made-up score
 
 
+def test_green_judgments_are_journaled_and_resumed(tmp_path, monkeypatch):
+    """Each judgment is appended as its batch finishes; a rerun (a preempted eval) judges only what is missing,
+    a repeated pair is judged once, and a torn last line is dropped."""
+    from flare_exp.models.tiny import build_tiny_causal_lm
+
+    path, journal = build_tiny_causal_lm(tmp_path / "judge"), tmp_path / "eval" / "green_judgments.jsonl"
+    refs, cands = ["The heart is normal."] * 4, ["Heart normal.", "Lungs clear.", "Heart normal.", "No effusion."]
+    first = GreenJudge(path, batch_size=2, max_new_tokens=6, journal=journal)
+    full = first.judge(refs, cands)
+    assert full[0] == full[2] and len(journal.read_text().splitlines()) == 3  # three distinct pairs
+    lines = journal.read_text().splitlines()
+    journal.write_text(lines[0] + "\n" + lines[1][:20])  # killed during the second judgment's write
+    again = GreenJudge(path, batch_size=2, max_new_tokens=6, journal=journal)
+    generated = []
+    real = again.model.generate
+    monkeypatch.setattr(again.model, "generate", lambda **kw: (generated.append(len(kw["input_ids"])), real(**kw))[1])
+    assert again.judge(refs, cands) == full and generated == [2]  # only the two missing, in one batch
+    assert len(journal.read_text().splitlines()) == 3
+    other = GreenJudge(path, batch_size=2, max_new_tokens=7, journal=journal)  # other settings: judged afresh
+    assert {other.key(t) for t in ["x"]} != {again.key(t) for t in ["x"]}
+
+
 def test_green_missing_judge_names_the_key(tmp_path):
     with pytest.raises(FileNotFoundError, match="eval.green.model_path=.*GREEN-radllama2-7b"):
         GreenJudge(tmp_path / "none")

@@ -8,9 +8,13 @@ count needs no trailing period ("(a) ...: 2" reads 2, where the reference parser
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import re
 from pathlib import Path
+
+from flare_exp.io import read_journal
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +98,10 @@ def green_score(counts: dict) -> float | None:
 
 class GreenJudge:
     def __init__(self, model_path: str | Path, batch_size: int = 8, max_length: int = 2048,
-                 max_new_tokens: int = 512, device: str | None = None):
+                 max_new_tokens: int = 512, device: str | None = None, journal: str | Path | None = None):
+        """journal: a JSONL file where every judgment is appended as soon as its batch finishes, keyed by the
+        judge, its settings and the prompt: a preempted eval resumes there, and a pair already judged (a
+        repeated prediction, a rerun) is not judged again."""
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -111,27 +118,51 @@ class GreenJudge:
         dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(self.device).eval()
         self.batch_size, self.max_length, self.max_new_tokens = batch_size, max_length, max_new_tokens
+        self.identity = json.dumps([str(path.resolve()), max_length, max_new_tokens])
+        self.journal = Path(journal) if journal else None
 
     def render(self, prompt: str) -> str:
         return self.tokenizer.apply_chat_template([{"from": "human", "value": prompt}], tokenize=False,
                                                   add_generation_prompt=True, chat_template=GREEN_CHAT_TEMPLATE)
 
+    def key(self, text: str) -> str:
+        return hashlib.sha256((self.identity + "\n" + text).encode()).hexdigest()
+
     def judge(self, references: list[str], candidates: list[str]) -> list[str]:
+        import contextlib
+
         import torch
         from tqdm.auto import tqdm
 
         texts = [self.render(make_prompt(r, c)) for r, c in zip(references, candidates)]
-        outputs = []
-        for start in tqdm(range(0, len(texts), self.batch_size), desc="GREEN judge", unit="batch",
-                          disable=len(texts) <= self.batch_size):
-            enc = self.tokenizer(texts[start:start + self.batch_size], return_tensors="pt", padding=True,
-                                 truncation=True, max_length=self.max_length, add_special_tokens=False)
-            enc = {k: v.to(self.device) for k, v in enc.items() if k != "token_type_ids"}
-            with torch.inference_mode():
-                out = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                          pad_token_id=self.tokenizer.pad_token_id)
-            outputs += self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-        return outputs
+        keys = [self.key(t) for t in texts]
+        judged = {k: row["judge_output"] for k, row in read_journal(self.journal, "key").items()} \
+            if self.journal else {}
+        todo = [text for key, text in dict(zip(keys, texts)).items() if key not in judged]
+        todo.sort(key=len, reverse=True)  # similar lengths share a batch (less padding); a too-large batch fails first
+        if judged and todo:
+            log.info("GREEN judge: %d judgments reused from %s, %d to go", len(set(keys)) - len(todo),
+                     self.journal, len(todo))
+        if self.journal:
+            self.journal.parent.mkdir(parents=True, exist_ok=True)
+        with (open(self.journal, "a", encoding="utf-8") if self.journal else contextlib.nullcontext()) as f:
+            for start in tqdm(range(0, len(todo), self.batch_size), desc="GREEN judge", unit="batch",
+                              disable=len(todo) <= self.batch_size):
+                batch = todo[start:start + self.batch_size]
+                enc = self.tokenizer(batch, return_tensors="pt", padding=True, truncation=True,
+                                     max_length=self.max_length, add_special_tokens=False)
+                enc = {k: v.to(self.device) for k, v in enc.items() if k != "token_type_ids"}
+                with torch.inference_mode():
+                    out = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False,
+                                              pad_token_id=self.tokenizer.pad_token_id)
+                outputs = self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+                for text, output in zip(batch, outputs):
+                    judged[self.key(text)] = output
+                    if f:
+                        f.write(json.dumps({"key": self.key(text), "judge_output": output}, ensure_ascii=False) + "\n")
+                if f:
+                    f.flush()
+        return [judged[k] for k in keys]
 
     def score(self, references: list[str], candidates: list[str]) -> tuple[dict, list[dict]]:
         outputs = self.judge(references, candidates)

@@ -77,7 +77,8 @@ class ReportScorers:
             from flare_exp.metrics.green import GreenJudge
 
             g = self.cfg.eval.green
-            self._green = GreenJudge(abspath(g.model_path), g.batch_size, g.max_length, g.max_new_tokens)
+            self._green = GreenJudge(abspath(g.model_path), g.batch_size, g.max_length, g.max_new_tokens,
+                                     journal=self.out_dir / "green_judgments.jsonl")  # a rerun resumes here
         return self._green
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from flare_exp.data.vision import VisionChat
-from flare_exp.io import read_jsonl, write_json
+from flare_exp.io import read_journal, read_jsonl, write_json
 from flare_exp.models.loading import load_model
 from flare_exp.runtime import abspath, retry_uncompiled
 
@@ -30,26 +30,6 @@ def checkpoint_label(checkpoint: str | None) -> str:
     path = Path(checkpoint)
     parts = [p for p in path.parts[-3:] if p not in ("final",)]
     return "/".join(parts[-2:]) if parts else path.name
-
-
-def read_done(path: Path) -> dict[str, dict]:
-    """Predictions already written; a torn last line (the job was killed mid-write) is dropped."""
-    done = {}
-    if not path.exists():
-        return done
-    lines = path.read_text(encoding="utf-8").splitlines()
-    for i, line in enumerate(lines):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                log.warning("%s: dropping a torn last line (interrupted write)", path)
-                continue
-            raise ValueError(f"{path}:{i + 1}: not valid JSON") from None
-        done[row["id"]] = row
-    with open(path, "w", encoding="utf-8") as f:  # rewrite without the torn line before appending
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in done.values())
-    return done
 
 
 def generate(model, chat: VisionChat, records: list[dict], inf, images=None, cache: str | None = None,
@@ -168,7 +148,7 @@ def run(cfg, out_dir: Path) -> dict:
         raise ValueError(f"{source}: no records to predict")
     label = inf.label or checkpoint_label(inf.checkpoint)
     pred_path = out_dir / PREDICTIONS
-    done = read_done(pred_path)
+    done = read_journal(pred_path, "id")
     todo = [r for r in records if r["id"] not in done]
     if done:
         log.info("resuming: %d of %d predictions already in %s", len(done), len(records), pred_path)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole benchmark on one GPU box, in pieces that each fit a 10-minute command. Usage (from the repo root,
 # after `source bench/gpu_setup.sh` where wheels must be carried):
-#   bash bench/gpu_all.sh sft-1|sft-2|sft-loop|infer|reward|grpo-1|grpo-2|grpo-compiled  OUT_DIR
+#   bash bench/gpu_all.sh sft-1|sft-2|sft-loop|infer|reward|grpo-1|grpo-2|grpo-compiled|smoke  OUT_DIR
 # Each piece rebuilds the random 4B model if missing (~25 s) and writes one JSON per measurement to OUT_DIR;
 # `python -m bench.report OUT_DIR` makes the tables.
 set -u
@@ -36,5 +36,20 @@ case $piece in
   grpo-2)       timeout 260 $R grpo --backend unsloth --num-generations 2 --batch 8 --steps 3 --warmup 1 --out "$out"
                 timeout 130 $R grpo --backend hf --num-generations 2 --batch 8 --steps 3 --warmup 1 --out "$out" ;;
   grpo-compiled) timeout 170 $R grpo --backend hf --num-generations 8 --batch 8 --steps 4 --warmup 1 --cache static --compile --out "$out" ;;
+  # every stage through launch.py on the 4B-shaped model, each backend: prepare (512-px demo data) -> sft ->
+  # rl -> infer -> eval (RadGraph on the GPU); logs and metrics land in OUT_DIR
+  smoke)        for b in hf unsloth; do
+                  timeout 270 python3 launch.py experiment=flare data=demo data.demo.image_size=512 \
+                    model.path=/tmp/flare_bench/qwen3vl-4b-random model.backend=$b model.min_pixels=3136 \
+                    model.max_pixels=262144 paths.cache_dir=/tmp/smoke/cache paths.output_root=/tmp/smoke/out \
+                    run_name=smoke-$b "stage.steps=[prepare,sft,rl,infer,eval]" sft.max_steps=4 \
+                    sft.per_device_train_batch_size=4 sft.eval_steps=0 sft.save_steps=2 rl.max_steps=2 \
+                    rl.num_generations=2 rl.per_device_train_batch_size=4 rl.max_completion_length=32 \
+                    infer.batch_size=8 infer.num_samples=16 infer.max_new_tokens=32 \
+                    reward.radgraph.model_dir=/tmp/smoke/radgraph reward.radgraph.build_tiny=true \
+                    > "$out/smoke-$b.log" 2>&1
+                  echo "smoke $b: exit $?" | tee -a "$out/smoke.txt"
+                  cp /tmp/smoke/out/runs/smoke-$b/eval/metrics.json "$out/smoke-$b-metrics.json" 2>/dev/null
+                done ;;
   *) echo "unknown piece $piece" >&2; exit 2 ;;
 esac

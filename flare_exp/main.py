@@ -32,6 +32,12 @@ def validate(cfg: DictConfig) -> None:
     if cfg.model.backend not in ("hf", "unsloth"):
         raise ValueError(f"model.backend={cfg.model.backend!r}: choose hf or unsloth")
     check_one_process_per_job(uses_gpu=bool(steps_of(cfg) & {"sft", "rl", "infer"}))
+    if steps_of(cfg) & {"sft", "rl"} and cfg.model.dtype in ("bfloat16", "float16"):
+        import torch
+
+        if not torch.cuda.is_available():  # before minutes of model loading, not transformers' "bf16/gpu" error
+            raise ValueError(f"model.dtype={cfg.model.dtype}: training in half precision needs a GPU and this "
+                             "machine has none; pass model.dtype=float32 (or auto) to train on the CPU")
 
 
 def check_one_process_per_job(uses_gpu: bool = True) -> None:

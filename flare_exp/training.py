@@ -56,6 +56,14 @@ def finish_tracking(report_to: str) -> None:
         wandb.finish()  # one run per job: a sweep's next job in this process must not log into this one
 
 
+def half_precision(model) -> tuple[bool, bool]:
+    """(bf16, fp16) for TrainingArguments, from the loaded model's dtype (main.validate has refused half
+    precision without a GPU)."""
+    import torch
+
+    return model.dtype == torch.bfloat16, model.dtype == torch.float16
+
+
 def data_fingerprints(*paths) -> list[dict]:
     return [file_fingerprint(abspath(p)) for p in paths if p and abspath(p).exists()]
 

@@ -87,9 +87,12 @@ def test_unknown_backend_rejected():
     ["stage=eval", "eval.green.model_path=/m/GREEN", "eval.predictions=[a,b]"],
     ["stage=rl", "reward.report_generation.weights.radgraph=0.5", "reward=seed"],
 ])
-def test_readme_commands_compose(overrides):
+def test_readme_commands_compose(overrides, monkeypatch):
+    import torch
+
     from flare_exp.main import validate
 
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the README's commands run on a GPU node
     cfg = compose_cfg(["experiment=flare", "data.root=/data/FLARE_Task5", *overrides])
     validate(cfg)
     assert OmegaConf.to_container(cfg, resolve=True)
@@ -149,3 +152,17 @@ def test_entry_point_imports_no_ml_library_before_the_backend():
                          env={**__import__("os").environ, "PYTHONPATH": f"{CONF.parent}:{tests}"})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_half_precision_training_without_a_gpu_is_refused_at_startup(tmp_path):
+    import torch
+
+    from flare_exp.main import validate
+
+    cfg = compose_cfg(["stage=sft", "model.dtype=bfloat16"])
+    if torch.cuda.is_available():
+        validate(cfg)
+        return
+    with pytest.raises(ValueError, match="model.dtype=bfloat16: .* pass model.dtype=float32"):
+        validate(cfg)
+    validate(compose_cfg(["stage=infer", "model.dtype=bfloat16"]))  # inference in bf16 on a CPU is allowed

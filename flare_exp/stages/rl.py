@@ -18,7 +18,7 @@ from flare_exp.models.loading import load_model
 from flare_exp.rewards.combine import build_reward
 from flare_exp.runtime import abspath, retry_uncompiled
 from flare_exp.training import (CheckpointMeta, ProgressLog, add_to_log, data_fingerprints, finish_tracking,
-                                resume_checkpoint, setup_tracking)
+                                half_precision, resume_checkpoint, setup_tracking)
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ def run(cfg, out_dir: Path) -> dict:
     meta = CheckpointMeta(loaded.base_path, cfg, data_fingerprints(rl.train_file), loaded.processor)
     trainer_class = with_rollouts_in_eval_mode(GRPOTrainer)
     trainer = trainer_class(model=loaded.model, reward_funcs=[reward], processing_class=loaded.processor,
-                            args=grpo_args(cfg, out_dir, report_to, loaded.model.dtype == torch.bfloat16),
+                            args=grpo_args(cfg, out_dir, report_to, half_precision(loaded.model)[0]),
                             train_dataset=grpo_dataset(records, chat),
                             callbacks=[RewardTermLog(reward), ProgressLog(), meta])
     if hasattr(trainer, "generation_config"):  # TRL turns compilation off for its rollouts

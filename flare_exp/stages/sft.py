@@ -12,7 +12,7 @@ from flare_exp.data.vision import SFTCollator, VisionChat, filter_by_length
 from flare_exp.io import read_jsonl, write_json
 from flare_exp.models.loading import compile_repeated_blocks, load_model
 from flare_exp.runtime import abspath
-from flare_exp.training import (CheckpointMeta, ProgressLog, data_fingerprints, finish_tracking,
+from flare_exp.training import (CheckpointMeta, ProgressLog, data_fingerprints, finish_tracking, half_precision,
                                 resume_checkpoint, setup_tracking)
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def run(cfg, out_dir: Path) -> dict:
     log.info("sft: %d train / %d val samples, backend=%s", len(train), len(val), cfg.model.backend)
 
     report_to = setup_tracking(sft, out_dir)
-    use_bf16 = loaded.model.dtype == torch.bfloat16
+    bf16, fp16 = half_precision(loaded.model)
     evaluating = bool(val) and sft.eval_steps > 0
     args = TrainingArguments(
         output_dir=str(out_dir),
@@ -89,7 +89,7 @@ def run(cfg, out_dir: Path) -> dict:
         eval_strategy="steps" if evaluating else "no", eval_steps=sft.eval_steps if evaluating else None,
         load_best_model_at_end=bool(sft.early_stopping_patience and evaluating),
         metric_for_best_model="eval_loss" if evaluating else None, greater_is_better=False,
-        bf16=use_bf16, fp16=loaded.model.dtype == torch.float16,
+        bf16=bf16, fp16=fp16,
         remove_unused_columns=False, dataloader_num_workers=sft.dataloader_num_workers,
         dataloader_pin_memory=torch.cuda.is_available(),
         include_num_input_tokens_seen="non_padding", report_to=report_to,

@@ -54,7 +54,7 @@ class ModelConfig:
     backend: str = "hf"  # hf | unsloth
     dtype: str = "auto"  # auto | bfloat16 | float16 | float32
     attn_implementation: str = "sdpa"
-    # batched: the vision encoder attends over each run of equally sized images in one call (sdpa) and builds
+    # batched: the vision encoder attends over all images of one size in one call (sdpa) and builds
     # position embeddings once per image size; per_image: transformers' own per-image loops. Same math.
     vision_encoder: str = "batched"
     gradient_checkpointing: bool = False

@@ -9,27 +9,29 @@ from conftest import compose_cfg
 PATCHED = ("fast_pos_embed_interpolate", "rot_pos_emb")
 
 
-def test_equal_length_runs():
-    from flare_exp.models.vision_encoder import equal_length_runs
+def test_equal_length_runs_and_grouping_order():
+    from flare_exp.models.vision_encoder import equal_length_runs, grouping_order
 
     assert equal_length_runs([256, 256, 64, 256]) == [(256, 2), (64, 1), (256, 1)]
     assert equal_length_runs([16]) == [(16, 1)]
+    assert grouping_order([256, 256, 64]) is None and grouping_order([5]) is None
+    assert grouping_order([256, 64, 256, 64, 256]) == [0, 2, 4, 1, 3]
 
 
-def mixed_size_batch(chat, demo_prepared):
-    """Five images of two sizes, ordered so that equal sizes form runs of 2, 2 and 1."""
+def mixed_size_batch(chat, demo_prepared, sizes: str):
+    """Five images of two sizes (a, b) in the given order: two two-view samples and a one-view one."""
     from flare_exp.io import read_jsonl
 
     rows = read_jsonl(demo_prepared / "train.jsonl")
     records = [r for r in rows if r["dataset"] == "IU_XRay"][:2] + [r for r in rows if r["dataset"] == "dental"][:1]
-    size_a, size_b = (64, 64), (96, 64)
-    images = [[Image.new("RGB", size_a, (i * 40, 90, 30)) for i in range(2)],
-              [Image.new("RGB", size_b, (20, 200, 90)), Image.new("RGB", size_b, (90, 20, 200))],
-              [Image.new("RGB", size_a, (5, 5, 250))]]
+    size = {"a": (64, 64), "b": (96, 64)}
+    flat = [Image.new("RGB", size[c], (i * 40, 200 - i * 30, 90)) for i, c in enumerate(sizes)]
+    images = [flat[0:2], flat[2:4], flat[4:5]]
     return dict(chat._encode([chat.full_text(r) for r in records], records, "right", images))
 
 
-def test_batched_vision_encoder_matches_the_per_image_loops(base_overrides, tiny_model_dir, demo_prepared,
+@pytest.mark.parametrize("sizes", ["aabba", "ababa"])  # runs of equal sizes; alternating (frontal/lateral)
+def test_batched_vision_encoder_matches_the_per_image_loops(sizes, base_overrides, tiny_model_dir, demo_prepared,
                                                              monkeypatch):
     from transformers.models.qwen3_vl import modeling_qwen3_vl as qwen3_vl
 
@@ -41,7 +43,7 @@ def test_batched_vision_encoder_matches_the_per_image_loops(base_overrides, tiny
     torch.manual_seed(0)
     loaded = load_model(cfg.model, training=True)
     model = loaded.model
-    batch = mixed_size_batch(VisionChat(loaded.processor, abspath(cfg.data.root)), demo_prepared)
+    batch = mixed_size_batch(VisionChat(loaded.processor, abspath(cfg.data.root)), demo_prepared, sizes)
     assert len({tuple(g.tolist()) for g in batch["image_grid_thw"]}) == 2 and len(batch["image_grid_thw"]) == 5
     attention = [m for m in model.modules() if isinstance(m, qwen3_vl.Qwen3VLVisionAttention)]
     encoder = next(m for m in model.modules() if isinstance(m, qwen3_vl.Qwen3VLVisionModel))
@@ -55,7 +57,7 @@ def test_batched_vision_encoder_matches_the_per_image_loops(base_overrides, tiny
     calls, grids = [], []
     sdpa = torch.nn.functional.scaled_dot_product_attention
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
-                        lambda q, *a, **kw: (calls.append(q.shape[0]), sdpa(q, *a, **kw))[1])
+                        lambda q, *a, **kw: (calls.append((q.shape[0], q.shape[2])), sdpa(q, *a, **kw))[1])
     # positions looked up per call of the position embedding table
     encoder.pos_embed.register_forward_hook(lambda module, args, out: grids.append(args[0].shape[1]))
 
@@ -75,10 +77,11 @@ def test_batched_vision_encoder_matches_the_per_image_loops(base_overrides, tiny
     loop_loss, loop_grads, loop_calls, loop_grids = loss_and_grads()
 
     depth = len(attention)
-    assert batched_calls.count(2) == 2 * depth and batched_calls.count(1) == depth  # runs of 2, 2, 1
-    assert loop_calls.count(1) >= 5 * depth and 2 not in loop_calls  # one call per image
-    patches = [int(g.prod()) for g in batch["image_grid_thw"]]  # per image, in order: a, a, b, b, a
-    assert batched_grids == [patches[0], patches[2]] and loop_grids == [sum(patches)]  # once per size
+    patches = {c: int(g.prod()) for c, g in zip(sizes, batch["image_grid_thw"])}
+    vision = lambda calls: sorted(c for c in calls if c[1] in patches.values())  # noqa: E731  (images, patches)
+    assert vision(batched_calls) == sorted([(3, patches["a"]), (2, patches["b"])] * depth)  # one call per size
+    assert vision(loop_calls) == sorted([(1, patches[c]) for c in sizes] * depth)  # one call per image
+    assert batched_grids == [patches["a"], patches["b"]] and loop_grids == [3 * patches["a"] + 2 * patches["b"]]
     assert torch.allclose(batched_loss, loop_loss, atol=1e-6)
     assert batched_grads.keys() == loop_grads.keys() and any("pos_embed" in n for n in batched_grads)
     for name, grad in batched_grads.items():

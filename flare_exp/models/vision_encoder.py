@@ -3,8 +3,9 @@
 transformers (4.57) handles the images of a batch one by one in three places:
 - attention (attn_implementation=sdpa): one call per image in each of the 24 blocks: an IU_XRay batch of 8
   two-view samples is 16 calls per block (recomputed under gradient checkpointing), an inference batch of 128 is
-  256. Images of the same size that follow each other are stacked on the batch dimension instead: the same
-  block-diagonal attention (each image attends only to itself) in one kernel.
+  256. Images of the same size are stacked on the batch dimension instead (gathered next to each other first
+  when sizes alternate, as frontal and lateral views do): the same block-diagonal attention (each image
+  attends only to itself), one kernel per distinct size.
 - position embeddings (``fast_pos_embed_interpolate``, ``rot_pos_emb``): rebuilt for every image from Python
   lists (4 x 1024 indices and weights per 512-px image, synchronising with the GPU per image). They depend on
   the image's grid only, so they are built once per distinct grid and repeated.
@@ -24,6 +25,31 @@ def equal_length_runs(lengths: list[int]) -> list[tuple[int, int]]:
     return [(length, len(list(group))) for length, group in groupby(lengths)]
 
 
+def grouping_order(lengths: list[int]) -> list[int] | None:
+    """Image order that puts equal sizes next to each other (stable, by first appearance), or None when they
+    already are: [a, b, a] -> [0, 2, 1]. Real two-view studies alternate frontal and lateral sizes."""
+    first: dict[int, int] = {}
+    for i, length in enumerate(lengths):
+        first.setdefault(length, i)
+    order = sorted(range(len(lengths)), key=lambda i: first[lengths[i]])
+    return None if order == sorted(order) else order
+
+
+def attend_in_runs(module, query, key, value, lengths: list[int]):
+    """Block-diagonal attention over (patches, heads, head_dim) tensors: one SDPA call per run of equal lengths."""
+    import torch
+
+    outputs, start = [], 0
+    for length, count in equal_length_runs(lengths):
+        end = start + length * count
+        q, k, v = (t[start:end].reshape(count, length, module.num_heads, -1).transpose(1, 2) for t in (query, key, value))
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, dropout_p=module.attention_dropout if module.training else 0.0, scale=module.scaling)
+        outputs.append(out.transpose(1, 2).reshape(length * count, -1))
+        start = end
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+
 def batched_attention_forward(self, hidden_states, cu_seqlens, rotary_pos_emb=None, position_embeddings=None,
                               **kwargs):
     import torch
@@ -33,15 +59,15 @@ def batched_attention_forward(self, hidden_states, cu_seqlens, rotary_pos_emb=No
     query, key, value = self.qkv(hidden_states).reshape(seq_length, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
     cos, sin = position_embeddings
     query, key = apply_rotary_pos_emb_vision(query, key, cos, sin)  # (patches, heads, head_dim)
-    outputs, start = [], 0
-    for length, count in equal_length_runs((cu_seqlens[1:] - cu_seqlens[:-1]).tolist()):
-        end = start + length * count
-        q, k, v = (t[start:end].reshape(count, length, self.num_heads, -1).transpose(1, 2) for t in (query, key, value))
-        out = torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.attention_dropout if self.training else 0.0, scale=self.scaling)
-        outputs.append(out.transpose(1, 2).reshape(length * count, -1))
-        start = end
-    attn_output = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    order = grouping_order(lengths)
+    if order is None:
+        attn_output = attend_in_runs(self, query, key, value, lengths)
+    else:  # gather equal sizes together, attend, put the patches back in their places
+        starts = [0, *torch.tensor(lengths).cumsum(0).tolist()]
+        patches = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in order]).to(query.device)
+        grouped = attend_in_runs(self, query[patches], key[patches], value[patches], [lengths[i] for i in order])
+        attn_output = grouped[torch.argsort(patches)]
     return self.proj(attn_output.contiguous())
 
 

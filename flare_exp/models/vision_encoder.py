@@ -13,9 +13,10 @@ Installed per module instance; ``per_image`` keeps transformers' own code. Same 
 """
 from __future__ import annotations
 
+import functools
 import logging
 import types
-from itertools import groupby
+from itertools import accumulate, groupby
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,17 @@ def attend_in_runs(module, query, key, value, lengths: list[int]):
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
 
+@functools.lru_cache(maxsize=8)
+def patch_permutation(lengths: tuple, order: tuple, device: str):
+    """(patch indices in grouped order, and back): built once per batch layout, shared by all 24 blocks and
+    the recomputation under gradient checkpointing."""
+    import torch
+
+    starts = [0, *accumulate(lengths)]
+    patches = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in order]).to(device)
+    return patches, torch.argsort(patches)
+
+
 def batched_attention_forward(self, hidden_states, cu_seqlens, rotary_pos_emb=None, position_embeddings=None,
                               **kwargs):
     import torch
@@ -64,10 +76,9 @@ def batched_attention_forward(self, hidden_states, cu_seqlens, rotary_pos_emb=No
     if order is None:
         attn_output = attend_in_runs(self, query, key, value, lengths)
     else:  # gather equal sizes together, attend, put the patches back in their places
-        starts = [0, *torch.tensor(lengths).cumsum(0).tolist()]
-        patches = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in order]).to(query.device)
+        patches, back = patch_permutation(tuple(lengths), tuple(order), str(query.device))
         grouped = attend_in_runs(self, query[patches], key[patches], value[patches], [lengths[i] for i in order])
-        attn_output = grouped[torch.argsort(patches)]
+        attn_output = grouped[back]
     return self.proj(attn_output.contiguous())
 
 

@@ -44,12 +44,13 @@ def tables(rows: list[dict]) -> str:
     of = lambda what: [r for r in rows if r["what"] == what]  # noqa: E731
     out = section("SFT (the sft stage, LoRA r=16, IU_XRay-like: two 512-px views)",
                   ["backend", "batch", "workers", "compiled blocks", "grad ckpt", "vision encoder", "tokens/s", "MFU (6·N)", "step s", "data wait s/step",
-                   "collate s in-process", "peak GiB", "device"],
+                   "collate s in-process", "peak GiB", "other settings", "device"],
                   [[r["backend"], r["batch"], r.get("dataloader_workers", 0), _yes(r.get("compiled_layers")),
                     _yes(r.get("gradient_checkpointing", True)), r.get("vision_encoder", "per_image"),
                     f"{r.get('tokens_per_second_median', 0):,.0f}", f"{r.get('mfu', 0):.3f}",
                     f"{r.get('step_seconds_median', 0):.3f}", _num(r.get("data_wait_seconds_median"), 3),
                     r.get("collate_seconds_per_batch_in_process") or "n/a", r.get("peak_memory_gib", 0),
+                    ", ".join(r.get("overrides") or []) or "-",
                     r["device"]] for r in of("sft")])
     out += section("SFT model cost in a bare loop (bench/loop.py: same model and batches, no Trainer/collation)",
                    ["backend", "batch", "grad ckpt", "vision encoder", "tokens/batch", "autocast: tokens/s (median)", "step s", "peak GiB",

@@ -69,7 +69,7 @@ def model_overrides(args) -> list[str]:
             f"model.dtype={args.dtype}", "model.min_pixels=3136", f"model.max_pixels={512 * 512}",
             "model.max_seq_length=16384", "model.lora.modules_to_save=[]", "model.lora.r=16",
             "model.lora.alpha=16", f"model.gradient_checkpointing={args.grad_ckpt}",
-            f"model.vision_encoder={args.vision_encoder}"]
+            f"model.vision_encoder={args.vision_encoder}", *args.set]
 
 
 def measurement_name(args) -> str:
@@ -87,6 +87,7 @@ def measurement_name(args) -> str:
         parts.append("nockpt")
     if args.vision_encoder != "batched":
         parts.append(f"vision-{args.vision_encoder}")
+    parts += [override.rsplit(".", 1)[-1].replace("=", "-") for override in args.set]
     return "-".join(parts + [args.dataset])
 
 
@@ -314,6 +315,8 @@ def main() -> None:
     p.add_argument("--dataset", default="IU_XRay")
     p.add_argument("--image-size", type=int, default=512)
     p.add_argument("--grad-ckpt", default="true")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other config override for the measured stage (repeatable; named in the result file)")
     p.add_argument("--vision-encoder", default="batched", choices=["batched", "per_image"],
                    help="model.vision_encoder")
     p.add_argument("--dtype", default="bfloat16")
@@ -351,6 +354,7 @@ def main() -> None:
         result["gradient_checkpointing"] = args.grad_ckpt != "false"
     if args.what != "reward":
         result["vision_encoder"] = args.vision_encoder
+        result["overrides"] = list(args.set)
     result.update(device=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
                   torch=torch.__version__,
                   date=time.strftime("%Y-%m-%d %H:%M"))

@@ -58,6 +58,9 @@ class ModelConfig:
     # position embeddings once per image size; per_image: transformers' own per-image loops. Same math.
     vision_encoder: str = "batched"
     gradient_checkpointing: bool = False
+    # backend=unsloth with gradient_checkpointing: also offload the checkpointed activations to CPU memory
+    # (Unsloth's "unsloth" mode, the least GPU memory); false = plain recomputation, no host copies.
+    unsloth_offload_activations: bool = True
     # Image token budget, applied identically in sft, rl and infer (None = the processor's own default).
     min_pixels: Optional[int] = None
     max_pixels: Optional[int] = None

@@ -18,17 +18,19 @@ def bench(*args, cwd=REPO):
 def test_bench_sft_loop_and_report(tmp_path, tiny_model_dir):
     common = ["--model-dir", str(tiny_model_dir), "--work", str(tmp_path / "work"), "--image-size", "96",
               "--dtype", "float32", "--out", str(tmp_path / "out")]
-    sft = bench("sft", "--steps", "3", "--warmup", "1", "--workers", "0", "--grad-ckpt", "false", *common)
+    sft = bench("sft", "--steps", "3", "--warmup", "1", "--workers", "0", "--grad-ckpt", "false",
+                "--set", "model.lora.r=8", *common)
     assert sft["steps_measured"] == 2 and sft["tokens_per_second_median"] > 0
     assert sft["gradient_checkpointing"] is False and sft["collate_seconds_per_batch_in_process"] > 0
     loop = bench("loop", "--steps", "2", "--warmup", "1", *common)
     assert loop["tokens_per_batch"] > 0 and loop["trainable_params"] > 0
     assert all(loop[v]["tokens_per_second_median"] > 0 for v in ("autocast", "plain"))
     names = sorted(p.name for p in (tmp_path / "out").glob("*.json"))
-    assert names == ["loop-hf-bs8-IU_XRay.json", "sft-hf-bs8-w0-nockpt-IU_XRay.json"]
+    assert names == ["loop-hf-bs8-IU_XRay.json", "sft-hf-bs8-w0-nockpt-r-8-IU_XRay.json"]
     report = subprocess.run([sys.executable, "-m", "bench.report", str(tmp_path / "out")], capture_output=True,
                             text=True, cwd=REPO, check=True).stdout
     assert "| hf | 8 | 0 | no | no |" in report  # the sft row: workers 0, not compiled, no checkpointing
+    assert "| model.lora.r=8 |" in report
     assert "### SFT model cost in a bare loop" in report
 
 

@@ -177,9 +177,12 @@ def require_unsloth():
 def _load_unsloth(model_cfg, init_from, training, seed) -> LoadedModel:
     FastVisionModel = require_unsloth().FastVisionModel
     adapter, base = _adapter_and_base(model_cfg, init_from)
+    # "unsloth" checkpointing also offloads the saved activations to CPU memory (least GPU memory); True is
+    # plain recomputation, which skips the copies when the card has room.
+    checkpointing = (("unsloth" if model_cfg.unsloth_offload_activations else True)
+                     if model_cfg.gradient_checkpointing else False)
     kwargs = dict(dtype=torch_dtype(model_cfg.dtype), load_in_4bit=False, max_seq_length=model_cfg.max_seq_length,
-                  use_gradient_checkpointing="unsloth" if model_cfg.gradient_checkpointing else False,
-                  local_files_only=True)
+                  use_gradient_checkpointing=checkpointing, local_files_only=True)
     model, processor = FastVisionModel.from_pretrained(str(base), **kwargs)
     apply_pixel_budget(processor, model_cfg)
     lora = model_cfg.lora
@@ -196,7 +199,7 @@ def _load_unsloth(model_cfg, init_from, training, seed) -> LoadedModel:
             r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none", random_state=seed,
             target_modules="all-linear" if lora.target_modules == "all-linear" else list(lora.target_modules),
             modules_to_save=list(lora.modules_to_save) or None,
-            use_gradient_checkpointing="unsloth" if model_cfg.gradient_checkpointing else False)
+            use_gradient_checkpointing=checkpointing)
     if training:
         FastVisionModel.for_training(model)
     else:

@@ -164,6 +164,9 @@ class SFTConfig:
     # Images are decoded and processed by the collator: ~0.19 s per batch of 8 two-view samples, 15% of an
     # H200 step when it runs in the training process (docs/benchmarks.md). Workers do it alongside the GPU.
     dataloader_num_workers: int = 4
+    # Batches of similar token counts (transformers' LengthGroupedSampler over the measured lengths): less
+    # padding on mixed FLARE data, but batches then tend to hold one task each. Off: plain shuffling.
+    group_by_length: bool = False
     # backend=hf: compile each repeated block (decoder layers, vision blocks) with torch.compile, fusing the
     # many small kernels a LoRA step launches (the step is launch-bound, docs/benchmarks.md). Same losses;
     # costs compilation time at the first step. Unmeasured on GPU yet, so off by default.

@@ -195,3 +195,27 @@ def test_compiled_blocks_train_to_the_same_losses(base_overrides, tmp_path, capl
     compiled = re.search(r"sft.compile_layers: (\d+) blocks compiled", caplog.text)
     assert compiled and int(compiled.group(1)) >= 4 and counters["stats"]["unique_graphs"] > 0
     assert len(losses["true"]) == 2 and losses["true"] == pytest.approx(losses["false"], abs=1e-4)
+
+
+def test_group_by_length_batches_similar_lengths(base_overrides, tmp_path, monkeypatch):
+    """sft.group_by_length=true: the Trainer draws batches of similar token counts from the measured lengths
+    (the demo mixes ~80-token one-view samples with longer two-view ones), and training runs."""
+    import flare_exp.stages.sft as sft_stage
+    from flare_exp.main import run
+
+    batches = []
+    original = sft_stage.SFTCollator.__call__
+    monkeypatch.setattr(sft_stage.SFTCollator, "__call__",
+                        lambda self, records: (batches.append([self.chat.sequence_length(r) for r in records]),
+                                               original(self, records))[1])
+
+    def padding(group: bool) -> float:
+        batches.clear()
+        run(compose_cfg(["stage=sft", *base_overrides, f"sft.group_by_length={str(group).lower()}",
+                         "sft.max_steps=8", "sft.per_device_train_batch_size=4", "sft.eval_steps=0",
+                         "sft.save_steps=100", f"run_name=group-{group}"]), run_dir=tmp_path / f"g{group}")
+        train = [b for b in batches if len(b) == 4][:8]
+        return sum(max(b) * len(b) - sum(b) for b in train) / sum(max(b) * len(b) for b in train)
+
+    grouped, shuffled = padding(True), padding(False)
+    assert grouped < shuffled / 2, (grouped, shuffled)

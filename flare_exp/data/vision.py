@@ -125,18 +125,20 @@ class SFTCollator:
 
 
 def filter_by_length(chat: VisionChat, records: list[dict], max_len: int, on_too_long: str,
-                     with_answer: bool = True) -> tuple[list[dict], list[dict]]:
-    """Split records into (fitting, too long). on_too_long=error raises on the first one, naming it."""
+                     with_answer: bool = True) -> tuple[list[dict], list[dict], list[int]]:
+    """Split records into (fitting, too long, the fitting ones' token counts). on_too_long=error raises on the
+    first one, naming it."""
     from tqdm.auto import tqdm
 
-    keep, dropped = [], []
+    keep, dropped, lengths = [], [], []
     for r in tqdm(records, desc="length check", unit="sample", disable=len(records) < 1000):
         n = chat.sequence_length(r, with_answer=with_answer)
         if n <= max_len:
             keep.append(r)
+            lengths.append(n)
             continue
         if on_too_long == "error":
             raise ValueError(f"record {r.get('id')} needs {n} tokens > model.max_seq_length={max_len}; raise "
                              "model.max_seq_length, lower model.max_pixels, or set on_too_long=skip")
         dropped.append({"id": r.get("id"), "tokens": n})
-    return keep, dropped
+    return keep, dropped, lengths

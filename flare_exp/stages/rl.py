@@ -164,7 +164,7 @@ def run(cfg, out_dir: Path) -> dict:
     torch.manual_seed(cfg.seed)
     loaded = load_model(cfg.model, init_from=rl.init_from, training=True, seed=cfg.seed)
     chat = VisionChat(loaded.processor, abspath(cfg.data.root))
-    records, too_long = filter_by_length(chat, records, prompt_limit, "skip", with_answer=False)
+    records, too_long, _ = filter_by_length(chat, records, prompt_limit, "skip", with_answer=False)
     if too_long:
         msg = (f"{len(too_long)} prompts are longer than {prompt_limit} tokens (model.max_seq_length - "
                f"rl.max_completion_length), e.g. {too_long[0]['id']} with {too_long[0]['tokens']}")

@@ -19,10 +19,11 @@ log = logging.getLogger(__name__)
 
 
 class RecordDataset:
-    """A list of prepared records; the collator does the (lazy) image loading and tokenisation."""
+    """A list of prepared records and their token counts; the collator does the (lazy) image loading and
+    tokenisation."""
 
-    def __init__(self, records: list[dict]):
-        self.records = records
+    def __init__(self, records: list[dict], lengths: list[int]):
+        self.records, self.lengths = records, lengths
 
     def __len__(self):
         return len(self.records)
@@ -39,7 +40,22 @@ def check_settings(sft) -> None:
         raise ValueError(f"sft.on_too_long={sft.on_too_long!r}: choose skip or error")
 
 
-def load_split(path, limit, chat, max_len, on_too_long, what) -> tuple[list[dict], list[dict]]:
+def length_grouped(trainer_class):
+    """sft.group_by_length: batches of similar token counts (less padding), from the lengths the length check
+    measured. The Trainer's own group_by_length would look for input_ids in the dataset, which holds records."""
+
+    class LengthGroupedTrainer(trainer_class):
+        def _get_train_sampler(self, train_dataset=None):
+            from transformers.trainer_pt_utils import LengthGroupedSampler
+
+            dataset = train_dataset if train_dataset is not None else self.train_dataset
+            return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                        lengths=dataset.lengths)
+
+    return LengthGroupedTrainer
+
+
+def load_split(path, limit, chat, max_len, on_too_long, what) -> tuple[list[dict], list[dict], list[int]]:
     records = [r for r in read_jsonl(abspath(path)) if r.get("answer") is not None]
     if limit:
         records = records[:limit]
@@ -64,10 +80,12 @@ def run(cfg, out_dir: Path) -> dict:
                      compile_repeated_blocks(loaded.model, sft.compile_backend))
     chat = VisionChat(loaded.processor, abspath(cfg.data.root))
     max_len = cfg.model.max_seq_length
-    train, too_long = load_split(sft.train_file, sft.max_train_samples, chat, max_len, sft.on_too_long, "training")
-    val, val_too_long = ([], [])
+    train, too_long, train_lengths = load_split(sft.train_file, sft.max_train_samples, chat, max_len,
+                                                sft.on_too_long, "training")
+    val, val_too_long, val_lengths = ([], [], [])
     if sft.val_file and abspath(sft.val_file).exists():
-        val, val_too_long = load_split(sft.val_file, sft.max_eval_samples, chat, max_len, sft.on_too_long, "eval")
+        val, val_too_long, val_lengths = load_split(sft.val_file, sft.max_eval_samples, chat, max_len,
+                                                    sft.on_too_long, "eval")
     if too_long or val_too_long:
         log.warning("skipped %d train / %d val samples longer than model.max_seq_length=%d (listed in "
                     "too_long.json)", len(too_long), len(val_too_long), max_len)
@@ -99,9 +117,10 @@ def run(cfg, out_dir: Path) -> dict:
     callbacks = [ProgressLog(), meta]
     if sft.early_stopping_patience and evaluating:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=sft.early_stopping_patience))
-    trainer = Trainer(model=loaded.model, args=args, train_dataset=RecordDataset(train),
-                      eval_dataset=RecordDataset(val) if evaluating else None, data_collator=SFTCollator(chat),
-                      callbacks=callbacks)
+    trainer_class = length_grouped(Trainer) if sft.group_by_length else Trainer
+    trainer = trainer_class(model=loaded.model, args=args, train_dataset=RecordDataset(train, train_lengths),
+                            eval_dataset=RecordDataset(val, val_lengths) if evaluating else None,
+                            data_collator=SFTCollator(chat), callbacks=callbacks)
     try:
         result = trainer.train(resume_from_checkpoint=resume_checkpoint(cfg.resume, out_dir))
         final = out_dir / "final"

@@ -94,7 +94,11 @@ class RadGraphScorer:
     def graphs_of(self, reports: list[str]) -> dict:
         new = list(dict.fromkeys(r for r in reports if r not in self.graphs))
         parsed = self._scorer().radgraph(new) if new else {}
-        found = {r: self.graphs[r] for r in reports if r in self.graphs}
+        found = {}
+        for report in reports:
+            if report in self.graphs:
+                found[report] = self.graphs[report]
+                self.graphs.move_to_end(report)  # least recently used goes first
         for i, report in enumerate(new):
             # radgraph prints a traceback and leaves out a report it cannot parse: no entities, F1 0
             graph = parsed.get(str(i)) or {"entities": {}}

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole benchmark on one GPU box, in pieces that each fit a 10-minute command. Usage (from the repo root,
 # after `source bench/gpu_setup.sh` where wheels must be carried):
-#   bash bench/gpu_all.sh sft-1|sft-2|sft-loop|infer|reward|grpo-1|grpo-2|grpo-compiled|smoke  OUT_DIR
+#   bash bench/gpu_all.sh sft-1|sft-2|sft-facts|sft-loop|infer|reward|grpo-1|grpo-2|grpo-compiled|smoke  OUT_DIR
 # Each piece rebuilds the random 4B model if missing (~25 s) and writes one JSON per measurement to OUT_DIR;
 # `python -m bench.report OUT_DIR` makes the tables.
 set -u
@@ -21,6 +21,10 @@ case $piece in
                 timeout 160 $R sft --backend unsloth --batch 8 --steps 10 --grad-ckpt false --out "$out"
                 timeout 160 $R sft --backend unsloth --batch 8 --steps 10 --set model.unsloth_offload_activations=false --out "$out"
                 timeout 140 $R sft --backend unsloth --batch 16 --steps 8 --out "$out" ;;
+  # FACTS §5's sample shape (one 512-px view + a ~250-token report, ~530 tokens per sample): the stage against
+  # that bare loop's 6.7k (peft) / 12.0k (Unsloth) tokens/s
+  sft-facts)    timeout 110 $R sft --backend hf --batch 8 --steps 10 --views 1 --answer-words 150 --out "$out"
+                timeout 240 $R sft --backend unsloth --batch 8 --steps 10 --views 1 --answer-words 150 --out "$out" ;;
   # the same model and batches in a bare loop (what the stage adds), and the vision encoder's two settings
   sft-loop)     timeout 100 $R loop --backend hf --batch 8 --steps 8 --warmup 2 --out "$out"
                 timeout 100 $R loop --backend hf --batch 8 --steps 8 --warmup 2 --vision-encoder per_image --out "$out"

@@ -42,10 +42,11 @@ def loop_tokens_per_second(row: dict, variant: str) -> float:
 
 def tables(rows: list[dict]) -> str:
     of = lambda what: [r for r in rows if r["what"] == what]  # noqa: E731
-    out = section("SFT (the sft stage, LoRA r=16, IU_XRay-like: two 512-px views)",
-                  ["backend", "batch", "workers", "compiled blocks", "grad ckpt", "vision encoder", "tokens/s", "MFU (6·N)", "step s", "data wait s/step",
+    out = section("SFT (the sft stage, LoRA r=16; IU_XRay-like samples: two 512-px views and a short answer)",
+                  ["samples", "backend", "batch", "workers", "compiled blocks", "grad ckpt", "vision encoder", "tokens/s", "MFU (6·N)", "step s", "data wait s/step",
                    "collate s in-process", "peak GiB", "other settings", "device"],
-                  [[r["backend"], r["batch"], r.get("dataloader_workers", 0), _yes(r.get("compiled_layers")),
+                  [[r.get("samples", r["dataset"]), r["backend"], r["batch"], r.get("dataloader_workers", 0),
+                    _yes(r.get("compiled_layers")),
                     _yes(r.get("gradient_checkpointing", True)), r.get("vision_encoder", "per_image"),
                     f"{r.get('tokens_per_second_median', 0):,.0f}", f"{r.get('mfu', 0):.3f}",
                     f"{r.get('step_seconds_median', 0):.3f}", _num(r.get("data_wait_seconds_median"), 3),
@@ -53,9 +54,9 @@ def tables(rows: list[dict]) -> str:
                     ", ".join(r.get("overrides") or []) or "-",
                     r["device"]] for r in of("sft")])
     out += section("SFT model cost in a bare loop (bench/loop.py: same model and batches, no Trainer/collation)",
-                   ["backend", "batch", "grad ckpt", "vision encoder", "tokens/batch", "autocast: tokens/s (median)", "step s", "peak GiB",
+                   ["samples", "backend", "batch", "grad ckpt", "vision encoder", "tokens/batch", "autocast: tokens/s (median)", "step s", "peak GiB",
                     "no autocast: tokens/s (median)", "step s", "peak GiB", "device"],
-                   [[r["backend"], r["batch"], _yes(r.get("gradient_checkpointing", True)),
+                   [[r.get("samples", r["dataset"]), r["backend"], r["batch"], _yes(r.get("gradient_checkpointing", True)),
                      r.get("vision_encoder", "per_image"), r["tokens_per_batch"],
                      *(x for v in ("autocast", "plain") for x in (f"{loop_tokens_per_second(r, v):,.0f}",
                                                                    r[v]["step_seconds_median"], r[v]["peak_memory_gib"])),

@@ -54,12 +54,37 @@ def ensure_prepared(work: Path, image_size: int) -> None:
     run(compose(["stage=prepare", *bench_data(work), *demo_data(image_size)]), run_dir=work / "runs" / "prepare")
 
 
-def filtered_file(work: Path, dataset: str, repeat: int = 8) -> Path:
+REPORT_WORDS = ("the heart size is normal lungs are clear no pleural effusion or pneumothorax mediastinal contours "
+                "unremarkable mild degenerative changes of the thoracic spine no focal consolidation").split()
+
+
+def reshape_record(record: dict, views: int | None, answer_words: int | None, rng) -> dict:
+    """The record with only its first `views` images and/or a synthetic answer of `answer_words` words (e.g. one
+    view + a ~250-token report: the sample shape of FACTS §5's bare-loop numbers)."""
+    record = json.loads(json.dumps(record))
+    if views is not None:
+        record["images"] = record["images"][:views]
+        user = record["messages"][0]["content"]
+        kept = [c for c in user if c.get("type") == "image"][:views]
+        record["messages"][0]["content"] = kept + [c for c in user if c.get("type") != "image"]
+    if answer_words is not None:
+        record["answer"] = " ".join(rng.choice(REPORT_WORDS) for _ in range(answer_words)) + "."
+        record["messages"][1]["content"] = [{"type": "text", "text": record["answer"]}]
+    return record
+
+
+def filtered_file(work: Path, dataset: str, repeat: int = 8, views: int | None = None,
+                  answer_words: int | None = None) -> Path:
+    import random
+
     from flare_exp.io import read_jsonl, write_jsonl
 
-    out = work / "data" / f"train_{dataset}_x{repeat}.jsonl"
+    shape = ("" if views is None else f"_v{views}") + ("" if answer_words is None else f"_a{answer_words}")
+    out = work / "data" / f"train_{dataset}_x{repeat}{shape}.jsonl"
     if not out.exists():
-        rows = [r for r in read_jsonl(work / "data" / "prepared" / "train.jsonl") if r["dataset"] == dataset]
+        rng = random.Random(0)
+        rows = [reshape_record(r, views, answer_words, rng)
+                for r in read_jsonl(work / "data" / "prepared" / "train.jsonl") if r["dataset"] == dataset]
         write_jsonl(out, [{**r, "id": f"{r['id']}#{k}"} for k in range(repeat) for r in rows])
     return out
 
@@ -88,6 +113,9 @@ def measurement_name(args) -> str:
     if args.vision_encoder != "batched":
         parts.append(f"vision-{args.vision_encoder}")
     parts += [override.rsplit(".", 1)[-1].replace("=", "-") for override in args.set]
+    if args.what in ("sft", "loop"):
+        parts += ([f"views{args.views}"] if args.views is not None else []) + (
+            [f"answer{args.answer_words}w"] if args.answer_words is not None else [])
     return "-".join(parts + [args.dataset])
 
 
@@ -174,7 +202,7 @@ def run_sft(args, work: Path) -> dict:
     from flare_exp.main import run
 
     ensure_prepared(work, args.image_size)
-    train = filtered_file(work, args.dataset)
+    train = filtered_file(work, args.dataset, views=args.views, answer_words=args.answer_words)
     name = measurement_name(args)
     timer = CollateTimer()
     if args.profile:
@@ -313,6 +341,10 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--dataset", default="IU_XRay")
+    p.add_argument("--views", type=int, default=None, help="sft/loop: keep only the first N images per sample")
+    p.add_argument("--answer-words", type=int, default=None,
+                   help="sft/loop: replace answers by N synthetic report words (1 view + 150 words: ~530 tokens "
+                        "per sample, FACTS §5's bare-loop shape)")
     p.add_argument("--image-size", type=int, default=512)
     p.add_argument("--grad-ckpt", default="true")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -352,6 +384,8 @@ def main() -> None:
         result = {"sft": run_sft, "grpo": run_grpo, "infer": run_infer}[args.what](args, work)
     if args.what in ("sft", "loop"):
         result["gradient_checkpointing"] = args.grad_ckpt != "false"
+        result["samples"] = ", ".join([args.dataset] + ([f"{args.views} view(s)"] if args.views is not None else [])
+                                      + ([f"{args.answer_words}-word answers"] if args.answer_words is not None else []))
     if args.what != "reward":
         result["vision_encoder"] = args.vision_encoder
         result["overrides"] = list(args.set)

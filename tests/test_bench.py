@@ -22,14 +22,16 @@ def test_bench_sft_loop_and_report(tmp_path, tiny_model_dir):
                 "--set", "model.lora.r=8", *common)
     assert sft["steps_measured"] == 2 and sft["tokens_per_second_median"] > 0
     assert sft["gradient_checkpointing"] is False and sft["collate_seconds_per_batch_in_process"] > 0
-    loop = bench("loop", "--steps", "2", "--warmup", "1", *common)
+    loop = bench("loop", "--steps", "2", "--warmup", "1", "--views", "1", "--answer-words", "60", *common)
     assert loop["tokens_per_batch"] > 0 and loop["trainable_params"] > 0
     assert all(loop[v]["tokens_per_second_median"] > 0 for v in ("autocast", "plain"))
     names = sorted(p.name for p in (tmp_path / "out").glob("*.json"))
-    assert names == ["loop-hf-bs8-IU_XRay.json", "sft-hf-bs8-w0-nockpt-r-8-IU_XRay.json"]
+    assert names == ["loop-hf-bs8-views1-answer60w-IU_XRay.json", "sft-hf-bs8-w0-nockpt-r-8-IU_XRay.json"]
+    assert loop["samples"] == "IU_XRay, 1 view(s), 60-word answers"
+    assert loop["tokens_per_batch"] > 8 * 60  # the long answers are in the batch
     report = subprocess.run([sys.executable, "-m", "bench.report", str(tmp_path / "out")], capture_output=True,
                             text=True, cwd=REPO, check=True).stdout
-    assert "| hf | 8 | 0 | no | no |" in report  # the sft row: workers 0, not compiled, no checkpointing
+    assert "| IU_XRay | hf | 8 | 0 | no | no |" in report  # the sft row: workers 0, not compiled, no checkpointing
     assert "| model.lora.r=8 |" in report
     assert "### SFT model cost in a bare loop" in report
 

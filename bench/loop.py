@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 
-from bench.run import bench_data, compose, ensure_prepared, filtered_file, model_overrides
+from bench.common import bench_data, compose, ensure_prepared, filtered_file, model_overrides
 
 
 def timed_steps(model, optimizer, batches: list[dict], steps: int, warmup: int, autocast: bool) -> dict:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 import time
 
-from bench.run import compose
+from bench.common import compose
 
 
 def reports(n: int, words: int, seed: int) -> list[str]:

@@ -1,0 +1,80 @@
+"""What the benchmark measurements share: config composition, the benchmark data (the demo generator at 512 px,
+reshaped on request) and the model overrides for the Qwen3-VL-4B-shaped random model."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    import flare_exp.config  # noqa: F401
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=overrides)
+
+
+def bench_data(work: Path) -> list[str]:
+    return [f"paths.cache_dir={work / 'cache'}", f"data.root={work / 'data' / 'raw'}",
+            f"data.prepared_dir={work / 'data' / 'prepared'}"]
+
+
+def demo_data(image_size: int) -> list[str]:
+    """The demo generator at 512 px: IU_XRay-like (two views + a short section answer) and one-view tasks."""
+    return [f"data.demo.image_size={image_size}", "data.demo.train_per_dataset=64", "data.demo.val_per_dataset=16"]
+
+
+def ensure_prepared(work: Path, image_size: int) -> None:
+    from flare_exp.main import run
+
+    if (work / "data" / "prepared" / "DONE").exists():
+        return
+    run(compose(["stage=prepare", *bench_data(work), *demo_data(image_size)]), run_dir=work / "runs" / "prepare")
+
+
+REPORT_WORDS = ("the heart size is normal lungs are clear no pleural effusion or pneumothorax mediastinal contours "
+                "unremarkable mild degenerative changes of the thoracic spine no focal consolidation").split()
+
+
+def reshape_record(record: dict, views: int | None, answer_words: int | None, rng) -> dict:
+    """The record with only its first `views` images and/or a synthetic answer of `answer_words` words (e.g. one
+    view + a ~250-token report: the sample shape of FACTS §5's bare-loop numbers)."""
+    record = json.loads(json.dumps(record))
+    if views is not None:
+        record["images"] = record["images"][:views]
+        user = record["messages"][0]["content"]
+        kept = [c for c in user if c.get("type") == "image"][:views]
+        record["messages"][0]["content"] = kept + [c for c in user if c.get("type") != "image"]
+    if answer_words is not None:
+        record["answer"] = " ".join(rng.choice(REPORT_WORDS) for _ in range(answer_words)) + "."
+        record["messages"][1]["content"] = [{"type": "text", "text": record["answer"]}]
+    return record
+
+
+def filtered_file(work: Path, dataset: str, repeat: int = 8, views: int | None = None,
+                  answer_words: int | None = None) -> Path:
+    import random
+
+    from flare_exp.io import read_jsonl, write_jsonl
+
+    shape = ("" if views is None else f"_v{views}") + ("" if answer_words is None else f"_a{answer_words}")
+    out = work / "data" / f"train_{dataset}_x{repeat}{shape}.jsonl"
+    if not out.exists():
+        rng = random.Random(0)
+        rows = [reshape_record(r, views, answer_words, rng)
+                for r in read_jsonl(work / "data" / "prepared" / "train.jsonl") if r["dataset"] == dataset]
+        write_jsonl(out, [{**r, "id": f"{r['id']}#{k}"} for k in range(repeat) for r in rows])
+    return out
+
+
+def model_overrides(args) -> list[str]:
+    return [f"model.path={args.model_dir}", f"model.backend={args.backend}", "model.build_tiny=false",
+            f"model.dtype={args.dtype}", "model.min_pixels=3136", f"model.max_pixels={512 * 512}",
+            "model.max_seq_length=16384", "model.lora.modules_to_save=[]", "model.lora.r=16",
+            "model.lora.alpha=16", f"model.gradient_checkpointing={args.grad_ckpt}",
+            f"model.vision_encoder={args.vision_encoder}", *args.set]

@@ -92,8 +92,11 @@ class RadGraphScorer:
         return get_scorer(self.model_dir, self.model_type, self.device)
 
     def graphs_of(self, reports: list[str]) -> dict:
+        import torch
+
         new = list(dict.fromkeys(r for r in reports if r not in self.graphs))
-        parsed = self._scorer().radgraph(new) if new else {}
+        with torch.no_grad():  # radgraph never turns gradients off: each parse would record a graph
+            parsed = self._scorer().radgraph(new) if new else {}
         found = {}
         for report in reports:
             if report in self.graphs:
@@ -112,7 +115,10 @@ class RadGraphScorer:
         if not scored:
             return [(0.0, 0.0, 0.0)] * len(pairs)
         if not self.cache_size:
-            _, lists, _, _ = self._scorer()(refs=[r for _, r in scored], hyps=[h for h, _ in scored])
+            import torch
+
+            with torch.no_grad():
+                _, lists, _, _ = self._scorer()(refs=[r for _, r in scored], hyps=[h for h, _ in scored])
             values = iter(zip(*lists))
             return [tuple(map(float, next(values))) if p[0] and p[1] else (0.0, 0.0, 0.0) for p in pairs]
         from radgraph.rewards import compute_reward

@@ -42,7 +42,7 @@ def loop_tokens_per_second(row: dict, variant: str) -> float:
 
 def tables(rows: list[dict]) -> str:
     of = lambda what: [r for r in rows if r["what"] == what]  # noqa: E731
-    out = section("SFT (the sft stage, LoRA r=16; IU_XRay-like samples: two 512-px views and a short answer)",
+    out = section("SFT (the sft stage, LoRA r=16; IU_XRay samples: two 512-px views and a short section answer)",
                   ["samples", "backend", "batch", "workers", "compiled blocks", "grad ckpt", "vision encoder", "tokens/s", "MFU (6·N)", "step s", "data wait s/step",
                    "collate s in-process", "peak GiB", "other settings", "device"],
                   [[r.get("samples", r["dataset"]), r["backend"], r["batch"], r.get("dataloader_workers", 0),

@@ -40,33 +40,45 @@ def loop_tokens_per_second(row: dict, variant: str) -> float:
     return v.get("tokens_per_second_median") or row["tokens_per_batch"] / v["step_seconds_median"]
 
 
+def _setup(r: dict) -> list:
+    """The columns every SFT and loop row starts with: what was trained, and how."""
+    return [r.get("samples", r["dataset"]), r["backend"], r["batch"], _yes(r.get("gradient_checkpointing", True)),
+            r.get("vision_encoder", "per_image")]
+
+
+SETUP = ["samples", "backend", "batch", "grad ckpt", "vision encoder"]
+
+
+def sft_row(r: dict) -> list:
+    return [*_setup(r), r.get("dataloader_workers", 0), _yes(r.get("compiled_layers")),
+            f"{r.get('tokens_per_second_median', 0):,.0f}", f"{r.get('mfu', 0):.3f}",
+            f"{r.get('step_seconds_median', 0):.3f}", _num(r.get("data_wait_seconds_median"), 3),
+            r.get("collate_seconds_per_batch_in_process") or "n/a", r.get("peak_memory_gib", 0),
+            ", ".join(r.get("overrides") or []) or "-", r["device"]]
+
+
+def loop_row(r: dict) -> list:
+    variants = [x for v in ("autocast", "plain") for x in (
+        f"{loop_tokens_per_second(r, v):,.0f}", r[v]["step_seconds_median"], r[v]["peak_memory_gib"])]
+    return [*_setup(r), r["tokens_per_batch"], *variants, r["device"]]
+
+
 def tables(rows: list[dict]) -> str:
     of = lambda what: [r for r in rows if r["what"] == what]  # noqa: E731
     out = section("SFT (the sft stage, LoRA r=16; IU_XRay samples: two 512-px views and a short section answer)",
-                  ["samples", "backend", "batch", "workers", "compiled blocks", "grad ckpt", "vision encoder", "tokens/s", "MFU (6·N)", "step s", "data wait s/step",
+                  [*SETUP, "workers", "compiled blocks", "tokens/s", "MFU (6·N)", "step s", "data wait s/step",
                    "collate s in-process", "peak GiB", "other settings", "device"],
-                  [[r.get("samples", r["dataset"]), r["backend"], r["batch"], r.get("dataloader_workers", 0),
-                    _yes(r.get("compiled_layers")),
-                    _yes(r.get("gradient_checkpointing", True)), r.get("vision_encoder", "per_image"),
-                    f"{r.get('tokens_per_second_median', 0):,.0f}", f"{r.get('mfu', 0):.3f}",
-                    f"{r.get('step_seconds_median', 0):.3f}", _num(r.get("data_wait_seconds_median"), 3),
-                    r.get("collate_seconds_per_batch_in_process") or "n/a", r.get("peak_memory_gib", 0),
-                    ", ".join(r.get("overrides") or []) or "-",
-                    r["device"]] for r in of("sft")])
+                  [sft_row(r) for r in of("sft")])
     out += section("SFT model cost in a bare loop (bench/loop.py: same model and batches, no Trainer/collation)",
-                   ["samples", "backend", "batch", "grad ckpt", "vision encoder", "tokens/batch", "autocast: tokens/s (median)", "step s", "peak GiB",
+                   [*SETUP, "tokens/batch", "autocast: tokens/s (median)", "step s", "peak GiB",
                     "no autocast: tokens/s (median)", "step s", "peak GiB", "device"],
-                   [[r.get("samples", r["dataset"]), r["backend"], r["batch"], _yes(r.get("gradient_checkpointing", True)),
-                     r.get("vision_encoder", "per_image"), r["tokens_per_batch"],
-                     *(x for v in ("autocast", "plain") for x in (f"{loop_tokens_per_second(r, v):,.0f}",
-                                                                   r[v]["step_seconds_median"], r[v]["peak_memory_gib"])),
-                     r["device"]] for r in of("loop")])
+                   [loop_row(r) for r in of("loop")])
     out += section("Inference (the infer stage, 128 new tokens forced, two 512-px views)",
                    ["backend", "batch", "KV cache", "image processing", "vision encoder", "reports/s", "samples",
                     "device"],
                    [[r["backend"], r["batch"], r["cache"], r.get("image_device", "cpu"),
-                     r.get("vision_encoder", "per_image"), r["reports_per_second"],
-                     r["samples"], r["device"]] for r in sorted(of("infer"), key=lambda r: (r["cache"], r["batch"]))])
+                     r.get("vision_encoder", "per_image"), r["reports_per_second"], r["samples"], r["device"]]
+                    for r in sorted(of("infer"), key=lambda r: (r["cache"], r["batch"]))])
     out += section("GRPO (the rl stage)",
                    ["backend", "generations", "completions/step", "rollouts", "s/step (median)", "first step s",
                     "peak GiB"],

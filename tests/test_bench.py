@@ -31,7 +31,7 @@ def test_bench_sft_loop_and_report(tmp_path, tiny_model_dir):
     assert loop["tokens_per_batch"] > 8 * 60  # the long answers are in the batch
     report = subprocess.run([sys.executable, "-m", "bench.report", str(tmp_path / "out")], capture_output=True,
                             text=True, cwd=REPO, check=True).stdout
-    assert "| IU_XRay | hf | 8 | 0 | no | no |" in report  # the sft row: workers 0, not compiled, no checkpointing
+    assert "| IU_XRay | hf | 8 | no | batched | 0 | no |" in report  # no checkpointing, workers 0, not compiled
     assert "| model.lora.r=8 |" in report
     assert "### SFT model cost in a bare loop" in report
 

@@ -41,10 +41,30 @@ REPORT_WORDS = ("the heart size is normal lungs are clear no pleural effusion or
                 "unremarkable mild degenerative changes of the thoracic spine no focal consolidation").split()
 
 
-def reshape_record(record: dict, views: int | None, answer_words: int | None, rng) -> dict:
-    """The record with only its first `views` images and/or a synthetic answer of `answer_words` words (e.g. one
-    view + a ~250-token report: the sample shape of FACTS §5's bare-loop numbers)."""
+def long_image(work: Path, side: int) -> str:
+    """A side x side px X-ray-like image under data.root (path relative to it): the long case. Qwen3-VL spends
+    one token per 32 x 32 px, so side=3424 is ~11.4k image tokens, near model.max_seq_length=12000."""
+    import numpy as np
+    from PIL import Image
+
+    relative = f"bench_long/long_{side}.png"
+    path = work / "data" / "raw" / relative
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        base = np.random.default_rng(0).normal(120, 40, size=(side // 16, side // 16)).clip(0, 255).astype(np.uint8)
+        Image.fromarray(base, mode="L").resize((side, side), Image.BILINEAR).convert("RGB").save(path)
+    return relative
+
+
+def reshape_record(record: dict, views: int | None, answer_words: int | None, rng, image: str | None = None) -> dict:
+    """The record with only its first `views` images, or one given `image` instead of its own, and/or a synthetic
+    answer of `answer_words` words (one view + a ~250-token report: FACTS §5's bare-loop sample shape)."""
     record = json.loads(json.dumps(record))
+    if image is not None:
+        record["images"] = [image]
+        user = record["messages"][0]["content"]
+        record["messages"][0]["content"] = ([{"type": "image", "image": image}]
+                                            + [c for c in user if c.get("type") != "image"])
     if views is not None:
         record["images"] = record["images"][:views]
         user = record["messages"][0]["content"]
@@ -57,16 +77,18 @@ def reshape_record(record: dict, views: int | None, answer_words: int | None, rn
 
 
 def filtered_file(work: Path, dataset: str, repeat: int = 8, views: int | None = None,
-                  answer_words: int | None = None) -> Path:
+                  answer_words: int | None = None, long_side: int | None = None) -> Path:
     import random
 
     from flare_exp.io import read_jsonl, write_jsonl
 
-    shape = ("" if views is None else f"_v{views}") + ("" if answer_words is None else f"_a{answer_words}")
+    shape = ("" if views is None else f"_v{views}") + ("" if answer_words is None else f"_a{answer_words}") + (
+        "" if long_side is None else f"_l{long_side}")
     out = work / "data" / f"train_{dataset}_x{repeat}{shape}.jsonl"
     if not out.exists():
         rng = random.Random(0)
-        rows = [reshape_record(r, views, answer_words, rng)
+        image = long_image(work, long_side) if long_side else None
+        rows = [reshape_record(r, views, answer_words, rng, image)
                 for r in read_jsonl(work / "data" / "prepared" / "train.jsonl") if r["dataset"] == dataset]
         write_jsonl(out, [{**r, "id": f"{r['id']}#{k}"} for k in range(repeat) for r in rows])
     return out
@@ -74,7 +96,8 @@ def filtered_file(work: Path, dataset: str, repeat: int = 8, views: int | None =
 
 def model_overrides(args) -> list[str]:
     return [f"model.path={args.model_dir}", f"model.backend={args.backend}", "model.build_tiny=false",
-            f"model.dtype={args.dtype}", "model.min_pixels=3136", f"model.max_pixels={512 * 512}",
+            f"model.dtype={args.dtype}", "model.min_pixels=3136",
+            f"model.max_pixels={max(512, getattr(args, 'long_side', None) or 0) ** 2}",
             "model.max_seq_length=16384", "model.lora.modules_to_save=[]", "model.lora.r=16",
             "model.lora.alpha=16", f"model.gradient_checkpointing={args.grad_ckpt}",
             f"model.vision_encoder={args.vision_encoder}", *args.set]

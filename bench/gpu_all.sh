@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole benchmark on one GPU box, in pieces that each fit a 10-minute command. Usage (from the repo root,
 # after `source bench/gpu_setup.sh` where wheels must be carried):
-#   bash bench/gpu_all.sh sft-1|sft-2|sft-facts|sft-loop|infer|reward|grpo-1|grpo-2|grpo-compiled|smoke  OUT_DIR
+#   bash bench/gpu_all.sh sft-1|sft-2|sft-facts|sft-long|sft-loop|infer|reward|grpo-1|grpo-2|grpo-compiled|smoke  OUT_DIR
 # Each piece rebuilds the random 4B model if missing (~25 s) and writes one JSON per measurement to OUT_DIR;
 # `python -m bench.report OUT_DIR` makes the tables.
 set -u
@@ -25,6 +25,9 @@ case $piece in
   # that bare loop's 6.7k (peft) / 12.0k (Unsloth) tokens/s
   sft-facts)    timeout 110 $R sft --backend hf --batch 8 --steps 10 --views 1 --answer-words 150 --out "$out"
                 timeout 240 $R sft --backend unsloth --batch 8 --steps 10 --views 1 --answer-words 150 --out "$out" ;;
+  # the long case: one 3424-px image per sample, ~11.4k tokens (near model.max_seq_length=12000), batch 1
+  sft-long)     timeout 150 $R sft --backend hf --batch 1 --steps 8 --warmup 2 --long-side 3424 --out "$out"
+                timeout 270 $R sft --backend unsloth --batch 1 --steps 8 --warmup 2 --long-side 3424 --out "$out" ;;
   # the same model and batches in a bare loop (what the stage adds), and the vision encoder's two settings
   sft-loop)     timeout 100 $R loop --backend hf --batch 8 --steps 8 --warmup 2 --out "$out"
                 timeout 100 $R loop --backend hf --batch 8 --steps 8 --warmup 2 --vision-encoder per_image --out "$out"

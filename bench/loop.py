@@ -64,7 +64,8 @@ def run_loop(args, work) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = loaded.model.to(device)
     model.train()
-    records = read_jsonl(filtered_file(work, args.dataset, views=args.views, answer_words=args.answer_words))
+    records = read_jsonl(filtered_file(work, args.dataset, views=args.views, answer_words=args.answer_words,
+                                       long_side=args.long_side))
     collate = SFTCollator(VisionChat(loaded.processor, abspath(cfg.data.root)))
     t0 = time.perf_counter()
     n_batches = 4

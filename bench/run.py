@@ -47,7 +47,8 @@ def measurement_name(args) -> str:
     parts += [override.rsplit(".", 1)[-1].replace("=", "-") for override in args.set]
     if args.what in ("sft", "loop"):
         parts += ([f"views{args.views}"] if args.views is not None else []) + (
-            [f"answer{args.answer_words}w"] if args.answer_words is not None else [])
+            [f"answer{args.answer_words}w"] if args.answer_words is not None else []) + (
+            [f"long{args.long_side}px"] if args.long_side else [])
     return "-".join(parts + [args.dataset])
 
 
@@ -134,7 +135,8 @@ def run_sft(args, work: Path) -> dict:
     from flare_exp.main import run
 
     ensure_prepared(work, args.image_size)
-    train = filtered_file(work, args.dataset, views=args.views, answer_words=args.answer_words)
+    train = filtered_file(work, args.dataset, views=args.views, answer_words=args.answer_words,
+                          long_side=args.long_side)
     name = measurement_name(args)
     timer = CollateTimer()
     if args.profile:
@@ -274,6 +276,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--dataset", default="IU_XRay")
     p.add_argument("--views", type=int, default=None, help="sft/loop: keep only the first N images per sample")
+    p.add_argument("--long-side", type=int, default=None,
+                   help="sft/loop: one S x S px image per sample instead (3424: ~11.4k tokens, the long case)")
     p.add_argument("--answer-words", type=int, default=None,
                    help="sft/loop: replace answers by N synthetic report words (1 view + 150 words: ~530 tokens "
                         "per sample, FACTS §5's bare-loop shape)")
@@ -317,7 +321,8 @@ def main() -> None:
     if args.what in ("sft", "loop"):
         result["gradient_checkpointing"] = args.grad_ckpt != "false"
         result["samples"] = ", ".join([args.dataset] + ([f"{args.views} view(s)"] if args.views is not None else [])
-                                      + ([f"{args.answer_words}-word answers"] if args.answer_words is not None else []))
+                                      + ([f"{args.answer_words}-word answers"] if args.answer_words is not None else [])
+                                      + ([f"one {args.long_side}-px image"] if args.long_side else []))
     if args.what != "reward":
         result["vision_encoder"] = args.vision_encoder
         result["overrides"] = list(args.set)

@@ -25,6 +25,9 @@ def test_bench_sft_loop_and_report(tmp_path, tiny_model_dir):
     loop = bench("loop", "--steps", "2", "--warmup", "1", "--views", "1", "--answer-words", "60", *common)
     assert loop["tokens_per_batch"] > 0 and loop["trainable_params"] > 0
     assert all(loop[v]["tokens_per_second_median"] > 0 for v in ("autocast", "plain"))
+    long_case = bench("loop", "--steps", "1", "--warmup", "0", "--batch", "1", "--long-side", "320", *common)
+    assert long_case["tokens_per_batch"] >= (320 // 32) ** 2  # one 320-px image: 10 x 10 merged patches at least
+    (tmp_path / "out" / "loop-hf-bs1-long320px-IU_XRay.json").unlink()
     names = sorted(p.name for p in (tmp_path / "out").glob("*.json"))
     assert names == ["loop-hf-bs8-views1-answer60w-IU_XRay.json", "sft-hf-bs8-w0-nockpt-r-8-IU_XRay.json"]
     assert loop["samples"] == "IU_XRay, 1 view(s), 60-word answers"

@@ -22,9 +22,11 @@ case $piece in
                 timeout 160 $R sft --backend unsloth --batch 8 --steps 10 --set model.unsloth_offload_activations=false --out "$out"
                 timeout 140 $R sft --backend unsloth --batch 16 --steps 8 --out "$out" ;;
   # FACTS §5's sample shape (one 512-px view + a ~250-token report, ~530 tokens per sample): the stage against
-  # that bare loop's 6.7k (peft) / 12.0k (Unsloth) tokens/s
+  # that bare loop's 6.7k (peft) / 12.0k (Unsloth) tokens/s; and dental-like samples (one view + a letter)
   sft-facts)    timeout 110 $R sft --backend hf --batch 8 --steps 10 --views 1 --answer-words 150 --out "$out"
-                timeout 240 $R sft --backend unsloth --batch 8 --steps 10 --views 1 --answer-words 150 --out "$out" ;;
+                timeout 200 $R sft --backend unsloth --batch 8 --steps 10 --views 1 --answer-words 150 --out "$out"
+                timeout 90 $R sft --backend hf --batch 8 --steps 10 --dataset dental --out "$out"
+                timeout 120 $R sft --backend unsloth --batch 8 --steps 10 --dataset dental --out "$out" ;;
   # the long case: one 3424-px image per sample, ~11.4k tokens (near model.max_seq_length=12000), batch 1
   sft-long)     timeout 150 $R sft --backend hf --batch 1 --steps 8 --warmup 2 --long-side 3424 --out "$out"
                 timeout 270 $R sft --backend unsloth --batch 1 --steps 8 --warmup 2 --long-side 3424 --out "$out" ;;

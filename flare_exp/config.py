@@ -225,7 +225,9 @@ class InferConfig:
     label: Optional[str] = None  # column header in the sheet; default: derived from the checkpoint
     split: str = "val"
     input_file: Optional[str] = None  # default: ${data.prepared_dir}/<split>.jsonl
-    batch_size: int = 8
+    # Prompts per generate call (length-sorted). 32 with the static cache: 13.5 reports/s on an H200 in FACTS §5
+    # (batch 8: 6.1); a static cache of 32 x ~900 tokens takes ~4 GiB. Lower it on small cards.
+    batch_size: int = 32
     num_samples: int = 0  # <= 0: all
     max_new_tokens: int = 256
     do_sample: bool = False

@@ -253,7 +253,9 @@ class KeywordMetricsConfig:
 @dataclass
 class GreenConfig:
     model_path: Optional[str] = None
-    batch_size: int = 8
+    # Prompts per generate call. GREEN-radllama2-7b needs ~0.65 GiB of KV cache per prompt (~800 prompt + 512
+    # new tokens, no grouped-query attention): 16 is ~10 GiB beside its 13.5 GiB of weights.
+    batch_size: int = 16
     max_length: int = 2048
     max_new_tokens: int = 512
 

@@ -64,7 +64,6 @@ def patch_permutation(lengths: tuple, order: tuple, device: str):
 
 def batched_attention_forward(self, hidden_states, cu_seqlens, rotary_pos_emb=None, position_embeddings=None,
                               **kwargs):
-    import torch
     from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb_vision
 
     seq_length = hidden_states.shape[0]

@@ -31,8 +31,9 @@ def validate(cfg: DictConfig) -> None:
             "so the full training settings apply.")
     if cfg.model.backend not in ("hf", "unsloth"):
         raise ValueError(f"model.backend={cfg.model.backend!r}: choose hf or unsloth")
-    check_one_process_per_job(uses_gpu=bool(steps_of(cfg) & {"sft", "rl", "infer"}))
-    if steps_of(cfg) & {"sft", "rl"} and cfg.model.dtype in ("bfloat16", "float16"):
+    steps = steps_of(cfg)
+    check_one_process_per_job(uses_gpu=bool(steps & {"sft", "rl", "infer"}))
+    if steps & {"sft", "rl"} and cfg.model.dtype in ("bfloat16", "float16"):
         import torch
 
         if not torch.cuda.is_available():  # before minutes of model loading, not transformers' "bf16/gpu" error
@@ -76,10 +77,11 @@ def run(cfg: DictConfig, run_dir: Path | None = None):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Compiled rollouts/decoding cost ~1 min per job; kernels cached beside our other caches (not in a node's
     # /tmp) let the next job of a sweep reuse them.
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(abspath(cfg.paths.cache_dir) / "torch_compile"))
+    cache_dir = abspath(cfg.paths.cache_dir)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir / "torch_compile"))
     # Unsloth writes its generated modules to ./unsloth_compiled_cache otherwise: into whatever directory a
     # job was submitted from, shared by every job of a sweep.
-    os.environ.setdefault("UNSLOTH_COMPILE_LOCATION", str(abspath(cfg.paths.cache_dir) / "unsloth_compiled_cache"))
+    os.environ.setdefault("UNSLOTH_COMPILE_LOCATION", str(cache_dir / "unsloth_compiled_cache"))
     validate(cfg)
     if run_dir is None:
         run_dir = Path(HydraConfig.get().runtime.output_dir)

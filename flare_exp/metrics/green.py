@@ -138,8 +138,9 @@ class GreenJudge:
         keys = [self.key(t) for t in texts]
         judged = {k: row["judge_output"] for k, row in read_journal(self.journal, "key").items()} \
             if self.journal else {}
-        todo = [text for key, text in dict(zip(keys, texts)).items() if key not in judged]
-        todo.sort(key=len, reverse=True)  # similar lengths share a batch (less padding); a too-large batch fails first
+        todo = [(key, text) for key, text in dict(zip(keys, texts)).items() if key not in judged]
+        # similar lengths share a batch (less padding); a too-large batch fails first
+        todo.sort(key=lambda item: len(item[1]), reverse=True)
         if judged and todo:
             log.info("GREEN judge: %d judgments reused from %s, %d to go", len(set(keys)) - len(todo),
                      self.journal, len(todo))
@@ -148,18 +149,18 @@ class GreenJudge:
         with (open(self.journal, "a", encoding="utf-8") if self.journal else contextlib.nullcontext()) as f:
             for start in tqdm(range(0, len(todo), self.batch_size), desc="GREEN judge", unit="batch",
                               disable=len(todo) <= self.batch_size):
-                batch = todo[start:start + self.batch_size]
-                enc = self.tokenizer(batch, return_tensors="pt", padding=True, truncation=True,
+                batch_keys, batch = zip(*todo[start:start + self.batch_size])
+                enc = self.tokenizer(list(batch), return_tensors="pt", padding=True, truncation=True,
                                      max_length=self.max_length, add_special_tokens=False)
                 enc = {k: v.to(self.device) for k, v in enc.items() if k != "token_type_ids"}
                 with torch.inference_mode():
                     out = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False,
                                               pad_token_id=self.tokenizer.pad_token_id)
                 outputs = self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-                for text, output in zip(batch, outputs):
-                    judged[self.key(text)] = output
+                for key, output in zip(batch_keys, outputs):
+                    judged[key] = output
                     if f:
-                        f.write(json.dumps({"key": self.key(text), "judge_output": output}, ensure_ascii=False) + "\n")
+                        f.write(json.dumps({"key": key, "judge_output": output}, ensure_ascii=False) + "\n")
                 if f:
                     f.flush()
         return [judged[k] for k in keys]

@@ -110,22 +110,19 @@ def use_batched_vision_encoder(model, setting: str) -> int:
     if setting == "per_image":
         return 0
     ours = qwen3_vl.__file__
+    attention, encoder = qwen3_vl.Qwen3VLVisionAttention, qwen3_vl.Qwen3VLVisionModel
+    position_functions = [name for name in ("fast_pos_embed_interpolate", "rot_pos_emb")
+                          if getattr(encoder, name).__code__.co_filename == ours]
     changed = 0
-    attention = qwen3_vl.Qwen3VLVisionAttention
-    if attention.forward.__code__.co_filename == ours:
-        for module in model.modules():
-            # flash_attention_2 already makes one varlen call; eager stays the reference
-            if isinstance(module, attention) and module.config._attn_implementation == "sdpa":
-                module.forward = types.MethodType(batched_attention_forward, module)
-                changed += 1
-    encoder = qwen3_vl.Qwen3VLVisionModel
-    for name in ("fast_pos_embed_interpolate", "rot_pos_emb"):
-        original = getattr(encoder, name)
-        if original.__code__.co_filename != ours:
-            continue
-        for module in model.modules():
-            if isinstance(module, encoder):
-                setattr(module, name, types.MethodType(once_per_grid(original), module))
+    for module in model.modules():
+        # flash_attention_2 already makes one varlen call; eager stays the reference
+        if (isinstance(module, attention) and attention.forward.__code__.co_filename == ours
+                and module.config._attn_implementation == "sdpa"):
+            module.forward = types.MethodType(batched_attention_forward, module)
+            changed += 1
+        elif isinstance(module, encoder):
+            for name in position_functions:
+                setattr(module, name, types.MethodType(once_per_grid(getattr(encoder, name)), module))
                 changed += 1
     if not changed:
         log.info("model.vision_encoder=batched: nothing to change (no Qwen3-VL vision encoder, or its code is "

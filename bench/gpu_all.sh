@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole benchmark on one GPU box, in pieces that each fit a 10-minute command. Usage (from the repo root,
 # after `source bench/gpu_setup.sh` where wheels must be carried):
-#   bash bench/gpu_all.sh sft-1|sft-2|sft-facts|sft-long|sft-loop|infer|reward|grpo-1|grpo-2|grpo-compiled|smoke  OUT_DIR
+#   bash bench/gpu_all.sh sft-1|sft-2|sft-facts|sft-long|sft-loop|infer|infer-2|reward|grpo-1|grpo-2|grpo-compiled|smoke  OUT_DIR
 # Each piece rebuilds the random 4B model if missing (~25 s) and writes one JSON per measurement to OUT_DIR;
 # `python -m bench.report OUT_DIR` makes the tables.
 set -u
@@ -12,7 +12,7 @@ R="python3 -m bench.run"
 case $piece in
   # SFT, side by side on one machine: hf, hf with compiled blocks, Unsloth (DataLoader workers: the default);
   # the plain rows profile two steps (GPU kernel time vs wall time)
-  sft-1)        timeout 110 $R sft --backend hf --batch 8 --steps 10 --profile --out "$out"
+  sft-1)        timeout 150 $R sft --backend hf --batch 8 --steps 10 --profile --out "$out"
                 timeout 200 $R sft --backend hf --batch 8 --steps 10 --compile --out "$out"
                 timeout 240 $R sft --backend unsloth --batch 8 --steps 10 --profile --out "$out" ;;
   # without gradient checkpointing (no recomputation; fits an 80 GiB card), Unsloth's checkpointing without
@@ -34,10 +34,13 @@ case $piece in
   sft-loop)     timeout 100 $R loop --backend hf --batch 8 --steps 8 --warmup 2 --out "$out"
                 timeout 100 $R loop --backend hf --batch 8 --steps 8 --warmup 2 --vision-encoder per_image --out "$out"
                 timeout 240 $R loop --backend unsloth --batch 8 --steps 8 --warmup 2 --out "$out" ;;
-  # inference toward 30 reports/s: static cache + compiled decode (one batch warm-up untimed), the vision
-  # attention's two settings side by side
+  # inference toward 30 reports/s: static cache + compiled decode (one batch warm-up untimed); the grouped
+  # decode attention (default) against transformers' copy of the KV cache per query head, side by side
   infer)        timeout 150 $R infer --batch 64 --samples 256 --cache static --warm --profile --out "$out"
                 timeout 170 $R infer --batch 128 --samples 512 --cache static --warm --out "$out"
+                timeout 170 $R infer --batch 128 --samples 512 --cache static --warm --set model.decode_attention=transformers --out "$out" ;;
+  # larger batches: the cache is read once per step now, so batch 256 may pay off
+  infer-2)      timeout 240 $R infer --batch 256 --samples 1024 --cache static --warm --out "$out"
                 timeout 170 $R infer --batch 128 --samples 512 --cache static --warm --vision-encoder per_image --out "$out" ;;
   # reward completions/s, RadGraph (radgraph-xl's shapes) on CPU and GPU, ours vs F1RadGraph pair by pair
   reward)       timeout 300 $R reward --samples 64 --num-generations 8 --out "$out" ;;
@@ -46,7 +49,8 @@ case $piece in
                 timeout 380 $R grpo --backend unsloth --num-generations 8 --batch 8 --steps 3 --warmup 1 --out "$out" ;;
   grpo-2)       timeout 260 $R grpo --backend unsloth --num-generations 2 --batch 8 --steps 3 --warmup 1 --out "$out"
                 timeout 130 $R grpo --backend hf --num-generations 2 --batch 8 --steps 3 --warmup 1 --out "$out" ;;
-  grpo-compiled) timeout 170 $R grpo --backend hf --num-generations 8 --batch 8 --steps 4 --warmup 1 --cache static --compile --out "$out" ;;
+  grpo-compiled) timeout 170 $R grpo --backend hf --num-generations 8 --batch 8 --steps 4 --warmup 1 --cache static --compile --out "$out"
+                 timeout 170 $R grpo --backend hf --num-generations 8 --batch 8 --steps 4 --warmup 1 --cache static --compile --set model.decode_attention=transformers --out "$out" ;;
   # every stage through launch.py on the 4B-shaped model, each backend: prepare (512-px demo data) -> sft ->
   # rl -> infer -> eval (RadGraph on the GPU); logs and metrics land in OUT_DIR
   smoke)        for b in hf unsloth; do

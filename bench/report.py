@@ -14,7 +14,7 @@ def load(folder: Path) -> list[dict]:
     for path in sorted(folder.glob("*.json*")):
         text = path.read_text()
         rows += [json.loads(l) for l in text.splitlines() if l.strip()] if path.suffix == ".jsonl" else [json.loads(text)]
-    return rows
+    return [r for r in rows if "what" in r]  # other JSON kept alongside (a smoke run's metrics) is not a result
 
 
 def _num(value, digits: int = 2) -> str:

@@ -52,8 +52,11 @@ def measurement_name(args) -> str:
     return "-".join(parts + [args.dataset])
 
 
-def summarise(history: list[dict], skip: int) -> dict:
+def summarise(history: list[dict], skip: int, exclude_steps=()) -> dict:
+    """Medians over the logged steps after the first `skip`, leaving out `exclude_steps` (profiled ones: the
+    profiler slows them; with compile spikes they could outnumber the normal steps)."""
     steps = [h for h in history if "step_seconds" in h][skip:]
+    steps = [h for h in steps if h.get("step") not in exclude_steps]
     if not steps:
         return {}
     med = lambda k: statistics.median(h[k] for h in steps if k in h)  # noqa: E731
@@ -99,7 +102,10 @@ def write_profile(path: Path, prof, wall: float, what: str) -> None:
                     + "\n\n" + events.table(sort_by="self_cpu_time_total", row_limit=15))
 
 
-def profile_steps(out: Path, name: str, first: int = 5, steps: int = 2):
+PROFILE_FIRST, PROFILE_STEPS = 5, 2  # steps 6 and 7 (global_step counts finished steps)
+
+
+def profile_steps(out: Path, name: str, first: int = PROFILE_FIRST, steps: int = PROFILE_STEPS):
     """A callback that runs torch.profiler over `steps` training steps and writes the top CUDA and CPU ops."""
     import torch
     from transformers import TrainerCallback
@@ -162,10 +168,12 @@ def run_sft(args, work: Path) -> dict:
     t0 = time.time()
     run(cfg, run_dir=work / "runs" / name)
     history = json.loads((work / "runs" / name / "log_history.json").read_text())
+    profiled = range(PROFILE_FIRST + 1, PROFILE_FIRST + PROFILE_STEPS + 1)
     result = {"what": "sft", "backend": args.backend, "batch": args.batch, "dataset": args.dataset,
               "dataloader_workers": cfg.sft.dataloader_num_workers, "compiled_layers": args.compile,
               "collate_seconds_per_batch_in_process": round(timer.seconds / timer.calls, 4) if timer.calls else None,
-              "wall_seconds": round(time.time() - t0, 1), **summarise(history, args.warmup),
+              "wall_seconds": round(time.time() - t0, 1),
+              **summarise(history, args.warmup, profiled if args.profile else ()),
               "peak_memory_gib_torch": round(torch.cuda.max_memory_allocated() / 2**30, 2)
               if torch.cuda.is_available() else None}
     meta = Path(args.model_dir) / "bench_model.json"

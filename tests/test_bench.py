@@ -48,3 +48,13 @@ def test_bench_reward(tmp_path):
     report = subprocess.run([sys.executable, "-m", "bench.report", str(tmp_path / "out")], capture_output=True,
                             text=True, cwd=REPO, check=True).stdout
     assert "| cpu | each report once | 8 | 4 |" in report
+
+
+def test_profiled_steps_stay_out_of_the_medians():
+    from bench.run import summarise
+
+    seconds = [60.0, 0.6, 0.6, 12.0, 0.6, 0.9, 0.9, 15.0, 0.6, 0.6]  # compile spikes at 1, 4, 8; profiled 6, 7
+    history = [{"step": i + 1, "step_seconds": s} for i, s in enumerate(seconds)] + [{"train_runtime": 1.0}]
+    assert summarise(history, 3)["step_seconds_median"] == 0.9  # spikes + profiled steps outnumber the rest
+    summary = summarise(history, 3, exclude_steps=range(6, 8))
+    assert summary["steps_measured"] == 5 and summary["step_seconds_median"] == 0.6

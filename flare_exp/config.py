@@ -57,6 +57,10 @@ class ModelConfig:
     # batched: the vision encoder attends over all images of one size in one call (sdpa) and builds
     # position embeddings once per image size; per_image: transformers' own per-image loops. Same math.
     vision_encoder: str = "batched"
+    # grouped (backend=hf, sdpa): at decode steps of a padded batch the query heads that share a key/value head
+    # attend together, reading the KV cache once; transformers copies it per query head whenever a mask is
+    # present (4x for Qwen3-VL-4B). Same math; prefill and training unchanged.
+    decode_attention: str = "grouped"
     gradient_checkpointing: bool = False
     # backend=unsloth with gradient_checkpointing: also offload the checkpointed activations to CPU memory
     # (Unsloth's "unsloth" mode, the least GPU memory); false = plain recomputation, no host copies.

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from flare_exp.models.checkpoints import read_meta, resolve_adapter
+from flare_exp.models.grouped_attention import check_setting, use_grouped_decode_attention
 from flare_exp.models.vision_encoder import use_batched_vision_encoder
 from flare_exp.runtime import abspath
 
@@ -105,6 +106,7 @@ def load_model(model_cfg, init_from: str | None = None, training: bool = True, s
                merge_adapter: bool = False) -> LoadedModel:
     """Load base model + processor, then either a fresh LoRA (training, no init_from) or the saved adapter.
     merge_adapter (inference, backend=hf): fold the adapter into the base weights."""
+    check_setting(model_cfg.decode_attention)  # before minutes of loading
     if model_cfg.backend == "unsloth":
         loaded = _load_unsloth(model_cfg, init_from, training, seed)
     elif model_cfg.backend == "hf":
@@ -112,6 +114,8 @@ def load_model(model_cfg, init_from: str | None = None, training: bool = True, s
     else:
         raise ValueError(f"model.backend={model_cfg.backend!r}: choose hf or unsloth")
     use_batched_vision_encoder(loaded.model, model_cfg.vision_encoder)
+    if loaded.backend == "hf":  # Unsloth decodes through its own attention code
+        use_grouped_decode_attention(loaded.model, model_cfg.decode_attention)
     return loaded
 
 

@@ -96,3 +96,24 @@ def test_per_image_setting_keeps_transformers_code(base_overrides, tiny_model_di
                    if type(m).__name__ in ("Qwen3VLVisionAttention", "Qwen3VLVisionModel"))
     with pytest.raises(ValueError, match="model.vision_encoder='fast'"):
         load_model(compose_cfg(["stage=sft", *base_overrides, "model.vision_encoder=fast"]).model)
+
+
+def test_code_replaced_by_another_library_is_left_and_named(base_overrides, monkeypatch, caplog):
+    """Unsloth rewrites transformers' modeling code into its own modules: that code is left alone, and the log
+    says where it came from."""
+    from transformers.models.qwen3_vl import modeling_qwen3_vl as qwen3_vl
+
+    from flare_exp.models.loading import load_model
+
+    namespace = {}
+    exec(compile("def forward(self, *args, **kwargs):\n    return original(self, *args, **kwargs)\n",
+                 "other_library_compiled_module.py", "exec"), {"original": qwen3_vl.Qwen3VLVisionAttention.forward},
+         namespace)
+    monkeypatch.setattr(qwen3_vl.Qwen3VLVisionAttention, "forward", namespace["forward"])
+    with caplog.at_level("INFO", logger="flare_exp.models.vision_encoder"):
+        model = load_model(compose_cfg(["stage=sft", *base_overrides]).model).model
+    attention = [m for m in model.modules() if isinstance(m, qwen3_vl.Qwen3VLVisionAttention)]
+    assert attention and not any("forward" in vars(m) for m in attention)
+    encoder = next(m for m in model.modules() if isinstance(m, qwen3_vl.Qwen3VLVisionModel))
+    assert all(name in vars(encoder) for name in PATCHED)  # transformers' own position code is still batched
+    assert "attention (sdpa, other_library_compiled_module.py)" in caplog.text

@@ -113,18 +113,26 @@ def use_batched_vision_encoder(model, setting: str) -> int:
     attention, encoder = qwen3_vl.Qwen3VLVisionAttention, qwen3_vl.Qwen3VLVisionModel
     position_functions = [name for name in ("fast_pos_embed_interpolate", "rot_pos_emb")
                           if getattr(encoder, name).__code__.co_filename == ours]
-    changed = 0
+    changed, left, has_encoder = 0, set(), False
     for module in model.modules():
         # flash_attention_2 already makes one varlen call; eager stays the reference
-        if (isinstance(module, attention) and attention.forward.__code__.co_filename == ours
-                and module.config._attn_implementation == "sdpa"):
-            module.forward = types.MethodType(batched_attention_forward, module)
-            changed += 1
+        if isinstance(module, attention):
+            if attention.forward.__code__.co_filename == ours and module.config._attn_implementation == "sdpa":
+                module.forward = types.MethodType(batched_attention_forward, module)
+                changed += 1
+            else:
+                left.add(f"attention ({module.config._attn_implementation}, {attention.forward.__code__.co_filename})")
         elif isinstance(module, encoder):
+            has_encoder = True
             for name in position_functions:
                 setattr(module, name, types.MethodType(once_per_grid(getattr(encoder, name)), module))
                 changed += 1
-    if not changed:
-        log.info("model.vision_encoder=batched: nothing to change (no Qwen3-VL vision encoder, or its code is "
-                 "already replaced by another library)")
+    left |= {f"{name} ({getattr(encoder, name).__code__.co_filename})" for name in
+             ("fast_pos_embed_interpolate", "rot_pos_emb") if name not in position_functions}
+    if left and has_encoder:
+        # e.g. Unsloth rewrites transformers' modeling code into its own compiled modules
+        log.info("model.vision_encoder=batched: left as they are (code not transformers' own, or not sdpa): %s",
+                 "; ".join(sorted(left)))
+    elif not changed:
+        log.info("model.vision_encoder=batched: nothing to change (no Qwen3-VL vision encoder)")
     return changed

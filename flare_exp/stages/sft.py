@@ -136,5 +136,7 @@ def run(cfg, out_dir: Path) -> dict:
                "best_checkpoint": trainer.state.best_model_checkpoint,
                "train_samples": len(train), "skipped_too_long": len(too_long) + len(val_too_long)}
     write_json(out_dir / "sft_summary.json", summary)
-    log.info("sft finished: adapter at %s (loss %s -> %s)", final, summary["first_loss"], summary["last_loss"])
+    losses = (f"loss {history[0]['loss']} at step {history[0].get('step')} -> {history[-1]['loss']} at step "
+              f"{history[-1].get('step')}, mean {result.training_loss:.4f}") if history else "no loss logged"
+    log.info("sft finished: adapter at %s (%s)", final, losses)
     return summary

@@ -46,11 +46,12 @@ def test_grouped_decode_traces_as_one_graph():
     """transformers compiles the static-cache decode step: the function must not break the graph."""
     from flare_exp.models.grouped_attention import grouped_decode_attention
 
-    query, key, value, mask = _decode_inputs()
     module = _Attention()
-    compiled = torch.compile(lambda *t: grouped_decode_attention(module, *t)[0], fullgraph=True, backend="eager")
-    torch.testing.assert_close(compiled(query, key, value, mask),
-                               grouped_decode_attention(module, query, key, value, mask)[0])
+    for q_len in (1, 3):  # the grouped path, and the delegation to transformers (prefill, compiled blocks)
+        query, key, value, mask = _decode_inputs(q_len)
+        compiled = torch.compile(lambda *t: grouped_decode_attention(module, *t)[0], fullgraph=True, backend="eager")
+        torch.testing.assert_close(compiled(query, key, value, mask),
+                                   grouped_decode_attention(module, query, key, value, mask)[0])
 
 
 def test_prefill_and_unmasked_steps_keep_transformers_path(monkeypatch):

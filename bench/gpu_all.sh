@@ -30,10 +30,11 @@ case $piece in
   # the long case: one 3424-px image per sample, ~11.4k tokens (near model.max_seq_length=12000), batch 1
   sft-long)     timeout 150 $R sft --backend hf --batch 1 --steps 8 --warmup 2 --long-side 3424 --out "$out"
                 timeout 270 $R sft --backend unsloth --batch 1 --steps 8 --warmup 2 --long-side 3424 --out "$out" ;;
-  # the same model and batches in a bare loop (what the stage adds), and the vision encoder's two settings
+  # the same model and batches in a bare loop (what the stage adds), and the vision encoder's two settings; Unsloth
+  # also with the batched vision encoder forced over its rewritten copy (outputs checked first)
   sft-loop)     timeout 100 $R loop --backend hf --batch 8 --steps 8 --warmup 2 --out "$out"
                 timeout 100 $R loop --backend hf --batch 8 --steps 8 --warmup 2 --vision-encoder per_image --out "$out"
-                timeout 240 $R loop --backend unsloth --batch 8 --steps 8 --warmup 2 --out "$out" ;;
+                timeout 240 $R loop --backend unsloth --batch 8 --steps 8 --warmup 2 --force-vision-encoder --out "$out" ;;
   # inference toward 30 reports/s: static cache + compiled decode (one batch warm-up untimed); the grouped
   # decode attention (default) against transformers' copy of the KV cache per query head, side by side
   infer)        timeout 150 $R infer --batch 64 --samples 256 --cache static --warm --profile --out "$out"

@@ -79,4 +79,34 @@ def run_loop(args, work) -> dict:
               "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     for variant in ("autocast", "plain"):
         result[variant] = timed_steps(model, optimizer, batches, args.steps, args.warmup, variant == "autocast")
+    if args.force_vision_encoder:
+        result["vision_encoder_forced"] = forced_vision_encoder(model, batches[0])
+        result["autocast, vision encoder batched (forced)"] = timed_steps(model, optimizer, batches, args.steps,
+                                                                          args.warmup, True)
     return result
+
+
+def forced_vision_encoder(model, batch: dict) -> dict:
+    """Install the batched vision encoder over whatever code the model runs now (Unsloth rewrites transformers'
+    modules), after checking that the encoder's outputs stay the same on one batch."""
+    import torch
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
+
+    from flare_exp.models.vision_encoder import use_batched_vision_encoder
+
+    encoder = next(m for m in model.modules() if isinstance(m, Qwen3VLVisionModel))
+    attention_code = type(encoder.blocks[0].attn).forward.__code__.co_filename
+
+    def encode():
+        with torch.no_grad(), torch.autocast(batch["pixel_values"].device.type, dtype=torch.bfloat16):
+            out = encoder(batch["pixel_values"], grid_thw=batch["image_grid_thw"])
+        return (out[0] if isinstance(out, tuple) else out).float()
+
+    before = encode()
+    changed = use_batched_vision_encoder(model, "batched", replace_foreign=True)
+    after = encode()
+    relative = float((after - before).abs().max() / before.abs().max().clamp_min(1e-12))
+    if relative > 0.05:
+        raise RuntimeError(f"the forced batched vision encoder changes the outputs (max relative {relative:.3g}); "
+                           f"the model's attention code is {attention_code}")
+    return {"attention_code": attention_code, "modules_changed": changed, "max_relative_difference": relative}

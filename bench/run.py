@@ -44,6 +44,8 @@ def measurement_name(args) -> str:
         parts.append("nockpt")
     if args.vision_encoder != "batched":
         parts.append(f"vision-{args.vision_encoder}")
+    if args.what == "loop" and args.force_vision_encoder:
+        parts.append("forced-vision")
     parts += [override.rsplit(".", 1)[-1].replace("=", "-") for override in args.set]
     if args.what in ("sft", "loop"):
         parts += ([f"views{args.views}"] if args.views is not None else []) + (
@@ -295,6 +297,9 @@ def main() -> None:
                    help="any other config override for the measured stage (repeatable; named in the result file)")
     p.add_argument("--vision-encoder", default="batched", choices=["batched", "per_image"],
                    help="model.vision_encoder")
+    p.add_argument("--force-vision-encoder", action="store_true",
+                   help="loop: then install the batched vision encoder even over another library's copy of "
+                        "transformers' code (Unsloth's), compare the encoder's outputs, and time that too")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--model-dir", default="/tmp/flare_bench/qwen3vl-4b-random")
     p.add_argument("--work", default="/tmp/flare_bench")

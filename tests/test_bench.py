@@ -25,6 +25,10 @@ def test_bench_sft_loop_and_report(tmp_path, tiny_model_dir):
     loop = bench("loop", "--steps", "2", "--warmup", "1", "--views", "1", "--answer-words", "60", *common)
     assert loop["tokens_per_batch"] > 0 and loop["trainable_params"] > 0
     assert all(loop[v]["tokens_per_second_median"] > 0 for v in ("autocast", "plain"))
+    forced = bench("loop", "--steps", "1", "--warmup", "0", "--batch", "2", "--force-vision-encoder", *common)
+    assert forced["vision_encoder_forced"]["max_relative_difference"] < 0.05
+    assert forced["autocast, vision encoder batched (forced)"]["tokens_per_second_median"] > 0
+    (tmp_path / "out" / "loop-hf-bs2-forced-vision-IU_XRay.json").unlink()
     long_case = bench("loop", "--steps", "1", "--warmup", "0", "--batch", "1", "--long-side", "320", *common)
     assert long_case["tokens_per_batch"] >= (320 // 32) ** 2  # one 320-px image: 10 x 10 merged patches at least
     (tmp_path / "out" / "loop-hf-bs1-long320px-IU_XRay.json").unlink()

@@ -97,10 +97,11 @@ def once_per_grid(original):
     return per_grid
 
 
-def use_batched_vision_encoder(model, setting: str) -> int:
+def use_batched_vision_encoder(model, setting: str, replace_foreign: bool = False) -> int:
     """Install the batched attention (sdpa only) and per-grid position functions on Qwen3-VL's vision encoder.
     Returns how many modules were changed; 0 when the setting says per_image, the model has no Qwen3-VL vision
-    encoder, or another library already replaced transformers' code (left alone)."""
+    encoder, or another library already replaced transformers' code (left alone unless replace_foreign: the
+    benchmark's way to try it over Unsloth's rewritten copy, checking the outputs first)."""
     if setting not in ("batched", "per_image"):
         raise ValueError(f"model.vision_encoder={setting!r}: choose batched or per_image")
     try:
@@ -112,12 +113,13 @@ def use_batched_vision_encoder(model, setting: str) -> int:
     ours = qwen3_vl.__file__
     attention, encoder = qwen3_vl.Qwen3VLVisionAttention, qwen3_vl.Qwen3VLVisionModel
     position_functions = [name for name in ("fast_pos_embed_interpolate", "rot_pos_emb")
-                          if getattr(encoder, name).__code__.co_filename == ours]
+                          if replace_foreign or getattr(encoder, name).__code__.co_filename == ours]
     changed, left, has_encoder = 0, set(), False
     for module in model.modules():
         # flash_attention_2 already makes one varlen call; eager stays the reference
         if isinstance(module, attention):
-            if attention.forward.__code__.co_filename == ours and module.config._attn_implementation == "sdpa":
+            if ((replace_foreign or attention.forward.__code__.co_filename == ours)
+                    and module.config._attn_implementation == "sdpa"):
                 module.forward = types.MethodType(batched_attention_forward, module)
                 changed += 1
             else:

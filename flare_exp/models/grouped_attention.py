@@ -33,12 +33,14 @@ def grouped_decode_attention(module, query, key, value, attention_mask, dropout:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     groups = getattr(module, "num_key_value_groups", 1)
-    if (groups == 1 or attention_mask is None or query.shape[2] != 1 or attention_mask.ndim != 4
-            or attention_mask.shape[1] != 1 or kwargs.get("output_attentions") or kwargs.get("head_mask") is not None):
+    batch, heads, q_len, head_dim = query.shape
+    kv_heads = key.shape[1]
+    foldable = (groups > 1 and q_len == 1 and kv_heads * groups == heads and attention_mask is not None
+                and attention_mask.ndim == 4 and attention_mask.shape[1] == 1
+                and not kwargs.get("output_attentions") and kwargs.get("head_mask") is None)
+    if not foldable:  # prefill, training, no padding (SDPA shares heads itself then), other layouts
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    batch, heads, _, head_dim = query.shape
-    kv_heads = key.shape[1]
     # query head h uses key/value head h // groups (repeat_kv's layout): rows of one kv head are contiguous
     rows = query.reshape(batch, kv_heads, groups, head_dim)
     out = torch.nn.functional.scaled_dot_product_attention(

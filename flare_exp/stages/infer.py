@@ -159,6 +159,12 @@ def run(cfg, out_dir: Path) -> dict:
                             merge_adapter=inf.merge_adapter)
         chat = VisionChat(loaded.processor, abspath(cfg.data.root), image_device(inf.image_device, loaded.model))
         decode = Decoder(loaded.model, chat, inf, cfg.model.backend)
+        full_batches = len(todo) // inf.batch_size
+        if decode.cache == "static":
+            log.info("infer: %d reports, batch %d: static KV cache, decode step compiled by the first full batch%s",
+                     len(todo), inf.batch_size, "" if full_batches >= 4 else
+                     f" (only {full_batches} full batch(es): infer.cache_implementation=dynamic skips compiling, "
+                     "which may finish sooner)")
         if inf.sort_by_length:  # similar lengths share a batch: less padding, fewer wasted decode steps
             todo.sort(key=lambda r: chat.sequence_length(r, with_answer=False), reverse=True)
         bar = tqdm(total=len(todo), desc=f"infer {label}", unit="report")

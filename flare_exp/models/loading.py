@@ -114,7 +114,7 @@ def load_model(model_cfg, init_from: str | None = None, training: bool = True, s
     else:
         raise ValueError(f"model.backend={model_cfg.backend!r}: choose hf or unsloth")
     use_batched_vision_encoder(loaded.model, model_cfg.vision_encoder)
-    if loaded.backend == "hf":  # Unsloth decodes through its own attention code
+    if loaded.backend == "hf":  # Unsloth patches attention its own way; untried there, so left to it
         use_grouped_decode_attention(loaded.model, model_cfg.decode_attention)
     return loaded
 

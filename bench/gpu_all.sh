@@ -10,11 +10,12 @@ mkdir -p "$out"
 python3 -m bench.run build > "$out/build.log" 2>&1
 R="python3 -m bench.run"
 case $piece in
-  # SFT, side by side on one machine: hf, hf with compiled blocks, Unsloth (DataLoader workers: the default);
-  # the plain rows profile two steps (GPU kernel time vs wall time)
-  sft-1)        timeout 150 $R sft --backend hf --batch 8 --steps 10 --profile --out "$out"
-                timeout 200 $R sft --backend hf --batch 8 --steps 10 --compile --out "$out"
-                timeout 240 $R sft --backend unsloth --batch 8 --steps 10 --profile --out "$out" ;;
+  # SFT, side by side on one machine: hf (profiled: GPU kernel time vs wall time), Unsloth, hf with PEFT's own
+  # LoRA input casts (model.lora.input_cast=always), hf with compiled blocks (DataLoader workers: the default)
+  sft-1)        timeout 130 $R sft --backend hf --batch 8 --steps 10 --profile --out "$out"
+                timeout 200 $R sft --backend unsloth --batch 8 --steps 10 --out "$out"
+                timeout 100 $R sft --backend hf --batch 8 --steps 10 --set model.lora.input_cast=always --out "$out"
+                timeout 150 $R sft --backend hf --batch 8 --steps 10 --compile --out "$out" ;;
   # without gradient checkpointing (no recomputation; fits an 80 GiB card), Unsloth's checkpointing without
   # offloading activations to the CPU, and Unsloth at batch 16
   sft-2)        timeout 100 $R sft --backend hf --batch 8 --steps 10 --grad-ckpt false --out "$out"

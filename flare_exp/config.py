@@ -42,6 +42,10 @@ class LoraConfig:
     finetune_attention_modules: bool = True
     finetune_mlp_modules: bool = True
     modules_to_save: List[str] = field(default_factory=list)
+    # backend=hf: PEFT casts each LoRA layer's input to the float32 LoRA weights; under autocast (bf16 training)
+    # F.linear casts it straight back, so outside_autocast skips those copies there (same results); always:
+    # PEFT's behaviour.
+    input_cast: str = "outside_autocast"
 
 
 @dataclass

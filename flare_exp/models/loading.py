@@ -13,6 +13,7 @@ from typing import Any
 
 from flare_exp.models.checkpoints import read_meta, resolve_adapter
 from flare_exp.models.grouped_attention import check_setting, use_grouped_decode_attention
+from flare_exp.models.lora_casts import check_input_cast, use_lora_input_cast
 from flare_exp.models.vision_encoder import use_batched_vision_encoder
 from flare_exp.runtime import abspath
 
@@ -107,6 +108,7 @@ def load_model(model_cfg, init_from: str | None = None, training: bool = True, s
     """Load base model + processor, then either a fresh LoRA (training, no init_from) or the saved adapter.
     merge_adapter (inference, backend=hf): fold the adapter into the base weights."""
     check_setting(model_cfg.decode_attention)  # before minutes of loading
+    check_input_cast(model_cfg.lora.input_cast)
     if model_cfg.backend == "unsloth":
         loaded = _load_unsloth(model_cfg, init_from, training, seed)
     elif model_cfg.backend == "hf":
@@ -114,8 +116,9 @@ def load_model(model_cfg, init_from: str | None = None, training: bool = True, s
     else:
         raise ValueError(f"model.backend={model_cfg.backend!r}: choose hf or unsloth")
     use_batched_vision_encoder(loaded.model, model_cfg.vision_encoder)
-    if loaded.backend == "hf":  # Unsloth patches attention its own way; untried there, so left to it
+    if loaded.backend == "hf":  # Unsloth patches attention and LoRA its own way; untried there, so left to it
         use_grouped_decode_attention(loaded.model, model_cfg.decode_attention)
+        use_lora_input_cast(loaded.model, model_cfg.lora.input_cast)
     return loaded
 
 

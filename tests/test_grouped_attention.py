@@ -129,3 +129,34 @@ def test_settings(base_overrides):
     assert model.config.text_config._attn_implementation == "sdpa"
     with pytest.raises(ValueError, match="model.decode_attention='fast'"):
         load_model(compose_cfg(["stage=infer", *base_overrides, "model.decode_attention=fast"]).model)
+
+
+@pytest.mark.parametrize("policy", [False, True])  # infer's model; rl's LoRA policy (its casting flag inside)
+def test_compiled_decoding_traces_one_graph(policy, base_overrides, demo_prepared):
+    """transformers' own compiled decode step (static cache), forced onto the CPU with the eager backend: one
+    full graph with the grouped attention inside, the same tokens as uncompiled decoding."""
+    import torch._dynamo
+    from transformers import CompileConfig
+
+    from flare_exp.data.vision import VisionChat
+    from flare_exp.io import read_jsonl
+    from flare_exp.models.loading import load_model
+    from flare_exp.runtime import abspath
+
+    loaded = load_model(compose_cfg(["stage=infer", *base_overrides]).model, training=policy)
+    loaded.model.eval()  # rl's rollouts run in eval mode too
+    chat = VisionChat(loaded.processor, abspath(compose_cfg(base_overrides).data.root))
+    rows = read_jsonl(demo_prepared / "val.jsonl")
+    batch = chat.generation_batch([r for r in rows if r["dataset"] == "IU_XRay"][:2] +
+                                  [r for r in rows if r["dataset"] != "IU_XRay"][:2])
+    compile_config = CompileConfig(backend="eager", fullgraph=True, mode=None)
+    compile_config._compile_all_devices = True
+    kwargs = dict(max_new_tokens=5, do_sample=False, cache_implementation="static",
+                  pad_token_id=chat.tokenizer.pad_token_id)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    with torch.inference_mode():
+        compiled = loaded.model.generate(**batch, compile_config=compile_config, **kwargs)
+        eager = loaded.model.generate(**batch, disable_compile=True, **kwargs)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert torch.equal(compiled, eager)

@@ -48,10 +48,16 @@ def measurement_name(args) -> str:
         parts.append("forced-vision")
     parts += [override.rsplit(".", 1)[-1].replace("=", "-") for override in args.set]
     if args.what in ("sft", "loop"):
-        parts += ([f"views{args.views}"] if args.views is not None else []) + (
-            [f"answer{args.answer_words}w"] if args.answer_words is not None else []) + (
-            [f"long{args.long_side}px"] if args.long_side else [])
+        parts += [name for name, _ in sample_shape(args)]
     return "-".join(parts + [args.dataset])
+
+
+def sample_shape(args) -> list[tuple[str, str]]:
+    """How the samples were reshaped (sft/loop): (file-name part, words for the result's "samples")."""
+    return (([(f"views{args.views}", f"{args.views} view(s)")] if args.views is not None else [])
+            + ([(f"answer{args.answer_words}w", f"{args.answer_words}-word answers")]
+               if args.answer_words is not None else [])
+            + ([(f"long{args.long_side}px", f"one {args.long_side}-px image")] if args.long_side else []))
 
 
 def summarise(history: list[dict], skip: int, exclude_steps=()) -> dict:
@@ -333,9 +339,7 @@ def main() -> None:
         result = {"sft": run_sft, "grpo": run_grpo, "infer": run_infer}[args.what](args, work)
     if args.what in ("sft", "loop"):
         result["gradient_checkpointing"] = args.grad_ckpt != "false"
-        result["samples"] = ", ".join([args.dataset] + ([f"{args.views} view(s)"] if args.views is not None else [])
-                                      + ([f"{args.answer_words}-word answers"] if args.answer_words is not None else [])
-                                      + ([f"one {args.long_side}-px image"] if args.long_side else []))
+        result["samples"] = ", ".join([args.dataset] + [words for _, words in sample_shape(args)])
     if args.what != "reward":
         result["vision_encoder"] = args.vision_encoder
         result["overrides"] = list(args.set)

@@ -9,6 +9,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from flare_exp import stages
+from flare_exp.models.loading import check_model_settings
 from flare_exp.runtime import (abspath, check_not_finished, clear_finished_outputs, run_with_markers,
                                write_run_metadata)
 
@@ -29,8 +30,7 @@ def validate(cfg: DictConfig) -> None:
             f"experiment=demo runs demo-sized budgets (a few steps), but model={cfg.model.name} "
             f"data={cfg.data.name} were chosen. For real runs pass experiment=flare (or ~experiment) "
             "so the full training settings apply.")
-    if cfg.model.backend not in ("hf", "unsloth"):
-        raise ValueError(f"model.backend={cfg.model.backend!r}: choose hf or unsloth")
+    check_model_settings(cfg.model)
     steps = steps_of(cfg)
     check_one_process_per_job(uses_gpu=bool(steps & {"sft", "rl", "infer"}))
     if steps & {"sft", "rl"} and cfg.model.dtype in ("bfloat16", "float16"):

@@ -43,6 +43,13 @@ def is_compilation_error(error: BaseException) -> bool:
     return type(error).__module__.startswith(("torch._dynamo", "torch._inductor"))
 
 
+def check_choice(key: str, value, choices) -> None:
+    """A setting that takes one of a few names: a clear error naming the key and the names."""
+    if value not in choices:
+        names = [str(c) for c in choices]
+        raise ValueError(f"{key}={value!r}: choose {', '.join(names[:-1])} or {names[-1]}")
+
+
 def retry_uncompiled(call, turn_compilation_off, what: str, then: str):
     """``call()``; if torch.compile fails inside it (another GPU, another torch), warn once, turn compilation
     off and call again, so a run goes on uncompiled instead of dying."""

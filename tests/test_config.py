@@ -79,6 +79,15 @@ def test_unknown_backend_rejected():
         validate(compose_cfg(["model.backend=vllm"]))
 
 
+@pytest.mark.parametrize("key", ["model.vision_encoder", "model.decode_attention", "model.lora.input_cast"])
+def test_unknown_model_setting_rejected_at_startup(key):
+    """Before a pipeline's first step runs, not when a later step loads the model."""
+    from flare_exp.main import validate
+
+    with pytest.raises(ValueError, match=f"{key}='fast': choose "):
+        validate(compose_cfg([f"{key}=fast"]))
+
+
 @pytest.mark.parametrize("overrides", [
     ["stage=prepare"],
     ["stage=sft", "run_name=sft-r16", "model.backend=unsloth", "sft.early_stopping_patience=5"],

@@ -57,15 +57,9 @@ def register() -> None:
     AttentionMaskInterface.register(NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
 
 
-def check_setting(setting: str) -> None:
-    if setting not in SETTINGS:
-        raise ValueError(f"model.decode_attention={setting!r}: choose {' or '.join(SETTINGS)}")
-
-
 def use_grouped_decode_attention(model, setting: str) -> int:
     """Switch every sdpa attention module with grouped key/value heads to the grouped decode path. Returns how
     many configs were switched (0 for transformers, non-sdpa attention or no grouped heads)."""
-    check_setting(setting)
     if setting == "transformers":
         return 0
     configs = {}

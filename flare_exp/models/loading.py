@@ -12,10 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from flare_exp.models.checkpoints import read_meta, resolve_adapter
-from flare_exp.models.grouped_attention import check_setting, use_grouped_decode_attention
-from flare_exp.models.lora_casts import check_input_cast, use_lora_input_cast
-from flare_exp.models.vision_encoder import use_batched_vision_encoder
-from flare_exp.runtime import abspath
+from flare_exp.models import grouped_attention, lora_casts, vision_encoder
+from flare_exp.runtime import abspath, check_choice
 
 log = logging.getLogger(__name__)
 
@@ -103,22 +101,27 @@ def _adapter_and_base(model_cfg, init_from: str | None) -> tuple[Path | None, Pa
     return adapter, base
 
 
+def check_model_settings(model_cfg) -> None:
+    """The model.* names, checked before minutes of loading (and by main.validate at startup)."""
+    check_choice("model.backend", model_cfg.backend, ("hf", "unsloth"))
+    check_choice("model.vision_encoder", model_cfg.vision_encoder, vision_encoder.SETTINGS)
+    check_choice("model.decode_attention", model_cfg.decode_attention, grouped_attention.SETTINGS)
+    check_choice("model.lora.input_cast", model_cfg.lora.input_cast, lora_casts.SETTINGS)
+
+
 def load_model(model_cfg, init_from: str | None = None, training: bool = True, seed: int = 0,
                merge_adapter: bool = False) -> LoadedModel:
     """Load base model + processor, then either a fresh LoRA (training, no init_from) or the saved adapter.
     merge_adapter (inference, backend=hf): fold the adapter into the base weights."""
-    check_setting(model_cfg.decode_attention)  # before minutes of loading
-    check_input_cast(model_cfg.lora.input_cast)
+    check_model_settings(model_cfg)
     if model_cfg.backend == "unsloth":
         loaded = _load_unsloth(model_cfg, init_from, training, seed)
-    elif model_cfg.backend == "hf":
-        loaded = _load_hf(model_cfg, init_from, training, merge_adapter and not training)
     else:
-        raise ValueError(f"model.backend={model_cfg.backend!r}: choose hf or unsloth")
-    use_batched_vision_encoder(loaded.model, model_cfg.vision_encoder)
+        loaded = _load_hf(model_cfg, init_from, training, merge_adapter and not training)
+    vision_encoder.use_batched_vision_encoder(loaded.model, model_cfg.vision_encoder)
     if loaded.backend == "hf":  # Unsloth patches attention and LoRA its own way; untried there, so left to it
-        use_grouped_decode_attention(loaded.model, model_cfg.decode_attention)
-        use_lora_input_cast(loaded.model, model_cfg.lora.input_cast)
+        grouped_attention.use_grouped_decode_attention(loaded.model, model_cfg.decode_attention)
+        lora_casts.use_lora_input_cast(loaded.model, model_cfg.lora.input_cast)
     return loaded
 
 

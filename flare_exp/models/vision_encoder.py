@@ -20,6 +20,8 @@ from itertools import accumulate, groupby
 
 log = logging.getLogger(__name__)
 
+SETTINGS = ("batched", "per_image")
+
 
 def equal_length_runs(lengths: list[int]) -> list[tuple[int, int]]:
     """[(length, count)] for consecutive equal lengths: [256, 256, 64, 256] -> [(256, 2), (64, 1), (256, 1)]."""
@@ -102,8 +104,6 @@ def use_batched_vision_encoder(model, setting: str, replace_foreign: bool = Fals
     Returns how many modules were changed; 0 when the setting says per_image, the model has no Qwen3-VL vision
     encoder, or another library already replaced transformers' code (left alone unless replace_foreign: the
     benchmark's way to try it over Unsloth's rewritten copy, checking the outputs first)."""
-    if setting not in ("batched", "per_image"):
-        raise ValueError(f"model.vision_encoder={setting!r}: choose batched or per_image")
     try:
         from transformers.models.qwen3_vl import modeling_qwen3_vl as qwen3_vl
     except ImportError:

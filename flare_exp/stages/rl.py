@@ -16,7 +16,7 @@ from flare_exp.data.vision import VisionChat, filter_by_length, render_messages
 from flare_exp.io import read_jsonl, write_json
 from flare_exp.models.loading import load_model
 from flare_exp.rewards.combine import build_reward
-from flare_exp.runtime import abspath, retry_uncompiled
+from flare_exp.runtime import abspath, check_choice, retry_uncompiled
 from flare_exp.training import (CheckpointMeta, ProgressLog, add_to_log, data_fingerprints, finish_tracking,
                                 half_precision, resume_checkpoint, setup_tracking)
 
@@ -56,10 +56,8 @@ def check_settings(rl, max_seq_length: int) -> int:
             f"rl.per_device_train_batch_size x rl.gradient_accumulation_steps = {generation_batch} completions per "
             f"generation round is not divisible by rl.num_generations={rl.num_generations}. Make the batch a "
             f"multiple of it, e.g. rl.per_device_train_batch_size={rl.num_generations * max(1, round(rl.per_device_train_batch_size / rl.num_generations))}")
-    if rl.scale_rewards not in ("none", "group", "batch"):
-        raise ValueError(f"rl.scale_rewards={rl.scale_rewards!r}: choose none, group or batch")
-    if rl.on_too_long not in ("error", "skip"):
-        raise ValueError(f"rl.on_too_long={rl.on_too_long!r}: choose error or skip")
+    check_choice("rl.scale_rewards", rl.scale_rewards, ("none", "group", "batch"))
+    check_choice("rl.on_too_long", rl.on_too_long, ("error", "skip"))
     limit = rl.max_prompt_length or max_seq_length - rl.max_completion_length
     if limit <= 0:
         raise ValueError(f"rl.max_completion_length={rl.max_completion_length} leaves no room for the prompt in "

@@ -11,7 +11,7 @@ from pathlib import Path
 from flare_exp.data.vision import SFTCollator, VisionChat, filter_by_length
 from flare_exp.io import read_jsonl, write_json
 from flare_exp.models.loading import compile_repeated_blocks, load_model
-from flare_exp.runtime import abspath
+from flare_exp.runtime import abspath, check_choice
 from flare_exp.training import (CheckpointMeta, ProgressLog, data_fingerprints, finish_tracking, half_precision,
                                 resume_checkpoint, setup_tracking)
 
@@ -36,8 +36,7 @@ def check_settings(sft) -> None:
     if sft.early_stopping_patience and sft.save_steps % sft.eval_steps:
         raise ValueError(f"sft.early_stopping_patience needs sft.save_steps ({sft.save_steps}) to be a multiple "
                          f"of sft.eval_steps ({sft.eval_steps}) so the best checkpoint can be kept")
-    if sft.on_too_long not in ("skip", "error"):
-        raise ValueError(f"sft.on_too_long={sft.on_too_long!r}: choose skip or error")
+    check_choice("sft.on_too_long", sft.on_too_long, ("skip", "error"))
 
 
 def length_grouped(trainer_class):

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+from statistics import median
 import sys
 from pathlib import Path
 
@@ -49,12 +50,17 @@ def _setup(r: dict) -> list:
 SETUP = ["samples", "backend", "batch", "grad ckpt", "vision encoder"]
 
 
+def _settings(r: dict) -> str:
+    """The config overrides a measurement ran with (--set)."""
+    return ", ".join(r.get("overrides") or []) or "-"
+
+
 def sft_row(r: dict) -> list:
     return [*_setup(r), r.get("dataloader_workers", 0), _yes(r.get("compiled_layers")),
             f"{r.get('tokens_per_second_median', 0):,.0f}", f"{r.get('mfu', 0):.3f}",
             f"{r.get('step_seconds_median', 0):.3f}", _num(r.get("data_wait_seconds_median"), 3),
             r.get("collate_seconds_per_batch_in_process") or "n/a", r.get("peak_memory_gib", 0),
-            ", ".join(r.get("overrides") or []) or "-", r["device"]]
+            _settings(r), r["device"]]
 
 
 def loop_row(r: dict) -> list:
@@ -77,17 +83,19 @@ def tables(rows: list[dict]) -> str:
                     "autocast, batched vision encoder forced over the model's own: tokens/s", "device"],
                    [loop_row(r) for r in of("loop")])
     out += section("Inference (the infer stage, 128 new tokens forced, two 512-px views)",
-                   ["backend", "batch", "KV cache", "image processing", "vision encoder", "reports/s", "samples",
-                    "device"],
+                   ["backend", "batch", "KV cache", "image processing", "vision encoder", "reports/s",
+                    "s per batch (median)", "samples", "other settings", "device"],
                    [[r["backend"], r["batch"], r["cache"], r.get("image_device", "cpu"),
-                     r.get("vision_encoder", "per_image"), r["reports_per_second"], r["samples"], r["device"]]
-                    for r in sorted(of("infer"), key=lambda r: (r["cache"], r["batch"]))])
+                     r.get("vision_encoder", "per_image"), r["reports_per_second"],
+                     _num(median(r.get("generate_seconds_per_batch") or [None])), r["samples"], _settings(r),
+                     r["device"]] for r in sorted(of("infer"), key=lambda r: (r["cache"], r["batch"]))])
     out += section("GRPO (the rl stage)",
                    ["backend", "generations", "completions/step", "rollouts", "s/step (median)", "first step s",
-                    "peak GiB"],
+                    "peak GiB", "other settings"],
                    [[r["backend"], r["num_generations"], r["completions_per_step"],
                      r.get("cache", "dynamic") + (" + compiled decode" if r.get("compiled_decode") else ""),
-                     _num(r.get("step_seconds_median")), _num(r.get("first_step_seconds")), r.get("peak_memory_gib")]
+                     _num(r.get("step_seconds_median")), _num(r.get("first_step_seconds")), r.get("peak_memory_gib"),
+                     _settings(r)]
                     for r in of("grpo")])
     out += section("Reward (reward=flare on report completions, RadGraph of radgraph-xl's shapes, random weights)",
                    ["RadGraph device", "path", "completions", "generations per reference", "completions/s",

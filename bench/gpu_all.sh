@@ -36,14 +36,16 @@ case $piece in
   sft-loop)     timeout 100 $R loop --backend hf --batch 8 --steps 8 --warmup 2 --out "$out"
                 timeout 100 $R loop --backend hf --batch 8 --steps 8 --warmup 2 --vision-encoder per_image --out "$out"
                 timeout 240 $R loop --backend unsloth --batch 8 --steps 8 --warmup 2 --force-vision-encoder --out "$out" ;;
-  # inference toward 30 reports/s: static cache + compiled decode (one batch warm-up untimed); the grouped
-  # decode attention (default) against transformers' copy of the KV cache per query head, side by side
-  infer)        timeout 150 $R infer --batch 64 --samples 256 --cache static --warm --profile --out "$out"
-                timeout 170 $R infer --batch 128 --samples 512 --cache static --warm --out "$out"
-                timeout 170 $R infer --batch 128 --samples 512 --cache static --warm --set model.decode_attention=transformers --out "$out" ;;
-  # larger batches: the cache is read once per step now, so batch 256 may pay off
-  infer-2)      timeout 240 $R infer --batch 256 --samples 1024 --cache static --warm --out "$out"
-                timeout 170 $R infer --batch 128 --samples 512 --cache static --warm --vision-encoder per_image --out "$out" ;;
+  # inference toward 30 reports/s: static cache, one untimed warm-up batch (compilation). The graph decode loop
+  # (one compiled step per token, no per-token host waits) against transformers' generate (compiled decode
+  # step), side by side; then the loop's batch-64 profile (GPU busy vs wall)
+  infer)        timeout 170 $R infer --batch 128 --samples 512 --cache static --warm --set infer.decode_loop=graph --out "$out"
+                timeout 170 $R infer --batch 128 --samples 512 --cache static --warm --set infer.decode_loop=generate --out "$out"
+                timeout 150 $R infer --batch 64 --samples 256 --cache static --warm --profile --set infer.decode_loop=graph --out "$out" ;;
+  # larger batches, both loops; transformers' decode attention (copies the cache per query head) with the loop
+  infer-2)      timeout 220 $R infer --batch 256 --samples 1024 --cache static --warm --set infer.decode_loop=graph --out "$out"
+                timeout 220 $R infer --batch 256 --samples 1024 --cache static --warm --set infer.decode_loop=generate --out "$out"
+                timeout 150 $R infer --batch 128 --samples 512 --cache static --warm --set infer.decode_loop=graph --set model.decode_attention=transformers --out "$out" ;;
   # reward completions/s, RadGraph (radgraph-xl's shapes) on CPU and GPU, ours vs F1RadGraph pair by pair
   reward)       timeout 300 $R reward --samples 64 --num-generations 8 --out "$out" ;;
   # GRPO, both backends on one machine in two consecutive calls (keep it warm: run grpo-2 right after grpo-1)

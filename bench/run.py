@@ -235,14 +235,14 @@ def run_infer(args, work: Path) -> dict:
     overrides.append(f"infer.cache_implementation={args.cache or 'dynamic'}")
     import flare_exp.stages.infer as infer_stage
 
-    original = infer_stage.generate
+    original = infer_stage.Decoder.__call__
 
     import torch
 
     batch_seconds: list[float] = []
 
-    def forced_length(model, chat, records, inf, *rest):  # every report exactly new_tokens long
-        model.generation_config.min_new_tokens = args.new_tokens
+    def forced_length(decoder, records, images):  # every report exactly new_tokens long, either decode loop
+        decoder.model.generation_config.min_new_tokens = args.new_tokens
         profiling = args.profile and len(batch_seconds) == 1  # the second batch of the timed run
         prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] + (
             [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])) if profiling else None
@@ -250,7 +250,7 @@ def run_infer(args, work: Path) -> dict:
         if prof:
             prof.__enter__()
         try:
-            return original(model, chat, records, inf, *rest)
+            return original(decoder, records, images)
         finally:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
@@ -259,7 +259,7 @@ def run_infer(args, work: Path) -> dict:
                 prof.__exit__(None, None, None)
                 write_profile(Path(args.out) / f"profile-{name}.txt", prof, batch_seconds[-1], "one batch")
 
-    infer_stage.generate = forced_length
+    infer_stage.Decoder.__call__ = forced_length
     if args.warm:  # one untimed batch first: compilation (static cache) is not throughput
         run(compose([*overrides, f"infer.num_samples={args.batch}"]), run_dir=work / "runs" / (name + "-warm"))
     batch_seconds.clear()

@@ -43,6 +43,21 @@ def test_bench_sft_loop_and_report(tmp_path, tiny_model_dir):
     assert "### SFT model cost in a bare loop" in report
 
 
+def test_bench_infer_both_decode_loops(tmp_path, tiny_model_dir):
+    common = ["--model-dir", str(tiny_model_dir), "--work", str(tmp_path / "work"), "--image-size", "96",
+              "--dtype", "float32", "--out", str(tmp_path / "out"), "--batch", "2", "--samples", "4",
+              "--new-tokens", "5", "--cache", "static"]
+    for loop in ("generate", "graph"):
+        result = bench("infer", "--set", f"infer.decode_loop={loop}", *common)
+        assert len(result["generate_seconds_per_batch"]) == 2 and result["reports_per_second"] > 0
+        predictions = (tmp_path / "work" / "runs" / f"infer-hf-bs2-static-imgauto-decode_loop-{loop}-IU_XRay"
+                       / "predictions.jsonl").read_text().splitlines()
+        assert len(predictions) == 4
+    report = subprocess.run([sys.executable, "-m", "bench.report", str(tmp_path / "out")], capture_output=True,
+                            text=True, cwd=REPO, check=True).stdout
+    assert "| infer.decode_loop=graph |" in report and "| infer.decode_loop=generate |" in report
+
+
 def test_bench_reward(tmp_path):
     result = bench("reward", "--samples", "8", "--num-generations", "4", "--radgraph-size", "tiny",
                    "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"))

@@ -48,7 +48,11 @@ def generate(model, chat: VisionChat, records: list[dict], inf, images=None, cac
     with torch.inference_mode():
         out = model.generate(**batch, **kwargs)
     new_tokens = out[:, batch["input_ids"].shape[1]:]  # left padding: the prompt ends at the same column
-    return [t.strip() for t in chat.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    return decode_new_tokens(chat.tokenizer, new_tokens)
+
+
+def decode_new_tokens(tokenizer, new_tokens) -> list[str]:
+    return [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
 def kv_cache(setting: str | None, model, backend: str) -> str | None:
@@ -58,20 +62,55 @@ def kv_cache(setting: str | None, model, backend: str) -> str | None:
 
 
 class Decoder:
-    """generate() with the run's KV cache; a compilation failure turns compilation off for the rest of the run."""
+    """generate(), or the graph decode loop (infer.decode_loop=graph), with the run's KV cache; a compilation
+    failure turns compilation off for the rest of the run."""
 
     def __init__(self, model, chat: VisionChat, inf, backend: str):
         self.model, self.chat, self.inf = model, chat, inf
         self.cache, self.compiled = kv_cache(inf.cache_implementation, model, backend), True
+        self.loop = self._graph_loop(backend) if inf.decode_loop == "graph" else None
+
+    def _graph_loop(self, backend: str):
+        from flare_exp.models.graph_decoding import GraphDecoder, unsupported_settings
+
+        reasons = unsupported_settings(self.model.generation_config, self.inf.do_sample)
+        if backend != "hf":
+            reasons.insert(0, f"model.backend={backend} (the loop runs transformers' forward: backend=hf)")
+        if reasons:
+            log.warning("infer.decode_loop=graph: decoding with transformers' generate instead, because of %s",
+                        "; ".join(reasons))
+            return None
+        # compiled into CUDA graphs on a GPU (as generate compiles its decode step); plain Python elsewhere
+        compile_step = (dict(mode="reduce-overhead", dynamic=False) if self.model.device.type == "cuda"
+                        and self.compiled else None)
+        log.info("infer.decode_loop=graph: one %s step per token, a static KV cache",
+                 "compiled" if compile_step else "uncompiled")
+        return GraphDecoder(self.model, compile_step)
 
     def __call__(self, records: list[dict], images) -> list[str]:
+        full = len(records) == self.inf.batch_size
+        if self.loop is not None and full:
+            return retry_uncompiled(lambda: self._loop_decode(records, images), self._loop_uncompiled,
+                                    "the decode loop's step", "continuing uncompiled.")
         # A smaller last batch would need a new static cache and a new compilation: decode it eagerly.
-        cache = self.cache if len(records) == self.inf.batch_size else None
+        cache = self.cache if full else None
         decode = lambda: generate(self.model, self.chat, records, self.inf, images, cache, self.compiled)  # noqa: E731
         if cache != "static" or not self.compiled:
             return decode()
         return retry_uncompiled(decode, lambda: setattr(self, "compiled", False), "the decode step",
                                 "continuing uncompiled. Pass infer.cache_implementation=dynamic to skip the attempt.")
+
+    def _loop_uncompiled(self):
+        from flare_exp.models.graph_decoding import GraphDecoder
+
+        self.compiled = False
+        self.loop = GraphDecoder(self.model, None)
+
+    def _loop_decode(self, records: list[dict], images) -> list[str]:
+        batch = self.chat.generation_batch(records, images)
+        batch = {k: v.to(self.model.device) if hasattr(v, "to") else v for k, v in batch.items()}
+        new_tokens = self.loop(batch, self.inf.max_new_tokens, self.chat.tokenizer.pad_token_id)
+        return decode_new_tokens(self.chat.tokenizer, new_tokens)
 
 
 def image_device(setting: str, model) -> str | None:

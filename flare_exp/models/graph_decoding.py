@@ -1,0 +1,145 @@
+"""Greedy decoding of a left-padded batch with one compiled step per token (``infer.decode_loop=graph``).
+
+transformers' ``generate`` with a static cache compiles the model's forward into CUDA graphs, but everything
+around it runs on the host every token: the 4-D mask is rebuilt with vmap (~2.4 ms of CPU per step on the GPU
+box), the logits processors and stopping criteria run eagerly, and the loop reads tensors back from the GPU
+several times per token (``cache_position[0] != 0``, ``cache_position[-1] >= ...``, "are all sequences done?").
+Each read waits for the GPU to finish, so the GPU then idles while the host prepares the next token: in the
+batch-64 profile the GPU was busy 61% of a batch (docs/benchmarks.md), the compiled decode step itself ~8 ms.
+
+Here one function makes a token: the model's forward with a mask built on the device from the prompt's padding
+and the position, positions from the prompt's rope deltas, the greedy pick, and the finished flags (a finished
+row gets the pad token, as ``generate`` does). It is compiled as a whole (CUDA graphs on a GPU), and the host
+asks "all finished?" only every ``stop_check_every`` tokens, so it can queue tokens ahead of the GPU. The
+prefill is the model's own forward (eager, as in ``generate``). Same tokens as ``generate`` (tested with
+padding, both decode attentions, early stops): the extra tokens after the last row finished are pad tokens.
+
+Greedy only, and only when the model's generation config asks for no logits processing (a repetition
+penalty, banned words, ... would change the picks): ``unsupported_settings`` names what stands in the way and
+the caller falls back to ``generate``.
+"""
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger(__name__)
+
+DECODE_LOOPS = ("generate", "graph")
+# generation-config fields that make greedy decoding differ from argmax over the logits, with the values
+# under which they do nothing
+NO_OP_SETTINGS = {
+    "repetition_penalty": (None, 1.0), "no_repeat_ngram_size": (None, 0), "bad_words_ids": (None,),
+    "min_length": (None, 0), "forced_bos_token_id": (None,),
+    "forced_eos_token_id": (None,), "suppress_tokens": (None, []), "begin_suppress_tokens": (None, []),
+    "sequence_bias": (None,), "exponential_decay_length_penalty": (None,), "guidance_scale": (None, 1.0),
+    "stop_strings": (None,), "num_beams": (None, 1), "encoder_repetition_penalty": (None, 1.0),
+    "encoder_no_repeat_ngram_size": (None, 0),
+}
+
+
+def unsupported_settings(generation_config, do_sample: bool) -> list[str]:
+    """What keeps this loop from giving generate()'s tokens; empty when it can run."""
+    reasons = ["do_sample=true (the loop is greedy)"] if do_sample else []
+    for name, no_op in NO_OP_SETTINGS.items():
+        value = getattr(generation_config, name, None)
+        if value not in no_op:
+            reasons.append(f"generation_config.{name}={value!r}")
+    return reasons
+
+
+def end_token_ids(generation_config) -> list[int]:
+    eos = generation_config.eos_token_id
+    ids = [eos] if isinstance(eos, int) else list(eos or [])
+    if not ids:
+        raise ValueError("the model's generation_config has no eos_token_id: the decode loop could not stop")
+    return ids
+
+
+def pick(scores, end_ids, may_end):
+    """Greedy choice; end tokens are out while may_end is False (min_new_tokens, as generate's processor)."""
+    import torch
+
+    banned = torch.zeros(scores.shape[-1], dtype=torch.bool, device=scores.device)
+    banned[end_ids] = True
+    return scores.masked_fill(banned & ~may_end, float("-inf")).argmax(-1)
+
+
+class GraphDecoder:
+    """Holds a static KV cache across batches (kept while the batch size matches and it is long enough, as
+    ``generate`` does; infer sorts prompts longest first, so the first batch's cache serves the run) and the
+    compiled token step. ``compile_step``: None = plain Python (CPU, debugging); else torch.compile keyword
+    arguments."""
+
+    def __init__(self, model, compile_step: dict | None, stop_check_every: int = 16):
+        import torch
+
+        if stop_check_every < 1:
+            raise ValueError(f"stop_check_every={stop_check_every}: must be >= 1")
+        self.model, self.stop_check_every, self.cache = model, stop_check_every, None
+        self.cudagraphs = bool(compile_step) and compile_step.get("mode") in ("reduce-overhead",
+                                                                                "max-autotune")
+        self.step = torch.compile(self._token_step, **compile_step) if compile_step else self._token_step
+
+    def _token_step(self, tokens, cache_position, rope_deltas, key_valid, finished, end_ids, pad, may_end):
+        """One token for every row: tokens (B, 1), cache_position (1,), rope_deltas (B, 1), key_valid (B, L)
+        (prompt padding False), finished (B,), may_end (1,): False before min_new_tokens. Returns (next tokens
+        (B,), finished (B,))."""
+        import torch
+
+        keys = torch.arange(key_valid.shape[1], device=key_valid.device)
+        mask = (key_valid & (keys <= cache_position))[:, None, None, :]  # (B, 1, 1, L): what this token may see
+        positions = (rope_deltas + cache_position).unsqueeze(0).expand(3, -1, -1)  # text: 3 equal rope axes
+        logits = self.model(input_ids=tokens, attention_mask=mask, position_ids=positions,
+                            past_key_values=self.cache, cache_position=cache_position, use_cache=True).logits
+        picked = pick(logits[:, -1], end_ids, may_end)
+        picked = torch.where(finished, pad, picked)
+        return picked, finished | torch.isin(picked, end_ids)
+
+    def _static_cache(self, batch_size: int, length: int):
+        from transformers import StaticCache
+
+        cache = self.cache
+        if cache is not None and cache.max_batch_size == batch_size and cache.max_cache_len >= length:
+            cache.reset()
+            return cache
+        self.cache = StaticCache(config=self.model.config, max_cache_len=length)
+        return self.cache
+
+    def __call__(self, batch: dict, max_new_tokens: int, pad_token_id: int):
+        """New tokens (B, T <= max_new_tokens) for a left-padded batch (the processor's output, on the model's
+        device); rows that finished early are padded with pad_token_id."""
+        import torch
+
+        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+        rows, prompt = input_ids.shape
+        device = input_ids.device
+        with torch.inference_mode():  # the cache's tensors are inference tensors: reset them in this mode too
+            cache = self._static_cache(rows, prompt + max_new_tokens)
+            out = self.model(**batch, past_key_values=cache, cache_position=torch.arange(prompt, device=device),
+                             use_cache=True, logits_to_keep=1)
+            if out.rope_deltas is None:
+                raise RuntimeError("the model's prefill returned no rope_deltas (not a Qwen-VL model?)")
+            rope_deltas = out.rope_deltas.to(device).reshape(rows, 1)
+            end_ids = torch.tensor(end_token_ids(self.model.generation_config), device=device)
+            pad = torch.tensor(pad_token_id, device=device, dtype=input_ids.dtype)
+            key_valid = torch.ones(rows, cache.max_cache_len, dtype=torch.bool, device=device)
+            key_valid[:, :prompt] = attention_mask.bool()
+            tokens = torch.full((rows, max_new_tokens), pad_token_id, dtype=input_ids.dtype, device=device)
+            min_new = self.model.generation_config.min_new_tokens or 0  # generate's end-token ban, same rule
+            may_end = torch.arange(max_new_tokens, device=device) >= min_new  # per new token
+            tokens[:, 0] = pick(out.logits[:, -1], end_ids, may_end[:1])
+            finished = torch.isin(tokens[:, 0], end_ids)
+            positions = torch.arange(prompt, prompt + max_new_tokens, device=device)  # no host copy per token
+            made = 1
+            for made in range(1, max_new_tokens):
+                if (made - 1) % self.stop_check_every == 0 and bool(finished.all()):  # the host's only wait
+                    break
+                if self.cudagraphs:
+                    torch.compiler.cudagraph_mark_step_begin()
+                picked, now_finished = self.step(tokens[:, made - 1:made], positions[made - 1:made], rope_deltas,
+                                                 key_valid, finished, end_ids, pad, may_end[made:made + 1])
+                tokens[:, made] = picked  # copies out of the graph's output buffers before the next replay
+                finished = now_finished.clone()
+            else:
+                made = max_new_tokens
+        return tokens[:, :made]

@@ -1,0 +1,131 @@
+"""infer.decode_loop=graph: one compiled step per token gives generate()'s tokens (padding, early stops, a reused
+cache) and traces as one graph."""
+import pytest
+import torch
+
+from conftest import compose_cfg
+
+
+def _model_and_batches(base_overrides, demo_prepared, decode_attention="grouped"):
+    from flare_exp.data.vision import VisionChat
+    from flare_exp.io import read_jsonl
+    from flare_exp.models.loading import load_model
+    from flare_exp.runtime import abspath
+
+    cfg = compose_cfg(["stage=infer", *base_overrides, "model.dtype=float32",
+                       f"model.decode_attention={decode_attention}"])
+    loaded = load_model(cfg.model, training=False)
+    with torch.no_grad():  # random tiny weights attend almost uniformly: sharpen them so padding mistakes show
+        for layer in loaded.model.model.language_model.layers:
+            layer.self_attn.q_proj.weight.mul_(8)
+    chat = VisionChat(loaded.processor, abspath(cfg.data.root))
+    rows = read_jsonl(demo_prepared / "val.jsonl")
+    rows.sort(key=lambda r: chat.sequence_length(r, with_answer=False), reverse=True)
+    first = chat.generation_batch([rows[0], rows[len(rows) // 2], rows[-6], rows[-5]])  # lengths differ: padded
+    second = chat.generation_batch(rows[-4:])  # shorter prompts: the first batch's cache is reused
+    assert not first["attention_mask"].all()
+    assert second["input_ids"].shape[1] < first["input_ids"].shape[1]
+    return loaded.model, chat.tokenizer.pad_token_id, first, second
+
+
+def _generate(model, batch, pad, new_tokens):
+    with torch.inference_mode():
+        out = model.generate(**batch, max_new_tokens=new_tokens, do_sample=False, cache_implementation="static",
+                             disable_compile=True, pad_token_id=pad)
+    return out[:, batch["input_ids"].shape[1]:]
+
+
+def _assert_same(ours, reference, pad):
+    """generate stops when every row has finished; the loop may run a few pad tokens longer."""
+    assert ours.shape[1] >= reference.shape[1]
+    assert torch.equal(ours[:, :reference.shape[1]], reference)
+    assert (ours[:, reference.shape[1]:] == pad).all()
+
+
+@pytest.mark.parametrize("decode_attention", ["grouped", "transformers"])
+def test_same_tokens_as_generate(decode_attention, base_overrides, demo_prepared):
+    from flare_exp.models.graph_decoding import GraphDecoder
+
+    model, pad, first, second = _model_and_batches(base_overrides, demo_prepared, decode_attention)
+    loop = GraphDecoder(model, None)
+    for batch in (first, second, first):
+        reference = _generate(model, batch, pad, 8)
+        assert len(set(reference[0].tolist())) > 1  # not one repeated token: the positions matter
+        _assert_same(loop(batch, 8, pad), reference, pad)
+    assert loop.cache.max_cache_len == first["input_ids"].shape[1] + 8  # one cache served all three batches
+
+
+def test_rows_that_finish_early(base_overrides, demo_prepared):
+    from flare_exp.models.graph_decoding import GraphDecoder
+
+    model, pad, first, _ = _model_and_batches(base_overrides, demo_prepared)
+    free = _generate(model, first, pad, 8)
+    model.generation_config.eos_token_id = int(free[0, 2])  # row 0 ends at its third token; others may not
+    reference = _generate(model, first, pad, 8)
+    _assert_same(GraphDecoder(model, None)(first, 8, pad), reference, pad)
+    assert (reference[0, 3:] == pad).all()
+
+    model.generation_config.eos_token_id = sorted(set(free[:, 1].tolist()))  # every row ends at its second
+    reference = _generate(model, first, pad, 8)
+    ours = GraphDecoder(model, None, stop_check_every=1)(first, 8, pad)
+    assert reference.shape[1] == 2 and torch.equal(ours, reference)  # the loop stopped too
+    ours = GraphDecoder(model, None, stop_check_every=4)(first, 8, pad)
+    assert ours.shape[1] == 5  # it looks every 4th token: tokens 2-4 are pad
+    _assert_same(ours, reference, pad)
+
+    model.generation_config.min_new_tokens = 5  # end tokens banned before the fifth, as generate's processor
+    reference = _generate(model, first, pad, 8)
+    assert reference.shape[1] >= 5
+    _assert_same(GraphDecoder(model, None)(first, 8, pad), reference, pad)
+
+
+def test_token_step_traces_as_one_graph(base_overrides, demo_prepared):
+    """The step (model, mask, greedy pick, stop flags) compiles as one full graph (eager backend: CPU), once
+    for a run: another batch of the same size reuses the cache and the graph."""
+    import torch._dynamo
+
+    from flare_exp.models.graph_decoding import GraphDecoder
+
+    model, pad, first, second = _model_and_batches(base_overrides, demo_prepared)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    loop = GraphDecoder(model, dict(backend="eager", fullgraph=True, dynamic=False))
+    for batch in (first, second):
+        _assert_same(loop(batch, 6, pad), _generate(model, batch, pad, 6), pad)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+def test_settings_it_cannot_follow():
+    from transformers import GenerationConfig
+
+    from flare_exp.models.graph_decoding import end_token_ids, unsupported_settings
+
+    assert unsupported_settings(GenerationConfig(repetition_penalty=1.0, top_k=20, temperature=0.7), False) == []
+    assert unsupported_settings(GenerationConfig(repetition_penalty=1.1, no_repeat_ngram_size=3), True) == [
+        "do_sample=true (the loop is greedy)", "generation_config.repetition_penalty=1.1",
+        "generation_config.no_repeat_ngram_size=3"]
+    assert end_token_ids(GenerationConfig(eos_token_id=[5, 7])) == [5, 7]
+    with pytest.raises(ValueError, match="no eos_token_id"):
+        end_token_ids(GenerationConfig())
+
+
+def test_infer_stage_with_the_graph_loop(base_overrides, sft_adapter, tmp_path, caplog):
+    """The stage's predictions with the loop equal generate's (static cache): a LoRA checkpoint, two full
+    batches and a smaller last one (which generate decodes); sampling falls back to generate, saying why."""
+    from flare_exp.io import read_jsonl
+    from flare_exp.main import run
+
+    caplog.set_level("INFO", logger="flare_exp.stages.infer")
+    common = ["stage=infer", *base_overrides, f"infer.checkpoint={sft_adapter}", "infer.batch_size=3",
+              "infer.num_samples=7", "infer.max_new_tokens=6", "infer.cache_implementation=static"]
+    predictions = {}
+    for loop in ("generate", "graph"):
+        cfg = compose_cfg([*common, f"infer.decode_loop={loop}", f"run_name=infer-{loop}"])
+        run(cfg, run_dir=tmp_path / loop)
+        predictions[loop] = {r["id"]: r["prediction"] for r in read_jsonl(tmp_path / loop / "predictions.jsonl")}
+    assert len(predictions["graph"]) == 7 and predictions["graph"] == predictions["generate"]
+    assert "infer.decode_loop=graph: one uncompiled step per token" in caplog.text
+
+    cfg = compose_cfg([*common, "infer.decode_loop=graph", "infer.do_sample=true", "run_name=infer-sampled"])
+    run(cfg, run_dir=tmp_path / "sampled")
+    assert "decoding with transformers' generate instead, because of do_sample=true" in caplog.text

@@ -176,9 +176,10 @@ class SFTConfig:
     # padding on mixed FLARE data, but batches then tend to hold one task each. Off: plain shuffling.
     group_by_length: bool = False
     # backend=hf: compile each repeated block (decoder layers, vision blocks) with torch.compile, fusing the
-    # many small kernels a LoRA step launches (the step is launch-bound, docs/benchmarks.md). Same losses;
-    # costs compilation time at the first step. Unmeasured on GPU yet, so off by default.
-    compile_layers: bool = False
+    # many small kernels a LoRA step launches (the step is launch-bound). Same losses; 1.18x the tokens/s on an
+    # H200 (5,615 -> 6,642 at batch 8, docs/benchmarks.md) for ~1 min of compilation in the first steps.
+    # null = on for backend=hf on a GPU, off on the CPU; Unsloth compiles its own blocks.
+    compile_layers: Optional[bool] = None
     compile_backend: str = "inductor"  # torch.compile backend for compile_layers (aot_eager: trace only, to debug)
     report_to: str = "none"  # none | wandb | tensorboard
     wandb_project: str = "flare_exp"
@@ -245,6 +246,11 @@ class InferConfig:
     # auto: a static KV cache (decode step compiled into CUDA graphs by transformers) for backend=hf on GPU,
     # 2.1x the reports/s of the dynamic cache at batch 64 on an H200; dynamic elsewhere. static | dynamic.
     cache_implementation: Optional[str] = "auto"
+    # generate: transformers' generate(). graph (backend=hf, greedy): one compiled step per token (model, mask,
+    # greedy pick, stop flags; CUDA graphs on a GPU) with a static KV cache, the host checking for the end
+    # every 16 tokens instead of waiting on the GPU several times per token (flare_exp/models/graph_decoding.py).
+    # Same tokens as generate (tested on CPU); its GPU speed is not measured yet, hence not the default.
+    decode_loop: str = "generate"
     # Fold a LoRA checkpoint into the weights (backend=hf): same outputs up to rounding, fewer kernels per token.
     merge_adapter: bool = True
     # Where images are resized and patched: auto = the model's device (GPU when there is one), or cpu.

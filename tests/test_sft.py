@@ -197,6 +197,29 @@ def test_compiled_blocks_train_to_the_same_losses(base_overrides, tmp_path, capl
     assert len(losses["true"]) == 2 and losses["true"] == pytest.approx(losses["false"], abs=1e-4)
 
 
+def test_compile_layers_default_and_failure(base_overrides, tmp_path, monkeypatch):
+    """null: compiled with backend=hf on a GPU only; a compilation failure names the setting that avoids it."""
+    import torch._dynamo.exc
+    from transformers import Trainer
+
+    from flare_exp.stages.sft import compile_layers
+
+    assert compile_layers(None, "hf", True) and not compile_layers(None, "hf", False)
+    assert compile_layers(True, "hf", False) and not compile_layers(False, "hf", True)
+    assert not compile_layers(None, "unsloth", True) and not compile_layers(True, "unsloth", True)
+    assert compose_cfg(["stage=sft"]).sft.compile_layers is None
+
+    def fails(*_, **__):
+        raise torch._dynamo.exc.TorchRuntimeError("inductor could not build a kernel")
+
+    monkeypatch.setattr(Trainer, "train", fails)
+    with pytest.raises(RuntimeError, match="rerun with sft.compile_layers=false"):
+        run(_sft_cfg(base_overrides, "sft.max_steps=1", "sft.compile_layers=true", "sft.compile_backend=eager"),
+            run_dir=tmp_path / "compiled")
+    with pytest.raises(torch._dynamo.exc.TorchRuntimeError):  # not compiled: the error as it is
+        run(_sft_cfg(base_overrides, "sft.max_steps=1", "overwrite=true"), run_dir=tmp_path / "plain")
+
+
 def test_group_by_length_batches_similar_lengths(base_overrides, tmp_path, monkeypatch):
     """sft.group_by_length=true: the Trainer draws batches of similar token counts from the measured lengths
     (the demo mixes ~80-token one-view samples with longer two-view ones), and training runs."""

@@ -11,7 +11,7 @@ from pathlib import Path
 from flare_exp.data.vision import SFTCollator, VisionChat, filter_by_length
 from flare_exp.io import read_jsonl, write_json
 from flare_exp.models.loading import compile_repeated_blocks, load_model
-from flare_exp.runtime import abspath, check_choice
+from flare_exp.runtime import abspath, check_choice, is_compilation_error
 from flare_exp.training import (CheckpointMeta, ProgressLog, data_fingerprints, finish_tracking, half_precision,
                                 resume_checkpoint, setup_tracking)
 
@@ -63,6 +63,16 @@ def load_split(path, limit, chat, max_len, on_too_long, what) -> tuple[list[dict
     return filter_by_length(chat, records, max_len, on_too_long)
 
 
+def compile_layers(setting: bool | None, backend: str, on_gpu: bool) -> bool:
+    """sft.compile_layers: null = on for backend=hf on a GPU (1.18x the tokens/s on an H200); Unsloth compiles
+    its own blocks."""
+    if backend == "unsloth":
+        if setting:
+            log.warning("sft.compile_layers: Unsloth compiles its own blocks; nothing more compiled")
+        return False
+    return on_gpu if setting is None else setting
+
+
 def run(cfg, out_dir: Path) -> dict:
     import torch
     from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
@@ -71,12 +81,10 @@ def run(cfg, out_dir: Path) -> dict:
     check_settings(sft)
     torch.manual_seed(cfg.seed)
     loaded = load_model(cfg.model, init_from=sft.init_from, training=True, seed=cfg.seed)
-    if sft.compile_layers:
-        if cfg.model.backend == "unsloth":
-            log.warning("sft.compile_layers: Unsloth compiles its own blocks; nothing more compiled")
-        else:
-            log.info("sft.compile_layers: %d blocks compiled (the first step compiles them)",
-                     compile_repeated_blocks(loaded.model, sft.compile_backend))
+    compiled = compile_layers(sft.compile_layers, cfg.model.backend, torch.cuda.is_available())
+    if compiled:
+        log.info("sft.compile_layers: %d blocks compiled (the first steps compile them, ~1 min on an H200)",
+                 compile_repeated_blocks(loaded.model, sft.compile_backend))
     chat = VisionChat(loaded.processor, abspath(cfg.data.root))
     max_len = cfg.model.max_seq_length
     train, too_long, train_lengths = load_split(sft.train_file, sft.max_train_samples, chat, max_len,
@@ -121,7 +129,13 @@ def run(cfg, out_dir: Path) -> dict:
                             eval_dataset=RecordDataset(val, val_lengths) if evaluating else None,
                             data_collator=SFTCollator(chat), callbacks=callbacks)
     try:
-        result = trainer.train(resume_from_checkpoint=resume_checkpoint(cfg.resume, out_dir))
+        try:
+            result = trainer.train(resume_from_checkpoint=resume_checkpoint(cfg.resume, out_dir))
+        except Exception as e:
+            if compiled and is_compilation_error(e):
+                raise RuntimeError(f"compiling the model's blocks failed ({type(e).__name__}); rerun with "
+                                   "sft.compile_layers=false (the run resumes from its last checkpoint)") from e
+            raise
         final = out_dir / "final"
         trainer.save_model(str(final))
         meta.write(final, step=trainer.state.global_step, best=trainer.state.best_model_checkpoint)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole benchmark on one GPU box, in pieces that each fit a 10-minute command. Usage (from the repo root,
 # after `source bench/gpu_setup.sh` where wheels must be carried):
-#   bash bench/gpu_all.sh sft-1|sft-2|sft-facts|sft-long|sft-loop|infer|infer-2|reward|grpo-1|grpo-2|grpo-compiled|smoke  OUT_DIR
+#   bash bench/gpu_all.sh sft-1|sft-2|sft-facts|sft-long|sft-loop|infer|infer-2|attention|reward|grpo-1|grpo-2|grpo-compiled|smoke  OUT_DIR
 # Each piece rebuilds the random 4B model if missing (~25 s) and writes one JSON per measurement to OUT_DIR;
 # `python -m bench.report OUT_DIR` makes the tables.
 set -u
@@ -46,6 +46,8 @@ case $piece in
   infer-2)      timeout 220 $R infer --batch 256 --samples 1024 --cache static --warm --set infer.decode_loop=graph --out "$out"
                 timeout 220 $R infer --batch 256 --samples 1024 --cache static --warm --set infer.decode_loop=generate --out "$out"
                 timeout 150 $R infer --batch 128 --samples 512 --cache static --warm --set infer.decode_loop=graph --set model.decode_attention=transformers --out "$out" ;;
+  # the decode step's attention alone: each layout under each SDPA kernel, batches 64-256 (~1 min)
+  attention)    for b in 64 128 256; do timeout 60 $R attention --batch $b --keys 700 --steps 200 --out "$out"; done ;;
   # reward completions/s, RadGraph (radgraph-xl's shapes) on CPU and GPU, ours vs F1RadGraph pair by pair
   reward)       timeout 300 $R reward --samples 64 --num-generations 8 --out "$out" ;;
   # GRPO, both backends on one machine in two consecutive calls (keep it warm: run grpo-2 right after grpo-1)

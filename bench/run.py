@@ -40,6 +40,8 @@ def measurement_name(args) -> str:
         parts += [f"w{'default' if args.workers is None else args.workers}"] + (["compiled"] if args.compile else [])
     if args.what == "reward":
         return f"reward-ng{args.num_generations}-n{args.samples}-radgraph{args.radgraph_size}"
+    if args.what == "attention":
+        return f"attention-bs{args.batch}-keys{args.keys}-{args.dtype}"
     if args.what in ("sft", "loop") and args.grad_ckpt == "false":
         parts.append("nockpt")
     if args.vision_encoder != "batched":
@@ -273,7 +275,9 @@ def run_infer(args, work: Path) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=["build", "sft", "loop", "grpo", "infer", "reward"])
+    p.add_argument("what", choices=["build", "sft", "loop", "grpo", "infer", "reward", "attention"])
+    p.add_argument("--keys", type=int, default=700,
+                   help="attention: KV cache length (two 512-px views + 128 new tokens: ~700)")
     p.add_argument("--num-generations", type=int, default=8)
     p.add_argument("--completion-length", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=128)
@@ -335,12 +339,16 @@ def main() -> None:
         from bench.reward import run_reward
 
         result = run_reward(args, work)
+    elif args.what == "attention":
+        from bench.attention import run_attention
+
+        result = run_attention(args, work)
     else:
         result = {"sft": run_sft, "grpo": run_grpo, "infer": run_infer}[args.what](args, work)
     if args.what in ("sft", "loop"):
         result["gradient_checkpointing"] = args.grad_ckpt != "false"
         result["samples"] = ", ".join([args.dataset] + [words for _, words in sample_shape(args)])
-    if args.what != "reward":
+    if args.what not in ("reward", "attention"):
         result["vision_encoder"] = args.vision_encoder
         result["overrides"] = list(args.set)
     result.update(device=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",

@@ -58,6 +58,17 @@ def test_bench_infer_both_decode_loops(tmp_path, tiny_model_dir):
     assert "| infer.decode_loop=graph |" in report and "| infer.decode_loop=generate |" in report
 
 
+def test_bench_decode_attention(tmp_path):
+    result = bench("attention", "--batch", "2", "--keys", "40", "--steps", "2", "--dtype", "float32",
+                   "--out", str(tmp_path / "out"))
+    timed = {(r["layout"], r["kernel"]): r for r in result["rows"] if "microseconds" in r}
+    assert timed[("grouped rows + mask", "math")]["max_abs_difference"] < 1e-5  # checked against the copies
+    assert timed[("repeat_kv copies + mask", "default")]["microseconds"] > 0
+    report = subprocess.run([sys.executable, "-m", "bench.report", str(tmp_path / "out")], capture_output=True,
+                            text=True, cwd=REPO, check=True).stdout
+    assert "| 2 | 40 | grouped rows + mask | math |" in report
+
+
 def test_bench_reward(tmp_path):
     result = bench("reward", "--samples", "8", "--num-generations", "4", "--radgraph-size", "tiny",
                    "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"))

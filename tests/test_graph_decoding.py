@@ -79,6 +79,32 @@ def test_rows_that_finish_early(base_overrides, demo_prepared):
     _assert_same(GraphDecoder(model, None)(first, 8, pad), reference, pad)
 
 
+def test_the_host_waits_only_at_stop_checks(base_overrides, demo_prepared):
+    """Reading a GPU value on the host (item, bool) waits for the GPU: 32 tokens may read it twice (the checks
+    after tokens 1 and 17), never per token. Counted as the ops that read a value back, on the CPU."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from flare_exp.models.graph_decoding import GraphDecoder
+
+    class HostReads(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.__name__.split(".")[0] in ("_local_scalar_dense", "item", "is_nonzero", "equal", "nonzero"):
+                HostReads.count += 1
+            return func(*args, **(kwargs or {}))
+
+    model, pad, first, _ = _model_and_batches(base_overrides, demo_prepared)
+    model.generation_config.eos_token_id = 0  # the pad token: never picked, so no row ends early
+    reads = {}
+    for tokens in (1, 32):
+        HostReads.count = 0
+        with HostReads():
+            GraphDecoder(model, None)(first, tokens, pad)
+        reads[tokens] = HostReads.count  # the prefill's (transformers' vision code) plus the loop's
+    assert reads[32] - reads[1] == 2
+
+
 def test_token_step_traces_as_one_graph(base_overrides, demo_prepared):
     """The step (model, mask, greedy pick, stop flags) compiles as one full graph (eager backend: CPU), once
     for a run: another batch of the same size reuses the cache and the graph."""

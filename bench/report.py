@@ -84,10 +84,11 @@ def tables(rows: list[dict]) -> str:
                    [loop_row(r) for r in of("loop")])
     out += section("Inference (the infer stage, 128 new tokens forced, two 512-px views)",
                    ["backend", "batch", "KV cache", "image processing", "vision encoder", "reports/s",
-                    "s per batch (median)", "samples", "other settings", "device"],
+                    "s per batch (median)", "peak GiB", "samples", "other settings", "device"],
                    [[r["backend"], r["batch"], r["cache"], r.get("image_device", "cpu"),
                      r.get("vision_encoder", "per_image"), r["reports_per_second"],
-                     _num(median(r.get("generate_seconds_per_batch") or [None])), r["samples"], _settings(r),
+                     _num(median(r.get("generate_seconds_per_batch") or [None])), r.get("peak_memory_gib") or "n/a",
+                     r["samples"], _settings(r),
                      r["device"]] for r in sorted(of("infer"), key=lambda r: (r["cache"], r["batch"]))])
     out += section("GRPO (the rl stage)",
                    ["backend", "generations", "completions/step", "rollouts", "s/step (median)", "first step s",

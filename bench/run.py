@@ -265,10 +265,13 @@ def run_infer(args, work: Path) -> dict:
     if args.warm:  # one untimed batch first: compilation (static cache) is not throughput
         run(compose([*overrides, f"infer.num_samples={args.batch}"]), run_dir=work / "runs" / (name + "-warm"))
     batch_seconds.clear()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
     summary = run(compose(overrides), run_dir=work / "runs" / name)
+    peak = round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None
     return {"what": "infer", "generate_seconds_per_batch": batch_seconds, "backend": args.backend, "batch": args.batch, "cache": args.cache or "dynamic",
-            "image_device": args.image_device,
+            "image_device": args.image_device, "peak_memory_gib": peak,
             "new_tokens": args.new_tokens, "samples": summary["samples"],
             "reports_per_second": summary["reports_per_second"], "wall_seconds": round(time.time() - t0, 1)}
 

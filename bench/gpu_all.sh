@@ -59,8 +59,8 @@ case $piece in
                  timeout 170 $R grpo --backend hf --num-generations 8 --batch 8 --steps 4 --warmup 1 --cache static --compile --set model.decode_attention=transformers --out "$out" ;;
   # every stage through launch.py on the 4B-shaped model, each backend: prepare (512-px demo data) -> sft ->
   # rl -> infer -> eval (RadGraph on the GPU); logs and metrics land in OUT_DIR
-  smoke)        for b in hf unsloth; do
-                  timeout 270 python3 launch.py experiment=flare data=demo data.demo.image_size=512 \
+  smoke)        for b in hf unsloth; do  # hf: ~4 min + ~1 min compiling its blocks (sft.compile_layers: on)
+                  timeout $([ $b = hf ] && echo 320 || echo 230) python3 launch.py experiment=flare data=demo data.demo.image_size=512 \
                     model.path=/tmp/flare_bench/qwen3vl-4b-random model.backend=$b model.min_pixels=3136 \
                     model.max_pixels=262144 paths.cache_dir=/tmp/smoke/cache paths.output_root=/tmp/smoke/out \
                     run_name=smoke-$b "stage.steps=[prepare,sft,rl,infer,eval]" sft.max_steps=4 \

@@ -246,8 +246,8 @@ class InferConfig:
     # auto: a static KV cache (decode step compiled into CUDA graphs by transformers) for backend=hf on GPU,
     # 2.1x the reports/s of the dynamic cache at batch 64 on an H200; dynamic elsewhere. static | dynamic.
     cache_implementation: Optional[str] = "auto"
-    # generate: transformers' generate(). graph (backend=hf, greedy): one compiled step per token (model, mask,
-    # greedy pick, stop flags; CUDA graphs on a GPU) with a static KV cache, the host checking for the end
+    # generate: transformers' generate(). graph (backend=hf): one compiled step per token (model, mask, the
+    # greedy or sampled pick, stop flags; CUDA graphs on a GPU) with a static KV cache, the host checking for the end
     # every 16 tokens instead of waiting on the GPU several times per token (flare_exp/models/graph_decoding.py).
     # Same tokens as generate (tested on CPU); its GPU speed is not measured yet, hence not the default.
     decode_loop: str = "generate"

@@ -121,15 +121,60 @@ def test_token_step_traces_as_one_graph(base_overrides, demo_prepared):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
+@pytest.mark.parametrize("sampling", [(0.7, 20, 0.8), (1.0, None, 0.5), (1.3, 5, 1.0), (1.0, None, 1.0)])
+def test_sampling_warps_as_generate(sampling):
+    from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
+
+    from flare_exp.models.graph_decoding import Sampling, sampling_scores
+
+    temperature, top_k, top_p = sampling
+    scores = torch.randn(4, 50, generator=torch.Generator().manual_seed(0)) * 3
+    warpers = LogitsProcessorList(([TemperatureLogitsWarper(temperature)] if temperature != 1.0 else [])
+                                  + ([TopKLogitsWarper(top_k)] if top_k else [])
+                                  + ([TopPLogitsWarper(top_p)] if top_p < 1.0 else []))
+    expected = warpers(torch.zeros(4, 1, dtype=torch.long), scores.clone())
+    got = sampling_scores(scores, Sampling(temperature, top_k, top_p))
+    assert torch.equal(torch.isinf(got), torch.isinf(expected)) and (top_k is None and top_p == 1.0
+                                                                     or torch.isinf(got).any())
+    torch.testing.assert_close(got[~torch.isinf(got)], expected[~torch.isinf(expected)])
+
+
+def test_draws_follow_the_warped_distribution():
+    from flare_exp.models.graph_decoding import Sampling, pick, sampling_scores
+
+    torch.manual_seed(0)
+    scores = torch.tensor([[2.0, 1.5, 1.0, 0.5, 0.0, -1.0]]).expand(40000, -1)
+    sampling = Sampling(temperature=0.8, top_k=4)
+    end_ids, never = torch.tensor([0]), torch.tensor([False])  # token 0 is an end token, banned for now
+    drawn = pick(scores, end_ids, never, sampling)
+    expected = sampling_scores(scores[:1].masked_fill(torch.arange(6) == 0, float("-inf")), sampling).softmax(-1)[0]
+    frequencies = torch.bincount(drawn, minlength=6) / len(drawn)
+    assert frequencies[0] == 0 and frequencies[5] == 0  # the banned end token; beyond the top 4 of the rest
+    torch.testing.assert_close(frequencies, expected, atol=0.01, rtol=0)
+    assert torch.equal(pick(scores[:3], end_ids, torch.tensor([True])), torch.zeros(3, dtype=torch.long))
+
+
+def test_sampling_with_one_candidate_is_greedy(base_overrides, demo_prepared):
+    from flare_exp.models.graph_decoding import GraphDecoder, Sampling
+
+    model, pad, first, _ = _model_and_batches(base_overrides, demo_prepared)
+    greedy = GraphDecoder(model, None)(first, 8, pad)
+    assert torch.equal(GraphDecoder(model, None, sampling=Sampling(0.7, top_k=1))(first, 8, pad), greedy)
+    sampled = [GraphDecoder(model, None, sampling=Sampling(1.5))(first, 8, pad) for _ in range(2)]
+    assert not torch.equal(sampled[0], sampled[1])  # drawn, not picked
+
+
 def test_settings_it_cannot_follow():
     from transformers import GenerationConfig
 
     from flare_exp.models.graph_decoding import end_token_ids, unsupported_settings
 
     assert unsupported_settings(GenerationConfig(repetition_penalty=1.0, top_k=20, temperature=0.7), False) == []
-    assert unsupported_settings(GenerationConfig(repetition_penalty=1.1, no_repeat_ngram_size=3), True) == [
-        "do_sample=true (the loop is greedy)", "generation_config.repetition_penalty=1.1",
-        "generation_config.no_repeat_ngram_size=3"]
+    assert unsupported_settings(GenerationConfig(repetition_penalty=1.1, no_repeat_ngram_size=3), False) == [
+        "generation_config.repetition_penalty=1.1", "generation_config.no_repeat_ngram_size=3"]
+    assert unsupported_settings(GenerationConfig(min_p=0.1), False) == []  # a warper: only when sampling
+    assert unsupported_settings(GenerationConfig(min_p=0.1), True) == ["generation_config.min_p=0.1"]
     assert end_token_ids(GenerationConfig(eos_token_id=[5, 7])) == [5, 7]
     with pytest.raises(ValueError, match="no eos_token_id"):
         end_token_ids(GenerationConfig())
@@ -137,7 +182,7 @@ def test_settings_it_cannot_follow():
 
 def test_infer_stage_with_the_graph_loop(base_overrides, sft_adapter, tmp_path, caplog):
     """The stage's predictions with the loop equal generate's (static cache): a LoRA checkpoint, two full
-    batches and a smaller last one (which generate decodes); sampling falls back to generate, saying why."""
+    batches and a smaller last one (which generate decodes); sampled decoding runs too."""
     from flare_exp.io import read_jsonl
     from flare_exp.main import run
 
@@ -152,6 +197,7 @@ def test_infer_stage_with_the_graph_loop(base_overrides, sft_adapter, tmp_path, 
     assert len(predictions["graph"]) == 7 and predictions["graph"] == predictions["generate"]
     assert "infer.decode_loop=graph: one uncompiled step per token" in caplog.text
 
-    cfg = compose_cfg([*common, "infer.decode_loop=graph", "infer.do_sample=true", "run_name=infer-sampled"])
+    cfg = compose_cfg([*common, "infer.decode_loop=graph", "infer.do_sample=true", "infer.temperature=0.7",
+                       "run_name=infer-sampled"])
     run(cfg, run_dir=tmp_path / "sampled")
-    assert "decoding with transformers' generate instead, because of do_sample=true" in caplog.text
+    assert len(read_jsonl(tmp_path / "sampled" / "predictions.jsonl")) == 7

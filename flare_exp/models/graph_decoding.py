@@ -1,4 +1,4 @@
-"""Greedy decoding of a left-padded batch with one compiled step per token (``infer.decode_loop=graph``).
+"""Decoding of a left-padded batch with one compiled step per token (``infer.decode_loop=graph``).
 
 transformers' ``generate`` with a static cache compiles the model's forward into CUDA graphs, but everything
 around it runs on the host every token: the 4-D mask is rebuilt with vmap (~2.4 ms of CPU per step on the GPU
@@ -8,19 +8,21 @@ Each read waits for the GPU to finish, so the GPU then idles while the host prep
 batch-64 profile the GPU was busy 61% of a batch (docs/benchmarks.md), the compiled decode step itself ~8 ms.
 
 Here one function makes a token: the model's forward with a mask built on the device from the prompt's padding
-and the position, positions from the prompt's rope deltas, the greedy pick, and the finished flags (a finished
+and the position, positions from the prompt's rope deltas, the pick (greedy, or sampled with generate's temperature / top-k /
+top-p rules), and the finished flags (a finished
 row gets the pad token, as ``generate`` does). It is compiled as a whole (CUDA graphs on a GPU), and the host
 asks "all finished?" only every ``stop_check_every`` tokens, so it can queue tokens ahead of the GPU. The
 prefill is the model's own forward (eager, as in ``generate``). Same tokens as ``generate`` (tested with
 padding, both decode attentions, early stops): the extra tokens after the last row finished are pad tokens.
 
-Greedy only, and only when the model's generation config asks for no logits processing (a repetition
-penalty, banned words, ... would change the picks): ``unsupported_settings`` names what stands in the way and
-the caller falls back to ``generate``.
+Only when the model's generation config asks for no other logits processing (a repetition penalty, banned
+words, min-p, ... would change the picks): ``unsupported_settings`` names what stands in the way and the caller
+falls back to ``generate``. Sampled tokens follow generate's distribution, not its random stream.
 """
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +37,22 @@ NO_OP_SETTINGS = {
     "stop_strings": (None,), "num_beams": (None, 1), "encoder_repetition_penalty": (None, 1.0),
     "encoder_no_repeat_ngram_size": (None, 0),
 }
+# and when sampling, the warpers beyond temperature / top-k / top-p
+SAMPLING_NO_OP_SETTINGS = {"min_p": (None, 0.0), "typical_p": (None, 1.0), "epsilon_cutoff": (None, 0.0),
+                           "eta_cutoff": (None, 0.0)}
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float = 1.0
 
 
 def unsupported_settings(generation_config, do_sample: bool) -> list[str]:
     """What keeps this loop from giving generate()'s tokens; empty when it can run."""
-    reasons = ["do_sample=true (the loop is greedy)"] if do_sample else []
-    for name, no_op in NO_OP_SETTINGS.items():
+    reasons = []
+    for name, no_op in {**NO_OP_SETTINGS, **(SAMPLING_NO_OP_SETTINGS if do_sample else {})}.items():
         value = getattr(generation_config, name, None)
         if value not in no_op:
             reasons.append(f"generation_config.{name}={value!r}")
@@ -55,27 +67,52 @@ def end_token_ids(generation_config) -> list[int]:
     return ids
 
 
-def pick(scores, end_ids, may_end):
-    """Greedy choice; end tokens are out while may_end is False (min_new_tokens, as generate's processor)."""
+def sampling_scores(scores, sampling: Sampling):
+    """generate's warpers, in its order: temperature, top-k, top-p (the most likely token always kept); the
+    tokens they remove get -inf."""
+    import torch
+
+    if sampling.temperature != 1.0:
+        scores = scores / sampling.temperature
+    if sampling.top_k and sampling.top_k < scores.shape[-1]:
+        kth = torch.topk(scores, sampling.top_k).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if sampling.top_p < 1.0:
+        ascending, order = torch.sort(scores, descending=False)
+        remove = ascending.softmax(-1).cumsum(-1) <= 1 - sampling.top_p
+        remove[..., -1:] = False
+        scores = scores.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
+    return scores
+
+
+def pick(scores, end_ids, may_end, sampling: Sampling | None = None):
+    """The next token: end tokens are out while may_end is False (min_new_tokens, as generate's processor);
+    then the greedy choice, or a draw from the warped distribution (the exponential race: the argmax of
+    p / Exp(1) is a draw from p, without a host-side multinomial)."""
     import torch
 
     banned = torch.zeros(scores.shape[-1], dtype=torch.bool, device=scores.device)
     banned[end_ids] = True
-    return scores.masked_fill(banned & ~may_end, float("-inf")).argmax(-1)
+    scores = scores.float().masked_fill(banned & ~may_end, float("-inf"))
+    if sampling is None:
+        return scores.argmax(-1)
+    probs = sampling_scores(scores, sampling).softmax(-1)
+    return (probs / torch.empty_like(probs).exponential_()).argmax(-1)
 
 
 class GraphDecoder:
     """Holds a static KV cache across batches (kept while the batch size matches and it is long enough, as
     ``generate`` does; infer sorts prompts longest first, so the first batch's cache serves the run) and the
     compiled token step. ``compile_step``: None = plain Python (CPU, debugging); else torch.compile keyword
-    arguments."""
+    arguments. ``sampling``: None = greedy."""
 
-    def __init__(self, model, compile_step: dict | None, stop_check_every: int = 16):
+    def __init__(self, model, compile_step: dict | None, stop_check_every: int = 16,
+                 sampling: Sampling | None = None):
         import torch
 
         if stop_check_every < 1:
             raise ValueError(f"stop_check_every={stop_check_every}: must be >= 1")
-        self.model, self.stop_check_every, self.cache = model, stop_check_every, None
+        self.model, self.stop_check_every, self.cache, self.sampling = model, stop_check_every, None, sampling
         self.cudagraphs = bool(compile_step) and compile_step.get("mode") in ("reduce-overhead",
                                                                                 "max-autotune")
         self.step = torch.compile(self._token_step, **compile_step) if compile_step else self._token_step
@@ -91,7 +128,7 @@ class GraphDecoder:
         positions = (rope_deltas + cache_position).unsqueeze(0).expand(3, -1, -1)  # text: 3 equal rope axes
         logits = self.model(input_ids=tokens, attention_mask=mask, position_ids=positions,
                             past_key_values=self.cache, cache_position=cache_position, use_cache=True).logits
-        picked = pick(logits[:, -1], end_ids, may_end)
+        picked = pick(logits[:, -1], end_ids, may_end, self.sampling)
         picked = torch.where(finished, pad, picked)
         return picked, finished | torch.isin(picked, end_ids)
 
@@ -127,7 +164,7 @@ class GraphDecoder:
             tokens = torch.full((rows, max_new_tokens), pad_token_id, dtype=input_ids.dtype, device=device)
             min_new = self.model.generation_config.min_new_tokens or 0  # generate's end-token ban, same rule
             may_end = torch.arange(max_new_tokens, device=device) >= min_new  # per new token
-            tokens[:, 0] = pick(out.logits[:, -1], end_ids, may_end[:1])
+            tokens[:, 0] = pick(out.logits[:, -1], end_ids, may_end[:1], self.sampling)
             finished = torch.isin(tokens[:, 0], end_ids)
             positions = torch.arange(prompt, prompt + max_new_tokens, device=device)  # no host copy per token
             made = 1

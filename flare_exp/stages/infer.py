@@ -85,7 +85,17 @@ class Decoder:
                         and self.compiled else None)
         log.info("infer.decode_loop=graph: one %s step per token, a static KV cache",
                  "compiled" if compile_step else "uncompiled")
-        return GraphDecoder(self.model, compile_step)
+        return GraphDecoder(self.model, compile_step, sampling=self._sampling())
+
+    def _sampling(self):
+        """generate()'s warpers for infer's settings: temperature and top-p from infer, top-k from the model's
+        generation config (as generate merges them)."""
+        from flare_exp.models.graph_decoding import Sampling
+
+        if not self.inf.do_sample:
+            return None
+        return Sampling(temperature=self.inf.temperature, top_k=self.model.generation_config.top_k,
+                        top_p=self.inf.top_p)
 
     def __call__(self, records: list[dict], images) -> list[str]:
         full = len(records) == self.inf.batch_size
@@ -104,7 +114,7 @@ class Decoder:
         from flare_exp.models.graph_decoding import GraphDecoder
 
         self.compiled = False
-        self.loop = GraphDecoder(self.model, None)
+        self.loop = GraphDecoder(self.model, None, sampling=self._sampling())
 
     def _loop_decode(self, records: list[dict], images) -> list[str]:
         batch = self.chat.generation_batch(records, images)

@@ -222,6 +222,10 @@ class RLConfig:
     # compilation), 2.7x faster steps on an H200 (docs/benchmarks.md); with backend=unsloth TRL's defaults.
     cache_implementation: Optional[str] = "auto"  # auto | static | dynamic | null (= dynamic)
     compile_generation: Optional[bool] = None  # null = auto: on for backend=hf with a static cache
+    # generate: TRL's rollouts call transformers' generate. graph (backend=hf): the rollouts run through
+    # infer.decode_loop=graph's loop (one compiled step per token, sampling with TRL's temperature / top-k /
+    # top-p; caches in steps of 256 tokens). Same distribution as generate (tested); GPU speed not measured yet.
+    decode_loop: str = "generate"
     use_vllm: bool = False
     report_to: str = "none"
     wandb_project: str = "flare_exp_rl"

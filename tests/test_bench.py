@@ -58,6 +58,17 @@ def test_bench_infer_both_decode_loops(tmp_path, tiny_model_dir):
     assert "| infer.decode_loop=graph |" in report and "| infer.decode_loop=generate |" in report
 
 
+def test_bench_grpo_both_rollout_loops(tmp_path, tiny_model_dir):
+    """A fresh work dir each (the first run once sampled <|vision_start|> as a completion's last token and
+    crashed in the loss forward: rollouts now never sample vision tokens)."""
+    for loop in ("generate", "graph"):
+        result = bench("grpo", "--model-dir", str(tiny_model_dir), "--work", str(tmp_path / loop), "--image-size",
+                       "96", "--dtype", "float32", "--out", str(tmp_path / "out"), "--num-generations", "2",
+                       "--batch", "2", "--steps", "2", "--warmup", "1", "--completion-length", "8",
+                       "--set", f"rl.decode_loop={loop}")
+        assert result["steps_measured"] == 1 and result["overrides"] == [f"rl.decode_loop={loop}"]
+
+
 def test_bench_decode_attention(tmp_path):
     result = bench("attention", "--batch", "2", "--keys", "40", "--steps", "2", "--dtype", "float32",
                    "--out", str(tmp_path / "out"))

@@ -146,13 +146,15 @@ def test_draws_follow_the_warped_distribution():
     torch.manual_seed(0)
     scores = torch.tensor([[2.0, 1.5, 1.0, 0.5, 0.0, -1.0]]).expand(40000, -1)
     sampling = Sampling(temperature=0.8, top_k=4)
-    end_ids, never = torch.tensor([0]), torch.tensor([False])  # token 0 is an end token, banned for now
-    drawn = pick(scores, end_ids, never, sampling)
+    is_end, never = torch.arange(6) == 0, torch.tensor([False])  # token 0 is an end token, banned for now
+    none = torch.zeros(6, dtype=torch.bool)
+    drawn = pick(scores, is_end, never, none, sampling)
     expected = sampling_scores(scores[:1].masked_fill(torch.arange(6) == 0, float("-inf")), sampling).softmax(-1)[0]
     frequencies = torch.bincount(drawn, minlength=6) / len(drawn)
     assert frequencies[0] == 0 and frequencies[5] == 0  # the banned end token; beyond the top 4 of the rest
     torch.testing.assert_close(frequencies, expected, atol=0.01, rtol=0)
-    assert torch.equal(pick(scores[:3], end_ids, torch.tensor([True])), torch.zeros(3, dtype=torch.long))
+    assert torch.equal(pick(scores[:3], is_end, torch.tensor([True]), none), torch.zeros(3, dtype=torch.long))
+    assert torch.equal(pick(scores[:3], is_end, torch.tensor([True]), is_end), torch.ones(3, dtype=torch.long))
 
 
 def test_sampling_with_one_candidate_is_greedy(base_overrides, demo_prepared):
@@ -168,7 +170,7 @@ def test_sampling_with_one_candidate_is_greedy(base_overrides, demo_prepared):
 def test_settings_it_cannot_follow():
     from transformers import GenerationConfig
 
-    from flare_exp.models.graph_decoding import end_token_ids, unsupported_settings
+    from flare_exp.models.graph_decoding import Sampling, end_token_ids, sampling_of, unsupported_settings
 
     assert unsupported_settings(GenerationConfig(repetition_penalty=1.0, top_k=20, temperature=0.7), False) == []
     assert unsupported_settings(GenerationConfig(repetition_penalty=1.1, no_repeat_ngram_size=3), False) == [
@@ -176,6 +178,9 @@ def test_settings_it_cannot_follow():
     assert unsupported_settings(GenerationConfig(min_p=0.1), False) == []  # a warper: only when sampling
     assert unsupported_settings(GenerationConfig(min_p=0.1), True) == ["generation_config.min_p=0.1"]
     assert end_token_ids(GenerationConfig(eos_token_id=[5, 7])) == [5, 7]
+    assert sampling_of(GenerationConfig(do_sample=True, temperature=0.7, top_k=20, top_p=0.8)) == Sampling(0.7, 20, 0.8)
+    assert sampling_of(GenerationConfig(do_sample=True, top_k=None)) == Sampling(1.0, None, 1.0)
+    assert sampling_of(GenerationConfig(do_sample=False, temperature=0.7)) is None
     with pytest.raises(ValueError, match="no eos_token_id"):
         end_token_ids(GenerationConfig())
 

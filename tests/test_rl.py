@@ -2,6 +2,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from conftest import compose_cfg
 from flare_exp.main import run
@@ -93,6 +94,11 @@ def test_grpo_config_passes_scale_rewards_and_rollout_cache(tmp_path):
     cfg = compose_cfg(["model.backend=hf"])
     args = grpo_args(cfg, tmp_path, "none", bf16=False)
     assert args.scale_rewards == "none" and args.cache_implementation == "static" and args.loss_type == "dr_grpo"
+    assert args.generation_kwargs is None
+    assert grpo_args(cfg, tmp_path, "none", bf16=False, suppress_tokens=[3, 5]).generation_kwargs == {
+        "suppress_tokens": [3, 5]}
+    vllm = compose_cfg(["model.backend=hf", "rl.use_vllm=true"])
+    assert grpo_args(vllm, tmp_path, "none", bf16=False, suppress_tokens=[3, 5]).generation_kwargs is None
     with pytest.raises(ValueError, match="rl.scale_rewards='std'"):
         from flare_exp.stages.rl import check_settings
 
@@ -141,3 +147,66 @@ def test_a_failing_compiled_decode_falls_back_to_eager_rollouts(base_overrides, 
                           "rl.compile_generation=true"), run_dir=tmp_path / "rl")
     assert summary["global_step"] == 2 and len(attempts) == 1  # tried once, then eager for good
     assert "continuing with uncompiled rollouts" in caplog.text
+
+
+def test_graph_rollouts_answer_generate_as_generate_would(base_overrides, demo_prepared):
+    """TRL's rollout config (sampling, the image token suppressed, two end tokens) through the graph loop: with
+    top_k=1 the draw is deterministic, so the tokens must equal the policy's own generate(); a config the loop
+    cannot follow goes to generate."""
+    from transformers import GenerationConfig
+
+    from flare_exp.data.vision import VisionChat
+    from flare_exp.io import read_jsonl
+    from flare_exp.models.loading import load_model
+    from flare_exp.runtime import abspath
+    from flare_exp.stages.rl import GraphRollouts
+
+    cfg = compose_cfg(["stage=rl", *base_overrides, "model.dtype=float32"])
+    loaded = load_model(cfg.model, training=True)
+    policy = loaded.model.eval()
+    chat = VisionChat(loaded.processor, abspath(cfg.data.root))
+    rows = read_jsonl(demo_prepared / "train.jsonl")
+    batch = chat.generation_batch(rows[:2] + rows[-2:])
+    tokenizer = chat.tokenizer
+    trl_like = GenerationConfig(max_new_tokens=8, do_sample=True, top_k=1, top_p=0.9, temperature=0.7,
+                                pad_token_id=tokenizer.pad_token_id, eos_token_id=[tokenizer.eos_token_id,
+                                                                                   tokenizer.pad_token_id],
+                                cache_implementation="static", disable_compile=True)
+    with torch.no_grad():
+        first_pick = int(policy.generate(**batch, generation_config=trl_like)[0, batch["input_ids"].shape[1]])
+        # TRL suppresses the image token; suppress the first pick too, so the suppression shows
+        trl_like.suppress_tokens = [policy.config.image_token_id, first_pick]
+        expected = policy.generate(**batch, generation_config=trl_like)
+    assert int(expected[0, batch["input_ids"].shape[1]]) != first_pick
+    graph, fallbacks = GraphRollouts(compiled=False), []
+    original = lambda **kw: (fallbacks.append(1), policy.generate(**kw))[1]  # noqa: E731
+    with torch.no_grad():
+        got = graph.generate(policy, original, generation_config=trl_like, **batch)
+    assert not fallbacks and graph.loop is not None and graph.loop.cache.max_cache_len % 256 == 0
+    assert torch.equal(got[:, :expected.shape[1]], expected)
+    assert (got[:, expected.shape[1]:] == tokenizer.pad_token_id).all()
+    trl_like.repetition_penalty = 1.2
+    with torch.no_grad():
+        graph.generate(policy, original, generation_config=trl_like, **batch)
+    assert fallbacks == [1]
+
+
+def test_grpo_with_graph_rollouts(base_overrides, sft_adapter, tmp_path, monkeypatch, caplog):
+    from flare_exp.models.graph_decoding import GraphDecoder
+
+    calls = []
+    original = GraphDecoder.generate
+    monkeypatch.setattr(GraphDecoder, "generate", lambda self, config, **kw: (
+        calls.append(sorted(config.suppress_tokens)), original(self, config, **kw))[1])
+    caplog.set_level("INFO", logger="flare_exp.stages.rl")
+    summary = run(_rl_cfg(base_overrides, sft_adapter, "rl.max_steps=2", "rl.decode_loop=graph"),
+                  run_dir=tmp_path / "rl")
+    assert summary["global_step"] == 2 and len(calls) == 2  # one rollout per step, both through the loop
+    config = compose_cfg(base_overrides)  # the tiny model's vision tokens are never sampled
+    from transformers import AutoConfig
+
+    from flare_exp.stages.rl import vision_token_ids
+
+    vision = vision_token_ids(AutoConfig.from_pretrained(config.model.path))
+    assert len(vision) == 4 and calls[0] == vision
+    assert "rollouts: graph decode loop" in caplog.text

@@ -1,4 +1,5 @@
-"""Decoding of a left-padded batch with one compiled step per token (``infer.decode_loop=graph``).
+"""Decoding of a left-padded batch with one compiled step per token (``infer.decode_loop=graph``, and GRPO's
+rollouts with ``rl.decode_loop=graph``).
 
 transformers' ``generate`` with a static cache compiles the model's forward into CUDA graphs, but everything
 around it runs on the host every token: the 4-D mask is rebuilt with vmap (~2.4 ms of CPU per step on the GPU
@@ -32,7 +33,7 @@ DECODE_LOOPS = ("generate", "graph")
 NO_OP_SETTINGS = {
     "repetition_penalty": (None, 1.0), "no_repeat_ngram_size": (None, 0), "bad_words_ids": (None,),
     "min_length": (None, 0), "forced_bos_token_id": (None,),
-    "forced_eos_token_id": (None,), "suppress_tokens": (None, []), "begin_suppress_tokens": (None, []),
+    "forced_eos_token_id": (None,), "begin_suppress_tokens": (None, []),
     "sequence_bias": (None,), "exponential_decay_length_penalty": (None,), "guidance_scale": (None, 1.0),
     "stop_strings": (None,), "num_beams": (None, 1), "encoder_repetition_penalty": (None, 1.0),
     "encoder_no_repeat_ngram_size": (None, 0),
@@ -85,15 +86,31 @@ def sampling_scores(scores, sampling: Sampling):
     return scores
 
 
-def pick(scores, end_ids, may_end, sampling: Sampling | None = None):
-    """The next token: end tokens are out while may_end is False (min_new_tokens, as generate's processor);
-    then the greedy choice, or a draw from the warped distribution (the exponential race: the argmax of
-    p / Exp(1) is a draw from p, without a host-side multinomial)."""
+def sampling_of(generation_config) -> Sampling | None:
+    """generate's sampling settings (None: greedy)."""
+    if not generation_config.do_sample:
+        return None
+    return Sampling(temperature=generation_config.temperature if generation_config.temperature is not None
+                    else 1.0, top_k=generation_config.top_k or None,
+                    top_p=generation_config.top_p if generation_config.top_p is not None else 1.0)
+
+
+def token_flags(ids, vocab: int, device):
     import torch
 
-    banned = torch.zeros(scores.shape[-1], dtype=torch.bool, device=scores.device)
-    banned[end_ids] = True
-    scores = scores.float().masked_fill(banned & ~may_end, float("-inf"))
+    flags = torch.zeros(vocab, dtype=torch.bool, device=device)
+    flags[torch.as_tensor(list(ids), dtype=torch.long, device=device)] = True
+    return flags
+
+
+def pick(scores, is_end, may_end, suppressed, sampling: Sampling | None = None):
+    """The next token, as generate's processors then warpers choose it: suppressed tokens (flags over the
+    vocabulary) are out, end tokens too while may_end is False (min_new_tokens); then the greedy choice, or a
+    draw from the warped distribution (the exponential race: the argmax of p / Exp(1) is a draw from p,
+    without a host-side multinomial)."""
+    import torch
+
+    scores = scores.float().masked_fill(suppressed | (is_end & ~may_end), float("-inf"))
     if sampling is None:
         return scores.argmax(-1)
     probs = sampling_scores(scores, sampling).softmax(-1)
@@ -104,23 +121,26 @@ class GraphDecoder:
     """Holds a static KV cache across batches (kept while the batch size matches and it is long enough, as
     ``generate`` does; infer sorts prompts longest first, so the first batch's cache serves the run) and the
     compiled token step. ``compile_step``: None = plain Python (CPU, debugging); else torch.compile keyword
-    arguments. ``sampling``: None = greedy."""
+    arguments. ``sampling``: None = greedy. ``cache_multiple``: the cache length is rounded up to a multiple of
+    it, so prompts of varying length (GRPO) share a few caches and compiled graphs."""
 
     def __init__(self, model, compile_step: dict | None, stop_check_every: int = 16,
-                 sampling: Sampling | None = None):
+                 sampling: Sampling | None = None, cache_multiple: int = 1):
         import torch
 
         if stop_check_every < 1:
             raise ValueError(f"stop_check_every={stop_check_every}: must be >= 1")
         self.model, self.stop_check_every, self.cache, self.sampling = model, stop_check_every, None, sampling
+        self.cache_multiple = cache_multiple
         self.cudagraphs = bool(compile_step) and compile_step.get("mode") in ("reduce-overhead",
                                                                                 "max-autotune")
         self.step = torch.compile(self._token_step, **compile_step) if compile_step else self._token_step
 
-    def _token_step(self, tokens, cache_position, rope_deltas, key_valid, finished, end_ids, pad, may_end):
+    def _token_step(self, tokens, cache_position, rope_deltas, key_valid, finished, is_end, pad, may_end,
+                    suppressed):
         """One token for every row: tokens (B, 1), cache_position (1,), rope_deltas (B, 1), key_valid (B, L)
-        (prompt padding False), finished (B,), may_end (1,): False before min_new_tokens. Returns (next tokens
-        (B,), finished (B,))."""
+        (prompt padding False), finished (B,), is_end / suppressed (vocabulary flags), may_end (1,): False
+        before min_new_tokens. Returns (next tokens (B,), finished (B,))."""
         import torch
 
         keys = torch.arange(key_valid.shape[1], device=key_valid.device)
@@ -128,9 +148,9 @@ class GraphDecoder:
         positions = (rope_deltas + cache_position).unsqueeze(0).expand(3, -1, -1)  # text: 3 equal rope axes
         logits = self.model(input_ids=tokens, attention_mask=mask, position_ids=positions,
                             past_key_values=self.cache, cache_position=cache_position, use_cache=True).logits
-        picked = pick(logits[:, -1], end_ids, may_end, self.sampling)
+        picked = pick(logits[:, -1], is_end, may_end, suppressed, self.sampling)
         picked = torch.where(finished, pad, picked)
-        return picked, finished | torch.isin(picked, end_ids)
+        return picked, finished | is_end[picked]
 
     def _static_cache(self, batch_size: int, length: int):
         from transformers import StaticCache
@@ -139,14 +159,25 @@ class GraphDecoder:
         if cache is not None and cache.max_batch_size == batch_size and cache.max_cache_len >= length:
             cache.reset()
             return cache
+        length = -(-length // self.cache_multiple) * self.cache_multiple
         self.cache = StaticCache(config=self.model.config, max_cache_len=length)
         return self.cache
 
-    def __call__(self, batch: dict, max_new_tokens: int, pad_token_id: int):
-        """New tokens (B, T <= max_new_tokens) for a left-padded batch (the processor's output, on the model's
-        device); rows that finished early are padded with pad_token_id."""
+    def generate(self, generation_config, **batch):
+        """model.generate's answer (prompt and new tokens) for a generation config that
+        ``unsupported_settings`` accepts, e.g. TRL's rollouts."""
         import torch
 
+        new = self(batch, generation_config.max_new_tokens, generation_config.pad_token_id, generation_config)
+        return torch.cat([batch["input_ids"], new], dim=1)
+
+    def __call__(self, batch: dict, max_new_tokens: int, pad_token_id: int, generation_config=None):
+        """New tokens (B, T <= max_new_tokens) for a left-padded batch (the processor's output, on the model's
+        device); rows that finished early are padded with pad_token_id. End tokens, min_new_tokens and
+        suppressed tokens come from generation_config (default: the model's)."""
+        import torch
+
+        config = generation_config or self.model.generation_config
         input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
         rows, prompt = input_ids.shape
         device = input_ids.device
@@ -157,15 +188,16 @@ class GraphDecoder:
             if out.rope_deltas is None:
                 raise RuntimeError("the model's prefill returned no rope_deltas (not a Qwen-VL model?)")
             rope_deltas = out.rope_deltas.to(device).reshape(rows, 1)
-            end_ids = torch.tensor(end_token_ids(self.model.generation_config), device=device)
+            vocab = out.logits.shape[-1]
+            is_end = token_flags(end_token_ids(config), vocab, device)
+            suppressed = token_flags(config.suppress_tokens or [], vocab, device)
             pad = torch.tensor(pad_token_id, device=device, dtype=input_ids.dtype)
             key_valid = torch.ones(rows, cache.max_cache_len, dtype=torch.bool, device=device)
             key_valid[:, :prompt] = attention_mask.bool()
             tokens = torch.full((rows, max_new_tokens), pad_token_id, dtype=input_ids.dtype, device=device)
-            min_new = self.model.generation_config.min_new_tokens or 0  # generate's end-token ban, same rule
-            may_end = torch.arange(max_new_tokens, device=device) >= min_new  # per new token
-            tokens[:, 0] = pick(out.logits[:, -1], end_ids, may_end[:1], self.sampling)
-            finished = torch.isin(tokens[:, 0], end_ids)
+            may_end = torch.arange(max_new_tokens, device=device) >= (config.min_new_tokens or 0)  # per new token
+            tokens[:, 0] = pick(out.logits[:, -1], is_end, may_end[:1], suppressed, self.sampling)
+            finished = is_end[tokens[:, 0]]
             positions = torch.arange(prompt, prompt + max_new_tokens, device=device)  # no host copy per token
             made = 1
             for made in range(1, max_new_tokens):
@@ -174,7 +206,8 @@ class GraphDecoder:
                 if self.cudagraphs:
                     torch.compiler.cudagraph_mark_step_begin()
                 picked, now_finished = self.step(tokens[:, made - 1:made], positions[made - 1:made], rope_deltas,
-                                                 key_valid, finished, end_ids, pad, may_end[made:made + 1])
+                                                 key_valid, finished, is_end, pad, may_end[made:made + 1],
+                                                 suppressed)
                 tokens[:, made] = picked  # copies out of the graph's output buffers before the next replay
                 finished = now_finished.clone()
             else:

@@ -6,6 +6,7 @@ Setup (settings check, model + adapter, GRPO dataset with lazily loaded images, 
 """
 from __future__ import annotations
 
+import functools
 import logging
 import statistics
 from pathlib import Path
@@ -14,6 +15,7 @@ from transformers import TrainerCallback
 
 from flare_exp.data.vision import VisionChat, filter_by_length, render_messages
 from flare_exp.io import read_jsonl, write_json
+from flare_exp.models.graph_decoding import DECODE_LOOPS, GraphDecoder, sampling_of, unsupported_settings
 from flare_exp.models.loading import load_model
 from flare_exp.rewards.combine import build_reward
 from flare_exp.runtime import abspath, check_choice, retry_uncompiled
@@ -58,6 +60,7 @@ def check_settings(rl, max_seq_length: int) -> int:
             f"multiple of it, e.g. rl.per_device_train_batch_size={rl.num_generations * max(1, round(rl.per_device_train_batch_size / rl.num_generations))}")
     check_choice("rl.scale_rewards", rl.scale_rewards, ("none", "group", "batch"))
     check_choice("rl.on_too_long", rl.on_too_long, ("error", "skip"))
+    check_choice("rl.decode_loop", rl.decode_loop, DECODE_LOOPS)
     limit = rl.max_prompt_length or max_seq_length - rl.max_completion_length
     if limit <= 0:
         raise ValueError(f"rl.max_completion_length={rl.max_completion_length} leaves no room for the prompt in "
@@ -92,6 +95,33 @@ def rollout_settings(rl, backend: str) -> tuple[str | None, bool]:
     return cache, compiled
 
 
+class GraphRollouts:
+    """rl.decode_loop=graph: while a rollout runs, the policy's generate() is answered by the graph decode loop
+    (flare_exp/models/graph_decoding.py) with the generation config TRL asks for, resolved as generate would;
+    a config the loop cannot follow (a repetition penalty, min-p, ...) goes to generate, said once."""
+
+    def __init__(self, compiled: bool):
+        self.compiled, self.loop, self.told = compiled, None, False
+
+    def uncompile(self) -> None:
+        self.compiled, self.loop = False, None
+
+    def generate(self, policy, original, generation_config=None, **batch):
+        resolved, _ = policy._prepare_generation_config(generation_config)
+        reasons = unsupported_settings(resolved, resolved.do_sample)
+        if reasons:
+            if not self.told:
+                log.warning("rl.decode_loop=graph: rollouts with transformers' generate instead, because of %s",
+                            "; ".join(reasons))
+                self.told = True
+            return original(generation_config=generation_config, **batch)
+        if self.loop is None:
+            compile_step = dict(mode="reduce-overhead", dynamic=False) if self.compiled else None
+            # prompts vary in length from step to step: caches in steps of 256 tokens, a few compiled graphs
+            self.loop = GraphDecoder(policy, compile_step, sampling=sampling_of(resolved), cache_multiple=256)
+        return self.loop.generate(resolved, **batch)
+
+
 def with_rollouts_in_eval_mode(trainer_class):
     """TRL generates with the policy in training mode. Eval mode for the rollout (restored afterwards) keeps
     dropout and the gradient-checkpointing wrappers out of the decode loop, and lets a compiled decode step
@@ -99,18 +129,28 @@ def with_rollouts_in_eval_mode(trainer_class):
     another torch), training goes on with eager rollouts and says so once."""
 
     class FlareGRPOTrainer(trainer_class):
+        graph_rollouts: GraphRollouts | None = None
+
         def _generate_single_turn(self, *args, **kwargs):
             config = getattr(self, "generation_config", None)
             rollout = lambda: super(FlareGRPOTrainer, self)._generate_single_turn(*args, **kwargs)  # noqa: E731
             was_training = self.model.training
             self.model.eval()
+            graph = self.graph_rollouts
+            policy = self.accelerator.unwrap_model(self.model_wrapped) if graph else None
+            if graph:  # TRL calls the unwrapped policy's generate
+                policy.generate = functools.partial(graph.generate, policy, policy.generate)
             try:
-                if config is None or config.disable_compile:
+                compiling = graph.compiled if graph else config is not None and not config.disable_compile
+                if not compiling:
                     return rollout()
-                return retry_uncompiled(rollout, lambda: setattr(config, "disable_compile", True),
+                return retry_uncompiled(rollout, lambda: (setattr(config, "disable_compile", True),
+                                                          graph and graph.uncompile()),
                                         "the rollout decode step", "continuing with uncompiled rollouts. Pass "
                                         "rl.compile_generation=false to skip the attempt.")
             finally:
+                if graph:
+                    del policy.generate
                 self.model.train(was_training)
 
     if not hasattr(trainer_class, "_generate_single_turn"):  # another TRL layout: keep its own behaviour
@@ -119,12 +159,23 @@ def with_rollouts_in_eval_mode(trainer_class):
     return FlareGRPOTrainer
 
 
-def grpo_args(cfg, out_dir: Path, report_to: str, bf16: bool):
+def vision_token_ids(model_config) -> list[int]:
+    """The image/video placeholder and vision start/end tokens: a rollout must never sample them. TRL
+    suppresses only the image token; a sampled <|vision_start|> as a completion's last token makes
+    transformers' rope index read past the sequence in the loss forward (IndexError; seen with the tiny demo
+    model), and any of them would be read as an image slot."""
+    names = ("vision_start_token_id", "vision_end_token_id", "image_token_id", "video_token_id")
+    return sorted({getattr(model_config, n) for n in names if getattr(model_config, n, None) is not None})
+
+
+def grpo_args(cfg, out_dir: Path, report_to: str, bf16: bool, suppress_tokens: list[int] | None = None):
     import torch
     from trl import GRPOConfig
 
     rl = cfg.rl
     cache, _ = rollout_settings(rl, cfg.model.backend)
+    # vLLM takes generation_kwargs as its sampling parameters, which have no suppress_tokens
+    generation_kwargs = {"suppress_tokens": suppress_tokens} if suppress_tokens and not rl.use_vllm else None
     return GRPOConfig(
         output_dir=str(out_dir), num_generations=rl.num_generations,
         per_device_train_batch_size=rl.per_device_train_batch_size,
@@ -134,7 +185,7 @@ def grpo_args(cfg, out_dir: Path, report_to: str, bf16: bool):
         importance_sampling_level=rl.importance_sampling_level, beta=rl.beta, temperature=rl.temperature,
         top_p=rl.top_p, max_steps=rl.max_steps, logging_steps=rl.logging_steps, save_steps=rl.save_steps,
         save_total_limit=rl.save_total_limit, optim=rl.optim, use_vllm=rl.use_vllm, report_to=report_to,
-        cache_implementation=cache,
+        cache_implementation=cache, generation_kwargs=generation_kwargs,
         bf16=bf16, remove_unused_columns=False, seed=cfg.seed, disable_tqdm=False, logging_first_step=True,
         dataloader_pin_memory=torch.cuda.is_available(),
     )
@@ -171,9 +222,13 @@ def run(cfg, out_dir: Path) -> dict:
                              "rl.max_completion_length, or pass rl.on_too_long=skip")
         log.warning("%s: skipped", msg)
         write_json(out_dir / "too_long.json", too_long)
-    log.info("rl: %d prompts (%s), init_from=%s, backend=%s, rollouts: %s KV cache%s", len(records),
-             ", ".join(wanted), loaded.adapter, cfg.model.backend, cache or "dynamic",
-             ", compiled decode (GPU)" if compiled else "")
+    graph = rl.decode_loop == "graph"
+    if graph and cfg.model.backend != "hf":
+        log.warning("rl.decode_loop=graph runs transformers' forward: backend=hf only; rollouts use generate")
+        graph = False
+    log.info("rl: %d prompts (%s), init_from=%s, backend=%s, rollouts: %s%s", len(records), ", ".join(wanted),
+             loaded.adapter, cfg.model.backend, "graph decode loop, static KV cache" if graph else
+             f"generate, {cache or 'dynamic'} KV cache", ", compiled decode (GPU)" if compiled else "")
 
     if cfg.model.backend == "unsloth" and not compiled:
         # docs/benchmarks.md: generation is most of a GRPO step and Unsloth does not speed up TRL's decode loop.
@@ -186,11 +241,14 @@ def run(cfg, out_dir: Path) -> dict:
     meta = CheckpointMeta(loaded.base_path, cfg, data_fingerprints(rl.train_file), loaded.processor)
     trainer_class = with_rollouts_in_eval_mode(GRPOTrainer)
     trainer = trainer_class(model=loaded.model, reward_funcs=[reward], processing_class=loaded.processor,
-                            args=grpo_args(cfg, out_dir, report_to, half_precision(loaded.model)[0]),
+                            args=grpo_args(cfg, out_dir, report_to, half_precision(loaded.model)[0],
+                                           vision_token_ids(loaded.model.config)),
                             train_dataset=grpo_dataset(records, chat),
                             callbacks=[RewardTermLog(reward), ProgressLog(), meta])
     if hasattr(trainer, "generation_config"):  # TRL turns compilation off for its rollouts
         trainer.generation_config.disable_compile = not compiled
+    if graph:
+        trainer.graph_rollouts = GraphRollouts(compiled and torch.cuda.is_available())
     try:
         trainer.train(resume_from_checkpoint=resume_checkpoint(cfg.resume, out_dir))
         final = out_dir / "final"

@@ -9,12 +9,12 @@ Each read waits for the GPU to finish, so the GPU then idles while the host prep
 batch-64 profile the GPU was busy 61% of a batch (docs/benchmarks.md), the compiled decode step itself ~8 ms.
 
 Here one function makes a token: the model's forward with a mask built on the device from the prompt's padding
-and the position, positions from the prompt's rope deltas, the pick (greedy, or sampled with generate's temperature / top-k /
-top-p rules), and the finished flags (a finished
-row gets the pad token, as ``generate`` does). It is compiled as a whole (CUDA graphs on a GPU), and the host
-asks "all finished?" only every ``stop_check_every`` tokens, so it can queue tokens ahead of the GPU. The
-prefill is the model's own forward (eager, as in ``generate``). Same tokens as ``generate`` (tested with
-padding, both decode attentions, early stops): the extra tokens after the last row finished are pad tokens.
+and the position, positions from the prompt's rope deltas, the pick (greedy, or sampled with generate's
+temperature / top-k / top-p rules), and the finished flags (a finished row gets the pad token, as ``generate``
+does). It is compiled as a whole (CUDA graphs on a GPU), and the host asks "all finished?" only every
+``stop_check_every`` tokens, so it can queue tokens ahead of the GPU. The prefill is the model's own forward
+(eager, as in ``generate``). Same tokens as ``generate`` (tested with padding, both decode attentions, early
+stops): the extra tokens after the last row finished are pad tokens.
 
 Only when the model's generation config asks for no other logits processing (a repetition penalty, banned
 words, min-p, ... would change the picks): ``unsupported_settings`` names what stands in the way and the caller
@@ -168,7 +168,11 @@ class GraphDecoder:
         ``unsupported_settings`` accepts, e.g. TRL's rollouts."""
         import torch
 
-        new = self(batch, generation_config.max_new_tokens, generation_config.pad_token_id, generation_config)
+        if generation_config.max_new_tokens is None:
+            raise ValueError("the graph decode loop needs generation_config.max_new_tokens")
+        pad = generation_config.pad_token_id
+        pad = end_token_ids(generation_config)[0] if pad is None else pad  # generate's choice too
+        new = self(batch, generation_config.max_new_tokens, pad, generation_config)
         return torch.cat([batch["input_ids"], new], dim=1)
 
     def __call__(self, batch: dict, max_new_tokens: int, pad_token_id: int, generation_config=None):

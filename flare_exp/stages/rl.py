@@ -126,7 +126,8 @@ def with_rollouts_in_eval_mode(trainer_class):
     """TRL generates with the policy in training mode. Eval mode for the rollout (restored afterwards) keeps
     dropout and the gradient-checkpointing wrappers out of the decode loop, and lets a compiled decode step
     be traced once for inference instead of for training. If compiling the decode step fails (another GPU,
-    another torch), training goes on with eager rollouts and says so once."""
+    another torch), training goes on with eager rollouts and says so once. With ``graph_rollouts`` set
+    (rl.decode_loop=graph) the policy's generate is answered by the graph decode loop during the rollout."""
 
     class FlareGRPOTrainer(trainer_class):
         graph_rollouts: GraphRollouts | None = None

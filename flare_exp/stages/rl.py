@@ -229,7 +229,8 @@ def run(cfg, out_dir: Path) -> dict:
         graph = False
     log.info("rl: %d prompts (%s), init_from=%s, backend=%s, rollouts: %s%s", len(records), ", ".join(wanted),
              loaded.adapter, cfg.model.backend, "graph decode loop, static KV cache" if graph else
-             f"generate, {cache or 'dynamic'} KV cache", ", compiled decode (GPU)" if compiled else "")
+             f"generate, {cache or 'dynamic'} KV cache",
+             ", compiled decode" if compiled and torch.cuda.is_available() else "")  # compiled on GPUs only
 
     if cfg.model.backend == "unsloth" and not compiled:
         # docs/benchmarks.md: generation is most of a GRPO step and Unsloth does not speed up TRL's decode loop.

@@ -6,7 +6,10 @@
 # `python -m bench.report OUT_DIR` makes the tables.
 set -u
 piece=$1; out=${2:-bench_out}
+pieces=" sft-1 sft-2 sft-facts sft-long sft-loop infer infer-2 attention reward grpo-1 grpo-2 grpo-compiled smoke "
+[[ $pieces == *" $piece "* ]] || { echo "unknown piece $piece; one of:$pieces" >&2; exit 2; }
 mkdir -p "$out"
+exec > >(tee -a "$out/$piece.log") 2>&1  # the piece's whole output comes back with its results
 python3 -m bench.run build > "$out/build.log" 2>&1
 R="python3 -m bench.run"
 case $piece in

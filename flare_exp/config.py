@@ -251,8 +251,9 @@ class InferConfig:
     # 2.1x the reports/s of the dynamic cache at batch 64 on an H200; dynamic elsewhere. static | dynamic.
     cache_implementation: Optional[str] = "auto"
     # generate: transformers' generate(). graph (backend=hf): one compiled step per token (model, mask, the
-    # greedy or sampled pick, stop flags; CUDA graphs on a GPU) with a static KV cache, the host checking for the end
-    # every 16 tokens instead of waiting on the GPU several times per token (flare_exp/models/graph_decoding.py).
+    # greedy or sampled pick, stop flags; CUDA graphs on a GPU) with a static KV cache, the host checking for
+    # the end every 16 tokens instead of waiting on the GPU several times per token
+    # (flare_exp/models/graph_decoding.py).
     # Same tokens as generate (tested on CPU); its GPU speed is not measured yet, hence not the default.
     decode_loop: str = "generate"
     # Fold a LoRA checkpoint into the weights (backend=hf): same outputs up to rounding, fewer kernels per token.

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 log = logging.getLogger(__name__)
 
 DECODE_LOOPS = ("generate", "graph")
+# how the token step is compiled on a GPU: CUDA graphs (as generate compiles its decode step), fixed shapes
+COMPILE_ON_GPU = {"mode": "reduce-overhead", "dynamic": False}
 # generation-config fields that make greedy decoding differ from argmax over the logits, with the values
 # under which they do nothing
 NO_OP_SETTINGS = {

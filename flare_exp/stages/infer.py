@@ -71,7 +71,7 @@ class Decoder:
         self.loop = self._graph_loop(backend) if inf.decode_loop == "graph" else None
 
     def _graph_loop(self, backend: str):
-        from flare_exp.models.graph_decoding import GraphDecoder, unsupported_settings
+        from flare_exp.models.graph_decoding import COMPILE_ON_GPU, GraphDecoder, unsupported_settings
 
         reasons = unsupported_settings(self.model.generation_config, self.inf.do_sample)
         if backend != "hf":
@@ -80,9 +80,8 @@ class Decoder:
             log.warning("infer.decode_loop=graph: decoding with transformers' generate instead, because of %s",
                         "; ".join(reasons))
             return None
-        # compiled into CUDA graphs on a GPU (as generate compiles its decode step); plain Python elsewhere
-        compile_step = (dict(mode="reduce-overhead", dynamic=False) if self.model.device.type == "cuda"
-                        and self.compiled else None)
+        # compiled on a GPU; plain Python elsewhere
+        compile_step = COMPILE_ON_GPU if self.model.device.type == "cuda" and self.compiled else None
         log.info("infer.decode_loop=graph: one %s step per token, a static KV cache",
                  "compiled" if compile_step else "uncompiled")
         return GraphDecoder(self.model, compile_step, sampling=self._sampling())

@@ -15,7 +15,8 @@ from transformers import TrainerCallback
 
 from flare_exp.data.vision import VisionChat, filter_by_length, render_messages
 from flare_exp.io import read_jsonl, write_json
-from flare_exp.models.graph_decoding import DECODE_LOOPS, GraphDecoder, sampling_of, unsupported_settings
+from flare_exp.models.graph_decoding import (COMPILE_ON_GPU, DECODE_LOOPS, GraphDecoder, sampling_of,
+                                             unsupported_settings)
 from flare_exp.models.loading import load_model
 from flare_exp.rewards.combine import build_reward
 from flare_exp.runtime import abspath, check_choice, retry_uncompiled
@@ -116,7 +117,7 @@ class GraphRollouts:
                 self.told = True
             return original(generation_config=generation_config, **batch)
         if self.loop is None:
-            compile_step = dict(mode="reduce-overhead", dynamic=False) if self.compiled else None
+            compile_step = COMPILE_ON_GPU if self.compiled else None
             # prompts vary in length from step to step: caches in steps of 256 tokens, a few compiled graphs
             self.loop = GraphDecoder(policy, compile_step, sampling=sampling_of(resolved), cache_multiple=256)
         return self.loop.generate(resolved, **batch)

@@ -9,9 +9,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from flare_exp import stages
-from flare_exp.models.graph_decoding import DECODE_LOOPS
 from flare_exp.models.loading import check_model_settings
-from flare_exp.runtime import (abspath, check_choice, check_not_finished, clear_finished_outputs, run_with_markers,
+from flare_exp.runtime import (abspath, check_not_finished, clear_finished_outputs, run_with_markers,
                                write_run_metadata)
 
 log = logging.getLogger(__name__)
@@ -33,8 +32,6 @@ def validate(cfg: DictConfig) -> None:
             "so the full training settings apply.")
     check_model_settings(cfg.model)
     steps = steps_of(cfg)
-    if "infer" in steps:
-        check_choice("infer.decode_loop", cfg.infer.decode_loop, DECODE_LOOPS)
     check_one_process_per_job(uses_gpu=bool(steps & {"sft", "rl", "infer"}))
     if steps & {"sft", "rl"} and cfg.model.dtype in ("bfloat16", "float16"):
         import torch

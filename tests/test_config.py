@@ -88,6 +88,23 @@ def test_unknown_model_setting_rejected_at_startup(key):
         validate(compose_cfg([f"{key}=fast"]))
 
 
+@pytest.mark.parametrize("setting", ["rl.decode_loop=fast", "infer.decode_loop=fast", "rl.num_generations=1",
+                                     "sft.on_too_long=truncate"])
+def test_stage_settings_stop_a_pipeline_before_its_first_step(setting, base_overrides, tmp_path, monkeypatch):
+    """A bad rl.* or infer.* value must not wait for hours of sft to surface."""
+    from flare_exp import stages
+    from flare_exp.main import run
+
+    ran = []
+    for step in ("sft", "rl", "infer"):
+        monkeypatch.setattr(stages.get_runner(step), "run", lambda cfg, out, step=step: ran.append(step))
+    key = setting.split("=")[0]
+    with pytest.raises(ValueError, match=key):
+        run(compose_cfg([*base_overrides, "stage=pipeline", "stage.steps=[sft,rl,infer]", setting]),
+            run_dir=tmp_path / "pipeline")
+    assert ran == []
+
+
 @pytest.mark.parametrize("overrides", [
     ["stage=prepare"],
     ["stage=sft", "run_name=sft-r16", "model.backend=unsloth", "sft.early_stopping_patience=5"],

@@ -102,7 +102,7 @@ def test_grpo_config_passes_scale_rewards_and_rollout_cache(tmp_path):
     with pytest.raises(ValueError, match="rl.scale_rewards='std'"):
         from flare_exp.stages.rl import check_settings
 
-        check_settings(compose_cfg(["rl.scale_rewards=std"]).rl, 1024)
+        check_settings(compose_cfg(["rl.scale_rewards=std"]))
 
 
 def test_rollouts_run_in_eval_mode_and_training_resumes(base_overrides, sft_adapter, tmp_path, monkeypatch):

@@ -2,7 +2,8 @@
 prepare job never pays for importing torch/transformers and Unsloth is never imported by accident.
 
 A runner module defines ``run(cfg, out_dir) -> dict`` (a small JSON-able summary) and may define
-``output_dir(cfg, run_dir) -> Path`` when its outputs live outside the Hydra run dir (prepare does).
+``output_dir(cfg, run_dir) -> Path`` when its outputs live outside the Hydra run dir (prepare does), and
+``check_settings(cfg)``, which a pipeline runs for every step before its first.
 """
 from __future__ import annotations
 

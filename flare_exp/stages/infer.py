@@ -17,8 +17,9 @@ from tqdm.auto import tqdm
 
 from flare_exp.data.vision import VisionChat
 from flare_exp.io import read_journal, read_jsonl, write_json
+from flare_exp.models.graph_decoding import DECODE_LOOPS
 from flare_exp.models.loading import load_model
-from flare_exp.runtime import abspath, retry_uncompiled
+from flare_exp.runtime import abspath, check_choice, retry_uncompiled
 
 log = logging.getLogger(__name__)
 PREDICTIONS = "predictions.jsonl"
@@ -186,7 +187,12 @@ def write_submission(out_dir: Path, rows: list[dict]) -> None:
         write_json(out_dir / "submission" / f"{dataset}_predictions.json", records)
 
 
+def check_settings(cfg) -> None:
+    check_choice("infer.decode_loop", cfg.infer.decode_loop, DECODE_LOOPS)
+
+
 def run(cfg, out_dir: Path) -> dict:
+    check_settings(cfg)
     inf = cfg.infer
     source = abspath(inf.input_file or f"{cfg.data.prepared_dir}/{inf.split}.jsonl")
     records = read_jsonl(source)

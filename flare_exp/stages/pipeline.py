@@ -35,6 +35,10 @@ def run(cfg, out_dir: Path) -> dict:
     if unknown:
         raise ValueError(f"stage.steps has unknown or non-pipeline steps {unknown}; "
                          f"choose from prepare, sft, rl, infer, eval")
+    for step in steps:  # every step's own settings check before the first step: a bad rl.* must not wait for sft
+        check = getattr(stages.get_runner(step), "check_settings", None)
+        if check:
+            check(cfg)
     done_dirs: dict[str, Path] = {}
     results = {}
     for step in steps:

@@ -49,8 +49,9 @@ def grpo_dataset(records: list[dict], chat: VisionChat):
     return table.with_transform(materialise)
 
 
-def check_settings(rl, max_seq_length: int) -> int:
+def check_settings(cfg) -> int:
     """Fail at startup, saying what to change, instead of deep inside TRL. Returns the prompt length limit."""
+    rl, max_seq_length = cfg.rl, cfg.model.max_seq_length
     generation_batch = rl.per_device_train_batch_size * rl.gradient_accumulation_steps
     if rl.num_generations < 2:
         raise ValueError(f"rl.num_generations={rl.num_generations}: GRPO needs at least 2 completions per prompt")
@@ -198,7 +199,7 @@ def run(cfg, out_dir: Path) -> dict:
     from trl import GRPOTrainer
 
     rl = cfg.rl
-    prompt_limit = check_settings(rl, cfg.model.max_seq_length)
+    prompt_limit = check_settings(cfg)
     cache, compiled = rollout_settings(rl, cfg.model.backend)
     reward = build_reward(cfg.reward)
     records = [r for r in read_jsonl(abspath(rl.train_file)) if r.get("answer") is not None]

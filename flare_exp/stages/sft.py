@@ -32,7 +32,8 @@ class RecordDataset:
         return self.records[i]
 
 
-def check_settings(sft) -> None:
+def check_settings(cfg) -> None:
+    sft = cfg.sft
     if sft.early_stopping_patience and sft.save_steps % sft.eval_steps:
         raise ValueError(f"sft.early_stopping_patience needs sft.save_steps ({sft.save_steps}) to be a multiple "
                          f"of sft.eval_steps ({sft.eval_steps}) so the best checkpoint can be kept")
@@ -78,7 +79,7 @@ def run(cfg, out_dir: Path) -> dict:
     from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
 
     sft = cfg.sft
-    check_settings(sft)
+    check_settings(cfg)
     torch.manual_seed(cfg.seed)
     loaded = load_model(cfg.model, init_from=sft.init_from, training=True, seed=cfg.seed)
     compiled = compile_layers(sft.compile_layers, cfg.model.backend, torch.cuda.is_available())

@@ -206,3 +206,4 @@ def test_infer_stage_with_the_graph_loop(base_overrides, sft_adapter, tmp_path, 
                        "run_name=infer-sampled"])
     run(cfg, run_dir=tmp_path / "sampled")
     assert len(read_jsonl(tmp_path / "sampled" / "predictions.jsonl")) == 7
+    assert "generate instead" not in caplog.text  # sampled through the loop

@@ -17,7 +17,8 @@ from tqdm.auto import tqdm
 
 from flare_exp.data.vision import VisionChat
 from flare_exp.io import read_journal, read_jsonl, write_json
-from flare_exp.models.graph_decoding import DECODE_LOOPS
+from flare_exp.models.graph_decoding import (COMPILE_ON_GPU, DECODE_LOOPS, GraphDecoder, sampling_of,
+                                             unsupported_settings)
 from flare_exp.models.loading import load_model
 from flare_exp.runtime import abspath, check_choice, retry_uncompiled
 
@@ -37,12 +38,8 @@ def generate(model, chat: VisionChat, records: list[dict], inf, images=None, cac
              compile_decode: bool = True) -> list[str]:
     import torch
 
-    batch = chat.generation_batch(records, images)
-    batch = {k: v.to(model.device) if hasattr(v, "to") else v for k, v in batch.items()}
-    kwargs = dict(max_new_tokens=inf.max_new_tokens, do_sample=inf.do_sample,
-                  pad_token_id=chat.tokenizer.pad_token_id)
-    if inf.do_sample:
-        kwargs.update(temperature=inf.temperature, top_p=inf.top_p)
+    batch = model_batch(model, chat, records, images)
+    kwargs = generation_kwargs(inf, chat.tokenizer.pad_token_id)
     if cache:
         kwargs["cache_implementation"] = cache
         kwargs["disable_compile"] = not compile_decode
@@ -50,6 +47,20 @@ def generate(model, chat: VisionChat, records: list[dict], inf, images=None, cac
         out = model.generate(**batch, **kwargs)
     new_tokens = out[:, batch["input_ids"].shape[1]:]  # left padding: the prompt ends at the same column
     return decode_new_tokens(chat.tokenizer, new_tokens)
+
+
+def model_batch(model, chat: VisionChat, records: list[dict], images) -> dict:
+    """The records' prompts, left-padded, on the model's device."""
+    batch = chat.generation_batch(records, images)
+    return {k: v.to(model.device) if hasattr(v, "to") else v for k, v in batch.items()}
+
+
+def generation_kwargs(inf, pad_token_id: int) -> dict:
+    """What infer asks of the model's generation config (both decode loops resolve it as generate does)."""
+    kwargs = dict(max_new_tokens=inf.max_new_tokens, do_sample=inf.do_sample, pad_token_id=pad_token_id)
+    if inf.do_sample:
+        kwargs.update(temperature=inf.temperature, top_p=inf.top_p)
+    return kwargs
 
 
 def decode_new_tokens(tokenizer, new_tokens) -> list[str]:
@@ -71,10 +82,15 @@ class Decoder:
         self.cache, self.compiled = kv_cache(inf.cache_implementation, model, backend), True
         self.loop = self._graph_loop(backend) if inf.decode_loop == "graph" else None
 
-    def _graph_loop(self, backend: str):
-        from flare_exp.models.graph_decoding import COMPILE_ON_GPU, GraphDecoder, unsupported_settings
+    def _generation_config(self):
+        """infer's settings over the model's generation config, resolved as generate() resolves them (per
+        batch: the config may change between batches, as the benchmark's forced length does)."""
+        return self.model._prepare_generation_config(
+            None, **generation_kwargs(self.inf, self.chat.tokenizer.pad_token_id))[0]
 
-        reasons = unsupported_settings(self.model.generation_config, self.inf.do_sample)
+    def _graph_loop(self, backend: str):
+        config = self._generation_config()
+        reasons = unsupported_settings(config, config.do_sample)
         if backend != "hf":
             reasons.insert(0, f"model.backend={backend} (the loop runs transformers' forward: backend=hf)")
         if reasons:
@@ -85,17 +101,7 @@ class Decoder:
         compile_step = COMPILE_ON_GPU if self.model.device.type == "cuda" and self.compiled else None
         log.info("infer.decode_loop=graph: one %s step per token, a static KV cache",
                  "compiled" if compile_step else "uncompiled")
-        return GraphDecoder(self.model, compile_step, sampling=self._sampling())
-
-    def _sampling(self):
-        """generate()'s warpers for infer's settings: temperature and top-p from infer, top-k from the model's
-        generation config (as generate merges them)."""
-        from flare_exp.models.graph_decoding import Sampling
-
-        if not self.inf.do_sample:
-            return None
-        return Sampling(temperature=self.inf.temperature, top_k=self.model.generation_config.top_k,
-                        top_p=self.inf.top_p)
+        return GraphDecoder(self.model, compile_step, sampling=sampling_of(config))
 
     def __call__(self, records: list[dict], images) -> list[str]:
         full = len(records) == self.inf.batch_size
@@ -111,15 +117,13 @@ class Decoder:
                                 "continuing uncompiled. Pass infer.cache_implementation=dynamic to skip the attempt.")
 
     def _loop_uncompiled(self):
-        from flare_exp.models.graph_decoding import GraphDecoder
-
         self.compiled = False
-        self.loop = GraphDecoder(self.model, None, sampling=self._sampling())
+        self.loop = GraphDecoder(self.model, None, sampling=self.loop.sampling)
 
     def _loop_decode(self, records: list[dict], images) -> list[str]:
-        batch = self.chat.generation_batch(records, images)
-        batch = {k: v.to(self.model.device) if hasattr(v, "to") else v for k, v in batch.items()}
-        new_tokens = self.loop(batch, self.inf.max_new_tokens, self.chat.tokenizer.pad_token_id)
+        config = self._generation_config()
+        batch = model_batch(self.model, self.chat, records, images)
+        new_tokens = self.loop(batch, config.max_new_tokens, config.pad_token_id, config)
         return decode_new_tokens(self.chat.tokenizer, new_tokens)
 
 

@@ -172,11 +172,11 @@ def test_settings_it_cannot_follow():
 
     from flare_exp.models.graph_decoding import Sampling, end_token_ids, sampling_of, unsupported_settings
 
-    assert unsupported_settings(GenerationConfig(repetition_penalty=1.0, top_k=20, temperature=0.7), False) == []
-    assert unsupported_settings(GenerationConfig(repetition_penalty=1.1, no_repeat_ngram_size=3), False) == [
+    assert unsupported_settings(GenerationConfig(repetition_penalty=1.0, top_k=20, temperature=0.7)) == []
+    assert unsupported_settings(GenerationConfig(repetition_penalty=1.1, no_repeat_ngram_size=3)) == [
         "generation_config.repetition_penalty=1.1", "generation_config.no_repeat_ngram_size=3"]
-    assert unsupported_settings(GenerationConfig(min_p=0.1), False) == []  # a warper: only when sampling
-    assert unsupported_settings(GenerationConfig(min_p=0.1), True) == ["generation_config.min_p=0.1"]
+    assert unsupported_settings(GenerationConfig(min_p=0.1)) == []  # a warper: only when sampling
+    assert unsupported_settings(GenerationConfig(min_p=0.1, do_sample=True)) == ["generation_config.min_p=0.1"]
     assert end_token_ids(GenerationConfig(eos_token_id=[5, 7])) == [5, 7]
     assert sampling_of(GenerationConfig(do_sample=True, temperature=0.7, top_k=20, top_p=0.8)) == Sampling(0.7, 20, 0.8)
     assert sampling_of(GenerationConfig(do_sample=True, top_k=None)) == Sampling(1.0, None, 1.0)

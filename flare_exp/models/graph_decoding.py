@@ -52,10 +52,11 @@ class Sampling:
     top_p: float = 1.0
 
 
-def unsupported_settings(generation_config, do_sample: bool) -> list[str]:
-    """What keeps this loop from giving generate()'s tokens; empty when it can run."""
+def unsupported_settings(generation_config) -> list[str]:
+    """What keeps this loop from giving generate()'s tokens for this (resolved) config; empty when it can run."""
     reasons = []
-    for name, no_op in {**NO_OP_SETTINGS, **(SAMPLING_NO_OP_SETTINGS if do_sample else {})}.items():
+    sampling = SAMPLING_NO_OP_SETTINGS if generation_config.do_sample else {}
+    for name, no_op in {**NO_OP_SETTINGS, **sampling}.items():
         value = getattr(generation_config, name, None)
         if value not in no_op:
             reasons.append(f"generation_config.{name}={value!r}")

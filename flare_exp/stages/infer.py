@@ -90,7 +90,7 @@ class Decoder:
 
     def _graph_loop(self, backend: str):
         config = self._generation_config()
-        reasons = unsupported_settings(config, config.do_sample)
+        reasons = unsupported_settings(config)
         if backend != "hf":
             reasons.insert(0, f"model.backend={backend} (the loop runs transformers' forward: backend=hf)")
         if reasons:

@@ -110,7 +110,7 @@ class GraphRollouts:
 
     def generate(self, policy, original, generation_config=None, **batch):
         resolved, _ = policy._prepare_generation_config(generation_config)
-        reasons = unsupported_settings(resolved, resolved.do_sample)
+        reasons = unsupported_settings(resolved)
         if reasons:
             if not self.told:
                 log.warning("rl.decode_loop=graph: rollouts with transformers' generate instead, because of %s",

@@ -9,6 +9,7 @@ This says which kernel to ask for. Each row checks its output against float32 ma
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 
 HEADS, KV_HEADS, HEAD_DIM, LAYERS = 32, 8, 128, 36
 
@@ -85,7 +86,7 @@ def run_attention(args, work) -> dict:
         for kernel, backend in kernels.items():
             row = {"layout": layout, "kernel": kernel}
             try:
-                with torch.no_grad(), sdpa_kernel(backend) if backend is not None else torch.no_grad():
+                with torch.no_grad(), sdpa_kernel(backend) if backend is not None else nullcontext():
                     out = call()
                     seconds = _seconds_per_call(call, device, args.steps)
             except RuntimeError as e:  # the kernel does not take this input (mask, dtype, device)

@@ -101,3 +101,10 @@ def model_overrides(args) -> list[str]:
             "model.max_seq_length=16384", "model.lora.modules_to_save=[]", "model.lora.r=16",
             "model.lora.alpha=16", f"model.gradient_checkpointing={args.grad_ckpt}",
             f"model.vision_encoder={args.vision_encoder}", *args.set]
+
+
+def gpu_peak_gib() -> float | None:
+    """torch's peak GPU memory since the last reset, GiB (None on a CPU)."""
+    import torch
+
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None

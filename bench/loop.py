@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 
-from bench.common import bench_data, compose, ensure_prepared, filtered_file, model_overrides
+from bench.common import bench_data, compose, ensure_prepared, filtered_file, gpu_peak_gib, model_overrides
 
 
 def timed_steps(model, optimizer, batches: list[dict], steps: int, warmup: int, autocast: bool) -> dict:
@@ -47,7 +47,7 @@ def timed_steps(model, optimizer, batches: list[dict], steps: int, warmup: int, 
     return {"step_seconds_median": round(statistics.median(seconds), 4),
             "tokens_per_second_median": round(statistics.median(t / s for t, s in zip(tokens, seconds)), 1),
             "tokens_per_second_mean": round(sum(tokens) / sum(seconds), 1),
-            "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None}
+            "peak_memory_gib": gpu_peak_gib()}
 
 
 def run_loop(args, work) -> dict:

@@ -26,7 +26,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 PEAK_FLOPS = 989e12
 
-from bench.common import bench_data, compose, ensure_prepared, filtered_file, model_overrides  # noqa: E402
+from bench.common import (bench_data, compose, ensure_prepared, filtered_file, gpu_peak_gib,  # noqa: E402
+                          model_overrides)
 
 
 def measurement_name(args) -> str:
@@ -184,8 +185,7 @@ def run_sft(args, work: Path) -> dict:
               "collate_seconds_per_batch_in_process": round(timer.seconds / timer.calls, 4) if timer.calls else None,
               "wall_seconds": round(time.time() - t0, 1),
               **summarise(history, args.warmup, profiled if args.profile else ()),
-              "peak_memory_gib_torch": round(torch.cuda.max_memory_allocated() / 2**30, 2)
-              if torch.cuda.is_available() else None}
+              "peak_memory_gib_torch": gpu_peak_gib()}
     meta = Path(args.model_dir) / "bench_model.json"
     n_params = json.loads(meta.read_text())["params"] if meta.exists() else 0
     if result.get("tokens_per_second_median"):
@@ -269,9 +269,8 @@ def run_infer(args, work: Path) -> dict:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
     summary = run(compose(overrides), run_dir=work / "runs" / name)
-    peak = round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None
     return {"what": "infer", "generate_seconds_per_batch": batch_seconds, "backend": args.backend, "batch": args.batch, "cache": args.cache or "dynamic",
-            "image_device": args.image_device, "peak_memory_gib": peak,
+            "image_device": args.image_device, "peak_memory_gib": gpu_peak_gib(),
             "new_tokens": args.new_tokens, "samples": summary["samples"],
             "reports_per_second": summary["reports_per_second"], "wall_seconds": round(time.time() - t0, 1)}
 

@@ -89,7 +89,7 @@ def test_unknown_model_setting_rejected_at_startup(key):
 
 
 @pytest.mark.parametrize("setting", ["rl.decode_loop=fast", "infer.decode_loop=fast", "rl.num_generations=1",
-                                     "sft.on_too_long=truncate"])
+                                     "sft.on_too_long=truncate", "rl.decode_loop=graph rl.use_vllm=true"])
 def test_stage_settings_stop_a_pipeline_before_its_first_step(setting, base_overrides, tmp_path, monkeypatch):
     """A bad rl.* or infer.* value must not wait for hours of sft to surface."""
     from flare_exp import stages
@@ -100,7 +100,7 @@ def test_stage_settings_stop_a_pipeline_before_its_first_step(setting, base_over
         monkeypatch.setattr(stages.get_runner(step), "run", lambda cfg, out, step=step: ran.append(step))
     key = setting.split("=")[0]
     with pytest.raises(ValueError, match=key):
-        run(compose_cfg([*base_overrides, "stage=pipeline", "stage.steps=[sft,rl,infer]", setting]),
+        run(compose_cfg([*base_overrides, "stage=pipeline", "stage.steps=[sft,rl,infer]", *setting.split()]),
             run_dir=tmp_path / "pipeline")
     assert ran == []
 

@@ -200,10 +200,37 @@ def test_infer_stage_with_the_graph_loop(base_overrides, sft_adapter, tmp_path, 
         run(cfg, run_dir=tmp_path / loop)
         predictions[loop] = {r["id"]: r["prediction"] for r in read_jsonl(tmp_path / loop / "predictions.jsonl")}
     assert len(predictions["graph"]) == 7 and predictions["graph"] == predictions["generate"]
-    assert "infer.decode_loop=graph: one uncompiled step per token" in caplog.text
+    assert "infer.decode_loop=graph: the graph loop, one uncompiled step per token" in caplog.text
 
     cfg = compose_cfg([*common, "infer.decode_loop=graph", "infer.do_sample=true", "infer.temperature=0.7",
                        "run_name=infer-sampled"])
     run(cfg, run_dir=tmp_path / "sampled")
     assert len(read_jsonl(tmp_path / "sampled" / "predictions.jsonl")) == 7
     assert "generate instead" not in caplog.text  # sampled through the loop
+
+
+@pytest.mark.parametrize("setting, backend, compiled_static_on_gpu, chosen", [
+    ("auto", "hf", True, True),  # where generate would run a compiled static-cache step: measured faster
+    ("auto", "hf", False, False),  # CPU, a dynamic cache or compilation off: generate
+    ("auto", "unsloth", True, False),
+    ("graph", "hf", False, True),  # asked for: runs uncompiled off the GPU
+    ("graph", "unsloth", True, False),  # transformers' forward only: generate, said
+    ("generate", "hf", True, False),
+])
+def test_which_decode_loop_runs(setting, backend, compiled_static_on_gpu, chosen, caplog):
+    from flare_exp.models.graph_decoding import graph_loop_chosen
+
+    assert graph_loop_chosen("infer.decode_loop", setting, backend, compiled_static_on_gpu) is chosen
+    assert ("backend=hf only" in caplog.text) == (setting == "graph" and backend == "unsloth")
+
+
+def test_the_infer_default_on_cpu_is_generate(base_overrides, sft_adapter, tmp_path, caplog):
+    """decode_loop=auto on a CPU: transformers' generate (the loop is chosen only where it was measured)."""
+    from flare_exp.main import run
+
+    caplog.set_level("INFO", logger="flare_exp.stages.infer")
+    cfg = compose_cfg(["stage=infer", *base_overrides, f"infer.checkpoint={sft_adapter}", "infer.num_samples=2",
+                       "infer.max_new_tokens=3", "run_name=infer-auto"])
+    assert cfg.infer.decode_loop == "auto" and cfg.rl.decode_loop == "auto"
+    run(cfg, run_dir=tmp_path / "auto")
+    assert "graph loop" not in caplog.text

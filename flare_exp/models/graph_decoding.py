@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
-DECODE_LOOPS = ("generate", "graph")
+DECODE_LOOPS = ("auto", "generate", "graph")
 # how the token step is compiled on a GPU: CUDA graphs (as generate compiles its decode step), fixed shapes
 COMPILE_ON_GPU = {"mode": "reduce-overhead", "dynamic": False}
 # generation-config fields that make greedy decoding differ from argmax over the logits, with the values
@@ -43,6 +43,20 @@ NO_OP_SETTINGS = {
 # and when sampling, the warpers beyond temperature / top-k / top-p
 SAMPLING_NO_OP_SETTINGS = {"min_p": (None, 0.0), "typical_p": (None, 1.0), "epsilon_cutoff": (None, 0.0),
                            "eta_cutoff": (None, 0.0)}
+
+
+def graph_loop_chosen(key: str, setting: str, backend: str, compiled_static_on_gpu: bool) -> bool:
+    """Whether ``key`` (infer.decode_loop / rl.decode_loop) runs this loop. auto: where generate would run a
+    compiled static-cache decode step (backend=hf on a GPU), since the loop measured 1.46x the reports/s and
+    GRPO steps 2.0x faster there (H200, docs/benchmarks.md); generate elsewhere (Unsloth, CPU, a dynamic cache,
+    compilation turned off). graph: the loop for backend=hf, compiled on a GPU only."""
+    if setting == "auto":
+        return backend == "hf" and compiled_static_on_gpu
+    if setting == "graph" and backend != "hf":
+        log.warning("%s=graph runs transformers' forward (backend=hf only): decoding with generate for "
+                    "model.backend=%s", key, backend)
+        return False
+    return setting == "graph"
 
 
 @dataclass(frozen=True)

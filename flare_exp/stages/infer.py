@@ -17,8 +17,8 @@ from tqdm.auto import tqdm
 
 from flare_exp.data.vision import VisionChat
 from flare_exp.io import read_journal, read_jsonl, write_json
-from flare_exp.models.graph_decoding import (COMPILE_ON_GPU, DECODE_LOOPS, GraphDecoder, sampling_of,
-                                             unsupported_settings)
+from flare_exp.models.graph_decoding import (COMPILE_ON_GPU, DECODE_LOOPS, GraphDecoder, graph_loop_chosen,
+                                             sampling_of, unsupported_settings)
 from flare_exp.models.loading import load_model
 from flare_exp.runtime import abspath, check_choice, retry_uncompiled
 
@@ -80,7 +80,9 @@ class Decoder:
     def __init__(self, model, chat: VisionChat, inf, backend: str):
         self.model, self.chat, self.inf = model, chat, inf
         self.cache, self.compiled = kv_cache(inf.cache_implementation, model, backend), True
-        self.loop = self._graph_loop(backend) if inf.decode_loop == "graph" else None
+        on_gpu = model.device.type == "cuda" and self.cache == "static"
+        self.loop = self._graph_loop() if graph_loop_chosen("infer.decode_loop", inf.decode_loop, backend,
+                                                              on_gpu) else None
 
     def _generation_config(self):
         """infer's settings over the model's generation config, resolved as generate() resolves them (per
@@ -88,19 +90,17 @@ class Decoder:
         return self.model._prepare_generation_config(
             None, **generation_kwargs(self.inf, self.chat.tokenizer.pad_token_id))[0]
 
-    def _graph_loop(self, backend: str):
+    def _graph_loop(self):
         config = self._generation_config()
         reasons = unsupported_settings(config)
-        if backend != "hf":
-            reasons.insert(0, f"model.backend={backend} (the loop runs transformers' forward: backend=hf)")
         if reasons:
-            log.warning("infer.decode_loop=graph: decoding with transformers' generate instead, because of %s",
-                        "; ".join(reasons))
+            log.warning("infer.decode_loop=%s: decoding with transformers' generate instead, because of %s",
+                        self.inf.decode_loop, "; ".join(reasons))
             return None
         # compiled on a GPU; plain Python elsewhere
         compile_step = COMPILE_ON_GPU if self.model.device.type == "cuda" and self.compiled else None
-        log.info("infer.decode_loop=graph: one %s step per token, a static KV cache",
-                 "compiled" if compile_step else "uncompiled")
+        log.info("infer.decode_loop=%s: the graph loop, one %s step per token, a static KV cache",
+                 self.inf.decode_loop, "compiled" if compile_step else "uncompiled")
         return GraphDecoder(self.model, compile_step, sampling=sampling_of(config))
 
     def __call__(self, records: list[dict], images) -> list[str]:

@@ -15,8 +15,8 @@ from transformers import TrainerCallback
 
 from flare_exp.data.vision import VisionChat, filter_by_length, render_messages
 from flare_exp.io import read_jsonl, write_json
-from flare_exp.models.graph_decoding import (COMPILE_ON_GPU, DECODE_LOOPS, GraphDecoder, sampling_of,
-                                             unsupported_settings)
+from flare_exp.models.graph_decoding import (COMPILE_ON_GPU, DECODE_LOOPS, GraphDecoder, graph_loop_chosen,
+                                             sampling_of, unsupported_settings)
 from flare_exp.models.loading import load_model
 from flare_exp.rewards.combine import build_reward
 from flare_exp.runtime import abspath, check_choice, retry_uncompiled
@@ -63,6 +63,9 @@ def check_settings(cfg) -> int:
     check_choice("rl.scale_rewards", rl.scale_rewards, ("none", "group", "batch"))
     check_choice("rl.on_too_long", rl.on_too_long, ("error", "skip"))
     check_choice("rl.decode_loop", rl.decode_loop, DECODE_LOOPS)
+    if rl.decode_loop == "graph" and rl.use_vllm:
+        raise ValueError("rl.decode_loop=graph decodes the rollouts with the policy, rl.use_vllm=true with vLLM: "
+                         "pass one of them (rl.decode_loop=auto picks generate's path when vLLM is on)")
     limit = rl.max_prompt_length or max_seq_length - rl.max_completion_length
     if limit <= 0:
         raise ValueError(f"rl.max_completion_length={rl.max_completion_length} leaves no room for the prompt in "
@@ -113,8 +116,8 @@ class GraphRollouts:
         reasons = unsupported_settings(resolved)
         if reasons:
             if not self.told:
-                log.warning("rl.decode_loop=graph: rollouts with transformers' generate instead, because of %s",
-                            "; ".join(reasons))
+                log.warning("rl.decode_loop: rollouts with transformers' generate instead of the graph loop, "
+                            "because of %s", "; ".join(reasons))
                 self.told = True
             return original(generation_config=generation_config, **batch)
         if self.loop is None:
@@ -225,14 +228,13 @@ def run(cfg, out_dir: Path) -> dict:
                              "rl.max_completion_length, or pass rl.on_too_long=skip")
         log.warning("%s: skipped", msg)
         write_json(out_dir / "too_long.json", too_long)
-    graph = rl.decode_loop == "graph"
-    if graph and cfg.model.backend != "hf":
-        log.warning("rl.decode_loop=graph runs transformers' forward: backend=hf only; rollouts use generate")
-        graph = False
+    on_gpu = torch.cuda.is_available()
+    graph = graph_loop_chosen("rl.decode_loop", rl.decode_loop, cfg.model.backend,
+                              compiled and on_gpu and not rl.use_vllm)
     log.info("rl: %d prompts (%s), init_from=%s, backend=%s, rollouts: %s%s", len(records), ", ".join(wanted),
              loaded.adapter, cfg.model.backend, "graph decode loop, static KV cache" if graph else
              f"generate, {cache or 'dynamic'} KV cache",
-             ", compiled decode" if compiled and torch.cuda.is_available() else "")  # compiled on GPUs only
+             ", compiled decode" if compiled and on_gpu else "")  # compiled on GPUs only
 
     if cfg.model.backend == "unsloth" and not compiled:
         # docs/benchmarks.md: generation is most of a GRPO step and Unsloth does not speed up TRL's decode loop.
@@ -252,7 +254,7 @@ def run(cfg, out_dir: Path) -> dict:
     if hasattr(trainer, "generation_config"):  # TRL turns compilation off for its rollouts
         trainer.generation_config.disable_compile = not compiled
     if graph:
-        trainer.graph_rollouts = GraphRollouts(compiled and torch.cuda.is_available())
+        trainer.graph_rollouts = GraphRollouts(compiled and on_gpu)
     try:
         trainer.train(resume_from_checkpoint=resume_checkpoint(cfg.resume, out_dir))
         final = out_dir / "final"

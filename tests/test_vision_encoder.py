@@ -117,3 +117,30 @@ def test_code_replaced_by_another_library_is_left_and_named(base_overrides, monk
     encoder = next(m for m in model.modules() if isinstance(m, qwen3_vl.Qwen3VLVisionModel))
     assert all(name in vars(encoder) for name in PATCHED)  # transformers' own position code is still batched
     assert "attention (sdpa, other_library_compiled_module.py)" in caplog.text
+
+
+def test_compiled_vision_blocks_do_not_recompile_for_each_image_layout(base_overrides, tiny_model_dir):
+    """sft.compile_layers compiles the vision blocks: the block-diagonal attention, whose layout is data, stays
+    out of the compiled graphs, so new image layouts (sizes, counts, orders) stop causing compilations once
+    the shapes have been seen to vary (before: one per layout, up to dynamo's limit of 8, then eager)."""
+    from torch._dynamo.utils import counters
+
+    from flare_exp.models.loading import compile_repeated_blocks, load_model
+
+    torch._dynamo.reset()
+    loaded = load_model(compose_cfg(["stage=sft", *base_overrides]).model, training=True)
+    encoder = loaded.model.base_model.model.model.visual
+    compile_repeated_blocks(loaded.model, "eager")
+    config = encoder.config
+    patch = config.in_channels * config.temporal_patch_size * config.patch_size ** 2
+    layouts = [[(1, 8, 8), (1, 8, 12)], [(1, 8, 8), (1, 8, 12), (1, 8, 8)], [(1, 4, 8), (1, 8, 8)],
+               [(1, 12, 8)], [(1, 8, 16), (1, 8, 8), (1, 4, 4)], [(1, 4, 4), (1, 8, 16), (1, 4, 4), (1, 8, 8)],
+               [(1, 16, 8), (1, 8, 12)], [(1, 12, 12), (1, 4, 8), (1, 12, 12)], [(1, 8, 4)] * 3]
+    compiled = []
+    for grids in layouts:
+        grid = torch.tensor(grids)
+        pixels = torch.randn(int(grid.prod(-1).sum()), patch, dtype=encoder.dtype, requires_grad=True)
+        encoder(pixels, grid_thw=grid)[0].float().sum().backward()
+        compiled.append(counters["frames"]["total"])
+    assert compiled[-1] > 0  # the blocks were compiled
+    assert compiled[-1] == compiled[3], compiled  # nothing new after the first layouts

@@ -64,6 +64,24 @@ def patch_permutation(lengths: tuple, order: tuple, device: str):
     return patches, torch.argsort(patches)
 
 
+def block_diagonal_attention(module, query, key, value, cu_seqlens):
+    """Each image's patches attend to that image's patches only."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    order = grouping_order(lengths)
+    if order is None:
+        return attend_in_runs(module, query, key, value, lengths)
+    # gather equal sizes together, attend, put the patches back in their places
+    patches, back = patch_permutation(tuple(lengths), tuple(order), str(query.device))
+    grouped = attend_in_runs(module, query[patches], key[patches], value[patches], [lengths[i] for i in order])
+    return grouped[back]
+
+
+# block_diagonal_attention kept out of torch.compile (sft.compile_layers compiles the vision blocks): the image
+# layout is data read on the host, and a compiled copy is specialised to it, so every new layout recompiled it
+# until dynamo's limit (8; seen in the H200 smoke log), after which it ran eagerly anyway. Set on install.
+_eager_block_diagonal_attention = None
+
+
 def batched_attention_forward(self, hidden_states, cu_seqlens, rotary_pos_emb=None, position_embeddings=None,
                               **kwargs):
     from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb_vision
@@ -72,15 +90,8 @@ def batched_attention_forward(self, hidden_states, cu_seqlens, rotary_pos_emb=No
     query, key, value = self.qkv(hidden_states).reshape(seq_length, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
     cos, sin = position_embeddings
     query, key = apply_rotary_pos_emb_vision(query, key, cos, sin)  # (patches, heads, head_dim)
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-    order = grouping_order(lengths)
-    if order is None:
-        attn_output = attend_in_runs(self, query, key, value, lengths)
-    else:  # gather equal sizes together, attend, put the patches back in their places
-        patches, back = patch_permutation(tuple(lengths), tuple(order), str(query.device))
-        grouped = attend_in_runs(self, query[patches], key[patches], value[patches], [lengths[i] for i in order])
-        attn_output = grouped[back]
-    return self.proj(attn_output.contiguous())
+    attend = _eager_block_diagonal_attention or block_diagonal_attention
+    return self.proj(attend(self, query, key, value, cu_seqlens).contiguous())
 
 
 def once_per_grid(original):
@@ -110,6 +121,11 @@ def use_batched_vision_encoder(model, setting: str, replace_foreign: bool = Fals
         return 0
     if setting == "per_image":
         return 0
+    global _eager_block_diagonal_attention
+    if _eager_block_diagonal_attention is None:
+        import torch
+
+        _eager_block_diagonal_attention = torch.compiler.disable(block_diagonal_attention)
     ours = qwen3_vl.__file__
     attention, encoder = qwen3_vl.Qwen3VLVisionAttention, qwen3_vl.Qwen3VLVisionModel
     position_functions = [name for name in ("fast_pos_embed_interpolate", "rot_pos_emb")

@@ -83,9 +83,9 @@ def tables(rows: list[dict]) -> str:
                     "autocast, batched vision encoder forced over the model's own: tokens/s", "device"],
                    [loop_row(r) for r in of("loop")])
     out += section("Inference (the infer stage, 128 new tokens forced, two 512-px views)",
-                   ["backend", "batch", "KV cache", "image processing", "vision encoder", "reports/s",
+                   ["backend", "batch", "KV cache", "decode loop", "image processing", "vision encoder", "reports/s",
                     "s per batch (median)", "peak GiB", "samples", "other settings", "device"],
-                   [[r["backend"], r["batch"], r["cache"], r.get("image_device", "cpu"),
+                   [[r["backend"], r["batch"], r["cache"], r.get("decode_loop", "generate"), r.get("image_device", "cpu"),
                      r.get("vision_encoder", "per_image"), r["reports_per_second"],
                      _num(median(r.get("generate_seconds_per_batch") or [None])), r.get("peak_memory_gib") or "n/a",
                      r["samples"], _settings(r),
@@ -94,7 +94,8 @@ def tables(rows: list[dict]) -> str:
                    ["backend", "generations", "completions/step", "rollouts", "s/step (median)", "first step s",
                     "peak GiB", "other settings"],
                    [[r["backend"], r["num_generations"], r["completions_per_step"],
-                     r.get("cache", "dynamic") + (" + compiled decode" if r.get("compiled_decode") else ""),
+                     r.get("cache", "dynamic") + (" + compiled decode" if r.get("compiled_decode") else "")
+                     + (" + graph loop" if r.get("decode_loop") == "graph" else ""),
                      _num(r.get("step_seconds_median")), _num(r.get("first_step_seconds")), r.get("peak_memory_gib"),
                      _settings(r)]
                     for r in of("grpo")])

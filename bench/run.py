@@ -211,10 +211,10 @@ def run_grpo(args, work: Path) -> dict:
                    f"rl.compile_generation={'true' if args.compile else 'false'}",
                    f"paths.output_root={work / 'out'}"])
     t0 = time.time()
-    run(cfg, run_dir=work / "runs" / name)
+    summary = run(cfg, run_dir=work / "runs" / name)
     history = json.loads((work / "runs" / name / "log_history.json").read_text())
     return {"what": "grpo", "backend": args.backend, "num_generations": args.num_generations,
-            "cache": args.cache or "dynamic", "compiled_decode": args.compile,
+            "cache": args.cache or "dynamic", "compiled_decode": args.compile, "decode_loop": summary["decode_loop"],
             "completions_per_step": args.batch, "completion_length": args.completion_length,
             "wall_seconds": round(time.time() - t0, 1), "first_step_seconds": next(
                 (h["step_seconds"] for h in history if "step_seconds" in h), None),
@@ -271,7 +271,7 @@ def run_infer(args, work: Path) -> dict:
     summary = run(compose(overrides), run_dir=work / "runs" / name)
     return {"what": "infer", "generate_seconds_per_batch": batch_seconds, "backend": args.backend, "batch": args.batch, "cache": args.cache or "dynamic",
             "image_device": args.image_device, "peak_memory_gib": gpu_peak_gib(),
-            "new_tokens": args.new_tokens, "samples": summary["samples"],
+            "new_tokens": args.new_tokens, "samples": summary["samples"], "decode_loop": summary["decode_loop"],
             "reports_per_second": summary["reports_per_second"], "wall_seconds": round(time.time() - t0, 1)}
 
 

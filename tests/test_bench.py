@@ -50,12 +50,14 @@ def test_bench_infer_both_decode_loops(tmp_path, tiny_model_dir):
     for loop in ("generate", "graph"):
         result = bench("infer", "--set", f"infer.decode_loop={loop}", *common)
         assert len(result["generate_seconds_per_batch"]) == 2 and result["reports_per_second"] > 0
+        assert result["decode_loop"] == loop  # the loop that ran, as the stage resolved it
         predictions = (tmp_path / "work" / "runs" / f"infer-hf-bs2-static-imgauto-decode_loop-{loop}-IU_XRay"
                        / "predictions.jsonl").read_text().splitlines()
         assert len(predictions) == 4
     report = subprocess.run([sys.executable, "-m", "bench.report", str(tmp_path / "out")], capture_output=True,
                             text=True, cwd=REPO, check=True).stdout
     assert "| infer.decode_loop=graph |" in report and "| infer.decode_loop=generate |" in report
+    assert "| static | graph |" in report and "| static | generate |" in report
 
 
 def test_bench_grpo_both_rollout_loops(tmp_path, tiny_model_dir):
@@ -67,6 +69,7 @@ def test_bench_grpo_both_rollout_loops(tmp_path, tiny_model_dir):
                        "--batch", "2", "--steps", "2", "--warmup", "1", "--completion-length", "8",
                        "--set", f"rl.decode_loop={loop}")
         assert result["steps_measured"] == 1 and result["overrides"] == [f"rl.decode_loop={loop}"]
+        assert result["decode_loop"] == loop
 
 
 def test_bench_decode_attention(tmp_path):

@@ -197,7 +197,7 @@ def test_infer_stage_with_the_graph_loop(base_overrides, sft_adapter, tmp_path, 
     predictions = {}
     for loop in ("generate", "graph"):
         cfg = compose_cfg([*common, f"infer.decode_loop={loop}", f"run_name=infer-{loop}"])
-        run(cfg, run_dir=tmp_path / loop)
+        assert run(cfg, run_dir=tmp_path / loop)["decode_loop"] == loop
         predictions[loop] = {r["id"]: r["prediction"] for r in read_jsonl(tmp_path / loop / "predictions.jsonl")}
     assert len(predictions["graph"]) == 7 and predictions["graph"] == predictions["generate"]
     assert "infer.decode_loop=graph: the graph loop, one uncompiled step per token" in caplog.text
@@ -232,5 +232,5 @@ def test_the_infer_default_on_cpu_is_generate(base_overrides, sft_adapter, tmp_p
     cfg = compose_cfg(["stage=infer", *base_overrides, f"infer.checkpoint={sft_adapter}", "infer.num_samples=2",
                        "infer.max_new_tokens=3", "run_name=infer-auto"])
     assert cfg.infer.decode_loop == "auto" and cfg.rl.decode_loop == "auto"
-    run(cfg, run_dir=tmp_path / "auto")
+    assert run(cfg, run_dir=tmp_path / "auto")["decode_loop"] == "generate"
     assert "graph loop" not in caplog.text

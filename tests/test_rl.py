@@ -16,7 +16,7 @@ def _rl_cfg(base_overrides, sft_adapter, *extra):
 
 def test_grpo_two_steps_from_the_sft_adapter(base_overrides, sft_adapter, tmp_path):
     summary = run(_rl_cfg(base_overrides, sft_adapter), run_dir=tmp_path / "rl")
-    assert summary["global_step"] == 2
+    assert summary["global_step"] == 2 and summary["decode_loop"] == "generate"  # auto, on a CPU
     final = tmp_path / "rl" / "final"
     meta = json.loads((final / "flare_exp_checkpoint.json").read_text())
     assert meta["init_from"].endswith("sft/final") and (final / "adapter_config.json").exists()
@@ -202,6 +202,7 @@ def test_grpo_with_graph_rollouts(base_overrides, sft_adapter, tmp_path, monkeyp
     summary = run(_rl_cfg(base_overrides, sft_adapter, "rl.max_steps=2", "rl.decode_loop=graph"),
                   run_dir=tmp_path / "rl")
     assert summary["global_step"] == 2 and len(calls) == 2  # one rollout per step, both through the loop
+    assert summary["decode_loop"] == "graph"
     config = compose_cfg(base_overrides)  # the tiny model's vision tokens are never sampled
     from transformers import AutoConfig
 

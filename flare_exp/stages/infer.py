@@ -211,12 +211,13 @@ def run(cfg, out_dir: Path) -> dict:
     if done:
         log.info("resuming: %d of %d predictions already in %s", len(done), len(records), pred_path)
 
-    elapsed, generated = 0.0, 0
+    elapsed, generated, loop = 0.0, 0, None
     if todo:
         loaded = load_model(cfg.model, init_from=inf.checkpoint, training=False, seed=cfg.seed,
                             merge_adapter=inf.merge_adapter)
         chat = VisionChat(loaded.processor, abspath(cfg.data.root), image_device(inf.image_device, loaded.model))
         decode = Decoder(loaded.model, chat, inf, cfg.model.backend)
+        loop = "graph" if decode.loop is not None else "generate"  # what infer.decode_loop resolved to
         full_batches = len(todo) // inf.batch_size
         if decode.cache == "static":
             log.info("infer: %d reports, batch %d: static KV cache, decode step compiled by the first full batch%s",
@@ -249,6 +250,6 @@ def run(cfg, out_dir: Path) -> dict:
     summary = {"predictions": str(pred_path), "sheet": str(out_dir / "predictions.xlsx"), "label": label,
                "checkpoint": inf.checkpoint, "split": inf.split, "samples": len(rows), "generated_now": generated,
                "reports_per_second": round(generated / elapsed, 3) if elapsed else None,
-               "batch_size": inf.batch_size, "max_new_tokens": inf.max_new_tokens}
+               "batch_size": inf.batch_size, "max_new_tokens": inf.max_new_tokens, "decode_loop": loop}
     write_json(out_dir / "infer_summary.json", summary)
     return summary

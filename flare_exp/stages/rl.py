@@ -265,7 +265,8 @@ def run(cfg, out_dir: Path) -> dict:
     history = trainer.state.log_history
     write_json(out_dir / "log_history.json", history)
     summary = summarise(history, trainer.state.global_step)
-    summary.update(final_adapter=str(final), prompts=len(records), skipped_too_long=len(too_long))
+    summary.update(final_adapter=str(final), prompts=len(records), skipped_too_long=len(too_long),
+                   decode_loop="graph" if graph else "generate")  # what rl.decode_loop resolved to
     write_json(out_dir / "rl_summary.json", summary)
     log.info("rl finished: adapter at %s, final reward %s", final, summary.get("reward_last"))
     return summary

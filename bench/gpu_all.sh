@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The whole benchmark on one GPU box, in pieces that each fit a 10-minute command. Usage (from the repo root,
 # after `source bench/gpu_setup.sh` where wheels must be carried):
-#   bash bench/gpu_all.sh sft-1|sft-2|sft-facts|sft-long|sft-loop|infer|infer-2|attention|reward|grpo-1|grpo-2|grpo-compiled|smoke  OUT_DIR
+#   bash bench/gpu_all.sh sft-1|sft-2|sft-facts|sft-long|sft-loop|infer|infer-2|attention|reward|grpo-1|grpo-2|grpo-4|grpo-compiled|smoke  OUT_DIR
 # Each piece rebuilds the random 4B model if missing (~25 s) and writes one JSON per measurement to OUT_DIR;
 # `python -m bench.report OUT_DIR` makes the tables.
 set -u
 piece=$1; out=${2:-bench_out}
-pieces=" sft-1 sft-2 sft-facts sft-long sft-loop infer infer-2 attention reward grpo-1 grpo-2 grpo-compiled smoke "
+pieces=" sft-1 sft-2 sft-facts sft-long sft-loop infer infer-2 attention reward grpo-1 grpo-2 grpo-4 grpo-compiled smoke "
 [[ $pieces == *" $piece "* ]] || { echo "unknown piece $piece; one of:$pieces" >&2; exit 2; }
 mkdir -p "$out"
 exec > >(tee -a "$out/$piece.log") 2>&1  # the piece's whole output comes back with its results
@@ -59,6 +59,9 @@ case $piece in
   grpo-2)       timeout 260 $R grpo --backend unsloth --num-generations 2 --batch 8 --steps 3 --warmup 1 --out "$out"
                 timeout 130 $R grpo --backend hf --num-generations 2 --batch 8 --steps 3 --warmup 1 --out "$out" ;;
   # compiled rollouts: the graph decode loop (rl.decode_loop=graph) against transformers' generate, side by side
+  # 4 generations, each backend as a user runs it (hf: static cache, compiled, graph loop = the defaults there)
+  grpo-4)       timeout 230 $R grpo --backend hf --num-generations 4 --batch 8 --steps 3 --warmup 1 --cache static --compile --out "$out"
+                timeout 300 $R grpo --backend unsloth --num-generations 4 --batch 8 --steps 3 --warmup 1 --out "$out" ;;
   # (the loop's first step compiles for ~130 s on an H200, generate's ~95 s)
   grpo-compiled) timeout 260 $R grpo --backend hf --num-generations 8 --batch 8 --steps 3 --warmup 1 --cache static --compile --set rl.decode_loop=graph --out "$out"
                  timeout 170 $R grpo --backend hf --num-generations 8 --batch 8 --steps 3 --warmup 1 --cache static --compile --set rl.decode_loop=generate --out "$out" ;;

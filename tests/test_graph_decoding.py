@@ -52,7 +52,8 @@ def test_same_tokens_as_generate(decode_attention, base_overrides, demo_prepared
         reference = _generate(model, batch, pad, 8)
         assert len(set(reference[0].tolist())) > 1  # not one repeated token: the positions matter
         _assert_same(loop(batch, 8, pad), reference, pad)
-    assert loop.cache.max_cache_len == first["input_ids"].shape[1] + 8  # one cache served all three batches
+    # the second batch needs less than half the first's cache: a cache of its own, then the first's again
+    assert loop.cache.max_cache_len == first["input_ids"].shape[1] + 8
 
 
 def test_rows_that_finish_early(base_overrides, demo_prepared):
@@ -107,7 +108,8 @@ def test_the_host_waits_only_at_stop_checks(base_overrides, demo_prepared):
 
 def test_token_step_traces_as_one_graph(base_overrides, demo_prepared):
     """The step (model, mask, greedy pick, stop flags) compiles as one full graph (eager backend: CPU), once
-    for a run: another batch of the same size reuses the cache and the graph."""
+    for a run: another batch of the same size reuses the cache and the graph (prompts of 133 and 44 tokens
+    + 60 new: the kept cache is less than twice as long as the second batch needs)."""
     import torch._dynamo
 
     from flare_exp.models.graph_decoding import GraphDecoder
@@ -117,7 +119,8 @@ def test_token_step_traces_as_one_graph(base_overrides, demo_prepared):
     torch._dynamo.utils.counters.clear()
     loop = GraphDecoder(model, dict(backend="eager", fullgraph=True, dynamic=False))
     for batch in (first, second):
-        _assert_same(loop(batch, 6, pad), _generate(model, batch, pad, 6), pad)
+        _assert_same(loop(batch, 60, pad), _generate(model, batch, pad, 60), pad)
+    assert loop.cache.max_cache_len == first["input_ids"].shape[1] + 60
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
@@ -234,3 +237,27 @@ def test_the_infer_default_on_cpu_is_generate(base_overrides, sft_adapter, tmp_p
     assert cfg.infer.decode_loop == "auto" and cfg.rl.decode_loop == "auto"
     assert run(cfg, run_dir=tmp_path / "auto")["decode_loop"] == "generate"
     assert "graph loop" not in caplog.text
+
+
+@pytest.mark.parametrize("kept_length, batch_size, needed, reused", [
+    (100, 4, 100, True), (100, 4, 51, True),  # long enough, at most twice the need
+    (100, 4, 49, False),  # more than twice as long: every token would attend over the idle half
+    (100, 4, 101, False), (100, 8, 60, False),  # too short; another batch size
+])
+def test_a_kept_cache_is_reused_only_when_it_fits(kept_length, batch_size, needed, reused, tiny_model_dir):
+    """After a batch of large images the cache is not kept for much shorter prompts."""
+    from types import SimpleNamespace
+
+    from transformers import Qwen3VLForConditionalGeneration
+
+    from flare_exp.models.graph_decoding import GraphDecoder
+
+    loop = GraphDecoder(Qwen3VLForConditionalGeneration.from_pretrained(tiny_model_dir), None)
+    kept = SimpleNamespace(max_batch_size=4, max_cache_len=kept_length, reset=lambda: None)
+    loop.cache = kept
+    cache = loop._static_cache(batch_size, needed)
+    assert (cache is kept) == reused and loop.cache is cache
+    assert reused or cache.max_cache_len == needed
+    loop = GraphDecoder(loop.model, None, shrink_cache=False)  # GRPO's rollouts: long enough is kept
+    loop.cache = kept
+    assert (loop._static_cache(batch_size, needed) is kept) == (batch_size == 4 and needed <= kept_length)

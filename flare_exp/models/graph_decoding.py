@@ -135,20 +135,23 @@ def pick(scores, is_end, may_end, suppressed, sampling: Sampling | None = None):
 
 
 class GraphDecoder:
-    """Holds a static KV cache across batches (kept while the batch size matches and it is long enough, as
-    ``generate`` does; infer sorts prompts longest first, so the first batch's cache serves the run) and the
-    compiled token step. ``compile_step``: None = plain Python (CPU, debugging); else torch.compile keyword
+    """Holds a static KV cache across batches and the compiled token step. The cache is kept while the batch
+    size matches and it is long enough, and with ``shrink_cache`` at most twice as long as needed: each token
+    attends over the whole cache, so the cache of a batch of large images (infer sorts prompts longest first)
+    would make every later short batch pay for its length (``generate`` keeps any cache that is long enough);
+    a new length costs a new compiled graph, and halving bounds their number when lengths only decrease.
+    ``compile_step``: None = plain Python (CPU, debugging); else torch.compile keyword
     arguments. ``sampling``: None = greedy. ``cache_multiple``: the cache length is rounded up to a multiple of
     it, so prompts of varying length (GRPO) share a few caches and compiled graphs."""
 
     def __init__(self, model, compile_step: dict | None, stop_check_every: int = 16,
-                 sampling: Sampling | None = None, cache_multiple: int = 1):
+                 sampling: Sampling | None = None, cache_multiple: int = 1, shrink_cache: bool = True):
         import torch
 
         if stop_check_every < 1:
             raise ValueError(f"stop_check_every={stop_check_every}: must be >= 1")
         self.model, self.stop_check_every, self.cache, self.sampling = model, stop_check_every, None, sampling
-        self.cache_multiple = cache_multiple
+        self.cache_multiple, self.shrink_cache = cache_multiple, shrink_cache
         self.cudagraphs = bool(compile_step) and compile_step.get("mode") in ("reduce-overhead",
                                                                                 "max-autotune")
         self.step = torch.compile(self._token_step, **compile_step) if compile_step else self._token_step
@@ -173,10 +176,12 @@ class GraphDecoder:
         from transformers import StaticCache
 
         cache = self.cache
-        if cache is not None and cache.max_batch_size == batch_size and cache.max_cache_len >= length:
+        length = -(-length // self.cache_multiple) * self.cache_multiple
+        fits = cache is not None and cache.max_batch_size == batch_size and length <= cache.max_cache_len
+        if fits and (not self.shrink_cache or cache.max_cache_len <= 2 * length):
             cache.reset()
             return cache
-        length = -(-length // self.cache_multiple) * self.cache_multiple
+        self.cache = None  # freed before the next one is allocated
         self.cache = StaticCache(config=self.model.config, max_cache_len=length)
         return self.cache
 

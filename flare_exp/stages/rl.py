@@ -122,8 +122,10 @@ class GraphRollouts:
             return original(generation_config=generation_config, **batch)
         if self.loop is None:
             compile_step = COMPILE_ON_GPU if self.compiled else None
-            # prompts vary in length from step to step: caches in steps of 256 tokens, a few compiled graphs
-            self.loop = GraphDecoder(policy, compile_step, sampling=sampling_of(resolved), cache_multiple=256)
+            # prompts vary in length from step to step: caches in steps of 256 tokens, a few compiled graphs;
+            # in random order, so the longest cache is kept (shrinking and growing again would recompile)
+            self.loop = GraphDecoder(policy, compile_step, sampling=sampling_of(resolved), cache_multiple=256,
+                                     shrink_cache=False)
         return self.loop.generate(resolved, **batch)
 
 

@@ -116,6 +116,20 @@ class Decoder:
         return retry_uncompiled(decode, lambda: setattr(self, "compiled", False), "the decode step",
                                 "continuing uncompiled. Pass infer.cache_implementation=dynamic to skip the attempt.")
 
+    def release_memory(self) -> None:
+        """Drop the kept KV caches (the loop's, and generate's static one) and return the GPU's free blocks."""
+        import gc
+
+        import torch
+
+        if self.loop is not None:
+            self.loop.cache = None
+        if hasattr(self.model, "_cache"):
+            del self.model._cache  # generate keeps its last static cache here and makes a new one when needed
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     def _loop_uncompiled(self):
         self.compiled = False
         self.loop = GraphDecoder(self.model, None, sampling=self.loop.sampling)
@@ -125,6 +139,31 @@ class Decoder:
         batch = model_batch(self.model, self.chat, records, images)
         new_tokens = self.loop(batch, config.max_new_tokens, config.pad_token_id, config)
         return decode_new_tokens(self.chat.tokenizer, new_tokens)
+
+
+def decode_in_parts(decode: Decoder, records: list[dict], images, told: list) -> list[str]:
+    """``decode(records, images)``; a batch that runs out of GPU memory is decoded in halves (down to single
+    reports), said once. Prompts are sorted longest first, so the largest images meet infer.batch_size in the
+    first batches; the halves decode with a dynamic cache, like a short last batch."""
+    import torch
+
+    try:
+        return decode(records, images)
+    except torch.OutOfMemoryError as e:
+        if len(records) == 1:
+            raise RuntimeError(
+                f"{records[0]['id']}: one report ({decode.chat.sequence_length(records[0], with_answer=False)} "
+                f"prompt tokens + infer.max_new_tokens={decode.inf.max_new_tokens}) does not fit in GPU memory: "
+                "lower model.max_pixels (fewer image tokens) or infer.max_new_tokens") from e
+        reason = str(e).splitlines()[0][:160]
+    decode.release_memory()  # outside the except block: its traceback no longer holds the batch's tensors
+    if not told:
+        log.warning("infer: a batch of %d ran out of GPU memory (%s); decoding such batches in halves. A lower "
+                    "infer.batch_size avoids the retries.", len(records), reason)
+        told.append(len(records))
+    half = len(records) // 2
+    return (decode_in_parts(decode, records[:half], images[:half], told)
+            + decode_in_parts(decode, records[half:], images[half:], told))
 
 
 def image_device(setting: str, model) -> str | None:
@@ -227,10 +266,11 @@ def run(cfg, out_dir: Path) -> dict:
         if inf.sort_by_length:  # similar lengths share a batch: less padding, fewer wasted decode steps
             todo.sort(key=lambda r: chat.sequence_length(r, with_answer=False), reverse=True)
         bar = tqdm(total=len(todo), desc=f"infer {label}", unit="report")
+        out_of_memory: list = []
         with open(pred_path, "a", encoding="utf-8") as f:
             start = time.perf_counter()  # reports/s over the whole loop: reading, processing, writing included
             for chunk, images in batches_with_images(chat, todo, inf.batch_size):
-                predictions = decode(chunk, images)
+                predictions = decode_in_parts(decode, chunk, images, out_of_memory)
                 generated += len(chunk)
                 for r, p in zip(chunk, predictions):
                     row = {k: r[k] for k in ("id", "dataset", "task_type", "raw_task_type", "split", "image_name",

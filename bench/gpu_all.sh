@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The whole benchmark on one GPU box, in pieces that each fit a 10-minute command. Usage (from the repo root,
 # after `source bench/gpu_setup.sh` where wheels must be carried):
-#   bash bench/gpu_all.sh sft-1|sft-2|sft-facts|sft-long|sft-loop|infer|infer-2|attention|reward|grpo-1|grpo-2|grpo-4|grpo-compiled|smoke  OUT_DIR
+#   bash bench/gpu_all.sh sft-1|sft-vision|sft-2|sft-facts|sft-long|sft-loop|infer|infer-2|attention|reward|grpo-1|grpo-2|grpo-4|grpo-compiled|smoke  OUT_DIR
 # Each piece rebuilds the random 4B model if missing (~25 s) and writes one JSON per measurement to OUT_DIR;
 # `python -m bench.report OUT_DIR` makes the tables.
 set -u
 piece=$1; out=${2:-bench_out}
-pieces=" sft-1 sft-2 sft-facts sft-long sft-loop infer infer-2 attention reward grpo-1 grpo-2 grpo-4 grpo-compiled smoke "
+pieces=" sft-1 sft-vision sft-2 sft-facts sft-long sft-loop infer infer-2 attention reward grpo-1 grpo-2 grpo-4 grpo-compiled smoke "
 [[ $pieces == *" $piece "* ]] || { echo "unknown piece $piece; one of:$pieces" >&2; exit 2; }
 mkdir -p "$out"
 exec > >(tee -a "$out/$piece.log") 2>&1  # the piece's whole output comes back with its results
@@ -19,6 +19,11 @@ case $piece in
                 timeout 200 $R sft --backend unsloth --batch 8 --steps 10 --out "$out"
                 timeout 100 $R sft --backend hf --batch 8 --steps 10 --set model.lora.input_cast=always --out "$out"
                 timeout 150 $R sft --backend hf --batch 8 --steps 10 --compile --out "$out" ;;
+  # Unsloth keeps the per-image vision attention (its own copy of the code): the stage with the batched vision
+  # encoder forced over it (outputs checked first), beside plain Unsloth and hf, on one machine
+  sft-vision)   timeout 130 $R sft --backend hf --batch 8 --steps 10 --out "$out"
+                timeout 210 $R sft --backend unsloth --batch 8 --steps 10 --out "$out"
+                timeout 210 $R sft --backend unsloth --batch 8 --steps 10 --force-vision-encoder --out "$out" ;;
   # without gradient checkpointing (no recomputation; fits an 80 GiB card), Unsloth's checkpointing without
   # offloading activations to the CPU, and Unsloth at batch 16
   sft-2)        timeout 100 $R sft --backend hf --batch 8 --steps 10 --grad-ckpt false --out "$out"

@@ -47,7 +47,7 @@ def measurement_name(args) -> str:
         parts.append("nockpt")
     if args.vision_encoder != "batched":
         parts.append(f"vision-{args.vision_encoder}")
-    if args.what == "loop" and args.force_vision_encoder:
+    if args.what in ("sft", "loop") and args.force_vision_encoder:
         parts.append("forced-vision")
     parts += [override.rsplit(".", 1)[-1].replace("=", "-") for override in args.set]
     if args.what in ("sft", "loop"):
@@ -145,6 +145,34 @@ def profile_steps(out: Path, name: str, first: int = PROFILE_FIRST, steps: int =
     return Profile()
 
 
+def force_batched_vision_encoder() -> list[dict]:
+    """sft --force-vision-encoder: the stage's model gets the batched vision encoder even over another library's
+    copy of transformers' code (Unsloth's, which keeps the per-image attention), after the loop's output check
+    on two random 512-px images. Returns the check (filled when the model loads)."""
+    import types
+
+    import torch
+
+    from bench.loop import forced_vision_encoder
+    from flare_exp.models import loading, vision_encoder
+
+    checks: list[dict] = []
+
+    def install(model, setting: str) -> int:
+        if setting != "batched":
+            return 0
+        config = model.config.vision_config
+        grid = torch.tensor([[1, 32, 32]] * 2, device=model.device)
+        patch = config.in_channels * config.temporal_patch_size * config.patch_size ** 2
+        pixels = torch.randn(int(grid.prod(-1).sum()), patch, device=model.device)
+        checks.append(forced_vision_encoder(model, {"pixel_values": pixels, "image_grid_thw": grid}))
+        return checks[-1]["modules_changed"]
+
+    loading.vision_encoder = types.SimpleNamespace(SETTINGS=vision_encoder.SETTINGS,
+                                                   use_batched_vision_encoder=install)
+    return checks
+
+
 def run_sft(args, work: Path) -> dict:
     import torch
 
@@ -155,6 +183,7 @@ def run_sft(args, work: Path) -> dict:
     train = filtered_file(work, args.dataset, views=args.views, answer_words=args.answer_words,
                           long_side=args.long_side)
     name = measurement_name(args)
+    forced = force_batched_vision_encoder() if args.force_vision_encoder else None
     timer = CollateTimer()
     if args.profile:
         profiler, progress = profile_steps(Path(args.out), name), sft_stage.ProgressLog
@@ -186,6 +215,8 @@ def run_sft(args, work: Path) -> dict:
               "wall_seconds": round(time.time() - t0, 1),
               **summarise(history, args.warmup, profiled if args.profile else ()),
               "peak_memory_gib_torch": gpu_peak_gib()}
+    if forced is not None:
+        result["vision_encoder_forced"] = forced[0]
     meta = Path(args.model_dir) / "bench_model.json"
     n_params = json.loads(meta.read_text())["params"] if meta.exists() else 0
     if result.get("tokens_per_second_median"):
@@ -311,7 +342,8 @@ def main() -> None:
                    help="model.vision_encoder")
     p.add_argument("--force-vision-encoder", action="store_true",
                    help="loop: then install the batched vision encoder even over another library's copy of "
-                        "transformers' code (Unsloth's), compare the encoder's outputs, and time that too")
+                        "transformers' code (Unsloth's), compare the encoder's outputs, and time that too; sft: "
+                        "the stage runs with it so installed (outputs compared first)")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--model-dir", default="/tmp/flare_bench/qwen3vl-4b-random")
     p.add_argument("--work", default="/tmp/flare_bench")

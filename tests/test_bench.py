@@ -102,3 +102,15 @@ def test_profiled_steps_stay_out_of_the_medians():
     assert summarise(history, 3)["step_seconds_median"] == 0.9  # spikes + profiled steps outnumber the rest
     summary = summarise(history, 3, exclude_steps=range(6, 8))
     assert summary["steps_measured"] == 5 and summary["step_seconds_median"] == 0.6
+
+
+def test_bench_sft_with_the_vision_encoder_forced(tmp_path, tiny_model_dir):
+    """What the GPU piece measures under Unsloth (whose own copy of the vision code keeps the per-image
+    attention): the stage with the batched encoder installed over the model's code, outputs checked first."""
+    result = bench("sft", "--model-dir", str(tiny_model_dir), "--work", str(tmp_path / "work"), "--image-size", "96",
+                   "--dtype", "float32", "--out", str(tmp_path / "out"), "--steps", "2", "--warmup", "1",
+                   "--workers", "0", "--batch", "2", "--force-vision-encoder")
+    assert result["steps_measured"] == 1 and result["tokens_per_second_median"] > 0
+    forced = result["vision_encoder_forced"]
+    assert forced["modules_changed"] > 0 and forced["max_relative_difference"] < 0.05
+    assert (tmp_path / "out" / "sft-hf-bs2-w0-forced-vision-IU_XRay.json").exists()

@@ -188,7 +188,7 @@ def test_graph_rollouts_answer_generate_as_generate_would(base_overrides, demo_p
     trl_like.repetition_penalty = 1.2
     with torch.no_grad():
         graph.generate(policy, original, generation_config=trl_like, **batch)
-    assert fallbacks == [1]
+    assert fallbacks == [1] and graph.fell_back  # the stage's summary then says decode_loop: generate
 
 
 def test_grpo_with_graph_rollouts(base_overrides, sft_adapter, tmp_path, monkeypatch, caplog):

@@ -106,7 +106,7 @@ class GraphRollouts:
     a config the loop cannot follow (a repetition penalty, min-p, ...) goes to generate, said once."""
 
     def __init__(self, compiled: bool):
-        self.compiled, self.loop, self.told = compiled, None, False
+        self.compiled, self.loop, self.fell_back = compiled, None, False
 
     def uncompile(self) -> None:
         self.compiled, self.loop = False, None
@@ -115,10 +115,10 @@ class GraphRollouts:
         resolved, _ = policy._prepare_generation_config(generation_config)
         reasons = unsupported_settings(resolved)
         if reasons:
-            if not self.told:
+            if not self.fell_back:
                 log.warning("rl.decode_loop: rollouts with transformers' generate instead of the graph loop, "
                             "because of %s", "; ".join(reasons))
-                self.told = True
+                self.fell_back = True
             return original(generation_config=generation_config, **batch)
         if self.loop is None:
             compile_step = COMPILE_ON_GPU if self.compiled else None
@@ -268,7 +268,7 @@ def run(cfg, out_dir: Path) -> dict:
     write_json(out_dir / "log_history.json", history)
     summary = summarise(history, trainer.state.global_step)
     summary.update(final_adapter=str(final), prompts=len(records), skipped_too_long=len(too_long),
-                   decode_loop="graph" if graph else "generate")  # what rl.decode_loop resolved to
+                   decode_loop="graph" if graph and not trainer.graph_rollouts.fell_back else "generate")
     write_json(out_dir / "rl_summary.json", summary)
     log.info("rl finished: adapter at %s, final reward %s", final, summary.get("reward_last"))
     return summary

@@ -36,6 +36,15 @@ def resume_checkpoint(resume: str, out_dir: Path) -> str | None:
     return str(path)
 
 
+def out_of_memory_error(stage: str, step: int, out_dir: Path, remedies: list[str]) -> RuntimeError:
+    """What a training stage says when the GPU runs out of memory: where, what to lower, and that a rerun with
+    the same run_name continues from the last checkpoint (resume=auto) rather than from the start."""
+    ckpts = list_checkpoints(out_dir)
+    resume = f"continues from {ckpts[-1].name}" if ckpts else "starts again (no checkpoint was saved yet)"
+    return RuntimeError(f"{stage}: the GPU ran out of memory in step {step}: " + "; or ".join(remedies)
+                        + f". Rerun with the same run_name: it {resume} (resume=auto).")
+
+
 def setup_tracking(section, out_dir: Path) -> str:
     """report_to for TrainingArguments; wandb gets a stable run id derived from the run dir, so a requeued
     SLURM job resumes the same wandb run instead of starting a new one."""

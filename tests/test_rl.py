@@ -211,3 +211,16 @@ def test_grpo_with_graph_rollouts(base_overrides, sft_adapter, tmp_path, monkeyp
     vision = vision_token_ids(AutoConfig.from_pretrained(config.model.path))
     assert len(vision) == 4 and calls[0] == vision
     assert "rollouts: graph decode loop" in caplog.text
+
+
+def test_out_of_gpu_memory_in_grpo_says_what_to_lower(base_overrides, sft_adapter, tmp_path, monkeypatch):
+    from trl import GRPOTrainer
+
+    def small_gpu(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(GRPOTrainer, "training_step", small_gpu)
+    with pytest.raises(RuntimeError, match=r"rl: the GPU ran out of memory in step 1: lower "
+                                           r"rl.per_device_train_batch_size=4 .*rl.num_generations=2.*"
+                                           r"rl.max_completion_length=8.*starts again \(no checkpoint"):
+        run(_rl_cfg(base_overrides, sft_adapter), run_dir=tmp_path / "rl")

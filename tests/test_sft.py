@@ -242,3 +242,27 @@ def test_group_by_length_batches_similar_lengths(base_overrides, tmp_path, monke
 
     grouped, shuffled = padding(True), padding(False)
     assert grouped < shuffled / 2, (grouped, shuffled)
+
+
+def test_out_of_gpu_memory_says_what_to_lower_and_the_rerun_resumes(base_overrides, tmp_path, monkeypatch):
+    """An OOM in step 2 (after checkpoint-1) names the keys to lower and where a rerun continues; the rerun
+    with the same run dir does continue from there."""
+    from transformers import Trainer
+
+    original = Trainer.training_step
+
+    def small_gpu(self, *args, **kwargs):
+        if self.state.global_step >= 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(self, *args, **kwargs)
+
+    cfg = _sft_cfg(base_overrides, "sft.max_steps=2", "sft.save_steps=1", "sft.gradient_accumulation_steps=1",
+                   "model.gradient_checkpointing=false")
+    monkeypatch.setattr(Trainer, "training_step", small_gpu)
+    with pytest.raises(RuntimeError, match=r"sft: the GPU ran out of memory in step 2: lower "
+                                           r"sft.per_device_train_batch_size=\d+ .*model.max_pixels.*"
+                                           r"model.gradient_checkpointing=true\. Rerun with the same run_name: it "
+                                           r"continues from checkpoint-1"):
+        run(cfg, run_dir=tmp_path / "sft")
+    monkeypatch.setattr(Trainer, "training_step", original)
+    assert run(cfg, run_dir=tmp_path / "sft")["global_step"] == 2

@@ -21,7 +21,7 @@ from flare_exp.models.loading import load_model
 from flare_exp.rewards.combine import build_reward
 from flare_exp.runtime import abspath, check_choice, retry_uncompiled
 from flare_exp.training import (CheckpointMeta, ProgressLog, add_to_log, data_fingerprints, finish_tracking,
-                                half_precision, resume_checkpoint, setup_tracking)
+                                half_precision, out_of_memory_error, resume_checkpoint, setup_tracking)
 
 log = logging.getLogger(__name__)
 
@@ -258,7 +258,15 @@ def run(cfg, out_dir: Path) -> dict:
     if graph:
         trainer.graph_rollouts = GraphRollouts(compiled and on_gpu)
     try:
-        trainer.train(resume_from_checkpoint=resume_checkpoint(cfg.resume, out_dir))
+        try:
+            trainer.train(resume_from_checkpoint=resume_checkpoint(cfg.resume, out_dir))
+        except torch.OutOfMemoryError as e:
+            raise out_of_memory_error("rl", trainer.state.global_step + 1, out_dir, [
+                f"lower rl.per_device_train_batch_size={rl.per_device_train_batch_size} (raise "
+                "rl.gradient_accumulation_steps to keep the completions per step; their product stays a multiple "
+                f"of rl.num_generations={rl.num_generations})",
+                f"lower rl.max_completion_length={rl.max_completion_length}",
+                "lower model.max_pixels (fewer image tokens per view)"]) from e
         final = out_dir / "final"
         trainer.save_model(str(final))
         meta.write(final, step=trainer.state.global_step, init_from=str(loaded.adapter or ""))

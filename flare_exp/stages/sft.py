@@ -13,7 +13,7 @@ from flare_exp.io import read_jsonl, write_json
 from flare_exp.models.loading import compile_repeated_blocks, load_model
 from flare_exp.runtime import abspath, check_choice, is_compilation_error
 from flare_exp.training import (CheckpointMeta, ProgressLog, data_fingerprints, finish_tracking, half_precision,
-                                resume_checkpoint, setup_tracking)
+                                out_of_memory_error, resume_checkpoint, setup_tracking)
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +132,12 @@ def run(cfg, out_dir: Path) -> dict:
     try:
         try:
             result = trainer.train(resume_from_checkpoint=resume_checkpoint(cfg.resume, out_dir))
+        except torch.OutOfMemoryError as e:
+            raise out_of_memory_error("sft", trainer.state.global_step + 1, out_dir, [
+                f"lower sft.per_device_train_batch_size={sft.per_device_train_batch_size} (raise "
+                f"sft.gradient_accumulation_steps={sft.gradient_accumulation_steps} to keep the effective batch)",
+                "lower model.max_pixels (fewer image tokens per view)",
+                *([] if cfg.model.gradient_checkpointing else ["set model.gradient_checkpointing=true"])]) from e
         except Exception as e:
             if compiled and is_compilation_error(e):
                 raise RuntimeError(f"compiling the model's blocks failed ({type(e).__name__}); rerun with "

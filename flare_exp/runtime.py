@@ -116,8 +116,25 @@ def clear_finished_outputs(run_dir: Path) -> None:
     (run_dir / DONE).unlink()
 
 
+def keep_previous_attempt(run_dir: Path) -> Path | None:
+    """A run dir used again (a resumed crash, a requeued SLURM job, a rerun with other settings after an
+    out-of-memory stop, overwrite=true): the earlier attempt's config.yaml, run_info.json and FAILED traceback
+    move to attempts/NN/ instead of being overwritten, so what trained the first steps stays on record."""
+    if not (run_dir / "run_info.json").exists():
+        return None
+    dest = run_dir / "attempts" / f"{len(list((run_dir / 'attempts').glob('[0-9]*'))) + 1:02d}"
+    dest.mkdir(parents=True)
+    for name in ("config.yaml", "run_info.json", FAILED):
+        if (run_dir / name).exists():
+            (run_dir / name).rename(dest / name)
+    return dest
+
+
 def write_run_metadata(run_dir: Path, cfg: DictConfig) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
+    kept = keep_previous_attempt(run_dir)
+    if kept is not None:
+        log.info("%s was used before: its earlier config, run info and any failure are kept in %s", run_dir, kept)
     # YAML text, never a pickled DictConfig: torch>=2.6 refuses to load checkpoints holding one.
     write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     write_json(run_dir / "run_info.json", {

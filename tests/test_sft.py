@@ -266,3 +266,9 @@ def test_out_of_gpu_memory_says_what_to_lower_and_the_rerun_resumes(base_overrid
         run(cfg, run_dir=tmp_path / "sft")
     monkeypatch.setattr(Trainer, "training_step", original)
     assert run(cfg, run_dir=tmp_path / "sft")["global_step"] == 2
+    # the failed attempt's record is kept beside the finished run's
+    first = tmp_path / "sft" / "attempts" / "01"
+    assert "ran out of memory in step 2" in (first / "FAILED").read_text()
+    assert (first / "config.yaml").read_text() == (tmp_path / "sft" / "config.yaml").read_text()
+    assert (first / "run_info.json").exists() and (tmp_path / "sft" / "DONE").exists()
+    assert not (tmp_path / "sft" / "FAILED").exists()

@@ -241,9 +241,9 @@ def run(cfg, out_dir: Path) -> dict:
     if cfg.model.backend == "unsloth" and not compiled:
         # docs/benchmarks.md: generation is most of a GRPO step and Unsloth does not speed up TRL's decode loop.
         log.warning("rl with model.backend=unsloth: its GRPO steps measured 1.5x slower than backend=hf with "
-                    "TRL's plain rollouts at 8 generations, and hf's compiled rollouts are 2.7x faster than "
-                    "those (H200, docs/benchmarks.md); Unsloth saves ~2.4 GiB. model.backend=hf is the faster "
-                    "choice for this stage unless memory is short")
+                    "TRL's plain rollouts at 8 generations, hf's compiled rollouts are 2.7x faster than those and "
+                    "its graph decode loop 2x faster again (H200, docs/benchmarks.md); Unsloth saves ~2.4 GiB. "
+                    "model.backend=hf is the faster choice for this stage unless memory is short")
 
     report_to = setup_tracking(rl, out_dir)
     meta = CheckpointMeta(loaded.base_path, cfg, data_fingerprints(rl.train_file), loaded.processor)

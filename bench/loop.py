@@ -110,3 +110,30 @@ def forced_vision_encoder(model, batch: dict) -> dict:
         raise RuntimeError(f"the forced batched vision encoder changes the outputs (max relative {relative:.3g}); "
                            f"the model's attention code is {attention_code}")
     return {"attention_code": attention_code, "modules_changed": changed, "max_relative_difference": relative}
+
+
+def force_batched_vision_encoder() -> list[dict]:
+    """sft --force-vision-encoder: the stage's model gets the batched vision encoder even over another library's
+    copy of transformers' code (Unsloth's, which keeps the per-image attention), after the loop's output check
+    on two random 512-px images. Returns the check (filled when the model loads)."""
+    import types
+
+    import torch
+
+    from flare_exp.models import loading, vision_encoder
+
+    checks: list[dict] = []
+
+    def install(model, setting: str) -> int:
+        if setting != "batched":
+            return 0
+        config = model.config.vision_config
+        grid = torch.tensor([[1, 32, 32]] * 2, device=model.device)
+        patch = config.in_channels * config.temporal_patch_size * config.patch_size ** 2
+        pixels = torch.randn(int(grid.prod(-1).sum()), patch, device=model.device)
+        checks.append(forced_vision_encoder(model, {"pixel_values": pixels, "image_grid_thw": grid}))
+        return checks[-1]["modules_changed"]
+
+    loading.vision_encoder = types.SimpleNamespace(SETTINGS=vision_encoder.SETTINGS,
+                                                   use_batched_vision_encoder=install)
+    return checks

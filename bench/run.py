@@ -145,34 +145,6 @@ def profile_steps(out: Path, name: str, first: int = PROFILE_FIRST, steps: int =
     return Profile()
 
 
-def force_batched_vision_encoder() -> list[dict]:
-    """sft --force-vision-encoder: the stage's model gets the batched vision encoder even over another library's
-    copy of transformers' code (Unsloth's, which keeps the per-image attention), after the loop's output check
-    on two random 512-px images. Returns the check (filled when the model loads)."""
-    import types
-
-    import torch
-
-    from bench.loop import forced_vision_encoder
-    from flare_exp.models import loading, vision_encoder
-
-    checks: list[dict] = []
-
-    def install(model, setting: str) -> int:
-        if setting != "batched":
-            return 0
-        config = model.config.vision_config
-        grid = torch.tensor([[1, 32, 32]] * 2, device=model.device)
-        patch = config.in_channels * config.temporal_patch_size * config.patch_size ** 2
-        pixels = torch.randn(int(grid.prod(-1).sum()), patch, device=model.device)
-        checks.append(forced_vision_encoder(model, {"pixel_values": pixels, "image_grid_thw": grid}))
-        return checks[-1]["modules_changed"]
-
-    loading.vision_encoder = types.SimpleNamespace(SETTINGS=vision_encoder.SETTINGS,
-                                                   use_batched_vision_encoder=install)
-    return checks
-
-
 def run_sft(args, work: Path) -> dict:
     import torch
 
@@ -183,7 +155,11 @@ def run_sft(args, work: Path) -> dict:
     train = filtered_file(work, args.dataset, views=args.views, answer_words=args.answer_words,
                           long_side=args.long_side)
     name = measurement_name(args)
-    forced = force_batched_vision_encoder() if args.force_vision_encoder else None
+    forced = None
+    if args.force_vision_encoder:
+        from bench.loop import force_batched_vision_encoder
+
+        forced = force_batched_vision_encoder()
     timer = CollateTimer()
     if args.profile:
         profiler, progress = profile_steps(Path(args.out), name), sft_stage.ProgressLog

@@ -36,3 +36,33 @@ def test_a_batch_out_of_gpu_memory_is_decoded_in_halves(base_overrides, sft_adap
     with pytest.raises(RuntimeError, match=r"prompt tokens \+ infer.max_new_tokens=4\) does not fit in GPU memory: "
                                            r"lower model.max_pixels"):
         run(compose_cfg([*common, "run_name=too-big"]), run_dir=tmp_path / "too-big")
+
+
+def test_the_graph_loop_goes_on_after_a_batch_ran_out_of_memory(base_overrides, sft_adapter, tmp_path,
+                                                                  monkeypatch):
+    """The loop's first batch runs out of memory: its cache is dropped, the halves decode with generate, and the
+    next full batch comes back to the loop with a new cache; same predictions as an undisturbed run."""
+    import torch
+
+    from flare_exp.io import read_jsonl
+    from flare_exp.main import run
+    from flare_exp.models.graph_decoding import GraphDecoder
+
+    common = ["stage=infer", *base_overrides, f"infer.checkpoint={sft_adapter}", "infer.batch_size=2",
+              "infer.num_samples=4", "infer.max_new_tokens=4", "infer.decode_loop=graph",
+              "infer.cache_implementation=static"]
+    run(compose_cfg([*common, "run_name=whole"]), run_dir=tmp_path / "whole")
+    original, calls = GraphDecoder.__call__, []
+
+    def first_fails(loop, *args, **kwargs):
+        calls.append(loop.cache)
+        if len(calls) == 1:
+            loop._static_cache(2, 8)  # allocated, then the GPU runs out
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+        return original(loop, *args, **kwargs)
+
+    monkeypatch.setattr(GraphDecoder, "__call__", first_fails)
+    run(compose_cfg([*common, "run_name=halves"]), run_dir=tmp_path / "halves")
+    assert len(calls) == 2 and calls[1] is None  # the second full batch: back in the loop, the cache dropped
+    rows = lambda name: {r["id"]: r["prediction"] for r in read_jsonl(tmp_path / name / "predictions.jsonl")}  # noqa: E731
+    assert rows("halves") == rows("whole") and len(rows("whole")) == 4

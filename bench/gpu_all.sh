@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The whole benchmark on one GPU box, in pieces that each fit a 10-minute command. Usage (from the repo root,
 # after `source bench/gpu_setup.sh` where wheels must be carried):
-#   bash bench/gpu_all.sh sft-1|sft-vision|sft-2|sft-facts|sft-long|sft-loop|infer|infer-2|attention|reward|grpo-1|grpo-2|grpo-4|grpo-compiled|smoke  OUT_DIR
+#   bash bench/gpu_all.sh sft-1|sft-vision|sft-2|sft-facts|sft-long|sft-loop|infer|infer-2|infer-mixed|attention|reward|grpo-1|grpo-2|grpo-4|grpo-compiled|smoke  OUT_DIR
 # Each piece rebuilds the random 4B model if missing (~25 s) and writes one JSON per measurement to OUT_DIR;
 # `python -m bench.report OUT_DIR` makes the tables.
 set -u
 piece=$1; out=${2:-bench_out}
-pieces=" sft-1 sft-vision sft-2 sft-facts sft-long sft-loop infer infer-2 attention reward grpo-1 grpo-2 grpo-4 grpo-compiled smoke "
+pieces=" sft-1 sft-vision sft-2 sft-facts sft-long sft-loop infer infer-2 infer-mixed attention reward grpo-1 grpo-2 grpo-4 grpo-compiled smoke "
 [[ $pieces == *" $piece "* ]] || { echo "unknown piece $piece; one of:$pieces" >&2; exit 2; }
 mkdir -p "$out"
 exec > >(tee -a "$out/$piece.log") 2>&1  # the piece's whole output comes back with its results
@@ -54,6 +54,12 @@ case $piece in
   infer-2)      timeout 220 $R infer --batch 256 --samples 1024 --cache static --warm --set infer.decode_loop=graph --out "$out"
                 timeout 220 $R infer --batch 256 --samples 1024 --cache static --warm --set infer.decode_loop=generate --out "$out"
                 timeout 150 $R infer --batch 128 --samples 512 --cache static --warm --set infer.decode_loop=graph --set model.decode_attention=transformers --out "$out" ;;
+  # real FLARE splits mix image sizes: a first batch of large images (1536 px, ~2.3k tokens), then the usual
+  # reports; the graph loop's cache shrinking after it (default) against keeping the long one (generate's way):
+  # seconds per batch, the cache lengths and the peak memory (does an old cache stay held?)
+  infer-mixed)  for keep in "" --keep-long-cache; do
+                  timeout 280 $R infer --batch 64 --samples 256 --cache static --warm --long-side 1536 $keep --set infer.decode_loop=graph --out "$out"
+                done ;;
   # the decode step's attention alone: each layout under each SDPA kernel, batches 64-256 (~1 min)
   attention)    for b in 64 128 256; do timeout 60 $R attention --batch $b --keys 700 --steps 200 --out "$out"; done ;;
   # reward completions/s, RadGraph (radgraph-xl's shapes) on CPU and GPU, ours vs F1RadGraph pair by pair

@@ -37,6 +37,8 @@ def measurement_name(args) -> str:
         parts += [f"ng{args.num_generations}", args.cache or "dynamic"] + (["compiled"] if args.compile else [])
     elif args.what == "infer":
         parts += [args.cache or "dynamic", f"img{args.image_device}"]
+        parts += ([f"long{args.long_side}first"] if args.long_side else []) + (
+            ["keepcache"] if args.keep_long_cache else [])
     elif args.what == "sft":
         parts += [f"w{'default' if args.workers is None else args.workers}"] + (["compiled"] if args.compile else [])
     if args.what == "reward":
@@ -235,9 +237,22 @@ def run_infer(args, work: Path) -> dict:
 
     ensure_prepared(work, args.image_size)
     source = filtered_file(work, args.dataset, max(1, -(-args.samples // 64)))  # 64 demo records per dataset
+    samples = args.samples
+    if args.long_side:  # one batch of large images first (infer sorts longest first), then the usual reports
+        from flare_exp.io import read_jsonl, write_jsonl
+
+        large = filtered_file(work, args.dataset, max(1, -(-args.batch // 64)), long_side=args.long_side)
+        mixed = work / "data" / f"infer_{args.dataset}_long{args.long_side}x{args.batch}_then{samples}.jsonl"
+        write_jsonl(mixed, read_jsonl(large)[:args.batch] + read_jsonl(source)[:samples])
+        source, samples = mixed, samples + args.batch
+    if args.keep_long_cache:  # the graph loop's cache policy before it shrank (generate's): any long enough
+        from flare_exp.models.graph_decoding import GraphDecoder
+
+        init = GraphDecoder.__init__
+        GraphDecoder.__init__ = lambda self, *a, **kw: (init(self, *a, **kw), setattr(self, "shrink_cache", False))[0]
     name = measurement_name(args)
     overrides = ["stage=infer", "experiment=flare", *bench_data(work), *model_overrides(args),
-                 f"infer.input_file={source}", f"infer.batch_size={args.batch}", f"infer.num_samples={args.samples}",
+                 f"infer.input_file={source}", f"infer.batch_size={args.batch}", f"infer.num_samples={samples}",
                  f"infer.max_new_tokens={args.new_tokens}", "overwrite=true", f"paths.output_root={work / 'out'}",
                  f"infer.sort_by_length={'false' if args.batch == 1 else 'true'}",
                  f"infer.image_device={args.image_device}"]
@@ -249,6 +264,7 @@ def run_infer(args, work: Path) -> dict:
     import torch
 
     batch_seconds: list[float] = []
+    cache_lengths: list[int | None] = []  # the graph loop's KV cache after each batch (None: generate)
 
     def forced_length(decoder, records, images):  # every report exactly new_tokens long, either decode loop
         decoder.model.generation_config.min_new_tokens = args.new_tokens
@@ -264,6 +280,8 @@ def run_infer(args, work: Path) -> dict:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             batch_seconds.append(round(time.perf_counter() - t0, 3))
+            cache = getattr(decoder.loop, "cache", None)
+            cache_lengths.append(None if cache is None else cache.max_cache_len)
             if prof:
                 prof.__exit__(None, None, None)
                 write_profile(Path(args.out) / f"profile-{name}.txt", prof, batch_seconds[-1], "one batch")
@@ -272,6 +290,7 @@ def run_infer(args, work: Path) -> dict:
     if args.warm:  # one untimed batch first: compilation (static cache) is not throughput
         run(compose([*overrides, f"infer.num_samples={args.batch}"]), run_dir=work / "runs" / (name + "-warm"))
     batch_seconds.clear()
+    cache_lengths.clear()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
@@ -279,6 +298,7 @@ def run_infer(args, work: Path) -> dict:
     return {"what": "infer", "generate_seconds_per_batch": batch_seconds, "backend": args.backend, "batch": args.batch, "cache": args.cache or "dynamic",
             "image_device": args.image_device, "peak_memory_gib": gpu_peak_gib(),
             "new_tokens": args.new_tokens, "samples": summary["samples"], "decode_loop": summary["decode_loop"],
+            "loop_cache_lengths": cache_lengths,
             "reports_per_second": summary["reports_per_second"], "wall_seconds": round(time.time() - t0, 1)}
 
 
@@ -305,6 +325,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--dataset", default="IU_XRay")
     p.add_argument("--views", type=int, default=None, help="sft/loop: keep only the first N images per sample")
+    p.add_argument("--keep-long-cache", action="store_true",
+                   help="infer: the graph loop keeps any cache long enough (no shrinking), to compare")
     p.add_argument("--long-side", type=int, default=None,
                    help="sft/loop: one S x S px image per sample instead (3424: ~11.4k tokens, the long case)")
     p.add_argument("--answer-words", type=int, default=None,

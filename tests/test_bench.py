@@ -60,6 +60,20 @@ def test_bench_infer_both_decode_loops(tmp_path, tiny_model_dir):
     assert "| static | graph |" in report and "| static | generate |" in report
 
 
+def test_bench_infer_with_a_first_batch_of_large_images(tmp_path, tiny_model_dir):
+    """infer-mixed on the GPU: the graph loop's cache shrinks after the large batch (default) or is kept."""
+    common = ["--model-dir", str(tiny_model_dir), "--work", str(tmp_path / "work"), "--image-size", "96",
+              "--dtype", "float32", "--out", str(tmp_path / "out"), "--batch", "2", "--samples", "4",
+              "--new-tokens", "4", "--cache", "static", "--long-side", "320", "--set", "infer.decode_loop=graph"]
+    shrunk = bench("infer", *common)
+    kept = bench("infer", "--keep-long-cache", *common)
+    assert shrunk["samples"] == kept["samples"] == 6  # 2 large + 4 usual
+    lengths = shrunk["loop_cache_lengths"]
+    assert lengths[0] > 2 * lengths[1] and lengths[1] == lengths[2]  # a new cache after the large batch
+    assert kept["loop_cache_lengths"] == [lengths[0]] * 3
+    assert (tmp_path / "out" / "infer-hf-bs2-static-imgauto-long320first-keepcache-decode_loop-graph-IU_XRay.json").exists()
+
+
 def test_bench_grpo_both_rollout_loops(tmp_path, tiny_model_dir):
     """A fresh work dir each (the first run once sampled <|vision_start|> as a completion's last token and
     crashed in the loss forward: rollouts now never sample vision tokens)."""

@@ -1,17 +1,24 @@
 #!/usr/bin/env bash
 # The whole benchmark on one GPU box, in pieces that each fit a 10-minute command. Usage (from the repo root,
 # after `source bench/gpu_setup.sh` where wheels must be carried):
-#   bash bench/gpu_all.sh sft-1|sft-vision|sft-2|sft-facts|sft-long|sft-loop|infer|infer-2|infer-mixed|attention|reward|grpo-1|grpo-2|grpo-4|grpo-compiled|smoke  OUT_DIR
+#   bash bench/gpu_all.sh sft-1|sft-vision|sft-2|sft-facts|sft-long|sft-loop|infer|infer-2|infer-mixed|attention|reward|grpo-1|grpo-2|grpo-4|grpo-compiled|smoke|smoke-cross  OUT_DIR
 # Each piece rebuilds the random 4B model if missing (~25 s) and writes one JSON per measurement to OUT_DIR;
 # `python -m bench.report OUT_DIR` makes the tables.
 set -u
 piece=$1; out=${2:-bench_out}
-pieces=" sft-1 sft-vision sft-2 sft-facts sft-long sft-loop infer infer-2 infer-mixed attention reward grpo-1 grpo-2 grpo-4 grpo-compiled smoke "
+pieces=" sft-1 sft-vision sft-2 sft-facts sft-long sft-loop infer infer-2 infer-mixed attention reward grpo-1 grpo-2 grpo-4 grpo-compiled smoke smoke-cross "
 [[ $pieces == *" $piece "* ]] || { echo "unknown piece $piece; one of:$pieces" >&2; exit 2; }
 mkdir -p "$out"
 exec > >(tee -a "$out/$piece.log") 2>&1  # the piece's whole output comes back with its results
 python3 -m bench.run build > "$out/build.log" 2>&1
 R="python3 -m bench.run"
+# every stage through launch.py on the 4B-shaped model (smoke pieces): 512-px demo data, a few steps each
+SMOKE=(experiment=flare data=demo data.demo.image_size=512 model.path=/tmp/flare_bench/qwen3vl-4b-random
+       model.min_pixels=3136 model.max_pixels=262144 paths.cache_dir=/tmp/smoke/cache paths.output_root=/tmp/smoke/out
+       sft.max_steps=4 sft.per_device_train_batch_size=4 sft.eval_steps=0 sft.save_steps=2 rl.max_steps=2
+       rl.num_generations=2 rl.per_device_train_batch_size=4 rl.max_completion_length=32 infer.batch_size=8
+       infer.num_samples=16 infer.max_new_tokens=32 reward.radgraph.model_dir=/tmp/smoke/radgraph
+       reward.radgraph.build_tiny=true)
 case $piece in
   # SFT, side by side on one machine: hf (profiled: GPU kernel time vs wall time), Unsloth, hf with PEFT's own
   # LoRA input casts (model.lora.input_cast=always), hf with compiled blocks (DataLoader workers: the default)
@@ -79,17 +86,19 @@ case $piece in
   # every stage through launch.py on the 4B-shaped model, each backend: prepare (512-px demo data) -> sft ->
   # rl -> infer -> eval (RadGraph on the GPU); logs and metrics land in OUT_DIR
   smoke)        for b in hf unsloth; do  # hf: ~4 min + ~1 min compiling its blocks (sft.compile_layers: on)
-                  timeout $([ $b = hf ] && echo 320 || echo 230) python3 launch.py experiment=flare data=demo data.demo.image_size=512 \
-                    model.path=/tmp/flare_bench/qwen3vl-4b-random model.backend=$b model.min_pixels=3136 \
-                    model.max_pixels=262144 paths.cache_dir=/tmp/smoke/cache paths.output_root=/tmp/smoke/out \
-                    run_name=smoke-$b "stage.steps=[prepare,sft,rl,infer,eval]" sft.max_steps=4 \
-                    sft.per_device_train_batch_size=4 sft.eval_steps=0 sft.save_steps=2 rl.max_steps=2 \
-                    rl.num_generations=2 rl.per_device_train_batch_size=4 rl.max_completion_length=32 \
-                    infer.batch_size=8 infer.num_samples=16 infer.max_new_tokens=32 \
-                    reward.radgraph.model_dir=/tmp/smoke/radgraph reward.radgraph.build_tiny=true \
-                    > "$out/smoke-$b.log" 2>&1
+                  timeout $([ $b = hf ] && echo 320 || echo 230) python3 launch.py "${SMOKE[@]}" model.backend=$b \
+                    run_name=smoke-$b "stage.steps=[prepare,sft,rl,infer,eval]" > "$out/smoke-$b.log" 2>&1
                   echo "smoke $b: exit $?" | tee -a "$out/smoke.txt"
                   cp /tmp/smoke/out/runs/smoke-$b/eval/metrics.json "$out/smoke-$b-metrics.json" 2>/dev/null
                 done ;;
+  # the README's real-run recipe: SFT with Unsloth, then GRPO, inference and eval with hf from that adapter
+  smoke-cross)  timeout 200 python3 launch.py "${SMOKE[@]}" model.backend=unsloth run_name=cross-sft \
+                  "stage.steps=[prepare,sft]" > "$out/smoke-cross.log" 2>&1
+                echo "smoke-cross sft (unsloth): exit $?" | tee -a "$out/smoke.txt"
+                timeout 300 python3 launch.py "${SMOKE[@]}" model.backend=hf run_name=cross-rest \
+                  rl.init_from=/tmp/smoke/out/runs/cross-sft/sft "stage.steps=[prepare,rl,infer,eval]" \
+                  >> "$out/smoke-cross.log" 2>&1
+                echo "smoke-cross rl, infer, eval (hf): exit $?" | tee -a "$out/smoke.txt"
+                cp /tmp/smoke/out/runs/cross-rest/eval/metrics.json "$out/smoke-cross-metrics.json" 2>/dev/null ;;
   *) echo "unknown piece $piece" >&2; exit 2 ;;
 esac

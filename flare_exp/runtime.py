@@ -116,11 +116,15 @@ def clear_finished_outputs(run_dir: Path) -> None:
     (run_dir / DONE).unlink()
 
 
-def keep_previous_attempt(run_dir: Path) -> Path | None:
+def keep_previous_attempt(run_dir: Path, config_yaml: str) -> Path | None:
     """A run dir used again (a resumed crash, a requeued SLURM job, a rerun with other settings after an
     out-of-memory stop, overwrite=true): the earlier attempt's config.yaml, run_info.json and FAILED traceback
-    move to attempts/NN/ instead of being overwritten, so what trained the first steps stays on record."""
+    move to attempts/NN/ instead of being overwritten, so what trained the first steps stays on record. A rerun
+    of a run that did not fail, with the same config (a pipeline reusing its steps), keeps nothing new."""
     if not (run_dir / "run_info.json").exists():
+        return None
+    config = run_dir / "config.yaml"
+    if not (run_dir / FAILED).exists() and config.exists() and config.read_text() == config_yaml:
         return None
     dest = run_dir / "attempts" / f"{len(list((run_dir / 'attempts').glob('[0-9]*'))) + 1:02d}"
     dest.mkdir(parents=True)
@@ -132,11 +136,12 @@ def keep_previous_attempt(run_dir: Path) -> Path | None:
 
 def write_run_metadata(run_dir: Path, cfg: DictConfig) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    kept = keep_previous_attempt(run_dir)
+    # YAML text, never a pickled DictConfig: torch>=2.6 refuses to load checkpoints holding one.
+    config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+    kept = keep_previous_attempt(run_dir, config_yaml)
     if kept is not None:
         log.info("%s was used before: its earlier config, run info and any failure are kept in %s", run_dir, kept)
-    # YAML text, never a pickled DictConfig: torch>=2.6 refuses to load checkpoints holding one.
-    write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    write_text(run_dir / "config.yaml", config_yaml)
     write_json(run_dir / "run_info.json", {
         "started": _dt.datetime.now().isoformat(timespec="seconds"),
         "git_commit": git_commit(),

@@ -16,6 +16,30 @@ from flare_exp.runtime import DONE, clear_finished_outputs, run_with_markers, wr
 
 log = logging.getLogger(__name__)
 
+# the config sections a step's outputs depend on: a reused step whose recorded settings differ there is named
+STEP_SECTIONS = {"prepare": ("data",), "sft": ("seed", "data", "model", "sft"),
+                 "rl": ("seed", "data", "model", "rl", "reward"), "infer": ("data", "model", "infer"),
+                 "eval": ("data", "eval")}
+
+
+def _differences(old, new, key: str) -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(set(old) | set(new), key=str)
+                for d in _differences(old.get(k), new.get(k), f"{key}.{k}")]
+    return [] if old == new else [f"{key}: {old} -> {new}"]
+
+
+def changed_settings(step: str, step_dir: Path, step_cfg) -> list[str]:
+    """The settings a finished step ran with (its config.yaml) that differ from this run's, as 'key: old -> new'."""
+    recorded = step_dir / "config.yaml"
+    if not recorded.exists():
+        return []
+    old = OmegaConf.to_container(OmegaConf.load(recorded))
+    new = OmegaConf.to_container(step_cfg, resolve=True)
+    return [d for section in STEP_SECTIONS.get(step, ()) for d in _differences(old.get(section), new.get(section),
+                                                                                section)]
+
+
 def _chain(step: str, cfg, done_dirs: dict[str, Path]) -> None:
     with open_dict(cfg):
         if step == "rl" and cfg.rl.init_from is None and "sft" in done_dirs:
@@ -48,7 +72,13 @@ def run(cfg, out_dir: Path) -> dict:
         _chain(step, step_cfg, done_dirs)
         step_dir = stages.output_dir(step, step_cfg, out_dir / step)
         if (step_dir / DONE).exists() and not cfg.overwrite:
-            log.info("[%s] already finished in %s: reusing it (overwrite=true redoes it)", step, step_dir)
+            changed = changed_settings(step, step_dir, step_cfg)
+            if changed:  # the finished outputs do not follow the new settings: say so rather than pass silently
+                log.warning("[%s] already finished in %s with other settings (%s%s): reusing it as it is; "
+                            "overwrite=true redoes it, another run_name= keeps both", step, step_dir,
+                            "; ".join(changed[:5]), f"; and {len(changed) - 5} more" if len(changed) > 5 else "")
+            else:
+                log.info("[%s] already finished in %s: reusing it (overwrite=true redoes it)", step, step_dir)
             results[step] = {"reused": str(step_dir)}
         else:
             clear_finished_outputs(step_dir)

@@ -230,13 +230,13 @@ def run(cfg, out_dir: Path) -> dict:
                              "rl.max_completion_length, or pass rl.on_too_long=skip")
         log.warning("%s: skipped", msg)
         write_json(out_dir / "too_long.json", too_long)
-    on_gpu = torch.cuda.is_available()
+    compiled_on_gpu = compiled and torch.cuda.is_available()  # torch.compile runs on GPUs only here
     graph = graph_loop_chosen("rl.decode_loop", rl.decode_loop, cfg.model.backend,
-                              compiled and on_gpu and not rl.use_vllm)
+                              compiled_on_gpu and not rl.use_vllm)
     log.info("rl: %d prompts (%s), init_from=%s, backend=%s, rollouts: %s%s", len(records), ", ".join(wanted),
              loaded.adapter, cfg.model.backend, "graph decode loop, static KV cache" if graph else
              f"generate, {cache or 'dynamic'} KV cache",
-             ", compiled decode" if compiled and on_gpu else "")  # compiled on GPUs only
+             ", compiled decode" if compiled_on_gpu else "")
 
     if cfg.model.backend == "unsloth" and not compiled:
         # docs/benchmarks.md: generation is most of a GRPO step and Unsloth does not speed up TRL's decode loop.
@@ -256,7 +256,7 @@ def run(cfg, out_dir: Path) -> dict:
     if hasattr(trainer, "generation_config"):  # TRL turns compilation off for its rollouts
         trainer.generation_config.disable_compile = not compiled
     if graph:
-        trainer.graph_rollouts = GraphRollouts(compiled and on_gpu)
+        trainer.graph_rollouts = GraphRollouts(compiled_on_gpu)
     try:
         try:
             trainer.train(resume_from_checkpoint=resume_checkpoint(cfg.resume, out_dir))

@@ -249,7 +249,12 @@ def run_infer(args, work: Path) -> dict:
         from flare_exp.models.graph_decoding import GraphDecoder
 
         init = GraphDecoder.__init__
-        GraphDecoder.__init__ = lambda self, *a, **kw: (init(self, *a, **kw), setattr(self, "shrink_cache", False))[0]
+
+        def keeping_long_caches(self, *a, **kw):
+            init(self, *a, **kw)
+            self.shrink_cache = False
+
+        GraphDecoder.__init__ = keeping_long_caches
     name = measurement_name(args)
     overrides = ["stage=infer", "experiment=flare", *bench_data(work), *model_overrides(args),
                  f"infer.input_file={source}", f"infer.batch_size={args.batch}", f"infer.num_samples={samples}",

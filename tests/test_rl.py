@@ -105,6 +105,20 @@ def test_grpo_config_passes_scale_rewards_and_rollout_cache(tmp_path):
         check_settings(compose_cfg(["rl.scale_rewards=std"]))
 
 
+def test_loss_settings_are_checked_at_startup():
+    """TRL refuses an unknown loss type only when it computes the first loss (after the model is loaded and the
+    first rollouts are decoded; in a pipeline, after SFT): the check runs before any step, from the list the
+    installed TRL documents."""
+    from flare_exp.stages.rl import check_settings, trl_loss_types
+
+    assert {"grpo", "dr_grpo", "dapo"} <= set(trl_loss_types())
+    check_settings(compose_cfg(["rl.loss_type=grpo", "rl.importance_sampling_level=token"]))
+    with pytest.raises(ValueError, match="rl.loss_type='gspo': choose grpo, dr_grpo"):
+        check_settings(compose_cfg(["rl.loss_type=gspo"]))
+    with pytest.raises(ValueError, match="rl.importance_sampling_level='seq'"):
+        check_settings(compose_cfg(["rl.importance_sampling_level=seq"]))
+
+
 def test_rollouts_run_in_eval_mode_and_training_resumes(base_overrides, sft_adapter, tmp_path, monkeypatch):
     from transformers.models.qwen3_vl import modeling_qwen3_vl
 

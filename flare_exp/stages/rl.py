@@ -61,6 +61,10 @@ def check_settings(cfg) -> int:
             f"generation round is not divisible by rl.num_generations={rl.num_generations}. Make the batch a "
             f"multiple of it, e.g. rl.per_device_train_batch_size={rl.num_generations * max(1, round(rl.per_device_train_batch_size / rl.num_generations))}")
     check_choice("rl.scale_rewards", rl.scale_rewards, ("none", "group", "batch"))
+    check_choice("rl.importance_sampling_level", rl.importance_sampling_level, ("token", "sequence"))
+    loss_types = trl_loss_types()
+    if loss_types:  # TRL itself would only refuse an unknown one at the first loss, after the first rollouts
+        check_choice("rl.loss_type", rl.loss_type, loss_types)
     check_choice("rl.on_too_long", rl.on_too_long, ("error", "skip"))
     check_choice("rl.decode_loop", rl.decode_loop, DECODE_LOOPS)
     if rl.decode_loop == "graph" and rl.use_vllm:
@@ -71,6 +75,19 @@ def check_settings(cfg) -> int:
         raise ValueError(f"rl.max_completion_length={rl.max_completion_length} leaves no room for the prompt in "
                          f"model.max_seq_length={max_seq_length}")
     return limit
+
+
+def trl_loss_types() -> tuple[str, ...]:
+    """The GRPO loss types the installed TRL supports, as its GRPOConfig documents them ("Supported values are
+    'grpo', 'dr_grpo', ..."; the list grows between TRL versions); empty when that text is not found."""
+    import dataclasses
+    import re
+
+    from trl import GRPOConfig
+
+    text = next((f.metadata.get("help", "") for f in dataclasses.fields(GRPOConfig) if f.name == "loss_type"), "")
+    supported = re.search(r"Supported values are (.*?)\.\s", text)
+    return tuple(re.findall(r"'(\w+)'", supported.group(1))) if supported else ()
 
 
 class RewardTermLog(TrainerCallback):
@@ -240,10 +257,9 @@ def run(cfg, out_dir: Path) -> dict:
 
     if cfg.model.backend == "unsloth" and not compiled:
         # docs/benchmarks.md: generation is most of a GRPO step and Unsloth does not speed up TRL's decode loop.
-        log.warning("rl with model.backend=unsloth: its GRPO steps measured 1.5x slower than backend=hf with "
-                    "TRL's plain rollouts at 8 generations, hf's compiled rollouts are 2.7x faster than those and "
-                    "its graph decode loop 2x faster again (H200, docs/benchmarks.md); Unsloth saves ~2.4 GiB. "
-                    "model.backend=hf is the faster choice for this stage unless memory is short")
+        log.warning("rl with model.backend=unsloth: its rollouts are TRL's own; on one H200 its GRPO steps took "
+                    "36.6 s at 4 generations against 4.9 s with backend=hf's graph decode loop (docs/benchmarks.md); "
+                    "Unsloth saves ~3 GiB. model.backend=hf is the faster choice for this stage unless memory is short")
 
     report_to = setup_tracking(rl, out_dir)
     meta = CheckpointMeta(loaded.base_path, cfg, data_fingerprints(rl.train_file), loaded.processor)

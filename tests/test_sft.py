@@ -272,3 +272,15 @@ def test_out_of_gpu_memory_says_what_to_lower_and_the_rerun_resumes(base_overrid
     assert (first / "config.yaml").read_text() == (tmp_path / "sft" / "config.yaml").read_text()
     assert (first / "run_info.json").exists() and (tmp_path / "sft" / "DONE").exists()
     assert not (tmp_path / "sft" / "FAILED").exists()
+
+
+def test_the_finishing_line_names_a_single_logged_loss_as_such():
+    """A run shorter than sft.logging_steps logs its first step only: the line must not read "12.6 at step 1 ->
+    12.6 at step 1" (as if training did nothing), but say it is the only loss logged and which key logs more."""
+    from flare_exp.stages.sft import loss_line
+
+    assert loss_line([{"loss": 12.6, "step": 1}], 12.61, 10) == (
+        "loss 12.6 at step 1, the only one logged (sft.logging_steps=10); mean 12.6100")
+    assert loss_line([{"loss": 3.0, "step": 1}, {"loss": 2.0, "step": 10}], 2.5, 10) == (
+        "loss 3.0 at step 1 -> 2.0 at step 10, mean 2.5000")
+    assert loss_line([], 0.0, 5) == "no loss logged (sft.logging_steps=5)"

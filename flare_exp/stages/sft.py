@@ -156,7 +156,18 @@ def run(cfg, out_dir: Path) -> dict:
                "best_checkpoint": trainer.state.best_model_checkpoint,
                "train_samples": len(train), "skipped_too_long": len(too_long) + len(val_too_long)}
     write_json(out_dir / "sft_summary.json", summary)
-    losses = (f"loss {history[0]['loss']} at step {history[0].get('step')} -> {history[-1]['loss']} at step "
-              f"{history[-1].get('step')}, mean {result.training_loss:.4f}") if history else "no loss logged"
-    log.info("sft finished: adapter at %s (%s)", final, losses)
+    log.info("sft finished: adapter at %s (%s)", final, loss_line(history, result.training_loss, sft.logging_steps))
     return summary
+
+
+def loss_line(history: list[dict], mean: float, logging_steps: int) -> str:
+    """The first and last logged loss, or the one logged (a run shorter than sft.logging_steps logs its first
+    step only: saying "-> the same loss at the same step" would read as if training did nothing)."""
+    if not history:
+        return f"no loss logged (sft.logging_steps={logging_steps})"
+    first, last = history[0], history[-1]
+    if first is last:
+        return (f"loss {first['loss']} at step {first.get('step')}, the only one logged (sft.logging_steps="
+                f"{logging_steps}); mean {mean:.4f}")
+    return (f"loss {first['loss']} at step {first.get('step')} -> {last['loss']} at step {last.get('step')}, "
+            f"mean {mean:.4f}")

@@ -284,3 +284,64 @@ def test_the_finishing_line_names_a_single_logged_loss_as_such():
     assert loss_line([{"loss": 3.0, "step": 1}, {"loss": 2.0, "step": 10}], 2.5, 10) == (
         "loss 3.0 at step 1 -> 2.0 at step 10, mean 2.5000")
     assert loss_line([], 0.0, 5) == "no loss logged (sft.logging_steps=5)"
+
+
+def test_answer_logits_only_is_the_models_own_loss_and_gradients(base_overrides, demo_prepared):
+    """sft.answer_logits_only (the hf default): the LM head runs at the scored positions only, and the loss and
+    the LoRA gradients equal the model's own loss over every position, on a padded batch of four samples whose
+    answers sit at different positions (one view and two, a report and a letter)."""
+    from transformers import Trainer
+
+    from flare_exp.models.loading import load_model
+    from flare_exp.stages.sft import answer_logits_only
+
+    cfg = _sft_cfg(base_overrides)
+    loaded = load_model(cfg.model, training=True)
+    model = loaded.model
+    records = read_jsonl(demo_prepared / "train.jsonl")
+    picked = [next(r for r in records if r["dataset"] == name)
+              for name in ("IU_XRay", "periapical", "IU_XRay", "boneresorption")]
+    batch = VisionChat(loaded.processor, demo_prepared.parent / "raw").sft_batch(picked)
+    assert len({int(m.sum()) for m in batch["attention_mask"]}) > 1  # padded: answers end at different places
+
+    def loss_and_grads(compute):
+        model.zero_grad()
+        loss = compute()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    own_loss, own_grads = loss_and_grads(lambda: model(**batch).loss)
+    trainer = object.__new__(answer_logits_only(Trainer))  # compute_loss needs no trainer state
+    loss, outputs = trainer.compute_loss(model, dict(batch), return_outputs=True)
+    scored = int((batch["labels"][:, 1:] != -100).any(0).sum())
+    assert outputs.logits.shape[1] == scored < batch["input_ids"].shape[1] // 2
+    answer_loss, answer_grads = loss_and_grads(lambda: trainer.compute_loss(model, dict(batch)))
+    assert torch.allclose(answer_loss, own_loss, rtol=1e-5), (answer_loss, own_loss)
+    assert own_grads and all(torch.allclose(answer_grads[n], g, rtol=1e-4, atol=1e-7) for n, g in own_grads.items())
+    assert any(g.abs().sum() > 0 for g in own_grads.values())
+
+
+def test_the_stage_trains_and_evaluates_with_answer_logits_only(base_overrides, tmp_path, monkeypatch):
+    """Through the stage (Trainer, collator, eval): the same training and eval losses with and without
+    sft.answer_logits_only, and with it on, every loss the stage computes scores the answer positions only."""
+    from transformers.loss import loss_utils
+
+    original, scored_positions = loss_utils.ForCausalLMLoss, []
+
+    def recording(logits, labels, vocab_size, *args, shift_labels=None, **kwargs):
+        if shift_labels is not None:
+            scored_positions.append(logits.shape[1])
+        return original(logits, labels, vocab_size, *args, shift_labels=shift_labels, **kwargs)
+
+    monkeypatch.setattr(loss_utils, "ForCausalLMLoss", recording)
+    losses = {}
+    for answer_only in ("false", "true"):
+        run(_sft_cfg(base_overrides, "sft.max_steps=2", "sft.eval_steps=2", "sft.max_eval_samples=4",
+                     f"sft.answer_logits_only={answer_only}"), run_dir=tmp_path / answer_only)
+        history = json.loads((tmp_path / answer_only / "log_history.json").read_text())
+        losses[answer_only] = [h[key] for h in history for key in ("loss", "eval_loss") if key in h]
+        if answer_only == "false":
+            assert not scored_positions
+    assert len(losses["true"]) == 3 and losses["true"] == pytest.approx(losses["false"], rel=1e-4)
+    # 2 steps + the eval batch; the demo's samples are 52-136 tokens long, of which the answers are a few
+    assert len(scored_positions) == 3 and max(scored_positions) < 40, scored_positions

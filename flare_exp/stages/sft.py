@@ -55,6 +55,29 @@ def length_grouped(trainer_class):
     return LengthGroupedTrainer
 
 
+def answer_logits_only(trainer_class):
+    """sft.answer_logits_only: the model returns logits only at the positions whose next token is labelled
+    (transformers' `logits_to_keep` with those indices; the union over the batch), and the loss is transformers'
+    causal-LM loss on them with the matching targets: the model's own loss, computed without the logits of
+    every prompt and image position (for two 512-px views + a short answer, ~550 positions per sample of which
+    ~10 are scored)."""
+
+    class AnswerLogitsTrainer(trainer_class):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            from transformers.loss.loss_utils import ForCausalLMLoss
+
+            targets = inputs["labels"][:, 1:]  # the token each position predicts
+            positions = (targets != -100).any(0).nonzero().squeeze(-1)
+            if not len(positions):  # nothing scored: the model's own loss says so (nan) as it would
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            outputs = model(**{k: v for k, v in inputs.items() if k != "labels"}, logits_to_keep=positions)
+            loss = ForCausalLMLoss(outputs.logits, None, outputs.logits.shape[-1],
+                                   shift_labels=targets[:, positions])
+            return (loss, outputs) if return_outputs else loss
+
+    return AnswerLogitsTrainer
+
+
 def load_split(path, limit, chat, max_len, on_too_long, what) -> tuple[list[dict], list[dict], list[int]]:
     records = [r for r in read_jsonl(abspath(path)) if r.get("answer") is not None]
     if limit:
@@ -126,6 +149,8 @@ def run(cfg, out_dir: Path) -> dict:
     if sft.early_stopping_patience and evaluating:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=sft.early_stopping_patience))
     trainer_class = length_grouped(Trainer) if sft.group_by_length else Trainer
+    if sft.answer_logits_only and cfg.model.backend == "hf":  # Unsloth's own loss already scores labels only
+        trainer_class = answer_logits_only(trainer_class)
     trainer = trainer_class(model=loaded.model, args=args, train_dataset=RecordDataset(train, train_lengths),
                             eval_dataset=RecordDataset(val, val_lengths) if evaluating else None,
                             data_collator=SFTCollator(chat), callbacks=callbacks)

@@ -44,17 +44,19 @@ case $piece in
                 timeout 90 $R sft --backend hf --batch 8 --steps 10 --dataset dental --out "$out"
                 timeout 120 $R sft --backend unsloth --batch 8 --steps 10 --dataset dental --out "$out" ;;
   # why Unsloth's lead is gone on FACTS' shape (1.00x, seventh run) but not on two views + a short answer
-  # (1.35x): Unsloth on both shapes on one machine, and each backend profiled on FACTS' shape (GPU busy vs wall)
-  sft-shape)    timeout 150 $R sft --backend unsloth --batch 8 --steps 10 --out "$out"
-                timeout 220 $R sft --backend unsloth --batch 8 --steps 10 --views 1 --answer-words 150 --profile --out "$out"
-                timeout 100 $R sft --backend hf --batch 8 --steps 10 --views 1 --answer-words 150 --profile --out "$out"
-                timeout 80 $R sft --backend hf --batch 8 --steps 10 --out "$out" ;;
+  # (1.35x): Unsloth on both shapes on one machine, profiled on FACTS' shape (GPU busy vs wall, top kernels),
+  # and on FACTS' shape without its fused linear cross-entropy op (the suspect: its cost grows with the answer)
+  sft-shape)    timeout 130 $R sft --backend unsloth --batch 8 --steps 10 --out "$out"
+                timeout 200 $R sft --backend unsloth --batch 8 --steps 10 --views 1 --answer-words 150 --profile --out "$out"
+                timeout 200 $R sft --backend unsloth --batch 8 --steps 10 --views 1 --answer-words 150 --env UNSLOTH_FUSED_LINEAR=0 --out "$out" ;;
   # hf's loss at the answer positions only (sft.answer_logits_only, the default) against the model's own loss
-  # over every position: step time and peak memory, IU_XRay-like batches and the long case
+  # over every position: step time and peak memory, IU_XRay-like batches and the long case; then hf profiled
+  # on FACTS' shape (to set beside sft-shape's Unsloth profile)
   sft-logits)   for all in "" "--set sft.answer_logits_only=false"; do
                   timeout 90 $R sft --backend hf --batch 8 --steps 10 $all --out "$out"
-                  timeout 100 $R sft --backend hf --batch 1 --steps 8 --warmup 2 --long-side 3424 $all --out "$out"
-                done ;;
+                  timeout 120 $R sft --backend hf --batch 1 --steps 8 --warmup 2 --long-side 3424 $all --out "$out"
+                done
+                timeout 100 $R sft --backend hf --batch 8 --steps 10 --views 1 --answer-words 150 --profile --out "$out" ;;
   # the long case: one 3424-px image per sample, ~11.4k tokens (near model.max_seq_length=12000), batch 1
   sft-long)     timeout 150 $R sft --backend hf --batch 1 --steps 8 --warmup 2 --long-side 3424 --out "$out"
                 timeout 270 $R sft --backend unsloth --batch 1 --steps 8 --warmup 2 --long-side 3424 --out "$out" ;;

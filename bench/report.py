@@ -51,7 +51,7 @@ SETUP = ["samples", "backend", "batch", "grad ckpt", "vision encoder"]
 
 
 def _settings(r: dict) -> str:
-    """The config overrides a measurement ran with (--set)."""
+    """The config overrides (--set) and environment variables (--env) a measurement ran with."""
     return ", ".join(r.get("overrides") or []) or "-"
 
 

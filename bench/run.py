@@ -51,7 +51,7 @@ def measurement_name(args) -> str:
         parts.append(f"vision-{args.vision_encoder}")
     if args.what in ("sft", "loop") and args.force_vision_encoder:
         parts.append("forced-vision")
-    parts += [override.rsplit(".", 1)[-1].replace("=", "-") for override in args.set]
+    parts += [override.rsplit(".", 1)[-1].replace("=", "-") for override in args.set + args.env]
     if args.what in ("sft", "loop"):
         parts += [name for name, _ in sample_shape(args)]
     return "-".join(parts + [args.dataset])
@@ -341,6 +341,9 @@ def main() -> None:
     p.add_argument("--grad-ckpt", default="true")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other config override for the measured stage (repeatable; named in the result file)")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="an environment variable for the measured process, e.g. UNSLOTH_FUSED_LINEAR=0 (repeatable; "
+                        "named in the result file)")
     p.add_argument("--vision-encoder", default="batched", choices=["batched", "per_image"],
                    help="model.vision_encoder")
     p.add_argument("--force-vision-encoder", action="store_true",
@@ -352,6 +355,9 @@ def main() -> None:
     p.add_argument("--work", default="/tmp/flare_bench")
     p.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     args = p.parse_args()
+    for setting in args.env:  # before anything imports the libraries that read them (Unsloth reads at import)
+        key, _, value = setting.partition("=")
+        os.environ[key] = value
     work = Path(args.work)
     if args.what == "build":
         from bench.model import build_qwen3vl_4b_random
@@ -387,7 +393,7 @@ def main() -> None:
         result["samples"] = ", ".join([args.dataset] + [words for _, words in sample_shape(args)])
     if args.what not in ("reward", "attention"):
         result["vision_encoder"] = args.vision_encoder
-        result["overrides"] = list(args.set)
+        result["overrides"] = list(args.set) + [f"env {setting}" for setting in args.env]
     result.update(device=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
                   torch=torch.__version__,
                   date=time.strftime("%Y-%m-%d %H:%M"))

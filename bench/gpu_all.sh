@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The whole benchmark on one GPU box, in pieces that each fit a 10-minute command. Usage (from the repo root,
 # after `source bench/gpu_setup.sh` where wheels must be carried):
-#   bash bench/gpu_all.sh sft-1|sft-vision|sft-2|sft-facts|sft-shape|sft-logits|sft-long|sft-loop|infer|infer-2|infer-mixed|attention|reward|grpo-1|grpo-2|grpo-4|grpo-compiled|smoke|smoke-cross  OUT_DIR
+#   bash bench/gpu_all.sh sft-1|sft-vision|sft-2|sft-facts|sft-shape|sft-loss|sft-logits|sft-long|sft-loop|infer|infer-2|infer-mixed|attention|reward|grpo-1|grpo-2|grpo-4|grpo-compiled|smoke|smoke-cross  OUT_DIR
 # Each piece rebuilds the random 4B model if missing (~25 s) and writes one JSON per measurement to OUT_DIR;
 # `python -m bench.report OUT_DIR` makes the tables.
 set -u
 piece=$1; out=${2:-bench_out}
-pieces=" sft-1 sft-vision sft-2 sft-facts sft-shape sft-logits sft-long sft-loop infer infer-2 infer-mixed attention reward grpo-1 grpo-2 grpo-4 grpo-compiled smoke smoke-cross "
+pieces=" sft-1 sft-vision sft-2 sft-facts sft-shape sft-loss sft-logits sft-long sft-loop infer infer-2 infer-mixed attention reward grpo-1 grpo-2 grpo-4 grpo-compiled smoke smoke-cross "
 [[ $pieces == *" $piece "* ]] || { echo "unknown piece $piece; one of:$pieces" >&2; exit 2; }
 mkdir -p "$out"
 exec > >(tee -a "$out/$piece.log") 2>&1  # the piece's whole output comes back with its results
@@ -44,19 +44,21 @@ case $piece in
                 timeout 90 $R sft --backend hf --batch 8 --steps 10 --dataset dental --out "$out"
                 timeout 120 $R sft --backend unsloth --batch 8 --steps 10 --dataset dental --out "$out" ;;
   # why Unsloth's lead is gone on FACTS' shape (1.00x, seventh run) but not on two views + a short answer
-  # (1.35x): Unsloth on both shapes on one machine, profiled on FACTS' shape (GPU busy vs wall, top kernels),
-  # and on FACTS' shape without its fused linear cross-entropy op (the suspect: its cost grows with the answer)
+  # (1.35x): Unsloth on both shapes on one machine, profiled on FACTS' shape (GPU busy vs wall, top kernels);
+  # hf profiled there too
   sft-shape)    timeout 130 $R sft --backend unsloth --batch 8 --steps 10 --out "$out"
                 timeout 200 $R sft --backend unsloth --batch 8 --steps 10 --views 1 --answer-words 150 --profile --out "$out"
-                timeout 200 $R sft --backend unsloth --batch 8 --steps 10 --views 1 --answer-words 150 --env UNSLOTH_FUSED_LINEAR=0 --out "$out" ;;
+                timeout 100 $R sft --backend hf --batch 8 --steps 10 --views 1 --answer-words 150 --profile --out "$out" ;;
+  # the suspect: Unsloth's fused linear cross-entropy op, whose cost grows with the answer. FACTS' shape with
+  # Unsloth's chunked loss instead (UNSLOTH_FUSED_LINEAR=0), and with our answer-position loss in its place
+  sft-loss)     timeout 200 $R sft --backend unsloth --batch 8 --steps 10 --views 1 --answer-words 150 --env UNSLOTH_FUSED_LINEAR=0 --out "$out"
+                timeout 200 $R sft --backend unsloth --batch 8 --steps 10 --views 1 --answer-words 150 --set sft.answer_logits_only=true --out "$out" ;;
   # hf's loss at the answer positions only (sft.answer_logits_only, the default) against the model's own loss
-  # over every position: step time and peak memory, IU_XRay-like batches and the long case; then hf profiled
-  # on FACTS' shape (to set beside sft-shape's Unsloth profile)
+  # over every position: step time and peak memory, IU_XRay-like batches and the long case
   sft-logits)   for all in "" "--set sft.answer_logits_only=false"; do
                   timeout 90 $R sft --backend hf --batch 8 --steps 10 $all --out "$out"
                   timeout 120 $R sft --backend hf --batch 1 --steps 8 --warmup 2 --long-side 3424 $all --out "$out"
-                done
-                timeout 100 $R sft --backend hf --batch 8 --steps 10 --views 1 --answer-words 150 --profile --out "$out" ;;
+                done ;;
   # the long case: one 3424-px image per sample, ~11.4k tokens (near model.max_seq_length=12000), batch 1
   sft-long)     timeout 150 $R sft --backend hf --batch 1 --steps 8 --warmup 2 --long-side 3424 --out "$out"
                 timeout 270 $R sft --backend unsloth --batch 1 --steps 8 --warmup 2 --long-side 3424 --out "$out" ;;

@@ -181,11 +181,12 @@ class SFTConfig:
     # null = on for backend=hf on a GPU, off on the CPU; Unsloth compiles its own blocks.
     compile_layers: Optional[bool] = None
     compile_backend: str = "inductor"  # torch.compile backend for compile_layers (aot_eager: trace only, to debug)
-    # backend=hf: the LM head and the loss run only at the positions whose next token is labelled (the answer),
-    # as Unsloth's loss does, instead of at every prompt and image position: the same loss without the
-    # (batch x length x vocabulary) float32 logits and their gradient (151,936 logits per position). false =
-    # the model's own loss over every position.
-    answer_logits_only: bool = True
+    # The LM head and the loss run only at the positions whose next token is labelled (the answer), instead of
+    # at every prompt and image position: the same loss without the (batch x length x vocabulary) float32
+    # logits and their gradient (151,936 logits per position). null = on for backend=hf (Unsloth's own fused
+    # loss already scores the labelled rows only); true = also for Unsloth, in place of its fused loss op;
+    # false = the model's own loss.
+    answer_logits_only: Optional[bool] = None
     report_to: str = "none"  # none | wandb | tensorboard
     wandb_project: str = "flare_exp"
     wandb_mode: str = "offline"

@@ -335,13 +335,13 @@ def test_the_stage_trains_and_evaluates_with_answer_logits_only(base_overrides, 
 
     monkeypatch.setattr(loss_utils, "ForCausalLMLoss", recording)
     losses = {}
-    for answer_only in ("false", "true"):
+    for answer_only in ("false", "null"):  # null, the default: on for backend=hf
         run(_sft_cfg(base_overrides, "sft.max_steps=2", "sft.eval_steps=2", "sft.max_eval_samples=4",
                      f"sft.answer_logits_only={answer_only}"), run_dir=tmp_path / answer_only)
         history = json.loads((tmp_path / answer_only / "log_history.json").read_text())
         losses[answer_only] = [h[key] for h in history for key in ("loss", "eval_loss") if key in h]
         if answer_only == "false":
             assert not scored_positions
-    assert len(losses["true"]) == 3 and losses["true"] == pytest.approx(losses["false"], rel=1e-4)
+    assert len(losses["null"]) == 3 and losses["null"] == pytest.approx(losses["false"], rel=1e-4)
     # 2 steps + the eval batch; the demo's samples are 52-136 tokens long, of which the answers are a few
     assert len(scored_positions) == 3 and max(scored_positions) < 40, scored_positions

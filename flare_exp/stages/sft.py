@@ -149,7 +149,7 @@ def run(cfg, out_dir: Path) -> dict:
     if sft.early_stopping_patience and evaluating:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=sft.early_stopping_patience))
     trainer_class = length_grouped(Trainer) if sft.group_by_length else Trainer
-    if sft.answer_logits_only and cfg.model.backend == "hf":  # Unsloth's own loss already scores labels only
+    if (cfg.model.backend == "hf") if sft.answer_logits_only is None else sft.answer_logits_only:
         trainer_class = answer_logits_only(trainer_class)
     trainer = trainer_class(model=loaded.model, args=args, train_dataset=RecordDataset(train, train_lengths),
                             eval_dataset=RecordDataset(val, val_lengths) if evaluating else None,

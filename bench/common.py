@@ -103,6 +103,26 @@ def model_overrides(args) -> list[str]:
             f"model.vision_encoder={args.vision_encoder}", *args.set]
 
 
+LIBRARIES = ("torch", "transformers", "peft", "trl", "accelerate", "unsloth", "unsloth_zoo")
+
+
+def library_versions() -> dict[str, str]:
+    """The versions a measurement ran with: from the imported module where there is one (the lent GPU box has
+    two transformers, the carried one first on the path), else from the installed metadata without importing
+    (importing Unsloth would patch transformers for an hf measurement). Absent libraries are left out."""
+    import sys
+    from importlib import metadata
+
+    versions = {}
+    for name in LIBRARIES:
+        module = sys.modules.get(name)
+        try:
+            versions[name] = getattr(module, "__version__", None) or metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
 def gpu_peak_gib() -> float | None:
     """torch's peak GPU memory since the last reset, GiB (None on a CPU)."""
     import torch

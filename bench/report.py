@@ -71,9 +71,23 @@ def loop_row(r: dict) -> list:
     return [*_setup(r), r["tokens_per_batch"], *variants, forced, r["device"]]
 
 
+def provenance(rows: list[dict]) -> list[str]:
+    """Which cards and library versions the results came from (one line per distinct set; results written
+    before versions were recorded name torch only)."""
+    seen = {}
+    for r in rows:
+        versions = r.get("versions") or ({"torch": r["torch"]} if r.get("torch") else {})
+        line = (f"{r.get('device', 'unknown device')}: "
+                + ", ".join(f"{name} {version}" for name, version in versions.items()))
+        seen[line] = seen.get(line, 0) + 1
+    lines = [f"- {line} ({count} result{'s' if count > 1 else ''})" for line, count in seen.items()]
+    return ["Measured on:", "", *lines, ""] if lines else []
+
+
 def tables(rows: list[dict]) -> str:
     of = lambda what: [r for r in rows if r["what"] == what]  # noqa: E731
-    out = section("SFT (the sft stage, LoRA r=16; IU_XRay samples: two 512-px views and a short section answer)",
+    out = provenance(rows)
+    out += section("SFT (the sft stage, LoRA r=16; IU_XRay samples: two 512-px views and a short section answer)",
                   [*SETUP, "workers", "compiled blocks", "tokens/s", "MFU (6·N)", "step s", "data wait s/step",
                    "collate s in-process", "peak GiB", "other settings", "device"],
                   [sft_row(r) for r in of("sft")])

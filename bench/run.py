@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO))
 PEAK_FLOPS = 989e12
 
 from bench.common import (bench_data, compose, ensure_prepared, filtered_file, gpu_peak_gib,  # noqa: E402
-                          model_overrides)
+                          library_versions, model_overrides)
 
 
 def measurement_name(args) -> str:
@@ -395,7 +395,7 @@ def main() -> None:
         result["vision_encoder"] = args.vision_encoder
         result["overrides"] = list(args.set) + [f"env {setting}" for setting in args.env]
     result.update(device=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-                  torch=torch.__version__,
+                  torch=torch.__version__, versions=library_versions(),
                   date=time.strftime("%Y-%m-%d %H:%M"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -42,6 +42,11 @@ def test_bench_sft_loop_and_report(tmp_path, tiny_model_dir):
     assert "| IU_XRay | hf | 8 | no | batched | 0 | no |" in report  # no checkpointing, workers 0, not compiled
     assert "| model.lora.r=8, env FLARE_PROBE=on |" in report
     assert "### SFT model cost in a bare loop" in report
+    import torch
+    import transformers
+
+    assert sft["versions"]["transformers"] == transformers.__version__
+    assert f"- cpu: torch {torch.__version__}, transformers {transformers.__version__}, peft " in report
 
 
 def test_bench_infer_both_decode_loops(tmp_path, tiny_model_dir):

@@ -134,3 +134,14 @@ def test_bench_sft_with_the_vision_encoder_forced(tmp_path, tiny_model_dir):
     forced = result["vision_encoder_forced"]
     assert forced["modules_changed"] > 0 and forced["max_relative_difference"] < 0.05
     assert (tmp_path / "out" / "sft-hf-bs2-w0-forced-vision-IU_XRay.json").exists()
+
+
+def test_bench_sft_profile(tmp_path, tiny_model_dir):
+    """--profile writes the profiled steps' top ops headed by GPU kernel time vs wall time, and leaves those steps
+    out of the medians (the profiler slows them)."""
+    result = bench("sft", "--steps", "8", "--warmup", "1", "--batch", "2", "--workers", "0", "--profile",
+                   "--model-dir", str(tiny_model_dir), "--work", str(tmp_path / "work"), "--image-size", "96",
+                   "--dtype", "float32", "--out", str(tmp_path / "out"))
+    assert result["steps_measured"] == 8 - 1 - 2
+    profile = (tmp_path / "out" / "profile-sft-hf-bs2-w0-IU_XRay.txt").read_text()
+    assert profile.startswith("2 steps: wall ") and "GPU kernels" in profile and "aten::mm" in profile

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The whole benchmark on one GPU box, in pieces that each fit a 10-minute command. Usage (from the repo root,
 # after `source bench/gpu_setup.sh` where wheels must be carried):
-#   bash bench/gpu_all.sh sft-1|sft-vision|sft-2|sft-facts|sft-shape|sft-loss|sft-logits|sft-long|sft-loop|infer|infer-2|infer-mixed|attention|reward|grpo-1|grpo-2|grpo-4|grpo-compiled|smoke|smoke-cross  OUT_DIR
+#   bash bench/gpu_all.sh sft-1|sft-vision|sft-2|sft-facts|sft-shape|sft-loss|sft-logits|sft-long|sft-loop|sft-loop-facts|infer|infer-2|infer-mixed|attention|reward|grpo-1|grpo-2|grpo-4|grpo-compiled|smoke|smoke-cross  OUT_DIR
 # Each piece rebuilds the random 4B model if missing (~25 s) and writes one JSON per measurement to OUT_DIR;
 # `python -m bench.report OUT_DIR` makes the tables.
 set -u
 piece=$1; out=${2:-bench_out}
-pieces=" sft-1 sft-vision sft-2 sft-facts sft-shape sft-loss sft-logits sft-long sft-loop infer infer-2 infer-mixed attention reward grpo-1 grpo-2 grpo-4 grpo-compiled smoke smoke-cross "
+pieces=" sft-1 sft-vision sft-2 sft-facts sft-shape sft-loss sft-logits sft-long sft-loop sft-loop-facts infer infer-2 infer-mixed attention reward grpo-1 grpo-2 grpo-4 grpo-compiled smoke smoke-cross "
 [[ $pieces == *" $piece "* ]] || { echo "unknown piece $piece; one of:$pieces" >&2; exit 2; }
 mkdir -p "$out"
 exec > >(tee -a "$out/$piece.log") 2>&1  # the piece's whole output comes back with its results
@@ -67,6 +67,10 @@ case $piece in
   sft-loop)     timeout 100 $R loop --backend hf --batch 8 --steps 8 --warmup 2 --out "$out"
                 timeout 100 $R loop --backend hf --batch 8 --steps 8 --warmup 2 --vision-encoder per_image --out "$out"
                 timeout 240 $R loop --backend unsloth --batch 8 --steps 8 --warmup 2 --force-vision-encoder --out "$out" ;;
+  # FACTS' shape in the bare loop, both backends: FACTS §5's own loop gave Unsloth 1.66x there (12.0k tokens/s);
+  # the stage gave 1.00x (seventh run). Fast here and slow in the stage = the stage's doing, else the model's
+  sft-loop-facts) timeout 100 $R loop --backend hf --batch 8 --steps 8 --warmup 2 --views 1 --answer-words 150 --out "$out"
+                timeout 240 $R loop --backend unsloth --batch 8 --steps 8 --warmup 2 --views 1 --answer-words 150 --out "$out" ;;
   # inference toward 30 reports/s: static cache, one untimed warm-up batch (compilation). The graph decode loop
   # (one compiled step per token, no per-token host waits) against transformers' generate (compiled decode
   # step), side by side; then the loop's batch-64 profile (GPU busy vs wall)

@@ -80,6 +80,7 @@ class Decoder:
     def __init__(self, model, chat: VisionChat, inf, backend: str):
         self.model, self.chat, self.inf = model, chat, inf
         self.cache, self.compiled = kv_cache(inf.cache_implementation, model, backend), True
+        self.halving_said = False  # decode_in_parts warns once per run
         on_gpu = model.device.type == "cuda" and self.cache == "static"
         self.loop = self._graph_loop() if graph_loop_chosen("infer.decode_loop", inf.decode_loop, backend,
                                                               on_gpu) else None
@@ -141,7 +142,7 @@ class Decoder:
         return decode_new_tokens(self.chat.tokenizer, new_tokens)
 
 
-def decode_in_parts(decode: Decoder, records: list[dict], images, told: list) -> list[str]:
+def decode_in_parts(decode: Decoder, records: list[dict], images) -> list[str]:
     """``decode(records, images)``; a batch that runs out of GPU memory is decoded in halves (down to single
     reports), said once. Prompts are sorted longest first, so the largest images meet infer.batch_size in the
     first batches; the halves decode with a dynamic cache, like a short last batch."""
@@ -157,13 +158,13 @@ def decode_in_parts(decode: Decoder, records: list[dict], images, told: list) ->
                 "lower model.max_pixels (fewer image tokens) or infer.max_new_tokens") from e
         reason = str(e).splitlines()[0][:160]
     decode.release_memory()  # outside the except block: its traceback no longer holds the batch's tensors
-    if not told:
+    if not decode.halving_said:
         log.warning("infer: a batch of %d ran out of GPU memory (%s); decoding such batches in halves. A lower "
                     "infer.batch_size avoids the retries.", len(records), reason)
-        told.append(len(records))
+        decode.halving_said = True
     half = len(records) // 2
-    return (decode_in_parts(decode, records[:half], images[:half], told)
-            + decode_in_parts(decode, records[half:], images[half:], told))
+    return (decode_in_parts(decode, records[:half], images[:half])
+            + decode_in_parts(decode, records[half:], images[half:]))
 
 
 def image_device(setting: str, model) -> str | None:
@@ -266,11 +267,10 @@ def run(cfg, out_dir: Path) -> dict:
         if inf.sort_by_length:  # similar lengths share a batch: less padding, fewer wasted decode steps
             todo.sort(key=lambda r: chat.sequence_length(r, with_answer=False), reverse=True)
         bar = tqdm(total=len(todo), desc=f"infer {label}", unit="report")
-        out_of_memory: list = []
         with open(pred_path, "a", encoding="utf-8") as f:
             start = time.perf_counter()  # reports/s over the whole loop: reading, processing, writing included
             for chunk, images in batches_with_images(chat, todo, inf.batch_size):
-                predictions = decode_in_parts(decode, chunk, images, out_of_memory)
+                predictions = decode_in_parts(decode, chunk, images)
                 generated += len(chunk)
                 for r, p in zip(chunk, predictions):
                     row = {k: r[k] for k in ("id", "dataset", "task_type", "raw_task_type", "split", "image_name",

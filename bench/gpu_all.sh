@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The whole benchmark on one GPU box, in pieces that each fit a 10-minute command. Usage (from the repo root,
 # after `source bench/gpu_setup.sh` where wheels must be carried):
-#   bash bench/gpu_all.sh sft-1|sft-vision|sft-2|sft-facts|sft-shape|sft-loss|sft-logits|sft-long|sft-loop|sft-loop-facts|infer|infer-2|infer-mixed|attention|reward|grpo-1|grpo-2|grpo-4|grpo-compiled|smoke|smoke-cross  OUT_DIR
+#   bash bench/gpu_all.sh sft-1|sft-vision|sft-2|sft-facts|sft-shape|sft-loss|sft-logits|sft-compile-check|sft-long|sft-loop|sft-loop-facts|infer|infer-2|infer-mixed|attention|reward|grpo-1|grpo-2|grpo-4|grpo-compiled|smoke|smoke-cross  OUT_DIR
 # Each piece rebuilds the random 4B model if missing (~25 s) and writes one JSON per measurement to OUT_DIR;
 # `python -m bench.report OUT_DIR` makes the tables.
 set -u
 piece=$1; out=${2:-bench_out}
-pieces=" sft-1 sft-vision sft-2 sft-facts sft-shape sft-loss sft-logits sft-long sft-loop sft-loop-facts infer infer-2 infer-mixed attention reward grpo-1 grpo-2 grpo-4 grpo-compiled smoke smoke-cross "
+pieces=" sft-1 sft-vision sft-2 sft-facts sft-shape sft-loss sft-logits sft-compile-check sft-long sft-loop sft-loop-facts infer infer-2 infer-mixed attention reward grpo-1 grpo-2 grpo-4 grpo-compiled smoke smoke-cross "
 [[ $pieces == *" $piece "* ]] || { echo "unknown piece $piece; one of:$pieces" >&2; exit 2; }
 mkdir -p "$out"
 exec > >(tee -a "$out/$piece.log") 2>&1  # the piece's whole output comes back with its results
@@ -59,6 +59,13 @@ case $piece in
                   timeout 90 $R sft --backend hf --batch 8 --steps 10 $all --out "$out"
                   timeout 120 $R sft --backend hf --batch 1 --steps 8 --warmup 2 --long-side 3424 $all --out "$out"
                 done ;;
+  # compiled blocks against eager: the first losses side by side (an H200 showed them apart from the second
+  # step, 12.36 vs 12.62, eighth run; the CPU agrees). inductor; aot_eager (dynamo + AOT autograd, no inductor
+  # kernels); inductor without automatic dynamic shapes (one static graph per new length, no dynamic recompile)
+  sft-compile-check) timeout 90 $R sft --backend hf --batch 8 --steps 6 --warmup 1 --out "$out"
+                timeout 150 $R sft --backend hf --batch 8 --steps 6 --warmup 1 --compile --out "$out"
+                timeout 150 $R sft --backend hf --batch 8 --steps 6 --warmup 1 --compile --set sft.compile_backend=aot_eager --out "$out"
+                timeout 200 $R sft --backend hf --batch 8 --steps 6 --warmup 1 --compile --env TORCH_DYNAMO_AUTOMATIC_DYNAMIC_SHAPES=0 --out "$out" ;;
   # the long case: one 3424-px image per sample, ~11.4k tokens (near model.max_seq_length=12000), batch 1
   sft-long)     timeout 150 $R sft --backend hf --batch 1 --steps 8 --warmup 2 --long-side 3424 --out "$out"
                 timeout 270 $R sft --backend unsloth --batch 1 --steps 8 --warmup 2 --long-side 3424 --out "$out" ;;
@@ -105,7 +112,7 @@ case $piece in
                  timeout 170 $R grpo --backend hf --num-generations 8 --batch 8 --steps 3 --warmup 1 --cache static --compile --set rl.decode_loop=generate --out "$out" ;;
   # every stage through launch.py on the 4B-shaped model, each backend: prepare (512-px demo data) -> sft ->
   # rl -> infer -> eval (RadGraph on the GPU); logs and metrics land in OUT_DIR
-  smoke)        for b in hf unsloth; do  # hf: ~4 min + ~1 min compiling its blocks (sft.compile_layers: on)
+  smoke)        for b in hf unsloth; do  # hf: ~4 min (its GRPO rollouts compile the decode step)
                   timeout $([ $b = hf ] && echo 320 || echo 230) python3 launch.py "${SMOKE[@]}" model.backend=$b \
                     run_name=smoke-$b "stage.steps=[prepare,sft,rl,infer,eval]" > "$out/smoke-$b.log" 2>&1
                   echo "smoke $b: exit $?" | tee -a "$out/smoke.txt"

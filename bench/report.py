@@ -60,7 +60,7 @@ def sft_row(r: dict) -> list:
             f"{r.get('tokens_per_second_median', 0):,.0f}", f"{r.get('mfu', 0):.3f}",
             f"{r.get('step_seconds_median', 0):.3f}", _num(r.get("data_wait_seconds_median"), 3),
             r.get("collate_seconds_per_batch_in_process") or "n/a", r.get("peak_memory_gib", 0),
-            _settings(r), r["device"]]
+            ", ".join(f"{loss:.3f}" for loss in r.get("first_losses") or []) or "n/a", _settings(r), r["device"]]
 
 
 def loop_row(r: dict) -> list:
@@ -89,7 +89,7 @@ def tables(rows: list[dict]) -> str:
     out = provenance(rows)
     out += section("SFT (the sft stage, LoRA r=16; IU_XRay samples: two 512-px views and a short section answer)",
                   [*SETUP, "workers", "compiled blocks", "tokens/s", "MFU (6·N)", "step s", "data wait s/step",
-                   "collate s in-process", "peak GiB", "other settings", "device"],
+                   "collate s in-process", "peak GiB", "first losses", "other settings", "device"],
                   [sft_row(r) for r in of("sft")])
     out += section("SFT model cost in a bare loop (bench/loop.py: same model and batches, no Trainer/collation)",
                    [*SETUP, "tokens/batch", "autocast: tokens/s (median)", "step s", "peak GiB",

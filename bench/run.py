@@ -148,7 +148,9 @@ def run_sft(args, work: Path) -> dict:
               "collate_seconds_per_batch_in_process": round(timer.seconds / timer.calls, 4) if timer.calls else None,
               "wall_seconds": round(time.time() - t0, 1),
               **summarise(history, args.warmup, profiled if args.profile else ()),
-              "peak_memory_gib_torch": gpu_peak_gib()}
+              "peak_memory_gib_torch": gpu_peak_gib(),
+              # every setting trains the same LoRA on the same batches: its first losses should agree
+              "first_losses": [h["loss"] for h in history if "loss" in h][:4]}
     if forced is not None:
         result["vision_encoder_forced"] = forced[0]
     meta = Path(args.model_dir) / "bench_model.json"

@@ -176,17 +176,20 @@ class SFTConfig:
     # padding on mixed FLARE data, but batches then tend to hold one task each. Off: plain shuffling.
     group_by_length: bool = False
     # backend=hf: compile each repeated block (decoder layers, vision blocks) with torch.compile, fusing the
-    # many small kernels a LoRA step launches (the step is launch-bound). Same losses; 1.18x the tokens/s on an
-    # H200 (5,615 -> 6,642 at batch 8, docs/benchmarks.md) for ~1 min of compilation in the first steps.
-    # null = on for backend=hf on a GPU, off on the CPU; Unsloth compiles its own blocks.
-    compile_layers: Optional[bool] = None
+    # many small kernels a LoRA step launches (the step is launch-bound): 1.28x the tokens/s on an H200. Off by
+    # default: on an H200 (torch 2.11, bf16) the compiled runs' losses left the eager ones (and Unsloth's) from
+    # the second step on, 12.36 against 12.62 (bench/results/2026-11-28-h200-session8); on the CPU they agree
+    # (tested). Turning it on says so; `bash bench/gpu_all.sh sft-compile-check` compares the losses on a GPU.
+    # Unsloth compiles its own blocks.
+    compile_layers: bool = False
     compile_backend: str = "inductor"  # torch.compile backend for compile_layers (aot_eager: trace only, to debug)
     # The LM head and the loss run only at the positions whose next token is labelled (the answer), instead of
-    # at every prompt and image position: the same loss without the (batch x length x vocabulary) float32
-    # logits and their gradient (151,936 logits per position). null = on for backend=hf (Unsloth's own fused
-    # loss already scores the labelled rows only); true = also for Unsloth, in place of its fused loss op;
-    # false = the model's own loss.
-    answer_logits_only: Optional[bool] = None
+    # at every prompt and image position: the same loss and gradients without the (batch x length x
+    # vocabulary) float32 logits (151,936 per position). hf on an H200: 1.26x the tokens/s and 19.0 -> 12.0 GiB
+    # (two views + a short answer, batch 8), 34.7 -> 17.1 GiB on the ~11.5k-token long case. Unsloth: in place
+    # of its fused loss op, 1.32x (short answers) / 1.07x (a letter) / equal (150-word reports, but 4 GiB more
+    # there than its op). false = the model's own loss (Unsloth's fused op).
+    answer_logits_only: bool = True
     report_to: str = "none"  # none | wandb | tensorboard
     wandb_project: str = "flare_exp"
     wandb_mode: str = "offline"

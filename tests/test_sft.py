@@ -197,17 +197,20 @@ def test_compiled_blocks_train_to_the_same_losses(base_overrides, tmp_path, capl
     assert len(losses["true"]) == 2 and losses["true"] == pytest.approx(losses["false"], abs=1e-4)
 
 
-def test_compile_layers_default_and_failure(base_overrides, tmp_path, monkeypatch):
-    """null: compiled with backend=hf on a GPU only; a compilation failure names the setting that avoids it."""
+def test_compile_layers_default_and_failure(base_overrides, tmp_path, monkeypatch, caplog):
+    """Off by default; on a GPU, turning it on says what an H200 showed; a compilation failure names the setting
+    that avoids it."""
     import torch._dynamo.exc
     from transformers import Trainer
 
     from flare_exp.stages.sft import compile_layers
 
-    assert compile_layers(None, "hf", True) and not compile_layers(None, "hf", False)
-    assert compile_layers(True, "hf", False) and not compile_layers(False, "hf", True)
-    assert not compile_layers(None, "unsloth", True) and not compile_layers(True, "unsloth", True)
-    assert compose_cfg(["stage=sft"]).sft.compile_layers is None
+    assert compose_cfg(["stage=sft"]).sft.compile_layers is False
+    assert compile_layers(True, "hf") and not compile_layers(False, "hf")
+    assert not compile_layers(True, "unsloth") and "Unsloth compiles its own blocks" in caplog.text
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert compile_layers(True, "hf") and "losses left the uncompiled ones" in caplog.text
+    monkeypatch.undo()
 
     def fails(*_, **__):
         raise torch._dynamo.exc.TorchRuntimeError("inductor could not build a kernel")
@@ -287,7 +290,7 @@ def test_the_finishing_line_names_a_single_logged_loss_as_such():
 
 
 def test_answer_logits_only_is_the_models_own_loss_and_gradients(base_overrides, demo_prepared):
-    """sft.answer_logits_only (the hf default): the LM head runs at the scored positions only, and the loss and
+    """sft.answer_logits_only (the default): the LM head runs at the scored positions only, and the loss and
     the LoRA gradients equal the model's own loss over every position, on a padded batch of four samples whose
     answers sit at different positions (one view and two, a report and a letter)."""
     from transformers import Trainer
@@ -335,13 +338,14 @@ def test_the_stage_trains_and_evaluates_with_answer_logits_only(base_overrides, 
 
     monkeypatch.setattr(loss_utils, "ForCausalLMLoss", recording)
     losses = {}
-    for answer_only in ("false", "null"):  # null, the default: on for backend=hf
+    assert compose_cfg(["stage=sft"]).sft.answer_logits_only is True  # the default
+    for answer_only in ("false", "true"):
         run(_sft_cfg(base_overrides, "sft.max_steps=2", "sft.eval_steps=2", "sft.max_eval_samples=4",
                      f"sft.answer_logits_only={answer_only}"), run_dir=tmp_path / answer_only)
         history = json.loads((tmp_path / answer_only / "log_history.json").read_text())
         losses[answer_only] = [h[key] for h in history for key in ("loss", "eval_loss") if key in h]
         if answer_only == "false":
             assert not scored_positions
-    assert len(losses["null"]) == 3 and losses["null"] == pytest.approx(losses["false"], rel=1e-4)
+    assert len(losses["true"]) == 3 and losses["true"] == pytest.approx(losses["false"], rel=1e-4)
     # 2 steps + the eval batch; the demo's samples are 52-136 tokens long, of which the answers are a few
     assert len(scored_positions) == 3 and max(scored_positions) < 40, scored_positions

@@ -56,11 +56,11 @@ def length_grouped(trainer_class):
 
 
 def answer_logits_only(trainer_class):
-    """sft.answer_logits_only: the model returns logits only at the positions whose next token is labelled
-    (transformers' `logits_to_keep` with those indices; the union over the batch), and the loss is transformers'
-    causal-LM loss on them with the matching targets: the model's own loss, computed without the logits of
-    every prompt and image position (for two 512-px views + a short answer, ~550 positions per sample of which
-    ~10 are scored)."""
+    """sft.answer_logits_only (both backends): the model returns logits only at the positions whose next token is
+    labelled (transformers' `logits_to_keep` with those indices; the union over the batch), and the loss is
+    transformers' causal-LM loss on them with the matching targets: the model's own loss, computed without the
+    logits of every prompt and image position (for two 512-px views + a short answer, ~550 positions per sample
+    of which ~10 are scored). With Unsloth it takes the place of its fused loss op."""
 
     class AnswerLogitsTrainer(trainer_class):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -87,14 +87,21 @@ def load_split(path, limit, chat, max_len, on_too_long, what) -> tuple[list[dict
     return filter_by_length(chat, records, max_len, on_too_long)
 
 
-def compile_layers(setting: bool | None, backend: str, on_gpu: bool) -> bool:
-    """sft.compile_layers: null = on for backend=hf on a GPU (1.18x the tokens/s on an H200); Unsloth compiles
-    its own blocks."""
-    if backend == "unsloth":
-        if setting:
-            log.warning("sft.compile_layers: Unsloth compiles its own blocks; nothing more compiled")
+def compile_layers(setting: bool, backend: str) -> bool:
+    """sft.compile_layers (off by default): Unsloth compiles its own blocks; with hf on a GPU, say what an H200
+    showed (the compiled runs' losses left the eager ones from the second step)."""
+    if not setting:
         return False
-    return on_gpu if setting is None else setting
+    if backend == "unsloth":
+        log.warning("sft.compile_layers: Unsloth compiles its own blocks; nothing more compiled")
+        return False
+    import torch
+
+    if torch.cuda.is_available():
+        log.warning("sft.compile_layers=true: on an H200 (torch 2.11, bf16) the compiled blocks' training losses "
+                    "left the uncompiled ones from the second step on (12.36 against 12.62, docs/benchmarks.md); "
+                    "compare your first logged losses with a run without it")
+    return True
 
 
 def run(cfg, out_dir: Path) -> dict:
@@ -105,7 +112,7 @@ def run(cfg, out_dir: Path) -> dict:
     check_settings(cfg)
     torch.manual_seed(cfg.seed)
     loaded = load_model(cfg.model, init_from=sft.init_from, training=True, seed=cfg.seed)
-    compiled = compile_layers(sft.compile_layers, cfg.model.backend, torch.cuda.is_available())
+    compiled = compile_layers(sft.compile_layers, cfg.model.backend)
     if compiled:
         log.info("sft.compile_layers: %d blocks compiled (the first steps compile them, ~1 min on an H200)",
                  compile_repeated_blocks(loaded.model, sft.compile_backend))
@@ -149,7 +156,7 @@ def run(cfg, out_dir: Path) -> dict:
     if sft.early_stopping_patience and evaluating:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=sft.early_stopping_patience))
     trainer_class = length_grouped(Trainer) if sft.group_by_length else Trainer
-    if (cfg.model.backend == "hf") if sft.answer_logits_only is None else sft.answer_logits_only:
+    if sft.answer_logits_only:
         trainer_class = answer_logits_only(trainer_class)
     trainer = trainer_class(model=loaded.model, args=args, train_dataset=RecordDataset(train, train_lengths),
                             eval_dataset=RecordDataset(val, val_lengths) if evaluating else None,

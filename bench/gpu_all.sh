@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The whole benchmark on one GPU box, in pieces that each fit a 10-minute command. Usage (from the repo root,
 # after `source bench/gpu_setup.sh` where wheels must be carried):
-#   bash bench/gpu_all.sh sft-1|sft-vision|sft-2|sft-facts|sft-shape|sft-loss|sft-logits|sft-compile-check|sft-long|sft-loop|sft-loop-facts|infer|infer-2|infer-mixed|attention|reward|grpo-1|grpo-2|grpo-4|grpo-compiled|smoke|smoke-cross  OUT_DIR
+#   bash bench/gpu_all.sh sft-1|sft-vision|sft-2|sft-facts|sft-shape|sft-loss|sft-logits|sft-compile-check|sft-attention-kernel|sft-long|sft-loop|sft-loop-facts|sft-loop-shapes|infer|infer-2|infer-mixed|attention|reward|grpo-1|grpo-2|grpo-4|grpo-compiled|smoke|smoke-cross  OUT_DIR
 # Each piece rebuilds the random 4B model if missing (~25 s) and writes one JSON per measurement to OUT_DIR;
 # `python -m bench.report OUT_DIR` makes the tables.
 set -u
 piece=$1; out=${2:-bench_out}
-pieces=" sft-1 sft-vision sft-2 sft-facts sft-shape sft-loss sft-logits sft-compile-check sft-long sft-loop sft-loop-facts infer infer-2 infer-mixed attention reward grpo-1 grpo-2 grpo-4 grpo-compiled smoke smoke-cross "
+pieces=" sft-1 sft-vision sft-2 sft-facts sft-shape sft-loss sft-logits sft-compile-check sft-attention-kernel sft-long sft-loop sft-loop-facts sft-loop-shapes infer infer-2 infer-mixed attention reward grpo-1 grpo-2 grpo-4 grpo-compiled smoke smoke-cross "
 [[ $pieces == *" $piece "* ]] || { echo "unknown piece $piece; one of:$pieces" >&2; exit 2; }
 mkdir -p "$out"
 exec > >(tee -a "$out/$piece.log") 2>&1  # the piece's whole output comes back with its results
@@ -60,12 +60,19 @@ case $piece in
                   timeout 120 $R sft --backend hf --batch 1 --steps 8 --warmup 2 --long-side 3424 $all --out "$out"
                 done ;;
   # compiled blocks against eager: the first losses side by side (an H200 showed them apart from the second
-  # step, 12.36 vs 12.62, eighth run; the CPU agrees). inductor; aot_eager (dynamo + AOT autograd, no inductor
-  # kernels); inductor without automatic dynamic shapes (one static graph per new length, no dynamic recompile)
-  sft-compile-check) timeout 90 $R sft --backend hf --batch 8 --steps 6 --warmup 1 --out "$out"
-                timeout 150 $R sft --backend hf --batch 8 --steps 6 --warmup 1 --compile --out "$out"
-                timeout 150 $R sft --backend hf --batch 8 --steps 6 --warmup 1 --compile --set sft.compile_backend=aot_eager --out "$out"
-                timeout 200 $R sft --backend hf --batch 8 --steps 6 --warmup 1 --compile --env TORCH_DYNAMO_AUTOMATIC_DYNAMIC_SHAPES=0 --out "$out" ;;
+  # step, 12.36 vs 12.62, eighth run; the CPU agrees, in float32 and bf16). inductor; aot_eager (dynamo + AOT
+  # autograd, no inductor kernels); inductor without automatic dynamic shapes (one static graph per new length)
+  sft-compile-check) timeout 80 $R sft --backend hf --batch 8 --steps 4 --warmup 1 --out "$out"
+                for how in "" "--set sft.compile_backend=aot_eager" "--env TORCH_DYNAMO_AUTOMATIC_DYNAMIC_SHAPES=0"; do
+                  timeout 110 $R sft --backend hf --batch 8 --steps 4 --warmup 1 --compile $how --out "$out"
+                done ;;
+  # SDPA without cuDNN's kernels (the H200's default; silent cuDNN SDPA bugs are known on sm90 with masks, and
+  # its host cost was ~0.6 ms per call in the eighth run's hf profile): uncompiled (speed, losses) and compiled
+  # (do the losses come back?); and compiled with PEFT's own LoRA input casts (ours read autocast's state on
+  # every call, inside the graph)
+  sft-attention-kernel) timeout 90 $R sft --backend hf --batch 8 --steps 10 --no-cudnn-attention --out "$out"
+                timeout 110 $R sft --backend hf --batch 8 --steps 4 --warmup 1 --compile --no-cudnn-attention --out "$out"
+                timeout 110 $R sft --backend hf --batch 8 --steps 4 --warmup 1 --compile --set model.lora.input_cast=always --out "$out" ;;
   # the long case: one 3424-px image per sample, ~11.4k tokens (near model.max_seq_length=12000), batch 1
   sft-long)     timeout 150 $R sft --backend hf --batch 1 --steps 8 --warmup 2 --long-side 3424 --out "$out"
                 timeout 270 $R sft --backend unsloth --batch 1 --steps 8 --warmup 2 --long-side 3424 --out "$out" ;;
@@ -74,6 +81,10 @@ case $piece in
   sft-loop)     timeout 100 $R loop --backend hf --batch 8 --steps 8 --warmup 2 --out "$out"
                 timeout 100 $R loop --backend hf --batch 8 --steps 8 --warmup 2 --vision-encoder per_image --out "$out"
                 timeout 240 $R loop --backend unsloth --batch 8 --steps 8 --warmup 2 --force-vision-encoder --out "$out" ;;
+  # does a new shape every step cost the stage's extra 0.2 s? The bare loop on FACTS' shape with a new batch
+  # (and token count) every step, as the stage sees them, against its four cycled batches (sft-loop-facts)
+  sft-loop-shapes) timeout 100 $R loop --backend hf --batch 8 --steps 8 --warmup 2 --views 1 --answer-words 150 --distinct-batches --out "$out"
+                timeout 240 $R loop --backend unsloth --batch 8 --steps 8 --warmup 2 --views 1 --answer-words 150 --distinct-batches --out "$out" ;;
   # FACTS' shape in the bare loop, both backends: FACTS §5's own loop gave Unsloth 1.66x there (12.0k tokens/s);
   # the stage gave 1.00x (seventh run). Fast here and slow in the stage = the stage's doing, else the model's
   sft-loop-facts) timeout 100 $R loop --backend hf --batch 8 --steps 8 --warmup 2 --views 1 --answer-words 150 --out "$out"

@@ -68,7 +68,11 @@ def run_loop(args, work) -> dict:
                                        long_side=args.long_side))
     collate = SFTCollator(VisionChat(loaded.processor, abspath(cfg.data.root)))
     t0 = time.perf_counter()
-    n_batches = 4
+    # Four batches, cycled: after the warm-up every shape has been seen (kernel plans, compiled graphs, the
+    # allocator's blocks). --distinct-batches: a new batch for every step of each variant, as the stage sees them
+    # (its batches' token counts differ from step to step).
+    per_variant = args.warmup + args.steps if args.distinct_batches else 4
+    n_batches = 2 * per_variant if args.distinct_batches else per_variant
     batches = [{k: v.to(device) for k, v in collate(records[i * args.batch:(i + 1) * args.batch]).items()}
                for i in range(n_batches)]
     collate_seconds = (time.perf_counter() - t0) / n_batches
@@ -77,8 +81,9 @@ def run_loop(args, work) -> dict:
               "collate_seconds_per_batch": round(collate_seconds, 4),
               "tokens_per_batch": int(batches[0]["attention_mask"].sum()),
               "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
-    for variant in ("autocast", "plain"):
-        result[variant] = timed_steps(model, optimizer, batches, args.steps, args.warmup, variant == "autocast")
+    for k, variant in enumerate(("autocast", "plain")):
+        own = batches[k * per_variant:(k + 1) * per_variant] if args.distinct_batches else batches
+        result[variant] = timed_steps(model, optimizer, own, args.steps, args.warmup, variant == "autocast")
     if args.force_vision_encoder:
         result["vision_encoder_forced"] = forced_vision_encoder(model, batches[0])
         result["autocast, vision encoder batched (forced)"] = timed_steps(model, optimizer, batches, args.steps,

@@ -52,6 +52,10 @@ def measurement_name(args) -> str:
         parts.append(f"vision-{args.vision_encoder}")
     if args.what in ("sft", "loop") and args.force_vision_encoder:
         parts.append("forced-vision")
+    if args.what == "loop" and args.distinct_batches:
+        parts.append("distinct")
+    if args.no_cudnn_attention:
+        parts.append("nocudnn")
     parts += [override.rsplit(".", 1)[-1].replace("=", "-") for override in args.set + args.env]
     if args.what in ("sft", "loop"):
         parts += [name for name, _ in sample_shape(args)]
@@ -308,6 +312,12 @@ def main() -> None:
                    help="loop: then install the batched vision encoder even over another library's copy of "
                         "transformers' code (Unsloth's), compare the encoder's outputs, and time that too; sft: "
                         "the stage runs with it so installed (outputs compared first)")
+    p.add_argument("--distinct-batches", action="store_true",
+                   help="loop: a new batch (and token count) every step, as the stage sees them, instead of four "
+                        "batches cycled")
+    p.add_argument("--no-cudnn-attention", action="store_true",
+                   help="torch.backends.cuda.enable_cudnn_sdp(False): SDPA picks flash / memory-efficient kernels "
+                        "instead of cuDNN's (the default on H100/H200)")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--model-dir", default="/tmp/flare_bench/qwen3vl-4b-random")
     p.add_argument("--work", default="/tmp/flare_bench")
@@ -332,6 +342,8 @@ def main() -> None:
         require_unsloth()
     import torch
 
+    if args.no_cudnn_attention:  # a global switch, so autograd's backward threads see it too
+        torch.backends.cuda.enable_cudnn_sdp(False)
     if args.what == "loop":
         from bench.loop import run_loop
 
@@ -348,10 +360,12 @@ def main() -> None:
         result = {"sft": run_sft, "grpo": run_grpo, "infer": run_infer}[args.what](args, work)
     if args.what in ("sft", "loop"):
         result["gradient_checkpointing"] = args.grad_ckpt != "false"
-        result["samples"] = ", ".join([args.dataset] + [words for _, words in sample_shape(args)])
+        result["samples"] = ", ".join([args.dataset] + [words for _, words in sample_shape(args)] + (
+            ["a new batch every step"] if args.what == "loop" and args.distinct_batches else []))
     if args.what not in ("reward", "attention"):
         result["vision_encoder"] = args.vision_encoder
-        result["overrides"] = list(args.set) + [f"env {setting}" for setting in args.env]
+        result["overrides"] = list(args.set) + [f"env {setting}" for setting in args.env] + (
+            ["no cuDNN attention"] if args.no_cudnn_attention else [])
     result.update(device=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
                   torch=torch.__version__, versions=library_versions(),
                   date=time.strftime("%Y-%m-%d %H:%M"))

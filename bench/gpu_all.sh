@@ -70,8 +70,8 @@ case $piece in
   # its host cost was ~0.6 ms per call in the eighth run's hf profile): uncompiled (speed, losses) and compiled
   # (do the losses come back?); and compiled with PEFT's own LoRA input casts (ours read autocast's state on
   # every call, inside the graph)
-  sft-attention-kernel) timeout 90 $R sft --backend hf --batch 8 --steps 10 --no-cudnn-attention --out "$out"
-                timeout 110 $R sft --backend hf --batch 8 --steps 4 --warmup 1 --compile --no-cudnn-attention --out "$out"
+  sft-attention-kernel) timeout 90 $R sft --backend hf --batch 8 --steps 10 --set model.cudnn_attention=false --out "$out"
+                timeout 110 $R sft --backend hf --batch 8 --steps 4 --warmup 1 --compile --set model.cudnn_attention=false --out "$out"
                 timeout 110 $R sft --backend hf --batch 8 --steps 4 --warmup 1 --compile --set model.lora.input_cast=always --out "$out" ;;
   # the long case: one 3424-px image per sample, ~11.4k tokens (near model.max_seq_length=12000), batch 1
   sft-long)     timeout 150 $R sft --backend hf --batch 1 --steps 8 --warmup 2 --long-side 3424 --out "$out"

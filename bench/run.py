@@ -54,8 +54,6 @@ def measurement_name(args) -> str:
         parts.append("forced-vision")
     if args.what == "loop" and args.distinct_batches:
         parts.append("distinct")
-    if args.no_cudnn_attention:
-        parts.append("nocudnn")
     parts += [override.rsplit(".", 1)[-1].replace("=", "-") for override in args.set + args.env]
     if args.what in ("sft", "loop"):
         parts += [name for name, _ in sample_shape(args)]
@@ -315,9 +313,6 @@ def main() -> None:
     p.add_argument("--distinct-batches", action="store_true",
                    help="loop: a new batch (and token count) every step, as the stage sees them, instead of four "
                         "batches cycled")
-    p.add_argument("--no-cudnn-attention", action="store_true",
-                   help="torch.backends.cuda.enable_cudnn_sdp(False): SDPA picks flash / memory-efficient kernels "
-                        "instead of cuDNN's (the default on H100/H200)")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--model-dir", default="/tmp/flare_bench/qwen3vl-4b-random")
     p.add_argument("--work", default="/tmp/flare_bench")
@@ -342,8 +337,6 @@ def main() -> None:
         require_unsloth()
     import torch
 
-    if args.no_cudnn_attention:  # a global switch, so autograd's backward threads see it too
-        torch.backends.cuda.enable_cudnn_sdp(False)
     if args.what == "loop":
         from bench.loop import run_loop
 
@@ -364,8 +357,7 @@ def main() -> None:
             ["a new batch every step"] if args.what == "loop" and args.distinct_batches else []))
     if args.what not in ("reward", "attention"):
         result["vision_encoder"] = args.vision_encoder
-        result["overrides"] = list(args.set) + [f"env {setting}" for setting in args.env] + (
-            ["no cuDNN attention"] if args.no_cudnn_attention else [])
+        result["overrides"] = list(args.set) + [f"env {setting}" for setting in args.env]
     result.update(device=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
                   torch=torch.__version__, versions=library_versions(),
                   date=time.strftime("%Y-%m-%d %H:%M"))

@@ -19,7 +19,7 @@ def test_bench_sft_loop_and_report(tmp_path, tiny_model_dir):
     common = ["--model-dir", str(tiny_model_dir), "--work", str(tmp_path / "work"), "--image-size", "96",
               "--dtype", "float32", "--out", str(tmp_path / "out")]
     sft = bench("sft", "--steps", "3", "--warmup", "1", "--workers", "0", "--grad-ckpt", "false",
-                "--set", "model.lora.r=8", "--env", "FLARE_PROBE=on", "--no-cudnn-attention", *common)
+                "--set", "model.lora.r=8", "--env", "FLARE_PROBE=on", *common)
     assert sft["steps_measured"] == 2 and sft["tokens_per_second_median"] > 0
     assert sft["gradient_checkpointing"] is False and sft["collate_seconds_per_batch_in_process"] > 0
     assert len(sft["first_losses"]) == 3 and all(loss > 0 for loss in sft["first_losses"])
@@ -39,14 +39,14 @@ def test_bench_sft_loop_and_report(tmp_path, tiny_model_dir):
     (tmp_path / "out" / "loop-hf-bs2-distinct-IU_XRay.json").unlink()
     names = sorted(p.name for p in (tmp_path / "out").glob("*.json"))
     assert names == ["loop-hf-bs8-views1-answer60w-IU_XRay.json",
-                     "sft-hf-bs8-w0-nockpt-nocudnn-r-8-FLARE_PROBE-on-IU_XRay.json"]
+                     "sft-hf-bs8-w0-nockpt-r-8-FLARE_PROBE-on-IU_XRay.json"]
     assert loop["samples"] == "IU_XRay, 1 view(s), 60-word answers"
     assert loop["tokens_per_batch"] > 8 * 60  # the long answers are in the batch
     report = subprocess.run([sys.executable, "-m", "bench.report", str(tmp_path / "out")], capture_output=True,
                             text=True, cwd=REPO, check=True).stdout
     assert "| IU_XRay | hf | 8 | no | batched | 0 | no |" in report  # no checkpointing, workers 0, not compiled
     first_losses = ", ".join(f"{loss:.3f}" for loss in sft["first_losses"])
-    assert f"| {first_losses} | model.lora.r=8, env FLARE_PROBE=on, no cuDNN attention |" in report
+    assert f"| {first_losses} | model.lora.r=8, env FLARE_PROBE=on |" in report
     assert "### SFT model cost in a bare loop" in report
     import torch
     import transformers

@@ -349,3 +349,17 @@ def test_the_stage_trains_and_evaluates_with_answer_logits_only(base_overrides, 
     assert len(losses["true"]) == 3 and losses["true"] == pytest.approx(losses["false"], rel=1e-4)
     # 2 steps + the eval batch; the demo's samples are 52-136 tokens long, of which the answers are a few
     assert len(scored_positions) == 3 and max(scored_positions) < 40, scored_positions
+
+
+def test_cudnn_attention_switch(base_overrides):
+    """model.cudnn_attention=false keeps SDPA off cuDNN's kernels for the whole process (every stage loads its
+    model through load_model); the default leaves PyTorch's choice on."""
+    from flare_exp.models.loading import load_model
+
+    try:
+        load_model(_sft_cfg(base_overrides, "model.cudnn_attention=false").model)
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        load_model(_sft_cfg(base_overrides).model)
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(True)

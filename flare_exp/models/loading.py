@@ -113,7 +113,10 @@ def load_model(model_cfg, init_from: str | None = None, training: bool = True, s
                merge_adapter: bool = False) -> LoadedModel:
     """Load base model + processor, then either a fresh LoRA (training, no init_from) or the saved adapter.
     merge_adapter (inference, backend=hf): fold the adapter into the base weights."""
+    import torch
+
     check_model_settings(model_cfg)
+    torch.backends.cuda.enable_cudnn_sdp(model_cfg.cudnn_attention)  # process-wide: every stage loads here
     if model_cfg.backend == "unsloth":
         loaded = _load_unsloth(model_cfg, init_from, training, seed)
     else:

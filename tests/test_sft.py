@@ -314,7 +314,8 @@ def test_answer_logits_only_is_the_models_own_loss_and_gradients(base_overrides,
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
     own_loss, own_grads = loss_and_grads(lambda: model(**batch).loss)
-    trainer = object.__new__(answer_logits_only(Trainer))  # compute_loss needs no trainer state
+    trainer = object.__new__(answer_logits_only(Trainer))  # compute_loss needs no trainer state but this flag:
+    trainer.model_accepts_loss_kwargs = False  # as the Trainer reads it off transformers' Qwen3-VL
     loss, outputs = trainer.compute_loss(model, dict(batch), return_outputs=True)
     scored = int((batch["labels"][:, 1:] != -100).any(0).sum())
     assert outputs.logits.shape[1] == scored < batch["input_ids"].shape[1] // 2
@@ -350,6 +351,38 @@ def test_the_stage_trains_and_evaluates_with_answer_logits_only(base_overrides, 
     # 2 steps + the eval batch; the demo's samples are 52-136 tokens long, of which the answers are a few
     assert len(scored_positions) == 3 and max(scored_positions) < 40, scored_positions
 
+
+
+def test_answer_logits_only_under_gradient_accumulation(base_overrides, tmp_path, monkeypatch):
+    """With sft.gradient_accumulation_steps > 1 (the real runs' 4), the answer-position loss is normalised as the
+    Trainer expects of the model's own. transformers' Qwen3-VL declares that its loss takes no token count
+    (accepts_loss_kwargs=False): the Trainer divides each micro-batch's mean by the steps, so the step's loss is
+    the mean of the micro-batch means, as with the model's own loss. Unsloth's compiled forward takes the count
+    (it marks the model True): the Trainer hands compute_loss the labelled-token count of the whole accumulated
+    batch and does not divide, so the step's loss is the mean over all its labelled tokens, as one batch of the
+    same samples gives it (2 x 2 samples against 1 x 4, same order)."""
+    import safetensors.torch
+    from transformers.models.qwen3_vl import modeling_qwen3_vl
+
+    def train(answer_only: str, accepts_loss_kwargs: bool, batch: int, steps: int):
+        monkeypatch.setattr(modeling_qwen3_vl.Qwen3VLForConditionalGeneration, "accepts_loss_kwargs",
+                            accepts_loss_kwargs)
+        run_dir = tmp_path / f"{answer_only}-{accepts_loss_kwargs}-{batch}x{steps}"
+        run(_sft_cfg(base_overrides, "sft.max_steps=2", "sft.eval_steps=0", f"sft.gradient_accumulation_steps={steps}",
+                     f"sft.per_device_train_batch_size={batch}", f"sft.answer_logits_only={answer_only}"),
+            run_dir=run_dir)
+        history = json.loads((run_dir / "log_history.json").read_text())
+        losses = [x for h in history if "loss" in h for x in (h["loss"], h["grad_norm"])]
+        return losses, safetensors.torch.load_file(run_dir / "final" / "adapter_model.safetensors")
+
+    references = {False: train("false", False, batch=2, steps=2),  # the model's own: mean of micro-batch means
+                  True: train("false", False, batch=4, steps=1)}  # the mean over the step's labelled tokens
+    assert len(references[False][0]) == 4 and references[False][0] != pytest.approx(references[True][0], rel=1e-4)
+    for accepts_loss_kwargs, (own_losses, own_adapter) in references.items():
+        losses, adapter = train("true", accepts_loss_kwargs, batch=2, steps=2)
+        assert losses == pytest.approx(own_losses, rel=1e-4), accepts_loss_kwargs
+        # Adam's steps are ~1e-3 here (the demo's learning rate): 1e-5 is a hundredth of one
+        assert all(torch.allclose(adapter[k], w, rtol=1e-4, atol=1e-5) for k, w in own_adapter.items())
 
 def test_cudnn_attention_switch(base_overrides):
     """model.cudnn_attention=false keeps SDPA off cuDNN's kernels for the whole process (every stage loads its

@@ -71,7 +71,11 @@ def answer_logits_only(trainer_class):
             if not len(positions):  # nothing scored: the model's own loss says so (nan) as it would
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             outputs = model(**{k: v for k, v in inputs.items() if k != "labels"}, logits_to_keep=positions)
+            # Normalised as the Trainer expects of the model's own loss: where the model takes the token count
+            # (Unsloth's forward; accepts_loss_kwargs), a sum over the whole accumulated batch's labelled tokens,
+            # and the Trainer skips its division by the accumulation steps; else a mean it divides itself.
             loss = ForCausalLMLoss(outputs.logits, None, outputs.logits.shape[-1],
+                                   num_items_in_batch=num_items_in_batch if self.model_accepts_loss_kwargs else None,
                                    shift_labels=targets[:, positions])
             return (loss, outputs) if return_outputs else loss
 

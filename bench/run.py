@@ -319,7 +319,9 @@ def main() -> None:
     p.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     args = p.parse_args()
     for setting in args.env:  # before anything imports the libraries that read them (Unsloth reads at import)
-        key, _, value = setting.partition("=")
+        key, sep, value = setting.partition("=")
+        if not key or not sep:
+            p.error(f"--env {setting!r}: expected KEY=VALUE, e.g. --env UNSLOTH_FUSED_LINEAR=0")
         os.environ[key] = value
     work = Path(args.work)
     if args.what == "build":

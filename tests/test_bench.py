@@ -151,3 +151,9 @@ def test_bench_sft_profile(tmp_path, tiny_model_dir):
     assert result["steps_measured"] == 8 - 1 - 2
     profile = (tmp_path / "out" / "profile-sft-hf-bs2-w0-IU_XRay.txt").read_text()
     assert profile.startswith("2 steps: wall ") and "GPU kernels" in profile and "aten::mm" in profile
+
+
+def test_bench_env_setting_must_name_a_value():
+    out = subprocess.run([sys.executable, "-m", "bench.run", "sft", "--env", "UNSLOTH_FUSED_LINEAR"],
+                         capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 2 and "--env 'UNSLOTH_FUSED_LINEAR': expected KEY=VALUE" in out.stderr

@@ -287,11 +287,28 @@ class KeywordMetricsConfig:
 @dataclass
 class GreenConfig:
     model_path: Optional[str] = None
-    # Prompts per generate call. GREEN-radllama2-7b needs ~0.65 GiB of KV cache per prompt (~800 prompt + 512
-    # new tokens, no grouped-query attention): 16 is ~10 GiB beside its 13.5 GiB of weights.
+    # Prompts judged together (length-sorted). The package judges 8 at a time; the batch only changes speed.
+    # GREEN-radllama2-7b has no grouped-query attention: its KV cache is 0.5 MiB per token, so a batch of 16
+    # at the full 2,048 tokens is ~16 GiB beside its 13.5 GiB of fp16 weights. Lower it on small cards.
     batch_size: int = 16
+    # The package's total length (prompt + judgment) and its input truncation.
     max_length: int = 2048
-    max_new_tokens: int = 512
+    # A tighter cap on the judgment's tokens; null = the package's (max_length minus the prompt).
+    max_new_tokens: Optional[int] = None
+    dtype: str = "float16"  # the package's; bfloat16 | float32
+    # auto: the graph decode loop on a GPU (static cache, compiled step), generate on the CPU; generate; graph.
+    decode_loop: str = "auto"
+    # package: the GREEN package's parser (its numbers); robust: also reads counts without a trailing period
+    # or sections without blank lines, and leaves unreadable outputs out of the mean (not the package's number).
+    parser: str = "package"
+
+
+@dataclass
+class SignificanceConfig:
+    # Comparison mode (several predictions files): paired bootstrap intervals and a paired permutation test
+    # per official metric for every pair of runs, on the samples they share. 0 turns it off.
+    resamples: int = 1000
+    seed: int = 0
 
 
 @dataclass
@@ -309,9 +326,12 @@ class EvalConfig:
     # One predictions.jsonl, or several (comparison mode), or run dirs holding one.
     predictions: List[str] = field(default_factory=list)
     green: GreenConfig = field(default_factory=GreenConfig)
+    significance: SignificanceConfig = field(default_factory=SignificanceConfig)
     radgraph: bool = True
     chexbert: CheXbertConfig = field(default_factory=CheXbertConfig)
     keyword_metrics: KeywordMetricsConfig = field(default_factory=KeywordMetricsConfig)
+    # Score an unfinished infer run (no DONE marker) as it stands; the report then says "partial: n of N".
+    allow_partial: bool = False
 
 
 @dataclass

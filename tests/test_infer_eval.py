@@ -5,8 +5,9 @@ import pytest
 
 from conftest import compose_cfg
 from flare_exp.main import run
-from flare_exp.metrics import tasks, text
-from flare_exp.metrics.green import GreenJudge, green_score, make_prompt, parse_green
+from flare_exp.metrics import official, tasks, text
+from flare_exp.metrics.green import green_score, make_prompt, parse_green
+from flare_exp.metrics.green_judge import GreenJudge
 
 
 def _infer(base_overrides, run_dir, *extra):
@@ -84,11 +85,12 @@ def test_eval_demo_and_comparison(base_overrides, sft_adapter, tmp_path):
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert list(metrics)[1] == "base" and len(metrics) == 2
     report = metrics["base"]["by_task"]["report_generation"]
-    assert report["green"] is None and "eval.green.model_path" in report["green_note"]
+    assert report["green_score"] is None and "eval.green.model_path" in report["green_note"]
     assert "radgraph_RG_ER" in report and "bleu_4" in report and "seed_bleu" in report
     assert set(metrics["base"]["by_task"]) == {"classification", "multi_label", "regression", "report_generation"}
     md = (tmp_path / "eval" / "report.md").read_text()
-    assert "| metric | " in md and "green (official) | n/a | n/a" in md
+    assert "| metric | " in md and "| report_generation: green_score | n/a | n/a |" in md
+    assert md.index("Official numbers") < md.index("all metrics")
     assert (tmp_path / "eval" / "metrics.png").stat().st_size > 1000 and (tmp_path / "eval" / "report.html").exists()
     assert any(k.startswith("base/classification/") for k in summary)
 
@@ -100,7 +102,8 @@ def _rows(task, dataset, pairs):
 def test_balanced_accuracy_by_hand():
     rows = _rows("classification", "dental", [("A", "A"), ("B", "A"), ("a ", "A"), ("C", "C"), ("the answer is C", "C")])
     m = tasks.classification_metrics(rows)
-    assert m["balanced_accuracy"] == pytest.approx((2 / 3 + 1 / 2) / 2)  # strings: "the answer is c" != "c"
+    assert official.official_block("classification", rows)["balanced_accuracy"] == pytest.approx(
+        (2 / 3 + 1 / 2) / 2)  # strings: "the answer is c" != "c"
     assert m["balanced_accuracy_parsed"] == pytest.approx((2 / 3 + 1) / 2)
 
 
@@ -108,12 +111,13 @@ def test_multi_label_f1_by_hand():
     rows = _rows("multi_label", "chestdr", [("Effusion, Mass", "Effusion"), ("Nodule", "Nodule, Mass")])
     m = tasks.multi_label_metrics(rows)
     # TP=2 (effusion, nodule), FP=1 (mass), FN=1 (mass): micro = 4 / 6; per sample 2/3 and 2/3
-    assert m["f1_micro"] == pytest.approx(4 / 6) and m["f1_example"] == pytest.approx(2 / 3)
+    assert m["dataset_aware_f1_micro"] == pytest.approx(4 / 6) and m["dataset_aware_f1_example"] == pytest.approx(2 / 3)
 
 
 def test_mae_reports_unparseable():
     m = tasks.regression_metrics(_rows("regression", "boneresorption", [("20%", "22"), ("30", "25"), ("n/a", "10")]))
-    assert m["mae"] == pytest.approx(3.5) and m["unparseable"] == 1 and m["mae_flare"] is None
+    assert m["mae_parseable"] == pytest.approx(3.5) and m["unparseable"] == 1
+    assert m["rmse_parseable"] == pytest.approx(math.sqrt((4 + 25) / 2))
 
 
 def test_bleu_by_hand():
@@ -144,23 +148,67 @@ The candidate misses the effusion.
 """
 
 
-@pytest.mark.parametrize("output,significant,matched,score", [
-    (WELL_FORMED, [0, 1, 0, 0, 0, 0], 3, 0.75),
-    (WELL_FORMED.replace("\n\n", "\n"), [0, 1, 0, 0, 0, 0], 3, 0.75),  # no blank lines between sections
-    (WELL_FORMED.replace(": 1. Pleural effusion.", ": 2").replace("3. Normal", "2 Normal"),
-     [0, 2, 0, 0, 0, 0], 2, 0.5),  # counts without a trailing period
-    ("[Explanation]: fine.\n[Clinically Significant Errors]: No errors.\n[Matched Findings]: 4.", [0] * 6, 4, 1.0),
-    ("[Clinically Significant Errors]:\n(a) False report: 2.\n[Matched Findings]:\n0.", [2, 0, 0, 0, 0, 0], 0, 0.0),
+NUMBERED = """[Explanation]:
+Mostly right.
+
+[Clinically Significant Errors]:
+(1) False report of a finding in the candidate: 1. Nodule.
+(2) Missing a finding present in the reference: 2. Effusion; edema.
+(6) Omitting a comparison detailing a change from a prior study: 0.
+
+[Matched Findings]:
+5. Heart; lungs; mediastinum; bones; diaphragm.
+"""
+
+
+# The GREEN package's value of each output, worked out by hand from its rules (a section runs to a blank line;
+# "No..." counts 0; matched = the leading number followed by "."; errors per "(a) ".."(f) " line, else per
+# "(1) ".."(6) " line, the count after ": " followed by "."; matched 0 scores 0), beside the robust parser's.
+@pytest.mark.parametrize("output,significant,matched,package,robust", [
+    (WELL_FORMED, [0, 1, 0, 0, 0, 0], 3, 3 / 4, 0.75),
+    # no blank lines: the significant section runs to the end and takes in the insignificant (a) line too;
+    # sorted, "...: 1. Small granuloma." comes after "...: 0." and wins: 3 / (3 + 1 + 1)
+    (WELL_FORMED.replace("\n\n", "\n"), [1, 1, 0, 0, 0, 0], 3, 3 / 5, 0.75),
+    # counts without a trailing period are not counts; "2 Normal" is no matched number: 0
+    (WELL_FORMED.replace(": 1. Pleural effusion.", ": 2").replace("3. Normal", "2 Normal"), [0] * 6, 0, 0.0, 0.5),
+    ("[Explanation]: fine.\n[Clinically Significant Errors]: No errors.\n[Matched Findings]: 4.", [0] * 6, 4, 1.0,
+     1.0),
+    ("[Clinically Significant Errors]:\n(a) False report: 2.\n[Matched Findings]:\n0.", [2, 0, 0, 0, 0, 0], 0, 0.0,
+     0.0),
+    # "None. ..." starts with "No": 0 matched, whatever digits follow (the robust parser read the 6: 6 / 7)
+    ("[Clinically Significant Errors]:\n(b) Missing: 1. Nodule.\n\n[Matched Findings]:\nNone. The 6 mm nodule "
+     "is described in both.", [0, 1, 0, 0, 0, 0], 0, 0.0, 6 / 7),
+    (NUMBERED, [1, 2, 0, 0, 0, 0], 5, 5 / 8, 5 / 5),  # numbered lines; the robust parser reads only letters
 ])
-def test_green_parser(output, significant, matched, score):
+def test_green_parser_matches_the_package(output, significant, matched, package, robust):
     counts = parse_green(output)
     assert counts["significant"] == significant and counts["matched"] == matched
-    assert green_score(counts) == pytest.approx(score)
+    assert green_score(counts) == pytest.approx(package)
+    assert green_score(parse_green(output, "robust")) == pytest.approx(robust)
 
 
-def test_green_parser_garbage_is_unparsed():
-    counts = parse_green("lorem ipsum 3 4 5")
-    assert counts["parsed"] is False and green_score(counts) is None
+def test_green_unreadable_output_scores_zero_and_counts_in_the_mean():
+    from flare_exp.metrics.green import summarise
+
+    assert green_score(parse_green("lorem ipsum 3 4 5")) == 0.0
+    robust = parse_green("lorem ipsum 3 4 5", "robust")
+    assert robust["parsed"] is False and green_score(robust) is None
+    samples = [{"green": green_score(parse_green(t)), **parse_green(t)} for t in (WELL_FORMED, "garbage")]
+    summary = summarise(samples)
+    assert summary["green_score"] == pytest.approx(0.375) and summary["green_std"] == pytest.approx(0.375)
+    assert summary["green_n"] == 2 and summary["green_matched_findings_mean"] == pytest.approx(1.5)
+    assert summary["green_error_free_share"]["(b) Missing a finding present in the reference"] == 0.5
+    with pytest.raises(ValueError, match="eval.green.parser='exact'"):
+        parse_green("x", "exact")
+
+
+def test_green_cleans_the_decoded_sequence_as_the_package():
+    from flare_exp.metrics.green import clean_response
+
+    prompt = make_prompt("ref", "cand")
+    full = f"<|user|>\n{prompt}\n<|assistant|>\n\n<|assistant|>\n[Explanation]:\nok.\n\n[Matched Findings]:\n1. x</s>"
+    assert clean_response(full) == "\nok.\n\n[Matched Findings]:\n1. x"
+    assert clean_response("no heading <unk>here") == "no heading here"
 
 
 def test_green_prompt_cuts_reports_to_300_words():
@@ -168,15 +216,35 @@ def test_green_prompt_cuts_reports_to_300_words():
     assert prompt.count("word") == 300 and "[Matched Findings]" in prompt and "short candidate" in prompt
 
 
-def test_green_judge_code_path_with_a_tiny_lm(tmp_path):
+def test_green_judge_builds_the_packages_input(tmp_path):
     from flare_exp.models.tiny import build_tiny_causal_lm
 
-    judge = GreenJudge(build_tiny_causal_lm(tmp_path / "judge"), batch_size=2, max_new_tokens=8)
+    judge = GreenJudge.from_pretrained(build_tiny_causal_lm(tmp_path / "judge"), "float32", batch_size=2,
+                                       max_new_tokens=8)
     rendered = judge.render("PROMPT")
-    assert "<|user|>\nPROMPT<|endoftext|>" in rendered and rendered.rstrip().endswith("<|assistant|>")
+    # the human turn, an empty assistant turn, then the generation prompt
+    assert rendered == "<|user|>\nPROMPT</s>\n<|assistant|>\n</s>\n<|assistant|>\n"
+    ids = judge.encode([rendered, "short"])["input_ids"]
+    tok = judge.tokenizer
+    assert ids[0, 0] == tok.bos_token_id and ids[0, -1] == tok.eos_token_id and ids[1, -1] == tok.eos_token_id
+    assert ids[1, 0] == tok.pad_token_id == tok.eos_token_id and tok.padding_side == "left"
+    assert judge.new_token_budget(2000) == 8 and judge.new_token_budget(10) == 8
+    judge.max_new_tokens = None
+    assert judge.new_token_budget(2000) == 48  # the package's total max_length=2048
     summary, samples = judge.score(["The heart is normal."] * 3, ["Heart normal.", "Lungs clear.", ""])
     assert len(samples) == 3 and all(isinstance(s["judge_output"], str) for s in samples)
-    assert summary["green_n"] + summary["green_unparsed"] == 3  # random text: unparsed, never a made-up score
+    assert summary["green_n"] == 3 and summary["green_score"] == 0.0  # random text: unreadable, scored 0
+
+
+def test_green_graph_loop_judges_as_generate(tmp_path):
+    from flare_exp.models.tiny import build_tiny_causal_lm
+
+    path = build_tiny_causal_lm(tmp_path / "judge")
+    refs = ["The heart is normal.", "No effusion.", "Mild cardiomegaly with a small left effusion."]
+    cands = ["Heart normal.", "Lungs clear and no effusion seen.", ""]
+    outputs = {loop: GreenJudge.from_pretrained(path, "float32", batch_size=2, max_new_tokens=12, decode_loop=loop)
+               .judge(refs, cands) for loop in ("generate", "graph")}
+    assert outputs["graph"] == outputs["generate"] and all(outputs["graph"])
 
 
 def test_green_judgments_are_journaled_and_resumed(tmp_path, monkeypatch):
@@ -186,24 +254,24 @@ def test_green_judgments_are_journaled_and_resumed(tmp_path, monkeypatch):
 
     path, journal = build_tiny_causal_lm(tmp_path / "judge"), tmp_path / "eval" / "green_judgments.jsonl"
     refs, cands = ["The heart is normal."] * 4, ["Heart normal.", "Lungs clear.", "Heart normal.", "No effusion."]
-    first = GreenJudge(path, batch_size=2, max_new_tokens=6, journal=journal)
+    first = GreenJudge.from_pretrained(path, batch_size=2, max_new_tokens=6, journal=journal, decode_loop="generate")
     full = first.judge(refs, cands)
     assert full[0] == full[2] and len(journal.read_text().splitlines()) == 3  # three distinct pairs
     lines = journal.read_text().splitlines()
     journal.write_text(lines[0] + "\n" + lines[1][:20])  # killed during the second judgment's write
-    again = GreenJudge(path, batch_size=2, max_new_tokens=6, journal=journal)
+    again = GreenJudge.from_pretrained(path, batch_size=2, max_new_tokens=6, journal=journal, decode_loop="generate")
     generated = []
     real = again.model.generate
     monkeypatch.setattr(again.model, "generate", lambda **kw: (generated.append(len(kw["input_ids"])), real(**kw))[1])
     assert again.judge(refs, cands) == full and generated == [2]  # only the two missing, in one batch
     assert len(journal.read_text().splitlines()) == 3
-    other = GreenJudge(path, batch_size=2, max_new_tokens=7, journal=journal)  # other settings: judged afresh
+    other = GreenJudge.from_pretrained(path, batch_size=2, max_new_tokens=7, journal=journal)  # other settings: judged afresh
     assert {other.key(t) for t in ["x"]} != {again.key(t) for t in ["x"]}
 
 
 def test_green_missing_judge_names_the_key(tmp_path):
     with pytest.raises(FileNotFoundError, match="eval.green.model_path=.*GREEN-radllama2-7b"):
-        GreenJudge(tmp_path / "none")
+        GreenJudge.from_pretrained(tmp_path / "none")
 
 
 def test_eval_runs_green_when_configured(base_overrides, tmp_path):
@@ -214,7 +282,9 @@ def test_eval_runs_green_when_configured(base_overrides, tmp_path):
     run(compose_cfg(["stage=eval", *base_overrides, f"eval.predictions=[{tmp_path / 'inf'}]",
                      f"eval.green.model_path={judge}", "eval.green.max_new_tokens=4"]), run_dir=tmp_path / "eval")
     report = json.loads((tmp_path / "eval" / "metrics.json").read_text())["base"]["by_task"]["report_generation"]
-    assert "green_note" not in report and report["green_unparsed"] + report["green_n"] == report["n"]
+    assert "green_note" not in report and report["green_n"] == report["n"] and report["green_parser"] == "package"
+    official_green = json.loads((tmp_path / "eval" / "metrics.json").read_text())["base"]["official"]
+    assert official_green["report_generation"]["green_score"] == report["green_score"]
     samples = (tmp_path / "eval" / "green_samples_base.jsonl").read_text().splitlines()
     assert len(samples) == report["n"] and "judge_output" in json.loads(samples[0])
 

@@ -1,10 +1,23 @@
-"""GREEN (Ostmeier et al.): an LLM judge counts clinically significant errors and matched findings.
+"""GREEN (Ostmeier et al.) as the GREEN package computes it, which FLARE's evaluator calls for report generation.
 
-score = matched / (matched + sum of the six significant error counts), 0 when nothing matched. The judge
-(e.g. StanfordAIMI/GREEN-radllama2-7b, or another GREEN judge) loads from ``eval.green.model_path``; decoding
-is greedy and batched. The parser reads counts robustly: sections need not be separated by blank lines, a
-count needs no trailing period ("(a) ...: 2" reads 2, where the reference parser reads 0), "No errors" reads
-0; an output with no recognisable section is reported as unparsed, never scored.
+An LLM judge (StanfordAIMI/GREEN-radllama2-7b, or another GREEN judge) compares each candidate report with its
+reference and lists clinically significant errors (a)-(f), insignificant errors and matched findings.
+score = matched / (matched + sum of the six significant error counts); 0 when matched is 0, and those zeros
+(outputs the parser cannot read included) are in the mean.
+
+The judge's input is the package's: its prompt (each report cut to 300 words), its chat template fed
+``[human: prompt, gpt: ""]`` with the generation prompt (so the text ends with an empty assistant turn, then
+``<|assistant|>``), the tokenizer loaded with ``add_eos_token=True`` and left padding, its default special
+tokens (BOS, and EOS at the end), truncation to 2,048 tokens, fp16 weights, greedy decoding to a total length
+of 2,048 tokens. The whole sequence is decoded and cleaned as the package cleans it.
+
+Parsers (``eval.green.parser``):
+- ``package`` (default): the package's rules. A section is ``[<name>]:`` up to a blank line or the end; one
+  starting with "No" counts 0; matched findings are the number at the very start of the section followed by a
+  period; significant errors are counted per ``(a) ``..``(f) `` line, or per ``(1) ``..``(6) `` line when there
+  are no letter lines, the count being the number after ": " followed by a period.
+- ``robust``: sections need not be separated by blank lines, counts need no trailing period, and an output
+  with no recognisable section is reported as unparsed and left out of the mean (not the package's number).
 """
 from __future__ import annotations
 
@@ -26,6 +39,8 @@ ERROR_TYPES = ["False report of a finding in the candidate", "Missing a finding 
                "Misassessment of the severity of a finding",
                "Mentioning a comparison that isn't in the reference",
                "Omitting a comparison detailing a change from a prior study"]
+CATEGORY_NAMES = [f"({chr(97 + i)}) {t}" for i, t in enumerate(ERROR_TYPES)]
+PARSERS = ("package", "robust")
 # The judge was trained with this chat format (human -> <|user|>, gpt -> <|assistant|>).
 GREEN_CHAT_TEMPLATE = (
     "{% for message in messages %}\n{% if message['from'] == 'human' %}\n{{ '<|user|>\n' + message['value'] + "
@@ -57,37 +72,99 @@ def make_prompt(reference: str, candidate: str, max_words: int = 300) -> str:
         f"    [{MATCHED}]:\n    <The number of matched findings>. <Finding 1>; <Finding 2>; ...; <Finding n>\n    ```\n")
 
 
+def clean_response(text: str) -> str:
+    """The judgment out of the decoded sequence (prompt included), as the package cuts it: after the last
+    ``<|assistant|>``, after the explanation heading, without ``</s>`` / ``<unk>``."""
+    if "[Explanation]:" in text:
+        if "<|assistant|>" in text:
+            text = text.split("<|assistant|>")[-1]
+        # the package tests for the prompt's own placeholder explanation here, and splits at the first heading
+        # when it is there, at the last one otherwise
+        text = text.split("[Explanation]:")[1 if "[Explanation]:\n    <Explanation>\n" in text else -1]
+    if "<|assistant|>" in text:
+        text = text.split("<|assistant|>")[-1]
+    return text.replace("</s>", "").replace("<unk>", "")
+
+
+# ---- the package's parser ----------------------------------------------------------------------------------
+
+def _package_section(text: str, name: str) -> str | None:
+    m = re.search(rf"\[{name}\]:\s*(.*?)(?:\n\s*\n|\Z)", text, re.DOTALL)
+    return None if m is None else m.group(1)
+
+
+def _package_errors(section: str | None) -> list[int]:
+    counts = [0] * 6
+    if section is None or section.startswith("No"):
+        return counts
+    lines = sorted(re.findall(r"\([a-f]\) .*", section))
+    prefixes = [f"({chr(97 + i)}) " for i in range(6)]
+    if not lines:
+        lines = sorted(re.findall(r"\([1-6]\) .*", section))
+        prefixes = [f"({i + 1}) " for i in range(6)]
+    for position, prefix in enumerate(prefixes):
+        for line in lines:  # the last line of a category that has a count wins, as in the package
+            if line.startswith(prefix):
+                found = re.findall(r"(?<=: )\b\d+\b(?=\.)", line)
+                if found:
+                    counts[position] = int(found[0])
+    return counts
+
+
+def _package_matched(section: str | None) -> int:
+    if section is None or section.startswith("No"):
+        return 0
+    found = re.findall(r"^\b\d+\b(?=\.)", section)
+    return int(found[0]) if found else 0
+
+
+def parse_package(text: str) -> dict:
+    text = text or ""
+    return {"significant": _package_errors(_package_section(text, SIGNIFICANT)),
+            "insignificant": _package_errors(_package_section(text, INSIGNIFICANT)),
+            "matched": _package_matched(_package_section(text, MATCHED)), "parsed": True}
+
+
+# ---- the robust parser (eval.green.parser=robust) ---------------------------------------------------------
+
 _SECTION = re.compile(r"\[\s*(Explanation|Clinically Significant Errors|Clinically Insignificant Errors|"
                       r"Matched Findings)\s*\]\s*:?", re.I)
 
 
-def _sections(text: str) -> dict[str, str]:
+def _robust_sections(text: str) -> dict[str, str]:
     marks = list(_SECTION.finditer(text))
     return {m.group(1).lower(): text[m.end():(marks[i + 1].start() if i + 1 < len(marks) else len(text))]
             for i, m in enumerate(marks)}
 
 
-def _error_counts(section: str) -> list[int]:
+def _robust_errors(section: str) -> list[int]:
     counts = [0] * 6
     for m in re.finditer(r"\(([a-f])\)[^:\n]*:\s*(\d+)", section, re.I):
         counts[ord(m.group(1).lower()) - 97] = int(m.group(2))
     return counts
 
 
-def parse_green(text: str) -> dict:
-    """Counts from one judge output: {'significant': [6], 'insignificant': [6], 'matched': int|None, 'parsed'}."""
-    sections = _sections(text or "")
+def parse_robust(text: str) -> dict:
+    sections = _robust_sections(text or "")
     parsed = SIGNIFICANT.lower() in sections or MATCHED.lower() in sections
     matched = None
     if MATCHED.lower() in sections:
         m = re.search(r"\d+", sections[MATCHED.lower()])
         matched = int(m.group(0)) if m else 0
-    return {"significant": _error_counts(sections.get(SIGNIFICANT.lower(), "")),
-            "insignificant": _error_counts(sections.get(INSIGNIFICANT.lower(), "")),
+    return {"significant": _robust_errors(sections.get(SIGNIFICANT.lower(), "")),
+            "insignificant": _robust_errors(sections.get(INSIGNIFICANT.lower(), "")),
             "matched": matched, "parsed": parsed}
 
 
+def parse_green(text: str, parser: str = "package") -> dict:
+    """Counts from one judge output: {'significant': [6], 'insignificant': [6], 'matched', 'parsed'}."""
+    if parser not in PARSERS:
+        raise ValueError(f"eval.green.parser={parser!r}: choose package or robust")
+    return parse_package(text) if parser == "package" else parse_robust(text)
+
+
 def green_score(counts: dict) -> float | None:
+    """The pair's score; None only for an output the robust parser could not read."""
     if not counts["parsed"]:
         return None
     matched = counts["matched"] or 0
@@ -96,83 +173,22 @@ def green_score(counts: dict) -> float | None:
     return matched / (matched + sum(counts["significant"]))
 
 
-class GreenJudge:
-    def __init__(self, model_path: str | Path, batch_size: int = 8, max_length: int = 2048,
-                 max_new_tokens: int = 512, device: str | None = None, journal: str | Path | None = None):
-        """journal: a JSONL file where every judgment is appended as soon as its batch finishes, keyed by the
-        judge, its settings and the prompt: a preempted eval resumes there, and a pair already judged (a
-        repeated prediction, a rerun) is not judged again."""
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+def summarise(per_sample: list[dict]) -> dict:
+    """What the package reports: the mean and (population) standard deviation of the scores, and per error
+    category the share of pairs without such an error (its "accuracy"); plus the mean counts."""
+    import numpy as np
 
-        path = Path(model_path)
-        if not (path / "config.json").exists():
-            raise FileNotFoundError(
-                f"eval.green.model_path={path} holds no model. On a machine with internet: huggingface-cli "
-                "download StanfordAIMI/GREEN-radllama2-7b --local-dir DIR (~13.5 GB; GREEN-RadPhi2 is smaller), "
-                "copy DIR here and pass eval.green.model_path=DIR")
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(self.device).eval()
-        self.batch_size, self.max_length, self.max_new_tokens = batch_size, max_length, max_new_tokens
-        self.identity = json.dumps([str(path.resolve()), max_length, max_new_tokens])
-        self.journal = Path(journal) if journal else None
-
-    def render(self, prompt: str) -> str:
-        return self.tokenizer.apply_chat_template([{"from": "human", "value": prompt}], tokenize=False,
-                                                  add_generation_prompt=True, chat_template=GREEN_CHAT_TEMPLATE)
-
-    def key(self, text: str) -> str:
-        return hashlib.sha256((self.identity + "\n" + text).encode()).hexdigest()
-
-    def judge(self, references: list[str], candidates: list[str]) -> list[str]:
-        import contextlib
-
-        import torch
-        from tqdm.auto import tqdm
-
-        texts = [self.render(make_prompt(r, c)) for r, c in zip(references, candidates)]
-        keys = [self.key(t) for t in texts]
-        judged = {k: row["judge_output"] for k, row in read_journal(self.journal, "key").items()} \
-            if self.journal else {}
-        todo = [(key, text) for key, text in dict(zip(keys, texts)).items() if key not in judged]
-        # similar lengths share a batch (less padding); a too-large batch fails first
-        todo.sort(key=lambda item: len(item[1]), reverse=True)
-        if judged and todo:
-            log.info("GREEN judge: %d judgments reused from %s, %d to go", len(set(keys)) - len(todo),
-                     self.journal, len(todo))
-        if self.journal:
-            self.journal.parent.mkdir(parents=True, exist_ok=True)
-        with (open(self.journal, "a", encoding="utf-8") if self.journal else contextlib.nullcontext()) as f:
-            for start in tqdm(range(0, len(todo), self.batch_size), desc="GREEN judge", unit="batch",
-                              disable=len(todo) <= self.batch_size):
-                batch_keys, batch = zip(*todo[start:start + self.batch_size])
-                enc = self.tokenizer(list(batch), return_tensors="pt", padding=True, truncation=True,
-                                     max_length=self.max_length, add_special_tokens=False)
-                enc = {k: v.to(self.device) for k, v in enc.items() if k != "token_type_ids"}
-                with torch.inference_mode():
-                    out = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                              pad_token_id=self.tokenizer.pad_token_id)
-                outputs = self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-                for key, output in zip(batch_keys, outputs):
-                    judged[key] = output
-                    if f:
-                        f.write(json.dumps({"key": key, "judge_output": output}, ensure_ascii=False) + "\n")
-                if f:
-                    f.flush()
-        return [judged[k] for k in keys]
-
-    def score(self, references: list[str], candidates: list[str]) -> tuple[dict, list[dict]]:
-        outputs = self.judge(references, candidates)
-        per_sample = []
-        for ref, cand, text in zip(references, candidates, outputs):
-            counts = parse_green(text)
-            per_sample.append({"reference": ref, "candidate": cand, "judge_output": text, **counts,
-                               "green": green_score(counts)})
-        scored = [s["green"] for s in per_sample if s["green"] is not None]
-        summary = {"green": sum(scored) / len(scored) if scored else None, "green_n": len(scored),
-                   "green_unparsed": len(per_sample) - len(scored)}
-        return summary, per_sample
+    scored = [s for s in per_sample if s["green"] is not None]
+    scores = np.array([s["green"] for s in scored], dtype=float)
+    out = {"green_score": float(scores.mean()) if len(scores) else None,
+           "green_std": float(scores.std()) if len(scores) else None, "green_n": len(scored)}
+    if len(scored) < len(per_sample):
+        out["green_unparsed"] = len(per_sample) - len(scored)
+    if scored:
+        counts = np.array([s["significant"] for s in scored], dtype=float)
+        out["green_error_free_share"] = {name: float((counts[:, i] == 0).mean())
+                                         for i, name in enumerate(CATEGORY_NAMES)}
+        out["green_significant_errors_mean"] = {name: float(counts[:, i].mean())
+                                                for i, name in enumerate(CATEGORY_NAMES)}
+        out["green_matched_findings_mean"] = float(np.mean([s["matched"] or 0 for s in scored]))
+    return out

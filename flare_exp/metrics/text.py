@@ -6,7 +6,8 @@
   compare with published numbers only knowing that.)
 - ``seed_bleu``: the seed's / FLARE25 baseline's BLEU: per-sample clipped n-gram precision averaged over the
   samples, geometric mean over n = 1..4, corpus brevity penalty, no smoothing.
-- ``rouge_l``: rouge-score ROUGE-L F-measure (stemmer on), mean over samples.
+- ``rouge_1`` / ``rouge_2`` / ``rouge_l``: rouge-score ROUGE-1, ROUGE-2 and ROUGE-L F-measures (stemmer on),
+  means over samples; an empty prediction scores 0.
 """
 from __future__ import annotations
 
@@ -56,8 +57,18 @@ def seed_bleu(hyps: list[str], refs: list[str], max_n: int = 4) -> float:
     return bp * math.exp(sum(math.log(p) for p in mean_precisions) / max_n)
 
 
-def rouge_l(hyps: list[str], refs: list[str]) -> float:
-    from flare_exp.rewards.rouge import RougeL
+def rouge(hyps: list[str], refs: list[str]) -> dict[str, float]:
+    from rouge_score import rouge_scorer
 
-    scores = RougeL()(hyps, refs)
-    return sum(scores) / len(scores) if scores else float("nan")
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    totals = {"rouge_1": 0.0, "rouge_2": 0.0, "rouge_l": 0.0}
+    for h, r in zip(hyps, refs):
+        if isinstance(h, str) and h.strip():
+            scores = scorer.score(str(r), h)
+            for name, key in (("rouge_1", "rouge1"), ("rouge_2", "rouge2"), ("rouge_l", "rougeL")):
+                totals[name] += scores[key].fmeasure
+    return {k: v / len(hyps) if hyps else float("nan") for k, v in totals.items()}
+
+
+def rouge_l(hyps: list[str], refs: list[str]) -> float:
+    return rouge(hyps, refs)["rouge_l"]

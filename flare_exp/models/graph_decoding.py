@@ -1,5 +1,5 @@
-"""Decoding of a left-padded batch with one compiled step per token (``infer.decode_loop=graph``, and GRPO's
-rollouts with ``rl.decode_loop=graph``).
+"""Decoding of a left-padded batch with one compiled step per token (``infer.decode_loop=graph``, GRPO's
+rollouts with ``rl.decode_loop=graph``, and the GREEN judge with ``eval.green.decode_loop=graph``).
 
 transformers' ``generate`` with a static cache compiles the model's forward into CUDA graphs, but everything
 around it runs on the host every token: the 4-D mask is rebuilt with vmap (~2.4 ms of CPU per step on the GPU
@@ -151,6 +151,9 @@ class GraphDecoder:
         if stop_check_every < 1:
             raise ValueError(f"stop_check_every={stop_check_every}: must be >= 1")
         self.model, self.stop_check_every, self.cache, self.sampling = model, stop_check_every, None, sampling
+        # Qwen-VL models place text tokens with 3-axis rope positions (offset by the prefill's rope deltas); a
+        # text-only model (the GREEN judge) with positions counted over the unpadded tokens, as generate does
+        self.multimodal_rope = getattr(model.config, "vision_config", None) is not None
         self.cache_multiple, self.shrink_cache = cache_multiple, shrink_cache
         self.cudagraphs = bool(compile_step) and compile_step.get("mode") in ("reduce-overhead",
                                                                                 "max-autotune")
@@ -165,7 +168,9 @@ class GraphDecoder:
 
         keys = torch.arange(key_valid.shape[1], device=key_valid.device)
         mask = (key_valid & (keys <= cache_position))[:, None, None, :]  # (B, 1, 1, L): what this token may see
-        positions = (rope_deltas + cache_position).unsqueeze(0).expand(3, -1, -1)  # text: 3 equal rope axes
+        positions = rope_deltas + cache_position  # (B, 1)
+        if self.multimodal_rope:
+            positions = positions.unsqueeze(0).expand(3, -1, -1)  # text tokens: 3 equal rope axes
         logits = self.model(input_ids=tokens, attention_mask=mask, position_ids=positions,
                             past_key_values=self.cache, cache_position=cache_position, use_cache=True).logits
         picked = pick(logits[:, -1], is_end, may_end, suppressed, self.sampling)
@@ -209,11 +214,17 @@ class GraphDecoder:
         device = input_ids.device
         with torch.inference_mode():  # the cache's tensors are inference tensors: reset them in this mode too
             cache = self._static_cache(rows, prompt + max_new_tokens)
-            out = self.model(**batch, past_key_values=cache, cache_position=torch.arange(prompt, device=device),
-                             use_cache=True, logits_to_keep=1)
-            if out.rope_deltas is None:
-                raise RuntimeError("the model's prefill returned no rope_deltas (not a Qwen-VL model?)")
-            rope_deltas = out.rope_deltas.to(device).reshape(rows, 1)
+            extra = {}
+            if not self.multimodal_rope:  # generate's positions for a left-padded batch
+                extra["position_ids"] = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+            out = self.model(**batch, **extra, past_key_values=cache,
+                             cache_position=torch.arange(prompt, device=device), use_cache=True, logits_to_keep=1)
+            if self.multimodal_rope:
+                if getattr(out, "rope_deltas", None) is None:
+                    raise RuntimeError("the model's prefill returned no rope_deltas (not a Qwen-VL model?)")
+                rope_deltas = out.rope_deltas.to(device).reshape(rows, 1)
+            else:  # position = cache position - the row's padding
+                rope_deltas = -(attention_mask.shape[1] - attention_mask.long().sum(-1, keepdim=True))
             vocab = out.logits.shape[-1]
             is_end = token_flags(end_token_ids(config), vocab, device)
             suppressed = token_flags(config.suppress_tokens or [], vocab, device)

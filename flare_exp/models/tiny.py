@@ -54,7 +54,7 @@ Examine the medical image thoroughly and generate a report describing your findi
 """
 
 
-def _train_tokenizer(vocab_size: int):
+def _train_tokenizer(vocab_size: int, special_tokens: list[str] = SPECIAL_TOKENS, corpus: str = ""):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -62,11 +62,11 @@ def _train_tokenizer(vocab_size: int):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    tok.train_from_iterator([_CORPUS + corpus] * 4, trainer=trainer)
     return tok
 
 
@@ -138,21 +138,24 @@ def build_tiny_qwen3vl(out_dir: str | Path, seed: int = 0, vocab_size: int = 600
     return out_dir
 
 
-def build_tiny_causal_lm(out_dir: str | Path, seed: int = 0) -> Path:
-    """A tiny random Llama-style causal LM + tokenizer (for testing the GREEN judge's code path)."""
+def build_tiny_causal_lm(out_dir: str | Path, seed: int = 0, vocab_size: int = 600, corpus: str = "") -> Path:
+    """A tiny random Llama causal LM with a Llama tokenizer (``<s>`` / ``</s>`` / ``<unk>``, as GREEN's
+    radllama2 judge has), for testing the GREEN judge's code path: ``add_eos_token=True`` works on it.
+    ``corpus``: more text to train the tokenizer on (the benchmark's: GREEN's prompt, so it is short)."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizerFast
 
     out_dir = Path(out_dir)
     if (out_dir / "config.json").exists():
         return out_dir
     torch.manual_seed(seed)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=_train_tokenizer(600), eos_token="<|endoftext|>",
-                                        pad_token="<|endoftext|>")
+    tokenizer = LlamaTokenizerFast(tokenizer_object=_train_tokenizer(vocab_size, ["<unk>", "<s>", "</s>"], corpus),
+                                   unk_token="<unk>", bos_token="<s>", eos_token="</s>", add_bos_token=True,
+                                   add_eos_token=False, legacy=False, from_slow=False)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=4096,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         bos_token_id=None)
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
+                         bos_token_id=tokenizer.bos_token_id)
     tmp = Path(tempfile.mkdtemp(prefix=".judge-", dir=out_dir.parent if out_dir.parent.exists() else None))
     LlamaForCausalLM(config).save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)

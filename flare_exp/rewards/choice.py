@@ -1,41 +1,10 @@
-"""choice: multiple-choice answers (dental: one option letter, A..K).
-
-Fixes the seed's defect: it upper-cased the output before searching ``\\b[A-F]\\b``, so the article "a" in
-any sentence read as option A, and options past F could never match. Here a letter counts only in forms
-that mean an option: ``C``, ``C.``, ``(C)``, ``Answer: C``, ``option C``, ``C) ...`` at the start, or a
-standalone capital that is not the article/pronoun starting a phrase ("A small effusion", "I think").
+"""choice: multiple-choice answers (dental: one option letter, A..K), read with
+``flare_exp.answers.extract_choice`` (which fixes the seed's "a" read as option A and its A..F limit).
 """
 from __future__ import annotations
 
-import re
-
+from flare_exp.answers import extract_choice
 from flare_exp.rewards import register
-
-
-def extract_choice(text: str, letters: str = "ABCDEFGHIJK") -> str | None:
-    if not isinstance(text, str):
-        return None
-    s = text.strip()
-    cls = f"[{letters}]"
-    patterns = [
-        rf"^\(?({cls})\)?[.):]?$",                                             # the whole answer: "C", "(C)", "C."
-        rf"(?i:\b(?:answer|option|choice)\b(?:\s+is)?\s*[:\-]?\s*)\(?({cls}|{cls.lower()})\)?(?![\w])",
-        rf"\(({cls})\)",                                                       # "(C)"
-        rf"^({cls})[.):]\s",                                                   # "C. Caries", "C) ..."
-    ]
-    for pat in patterns:
-        m = re.search(pat, s, flags=re.M)
-        if m:
-            return m.group(1).upper()
-    if len(s) == 1 and s.upper() in letters:  # a lone lower-case letter
-        return s.upper()
-    for m in re.finditer(rf"(?<![\w'-])({cls})(?![\w'-])", s):
-        letter = m.group(1)
-        following = s[m.end():m.end() + 2]
-        if letter in "AI" and re.match(r"\s[a-z]", following):  # "A small ...", "I think ..."
-            continue
-        return letter
-    return None
 
 
 @register("choice")

@@ -5,25 +5,9 @@ whole); labels compare case- and whitespace-insensitively.
 """
 from __future__ import annotations
 
-import re
-
+from flare_exp.answers import label_set, set_f1
 from flare_exp.data.records import label_separator
 from flare_exp.rewards import register
-
-
-def label_set(text, separator: str) -> set[str]:
-    if not isinstance(text, str):
-        return set()
-    parts = text.split(separator)
-    return {re.sub(r"\s+", " ", p).strip(" .\n\t").lower() for p in parts} - {""}
-
-
-def set_f1(pred: set, gold: set) -> float:
-    if not pred and not gold:
-        return 1.0
-    if not pred or not gold:
-        return 0.0
-    return 2 * len(pred & gold) / (len(pred) + len(gold))
 
 
 @register("label_f1")

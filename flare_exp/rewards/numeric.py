@@ -1,25 +1,12 @@
-"""numeric: regression answers (boneresorption: a percentage such as ``22.9``).
-
-Parses ``22.9``, ``22.9%`` (the seed missed the ``%`` and fell through to the report reward), ``1,234``,
-``about 20 percent``. The value term is the seed's tiers; there is no format or length term here (the seed's
-0.3 x format paid a number answer for long text with headings).
+"""numeric: regression answers (boneresorption: a percentage such as ``22.9``), read with
+``flare_exp.answers.parse_number`` (the seed missed the ``%`` and fell through to the report reward). The value
+term is the seed's tiers; there is no format or length term here (the seed's 0.3 x format paid a number answer
+for long text with headings).
 """
 from __future__ import annotations
 
-import re
-
+from flare_exp.answers import parse_number
 from flare_exp.rewards import register
-
-_NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[-+]?\.\d+")
-
-
-def parse_number(text) -> float | None:
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        return float(text)
-    if not isinstance(text, str):
-        return None
-    m = _NUMBER.search(text)
-    return float(m.group(0).replace(",", "")) if m else None
 
 
 @register("numeric")

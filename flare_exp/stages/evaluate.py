@@ -1,24 +1,24 @@
-"""eval stage: FLARE's official metric per task type, report-text metrics, real GREEN; one or many models.
+"""eval stage: FLARE's official numbers per task type, our named variants, report-text metrics, GREEN as the
+GREEN package computes it; one model, or several side by side with paired significance tests.
 
 ``python launch.py stage=eval eval.predictions=[runs/a/infer,runs/b/infer]``: each entry is a predictions.jsonl
 or a run dir holding one. Several entries give a side-by-side comparison (base vs SFT vs RL, or a sweep).
-Writes metrics.json, metrics_summary.json (flat, for sweep reports), report.md, report.html, metrics.png, and
-the GREEN judge's per-sample counts when GREEN runs.
+Writes metrics.json (per run: ``official``, FLARE's metric per task type and per dataset under FLARE's names;
+``by_task`` / ``by_dataset``, every metric), metrics_summary.json (flat, for sweep reports), significance.json
+(comparisons), report.md, report.html, metrics.png, and the GREEN judge's per-sample counts when GREEN runs.
 """
 from __future__ import annotations
 
-import html
 import logging
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
-from flare_exp.io import read_jsonl, write_json, write_jsonl, write_text
-from flare_exp.metrics import tasks, text
-from flare_exp.runtime import abspath
+from flare_exp.io import read_jsonl, write_json, write_jsonl
+from flare_exp.metrics import official, tasks, text
+from flare_exp.metrics.report import write_reports
+from flare_exp.runtime import DONE, abspath
 
 log = logging.getLogger(__name__)
-OFFICIAL = {"classification": "balanced_accuracy", "multi_label": "f1_micro", "regression": "mae",
-            "report_generation": "green"}
 TASK_METRICS = {"classification": tasks.classification_metrics, "multi_label": tasks.multi_label_metrics,
                 "regression": tasks.regression_metrics}
 
@@ -32,7 +32,7 @@ def find_predictions(entry: str) -> Path:
 
 
 class ReportScorers:
-    """RadGraph and GREEN, loaded once and shared by every predictions file."""
+    """RadGraph, CheXbert, the keyword metrics and GREEN, loaded once and shared by every predictions file."""
 
     def __init__(self, cfg, out_dir: Path):
         self.cfg, self.out_dir = cfg, out_dir
@@ -74,17 +74,20 @@ class ReportScorers:
         if not self.cfg.eval.green.model_path:
             return None
         if self._green is None:
-            from flare_exp.metrics.green import GreenJudge
+            from flare_exp.metrics.green_judge import GreenJudge
 
             g = self.cfg.eval.green
-            self._green = GreenJudge(abspath(g.model_path), g.batch_size, g.max_length, g.max_new_tokens,
-                                     journal=self.out_dir / "green_judgments.jsonl")  # a rerun resumes here
+            self._green = GreenJudge.from_pretrained(
+                abspath(g.model_path), g.dtype, batch_size=g.batch_size, max_length=g.max_length,
+                max_new_tokens=g.max_new_tokens, decode_loop=g.decode_loop, parser=g.parser,
+                journal=self.out_dir / "green_judgments.jsonl")  # a rerun resumes here
         return self._green
 
 
-def report_metrics(rows: list[dict], scorers: ReportScorers, label: str) -> dict:
+def report_metrics(rows: list[dict], scorers: ReportScorers, label: str) -> tuple[dict, list | None]:
+    """Report-text metrics; also the per-sample GREEN scores (None when no judge is configured)."""
     hyps, refs = [r["prediction"] for r in rows], [r["answer"] for r in rows]
-    out = {"n": len(rows), "rouge_l": text.rouge_l(hyps, refs), **text.corpus_bleu(hyps, refs),
+    out = {"n": len(rows), **text.rouge(hyps, refs), **text.corpus_bleu(hyps, refs),
            "seed_bleu": text.seed_bleu(hyps, refs)}
     radgraph = scorers.radgraph()
     if radgraph is not None:
@@ -110,110 +113,143 @@ def report_metrics(rows: list[dict], scorers: ReportScorers, label: str) -> dict
         out["chexbert_uncertain_as"] = "positive" if uap else "negative"
     judge = scorers.green()
     if judge is None:
-        out["green"] = None
+        out["green_score"] = None
         out["green_note"] = "not computed: eval.green.model_path is not set (no GREEN judge configured)"
-    else:
-        summary, per_sample = judge.score(refs, hyps)
-        out.update(summary)
-        safe = label.replace("/", "_")
-        write_jsonl(scorers.out_dir / f"green_samples_{safe}.jsonl",
-                    [{"id": r["id"], **s} for r, s in zip(rows, per_sample)])
-    return out
+        return out, None
+    summary, per_sample = judge.score(refs, hyps)
+    out.update(summary)
+    write_jsonl(scorers.out_dir / f"green_samples_{label.replace('/', '_')}.jsonl",
+                [{"id": r["id"], **s} for r, s in zip(rows, per_sample)])
+    return out, [s["green"] for s in per_sample]
 
 
-def evaluate_file(path: Path, scorers: ReportScorers) -> tuple[str, dict]:
+def load_rows(path: Path, allow_partial: bool) -> tuple[list[dict], dict]:
+    """The predictions of one file, checked; and what the report must say about them."""
     rows = read_jsonl(path)
     if not rows:
         raise ValueError(f"{path}: no predictions")
+    info: dict = {}
+    run_dir = path.parent
+    if (run_dir / "run_info.json").exists() and not (run_dir / DONE).exists():
+        if not allow_partial:
+            raise ValueError(f"{run_dir} holds an unfinished infer run (no {DONE} marker): finish it (rerun the same "
+                             "infer command, it resumes) or pass eval.allow_partial=true to score what is there")
+        info["partial"] = f"partial: {len(rows)} of {expected_count(run_dir) or 'an unknown number of'} predictions"
+    counts = Counter(r.get("id") for r in rows)
+    doubled = {k: c for k, c in counts.items() if c > 1}
+    if doubled:
+        raise ValueError(f"{path}: {len(doubled)} id(s) occur more than once ({sum(doubled.values())} rows, e.g. "
+                         f"{next(iter(doubled))}): a predictions file holds one row per question")
+    unknown = sorted({str(r.get("task_type")) for r in rows} - set(official.OFFICIAL_METRIC))
+    if unknown:
+        raise ValueError(f"{path}: unknown task type(s) {', '.join(unknown)}; known: "
+                         f"{', '.join(official.OFFICIAL_METRIC)}")
     missing = [r["id"] for r in rows if r.get("answer") is None]
     if missing:
         raise ValueError(f"{path}: {len(missing)} predictions have no ground truth (e.g. {missing[0]}); "
                          "the test split is scored by FLARE from the submission files")
-    label = rows[0].get("model") or path.parent.name
+    empty = sum(not isinstance(r.get("prediction"), str) for r in rows)
+    if empty:
+        info["empty_predictions"] = empty
+    return rows, info
+
+
+def expected_count(run_dir: Path) -> int | None:
+    """How many predictions an unfinished infer run was asked for (its saved config), if it can be told."""
+    from omegaconf import OmegaConf
+
+    try:
+        cfg = OmegaConf.load(run_dir / "config.yaml")
+        source = cfg.infer.input_file or f"{cfg.data.prepared_dir}/{cfg.infer.split}.jsonl"
+        total = sum(1 for line in open(source, encoding="utf-8") if line.strip())
+    except Exception:  # noqa: BLE001  (a best-effort count for the report's wording)
+        return None
+    return min(total, cfg.infer.num_samples) if cfg.infer.num_samples and cfg.infer.num_samples > 0 else total
+
+
+def scored_rows(rows: list[dict]) -> list[dict]:
+    """Our variants score a null, list or missing prediction as an empty answer (counted in the report)."""
+    return [{**r, "prediction": r["prediction"] if isinstance(r.get("prediction"), str) else ""} for r in rows]
+
+
+def evaluate_file(path: Path, scorers: ReportScorers, allow_partial: bool = False) -> tuple[str, dict, dict]:
+    """(label, metrics, per-sample official statistics by task: (ids, stats) for the significance tests)."""
+    raw, info = load_rows(path, allow_partial)
+    label = raw[0].get("model") or path.parent.name
+    rows = scored_rows(raw)
     by_task, by_dataset = defaultdict(list), defaultdict(list)
-    for r in rows:
-        by_task[r["task_type"]].append(r)
-        by_dataset[r["dataset"]].append(r)
-
-    def metrics(task, group):
-        return report_metrics(group, scorers, label) if task == "report_generation" else TASK_METRICS[task](group)
-
-    result = {"file": str(path), "n": len(rows),
-              "by_task": {t: metrics(t, g) for t, g in sorted(by_task.items())},
-              "by_dataset": {d: {"task_type": g[0]["task_type"], **metrics(g[0]["task_type"], g)}
-                             for d, g in sorted(by_dataset.items()) if g[0]["task_type"] != "report_generation"}}
-    for d, g in by_dataset.items():  # reports: one dataset (IU_XRay) in FLARE, reuse the task numbers
-        if g[0]["task_type"] == "report_generation":
-            result["by_dataset"][d] = {"task_type": "report_generation", **result["by_task"]["report_generation"]}
-    return label, result
+    for raw_row, row in zip(raw, rows):
+        by_task[row["task_type"]].append((raw_row, row))
+        by_dataset[row["dataset"]].append((raw_row, row))
+    result = {"file": str(path), "n": len(rows), "split": raw[0].get("split"), **info, "official": {},
+              "official_by_dataset": {}, "by_task": {}, "by_dataset": {}}
+    samples, green_by_id = {}, {}
+    for task, pairs in sorted(by_task.items()):
+        group = [row for _, row in pairs]
+        if task == "report_generation":
+            metrics, green = report_metrics(group, scorers, label)
+            green_by_id = dict(zip((r["id"] for r in group), green or []))
+        else:
+            metrics, green = TASK_METRICS[task](group), None
+        result["by_task"][task] = metrics
+        result["official"][task] = official.official_block(task, [r for r, _ in pairs], green)
+        if task != "report_generation":
+            samples[task] = ([r["id"] for r in group], official.STATS[task](
+                [r.get("prediction", "") for r, _ in pairs], [r.get("answer", "") for r, _ in pairs]))
+        elif green is not None:
+            samples[task] = ([r["id"] for r in group], official.green_stats(green))
+    for dataset, pairs in sorted(by_dataset.items()):
+        task = pairs[0][1]["task_type"]
+        group = [row for _, row in pairs]
+        green = [green_by_id[r["id"]] for r in group] if task == "report_generation" and green_by_id else None
+        metrics = TASK_METRICS[task](group) if task != "report_generation" else dict(result["by_task"][task])
+        block = official.official_block(task, [r for r, _ in pairs], green)
+        result["by_dataset"][dataset] = {"task_type": task, **metrics}
+        result["official_by_dataset"][dataset] = block
+    return label, result, samples
 
 
 def flat_summary(results: dict) -> dict:
     out = {}
     for label, res in results.items():
+        prefix = f"{label}/" if len(results) > 1 else ""
+        for task, block in res["official"].items():
+            out[f"{prefix}{task}/{official.OFFICIAL_METRIC[task]}"] = block[official.OFFICIAL_METRIC[task]]
         for task, m in res["by_task"].items():
             for k, v in m.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    out[f"{label}/{task}/{k}" if len(results) > 1 else f"{task}/{k}"] = v
+                    out[f"{prefix}{task}/{k}"] = v
     return out
 
 
-def _fmt(v) -> str:
-    if v is None:
-        return "n/a"
-    return f"{v:.4f}" if isinstance(v, float) else str(v)
+def compare(results: dict, samples: dict, resamples: int, seed: int) -> tuple[list[dict], list[str]]:
+    """Paired tests for every pair of runs and official metric, on the ids both scored; and the warnings on
+    runs that were not scored on the same inputs."""
+    from itertools import combinations
 
+    from flare_exp.metrics.significance import paired_test
 
-def tables(results: dict) -> list[tuple[str, list[str], list[list[str]]]]:
-    """One table per task type: rows = metrics, columns = models (side by side)."""
-    labels = list(results)
-    out = []
-    for task in sorted({t for r in results.values() for t in r["by_task"]}):
-        keys = []
-        for r in results.values():
-            keys += [k for k, v in r["by_task"].get(task, {}).items() if k not in keys and not k.endswith("_note")]
-        rows = [[k + (" (official)" if k == OFFICIAL.get(task) else ""),
-                 *(_fmt(results[lab]["by_task"].get(task, {}).get(k)) for lab in labels)] for k in keys]
-        notes = sorted({v for r in results.values() for k, v in r["by_task"].get(task, {}).items()
-                        if k.endswith("_note") and v})
-        out.append((task + ("" if not notes else "  \n_" + "; ".join(notes) + "_"), ["metric", *labels], rows))
-    return out
-
-
-def write_reports(out_dir: Path, results: dict) -> None:
-    md = ["# flare-exp evaluation", "", "Official FLARE metric per task type is marked (official). "
-          "BLEU: corpus BLEU on lower-cased whitespace tokens; seed_bleu: the seed's per-sample-averaged variant. "
-          "keyword_green / keyword_clinical_efficacy: the seed's and FLARE25 baseline's keyword heuristics (not "
-          "GREEN, not CheXbert), only for comparison with their published numbers.", ""]
-    page = ["<html><head><meta charset='utf-8'><title>flare-exp evaluation</title><style>body{font-family:sans-serif}"
-            "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px}</style></head>"
-            "<body><h1>flare-exp evaluation</h1><img src='metrics.png' style='max-width:100%'>"]
-    for title, header, rows in tables(results):
-        md += [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        md += ["| " + " | ".join(r) + " |" for r in rows] + [""]
-        page.append(f"<h2>{html.escape(title.split(chr(10))[0])}</h2><table><tr>" +
-                    "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>" +
-                    "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows) +
-                    "</table>")
-    md += ["## Files", ""] + [f"- `{lab}`: {res['file']} ({res['n']} predictions)" for lab, res in results.items()]
-    write_text(out_dir / "report.md", "\n".join(md) + "\n")
-    write_text(out_dir / "report.html", "".join(page) + "</body></html>\n")
-    _plot(out_dir / "metrics.png", results)
-
-
-def _plot(path: Path, results: dict) -> None:
-    from flare_exp.plotting import save_png, subplots
-
-    task_list = sorted({t for r in results.values() for t in r["by_task"]})
-    fig, axes = subplots(1, len(task_list), figsize=(4 * len(task_list), 3.6), squeeze=False)
-    for ax, task in zip(axes[0], task_list):
-        metric = OFFICIAL[task] if task != "report_generation" or any(
-            r["by_task"].get(task, {}).get("green") is not None for r in results.values()) else "rouge_l"
-        values = [results[lab]["by_task"].get(task, {}).get(metric) or 0.0 for lab in results]
-        ax.bar(list(results), values, color="tab:blue")
-        ax.set_title(f"{task}\n{metric}", fontsize=9)
-        ax.tick_params(axis="x", rotation=20, labelsize=7)
-    save_png(fig, path)
+    tests, warnings = [], []
+    for a, b in combinations(list(results), 2):
+        ids_a = {i for ids, _ in samples[a].values() for i in ids}
+        ids_b = {i for ids, _ in samples[b].values() for i in ids}
+        split_a, split_b = results[a].get("split"), results[b].get("split")
+        if ids_a != ids_b:
+            warnings.append(f"{a} and {b} were scored on different inputs: {len(ids_a - ids_b)} sample(s) only in "
+                            f"{a}, {len(ids_b - ids_a)} only in {b}; the comparisons use the {len(ids_a & ids_b)} "
+                            "they share")
+        if split_a != split_b:
+            warnings.append(f"{a} and {b} come from different splits: {split_a} and {split_b}")
+        for task in sorted(set(samples[a]) & set(samples[b])):
+            (ids_ta, st_a), (ids_tb, st_b) = samples[a][task], samples[b][task]
+            where_b = {i: k for k, i in enumerate(ids_tb)}
+            shared = [(k, where_b[i]) for k, i in enumerate(ids_ta) if i in where_b]
+            if not shared or not resamples:
+                continue
+            ka, kb = map(list, zip(*shared))
+            tests.append({"run_a": a, "run_b": b, "task": task,
+                          **paired_test(task, st_a[ka], st_b[kb], resamples=resamples, seed=seed)})
+    return tests, warnings
 
 
 def run(cfg, out_dir: Path) -> dict:
@@ -222,15 +258,21 @@ def run(cfg, out_dir: Path) -> dict:
         raise ValueError("eval.predictions is empty: pass one or more predictions.jsonl files or infer run dirs, "
                          "e.g. eval.predictions=[outputs/runs/demo-infer]")
     scorers = ReportScorers(cfg, out_dir)
-    results = {}
+    results, samples = {}, {}
     for entry in entries:
-        label, res = evaluate_file(find_predictions(entry), scorers)
+        label, res, per_sample = evaluate_file(find_predictions(entry), scorers, cfg.eval.allow_partial)
         while label in results:  # two runs with the same label stay apart
             label += "'"
-        results[label] = res
+        results[label], samples[label] = res, per_sample
     write_json(out_dir / "metrics.json", results)
     summary = flat_summary(results)
     write_json(out_dir / "metrics_summary.json", summary)
-    write_reports(out_dir, results)
+    tests, warnings = compare(results, samples, cfg.eval.significance.resamples, cfg.eval.significance.seed) \
+        if len(results) > 1 else ([], [])
+    for warning in warnings:
+        log.warning("eval: %s", warning)
+    if len(results) > 1:
+        write_json(out_dir / "significance.json", {"tests": tests, "warnings": warnings})
+    write_reports(out_dir, results, tests, warnings)
     log.info("evaluation written to %s\n%s", out_dir, (out_dir / "report.md").read_text())
     return {"metrics": str(out_dir / "metrics.json"), "report": str(out_dir / "report.md"), **summary}

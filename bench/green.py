@@ -1,0 +1,130 @@
+"""The GREEN judge, the package's way against ours, side by side in one process on one GPU.
+
+A random judge of GREEN-radllama2-7b's shapes (Llama-2-7B: 32 layers, hidden 4096, 32 heads, no grouped-query
+attention, fp16) judges prompts of ~``--prompt-tokens`` tokens (a tokenizer trained on GREEN's prompt, reports
+lengthened to reach it); every judgment is forced to ``--new-tokens`` tokens through the model's generation
+config (``min_new_tokens`` = the cap), so both ways decode the same amount.
+- package: batches of 8 in input order through ``generate`` (dynamic cache), as the GREEN package runs;
+- control: the same at batch 16: with random weights the fp16 logits are near-ties everywhere, so another batch
+  composition alone changes judgments; its share of identical judgments is the baseline for ours;
+- ours: ``GreenJudge`` with the graph decode loop, length-sorted batches of ``--batch``, timed end to end
+  (compilation included) and again warm.
+Writes one JSON: judgments/s, peak memory, and the share of identical judgments on the prompts both judged.
+
+    python3 -m bench.green --out DIR [--prompts 256] [--package-prompts 64] [--batch 64 96] [--new-tokens 300]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+WORDS = ("heart size normal lungs clear no pleural effusion pneumothorax mild cardiomegaly opacity left lower "
+         "lobe atelectasis stable mediastinal contour degenerative changes spine granuloma").split()
+
+
+def random_judge(vocab: int = 32000):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=vocab, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float16)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).eval()
+    torch.set_default_dtype(default)
+    return model
+
+
+def pairs(n: int, words: int, seed: int = 0) -> tuple[list[str], list[str]]:
+    rng = random.Random(seed)
+    make = lambda: " ".join(rng.choice(WORDS) for _ in range(rng.randint(words // 2, words)))  # noqa: E731
+    return [make() for _ in range(n)], [make() for _ in range(n)]
+
+
+def timed(fn):
+    import torch
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    out = fn()
+    torch.cuda.synchronize()
+    return out, time.perf_counter() - start, torch.cuda.max_memory_allocated() / 2 ** 30
+
+
+def main() -> None:
+    import torch
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--prompts", type=int, default=256)
+    parser.add_argument("--package-prompts", type=int, default=64)
+    parser.add_argument("--batch", type=int, nargs="+", default=[64, 96])
+    parser.add_argument("--new-tokens", type=int, default=300)
+    parser.add_argument("--prompt-tokens", type=int, default=800)
+    args = parser.parse_args()
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    from transformers import AutoTokenizer
+
+    from flare_exp.metrics.green import GREEN_CHAT_TEMPLATE, make_prompt
+    from flare_exp.metrics.green_judge import GreenJudge
+    from flare_exp.models.tiny import build_tiny_causal_lm
+
+    corpus = make_prompt(" ".join(WORDS), " ".join(WORDS)) * 8
+    path = build_tiny_causal_lm("/tmp/flare_bench/judge-tokenizer", vocab_size=2000, corpus=corpus)
+    tokenizer = AutoTokenizer.from_pretrained(path, add_eos_token=True, use_fast=True, padding_side="left")
+    tokenizer.chat_template, tokenizer.pad_token = GREEN_CHAT_TEMPLATE, tokenizer.eos_token
+    model = random_judge()
+    model.generation_config.min_new_tokens = args.new_tokens  # every judgment as long as the cap
+    settings = dict(max_new_tokens=args.new_tokens, parser="package")
+    package = GreenJudge(model, tokenizer, batch_size=8, decode_loop="generate", **settings)
+    length = lambda texts: sum(len(tokenizer(t)["input_ids"]) for t in texts) / len(texts)  # noqa: E731
+    bare = length([package.render(make_prompt("", ""))])
+    per_word = (length([package.render(make_prompt(" ".join(WORDS * 4), ""))]) - bare) / (len(WORDS) * 4)
+    refs, cands = pairs(args.prompts, int(max(args.prompt_tokens - bare, 2) / per_word * 2 / 3))
+    texts = [package.render(make_prompt(r, c)) for r, c in zip(refs, cands)]
+    result = {"judge": "random Llama-2-7B shapes, fp16", "new_tokens": args.new_tokens,
+              "prompt_tokens_mean": length(texts), "runs": []}
+    save = lambda: (out_dir / "green-judge.json").write_text(json.dumps(result, indent=2) + "\n")  # noqa: E731
+    print(json.dumps(result), flush=True)
+    n = args.package_prompts
+    judged = {}
+    for name, batch in (("package: generate, batch 8, input order", 8), ("control: generate, batch 16", 16)):
+        way = GreenJudge(model, tokenizer, batch_size=batch, decode_loop="generate", **settings)
+        judged[batch], seconds, peak = timed(
+            lambda: [o for i in range(0, n, batch) for o in way.generate(texts[i:i + batch])])
+        result["runs"].append({"way": name, "prompts": n, "seconds": seconds, "judgments_per_s": n / seconds,
+                               "peak_gib": peak, "identical_to_package": sum(
+                                   a == b for a, b in zip(judged[batch], judged[8])) / n})
+        print(json.dumps(result["runs"][-1]), flush=True)
+        save()
+    package_out = judged[8]
+    for batch in args.batch:
+        ours = GreenJudge(model, tokenizer, batch_size=batch, decode_loop="graph", **settings)
+        for phase in ("first (compiles)", "warm"):
+            try:
+                out, seconds, peak = timed(lambda: ours.judge(refs, cands))
+            except torch.OutOfMemoryError as e:
+                result["runs"].append({"way": f"ours: graph loop, batch {batch}", "error": str(e)[:200]})
+                break
+            same = sum(a == b for a, b in zip(out[:n], package_out)) / n
+            result["runs"].append({"way": f"ours: graph loop, batch {batch}, {phase}", "prompts": len(refs),
+                                   "seconds": seconds, "judgments_per_s": len(refs) / seconds, "peak_gib": peak,
+                                   "identical_to_package": same})
+            print(json.dumps(result["runs"][-1]), flush=True)
+            save()
+        del ours
+        torch.cuda.empty_cache()
+    save()
+
+
+if __name__ == "__main__":
+    main()

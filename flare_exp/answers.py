@@ -1,0 +1,68 @@
+"""Reading answers out of model output: shared by the GRPO rewards and the evaluation metrics.
+
+- ``extract_choice``: the option letter of a multiple-choice answer (dental: A..K). The seed upper-cased the
+  output before searching ``\\b[A-F]\\b``, so the article "a" read as option A and options past F never
+  matched; here a letter counts only in forms that mean an option: ``C``, ``C.``, ``(C)``, ``Answer: C``,
+  ``option C``, ``C) ...`` at the start, or a standalone capital that is not the article/pronoun starting a
+  phrase ("A small effusion", "I think").
+- ``label_set`` / ``set_f1``: a multi-label answer as a set of labels split on the dataset's separator,
+  compared case- and whitespace-insensitively.
+- ``parse_number``: the first number in a regression answer: ``22.9``, ``22.9%``, ``1,234``, ``about 20
+  percent``, ``1e1`` (10: the exponent is part of the number).
+"""
+from __future__ import annotations
+
+import re
+
+
+def extract_choice(text: str, letters: str = "ABCDEFGHIJK") -> str | None:
+    if not isinstance(text, str):
+        return None
+    s = text.strip()
+    cls = f"[{letters}]"
+    patterns = [
+        rf"^\(?({cls})\)?[.):]?$",                                             # the whole answer: "C", "(C)", "C."
+        rf"(?i:\b(?:answer|option|choice)\b(?:\s+is)?\s*[:\-]?\s*)\(?({cls}|{cls.lower()})\)?(?![\w])",
+        rf"\(({cls})\)",                                                       # "(C)"
+        rf"^({cls})[.):]\s",                                                   # "C. Caries", "C) ..."
+    ]
+    for pat in patterns:
+        m = re.search(pat, s, flags=re.M)
+        if m:
+            return m.group(1).upper()
+    if len(s) == 1 and s.upper() in letters:  # a lone lower-case letter
+        return s.upper()
+    for m in re.finditer(rf"(?<![\w'-])({cls})(?![\w'-])", s):
+        letter = m.group(1)
+        following = s[m.end():m.end() + 2]
+        if letter in "AI" and re.match(r"\s[a-z]", following):  # "A small ...", "I think ..."
+            continue
+        return letter
+    return None
+
+
+def label_set(text, separator: str) -> set[str]:
+    if not isinstance(text, str):
+        return set()
+    parts = text.split(separator)
+    return {re.sub(r"\s+", " ", p).strip(" .\n\t").lower() for p in parts} - {""}
+
+
+def set_f1(pred: set, gold: set) -> float:
+    if not pred and not gold:
+        return 1.0
+    if not pred or not gold:
+        return 0.0
+    return 2 * len(pred & gold) / (len(pred) + len(gold))
+
+
+_NUMBER = re.compile(r"(?:[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[-+]?\.\d+)(?:[eE][-+]?\d+)?")
+
+
+def parse_number(text) -> float | None:
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return float(text)
+    if not isinstance(text, str):
+        return None
+    m = _NUMBER.search(text)
+    return float(m.group(0).replace(",", "")) if m else None

@@ -1,0 +1,128 @@
+"""FLARE's official numbers, computed by the rules of FLARE's public evaluator (the script that scores
+leaderboard submissions), so a number we write equals the one FLARE would.
+
+FLARE groups predictions by task type across datasets (chestdr and periapical pool into one multi-label
+number) and reads the answers as they are, without any parsing of free text:
+
+- classification: balanced accuracy (scikit-learn's) on ``str(x).strip().lower()`` (a missing answer is "");
+  the mean recall over the classes present in the ground truth.
+- multi-label: micro F1 over pooled true / false positives and false negatives; labels are the pieces of
+  ``re.split('[;,]')``, stripped and lower-cased, empties dropped (so periapical's comma-containing label
+  becomes several). A pair whose prediction or answer is not a string is left out. No label anywhere: 0.
+- regression: the mean absolute error of ``float(prediction)`` against ``float(answer)``; one value that
+  ``float()`` refuses ("22.9%", "about 20", a null) makes it infinite.
+- report generation: the GREEN package's mean score (``flare_exp.metrics.green``).
+
+``per_sample_stats`` + ``aggregate`` express each metric as per-sample statistics and their aggregate, which
+the paired significance tests (``flare_exp.metrics.significance``) resample.
+"""
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+
+OFFICIAL_METRIC = {"classification": "balanced_accuracy", "multi_label": "f1_score",
+                   "regression": "mean_absolute_error", "report_generation": "green_score"}
+# FLARE's own name of each group (its TaskType, lower-cased)
+FLARE_TASK_TYPE = {"classification": "classification", "multi_label": "multi-label classification",
+                   "regression": "regression", "report_generation": "report_generation"}
+LOWER_IS_BETTER = {"mean_absolute_error"}
+
+
+def flare_text(value) -> str:
+    return "" if value is None else str(value).strip().lower()
+
+
+def flare_labels(value) -> set[str]:
+    return {piece.strip().lower() for piece in re.split(r"[;,]", value) if piece.strip()}
+
+
+def flare_float(value) -> float | None:
+    """``float(value)``, or None where Python's float() refuses it (FLARE's evaluator then gives infinity)."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def classification_stats(preds: list, golds: list) -> np.ndarray:
+    """Per sample: (gold class index, correct)."""
+    golds, preds = [flare_text(g) for g in golds], [flare_text(p) for p in preds]
+    classes = {c: i for i, c in enumerate(sorted(set(golds)))}
+    return np.array([[classes[g], float(p == g)] for p, g in zip(preds, golds)], dtype=float).reshape(-1, 2)
+
+
+def multi_label_stats(preds: list, golds: list) -> np.ndarray:
+    """Per sample: (true positives, false positives, false negatives); zeros for a pair FLARE leaves out."""
+    rows = []
+    for p, g in zip(preds, golds):
+        if not (isinstance(p, str) and isinstance(g, str)):
+            rows.append([0.0, 0.0, 0.0])
+            continue
+        pred, gold = flare_labels(p), flare_labels(g)
+        rows.append([len(pred & gold), len(pred - gold), len(gold - pred)])
+    return np.array(rows, dtype=float).reshape(-1, 3)
+
+
+def regression_stats(preds: list, golds: list) -> np.ndarray:
+    """Per sample: the absolute error, +inf where either side does not parse with float()."""
+    out = []
+    for p, g in zip(preds, golds):
+        pv, gv = flare_float(p), flare_float(g)
+        out.append(math.inf if pv is None or gv is None else abs(pv - gv))
+    return np.array(out, dtype=float).reshape(-1, 1)
+
+
+def green_stats(scores: list[float]) -> np.ndarray:
+    return np.array(scores, dtype=float).reshape(-1, 1)
+
+
+STATS = {"classification": classification_stats, "multi_label": multi_label_stats, "regression": regression_stats}
+
+
+def aggregate(task: str, stats: np.ndarray) -> np.ndarray:
+    """The official metric of each set of samples: ``stats`` is (..., n, k) per-sample statistics; the result
+    has the leading shape (a single value for (n, k))."""
+    if task == "classification":
+        classes, correct = stats[..., 0], stats[..., 1]
+        recalls = []
+        for c in np.unique(classes):
+            members = classes == c
+            count = members.sum(-1)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                recalls.append(np.where(count > 0, (correct * members).sum(-1) / count, np.nan))
+        return np.nanmean(np.stack(recalls), axis=0) if recalls else np.full(stats.shape[:-2], np.nan)
+    if task == "multi_label":
+        tp, fp, fn = (stats[..., i].sum(-1) for i in range(3))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            precision = np.where(tp + fp > 0, tp / (tp + fp), 0.0)
+            recall = np.where(tp + fn > 0, tp / (tp + fn), 0.0)
+            return np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+    if task in ("regression", "report_generation"):
+        return stats[..., 0].mean(-1)
+    raise ValueError(f"no official metric for task type {task!r}")
+
+
+def official_value(task: str, stats: np.ndarray) -> float | None:
+    if len(stats) == 0:
+        return None
+    return float(aggregate(task, stats))
+
+
+def official_block(task: str, rows: list[dict], green_scores: list[float] | None = None) -> dict:
+    """FLARE's metric for one group of rows (``prediction`` and ``answer`` as written), under FLARE's name."""
+    name = OFFICIAL_METRIC[task]
+    block = {"flare_task_type": FLARE_TASK_TYPE[task], "num_examples": len(rows)}
+    if task == "report_generation":
+        block[name] = None if green_scores is None else official_value(task, green_stats(green_scores))
+        return block
+    stats = STATS[task]([r.get("prediction", "") for r in rows], [r.get("answer", "") for r in rows])
+    block[name] = official_value(task, stats)
+    if task == "regression":
+        unparsed = int(np.isinf(stats[:, 0]).sum())
+        if unparsed:
+            block["note"] = (f"infinite: {unparsed} prediction(s) or answer(s) that float() does not read "
+                             "(FLARE's rule); mae_parseable gives the error over the others")
+    return block

@@ -10,6 +10,12 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 
+def _umask_mode() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; it replaces ``path`` only if the block finishes."""
@@ -20,6 +26,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, _umask_mode())  # mkstemp's file is 0600: give it the mode a plain open() would
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():

@@ -9,6 +9,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from flare_exp import stages
+from flare_exp.config import unknown_keys
 from flare_exp.models.loading import check_model_settings
 from flare_exp.runtime import (abspath, check_not_finished, clear_finished_outputs, run_with_markers,
                                write_run_metadata)
@@ -21,10 +22,15 @@ def steps_of(cfg: DictConfig) -> set[str]:
 
 
 def validate(cfg: DictConfig) -> None:
+    unknown = unknown_keys(cfg)
+    if unknown:
+        raise ValueError(f"unknown config key(s): {'; '.join(unknown)}. `+key=value` adds a key the stages never "
+                         "read; set an existing key without the +")
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ValueError(f"these config values must be set: {', '.join(missing)} "
                          f"(e.g. python launch.py {missing[0]}=...)")
+    check_reward_weights(cfg.reward)
     if cfg.experiment_name == "demo" and (cfg.model.name != "tiny" or cfg.data.name != "demo"):
         raise ValueError(
             f"experiment=demo runs demo-sized budgets (a few steps), but model={cfg.model.name} "
@@ -39,6 +45,20 @@ def validate(cfg: DictConfig) -> None:
         if not torch.cuda.is_available():  # before minutes of model loading, not transformers' "bf16/gpu" error
             raise ValueError(f"model.dtype={cfg.model.dtype}: training in half precision needs a GPU and this "
                              "machine has none; pass model.dtype=float32 (or auto) to train on the CPU")
+
+
+def check_reward_weights(reward: DictConfig) -> None:
+    """A NaN or infinite weight stops here, naming the key (it would poison every GRPO advantage); a negative
+    one is allowed (a penalty) and said."""
+    import math
+
+    for task in ("report_generation", "classification", "multi_label", "regression"):
+        for term, weight in (reward[task].weights or {}).items():
+            key = f"reward.{task}.weights.{term}"
+            if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not math.isfinite(weight):
+                raise ValueError(f"{key}={weight!r}: a reward weight must be a finite number")
+            if weight < 0:
+                log.warning("%s=%s is negative: the term is a penalty", key, weight)
 
 
 def check_one_process_per_job(uses_gpu: bool = True) -> None:

@@ -192,3 +192,45 @@ def test_half_precision_training_without_a_gpu_is_refused_at_startup(tmp_path):
     with pytest.raises(ValueError, match="model.dtype=bfloat16: .* pass model.dtype=float32"):
         validate(cfg)
     validate(compose_cfg(["stage=infer", "model.dtype=bfloat16"]))  # inference in bf16 on a CPU is allowed
+
+
+def test_plus_cannot_add_a_key_the_schema_lacks():
+    from flare_exp.main import validate
+
+    cfg = compose_cfg(["+sft.learning_rat=1e-4", "+model.lora.rr=8"])
+    with pytest.raises(ValueError, match=r"sft.learning_rat \(did you mean sft.learning_rate\?\).*") as e:
+        validate(cfg)
+    assert "model.lora.rr (did you mean model.lora.r?)" in str(e.value)
+    validate(compose_cfg(["+reward.regression.weights.rouge_l=0.1"]))  # dict fields take new keys
+
+
+@pytest.mark.parametrize("weight", ["nan", "inf", "-inf"])
+def test_non_finite_reward_weights_stop_at_startup(weight):
+    from flare_exp.main import validate
+
+    with pytest.raises(ValueError, match=f"reward.regression.weights.numeric={weight}.*finite"):
+        validate(compose_cfg([f"reward.regression.weights.numeric={weight}"]))
+
+
+def test_negative_reward_weight_is_allowed_and_said(caplog):
+    from flare_exp.main import validate
+
+    validate(compose_cfg(["reward.regression.weights.numeric=-0.5"]))
+    assert "reward.regression.weights.numeric=-0.5 is negative" in caplog.text
+
+
+def test_written_files_honour_the_umask(tmp_path):
+    import os
+
+    from flare_exp.io import write_json, write_jsonl
+
+    old = os.umask(0o022)
+    try:
+        write_json(tmp_path / "a.json", {})
+        write_jsonl(tmp_path / "b.jsonl", [{}])
+        assert {oct(os.stat(tmp_path / n).st_mode & 0o777) for n in ("a.json", "b.jsonl")} == {"0o644"}
+        os.umask(0o077)
+        write_json(tmp_path / "c.json", {})
+        assert os.stat(tmp_path / "c.json").st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)

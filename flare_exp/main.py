@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from flare_exp import stages
 from flare_exp.config import unknown_keys
 from flare_exp.models.loading import check_model_settings
+from flare_exp.runlock import RunLock
 from flare_exp.runtime import (abspath, check_not_finished, clear_finished_outputs, run_with_markers,
                                write_run_metadata)
 
@@ -109,6 +110,11 @@ def run(cfg: DictConfig, run_dir: Path | None = None):
     preload_backend(cfg)
     runner = stages.get_runner(stage)
     out_dir = stages.output_dir(stage, cfg, run_dir)
+    with RunLock(out_dir):  # one writer per run dir, from the first check to the last marker
+        return run_locked(cfg, stage, runner, run_dir, out_dir)
+
+
+def run_locked(cfg: DictConfig, stage: str, runner, run_dir: Path, out_dir: Path):
     # The pipeline reuses finished steps instead of refusing; a sweep report is only a view, regenerated.
     if stage not in ("pipeline", "sweep_report"):
         check_not_finished(out_dir, cfg.overwrite, what=f"{stage} run")

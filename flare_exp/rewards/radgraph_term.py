@@ -20,6 +20,21 @@ LEVELS = {"RG_E": 0, "RG_ER": 1, "RG_ER_bar": 2}
 _SCORERS: dict = {}
 
 
+# What RadGraph sees of a report: its BERT encoder reads 512 word pieces, about MAX_WORDS words of a report;
+# an absurd prediction (100 KB of text) otherwise costs tens of GB and minutes in its span enumeration.
+MAX_WORDS = 384
+MAX_CHARS = 4000
+
+
+def cut_report(text: str) -> str:
+    """The first MAX_WORDS words (at most MAX_CHARS characters) of a report, stripped."""
+    return " ".join(str(text).split()[:MAX_WORDS])[:MAX_CHARS].strip()
+
+
+def is_cut(text: str) -> bool:
+    return cut_report(text) != " ".join(str(text).split())
+
+
 def check_model_dir(model_dir, model_type: str, key: str = "reward.radgraph.model_dir") -> Path:
     if not model_dir:
         raise FileNotFoundError(
@@ -110,7 +125,7 @@ class RadGraphScorer:
         return found
 
     def score_pairs(self, hyps: list[str], refs: list[str]) -> list[tuple[float, float, float]]:
-        pairs = [(h.strip().lower(), r.strip().lower()) for h, r in zip(hyps, refs)]
+        pairs = [(cut_report(h).lower(), cut_report(r).lower()) for h, r in zip(hyps, refs)]
         scored = [p for p in pairs if p[0] and p[1]]
         if not scored:
             return [(0.0, 0.0, 0.0)] * len(pairs)

@@ -91,9 +91,15 @@ def report_metrics(rows: list[dict], scorers: ReportScorers, label: str) -> tupl
            "seed_bleu": text.seed_bleu(hyps, refs)}
     radgraph = scorers.radgraph()
     if radgraph is not None:
+        from flare_exp.rewards.radgraph_term import MAX_WORDS, is_cut
+
         triples = radgraph.score_pairs(hyps, refs)
         for i, name in enumerate(("radgraph_RG_E", "radgraph_RG_ER", "radgraph_RG_ER_bar")):
             out[name] = sum(t[i] for t in triples) / len(triples)
+        cut = sum(is_cut(h) for h in hyps)
+        if cut:
+            out["radgraph_cut_predictions"] = cut
+            out["radgraph_cut_note"] = f"{cut} prediction(s) cut to their first {MAX_WORDS} words for RadGraph"
     else:
         out["radgraph_note"] = "not computed: reward.radgraph.model_dir is not set (or eval.radgraph=false)"
     reference = scorers.keyword()

@@ -21,15 +21,7 @@ Parsers (``eval.green.parser``):
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import logging
 import re
-from pathlib import Path
-
-from flare_exp.io import read_journal
-
-log = logging.getLogger(__name__)
 
 SIGNIFICANT = "Clinically Significant Errors"
 INSIGNIFICANT = "Clinically Insignificant Errors"

@@ -22,7 +22,7 @@ from collections import defaultdict
 
 from flare_exp.answers import extract_choice, label_set, parse_number, set_f1
 from flare_exp.data.records import label_separator
-from flare_exp.metrics.official import flare_labels, flare_text
+from flare_exp.metrics.official import flare_text, multi_label_stats
 
 
 def balanced_accuracy(preds: list[str], golds: list[str]) -> float:
@@ -61,7 +61,6 @@ def _micro(tp: int, fp: int, fn: int) -> tuple[float, float, float]:
 
 def multi_label_metrics(rows: list[dict]) -> dict:
     counts = [0, 0, 0]        # dataset-aware tp, fp, fn
-    flare = [0, 0, 0]         # FLARE's split
     per_label = defaultdict(lambda: [0, 0, 0])
     per_sample = []
     for r in rows:
@@ -72,12 +71,9 @@ def multi_label_metrics(rows: list[dict]) -> dict:
         for label in pred | gold:
             per_label[label][0 if label in pred & gold else 1 if label in pred else 2] += 1
         per_sample.append(set_f1(pred, gold))
-        if isinstance(r["answer"], str):
-            fp_, fg_ = flare_labels(r["prediction"]), flare_labels(r["answer"])
-            for i, n in enumerate((len(fp_ & fg_), len(fp_ - fg_), len(fg_ - fp_))):
-                flare[i] += n
     precision, recall, f1 = _micro(*counts)
-    flare_precision, flare_recall, _ = _micro(*flare)
+    flare = multi_label_stats([r["prediction"] for r in rows], [r["answer"] for r in rows]).sum(0)
+    flare_precision, flare_recall, _ = _micro(*(int(n) for n in flare))
     return {"n": len(rows), "precision_micro": flare_precision, "recall_micro": flare_recall,
             "dataset_aware_f1_micro": f1, "dataset_aware_precision_micro": precision,
             "dataset_aware_recall_micro": recall, "dataset_aware_f1_example": sum(per_sample) / len(per_sample),

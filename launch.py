@@ -22,12 +22,13 @@ def main(cfg: DictConfig):
     from hydra.types import RunMode
 
     from flare_exp.main import run
+    from flare_exp.resume import RunSettingsChangedError
     from flare_exp.runlock import RunLockedError
     from flare_exp.runtime import RunFinishedError
 
     try:
         return run(cfg)
-    except (*INPUT_ERRORS, RunFinishedError, RunLockedError) as e:
+    except (*INPUT_ERRORS, RunFinishedError, RunLockedError, RunSettingsChangedError) as e:
         if HydraConfig.get().mode != RunMode.RUN or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise  # sweeps: the job fails and the sweep report says so
         print(f"\nflare-exp: {type(e).__name__}: {e}\n(HYDRA_FULL_ERROR=1 shows the traceback; a stage that "

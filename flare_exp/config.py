@@ -107,7 +107,9 @@ class DataConfig:
     # Optional instruction put before the question, per normalised task type ("" = none).
     instructions: Dict[str, str] = field(default_factory=dict)
     unzip: bool = True
+    # Decode every image in full at prepare (a broken one is a reject, not a crash in the first SFT batch).
     verify_images: bool = True
+    image_workers: int = 0  # processes decoding images at prepare; 0 = one per core, at most 16
     strict: bool = False
     allow_overlap: bool = False
     # data=demo: generate a synthetic FLARE-layout tree at `root` when it is missing.

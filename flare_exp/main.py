@@ -6,14 +6,15 @@ import os
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from flare_exp import stages
 from flare_exp.config import unknown_keys
 from flare_exp.models.loading import check_model_settings
 from flare_exp.runlock import RunLock
-from flare_exp.runtime import (abspath, check_not_finished, clear_finished_outputs, run_with_markers,
-                               write_run_metadata)
+from flare_exp.resume import start_attempt
+from flare_exp.runtime import abspath, run_with_markers, write_failed, write_run_metadata
 
 log = logging.getLogger(__name__)
 
@@ -22,30 +23,120 @@ def steps_of(cfg: DictConfig) -> set[str]:
     return set(cfg.stage.steps) if cfg.stage.name == "pipeline" else {cfg.stage.name}
 
 
-def validate(cfg: DictConfig) -> None:
+GPU_STAGES = {"sft", "rl", "infer"}
+
+
+def validate(cfg: DictConfig, inputs: bool = False) -> None:
+    """Every problem with the settings (and, with ``inputs``, what this machine must hold for them: the
+    backend's package, the model, every input path) checked before any work and reported in one message: a
+    first real run must not fail once per wrong setting."""
+    problems = setting_problems(cfg, preload=inputs) + (input_problems(cfg) if inputs else [])
+    if len(problems) == 1:
+        raise problems[0]
+    if problems:
+        raise ValueError(f"{len(problems)} problems with the settings; nothing was run:\n"
+                         + "\n".join(f"  {i}. {p}" for i, p in enumerate(problems, 1)))
+
+
+def _collect(problems: list, check, *args) -> None:
+    from omegaconf.errors import MissingMandatoryValue
+
+    try:
+        check(*args)
+    except MissingMandatoryValue:
+        pass  # named once, with every other unset value
+    except (ValueError, FileNotFoundError, ImportError, RuntimeError) as e:
+        problems.append(e)
+
+
+def setting_problems(cfg: DictConfig, preload: bool = False) -> list[Exception]:
+    problems: list[Exception] = []
+    steps = steps_of(cfg)
+    for check in (check_known_keys, check_set_values, check_demo_budget, check_half_precision):
+        _collect(problems, check, cfg)
+    _collect(problems, check_reward_weights, cfg.reward)
+    _collect(problems, check_model_settings, cfg.model)
+    _collect(problems, check_one_process_per_job, bool(steps & GPU_STAGES))
+    if preload and not problems:  # Unsloth first (it patches transformers), then the stage modules' own checks
+        _collect(problems, preload_backend, cfg)
+    for step in sorted(steps - {"pipeline", "sweep_report"}):
+        _collect(problems, _stage_check, step, cfg)
+    return problems
+
+
+def _stage_check(step: str, cfg: DictConfig) -> None:
+    check = getattr(stages.get_runner(step), "check_settings", None)
+    if check:
+        check(cfg)
+
+
+def check_known_keys(cfg: DictConfig) -> None:
     unknown = unknown_keys(cfg)
     if unknown:
         raise ValueError(f"unknown config key(s): {'; '.join(unknown)}. `+key=value` adds a key the stages never "
                          "read; set an existing key without the +")
+
+
+def check_set_values(cfg: DictConfig) -> None:
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ValueError(f"these config values must be set: {', '.join(missing)} "
                          f"(e.g. python launch.py {missing[0]}=...)")
-    check_reward_weights(cfg.reward)
+
+
+def check_demo_budget(cfg: DictConfig) -> None:
     if cfg.experiment_name == "demo" and (cfg.model.name != "tiny" or cfg.data.name != "demo"):
         raise ValueError(
             f"experiment=demo runs demo-sized budgets (a few steps), but model={cfg.model.name} "
             f"data={cfg.data.name} were chosen. For real runs pass experiment=flare (or ~experiment) "
             "so the full training settings apply.")
-    check_model_settings(cfg.model)
-    steps = steps_of(cfg)
-    check_one_process_per_job(uses_gpu=bool(steps & {"sft", "rl", "infer"}))
-    if steps & {"sft", "rl"} and cfg.model.dtype in ("bfloat16", "float16"):
+
+
+def check_half_precision(cfg: DictConfig) -> None:
+    if steps_of(cfg) & {"sft", "rl"} and cfg.model.dtype in ("bfloat16", "float16"):
         import torch
 
         if not torch.cuda.is_available():  # before minutes of model loading, not transformers' "bf16/gpu" error
             raise ValueError(f"model.dtype={cfg.model.dtype}: training in half precision needs a GPU and this "
                              "machine has none; pass model.dtype=float32 (or auto) to train on the CPU")
+
+
+def input_problems(cfg: DictConfig) -> list[Exception]:
+    """The paths a run reads that must exist before it starts (those an earlier step of a pipeline writes
+    are left to that step)."""
+    from flare_exp.models.loading import check_model_path
+
+    problems: list[Exception] = []
+    steps = steps_of(cfg)
+    if steps & GPU_STAGES:
+        _collect(problems, check_model_path, cfg.model)
+    if "prepare" in steps:
+        _collect(problems, _check_exists, "data.root", cfg.data.root, cfg.data.demo is None,
+                 "Download FLARE-Task5-MLLM-2D (Xray) and point data.root at the folder holding training/ ...")
+        return problems
+    written_before = {"rl": {"sft"}, "infer": {"sft", "rl"}, "eval": {"infer"}}  # by an earlier pipeline step
+    for step, keys in STAGE_INPUTS.items():
+        if step in steps and not steps & written_before.get(step, set()):
+            for key in keys:
+                value = OmegaConf.select(cfg, key)
+                for one in (value if isinstance(value, (list, tuple)) or OmegaConf.is_list(value) else [value]):
+                    hint = "stage=prepare writes it" if key.endswith(("train_file", "val_file")) else ""
+                    _collect(problems, _check_exists, key, one, True, hint)
+    if "infer" in steps and not steps & written_before["infer"] and not cfg.infer.input_file:
+        default = f"{cfg.data.prepared_dir}/{cfg.infer.split}.jsonl"
+        _collect(problems, _check_exists, f"infer.split={cfg.infer.split}", default, True,
+                 "Run stage=prepare first, or set infer.input_file")
+    return problems
+
+
+# the paths each stage reads, by the key that names them
+STAGE_INPUTS = {"sft": ("sft.train_file", "sft.val_file", "sft.init_from"), "rl": ("rl.train_file", "rl.init_from"),
+                "infer": ("infer.input_file", "infer.checkpoint"), "eval": ("eval.predictions",)}
+
+
+def _check_exists(key: str, value, required: bool, hint: str) -> None:
+    if value is not None and required and not abspath(value).exists():
+        raise FileNotFoundError(f"{key}={value}: no such file or directory ({abspath(value)}). {hint}".strip())
 
 
 def check_reward_weights(reward: DictConfig) -> None:
@@ -103,11 +194,15 @@ def run(cfg: DictConfig, run_dir: Path | None = None):
     # Unsloth writes its generated modules to ./unsloth_compiled_cache otherwise: into whatever directory a
     # job was submitted from, shared by every job of a sweep.
     os.environ.setdefault("UNSLOTH_COMPILE_LOCATION", str(cache_dir / "unsloth_compiled_cache"))
-    validate(cfg)
+    try:
+        validate(cfg, inputs=True)
+    except Exception as e:
+        if run_dir is None and HydraConfig.get().mode == RunMode.MULTIRUN:
+            write_failed(Path(HydraConfig.get().runtime.output_dir), e)  # the sweep report shows why
+        raise
     if run_dir is None:
         run_dir = Path(HydraConfig.get().runtime.output_dir)
     stage = cfg.stage.name
-    preload_backend(cfg)
     runner = stages.get_runner(stage)
     out_dir = stages.output_dir(stage, cfg, run_dir)
     with RunLock(out_dir):  # one writer per run dir, from the first check to the last marker
@@ -115,14 +210,13 @@ def run(cfg: DictConfig, run_dir: Path | None = None):
 
 
 def run_locked(cfg: DictConfig, stage: str, runner, run_dir: Path, out_dir: Path):
-    # The pipeline reuses finished steps instead of refusing; a sweep report is only a view, regenerated.
-    if stage not in ("pipeline", "sweep_report"):
-        check_not_finished(out_dir, cfg.overwrite, what=f"{stage} run")
-        if cfg.overwrite:
-            clear_finished_outputs(out_dir)
-    write_run_metadata(run_dir, cfg)
-    if out_dir != run_dir:
+    # The pipeline starts each step's attempt itself (reusing finished ones); a sweep report is only a view.
+    if stage in ("pipeline", "sweep_report"):
         write_run_metadata(out_dir, cfg)
+    else:
+        start_attempt(stage, cfg, out_dir)
+    if out_dir != run_dir:
+        write_run_metadata(run_dir, cfg)
     log.info("stage=%s model=%s (%s) data=%s -> %s", stage, cfg.model.name, cfg.model.backend, cfg.data.name,
              out_dir)
     result = run_with_markers(out_dir, runner.run, cfg, out_dir)

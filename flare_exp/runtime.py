@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 
 DONE = "DONE"
 FAILED = "FAILED"
+FINGERPRINT = "fingerprint.json"  # what decides a resumable stage's outputs (flare_exp/resume.py)
 TRACKED_PACKAGES = ("torch", "torchvision", "transformers", "trl", "peft", "accelerate", "datasets", "unsloth",
                     "unsloth_zoo", "bitsandbytes", "radgraph", "rouge-score", "hydra-core", "omegaconf",
                     "submitit", "hydra-submitit-launcher", "wandb", "openpyxl")
@@ -95,42 +97,28 @@ def marker(run_dir: Path) -> str | None:
     return None
 
 
-def check_not_finished(run_dir: Path, overwrite: bool, what: str = "run") -> None:
-    if (run_dir / DONE).exists() and not overwrite:
-        raise RunFinishedError(
-            f"{run_dir} already holds a finished {what} ({DONE} marker present). Nothing was changed. "
-            f"Pass overwrite=true to redo it there, or choose another run_name=.")
-
-
-def clear_finished_outputs(run_dir: Path) -> None:
-    """overwrite=true on a finished run: what a rerun would resume from (training checkpoints, the final
-    adapter, written predictions) must go first, or the "rerun" would only resume the finished one."""
-    import shutil
-
-    if not (run_dir / DONE).exists():
-        return
-    for path in sorted(run_dir.glob("checkpoint-*")) + [run_dir / "final", run_dir / "predictions.jsonl"]:
-        if path.exists():
-            log.info("overwrite=true: removing %s of the finished run", path)
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-    (run_dir / DONE).unlink()
+def next_attempt_dir(run_dir: Path) -> Path:
+    dest = run_dir / "attempts" / f"{len(list((run_dir / 'attempts').glob('[0-9]*'))) + 1:02d}"
+    dest.mkdir(parents=True)
+    return dest
 
 
 def keep_previous_attempt(run_dir: Path, config_yaml: str) -> Path | None:
-    """A run dir used again (a resumed crash, a requeued SLURM job, a rerun with other settings after an
-    out-of-memory stop, overwrite=true): the earlier attempt's config.yaml, run_info.json and FAILED traceback
-    move to attempts/NN/ instead of being overwritten, so what trained the first steps stays on record. A rerun
-    of a run that did not fail, with the same config (a pipeline reusing its steps), keeps nothing new."""
+    """A run dir used again (a resumed crash or kill -9, a requeued SLURM job, a rerun with other settings):
+    the earlier attempt's config.yaml, run_info.json and FAILED traceback move to attempts/NN/ instead of
+    being overwritten, so what trained the first steps stays on record (its fingerprint is copied). Only a
+    finished run rerun with the same config (a pipeline reusing its steps) keeps nothing new."""
     if not (run_dir / "run_info.json").exists():
         return None
     config = run_dir / "config.yaml"
-    if not (run_dir / FAILED).exists() and config.exists() and config.read_text() == config_yaml:
+    if (run_dir / DONE).exists() and config.exists() and config.read_text() == config_yaml:
         return None
-    dest = run_dir / "attempts" / f"{len(list((run_dir / 'attempts').glob('[0-9]*'))) + 1:02d}"
-    dest.mkdir(parents=True)
+    dest = next_attempt_dir(run_dir)
     for name in ("config.yaml", "run_info.json", FAILED):
         if (run_dir / name).exists():
             (run_dir / name).rename(dest / name)
+    if (run_dir / FINGERPRINT).exists():
+        shutil.copy2(run_dir / FINGERPRINT, dest / FINGERPRINT)
     return dest
 
 
@@ -151,6 +139,14 @@ def write_run_metadata(run_dir: Path, cfg: DictConfig) -> None:
     })
 
 
+def write_failed(run_dir: Path, error: BaseException) -> None:
+    """FAILED with the error and its traceback (call it in the except block)."""
+    stopped = isinstance(error, (SystemExit, KeyboardInterrupt))  # preempted, timed out, cancelled, Ctrl-C
+    why = (f"stopped from outside ({type(error).__name__} {error}): preempted, timed out or cancelled; a "
+           "requeued job or a rerun with the same run_name resumes") if stopped else f"{type(error).__name__}: {error}"
+    write_text(run_dir / FAILED, f"{why}\n\n{traceback.format_exc()}")
+
+
 def run_with_markers(run_dir: Path, fn, *args, **kwargs):
     """Run ``fn`` and leave DONE (with its result summary) or FAILED (with the traceback) in ``run_dir``."""
     for name in (DONE, FAILED):
@@ -159,7 +155,7 @@ def run_with_markers(run_dir: Path, fn, *args, **kwargs):
     try:
         result = fn(*args, **kwargs)
     except BaseException as e:
-        write_text(run_dir / FAILED, f"{type(e).__name__}: {e}\n\n{traceback.format_exc()}")
+        write_failed(run_dir, e)
         raise
     write_json(run_dir / DONE, {"seconds": round(time.time() - start, 2),
                                 "finished": _dt.datetime.now().isoformat(timespec="seconds"),

@@ -234,3 +234,24 @@ def test_written_files_honour_the_umask(tmp_path):
         assert os.stat(tmp_path / "c.json").st_mode & 0o777 == 0o600
     finally:
         os.umask(old)
+
+
+def test_a_first_real_run_hears_every_problem_at_once(tmp_path):
+    """Unset data.root, half precision on a CPU, no model files, nothing prepared: one message with all of them,
+    before any work."""
+    import torch
+
+    from flare_exp.main import run
+
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU-only dtype error")
+    cfg = compose_cfg(["experiment=flare", "stage=sft", "model=qwen3vl_4b", "data=flare_xray",
+                       f"model.path={tmp_path / 'Qwen3-VL-4B-Instruct'}", "model.dtype=bfloat16",
+                       f"paths.output_root={tmp_path / 'out'}"])
+    with pytest.raises(ValueError) as e:
+        run(cfg, run_dir=tmp_path / "run")
+    message = str(e.value)
+    assert message.startswith("5 problems with the settings; nothing was run:")
+    assert "data.root" in message and "model.dtype=bfloat16" in message and "model.path=" in message
+    assert "sft.train_file=" in message and "stage=prepare writes it" in message
+    assert not (tmp_path / "run").exists()

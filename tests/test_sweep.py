@@ -92,3 +92,38 @@ def test_sweep_report_marks_unfinished_jobs(tmp_path):
     rows = list(csv.DictReader((sweep / "report" / "sweep.csv").open()))
     assert [(r["rl.beta"], r["status"], r["reward_last"]) for r in rows] == [("0", "DONE", "0.5"),
                                                                             ("1", "unfinished", "")]
+
+
+def test_a_preempted_slurm_job_is_requeued_and_resumes_from_its_checkpoint(session_dir, tmp_path, tiny_model_dir,
+                                                                          demo_prepared):
+    """SLURM's preemption signal (SIGUSR2) to a running SFT job: submitit checkpoints the task and asks for a
+    requeue (scontrol), the stand-in SLURM runs the job again, and the stage continues from its last
+    checkpoint to DONE with every step logged once."""
+    import signal
+    import time
+
+    state = tmp_path / "slurm"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled",
+           "PATH": f"{FAKE_SLURM}:{os.environ['PATH']}", "FAKE_SLURM_DIR": str(state)}
+    args = [f"paths.cache_dir={session_dir / 'cache'}", f"paths.output_root={tmp_path / 'out'}", "stage=sft",
+            "sft.max_steps=40", "sft.save_steps=2", "sft.eval_steps=0", "sft.save_total_limit=null",
+            "sft.logging_steps=1", "run_name=preempt", "hydra/launcher=slurm", "hydra.launcher.timeout_min=90"]
+    launcher = subprocess.Popen([sys.executable, "launch.py", "-m", *args, "seed=1"], cwd=REPO, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    job = tmp_path / "out" / "sweeps" / "preempt" / "0"
+    deadline = time.time() + 300
+    while not (job / "checkpoint-2" / "trainer_state.json").exists():
+        assert time.time() < deadline and launcher.poll() is None, launcher.communicate()[1][-3000:]
+        time.sleep(0.1)
+    os.kill(int(next(state.glob("*.task_pid")).read_text()), signal.SIGUSR2)
+    _, stderr = launcher.communicate(timeout=600)
+    assert launcher.returncode == 0, stderr[-3000:]
+    assert next(state.glob("*.restarts")).read_text() == "1"  # run twice: preempted, then requeued
+    assert (job / "DONE").exists() and json.loads((job / "sft_summary.json").read_text())["global_step"] == 40
+    first = job / "attempts" / "01"
+    assert "stopped from outside (SystemExit" in (first / "FAILED").read_text()
+    history = json.loads((job / "log_history.json").read_text())
+    assert [h["step"] for h in history if "loss" in h] == list(range(1, 41))
+    log = "".join(p.read_text() for p in state.glob("*.out")) + "".join(
+        p.read_text(errors="replace") for p in (tmp_path / "out").rglob("*.log"))
+    assert "resume=auto: continuing from" in log

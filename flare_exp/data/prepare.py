@@ -6,8 +6,6 @@ with file, index and reason), guard against train/val study overlap, write atomi
 """
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import logging
 import re
@@ -17,10 +15,10 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image
 from tqdm.auto import tqdm
 
 from flare_exp.data import records as R
+from flare_exp.data.images import OUTSIDE_ROOT, check_images, inside, walk_files
 from flare_exp.io import write_json, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -45,7 +43,7 @@ def unzip_nested(root: Path) -> int:
     """Extract every *.zip under ``root`` next to itself, repeating for zips inside zips. Idempotent."""
     extracted = 0
     while True:
-        pending = [z for z in sorted(root.rglob("*.zip")) if not z.with_name(z.name + ".unzipped").exists()]
+        pending = [z for z in walk_files(root, ".zip") if not z.with_name(z.name + ".unzipped").exists()]
         if not pending:
             return extracted
         for archive in tqdm(pending, desc="unzip", unit="zip", disable=len(pending) < 2):
@@ -66,14 +64,9 @@ def unzip_nested(root: Path) -> int:
 def discover(root: Path, datasets: list[str], splits: list[str]) -> list[QuestionFile]:
     """Find the question JSON files of the wanted datasets under any FLARE split folder, in sorted order."""
     found: dict[tuple[str, str], list[tuple[Path, bool]]] = defaultdict(list)
-    for path in sorted(root.rglob("*.json")):
-        m = _QUESTION_FILE.match(path.name)
-        if not m or any(part.startswith(".") for part in path.relative_to(root).parts):
-            continue
-        dataset = m.group("dataset")
-        split = next((p for p in path.relative_to(root).parts if p in FLARE_SPLITS), None)
+    for path, dataset, split, with_gt in _question_files(root):
         if dataset in datasets and split in splits:
-            found[(split, dataset)].append((path, bool(m.group("gt"))))
+            found[(split, dataset)].append((path, with_gt))
     out = []
     for (split, dataset), paths in sorted(found.items()):
         # validation-hidden may ship both <ds>_questions_val.json (no answers) and ..._withGT.json: use the latter.
@@ -83,29 +76,28 @@ def discover(root: Path, datasets: list[str], splits: list[str]) -> list[Questio
     return out
 
 
-def _resolve_image(dataset_dir: Path, name: str) -> Path | None:
-    direct = dataset_dir / name
+def _question_files(root: Path):
+    """(path, dataset, FLARE split, has _withGT) of every question file under root, symlinked folders included."""
+    for path in walk_files(root, ".json"):
+        m = _QUESTION_FILE.match(path.name)
+        parts = path.relative_to(root).parts
+        if not m or any(part.startswith(".") for part in parts):
+            continue
+        split = next((p for p in parts if p in FLARE_SPLITS), None)
+        yield path, m.group("dataset"), split, bool(m.group("gt"))
+
+
+def _resolve_image(dataset_dir: Path, name: str) -> Path | str:
+    """The image file an ImageName names, or why there is none ("outside data.root": never opened)."""
+    direct = inside(dataset_dir, name)
+    if direct is None:
+        return f"{OUTSIDE_ROOT}: ImageName {name!r}"
     if direct.is_file():
         return direct
     for sub in sorted(dataset_dir.glob("images*")):  # ImageName given relative to imagesTr/ etc.
         if (sub / name).is_file():
             return sub / name
-    return None
-
-
-def _check_image(path: Path, verify: bool, cache: dict) -> tuple[str | None, str | None]:
-    """(problem, content digest) of an image; the digest finds the same picture under two names."""
-    if not verify:
-        return None, None
-    if path not in cache:
-        data = path.read_bytes()
-        try:
-            with Image.open(io.BytesIO(data)) as im:
-                im.verify()
-            cache[path] = (None, hashlib.sha1(data).hexdigest())
-        except Exception as e:  # PIL raises many types for broken files
-            cache[path] = (f"corrupt image {path.name}: {type(e).__name__}", None)
-    return cache[path]
+    return f"missing image {name}"
 
 
 def load_question_file(qf: QuestionFile) -> list:
@@ -118,8 +110,8 @@ def load_question_file(qf: QuestionFile) -> list:
     return data
 
 
-def convert_record(raw, index: int, qf: QuestionFile, out_split: str, root: Path, cfg, image_cache: dict):
-    """Return (record, None) or (None, reason)."""
+def convert_record(raw, qf: QuestionFile, out_split: str, root: Path, cfg):
+    """Return (record, None) or (None, reason). The record's image files are found, not yet decoded."""
     if not isinstance(raw, dict):
         return None, "record is not an object"
     missing = [k for k in REQUIRED_KEYS if k not in raw]
@@ -131,27 +123,24 @@ def convert_record(raw, index: int, qf: QuestionFile, out_split: str, root: Path
     task_type = R.normalise_task_type(raw["TaskType"])
     if task_type is None:
         return None, f"unknown TaskType {raw['TaskType']!r}"
-    answer = raw.get("Answer")
-    if needs_answer and (answer is None or not str(answer).strip()):
-        return None, "empty answer"
-    question = str(raw["Question"]).strip()
-    if not question:
+    if not isinstance(raw["Question"], str) or not raw["Question"].strip():
         return None, "empty question"
-    names = R.image_list(raw["ImageName"])
-    if not names or not all(isinstance(n, str) and n for n in names):
-        return None, "bad ImageName"
-    dataset_dir = qf.path.parent
-    images, digests = [], []
-    for name in names:
-        path = _resolve_image(dataset_dir, name)
-        if path is None:
-            return None, f"missing image {name}"
-        problem, digest = _check_image(path, cfg.verify_images, image_cache)
+    question = raw["Question"].strip()
+    answer = None
+    if needs_answer:
+        answer, problem = R.answer_text(raw["Answer"], task_type, qf.dataset, question)
         if problem:
             return None, problem
-        images.append(path.relative_to(root).as_posix())
-        digests.append(digest)
-    answer = None if answer is None else str(answer).strip()
+    problem = R.image_name_problem(raw["ImageName"])
+    if problem:
+        return None, problem
+    paths = []
+    for name in R.image_list(raw["ImageName"]):
+        path = _resolve_image(qf.path.parent, name)
+        if isinstance(path, str):
+            return None, path
+        paths.append(path)
+    images = [p.relative_to(root).as_posix() for p in paths]
     text = R.prompt_text(question, task_type, cfg.instructions)
     return {
         "id": R.record_id(qf.dataset, qf.split, raw["ImageName"], question),
@@ -164,9 +153,9 @@ def convert_record(raw, index: int, qf: QuestionFile, out_split: str, root: Path
         "image_name": raw["ImageName"],
         "images": images,
         "question": question,
-        "answer": answer if needs_answer else None,
-        "messages": R.build_messages(images, text, answer if needs_answer else None),
-        "_digests": [d for d in digests if d],  # for the leakage check; not written out
+        "answer": answer,
+        "messages": R.build_messages(images, text, answer),
+        "_paths": paths,  # for the image pass and the leakage check; not written out
     }, None
 
 
@@ -204,40 +193,20 @@ def prepare(cfg_data, root: Path, out_dir: Path) -> dict:
             log.info("unzipped %d archives under %s", n, root)
     split_sources = {"train": list(cfg_data.train_splits), "val": list(cfg_data.val_splits),
                      "test": list(cfg_data.test_splits)}
-    by_split: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
-    rejects, seen, image_cache = [], set(), {}
-    for out_split, sources in split_sources.items():
-        files = discover(root, list(cfg_data.datasets), sources)
-        if sources and not files and out_split != "test":
-            log.warning("no question files found for %s (FLARE splits %s, datasets %s) under %s",
-                        out_split, sources, list(cfg_data.datasets), root)
-        for qf in files:
-            raw_records = load_question_file(qf)
-            for index, raw in enumerate(tqdm(raw_records, desc=f"{out_split}:{qf.dataset}", unit="q",
-                                             leave=False, disable=len(raw_records) < 500)):
-                record, reason = convert_record(raw, index, qf, out_split, root, cfg_data, image_cache)
-                if record is not None and record["id"] in seen:
-                    record, reason = None, "duplicate ImageName||Question"
-                if record is None:
-                    where = f"{qf.path.relative_to(root)} record {index}"
-                    if cfg_data.strict:
-                        raise PrepareError(f"{where}: {reason} (data.strict=true)")
-                    rejects.append({"file": str(qf.path.relative_to(root)), "index": index, "reason": reason})
-                    continue
-                seen.add(record["id"])
-                by_split[out_split].append(record)
-    if not by_split["train"] and not by_split["val"]:
-        raise PrepareError(f"no usable records under {root} for datasets {list(cfg_data.datasets)}"
-                           f" (rejected: {len(rejects)}). Check data.root and data.datasets.")
+    rejects: list[dict] = []
+    candidates = read_records(root, cfg_data, split_sources, rejects)
+    by_split = accept_records(candidates, cfg_data, rejects)
+    rejects.sort(key=lambda r: (r["file"], r["index"]))
+    write_jsonl(out_dir / "rejects.jsonl", rejects)  # first: an error below points at it
+    check_requested(root, cfg_data, split_sources, by_split, rejects, out_dir / "rejects.jsonl")
     overlap = check_overlap(by_split, cfg_data.allow_overlap)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     for split, rows in by_split.items():
         for r in rows:
             r.pop("_digests", None)
+            r.pop("_paths", None)
         rows.sort(key=lambda r: (r["dataset"], r["source_split"], r["id"]))
         write_jsonl(out_dir / f"{split}.jsonl", rows)
-    write_jsonl(out_dir / "rejects.jsonl", rejects)
     counts = {split: dict(sorted(Counter(f"{r['dataset']}/{r['task_type']}" for r in rows).items()))
               for split, rows in by_split.items()}
     summary = {
@@ -253,8 +222,81 @@ def prepare(cfg_data, root: Path, out_dir: Path) -> dict:
     return summary
 
 
+def _reject(rejects: list, cfg_data, file: str, index: int, reason: str) -> None:
+    if cfg_data.strict:
+        raise PrepareError(f"{file} record {index}: {reason} (data.strict=true)")
+    rejects.append({"file": file, "index": index, "reason": reason})
+
+
+def read_records(root: Path, cfg_data, split_sources: dict, rejects: list) -> list[tuple[dict, str, int]]:
+    """(record, file, index) of every record that passes the field checks, in file order; the others go to
+    ``rejects`` with file, index and reason."""
+    candidates = []
+    for out_split, sources in split_sources.items():
+        for qf in discover(root, list(cfg_data.datasets), sources):
+            raw_records = load_question_file(qf)
+            file = str(qf.path.relative_to(root))
+            for index, raw in enumerate(tqdm(raw_records, desc=f"{out_split}:{qf.dataset}", unit="q",
+                                             leave=False, disable=len(raw_records) < 500)):
+                record, reason = convert_record(raw, qf, out_split, root, cfg_data)
+                if record is None:
+                    _reject(rejects, cfg_data, file, index, reason)
+                else:
+                    candidates.append((record, file, index))
+    return candidates
+
+
+def accept_records(candidates: list, cfg_data, rejects: list) -> dict[str, list[dict]]:
+    """Decode every image the candidates name (once, in parallel); a record with a broken image, or a second
+    record with the same ImageName||Question, is rejected."""
+    by_split: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
+    images = [p for record, _, _ in candidates for p in record["_paths"]]
+    checked = check_images(images, cfg_data.image_workers) if cfg_data.verify_images else {}
+    seen = set()
+    for record, file, index in candidates:
+        results = [checked.get(p, (None, None)) for p in record["_paths"]]
+        problem = next((problem for problem, _ in results if problem), None)
+        if problem is None and record["id"] in seen:
+            problem = "duplicate ImageName||Question"
+        if problem:
+            _reject(rejects, cfg_data, file, index, problem)
+            continue
+        record["_digests"] = [digest for _, digest in results if digest]
+        seen.add(record["id"])
+        by_split[record["split"]].append(record)
+    return by_split
+
+
+def check_requested(root: Path, cfg_data, split_sources: dict, by_split: dict, rejects: list,
+                    rejects_file: Path) -> None:
+    """Every dataset asked for, and every split whose FLARE folders are there, must yield records: an empty
+    one is an error naming what was found, never a DONE with train=0."""
+    present = {split for _, _, split, _ in _question_files(root) if split}
+    problems = []
+    for out_split, sources in split_sources.items():
+        if by_split[out_split] or not sources:
+            continue
+        if present & set(sources):
+            problems.append(f"{out_split} (FLARE splits {sources}) yielded no record for datasets "
+                            f"{list(cfg_data.datasets)}")
+        elif out_split != "test":
+            log.warning("no question files found for %s (FLARE splits %s) under %s", out_split, sources, root)
+    for dataset in cfg_data.datasets:
+        if not any(r["dataset"] == dataset for rows in by_split.values() for r in rows):
+            problems.append(f"dataset {dataset} yielded no record in any split")
+    if not by_split["train"] and not by_split["val"]:
+        problems.append("no train or val records at all")
+    if problems:
+        kinds = Counter(_reason_kind(r["reason"]) for r in rejects)
+        raise PrepareError(f"under data.root={root}: " + "; ".join(problems)
+                           + f". Rejected records: {dict(kinds) or 'none'} (each with file, index and reason in "
+                           f"{rejects_file}). Check data.root, data.datasets and data.*_splits "
+                           "(an empty list, e.g. data.test_splits=[], leaves a split out).")
+
+
 def _reason_kind(reason: str) -> str:
-    for prefix in ("missing image", "corrupt image", "missing key", "unknown TaskType"):
+    for prefix in ("missing image", "corrupt image", "decompression bomb", "missing key", "unknown TaskType",
+                   OUTSIDE_ROOT):
         if reason.startswith(prefix):
             return prefix
     return reason

@@ -42,9 +42,65 @@ def label_separator(dataset: str, answer: str | None = None) -> str:
 def image_list(image_name: Any) -> list[str]:
     """FLARE's ImageName as a list, views ordered frontal first (IU_XRay '...-0.png' before '...-1.png')."""
     names = [image_name] if isinstance(image_name, str) else list(image_name)
+    if not all(isinstance(n, str) for n in names):
+        raise TypeError(f"ImageName holds a {type(next(n for n in names if not isinstance(n, str))).__name__}")
     if len(names) > 1 and all(_VIEW_SUFFIX.search(n) for n in names):
         names = sorted(names, key=lambda n: int(_VIEW_SUFFIX.search(n).group(1)))
     return names
+
+
+def image_name_problem(image_name: Any) -> str | None:
+    """Why a raw ImageName is unusable (null, a number, an empty list, a list holding a non-string), or None."""
+    if isinstance(image_name, str):
+        return None if image_name.strip() else "empty ImageName"
+    if not isinstance(image_name, list):
+        return f"ImageName must be a string or a list of strings, got {_json_type(image_name)}"
+    if not image_name:
+        return "empty ImageName list"
+    bad = [n for n in image_name if not isinstance(n, str) or not n.strip()]
+    return f"ImageName list holds {_json_type(bad[0])} {bad[0]!r}" if bad else None
+
+
+def _json_type(value: Any) -> str:
+    return {type(None): "null", bool: "a boolean", int: "a number", float: "a number", dict: "an object",
+            list: "a list", str: "a string"}.get(type(value), type(value).__name__)
+
+
+_NUMBER_ANSWER = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?\s*%?")
+_OPTION = re.compile(r"(?:^|[\s(])([A-Z])[.)]\s")
+
+
+def listed_options(question: str) -> str:
+    """The option letters a multiple-choice question lists ("A. ... B. ..."), when they run A, B, C, ... in
+    order (two at least); "" when the question lists none that way."""
+    letters = "".join(dict.fromkeys(m.group(1) for m in _OPTION.finditer(question)))
+    expected = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[:len(letters)]
+    return letters if len(letters) >= 2 and letters == expected else ""
+
+
+def answer_text(raw: Any, task_type: str, dataset: str, question: str) -> tuple[str | None, str | None]:
+    """(the answer as a string, None) or (None, why it is not an answer of its task type). Only what is certain
+    is refused: a regression answer that is not one finite number, a classification letter the question's
+    listed options do not include; a list-valued multi-label answer is joined with the dataset's separator."""
+    import math
+
+    if isinstance(raw, list) and task_type == "multi_label" and all(isinstance(x, str) for x in raw):
+        sep = LABEL_SEPARATORS.get(dataset, ",")
+        raw = (sep + " " if sep == "," else sep).join(x.strip() for x in raw)
+    if isinstance(raw, bool) or not isinstance(raw, (str, int, float)):
+        return None, f"answer must be text, got {_json_type(raw)}"
+    text = str(raw).strip()
+    if not text:
+        return None, "empty answer"
+    if task_type == "regression":
+        if not _NUMBER_ANSWER.fullmatch(text) or not math.isfinite(float(text.rstrip("% "))):
+            return None, f"regression answer {text[:40]!r} is not a finite number"
+    if task_type == "classification":
+        options = listed_options(question)
+        letter = re.fullmatch(r"\(?([A-Za-z])\)?[.)]?", text) or re.match(r"([A-Z])[.)]\s", text)
+        if options and letter and letter.group(1).upper() not in options:
+            return None, f"classification answer {text!r} is not one of the options {options[0]}-{options[-1]}"
+    return text, None
 
 
 def study_key(dataset: str, images: list[str]) -> str:

@@ -30,6 +30,14 @@ class LoadedModel:
     backend: str
 
 
+def check_model_path(model_cfg) -> None:
+    """model.path holds a model (or model.build_tiny will build one there)."""
+    path = abspath(model_cfg.path)
+    if not (path / "config.json").exists() and not model_cfg.build_tiny:
+        raise FileNotFoundError(
+            f"model.path={path} holds no model (no config.json). {model_cfg.download_hint or ''}".strip())
+
+
 def resolve_model_path(model_cfg) -> Path:
     path = abspath(model_cfg.path)
     if not (path / "config.json").exists() and model_cfg.build_tiny:
@@ -38,9 +46,7 @@ def resolve_model_path(model_cfg) -> Path:
         log.info("model=%s: building the tiny random Qwen3-VL at %s", model_cfg.name, path)
         build_tiny_qwen3vl(path, min_pixels=model_cfg.min_pixels or 32 * 32,
                            max_pixels=model_cfg.max_pixels or 128 * 128)
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(
-            f"model.path={path} holds no model (no config.json). {model_cfg.download_hint or ''}".strip())
+    check_model_path(model_cfg)
     return path
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from flare_exp.data.vision import VisionChat
-from flare_exp.io import read_journal, read_jsonl, write_json
+from flare_exp.io import read_journal, read_jsonl, write_json, write_jsonl
 from flare_exp.models.graph_decoding import (COMPILE_ON_GPU, DECODE_LOOPS, GraphDecoder, graph_loop_chosen,
                                              sampling_of, unsupported_settings)
 from flare_exp.models.loading import load_model
@@ -249,7 +249,7 @@ def run(cfg, out_dir: Path) -> dict:
     done = read_journal(pred_path, "id")
     todo = [r for r in records if r["id"] not in done]
     if done:
-        log.info("resuming: %d of %d predictions already in %s", len(done), len(records), pred_path)
+        log.info("resuming: %d of %d predictions already in %s", len(records) - len(todo), len(records), pred_path)
 
     elapsed, generated, loop = 0.0, 0, None
     if todo:
@@ -284,6 +284,11 @@ def run(cfg, out_dir: Path) -> dict:
                 bar.set_postfix(reports_per_s=f"{generated / max(elapsed, 1e-9):.2f}")
         bar.close()
     rows = [done[r["id"]] for r in records]  # the input's order
+    beyond = len(done) - len(rows)
+    if beyond:  # an earlier attempt with a larger infer.num_samples: the file holds what the summary counts
+        log.warning("infer: %d predictions of an earlier attempt are not among the %d records asked for "
+                    "(infer.num_samples=%s): left out of %s", beyond, len(rows), inf.num_samples, pred_path)
+    write_jsonl(pred_path, rows)  # one row per record, in input order (the journal is in decoding order)
     write_sheet(out_dir / "predictions.xlsx", rows, label)
     if all(r["answer"] is None for r in rows):
         write_submission(out_dir, rows)

@@ -12,32 +12,20 @@ from pathlib import Path
 from omegaconf import OmegaConf, open_dict
 
 from flare_exp import stages
-from flare_exp.runtime import DONE, clear_finished_outputs, run_with_markers, write_run_metadata
+from flare_exp.resume import differences, settings_of, start_attempt
+from flare_exp.runtime import DONE, run_with_markers
 
 log = logging.getLogger(__name__)
 
-# the config sections a step's outputs depend on: a reused step whose recorded settings differ there is named
-STEP_SECTIONS = {"prepare": ("data",), "sft": ("seed", "data", "model", "sft"),
-                 "rl": ("seed", "data", "model", "rl", "reward"), "infer": ("data", "model", "infer"),
-                 "eval": ("data", "eval")}
-
-
-def _differences(old, new, key: str) -> list[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        return [d for k in sorted(set(old) | set(new), key=str)
-                for d in _differences(old.get(k), new.get(k), f"{key}.{k}")]
-    return [] if old == new else [f"{key}: {old} -> {new}"]
-
-
 def changed_settings(step: str, step_dir: Path, step_cfg) -> list[str]:
-    """The settings a finished step ran with (its config.yaml) that differ from this run's, as 'key: old -> new'."""
+    """The deciding settings a finished step ran with (its config.yaml) that differ from this run's, as
+    'key: old -> new'."""
     recorded = step_dir / "config.yaml"
     if not recorded.exists():
         return []
-    old = OmegaConf.to_container(OmegaConf.load(recorded))
-    new = OmegaConf.to_container(step_cfg, resolve=True)
-    return [d for section in STEP_SECTIONS.get(step, ()) for d in _differences(old.get(section), new.get(section),
-                                                                                section)]
+    old = settings_of(step, OmegaConf.to_container(OmegaConf.load(recorded)))
+    new = settings_of(step, OmegaConf.to_container(step_cfg, resolve=True))
+    return differences({"settings": old}, {"settings": new})
 
 
 def _chain(step: str, cfg, done_dirs: dict[str, Path]) -> None:
@@ -59,10 +47,7 @@ def run(cfg, out_dir: Path) -> dict:
     if unknown:
         raise ValueError(f"stage.steps has unknown or non-pipeline steps {unknown}; "
                          f"choose from prepare, sft, rl, infer, eval")
-    for step in steps:  # every step's own settings check before the first step: a bad rl.* must not wait for sft
-        check = getattr(stages.get_runner(step), "check_settings", None)
-        if check:
-            check(cfg)
+    # every step's own settings were checked before the first (main.validate): a bad rl.* does not wait for sft
     done_dirs: dict[str, Path] = {}
     results = {}
     for step in steps:
@@ -81,9 +66,8 @@ def run(cfg, out_dir: Path) -> dict:
                 log.info("[%s] already finished in %s: reusing it (overwrite=true redoes it)", step, step_dir)
             results[step] = {"reused": str(step_dir)}
         else:
-            clear_finished_outputs(step_dir)
             log.info("[%s] running in %s", step, step_dir)
-            write_run_metadata(step_dir, step_cfg)
+            start_attempt(step, step_cfg, step_dir)
             results[step] = run_with_markers(step_dir, stages.get_runner(step).run, step_cfg, step_dir)
         done_dirs[step] = step_dir
     log.info("pipeline finished; outputs:\n%s", "\n".join(f"  {s:<8} {d}" for s, d in done_dirs.items()))

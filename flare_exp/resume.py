@@ -1,0 +1,182 @@
+"""A rerun in a run dir continues the same run, or refuses: what decides a stage's outputs is recorded as its
+fingerprint (the deciding config keys, the sha256 of its input files and of the adapter it starts from) in
+``fingerprint.json``; an unfinished run resumed with a different one stops and names the keys.
+
+``overwrite=true`` starts afresh, finished or not: the earlier attempt's outputs move to ``attempts/NN/``
+(nothing is deleted). Every attempt's config, run info and failure stay on record there too.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from flare_exp.io import file_fingerprint, write_json
+from flare_exp.runtime import (DONE, FINGERPRINT, RunFinishedError, abspath, next_attempt_dir,
+                               write_run_metadata)
+
+log = logging.getLogger(__name__)
+
+# The config keys (whole sections or single keys) whose values decide what a stage writes.
+DECIDING = {
+    "prepare": ("data",),
+    "sft": ("seed", "data.root", "model", "sft"),
+    "rl": ("seed", "data.root", "model", "rl", "reward"),
+    "infer": ("data.root", "model", "infer"),
+    "eval": ("eval.green",),
+}
+# Keys under those that change only how fast a stage runs, how often it logs or saves, or how long it goes
+# on: a resume may change them (a longer max_steps continues training; a smaller batch after an OOM).
+_MODEL_SPEED = ("model.download_hint", "model.build_tiny", "model.attn_implementation", "model.cudnn_attention",
+                "model.vision_encoder", "model.decode_attention", "model.gradient_checkpointing",
+                "model.unsloth_offload_activations")
+_TRACKING = ("report_to", "wandb_project", "wandb_mode")
+FREE = {
+    "sft": _MODEL_SPEED + tuple(f"sft.{k}" for k in (
+        "per_device_eval_batch_size", "max_steps", "num_train_epochs", "logging_steps", "save_steps",
+        "eval_steps", "save_total_limit", "early_stopping_patience", "max_eval_samples", "dataloader_num_workers",
+        "compile_layers", "compile_backend", "answer_logits_only", *_TRACKING)),
+    "rl": _MODEL_SPEED + tuple(f"rl.{k}" for k in (
+        "max_steps", "logging_steps", "save_steps", "save_total_limit", "cache_implementation",
+        "compile_generation", "decode_loop", "use_vllm", *_TRACKING)) + (
+        "reward.radgraph.cache_size", "reward.radgraph.device", "reward.radgraph.build_tiny"),
+    "infer": _MODEL_SPEED + tuple(f"infer.{k}" for k in (
+        "batch_size", "num_samples", "sort_by_length", "cache_implementation", "decode_loop", "merge_adapter",
+        "image_device")),
+    "eval": ("eval.green.batch_size", "eval.green.decode_loop", "eval.green.parser"),
+}
+# What a resume continues from: without any of these in the run dir there is nothing to mix.
+RESUMABLE = {"sft": ("checkpoint-*",), "rl": ("checkpoint-*",), "infer": ("predictions.jsonl",),
+             "eval": ("green_judgments.jsonl",)}
+# Kept in place when an attempt moves to attempts/NN: the lock, the record of earlier attempts, Hydra's own
+# files and the job's log (open for writing by this very process).
+_STAYS = {".lock", "attempts", ".hydra", ".submitit"}
+
+
+class RunSettingsChangedError(RuntimeError):
+    """An unfinished run dir resumed with settings or inputs that decide its outputs changed."""
+
+
+def _flatten(node, prefix: str) -> dict:
+    if isinstance(node, dict):
+        out = {}
+        for key, value in node.items():
+            out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out if out or not prefix else {prefix: {}}
+    return {prefix: node}
+
+
+def settings_of(stage: str, config: dict) -> dict:
+    """The deciding settings of ``stage`` in a resolved config (a plain dict), flattened to dotted keys."""
+    out = {}
+    for key in DECIDING.get(stage, ()):
+        node = config
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        out.update(_flatten(node, key))
+    free = FREE.get(stage, ())
+    return {k: v for k, v in out.items() if not any(k == f or k.startswith(f + ".") for f in free)}
+
+
+def input_files(stage: str, cfg) -> dict[str, Path]:
+    """The files whose contents decide a stage's outputs, by the key that names them."""
+    files = {}
+    if stage == "sft":
+        files = {"sft.train_file": cfg.sft.train_file, "sft.val_file": cfg.sft.val_file}
+    elif stage == "rl":
+        files = {"rl.train_file": cfg.rl.train_file}
+    elif stage == "infer":
+        files = {"infer.input_file": cfg.infer.input_file or f"{cfg.data.prepared_dir}/{cfg.infer.split}.jsonl"}
+    starts = {"sft": "sft.init_from", "rl": "rl.init_from", "infer": "infer.checkpoint"}.get(stage)
+    adapter = OmegaConf.select(cfg, starts) if starts else None
+    if adapter:
+        files[f"{starts} (adapter weights)"] = _adapter_weights(abspath(adapter))
+    return {k: abspath(v) for k, v in files.items() if v}
+
+
+def _adapter_weights(path: Path) -> Path | None:
+    from flare_exp.models.checkpoints import resolve_adapter
+
+    try:
+        adapter = resolve_adapter(path)
+    except FileNotFoundError:
+        return None  # the stage itself says so, with the fix
+    return next((adapter / n for n in ("adapter_model.safetensors", "adapter_model.bin")
+                 if (adapter / n).exists()), None)
+
+
+def fingerprint(stage: str, cfg) -> dict:
+    files = {key: file_fingerprint(path)["sha256"] for key, path in input_files(stage, cfg).items()
+             if path.is_file()}
+    return {"stage": stage, "settings": settings_of(stage, OmegaConf.to_container(cfg, resolve=True)),
+            "files": files}
+
+
+def differences(old: dict, new: dict) -> list[str]:
+    """'key: old -> new' for every deciding setting or input file that differs."""
+    out = []
+    for kind in ("settings", "files"):
+        before, after = old.get(kind, {}), new.get(kind, {})
+        for key in sorted(set(before) | set(after)):
+            a, b = before.get(key, "(unset)"), after.get(key, "(unset)")
+            if a != b:
+                if kind == "files":
+                    a, b = (str(x)[:12] for x in (a, b))
+                    key = f"{key} sha256"
+                out.append(f"{key}: {a} -> {b}")
+    return out
+
+
+def holds_attempt(run_dir: Path) -> bool:
+    return run_dir.is_dir() and any(p.name not in _STAYS and not p.name.endswith(".log") for p in run_dir.iterdir())
+
+
+def archive_attempt(run_dir: Path) -> Path:
+    """Move everything an earlier attempt left in run_dir (outputs, checkpoints, markers, metadata) to
+    attempts/NN/: a rename, so it is instant and nothing is deleted."""
+    dest = next_attempt_dir(run_dir)
+    for path in sorted(run_dir.iterdir()):
+        if path.name not in _STAYS and not path.name.endswith(".log"):
+            shutil.move(str(path), str(dest / path.name))
+    return dest
+
+
+def _resumable(stage: str, run_dir: Path) -> list[Path]:
+    return [p for pattern in RESUMABLE.get(stage, ()) for p in sorted(run_dir.glob(pattern))]
+
+
+def check_resume(stage: str, run_dir: Path, new: dict) -> None:
+    """An unfinished attempt left outputs to continue from: its fingerprint must be this run's."""
+    left = _resumable(stage, run_dir)
+    recorded = run_dir / FINGERPRINT
+    if not left or not recorded.exists():
+        return
+    changed = differences(json.loads(recorded.read_text()), new)
+    if changed:
+        raise RunSettingsChangedError(
+            f"{run_dir} holds an unfinished {stage} run ({', '.join(p.name for p in left[:3])}) made with other "
+            f"settings, which a resume would mix with this one's: {'; '.join(changed)}. Rerun with the earlier "
+            "settings to continue it, pass overwrite=true to start afresh (the earlier attempt moves to "
+            "attempts/NN/), or choose another run_name=.")
+
+
+def start_attempt(stage: str, cfg, run_dir: Path) -> None:
+    """Before a stage writes anything in run_dir: refuse a finished run (unless overwrite), archive the earlier
+    attempt (overwrite) or check that a resume continues the same run, then record this attempt."""
+    if (run_dir / DONE).exists() and not cfg.overwrite:
+        raise RunFinishedError(
+            f"{run_dir} already holds a finished {stage} run ({DONE} marker present). Nothing was changed. "
+            f"Pass overwrite=true to redo it there (the finished run moves to attempts/NN/), or choose another "
+            "run_name=.")
+    new = fingerprint(stage, cfg)
+    if cfg.overwrite and holds_attempt(run_dir):
+        dest = archive_attempt(run_dir)
+        log.info("overwrite=true: the earlier attempt in %s moved to %s; starting afresh", run_dir, dest)
+    else:
+        check_resume(stage, run_dir, new)
+    write_run_metadata(run_dir, cfg)
+    if stage in RESUMABLE:
+        write_json(run_dir / FINGERPRINT, new)

@@ -1,0 +1,137 @@
+"""prepare treats records as untrusted input: paths stay inside data.root, every image is decoded, fields are
+typed; symlinked folders the user made are followed; a requested dataset or split with no record is an error."""
+import json
+import struct
+import zlib
+
+import pytest
+from PIL import Image
+
+from flare_exp.data.images import check_images, inside
+from flare_exp.io import read_jsonl
+from test_prepare import GOOD, _prepare, _small_tree
+
+
+def _rejects(tmp_path, root, *extra):
+    out = _prepare(tmp_path, root, "data.datasets=[chestdr]", *extra)
+    return out, {r["index"]: r["reason"] for r in read_jsonl(out / "rejects.jsonl")}
+
+
+def test_image_paths_that_leave_data_root_are_rejected_unopened(tmp_path):
+    root = tmp_path / "raw"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    Image.new("RGB", (8, 8)).save(outside / "secret.png")
+    _small_tree(root, [GOOD, {**GOOD, "ImageName": "../../../outside/secret.png", "Question": "q1"},
+                       {**GOOD, "ImageName": "/etc/passwd", "Question": "q2"},
+                       {**GOOD, "ImageName": str(outside / "secret.png"), "Question": "q3"},
+                       {**GOOD, "ImageName": ["imagesTr/a.png", "../x.png"], "Question": "q4"},
+                       {**GOOD, "ImageName": "imagesTr/../imagesTr/b.png", "Question": "q5"}])
+    out, reasons = _rejects(tmp_path, root)
+    assert sorted(reasons) == [1, 2, 3, 4] and all(r.startswith("outside data.root") for r in reasons.values())
+    train = read_jsonl(out / "train.jsonl")
+    assert sorted(r["images"][0] for r in train) == ["training/Xray/chestdr/imagesTr/a.png",
+                                                      "training/Xray/chestdr/imagesTr/b.png"]
+
+
+def test_inside_is_judged_on_the_text():
+    from pathlib import Path
+
+    assert inside(Path("/d"), "a/../b.png") == Path("/d/b.png")
+    assert [inside(Path("/d"), n) for n in ("../b.png", "a/../../b", "/etc/x", "C:/x", "\\\\srv\\x", "", ".")] == \
+        [None] * 7
+
+
+def test_symlinked_dataset_and_split_folders_are_followed(tmp_path):
+    staged = tmp_path / "staged"
+    _small_tree(staged, [GOOD])
+    root = tmp_path / "raw"
+    (root / "training" / "Xray").mkdir(parents=True)
+    (root / "training" / "Xray" / "chestdr").symlink_to(staged / "training" / "Xray" / "chestdr")
+    out, _ = _rejects(tmp_path, root)
+    assert len(read_jsonl(out / "train.jsonl")) == 1
+    linked = tmp_path / "raw2"
+    linked.mkdir()
+    (linked / "training").symlink_to(staged / "training")
+    out = _prepare(tmp_path / "b", linked, "data.datasets=[chestdr]")
+    assert len(read_jsonl(out / "train.jsonl")) == 1
+
+
+def test_a_requested_dataset_or_split_with_no_record_is_an_error(tmp_path):
+    root = tmp_path / "raw"
+    _small_tree(root, [GOOD])
+    with pytest.raises(ValueError, match=r"dataset periapical yielded no record in any split"):
+        _prepare(tmp_path, root, "data.datasets=[chestdr,periapical]")
+    _small_tree(root, [{**GOOD, "ImageName": "imagesTr/gone.png"}], split="validation-public")
+    with pytest.raises(ValueError, match=r"val \(FLARE splits \['validation-public'\]\) yielded no record.*"
+                                         r"missing image"):
+        _prepare(tmp_path / "b", root, "data.datasets=[chestdr]")
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _png(width: int, height: int, idat: bytes) -> bytes:
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
+
+
+def test_every_image_is_decoded_and_a_broken_one_is_named_with_its_size(tmp_path):
+    root = tmp_path / "raw"
+    d = _small_tree(root, [GOOD, {**GOOD, "ImageName": "imagesTr/broken.png", "Question": "q1"},
+                           {**GOOD, "ImageName": "imagesTr/bomb.png", "Question": "q2"}])
+    rows = b"".join(b"\x00" + bytes(64) for _ in range(64))
+    broken = _png(64, 64, zlib.compress(rows)[:-40] + b"\x00" * 40)  # valid chunks and CRCs, broken zlib data
+    (d / "imagesTr" / "broken.png").write_bytes(broken)
+    with Image.open(d / "imagesTr" / "broken.png") as im:
+        im.verify()  # what prepare used to check: passes
+    (d / "imagesTr" / "bomb.png").write_bytes(_png(20000, 20000, zlib.compress(b"\x00" * 100)))
+    out, reasons = _rejects(tmp_path, root)
+    assert reasons[1].startswith("corrupt image broken.png: ") and "(64x64 px, " in reasons[1]
+    assert reasons[2].startswith("decompression bomb bomb.png: ") and "400000000 pixels" in reasons[2]
+    assert len(read_jsonl(out / "train.jsonl")) == 1
+
+
+def test_parallel_decoding_gives_what_one_process_gives(tmp_path):
+    paths = []
+    for i in range(40):
+        paths.append(tmp_path / f"{i}.png")
+        Image.new("L", (16, 16), i).save(paths[-1])
+    paths[7].write_bytes(b"\x89PNG\r\n\x1a\nnope")
+    assert check_images(paths, workers=2) == check_images(paths, workers=1)
+    assert check_images(paths, workers=2)[paths[7]][0].startswith("corrupt image 7.png")
+
+
+def test_records_are_typed(tmp_path):
+    root = tmp_path / "raw"
+    reg = {**GOOD, "TaskType": "regression", "Question": "How much?"}
+    options = "Which? A. one B. two C. three Answer with a letter."
+    cls = {**GOOD, "TaskType": "Classification", "Question": "q6 " + options}
+    _small_tree(root, [GOOD, {**GOOD, "ImageName": None, "Question": "q1"}, {**GOOD, "ImageName": 5, "Question": "q2"},
+                       {**reg, "Answer": "NaN"}, {**reg, "Answer": "twenty", "Question": "q4"},
+                       {**reg, "Answer": 22.9, "Question": "q5"}, {**cls, "Answer": "D"},
+                       {**cls, "Answer": "B", "Question": "q7 " + options},
+                       {**cls, "Answer": "three", "Question": "q8 " + options},
+                       {**GOOD, "Answer": ["Effusion", "Mass"], "Question": "q9"},
+                       {**GOOD, "Answer": {"a": 1}, "Question": "q10"}])
+    out, reasons = _rejects(tmp_path, root)
+    assert reasons == {1: "ImageName must be a string or a list of strings, got null",
+                       2: "ImageName must be a string or a list of strings, got a number",
+                       3: "regression answer 'NaN' is not a finite number",
+                       4: "regression answer 'twenty' is not a finite number",
+                       6: "classification answer 'D' is not one of the options A-C",
+                       10: "answer must be text, got an object"}
+    answers = {r["question"]: r["answer"] for r in read_jsonl(out / "train.jsonl")}
+    assert answers["q5"] == "22.9" and answers["q9"] == "Effusion, Mass"
+    assert answers["q7 " + options] == "B" and answers["q8 " + options] == "three"  # kept, not guessed away
+    rejects = read_jsonl(out / "rejects.jsonl")
+    assert rejects[0]["file"] == "training/Xray/chestdr/chestdr_questions_train.json"
+
+
+def test_a_periapical_list_answer_is_joined_with_its_separator():
+    from flare_exp.data.records import answer_text
+
+    assert answer_text(["Caries", "Periapical Lesion"], "multi_label", "periapical", "?") == \
+        ("Caries;Periapical Lesion", None)
+    assert answer_text(json.loads('["No Finding"]'), "multi_label", "chestdr", "?") == ("No Finding", None)

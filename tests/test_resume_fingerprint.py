@@ -1,0 +1,74 @@
+"""A resume continues the same run or refuses; overwrite=true starts afresh and keeps the earlier attempt."""
+import json
+import shutil
+
+import pytest
+
+from conftest import compose_cfg
+from flare_exp.io import read_jsonl
+from flare_exp.main import run
+from flare_exp.resume import RunSettingsChangedError, differences, settings_of
+
+
+def _infer(base_overrides, run_dir, *extra):
+    return run(compose_cfg(["stage=infer", *base_overrides, "infer.max_new_tokens=4", "infer.batch_size=3",
+                            *extra]), run_dir=run_dir)
+
+
+def _interrupted(run_dir):
+    """What a kill -9 leaves: outputs so far, no DONE (and no FAILED: the process had no time to write it)."""
+    (run_dir / "DONE").unlink()
+
+
+def test_infer_resumed_with_another_checkpoint_refuses_then_overwrite_starts_afresh(base_overrides, sft_adapter,
+                                                                                   tmp_path):
+    run_dir = tmp_path / "inf"
+    _infer(base_overrides, run_dir, "infer.num_samples=6")
+    _interrupted(run_dir)
+    with pytest.raises(RunSettingsChangedError, match=rf"infer\.checkpoint: None -> {sft_adapter}") as e:
+        _infer(base_overrides, run_dir, "infer.num_samples=6", f"infer.checkpoint={sft_adapter}")
+    assert "infer.label" not in str(e.value)  # label was left to default on both: not a difference
+    assert len(read_jsonl(run_dir / "predictions.jsonl")) == 6  # nothing was appended
+    summary = _infer(base_overrides, run_dir, "infer.num_samples=6", f"infer.checkpoint={sft_adapter}",
+                     "overwrite=true")
+    rows = read_jsonl(run_dir / "predictions.jsonl")
+    assert summary["generated_now"] == 6 and len(rows) == 6 and {r["model"] for r in rows} == {summary["label"]}
+    earlier = run_dir / "attempts" / "01"
+    assert {r["model"] for r in read_jsonl(earlier / "predictions.jsonl")} == {"base"}
+    assert (earlier / "run_info.json").exists() and (earlier / "fingerprint.json").exists()
+
+
+def test_a_speed_setting_may_change_on_resume_and_a_smaller_num_samples_agrees_with_the_file(base_overrides,
+                                                                                            tmp_path, demo_prepared):
+    run_dir = tmp_path / "inf"
+    _infer(base_overrides, run_dir, "infer.num_samples=6")
+    _interrupted(run_dir)
+    summary = _infer(base_overrides, run_dir, "infer.num_samples=4", "infer.batch_size=2")
+    rows = read_jsonl(run_dir / "predictions.jsonl")
+    assert summary["samples"] == 4 == len(rows) and summary["generated_now"] == 0
+    assert [r["id"] for r in rows] == [r["id"] for r in read_jsonl(demo_prepared / "val.jsonl")[:4]]
+    # the killed attempt's run info is kept, not overwritten
+    assert json.loads((run_dir / "attempts" / "01" / "run_info.json").read_text())["started"]
+
+
+def test_sft_resumed_with_another_learning_rate_or_train_file_refuses(base_overrides, tmp_path, demo_prepared):
+    run_dir = tmp_path / "sft"
+    args = ["stage=sft", *base_overrides, "sft.max_steps=1", "sft.save_steps=1", "sft.eval_steps=0"]
+    run(compose_cfg(args), run_dir=run_dir)
+    _interrupted(run_dir)
+    shutil.rmtree(run_dir / "final")
+    with pytest.raises(RunSettingsChangedError, match=r"sft\.learning_rate: 0\.001 -> 0\.005"):
+        run(compose_cfg([*args, "sft.learning_rate=5e-3"]), run_dir=run_dir)
+    changed = tmp_path / "train.jsonl"
+    changed.write_text("".join(l + "\n" for l in (demo_prepared / "train.jsonl").read_text().splitlines()[:-1]))
+    with pytest.raises(RunSettingsChangedError, match=r"sft\.train_file: .* -> .*; sft\.train_file sha256"):
+        run(compose_cfg([*args, f"sft.train_file={changed}"]), run_dir=run_dir)
+    assert run(compose_cfg([*args, "sft.max_steps=2"]), run_dir=run_dir)["global_step"] == 2  # a longer run is fine
+
+
+def test_settings_that_do_not_decide_outputs_are_left_out():
+    cfg = {"seed": 1, "data": {"root": "r", "name": "x"}, "model": {"path": "m", "gradient_checkpointing": True},
+           "sft": {"learning_rate": 1.0, "logging_steps": 5, "max_steps": 10}}
+    assert settings_of("sft", cfg) == {"seed": 1, "data.root": "r", "model.path": "m", "sft.learning_rate": 1.0}
+    old, new = {"settings": {"a": 1}, "files": {"f": "0" * 64}}, {"settings": {"a": 2}, "files": {"f": "1" * 64}}
+    assert differences(old, new) == ["a: 1 -> 2", "f sha256: 000000000000 -> 111111111111"]

@@ -37,19 +37,19 @@ case $piece in
                 timeout 160 $R sft --backend unsloth --batch 8 --steps 10 --grad-ckpt false --out "$out"
                 timeout 160 $R sft --backend unsloth --batch 8 --steps 10 --set model.unsloth_offload_activations=false --out "$out"
                 timeout 140 $R sft --backend unsloth --batch 16 --steps 8 --out "$out" ;;
-  # FACTS §5's sample shape (one 512-px view + a ~250-token report, ~530 tokens per sample): the stage against
+  # the report sample shape (one 512-px view + a ~250-token report, ~530 tokens per sample): the stage against
   # that bare loop's 6.7k (peft) / 12.0k (Unsloth) tokens/s; and dental-like samples (one view + a letter)
   sft-facts)    timeout 110 $R sft --backend hf --batch 8 --steps 10 --views 1 --answer-words 150 --out "$out"
                 timeout 200 $R sft --backend unsloth --batch 8 --steps 10 --views 1 --answer-words 150 --out "$out"
                 timeout 90 $R sft --backend hf --batch 8 --steps 10 --dataset dental --out "$out"
                 timeout 120 $R sft --backend unsloth --batch 8 --steps 10 --dataset dental --out "$out" ;;
-  # why Unsloth's lead is gone on FACTS' shape (1.00x, seventh run) but not on two views + a short answer
-  # (1.35x): Unsloth on both shapes on one machine, profiled on FACTS' shape (GPU busy vs wall, top kernels);
+  # why Unsloth's lead is gone on the report shape (1.00x, seventh run) but not on two views + a short answer
+  # (1.35x): Unsloth on both shapes on one machine, profiled on the report shape (GPU busy vs wall, top kernels);
   # hf profiled there too
   sft-shape)    timeout 130 $R sft --backend unsloth --batch 8 --steps 10 --out "$out"
                 timeout 200 $R sft --backend unsloth --batch 8 --steps 10 --views 1 --answer-words 150 --profile --out "$out"
                 timeout 100 $R sft --backend hf --batch 8 --steps 10 --views 1 --answer-words 150 --profile --out "$out" ;;
-  # Unsloth's own loss ops on FACTS' shape (our answer-position loss is its default since the eighth run):
+  # Unsloth's own loss ops on the report shape (our answer-position loss is its default since the eighth run):
   # its chunked loss (UNSLOTH_FUSED_LINEAR=0; did not finish 10 steps in the eighth run) and its fused linear
   # cross-entropy op, beside the default
   sft-loss)     timeout 160 $R sft --backend unsloth --batch 8 --steps 10 --views 1 --answer-words 150 --env UNSLOTH_FUSED_LINEAR=0 --set sft.answer_logits_only=false --out "$out"
@@ -83,11 +83,11 @@ case $piece in
   sft-loop)     timeout 100 $R loop --backend hf --batch 8 --steps 8 --warmup 2 --out "$out"
                 timeout 100 $R loop --backend hf --batch 8 --steps 8 --warmup 2 --vision-encoder per_image --out "$out"
                 timeout 240 $R loop --backend unsloth --batch 8 --steps 8 --warmup 2 --force-vision-encoder --out "$out" ;;
-  # does a new shape every step cost the stage's extra 0.2 s? The bare loop on FACTS' shape with a new batch
+  # does a new shape every step cost the stage's extra 0.2 s? The bare loop on the report shape with a new batch
   # (and token count) every step, as the stage sees them, against its four cycled batches (sft-loop-facts)
   sft-loop-shapes) timeout 100 $R loop --backend hf --batch 8 --steps 8 --warmup 2 --views 1 --answer-words 150 --distinct-batches --out "$out"
                 timeout 240 $R loop --backend unsloth --batch 8 --steps 8 --warmup 2 --views 1 --answer-words 150 --distinct-batches --out "$out" ;;
-  # FACTS' shape in the bare loop, both backends: FACTS §5's own loop gave Unsloth 1.66x there (12.0k tokens/s);
+  # the report shape in the bare loop, both backends: an earlier bare loop gave Unsloth 1.66x there (12.0k tokens/s);
   # the stage gave 1.00x (seventh run). Fast here and slow in the stage = the stage's doing, else the model's
   sft-loop-facts) timeout 100 $R loop --backend hf --batch 8 --steps 8 --warmup 2 --views 1 --answer-words 150 --out "$out"
                 timeout 240 $R loop --backend unsloth --batch 8 --steps 8 --warmup 2 --views 1 --answer-words 150 --out "$out" ;;

@@ -296,7 +296,7 @@ def main() -> None:
                    help="sft/loop: one S x S px image per sample instead (3424: ~11.4k tokens, the long case)")
     p.add_argument("--answer-words", type=int, default=None,
                    help="sft/loop: replace answers by N synthetic report words (1 view + 150 words: ~530 tokens "
-                        "per sample, FACTS §5's bare-loop shape)")
+                        "per sample, the bare-loop shape)")
     p.add_argument("--image-size", type=int, default=512)
     p.add_argument("--grad-ckpt", default="true")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

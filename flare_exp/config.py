@@ -12,9 +12,6 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-TASK_TYPES = ("report_generation", "classification", "multi_label", "regression")
-STAGES = ("prepare", "sft", "rl", "infer", "eval", "pipeline", "sweep_report")
-
 
 @dataclass
 class StageConfig:
@@ -70,6 +67,9 @@ class ModelConfig:
     # present (4x for Qwen3-VL-4B). Same math; prefill and training unchanged.
     decode_attention: str = "grouped"
     gradient_checkpointing: bool = False
+    # backend=hf on a GPU: Liger's Triton RMSNorm and rotary kernels (flare_exp/models/liger.py); opt-in,
+    # measured in docs/benchmarks.md.
+    liger_kernel: bool = False
     # backend=unsloth with gradient_checkpointing: also offload the checkpointed activations to CPU memory
     # (Unsloth's "unsloth" mode, the least GPU memory); false = plain recomputation, no host copies.
     unsloth_offload_activations: bool = True
@@ -175,26 +175,23 @@ class SFTConfig:
     max_eval_samples: Optional[int] = None
     # What to do with a sample longer than model.max_seq_length: skip (and count) or error.
     on_too_long: str = "skip"
-    # Images are decoded and processed by the collator: ~0.19 s per batch of 8 two-view samples, 15% of an
-    # H200 step when it runs in the training process (docs/benchmarks.md). Workers do it alongside the GPU.
+    # Images are decoded and processed by the collator, a noticeable share of a GPU step when it runs in the
+    # training process (docs/benchmarks.md). Workers do it alongside the GPU.
     dataloader_num_workers: int = 4
     # Batches of similar token counts (transformers' LengthGroupedSampler over the measured lengths): less
     # padding on mixed FLARE data, but batches then tend to hold one task each. Off: plain shuffling.
     group_by_length: bool = False
     # backend=hf: compile each repeated block (decoder layers, vision blocks) with torch.compile, fusing the
-    # many small kernels a LoRA step launches (the step is launch-bound): 1.28x the tokens/s on an H200. Off by
-    # default: on an H200 (torch 2.11, bf16) the compiled runs' losses left the eager ones (and Unsloth's) from
-    # the second step on, 12.36 against 12.62 (bench/results/2026-11-28-h200-session8); on the CPU they agree
-    # (tested). Turning it on says so; `bash bench/gpu_all.sh sft-compile-check` compares the losses on a GPU.
+    # many small kernels a LoRA step launches (the step is launch-bound). Off by default: in bf16 on a GPU the
+    # compiled runs' losses leave the eager ones from the second step (in float32 they agree: bf16 rounding; on
+    # the CPU too, tested). Numbers in docs/benchmarks.md; `bash bench/gpu_all.sh sft-compile-check` compares.
     # Unsloth compiles its own blocks.
     compile_layers: bool = False
     compile_backend: str = "inductor"  # torch.compile backend for compile_layers (aot_eager: trace only, to debug)
     # The LM head and the loss run only at the positions whose next token is labelled (the answer), instead of
     # at every prompt and image position: the same loss and gradients without the (batch x length x
-    # vocabulary) float32 logits (151,936 per position). hf on an H200: 1.26x the tokens/s and 19.0 -> 12.0 GiB
-    # (two views + a short answer, batch 8), 34.7 -> 17.1 GiB on the ~11.5k-token long case. Unsloth: in place
-    # of its fused loss op, 1.32x (short answers) / 1.07x (a letter) / equal (150-word reports, but 4 GiB more
-    # there than its op). false = the model's own loss (Unsloth's fused op).
+    # vocabulary) float32 logits, faster and much smaller (docs/benchmarks.md). false = the model's own loss
+    # (Unsloth's fused op).
     answer_logits_only: bool = True
     report_to: str = "none"  # none | wandb | tensorboard
     wandb_project: str = "flare_exp"
@@ -234,13 +231,13 @@ class RLConfig:
     on_too_long: str = "error"
     # Rollouts are most of a GRPO step. They run in eval mode. "auto" (both keys): with model.backend=hf a
     # static KV cache and a compiled decode step (CUDA graphs; GPU only, the first step pays ~1 min of
-    # compilation), 2.7x faster steps on an H200 (docs/benchmarks.md); with backend=unsloth TRL's defaults.
+    # compilation; docs/benchmarks.md for the speed-up); with backend=unsloth TRL's defaults.
     cache_implementation: Optional[str] = "auto"  # auto | static | dynamic | null (= dynamic)
     compile_generation: Optional[bool] = None  # null = auto: on for backend=hf with a static cache
     # graph (backend=hf): the rollouts run through infer.decode_loop's graph loop (one compiled step per token,
     # sampling with TRL's temperature / top-k / top-p; caches in steps of 256 tokens); same distribution as
-    # generate (tested). 4.24 vs 8.53 s per GRPO step at 8 generations on an H200 (its first step compiles
-    # ~35 s longer). generate: TRL's rollouts call transformers' generate. auto: graph where the rollouts
+    # generate (tested), about half the GRPO step time of generate on a GPU (docs/benchmarks.md; its first step
+    # compiles longer). generate: TRL's rollouts call transformers' generate. auto: graph where the rollouts
     # would be compiled with a static cache (backend=hf on a GPU, no vLLM), generate elsewhere.
     decode_loop: str = "auto"
     use_vllm: bool = False
@@ -255,8 +252,8 @@ class InferConfig:
     label: Optional[str] = None  # column header in the sheet; default: derived from the checkpoint
     split: str = "val"
     input_file: Optional[str] = None  # default: ${data.prepared_dir}/<split>.jsonl
-    # Prompts per generate call (length-sorted). 32 with the static cache: 13.5 reports/s on an H200 in FACTS §5
-    # (batch 8: 6.1); a static cache of 32 x ~900 tokens takes ~4 GiB. Lower it on small cards.
+    # Prompts per generate call (length-sorted): larger batches make more reports/s until memory runs out
+    # (docs/benchmarks.md); a static cache of 32 x ~900 tokens takes ~4 GiB. Lower it on small cards.
     batch_size: int = 32
     num_samples: int = 0  # <= 0: all
     max_new_tokens: int = 256
@@ -265,12 +262,12 @@ class InferConfig:
     top_p: float = 1.0
     sort_by_length: bool = True
     # auto: a static KV cache (decode step compiled into CUDA graphs by transformers) for backend=hf on GPU,
-    # 2.1x the reports/s of the dynamic cache at batch 64 on an H200; dynamic elsewhere. static | dynamic.
+    # where it is the faster one (docs/benchmarks.md); dynamic elsewhere. static | dynamic.
     cache_implementation: Optional[str] = "auto"
     # graph (backend=hf): one compiled step per token (model, mask, the greedy or sampled pick, stop flags;
     # CUDA graphs on a GPU) with a static KV cache, the host checking for the end every 16 tokens instead of
     # waiting on the GPU several times per token (flare_exp/models/graph_decoding.py). Same tokens as generate
-    # (tested); 30.4 vs 20.8 reports/s at batch 128 on an H200. generate: transformers' generate(). auto: graph
+    # (tested) and faster on a GPU (docs/benchmarks.md). generate: transformers' generate(). auto: graph
     # where generate would compile a static-cache step (backend=hf on a GPU), generate elsewhere.
     decode_loop: str = "auto"
     # Fold a LoRA checkpoint into the weights (backend=hf): same outputs up to rounding, fewer kernels per token.

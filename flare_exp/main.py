@@ -144,7 +144,9 @@ def check_reward_weights(reward: DictConfig) -> None:
     one is allowed (a penalty) and said."""
     import math
 
-    for task in ("report_generation", "classification", "multi_label", "regression"):
+    from flare_exp.data.records import TASK_TYPES
+
+    for task in TASK_TYPES:
         for term, weight in (reward[task].weights or {}).items():
             key = f"reward.{task}.weights.{term}"
             if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not math.isfinite(weight):

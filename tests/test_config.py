@@ -255,3 +255,27 @@ def test_a_first_real_run_hears_every_problem_at_once(tmp_path):
     assert "data.root" in message and "model.dtype=bfloat16" in message and "model.path=" in message
     assert "sft.train_file=" in message and "stage=prepare writes it" in message
     assert not (tmp_path / "run").exists()
+
+
+def test_liger_kernels_are_refused_where_they_cannot_run(tiny_model_dir):
+    import torch
+
+    from flare_exp.main import validate
+    from flare_exp.models.loading import load_model
+
+    with pytest.raises(ValueError, match="model.liger_kernel=true is for model.backend=hf"):
+        validate(compose_cfg(["model.backend=unsloth", "model.liger_kernel=true"]))
+    if torch.cuda.is_available():
+        return
+    with pytest.raises(ValueError, match="model.liger_kernel=true: .* GPU only"):
+        load_model(compose_cfg(["model.liger_kernel=true", f"model.path={tiny_model_dir}"]).model)
+
+
+@pytest.mark.parametrize("experiment", ["flare_h200", "reward_search"])
+def test_named_experiments_compose(experiment, monkeypatch):
+    import torch
+
+    from flare_exp.main import validate
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    validate(compose_cfg([f"experiment={experiment}", "data.root=/data/FLARE_Task5", "rl.init_from=/runs/sft"]))

@@ -1,5 +1,5 @@
 """keyword_green / keyword_clinical_efficacy: the baseline's file is run as given; we check its output against
-FACTS §3 (component weights, the seed's BLEU) and report it under honest names."""
+the keyword metric's component weights and its BLEU and report it under honest names."""
 import json
 import math
 import textwrap
@@ -12,7 +12,7 @@ from flare_exp.main import run
 from flare_exp.metrics import text
 from flare_exp.metrics.keyword import keyword_metrics, load_reference_module
 
-# A stand-in with the reference file's API. Its BLEU is FACTS §3's definition written independently of ours
+# A stand-in with the reference file's API. Its BLEU is the reference file's definition written independently of ours
 # (lower-cased whitespace tokens, per-sample clipped precision averaged over samples, geometric mean n=1..4,
 # corpus brevity penalty, no smoothing); its "GREEN" returns fixed components combined with `WEIGHTS`.
 STAND_IN = '''
@@ -46,13 +46,13 @@ def calculate_bleu_score(predictions, references, n_gram=4):
     bp = 1.0 if hyp > ref else (0.0 if hyp == 0 else math.exp(1 - ref / hyp))
     return bp * math.exp(sum(logs) / len(logs))
 '''
-FACTS_WEIGHTS = dict(entity_matching=0.30, location_accuracy=0.20, negation_handling=0.15, temporal_accuracy=0.10,
+REFERENCE_WEIGHTS = dict(entity_matching=0.30, location_accuracy=0.20, negation_handling=0.15, temporal_accuracy=0.10,
                      measurement_accuracy=0.10, clinical_significance=0.10, structure_completeness=0.05)
 HYPS = ["The heart is normal in size. No effusion.", "Small left pleural effusion and mild edema."]
 REFS = ["The heart is normal. No pleural effusion.", "Small left pleural effusion and mild edema."]
 
 
-def _stand_in(tmp_path, weights=FACTS_WEIGHTS):
+def _stand_in(tmp_path, weights=REFERENCE_WEIGHTS):
     path = tmp_path / "metrics.py"
     path.write_text(textwrap.dedent(STAND_IN.format(weights=weights)))
     return path
@@ -69,7 +69,7 @@ def test_keyword_green_by_hand_and_seed_bleu_matches_the_definition(tmp_path):
 
 
 def test_a_file_with_other_weights_is_flagged(tmp_path):
-    other = {**FACTS_WEIGHTS, "entity_matching": 0.5}
+    other = {**REFERENCE_WEIGHTS, "entity_matching": 0.5}
     m = keyword_metrics(load_reference_module(_stand_in(tmp_path, other)), HYPS, REFS)
     assert m["keyword_green"] == pytest.approx(0.85) and "another version" in m["keyword_green_note"]
 

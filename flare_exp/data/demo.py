@@ -1,4 +1,4 @@
-"""A small synthetic dataset in the real FLARE Task 5 X-ray layout (FACTS §1), generated from a seed.
+"""A small synthetic dataset in the real FLARE Task 5 X-ray layout (README: Data layout), generated from a seed.
 
 It exercises everything prepare must handle: all five X-ray datasets with their raw TaskType strings,
 list-valued ImageName (two IU_XRay views, given lateral-first for some records), both IU_XRay file-name

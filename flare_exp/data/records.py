@@ -12,8 +12,11 @@ import hashlib
 import re
 from typing import Any
 
+# Our task type names: every stage, reward and metric is keyed by them.
+TASK_TYPES = ("report_generation", "classification", "multi_label", "regression")
+
 # FLARE's raw TaskType strings (compared after strip/lower/[-_ ] -> " ") -> our task type names.
-_TASK_TYPES = {
+_RAW_TASK_TYPES = {
     "report generation": "report_generation",
     "multi label classification": "multi_label",
     "multilabel classification": "multi_label",
@@ -30,7 +33,7 @@ _VIEW_SUFFIX = re.compile(r"-(\d+)\.[A-Za-z0-9]+$")
 
 def normalise_task_type(raw: str) -> str | None:
     key = re.sub(r"[-_\s]+", " ", str(raw).strip().lower())
-    return _TASK_TYPES.get(key)
+    return _RAW_TASK_TYPES.get(key)
 
 
 def label_separator(dataset: str, answer: str | None = None) -> str:

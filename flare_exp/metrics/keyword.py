@@ -1,6 +1,6 @@
 """The seed's and the FLARE25-QWen2.5VL baseline's keyword metrics, for comparison with their published numbers.
 
-Those numbers come from regex keyword heuristics in the baseline's ``utils/metrics.py`` (FACTS §3): a weighted
+Those numbers come from regex keyword heuristics in the baseline's ``utils/metrics.py``: a weighted
 "GREEN" (entity 0.30, location 0.20, negation 0.15, temporal 0.10, measurement 0.10, clinical significance
 0.10, structure 0.05) and a "clinical efficacy" that is a keyword-category match rate. Only that exact file
 reproduces them, so we run it from the user's own checkout (``eval.keyword_metrics.module``) instead of
@@ -17,7 +17,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-# FACTS §3: the component weights of the keyword "GREEN". Used to check that the file we were given is the
+# The reference file's component weights of the keyword "GREEN". Used to check that the file we were given is the
 # definition the published numbers used (overall mean = weighted sum of component means, by linearity).
 COMPONENT_WEIGHTS = {"entity_matching": 0.30, "location_accuracy": 0.20, "negation_handling": 0.15,
                      "temporal_accuracy": 0.10, "measurement_accuracy": 0.10, "clinical_significance": 0.10,
@@ -62,7 +62,7 @@ def keyword_metrics(module, predictions: list[str], references: list[str], seed_
                                                                                        list(references)))}
     expected = weighted_overall(components)
     if expected is not None and not math.isclose(expected, out["keyword_green"], abs_tol=1e-6):
-        log.warning("keyword_green %.6f is not the FACTS §3 weighted sum of its components (%.6f): the file "
+        log.warning("keyword_green %.6f is not the reference weighted sum of its components (%.6f): the file "
                     "at eval.keyword_metrics.module is not the definition behind the published numbers",
                     out["keyword_green"], expected)
         out["keyword_green_note"] = "components do not combine with the published weights (another version?)"

@@ -113,6 +113,8 @@ def check_model_settings(model_cfg) -> None:
     check_choice("model.vision_encoder", model_cfg.vision_encoder, vision_encoder.SETTINGS)
     check_choice("model.decode_attention", model_cfg.decode_attention, grouped_attention.SETTINGS)
     check_choice("model.lora.input_cast", model_cfg.lora.input_cast, lora_casts.SETTINGS)
+    if model_cfg.liger_kernel and model_cfg.backend != "hf":
+        raise ValueError("model.liger_kernel=true is for model.backend=hf (Unsloth patches in its own kernels)")
 
 
 def load_model(model_cfg, init_from: str | None = None, training: bool = True, seed: int = 0,
@@ -143,6 +145,10 @@ def _load_hf(model_cfg, init_from, training, merge_adapter=False) -> LoadedModel
     apply_pixel_budget(processor, model_cfg)
     model = AutoModelForImageTextToText.from_pretrained(
         base, dtype=torch_dtype(model_cfg.dtype), attn_implementation=model_cfg.attn_implementation)
+    if model_cfg.liger_kernel:
+        from flare_exp.models.liger import use_liger_kernels
+
+        use_liger_kernels(model)
     if adapter is not None:
         model = PeftModel.from_pretrained(model, adapter, is_trainable=training)
         if merge_adapter:  # an unmerged LoRA adds two small matmuls per projection to every decode step

@@ -13,7 +13,7 @@ from collections import defaultdict
 
 from omegaconf import OmegaConf
 
-from flare_exp.config import TASK_TYPES
+from flare_exp.data.records import TASK_TYPES
 from flare_exp.rewards import get_term
 
 log = logging.getLogger(__name__)

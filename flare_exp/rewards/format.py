@@ -1,6 +1,6 @@
 """Format terms.
 
-format_seed: the seed's format reward, kept for reproducing it (FACTS §2): +0.3 for 20-400 words, -0.3 under
+format_seed: the seed's format reward, kept for reproducing it: +0.3 for 20-400 words, -0.3 under
 10, +0.7 for both Findings and Impression headings (+0.3 for one), +0.6 x (1 - Jaccard of the two sections'
 sentence sets), -1.0 for artefacts. FLARE IU_XRay answers are one section of ~6 words with no headings, so
 this term pushes away from the target; reward=flare does not use it.

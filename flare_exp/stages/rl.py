@@ -257,9 +257,9 @@ def run(cfg, out_dir: Path) -> dict:
 
     if cfg.model.backend == "unsloth" and not compiled:
         # docs/benchmarks.md: generation is most of a GRPO step and Unsloth does not speed up TRL's decode loop.
-        log.warning("rl with model.backend=unsloth: its rollouts are TRL's own; on one H200 its GRPO steps took "
-                    "36.6 s at 4 generations against 4.9 s with backend=hf's graph decode loop (docs/benchmarks.md); "
-                    "Unsloth saves ~3 GiB. model.backend=hf is the faster choice for this stage unless memory is short")
+        log.warning("rl with model.backend=unsloth: its rollouts are TRL's own generate loop, several times slower "
+                    "per GRPO step than backend=hf's graph decode loop (docs/benchmarks.md) for a few GiB less "
+                    "memory. model.backend=hf is the faster choice for this stage unless memory is short")
 
     report_to = setup_tracking(rl, out_dir)
     meta = CheckpointMeta(loaded.base_path, cfg, data_fingerprints(rl.train_file), loaded.processor)

@@ -92,8 +92,8 @@ def load_split(path, limit, chat, max_len, on_too_long, what) -> tuple[list[dict
 
 
 def compile_layers(setting: bool, backend: str) -> bool:
-    """sft.compile_layers (off by default): Unsloth compiles its own blocks; with hf on a GPU, say what an H200
-    showed (the compiled runs' losses left the eager ones from the second step)."""
+    """sft.compile_layers (off by default): Unsloth compiles its own blocks; with hf on a GPU, say that the
+    compiled runs' bf16 losses leave the eager ones from the second step."""
     if not setting:
         return False
     if backend == "unsloth":
@@ -102,8 +102,8 @@ def compile_layers(setting: bool, backend: str) -> bool:
     import torch
 
     if torch.cuda.is_available():
-        log.warning("sft.compile_layers=true: on an H200 (torch 2.11, bf16) the compiled blocks' training losses "
-                    "left the uncompiled ones from the second step on (12.36 against 12.62, docs/benchmarks.md); "
+        log.warning("sft.compile_layers=true: in bf16 on a GPU the compiled blocks' training losses leave the "
+                    "uncompiled ones from the second step (bf16 rounding: in float32 they agree, docs/benchmarks.md); "
                     "compare your first logged losses with a run without it")
     return True
 
@@ -118,7 +118,7 @@ def run(cfg, out_dir: Path) -> dict:
     loaded = load_model(cfg.model, init_from=sft.init_from, training=True, seed=cfg.seed)
     compiled = compile_layers(sft.compile_layers, cfg.model.backend)
     if compiled:
-        log.info("sft.compile_layers: %d blocks compiled (the first steps compile them, ~1 min on an H200)",
+        log.info("sft.compile_layers: %d blocks compiled (the first steps compile them: a minute or so)",
                  compile_repeated_blocks(loaded.model, sft.compile_backend))
     chat = VisionChat(loaded.processor, abspath(cfg.data.root))
     max_len = cfg.model.max_seq_length

@@ -3,7 +3,8 @@
 ``python launch.py stage=sweep_report sweep_report.sweep_dir=outputs/sweeps/<run_name>``. Each job is
 reported with the overrides that vary across the sweep, its status from its own marker (DONE / FAILED /
 unfinished: SLURM's "COMPLETED" is not trusted), and its final numbers (rl_summary.json, sft_summary.json).
-The report lands in ``<sweep_dir>/report/`` and is regenerated on every run (it only reads the jobs).
+The report lands in ``<sweep_dir>/report/`` and is regenerated on every run (it only reads the jobs). A sweep run
+by the Optuna sweeper also gets study.md / study.png (flare_exp/optuna_report.py).
 """
 from __future__ import annotations
 
@@ -30,10 +31,12 @@ def collect(sweep_dir: Path) -> list[dict]:
         overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.exists() else []
         job = {"job": job_dir.name, "dir": str(job_dir), "status": marker(job_dir) or "unfinished",
                "overrides": dict(o.split("=", 1) for o in overrides if "=" in o), "metrics": {}, "curve": []}
-        for name in SUMMARIES:
-            if (job_dir / name).exists():
-                job["metrics"].update(json.loads((job_dir / name).read_text()))
-        history = job_dir / "log_history.json"
+        for sub in ("", "sft", "rl", "eval"):  # a stage's job, or a pipeline job's steps
+            for name in SUMMARIES:
+                if (job_dir / sub / name).exists():
+                    job["metrics"].update(json.loads((job_dir / sub / name).read_text()))
+        history = next((p for p in (job_dir / "log_history.json", job_dir / "rl" / "log_history.json") if p.exists()),
+                       job_dir / "log_history.json")
         if history.exists():
             job["curve"] = [(h["step"], h["reward"]) for h in json.loads(history.read_text()) if "reward" in h]
         if job["status"] == "FAILED":
@@ -105,4 +108,11 @@ def run(cfg, out_dir: Path) -> dict:
     plot(jobs, header, report / "sweep.png")
     counts = {s: sum(j["status"] == s for j in jobs) for s in ("DONE", "FAILED", "unfinished")}
     log.info("sweep report for %d jobs (%s) in %s\n%s", len(jobs), counts, report, markdown(header, rows))
-    return {"report_dir": str(report), "jobs": len(jobs), **counts}
+    summary = {"report_dir": str(report), "jobs": len(jobs), **counts}
+    from flare_exp.optuna_search import STUDY_FILE
+
+    if (sweep_dir / STUDY_FILE).exists():  # an Optuna search: the study's own view beside the job table
+        from flare_exp.optuna_report import write_study_report
+
+        summary["study"] = write_study_report(sweep_dir, report)
+    return summary

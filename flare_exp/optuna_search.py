@@ -1,0 +1,255 @@
+"""Reward weights (or any keys) searched by Optuna, trials launched by Hydra's launcher (submitit: local processes
+or SLURM array jobs), objectives read from each trial's eval metrics.
+
+Why not the hydra-optuna-sweeper package: its releases pin optuna<3.0, which has no journal storage (the one
+Optuna storage that is safe on a cluster's shared filesystem; SQLite is not) and no study resume across killed
+sweeps that we could rely on. This module is the glue only: Optuna samples, stores and ranks; Hydra's launcher
+runs the jobs; each trial is an ordinary job of the stages (rl -> infer -> eval in its own job dir).
+
+The study is persisted (default: ``<sweep dir>/optuna.journal``), so rerunning the same command continues it:
+finished trials are kept, trials a killed sweep left running are marked failed ("interrupted") and their
+settings tried again, and the study goes on to ``n_trials`` finished trials.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+from flare_exp.io import write_json
+
+log = logging.getLogger(__name__)
+STUDY_FILE = "optuna_study.json"  # what sweep_report needs to open the study again
+JOURNAL = "optuna.journal"
+_MINIMISED = ("mean_absolute_error", "mae_parseable", "rmse_parseable", "unparseable")
+
+
+def direction_of(objective: str) -> str:
+    """'<task>.<metric>': minimise errors (FLARE's MAE), maximise everything else."""
+    metric = objective.rsplit(".", 1)[-1]
+    return "minimize" if metric in _MINIMISED or "error" in metric else "maximize"
+
+
+def parse_objective(spec: str) -> tuple[str, str]:
+    task, _, metric = spec.partition(".")
+    if not metric:
+        raise ValueError(f"hydra.sweeper.objectives: {spec!r} is not '<task>.<metric>', e.g. "
+                         "multi_label.f1_score or report_generation.green_score")
+    return task, metric
+
+
+def objective_value(metrics: dict, spec: str) -> float | None:
+    """An objective from one run's metrics.json block: FLARE's official number first, then our variants."""
+    task, metric = parse_objective(spec)
+    for section in ("official", "by_task"):
+        value = (metrics.get(section, {}).get(task) or {}).get(metric)
+        if value is not None:
+            return float(value)
+    return None
+
+
+def search_space(overrides) -> tuple[dict, list[str]]:
+    """Optuna distributions for the sweep overrides (interval(a,b) [tag(log, ...)], range(a,b[,step]),
+    choice(a,b) or a,b), and the plain overrides every trial gets."""
+    from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSweep
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    space, fixed = {}, []
+    for o in overrides:
+        key = o.get_key_element()
+        if not o.is_sweep_override():
+            fixed.append(f"{key}={o.get_value_element_as_str()}")
+            continue
+        value = o.value()
+        if isinstance(value, IntervalSweep):
+            log_scale = "log" in value.tags
+            if "int" in value.tags:
+                space[key] = IntDistribution(int(value.start), int(value.end), log=log_scale)
+            else:
+                space[key] = FloatDistribution(float(value.start), float(value.end), log=log_scale)
+        elif isinstance(value, RangeSweep):
+            values = list(value.range())
+            space[key] = CategoricalDistribution(values) if any(isinstance(v, float) for v in values) else \
+                IntDistribution(int(values[0]), int(values[-1]), step=int(value.step))
+        elif isinstance(value, ChoiceSweep):
+            space[key] = CategoricalDistribution([v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
+                                                  for v in value.list])
+        else:
+            raise ValueError(f"{key}: the Optuna sweeper takes interval(), range() and choice() sweeps")
+    if not space:
+        raise ValueError("the Optuna sweeper got no search space: give keys as key='interval(0,1)', "
+                         "key='choice(a,b)' on the command line or in hydra.sweeper.params")
+    return space, fixed
+
+
+def open_storage(storage: str | None, sweep_dir: Path):
+    """A journal file (default, safe on NFS/Lustre), or a database URL (postgresql://..., mysql://...)."""
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    if storage and "://" in storage:
+        if storage.startswith("sqlite"):
+            log.warning("hydra.sweeper.storage=%s: SQLite locks are unreliable on NFS/Lustre; a journal file "
+                        "(the default) is the safe choice on a shared filesystem", storage)
+        return storage
+    path = Path(storage) if storage else sweep_dir / JOURNAL
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return JournalStorage(JournalFileBackend(str(path)))
+
+
+def recover_interrupted(study) -> int:
+    """Trials a killed sweep left RUNNING: marked failed ("interrupted", not counted) and queued again."""
+    import optuna
+
+    stale = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    for trial in stale:
+        study._storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number}, skip_if_exists=False)
+        log.warning("optuna: trial %d was left running by an earlier, killed sweep: marked failed "
+                    "(interrupted) and queued again", trial.number)
+    return len(stale)
+
+
+def finished_trials(study) -> int:
+    import optuna
+
+    done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
+    return sum(1 for t in study.get_trials(deepcopy=False, states=done) if not t.user_attrs.get("interrupted"))
+
+
+def job_metrics(ret) -> tuple[dict | None, str | None]:
+    """(the metrics.json block of a finished trial job, or None with the reason)."""
+    from hydra.core.utils import JobStatus
+
+    if ret.status != JobStatus.COMPLETED:
+        error = ret._return_value
+        return None, f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+    value = ret.return_value if isinstance(ret.return_value, dict) else {}
+    eval_dir = (value.get("steps") or {}).get("eval")
+    path = Path(eval_dir) / "metrics.json" if eval_dir else Path(value.get("metrics", ""))
+    if not path.is_file():
+        return None, "the trial ran no eval (stage.steps must end with eval) or wrote no metrics.json"
+    blocks = json.loads(path.read_text())
+    return next(iter(blocks.values())), None
+
+
+class Search:
+    """One study: its objectives and directions, the search space, and the launcher that runs its trials."""
+
+    def __init__(self, sweeper, arguments: list[str]):
+        import optuna
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        s = sweeper.settings
+        self.launcher, self.config = sweeper.launcher, sweeper.config
+        self.objectives = list(s["objectives"])
+        for spec in self.objectives:
+            parse_objective(spec)
+        self.weights = dict(s.get("objective_weights") or {})
+        parser = OverridesParser.create()
+        params = [f"{k}={v}" for k, v in (s.get("params") or {}).items()]
+        self.space, self.fixed = search_space(parser.parse_overrides(list(arguments) + params))
+        self.directions = [direction_of(o) for o in self.objectives]
+        if self.weights:
+            self._check_weighted()
+        self.sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        self.n_trials, self.n_jobs = int(s["n_trials"]), max(1, int(s["n_jobs"]))
+        self.grid: list[dict] = []
+        sampler = self._sampler(s.get("sampler") or {})
+        self.storage_setting = s.get("storage")
+        self.study = optuna.create_study(
+            study_name=s.get("study_name") or self.sweep_dir.name, storage=open_storage(self.storage_setting,
+                                                                                         self.sweep_dir),
+            sampler=sampler, load_if_exists=True,
+            **({"direction": self.directions[0]} if len(self.directions) == 1 else {"directions": self.directions}))
+
+    def _check_weighted(self):
+        unknown = sorted(set(self.weights) - set(self.objectives))
+        if unknown:
+            raise ValueError(f"hydra.sweeper.objective_weights names {unknown}, not among hydra.sweeper.objectives")
+        if len(set(self.directions)) > 1:
+            raise ValueError("hydra.sweeper.objective_weights mixes metrics to maximise and to minimise "
+                             f"({dict(zip(self.objectives, self.directions))}): weight metrics of one direction")
+        self.directions = self.directions[:1]
+
+    def _sampler(self, setting: dict):
+        import optuna
+
+        name, seed = str(setting.get("name", "tpe")).lower(), setting.get("seed")
+        if name == "grid":  # every combination enqueued once (Optuna's GridSampler stops studies it does not run)
+            import itertools
+
+            choices = {k: d.choices for k, d in self.space.items() if hasattr(d, "choices")}
+            if len(choices) != len(self.space):
+                raise ValueError("sampler grid takes choice() / a,b sweeps only")
+            self.grid = [dict(zip(choices, combo)) for combo in itertools.product(*choices.values())]
+            if self.n_trials > len(self.grid):
+                log.info("optuna: the grid has %d points; n_trials=%d is cut to it", len(self.grid), self.n_trials)
+                self.n_trials = len(self.grid)
+            return optuna.samplers.RandomSampler(seed=seed)
+        samplers = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler,
+                    "nsga2": optuna.samplers.NSGAIISampler}
+        if name not in samplers:
+            raise ValueError(f"hydra.sweeper.sampler.name={name!r}: choose tpe, random, nsga2 or grid")
+        return samplers[name](seed=seed)
+
+    def values(self, metrics: dict) -> tuple[list[float] | None, str | None]:
+        found = {o: objective_value(metrics, o) for o in self.objectives}
+        missing = [o for o, v in found.items() if v is None or not math.isfinite(v)]
+        if missing:
+            return None, (f"objective(s) {', '.join(missing)} missing or not finite in the trial's metrics "
+                          f"({', '.join(f'{o}={found[o]}' for o in missing)})")
+        if self.weights:
+            total = sum(self.weights.get(o, 0.0) for o in self.objectives)
+            return [sum(self.weights.get(o, 0.0) * found[o] for o in self.objectives) / total], None
+        return [found[o] for o in self.objectives], None
+
+    def run(self) -> list:
+        recover_interrupted(self.study)
+        for point in self.grid:
+            self.study.enqueue_trial(point, skip_if_exists=True)
+        self._record()
+        results = []
+        while (left := self.n_trials - finished_trials(self.study)) > 0:
+            trials = [self.study.ask(self.space) for _ in range(min(self.n_jobs, left))]
+            results += self._launch(trials)
+        self._record()
+        log.info("optuna: %d trials finished in %s; sweep_report: python launch.py stage=sweep_report "
+                 "sweep_report.sweep_dir=%s", finished_trials(self.study), self.sweep_dir, self.sweep_dir)
+        return results
+
+    def _launch(self, trials: list) -> list:
+        import optuna
+
+        overrides = [[*self.fixed, *(f"{k}={v}" for k, v in t.params.items())] for t in trials]
+        numbers = [t.number for t in trials]
+        consecutive = numbers == list(range(numbers[0], numbers[0] + len(numbers)))
+        # the job dir of trial N is <sweep dir>/N (jobs of one launch are numbered from its first index)
+        returns = self.launcher.launch(overrides, initial_job_idx=numbers[0]) if consecutive else \
+            [self.launcher.launch([o], initial_job_idx=n)[0] for o, n in zip(overrides, numbers)]
+        for trial, job, ret in zip(trials, overrides, returns):
+            trial.set_user_attr("overrides", job)
+            trial.set_user_attr("job_dir", str(self.sweep_dir / str(trial.number)))
+            metrics, reason = job_metrics(ret)
+            values = None
+            if metrics is not None:
+                values, reason = self.values(metrics)
+            if values is None:
+                trial.set_user_attr("failure", reason)
+                self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                log.warning("optuna: trial %d failed: %s", trial.number, reason)
+            else:
+                self.study.tell(trial, values)
+                log.info("optuna: trial %d %s", trial.number, dict(zip(self._names(), values)))
+        return returns
+
+    def _names(self) -> list[str]:
+        return ["weighted(" + ",".join(self.objectives) + ")"] if self.weights else self.objectives
+
+    def _record(self) -> None:
+        write_json(self.sweep_dir / STUDY_FILE, {
+            "study_name": self.study.study_name, "storage": self.storage_setting or str(self.sweep_dir / JOURNAL),
+            "objectives": self._names(), "directions": self.directions, "n_trials": self.n_trials,
+            "search_space": sorted(self.space), "fixed_overrides": self.fixed})

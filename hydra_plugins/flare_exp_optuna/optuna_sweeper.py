@@ -1,0 +1,31 @@
+"""Hydra's Sweeper plugin for ``hydra/sweeper=optuna`` (conf/hydra/sweeper/optuna.yaml). Hydra only loads
+sweepers from the ``hydra_plugins`` package and imports every module in it at startup, so this module stays
+light: the search itself is flare_exp/optuna_search.py, imported when a sweep starts."""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+from hydra.plugins.sweeper import Sweeper
+
+
+class OptunaSweeper(Sweeper):
+    def __init__(self, objectives: List[str], n_trials: int = 20, n_jobs: int = 2,
+                 params: Optional[Dict[str, str]] = None, objective_weights: Optional[Dict[str, float]] = None,
+                 sampler: Optional[Dict[str, Any]] = None, storage: Optional[str] = None,
+                 study_name: Optional[str] = None) -> None:
+        self.settings = dict(objectives=list(objectives), n_trials=n_trials, n_jobs=n_jobs, params=params,
+                             objective_weights=objective_weights, sampler=sampler, storage=storage,
+                             study_name=study_name)
+        self.launcher = self.config = self.hydra_context = None
+
+    def setup(self, *, hydra_context, task_function, config) -> None:
+        from hydra.core.plugins import Plugins
+
+        self.hydra_context, self.config = hydra_context, config
+        self.launcher = Plugins.instance().instantiate_launcher(hydra_context=hydra_context,
+                                                                task_function=task_function, config=config)
+
+    def sweep(self, arguments: List[str]) -> Any:
+        from flare_exp.optuna_search import Search
+
+        return Search(self, arguments).run()

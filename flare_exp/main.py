@@ -56,7 +56,7 @@ def setting_problems(cfg: DictConfig, preload: bool = False) -> list[Exception]:
         _collect(problems, check, cfg)
     _collect(problems, check_reward_weights, cfg.reward)
     _collect(problems, check_model_settings, cfg.model)
-    _collect(problems, check_one_process_per_job, bool(steps & GPU_STAGES))
+    _collect(problems, check_one_process_per_job, bool(steps & GPU_STAGES), steps, cfg.model.backend)
     if preload and not problems:  # Unsloth first (it patches transformers), then the stage modules' own checks
         _collect(problems, preload_backend, cfg)
     for step in sorted(steps - {"pipeline", "sweep_report"}):
@@ -155,23 +155,37 @@ def check_reward_weights(reward: DictConfig) -> None:
                 log.warning("%s=%s is negative: the term is a penalty", key, weight)
 
 
-def check_one_process_per_job(uses_gpu: bool = True) -> None:
-    """A job is one process on one GPU (sweeps spread jobs over GPUs). torchrun / srun with several tasks
-    would have every rank write the same markers and predictions: refuse it instead of corrupting a run, and
-    say when GPUs given to the job would sit idle."""
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+DISTRIBUTED_STAGES = {"sft", "infer"}  # data-parallel under torchrun: the Trainer's DDP (accelerate); infer shards
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def check_one_process_per_job(uses_gpu: bool = True, steps: set[str] | None = None,
+                              backend: str = "hf") -> None:
+    """Several ranks (torchrun / accelerate launch / srun with several tasks) run the stages that train
+    data-parallel (sft); the others run one process per job and refuse several, instead of having every rank
+    write the same markers and predictions. Say when GPUs given to a one-process job would sit idle."""
+    world = world_size()
     if world > 1:
-        raise ValueError(f"WORLD_SIZE={world}: flare-exp runs one process per job (one GPU). Launch "
-                         "`python launch.py ...` without torchrun, keep hydra.launcher.tasks_per_node=1, and "
-                         "spread work over GPUs with a sweep (-m) instead")
+        others = sorted((steps or set()) - DISTRIBUTED_STAGES)
+        if others:
+            raise ValueError(f"WORLD_SIZE={world}: {', '.join(others)} run(s) one process per job; only "
+                             f"{', '.join(sorted(DISTRIBUTED_STAGES))} runs on several ranks. Launch those with "
+                             "`python launch.py ...` (a sweep spreads jobs over GPUs)")
+        if backend != "hf":
+            raise ValueError(f"WORLD_SIZE={world}: model.backend={backend} is not supported on several ranks "
+                             "(not measured); pass model.backend=hf")
+        return
     if not uses_gpu:
         return
     import torch
 
     if torch.cuda.is_available() and torch.cuda.device_count() > 1:
-        log.warning("this job sees %d GPUs but uses one (cuda:0); ask for one GPU per job "
-                    "(hydra.launcher.gpus_per_node=1) and run a sweep to use the others",
-                    torch.cuda.device_count())
+        log.warning("this job sees %d GPUs but uses one (cuda:0); run `torchrun --nproc_per_node=%d launch.py "
+                    "stage=sft ...` to train on all of them, or ask for one GPU per job and run a sweep",
+                    torch.cuda.device_count(), torch.cuda.device_count())
 
 
 def preload_backend(cfg: DictConfig) -> None:
@@ -182,6 +196,19 @@ def preload_backend(cfg: DictConfig) -> None:
     from flare_exp.models.loading import require_unsloth
 
     require_unsloth()
+
+
+def adopt_slurm_ranks() -> None:
+    """A SLURM job with several tasks (hydra.launcher.tasks_per_node, nodes): each task is one rank; the
+    process group's address, port, rank and world size come from submitit's job environment (the same port on
+    every task, derived from the job id)."""
+    if int(os.environ.get("SLURM_NTASKS", "1") or 1) <= 1 or "WORLD_SIZE" in os.environ:
+        return
+    from submitit.helpers import TorchDistributedEnvironment
+
+    env = TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    log.info("SLURM task %d of %d (local rank %d): process group at %s:%d", env.rank, env.world_size,
+             env.local_rank, env.master_addr, env.master_port)
 
 
 def run(cfg: DictConfig, run_dir: Path | None = None):
@@ -196,6 +223,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None):
     # Unsloth writes its generated modules to ./unsloth_compiled_cache otherwise: into whatever directory a
     # job was submitted from, shared by every job of a sweep.
     os.environ.setdefault("UNSLOTH_COMPILE_LOCATION", str(cache_dir / "unsloth_compiled_cache"))
+    adopt_slurm_ranks()
     try:
         validate(cfg, inputs=True)
     except Exception as e:
@@ -207,11 +235,40 @@ def run(cfg: DictConfig, run_dir: Path | None = None):
     stage = cfg.stage.name
     runner = stages.get_runner(stage)
     out_dir = stages.output_dir(stage, cfg, run_dir)
+    if world_size() > 1:
+        return run_distributed(cfg, stage, runner, run_dir, out_dir)
     with RunLock(out_dir):  # one writer per run dir, from the first check to the last marker
         return run_locked(cfg, stage, runner, run_dir, out_dir)
 
 
-def run_locked(cfg: DictConfig, stage: str, runner, run_dir: Path, out_dir: Path):
+def run_distributed(cfg: DictConfig, stage: str, runner, run_dir: Path, out_dir: Path):
+    """One rank of a data-parallel job: rank 0 holds the lock, starts the attempt and writes the markers; the
+    others wait for it, run the same stage (the Trainer shards the data and averages the gradients), and a
+    rank that fails leaves FAILED naming itself."""
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():  # accelerate (inside the Trainer) reuses this group
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0") or 0))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank = dist.get_rank()
+    if rank == 0:
+        with RunLock(out_dir):
+            result = run_locked(cfg, stage, runner, run_dir, out_dir, before_work=dist.barrier)
+        dist.barrier()  # (a failing rank 0 raises instead: torchrun then stops the others)
+        return result
+    dist.barrier()  # rank 0 has checked the run dir and moved any earlier attempt away
+    try:
+        result = runner.run(cfg, out_dir)
+    except BaseException as e:
+        write_failed(out_dir, e, rank=rank)
+        raise
+    dist.barrier()
+    return result
+
+
+def run_locked(cfg: DictConfig, stage: str, runner, run_dir: Path, out_dir: Path, before_work=None):
     # The pipeline starts each step's attempt itself (reusing finished ones); a sweep report is only a view.
     if stage in ("pipeline", "sweep_report"):
         write_run_metadata(out_dir, cfg)
@@ -221,6 +278,8 @@ def run_locked(cfg: DictConfig, stage: str, runner, run_dir: Path, out_dir: Path
         write_run_metadata(run_dir, cfg)
     log.info("stage=%s model=%s (%s) data=%s -> %s", stage, cfg.model.name, cfg.model.backend, cfg.data.name,
              out_dir)
+    if before_work is not None:
+        before_work()
     result = run_with_markers(out_dir, runner.run, cfg, out_dir)
     if out_dir != run_dir:
         run_with_markers(run_dir, lambda: result)

@@ -49,8 +49,8 @@ FREE = {
     "eval": ("eval.green.batch_size", "eval.green.decode_loop", "eval.green.parser"),
 }
 # What a resume continues from: without any of these in the run dir there is nothing to mix.
-RESUMABLE = {"sft": ("checkpoint-*",), "rl": ("checkpoint-*",), "infer": ("predictions.jsonl",),
-             "eval": ("green_judgments.jsonl",)}
+RESUMABLE = {"sft": ("checkpoint-*",), "rl": ("checkpoint-*",),
+             "infer": ("predictions.jsonl", "predictions.rank*.jsonl"), "eval": ("green_judgments.jsonl",)}
 # Kept in place when an attempt moves to attempts/NN: the lock, the record of earlier attempts, Hydra's own
 # files and the job's log (open for writing by this very process).
 _STAYS = {".lock", "attempts", ".hydra", ".submitit"}

@@ -139,12 +139,14 @@ def write_run_metadata(run_dir: Path, cfg: DictConfig) -> None:
     })
 
 
-def write_failed(run_dir: Path, error: BaseException) -> None:
-    """FAILED with the error and its traceback (call it in the except block)."""
+def write_failed(run_dir: Path, error: BaseException, rank: int | None = None) -> None:
+    """FAILED with the error and its traceback (call it in the except block); ``rank`` names the rank of a
+    data-parallel job that failed."""
     stopped = isinstance(error, (SystemExit, KeyboardInterrupt))  # preempted, timed out, cancelled, Ctrl-C
     why = (f"stopped from outside ({type(error).__name__} {error}): preempted, timed out or cancelled; a "
            "requeued job or a rerun with the same run_name resumes") if stopped else f"{type(error).__name__}: {error}"
-    write_text(run_dir / FAILED, f"{why}\n\n{traceback.format_exc()}")
+    where = f"rank {rank}: " if rank is not None else ""
+    write_text(run_dir / FAILED, f"{where}{why}\n\n{traceback.format_exc()}")
 
 
 def run_with_markers(run_dir: Path, fn, *args, **kwargs):

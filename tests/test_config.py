@@ -154,8 +154,11 @@ def test_one_process_per_job(monkeypatch, caplog):
     from flare_exp.main import check_one_process_per_job
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ValueError, match="WORLD_SIZE=2: flare-exp runs one process per job"):
-        check_one_process_per_job()
+    with pytest.raises(ValueError, match="WORLD_SIZE=2: rl run\\(s\\) one process per job; only infer, sft runs"):
+        check_one_process_per_job(steps={"sft", "rl", "infer"})
+    with pytest.raises(ValueError, match="model.backend=unsloth is not supported on several ranks"):
+        check_one_process_per_job(steps={"sft"}, backend="unsloth")
+    check_one_process_per_job(steps={"sft"})
     monkeypatch.setenv("WORLD_SIZE", "1")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)

@@ -7,6 +7,7 @@ Both apply the same LoRA switches and the same image token budget (min_pixels / 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -166,8 +167,8 @@ def _load_hf(model_cfg, init_from, training, merge_adapter=False) -> LoadedModel
         # The Trainer places training models itself; inference must not silently stay on the CPU.
         import torch
 
-        if torch.cuda.is_available():
-            model.to("cuda")
+        if torch.cuda.is_available():  # this rank's GPU in a data-parallel job (torchrun sets LOCAL_RANK)
+            model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', '0') or 0)}")
         model.eval()
     return LoadedModel(model, processor, base, adapter, "hf")
 

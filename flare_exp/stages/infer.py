@@ -24,6 +24,7 @@ from flare_exp.runtime import abspath, check_choice, retry_uncompiled
 
 log = logging.getLogger(__name__)
 PREDICTIONS = "predictions.jsonl"
+RANK_JOURNAL = "predictions.rank{rank}.jsonl"  # one per rank of a data-parallel job, merged at the end
 
 
 def checkpoint_label(checkpoint: str | None) -> str:
@@ -235,6 +236,57 @@ def check_settings(cfg) -> None:
     check_choice("infer.decode_loop", cfg.infer.decode_loop, DECODE_LOOPS)
 
 
+def ranks() -> tuple[int, int]:
+    """(rank, world size) of a data-parallel job (torchrun; main.run_distributed set the group up), else (0, 1)."""
+    import torch.distributed as dist
+
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+
+def read_predictions(out_dir: Path) -> dict[str, dict]:
+    """Every prediction written so far: the merged file and any rank's journal (a resume may use another
+    number of ranks than the attempt it continues)."""
+    done = read_journal(out_dir / PREDICTIONS, "id")
+    for journal in sorted(out_dir.glob(RANK_JOURNAL.format(rank="*"))):
+        done.update(read_journal(journal, "id"))
+    return done
+
+
+def predict(cfg, todo: list[dict], journal: Path, label: str, done: dict) -> tuple[int, float, str | None]:
+    """Generate predictions for ``todo``, appended to ``journal`` batch by batch; (generated, seconds, loop)."""
+    inf = cfg.infer
+    loaded = load_model(cfg.model, init_from=inf.checkpoint, training=False, seed=cfg.seed,
+                        merge_adapter=inf.merge_adapter)
+    chat = VisionChat(loaded.processor, abspath(cfg.data.root), image_device(inf.image_device, loaded.model))
+    decode = Decoder(loaded.model, chat, inf, cfg.model.backend)
+    full_batches = len(todo) // inf.batch_size
+    if decode.cache == "static":
+        log.info("infer: %d reports, batch %d: static KV cache, decode step compiled by the first full batch%s",
+                 len(todo), inf.batch_size, "" if full_batches >= 4 else
+                 f" (only {full_batches} full batch(es): infer.cache_implementation=dynamic skips compiling, "
+                 "which may finish sooner)")
+    if inf.sort_by_length:  # similar lengths share a batch: less padding, fewer wasted decode steps
+        todo = sorted(todo, key=lambda r: chat.sequence_length(r, with_answer=False), reverse=True)
+    bar = tqdm(total=len(todo), desc=f"infer {label}", unit="report")
+    generated, elapsed = 0, 0.0
+    with open(journal, "a", encoding="utf-8") as f:
+        start = time.perf_counter()  # reports/s over the whole loop: reading, processing, writing included
+        for chunk, images in batches_with_images(chat, todo, inf.batch_size):
+            for r, p in zip(chunk, decode_in_parts(decode, chunk, images)):
+                row = {k: r[k] for k in ("id", "dataset", "task_type", "raw_task_type", "split", "image_name",
+                                         "images", "question", "answer")}
+                row.update(prediction=p, model=label)
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                done[r["id"]] = row
+            f.flush()
+            generated += len(chunk)
+            elapsed = time.perf_counter() - start
+            bar.update(len(chunk))
+            bar.set_postfix(reports_per_s=f"{generated / max(elapsed, 1e-9):.2f}")
+    bar.close()
+    return generated, elapsed, "graph" if decode.loop is not None else "generate"  # what decode_loop resolved to
+
+
 def run(cfg, out_dir: Path) -> dict:
     check_settings(cfg)
     inf = cfg.infer
@@ -245,56 +297,51 @@ def run(cfg, out_dir: Path) -> dict:
     if not records:
         raise ValueError(f"{source}: no records to predict")
     label = inf.label or checkpoint_label(inf.checkpoint)
-    pred_path = out_dir / PREDICTIONS
-    done = read_journal(pred_path, "id")
-    todo = [r for r in records if r["id"] not in done]
+    rank, world = ranks()
+    done = read_predictions(out_dir)
+    mine = records[rank::world]  # each rank its share; rank 0 merges them in input order below
+    todo = [r for r in mine if r["id"] not in done]
     if done:
-        log.info("resuming: %d of %d predictions already in %s", len(records) - len(todo), len(records), pred_path)
+        log.info("resuming: %d of %d predictions already in %s", len(mine) - len(todo), len(mine), out_dir)
+    journal = out_dir / (PREDICTIONS if world == 1 else RANK_JOURNAL.format(rank=rank))
+    generated, elapsed, loop = predict(cfg, todo, journal, label, done) if todo else (0, 0.0, None)
+    if world > 1:
+        import torch.distributed as dist
 
-    elapsed, generated, loop = 0.0, 0, None
-    if todo:
-        loaded = load_model(cfg.model, init_from=inf.checkpoint, training=False, seed=cfg.seed,
-                            merge_adapter=inf.merge_adapter)
-        chat = VisionChat(loaded.processor, abspath(cfg.data.root), image_device(inf.image_device, loaded.model))
-        decode = Decoder(loaded.model, chat, inf, cfg.model.backend)
-        loop = "graph" if decode.loop is not None else "generate"  # what infer.decode_loop resolved to
-        full_batches = len(todo) // inf.batch_size
-        if decode.cache == "static":
-            log.info("infer: %d reports, batch %d: static KV cache, decode step compiled by the first full batch%s",
-                     len(todo), inf.batch_size, "" if full_batches >= 4 else
-                     f" (only {full_batches} full batch(es): infer.cache_implementation=dynamic skips compiling, "
-                     "which may finish sooner)")
-        if inf.sort_by_length:  # similar lengths share a batch: less padding, fewer wasted decode steps
-            todo.sort(key=lambda r: chat.sequence_length(r, with_answer=False), reverse=True)
-        bar = tqdm(total=len(todo), desc=f"infer {label}", unit="report")
-        with open(pred_path, "a", encoding="utf-8") as f:
-            start = time.perf_counter()  # reports/s over the whole loop: reading, processing, writing included
-            for chunk, images in batches_with_images(chat, todo, inf.batch_size):
-                predictions = decode_in_parts(decode, chunk, images)
-                generated += len(chunk)
-                for r, p in zip(chunk, predictions):
-                    row = {k: r[k] for k in ("id", "dataset", "task_type", "raw_task_type", "split", "image_name",
-                                             "images", "question", "answer")}
-                    row.update(prediction=p, model=label)
-                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
-                    done[r["id"]] = row
-                f.flush()
-                elapsed = time.perf_counter() - start
-                bar.update(len(chunk))
-                bar.set_postfix(reports_per_s=f"{generated / max(elapsed, 1e-9):.2f}")
-        bar.close()
+        counts = [None] * world
+        dist.all_gather_object(counts, (generated, elapsed, loop))
+        dist.barrier()  # every rank's journal is complete
+        if rank != 0:
+            return {"rank": rank, "generated_now": generated}
+        generated, elapsed = sum(c[0] for c in counts), max(c[1] for c in counts)
+        loop = next((c[2] for c in counts if c[2]), None)
+        done = read_predictions(out_dir)
+    return finish(cfg, out_dir, records, done, label, generated, elapsed, loop, world)
+
+
+def finish(cfg, out_dir: Path, records: list[dict], done: dict, label: str, generated: int, elapsed: float,
+           loop: str | None, world: int) -> dict:
+    """One predictions file in input order (the ranks' journals merged into it), the sheet, the summary."""
+    inf, pred_path = cfg.infer, out_dir / PREDICTIONS
+    missing = [r["id"] for r in records if r["id"] not in done]
+    if missing:
+        raise RuntimeError(f"infer: {len(missing)} records have no prediction after all ranks finished "
+                           f"(first: {missing[0]}); rerun to complete them")
     rows = [done[r["id"]] for r in records]  # the input's order
     beyond = len(done) - len(rows)
     if beyond:  # an earlier attempt with a larger infer.num_samples: the file holds what the summary counts
         log.warning("infer: %d predictions of an earlier attempt are not among the %d records asked for "
                     "(infer.num_samples=%s): left out of %s", beyond, len(rows), inf.num_samples, pred_path)
-    write_jsonl(pred_path, rows)  # one row per record, in input order (the journal is in decoding order)
+    write_jsonl(pred_path, rows)  # one row per record, in input order (the journals are in decoding order)
+    for journal in out_dir.glob(RANK_JOURNAL.format(rank="*")):
+        journal.unlink()  # merged above
     write_sheet(out_dir / "predictions.xlsx", rows, label)
     if all(r["answer"] is None for r in rows):
         write_submission(out_dir, rows)
     summary = {"predictions": str(pred_path), "sheet": str(out_dir / "predictions.xlsx"), "label": label,
                "checkpoint": inf.checkpoint, "split": inf.split, "samples": len(rows), "generated_now": generated,
                "reports_per_second": round(generated / elapsed, 3) if elapsed else None,
-               "batch_size": inf.batch_size, "max_new_tokens": inf.max_new_tokens, "decode_loop": loop}
+               "batch_size": inf.batch_size, "max_new_tokens": inf.max_new_tokens, "decode_loop": loop,
+               "world_size": world}
     write_json(out_dir / "infer_summary.json", summary)
     return summary

@@ -152,6 +152,8 @@ def run(cfg, out_dir: Path) -> dict:
         bf16=bf16, fp16=fp16,
         remove_unused_columns=False, dataloader_num_workers=sft.dataloader_num_workers,
         dataloader_pin_memory=torch.cuda.is_available(),
+        # without a GPU the Trainer runs data-parallel only when told it is on the CPU (torchrun on gloo)
+        **({"use_cpu": True, "ddp_backend": "gloo"} if cpu_ranks() else {}),
         include_num_input_tokens_seen="non_padding", report_to=report_to,
         seed=cfg.seed, save_safetensors=True, disable_tqdm=False, logging_first_step=True,
     )
@@ -165,6 +167,9 @@ def run(cfg, out_dir: Path) -> dict:
     trainer = trainer_class(model=loaded.model, args=args, train_dataset=RecordDataset(train, train_lengths),
                             eval_dataset=RecordDataset(val, val_lengths) if evaluating else None,
                             data_collator=SFTCollator(chat), callbacks=callbacks)
+    log.info("sft: %d per device x %d accumulation x %d rank(s) = %d samples per optimizer step",
+             sft.per_device_train_batch_size, sft.gradient_accumulation_steps, args.world_size,
+             sft.per_device_train_batch_size * sft.gradient_accumulation_steps * args.world_size)
     try:
         try:
             result = trainer.train(resume_from_checkpoint=resume_checkpoint(cfg.resume, out_dir))
@@ -180,20 +185,35 @@ def run(cfg, out_dir: Path) -> dict:
                                    "sft.compile_layers=false (the run resumes from its last checkpoint)") from e
             raise
         final = out_dir / "final"
-        trainer.save_model(str(final))
-        meta.write(final, step=trainer.state.global_step, best=trainer.state.best_model_checkpoint)
+        trainer.save_model(str(final))  # the Trainer saves on the main process only
+        lead = trainer.is_world_process_zero()  # a data-parallel job's other ranks write nothing
+        if lead:
+            meta.write(final, step=trainer.state.global_step, best=trainer.state.best_model_checkpoint)
     finally:
         finish_tracking(report_to)
-    write_json(out_dir / "log_history.json", trainer.state.log_history)
     history = [h for h in trainer.state.log_history if "loss" in h]
+    world = args.world_size
     summary = {"final_adapter": str(final), "global_step": trainer.state.global_step,
                "train_loss": result.training_loss, "first_loss": history[0]["loss"] if history else None,
                "last_loss": history[-1]["loss"] if history else None,
                "best_checkpoint": trainer.state.best_model_checkpoint,
-               "train_samples": len(train), "skipped_too_long": len(too_long) + len(val_too_long)}
-    write_json(out_dir / "sft_summary.json", summary)
+               "train_samples": len(train), "skipped_too_long": len(too_long) + len(val_too_long),
+               "world_size": world, "effective_batch": sft.per_device_train_batch_size
+               * sft.gradient_accumulation_steps * world}
+    if lead:
+        write_json(out_dir / "log_history.json", trainer.state.log_history)
+        write_json(out_dir / "sft_summary.json", summary)
     log.info("sft finished: adapter at %s (%s)", final, loss_line(history, result.training_loss, sft.logging_steps))
     return summary
+
+
+def cpu_ranks() -> bool:
+    """Several ranks and no GPU (torchrun on the gloo backend)."""
+    import os
+
+    import torch
+
+    return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and not torch.cuda.is_available()
 
 
 def loss_line(history: list[dict], mean: float, logging_steps: int) -> str:

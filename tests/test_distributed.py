@@ -1,0 +1,82 @@
+"""Data-parallel SFT through torchrun: 2 processes on the gloo backend (CPU) train one adapter, written by rank
+0 alone, equal to one process trained on the same global batches (gradient accumulation over the same samples)."""
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def _sft_args(session_dir, out, *extra):
+    return [f"paths.cache_dir={session_dir / 'cache'}", f"paths.output_root={out}", "stage=sft", "sft.max_steps=2",
+            "sft.eval_steps=0", "sft.save_steps=2", "sft.per_device_train_batch_size=2", "sft.warmup_ratio=0",
+            "sft.logging_steps=1", "sft.dataloader_num_workers=0", "run_name=ddp", *extra]
+
+
+def _env():
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+
+
+def test_two_ranks_train_one_adapter_equal_to_one_process(session_dir, tmp_path, tiny_model_dir, demo_prepared):
+    import torch
+    from safetensors.torch import load_file
+
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+                          "launch.py", *_sft_args(session_dir, tmp_path / "ddp", "sft.gradient_accumulation_steps=1")],
+                         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert ddp.returncode == 0, ddp.stderr[-4000:]
+    run_dir = tmp_path / "ddp" / "runs" / "ddp"
+    summary = json.loads((run_dir / "sft_summary.json").read_text())
+    assert (run_dir / "DONE").exists() and summary["world_size"] == 2 and summary["effective_batch"] == 4
+    assert "2 per device x 1 accumulation x 2 rank(s) = 4 samples per optimizer step" in ddp.stderr + ddp.stdout
+    one = subprocess.run([sys.executable, "launch.py",
+                          *_sft_args(session_dir, tmp_path / "one", "sft.gradient_accumulation_steps=2")],
+                         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-4000:]
+    single = json.loads((tmp_path / "one" / "runs" / "ddp" / "sft_summary.json").read_text())
+    assert single["world_size"] == 1 and single["effective_batch"] == 4
+    a = load_file(run_dir / "final" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "one" / "runs" / "ddp" / "final" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+    assert abs(summary["first_loss"] - single["first_loss"]) < 1e-3
+
+
+def test_two_ranks_share_the_predictions_and_rank_0_merges_them_in_input_order(session_dir, tmp_path, sft_adapter):
+    from flare_exp.io import read_jsonl
+
+    args = [f"paths.cache_dir={session_dir / 'cache'}", "stage=infer", f"infer.checkpoint={sft_adapter}",
+            "infer.num_samples=9", "infer.batch_size=2", "infer.max_new_tokens=6", "run_name=inf"]
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29534",
+                          "launch.py", *args, f"paths.output_root={tmp_path / 'ddp'}"], cwd=REPO, env=_env(),
+                         capture_output=True, text=True, timeout=600)
+    assert ddp.returncode == 0, ddp.stderr[-4000:]
+    one = subprocess.run([sys.executable, "launch.py", *args, f"paths.output_root={tmp_path / 'one'}"], cwd=REPO,
+                         env=_env(), capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-4000:]
+    run_dir = tmp_path / "ddp" / "runs" / "inf"
+    merged, single = read_jsonl(run_dir / "predictions.jsonl"), read_jsonl(tmp_path / "one" / "runs" / "inf" /
+                                                                          "predictions.jsonl")
+    assert [r["id"] for r in merged] == [r["id"] for r in single] and len(merged) == 9  # none lost or doubled
+    assert [r["prediction"] for r in merged] == [r["prediction"] for r in single]
+    summary = json.loads((run_dir / "infer_summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["generated_now"] == 9 and (run_dir / "DONE").exists()
+    assert not list(run_dir.glob("predictions.rank*.jsonl"))
+
+
+def test_a_slurm_job_with_two_tasks_trains_on_two_ranks(session_dir, tmp_path, tiny_model_dir, demo_prepared):
+    """hydra.launcher.tasks_per_node=2 through the stand-in SLURM: the sbatch script asks for two tasks, each
+    task becomes a rank from submitit's job environment, one adapter and world_size 2 come out."""
+    fake = REPO / "tests" / "fake_slurm"
+    state = tmp_path / "slurm"
+    env = {**_env(), "PATH": f"{fake}:{os.environ['PATH']}", "FAKE_SLURM_DIR": str(state)}
+    proc = subprocess.run([sys.executable, "launch.py", "-m", *_sft_args(session_dir, tmp_path / "out"),
+                           "hydra/launcher=slurm", "hydra.launcher.tasks_per_node=2", "hydra.launcher.gpus_per_node=0"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "#SBATCH --ntasks-per-node=2" in (state / "1000.sbatch").read_text()
+    job = tmp_path / "out" / "sweeps" / "ddp" / "0"
+    summary = json.loads((job / "sft_summary.json").read_text())
+    assert (job / "DONE").exists() and summary["world_size"] == 2 and summary["effective_batch"] == 4

@@ -88,7 +88,8 @@ def plot_study(study, names: list[str], path: Path) -> None:
     history.set(title="optimisation history (red lines: failed trials)", xlabel="trial", ylabel="objective")
     history.legend(fontsize=7)
     share = importances(study)
-    axes[1].barh(list(share)[::-1] or ["(not enough trials)"], list(share.values())[::-1] or [0])
+    names_shown = list(share)[::-1] or ["(needs 2+ complete trials\nwith different objectives)"]
+    axes[1].barh(names_shown, list(share.values())[::-1] or [0])
     axes[1].set(title=f"parameter importance for {names[0]}", xlim=(0, 1))
     axes[1].tick_params(axis="y", labelsize=7)
     if several:

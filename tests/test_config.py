@@ -282,3 +282,24 @@ def test_named_experiments_compose(experiment, monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     validate(compose_cfg([f"experiment={experiment}", "data.root=/data/FLARE_Task5", "rl.init_from=/runs/sft"]))
+
+
+def test_help_lists_every_stage_group_launcher_and_sweeper():
+    import subprocess
+    import sys
+
+    from flare_exp.stages import RUNNERS
+
+    out = subprocess.run([sys.executable, "launch.py", "--help"], cwd=CONF.parent, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    for stage in RUNNERS:
+        assert any(line.startswith(f"  {stage} ") for line in lines), stage
+    for group in ("data", "experiment", "model", "reward", "stage"):
+        options = sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+        assert f"{group}: {', '.join(options)}" in lines
+    launchers = sorted(p.stem for p in (CONF / "hydra" / "launcher").glob("*.yaml"))
+    assert f"hydra/launcher: {', '.join(launchers)} (with -m)" in lines
+    assert any(line.startswith("hydra/sweeper:") and "optuna" in line for line in lines)
+    assert "python launch.py" in out.stdout and "README.md" in out.stdout

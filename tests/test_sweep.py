@@ -29,6 +29,7 @@ def test_local_sweep_2x2_and_report(session_dir, tmp_path, sft_adapter):
                     "reward.report_generation.weights.rouge_l=0.1,0.3"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     sweep = tmp_path / "out" / "sweeps" / "sweep"
+    assert f"Report: python launch.py stage=sweep_report sweep_report.sweep_dir={sweep}" in proc.stdout
     jobs = sorted(p for p in sweep.iterdir() if p.name.isdigit())
     assert len(jobs) == 4 and all((j / "DONE").exists() and (j / "rl_summary.json").exists() for j in jobs)
     weights = {(json.loads(json.dumps(__import__("yaml").safe_load((j / ".hydra" / "overrides.yaml").read_text()))))[-1]

@@ -278,9 +278,7 @@ def run_locked(cfg: DictConfig, stage: str, runner, run_dir: Path, out_dir: Path
         write_run_metadata(run_dir, cfg)
     log.info("stage=%s model=%s (%s) data=%s -> %s", stage, cfg.model.name, cfg.model.backend, cfg.data.name,
              out_dir)
-    if before_work is not None:
-        before_work()
-    result = run_with_markers(out_dir, runner.run, cfg, out_dir)
+    result = run_with_markers(out_dir, runner.run, cfg, out_dir, after_clearing=before_work)
     if out_dir != run_dir:
         run_with_markers(run_dir, lambda: result)
     print(f"\n[flare-exp] stage={stage} finished. Outputs: {out_dir}")

@@ -145,14 +145,26 @@ def write_failed(run_dir: Path, error: BaseException, rank: int | None = None) -
     stopped = isinstance(error, (SystemExit, KeyboardInterrupt))  # preempted, timed out, cancelled, Ctrl-C
     why = (f"stopped from outside ({type(error).__name__} {error}): preempted, timed out or cancelled; a "
            "requeued job or a rerun with the same run_name resumes") if stopped else f"{type(error).__name__}: {error}"
+    import os
+
+    if rank is None and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        rank = int(os.environ.get("RANK", "0") or 0)
     where = f"rank {rank}: " if rank is not None else ""
-    write_text(run_dir / FAILED, f"{where}{why}\n\n{traceback.format_exc()}")
+    text = f"{where}{why}\n\n{traceback.format_exc()}"
+    earlier = run_dir / FAILED
+    if rank is not None and earlier.exists() and earlier.read_text().startswith("rank "):
+        # the rank that failed first wrote its cause; the others then fail on the broken process group
+        text = f"{earlier.read_text()}\n--- then {text}"
+    write_text(run_dir / FAILED, text)
 
 
-def run_with_markers(run_dir: Path, fn, *args, **kwargs):
-    """Run ``fn`` and leave DONE (with its result summary) or FAILED (with the traceback) in ``run_dir``."""
+def run_with_markers(run_dir: Path, fn, *args, after_clearing=None, **kwargs):
+    """Run ``fn`` and leave DONE (with its result summary) or FAILED (with the traceback) in ``run_dir``.
+    ``after_clearing`` runs once the old markers are gone (a data-parallel job's ranks start there)."""
     for name in (DONE, FAILED):
         (run_dir / name).unlink(missing_ok=True)
+    if after_clearing is not None:
+        after_clearing()
     start = time.time()
     try:
         result = fn(*args, **kwargs)

@@ -80,3 +80,21 @@ def test_a_slurm_job_with_two_tasks_trains_on_two_ranks(session_dir, tmp_path, t
     job = tmp_path / "out" / "sweeps" / "ddp" / "0"
     summary = json.loads((job / "sft_summary.json").read_text())
     assert (job / "DONE").exists() and summary["world_size"] == 2 and summary["effective_batch"] == 4
+
+
+def test_a_failing_rank_ends_the_job_with_failed_naming_it(session_dir, tmp_path, sft_adapter, demo_prepared):
+    """Rank 1's share holds a record whose image is gone: the job fails and FAILED says rank 1 and why."""
+    from flare_exp.io import read_jsonl, write_jsonl
+
+    rows = read_jsonl(demo_prepared / "val.jsonl")[:4]
+    rows[1] = {**rows[1], "images": ["no/such/image.png"]}  # records[1::2] is rank 1's share
+    write_jsonl(tmp_path / "four.jsonl", rows)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29535",
+                           "launch.py", f"paths.cache_dir={session_dir / 'cache'}", "stage=infer",
+                           f"paths.output_root={tmp_path / 'out'}", f"infer.input_file={tmp_path / 'four.jsonl'}",
+                           f"infer.checkpoint={sft_adapter}", "infer.max_new_tokens=4", "run_name=fail"],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    failed = (tmp_path / "out" / "runs" / "fail" / "FAILED").read_text()
+    assert failed.startswith("rank 1: ") and "image.png" in failed, failed[:500]
+    assert not (tmp_path / "out" / "runs" / "fail" / "DONE").exists()

@@ -395,3 +395,29 @@ def test_infer_kv_cache_auto_and_a_failing_compiled_decode(base_overrides, tmp_p
     assert summary["samples"] == 12 and len(attempts) == 1 and "continuing uncompiled" in caplog.text
     # batch 1 (failed compiled attempt + eager retry) and batch 2 on the static cache; the last 2 reports dynamic
     assert caches == ["StaticCache"] * 3 + ["DynamicCache"]
+
+
+def test_eval_writes_a_sheet_scored_per_row_worst_first(base_overrides, sft_adapter, tmp_path):
+    from openpyxl import load_workbook
+
+    from flare_exp.metrics.row_scores import row_scores, worst_first
+
+    _infer(base_overrides, tmp_path / "a", f"infer.checkpoint={sft_adapter}")
+    run(compose_cfg(["stage=eval", *base_overrides, f"eval.predictions=[{tmp_path / 'a'}]"]), run_dir=tmp_path / "e")
+    ws = load_workbook(tmp_path / "e" / "scored.xlsx").active
+    header = [c.value for c in ws[1]]
+    assert header[-2:] == ["score", "score_kind"]
+    kinds = {ws.cell(i, 6).value: ws.cell(i, 9).value for i in range(2, ws.max_row + 1)}
+    assert kinds == {"classification": "correct (1/0)", "multi_label": "label F1", "regression": "absolute error",
+                     "report_generation": "ROUGE-L"}
+    # by hand: FLARE's per-sample numbers
+    rows = [{"id": "c", "task_type": "classification"}, {"id": "m", "task_type": "multi_label"},
+            {"id": "r", "task_type": "regression"}, {"id": "x", "task_type": "regression"}]
+    import numpy as np
+    samples = {"classification": (["c"], np.array([[0, 1.0]])), "multi_label": (["m"], np.array([[1, 1, 0]])),
+               "regression": (["r", "x"], np.array([[2.5], [np.inf]]))}
+    scores = row_scores(rows, samples)
+    assert scores["c"][0] == 1.0 and scores["m"][0] == 2 / 3 and scores["r"][0] == 2.5 and scores["x"][0] is None
+    ordered = worst_first([{"task_type": "regression", "score": 1.0}, {"task_type": "regression", "score": 5.0},
+                           {"task_type": "regression", "score": None}])
+    assert [r["score"] for r in ordered] == [5.0, 1.0, None]

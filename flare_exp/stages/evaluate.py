@@ -258,6 +258,19 @@ def compare(results: dict, samples: dict, resamples: int, seed: int) -> tuple[li
     return tests, warnings
 
 
+def write_scored_sheet(path: Path, predictions: Path, label: str, samples: dict, allow_partial: bool) -> None:
+    """The predictions with a score per row, each task's worst first (a reviewer's reading order)."""
+    from flare_exp.metrics.row_scores import row_scores, worst_first
+    from flare_exp.stages.infer import write_sheet
+
+    rows, _ = load_rows(predictions, allow_partial)
+    scores = row_scores(rows, samples)
+    blank = {"image_name": "", "question": "", "answer": None, "prediction": None, "dataset": ""}
+    scored = [{**blank, **r, "score": scores.get(r["id"], (None, ""))[0],
+               "score_kind": scores.get(r["id"], (None, ""))[1]} for r in rows]  # a hand-made file may lack fields
+    write_sheet(path, worst_first(scored), label, extra=("score", "score_kind"))
+
+
 def run(cfg, out_dir: Path) -> dict:
     entries = list(cfg.eval.predictions)
     if not entries:
@@ -265,11 +278,14 @@ def run(cfg, out_dir: Path) -> dict:
                          "e.g. eval.predictions=[outputs/runs/demo-infer]")
     scorers = ReportScorers(cfg, out_dir)
     results, samples = {}, {}
-    for entry in entries:
-        label, res, per_sample = evaluate_file(find_predictions(entry), scorers, cfg.eval.allow_partial)
+    for k, entry in enumerate(entries):
+        path = find_predictions(entry)
+        label, res, per_sample = evaluate_file(path, scorers, cfg.eval.allow_partial)
         while label in results:  # two runs with the same label stay apart
             label += "'"
         results[label], samples[label] = res, per_sample
+        write_scored_sheet(out_dir / ("scored.xlsx" if len(entries) == 1 else f"scored_{k + 1}.xlsx"), path, label,
+                           per_sample, cfg.eval.allow_partial)
     write_json(out_dir / "metrics.json", results)
     summary = flat_summary(results)
     write_json(out_dir / "metrics_summary.json", summary)

@@ -191,7 +191,9 @@ def batches_with_images(chat: VisionChat, todo: list[dict], size: int):
             yield chunk, images
 
 
-def write_sheet(path: Path, rows: list[dict], label: str) -> None:
+def write_sheet(path: Path, rows: list[dict], label: str, extra: tuple[str, ...] = ()) -> None:
+    """The predictions as a worksheet: frozen header, filters, wrapped text; ``extra`` names row keys added as
+    columns after id (eval's per-row score)."""
     from openpyxl import Workbook
     from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
     from openpyxl.styles import Alignment, Font
@@ -201,12 +203,14 @@ def write_sheet(path: Path, rows: list[dict], label: str) -> None:
     wb = Workbook()
     ws = wb.active
     ws.title = "predictions"
-    header = ["ImageName", "Question", "Answer", label, "Dataset", "TaskType", "id"]
+    header = ["ImageName", "Question", "Answer", label, "Dataset", "TaskType", "id", *extra]
     ws.append(header)
     for r in rows:
         name = r["image_name"] if isinstance(r["image_name"], str) else ", ".join(r["image_name"])
-        values = [name, r["question"], r["answer"], r["prediction"], r["dataset"], r["task_type"], r["id"]]
+        values = [name, r["question"], r["answer"], r["prediction"], r["dataset"], r["task_type"], r["id"],
+                  *(r.get(k) for k in extra)]
         # Generated text can hold control characters that a worksheet cannot store: drop them in the sheet only.
+        values = [json.dumps(v, ensure_ascii=False) if isinstance(v, (list, dict)) else v for v in values]
         ws.append([ILLEGAL_CHARACTERS_RE.sub("", v) if isinstance(v, str) else v for v in values])
     for cell in ws[1]:
         cell.font = Font(bold=True)

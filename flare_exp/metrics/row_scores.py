@@ -1,0 +1,43 @@
+"""One score per row, for a sheet a reviewer sorts worst first: FLARE's per-sample numbers (correct or not,
+the label F1, the absolute error) and, for reports, the GREEN score when the judge ran, else ROUGE-L."""
+from __future__ import annotations
+
+import math
+
+KINDS = {"classification": "correct (1/0)", "multi_label": "label F1", "regression": "absolute error",
+         "report_generation": "GREEN"}
+
+
+def row_scores(rows: list[dict], samples: dict) -> dict[str, tuple[float | None, str]]:
+    """id -> (score, what it is), from eval's per-sample official statistics (``samples``: task -> (ids, stats))."""
+    out = {}
+    for task, (ids, stats) in samples.items():
+        for id_, stat in zip(ids, stats):
+            out[id_] = (_score(task, stat), KINDS[task])
+    missing = [r for r in rows if r["id"] not in out and r["task_type"] == "report_generation"]
+    if missing:  # no GREEN judge: the row's ROUGE-L
+        from rouge_score import rouge_scorer
+
+        scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+        for r in missing:
+            pred = r.get("prediction") if isinstance(r.get("prediction"), str) else ""
+            out[r["id"]] = (scorer.score(r.get("answer") or "", pred)["rougeL"].fmeasure, "ROUGE-L")
+    return out
+
+
+def _score(task: str, stat) -> float | None:
+    if task == "multi_label":
+        tp, fp, fn = (float(x) for x in stat)
+        return None if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
+    value = float(stat[-1])
+    return None if math.isinf(value) else value  # an answer float() does not read: no error to show
+
+
+def worst_first(rows: list[dict]) -> list[dict]:
+    """Errors largest first, other scores smallest first; rows without a score last, by task."""
+    def key(r):
+        score = r.get("score")
+        if score is None:
+            return (r["task_type"], 1, 0.0)
+        return (r["task_type"], 0, -score if r["task_type"] == "regression" else score)
+    return sorted(rows, key=key)

@@ -7,6 +7,10 @@ import sys
 
 from conftest import REPO
 
+import pytest
+
+pytestmark = pytest.mark.slow  # subprocess launches of whole sweeps / several ranks
+
 
 def _sft_args(session_dir, out, *extra):
     return [f"paths.cache_dir={session_dir / 'cache'}", f"paths.output_root={out}", "stage=sft", "sft.max_steps=2",

@@ -12,6 +12,8 @@ import pytest
 from conftest import REPO
 from flare_exp.optuna_search import direction_of, objective_value
 
+pytestmark = pytest.mark.slow  # subprocess launches of whole sweeps / several ranks
+
 FAKE_SLURM = REPO / "tests" / "fake_slurm"
 
 

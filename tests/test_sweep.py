@@ -9,6 +9,10 @@ from pathlib import Path
 
 from conftest import REPO
 
+import pytest
+
+pytestmark = pytest.mark.slow  # subprocess launches of whole sweeps / several ranks
+
 FAKE_SLURM = Path(__file__).parent / "fake_slurm"
 
 

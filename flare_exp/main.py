@@ -14,7 +14,8 @@ from flare_exp.config import unknown_keys
 from flare_exp.models.loading import check_model_settings
 from flare_exp.runlock import RunLock
 from flare_exp.resume import start_attempt
-from flare_exp.runtime import abspath, run_with_markers, write_failed, write_run_metadata
+from flare_exp.runtime import (abspath, infer_input_file, run_with_markers, world_size, write_failed,
+                               write_run_metadata)
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +124,7 @@ def input_problems(cfg: DictConfig) -> list[Exception]:
                     hint = "stage=prepare writes it" if key.endswith(("train_file", "val_file")) else ""
                     _collect(problems, _check_exists, key, one, True, hint)
     if "infer" in steps and not steps & written_before["infer"] and not cfg.infer.input_file:
-        default = f"{cfg.data.prepared_dir}/{cfg.infer.split}.jsonl"
-        _collect(problems, _check_exists, f"infer.split={cfg.infer.split}", default, True,
+        _collect(problems, _check_exists, f"infer.split={cfg.infer.split}", infer_input_file(cfg), True,
                  "Run stage=prepare first, or set infer.input_file")
     return problems
 
@@ -158,14 +158,10 @@ def check_reward_weights(reward: DictConfig) -> None:
 DISTRIBUTED_STAGES = {"sft", "infer"}  # data-parallel under torchrun: the Trainer's DDP (accelerate); infer shards
 
 
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1") or 1)
-
-
 def check_one_process_per_job(uses_gpu: bool = True, steps: set[str] | None = None,
                               backend: str = "hf") -> None:
-    """Several ranks (torchrun / accelerate launch / srun with several tasks) run the stages that train
-    data-parallel (sft); the others run one process per job and refuse several, instead of having every rank
+    """Several ranks (torchrun / accelerate launch / srun with several tasks) run the data-parallel stages
+    (DISTRIBUTED_STAGES); the others run one process per job and refuse several, instead of having every rank
     write the same markers and predictions. Say when GPUs given to a one-process job would sit idle."""
     world = world_size()
     if world > 1:

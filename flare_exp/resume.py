@@ -15,7 +15,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from flare_exp.io import file_fingerprint, write_json
-from flare_exp.runtime import (DONE, FINGERPRINT, RunFinishedError, abspath, next_attempt_dir,
+from flare_exp.runtime import (DONE, FINGERPRINT, RunFinishedError, abspath, infer_input_file, next_attempt_dir,
                                write_run_metadata)
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ def input_files(stage: str, cfg) -> dict[str, Path]:
     elif stage == "rl":
         files = {"rl.train_file": cfg.rl.train_file}
     elif stage == "infer":
-        files = {"infer.input_file": cfg.infer.input_file or f"{cfg.data.prepared_dir}/{cfg.infer.split}.jsonl"}
+        files = {"infer.input_file": infer_input_file(cfg)}
     starts = {"sft": "sft.init_from", "rl": "rl.init_from", "infer": "infer.checkpoint"}.get(stage)
     adapter = OmegaConf.select(cfg, starts) if starts else None
     if adapter:
@@ -130,17 +130,20 @@ def differences(old: dict, new: dict) -> list[str]:
     return out
 
 
-def holds_attempt(run_dir: Path) -> bool:
-    return run_dir.is_dir() and any(p.name not in _STAYS and not p.name.endswith(".log") for p in run_dir.iterdir())
+def attempt_files(run_dir: Path) -> list[Path]:
+    """What an earlier attempt left in run_dir (all but what stays in place)."""
+    if not run_dir.is_dir():
+        return []
+    return sorted(p for p in run_dir.iterdir() if p.name not in _STAYS and not p.name.endswith(".log"))
 
 
 def archive_attempt(run_dir: Path) -> Path:
     """Move everything an earlier attempt left in run_dir (outputs, checkpoints, markers, metadata) to
     attempts/NN/: a rename, so it is instant and nothing is deleted."""
+    files = attempt_files(run_dir)  # before attempts/NN is made
     dest = next_attempt_dir(run_dir)
-    for path in sorted(run_dir.iterdir()):
-        if path.name not in _STAYS and not path.name.endswith(".log"):
-            shutil.move(str(path), str(dest / path.name))
+    for path in files:
+        shutil.move(str(path), str(dest / path.name))
     return dest
 
 
@@ -172,7 +175,7 @@ def start_attempt(stage: str, cfg, run_dir: Path) -> None:
             f"Pass overwrite=true to redo it there (the finished run moves to attempts/NN/), or choose another "
             "run_name=.")
     new = fingerprint(stage, cfg)
-    if cfg.overwrite and holds_attempt(run_dir):
+    if cfg.overwrite and attempt_files(run_dir):
         dest = archive_attempt(run_dir)
         log.info("overwrite=true: the earlier attempt in %s moved to %s; starting afresh", run_dir, dest)
     else:

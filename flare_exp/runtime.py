@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+import os
 import platform
 import shutil
 import subprocess
@@ -33,6 +34,16 @@ TRACKED_PACKAGES = ("torch", "torchvision", "transformers", "trl", "peft", "acce
 
 class RunFinishedError(RuntimeError):
     """The run dir already holds a finished run and overwrite is off."""
+
+
+def world_size() -> int:
+    """How many ranks this job has (torchrun / accelerate / a SLURM job's tasks set WORLD_SIZE); 1 alone."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def infer_input_file(cfg) -> str:
+    """What infer reads: infer.input_file, else the prepared split (``${data.prepared_dir}/<infer.split>.jsonl``)."""
+    return cfg.infer.input_file or f"{cfg.data.prepared_dir}/{cfg.infer.split}.jsonl"
 
 
 def abspath(path: str | Path) -> Path:
@@ -145,9 +156,7 @@ def write_failed(run_dir: Path, error: BaseException, rank: int | None = None) -
     stopped = isinstance(error, (SystemExit, KeyboardInterrupt))  # preempted, timed out, cancelled, Ctrl-C
     why = (f"stopped from outside ({type(error).__name__} {error}): preempted, timed out or cancelled; a "
            "requeued job or a rerun with the same run_name resumes") if stopped else f"{type(error).__name__}: {error}"
-    import os
-
-    if rank is None and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+    if rank is None and world_size() > 1:
         rank = int(os.environ.get("RANK", "0") or 0)
     where = f"rank {rank}: " if rank is not None else ""
     text = f"{where}{why}\n\n{traceback.format_exc()}"

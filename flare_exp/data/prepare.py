@@ -61,10 +61,11 @@ def unzip_nested(root: Path) -> int:
             extracted += 1
 
 
-def discover(root: Path, datasets: list[str], splits: list[str]) -> list[QuestionFile]:
-    """Find the question JSON files of the wanted datasets under any FLARE split folder, in sorted order."""
+def discover(files: list[tuple], datasets: list[str], splits: list[str]) -> list[QuestionFile]:
+    """The question JSON files of the wanted datasets under the wanted FLARE split folders, in sorted order
+    (``files``: what ``question_files(root)`` found)."""
     found: dict[tuple[str, str], list[tuple[Path, bool]]] = defaultdict(list)
-    for path, dataset, split, with_gt in _question_files(root):
+    for path, dataset, split, with_gt in files:
         if dataset in datasets and split in splits:
             found[(split, dataset)].append((path, with_gt))
     out = []
@@ -76,15 +77,17 @@ def discover(root: Path, datasets: list[str], splits: list[str]) -> list[Questio
     return out
 
 
-def _question_files(root: Path):
-    """(path, dataset, FLARE split, has _withGT) of every question file under root, symlinked folders included."""
+def question_files(root: Path) -> list[tuple[Path, str, str | None, bool]]:
+    """(path, dataset, FLARE split, has _withGT) of every question file under root, symlinked folders included
+    (the tree is walked once per prepare)."""
+    found = []
     for path in walk_files(root, ".json"):
         m = _QUESTION_FILE.match(path.name)
         parts = path.relative_to(root).parts
-        if not m or any(part.startswith(".") for part in parts):
-            continue
-        split = next((p for p in parts if p in FLARE_SPLITS), None)
-        yield path, m.group("dataset"), split, bool(m.group("gt"))
+        if m and not any(part.startswith(".") for part in parts):
+            split = next((p for p in parts if p in FLARE_SPLITS), None)
+            found.append((path, m.group("dataset"), split, bool(m.group("gt"))))
+    return found
 
 
 def _resolve_image(dataset_dir: Path, name: str) -> Path | str:
@@ -194,11 +197,12 @@ def prepare(cfg_data, root: Path, out_dir: Path) -> dict:
     split_sources = {"train": list(cfg_data.train_splits), "val": list(cfg_data.val_splits),
                      "test": list(cfg_data.test_splits)}
     rejects: list[dict] = []
-    candidates = read_records(root, cfg_data, split_sources, rejects)
+    found = question_files(root)
+    candidates = read_records(root, cfg_data, split_sources, rejects, found)
     by_split = accept_records(candidates, cfg_data, rejects)
     rejects.sort(key=lambda r: (r["file"], r["index"]))
     write_jsonl(out_dir / "rejects.jsonl", rejects)  # first: an error below points at it
-    check_requested(root, cfg_data, split_sources, by_split, rejects, out_dir / "rejects.jsonl")
+    check_requested(root, cfg_data, split_sources, by_split, rejects, out_dir / "rejects.jsonl", found)
     overlap = check_overlap(by_split, cfg_data.allow_overlap)
 
     for split, rows in by_split.items():
@@ -228,12 +232,13 @@ def _reject(rejects: list, cfg_data, file: str, index: int, reason: str) -> None
     rejects.append({"file": file, "index": index, "reason": reason})
 
 
-def read_records(root: Path, cfg_data, split_sources: dict, rejects: list) -> list[tuple[dict, str, int]]:
+def read_records(root: Path, cfg_data, split_sources: dict, rejects: list,
+                 found: list[tuple]) -> list[tuple[dict, str, int]]:
     """(record, file, index) of every record that passes the field checks, in file order; the others go to
     ``rejects`` with file, index and reason."""
     candidates = []
     for out_split, sources in split_sources.items():
-        for qf in discover(root, list(cfg_data.datasets), sources):
+        for qf in discover(found, list(cfg_data.datasets), sources):
             raw_records = load_question_file(qf)
             file = str(qf.path.relative_to(root))
             for index, raw in enumerate(tqdm(raw_records, desc=f"{out_split}:{qf.dataset}", unit="q",
@@ -268,10 +273,10 @@ def accept_records(candidates: list, cfg_data, rejects: list) -> dict[str, list[
 
 
 def check_requested(root: Path, cfg_data, split_sources: dict, by_split: dict, rejects: list,
-                    rejects_file: Path) -> None:
+                    rejects_file: Path, found: list[tuple]) -> None:
     """Every dataset asked for, and every split whose FLARE folders are there, must yield records: an empty
     one is an error naming what was found, never a DONE with train=0."""
-    present = {split for _, _, split, _ in _question_files(root) if split}
+    present = {split for _, _, split, _ in found if split}
     problems = []
     for out_split, sources in split_sources.items():
         if by_split[out_split] or not sources:

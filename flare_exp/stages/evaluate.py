@@ -16,7 +16,7 @@ from pathlib import Path
 from flare_exp.io import read_jsonl, write_json, write_jsonl
 from flare_exp.metrics import official, tasks, text
 from flare_exp.metrics.report import write_reports
-from flare_exp.runtime import DONE, abspath
+from flare_exp.runtime import DONE, abspath, infer_input_file
 
 log = logging.getLogger(__name__)
 TASK_METRICS = {"classification": tasks.classification_metrics, "multi_label": tasks.multi_label_metrics,
@@ -166,7 +166,7 @@ def expected_count(run_dir: Path) -> int | None:
 
     try:
         cfg = OmegaConf.load(run_dir / "config.yaml")
-        source = cfg.infer.input_file or f"{cfg.data.prepared_dir}/{cfg.infer.split}.jsonl"
+        source = infer_input_file(cfg)
         total = sum(1 for line in open(source, encoding="utf-8") if line.strip())
     except Exception:  # noqa: BLE001  (a best-effort count for the report's wording)
         return None
@@ -178,8 +178,9 @@ def scored_rows(rows: list[dict]) -> list[dict]:
     return [{**r, "prediction": r["prediction"] if isinstance(r.get("prediction"), str) else ""} for r in rows]
 
 
-def evaluate_file(path: Path, scorers: ReportScorers, allow_partial: bool = False) -> tuple[str, dict, dict]:
-    """(label, metrics, per-sample official statistics by task: (ids, stats) for the significance tests)."""
+def evaluate_file(path: Path, scorers: ReportScorers, allow_partial: bool = False) -> tuple[str, dict, dict, list]:
+    """(label, metrics, per-sample official statistics by task: (ids, stats) for the significance tests and
+    the scored sheet, the rows as read)."""
     raw, info = load_rows(path, allow_partial)
     label = raw[0].get("model") or path.parent.name
     rows = scored_rows(raw)
@@ -212,7 +213,7 @@ def evaluate_file(path: Path, scorers: ReportScorers, allow_partial: bool = Fals
         block = official.official_block(task, [r for r, _ in pairs], green)
         result["by_dataset"][dataset] = {"task_type": task, **metrics}
         result["official_by_dataset"][dataset] = block
-    return label, result, samples
+    return label, result, samples, raw
 
 
 def flat_summary(results: dict) -> dict:
@@ -258,12 +259,11 @@ def compare(results: dict, samples: dict, resamples: int, seed: int) -> tuple[li
     return tests, warnings
 
 
-def write_scored_sheet(path: Path, predictions: Path, label: str, samples: dict, allow_partial: bool) -> None:
+def write_scored_sheet(path: Path, rows: list[dict], label: str, samples: dict) -> None:
     """The predictions with a score per row, each task's worst first (a reviewer's reading order)."""
     from flare_exp.metrics.row_scores import row_scores, worst_first
     from flare_exp.stages.infer import write_sheet
 
-    rows, _ = load_rows(predictions, allow_partial)
     scores = row_scores(rows, samples)
     blank = {"image_name": "", "question": "", "answer": None, "prediction": None, "dataset": ""}
     scored = [{**blank, **r, "score": scores.get(r["id"], (None, ""))[0],
@@ -280,12 +280,12 @@ def run(cfg, out_dir: Path) -> dict:
     results, samples = {}, {}
     for k, entry in enumerate(entries):
         path = find_predictions(entry)
-        label, res, per_sample = evaluate_file(path, scorers, cfg.eval.allow_partial)
+        label, res, per_sample, rows = evaluate_file(path, scorers, cfg.eval.allow_partial)
         while label in results:  # two runs with the same label stay apart
             label += "'"
         results[label], samples[label] = res, per_sample
-        write_scored_sheet(out_dir / ("scored.xlsx" if len(entries) == 1 else f"scored_{k + 1}.xlsx"), path, label,
-                           per_sample, cfg.eval.allow_partial)
+        write_scored_sheet(out_dir / ("scored.xlsx" if len(entries) == 1 else f"scored_{k + 1}.xlsx"), rows, label,
+                           per_sample)
     write_json(out_dir / "metrics.json", results)
     summary = flat_summary(results)
     write_json(out_dir / "metrics_summary.json", summary)

@@ -20,7 +20,7 @@ from flare_exp.io import read_journal, read_jsonl, write_json, write_jsonl
 from flare_exp.models.graph_decoding import (COMPILE_ON_GPU, DECODE_LOOPS, GraphDecoder, graph_loop_chosen,
                                              sampling_of, unsupported_settings)
 from flare_exp.models.loading import load_model
-from flare_exp.runtime import abspath, check_choice, retry_uncompiled
+from flare_exp.runtime import abspath, check_choice, infer_input_file, retry_uncompiled
 
 log = logging.getLogger(__name__)
 PREDICTIONS = "predictions.jsonl"
@@ -294,7 +294,7 @@ def predict(cfg, todo: list[dict], journal: Path, label: str, done: dict) -> tup
 def run(cfg, out_dir: Path) -> dict:
     check_settings(cfg)
     inf = cfg.infer
-    source = abspath(inf.input_file or f"{cfg.data.prepared_dir}/{inf.split}.jsonl")
+    source = abspath(infer_input_file(cfg))
     records = read_jsonl(source)
     if inf.num_samples and inf.num_samples > 0:
         records = records[:inf.num_samples]

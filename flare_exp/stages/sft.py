@@ -11,7 +11,7 @@ from pathlib import Path
 from flare_exp.data.vision import SFTCollator, VisionChat, filter_by_length
 from flare_exp.io import read_jsonl, write_json
 from flare_exp.models.loading import compile_repeated_blocks, load_model
-from flare_exp.runtime import abspath, check_choice, is_compilation_error
+from flare_exp.runtime import abspath, check_choice, is_compilation_error, world_size
 from flare_exp.training import (CheckpointMeta, ProgressLog, data_fingerprints, finish_tracking, half_precision,
                                 out_of_memory_error, resume_checkpoint, setup_tracking)
 
@@ -209,11 +209,9 @@ def run(cfg, out_dir: Path) -> dict:
 
 def cpu_ranks() -> bool:
     """Several ranks and no GPU (torchrun on the gloo backend)."""
-    import os
-
     import torch
 
-    return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and not torch.cuda.is_available()
+    return world_size() > 1 and not torch.cuda.is_available()
 
 
 def loss_line(history: list[dict], mean: float, logging_steps: int) -> str:

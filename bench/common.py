@@ -58,7 +58,7 @@ def long_image(work: Path, side: int) -> str:
 
 def reshape_record(record: dict, views: int | None, answer_words: int | None, rng, image: str | None = None) -> dict:
     """The record with only its first `views` images, or one given `image` instead of its own, and/or a synthetic
-    answer of `answer_words` words (one view + a ~250-token report: the bare-loop sample shape of docs/benchmarks.md)."""
+    answer of `answer_words` words (one view + a ~250-token report: the bare-loop sample shape of docs/performance.md)."""
     record = json.loads(json.dumps(record))
     if image is not None:
         record["images"] = [image]

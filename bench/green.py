@@ -76,7 +76,7 @@ def main() -> None:
 
     from flare_exp.metrics.green import GREEN_CHAT_TEMPLATE, make_prompt
     from flare_exp.metrics.green_judge import GreenJudge
-    from flare_exp.models.tiny import build_tiny_causal_lm
+    from flare_exp.fixtures.tiny_models import build_tiny_causal_lm
 
     corpus = make_prompt(" ".join(WORDS), " ".join(WORDS)) * 8
     path = build_tiny_causal_lm("/tmp/flare_bench/judge-tokenizer", vocab_size=2000, corpus=corpus)

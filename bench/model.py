@@ -14,7 +14,7 @@ def build_qwen3vl_4b_random(out_dir: str | Path, device: str = "cuda") -> Path:
     import torch
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
 
-    from flare_exp.models.tiny import build_tiny_qwen3vl
+    from flare_exp.fixtures.tiny_models import build_tiny_qwen3vl
 
     out_dir = Path(out_dir)
     if (out_dir / "config.json").exists():

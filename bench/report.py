@@ -1,4 +1,4 @@
-"""Turn a folder of bench/run.py results (*.json, *.jsonl) into the Markdown tables of docs/benchmarks.md.
+"""Turn a folder of bench/run.py results (*.json, *.jsonl) into the Markdown tables of docs/performance.md.
 
     python -m bench.report bench/results/<date>-<card>/
 """
@@ -118,14 +118,6 @@ def tables(rows: list[dict]) -> str:
                     "device"],
                    [[row["device"], row["path"], r["completions"], r["num_generations"],
                      row["completions_per_second"], r["device"]] for r in of("reward") for row in r["rows"]])
-    out += section("Decode attention alone (one query token per sequence, 32 query / 8 key-value heads, "
-                   "left-padded cache; bench/attention.py)",
-                   ["batch", "keys", "layout", "SDPA kernel", "µs per layer", "cache GB/s", "ms per token (36 "
-                    "layers)", "max abs diff", "device"],
-                   [[r["batch"], r["keys"], row["layout"], row["kernel"], row.get("microseconds", "unsupported"),
-                     row.get("cache_gb_per_s", "-"), row.get("per_token_ms", "-"),
-                     _num(row.get("max_abs_difference"), 4), r["device"]]
-                    for r in of("attention") for row in r["rows"]])
     return "\n".join(out) + "\n"
 
 

@@ -1,6 +1,6 @@
 """Reward throughput: the flare reward (F1-RadGraph + ROUGE-L + format) on report completions, the way a GRPO
 step calls it (groups of num_generations completions sharing one reference), with a RadGraph model of
-radgraph-xl's shapes and random weights (flare_exp.models.tiny_radgraph, size=base; no download).
+radgraph-xl's shapes and random weights (flare_exp.fixtures.tiny_radgraph, size=base; no download).
 
     python -m bench.run reward --samples 64 --num-generations 8 --out bench_out/
 
@@ -29,7 +29,7 @@ def reports(n: int, words: int, seed: int) -> list[str]:
 def run_reward(args, work) -> dict:
     import torch
 
-    from flare_exp.models.tiny_radgraph import build_tiny_radgraph
+    from flare_exp.fixtures.tiny_radgraph import build_tiny_radgraph
     from flare_exp.rewards import combine
     from flare_exp.rewards import radgraph_term
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import statistics
 import sys
@@ -28,7 +29,9 @@ PEAK_FLOPS = 989e12
 
 from bench.common import (bench_data, compose, ensure_prepared, filtered_file, gpu_peak_gib,  # noqa: E402
                           library_versions, model_overrides)
-from bench.profiling import PROFILE_FIRST, PROFILE_STEPS, profile_steps, write_profile  # noqa: E402
+from flare_exp.profiling import PROFILE_FIRST  # noqa: E402
+
+PROFILE_STEPS = 2  # --profile: steps 6 and 7
 
 
 def measurement_name(args) -> str:
@@ -44,8 +47,6 @@ def measurement_name(args) -> str:
         parts += [f"w{'default' if args.workers is None else args.workers}"] + (["compiled"] if args.compile else [])
     if args.what == "reward":
         return f"reward-ng{args.num_generations}-n{args.samples}-radgraph{args.radgraph_size}"
-    if args.what == "attention":
-        return f"attention-bs{args.batch}-keys{args.keys}-{args.dtype}"
     if args.what in ("sft", "loop") and args.grad_ckpt == "false":
         parts.append("nockpt")
     if args.vision_encoder != "batched":
@@ -83,32 +84,9 @@ def summarise(history: list[dict], skip: int, exclude_steps=()) -> dict:
             else None}
 
 
-class CollateTimer:
-    """Wraps the sft stage's collator: seconds spent building batches in the training process (image
-    decoding + processing + tokenising). With DataLoader workers this runs elsewhere and is not counted."""
-
-    def __init__(self):
-        import flare_exp.stages.sft as sft_stage
-
-        self.seconds, self.calls = 0.0, 0
-        original, timer = sft_stage.SFTCollator, self
-
-        class TimedCollator(original):
-            def __call__(self, records):
-                t0 = time.perf_counter()
-                try:
-                    return super().__call__(records)
-                finally:
-                    timer.seconds += time.perf_counter() - t0
-                    timer.calls += 1
-
-        sft_stage.SFTCollator = TimedCollator
-
-
 def run_sft(args, work: Path) -> dict:
     import torch
 
-    import flare_exp.stages.sft as sft_stage
     from flare_exp.main import run
 
     ensure_prepared(work, args.image_size)
@@ -120,34 +98,23 @@ def run_sft(args, work: Path) -> dict:
         from bench.loop import force_batched_vision_encoder
 
         forced = force_batched_vision_encoder()
-    timer = CollateTimer()
-    if args.profile:
-        profiler, progress = profile_steps(Path(args.out), name), sft_stage.ProgressLog
-
-        class ProgressAndProfile(progress):
-            def on_step_begin(self, *a, **kw):
-                profiler.on_step_begin(*a, **kw)
-
-            def on_step_end(self, *a, **kw):
-                profiler.on_step_end(*a, **kw)
-
-        sft_stage.ProgressLog = ProgressAndProfile
     cfg = compose(["stage=sft", "experiment=flare", *bench_data(work), *model_overrides(args),
                    f"sft.train_file={train}", "sft.val_file=null", f"sft.max_steps={args.steps}",
                    f"sft.per_device_train_batch_size={args.batch}", "sft.gradient_accumulation_steps=1",
                    "sft.logging_steps=1", "sft.save_steps=100000", "sft.eval_steps=0", "sft.warmup_ratio=0",
                    "sft.learning_rate=1e-5", *([] if args.workers is None else [f"sft.dataloader_num_workers={args.workers}"]),
                    f"sft.compile_layers={'true' if args.compile else 'false'}", "overwrite=true",
+                   f"sft.profile_steps={PROFILE_STEPS if args.profile else 0}",
                    f"paths.output_root={work / 'out'}"])
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
     run(cfg, run_dir=work / "runs" / name)
     history = json.loads((work / "runs" / name / "log_history.json").read_text())
+    keep_profile(work / "runs" / name, args, name)
     profiled = range(PROFILE_FIRST + 1, PROFILE_FIRST + PROFILE_STEPS + 1)
     result = {"what": "sft", "backend": args.backend, "batch": args.batch, "dataset": args.dataset,
               "dataloader_workers": cfg.sft.dataloader_num_workers, "compiled_layers": args.compile,
-              "collate_seconds_per_batch_in_process": round(timer.seconds / timer.calls, 4) if timer.calls else None,
               "wall_seconds": round(time.time() - t0, 1),
               **summarise(history, args.warmup, profiled if args.profile else ()),
               "peak_memory_gib_torch": gpu_peak_gib(),
@@ -161,6 +128,30 @@ def run_sft(args, work: Path) -> dict:
         result["mfu"] = round(6 * n_params * result["tokens_per_second_median"] / PEAK_FLOPS, 4)
     result["params"] = n_params
     return result
+
+
+class BatchLog(logging.Handler):
+    """The infer stage's per-batch debug records (seconds, the graph loop's KV cache length), collected."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+        stage_log = logging.getLogger("flare_exp.stages.infer")
+        stage_log.setLevel(logging.DEBUG)
+        stage_log.addHandler(self)
+
+    def emit(self, record):
+        if hasattr(record, "batch_seconds"):
+            self.records.append(record)
+
+
+def keep_profile(run_dir: Path, args, name: str) -> None:
+    """The stage's profile.txt, copied beside the results as profile-<measurement>.txt."""
+    import shutil
+
+    if args.profile and (run_dir / "profile.txt").exists():
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        shutil.copy(run_dir / "profile.txt", Path(args.out) / f"profile-{name}.txt")
 
 
 def run_grpo(args, work: Path) -> dict:
@@ -205,73 +196,39 @@ def run_infer(args, work: Path) -> dict:
         mixed = work / "data" / f"infer_{args.dataset}_long{args.long_side}x{args.batch}_then{samples}.jsonl"
         write_jsonl(mixed, read_jsonl(large)[:args.batch] + read_jsonl(source)[:samples])
         source, samples = mixed, samples + args.batch
-    if args.keep_long_cache:  # the graph loop's cache policy before it shrank (generate's): any long enough
-        from flare_exp.models.graph_decoding import GraphDecoder
-
-        init = GraphDecoder.__init__
-
-        def keeping_long_caches(self, *a, **kw):
-            init(self, *a, **kw)
-            self.shrink_cache = False
-
-        GraphDecoder.__init__ = keeping_long_caches
     name = measurement_name(args)
     overrides = ["stage=infer", "experiment=flare", *bench_data(work), *model_overrides(args),
                  f"infer.input_file={source}", f"infer.batch_size={args.batch}", f"infer.num_samples={samples}",
                  f"infer.max_new_tokens={args.new_tokens}", "overwrite=true", f"paths.output_root={work / 'out'}",
                  f"infer.sort_by_length={'false' if args.batch == 1 else 'true'}",
                  f"infer.image_device={args.image_device}"]
-    overrides.append(f"infer.cache_implementation={args.cache or 'dynamic'}")
-    import flare_exp.stages.infer as infer_stage
-
-    original = infer_stage.Decoder.__call__
-
+    overrides += [f"infer.cache_implementation={args.cache or 'dynamic'}",
+                  f"infer.min_new_tokens={args.new_tokens}",  # every report new_tokens long, either decode loop
+                  f"infer.keep_long_cache={'true' if args.keep_long_cache else 'false'}"]
     import torch
 
-    batch_seconds: list[float] = []
-    cache_lengths: list[int | None] = []  # the graph loop's KV cache after each batch (None: generate)
-
-    def forced_length(decoder, records, images):  # every report exactly new_tokens long, either decode loop
-        decoder.model.generation_config.min_new_tokens = args.new_tokens
-        profiling = args.profile and len(batch_seconds) == 1  # the second batch of the timed run
-        prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] + (
-            [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])) if profiling else None
-        t0 = time.perf_counter()
-        if prof:
-            prof.__enter__()
-        try:
-            return original(decoder, records, images)
-        finally:
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            batch_seconds.append(round(time.perf_counter() - t0, 3))
-            cache = getattr(decoder.loop, "cache", None)
-            cache_lengths.append(None if cache is None else cache.max_cache_len)
-            if prof:
-                prof.__exit__(None, None, None)
-                write_profile(Path(args.out) / f"profile-{name}.txt", prof, batch_seconds[-1], "one batch")
-
-    infer_stage.Decoder.__call__ = forced_length
+    batches = BatchLog()
     if args.warm:  # one untimed batch first: compilation (static cache) is not throughput
         run(compose([*overrides, f"infer.num_samples={args.batch}"]), run_dir=work / "runs" / (name + "-warm"))
-    batch_seconds.clear()
-    cache_lengths.clear()
+    batches.records.clear()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
-    summary = run(compose(overrides), run_dir=work / "runs" / name)
-    return {"what": "infer", "generate_seconds_per_batch": batch_seconds, "backend": args.backend, "batch": args.batch, "cache": args.cache or "dynamic",
+    # the profile: the second batch of the timed run
+    summary = run(compose([*overrides, *(["infer.profile_batch=2"] if args.profile else [])]),
+                  run_dir=work / "runs" / name)
+    keep_profile(work / "runs" / name, args, name)
+    return {"what": "infer", "generate_seconds_per_batch": [round(r.batch_seconds, 3) for r in batches.records],
+            "backend": args.backend, "batch": args.batch, "cache": args.cache or "dynamic",
             "image_device": args.image_device, "peak_memory_gib": gpu_peak_gib(),
             "new_tokens": args.new_tokens, "samples": summary["samples"], "decode_loop": summary["decode_loop"],
-            "loop_cache_lengths": cache_lengths,
+            "loop_cache_lengths": [r.loop_cache_length for r in batches.records],
             "reports_per_second": summary["reports_per_second"], "wall_seconds": round(time.time() - t0, 1)}
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=["build", "sft", "loop", "grpo", "infer", "reward", "attention"])
-    p.add_argument("--keys", type=int, default=700,
-                   help="attention: KV cache length (two 512-px views + 128 new tokens: ~700)")
+    p.add_argument("what", choices=["build", "sft", "loop", "grpo", "infer", "reward"])
     p.add_argument("--num-generations", type=int, default=8)
     p.add_argument("--completion-length", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=128)
@@ -347,17 +304,13 @@ def main() -> None:
         from bench.reward import run_reward
 
         result = run_reward(args, work)
-    elif args.what == "attention":
-        from bench.attention import run_attention
-
-        result = run_attention(args, work)
     else:
         result = {"sft": run_sft, "grpo": run_grpo, "infer": run_infer}[args.what](args, work)
     if args.what in ("sft", "loop"):
         result["gradient_checkpointing"] = args.grad_ckpt != "false"
         result["samples"] = ", ".join([args.dataset] + [words for _, words in sample_shape(args)] + (
             ["a new batch every step"] if args.what == "loop" and args.distinct_batches else []))
-    if args.what not in ("reward", "attention"):
+    if args.what != "reward":
         result["vision_encoder"] = args.vision_encoder
         result["overrides"] = list(args.set) + [f"env {setting}" for setting in args.env]
     result.update(device=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",

@@ -1,6 +1,6 @@
 """Reading answers out of model output: shared by the GRPO rewards and the evaluation metrics.
 
-- ``extract_choice``: the option letter of a multiple-choice answer (dental: A..K). The seed upper-cased the
+- ``extract_choice``: the option letter of a multiple-choice answer (dental: A..K). The original scripts upper-cased the
   output before searching ``\\b[A-F]\\b``, so the article "a" read as option A and options past F never
   matched; here a letter counts only in forms that mean an option: ``C``, ``C.``, ``(C)``, ``Answer: C``,
   ``option C``, ``C) ...`` at the start, or a standalone capital that is not the article/pronoun starting a

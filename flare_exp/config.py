@@ -68,7 +68,7 @@ class ModelConfig:
     decode_attention: str = "grouped"
     gradient_checkpointing: bool = False
     # backend=hf on a GPU: Liger's Triton RMSNorm and rotary kernels (flare_exp/models/liger.py); opt-in,
-    # measured in docs/benchmarks.md.
+    # measured in docs/performance.md.
     liger_kernel: bool = False
     # backend=unsloth with gradient_checkpointing: also offload the checkpointed activations to CPU memory
     # (Unsloth's "unsloth" mode, the least GPU memory); false = plain recomputation, no host copies.
@@ -152,31 +152,45 @@ class RewardConfig:
 
 
 @dataclass
-class SFTConfig:
+class TrainerSettings:
+    """What sft and rl share. The settings named as in transformers' TrainingArguments / TRL's GRPOConfig are
+    passed to them as they are (flare_exp.training.trainer_arguments); each stage's class below sets its own
+    defaults."""
     train_file: str = "${data.prepared_dir}/train.jsonl"
-    val_file: Optional[str] = "${data.prepared_dir}/val.jsonl"
-    init_from: Optional[str] = None  # continue from an adapter (run dir or checkpoint)
+    # continue from an adapter (an sft run dir or checkpoint); None = the base model with a fresh LoRA
+    init_from: Optional[str] = None
     per_device_train_batch_size: int = 4
-    per_device_eval_batch_size: int = 4
-    gradient_accumulation_steps: int = 4
+    gradient_accumulation_steps: int = 1
     learning_rate: float = 2e-5
     warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
     lr_scheduler_type: str = "linear"
     optim: str = "adamw_torch"
     max_steps: int = 1500
-    num_train_epochs: float = 1.0
     logging_steps: int = 10
     save_steps: int = 500
-    eval_steps: int = 100
     save_total_limit: Optional[int] = 3
-    early_stopping_patience: Optional[int] = None
     max_train_samples: Optional[int] = None
-    max_eval_samples: Optional[int] = None
-    # What to do with a sample longer than model.max_seq_length: skip (and count) or error.
+    # A sample longer than the length limit: skip (and count; listed in too_long.json) or error.
     on_too_long: str = "skip"
+    report_to: str = "none"  # none | wandb | tensorboard
+    wandb_project: str = "flare_exp"
+    wandb_mode: str = "offline"
+    # > 0: torch.profiler over this many steps after the fifth; the top GPU and CPU ops go to <run dir>/profile.txt
+    profile_steps: int = 0
+
+
+@dataclass
+class SFTConfig(TrainerSettings):
+    val_file: Optional[str] = "${data.prepared_dir}/val.jsonl"
+    gradient_accumulation_steps: int = 4
+    per_device_eval_batch_size: int = 4
+    weight_decay: float = 0.0
+    num_train_epochs: float = 1.0
+    eval_steps: int = 100
+    early_stopping_patience: Optional[int] = None
+    max_eval_samples: Optional[int] = None
     # Images are decoded and processed by the collator, a noticeable share of a GPU step when it runs in the
-    # training process (docs/benchmarks.md). Workers do it alongside the GPU.
+    # training process (docs/performance.md). Workers do it alongside the GPU.
     dataloader_num_workers: int = 4
     # Batches of similar token counts (transformers' LengthGroupedSampler over the measured lengths): less
     # padding on mixed FLARE data, but batches then tend to hold one task each. Off: plain shuffling.
@@ -184,36 +198,28 @@ class SFTConfig:
     # backend=hf: compile each repeated block (decoder layers, vision blocks) with torch.compile, fusing the
     # many small kernels a LoRA step launches (the step is launch-bound). Off by default: in bf16 on a GPU the
     # compiled runs' losses leave the eager ones from the second step (in float32 they agree: bf16 rounding; on
-    # the CPU too, tested). Numbers in docs/benchmarks.md; `bash bench/gpu_all.sh sft-compile-check` compares.
-    # Unsloth compiles its own blocks.
+    # the CPU too, tested). Numbers in docs/performance.md. Unsloth compiles its own blocks.
     compile_layers: bool = False
     compile_backend: str = "inductor"  # torch.compile backend for compile_layers (aot_eager: trace only, to debug)
     # The LM head and the loss run only at the positions whose next token is labelled (the answer), instead of
     # at every prompt and image position: the same loss and gradients without the (batch x length x
-    # vocabulary) float32 logits, faster and much smaller (docs/benchmarks.md). false = the model's own loss
+    # vocabulary) float32 logits, faster and much smaller (docs/performance.md). false = the model's own loss
     # (Unsloth's fused op).
     answer_logits_only: bool = True
-    report_to: str = "none"  # none | wandb | tensorboard
-    wandb_project: str = "flare_exp"
-    wandb_mode: str = "offline"
 
 
 @dataclass
-class RLConfig:
-    train_file: str = "${data.prepared_dir}/train.jsonl"
-    init_from: Optional[str] = None  # SFT run dir or checkpoint (adapter); None = base model + fresh LoRA
+class RLConfig(TrainerSettings):
     num_generations: int = 2
     per_device_train_batch_size: int = 2
-    gradient_accumulation_steps: int = 1
     learning_rate: float = 5e-6
     warmup_ratio: float = 0.1
-    lr_scheduler_type: str = "linear"
     max_completion_length: int = 256
     max_prompt_length: Optional[int] = None
     loss_type: str = "dr_grpo"
     # Dr. GRPO does not divide advantages by the group's reward std. Passed explicitly so both backends agree:
-    # TRL's default is "group", and Unsloth silently switches "group" to "none" when loss_type=dr_grpo (the seed,
-    # trained with Unsloth, ran with "none").
+    # TRL's default is "group", and Unsloth silently switches "group" to "none" when loss_type=dr_grpo (the
+    # original FLARE Task 5 GRPO script, trained with Unsloth, ran with "none").
     scale_rewards: str = "none"  # none | group | batch
     importance_sampling_level: str = "sequence"
     beta: float = 0.0
@@ -222,28 +228,23 @@ class RLConfig:
     max_steps: int = 800
     logging_steps: int = 1
     save_steps: int = 100
-    save_total_limit: Optional[int] = 3
-    optim: str = "adamw_torch"
-    max_train_samples: Optional[int] = None
     task_types: List[str] = field(default_factory=list)  # empty = all
     # A prompt longer than max_prompt_length (default: model.max_seq_length - max_completion_length):
     # error (at startup, naming the fix) or skip.
     on_too_long: str = "error"
     # Rollouts are most of a GRPO step. They run in eval mode. "auto" (both keys): with model.backend=hf a
-    # static KV cache and a compiled decode step (CUDA graphs; GPU only, the first step pays ~1 min of
-    # compilation; docs/benchmarks.md for the speed-up); with backend=unsloth TRL's defaults.
+    # static KV cache and a compiled decode step (CUDA graphs; GPU only, the first step pays about a minute of
+    # compilation; docs/performance.md for the speed-up); with backend=unsloth TRL's defaults.
     cache_implementation: Optional[str] = "auto"  # auto | static | dynamic | null (= dynamic)
     compile_generation: Optional[bool] = None  # null = auto: on for backend=hf with a static cache
     # graph (backend=hf): the rollouts run through infer.decode_loop's graph loop (one compiled step per token,
     # sampling with TRL's temperature / top-k / top-p; caches in steps of 256 tokens); same distribution as
-    # generate (tested), about half the GRPO step time of generate on a GPU (docs/benchmarks.md; its first step
-    # compiles longer). generate: TRL's rollouts call transformers' generate. auto: graph where the rollouts
-    # would be compiled with a static cache (backend=hf on a GPU, no vLLM), generate elsewhere.
+    # generate (tested), faster on a GPU (docs/performance.md; its first step compiles longer). generate: TRL's
+    # rollouts call transformers' generate. auto: graph where the rollouts would be compiled with a static
+    # cache (backend=hf on a GPU, no vLLM), generate elsewhere.
     decode_loop: str = "auto"
     use_vllm: bool = False
-    report_to: str = "none"
     wandb_project: str = "flare_exp_rl"
-    wandb_mode: str = "offline"
 
 
 @dataclass
@@ -253,23 +254,32 @@ class InferConfig:
     split: str = "val"
     input_file: Optional[str] = None  # default: ${data.prepared_dir}/<split>.jsonl
     # Prompts per generate call (length-sorted): larger batches make more reports/s until memory runs out
-    # (docs/benchmarks.md); a static cache of 32 x ~900 tokens takes ~4 GiB. Lower it on small cards.
+    # (docs/performance.md); a static cache of 32 x ~900 tokens takes ~4 GiB. Lower it on small cards.
     batch_size: int = 32
     num_samples: int = 0  # <= 0: all
     max_new_tokens: int = 256
+    # Every report at least this many new tokens (the end token held back until then); null: none. The
+    # benchmark sets it to max_new_tokens, so every report costs the same.
+    min_new_tokens: Optional[int] = None
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
     sort_by_length: bool = True
     # auto: a static KV cache (decode step compiled into CUDA graphs by transformers) for backend=hf on GPU,
-    # where it is the faster one (docs/benchmarks.md); dynamic elsewhere. static | dynamic.
+    # where it is the faster one (docs/performance.md); dynamic elsewhere. static | dynamic.
     cache_implementation: Optional[str] = "auto"
     # graph (backend=hf): one compiled step per token (model, mask, the greedy or sampled pick, stop flags;
     # CUDA graphs on a GPU) with a static KV cache, the host checking for the end every 16 tokens instead of
     # waiting on the GPU several times per token (flare_exp/models/graph_decoding.py). Same tokens as generate
-    # (tested) and faster on a GPU (docs/benchmarks.md). generate: transformers' generate(). auto: graph
+    # (tested) and faster on a GPU (docs/performance.md). generate: transformers' generate(). auto: graph
     # where generate would compile a static-cache step (backend=hf on a GPU), generate elsewhere.
     decode_loop: str = "auto"
+    # The graph loop keeps a KV cache while it is long enough, at most twice the need (prompts come longest
+    # first: a large batch's cache would slow every later short batch); true keeps any long enough one, as
+    # generate does (for comparison).
+    keep_long_cache: bool = False
+    # Profile the N-th batch (1 = the first) into <run dir>/profile.txt; null: none.
+    profile_batch: Optional[int] = None
     # Fold a LoRA checkpoint into the weights (backend=hf): same outputs up to rounding, fewer kernels per token.
     merge_adapter: bool = True
     # Where images are resized and patched: auto = the model's device (GPU when there is one), or cpu.

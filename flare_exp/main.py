@@ -1,6 +1,7 @@
 """The entry point's body: validate the composed config, prepare the run dir, dispatch to the stage."""
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 from pathlib import Path
@@ -57,7 +58,8 @@ def setting_problems(cfg: DictConfig, preload: bool = False) -> list[Exception]:
         _collect(problems, check, cfg)
     _collect(problems, check_reward_weights, cfg.reward)
     _collect(problems, check_model_settings, cfg.model)
-    _collect(problems, check_one_process_per_job, bool(steps & GPU_STAGES), steps, cfg.model.backend)
+    _collect(problems, check_one_process_per_job, bool(steps & GPU_STAGES), steps, cfg.model.backend,
+             cfg.stage.name == "pipeline")
     if preload and not problems:  # Unsloth first (it patches transformers), then the stage modules' own checks
         _collect(problems, preload_backend, cfg)
     for step in sorted(steps - {"pipeline", "sweep_report"}):
@@ -155,21 +157,18 @@ def check_reward_weights(reward: DictConfig) -> None:
                 log.warning("%s=%s is negative: the term is a penalty", key, weight)
 
 
-DISTRIBUTED_STAGES = {"sft", "infer"}  # data-parallel under torchrun: the Trainer's DDP (accelerate); infer shards
-
-
 def check_one_process_per_job(uses_gpu: bool = True, steps: set[str] | None = None,
-                              backend: str = "hf") -> None:
+                              backend: str = "hf", in_pipeline: bool = False) -> None:
     """Several ranks (torchrun / accelerate launch / srun with several tasks) run the data-parallel stages
-    (DISTRIBUTED_STAGES); the others run one process per job and refuse several, instead of having every rank
+    (stages.DISTRIBUTED); the others run one process per job and refuse several, instead of having every rank
     write the same markers and predictions. Say when GPUs given to a one-process job would sit idle."""
     world = world_size()
     if world > 1:
-        others = sorted((steps or set()) - DISTRIBUTED_STAGES)
+        others = sorted((steps or set()) - stages.DISTRIBUTED - (stages.RANK_0_STEPS if in_pipeline else set()))
         if others:
             raise ValueError(f"WORLD_SIZE={world}: {', '.join(others)} run(s) one process per job; only "
-                             f"{', '.join(sorted(DISTRIBUTED_STAGES))} runs on several ranks. Launch those with "
-                             "`python launch.py ...` (a sweep spreads jobs over GPUs)")
+                             f"{', '.join(sorted(stages.DISTRIBUTED))} (and stage=pipeline, whose prepare runs on "
+                             "rank 0) run on several ranks. Launch the others with `python launch.py ...`")
         if backend != "hf":
             raise ValueError(f"WORLD_SIZE={world}: model.backend={backend} is not supported on several ranks "
                              "(not measured); pass model.backend=hf")
@@ -180,7 +179,7 @@ def check_one_process_per_job(uses_gpu: bool = True, steps: set[str] | None = No
 
     if torch.cuda.is_available() and torch.cuda.device_count() > 1:
         log.warning("this job sees %d GPUs but uses one (cuda:0); run `torchrun --nproc_per_node=%d launch.py "
-                    "stage=sft ...` to train on all of them, or ask for one GPU per job and run a sweep",
+                    "...` to use all of them, or ask for one GPU per job and run a sweep",
                     torch.cuda.device_count(), torch.cuda.device_count())
 
 
@@ -237,6 +236,9 @@ def run(cfg: DictConfig, run_dir: Path | None = None):
         return run_locked(cfg, stage, runner, run_dir, out_dir)
 
 
+RANK_WAIT_HOURS = 6
+
+
 def run_distributed(cfg: DictConfig, stage: str, runner, run_dir: Path, out_dir: Path):
     """One rank of a data-parallel job: rank 0 holds the lock, starts the attempt and writes the markers; the
     others wait for it, run the same stage (the Trainer shards the data and averages the gradients), and a
@@ -247,7 +249,10 @@ def run_distributed(cfg: DictConfig, stage: str, runner, run_dir: Path, out_dir:
     if not dist.is_initialized():  # accelerate (inside the Trainer) reuses this group
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0") or 0))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # rank 0 alone prepares (in a pipeline) and computes eval's metrics while the others wait at a barrier:
+        # a longer wait than the backends' 10-30 minute default
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                                timeout=datetime.timedelta(hours=RANK_WAIT_HOURS))
     rank = dist.get_rank()
     if rank == 0:
         with RunLock(out_dir):

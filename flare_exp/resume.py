@@ -38,19 +38,19 @@ FREE = {
     "sft": _MODEL_SPEED + tuple(f"sft.{k}" for k in (
         "per_device_eval_batch_size", "max_steps", "num_train_epochs", "logging_steps", "save_steps",
         "eval_steps", "save_total_limit", "early_stopping_patience", "max_eval_samples", "dataloader_num_workers",
-        "compile_layers", "compile_backend", "answer_logits_only", *_TRACKING)),
+        "compile_layers", "compile_backend", "answer_logits_only", "profile_steps", *_TRACKING)),
     "rl": _MODEL_SPEED + tuple(f"rl.{k}" for k in (
         "max_steps", "logging_steps", "save_steps", "save_total_limit", "cache_implementation",
-        "compile_generation", "decode_loop", "use_vllm", *_TRACKING)) + (
+        "compile_generation", "decode_loop", "use_vllm", "profile_steps", *_TRACKING)) + (
         "reward.radgraph.cache_size", "reward.radgraph.device", "reward.radgraph.build_tiny"),
     "infer": _MODEL_SPEED + tuple(f"infer.{k}" for k in (
         "batch_size", "num_samples", "sort_by_length", "cache_implementation", "decode_loop", "merge_adapter",
-        "image_device")),
+        "image_device", "keep_long_cache", "profile_batch")),
     "eval": ("eval.green.batch_size", "eval.green.decode_loop", "eval.green.parser"),
 }
 # What a resume continues from: without any of these in the run dir there is nothing to mix.
 RESUMABLE = {"sft": ("checkpoint-*",), "rl": ("checkpoint-*",),
-             "infer": ("predictions.jsonl", "predictions.rank*.jsonl"), "eval": ("green_judgments.jsonl",)}
+             "infer": ("predictions.jsonl", "predictions.rank*.jsonl"), "eval": ("green_judgments.jsonl", "green_judgments.rank*.jsonl")}
 # Kept in place when an attempt moves to attempts/NN: the lock, the record of earlier attempts, Hydra's own
 # files and the job's log (open for writing by this very process).
 _STAYS = {".lock", "attempts", ".hydra", ".submitit"}

@@ -41,6 +41,21 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
+def ranks() -> tuple[int, int]:
+    """(rank, world size) of a data-parallel job whose process group is up (main.run_distributed), else (0, 1)."""
+    import torch.distributed as dist
+
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing to wait for in a one-process job)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def infer_input_file(cfg) -> str:
     """What infer reads: infer.input_file, else the prepared split (``${data.prepared_dir}/<infer.split>.jsonl``)."""
     return cfg.infer.input_file or f"{cfg.data.prepared_dir}/{cfg.infer.split}.jsonl"

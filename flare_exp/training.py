@@ -1,4 +1,6 @@
-"""What sft and rl share: resume decisions, experiment tracking, per-step log lines, checkpoint metadata."""
+"""What sft and rl share: the trainer's arguments from the stage's settings, the training lifecycle (train
+resumably, name an out-of-memory step, save final/ with its metadata, close tracking, write the history and
+the summary on rank 0), resume decisions, experiment tracking, per-step log lines, checkpoint metadata."""
 from __future__ import annotations
 
 import hashlib
@@ -12,9 +14,73 @@ from transformers import TrainerCallback
 
 from flare_exp.io import file_fingerprint
 from flare_exp.models.checkpoints import list_checkpoints, write_meta
-from flare_exp.runtime import abspath
+from flare_exp.runtime import abspath, world_size
 
 log = logging.getLogger(__name__)
+
+
+def trainer_arguments(section, args_class, set_by_stage: tuple[str, ...] = ()) -> dict:
+    """The stage's settings that ``args_class`` (TrainingArguments, GRPOConfig) has under the same name, as
+    they are. ``set_by_stage``: shared names whose value the stage resolves itself (report_to after the
+    tracking setup, eval_steps only when evaluating, our own length grouping, a resolved cache, ...)."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(args_class)} - set(set_by_stage)
+    return {name: section[name] for name in section if name in names}
+
+
+def train_and_save(trainer, stage: str, cfg, out_dir: Path, meta: "CheckpointMeta", report_to: str,
+                   remedies: list[str], explain_failure=None, final_meta=None):
+    """The lifecycle both training stages share: train (resumed as ``resume`` says), an out-of-memory step
+    named with the stage's remedies, ``explain_failure(e)`` for other errors (a RuntimeError to raise instead,
+    or None), final/ with its checkpoint metadata (``final_meta(trainer)`` adds fields), tracking closed, and
+    log_history.json. Only rank 0 writes. Returns (the train result, final/, whether this rank writes)."""
+    import torch
+
+    try:
+        try:
+            result = trainer.train(resume_from_checkpoint=resume_checkpoint(cfg.resume, out_dir))
+        except torch.OutOfMemoryError as e:
+            raise out_of_memory_error(stage, trainer.state.global_step + 1, out_dir, remedies) from e
+        except Exception as e:
+            explained = explain_failure(e) if explain_failure else None
+            if explained is not None:
+                raise explained from e
+            raise
+        final = out_dir / "final"
+        trainer.save_model(str(final))  # the Trainer saves on the main process only
+        lead = trainer.is_world_process_zero()  # a data-parallel job's other ranks write nothing
+        if lead:
+            meta.write(final, step=trainer.state.global_step, **(final_meta(trainer) if final_meta else {}))
+    finally:
+        finish_tracking(report_to)
+    if lead:
+        from flare_exp.io import write_json
+
+        write_json(out_dir / "log_history.json", trainer.state.log_history)
+    return result, final, lead
+
+
+def profiling(section, out_dir) -> list:
+    """The profiler callback that ``<stage>.profile_steps`` asks for (none at 0)."""
+    if not section.profile_steps:
+        return []
+    from flare_exp.profiling import profile_steps
+
+    return [profile_steps(Path(out_dir) / "profile.txt", section.profile_steps)]
+
+
+def cpu_ranks_args() -> dict:
+    """Without a GPU the Trainer runs data-parallel only when told it is on the CPU (torchrun on gloo)."""
+    import torch
+
+    return {"use_cpu": True, "ddp_backend": "gloo"} if world_size() > 1 and not torch.cuda.is_available() else {}
+
+
+def effective_batch(section, world: int) -> dict:
+    """What one optimizer step sees, for the summary (and the log line)."""
+    return {"world_size": world,
+            "effective_batch": section.per_device_train_batch_size * section.gradient_accumulation_steps * world}
 
 
 def resume_checkpoint(resume: str, out_dir: Path) -> str | None:

@@ -34,7 +34,7 @@ def session_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(session_dir) -> Path:
-    from flare_exp.models.tiny import build_tiny_qwen3vl
+    from flare_exp.fixtures.tiny_models import build_tiny_qwen3vl
 
     return build_tiny_qwen3vl(session_dir / "cache" / "models" / "tiny-qwen3vl")
 

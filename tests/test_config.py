@@ -154,8 +154,10 @@ def test_one_process_per_job(monkeypatch, caplog):
     from flare_exp.main import check_one_process_per_job
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ValueError, match="WORLD_SIZE=2: rl run\\(s\\) one process per job; only infer, sft runs"):
-        check_one_process_per_job(steps={"sft", "rl", "infer"})
+    with pytest.raises(ValueError, match="WORLD_SIZE=2: prepare run\\(s\\) one process per job; only eval, infer, rl, "
+                                         "sft \\(and stage=pipeline"):
+        check_one_process_per_job(steps={"prepare", "rl", "infer"})
+    check_one_process_per_job(steps={"prepare", "sft", "rl", "infer", "eval"}, in_pipeline=True)
     with pytest.raises(ValueError, match="model.backend=unsloth is not supported on several ranks"):
         check_one_process_per_job(steps={"sft"}, backend="unsloth")
     check_one_process_per_job(steps={"sft"})

@@ -102,3 +102,58 @@ def test_a_failing_rank_ends_the_job_with_failed_naming_it(session_dir, tmp_path
     failed = (tmp_path / "out" / "runs" / "fail" / "FAILED").read_text()
     assert failed.startswith("rank 1: ") and "image.png" in failed, failed[:500]
     assert not (tmp_path / "out" / "runs" / "fail" / "DONE").exists()
+
+
+def test_a_pipeline_on_two_ranks_prepares_on_rank_0_and_runs_grpo_on_both(session_dir, tmp_path, tiny_model_dir):
+    """torchrun 2 ranks, stage=pipeline prepare -> sft -> rl -> infer -> eval: prepare on rank 0 (a fresh demo
+    tree) while rank 1 waits, 2 GRPO steps over 2 ranks (world_size 2 in the summary), every step DONE."""
+    cache = tmp_path / "cache"
+    (cache / "models").mkdir(parents=True)
+    (cache / "models" / "tiny-qwen3vl").symlink_to(tiny_model_dir)
+    args = [f"paths.cache_dir={cache}", f"paths.output_root={tmp_path / 'out'}", "stage=pipeline",
+            "stage.steps=[prepare,sft,rl,infer,eval]", "sft.max_steps=1", "sft.eval_steps=0",
+            "sft.dataloader_num_workers=0", "rl.max_steps=2", "rl.num_generations=2",
+            "rl.per_device_train_batch_size=2", "rl.max_completion_length=6", "infer.num_samples=5",
+            "infer.max_new_tokens=4", "run_name=pipe"]
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29536",
+                          "launch.py", *args], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
+    assert ddp.returncode == 0, ddp.stderr[-4000:]
+    run_dir = tmp_path / "out" / "runs" / "pipe"
+    assert all((run_dir / step / "DONE").exists() for step in ("sft", "rl", "infer", "eval"))
+    assert (cache / "demo" / "prepared" / "DONE").exists()
+    rl = json.loads((run_dir / "rl" / "rl_summary.json").read_text())
+    assert rl["global_step"] == 2 and rl["world_size"] == 2 and rl["effective_batch"] == 4
+    assert json.loads((run_dir / "infer" / "infer_summary.json").read_text())["samples"] == 5
+    assert (run_dir / "eval" / "metrics.json").exists() and (run_dir / "DONE").exists()
+
+
+def test_the_green_judge_on_two_ranks_equals_one_process(session_dir, tmp_path, sft_adapter):
+    """eval over 2 ranks: each rank judges its share of the reports into its own journal, rank 0 merges them
+    and scores; the same GREEN numbers and judgments as one process, every report judged once."""
+    from flare_exp.fixtures.tiny_models import build_tiny_causal_lm
+    from flare_exp.io import read_jsonl
+
+    judge = build_tiny_causal_lm(tmp_path / "judge")
+    common = [f"paths.cache_dir={session_dir / 'cache'}", "run_name=ev"]
+    infer = subprocess.run([sys.executable, "launch.py", *common, "stage=infer", f"infer.checkpoint={sft_adapter}",
+                            "infer.num_samples=12", "infer.max_new_tokens=5", f"paths.output_root={tmp_path / 'inf'}"],
+                           cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert infer.returncode == 0, infer.stderr[-4000:]
+    evaluate = ["stage=eval", f"eval.predictions=[{tmp_path / 'inf' / 'runs' / 'ev'}]",
+                f"eval.green.model_path={judge}", "eval.green.max_new_tokens=4", "eval.green.batch_size=2"]
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29537",
+                          "launch.py", *common, *evaluate, f"paths.output_root={tmp_path / 'ddp'}"], cwd=REPO,
+                         env=_env(), capture_output=True, text=True, timeout=600)
+    assert ddp.returncode == 0, ddp.stderr[-4000:]
+    one = subprocess.run([sys.executable, "launch.py", *common, *evaluate, f"paths.output_root={tmp_path / 'one'}"],
+                         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-4000:]
+    two_dir, one_dir = tmp_path / "ddp" / "runs" / "ev", tmp_path / "one" / "runs" / "ev"
+    metrics = [json.loads((d / "metrics.json").read_text()) for d in (two_dir, one_dir)]
+    label = next(iter(metrics[0]))
+    assert metrics[0][label]["by_task"]["report_generation"]["green_score"] == \
+        metrics[1][label]["by_task"]["report_generation"]["green_score"]
+    judged = read_jsonl(two_dir / "green_judgments.jsonl")
+    assert len({r["key"] for r in judged}) == len(judged) == len(read_jsonl(one_dir / "green_judgments.jsonl"))
+    assert not list(two_dir.glob("green_judgments.rank*.jsonl"))
+    assert "rank 1" not in (two_dir / "DONE").read_text()

@@ -195,6 +195,7 @@ def test_infer_stage_with_the_graph_loop(base_overrides, sft_adapter, tmp_path, 
     from flare_exp.main import run
 
     caplog.set_level("INFO", logger="flare_exp.stages.infer")
+    caplog.set_level("INFO", logger="flare_exp.models.decoding")
     common = ["stage=infer", *base_overrides, f"infer.checkpoint={sft_adapter}", "infer.batch_size=3",
               "infer.num_samples=7", "infer.max_new_tokens=6", "infer.cache_implementation=static"]
     predictions = {}
@@ -221,7 +222,7 @@ def test_infer_stage_with_the_graph_loop(base_overrides, sft_adapter, tmp_path, 
     ("generate", "hf", True, False),
 ])
 def test_which_decode_loop_runs(setting, backend, compiled_static_on_gpu, chosen, caplog):
-    from flare_exp.models.graph_decoding import graph_loop_chosen
+    from flare_exp.models.decoding import graph_loop_chosen
 
     assert graph_loop_chosen("infer.decode_loop", setting, backend, compiled_static_on_gpu) is chosen
     assert ("backend=hf only" in caplog.text) == (setting == "graph" and backend == "unsloth")
@@ -232,6 +233,7 @@ def test_the_infer_default_on_cpu_is_generate(base_overrides, sft_adapter, tmp_p
     from flare_exp.main import run
 
     caplog.set_level("INFO", logger="flare_exp.stages.infer")
+    caplog.set_level("INFO", logger="flare_exp.models.decoding")
     cfg = compose_cfg(["stage=infer", *base_overrides, f"infer.checkpoint={sft_adapter}", "infer.num_samples=2",
                        "infer.max_new_tokens=3", "run_name=infer-auto"])
     assert cfg.infer.decode_loop == "auto" and cfg.rl.decode_loop == "auto"

@@ -217,7 +217,7 @@ def test_green_prompt_cuts_reports_to_300_words():
 
 
 def test_green_judge_builds_the_packages_input(tmp_path):
-    from flare_exp.models.tiny import build_tiny_causal_lm
+    from flare_exp.fixtures.tiny_models import build_tiny_causal_lm
 
     judge = GreenJudge.from_pretrained(build_tiny_causal_lm(tmp_path / "judge"), "float32", batch_size=2,
                                        max_new_tokens=8)
@@ -237,7 +237,7 @@ def test_green_judge_builds_the_packages_input(tmp_path):
 
 
 def test_green_graph_loop_judges_as_generate(tmp_path):
-    from flare_exp.models.tiny import build_tiny_causal_lm
+    from flare_exp.fixtures.tiny_models import build_tiny_causal_lm
 
     path = build_tiny_causal_lm(tmp_path / "judge")
     refs = ["The heart is normal.", "No effusion.", "Mild cardiomegaly with a small left effusion."]
@@ -250,7 +250,7 @@ def test_green_graph_loop_judges_as_generate(tmp_path):
 def test_green_judgments_are_journaled_and_resumed(tmp_path, monkeypatch):
     """Each judgment is appended as its batch finishes; a rerun (a preempted eval) judges only what is missing,
     a repeated pair is judged once, and a torn last line is dropped."""
-    from flare_exp.models.tiny import build_tiny_causal_lm
+    from flare_exp.fixtures.tiny_models import build_tiny_causal_lm
 
     path, journal = build_tiny_causal_lm(tmp_path / "judge"), tmp_path / "eval" / "green_judgments.jsonl"
     refs, cands = ["The heart is normal."] * 4, ["Heart normal.", "Lungs clear.", "Heart normal.", "No effusion."]
@@ -275,7 +275,7 @@ def test_green_missing_judge_names_the_key(tmp_path):
 
 
 def test_eval_runs_green_when_configured(base_overrides, tmp_path):
-    from flare_exp.models.tiny import build_tiny_causal_lm
+    from flare_exp.fixtures.tiny_models import build_tiny_causal_lm
 
     _infer(base_overrides, tmp_path / "inf", "infer.num_samples=20")
     judge = build_tiny_causal_lm(tmp_path / "judge")
@@ -306,7 +306,7 @@ def test_chexbert_labeler_loads_a_checkpoint_in_the_published_layout(base_overri
     import torch
 
     from flare_exp.metrics.chexbert import build_labeler
-    from flare_exp.models.tiny_radgraph import _build_bert
+    from flare_exp.fixtures.tiny_radgraph import _build_bert
 
     _build_bert(tmp_path / "bert")
     state = {f"module.{k}": v for k, v in build_labeler(tmp_path / "bert").state_dict().items()}
@@ -366,16 +366,14 @@ def test_images_are_prefetched_in_order_and_image_device_is_checked(demo_prepare
 
 def test_infer_kv_cache_auto_and_a_failing_compiled_decode(base_overrides, tmp_path, monkeypatch, caplog):
     import torch._dynamo.exc
-    from types import SimpleNamespace
 
     from transformers import PreTrainedModel
     from transformers.generation.utils import GenerationMixin
 
-    from flare_exp.stages.infer import kv_cache
+    from flare_exp.models.decoding import kv_cache
 
-    gpu, cpu = (SimpleNamespace(device=SimpleNamespace(type=t)) for t in ("cuda", "cpu"))
-    assert kv_cache("auto", gpu, "hf") == "static" and kv_cache("auto", gpu, "unsloth") is None
-    assert kv_cache("auto", cpu, "hf") is None and kv_cache("dynamic", gpu, "hf") is None
+    assert kv_cache("auto", "hf", on_gpu=True) == "static" and kv_cache("auto", "unsloth", on_gpu=True) is None
+    assert kv_cache("auto", "hf", on_gpu=False) is None and kv_cache("dynamic", "hf", on_gpu=True) is None
 
     caches, attempts = [], []
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, compose_cfg
-from flare_exp.data.demo import generate_demo
+from flare_exp.fixtures.demo_data import generate_demo
 from flare_exp.io import read_jsonl
 from flare_exp.main import run
 from flare_exp.runtime import RunFinishedError

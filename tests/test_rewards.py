@@ -95,7 +95,7 @@ def test_unknown_term_lists_known_ones():
 
 @pytest.fixture(scope="module")
 def tiny_radgraph(tmp_path_factory):
-    from flare_exp.models.tiny_radgraph import build_tiny_radgraph
+    from flare_exp.fixtures.tiny_radgraph import build_tiny_radgraph
 
     return build_tiny_radgraph(tmp_path_factory.mktemp("radgraph"))
 

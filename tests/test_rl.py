@@ -173,7 +173,7 @@ def test_graph_rollouts_answer_generate_as_generate_would(base_overrides, demo_p
     from flare_exp.io import read_jsonl
     from flare_exp.models.loading import load_model
     from flare_exp.runtime import abspath
-    from flare_exp.stages.rl import GraphRollouts
+    from flare_exp.stages.rl import graph_rollouts
 
     cfg = compose_cfg(["stage=rl", *base_overrides, "model.dtype=float32"])
     loaded = load_model(cfg.model, training=True)
@@ -192,7 +192,7 @@ def test_graph_rollouts_answer_generate_as_generate_would(base_overrides, demo_p
         trl_like.suppress_tokens = [policy.config.image_token_id, first_pick]
         expected = policy.generate(**batch, generation_config=trl_like)
     assert int(expected[0, batch["input_ids"].shape[1]]) != first_pick
-    graph, fallbacks = GraphRollouts(compiled=False), []
+    graph, fallbacks = graph_rollouts(compiled=False), []
     original = lambda **kw: (fallbacks.append(1), policy.generate(**kw))[1]  # noqa: E731
     with torch.no_grad():
         got = graph.generate(policy, original, generation_config=trl_like, **batch)

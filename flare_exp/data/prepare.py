@@ -1,7 +1,7 @@
 """prepare: the raw FLARE Task 5 X-ray download -> train/val/test JSONL in the vision chat schema.
 
 Steps: unzip nested archives in place (idempotent), discover the question files of the chosen splits and
-datasets (any prefix: the seed nests them under train/ and val/), validate every record (rejects are kept
+datasets (any prefix: the original scripts nest them under train/ and val/), validate every record (rejects are kept
 with file, index and reason), guard against train/val study overlap, write atomically, summarise.
 """
 from __future__ import annotations

@@ -10,11 +10,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-CONDITIONS = ["Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
-              "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other",
-              "Fracture", "Support Devices", "No Finding"]
-
-
 def build_labeler(encoder_path):
     import torch
     from transformers import BertConfig, BertModel

@@ -21,10 +21,10 @@ from pathlib import Path
 from flare_exp.io import read_journal
 from flare_exp.metrics.green import GREEN_CHAT_TEMPLATE, clean_response, green_score, make_prompt, parse_green, \
     summarise
+from flare_exp.models.decoding import DECODE_LOOPS, GraphLoop, graph_loop_chosen
 from flare_exp.runtime import check_choice
 
 log = logging.getLogger(__name__)
-JUDGE_DECODE_LOOPS = ("auto", "generate", "graph")
 JUDGE_DTYPES = ("float16", "bfloat16", "float32")
 
 
@@ -54,13 +54,14 @@ class GreenJudge:
         length (prompt + judgment) and its input truncation; max_new_tokens: a tighter cap on the judgment
         (None: the package's, max_length minus the batch's prompt). identity: what names the judge in the
         journal's keys (its path and settings)."""
-        check_choice("eval.green.decode_loop", decode_loop, JUDGE_DECODE_LOOPS)
+        check_choice("eval.green.decode_loop", decode_loop, DECODE_LOOPS)
         parse_green("", parser)  # an unknown parser fails here, before any judging
         self.model, self.tokenizer, self.device = model, tokenizer, str(model.device)
         self.batch_size, self.max_length, self.max_new_tokens = batch_size, max_length, max_new_tokens
         self.parser = parser
-        self.loop = self._graph_loop() if decode_loop == "graph" or (
-            decode_loop == "auto" and self.device.startswith("cuda")) else None
+        on_gpu = self.device.startswith("cuda")
+        self.graph = GraphLoop("eval.green.decode_loop", on_gpu, decode_loop) if graph_loop_chosen(
+            "eval.green.decode_loop", decode_loop, "hf", on_gpu) else None
         # journal key: the judge and what decides its text (the decoding loop does not)
         self.identity = json.dumps([identity, max_length, max_new_tokens])
         self.journal = Path(journal) if journal else None
@@ -88,16 +89,6 @@ class GreenJudge:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
         return cls(model, tokenizer, identity=json.dumps([str(path.resolve()), dtype]), **settings)
 
-    def _graph_loop(self):
-        from flare_exp.models.graph_decoding import COMPILE_ON_GPU, GraphDecoder, unsupported_settings
-
-        reasons = unsupported_settings(self.model.generation_config)
-        if reasons:
-            log.warning("eval.green.decode_loop: judging with transformers' generate, because of %s",
-                        "; ".join(reasons))
-            return None
-        return GraphDecoder(self.model, COMPILE_ON_GPU if self.device.startswith("cuda") else None)
-
     def render(self, prompt: str) -> str:
         """The package's chat text: the prompt as a human turn, an empty assistant turn, the generation prompt."""
         return self.tokenizer.apply_chat_template([{"from": "human", "value": prompt}, {"from": "gpt", "value": ""}],
@@ -116,6 +107,13 @@ class GreenJudge:
         budget = self.max_length - prompt_length
         return budget if self.max_new_tokens is None else min(budget, self.max_new_tokens)
 
+    def _greedy_config(self):
+        """The judge's generation config with the package's greedy settings (its EOS as the pad token)."""
+        config = self.model.generation_config
+        config.eos_token_id, config.pad_token_id, config.do_sample = (self.tokenizer.eos_token_id,
+                                                                      self.tokenizer.pad_token_id, False)
+        return config
+
     def generate(self, texts: list[str]) -> list[str]:
         """Greedy judgments for one batch of rendered texts, decoded and cleaned as the package does."""
         import torch
@@ -125,10 +123,10 @@ class GreenJudge:
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         if budget <= 0:
             sequences = enc["input_ids"]
-        elif self.loop is not None:
-            config = self.model.generation_config
-            config.eos_token_id, config.pad_token_id, config.do_sample = eos, pad, False
-            new = self.loop(enc, budget, pad, config)
+        elif self.graph is not None and self.graph.for_config(self.model, self._greedy_config()) is not None:
+            config = self._greedy_config()
+            new = self.graph.run(lambda: self.graph.for_config(self.model, config)(enc, budget, pad, config),
+                                 "the judge's decode step")
             sequences = torch.cat([enc["input_ids"], new], dim=1)
         else:
             with torch.inference_mode(), quiet_right_padding_warning():
@@ -137,22 +135,42 @@ class GreenJudge:
         decoded = self.tokenizer.batch_decode(sequences, skip_special_tokens=True)
         return [clean_response(text) for text in decoded]
 
-    def judge(self, references: list[str], candidates: list[str]) -> list[str]:
+    def _journal_of(self, rank: int | None):
+        """The judgments' journal, or one rank's own (``<journal>.rank<N>.jsonl``) in a data-parallel eval."""
+        if self.journal is None or rank is None:
+            return self.journal
+        return self.journal.with_name(f"{self.journal.stem}.rank{rank}{self.journal.suffix}")
+
+    def _judged(self) -> dict[str, str]:
+        """Every judgment journaled so far: the merged journal and any rank's (a resume may use another number
+        of ranks)."""
+        if self.journal is None:
+            return {}
+        judged = {k: row["judge_output"] for k, row in read_journal(self.journal, "key").items()}
+        for part in sorted(self.journal.parent.glob(f"{self.journal.stem}.rank*{self.journal.suffix}")):
+            judged.update({k: row["judge_output"] for k, row in read_journal(part, "key").items()})
+        return judged
+
+    def judge(self, references: list[str], candidates: list[str], share: tuple[int, int] | None = None) -> list[str]:
+        """The judgments of the pairs, reused from the journal where there. ``share=(rank, world)``: judge only
+        this rank's share of what is left, into its own journal (``merge_shares`` joins them); returns []."""
         from tqdm.auto import tqdm
 
         texts = [self.render(make_prompt(r, c)) for r, c in zip(references, candidates)]
         keys = [self.key(t) for t in texts]
-        judged = {k: row["judge_output"] for k, row in read_journal(self.journal, "key").items()} \
-            if self.journal else {}
+        judged = self._judged()
         todo = [(key, text) for key, text in dict(zip(keys, texts)).items() if key not in judged]
         # similar lengths share a batch (less padding); the longest first, so a too-large batch fails first
         todo.sort(key=lambda item: len(item[1]), reverse=True)
+        if share is not None:
+            todo = todo[share[0]::share[1]]
         if judged and todo:
             log.info("GREEN judge: %d judgments reused from %s, %d to go", len(set(keys)) - len(todo),
                      self.journal, len(todo))
-        if self.journal:
-            self.journal.parent.mkdir(parents=True, exist_ok=True)
-        with (open(self.journal, "a", encoding="utf-8") if self.journal else contextlib.nullcontext()) as f:
+        journal = self._journal_of(share[0] if share else None)
+        if journal:
+            journal.parent.mkdir(parents=True, exist_ok=True)
+        with (open(journal, "a", encoding="utf-8") if journal else contextlib.nullcontext()) as f:
             for start in tqdm(range(0, len(todo), self.batch_size), desc="GREEN judge", unit="batch",
                               disable=len(todo) <= self.batch_size):
                 batch_keys, batch = zip(*todo[start:start + self.batch_size])
@@ -162,7 +180,22 @@ class GreenJudge:
                         f.write(json.dumps({"key": key, "judge_output": output}, ensure_ascii=False) + "\n")
                 if f:
                     f.flush()
-        return [judged[k] for k in keys]
+        return [] if share is not None else [judged[k] for k in keys]
+
+    def merge_shares(self) -> None:
+        """The ranks' journals appended to the judge's one journal, then removed (rank 0, after every rank)."""
+        if self.journal is None:
+            return
+        parts = sorted(self.journal.parent.glob(f"{self.journal.stem}.rank*{self.journal.suffix}"))
+        known = set(read_journal(self.journal, "key"))
+        with open(self.journal, "a", encoding="utf-8") as out:
+            for part in parts:
+                for key, row in read_journal(part, "key").items():
+                    if key not in known:
+                        out.write(json.dumps(row, ensure_ascii=False) + "\n")
+                        known.add(key)
+        for part in parts:
+            part.unlink()
 
     def score(self, references: list[str], candidates: list[str]) -> tuple[dict, list[dict]]:
         outputs = self.judge(references, candidates)

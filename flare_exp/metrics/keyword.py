@@ -1,4 +1,4 @@
-"""The seed's and the FLARE25-QWen2.5VL baseline's keyword metrics, for comparison with their published numbers.
+"""The original scripts' and the FLARE25-QWen2.5VL baseline's keyword metrics, for comparison with their published numbers.
 
 Those numbers come from regex keyword heuristics in the baseline's ``utils/metrics.py``: a weighted
 "GREEN" (entity 0.30, location 0.20, negation 0.15, temporal 0.10, measurement 0.10, clinical significance
@@ -24,7 +24,7 @@ COMPONENT_WEIGHTS = {"entity_matching": 0.30, "location_accuracy": 0.20, "negati
                      "structure_completeness": 0.05}
 REQUIRED = ("calculate_green_score", "calculate_clinical_efficacy_score")
 HINT = ("eval.keyword_metrics.module must point to utils/metrics.py of a local checkout of "
-        "github.com/medfm-flare/FLARE25-QWen2.5VL (the file the seed's and the baseline's numbers come from)")
+        "github.com/medfm-flare/FLARE25-QWen2.5VL (the file the original scripts' and the baseline's numbers come from)")
 
 
 def load_reference_module(path: str | Path):

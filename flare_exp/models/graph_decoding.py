@@ -1,12 +1,12 @@
-"""Decoding of a left-padded batch with one compiled step per token (``infer.decode_loop=graph``, GRPO's
-rollouts with ``rl.decode_loop=graph``, and the GREEN judge with ``eval.green.decode_loop=graph``).
+"""Decoding of a left-padded batch with one compiled step per token: the graph decode loop that
+``flare_exp.models.decoding`` chooses for infer, GRPO's rollouts and the GREEN judge (stages call that module).
 
 transformers' ``generate`` with a static cache compiles the model's forward into CUDA graphs, but everything
-around it runs on the host every token: the 4-D mask is rebuilt with vmap (~2.4 ms of CPU per step on the GPU
-box), the logits processors and stopping criteria run eagerly, and the loop reads tensors back from the GPU
-several times per token (``cache_position[0] != 0``, ``cache_position[-1] >= ...``, "are all sequences done?").
-Each read waits for the GPU to finish, so the GPU then idles while the host prepares the next token: in the
-batch-64 profile the GPU was busy 61% of a batch (docs/benchmarks.md), the compiled decode step itself ~8 ms.
+around it runs on the host every token: the 4-D mask is rebuilt with vmap, the logits processors and stopping
+criteria run eagerly, and the loop reads tensors back from the GPU several times per token
+(``cache_position[0] != 0``, ``cache_position[-1] >= ...``, "are all sequences done?"). Each read waits for the
+GPU to finish, so the GPU then idles while the host prepares the next token (the profiles are in
+docs/performance.md).
 
 Here one function makes a token: the model's forward with a mask built on the device from the prompt's padding
 and the position, positions from the prompt's rope deltas, the pick (greedy, or sampled with generate's
@@ -22,12 +22,8 @@ falls back to ``generate``. Sampled tokens follow generate's distribution, not i
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
-log = logging.getLogger(__name__)
-
-DECODE_LOOPS = ("auto", "generate", "graph")
 # how the token step is compiled on a GPU: CUDA graphs (as generate compiles its decode step), fixed shapes
 COMPILE_ON_GPU = {"mode": "reduce-overhead", "dynamic": False}
 # generation-config fields that make greedy decoding differ from argmax over the logits, with the values
@@ -43,20 +39,6 @@ NO_OP_SETTINGS = {
 # and when sampling, the warpers beyond temperature / top-k / top-p
 SAMPLING_NO_OP_SETTINGS = {"min_p": (None, 0.0), "typical_p": (None, 1.0), "epsilon_cutoff": (None, 0.0),
                            "eta_cutoff": (None, 0.0)}
-
-
-def graph_loop_chosen(key: str, setting: str, backend: str, compiled_static_on_gpu: bool) -> bool:
-    """Whether ``key`` (infer.decode_loop / rl.decode_loop) runs this loop. auto: where generate would run a
-    compiled static-cache decode step (backend=hf on a GPU), since the loop measured 1.46x the reports/s and
-    GRPO steps 2.0x faster there (H200, docs/benchmarks.md); generate elsewhere (Unsloth, CPU, a dynamic cache,
-    compilation turned off). graph: the loop for backend=hf, compiled on a GPU only."""
-    if setting == "auto":
-        return backend == "hf" and compiled_static_on_gpu
-    if setting == "graph" and backend != "hf":
-        log.warning("%s=graph runs transformers' forward (backend=hf only): decoding with generate for "
-                    "model.backend=%s", key, backend)
-        return False
-    return setting == "graph"
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ def check_model_path(model_cfg) -> None:
 def resolve_model_path(model_cfg) -> Path:
     path = abspath(model_cfg.path)
     if not (path / "config.json").exists() and model_cfg.build_tiny:
-        from flare_exp.models.tiny import build_tiny_qwen3vl
+        from flare_exp.fixtures.tiny_models import build_tiny_qwen3vl
 
         log.info("model=%s: building the tiny random Qwen3-VL at %s", model_cfg.name, path)
         build_tiny_qwen3vl(path, min_pixels=model_cfg.min_pixels or 32 * 32,

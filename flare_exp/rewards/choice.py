@@ -1,5 +1,5 @@
 """choice: multiple-choice answers (dental: one option letter, A..K), read with
-``flare_exp.answers.extract_choice`` (which fixes the seed's "a" read as option A and its A..F limit).
+``flare_exp.answers.extract_choice`` (which fixes the original scripts' "a" read as option A and its A..F limit).
 """
 from __future__ import annotations
 

@@ -41,12 +41,8 @@ class CombinedReward:
         self.weights = {t: {k: float(v) for k, v in (cfg.get(t) or {}).get("weights", {}).items() if float(v) != 0}
                         for t in TASK_TYPES}
         term_params = dict(cfg.get("terms") or {})
-        rg = cfg.get("radgraph") or {}
-        term_params["radgraph"] = {"model_dir": rg.get("model_dir"), "model_type": rg.get("model_type", "radgraph-xl"),
-                                   "reward_level": rg.get("reward_level", "RG_ER"),
-                                   "cache_size": rg.get("cache_size", 100000), "build_tiny": rg.get("build_tiny", False),
-                                   "device": rg.get("device", "auto"),
-                                   **term_params.get("radgraph", {})}
+        # reward.radgraph's settings (their defaults: config.RadGraphConfig); terms.radgraph may override them
+        term_params["radgraph"] = {**(cfg.get("radgraph") or {}), **term_params.get("radgraph", {})}
         names = sorted({n for w in self.weights.values() for n in w})
         self.terms = {n: get_term(n)(**(term_params.get(n) or {})) for n in names}  # unknown name -> KeyError
         self.last_term_means: dict[str, float] = {}

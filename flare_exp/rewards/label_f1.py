@@ -1,4 +1,4 @@
-"""label_f1: multi-label answers scored as a label-set F1 (the seed scored them with RadGraph).
+"""label_f1: multi-label answers scored as a label-set F1 (the original scripts scored them with RadGraph).
 
 Separators are per dataset (chestdr ``", "``, periapical ``";"`` with its comma-containing label kept
 whole); labels compare case- and whitespace-insensitively.

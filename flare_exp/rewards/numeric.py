@@ -1,6 +1,6 @@
 """numeric: regression answers (boneresorption: a percentage such as ``22.9``), read with
-``flare_exp.answers.parse_number`` (the seed missed the ``%`` and fell through to the report reward). The value
-term is the seed's tiers; there is no format or length term here (the seed's 0.3 x format paid a number answer
+``flare_exp.answers.parse_number`` (the original scripts missed the ``%`` and fell through to the report reward). The value
+term is the original scripts' tiers; there is no format or length term here (the original scripts' 0.3 x format paid a number answer
 for long text with headings).
 """
 from __future__ import annotations

@@ -13,9 +13,11 @@ import logging
 from collections import OrderedDict
 from pathlib import Path
 
+from flare_exp.config import RadGraphConfig
 from flare_exp.rewards import register
 
 log = logging.getLogger(__name__)
+DEFAULTS = RadGraphConfig()  # reward.radgraph's defaults, the one place they are written
 LEVELS = {"RG_E": 0, "RG_ER": 1, "RG_ER_bar": 2}
 _SCORERS: dict = {}
 
@@ -90,10 +92,10 @@ class RadGraphScorer:
     """(RG_E, RG_ER, RG_ER_bar) per (hyp, ref) pair: each distinct report parsed once and its graph cached.
     use_cache=False scores every pair through F1RadGraph itself (the package's path, for comparison)."""
 
-    def __init__(self, model_dir, model_type: str = "radgraph-xl", cache_size: int = 100000, use_cache=True,
-                 build_tiny: bool = False, device: str = "auto"):
+    def __init__(self, model_dir, model_type: str = DEFAULTS.model_type, cache_size: int = DEFAULTS.cache_size,
+                 use_cache=True, build_tiny: bool = DEFAULTS.build_tiny, device: str = DEFAULTS.device):
         if build_tiny and model_dir and not (Path(model_dir) / model_type / "weights.th").exists():
-            from flare_exp.models.tiny_radgraph import build_tiny_radgraph
+            from flare_exp.fixtures.tiny_radgraph import build_tiny_radgraph
 
             log.info("building a tiny random RadGraph at %s (reward.radgraph.build_tiny=true)", model_dir)
             build_tiny_radgraph(model_dir, model_type)
@@ -145,8 +147,9 @@ class RadGraphScorer:
 
 @register("radgraph")
 class RadGraphTerm:
-    def __init__(self, model_dir=None, model_type: str = "radgraph-xl", reward_level: str = "RG_ER",
-                 cache_size: int = 100000, use_cache: bool = True, build_tiny: bool = False, device: str = "auto"):
+    def __init__(self, model_dir=None, model_type: str = DEFAULTS.model_type, reward_level: str = DEFAULTS.reward_level,
+                 cache_size: int = DEFAULTS.cache_size, use_cache: bool = True, build_tiny: bool = DEFAULTS.build_tiny,
+                 device: str = DEFAULTS.device):
         if reward_level not in LEVELS:
             raise ValueError(f"radgraph reward_level={reward_level!r}: choose one of {', '.join(LEVELS)}")
         self.level = LEVELS[reward_level]

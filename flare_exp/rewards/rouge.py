@@ -1,4 +1,4 @@
-"""rouge_l: ROUGE-L F-measure from rouge-score (stemmer on, as the seed)."""
+"""rouge_l: ROUGE-L F-measure from rouge-score (stemmer on, as the original scripts)."""
 from __future__ import annotations
 
 from flare_exp.rewards import register

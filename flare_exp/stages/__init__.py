@@ -21,6 +21,11 @@ RUNNERS = {
     "pipeline": "flare_exp.stages.pipeline",
 }
 
+# Several ranks (torchrun, a SLURM job's tasks): these run data-parallel (sft and rl through the Trainer's DDP,
+# infer and the GREEN judge sharding the records); a pipeline also runs prepare, on rank 0 while the others wait.
+DISTRIBUTED = {"sft", "rl", "infer", "eval"}
+RANK_0_STEPS = {"prepare"}
+
 
 def get_runner(name: str) -> ModuleType:
     if name not in RUNNERS:

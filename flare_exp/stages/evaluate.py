@@ -16,7 +16,7 @@ from pathlib import Path
 from flare_exp.io import read_jsonl, write_json, write_jsonl
 from flare_exp.metrics import official, tasks, text
 from flare_exp.metrics.report import write_reports
-from flare_exp.runtime import DONE, abspath, infer_input_file
+from flare_exp.runtime import DONE, abspath, barrier, infer_input_file, ranks
 
 log = logging.getLogger(__name__)
 TASK_METRICS = {"classification": tasks.classification_metrics, "multi_label": tasks.multi_label_metrics,
@@ -105,7 +105,7 @@ def report_metrics(rows: list[dict], scorers: ReportScorers, label: str) -> tupl
     reference = scorers.keyword()
     if reference is None:
         out["keyword_note"] = ("keyword_green / keyword_clinical_efficacy not computed: set "
-                               "eval.keyword_metrics.module to compare with the seed's published numbers")
+                               "eval.keyword_metrics.module to compare with the original scripts' published numbers")
     else:
         from flare_exp.metrics.keyword import keyword_metrics
 
@@ -271,12 +271,31 @@ def write_scored_sheet(path: Path, rows: list[dict], label: str, samples: dict) 
     write_sheet(path, worst_first(scored), label, extra=("score", "score_kind"))
 
 
+def judge_shares(cfg, scorers: ReportScorers, entries: list, rank: int, world: int) -> None:
+    """A data-parallel eval: each rank's GREEN judge takes its share of every file's reports (its own journal),
+    then rank 0 merges the journals. The other metrics are computed by rank 0 alone (they take seconds)."""
+    judge = scorers.green()
+    if judge is not None:
+        for entry in entries:
+            rows = scored_rows(load_rows(find_predictions(entry), cfg.eval.allow_partial)[0])
+            reports = [r for r in rows if r["task_type"] == "report_generation"]
+            judge.judge([r["answer"] for r in reports], [r["prediction"] for r in reports], share=(rank, world))
+    barrier()
+    if rank == 0 and judge is not None:
+        judge.merge_shares()
+
+
 def run(cfg, out_dir: Path) -> dict:
     entries = list(cfg.eval.predictions)
     if not entries:
         raise ValueError("eval.predictions is empty: pass one or more predictions.jsonl files or infer run dirs, "
                          "e.g. eval.predictions=[outputs/runs/demo-infer]")
     scorers = ReportScorers(cfg, out_dir)
+    rank, world = ranks()
+    if world > 1:  # every rank judges its share of the reports; rank 0 then scores with every judgment journaled
+        judge_shares(cfg, scorers, entries, rank, world)
+        if rank != 0:
+            return {"rank": rank}
     results, samples = {}, {}
     for k, entry in enumerate(entries):
         path = find_predictions(entry)

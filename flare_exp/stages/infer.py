@@ -1,7 +1,7 @@
 """infer stage: predictions for a prepared split, an Excel sheet for reading them, and (test split) a FLARE
 submission.
 
-Fixes the seed's make_val_sheet.py: the prompt carries the generation prompt (the seed's did not, so the base
+Fixes the original scripts' make_val_sheet.py: the prompt carries the generation prompt (the original scripts' did not, so the base
 model continued the user's text and fine-tuned outputs began with "assistant"), every view of a sample goes
 in, only the new tokens are decoded, and generation is batched (length-sorted, left-padded). Predictions are
 appended to predictions.jsonl batch by batch, so a preempted job resumes where it stopped.
@@ -17,10 +17,9 @@ from tqdm.auto import tqdm
 
 from flare_exp.data.vision import VisionChat
 from flare_exp.io import read_journal, read_jsonl, write_json, write_jsonl
-from flare_exp.models.graph_decoding import (COMPILE_ON_GPU, DECODE_LOOPS, GraphDecoder, graph_loop_chosen,
-                                             sampling_of, unsupported_settings)
+from flare_exp.models.decoding import DECODE_LOOPS, GraphLoop, graph_loop_chosen, kv_cache
 from flare_exp.models.loading import load_model
-from flare_exp.runtime import abspath, check_choice, infer_input_file, retry_uncompiled
+from flare_exp.runtime import abspath, check_choice, infer_input_file, ranks, retry_uncompiled
 
 log = logging.getLogger(__name__)
 PREDICTIONS = "predictions.jsonl"
@@ -59,6 +58,8 @@ def model_batch(model, chat: VisionChat, records: list[dict], images) -> dict:
 def generation_kwargs(inf, pad_token_id: int) -> dict:
     """What infer asks of the model's generation config (both decode loops resolve it as generate does)."""
     kwargs = dict(max_new_tokens=inf.max_new_tokens, do_sample=inf.do_sample, pad_token_id=pad_token_id)
+    if getattr(inf, "min_new_tokens", None):
+        kwargs["min_new_tokens"] = inf.min_new_tokens
     if inf.do_sample:
         kwargs.update(temperature=inf.temperature, top_p=inf.top_p)
     return kwargs
@@ -68,48 +69,36 @@ def decode_new_tokens(tokenizer, new_tokens) -> list[str]:
     return [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
-def kv_cache(setting: str | None, model, backend: str) -> str | None:
-    if setting == "auto":
-        return "static" if model.device.type == "cuda" and backend == "hf" else None
-    return None if setting in (None, "dynamic") else setting
-
-
 class Decoder:
-    """generate(), or the graph decode loop (infer.decode_loop=graph), with the run's KV cache; a compilation
+    """generate(), or the graph decode loop (infer.decode_loop), with the run's KV cache; a compilation
     failure turns compilation off for the rest of the run."""
 
     def __init__(self, model, chat: VisionChat, inf, backend: str):
         self.model, self.chat, self.inf = model, chat, inf
-        self.cache, self.compiled = kv_cache(inf.cache_implementation, model, backend), True
+        on_gpu = model.device.type == "cuda"
+        self.cache, self.compiled = kv_cache(inf.cache_implementation, backend, on_gpu), True
         self.halving_said = False  # decode_in_parts warns once per run
-        on_gpu = model.device.type == "cuda" and self.cache == "static"
-        self.loop = self._graph_loop() if graph_loop_chosen("infer.decode_loop", inf.decode_loop, backend,
-                                                              on_gpu) else None
+        self.graph = GraphLoop("infer.decode_loop", compiled=on_gpu, setting=inf.decode_loop,
+                               shrink_cache=not inf.keep_long_cache) if graph_loop_chosen(
+            "infer.decode_loop", inf.decode_loop, backend, on_gpu and self.cache == "static") else None
+        if self.graph is not None:  # said at the start: the loop, or why generate runs instead
+            self.graph.for_config(model, self._generation_config())
+
+    @property
+    def loop(self):
+        """The graph loop that decodes full batches, or None (generate)."""
+        return None if self.graph is None or self.graph.fell_back else self.graph.loop
 
     def _generation_config(self):
         """infer's settings over the model's generation config, resolved as generate() resolves them (per
-        batch: the config may change between batches, as the benchmark's forced length does)."""
+        batch: the config may change between batches)."""
         return self.model._prepare_generation_config(
             None, **generation_kwargs(self.inf, self.chat.tokenizer.pad_token_id))[0]
 
-    def _graph_loop(self):
-        config = self._generation_config()
-        reasons = unsupported_settings(config)
-        if reasons:
-            log.warning("infer.decode_loop=%s: decoding with transformers' generate instead, because of %s",
-                        self.inf.decode_loop, "; ".join(reasons))
-            return None
-        # compiled on a GPU; plain Python elsewhere
-        compile_step = COMPILE_ON_GPU if self.model.device.type == "cuda" and self.compiled else None
-        log.info("infer.decode_loop=%s: the graph loop, one %s step per token, a static KV cache",
-                 self.inf.decode_loop, "compiled" if compile_step else "uncompiled")
-        return GraphDecoder(self.model, compile_step, sampling=sampling_of(config))
-
     def __call__(self, records: list[dict], images) -> list[str]:
         full = len(records) == self.inf.batch_size
-        if self.loop is not None and full:
-            return retry_uncompiled(lambda: self._loop_decode(records, images), self._loop_uncompiled,
-                                    "the decode loop's step", "continuing uncompiled.")
+        if self.graph is not None and not self.graph.fell_back and full:
+            return self.graph.run(lambda: self._loop_decode(records, images), "the decode loop's step")
         # A smaller last batch would need a new static cache and a new compilation: decode it eagerly.
         cache = self.cache if full else None
         decode = lambda: generate(self.model, self.chat, records, self.inf, images, cache, self.compiled)  # noqa: E731
@@ -124,22 +113,21 @@ class Decoder:
 
         import torch
 
-        if self.loop is not None:
-            self.loop.cache = None
+        if self.graph is not None:
+            self.graph.release_cache()
         if hasattr(self.model, "_cache"):
             del self.model._cache  # generate keeps its last static cache here and makes a new one when needed
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def _loop_uncompiled(self):
-        self.compiled = False
-        self.loop = GraphDecoder(self.model, None, sampling=self.loop.sampling)
-
     def _loop_decode(self, records: list[dict], images) -> list[str]:
         config = self._generation_config()
+        loop = self.graph.for_config(self.model, config)
+        if loop is None:  # this batch's config asks for what the loop does not do
+            return generate(self.model, self.chat, records, self.inf, images, self.cache, self.compiled)
         batch = model_batch(self.model, self.chat, records, images)
-        new_tokens = self.loop(batch, config.max_new_tokens, config.pad_token_id, config)
+        new_tokens = loop(batch, config.max_new_tokens, config.pad_token_id, config)
         return decode_new_tokens(self.chat.tokenizer, new_tokens)
 
 
@@ -166,6 +154,26 @@ def decode_in_parts(decode: Decoder, records: list[dict], images) -> list[str]:
     half = len(records) // 2
     return (decode_in_parts(decode, records[:half], images[:half])
             + decode_in_parts(decode, records[half:], images[half:]))
+
+
+def timed_batch(decode: Decoder, records: list[dict], images, number: int, run_dir: Path) -> list[str]:
+    """One batch decoded, timed (the decoded text waits for the GPU) and logged at debug level with the graph
+    loop's KV cache length (the benchmark reads these records); infer.profile_batch profiles that batch."""
+    from flare_exp.profiling import Profiled
+
+    profile = Profiled() if decode.inf.profile_batch == number else None
+    if profile:
+        profile.start()
+    t0 = time.perf_counter()
+    texts = decode_in_parts(decode, records, images)
+    seconds = time.perf_counter() - t0
+    if profile:
+        profile.stop(run_dir / "profile.txt", f"batch {number} ({len(records)} reports)")
+    cache = getattr(decode.loop, "cache", None)
+    length = None if cache is None else cache.max_cache_len
+    log.debug("batch %d: %d reports in %.3f s, graph loop KV cache %s", number, len(records), seconds, length,
+              extra={"batch_seconds": seconds, "loop_cache_length": length})
+    return texts
 
 
 def image_device(setting: str, model) -> str | None:
@@ -240,13 +248,6 @@ def check_settings(cfg) -> None:
     check_choice("infer.decode_loop", cfg.infer.decode_loop, DECODE_LOOPS)
 
 
-def ranks() -> tuple[int, int]:
-    """(rank, world size) of a data-parallel job (torchrun; main.run_distributed set the group up), else (0, 1)."""
-    import torch.distributed as dist
-
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
-
-
 def read_predictions(out_dir: Path) -> dict[str, dict]:
     """Every prediction written so far: the merged file and any rank's journal (a resume may use another
     number of ranks than the attempt it continues)."""
@@ -275,8 +276,8 @@ def predict(cfg, todo: list[dict], journal: Path, label: str, done: dict) -> tup
     generated, elapsed = 0, 0.0
     with open(journal, "a", encoding="utf-8") as f:
         start = time.perf_counter()  # reports/s over the whole loop: reading, processing, writing included
-        for chunk, images in batches_with_images(chat, todo, inf.batch_size):
-            for r, p in zip(chunk, decode_in_parts(decode, chunk, images)):
+        for number, (chunk, images) in enumerate(batches_with_images(chat, todo, inf.batch_size), 1):
+            for r, p in zip(chunk, timed_batch(decode, chunk, images, number, journal.parent)):
                 row = {k: r[k] for k in ("id", "dataset", "task_type", "raw_task_type", "split", "image_name",
                                          "images", "question", "answer")}
                 row.update(prediction=p, model=label)
@@ -288,7 +289,7 @@ def predict(cfg, todo: list[dict], journal: Path, label: str, done: dict) -> tup
             bar.update(len(chunk))
             bar.set_postfix(reports_per_s=f"{generated / max(elapsed, 1e-9):.2f}")
     bar.close()
-    return generated, elapsed, "graph" if decode.loop is not None else "generate"  # what decode_loop resolved to
+    return generated, elapsed, decode.graph.used if decode.graph is not None else "generate"  # what ran
 
 
 def run(cfg, out_dir: Path) -> dict:

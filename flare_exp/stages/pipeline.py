@@ -13,7 +13,7 @@ from omegaconf import OmegaConf, open_dict
 
 from flare_exp import stages
 from flare_exp.resume import differences, settings_of, start_attempt
-from flare_exp.runtime import DONE, run_with_markers
+from flare_exp.runtime import DONE, barrier, ranks, run_with_markers, write_failed
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,28 @@ def _chain(step: str, cfg, done_dirs: dict[str, Path]) -> None:
             cfg.eval.predictions = [str(done_dirs["infer"])]
 
 
+def run_step(step: str, step_cfg, step_dir: Path):
+    """One step in its own attempt with its markers. On several ranks rank 0 starts the attempt and writes the
+    markers; the data-parallel stages run on every rank (a failing one leaves FAILED naming itself), prepare on
+    rank 0 while the others wait."""
+    runner = stages.get_runner(step)
+    rank, world = ranks()
+    if rank == 0:
+        start_attempt(step, step_cfg, step_dir)
+        result = run_with_markers(step_dir, runner.run, step_cfg, step_dir, after_clearing=barrier)
+    else:
+        barrier()  # rank 0 has checked the step's dir and moved any earlier attempt away
+        result = None
+        if step not in stages.RANK_0_STEPS:
+            try:
+                result = runner.run(step_cfg, step_dir)
+            except BaseException as e:
+                write_failed(step_dir, e, rank=rank)
+                raise
+    barrier()  # the step's outputs are complete before the next step reads them
+    return result
+
+
 def run(cfg, out_dir: Path) -> dict:
     steps = list(cfg.stage.steps)
     unknown = [s for s in steps if s not in stages.RUNNERS or s in ("pipeline", "sweep_report")]
@@ -56,7 +78,9 @@ def run(cfg, out_dir: Path) -> dict:
             step_cfg.stage.name = step
         _chain(step, step_cfg, done_dirs)
         step_dir = stages.output_dir(step, step_cfg, out_dir / step)
-        if (step_dir / DONE).exists() and not cfg.overwrite:
+        finished = (step_dir / DONE).exists() and not cfg.overwrite
+        barrier()  # several ranks: each has decided before rank 0 touches the step's dir
+        if finished:
             changed = changed_settings(step, step_dir, step_cfg)
             if changed:  # the finished outputs do not follow the new settings: say so rather than pass silently
                 log.warning("[%s] already finished in %s with other settings (%s%s): reusing it as it is; "
@@ -67,8 +91,7 @@ def run(cfg, out_dir: Path) -> dict:
             results[step] = {"reused": str(step_dir)}
         else:
             log.info("[%s] running in %s", step, step_dir)
-            start_attempt(step, step_cfg, step_dir)
-            results[step] = run_with_markers(step_dir, stages.get_runner(step).run, step_cfg, step_dir)
+            results[step] = run_step(step, step_cfg, step_dir)
         done_dirs[step] = step_dir
     log.info("pipeline finished; outputs:\n%s", "\n".join(f"  {s:<8} {d}" for s, d in done_dirs.items()))
     return {"steps": {s: str(d) for s, d in done_dirs.items()}, "results": results}

@@ -17,7 +17,7 @@ def output_dir(cfg, run_dir: Path) -> Path:
 def run(cfg, out_dir: Path) -> dict:
     root = abspath(cfg.data.root)
     if cfg.data.demo is not None and not root.exists():
-        from flare_exp.data.demo import generate_demo
+        from flare_exp.fixtures.demo_data import generate_demo
 
         log.info("data=%s: generating the synthetic FLARE-layout demo tree at %s", cfg.data.name, root)
         generate_demo(root, **cfg.data.demo)

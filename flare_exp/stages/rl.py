@@ -15,13 +15,13 @@ from transformers import TrainerCallback
 
 from flare_exp.data.vision import VisionChat, filter_by_length, render_messages
 from flare_exp.io import read_jsonl, write_json
-from flare_exp.models.graph_decoding import (COMPILE_ON_GPU, DECODE_LOOPS, GraphDecoder, graph_loop_chosen,
-                                             sampling_of, unsupported_settings)
+from flare_exp.models.decoding import DECODE_LOOPS, GraphLoop, graph_loop_chosen, kv_cache
 from flare_exp.models.loading import load_model
 from flare_exp.rewards.combine import build_reward
-from flare_exp.runtime import abspath, check_choice, retry_uncompiled
-from flare_exp.training import (CheckpointMeta, ProgressLog, add_to_log, data_fingerprints, finish_tracking,
-                                half_precision, out_of_memory_error, resume_checkpoint, setup_tracking)
+from flare_exp.runtime import abspath, check_choice, ranks, retry_uncompiled
+from flare_exp.training import (CheckpointMeta, ProgressLog, add_to_log, cpu_ranks_args, data_fingerprints,
+                                effective_batch, half_precision, profiling, setup_tracking, train_and_save,
+                                trainer_arguments)
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +104,7 @@ class RewardTermLog(TrainerCallback):
 
 def rollout_settings(rl, backend: str) -> tuple[str | None, bool]:
     """(KV cache implementation, compiled decode) for the rollouts, resolving "auto" per backend."""
-    cache = rl.cache_implementation
-    if cache == "auto":
-        cache = "static" if backend == "hf" else None
-    cache = None if cache in (None, "dynamic") else cache
+    cache = kv_cache(rl.cache_implementation, backend)
     compiled = rl.compile_generation
     if compiled is None:
         compiled = backend == "hf" and cache == "static"
@@ -117,33 +114,12 @@ def rollout_settings(rl, backend: str) -> tuple[str | None, bool]:
     return cache, compiled
 
 
-class GraphRollouts:
+def graph_rollouts(compiled: bool, setting: str = "graph") -> GraphLoop:
     """rl.decode_loop=graph: while a rollout runs, the policy's generate() is answered by the graph decode loop
-    (flare_exp/models/graph_decoding.py) with the generation config TRL asks for, resolved as generate would;
-    a config the loop cannot follow (a repetition penalty, min-p, ...) goes to generate, said once."""
-
-    def __init__(self, compiled: bool):
-        self.compiled, self.loop, self.fell_back = compiled, None, False
-
-    def uncompile(self) -> None:
-        self.compiled, self.loop = False, None
-
-    def generate(self, policy, original, generation_config=None, **batch):
-        resolved, _ = policy._prepare_generation_config(generation_config)
-        reasons = unsupported_settings(resolved)
-        if reasons:
-            if not self.fell_back:
-                log.warning("rl.decode_loop: rollouts with transformers' generate instead of the graph loop, "
-                            "because of %s", "; ".join(reasons))
-                self.fell_back = True
-            return original(generation_config=generation_config, **batch)
-        if self.loop is None:
-            compile_step = COMPILE_ON_GPU if self.compiled else None
-            # prompts vary in length from step to step: caches in steps of 256 tokens, a few compiled graphs;
-            # in random order, so the longest cache is kept (shrinking and growing again would recompile)
-            self.loop = GraphDecoder(policy, compile_step, sampling=sampling_of(resolved), cache_multiple=256,
-                                     shrink_cache=False)
-        return self.loop.generate(resolved, **batch)
+    with the generation config TRL asks for; prompts vary in length from step to step, so caches come in steps
+    of 256 tokens (a few compiled graphs), and in random order the longest is kept (shrinking and growing
+    again would recompile)."""
+    return GraphLoop("rl.decode_loop", compiled, setting, cache_multiple=256, shrink_cache=False)
 
 
 def with_rollouts_in_eval_mode(trainer_class):
@@ -154,7 +130,7 @@ def with_rollouts_in_eval_mode(trainer_class):
     (rl.decode_loop=graph) the policy's generate is answered by the graph decode loop during the rollout."""
 
     class FlareGRPOTrainer(trainer_class):
-        graph_rollouts: GraphRollouts | None = None
+        graph_rollouts: GraphLoop | None = None
 
         def _generate_single_turn(self, *args, **kwargs):
             config = getattr(self, "generation_config", None)
@@ -202,17 +178,12 @@ def grpo_args(cfg, out_dir: Path, report_to: str, bf16: bool, suppress_tokens: l
     # vLLM takes generation_kwargs as its sampling parameters, which have no suppress_tokens
     generation_kwargs = {"suppress_tokens": suppress_tokens} if suppress_tokens and not rl.use_vllm else None
     return GRPOConfig(
-        output_dir=str(out_dir), num_generations=rl.num_generations,
-        per_device_train_batch_size=rl.per_device_train_batch_size,
-        gradient_accumulation_steps=rl.gradient_accumulation_steps,
-        learning_rate=rl.learning_rate, warmup_ratio=rl.warmup_ratio, lr_scheduler_type=rl.lr_scheduler_type,
-        max_completion_length=rl.max_completion_length, loss_type=rl.loss_type, scale_rewards=rl.scale_rewards,
-        importance_sampling_level=rl.importance_sampling_level, beta=rl.beta, temperature=rl.temperature,
-        top_p=rl.top_p, max_steps=rl.max_steps, logging_steps=rl.logging_steps, save_steps=rl.save_steps,
-        save_total_limit=rl.save_total_limit, optim=rl.optim, use_vllm=rl.use_vllm, report_to=report_to,
-        cache_implementation=cache, generation_kwargs=generation_kwargs,
+        output_dir=str(out_dir),
+        # the prompt length limit is checked here (rl.on_too_long); a resolved cache; tracking set up first
+        **trainer_arguments(rl, GRPOConfig, ("report_to", "cache_implementation", "max_prompt_length")),
+        report_to=report_to, cache_implementation=cache, generation_kwargs=generation_kwargs,
         bf16=bf16, remove_unused_columns=False, seed=cfg.seed, disable_tqdm=False, logging_first_step=True,
-        dataloader_pin_memory=torch.cuda.is_available(),
+        dataloader_pin_memory=torch.cuda.is_available(), **cpu_ranks_args(),
     )
 
 
@@ -224,6 +195,47 @@ def run(cfg, out_dir: Path) -> dict:
     prompt_limit = check_settings(cfg)
     cache, compiled = rollout_settings(rl, cfg.model.backend)
     reward = build_reward(cfg.reward)
+    records, wanted = training_records(cfg, reward)
+    torch.manual_seed(cfg.seed)
+    loaded = load_model(cfg.model, init_from=rl.init_from, training=True, seed=cfg.seed)
+    chat = VisionChat(loaded.processor, abspath(cfg.data.root))
+    records, skipped = prompts_that_fit(chat, records, prompt_limit, rl.on_too_long, out_dir)
+    compiled_on_gpu = compiled and torch.cuda.is_available()  # torch.compile runs on GPUs only here
+    graph = graph_loop_chosen("rl.decode_loop", rl.decode_loop, cfg.model.backend,
+                              compiled_on_gpu and not rl.use_vllm)
+    log.info("rl: %d prompts (%s), init_from=%s, backend=%s, rollouts: %s%s", len(records), ", ".join(wanted),
+             loaded.adapter, cfg.model.backend, "graph decode loop, static KV cache" if graph else
+             f"generate, {cache or 'dynamic'} KV cache", ", compiled decode" if compiled_on_gpu else "")
+    if cfg.model.backend == "unsloth" and not compiled:
+        # generation is most of a GRPO step and Unsloth does not speed up TRL's decode loop
+        log.warning("rl with model.backend=unsloth: its rollouts are TRL's own generate loop, several times slower "
+                    "per GRPO step than backend=hf's graph decode loop (docs/performance.md) for a few GiB less "
+                    "memory. model.backend=hf is the faster choice for this stage unless memory is short")
+    report_to = setup_tracking(rl, out_dir)
+    meta = CheckpointMeta(loaded.base_path, cfg, data_fingerprints(rl.train_file), loaded.processor)
+    trainer = with_rollouts_in_eval_mode(GRPOTrainer)(
+        model=loaded.model, reward_funcs=[reward], processing_class=loaded.processor,
+        args=grpo_args(cfg, out_dir, report_to, half_precision(loaded.model)[0], vision_token_ids(loaded.model.config)),
+        train_dataset=grpo_dataset(records, chat), callbacks=[RewardTermLog(reward), ProgressLog(), meta, *profiling(rl, out_dir)])
+    if hasattr(trainer, "generation_config"):  # TRL turns compilation off for its rollouts
+        trainer.generation_config.disable_compile = not compiled
+    if graph:
+        trainer.graph_rollouts = graph_rollouts(compiled_on_gpu, rl.decode_loop)
+    _, final, lead = train_and_save(trainer, "rl", cfg, out_dir, meta, report_to, oom_remedies(rl),
+                                    final_meta=lambda t: {"init_from": str(loaded.adapter or "")})
+    summary = summarise(trainer.state.log_history, trainer.state.global_step)
+    summary.update(final_adapter=str(final), prompts=len(records), skipped_too_long=skipped,
+                   decode_loop=trainer.graph_rollouts.used if graph else "generate",
+                   **effective_batch(rl, trainer.args.world_size))
+    if lead:
+        write_json(out_dir / "rl_summary.json", summary)
+    log.info("rl finished: adapter at %s, final reward %s", final, summary.get("reward_last"))
+    return summary
+
+
+def training_records(cfg, reward) -> tuple[list[dict], list[str]]:
+    """The prepared records with answers of the task types trained (rl.task_types, else the reward's)."""
+    rl = cfg.rl
     records = [r for r in read_jsonl(abspath(rl.train_file)) if r.get("answer") is not None]
     wanted = list(rl.task_types) or reward.task_types()
     records = [r for r in records if r["task_type"] in wanted]
@@ -235,67 +247,32 @@ def run(cfg, out_dir: Path) -> dict:
         records = records[:rl.max_train_samples]
     if not records:
         raise ValueError(f"{rl.train_file}: no records for task types {wanted}")
-    torch.manual_seed(cfg.seed)
-    loaded = load_model(cfg.model, init_from=rl.init_from, training=True, seed=cfg.seed)
-    chat = VisionChat(loaded.processor, abspath(cfg.data.root))
-    records, too_long, _ = filter_by_length(chat, records, prompt_limit, "skip", with_answer=False)
+    return records, wanted
+
+
+def prompts_that_fit(chat: VisionChat, records: list[dict], limit: int, on_too_long: str,
+                     out_dir: Path) -> tuple[list[dict], int]:
+    """The records whose prompts fit in ``limit`` tokens; the others stop the run (rl.on_too_long=error) or are
+    skipped and listed in too_long.json."""
+    records, too_long, _ = filter_by_length(chat, records, limit, "skip", with_answer=False)
     if too_long:
-        msg = (f"{len(too_long)} prompts are longer than {prompt_limit} tokens (model.max_seq_length - "
+        msg = (f"{len(too_long)} prompts are longer than {limit} tokens (model.max_seq_length - "
                f"rl.max_completion_length), e.g. {too_long[0]['id']} with {too_long[0]['tokens']}")
-        if rl.on_too_long == "error":
+        if on_too_long == "error":
             raise ValueError(msg + ". Raise model.max_seq_length, lower model.max_pixels or "
                              "rl.max_completion_length, or pass rl.on_too_long=skip")
         log.warning("%s: skipped", msg)
-        write_json(out_dir / "too_long.json", too_long)
-    compiled_on_gpu = compiled and torch.cuda.is_available()  # torch.compile runs on GPUs only here
-    graph = graph_loop_chosen("rl.decode_loop", rl.decode_loop, cfg.model.backend,
-                              compiled_on_gpu and not rl.use_vllm)
-    log.info("rl: %d prompts (%s), init_from=%s, backend=%s, rollouts: %s%s", len(records), ", ".join(wanted),
-             loaded.adapter, cfg.model.backend, "graph decode loop, static KV cache" if graph else
-             f"generate, {cache or 'dynamic'} KV cache",
-             ", compiled decode" if compiled_on_gpu else "")
+        if ranks()[0] == 0:
+            write_json(out_dir / "too_long.json", too_long)
+    return records, len(too_long)
 
-    if cfg.model.backend == "unsloth" and not compiled:
-        # docs/benchmarks.md: generation is most of a GRPO step and Unsloth does not speed up TRL's decode loop.
-        log.warning("rl with model.backend=unsloth: its rollouts are TRL's own generate loop, several times slower "
-                    "per GRPO step than backend=hf's graph decode loop (docs/benchmarks.md) for a few GiB less "
-                    "memory. model.backend=hf is the faster choice for this stage unless memory is short")
 
-    report_to = setup_tracking(rl, out_dir)
-    meta = CheckpointMeta(loaded.base_path, cfg, data_fingerprints(rl.train_file), loaded.processor)
-    trainer_class = with_rollouts_in_eval_mode(GRPOTrainer)
-    trainer = trainer_class(model=loaded.model, reward_funcs=[reward], processing_class=loaded.processor,
-                            args=grpo_args(cfg, out_dir, report_to, half_precision(loaded.model)[0],
-                                           vision_token_ids(loaded.model.config)),
-                            train_dataset=grpo_dataset(records, chat),
-                            callbacks=[RewardTermLog(reward), ProgressLog(), meta])
-    if hasattr(trainer, "generation_config"):  # TRL turns compilation off for its rollouts
-        trainer.generation_config.disable_compile = not compiled
-    if graph:
-        trainer.graph_rollouts = GraphRollouts(compiled_on_gpu)
-    try:
-        try:
-            trainer.train(resume_from_checkpoint=resume_checkpoint(cfg.resume, out_dir))
-        except torch.OutOfMemoryError as e:
-            raise out_of_memory_error("rl", trainer.state.global_step + 1, out_dir, [
-                f"lower rl.per_device_train_batch_size={rl.per_device_train_batch_size} (raise "
-                "rl.gradient_accumulation_steps to keep the completions per step; their product stays a multiple "
-                f"of rl.num_generations={rl.num_generations})",
-                f"lower rl.max_completion_length={rl.max_completion_length}",
-                "lower model.max_pixels (fewer image tokens per view)"]) from e
-        final = out_dir / "final"
-        trainer.save_model(str(final))
-        meta.write(final, step=trainer.state.global_step, init_from=str(loaded.adapter or ""))
-    finally:
-        finish_tracking(report_to)
-    history = trainer.state.log_history
-    write_json(out_dir / "log_history.json", history)
-    summary = summarise(history, trainer.state.global_step)
-    summary.update(final_adapter=str(final), prompts=len(records), skipped_too_long=len(too_long),
-                   decode_loop="graph" if graph and not trainer.graph_rollouts.fell_back else "generate")
-    write_json(out_dir / "rl_summary.json", summary)
-    log.info("rl finished: adapter at %s, final reward %s", final, summary.get("reward_last"))
-    return summary
+def oom_remedies(rl) -> list[str]:
+    return [f"lower rl.per_device_train_batch_size={rl.per_device_train_batch_size} (raise "
+            "rl.gradient_accumulation_steps to keep the completions per step; their product stays a multiple "
+            f"of rl.num_generations={rl.num_generations})",
+            f"lower rl.max_completion_length={rl.max_completion_length}",
+            "lower model.max_pixels (fewer image tokens per view)"]
 
 
 def summarise(history: list[dict], global_step: int) -> dict:

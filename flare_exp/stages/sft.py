@@ -11,9 +11,9 @@ from pathlib import Path
 from flare_exp.data.vision import SFTCollator, VisionChat, filter_by_length
 from flare_exp.io import read_jsonl, write_json
 from flare_exp.models.loading import compile_repeated_blocks, load_model
-from flare_exp.runtime import abspath, check_choice, is_compilation_error, world_size
-from flare_exp.training import (CheckpointMeta, ProgressLog, data_fingerprints, finish_tracking, half_precision,
-                                out_of_memory_error, resume_checkpoint, setup_tracking)
+from flare_exp.runtime import abspath, check_choice, is_compilation_error, ranks
+from flare_exp.training import (CheckpointMeta, ProgressLog, cpu_ranks_args, data_fingerprints, effective_batch,
+                                half_precision, profiling, setup_tracking, train_and_save, trainer_arguments)
 
 log = logging.getLogger(__name__)
 
@@ -103,14 +103,13 @@ def compile_layers(setting: bool, backend: str) -> bool:
 
     if torch.cuda.is_available():
         log.warning("sft.compile_layers=true: in bf16 on a GPU the compiled blocks' training losses leave the "
-                    "uncompiled ones from the second step (bf16 rounding: in float32 they agree, docs/benchmarks.md); "
+                    "uncompiled ones from the second step (bf16 rounding: in float32 they agree, docs/performance.md); "
                     "compare your first logged losses with a run without it")
     return True
 
 
 def run(cfg, out_dir: Path) -> dict:
     import torch
-    from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
 
     sft = cfg.sft
     check_settings(cfg)
@@ -121,7 +120,36 @@ def run(cfg, out_dir: Path) -> dict:
         log.info("sft.compile_layers: %d blocks compiled (the first steps compile them: a minute or so)",
                  compile_repeated_blocks(loaded.model, sft.compile_backend))
     chat = VisionChat(loaded.processor, abspath(cfg.data.root))
-    max_len = cfg.model.max_seq_length
+    train, val, skipped = datasets(cfg, chat, out_dir)
+    report_to = setup_tracking(sft, out_dir)
+    meta = CheckpointMeta(loaded.base_path, cfg, data_fingerprints(sft.train_file, sft.val_file), loaded.processor)
+    trainer = build_trainer(cfg, loaded, chat, train, val, training_args(cfg, out_dir, report_to, loaded.model,
+                                                                          evaluating=bool(val)), meta)
+    batch = effective_batch(sft, trainer.args.world_size)
+    log.info("sft: %d per device x %d accumulation x %d rank(s) = %d samples per optimizer step",
+             sft.per_device_train_batch_size, sft.gradient_accumulation_steps, batch["world_size"],
+             batch["effective_batch"])
+    result, final, lead = train_and_save(
+        trainer, "sft", cfg, out_dir, meta, report_to, oom_remedies(cfg), explain_failure=lambda e: RuntimeError(
+            f"compiling the model's blocks failed ({type(e).__name__}); rerun with sft.compile_layers=false (the "
+            "run resumes from its last checkpoint)") if compiled and is_compilation_error(e) else None,
+        final_meta=lambda t: {"best": t.state.best_model_checkpoint})
+    history = [h for h in trainer.state.log_history if "loss" in h]
+    summary = {"final_adapter": str(final), "global_step": trainer.state.global_step,
+               "train_loss": result.training_loss, "first_loss": history[0]["loss"] if history else None,
+               "last_loss": history[-1]["loss"] if history else None,
+               "best_checkpoint": trainer.state.best_model_checkpoint,
+               "train_samples": len(train), "skipped_too_long": skipped, **batch}
+    if lead:
+        write_json(out_dir / "sft_summary.json", summary)
+    log.info("sft finished: adapter at %s (%s)", final, loss_line(history, result.training_loss, sft.logging_steps))
+    return summary
+
+
+def datasets(cfg, chat: VisionChat, out_dir: Path) -> tuple["RecordDataset", "RecordDataset | None", int]:
+    """The training set and (when evaluating) the eval set, their too-long samples skipped and listed;
+    (train, val or None, how many were skipped)."""
+    sft, max_len = cfg.sft, cfg.model.max_seq_length
     train, too_long, train_lengths = load_split(sft.train_file, sft.max_train_samples, chat, max_len,
                                                 sft.on_too_long, "training")
     val, val_too_long, val_lengths = ([], [], [])
@@ -131,87 +159,54 @@ def run(cfg, out_dir: Path) -> dict:
     if too_long or val_too_long:
         log.warning("skipped %d train / %d val samples longer than model.max_seq_length=%d (listed in "
                     "too_long.json)", len(too_long), len(val_too_long), max_len)
-        write_json(out_dir / "too_long.json", {"train": too_long, "val": val_too_long})
+        if ranks()[0] == 0:
+            write_json(out_dir / "too_long.json", {"train": too_long, "val": val_too_long})
     log.info("sft: %d train / %d val samples, backend=%s", len(train), len(val), cfg.model.backend)
-
-    report_to = setup_tracking(sft, out_dir)
-    bf16, fp16 = half_precision(loaded.model)
     evaluating = bool(val) and sft.eval_steps > 0
-    args = TrainingArguments(
-        output_dir=str(out_dir),
-        per_device_train_batch_size=sft.per_device_train_batch_size,
-        per_device_eval_batch_size=sft.per_device_eval_batch_size,
-        gradient_accumulation_steps=sft.gradient_accumulation_steps,
-        learning_rate=sft.learning_rate, warmup_ratio=sft.warmup_ratio, weight_decay=sft.weight_decay,
-        lr_scheduler_type=sft.lr_scheduler_type, optim=sft.optim,
-        max_steps=sft.max_steps, num_train_epochs=sft.num_train_epochs,
-        logging_steps=sft.logging_steps, save_steps=sft.save_steps, save_total_limit=sft.save_total_limit,
+    return (RecordDataset(train, train_lengths), RecordDataset(val, val_lengths) if evaluating else None,
+            len(too_long) + len(val_too_long))
+
+
+def training_args(cfg, out_dir: Path, report_to: str, model, evaluating: bool):
+    import torch
+    from transformers import TrainingArguments
+
+    sft = cfg.sft
+    evaluating = evaluating and sft.eval_steps > 0
+    bf16, fp16 = half_precision(model)
+    return TrainingArguments(
+        output_dir=str(out_dir), **trainer_arguments(sft, TrainingArguments, ("eval_steps", "group_by_length",
+                                                                              "report_to")),
         eval_strategy="steps" if evaluating else "no", eval_steps=sft.eval_steps if evaluating else None,
         load_best_model_at_end=bool(sft.early_stopping_patience and evaluating),
         metric_for_best_model="eval_loss" if evaluating else None, greater_is_better=False,
-        bf16=bf16, fp16=fp16,
-        remove_unused_columns=False, dataloader_num_workers=sft.dataloader_num_workers,
-        dataloader_pin_memory=torch.cuda.is_available(),
-        # without a GPU the Trainer runs data-parallel only when told it is on the CPU (torchrun on gloo)
-        **({"use_cpu": True, "ddp_backend": "gloo"} if cpu_ranks() else {}),
+        bf16=bf16, fp16=fp16, remove_unused_columns=False, dataloader_pin_memory=torch.cuda.is_available(),
+        **cpu_ranks_args(),
         include_num_input_tokens_seen="non_padding", report_to=report_to,
         seed=cfg.seed, save_safetensors=True, disable_tqdm=False, logging_first_step=True,
     )
-    meta = CheckpointMeta(loaded.base_path, cfg, data_fingerprints(sft.train_file, sft.val_file), loaded.processor)
-    callbacks = [ProgressLog(), meta]
-    if sft.early_stopping_patience and evaluating:
+
+
+def build_trainer(cfg, loaded, chat: VisionChat, train, val, args, meta: CheckpointMeta):
+    from transformers import EarlyStoppingCallback, Trainer
+
+    sft = cfg.sft
+    callbacks = [ProgressLog(), meta, *profiling(sft, args.output_dir)]
+    if sft.early_stopping_patience and val is not None:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=sft.early_stopping_patience))
     trainer_class = length_grouped(Trainer) if sft.group_by_length else Trainer
     if sft.answer_logits_only:
         trainer_class = answer_logits_only(trainer_class)
-    trainer = trainer_class(model=loaded.model, args=args, train_dataset=RecordDataset(train, train_lengths),
-                            eval_dataset=RecordDataset(val, val_lengths) if evaluating else None,
-                            data_collator=SFTCollator(chat), callbacks=callbacks)
-    log.info("sft: %d per device x %d accumulation x %d rank(s) = %d samples per optimizer step",
-             sft.per_device_train_batch_size, sft.gradient_accumulation_steps, args.world_size,
-             sft.per_device_train_batch_size * sft.gradient_accumulation_steps * args.world_size)
-    try:
-        try:
-            result = trainer.train(resume_from_checkpoint=resume_checkpoint(cfg.resume, out_dir))
-        except torch.OutOfMemoryError as e:
-            raise out_of_memory_error("sft", trainer.state.global_step + 1, out_dir, [
-                f"lower sft.per_device_train_batch_size={sft.per_device_train_batch_size} (raise "
-                f"sft.gradient_accumulation_steps={sft.gradient_accumulation_steps} to keep the effective batch)",
-                "lower model.max_pixels (fewer image tokens per view)",
-                *([] if cfg.model.gradient_checkpointing else ["set model.gradient_checkpointing=true"])]) from e
-        except Exception as e:
-            if compiled and is_compilation_error(e):
-                raise RuntimeError(f"compiling the model's blocks failed ({type(e).__name__}); rerun with "
-                                   "sft.compile_layers=false (the run resumes from its last checkpoint)") from e
-            raise
-        final = out_dir / "final"
-        trainer.save_model(str(final))  # the Trainer saves on the main process only
-        lead = trainer.is_world_process_zero()  # a data-parallel job's other ranks write nothing
-        if lead:
-            meta.write(final, step=trainer.state.global_step, best=trainer.state.best_model_checkpoint)
-    finally:
-        finish_tracking(report_to)
-    history = [h for h in trainer.state.log_history if "loss" in h]
-    world = args.world_size
-    summary = {"final_adapter": str(final), "global_step": trainer.state.global_step,
-               "train_loss": result.training_loss, "first_loss": history[0]["loss"] if history else None,
-               "last_loss": history[-1]["loss"] if history else None,
-               "best_checkpoint": trainer.state.best_model_checkpoint,
-               "train_samples": len(train), "skipped_too_long": len(too_long) + len(val_too_long),
-               "world_size": world, "effective_batch": sft.per_device_train_batch_size
-               * sft.gradient_accumulation_steps * world}
-    if lead:
-        write_json(out_dir / "log_history.json", trainer.state.log_history)
-        write_json(out_dir / "sft_summary.json", summary)
-    log.info("sft finished: adapter at %s (%s)", final, loss_line(history, result.training_loss, sft.logging_steps))
-    return summary
+    return trainer_class(model=loaded.model, args=args, train_dataset=train, eval_dataset=val,
+                         data_collator=SFTCollator(chat), callbacks=callbacks)
 
 
-def cpu_ranks() -> bool:
-    """Several ranks and no GPU (torchrun on the gloo backend)."""
-    import torch
-
-    return world_size() > 1 and not torch.cuda.is_available()
+def oom_remedies(cfg) -> list[str]:
+    sft = cfg.sft
+    return [f"lower sft.per_device_train_batch_size={sft.per_device_train_batch_size} (raise "
+            f"sft.gradient_accumulation_steps={sft.gradient_accumulation_steps} to keep the effective batch)",
+            "lower model.max_pixels (fewer image tokens per view)",
+            *([] if cfg.model.gradient_checkpointing else ["set model.gradient_checkpointing=true"])]
 
 
 def loss_line(history: list[dict], mean: float, logging_steps: int) -> str:

@@ -1,0 +1,68 @@
+"""torch.profiler over a few training steps (``sft.profile_steps`` / ``rl.profile_steps``) or one inference batch
+(``infer.profile_batch``): the top GPU and CPU ops in <run dir>/profile.txt, headed by GPU kernel time against
+wall time (how busy the GPU was). How the performance doc's profiles are made."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+
+def write_profile(path: Path, prof, wall: float, what: str) -> None:
+    """The top ops by GPU and by CPU time, headed by kernel time vs wall time (how busy the GPU was)."""
+    import torch
+
+    events = prof.key_averages()
+    device_us = sum(e.self_device_time_total for e in events  # kernel rows only, not the ops launching them
+                    if e.device_type == torch.autograd.DeviceType.CUDA)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{what}: wall {wall:.3f} s, GPU kernels {device_us / 1e6:.3f} s (busy "
+                    f"{device_us / 1e6 / wall:.0%})\n\n" + events.table(sort_by="self_device_time_total", row_limit=25)
+                    + "\n\n" + events.table(sort_by="self_cpu_time_total", row_limit=15))
+
+
+PROFILE_FIRST = 5  # profiled from the sixth step on (global_step counts finished steps): past the warm-up
+
+
+class Profiled:
+    """torch.profiler from ``start()`` to ``stop(path, what)``, CUDA included where there is a GPU."""
+
+    def start(self) -> None:
+        import torch
+
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if torch.cuda.is_available():
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        self.prof = torch.profiler.profile(activities=activities)
+        self.prof.__enter__()
+        self.t0 = time.perf_counter()
+
+    def stop(self, path: Path, what: str) -> float:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - self.t0
+        self.prof.__exit__(None, None, None)
+        write_profile(path, self.prof, wall, what)
+        return wall
+
+
+def profile_steps(path: Path, steps: int, first: int = PROFILE_FIRST):
+    """A Trainer callback profiling ``steps`` training steps after the first ``first`` into ``path``."""
+    from transformers import TrainerCallback
+
+    class ProfileSteps(TrainerCallback):
+        running = None
+        profiled_steps = range(first + 1, first + steps + 1)  # the global steps the profiler slowed
+
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step == first and self.running is None and state.is_world_process_zero:
+                self.running = Profiled()
+                self.running.start()
+
+        def on_step_end(self, args, state, control, **kw):
+            if self.running is not None and state.global_step == first + steps:
+                self.running.stop(path, f"{steps} steps")
+                self.running = None
+
+    return ProfileSteps()

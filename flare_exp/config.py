@@ -346,6 +346,10 @@ class EvalConfig:
 @dataclass
 class SweepReportConfig:
     sweep_dir: Optional[str] = None
+    # The column the jobs are ranked by (best first), e.g. official/report_generation/green_score or
+    # reward_last; null: the first official eval metric when the sweep ran eval, else reward_last. Errors
+    # (mean_absolute_error, *loss) rank lowest first.
+    rank_by: Optional[str] = None
 
 
 @dataclass

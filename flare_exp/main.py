@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from flare_exp import stages
 from flare_exp.config import unknown_keys
+from flare_exp.logs import quiet_known_messages
 from flare_exp.models.loading import check_model_settings
 from flare_exp.runlock import RunLock
 from flare_exp.resume import start_attempt
@@ -219,6 +220,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None):
     # job was submitted from, shared by every job of a sweep.
     os.environ.setdefault("UNSLOTH_COMPILE_LOCATION", str(cache_dir / "unsloth_compiled_cache"))
     adopt_slurm_ranks()
+    quiet_known_messages()
     try:
         validate(cfg, inputs=True)
     except Exception as e:
@@ -282,5 +284,8 @@ def run_locked(cfg: DictConfig, stage: str, runner, run_dir: Path, out_dir: Path
     result = run_with_markers(out_dir, runner.run, cfg, out_dir, after_clearing=before_work)
     if out_dir != run_dir:
         run_with_markers(run_dir, lambda: result)
-    print(f"\n[flare-exp] stage={stage} finished. Outputs: {out_dir}")
+    report = next((p for p in (out_dir / "report.html", out_dir / "eval" / "report.html",
+                               abspath(cfg.sweep_report.sweep_dir or out_dir) / "report" / "sweep.md")
+                   if stage in ("eval", "pipeline", "sweep_report") and p.exists()), None)
+    print(f"\n[flare-exp] stage={stage} finished. Outputs: {out_dir}" + (f"\nReport: {report}" if report else ""))
     return result

@@ -37,6 +37,7 @@ def train_and_save(trainer, stage: str, cfg, out_dir: Path, meta: "CheckpointMet
     log_history.json. Only rank 0 writes. Returns (the train result, final/, whether this rank writes)."""
     import torch
 
+    quiet_progress(trainer)
     try:
         try:
             result = trainer.train(resume_from_checkpoint=resume_checkpoint(cfg.resume, out_dir))
@@ -180,6 +181,8 @@ class ProgressLog(TrainerCallback):
         if not logs or not state.is_world_process_zero:
             return
         now, seen = time.time(), getattr(state, "num_input_tokens_seen", 0) or 0
+        if "eval_loss" in logs:
+            log.info("step %d/%d | eval_loss %.4g", state.global_step, state.max_steps, logs["eval_loss"])
         if "loss" not in logs and "reward" not in logs:  # eval / final summary lines: no new steps
             return
         tok_s = (seen - self._tokens) / max(now - self._t, 1e-9) if seen else None
@@ -204,6 +207,23 @@ class ProgressLog(TrainerCallback):
             extras["peak_memory_gib"] = round(mem, 2)
         add_to_log(state, logs, extras)
         log.info(" | ".join(parts))
+
+
+def quiet_progress(trainer) -> None:
+    """One progress bar per stage: the Trainer's bar stays, without the raw log dict it prints under it at
+    every logging step (ProgressLog writes a readable line instead) and without the nested evaluation bar."""
+    from transformers.trainer_callback import ProgressCallback
+
+    class TrainingBar(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            pass
+
+        def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+            pass
+
+    if any(isinstance(c, ProgressCallback) for c in trainer.callback_handler.callbacks):
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(TrainingBar)
 
 
 def _peak_memory_gib() -> float | None:

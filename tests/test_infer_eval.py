@@ -93,6 +93,40 @@ def test_eval_demo_and_comparison(base_overrides, sft_adapter, tmp_path):
     assert md.index("Official numbers") < md.index("all metrics")
     assert (tmp_path / "eval" / "metrics.png").stat().st_size > 1000 and (tmp_path / "eval" / "report.html").exists()
     assert any(k.startswith("base/classification/") for k in summary)
+    assert metrics["base"]["run"]["checkpoint"] == "base model" and metrics["base"]["run"]["model"] == "tiny"
+    assert metrics[list(metrics)[0]]["run"]["checkpoint"] == str(sft_adapter)
+    page = (tmp_path / "eval" / "report.html").read_text()
+    assert page.index("Official numbers") < page.index("Runs evaluated") < page.index("all metrics")
+    assert "flare-exp commit" in page and "<a href='metrics.json'>" in page and "<a href='scored_1.xlsx'>" in page
+
+
+def test_the_metrics_plot_has_intervals_per_run_and_dataset_panels(tmp_path):
+    """The official metric per task type first (runs side by side, 95% intervals), then one panel per dataset."""
+    import numpy as np
+
+    from flare_exp.metrics import report
+    from flare_exp.metrics.significance import bootstrap_interval
+
+    stats = np.array([[1.0, 0.0], [0.0, 0.0], [1.0, 0.0], [1.0, 0.0]])  # classification: correct?, class
+    interval = bootstrap_interval("classification", stats, resamples=200)
+    assert interval is not None and 0 <= interval[0] <= interval[1] <= 1
+    assert bootstrap_interval("classification", stats, resamples=0) is None
+    drawn = []
+    original = report._panel
+    report._panel = lambda ax, title, metric, labels, values, errors: (drawn.append((title, metric, values, errors)),
+                                                                       original(ax, title, metric, labels, values,
+                                                                                errors))
+    try:
+        results = {run: {"official": {"classification": {"balanced_accuracy": v},
+                                      "regression": {"mean_absolute_error": float("inf")}},
+                         "official_by_dataset": {"dental": {"balanced_accuracy": v}}} for run, v in
+                   (("a", 0.5), ("b", 0.75))}
+        report.plot(tmp_path / "m.png", results, {"a": {"classification": [0.2, 0.8]}, "b": {}})
+    finally:
+        report._panel = original
+    assert [d[0] for d in drawn] == ["official: classification", "official: regression", "dental"]
+    assert drawn[0][2] == [0.5, 0.75] and drawn[0][3] == [[0.2, 0.8], None] and drawn[2][3] is None
+    assert (tmp_path / "m.png").stat().st_size > 1000
 
 
 def _rows(task, dataset, pairs):

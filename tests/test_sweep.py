@@ -132,3 +132,39 @@ def test_a_preempted_slurm_job_is_requeued_and_resumes_from_its_checkpoint(sessi
     log = "".join(p.read_text() for p in state.glob("*.out")) + "".join(
         p.read_text(errors="replace") for p in (tmp_path / "out").rglob("*.log"))
     assert "resume=auto: continuing from" in log
+
+
+def test_sweep_report_ranks_by_the_official_metric_and_draws_a_2d_sweep_as_a_heatmap(tmp_path, monkeypatch):
+    """A 2 x 2 sweep that ran eval: the jobs ranked by the official metric (best first), the reward terms
+    averaged over the whole run (a term missing from the last steps still shows), the heatmap drawn."""
+    from conftest import compose_cfg
+    from flare_exp.main import run
+    from flare_exp.stages import sweep_report
+
+    sweep, scores = tmp_path / "sweep", {(0.5, 0.1): 0.2, (0.5, 0.3): 0.6, (0.7, 0.1): 0.4, (0.7, 0.3): 0.1}
+    for n, ((a, b), score) in enumerate(scores.items()):
+        job = sweep / str(n)
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text(f"- reward.x.weights.a={a}\n- reward.x.weights.b={b}\n")
+        (job / "DONE").write_text("{}")
+        (job / "rl").mkdir()
+        (job / "rl" / "rl_summary.json").write_text('{"reward_last": 0.5}')
+        (job / "rl" / "log_history.json").write_text(json.dumps(
+            [{"step": 1, "reward": 0.1, "reward_term/report_generation/radgraph": 0.2},
+             {"step": 2, "reward": 0.3, "reward_term/report_generation/radgraph": 0.4}, {"step": 3, "reward": 0.2}]))
+        (job / "eval").mkdir()
+        (job / "eval" / "metrics.json").write_text(json.dumps(
+            {"rl": {"official": {"classification": {"balanced_accuracy": score, "num_examples": 9}}}}))
+    drawn = []
+    monkeypatch.setattr(sweep_report, "_heatmap", lambda fig, ax, jobs, keys, metric: drawn.append((keys, metric)))
+    run(compose_cfg(["stage=sweep_report", f"sweep_report.sweep_dir={sweep}"]), run_dir=tmp_path / "r")
+    rows = list(csv.DictReader((sweep / "report" / "sweep.csv").open()))
+    key = "official/classification/balanced_accuracy"
+    assert [float(r[key]) for r in rows] == [0.6, 0.4, 0.2, 0.1] and [r["rank"] for r in rows] == ["1", "2", "3", "4"]
+    assert all(float(r["reward_term/report_generation/radgraph"]) == 0.3 for r in rows)
+    assert drawn == [(["reward.x.weights.a", "reward.x.weights.b"], key)]
+    assert "Ranked by official/classification/balanced_accuracy (highest first" in (
+        sweep / "report" / "sweep.md").read_text()
+    with pytest.raises(ValueError, match="sweep_report.rank_by=nope: no job has it"):
+        run(compose_cfg(["stage=sweep_report", f"sweep_report.sweep_dir={sweep}", "sweep_report.rank_by=nope",
+                         "overwrite=true"]), run_dir=tmp_path / "r2")

@@ -86,7 +86,32 @@ def html_table(header: list[str], rows: list[list[str]]) -> str:
             "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows) + "</table>")
 
 
-def write_reports(out_dir: Path, results: dict, tests: list[dict], warnings: list[str]) -> None:
+RUN_FIELDS = (("model", "model"), ("model_path", "model path"), ("backend", "backend"),
+              ("checkpoint", "checkpoint"), ("finished", "predicted"), ("commit", "commit"))
+
+
+def runs_table(results: dict) -> tuple[list[str], list[list[str]]]:
+    """What each evaluated run is: its predictions file, split, n, and what its infer run recorded."""
+    rows = [[label, res.get("split") or "n/a", str(res["n"]), *(str(res.get("run", {}).get(k) or "n/a")
+                                                                for k, _ in RUN_FIELDS), res["file"]]
+            for label, res in results.items()]
+    return ["run", "split", "n", *(title for _, title in RUN_FIELDS), "predictions"], rows
+
+
+def output_files(out_dir: Path) -> list[str]:
+    """The eval's own files, for the report's list (links relative to the report)."""
+    return sorted(p.name for p in out_dir.iterdir() if p.is_file() and not p.name.startswith(".")
+                  and p.suffix in (".json", ".jsonl", ".md", ".html", ".png", ".xlsx", ".yaml"))
+
+
+def write_reports(out_dir: Path, results: dict, tests: list[dict], warnings: list[str],
+                  intervals: dict | None = None) -> None:
+    """report.md, report.html and metrics.png; ``intervals``: label -> task -> 95% bootstrap interval of the
+    official metric (the plot's error bars)."""
+    import datetime
+
+    from flare_exp.runtime import git_commit
+
     sections = []  # (title, paragraphs, header, rows)
     header, rows = official_table(results)
     sections.append(("Official numbers (FLARE's evaluator)", OFFICIAL_NOTES, header, rows))
@@ -100,38 +125,82 @@ def write_reports(out_dir: Path, results: dict, tests: list[dict], warnings: lis
                          significance_rows(tests)))
     for task, notes, head, task_rows in variant_tables(results):
         sections.append((f"{task}: all metrics", notes, head, task_rows))
-    md = ["# flare-exp evaluation", "", *(f"**{s}**" for s in status), ""]
-    page = ["<html><head><meta charset='utf-8'><title>flare-exp evaluation</title><style>body{font-family:sans-serif}"
-            "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px}</style></head>"
-            "<body><h1>flare-exp evaluation</h1>", *(f"<p><b>{html.escape(s)}</b></p>" for s in status),
-            "<img src='metrics.png' style='max-width:100%'>"]
+    run_head, run_rows = runs_table(results)
+    sections.insert(1, ("Runs evaluated", [], run_head, run_rows))
+    made = (f"evaluated {datetime.datetime.now().isoformat(timespec='seconds')}, flare-exp commit "
+            f"{git_commit() or 'unknown'}")
+    plot(out_dir / "metrics.png", results, intervals or {})
+    files = output_files(out_dir) + ["report.md", "report.html"]
+    md = ["# flare-exp evaluation", "", made, "", *(f"**{s}**" for s in status), ""]
+    page = ["<html><head><meta charset='utf-8'><title>flare-exp evaluation</title><style>body{font-family:sans-serif;"
+            "max-width:1200px}table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
+            "text-align:left}.meta{color:#555}</style></head><body><h1>flare-exp evaluation</h1>",
+            f"<p class='meta'>{html.escape(made)}</p>", *(f"<p><b>{html.escape(s)}</b></p>" for s in status),
+            "<img src='metrics.png' alt='official metrics per task type and dataset' style='max-width:100%'>"]
     for title, paragraphs, head, table_rows in sections:
         md += [f"## {title}", "", *(f"- {p}" for p in paragraphs), "" if paragraphs else "", *md_table(head, table_rows)]
         page.append(f"<h2>{html.escape(title)}</h2>" + "".join(f"<p>{html.escape(p)}</p>" for p in paragraphs) +
                     html_table(head, table_rows))
-    md += ["## Files", ""] + [f"- `{lab}`: {res['file']} ({res['n']} predictions)" for lab, res in results.items()]
+    md += ["## Files", "", *(f"- [{name}]({name})" for name in sorted(set(files)))]
+    page.append("<h2>Files</h2><ul>" + "".join(f"<li><a href='{html.escape(n)}'>{html.escape(n)}</a></li>"
+                                               for n in sorted(set(files))) + "</ul>")
     write_text(out_dir / "report.md", "\n".join(md) + "\n")
     write_text(out_dir / "report.html", "".join(page) + "</body></html>\n")
-    plot(out_dir / "metrics.png", results, tests)
 
 
-def plot(path: Path, results: dict, tests: list[dict]) -> None:
-    """The official metric per task type, one panel each; bounded metrics on a fixed 0-1 axis."""
+def _panel(ax, title: str, metric: str, labels: list[str], values: list, errors: list | None) -> None:
+    """One metric, one bar per run (grouped by colour), value labels, 95% intervals where known; bounded
+    metrics on a fixed 0-1 axis, errors marked lower-is-better."""
+    colours = [f"C{i % 10}" for i in range(len(labels))]
+    shown = [v if v is not None and math.isfinite(v) else 0.0 for v in values]
+    bars = ax.bar(range(len(labels)), shown, color=colours)
+    if errors and any(e for e in errors):
+        for i, (v, e) in enumerate(zip(shown, errors)):
+            if e:
+                ax.errorbar(i, v, yerr=[[max(v - e[0], 0)], [max(e[1] - v, 0)]], color="black", capsize=3, lw=1)
+    lower = metric in LOWER_IS_BETTER
+    if lower:
+        ax.set_ylim(bottom=0)
+    else:
+        ax.set_ylim(0, 1.1)
+    note = None
+    if all(v is None for v in values):
+        note = "not computed" + ("\nno GREEN judge\n(eval.green.model_path)" if metric == "green_score" else "")
+    elif all(v is not None and not math.isfinite(v) for v in values):
+        note = "Infinity: a prediction that\nfloat() cannot read\n(see mae_parseable)"
+    if note:
+        ax.text(0.5, 0.5, note, ha="center", va="center", fontsize=8, transform=ax.transAxes)
+    else:
+        for bar, v in zip(bars, values):
+            ax.annotate(fmt(v) if v is not None else "n/a", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        ha="center", va="bottom", fontsize=7)
+    ax.set_title(f"{title}\n{metric}" + (" (lower is better)" if lower else ""), fontsize=9)
+    ax.set_xticks(range(len(labels)), labels, rotation=20, fontsize=7, ha="right")
+
+
+def plot(path: Path, results: dict, intervals: dict) -> None:
+    """Row 1: FLARE's official metric per task type (what the leaderboard shows), runs side by side with their
+    95% bootstrap intervals. Row 2: the official metric per dataset."""
     from flare_exp.plotting import save_png, subplots
 
-    task_list = sorted({t for r in results.values() for t in r["official"]})
-    fig, axes = subplots(1, len(task_list), figsize=(4 * len(task_list), 3.6), squeeze=False)
-    for ax, task in zip(axes[0], task_list):
+    labels = list(results)
+    tasks = sorted({t for r in results.values() for t in r["official"]})
+    datasets = sorted({d for r in results.values() for d in r["official_by_dataset"]})
+    columns = max(len(tasks), len(datasets), 1)
+    fig, axes = subplots(2 if datasets else 1, columns, figsize=(3.4 * columns + 1, 7 if datasets else 3.6),
+                         squeeze=False)
+    for ax in axes.flat:
+        ax.set_visible(False)
+    for ax, task in zip(axes[0], tasks):
+        ax.set_visible(True)
         metric = OFFICIAL_METRIC[task]
-        values = [results[lab]["official"].get(task, {}).get(metric) for lab in results]
-        shown = [v if v is not None and math.isfinite(v) else 0.0 for v in values]
-        bars = ax.bar(list(results), shown, color="tab:blue")
-        for bar, v in zip(bars, values):
-            ax.annotate(fmt(v), (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
-                        fontsize=7)
-        if metric not in LOWER_IS_BETTER:
-            ax.set_ylim(0, 1.05)
-        ax.set_title(f"{FLARE_TASK_TYPE[task]}\n{metric}" + (" (lower is better)" if metric in LOWER_IS_BETTER
-                                                              else ""), fontsize=9)
-        ax.tick_params(axis="x", rotation=20, labelsize=7)
+        _panel(ax, f"official: {FLARE_TASK_TYPE[task]}", metric, labels,
+               [results[lab]["official"].get(task, {}).get(metric) for lab in labels],
+               [intervals.get(lab, {}).get(task) for lab in labels])
+    for ax, dataset in zip(axes[1] if datasets else [], datasets):
+        ax.set_visible(True)
+        block = next(r["official_by_dataset"][dataset] for r in results.values() if dataset in r["official_by_dataset"])
+        metric = next(k for k in block if k in OFFICIAL_METRIC.values())
+        _panel(ax, dataset, metric, labels,
+               [results[lab]["official_by_dataset"].get(dataset, {}).get(metric) for lab in labels], None)
     save_png(fig, path)

@@ -45,3 +45,12 @@ def paired_test(task: str, stats_a: np.ndarray, stats_b: np.ndarray, resamples: 
     out.update(a_ci95=_interval(boot_a), b_ci95=_interval(boot_b), difference_ci95=_interval(boot_b - boot_a),
                p_value=(1 + extreme) / (1 + resamples), resamples=resamples)
     return out
+
+
+def bootstrap_interval(task: str, stats: np.ndarray, resamples: int = 1000, seed: int = 0) -> list[float] | None:
+    """The 95% percentile bootstrap interval of one run's official metric (None when it is infinite or
+    undefined, or there are no samples)."""
+    if not len(stats) or not resamples or not math.isfinite(float(aggregate(task, stats))):
+        return None
+    idx = np.random.default_rng(seed).integers(0, len(stats), size=(resamples, len(stats)))
+    return _interval(aggregate(task, stats[idx]))

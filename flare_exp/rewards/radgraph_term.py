@@ -76,8 +76,12 @@ def get_scorer(model_dir, model_type: str, device: str = "auto"):
         from radgraph import F1RadGraph
 
         log.info("loading RadGraph %s from %s on %s", model_type, model_dir, "cpu" if cuda < 0 else f"cuda:{cuda}")
-        _SCORERS[key] = F1RadGraph(reward_level="all", model_type=model_type, model_cache_dir=str(model_dir),
-                                   cuda=cuda)
+        import contextlib
+        import io
+
+        with contextlib.redirect_stdout(io.StringIO()):  # the package prints "Using device: ..." (said above)
+            _SCORERS[key] = F1RadGraph(reward_level="all", model_type=model_type, model_cache_dir=str(model_dir),
+                                       cuda=cuda)
     return _SCORERS[key]
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from flare_exp.io import read_jsonl, write_json, write_jsonl
 from flare_exp.metrics import official, tasks, text
 from flare_exp.metrics.report import write_reports
+from flare_exp.metrics.significance import bootstrap_interval
 from flare_exp.runtime import DONE, abspath, barrier, infer_input_file, ranks
 
 log = logging.getLogger(__name__)
@@ -173,6 +174,32 @@ def expected_count(run_dir: Path) -> int | None:
     return min(total, cfg.infer.num_samples) if cfg.infer.num_samples and cfg.infer.num_samples > 0 else total
 
 
+def run_metadata(path: Path) -> dict:
+    """What produced a predictions file, from its infer run dir when there is one: the model, the checkpoint,
+    the backend, when and from which commit."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    run_dir, meta = path.parent, {}
+    try:
+        if (run_dir / "infer_summary.json").exists():
+            summary = json.loads((run_dir / "infer_summary.json").read_text())
+            meta.update(checkpoint=summary.get("checkpoint") or "base model", label=summary.get("label"))
+        if (run_dir / "config.yaml").exists():
+            cfg = OmegaConf.load(run_dir / "config.yaml")
+            meta.update(model=str(cfg.model.get("name")), model_path=str(cfg.model.get("path")),
+                        backend=str(cfg.model.get("backend")))
+        if (run_dir / "run_info.json").exists():
+            info = json.loads((run_dir / "run_info.json").read_text())
+            meta.update(commit=info.get("git_commit"), started=info.get("started") or info.get("start_time"))
+        if (run_dir / DONE).exists():
+            meta["finished"] = json.loads((run_dir / DONE).read_text()).get("finished")
+    except (OSError, ValueError) as e:  # a best-effort record for the report
+        meta["note"] = f"run metadata unreadable: {e}"
+    return meta
+
+
 def scored_rows(rows: list[dict]) -> list[dict]:
     """Our variants score a null, list or missing prediction as an empty answer (counted in the report)."""
     return [{**r, "prediction": r["prediction"] if isinstance(r.get("prediction"), str) else ""} for r in rows]
@@ -188,7 +215,8 @@ def evaluate_file(path: Path, scorers: ReportScorers, allow_partial: bool = Fals
     for raw_row, row in zip(raw, rows):
         by_task[row["task_type"]].append((raw_row, row))
         by_dataset[row["dataset"]].append((raw_row, row))
-    result = {"file": str(path), "n": len(rows), "split": raw[0].get("split"), **info, "official": {},
+    result = {"file": str(path), "n": len(rows), "split": raw[0].get("split"), **info, "run": run_metadata(path),
+              "official": {},
               "official_by_dataset": {}, "by_task": {}, "by_dataset": {}}
     samples, green_by_id = {}, {}
     for task, pairs in sorted(by_task.items()):
@@ -314,6 +342,9 @@ def run(cfg, out_dir: Path) -> dict:
         log.warning("eval: %s", warning)
     if len(results) > 1:
         write_json(out_dir / "significance.json", {"tests": tests, "warnings": warnings})
-    write_reports(out_dir, results, tests, warnings)
+    intervals = {label: {task: bootstrap_interval(task, stats, cfg.eval.significance.resamples,
+                                                  cfg.eval.significance.seed)
+                         for task, (_, stats) in per_task.items()} for label, per_task in samples.items()}
+    write_reports(out_dir, results, tests, warnings, intervals)
     log.info("evaluation written to %s\n%s", out_dir, (out_dir / "report.md").read_text())
     return {"metrics": str(out_dir / "metrics.json"), "report": str(out_dir / "report.md"), **summary}

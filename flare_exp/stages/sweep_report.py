@@ -20,7 +20,8 @@ from flare_exp.io import write_text
 from flare_exp.runtime import abspath, marker
 
 log = logging.getLogger(__name__)
-SUMMARIES = ("rl_summary.json", "sft_summary.json", "metrics_summary.json")
+SUMMARIES = ("rl_summary.json", "sft_summary.json")
+LOWER_IS_BETTER = ("mean_absolute_error", "loss", "mae", "rmse", "seconds")
 
 
 def collect(sweep_dir: Path) -> list[dict]:
@@ -35,24 +36,74 @@ def collect(sweep_dir: Path) -> list[dict]:
             for name in SUMMARIES:
                 if (job_dir / sub / name).exists():
                     job["metrics"].update(json.loads((job_dir / sub / name).read_text()))
+        job["metrics"].update(official_metrics(job_dir))
         history = next((p for p in (job_dir / "log_history.json", job_dir / "rl" / "log_history.json") if p.exists()),
                        job_dir / "log_history.json")
         if history.exists():
-            job["curve"] = [(h["step"], h["reward"]) for h in json.loads(history.read_text()) if "reward" in h]
+            logged = json.loads(history.read_text())
+            job["curve"] = [(h["step"], h["reward"]) for h in logged if "reward" in h]
+            job["metrics"].update(run_term_means(logged))
         if job["status"] == "FAILED":
             job["error"] = (job_dir / "FAILED").read_text().splitlines()[0][:200]
         jobs.append(job)
     return jobs
 
 
-def table(jobs: list[dict]) -> tuple[list[str], list[list]]:
-    varying = sorted({k for j in jobs for k in j["overrides"]
-                      if len({jj["overrides"].get(k) for jj in jobs}) > 1})
+def official_metrics(job_dir: Path) -> dict:
+    """FLARE's official numbers of the job's eval (its first evaluated run), as official/<task>/<metric>."""
+    path = next((p for p in (job_dir / "metrics.json", job_dir / "eval" / "metrics.json") if p.exists()), None)
+    if path is None:
+        return {}
+    results = json.loads(path.read_text())
+    first = next(iter(results.values()), {})
+    return {f"official/{task}/{k}": v for task, block in first.get("official", {}).items() for k, v in block.items()
+            if isinstance(v, (int, float)) and k not in ("num_examples",)}
+
+
+def run_term_means(history: list[dict]) -> dict:
+    """Each reward term's mean over every logged step of the run (the summary's last-quarter mean misses a term
+    whose task had no prompt in the last batches)."""
+    sums: dict[str, list[float]] = {}
+    for h in history:
+        for k, v in h.items():
+            if k.startswith("reward_term/") and isinstance(v, (int, float)):
+                sums.setdefault(k, []).append(v)
+    return {k: round(sum(v) / len(v), 4) for k, v in sums.items()}
+
+
+def varying_keys(jobs: list[dict]) -> list[str]:
+    return sorted({k for j in jobs for k in j["overrides"] if len({jj["overrides"].get(k) for jj in jobs}) > 1})
+
+
+def rank_key(jobs: list[dict], setting: str | None) -> str | None:
+    """The metric the jobs are ranked by: sweep_report.rank_by, else the first official metric, else reward_last."""
+    known = {k for j in jobs for k in j["metrics"]}
+    if setting:
+        if setting not in known:
+            raise ValueError(f"sweep_report.rank_by={setting}: no job has it; choose one of {', '.join(sorted(known))}")
+        return setting
+    return next((k for k in sorted(known) if k.startswith("official/")), "reward_last" if "reward_last" in known
+                else None)
+
+
+def ranked(jobs: list[dict], key: str | None) -> list[dict]:
+    """Finished jobs best first by ``key`` (lowest first for errors), then the others in job order."""
+    if key is None:
+        return jobs
+    lower = any(part in key for part in LOWER_IS_BETTER)
+    scored = [j for j in jobs if isinstance(j["metrics"].get(key), (int, float)) and j["status"] == "DONE"]
+    scored.sort(key=lambda j: j["metrics"][key] if lower else -j["metrics"][key])
+    return scored + [j for j in jobs if j not in scored]
+
+
+def table(jobs: list[dict], key: str | None = None) -> tuple[list[str], list[list]]:
+    varying = varying_keys(jobs)
     metric_keys = sorted({k for j in jobs for k, v in j["metrics"].items() if isinstance(v, (int, float))},
-                         key=lambda k: (k != "reward_last", k))
-    header = ["job", "status", *varying, *metric_keys, "error"]
-    rows = [[j["job"], j["status"], *(j["overrides"].get(k, "") for k in varying),
-             *(j["metrics"].get(k, "") for k in metric_keys), j.get("error", "")] for j in jobs]
+                         key=lambda k: (k != key, not k.startswith("official/"), k != "reward_last", k))
+    header = ["rank", "job", "status", *varying, *metric_keys, "error"]
+    rows = [[i + 1 if key and j["status"] == "DONE" and key in j["metrics"] else "", j["job"], j["status"],
+             *(j["overrides"].get(k, "") for k in varying), *(j["metrics"].get(k, "") for k in metric_keys),
+             j.get("error", "")] for i, j in enumerate(ranked(jobs, key))]
     return header, rows
 
 
@@ -63,15 +114,28 @@ def markdown(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(jobs: list[dict], header: list[str], path: Path) -> None:
+def _short(key: str) -> str:
+    return key.rsplit(".", 1)[-1] if "/" not in key else key.split("/", 1)[-1]
+
+
+def _numeric(values) -> bool:
+    try:
+        [float(v) for v in values]
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def plot(jobs: list[dict], key: str | None, path: Path) -> None:
+    """Left: the reward per step of every job. Right: the ranking metric against the swept keys: a heatmap for
+    two numeric keys, a line (mean and 95% interval over the jobs sharing a value) for one, else bars."""
     from flare_exp.plotting import save_png, subplots
 
     fig, (curves, finals) = subplots(1, 2, figsize=(13, 4.5))
-    varying = [h for h in header[2:] if any(h in j["overrides"] for j in jobs)]
+    varying = varying_keys(jobs)
 
     def label(j):
-        return f"#{j['job']} " + ", ".join(f"{k.rsplit('.', 1)[-1]}={j['overrides'][k]}" for k in varying
-                                         if k in j["overrides"])
+        return f"#{j['job']} " + ", ".join(f"{_short(k)}={j['overrides'][k]}" for k in varying if k in j["overrides"])
 
     for j in jobs:
         if j["curve"]:
@@ -81,12 +145,50 @@ def plot(jobs: list[dict], header: list[str], path: Path) -> None:
     curves.set(title="reward per step", xlabel="step", ylabel="mean reward")
     if any(j["curve"] for j in jobs):
         curves.legend(fontsize=7)
-    colors = {"DONE": "tab:green", "FAILED": "tab:red", "unfinished": "tab:gray"}
-    values = [j["metrics"].get("reward_last", 0.0) if j["status"] == "DONE" else 0.0 for j in jobs]
-    finals.bar([label(j) for j in jobs], values, color=[colors.get(j["status"], "tab:gray") for j in jobs])
-    finals.set(title="final reward (mean of the last quarter; red = failed, grey = unfinished)")
-    finals.tick_params(axis="x", rotation=30, labelsize=7)
+    done = [j for j in jobs if j["status"] == "DONE" and isinstance(j["metrics"].get(key), (int, float))]
+    swept = [k for k in varying if _numeric(j["overrides"].get(k) for j in done)]
+    if key and len(varying) == 2 and len(swept) == 2 and done:
+        _heatmap(fig, finals, done, swept, key)
+    elif key and len(varying) == 1 and swept and done:
+        _line(finals, done, swept[0], key)
+    else:
+        colors = {"DONE": "tab:green", "FAILED": "tab:red", "unfinished": "tab:gray"}
+        values = [j["metrics"].get(key, 0.0) if j["status"] == "DONE" and key else 0.0 for j in jobs]
+        finals.bar([label(j) for j in jobs], values, color=[colors.get(j["status"], "tab:gray") for j in jobs])
+        finals.set(title=f"{key or 'no metric'} per job (red = failed, grey = unfinished)")
+        finals.tick_params(axis="x", rotation=30, labelsize=7)
     save_png(fig, path)
+
+
+def _heatmap(fig, ax, jobs: list[dict], keys: list[str], metric: str) -> None:
+    import numpy as np
+
+    xs = sorted({float(j["overrides"][keys[0]]) for j in jobs})
+    ys = sorted({float(j["overrides"][keys[1]]) for j in jobs})
+    grid = np.full((len(ys), len(xs)), np.nan)
+    for j in jobs:
+        grid[ys.index(float(j["overrides"][keys[1]])), xs.index(float(j["overrides"][keys[0]]))] = j["metrics"][metric]
+    image = ax.imshow(grid, origin="lower", cmap="viridis", aspect="auto")
+    for (r, c), v in np.ndenumerate(grid):
+        ax.text(c, r, "n/a" if np.isnan(v) else f"{v:.3g}", ha="center", va="center", color="white", fontsize=8)
+    ax.set_xticks(range(len(xs)), [f"{x:g}" for x in xs])
+    ax.set_yticks(range(len(ys)), [f"{y:g}" for y in ys])
+    ax.set(xlabel=_short(keys[0]), ylabel=_short(keys[1]), title=metric)
+    fig.colorbar(image, ax=ax)
+
+
+def _line(ax, jobs: list[dict], key: str, metric: str) -> None:
+    import statistics
+
+    by_value: dict[float, list[float]] = {}
+    for j in jobs:
+        by_value.setdefault(float(j["overrides"][key]), []).append(j["metrics"][metric])
+    xs = sorted(by_value)
+    means = [statistics.fmean(by_value[x]) for x in xs]
+    half = [1.96 * statistics.stdev(by_value[x]) / len(by_value[x]) ** 0.5 if len(by_value[x]) > 1 else 0.0
+            for x in xs]
+    ax.errorbar(xs, means, yerr=half, marker="o", capsize=3)
+    ax.set(xlabel=_short(key), ylabel=metric, title=f"{metric} (mean, 95% interval where jobs repeat a value)")
 
 
 def run(cfg, out_dir: Path) -> dict:
@@ -99,13 +201,16 @@ def run(cfg, out_dir: Path) -> dict:
     jobs = collect(sweep_dir)
     if not jobs:
         raise ValueError(f"{sweep_dir}: no job directories (with .hydra/) found")
-    header, rows = table(jobs)
+    key = rank_key(jobs, cfg.sweep_report.rank_by)
+    header, rows = table(jobs, key)
     report = sweep_dir / "report"
     buf = io.StringIO()
     csv.writer(buf).writerows([header, *rows])
     write_text(report / "sweep.csv", buf.getvalue())
-    write_text(report / "sweep.md", f"# Sweep {sweep_dir.name}\n\n" + markdown(header, rows))
-    plot(jobs, header, report / "sweep.png")
+    ranking = f"Ranked by {key} ({'lowest' if key and any(p in key for p in LOWER_IS_BETTER) else 'highest'} " \
+              "first; sweep_report.rank_by chooses).\n\n" if key else ""
+    write_text(report / "sweep.md", f"# Sweep {sweep_dir.name}\n\n{ranking}" + markdown(header, rows))
+    plot(jobs, key, report / "sweep.png")
     counts = {s: sum(j["status"] == s for j in jobs) for s in ("DONE", "FAILED", "unfinished")}
     log.info("sweep report for %d jobs (%s) in %s\n%s", len(jobs), counts, report, markdown(header, rows))
     summary = {"report_dir": str(report), "jobs": len(jobs), **counts}

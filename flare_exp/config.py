@@ -380,30 +380,3 @@ def register_configs() -> None:
 
 
 register_configs()
-
-
-def unknown_keys(cfg, schema: type = Config, prefix: str = "") -> list[str]:
-    """Keys of a composed config that the schema does not have, each with the closest schema key. Hydra lets
-    ``+key=value`` add a key to a structured config (its own advice for a typo), which would then be ignored
-    silently: ``+sft.learning_rat=1e-4`` trains at the default rate. Dict-typed fields (reward weights, term
-    parameters, instructions) take any key."""
-    import dataclasses
-    import difflib
-    import typing
-
-    from omegaconf import DictConfig
-
-    hints = typing.get_type_hints(schema)
-    problems = []
-    for key in cfg.keys():
-        name = f"{prefix}{key}"
-        if key not in hints:
-            close = difflib.get_close_matches(str(key), list(hints), n=1)
-            problems.append(f"{name}" + (f" (did you mean {prefix}{close[0]}?)" if close else ""))
-            continue
-        kind = hints[key]
-        kind = next((a for a in typing.get_args(kind) if dataclasses.is_dataclass(a)), kind)  # Optional[X] -> X
-        value = cfg.get(key)
-        if dataclasses.is_dataclass(kind) and isinstance(value, DictConfig):
-            problems += unknown_keys(value, kind, f"{name}.")
-    return problems

@@ -75,7 +75,26 @@ def cpu_ranks_args() -> dict:
     """Without a GPU the Trainer runs data-parallel only when told it is on the CPU (torchrun on gloo)."""
     import torch
 
-    return {"use_cpu": True, "ddp_backend": "gloo"} if world_size() > 1 and not torch.cuda.is_available() else {}
+    if world_size() <= 1 or torch.cuda.is_available():
+        return {}
+    restore_indexed_cpu_storages()
+    return {"use_cpu": True, "ddp_backend": "gloo"}
+
+
+def restore_indexed_cpu_storages() -> None:
+    """accelerate places each CPU rank on torch.device("cpu", i), so a checkpoint's optimizer state is tagged
+    "cpu:0", and the Trainer's resume (torch.load with that device as map_location) cannot restore such a
+    tag: a preempted several-rank CPU job could not resume. Teach torch.load to read "cpu:N" as the CPU."""
+    import torch.serialization as serialization
+
+    if getattr(restore_indexed_cpu_storages, "done", False):
+        return
+
+    def deserialize(storage, location: str):
+        return storage if location.startswith("cpu:") else None
+
+    serialization.register_package(30, lambda obj: None, deserialize)
+    restore_indexed_cpu_storages.done = True
 
 
 def effective_batch(section, world: int) -> dict:

@@ -157,3 +157,42 @@ def test_the_green_judge_on_two_ranks_equals_one_process(session_dir, tmp_path, 
     assert len({r["key"] for r in judged}) == len(judged) == len(read_jsonl(one_dir / "green_judgments.jsonl"))
     assert not list(two_dir.glob("green_judgments.rank*.jsonl"))
     assert "rank 1" not in (two_dir / "DONE").read_text()
+
+
+def test_a_requeued_two_task_job_resumes_on_both_ranks(session_dir, tmp_path, tiny_model_dir, demo_prepared):
+    """SLURM preempts a 2-task SFT job (SIGUSR2 to both tasks): rank 0 checkpoints and requeues it through
+    submitit, the stand-in SLURM runs the job again, both ranks resume from the last checkpoint and the job ends
+    DONE with world_size 2, every step logged once, the preempted attempt kept in attempts/01."""
+    import signal
+    import time
+
+    fake = REPO / "tests" / "fake_slurm"
+    state = tmp_path / "slurm"
+    env = {**_env(), "PATH": f"{fake}:{os.environ['PATH']}", "FAKE_SLURM_DIR": str(state)}
+    args = [*_sft_args(session_dir, tmp_path / "out", "sft.max_steps=30", "sft.save_steps=2",
+                       "sft.save_total_limit=null", "sft.gradient_accumulation_steps=1"),
+            "hydra/launcher=slurm", "hydra.launcher.tasks_per_node=2", "hydra.launcher.gpus_per_node=0"]
+    launcher = subprocess.Popen([sys.executable, "launch.py", "-m", *args], cwd=REPO, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    job = tmp_path / "out" / "sweeps" / "ddp" / "0"
+    try:
+        deadline = time.time() + 300
+        while not (job / "checkpoint-2" / "trainer_state.json").exists():
+            assert time.time() < deadline and launcher.poll() is None, launcher.communicate()[1][-3000:]
+            time.sleep(0.1)
+        for pid in next(state.glob("*.task_pids")).read_text().split():
+            os.kill(int(pid), signal.SIGUSR2)  # SLURM signals every task of the job step
+        _, stderr = launcher.communicate(timeout=600)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode == 0, stderr[-3000:]
+    assert next(state.glob("*.restarts")).read_text() == "1"
+    summary = json.loads((job / "sft_summary.json").read_text())
+    assert (job / "DONE").exists() and summary["world_size"] == 2 and summary["global_step"] == 30
+    assert (job / "attempts" / "01" / "FAILED").exists()
+    history = json.loads((job / "log_history.json").read_text())
+    assert [h["step"] for h in history if "loss" in h] == list(range(1, 31))
+    log = "".join(p.read_text(errors="replace") for p in state.glob("*.out")) + "".join(
+        p.read_text(errors="replace") for p in (tmp_path / "out").rglob("*.log"))
+    assert "resume=auto: continuing from" in log

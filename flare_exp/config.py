@@ -55,7 +55,7 @@ class ModelConfig:
     backend: str = "hf"  # hf | unsloth
     dtype: str = "auto"  # auto | bfloat16 | float16 | float32
     attn_implementation: str = "sdpa"
-    # SDPA may use cuDNN's attention kernels (PyTorch's first choice on H100/H200). false: flash / memory-
+    # SDPA may use cuDNN's attention kernels (PyTorch's first choice on Hopper GPUs). false: flash / memory-
     # efficient kernels instead, process-wide. An escape hatch: cuDNN SDPA errors with masks on sm90 are known
     # upstream (NaN query gradients at some lengths, pytorch/pytorch #196678, torch 2.11-2.13).
     cudnn_attention: bool = True

@@ -3,8 +3,8 @@
 Qwen3-VL-4B's language model has 32 query heads sharing 8 key/value heads. With attn_implementation=sdpa,
 transformers (4.57) lets SDPA share them (``enable_gqa``) only when there is no attention mask; a batch of
 left-padded prompts always has one, so every decode step copies the whole KV cache 4x (``repeat_kv``) in every
-layer and attention then reads the copy: on an H200 at batch 64 those two copies and the attention over them
-took ~15 of the ~20 ms of a compiled decode step (bench profile, docs/performance.md).
+layer and attention then reads the copy: in the decode profile those copies and the attention over them were
+most of a compiled decode step (docs/performance.md).
 
 At a decode step each sequence has one query token, so the 4 query heads of a group can stand in as 4 query
 rows of their key/value head: query (batch, 32, 1, d) is viewed as (batch, 8, 4, d), the padding mask

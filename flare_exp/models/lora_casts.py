@@ -4,8 +4,8 @@ PEFT keeps the LoRA weights of a bf16 model in float32 and casts every LoRA laye
 ``lora_B(lora_A(x))``. Under autocast (the Trainer's bf16 mixed precision, in sft and in GRPO's loss) F.linear
 casts that input straight back to bf16, so each of the ~350 LoRA layers of Qwen3-VL-4B copies its activation
 twice more per forward (again in the recomputation under gradient checkpointing, and twice in backward) for a
-bit-identical result: by layer count ~4k of the 13k copy kernels in two hf SFT steps of the H200 profile
-(docs/performance.md; an estimate, the profile does not name the callers). With ``outside_autocast`` a LoRA layer casts only when autocast is off (GRPO's rollouts,
+bit-identical result: a large share of the copy kernels of an hf SFT step (the profile and its count are in
+docs/performance.md). With ``outside_autocast`` a LoRA layer casts only when autocast is off (GRPO's rollouts,
 evaluation): the same numbers everywhere (tested), fewer copies in training. ``always`` is PEFT's behaviour.
 """
 from __future__ import annotations

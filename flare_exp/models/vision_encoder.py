@@ -78,7 +78,7 @@ def block_diagonal_attention(module, query, key, value, cu_seqlens):
 
 # block_diagonal_attention kept out of torch.compile (sft.compile_layers compiles the vision blocks): the image
 # layout is data read on the host, and a compiled copy is specialised to it, so every new layout recompiled it
-# until dynamo's limit (8; seen in the H200 smoke log), after which it ran eagerly anyway. Set on install.
+# until dynamo's recompile limit, after which it ran eagerly anyway. Set on install.
 _eager_block_diagonal_attention = None
 
 

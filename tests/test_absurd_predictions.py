@@ -3,6 +3,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO, compose_cfg
 from flare_exp.io import write_jsonl
 from flare_exp.main import run
@@ -20,6 +22,8 @@ start = time.time()
 scorer.score_pairs([big], ["the heart is normal"])
 print(time.time() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
 """
+
+pytestmark = pytest.mark.slow  # a 100 KB prediction through RadGraph in a subprocess
 
 
 def test_a_100kb_prediction_is_cut_for_radgraph(tmp_path):

@@ -4,7 +4,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import CONF
+
+pytestmark = pytest.mark.slow  # each runs the bench harness in a subprocess
 
 REPO = CONF.parent
 

@@ -177,6 +177,7 @@ def test_the_log_shows_how_long_training_waited_for_data(base_overrides, tmp_pat
     assert len(waits) == 3 and waits[0] == 0 and min(waits[1:]) >= 0.3  # step 1 has no previous step to wait after
 
 
+@pytest.mark.slow  # torch.compile of the blocks on the CPU
 def test_compiled_blocks_train_to_the_same_losses(base_overrides, tmp_path, caplog):
     """Dynamo traces every LoRA block under gradient checkpointing, AOT autograd builds its backward; the
     aot_eager backend skips inductor's C++ code generation, which takes minutes on 2 CPU cores."""

@@ -16,8 +16,8 @@ from flare_exp.logs import quiet_known_messages
 from flare_exp.models.loading import check_model_settings
 from flare_exp.runlock import RunLock
 from flare_exp.resume import start_attempt
-from flare_exp.runtime import (abspath, infer_input_file, run_with_markers, world_size, write_failed,
-                               write_run_metadata)
+from flare_exp.runtime import (abspath, follow_rank_0, infer_input_file, run_with_markers, world_size,
+                               write_failed, write_run_metadata)
 
 log = logging.getLogger(__name__)
 
@@ -288,14 +288,15 @@ def run_distributed(cfg: DictConfig, stage: str, runner, run_dir: Path, out_dir:
             result = run_locked(cfg, stage, runner, run_dir, out_dir, before_work=dist.barrier)
         dist.barrier()  # (a failing rank 0 raises instead: torchrun then stops the others)
         return result
-    dist.barrier()  # rank 0 has checked the run dir and moved any earlier attempt away
-    try:
-        result = runner.run(cfg, out_dir)
-    except BaseException as e:
-        write_failed(out_dir, e, rank=rank)
-        raise
-    dist.barrier()
-    return result
+    return follow_rank_0(out_dir, rank, runner.run, cfg, out_dir)
+
+
+def report_of(stage: str, out_dir: Path, result) -> Path | None:
+    """The page a finished run's reader opens first: eval's report (a pipeline's eval step), a sweep's table."""
+    if stage == "sweep_report":
+        return Path(result["report_dir"]) / "sweep.md"
+    eval_dir = {"eval": out_dir, "pipeline": out_dir / "eval"}.get(stage)
+    return eval_dir / "report.html" if eval_dir and (eval_dir / "report.html").exists() else None
 
 
 def run_locked(cfg: DictConfig, stage: str, runner, run_dir: Path, out_dir: Path, before_work=None):
@@ -311,8 +312,6 @@ def run_locked(cfg: DictConfig, stage: str, runner, run_dir: Path, out_dir: Path
     result = run_with_markers(out_dir, runner.run, cfg, out_dir, after_clearing=before_work)
     if out_dir != run_dir:
         run_with_markers(run_dir, lambda: result)
-    report = next((p for p in (out_dir / "report.html", out_dir / "eval" / "report.html",
-                               abspath(cfg.sweep_report.sweep_dir or out_dir) / "report" / "sweep.md")
-                   if stage in ("eval", "pipeline", "sweep_report") and p.exists()), None)
+    report = report_of(stage, out_dir, result)
     print(f"\n[flare-exp] stage={stage} finished. Outputs: {out_dir}" + (f"\nReport: {report}" if report else ""))
     return result

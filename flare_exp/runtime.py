@@ -56,6 +56,20 @@ def barrier() -> None:
         dist.barrier()
 
 
+def follow_rank_0(run_dir: Path, rank: int, fn=None, *args):
+    """A rank > 0 of a data-parallel job: wait until rank 0 has checked the run dir (and moved an earlier
+    attempt away), run ``fn(*args)`` (None: nothing, rank 0 alone works), leave FAILED naming this rank if it
+    fails, then wait until every rank is done."""
+    barrier()
+    try:
+        result = fn(*args) if fn is not None else None
+    except BaseException as e:
+        write_failed(run_dir, e, rank=rank)
+        raise
+    barrier()
+    return result
+
+
 def infer_input_file(cfg) -> str:
     """What infer reads: infer.input_file, else the prepared split (``${data.prepared_dir}/<infer.split>.jsonl``)."""
     return cfg.infer.input_file or f"{cfg.data.prepared_dir}/{cfg.infer.split}.jsonl"

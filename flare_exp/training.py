@@ -3,6 +3,7 @@ resumably, name an out-of-memory step, save final/ with its metadata, close trac
 the summary on rank 0), resume decisions, experiment tracking, per-step log lines, checkpoint metadata."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -81,20 +82,17 @@ def cpu_ranks_args() -> dict:
     return {"use_cpu": True, "ddp_backend": "gloo"}
 
 
+@functools.cache
 def restore_indexed_cpu_storages() -> None:
     """accelerate places each CPU rank on torch.device("cpu", i), so a checkpoint's optimizer state is tagged
     "cpu:0", and the Trainer's resume (torch.load with that device as map_location) cannot restore such a
     tag: a preempted several-rank CPU job could not resume. Teach torch.load to read "cpu:N" as the CPU."""
     import torch.serialization as serialization
 
-    if getattr(restore_indexed_cpu_storages, "done", False):
-        return
-
     def deserialize(storage, location: str):
         return storage if location.startswith("cpu:") else None
 
-    serialization.register_package(30, lambda obj: None, deserialize)
-    restore_indexed_cpu_storages.done = True
+    serialization.register_package(30, lambda obj: None, deserialize)  # once per process (functools.cache)
 
 
 def effective_batch(section, world: int) -> dict:

@@ -121,12 +121,12 @@ class GreenJudge:
         enc = self.encode(texts)
         budget = self.new_token_budget(enc["input_ids"].shape[1])
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        new = None
+        if budget > 0 and self.graph is not None:
+            new = self.graph.new_tokens(self.model, enc, budget, pad, self._greedy_config(), "the judge's decode step")
         if budget <= 0:
             sequences = enc["input_ids"]
-        elif self.graph is not None and self.graph.for_config(self.model, self._greedy_config()) is not None:
-            config = self._greedy_config()
-            new = self.graph.run(lambda: self.graph.for_config(self.model, config)(enc, budget, pad, config),
-                                 "the judge's decode step")
+        elif new is not None:
             sequences = torch.cat([enc["input_ids"], new], dim=1)
         else:
             with torch.inference_mode(), quiet_right_padding_warning():
@@ -141,13 +141,16 @@ class GreenJudge:
             return self.journal
         return self.journal.with_name(f"{self.journal.stem}.rank{rank}{self.journal.suffix}")
 
+    def _rank_journals(self) -> list[Path]:
+        return sorted(self.journal.parent.glob(f"{self.journal.stem}.rank*{self.journal.suffix}"))
+
     def _judged(self) -> dict[str, str]:
         """Every judgment journaled so far: the merged journal and any rank's (a resume may use another number
         of ranks)."""
         if self.journal is None:
             return {}
         judged = {k: row["judge_output"] for k, row in read_journal(self.journal, "key").items()}
-        for part in sorted(self.journal.parent.glob(f"{self.journal.stem}.rank*{self.journal.suffix}")):
+        for part in self._rank_journals():
             judged.update({k: row["judge_output"] for k, row in read_journal(part, "key").items()})
         return judged
 
@@ -186,7 +189,7 @@ class GreenJudge:
         """The ranks' journals appended to the judge's one journal, then removed (rank 0, after every rank)."""
         if self.journal is None:
             return
-        parts = sorted(self.journal.parent.glob(f"{self.journal.stem}.rank*{self.journal.suffix}"))
+        parts = self._rank_journals()
         known = set(read_journal(self.journal, "key"))
         with open(self.journal, "a", encoding="utf-8") as out:
             for part in parts:

@@ -8,7 +8,8 @@ infer (``infer.decode_loop``), GRPO's rollouts (``rl.decode_loop``) and the GREE
 - ``graph_loop_chosen(key, setting, backend, compiled_static_on_gpu)``: whether the graph loop runs at all;
 - ``GraphLoop``: the loop for one stage's run; ``for_config`` gives the loop for a generation config, or None
   (said once) when the config asks for processing the loop does not do; ``run`` retries a failed compilation
-  uncompiled; ``generate`` answers a model's ``generate`` call (TRL's rollouts); ``used`` names what ran.
+  uncompiled; ``new_tokens`` decodes a batch (infer, the judge); ``generate`` answers a model's ``generate``
+  call (TRL's rollouts); ``used`` names what ran.
 """
 from __future__ import annotations
 
@@ -81,6 +82,15 @@ class GraphLoop:
         if not self.compiled:
             return call()
         return retry_uncompiled(call, self.uncompile, what, "continuing uncompiled.")
+
+    def new_tokens(self, model, batch: dict, max_new_tokens: int, pad_token_id: int, generation_config, what: str):
+        """The loop's new tokens for a left-padded batch under a resolved generation config (a failed
+        compilation retried uncompiled), or None when the config sends the caller back to generate."""
+        def decode():
+            loop = self.for_config(model, generation_config)
+            return None if loop is None else loop(batch, max_new_tokens, pad_token_id, generation_config)
+
+        return self.run(decode, what)
 
     def generate(self, model, fallback, generation_config=None, **batch):
         """``model.generate(generation_config=..., **batch)`` answered by the loop with the config resolved as

@@ -1,9 +1,9 @@
 """infer stage: predictions for a prepared split, an Excel sheet for reading them, and (test split) a FLARE
 submission.
 
-Fixes the original scripts' make_val_sheet.py: the prompt carries the generation prompt (the original scripts' did not, so the base
-model continued the user's text and fine-tuned outputs began with "assistant"), every view of a sample goes
-in, only the new tokens are decoded, and generation is batched (length-sorted, left-padded). Predictions are
+Fixes the original scripts' make_val_sheet.py: the prompt carries the generation prompt (theirs did not, so
+the base model continued the user's text and fine-tuned outputs began with "assistant"), every view of a
+sample goes in, only the new tokens are decoded, and generation is batched (length-sorted, left-padded). Predictions are
 appended to predictions.jsonl batch by batch, so a preempted job resumes where it stopped.
 """
 from __future__ import annotations
@@ -98,7 +98,7 @@ class Decoder:
     def __call__(self, records: list[dict], images) -> list[str]:
         full = len(records) == self.inf.batch_size
         if self.graph is not None and not self.graph.fell_back and full:
-            return self.graph.run(lambda: self._loop_decode(records, images), "the decode loop's step")
+            return self._loop_decode(records, images)
         # A smaller last batch would need a new static cache and a new compilation: decode it eagerly.
         cache = self.cache if full else None
         decode = lambda: generate(self.model, self.chat, records, self.inf, images, cache, self.compiled)  # noqa: E731
@@ -123,11 +123,11 @@ class Decoder:
 
     def _loop_decode(self, records: list[dict], images) -> list[str]:
         config = self._generation_config()
-        loop = self.graph.for_config(self.model, config)
-        if loop is None:  # this batch's config asks for what the loop does not do
-            return generate(self.model, self.chat, records, self.inf, images, self.cache, self.compiled)
         batch = model_batch(self.model, self.chat, records, images)
-        new_tokens = loop(batch, config.max_new_tokens, config.pad_token_id, config)
+        new_tokens = self.graph.new_tokens(self.model, batch, config.max_new_tokens, config.pad_token_id, config,
+                                           "the decode loop's step")
+        if new_tokens is None:  # this batch's config asks for what the loop does not do
+            return generate(self.model, self.chat, records, self.inf, images, self.cache, self.compiled)
         return decode_new_tokens(self.chat.tokenizer, new_tokens)
 
 

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf, open_dict
 
 from flare_exp import stages
 from flare_exp.resume import differences, settings_of, start_attempt
-from flare_exp.runtime import DONE, barrier, ranks, run_with_markers, write_failed
+from flare_exp.runtime import DONE, barrier, follow_rank_0, ranks, run_with_markers
 
 log = logging.getLogger(__name__)
 
@@ -46,19 +46,12 @@ def run_step(step: str, step_cfg, step_dir: Path):
     markers; the data-parallel stages run on every rank (a failing one leaves FAILED naming itself), prepare on
     rank 0 while the others wait."""
     runner = stages.get_runner(step)
-    rank, world = ranks()
-    if rank == 0:
-        start_attempt(step, step_cfg, step_dir)
-        result = run_with_markers(step_dir, runner.run, step_cfg, step_dir, after_clearing=barrier)
-    else:
-        barrier()  # rank 0 has checked the step's dir and moved any earlier attempt away
-        result = None
-        if step not in stages.RANK_0_STEPS:
-            try:
-                result = runner.run(step_cfg, step_dir)
-            except BaseException as e:
-                write_failed(step_dir, e, rank=rank)
-                raise
+    rank, _ = ranks()
+    if rank != 0:
+        work = None if step in stages.RANK_0_STEPS else runner.run
+        return follow_rank_0(step_dir, rank, work, step_cfg, step_dir)
+    start_attempt(step, step_cfg, step_dir)
+    result = run_with_markers(step_dir, runner.run, step_cfg, step_dir, after_clearing=barrier)
     barrier()  # the step's outputs are complete before the next step reads them
     return result
 

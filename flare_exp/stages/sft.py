@@ -124,7 +124,7 @@ def run(cfg, out_dir: Path) -> dict:
     report_to = setup_tracking(sft, out_dir)
     meta = CheckpointMeta(loaded.base_path, cfg, data_fingerprints(sft.train_file, sft.val_file), loaded.processor)
     trainer = build_trainer(cfg, loaded, chat, train, val, training_args(cfg, out_dir, report_to, loaded.model,
-                                                                          evaluating=bool(val)), meta)
+                                                                          evaluating=val is not None), meta)
     batch = effective_batch(sft, trainer.args.world_size)
     log.info("sft: %d per device x %d accumulation x %d rank(s) = %d samples per optimizer step",
              sft.per_device_train_batch_size, sft.gradient_accumulation_steps, batch["world_size"],
@@ -172,7 +172,6 @@ def training_args(cfg, out_dir: Path, report_to: str, model, evaluating: bool):
     from transformers import TrainingArguments
 
     sft = cfg.sft
-    evaluating = evaluating and sft.eval_steps > 0
     bf16, fp16 = half_precision(model)
     return TrainingArguments(
         output_dir=str(out_dir), **trainer_arguments(sft, TrainingArguments, ("eval_steps", "group_by_length",

@@ -86,11 +86,15 @@ def rank_key(jobs: list[dict], setting: str | None) -> str | None:
                 else None)
 
 
+def lower_is_better(key: str) -> bool:
+    return any(part in key for part in LOWER_IS_BETTER)
+
+
 def ranked(jobs: list[dict], key: str | None) -> list[dict]:
     """Finished jobs best first by ``key`` (lowest first for errors), then the others in job order."""
     if key is None:
         return jobs
-    lower = any(part in key for part in LOWER_IS_BETTER)
+    lower = lower_is_better(key)
     scored = [j for j in jobs if isinstance(j["metrics"].get(key), (int, float)) and j["status"] == "DONE"]
     scored.sort(key=lambda j: j["metrics"][key] if lower else -j["metrics"][key])
     return scored + [j for j in jobs if j not in scored]
@@ -207,8 +211,8 @@ def run(cfg, out_dir: Path) -> dict:
     buf = io.StringIO()
     csv.writer(buf).writerows([header, *rows])
     write_text(report / "sweep.csv", buf.getvalue())
-    ranking = f"Ranked by {key} ({'lowest' if key and any(p in key for p in LOWER_IS_BETTER) else 'highest'} " \
-              "first; sweep_report.rank_by chooses).\n\n" if key else ""
+    ranking = (f"Ranked by {key} ({'lowest' if lower_is_better(key) else 'highest'} first; sweep_report.rank_by "
+               "chooses).\n\n") if key else ""
     write_text(report / "sweep.md", f"# Sweep {sweep_dir.name}\n\n{ranking}" + markdown(header, rows))
     plot(jobs, key, report / "sweep.png")
     counts = {s: sum(j["status"] == s for j in jobs) for s in ("DONE", "FAILED", "unfinished")}

@@ -119,7 +119,11 @@ def run_sft(args, work: Path) -> dict:
               **summarise(history, args.warmup, profiled if args.profile else ()),
               "peak_memory_gib_torch": gpu_peak_gib(),
               # every setting trains the same LoRA on the same batches: its first losses should agree
-              "first_losses": [h["loss"] for h in history if "loss" in h][:4]}
+              "first_losses": [h["loss"] for h in history if "loss" in h][:4],
+              "first_grad_norms": [round(h["grad_norm"], 4) for h in history if "grad_norm" in h][:4]}
+    summary = json.loads((work / "runs" / name / "sft_summary.json").read_text())
+    if "recomputed_batches" in summary:  # sft.recompute_above_tokens: how many of the steps recomputed
+        result["recomputed_batches"] = summary["recomputed_batches"]
     if forced is not None:
         result["vision_encoder_forced"] = forced[0]
     meta = Path(args.model_dir) / "bench_model.json"

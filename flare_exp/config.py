@@ -196,9 +196,9 @@ class SFTConfig(TrainerSettings):
     # padding on mixed FLARE data, but batches then tend to hold one task each. Off: plain shuffling.
     group_by_length: bool = False
     # backend=hf: compile each repeated block (decoder layers, vision blocks) with torch.compile, fusing the
-    # many small kernels a LoRA step launches (the step is launch-bound). Off by default: in bf16 on a GPU the
-    # compiled runs' losses leave the eager ones from the second step (in float32 they agree: bf16 rounding; on
-    # the CPU too, tested). Numbers in docs/performance.md. Unsloth compiles its own blocks.
+    # many small kernels a LoRA step launches. Off by default: in bf16 on a GPU inductor's compiled blocks train
+    # to other losses than eager from the second step (tracing alone, compile_backend=aot_eager, agrees; so does
+    # float32, and the CPU, tested); the op is not found yet (docs/performance.md). Unsloth compiles its own.
     compile_layers: bool = False
     compile_backend: str = "inductor"  # torch.compile backend for compile_layers (aot_eager: trace only, to debug)
     # The LM head and the loss run only at the positions whose next token is labelled (the answer), instead of
@@ -206,6 +206,14 @@ class SFTConfig(TrainerSettings):
     # vocabulary) float32 logits, faster and much smaller (docs/performance.md). false = the model's own loss
     # (Unsloth's fused op).
     answer_logits_only: bool = True
+    # collator (backend=hf): Qwen3-VL's multimodal rope positions computed by the collator on the CPU (the
+    # model's own code), not in the forward, where they cost ~15 GPU synchronisations per sample; model:
+    # transformers' way (and Unsloth's). Same positions (flare_exp/models/rope_positions.py).
+    rope_positions: str = "collator"
+    # With model.gradient_checkpointing=true: a batch of at most this many tokens (per device: batch x padded
+    # length) trains without recomputation, a longer one recomputes: the speed of no recomputation on the short
+    # batches, the memory of recomputation on the long ones. 0 = every batch recomputes (hf backend).
+    recompute_above_tokens: int = 0
 
 
 @dataclass

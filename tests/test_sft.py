@@ -210,7 +210,7 @@ def test_compile_layers_default_and_failure(base_overrides, tmp_path, monkeypatc
     assert compile_layers(True, "hf") and not compile_layers(False, "hf")
     assert not compile_layers(True, "unsloth") and "Unsloth compiles its own blocks" in caplog.text
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert compile_layers(True, "hf") and "losses leave the uncompiled ones" in caplog.text
+    assert compile_layers(True, "hf") and "train to other losses than the uncompiled ones" in caplog.text
     monkeypatch.undo()
 
     def fails(*_, **__):

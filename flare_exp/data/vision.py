@@ -117,11 +117,17 @@ class VisionChat:
 
 
 class SFTCollator:
-    def __init__(self, chat: VisionChat):
-        self.chat = chat
+    """SFT batches; with ``rope_index`` (flare_exp.models.rope_positions) also the multimodal rope positions,
+    computed here on the CPU (in the data loader's workers) instead of in the model's forward on the GPU."""
+
+    def __init__(self, chat: VisionChat, rope_index=None):
+        self.chat, self.rope_index = chat, rope_index
 
     def __call__(self, records: list[dict]) -> dict:
-        return self.chat.sft_batch(records)
+        batch = self.chat.sft_batch(records)
+        if self.rope_index is not None:
+            batch["position_ids"] = self.rope_index(batch)
+        return batch
 
 
 def filter_by_length(chat: VisionChat, records: list[dict], max_len: int, on_too_long: str,

@@ -64,9 +64,21 @@ def patch_permutation(lengths: tuple, order: tuple, device: str):
     return patches, torch.argsort(patches)
 
 
+# The last image layout read from the GPU: (cu_seqlens, its per-image lengths). All 24 blocks of one forward
+# (and the recomputation under gradient checkpointing) are handed the same cu_seqlens tensor, so its lengths
+# are read once per forward, not once per block: each read synchronises with the GPU mid-tower.
+_last_layout: list = [None, None]
+
+
+def image_lengths(cu_seqlens) -> list[int]:
+    if _last_layout[0] is not cu_seqlens:
+        _last_layout[:] = [cu_seqlens, (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()]
+    return _last_layout[1]
+
+
 def block_diagonal_attention(module, query, key, value, cu_seqlens):
     """Each image's patches attend to that image's patches only."""
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    lengths = image_lengths(cu_seqlens)
     order = grouping_order(lengths)
     if order is None:
         return attend_in_runs(module, query, key, value, lengths)

@@ -158,3 +158,13 @@ def test_a_large_card_is_told_of_the_large_card_settings(base_overrides, monkeyp
     card["memory"] = 80 * 2 ** 30
     suggest_large_card_settings(compose_cfg(["stage=sft", *base_overrides, *small_card_settings]))
     assert "flare_h200" not in caplog.text
+
+
+def test_out_of_memory_under_a_token_budget_names_it(base_overrides):
+    from flare_exp.stages.sft import oom_remedies
+
+    budget = compose_cfg(["stage=sft", *base_overrides, "model.gradient_checkpointing=true",
+                          "sft.recompute_above_tokens=12000"])
+    assert any("lower sft.recompute_above_tokens=12000" in r for r in oom_remedies(budget))
+    plain = compose_cfg(["stage=sft", *base_overrides, "model.gradient_checkpointing=true"])
+    assert not any("recompute_above_tokens" in r for r in oom_remedies(plain))

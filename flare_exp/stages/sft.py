@@ -251,14 +251,17 @@ def build_trainer(cfg, loaded, chat: VisionChat, train, val, args, meta: Checkpo
         log.info("sft: batches of up to %d tokens train without recomputation, longer ones recompute "
                  "(sft.recompute_above_tokens)", sft.recompute_above_tokens)
         trainer_class = recompute_long_batches(trainer_class, sft.recompute_above_tokens)
-    positions = sft.rope_positions
+    return trainer_class(model=loaded.model, args=args, train_dataset=train, eval_dataset=val,
+                         data_collator=collator(sft.rope_positions, loaded, chat, train), callbacks=callbacks)
+
+
+def collator(positions: str, loaded, chat: VisionChat, train) -> SFTCollator:
+    """The batches, with the rope positions when sft.rope_positions=collator (hf; checked on two samples)."""
     if positions == "collator" and loaded.backend != "hf":  # Unsloth's rewritten forward: not tried with them
         log.info("sft.rope_positions=collator is for model.backend=hf; Unsloth's forward builds them itself")
         positions = "model"
-    rope_index = rope_positions.host_rope_index(loaded.model, positions,
-                                                sample_batch=SFTCollator(chat)(train.records[:2]))
-    return trainer_class(model=loaded.model, args=args, train_dataset=train, eval_dataset=val,
-                         data_collator=SFTCollator(chat, rope_index), callbacks=callbacks)
+    return SFTCollator(chat, rope_positions.host_rope_index(loaded.model, positions,
+                                                            sample_batch=SFTCollator(chat)(train.records[:2])))
 
 
 def oom_remedies(cfg) -> list[str]:
@@ -266,7 +269,9 @@ def oom_remedies(cfg) -> list[str]:
     return [f"lower sft.per_device_train_batch_size={sft.per_device_train_batch_size} (raise "
             f"sft.gradient_accumulation_steps={sft.gradient_accumulation_steps} to keep the effective batch)",
             "lower model.max_pixels (fewer image tokens per view)",
-            *([] if cfg.model.gradient_checkpointing else ["set model.gradient_checkpointing=true"])]
+            *([] if cfg.model.gradient_checkpointing else ["set model.gradient_checkpointing=true"]),
+            *([f"lower sft.recompute_above_tokens={sft.recompute_above_tokens} (more batches recompute)"]
+              if cfg.model.gradient_checkpointing and sft.recompute_above_tokens else [])]
 
 
 def loss_line(history: list[dict], mean: float, logging_steps: int) -> str:

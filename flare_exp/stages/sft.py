@@ -251,6 +251,9 @@ def build_trainer(cfg, loaded, chat: VisionChat, train, val, args, meta: Checkpo
         log.info("sft: batches of up to %d tokens train without recomputation, longer ones recompute "
                  "(sft.recompute_above_tokens)", sft.recompute_above_tokens)
         trainer_class = recompute_long_batches(trainer_class, sft.recompute_above_tokens)
+    elif sft.recompute_above_tokens:
+        log.info("sft.recompute_above_tokens=%d: no batch recomputes anyway (model.gradient_checkpointing=false)",
+                 sft.recompute_above_tokens)
     return trainer_class(model=loaded.model, args=args, train_dataset=train, eval_dataset=val,
                          data_collator=collator(sft.rope_positions, loaded, chat, train), callbacks=callbacks)
 

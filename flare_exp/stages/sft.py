@@ -263,6 +263,8 @@ def collator(positions: str, loaded, chat: VisionChat, train) -> SFTCollator:
     if positions == "collator" and loaded.backend != "hf":  # Unsloth's rewritten forward: not tried with them
         log.info("sft.rope_positions=collator is for model.backend=hf; Unsloth's forward builds them itself")
         positions = "model"
+    if positions != "collator":  # no check batch to load
+        return SFTCollator(chat)
     return SFTCollator(chat, rope_positions.host_rope_index(loaded.model, positions,
                                                             sample_batch=SFTCollator(chat)(train.records[:2])))
 

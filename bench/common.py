@@ -95,12 +95,13 @@ def filtered_file(work: Path, dataset: str, repeat: int = 8, views: int | None =
 
 
 def model_overrides(args) -> list[str]:
+    """The model's overrides; each caller puts the --set ones last, so that they win over the bench's own."""
     return [f"model.path={args.model_dir}", f"model.backend={args.backend}", "model.build_tiny=false",
             f"model.dtype={args.dtype}", "model.min_pixels=3136",
             f"model.max_pixels={max(512, getattr(args, 'long_side', None) or 0) ** 2}",
             "model.max_seq_length=16384", "model.lora.modules_to_save=[]", "model.lora.r=16",
             "model.lora.alpha=16", f"model.gradient_checkpointing={args.grad_ckpt}",
-            f"model.vision_encoder={args.vision_encoder}", *args.set]
+            f"model.vision_encoder={args.vision_encoder}"]
 
 
 LIBRARIES = ("torch", "transformers", "peft", "trl", "accelerate", "unsloth", "unsloth_zoo")

@@ -14,8 +14,9 @@ fi
 mkdir -p "$out"
 exec > >(tee -a "$out/$piece.log") 2>&1  # the piece's whole output comes back with its results
 python3 -m bench.run build > "$out/build.log" 2>&1
-# launch rows: every stage through launch.py on the 4B-shaped model, 512-px demo data, a few steps each
-SMOKE=(experiment=flare data=demo data.demo.image_size=512 model.path=/tmp/flare_bench/qwen3vl-4b-random
+# launch rows: every stage through launch.py on the 4B-shaped model, 512-px demo data, a few steps each (the
+# small-card SFT settings: the large-card preset's compilation would take longer than the 4 steps)
+SMOKE=(experiment=flare sft.card_preset=none data=demo data.demo.image_size=512 model.path=/tmp/flare_bench/qwen3vl-4b-random
        model.min_pixels=3136 model.max_pixels=262144 paths.cache_dir=/tmp/smoke/cache paths.output_root=/tmp/smoke/out
        sft.max_steps=4 sft.per_device_train_batch_size=4 sft.eval_steps=0 sft.save_steps=2 rl.max_steps=2
        rl.num_generations=2 rl.per_device_train_batch_size=4 rl.max_completion_length=32 infer.batch_size=8

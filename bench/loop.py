@@ -59,7 +59,7 @@ def run_loop(args, work) -> dict:
     from flare_exp.runtime import abspath
 
     ensure_prepared(work, args.image_size)
-    cfg = compose(["stage=sft", "experiment=flare", *bench_data(work), *model_overrides(args)])
+    cfg = compose(["stage=sft", "experiment=flare", *bench_data(work), *model_overrides(args), *args.set])
     loaded = load_model(cfg.model, training=True, seed=cfg.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = loaded.model.to(device)

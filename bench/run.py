@@ -102,10 +102,10 @@ def run_sft(args, work: Path) -> dict:
                    f"sft.train_file={train}", "sft.val_file=null", f"sft.max_steps={args.steps}",
                    f"sft.per_device_train_batch_size={args.batch}", "sft.gradient_accumulation_steps=1",
                    "sft.logging_steps=1", "sft.save_steps=100000", "sft.eval_steps=0", "sft.warmup_ratio=0",
-                   "sft.learning_rate=1e-5", *([] if args.workers is None else [f"sft.dataloader_num_workers={args.workers}"]),
+                   "sft.learning_rate=1e-5", "sft.card_preset=none", *([] if args.workers is None else [f"sft.dataloader_num_workers={args.workers}"]),
                    f"sft.compile_layers={'true' if args.compile else 'false'}", "overwrite=true",
                    f"sft.profile_steps={PROFILE_STEPS if args.profile else 0}",
-                   f"paths.output_root={work / 'out'}"])
+                   f"paths.output_root={work / 'out'}", *args.set])
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
@@ -124,6 +124,7 @@ def run_sft(args, work: Path) -> dict:
     summary = json.loads((work / "runs" / name / "sft_summary.json").read_text())
     if "recomputed_batches" in summary:  # sft.recompute_above_tokens: how many of the steps recomputed
         result["recomputed_batches"] = summary["recomputed_batches"]
+    result["card_preset"] = summary.get("card_preset")  # what sft.card_preset changed on this card
     if forced is not None:
         result["vision_encoder_forced"] = forced[0]
     meta = Path(args.model_dir) / "bench_model.json"
@@ -173,7 +174,7 @@ def run_grpo(args, work: Path) -> dict:
                    f"reward.radgraph.model_dir={work / 'radgraph'}", "reward.radgraph.build_tiny=true",
                    f"rl.cache_implementation={args.cache or 'dynamic'}",  # the baseline: TRL's own rollouts
                    f"rl.compile_generation={'true' if args.compile else 'false'}",
-                   f"paths.output_root={work / 'out'}"])
+                   f"paths.output_root={work / 'out'}", *args.set])
     t0 = time.time()
     summary = run(cfg, run_dir=work / "runs" / name)
     history = json.loads((work / "runs" / name / "log_history.json").read_text())
@@ -208,7 +209,7 @@ def run_infer(args, work: Path) -> dict:
                  f"infer.image_device={args.image_device}"]
     overrides += [f"infer.cache_implementation={args.cache or 'dynamic'}",
                   f"infer.min_new_tokens={args.new_tokens}",  # every report new_tokens long, either decode loop
-                  f"infer.keep_long_cache={'true' if args.keep_long_cache else 'false'}"]
+                  f"infer.keep_long_cache={'true' if args.keep_long_cache else 'false'}", *args.set]
     import torch
 
     batches = BatchLog()

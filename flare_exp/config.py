@@ -195,12 +195,19 @@ class SFTConfig(TrainerSettings):
     # Batches of similar token counts (transformers' LengthGroupedSampler over the measured lengths): less
     # padding on mixed FLARE data, but batches then tend to hold one task each. Off: plain shuffling.
     group_by_length: bool = False
+    # auto (backend=hf): on a card with >= 96 GiB, the settings measured fastest on an H200 replace these: the
+    # same effective batch in micro-batches of up to 16, Liger, recomputation only above 12,000 tokens, compiled
+    # blocks (flare_exp/stages/sft_card.py; the log says what changed). large: always (GPU); none: as configured.
+    card_preset: str = "auto"
     # backend=hf: compile each repeated block (decoder layers, vision blocks) with torch.compile, fusing the
-    # many small kernels a LoRA step launches. Off by default: in bf16 on a GPU inductor's compiled blocks train
-    # to other losses than eager from the second step (tracing alone, compile_backend=aot_eager, agrees; so does
-    # float32, and the CPU, tested); the op is not found yet (docs/performance.md). Unsloth compiles its own.
+    # many small kernels a LoRA step launches (on by card_preset on large cards). Unsloth compiles its own.
     compile_layers: bool = False
     compile_backend: str = "inductor"  # torch.compile backend for compile_layers (aot_eager: trace only, to debug)
+    # eager: inductor rounds to bf16 wherever eager does (its emulate_precision_casts), so compiled blocks train
+    # to eager's losses. fused: inductor keeps fused intermediates in float32, a few % faster, but in bf16 the
+    # forward and the backward then see differently rounded values and training takes another course (measured:
+    # a loss of 12.31 instead of 12.57 after one step, docs/performance.md).
+    compile_precision: str = "eager"
     # The LM head and the loss run only at the positions whose next token is labelled (the answer), instead of
     # at every prompt and image position: the same loss and gradients without the (batch x length x
     # vocabulary) float32 logits, faster and much smaller (docs/performance.md). false = the model's own loss

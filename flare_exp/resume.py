@@ -38,7 +38,7 @@ FREE = {
     "sft": _MODEL_SPEED + tuple(f"sft.{k}" for k in (
         "per_device_eval_batch_size", "max_steps", "num_train_epochs", "logging_steps", "save_steps",
         "eval_steps", "save_total_limit", "early_stopping_patience", "max_eval_samples", "dataloader_num_workers",
-        "compile_layers", "compile_backend", "answer_logits_only", "rope_positions",
+        "card_preset", "compile_layers", "compile_backend", "answer_logits_only", "rope_positions",
         "recompute_above_tokens", "profile_steps", *_TRACKING)),
     "rl": _MODEL_SPEED + tuple(f"rl.{k}" for k in (
         "max_steps", "logging_steps", "save_steps", "save_total_limit", "cache_implementation",

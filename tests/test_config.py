@@ -276,7 +276,7 @@ def test_liger_kernels_are_refused_where_they_cannot_run(tiny_model_dir):
         load_model(compose_cfg(["model.liger_kernel=true", f"model.path={tiny_model_dir}"]).model)
 
 
-@pytest.mark.parametrize("experiment", ["flare_h200", "reward_search"])
+@pytest.mark.parametrize("experiment", ["flare", "reward_search"])
 def test_named_experiments_compose(experiment, monkeypatch):
     import torch
 

@@ -199,18 +199,26 @@ def test_compiled_blocks_train_to_the_same_losses(base_overrides, tmp_path, capl
 
 
 def test_compile_layers_default_and_failure(base_overrides, tmp_path, monkeypatch, caplog):
-    """Off by default; on a GPU, turning it on says what an H200 showed; a compilation failure names the setting
-    that avoids it."""
+    """Off by default (card_preset turns it on on large cards); on a GPU, inductor's fused precision says what an
+    H200 showed; a compilation failure names the setting that avoids it."""
+    import types
+
     import torch._dynamo.exc
     from transformers import Trainer
 
     from flare_exp.stages.sft import compile_layers
 
-    assert compose_cfg(["stage=sft"]).sft.compile_layers is False
-    assert compile_layers(True, "hf") and not compile_layers(False, "hf")
-    assert not compile_layers(True, "unsloth") and "Unsloth compiles its own blocks" in caplog.text
+    sft = compose_cfg(["stage=sft"]).sft
+    assert sft.compile_layers is False and sft.compile_precision == "eager"
+
+    def settings(on=True, precision="eager"):
+        return types.SimpleNamespace(compile_layers=on, compile_backend="inductor", compile_precision=precision)
+
+    assert compile_layers(settings(), "hf") and not compile_layers(settings(False), "hf")
+    assert not compile_layers(settings(), "unsloth") and "Unsloth compiles its own blocks" in caplog.text
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert compile_layers(True, "hf") and "train to other losses than the uncompiled ones" in caplog.text
+    assert compile_layers(settings(), "hf") and "train to other losses" not in caplog.text
+    assert compile_layers(settings(precision="fused"), "hf") and "train to other losses" in caplog.text
     monkeypatch.undo()
 
     def fails(*_, **__):
@@ -315,8 +323,7 @@ def test_answer_logits_only_is_the_models_own_loss_and_gradients(base_overrides,
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
     own_loss, own_grads = loss_and_grads(lambda: model(**batch).loss)
-    trainer = object.__new__(answer_logits_only(Trainer))  # compute_loss needs no trainer state but this flag:
-    trainer.model_accepts_loss_kwargs = False  # as the Trainer reads it off transformers' Qwen3-VL
+    trainer = object.__new__(answer_logits_only(Trainer))  # without a token count compute_loss needs no state
     loss, outputs = trainer.compute_loss(model, dict(batch), return_outputs=True)
     scored = int((batch["labels"][:, 1:] != -100).any(0).sum())
     assert outputs.logits.shape[1] == scored < batch["input_ids"].shape[1] // 2
@@ -355,13 +362,11 @@ def test_the_stage_trains_and_evaluates_with_answer_logits_only(base_overrides, 
 
 
 def test_answer_logits_only_under_gradient_accumulation(base_overrides, tmp_path, monkeypatch):
-    """With sft.gradient_accumulation_steps > 1 (the real runs' 4), the answer-position loss is normalised as the
-    Trainer expects of the model's own. transformers' Qwen3-VL declares that its loss takes no token count
-    (accepts_loss_kwargs=False): the Trainer divides each micro-batch's mean by the steps, so the step's loss is
-    the mean of the micro-batch means, as with the model's own loss. Unsloth's compiled forward takes the count
-    (it marks the model True): the Trainer hands compute_loss the labelled-token count of the whole accumulated
-    batch and does not divide, so the step's loss is the mean over all its labelled tokens, as one batch of the
-    same samples gives it (2 x 2 samples against 1 x 4, same order)."""
+    """With sft.gradient_accumulation_steps > 1 (the real runs' 4) the answer-position loss is the mean over the
+    labelled tokens of the whole accumulated batch, as one batch of the same samples gives it (2 x 2 samples
+    against 1 x 4, same order), whether or not the model says its own loss takes a token count: transformers'
+    Qwen3-VL says not (accepts_loss_kwargs=False; its own loss is then a mean of micro-batch means), Unsloth's
+    compiled forward says it does."""
     import safetensors.torch
     from transformers.models.qwen3_vl import modeling_qwen3_vl
 
@@ -376,14 +381,15 @@ def test_answer_logits_only_under_gradient_accumulation(base_overrides, tmp_path
         losses = [x for h in history if "loss" in h for x in (h["loss"], h["grad_norm"])]
         return losses, safetensors.torch.load_file(run_dir / "final" / "adapter_model.safetensors")
 
-    references = {False: train("false", False, batch=2, steps=2),  # the model's own: mean of micro-batch means
-                  True: train("false", False, batch=4, steps=1)}  # the mean over the step's labelled tokens
-    assert len(references[False][0]) == 4 and references[False][0] != pytest.approx(references[True][0], rel=1e-4)
-    for accepts_loss_kwargs, (own_losses, own_adapter) in references.items():
+    means_of_means, _ = train("false", False, batch=2, steps=2)  # the model's own loss under accumulation
+    token_mean, one_batch = train("false", False, batch=4, steps=1)  # the mean over the step's labelled tokens
+    assert len(token_mean) == 4 and means_of_means != pytest.approx(token_mean, rel=1e-4)
+    for accepts_loss_kwargs in (False, True):
         losses, adapter = train("true", accepts_loss_kwargs, batch=2, steps=2)
-        assert losses == pytest.approx(own_losses, rel=1e-4), accepts_loss_kwargs
+        assert losses == pytest.approx(token_mean, rel=1e-4), accepts_loss_kwargs
         # Adam's steps are ~1e-3 here (the demo's learning rate): 1e-5 is a hundredth of one
-        assert all(torch.allclose(adapter[k], w, rtol=1e-4, atol=1e-5) for k, w in own_adapter.items())
+        assert all(torch.allclose(adapter[k], w, rtol=1e-4, atol=1e-5) for k, w in one_batch.items())
+
 
 def test_cudnn_attention_switch(base_overrides):
     """model.cudnn_attention=false keeps SDPA off cuDNN's kernels for the whole process (every stage loads its

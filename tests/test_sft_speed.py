@@ -120,6 +120,7 @@ def test_only_batches_over_the_token_budget_recompute(base_overrides, tmp_path, 
     assert always_calls == tight_calls == 4 and tight["recomputed_batches"] == 2  # forward + recomputation
     assert roomy_calls == 2 and roomy["recomputed_batches"] == 0  # forward only: activations kept
     assert "recomputed_batches" not in always
+    assert always["card_preset"] == {"preset": "auto", "card": None, "changed": {}}  # no GPU: as configured
     # recomputation changes memory, not numbers
     assert always["first_loss"] == tight["first_loss"] == roomy["first_loss"]
     assert always["last_loss"] == tight["last_loss"] == roomy["last_loss"]
@@ -138,28 +139,6 @@ def test_the_token_budget_is_checked(base_overrides):
             raise AssertionError(f"{overrides} accepted")
 
 
-def test_a_large_card_is_told_of_the_large_card_settings(base_overrides, monkeypatch, caplog):
-    import logging
-    import types
-
-    from flare_exp.stages.sft import suggest_large_card_settings
-
-    caplog.set_level(logging.INFO, logger="flare_exp")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    card = {"memory": 141 * 2 ** 30}
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(
-        name="NVIDIA H200", total_memory=card["memory"]))
-    small_card_settings = ["model.gradient_checkpointing=true", "sft.per_device_train_batch_size=4"]
-    suggest_large_card_settings(compose_cfg(["stage=sft", *base_overrides, *small_card_settings]))
-    assert "fits experiment=flare_h200" in caplog.text
-    caplog.clear()
-    suggest_large_card_settings(compose_cfg(["stage=sft", *base_overrides, "experiment=flare_h200"]))
-    card["memory"] = 80 * 2 ** 30
-    suggest_large_card_settings(compose_cfg(["stage=sft", *base_overrides, *small_card_settings]))
-    assert "flare_h200" not in caplog.text
-
-
 def test_out_of_memory_under_a_token_budget_names_it(base_overrides):
     from flare_exp.stages.sft import oom_remedies
 
@@ -168,3 +147,5 @@ def test_out_of_memory_under_a_token_budget_names_it(base_overrides):
     assert any("lower sft.recompute_above_tokens=12000" in r for r in oom_remedies(budget))
     plain = compose_cfg(["stage=sft", *base_overrides, "model.gradient_checkpointing=true"])
     assert not any("recompute_above_tokens" in r for r in oom_remedies(plain))
+    preset = oom_remedies(budget, {"sft.per_device_train_batch_size": [4, 16]})
+    assert preset[0].startswith("pass sft.card_preset=none (it set sft.per_device_train_batch_size=16")

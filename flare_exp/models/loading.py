@@ -173,15 +173,20 @@ def _load_hf(model_cfg, init_from, training, merge_adapter=False) -> LoadedModel
     return LoadedModel(model, processor, base, adapter, "hf")
 
 
-def compile_repeated_blocks(model, backend: str = "inductor") -> int:
+PRECISIONS = ("eager", "fused")
+
+
+def compile_repeated_blocks(model, backend: str = "inductor", precision: str = "eager") -> int:
     """torch.compile every gradient-checkpointing block (decoder layers, vision blocks) in place: one
     compiled graph serves all blocks of a class (their weights are graph inputs), the checkpointing wrapper
-    around each stays eager. Returns how many blocks were compiled."""
+    around each stays eager. precision=eager: inductor rounds to the low precision wherever eager does
+    (sft.compile_precision). Returns how many blocks were compiled."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
+    options = {"emulate_precision_casts": precision == "eager"} if backend == "inductor" else None
     blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     for block in blocks:
-        block.compile(backend=backend)
+        block.compile(backend=backend, options=options)
     return len(blocks)
 
 

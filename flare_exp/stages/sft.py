@@ -11,8 +11,9 @@ from pathlib import Path
 from flare_exp.data.vision import SFTCollator, VisionChat, filter_by_length
 from flare_exp.io import read_jsonl, write_json
 from flare_exp.models import rope_positions
-from flare_exp.models.loading import compile_repeated_blocks, load_model
+from flare_exp.models.loading import PRECISIONS, compile_repeated_blocks, load_model
 from flare_exp.runtime import abspath, check_choice, is_compilation_error, ranks
+from flare_exp.stages import sft_card
 from flare_exp.training import (CheckpointMeta, ProgressLog, cpu_ranks_args, data_fingerprints, effective_batch,
                                 half_precision, profiling, setup_tracking, train_and_save, trainer_arguments)
 
@@ -40,6 +41,8 @@ def check_settings(cfg) -> None:
                          f"of sft.eval_steps ({sft.eval_steps}) so the best checkpoint can be kept")
     check_choice("sft.on_too_long", sft.on_too_long, ("skip", "error"))
     check_choice("sft.rope_positions", sft.rope_positions, rope_positions.SETTINGS)
+    check_choice("sft.card_preset", sft.card_preset, sft_card.SETTINGS)
+    check_choice("sft.compile_precision", sft.compile_precision, PRECISIONS)
     if sft.recompute_above_tokens < 0:
         raise ValueError(f"sft.recompute_above_tokens={sft.recompute_above_tokens}: a token count, or 0 for "
                          "recomputing every batch")
@@ -71,6 +74,13 @@ def answer_logits_only(trainer_class):
     of which ~10 are scored). With Unsloth it takes the place of its fused loss op."""
 
     class AnswerLogitsTrainer(trainer_class):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            # The loss is ours, not the model's (Qwen3-VL's says it takes no token count): the Trainer then
+            # counts the labelled tokens of the whole accumulated batch (over all ranks) and the loss is their
+            # mean, not a mean of micro-batch means: any split of the same batch trains the same (tested).
+            self.model_accepts_loss_kwargs = True
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             from transformers.loss.loss_utils import ForCausalLMLoss
 
@@ -79,12 +89,12 @@ def answer_logits_only(trainer_class):
             if not len(positions):  # nothing scored: the model's own loss says so (nan) as it would
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             outputs = model(**{k: v for k, v in inputs.items() if k != "labels"}, logits_to_keep=positions)
-            # Normalised as the Trainer expects of the model's own loss: where the model takes the token count
-            # (Unsloth's forward; accepts_loss_kwargs), a sum over the whole accumulated batch's labelled tokens,
-            # and the Trainer skips its division by the accumulation steps; else a mean it divides itself.
+            # a sum over the accumulated batch's labelled tokens; the Trainer skips its division by the steps
             loss = ForCausalLMLoss(outputs.logits, None, outputs.logits.shape[-1],
-                                   num_items_in_batch=num_items_in_batch if self.model_accepts_loss_kwargs else None,
-                                   shift_labels=targets[:, positions])
+                                   num_items_in_batch=num_items_in_batch, shift_labels=targets[:, positions])
+            if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+                # the count is every rank's, and the ranks' gradients are averaged: as the Trainer's own
+                loss = loss * (self.accelerator.num_processes if self.args.n_gpu <= 1 else self.args.n_gpu)
             return (loss, outputs) if return_outputs else loss
 
     return AnswerLogitsTrainer
@@ -123,51 +133,35 @@ def load_split(path, limit, chat, max_len, on_too_long, what) -> tuple[list[dict
     return filter_by_length(chat, records, max_len, on_too_long)
 
 
-def compile_layers(setting: bool, backend: str) -> bool:
-    """sft.compile_layers (off by default): Unsloth compiles its own blocks; with hf on a GPU, say that the
-    compiled runs' bf16 losses leave the eager ones from the second step."""
-    if not setting:
+def compile_layers(sft, backend: str) -> bool:
+    """sft.compile_layers (backend=hf): Unsloth compiles its own blocks; with inductor's fused precision in bf16
+    on a GPU, say that the run trains to other losses than an uncompiled one."""
+    if not sft.compile_layers:
         return False
     if backend == "unsloth":
         log.warning("sft.compile_layers: Unsloth compiles its own blocks; nothing more compiled")
         return False
     import torch
 
-    if torch.cuda.is_available():
-        log.warning("sft.compile_layers=true: in bf16 on a GPU inductor's compiled blocks train to other losses "
-                    "than the uncompiled ones from the second step (not rounding noise; the op is not found yet, "
-                    "docs/performance.md); compare your first logged losses with a run without it")
+    if torch.cuda.is_available() and sft.compile_backend == "inductor" and sft.compile_precision == "fused":
+        log.warning("sft.compile_precision=fused: in bf16 inductor's compiled blocks train to other losses than "
+                    "uncompiled ones from the second step (docs/performance.md); compile_precision=eager keeps "
+                    "eager's rounding and its losses")
     return True
-
-
-def suggest_large_card_settings(cfg) -> None:
-    """On a card of >= 96 GiB running the small-card settings (every batch recomputed, batch < 16), say that
-    experiment=flare_h200's settings fit it: they train the same effective batch ~2.6x faster (measured)."""
-    import torch
-
-    sft, model = cfg.sft, cfg.model
-    if not (torch.cuda.is_available() and model.backend == "hf" and model.gradient_checkpointing
-            and not sft.recompute_above_tokens and sft.per_device_train_batch_size < 16):
-        return
-    card = torch.cuda.get_device_properties(torch.cuda.current_device())
-    if card.total_memory >= 96 * 2 ** 30:
-        log.info("sft: this %s (%.0f GiB) fits experiment=flare_h200's settings (batch 16 per device, Liger, no "
-                 "recomputation up to 12,000 tokens per batch): ~2.6x the tokens/s of these for the same effective "
-                 "batch (docs/performance.md)", card.name, card.total_memory / 2 ** 30)
 
 
 def run(cfg, out_dir: Path) -> dict:
     import torch
 
-    sft = cfg.sft
     check_settings(cfg)
-    suggest_large_card_settings(cfg)
+    cfg, preset_changes, card = sft_card.apply_card_preset(cfg)
+    sft = cfg.sft
     torch.manual_seed(cfg.seed)
     loaded = load_model(cfg.model, init_from=sft.init_from, training=True, seed=cfg.seed)
-    compiled = compile_layers(sft.compile_layers, cfg.model.backend)
+    compiled = compile_layers(sft, cfg.model.backend)
     if compiled:
         log.info("sft.compile_layers: %d blocks compiled (the first steps compile them: a minute or so)",
-                 compile_repeated_blocks(loaded.model, sft.compile_backend))
+                 compile_repeated_blocks(loaded.model, sft.compile_backend, sft.compile_precision))
     chat = VisionChat(loaded.processor, abspath(cfg.data.root))
     train, val, skipped = datasets(cfg, chat, out_dir)
     report_to = setup_tracking(sft, out_dir)
@@ -179,7 +173,7 @@ def run(cfg, out_dir: Path) -> dict:
              sft.per_device_train_batch_size, sft.gradient_accumulation_steps, batch["world_size"],
              batch["effective_batch"])
     result, final, lead = train_and_save(
-        trainer, "sft", cfg, out_dir, meta, report_to, oom_remedies(cfg), explain_failure=lambda e: RuntimeError(
+        trainer, "sft", cfg, out_dir, meta, report_to, oom_remedies(cfg, preset_changes), explain_failure=lambda e: RuntimeError(
             f"compiling the model's blocks failed ({type(e).__name__}); rerun with sft.compile_layers=false (the "
             "run resumes from its last checkpoint)") if compiled and is_compilation_error(e) else None,
         final_meta=lambda t: {"best": t.state.best_model_checkpoint})
@@ -189,6 +183,7 @@ def run(cfg, out_dir: Path) -> dict:
                "last_loss": history[-1]["loss"] if history else None,
                "best_checkpoint": trainer.state.best_model_checkpoint,
                "train_samples": len(train), "skipped_too_long": skipped, **batch,
+               "card_preset": {"preset": sft.card_preset, "card": card, "changed": preset_changes},
                **({"recomputed_batches": trainer.recomputed_batches} if hasattr(trainer, "recomputed_batches")
                   else {})}
     if lead:
@@ -269,9 +264,11 @@ def collator(positions: str, loaded, chat: VisionChat, train) -> SFTCollator:
                                                             sample_batch=SFTCollator(chat)(train.records[:2])))
 
 
-def oom_remedies(cfg) -> list[str]:
+def oom_remedies(cfg, preset_changes: dict | None = None) -> list[str]:
     sft = cfg.sft
-    return [f"lower sft.per_device_train_batch_size={sft.per_device_train_batch_size} (raise "
+    preset = [f"pass sft.card_preset=none (it set {', '.join(f'{k}={v[1]}' for k, v in preset_changes.items())} "
+              "for this card; the keys below then apply)"] if preset_changes else []
+    return [*preset, f"lower sft.per_device_train_batch_size={sft.per_device_train_batch_size} (raise "
             f"sft.gradient_accumulation_steps={sft.gradient_accumulation_steps} to keep the effective batch)",
             "lower model.max_pixels (fewer image tokens per view)",
             *([] if cfg.model.gradient_checkpointing else ["set model.gradient_checkpointing=true"]),

@@ -68,12 +68,14 @@ def test_smaller_cards_unsloth_and_none_keep_the_configured_values(base_override
 
 
 def test_large_forces_it_and_needs_a_gpu(base_overrides, card, monkeypatch):
+    from flare_exp.stages.sft import check_settings
+
     card["gib"] = 80
     used, changed, name = apply_card_preset(_cfg(base_overrides, "sft.card_preset=large"))
     assert name == "NVIDIA H100" and used.sft.per_device_train_batch_size == 16
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ValueError, match="sft.card_preset=large.*need a CUDA GPU"):
-        apply_card_preset(_cfg(base_overrides, "sft.card_preset=large"))
+    with pytest.raises(ValueError, match="sft.card_preset=large.*need a CUDA GPU"):  # with the other settings
+        check_settings(_cfg(base_overrides, "sft.card_preset=large"))
     used, changed, name = apply_card_preset(_cfg(base_overrides))  # auto without a GPU
     assert changed == {} and name is None
 

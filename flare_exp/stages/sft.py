@@ -41,7 +41,7 @@ def check_settings(cfg) -> None:
                          f"of sft.eval_steps ({sft.eval_steps}) so the best checkpoint can be kept")
     check_choice("sft.on_too_long", sft.on_too_long, ("skip", "error"))
     check_choice("sft.rope_positions", sft.rope_positions, rope_positions.SETTINGS)
-    check_choice("sft.card_preset", sft.card_preset, sft_card.SETTINGS)
+    sft_card.check_preset(cfg)
     check_choice("sft.compile_precision", sft.compile_precision, PRECISIONS)
     if sft.recompute_above_tokens < 0:
         raise ValueError(f"sft.recompute_above_tokens={sft.recompute_above_tokens}: a token count, or 0 for "

@@ -14,6 +14,8 @@ import copy
 import logging
 from importlib.util import find_spec
 
+from flare_exp.runtime import check_choice
+
 log = logging.getLogger(__name__)
 
 SETTINGS = ("auto", "large", "none")
@@ -46,6 +48,17 @@ def large_card_changes(cfg, liger_installed: bool) -> dict[str, tuple]:
     return changes
 
 
+def check_preset(cfg) -> None:
+    """sft.card_preset's value, and that ``large`` has a GPU to apply to (checked with the other settings,
+    before any work)."""
+    import torch
+
+    check_choice("sft.card_preset", cfg.sft.card_preset, SETTINGS)
+    if cfg.sft.card_preset == "large" and cfg.model.backend == "hf" and not torch.cuda.is_available():
+        raise ValueError("sft.card_preset=large: the large-card settings (Liger's kernels, compiled blocks) need "
+                         "a CUDA GPU; use sft.card_preset=auto or none on this machine")
+
+
 def large_card() -> str | None:
     """'NAME (N GiB)' of this process's CUDA card if it has >= LARGE_CARD_GIB, else None (no GPU, smaller)."""
     import torch
@@ -59,7 +72,7 @@ def large_card() -> str | None:
 
 def apply_card_preset(cfg):
     """``cfg`` with sft.card_preset applied (a copy when anything changes) and what changed, as
-    ({key: [configured, used]}, card); the changes are logged in one line."""
+    ({key: [configured, used]}, card); the changes are logged in one line. ``cfg`` passed check_preset."""
     import torch
     from omegaconf import OmegaConf, read_write
 
@@ -67,9 +80,6 @@ def apply_card_preset(cfg):
     if preset == "none" or cfg.model.backend != "hf":
         return cfg, {}, None
     card = large_card()
-    if preset == "large" and not torch.cuda.is_available():
-        raise ValueError("sft.card_preset=large: the large-card settings (Liger's kernels, compiled blocks) need "
-                         "a CUDA GPU; use sft.card_preset=auto or none on this machine")
     if preset == "auto" and card is None:
         return cfg, {}, None
     card = card or torch.cuda.get_device_name()

@@ -12,6 +12,7 @@ DENTAL = "ABCDEFGHIJK"  # options up to K: "I" is an option too
 @pytest.mark.parametrize("text,expected,rule", [
     # 1. the whole answer (on a line of its own) comes first: the keyword rule would read "Option B"
     ("Option B is wrong.\nC", "C", "whole answer"),
+    ("C\nOption B is less likely.", "C", "whole answer"),  # any line, not only the last
     ("(D)", "D", "whole answer"),
     # 2. a keyword with a lower-case letter: no other rule reads lower case inside a sentence
     ("The answer is c", "C", "keyword"),

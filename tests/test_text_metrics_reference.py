@@ -82,8 +82,7 @@ def test_eval_rouge_equals_rouge_score(name):
 def test_rouge_by_hand():
     """"the the the cat" against "the the cat": clipped unigram overlap 3, P 3/4, R 3/3 -> F 6/7; bigrams
     (the the) x2 + (the cat) against (the the) + (the cat): overlap 2, P 2/3, R 1 -> 0.8; the longest common
-    subsequence is 3 tokens: 6/7. Precision and recall are not swapped: the reverse pair has the same F (it is
-    symmetric), so check a pair where the longer text is the reference: recall 2/4, precision 1 -> 2/3. An empty
+    subsequence is 3 tokens: 6/7. "heart normal" against "heart is normal today": P 1, R 2/4 -> 2/3. An empty
     prediction scores 0 and counts in the mean; so does an empty reference."""
     scores = text.rouge(["the the the cat"], ["the the cat"])
     assert scores == pytest.approx({"rouge_1": 6 / 7, "rouge_2": 0.8, "rouge_l": 6 / 7})

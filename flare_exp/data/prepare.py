@@ -2,7 +2,7 @@
 
 Steps: unzip nested archives in place (idempotent), discover the question files of the chosen splits and
 datasets (any prefix: the original scripts nest them under train/ and val/), validate every record (rejects are kept
-with file, index and reason), guard against train/val study overlap, write atomically, summarise.
+with file, index and reason), guard against a study in two splits, write atomically, summarise.
 """
 from __future__ import annotations
 

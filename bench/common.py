@@ -129,3 +129,35 @@ def gpu_peak_gib() -> float | None:
     import torch
 
     return round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None
+
+
+# Dense (no sparsity) bf16 tensor-core peaks of the cards we know, TFLOP/s, from the vendors' datasheets; matched
+# against torch's device name in this order (the first match wins: "H100 PCIe" before "H100").
+PEAK_BF16_TFLOPS = ((r"H100 NVL|H200 NVL", 835.0), (r"H100 PCIe", 756.0), (r"H100|H200", 989.0), (r"A100", 312.0),
+                    (r"L40S", 362.0), (r"\bL4\b", 121.0))
+
+
+def peak_bf16_tflops(device: str) -> float | None:
+    """The card's dense bf16 peak, or None for a card not in the table (a CPU included)."""
+    import re
+
+    return next((peak for pattern, peak in PEAK_BF16_TFLOPS if re.search(pattern, device)), None)
+
+
+def model_flops_utilization(n_params: int | None, tokens_per_second: float | None, device: str,
+                            peak_tflops: float | None = None) -> dict:
+    """MFU = 6 x N x tokens/s over the card's peak (``peak_tflops`` overrides the table). What is not known is
+    said, never guessed: no parameter count, no throughput or an unknown card give ``mfu: None`` and a note."""
+    peak = peak_tflops or peak_bf16_tflops(device)
+    missing = [what for what, value in (("no parameter count", n_params), ("no tokens/s", tokens_per_second),
+                                        (f"no bf16 peak known for {device!r} (pass --peak-tflops)", peak))
+               if not value]
+    if missing:
+        return {"mfu": None, "mfu_peak_tflops": peak, "mfu_note": "unknown: " + "; ".join(missing)}
+    return {"mfu": round(6 * n_params * tokens_per_second / (peak * 1e12), 4), "mfu_peak_tflops": peak}
+
+
+def device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"

@@ -55,9 +55,14 @@ def _settings(r: dict) -> str:
     return ", ".join(r.get("overrides") or []) or "-"
 
 
+def _mfu(r: dict) -> str:
+    """MFU as measured, or "unknown" where it was not (no parameter count, an unknown card): never a 0."""
+    return "unknown" if r.get("mfu") is None else f"{r['mfu']:.3f}"
+
+
 def sft_row(r: dict) -> list:
     return [*_setup(r), r.get("dataloader_workers", 0), _yes(r.get("compiled_layers")),
-            f"{r.get('tokens_per_second_median', 0):,.0f}", f"{r.get('mfu', 0):.3f}",
+            f"{r.get('tokens_per_second_median', 0):,.0f}", _mfu(r),
             f"{r.get('step_seconds_median', 0):.3f}", _num(r.get("data_wait_seconds_median"), 3),
             r.get("collate_seconds_per_batch_in_process") or "n/a", r.get("peak_memory_gib", 0),
             ", ".join(f"{loss:.3f}" for loss in r.get("first_losses") or []) or "n/a", _settings(r), r["device"]]

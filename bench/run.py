@@ -9,8 +9,9 @@ Each measurement runs in its own process (Unsloth patches transformers globally 
 contaminate a plain-hf measurement in the same process). Results go to <out>/<what>-<backend>-....json;
 bench/report.py turns a folder of them into a Markdown table.
 
-MFU = 6 * N * tokens/s / peak bf16 FLOP/s, N = all model parameters (frozen included), peak = 989 TFLOP/s
-(H100/H200 SXM dense bf16). Tokens = non-padding input tokens, image tokens included.
+MFU = 6 * N * tokens/s / peak bf16 FLOP/s, N = all model parameters (frozen included), the peak the card's
+dense bf16 one (bench/common.py's table; --peak-tflops for another card; unknown: no MFU, said so). Tokens =
+non-padding input tokens, image tokens included.
 """
 from __future__ import annotations
 
@@ -25,10 +26,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-PEAK_FLOPS = 989e12
 
-from bench.common import (bench_data, compose, ensure_prepared, filtered_file, gpu_peak_gib,  # noqa: E402
-                          library_versions, model_overrides)
+from bench.common import (bench_data, compose, device_name, ensure_prepared, filtered_file,  # noqa: E402
+                          gpu_peak_gib, library_versions, model_flops_utilization, model_overrides)
 from flare_exp.profiling import PROFILE_FIRST  # noqa: E402
 
 PROFILE_STEPS = 2  # --profile: steps 6 and 7
@@ -128,10 +128,9 @@ def run_sft(args, work: Path) -> dict:
     if forced is not None:
         result["vision_encoder_forced"] = forced[0]
     meta = Path(args.model_dir) / "bench_model.json"
-    n_params = json.loads(meta.read_text())["params"] if meta.exists() else 0
-    if result.get("tokens_per_second_median"):
-        result["mfu"] = round(6 * n_params * result["tokens_per_second_median"] / PEAK_FLOPS, 4)
-    result["params"] = n_params
+    result["params"] = json.loads(meta.read_text())["params"] if meta.exists() else None  # None: not known
+    result.update(model_flops_utilization(result["params"], result.get("tokens_per_second_median"), device_name(),
+                                          args.peak_tflops))
     return result
 
 
@@ -275,6 +274,8 @@ def main() -> None:
     p.add_argument("--distinct-batches", action="store_true",
                    help="loop: a new batch (and token count) every step, as the stage sees them, instead of four "
                         "batches cycled")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="sft: the card's dense bf16 peak for MFU, where bench/common.py's table does not know it")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--model-dir", default="/tmp/flare_bench/qwen3vl-4b-random")
     p.add_argument("--work", default="/tmp/flare_bench")
@@ -318,7 +319,7 @@ def main() -> None:
     if args.what != "reward":
         result["vision_encoder"] = args.vision_encoder
         result["overrides"] = list(args.set) + [f"env {setting}" for setting in args.env]
-    result.update(device=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+    result.update(device=device_name(),
                   torch=torch.__version__, versions=library_versions(),
                   date=time.strftime("%Y-%m-%d %H:%M"))
     out = Path(args.out)

@@ -155,7 +155,7 @@ def test_leakage_guard(tmp_path):
     val = root / "validation-public" / "Xray" / "chestdr"
     shutil.copytree(root / "training" / "Xray" / "chestdr" / "imagesTr", val / "imagesVal")
     (val / "chestdr_questions_val.json").write_text(json.dumps([{**GOOD, "ImageName": "imagesVal/a.png"}]))
-    with pytest.raises(ValueError, match=r"(?s)1 studies appear both in train and in val/test.*chestdr:a.png"):
+    with pytest.raises(ValueError, match=r"(?s)1 studies appear in more than one split \(train/val: 1;.*chestdr:a.png"):
         _prepare(tmp_path, root, "data.datasets=[chestdr]")
     out = _prepare(tmp_path, root, "data.datasets=[chestdr]", "data.allow_overlap=true")
     assert len(read_jsonl(out / "val.jsonl")) == 1

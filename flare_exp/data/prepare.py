@@ -2,7 +2,7 @@
 
 Steps: unzip nested archives in place (idempotent), discover the question files of the chosen splits and
 datasets (any prefix: the original scripts nest them under train/ and val/), validate every record (rejects are kept
-with file, index and reason), guard against train/val study overlap, write atomically, summarise.
+with file, index and reason), guard against a study in two splits, write atomically, summarise.
 """
 from __future__ import annotations
 
@@ -174,13 +174,17 @@ def _study_keys(split_rows: list[dict]) -> dict[str, str]:
 
 
 def check_overlap(by_split: dict[str, list[dict]], allow: bool) -> list[str]:
-    train = _study_keys(by_split.get("train", []))
-    held_out = _study_keys(by_split.get("val", []) + by_split.get("test", []))
-    overlap = sorted({train[k] for k in train.keys() & held_out.keys()})
+    """Studies in more than one split (train/val, train/test and val/test: a val study in test would make the
+    model selection leak too)."""
+    keys = {split: _study_keys(by_split.get(split, [])) for split in ("train", "val", "test")}
+    pairs = {(a, b): sorted({keys[a][k] for k in keys[a].keys() & keys[b].keys()})
+             for a, b in (("train", "val"), ("train", "test"), ("val", "test"))}
+    overlap = sorted({study for studies in pairs.values() for study in studies})
     if overlap and not allow:
         shown = "\n  ".join(overlap[:50]) + (f"\n  ... and {len(overlap) - 50} more" if len(overlap) > 50 else "")
+        where = ", ".join(f"{a}/{b}: {len(studies)}" for (a, b), studies in pairs.items() if studies)
         raise PrepareError(
-            f"{len(overlap)} studies appear both in train and in val/test (validation would leak):\n  {shown}\n"
+            f"{len(overlap)} studies appear in more than one split ({where}; validation would leak):\n  {shown}\n"
             "Remove them from one side, or pass data.allow_overlap=true to accept the leak.")
     return overlap
 

@@ -1,0 +1,66 @@
+"""Every rule of the answer parsers with a case that only that rule resolves: without the rule (or with the
+rules in another order) the case reads as another answer."""
+import math
+
+import pytest
+
+from flare_exp.answers import extract_choice, parse_number
+
+DENTAL = "ABCDEFGHIJK"  # options up to K: "I" is an option too
+
+
+@pytest.mark.parametrize("text,expected,rule", [
+    # 1. the whole answer (on a line of its own) comes first: the keyword rule would read "Option B"
+    ("Option B is wrong.\nC", "C", "whole answer"),
+    ("C\nOption B is less likely.", "C", "whole answer"),  # any line, not only the last
+    ("(D)", "D", "whole answer"),
+    # 2. a keyword with a lower-case letter: no other rule reads lower case inside a sentence
+    ("The answer is c", "C", "keyword"),
+    ("my choice: (e)", "E", "keyword"),
+    # 3. "(C)" anywhere: the standalone-capital rule would take the first capital, B
+    ("B is unlikely; (C) fits best", "C", "parenthesised"),
+    # 4. "C. ..." at the start of a line: the standalone-capital rule would take B from the first line
+    ("Comparing B and D:\nC. Caries", "C", "line start"),
+    # 5. a lone lower-case letter
+    ("c", "C", "lone lower case"),
+    # 6. a standalone capital, skipping "I"/"A" that start a phrase: "I think" is not option I
+    ("I think it is D", "D", "standalone capital"),
+    ("A small effusion; B", "B", "standalone capital"),
+    ("It is I", "I", "standalone capital"),  # I at the end is the option
+    ("K", "K", "whole answer"),  # options past F (the original scripts stopped at F)
+])
+def test_each_choice_rule(text, expected, rule):
+    assert extract_choice(text, DENTAL) == expected, rule
+
+
+def test_choice_refusals():
+    assert extract_choice("E", "ABCD") is None  # not an option of this question
+    assert extract_choice("a small effusion", DENTAL) is None  # the article, lower case
+    assert extract_choice("I think so", DENTAL) is None
+    assert extract_choice(None, DENTAL) is None and extract_choice("", DENTAL) is None
+    assert extract_choice("Bilateral", DENTAL) is None  # a capital inside a word
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("1e1", 10.0),              # the exponent is part of the number
+    ("1.5e-2 cm", 0.015),
+    (".5", 0.5),                # a leading decimal point (not 5)
+    ("-.5", -0.5),
+    ("22.9%", 22.9),            # the decimals (not 22), the percent sign left
+    ("1,234.5 mm", 1234.5),     # a thousands separator (not 1)
+    ("12,34", 12.0),            # not a thousands group: the first number
+    ("about 20 percent", 20.0),  # the first number anywhere in the text
+    ("-3.5 mm", -3.5),          # the sign is kept
+    ("+3", 3.0),
+    (7, 7.0), (2.5, 2.5),       # numbers as they are
+])
+def test_each_number_rule(text, expected):
+    assert parse_number(text) == expected
+
+
+def test_negative_zero_and_refusals():
+    zero = parse_number("-0")
+    assert zero == 0.0 and math.copysign(1.0, zero) == -1.0  # read, and read with its sign
+    assert parse_number("0") == 0.0 and zero is not None
+    assert parse_number(True) is None  # a boolean is not a number
+    assert parse_number(None) is None and parse_number("no number") is None and parse_number([1]) is None

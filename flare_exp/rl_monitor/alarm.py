@@ -26,17 +26,17 @@ def _rise(values: list[float]) -> float:
     return statistics.fmean(values[half:]) - statistics.fmean(values[:half])
 
 
-def heldout_falls(window: list[dict], key: str, higher_better: bool) -> str | None:
+def heldout_falls(window: list[dict], key: str, higher_better: bool) -> list[tuple[str, str]]:
     evals = [(h["step"], h[key]) for h in window if h.get(key) is not None]
     if len(evals) < 2:
-        return None
+        return []
     (s0, first), (s1, last) = evals[0], evals[-1]
     worse = last < first if higher_better else last > first
-    return f"held-out {key.split('/', 1)[1]} fell from {first:.4g} (step {s0}) to {last:.4g} (step {s1})" \
-        if worse else None
+    return [("heldout", f"held-out {key.split('/', 1)[1]} fell from {first:.4g} (step {s0}) to {last:.4g} "
+                        f"(step {s1})")] if worse else []
 
 
-def saturated_terms(window: list[dict], history: list[dict], min_rise: float) -> list[str]:
+def saturated_terms(window: list[dict], history: list[dict], min_rise: float) -> list[tuple[str, str]]:
     found = []
     terms = sorted({k for h in window for k in h if k.startswith(TERM_PREFIX)})
     half = len(window) // 2
@@ -53,12 +53,12 @@ def saturated_terms(window: list[dict], history: list[dict], min_rise: float) ->
                 continue
             others = [h[other] for h in window if h.get(other) is not None]
             if len(others) >= 4 and -_rise(others) >= min_rise:
-                found.append(f"term {term[len(TERM_PREFIX):]} saturated at {tail[-1]:.4g} from step "
-                             f"{window[half]['step']} while {other[len(TERM_PREFIX):]} fell by {-_rise(others):.4g}")
+                found.append((f"saturated {term}", f"term {term[len(TERM_PREFIX):]} saturated at {tail[-1]:.4g} from step "
+                             f"{window[half]['step']} while {other[len(TERM_PREFIX):]} fell by {-_rise(others):.4g}"))
     return found
 
 
-def length_findings(window: list[dict], history: list[dict], collapse: float) -> list[str]:
+def length_findings(window: list[dict], history: list[dict], collapse: float) -> list[tuple[str, str]]:
     found = []
     half = len(window) // 2
     lengths = [h["completions/mean_length"] for h in history if h.get("completions/mean_length") is not None]
@@ -66,18 +66,20 @@ def length_findings(window: list[dict], history: list[dict], collapse: float) ->
     if len(lengths) >= len(window) and recent:
         start = statistics.fmean(lengths[:max(2, half)])
         if statistics.fmean(recent) < collapse * start:
-            found.append(f"completion length collapsed from {start:.1f} tokens (first steps) to "
-                         f"{statistics.fmean(recent):.1f} (steps {window[half]['step']}-{window[-1]['step']})")
+            found.append(("length collapse", f"completion length collapsed from {start:.1f} tokens (first steps) to "
+                         f"{statistics.fmean(recent):.1f} (steps {window[half]['step']}-{window[-1]['step']})"))
     capped = [h.get("completions/groups_at_cap") for h in window[half:] if h.get("completions/groups_at_cap") is not None]
     if capped and sum(share > 0.5 for share in capped) > len(capped) / 2:
-        found.append(f"most groups hit rl.max_completion_length in {sum(share > 0.5 for share in capped)} of "
-                     f"steps {window[half]['step']}-{window[-1]['step']}")
+        found.append(("length cap", f"most groups hit rl.max_completion_length in "
+                                    f"{sum(share > 0.5 for share in capped)} of steps {window[half]['step']}-"
+                                    f"{window[-1]['step']}"))
     return found
 
 
 def findings(history: list[dict], window_size: int, min_rise: float, collapse: float, heldout_key: str | None,
-             higher_better: bool = True) -> list[str]:
-    """What the alarm says about the log so far (empty: nothing). ``history``: the Trainer's log_history."""
+             higher_better: bool = True) -> list[tuple[str, str]]:
+    """What the alarm says about the log so far, as (kind, sentence) (empty: nothing; the kind names the
+    condition and term, so a run says each once). ``history``: the Trainer's log_history."""
     steps = [h for h in history if h.get("reward") is not None]
     if len(steps) < max(4, window_size):
         return []
@@ -87,6 +89,6 @@ def findings(history: list[dict], window_size: int, min_rise: float, collapse: f
         return []
     span = f"reward rose by {rise:.4g} over steps {window[0]['step']}-{window[-1]['step']}"
     evals = [h for h in history if h.get("step", 0) >= window[0]["step"]] if heldout_key else []
-    found = [heldout_falls(evals, heldout_key, higher_better)] if heldout_key else []
+    found = heldout_falls(evals, heldout_key, higher_better) if heldout_key else []
     found += saturated_terms(window, steps, min_rise) + length_findings(window, steps, collapse)
-    return [f"{span} while {f}" for f in found if f]
+    return [(kind, f"{span} while {sentence}") for kind, sentence in found]

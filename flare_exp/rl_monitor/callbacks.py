@@ -144,12 +144,12 @@ class GRPOMonitor(TrainerCallback):
 
     def _alarm(self, state) -> bool:
         rl = self.rl
-        said = {a["finding"] for a in self.alarms}
-        new = [f for f in findings(state.log_history, rl.alarm_window, rl.alarm_min_rise, rl.alarm_length_collapse,
-                                   self.key if self.heldout else None, higher_is_better(rl.metric_for_best_model))
-               if f not in said]
-        for finding in new:
-            self.alarms.append({"step": state.global_step, "finding": finding})
+        said = {a["kind"] for a in self.alarms}  # each condition (and term) once per run
+        new = [(kind, finding) for kind, finding in findings(
+            state.log_history, rl.alarm_window, rl.alarm_min_rise, rl.alarm_length_collapse,
+            self.key if self.heldout else None, higher_is_better(rl.metric_for_best_model)) if kind not in said]
+        for kind, finding in new:
+            self.alarms.append({"step": state.global_step, "kind": kind, "finding": finding})
             log.warning("rl reward-hacking alarm at step %d: %s%s", state.global_step, finding,
                         " -- stopping (rl.stop_on_alarm=true)" if rl.stop_on_alarm else
                         " (rl.stop_on_alarm=true would stop the run)")

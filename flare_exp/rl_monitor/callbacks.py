@@ -167,7 +167,7 @@ class GRPOMonitor(TrainerCallback):
         return False
 
     def summary(self, max_steps: int) -> dict:
-        out = {"alarms": self.alarms}
+        out = {"alarms": self.alarms, "alarm_count": len(self.alarms)}  # the count: a column of sweep tables
         if self.heldout is not None:
             out.update(heldout_metric=self.rl.metric_for_best_model, heldout_records=len(self.heldout.records),
                        best_checkpoint=str(self.out_dir / "best") if self.best else None,

@@ -25,7 +25,8 @@ def load_study(sweep_dir: Path):
 
 
 def rerun_command(trial, study_name: str) -> str:
-    overrides = [o for o in trial.user_attrs.get("overrides", []) if not o.startswith("run_name=")]
+    # alone: not reporting to the study (rl.optuna_*), under its own name
+    overrides = [o for o in trial.user_attrs.get("overrides", []) if not o.startswith(("run_name=", "rl.optuna_"))]
     return "python launch.py " + " ".join(shlex.quote(o) for o in overrides) + \
         f" run_name={study_name}-trial{trial.number}"
 

@@ -89,12 +89,13 @@ def test_rollouts_html_shows_thumbnails_terms_and_filters(tmp_path):
 
 
 def test_bad_monitor_settings_are_named():
-    from flare_exp.stages.rl import check_settings
+    from flare_exp.rl_monitor.callbacks import check_monitor_settings  # called by rl.check_settings
 
     with pytest.raises(ValueError, match="rl.metric_for_best_model='balanced_accuracy'"):
-        check_settings(compose_cfg(["rl.metric_for_best_model=balanced_accuracy"]))
+        check_monitor_settings(compose_cfg(["rl.metric_for_best_model=balanced_accuracy"]).rl)
     with pytest.raises(ValueError, match="rl.eval_steps=0"):
-        check_settings(compose_cfg(["rl.optuna_trial=3", "rl.optuna_study=/x"]))
+        check_monitor_settings(compose_cfg(["rl.optuna_trial=3", "rl.optuna_study=/x"]).rl)
+    check_monitor_settings(compose_cfg(["rl.metric_for_best_model=classification.balanced_accuracy"]).rl)
 
 
 def test_optuna_prunes_a_trailing_trial_and_the_study_report_shows_it(tmp_path):

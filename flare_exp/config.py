@@ -260,6 +260,34 @@ class RLConfig(TrainerSettings):
     decode_loop: str = "auto"
     use_vllm: bool = False
     wandb_project: str = "flare_exp_rl"
+    # Watching GRPO (docs/stages.md, "Watching GRPO"). Every log_rollouts_steps steps (0: never), a few prompts'
+    # groups (completions, reward terms, totals, advantages) go to <run dir>/rollouts.jsonl and rollouts.html;
+    # the file stops growing at rollouts_max_mb (said once).
+    log_rollouts_steps: int = 10
+    rollouts_groups_per_step: int = 2
+    rollouts_max_mb: float = 20.0
+    # Every eval_steps steps (0: never) the policy decodes, greedily, a fixed stratified subset of eval_file
+    # (eval_per_task records per task type trained, spread over its datasets, the same records every time) with
+    # infer's decode loop, scored with eval's code. eval_max_new_tokens: null = infer.max_new_tokens.
+    eval_steps: int = 0
+    eval_per_task: int = 16
+    eval_file: str = "${data.prepared_dir}/val.jsonl"
+    eval_max_new_tokens: Optional[int] = None
+    # The held-out number the best/ checkpoint, the alarm and Optuna's pruning follow: '<task>.<metric>' as in
+    # eval's metrics.json (official block first, e.g. classification.balanced_accuracy, report_generation.rouge_l),
+    # or official_mean (the mean of the official numbers that are higher-is-better: balanced accuracy, F1, GREEN).
+    metric_for_best_model: str = "official_mean"
+    # The reward-hacking alarm over the last alarm_window logged steps: the reward rose by alarm_min_rise (mean of
+    # the window's second half over its first) while the held-out metric fell, one term saturated while another
+    # fell, or the completions collapsed to alarm_length_collapse x their first steps' length or hit the cap in
+    # most groups. Said in the log and rl_summary.json; stop_on_alarm=true also stops the run.
+    alarm_window: int = 20
+    alarm_min_rise: float = 0.05
+    alarm_length_collapse: float = 0.5
+    stop_on_alarm: bool = False
+    # Set by the Optuna sweeper when it prunes (hydra.sweeper.pruner): the study file and this job's trial.
+    optuna_study: Optional[str] = None
+    optuna_trial: Optional[int] = None
 
 
 @dataclass

@@ -25,7 +25,8 @@ def load_study(sweep_dir: Path):
 
 
 def rerun_command(trial, study_name: str) -> str:
-    overrides = [o for o in trial.user_attrs.get("overrides", []) if not o.startswith("run_name=")]
+    # alone: not reporting to the study (rl.optuna_*), under its own name
+    overrides = [o for o in trial.user_attrs.get("overrides", []) if not o.startswith(("run_name=", "rl.optuna_"))]
     return "python launch.py " + " ".join(shlex.quote(o) for o in overrides) + \
         f" run_name={study_name}-trial{trial.number}"
 
@@ -47,9 +48,30 @@ def trial_rows(study, names: list[str]) -> tuple[list[str], list[list]]:
     for t in trials:
         values = list(t.values) if t.values else [""] * len(names)
         note = "interrupted, retried" if t.user_attrs.get("interrupted") else t.user_attrs.get("failure", "")
+        if t.user_attrs.get("pruned_at_step") is not None:
+            note = pruned_note(t)
         rows.append([t.number, t.state.name, *values, *(t.params.get(p, "") for p in params),
                      "yes" if t.number in best else "", note])
     return header, rows
+
+
+def pruned_note(trial) -> str:
+    last = trial.intermediate_values.get(trial.user_attrs["pruned_at_step"])
+    return (f"pruned at step {trial.user_attrs['pruned_at_step']}"
+            + (f" (in-training metric {last:.4g})" if last is not None else "")
+            + f", {trial.user_attrs.get('steps_saved', 0)} steps saved")
+
+
+def pruned_section(study) -> list[str]:
+    """Trials the pruner stopped, each with its step, its last in-training value and the steps it did not run."""
+    import optuna
+
+    pruned = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.PRUNED,))
+    if not pruned:
+        return []
+    saved = sum(t.user_attrs.get("steps_saved") or 0 for t in pruned)
+    return ["", f"## Pruned trials ({len(pruned)}; {saved} training steps saved)", "",
+            *(f"- trial {t.number}: {pruned_note(t)}; {t.params}" for t in pruned)]
 
 
 def importances(study) -> dict[str, float]:
@@ -85,7 +107,10 @@ def plot_study(study, names: list[str], path: Path) -> None:
     failed = [t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))]
     for n in failed:
         history.axvline(n, color="tab:red", alpha=0.25)
-    history.set(title="optimisation history (red lines: failed trials)", xlabel="trial", ylabel="objective")
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.PRUNED,)):
+        history.axvline(t.number, color="tab:orange", alpha=0.35)
+    history.set(title="optimisation history (red lines: failed trials, orange: pruned)", xlabel="trial",
+                ylabel="objective")
     history.legend(fontsize=7)
     share = importances(study)
     names_shown = list(share)[::-1] or ["(needs 2+ complete trials\nwith different objectives)"]
@@ -115,13 +140,14 @@ def write_study_report(sweep_dir: Path, report: Path) -> dict:
     lines = [f"# Optuna study {study.study_name}", "",
              f"Objectives: {', '.join(f'{n} ({d})' for n, d in zip(names, info['directions']))}; "
              f"{len(rows)} trials, {sum(r[1] == 'COMPLETE' for r in rows)} complete, "
-             f"{sum(r[1] == 'FAIL' for r in rows)} failed.", "",
+             f"{sum(r[1] == 'FAIL' for r in rows)} failed, {sum(r[1] == 'PRUNED' for r in rows)} pruned.", "",
              "## Best trial" + ("s (the Pareto front)" if len(names) > 1 else ""), ""]
     for t in best:
         values = ", ".join(f"{n}={v:.4g}" for n, v in zip(names, t.values) if isinstance(v, float) and math.isfinite(v))
         lines += [f"- trial {t.number}: {values}; {t.params}", f"  rerun alone: `{rerun_command(t, study.study_name)}`"]
     if not best:
         lines.append("- none complete yet")
+    lines += pruned_section(study)
     share = importances(study)
     if share:
         lines += ["", "## Parameter importance", ""] + [f"- {k}: {v:.2f}" for k, v in share.items()]
@@ -131,5 +157,7 @@ def write_study_report(sweep_dir: Path, report: Path) -> dict:
     for t in best:
         log.info("best trial %d: %s -> %s\n  rerun alone: %s", t.number, t.params, t.values,
                  rerun_command(t, study.study_name))
-    return {"trials": len(rows), "best_trials": [t.number for t in best],
+    return {"trials": len(rows), "pruned_trials": sum(r[1] == "PRUNED" for r in rows),
+            "steps_saved": sum(t.user_attrs.get("steps_saved") or 0 for t in study.get_trials(deepcopy=False)),
+            "best_trials": [t.number for t in best],
             "best_values": [list(t.values) for t in best]}

@@ -46,6 +46,8 @@ class CombinedReward:
         names = sorted({n for w in self.weights.values() for n in w})
         self.terms = {n: get_term(n)(**(term_params.get(n) or {})) for n in names}  # unknown name -> KeyError
         self.last_term_means: dict[str, float] = {}
+        # the last batch per completion: its text, raw term scores and clipped total (the rollout log reads it)
+        self.last_samples: list[dict] = []
         self._totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
         self._warned: set = set()
 
@@ -71,7 +73,7 @@ class CombinedReward:
                 rewards[i] = self.invalid
             else:
                 by_task[task_type[i]].append(i)
-        means = {}
+        means, sample_terms = {}, [{} for _ in range(n)]
         for task, idx in by_task.items():
             sub_texts = [texts[i] for i in idx]
             sub_answers = [str(answers[i]) for i in idx]
@@ -83,9 +85,12 @@ class CombinedReward:
                 self._totals[f"{task}/{name}"][1] += len(scores)
                 for i, s in zip(idx, scores):
                     rewards[i] += weight * s
+                    sample_terms[i][name] = s
         self.last_term_means = means
         lo, hi = self.clip
-        return [min(max(r, lo), hi) for r in rewards]
+        totals = [min(max(r, lo), hi) for r in rewards]
+        self.last_samples = [{"text": t, "terms": terms, "total": r} for t, terms, r in zip(texts, sample_terms, totals)]
+        return totals
 
 
     def pop_term_means(self) -> dict[str, float]:

@@ -12,6 +12,7 @@ from pathlib import Path
 from omegaconf import OmegaConf, open_dict
 
 from flare_exp import stages
+from flare_exp.optuna_search import pruned_summary
 from flare_exp.resume import differences, settings_of, start_attempt
 from flare_exp.runtime import DONE, barrier, follow_rank_0, ranks, run_with_markers
 
@@ -86,5 +87,8 @@ def run(cfg, out_dir: Path) -> dict:
             log.info("[%s] running in %s", step, step_dir)
             results[step] = run_step(step, step_cfg, step_dir)
         done_dirs[step] = step_dir
+        if step == "rl" and pruned_summary(step_dir):  # an Optuna trial stopped early: its infer/eval are moot
+            log.info("[rl] pruned by the Optuna search: the steps after it are not run")
+            break
     log.info("pipeline finished; outputs:\n%s", "\n".join(f"  {s:<8} {d}" for s, d in done_dirs.items()))
     return {"steps": {s: str(d) for s, d in done_dirs.items()}, "results": results}

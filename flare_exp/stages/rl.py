@@ -18,6 +18,8 @@ from flare_exp.io import read_jsonl, write_json
 from flare_exp.models.decoding import DECODE_LOOPS, GraphLoop, graph_loop_chosen, kv_cache
 from flare_exp.models.loading import load_model
 from flare_exp.rewards.combine import build_reward
+from flare_exp.rl_monitor.callbacks import (build_monitor, check_monitor_settings, finish_monitor,
+                                            reporting_last, with_rollout_watch)
 from flare_exp.runtime import abspath, check_choice, ranks, retry_uncompiled
 from flare_exp.training import (CheckpointMeta, ProgressLog, add_to_log, cpu_ranks_args, data_fingerprints,
                                 effective_batch, half_precision, profiling, setup_tracking, train_and_save,
@@ -29,7 +31,7 @@ log = logging.getLogger(__name__)
 def grpo_dataset(records: list[dict], chat: VisionChat):
     """Prepared records as GRPO rows: conversational prompt with one image placeholder per view, the images,
     and the columns the reward reads. Images are loaded when a row is read (a lazy transform), so the
-    dataset never holds every picture in memory."""
+    dataset never holds every picture in memory. The image names stay (the rollout log shows them)."""
     import json
 
     from datasets import Dataset
@@ -40,7 +42,7 @@ def grpo_dataset(records: list[dict], chat: VisionChat):
         "id": r["id"]} for r in records])
 
     def materialise(batch: dict) -> dict:
-        out = {k: v for k, v in batch.items() if k not in ("prompt_json", "image_paths")}
+        out = {k: v for k, v in batch.items() if k != "prompt_json"}
         out["prompt"] = [json.loads(p) for p in batch["prompt_json"]]
         out["images"] = [chat.load_images({"id": i, "images": paths})
                          for i, paths in zip(batch["id"], batch["image_paths"])]
@@ -70,6 +72,7 @@ def check_settings(cfg) -> int:
     if rl.decode_loop == "graph" and rl.use_vllm:
         raise ValueError("rl.decode_loop=graph decodes the rollouts with the policy, rl.use_vllm=true with vLLM: "
                          "pass one of them (rl.decode_loop=auto picks generate's path when vLLM is on)")
+    check_monitor_settings(rl)
     limit = rl.max_prompt_length or max_seq_length - rl.max_completion_length
     if limit <= 0:
         raise ValueError(f"rl.max_completion_length={rl.max_completion_length} leaves no room for the prompt in "
@@ -180,7 +183,9 @@ def grpo_args(cfg, out_dir: Path, report_to: str, bf16: bool, suppress_tokens: l
     return GRPOConfig(
         output_dir=str(out_dir),
         # the prompt length limit is checked here (rl.on_too_long); a resolved cache; tracking set up first
-        **trainer_arguments(rl, GRPOConfig, ("report_to", "cache_implementation", "max_prompt_length")),
+        # eval_steps / metric_for_best_model are the held-out eval's (rl_monitor), not the Trainer's evaluation
+        **trainer_arguments(rl, GRPOConfig, ("report_to", "cache_implementation", "max_prompt_length", "eval_steps",
+                                             "metric_for_best_model")),
         report_to=report_to, cache_implementation=cache, generation_kwargs=generation_kwargs,
         bf16=bf16, remove_unused_columns=False, seed=cfg.seed, disable_tqdm=False, logging_first_step=True,
         dataloader_pin_memory=torch.cuda.is_available(), **cpu_ranks_args(),
@@ -213,10 +218,13 @@ def run(cfg, out_dir: Path) -> dict:
                     "memory. model.backend=hf is the faster choice for this stage unless memory is short")
     report_to = setup_tracking(rl, out_dir)
     meta = CheckpointMeta(loaded.base_path, cfg, data_fingerprints(rl.train_file), loaded.processor)
-    trainer = with_rollouts_in_eval_mode(GRPOTrainer)(
+    monitor = build_monitor(cfg, out_dir, reward, wanted, chat, meta)
+    trainer = with_rollout_watch(with_rollouts_in_eval_mode(GRPOTrainer), monitor)(
         model=loaded.model, reward_funcs=[reward], processing_class=loaded.processor,
         args=grpo_args(cfg, out_dir, report_to, half_precision(loaded.model)[0], vision_token_ids(loaded.model.config)),
-        train_dataset=grpo_dataset(records, chat), callbacks=[RewardTermLog(reward), ProgressLog(), meta, *profiling(rl, out_dir)])
+        train_dataset=grpo_dataset(records, chat),
+        callbacks=[RewardTermLog(reward), monitor, ProgressLog(), meta, *profiling(rl, out_dir)])
+    reporting_last(trainer)
     if hasattr(trainer, "generation_config"):  # TRL turns compilation off for its rollouts
         trainer.generation_config.disable_compile = not compiled
     if graph:
@@ -228,6 +236,7 @@ def run(cfg, out_dir: Path) -> dict:
                    decode_loop=trainer.graph_rollouts.used if graph else "generate",
                    **effective_batch(rl, trainer.args.world_size))
     if lead:
+        summary.update(finish_monitor(monitor, trainer.state.log_history, out_dir, rl.max_steps))
         write_json(out_dir / "rl_summary.json", summary)
     log.info("rl finished: adapter at %s, final reward %s", final, summary.get("reward_last"))
     return summary

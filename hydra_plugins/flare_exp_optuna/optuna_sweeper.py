@@ -12,10 +12,10 @@ class OptunaSweeper(Sweeper):
     def __init__(self, objectives: List[str], n_trials: int = 20, n_jobs: int = 2,
                  params: Optional[Dict[str, str]] = None, objective_weights: Optional[Dict[str, float]] = None,
                  sampler: Optional[Dict[str, Any]] = None, storage: Optional[str] = None,
-                 study_name: Optional[str] = None) -> None:
+                 study_name: Optional[str] = None, pruner: Optional[Dict[str, Any]] = None) -> None:
         self.settings = dict(objectives=list(objectives), n_trials=n_trials, n_jobs=n_jobs, params=params,
                              objective_weights=objective_weights, sampler=sampler, storage=storage,
-                             study_name=study_name)
+                             study_name=study_name, pruner=pruner)
         self.launcher = self.config = self.hydra_context = None
 
     def setup(self, *, hydra_context, task_function, config) -> None:

@@ -1,0 +1,221 @@
+"""Watching GRPO: readable rollouts, held-out task metrics during training, the reward-hacking alarm and
+Optuna's pruning on the in-training metric."""
+import json
+
+import pytest
+
+from conftest import compose_cfg
+from flare_exp.rl_monitor.alarm import findings
+from flare_exp.rl_monitor.heldout import monitored_value, stratified_subset
+from flare_exp.rl_monitor.rollouts import RolloutLog, group_entries, read_rollouts
+
+
+def _history(rewards, **series):
+    return [{"step": i + 1, "reward": r, **{k.replace("__", "/"): v[i] for k, v in series.items() if v[i] is not None}}
+            for i, r in enumerate(rewards)]
+
+
+RISING = [0.0, 0.05, 0.1, 0.2, 0.4, 0.5, 0.6, 0.7]
+
+
+def test_alarm_names_the_heldout_metric_the_term_and_the_steps():
+    metric = [0.5, None, None, 0.45, None, None, None, 0.3]
+    said = findings(_history(RISING, heldout__official_mean=metric), 8, 0.05, 0.5, "heldout/official_mean")
+    assert said == [("heldout", "reward rose by 0.4625 over steps 1-8 while held-out official_mean fell from 0.5 (step 1) to "
+                    "0.3 (step 8)")]
+    # an error metric falls when it grows
+    assert findings(_history(RISING, heldout__m=[3, 0, 0, 0, 0, 0, 0, 2.0]), 8, 0.05, 0.5, "heldout/m",
+                    higher_better=False) == []
+    format_term = [0.1, 0.3, 0.6, 0.9, 1.0, 1.0, 1.0, 1.0]
+    choice = [0.5, 0.5, 0.4, 0.4, 0.2, 0.1, 0.1, 0.0]
+    said = findings(_history(RISING, reward_term__classification__format_flare=format_term,
+                             reward_term__classification__choice=choice), 8, 0.05, 0.5, None)
+    assert len(said) == 1 and said[0][0] == "saturated reward_term/classification/format_flare"
+    assert "term classification/format_flare saturated at 1 from step 5 while classification/choice fell" in said[0][1]
+
+
+def test_alarm_on_length_collapse_and_the_cap_but_only_while_the_reward_rises():
+    lengths = [100, 100, 90, 80, 40, 30, 20, 20]
+    said = findings(_history(RISING, completions__mean_length=lengths), 8, 0.05, 0.5, None)
+    assert said[0][0] == "length collapse"
+    assert "completion length collapsed from 92.5 tokens (first steps) to 27.5 (steps 5-8)" in said[0][1]
+    capped = [0.0, 0.0, 0.2, 0.4, 0.75, 1.0, 1.0, 0.5]
+    assert "most groups hit rl.max_completion_length in 3 of steps 5-8" in findings(
+        _history(RISING, completions__groups_at_cap=capped), 8, 0.05, 0.5, None)[0][1]
+    flat = [0.3, 0.32, 0.29, 0.31, 0.3, 0.28, 0.31, 0.3]  # noisy but not rising: a truncated policy, no hack
+    assert findings(_history(flat, completions__mean_length=lengths, completions__groups_at_cap=capped), 8, 0.05,
+                    0.5, None) == []
+    assert findings(_history(RISING[:4]), 8, 0.05, 0.5, None) == []  # fewer steps than the window
+
+
+def test_the_heldout_subset_is_stratified_and_fixed():
+    records = [{"id": f"{d}-{i}", "dataset": d, "task_type": t, "answer": "x"}
+               for t, ds in (("classification", ("a", "b")), ("regression", ("c",))) for d in ds for i in range(5)]
+    picked = stratified_subset(records, ["classification", "regression"], 4)
+    assert [r["task_type"] for r in picked].count("classification") == 4
+    assert {r["dataset"] for r in picked if r["task_type"] == "classification"} == {"a", "b"}
+    assert {r["id"] for r in stratified_subset(records[::-1], ["classification", "regression"], 4)} == \
+        {r["id"] for r in picked}  # the file's order does not decide
+    result = {"official": {"classification": {"balanced_accuracy": 0.5}, "multi_label": {"f1_score": 0.3},
+                           "regression": {"mean_absolute_error": 9.0}, "report_generation": {"green_score": None}},
+              "by_task": {"report_generation": {"rouge_l": 0.2}}}
+    assert monitored_value(result, "official_mean") == pytest.approx(0.4)
+    assert monitored_value(result, "report_generation.rouge_l") == 0.2
+
+
+def test_rollouts_html_shows_thumbnails_terms_and_filters(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (64, 48), "white").save(tmp_path / "x.png")
+    rows = [{"id": i, "task_type": t, "dataset": "d", "answer": "A", "image_paths": ["x.png"]}
+            for i, t in (("r1", "classification"), ("r1", "classification"), ("r2", "regression"),
+                         ("r2", "regression"), ("r3", "classification"), ("r3", "classification"))]
+    samples = [{"text": f"answer <{i}>", "terms": {"choice": i / 5}, "total": i / 5} for i in range(6)]
+    entries = group_entries(3, rows, samples, [0.1] * 6, [4, 8, 8, 8, 2, 3], 8, {"classification": {"choice": 1}}, 2)
+    assert [e["id"] for e in entries] == ["r1", "r2"]  # one group per task type first
+    assert entries[0]["completions"][1] == {"text": "answer <1>", "terms": {"choice": 0.2}, "total": 0.2,
+                                            "advantage": 0.1, "length": 8, "at_cap": True}
+    rollouts = RolloutLog(tmp_path, 1, 2, 1.0, tmp_path)
+    rollouts.append(entries)
+    rollouts.append(entries)  # the same step again (a resumed run): kept once
+    assert len(read_rollouts(tmp_path / "rollouts.jsonl")) == 2
+    page = (tmp_path / "rollouts.html").read_text()
+    assert page.count("data:image/jpeg;base64,") == 2 and "answer &lt;1&gt;" in page
+    assert '<option value="regression">' in page and 'data-step="3"' in page and "hsl(" in page
+    small = RolloutLog(tmp_path / "small", 1, 2, 0.0001, tmp_path)
+    (tmp_path / "small").mkdir()
+    small.append(entries)  # over the size bound: nothing written, said once
+    assert not (tmp_path / "small" / "rollouts.jsonl").exists() and small.full_said
+
+
+def test_bad_monitor_settings_are_named():
+    from flare_exp.rl_monitor.callbacks import check_monitor_settings  # called by rl.check_settings
+
+    with pytest.raises(ValueError, match="rl.metric_for_best_model='balanced_accuracy'"):
+        check_monitor_settings(compose_cfg(["rl.metric_for_best_model=balanced_accuracy"]).rl)
+    with pytest.raises(ValueError, match="rl.eval_steps=0"):
+        check_monitor_settings(compose_cfg(["rl.optuna_trial=3", "rl.optuna_study=/x"]).rl)
+    check_monitor_settings(compose_cfg(["rl.metric_for_best_model=classification.balanced_accuracy"]).rl)
+
+
+def test_optuna_prunes_a_trailing_trial_and_the_study_report_shows_it(tmp_path):
+    """A journal study with the median pruner: a trial whose in-training metric trails the finished ones at the
+    same step is pruned through trial_pruner (as a trial's rl job calls it), told PRUNED from its rl_summary.json,
+    and study.md lists it with the steps saved."""
+    import optuna
+
+    from flare_exp.io import write_json
+    from flare_exp.optuna_report import write_study_report
+    from flare_exp.optuna_search import JOURNAL, STUDY_FILE, make_pruner, open_storage, tell_pruned, trial_pruner
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    setting = {"name": "median", "n_startup_trials": 2, "n_warmup_steps": 0}
+    study = optuna.create_study(study_name="s", storage=open_storage(None, tmp_path), direction="maximize",
+                                pruner=make_pruner(setting))
+    write_json(tmp_path / STUDY_FILE, {"study_name": "s", "storage": str(tmp_path / JOURNAL), "objectives": ["m"],
+                                       "directions": ["maximize"], "pruner": setting})
+    for value in (0.5, 0.7):
+        trial = study.ask({"w": optuna.distributions.FloatDistribution(0, 1)})
+        assert not trial_pruner(tmp_path / STUDY_FILE, trial.number)(10, value)
+        study.tell(trial, value)
+    losing = study.ask({"w": optuna.distributions.FloatDistribution(0, 1)})
+    report = trial_pruner(tmp_path / STUDY_FILE, losing.number)
+    assert report(10, 0.2)  # below the median of the finished trials at step 10
+    job = tmp_path / str(losing.number)
+    write_json(job / "rl" / "rl_summary.json", {"pruned_at_step": 10, "steps_saved": 90})
+    assert tell_pruned(study, losing, job)
+    summary = write_study_report(tmp_path, tmp_path / "report")
+    assert summary["pruned_trials"] == 1 and summary["steps_saved"] == 90
+    text = (tmp_path / "report" / "study.md").read_text()
+    assert "1 pruned" in text and "## Pruned trials (1; 90 training steps saved)" in text
+    assert "pruned at step 10 (in-training metric 0.2), 90 steps saved" in text
+    with pytest.raises(ValueError, match="hydra.sweeper.pruner.name='mediam'"):
+        make_pruner({"name": "mediam"})
+
+
+def test_grpo_writes_rollouts_heldout_metrics_and_best(base_overrides, sft_adapter, tmp_path):
+    """Two tiny GRPO steps: groups with every term in rollouts.jsonl / .html, the held-out subset decoded and
+    scored at each step (eval's numbers in the log, the summary and the curves), best/ kept."""
+    from flare_exp.main import run
+
+    cfg = compose_cfg(["stage=rl", *base_overrides, f"rl.init_from={sft_adapter}", "rl.max_steps=2",
+                       "rl.per_device_train_batch_size=4", "rl.num_generations=2", "rl.max_completion_length=8",
+                       "rl.save_steps=10", "rl.log_rollouts_steps=1", "rl.eval_steps=1", "rl.eval_per_task=1",
+                       "rl.metric_for_best_model=report_generation.rouge_l"])
+    summary = run(cfg, run_dir=tmp_path / "rl")
+    out = tmp_path / "rl"
+    groups = read_rollouts(out / "rollouts.jsonl")
+    assert {g["step"] for g in groups} == {1, 2} and all(len(g["completions"]) == 2 for g in groups)
+    first = groups[0]
+    assert first["images"] and first["reference"] and set(first["completions"][0]) == {
+        "text", "terms", "total", "advantage", "length", "at_cap"}
+    assert set(first["completions"][0]["terms"]) == set(first["weights"])  # every weighted term, raw
+    assert "data:image/jpeg;base64," in (out / "rollouts.html").read_text()
+    subset = json.loads((out / "heldout_subset.json").read_text())
+    assert len(subset) == 4  # one per task type trained (the demo has all four)
+    history = [h for h in json.loads((out / "log_history.json").read_text()) if "reward" in h]
+    assert all("heldout/report_generation/rouge_l" in h and "heldout/classification/balanced_accuracy" in h
+               for h in history)
+    predictions = (out / "heldout" / "step-2" / "predictions.jsonl").read_text().splitlines()
+    assert len(predictions) == 4
+    assert summary["heldout_metric"] == "report_generation.rouge_l" and summary["best_step"] in (1, 2)
+    assert (out / "best" / "adapter_config.json").exists() and (out / "rl_curves.png").exists()
+    meta = json.loads((out / "best" / "flare_exp_checkpoint.json").read_text())
+    assert meta["step"] == summary["best_step"] and meta["metric_value"] == summary["best_value"]
+
+
+@pytest.mark.slow  # a whole Optuna search through launch.py
+def test_a_demo_search_prunes_a_trailing_trial_and_sweep_report_shows_it(session_dir, tmp_path, sft_adapter):
+    """Three trials one at a time over the learning rate (a grid, so the order is fixed: a small one first, then
+    two that wreck the tiny policy in one step), each evaluating its held-out subset after every step, no warmup:
+    the median pruner stops at least one, whose infer and eval never run, and the study report lists it with the
+    steps saved."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    run_name = "prune"
+    args = ["-m", "hydra/sweeper=optuna", "hydra/launcher=local", f"paths.cache_dir={session_dir / 'cache'}",
+            f"paths.output_root={tmp_path / 'out'}", "stage=pipeline", "stage.steps=[rl,infer,eval]",
+            f"rl.init_from={sft_adapter}", "rl.max_steps=2", "rl.warmup_ratio=0", "rl.max_completion_length=8", "rl.eval_steps=1",
+            "rl.eval_per_task=3", "rl.eval_max_new_tokens=8", "rl.log_rollouts_steps=0",
+            "rl.metric_for_best_model=report_generation.bleu_1", "infer.num_samples=8", "infer.max_new_tokens=8",
+            "eval.radgraph=false", "rl.learning_rate=choice(0.0001,0.3,0.1)", "hydra.sweeper.sampler.name=grid",
+            "hydra.sweeper.n_trials=3", "hydra.sweeper.n_jobs=1", "hydra.sweeper.objectives=[report_generation.bleu_1]",
+            "hydra.sweeper.pruner.n_startup_trials=1", f"run_name={run_name}"]
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    done = subprocess.run([sys.executable, "launch.py", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    sweep = tmp_path / "out" / "sweeps" / run_name
+    report = subprocess.run([sys.executable, "launch.py", "stage=sweep_report", f"sweep_report.sweep_dir={sweep}",
+                             f"paths.output_root={tmp_path / 'out'}"], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert report.returncode == 0, report.stderr[-3000:]
+    study = (sweep / "report" / "study.md").read_text()
+    pruned = [d for d in sweep.iterdir() if (d / "rl" / "rl_summary.json").exists() and
+              json.loads((d / "rl" / "rl_summary.json").read_text()).get("pruned_at_step")]
+    assert pruned and not any((d / "eval").exists() for d in pruned), study
+    assert "## Pruned trials" in study and "steps saved" in study and "rl.optuna_trial" not in study
+
+
+@pytest.mark.slow  # two 5-6 step GRPO runs
+def test_the_alarm_fires_on_a_gameable_reward_and_stays_quiet_on_the_default(base_overrides, sft_adapter, tmp_path):
+    """Classification prompts on the tiny model. The gameable reward pays format_flare (a one-word answer in
+    the reference's style, right or wrong) and almost nothing for the right letter: its reward rises while every
+    completion is cut at the cap and the choice term stays at 'missing' -- the alarm fires and, with
+    rl.stop_on_alarm, stops the run there. The default reward (choice only) stays flat: no alarm."""
+    from flare_exp.main import run
+
+    common = ["stage=rl", *base_overrides, f"rl.init_from={sft_adapter}", "rl.per_device_train_batch_size=8",
+              "rl.num_generations=4", "rl.max_completion_length=8", "rl.learning_rate=5e-3", "rl.save_steps=100",
+              "rl.log_rollouts_steps=0", "rl.task_types=[classification]", "rl.alarm_window=4"]
+    gamed = run(compose_cfg([*common, "rl.max_steps=6", "rl.stop_on_alarm=true",
+                             "+reward.classification.weights.format_flare=1.0",
+                             "reward.classification.weights.choice=0.01"]), run_dir=tmp_path / "gamed")
+    assert [a["kind"] for a in gamed["alarms"]] == ["length cap"]
+    assert gamed["alarms"][0]["finding"].startswith("reward rose by") and gamed["global_step"] == gamed["alarms"][0]["step"] < 6
+    assert json.loads((tmp_path / "gamed" / "alarms.json").read_text()) == gamed["alarms"]
+    default = run(compose_cfg([*common, "rl.max_steps=5"]), run_dir=tmp_path / "default")
+    assert default["alarms"] == [] and not (tmp_path / "default" / "alarms.json").exists()

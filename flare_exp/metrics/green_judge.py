@@ -200,11 +200,17 @@ class GreenJudge:
         for part in parts:
             part.unlink()
 
+    def input_tokens(self, references: list[str], candidates: list[str]) -> list[int]:
+        """Each judge input's token count before truncation (the package's judgment has no room from
+        ``max_length`` on)."""
+        texts = [self.render(make_prompt(r, c)) for r, c in zip(references, candidates)]
+        return [len(ids) for ids in self.tokenizer(texts)["input_ids"]] if texts else []
+
     def score(self, references: list[str], candidates: list[str]) -> tuple[dict, list[dict]]:
         outputs = self.judge(references, candidates)
         per_sample = []
-        for ref, cand, text in zip(references, candidates, outputs):
+        for ref, cand, text, tokens in zip(references, candidates, outputs, self.input_tokens(references, candidates)):
             counts = parse_green(text, self.parser)
-            per_sample.append({"reference": ref, "candidate": cand, "judge_output": text, **counts,
-                               "green": green_score(counts)})
+            per_sample.append({"reference": ref, "candidate": cand, "judge_output": text, "judge_input_tokens": tokens,
+                               **counts, "green": green_score(counts)})
         return {"green_parser": self.parser, **summarise(per_sample)}, per_sample

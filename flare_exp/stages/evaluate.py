@@ -86,7 +86,7 @@ class ReportScorers:
 
 
 def report_metrics(rows: list[dict], scorers: ReportScorers, label: str) -> tuple[dict, list | None]:
-    """Report-text metrics; also the per-sample GREEN scores (None when no judge is configured)."""
+    """Report-text metrics; also the GREEN judge's per-sample rows (None when no judge is configured)."""
     hyps, refs = [r["prediction"] for r in rows], [r["answer"] for r in rows]
     out = {"n": len(rows), **text.rouge(hyps, refs), **text.corpus_bleu(hyps, refs),
            "seed_bleu": text.seed_bleu(hyps, refs)}
@@ -127,7 +127,7 @@ def report_metrics(rows: list[dict], scorers: ReportScorers, label: str) -> tupl
     out.update(summary)
     write_jsonl(scorers.out_dir / f"green_samples_{label.replace('/', '_')}.jsonl",
                 [{"id": r["id"], **s} for r, s in zip(rows, per_sample)])
-    return out, [s["green"] for s in per_sample]
+    return out, per_sample
 
 
 def load_rows(path: Path, allow_partial: bool) -> tuple[list[dict], dict]:
@@ -205,6 +205,16 @@ def scored_rows(rows: list[dict]) -> list[dict]:
     return [{**r, "prediction": r["prediction"] if isinstance(r.get("prediction"), str) else ""} for r in rows]
 
 
+def official_green_of(scorers: ReportScorers, pairs: list, green_by_id: dict) -> dict | None:
+    """FLARE's green_score outcome for these (raw row, scored row) pairs, from the judge's rows (None: no judge)."""
+    if not green_by_id:
+        return None
+    from flare_exp.metrics.green import official_green
+
+    return official_green([raw.get("prediction") for raw, _ in pairs], [green_by_id[raw["id"]] for raw, _ in pairs],
+                          scorers.cfg.eval.green.max_length)
+
+
 def evaluate_file(path: Path, scorers: ReportScorers, allow_partial: bool = False) -> tuple[str, dict, dict, list]:
     """(label, metrics, per-sample official statistics by task: (ids, stats) for the significance tests and
     the scored sheet, the rows as read)."""
@@ -227,16 +237,17 @@ def evaluate_file(path: Path, scorers: ReportScorers, allow_partial: bool = Fals
         else:
             metrics, green = TASK_METRICS[task](group), None
         result["by_task"][task] = metrics
-        result["official"][task] = official.official_block(task, [r for r, _ in pairs], green)
+        result["official"][task] = official.official_block(task, [r for r, _ in pairs],
+                                                           official_green_of(scorers, pairs, green_by_id))
         if task != "report_generation":
             samples[task] = ([r["id"] for r in group], official.STATS[task](
                 [r.get("prediction", "") for r, _ in pairs], [r.get("answer", "") for r, _ in pairs]))
         elif green is not None:
-            samples[task] = ([r["id"] for r in group], official.green_stats(green))
+            samples[task] = ([r["id"] for r in group], official.green_stats([s["green"] for s in green]))
     for dataset, pairs in sorted(by_dataset.items()):
         task = pairs[0][1]["task_type"]
         group = [row for _, row in pairs]
-        green = [green_by_id[r["id"]] for r in group] if task == "report_generation" and green_by_id else None
+        green = official_green_of(scorers, pairs, green_by_id) if task == "report_generation" else None
         metrics = TASK_METRICS[task](group) if task != "report_generation" else dict(result["by_task"][task])
         block = official.official_block(task, [r for r, _ in pairs], green)
         result["by_dataset"][dataset] = {"task_type": task, **metrics}

@@ -1,0 +1,62 @@
+"""FLARE's official numbers at the edges: non-finite and huge regression values, GREEN where the package gives
+no number; the family-wise correction and the two paired tests checked against scipy."""
+import json
+import math
+
+import numpy as np
+import pytest
+
+from flare_exp.metrics import official
+from flare_exp.metrics.green import official_green, package_summary_fails
+
+
+def rows(preds, golds):
+    return [{"id": f"r{i}", "prediction": p, "answer": g} for i, (p, g) in enumerate(zip(preds, golds))]
+
+
+@pytest.mark.parametrize("pred", ["nan", "inf", "1e400", "-Infinity", float("nan"), json.loads("1e400")])
+def test_regression_non_finite_is_flares_abort_with_the_ids(pred):
+    block = official.official_block("regression", rows(["3", pred, "5"], ["3", "4", "5"]))
+    assert block["mean_absolute_error"] is None and block["aborted"] is True and block["abort_ids"] == ["r1"]
+    assert "scikit-learn" in block["note"]
+
+
+def test_regression_missing_value_is_infinite_even_beside_nan_and_huge_ints_do_not_crash():
+    # float() refused (a null) comes first in FLARE's evaluator: infinity, even with a NaN elsewhere
+    block = official.official_block("regression", rows([None, "nan"], ["3", "4"]))
+    assert math.isinf(block["mean_absolute_error"]) and "aborted" not in block
+    huge = json.loads("[" + "9" * 400 + "]")[0]  # a JSON integer too large for a float: OverflowError in float()
+    block = official.official_block("regression", rows([huge, "2"], ["3", "4"]))
+    assert math.isinf(block["mean_absolute_error"])
+    stats = official.regression_stats([huge, "nan", "2"], ["3", "4", "4"])
+    assert math.isinf(stats[0, 0]) and math.isnan(stats[1, 0]) and stats[2, 0] == 2
+    # finite values whose difference overflows: infinity, as scikit-learn gives it
+    assert math.isinf(official.official_block("regression", rows(["1e308"], ["-1e308"]))["mean_absolute_error"])
+    assert official.official_block("regression", rows(["1", "2"], ["2", "4"]))["mean_absolute_error"] == 1.5
+
+
+SIGNIFICANT_LETTERS = ("[Explanation]:\nx\n\n[Clinically Significant Errors]:\n" +
+                       "\n".join(f"({c}) {name[4:]}: 0." for c, name in zip("abcdef", __import__(
+                           "flare_exp.metrics.green", fromlist=["CATEGORY_NAMES"]).CATEGORY_NAMES)) +
+                       "\n\n[Matched Findings]:\n2. a; b\n")
+NUMBERED_ONLY = "[Clinically Significant Errors]:\n(1) False report: 1.\n\n[Matched Findings]:\n1. a\n"
+
+
+def _sample(output, tokens=100):
+    return {"judge_output": output, "judge_input_tokens": tokens}
+
+
+def test_official_green_is_none_where_the_package_raises():
+    good = [_sample(SIGNIFICANT_LETTERS), _sample("no sections at all")]
+    assert official_green(["a", "b"], good, 2048) == {"green_score": 0.5}
+    out = official_green(["a", None], good, 2048)
+    assert out["green_score"] is None and out["green_score_none"] == {"prediction not text (null or a number)": 1}
+    out = official_green(["a", "b"], [_sample(SIGNIFICANT_LETTERS), _sample("x", 2048)], 2048)
+    assert out["green_score"] is None and list(out["green_score_none"].values()) == [1]
+    # a judgment with numbered lines only switches the package's category names; the letters never come back
+    assert package_summary_fails([SIGNIFICANT_LETTERS, NUMBERED_ONLY])
+    assert not package_summary_fails([NUMBERED_ONLY, "no sections at all"])
+    assert not package_summary_fails([SIGNIFICANT_LETTERS, SIGNIFICANT_LETTERS])
+    out = official_green(["a", "b"], [_sample(SIGNIFICANT_LETTERS), _sample(NUMBERED_ONLY)], 2048)
+    assert out["green_score"] is None and "summary" in next(iter(out["green_score_none"]))
+    assert official.official_block("report_generation", rows(["a"], ["b"]), out)["green_score"] is None

@@ -333,6 +333,13 @@ class SignificanceConfig:
     # per official metric for every pair of runs, on the samples they share. 0 turns it off.
     resamples: int = 1000
     seed: int = 0
+    # Paired approximate randomization (the test RadEval reports) beside the permutation test: its trials;
+    # 0 turns it off.
+    ar_trials: int = 10000
+    # The correction across the family of tests in one report (every pair of runs x official metric):
+    # holm (family-wise error rate), bh (Benjamini-Hochberg, false discovery rate) or none. Raw and adjusted
+    # p-values are both reported.
+    correction: str = "holm"
 
 
 @dataclass

@@ -60,3 +60,59 @@ def test_official_green_is_none_where_the_package_raises():
     out = official_green(["a", "b"], [_sample(SIGNIFICANT_LETTERS), _sample(NUMBERED_ONLY)], 2048)
     assert out["green_score"] is None and "summary" in next(iter(out["green_score_none"]))
     assert official.official_block("report_generation", rows(["a"], ["b"]), out)["green_score"] is None
+
+
+def _scipy_two_sided(task, stats_a, stats_b):
+    """scipy's exact paired permutation p of the official metric (every swap of the n pairs)."""
+    from scipy.stats import permutation_test
+
+    table = np.concatenate([stats_a, stats_b])
+    n = len(stats_a)
+
+    def statistic(x, y):
+        return official.aggregate(task, table[y.astype(int)]) - official.aggregate(task, table[x.astype(int)])
+
+    return permutation_test((np.arange(n), np.arange(n) + n), statistic, permutation_type="samples",
+                            alternative="two-sided", n_resamples=np.inf).pvalue
+
+
+@pytest.mark.parametrize("task", ["regression", "classification", "multi_label"])
+def test_permutation_and_approximate_randomization_agree_with_scipy(task):
+    from flare_exp.metrics.significance import approximate_randomization, paired_test
+
+    rng = np.random.default_rng(3)
+    n = 11
+    if task == "regression":
+        a, b = rng.random((n, 1)), rng.random((n, 1)) + 0.25
+    elif task == "classification":
+        gold = rng.integers(0, 3, n)
+        a = np.stack([gold, rng.random(n) < 0.4], 1).astype(float)
+        b = np.stack([gold, rng.random(n) < 0.8], 1).astype(float)
+    else:
+        a, b = rng.integers(0, 3, (n, 3)).astype(float), rng.integers(0, 3, (n, 3)).astype(float)
+    expected = _scipy_two_sided(task, a, b)
+    assert 0.005 < expected < 0.9
+    assert paired_test(task, a, b, resamples=20000, seed=1)["p_value"] == pytest.approx(expected, abs=0.015)
+    assert approximate_randomization(task, a, b, trials=20000, seed=1) == pytest.approx(expected, abs=0.015)
+    assert approximate_randomization("regression", np.full((3, 1), np.inf), np.ones((3, 1))) is None
+
+
+def test_holm_and_benjamini_hochberg():
+    from scipy.stats import false_discovery_control
+
+    from flare_exp.metrics.significance import adjust_p_values, correct_family
+
+    p = [0.01, 0.04, None, 0.03, 0.005, 0.5]
+    # Holm by hand: sorted 0.005 0.01 0.03 0.04 0.5 (m=5) -> 0.025 0.04 0.09 0.09 0.5 (running maximum)
+    assert adjust_p_values(p, "holm") == pytest.approx([0.04, 0.09, None, 0.09, 0.025, 0.5])
+    known = [x for x in p if x is not None]
+    bh = [x for x in adjust_p_values(p, "bh") if x is not None]
+    assert bh == pytest.approx(list(false_discovery_control(known, method="bh")))
+    assert adjust_p_values(p, "none") == p
+    with pytest.raises(ValueError, match="eval.significance.correction='bonferoni'"):
+        adjust_p_values(p, "bonferoni")
+    tests = [{"p_value": 0.01, "ar_p_value": 0.02}, {"p_value": 0.04, "ar_p_value": 0.01}]
+    family = correct_family(tests, "holm")
+    assert family["size"] == 2 and "every pair of runs" in family["family"]
+    assert [t["p_value_adjusted"] for t in tests] == pytest.approx([0.02, 0.04])
+    assert [t["ar_p_value_adjusted"] for t in tests] == pytest.approx([0.02, 0.02])

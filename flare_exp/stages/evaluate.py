@@ -16,7 +16,7 @@ from pathlib import Path
 from flare_exp.io import read_jsonl, write_json, write_jsonl
 from flare_exp.metrics import official, tasks, text
 from flare_exp.metrics.report import write_reports
-from flare_exp.metrics.significance import bootstrap_interval
+from flare_exp.metrics.significance import adjust_p_values, bootstrap_interval, correct_family
 from flare_exp.runtime import DONE, abspath, barrier, infer_input_file, ranks
 
 log = logging.getLogger(__name__)
@@ -268,12 +268,13 @@ def flat_summary(results: dict) -> dict:
     return out
 
 
-def compare(results: dict, samples: dict, resamples: int, seed: int) -> tuple[list[dict], list[str]]:
-    """Paired tests for every pair of runs and official metric, on the ids both scored; and the warnings on
-    runs that were not scored on the same inputs."""
+def compare(results: dict, samples: dict, resamples: int, seed: int, ar_trials: int = 0) -> tuple[list[dict], list[str]]:
+    """Paired tests for every pair of runs and official metric, on the ids both scored (the bootstrap and
+    permutation test; approximate randomization with ``ar_trials``); and the warnings on runs that were not
+    scored on the same inputs."""
     from itertools import combinations
 
-    from flare_exp.metrics.significance import paired_test
+    from flare_exp.metrics.significance import approximate_randomization, paired_test
 
     tests, warnings = [], []
     for a, b in combinations(list(results), 2):
@@ -293,8 +294,12 @@ def compare(results: dict, samples: dict, resamples: int, seed: int) -> tuple[li
             if not shared or not resamples:
                 continue
             ka, kb = map(list, zip(*shared))
-            tests.append({"run_a": a, "run_b": b, "task": task,
-                          **paired_test(task, st_a[ka], st_b[kb], resamples=resamples, seed=seed)})
+            test = {"run_a": a, "run_b": b, "task": task,
+                    **paired_test(task, st_a[ka], st_b[kb], resamples=resamples, seed=seed)}
+            if ar_trials:
+                test["ar_p_value"] = approximate_randomization(task, st_a[ka], st_b[kb], ar_trials, seed)
+                test["ar_trials"] = ar_trials
+            tests.append(test)
     return tests, warnings
 
 
@@ -329,6 +334,7 @@ def run(cfg, out_dir: Path) -> dict:
     if not entries:
         raise ValueError("eval.predictions is empty: pass one or more predictions.jsonl files or infer run dirs, "
                          "e.g. eval.predictions=[outputs/runs/demo-infer]")
+    adjust_p_values([], cfg.eval.significance.correction)  # an unknown correction fails before any judging
     scorers = ReportScorers(cfg, out_dir)
     rank, world = ranks()
     if world > 1:  # every rank judges its share of the reports; rank 0 then scores with every judgment journaled
@@ -347,15 +353,17 @@ def run(cfg, out_dir: Path) -> dict:
     write_json(out_dir / "metrics.json", results)
     summary = flat_summary(results)
     write_json(out_dir / "metrics_summary.json", summary)
-    tests, warnings = compare(results, samples, cfg.eval.significance.resamples, cfg.eval.significance.seed) \
+    sig = cfg.eval.significance
+    tests, warnings = compare(results, samples, sig.resamples, sig.seed, sig.ar_trials) \
         if len(results) > 1 else ([], [])
+    family = correct_family(tests, sig.correction)
     for warning in warnings:
         log.warning("eval: %s", warning)
     if len(results) > 1:
-        write_json(out_dir / "significance.json", {"tests": tests, "warnings": warnings})
+        write_json(out_dir / "significance.json", {"family": family, "tests": tests, "warnings": warnings})
     intervals = {label: {task: bootstrap_interval(task, stats, cfg.eval.significance.resamples,
                                                   cfg.eval.significance.seed)
                          for task, (_, stats) in per_task.items()} for label, per_task in samples.items()}
-    write_reports(out_dir, results, tests, warnings, intervals)
+    write_reports(out_dir, results, tests, warnings, intervals, family)
     log.info("evaluation written to %s\n%s", out_dir, (out_dir / "report.md").read_text())
     return {"metrics": str(out_dir / "metrics.json"), "report": str(out_dir / "report.md"), **summary}

@@ -311,10 +311,15 @@ class KeywordMetricsConfig:
 @dataclass
 class GreenConfig:
     model_path: Optional[str] = None
-    # Prompts judged together (length-sorted). The package judges 8 at a time; the batch only changes speed.
-    # GREEN-radllama2-7b has no grouped-query attention: its KV cache is 0.5 MiB per token, so a batch of 16
-    # at the full 2,048 tokens is ~16 GiB beside its 13.5 GiB of fp16 weights. Lower it on small cards.
+    # Prompts judged together (length-sorted). The package judges 8 at a time in input order. The batch is not
+    # only speed: a batch shares one total length (max_length), so a judgment that reaches it is cut where its
+    # batch-mates leave it, and fp16 near-ties can flip (docs/metrics.md). GREEN-radllama2-7b has no grouped-
+    # query attention: its KV cache is 0.5 MiB per token, so a batch of 16 at the full 2,048 tokens is ~16 GiB
+    # beside its 13.5 GiB of fp16 weights. Lower it on small cards.
     batch_size: int = 16
+    # The package's batching for FLARE's number: 8 at a time in input order, repeats judged again, generate
+    # (unless decode_loop=graph), no max_new_tokens. Slower; every judgment as the package makes it.
+    exact: bool = False
     # The package's total length (prompt + judgment) and its input truncation.
     max_length: int = 2048
     # A tighter cap on the judgment's tokens; null = the package's (max_length minus the prompt).

@@ -116,3 +116,38 @@ def test_holm_and_benjamini_hochberg():
     assert family["size"] == 2 and "every pair of runs" in family["family"]
     assert [t["p_value_adjusted"] for t in tests] == pytest.approx([0.02, 0.04])
     assert [t["ar_p_value_adjusted"] for t in tests] == pytest.approx([0.02, 0.02])
+
+
+@pytest.fixture(scope="module")
+def tiny_green_judge(tmp_path_factory):
+    from flare_exp.fixtures.tiny_models import build_tiny_causal_lm
+
+    return build_tiny_causal_lm(tmp_path_factory.mktemp("green") / "judge")
+
+
+def test_green_exact_batches_as_the_package(tiny_green_judge, tmp_path, monkeypatch):
+    """exact: batches of 8 in input order, repeats judged again, each batch's budget set by its longest prompt;
+    a rerun judges only the batches with a judgment missing."""
+    from flare_exp.metrics.green_judge import GreenJudge
+
+    path, journal = tiny_green_judge, tmp_path / "green.jsonl"
+    refs = ["The heart is normal."] * 10
+    cands = ["Heart normal."] * 3 + ["Lungs clear " * (i + 1) for i in range(7)]
+    with pytest.raises(ValueError, match="eval.green.max_new_tokens null"):
+        GreenJudge.from_pretrained(path, "float32", exact=True, max_new_tokens=4)
+    judge = GreenJudge.from_pretrained(path, "float32", exact=True, max_length=330, journal=journal)
+    seen = []
+    monkeypatch.setattr(judge, "generate", lambda texts: (seen.append(list(texts)), ["out"] * len(texts))[1])
+    assert judge.judge(refs, cands) == ["out"] * 10 and judge.batch_size == 8 and judge.graph is None
+    rendered = [judge.render(__import__("flare_exp.metrics.green", fromlist=["make_prompt"]).make_prompt(r, c))
+                for r, c in zip(refs, cands)]
+    assert seen == [rendered[:8], rendered[8:]]  # input order, the repeated pair judged three times
+    lines = journal.read_text().splitlines()
+    journal.write_text("\n".join(lines[:9]) + "\n")  # the second batch's last judgment lost
+    seen.clear()
+    assert judge.judge(refs, cands) == ["out"] * 10 and seen == [rendered[8:]]
+    default = GreenJudge.from_pretrained(path, "float32", batch_size=16)
+    monkeypatch.setattr(default, "generate", lambda texts: (seen.append(list(texts)), ["out"] * len(texts))[1])
+    seen.clear()
+    default.judge(refs, cands)
+    assert len(seen) == 1 and len(seen[0]) == 8 and seen[0][0] == rendered[-1]  # distinct, longest first

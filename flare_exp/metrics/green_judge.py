@@ -5,10 +5,15 @@ how the same greedy tokens are produced:
 - ``decode_loop=generate``: transformers' ``generate`` with a dynamic cache, the package's way;
 - ``decode_loop=graph``: the graph decode loop (static KV cache, one compiled step per token on a GPU);
 - ``auto``: graph on a GPU, generate on the CPU.
-Prompts are sorted by length (less padding) and judged ``batch_size`` at a time. Greedy picks are the same in
-both loops (tested); in fp16 on a GPU a different batch composition can flip a near-tie, which the benchmark
-reports as the share of identical judgments. Every judgment is journaled as soon as its batch finishes, so a
-preempted eval resumes, and a pair already judged is not judged again.
+Prompts are sorted by length (less padding), a repeated pair judged once, ``batch_size`` at a time. Greedy
+picks are the same in both loops (tested). The batch is not only a matter of speed: a batch's total length is
+``max_length`` for all its members (the package's ``generate(max_length=...)``), so a judgment that reaches that
+budget is cut where its batch-mates' longest prompt leaves it; and in fp16 on a GPU another batch composition
+can flip a near-tie (the benchmark reports the share of identical judgments). ``exact=True`` judges as the
+package does for FLARE's number: 8 at a time in input order, repeats included, ``generate`` unless the graph
+loop is asked for by name, no cap but ``max_length``. Every judgment is journaled as soon as its batch
+finishes, so a preempted eval resumes, and a pair already judged (in exact mode: the same pair at the same
+place of the same batch) is not judged again.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ from flare_exp.runtime import check_choice
 
 log = logging.getLogger(__name__)
 JUDGE_DTYPES = ("float16", "bfloat16", "float32")
+PACKAGE_BATCH = 8  # the package's batch size, as FLARE's evaluator calls it
 
 
 @contextlib.contextmanager
@@ -49,16 +55,23 @@ def quiet_right_padding_warning():
 class GreenJudge:
     def __init__(self, model, tokenizer, batch_size: int = 8, max_length: int = 2048,
                  max_new_tokens: int | None = None, decode_loop: str = "auto", parser: str = "package",
-                 journal: str | Path | None = None, identity: str = ""):
+                 journal: str | Path | None = None, identity: str = "", exact: bool = False):
         """A loaded judge (``from_pretrained`` loads one as the package does). max_length: the package's total
         length (prompt + judgment) and its input truncation; max_new_tokens: a tighter cap on the judgment
         (None: the package's, max_length minus the batch's prompt). identity: what names the judge in the
-        journal's keys (its path and settings)."""
+        journal's keys (its path and settings). exact: the package's batching (module doc)."""
         check_choice("eval.green.decode_loop", decode_loop, DECODE_LOOPS)
         parse_green("", parser)  # an unknown parser fails here, before any judging
+        if exact and max_new_tokens is not None:
+            raise ValueError("eval.green.exact=true judges as the package does: leave eval.green.max_new_tokens "
+                             f"null (it is {max_new_tokens})")
         self.model, self.tokenizer, self.device = model, tokenizer, str(model.device)
-        self.batch_size, self.max_length, self.max_new_tokens = batch_size, max_length, max_new_tokens
+        self.exact = exact
+        self.batch_size = PACKAGE_BATCH if exact else batch_size
+        self.max_length, self.max_new_tokens = max_length, max_new_tokens
         self.parser = parser
+        if exact and decode_loop == "auto":
+            decode_loop = "generate"
         on_gpu = self.device.startswith("cuda")
         self.graph = GraphLoop("eval.green.decode_loop", on_gpu, decode_loop) if graph_loop_chosen(
             "eval.green.decode_loop", decode_loop, "hf", on_gpu) else None
@@ -160,23 +173,19 @@ class GreenJudge:
         from tqdm.auto import tqdm
 
         texts = [self.render(make_prompt(r, c)) for r, c in zip(references, candidates)]
-        keys = [self.key(t) for t in texts]
         judged = self._judged()
-        todo = [(key, text) for key, text in dict(zip(keys, texts)).items() if key not in judged]
-        # similar lengths share a batch (less padding); the longest first, so a too-large batch fails first
-        todo.sort(key=lambda item: len(item[1]), reverse=True)
+        keys, batches = self._batches(texts, judged)
         if share is not None:
-            todo = todo[share[0]::share[1]]
-        if judged and todo:
-            log.info("GREEN judge: %d judgments reused from %s, %d to go", len(set(keys)) - len(todo),
-                     self.journal, len(todo))
+            batches = batches[share[0]::share[1]]
+        left = sum(len(b) for b in batches)
+        if judged and left:
+            log.info("GREEN judge: %d judgments reused from %s, %d to go", len(set(keys)) - left, self.journal, left)
         journal = self._journal_of(share[0] if share else None)
         if journal:
             journal.parent.mkdir(parents=True, exist_ok=True)
         with (open(journal, "a", encoding="utf-8") if journal else contextlib.nullcontext()) as f:
-            for start in tqdm(range(0, len(todo), self.batch_size), desc="GREEN judge", unit="batch",
-                              disable=len(todo) <= self.batch_size):
-                batch_keys, batch = zip(*todo[start:start + self.batch_size])
+            for todo in tqdm(batches, desc="GREEN judge", unit="batch", disable=len(batches) <= 1):
+                batch_keys, batch = zip(*todo)
                 for key, output in zip(batch_keys, self.generate(list(batch))):
                     judged[key] = output
                     if f:
@@ -184,6 +193,22 @@ class GreenJudge:
                 if f:
                     f.flush()
         return [] if share is not None else [judged[k] for k in keys]
+
+    def _batches(self, texts: list[str], judged: dict) -> tuple[list[str], list[list[tuple[str, str]]]]:
+        """Every text's journal key, and the batches still to judge as (key, text) lists. Default: each distinct
+        text once, the longest first (similar lengths share a batch, less padding; a too-large batch fails
+        first). Exact: the package's batches of 8 in input order, a batch judged again whole when any of its
+        judgments is missing (its members' budgets depend on one another); a key names the batch and place."""
+        if not self.exact:
+            keys = [self.key(t) for t in texts]
+            todo = [(key, text) for key, text in dict(zip(keys, texts)).items() if key not in judged]
+            todo.sort(key=lambda item: len(item[1]), reverse=True)
+            return keys, [todo[i:i + self.batch_size] for i in range(0, len(todo), self.batch_size)]
+        batches = [texts[i:i + self.batch_size] for i in range(0, len(texts), self.batch_size)]
+        keyed = [[(self.key("\x00".join(batch) + f"\x00{place}"), text) for place, text in enumerate(batch)]
+                 for batch in batches]
+        return ([key for batch in keyed for key, _ in batch],
+                [batch for batch in keyed if any(key not in judged for key, _ in batch)])
 
     def merge_shares(self) -> None:
         """The ranks' journals appended to the judge's one journal, then removed (rank 0, after every rank)."""

@@ -333,6 +333,20 @@ class GreenConfig:
 
 
 @dataclass
+class CrimsonConfig:
+    # CRIMSON's judge (rajpurkarlab/medgemma-4b-it-crimson, downloaded): null = CRIMSON not computed.
+    model_path: Optional[str] = None
+    # Reports judged together (length-sorted, left-padded); 1 is the package's way (its pipeline, one at a time).
+    batch_size: int = 8
+    # A tighter cap on a judgment's tokens; null = the package's (the judge's generation_config.json, else 8192).
+    max_new_tokens: Optional[int] = None
+    dtype: str = "bfloat16"  # the package's; float16 | float32
+    # auto: the graph decode loop on a GPU where the judge allows it (not MedGemma: sliding-window layers),
+    # generate elsewhere; generate; graph (an error where the judge does not allow it).
+    decode_loop: str = "auto"
+
+
+@dataclass
 class SignificanceConfig:
     # Comparison mode (several predictions files): paired bootstrap intervals and a paired permutation test
     # per official metric for every pair of runs, on the samples they share. 0 turns it off.
@@ -362,6 +376,7 @@ class EvalConfig:
     # One predictions.jsonl, or several (comparison mode), or run dirs holding one.
     predictions: List[str] = field(default_factory=list)
     green: GreenConfig = field(default_factory=GreenConfig)
+    crimson: CrimsonConfig = field(default_factory=CrimsonConfig)
     significance: SignificanceConfig = field(default_factory=SignificanceConfig)
     radgraph: bool = True
     chexbert: CheXbertConfig = field(default_factory=CheXbertConfig)

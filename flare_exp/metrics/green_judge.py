@@ -18,14 +18,13 @@ place of the same batch) is not judged again.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 from pathlib import Path
 
-from flare_exp.io import read_journal
 from flare_exp.metrics.green import GREEN_CHAT_TEMPLATE, clean_response, green_score, make_prompt, parse_green, \
     summarise
+from flare_exp.metrics.judge_journal import JournaledJudge
 from flare_exp.models.decoding import DECODE_LOOPS, GraphLoop, graph_loop_chosen
 from flare_exp.runtime import check_choice
 
@@ -52,7 +51,8 @@ def quiet_right_padding_warning():
         logger.removeFilter(quiet)
 
 
-class GreenJudge:
+class GreenJudge(JournaledJudge):
+    name = "GREEN judge"
     def __init__(self, model, tokenizer, batch_size: int = 8, max_length: int = 2048,
                  max_new_tokens: int | None = None, decode_loop: str = "auto", parser: str = "package",
                  journal: str | Path | None = None, identity: str = "", exact: bool = False):
@@ -113,8 +113,8 @@ class GreenJudge:
                              max_length=self.max_length)
         return {k: v.to(self.device) for k, v in enc.items() if k != "token_type_ids"}
 
-    def key(self, text: str) -> str:
-        return hashlib.sha256((self.identity + "\n" + text).encode()).hexdigest()
+    def render_pair(self, reference: str, candidate: str) -> str:
+        return self.render(make_prompt(reference, candidate))
 
     def new_token_budget(self, prompt_length: int) -> int:
         budget = self.max_length - prompt_length
@@ -148,87 +148,10 @@ class GreenJudge:
         decoded = self.tokenizer.batch_decode(sequences, skip_special_tokens=True)
         return [clean_response(text) for text in decoded]
 
-    def _journal_of(self, rank: int | None):
-        """The judgments' journal, or one rank's own (``<journal>.rank<N>.jsonl``) in a data-parallel eval."""
-        if self.journal is None or rank is None:
-            return self.journal
-        return self.journal.with_name(f"{self.journal.stem}.rank{rank}{self.journal.suffix}")
-
-    def _rank_journals(self) -> list[Path]:
-        return sorted(self.journal.parent.glob(f"{self.journal.stem}.rank*{self.journal.suffix}"))
-
-    def _judged(self) -> dict[str, str]:
-        """Every judgment journaled so far: the merged journal and any rank's (a resume may use another number
-        of ranks)."""
-        if self.journal is None:
-            return {}
-        judged = {k: row["judge_output"] for k, row in read_journal(self.journal, "key").items()}
-        for part in self._rank_journals():
-            judged.update({k: row["judge_output"] for k, row in read_journal(part, "key").items()})
-        return judged
-
-    def judge(self, references: list[str], candidates: list[str], share: tuple[int, int] | None = None) -> list[str]:
-        """The judgments of the pairs, reused from the journal where there. ``share=(rank, world)``: judge only
-        this rank's share of what is left, into its own journal (``merge_shares`` joins them); returns []."""
-        from tqdm.auto import tqdm
-
-        texts = [self.render(make_prompt(r, c)) for r, c in zip(references, candidates)]
-        judged = self._judged()
-        keys, batches = self._batches(texts, judged)
-        if share is not None:
-            batches = batches[share[0]::share[1]]
-        left = sum(len(b) for b in batches)
-        if judged and left:
-            log.info("GREEN judge: %d judgments reused from %s, %d to go", len(set(keys)) - left, self.journal, left)
-        journal = self._journal_of(share[0] if share else None)
-        if journal:
-            journal.parent.mkdir(parents=True, exist_ok=True)
-        with (open(journal, "a", encoding="utf-8") if journal else contextlib.nullcontext()) as f:
-            for todo in tqdm(batches, desc="GREEN judge", unit="batch", disable=len(batches) <= 1):
-                batch_keys, batch = zip(*todo)
-                for key, output in zip(batch_keys, self.generate(list(batch))):
-                    judged[key] = output
-                    if f:
-                        f.write(json.dumps({"key": key, "judge_output": output}, ensure_ascii=False) + "\n")
-                if f:
-                    f.flush()
-        return [] if share is not None else [judged[k] for k in keys]
-
-    def _batches(self, texts: list[str], judged: dict) -> tuple[list[str], list[list[tuple[str, str]]]]:
-        """Every text's journal key, and the batches still to judge as (key, text) lists. Default: each distinct
-        text once, the longest first (similar lengths share a batch, less padding; a too-large batch fails
-        first). Exact: the package's batches of 8 in input order, a batch judged again whole when any of its
-        judgments is missing (its members' budgets depend on one another); a key names the batch and place."""
-        if not self.exact:
-            keys = [self.key(t) for t in texts]
-            todo = [(key, text) for key, text in dict(zip(keys, texts)).items() if key not in judged]
-            todo.sort(key=lambda item: len(item[1]), reverse=True)
-            return keys, [todo[i:i + self.batch_size] for i in range(0, len(todo), self.batch_size)]
-        batches = [texts[i:i + self.batch_size] for i in range(0, len(texts), self.batch_size)]
-        keyed = [[(self.key("\x00".join(batch) + f"\x00{place}"), text) for place, text in enumerate(batch)]
-                 for batch in batches]
-        return ([key for batch in keyed for key, _ in batch],
-                [batch for batch in keyed if any(key not in judged for key, _ in batch)])
-
-    def merge_shares(self) -> None:
-        """The ranks' journals appended to the judge's one journal, then removed (rank 0, after every rank)."""
-        if self.journal is None:
-            return
-        parts = self._rank_journals()
-        known = set(read_journal(self.journal, "key"))
-        with open(self.journal, "a", encoding="utf-8") as out:
-            for part in parts:
-                for key, row in read_journal(part, "key").items():
-                    if key not in known:
-                        out.write(json.dumps(row, ensure_ascii=False) + "\n")
-                        known.add(key)
-        for part in parts:
-            part.unlink()
-
     def input_tokens(self, references: list[str], candidates: list[str]) -> list[int]:
         """Each judge input's token count before truncation (the package's judgment has no room from
         ``max_length`` on)."""
-        texts = [self.render(make_prompt(r, c)) for r, c in zip(references, candidates)]
+        texts = [self.render_pair(r, c) for r, c in zip(references, candidates)]
         return [len(ids) for ids in self.tokenizer(texts)["input_ids"]] if texts else []
 
     def score(self, references: list[str], candidates: list[str]) -> tuple[dict, list[dict]]:

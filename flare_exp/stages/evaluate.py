@@ -37,7 +37,7 @@ class ReportScorers:
 
     def __init__(self, cfg, out_dir: Path):
         self.cfg, self.out_dir = cfg, out_dir
-        self._radgraph = self._green = self._chexbert = self._keyword = None
+        self._radgraph = self._green = self._crimson = self._chexbert = self._keyword = None
 
     def radgraph(self):
         rg = self.cfg.reward.radgraph
@@ -85,6 +85,35 @@ class ReportScorers:
         return self._green
 
 
+    def crimson(self):
+        if not self.cfg.eval.crimson.model_path:
+            return None
+        if self._crimson is None:
+            from flare_exp.metrics.crimson_judge import CrimsonJudge
+
+            c = self.cfg.eval.crimson
+            self._crimson = CrimsonJudge.from_pretrained(
+                abspath(c.model_path), c.dtype, batch_size=c.batch_size, max_new_tokens=c.max_new_tokens,
+                decode_loop=c.decode_loop, journal=self.out_dir / "crimson_judgments.jsonl")  # a rerun resumes here
+        return self._crimson
+
+    def judges(self) -> list:
+        """The report judges configured (GREEN, CRIMSON), loaded."""
+        return [judge for judge in (self.green(), self.crimson()) if judge is not None]
+
+
+def crimson_metrics(rows: list[dict], scorers: ReportScorers, label: str) -> dict:
+    """CRIMSON's fields (FLARE 2026's second judge), and its per-sample file; a note when no judge is set."""
+    judge = scorers.crimson()
+    if judge is None:
+        return {"crimson_score": None,
+                "crimson_note": "not computed: eval.crimson.model_path is not set (no CRIMSON judge configured)"}
+    summary, per_sample = judge.score([r["answer"] for r in rows], [r["prediction"] for r in rows])
+    write_jsonl(scorers.out_dir / f"crimson_samples_{label.replace('/', '_')}.jsonl",
+                [{"id": r["id"], **s} for r, s in zip(rows, per_sample)])
+    return summary
+
+
 def report_metrics(rows: list[dict], scorers: ReportScorers, label: str) -> tuple[dict, list | None]:
     """Report-text metrics; also the GREEN judge's per-sample rows (None when no judge is configured)."""
     hyps, refs = [r["prediction"] for r in rows], [r["answer"] for r in rows]
@@ -118,6 +147,7 @@ def report_metrics(rows: list[dict], scorers: ReportScorers, label: str) -> tupl
         uap = scorers.cfg.eval.chexbert.uncertain_as_positive
         out.update(efficacy(binarise(labeler.label(hyps), uap), binarise(labeler.label(refs), uap)))
         out["chexbert_uncertain_as"] = "positive" if uap else "negative"
+    out.update(crimson_metrics(rows, scorers, label))
     judge = scorers.green()
     if judge is None:
         out["green_score"] = None
@@ -316,17 +346,19 @@ def write_scored_sheet(path: Path, rows: list[dict], label: str, samples: dict) 
 
 
 def judge_shares(cfg, scorers: ReportScorers, entries: list, rank: int, world: int) -> None:
-    """A data-parallel eval: each rank's GREEN judge takes its share of every file's reports (its own journal),
-    then rank 0 merges the journals. The other metrics are computed by rank 0 alone (they take seconds)."""
-    judge = scorers.green()
-    if judge is not None:
+    """A data-parallel eval: each rank's report judges (GREEN, CRIMSON) take their share of every file's reports
+    (own journals), then rank 0 merges the journals. The other metrics are computed by rank 0 alone (they take
+    seconds)."""
+    judges = scorers.judges()
+    for judge in judges:
         for entry in entries:
             rows = scored_rows(load_rows(find_predictions(entry), cfg.eval.allow_partial)[0])
             reports = [r for r in rows if r["task_type"] == "report_generation"]
             judge.judge([r["answer"] for r in reports], [r["prediction"] for r in reports], share=(rank, world))
     barrier()
-    if rank == 0 and judge is not None:
-        judge.merge_shares()
+    if rank == 0:
+        for judge in judges:
+            judge.merge_shares()
 
 
 def run(cfg, out_dir: Path) -> dict:

@@ -78,14 +78,20 @@ CANDS = ["Left effusion.", "Normal chest radiograph, nothing acute seen at all."
 
 
 def test_judge_batched_and_graph_loop_judge_as_the_packages_way(tiny_crimson, tmp_path, monkeypatch):
-    one = CrimsonJudge.from_pretrained(tiny_crimson, "float32", batch_size=1, max_new_tokens=6,
+    """The package's way: transformers' text-generation pipeline, one chat at a time, greedy."""
+    from transformers import pipeline
+
+    one = CrimsonJudge.from_pretrained(tiny_crimson, "float32", batch_size=2, max_new_tokens=6,
                                        decode_loop="generate")
     text = one.render_pair("r", "c")
     assert text.startswith("<bos><start_of_turn>user\nYou are an expert") and text.endswith("<start_of_turn>model\n")
-    package_way = one.judge(REFS, CANDS)
+    pipe = pipeline("text-generation", model=one.model, tokenizer=one.tokenizer)
+    package_way = [pipe(messages(make_prompt(r, c)), max_new_tokens=6, max_length=None, do_sample=False)[0]
+                   ["generated_text"][-1]["content"] for r, c in zip(REFS, CANDS)]
+    assert one.judge(REFS, CANDS) == package_way and all(package_way)
     graph = CrimsonJudge.from_pretrained(tiny_crimson, "float32", batch_size=2, max_new_tokens=6, decode_loop="graph",
                                          journal=tmp_path / "crimson.jsonl")
-    assert graph.decoding == "graph" and graph.judge(REFS, CANDS) == package_way and all(package_way)
+    assert graph.decoding == "graph" and graph.judge(REFS, CANDS) == package_way
     monkeypatch.setattr(graph, "generate", lambda texts: pytest.fail("judged again"))
     summary, samples = graph.score(REFS, CANDS)  # every judgment from the journal
     assert summary["crimson_n"] + summary.get("crimson_unscored", 0) == 3 and len(samples) == 3

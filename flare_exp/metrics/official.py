@@ -1,5 +1,6 @@
 """FLARE's official numbers, computed by the rules of FLARE's public evaluator (the script that scores
-leaderboard submissions), so a number we write equals the one FLARE would.
+leaderboard submissions), so a number we write equals the one FLARE would, with the exceptions that
+docs/metrics.md's conformance table names.
 
 FLARE groups predictions by task type across datasets (chestdr and periapical pool into one multi-label
 number) and reads the answers as they are, without any parsing of free text:

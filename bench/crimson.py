@@ -20,11 +20,10 @@ import json
 import random
 from pathlib import Path
 
-from bench.green import WORDS, timed
+from bench.green import WORDS, random_on_gpu, timed
 
 
 def random_judge(global_only: bool, tokenizer):
-    import torch
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     layers = ["full_attention" if global_only or (i + 1) % 6 == 0 else "sliding_attention" for i in range(34)]
@@ -34,13 +33,7 @@ def random_judge(global_only: bool, tokenizer):
                                                                                                  "factor": 8.0},
                               pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                               eos_token_id=[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_turn>")])
-    torch.manual_seed(0)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
-        model = Gemma3ForCausalLM(config).eval()
-    torch.set_default_dtype(default)
-    return model
+    return random_on_gpu(Gemma3ForCausalLM, config, "bfloat16")
 
 
 def main() -> None:

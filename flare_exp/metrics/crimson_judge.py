@@ -21,7 +21,7 @@ import json
 from pathlib import Path
 
 from flare_exp.metrics.crimson import crimson_score, make_prompt, messages, parse_judgment, summarise
-from flare_exp.metrics.judge_journal import JournaledJudge
+from flare_exp.metrics.judge_journal import JournaledJudge, judge_dir
 from flare_exp.models.decoding import DECODE_LOOPS, GraphLoop, graph_loop_chosen
 from flare_exp.runtime import check_choice
 
@@ -69,12 +69,8 @@ class CrimsonJudge(JournaledJudge):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         check_choice("eval.crimson.dtype", dtype, JUDGE_DTYPES)
-        path = Path(model_path)
-        if not (path / "config.json").exists():
-            raise FileNotFoundError(
-                f"eval.crimson.model_path={path} holds no model. On a machine with internet: huggingface-cli "
-                "download rajpurkarlab/medgemma-4b-it-crimson --local-dir DIR (~8.6 GB; accept MedGemma's terms "
-                "on the hub first), copy DIR here and pass eval.crimson.model_path=DIR")
+        path = judge_dir("eval.crimson.model_path", model_path, "rajpurkarlab/medgemma-4b-it-crimson --local-dir DIR "
+                         "(~8.6 GB; accept MedGemma's terms on the hub first)")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from flare_exp.metrics.green import GREEN_CHAT_TEMPLATE, clean_response, green_score, make_prompt, parse_green, \
     summarise
-from flare_exp.metrics.judge_journal import JournaledJudge
+from flare_exp.metrics.judge_journal import JournaledJudge, judge_dir
 from flare_exp.models.decoding import DECODE_LOOPS, GraphLoop, graph_loop_chosen
 from flare_exp.runtime import check_choice
 
@@ -88,12 +88,8 @@ class GreenJudge(JournaledJudge):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         check_choice("eval.green.dtype", dtype, JUDGE_DTYPES)
-        path = Path(model_path)
-        if not (path / "config.json").exists():
-            raise FileNotFoundError(
-                f"eval.green.model_path={path} holds no model. On a machine with internet: huggingface-cli "
-                "download StanfordAIMI/GREEN-radllama2-7b --local-dir DIR (~13.5 GB; GREEN-RadPhi2 is smaller), "
-                "copy DIR here and pass eval.green.model_path=DIR")
+        path = judge_dir("eval.green.model_path", model_path, "StanfordAIMI/GREEN-radllama2-7b --local-dir DIR "
+                         "(~13.5 GB; GREEN-RadPhi2 is smaller)")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         tokenizer = AutoTokenizer.from_pretrained(path, add_eos_token=True, use_fast=True, padding_side="left")
         tokenizer.chat_template = GREEN_CHAT_TEMPLATE

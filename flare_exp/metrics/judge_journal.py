@@ -19,6 +19,16 @@ from flare_exp.io import read_journal
 log = logging.getLogger(__name__)
 
 
+def judge_dir(key: str, model_path: str | Path, download: str) -> Path:
+    """The judge's local directory, or a clear error naming the key and what to download (``download``: the
+    repository and its size)."""
+    path = Path(model_path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{key}={path} holds no model. On a machine with internet: huggingface-cli download "
+                                f"{download}, copy DIR here and pass {key}=DIR")
+    return path
+
+
 class JournaledJudge:
     name = "judge"
     identity, journal, batch_size, exact = "", None, 1, False

@@ -122,3 +122,16 @@ class CrimsonJudge(JournaledJudge):
                                "parsed": judgment is not None, "crimson": scored and scored["crimson"],
                                "error_counts": scored and scored["error_counts"]})
         return {"crimson_decoding": self.decoding, **summarise(per_sample)}, per_sample
+
+
+def crimson_fields(judge: CrimsonJudge | None, rows: list[dict], samples_file: Path) -> dict:
+    """CRIMSON's fields for eval's report rows (``answer``, ``prediction``, ``id``) and its per-sample file; a
+    note when no judge is configured."""
+    from flare_exp.io import write_jsonl
+
+    if judge is None:
+        return {"crimson_score": None,
+                "crimson_note": "not computed: eval.crimson.model_path is not set (no CRIMSON judge configured)"}
+    summary, per_sample = judge.score([r["answer"] for r in rows], [r["prediction"] for r in rows])
+    write_jsonl(samples_file, [{"id": r["id"], **s} for r, s in zip(rows, per_sample)])
+    return summary

@@ -102,18 +102,6 @@ class ReportScorers:
         return [judge for judge in (self.green(), self.crimson()) if judge is not None]
 
 
-def crimson_metrics(rows: list[dict], scorers: ReportScorers, label: str) -> dict:
-    """CRIMSON's fields (FLARE 2026's second judge), and its per-sample file; a note when no judge is set."""
-    judge = scorers.crimson()
-    if judge is None:
-        return {"crimson_score": None,
-                "crimson_note": "not computed: eval.crimson.model_path is not set (no CRIMSON judge configured)"}
-    summary, per_sample = judge.score([r["answer"] for r in rows], [r["prediction"] for r in rows])
-    write_jsonl(scorers.out_dir / f"crimson_samples_{label.replace('/', '_')}.jsonl",
-                [{"id": r["id"], **s} for r, s in zip(rows, per_sample)])
-    return summary
-
-
 def report_metrics(rows: list[dict], scorers: ReportScorers, label: str) -> tuple[dict, list | None]:
     """Report-text metrics; also the GREEN judge's per-sample rows (None when no judge is configured)."""
     hyps, refs = [r["prediction"] for r in rows], [r["answer"] for r in rows]
@@ -147,7 +135,10 @@ def report_metrics(rows: list[dict], scorers: ReportScorers, label: str) -> tupl
         uap = scorers.cfg.eval.chexbert.uncertain_as_positive
         out.update(efficacy(binarise(labeler.label(hyps), uap), binarise(labeler.label(refs), uap)))
         out["chexbert_uncertain_as"] = "positive" if uap else "negative"
-    out.update(crimson_metrics(rows, scorers, label))
+    from flare_exp.metrics.crimson_judge import crimson_fields
+
+    out.update(crimson_fields(scorers.crimson(), rows,
+                              scorers.out_dir / f"crimson_samples_{label.replace('/', '_')}.jsonl"))
     judge = scorers.green()
     if judge is None:
         out["green_score"] = None

@@ -29,8 +29,7 @@ def random_judge(global_only: bool, tokenizer):
     layers = ["full_attention" if global_only or (i + 1) % 6 == 0 else "sliding_attention" for i in range(34)]
     config = Gemma3TextConfig(vocab_size=262208, hidden_size=2560, intermediate_size=10240, num_hidden_layers=34,
                               num_attention_heads=8, num_key_value_heads=4, head_dim=256, sliding_window=1024,
-                              layer_types=layers, max_position_embeddings=131072, rope_scaling={"rope_type": "linear",
-                                                                                                 "factor": 8.0},
+                              layer_types=layers, max_position_embeddings=131072,
                               pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                               eos_token_id=[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_turn>")])
     return random_on_gpu(Gemma3ForCausalLM, config, "bfloat16")

@@ -26,17 +26,23 @@ WORDS = ("heart size normal lungs clear no pleural effusion pneumothorax mild ca
 
 
 def random_judge(vocab: int = 32000):
-    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=vocab, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                          num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
                          bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    return random_on_gpu(LlamaForCausalLM, config, "float16")
+
+
+def random_on_gpu(model_class, config, dtype: str):
+    """A randomly initialised model (seed 0) built on the GPU in ``dtype``."""
+    import torch
+
     torch.manual_seed(0)
     default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float16)
+    torch.set_default_dtype(getattr(torch, dtype))
     with torch.device("cuda"):
-        model = LlamaForCausalLM(config).eval()
+        model = model_class(config).eval()
     torch.set_default_dtype(default)
     return model
 

@@ -102,8 +102,12 @@ def test_comparison_writes_significance_and_warns_on_other_inputs(base_overrides
     test = sig["tests"][0]
     assert test["n"] == 29 and test["difference"] == pytest.approx(1.0) and test["p_value"] < 0.01
     assert "1 sample(s) only in a, 1 only in b" in sig["warnings"][0]
+    # one test in the family: Holm leaves it as it is; approximate randomization beside the permutation test
+    assert sig["family"]["correction"] == "holm" and sig["family"]["size"] == 1
+    assert test["p_value_adjusted"] == test["p_value"] and test["ar_p_value"] < 0.01
     md = (tmp_path / "eval" / "report.md").read_text()
     assert "## Significance" in md and "b vs a" in md and "different inputs" in md
+    assert "Adjusted p (Holm's step-down) over the family: all 1 paired comparisons" in md
 
 
 def test_eval_refuses_what_it_should_not_trust(base_overrides, tmp_path):

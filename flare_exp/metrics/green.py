@@ -165,9 +165,58 @@ def green_score(counts: dict) -> float | None:
     return matched / (matched + sum(counts["significant"]))
 
 
+def package_summary_fails(outputs: list[str]) -> bool:
+    """Whether the package's summary, which its scoring call computes after the scores, raises on these
+    judgments. Its representative-sentence step keys each judgment's significant errors by category name; a
+    judgment whose significant-error section has no ``(a)``..``(f)`` line switches its category names to
+    ``(1) ``..``(6) `` for every later judgment; a judgment with such a section adds only the names it has lines
+    for (one without the section, or whose section starts with "No", adds them all). A name that no judgment
+    added is then looked up and missing (a KeyError), and FLARE's evaluator reports no green_score."""
+    names, seen = list(CATEGORY_NAMES), set()
+    for text in outputs:
+        section = _package_section(text or "", SIGNIFICANT)
+        if section is None or section.startswith("No"):
+            seen.update(names)
+            continue
+        lines = re.findall(r"\([a-f]\) .*", section)
+        if not lines:
+            lines = re.findall(r"\([1-6]\) .*", section)
+            names = [f"({i + 1}) " for i in range(6)]
+        seen.update(n for n in names if any(line.startswith(n) for line in lines))
+    return any(n not in seen for n in names)
+
+
+def official_green(predictions: list, per_sample: list[dict], max_length: int) -> dict:
+    """FLARE's green_score for a group of reports: the package's mean, or None where the package gives FLARE
+    no number (its evaluator catches the exception), with the reasons and how many reports cause each:
+    a prediction that is not text (null, a number: the package's prompt splits it), a judge input of
+    ``max_length`` tokens or more (the package's ``generate(max_length=...)`` then refuses the batch), and
+    a summary that fails (``package_summary_fails``). ``per_sample``: the judge's rows (``judge_output``,
+    ``judge_input_tokens``). The score is always the package parser's, whatever ``eval.green.parser`` is."""
+    reasons = {}
+    not_text = sum(not isinstance(p, str) for p in predictions)
+    if not_text:
+        reasons["prediction not text (null or a number)"] = not_text
+    too_long = sum(s["judge_input_tokens"] >= max_length for s in per_sample)
+    if too_long:
+        reasons[f"judge input of {max_length} tokens or more"] = too_long
+    outputs = [s["judge_output"] for s in per_sample]
+    if package_summary_fails(outputs):
+        reasons["the package's summary fails (a category name no judgment gives)"] = len(outputs)
+    if reasons:
+        return {"green_score": None, "green_score_none": reasons,
+                "note": "FLARE's evaluator gets no GREEN number here (the package raises): " +
+                        "; ".join(f"{why}: {n}" for why, n in reasons.items()) +
+                        ". Our green_score (report_generation's own fields) scores them anyway."}
+    scores = [green_score(parse_package(text)) for text in outputs]
+    return {"green_score": sum(scores) / len(scores) if scores else None}
+
+
 def summarise(per_sample: list[dict]) -> dict:
-    """What the package reports: the mean and (population) standard deviation of the scores, and per error
-    category the share of pairs without such an error (its "accuracy"); plus the mean counts."""
+    """The mean and (population) standard deviation of the scores as the package computes them, and per
+    error category the share of pairs without such an error (the category's "accuracy" as the package means
+    it; computed as intended, which the package does not do once a judgment's significant-error section
+    has no "(a)".."(f)" lines); plus the mean counts."""
     import numpy as np
 
     scored = [s for s in per_sample if s["green"] is not None]

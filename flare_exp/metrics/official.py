@@ -1,5 +1,6 @@
 """FLARE's official numbers, computed by the rules of FLARE's public evaluator (the script that scores
-leaderboard submissions), so a number we write equals the one FLARE would.
+leaderboard submissions), so a number we write equals the one FLARE would, with the exceptions that
+docs/metrics.md's conformance table names.
 
 FLARE groups predictions by task type across datasets (chestdr and periapical pool into one multi-label
 number) and reads the answers as they are, without any parsing of free text:
@@ -9,9 +10,13 @@ number) and reads the answers as they are, without any parsing of free text:
 - multi-label: micro F1 over pooled true / false positives and false negatives; labels are the pieces of
   ``re.split('[;,]')``, stripped and lower-cased, empties dropped (so periapical's comma-containing label
   becomes several). A pair whose prediction or answer is not a string is left out. No label anywhere: 0.
-- regression: the mean absolute error of ``float(prediction)`` against ``float(answer)``; one value that
-  ``float()`` refuses ("22.9%", "about 20", a null) makes it infinite.
-- report generation: the GREEN package's mean score (``flare_exp.metrics.green``).
+- regression: the mean absolute error (scikit-learn's) of ``float(prediction)`` against ``float(answer)``; one
+  value that ``float()`` refuses ("22.9%", "about 20", a null, an integer too large for a float) makes it
+  infinite, whatever else is there; otherwise one value that reads as NaN or infinity ("nan", "inf", "1e400")
+  stops FLARE's evaluator (scikit-learn rejects it): the block then reports that abort and the rows' ids, and
+  no number.
+- report generation: the GREEN package's mean score (``flare_exp.metrics.green``), None where the package gives
+  none (``flare_exp.metrics.green.official_green``).
 
 ``per_sample_stats`` + ``aggregate`` express each metric as per-sample statistics and their aggregate, which
 the paired significance tests (``flare_exp.metrics.significance``) resample.
@@ -40,10 +45,11 @@ def flare_labels(value) -> set[str]:
 
 
 def flare_float(value) -> float | None:
-    """``float(value)``, or None where Python's float() refuses it (FLARE's evaluator then gives infinity)."""
+    """``float(value)``, or None where it raises (FLARE's evaluator catches any exception and then gives
+    infinity): text that is not a number, a null, and an integer too large for a float (OverflowError)."""
     try:
         return float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
 
 
@@ -67,12 +73,38 @@ def multi_label_stats(preds: list, golds: list) -> np.ndarray:
 
 
 def regression_stats(preds: list, golds: list) -> np.ndarray:
-    """Per sample: the absolute error, +inf where either side does not parse with float()."""
+    """Per sample: the absolute error, +inf where either side does not parse with float(), NaN where a side
+    reads as NaN or infinity (FLARE's evaluator stops there; an aggregate with it is undefined)."""
     out = []
     for p, g in zip(preds, golds):
         pv, gv = flare_float(p), flare_float(g)
-        out.append(math.inf if pv is None or gv is None else abs(pv - gv))
+        if pv is None or gv is None:
+            out.append(math.inf)
+        else:
+            out.append(abs(pv - gv) if math.isfinite(pv) and math.isfinite(gv) else math.nan)
     return np.array(out, dtype=float).reshape(-1, 1)
+
+
+def regression_outcome(rows: list[dict]) -> dict:
+    """FLARE's regression outcome for rows (``prediction``, ``answer``, ``id``), in its evaluator's order: a
+    value float() refuses gives infinity; else a NaN or infinite value stops the evaluator (scikit-learn's
+    finiteness check), reported with the rows' ids; else the MAE."""
+    name = OFFICIAL_METRIC["regression"]
+    preds = [flare_float(r.get("prediction", "")) for r in rows]
+    golds = [flare_float(r.get("answer", "")) for r in rows]
+    unread = sum(p is None or g is None for p, g in zip(preds, golds))
+    if unread:
+        return {name: math.inf, "note": f"infinite: {unread} prediction(s) or answer(s) that float() does not read "
+                                        "(FLARE's rule); mae_parseable gives the error over the others"}
+    stopped = [r.get("id") for r, p, g in zip(rows, preds, golds) if not (math.isfinite(p) and math.isfinite(g))]
+    if stopped:
+        return {name: None, "aborted": True, "abort_ids": stopped,
+                "note": f"FLARE's evaluator stops on these rows: {len(stopped)} prediction(s) or answer(s) read as "
+                        "NaN or infinity, which scikit-learn's mean_absolute_error rejects; it reports no number"}
+    if not rows:
+        return {name: None}
+    with np.errstate(over="ignore"):  # finite values whose difference overflows: infinity, as scikit-learn
+        return {name: float(np.mean(np.abs(np.array(preds) - np.array(golds))))}
 
 
 def green_stats(scores: list[float]) -> np.ndarray:
@@ -111,18 +143,15 @@ def official_value(task: str, stats: np.ndarray) -> float | None:
     return float(aggregate(task, stats))
 
 
-def official_block(task: str, rows: list[dict], green_scores: list[float] | None = None) -> dict:
-    """FLARE's metric for one group of rows (``prediction`` and ``answer`` as written), under FLARE's name."""
+def official_block(task: str, rows: list[dict], green: dict | None = None) -> dict:
+    """FLARE's metric for one group of rows (``prediction`` and ``answer`` as written), under FLARE's name;
+    ``green``: for reports, ``flare_exp.metrics.green.official_green``'s outcome (None: no judge ran)."""
     name = OFFICIAL_METRIC[task]
     block = {"flare_task_type": FLARE_TASK_TYPE[task], "num_examples": len(rows)}
     if task == "report_generation":
-        block[name] = None if green_scores is None else official_value(task, green_stats(green_scores))
-        return block
+        return {**block, name: None, **(green or {})}
+    if task == "regression":
+        return {**block, **regression_outcome(rows)}
     stats = STATS[task]([r.get("prediction", "") for r in rows], [r.get("answer", "") for r in rows])
     block[name] = official_value(task, stats)
-    if task == "regression":
-        unparsed = int(np.isinf(stats[:, 0]).sum())
-        if unparsed:
-            block["note"] = (f"infinite: {unparsed} prediction(s) or answer(s) that float() does not read "
-                             "(FLARE's rule); mae_parseable gives the error over the others")
     return block

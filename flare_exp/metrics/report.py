@@ -21,8 +21,12 @@ OFFICIAL_NOTES = [
     "dataset_aware_f1_micro splits on each dataset's own separator.",
     "mean_absolute_error is float() of every prediction: one that is not a plain number (\"22.9%\") makes it "
     "infinite; mae_parseable reads the first number and counts the rest as unparseable.",
-    "green_score is the GREEN package's mean (unreadable judgments score 0); eval.green.parser=robust reads "
-    "more and leaves unreadable ones out (then it is not the package's number).",
+    "mean_absolute_error is FLARE's abort (no number) where a value reads as NaN or infinity and every value "
+    "is read by float(): scikit-learn rejects it; the block names the rows (abort_ids).",
+    "green_score is the GREEN package's mean (unreadable judgments score 0), with the package's parser; None "
+    "where the package raises for FLARE (a non-text prediction, a judge input at the length limit, its "
+    "summary failing: green_score_none says which and how many). report_generation's own green_score scores "
+    "them anyway; eval.green.parser=robust reads more there and leaves unreadable ones out.",
 ]
 
 
@@ -34,6 +38,16 @@ def fmt(v) -> str:
     return str(v)
 
 
+def official_cell(block: dict | None, metric: str) -> str:
+    """An official number, or why FLARE's evaluator gives none (its abort; GREEN's package raising)."""
+    block = block or {}
+    if block.get("aborted"):
+        return "aborted (FLARE's evaluator stops)"
+    if block.get("green_score_none"):
+        return "None (the GREEN package raises)"
+    return fmt(block.get(metric))
+
+
 def official_table(results: dict) -> tuple[list[str], list[list[str]]]:
     labels = list(results)
     tasks = sorted({t for r in results.values() for t in r["official"]})
@@ -41,13 +55,13 @@ def official_table(results: dict) -> tuple[list[str], list[list[str]]]:
     for task in tasks:
         metric = OFFICIAL_METRIC[task]
         name = f"{FLARE_TASK_TYPE[task]}: {metric}" + (" (lower is better)" if metric in LOWER_IS_BETTER else "")
-        rows.append([name, *(fmt(results[lab]["official"].get(task, {}).get(metric)) for lab in labels)])
+        rows.append([name, *(official_cell(results[lab]["official"].get(task), metric) for lab in labels)])
     datasets = sorted({d for r in results.values() for d in r["official_by_dataset"]})
     for dataset in datasets:
         block = next(r["official_by_dataset"][dataset] for r in results.values() if dataset in r["official_by_dataset"])
         metric = next(k for k in block if k in OFFICIAL_METRIC.values())
         rows.append([f"  {dataset}: {metric}",
-                     *(fmt(results[lab]["official_by_dataset"].get(dataset, {}).get(metric)) for lab in labels)])
+                     *(official_cell(results[lab]["official_by_dataset"].get(dataset), metric) for lab in labels)])
     rows.append(["n", *(str(results[lab]["n"]) for lab in labels)])
     return ["official (FLARE)", *labels], rows
 
@@ -68,13 +82,27 @@ def variant_tables(results: dict) -> list[tuple[str, list[str], list[list[str]]]
     return out
 
 
+SIGNIFICANCE_HEADER = ["comparison", "metric", "A", "B", "B - A", "95% interval of B - A", "p (permutation)",
+                       "p adjusted", "p (approx. randomization)", "p adjusted", "n"]
+
+
 def significance_rows(tests: list[dict]) -> list[list[str]]:
     def interval(ci):
         return "n/a" if not ci else f"[{ci[0]:.4f}, {ci[1]:.4f}]"
 
     return [[f"{t['run_b']} vs {t['run_a']}", f"{t['task']}: {t['metric']}", fmt(t["a"]), fmt(t["b"]),
-             fmt(t["difference"]), interval(t.get("difference_ci95")), fmt(t.get("p_value")), str(t["n"])]
+             fmt(t["difference"]), interval(t.get("difference_ci95")), fmt(t.get("p_value")),
+             fmt(t.get("p_value_adjusted")), fmt(t.get("ar_p_value")), fmt(t.get("ar_p_value_adjusted")), str(t["n"])]
             for t in tests]
+
+
+def significance_notes(family: dict | None) -> list[str]:
+    notes = ["95% intervals: paired bootstrap; p: paired permutation test and paired approximate randomization "
+             "(both two-sided), raw and adjusted."]
+    if family:
+        name = {"holm": "Holm's step-down", "bh": "Benjamini-Hochberg", "none": "no correction"}[family["correction"]]
+        notes.append(f"Adjusted p ({name}) over the family: {family['family']}.")
+    return notes
 
 
 def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -105,7 +133,7 @@ def output_files(out_dir: Path) -> list[str]:
 
 
 def write_reports(out_dir: Path, results: dict, tests: list[dict], warnings: list[str],
-                  intervals: dict | None = None) -> None:
+                  intervals: dict | None = None, family: dict | None = None) -> None:
     """report.md, report.html and metrics.png; ``intervals``: label -> task -> 95% bootstrap interval of the
     official metric (the plot's error bars)."""
     import datetime
@@ -119,10 +147,8 @@ def write_reports(out_dir: Path, results: dict, tests: list[dict], warnings: lis
     status += [f"{lab}: {res['empty_predictions']} empty (null or non-text) prediction(s), scored as empty answers"
                for lab, res in results.items() if res.get("empty_predictions")]
     if tests or warnings:
-        sections.append(("Significance (paired, on shared samples)",
-                         ["95% intervals: paired bootstrap; p: paired permutation test (two-sided)."] + warnings,
-                         ["comparison", "metric", "A", "B", "B - A", "95% interval of B - A", "p", "n"],
-                         significance_rows(tests)))
+        sections.append(("Significance (paired, on shared samples)", significance_notes(family) + warnings,
+                         SIGNIFICANCE_HEADER, significance_rows(tests)))
     for task, notes, head, task_rows in variant_tables(results):
         sections.append((f"{task}: all metrics", notes, head, task_rows))
     run_head, run_rows = runs_table(results)

@@ -30,7 +30,8 @@ def _score(task: str, stat) -> float | None:
         tp, fp, fn = (float(x) for x in stat)
         return None if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
     value = float(stat[-1])
-    return None if math.isinf(value) else value  # an answer float() does not read: no error to show
+    # an answer float() does not read (infinite), or one read as NaN or infinity: no error to show
+    return value if math.isfinite(value) else None
 
 
 def worst_first(rows: list[dict]) -> list[dict]:

@@ -54,3 +54,65 @@ def bootstrap_interval(task: str, stats: np.ndarray, resamples: int = 1000, seed
         return None
     idx = np.random.default_rng(seed).integers(0, len(stats), size=(resamples, len(stats)))
     return _interval(aggregate(task, stats[idx]))
+
+
+# ---- approximate randomization and the correction across a family of tests -------------------------------
+
+CORRECTIONS = ("holm", "bh", "none")
+
+
+def approximate_randomization(task: str, stats_a: np.ndarray, stats_b: np.ndarray, trials: int = 10000,
+                              seed: int = 0, chunk: int = 1000) -> float | None:
+    """Paired approximate randomization (Noreen's test, the one RadEval reports): in each trial every
+    sample's two predictions swap runs with probability 1/2 and the metric is recomputed on both shuffled
+    runs; p = (1 + #{trials with |difference| >= observed}) / (1 + trials), two-sided. Its own random stream
+    and trial count beside ``paired_test``'s permutation p; None where a metric is infinite or undefined."""
+    observed = float(aggregate(task, stats_b)) - float(aggregate(task, stats_a))
+    if not math.isfinite(observed) or not trials:
+        return None
+    rng, extreme = np.random.default_rng([seed, 1]), 0
+    for start in range(0, trials, chunk):  # a bounded (chunk, n, k) array at a time
+        swap = rng.random((min(chunk, trials - start), len(stats_a)))[..., None] < 0.5
+        shuffled = aggregate(task, np.where(swap, stats_a, stats_b)) - aggregate(task, np.where(swap, stats_b, stats_a))
+        extreme += int((np.abs(shuffled) >= abs(observed) - 1e-12).sum())
+    return (1 + extreme) / (1 + trials)
+
+
+def adjust_p_values(p_values: list[float | None], method: str = "holm") -> list[float | None]:
+    """Family-wise adjusted p-values, in the input's order (None stays None and is not in the family).
+    holm: Holm's step-down (controls the family-wise error rate); bh: Benjamini-Hochberg (the false
+    discovery rate); none: the raw values."""
+    if method not in CORRECTIONS:
+        raise ValueError(f"eval.significance.correction={method!r}: choose one of {', '.join(CORRECTIONS)}")
+    known = [(i, p) for i, p in enumerate(p_values) if p is not None]
+    out: list[float | None] = list(p_values)
+    m = len(known)
+    if method == "none" or not m:
+        return out
+    ranked = sorted(known, key=lambda item: item[1])
+    if method == "holm":
+        running = 0.0
+        for rank, (i, p) in enumerate(ranked):
+            running = max(running, min(1.0, (m - rank) * p))
+            out[i] = running
+    else:
+        running = 1.0
+        for rank in range(m - 1, -1, -1):
+            i, p = ranked[rank]
+            running = min(running, p * m / (rank + 1))
+            out[i] = min(1.0, running)
+    return out
+
+
+def correct_family(tests: list[dict], method: str = "holm") -> dict:
+    """Adds the adjusted p-values to every test (``p_value_adjusted``, ``ar_p_value_adjusted``), each test kind
+    corrected over all of the report's tests of that kind, and returns the family's description."""
+    for key in ("p_value", "ar_p_value"):
+        adjusted = adjust_p_values([t.get(key) for t in tests], method)
+        for test, value in zip(tests, adjusted):
+            if key in test:
+                test[f"{key}_adjusted"] = value
+    size = sum(t.get("p_value") is not None for t in tests)
+    return {"correction": method, "size": size,
+            "family": f"all {size} paired comparisons with a p-value in this report (every pair of runs x every "
+                      "official metric they share), corrected per test (permutation, approximate randomization)"}

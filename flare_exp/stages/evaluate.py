@@ -16,7 +16,7 @@ from pathlib import Path
 from flare_exp.io import read_jsonl, write_json, write_jsonl
 from flare_exp.metrics import official, tasks, text
 from flare_exp.metrics.report import write_reports
-from flare_exp.metrics.significance import bootstrap_interval
+from flare_exp.metrics.significance import adjust_p_values, bootstrap_interval, correct_family
 from flare_exp.runtime import DONE, abspath, barrier, infer_input_file, ranks
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ class ReportScorers:
 
     def __init__(self, cfg, out_dir: Path):
         self.cfg, self.out_dir = cfg, out_dir
-        self._radgraph = self._green = self._chexbert = self._keyword = None
+        self._radgraph = self._green = self._crimson = self._chexbert = self._keyword = None
 
     def radgraph(self):
         rg = self.cfg.reward.radgraph
@@ -80,13 +80,30 @@ class ReportScorers:
             g = self.cfg.eval.green
             self._green = GreenJudge.from_pretrained(
                 abspath(g.model_path), g.dtype, batch_size=g.batch_size, max_length=g.max_length,
-                max_new_tokens=g.max_new_tokens, decode_loop=g.decode_loop, parser=g.parser,
+                max_new_tokens=g.max_new_tokens, decode_loop=g.decode_loop, parser=g.parser, exact=g.exact,
                 journal=self.out_dir / "green_judgments.jsonl")  # a rerun resumes here
         return self._green
 
 
+    def crimson(self):
+        if not self.cfg.eval.crimson.model_path:
+            return None
+        if self._crimson is None:
+            from flare_exp.metrics.crimson_judge import CrimsonJudge
+
+            c = self.cfg.eval.crimson
+            self._crimson = CrimsonJudge.from_pretrained(
+                abspath(c.model_path), c.dtype, batch_size=c.batch_size, max_new_tokens=c.max_new_tokens,
+                decode_loop=c.decode_loop, journal=self.out_dir / "crimson_judgments.jsonl")  # a rerun resumes here
+        return self._crimson
+
+    def judges(self) -> list:
+        """The report judges configured (GREEN, CRIMSON), loaded."""
+        return [judge for judge in (self.green(), self.crimson()) if judge is not None]
+
+
 def report_metrics(rows: list[dict], scorers: ReportScorers, label: str) -> tuple[dict, list | None]:
-    """Report-text metrics; also the per-sample GREEN scores (None when no judge is configured)."""
+    """Report-text metrics; also the GREEN judge's per-sample rows (None when no judge is configured)."""
     hyps, refs = [r["prediction"] for r in rows], [r["answer"] for r in rows]
     out = {"n": len(rows), **text.rouge(hyps, refs), **text.corpus_bleu(hyps, refs),
            "seed_bleu": text.seed_bleu(hyps, refs)}
@@ -118,6 +135,10 @@ def report_metrics(rows: list[dict], scorers: ReportScorers, label: str) -> tupl
         uap = scorers.cfg.eval.chexbert.uncertain_as_positive
         out.update(efficacy(binarise(labeler.label(hyps), uap), binarise(labeler.label(refs), uap)))
         out["chexbert_uncertain_as"] = "positive" if uap else "negative"
+    from flare_exp.metrics.crimson_judge import crimson_fields
+
+    out.update(crimson_fields(scorers.crimson(), rows,
+                              scorers.out_dir / f"crimson_samples_{label.replace('/', '_')}.jsonl"))
     judge = scorers.green()
     if judge is None:
         out["green_score"] = None
@@ -127,7 +148,7 @@ def report_metrics(rows: list[dict], scorers: ReportScorers, label: str) -> tupl
     out.update(summary)
     write_jsonl(scorers.out_dir / f"green_samples_{label.replace('/', '_')}.jsonl",
                 [{"id": r["id"], **s} for r, s in zip(rows, per_sample)])
-    return out, [s["green"] for s in per_sample]
+    return out, per_sample
 
 
 def load_rows(path: Path, allow_partial: bool) -> tuple[list[dict], dict]:
@@ -205,6 +226,16 @@ def scored_rows(rows: list[dict]) -> list[dict]:
     return [{**r, "prediction": r["prediction"] if isinstance(r.get("prediction"), str) else ""} for r in rows]
 
 
+def official_green_of(scorers: ReportScorers, pairs: list, green_by_id: dict) -> dict | None:
+    """FLARE's green_score outcome for these (raw row, scored row) pairs, from the judge's rows (None: no judge)."""
+    if not green_by_id:
+        return None
+    from flare_exp.metrics.green import official_green
+
+    return official_green([raw.get("prediction") for raw, _ in pairs], [green_by_id[raw["id"]] for raw, _ in pairs],
+                          scorers.cfg.eval.green.max_length)
+
+
 def evaluate_file(path: Path, scorers: ReportScorers, allow_partial: bool = False) -> tuple[str, dict, dict, list]:
     """(label, metrics, per-sample official statistics by task: (ids, stats) for the significance tests and
     the scored sheet, the rows as read)."""
@@ -227,16 +258,17 @@ def evaluate_file(path: Path, scorers: ReportScorers, allow_partial: bool = Fals
         else:
             metrics, green = TASK_METRICS[task](group), None
         result["by_task"][task] = metrics
-        result["official"][task] = official.official_block(task, [r for r, _ in pairs], green)
+        result["official"][task] = official.official_block(task, [r for r, _ in pairs],
+                                                           official_green_of(scorers, pairs, green_by_id))
         if task != "report_generation":
             samples[task] = ([r["id"] for r in group], official.STATS[task](
                 [r.get("prediction", "") for r, _ in pairs], [r.get("answer", "") for r, _ in pairs]))
         elif green is not None:
-            samples[task] = ([r["id"] for r in group], official.green_stats(green))
+            samples[task] = ([r["id"] for r in group], official.green_stats([s["green"] for s in green]))
     for dataset, pairs in sorted(by_dataset.items()):
         task = pairs[0][1]["task_type"]
         group = [row for _, row in pairs]
-        green = [green_by_id[r["id"]] for r in group] if task == "report_generation" and green_by_id else None
+        green = official_green_of(scorers, pairs, green_by_id) if task == "report_generation" else None
         metrics = TASK_METRICS[task](group) if task != "report_generation" else dict(result["by_task"][task])
         block = official.official_block(task, [r for r, _ in pairs], green)
         result["by_dataset"][dataset] = {"task_type": task, **metrics}
@@ -257,12 +289,13 @@ def flat_summary(results: dict) -> dict:
     return out
 
 
-def compare(results: dict, samples: dict, resamples: int, seed: int) -> tuple[list[dict], list[str]]:
-    """Paired tests for every pair of runs and official metric, on the ids both scored; and the warnings on
-    runs that were not scored on the same inputs."""
+def compare(results: dict, samples: dict, resamples: int, seed: int, ar_trials: int = 0) -> tuple[list[dict], list[str]]:
+    """Paired tests for every pair of runs and official metric, on the ids both scored (the bootstrap and
+    permutation test; approximate randomization with ``ar_trials``); and the warnings on runs that were not
+    scored on the same inputs."""
     from itertools import combinations
 
-    from flare_exp.metrics.significance import paired_test
+    from flare_exp.metrics.significance import approximate_randomization, paired_test
 
     tests, warnings = [], []
     for a, b in combinations(list(results), 2):
@@ -282,8 +315,12 @@ def compare(results: dict, samples: dict, resamples: int, seed: int) -> tuple[li
             if not shared or not resamples:
                 continue
             ka, kb = map(list, zip(*shared))
-            tests.append({"run_a": a, "run_b": b, "task": task,
-                          **paired_test(task, st_a[ka], st_b[kb], resamples=resamples, seed=seed)})
+            test = {"run_a": a, "run_b": b, "task": task,
+                    **paired_test(task, st_a[ka], st_b[kb], resamples=resamples, seed=seed)}
+            if ar_trials:
+                test["ar_p_value"] = approximate_randomization(task, st_a[ka], st_b[kb], ar_trials, seed)
+                test["ar_trials"] = ar_trials
+            tests.append(test)
     return tests, warnings
 
 
@@ -300,17 +337,19 @@ def write_scored_sheet(path: Path, rows: list[dict], label: str, samples: dict) 
 
 
 def judge_shares(cfg, scorers: ReportScorers, entries: list, rank: int, world: int) -> None:
-    """A data-parallel eval: each rank's GREEN judge takes its share of every file's reports (its own journal),
-    then rank 0 merges the journals. The other metrics are computed by rank 0 alone (they take seconds)."""
-    judge = scorers.green()
-    if judge is not None:
+    """A data-parallel eval: each rank's report judges (GREEN, CRIMSON) take their share of every file's reports
+    (own journals), then rank 0 merges the journals. The other metrics are computed by rank 0 alone (they take
+    seconds)."""
+    judges = scorers.judges()
+    for judge in judges:
         for entry in entries:
             rows = scored_rows(load_rows(find_predictions(entry), cfg.eval.allow_partial)[0])
             reports = [r for r in rows if r["task_type"] == "report_generation"]
             judge.judge([r["answer"] for r in reports], [r["prediction"] for r in reports], share=(rank, world))
     barrier()
-    if rank == 0 and judge is not None:
-        judge.merge_shares()
+    if rank == 0:
+        for judge in judges:
+            judge.merge_shares()
 
 
 def run(cfg, out_dir: Path) -> dict:
@@ -318,6 +357,7 @@ def run(cfg, out_dir: Path) -> dict:
     if not entries:
         raise ValueError("eval.predictions is empty: pass one or more predictions.jsonl files or infer run dirs, "
                          "e.g. eval.predictions=[outputs/runs/demo-infer]")
+    adjust_p_values([], cfg.eval.significance.correction)  # an unknown correction fails before any judging
     scorers = ReportScorers(cfg, out_dir)
     rank, world = ranks()
     if world > 1:  # every rank judges its share of the reports; rank 0 then scores with every judgment journaled
@@ -336,15 +376,17 @@ def run(cfg, out_dir: Path) -> dict:
     write_json(out_dir / "metrics.json", results)
     summary = flat_summary(results)
     write_json(out_dir / "metrics_summary.json", summary)
-    tests, warnings = compare(results, samples, cfg.eval.significance.resamples, cfg.eval.significance.seed) \
+    sig = cfg.eval.significance
+    tests, warnings = compare(results, samples, sig.resamples, sig.seed, sig.ar_trials) \
         if len(results) > 1 else ([], [])
+    family = correct_family(tests, sig.correction)
     for warning in warnings:
         log.warning("eval: %s", warning)
     if len(results) > 1:
-        write_json(out_dir / "significance.json", {"tests": tests, "warnings": warnings})
+        write_json(out_dir / "significance.json", {"family": family, "tests": tests, "warnings": warnings})
     intervals = {label: {task: bootstrap_interval(task, stats, cfg.eval.significance.resamples,
                                                   cfg.eval.significance.seed)
                          for task, (_, stats) in per_task.items()} for label, per_task in samples.items()}
-    write_reports(out_dir, results, tests, warnings, intervals)
+    write_reports(out_dir, results, tests, warnings, intervals, family)
     log.info("evaluation written to %s\n%s", out_dir, (out_dir / "report.md").read_text())
     return {"metrics": str(out_dir / "metrics.json"), "report": str(out_dir / "report.md"), **summary}

@@ -1,0 +1,80 @@
+"""The one rule by which an image file becomes the 8-bit RGB picture the processor takes, used by prepare's image
+pass and by every stage that loads images (sft, rl, infer, through ``VisionChat.load_images``), so the same file
+gives the same pixels everywhere.
+
+1. The EXIF orientation is applied first (a phone photo or a scanner export stands the way it was taken).
+2. By PIL mode:
+   - ``RGB``: as it is; ``L``: its grey value in all three channels; ``1``: black 0 / white 255, then as ``L``;
+     ``P``: its palette colours; ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``: PIL's conversion to RGB.
+   - high bit depth (``I;16``, ``I;16B``, ``I;16L``, ``I;16N``, ``I``, ``F``): one grey channel, scaled linearly
+     from ``[low, high]`` to 0..255 (rounded, values outside clipped). ``[low, high]`` is the image's own
+     minimum and maximum (a constant image becomes black), or the window the user set (data.image_window).
+     PIL's own conversion would clip, not scale: a 16-bit X-ray became two grey levels, nearly all white.
+   - alpha (``LA``, ``La``, ``PA``, ``RGBA``, ``RGBa``, and ``P`` with a transparent colour): composited over
+     black, the colour of no signal on an X-ray: ``round(value * alpha / 255)``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+HIGH_BIT_DEPTH = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+WITH_ALPHA = ("LA", "La", "PA", "RGBA", "RGBa")
+# The modes PIL converts to RGB by itself (colour spaces; palettes without transparency).
+CONVERTED = ("RGB", "P", "CMYK", "YCbCr", "LAB", "HSV")
+
+
+def check_window(window) -> tuple[float, float] | None:
+    """data.image_window as (low, high), or None (each image's own range); a ValueError names the key."""
+    if window is None:
+        return None
+    values = list(window)
+    if len(values) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values) \
+            or not np.isfinite(values).all() or values[0] >= values[1]:
+        raise ValueError(f"data.image_window={values}: give [low, high] with low < high, in the images' own units "
+                         "(e.g. [0, 4095] for 12-bit data stored in 16 bits), or null to scale each image by its "
+                         "own minimum and maximum")
+    return float(values[0]), float(values[1])
+
+
+def scale_to_8bit(values: np.ndarray, window: tuple[float, float] | None) -> np.ndarray:
+    """A high-bit-depth grey channel scaled linearly from the window (else its own range) to uint8."""
+    values = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    low, high = window if window is not None else (float(values.min()), float(values.max()))
+    if high <= low:
+        return np.zeros(values.shape, np.uint8)
+    scaled = np.rint((values - low) * (255.0 / (high - low)))
+    return np.clip(scaled, 0, 255).astype(np.uint8)
+
+
+def _over_black(rgba: np.ndarray) -> np.ndarray:
+    """RGB of an RGBA array composited over black, in integers (the same bytes on every machine)."""
+    alpha = rgba[..., 3:4].astype(np.uint32)
+    return ((rgba[..., :3].astype(np.uint32) * alpha + 127) // 255).astype(np.uint8)
+
+
+def to_rgb(im: Image.Image, window: tuple[float, float] | None = None) -> Image.Image:
+    """An opened image (any PIL mode, orientation already applied) as 8-bit RGB, by the rule above."""
+    mode = im.mode
+    if mode in HIGH_BIT_DEPTH:
+        return Image.fromarray(scale_to_8bit(np.asarray(im), window), mode="L").convert("RGB")
+    if mode in WITH_ALPHA or (mode == "P" and "transparency" in im.info):
+        return Image.fromarray(_over_black(np.asarray(im.convert("RGBA"))), mode="RGB")
+    if mode == "RGB":
+        return im.copy()
+    if mode in ("L", "1"):
+        return im.convert("L").convert("RGB")
+    return im.convert("RGB")  # CONVERTED and any other mode PIL can convert
+
+
+def upright_rgb(im: Image.Image, window: tuple[float, float] | None = None) -> Image.Image:
+    """An opened image, turned as its EXIF orientation says, as 8-bit RGB by the rule above."""
+    return to_rgb(ImageOps.exif_transpose(im), window)  # exif_transpose: a loaded copy, turned or not
+
+
+def decode_image(path: str | Path, window: tuple[float, float] | None = None) -> Image.Image:
+    """The picture of one image file as 8-bit RGB, by the rule above."""
+    with Image.open(path) as im:
+        return upright_rgb(im, window)

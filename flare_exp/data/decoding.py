@@ -11,7 +11,7 @@ gives the same pixels everywhere.
      minimum and maximum (a constant image becomes black), or the window the user set (data.image_window).
      PIL's own conversion would clip, not scale: a 16-bit X-ray became two grey levels, nearly all white.
    - alpha (``LA``, ``La``, ``PA``, ``RGBA``, ``RGBa``, and ``P`` with a transparent colour): composited over
-     black, the colour of no signal on an X-ray: ``round(value * alpha / 255)``.
+     black, the colour of no signal on an X-ray: ``value * alpha / 255``, rounded.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+ORIENTATION = 0x0112  # the EXIF tag
 HIGH_BIT_DEPTH = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 WITH_ALPHA = ("LA", "La", "PA", "RGBA", "RGBa")
 # The modes PIL converts to RGB by itself (colour spaces; palettes without transparency).
@@ -40,19 +41,27 @@ def check_window(window) -> tuple[float, float] | None:
 
 
 def scale_to_8bit(values: np.ndarray, window: tuple[float, float] | None) -> np.ndarray:
-    """A high-bit-depth grey channel scaled linearly from the window (else its own range) to uint8."""
-    values = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    """A high-bit-depth grey channel scaled linearly from the window (else its own range) to uint8, rounded
+    half up (float32 holds every 16-bit value exactly)."""
+    floating = values.dtype.kind == "f"
+    values = values.astype(np.float32)
+    if floating:  # NaN and infinite pixels of a float image count as 0
+        values = np.nan_to_num(values, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
     low, high = window if window is not None else (float(values.min()), float(values.max()))
     if high <= low:
         return np.zeros(values.shape, np.uint8)
-    scaled = np.rint((values - low) * (255.0 / (high - low)))
-    return np.clip(scaled, 0, 255).astype(np.uint8)
+    values -= np.float32(low)
+    values *= np.float32(255.0 / (high - low))
+    values += np.float32(0.5)
+    return np.clip(values, 0, 255, out=values).astype(np.uint8)
 
 
-def _over_black(rgba: np.ndarray) -> np.ndarray:
-    """RGB of an RGBA array composited over black, in integers (the same bytes on every machine)."""
-    alpha = rgba[..., 3:4].astype(np.uint32)
-    return ((rgba[..., :3].astype(np.uint32) * alpha + 127) // 255).astype(np.uint8)
+def _over_black(im: Image.Image) -> Image.Image:
+    """An image with alpha composited over black (PIL's integer blend: the same bytes on every machine)."""
+    rgba = im.convert("RGBA")
+    canvas = Image.new("RGB", rgba.size)
+    canvas.paste(rgba.convert("RGB"), mask=rgba.getchannel("A"))
+    return canvas
 
 
 def to_rgb(im: Image.Image, window: tuple[float, float] | None = None) -> Image.Image:
@@ -61,17 +70,17 @@ def to_rgb(im: Image.Image, window: tuple[float, float] | None = None) -> Image.
     if mode in HIGH_BIT_DEPTH:
         return Image.fromarray(scale_to_8bit(np.asarray(im), window), mode="L").convert("RGB")
     if mode in WITH_ALPHA or (mode == "P" and "transparency" in im.info):
-        return Image.fromarray(_over_black(np.asarray(im.convert("RGBA"))), mode="RGB")
-    if mode == "RGB":
-        return im.copy()
-    if mode in ("L", "1"):
+        return _over_black(im)
+    if mode == "1":
         return im.convert("L").convert("RGB")
-    return im.convert("RGB")  # CONVERTED and any other mode PIL can convert
+    return im.convert("RGB")  # RGB (a copy), L, CONVERTED and any other mode PIL can convert
 
 
 def upright_rgb(im: Image.Image, window: tuple[float, float] | None = None) -> Image.Image:
     """An opened image, turned as its EXIF orientation says, as 8-bit RGB by the rule above."""
-    return to_rgb(ImageOps.exif_transpose(im), window)  # exif_transpose: a loaded copy, turned or not
+    if im.getexif().get(ORIENTATION, 1) != 1:
+        im = ImageOps.exif_transpose(im)
+    return to_rgb(im, window)
 
 
 def decode_image(path: str | Path, window: tuple[float, float] | None = None) -> Image.Image:

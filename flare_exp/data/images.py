@@ -64,6 +64,7 @@ class ImageCheck(NamedTuple):
     sha1: str | None  # of the file's bytes (the leakage check)
     mode: str | None  # the file's PIL mode (summary.json counts them)
     pixels: str | None  # sha1 of the decoded 8-bit RGB pixels (same picture in another file format)
+    size: tuple[int, int] | None = None  # width, height as stored
 
 
 @dataclass(frozen=True)
@@ -119,10 +120,9 @@ def processor_limits(model_cfg) -> ProcessorLimits:
     return ProcessorLimits(**values, source=source)
 
 
-def _check_image(path: str, window: tuple[float, float] | None, limits: ProcessorLimits | None,
-                 decode: bool = True) -> ImageCheck:
-    """One image file, decoded in full by the stages' rule (``decode``; else its header only) and held
-    against the processor's limits; the problem names PIL's reason and the size."""
+def _check_image(path: str, window: tuple[float, float] | None, decode: bool = True) -> ImageCheck:
+    """One image file, decoded in full by the stages' rule (``decode``; else its header only); the problem
+    names PIL's reason and the size."""
     from PIL import Image
 
     try:
@@ -134,17 +134,22 @@ def _check_image(path: str, window: tuple[float, float] | None, limits: Processo
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as im:
-                size, mode, (width, height) = f"{im.width}x{im.height} px, {size}", im.mode, im.size
+                size, mode, stored = f"{im.width}x{im.height} px, {size}", im.mode, im.size
                 if decode:
-                    picture = upright_rgb(im, window)
-                    pixels = hashlib.sha1(picture.tobytes()).hexdigest()
+                    pixels = hashlib.sha1(upright_rgb(im, window).tobytes()).hexdigest()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         return ImageCheck(f"decompression bomb {Path(path).name}: {e} ({size})", None, mode, None)
     except Exception as e:  # PIL raises many types for broken files
         reason = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "this file", str(e))[:200]
         return ImageCheck(f"corrupt image {Path(path).name}: {type(e).__name__}: {reason} ({size})", None, mode, None)
-    problem = limits.problem(width, height) if limits else None
-    return ImageCheck(problem and f"{problem} ({Path(path).name})", hashlib.sha1(data).hexdigest(), mode, pixels)
+    return ImageCheck(None, hashlib.sha1(data).hexdigest(), mode, pixels, stored)
+
+
+def _within(check: ImageCheck, path: Path, limits: ProcessorLimits | None) -> ImageCheck:
+    """The check with the processor's verdict on the image's size (in the calling process: the workers stay
+    free of transformers' import)."""
+    problem = limits.problem(*check.size) if limits and check.problem is None else None
+    return check._replace(problem=f"{problem} ({path.name})") if problem else check
 
 
 def check_images(paths: list[Path], workers: int = 0, window: tuple[float, float] | None = None,
@@ -153,11 +158,12 @@ def check_images(paths: list[Path], workers: int = 0, window: tuple[float, float
     16)."""
     unique = sorted(set(paths))
     workers = workers or min(os.cpu_count() or 1, 16)
-    check = partial(_check_image, window=window, limits=limits, decode=decode)
+    check = partial(_check_image, window=window, decode=decode)
     bar = dict(total=len(unique), desc="decode images", unit="img", disable=len(unique) < 200)
     if workers <= 1 or len(unique) < _INLINE_BELOW:
-        return {p: check(str(p)) for p in tqdm(unique, **bar)}
-    chunk = max(1, min(64, len(unique) // (workers * 4)))
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        results = list(tqdm(pool.map(check, [str(p) for p in unique], chunksize=chunk), **bar))
-    return dict(zip(unique, results))
+        results = [check(str(p)) for p in tqdm(unique, **bar)]
+    else:
+        chunk = max(1, min(64, len(unique) // (workers * 4)))
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            results = list(tqdm(pool.map(check, [str(p) for p in unique], chunksize=chunk), **bar))
+    return {p: _within(r, p, limits) for p, r in zip(unique, results)}

@@ -325,5 +325,6 @@ def format_summary(summary: dict) -> str:
         for key, n in counts.items():
             lines.append(f"{split:<6} {key:<40} {n:>6}")
     lines.append(f"total: {summary['records']}  images: {summary['images']}  time: {summary['seconds']} s")
+    lines.append(f"images by mode: {summary.get('images_by_mode') or 'not read'}")
     lines.append(f"rejects: {summary['rejects'] or 'none'}")
     return "\n".join(lines)

@@ -14,6 +14,8 @@ from omegaconf import OmegaConf
 RULES = {
     "count": (lambda v: v >= 1, "an integer >= 1"),
     "count0": (lambda v: v >= 0, "an integer >= 0"),
+    "limit": (lambda v: v >= 0, "an integer >= 0 (0 or null: no limit)"),
+    "every": (lambda v: v >= 0, "an integer >= 0 (0: never)"),
     "steps": (lambda v: v >= 1 or v == -1, "an integer >= 1 (or -1: sft.num_train_epochs decides)"),
     "positive": (lambda v: v > 0, "a number > 0"),
     "non_negative": (lambda v: v >= 0, "a number >= 0"),
@@ -24,13 +26,13 @@ RULES = {
 }
 TRAINER = {"per_device_train_batch_size": "count", "gradient_accumulation_steps": "count",
            "learning_rate": "positive", "warmup_ratio": "ratio", "max_steps": "count", "logging_steps": "count",
-           "save_steps": "count", "save_total_limit": "count", "max_train_samples": "count",
+           "save_steps": "count", "save_total_limit": "count", "max_train_samples": "limit",
            "profile_steps": "count0"}
 # section -> key -> rule; None values (optional settings) are not checked
 RANGES = {
     "sft": {**TRAINER, "max_steps": "steps", "per_device_eval_batch_size": "count", "weight_decay": "non_negative",
-            "num_train_epochs": "positive", "eval_steps": "count", "early_stopping_patience": "count",
-            "max_eval_samples": "count", "dataloader_num_workers": "count0"},
+            "num_train_epochs": "positive", "eval_steps": "every", "early_stopping_patience": "count",
+            "max_eval_samples": "limit", "dataloader_num_workers": "count0"},
     "rl": {**TRAINER, "num_generations": "generations", "max_completion_length": "count",
            "max_prompt_length": "count", "beta": "non_negative", "temperature": "positive", "top_p": "probability"},
     "infer": {"batch_size": "count", "max_new_tokens": "count", "min_new_tokens": "count0",
@@ -73,6 +75,10 @@ def _pair_problems(cfg, steps: set[str]) -> list[str]:
     if "infer" in steps and cfg.infer.min_new_tokens is not None and cfg.infer.min_new_tokens > cfg.infer.max_new_tokens:
         problems.append(f"infer.min_new_tokens={cfg.infer.min_new_tokens} is above "
                         f"infer.max_new_tokens={cfg.infer.max_new_tokens}")
+    if "sft" in steps and cfg.sft.early_stopping_patience and cfg.sft.eval_steps == 0:
+        problems.append(f"sft.early_stopping_patience={cfg.sft.early_stopping_patience} stops on the validation loss, "
+                        "but sft.eval_steps=0 never evaluates: set sft.eval_steps >= 1 (or "
+                        "sft.early_stopping_patience=null)")
     if "rl" in steps and not cfg.reward.clip_min < cfg.reward.clip_max:
         problems.append(f"reward.clip_min={cfg.reward.clip_min} must be below reward.clip_max={cfg.reward.clip_max}")
     if "prepare" in steps:

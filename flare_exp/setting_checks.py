@@ -10,7 +10,7 @@ import math
 
 from omegaconf import OmegaConf
 
-# rule -> (test, what the message asks for)
+# rule -> (test, what the message asks for). A learning rate of 0 is allowed: a measurement of drift without updates.
 RULES = {
     "count": (lambda v: v >= 1, "an integer >= 1"),
     "count0": (lambda v: v >= 0, "an integer >= 0"),
@@ -25,7 +25,7 @@ RULES = {
     "generations": (lambda v: v >= 2, "an integer >= 2 (GRPO compares completions of one prompt)"),
 }
 TRAINER = {"per_device_train_batch_size": "count", "gradient_accumulation_steps": "count",
-           "learning_rate": "positive", "warmup_ratio": "ratio", "max_steps": "count", "logging_steps": "count",
+           "learning_rate": "non_negative", "warmup_ratio": "ratio", "max_steps": "count", "logging_steps": "count",
            "save_steps": "count", "save_total_limit": "count", "max_train_samples": "limit",
            "profile_steps": "count0"}
 # section -> key -> rule; None values (optional settings) are not checked

@@ -122,7 +122,8 @@ class DataConfig:
 
 @dataclass
 class TaskRewardConfig:
-    # term name -> weight; the terms are looked up in the reward registry.
+    # term name -> weight; the terms are looked up in the reward registry. 0 turns a term off; a task type with
+    # every term off is not rewarded (rl leaves it out; docs/stages.md).
     weights: Dict[str, float] = field(default_factory=dict)
 
 

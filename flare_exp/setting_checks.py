@@ -72,9 +72,9 @@ def _pair_problems(cfg, steps: set[str]) -> list[str]:
         low, high = cfg.model.min_pixels, cfg.model.max_pixels
         if low is not None and high is not None and low > high:
             problems.append(f"model.min_pixels={low} is above model.max_pixels={high}")
-    if "infer" in steps and cfg.infer.min_new_tokens is not None and cfg.infer.min_new_tokens > cfg.infer.max_new_tokens:
-        problems.append(f"infer.min_new_tokens={cfg.infer.min_new_tokens} is above "
-                        f"infer.max_new_tokens={cfg.infer.max_new_tokens}")
+    least, most = cfg.infer.min_new_tokens, cfg.infer.max_new_tokens
+    if "infer" in steps and least is not None and least > most:
+        problems.append(f"infer.min_new_tokens={least} is above infer.max_new_tokens={most}")
     if "sft" in steps and cfg.sft.early_stopping_patience and cfg.sft.eval_steps == 0:
         problems.append(f"sft.early_stopping_patience={cfg.sft.early_stopping_patience} stops on the validation loss, "
                         "but sft.eval_steps=0 never evaluates: set sft.eval_steps >= 1 (or "

@@ -63,9 +63,9 @@ def test_a_weight_of_zero_turns_the_term_off():
 
 
 def test_all_zero_weights_are_refused_at_startup():
-    off = [f"reward.{t}.weights.{k}=0" for t, k in (("report_generation", "radgraph"), ("report_generation", "rouge_l"),
-                                                     ("report_generation", "format_flare"), ("classification", "choice"),
-                                                     ("multi_label", "label_f1"), ("regression", "numeric"))]
+    terms = (("report_generation", "radgraph"), ("report_generation", "rouge_l"), ("report_generation", "format_flare"),
+             ("classification", "choice"), ("multi_label", "label_f1"), ("regression", "numeric"))
+    off = [f"reward.{task}.weights.{term}=0" for task, term in terms]
     with pytest.raises(ValueError, match="every reward weight is 0"):
         validate(compose_cfg(["stage=rl", *off]))
     with pytest.raises(ValueError, match="rl.task_types names classification, whose reward weights are all 0"):

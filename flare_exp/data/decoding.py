@@ -23,8 +23,6 @@ from PIL import Image, ImageOps
 ORIENTATION = 0x0112  # the EXIF tag
 HIGH_BIT_DEPTH = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 WITH_ALPHA = ("LA", "La", "PA", "RGBA", "RGBa")
-# The modes PIL converts to RGB by itself (colour spaces; palettes without transparency).
-CONVERTED = ("RGB", "P", "CMYK", "YCbCr", "LAB", "HSV")
 
 
 def check_window(window) -> tuple[float, float] | None:
@@ -73,7 +71,7 @@ def to_rgb(im: Image.Image, window: tuple[float, float] | None = None) -> Image.
         return _over_black(im)
     if mode == "1":
         return im.convert("L").convert("RGB")
-    return im.convert("RGB")  # RGB (a copy), L, CONVERTED and any other mode PIL can convert
+    return im.convert("RGB")  # RGB (a copy), L, P, CMYK, YCbCr, LAB, HSV: PIL's own conversion
 
 
 def upright_rgb(im: Image.Image, window: tuple[float, float] | None = None) -> Image.Image:

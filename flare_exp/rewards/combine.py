@@ -127,14 +127,14 @@ def reward_problems(reward_cfg, trained_task_types=()) -> list[str]:
     from flare_exp.rewards import MODULES
 
     cfg = _plain(reward_cfg)
-    problems = []
+    problems, known = [], ", ".join(sorted(MODULES))
     for task in TASK_TYPES:
         for name in ((cfg.get(task) or {}).get("weights") or {}):
             if name not in MODULES:
-                problems.append(f"reward.{task}.weights.{name}: unknown reward term; known: {', '.join(sorted(MODULES))}")
+                problems.append(f"reward.{task}.weights.{name}: unknown reward term; known: {known}")
     for name, params in term_params(cfg).items():
         if name not in MODULES:
-            problems.append(f"reward.terms.{name}: unknown reward term; known: {', '.join(sorted(MODULES))}")
+            problems.append(f"reward.terms.{name}: unknown reward term; known: {known}")
             continue
         accepted = inspect.signature(get_term(name).__init__).parameters
         for param in params:

@@ -110,6 +110,10 @@ class DataConfig:
     # Decode every image in full at prepare (a broken one is a reject, not a crash in the first SFT batch).
     verify_images: bool = True
     image_workers: int = 0  # processes decoding images at prepare; 0 = one per core, at most 16
+    # High-bit-depth images (16-bit, 32-bit, float) are scaled from this [low, high] to 0..255, in the images' own
+    # units (e.g. [0, 4095] for 12-bit data in 16-bit files); null: each image from its own minimum and maximum.
+    # Prepare records it in every record, so sft, rl and infer decode alike (docs/stages.md, Data layout).
+    image_window: Optional[List[float]] = None
     strict: bool = False
     allow_overlap: bool = False
     # data=demo: generate a synthetic FLARE-layout tree at `root` when it is missing.
@@ -118,7 +122,8 @@ class DataConfig:
 
 @dataclass
 class TaskRewardConfig:
-    # term name -> weight; the terms are looked up in the reward registry.
+    # term name -> weight; the terms are looked up in the reward registry. 0 turns a term off; a task type with
+    # every term off is not rewarded (rl leaves it out; docs/stages.md).
     weights: Dict[str, float] = field(default_factory=dict)
 
 

@@ -10,7 +10,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from flare_exp import stages
+from flare_exp import setting_checks, stages
 from flare_exp.config import Config
 from flare_exp.logs import quiet_known_messages
 from flare_exp.models.loading import check_model_settings
@@ -88,9 +88,11 @@ def setting_problems(cfg: DictConfig, preload: bool = False) -> list[Exception]:
     _collect(problems, check_model_settings, cfg.model)
     _collect(problems, check_one_process_per_job, bool(steps & GPU_STAGES), steps, cfg.model.backend,
              cfg.stage.name == "pipeline")
+    ranged = setting_checks.problems(cfg, steps, inputs=preload)  # every step's ranges, reward terms, judge paths
+    problems += ranged
     if preload and not problems:  # Unsloth first (it patches transformers), then the stage modules' own checks
         _collect(problems, preload_backend, cfg)
-    for step in sorted(steps - {"pipeline", "sweep_report"}):
+    for step in sorted(steps - {"pipeline", "sweep_report"}) if not ranged else ():  # they divide by those settings
         _collect(problems, _stage_check, step, cfg)
     return problems
 

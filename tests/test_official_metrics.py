@@ -35,7 +35,8 @@ MIXED = [
 def _eval(base_overrides, tmp_path, *files, extra=()):
     entries = ",".join(str(f) for f in files)
     run(compose_cfg(["stage=eval", *base_overrides, f"eval.predictions=[{entries}]", "eval.radgraph=false",
-                     *extra]), run_dir=tmp_path / "eval")
+                     f"data.prepared_dir={tmp_path / 'hand_made'}", *extra]),  # rows of no prepared split
+        run_dir=tmp_path / "eval")
     return json.loads((tmp_path / "eval" / "metrics.json").read_text())
 
 

@@ -2,8 +2,9 @@
 and decoded once, in parallel, before any record that names them is accepted.
 
 ``Image.verify()`` reads a PNG's chunk structure only: a file whose compressed pixel data is broken passes it
-and then kills SFT at its first batch, and again after every resume. Each image is therefore decoded in full
-(``load()``), in worker processes, and its sha1 kept for the leakage check.
+and then kills SFT at its first batch, and again after every resume. Each image is therefore decoded in full,
+by the stages' own rule (flare_exp.data.decoding), in worker processes, held against the processor's limits
+(a picture it cannot take would kill sft or infer), and its digests kept for the leakage check.
 """
 from __future__ import annotations
 
@@ -14,11 +15,18 @@ import posixpath
 import re
 import warnings
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 from tqdm.auto import tqdm
 
+from flare_exp.data.decoding import upright_rgb
+
 OUTSIDE_ROOT = "outside data.root"
+SMALLER_THAN_A_PATCH = "image smaller than one vision patch"
+PROCESSOR_REFUSES = "image the processor refuses"
 _INLINE_BELOW = 32  # fewer images than this are decoded in the calling process (worker start-up costs more)
 
 
@@ -51,38 +59,111 @@ def inside(folder: Path, name: str) -> Path | None:
     return folder / normal
 
 
-def _decode(path: str) -> tuple[str | None, str | None]:
-    """(problem, sha1) of one image file, decoded in full; the problem names PIL's reason and the size."""
+class ImageCheck(NamedTuple):
+    problem: str | None  # why the image is rejected, else None
+    sha1: str | None  # of the file's bytes (the leakage check)
+    mode: str | None  # the file's PIL mode (summary.json counts them)
+    pixels: str | None  # sha1 of the decoded 8-bit RGB pixels (same picture in another file format)
+    size: tuple[int, int] | None = None  # width, height as stored
+
+
+@dataclass(frozen=True)
+class ProcessorLimits:
+    """What the image processor can take: sides of at least one vision patch, and the sizes its own resize
+    (transformers' ``smart_resize``) accepts, under the image token budget."""
+    patch_size: int
+    merge_size: int
+    min_pixels: int
+    max_pixels: int
+    source: str
+
+    def problem(self, width: int, height: int) -> str | None:
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+        if min(width, height) < self.patch_size:
+            return f"{SMALLER_THAN_A_PATCH}: {width}x{height} px, the processor's patch is {self.patch_size} px"
+        try:
+            smart_resize(height, width, factor=self.patch_size * self.merge_size, min_pixels=self.min_pixels,
+                         max_pixels=self.max_pixels)
+        except ValueError as e:
+            return f"{PROCESSOR_REFUSES}: {width}x{height} px: {e}"
+        return None
+
+
+# Qwen3-VL's published processor settings, used when prepare runs before the model is on this machine.
+QWEN3_VL_LIMITS = dict(patch_size=16, merge_size=2, min_pixels=65536, max_pixels=16777216)
+
+
+def processor_limits(model_cfg) -> ProcessorLimits:
+    """The limits of the processor at model.path (its preprocessor_config.json, read without loading the
+    model), with model.min_pixels / max_pixels applied as the stages apply them."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    from flare_exp.runtime import abspath
+
+    path = OmegaConf.select(model_cfg, "path", default=None, throw_on_missing=False)
+    config_file = abspath(path) / "preprocessor_config.json" if path else None
+    values, source = dict(QWEN3_VL_LIMITS), "Qwen3-VL's defaults (no preprocessor_config.json at model.path)"
+    if config_file is not None and config_file.is_file():
+        saved = json.loads(config_file.read_text(encoding="utf-8"))
+        size = saved.get("size") or {}
+        for key, size_key in (("patch_size", None), ("merge_size", None), ("min_pixels", "shortest_edge"),
+                              ("max_pixels", "longest_edge")):
+            found = size.get(size_key) if size_key else None
+            values[key] = int(found or saved.get(key) or values[key])
+        source = str(config_file)
+    for key in ("min_pixels", "max_pixels"):
+        if model_cfg.get(key) is not None:
+            values[key] = int(model_cfg[key])
+    return ProcessorLimits(**values, source=source)
+
+
+def _check_image(path: str, window: tuple[float, float] | None, decode: bool = True) -> ImageCheck:
+    """One image file, decoded in full by the stages' rule (``decode``; else its header only); the problem
+    names PIL's reason and the size."""
     from PIL import Image
 
     try:
         data = Path(path).read_bytes()
     except OSError as e:
-        return f"unreadable image {Path(path).name}: {e.strerror or e}", None
-    size = f"{len(data):,} bytes"
+        return ImageCheck(f"unreadable image {Path(path).name}: {e.strerror or e}", None, None, None)
+    size, mode, pixels = f"{len(data):,} bytes", None, None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as im:
-                size = f"{im.width}x{im.height} px, {size}"
-                im.load()
+                size, mode, stored = f"{im.width}x{im.height} px, {size}", im.mode, im.size
+                if decode:
+                    pixels = hashlib.sha1(upright_rgb(im, window).tobytes()).hexdigest()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        return f"decompression bomb {Path(path).name}: {e} ({size})", None
+        return ImageCheck(f"decompression bomb {Path(path).name}: {e} ({size})", None, mode, None)
     except Exception as e:  # PIL raises many types for broken files
         reason = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "this file", str(e))[:200]
-        return f"corrupt image {Path(path).name}: {type(e).__name__}: {reason} ({size})", None
-    return None, hashlib.sha1(data).hexdigest()
+        return ImageCheck(f"corrupt image {Path(path).name}: {type(e).__name__}: {reason} ({size})", None, mode, None)
+    return ImageCheck(None, hashlib.sha1(data).hexdigest(), mode, pixels, stored)
 
 
-def check_images(paths: list[Path], workers: int = 0) -> dict[Path, tuple[str | None, str | None]]:
-    """path -> (problem or None, sha1 or None) for every file, decoded by ``workers`` processes (0: one per
-    core, at most 16)."""
+def _within(check: ImageCheck, path: Path, limits: ProcessorLimits | None) -> ImageCheck:
+    """The check with the processor's verdict on the image's size (in the calling process: the workers stay
+    free of transformers' import)."""
+    problem = limits.problem(*check.size) if limits and check.problem is None else None
+    return check._replace(problem=f"{problem} ({path.name})") if problem else check
+
+
+def check_images(paths: list[Path], workers: int = 0, window: tuple[float, float] | None = None,
+                 limits: ProcessorLimits | None = None, decode: bool = True) -> dict[Path, ImageCheck]:
+    """path -> its ImageCheck for every file, decoded by ``workers`` processes (0: one per core, at most
+    16)."""
     unique = sorted(set(paths))
     workers = workers or min(os.cpu_count() or 1, 16)
+    check = partial(_check_image, window=window, decode=decode)
     bar = dict(total=len(unique), desc="decode images", unit="img", disable=len(unique) < 200)
     if workers <= 1 or len(unique) < _INLINE_BELOW:
-        return {p: _decode(str(p)) for p in tqdm(unique, **bar)}
-    chunk = max(1, min(64, len(unique) // (workers * 4)))
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        results = list(tqdm(pool.map(_decode, [str(p) for p in unique], chunksize=chunk), **bar))
-    return dict(zip(unique, results))
+        results = [check(str(p)) for p in tqdm(unique, **bar)]
+    else:
+        chunk = max(1, min(64, len(unique) // (workers * 4)))
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            results = list(tqdm(pool.map(check, [str(p) for p in unique], chunksize=chunk), **bar))
+    return {p: _within(r, p, limits) for p, r in zip(unique, results)}

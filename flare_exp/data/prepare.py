@@ -12,13 +12,15 @@ import re
 import time
 import zipfile
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from flare_exp.data import records as R
-from flare_exp.data.images import OUTSIDE_ROOT, check_images, inside, walk_files
+from flare_exp.data.decoding import check_window
+from flare_exp.data.images import (OUTSIDE_ROOT, PROCESSOR_REFUSES, SMALLER_THAN_A_PATCH, ProcessorLimits,
+                                   check_images, inside, walk_files)
 from flare_exp.io import write_json, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -189,7 +191,8 @@ def check_overlap(by_split: dict[str, list[dict]], allow: bool) -> list[str]:
     return overlap
 
 
-def prepare(cfg_data, root: Path, out_dir: Path) -> dict:
+def prepare(cfg_data, root: Path, out_dir: Path, limits: ProcessorLimits | None = None) -> dict:
+    """``limits``: the processor's (images it cannot take are rejected); None: not checked."""
     start = time.time()
     if not root.is_dir():
         raise FileNotFoundError(f"data.root={root} does not exist. Download FLARE-Task5-MLLM-2D (Xray) and "
@@ -203,7 +206,7 @@ def prepare(cfg_data, root: Path, out_dir: Path) -> dict:
     rejects: list[dict] = []
     found = question_files(root)
     candidates = read_records(root, cfg_data, split_sources, rejects, found)
-    by_split = accept_records(candidates, cfg_data, rejects)
+    by_split, modes = accept_records(candidates, cfg_data, rejects, limits)
     rejects.sort(key=lambda r: (r["file"], r["index"]))
     write_jsonl(out_dir / "rejects.jsonl", rejects)  # first: an error below points at it
     check_requested(root, cfg_data, split_sources, by_split, rejects, out_dir / "rejects.jsonl", found)
@@ -223,6 +226,9 @@ def prepare(cfg_data, root: Path, out_dir: Path) -> dict:
         "by_dataset_task": counts,
         "rejects": dict(Counter(_reason_kind(r["reason"]) for r in rejects)),
         "images": len({p for rows in by_split.values() for r in rows for p in r["images"]}),
+        "images_by_mode": modes,
+        "image_window": list(cfg_data.image_window) if cfg_data.image_window is not None else "own range",
+        "processor_limits": asdict(limits) if limits else None,
         "overlapping_studies_allowed": len(overlap),
         "seconds": round(time.time() - start, 2),
     }
@@ -255,25 +261,31 @@ def read_records(root: Path, cfg_data, split_sources: dict, rejects: list,
     return candidates
 
 
-def accept_records(candidates: list, cfg_data, rejects: list) -> dict[str, list[dict]]:
-    """Decode every image the candidates name (once, in parallel); a record with a broken image, or a second
-    record with the same ImageName||Question, is rejected."""
+def accept_records(candidates: list, cfg_data, rejects: list,
+                   limits: ProcessorLimits | None = None) -> tuple[dict[str, list[dict]], dict[str, int]]:
+    """Decode every image the candidates name (once, in parallel; data.verify_images=false: headers only); a
+    record with a broken image, one the processor cannot take, or a second record with the same
+    ImageName||Question, is rejected. Also: the accepted images counted by PIL mode."""
     by_split: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
     images = [p for record, _, _ in candidates for p in record["_paths"]]
-    checked = check_images(images, cfg_data.image_workers) if cfg_data.verify_images else {}
-    seen = set()
+    window = check_window(cfg_data.image_window)
+    checked = check_images(images, cfg_data.image_workers, window, limits, decode=cfg_data.verify_images)
+    seen, modes = set(), {}
     for record, file, index in candidates:
-        results = [checked.get(p, (None, None)) for p in record["_paths"]]
-        problem = next((problem for problem, _ in results if problem), None)
+        results = [checked[p] for p in record["_paths"]]
+        problem = next((result.problem for result in results if result.problem), None)
         if problem is None and record["id"] in seen:
             problem = "duplicate ImageName||Question"
         if problem:
             _reject(rejects, cfg_data, file, index, problem)
             continue
-        record["_digests"] = [digest for _, digest in results if digest]
+        record["_digests"] = [d for result in results for d in (result.sha1, result.pixels) if d]
+        if window is not None:
+            record["image_window"] = list(window)  # every stage decodes with it (VisionChat.load_images)
+        modes.update({p: result.mode for p, result in zip(record["_paths"], results)})
         seen.add(record["id"])
         by_split[record["split"]].append(record)
-    return by_split
+    return by_split, dict(sorted(Counter(modes.values()).items()))
 
 
 def check_requested(root: Path, cfg_data, split_sources: dict, by_split: dict, rejects: list,
@@ -305,7 +317,7 @@ def check_requested(root: Path, cfg_data, split_sources: dict, by_split: dict, r
 
 def _reason_kind(reason: str) -> str:
     for prefix in ("missing image", "corrupt image", "decompression bomb", "missing key", "unknown TaskType",
-                   OUTSIDE_ROOT):
+                   OUTSIDE_ROOT, SMALLER_THAN_A_PATCH, PROCESSOR_REFUSES):
         if reason.startswith(prefix):
             return prefix
     return reason
@@ -317,5 +329,6 @@ def format_summary(summary: dict) -> str:
         for key, n in counts.items():
             lines.append(f"{split:<6} {key:<40} {n:>6}")
     lines.append(f"total: {summary['records']}  images: {summary['images']}  time: {summary['seconds']} s")
+    lines.append(f"images by mode: {summary.get('images_by_mode') or 'not read'}")
     lines.append(f"rejects: {summary['rejects'] or 'none'}")
     return "\n".join(lines)

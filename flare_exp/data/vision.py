@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from flare_exp.data.decoding import check_window, decode_image
+
 IGNORE_INDEX = -100
 
 
@@ -58,11 +60,13 @@ class VisionChat:
         return [self.image_root / p for p in record["images"]]
 
     def load_images(self, record: dict) -> list[Image.Image]:
+        """The record's views as 8-bit RGB, by the decoding rule prepare applied (flare_exp.data.decoding),
+        with the window prepare recorded (data.image_window)."""
+        window = check_window(record.get("image_window"))
         images = []
         for path in self.image_paths(record):
             try:
-                with Image.open(path) as im:
-                    images.append(im.convert("RGB"))
+                images.append(decode_image(path, window))
             except (OSError, ValueError) as e:
                 raise ValueError(f"record {record.get('id')}: cannot read image {path}: {e}") from None
         return images

@@ -146,6 +146,7 @@ def write_reports(out_dir: Path, results: dict, tests: list[dict], warnings: lis
     status = [f"{lab}: {res['partial']}" for lab, res in results.items() if res.get("partial")]
     status += [f"{lab}: {res['empty_predictions']} empty (null or non-text) prediction(s), scored as empty answers"
                for lab, res in results.items() if res.get("empty_predictions")]
+    status += [f"{lab}: {res['answers_note']}" for lab, res in results.items() if res.get("answers_note")]
     if tests or warnings:
         sections.append(("Significance (paired, on shared samples)", significance_notes(family) + warnings,
                          SIGNIFICANCE_HEADER, significance_rows(tests)))

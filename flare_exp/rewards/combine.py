@@ -31,20 +31,38 @@ def completion_text(completion) -> str | None:
     return None
 
 
+def _plain(reward_cfg) -> dict:
+    return OmegaConf.to_container(reward_cfg, resolve=True) if not isinstance(reward_cfg, dict) else reward_cfg
+
+
+def active_weights(reward_cfg) -> dict[str, dict[str, float]]:
+    """task type -> {term: weight} of the terms that are on. A weight of 0 turns its term off (not built, not
+    scored, not logged); a task type whose weights are all 0, or that has none, is not rewarded (``__call__``)."""
+    cfg = _plain(reward_cfg)
+    return {t: {k: float(v) for k, v in ((cfg.get(t) or {}).get("weights") or {}).items() if float(v) != 0}
+            for t in TASK_TYPES}
+
+
+def term_params(reward_cfg) -> dict[str, dict]:
+    """term -> its constructor's keyword arguments (reward.terms.<term>; radgraph also reward.radgraph)."""
+    cfg = _plain(reward_cfg)
+    params = {name: dict(value or {}) for name, value in (cfg.get("terms") or {}).items()}
+    # reward.radgraph's settings (their defaults: config.RadGraphConfig); terms.radgraph may override them
+    params["radgraph"] = {**(cfg.get("radgraph") or {}), **params.get("radgraph", {})}
+    return params
+
+
 class CombinedReward:
     __name__ = "flare_reward"  # TRL names its reward columns after the function
 
     def __init__(self, reward_cfg):
-        cfg = OmegaConf.to_container(reward_cfg, resolve=True) if not isinstance(reward_cfg, dict) else reward_cfg
+        cfg = _plain(reward_cfg)
         self.clip = (cfg.get("clip_min", -math.inf), cfg.get("clip_max", math.inf))
         self.invalid = cfg.get("invalid_completion", -1.0)
-        self.weights = {t: {k: float(v) for k, v in (cfg.get(t) or {}).get("weights", {}).items() if float(v) != 0}
-                        for t in TASK_TYPES}
-        term_params = dict(cfg.get("terms") or {})
-        # reward.radgraph's settings (their defaults: config.RadGraphConfig); terms.radgraph may override them
-        term_params["radgraph"] = {**(cfg.get("radgraph") or {}), **term_params.get("radgraph", {})}
+        self.weights = active_weights(cfg)
+        params = term_params(cfg)
         names = sorted({n for w in self.weights.values() for n in w})
-        self.terms = {n: get_term(n)(**(term_params.get(n) or {})) for n in names}  # unknown name -> KeyError
+        self.terms = {n: get_term(n)(**params.get(n, {})) for n in names}  # unknown name -> KeyError
         self.last_term_means: dict[str, float] = {}
         # the last batch per completion: its text, raw term scores and clipped total (the rollout log reads it)
         self.last_samples: list[dict] = []
@@ -65,9 +83,11 @@ class CombinedReward:
         for i in range(n):
             if texts[i] is None:
                 rewards[i] = self.invalid
-            elif task_type[i] not in self.weights or not self.weights[task_type[i]] or answers[i] is None:
+            elif task_type[i] in self.weights and not self.weights[task_type[i]]:
+                rewards[i] = 0.0  # every term of this task type is off: no reward, no signal (not an invalid output)
+            elif task_type[i] not in self.weights or answers[i] is None:
                 if task_type[i] not in self._warned:
-                    log.warning("reward: no weights for task_type=%r (or no answer): scoring it %s",
+                    log.warning("reward: unknown task_type=%r (or no answer): scoring it %s",
                                 task_type[i], self.invalid)
                     self._warned.add(task_type[i])
                 rewards[i] = self.invalid
@@ -92,7 +112,6 @@ class CombinedReward:
         self.last_samples = [{"text": t, "terms": terms, "total": r} for t, terms, r in zip(texts, sample_terms, totals)]
         return totals
 
-
     def pop_term_means(self) -> dict[str, float]:
         """Mean of every (task type, term) since the last call: per-term curves for the training log."""
         means = {k: total / count for k, (total, count) in self._totals.items() if count}
@@ -102,3 +121,42 @@ class CombinedReward:
 
 def build_reward(reward_cfg) -> CombinedReward:
     return CombinedReward(reward_cfg)
+
+
+def reward_problems(reward_cfg, trained_task_types=()) -> list[str]:
+    """Every problem with reward.* that rl would meet only at its start: unknown term names (in weights or in
+    reward.terms), parameters a term does not take, no term on at all, a task type in rl.task_types
+    (``trained_task_types``) that is unknown or has every term off."""
+    import inspect
+
+    from flare_exp.rewards import MODULES
+
+    cfg = _plain(reward_cfg)
+    problems, known = [], ", ".join(sorted(MODULES))
+    for task in TASK_TYPES:
+        for name in ((cfg.get(task) or {}).get("weights") or {}):
+            if name not in MODULES:
+                problems.append(f"reward.{task}.weights.{name}: unknown reward term; known: {known}")
+    for name, params in term_params(cfg).items():
+        if name not in MODULES:
+            problems.append(f"reward.terms.{name}: unknown reward term; known: {known}")
+            continue
+        accepted = inspect.signature(get_term(name).__init__).parameters
+        for param in params:
+            if param not in accepted:
+                section = "reward.radgraph" if name == "radgraph" and param in (cfg.get("radgraph") or {}) \
+                    else f"reward.terms.{name}"
+                problems.append(f"{section}.{param}: the {name} term takes no such parameter; it takes "
+                                f"{', '.join(p for p in accepted if p != 'self')}")
+    weights = active_weights(cfg)
+    if not any(weights.values()):
+        problems.append(f"reward={cfg.get('name')}: every reward weight is 0 (or none is set): a weight of 0 turns "
+                        "its term off, so rl would reward nothing. Give a term of some task type a non-zero weight")
+    for task in trained_task_types:
+        if task not in weights:
+            problems.append(f"rl.task_types: unknown task type {task!r}; choose from {', '.join(TASK_TYPES)}")
+        elif not weights[task] and any(weights.values()):
+            problems.append(f"rl.task_types names {task}, whose reward weights are all 0 (every term off: its "
+                            f"completions would all score 0, no signal). Give reward.{task}.weights a non-zero "
+                            "weight or leave it out of rl.task_types")
+    return problems

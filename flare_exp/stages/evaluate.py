@@ -151,12 +151,21 @@ def report_metrics(rows: list[dict], scorers: ReportScorers, label: str) -> tupl
     return out, per_sample
 
 
-def load_rows(path: Path, allow_partial: bool) -> tuple[list[dict], dict]:
-    """The predictions of one file, checked; and what the report must say about them."""
+def load_rows(path: Path, allow_partial: bool, prepared_dir: str | None = None) -> tuple[list[dict], dict]:
+    """The predictions of one file, joined by id to the prepared split they answer (found from the infer run,
+    else ``prepared_dir``), checked; and what the report must say about them."""
+    from flare_exp.data.references import join_to_reference, reference_file
+
     rows = read_jsonl(path)
     if not rows:
         raise ValueError(f"{path}: no predictions")
-    info: dict = {}
+    reference = reference_file(path, rows, prepared_dir)
+    info: dict = {"answers_from": str(reference) if reference else "the predictions file"}
+    if reference:
+        rows = join_to_reference(path, rows, reference)
+    else:
+        info["answers_note"] = ("answers taken from the predictions file, unchecked: no prepared split was found "
+                                "to join them to (data.prepared_dir)")
     run_dir = path.parent
     if (run_dir / "run_info.json").exists() and not (run_dir / DONE).exists():
         if not allow_partial:
@@ -239,7 +248,7 @@ def official_green_of(scorers: ReportScorers, pairs: list, green_by_id: dict) ->
 def evaluate_file(path: Path, scorers: ReportScorers, allow_partial: bool = False) -> tuple[str, dict, dict, list]:
     """(label, metrics, per-sample official statistics by task: (ids, stats) for the significance tests and
     the scored sheet, the rows as read)."""
-    raw, info = load_rows(path, allow_partial)
+    raw, info = load_rows(path, allow_partial, scorers.cfg.data.prepared_dir)
     label = raw[0].get("model") or path.parent.name
     rows = scored_rows(raw)
     by_task, by_dataset = defaultdict(list), defaultdict(list)
@@ -343,7 +352,7 @@ def judge_shares(cfg, scorers: ReportScorers, entries: list, rank: int, world: i
     judges = scorers.judges()
     for judge in judges:
         for entry in entries:
-            rows = scored_rows(load_rows(find_predictions(entry), cfg.eval.allow_partial)[0])
+            rows = scored_rows(load_rows(find_predictions(entry), cfg.eval.allow_partial, cfg.data.prepared_dir)[0])
             reports = [r for r in rows if r["task_type"] == "report_generation"]
             judge.judge([r["answer"] for r in reports], [r["prediction"] for r in reports], share=(rank, world))
     barrier()

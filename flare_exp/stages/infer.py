@@ -206,6 +206,7 @@ def write_sheet(path: Path, rows: list[dict], label: str, extra: tuple[str, ...]
     from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
     from openpyxl.styles import Alignment, Font
 
+    from flare_exp.cells import text_cells
     from flare_exp.io import atomic_path
 
     wb = Workbook()
@@ -213,6 +214,7 @@ def write_sheet(path: Path, rows: list[dict], label: str, extra: tuple[str, ...]
     ws.title = "predictions"
     header = ["ImageName", "Question", "Answer", label, "Dataset", "TaskType", "id", *extra]
     ws.append(header)
+    text_cells(ws[1])
     for r in rows:
         name = r["image_name"] if isinstance(r["image_name"], str) else ", ".join(r["image_name"])
         values = [name, r["question"], r["answer"], r["prediction"], r["dataset"], r["task_type"], r["id"],
@@ -220,6 +222,7 @@ def write_sheet(path: Path, rows: list[dict], label: str, extra: tuple[str, ...]
         # Generated text can hold control characters that a worksheet cannot store: drop them in the sheet only.
         values = [json.dumps(v, ensure_ascii=False) if isinstance(v, (list, dict)) else v for v in values]
         ws.append([ILLEGAL_CHARACTERS_RE.sub("", v) if isinstance(v, str) else v for v in values])
+        text_cells(ws[ws.max_row])  # untrusted text: never a formula, whatever it starts with
     for cell in ws[1]:
         cell.font = Font(bold=True)
     for col, width in zip("ABCDEFG", (38, 60, 50, 50, 16, 18, 30)):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from flare_exp.data.images import processor_limits
 from flare_exp.data.prepare import format_summary, prepare
 from flare_exp.runtime import abspath
 
@@ -21,6 +22,8 @@ def run(cfg, out_dir: Path) -> dict:
 
         log.info("data=%s: generating the synthetic FLARE-layout demo tree at %s", cfg.data.name, root)
         generate_demo(root, **cfg.data.demo)
-    summary = prepare(cfg.data, root, out_dir)
+    limits = processor_limits(cfg.model)
+    log.info("prepare: images held against the processor's limits from %s", limits.source)
+    summary = prepare(cfg.data, root, out_dir, limits)
     log.info("prepared data in %s\n%s", out_dir, format_summary(summary))
     return {"prepared_dir": str(out_dir), "records": summary["records"], "rejects": summary["rejects"]}

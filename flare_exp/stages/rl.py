@@ -39,13 +39,13 @@ def grpo_dataset(records: list[dict], chat: VisionChat):
     table = Dataset.from_list([{
         "prompt_json": json.dumps(render_messages([m for m in r["messages"] if m["role"] != "assistant"])),
         "image_paths": r["images"], "task_type": r["task_type"], "answer": r["answer"], "dataset": r["dataset"],
-        "id": r["id"]} for r in records])
+        "id": r["id"], "image_window": r.get("image_window")} for r in records])
 
     def materialise(batch: dict) -> dict:
-        out = {k: v for k, v in batch.items() if k != "prompt_json"}
+        out = {k: v for k, v in batch.items() if k not in ("prompt_json", "image_window")}
         out["prompt"] = [json.loads(p) for p in batch["prompt_json"]]
-        out["images"] = [chat.load_images({"id": i, "images": paths})
-                         for i, paths in zip(batch["id"], batch["image_paths"])]
+        out["images"] = [chat.load_images({"id": i, "images": paths, "image_window": window})
+                         for i, paths, window in zip(batch["id"], batch["image_paths"], batch["image_window"])]
         return out
 
     return table.with_transform(materialise)

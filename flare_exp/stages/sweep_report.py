@@ -8,14 +8,13 @@ by the Optuna sweeper also gets study.md / study.png (flare_exp/optuna_report.py
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 from pathlib import Path
 
 import yaml
 
+from flare_exp.cells import csv_text
 from flare_exp.io import write_text
 from flare_exp.runtime import abspath, marker
 
@@ -208,9 +207,7 @@ def run(cfg, out_dir: Path) -> dict:
     key = rank_key(jobs, cfg.sweep_report.rank_by)
     header, rows = table(jobs, key)
     report = sweep_dir / "report"
-    buf = io.StringIO()
-    csv.writer(buf).writerows([header, *rows])
-    write_text(report / "sweep.csv", buf.getvalue())
+    write_text(report / "sweep.csv", csv_text(header, rows))  # no cell a spreadsheet would run
     ranking = (f"Ranked by {key} ({'lowest' if lower_is_better(key) else 'highest'} first; sweep_report.rank_by "
                "chooses).\n\n") if key else ""
     write_text(report / "sweep.md", f"# Sweep {sweep_dir.name}\n\n{ranking}" + markdown(header, rows))

@@ -1,0 +1,87 @@
+"""The one rule by which an image file becomes the 8-bit RGB picture the processor takes, used by prepare's image
+pass and by every stage that loads images (sft, rl, infer, through ``VisionChat.load_images``), so the same file
+gives the same pixels everywhere.
+
+1. The EXIF orientation is applied first (a phone photo or a scanner export stands the way it was taken).
+2. By PIL mode:
+   - ``RGB``: as it is; ``L``: its grey value in all three channels; ``1``: black 0 / white 255, then as ``L``;
+     ``P``: its palette colours; ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``: PIL's conversion to RGB.
+   - high bit depth (``I;16``, ``I;16B``, ``I;16L``, ``I;16N``, ``I``, ``F``): one grey channel, scaled linearly
+     from ``[low, high]`` to 0..255 (rounded, values outside clipped). ``[low, high]`` is the image's own
+     minimum and maximum (a constant image becomes black), or the window the user set (data.image_window).
+     PIL's own conversion would clip, not scale: a 16-bit X-ray became two grey levels, nearly all white.
+   - alpha (``LA``, ``La``, ``PA``, ``RGBA``, ``RGBa``, and ``P`` with a transparent colour): composited over
+     black, the colour of no signal on an X-ray: ``value * alpha / 255``, rounded.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+ORIENTATION = 0x0112  # the EXIF tag
+HIGH_BIT_DEPTH = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+WITH_ALPHA = ("LA", "La", "PA", "RGBA", "RGBa")
+
+
+def check_window(window) -> tuple[float, float] | None:
+    """data.image_window as (low, high), or None (each image's own range); a ValueError names the key."""
+    if window is None:
+        return None
+    values = list(window)
+    if len(values) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values) \
+            or not np.isfinite(values).all() or values[0] >= values[1]:
+        raise ValueError(f"data.image_window={values}: give [low, high] with low < high, in the images' own units "
+                         "(e.g. [0, 4095] for 12-bit data stored in 16 bits), or null to scale each image by its "
+                         "own minimum and maximum")
+    return float(values[0]), float(values[1])
+
+
+def scale_to_8bit(values: np.ndarray, window: tuple[float, float] | None) -> np.ndarray:
+    """A high-bit-depth grey channel scaled linearly from the window (else its own range) to uint8, rounded
+    half up (float32 holds every 16-bit value exactly)."""
+    floating = values.dtype.kind == "f"
+    values = values.astype(np.float32)
+    if floating:  # NaN and infinite pixels of a float image count as 0
+        values = np.nan_to_num(values, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+    low, high = window if window is not None else (float(values.min()), float(values.max()))
+    if high <= low:
+        return np.zeros(values.shape, np.uint8)
+    values -= np.float32(low)
+    values *= np.float32(255.0 / (high - low))
+    values += np.float32(0.5)
+    return np.clip(values, 0, 255, out=values).astype(np.uint8)
+
+
+def _over_black(im: Image.Image) -> Image.Image:
+    """An image with alpha composited over black (PIL's integer blend: the same bytes on every machine)."""
+    rgba = im.convert("RGBA")
+    canvas = Image.new("RGB", rgba.size)
+    canvas.paste(rgba.convert("RGB"), mask=rgba.getchannel("A"))
+    return canvas
+
+
+def to_rgb(im: Image.Image, window: tuple[float, float] | None = None) -> Image.Image:
+    """An opened image (any PIL mode, orientation already applied) as 8-bit RGB, by the rule above."""
+    mode = im.mode
+    if mode in HIGH_BIT_DEPTH:
+        return Image.fromarray(scale_to_8bit(np.asarray(im), window), mode="L").convert("RGB")
+    if mode in WITH_ALPHA or (mode == "P" and "transparency" in im.info):
+        return _over_black(im)
+    if mode == "1":
+        return im.convert("L").convert("RGB")
+    return im.convert("RGB")  # RGB (a copy), L, P, CMYK, YCbCr, LAB, HSV: PIL's own conversion
+
+
+def upright_rgb(im: Image.Image, window: tuple[float, float] | None = None) -> Image.Image:
+    """An opened image, turned as its EXIF orientation says, as 8-bit RGB by the rule above."""
+    if im.getexif().get(ORIENTATION, 1) != 1:
+        im = ImageOps.exif_transpose(im)
+    return to_rgb(im, window)
+
+
+def decode_image(path: str | Path, window: tuple[float, float] | None = None) -> Image.Image:
+    """The picture of one image file as 8-bit RGB, by the rule above."""
+    with Image.open(path) as im:
+        return upright_rgb(im, window)

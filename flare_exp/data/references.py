@@ -1,0 +1,59 @@
+"""The reference answers eval scores against: the prepared split the predictions answer, joined by id.
+
+A predictions file carries the answers infer copied into it; a hand-edited or foreign file may carry other ones,
+or ids that are not in the split. Where the prepared split is known, eval takes the answer, task type and
+dataset from it and refuses unknown ids and answers that differ; where it is not, the report says the answers
+came from the predictions file, unchecked.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from flare_exp.io import read_jsonl
+from flare_exp.runtime import abspath, infer_input_file
+
+SHOWN = 5  # ids named in an error
+FROM_REFERENCE = ("answer", "task_type", "dataset", "question", "image_name")
+
+
+def reference_file(predictions: Path, rows: list[dict], prepared_dir: str | None) -> Path | None:
+    """The file infer read for these predictions (its run dir's saved config), else the prepared split the rows
+    name (``<data.prepared_dir>/<split>.jsonl``); None when neither exists."""
+    from omegaconf import OmegaConf
+
+    saved = predictions.parent / "config.yaml"
+    if saved.is_file():
+        try:
+            source = abspath(infer_input_file(OmegaConf.load(saved)))
+        except Exception:  # noqa: BLE001  (not an infer run's config: fall back to the split the rows name)
+            source = None
+        if source is not None and source.is_file():
+            return source
+    splits = {r.get("split") for r in rows}
+    if prepared_dir and len(splits) == 1 and isinstance(next(iter(splits)), str):
+        candidate = abspath(prepared_dir) / f"{next(iter(splits))}.jsonl"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _named(ids: list) -> str:
+    return ", ".join(map(str, ids[:SHOWN])) + (f" and {len(ids) - SHOWN} more" if len(ids) > SHOWN else "")
+
+
+def join_to_reference(predictions: Path, rows: list[dict], reference: Path) -> list[dict]:
+    """The rows with the reference's answer, task type, dataset, question and image name; an id the reference
+    lacks, or an answer that differs from it, is an error naming the first few."""
+    refs = {r["id"]: r for r in read_jsonl(reference) if isinstance(r, dict) and "id" in r}
+    unknown = [r.get("id") for r in rows if r.get("id") not in refs]
+    if unknown:
+        raise ValueError(f"{predictions}: {len(unknown)} prediction id(s) are not in the prepared split {reference}: "
+                         f"{_named(unknown)}. Score predictions of this split only (or point data.prepared_dir at "
+                         "the one they were made from)")
+    changed = [r["id"] for r in rows if r.get("answer") is not None and refs[r["id"]].get("answer") is not None
+               and str(r["answer"]) != str(refs[r["id"]]["answer"])]
+    if changed:
+        raise ValueError(f"{predictions}: {len(changed)} answer(s) differ from the prepared split {reference}: "
+                         f"{_named(changed)}. Eval scores against the prepared answers; a predictions file whose "
+                         "answers were edited is refused")
+    return [{**r, **{k: refs[r["id"]][k] for k in FROM_REFERENCE if k in refs[r["id"]]}} for r in rows]

@@ -1,0 +1,126 @@
+"""The settings every step of a run would otherwise trip over late, checked before any work: numeric ranges
+(a batch of 0, a negative learning rate, ``sft.max_steps=0``: a ZeroDivisionError or a run that trains nothing
+and says DONE), the reward's terms and parameters, and (with ``inputs``) the judge and scorer files the later
+steps load. A pipeline checks the sections of all its steps, so a bad rl or eval setting stops it before its
+sft step runs for hours.
+"""
+from __future__ import annotations
+
+import math
+
+from omegaconf import OmegaConf
+
+# rule -> (test, what the message asks for). A learning rate of 0 is allowed: a measurement of drift without updates.
+RULES = {
+    "count": (lambda v: v >= 1, "an integer >= 1"),
+    "count0": (lambda v: v >= 0, "an integer >= 0"),
+    "limit": (lambda v: v >= 0, "an integer >= 0 (0 or null: no limit)"),
+    "every": (lambda v: v >= 0, "an integer >= 0 (0: never)"),
+    "steps": (lambda v: v >= 1 or v == -1, "an integer >= 1 (or -1: sft.num_train_epochs decides)"),
+    "positive": (lambda v: v > 0, "a number > 0"),
+    "non_negative": (lambda v: v >= 0, "a number >= 0"),
+    "ratio": (lambda v: 0 <= v <= 1, "a number from 0 to 1"),
+    "dropout": (lambda v: 0 <= v < 1, "a number from 0 to below 1"),
+    "probability": (lambda v: 0 < v <= 1, "a number above 0, at most 1"),
+    "generations": (lambda v: v >= 2, "an integer >= 2 (GRPO compares completions of one prompt)"),
+}
+TRAINER = {"per_device_train_batch_size": "count", "gradient_accumulation_steps": "count",
+           "learning_rate": "non_negative", "warmup_ratio": "ratio", "max_steps": "count", "logging_steps": "count",
+           "save_steps": "count", "save_total_limit": "count", "max_train_samples": "limit",
+           "profile_steps": "count0"}
+# section -> key -> rule; None values (optional settings) are not checked
+RANGES = {
+    "sft": {**TRAINER, "max_steps": "steps", "per_device_eval_batch_size": "count", "weight_decay": "non_negative",
+            "num_train_epochs": "positive", "eval_steps": "every", "early_stopping_patience": "count",
+            "max_eval_samples": "limit", "dataloader_num_workers": "count0"},
+    "rl": {**TRAINER, "num_generations": "generations", "max_completion_length": "count",
+           "max_prompt_length": "count", "beta": "non_negative", "temperature": "positive", "top_p": "probability"},
+    "infer": {"batch_size": "count", "max_new_tokens": "count", "min_new_tokens": "count0",
+              "temperature": "positive", "top_p": "probability", "profile_batch": "count"},
+    "eval": {"green.batch_size": "count", "green.max_length": "count", "green.max_new_tokens": "count",
+             "significance.resamples": "count0", "chexbert.batch_size": "count"},
+    "model": {"max_seq_length": "count", "min_pixels": "count", "max_pixels": "count", "lora.r": "count",
+              "lora.alpha": "positive", "lora.dropout": "dropout"},
+    "data": {"image_workers": "count0"},
+    "reward": {"radgraph.cache_size": "count0"},
+}
+# the sections each step reads
+SECTIONS = {"prepare": ("data",), "sft": ("sft", "model"), "rl": ("rl", "model", "reward"),
+            "infer": ("infer", "model"), "eval": ("eval",)}
+
+
+def range_problems(cfg, steps: set[str]) -> list[str]:
+    """Every numeric setting the steps read that is out of its range, each with its key and value."""
+    problems = []
+    for section in sorted({s for step in steps for s in SECTIONS.get(step, ())}):
+        for key, rule in RANGES[section].items():
+            value = OmegaConf.select(cfg, f"{section}.{key}", throw_on_missing=False)
+            test, wanted = RULES[rule]
+            if value is None or isinstance(value, bool):
+                continue
+            if not math.isfinite(value) or not test(value):
+                problems.append(f"{section}.{key}={value}: must be {wanted}")
+    return problems + _pair_problems(cfg, steps)
+
+
+def _pair_problems(cfg, steps: set[str]) -> list[str]:
+    """Settings whose range depends on another setting."""
+    from flare_exp.data.decoding import check_window
+
+    problems = []
+    if steps & {"sft", "rl", "infer"}:
+        low, high = cfg.model.min_pixels, cfg.model.max_pixels
+        if low is not None and high is not None and low > high:
+            problems.append(f"model.min_pixels={low} is above model.max_pixels={high}")
+    least, most = cfg.infer.min_new_tokens, cfg.infer.max_new_tokens
+    if "infer" in steps and least is not None and least > most:
+        problems.append(f"infer.min_new_tokens={least} is above infer.max_new_tokens={most}")
+    if "sft" in steps and cfg.sft.early_stopping_patience and cfg.sft.eval_steps == 0:
+        problems.append(f"sft.early_stopping_patience={cfg.sft.early_stopping_patience} stops on the validation loss, "
+                        "but sft.eval_steps=0 never evaluates: set sft.eval_steps >= 1 (or "
+                        "sft.early_stopping_patience=null)")
+    if "rl" in steps and not cfg.reward.clip_min < cfg.reward.clip_max:
+        problems.append(f"reward.clip_min={cfg.reward.clip_min} must be below reward.clip_max={cfg.reward.clip_max}")
+    if "prepare" in steps:
+        try:
+            check_window(cfg.data.image_window)
+        except ValueError as e:
+            problems.append(str(e))
+    return problems
+
+
+def judge_path_problems(cfg, steps: set[str]) -> list[str]:
+    """The scorer and judge files a step will load (rl's RadGraph term, eval's RadGraph, GREEN judge, CheXbert,
+    keyword module): each that is set must be there (a tiny RadGraph built on demand excepted)."""
+    from flare_exp.rewards.combine import active_weights
+    from flare_exp.rewards.radgraph_term import check_model_dir
+    from flare_exp.runtime import abspath
+
+    problems = []
+    rg = cfg.reward.radgraph
+    rl_uses = "rl" in steps and any("radgraph" in w for w in active_weights(cfg.reward).values())
+    eval_uses = "eval" in steps and cfg.eval.radgraph and rg.model_dir
+    if (rl_uses or eval_uses) and not (rg.build_tiny and rg.model_dir):
+        try:
+            check_model_dir(abspath(rg.model_dir) if rg.model_dir else None, rg.model_type)
+        except FileNotFoundError as e:
+            problems.append(str(e))
+    if "eval" in steps:
+        for key in ("eval.green.model_path", "eval.chexbert.path", "eval.chexbert.encoder_path",
+                    "eval.keyword_metrics.module"):
+            value = OmegaConf.select(cfg, key)
+            if value and not abspath(value).exists():
+                problems.append(f"{key}={value}: no such file or directory ({abspath(value)})")
+    return problems
+
+
+def problems(cfg, steps: set[str], inputs: bool = False) -> list[ValueError]:
+    """Every problem above for the steps of this run, one ValueError each (reported together)."""
+    from flare_exp.rewards.combine import reward_problems
+
+    found = range_problems(cfg, steps)
+    if "rl" in steps:
+        found += reward_problems(cfg.reward, list(cfg.rl.task_types))
+    if inputs:
+        found += judge_path_problems(cfg, steps)
+    return [ValueError(p) for p in found]

@@ -1,0 +1,66 @@
+"""Eval scores against the prepared split: predictions joined to it by id, unknown ids and changed answers
+refused (named); without a known split the report says the answers came from the predictions file; a byte
+that is not UTF-8 names the file and line."""
+import json
+
+import pytest
+
+from conftest import compose_cfg
+from flare_exp.io import write_jsonl
+from flare_exp.main import run
+from flare_exp.stages.evaluate import load_rows
+
+REFERENCE = [{"id": f"dental/{i}", "dataset": "dental", "task_type": "classification", "answer": "ABC"[i % 3],
+              "split": "val", "question": f"q{i}", "image_name": f"{i}.png"} for i in range(8)]
+
+
+def _predictions(folder, rows):
+    write_jsonl(folder / "predictions.jsonl", rows)
+    return folder / "predictions.jsonl"
+
+
+def _prepared(tmp_path):
+    write_jsonl(tmp_path / "prepared" / "val.jsonl", REFERENCE)
+    return str(tmp_path / "prepared")
+
+
+def test_unknown_ids_and_changed_answers_are_refused_by_name(tmp_path):
+    prepared = _prepared(tmp_path)
+    foreign = [{**r, "prediction": "A"} for r in REFERENCE[:2]] + \
+        [{**REFERENCE[0], "id": f"dental/x{i}", "prediction": "A"} for i in range(7)]
+    with pytest.raises(ValueError, match=r"7 prediction id\(s\) are not in the prepared split .*val.jsonl: "
+                                         r"dental/x0, dental/x1, dental/x2, dental/x3, dental/x4 and 2 more"):
+        load_rows(_predictions(tmp_path, foreign), False, prepared)
+    edited = [{**r, "prediction": "A", "answer": "A"} for r in REFERENCE]
+    with pytest.raises(ValueError, match=r"5 answer\(s\) differ from the prepared split .*: dental/1, dental/2, "
+                                         r"dental/4, dental/5, dental/7\."):
+        load_rows(_predictions(tmp_path, edited), False, prepared)
+
+
+def test_answers_come_from_the_prepared_split_the_infer_run_read(tmp_path):
+    prepared = _prepared(tmp_path)
+    run_dir = tmp_path / "infer"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(json.dumps({"infer": {"input_file": f"{prepared}/val.jsonl",
+                                                               "split": "val"}}))
+    bare = [{"id": r["id"], "prediction": "B"} for r in REFERENCE[:3]]  # a hand-made file: ids and predictions
+    rows, info = load_rows(_predictions(run_dir, bare), False, prepared_dir=None)
+    assert [r["answer"] for r in rows] == ["A", "B", "C"] and rows[0]["task_type"] == "classification"
+    assert info["answers_from"] == f"{prepared}/val.jsonl" and "answers_note" not in info
+
+
+def test_without_a_prepared_split_the_report_says_where_the_answers_came_from(base_overrides, tmp_path):
+    rows = [{**r, "prediction": "A", "model": "m"} for r in REFERENCE]
+    preds = _predictions(tmp_path, rows)
+    _, info = load_rows(preds, False, str(tmp_path / "nothing"))
+    assert info["answers_from"] == "the predictions file"
+    run(compose_cfg(["stage=eval", *base_overrides, f"eval.predictions=[{preds}]", "eval.radgraph=false",
+                     f"data.prepared_dir={tmp_path / 'nothing'}"]), run_dir=tmp_path / "eval")
+    assert "answers taken from the predictions file, unchecked" in (tmp_path / "eval" / "report.md").read_text()
+
+
+def test_a_byte_that_is_not_utf8_names_the_file_and_line(tmp_path):
+    path = tmp_path / "predictions.jsonl"
+    path.write_bytes(json.dumps(REFERENCE[0]).encode() + b"\n" + b'{"id": "d/1", "prediction": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"predictions.jsonl:2: not UTF-8 \(byte 0xe9"):
+        load_rows(path, False)

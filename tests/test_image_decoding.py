@@ -1,0 +1,123 @@
+"""Images as users bring them: every PIL mode decoded by one rule (high bit depth scaled, alpha composited,
+EXIF orientation applied), the same pixels in prepare, sft, rl and infer; images the processor cannot take
+rejected at prepare with the reason."""
+import hashlib
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from flare_exp.data.decoding import decode_image
+from flare_exp.data.images import ProcessorLimits, check_images
+from flare_exp.data.vision import VisionChat
+from flare_exp.io import read_jsonl
+from test_prepare import GOOD, _prepare, _small_tree
+
+GRADIENT = (1000 + np.arange(64 * 64)).reshape(64, 64)  # a 12-bit X-ray's range, stored in 16 bits
+
+
+def _files(folder):
+    """One file per mode PIL opens, named after it; what each must decode to is asserted below."""
+    folder.mkdir(parents=True, exist_ok=True)
+    grey = (GRADIENT / 5096 * 255).astype(np.uint8)
+    made = {
+        "1": Image.fromarray(grey > 128).convert("1"), "L": Image.fromarray(grey),
+        "LA": Image.merge("LA", [Image.fromarray(grey), Image.new("L", (64, 64), 0)]),
+        "P": Image.fromarray(grey).convert("P"), "RGB": Image.fromarray(np.stack([grey] * 3, -1)),
+        "RGBA": Image.fromarray(np.dstack([np.stack([grey] * 3, -1), np.full((64, 64), 128, np.uint8)])),
+        "CMYK": Image.fromarray(grey).convert("CMYK"), "I;16": Image.fromarray(GRADIENT.astype(np.uint16)),
+        "I": Image.fromarray(GRADIENT.astype(np.int32)), "F": Image.fromarray(GRADIENT.astype(np.float32)),
+    }
+    paths = {}
+    for mode, im in made.items():
+        suffix = ".tif" if mode in ("I", "F", "CMYK") else ".png"
+        paths[mode] = folder / f"{mode.replace(';', '_')}{suffix}"
+        im.save(paths[mode])
+    tall = Image.fromarray(np.stack([grey[:, :32]] * 3, -1))  # 64 high, 32 wide, stored turned: EXIF 6
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW to view
+    tall.transpose(Image.Transpose.ROTATE_90).save(folder / "exif.jpg", exif=exif, quality=95)
+    paths["exif"] = folder / "exif.jpg"
+    return paths
+
+
+def test_every_mode_becomes_8_bit_rgb_by_the_rule(tmp_path):
+    paths = _files(tmp_path)
+    for mode, path in paths.items():
+        with Image.open(path) as im:
+            assert mode == "exif" or im.mode == mode, (mode, im.mode)
+        assert decode_image(path).mode == "RGB"
+    for mode in ("I;16", "I", "F"):  # scaled by their own range: the full 0..255, every grey level used
+        pixels = np.asarray(decode_image(paths[mode]))[..., 0]
+        assert pixels.min() == 0 and pixels.max() == 255 and len(np.unique(pixels)) > 250, mode
+        assert (np.asarray(decode_image(paths[mode])) == np.asarray(decode_image(paths["I;16"]))).all()
+    windowed = np.asarray(decode_image(paths["I;16"], (0, 4095)))[..., 0]
+    assert windowed.max() == 255 and windowed.min() == round(1000 * 255 / 4095)  # clipped above the window
+    assert not np.asarray(decode_image(paths["LA"])).any()  # transparent: black, like RGBA over black
+    rgba = np.asarray(decode_image(paths["RGBA"])).astype(int)
+    assert np.abs(rgba - np.asarray(decode_image(paths["RGB"])).astype(int) // 2).max() <= 1
+    assert set(np.unique(np.asarray(decode_image(paths["1"])))) == {0, 255}
+    assert decode_image(paths["exif"]).size == (32, 64)  # turned upright (the file holds it 64 x 32)
+
+
+def test_prepare_sft_rl_and_infer_see_the_same_pixels(tmp_path):
+    from flare_exp.stages.infer import batches_with_images
+    from flare_exp.stages.rl import grpo_dataset
+
+    paths = _files(tmp_path / "raw")
+    checked = check_images(list(paths.values()), workers=1, window=(0, 6000))
+    chat = VisionChat(SimpleNamespace(tokenizer=None), tmp_path / "raw")  # load_images reads files only
+    records = [{"id": mode, "images": [path.name], "image_window": [0, 6000], "task_type": "classification",
+                "answer": "A", "dataset": "d", "messages": [{"role": "user", "content": "q"}]}
+               for mode, path in paths.items()]
+    _, infer_images = next(iter(batches_with_images(chat, records, len(records))))
+    rl_rows = grpo_dataset(records, chat)
+    for i, (mode, path) in enumerate(paths.items()):
+        digest = lambda im: hashlib.sha1(im.tobytes()).hexdigest()  # noqa: E731
+        sft = chat.load_images(records[i])[0]  # the collator's (sft_batch -> _encode -> load_images)
+        assert checked[path].pixels == digest(sft) == digest(infer_images[i][0]) == \
+            digest(rl_rows[i]["images"][0]), mode
+        assert checked[path].mode == (mode if mode != "exif" else "RGB")
+
+
+def test_prepare_counts_modes_and_rejects_what_the_processor_cannot_take(tmp_path):
+    root = tmp_path / "raw"
+    d = _small_tree(root, [GOOD] + [{**GOOD, "ImageName": f"imagesTr/{name}", "Question": f"q{i}"}
+                                    for i, name in enumerate(["x16.png", "tiny.png", "strip.png", "rgba.png"])])
+    Image.fromarray(GRADIENT.astype(np.uint16)).save(d / "imagesTr" / "x16.png")
+    Image.new("L", (8, 8)).save(d / "imagesTr" / "tiny.png")  # smaller than one 16-px patch
+    Image.new("L", (6400, 20)).save(d / "imagesTr" / "strip.png")  # aspect ratio 320 > the processor's 200
+    Image.new("RGBA", (32, 32)).save(d / "imagesTr" / "rgba.png")
+    out = _prepare(tmp_path, root, "data.datasets=[chestdr]", "data.image_window=[0,4095]")
+    reasons = {r["index"]: r["reason"] for r in read_jsonl(out / "rejects.jsonl")}
+    assert sorted(reasons) == [2, 3]
+    assert reasons[2].startswith("image smaller than one vision patch: 8x8 px, the processor's patch is 16 px")
+    assert reasons[3].startswith("image the processor refuses: 6400x20 px: absolute aspect ratio")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["images_by_mode"] == {"I;16": 1, "RGB": 1, "RGBA": 1}
+    assert summary["rejects"] == {"image smaller than one vision patch": 1, "image the processor refuses": 1}
+    assert {r["image_name"]: r["image_window"] for r in read_jsonl(out / "train.jsonl")}["imagesTr/x16.png"] == \
+        [0, 4095]
+
+
+def test_processor_limits_come_from_the_models_processor_config(tmp_path):
+    from flare_exp.data.images import processor_limits
+
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(
+        {"patch_size": 14, "merge_size": 2, "size": {"shortest_edge": 3136, "longest_edge": 1000000}}))
+    from omegaconf import OmegaConf
+
+    limits = processor_limits(OmegaConf.create({"path": str(tmp_path), "min_pixels": None, "max_pixels": 4096}))
+    assert (limits.patch_size, limits.min_pixels, limits.max_pixels) == (14, 3136, 4096)
+    assert limits.problem(13, 100) and limits.problem(14, 100) is None
+    assert ProcessorLimits(16, 2, 1024, 4096, "x").problem(20, 5000).startswith("image the processor refuses")
+
+
+def test_a_bad_window_is_named():
+    from flare_exp.data.decoding import check_window
+
+    for bad in ([5, 5], [1], [0, float("nan")]):
+        with pytest.raises(ValueError, match=r"data.image_window="):
+            check_window(bad)

@@ -1,0 +1,73 @@
+"""Every numeric setting's range, the reward's terms and the judges' files are checked before any work, for
+every step of a pipeline, and reported together; a reward weight of 0 turns its term off."""
+import pytest
+
+from conftest import compose_cfg
+from flare_exp.main import validate
+from flare_exp.rewards.combine import CombinedReward
+
+BAD_RANGES = {"sft.eval_steps": 0, "sft.early_stopping_patience": 2, "infer.batch_size": 0, "sft.max_steps": 0,
+              "sft.learning_rate": -1e-4, "sft.per_device_train_batch_size": 0, "rl.num_generations": 1,
+              "rl.top_p": 1.5, "model.lora.dropout": 1.0, "rl.warmup_ratio": 2.0, "eval.green.batch_size": 0,
+              "infer.max_new_tokens": -1, "data.image_workers": -2}
+
+
+def test_every_range_problem_is_reported_together_with_its_key():
+    cfg = compose_cfg(["stage.steps=[prepare,sft,rl,infer,eval]", *(f"{k}={v}" for k, v in BAD_RANGES.items())])
+    with pytest.raises(ValueError, match="problems with the settings; nothing was run") as e:
+        validate(cfg)
+    for key, value in BAD_RANGES.items():
+        if not key.startswith("sft.e"):
+            assert f"{key}={value}: must be" in str(e.value), key
+    assert "sft.early_stopping_patience=2 stops on the validation loss, but sft.eval_steps=0 never evaluates" in \
+        str(e.value)
+    validate(compose_cfg(["stage=prepare", "sft.max_steps=0"]))  # a step checks the sections it reads
+    validate(compose_cfg(["stage=sft", "sft.max_steps=-1", "sft.eval_steps=0"]))  # epochs decide; no evaluation
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("+reward.classification.weights.choise=1.0", "reward.classification.weights.choise: unknown reward term"),
+    ("+reward.terms.choice.corect=2", "reward.terms.choice.corect: the choice term takes no such parameter"),
+    ("eval.green.model_path=/nowhere/GREEN", r"eval.green.model_path=/nowhere/GREEN: no such file"),
+    ("reward.radgraph.build_tiny=false", r"reward.radgraph.model_dir=.*: no radgraph-xl/weights.th there"),
+    ("sft.max_steps=0", "sft.max_steps=0: must be"),
+])
+def test_a_pipeline_checks_every_step_before_its_first(setting, message, base_overrides, tmp_path, monkeypatch):
+    from flare_exp import stages
+    from flare_exp.main import run
+
+    ran = []
+    for step in ("prepare", "sft", "rl", "infer", "eval"):
+        monkeypatch.setattr(stages.get_runner(step), "run", lambda cfg, out, step=step: ran.append(step))
+    with pytest.raises(ValueError, match=message):
+        run(compose_cfg([*base_overrides, "stage=pipeline", f"reward.radgraph.model_dir={tmp_path / 'rg'}",
+                         setting]), run_dir=tmp_path / "pipeline")
+    assert ran == []
+
+
+def _flare_reward(**weights):
+    cfg = compose_cfg(["reward=flare"]).reward
+    for task, task_weights in weights.items():
+        cfg[task].weights = task_weights
+    return cfg
+
+
+def test_a_weight_of_zero_turns_the_term_off():
+    reward = CombinedReward(_flare_reward(classification={"choice": 0.0}, regression={"numeric": 1.0, "choice": 0},
+                                          report_generation={"rouge_l": 1.0, "radgraph": 0}))
+    assert "choice" not in reward.terms and "radgraph" not in reward.terms  # not built: no model needed
+    scores = reward(completions=["A", "3", None], task_type=["classification", "regression", "classification"],
+                    answer=["A", "3", "A"], dataset=["dental", "boneresorption", "dental"])
+    assert scores == [0.0, 1.0, -1.0]  # the task with every term off: 0, not the invalid-output score
+    assert reward.task_types() == ["report_generation", "multi_label", "regression"]
+
+
+def test_all_zero_weights_are_refused_at_startup():
+    terms = (("report_generation", "radgraph"), ("report_generation", "rouge_l"), ("report_generation", "format_flare"),
+             ("classification", "choice"), ("multi_label", "label_f1"), ("regression", "numeric"))
+    off = [f"reward.{task}.weights.{term}=0" for task, term in terms]
+    with pytest.raises(ValueError, match="every reward weight is 0"):
+        validate(compose_cfg(["stage=rl", *off]))
+    with pytest.raises(ValueError, match="rl.task_types names classification, whose reward weights are all 0"):
+        validate(compose_cfg(["stage=rl", "reward.classification.weights.choice=0",
+                              "rl.task_types=[classification,regression]"]))

@@ -120,6 +120,7 @@ def test_eval_reports_crimson_when_configured(base_overrides, tmp_path, tiny_cri
              "prediction": c, "model": "m", "split": "val"} for i, (r, c) in enumerate(zip(REFS, CANDS))]
     write_jsonl(tmp_path / "p.jsonl", rows)
     run(compose_cfg(["stage=eval", *base_overrides, f"eval.predictions=[{tmp_path / 'p.jsonl'}]",
+                     f"data.prepared_dir={tmp_path / 'hand_made'}",  # rows of no prepared split
                      "eval.radgraph=false", f"eval.crimson.model_path={tiny_crimson}", "eval.crimson.max_new_tokens=4",
                      "eval.crimson.dtype=float32"]), run_dir=tmp_path / "eval")
     report = json.loads((tmp_path / "eval" / "metrics.json").read_text())["m"]["by_task"]["report_generation"]

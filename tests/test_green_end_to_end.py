@@ -111,6 +111,7 @@ def test_eval_green_aggregates_the_judgments(base_overrides, scripted_judge, tmp
              "prediction": candidate, "model": "scripted", "split": "val"} for i, candidate in enumerate(CANDIDATES)]
     write_jsonl(tmp_path / "p.jsonl", rows)
     run(compose_cfg(["stage=eval", *base_overrides, f"eval.predictions=[{tmp_path / 'p.jsonl'}]",
+                     f"data.prepared_dir={tmp_path / 'hand_made'}",  # rows of no prepared split
                      "eval.radgraph=false", f"eval.green.model_path={scripted_judge}", "eval.green.dtype=float32",
                      "eval.green.batch_size=2"]), run_dir=tmp_path / "eval")
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())["scripted"]

@@ -138,7 +138,10 @@ def marker(run_dir: Path) -> str | None:
 
 
 def next_attempt_dir(run_dir: Path) -> Path:
-    dest = run_dir / "attempts" / f"{len(list((run_dir / 'attempts').glob('[0-9]*'))) + 1:02d}"
+    """attempts/NN numbered after the highest one there (not by count: a user may have deleted an old one)."""
+    attempts = run_dir / "attempts"
+    numbers = [int(p.name) for p in attempts.glob("[0-9]*") if p.name.isdigit()] if attempts.is_dir() else []
+    dest = attempts / f"{max(numbers, default=0) + 1:02d}"
     dest.mkdir(parents=True)
     return dest
 

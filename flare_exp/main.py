@@ -16,6 +16,7 @@ from flare_exp.logs import quiet_known_messages
 from flare_exp.models.loading import check_model_settings
 from flare_exp.runlock import RunLock
 from flare_exp.resume import start_attempt
+from flare_exp.run.names import check_run_name
 from flare_exp.runtime import (abspath, follow_rank_0, infer_input_file, run_with_markers, world_size,
                                write_failed, write_run_metadata)
 
@@ -84,6 +85,7 @@ def setting_problems(cfg: DictConfig, preload: bool = False) -> list[Exception]:
     steps = steps_of(cfg)
     for check in (check_known_keys, check_set_values, check_demo_budget, check_half_precision):
         _collect(problems, check, cfg)
+    _collect(problems, check_run_name, cfg.run_name)
     _collect(problems, check_reward_weights, cfg.reward)
     _collect(problems, check_model_settings, cfg.model)
     _collect(problems, check_one_process_per_job, bool(steps & GPU_STAGES), steps, cfg.model.backend,

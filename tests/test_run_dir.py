@@ -1,0 +1,30 @@
+"""The run dir's guarantees at their edges: its name, attempts, journals, checkpoints, strict JSON."""
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf.errors import InterpolationResolutionError
+
+from conftest import CONF, compose_cfg
+from flare_exp.main import setting_problems
+
+
+@pytest.mark.parametrize("name, why", [("../../x", "path separator"), ("a/b", "path separator"), ("..", "'..'"),
+                                       ("x..y", "'..'"), ("", "empty")])
+def test_a_run_name_stays_inside_the_output_root(name, why, tmp_path):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"run_name='{name}'", f"paths.output_root={tmp_path}"],
+                      return_hydra_config=True)
+    for dir_key in ("run", "sweep"):  # Hydra places its dirs through the check: nothing is made for a bad name
+        with pytest.raises(InterpolationResolutionError, match=why):
+            str(cfg.hydra[dir_key].dir)
+    problems = setting_problems(compose_cfg([f"run_name='{name}'"]))
+    assert any(f"run_name={name!r}" in str(p) and why in str(p) for p in problems)
+
+
+def test_a_plain_run_name_places_the_run_dir(tmp_path):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["run_name=sft-v1.2_a", f"paths.output_root={tmp_path}"],
+                      return_hydra_config=True)
+    assert cfg.hydra.run.dir == f"{tmp_path}/runs/sft-v1.2_a"

@@ -71,27 +71,38 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
     return n
 
 
+def _parse_line(path: Path, lineno: int, raw: bytes):
+    """One JSONL line: its object, or a ValueError naming the file, line and what is wrong with it."""
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}:{lineno}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+
+
 def read_journal(path: str | Path, key: str) -> dict[str, dict]:
     """Rows of an append-only JSONL journal (predictions, judgments) by ``row[key]``, for resuming. A torn last
-    line (the job was killed mid-write) is dropped and the file rewritten without it, so appends continue
-    cleanly; a broken line elsewhere is an error naming it."""
+    line (the job was killed mid-write, at any byte, inside a multi-byte character too) is dropped, logged, and
+    the file rewritten without it, so appends continue cleanly; a broken line elsewhere is an error naming it."""
     import logging
 
     path = Path(path)
     rows: dict[str, dict] = {}
     if not path.exists():
         return rows
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = path.read_bytes().splitlines()
     torn = False
-    for i, line in enumerate(lines):
+    for i, raw in enumerate(lines):
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                logging.getLogger(__name__).warning("%s: dropping a torn last line (interrupted write)", path)
-                torn = True
-                continue
-            raise ValueError(f"{path}:{i + 1}: not valid JSON") from None
+            row = _parse_line(path, i + 1, raw)
+        except ValueError as e:
+            if i < len(lines) - 1:
+                raise
+            logging.getLogger(__name__).warning("%s: dropping a torn last line (interrupted write: %s)", path,
+                                                str(e).split(": ", 1)[1])
+            torn = True
+            continue
         rows[row[key]] = row
     if torn:
         with atomic_path(path) as tmp:
@@ -100,19 +111,15 @@ def read_journal(path: str | Path, key: str) -> dict[str, dict]:
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
-    """Read a JSONL file; a broken line is an error naming the file and line number."""
+    """Read a JSONL file; a broken line (not JSON, not UTF-8) is an error naming the file and line number."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     rows = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if line.strip():
+                rows.append(_parse_line(path, lineno, line))
     return rows
 
 

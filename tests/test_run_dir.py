@@ -28,3 +28,20 @@ def test_a_plain_run_name_places_the_run_dir(tmp_path):
         cfg = compose(config_name="config", overrides=["run_name=sft-v1.2_a", f"paths.output_root={tmp_path}"],
                       return_hydra_config=True)
     assert cfg.hydra.run.dir == f"{tmp_path}/runs/sft-v1.2_a"
+
+
+def test_a_journal_cut_inside_a_multibyte_character_drops_its_torn_last_line(tmp_path, caplog):
+    from flare_exp.io import read_journal, read_jsonl
+
+    journal = tmp_path / "predictions.jsonl"
+    whole = '{"id": "a", "prediction": "épanchement"}\n'.encode()
+    cut = '{"id": "b", "prediction": "épanchement"}'.encode()
+    journal.write_bytes(whole + cut[:cut.index("é".encode()) + 1])  # the first byte of the two of "é"
+    assert list(read_journal(journal, "id")) == ["a"]
+    assert "dropping a torn last line" in caplog.text
+    assert journal.read_bytes() == whole  # rewritten: the next append starts on a line of its own
+    journal.write_bytes(b'{"id": "x\xff"}\n' + whole)
+    with pytest.raises(ValueError, match=r"predictions\.jsonl:1: not UTF-8 \(byte 0xff at column 10\)"):
+        read_journal(journal, "id")
+    with pytest.raises(ValueError, match=r"predictions\.jsonl:1: not UTF-8"):
+        read_jsonl(journal)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -57,8 +58,28 @@ def write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+# How a strict JSON reader (jq, JavaScript's JSON.parse) gets a non-finite number: as these strings, which
+# Number() and float() read back; json.dumps would write bare NaN / Infinity tokens that such readers reject.
+NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def _finite_only(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "NaN" if math.isnan(obj) else ("Infinity" if obj > 0 else "-Infinity")
+    if isinstance(obj, dict):
+        return {k: _finite_only(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_only(v) for v in obj]
+    return obj
+
+
+def strict_json(obj: Any, indent: int | None = None) -> str:
+    """JSON text every strict reader parses: NaN and infinities written as the strings of ``NON_FINITE``."""
+    return json.dumps(_finite_only(obj), indent=indent, ensure_ascii=False, default=str, allow_nan=False)
+
+
 def write_json(path: str | Path, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+    write_text(path, strict_json(obj, indent=2) + "\n")
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
@@ -66,7 +87,7 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
     with atomic_path(path) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                f.write(strict_json(row) + "\n")
                 n += 1
     return n
 

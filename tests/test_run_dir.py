@@ -45,3 +45,37 @@ def test_a_journal_cut_inside_a_multibyte_character_drops_its_torn_last_line(tmp
         read_journal(journal, "id")
     with pytest.raises(ValueError, match=r"predictions\.jsonl:1: not UTF-8"):
         read_jsonl(journal)
+
+
+def _strict_loads(text: str):
+    """JSON as jq or JavaScript's JSON.parse reads it: bare NaN / Infinity tokens are errors."""
+    import json
+
+    def refuse(token):
+        raise ValueError(f"bare {token} token")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_a_nan_score_ranks_last_and_every_json_we_write_is_strict(tmp_path):
+    import math
+
+    from flare_exp.io import write_json, write_jsonl
+    from flare_exp.stages.sweep_report import collect, table
+
+    key = "official/regression/mean_absolute_error"
+    for n, mae in enumerate([2.0, math.nan, 1.0, math.inf]):
+        job = tmp_path / str(n)
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text(f"- rl.beta={n}\n")
+        (job / "DONE").write_text("{}")
+        write_json(job / "eval" / "metrics.json", {"rl": {"official": {"regression": {"mean_absolute_error": mae}}}})
+    parsed = _strict_loads((tmp_path / "1" / "eval" / "metrics.json").read_text())
+    assert parsed["rl"]["official"]["regression"]["mean_absolute_error"] == "NaN"
+    assert _strict_loads((tmp_path / "3" / "eval" / "metrics.json").read_text())["rl"]["official"]["regression"][
+        "mean_absolute_error"] == "Infinity"
+    header, rows = table(collect(tmp_path), key)
+    by = {h: i for i, h in enumerate(header)}
+    assert [(r[by["rank"]], r[by["job"]]) for r in rows] == [(1, "2"), (2, "0"), ("", "1"), ("", "3")]
+    assert math.isnan(rows[2][by[key]]) and rows[3][by[key]] == math.inf  # shown as they are
+    write_jsonl(tmp_path / "rows.jsonl", [{"score": -math.inf}])
+    assert _strict_loads((tmp_path / "rows.jsonl").read_text()) == {"score": "-Infinity"}

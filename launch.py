@@ -24,7 +24,7 @@ def main(cfg: DictConfig):
 
     from flare_exp.main import run
     from flare_exp.resume import RunSettingsChangedError
-    from flare_exp.runlock import RunLockedError
+    from flare_exp.run.lock import RunLockedError
     from flare_exp.runtime import RunFinishedError
 
     try:

@@ -14,7 +14,7 @@ from flare_exp import stages
 from flare_exp.config import Config
 from flare_exp.logs import quiet_known_messages
 from flare_exp.models.loading import check_model_settings
-from flare_exp.runlock import RunLock
+from flare_exp.run.lock import RunLock
 from flare_exp.resume import start_attempt
 from flare_exp.run.names import check_run_name
 from flare_exp.runtime import (abspath, follow_rank_0, infer_input_file, run_with_markers, world_size,

@@ -135,7 +135,8 @@ def attempt_files(run_dir: Path) -> list[Path]:
     """What an earlier attempt left in run_dir (all but what stays in place)."""
     if not run_dir.is_dir():
         return []
-    return sorted(p for p in run_dir.iterdir() if p.name not in _STAYS and not p.name.endswith(".log"))
+    return sorted(p for p in run_dir.iterdir()
+                  if p.name not in _STAYS and not p.name.startswith(".lock") and not p.name.endswith(".log"))
 
 
 def archive_attempt(run_dir: Path) -> Path:

@@ -91,11 +91,22 @@ def input_files(stage: str, cfg) -> dict[str, Path]:
         files = {"rl.train_file": cfg.rl.train_file}
     elif stage == "infer":
         files = {"infer.input_file": infer_input_file(cfg)}
+    elif stage == "eval":
+        files = {f"eval.predictions[{i}]": _predictions_file(entry) for i, entry in enumerate(cfg.eval.predictions)}
     starts = {"sft": "sft.init_from", "rl": "rl.init_from", "infer": "infer.checkpoint"}.get(stage)
     adapter = OmegaConf.select(cfg, starts) if starts else None
     if adapter:
         files[f"{starts} (adapter weights)"] = _adapter_weights(abspath(adapter))
     return {k: abspath(v) for k, v in files.items() if v}
+
+
+def _predictions_file(entry: str) -> Path | None:
+    from flare_exp.stages.evaluate import find_predictions
+
+    try:
+        return find_predictions(str(abspath(entry)))
+    except FileNotFoundError:
+        return None  # eval itself says so
 
 
 def _adapter_weights(path: Path) -> Path | None:
@@ -183,5 +194,16 @@ def start_attempt(stage: str, cfg, run_dir: Path) -> None:
     else:
         check_resume(stage, run_dir, new)
     write_run_metadata(run_dir, cfg)
-    if stage in RESUMABLE:
-        write_json(run_dir / FINGERPRINT, new)
+    write_json(run_dir / FINGERPRINT, new)  # what a resume, and a pipeline reusing the finished step, compare
+
+
+def finished_differences(stage: str, run_dir: Path, cfg) -> list[str]:
+    """What differs between a finished run's fingerprint and this config's ('key: old -> new'); a run finished
+    before fingerprints were recorded is held to the deciding settings of its config.yaml."""
+    new = fingerprint(stage, cfg)
+    recorded = run_dir / FINGERPRINT
+    if recorded.exists():
+        return differences(json.loads(recorded.read_text()), new)
+    config = run_dir / "config.yaml"
+    old = settings_of(stage, OmegaConf.to_container(OmegaConf.load(config))) if config.exists() else {}
+    return differences({"settings": old}, {"settings": new["settings"]})

@@ -1,8 +1,9 @@
 """pipeline stage: run ``stage.steps`` in order, chaining each step's outputs into the next one's inputs.
 
 Each step runs in ``<run dir>/<step>`` (prepare in ``data.prepared_dir``) with its own DONE/FAILED marker.
-A step already DONE is reused, not redone (``overwrite=true`` redoes it), so rerunning the pipeline after a
-crash continues where it stopped.
+A step already DONE with the same fingerprint (deciding settings, input sha256, starting adapter) is reused, not
+redone, so rerunning the pipeline after a crash continues where it stopped; DONE with another one stops, naming
+what changed (``overwrite=true`` redoes it).
 """
 from __future__ import annotations
 
@@ -12,20 +13,21 @@ from pathlib import Path
 from omegaconf import OmegaConf, open_dict
 
 from flare_exp import stages
-from flare_exp.resume import differences, settings_of, start_attempt
+from flare_exp.resume import RunSettingsChangedError, finished_differences, start_attempt
 from flare_exp.runtime import DONE, barrier, follow_rank_0, ranks, run_with_markers
 
 log = logging.getLogger(__name__)
 
-def changed_settings(step: str, step_dir: Path, step_cfg) -> list[str]:
-    """The deciding settings a finished step ran with (its config.yaml) that differ from this run's, as
-    'key: old -> new'."""
-    recorded = step_dir / "config.yaml"
-    if not recorded.exists():
-        return []
-    old = settings_of(step, OmegaConf.to_container(OmegaConf.load(recorded)))
-    new = settings_of(step, OmegaConf.to_container(step_cfg, resolve=True))
-    return differences({"settings": old}, {"settings": new})
+def check_reusable(step: str, step_dir: Path, step_cfg) -> None:
+    """A finished step is reused only with the fingerprint it ran with (deciding settings, input sha256, the
+    adapter it started from); otherwise stop naming what changed: its outputs do not follow this config."""
+    changed = finished_differences(step, step_dir, step_cfg)
+    if changed:
+        raise RunSettingsChangedError(
+            f"[{step}] {step_dir} holds a finished step made with other settings or inputs: "
+            f"{'; '.join(changed[:8])}{f'; and {len(changed) - 8} more' if len(changed) > 8 else ''}. Rerun with "
+            "the earlier ones to reuse it, pass overwrite=true to redo the steps (earlier outputs move to "
+            "attempts/NN/), or choose another run_name= to keep both.")
 
 
 def _chain(step: str, cfg, done_dirs: dict[str, Path]) -> None:
@@ -74,13 +76,9 @@ def run(cfg, out_dir: Path) -> dict:
         finished = (step_dir / DONE).exists() and not cfg.overwrite
         barrier()  # several ranks: each has decided before rank 0 touches the step's dir
         if finished:
-            changed = changed_settings(step, step_dir, step_cfg)
-            if changed:  # the finished outputs do not follow the new settings: say so rather than pass silently
-                log.warning("[%s] already finished in %s with other settings (%s%s): reusing it as it is; "
-                            "overwrite=true redoes it, another run_name= keeps both", step, step_dir,
-                            "; ".join(changed[:5]), f"; and {len(changed) - 5} more" if len(changed) > 5 else "")
-            else:
-                log.info("[%s] already finished in %s: reusing it (overwrite=true redoes it)", step, step_dir)
+            check_reusable(step, step_dir, step_cfg)
+            log.info("[%s] already finished in %s with the same settings and inputs: reusing it (overwrite=true "
+                     "redoes it)", step, step_dir)
             results[step] = {"reused": str(step_dir)}
         else:
             log.info("[%s] running in %s", step, step_dir)

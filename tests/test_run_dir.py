@@ -79,3 +79,33 @@ def test_a_nan_score_ranks_last_and_every_json_we_write_is_strict(tmp_path):
     assert math.isnan(rows[2][by[key]]) and rows[3][by[key]] == math.inf  # shown as they are
     write_jsonl(tmp_path / "rows.jsonl", [{"score": -math.inf}])
     assert _strict_loads((tmp_path / "rows.jsonl").read_text()) == {"score": "-Infinity"}
+
+
+def test_a_resume_takes_the_newest_complete_checkpoint_and_keeps_its_optimizer(base_overrides, tmp_path, caplog):
+    import shutil
+
+    from flare_exp.main import run
+    from flare_exp.models.checkpoints import COMPLETE, list_checkpoints, mark_complete
+    from flare_exp.training import resume_checkpoint
+
+    run_dir = tmp_path / "sft"
+    args = ["stage=sft", *base_overrides, "sft.max_steps=2", "sft.save_steps=1", "sft.eval_steps=0"]
+    run(compose_cfg(args), run_dir=run_dir)
+    first, second = run_dir / "checkpoint-1", run_dir / "checkpoint-2"
+    assert list_checkpoints(run_dir) == [first, second]
+    (run_dir / "DONE").unlink()  # killed while saving checkpoint-2: its files written, not yet marked whole
+    shutil.rmtree(run_dir / "final")
+    (second / COMPLETE).unlink()
+    assert resume_checkpoint("auto", run_dir) == str(first)
+    assert f"skipping {second}: no {COMPLETE} (cut short while saving)" in caplog.text
+    (first / "trainer_state.json").write_text('{"global_st')  # torn after the fact: named, never read
+    assert resume_checkpoint("auto", run_dir) is None
+    assert f"skipping {first}: trainer_state.json has 11 bytes" in caplog.text
+    with pytest.raises(FileNotFoundError, match=r"checkpoint-1 is not a complete Trainer checkpoint: "
+                                                r"trainer_state.json has 11 bytes"):
+        resume_checkpoint(str(first), run_dir)
+    (second / "optimizer.pt").unlink()  # a checkpoint saved whole but without the optimizer's state
+    mark_complete(second)
+    with pytest.raises(FileNotFoundError, match=r"checkpoint-2/optimizer.pt is missing: resuming from checkpoint-2 "
+                                                r"would go on with a fresh optimizer"):
+        resume_checkpoint("auto", run_dir)

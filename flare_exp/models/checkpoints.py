@@ -6,6 +6,7 @@ text, never a pickled DictConfig) and the data fingerprints, so any stage can lo
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -15,13 +16,69 @@ META = "flare_exp_checkpoint.json"
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 
 
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Trainer checkpoints under ``run_dir``, oldest first; half-written ones (no trainer_state.json) skipped."""
+COMPLETE = "flare_exp_complete.json"  # written last into a checkpoint: every file and its size
+# What a resume restores besides the weights: without them training goes on with a fresh optimizer or schedule.
+TRAINING_STATE = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
+log = logging.getLogger(__name__)
+
+
+def mark_complete(checkpoint: Path) -> None:
+    """Record that ``checkpoint`` is whole: called after the Trainer (and our metadata) wrote every file."""
+    files = {str(p.relative_to(checkpoint)): p.stat().st_size for p in sorted(checkpoint.rglob("*"))
+             if p.is_file() and p.name != COMPLETE}
+    write_json(checkpoint / COMPLETE, {"files": files})
+
+
+def incomplete(checkpoint: Path) -> str | None:
+    """Why ``checkpoint`` cannot be used (its marker missing: cut short while saving; a file missing or of
+    another size than was written), or None when it is whole."""
+    try:
+        files = json.loads((checkpoint / COMPLETE).read_text())["files"]
+    except FileNotFoundError:
+        return f"no {COMPLETE} (cut short while saving)"
+    except (ValueError, KeyError, OSError) as e:
+        return f"{COMPLETE} unreadable ({e})"
+    for name, size in files.items():
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} were written"
+    return None
+
+
+def _numbered(run_dir: Path) -> list[Path]:
     if not run_dir.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in run_dir.iterdir()
-             if (m := _CKPT.match(p.name)) and p.is_dir() and (p / "trainer_state.json").exists()]
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := _CKPT.match(p.name)) and p.is_dir()]
     return [p for _, p in sorted(found)]
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """The complete Trainer checkpoints under ``run_dir``, oldest first."""
+    return [p for p in _numbered(run_dir) if incomplete(p) is None]
+
+
+def check_training_state(checkpoint: Path) -> None:
+    """A resume restores the optimizer and the schedule too: refuse one that would silently restart them."""
+    for name in TRAINING_STATE:
+        if not (checkpoint / name).is_file():
+            raise FileNotFoundError(
+                f"{checkpoint / name} is missing: resuming from {checkpoint.name} would go on with a fresh "
+                f"{name.split('.')[0].replace('_state', ' state')} and say nothing. Resume from another checkpoint "
+                "(resume=<path>), or start afresh (overwrite=true; the earlier attempt moves to attempts/NN/)")
+
+
+def newest_complete(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint in ``run_dir`` (newer ones that are not are logged with why), its
+    training state checked; None when there is none."""
+    for checkpoint in reversed(_numbered(run_dir)):
+        why = incomplete(checkpoint)
+        if why is None:
+            check_training_state(checkpoint)
+            return checkpoint
+        log.warning("skipping %s: %s", checkpoint, why)
+    return None
 
 
 def resolve_adapter(path: str | Path) -> Path:

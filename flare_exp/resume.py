@@ -15,6 +15,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from flare_exp.io import file_fingerprint, write_json
+from flare_exp.models.checkpoints import WEIGHTS, adapter_identity
 from flare_exp.runtime import (DONE, FINGERPRINT, RunFinishedError, abspath, infer_input_file, next_attempt_dir,
                                write_run_metadata)
 
@@ -93,11 +94,24 @@ def input_files(stage: str, cfg) -> dict[str, Path]:
         files = {"infer.input_file": infer_input_file(cfg)}
     elif stage == "eval":
         files = {f"eval.predictions[{i}]": _predictions_file(entry) for i, entry in enumerate(cfg.eval.predictions)}
-    starts = {"sft": "sft.init_from", "rl": "rl.init_from", "infer": "infer.checkpoint"}.get(stage)
-    adapter = OmegaConf.select(cfg, starts) if starts else None
-    if adapter:
-        files[f"{starts} (adapter weights)"] = _adapter_weights(abspath(adapter))
+    adapter = starting_adapter(stage, cfg)
+    if adapter is not None:
+        files[f"{STARTS[stage]} (adapter weights)"] = next((adapter / n for n in WEIGHTS if (adapter / n).exists()),
+                                                             None)
     return {k: abspath(v) for k, v in files.items() if v}
+
+
+STARTS = {"sft": "sft.init_from", "rl": "rl.init_from", "infer": "infer.checkpoint"}  # the adapter it starts from
+
+
+def starting_adapter(stage: str, cfg) -> Path | None:
+    """The adapter dir the stage starts from (checkpoints.chosen_adapter: a finished run's final adapter, an
+    intermediate checkpoint only on purpose), None for the base model."""
+    from flare_exp.models.checkpoints import chosen_adapter
+
+    key = STARTS.get(stage)
+    value = OmegaConf.select(cfg, key) if key else None
+    return chosen_adapter(key, abspath(value), cfg.allow_intermediate_checkpoint) if value else None
 
 
 def _predictions_file(entry: str) -> Path | None:
@@ -107,17 +121,6 @@ def _predictions_file(entry: str) -> Path | None:
         return find_predictions(str(abspath(entry)))
     except FileNotFoundError:
         return None  # eval itself says so
-
-
-def _adapter_weights(path: Path) -> Path | None:
-    from flare_exp.models.checkpoints import resolve_adapter
-
-    try:
-        adapter = resolve_adapter(path)
-    except FileNotFoundError:
-        return None  # the stage itself says so, with the fix
-    return next((adapter / n for n in ("adapter_model.safetensors", "adapter_model.bin")
-                 if (adapter / n).exists()), None)
 
 
 def fingerprint(stage: str, cfg) -> dict:
@@ -193,7 +196,7 @@ def start_attempt(stage: str, cfg, run_dir: Path) -> None:
         log.info("overwrite=true: the earlier attempt in %s moved to %s; starting afresh", run_dir, dest)
     else:
         check_resume(stage, run_dir, new)
-    write_run_metadata(run_dir, cfg)
+    write_run_metadata(run_dir, cfg, adapter=adapter_identity(starting_adapter(stage, cfg)))
     write_json(run_dir / FINGERPRINT, new)  # what a resume, and a pipeline reusing the finished step, compare
 
 

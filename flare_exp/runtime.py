@@ -165,7 +165,7 @@ def keep_previous_attempt(run_dir: Path, config_yaml: str) -> Path | None:
     return dest
 
 
-def write_run_metadata(run_dir: Path, cfg: DictConfig) -> None:
+def write_run_metadata(run_dir: Path, cfg: DictConfig, **provenance) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     # YAML text, never a pickled DictConfig: torch>=2.6 refuses to load checkpoints holding one.
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
@@ -179,6 +179,7 @@ def write_run_metadata(run_dir: Path, cfg: DictConfig) -> None:
         "host": platform.node(),
         "argv": sys.argv,
         "packages": package_versions(),
+        **provenance,  # what the run started from (the adapter's path and sha256)
     })
 
 

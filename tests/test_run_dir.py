@@ -1,4 +1,6 @@
 """The run dir's guarantees at their edges: its name, attempts, journals, checkpoints, strict JSON."""
+import shutil
+
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -109,3 +111,40 @@ def test_a_resume_takes_the_newest_complete_checkpoint_and_keeps_its_optimizer(b
     with pytest.raises(FileNotFoundError, match=r"checkpoint-2/optimizer.pt is missing: resuming from checkpoint-2 "
                                                 r"would go on with a fresh optimizer"):
         resume_checkpoint("auto", run_dir)
+
+
+def _training_run(path, finished=True, checkpoints=()):
+    (path / "final" if finished else path).mkdir(parents=True)
+    (path / "run_info.json").write_text("{}")
+    if finished:
+        (path / "final" / "adapter_config.json").write_text("{}")
+        (path / "DONE").write_text("{}")
+    for step in checkpoints:
+        (path / f"checkpoint-{step}").mkdir()
+        (path / f"checkpoint-{step}" / "adapter_config.json").write_text("{}")
+    return path
+
+
+def test_the_adapter_used_is_the_adapter_meant(tmp_path):
+    from flare_exp.models.checkpoints import chosen_adapter, mark_complete, resolve_adapter
+
+    pipeline = tmp_path / "pipe"
+    _training_run(pipeline / "sft")
+    _training_run(pipeline / "rl")
+    assert resolve_adapter(pipeline) == pipeline / "rl" / "final"  # its last training step, not sft
+    killed = _training_run(tmp_path / "killed", finished=False, checkpoints=(3,))  # stopped at step 3 of 6
+    for path in (killed, tmp_path / "pipe2"):
+        if path.name == "pipe2":
+            _training_run(path / "sft")
+            shutil.copytree(killed, path / "rl")  # a pipeline whose rl step did not finish: not its sft instead
+        with pytest.raises(FileNotFoundError, match=r"unfinished run \(no DONE marker, no final/ adapter; "
+                                                    r"checkpoints: checkpoint-3 \.\. checkpoint-3\).*"
+                                                    r"allow_intermediate_checkpoint=true"):
+            resolve_adapter(path)
+    with pytest.raises(ValueError, match=r"infer.checkpoint=\S+checkpoint-3 is an intermediate checkpoint .* pass "
+                                         r"allow_intermediate_checkpoint=true to use it on purpose"):
+        chosen_adapter("infer.checkpoint", killed / "checkpoint-3", allow_intermediate=False)
+    with pytest.raises(FileNotFoundError, match="is not a complete checkpoint: no flare_exp_complete.json"):
+        chosen_adapter("infer.checkpoint", killed / "checkpoint-3", allow_intermediate=True)
+    mark_complete(killed / "checkpoint-3")
+    assert chosen_adapter("infer.checkpoint", killed / "checkpoint-3", True) == killed / "checkpoint-3"

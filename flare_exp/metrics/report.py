@@ -87,7 +87,8 @@ def html_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 RUN_FIELDS = (("model", "model"), ("model_path", "model path"), ("backend", "backend"),
-              ("checkpoint", "checkpoint"), ("finished", "predicted"), ("commit", "commit"))
+              ("checkpoint", "adapter"), ("adapter_sha256", "adapter sha256"), ("finished", "predicted"),
+              ("commit", "commit"))
 
 
 def runs_table(results: dict) -> tuple[list[str], list[list[str]]]:

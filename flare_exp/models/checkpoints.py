@@ -81,26 +81,62 @@ def newest_complete(run_dir: Path) -> Path | None:
     return None
 
 
+ALLOW_INTERMEDIATE = "allow_intermediate_checkpoint"  # the key that lets a stage start from a checkpoint-N
+WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def _is_adapter(path: Path) -> bool:
+    return (path / "adapter_config.json").exists()
+
+
 def resolve_adapter(path: str | Path) -> Path:
-    """An adapter dir from a checkpoint dir or a run dir (its final/ adapter, else the best, else the last)."""
+    """The adapter a path means: an adapter dir itself (final/, a checkpoint-N/, one saved elsewhere); a
+    training run dir's finished final/ adapter; a pipeline dir's last training step (rl, else sft). A run that
+    did not finish is refused: its checkpoints are intermediate and are taken only when named on purpose."""
     path = Path(path)
-    if (path / "adapter_config.json").exists():
+    if _is_adapter(path):
         return path
-    if (path / "final" / "adapter_config.json").exists():
+    step = next((path / s for s in ("rl", "sft") if (path / s).is_dir()), None)  # a pipeline: rl runs after sft
+    if step is not None:
+        return resolve_adapter(step)
+    ours = (path / "run_info.json").exists()  # a run dir of ours: DONE says it finished
+    if _is_adapter(path / "final") and (not ours or (path / "DONE").exists()):
         return path / "final"
-    for sub in ("sft", "rl"):  # a pipeline run dir
-        if (path / sub / "final" / "adapter_config.json").exists():
-            return path / sub / "final"
-    ckpts = list_checkpoints(path)
-    if ckpts:
-        state = json.loads((ckpts[-1] / "trainer_state.json").read_text())
-        best = state.get("best_model_checkpoint")
-        if best and (Path(best) / "adapter_config.json").exists():
-            return Path(best)
-        return ckpts[-1]
+    if ours or _numbered(path):
+        ckpts = _numbered(path)
+        raise FileNotFoundError(
+            f"{path} is an unfinished run (no DONE marker{', no final/ adapter' if not _is_adapter(path / 'final') else ''}"
+            f"{f'; checkpoints: {ckpts[0].name} .. {ckpts[-1].name}' if ckpts else ''}): finish it (rerun it with "
+            f"the same run_name), or use one of its checkpoints on purpose: point at {path}/checkpoint-N and pass "
+            f"{ALLOW_INTERMEDIATE}=true.")
     raise FileNotFoundError(
-        f"{path}: no LoRA adapter here (looked for adapter_config.json, final/, checkpoint-N/). "
-        "Point it at an sft/rl run dir or one of its checkpoint dirs.")
+        f"{path}: no LoRA adapter here (looked for adapter_config.json, final/, rl/ and sft/ of a pipeline). "
+        "Point it at an sft/rl run dir, a pipeline dir, or an adapter dir.")
+
+
+def chosen_adapter(key: str, path: str | Path, allow_intermediate: bool) -> Path:
+    """The adapter ``key`` names (resolve_adapter), an intermediate checkpoint-N only with ``allow_intermediate``
+    and only when whole."""
+    adapter = resolve_adapter(path)
+    if _CKPT.match(adapter.name):
+        if not allow_intermediate:
+            raise ValueError(f"{key}={path} is an intermediate checkpoint ({adapter.name}) of a training run, not "
+                             f"its final adapter: pass {ALLOW_INTERMEDIATE}=true to use it on purpose, or point at "
+                             "the finished run dir")
+        why = incomplete(adapter)
+        if why:
+            raise FileNotFoundError(f"{key}={path}: {adapter} is not a complete checkpoint: {why}")
+    return adapter
+
+
+def adapter_identity(adapter: Path | None) -> dict | None:
+    """What names an adapter in every output: its path and the sha256 of its weights file."""
+    if adapter is None:
+        return None
+    from flare_exp.io import file_fingerprint
+
+    weights = next((adapter / n for n in WEIGHTS if (adapter / n).exists()), None)
+    return {"path": str(adapter), "sha256": file_fingerprint(weights)["sha256"] if weights else None}
 
 
 def read_meta(adapter_dir: Path) -> dict:

@@ -47,8 +47,9 @@ def _pid_alive(pid: int) -> bool:
 
 
 class RunLock:
-    def __init__(self, run_dir: Path, stale_after_s: float = STALE_AFTER_S, heartbeat_s: float = HEARTBEAT_S):
-        self.dir = Path(run_dir) / LOCK
+    def __init__(self, run_dir: Path, stale_after_s: float = STALE_AFTER_S, heartbeat_s: float = HEARTBEAT_S,
+                 name: str = LOCK):
+        self.dir = Path(run_dir) / name
         self.stale_after_s, self.heartbeat_s = stale_after_s, heartbeat_s
         self.owner_file: Path | None = None
         self._token: str | None = None
@@ -148,7 +149,7 @@ class RunLock:
         self._stop.set()
         if not self.held():
             return
-        aside = self.dir.with_name(f"{LOCK}.released.{uuid.uuid4().hex}")
+        aside = self.dir.with_name(f"{self.dir.name}.released.{uuid.uuid4().hex}")
         try:
             os.rename(self.dir, aside)
         except OSError:

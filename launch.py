@@ -23,9 +23,9 @@ def main(cfg: DictConfig):
     from hydra.types import RunMode
 
     from flare_exp.main import run
-    from flare_exp.resume import RunSettingsChangedError
+    from flare_exp.run.fingerprint import RunSettingsChangedError
     from flare_exp.run.lock import RunLockedError
-    from flare_exp.runtime import RunFinishedError
+    from flare_exp.run.record import RunFinishedError
 
     try:
         return run(cfg)

@@ -366,7 +366,7 @@ def test_chexbert_labeler_loads_a_checkpoint_in_the_published_layout(base_overri
 
 
 def test_infer_overwrite_regenerates(base_overrides, tmp_path):
-    from flare_exp.runtime import RunFinishedError
+    from flare_exp.run.record import RunFinishedError
 
     first = _infer(base_overrides, tmp_path / "inf", "infer.num_samples=4")
     with pytest.raises(RunFinishedError):

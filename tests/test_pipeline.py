@@ -6,7 +6,7 @@ import json
 import pytest
 
 from conftest import compose_cfg
-from flare_exp.resume import RunSettingsChangedError
+from flare_exp.run.fingerprint import RunSettingsChangedError
 
 
 def test_the_demo_pipeline_end_to_end_and_again(base_overrides, tmp_path, caplog):
@@ -42,8 +42,7 @@ def test_the_demo_pipeline_end_to_end_and_again(base_overrides, tmp_path, caplog
 def test_a_finished_step_is_reused_only_with_the_same_inputs(base_overrides, demo_prepared, tmp_path):
     import shutil
 
-    from flare_exp.resume import start_attempt
-    from flare_exp.stages.pipeline import check_reusable
+    from flare_exp.run.lifecycle import reusable, start_attempt
 
     train = tmp_path / "train.jsonl"
     shutil.copy(demo_prepared / "train.jsonl", train)
@@ -51,7 +50,7 @@ def test_a_finished_step_is_reused_only_with_the_same_inputs(base_overrides, dem
     step_dir = tmp_path / "pipe" / "sft"
     start_attempt("sft", cfg, step_dir)
     (step_dir / "DONE").write_text("{}")
-    check_reusable("sft", step_dir, cfg)  # same settings, same bytes: reused
+    assert reusable("sft", cfg, step_dir)  # same settings, same bytes: reused
     train.write_text("".join(line + "\n" for line in train.read_text().splitlines()[:-1]))  # one record less
     with pytest.raises(RunSettingsChangedError, match=r"\[sft\] .* sft\.train_file sha256: [0-9a-f]{12} -> "):
-        check_reusable("sft", step_dir, cfg)
+        reusable("sft", cfg, step_dir)

@@ -7,7 +7,7 @@ import pytest
 from conftest import compose_cfg
 from flare_exp.io import read_jsonl
 from flare_exp.main import run
-from flare_exp.resume import RunSettingsChangedError, differences, settings_of
+from flare_exp.run.fingerprint import RunSettingsChangedError, differences, settings_of
 
 
 def _infer(base_overrides, run_dir, *extra):
@@ -75,7 +75,7 @@ def test_settings_that_do_not_decide_outputs_are_left_out():
 
 
 def test_attempts_are_numbered_after_the_highest_one_left(tmp_path):
-    from flare_exp.runtime import next_attempt_dir
+    from flare_exp.run.record import next_attempt_dir
 
     for n in ("01", "02", "03"):
         (tmp_path / "attempts" / n).mkdir(parents=True)

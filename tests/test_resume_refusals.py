@@ -8,7 +8,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import compose_cfg
-from flare_exp.resume import (DECIDING, FREE, RESUMABLE, RunSettingsChangedError, check_resume, fingerprint,
+from flare_exp.run.fingerprint import (DECIDING, FREE, RESUMABLE, RunSettingsChangedError, check_resume, fingerprint,
                               settings_of)
 
 

@@ -111,7 +111,7 @@ def write_reports(out_dir: Path, results: dict, tests: list[dict], warnings: lis
     official metric (the plot's error bars)."""
     import datetime
 
-    from flare_exp.runtime import git_commit
+    from flare_exp.run.record import git_commit
 
     sections = []  # (title, paragraphs, header, rows)
     header, rows = official_table(results)

@@ -17,7 +17,8 @@ from flare_exp.io import read_jsonl, write_json, write_jsonl
 from flare_exp.metrics import official, tasks, text
 from flare_exp.metrics.report import write_reports
 from flare_exp.metrics.significance import bootstrap_interval
-from flare_exp.runtime import DONE, abspath, barrier, infer_input_file, ranks
+from flare_exp.run.record import DONE
+from flare_exp.runtime import abspath, barrier, infer_input_file, ranks
 
 log = logging.getLogger(__name__)
 TASK_METRICS = {"classification": tasks.classification_metrics, "multi_label": tasks.multi_label_metrics,

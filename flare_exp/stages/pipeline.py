@@ -13,22 +13,10 @@ from pathlib import Path
 from omegaconf import OmegaConf, open_dict
 
 from flare_exp import stages
-from flare_exp.resume import RunSettingsChangedError, finished_differences, start_attempt
-from flare_exp.runtime import DONE, barrier, follow_rank_0, ranks, run_with_markers
+from flare_exp.run.lifecycle import Run, reusable
+from flare_exp.runtime import barrier, ranks
 
 log = logging.getLogger(__name__)
-
-def check_reusable(step: str, step_dir: Path, step_cfg) -> None:
-    """A finished step is reused only with the fingerprint it ran with (deciding settings, input sha256, the
-    adapter it started from); otherwise stop naming what changed: its outputs do not follow this config."""
-    changed = finished_differences(step, step_dir, step_cfg)
-    if changed:
-        raise RunSettingsChangedError(
-            f"[{step}] {step_dir} holds a finished step made with other settings or inputs: "
-            f"{'; '.join(changed[:8])}{f'; and {len(changed) - 8} more' if len(changed) > 8 else ''}. Rerun with "
-            "the earlier ones to reuse it, pass overwrite=true to redo the steps (earlier outputs move to "
-            "attempts/NN/), or choose another run_name= to keep both.")
-
 
 def _chain(step: str, cfg, done_dirs: dict[str, Path]) -> None:
     with open_dict(cfg):
@@ -44,18 +32,12 @@ def _chain(step: str, cfg, done_dirs: dict[str, Path]) -> None:
 
 
 def run_step(step: str, step_cfg, step_dir: Path):
-    """One step in its own attempt with its markers. On several ranks rank 0 starts the attempt and writes the
-    markers; the data-parallel stages run on every rank (a failing one leaves FAILED naming itself), prepare on
-    rank 0 while the others wait."""
+    """One step in its own run (attempt, markers; run.lifecycle). On several ranks the data-parallel stages
+    run on every rank, prepare on rank 0 while the others wait."""
     runner = stages.get_runner(step)
     rank, _ = ranks()
-    if rank != 0:
-        work = None if step in stages.RANK_0_STEPS else runner.run
-        return follow_rank_0(step_dir, rank, work, step_cfg, step_dir)
-    start_attempt(step, step_cfg, step_dir)
-    result = run_with_markers(step_dir, runner.run, step_cfg, step_dir, after_clearing=barrier)
-    barrier()  # the step's outputs are complete before the next step reads them
-    return result
+    with Run(step_cfg, step, step_dir, rank=rank, locked=False) as step_run:  # inside the pipeline's lock
+        return step_run.execute(None if rank and step in stages.RANK_0_STEPS else runner.run)
 
 
 def run(cfg, out_dir: Path) -> dict:
@@ -73,10 +55,9 @@ def run(cfg, out_dir: Path) -> dict:
             step_cfg.stage.name = step
         _chain(step, step_cfg, done_dirs)
         step_dir = stages.output_dir(step, step_cfg, out_dir / step)
-        finished = (step_dir / DONE).exists() and not cfg.overwrite
+        reuse = reusable(step, step_cfg, step_dir)
         barrier()  # several ranks: each has decided before rank 0 touches the step's dir
-        if finished:
-            check_reusable(step, step_dir, step_cfg)
+        if reuse:
             log.info("[%s] already finished in %s with the same settings and inputs: reusing it (overwrite=true "
                      "redoes it)", step, step_dir)
             results[step] = {"reused": str(step_dir)}

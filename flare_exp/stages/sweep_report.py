@@ -18,7 +18,8 @@ from pathlib import Path
 import yaml
 
 from flare_exp.io import NON_FINITE, write_text
-from flare_exp.runtime import abspath, marker
+from flare_exp.run.record import marker
+from flare_exp.runtime import abspath
 
 log = logging.getLogger(__name__)
 SUMMARIES = ("rl_summary.json", "sft_summary.json")

@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from flare_exp.io import file_fingerprint, write_json
-from flare_exp.models.checkpoints import WEIGHTS, adapter_identity
-from flare_exp.runtime import (DONE, FINGERPRINT, RunFinishedError, abspath, infer_input_file, next_attempt_dir,
-                               write_run_metadata)
+from flare_exp.io import file_fingerprint
+from flare_exp.models.checkpoints import WEIGHTS
+from flare_exp.run.record import FINGERPRINT
+from flare_exp.runtime import abspath, infer_input_file
 
 log = logging.getLogger(__name__)
+
 
 # The config keys (whole sections or single keys) whose values decide what a stage writes.
 DECIDING = {
@@ -29,11 +29,15 @@ DECIDING = {
     "infer": ("data.root", "model", "infer"),
     "eval": ("eval.green",),
 }
+
+
 # Keys under those that change only how fast a stage runs, how often it logs or saves, or how long it goes
 # on: a resume may change them (a longer max_steps continues training; a smaller batch after an OOM).
 _MODEL_SPEED = ("model.download_hint", "model.build_tiny", "model.attn_implementation", "model.cudnn_attention",
                 "model.vision_encoder", "model.decode_attention", "model.gradient_checkpointing", "model.liger_kernel",
                 "model.unsloth_offload_activations")
+
+
 _TRACKING = ("report_to", "wandb_project", "wandb_mode")
 FREE = {
     "sft": _MODEL_SPEED + tuple(f"sft.{k}" for k in (
@@ -50,12 +54,11 @@ FREE = {
         "image_device", "keep_long_cache", "profile_batch")),
     "eval": ("eval.green.batch_size", "eval.green.decode_loop", "eval.green.parser"),
 }
+
+
 # What a resume continues from: without any of these in the run dir there is nothing to mix.
 RESUMABLE = {"sft": ("checkpoint-*",), "rl": ("checkpoint-*",),
              "infer": ("predictions.jsonl", "predictions.rank*.jsonl"), "eval": ("green_judgments.jsonl", "green_judgments.rank*.jsonl")}
-# Kept in place when an attempt moves to attempts/NN: the lock, the record of earlier attempts, Hydra's own
-# files and the job's log (open for writing by this very process).
-_STAYS = {".lock", "attempts", ".hydra", ".submitit"}
 
 
 class RunSettingsChangedError(RuntimeError):
@@ -145,24 +148,6 @@ def differences(old: dict, new: dict) -> list[str]:
     return out
 
 
-def attempt_files(run_dir: Path) -> list[Path]:
-    """What an earlier attempt left in run_dir (all but what stays in place)."""
-    if not run_dir.is_dir():
-        return []
-    return sorted(p for p in run_dir.iterdir()
-                  if p.name not in _STAYS and not p.name.startswith(".lock") and not p.name.endswith(".log"))
-
-
-def archive_attempt(run_dir: Path) -> Path:
-    """Move everything an earlier attempt left in run_dir (outputs, checkpoints, markers, metadata) to
-    attempts/NN/: a rename, so it is instant and nothing is deleted."""
-    files = attempt_files(run_dir)  # before attempts/NN is made
-    dest = next_attempt_dir(run_dir)
-    for path in files:
-        shutil.move(str(path), str(dest / path.name))
-    return dest
-
-
 def _resumable(stage: str, run_dir: Path) -> list[Path]:
     return [p for pattern in RESUMABLE.get(stage, ()) for p in sorted(run_dir.glob(pattern))]
 
@@ -180,24 +165,6 @@ def check_resume(stage: str, run_dir: Path, new: dict) -> None:
             f"settings, which a resume would mix with this one's: {'; '.join(changed)}. Rerun with the earlier "
             "settings to continue it, pass overwrite=true to start afresh (the earlier attempt moves to "
             "attempts/NN/), or choose another run_name=.")
-
-
-def start_attempt(stage: str, cfg, run_dir: Path) -> None:
-    """Before a stage writes anything in run_dir: refuse a finished run (unless overwrite), archive the earlier
-    attempt (overwrite) or check that a resume continues the same run, then record this attempt."""
-    if (run_dir / DONE).exists() and not cfg.overwrite:
-        raise RunFinishedError(
-            f"{run_dir} already holds a finished {stage} run ({DONE} marker present). Nothing was changed. "
-            f"Pass overwrite=true to redo it there (the finished run moves to attempts/NN/), or choose another "
-            "run_name=.")
-    new = fingerprint(stage, cfg)
-    if cfg.overwrite and attempt_files(run_dir):
-        dest = archive_attempt(run_dir)
-        log.info("overwrite=true: the earlier attempt in %s moved to %s; starting afresh", run_dir, dest)
-    else:
-        check_resume(stage, run_dir, new)
-    write_run_metadata(run_dir, cfg, adapter=adapter_identity(starting_adapter(stage, cfg)))
-    write_json(run_dir / FINGERPRINT, new)  # what a resume, and a pipeline reusing the finished step, compare
 
 
 def finished_differences(stage: str, run_dir: Path, cfg) -> list[str]:

@@ -262,19 +262,4 @@ def run(cfg: DictConfig, run_dir: Path | None = None):
     rank = start_process_group() if world_size() > 1 else 0
     # one writer per run dir, from the first check to the last marker; the stage only does its work
     with Run(cfg, stage, out_dir, run_dir, rank=rank) as this_run:
-        if rank == 0:
-            log.info("stage=%s model=%s (%s) data=%s -> %s", stage, cfg.model.name, cfg.model.backend,
-                     cfg.data.name, out_dir)
-        result = this_run.execute(runner.run)
-    if rank == 0:
-        report = report_of(stage, out_dir, result)
-        print(f"\n[flare-exp] stage={stage} finished. Outputs: {out_dir}" + (f"\nReport: {report}" if report else ""))
-    return result
-
-
-def report_of(stage: str, out_dir: Path, result) -> Path | None:
-    """The page a finished run's reader opens first: eval's report (a pipeline's eval step), a sweep's table."""
-    if stage == "sweep_report":
-        return Path(result["report_dir"]) / "sweep.md"
-    eval_dir = {"eval": out_dir, "pipeline": out_dir / "eval"}.get(stage)
-    return eval_dir / "report.html" if eval_dir and (eval_dir / "report.html").exists() else None
+        return this_run.execute(runner.run)

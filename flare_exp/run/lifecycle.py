@@ -40,11 +40,12 @@ class Run:
     def __init__(self, cfg, stage: str, out_dir: Path, run_dir: Path | None = None, rank: int = 0,
                  locked: bool = True):
         self.cfg, self.stage, self.out_dir, self.run_dir, self.rank = cfg, stage, out_dir, run_dir or out_dir, rank
-        self.lock = RunLock(out_dir) if locked and rank == 0 else None
+        self.locked = locked and rank == 0
+        self.lock: RunLock | None = None
 
     def __enter__(self) -> "Run":
-        if self.lock is not None:
-            self.lock.acquire()
+        if self.locked:
+            self.lock = RunLock(self.out_dir).acquire()
         try:
             if self.rank == 0:
                 self._start()
@@ -70,11 +71,26 @@ class Run:
         together once rank 0 has cleared the old markers, and end together."""
         if self.rank != 0:
             return follow_rank_0(self.out_dir, self.rank, work, self.cfg, self.out_dir)
+        if self.locked:  # a run of its own (not a pipeline's step): say what runs where
+            log.info("stage=%s model=%s (%s) data=%s -> %s", self.stage, self.cfg.model.name,
+                     self.cfg.model.backend, self.cfg.data.name, self.out_dir)
         result = run_with_markers(self.out_dir, work, self.cfg, self.out_dir, after_clearing=barrier)
         if self.out_dir != self.run_dir:
             run_with_markers(self.run_dir, lambda: result)
         barrier()  # the outputs are complete before any rank goes on (a pipeline's next step reads them)
+        if self.locked:
+            report = report_of(self.stage, self.out_dir, result)
+            print(f"\n[flare-exp] stage={self.stage} finished. Outputs: {self.out_dir}"
+                  + (f"\nReport: {report}" if report else ""))
         return result
+
+
+def report_of(stage: str, out_dir: Path, result) -> Path | None:
+    """The page a finished run's reader opens first: eval's report (a pipeline's eval step), a sweep's table."""
+    if stage == "sweep_report":
+        return Path(result["report_dir"]) / "sweep.md"
+    eval_dir = {"eval": out_dir, "pipeline": out_dir / "eval"}.get(stage)
+    return eval_dir / "report.html" if eval_dir and (eval_dir / "report.html").exists() else None
 
 
 def reusable(stage: str, cfg, out_dir: Path) -> bool:

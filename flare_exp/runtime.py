@@ -20,7 +20,7 @@ def world_size() -> int:
 
 
 def ranks() -> tuple[int, int]:
-    """(rank, world size) of a data-parallel job whose process group is up (main.run_distributed), else (0, 1)."""
+    """(rank, world size) of a data-parallel job whose process group is up (start_process_group), else (0, 1)."""
     import torch.distributed as dist
 
     return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 DONE = "DONE"
 FAILED = "FAILED"
-FINGERPRINT = "fingerprint.json"  # what decides a resumable stage's outputs (flare_exp/resume.py)
+FINGERPRINT = "fingerprint.json"  # what decides a stage's outputs (run/fingerprint.py)
 TRACKED_PACKAGES = ("torch", "torchvision", "transformers", "trl", "peft", "accelerate", "datasets", "unsloth",
                     "unsloth_zoo", "bitsandbytes", "radgraph", "rouge-score", "hydra-core", "omegaconf",
                     "submitit", "hydra-submitit-launcher", "wandb", "openpyxl")

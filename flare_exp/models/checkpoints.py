@@ -14,6 +14,7 @@ from flare_exp.io import write_json
 
 META = "flare_exp_checkpoint.json"
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
+_RANK_RNG = re.compile(r"^rng_state_\d+\.pth$")
 
 
 COMPLETE = "flare_exp_complete.json"  # written last into a checkpoint: every file and its size
@@ -24,8 +25,9 @@ log = logging.getLogger(__name__)
 
 def mark_complete(checkpoint: Path) -> None:
     """Record that ``checkpoint`` is whole: called after the Trainer (and our metadata) wrote every file."""
+    # each rank of a data-parallel job writes its own rng_state_<rank>.pth, maybe still while rank 0 marks
     files = {str(p.relative_to(checkpoint)): p.stat().st_size for p in sorted(checkpoint.rglob("*"))
-             if p.is_file() and p.name != COMPLETE}
+             if p.is_file() and p.name != COMPLETE and not _RANK_RNG.match(p.name)}
     write_json(checkpoint / COMPLETE, {"files": files})
 
 

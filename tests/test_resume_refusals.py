@@ -87,3 +87,16 @@ def test_resume_refuses_every_deciding_change(stage, base_overrides, demo_prepar
 def test_every_stage_that_resumes_has_its_deciding_keys():
     assert set(RESUMABLE) <= set(DECIDING) and {"model"} <= set(DECIDING["sft"]) & set(DECIDING["rl"]) & set(
         DECIDING["infer"])
+
+
+def test_a_finished_prepare_is_reused_with_more_image_workers_and_not_with_other_splits(base_overrides, tmp_path):
+    from flare_exp.run.fingerprint import finished_differences
+    from flare_exp.run.lifecycle import start_attempt
+
+    cfg = compose_cfg(["stage=prepare", *base_overrides])
+    start_attempt("prepare", cfg, tmp_path / "prepared")
+    assert finished_differences("prepare", tmp_path / "prepared", compose_cfg(
+        ["stage=prepare", *base_overrides, "data.image_workers=3"])) == []
+    assert finished_differences("prepare", tmp_path / "prepared", compose_cfg(
+        ["stage=prepare", *base_overrides, "data.val_splits=[training]"])) == [
+        "data.val_splits: ['validation-public', 'validation-hidden'] -> ['training']"]

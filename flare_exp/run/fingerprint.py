@@ -40,6 +40,7 @@ _MODEL_SPEED = ("model.download_hint", "model.build_tiny", "model.attn_implement
 
 _TRACKING = ("report_to", "wandb_project", "wandb_mode")
 FREE = {
+    "prepare": ("data.image_workers",),
     "sft": _MODEL_SPEED + tuple(f"sft.{k}" for k in (
         "per_device_eval_batch_size", "max_steps", "num_train_epochs", "logging_steps", "save_steps",
         "eval_steps", "save_total_limit", "early_stopping_patience", "max_eval_samples", "dataloader_num_workers",

@@ -10,6 +10,7 @@ import hydra
 from omegaconf import DictConfig
 
 import flare_exp.config  # noqa: F401  (registers the structured-config schema)
+import flare_exp.run.names  # noqa: F401  (registers the run_name resolver that places the run dir)
 
 # What bad input raises (a missing file, a wrong key or value, a finished run, a missing package): our messages
 # name the key and the fix, so a single run prints just the message. Anything else keeps Hydra's traceback.
@@ -22,9 +23,9 @@ def main(cfg: DictConfig):
     from hydra.types import RunMode
 
     from flare_exp.main import run
-    from flare_exp.resume import RunSettingsChangedError
-    from flare_exp.runlock import RunLockedError
-    from flare_exp.runtime import RunFinishedError
+    from flare_exp.run.fingerprint import RunSettingsChangedError
+    from flare_exp.run.lock import RunLockedError
+    from flare_exp.run.record import RunFinishedError
 
     try:
         return run(cfg)

@@ -448,6 +448,9 @@ class Config:
     # auto: continue from the last checkpoint in the run dir if there is one; never: start fresh
     # (refusing if checkpoints exist); or a checkpoint path.
     resume: str = "auto"
+    # A stage starts from a training run's finished adapter; true lets sft.init_from / rl.init_from /
+    # infer.checkpoint name an intermediate checkpoint-N of it on purpose.
+    allow_intermediate_checkpoint: bool = False
 
 
 def register_configs() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -57,8 +58,28 @@ def write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+# How a strict JSON reader (jq, JavaScript's JSON.parse) gets a non-finite number: as these strings, which
+# Number() and float() read back; json.dumps would write bare NaN / Infinity tokens that such readers reject.
+NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def _finite_only(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "NaN" if math.isnan(obj) else ("Infinity" if obj > 0 else "-Infinity")
+    if isinstance(obj, dict):
+        return {k: _finite_only(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_only(v) for v in obj]
+    return obj
+
+
+def strict_json(obj: Any, indent: int | None = None) -> str:
+    """JSON text every strict reader parses: NaN and infinities written as the strings of ``NON_FINITE``."""
+    return json.dumps(_finite_only(obj), indent=indent, ensure_ascii=False, default=str, allow_nan=False)
+
+
 def write_json(path: str | Path, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+    write_text(path, strict_json(obj, indent=2) + "\n")
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
@@ -66,32 +87,43 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
     with atomic_path(path) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                f.write(strict_json(row) + "\n")
                 n += 1
     return n
 
 
+def _parse_line(path: Path, lineno: int, raw: bytes):
+    """One JSONL line: its object, or a ValueError naming the file, line and what is wrong with it."""
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}:{lineno}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+
+
 def read_journal(path: str | Path, key: str) -> dict[str, dict]:
     """Rows of an append-only JSONL journal (predictions, judgments) by ``row[key]``, for resuming. A torn last
-    line (the job was killed mid-write) is dropped and the file rewritten without it, so appends continue
-    cleanly; a broken line elsewhere is an error naming it."""
+    line (the job was killed mid-write, at any byte, inside a multi-byte character too) is dropped, logged, and
+    the file rewritten without it, so appends continue cleanly; a broken line elsewhere is an error naming it."""
     import logging
 
     path = Path(path)
     rows: dict[str, dict] = {}
     if not path.exists():
         return rows
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = path.read_bytes().splitlines()
     torn = False
-    for i, line in enumerate(lines):
+    for i, raw in enumerate(lines):
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                logging.getLogger(__name__).warning("%s: dropping a torn last line (interrupted write)", path)
-                torn = True
-                continue
-            raise ValueError(f"{path}:{i + 1}: not valid JSON") from None
+            row = _parse_line(path, i + 1, raw)
+        except ValueError as e:
+            if i < len(lines) - 1:
+                raise
+            logging.getLogger(__name__).warning("%s: dropping a torn last line (interrupted write: %s)", path,
+                                                str(e).split(": ", 1)[1])
+            torn = True
+            continue
         rows[row[key]] = row
     if torn:
         with atomic_path(path) as tmp:
@@ -100,24 +132,15 @@ def read_journal(path: str | Path, key: str) -> dict[str, dict]:
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
-    """Read a JSONL file; a broken line is an error naming the file and line number."""
+    """Read a JSONL file; a broken line (not JSON, not UTF-8) is an error naming the file and line number."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     rows = []
     with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of "
-                                 "the line); save the file as UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                rows.append(_parse_line(path, lineno, line))
     return rows
 
 

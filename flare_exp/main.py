@@ -1,7 +1,6 @@
 """The entry point's body: validate the composed config, prepare the run dir, dispatch to the stage."""
 from __future__ import annotations
 
-import datetime
 import logging
 import os
 from pathlib import Path
@@ -14,10 +13,10 @@ from flare_exp import setting_checks, stages
 from flare_exp.config import Config
 from flare_exp.logs import quiet_known_messages
 from flare_exp.models.loading import check_model_settings
-from flare_exp.runlock import RunLock
-from flare_exp.resume import start_attempt
-from flare_exp.runtime import (abspath, follow_rank_0, infer_input_file, run_with_markers, world_size,
-                               write_failed, write_run_metadata)
+from flare_exp.run.lifecycle import Run
+from flare_exp.run.names import check_run_name
+from flare_exp.run.record import write_failed
+from flare_exp.runtime import abspath, infer_input_file, start_process_group, world_size
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +83,7 @@ def setting_problems(cfg: DictConfig, preload: bool = False) -> list[Exception]:
     steps = steps_of(cfg)
     for check in (check_known_keys, check_set_values, check_demo_budget, check_half_precision):
         _collect(problems, check, cfg)
+    _collect(problems, check_run_name, cfg.run_name)
     _collect(problems, check_reward_weights, cfg.reward)
     _collect(problems, check_model_settings, cfg.model)
     _collect(problems, check_one_process_per_job, bool(steps & GPU_STAGES), steps, cfg.model.backend,
@@ -261,59 +261,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None):
     stage = cfg.stage.name
     runner = stages.get_runner(stage)
     out_dir = stages.output_dir(stage, cfg, run_dir)
-    if world_size() > 1:
-        return run_distributed(cfg, stage, runner, run_dir, out_dir)
-    with RunLock(out_dir):  # one writer per run dir, from the first check to the last marker
-        return run_locked(cfg, stage, runner, run_dir, out_dir)
-
-
-RANK_WAIT_HOURS = 6
-
-
-def run_distributed(cfg: DictConfig, stage: str, runner, run_dir: Path, out_dir: Path):
-    """One rank of a data-parallel job: rank 0 holds the lock, starts the attempt and writes the markers; the
-    others wait for it, run the same stage (the Trainer shards the data and averages the gradients), and a
-    rank that fails leaves FAILED naming itself."""
-    import torch
-    import torch.distributed as dist
-
-    if not dist.is_initialized():  # accelerate (inside the Trainer) reuses this group
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0") or 0))
-        # rank 0 alone prepares (in a pipeline) and computes eval's metrics while the others wait at a barrier:
-        # a longer wait than the backends' 10-30 minute default
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
-                                timeout=datetime.timedelta(hours=RANK_WAIT_HOURS))
-    rank = dist.get_rank()
-    if rank == 0:
-        with RunLock(out_dir):
-            result = run_locked(cfg, stage, runner, run_dir, out_dir, before_work=dist.barrier)
-        dist.barrier()  # (a failing rank 0 raises instead: torchrun then stops the others)
-        return result
-    return follow_rank_0(out_dir, rank, runner.run, cfg, out_dir)
-
-
-def report_of(stage: str, out_dir: Path, result) -> Path | None:
-    """The page a finished run's reader opens first: eval's report (a pipeline's eval step), a sweep's table."""
-    if stage == "sweep_report":
-        return Path(result["report_dir"]) / "sweep.md"
-    eval_dir = {"eval": out_dir, "pipeline": out_dir / "eval"}.get(stage)
-    return eval_dir / "report.html" if eval_dir and (eval_dir / "report.html").exists() else None
-
-
-def run_locked(cfg: DictConfig, stage: str, runner, run_dir: Path, out_dir: Path, before_work=None):
-    # The pipeline starts each step's attempt itself (reusing finished ones); a sweep report is only a view.
-    if stage in ("pipeline", "sweep_report"):
-        write_run_metadata(out_dir, cfg)
-    else:
-        start_attempt(stage, cfg, out_dir)
-    if out_dir != run_dir:
-        write_run_metadata(run_dir, cfg)
-    log.info("stage=%s model=%s (%s) data=%s -> %s", stage, cfg.model.name, cfg.model.backend, cfg.data.name,
-             out_dir)
-    result = run_with_markers(out_dir, runner.run, cfg, out_dir, after_clearing=before_work)
-    if out_dir != run_dir:
-        run_with_markers(run_dir, lambda: result)
-    report = report_of(stage, out_dir, result)
-    print(f"\n[flare-exp] stage={stage} finished. Outputs: {out_dir}" + (f"\nReport: {report}" if report else ""))
-    return result
+    rank = start_process_group() if world_size() > 1 else 0
+    # one writer per run dir, from the first check to the last marker; the stage only does its work
+    with Run(cfg, stage, out_dir, run_dir, rank=rank) as this_run:
+        return this_run.execute(runner.run)

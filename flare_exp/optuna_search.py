@@ -8,7 +8,9 @@ runs the jobs; each trial is an ordinary job of the stages (rl -> infer -> eval 
 
 The study is persisted (default: ``<sweep dir>/optuna.journal``), so rerunning the same command continues it:
 finished trials are kept, trials a killed sweep left running are marked failed ("interrupted") and their
-settings tried again, and the study goes on to ``n_trials`` finished trials.
+settings tried again, and the study goes on to ``n_trials`` finished trials. A torn last line of the journal (a
+kill mid-append) is cut off before anything is appended; one search runs per study at a time (a lock beside
+the journal); a trial whose search still lives is never marked interrupted.
 """
 from __future__ import annotations
 
@@ -93,16 +95,75 @@ def open_storage(storage: str | None, sweep_dir: Path):
             log.warning("hydra.sweeper.storage=%s: SQLite locks are unreliable on NFS/Lustre; a journal file "
                         "(the default) is the safe choice on a shared filesystem", storage)
         return storage
-    path = Path(storage) if storage else sweep_dir / JOURNAL
+    path = journal_path(storage, sweep_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
+    repair_journal_tail(path)
     return JournalStorage(JournalFileBackend(str(path)))
 
 
+def journal_path(storage: str | None, sweep_dir: Path) -> Path | None:
+    """The study's journal file; None for a database URL."""
+    if storage and "://" in storage:
+        return None
+    return Path(storage) if storage else sweep_dir / JOURNAL
+
+
+def repair_journal_tail(path: Path) -> None:
+    """A sweep killed while Optuna appended to the journal leaves a torn last line; the next append would run
+    on from it and make the study unreadable for good. Cut the file back to its last whole line (logged)."""
+    if not path.is_file():
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if not data or data.endswith(b"\n"):
+            return
+        keep = data.rfind(b"\n") + 1
+        log.warning("optuna: %s ends in a torn line (%d bytes, a write cut short by a kill): cut back to its "
+                    "last whole line", path, len(data) - keep)
+        f.truncate(keep)
+
+
+def search_lock(storage: str | None, sweep_dir: Path):
+    """One search per study: the lock beside the journal (or in the sweep dir, for a database), held while the
+    search runs; a second search stops naming the first (run.lock.RunLock: a dead holder's is taken over)."""
+    from flare_exp.run.lock import RunLock
+
+    path = journal_path(storage, sweep_dir)
+    return RunLock(path.parent, name=f".{path.name}.lock") if path else RunLock(sweep_dir, name=".optuna.lock")
+
+
+SEARCH = "search"  # a trial's user attribute: the search (host, pid) that runs it
+
+
+def this_search() -> dict:
+    import os
+    import platform
+
+    return {"host": platform.node(), "pid": os.getpid()}
+
+
+def search_alive(owner: dict | None) -> bool:
+    """Whether the search that asked for a trial still runs: on this host, its pid lives; another host's is
+    taken as gone (the study's lock, held by this search, says no other search runs on it)."""
+    import platform
+
+    from flare_exp.run.lock import _pid_alive
+
+    return bool(owner) and owner.get("host") == platform.node() and owner.get("pid") != this_search()["pid"] \
+        and _pid_alive(int(owner.get("pid", -1)))
+
+
 def recover_interrupted(study) -> int:
-    """Trials a killed sweep left RUNNING: marked failed ("interrupted", not counted) and queued again."""
+    """Trials a killed sweep left RUNNING: marked failed ("interrupted", not counted) and queued again. A trial
+    whose search still runs (a live process on this host) is left to it."""
     import optuna
 
-    stale = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    stale = [t for t in running if not search_alive(t.user_attrs.get(SEARCH))]
+    for trial in running:
+        if trial not in stale:
+            log.warning("optuna: trial %d runs in a live search (%s): left to it", trial.number,
+                        trial.user_attrs[SEARCH])
     for trial in stale:
         study._storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
         study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
@@ -210,6 +271,10 @@ class Search:
         return [found[o] for o in self.objectives], None
 
     def run(self) -> list:
+        with search_lock(self.storage_setting, self.sweep_dir):
+            return self._search()
+
+    def _search(self) -> list:
         recover_interrupted(self.study)
         for point in self.grid:
             self.study.enqueue_trial(point, skip_if_exists=True)
@@ -217,6 +282,8 @@ class Search:
         results = []
         while (left := self.n_trials - finished_trials(self.study)) > 0:
             trials = [self.study.ask(self.space) for _ in range(min(self.n_jobs, left))]
+            for trial in trials:
+                trial.set_user_attr(SEARCH, this_search())
             results += self._launch(trials)
         self._record()
         log.info("optuna: %d trials finished in %s; sweep_report: python launch.py stage=sweep_report "

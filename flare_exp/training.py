@@ -14,7 +14,8 @@ from omegaconf import OmegaConf
 from transformers import TrainerCallback
 
 from flare_exp.io import file_fingerprint
-from flare_exp.models.checkpoints import list_checkpoints, write_meta
+from flare_exp.models.checkpoints import (check_training_state, incomplete, list_checkpoints, mark_complete,
+                                         newest_complete, write_meta)
 from flare_exp.runtime import abspath, world_size
 
 log = logging.getLogger(__name__)
@@ -102,21 +103,24 @@ def effective_batch(section, world: int) -> dict:
 
 
 def resume_checkpoint(resume: str, out_dir: Path) -> str | None:
-    """resume=auto: the last complete checkpoint in out_dir, if any; never: none (refuse if some exist);
-    anything else: that checkpoint path."""
-    ckpts = list_checkpoints(out_dir)
+    """resume=auto: the newest complete checkpoint in out_dir, if any; never: none (refuse if some exist);
+    anything else: that checkpoint path, if it is complete."""
     if resume == "auto":
-        if ckpts:
-            log.info("resume=auto: continuing from %s", ckpts[-1])
-        return str(ckpts[-1]) if ckpts else None
+        ckpt = newest_complete(out_dir)
+        if ckpt:
+            log.info("resume=auto: continuing from %s", ckpt)
+        return str(ckpt) if ckpt else None
     if resume == "never":
+        ckpts = list_checkpoints(out_dir)
         if ckpts:
             raise RuntimeError(f"{out_dir} already holds checkpoints ({ckpts[-1].name}) and resume=never; use "
                                "resume=auto to continue, or another run_name= to start fresh")
         return None
     path = abspath(resume)
-    if not (path / "trainer_state.json").exists():
-        raise FileNotFoundError(f"resume={resume}: {path} is not a Trainer checkpoint (no trainer_state.json)")
+    why = incomplete(path)
+    if why:
+        raise FileNotFoundError(f"resume={resume}: {path} is not a complete Trainer checkpoint: {why}")
+    check_training_state(path)
     return str(path)
 
 
@@ -275,3 +279,4 @@ class CheckpointMeta(TrainerCallback):
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if ckpt.is_dir():
                 self.write(ckpt, step=state.global_step)
+                mark_complete(ckpt)  # last: the Trainer's files and ours are all written

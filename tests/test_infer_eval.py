@@ -31,6 +31,16 @@ def test_infer_writes_predictions_and_a_sheet(base_overrides, sft_adapter, tmp_p
     assert header[4:6] == ["Dataset", "TaskType"] and ws.max_row == len(val) + 1
     assert ws.freeze_panes == "A2" and ws.auto_filter.ref
     assert [ws.cell(i + 2, 7).value for i in range(len(val))] == [r["id"] for r in val]  # input order
+    # the adapter that made them, by path and sha256: in the summary, every row, the sheet and the run info
+    from flare_exp.io import file_fingerprint
+
+    adapter = {"path": str(sft_adapter / "final"),
+               "sha256": file_fingerprint(sft_adapter / "final" / "adapter_model.safetensors")["sha256"]}
+    assert summary["adapter"] == adapter and all(p["adapter"] == adapter for p in preds)
+    about = load_workbook(tmp_path / "inf" / "predictions.xlsx")["adapter"]
+    assert [[c.value for c in row] for row in about.iter_rows()] == [["adapter path", adapter["path"]],
+                                                                     ["adapter sha256", adapter["sha256"]]]
+    assert json.loads((tmp_path / "inf" / "run_info.json").read_text())["adapter"] == adapter
 
 
 def test_decoding_keeps_only_new_tokens_and_uses_every_view(tiny_model_dir, demo_prepared):
@@ -94,7 +104,8 @@ def test_eval_demo_and_comparison(base_overrides, sft_adapter, tmp_path):
     assert (tmp_path / "eval" / "metrics.png").stat().st_size > 1000 and (tmp_path / "eval" / "report.html").exists()
     assert any(k.startswith("base/classification/") for k in summary)
     assert metrics["base"]["run"]["checkpoint"] == "base model" and metrics["base"]["run"]["model"] == "tiny"
-    assert metrics[list(metrics)[0]]["run"]["checkpoint"] == str(sft_adapter)
+    trained = metrics[list(metrics)[0]]["run"]  # the adapter that made the predictions, by path and sha256
+    assert trained["checkpoint"] == str(sft_adapter / "final") and len(trained["adapter_sha256"]) == 64
     page = (tmp_path / "eval" / "report.html").read_text()
     assert page.index("Official numbers") < page.index("Runs evaluated") < page.index("all metrics")
     assert "flare-exp commit" in page and "<a href='metrics.json'>" in page and "<a href='scored_1.xlsx'>" in page
@@ -355,7 +366,7 @@ def test_chexbert_labeler_loads_a_checkpoint_in_the_published_layout(base_overri
 
 
 def test_infer_overwrite_regenerates(base_overrides, tmp_path):
-    from flare_exp.runtime import RunFinishedError
+    from flare_exp.run.record import RunFinishedError
 
     first = _infer(base_overrides, tmp_path / "inf", "infer.num_samples=4")
     with pytest.raises(RunFinishedError):

@@ -1,10 +1,12 @@
 """The main job, `python launch.py` (the demo pipeline: prepare -> sft -> rl -> infer -> eval), end to end with
 the real stage code on the tiny model; a rerun reuses every finished step and files no attempt; a rerun with
-other settings keeps the first attempt's record."""
+other settings or inputs stops naming them."""
 import json
-import re
+
+import pytest
 
 from conftest import compose_cfg
+from flare_exp.run.fingerprint import RunSettingsChangedError
 
 
 def test_the_demo_pipeline_end_to_end_and_again(base_overrides, tmp_path, caplog):
@@ -29,10 +31,26 @@ def test_the_demo_pipeline_end_to_end_and_again(base_overrides, tmp_path, caplog
 
     assert "other settings" not in caplog.text
     first_config = (run_dir / "config.yaml").read_text()
-    run(compose_cfg([*base_overrides, "infer.max_new_tokens=5"]), run_dir=run_dir)  # steps reused all the same
-    # the reused infer step did not decode with the new setting: said, naming it; the other steps are unaffected
-    assert re.search(r"\[infer\] already finished in \S+ with other settings \(infer.max_new_tokens: \d+ -> 5\): "
-                     r"reusing it as it is; overwrite=true redoes it", caplog.text)
-    assert caplog.text.count("other settings") == 1
+    # the finished infer step did not decode with the new setting: it is not reused, and the run stops naming it
+    with pytest.raises(RunSettingsChangedError, match=r"\[infer\] \S+ holds a finished step made with other "
+                                                      r"settings or inputs: infer.max_new_tokens: \d+ -> 5\. "):
+        run(compose_cfg([*base_overrides, "infer.max_new_tokens=5"]), run_dir=run_dir)
     assert (run_dir / "attempts" / "01" / "config.yaml").read_text() == first_config
-    assert "max_new_tokens: 5" in (run_dir / "config.yaml").read_text()
+    assert (run_dir / "infer" / "DONE").exists() and (run_dir / "eval" / "DONE").exists()  # nothing was redone
+
+
+def test_a_finished_step_is_reused_only_with_the_same_inputs(base_overrides, demo_prepared, tmp_path):
+    import shutil
+
+    from flare_exp.run.lifecycle import reusable, start_attempt
+
+    train = tmp_path / "train.jsonl"
+    shutil.copy(demo_prepared / "train.jsonl", train)
+    cfg = compose_cfg(["stage=sft", *base_overrides, f"sft.train_file={train}"])
+    step_dir = tmp_path / "pipe" / "sft"
+    start_attempt("sft", cfg, step_dir)
+    (step_dir / "DONE").write_text("{}")
+    assert reusable("sft", cfg, step_dir)  # same settings, same bytes: reused
+    train.write_text("".join(line + "\n" for line in train.read_text().splitlines()[:-1]))  # one record less
+    with pytest.raises(RunSettingsChangedError, match=r"\[sft\] .* sft\.train_file sha256: [0-9a-f]{12} -> "):
+        reusable("sft", cfg, step_dir)

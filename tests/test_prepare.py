@@ -10,7 +10,7 @@ from conftest import REPO, compose_cfg
 from flare_exp.fixtures.demo_data import generate_demo
 from flare_exp.io import read_jsonl
 from flare_exp.main import run
-from flare_exp.runtime import RunFinishedError
+from flare_exp.run.record import RunFinishedError
 
 
 def _cfg(tmp_path, root, *extra):

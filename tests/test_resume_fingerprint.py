@@ -7,7 +7,7 @@ import pytest
 from conftest import compose_cfg
 from flare_exp.io import read_jsonl
 from flare_exp.main import run
-from flare_exp.resume import RunSettingsChangedError, differences, settings_of
+from flare_exp.run.fingerprint import RunSettingsChangedError, differences, settings_of
 
 
 def _infer(base_overrides, run_dir, *extra):
@@ -72,3 +72,13 @@ def test_settings_that_do_not_decide_outputs_are_left_out():
     assert settings_of("sft", cfg) == {"seed": 1, "data.root": "r", "model.path": "m", "sft.learning_rate": 1.0}
     old, new = {"settings": {"a": 1}, "files": {"f": "0" * 64}}, {"settings": {"a": 2}, "files": {"f": "1" * 64}}
     assert differences(old, new) == ["a: 1 -> 2", "f sha256: 000000000000 -> 111111111111"]
+
+
+def test_attempts_are_numbered_after_the_highest_one_left(tmp_path):
+    from flare_exp.run.record import next_attempt_dir
+
+    for n in ("01", "02", "03"):
+        (tmp_path / "attempts" / n).mkdir(parents=True)
+    shutil.rmtree(tmp_path / "attempts" / "02")  # a user cleaned up an old attempt
+    assert next_attempt_dir(tmp_path).name == "04"
+    assert next_attempt_dir(tmp_path / "fresh").name == "01"

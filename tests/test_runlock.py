@@ -11,13 +11,14 @@ import pytest
 from conftest import compose_cfg
 from flare_exp.io import write_jsonl
 from flare_exp.main import run
-from flare_exp.runlock import RunLock, RunLockedError
+from flare_exp.run import lock as run_lock
+from flare_exp.run.lock import RunLock, RunLockedError
 
 
 def _fake_holder(run_dir, pid, host=None, age_s=0.0, job=None):
     lock = run_dir / ".lock"
     lock.mkdir(parents=True)
-    owner = lock / "owner.json"
+    owner = lock / "owner.1.json"
     owner.write_text(json.dumps({"host": host or platform.node(), "pid": pid, "started": "2026-12-01T10:00:00",
                                  "slurm_job_id": job}))
     if age_s:
@@ -53,7 +54,7 @@ def test_a_live_holder_stops_the_second_launch(base_overrides, tmp_path):
 def test_stale_locks_are_taken_over_and_fresh_ones_kept(tmp_path, caplog, monkeypatch):
     _fake_holder(tmp_path / "a", _dead_pid())
     with RunLock(tmp_path / "a"):
-        assert json.loads((tmp_path / "a" / ".lock" / "owner.json").read_text())["pid"] == os.getpid()
+        assert json.loads((tmp_path / "a" / ".lock" / "owner.2.json").read_text())["pid"] == os.getpid()
     assert "taking over the lock" in caplog.text and "is gone" in caplog.text
     _fake_holder(tmp_path / "b", 1, host="node-17", age_s=10)  # another node, heartbeat fresh: alive
     with pytest.raises(RunLockedError, match="node-17"):
@@ -68,9 +69,71 @@ def test_stale_locks_are_taken_over_and_fresh_ones_kept(tmp_path, caplog, monkey
 
 def test_the_heartbeat_keeps_the_lock_fresh(tmp_path):
     lock = RunLock(tmp_path, heartbeat_s=0.05).acquire()
-    owner = tmp_path / ".lock" / "owner.json"
+    owner = tmp_path / ".lock" / "owner.1.json"
     os.utime(owner, (time.time() - 1000, time.time() - 1000))
     time.sleep(0.3)
     assert time.time() - owner.stat().st_mtime < 5
     lock.release()
     assert not (tmp_path / ".lock").exists()
+
+
+def test_two_relaunches_after_a_dead_holder_take_the_lock_once(tmp_path, monkeypatch):
+    """Both judge the dead holder's lock stale; the first takes it over; the second's takeover fails and it stops
+    naming the first (it must not remove the first's fresh lock and take it too)."""
+    _fake_holder(tmp_path, _dead_pid())
+    first, second = RunLock(tmp_path), RunLock(tmp_path)
+    judge = RunLock._stale
+
+    def first_takes_over_meanwhile(self, holder):
+        why = judge(self, holder)
+        if self is second and not first.held():
+            first.acquire()
+        return why
+
+    monkeypatch.setattr(RunLock, "_stale", first_takes_over_meanwhile)
+    with pytest.raises(RunLockedError, match=f"in use by another run: host {platform.node()}, pid {os.getpid()}"):
+        second.acquire()
+    assert first.held() and not second.held()
+    first.release()
+    assert not (tmp_path / ".lock").exists()
+
+
+def test_a_lock_dir_made_but_not_yet_written_goes_to_the_first_claim(tmp_path):
+    """Its maker is alive but has not claimed it: a launch that claims first holds the run, and the maker's
+    claim then stops naming that holder."""
+    (tmp_path / ".lock").mkdir()
+    maker, other = RunLock(tmp_path), RunLock(tmp_path)
+    other.acquire()
+    with pytest.raises(RunLockedError, match="in use by another run"):
+        maker.acquire()
+    assert other.held()
+    other.release()
+
+
+def test_another_users_live_process_holds_its_lock(tmp_path, monkeypatch):
+    """The pid check cannot signal another user's process (PermissionError): that holder is alive."""
+    holder_pid = _dead_pid()
+    _fake_holder(tmp_path, holder_pid)
+
+    def kill(pid, sig):
+        if pid == holder_pid:
+            raise PermissionError(1, "Operation not permitted")
+        return os.kill(pid, sig)
+
+    monkeypatch.setattr(run_lock.os, "kill", kill)
+    with pytest.raises(RunLockedError, match=f"pid {holder_pid}"):
+        RunLock(tmp_path).acquire()
+    monkeypatch.undo()  # now the check sees the pid is gone
+    RunLock(tmp_path).acquire().release()
+
+
+def test_the_heartbeat_stops_with_the_release_and_an_old_one_is_stale_only_after_the_limit(tmp_path):
+    lock = RunLock(tmp_path, heartbeat_s=0.05).acquire()
+    owner = lock.owner_file
+    lock.release()
+    time.sleep(0.2)
+    assert not owner.exists() and not (tmp_path / ".lock").exists()  # no beat brings it back
+    _fake_holder(tmp_path / "x", 1, host="node-9", age_s=290)
+    with pytest.raises(RunLockedError, match="node-9"):
+        RunLock(tmp_path / "x", stale_after_s=300).acquire()
+    assert RunLock(tmp_path / "x", stale_after_s=280).acquire().held()

@@ -140,7 +140,7 @@ def test_lora_switches_select_layers(tiny_model_dir):
 
 
 def test_overwrite_starts_fresh_instead_of_resuming_the_finished_run(base_overrides, tmp_path):
-    from flare_exp.runtime import RunFinishedError
+    from flare_exp.run.record import RunFinishedError
 
     run_dir = tmp_path / "sft"
     args = ["sft.max_steps=2", "sft.save_steps=2", "sft.eval_steps=0"]

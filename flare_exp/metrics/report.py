@@ -115,7 +115,8 @@ def html_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 RUN_FIELDS = (("model", "model"), ("model_path", "model path"), ("backend", "backend"),
-              ("checkpoint", "checkpoint"), ("finished", "predicted"), ("commit", "commit"))
+              ("checkpoint", "adapter"), ("adapter_sha256", "adapter sha256"), ("finished", "predicted"),
+              ("commit", "commit"))
 
 
 def runs_table(results: dict) -> tuple[list[str], list[list[str]]]:
@@ -138,7 +139,7 @@ def write_reports(out_dir: Path, results: dict, tests: list[dict], warnings: lis
     official metric (the plot's error bars)."""
     import datetime
 
-    from flare_exp.runtime import git_commit
+    from flare_exp.run.record import git_commit
 
     sections = []  # (title, paragraphs, header, rows)
     header, rows = official_table(results)

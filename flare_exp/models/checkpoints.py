@@ -6,6 +6,7 @@ text, never a pickled DictConfig) and the data fingerprints, so any stage can lo
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -13,37 +14,131 @@ from flare_exp.io import write_json
 
 META = "flare_exp_checkpoint.json"
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
+_RANK_RNG = re.compile(r"^rng_state_\d+\.pth$")
 
 
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Trainer checkpoints under ``run_dir``, oldest first; half-written ones (no trainer_state.json) skipped."""
+COMPLETE = "flare_exp_complete.json"  # written last into a checkpoint: every file and its size
+# What a resume restores besides the weights: without them training goes on with a fresh optimizer or schedule.
+TRAINING_STATE = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
+log = logging.getLogger(__name__)
+
+
+def mark_complete(checkpoint: Path) -> None:
+    """Record that ``checkpoint`` is whole: called after the Trainer (and our metadata) wrote every file."""
+    # each rank of a data-parallel job writes its own rng_state_<rank>.pth, maybe still while rank 0 marks
+    files = {str(p.relative_to(checkpoint)): p.stat().st_size for p in sorted(checkpoint.rglob("*"))
+             if p.is_file() and p.name != COMPLETE and not _RANK_RNG.match(p.name)}
+    write_json(checkpoint / COMPLETE, {"files": files})
+
+
+def incomplete(checkpoint: Path) -> str | None:
+    """Why ``checkpoint`` cannot be used (its marker missing: cut short while saving; a file missing or of
+    another size than was written), or None when it is whole."""
+    try:
+        files = json.loads((checkpoint / COMPLETE).read_text())["files"]
+    except FileNotFoundError:
+        return f"no {COMPLETE} (cut short while saving)"
+    except (ValueError, KeyError, OSError) as e:
+        return f"{COMPLETE} unreadable ({e})"
+    for name, size in files.items():
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} were written"
+    return None
+
+
+def _numbered(run_dir: Path) -> list[Path]:
     if not run_dir.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in run_dir.iterdir()
-             if (m := _CKPT.match(p.name)) and p.is_dir() and (p / "trainer_state.json").exists()]
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := _CKPT.match(p.name)) and p.is_dir()]
     return [p for _, p in sorted(found)]
 
 
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """The complete Trainer checkpoints under ``run_dir``, oldest first."""
+    return [p for p in _numbered(run_dir) if incomplete(p) is None]
+
+
+def check_training_state(checkpoint: Path) -> None:
+    """A resume restores the optimizer and the schedule too: refuse one that would silently restart them."""
+    for name in TRAINING_STATE:
+        if not (checkpoint / name).is_file():
+            raise FileNotFoundError(
+                f"{checkpoint / name} is missing: resuming from {checkpoint.name} would go on with a fresh "
+                f"{name.split('.')[0].replace('_state', ' state')} and say nothing. Resume from another checkpoint "
+                "(resume=<path>), or start afresh (overwrite=true; the earlier attempt moves to attempts/NN/)")
+
+
+def newest_complete(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint in ``run_dir`` (newer ones that are not are logged with why), its
+    training state checked; None when there is none."""
+    for checkpoint in reversed(_numbered(run_dir)):
+        why = incomplete(checkpoint)
+        if why is None:
+            check_training_state(checkpoint)
+            return checkpoint
+        log.warning("skipping %s: %s", checkpoint, why)
+    return None
+
+
+ALLOW_INTERMEDIATE = "allow_intermediate_checkpoint"  # the key that lets a stage start from a checkpoint-N
+WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def _is_adapter(path: Path) -> bool:
+    return (path / "adapter_config.json").exists()
+
+
 def resolve_adapter(path: str | Path) -> Path:
-    """An adapter dir from a checkpoint dir or a run dir (its final/ adapter, else the best, else the last)."""
+    """The adapter a path means: an adapter dir itself (final/, a checkpoint-N/, one saved elsewhere); a
+    training run dir's finished final/ adapter; a pipeline dir's last training step (rl, else sft). A run that
+    did not finish is refused: its checkpoints are intermediate and are taken only when named on purpose."""
     path = Path(path)
-    if (path / "adapter_config.json").exists():
+    if _is_adapter(path):
         return path
-    if (path / "final" / "adapter_config.json").exists():
+    step = next((path / s for s in ("rl", "sft") if (path / s).is_dir()), None)  # a pipeline: rl runs after sft
+    if step is not None:
+        return resolve_adapter(step)
+    ours = (path / "run_info.json").exists()  # a run dir of ours: DONE says it finished
+    if _is_adapter(path / "final") and (not ours or (path / "DONE").exists()):
         return path / "final"
-    for sub in ("sft", "rl"):  # a pipeline run dir
-        if (path / sub / "final" / "adapter_config.json").exists():
-            return path / sub / "final"
-    ckpts = list_checkpoints(path)
-    if ckpts:
-        state = json.loads((ckpts[-1] / "trainer_state.json").read_text())
-        best = state.get("best_model_checkpoint")
-        if best and (Path(best) / "adapter_config.json").exists():
-            return Path(best)
-        return ckpts[-1]
+    if ours or _numbered(path):
+        ckpts = _numbered(path)
+        raise FileNotFoundError(
+            f"{path} is an unfinished run (no DONE marker{', no final/ adapter' if not _is_adapter(path / 'final') else ''}"
+            f"{f'; checkpoints: {ckpts[0].name} .. {ckpts[-1].name}' if ckpts else ''}): finish it (rerun it with "
+            f"the same run_name), or use one of its checkpoints on purpose: point at {path}/checkpoint-N and pass "
+            f"{ALLOW_INTERMEDIATE}=true.")
     raise FileNotFoundError(
-        f"{path}: no LoRA adapter here (looked for adapter_config.json, final/, checkpoint-N/). "
-        "Point it at an sft/rl run dir or one of its checkpoint dirs.")
+        f"{path}: no LoRA adapter here (looked for adapter_config.json, final/, rl/ and sft/ of a pipeline). "
+        "Point it at an sft/rl run dir, a pipeline dir, or an adapter dir.")
+
+
+def chosen_adapter(key: str, path: str | Path, allow_intermediate: bool) -> Path:
+    """The adapter ``key`` names (resolve_adapter), an intermediate checkpoint-N only with ``allow_intermediate``
+    and only when whole."""
+    adapter = resolve_adapter(path)
+    if _CKPT.match(adapter.name):
+        if not allow_intermediate:
+            raise ValueError(f"{key}={path} is an intermediate checkpoint ({adapter.name}) of a training run, not "
+                             f"its final adapter: pass {ALLOW_INTERMEDIATE}=true to use it on purpose, or point at "
+                             "the finished run dir")
+        why = incomplete(adapter)
+        if why:
+            raise FileNotFoundError(f"{key}={path}: {adapter} is not a complete checkpoint: {why}")
+    return adapter
+
+
+def adapter_identity(adapter: Path | None) -> dict | None:
+    """What names an adapter in every output: its path and the sha256 of its weights file."""
+    if adapter is None:
+        return None
+    from flare_exp.io import file_fingerprint
+
+    weights = next((adapter / n for n in WEIGHTS if (adapter / n).exists()), None)
+    return {"path": str(adapter), "sha256": file_fingerprint(weights)["sha256"] if weights else None}
 
 
 def read_meta(adapter_dir: Path) -> dict:

@@ -17,7 +17,8 @@ from flare_exp.io import read_jsonl, write_json, write_jsonl
 from flare_exp.metrics import official, tasks, text
 from flare_exp.metrics.report import write_reports
 from flare_exp.metrics.significance import adjust_p_values, bootstrap_interval, correct_family
-from flare_exp.runtime import DONE, abspath, barrier, infer_input_file, ranks
+from flare_exp.run.record import DONE
+from flare_exp.runtime import abspath, barrier, infer_input_file, ranks
 
 log = logging.getLogger(__name__)
 TASK_METRICS = {"classification": tasks.classification_metrics, "multi_label": tasks.multi_label_metrics,
@@ -215,7 +216,9 @@ def run_metadata(path: Path) -> dict:
     try:
         if (run_dir / "infer_summary.json").exists():
             summary = json.loads((run_dir / "infer_summary.json").read_text())
-            meta.update(checkpoint=summary.get("checkpoint") or "base model", label=summary.get("label"))
+            adapter = summary.get("adapter") or {}
+            meta.update(checkpoint=adapter.get("path") or summary.get("checkpoint") or "base model",
+                        adapter_sha256=adapter.get("sha256"), label=summary.get("label"))
         if (run_dir / "config.yaml").exists():
             cfg = OmegaConf.load(run_dir / "config.yaml")
             meta.update(model=str(cfg.model.get("name")), model_path=str(cfg.model.get("path")),
@@ -342,7 +345,8 @@ def write_scored_sheet(path: Path, rows: list[dict], label: str, samples: dict) 
     blank = {"image_name": "", "question": "", "answer": None, "prediction": None, "dataset": ""}
     scored = [{**blank, **r, "score": scores.get(r["id"], (None, ""))[0],
                "score_kind": scores.get(r["id"], (None, ""))[1]} for r in rows]  # a hand-made file may lack fields
-    write_sheet(path, worst_first(scored), label, extra=("score", "score_kind"))
+    write_sheet(path, worst_first(scored), label, extra=("score", "score_kind"),
+                adapter=next((r["adapter"] for r in rows if r.get("adapter")), None))  # infer's rows name it
 
 
 def judge_shares(cfg, scorers: ReportScorers, entries: list, rank: int, world: int) -> None:

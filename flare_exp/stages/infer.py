@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from flare_exp.data.vision import VisionChat
 from flare_exp.io import read_journal, read_jsonl, write_json, write_jsonl
 from flare_exp.models.decoding import DECODE_LOOPS, GraphLoop, graph_loop_chosen, kv_cache
+from flare_exp.models.checkpoints import adapter_identity, resolve_adapter
 from flare_exp.models.loading import load_model
 from flare_exp.runtime import abspath, check_choice, infer_input_file, ranks, retry_uncompiled
 
@@ -199,9 +200,10 @@ def batches_with_images(chat: VisionChat, todo: list[dict], size: int):
             yield chunk, images
 
 
-def write_sheet(path: Path, rows: list[dict], label: str, extra: tuple[str, ...] = ()) -> None:
+def write_sheet(path: Path, rows: list[dict], label: str, extra: tuple[str, ...] = (), adapter: dict | None = None
+                ) -> None:
     """The predictions as a worksheet: frozen header, filters, wrapped text; ``extra`` names row keys added as
-    columns after id (eval's per-row score)."""
+    columns after id (eval's per-row score); a second sheet names the adapter that made them."""
     from openpyxl import Workbook
     from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
     from openpyxl.styles import Alignment, Font
@@ -231,6 +233,9 @@ def write_sheet(path: Path, rows: list[dict], label: str, extra: tuple[str, ...]
             cell.alignment = Alignment(wrap_text=True, vertical="top")
     ws.freeze_panes = "A2"
     ws.auto_filter.ref = ws.dimensions
+    about = wb.create_sheet("adapter")
+    about.append(["adapter path", (adapter or {}).get("path") or "none (the base model)"])
+    about.append(["adapter sha256", (adapter or {}).get("sha256") or ""])
     with atomic_path(path) as tmp:
         wb.save(tmp)
 
@@ -261,8 +266,10 @@ def read_predictions(out_dir: Path) -> dict[str, dict]:
 
 
 def predict(cfg, todo: list[dict], journal: Path, label: str, done: dict) -> tuple[int, float, str | None]:
-    """Generate predictions for ``todo``, appended to ``journal`` batch by batch; (generated, seconds, loop)."""
+    """Generate predictions for ``todo``, appended to ``journal`` batch by batch, each row naming the adapter
+    (path and sha256) that made it; (generated, seconds, loop)."""
     inf = cfg.infer
+    adapter = used_adapter(cfg)
     loaded = load_model(cfg.model, init_from=inf.checkpoint, training=False, seed=cfg.seed,
                         merge_adapter=inf.merge_adapter)
     chat = VisionChat(loaded.processor, abspath(cfg.data.root), image_device(inf.image_device, loaded.model))
@@ -283,7 +290,7 @@ def predict(cfg, todo: list[dict], journal: Path, label: str, done: dict) -> tup
             for r, p in zip(chunk, timed_batch(decode, chunk, images, number, journal.parent)):
                 row = {k: r[k] for k in ("id", "dataset", "task_type", "raw_task_type", "split", "image_name",
                                          "images", "question", "answer")}
-                row.update(prediction=p, model=label)
+                row.update(prediction=p, model=label, adapter=adapter)
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
                 done[r["id"]] = row
             f.flush()
@@ -293,6 +300,12 @@ def predict(cfg, todo: list[dict], journal: Path, label: str, done: dict) -> tup
             bar.set_postfix(reports_per_s=f"{generated / max(elapsed, 1e-9):.2f}")
     bar.close()
     return generated, elapsed, decode.graph.used if decode.graph is not None else "generate"  # what ran
+
+
+def used_adapter(cfg) -> dict | None:
+    """infer.checkpoint's adapter (a finished run's final adapter; checkpoints.resolve_adapter) by path and
+    sha256; None for the base model."""
+    return adapter_identity(resolve_adapter(abspath(cfg.infer.checkpoint))) if cfg.infer.checkpoint else None
 
 
 def run(cfg, out_dir: Path) -> dict:
@@ -343,11 +356,12 @@ def finish(cfg, out_dir: Path, records: list[dict], done: dict, label: str, gene
     write_jsonl(pred_path, rows)  # one row per record, in input order (the journals are in decoding order)
     for journal in out_dir.glob(RANK_JOURNAL.format(rank="*")):
         journal.unlink()  # merged above
-    write_sheet(out_dir / "predictions.xlsx", rows, label)
+    adapter = used_adapter(cfg)
+    write_sheet(out_dir / "predictions.xlsx", rows, label, adapter=adapter)
     if all(r["answer"] is None for r in rows):
         write_submission(out_dir, rows)
     summary = {"predictions": str(pred_path), "sheet": str(out_dir / "predictions.xlsx"), "label": label,
-               "checkpoint": inf.checkpoint, "split": inf.split, "samples": len(rows), "generated_now": generated,
+               "checkpoint": inf.checkpoint, "adapter": adapter, "split": inf.split, "samples": len(rows), "generated_now": generated,
                "reports_per_second": round(generated / elapsed, 3) if elapsed else None,
                "batch_size": inf.batch_size, "max_new_tokens": inf.max_new_tokens, "decode_loop": loop,
                "world_size": world}

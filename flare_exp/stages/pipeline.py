@@ -1,8 +1,9 @@
 """pipeline stage: run ``stage.steps`` in order, chaining each step's outputs into the next one's inputs.
 
 Each step runs in ``<run dir>/<step>`` (prepare in ``data.prepared_dir``) with its own DONE/FAILED marker.
-A step already DONE is reused, not redone (``overwrite=true`` redoes it), so rerunning the pipeline after a
-crash continues where it stopped.
+A step already DONE with the same fingerprint (deciding settings, input sha256, starting adapter) is reused, not
+redone, so rerunning the pipeline after a crash continues where it stopped; DONE with another one stops, naming
+what changed (``overwrite=true`` redoes it).
 """
 from __future__ import annotations
 
@@ -13,21 +14,10 @@ from omegaconf import OmegaConf, open_dict
 
 from flare_exp import stages
 from flare_exp.optuna_search import pruned_summary
-from flare_exp.resume import differences, settings_of, start_attempt
-from flare_exp.runtime import DONE, barrier, follow_rank_0, ranks, run_with_markers
+from flare_exp.run.lifecycle import Run, reusable
+from flare_exp.runtime import barrier, ranks
 
 log = logging.getLogger(__name__)
-
-def changed_settings(step: str, step_dir: Path, step_cfg) -> list[str]:
-    """The deciding settings a finished step ran with (its config.yaml) that differ from this run's, as
-    'key: old -> new'."""
-    recorded = step_dir / "config.yaml"
-    if not recorded.exists():
-        return []
-    old = settings_of(step, OmegaConf.to_container(OmegaConf.load(recorded)))
-    new = settings_of(step, OmegaConf.to_container(step_cfg, resolve=True))
-    return differences({"settings": old}, {"settings": new})
-
 
 def _chain(step: str, cfg, done_dirs: dict[str, Path]) -> None:
     with open_dict(cfg):
@@ -43,18 +33,12 @@ def _chain(step: str, cfg, done_dirs: dict[str, Path]) -> None:
 
 
 def run_step(step: str, step_cfg, step_dir: Path):
-    """One step in its own attempt with its markers. On several ranks rank 0 starts the attempt and writes the
-    markers; the data-parallel stages run on every rank (a failing one leaves FAILED naming itself), prepare on
-    rank 0 while the others wait."""
+    """One step in its own run (attempt, markers; run.lifecycle). On several ranks the data-parallel stages
+    run on every rank, prepare on rank 0 while the others wait."""
     runner = stages.get_runner(step)
     rank, _ = ranks()
-    if rank != 0:
-        work = None if step in stages.RANK_0_STEPS else runner.run
-        return follow_rank_0(step_dir, rank, work, step_cfg, step_dir)
-    start_attempt(step, step_cfg, step_dir)
-    result = run_with_markers(step_dir, runner.run, step_cfg, step_dir, after_clearing=barrier)
-    barrier()  # the step's outputs are complete before the next step reads them
-    return result
+    with Run(step_cfg, step, step_dir, rank=rank, locked=False) as step_run:  # inside the pipeline's lock
+        return step_run.execute(None if rank and step in stages.RANK_0_STEPS else runner.run)
 
 
 def run(cfg, out_dir: Path) -> dict:
@@ -72,16 +56,11 @@ def run(cfg, out_dir: Path) -> dict:
             step_cfg.stage.name = step
         _chain(step, step_cfg, done_dirs)
         step_dir = stages.output_dir(step, step_cfg, out_dir / step)
-        finished = (step_dir / DONE).exists() and not cfg.overwrite
+        reuse = reusable(step, step_cfg, step_dir)
         barrier()  # several ranks: each has decided before rank 0 touches the step's dir
-        if finished:
-            changed = changed_settings(step, step_dir, step_cfg)
-            if changed:  # the finished outputs do not follow the new settings: say so rather than pass silently
-                log.warning("[%s] already finished in %s with other settings (%s%s): reusing it as it is; "
-                            "overwrite=true redoes it, another run_name= keeps both", step, step_dir,
-                            "; ".join(changed[:5]), f"; and {len(changed) - 5} more" if len(changed) > 5 else "")
-            else:
-                log.info("[%s] already finished in %s: reusing it (overwrite=true redoes it)", step, step_dir)
+        if reuse:
+            log.info("[%s] already finished in %s with the same settings and inputs: reusing it (overwrite=true "
+                     "redoes it)", step, step_dir)
             results[step] = {"reused": str(step_dir)}
         else:
             log.info("[%s] running in %s", step, step_dir)

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import yaml
 
 from flare_exp.cells import csv_text
-from flare_exp.io import write_text
-from flare_exp.runtime import abspath, marker
+from flare_exp.io import NON_FINITE, write_text
+from flare_exp.run.record import marker
+from flare_exp.runtime import abspath
 
 log = logging.getLogger(__name__)
 SUMMARIES = ("rl_summary.json", "sft_summary.json")
@@ -42,6 +44,7 @@ def collect(sweep_dir: Path) -> list[dict]:
             logged = json.loads(history.read_text())
             job["curve"] = [(h["step"], h["reward"]) for h in logged if "reward" in h]
             job["metrics"].update(run_term_means(logged))
+        job["metrics"] = {k: NON_FINITE.get(v, v) if isinstance(v, str) else v for k, v in job["metrics"].items()}
         if job["status"] == "FAILED":
             job["error"] = (job_dir / "FAILED").read_text().splitlines()[0][:200]
         jobs.append(job)
@@ -56,7 +59,7 @@ def official_metrics(job_dir: Path) -> dict:
     results = json.loads(path.read_text())
     first = next(iter(results.values()), {})
     return {f"official/{task}/{k}": v for task, block in first.get("official", {}).items() for k, v in block.items()
-            if isinstance(v, (int, float)) and k not in ("num_examples",)}
+            if (isinstance(v, (int, float)) or v in NON_FINITE) and k not in ("num_examples",)}
 
 
 def run_term_means(history: list[dict]) -> dict:
@@ -89,13 +92,19 @@ def lower_is_better(key: str) -> bool:
     return any(part in key for part in LOWER_IS_BETTER)
 
 
+def ranks_by(job: dict, key: str | None) -> bool:
+    """A finished job with a finite ``key``: a NaN or infinite value (a diverged run) is no score to rank by."""
+    value = job["metrics"].get(key)
+    return job["status"] == "DONE" and isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def ranked(jobs: list[dict], key: str | None) -> list[dict]:
-    """Finished jobs best first by ``key`` (lowest first for errors), then the others in job order."""
+    """Finished jobs with a finite ``key`` best first (lowest first for errors), then the others in job order
+    (NaN and infinite values among them, shown as they are)."""
     if key is None:
         return jobs
     lower = lower_is_better(key)
-    scored = [j for j in jobs if isinstance(j["metrics"].get(key), (int, float)) and j["status"] == "DONE"]
-    scored.sort(key=lambda j: j["metrics"][key] if lower else -j["metrics"][key])
+    scored = sorted((j for j in jobs if ranks_by(j, key)), key=lambda j: j["metrics"][key] if lower else -j["metrics"][key])
     return scored + [j for j in jobs if j not in scored]
 
 
@@ -104,7 +113,7 @@ def table(jobs: list[dict], key: str | None = None) -> tuple[list[str], list[lis
     metric_keys = sorted({k for j in jobs for k, v in j["metrics"].items() if isinstance(v, (int, float))},
                          key=lambda k: (k != key, not k.startswith("official/"), k != "reward_last", k))
     header = ["rank", "job", "status", *varying, *metric_keys, "error"]
-    rows = [[i + 1 if key and j["status"] == "DONE" and key in j["metrics"] else "", j["job"], j["status"],
+    rows = [[i + 1 if key and ranks_by(j, key) else "", j["job"], j["status"],
              *(j["overrides"].get(k, "") for k in varying), *(j["metrics"].get(k, "") for k in metric_keys),
              j.get("error", "")] for i, j in enumerate(ranked(jobs, key))]
     return header, rows
@@ -148,7 +157,7 @@ def plot(jobs: list[dict], key: str | None, path: Path) -> None:
     curves.set(title="reward per step", xlabel="step", ylabel="mean reward")
     if any(j["curve"] for j in jobs):
         curves.legend(fontsize=7)
-    done = [j for j in jobs if j["status"] == "DONE" and isinstance(j["metrics"].get(key), (int, float))]
+    done = [j for j in jobs if ranks_by(j, key)]
     swept = [k for k in varying if _numeric(j["overrides"].get(k) for j in done)]
     if key and len(varying) == 2 and len(swept) == 2 and done:
         _heatmap(fig, finals, done, swept, key)
@@ -156,7 +165,7 @@ def plot(jobs: list[dict], key: str | None, path: Path) -> None:
         _line(finals, done, swept[0], key)
     else:
         colors = {"DONE": "tab:green", "FAILED": "tab:red", "unfinished": "tab:gray"}
-        values = [j["metrics"].get(key, 0.0) if j["status"] == "DONE" and key else 0.0 for j in jobs]
+        values = [j["metrics"][key] if key and ranks_by(j, key) else 0.0 for j in jobs]
         finals.bar([label(j) for j in jobs], values, color=[colors.get(j["status"], "tab:gray") for j in jobs])
         finals.set(title=f"{key or 'no metric'} per job (red = failed, grey = unfinished)")
         finals.tick_params(axis="x", rotation=30, labelsize=7)

@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from flare_exp.io import file_fingerprint, write_json
-from flare_exp.runtime import (DONE, FINGERPRINT, RunFinishedError, abspath, infer_input_file, next_attempt_dir,
-                               write_run_metadata)
+from flare_exp.io import file_fingerprint
+from flare_exp.models.checkpoints import WEIGHTS
+from flare_exp.run.record import FINGERPRINT
+from flare_exp.runtime import abspath, infer_input_file
 
 log = logging.getLogger(__name__)
+
 
 # The config keys (whole sections or single keys) whose values decide what a stage writes.
 DECIDING = {
@@ -28,13 +29,18 @@ DECIDING = {
     "infer": ("data.root", "model", "infer"),
     "eval": ("eval.green",),
 }
+
+
 # Keys under those that change only how fast a stage runs, how often it logs or saves, or how long it goes
 # on: a resume may change them (a longer max_steps continues training; a smaller batch after an OOM).
 _MODEL_SPEED = ("model.download_hint", "model.build_tiny", "model.attn_implementation", "model.cudnn_attention",
                 "model.vision_encoder", "model.decode_attention", "model.gradient_checkpointing", "model.liger_kernel",
                 "model.unsloth_offload_activations")
+
+
 _TRACKING = ("report_to", "wandb_project", "wandb_mode")
 FREE = {
+    "prepare": ("data.image_workers",),
     "sft": _MODEL_SPEED + tuple(f"sft.{k}" for k in (
         "per_device_eval_batch_size", "max_steps", "num_train_epochs", "logging_steps", "save_steps",
         "eval_steps", "save_total_limit", "early_stopping_patience", "max_eval_samples", "dataloader_num_workers",
@@ -49,12 +55,11 @@ FREE = {
         "image_device", "keep_long_cache", "profile_batch")),
     "eval": ("eval.green.batch_size", "eval.green.decode_loop", "eval.green.parser"),
 }
+
+
 # What a resume continues from: without any of these in the run dir there is nothing to mix.
 RESUMABLE = {"sft": ("checkpoint-*",), "rl": ("checkpoint-*",),
              "infer": ("predictions.jsonl", "predictions.rank*.jsonl"), "eval": ("green_judgments.jsonl", "green_judgments.rank*.jsonl")}
-# Kept in place when an attempt moves to attempts/NN: the lock, the record of earlier attempts, Hydra's own
-# files and the job's log (open for writing by this very process).
-_STAYS = {".lock", "attempts", ".hydra", ".submitit"}
 
 
 class RunSettingsChangedError(RuntimeError):
@@ -91,22 +96,35 @@ def input_files(stage: str, cfg) -> dict[str, Path]:
         files = {"rl.train_file": cfg.rl.train_file}
     elif stage == "infer":
         files = {"infer.input_file": infer_input_file(cfg)}
-    starts = {"sft": "sft.init_from", "rl": "rl.init_from", "infer": "infer.checkpoint"}.get(stage)
-    adapter = OmegaConf.select(cfg, starts) if starts else None
-    if adapter:
-        files[f"{starts} (adapter weights)"] = _adapter_weights(abspath(adapter))
+    elif stage == "eval":
+        files = {f"eval.predictions[{i}]": _predictions_file(entry) for i, entry in enumerate(cfg.eval.predictions)}
+    adapter = starting_adapter(stage, cfg)
+    if adapter is not None:
+        files[f"{STARTS[stage]} (adapter weights)"] = next((adapter / n for n in WEIGHTS if (adapter / n).exists()),
+                                                             None)
     return {k: abspath(v) for k, v in files.items() if v}
 
 
-def _adapter_weights(path: Path) -> Path | None:
-    from flare_exp.models.checkpoints import resolve_adapter
+STARTS = {"sft": "sft.init_from", "rl": "rl.init_from", "infer": "infer.checkpoint"}  # the adapter it starts from
+
+
+def starting_adapter(stage: str, cfg) -> Path | None:
+    """The adapter dir the stage starts from (checkpoints.chosen_adapter: a finished run's final adapter, an
+    intermediate checkpoint only on purpose), None for the base model."""
+    from flare_exp.models.checkpoints import chosen_adapter
+
+    key = STARTS.get(stage)
+    value = OmegaConf.select(cfg, key) if key else None
+    return chosen_adapter(key, abspath(value), cfg.allow_intermediate_checkpoint) if value else None
+
+
+def _predictions_file(entry: str) -> Path | None:
+    from flare_exp.stages.evaluate import find_predictions
 
     try:
-        adapter = resolve_adapter(path)
+        return find_predictions(str(abspath(entry)))
     except FileNotFoundError:
-        return None  # the stage itself says so, with the fix
-    return next((adapter / n for n in ("adapter_model.safetensors", "adapter_model.bin")
-                 if (adapter / n).exists()), None)
+        return None  # eval itself says so
 
 
 def fingerprint(stage: str, cfg) -> dict:
@@ -131,23 +149,6 @@ def differences(old: dict, new: dict) -> list[str]:
     return out
 
 
-def attempt_files(run_dir: Path) -> list[Path]:
-    """What an earlier attempt left in run_dir (all but what stays in place)."""
-    if not run_dir.is_dir():
-        return []
-    return sorted(p for p in run_dir.iterdir() if p.name not in _STAYS and not p.name.endswith(".log"))
-
-
-def archive_attempt(run_dir: Path) -> Path:
-    """Move everything an earlier attempt left in run_dir (outputs, checkpoints, markers, metadata) to
-    attempts/NN/: a rename, so it is instant and nothing is deleted."""
-    files = attempt_files(run_dir)  # before attempts/NN is made
-    dest = next_attempt_dir(run_dir)
-    for path in files:
-        shutil.move(str(path), str(dest / path.name))
-    return dest
-
-
 def _resumable(stage: str, run_dir: Path) -> list[Path]:
     return [p for pattern in RESUMABLE.get(stage, ()) for p in sorted(run_dir.glob(pattern))]
 
@@ -167,20 +168,13 @@ def check_resume(stage: str, run_dir: Path, new: dict) -> None:
             "attempts/NN/), or choose another run_name=.")
 
 
-def start_attempt(stage: str, cfg, run_dir: Path) -> None:
-    """Before a stage writes anything in run_dir: refuse a finished run (unless overwrite), archive the earlier
-    attempt (overwrite) or check that a resume continues the same run, then record this attempt."""
-    if (run_dir / DONE).exists() and not cfg.overwrite:
-        raise RunFinishedError(
-            f"{run_dir} already holds a finished {stage} run ({DONE} marker present). Nothing was changed. "
-            f"Pass overwrite=true to redo it there (the finished run moves to attempts/NN/), or choose another "
-            "run_name=.")
+def finished_differences(stage: str, run_dir: Path, cfg) -> list[str]:
+    """What differs between a finished run's fingerprint and this config's ('key: old -> new'); a run finished
+    before fingerprints were recorded is held to the deciding settings of its config.yaml."""
     new = fingerprint(stage, cfg)
-    if cfg.overwrite and attempt_files(run_dir):
-        dest = archive_attempt(run_dir)
-        log.info("overwrite=true: the earlier attempt in %s moved to %s; starting afresh", run_dir, dest)
-    else:
-        check_resume(stage, run_dir, new)
-    write_run_metadata(run_dir, cfg)
-    if stage in RESUMABLE:
-        write_json(run_dir / FINGERPRINT, new)
+    recorded = run_dir / FINGERPRINT
+    if recorded.exists():
+        return differences(json.loads(recorded.read_text()), new)
+    config = run_dir / "config.yaml"
+    old = settings_of(stage, OmegaConf.to_container(OmegaConf.load(config))) if config.exists() else {}
+    return differences({"settings": old}, {"settings": new["settings"]})

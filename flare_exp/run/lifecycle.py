@@ -1,0 +1,160 @@
+"""A run dir from open to close. ``main.run`` opens a ``Run`` and hands it the stage's work; a pipeline opens
+one per step. The stage itself never touches the lock, the attempt or the markers:
+
+- open: the lock (one writer per run dir; run.lock), then the attempt: a finished run is refused unless
+  overwrite (the earlier attempt then moves to attempts/NN/), an unfinished one is resumed only with the same
+  fingerprint (run.fingerprint), the adapter it starts from is the one meant (models.checkpoints), and its
+  config, run info and fingerprint are recorded (run.record);
+- execute: the old markers cleared, the work run, DONE (its summary) or FAILED (the traceback) left;
+- close: the lock released.
+
+In a data-parallel job rank 0 does all of that while the other ranks wait for it, run the same work, and leave
+FAILED naming themselves if they fail.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import time
+from pathlib import Path
+
+from flare_exp.io import write_json
+from flare_exp.models.checkpoints import adapter_identity
+from flare_exp.run.fingerprint import (RunSettingsChangedError, check_resume, finished_differences, fingerprint,
+                                       starting_adapter)
+from flare_exp.run.lock import RunLock
+from flare_exp.run.record import (DONE, FAILED, FINGERPRINT, RunFinishedError, archive_attempt, attempt_files,
+                                  write_failed, write_run_metadata)
+from flare_exp.runtime import barrier
+
+log = logging.getLogger(__name__)
+VIEWS = ("pipeline", "sweep_report")  # a pipeline's steps have their own attempts; a sweep report only reads
+
+
+class Run:
+    """``with Run(cfg, stage, out_dir) as run: run.execute(work)``: ``work(cfg, out_dir)`` inside the run's
+    lock, attempt and markers. ``run_dir``: Hydra's run dir when the outputs live elsewhere (prepare's prepared
+    dir), which gets the config and the markers too. ``rank``: this process's rank (only rank 0 locks, records
+    and marks); ``locked=False`` for a pipeline's step, inside the pipeline's own lock."""
+
+    def __init__(self, cfg, stage: str, out_dir: Path, run_dir: Path | None = None, rank: int = 0,
+                 locked: bool = True):
+        self.cfg, self.stage, self.out_dir, self.run_dir, self.rank = cfg, stage, out_dir, run_dir or out_dir, rank
+        self.locked = locked and rank == 0
+        self.lock: RunLock | None = None
+
+    def __enter__(self) -> "Run":
+        if self.locked:
+            self.lock = RunLock(self.out_dir).acquire()
+        try:
+            if self.rank == 0:
+                self._start()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.lock is not None:
+            self.lock.release()
+
+    def _start(self) -> None:
+        if self.stage in VIEWS:
+            write_run_metadata(self.out_dir, self.cfg)
+        else:
+            start_attempt(self.stage, self.cfg, self.out_dir)
+        if self.out_dir != self.run_dir:
+            write_run_metadata(self.run_dir, self.cfg)
+
+    def execute(self, work):
+        """``work(cfg, out_dir)`` between the markers (None on a rank > 0: rank 0 alone works). The ranks start
+        together once rank 0 has cleared the old markers, and end together."""
+        if self.rank != 0:
+            return follow_rank_0(self.out_dir, self.rank, work, self.cfg, self.out_dir)
+        if self.locked:  # a run of its own (not a pipeline's step): say what runs where
+            log.info("stage=%s model=%s (%s) data=%s -> %s", self.stage, self.cfg.model.name,
+                     self.cfg.model.backend, self.cfg.data.name, self.out_dir)
+        result = run_with_markers(self.out_dir, work, self.cfg, self.out_dir, after_clearing=barrier)
+        if self.out_dir != self.run_dir:
+            run_with_markers(self.run_dir, lambda: result)
+        barrier()  # the outputs are complete before any rank goes on (a pipeline's next step reads them)
+        if self.locked:
+            report = report_of(self.stage, self.out_dir, result)
+            print(f"\n[flare-exp] stage={self.stage} finished. Outputs: {self.out_dir}"
+                  + (f"\nReport: {report}" if report else ""))
+        return result
+
+
+def report_of(stage: str, out_dir: Path, result) -> Path | None:
+    """The page a finished run's reader opens first: eval's report (a pipeline's eval step), a sweep's table."""
+    if stage == "sweep_report":
+        return Path(result["report_dir"]) / "sweep.md"
+    eval_dir = {"eval": out_dir, "pipeline": out_dir / "eval"}.get(stage)
+    return eval_dir / "report.html" if eval_dir and (eval_dir / "report.html").exists() else None
+
+
+def reusable(stage: str, cfg, out_dir: Path) -> bool:
+    """A pipeline's step already finished with this very fingerprint (deciding settings, input sha256, the
+    adapter it started from): reuse it. Finished with another one: stop, naming what changed (its outputs do
+    not follow this config). Unfinished, or overwrite=true: run it."""
+    if not (out_dir / DONE).exists() or cfg.overwrite:
+        return False
+    changed = finished_differences(stage, out_dir, cfg)
+    if changed:
+        raise RunSettingsChangedError(
+            f"[{stage}] {out_dir} holds a finished step made with other settings or inputs: "
+            f"{'; '.join(changed[:8])}{f'; and {len(changed) - 8} more' if len(changed) > 8 else ''}. Rerun with "
+            "the earlier ones to reuse it, pass overwrite=true to redo the steps (earlier outputs move to "
+            "attempts/NN/), or choose another run_name= to keep both.")
+    return True
+
+
+def follow_rank_0(run_dir: Path, rank: int, fn=None, *args):
+    """A rank > 0 of a data-parallel job: wait until rank 0 has checked the run dir (and moved an earlier
+    attempt away), run ``fn(*args)`` (None: nothing, rank 0 alone works), leave FAILED naming this rank if it
+    fails, then wait until every rank is done."""
+    barrier()
+    try:
+        result = fn(*args) if fn is not None else None
+    except BaseException as e:
+        write_failed(run_dir, e, rank=rank)
+        raise
+    barrier()
+    return result
+
+
+def run_with_markers(run_dir: Path, fn, *args, after_clearing=None, **kwargs):
+    """Run ``fn`` and leave DONE (with its result summary) or FAILED (with the traceback) in ``run_dir``.
+    ``after_clearing`` runs once the old markers are gone (a data-parallel job's ranks start there)."""
+    for name in (DONE, FAILED):
+        (run_dir / name).unlink(missing_ok=True)
+    if after_clearing is not None:
+        after_clearing()
+    start = time.time()
+    try:
+        result = fn(*args, **kwargs)
+    except BaseException as e:
+        write_failed(run_dir, e)
+        raise
+    write_json(run_dir / DONE, {"seconds": round(time.time() - start, 2),
+                                "finished": _dt.datetime.now().isoformat(timespec="seconds"),
+                                "result": result if isinstance(result, (dict, list, str, int, float)) else None})
+    return result
+
+
+def start_attempt(stage: str, cfg, run_dir: Path) -> None:
+    """Before a stage writes anything in run_dir: refuse a finished run (unless overwrite), archive the earlier
+    attempt (overwrite) or check that a resume continues the same run, then record this attempt."""
+    if (run_dir / DONE).exists() and not cfg.overwrite:
+        raise RunFinishedError(
+            f"{run_dir} already holds a finished {stage} run ({DONE} marker present). Nothing was changed. "
+            f"Pass overwrite=true to redo it there (the finished run moves to attempts/NN/), or choose another "
+            "run_name=.")
+    new = fingerprint(stage, cfg)
+    if cfg.overwrite and attempt_files(run_dir):
+        dest = archive_attempt(run_dir)
+        log.info("overwrite=true: the earlier attempt in %s moved to %s; starting afresh", run_dir, dest)
+    else:
+        check_resume(stage, run_dir, new)
+    write_run_metadata(run_dir, cfg, adapter=adapter_identity(starting_adapter(stage, cfg)))
+    write_json(run_dir / FINGERPRINT, new)  # what a resume, and a pipeline reusing the finished step, compare

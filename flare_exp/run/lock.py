@@ -1,0 +1,163 @@
+"""One writer per run dir: a lock that works on shared filesystems (NFS, Lustre), where ``flock`` may not.
+
+The lock is a directory, ``<run dir>/.lock``, holding numbered owner files ``owner.<N>.json`` (host, pid, start
+time); the holder is the highest N. An owner file is written whole under a temporary name, then put in place
+with ``os.link``, which fails if the name exists (atomic on every filesystem, NFS included): of any number of
+launches that claim number N, exactly one gets it. Taking over a dead holder's lock claims the next number, so
+two relaunches after a crash cannot both take it: the loser stops, naming the winner. While the run lives, a
+thread touches its owner file every ``HEARTBEAT_S`` seconds. A holder is gone, and its lock taken over (the
+log says so), on the same host when its pid no longer exists (kill -9), when it is an earlier attempt of the
+same SLURM job (a requeue, on any node), and on another host when its heartbeat is older than
+``stale_after_s`` (a node that went away). A lock directory with no owner file yet is free: its maker, if
+alive, loses the claim to number 1 and stops like any other loser.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import platform
+import re
+import shutil
+import threading
+import time
+import uuid
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+LOCK = ".lock"
+HEARTBEAT_S = 30.0
+STALE_AFTER_S = 300.0
+_OWNER = re.compile(r"^owner\.(\d+)\.json$")
+
+
+class RunLockedError(RuntimeError):
+    """Another live process holds the run dir."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+class RunLock:
+    def __init__(self, run_dir: Path, stale_after_s: float = STALE_AFTER_S, heartbeat_s: float = HEARTBEAT_S,
+                 name: str = LOCK):
+        self.dir = Path(run_dir) / name
+        self.stale_after_s, self.heartbeat_s = stale_after_s, heartbeat_s
+        self.owner_file: Path | None = None
+        self._token: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _highest(self) -> tuple[int, Path | None]:
+        try:
+            found = [(int(m.group(1)), p) for p in self.dir.iterdir() if (m := _OWNER.match(p.name))]
+        except FileNotFoundError:
+            return 0, None
+        return max(found, default=(0, None))
+
+    def holder(self) -> dict | None:
+        """The lock's holder (its owner file, with the heartbeat's age and its number), None when free."""
+        number, path = self._highest()
+        try:
+            return {**json.loads(path.read_text()), "heartbeat_age_s": time.time() - path.stat().st_mtime,
+                    "number": number} if path else None
+        except (OSError, ValueError):
+            return None  # released meanwhile (owner files are put in place whole: never half-written)
+
+    def _stale(self, holder: dict) -> str | None:
+        """Why the lock's holder is gone, or None while it may live."""
+        job = os.environ.get("SLURM_JOB_ID")
+        if job and holder.get("slurm_job_id") == job and holder.get("pid") != os.getpid():
+            return f"it is an earlier attempt of SLURM job {job} (requeued)"
+        if holder.get("host") == platform.node():
+            if not _pid_alive(int(holder.get("pid", -1))):
+                return f"pid {holder.get('pid')} on this host is gone"
+            return None
+        if holder["heartbeat_age_s"] > self.stale_after_s:
+            return f"its heartbeat is {holder['heartbeat_age_s']:.0f} s old (host {holder.get('host')})"
+        return None
+
+    def _claim(self, number: int) -> bool:
+        """Put this process's owner file in place as number ``number``: True if it was free."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.dir / f".claim.{uuid.uuid4().hex}"
+        tmp.write_text(json.dumps({"host": platform.node(), "pid": os.getpid(), "token": tmp.name,
+                                   "started": _dt.datetime.now().isoformat(timespec="seconds"),
+                                   "slurm_job_id": os.environ.get("SLURM_JOB_ID")}))
+        target = self.dir / f"owner.{number}.json"
+        try:
+            os.link(tmp, target)
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
+        self.owner_file, self._token = target, tmp.name
+        return True
+
+    def _refuse(self, holder: dict | None) -> RunLockedError:
+        h = holder or {}
+        return RunLockedError(
+            f"{self.dir.parent} is in use by another run: host {h.get('host', '?')}, pid {h.get('pid', '?')}, "
+            f"started {h.get('started', '?')}. Wait for it, or choose another run_name=. (A lock whose holder "
+            "died is taken over by itself.)")
+
+    def acquire(self) -> "RunLock":
+        for _ in range(5):  # a lock released while we looked at it: look again
+            holder = self.holder()
+            if holder is None:
+                number = self._highest()[0] + 1
+            else:
+                why = self._stale(holder)
+                if why is None:
+                    raise self._refuse(holder)
+                log.warning("taking over the lock of %s: %s (was %s)", self.dir.parent, why, holder)
+                number = holder["number"] + 1
+            try:
+                if self._claim(number):
+                    break
+            except FileNotFoundError:  # the lock dir was released between our mkdir and our claim
+                continue
+            raise self._refuse(self.holder())  # another launch claimed the same number first: it holds the run
+        else:
+            raise RunLockedError(f"{self.dir}: could not take the lock (other launches keep taking and releasing it)")
+        self._thread = threading.Thread(target=self._beat, name="run-lock-heartbeat", daemon=True)
+        self._thread.start()
+        return self
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            try:
+                os.utime(self.owner_file)
+            except OSError:
+                return
+
+    def held(self) -> bool:
+        holder = self.holder()
+        return bool(holder and self.owner_file and holder.get("token") == self._token)
+
+    def release(self) -> None:
+        """Stop the heartbeat; if this process still holds the lock, move the lock dir aside (one rename: a
+        launch looking at it sees it whole or not at all), then delete it."""
+        self._stop.set()
+        if not self.held():
+            return
+        aside = self.dir.with_name(f"{self.dir.name}.released.{uuid.uuid4().hex}")
+        try:
+            os.rename(self.dir, aside)
+        except OSError:
+            return
+        shutil.rmtree(aside, ignore_errors=True)
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

@@ -1,0 +1,154 @@
+"""What a run dir records about each attempt: its config, run info (commit, host, packages, what it started
+from), the DONE / FAILED marker, and every earlier attempt, kept in ``attempts/NN/``.
+
+SLURM (through submitit) reports a job whose task raised as "completed", so the marker written here is the
+truth about how a run ended. FAILED carries the traceback.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import traceback
+from importlib import metadata
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from flare_exp.io import write_json, write_text
+from flare_exp.runtime import world_size
+
+log = logging.getLogger(__name__)
+
+
+DONE = "DONE"
+FAILED = "FAILED"
+FINGERPRINT = "fingerprint.json"  # what decides a stage's outputs (run/fingerprint.py)
+TRACKED_PACKAGES = ("torch", "torchvision", "transformers", "trl", "peft", "accelerate", "datasets", "unsloth",
+                    "unsloth_zoo", "bitsandbytes", "radgraph", "rouge-score", "hydra-core", "omegaconf",
+                    "submitit", "hydra-submitit-launcher", "wandb", "openpyxl")
+
+
+class RunFinishedError(RuntimeError):
+    """The run dir already holds a finished run and overwrite is off."""
+
+
+def git_commit() -> str | None:
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def package_versions() -> dict:
+    versions = {"python": platform.python_version()}
+    for name in TRACKED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def marker(run_dir: Path) -> str | None:
+    if (run_dir / DONE).exists():
+        return DONE
+    if (run_dir / FAILED).exists():
+        return FAILED
+    return None
+
+
+def next_attempt_dir(run_dir: Path) -> Path:
+    """attempts/NN numbered after the highest one there (not by count: a user may have deleted an old one)."""
+    attempts = run_dir / "attempts"
+    numbers = [int(p.name) for p in attempts.glob("[0-9]*") if p.name.isdigit()] if attempts.is_dir() else []
+    dest = attempts / f"{max(numbers, default=0) + 1:02d}"
+    dest.mkdir(parents=True)
+    return dest
+
+
+def keep_previous_attempt(run_dir: Path, config_yaml: str) -> Path | None:
+    """A run dir used again (a resumed crash or kill -9, a requeued SLURM job, a rerun with other settings):
+    the earlier attempt's config.yaml, run_info.json and FAILED traceback move to attempts/NN/ instead of
+    being overwritten, so what trained the first steps stays on record (its fingerprint is copied). Only a
+    finished run rerun with the same config (a pipeline reusing its steps) keeps nothing new."""
+    if not (run_dir / "run_info.json").exists():
+        return None
+    config = run_dir / "config.yaml"
+    if (run_dir / DONE).exists() and config.exists() and config.read_text() == config_yaml:
+        return None
+    dest = next_attempt_dir(run_dir)
+    for name in ("config.yaml", "run_info.json", FAILED):
+        if (run_dir / name).exists():
+            (run_dir / name).rename(dest / name)
+    if (run_dir / FINGERPRINT).exists():
+        shutil.copy2(run_dir / FINGERPRINT, dest / FINGERPRINT)
+    return dest
+
+
+def write_run_metadata(run_dir: Path, cfg: DictConfig, **provenance) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # YAML text, never a pickled DictConfig: torch>=2.6 refuses to load checkpoints holding one.
+    config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+    kept = keep_previous_attempt(run_dir, config_yaml)
+    if kept is not None:
+        log.info("%s was used before: its earlier config, run info and any failure are kept in %s", run_dir, kept)
+    write_text(run_dir / "config.yaml", config_yaml)
+    write_json(run_dir / "run_info.json", {
+        "started": _dt.datetime.now().isoformat(timespec="seconds"),
+        "git_commit": git_commit(),
+        "host": platform.node(),
+        "argv": sys.argv,
+        "packages": package_versions(),
+        **provenance,  # what the run started from (the adapter's path and sha256)
+    })
+
+
+def write_failed(run_dir: Path, error: BaseException, rank: int | None = None) -> None:
+    """FAILED with the error and its traceback (call it in the except block); ``rank`` names the rank of a
+    data-parallel job that failed."""
+    stopped = isinstance(error, (SystemExit, KeyboardInterrupt))  # preempted, timed out, cancelled, Ctrl-C
+    why = (f"stopped from outside ({type(error).__name__} {error}): preempted, timed out or cancelled; a "
+           "requeued job or a rerun with the same run_name resumes") if stopped else f"{type(error).__name__}: {error}"
+    if rank is None and world_size() > 1:
+        rank = int(os.environ.get("RANK", "0") or 0)
+    where = f"rank {rank}: " if rank is not None else ""
+    text = f"{where}{why}\n\n{traceback.format_exc()}"
+    earlier = run_dir / FAILED
+    if rank is not None and earlier.exists() and earlier.read_text().startswith("rank "):
+        # the rank that failed first wrote its cause; the others then fail on the broken process group
+        text = f"{earlier.read_text()}\n--- then {text}"
+    write_text(run_dir / FAILED, text)
+
+
+# Kept in place when an attempt moves to attempts/NN: the lock, the record of earlier attempts, Hydra's own
+# files and the job's log (open for writing by this very process).
+_STAYS = {".lock", "attempts", ".hydra", ".submitit"}
+
+
+def attempt_files(run_dir: Path) -> list[Path]:
+    """What an earlier attempt left in run_dir (all but what stays in place)."""
+    if not run_dir.is_dir():
+        return []
+    return sorted(p for p in run_dir.iterdir()
+                  if p.name not in _STAYS and not p.name.startswith(".lock") and not p.name.endswith(".log"))
+
+
+def archive_attempt(run_dir: Path) -> Path:
+    """Move everything an earlier attempt left in run_dir (outputs, checkpoints, markers, metadata) to
+    attempts/NN/: a rename, so it is instant and nothing is deleted."""
+    files = attempt_files(run_dir)  # before attempts/NN is made
+    dest = next_attempt_dir(run_dir)
+    for path in files:
+        shutil.move(str(path), str(dest / path.name))
+    return dest

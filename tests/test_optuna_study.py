@@ -1,0 +1,55 @@
+"""The Optuna study survives a crash and has one writer: a torn journal tail, a second search, a live trial."""
+import subprocess
+import sys
+
+import pytest
+
+from flare_exp.optuna_search import SEARCH, open_storage, recover_interrupted, search_lock
+from flare_exp.run.lock import RunLockedError
+
+
+def _study(tmp_path):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna.create_study(study_name="s", storage=open_storage(None, tmp_path), load_if_exists=True)
+
+
+def test_a_torn_journal_tail_is_cut_before_the_study_goes_on(tmp_path, caplog):
+    _study(tmp_path).optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    journal = tmp_path / "optuna.journal"
+    whole = journal.read_bytes()
+    journal.write_bytes(whole + '{"op_code": 5, "worker_id": "é'.encode()[:-1])  # killed mid-append
+    _study(tmp_path).optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
+    assert "ends in a torn line" in caplog.text
+    trials = _study(tmp_path).get_trials()  # readable by every later rerun and by sweep_report
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 3
+    assert journal.read_bytes().startswith(whole)
+
+
+def test_one_search_per_study(tmp_path):
+    with search_lock(None, tmp_path):
+        with pytest.raises(RunLockedError, match=r"in use by another run: host \S+, pid \d+"):
+            search_lock(None, tmp_path).acquire()
+        with pytest.raises(RunLockedError):  # the same journal named as storage: the same study
+            search_lock(str(tmp_path / "optuna.journal"), tmp_path / "elsewhere").acquire()
+    search_lock(None, tmp_path).acquire().release()  # free again once the first search ended
+
+
+def test_a_live_trial_is_not_marked_interrupted(tmp_path):
+    import platform
+
+    study = _study(tmp_path)
+    live, killed = study.ask(), study.ask()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    try:
+        live.set_user_attr(SEARCH, {"host": platform.node(), "pid": sleeper.pid})
+        killed.set_user_attr(SEARCH, {"host": platform.node(), "pid": gone.pid})
+        assert recover_interrupted(study) == 1
+        states = {t.number: (t.state.name, t.user_attrs.get("interrupted")) for t in study.get_trials()}
+        assert states[live.number] == ("RUNNING", None) and states[killed.number] == ("FAIL", True)
+    finally:
+        sleeper.kill()
+        sleeper.wait()

@@ -1,0 +1,150 @@
+"""The run dir's guarantees at their edges: its name, attempts, journals, checkpoints, strict JSON."""
+import shutil
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf.errors import InterpolationResolutionError
+
+from conftest import CONF, compose_cfg
+from flare_exp.main import setting_problems
+
+
+@pytest.mark.parametrize("name, why", [("../../x", "path separator"), ("a/b", "path separator"), ("..", "'..'"),
+                                       ("x..y", "'..'"), ("", "empty")])
+def test_a_run_name_stays_inside_the_output_root(name, why, tmp_path):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"run_name='{name}'", f"paths.output_root={tmp_path}"],
+                      return_hydra_config=True)
+    for dir_key in ("run", "sweep"):  # Hydra places its dirs through the check: nothing is made for a bad name
+        with pytest.raises(InterpolationResolutionError, match=why):
+            str(cfg.hydra[dir_key].dir)
+    problems = setting_problems(compose_cfg([f"run_name='{name}'"]))
+    assert any(f"run_name={name!r}" in str(p) and why in str(p) for p in problems)
+
+
+def test_a_plain_run_name_places_the_run_dir(tmp_path):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["run_name=sft-v1.2_a", f"paths.output_root={tmp_path}"],
+                      return_hydra_config=True)
+    assert cfg.hydra.run.dir == f"{tmp_path}/runs/sft-v1.2_a"
+
+
+def test_a_journal_cut_inside_a_multibyte_character_drops_its_torn_last_line(tmp_path, caplog):
+    from flare_exp.io import read_journal, read_jsonl
+
+    journal = tmp_path / "predictions.jsonl"
+    whole = '{"id": "a", "prediction": "épanchement"}\n'.encode()
+    cut = '{"id": "b", "prediction": "épanchement"}'.encode()
+    journal.write_bytes(whole + cut[:cut.index("é".encode()) + 1])  # the first byte of the two of "é"
+    assert list(read_journal(journal, "id")) == ["a"]
+    assert "dropping a torn last line" in caplog.text
+    assert journal.read_bytes() == whole  # rewritten: the next append starts on a line of its own
+    journal.write_bytes(b'{"id": "x\xff"}\n' + whole)
+    with pytest.raises(ValueError, match=r"predictions\.jsonl:1: not UTF-8 \(byte 0xff at column 10\)"):
+        read_journal(journal, "id")
+    with pytest.raises(ValueError, match=r"predictions\.jsonl:1: not UTF-8"):
+        read_jsonl(journal)
+
+
+def _strict_loads(text: str):
+    """JSON as jq or JavaScript's JSON.parse reads it: bare NaN / Infinity tokens are errors."""
+    import json
+
+    def refuse(token):
+        raise ValueError(f"bare {token} token")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_a_nan_score_ranks_last_and_every_json_we_write_is_strict(tmp_path):
+    import math
+
+    from flare_exp.io import write_json, write_jsonl
+    from flare_exp.stages.sweep_report import collect, table
+
+    key = "official/regression/mean_absolute_error"
+    for n, mae in enumerate([2.0, math.nan, 1.0, math.inf]):
+        job = tmp_path / str(n)
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text(f"- rl.beta={n}\n")
+        (job / "DONE").write_text("{}")
+        write_json(job / "eval" / "metrics.json", {"rl": {"official": {"regression": {"mean_absolute_error": mae}}}})
+    parsed = _strict_loads((tmp_path / "1" / "eval" / "metrics.json").read_text())
+    assert parsed["rl"]["official"]["regression"]["mean_absolute_error"] == "NaN"
+    assert _strict_loads((tmp_path / "3" / "eval" / "metrics.json").read_text())["rl"]["official"]["regression"][
+        "mean_absolute_error"] == "Infinity"
+    header, rows = table(collect(tmp_path), key)
+    by = {h: i for i, h in enumerate(header)}
+    assert [(r[by["rank"]], r[by["job"]]) for r in rows] == [(1, "2"), (2, "0"), ("", "1"), ("", "3")]
+    assert math.isnan(rows[2][by[key]]) and rows[3][by[key]] == math.inf  # shown as they are
+    write_jsonl(tmp_path / "rows.jsonl", [{"score": -math.inf}])
+    assert _strict_loads((tmp_path / "rows.jsonl").read_text()) == {"score": "-Infinity"}
+
+
+def test_a_resume_takes_the_newest_complete_checkpoint_and_keeps_its_optimizer(base_overrides, tmp_path, caplog):
+    import shutil
+
+    from flare_exp.main import run
+    from flare_exp.models.checkpoints import COMPLETE, list_checkpoints, mark_complete
+    from flare_exp.training import resume_checkpoint
+
+    run_dir = tmp_path / "sft"
+    args = ["stage=sft", *base_overrides, "sft.max_steps=2", "sft.save_steps=1", "sft.eval_steps=0"]
+    run(compose_cfg(args), run_dir=run_dir)
+    first, second = run_dir / "checkpoint-1", run_dir / "checkpoint-2"
+    assert list_checkpoints(run_dir) == [first, second]
+    (run_dir / "DONE").unlink()  # killed while saving checkpoint-2: its files written, not yet marked whole
+    shutil.rmtree(run_dir / "final")
+    (second / COMPLETE).unlink()
+    assert resume_checkpoint("auto", run_dir) == str(first)
+    assert f"skipping {second}: no {COMPLETE} (cut short while saving)" in caplog.text
+    (first / "trainer_state.json").write_text('{"global_st')  # torn after the fact: named, never read
+    assert resume_checkpoint("auto", run_dir) is None
+    assert f"skipping {first}: trainer_state.json has 11 bytes" in caplog.text
+    with pytest.raises(FileNotFoundError, match=r"checkpoint-1 is not a complete Trainer checkpoint: "
+                                                r"trainer_state.json has 11 bytes"):
+        resume_checkpoint(str(first), run_dir)
+    (second / "optimizer.pt").unlink()  # a checkpoint saved whole but without the optimizer's state
+    mark_complete(second)
+    with pytest.raises(FileNotFoundError, match=r"checkpoint-2/optimizer.pt is missing: resuming from checkpoint-2 "
+                                                r"would go on with a fresh optimizer"):
+        resume_checkpoint("auto", run_dir)
+
+
+def _training_run(path, finished=True, checkpoints=()):
+    (path / "final" if finished else path).mkdir(parents=True)
+    (path / "run_info.json").write_text("{}")
+    if finished:
+        (path / "final" / "adapter_config.json").write_text("{}")
+        (path / "DONE").write_text("{}")
+    for step in checkpoints:
+        (path / f"checkpoint-{step}").mkdir()
+        (path / f"checkpoint-{step}" / "adapter_config.json").write_text("{}")
+    return path
+
+
+def test_the_adapter_used_is_the_adapter_meant(tmp_path):
+    from flare_exp.models.checkpoints import chosen_adapter, mark_complete, resolve_adapter
+
+    pipeline = tmp_path / "pipe"
+    _training_run(pipeline / "sft")
+    _training_run(pipeline / "rl")
+    assert resolve_adapter(pipeline) == pipeline / "rl" / "final"  # its last training step, not sft
+    killed = _training_run(tmp_path / "killed", finished=False, checkpoints=(3,))  # stopped at step 3 of 6
+    for path in (killed, tmp_path / "pipe2"):
+        if path.name == "pipe2":
+            _training_run(path / "sft")
+            shutil.copytree(killed, path / "rl")  # a pipeline whose rl step did not finish: not its sft instead
+        with pytest.raises(FileNotFoundError, match=r"unfinished run \(no DONE marker, no final/ adapter; "
+                                                    r"checkpoints: checkpoint-3 \.\. checkpoint-3\).*"
+                                                    r"allow_intermediate_checkpoint=true"):
+            resolve_adapter(path)
+    with pytest.raises(ValueError, match=r"infer.checkpoint=\S+checkpoint-3 is an intermediate checkpoint .* pass "
+                                         r"allow_intermediate_checkpoint=true to use it on purpose"):
+        chosen_adapter("infer.checkpoint", killed / "checkpoint-3", allow_intermediate=False)
+    with pytest.raises(FileNotFoundError, match="is not a complete checkpoint: no flare_exp_complete.json"):
+        chosen_adapter("infer.checkpoint", killed / "checkpoint-3", allow_intermediate=True)
+    mark_complete(killed / "checkpoint-3")
+    assert chosen_adapter("infer.checkpoint", killed / "checkpoint-3", True) == killed / "checkpoint-3"

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from flare_exp.models.rope_positions import rope_owner
+from flare_exp.models.rope_positions import rope_index, rope_owner
 
 # how the token step is compiled on a GPU: CUDA graphs (as generate compiles its decode step), fixed shapes
 COMPILE_ON_GPU = {"mode": "reduce-overhead", "dynamic": False}
@@ -132,8 +132,7 @@ def prompt_positions(owner, batch: dict):
     if batch.get("image_grid_thw") is None and batch.get("video_grid_thw") is None:
         rope = text.unsqueeze(0).expand(3, -1, -1)
     else:
-        rope, _ = owner.get_rope_index(batch["input_ids"], batch["mm_token_type_ids"],
-                                       batch.get("image_grid_thw"), batch.get("video_grid_thw"), attention_mask=mask)
+        rope = rope_index(owner.get_rope_index, batch)
     return torch.cat([text.unsqueeze(0), rope.to(text.device)], dim=0)
 
 

@@ -70,9 +70,10 @@ class GreenJudge:
     def from_pretrained(cls, model_path: str | Path, dtype: str = "float16", device: str | None = None,
                         **settings) -> "GreenJudge":
         """The judge and its tokenizer as the package loads them: fp16 weights; the tokenizer with
-        ``add_eos_token=True``, left padding, the GREEN chat template, EOS as the pad token."""
+        BOS and EOS added (the package's ``add_eos_token=True``), left padding, the GREEN chat template, EOS as
+        the pad token."""
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
         check_choice("eval.green.dtype", dtype, JUDGE_DTYPES)
         path = Path(model_path)
@@ -82,7 +83,10 @@ class GreenJudge:
                 "download StanfordAIMI/GREEN-radllama2-7b --local-dir DIR (~13.5 GB; GREEN-RadPhi2 is smaller), "
                 "copy DIR here and pass eval.green.model_path=DIR")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        tokenizer = AutoTokenizer.from_pretrained(path, add_eos_token=True, use_fast=True, padding_side="left")
+        # the judge's tokenizer.json as it is, BOS first and EOS last: the package's AutoTokenizer(add_eos_token=True)
+        # on transformers 4 (on 5, AutoTokenizer rebuilds a Llama tokenizer's pipeline and drops the BOS)
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(path, add_bos_token=True, add_eos_token=True,
+                                                            padding_side="left")
         tokenizer.chat_template = GREEN_CHAT_TEMPLATE
         tokenizer.pad_token = tokenizer.eos_token
         tokenizer.clean_up_tokenization_spaces = True

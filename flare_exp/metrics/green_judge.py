@@ -46,6 +46,21 @@ def quiet_right_padding_warning():
         logger.removeFilter(quiet)
 
 
+def judge_tokenizer(path):
+    """The judge's tokenizer as the GREEN package loads it on transformers 4 (``AutoTokenizer(...,
+    add_eos_token=True)``): its tokenizer.json as it is, BOS first and EOS last, left padding, the GREEN chat
+    template, EOS as the pad token. (On transformers 5 that call rebuilds a Llama tokenizer's pipeline and drops
+    the BOS: other input ids.)"""
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(path, add_bos_token=True, add_eos_token=True,
+                                                        padding_side="left")
+    tokenizer.chat_template = GREEN_CHAT_TEMPLATE
+    tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.clean_up_tokenization_spaces = True
+    return tokenizer
+
+
 class GreenJudge:
     def __init__(self, model, tokenizer, batch_size: int = 8, max_length: int = 2048,
                  max_new_tokens: int | None = None, decode_loop: str = "auto", parser: str = "package",
@@ -73,7 +88,7 @@ class GreenJudge:
         BOS and EOS added (the package's ``add_eos_token=True``), left padding, the GREEN chat template, EOS as
         the pad token."""
         import torch
-        from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+        from transformers import AutoModelForCausalLM
 
         check_choice("eval.green.dtype", dtype, JUDGE_DTYPES)
         path = Path(model_path)
@@ -83,13 +98,7 @@ class GreenJudge:
                 "download StanfordAIMI/GREEN-radllama2-7b --local-dir DIR (~13.5 GB; GREEN-RadPhi2 is smaller), "
                 "copy DIR here and pass eval.green.model_path=DIR")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        # the judge's tokenizer.json as it is, BOS first and EOS last: the package's AutoTokenizer(add_eos_token=True)
-        # on transformers 4 (on 5, AutoTokenizer rebuilds a Llama tokenizer's pipeline and drops the BOS)
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(path, add_bos_token=True, add_eos_token=True,
-                                                            padding_side="left")
-        tokenizer.chat_template = GREEN_CHAT_TEMPLATE
-        tokenizer.pad_token = tokenizer.eos_token
-        tokenizer.clean_up_tokenization_spaces = True
+        tokenizer = judge_tokenizer(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
         return cls(model, tokenizer, identity=json.dumps([str(path.resolve()), dtype]), **settings)
 

@@ -9,8 +9,8 @@ GPU to finish, so the GPU then idles while the host prepares the next token (the
 docs/performance.md).
 
 Here one function makes a token: the model's forward with a mask built on the device from the prompt's padding
-and the position, positions continuing each row's prompt positions (as generate's), the pick (greedy, or sampled with generate's
-temperature / top-k / top-p rules), and the finished flags (a finished row gets the pad token, as ``generate``
+and the position, positions continuing each row's prompt positions (as generate's), the pick (greedy, or
+sampled with generate's temperature / top-k / top-p rules), and the finished flags (a finished row gets the pad token, as ``generate``
 does). It is compiled as a whole (CUDA graphs on a GPU), and the host asks "all finished?" only every
 ``stop_check_every`` tokens, so it can queue tokens ahead of the GPU. The prefill is the model's own forward
 (eager, as in ``generate``). Same tokens as ``generate`` (tested with padding, both decode attentions, early

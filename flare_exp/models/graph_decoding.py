@@ -10,8 +10,8 @@ docs/performance.md).
 
 Here one function makes a token: the model's forward with a mask built on the device from the prompt's padding
 and the position, positions continuing each row's prompt positions (as generate's), the pick (greedy, or
-sampled with generate's temperature / top-k / top-p rules), and the finished flags (a finished row gets the pad token, as ``generate``
-does). It is compiled as a whole (CUDA graphs on a GPU), and the host asks "all finished?" only every
+sampled with generate's temperature / top-k / top-p rules), and the finished flags (a finished row gets the pad
+token, as ``generate`` does). It is compiled as a whole (CUDA graphs on a GPU), and the host asks "all finished?" only every
 ``stop_check_every`` tokens, so it can queue tokens ahead of the GPU. The prefill is the model's own forward
 (eager, as in ``generate``). Same tokens as ``generate`` (tested with padding, both decode attentions, early
 stops): the extra tokens after the last row finished are pad tokens.
@@ -248,9 +248,9 @@ class GraphDecoder:
                     break
                 if self.cudagraphs:
                     torch.compiler.cudagraph_mark_step_begin()
-                picked, now_finished = self.step(tokens[:, made - 1:made], cache_positions[made - 1:made], position_deltas,
-                                                 key_valid, finished, is_end, pad, may_end[made:made + 1],
-                                                 suppressed)
+                picked, now_finished = self.step(tokens[:, made - 1:made], cache_positions[made - 1:made],
+                                                 position_deltas, key_valid, finished, is_end, pad,
+                                                 may_end[made:made + 1], suppressed)
                 tokens[:, made] = picked  # copies out of the graph's output buffers before the next replay
                 finished = now_finished.clone()
             else:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole benchmark on one GPU box, in pieces that each fit a 10-minute command. Usage (from the repo root,
-# after `source bench/gpu_setup.sh` where wheels must be carried):
+# after `source bench/gpu_setup.sh`):
 #   bash bench/gpu_all.sh PIECE OUT_DIR      (PIECE: a name in bench/pieces.tsv; an unknown one lists them)
 # Each piece rebuilds the random 4B model if missing (~25 s) and runs its rows of bench/pieces.tsv one after the
 # other, writing one JSON per measurement to OUT_DIR; `python -m bench.report OUT_DIR` makes the tables.

@@ -78,16 +78,13 @@ def main() -> None:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    from transformers import AutoTokenizer
-
-    from flare_exp.metrics.green import GREEN_CHAT_TEMPLATE, make_prompt
-    from flare_exp.metrics.green_judge import GreenJudge
+    from flare_exp.metrics.green import make_prompt
+    from flare_exp.metrics.green_judge import GreenJudge, judge_tokenizer
     from flare_exp.fixtures.tiny_models import build_tiny_causal_lm
 
     corpus = make_prompt(" ".join(WORDS), " ".join(WORDS)) * 8
     path = build_tiny_causal_lm("/tmp/flare_bench/judge-tokenizer", vocab_size=2000, corpus=corpus)
-    tokenizer = AutoTokenizer.from_pretrained(path, add_eos_token=True, use_fast=True, padding_side="left")
-    tokenizer.chat_template, tokenizer.pad_token = GREEN_CHAT_TEMPLATE, tokenizer.eos_token
+    tokenizer = judge_tokenizer(path)
     model = random_judge()
     model.generation_config.min_new_tokens = args.new_tokens  # every judgment as long as the cap
     settings = dict(max_new_tokens=args.new_tokens, parser="package")

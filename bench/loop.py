@@ -105,7 +105,8 @@ def forced_vision_encoder(model, batch: dict) -> dict:
     def encode():
         with torch.no_grad(), torch.autocast(batch["pixel_values"].device.type, dtype=torch.bfloat16):
             out = encoder(batch["pixel_values"], grid_thw=batch["image_grid_thw"])
-        return (out[0] if isinstance(out, tuple) else out).float()
+        # the merged image features: a tuple's first item (transformers 4), pooler_output (5)
+        return (out[0] if isinstance(out, tuple) else out.pooler_output).float()
 
     before = encode()
     changed = use_batched_vision_encoder(model, "batched", replace_foreign=True)

@@ -53,7 +53,7 @@ def test_same_tokens_as_generate(decode_attention, base_overrides, demo_prepared
         assert len(set(reference[0].tolist())) > 1  # not one repeated token: the positions matter
         _assert_same(loop(batch, 8, pad), reference, pad)
     # the second batch needs less than half the first's cache: a cache of its own, then the first's again
-    assert loop.cache.max_cache_len == first["input_ids"].shape[1] + 8
+    assert loop.cache_length == first["input_ids"].shape[1] + 8
 
 
 def test_rows_that_finish_early(base_overrides, demo_prepared):
@@ -120,7 +120,7 @@ def test_token_step_traces_as_one_graph(base_overrides, demo_prepared):
     loop = GraphDecoder(model, dict(backend="eager", fullgraph=True, dynamic=False))
     for batch in (first, second):
         _assert_same(loop(batch, 60, pad), _generate(model, batch, pad, 60), pad)
-    assert loop.cache.max_cache_len == first["input_ids"].shape[1] + 60
+    assert loop.cache_length == first["input_ids"].shape[1] + 60
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
@@ -255,11 +255,11 @@ def test_a_kept_cache_is_reused_only_when_it_fits(kept_length, batch_size, neede
     from flare_exp.models.graph_decoding import GraphDecoder
 
     loop = GraphDecoder(Qwen3VLForConditionalGeneration.from_pretrained(tiny_model_dir), None)
-    kept = SimpleNamespace(max_batch_size=4, max_cache_len=kept_length, reset=lambda: None)
-    loop.cache = kept
+    kept = SimpleNamespace(reset=lambda: None)
+    loop.cache, loop.cache_shape = kept, (4, kept_length)
     cache = loop._static_cache(batch_size, needed)
     assert (cache is kept) == reused and loop.cache is cache
-    assert reused or cache.max_cache_len == needed
+    assert reused or loop.cache_shape == (batch_size, needed)
     loop = GraphDecoder(loop.model, None, shrink_cache=False)  # GRPO's rollouts: long enough is kept
-    loop.cache = kept
+    loop.cache, loop.cache_shape = kept, (4, kept_length)
     assert (loop._static_cache(batch_size, needed) is kept) == (batch_size == 4 and needed <= kept_length)

@@ -27,7 +27,9 @@ def test_grouped_decode_matches_transformers_without_copying_the_cache(monkeypat
     from flare_exp.models.grouped_attention import grouped_decode_attention
 
     query, key, value, mask = _decode_inputs()
-    expected, _ = sdpa_attention.sdpa_attention_forward(_Attention(), query, key, value, mask, scaling=0.25)
+    with pytest.raises(RuntimeError):  # transformers' SDPA path takes a mask only as long as the keys
+        sdpa_attention.sdpa_attention_forward(_Attention(), query, key, value, mask, scaling=0.25)
+    expected, _ = sdpa_attention.sdpa_attention_forward(_Attention(), query, key, value, mask[..., :11], scaling=0.25)
 
     def no_copies(*_):
         raise AssertionError("repeat_kv called: the cache was copied per query head")

@@ -281,6 +281,23 @@ def test_green_judge_builds_the_packages_input(tmp_path):
     assert summary["green_n"] == 3 and summary["green_score"] == 0.0  # random text: unreadable, scored 0
 
 
+def test_green_judge_input_is_the_packages_token_for_token(tmp_path):
+    """The judge's input ids equal those the GREEN package's own tokenizer loading gives on transformers 4.57.6
+    (tests/golden, made there on the same tiny judge); on transformers 5 that loading drops the BOS and
+    tokenizes otherwise."""
+    import json
+    from pathlib import Path
+
+    from flare_exp.fixtures.tiny_models import build_tiny_causal_lm
+
+    golden = json.loads((Path(__file__).parent / "golden" / "green_judge_input.json").read_text())
+    judge = GreenJudge.from_pretrained(build_tiny_causal_lm(tmp_path / "judge"), "float32")
+    assert [judge.render(make_prompt(ref, cand)) for ref, cand in golden["pairs"]] == golden["texts"][:2]
+    enc = judge.encode(golden["texts"])
+    assert enc["input_ids"].tolist() == golden["input_ids"]
+    assert enc["attention_mask"].tolist() == golden["attention_mask"]
+
+
 def test_green_graph_loop_judges_as_generate(tmp_path):
     from flare_exp.fixtures.tiny_models import build_tiny_causal_lm
 

@@ -134,6 +134,9 @@ def test_radgraph_scores_equal_the_packages_own(tiny_radgraph):
     from radgraph import F1RadGraph
 
     from flare_exp.rewards.radgraph_term import RadGraphScorer
+    from flare_exp.rewards.radgraph_tokenizer import supply_radgraph_tokenizer_methods
+
+    supply_radgraph_tokenizer_methods()  # what get_scorer does before it builds an F1RadGraph
 
     words = "no acute cardiopulmonary abnormality the heart size is normal lungs are clear pleural effusion".split()
     rng = __import__("random").Random(3)
@@ -241,3 +244,20 @@ def test_reward_throughput_report_pairs(tiny_radgraph, capsys):
         rates[use_cache] = 512 / (time.perf_counter() - t0)
     with capsys.disabled():
         print(f"\nradgraph reward, 512 report pairs: {rates[False]:.0f}/s without cache, {rates[True]:.0f}/s with")
+
+
+def test_radgraph_parses_equal_those_made_on_transformers_4(tiny_radgraph):
+    """radgraph 0.1.18 runs on transformers 5 with the two tokenizer methods it calls supplied
+    (flare_exp.rewards.radgraph_tokenizer): the same graphs and scores as on transformers 4.57.6, where the package
+    has them (tests/golden, made there on the same tiny model: its weights do not depend on the version)."""
+    import json
+    from pathlib import Path
+
+    from flare_exp.rewards.radgraph_term import RadGraphScorer
+
+    golden = json.loads((Path(__file__).parent / "golden" / "radgraph_tiny_parses.json").read_text())
+    scorer = RadGraphScorer(str(tiny_radgraph), device="cpu")
+    scores = scorer.score_pairs(golden["hyps"], golden["refs"])
+    assert {r: scorer.graphs[r] for r in golden["graphs"]} == golden["graphs"]
+    assert [list(s) for s in scores] == golden["scores"]
+    assert sum(len(g["entities"]) for g in golden["graphs"].values()) > 100  # the tiny model finds entities

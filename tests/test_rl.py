@@ -196,7 +196,7 @@ def test_graph_rollouts_answer_generate_as_generate_would(base_overrides, demo_p
     original = lambda **kw: (fallbacks.append(1), policy.generate(**kw))[1]  # noqa: E731
     with torch.no_grad():
         got = graph.generate(policy, original, generation_config=trl_like, **batch)
-    assert not fallbacks and graph.loop is not None and graph.loop.cache.max_cache_len % 256 == 0
+    assert not fallbacks and graph.loop is not None and graph.loop.cache_length % 256 == 0
     assert torch.equal(got[:, :expected.shape[1]], expected)
     assert (got[:, expected.shape[1]:] == tokenizer.pad_token_id).all()
     trl_like.repetition_penalty = 1.2

@@ -20,7 +20,7 @@ def _padded_batch(loaded, demo_prepared):
 
 def test_collator_positions_are_the_models_own_and_train_the_same(base_overrides, demo_prepared):
     from flare_exp.models.loading import load_model
-    from flare_exp.models.rope_positions import host_rope_index, rope_owner
+    from flare_exp.models.rope_positions import host_rope_index, rope_index, rope_owner
 
     cfg = compose_cfg(["stage=sft", *base_overrides, "model.dtype=float32"])
     torch.manual_seed(0)
@@ -32,8 +32,7 @@ def test_collator_positions_are_the_models_own_and_train_the_same(base_overrides
     rope = host_rope_index(model, "collator", sample_batch=plain)
     assert rope is not None and host_rope_index(model, "model", sample_batch=plain) is None
     batch = SFTCollator(chat, rope)(picked)
-    own, _ = rope_owner(model).get_rope_index(plain["input_ids"], plain["image_grid_thw"],
-                                              attention_mask=plain["attention_mask"])
+    own = rope_index(rope_owner(model).get_rope_index, plain)
     assert torch.equal(batch["position_ids"], own)
     assert batch["position_ids"].shape == (3, *plain["input_ids"].shape)
     # the image tokens get 2-D (height, width) positions: not the plain 0..n text positions

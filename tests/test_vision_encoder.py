@@ -1,13 +1,10 @@
-"""model.vision_encoder=batched: the same vision encoder outputs and gradients as transformers' per-image loops,
-with one attention call per run of equally sized images and position embeddings built once per image size."""
+"""model.vision_encoder=batched: the same vision encoder outputs and gradients as transformers' per-image loop,
+with one attention call per run of equally sized images."""
 import pytest
 import torch
 from PIL import Image
 
 from conftest import compose_cfg
-
-PATCHED = ("fast_pos_embed_interpolate", "rot_pos_emb")
-
 
 def test_equal_length_runs_and_grouping_order():
     from flare_exp.models.vision_encoder import equal_length_runs, grouping_order
@@ -48,40 +45,34 @@ def test_batched_vision_encoder_matches_the_per_image_loops(sizes, base_override
     attention = [m for m in model.modules() if isinstance(m, qwen3_vl.Qwen3VLVisionAttention)]
     encoder = next(m for m in model.modules() if isinstance(m, qwen3_vl.Qwen3VLVisionModel))
     assert attention and all("forward" in vars(m) for m in attention)  # installed per instance by load_model
-    assert all(name in vars(encoder) for name in PATCHED)
     with torch.no_grad():  # random tiny weights attend almost uniformly: sharpen them so the math shows
         for m in attention:
             getattr(m.qkv, "base_layer", m.qkv).weight.mul_(30)
-    encoder.pos_embed.weight.requires_grad_(True)  # so the repeated position embeddings' gradients are compared
+    encoder.pos_embed.weight.requires_grad_(True)  # so the position embeddings' gradients are compared
 
-    calls, grids = [], []
+    calls = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
                         lambda q, *a, **kw: (calls.append((q.shape[0], q.shape[2])), sdpa(q, *a, **kw))[1])
-    # positions looked up per call of the position embedding table
-    encoder.pos_embed.register_forward_hook(lambda module, args, out: grids.append(args[0].shape[1]))
 
     def loss_and_grads():
         model.zero_grad(set_to_none=True)
-        calls.clear(), grids.clear()
+        calls.clear()
         loss = model(**batch, labels=batch["input_ids"]).loss
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None and "visual" in n}
-        return loss.detach(), grads, list(calls), list(grids)
+        return loss.detach(), grads, list(calls)
 
-    batched_loss, batched_grads, batched_calls, batched_grids = loss_and_grads()
+    batched_loss, batched_grads, batched_calls = loss_and_grads()
     for m in attention:
         del m.forward  # back to transformers' own code
-    for name in PATCHED:
-        delattr(encoder, name)
-    loop_loss, loop_grads, loop_calls, loop_grids = loss_and_grads()
+    loop_loss, loop_grads, loop_calls = loss_and_grads()
 
     depth = len(attention)
     patches = {c: int(g.prod()) for c, g in zip(sizes, batch["image_grid_thw"])}
     vision = lambda calls: sorted(c for c in calls if c[1] in patches.values())  # noqa: E731  (images, patches)
     assert vision(batched_calls) == sorted([(3, patches["a"]), (2, patches["b"])] * depth)  # one call per size
     assert vision(loop_calls) == sorted([(1, patches[c]) for c in sizes] * depth)  # one call per image
-    assert batched_grids == [patches["a"], patches["b"]] and loop_grids == [3 * patches["a"] + 2 * patches["b"]]
     assert torch.allclose(batched_loss, loop_loss, atol=1e-6)
     assert batched_grads.keys() == loop_grads.keys() and any("pos_embed" in n for n in batched_grads)
     for name, grad in batched_grads.items():
@@ -92,8 +83,7 @@ def test_per_image_setting_keeps_transformers_code(base_overrides, tiny_model_di
     from flare_exp.models.loading import load_model
 
     model = load_model(compose_cfg(["stage=sft", *base_overrides, "model.vision_encoder=per_image"]).model).model
-    assert not any(name in vars(m) for m in model.modules() for name in ("forward", *PATCHED)
-                   if type(m).__name__ in ("Qwen3VLVisionAttention", "Qwen3VLVisionModel"))
+    assert not any("forward" in vars(m) for m in model.modules() if type(m).__name__ == "Qwen3VLVisionAttention")
     with pytest.raises(ValueError, match="model.vision_encoder='fast'"):
         load_model(compose_cfg(["stage=sft", *base_overrides, "model.vision_encoder=fast"]).model)
 
@@ -114,8 +104,6 @@ def test_code_replaced_by_another_library_is_left_and_named(base_overrides, monk
         model = load_model(compose_cfg(["stage=sft", *base_overrides]).model).model
     attention = [m for m in model.modules() if isinstance(m, qwen3_vl.Qwen3VLVisionAttention)]
     assert attention and not any("forward" in vars(m) for m in attention)
-    encoder = next(m for m in model.modules() if isinstance(m, qwen3_vl.Qwen3VLVisionModel))
-    assert all(name in vars(encoder) for name in PATCHED)  # transformers' own position code is still batched
     assert "attention (sdpa, other_library_compiled_module.py)" in caplog.text
 
 

@@ -51,8 +51,24 @@ def quiet_right_padding_warning():
         logger.removeFilter(quiet)
 
 
+def judge_tokenizer(path):
+    """The judge's tokenizer as the GREEN package loads it on transformers 4 (``AutoTokenizer(...,
+    add_eos_token=True)``): its tokenizer.json as it is, BOS first and EOS last, left padding, the GREEN chat
+    template, EOS as the pad token. (On transformers 5 that call rebuilds a Llama tokenizer's pipeline and drops
+    the BOS: other input ids.)"""
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(path, add_bos_token=True, add_eos_token=True,
+                                                        padding_side="left")
+    tokenizer.chat_template = GREEN_CHAT_TEMPLATE
+    tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.clean_up_tokenization_spaces = True
+    return tokenizer
+
+
 class GreenJudge(JournaledJudge):
     name = "GREEN judge"
+
     def __init__(self, model, tokenizer, batch_size: int = 8, max_length: int = 2048,
                  max_new_tokens: int | None = None, decode_loop: str = "auto", parser: str = "package",
                  journal: str | Path | None = None, identity: str = "", exact: bool = False):
@@ -83,18 +99,16 @@ class GreenJudge(JournaledJudge):
     def from_pretrained(cls, model_path: str | Path, dtype: str = "float16", device: str | None = None,
                         **settings) -> "GreenJudge":
         """The judge and its tokenizer as the package loads them: fp16 weights; the tokenizer with
-        ``add_eos_token=True``, left padding, the GREEN chat template, EOS as the pad token."""
+        BOS and EOS added (the package's ``add_eos_token=True``), left padding, the GREEN chat template, EOS as
+        the pad token."""
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
         check_choice("eval.green.dtype", dtype, JUDGE_DTYPES)
         path = judge_dir("eval.green.model_path", model_path, "StanfordAIMI/GREEN-radllama2-7b --local-dir DIR "
                          "(~13.5 GB; GREEN-RadPhi2 is smaller)")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        tokenizer = AutoTokenizer.from_pretrained(path, add_eos_token=True, use_fast=True, padding_side="left")
-        tokenizer.chat_template = GREEN_CHAT_TEMPLATE
-        tokenizer.pad_token = tokenizer.eos_token
-        tokenizer.clean_up_tokenization_spaces = True
+        tokenizer = judge_tokenizer(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
         return cls(model, tokenizer, identity=json.dumps([str(path.resolve()), dtype]), **settings)
 

@@ -103,7 +103,7 @@ class GraphLoop:
 
     def release_cache(self) -> None:
         if self.loop is not None:
-            self.loop.cache = None
+            self.loop.release_cache()
 
     @property
     def used(self) -> str:

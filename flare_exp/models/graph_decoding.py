@@ -9,9 +9,9 @@ GPU to finish, so the GPU then idles while the host prepares the next token (the
 docs/performance.md).
 
 Here one function makes a token: the model's forward with a mask built on the device from the prompt's padding
-and the position, positions from the prompt's rope deltas, the pick (greedy, or sampled with generate's
-temperature / top-k / top-p rules), and the finished flags (a finished row gets the pad token, as ``generate``
-does). It is compiled as a whole (CUDA graphs on a GPU), and the host asks "all finished?" only every
+and the position, positions continuing each row's prompt positions (as generate's), the pick (greedy, or
+sampled with generate's temperature / top-k / top-p rules), and the finished flags (a finished row gets the pad
+token, as ``generate`` does). It is compiled as a whole (CUDA graphs on a GPU), and the host asks "all finished?" only every
 ``stop_check_every`` tokens, so it can queue tokens ahead of the GPU. The prefill is the model's own forward
 (eager, as in ``generate``). Same tokens as ``generate`` (tested with padding, both decode attentions, early
 stops): the extra tokens after the last row finished are pad tokens.
@@ -23,6 +23,8 @@ falls back to ``generate``. Sampled tokens follow generate's distribution, not i
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from flare_exp.models.rope_positions import rope_index, rope_owner
 
 # how the token step is compiled on a GPU: CUDA graphs (as generate compiles its decode step), fixed shapes
 COMPILE_ON_GPU = {"mode": "reduce-overhead", "dynamic": False}
@@ -116,6 +118,24 @@ def pick(scores, is_end, may_end, suppressed, sampling: Sampling | None = None):
     return (probs / torch.empty_like(probs).exponential_()).argmax(-1)
 
 
+def prompt_positions(owner, batch: dict):
+    """generate's position ids for a left-padded prompt: each row's tokens counted from its first real one
+    (B, L); for Qwen-VL models that row stacked over the three multimodal rope axes from the model's
+    ``get_rope_index`` (4, B, L), as Qwen-VL's generate builds them. ``owner``: the module with
+    ``get_rope_index`` (``rope_owner``), None for a text-only model."""
+    import torch
+
+    mask = batch["attention_mask"]
+    text = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    if owner is None:
+        return text
+    if batch.get("image_grid_thw") is None and batch.get("video_grid_thw") is None:
+        rope = text.unsqueeze(0).expand(3, -1, -1)
+    else:
+        rope = rope_index(owner.get_rope_index, batch)
+    return torch.cat([text.unsqueeze(0), rope.to(text.device)], dim=0)
+
+
 class GraphDecoder:
     """Holds a static KV cache across batches and the compiled token step. The cache is kept while the batch
     size matches and it is long enough, and with ``shrink_cache`` at most twice as long as needed: each token
@@ -133,43 +153,49 @@ class GraphDecoder:
         if stop_check_every < 1:
             raise ValueError(f"stop_check_every={stop_check_every}: must be >= 1")
         self.model, self.stop_check_every, self.cache, self.sampling = model, stop_check_every, None, sampling
-        # Qwen-VL models place text tokens with 3-axis rope positions (offset by the prefill's rope deltas); a
-        # text-only model (the GREEN judge) with positions counted over the unpadded tokens, as generate does
-        self.multimodal_rope = getattr(model.config, "vision_config", None) is not None
+        self.cache_shape: tuple[int, int] | None = None  # (batch size, length) of self.cache
+        self.rope_owner = rope_owner(model)
         self.cache_multiple, self.shrink_cache = cache_multiple, shrink_cache
         self.cudagraphs = bool(compile_step) and compile_step.get("mode") in ("reduce-overhead",
                                                                                 "max-autotune")
         self.step = torch.compile(self._token_step, **compile_step) if compile_step else self._token_step
 
-    def _token_step(self, tokens, cache_position, rope_deltas, key_valid, finished, is_end, pad, may_end,
+    @property
+    def cache_length(self) -> int | None:
+        return None if self.cache_shape is None else self.cache_shape[1]
+
+    def _token_step(self, tokens, cache_position, position_deltas, key_valid, finished, is_end, pad, may_end,
                     suppressed):
-        """One token for every row: tokens (B, 1), cache_position (1,), rope_deltas (B, 1), key_valid (B, L)
-        (prompt padding False), finished (B,), is_end / suppressed (vocabulary flags), may_end (1,): False
-        before min_new_tokens. Returns (next tokens (B,), finished (B,))."""
+        """One token for every row: tokens (B, 1), cache_position (1,), position_deltas (B, 1) or (4, B, 1)
+        (see prompt_positions), key_valid (B, L) (prompt padding False), finished (B,), is_end / suppressed
+        (vocabulary flags), may_end (1,): False before min_new_tokens. Returns (next tokens (B,), finished (B,)).
+        The static cache writes at its own position, which is cache_position: one token per step from the
+        prefill's end."""
         import torch
 
         keys = torch.arange(key_valid.shape[1], device=key_valid.device)
         mask = (key_valid & (keys <= cache_position))[:, None, None, :]  # (B, 1, 1, L): what this token may see
-        positions = rope_deltas + cache_position  # (B, 1)
-        if self.multimodal_rope:
-            positions = positions.unsqueeze(0).expand(3, -1, -1)  # text tokens: 3 equal rope axes
-        logits = self.model(input_ids=tokens, attention_mask=mask, position_ids=positions,
-                            past_key_values=self.cache, cache_position=cache_position, use_cache=True).logits
+        logits = self.model(input_ids=tokens, attention_mask=mask, position_ids=position_deltas + cache_position,
+                            past_key_values=self.cache, use_cache=True).logits
         picked = pick(logits[:, -1], is_end, may_end, suppressed, self.sampling)
         picked = torch.where(finished, pad, picked)
         return picked, finished | is_end[picked]
 
+    def release_cache(self) -> None:
+        self.cache, self.cache_shape = None, None
+
     def _static_cache(self, batch_size: int, length: int):
         from transformers import StaticCache
 
-        cache = self.cache
         length = -(-length // self.cache_multiple) * self.cache_multiple
-        fits = cache is not None and cache.max_batch_size == batch_size and length <= cache.max_cache_len
-        if fits and (not self.shrink_cache or cache.max_cache_len <= 2 * length):
-            cache.reset()
-            return cache
-        self.cache = None  # freed before the next one is allocated
+        kept = self.cache_shape
+        fits = self.cache is not None and kept[0] == batch_size and length <= kept[1]
+        if fits and (not self.shrink_cache or kept[1] <= 2 * length):
+            self.cache.reset()
+            return self.cache
+        self.release_cache()  # freed before the next one is allocated
         self.cache = StaticCache(config=self.model.config, max_cache_len=length)
+        self.cache_shape = (batch_size, length)
         return self.cache
 
     def generate(self, generation_config, **batch):
@@ -196,37 +222,35 @@ class GraphDecoder:
         device = input_ids.device
         with torch.inference_mode():  # the cache's tensors are inference tensors: reset them in this mode too
             cache = self._static_cache(rows, prompt + max_new_tokens)
-            extra = {}
-            if not self.multimodal_rope:  # generate's positions for a left-padded batch
-                extra["position_ids"] = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
-            out = self.model(**batch, **extra, past_key_values=cache,
-                             cache_position=torch.arange(prompt, device=device), use_cache=True, logits_to_keep=1)
-            if self.multimodal_rope:
-                if getattr(out, "rope_deltas", None) is None:
-                    raise RuntimeError("the model's prefill returned no rope_deltas (not a Qwen-VL model?)")
-                rope_deltas = out.rope_deltas.to(device).reshape(rows, 1)
-            else:  # position = cache position - the row's padding
-                rope_deltas = -(attention_mask.shape[1] - attention_mask.long().sum(-1, keepdim=True))
+            positions = prompt_positions(self.rope_owner, batch)
+            out = self.model(**batch, position_ids=positions, past_key_values=cache, use_cache=True,
+                             logits_to_keep=1)
+            if self.rope_owner is not None:
+                # generate's decoding state (unused here: every step passes its positions), left as a fresh
+                # model has it: the compiled step is specialised on it, and a generate call in between set it
+                self.rope_owner.rope_deltas = None
+            # new token i (cache position prompt + i) of a row continues its prompt's last position
+            position_deltas = positions[..., -1:] + 1 - prompt
             vocab = out.logits.shape[-1]
             is_end = token_flags(end_token_ids(config), vocab, device)
             suppressed = token_flags(config.suppress_tokens or [], vocab, device)
             pad = torch.tensor(pad_token_id, device=device, dtype=input_ids.dtype)
-            key_valid = torch.ones(rows, cache.max_cache_len, dtype=torch.bool, device=device)
+            key_valid = torch.ones(rows, self.cache_length, dtype=torch.bool, device=device)
             key_valid[:, :prompt] = attention_mask.bool()
             tokens = torch.full((rows, max_new_tokens), pad_token_id, dtype=input_ids.dtype, device=device)
             may_end = torch.arange(max_new_tokens, device=device) >= (config.min_new_tokens or 0)  # per new token
             tokens[:, 0] = pick(out.logits[:, -1], is_end, may_end[:1], suppressed, self.sampling)
             finished = is_end[tokens[:, 0]]
-            positions = torch.arange(prompt, prompt + max_new_tokens, device=device)  # no host copy per token
+            cache_positions = torch.arange(prompt, prompt + max_new_tokens, device=device)  # no host copy per token
             made = 1
             for made in range(1, max_new_tokens):
                 if (made - 1) % self.stop_check_every == 0 and bool(finished.all()):  # the host's only wait
                     break
                 if self.cudagraphs:
                     torch.compiler.cudagraph_mark_step_begin()
-                picked, now_finished = self.step(tokens[:, made - 1:made], positions[made - 1:made], rope_deltas,
-                                                 key_valid, finished, is_end, pad, may_end[made:made + 1],
-                                                 suppressed)
+                picked, now_finished = self.step(tokens[:, made - 1:made], cache_positions[made - 1:made],
+                                                 position_deltas, key_valid, finished, is_end, pad,
+                                                 may_end[made:made + 1], suppressed)
                 tokens[:, made] = picked  # copies out of the graph's output buffers before the next replay
                 finished = now_finished.clone()
             else:

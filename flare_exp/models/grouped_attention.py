@@ -1,7 +1,7 @@
 """Decode-step attention that reads each key/value head once (``model.decode_attention=grouped``).
 
 Qwen3-VL-4B's language model has 32 query heads sharing 8 key/value heads. With attn_implementation=sdpa,
-transformers (4.57) lets SDPA share them (``enable_gqa``) only when there is no attention mask; a batch of
+transformers (5.17) lets SDPA share them (``enable_gqa``) only when there is no attention mask; a batch of
 left-padded prompts always has one, so every decode step copies the whole KV cache 4x (``repeat_kv``) in every
 layer and attention then reads the copy: in the decode profile those copies and the attention over them were
 most of a compiled decode step (docs/performance.md).
@@ -35,6 +35,10 @@ def grouped_decode_attention(module, query, key, value, attention_mask, dropout:
     groups = getattr(module, "num_key_value_groups", 1)
     batch, heads, q_len, head_dim = query.shape
     kv_heads = key.shape[1]
+    if attention_mask is not None and attention_mask.ndim == 4 and attention_mask.shape[-1] > key.shape[-2]:
+        # a mask made for a longer cache than the keys handed here: only its first keys apply (transformers 4.x
+        # trimmed it in its SDPA path; 5.x hands it to SDPA as it is, which refuses the shape)
+        attention_mask = attention_mask[..., : key.shape[-2]]
     foldable = (groups > 1 and q_len == 1 and kv_heads * groups == heads and attention_mask is not None
                 and attention_mask.ndim == 4 and attention_mask.shape[1] == 1
                 and not kwargs.get("output_attentions") and kwargs.get("head_mask") is None)
@@ -44,7 +48,7 @@ def grouped_decode_attention(module, query, key, value, attention_mask, dropout:
     # query head h uses key/value head h // groups (repeat_kv's layout): rows of one kv head are contiguous
     rows = query.reshape(batch, kv_heads, groups, head_dim)
     out = torch.nn.functional.scaled_dot_product_attention(
-        rows, key, value, attn_mask=attention_mask[:, :, :, : key.shape[-2]], dropout_p=dropout, scale=scaling)
+        rows, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling)
     return out.reshape(batch, heads, 1, head_dim).transpose(1, 2).contiguous(), None
 
 

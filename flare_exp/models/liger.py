@@ -4,6 +4,9 @@ tower's), patched into the loaded model. Its fused linear + cross-entropy is lef
 (sft.answer_logits_only) already never builds the full logits, and GRPO computes its own log-probabilities."""
 from __future__ import annotations
 
+# the release pinned in pyproject's gpu extra: the newest; liger-kernel 0.7+ runs on transformers 5 only
+LIGER_REQUIREMENT = "liger-kernel==0.8.5"
+
 
 def use_liger_kernels(model) -> None:
     import torch
@@ -17,8 +20,7 @@ def use_liger_kernels(model) -> None:
     try:
         from liger_kernel.transformers import apply_liger_kernel_to_qwen3_vl
     except ModuleNotFoundError as e:  # liger's own ImportErrors (a transformers it does not support) pass through
-        raise ImportError("model.liger_kernel=true needs the liger-kernel package: pip install "
-                          "liger-kernel==0.6.5 (the last release for transformers 4.x; offline nodes: add its wheel "
-                          "to the wheelhouse)") from e
+        raise ImportError(f"model.liger_kernel=true needs the liger-kernel package: pip install "
+                          f"{LIGER_REQUIREMENT} (in the gpu extra; offline nodes: the wheelhouse has it)") from e
     apply_liger_kernel_to_qwen3_vl(rope=True, rms_norm=True, fused_linear_cross_entropy=False,
                                    cross_entropy=False, model=model)

@@ -20,15 +20,31 @@ SETTINGS = ("collator", "model")
 
 class HostRopeIndex:
     """position_ids (3, batch, length) for a collated batch, by the model class's own ``get_rope_index`` run on
-    a stand-in holding only the model's config: no weights travel to the data loader's workers."""
+    a stand-in holding only the model's config and the class's position helper (``get_vision_position_ids``,
+    which reads no weights): no weights travel to the data loader's workers."""
 
     def __init__(self, model_class, config):
-        self.get_rope_index, self.owner = model_class.get_rope_index, types.SimpleNamespace(config=config)
+        self.model_class, self.config = model_class, config
+
+    def stand_in(self):
+        owner = types.SimpleNamespace(config=self.config)
+        helper = getattr(self.model_class, "get_vision_position_ids", None)
+        if helper is not None:
+            owner.get_vision_position_ids = types.MethodType(helper, owner)
+        return owner
 
     def __call__(self, batch: dict):
-        positions, _ = self.get_rope_index(self.owner, batch["input_ids"], batch.get("image_grid_thw"),
-                                           batch.get("video_grid_thw"), attention_mask=batch.get("attention_mask"))
-        return positions
+        return rope_index(self.model_class.get_rope_index.__get__(self.stand_in()), batch)
+
+
+def rope_index(get_rope_index, batch: dict):
+    """The positions ``get_rope_index`` (a bound method) gives a processor batch (its mm_token_type_ids tell
+    text, image and video tokens apart)."""
+    positions, _ = get_rope_index(batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"],
+                                  image_grid_thw=batch.get("image_grid_thw"),
+                                  video_grid_thw=batch.get("video_grid_thw"),
+                                  attention_mask=batch.get("attention_mask"))
+    return positions
 
 
 def rope_owner(model):
@@ -55,8 +71,7 @@ def host_rope_index(model, setting: str, sample_batch: dict | None = None):
         log.info("sft.rope_positions=collator: the model's rope index needs more than its config (%s); the "
                  "forward computes the positions itself", e)
         return None
-    own, _ = owner.get_rope_index(sample_batch["input_ids"], sample_batch.get("image_grid_thw"),
-                                  sample_batch.get("video_grid_thw"), attention_mask=sample_batch.get("attention_mask"))
+    own = rope_index(owner.get_rope_index, sample_batch)
     if not torch.equal(host, own.to(host.device)):
         raise RuntimeError("sft.rope_positions=collator: the collator's rope positions differ from the model's on "
                            "the first batch; rerun with sft.rope_positions=model")

@@ -1,14 +1,11 @@
-"""Qwen3-VL's vision encoder without its per-image Python loops (``model.vision_encoder=batched``).
+"""Qwen3-VL's vision encoder without its per-image attention loop (``model.vision_encoder=batched``).
 
-transformers (4.57) handles the images of a batch one by one in three places:
-- attention (attn_implementation=sdpa): one call per image in each of the 24 blocks: an IU_XRay batch of 8
-  two-view samples is 16 calls per block (recomputed under gradient checkpointing), an inference batch of 128 is
-  256. Images of the same size are stacked on the batch dimension instead (gathered next to each other first
-  when sizes alternate, as frontal and lateral views do): the same block-diagonal attention (each image
-  attends only to itself), one kernel per distinct size.
-- position embeddings (``fast_pos_embed_interpolate``, ``rot_pos_emb``): rebuilt for every image from Python
-  lists (4 x 1024 indices and weights per 512-px image, synchronising with the GPU per image). They depend on
-  the image's grid only, so they are built once per distinct grid and repeated.
+transformers (5.17) attends over the images of a batch one by one (attn_implementation=sdpa): one call per image
+in each of the 24 blocks: an IU_XRay batch of 8 two-view samples is 16 calls per block (recomputed under
+gradient checkpointing), an inference batch of 128 is 256. Images of the same size are stacked on the batch
+dimension instead (gathered next to each other first when sizes alternate, as frontal and lateral views do): the
+same block-diagonal attention (each image attends only to itself), one kernel per distinct size. (Its position
+embeddings are built for the whole batch at once since 5.x, from one read of the image grids.)
 Installed per module instance; ``per_image`` keeps transformers' own code. Same outputs and gradients (tested).
 """
 from __future__ import annotations
@@ -106,27 +103,11 @@ def batched_attention_forward(self, hidden_states, cu_seqlens, rotary_pos_emb=No
     return self.proj(attend(self, query, key, value, cu_seqlens).contiguous())
 
 
-def once_per_grid(original):
-    """A per-image position function computed once per distinct (t, h, w) grid, its rows repeated in order."""
-
-    def per_grid(self, grid_thw):
-        import torch
-
-        grids = [tuple(g) for g in grid_thw.tolist()]  # one synchronisation instead of one per image
-        distinct = list(dict.fromkeys(grids))
-        if len(distinct) == len(grids):
-            return original(self, grid_thw)
-        built = {g: original(self, torch.tensor([g], dtype=grid_thw.dtype)) for g in distinct}
-        return torch.cat([built[g] for g in grids])
-
-    return per_grid
-
-
 def use_batched_vision_encoder(model, setting: str, replace_foreign: bool = False) -> int:
-    """Install the batched attention (sdpa only) and per-grid position functions on Qwen3-VL's vision encoder.
-    Returns how many modules were changed; 0 when the setting says per_image, the model has no Qwen3-VL vision
-    encoder, or another library already replaced transformers' code (left alone unless replace_foreign: the
-    benchmark's way to try it over Unsloth's rewritten copy, checking the outputs first)."""
+    """Install the batched attention (sdpa only) on Qwen3-VL's vision encoder. Returns how many modules were
+    changed; 0 when the setting says per_image, the model has no Qwen3-VL vision encoder, or another library
+    already replaced transformers' code (left alone unless replace_foreign: the benchmark's way to try it over
+    Unsloth's rewritten copy, checking the outputs first)."""
     try:
         from transformers.models.qwen3_vl import modeling_qwen3_vl as qwen3_vl
     except ImportError:
@@ -138,28 +119,19 @@ def use_batched_vision_encoder(model, setting: str, replace_foreign: bool = Fals
         import torch
 
         _eager_block_diagonal_attention = torch.compiler.disable(block_diagonal_attention)
-    ours = qwen3_vl.__file__
-    attention, encoder = qwen3_vl.Qwen3VLVisionAttention, qwen3_vl.Qwen3VLVisionModel
-    position_functions = [name for name in ("fast_pos_embed_interpolate", "rot_pos_emb")
-                          if replace_foreign or getattr(encoder, name).__code__.co_filename == ours]
-    changed, left, has_encoder = 0, set(), False
+    attention = qwen3_vl.Qwen3VLVisionAttention
+    ours = attention.forward.__code__.co_filename == qwen3_vl.__file__
+    changed, left = 0, set()
     for module in model.modules():
         # flash_attention_2 already makes one varlen call; eager stays the reference
-        if isinstance(module, attention):
-            if ((replace_foreign or attention.forward.__code__.co_filename == ours)
-                    and module.config._attn_implementation == "sdpa"):
-                module.forward = types.MethodType(batched_attention_forward, module)
-                changed += 1
-            else:
-                left.add(f"attention ({module.config._attn_implementation}, {attention.forward.__code__.co_filename})")
-        elif isinstance(module, encoder):
-            has_encoder = True
-            for name in position_functions:
-                setattr(module, name, types.MethodType(once_per_grid(getattr(encoder, name)), module))
-                changed += 1
-    left |= {f"{name} ({getattr(encoder, name).__code__.co_filename})" for name in
-             ("fast_pos_embed_interpolate", "rot_pos_emb") if name not in position_functions}
-    if left and has_encoder:
+        if not isinstance(module, attention):
+            continue
+        if (replace_foreign or ours) and module.config._attn_implementation == "sdpa":
+            module.forward = types.MethodType(batched_attention_forward, module)
+            changed += 1
+        else:
+            left.add(f"attention ({module.config._attn_implementation}, {attention.forward.__code__.co_filename})")
+    if left:
         # e.g. Unsloth rewrites transformers' modeling code into its own compiled modules
         log.info("model.vision_encoder=batched: left as they are (code not transformers' own, or not sdpa): %s",
                  "; ".join(sorted(left)))

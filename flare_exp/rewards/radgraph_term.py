@@ -75,6 +75,9 @@ def get_scorer(model_dir, model_type: str, device: str = "auto"):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from radgraph import F1RadGraph
 
+        from flare_exp.rewards.radgraph_tokenizer import supply_radgraph_tokenizer_methods
+
+        supply_radgraph_tokenizer_methods()
         log.info("loading RadGraph %s from %s on %s", model_type, model_dir, "cpu" if cuda < 0 else f"cuda:{cuda}")
         import contextlib
         import io

@@ -170,8 +170,7 @@ def timed_batch(decode: Decoder, records: list[dict], images, number: int, run_d
     seconds = time.perf_counter() - t0
     if profile:
         profile.stop(run_dir / "profile.txt", f"batch {number} ({len(records)} reports)")
-    cache = getattr(decode.loop, "cache", None)
-    length = None if cache is None else cache.max_cache_len
+    length = getattr(decode.loop, "cache_length", None)
     log.debug("batch %d: %d reports in %.3f s, graph loop KV cache %s", number, len(records), seconds, length,
               extra={"batch_seconds": seconds, "loop_cache_length": length})
     return texts

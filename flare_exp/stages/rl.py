@@ -203,6 +203,10 @@ def run(cfg, out_dir: Path) -> dict:
     records, wanted = training_records(cfg, reward)
     torch.manual_seed(cfg.seed)
     loaded = load_model(cfg.model, init_from=rl.init_from, training=True, seed=cfg.seed)
+    # TRL pads the prompts on the left and encodes their images again for the loss with the processor's own
+    # padding side: both must agree, or the mm_token_type_ids (transformers 5) are shifted against the prompt
+    # tokens in a batch of unequal prompts (the processor saved by SFT pads on the right)
+    loaded.processor.tokenizer.padding_side = "left"
     chat = VisionChat(loaded.processor, abspath(cfg.data.root))
     records, skipped = prompts_that_fit(chat, records, prompt_limit, rl.on_too_long, out_dir)
     compiled_on_gpu = compiled and torch.cuda.is_available()  # torch.compile runs on GPUs only here

@@ -228,7 +228,7 @@ def training_args(cfg, out_dir: Path, report_to: str, model, evaluating: bool):
         bf16=bf16, fp16=fp16, remove_unused_columns=False, dataloader_pin_memory=torch.cuda.is_available(),
         **cpu_ranks_args(),
         include_num_input_tokens_seen="non_padding", report_to=report_to,
-        seed=cfg.seed, save_safetensors=True, disable_tqdm=False, logging_first_step=True,
+        seed=cfg.seed, disable_tqdm=False, logging_first_step=True,
     )
 
 

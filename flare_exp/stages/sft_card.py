@@ -14,6 +14,7 @@ import copy
 import logging
 from importlib.util import find_spec
 
+from flare_exp.models.liger import LIGER_REQUIREMENT
 from flare_exp.runtime import check_choice
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ def apply_card_preset(cfg):
     changes = large_card_changes(cfg, liger)
     if not liger and not cfg.model.liger_kernel:
         log.info("sft.card_preset: liger-kernel is not installed, so Liger's kernels stay off (~1.3x of the "
-                 "large-card speed-up; pip install liger-kernel==0.6.5)")
+                 "large-card speed-up; pip install %s)", LIGER_REQUIREMENT)
     if not changes:
         return cfg, {}, card
     used = copy.deepcopy(cfg)

@@ -94,8 +94,11 @@ def test_the_scripted_judge_writes_its_judgments(scripted_judge):
     outputs = judge.judge([REFERENCE] * len(CANDIDATES), CANDIDATES)
     # the package's cleaning keeps what follows the last "<|assistant|>" ("\n", then the judgment), then what
     # follows the judgment's own "[Explanation]:" where it has one
-    cleaned = [j.split("[Explanation]:", 1)[1] for j in JUDGMENTS[:3]] + ["\n" + JUDGMENTS[3]]
-    assert outputs == [cleaned[0], cleaned[1], cleaned[2], cleaned[3], cleaned[0]]
+    # (the unreadable one is one added token right after the prompt's "\n": transformers 5 decodes an added
+    # token without the whitespace before it, so only its text is compared)
+    cleaned = [j.split("[Explanation]:", 1)[1] for j in JUDGMENTS[:3]]
+    assert outputs[:3] + outputs[4:] == [cleaned[0], cleaned[1], cleaned[2], cleaned[0]]
+    assert outputs[3].strip() == JUDGMENTS[3]
     assert [green_score(parse_green(o)) for o in outputs] == pytest.approx(SCORES)
     robust, samples = GreenJudge(judge.model, judge.tokenizer, batch_size=3, parser="robust").score(
         [REFERENCE] * len(CANDIDATES), CANDIDATES)

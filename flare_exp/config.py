@@ -12,6 +12,9 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from flare_exp.eval_config import (CheXbertConfig, CrimsonConfig, EvalConfig, GreenConfig,  # noqa: F401
+                                   KeywordMetricsConfig, SignificanceConfig)
+
 
 @dataclass
 class StageConfig:
@@ -332,90 +335,6 @@ class InferConfig:
     merge_adapter: bool = True
     # Where images are resized and patched: auto = the model's device (GPU when there is one), or cpu.
     image_device: str = "auto"
-
-
-@dataclass
-class KeywordMetricsConfig:
-    # utils/metrics.py of a local checkout of medfm-flare/FLARE25-QWen2.5VL: its keyword heuristics are run
-    # as they are and reported as keyword_green / keyword_clinical_efficacy (comparison with published numbers).
-    module: Optional[str] = None
-
-
-@dataclass
-class GreenConfig:
-    model_path: Optional[str] = None
-    # Prompts judged together (length-sorted). The package judges 8 at a time in input order. The batch is not
-    # only speed: a batch shares one total length (max_length), so a judgment that reaches it is cut where its
-    # batch-mates leave it, and fp16 near-ties can flip (docs/metrics.md). GREEN-radllama2-7b has no grouped-
-    # query attention: its KV cache is 0.5 MiB per token, so a batch of 16 at the full 2,048 tokens is ~16 GiB
-    # beside its 13.5 GiB of fp16 weights. Lower it on small cards.
-    batch_size: int = 16
-    # The package's batching for FLARE's number: 8 at a time in input order, repeats judged again, generate
-    # (unless decode_loop=graph), no max_new_tokens. Slower; every judgment as the package makes it.
-    exact: bool = False
-    # The package's total length (prompt + judgment) and its input truncation.
-    max_length: int = 2048
-    # A tighter cap on the judgment's tokens; null = the package's (max_length minus the prompt).
-    max_new_tokens: Optional[int] = None
-    dtype: str = "float16"  # the package's; bfloat16 | float32
-    # auto: the graph decode loop on a GPU (static cache, compiled step), generate on the CPU; generate; graph.
-    decode_loop: str = "auto"
-    # package: the GREEN package's parser (its numbers); robust: also reads counts without a trailing period
-    # or sections without blank lines, and leaves unreadable outputs out of the mean (not the package's number).
-    parser: str = "package"
-
-
-@dataclass
-class CrimsonConfig:
-    # CRIMSON's judge (rajpurkarlab/medgemma-4b-it-crimson, downloaded): null = CRIMSON not computed.
-    model_path: Optional[str] = None
-    # Reports judged together (length-sorted, left-padded); 1 is the package's way (its pipeline, one at a time).
-    batch_size: int = 8
-    # A tighter cap on a judgment's tokens; null = the package's (the judge's generation_config.json, else 8192).
-    max_new_tokens: Optional[int] = None
-    dtype: str = "bfloat16"  # the package's; float16 | float32
-    # auto: the graph decode loop on a GPU where the judge allows it (not MedGemma: sliding-window layers),
-    # generate elsewhere; generate; graph (an error where the judge does not allow it).
-    decode_loop: str = "auto"
-
-
-@dataclass
-class SignificanceConfig:
-    # Comparison mode (several predictions files): paired bootstrap intervals and a paired permutation test
-    # per official metric for every pair of runs, on the samples they share. 0 turns it off.
-    resamples: int = 1000
-    seed: int = 0
-    # Paired approximate randomization (the test RadEval reports) beside the permutation test: its trials;
-    # 0 turns it off.
-    ar_trials: int = 10000
-    # The correction across the family of tests in one report (every pair of runs x official metric):
-    # holm (family-wise error rate), bh (Benjamini-Hochberg, false discovery rate) or none. Raw and adjusted
-    # p-values are both reported.
-    correction: str = "holm"
-
-
-@dataclass
-class CheXbertConfig:
-    # chexbert.pth (stanfordmlgroup/CheXbert, 1.31 GB) and a local bert-base-uncased dir (config + tokenizer).
-    path: Optional[str] = None
-    encoder_path: Optional[str] = None
-    # Uncertain (class 3) counted as positive (true) or negative (false): it changes results, so it is named.
-    uncertain_as_positive: bool = True
-    batch_size: int = 16
-
-
-@dataclass
-class EvalConfig:
-    # One predictions.jsonl, or several (comparison mode), or run dirs holding one.
-    predictions: List[str] = field(default_factory=list)
-    green: GreenConfig = field(default_factory=GreenConfig)
-    crimson: CrimsonConfig = field(default_factory=CrimsonConfig)
-    significance: SignificanceConfig = field(default_factory=SignificanceConfig)
-    radgraph: bool = True
-    chexbert: CheXbertConfig = field(default_factory=CheXbertConfig)
-    keyword_metrics: KeywordMetricsConfig = field(default_factory=KeywordMetricsConfig)
-    # Score an unfinished infer run (no DONE marker) as it stands; the report then says "partial: n of N".
-    allow_partial: bool = False
 
 
 @dataclass

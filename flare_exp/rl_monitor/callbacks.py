@@ -228,7 +228,7 @@ def build_monitor(cfg, out_dir: Path, reward, task_types: list[str], chat, meta)
     heldout = HeldOutEval(cfg, out_dir, task_types, chat) if rl.eval_steps else None
     pruner = None
     if rl.optuna_trial is not None:
-        from flare_exp.optuna_search import trial_pruner
+        from flare_exp.optuna_pruning import trial_pruner
 
         pruner = trial_pruner(Path(rl.optuna_study), rl.optuna_trial)
     return GRPOMonitor(cfg, out_dir, reward, rollouts, heldout, meta, pruner)

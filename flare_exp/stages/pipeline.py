@@ -13,7 +13,7 @@ from pathlib import Path
 from omegaconf import OmegaConf, open_dict
 
 from flare_exp import stages
-from flare_exp.optuna_search import pruned_summary
+from flare_exp.optuna_pruning import pruned_summary
 from flare_exp.run.lifecycle import Run, reusable
 from flare_exp.runtime import barrier, ranks
 

@@ -336,7 +336,7 @@ def compare(results: dict, samples: dict, resamples: int, seed: int, ar_trials: 
     return tests, warnings
 
 
-def write_scored_sheet(path: Path, rows: list[dict], label: str, samples: dict, result: dict) -> None:
+def write_scored_sheet(path: Path, rows: list[dict], label: str, samples: dict, result: dict | None = None) -> None:
     """The predictions with a score per row, each task's worst first (a reviewer's reading order), and the
     run's metrics on a sheet beside them."""
     from flare_exp.metrics.report import metric_rows
@@ -349,7 +349,7 @@ def write_scored_sheet(path: Path, rows: list[dict], label: str, samples: dict, 
                "score_kind": scores.get(r["id"], (None, ""))[1]} for r in rows]  # a hand-made file may lack fields
     write_sheet(path, worst_first(scored), label, extra=("score", "score_kind"),
                 adapter=next((r["adapter"] for r in rows if r.get("adapter")), None),  # infer's rows name it
-                metrics=metric_rows(result))
+                metrics=metric_rows(result) if result else None)
 
 
 def judge_shares(cfg, scorers: ReportScorers, entries: list, rank: int, world: int) -> None:

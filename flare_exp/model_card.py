@@ -28,7 +28,9 @@ def last_logged(history: list[dict]) -> dict:
 
 
 def number(v) -> str:
-    return f"{v:.4f}" if isinstance(v, float) else str(v)
+    from flare_exp.metrics.report import four_decimals
+
+    return four_decimals(v) if isinstance(v, float) else str(v)
 
 
 def card_text(stage: str, cfg, base_model: str, data: list[dict], step: int, history: list[dict],

@@ -33,11 +33,17 @@ OFFICIAL_NOTES = [
 ]
 
 
+def four_decimals(v: float) -> str:
+    """A finite float with four decimals, never "-0.0000" (a loss of -1e-7 reads as 0)."""
+    text = f"{v:.4f}"
+    return "0.0000" if text == "-0.0000" else text
+
+
 def fmt(v) -> str:
     if v is None:
         return "n/a"
     if isinstance(v, float):
-        return "Infinity" if math.isinf(v) else f"{v:.4f}"
+        return "Infinity" if math.isinf(v) else "NaN" if math.isnan(v) else four_decimals(v)
     return str(v)
 
 

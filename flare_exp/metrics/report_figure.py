@@ -29,12 +29,10 @@ def value_label(metric: str, value) -> str:
 
 
 def missing_note(metric: str, values: list) -> str | None:
-    """Why no run has a number to draw, and where to look."""
+    """Why no run has a number to draw, and where to look (a judge not configured)."""
     if all(v is None for v in values):
         return "not computed" + ("\nno GREEN judge\n(eval.green.model_path)" if metric == "green_score" else "")
-    if all(v is not None and not math.isfinite(v) for v in values):
-        return "infinite: a prediction that\nfloat() cannot read\n(see mae_parseable)"
-    return None
+    return None  # an infinite error has its own hatched bar and label
 
 
 def panel(ax, title: str, metric: str, labels: list[str], values: list, errors: list | None) -> None:

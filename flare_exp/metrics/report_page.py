@@ -9,16 +9,16 @@ import re
 from dataclasses import dataclass, field
 
 # A number (fixed digits come from the caller), an interval, or a placeholder for a missing one.
-NUMERIC = re.compile(r"^(-?\d+(\.\d+)?|\[-?\d+\.\d+, -?\d+\.\d+\]|n/a|Infinity|-?inf|infinite)$")
+NUMERIC = re.compile(r"^(-?\d+(\.\d+)?|\[-?\d+\.\d+, -?\d+\.\d+\]|n/a|NaN|Infinity|-?inf|infinite)$")
 
 STYLE = ("body{font-family:Helvetica,Arial,sans-serif;font-size:15px;line-height:1.4;color:#222;max-width:64em;"
          "margin:1.5em auto;padding:0 1em}h1{font-size:1.6em;margin-bottom:.2em}h2{font-size:1.25em;"
          "margin-top:1.8em;border-bottom:1px solid #ddd}.meta{color:#555;margin-top:0}table{border-collapse:"
-         "collapse;margin:.6em 0 1em;max-width:100%;font-size:.92em}td,th{border:1px solid #ccc;padding:3px 8px;"
-         "text-align:left;vertical-align:top;overflow-wrap:anywhere}th{background:#f3f3f3}th.num{text-align:right}"
-         "td.num{text-align:right;white-space:nowrap;font-variant-numeric:tabular-nums;font-family:Menlo,Consolas,"
+         "collapse;margin:.6em 0 1em;max-width:100%;font-size:.92em}td,th{border:1px solid #ccc;padding:3px 6px;"
+         "text-align:left;vertical-align:top;overflow-wrap:break-word}th{background:#f3f3f3}th.num{text-align:right}"
+         "td.num{text-align:right;font-variant-numeric:tabular-nums;font-family:Menlo,Consolas,"
          "monospace}"
-         "img{max-width:100%;height:auto}ul.caveats li{margin:.3em 0}.notes{color:#444;font-size:.92em}"
+         "td.sub{padding-left:2em;color:#444}img{max-width:100%;height:auto}ul.caveats li{margin:.3em 0}.notes{color:#444;font-size:.92em}"
          "code{font-size:.95em}")
 
 
@@ -40,12 +40,18 @@ def numeric_columns(header: list[str], rows: list[list[str]]) -> list[bool]:
     return [k > 0 and bool(rows) and all(numeric(r[k]) for r in rows) for k in range(len(header))]
 
 
+def breakable(text: str) -> str:
+    """Escaped text that may wrap after "_" and "/" (metric names, paths) rather than inside a word."""
+    return re.sub(r"([_/])", r"\1<wbr>", html.escape(text))
+
+
 def html_table(header: list[str], rows: list[list[str]]) -> str:
     right = numeric_columns(header, rows)
 
     def cell(tag, text, k):
         align = " class='num'" if right[k] or (tag == "td" and k > 0 and numeric(text)) else ""
-        return f"<{tag}{align}>{html.escape(text)}</{tag}>"
+        align = " class='sub'" if k == 0 and tag == "td" and text.startswith("  ") else align  # a row under one
+        return f"<{tag}{align}>{breakable(text)}</{tag}>"
 
     return ("<table><tr>" + "".join(cell("th", h, k) for k, h in enumerate(header)) + "</tr>" +
             "".join("<tr>" + "".join(cell("td", c, k) for k, c in enumerate(r)) + "</tr>" for r in rows) +

@@ -1,12 +1,13 @@
-"""The worksheets we write (infer's predictions.xlsx, eval's scored.xlsx): one row per question, frozen header,
-filters, wrapped text and set column widths; untrusted text is stored as text, never as a formula."""
+"""The worksheets we write (infer's predictions.xlsx; eval's scored.xlsx, with a score per row and a metrics
+sheet): one row per question, frozen header, filters, wrapped text and set column widths; untrusted text is
+stored as text, never as a formula."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
 PREDICTION_WIDTHS = (38, 60, 50, 50, 16, 18, 30)  # ImageName, Question, Answer, prediction, Dataset, TaskType, id
-EXTRA_WIDTH = 18  # eval's score columns
+EXTRA_WIDTHS = {"score": 12, "score_kind": 40}  # eval's score columns; others 18
 
 
 def write_sheet(path: Path, rows: list[dict], label: str, extra: tuple[str, ...] = (), adapter: dict | None = None,
@@ -26,7 +27,7 @@ def write_sheet(path: Path, rows: list[dict], label: str, extra: tuple[str, ...]
         values = [name, r["question"], r["answer"], r["prediction"], r["dataset"], r["task_type"], r["id"],
                   *(r.get(k) for k in extra)]
         body.append([json.dumps(v, ensure_ascii=False) if isinstance(v, (list, dict)) else v for v in values])
-    fill_sheet(ws, header, body, PREDICTION_WIDTHS + (EXTRA_WIDTH,) * len(extra), wrap=True)
+    fill_sheet(ws, header, body, PREDICTION_WIDTHS + tuple(EXTRA_WIDTHS.get(k, 18) for k in extra), wrap=True)
     if metrics:
         fill_sheet(wb.create_sheet("metrics"), list(metrics[0]), [list(m) for m in metrics[1:]],
                    (48,) + (22,) * (len(metrics[0]) - 1), wrap=False)
@@ -35,6 +36,21 @@ def write_sheet(path: Path, rows: list[dict], label: str, extra: tuple[str, ...]
     about.append(["adapter sha256", (adapter or {}).get("sha256") or ""])
     about.column_dimensions["A"].width, about.column_dimensions["B"].width = 16, 80
     save_workbook(wb, path)
+
+
+def write_scored_sheet(path: Path, rows: list[dict], label: str, samples: dict, result: dict | None = None) -> None:
+    """The predictions with a score per row, each task's worst first (a reviewer's reading order), and the
+    run's metrics on a sheet beside them."""
+    from flare_exp.metrics.report import metric_rows
+    from flare_exp.metrics.row_scores import row_scores, worst_first
+
+    scores = row_scores(rows, samples)
+    blank = {"image_name": "", "question": "", "answer": None, "prediction": None, "dataset": ""}
+    scored = [{**blank, **r, "score": scores.get(r["id"], (None, ""))[0],
+               "score_kind": scores.get(r["id"], (None, ""))[1]} for r in rows]  # a hand-made file may lack fields
+    write_sheet(path, worst_first(scored), label, extra=("score", "score_kind"),
+                adapter=next((r["adapter"] for r in rows if r.get("adapter")), None),  # infer's rows name it
+                metrics=metric_rows(result) if result else None)
 
 
 def fill_sheet(ws, header: list[str], rows: list[list], widths: tuple[int, ...], wrap: bool) -> None:

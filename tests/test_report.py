@@ -124,7 +124,7 @@ def test_scored_sheet_has_a_metrics_sheet_and_scores_every_regression_row(tmp_pa
     from openpyxl import load_workbook
 
     from flare_exp.metrics.official import regression_stats
-    from flare_exp.stages.evaluate import write_scored_sheet
+    from flare_exp.sheets import write_scored_sheet
 
     preds = ["12.5", "about 22.9%", "none visible"]
     rows = [{"id": f"r{k}", "task_type": "regression", "dataset": "boneresorption", "image_name": "x.png",

@@ -19,6 +19,7 @@ from flare_exp.metrics.report import write_reports
 from flare_exp.metrics.significance import adjust_p_values, bootstrap_interval, correct_family
 from flare_exp.run.record import DONE
 from flare_exp.runtime import abspath, barrier, infer_input_file, ranks
+from flare_exp.sheets import write_scored_sheet
 
 log = logging.getLogger(__name__)
 TASK_METRICS = {"classification": tasks.classification_metrics, "multi_label": tasks.multi_label_metrics,
@@ -334,22 +335,6 @@ def compare(results: dict, samples: dict, resamples: int, seed: int, ar_trials: 
                 test["ar_trials"] = ar_trials
             tests.append(test)
     return tests, warnings
-
-
-def write_scored_sheet(path: Path, rows: list[dict], label: str, samples: dict, result: dict | None = None) -> None:
-    """The predictions with a score per row, each task's worst first (a reviewer's reading order), and the
-    run's metrics on a sheet beside them."""
-    from flare_exp.metrics.report import metric_rows
-    from flare_exp.metrics.row_scores import row_scores, worst_first
-    from flare_exp.sheets import write_sheet
-
-    scores = row_scores(rows, samples)
-    blank = {"image_name": "", "question": "", "answer": None, "prediction": None, "dataset": ""}
-    scored = [{**blank, **r, "score": scores.get(r["id"], (None, ""))[0],
-               "score_kind": scores.get(r["id"], (None, ""))[1]} for r in rows]  # a hand-made file may lack fields
-    write_sheet(path, worst_first(scored), label, extra=("score", "score_kind"),
-                adapter=next((r["adapter"] for r in rows if r.get("adapter")), None),  # infer's rows name it
-                metrics=metric_rows(result) if result else None)
 
 
 def judge_shares(cfg, scorers: ReportScorers, entries: list, rank: int, world: int) -> None:

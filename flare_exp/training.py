@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from transformers import TrainerCallback
 
 from flare_exp.io import file_fingerprint
+from flare_exp.model_card import write_model_cards
 from flare_exp.models.checkpoints import (check_training_state, incomplete, list_checkpoints, mark_complete,
                                          newest_complete, write_meta)
 from flare_exp.runtime import abspath, world_size
@@ -55,6 +56,7 @@ def train_and_save(trainer, stage: str, cfg, out_dir: Path, meta: "CheckpointMet
         lead = trainer.is_world_process_zero()  # a data-parallel job's other ranks write nothing
         if lead:
             meta.write(final, step=trainer.state.global_step, **(final_meta(trainer) if final_meta else {}))
+            write_model_cards(out_dir, stage, cfg, meta.base, meta.fingerprints, trainer.state)  # not TRL's card
     finally:
         finish_tracking(report_to)
     if lead:

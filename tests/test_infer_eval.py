@@ -108,36 +108,7 @@ def test_eval_demo_and_comparison(base_overrides, sft_adapter, tmp_path):
     assert trained["checkpoint"] == str(sft_adapter / "final") and len(trained["adapter_sha256"]) == 64
     page = (tmp_path / "eval" / "report.html").read_text()
     assert page.index("Official numbers") < page.index("Runs evaluated") < page.index("all metrics")
-    assert "flare-exp commit" in page and "<a href='metrics.json'>" in page and "<a href='scored_1.xlsx'>" in page
-
-
-def test_the_metrics_plot_has_intervals_per_run_and_dataset_panels(tmp_path):
-    """The official metric per task type first (runs side by side, 95% intervals), then one panel per dataset."""
-    import numpy as np
-
-    from flare_exp.metrics import report
-    from flare_exp.metrics.significance import bootstrap_interval
-
-    stats = np.array([[1.0, 0.0], [0.0, 0.0], [1.0, 0.0], [1.0, 0.0]])  # classification: correct?, class
-    interval = bootstrap_interval("classification", stats, resamples=200)
-    assert interval is not None and 0 <= interval[0] <= interval[1] <= 1
-    assert bootstrap_interval("classification", stats, resamples=0) is None
-    drawn = []
-    original = report._panel
-    report._panel = lambda ax, title, metric, labels, values, errors: (drawn.append((title, metric, values, errors)),
-                                                                       original(ax, title, metric, labels, values,
-                                                                                errors))
-    try:
-        results = {run: {"official": {"classification": {"balanced_accuracy": v},
-                                      "regression": {"mean_absolute_error": float("inf")}},
-                         "official_by_dataset": {"dental": {"balanced_accuracy": v}}} for run, v in
-                   (("a", 0.5), ("b", 0.75))}
-        report.plot(tmp_path / "m.png", results, {"a": {"classification": [0.2, 0.8]}, "b": {}})
-    finally:
-        report._panel = original
-    assert [d[0] for d in drawn] == ["official: classification", "official: regression", "dental"]
-    assert drawn[0][2] == [0.5, 0.75] and drawn[0][3] == [[0.2, 0.8], None] and drawn[2][3] is None
-    assert (tmp_path / "m.png").stat().st_size > 1000
+    assert "flare-exp commit" in page and "<code>metrics.json</code>" in page and "<code>scored_1.xlsx</code>" in page
 
 
 def _rows(task, dataset, pairs):
@@ -468,8 +439,9 @@ def test_eval_writes_a_sheet_scored_per_row_worst_first(base_overrides, sft_adap
     header = [c.value for c in ws[1]]
     assert header[-2:] == ["score", "score_kind"]
     kinds = {ws.cell(i, 6).value: ws.cell(i, 9).value for i in range(2, ws.max_row + 1)}
-    assert kinds == {"classification": "correct (1/0)", "multi_label": "label F1", "regression": "absolute error",
+    assert kinds == {"classification": "correct (1/0)", "multi_label": "label F1", "regression": kinds["regression"],
                      "report_generation": "ROUGE-L"}
+    assert kinds["regression"] == "absolute error" or kinds["regression"].startswith(("absolute error", "no number"))
     # by hand: FLARE's per-sample numbers
     rows = [{"id": "c", "task_type": "classification"}, {"id": "m", "task_type": "multi_label"},
             {"id": "r", "task_type": "regression"}, {"id": "x", "task_type": "regression"}]
@@ -480,4 +452,4 @@ def test_eval_writes_a_sheet_scored_per_row_worst_first(base_overrides, sft_adap
     assert scores["c"][0] == 1.0 and scores["m"][0] == 2 / 3 and scores["r"][0] == 2.5 and scores["x"][0] is None
     ordered = worst_first([{"task_type": "regression", "score": 1.0}, {"task_type": "regression", "score": 5.0},
                            {"task_type": "regression", "score": None}])
-    assert [r["score"] for r in ordered] == [5.0, 1.0, None]
+    assert [r["score"] for r in ordered] == [None, 5.0, 1.0]  # no number at all: the worst answer

@@ -165,6 +165,8 @@ def test_sweep_report_ranks_by_the_official_metric_and_draws_a_2d_sweep_as_a_hea
     assert drawn == [(["reward.x.weights.a", "reward.x.weights.b"], key)]
     assert "Ranked by official/classification/balanced_accuracy (highest first" in (
         sweep / "report" / "sweep.md").read_text()
+    page = (sweep / "report" / "sweep.html").read_text()  # one page to send: the figure inside, numbers aligned
+    assert "src='data:image/png;base64," in page and "<td class='num'>0.6000</td>" in page and "href=" not in page
     with pytest.raises(ValueError, match="sweep_report.rank_by=nope: no job has it"):
         run(compose_cfg(["stage=sweep_report", f"sweep_report.sweep_dir={sweep}", "sweep_report.rank_by=nope",
                          "overwrite=true"]), run_dir=tmp_path / "r2")

@@ -1,16 +1,19 @@
 """The eval stage's report: report.md, report.html and metrics.png from metrics.json's content.
 
-The first table holds FLARE's official numbers (what the leaderboard would show); the notes under it say how
-each differs from our own variants, which follow per task type.
+Results first: FLARE's official numbers (what the leaderboard would show), the figure, the significance tests;
+then the caveats (lines the eval results carry: a partial run, empty predictions, a run's ``caveats`` list),
+what was evaluated, our own variants per task type, and how the official numbers are computed. Paths are shown
+relative to the output root.
 """
 from __future__ import annotations
 
-import html
 import math
+import os
 from pathlib import Path
 
 from flare_exp.io import write_text
 from flare_exp.metrics.official import FLARE_TASK_TYPE, LOWER_IS_BETTER, OFFICIAL_METRIC
+from flare_exp.metrics.report_page import Block, to_html, to_markdown
 
 OFFICIAL_NOTES = [
     "Official numbers follow FLARE's evaluator: tasks grouped by task type across datasets (chestdr and "
@@ -30,11 +33,17 @@ OFFICIAL_NOTES = [
 ]
 
 
+def four_decimals(v: float) -> str:
+    """A finite float with four decimals, never "-0.0000" (a loss of -1e-7 reads as 0)."""
+    text = f"{v:.4f}"
+    return "0.0000" if text == "-0.0000" else text
+
+
 def fmt(v) -> str:
     if v is None:
         return "n/a"
     if isinstance(v, float):
-        return "Infinity" if math.isinf(v) else f"{v:.4f}"
+        return "Infinity" if math.isinf(v) else "NaN" if math.isnan(v) else four_decimals(v)
     return str(v)
 
 
@@ -82,8 +91,8 @@ def variant_tables(results: dict) -> list[tuple[str, list[str], list[list[str]]]
     return out
 
 
-SIGNIFICANCE_HEADER = ["comparison", "metric", "A", "B", "B - A", "95% interval of B - A", "p (permutation)",
-                       "p adjusted", "p (approx. randomization)", "p adjusted", "n"]
+SIGNIFICANCE_HEADER = ["comparison", "metric", "A", "B", "B - A", "95% interval of B - A", "p (perm.)",
+                       "p adj.", "p (AR)", "p adj.", "n"]
 
 
 def significance_rows(tests: list[dict]) -> list[list[str]]:
@@ -105,130 +114,131 @@ def significance_notes(family: dict | None) -> list[str]:
     return notes
 
 
-def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows), ""]
+RUN_FIELDS = (("split", "split"), ("n", "n"), ("model", "model"), ("model_path", "model path"),
+              ("backend", "backend"), ("checkpoint", "adapter"), ("adapter_sha256", "adapter sha256"),
+              ("finished", "predicted"), ("commit", "commit"), ("file", "predictions"))
+SHORT_HASH = 12
 
 
-def html_table(header: list[str], rows: list[list[str]]) -> str:
-    return ("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>" +
-            "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows) + "</table>")
+def shown_path(value, root: Path | None) -> str:
+    """A path relative to the output root when it lies under it (what a colleague with the same tree finds)."""
+    text = str(value)
+    if root is None or not os.path.isabs(text):
+        return text
+    try:
+        return os.path.relpath(text, root) if Path(text).resolve().is_relative_to(root.resolve()) else text
+    except (OSError, ValueError):
+        return text
 
 
-RUN_FIELDS = (("model", "model"), ("model_path", "model path"), ("backend", "backend"),
-              ("checkpoint", "adapter"), ("adapter_sha256", "adapter sha256"), ("finished", "predicted"),
-              ("commit", "commit"))
+def short_hash(value) -> str:
+    """A commit or sha256 cut to its first characters (enough to tell runs apart); a -dirty mark kept."""
+    text = str(value)
+    return text[:SHORT_HASH] + ("-dirty" if text.endswith("-dirty") else "") if len(text) > SHORT_HASH else text
 
 
-def runs_table(results: dict) -> tuple[list[str], list[list[str]]]:
-    """What each evaluated run is: its predictions file, split, n, and what its infer run recorded."""
-    rows = [[label, res.get("split") or "n/a", str(res["n"]), *(str(res.get("run", {}).get(k) or "n/a")
-                                                                for k, _ in RUN_FIELDS), res["file"]]
-            for label, res in results.items()]
-    return ["run", "split", "n", *(title for _, title in RUN_FIELDS), "predictions"], rows
+def runs_table(results: dict, root: Path | None = None) -> tuple[list[str], list[list[str]]]:
+    """What each evaluated run is, one column per run (a row per field keeps the table inside the page)."""
+    def field(res: dict, key: str) -> str:
+        value = res.get(key) if key in ("split", "n", "file") else res.get("run", {}).get(key)
+        if value in (None, ""):
+            return "n/a"
+        if key in ("commit", "adapter_sha256"):
+            return short_hash(value)
+        return shown_path(value, root) if key in ("model_path", "checkpoint", "file") else str(value)
+
+    return ["run", *results], [[title, *(field(res, key) for res in results.values())] for key, title in RUN_FIELDS]
+
+
+def caveat_lines(results: dict, warnings: list[str], caveats: list[str] | None = None) -> list[str]:
+    """What a reader must know before trusting the numbers: ``caveats`` (the eval's own), each run's
+    ``caveats`` list and state (partial, empty predictions, unchecked answers), the official blocks' notes,
+    and the significance warnings."""
+    runs_of: dict[str, list[str]] = {}  # a line shared by several runs is said once, naming them all
+    for label, res in results.items():
+        lines = list(res.get("caveats", []))
+        if res.get("partial"):
+            lines.append(res["partial"])
+        if res.get("empty_predictions"):
+            lines.append(f"{res['empty_predictions']} empty (null or non-text) prediction(s), scored as empty answers")
+        if res.get("answers_note"):
+            lines.append(res["answers_note"])
+        for task, block in res["official"].items():
+            note = (block or {}).get("note") or (block or {}).get(OFFICIAL_METRIC[task]) is None and \
+                res["by_task"].get(task, {}).get(OFFICIAL_METRIC[task].split("_")[0] + "_note")
+            if note:
+                lines.append(f"{FLARE_TASK_TYPE[task]}: {note}")
+        for line in lines:
+            runs_of.setdefault(line, []).append(label)
+    return [*(caveats or []), *(f"{', '.join(labels)}: {line}" for line, labels in runs_of.items()), *warnings]
 
 
 def output_files(out_dir: Path) -> list[str]:
-    """The eval's own files, for the report's list (links relative to the report)."""
+    """The eval's own files, for the report's list."""
     return sorted(p.name for p in out_dir.iterdir() if p.is_file() and not p.name.startswith(".")
                   and p.suffix in (".json", ".jsonl", ".md", ".html", ".png", ".xlsx", ".yaml"))
 
 
+def report_blocks(out_dir: Path, results: dict, tests: list[dict], warnings: list[str], family: dict | None,
+                  root: Path | None, caveats: list[str] | None) -> list[Block]:
+    header, rows = official_table(results)
+    blocks = [Block("h2", "Official numbers (FLARE's evaluator)"), Block("table", header=header, items=rows),
+              Block("figure", "FLARE's official metric per task type, runs side by side",
+                    png=(out_dir / "metrics.png").read_bytes())]
+    if tests:
+        blocks += [Block("h2", "Significance (paired, on shared samples)"),
+                   Block("table", header=SIGNIFICANCE_HEADER, items=significance_rows(tests)),
+                   Block("notes", items=significance_notes(family))]
+    lines = caveat_lines(results, warnings, caveats)
+    blocks += [Block("h2", "Caveats"), Block("list", items=lines or ["none recorded"])]
+    run_head, run_rows = runs_table(results, root)
+    blocks += [Block("h2", "Runs evaluated"), Block("table", header=run_head, items=run_rows)]
+    for task, notes, head, task_rows in variant_tables(results):
+        blocks += [Block("h2", f"{task}: all metrics"), Block("table", header=head, items=task_rows)]
+        if notes:
+            blocks.append(Block("notes", items=notes))
+    files = sorted(set(output_files(out_dir) + ["report.md", "report.html"]))
+    blocks += [Block("h2", "How the official numbers are computed"), Block("notes", items=OFFICIAL_NOTES),
+               Block("h2", "Files"), Block("files", f"Beside this report, in {shown_path(out_dir, root)}:",
+                                           items=files)]
+    return blocks
+
+
 def write_reports(out_dir: Path, results: dict, tests: list[dict], warnings: list[str],
-                  intervals: dict | None = None, family: dict | None = None) -> None:
-    """report.md, report.html and metrics.png; ``intervals``: label -> task -> 95% bootstrap interval of the
-    official metric (the plot's error bars)."""
+                  intervals: dict | None = None, family: dict | None = None, root: Path | None = None,
+                  caveats: list[str] | None = None) -> None:
+    """metrics.png, report.md and report.html; ``intervals``: label -> task -> 95% bootstrap interval of the
+    official metric (the plot's error bars); ``root``: the output root paths are shown relative to;
+    ``caveats``: lines for the report's caveats list (each result's own ``caveats`` list joins them)."""
     import datetime
 
+    from flare_exp.metrics.report_figure import plot
     from flare_exp.run.record import git_commit
 
-    sections = []  # (title, paragraphs, header, rows)
-    header, rows = official_table(results)
-    sections.append(("Official numbers (FLARE's evaluator)", OFFICIAL_NOTES, header, rows))
-    status = [f"{lab}: {res['partial']}" for lab, res in results.items() if res.get("partial")]
-    status += [f"{lab}: {res['empty_predictions']} empty (null or non-text) prediction(s), scored as empty answers"
-               for lab, res in results.items() if res.get("empty_predictions")]
-    status += [f"{lab}: {res['answers_note']}" for lab, res in results.items() if res.get("answers_note")]
-    if tests or warnings:
-        sections.append(("Significance (paired, on shared samples)", significance_notes(family) + warnings,
-                         SIGNIFICANCE_HEADER, significance_rows(tests)))
-    for task, notes, head, task_rows in variant_tables(results):
-        sections.append((f"{task}: all metrics", notes, head, task_rows))
-    run_head, run_rows = runs_table(results)
-    sections.insert(1, ("Runs evaluated", [], run_head, run_rows))
-    made = (f"evaluated {datetime.datetime.now().isoformat(timespec='seconds')}, flare-exp commit "
-            f"{git_commit() or 'unknown'}")
+    meta = (f"evaluated {datetime.datetime.now().isoformat(timespec='seconds')}, flare-exp commit "
+            f"{short_hash(git_commit() or 'unknown')}" + (f", output root {root}" if root else ""))
     plot(out_dir / "metrics.png", results, intervals or {})
-    files = output_files(out_dir) + ["report.md", "report.html"]
-    md = ["# flare-exp evaluation", "", made, "", *(f"**{s}**" for s in status), ""]
-    page = ["<html><head><meta charset='utf-8'><title>flare-exp evaluation</title><style>body{font-family:sans-serif;"
-            "max-width:1200px}table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
-            "text-align:left}.meta{color:#555}</style></head><body><h1>flare-exp evaluation</h1>",
-            f"<p class='meta'>{html.escape(made)}</p>", *(f"<p><b>{html.escape(s)}</b></p>" for s in status),
-            "<img src='metrics.png' alt='official metrics per task type and dataset' style='max-width:100%'>"]
-    for title, paragraphs, head, table_rows in sections:
-        md += [f"## {title}", "", *(f"- {p}" for p in paragraphs), "" if paragraphs else "", *md_table(head, table_rows)]
-        page.append(f"<h2>{html.escape(title)}</h2>" + "".join(f"<p>{html.escape(p)}</p>" for p in paragraphs) +
-                    html_table(head, table_rows))
-    md += ["## Files", "", *(f"- [{name}]({name})" for name in sorted(set(files)))]
-    page.append("<h2>Files</h2><ul>" + "".join(f"<li><a href='{html.escape(n)}'>{html.escape(n)}</a></li>"
-                                               for n in sorted(set(files))) + "</ul>")
-    write_text(out_dir / "report.md", "\n".join(md) + "\n")
-    write_text(out_dir / "report.html", "".join(page) + "</body></html>\n")
+    blocks = report_blocks(out_dir, results, tests, warnings, family, root, caveats)
+    write_text(out_dir / "report.md", to_markdown("flare-exp evaluation", meta, blocks, "metrics.png"))
+    write_text(out_dir / "report.html", to_html("flare-exp evaluation", meta, blocks))
 
 
-def _panel(ax, title: str, metric: str, labels: list[str], values: list, errors: list | None) -> None:
-    """One metric, one bar per run (grouped by colour), value labels, 95% intervals where known; bounded
-    metrics on a fixed 0-1 axis, errors marked lower-is-better."""
-    colours = [f"C{i % 10}" for i in range(len(labels))]
-    shown = [v if v is not None and math.isfinite(v) else 0.0 for v in values]
-    bars = ax.bar(range(len(labels)), shown, color=colours)
-    if errors and any(e for e in errors):
-        for i, (v, e) in enumerate(zip(shown, errors)):
-            if e:
-                ax.errorbar(i, v, yerr=[[max(v - e[0], 0)], [max(e[1] - v, 0)]], color="black", capsize=3, lw=1)
-    lower = metric in LOWER_IS_BETTER
-    if lower:
-        ax.set_ylim(bottom=0)
-    else:
-        ax.set_ylim(0, 1.1)
-    note = None
-    if all(v is None for v in values):
-        note = "not computed" + ("\nno GREEN judge\n(eval.green.model_path)" if metric == "green_score" else "")
-    elif all(v is not None and not math.isfinite(v) for v in values):
-        note = "Infinity: a prediction that\nfloat() cannot read\n(see mae_parseable)"
-    if note:
-        ax.text(0.5, 0.5, note, ha="center", va="center", fontsize=8, transform=ax.transAxes)
-    else:
-        for bar, v in zip(bars, values):
-            ax.annotate(fmt(v) if v is not None else "n/a", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                        ha="center", va="bottom", fontsize=7)
-    ax.set_title(f"{title}\n{metric}" + (" (lower is better)" if lower else ""), fontsize=9)
-    ax.set_xticks(range(len(labels)), labels, rotation=20, fontsize=7, ha="right")
+def sheet_value(value):
+    """A number as the sheet stores it (infinity and missing ones as words a reader understands)."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "Infinity" if value > 0 else "n/a"
+    return value
 
 
-def plot(path: Path, results: dict, intervals: dict) -> None:
-    """Row 1: FLARE's official metric per task type (what the leaderboard shows), runs side by side with their
-    95% bootstrap intervals. Row 2: the official metric per dataset."""
-    from flare_exp.plotting import save_png, subplots
-
-    labels = list(results)
-    tasks = sorted({t for r in results.values() for t in r["official"]})
-    datasets = sorted({d for r in results.values() for d in r["official_by_dataset"]})
-    columns = max(len(tasks), len(datasets), 1)
-    fig, axes = subplots(2 if datasets else 1, columns, figsize=(3.4 * columns + 1, 7 if datasets else 3.6),
-                         squeeze=False)
-    for ax in axes.flat:
-        ax.set_visible(False)
-    for ax, task in zip(axes[0], tasks):
-        ax.set_visible(True)
+def metric_rows(result: dict) -> list[tuple]:
+    """scored.xlsx's metrics sheet for one run: FLARE's official numbers, then every metric of each task type."""
+    rows = [("metric", "value")]
+    for task, block in sorted(result["official"].items()):
         metric = OFFICIAL_METRIC[task]
-        _panel(ax, f"official: {FLARE_TASK_TYPE[task]}", metric, labels,
-               [results[lab]["official"].get(task, {}).get(metric) for lab in labels],
-               [intervals.get(lab, {}).get(task) for lab in labels])
-    for ax, dataset in zip(axes[1] if datasets else [], datasets):
-        ax.set_visible(True)
-        block = next(r["official_by_dataset"][dataset] for r in results.values() if dataset in r["official_by_dataset"])
-        metric = next(k for k in block if k in OFFICIAL_METRIC.values())
-        _panel(ax, dataset, metric, labels,
-               [results[lab]["official_by_dataset"].get(dataset, {}).get(metric) for lab in labels], None)
-    save_png(fig, path)
+        rows.append((f"official {FLARE_TASK_TYPE[task]}: {metric}", sheet_value((block or {}).get(metric))))
+    for task, metrics in sorted(result["by_task"].items()):
+        rows += [(f"{task}: {k}", sheet_value(v)) for k, v in metrics.items()
+                 if v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))]
+    return rows + [("n", result["n"])]

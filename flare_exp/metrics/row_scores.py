@@ -14,6 +14,9 @@ def row_scores(rows: list[dict], samples: dict) -> dict[str, tuple[float | None,
     for task, (ids, stats) in samples.items():
         for id_, stat in zip(ids, stats):
             out[id_] = (_score(task, stat), KINDS[task])
+    for r in rows:
+        if r["task_type"] == "regression" and out.get(r["id"], (None,))[0] is None:
+            out[r["id"]] = first_number_error(r)
     missing = [r for r in rows if r["id"] not in out and r["task_type"] == "report_generation"]
     if missing:  # no GREEN judge: the row's ROUGE-L
         from rouge_score import rouge_scorer
@@ -23,6 +26,20 @@ def row_scores(rows: list[dict], samples: dict) -> dict[str, tuple[float | None,
             pred = r.get("prediction") if isinstance(r.get("prediction"), str) else ""
             out[r["id"]] = (scorer.score(r.get("answer") or "", pred)["rougeL"].fmeasure, "ROUGE-L")
     return out
+
+
+def first_number_error(row: dict) -> tuple[float | None, str]:
+    """A regression row that FLARE's float() does not read ("22.9%", free text): the absolute error of the first
+    number in it (as mae_parseable reads it), or why there is none."""
+    from flare_exp.answers import parse_number
+
+    pred, gold = parse_number(row.get("prediction")), parse_number(row.get("answer"))
+    if pred is None or gold is None:
+        return None, "no number in the " + ("prediction" if pred is None else "answer")
+    error = abs(pred - gold)
+    if not math.isfinite(error):
+        return None, "no finite number in the prediction"
+    return error, "absolute error of its first number (float() does not read it)"
 
 
 def _score(task: str, stat) -> float | None:
@@ -38,7 +55,7 @@ def worst_first(rows: list[dict]) -> list[dict]:
     """Errors largest first, other scores smallest first; rows without a score last, by task."""
     def key(r):
         score = r.get("score")
-        if score is None:
-            return (r["task_type"], 1, 0.0)
+        if score is None:  # a regression answer with no number is as wrong as it gets
+            return (r["task_type"], -1 if r["task_type"] == "regression" else 1, 0.0)
         return (r["task_type"], 0, -score if r["task_type"] == "regression" else score)
     return sorted(rows, key=key)

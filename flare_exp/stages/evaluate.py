@@ -19,6 +19,7 @@ from flare_exp.metrics.report import write_reports
 from flare_exp.metrics.significance import adjust_p_values, bootstrap_interval, correct_family
 from flare_exp.run.record import DONE
 from flare_exp.runtime import abspath, barrier, infer_input_file, ranks
+from flare_exp.sheets import write_scored_sheet
 
 log = logging.getLogger(__name__)
 TASK_METRICS = {"classification": tasks.classification_metrics, "multi_label": tasks.multi_label_metrics,
@@ -336,19 +337,6 @@ def compare(results: dict, samples: dict, resamples: int, seed: int, ar_trials: 
     return tests, warnings
 
 
-def write_scored_sheet(path: Path, rows: list[dict], label: str, samples: dict) -> None:
-    """The predictions with a score per row, each task's worst first (a reviewer's reading order)."""
-    from flare_exp.metrics.row_scores import row_scores, worst_first
-    from flare_exp.stages.infer import write_sheet
-
-    scores = row_scores(rows, samples)
-    blank = {"image_name": "", "question": "", "answer": None, "prediction": None, "dataset": ""}
-    scored = [{**blank, **r, "score": scores.get(r["id"], (None, ""))[0],
-               "score_kind": scores.get(r["id"], (None, ""))[1]} for r in rows]  # a hand-made file may lack fields
-    write_sheet(path, worst_first(scored), label, extra=("score", "score_kind"),
-                adapter=next((r["adapter"] for r in rows if r.get("adapter")), None))  # infer's rows name it
-
-
 def judge_shares(cfg, scorers: ReportScorers, entries: list, rank: int, world: int) -> None:
     """A data-parallel eval: each rank's report judges (GREEN, CRIMSON) take their share of every file's reports
     (own journals), then rank 0 merges the journals. The other metrics are computed by rank 0 alone (they take
@@ -385,7 +373,7 @@ def run(cfg, out_dir: Path) -> dict:
             label += "'"
         results[label], samples[label] = res, per_sample
         write_scored_sheet(out_dir / ("scored.xlsx" if len(entries) == 1 else f"scored_{k + 1}.xlsx"), rows, label,
-                           per_sample)
+                           per_sample, res)
     write_json(out_dir / "metrics.json", results)
     summary = flat_summary(results)
     write_json(out_dir / "metrics_summary.json", summary)
@@ -400,6 +388,6 @@ def run(cfg, out_dir: Path) -> dict:
     intervals = {label: {task: bootstrap_interval(task, stats, cfg.eval.significance.resamples,
                                                   cfg.eval.significance.seed)
                          for task, (_, stats) in per_task.items()} for label, per_task in samples.items()}
-    write_reports(out_dir, results, tests, warnings, intervals, family)
+    write_reports(out_dir, results, tests, warnings, intervals, family, root=abspath(cfg.paths.output_root))
     log.info("evaluation written to %s\n%s", out_dir, (out_dir / "report.md").read_text())
     return {"metrics": str(out_dir / "metrics.json"), "report": str(out_dir / "report.md"), **summary}

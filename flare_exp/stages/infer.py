@@ -21,6 +21,7 @@ from flare_exp.models.decoding import DECODE_LOOPS, GraphLoop, graph_loop_chosen
 from flare_exp.models.checkpoints import adapter_identity, resolve_adapter
 from flare_exp.models.loading import load_model
 from flare_exp.runtime import abspath, check_choice, infer_input_file, ranks, retry_uncompiled
+from flare_exp.sheets import write_sheet
 
 log = logging.getLogger(__name__)
 PREDICTIONS = "predictions.jsonl"
@@ -197,46 +198,6 @@ def batches_with_images(chat: VisionChat, todo: list[dict], size: int):
             images = pending.result()
             pending = pool.submit(load, chunks[i + 1]) if i + 1 < len(chunks) else None
             yield chunk, images
-
-
-def write_sheet(path: Path, rows: list[dict], label: str, extra: tuple[str, ...] = (), adapter: dict | None = None
-                ) -> None:
-    """The predictions as a worksheet: frozen header, filters, wrapped text; ``extra`` names row keys added as
-    columns after id (eval's per-row score); a second sheet names the adapter that made them."""
-    from openpyxl import Workbook
-    from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
-    from openpyxl.styles import Alignment, Font
-
-    from flare_exp.cells import text_cells
-    from flare_exp.io import atomic_path
-
-    wb = Workbook()
-    ws = wb.active
-    ws.title = "predictions"
-    header = ["ImageName", "Question", "Answer", label, "Dataset", "TaskType", "id", *extra]
-    ws.append(header)
-    text_cells(ws[1])
-    for r in rows:
-        name = r["image_name"] if isinstance(r["image_name"], str) else ", ".join(r["image_name"])
-        values = [name, r["question"], r["answer"], r["prediction"], r["dataset"], r["task_type"], r["id"],
-                  *(r.get(k) for k in extra)]
-        # Generated text can hold control characters that a worksheet cannot store: drop them in the sheet only.
-        values = [json.dumps(v, ensure_ascii=False) if isinstance(v, (list, dict)) else v for v in values]
-        ws.append([ILLEGAL_CHARACTERS_RE.sub("", v) if isinstance(v, str) else v for v in values])
-        text_cells(ws[ws.max_row])  # untrusted text: never a formula, whatever it starts with
-    for cell in ws[1]:
-        cell.font = Font(bold=True)
-    for col, width in zip("ABCDEFG", (38, 60, 50, 50, 16, 18, 30)):
-        ws.column_dimensions[col].width = width
-        for cell in ws[col][1:]:
-            cell.alignment = Alignment(wrap_text=True, vertical="top")
-    ws.freeze_panes = "A2"
-    ws.auto_filter.ref = ws.dimensions
-    about = wb.create_sheet("adapter")
-    about.append(["adapter path", (adapter or {}).get("path") or "none (the base model)"])
-    about.append(["adapter sha256", (adapter or {}).get("sha256") or ""])
-    with atomic_path(path) as tmp:
-        wb.save(tmp)
 
 
 def write_submission(out_dir: Path, rows: list[dict]) -> None:

@@ -1,4 +1,5 @@
-"""sweep_report stage: one table (CSV + Markdown) and one PNG for every job of a sweep directory.
+"""sweep_report stage: one table (CSV, Markdown and a self-contained HTML page) and one PNG for every job of a
+sweep directory.
 
 ``python launch.py stage=sweep_report sweep_report.sweep_dir=outputs/sweeps/<run_name>``. Each job is
 reported with the overrides that vary across the sweep, its status from its own marker (DONE / FAILED /
@@ -203,6 +204,17 @@ def _line(ax, jobs: list[dict], key: str, metric: str) -> None:
     ax.set(xlabel=_short(key), ylabel=metric, title=f"{metric} (mean, 95% interval where jobs repeat a value)")
 
 
+def write_html(path: Path, title: str, ranking: str, header: list[str], rows: list[list], figure: Path) -> None:
+    """sweep.html: the table (numbers with four decimals, right-aligned) and the figure, in one self-contained
+    page like the eval report."""
+    from flare_exp.metrics.report_page import Block, to_html
+
+    cell = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
+    blocks = [Block("table", header=header, items=[[cell(v) for v in row] for row in rows]),
+              Block("figure", "the sweep's rewards and ranking metric", png=figure.read_bytes())]
+    write_text(path, to_html(title, ranking or "unranked (no common metric)", blocks))
+
+
 def run(cfg, out_dir: Path) -> dict:
     if not cfg.sweep_report.sweep_dir:
         raise ValueError("sweep_report.sweep_dir is not set: pass the sweep's directory, "
@@ -221,6 +233,7 @@ def run(cfg, out_dir: Path) -> dict:
                "chooses).\n\n") if key else ""
     write_text(report / "sweep.md", f"# Sweep {sweep_dir.name}\n\n{ranking}" + markdown(header, rows))
     plot(jobs, key, report / "sweep.png")
+    write_html(report / "sweep.html", f"Sweep {sweep_dir.name}", ranking.strip(), header, rows, report / "sweep.png")
     counts = {s: sum(j["status"] == s for j in jobs) for s in ("DONE", "FAILED", "unfinished")}
     log.info("sweep report for %d jobs (%s) in %s\n%s", len(jobs), counts, report, markdown(header, rows))
     summary = {"report_dir": str(report), "jobs": len(jobs), **counts}

@@ -1,0 +1,76 @@
+"""README.md of a training run: our own model card (what the adapter is, from which base model and data, with
+which settings and how training ended) in the run dir, its final/ adapter and its checkpoints, in place of
+the generic cards that TRL and PEFT write there (placeholders, a "Quick start" that names no model)."""
+from __future__ import annotations
+
+import datetime
+from pathlib import Path
+
+from flare_exp.io import write_text
+
+CARD = "README.md"
+TRAINING_KEYS = {"sft": ("per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",
+                         "lr_scheduler_type", "warmup_ratio", "optim", "max_steps", "num_train_epochs"),
+                 "rl": ("per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",
+                        "lr_scheduler_type", "warmup_ratio", "optim", "max_steps", "num_generations",
+                        "max_completion_length", "loss_type", "scale_rewards", "importance_sampling_level", "beta",
+                        "temperature")}
+OUTCOME_KEYS = ("loss", "reward", "train_loss", "eval_loss")  # the last logged value of each, when logged
+
+
+def last_logged(history: list[dict]) -> dict:
+    """The last value logged for each of OUTCOME_KEYS and for every eval_* metric."""
+    out = {}
+    for entry in history:
+        out.update({k: v for k, v in entry.items() if (k in OUTCOME_KEYS or k.startswith("eval_"))
+                    and isinstance(v, (int, float)) and not k.endswith(("_runtime", "_per_second"))})
+    return out
+
+
+def number(v) -> str:
+    from flare_exp.metrics.report import four_decimals
+
+    return four_decimals(v) if isinstance(v, float) else str(v)
+
+
+def card_text(stage: str, cfg, base_model: str, data: list[dict], step: int, history: list[dict],
+              best: tuple | None = None) -> str:
+    """The card: base model, data (with sha256), LoRA and training settings, outcome, how to use it."""
+    from flare_exp.run.record import git_commit
+
+    section = cfg[stage]
+    lora = cfg.model.lora
+    start = section.get("init_from") or "the base model"
+    lines = [f"# {cfg.run_name}: {stage.upper()} LoRA adapter for {cfg.model.name}", "",
+             f"Trained by flare-exp ({stage} stage) at commit {(git_commit() or 'unknown')[:12]}, "
+             f"{datetime.date.today().isoformat()}; the adapter is in final/.", "",
+             "## Base model and data", "",
+             f"- base model: {cfg.model.name} ({base_model})", f"- started from: {start}",
+             f"- data: {cfg.data.name} ({', '.join(cfg.data.datasets)})",
+             *(f"- {Path(d['path']).name}: {d['path']} (sha256 {str(d.get('sha256'))[:12]})" for d in data), "",
+             "## Settings", "",
+             f"- LoRA: r={lora.r}, alpha={lora.alpha}, dropout={lora.dropout}, target modules {lora.target_modules}",
+             *(f"- {k}: {section[k]}" for k in TRAINING_KEYS[stage] if k in section), f"- seed: {cfg.seed}",
+             "- every setting: config.yaml in the run dir", "",
+             "## Outcome", "", f"- optimizer steps: {step}"]
+    lines += [f"- last {k}: {number(v)}" for k, v in last_logged(history).items()]
+    if best and best[0] is not None:
+        lines.append(f"- best checkpoint: {best[1]} ({best[2]} {number(best[0])})")
+    lines += ["- official metrics: run stage=infer then stage=eval on this adapter (eval/report.html)", "",
+              "## Use", "", "```", "python launch.py stage=infer infer.checkpoint=<this run dir>", "```", ""]
+    return "\n".join(lines)
+
+
+def write_model_cards(out_dir: Path, stage: str, cfg, base_model: str, data: list[dict], state) -> None:
+    """Our card in the run dir, final/ and every whole checkpoint-* (after training: nothing overwrites it after);
+    a checkpoint's completeness record is renewed for the card's new size."""
+    from flare_exp.models.checkpoints import incomplete, mark_complete
+
+    best = (state.best_metric, state.best_model_checkpoint, cfg[stage].get("metric_for_best_model") or "eval_loss")
+    text = card_text(stage, cfg, base_model, data, state.global_step, state.log_history, best)
+    for where in (out_dir, out_dir / "final"):
+        write_text(where / CARD, text)
+    for checkpoint in sorted(out_dir.glob("checkpoint-*")):
+        if checkpoint.is_dir() and incomplete(checkpoint) is None:  # one cut short while saving stays as it is
+            write_text(checkpoint / CARD, text)
+            mark_complete(checkpoint)

@@ -1,0 +1,90 @@
+"""The worksheets we write (infer's predictions.xlsx; eval's scored.xlsx, with a score per row and a metrics
+sheet): one row per question, frozen header, filters, wrapped text and set column widths; untrusted text is
+stored as text, never as a formula."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+PREDICTION_WIDTHS = (38, 60, 50, 50, 16, 18, 30)  # ImageName, Question, Answer, prediction, Dataset, TaskType, id
+EXTRA_WIDTHS = {"score": 12, "score_kind": 40}  # eval's score columns; others 18
+
+
+def write_sheet(path: Path, rows: list[dict], label: str, extra: tuple[str, ...] = (), adapter: dict | None = None,
+                metrics: list[tuple[str, ...]] | None = None) -> None:
+    """The predictions as a worksheet; ``extra`` names row keys added as columns after id (eval's per-row score);
+    ``metrics`` (a header row, then rows) becomes a "metrics" sheet beside the rows; a last sheet names the
+    adapter that made them."""
+    from openpyxl import Workbook
+
+    wb = Workbook()
+    ws = wb.active
+    ws.title = "predictions"
+    header = ["ImageName", "Question", "Answer", label, "Dataset", "TaskType", "id", *extra]
+    body = []
+    for r in rows:
+        name = r["image_name"] if isinstance(r["image_name"], str) else ", ".join(r["image_name"])
+        values = [name, r["question"], r["answer"], r["prediction"], r["dataset"], r["task_type"], r["id"],
+                  *(r.get(k) for k in extra)]
+        body.append([json.dumps(v, ensure_ascii=False) if isinstance(v, (list, dict)) else v for v in values])
+    fill_sheet(ws, header, body, PREDICTION_WIDTHS + tuple(EXTRA_WIDTHS.get(k, 18) for k in extra), wrap=True)
+    if metrics:
+        fill_sheet(wb.create_sheet("metrics"), list(metrics[0]), [list(m) for m in metrics[1:]],
+                   (48,) + (22,) * (len(metrics[0]) - 1), wrap=False)
+    about = wb.create_sheet("adapter")
+    about.append(["adapter path", (adapter or {}).get("path") or "none (the base model)"])
+    about.append(["adapter sha256", (adapter or {}).get("sha256") or ""])
+    about.column_dimensions["A"].width, about.column_dimensions["B"].width = 16, 80
+    save_workbook(wb, path)
+
+
+def write_scored_sheet(path: Path, rows: list[dict], label: str, samples: dict, result: dict | None = None) -> None:
+    """The predictions with a score per row, each task's worst first (a reviewer's reading order), and the
+    run's metrics on a sheet beside them."""
+    from flare_exp.metrics.report import metric_rows
+    from flare_exp.metrics.row_scores import row_scores, worst_first
+
+    scores = row_scores(rows, samples)
+    blank = {"image_name": "", "question": "", "answer": None, "prediction": None, "dataset": ""}
+    scored = [{**blank, **r, "score": scores.get(r["id"], (None, ""))[0],
+               "score_kind": scores.get(r["id"], (None, ""))[1]} for r in rows]  # a hand-made file may lack fields
+    write_sheet(path, worst_first(scored), label, extra=("score", "score_kind"),
+                adapter=next((r["adapter"] for r in rows if r.get("adapter")), None),  # infer's rows name it
+                metrics=metric_rows(result) if result else None)
+
+
+def fill_sheet(ws, header: list[str], rows: list[list], widths: tuple[int, ...], wrap: bool) -> None:
+    """``header`` in bold and frozen, ``rows`` under it with filters, the columns ``widths`` characters wide;
+    numbers with four decimals."""
+    from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
+    from openpyxl.styles import Alignment, Font
+    from openpyxl.utils import get_column_letter
+
+    from flare_exp.cells import text_cells
+
+    ws.append(header)
+    text_cells(ws[1])
+    for cell in ws[1]:
+        cell.font = Font(bold=True)
+    for values in rows:
+        # Generated text can hold control characters that a worksheet cannot store: drop them in the sheet only.
+        ws.append([ILLEGAL_CHARACTERS_RE.sub("", v) if isinstance(v, str) else v for v in values])
+        text_cells(ws[ws.max_row])  # untrusted text: never a formula, whatever it starts with
+        for cell in ws[ws.max_row]:
+            if isinstance(cell.value, float):
+                cell.number_format = "0.0000"
+    for k, width in enumerate(widths, start=1):
+        column = get_column_letter(k)
+        ws.column_dimensions[column].width = width
+        if wrap:
+            for cell in ws[column][1:]:
+                cell.alignment = Alignment(wrap_text=True, vertical="top")
+    ws.freeze_panes = "A2"
+    ws.auto_filter.ref = ws.dimensions
+
+
+def save_workbook(wb, path: Path) -> None:
+    from flare_exp.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        wb.save(tmp)

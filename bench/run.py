@@ -77,11 +77,16 @@ def summarise(history: list[dict], skip: int, exclude_steps=()) -> dict:
     if not steps:
         return {}
     med = lambda k: statistics.median(h[k] for h in steps if k in h)  # noqa: E731
-    return {"steps_measured": len(steps), "step_seconds_median": med("step_seconds"),
-            "tokens_per_second_median": med("tokens_per_second") if any("tokens_per_second" in h for h in steps)
-            else None, "peak_memory_gib": max(h.get("peak_memory_gib", 0) for h in steps),
-            "data_wait_seconds_median": med("data_wait_seconds") if any("data_wait_seconds" in h for h in steps)
-            else None}
+    out = {"steps_measured": len(steps), "step_seconds_median": med("step_seconds"),
+           "tokens_per_second_median": med("tokens_per_second") if any("tokens_per_second" in h for h in steps)
+           else None, "peak_memory_gib": max(h.get("peak_memory_gib", 0) for h in steps),
+           "data_wait_seconds_median": med("data_wait_seconds") if any("data_wait_seconds" in h for h in steps)
+           else None}
+    # the in-training evals (rl/sft.eval_steps), each on its own: the held-out decode + scoring, sft's eval loss
+    # (a step's step_seconds includes them: compare with a run without evals)
+    evals = {"heldout_eval_seconds": [h["heldout/eval_seconds"] for h in history if "heldout/eval_seconds" in h],
+             "eval_loss_seconds": [h["eval_runtime"] for h in history if "eval_runtime" in h]}
+    return {**out, **{k: v for k, v in evals.items() if v}}
 
 
 def run_sft(args, work: Path) -> dict:

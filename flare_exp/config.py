@@ -197,6 +197,12 @@ class SFTConfig(TrainerSettings):
     eval_steps: int = 100
     early_stopping_patience: Optional[int] = None
     max_eval_samples: Optional[int] = None
+    # Task metrics while training, as rl's (docs/stages.md, "Watching GRPO"): at each eval_steps step (and the
+    # last) eval_per_task val_file records per task type are decoded and scored with eval's code; best/ follows
+    # metric_for_best_model. 0: eval loss only (the default until its GPU cost is measured: docs/performance.md).
+    eval_per_task: int = 0
+    eval_max_new_tokens: Optional[int] = None
+    metric_for_best_model: str = "official_mean"
     # Images are decoded and processed by the collator, a noticeable share of a GPU step when it runs in the
     # training process (docs/performance.md). Workers do it alongside the GPU.
     dataloader_num_workers: int = 4

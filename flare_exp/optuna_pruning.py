@@ -39,19 +39,42 @@ def pruning_overrides(search, trial) -> list[str]:
     return [f"rl.optuna_study={search.sweep_dir / STUDY_FILE}", f"rl.optuna_trial={trial.number}"]
 
 
-def pruning_enabled(setting: dict | None, directions: list[str], config) -> bool:
-    """Whether this sweep prunes; says why not when a pruner is set but cannot work."""
+def pruning_enabled(setting: dict | None, objectives: list[str], directions: list[str], config) -> bool:
+    """Whether this sweep prunes; says why not, naming the fix, when a pruner is set but cannot work, and refuses
+    an in-training metric that runs against the study's direction (the pruner would stop the best trials)."""
     name = str((setting or {}).get("name", "none")).lower()
     if name == "none":
         return False
     if len(directions) > 1:
-        log.warning("optuna: hydra.sweeper.pruner=%s is not used: Optuna prunes single-objective studies only "
-                    "(use objective_weights for one number)", name)
+        same = [o for o, d in zip(objectives, directions) if d == directions[0]]
+        log.warning("optuna: hydra.sweeper.pruner=%s is not used: Optuna prunes single-objective studies only and "
+                    "this one has %d objectives (%s). To prune, fold them into one number with "
+                    "hydra.sweeper.objective_weights (metrics of one direction, e.g. '{%s}') or keep one objective, "
+                    "with rl.eval_steps=N and rl.metric_for_best_model set to match; "
+                    "hydra.sweeper.pruner.name=none keeps this Pareto search without this message", name,
+                    len(objectives), ", ".join(objectives), ", ".join(f"{o}: 1" for o in same))
         return False
-    if not config.rl.get("eval_steps"):
+    rl = config.rl
+    if not rl.get("eval_steps"):
         log.info("optuna: hydra.sweeper.pruner=%s is not used: the trials report no in-training metric "
-                    "(pass rl.eval_steps=N, and rl.metric_for_best_model=<the objective>)", name)
+                 "(pass rl.eval_steps=N, and rl.metric_for_best_model=<the objective>)", name)
         return False
+    return in_training_metric_fits(rl.metric_for_best_model, objectives, directions[0])
+
+
+def in_training_metric_fits(spec: str, objectives: list[str], direction: str) -> bool:
+    """The intermediate values (rl.metric_for_best_model) must improve where the objective does."""
+    from flare_exp.rl_monitor.heldout import OFFICIAL_MEAN, higher_is_better
+
+    reported = "maximize" if higher_is_better(spec) else "minimize"
+    if reported != direction:
+        raise ValueError(f"rl.metric_for_best_model={spec} (each trial's intermediate value, to {reported}) runs "
+                         f"against the study's objective ({', '.join(objectives)}: {direction}): the pruner would "
+                         f"stop the best trials. Pass rl.metric_for_best_model={objectives[0]} (or another that "
+                         "improves with the objective), or hydra.sweeper.pruner.name=none")
+    if spec not in objectives and spec != OFFICIAL_MEAN:
+        log.info("optuna: trials are pruned on rl.metric_for_best_model=%s while the study's objective is %s",
+                 spec, ", ".join(objectives))
     return True
 
 

@@ -222,7 +222,7 @@ class Search:
         sampler = self._sampler(s.get("sampler") or {})
         self.storage_setting = s.get("storage")
         self.pruner_setting = dict(s.get("pruner") or {}) or None
-        self.prunes = pruning_enabled(self.pruner_setting, self.directions, self.config)
+        self.prunes = pruning_enabled(self.pruner_setting, self.objectives, self.directions, self.config)
         self.study = optuna.create_study(
             pruner=make_pruner(self.pruner_setting if self.prunes else None),
             study_name=s.get("study_name") or self.sweep_dir.name, storage=open_storage(self.storage_setting,

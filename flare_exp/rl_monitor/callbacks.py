@@ -3,20 +3,16 @@ completions, rewards and advantages. Rank 0 decodes, scores and writes; a decisi
 rl.stop_on_alarm, or Optuna's pruner) is sent to every rank, so all of them stop at the same step."""
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
-from transformers import TrainerCallback
-
-from flare_exp.io import atomic_dir, write_json
+from flare_exp.io import write_json
 from flare_exp.rl_monitor.alarm import findings
-from flare_exp.rl_monitor.heldout import HeldOutEval, flat_metrics, higher_is_better, monitored_value
+from flare_exp.rl_monitor.heldout import HeldOutEval, higher_is_better
+from flare_exp.rl_monitor.heldout_watch import HeldOutWatch, check_metric_spec, write_curves
 from flare_exp.rl_monitor.rollouts import RolloutLog, group_entries, wandb_table
-from flare_exp.runtime import ranks
 
 log = logging.getLogger(__name__)
-EVALS = "heldout_evals.jsonl"
 
 
 def groups_at_cap(ids: list[str], lengths: list[int], cap: int) -> float:
@@ -52,28 +48,18 @@ def agreed(flag: bool) -> bool:
     return bool(box[0])
 
 
-class GRPOMonitor(TrainerCallback):
-    """Rollout log, held-out eval with the best/ checkpoint, the alarm and Optuna's pruning."""
+class GRPOMonitor(HeldOutWatch):
+    """Rollout log, held-out eval with the best/ checkpoint (:class:`HeldOutWatch`), the alarm and Optuna's
+    pruning."""
 
     def __init__(self, cfg, out_dir: Path, reward, rollouts: RolloutLog | None, heldout: HeldOutEval | None,
                  meta, pruner=None):
-        rl = cfg.rl
-        self.rl, self.out_dir, self.reward, self.meta = rl, out_dir, reward, meta
-        self.rollouts, self.heldout, self.pruner = rollouts, heldout, pruner
-        self.lead = ranks()[0] == 0
-        self.pending: dict = {}  # added to the next log line
+        super().__init__("rl", cfg.rl, out_dir, heldout, meta)
+        self.rl, self.reward = cfg.rl, reward
+        self.rollouts, self.pruner = rollouts, pruner
         self.cap_shares: list[float] = []
         self.alarms: list[dict] = []
         self.pruned_at: int | None = None
-        self.key = f"heldout/{rl.metric_for_best_model}"
-        self.best = self._best_so_far()
-
-    def _best_so_far(self) -> dict | None:
-        path = self.out_dir / "best" / "flare_exp_checkpoint.json"
-        if not path.exists():
-            return None
-        meta = json.loads(path.read_text())
-        return {"step": meta.get("step"), "value": meta.get("metric_value")}
 
     def saw_round(self, step: int, inputs: list[dict], output: dict) -> None:
         lengths = [int(n) for n in output["completion_mask"].sum(1).tolist()]
@@ -83,36 +69,6 @@ class GRPOMonitor(TrainerCallback):
             advantages = [float(a) for a in output["advantages"].tolist()]
             self.rollouts.append(group_entries(step, inputs, self.reward.last_samples, advantages, lengths, cap,
                                                self.reward.weights, self.rollouts.groups_per_step))
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if self.heldout is None or not self.heldout.due(state.global_step, state.max_steps) or not self.lead:
-            return
-        result, seconds = self.heldout.run(model, state.global_step)
-        value = monitored_value(result, self.rl.metric_for_best_model)
-        numbers = {**flat_metrics(result), "heldout/eval_seconds": round(seconds, 2)}
-        if value is not None:
-            numbers[self.key] = round(value, 4)
-        self.pending.update(numbers)
-        with open(self.out_dir / EVALS, "a") as f:
-            f.write(json.dumps({"step": state.global_step, "value": value, **numbers}) + "\n")
-        log.info("rl step %d: held-out %s = %s (%d records, %.1f s)", state.global_step,
-                 self.rl.metric_for_best_model, "n/a" if value is None else f"{value:.4g}",
-                 len(self.heldout.records), seconds)
-        if value is not None and self._better(value):
-            self._save_best(model, state.global_step, value)
-
-    def _better(self, value: float) -> bool:
-        if self.best is None or self.best["value"] is None:
-            return True
-        higher = higher_is_better(self.rl.metric_for_best_model)
-        return value > self.best["value"] if higher else value < self.best["value"]
-
-    def _save_best(self, model, step: int, value: float) -> None:
-        with atomic_dir(self.out_dir / "best") as tmp:
-            model.save_pretrained(str(tmp))
-            self.meta.write(tmp, step=step, metric=self.rl.metric_for_best_model, metric_value=value)
-        self.best = {"step": step, "value": value}
-        log.info("rl: best/ is now step %d (%s = %.4g)", step, self.rl.metric_for_best_model, value)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or "reward" not in logs:
@@ -166,36 +122,12 @@ class GRPOMonitor(TrainerCallback):
             return True
         return False
 
-    def summary(self, max_steps: int) -> dict:
-        out = {"alarms": self.alarms, "alarm_count": len(self.alarms)}  # the count: a column of sweep tables
-        if self.heldout is not None:
-            out.update(heldout_metric=self.rl.metric_for_best_model, heldout_records=len(self.heldout.records),
-                       best_checkpoint=str(self.out_dir / "best") if self.best else None,
-                       best_step=self.best and self.best["step"], best_value=self.best and self.best["value"])
+    def rl_summary(self, max_steps: int) -> dict:
+        out = {"alarms": self.alarms, "alarm_count": len(self.alarms), **self.summary()}  # the count: a sweep column
         if self.pruner is not None:
             out["pruned_at_step"] = self.pruned_at
             out["steps_saved"] = max_steps - self.pruned_at if self.pruned_at else 0
         return out
-
-
-def write_curves(history: list[dict], key: str, path: Path) -> None:
-    """rl_curves.png: the reward and its terms beside the held-out metric, by step."""
-    from flare_exp.plotting import save_png, subplots
-
-    fig, (left, right) = subplots(1, 2, figsize=(12, 4))
-    rewards = [h for h in history if h.get("reward") is not None]
-    left.plot([h["step"] for h in rewards], [h["reward"] for h in rewards], label="reward", lw=2)
-    for term in sorted({k for h in rewards for k in h if k.startswith("reward_term/")}):
-        points = [(h["step"], h[term]) for h in rewards if h.get(term) is not None]
-        left.plot(*zip(*points), label=term.split("/", 1)[1], lw=1, alpha=0.7)
-    left.set(title="reward and its terms", xlabel="step")
-    left.legend(fontsize=7)
-    evals = [(h["step"], h[key]) for h in history if h.get(key) is not None]
-    if evals:
-        right.plot(*zip(*evals), "o-")
-    right.set(title=f"held-out {key.split('/', 1)[1]}" + ("" if evals else " (rl.eval_steps=0: none)"),
-              xlabel="step")
-    save_png(fig, path)
 
 
 def write_alarms(out_dir: Path, alarms: list[dict]) -> None:
@@ -205,15 +137,7 @@ def write_alarms(out_dir: Path, alarms: list[dict]) -> None:
 
 def check_monitor_settings(rl) -> None:
     """The watchers' settings, checked before any work."""
-    from flare_exp.optuna_search import parse_objective
-    from flare_exp.rl_monitor.heldout import OFFICIAL_MEAN
-
-    if rl.metric_for_best_model != OFFICIAL_MEAN:
-        try:
-            parse_objective(rl.metric_for_best_model)
-        except ValueError:
-            raise ValueError(f"rl.metric_for_best_model={rl.metric_for_best_model!r}: give '<task>.<metric>' as "
-                             f"in eval's metrics.json (e.g. classification.balanced_accuracy) or {OFFICIAL_MEAN}") from None
+    check_metric_spec("rl", rl.metric_for_best_model)
     if rl.optuna_trial is not None and not rl.eval_steps:
         raise ValueError("rl.optuna_trial is set (the Optuna sweeper prunes this trial) but rl.eval_steps=0: the "
                          "pruner needs the in-training eval; pass rl.eval_steps=N")
@@ -225,7 +149,7 @@ def build_monitor(cfg, out_dir: Path, reward, task_types: list[str], chat, meta)
     rl = cfg.rl
     rollouts = RolloutLog(out_dir, rl.log_rollouts_steps, rl.rollouts_groups_per_step, rl.rollouts_max_mb,
                           chat.image_root) if rl.log_rollouts_steps else None
-    heldout = HeldOutEval(cfg, out_dir, task_types, chat) if rl.eval_steps else None
+    heldout = HeldOutEval(cfg, "rl", out_dir, task_types, chat) if rl.eval_steps else None
     pruner = None
     if rl.optuna_trial is not None:
         from flare_exp.optuna_pruning import trial_pruner
@@ -236,12 +160,8 @@ def build_monitor(cfg, out_dir: Path, reward, task_types: list[str], chat, meta)
 
 def finish_monitor(monitor: GRPOMonitor, history: list[dict], out_dir: Path, max_steps: int) -> dict:
     """After training (rank 0): the curves beside the held-out metric, alarms.json; the summary's fields."""
-    write_curves(history, monitor.key, out_dir / "rl_curves.png")
+    terms = sorted({k for h in history if "reward" in h for k in h if k.startswith("reward_term/")})
+    write_curves(history, ["reward", *terms], monitor.key, out_dir / "rl_curves.png", "reward and its terms",
+                 "rl.eval_steps=0")
     write_alarms(out_dir, monitor.alarms)
-    return monitor.summary(max_steps)
-
-
-def reporting_last(trainer) -> None:
-    """The trackers' callbacks (W&B, TensorBoard) after ours, so the values ours add to a log line (reward
-    terms, held-out metrics) reach them too."""
-    trainer.callback_handler.callbacks.sort(key=lambda c: type(c).__module__.startswith("transformers.integrations"))
+    return monitor.rl_summary(max_steps)

@@ -1,7 +1,9 @@
-"""Task metrics during training: every ``rl.eval_steps`` steps the policy decodes, greedily, a fixed stratified
-subset of the validation split with infer's decode loop (:class:`flare_exp.stages.infer.Decoder`), and eval's own
-code scores it (:func:`flare_exp.stages.evaluate.evaluate_file` on the written predictions), so the numbers are
-the ones an infer + eval run of that checkpoint would give on those records."""
+"""Task metrics during training (rl and sft alike): every ``<stage>.eval_steps`` steps the model decodes,
+greedily, a fixed stratified subset of the validation split with infer's decode loop
+(:class:`flare_exp.stages.infer.Decoder`), and eval's own code scores it
+(:func:`flare_exp.stages.evaluate.evaluate_file` on the written predictions), so the numbers are the ones an
+infer + eval run of that checkpoint would give on those records. :mod:`.heldout_watch` runs it as a Trainer
+callback and keeps the best/ adapter."""
 from __future__ import annotations
 
 import hashlib
@@ -46,7 +48,7 @@ def stratified_subset(records: list[dict], task_types: list[str], per_task: int)
 
 
 def monitored_value(result: dict, spec: str) -> float | None:
-    """The number ``rl.metric_for_best_model`` names, from one evaluate_file result (None when absent)."""
+    """The number ``<stage>.metric_for_best_model`` names, from one evaluate_file result (None when absent)."""
     if spec != OFFICIAL_MEAN:
         value = objective_value(result, spec)
         return value if value is not None and math.isfinite(value) else None
@@ -72,29 +74,36 @@ def flat_metrics(result: dict) -> dict[str, float]:
 
 
 class HeldOutEval:
-    """The subset (written once to heldout_subset.json, read back on resume), the decoder and the scorers."""
+    """The subset (written once to heldout_subset.json, read back on resume), the decoder and the scorers.
+    ``stage``: the config section (rl, sft) whose eval_steps, eval_per_task, eval_max_new_tokens and
+    metric_for_best_model apply; ``source_key``: its setting naming the prepared file to draw from;
+    ``task_types``: those to draw (None: every task type of the file)."""
 
-    def __init__(self, cfg, out_dir: Path, task_types: list[str], chat):
-        rl = cfg.rl
-        self.cfg, self.out_dir, self.chat = cfg, out_dir, chat
-        self.every, self.spec = rl.eval_steps, rl.metric_for_best_model
-        source = abspath(rl.eval_file)
+    def __init__(self, cfg, stage: str, out_dir: Path, task_types: list[str] | None, chat,
+                 source_key: str = "eval_file"):
+        section = cfg[stage]
+        self.cfg, self.stage, self.out_dir, self.chat = cfg, stage, out_dir, chat
+        self.every, self.spec = section.eval_steps, section.metric_for_best_model
+        named = f"{stage}.{source_key}={section[source_key]}"
+        source = abspath(section[source_key])
         if not source.exists():
-            raise FileNotFoundError(f"rl.eval_file={rl.eval_file}: {source} does not exist (rl.eval_steps="
-                                    f"{rl.eval_steps} decodes a subset of it; prepare the data or set rl.eval_steps=0)")
+            raise FileNotFoundError(f"{named}: {source} does not exist (the in-training eval decodes a subset of "
+                                    f"it; prepare the data or turn the eval off: docs/stages.md)")
         saved = out_dir / SUBSET
         ids = read_jsonl_ids(saved) if saved.exists() else None
         records = read_jsonl(source)
+        if task_types is None:
+            task_types = sorted({r["task_type"] for r in records if r.get("answer") is not None})
         self.records = ([r for r in records if r["id"] in set(ids)] if ids is not None else
-                        stratified_subset(records, task_types, rl.eval_per_task))
+                        stratified_subset(records, task_types, section.eval_per_task))
         if not self.records:
-            raise ValueError(f"rl.eval_file={rl.eval_file}: no records with answers of task types {task_types}")
+            raise ValueError(f"{named}: no records with answers of task types {task_types}")
         if ids is None:
             write_json(saved, [r["id"] for r in self.records])
         self.infer = OmegaConf.create(OmegaConf.to_container(cfg.infer, resolve=True))
         with open_dict(self.infer):  # greedy, as infer decodes for eval
             self.infer.do_sample, self.infer.min_new_tokens, self.infer.profile_batch = False, None, None
-            self.infer.max_new_tokens = rl.eval_max_new_tokens or cfg.infer.max_new_tokens
+            self.infer.max_new_tokens = section.eval_max_new_tokens or cfg.infer.max_new_tokens
         self.decoder = self.scorers = None
 
     def due(self, step: int, max_steps: int) -> bool:
@@ -113,7 +122,7 @@ class HeldOutEval:
             rows = []
             for chunk, images in batches_with_images(self.chat, self.records, self.infer.batch_size):
                 rows += [{"id": r["id"], "dataset": r["dataset"], "task_type": r["task_type"], "answer": r["answer"],
-                          "prediction": p, "model": f"rl step {step}"}
+                          "prediction": p, "model": f"{self.stage} step {step}"}
                          for r, p in zip(chunk, decode_in_parts(self.decoder, chunk, images))]
         finally:
             model.train(was_training)

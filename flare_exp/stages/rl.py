@@ -18,8 +18,8 @@ from flare_exp.io import read_jsonl, write_json
 from flare_exp.models.decoding import DECODE_LOOPS, GraphLoop, graph_loop_chosen, kv_cache
 from flare_exp.models.loading import load_model
 from flare_exp.rewards.combine import build_reward
-from flare_exp.rl_monitor.callbacks import (build_monitor, check_monitor_settings, finish_monitor,
-                                            reporting_last, with_rollout_watch)
+from flare_exp.rl_monitor.callbacks import build_monitor, check_monitor_settings, finish_monitor, with_rollout_watch
+from flare_exp.rl_monitor.heldout_watch import reporting_last
 from flare_exp.runtime import abspath, check_choice, ranks, retry_uncompiled
 from flare_exp.training import (CheckpointMeta, ProgressLog, add_to_log, cpu_ranks_args, data_fingerprints,
                                 effective_batch, half_precision, profiling, setup_tracking, train_and_save,

@@ -12,6 +12,8 @@ from flare_exp.data.vision import SFTCollator, VisionChat, filter_by_length
 from flare_exp.io import read_jsonl, write_json
 from flare_exp.models import rope_positions
 from flare_exp.models.loading import PRECISIONS, compile_repeated_blocks, load_model
+from flare_exp.rl_monitor.heldout import HeldOutEval
+from flare_exp.rl_monitor.heldout_watch import HeldOutWatch, check_metric_spec, reporting_last, write_curves
 from flare_exp.runtime import abspath, check_choice, is_compilation_error, ranks
 from flare_exp.stages import sft_card
 from flare_exp.training import (CheckpointMeta, ProgressLog, cpu_ranks_args, data_fingerprints, effective_batch,
@@ -40,6 +42,7 @@ def check_settings(cfg) -> None:
         raise ValueError(f"sft.early_stopping_patience needs sft.save_steps ({sft.save_steps}) to be a multiple "
                          f"of sft.eval_steps ({sft.eval_steps}) so the best checkpoint can be kept")
     check_choice("sft.on_too_long", sft.on_too_long, ("skip", "error"))
+    check_heldout_settings(sft)
     check_choice("sft.rope_positions", sft.rope_positions, rope_positions.SETTINGS)
     sft_card.check_preset(cfg)
     check_choice("sft.compile_precision", sft.compile_precision, PRECISIONS)
@@ -49,6 +52,25 @@ def check_settings(cfg) -> None:
     if sft.recompute_above_tokens and cfg.model.backend != "hf":
         raise ValueError("sft.recompute_above_tokens is for model.backend=hf (Unsloth checkpoints its own way); "
                          "set it to 0")
+
+
+def check_heldout_settings(sft) -> None:
+    """The in-training task metrics' settings (sft.eval_per_task and the keys it reads)."""
+    check_metric_spec("sft", sft.metric_for_best_model)
+    if sft.eval_per_task < 0:
+        raise ValueError(f"sft.eval_per_task={sft.eval_per_task}: records per task type, or 0 for none")
+    if sft.eval_per_task and not (sft.eval_steps and sft.val_file):
+        raise ValueError(f"sft.eval_per_task={sft.eval_per_task} decodes val_file records at every sft.eval_steps, "
+                         f"but sft.eval_steps={sft.eval_steps} and sft.val_file={sft.val_file}: pass sft.eval_steps=N "
+                         "and a val_file, or sft.eval_per_task=0")
+
+
+def heldout_watch(cfg, out_dir: Path, chat: VisionChat, meta: CheckpointMeta) -> HeldOutWatch:
+    """sft.eval_per_task > 0: the held-out subset of sft.val_file (every task type it holds), decoded and scored
+    at each eval step; the watch does nothing when it is 0."""
+    sft = cfg.sft
+    heldout = HeldOutEval(cfg, "sft", out_dir, None, chat, source_key="val_file") if sft.eval_per_task else None
+    return HeldOutWatch("sft", sft, out_dir, heldout, meta)
 
 
 def length_grouped(trainer_class):
@@ -166,8 +188,9 @@ def run(cfg, out_dir: Path) -> dict:
     train, val, skipped = datasets(cfg, chat, out_dir)
     report_to = setup_tracking(sft, out_dir)
     meta = CheckpointMeta(loaded.base_path, cfg, data_fingerprints(sft.train_file, sft.val_file), loaded.processor)
+    watch = heldout_watch(cfg, out_dir, chat, meta)
     trainer = build_trainer(cfg, loaded, chat, train, val, training_args(cfg, out_dir, report_to, loaded.model,
-                                                                          evaluating=val is not None), meta)
+                                                                          evaluating=val is not None), meta, watch)
     batch = effective_batch(sft, trainer.args.world_size)
     log.info("sft: %d per device x %d accumulation x %d rank(s) = %d samples per optimizer step",
              sft.per_device_train_batch_size, sft.gradient_accumulation_steps, batch["world_size"],
@@ -181,12 +204,16 @@ def run(cfg, out_dir: Path) -> dict:
     summary = {"final_adapter": str(final), "global_step": trainer.state.global_step,
                "train_loss": result.training_loss, "first_loss": history[0]["loss"] if history else None,
                "last_loss": history[-1]["loss"] if history else None,
-               "best_checkpoint": trainer.state.best_model_checkpoint,
+               "best_eval_loss_checkpoint": trainer.state.best_model_checkpoint,
                "train_samples": len(train), "skipped_too_long": skipped, **batch,
                "card_preset": {"preset": sft.card_preset, "card": card, "changed": preset_changes},
                **({"recomputed_batches": trainer.recomputed_batches} if hasattr(trainer, "recomputed_batches")
                   else {})}
     if lead:
+        summary.update(watch.summary())
+        if watch.heldout is not None:
+            write_curves(trainer.state.log_history, ["loss", "eval_loss"], watch.key, out_dir / "sft_curves.png",
+                         "loss and eval loss", "no eval step")
         write_json(out_dir / "sft_summary.json", summary)
     log.info("sft finished: adapter at %s (%s)", final, loss_line(history, result.training_loss, sft.logging_steps))
     return summary
@@ -220,8 +247,9 @@ def training_args(cfg, out_dir: Path, report_to: str, model, evaluating: bool):
     sft = cfg.sft
     bf16, fp16 = half_precision(model)
     return TrainingArguments(
+        # metric_for_best_model: the held-out eval's (heldout_watch); the Trainer's best (early stopping) is eval_loss
         output_dir=str(out_dir), **trainer_arguments(sft, TrainingArguments, ("eval_steps", "group_by_length",
-                                                                              "report_to")),
+                                                                              "report_to", "metric_for_best_model")),
         eval_strategy="steps" if evaluating else "no", eval_steps=sft.eval_steps if evaluating else None,
         load_best_model_at_end=bool(sft.early_stopping_patience and evaluating),
         metric_for_best_model="eval_loss" if evaluating else None, greater_is_better=False,
@@ -232,11 +260,11 @@ def training_args(cfg, out_dir: Path, report_to: str, model, evaluating: bool):
     )
 
 
-def build_trainer(cfg, loaded, chat: VisionChat, train, val, args, meta: CheckpointMeta):
+def build_trainer(cfg, loaded, chat: VisionChat, train, val, args, meta: CheckpointMeta, watch=None):
     from transformers import EarlyStoppingCallback, Trainer
 
     sft = cfg.sft
-    callbacks = [ProgressLog(), meta, *profiling(sft, args.output_dir)]
+    callbacks = [*([watch] if watch is not None else []), ProgressLog(), meta, *profiling(sft, args.output_dir)]
     if sft.early_stopping_patience and val is not None:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=sft.early_stopping_patience))
     trainer_class = length_grouped(Trainer) if sft.group_by_length else Trainer
@@ -249,8 +277,10 @@ def build_trainer(cfg, loaded, chat: VisionChat, train, val, args, meta: Checkpo
     elif sft.recompute_above_tokens:
         log.info("sft.recompute_above_tokens=%d: no batch recomputes anyway (model.gradient_checkpointing=false)",
                  sft.recompute_above_tokens)
-    return trainer_class(model=loaded.model, args=args, train_dataset=train, eval_dataset=val,
-                         data_collator=collator(sft.rope_positions, loaded, chat, train), callbacks=callbacks)
+    trainer = trainer_class(model=loaded.model, args=args, train_dataset=train, eval_dataset=val,
+                            data_collator=collator(sft.rope_positions, loaded, chat, train), callbacks=callbacks)
+    reporting_last(trainer)  # the held-out numbers the watch adds to a log line reach the trackers too
+    return trainer
 
 
 def collator(positions: str, loaded, chat: VisionChat, train) -> SFTCollator:

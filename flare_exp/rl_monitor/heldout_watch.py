@@ -1,0 +1,124 @@
+"""The in-training held-out eval as a Trainer callback, one piece of code for both training stages: every
+``<stage>.eval_steps`` steps (and the last) rank 0 decodes and scores the subset (:class:`.heldout.HeldOutEval`),
+the numbers go to the next log line as ``heldout/<task>/<metric>`` and to heldout_evals.jsonl, and the adapter
+of the best eval so far by ``<stage>.metric_for_best_model`` is kept in best/. The rl stage's monitor extends it
+(rollouts, the alarm, pruning); the sft stage uses it as it is."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from flare_exp.io import atomic_dir
+from flare_exp.rl_monitor.heldout import (OFFICIAL_MEAN, HeldOutEval, flat_metrics, higher_is_better,
+                                          monitored_value)
+from flare_exp.runtime import ranks
+
+log = logging.getLogger(__name__)
+EVALS = "heldout_evals.jsonl"
+
+
+def check_metric_spec(stage: str, spec: str) -> None:
+    """``<stage>.metric_for_best_model``, checked before any work."""
+    from flare_exp.optuna_search import parse_objective
+
+    if spec == OFFICIAL_MEAN:
+        return
+    try:
+        parse_objective(spec)
+    except ValueError:
+        raise ValueError(f"{stage}.metric_for_best_model={spec!r}: give '<task>.<metric>' as in eval's "
+                         f"metrics.json (e.g. classification.balanced_accuracy) or {OFFICIAL_MEAN}") from None
+
+
+class HeldOutWatch(TrainerCallback):
+    """Held-out eval at its steps, the best/ adapter, the numbers added to the next log line (any line: sft's
+    train, eval or final one); ``stage`` names the config section in the log and the summary."""
+
+    def __init__(self, stage: str, section, out_dir: Path, heldout: HeldOutEval | None, meta):
+        self.stage, self.section, self.out_dir, self.heldout, self.meta = stage, section, out_dir, heldout, meta
+        self.lead = ranks()[0] == 0
+        self.pending: dict = {}  # added to the next log line
+        self.key = f"heldout/{section.metric_for_best_model}"
+        self.best = self._best_so_far()
+
+    def _best_so_far(self) -> dict | None:
+        path = self.out_dir / "best" / "flare_exp_checkpoint.json"
+        if not path.exists():  # a resumed run keeps the best of its earlier evals
+            return None
+        meta = json.loads(path.read_text())
+        return {"step": meta.get("step"), "value": meta.get("metric_value")}
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.heldout is None or not self.heldout.due(state.global_step, state.max_steps) or not self.lead:
+            return
+        spec = self.section.metric_for_best_model
+        result, seconds = self.heldout.run(model, state.global_step)
+        value = monitored_value(result, spec)
+        numbers = {**flat_metrics(result), "heldout/eval_seconds": round(seconds, 2)}
+        if value is not None:
+            numbers[self.key] = round(value, 4)
+        self.pending.update(numbers)
+        with open(self.out_dir / EVALS, "a") as f:
+            f.write(json.dumps({"step": state.global_step, "value": value, **numbers}) + "\n")
+        log.info("%s step %d: held-out %s = %s (%d records, %.1f s)", self.stage, state.global_step, spec,
+                 "n/a" if value is None else f"{value:.4g}", len(self.heldout.records), seconds)
+        if value is not None and self._better(value):
+            self._save_best(model, state.global_step, value)
+
+    def _better(self, value: float) -> bool:
+        if self.best is None or self.best["value"] is None:
+            return True
+        higher = higher_is_better(self.section.metric_for_best_model)
+        return value > self.best["value"] if higher else value < self.best["value"]
+
+    def _save_best(self, model, step: int, value: float) -> None:
+        spec = self.section.metric_for_best_model
+        with atomic_dir(self.out_dir / "best") as tmp:
+            model.save_pretrained(str(tmp))
+            self.meta.write(tmp, step=step, metric=spec, metric_value=value)
+        self.best = {"step": step, "value": value}
+        log.info("%s: best/ is now step %d (%s = %.4g)", self.stage, step, spec, value)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is not None and self.pending:
+            from flare_exp.training import add_to_log
+
+            add_to_log(state, logs, self.pending)
+            self.pending = {}
+
+    def summary(self) -> dict:
+        """The held-out fields of the stage's summary (none when the eval is off)."""
+        if self.heldout is None:
+            return {}
+        return {"heldout_metric": self.section.metric_for_best_model, "heldout_records": len(self.heldout.records),
+                "best_checkpoint": str(self.out_dir / "best") if self.best else None,
+                "best_step": self.best and self.best["step"], "best_value": self.best and self.best["value"]}
+
+
+def reporting_last(trainer) -> None:
+    """The trackers' callbacks (W&B, TensorBoard) after ours, so the values ours add to a log line (reward
+    terms, held-out metrics) reach them too."""
+    trainer.callback_handler.callbacks.sort(key=lambda c: type(c).__module__.startswith("transformers.integrations"))
+
+
+def write_curves(history: list[dict], series: list[str], key: str, path: Path, title: str, off: str) -> None:
+    """<stage>_curves.png: the training curves (``series``: log keys, e.g. the reward and its terms, or the loss
+    and the eval loss) beside the held-out metric ``key``, by step; ``off`` says why a run has no held-out
+    points."""
+    from flare_exp.plotting import save_png, subplots
+
+    fig, (left, right) = subplots(1, 2, figsize=(12, 4))
+    for i, name in enumerate(series):
+        points = [(h["step"], h[name]) for h in history if isinstance(h.get(name), (int, float))]
+        if points:
+            left.plot(*zip(*points), label=name.split("/", 1)[-1], lw=2 if i == 0 else 1, alpha=1 if i == 0 else 0.7)
+    left.set(title=title, xlabel="step")
+    left.legend(fontsize=7)
+    evals = [(h["step"], h[key]) for h in history if h.get(key) is not None]
+    if evals:
+        right.plot(*zip(*evals), "o-")
+    right.set(title=f"held-out {key.split('/', 1)[1]}" + ("" if evals else f" ({off}: none)"), xlabel="step")
+    save_png(fig, path)

@@ -19,9 +19,9 @@ INPUT_ERRORS = (ValueError, FileNotFoundError, ImportError)
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 
-def refuse(error: Exception) -> None:
-    print(f"\nflare-exp: {type(error).__name__}: {error}\n(HYDRA_FULL_ERROR=1 shows the traceback; a stage that "
-          "had started also wrote it to FAILED in its run dir)", file=sys.stderr)
+def refuse(error: Exception, note: str = "HYDRA_FULL_ERROR=1 shows the traceback; a stage that had started also "
+                                          "wrote it to FAILED in its run dir") -> None:
+    print(f"\nflare-exp: {type(error).__name__}: {error}\n({note})", file=sys.stderr)
     sys.exit(1)
 
 
@@ -43,13 +43,12 @@ def check_command_line(argv: list[str]) -> None:
     unknown = override_key_problems(args.overrides, Config, groups)
     if not unknown:
         return
-    problems: list[Exception] = [ValueError(p) for p in unknown]
+    problems: list[Exception] = [ValueError(p) for p in unknown.values()]
     if not args.multirun:
-        problems += other_setting_problems([o for o in args.overrides if not any(
-            o.lstrip("+").startswith(u.split()[3] + "=") for u in unknown)])
+        problems += other_setting_problems([o for o in args.overrides if o not in unknown])
     from flare_exp.main import settings_error
 
-    refuse(settings_error(problems))
+    refuse(settings_error(problems), "checked before Hydra started: nothing was run or written")
 
 
 def other_setting_problems(known_overrides: list[str]) -> list[Exception]:

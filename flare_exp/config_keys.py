@@ -79,17 +79,17 @@ def unknown_keys(cfg, schema: type, prefix: str = "") -> list[str]:
     return problems
 
 
-def override_key_problems(overrides: list[str], schema: type, groups: set[str]) -> list[str]:
-    """The command line's ``key=value`` / ``+key=value`` overrides whose key the schema lacks, each with the
-    closest key. Config group choices (``model=tiny``), ``hydra.*`` keys, deletions and overrides Hydra cannot
+def override_key_problems(overrides: list[str], schema: type, groups: set[str]) -> dict[str, str]:
+    """The command line's ``key=value`` / ``+key=value`` overrides whose key the schema lacks -> the problem,
+    naming the closest key. Config group choices (``model=tiny``), ``hydra.*`` keys, deletions and overrides Hydra cannot
     parse are left to Hydra (its messages for those name the fix)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except Exception:  # Hydra reports its own syntax errors
-        return []
-    problems = []
+        return {}
+    problems = {}
     for override in parsed:
         key = override.key_or_group
         if (override.is_delete() or override.is_hydra_override() or key == "hydra" or override.package
@@ -97,6 +97,6 @@ def override_key_problems(overrides: list[str], schema: type, groups: set[str]) 
             continue
         found = unknown_path(key, schema)
         if found:
-            problems.append(f"unknown config key {found}" + ("" if "did you mean" in found else
-                                                             " (python launch.py --cfg job lists every key)"))
+            problems[override.input_line] = f"unknown config key {found}" + (
+                "" if "did you mean" in found else " (python launch.py --cfg job lists every key)")
     return problems

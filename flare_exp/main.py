@@ -98,9 +98,8 @@ MANDATORY_HINTS = {"data.root": "Download FLARE-Task5-MLLM-2D (Xray) and point d
 def check_set_values(cfg: DictConfig) -> None:
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
-        hints = "; ".join(f"{k}: {MANDATORY_HINTS[k]}" for k in missing if k in MANDATORY_HINTS)
-        raise ValueError(f"{', '.join(missing)} must be set (e.g. python launch.py {missing[0]}=...)"
-                         + (f". {hints}" if hints else ""))
+        raise ValueError("; ".join(f"{k} must be set" + (f" ({MANDATORY_HINTS[k]})" if k in MANDATORY_HINTS else "")
+                                   for k in missing) + f": python launch.py {missing[0]}=...")
 
 
 def check_demo_budget(cfg: DictConfig) -> None:

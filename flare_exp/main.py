@@ -128,10 +128,13 @@ def input_problems(cfg: DictConfig) -> list[Exception]:
     steps = steps_of(cfg)
     if steps & GPU_STAGES:
         _collect(problems, check_model_path, cfg.model)
+    root = OmegaConf.select(cfg, "data.root", throw_on_missing=False)  # unset: check_set_values names it
     if "prepare" in steps:
-        root = OmegaConf.select(cfg, "data.root", throw_on_missing=False)  # unset: check_set_values names it
         _collect(problems, _check_exists, "data.root", root, cfg.data.demo is None, MANDATORY_HINTS["data.root"])
         return problems
+    if steps & GPU_STAGES:  # the prepared records name their images relative to it
+        _collect(problems, _check_exists, "data.root", root, cfg.data.demo is None,
+                 "the folder stage=prepare read (the prepared records' images are under it)")
     written_before = {"rl": {"sft"}, "infer": {"sft", "rl"}, "eval": {"infer"}}  # by an earlier pipeline step
     for step, keys in STAGE_INPUTS.items():
         if step in steps and not steps & written_before.get(step, set()):

@@ -127,3 +127,11 @@ def test_trls_warning_about_our_default_rl_loss_is_left_out(caplog):
                         "contributions, which effectively weights each sequence by its completion length")
         trl_log.warning("When using `importance_sampling_level='sequence'`, the `'dapo'` loss sums per-token")
     assert len(caplog.records) == 1 and "`'dapo'`" in caplog.records[0].getMessage()
+
+
+def test_a_training_stage_names_a_data_root_that_is_not_there(tmp_path):
+    from flare_exp.main import input_problems
+
+    cfg = compose_cfg(["experiment=flare", "stage=infer", f"data.root={tmp_path / 'nonexistent'}",
+                       f"model.path={tmp_path}"])
+    assert any(str(p).startswith("data.root=") and "nonexistent" in str(p) for p in input_problems(cfg))

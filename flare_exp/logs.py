@@ -40,15 +40,15 @@ _installed = False
 
 def quiet_known_messages() -> None:
     global _installed
+    for handler in logging.getLogger().handlers:  # each job's (Hydra configures the logging per job)
+        if type(handler) is logging.StreamHandler and not isinstance(handler.stream, _BarSafeStream):
+            handler.setStream(_BarSafeStream(handler.stream))  # the console, not the job's log file
     if _installed:
         return
     for text, module in HARMLESS_WARNINGS:
         warnings.filterwarnings("ignore", message=f".*{text}", module=module)
     for name, text in HARMLESS_RECORDS:
         logging.getLogger(name).addFilter(_DropText(text))
-    for handler in logging.getLogger().handlers:
-        if type(handler) is logging.StreamHandler:  # the console (Hydra's), not its log file
-            handler.setStream(_BarSafeStream(handler.stream))
     _installed = True
 
 

@@ -135,3 +135,13 @@ def test_a_training_stage_names_a_data_root_that_is_not_there(tmp_path):
     cfg = compose_cfg(["experiment=flare", "stage=infer", f"data.root={tmp_path / 'nonexistent'}",
                        f"model.path={tmp_path}"])
     assert any(str(p).startswith("data.root=") and "nonexistent" in str(p) for p in input_problems(cfg))
+
+
+def test_a_sweep_hears_its_unknown_keys_before_any_job(capsys):
+    sys.path.insert(0, str(REPO))
+    import launch
+
+    with pytest.raises(SystemExit):
+        launch.check_command_line(["-m", "sft.max_step=1,2", "rl.num_generations=2,4"])
+    message = capsys.readouterr().err
+    assert "unknown config key sft.max_step (did you mean sft.max_steps?)" in message and "rl.num_gen" not in message

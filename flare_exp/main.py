@@ -134,7 +134,7 @@ def input_problems(cfg: DictConfig) -> list[Exception]:
         return problems
     if steps & GPU_STAGES:  # the prepared records name their images relative to it
         _collect(problems, _check_exists, "data.root", root, cfg.data.demo is None,
-                 "the folder stage=prepare read (the prepared records' images are under it)")
+                 "Point it at the folder stage=prepare read (the prepared records' images are under it)")
     written_before = {"rl": {"sft"}, "infer": {"sft", "rl"}, "eval": {"infer"}}  # by an earlier pipeline step
     for step, keys in STAGE_INPUTS.items():
         if step in steps and not steps & written_before.get(step, set()):

@@ -5,6 +5,7 @@ inside it, from the flare_exp package.
 """
 import os
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -15,6 +16,52 @@ import flare_exp.run.names  # noqa: F401  (registers the run_name resolver that 
 # What bad input raises (a missing file, a wrong key or value, a finished run, a missing package): our messages
 # name the key and the fix, so a single run prints just the message. Anything else keeps Hydra's traceback.
 INPUT_ERRORS = (ValueError, FileNotFoundError, ImportError)
+CONF_DIR = Path(__file__).resolve().parent / "conf"
+
+
+def refuse(error: Exception, note: str = "HYDRA_FULL_ERROR=1 shows the traceback; a stage that had started also "
+                                          "wrote it to FAILED in its run dir") -> None:
+    print(f"\nflare-exp: {type(error).__name__}: {error}\n({note})", file=sys.stderr)
+    sys.exit(1)
+
+
+def check_command_line(argv: list[str]) -> None:
+    """Before Hydra composes: a key the schema lacks, with or without ``+``, is named with the closest key
+    (Hydra's own advice, "use +key=value", adds a key no stage reads). A single run also hears every other
+    problem of its settings in the same message (composed without the unknown keys); a sweep (-m), whose
+    values are lists, hears the keys alone."""
+    from hydra._internal.utils import get_args_parser
+
+    from flare_exp.config import Config
+    from flare_exp.config_keys import override_key_problems
+
+    try:
+        args = get_args_parser().parse_args(argv)
+    except SystemExit:
+        return  # Hydra's parser says what is wrong with the flags
+    groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
+    unknown = override_key_problems(args.overrides, Config, groups)
+    if not unknown:
+        return
+    problems: list[Exception] = [ValueError(p) for p in unknown.values()]
+    if not args.multirun:
+        problems += other_setting_problems([o for o in args.overrides if o not in unknown])
+    from flare_exp.main import settings_error
+
+    refuse(settings_error(problems), "checked before Hydra started: nothing was run or written")
+
+
+def other_setting_problems(known_overrides: list[str]) -> list[Exception]:
+    from hydra import compose, initialize_config_dir
+
+    from flare_exp.main import input_problems, setting_problems
+
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=known_overrides)
+        return setting_problems(cfg) + input_problems(cfg)
+    except Exception:  # Hydra's own complaint about the rest comes once these keys are fixed
+        return []
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -32,10 +79,9 @@ def main(cfg: DictConfig):
     except (*INPUT_ERRORS, RunFinishedError, RunLockedError, RunSettingsChangedError) as e:
         if HydraConfig.get().mode != RunMode.RUN or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise  # sweeps: the job fails and the sweep report says so
-        print(f"\nflare-exp: {type(e).__name__}: {e}\n(HYDRA_FULL_ERROR=1 shows the traceback; a stage that "
-              "had started also wrote it to FAILED in its run dir)", file=sys.stderr)
-        sys.exit(1)
+        refuse(e)
 
 
 if __name__ == "__main__":
+    check_command_line(sys.argv[1:])
     main()

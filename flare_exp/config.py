@@ -80,7 +80,8 @@ class ModelConfig:
     min_pixels: Optional[int] = None
     max_pixels: Optional[int] = None
     max_seq_length: int = 12000
-    # model=tiny: build a tiny random Qwen3-VL at `path` when it is missing.
+    # model=tiny: build a tiny random Qwen3-VL at `path` when it is missing, only under paths.cache_dir (a path
+    # the user names elsewhere is never written into: a missing one is an error).
     build_tiny: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
 
@@ -250,6 +251,10 @@ class RLConfig(TrainerSettings):
     # TRL's default is "group", and Unsloth silently switches "group" to "none" when loss_type=dr_grpo (the
     # original FLARE Task 5 GRPO script, trained with Unsloth, ran with "none").
     scale_rewards: str = "none"  # none | group | batch
+    # The original script's setting. Each GRPO step here is on-policy (one pass over each generation's
+    # completions: the importance ratio is 1), where "sequence" with dr_grpo's token sum gives exactly
+    # token-level Dr. GRPO's gradient; TRL's warning that this pair is not GSPO's per-sequence objective (every
+    # rl run) is therefore left out of the logs (flare_exp/logs.py). loss_type=grpo gives GSPO's objective.
     importance_sampling_level: str = "sequence"
     beta: float = 0.0
     temperature: float = 1.0

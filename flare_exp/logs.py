@@ -1,9 +1,12 @@
-"""Known-harmless library messages, filtered by their text (never all warnings): each is understood, and
-none changes a result. Installed once per process by main.run."""
+"""What a person reads in a run's log. Known-harmless library messages, filtered by their text (never all
+warnings): each is understood, and none changes a result. Log lines that never land in the middle of a progress
+bar. The short summary a finished run ends with. Installed once per process by main.run."""
 from __future__ import annotations
 
+import json
 import logging
 import warnings
+from pathlib import Path
 
 # (warning text, module it comes from): Python warnings
 HARMLESS_WARNINGS = (
@@ -17,6 +20,9 @@ HARMLESS_RECORDS = (
     # FLOPs estimate for a multimodal batch; we count tokens ourselves (ProgressLog)
     ("transformers.modeling_utils", "Could not estimate the number of tokens of the input"),
     ("absl", "Using default tokenizer"),  # rouge-score, at every scorer it builds
+    # rl's default pair (importance_sampling_level=sequence, loss_type=dr_grpo; why: RLConfig in config.py): our
+    # steps are on-policy, where the pair's gradient is token-level Dr. GRPO's, not the objective TRL warns of
+    ("trl.trainer.grpo_trainer", "the `'dr_grpo'` loss sums per-token contributions"),
 )
 
 
@@ -34,6 +40,9 @@ _installed = False
 
 def quiet_known_messages() -> None:
     global _installed
+    for handler in logging.getLogger().handlers:  # each job's (Hydra configures the logging per job)
+        if type(handler) is logging.StreamHandler and not isinstance(handler.stream, _BarSafeStream):
+            handler.setStream(_BarSafeStream(handler.stream))  # the console, not the job's log file
     if _installed:
         return
     for text, module in HARMLESS_WARNINGS:
@@ -41,3 +50,50 @@ def quiet_known_messages() -> None:
     for name, text in HARMLESS_RECORDS:
         logging.getLogger(name).addFilter(_DropText(text))
     _installed = True
+
+
+class _BarSafeStream:
+    """A console stream whose lines clear the open progress bars first and redraw them after, so that a log
+    line never starts in the middle of a bar (the bars write to stderr, the log to stdout: one terminal)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str):
+        from tqdm import tqdm
+
+        if not tqdm._instances:
+            return self.stream.write(text)
+        with tqdm.external_write_mode(file=self.stream):
+            return self.stream.write(text)
+
+    def flush(self):
+        self.stream.flush()
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def log_part(key: str, value: float) -> str:
+    """``key value`` of a training log line, the number to 4 significant digits; float noise around zero (GRPO's
+    on-policy loss is 0 up to rounding) reads 0, not -0 or -9.313e-10. A learning rate of 0 is a warmup's first
+    step (the Trainer logs the rate the step used; a linear warmup starts at 0): said, not left to look like a bug."""
+    text = "0" if abs(value) < 1e-8 else f"{value:.4g}"
+    if key == "learning_rate" and text == "0":
+        text += " (a linear warmup starts at 0: this step changes no weight)"
+    return f"{key} {text}"
+
+
+def run_summary(eval_dir: Path) -> str:
+    """The official table of an evaluation (FLARE's numbers, one column per run), as plain aligned text: what a
+    finished run prints; report.md / report.html hold the rest."""
+    from flare_exp.metrics.report import official_table
+
+    metrics = eval_dir / "metrics.json"
+    if not metrics.exists():
+        return ""
+    header, rows = official_table(json.loads(metrics.read_text()))
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in [header, *rows]]
+    return "\n".join(lines)

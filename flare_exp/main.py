@@ -28,43 +28,21 @@ def steps_of(cfg: DictConfig) -> set[str]:
 GPU_STAGES = {"sft", "rl", "infer"}
 
 
-def unknown_keys(cfg, schema: type = Config, prefix: str = "") -> list[str]:
-    """Keys of a composed config that the schema does not have, each with the closest schema key. Hydra lets
-    ``+key=value`` add a key to a structured config (its own advice for a typo), which would then be ignored
-    silently: ``+sft.learning_rat=1e-4`` trains at the default rate. Dict-typed fields (reward weights, term
-    parameters, instructions) take any key."""
-    import dataclasses
-    import difflib
-    import typing
-
-    from omegaconf import DictConfig
-
-    hints = typing.get_type_hints(schema)
-    problems = []
-    for key in cfg.keys():
-        name = f"{prefix}{key}"
-        if key not in hints:
-            close = difflib.get_close_matches(str(key), list(hints), n=1)
-            problems.append(f"{name}" + (f" (did you mean {prefix}{close[0]}?)" if close else ""))
-            continue
-        kind = hints[key]
-        kind = next((a for a in typing.get_args(kind) if dataclasses.is_dataclass(a)), kind)  # Optional[X] -> X
-        value = cfg.get(key)
-        if dataclasses.is_dataclass(kind) and isinstance(value, DictConfig):
-            problems += unknown_keys(value, kind, f"{name}.")
-    return problems
-
-
 def validate(cfg: DictConfig, inputs: bool = False) -> None:
     """Every problem with the settings (and, with ``inputs``, what this machine must hold for them: the
     backend's package, the model, every input path) checked before any work and reported in one message: a
     first real run must not fail once per wrong setting."""
     problems = setting_problems(cfg, preload=inputs) + (input_problems(cfg) if inputs else [])
-    if len(problems) == 1:
-        raise problems[0]
     if problems:
-        raise ValueError(f"{len(problems)} problems with the settings; nothing was run:\n"
-                         + "\n".join(f"  {i}. {p}" for i, p in enumerate(problems, 1)))
+        raise settings_error(problems)
+
+
+def settings_error(problems: list[Exception]) -> Exception:
+    """One problem as itself; several as one ValueError listing them all."""
+    if len(problems) == 1:
+        return problems[0]
+    return ValueError(f"{len(problems)} problems with the settings; nothing was run:\n"
+                      + "\n".join(f"  {i}. {p}" for i, p in enumerate(problems, 1)))
 
 
 def _collect(problems: list, check, *args) -> None:
@@ -104,17 +82,24 @@ def _stage_check(step: str, cfg: DictConfig) -> None:
 
 
 def check_known_keys(cfg: DictConfig) -> None:
-    unknown = unknown_keys(cfg)
+    from flare_exp.config_keys import unknown_keys
+
+    unknown = unknown_keys(cfg, Config)
     if unknown:
         raise ValueError(f"unknown config key(s): {'; '.join(unknown)}. `+key=value` adds a key the stages never "
                          "read; set an existing key without the +")
 
 
+# what to put in a mandatory value (???) the user has not set
+MANDATORY_HINTS = {"data.root": "Download FLARE-Task5-MLLM-2D (Xray) and point data.root at the folder holding "
+                                "training/ ..."}
+
+
 def check_set_values(cfg: DictConfig) -> None:
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
-        raise ValueError(f"these config values must be set: {', '.join(missing)} "
-                         f"(e.g. python launch.py {missing[0]}=...)")
+        raise ValueError("; ".join(f"{k} must be set" + (f" ({MANDATORY_HINTS[k]})" if k in MANDATORY_HINTS else "")
+                                   for k in missing) + f": python launch.py {missing[0]}=...")
 
 
 def check_demo_budget(cfg: DictConfig) -> None:
@@ -143,10 +128,13 @@ def input_problems(cfg: DictConfig) -> list[Exception]:
     steps = steps_of(cfg)
     if steps & GPU_STAGES:
         _collect(problems, check_model_path, cfg.model)
+    root = OmegaConf.select(cfg, "data.root", throw_on_missing=False)  # unset: check_set_values names it
     if "prepare" in steps:
-        _collect(problems, _check_exists, "data.root", cfg.data.root, cfg.data.demo is None,
-                 "Download FLARE-Task5-MLLM-2D (Xray) and point data.root at the folder holding training/ ...")
+        _collect(problems, _check_exists, "data.root", root, cfg.data.demo is None, MANDATORY_HINTS["data.root"])
         return problems
+    if steps & GPU_STAGES:  # the prepared records name their images relative to it
+        _collect(problems, _check_exists, "data.root", root, cfg.data.demo is None,
+                 "Point it at the folder stage=prepare read (the prepared records' images are under it)")
     written_before = {"rl": {"sft"}, "infer": {"sft", "rl"}, "eval": {"infer"}}  # by an earlier pipeline step
     for step, keys in STAGE_INPUTS.items():
         if step in steps and not steps & written_before.get(step, set()):

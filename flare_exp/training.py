@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from transformers import TrainerCallback
 
 from flare_exp.io import file_fingerprint
+from flare_exp.logs import log_part
 from flare_exp.model_card import write_model_cards
 from flare_exp.models.checkpoints import (check_training_state, incomplete, list_checkpoints, mark_complete,
                                          newest_complete, write_meta)
@@ -218,7 +219,7 @@ class ProgressLog(TrainerCallback):
         parts = [f"step {state.global_step}/{state.max_steps}"]
         for key in ("loss", "reward", "reward_std", "learning_rate", "grad_norm"):
             if key in logs:
-                parts.append(f"{key} {logs[key]:.4g}")
+                parts.append(log_part(key, logs[key]))
         if "data_wait_seconds" in extras:
             parts.append(f"data wait {extras['data_wait_seconds']:.3f} s/step")
         if tok_s:

@@ -32,16 +32,33 @@ class LoadedModel:
 
 
 def check_model_path(model_cfg) -> None:
-    """model.path holds a model (or model.build_tiny will build one there)."""
+    """model.path holds a model (or model.build_tiny will build one there: only in the cache)."""
     path = abspath(model_cfg.path)
-    if not (path / "config.json").exists() and not model_cfg.build_tiny:
+    if (path / "config.json").exists() or builds_tiny_at(model_cfg, path):
+        return
+    if model_cfg.build_tiny:
         raise FileNotFoundError(
-            f"model.path={path} holds no model (no config.json). {model_cfg.download_hint or ''}".strip())
+            f"model.path={path} holds no model (no config.json), and model={model_cfg.name} builds its tiny random "
+            f"model only under paths.cache_dir (a folder you name is never written into): leave model.path unset, "
+            f"or point it at a folder holding a Qwen3-VL checkpoint")
+    raise FileNotFoundError(
+        f"model.path={path} holds no model (no config.json). {model_cfg.download_hint or ''}".strip())
+
+
+def builds_tiny_at(model_cfg, path: Path) -> bool:
+    """model.build_tiny builds the tiny random model on demand, but only into the cache (paths.cache_dir, where
+    model=tiny's default path lies): a path the user names elsewhere is never written into."""
+    from omegaconf import OmegaConf
+
+    if not model_cfg.build_tiny or not OmegaConf.is_config(model_cfg):
+        return False
+    cache_dir = OmegaConf.select(model_cfg._get_root(), "paths.cache_dir", default=None)
+    return cache_dir is not None and path.resolve().is_relative_to(abspath(cache_dir).resolve())
 
 
 def resolve_model_path(model_cfg) -> Path:
     path = abspath(model_cfg.path)
-    if not (path / "config.json").exists() and model_cfg.build_tiny:
+    if not (path / "config.json").exists() and builds_tiny_at(model_cfg, path):
         from flare_exp.fixtures.tiny_models import build_tiny_qwen3vl
 
         log.info("model=%s: building the tiny random Qwen3-VL at %s", model_cfg.name, path)

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from flare_exp.io import write_json
+from flare_exp.logs import run_summary
 from flare_exp.models.checkpoints import adapter_identity
 from flare_exp.run.fingerprint import (RunSettingsChangedError, check_resume, finished_differences, fingerprint,
                                        starting_adapter)
@@ -78,10 +79,11 @@ class Run:
         if self.out_dir != self.run_dir:
             run_with_markers(self.run_dir, lambda: result)
         barrier()  # the outputs are complete before any rank goes on (a pipeline's next step reads them)
-        if self.locked:
+        if self.locked:  # the same lines whether the steps ran now or were reused
             report = report_of(self.stage, self.out_dir, result)
+            summary = run_summary(report.parent) if report and report.name == "report.html" else ""
             print(f"\n[flare-exp] stage={self.stage} finished. Outputs: {self.out_dir}"
-                  + (f"\nReport: {report}" if report else ""))
+                  + (f"\n\n{summary}\n" if summary else "") + (f"\nReport: {report}" if report else ""))
         return result
 
 

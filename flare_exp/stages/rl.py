@@ -202,6 +202,9 @@ def run(cfg, out_dir: Path) -> dict:
     reward = build_reward(cfg.reward)
     records, wanted = training_records(cfg, reward)
     torch.manual_seed(cfg.seed)
+    if rl.init_from is None:
+        log.info("rl: no rl.init_from: GRPO starts from the base model (model.path=%s) with a fresh LoRA; "
+                 "rl.init_from=<an sft run dir> starts from its adapter", cfg.model.path)
     loaded = load_model(cfg.model, init_from=rl.init_from, training=True, seed=cfg.seed)
     # TRL pads the prompts on the left and encodes their images again for the loss with the processor's own
     # padding side: both must agree, or the mm_token_type_ids (transformers 5) are shifted against the prompt

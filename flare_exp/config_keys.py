@@ -1,0 +1,102 @@
+"""Unknown config keys, each with the key the user most likely meant, found from the schema (flare_exp/config.py)
+alone: the command line's overrides are checked before Hydra composes (Hydra's own advice for a misspelt key,
+"To append to your config use +key=value", adds a key no stage reads), and a composed config's keys after.
+Dict-typed fields (reward weights, term parameters, instructions) and untyped ones take any key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from functools import lru_cache
+
+
+def _dataclass_of(kind):
+    """The dataclass a field holds (``Optional[X]`` -> X), else None."""
+    if dataclasses.is_dataclass(kind):
+        return kind
+    return next((a for a in typing.get_args(kind) if dataclasses.is_dataclass(a)), None)
+
+
+@lru_cache(maxsize=None)
+def _fields(schema: type) -> dict:
+    return typing.get_type_hints(schema)
+
+
+def _all_paths(schema: type, prefix: str = "") -> list[str]:
+    paths = []
+    for key, kind in _fields(schema).items():
+        inner = _dataclass_of(kind)
+        paths += _all_paths(inner, f"{prefix}{key}.") if inner else [f"{prefix}{key}"]
+    return paths
+
+
+def suggestion(schema: type, prefix: str, key: str, root: type | None = None) -> str:
+    """' (did you mean <prefix><close>?)' from the same section, else the same name in another section
+    (``sft.num_generations`` -> rl.num_generations), else ''."""
+    close = difflib.get_close_matches(key, list(_fields(schema)), n=1)
+    if close:
+        return f" (did you mean {prefix}{close[0]}?)"
+    if root is None:
+        return ""
+    leaves = {p: p.rsplit(".", 1)[-1] for p in _all_paths(root)}
+    elsewhere = [p for p, leaf in leaves.items() if leaf == key]
+    if not elsewhere:
+        near = set(difflib.get_close_matches(key, list(leaves.values()), n=1, cutoff=0.8))
+        elsewhere = [p for p, leaf in leaves.items() if leaf in near]
+    return f" (did you mean {' or '.join(elsewhere[:3])}?)" if elsewhere else ""
+
+
+def unknown_path(dotted: str, schema: type) -> str | None:
+    """None when the schema has ``dotted`` (or a dict-typed or untyped field on the way takes any key below
+    it); else the unknown part of it with the closest key."""
+    node, parts = schema, dotted.split(".")
+    for depth, key in enumerate(parts):
+        prefix = ".".join(parts[:depth]) + "." if depth else ""
+        if key not in _fields(node):
+            return f"{prefix}{key}" + suggestion(node, prefix, key, root=schema)
+        node = _dataclass_of(_fields(node)[key])
+        if node is None:
+            return None  # a leaf, a dict or Any: Hydra checks the value's type
+    return None
+
+
+def unknown_keys(cfg, schema: type, prefix: str = "") -> list[str]:
+    """Keys of a composed config that the schema does not have, each with the closest schema key. Hydra lets
+    ``+key=value`` add a key to a structured config, which would then be ignored silently: ``+sft.learning_rat=1e-4``
+    trains at the default rate."""
+    from omegaconf import DictConfig
+
+    problems = []
+    for key in cfg.keys():
+        name = f"{prefix}{key}"
+        if key not in _fields(schema):
+            problems.append(name + suggestion(schema, prefix, str(key)))
+            continue
+        inner, value = _dataclass_of(_fields(schema)[key]), cfg.get(key)
+        if inner and isinstance(value, DictConfig):
+            problems += unknown_keys(value, inner, f"{name}.")
+    return problems
+
+
+def override_key_problems(overrides: list[str], schema: type, groups: set[str]) -> dict[str, str]:
+    """The command line's ``key=value`` / ``+key=value`` overrides whose key the schema lacks -> the problem,
+    naming the closest key. Config group choices (``model=tiny``), ``hydra.*`` keys, deletions and overrides Hydra cannot
+    parse are left to Hydra (its messages for those name the fix)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception:  # Hydra reports its own syntax errors
+        return {}
+    problems = {}
+    for override in parsed:
+        key = override.key_or_group
+        if (override.is_delete() or override.is_hydra_override() or key == "hydra" or override.package
+                or key.split("/")[0] in groups and "." not in key):  # `group@package=option` is a group choice too
+            continue
+        found = unknown_path(key, schema)
+        if found:
+            problems[override.input_line] = f"unknown config key {found}" + (
+                "" if "did you mean" in found else " (python launch.py --cfg job lists every key)")
+    return problems

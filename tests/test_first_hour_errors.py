@@ -1,0 +1,147 @@
+"""What a new user hears first: a misspelt key named with the fix before Hydra composes, every problem of the
+settings in one list, paths the user names never written into, and logs a person reads (in-process: fast)."""
+from __future__ import annotations
+
+import io
+import logging
+import re
+import sys
+
+import pytest
+
+from conftest import CONF, REPO, compose_cfg
+
+GROUPS = {p.name for p in CONF.iterdir() if p.is_dir()}
+
+
+def key_problems(*overrides: str) -> list[str]:
+    from flare_exp.config import Config
+    from flare_exp.config_keys import override_key_problems
+
+    return list(override_key_problems(list(overrides), Config, GROUPS).values())
+
+
+@pytest.mark.parametrize("override, meant", [
+    ("sft.max_step=10", "sft.max_steps"),
+    ("+sft.max_step=10", "sft.max_steps"),
+    ("rl.num_generation=4", "rl.num_generations"),
+    ("sft.num_generations=4", "rl.num_generations"),  # the right name in the wrong section
+    ("model.pathh=/m", "model.path"),
+    ("data.roott=/d", "data.root"),
+    ("reward.radgraph.model_dirr=/r", "reward.radgraph.model_dir"),
+    ("eval.green.model_pat=/g", "eval.green.model_path"),
+    ("paths.output_rot=/o", "paths.output_root"),
+    ("infer.batch_sizes=1,2", "infer.batch_size"),  # a sweep's values
+    ("sf.max_steps=1", "sft"),
+])
+def test_an_unknown_key_is_named_with_the_closest_key(override, meant):
+    (problem,) = key_problems(override)
+    assert f"did you mean {meant}?" in problem and "+" not in problem
+
+
+def test_known_keys_group_choices_and_free_form_dicts_pass():
+    assert key_problems("sft.max_steps=10", "model=tiny", "+experiment=flare", "~experiment", "hydra/launcher=local",
+                        "hydra.job.chdir=false", "+reward.report_generation.weights.my_term=0.5",
+                        "data.instructions.report_generation=x", "model.lora.target_modules=[q_proj]") == []
+
+
+def test_the_command_line_hears_the_unknown_key_and_every_other_problem_at_once(capsys, tmp_path):
+    """The unknown key and the model path in one message, before Hydra makes any run dir."""
+    sys.path.insert(0, str(REPO))
+    import launch
+
+    with pytest.raises(SystemExit) as exit_:
+        launch.check_command_line(["experiment=flare", "stage=sft", "sft.max_step=10", "model.path=/nope",
+                                   "data.root=/nonexistent", f"paths.output_root={tmp_path}"])
+    message = capsys.readouterr().err
+    assert exit_.value.code == 1 and "To append to your config" not in message
+    assert "unknown config key sft.max_step (did you mean sft.max_steps?)" in message
+    assert "model.path=/nope holds no model" in message and "problems with the settings" in message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unset_mandatory_value_is_a_line_of_the_list_not_a_traceback():
+    from flare_exp.main import validate
+
+    with pytest.raises(ValueError, match=r"data.root must be set \(Download FLARE"):
+        validate(compose_cfg(["experiment=flare", "stage=prepare"]), inputs=True)
+
+
+def test_a_model_path_the_user_names_is_never_built_into(tmp_path):
+    from flare_exp.models.loading import builds_tiny_at, resolve_model_path
+    from flare_exp.runtime import abspath
+
+    named = tmp_path / "somewhere-new"
+    with pytest.raises(FileNotFoundError, match=r"model.path=.*somewhere-new.*never written into"):
+        resolve_model_path(compose_cfg([f"model.path={named}"]).model)
+    assert not named.exists()
+    cfg = compose_cfg([f"paths.cache_dir={tmp_path / 'cache'}"])  # model=tiny's default: inside the cache
+    assert builds_tiny_at(cfg.model, abspath(cfg.model.path))
+
+
+def test_training_log_numbers_read_plainly():
+    from flare_exp.logs import log_part
+
+    assert log_part("loss", -9.313e-10) == "loss 0" and log_part("loss", -0.0) == "loss 0"
+    assert log_part("loss", 6.4522) == "loss 6.452"
+    assert log_part("learning_rate", 0.0).startswith("learning_rate 0 (a linear warmup starts at 0")
+
+
+def test_a_finished_run_prints_the_official_table(tmp_path):
+    import json
+
+    from flare_exp.logs import run_summary
+
+    block = {"official": {"classification": {"balanced_accuracy": 0.5}}, "official_by_dataset": {}, "n": 4}
+    (tmp_path / "metrics.json").write_text(json.dumps({"base": block, "sft": block}))
+    lines = run_summary(tmp_path).splitlines()
+    assert re.fullmatch(r"official \(FLARE\) +base +sft", lines[0])
+    assert re.fullmatch(r"classification: balanced_accuracy +0\.5000 +0\.5000", lines[1])
+
+
+def test_a_log_line_never_lands_inside_a_progress_bar():
+    from tqdm import tqdm
+
+    from flare_exp.logs import _BarSafeStream
+
+    out = io.StringIO()
+    handler = logging.StreamHandler(_BarSafeStream(out))
+    logger = logging.getLogger("flare_exp.test_bars")
+    logger.addHandler(handler)
+    try:
+        with tqdm(total=3, file=out, mininterval=0) as bar:
+            bar.update(1)
+            logger.warning("a log line")
+    finally:
+        logger.removeHandler(handler)
+    assert re.search(r"it/s\]a log line", out.getvalue()) is None and "\ra log line" in out.getvalue()
+
+
+def test_trls_warning_about_our_default_rl_loss_is_left_out(caplog):
+    from flare_exp.logs import quiet_known_messages
+
+    quiet_known_messages()
+    trl_log = logging.getLogger("trl.trainer.grpo_trainer")
+    with caplog.at_level(logging.WARNING, logger=trl_log.name):
+        trl_log.warning("When using `importance_sampling_level='sequence'`, the `'dr_grpo'` loss sums per-token "
+                        "contributions, which effectively weights each sequence by its completion length")
+        trl_log.warning("When using `importance_sampling_level='sequence'`, the `'dapo'` loss sums per-token")
+    assert len(caplog.records) == 1 and "`'dapo'`" in caplog.records[0].getMessage()
+
+
+def test_a_training_stage_names_a_data_root_that_is_not_there(tmp_path):
+    from flare_exp.main import input_problems
+
+    cfg = compose_cfg(["experiment=flare", "stage=infer", f"data.root={tmp_path / 'nonexistent'}",
+                       f"model.path={tmp_path}"])
+    assert any(str(p).startswith("data.root=") and "nonexistent" in str(p) for p in input_problems(cfg))
+
+
+def test_a_sweep_hears_its_unknown_keys_before_any_job(capsys):
+    sys.path.insert(0, str(REPO))
+    import launch
+
+    with pytest.raises(SystemExit):
+        launch.check_command_line(["-m", "sft.max_step=1,2", "rl.num_generations=2,4"])
+    message = capsys.readouterr().err
+    assert "unknown config key sft.max_step (did you mean sft.max_steps?)" in message and "rl.num_gen" not in message

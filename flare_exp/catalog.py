@@ -62,10 +62,12 @@ def _read_json(path: Path) -> dict:
 def _stage_of(run_dir: Path) -> str | None:
     from omegaconf import OmegaConf
 
-    try:
-        return OmegaConf.select(OmegaConf.load(run_dir / "config.yaml"), "stage.name")
-    except (OSError, ValueError):
-        return None
+    for saved in (run_dir / "config.yaml", run_dir / ".hydra" / "config.yaml"):  # the latter: a refused launch
+        try:
+            return OmegaConf.select(OmegaConf.load(saved), "stage.name")
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 def _is_running(run_dir: Path) -> bool:

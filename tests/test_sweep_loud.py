@@ -67,11 +67,15 @@ def test_sigterm_stops_workers_that_ignore_it(tmp_path):
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(60)
     """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 143, proc.stderr
-    assert "SIGTERM: 1 worker process(es) stopped" in proc.stderr
-    pid = int((tmp_path / "pid").read_text())
-    assert not sweep_watch._alive([pid])
+    try:
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+        pid = int((tmp_path / "pid").read_text())
+        assert proc.returncode == 143, proc.stderr
+        assert "SIGTERM: 1 worker process(es) stopped" in proc.stderr
+        assert not sweep_watch._alive([pid])
+    finally:  # a failing run leaves no worker behind
+        if (tmp_path / "pid").exists() and sweep_watch._alive([int((tmp_path / "pid").read_text())]):
+            os.kill(int((tmp_path / "pid").read_text()), 9)
 
 
 def test_an_optuna_search_with_failed_trials_ends_non_zero_naming_them():

@@ -67,6 +67,7 @@ def job_names(job_overrides) -> list[str]:
 
 def check_jobs(hydra_context, master_config, job_overrides, initial_job_idx: int) -> None:
     """Every job's problems, or a SweepSettingsError naming each job and its problems."""
+    say(f"checking the settings of {len(job_overrides)} job(s) before launching any")
     bad = []
     names = job_names(job_overrides)
     for idx, overrides in enumerate(job_overrides):

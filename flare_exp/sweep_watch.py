@@ -195,24 +195,32 @@ def _alive(pids: list[int]) -> list[int]:
     return alive
 
 
-def stop_workers(grace_s: float = 10.0) -> int:
-    """SIGINT to this process's workers (submitit's local controllers pass it to their job, which leaves FAILED
-    saying it was stopped from outside), then SIGKILL to whatever is left after ``grace_s``."""
-    workers = descendants(os.getpid())
-    for pid in workers:
+def _signal(pids: list[int], sig) -> None:
+    for pid in pids:
         try:
-            os.kill(pid, signal.SIGINT)
+            os.kill(pid, sig)
         except OSError:
             pass
-    deadline = time.time() + grace_s
-    while _alive(workers) and time.time() < deadline:
+
+
+def _wait_gone(pids: list[int], seconds: float) -> None:
+    deadline = time.time() + seconds
+    while _alive(pids) and time.time() < deadline:
         time.sleep(0.2)
-    lingering = _alive(workers + descendants(os.getpid()))
-    for pid in lingering:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
+
+
+def stop_workers(grace_s: float = 10.0) -> int:
+    """SIGINT to the jobs first (the leaves of this process's tree: each leaves FAILED saying it was stopped
+    from outside), up to ``grace_s`` for them to end; then SIGINT to what is left (submitit's local
+    controllers), and SIGKILL to whatever still lives 2 s later. The controllers are not signalled first: they
+    would SIGKILL their job one second after passing the SIGINT on, before it has written its marker."""
+    workers = descendants(os.getpid())
+    leaves = [pid for pid in workers if not descendants(pid)]
+    _signal(leaves, signal.SIGINT)
+    _wait_gone(leaves, grace_s)
+    _signal(_alive(workers), signal.SIGINT)
+    _wait_gone(workers, 2.0)
+    _signal(_alive(workers + descendants(os.getpid())), signal.SIGKILL)
     return len(workers)
 
 

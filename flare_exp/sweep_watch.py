@@ -218,6 +218,7 @@ def stop_workers(grace_s: float = 10.0) -> int:
     leaves = [pid for pid in workers if not descendants(pid)]
     _signal(leaves, signal.SIGINT)
     _wait_gone(leaves, grace_s)
+    _wait_gone(workers, 2.0)  # a controller whose job ended exits by itself
     _signal(_alive(workers), signal.SIGINT)
     _wait_gone(workers, 2.0)
     _signal(_alive(workers + descendants(os.getpid())), signal.SIGKILL)

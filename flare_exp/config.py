@@ -358,6 +358,12 @@ class SweepReportConfig:
 
 
 @dataclass
+class RunsConfig:
+    # stage=runs: these runs (as the listing names them: a run name, sweeps/<sweep>/<job>) compared side by side
+    compare: Optional[List[str]] = None
+
+
+@dataclass
 class Config:
     stage: StageConfig = field(default_factory=StageConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -368,6 +374,7 @@ class Config:
     infer: InferConfig = field(default_factory=InferConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     sweep_report: SweepReportConfig = field(default_factory=SweepReportConfig)
+    runs: RunsConfig = field(default_factory=RunsConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     # Set by conf/experiment/*.yaml; "demo" guards against running demo budgets on real data.
     experiment_name: str = "none"

@@ -241,9 +241,14 @@ def run(cfg: DictConfig, run_dir: Path | None = None):
     try:
         validate(cfg, inputs=True)
     except Exception as e:
-        if run_dir is None and HydraConfig.get().mode == RunMode.MULTIRUN:
-            write_failed(Path(HydraConfig.get().runtime.output_dir), e)  # the sweep report shows why
+        refused = Path(HydraConfig.get().runtime.output_dir) if run_dir is None else None
+        # the dir Hydra made for this launch says why it stopped (the sweep report and stage=runs show it),
+        # unless it holds an earlier run, whose record stays as it was
+        if refused and (HydraConfig.get().mode == RunMode.MULTIRUN or not (refused / "run_info.json").exists()):
+            write_failed(refused, e)
         raise
+    if cfg.stage.name == "runs":  # a view of the output root: no run dir of its own
+        return stages.get_runner("runs").run(cfg)
     if run_dir is None:
         run_dir = Path(HydraConfig.get().runtime.output_dir)
     stage = cfg.stage.name

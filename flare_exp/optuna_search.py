@@ -181,6 +181,22 @@ def finished_trials(study) -> int:
     return sum(1 for t in study.get_trials(deepcopy=False, states=done) if not t.user_attrs.get("interrupted"))
 
 
+class SearchFailedError(RuntimeError):
+    """Trials of this search failed: the search ends non-zero, naming them (the study keeps them as FAIL)."""
+
+
+def raise_for_failed_trials(study, numbers: list[int]) -> None:
+    """The trials of ``numbers`` (this search's) that failed, named in a SearchFailedError."""
+    import optuna
+
+    failed = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))
+              if t.number in set(numbers) and not t.user_attrs.get("interrupted")]
+    if failed:
+        raise SearchFailedError(
+            f"{len(failed)} of {len(numbers)} trial(s) failed (a trial's job dir holds its FAILED traceback):\n"
+            + "\n".join(f"  trial {t.number}: {t.user_attrs.get('failure', 'failed')}" for t in failed))
+
+
 def job_metrics(ret) -> tuple[dict | None, str | None]:
     """(the metrics.json block of a finished trial job, or None with the reason)."""
     from hydra.core.utils import JobStatus
@@ -205,7 +221,7 @@ class Search:
         from hydra.core.override_parser.overrides_parser import OverridesParser
 
         s = sweeper.settings
-        self.launcher, self.config = sweeper.launcher, sweeper.config
+        self.launcher, self.config, self.hydra_context = sweeper.launcher, sweeper.config, sweeper.hydra_context
         self.objectives = list(s["objectives"])
         for spec in self.objectives:
             parse_objective(spec)
@@ -280,22 +296,50 @@ class Search:
         for point in self.grid:
             self.study.enqueue_trial(point, skip_if_exists=True)
         self._record()
-        results = []
+        results, asked = [], []
         while (left := self.n_trials - finished_trials(self.study)) > 0:
             trials = [self.study.ask(self.space) for _ in range(min(self.n_jobs, left))]
             for trial in trials:
                 trial.set_user_attr(SEARCH, this_search())
-            results += self._launch(trials)
+            asked += [t.number for t in trials]
+            results += self._launch(self._refuse_bad_settings(trials))
         self._record()
         log.info("optuna: %d trials finished in %s; sweep_report: python launch.py stage=sweep_report "
                  "sweep_report.sweep_dir=%s", finished_trials(self.study), self.sweep_dir, self.sweep_dir)
+        raise_for_failed_trials(self.study, asked)
         return results
+
+    def _overrides(self, trial) -> list[str]:
+        return [*self.fixed, *(f"{k}={v}" for k, v in trial.params.items()), *pruning_overrides(self, trial)]
+
+    def _refuse_bad_settings(self, trials: list) -> list:
+        """Trials whose settings a run would refuse fail here, unlaunched (FAILED in their job dir says why);
+        the others are returned."""
+        import optuna
+
+        from flare_exp.run.record import write_failed
+        from flare_exp.sweep_watch import job_problems
+
+        good = []
+        for trial in trials:
+            problems = job_problems(self.hydra_context, self.config, self._overrides(trial))
+            if not problems:
+                good.append(trial)
+                continue
+            reason = "settings a run refuses: " + "; ".join(problems)
+            trial.set_user_attr("failure", reason)
+            trial.set_user_attr("job_dir", str(self.sweep_dir / str(trial.number)))
+            write_failed(self.sweep_dir / str(trial.number), ValueError(reason))
+            self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            log.warning("optuna: trial %d not launched: %s", trial.number, reason)
+        return good
 
     def _launch(self, trials: list) -> list:
         import optuna
 
-        overrides = [[*self.fixed, *(f"{k}={v}" for k, v in t.params.items()), *pruning_overrides(self, t)]
-                     for t in trials]
+        if not trials:
+            return []
+        overrides = [self._overrides(t) for t in trials]
         numbers = [t.number for t in trials]
         consecutive = numbers == list(range(numbers[0], numbers[0] + len(numbers)))
         # the job dir of trial N is <sweep dir>/N (jobs of one launch are numbered from its first index)

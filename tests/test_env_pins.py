@@ -82,3 +82,39 @@ def test_a_conflicting_pin_is_found():
     conflicts = gpu_install_conflicts([*gpu_requirements(), Requirement("trl==1.16.0")], installed_versions())
     assert conflicts and conflicts[0].startswith("trl:")
     assert gpu_install_conflicts([Requirement("transformers==5.23.0"), Requirement("transformers<=5.17.0")], {})
+
+
+def _pypi_reachable() -> bool:
+    import socket
+
+    try:
+        socket.create_connection(("pypi.org", 443), timeout=3).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+def test_pip_resolves_the_gpu_install_online(tmp_path):
+    """pip's own resolver on the one GPU install command, `pip install -e ".[gpu]"` (a dry run: only metadata is
+    fetched, ~150 packages, about 90 s). Opt-in (FLARE_EXP_PIP_ONLINE=1) because of that time and the network;
+    the offline checks above run always."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    if os.environ.get("FLARE_EXP_PIP_ONLINE") != "1":
+        pytest.skip("pip's online resolver run is opt-in: FLARE_EXP_PIP_ONLINE=1 (about 90 s, needs pypi.org)")
+    if not _pypi_reachable():
+        pytest.skip("pypi.org is not reachable (offline): the pins' consistency is checked offline above")
+    report = tmp_path / "report.json"
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
+                           "--report", str(report), "-e", f"{ROOT}[gpu]"], capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    chosen = {canonicalize_name(i["metadata"]["name"]): i["metadata"]["version"]
+              for i in json.loads(report.read_text())["install"]}
+    pins = {canonicalize_name(Requirement(r).name): str(Requirement(r).specifier)[2:]
+            for r in project()["optional-dependencies"]["gpu"]}
+    assert {name: chosen.get(name) for name in pins} == pins

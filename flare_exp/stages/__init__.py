@@ -19,6 +19,7 @@ RUNNERS = {
     "eval": "flare_exp.stages.evaluate",
     "sweep_report": "flare_exp.stages.sweep_report",
     "pipeline": "flare_exp.stages.pipeline",
+    "runs": "flare_exp.catalog",
 }
 
 # Several ranks (torchrun, a SLURM job's tasks): these run data-parallel (sft and rl through the Trainer's DDP,

@@ -26,6 +26,10 @@ class OptunaSweeper(Sweeper):
                                                                 task_function=task_function, config=config)
 
     def sweep(self, arguments: List[str]) -> Any:
-        from flare_exp.optuna_search import Search
+        from flare_exp.optuna_search import Search, SearchFailedError
+        from flare_exp.sweep_watch import exit_with
 
-        return Search(self, arguments).run()
+        try:
+            return Search(self, arguments).run()
+        except SearchFailedError as e:  # named without a traceback; the sweep exits non-zero
+            exit_with(str(e))

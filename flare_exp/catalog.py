@@ -1,0 +1,213 @@
+"""``stage=runs``: the runs under the output root, listed (name, stage, status, started, duration, headline
+metric), and chosen runs' official metrics compared side by side with the paired significance tests
+(``runs.compare=[a,b]``). Only reads: each run dir's state comes from its own records (run.record's markers,
+run_info.json, config.yaml, the lock), metrics from its eval's metrics.json.
+
+A run's status: DONE, FAILED (the first line of its error), "stopped by settings" (FAILED written before the run
+started: no run_info.json), running (its lock is held by a live process), or unfinished (crashed or killed;
+rerunning its command resumes it).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+from pathlib import Path
+
+from flare_exp.run.record import DONE, FAILED, marker
+
+log = logging.getLogger(__name__)
+# the official metric a run is known by, in this order of preference
+HEADLINE = (("multi_label", "f1_score"), ("classification", "balanced_accuracy"),
+            ("report_generation", "green_score"), ("regression", "mean_absolute_error"))
+
+
+def metrics_file(run_dir: Path) -> Path | None:
+    """The eval metrics a run holds: its own (an eval run) or its eval step's (a pipeline, an Optuna trial)."""
+    for path in (run_dir / "metrics.json", run_dir / "eval" / "metrics.json"):
+        if path.is_file():
+            return path
+    return None
+
+
+def official_blocks(run_dir: Path) -> dict:
+    """label -> the official block of every predictions file the run's eval scored (empty without an eval)."""
+    path = metrics_file(run_dir)
+    if path is None:
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def headline(run_dir: Path) -> str | None:
+    from flare_exp.metrics.report import fmt
+
+    for block in official_blocks(run_dir).values():
+        for task, metric in HEADLINE:
+            value = (block.get("official", {}).get(task) or {}).get(metric)
+            if value is not None:
+                return f"{task}.{metric}={fmt(value)}"
+    return None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _stage_of(run_dir: Path) -> str | None:
+    from omegaconf import OmegaConf
+
+    for saved in (run_dir / "config.yaml", run_dir / ".hydra" / "config.yaml"):  # the latter: a refused launch
+        try:
+            return OmegaConf.select(OmegaConf.load(saved), "stage.name")
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def _is_running(run_dir: Path) -> bool:
+    from flare_exp.run.lock import RunLock
+
+    lock = RunLock(run_dir)
+    holder = lock.holder()
+    return holder is not None and lock._stale(holder) is None
+
+
+def run_summary(run_dir: Path) -> dict | None:
+    """One run dir's row: name, stage, status, started, seconds, headline, error; None for a dir that is no run."""
+    info = _read_json(run_dir / "run_info.json")
+    found = marker(run_dir)
+    if not info and found is None:
+        return None
+    started = info.get("started")
+    seconds, error = None, None
+    if found == DONE:
+        status, seconds = DONE, _read_json(run_dir / DONE).get("seconds")
+    elif found == FAILED:
+        text = (run_dir / FAILED).read_text(errors="replace").strip()
+        error = next((line for line in text.splitlines() if line.strip()), "")[:200]
+        status = FAILED if info else "stopped by settings"
+        if started:
+            seconds = (run_dir / FAILED).stat().st_mtime - _dt.datetime.fromisoformat(started).timestamp()
+    else:
+        status = "running" if _is_running(run_dir) else "unfinished"
+        if started and status == "running":
+            seconds = _dt.datetime.now().timestamp() - _dt.datetime.fromisoformat(started).timestamp()
+    return {"name": run_dir.name, "stage": _stage_of(run_dir) or "?", "status": status, "started": started,
+            "seconds": seconds, "headline": headline(run_dir), "error": error}
+
+
+def run_dirs(output_root: Path) -> list[tuple[str, Path]]:
+    """(name relative to the output root, dir) of every run: runs/<name>, sweeps/<sweep>/<job>."""
+    found = []
+    for path in sorted((output_root / "runs").glob("*")) if (output_root / "runs").is_dir() else []:
+        found.append((path.name, path))
+    for sweep in sorted((output_root / "sweeps").glob("*")) if (output_root / "sweeps").is_dir() else []:
+        jobs = sorted((p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+        found += [(f"sweeps/{sweep.name}/{job.name}", job) for job in jobs]
+    return [(name, path) for name, path in found if path.is_dir()]
+
+
+def duration(seconds) -> str:
+    if seconds is None:
+        return ""
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
+        f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def listing(output_root: Path) -> tuple[list[str], list[list[str]]]:
+    rows = []
+    for name, path in run_dirs(output_root):
+        row = run_summary(path)
+        if row is None:
+            continue
+        status = row["status"] + (f": {row['error']}" if row["error"] and row["status"] != DONE else "")
+        rows.append([name, row["stage"], status[:90], (row["started"] or "").replace("T", " "),
+                     duration(row["seconds"]), row["headline"] or ""])
+    return ["run", "stage", "status", "started", "duration", "headline metric"], rows
+
+
+def find_run(output_root: Path, name: str) -> Path:
+    """A run named as the listing names it (or a path)."""
+    for candidate in (output_root / "runs" / name, output_root / name, Path(name)):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError(f"runs.compare: no run {name!r} under {output_root} (python launch.py stage=runs "
+                            "lists them)")
+
+
+def per_sample_stats(block: dict) -> dict:
+    """task -> (ids, per-sample official statistics) from the predictions file a run's eval scored, for the
+    paired tests (the GREEN judge's per-report scores are not kept: report generation is left out)."""
+    from flare_exp.metrics import official
+    from flare_exp.stages.evaluate import load_rows
+
+    rows, _ = load_rows(Path(block["file"]), allow_partial=True)
+    by_task: dict = {}
+    for row in rows:
+        by_task.setdefault(row["task_type"], []).append(row)
+    return {task: ([r["id"] for r in group], official.STATS[task]([r.get("prediction", "") for r in group],
+                                                                   [r.get("answer", "") for r in group]))
+            for task, group in by_task.items() if task in official.STATS}
+
+
+def comparison(output_root: Path, names: list[str], resamples: int = 1000, seed: int = 0) -> list[str]:
+    """Markdown: the runs' official metrics side by side, then the paired tests between every two of them."""
+    from flare_exp.metrics.report import (SIGNIFICANCE_HEADER, md_table, official_table, significance_notes,
+                                          significance_rows)
+    from flare_exp.metrics.significance import correct_family
+    from flare_exp.stages.evaluate import compare
+
+    results, samples = {}, {}
+    for name in names:
+        blocks = official_blocks(find_run(output_root, name))
+        if not blocks:
+            raise FileNotFoundError(f"runs.compare: {name} holds no eval metrics.json (an eval run, or a pipeline "
+                                    "or trial with an eval step)")
+        for label, block in blocks.items():
+            key = name if len(blocks) == 1 else f"{name}:{label}"
+            results[key], samples[key] = block, per_sample_stats(block)
+    tests, warnings = compare(results, samples, resamples, seed)
+    family = correct_family(tests)
+    lines = md_table(*official_table(results))
+    if tests:
+        lines += ["Paired tests (report generation left out: its per-report GREEN scores are in the eval runs' "
+                  "scored sheets, not compared here):", "",
+                  *md_table(SIGNIFICANCE_HEADER, significance_rows(tests)), *significance_notes(family)]
+    return lines + [f"warning: {w}" for w in warnings]
+
+
+def remove_view_dir() -> None:
+    """Hydra makes a run dir for every launch; this view's holds only its empty log: it goes again, so that
+    listing runs adds none."""
+    import shutil
+
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return
+    made = Path(HydraConfig.get().runtime.output_dir)
+    if made.is_dir() and all(p.suffix == ".log" and p.stat().st_size == 0 for p in made.iterdir()):
+        shutil.rmtree(made)
+
+
+def run(cfg, out_dir: Path | None = None) -> dict:
+    from flare_exp.metrics.report import md_table
+    from flare_exp.runtime import abspath
+
+    root = abspath(cfg.paths.output_root)
+    names = list(cfg.runs.compare or [])
+    if names:
+        lines = comparison(root, names, cfg.eval.significance.resamples, cfg.eval.significance.seed)
+    else:
+        header, rows = listing(root)
+        lines = md_table(header, rows) if rows else [f"no runs under {root}"]
+    print("\n".join(lines), flush=True)
+    remove_view_dir()
+    return {"output_root": str(root), "lines": len(lines)}

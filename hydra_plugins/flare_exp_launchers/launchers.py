@@ -1,0 +1,43 @@
+"""``hydra/launcher=local`` and ``slurm`` (conf/hydra/launcher/): Hydra's submitit launchers with flare-exp's
+sweep watch around them (flare_exp/sweep_watch.py): every job's settings checked before any is launched, a
+line per finished job with an ETA, the failed jobs named; locally, SIGTERM / SIGINT stop the workers too.
+Hydra imports this module at startup: the work is imported when a sweep launches."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher, SlurmLauncher
+
+
+class _Watched:
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int):
+        from contextlib import nullcontext
+
+        from flare_exp.sweep_watch import (ForwardStops, Progress, SweepSettingsError, check_jobs, exit_with,
+                                           job_names, record_results)
+
+        try:
+            check_jobs(self.hydra_context, self.config, job_overrides, initial_job_idx)
+        except SweepSettingsError as e:
+            exit_with(str(e), 2)
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        job_dirs = [sweep_dir / str(initial_job_idx + i) for i in range(len(job_overrides))]
+        with Progress(job_dirs, job_names(job_overrides)) as progress:
+            with ForwardStops() if self._EXECUTOR == "local" else nullcontext():
+                returns = super().launch(job_overrides, initial_job_idx)
+        failed = record_results(progress, returns)
+        if failed and "optuna" not in str(self.config.hydra.sweeper.get("_target_", "")):
+            # a grid sweep ends here, non-zero (Hydra's own sweeper would raise the first failure's traceback);
+            # an Optuna search tells the study and names its failed trials at its end
+            exit_with(f"sweep {sweep_dir}: {len(failed)} of {len(returns)} job(s) failed. Report: python launch.py "
+                      f"stage=sweep_report sweep_report.sweep_dir={sweep_dir}")
+        return returns
+
+
+class WatchedLocalLauncher(_Watched, LocalLauncher):
+    pass
+
+
+class WatchedSlurmLauncher(_Watched, SlurmLauncher):
+    pass

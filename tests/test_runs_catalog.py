@@ -1,0 +1,52 @@
+"""stage=runs: the runs under the output root listed from their own records, and compared side by side."""
+import json
+
+from conftest import compose_cfg
+
+from flare_exp.catalog import comparison, listing, run_summary
+from flare_exp.run.lifecycle import run_with_markers
+from flare_exp.run.record import write_failed, write_run_metadata
+
+
+def _predictions(path, hits):
+    """Eight multi-label rows; the first ``hits`` predicted right."""
+    rows = [{"id": f"q{i}", "task_type": "multi_label", "dataset": "chestdr", "split": "val",
+             "answer": "effusion", "prediction": "effusion" if i < hits else "nodule"} for i in range(8)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _eval_run(run_dir, cfg, hits):
+    write_run_metadata(run_dir, cfg)
+    (run_dir / "scored").mkdir()  # predictions outside the run's own config: their answers are their own
+    block = {"file": str(_predictions(run_dir / "scored" / "predictions.jsonl", hits)), "n": 8, "split": "val",
+             "official": {"multi_label": {"f1_score": hits / 8}}, "official_by_dataset": {}}
+    (run_dir / "metrics.json").write_text(json.dumps({run_dir.name: block}))
+    run_with_markers(run_dir, lambda: {"metrics": str(run_dir / "metrics.json")})
+
+
+def test_the_listing_tells_each_run_state_and_the_comparison_tests_the_difference(tmp_path):
+    cfg = compose_cfg(["stage=eval"])
+    root = tmp_path / "out"
+    _eval_run(root / "runs" / "good", cfg, hits=8)
+    _eval_run(root / "sweeps" / "grid" / "0", cfg, hits=1)
+    write_run_metadata(root / "runs" / "crashed", cfg)  # started, no marker, no lock holder
+    write_run_metadata(root / "runs" / "broke", cfg)
+    write_failed(root / "runs" / "broke", RuntimeError("CUDA out of memory"))
+    (root / "runs" / "refused").mkdir()
+    write_failed(root / "runs" / "refused", ValueError("sft.max_steps=0: must be an integer >= 1"))
+    (root / "runs" / "not-a-run").mkdir()  # a dir Hydra made, nothing recorded
+
+    header, rows = listing(root)
+    by_name = {r[0]: dict(zip(header, r)) for r in rows}
+    assert set(by_name) == {"good", "sweeps/grid/0", "crashed", "broke", "refused"}
+    assert by_name["good"]["status"] == "DONE" and by_name["good"]["stage"] == "eval"
+    assert by_name["good"]["headline metric"] == "multi_label.f1_score=1.0000"
+    assert by_name["crashed"]["status"] == "unfinished"
+    assert by_name["broke"]["status"] == "FAILED: RuntimeError: CUDA out of memory"
+    assert by_name["refused"]["status"].startswith("stopped by settings: ValueError: sft.max_steps=0")
+    assert run_summary(root / "runs" / "not-a-run") is None
+
+    text = "\n".join(comparison(root, ["good", "sweeps/grid/0"], resamples=200))
+    assert "| multi-label classification: f1_score | 1.0000 | 0.1250 |" in text
+    assert "sweeps/grid/0 vs good" in text and "multi_label" in text

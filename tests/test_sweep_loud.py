@@ -1,0 +1,93 @@
+"""Sweeps fail loudly and can be stopped: every job's settings checked before any launch, a line per finished
+job, the failed ones named, SIGTERM reaching the workers, an Optuna search with failed trials ending non-zero."""
+import os
+import subprocess
+import sys
+import textwrap
+from types import SimpleNamespace
+
+import pytest
+from conftest import REPO
+
+from flare_exp import sweep_watch
+
+
+def test_a_sweep_with_one_bad_job_launches_none_and_names_it(session_dir, tmp_path):
+    """One subprocess sweep (prepare: the lightest stage to check): job #1's data.image_workers=-1 is refused
+    before job #0 is launched."""
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "launch.py", "-m", f"paths.output_root={out}",
+                           f"paths.cache_dir={session_dir / 'cache'}", "hydra/launcher=local", "run_name=two",
+                           "stage=prepare", "data.image_workers=1,-1"], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "1 of 2 jobs of the sweep have settings a run would refuse; no job was launched" in proc.stderr
+    assert "job #1 (data.image_workers=-1)" in proc.stderr and "data.image_workers=-1: must be" in proc.stderr
+    assert not (out / "sweeps" / "two" / "0").exists() and not (out / "sweeps" / "two" / ".submitit").exists()
+
+
+def test_a_line_per_finished_job_and_the_failures_named(tmp_path, capsys):
+    from hydra.core.utils import JobReturn, JobStatus
+
+    from flare_exp.run.lifecycle import run_with_markers
+    from flare_exp.run.record import write_failed
+
+    dirs = [tmp_path / "0", tmp_path / "1"]
+    for d in dirs:
+        d.mkdir()
+    sweep_watch.FAILURES.clear()
+    with sweep_watch.Progress(dirs, ["a=1", "a=2"], poll_s=0.05) as progress:
+        run_with_markers(dirs[0], lambda: {"ok": 1})
+        progress.poll()
+        first = capsys.readouterr().err
+        write_failed(dirs[1], ValueError("rl.num_generations=3: not divisible"))
+    ok, bad = JobReturn(), JobReturn()
+    ok.status, bad.status, bad._return_value = JobStatus.COMPLETED, JobStatus.FAILED, ValueError("not divisible")
+    sweep_watch.record_results(progress, [ok, bad])
+    err = first + capsys.readouterr().err
+    assert "1/2 #0 (a=1) DONE in 0 s | 1 left, ETA" in err
+    assert "2/2 #1 (a=2) FAILED" in err and "all finished" in err
+    assert "1 of 2 job(s) FAILED" in err and "job #1 (a=2): ValueError: not divisible" in err
+    assert list(sweep_watch.FAILURES) == [str(dirs[1])]
+
+
+def test_sigterm_stops_workers_that_ignore_it(tmp_path):
+    """A worker ignoring SIGTERM and SIGINT (as submitit's do SIGTERM): the sweep process, sent SIGTERM, stops
+    it and exits 143; nothing is left running."""
+    script = textwrap.dedent(f"""
+        import os, signal, subprocess, sys, time
+        sys.path.insert(0, {str(REPO)!r})
+        from flare_exp import sweep_watch
+        worker = subprocess.Popen([sys.executable, "-c", "import signal, time; "
+                                   "[signal.signal(s, signal.SIG_IGN) for s in (signal.SIGTERM, signal.SIGINT)]; "
+                                   "time.sleep(600)"])
+        open({str(tmp_path / 'pid')!r}, "w").write(str(worker.pid))
+        time.sleep(0.5)
+        with sweep_watch.ForwardStops(grace_s=1.0):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(60)
+    """)
+    try:
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+        pid = int((tmp_path / "pid").read_text())
+        assert proc.returncode == 143, proc.stderr
+        assert "SIGTERM: 1 worker process(es) stopped" in proc.stderr
+        assert not sweep_watch._alive([pid])
+    finally:  # a failing run leaves no worker behind
+        if (tmp_path / "pid").exists() and sweep_watch._alive([int((tmp_path / "pid").read_text())]):
+            os.kill(int((tmp_path / "pid").read_text()), 9)
+
+
+def test_an_optuna_search_with_failed_trials_ends_non_zero_naming_them():
+    import optuna
+
+    from flare_exp.optuna_search import SearchFailedError, raise_for_failed_trials
+
+    study = optuna.create_study()
+    good, bad = study.ask(), study.ask()
+    study.tell(good, 1.0)
+    bad.set_user_attr("failure", "ValueError: rl.num_generations=3: not divisible")
+    study.tell(bad, state=optuna.trial.TrialState.FAIL)
+    raise_for_failed_trials(study, [good.number])  # this search's trials all completed
+    with pytest.raises(SearchFailedError, match=r"(?s)1 of 2 trial\(s\) failed.*trial 1: ValueError: rl.num_gen"):
+        raise_for_failed_trials(study, [good.number, bad.number])

@@ -57,7 +57,7 @@ def _search(tmp_path, overrides):
         cfg = compose(config_name="config", return_hydra_config=True,
                       overrides=["hydra/sweeper=optuna", f"hydra.sweep.dir={tmp_path}", *overrides])
     settings = {k: v for k, v in OmegaConf.to_container(cfg.hydra.sweeper).items() if k != "_target_"}
-    return Search(SimpleNamespace(settings=settings, launcher=None, config=cfg), [])
+    return Search(SimpleNamespace(settings=settings, launcher=None, config=cfg, hydra_context=None), [])
 
 
 def test_the_reward_search_preset_prunes(tmp_path):

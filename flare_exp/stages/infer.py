@@ -15,6 +15,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from flare_exp.card import sized_infer_batch
+from flare_exp.compile_cache import prepare_gpu_run
 from flare_exp.data.vision import VisionChat
 from flare_exp.io import read_journal, read_jsonl, write_json, write_jsonl
 from flare_exp.models.decoding import DECODE_LOOPS, GraphLoop, graph_loop_chosen, kv_cache
@@ -309,6 +311,8 @@ def used_adapter(cfg) -> dict | None:
 
 def run(cfg, out_dir: Path) -> dict:
     check_settings(cfg)
+    prepare_gpu_run(cfg)
+    cfg, batch_choice = sized_infer_batch(cfg)
     inf = cfg.infer
     source = abspath(infer_input_file(cfg))
     records = read_jsonl(source)
@@ -362,7 +366,8 @@ def finish(cfg, out_dir: Path, records: list[dict], done: dict, label: str, gene
     summary = {"predictions": str(pred_path), "sheet": str(out_dir / "predictions.xlsx"), "label": label,
                "checkpoint": inf.checkpoint, "adapter": adapter, "split": inf.split, "samples": len(rows), "generated_now": generated,
                "reports_per_second": round(generated / elapsed, 3) if elapsed else None,
-               "batch_size": inf.batch_size, "max_new_tokens": inf.max_new_tokens, "decode_loop": loop,
+               "batch_size": inf.batch_size, "batch_size_choice": batch_choice, "max_new_tokens": inf.max_new_tokens,
+               "decode_loop": loop,
                "world_size": world}
     write_json(out_dir / "infer_summary.json", summary)
     return summary

@@ -122,6 +122,8 @@ def run_sft(args, work: Path) -> dict:
               "peak_memory_gib_torch": gpu_peak_gib(),
               # every setting trains the same LoRA on the same batches: its first losses should agree
               "first_losses": [h["loss"] for h in history if "loss" in h][:4],
+              # compilation shows in the first steps; a warm compile cache (a second run) shortens them
+              "first_step_seconds": [h["step_seconds"] for h in history if "step_seconds" in h][:3],
               "first_grad_norms": [round(h["grad_norm"], 4) for h in history if "grad_norm" in h][:4]}
     summary = json.loads((work / "runs" / name / "sft_summary.json").read_text())
     if "recomputed_batches" in summary:  # sft.recompute_above_tokens: how many of the steps recomputed

@@ -340,11 +340,11 @@ def run(cfg, out_dir: Path) -> dict:
         generated, elapsed = sum(c[0] for c in counts), max(c[1] for c in counts)
         loop = next((c[2] for c in counts if c[2]), None)
         done = read_predictions(out_dir)
-    return finish(cfg, out_dir, records, done, label, generated, elapsed, loop, world)
+    return finish(cfg, out_dir, records, done, label, generated, elapsed, loop, world, batch_choice)
 
 
 def finish(cfg, out_dir: Path, records: list[dict], done: dict, label: str, generated: int, elapsed: float,
-           loop: str | None, world: int) -> dict:
+           loop: str | None, world: int, batch_choice: dict | None = None) -> dict:
     """One predictions file in input order (the ranks' journals merged into it), the sheet, the summary."""
     inf, pred_path = cfg.infer, out_dir / PREDICTIONS
     missing = [r["id"] for r in records if r["id"] not in done]

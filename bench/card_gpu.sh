@@ -28,7 +28,8 @@ case_ 150 "${SFT[@]}" --card-gib 80 --set sft.card_preset=auto      # sized for 
 case_ 120 "${SFT[@]}" --card-gib 40 --set sft.card_preset=auto      # sized for 40 GiB (before: as at 80)
 case_ 100 infer --batch 32 --samples 256 --cache static --warm --card-gib 80 --set infer.decode_loop=graph
 case_ 100 infer --batch 128 --samples 256 --cache static --warm --card-gib 80 --set infer.decode_loop=graph --set infer.batch_size=auto
-case_ 75 memory --set model.liger_kernel=true                        # the SFT coefficients, whole card
+liger=$(python3 -c "import importlib.util as u; print(str(u.find_spec('liger_kernel') is not None).lower())")
+case_ 75 memory --set model.liger_kernel=$liger                     # the SFT coefficients, whole card
 case_ 120 "${SFT[@]}" --card-gib 48 --set sft.card_preset=auto
 case_ 120 "${SFT[@]}" --card-gib 24 --set sft.card_preset=auto
 python3 -m bench.card "$out"

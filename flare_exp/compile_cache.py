@@ -44,9 +44,9 @@ def prepare_gpu_run(cfg) -> None:
 
 def compiled_in_training_only(block) -> None:
     """``block`` (compiled with Module.compile) runs its compiled code in training mode and its eager code in
-    eval mode. In-training evaluation calls the blocks in eval mode, without gradients and with a KV cache whose
-    layer index differs per block: compiling those calls would recompile per block until torch's recompile limit
-    (then run uncompiled anyway, the log full of warnings)."""
+    eval mode. The training graph is guarded on grad mode and on its input requiring grad: an in-training
+    evaluation (eval mode, no gradients, other batch shapes) would compile new graphs of the one code object the
+    blocks share until torch's recompile limit, then run uncompiled anyway, the log full of warnings."""
     compiled = block._compiled_call_impl
     if compiled is None:
         return

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import warnings
 
+from flare_exp.logs import _DropText
+
 # Python warnings nobody running the stages can act on (text, what it is)
 SILENCED_WARNINGS = (
     # RadGraph's reader, once per parsed report with a one-word sentence ("Normal."): it parses them all the same
@@ -16,15 +18,6 @@ SILENCED_WARNINGS = (
 # (logger, text) of log records nobody can act on
 SILENCED_RECORDS = (("torch._inductor.compile_fx", "TensorFloat32 tensor cores"),)
 RECOMPILE_LOGGER = "torch._dynamo.convert_frame"
-
-
-class _Drop(logging.Filter):
-    def __init__(self, text: str):
-        super().__init__()
-        self.text = text
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return self.text not in record.getMessage()
 
 
 class RecompileLimitOnce(logging.Filter):
@@ -61,6 +54,6 @@ def quiet_gpu_messages() -> None:
     for text, _ in SILENCED_WARNINGS:
         warnings.filterwarnings("ignore", message=f".*{text}")
     for name, text in SILENCED_RECORDS:
-        logging.getLogger(name).addFilter(_Drop(text))
+        logging.getLogger(name).addFilter(_DropText(text))
     logging.getLogger(RECOMPILE_LOGGER).addFilter(RecompileLimitOnce())
     _installed = True

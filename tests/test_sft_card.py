@@ -3,12 +3,12 @@ what is trained (the same samples per optimizer step; tests/test_card_settings.p
 nothing changes. sft.compile_precision=eager: the
 compiled blocks round as eager does."""
 import logging
-import types
 
 import pytest
 import torch
 
 from conftest import compose_cfg
+from test_card_settings import card  # noqa: F401  (the faked card)
 from flare_exp.stages.sft_card import apply_card_preset, card_changes, largest_card_choice, split_batch
 
 
@@ -18,20 +18,6 @@ def test_the_effective_batch_is_kept(effective, split):
     assert split_batch(effective) == split
 
 
-@pytest.fixture
-def card(monkeypatch):
-    """A CUDA card of the given memory, as torch reports it (no GPU here)."""
-    memory = {"gib": 141}
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device: 1.0, raising=False)
-    monkeypatch.delenv("FLARE_EXP_CARD_GIB", raising=False)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "NVIDIA H100")
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(
-        name="NVIDIA H200", total_memory=memory["gib"] * 2 ** 30))
-    return memory
-
-
 def _cfg(base_overrides, *extra):
     return compose_cfg(["stage=sft", *base_overrides, "model.gradient_checkpointing=true",
                         "sft.per_device_train_batch_size=4", "sft.gradient_accumulation_steps=4", *extra])
@@ -39,9 +25,10 @@ def _cfg(base_overrides, *extra):
 
 def test_a_large_card_gets_the_fast_settings_for_the_same_batch(base_overrides, card, caplog):
     caplog.set_level(logging.INFO, logger="flare_exp")
+    card["gib"] = 141
     cfg = _cfg(base_overrides)
     used, changed, name, _ = apply_card_preset(cfg)
-    assert str(name) == "NVIDIA H200 (141 GiB, total)"
+    assert str(name) == "NVIDIA FAKE (141 GiB, total)"
     assert (used.sft.per_device_train_batch_size, used.sft.gradient_accumulation_steps) == (16, 1)
     assert used.sft.recompute_above_tokens == 12000 and used.sft.compile_layers is True
     assert changed["sft.per_device_train_batch_size"] == [4, 16] and changed["sft.compile_layers"] == [False, True]

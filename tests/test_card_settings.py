@@ -170,3 +170,18 @@ def test_gpu_messages_are_one_line_or_none(caplog):
     lines = [r.getMessage() for r in caplog.records if r.name == RECOMPILE_LOGGER]
     assert len(lines) == 1 and "\n" not in lines[0] and "sft.compile_layers=false" in lines[0]
     assert "'forward' (modeling_qwen3_vl.py:400)" in lines[0]
+
+
+def test_the_bench_fits_the_coefficients():
+    from bench.card import card_table, infer_fit, memory_fits
+
+    rows = [{"mode": "kept", "tokens": t, "peak_gib": 10.0 + 9.0 * t / 1000} for t in (700, 1400, 2800)]
+    rows += [{"mode": "recomputed", "tokens": t, "peak_gib": 10.0 + 0.7 * t / 1000} for t in (1400, 11200)]
+    rows.append({"mode": "recomputed", "tokens": 22400, "peak_gib": "out of memory"})
+    assert memory_fits(rows) == {"kept": {"gib_per_1k_tokens": 9.0, "intercept_gib": 10.0},
+                                 "recomputed": {"gib_per_1k_tokens": 0.7, "intercept_gib": 10.0}}
+    infer = [{"what": "infer", "batch_used": b, "new_tokens": 128, "peak_memory_gib": 9 + 0.43 * b * 0.828,
+              "reports_per_second": 10.0, "card_gib": 80, "batch_choice": {"auto": b == 128, "why": "w"}}
+             for b in (32, 128)]
+    assert infer_fit(infer, 700)["gib_per_1k_tokens"] == 0.43
+    assert "| 80 | infer | batch 128 (auto) | 10.0 |" in "\n".join(card_table(infer))

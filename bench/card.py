@@ -124,6 +124,17 @@ def green_fit(folder: Path) -> dict | None:
     return fit and {"gib_per_1k_tokens": round(fit[0], 3), "intercept_gib": round(fit[1], 2)}
 
 
+def steady_reports_per_second(result: dict) -> float | None:
+    """infer's reports/s in its full batches after the first (the first compiles), else the whole run's."""
+    import statistics
+
+    batches = result.get("generate_seconds_per_batch") or []
+    full = batches[1:-1] if len(batches) > 2 else batches[1:]
+    if not full or not result.get("batch_used"):
+        return result.get("reports_per_second")
+    return result["batch_used"] / statistics.median(full)
+
+
 def card_table(results: list[dict]) -> list[str]:
     """SFT and infer rows by the card size they ran under, the settings the stage chose, side by side."""
     lines = ["| card (cap) | stage | settings | tokens/s or reports/s | peak GiB | first losses | why |",
@@ -138,7 +149,7 @@ def card_table(results: list[dict]) -> list[str]:
         elif r["what"] == "infer":
             choice = r.get("batch_choice") or {}
             settings = f"batch {r.get('batch_used')}" + (" (auto)" if choice.get("auto") else "")
-            speed, losses, why = r.get("reports_per_second"), "", choice.get("why", "")
+            speed, losses, why = steady_reports_per_second(r), "", choice.get("why", "")
         else:
             continue
         speed_text = "n/a" if speed is None else f"{speed:,.1f}"

@@ -79,7 +79,8 @@ def card_memory() -> Card | None:
         try:
             return Card(props.name, float(os.environ[CARD_GIB_ENV]), CARD_GIB_ENV)
         except ValueError:
-            raise ValueError(f"{CARD_GIB_ENV}={os.environ[CARD_GIB_ENV]!r}: the card's memory in GiB, e.g. 80") from None
+            raise ValueError(f"{CARD_GIB_ENV}={os.environ[CARD_GIB_ENV]!r}: the card's memory in GiB, "
+                             "e.g. 80") from None
     fraction_of = getattr(torch.cuda, "get_per_process_memory_fraction", None)
     fraction = fraction_of(device) if fraction_of else 1.0
     gib = props.total_memory / 2 ** 30 * fraction

@@ -37,7 +37,9 @@ def use_compile_cache(cache_dir) -> Path:
 
 def prepare_gpu_run(cfg) -> None:
     """A stage's setup for the GPU: the compile caches under paths.cache_dir, the GPU-only messages quiet."""
-    directory = use_compile_cache(cfg.paths.cache_dir)
+    from flare_exp.runtime import abspath
+
+    directory = use_compile_cache(abspath(cfg.paths.cache_dir))
     log.debug("torch compile cache: %s", directory)
     quiet_gpu_messages()
 

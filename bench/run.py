@@ -55,6 +55,8 @@ def measurement_name(args) -> str:
         parts.append("forced-vision")
     if args.what == "loop" and args.distinct_batches:
         parts.append("distinct")
+    if args.card_gib:
+        parts.append(f"cap{args.card_gib:g}")
     parts += [override.rsplit(".", 1)[-1].replace("=", "-") for override in args.set + args.env]
     if args.what in ("sft", "loop"):
         parts += [name for name, _ in sample_shape(args)]
@@ -125,6 +127,8 @@ def run_sft(args, work: Path) -> dict:
               "peak_memory_gib_torch": gpu_peak_gib(),
               # every setting trains the same LoRA on the same batches: its first losses should agree
               "first_losses": [h["loss"] for h in history if "loss" in h][:4],
+              # compilation shows in the first steps; a warm compile cache (a second run) shortens them
+              "first_step_seconds": [h["step_seconds"] for h in history if "step_seconds" in h][:3],
               "first_grad_norms": [round(h["grad_norm"], 4) for h in history if "grad_norm" in h][:4]}
     summary = json.loads((work / "runs" / name / "sft_summary.json").read_text())
     if "recomputed_batches" in summary:  # sft.recompute_above_tokens: how many of the steps recomputed
@@ -228,16 +232,34 @@ def run_infer(args, work: Path) -> dict:
                   run_dir=work / "runs" / name)
     keep_profile(work / "runs" / name, args, name)
     return {"what": "infer", "generate_seconds_per_batch": [round(r.batch_seconds, 3) for r in batches.records],
-            "backend": args.backend, "batch": args.batch, "cache": args.cache or "dynamic",
+            "backend": args.backend, "batch": args.batch, "batch_used": summary["batch_size"],
+            "batch_choice": summary.get("batch_size_choice"), "cache": args.cache or "dynamic",
             "image_device": args.image_device, "peak_memory_gib": gpu_peak_gib(),
             "new_tokens": args.new_tokens, "samples": summary["samples"], "decode_loop": summary["decode_loop"],
             "loop_cache_lengths": [r.loop_cache_length for r in batches.records],
             "reports_per_second": summary["reports_per_second"], "wall_seconds": round(time.time() - t0, 1)}
 
 
+def cap_memory(gib: float) -> None:
+    """The process capped at ``gib`` of the card (a smaller card emulated; FLARE_EXP_CARD_GIB tells the stages'
+    sizing, since torch before 2.14 cannot say the cap)."""
+    import torch
+
+    from flare_exp.card import CARD_GIB_ENV
+
+    total = torch.cuda.get_device_properties(0).total_memory / 2 ** 30
+    if gib > total:
+        raise SystemExit(f"--card-gib {gib}: the card has only {total:.0f} GiB")
+    torch.cuda.set_per_process_memory_fraction(gib / total, 0)
+    os.environ[CARD_GIB_ENV] = f"{gib:g}"
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=["build", "sft", "loop", "grpo", "infer", "reward"])
+    p.add_argument("what", choices=["build", "sft", "loop", "grpo", "infer", "reward", "memory"])
+    p.add_argument("--card-gib", type=float, default=None,
+                   help="emulate a card of this many GiB: the process capped with torch.cuda."
+                        "set_per_process_memory_fraction, and the stages size their settings for it")
     p.add_argument("--num-generations", type=int, default=8)
     p.add_argument("--completion-length", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=128)
@@ -307,6 +329,8 @@ def main() -> None:
         require_unsloth()
     import torch
 
+    if args.card_gib:
+        cap_memory(args.card_gib)
     if args.what == "loop":
         from bench.loop import run_loop
 
@@ -315,6 +339,10 @@ def main() -> None:
         from bench.reward import run_reward
 
         result = run_reward(args, work)
+    elif args.what == "memory":
+        from bench.card import run_memory
+
+        result = run_memory(args, work)
     else:
         result = {"sft": run_sft, "grpo": run_grpo, "infer": run_infer}[args.what](args, work)
     if args.what in ("sft", "loop"):
@@ -324,7 +352,7 @@ def main() -> None:
     if args.what != "reward":
         result["vision_encoder"] = args.vision_encoder
         result["overrides"] = list(args.set) + [f"env {setting}" for setting in args.env]
-    result.update(device=device_name(),
+    result.update(card_gib=args.card_gib, device=device_name(),
                   torch=torch.__version__, versions=library_versions(),
                   date=time.strftime("%Y-%m-%d %H:%M"))
     out = Path(args.out)

@@ -210,9 +210,10 @@ class SFTConfig(TrainerSettings):
     # Batches of similar token counts (transformers' LengthGroupedSampler over the measured lengths): less
     # padding on mixed FLARE data, but batches then tend to hold one task each. Off: plain shuffling.
     group_by_length: bool = False
-    # auto (backend=hf): on a card with >= 96 GiB, the settings measured fastest on an H200 replace these: the
-    # same effective batch in micro-batches of up to 16, Liger, recomputation only above 12,000 tokens, compiled
-    # blocks (flare_exp/stages/sft_card.py; the log says what changed). large: always (GPU); none: as configured.
+    # auto (backend=hf, a GPU): sized by the card's memory (flare_exp/card.py): the same effective batch in the
+    # largest micro-batch that fits, recomputation only above the tokens that fit, Liger, compiled blocks
+    # (flare_exp/stages/sft_card.py; the log and sft_summary.json say what changed and why). large: the H200's
+    # settings on any GPU; none: as configured.
     card_preset: str = "auto"
     # backend=hf: compile each repeated block (decoder layers, vision blocks) with torch.compile, fusing the
     # many small kernels a LoRA step launches (on by card_preset on large cards). Unsloth compiles its own.
@@ -304,6 +305,9 @@ class RLConfig(TrainerSettings):
     alarm_min_rise: float = 0.05
     alarm_length_collapse: float = 0.5
     stop_on_alarm: bool = False
+    # auto (a GPU): the completions per step (micro-batch x accumulation) kept, split into the largest micro-batch
+    # the card's memory fits (flare_exp/card.py; the log and rl_summary.json say why); none: as configured.
+    card_preset: str = "auto"
     # Set by the Optuna sweeper when it prunes (hydra.sweeper.pruner): the study file and this job's trial.
     optuna_study: Optional[str] = None
     optuna_trial: Optional[int] = None
@@ -316,8 +320,9 @@ class InferConfig:
     split: str = "val"
     input_file: Optional[str] = None  # default: ${data.prepared_dir}/<split>.jsonl
     # Prompts per generate call (length-sorted): larger batches make more reports/s until memory runs out
-    # (docs/performance.md); a static cache of 32 x ~900 tokens takes ~4 GiB. Lower it on small cards.
-    batch_size: int = 32
+    # (docs/performance.md); a static cache of 32 x ~900 tokens takes ~4 GiB. auto: sized by the card's memory
+    # (flare_exp/card.py: 128 on an 80 GiB card; 32 without a GPU); a number is used as it is.
+    batch_size: Any = "auto"
     num_samples: int = 0  # <= 0: all
     max_new_tokens: int = 256
     # Every report at least this many new tokens (the end token held back until then); null: none. The

@@ -3,7 +3,7 @@ tests, CheXbert and the keyword metrics."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Any, List, Optional
 
 
 @dataclass
@@ -20,8 +20,9 @@ class GreenConfig:
     # only speed: a batch shares one total length (max_length), so a judgment that reaches it is cut where its
     # batch-mates leave it, and fp16 near-ties can flip (docs/metrics.md). GREEN-radllama2-7b has no grouped-
     # query attention: its KV cache is 0.5 MiB per token, so a batch of 16 at the full 2,048 tokens is ~16 GiB
-    # beside its 13.5 GiB of fp16 weights. Lower it on small cards.
-    batch_size: int = 16
+    # beside its 13.5 GiB of fp16 weights. auto: sized by the card's memory (flare_exp/card.py: 56 on an 80 GiB
+    # card, 96 on an H200; 16 without a GPU); a number is used as it is.
+    batch_size: Any = "auto"
     # The package's batching for FLARE's number: 8 at a time in input order, repeats judged again, generate
     # (unless decode_loop=graph), no max_new_tokens. Slower; every judgment as the package makes it.
     exact: bool = False

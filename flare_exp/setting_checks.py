@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 RULES = {
     "count": (lambda v: v >= 1, "an integer >= 1"),
     "count0": (lambda v: v >= 0, "an integer >= 0"),
+    "batch": (lambda v: v >= 1, "an integer >= 1 or auto (sized by the card's memory)"),
     "limit": (lambda v: v >= 0, "an integer >= 0 (0 or null: no limit)"),
     "every": (lambda v: v >= 0, "an integer >= 0 (0: never)"),
     "steps": (lambda v: v >= 1 or v == -1, "an integer >= 1 (or -1: sft.num_train_epochs decides)"),
@@ -35,9 +36,9 @@ RANGES = {
             "max_eval_samples": "limit", "dataloader_num_workers": "count0"},
     "rl": {**TRAINER, "num_generations": "generations", "max_completion_length": "count",
            "max_prompt_length": "count", "beta": "non_negative", "temperature": "positive", "top_p": "probability"},
-    "infer": {"batch_size": "count", "max_new_tokens": "count", "min_new_tokens": "count0",
+    "infer": {"batch_size": "batch", "max_new_tokens": "count", "min_new_tokens": "count0",
               "temperature": "positive", "top_p": "probability", "profile_batch": "count"},
-    "eval": {"green.batch_size": "count", "green.max_length": "count", "green.max_new_tokens": "count",
+    "eval": {"green.batch_size": "batch", "green.max_length": "count", "green.max_new_tokens": "count",
              "significance.resamples": "count0", "chexbert.batch_size": "count"},
     "model": {"max_seq_length": "count", "min_pixels": "count", "max_pixels": "count", "lora.r": "count",
               "lora.alpha": "positive", "lora.dropout": "dropout"},
@@ -56,7 +57,10 @@ def range_problems(cfg, steps: set[str]) -> list[str]:
         for key, rule in RANGES[section].items():
             value = OmegaConf.select(cfg, f"{section}.{key}", throw_on_missing=False)
             test, wanted = RULES[rule]
-            if value is None or isinstance(value, bool):
+            if value is None or isinstance(value, bool) or (rule == "batch" and value == "auto"):
+                continue
+            if isinstance(value, str):
+                problems.append(f"{section}.{key}={value!r}: must be {wanted}")
                 continue
             if not math.isfinite(value) or not test(value):
                 problems.append(f"{section}.{key}={value}: must be {wanted}")

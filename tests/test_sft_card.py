@@ -1,32 +1,21 @@
-"""sft.card_preset: on a large card the fast settings replace the small-card ones without changing what is
-trained (the same samples per optimizer step); elsewhere nothing changes. sft.compile_precision=eager: the
+"""sft.card_preset: on a GPU the fast settings sized by the card replace the configured ones without changing
+what is trained (the same samples per optimizer step; tests/test_card_settings.py: each card size); without a GPU
+nothing changes. sft.compile_precision=eager: the
 compiled blocks round as eager does."""
 import logging
-import types
 
 import pytest
 import torch
 
 from conftest import compose_cfg
-from flare_exp.stages.sft_card import apply_card_preset, large_card_changes, split_batch
+from test_card_settings import card  # noqa: F401  (the faked card)
+from flare_exp.stages.sft_card import apply_card_preset, card_changes, largest_card_choice, split_batch
 
 
 @pytest.mark.parametrize("effective, split", [(16, (16, 1)), (4, (4, 1)), (32, (16, 2)), (12, (12, 1)),
                                               (18, (9, 2)), (17, (1, 17)), (1, (1, 1))])
 def test_the_effective_batch_is_kept(effective, split):
     assert split_batch(effective) == split
-
-
-@pytest.fixture
-def card(monkeypatch):
-    """A CUDA card of the given memory, as torch reports it (no GPU here)."""
-    memory = {"gib": 141}
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "NVIDIA H100")
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(
-        name="NVIDIA H200", total_memory=memory["gib"] * 2 ** 30))
-    return memory
 
 
 def _cfg(base_overrides, *extra):
@@ -36,9 +25,10 @@ def _cfg(base_overrides, *extra):
 
 def test_a_large_card_gets_the_fast_settings_for_the_same_batch(base_overrides, card, caplog):
     caplog.set_level(logging.INFO, logger="flare_exp")
+    card["gib"] = 141
     cfg = _cfg(base_overrides)
-    used, changed, name = apply_card_preset(cfg)
-    assert name == "NVIDIA H200 (141 GiB)"
+    used, changed, name, _ = apply_card_preset(cfg)
+    assert str(name) == "NVIDIA FAKE (141 GiB, total)"
     assert (used.sft.per_device_train_batch_size, used.sft.gradient_accumulation_steps) == (16, 1)
     assert used.sft.recompute_above_tokens == 12000 and used.sft.compile_layers is True
     assert changed["sft.per_device_train_batch_size"] == [4, 16] and changed["sft.compile_layers"] == [False, True]
@@ -46,24 +36,23 @@ def test_a_large_card_gets_the_fast_settings_for_the_same_batch(base_overrides, 
     assert "sft.per_device_train_batch_size 4 -> 16" in caplog.text and "the same 16 samples" in caplog.text
     with pytest.raises(Exception):
         used.sft.per_device_train_batchsize = 3  # still the checked config: a typo is refused
-    liger = large_card_changes(cfg, liger_installed=True)
+    liger = card_changes(cfg, largest_card_choice(16), liger_installed=True)
     assert liger["model.liger_kernel"] == (False, True)
-    assert "model.liger_kernel" not in large_card_changes(cfg, liger_installed=False)
+    assert "model.liger_kernel" not in card_changes(cfg, largest_card_choice(16), liger_installed=False)
 
 
 def test_what_was_set_already_stays(base_overrides, card):
     cfg = _cfg(base_overrides, "sft.per_device_train_batch_size=16", "sft.gradient_accumulation_steps=2",
                "sft.recompute_above_tokens=5000", "sft.compile_layers=true")
-    assert large_card_changes(cfg, liger_installed=False) == {}
+    assert card_changes(cfg, largest_card_choice(32), liger_installed=False) == {}
     no_ckpt = _cfg(base_overrides, "model.gradient_checkpointing=false")
-    assert "sft.recompute_above_tokens" not in large_card_changes(no_ckpt, liger_installed=False)
+    assert "sft.recompute_above_tokens" not in card_changes(no_ckpt, largest_card_choice(16), liger_installed=False)
 
 
-@pytest.mark.parametrize("gib, extra", [(80, []), (141, ["sft.card_preset=none"]), (141, ["model.backend=unsloth"])])
-def test_smaller_cards_unsloth_and_none_keep_the_configured_values(base_overrides, card, gib, extra):
-    card["gib"] = gib
+@pytest.mark.parametrize("extra", [["sft.card_preset=none"], ["model.backend=unsloth"]])
+def test_unsloth_and_none_keep_the_configured_values(base_overrides, card, extra):
     cfg = _cfg(base_overrides, *extra)
-    used, changed, _ = apply_card_preset(cfg)
+    used, changed, _, _ = apply_card_preset(cfg)
     assert used is cfg and changed == {}
 
 
@@ -71,12 +60,13 @@ def test_large_forces_it_and_needs_a_gpu(base_overrides, card, monkeypatch):
     from flare_exp.stages.sft import check_settings
 
     card["gib"] = 80
-    used, changed, name = apply_card_preset(_cfg(base_overrides, "sft.card_preset=large"))
-    assert name == "NVIDIA H100" and used.sft.per_device_train_batch_size == 16
+    used, changed, name, why = apply_card_preset(_cfg(base_overrides, "sft.card_preset=large"))
+    assert name.gib == 80 and used.sft.per_device_train_batch_size == 16 and used.sft.recompute_above_tokens == 12000
+    assert why.endswith("sft.card_preset=large")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match="sft.card_preset=large.*need a CUDA GPU"):  # with the other settings
         check_settings(_cfg(base_overrides, "sft.card_preset=large"))
-    used, changed, name = apply_card_preset(_cfg(base_overrides))  # auto without a GPU
+    used, changed, name, _ = apply_card_preset(_cfg(base_overrides))  # auto without a GPU
     assert changed == {} and name is None
 
 

@@ -200,10 +200,13 @@ def compile_repeated_blocks(model, backend: str = "inductor", precision: str = "
     (sft.compile_precision). Returns how many blocks were compiled."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
+    from flare_exp.compile_cache import compiled_in_training_only
+
     options = {"emulate_precision_casts": precision == "eager"} if backend == "inductor" else None
     blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     for block in blocks:
         block.compile(backend=backend, options=options)
+        compiled_in_training_only(block)  # evaluation runs them eagerly instead of recompiling per block
     return len(blocks)
 
 

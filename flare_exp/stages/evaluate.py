@@ -13,6 +13,8 @@ import logging
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from flare_exp.card import card_memory, green_batch, sized_batch
+from flare_exp.compile_cache import prepare_gpu_run
 from flare_exp.io import read_jsonl, write_json, write_jsonl
 from flare_exp.metrics import official, tasks, text
 from flare_exp.metrics.report import write_reports
@@ -40,6 +42,7 @@ class ReportScorers:
     def __init__(self, cfg, out_dir: Path):
         self.cfg, self.out_dir = cfg, out_dir
         self._radgraph = self._green = self._crimson = self._chexbert = self._keyword = None
+        self.green_batch = None  # eval.green.batch_size as used, and why (the summary's)
 
     def radgraph(self):
         rg = self.cfg.reward.radgraph
@@ -80,8 +83,10 @@ class ReportScorers:
             from flare_exp.metrics.green_judge import GreenJudge
 
             g = self.cfg.eval.green
+            batch, self.green_batch = sized_batch("eval.green.batch_size", g.batch_size,
+                                                  lambda: green_batch(card_memory(), g.max_length))
             self._green = GreenJudge.from_pretrained(
-                abspath(g.model_path), g.dtype, batch_size=g.batch_size, max_length=g.max_length,
+                abspath(g.model_path), g.dtype, batch_size=batch, max_length=g.max_length,
                 max_new_tokens=g.max_new_tokens, decode_loop=g.decode_loop, parser=g.parser, exact=g.exact,
                 journal=self.out_dir / "green_judgments.jsonl")  # a rerun resumes here
         return self._green
@@ -359,6 +364,7 @@ def run(cfg, out_dir: Path) -> dict:
         raise ValueError("eval.predictions is empty: pass one or more predictions.jsonl files or infer run dirs, "
                          "e.g. eval.predictions=[outputs/runs/demo-infer]")
     adjust_p_values([], cfg.eval.significance.correction)  # an unknown correction fails before any judging
+    prepare_gpu_run(cfg)
     scorers = ReportScorers(cfg, out_dir)
     rank, world = ranks()
     if world > 1:  # every rank judges its share of the reports; rank 0 then scores with every judgment journaled
@@ -390,4 +396,5 @@ def run(cfg, out_dir: Path) -> dict:
                          for task, (_, stats) in per_task.items()} for label, per_task in samples.items()}
     write_reports(out_dir, results, tests, warnings, intervals, family, root=abspath(cfg.paths.output_root))
     log.info("evaluation written to %s", out_dir)  # the run's summary (its official table) is printed at its end
-    return {"metrics": str(out_dir / "metrics.json"), "report": str(out_dir / "report.md"), **summary}
+    return {"metrics": str(out_dir / "metrics.json"), "report": str(out_dir / "report.md"), **summary,
+            **({"green_batch": scorers.green_batch} if scorers.green_batch else {})}

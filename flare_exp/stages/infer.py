@@ -15,6 +15,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from flare_exp.card import sized_infer_batch
+from flare_exp.compile_cache import prepare_gpu_run
 from flare_exp.data.vision import VisionChat
 from flare_exp.io import read_journal, read_jsonl, write_json, write_jsonl
 from flare_exp.models.decoding import DECODE_LOOPS, GraphLoop, graph_loop_chosen, kv_cache
@@ -270,6 +272,8 @@ def used_adapter(cfg) -> dict | None:
 
 def run(cfg, out_dir: Path) -> dict:
     check_settings(cfg)
+    prepare_gpu_run(cfg)
+    cfg, batch_choice = sized_infer_batch(cfg)
     inf = cfg.infer
     source = abspath(infer_input_file(cfg))
     records = read_jsonl(source)
@@ -297,11 +301,11 @@ def run(cfg, out_dir: Path) -> dict:
         generated, elapsed = sum(c[0] for c in counts), max(c[1] for c in counts)
         loop = next((c[2] for c in counts if c[2]), None)
         done = read_predictions(out_dir)
-    return finish(cfg, out_dir, records, done, label, generated, elapsed, loop, world)
+    return finish(cfg, out_dir, records, done, label, generated, elapsed, loop, world, batch_choice)
 
 
 def finish(cfg, out_dir: Path, records: list[dict], done: dict, label: str, generated: int, elapsed: float,
-           loop: str | None, world: int) -> dict:
+           loop: str | None, world: int, batch_choice: dict | None = None) -> dict:
     """One predictions file in input order (the ranks' journals merged into it), the sheet, the summary."""
     inf, pred_path = cfg.infer, out_dir / PREDICTIONS
     missing = [r["id"] for r in records if r["id"] not in done]
@@ -323,7 +327,8 @@ def finish(cfg, out_dir: Path, records: list[dict], done: dict, label: str, gene
     summary = {"predictions": str(pred_path), "sheet": str(out_dir / "predictions.xlsx"), "label": label,
                "checkpoint": inf.checkpoint, "adapter": adapter, "split": inf.split, "samples": len(rows), "generated_now": generated,
                "reports_per_second": round(generated / elapsed, 3) if elapsed else None,
-               "batch_size": inf.batch_size, "max_new_tokens": inf.max_new_tokens, "decode_loop": loop,
+               "batch_size": inf.batch_size, "batch_size_choice": batch_choice, "max_new_tokens": inf.max_new_tokens,
+               "decode_loop": loop,
                "world_size": world}
     write_json(out_dir / "infer_summary.json", summary)
     return summary

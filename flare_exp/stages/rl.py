@@ -13,6 +13,8 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from flare_exp.card import apply_rl_card, sized_infer_batch
+from flare_exp.compile_cache import prepare_gpu_run
 from flare_exp.data.vision import VisionChat, filter_by_length, render_messages
 from flare_exp.io import read_jsonl, write_json
 from flare_exp.models.decoding import DECODE_LOOPS, GraphLoop, graph_loop_chosen, kv_cache
@@ -196,8 +198,11 @@ def run(cfg, out_dir: Path) -> dict:
     import torch
     from trl import GRPOTrainer
 
-    rl = cfg.rl
     prompt_limit = check_settings(cfg)
+    prepare_gpu_run(cfg)
+    cfg, card_choice = apply_rl_card(cfg)
+    cfg, _ = sized_infer_batch(cfg)  # the held-out evals' decode batch (rl.eval_steps)
+    rl = cfg.rl
     cache, compiled = rollout_settings(rl, cfg.model.backend)
     reward = build_reward(cfg.reward)
     records, wanted = training_records(cfg, reward)
@@ -240,7 +245,7 @@ def run(cfg, out_dir: Path) -> dict:
                                     final_meta=lambda t: {"init_from": str(loaded.adapter or "")})
     summary = summarise(trainer.state.log_history, trainer.state.global_step)
     summary.update(final_adapter=str(final), prompts=len(records), skipped_too_long=skipped,
-                   decode_loop=trainer.graph_rollouts.used if graph else "generate",
+                   decode_loop=trainer.graph_rollouts.used if graph else "generate", card_preset=card_choice,
                    **effective_batch(rl, trainer.args.world_size))
     if lead:
         summary.update(finish_monitor(monitor, trainer.state.log_history, out_dir, rl.max_steps))

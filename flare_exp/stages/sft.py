@@ -9,6 +9,7 @@ import logging
 from pathlib import Path
 
 from flare_exp.data.vision import SFTCollator, VisionChat, filter_by_length
+from flare_exp.compile_cache import prepare_gpu_run
 from flare_exp.io import read_jsonl, write_json
 from flare_exp.models import rope_positions
 from flare_exp.models.loading import PRECISIONS, compile_repeated_blocks, load_model
@@ -176,7 +177,8 @@ def run(cfg, out_dir: Path) -> dict:
     import torch
 
     check_settings(cfg)
-    cfg, preset_changes, card = sft_card.apply_card_preset(cfg)
+    cfg, preset_changes, card, card_why = sft_card.apply_card_preset(cfg)
+    prepare_gpu_run(cfg)
     sft = cfg.sft
     torch.manual_seed(cfg.seed)
     loaded = load_model(cfg.model, init_from=sft.init_from, training=True, seed=cfg.seed)
@@ -206,7 +208,8 @@ def run(cfg, out_dir: Path) -> dict:
                "last_loss": history[-1]["loss"] if history else None,
                "best_eval_loss_checkpoint": trainer.state.best_model_checkpoint,
                "train_samples": len(train), "skipped_too_long": skipped, **batch,
-               "card_preset": {"preset": sft.card_preset, "card": card, "changed": preset_changes},
+               "card_preset": {"preset": sft.card_preset, "card": card and str(card), "changed": preset_changes,
+                               "why": card_why},
                **({"recomputed_batches": trainer.recomputed_batches} if hasattr(trainer, "recomputed_batches")
                   else {})}
     if lead:

@@ -1,0 +1,231 @@
+"""Settings sized by the card a stage lands on: its memory, read once, and a per-token memory model.
+
+Every coefficient of the model lives in MEMORY_MODEL below, with where it was measured; `python -m bench.run
+coefficients OUT_DIR` re-measures them from a folder of bench results (bench/card.py). The rules:
+
+- SFT (hf backend): the effective batch the user configured (micro-batch x accumulation) is kept; the micro-batch
+  is the largest divisor of it (<= 16) whose batches of a typical sample train without recomputation inside the
+  card, unless a micro-batch twice as large fits with recomputation; the token budget
+  (sft.recompute_above_tokens) is what fits without recomputation. Liger and compiled blocks go on with it.
+- GRPO: the completions per step are kept; the micro-batch is the largest divisor (<= 16) that fits recomputed.
+- infer.batch_size=auto and eval.green.batch_size=auto: the largest batch whose KV cache and activations fit,
+  capped at the batch measured fastest; without a GPU, the CPU defaults (INFER_CPU_BATCH, GREEN_CPU_BATCH).
+
+A value the user sets is never overridden: batch sizes are sized only where they say ``auto``; SFT's split only
+under sft.card_preset=auto (``none`` keeps the configured split).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+CARD_GIB_ENV = "FLARE_EXP_CARD_GIB"  # the memory the settings see (a shared card; the bench's emulated caps)
+AUTO = "auto"
+
+# GiB, unless said. Measured with bench/ on one H200 (random Qwen3-VL-4B-shaped weights, LoRA r=16, bf16,
+# IU_XRay-like samples: two 512-px views + a short answer, ~700 tokens), docs/performance.md "Run history".
+MEMORY_MODEL = {
+    # weights, LoRA's optimizer state, workspace: ~10 GiB measured under every batch; 2 more kept free
+    "sft_reserved_gib": 12.0,
+    # activations per 1,000 tokens of a micro-batch without recomputation: 8.0-8.9 measured (report shape, two
+    # 512-px views, one 1024-px image: 101.6 GiB for 10,600 tokens), 2026-12-02; Liger + compiled blocks less
+    # (16 x ~700 tokens at 77 GiB), the larger one kept
+    "sft_gib_per_1k_tokens": 9.0,
+    # ... with every layer recomputed: 16 x ~1,060 tokens at 21.4 GiB (2026-12-02 call 2), 4 x 4 at 10.7
+    "sft_recomputed_gib_per_1k_tokens": 0.7,
+    "sft_sample_tokens": 700,  # a typical FLARE sample (two 512-px views + answer); longer batches recompute
+    "sft_largest_budget": 12000,  # the largest budget measured (H200: 77 GiB); larger ones are not proven
+    "sft_largest_micro_batch": 16,
+    # infer: weights + vision encoder workspace, and per report (prompt ~700 + new tokens): batch 128 x (700 +
+    # 128) tokens peaked at 53.9 GiB (2026-12-03): (53.9 - 9) / 106k tokens
+    "infer_reserved_gib": 11.0,
+    "infer_gib_per_1k_tokens": 0.43,
+    "infer_prompt_tokens": 700,
+    "infer_largest_batch": 128,  # 128 made 28 reports/s against 16 at 32; larger not measured
+    # GREEN-radllama2-7b: 13.5 GiB of fp16 weights, no grouped-query attention: 0.5 GiB per 1,000 tokens of KV
+    # cache, a batch spans eval.green.max_length tokens; batch 96 measured fastest on an H200 (2026-12-01)
+    "green_reserved_gib": 16.0,
+    "green_gib_per_1k_tokens": 0.5,
+    "green_largest_batch": 96,
+    "usable_fraction": 0.92,  # of the card: the allocator's fragmentation and other processes' contexts
+}
+INFER_CPU_BATCH = 32  # the defaults before cards were sized (CPU runs and the tests keep them)
+GREEN_CPU_BATCH = 16
+
+
+@dataclass(frozen=True)
+class Card:
+    name: str
+    gib: float
+    source: str  # where the memory figure came from
+
+    def __str__(self):
+        return f"{self.name} ({self.gib:.0f} GiB, {self.source})"
+
+
+def card_memory() -> Card | None:
+    """This process's CUDA card and the memory it may use: FLARE_EXP_CARD_GIB if set, else the card's total times
+    the per-process fraction torch was given (set_per_process_memory_fraction); None without a GPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    device = torch.cuda.current_device()
+    props = torch.cuda.get_device_properties(device)
+    if os.environ.get(CARD_GIB_ENV):
+        try:
+            return Card(props.name, float(os.environ[CARD_GIB_ENV]), CARD_GIB_ENV)
+        except ValueError:
+            raise ValueError(f"{CARD_GIB_ENV}={os.environ[CARD_GIB_ENV]!r}: the card's memory in GiB, "
+                             "e.g. 80") from None
+    fraction_of = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    fraction = fraction_of(device) if fraction_of else 1.0
+    gib = props.total_memory / 2 ** 30 * fraction
+    return Card(props.name, gib, "total" if fraction >= 1.0 else f"{fraction:.2f} of the card's memory")
+
+
+def usable_gib(card: Card) -> float:
+    return card.gib * MEMORY_MODEL["usable_fraction"]
+
+
+def divisors_up_to(n: int, largest: int) -> list[int]:
+    return [d for d in range(1, min(n, largest) + 1) if n % d == 0]
+
+
+@dataclass(frozen=True)
+class SftChoice:
+    micro_batch: int
+    accumulation: int
+    budget: int  # tokens a batch may have and train without recomputation (0: every batch recomputes)
+    rule: str
+
+
+def sft_choice(card: Card, effective: int) -> SftChoice:
+    """The SFT split and token budget for ``effective`` samples per device and optimizer step on ``card``."""
+    m = MEMORY_MODEL
+    free = usable_gib(card) - m["sft_reserved_gib"]
+    budget = int(max(0.0, free) * 1000 / m["sft_gib_per_1k_tokens"]) // 500 * 500
+    budget = min(budget, m["sft_largest_budget"])
+    options = divisors_up_to(effective, m["sft_largest_micro_batch"])
+    kept = [d for d in options if d * m["sft_sample_tokens"] <= budget]
+    recomputed = [d for d in options if d * m["sft_sample_tokens"] * m["sft_recomputed_gib_per_1k_tokens"] / 1000
+                  <= free] or [1]
+    no_recompute, recompute = max(kept, default=0), max(recomputed)
+    if no_recompute and 2 * no_recompute >= recompute:
+        rule = (f"{no_recompute} x {m['sft_sample_tokens']} tokens train without recomputation under a budget of "
+                f"{budget} tokens ({m['sft_gib_per_1k_tokens']} GiB per 1,000)")
+        return SftChoice(no_recompute, effective // no_recompute, budget, rule)
+    rule = (f"{recompute} recomputed ({m['sft_recomputed_gib_per_1k_tokens']} GiB per 1,000 tokens) beats "
+            f"{no_recompute or 'no'} sample(s) without recomputation (budget {budget} tokens)")
+    return SftChoice(recompute, effective // recompute, budget if budget >= m["sft_sample_tokens"] else 0, rule)
+
+
+def rl_micro_batch(card: Card, completions: int, sequence_tokens: int) -> int:
+    """GRPO: the largest divisor (<= 16) of the completions per step whose recomputed step fits the card."""
+    m = MEMORY_MODEL
+    free = usable_gib(card) - m["sft_reserved_gib"]
+    per_sample = sequence_tokens * m["sft_recomputed_gib_per_1k_tokens"] / 1000
+    return max([d for d in divisors_up_to(completions, m["sft_largest_micro_batch"]) if d * per_sample <= free]
+               or [1])
+
+
+def apply_rl_card(cfg) -> tuple[object, dict]:
+    """``cfg`` with rl.card_preset=auto applied (a copy when the split changes) and the decision for the summary:
+    the completions per step stay, a larger micro-batch takes fewer passes per step."""
+    import copy
+
+    from omegaconf import OmegaConf, read_write
+
+    from flare_exp.runtime import check_choice
+
+    rl = cfg.rl
+    check_choice("rl.card_preset", rl.card_preset, ("auto", "none"))
+    card = card_memory() if rl.card_preset == "auto" else None
+    if card is None:
+        return cfg, {"card": None, "changed": {}, "why": "as configured (rl.card_preset=none or no GPU)"}
+    completions = rl.per_device_train_batch_size * rl.gradient_accumulation_steps
+    tokens = MEMORY_MODEL["infer_prompt_tokens"] + rl.max_completion_length
+    micro = rl_micro_batch(card, completions, tokens)
+    why = (f"{card}: {micro} completions of ~{tokens} tokens per pass fit recomputed "
+           f"({MEMORY_MODEL['sft_recomputed_gib_per_1k_tokens']} GiB per 1,000 tokens)")
+    if micro <= rl.per_device_train_batch_size:
+        return cfg, {"card": str(card), "changed": {}, "why": why}
+    changed = {"rl.per_device_train_batch_size": [rl.per_device_train_batch_size, micro],
+               "rl.gradient_accumulation_steps": [rl.gradient_accumulation_steps, completions // micro]}
+    used = copy.deepcopy(cfg)
+    with read_write(used):
+        for key, (_, new) in changed.items():
+            OmegaConf.update(used, key, new, merge=False)
+    log.info("rl.card_preset=auto on %s: %s (the same %d completions per step; rl.card_preset=none keeps the "
+             "configured split)", why, ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()), completions)
+    return used, {"card": str(card), "changed": changed, "why": why}
+
+
+def round_batch(n: float, largest: int) -> int:
+    """A batch of at most ``largest``: a multiple of 8 from 8 up (fewer padded partial batches), else >= 1."""
+    n = min(int(n), largest)
+    return n // 8 * 8 if n >= 8 else max(1, n)
+
+
+def infer_batch(card: Card | None, max_new_tokens: int) -> tuple[int, str]:
+    """infer.batch_size=auto: (batch, why)."""
+    m = MEMORY_MODEL
+    if card is None:
+        return INFER_CPU_BATCH, "no GPU: the CPU default"
+    per_report = (m["infer_prompt_tokens"] + max_new_tokens) * m["infer_gib_per_1k_tokens"] / 1000
+    batch = round_batch((usable_gib(card) - m["infer_reserved_gib"]) / per_report, m["infer_largest_batch"])
+    return batch, (f"{card}: {per_report:.2f} GiB per report of ~{m['infer_prompt_tokens']} + {max_new_tokens} tokens, "
+                   f"at most {m['infer_largest_batch']} (the fastest measured)")
+
+
+def green_batch(card: Card | None, max_length: int) -> tuple[int, str]:
+    """eval.green.batch_size=auto: (batch, why)."""
+    m = MEMORY_MODEL
+    if card is None:
+        return GREEN_CPU_BATCH, "no GPU: the CPU default"
+    per_prompt = max_length * m["green_gib_per_1k_tokens"] / 1000
+    batch = round_batch((usable_gib(card) - m["green_reserved_gib"]) / per_prompt, m["green_largest_batch"])
+    return batch, (f"{card}: {per_prompt:.2f} GiB per judgment of {max_length} tokens, at most "
+                   f"{m['green_largest_batch']} (the fastest measured)")
+
+
+def check_batch(key: str, value) -> None:
+    """A batch-size setting: a positive integer or ``auto``."""
+    if value == AUTO or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+        return
+    raise ValueError(f"{key}={value!r}: a positive number of samples, or auto (sized by the card's memory)")
+
+
+def sized_batch(key: str, value, size) -> tuple[int, dict]:
+    """The batch for setting ``key`` = ``value``: the value itself, or for ``auto`` what ``size()`` -> (batch,
+    why) gives (logged once); and the choice as a summary records it: {"key", "value", "auto", "why"}."""
+    check_batch(key, value)
+    if value != AUTO:
+        return value, {"key": key, "value": value, "auto": False, "why": "set in the config"}
+    batch, why = size()
+    log.info("%s=auto -> %d (%s; set %s=N to choose)", key, batch, why, key)
+    return batch, {"key": key, "value": batch, "auto": True, "why": why}
+
+
+def resolve_batch(cfg, key: str, size) -> tuple[object, dict]:
+    """``cfg`` with ``key`` (dotted) sized as sized_batch says (a copy when it said auto) and the choice."""
+    import copy
+
+    from omegaconf import OmegaConf, read_write
+
+    value = OmegaConf.select(cfg, key)
+    batch, choice = sized_batch(key, value, size)
+    if not choice["auto"]:
+        return cfg, choice
+    used = copy.deepcopy(cfg)
+    with read_write(used):
+        OmegaConf.update(used, key, batch, merge=False)
+    return used, choice
+
+
+def sized_infer_batch(cfg) -> tuple[object, dict]:
+    """``cfg`` with infer.batch_size=auto sized by the card and the choice (infer, and rl's held-out evals)."""
+    return resolve_batch(cfg, "infer.batch_size", lambda: infer_batch(card_memory(), cfg.infer.max_new_tokens))

@@ -1,0 +1,189 @@
+"""Settings sized by the card's memory (flare_exp/card.py), against a faked card: the SFT split keeps the
+effective batch, the batch sizes set to auto follow the memory, a value the user sets stays, no GPU keeps the CPU
+defaults; the compile cache and the quiet GPU messages."""
+import logging
+import types
+import warnings
+
+import pytest
+import torch
+
+from conftest import compose_cfg
+from flare_exp import card as card_module
+from flare_exp.card import Card, apply_rl_card, green_batch, infer_batch, sized_infer_batch
+from flare_exp.stages.sft_card import apply_card_preset
+
+
+@pytest.fixture
+def card(monkeypatch):
+    """A CUDA card of the given memory as torch reports it (no GPU here); memory["gib"] = None: no GPU."""
+    memory = {"gib": 80}
+    monkeypatch.delenv(card_module.CARD_GIB_ENV, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: memory["gib"] is not None)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device: 1.0, raising=False)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(
+        name="NVIDIA FAKE", total_memory=memory["gib"] * 2 ** 30))
+    return memory
+
+
+def _sft(base_overrides, *extra):
+    return compose_cfg(["stage=sft", *base_overrides, "model.gradient_checkpointing=true",
+                        "sft.per_device_train_batch_size=4", "sft.gradient_accumulation_steps=4", *extra])
+
+
+# card GiB -> (micro-batch, accumulation, token budget), infer batch (256 new tokens), GREEN batch (2,048 tokens)
+SIZED = {141: ((16, 1, 12000), 128, 96), 80: ((8, 2, 6500), 128, 56), 48: ((16, 1, 3500), 80, 24),
+         40: ((16, 1, 2500), 56, 16), 24: ((16, 1, 1000), 24, 5)}
+
+
+@pytest.mark.parametrize("gib", sorted(SIZED))
+def test_every_stage_sizes_itself_to_the_card(base_overrides, card, gib, caplog):
+    caplog.set_level(logging.INFO, logger="flare_exp")
+    card["gib"] = gib
+    (micro, accumulation, budget), infer, green = SIZED[gib]
+    cfg = _sft(base_overrides)
+    used, changed, found, why = apply_card_preset(cfg)
+    assert (used.sft.per_device_train_batch_size, used.sft.gradient_accumulation_steps) == (micro, accumulation)
+    assert micro * accumulation == 16 and used.sft.recompute_above_tokens == budget  # the same samples per step
+    assert used.sft.compile_layers is True
+    assert (cfg.sft.per_device_train_batch_size, cfg.sft.compile_layers) == (4, False)  # the configured: kept
+    assert found.gib == gib and f"({gib} GiB, total)" in why and f"({gib} GiB" in caplog.text
+    assert changed["sft.per_device_train_batch_size"] == [4, micro]
+    assert infer_batch(found, 256)[0] == infer and green_batch(found, 2048)[0] == green
+    sized, choice = sized_infer_batch(compose_cfg(["stage=infer", *base_overrides, "infer.batch_size=auto",
+                                                   "infer.max_new_tokens=256"]))
+    assert sized.infer.batch_size == infer and choice["auto"] and f"{gib} GiB" in choice["why"]
+
+
+def test_no_gpu_keeps_the_cpu_defaults(base_overrides, card):
+    card["gib"] = None
+    cfg = _sft(base_overrides)
+    used, changed, found, why = apply_card_preset(cfg)
+    assert used is cfg and changed == {} and found is None and "no GPU" in why
+    assert infer_batch(None, 256)[0] == 32 and green_batch(None, 2048)[0] == 16
+    sized, choice = sized_infer_batch(compose_cfg(["stage=infer", *base_overrides, "infer.batch_size=auto"]))
+    assert sized.infer.batch_size == 32 and choice["why"] == "no GPU: the CPU default"
+    rl = compose_cfg(["stage=rl", *base_overrides, "rl.per_device_train_batch_size=2",
+                      "rl.gradient_accumulation_steps=4"])
+    assert apply_rl_card(rl)[0] is rl
+
+
+def test_what_the_user_sets_stays(base_overrides, card):
+    card["gib"] = 141
+    cfg = compose_cfg(["stage=infer", *base_overrides, "infer.batch_size=24"])
+    assert sized_infer_batch(cfg) == (cfg, {"key": "infer.batch_size", "value": 24, "auto": False,
+                                            "why": "set in the config"})
+    for extra in (["sft.card_preset=none"], ["model.backend=unsloth"]):
+        cfg = _sft(base_overrides, *extra)
+        assert apply_card_preset(cfg)[:2] == (cfg, {})
+    bigger = _sft(base_overrides, "sft.per_device_train_batch_size=16", "sft.gradient_accumulation_steps=2",
+                  "sft.recompute_above_tokens=5000", "sft.compile_layers=true", "model.liger_kernel=true")
+    assert apply_card_preset(bigger)[1] == {}  # only ever faster: a larger split or a set budget stays
+    rl = compose_cfg(["stage=rl", *base_overrides, "rl.per_device_train_batch_size=2",
+                      "rl.gradient_accumulation_steps=4"])
+    used, choice = apply_rl_card(rl)
+    assert (used.rl.per_device_train_batch_size, used.rl.gradient_accumulation_steps) == (8, 1)
+    assert choice["changed"]["rl.per_device_train_batch_size"] == [2, 8]
+    assert apply_rl_card(compose_cfg(["stage=rl", *base_overrides, "rl.per_device_train_batch_size=2",
+                                      "rl.gradient_accumulation_steps=4", "rl.card_preset=none"]))[1]["changed"] == {}
+
+
+def test_the_card_memory_a_process_may_use(card, monkeypatch):
+    card["gib"] = 141
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device: 0.5, raising=False)
+    assert card_module.card_memory().gib == pytest.approx(70.5)
+    monkeypatch.setenv(card_module.CARD_GIB_ENV, "40")
+    assert str(card_module.card_memory()) == f"NVIDIA FAKE (40 GiB, {card_module.CARD_GIB_ENV})"
+    monkeypatch.setenv(card_module.CARD_GIB_ENV, "lots")
+    with pytest.raises(ValueError, match=card_module.CARD_GIB_ENV):
+        card_module.card_memory()
+
+
+def test_a_batch_is_a_number_or_auto(base_overrides):
+    from flare_exp.setting_checks import range_problems
+
+    cfg = compose_cfg(["stage=infer", *base_overrides, "infer.batch_size=big", "eval.green.batch_size=0"])
+    problems = range_problems(cfg, {"infer", "eval"})
+    assert "infer.batch_size='big': must be an integer >= 1 or auto (sized by the card's memory)" in problems
+    assert any(p.startswith("eval.green.batch_size=0") for p in problems)
+    assert range_problems(compose_cfg(["stage=infer", *base_overrides, "infer.batch_size=auto"]), {"infer"}) == []
+
+
+def test_compile_caches_live_under_the_cache_dir(tmp_path, monkeypatch):
+    from torch._functorch import config as functorch_config
+    from torch._inductor import config as inductor_config
+
+    from flare_exp.compile_cache import use_compile_cache
+
+    for key in ("TORCHINDUCTOR_CACHE_DIR", "TORCHINDUCTOR_FX_GRAPH_CACHE", "TORCHINDUCTOR_AUTOGRAD_CACHE"):
+        monkeypatch.setenv(key, "")  # restored afterwards
+        monkeypatch.delenv(key)
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)
+    monkeypatch.setattr(functorch_config, "enable_autograd_cache", False)
+    directory = use_compile_cache(tmp_path / "cache")
+    assert directory == tmp_path / "cache" / "torch_compile" and directory.is_dir()
+    import os
+
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(directory)
+    assert inductor_config.fx_graph_cache and functorch_config.enable_autograd_cache
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))  # the user's own stays
+    assert use_compile_cache(tmp_path / "cache") == tmp_path / "mine"
+
+
+def test_compiled_blocks_run_eagerly_in_evaluation():
+    from flare_exp.compile_cache import compiled_in_training_only
+
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    block = torch.nn.Linear(4, 4)
+    block.compile(backend=counting_backend)
+    compiled_in_training_only(block)
+    x = torch.randn(2, 4)
+    expected = block._call_impl(x)
+    assert torch.equal(block(x), expected) and len(graphs) == 1  # training: compiled
+    block.eval()
+    with torch.no_grad():
+        assert torch.equal(block(x), expected) and len(graphs) == 1  # eval, no grad: eager, nothing recompiled
+
+
+def test_gpu_messages_are_one_line_or_none(caplog):
+    from flare_exp.quiet import RECOMPILE_LOGGER, quiet_gpu_messages
+
+    quiet_gpu_messages()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        quiet_gpu_messages.__globals__["_installed"] = False  # the filters again, inside this recording
+        quiet_gpu_messages()
+        warnings.warn("Document 3 has a sentence with a single token or no tokens. This may break the modeling code.")
+        warnings.warn("TensorFloat32 tensor cores for float32 matrix multiplication available but not enabled.")
+    assert caught == []
+    caplog.set_level(logging.WARNING, logger=RECOMPILE_LOGGER)
+    recompile = logging.getLogger(RECOMPILE_LOGGER)
+    for layer in range(3):
+        recompile.warning("torch._dynamo hit config.%s (%s)\n   function: %s\n   last reason: layer %d\nTo log all",
+                          "recompile_limit", 8, "'forward' (modeling_qwen3_vl.py:400)", layer)
+    lines = [r.getMessage() for r in caplog.records if r.name == RECOMPILE_LOGGER]
+    assert len(lines) == 1 and "\n" not in lines[0] and "sft.compile_layers=false" in lines[0]
+    assert "'forward' (modeling_qwen3_vl.py:400)" in lines[0]
+
+
+def test_the_bench_fits_the_coefficients():
+    from bench.card import card_table, infer_fit, memory_fits
+
+    rows = [{"mode": "kept", "tokens": t, "peak_gib": 10.0 + 9.0 * t / 1000} for t in (700, 1400, 2800)]
+    rows += [{"mode": "recomputed", "tokens": t, "peak_gib": 10.0 + 0.7 * t / 1000} for t in (1400, 11200)]
+    rows.append({"mode": "recomputed", "tokens": 22400, "peak_gib": "out of memory"})
+    assert memory_fits(rows) == {"kept": {"gib_per_1k_tokens": 9.0, "intercept_gib": 10.0},
+                                 "recomputed": {"gib_per_1k_tokens": 0.7, "intercept_gib": 10.0}}
+    infer = [{"what": "infer", "batch_used": b, "new_tokens": 128, "peak_memory_gib": 9 + 0.43 * b * 0.828,
+              "reports_per_second": 10.0, "card_gib": 80, "generate_seconds_per_batch": [9.0, 3.2, 3.2, 1.0],
+              "batch_choice": {"auto": b == 128, "why": "w"}}
+             for b in (32, 128)]
+    assert infer_fit(infer, 700)["gib_per_1k_tokens"] == 0.43
+    assert "| 80 | infer | batch 128 (auto) | 40.0 |" in "\n".join(card_table(infer))

@@ -19,11 +19,16 @@ REPO = CONF.parent
 @pytest.fixture
 def bench(monkeypatch, capsys):
     """bench.run's main with these arguments; returns its BENCH result. What a measurement changes for its own
-    process (its --env variables, sft --force-vision-encoder's stage hook) is put back after the test."""
+    process (its --env variables, sft --force-vision-encoder's stage hook, the infer stage logger's level and
+    batch collector) is put back after the test."""
+    import logging
+
     from bench import run as bench_run
     from flare_exp.models import loading
 
     monkeypatch.setattr(loading, "vision_encoder", loading.vision_encoder)
+    infer_log = logging.getLogger("flare_exp.stages.infer")
+    level, handlers = infer_log.level, list(infer_log.handlers)
 
     def measure(*args):
         for setting in (args[i + 1] for i, a in enumerate(args) if a == "--env"):
@@ -33,7 +38,10 @@ def bench(monkeypatch, capsys):
         bench_run.main()
         return json.loads(capsys.readouterr().out.split("BENCH", 1)[1])
 
-    return measure
+    yield measure
+    for handler in set(infer_log.handlers) - set(handlers):
+        infer_log.removeHandler(handler)
+    infer_log.setLevel(level)
 
 
 def bench_report(out_dir) -> str:

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 from conftest import REPO
+from flare_exp.models.checkpoints import COMPLETE
 
 import pytest
 
@@ -170,7 +171,7 @@ def test_a_requeued_two_task_job_resumes_on_both_ranks(session_dir, tmp_path, ti
     job = tmp_path / "out" / "sweeps" / "ddp" / "0"
     try:
         deadline = time.time() + 300
-        while not (job / "checkpoint-2" / "trainer_state.json").exists():
+        while not (job / "checkpoint-2" / COMPLETE).exists():  # the checkpoint resume=auto takes
             assert time.time() < deadline and launcher.poll() is None, launcher.communicate()[1][-3000:]
             time.sleep(0.1)
         for pid in next(state.glob("*.task_pids")).read_text().split():

@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from conftest import REPO
+from flare_exp.models.checkpoints import COMPLETE
 
 import pytest
 
@@ -120,7 +121,7 @@ def test_a_preempted_slurm_job_is_requeued_and_resumes_from_its_checkpoint(sessi
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     job = tmp_path / "out" / "sweeps" / "preempt" / "0"
     deadline = time.time() + 300
-    while not (job / "checkpoint-2" / "trainer_state.json").exists():
+    while not (job / "checkpoint-2" / COMPLETE).exists():  # the checkpoint resume=auto takes
         assert time.time() < deadline and launcher.poll() is None, launcher.communicate()[1][-3000:]
         time.sleep(0.1)
     os.kill(int(next(state.glob("*.task_pid")).read_text()), signal.SIGUSR2)

@@ -1,6 +1,9 @@
 """The GPU benchmark harness runs end to end on CPU with the tiny model (its numbers mean nothing here): a broken
-bench must show up here, not in a lent GPU slot."""
+bench must show up here, not in a lent GPU slot. Its command line runs in this process (a fresh interpreter per
+measurement would pay the ML imports again each time); test_bench_env_setting_must_name_a_value runs the
+module as the GPU box does, `python -m bench.run`."""
 import json
+import os
 import subprocess
 import sys
 
@@ -8,18 +11,46 @@ import pytest
 
 from conftest import CONF
 
-pytestmark = pytest.mark.slow  # each runs the bench harness in a subprocess
+pytestmark = pytest.mark.slow  # each runs whole bench measurements
 
 REPO = CONF.parent
 
 
-def bench(*args, cwd=REPO):
-    out = subprocess.run([sys.executable, "-m", "bench.run", *args], capture_output=True, text=True, cwd=cwd)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.split("BENCH", 1)[1])
+@pytest.fixture
+def bench(monkeypatch, capsys):
+    """bench.run's main with these arguments; returns its BENCH result. What a measurement changes for its own
+    process (its --env variables, sft --force-vision-encoder's stage hook, the infer stage logger's level and
+    batch collector) is put back after the test."""
+    import logging
+
+    from bench import run as bench_run
+    from flare_exp.models import loading
+
+    monkeypatch.setattr(loading, "vision_encoder", loading.vision_encoder)
+    infer_log = logging.getLogger("flare_exp.stages.infer")
+    level, handlers = infer_log.level, list(infer_log.handlers)
+
+    def measure(*args):
+        for setting in (args[i + 1] for i, a in enumerate(args) if a == "--env"):
+            monkeypatch.delenv(setting.partition("=")[0], raising=False)
+        monkeypatch.setattr(sys, "argv", ["bench.run", *args])
+        capsys.readouterr()
+        bench_run.main()
+        return json.loads(capsys.readouterr().out.split("BENCH", 1)[1])
+
+    yield measure
+    for handler in set(infer_log.handlers) - set(handlers):
+        infer_log.removeHandler(handler)
+    infer_log.setLevel(level)
 
 
-def test_bench_sft_loop_and_report(tmp_path, tiny_model_dir):
+def bench_report(out_dir) -> str:
+    from bench.report import load, tables
+
+    return tables(load(out_dir))
+
+
+def test_bench_sft_loop_and_report(tmp_path, tiny_model_dir, bench):
     common = ["--model-dir", str(tiny_model_dir), "--work", str(tmp_path / "work"), "--image-size", "96",
               "--dtype", "float32", "--out", str(tmp_path / "out")]
     sft = bench("sft", "--steps", "3", "--warmup", "1", "--workers", "0", "--grad-ckpt", "false",
@@ -48,8 +79,7 @@ def test_bench_sft_loop_and_report(tmp_path, tiny_model_dir):
                      "sft-hf-bs8-w0-nockpt-r-8-FLARE_PROBE-on-IU_XRay.json"]
     assert loop["samples"] == "IU_XRay, 1 view(s), 60-word answers"
     assert loop["tokens_per_batch"] > 8 * 60  # the long answers are in the batch
-    report = subprocess.run([sys.executable, "-m", "bench.report", str(tmp_path / "out")], capture_output=True,
-                            text=True, cwd=REPO, check=True).stdout
+    report = bench_report(tmp_path / "out")
     assert "| IU_XRay | hf | 8 | no | batched | 0 | no |" in report  # no checkpointing, workers 0, not compiled
     assert f"| {sft['tokens_per_second_median']:,.0f} | unknown |" in report
     first_losses = ", ".join(f"{loss:.3f}" for loss in sft["first_losses"])
@@ -62,7 +92,7 @@ def test_bench_sft_loop_and_report(tmp_path, tiny_model_dir):
     assert f"- cpu: torch {torch.__version__}, transformers {transformers.__version__}, peft " in report
 
 
-def test_bench_infer_both_decode_loops(tmp_path, tiny_model_dir):
+def test_bench_infer_both_decode_loops(tmp_path, tiny_model_dir, bench):
     common = ["--model-dir", str(tiny_model_dir), "--work", str(tmp_path / "work"), "--image-size", "96",
               "--dtype", "float32", "--out", str(tmp_path / "out"), "--batch", "2", "--samples", "4",
               "--new-tokens", "5", "--cache", "static"]
@@ -73,13 +103,12 @@ def test_bench_infer_both_decode_loops(tmp_path, tiny_model_dir):
         predictions = (tmp_path / "work" / "runs" / f"infer-hf-bs2-static-imgauto-decode_loop-{loop}-IU_XRay"
                        / "predictions.jsonl").read_text().splitlines()
         assert len(predictions) == 4
-    report = subprocess.run([sys.executable, "-m", "bench.report", str(tmp_path / "out")], capture_output=True,
-                            text=True, cwd=REPO, check=True).stdout
+    report = bench_report(tmp_path / "out")
     assert "| infer.decode_loop=graph |" in report and "| infer.decode_loop=generate |" in report
     assert "| static | graph |" in report and "| static | generate |" in report
 
 
-def test_bench_infer_with_a_first_batch_of_large_images(tmp_path, tiny_model_dir):
+def test_bench_infer_with_a_first_batch_of_large_images(tmp_path, tiny_model_dir, bench):
     """infer-mixed on the GPU: the graph loop's cache shrinks after the large batch (default) or is kept."""
     common = ["--model-dir", str(tiny_model_dir), "--work", str(tmp_path / "work"), "--image-size", "96",
               "--dtype", "float32", "--out", str(tmp_path / "out"), "--batch", "2", "--samples", "4",
@@ -93,7 +122,7 @@ def test_bench_infer_with_a_first_batch_of_large_images(tmp_path, tiny_model_dir
     assert (tmp_path / "out" / "infer-hf-bs2-static-imgauto-long320first-keepcache-decode_loop-graph-IU_XRay.json").exists()
 
 
-def test_bench_grpo_both_rollout_loops(tmp_path, tiny_model_dir):
+def test_bench_grpo_both_rollout_loops(tmp_path, tiny_model_dir, bench):
     """A fresh work dir each (the first run once sampled <|vision_start|> as a completion's last token and
     crashed in the loss forward: rollouts now never sample vision tokens)."""
     for loop in ("generate", "graph"):
@@ -105,14 +134,13 @@ def test_bench_grpo_both_rollout_loops(tmp_path, tiny_model_dir):
         assert result["decode_loop"] == loop
 
 
-def test_bench_reward(tmp_path):
+def test_bench_reward(tmp_path, bench):
     result = bench("reward", "--samples", "8", "--num-generations", "4", "--radgraph-size", "tiny",
                    "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"))
     assert [(r["device"], r["path"]) for r in result["rows"]][:2] == [("cpu", "each report once"),
                                                                        ("cpu", "F1RadGraph per pair")]
     assert all(r["completions_per_second"] > 0 for r in result["rows"]) and result["completions"] == 8
-    report = subprocess.run([sys.executable, "-m", "bench.report", str(tmp_path / "out")], capture_output=True,
-                            text=True, cwd=REPO, check=True).stdout
+    report = bench_report(tmp_path / "out")
     assert "| cpu | each report once | 8 | 4 |" in report
 
 
@@ -126,7 +154,7 @@ def test_profiled_steps_stay_out_of_the_medians():
     assert summary["steps_measured"] == 5 and summary["step_seconds_median"] == 0.6
 
 
-def test_bench_sft_with_the_vision_encoder_forced(tmp_path, tiny_model_dir):
+def test_bench_sft_with_the_vision_encoder_forced(tmp_path, tiny_model_dir, bench):
     """What the GPU piece measures under Unsloth (whose own copy of the vision code keeps the per-image
     attention): the stage with the batched encoder installed over the model's code, outputs checked first."""
     result = bench("sft", "--model-dir", str(tiny_model_dir), "--work", str(tmp_path / "work"), "--image-size", "96",
@@ -138,7 +166,7 @@ def test_bench_sft_with_the_vision_encoder_forced(tmp_path, tiny_model_dir):
     assert (tmp_path / "out" / "sft-hf-bs2-w0-forced-vision-IU_XRay.json").exists()
 
 
-def test_bench_sft_profile(tmp_path, tiny_model_dir):
+def test_bench_sft_profile(tmp_path, tiny_model_dir, bench):
     """--profile writes the profiled steps' top ops headed by GPU kernel time vs wall time, and leaves those steps
     out of the medians (the profiler slows them)."""
     result = bench("sft", "--steps", "8", "--warmup", "1", "--batch", "2", "--workers", "0", "--profile",

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 from conftest import REPO
+from flare_exp.models.checkpoints import COMPLETE
 
 import pytest
 
@@ -22,6 +23,21 @@ def _env():
     return {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
 
 
+def _one_process(overrides, run_dir):
+    """The one-process reference, run in this process on one thread as each rank runs (OMP_NUM_THREADS=1)."""
+    import torch
+
+    from conftest import compose_cfg
+    from flare_exp.main import run
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run(compose_cfg(overrides), run_dir=run_dir)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_two_ranks_train_one_adapter_equal_to_one_process(session_dir, tmp_path, tiny_model_dir, demo_prepared):
     import torch
     from safetensors.torch import load_file
@@ -34,10 +50,8 @@ def test_two_ranks_train_one_adapter_equal_to_one_process(session_dir, tmp_path,
     summary = json.loads((run_dir / "sft_summary.json").read_text())
     assert (run_dir / "DONE").exists() and summary["world_size"] == 2 and summary["effective_batch"] == 4
     assert "2 per device x 1 accumulation x 2 rank(s) = 4 samples per optimizer step" in ddp.stderr + ddp.stdout
-    one = subprocess.run([sys.executable, "launch.py",
-                          *_sft_args(session_dir, tmp_path / "one", "sft.gradient_accumulation_steps=2")],
-                         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
-    assert one.returncode == 0, one.stderr[-4000:]
+    _one_process(_sft_args(session_dir, tmp_path / "one", "sft.gradient_accumulation_steps=2"),
+                 tmp_path / "one" / "runs" / "ddp")
     single = json.loads((tmp_path / "one" / "runs" / "ddp" / "sft_summary.json").read_text())
     assert single["world_size"] == 1 and single["effective_batch"] == 4
     a = load_file(run_dir / "final" / "adapter_model.safetensors")
@@ -57,9 +71,7 @@ def test_two_ranks_share_the_predictions_and_rank_0_merges_them_in_input_order(s
                           "launch.py", *args, f"paths.output_root={tmp_path / 'ddp'}"], cwd=REPO, env=_env(),
                          capture_output=True, text=True, timeout=600)
     assert ddp.returncode == 0, ddp.stderr[-4000:]
-    one = subprocess.run([sys.executable, "launch.py", *args, f"paths.output_root={tmp_path / 'one'}"], cwd=REPO,
-                         env=_env(), capture_output=True, text=True, timeout=600)
-    assert one.returncode == 0, one.stderr[-4000:]
+    _one_process([*args, f"paths.output_root={tmp_path / 'one'}"], tmp_path / "one" / "runs" / "inf")
     run_dir = tmp_path / "ddp" / "runs" / "inf"
     merged, single = read_jsonl(run_dir / "predictions.jsonl"), read_jsonl(tmp_path / "one" / "runs" / "inf" /
                                                                           "predictions.jsonl")
@@ -68,22 +80,6 @@ def test_two_ranks_share_the_predictions_and_rank_0_merges_them_in_input_order(s
     summary = json.loads((run_dir / "infer_summary.json").read_text())
     assert summary["world_size"] == 2 and summary["generated_now"] == 9 and (run_dir / "DONE").exists()
     assert not list(run_dir.glob("predictions.rank*.jsonl"))
-
-
-def test_a_slurm_job_with_two_tasks_trains_on_two_ranks(session_dir, tmp_path, tiny_model_dir, demo_prepared):
-    """hydra.launcher.tasks_per_node=2 through the stand-in SLURM: the sbatch script asks for two tasks, each
-    task becomes a rank from submitit's job environment, one adapter and world_size 2 come out."""
-    fake = REPO / "tests" / "fake_slurm"
-    state = tmp_path / "slurm"
-    env = {**_env(), "PATH": f"{fake}:{os.environ['PATH']}", "FAKE_SLURM_DIR": str(state)}
-    proc = subprocess.run([sys.executable, "launch.py", "-m", *_sft_args(session_dir, tmp_path / "out"),
-                           "hydra/launcher=slurm", "hydra.launcher.tasks_per_node=2", "hydra.launcher.gpus_per_node=0"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "#SBATCH --ntasks-per-node=2" in (state / "1000.sbatch").read_text()
-    job = tmp_path / "out" / "sweeps" / "ddp" / "0"
-    summary = json.loads((job / "sft_summary.json").read_text())
-    assert (job / "DONE").exists() and summary["world_size"] == 2 and summary["effective_batch"] == 4
 
 
 def test_a_failing_rank_ends_the_job_with_failed_naming_it(session_dir, tmp_path, sft_adapter, demo_prepared):
@@ -135,19 +131,15 @@ def test_the_green_judge_on_two_ranks_equals_one_process(session_dir, tmp_path, 
 
     judge = build_tiny_causal_lm(tmp_path / "judge")
     common = [f"paths.cache_dir={session_dir / 'cache'}", "run_name=ev"]
-    infer = subprocess.run([sys.executable, "launch.py", *common, "stage=infer", f"infer.checkpoint={sft_adapter}",
-                            "infer.num_samples=12", "infer.max_new_tokens=5", f"paths.output_root={tmp_path / 'inf'}"],
-                           cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
-    assert infer.returncode == 0, infer.stderr[-4000:]
+    _one_process([*common, "stage=infer", f"infer.checkpoint={sft_adapter}", "infer.num_samples=12",
+                  "infer.max_new_tokens=5", f"paths.output_root={tmp_path / 'inf'}"], tmp_path / "inf" / "runs" / "ev")
     evaluate = ["stage=eval", f"eval.predictions=[{tmp_path / 'inf' / 'runs' / 'ev'}]",
                 f"eval.green.model_path={judge}", "eval.green.max_new_tokens=4", "eval.green.batch_size=2"]
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29537",
                           "launch.py", *common, *evaluate, f"paths.output_root={tmp_path / 'ddp'}"], cwd=REPO,
                          env=_env(), capture_output=True, text=True, timeout=600)
     assert ddp.returncode == 0, ddp.stderr[-4000:]
-    one = subprocess.run([sys.executable, "launch.py", *common, *evaluate, f"paths.output_root={tmp_path / 'one'}"],
-                         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
-    assert one.returncode == 0, one.stderr[-4000:]
+    _one_process([*common, *evaluate, f"paths.output_root={tmp_path / 'one'}"], tmp_path / "one" / "runs" / "ev")
     two_dir, one_dir = tmp_path / "ddp" / "runs" / "ev", tmp_path / "one" / "runs" / "ev"
     metrics = [json.loads((d / "metrics.json").read_text()) for d in (two_dir, one_dir)]
     label = next(iter(metrics[0]))
@@ -160,9 +152,11 @@ def test_the_green_judge_on_two_ranks_equals_one_process(session_dir, tmp_path, 
 
 
 def test_a_requeued_two_task_job_resumes_on_both_ranks(session_dir, tmp_path, tiny_model_dir, demo_prepared):
-    """SLURM preempts a 2-task SFT job (SIGUSR2 to both tasks): rank 0 checkpoints and requeues it through
-    submitit, the stand-in SLURM runs the job again, both ranks resume from the last checkpoint and the job ends
-    DONE with world_size 2, every step logged once, the preempted attempt kept in attempts/01."""
+    """hydra.launcher.tasks_per_node=2 through the stand-in SLURM: the sbatch script asks for two tasks, each
+    task becomes a rank from submitit's job environment. SLURM preempts the job (SIGUSR2 to both tasks): rank 0
+    checkpoints and requeues it through submitit, the stand-in SLURM runs the job again, both ranks resume from
+    the last checkpoint and the job ends DONE with one adapter and world_size 2, every step logged once, the
+    preempted attempt kept in attempts/01."""
     import signal
     import time
 
@@ -177,7 +171,7 @@ def test_a_requeued_two_task_job_resumes_on_both_ranks(session_dir, tmp_path, ti
     job = tmp_path / "out" / "sweeps" / "ddp" / "0"
     try:
         deadline = time.time() + 300
-        while not (job / "checkpoint-2" / "trainer_state.json").exists():
+        while not (job / "checkpoint-2" / COMPLETE).exists():  # the checkpoint resume=auto takes
             assert time.time() < deadline and launcher.poll() is None, launcher.communicate()[1][-3000:]
             time.sleep(0.1)
         for pid in next(state.glob("*.task_pids")).read_text().split():
@@ -187,9 +181,11 @@ def test_a_requeued_two_task_job_resumes_on_both_ranks(session_dir, tmp_path, ti
         if launcher.poll() is None:
             launcher.kill()
     assert launcher.returncode == 0, stderr[-3000:]
+    assert "#SBATCH --ntasks-per-node=2" in (state / "1000.sbatch").read_text()
     assert next(state.glob("*.restarts")).read_text() == "1"
     summary = json.loads((job / "sft_summary.json").read_text())
     assert (job / "DONE").exists() and summary["world_size"] == 2 and summary["global_step"] == 30
+    assert summary["effective_batch"] == 4 and (job / "final" / "adapter_model.safetensors").exists()
     assert (job / "attempts" / "01" / "FAILED").exists()
     history = json.loads((job / "log_history.json").read_text())
     assert [h["step"] for h in history if "loss" in h] == list(range(1, 31))

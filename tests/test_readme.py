@@ -1,5 +1,6 @@
 """The README's commands run as written (on the demo experiment): the demo, and the grid sweep through the
 stand-in SLURM commands followed by its sweep_report command. A README that drifts from the code fails here."""
+import csv
 import os
 import re
 import shlex
@@ -67,3 +68,9 @@ def test_the_readme_grid_sweep_and_its_report(session_dir, tmp_path, sft_adapter
                 [f"paths.cache_dir={session_dir / 'cache'}", f"paths.output_root={tmp_path / 'out'}"])
     assert done.returncode == 0, done.stderr[-3000:]
     assert (sweep_dir / "report" / "sweep.md").exists()
+    rows = list(csv.DictReader((sweep_dir / "report" / "sweep.csv").open()))  # one row per job of the grid
+    assert [r["status"] for r in rows] == ["DONE"] * 4
+    assert {(r["reward.report_generation.weights.radgraph"], r["reward.report_generation.weights.rouge_l"])
+            for r in rows} == {("0.5", "0.1"), ("0.5", "0.3"), ("0.7", "0.1"), ("0.7", "0.3")}
+    assert all(r["reward_last"] != "" for r in rows)
+    assert (sweep_dir / "report" / "sweep.png").stat().st_size > 1000

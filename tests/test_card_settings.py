@@ -119,14 +119,15 @@ def test_compile_caches_live_under_the_cache_dir(tmp_path, monkeypatch):
     for key in ("TORCHINDUCTOR_CACHE_DIR", "TORCHINDUCTOR_FX_GRAPH_CACHE", "TORCHINDUCTOR_AUTOGRAD_CACHE"):
         monkeypatch.setenv(key, "")  # restored afterwards
         monkeypatch.delenv(key)
-    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)
-    monkeypatch.setattr(functorch_config, "enable_autograd_cache", False)
-    directory = use_compile_cache(tmp_path / "cache")
+    # torch's own patch() restores its config; pytest's monkeypatch would delete the key on undo, which hides it
+    # from torch for the rest of the session (every later compilation fails)
+    with inductor_config.patch(fx_graph_cache=False), functorch_config.patch(enable_autograd_cache=False):
+        directory = use_compile_cache(tmp_path / "cache")
+        assert inductor_config.fx_graph_cache and functorch_config.enable_autograd_cache
     assert directory == tmp_path / "cache" / "torch_compile" and directory.is_dir()
     import os
 
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(directory)
-    assert inductor_config.fx_graph_cache and functorch_config.enable_autograd_cache
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))  # the user's own stays
     assert use_compile_cache(tmp_path / "cache") == tmp_path / "mine"
 

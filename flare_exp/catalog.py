@@ -146,7 +146,7 @@ def per_sample_stats(block: dict) -> dict:
     """task -> (ids, per-sample official statistics) from the predictions file a run's eval scored, for the
     paired tests (the GREEN judge's per-report scores are not kept: report generation is left out)."""
     from flare_exp.metrics import official
-    from flare_exp.stages.evaluate import load_rows
+    from flare_exp.data.predictions import load_rows
 
     rows, _ = load_rows(Path(block["file"]), allow_partial=True)
     by_task: dict = {}

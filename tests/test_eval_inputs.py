@@ -8,7 +8,7 @@ import pytest
 from conftest import compose_cfg
 from flare_exp.io import write_jsonl
 from flare_exp.main import run
-from flare_exp.stages.evaluate import load_rows
+from flare_exp.data.predictions import load_rows
 
 REFERENCE = [{"id": f"dental/{i}", "dataset": "dental", "task_type": "classification", "answer": "ABC"[i % 3],
               "split": "val", "question": f"q{i}", "image_name": f"{i}.png"} for i in range(8)]
@@ -64,3 +64,20 @@ def test_a_byte_that_is_not_utf8_names_the_file_and_line(tmp_path):
     path.write_bytes(json.dumps(REFERENCE[0]).encode() + b"\n" + b'{"id": "d/1", "prediction": "caf\xe9"}\n')
     with pytest.raises(ValueError, match=r"predictions.jsonl:2: not UTF-8 \(byte 0xe9"):
         load_rows(path, False)
+
+
+def test_a_finished_infer_runs_file_cut_at_a_line_boundary_is_refused(tmp_path):
+    """Six of eight rows left (a partial copy): every row is valid JSON, so only the infer run's own record of
+    what it wrote can tell; scoring the six would silently report a subset."""
+    prepared = _prepared(tmp_path)
+    run_dir = tmp_path / "infer"
+    run_dir.mkdir()
+    (run_dir / "DONE").write_text("")
+    (run_dir / "infer_summary.json").write_text(json.dumps({"samples": 8}))
+    path = _predictions(run_dir, [{**r, "prediction": "A"} for r in REFERENCE[:6]])
+    with pytest.raises(ValueError, match=r"holds 6 predictions but its infer run wrote 8 \(infer_summary.json\)"):
+        load_rows(path, False, prepared)
+    rows, _ = load_rows(path, True, prepared)  # eval.allow_partial=true: the rows that are there
+    assert len(rows) == 6
+    _predictions(run_dir, [{**r, "prediction": "A"} for r in REFERENCE])
+    assert len(load_rows(path, False, prepared)[0]) == 8

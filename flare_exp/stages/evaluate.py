@@ -10,17 +10,18 @@ Writes metrics.json (per run: ``official``, FLARE's metric per task type and per
 from __future__ import annotations
 
 import logging
-from collections import Counter, defaultdict
+from collections import defaultdict
 from pathlib import Path
 
 from flare_exp.card import card_memory, green_batch, sized_batch
+from flare_exp.data.predictions import load_rows
 from flare_exp.compile_cache import prepare_gpu_run
-from flare_exp.io import read_jsonl, write_json, write_jsonl
+from flare_exp.io import write_json, write_jsonl
 from flare_exp.metrics import official, tasks, text
 from flare_exp.metrics.report import write_reports
 from flare_exp.metrics.significance import adjust_p_values, bootstrap_interval, correct_family
 from flare_exp.run.record import DONE
-from flare_exp.runtime import abspath, barrier, infer_input_file, ranks
+from flare_exp.runtime import abspath, barrier, ranks
 from flare_exp.sheets import write_scored_sheet
 
 log = logging.getLogger(__name__)
@@ -156,59 +157,6 @@ def report_metrics(rows: list[dict], scorers: ReportScorers, label: str) -> tupl
     write_jsonl(scorers.out_dir / f"green_samples_{label.replace('/', '_')}.jsonl",
                 [{"id": r["id"], **s} for r, s in zip(rows, per_sample)])
     return out, per_sample
-
-
-def load_rows(path: Path, allow_partial: bool, prepared_dir: str | None = None) -> tuple[list[dict], dict]:
-    """The predictions of one file, joined by id to the prepared split they answer (found from the infer run,
-    else ``prepared_dir``), checked; and what the report must say about them."""
-    from flare_exp.data.references import join_to_reference, reference_file
-
-    rows = read_jsonl(path)
-    if not rows:
-        raise ValueError(f"{path}: no predictions")
-    reference = reference_file(path, rows, prepared_dir)
-    info: dict = {"answers_from": str(reference) if reference else "the predictions file"}
-    if reference:
-        rows = join_to_reference(path, rows, reference)
-    else:
-        info["answers_note"] = ("answers taken from the predictions file, unchecked: no prepared split was found "
-                                "to join them to (data.prepared_dir)")
-    run_dir = path.parent
-    if (run_dir / "run_info.json").exists() and not (run_dir / DONE).exists():
-        if not allow_partial:
-            raise ValueError(f"{run_dir} holds an unfinished infer run (no {DONE} marker): finish it (rerun the same "
-                             "infer command, it resumes) or pass eval.allow_partial=true to score what is there")
-        info["partial"] = f"partial: {len(rows)} of {expected_count(run_dir) or 'an unknown number of'} predictions"
-    counts = Counter(r.get("id") for r in rows)
-    doubled = {k: c for k, c in counts.items() if c > 1}
-    if doubled:
-        raise ValueError(f"{path}: {len(doubled)} id(s) occur more than once ({sum(doubled.values())} rows, e.g. "
-                         f"{next(iter(doubled))}): a predictions file holds one row per question")
-    unknown = sorted({str(r.get("task_type")) for r in rows} - set(official.OFFICIAL_METRIC))
-    if unknown:
-        raise ValueError(f"{path}: unknown task type(s) {', '.join(unknown)}; known: "
-                         f"{', '.join(official.OFFICIAL_METRIC)}")
-    missing = [r["id"] for r in rows if r.get("answer") is None]
-    if missing:
-        raise ValueError(f"{path}: {len(missing)} predictions have no ground truth (e.g. {missing[0]}); "
-                         "the test split is scored by FLARE from the submission files")
-    empty = sum(not isinstance(r.get("prediction"), str) for r in rows)
-    if empty:
-        info["empty_predictions"] = empty
-    return rows, info
-
-
-def expected_count(run_dir: Path) -> int | None:
-    """How many predictions an unfinished infer run was asked for (its saved config), if it can be told."""
-    from omegaconf import OmegaConf
-
-    try:
-        cfg = OmegaConf.load(run_dir / "config.yaml")
-        source = infer_input_file(cfg)
-        total = sum(1 for line in open(source, encoding="utf-8") if line.strip())
-    except Exception:  # noqa: BLE001  (a best-effort count for the report's wording)
-        return None
-    return min(total, cfg.infer.num_samples) if cfg.infer.num_samples and cfg.infer.num_samples > 0 else total
 
 
 def run_metadata(path: Path) -> dict:

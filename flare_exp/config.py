@@ -21,6 +21,9 @@ class StageConfig:
     name: str = "pipeline"
     # For the pipeline stage: the stages run in order, each in its own sub-directory of the run dir.
     steps: List[str] = field(default_factory=list)
+    # For the pipeline stage: also infer these (base: the model without adapter; sft, rl: that step's adapter),
+    # each in infer-<name>/, and evaluate them beside the last model, with the significance of each move.
+    compare: List[str] = field(default_factory=list)
 
 
 @dataclass

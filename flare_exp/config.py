@@ -85,6 +85,9 @@ class ModelConfig:
     max_seq_length: int = 12000
     # model=tiny: build a tiny random Qwen3-VL at `path` when it is missing.
     build_tiny: bool = False
+    # torch's CPU threads per process (None = torch's default, one per core). model=tiny: 1; its matrices are
+    # too small to split, so a second thread only spins waiting (on a shared machine: 2-3x the CPU time).
+    cpu_threads: Optional[int] = None
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 

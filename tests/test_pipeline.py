@@ -24,6 +24,9 @@ def test_the_demo_pipeline_end_to_end_and_again(base_overrides, tmp_path, caplog
         task for entry in metrics.values() for task in entry["by_task"]}
     assert (run_dir / "DONE").exists() and not (run_dir / "attempts").exists()
     _sft_beats_base(metrics, json.loads((run_dir / "eval" / "significance.json").read_text()))
+    import torch
+
+    assert torch.get_num_threads() == 1  # model=tiny: model.cpu_threads=1 (a second thread only spins)
 
     caplog.set_level("INFO", logger="flare_exp.stages.pipeline")
     again = run(compose_cfg(base_overrides), run_dir=run_dir)

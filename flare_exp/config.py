@@ -21,6 +21,9 @@ class StageConfig:
     name: str = "pipeline"
     # For the pipeline stage: the stages run in order, each in its own sub-directory of the run dir.
     steps: List[str] = field(default_factory=list)
+    # For the pipeline stage: also infer these (base: the model without adapter; sft, rl: that step's adapter),
+    # each in infer-<name>/, and evaluate them beside the last model, with the significance of each move.
+    compare: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -83,6 +86,9 @@ class ModelConfig:
     # model=tiny: build a tiny random Qwen3-VL at `path` when it is missing, only under paths.cache_dir (a path
     # the user names elsewhere is never written into: a missing one is an error).
     build_tiny: bool = False
+    # torch's CPU threads per process (None = torch's default, one per core). model=tiny: 1; its matrices are
+    # too small to split, so a second thread only spins waiting (on a shared machine: 2-3x the CPU time).
+    cpu_threads: Optional[int] = None
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 

@@ -224,6 +224,18 @@ def adopt_slurm_ranks() -> None:
              env.local_rank, env.master_addr, env.master_port)
 
 
+def limit_cpu_threads(threads: int | None) -> None:
+    """model.cpu_threads: torch's intra-op threads in this process (None: torch's default)."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise ValueError(f"model.cpu_threads={threads}: give a positive number of threads, or null for torch's "
+                         "default")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 def run(cfg: DictConfig, run_dir: Path | None = None):
     # Offline first: nothing here ever asks a model hub (compute nodes have none); every model is a local path.
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
@@ -249,6 +261,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None):
         raise
     if cfg.stage.name == "runs":  # a view of the output root: no run dir of its own
         return stages.get_runner("runs").run(cfg)
+    limit_cpu_threads(OmegaConf.select(cfg, "model.cpu_threads"))
     if run_dir is None:
         run_dir = Path(HydraConfig.get().runtime.output_dir)
     stage = cfg.stage.name

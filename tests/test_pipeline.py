@@ -14,7 +14,7 @@ def test_the_demo_pipeline_end_to_end_and_again(base_overrides, tmp_path, caplog
 
     run_dir = tmp_path / "demo-pipeline"
     result = run(compose_cfg(base_overrides), run_dir=run_dir)
-    steps = ["prepare", "sft", "rl", "infer", "eval"]
+    steps = ["prepare", "sft", "rl", "infer-base", "infer-sft", "infer", "eval"]  # stage.compare=[base,sft]
     assert list(result["steps"]) == steps
     for step in steps[1:]:
         assert (run_dir / step / "DONE").exists(), step
@@ -23,6 +23,10 @@ def test_the_demo_pipeline_end_to_end_and_again(base_overrides, tmp_path, caplog
     assert {"report_generation", "classification", "multi_label", "regression"} <= {
         task for entry in metrics.values() for task in entry["by_task"]}
     assert (run_dir / "DONE").exists() and not (run_dir / "attempts").exists()
+    _sft_beats_base(metrics, json.loads((run_dir / "eval" / "significance.json").read_text()))
+    import torch
+
+    assert torch.get_num_threads() == 1  # model=tiny: model.cpu_threads=1 (a second thread only spins)
 
     caplog.set_level("INFO", logger="flare_exp.stages.pipeline")
     again = run(compose_cfg(base_overrides), run_dir=run_dir)
@@ -37,6 +41,18 @@ def test_the_demo_pipeline_end_to_end_and_again(base_overrides, tmp_path, caplog
         run(compose_cfg([*base_overrides, "infer.max_new_tokens=5"]), run_dir=run_dir)
     assert (run_dir / "attempts" / "01" / "config.yaml").read_text() == first_config
     assert (run_dir / "infer" / "DONE").exists() and (run_dir / "eval" / "DONE").exists()  # nothing was redone
+
+
+def _sft_beats_base(metrics: dict, significance: dict) -> None:
+    """The demo shows learning: its data answer from the image, so sft is above base on an official metric, and
+    eval compared base, sft and rl."""
+    official = {label.split("/")[-1]: entry["official"] for label, entry in metrics.items()}
+    assert list(official) == ["base", "sft", "rl"]
+    gains = {task: official["sft"][task][metric] - official["base"][task][metric]
+             for task, metric in (("classification", "balanced_accuracy"), ("multi_label", "f1_score"))}
+    assert max(gains.values()) > 0.2, gains
+    assert {(t["run_a"].split("/")[-1], t["run_b"].split("/")[-1]) for t in significance["tests"]} == {
+        ("base", "sft"), ("base", "rl"), ("sft", "rl")}
 
 
 def test_a_finished_step_is_reused_only_with_the_same_inputs(base_overrides, demo_prepared, tmp_path):

@@ -35,7 +35,7 @@ DECIDING = {
 # on: a resume may change them (a longer max_steps continues training; a smaller batch after an OOM).
 _MODEL_SPEED = ("model.download_hint", "model.build_tiny", "model.attn_implementation", "model.cudnn_attention",
                 "model.vision_encoder", "model.decode_attention", "model.gradient_checkpointing", "model.liger_kernel",
-                "model.unsloth_offload_activations")
+                "model.unsloth_offload_activations", "model.cpu_threads")
 
 
 _TRACKING = ("report_to", "wandb_project", "wandb_mode")

@@ -29,7 +29,46 @@ def _chain(step: str, cfg, done_dirs: dict[str, Path]) -> None:
                     cfg.infer.checkpoint = str(done_dirs[source])
                     break
         if step == "eval" and not cfg.eval.predictions and "infer" in done_dirs:
-            cfg.eval.predictions = [str(done_dirs["infer"])]
+            # the models of stage.compare first (base, sft), then the last one: the report reads left to right
+            cfg.eval.predictions = [str(d) for s, d in done_dirs.items() if s.startswith("infer")]
+
+
+def _infer_compared(cfg, out_dir: Path, done_dirs: dict[str, Path], results: dict) -> None:
+    """stage.compare: infer the base model and/or earlier steps' adapters too (``infer-<source>/``), so that eval
+    compares them with the last model (base -> sft -> rl, with the significance of each move)."""
+    for source in compared_sources(cfg):
+        step_cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+        with open_dict(step_cfg):
+            step_cfg.stage.name = "infer"
+            step_cfg.infer.checkpoint = None if source == "base" else str(done_dirs[source])
+        name = f"infer-{source}"
+        _run_or_reuse("infer", step_cfg, out_dir / name, results, name)
+        done_dirs[name] = out_dir / name
+
+
+def compared_sources(cfg) -> list[str]:
+    """stage.compare as this pipeline can honour it: the trained steps it runs before infer, and base alongside
+    one of them (a pipeline that trains nothing here, or does not evaluate, has no moves to show)."""
+    steps = list(cfg.stage.steps)
+    if "infer" not in steps or "eval" not in steps[steps.index("infer"):]:
+        return []
+    trained = [s for s in cfg.stage.compare if s in steps[:steps.index("infer")]]
+    left_out = [s for s in cfg.stage.compare if s not in trained and s != "base"]
+    if left_out:
+        log.info("stage.compare: %s not run before infer in this pipeline: not compared", left_out)
+    return [s for s in cfg.stage.compare if s in trained or (s == "base" and trained)]
+
+
+def _run_or_reuse(step: str, step_cfg, step_dir: Path, results: dict, name: str) -> None:
+    reuse = reusable(step, step_cfg, step_dir)
+    barrier()  # several ranks: each has decided before rank 0 touches the step's dir
+    if reuse:
+        log.info("[%s] already finished in %s with the same settings and inputs: reusing it (overwrite=true "
+                 "redoes it)", name, step_dir)
+        results[name] = {"reused": str(step_dir)}
+    else:
+        log.info("[%s] running in %s", name, step_dir)
+        results[name] = run_step(step, step_cfg, step_dir)
 
 
 def run_step(step: str, step_cfg, step_dir: Path):
@@ -47,6 +86,9 @@ def run(cfg, out_dir: Path) -> dict:
     if unknown:
         raise ValueError(f"stage.steps has unknown or non-pipeline steps {unknown}; "
                          f"choose from prepare, sft, rl, infer, eval")
+    unknown = [s for s in cfg.stage.compare if s not in ("base", "sft", "rl")]
+    if unknown:
+        raise ValueError(f"stage.compare has {unknown}: each entry is base, sft or rl")
     # every step's own settings were checked before the first (main.validate): a bad rl.* does not wait for sft
     done_dirs: dict[str, Path] = {}
     results = {}
@@ -55,16 +97,10 @@ def run(cfg, out_dir: Path) -> dict:
         with open_dict(step_cfg):
             step_cfg.stage.name = step
         _chain(step, step_cfg, done_dirs)
+        if step == "infer":
+            _infer_compared(cfg, out_dir, done_dirs, results)
         step_dir = stages.output_dir(step, step_cfg, out_dir / step)
-        reuse = reusable(step, step_cfg, step_dir)
-        barrier()  # several ranks: each has decided before rank 0 touches the step's dir
-        if reuse:
-            log.info("[%s] already finished in %s with the same settings and inputs: reusing it (overwrite=true "
-                     "redoes it)", step, step_dir)
-            results[step] = {"reused": str(step_dir)}
-        else:
-            log.info("[%s] running in %s", step, step_dir)
-            results[step] = run_step(step, step_cfg, step_dir)
+        _run_or_reuse(step, step_cfg, step_dir, results, step)
         done_dirs[step] = step_dir
         if step == "rl" and pruned_summary(step_dir):  # an Optuna trial stopped early: its infer/eval are moot
             log.info("[rl] pruned by the Optuna search: the steps after it are not run")

@@ -204,7 +204,7 @@ def test_a_demo_search_prunes_a_trailing_trial_and_sweep_report_shows_it(session
     assert "## Pruned trials" in study and "steps saved" in study and "rl.optuna_trial" not in study
 
 
-@pytest.mark.slow  # two 5-6 step GRPO runs
+@pytest.mark.slow  # two GRPO runs of 5 and up to 10 steps
 def test_the_alarm_fires_on_a_gameable_reward_and_stays_quiet_on_the_default(base_overrides, sft_adapter, tmp_path):
     """Classification prompts on the tiny model. The gameable reward pays format_flare (a one-word answer in
     the reference's style, right or wrong) and almost nothing for the right letter: its reward rises while every
@@ -215,11 +215,11 @@ def test_the_alarm_fires_on_a_gameable_reward_and_stays_quiet_on_the_default(bas
     common = ["stage=rl", *base_overrides, f"rl.init_from={sft_adapter}", "rl.per_device_train_batch_size=8",
               "rl.num_generations=4", "rl.max_completion_length=8", "rl.learning_rate=5e-3", "rl.save_steps=100",
               "rl.log_rollouts_steps=0", "rl.task_types=[classification]", "rl.alarm_window=4"]
-    gamed = run(compose_cfg([*common, "rl.max_steps=6", "rl.stop_on_alarm=true",
+    gamed = run(compose_cfg([*common, "rl.max_steps=10", "rl.stop_on_alarm=true",
                              "+reward.classification.weights.format_flare=1.0",
                              "reward.classification.weights.choice=0.01"]), run_dir=tmp_path / "gamed")
     assert [a["kind"] for a in gamed["alarms"]] == ["length cap"]
-    assert gamed["alarms"][0]["finding"].startswith("reward rose by") and gamed["global_step"] == gamed["alarms"][0]["step"] < 6
+    assert gamed["alarms"][0]["finding"].startswith("reward rose by") and gamed["global_step"] == gamed["alarms"][0]["step"] < 10
     assert json.loads((tmp_path / "gamed" / "alarms.json").read_text()) == gamed["alarms"]
     default = run(compose_cfg([*common, "rl.max_steps=5"]), run_dir=tmp_path / "default")
     assert default["alarms"] == [] and not (tmp_path / "default" / "alarms.json").exists()

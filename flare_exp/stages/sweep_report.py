@@ -93,6 +93,15 @@ def lower_is_better(key: str) -> bool:
     return any(part in key for part in LOWER_IS_BETTER)
 
 
+def reward_caveat(jobs: list[dict], key: str | None) -> str:
+    """Said under the ranking when jobs with other reward weights are ranked by their own reward."""
+    weights = {k: {j["overrides"].get(k) for j in jobs} for j in jobs for k in j["overrides"] if k.startswith("reward.")}
+    if key != "reward_last" or not any(len(values) > 1 for values in weights.values()):
+        return ""
+    return (" Each job's reward is computed with its own reward weights, so jobs whose weights differ are not "
+            "comparable by it: evaluate each job (stage.steps=[rl,infer,eval]) and rank by an official metric.")
+
+
 def ranks_by(job: dict, key: str | None) -> bool:
     """A finished job with a finite ``key``: a NaN or infinite value (a diverged run) is no score to rank by."""
     value = job["metrics"].get(key)
@@ -230,7 +239,7 @@ def run(cfg, out_dir: Path) -> dict:
     report = sweep_dir / "report"
     write_text(report / "sweep.csv", csv_text(header, rows))  # no cell a spreadsheet would run
     ranking = (f"Ranked by {key} ({'lowest' if lower_is_better(key) else 'highest'} first; sweep_report.rank_by "
-               "chooses).\n\n") if key else ""
+               "chooses).{reward_caveat(jobs, key)}\n\n") if key else ""
     write_text(report / "sweep.md", f"# Sweep {sweep_dir.name}\n\n{ranking}" + markdown(header, rows))
     plot(jobs, key, report / "sweep.png")
     write_html(report / "sweep.html", f"Sweep {sweep_dir.name}", ranking.strip(), header, rows, report / "sweep.png")

@@ -87,13 +87,15 @@ def log_part(key: str, value: float) -> str:
 def run_summary(eval_dir: Path) -> str:
     """The official table of an evaluation (FLARE's numbers, one column per run), as plain aligned text: what a
     finished run prints; report.md / report.html hold the rest."""
-    from flare_exp.metrics.report import official_table
+    from flare_exp.metrics.report import caveat_lines, official_table
 
     metrics = eval_dir / "metrics.json"
     if not metrics.exists():
         return ""
-    header, rows = official_table(json.loads(metrics.read_text()))
+    results = json.loads(metrics.read_text())
+    header, rows = official_table(results)
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
              for r in [header, *rows]]
-    return "\n".join(lines)
+    caveats = caveat_lines(results, [])  # why a number reads 0, Infinity or n/a, as the report says it
+    return "\n".join(lines + (["caveats:", *(f"- {c}" for c in caveats)] if caveats else []))

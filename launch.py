@@ -40,7 +40,7 @@ def check_command_line(argv: list[str]) -> None:
     except SystemExit:
         return  # Hydra's parser says what is wrong with the flags
     groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
-    unknown = override_key_problems(args.overrides, Config, groups)
+    unknown = override_key_problems(args.overrides, Config, groups)  # and values of the wrong type
     if not unknown:
         return
     problems: list[Exception] = [ValueError(p) for p in unknown.values()]

@@ -1,4 +1,5 @@
-"""Unknown config keys, each with the key the user most likely meant, found from the schema (flare_exp/config.py)
+"""Unknown config keys, each with the key the user most likely meant, and values of the wrong type, found from the
+schema (flare_exp/config.py)
 alone: the command line's overrides are checked before Hydra composes (Hydra's own advice for a misspelt key,
 "To append to your config use +key=value", adds a key no stage reads), and a composed config's keys after.
 Dict-typed fields (reward weights, term parameters, instructions) and untyped ones take any key.
@@ -99,4 +100,42 @@ def override_key_problems(overrides: list[str], schema: type, groups: set[str]) 
         if found:
             problems[override.input_line] = f"unknown config key {found}" + (
                 "" if "did you mean" in found else " (python launch.py --cfg job lists every key)")
+        elif not override.is_sweep_override():
+            wrong = wrong_value(schema, key, override.value())
+            if wrong:
+                problems[override.input_line] = f"{key}={override.get_value_element_as_str()}: {wrong}"
     return problems
+
+
+def wrong_value(schema: type, key: str, value) -> str | None:
+    """Why OmegaConf would refuse ``value`` for the schema's ``key`` (a string where a number goes, 1.5 for an
+    integer, null for a key that needs a value), said the way the settings list says it; None when it takes it.
+    Hydra would otherwise stop at the first such value with its own conversion error, one key at a time."""
+    from omegaconf import ValueNode
+    from omegaconf.errors import OmegaConfBaseException
+
+    node = _structured(schema)
+    for part in key.split("."):
+        node = node._get_node(part) if hasattr(node, "_get_node") else None
+    if not isinstance(node, ValueNode) or isinstance(value, str) and value.startswith("${"):
+        return None  # a section, a dict entry or an interpolation: checked when composed
+    if value is None:
+        return None if node._is_optional() else "needs a value (null is not allowed here)"
+    if type(node).__name__ not in SAID:
+        return None  # strings and untyped keys: their values are checked where they are read
+    try:
+        node.validate_and_convert(value)
+    except OmegaConfBaseException:
+        return SAID[type(node).__name__]
+    return None
+
+
+SAID = {"IntegerNode": "must be an integer", "FloatNode": "must be a number", "BooleanNode": "must be true or false"}
+
+
+@lru_cache(maxsize=None)
+def _structured(schema: type):
+    """The schema as OmegaConf builds it (read only: values are checked against its nodes, never set)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.structured(schema)

@@ -45,6 +45,35 @@ def test_known_keys_group_choices_and_free_form_dicts_pass():
                         "data.instructions.report_generation=x", "model.lora.target_modules=[q_proj]") == []
 
 
+@pytest.mark.parametrize("override, said", [
+    ("sft.learning_rate=abc", "sft.learning_rate=abc: must be a number"),
+    ("sft.max_steps=1.5", "sft.max_steps=1.5: must be an integer"),
+    ("model.gradient_checkpointing=maybe", "model.gradient_checkpointing=maybe: must be true or false"),
+    ("sft.max_steps=null", "sft.max_steps=null: needs a value"),
+])
+def test_a_value_of_the_wrong_type_is_named_before_hydra(override, said):
+    (problem,) = key_problems(override)
+    assert problem.startswith(said)
+
+
+def test_values_hydra_takes_pass():
+    assert key_problems("sft.learning_rate=1e-4", "sft.max_steps=10", "model.gradient_checkpointing=yes",
+                        "infer.batch_size=auto", "sft.learning_rate=${rl.learning_rate}", "rl.beta=0",
+                        "rl.learning_rate=1e-4,2e-4") == []
+
+
+def test_a_wrong_type_a_misspelt_key_and_a_bad_range_are_one_list(capsys, tmp_path):
+    sys.path.insert(0, str(REPO))
+    import launch
+
+    with pytest.raises(SystemExit):
+        launch.check_command_line(["stage=sft", "sft.learning_rate=abc", "sft.max_step=5", "sft.max_steps=-3",
+                                   f"paths.output_root={tmp_path}"])
+    message = capsys.readouterr().err
+    assert "3 problems with the settings" in message and "sft.learning_rate=abc: must be a number" in message
+    assert "did you mean sft.max_steps?" in message and "sft.max_steps=-3" in message
+
+
 def test_the_command_line_hears_the_unknown_key_and_every_other_problem_at_once(capsys, tmp_path):
     """The unknown key and the model path in one message, before Hydra makes any run dir."""
     sys.path.insert(0, str(REPO))

@@ -1,6 +1,5 @@
 """Unknown config keys, each with the key the user most likely meant, and values of the wrong type, found from the
-schema (flare_exp/config.py)
-alone: the command line's overrides are checked before Hydra composes (Hydra's own advice for a misspelt key,
+schema (flare_exp/config.py) alone: the command line's overrides are checked before Hydra composes (Hydra's own advice for a misspelt key,
 "To append to your config use +key=value", adds a key no stage reads), and a composed config's keys after.
 Dict-typed fields (reward weights, term parameters, instructions) and untyped ones take any key.
 """

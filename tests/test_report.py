@@ -180,3 +180,14 @@ def test_the_sft_run_writes_our_card(sft_adapter):
     card = (sft_adapter / "final" / "README.md").read_text()
     assert "TRL" not in card and "More Information Needed" not in card and "tiny-qwen3vl" in card
     assert (sft_adapter / "README.md").read_text() == card
+
+
+def test_an_infinite_difference_keeps_its_sign():
+    """B - A where A's error is infinite and B's finite is -Infinity: shown as Infinity it would say B got worse."""
+    from flare_exp.metrics.report import fmt, significance_rows
+
+    assert (fmt(math.inf), fmt(-math.inf), fmt(-1e-7)) == ("Infinity", "-Infinity", "0.0000")
+    (row,) = significance_rows([{"run_a": "base", "run_b": "sft", "task": "regression",
+                                 "metric": "mean_absolute_error", "a": math.inf, "b": 7.5,
+                                 "difference": -math.inf, "n": 8}])
+    assert row[2:5] == ["Infinity", "7.5000", "-Infinity"]

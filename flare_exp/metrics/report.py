@@ -43,7 +43,9 @@ def fmt(v) -> str:
     if v is None:
         return "n/a"
     if isinstance(v, float):
-        return "Infinity" if math.isinf(v) else "NaN" if math.isnan(v) else four_decimals(v)
+        if math.isinf(v):
+            return "Infinity" if v > 0 else "-Infinity"  # B - A when A's error is infinite: the sign says who won
+        return "NaN" if math.isnan(v) else four_decimals(v)
     return str(v)
 
 

@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass, field
 
 # A number (fixed digits come from the caller), an interval, or a placeholder for a missing one.
-NUMERIC = re.compile(r"^(-?\d+(\.\d+)?|\[-?\d+\.\d+, -?\d+\.\d+\]|n/a|NaN|Infinity|-?inf|infinite)$")
+NUMERIC = re.compile(r"^(-?\d+(\.\d+)?|\[-?\d+\.\d+, -?\d+\.\d+\]|n/a|NaN|-?Infinity|-?inf|infinite)$")
 
 STYLE = ("body{font-family:Helvetica,Arial,sans-serif;font-size:15px;line-height:1.4;color:#222;max-width:64em;"
          "margin:1.5em auto;padding:0 1em}h1{font-size:1.6em;margin-bottom:.2em}h2{font-size:1.25em;"

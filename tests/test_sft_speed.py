@@ -119,7 +119,7 @@ def test_only_batches_over_the_token_budget_recompute(base_overrides, tmp_path, 
     assert always_calls == tight_calls == 4 and tight["recomputed_batches"] == 2  # forward + recomputation
     assert roomy_calls == 2 and roomy["recomputed_batches"] == 0  # forward only: activations kept
     assert "recomputed_batches" not in always
-    assert always["card_preset"] == {"preset": "auto", "card": None, "changed": {}}  # no GPU: as configured
+    assert always["card_preset"] == {"preset": "auto", "card": None, "changed": {}, "why": "no GPU: as configured"}
     # recomputation changes memory, not numbers
     assert always["first_loss"] == tight["first_loss"] == roomy["first_loss"]
     assert always["last_loss"] == tight["last_loss"] == roomy["last_loss"]

@@ -13,7 +13,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from flare_exp.eval_config import (CheXbertConfig, CrimsonConfig, EvalConfig, GreenConfig,  # noqa: F401
-                                   KeywordMetricsConfig, SignificanceConfig)
+                                   KeywordMetricsConfig, RunsConfig, SignificanceConfig, SweepReportConfig)
 
 
 @dataclass
@@ -357,21 +357,6 @@ class InferConfig:
     merge_adapter: bool = True
     # Where images are resized and patched: auto = the model's device (GPU when there is one), or cpu.
     image_device: str = "auto"
-
-
-@dataclass
-class SweepReportConfig:
-    sweep_dir: Optional[str] = None
-    # The column the jobs are ranked by (best first), e.g. official/report_generation/green_score or
-    # reward_last; null: the first official eval metric when the sweep ran eval, else reward_last. Errors
-    # (mean_absolute_error, *loss) rank lowest first.
-    rank_by: Optional[str] = None
-
-
-@dataclass
-class RunsConfig:
-    # stage=runs: these runs (as the listing names them: a run name, sweeps/<sweep>/<job>) compared side by side
-    compare: Optional[List[str]] = None
 
 
 @dataclass

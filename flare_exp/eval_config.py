@@ -1,5 +1,5 @@
-"""The eval stage's part of the schema (flare_exp/config.py): the judges (GREEN, CRIMSON), the significance
-tests, CheXbert and the keyword metrics."""
+"""The schema's part for reading results (flare_exp/config.py): the eval stage's (the judges GREEN and CRIMSON, the
+significance tests, CheXbert, the keyword metrics) and the views of finished runs (sweep_report, runs)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -89,3 +89,18 @@ class EvalConfig:
     keyword_metrics: KeywordMetricsConfig = field(default_factory=KeywordMetricsConfig)
     # Score an unfinished infer run (no DONE marker) as it stands; the report then says "partial: n of N".
     allow_partial: bool = False
+
+
+@dataclass
+class SweepReportConfig:
+    sweep_dir: Optional[str] = None
+    # The column the jobs are ranked by (best first), e.g. official/report_generation/green_score or
+    # reward_last; null: the first official eval metric when the sweep ran eval, else reward_last. Errors
+    # (mean_absolute_error, *loss) rank lowest first.
+    rank_by: Optional[str] = None
+
+
+@dataclass
+class RunsConfig:
+    # stage=runs: these runs (as the listing names them: a run name, sweeps/<sweep>/<job>) compared side by side
+    compare: Optional[List[str]] = None

@@ -62,13 +62,13 @@ def test_values_hydra_takes_pass():
                         "rl.learning_rate=1e-4,2e-4") == []
 
 
-def test_a_wrong_type_a_misspelt_key_and_a_bad_range_are_one_list(capsys, tmp_path):
+def test_a_wrong_type_a_misspelt_key_and_a_bad_range_are_one_list(capsys, base_overrides):
     sys.path.insert(0, str(REPO))
     import launch
 
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit):  # base_overrides: the prepared demo, so no missing-file problems join in
         launch.check_command_line(["stage=sft", "sft.learning_rate=abc", "sft.max_step=5", "sft.max_steps=-3",
-                                   f"paths.output_root={tmp_path}"])
+                                   *base_overrides])
     message = capsys.readouterr().err
     assert "3 problems with the settings" in message and "sft.learning_rate=abc: must be a number" in message
     assert "did you mean sft.max_steps?" in message and "sft.max_steps=-3" in message

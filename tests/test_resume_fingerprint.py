@@ -53,7 +53,8 @@ def test_a_speed_setting_may_change_on_resume_and_a_smaller_num_samples_agrees_w
 
 def test_sft_resumed_with_another_learning_rate_or_train_file_refuses(base_overrides, tmp_path, demo_prepared):
     run_dir = tmp_path / "sft"
-    args = ["stage=sft", *base_overrides, "sft.max_steps=1", "sft.save_steps=1", "sft.eval_steps=0"]
+    args = ["stage=sft", *base_overrides, "sft.max_steps=1", "sft.save_steps=1", "sft.eval_steps=0",
+            "sft.learning_rate=1e-3"]
     run(compose_cfg(args), run_dir=run_dir)
     _interrupted(run_dir)
     shutil.rmtree(run_dir / "final")

@@ -374,8 +374,9 @@ def test_answer_logits_only_under_gradient_accumulation(base_overrides, tmp_path
         monkeypatch.setattr(modeling_qwen3_vl.Qwen3VLForConditionalGeneration, "accepts_loss_kwargs",
                             accepts_loss_kwargs)
         run_dir = tmp_path / f"{answer_only}-{accepts_loss_kwargs}-{batch}x{steps}"
-        run(_sft_cfg(base_overrides, "sft.max_steps=2", "sft.eval_steps=0", f"sft.gradient_accumulation_steps={steps}",
-                     f"sft.per_device_train_batch_size={batch}", f"sft.answer_logits_only={answer_only}"),
+        run(_sft_cfg(base_overrides, "sft.max_steps=2", "sft.eval_steps=0", "sft.learning_rate=1e-3",
+                     f"sft.gradient_accumulation_steps={steps}", f"sft.per_device_train_batch_size={batch}",
+                     f"sft.answer_logits_only={answer_only}"),
             run_dir=run_dir)
         history = json.loads((run_dir / "log_history.json").read_text())
         losses = [x for h in history if "loss" in h for x in (h["loss"], h["grad_norm"])]
@@ -387,7 +388,7 @@ def test_answer_logits_only_under_gradient_accumulation(base_overrides, tmp_path
     for accepts_loss_kwargs in (False, True):
         losses, adapter = train("true", accepts_loss_kwargs, batch=2, steps=2)
         assert losses == pytest.approx(token_mean, rel=1e-4), accepts_loss_kwargs
-        # Adam's steps are ~1e-3 here (the demo's learning rate): 1e-5 is a hundredth of one
+        # Adam's steps are ~1e-3 here (the learning rate set above): 1e-5 is a hundredth of one
         assert all(torch.allclose(adapter[k], w, rtol=1e-4, atol=1e-5) for k, w in one_batch.items())
 
 

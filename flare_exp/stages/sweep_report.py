@@ -239,7 +239,7 @@ def run(cfg, out_dir: Path) -> dict:
     report = sweep_dir / "report"
     write_text(report / "sweep.csv", csv_text(header, rows))  # no cell a spreadsheet would run
     ranking = (f"Ranked by {key} ({'lowest' if lower_is_better(key) else 'highest'} first; sweep_report.rank_by "
-               "chooses).{reward_caveat(jobs, key)}\n\n") if key else ""
+               f"chooses).{reward_caveat(jobs, key)}\n\n") if key else ""
     write_text(report / "sweep.md", f"# Sweep {sweep_dir.name}\n\n{ranking}" + markdown(header, rows))
     plot(jobs, key, report / "sweep.png")
     write_html(report / "sweep.html", f"Sweep {sweep_dir.name}", ranking.strip(), header, rows, report / "sweep.png")

@@ -95,8 +95,8 @@ def lower_is_better(key: str) -> bool:
 
 def reward_caveat(jobs: list[dict], key: str | None) -> str:
     """Said under the ranking when jobs with other reward weights are ranked by their own reward."""
-    weights = {k: {j["overrides"].get(k) for j in jobs} for j in jobs for k in j["overrides"] if k.startswith("reward.")}
-    if key != "reward_last" or not any(len(values) > 1 for values in weights.values()):
+    reward_keys = {k for j in jobs for k in j["overrides"] if k.startswith("reward.")}
+    if key != "reward_last" or not any(len({j["overrides"].get(k) for j in jobs}) > 1 for k in reward_keys):
         return ""
     return (" Each job's reward is computed with its own reward weights, so jobs whose weights differ are not "
             "comparable by it: evaluate each job (stage.steps=[rl,infer,eval]) and rank by an official metric.")

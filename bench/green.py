@@ -11,7 +11,12 @@ config (``min_new_tokens`` = the cap), so both ways decode the same amount.
   (compilation included) and again warm.
 Writes one JSON: judgments/s, peak memory, and the share of identical judgments on the prompts both judged.
 
-    python3 -m bench.green --out DIR [--prompts 256] [--package-prompts 64] [--batch 64 96] [--new-tokens 300]
+    python3 -m bench.green --out DIR [--prompts 256] [--package-prompts 64] [--batch 64 96|auto] [--new-tokens 300]
+                           [--card-gib 80]
+
+``--batch auto`` is the batch eval.green.batch_size=auto picks on this card (for ``--max-length`` tokens);
+``--card-gib`` caps the process as bench.run does (a smaller card emulated); ``--package-prompts 0`` skips the
+package's and the control's runs.
 """
 from __future__ import annotations
 
@@ -64,6 +69,17 @@ def timed(fn):
     return out, time.perf_counter() - start, torch.cuda.max_memory_allocated() / 2 ** 30
 
 
+def judge_batch(value: str, max_length: int) -> int:
+    """A --batch value: a number, or what eval.green.batch_size=auto sizes on this (capped) card."""
+    if value != "auto":
+        return int(value)
+    from flare_exp.card import card_memory, green_batch
+
+    batch, why = green_batch(card_memory(), max_length)
+    print(f"--batch auto -> {batch} ({why})", flush=True)
+    return batch
+
+
 def main() -> None:
     import torch
 
@@ -71,10 +87,16 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--prompts", type=int, default=256)
     parser.add_argument("--package-prompts", type=int, default=64)
-    parser.add_argument("--batch", type=int, nargs="+", default=[64, 96])
+    parser.add_argument("--batch", nargs="+", default=["64", "96"], help="batch sizes, or auto")
+    parser.add_argument("--max-length", type=int, default=2048, help="eval.green.max_length, for --batch auto")
+    parser.add_argument("--card-gib", type=float, default=None)
     parser.add_argument("--new-tokens", type=int, default=300)
     parser.add_argument("--prompt-tokens", type=int, default=800)
     args = parser.parse_args()
+    if args.card_gib:
+        from bench.run import cap_memory
+
+        cap_memory(args.card_gib)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -95,7 +117,7 @@ def main() -> None:
     refs, cands = pairs(args.prompts, int(max(args.prompt_tokens - bare, 2) / per_word * 2 / 3))
     texts = [package.render(make_prompt(r, c)) for r, c in zip(refs, cands)]
     result = {"judge": "random Llama-2-7B shapes, fp16", "new_tokens": args.new_tokens,
-              "prompt_tokens_mean": length(texts), "runs": []}
+              "prompt_tokens_mean": length(texts), "card_gib": args.card_gib, "runs": []}
     save = lambda: (out_dir / "green-judge.json").write_text(json.dumps(result, indent=2) + "\n")  # noqa: E731
     print(json.dumps(result), flush=True)
     n = args.package_prompts
@@ -106,11 +128,12 @@ def main() -> None:
             lambda: [o for i in range(0, n, batch) for o in way.generate(texts[i:i + batch])])
         result["runs"].append({"way": name, "prompts": n, "seconds": seconds, "judgments_per_s": n / seconds,
                                "peak_gib": peak, "identical_to_package": sum(
-                                   a == b for a, b in zip(judged[batch], judged[8])) / n})
+                                   a == b for a, b in zip(judged[batch], judged[8])) / n} if n else {
+                                   "way": name, "skipped": "--package-prompts 0"})
         print(json.dumps(result["runs"][-1]), flush=True)
         save()
     package_out = judged[8]
-    for batch in args.batch:
+    for batch in map(lambda b: judge_batch(b, args.max_length), args.batch):
         ours = GreenJudge(model, tokenizer, batch_size=batch, decode_loop="graph", **settings)
         for phase in ("first (compiles)", "warm"):
             try:
@@ -118,7 +141,7 @@ def main() -> None:
             except torch.OutOfMemoryError as e:
                 result["runs"].append({"way": f"ours: graph loop, batch {batch}", "error": str(e)[:200]})
                 break
-            same = sum(a == b for a, b in zip(out[:n], package_out)) / n
+            same = sum(a == b for a, b in zip(out[:n], package_out)) / n if n else None
             result["runs"].append({"way": f"ours: graph loop, batch {batch}, {phase}", "prompts": len(refs),
                                    "seconds": seconds, "judgments_per_s": len(refs) / seconds, "peak_gib": peak,
                                    "identical_to_package": same})

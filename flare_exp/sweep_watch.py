@@ -231,8 +231,8 @@ class ForwardStops:
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self, grace_s: float = 10.0):
-        self.grace_s = grace_s
+    def __init__(self, grace_s: float = 10.0, job_dirs: list[Path] | None = None):
+        self.grace_s, self.job_dirs = grace_s, job_dirs or []
 
     def __enter__(self) -> "ForwardStops":
         self.previous = {s: signal.signal(s, self._stop) for s in self.SIGNALS}
@@ -248,6 +248,20 @@ class ForwardStops:
         name = signal.Signals(signum).name
         say(f"{name}: stopping the sweep's workers")
         count = stop_workers(self.grace_s)
-        say(f"{name}: {count} worker process(es) stopped; the stopped jobs' dirs say FAILED (stopped from "
-            "outside); rerunning the same command resumes them")
+        say(f"{name}: {count} worker process(es) stopped; {jobs_after_stop(self.job_dirs)}")
         raise SystemExit(128 + signum)
+
+
+def jobs_after_stop(job_dirs: list[Path]) -> str:
+    """What a stop left, from the job dirs' markers: a job that had finished says DONE (a stop just after the
+    last job ended stopped nothing), the others FAILED (stopped from outside) or nothing yet (never started)."""
+    from flare_exp.run.record import DONE, marker
+
+    if not job_dirs:
+        return "the stopped jobs' dirs say FAILED (stopped from outside); rerunning the same command resumes them"
+    unfinished = [d.name for d in job_dirs if marker(d) != DONE]
+    done = len(job_dirs) - len(unfinished)
+    if not unfinished:
+        return f"all {done} job(s) had finished (DONE) before the stop: nothing was cut short"
+    return (f"{len(unfinished)} job(s) not finished (#{', #'.join(unfinished)}: FAILED, stopped from outside, or "
+            f"never started), {done} finished (DONE); rerunning the same command resumes the unfinished ones")

@@ -91,3 +91,18 @@ def test_an_optuna_search_with_failed_trials_ends_non_zero_naming_them():
     raise_for_failed_trials(study, [good.number])  # this search's trials all completed
     with pytest.raises(SearchFailedError, match=r"(?s)1 of 2 trial\(s\) failed.*trial 1: ValueError: rl.num_gen"):
         raise_for_failed_trials(study, [good.number, bad.number])
+
+
+def test_the_stop_message_counts_what_the_job_dirs_say(tmp_path):
+    """A stop just after the last job finished cut nothing short, and says so; otherwise it names the unfinished
+    jobs (FAILED or never started) apart from the finished ones."""
+    dirs = [tmp_path / str(i) for i in range(3)]
+    for d in dirs:
+        d.mkdir()
+        (d / "DONE").write_text("")
+    assert sweep_watch.jobs_after_stop(dirs) == "all 3 job(s) had finished (DONE) before the stop: nothing was cut short"
+    (dirs[1] / "DONE").unlink()
+    (dirs[1] / "FAILED").write_text("stopped from outside")
+    (dirs[2] / "DONE").unlink()
+    said = sweep_watch.jobs_after_stop(dirs)
+    assert said.startswith("2 job(s) not finished (#1, #2: ") and "1 finished (DONE)" in said, said

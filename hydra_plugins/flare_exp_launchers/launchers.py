@@ -24,7 +24,7 @@ class _Watched:
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         job_dirs = [sweep_dir / str(initial_job_idx + i) for i in range(len(job_overrides))]
         with Progress(job_dirs, job_names(job_overrides)) as progress:
-            with ForwardStops() if self._EXECUTOR == "local" else nullcontext():
+            with ForwardStops(job_dirs=job_dirs) if self._EXECUTOR == "local" else nullcontext():
                 returns = super().launch(job_overrides, initial_job_idx)
         failed = record_results(progress, returns)
         if failed and "optuna" not in str(self.config.hydra.sweeper.get("_target_", "")):

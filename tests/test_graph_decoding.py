@@ -56,6 +56,21 @@ def test_same_tokens_as_generate(decode_attention, base_overrides, demo_prepared
     assert loop.cache_length == first["input_ids"].shape[1] + 8
 
 
+def test_rows_end_at_their_own_limits(base_overrides, demo_prepared):
+    """row_limits (the benchmark's answer-length mix): each row is generate's tokens up to its limit, then pad;
+    the loop stops once every row reached its limit."""
+    from flare_exp.models.graph_decoding import GraphDecoder
+
+    model, pad, first, _ = _model_and_batches(base_overrides, demo_prepared)
+    reference = _generate(model, first, pad, 8)
+    limits = [2, 8, 1, 5]
+    ours = GraphDecoder(model, None, stop_check_every=1)(first, 8, pad, row_limits=limits)
+    for row, limit in enumerate(limits):
+        assert torch.equal(ours[row, :limit], reference[row, :limit]) and (ours[row, limit:] == pad).all()
+    short = GraphDecoder(model, None, stop_check_every=1)(first, 8, pad, row_limits=[2, 3, 1, 2])
+    assert short.shape[1] == 3  # the host saw every row finished: no token past the longest limit
+
+
 def test_rows_that_finish_early(base_overrides, demo_prepared):
     from flare_exp.models.graph_decoding import GraphDecoder
 

@@ -333,6 +333,10 @@ class InferConfig(DecodingConfig):
     temperature: float = 1.0
     top_p: float = 1.0
     sort_by_length: bool = True
+    # Group the records by task type before batching, the longest answers first (reports, label lists, labels,
+    # numbers): a batch ends when its longest answer does, so short answers no longer wait on a report in their
+    # batch. The output keeps the input's order and the same predictions (tested); off until measured on a GPU.
+    bucket_by_task: bool = False
     # cache_implementation and decode_loop: flare_exp/decode_config.py.
     # The graph loop keeps a KV cache while it is long enough, at most twice the need (prompts come longest
     # first: a large batch's cache would slow every later short batch); true keeps any long enough one, as

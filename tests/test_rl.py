@@ -84,8 +84,9 @@ def test_rollout_settings_resolve_auto_per_backend(backend, cache, compiled, exp
 def test_compiled_rollouts_need_a_static_cache():
     from flare_exp.stages.rl import rollout_settings
 
+    rl = compose_cfg(["rl.cache_implementation=dynamic", "rl.compile_generation=true"]).rl
     with pytest.raises(ValueError, match="rl.cache_implementation=static"):
-        rollout_settings(compose_cfg(["rl.cache_implementation=dynamic", "rl.compile_generation=true"]).rl, "hf").check()
+        rollout_settings(rl, "hf").check()
 
 
 def test_grpo_config_passes_scale_rewards_and_rollout_cache(tmp_path):

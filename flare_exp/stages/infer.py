@@ -238,8 +238,7 @@ def predict(cfg, todo: list[dict], journal: Path, label: str, done: dict) -> tup
                  len(todo), inf.batch_size, "" if full_batches >= 4 else
                  f" (only {full_batches} full batch(es): infer.cache_implementation=dynamic skips compiling, "
                  "which may finish sooner)")
-    if inf.sort_by_length:  # similar lengths share a batch: less padding, fewer wasted decode steps
-        todo = sorted(todo, key=lambda r: chat.sequence_length(r, with_answer=False), reverse=True)
+    todo = decoding_order(todo, chat, inf)
     bar = tqdm(total=len(todo), desc=f"infer {label}", unit="report")
     generated, elapsed = 0, 0.0
     with open(journal, "a", encoding="utf-8") as f:
@@ -258,6 +257,23 @@ def predict(cfg, todo: list[dict], journal: Path, label: str, done: dict) -> tup
             bar.set_postfix(reports_per_s=f"{generated / max(elapsed, 1e-9):.2f}")
     bar.close()
     return generated, elapsed, decode.decoding.used  # what ran
+
+
+# Task types by how long their answers run (a report, a list of labels, one label, a number): with
+# infer.bucket_by_task the longest come first, and a task type not listed with the one-label answers.
+ANSWER_LENGTH_RANK = {"report_generation": 3, "multi_label": 2, "classification": 1, "regression": 0}
+
+
+def decoding_order(todo: list[dict], chat: VisionChat, inf) -> list[dict]:
+    """The order the records are decoded in (predictions.jsonl keeps the input's order). infer.sort_by_length:
+    longest prompt first, so similar lengths share a batch (less padding; the loop's cache shrinks as prompts
+    do). infer.bucket_by_task: grouped by task type first, longest answers first, so a batch's rows end near
+    the same token and the loop stops for the whole batch (it stops when every row has ended) instead of short
+    answers idling while a report in their batch goes on."""
+    prompt = (lambda r: chat.sequence_length(r, with_answer=False)) if inf.sort_by_length else (lambda r: 0)
+    if inf.bucket_by_task:
+        return sorted(todo, key=lambda r: (ANSWER_LENGTH_RANK.get(r.get("task_type"), 1), prompt(r)), reverse=True)
+    return sorted(todo, key=prompt, reverse=True) if inf.sort_by_length else todo
 
 
 def used_adapter(cfg) -> dict | None:

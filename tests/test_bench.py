@@ -199,4 +199,10 @@ def test_bench_infer_answer_length_mix(tmp_path, tiny_model_dir, bench):
     assert mixed["length_mix"] == "flare" and mixed["answer_tokens"] == bucketed["answer_tokens"] > 0
     assert len(mixed["decode_steps_per_batch"]) == 4 and min(bucketed["decode_steps_per_batch"]) < 48
     assert bucketed["idle_row_share"] < mixed["idle_row_share"]
+    from bench.same_predictions import compare
+
+    runs = tmp_path / "work" / "runs"
+    name = "infer-hf-bs4-static-imgauto-mixflare-decode_loop-graph-sort_by_length-false"
+    same = compare(runs / f"{name}-IU_XRay", runs / f"{name}-bucket_by_task-true-IU_XRay")
+    assert same["records"] == same["identical"] == 16 and same["same_order"]  # the GPU check, here in small
     assert "| flare mix" in bench_report(tmp_path / "out")

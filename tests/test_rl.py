@@ -161,7 +161,7 @@ def test_a_failing_compiled_decode_falls_back_to_eager_rollouts(base_overrides, 
     summary = run(_rl_cfg(base_overrides, sft_adapter, "rl.max_steps=2", "rl.cache_implementation=static",
                           "rl.compile_generation=true"), run_dir=tmp_path / "rl")
     assert summary["global_step"] == 2 and len(attempts) == 1  # tried once, then eager for good
-    assert "continuing with uncompiled rollouts" in caplog.text
+    assert "continuing uncompiled. Pass rl.compile_generation=false" in caplog.text
 
 
 def test_graph_rollouts_answer_generate_as_generate_would(base_overrides, demo_prepared):

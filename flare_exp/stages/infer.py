@@ -103,10 +103,9 @@ class Decoder:
         return self._generate(records, images, self.decoding.cache if full else None)
 
     def _generate(self, records: list[dict], images, cache: str | None) -> list[str]:
-        decoding = self.decoding
+        decoding = self.decoding  # compiled is read at each call: a failed compilation turns it off
         return decoding.attempt_compiled(lambda: generate(self.model, self.chat, records, self.inf, images, cache,
-                                                          decoding.compiled), "the decode step") \
-            if cache == "static" else generate(self.model, self.chat, records, self.inf, images, cache)
+                                                          decoding.compiled), "the decode step")
 
     def release_memory(self) -> None:
         """Drop the kept KV caches (the loop's, and generate's static one) and return the GPU's free blocks."""

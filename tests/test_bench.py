@@ -191,18 +191,18 @@ def test_bench_infer_answer_length_mix(tmp_path, tiny_model_dir, bench):
     ended); infer.bucket_by_task batches like with like, so fewer row-steps idle on finished rows (here against
     the shuffled input order: in the demo, sorting by prompt length already puts the two-view reports together)."""
     common = ["--model-dir", str(tiny_model_dir), "--work", str(tmp_path / "work"), "--image-size", "96",
-              "--dtype", "float32", "--out", str(tmp_path / "out"), "--batch", "4", "--samples", "16",
-              "--new-tokens", "48", "--cache", "static", "--length-mix", "flare", "--set", "infer.decode_loop=graph",
+              "--dtype", "float32", "--out", str(tmp_path / "out"), "--batch", "4", "--samples", "12",
+              "--new-tokens", "40", "--cache", "static", "--length-mix", "flare", "--set", "infer.decode_loop=graph",
               "--set", "infer.sort_by_length=false"]
     mixed = bench("infer", *common)
     bucketed = bench("infer", *common, "--set", "infer.bucket_by_task=true")
     assert mixed["length_mix"] == "flare" and mixed["answer_tokens"] == bucketed["answer_tokens"] > 0
-    assert len(mixed["decode_steps_per_batch"]) == 4 and min(bucketed["decode_steps_per_batch"]) < 48
+    assert len(mixed["decode_steps_per_batch"]) == 3 and min(bucketed["decode_steps_per_batch"]) < 40
     assert bucketed["idle_row_share"] < mixed["idle_row_share"]
     from bench.same_predictions import compare
 
     runs = tmp_path / "work" / "runs"
     name = "infer-hf-bs4-static-imgauto-mixflare-decode_loop-graph-sort_by_length-false"
     same = compare(runs / f"{name}-IU_XRay", runs / f"{name}-bucket_by_task-true-IU_XRay")
-    assert same["records"] == same["identical"] == 16 and same["same_order"]  # the GPU check, here in small
+    assert same["records"] == same["identical"] == 12 and same["same_order"]  # the GPU check, here in small
     assert "| flare mix" in bench_report(tmp_path / "out")

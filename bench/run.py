@@ -28,7 +28,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.common import (bench_data, compose, device_name, ensure_prepared, filtered_file,  # noqa: E402
-                          gpu_peak_gib, library_versions, model_flops_utilization, model_overrides)
+                          gpu_peak_gib, library_versions, model_flops_utilization, model_overrides,
+                          write_result)
 from flare_exp.profiling import PROFILE_FIRST  # noqa: E402
 
 PROFILE_STEPS = 2  # --profile: steps 6 and 7
@@ -381,10 +382,7 @@ def main() -> None:
     result.update(card_gib=args.card_gib, device=device_name(),
                   torch=torch.__version__, versions=library_versions(),
                   date=time.strftime("%Y-%m-%d %H:%M"))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{measurement_name(args)}.json").write_text(json.dumps(result, indent=2))
-    print("BENCH", json.dumps(result))
+    write_result(args.out, measurement_name(args), result, "BENCH")
 
 
 if __name__ == "__main__":

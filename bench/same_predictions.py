@@ -8,7 +8,6 @@ files list the records in the same order.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -32,11 +31,9 @@ def main() -> None:
     p.add_argument("b", type=Path)
     p.add_argument("--out", default="bench_out")
     args = p.parse_args()
-    result = compare(args.a, args.b)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"same-predictions-{args.b.name}.json").write_text(json.dumps(result, indent=2))
-    print("SAME", json.dumps(result))
+    from bench.common import write_result
+
+    write_result(args.out, f"same-predictions-{args.b.name}", compare(args.a, args.b), "SAME")
 
 
 if __name__ == "__main__":

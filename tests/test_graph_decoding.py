@@ -243,6 +243,31 @@ def test_which_decode_loop_runs(setting, backend, compiled_static_on_gpu, chosen
     assert ("backend=hf only" in caplog.text) == (setting == "graph" and backend == "unsloth")
 
 
+def test_one_decoding_object_for_every_section():
+    """decoder_for resolves infer's, the rollouts' and the judges' settings by one rule (no model is run)."""
+    from types import SimpleNamespace
+
+    from flare_exp.models.decoding import DecodeSettings, decoder_for
+
+    model = SimpleNamespace(device=torch.device("cpu"))
+    infer = decoder_for(model, DecodeSettings("infer"), on_gpu=True)
+    assert (infer.cache, infer.compiled, infer.graph.compiled, infer.used) == ("static", True, True, "graph")
+    assert decoder_for(model, DecodeSettings("infer")).graph is None  # auto on a CPU: generate, dynamic cache
+    rl = decoder_for(model, DecodeSettings("rl", static_on_cpu=True))  # TRL's static cache on a CPU too
+    assert (rl.cache, rl.compiled, rl.graph) == ("static", True, None)
+    assert decoder_for(model, DecodeSettings("rl", vllm=True), on_gpu=True).graph is None
+    with pytest.raises(ValueError, match="rl.use_vllm=true"):
+        decoder_for(model, DecodeSettings("rl", "graph", vllm=True))
+    refused = DecodeSettings("eval.crimson", refusal="its sliding-window attention layers")
+    assert decoder_for(model, refused, on_gpu=True).graph is None
+    with pytest.raises(ValueError, match="eval.crimson.decode_loop=graph.*sliding-window"):
+        decoder_for(model, DecodeSettings("eval.crimson", "graph", refusal="its sliding-window attention layers"))
+    with pytest.raises(ValueError, match="eval.green.decode_loop='fast'"):
+        decoder_for(model, DecodeSettings("eval.green", "fast"))
+    off = decoder_for(model, DecodeSettings("rl", "graph", compile=False, cache_implementation="static"), on_gpu=True)
+    assert not off.graph.compiled and off.used == "graph"  # rl.compile_generation=false: the loop uncompiled
+
+
 def test_the_infer_default_on_cpu_is_generate(base_overrides, sft_adapter, tmp_path, caplog):
     """decode_loop=auto on a CPU: transformers' generate (the loop is chosen only where it was measured)."""
     from flare_exp.main import run

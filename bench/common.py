@@ -157,6 +157,14 @@ def model_flops_utilization(n_params: int | None, tokens_per_second: float | Non
     return {"mfu": round(6 * n_params * tokens_per_second / (peak * 1e12), 4), "mfu_peak_tflops": peak}
 
 
+def write_result(out_dir, name: str, result: dict, tag: str) -> None:
+    """A measurement's result as <out_dir>/<name>.json, and on stdout after ``tag`` (the caller's log)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2))
+    print(tag, json.dumps(result))
+
+
 def device_name() -> str:
     import torch
 

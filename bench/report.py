@@ -76,6 +76,14 @@ def loop_row(r: dict) -> list:
     return [*_setup(r), r["tokens_per_batch"], *variants, forced, r["device"]]
 
 
+def answer_lengths(r: dict) -> str:
+    """forced N (every report N new tokens), or the FLARE mix with the share of row-steps spent idle."""
+    if r.get("length_mix") == "flare":
+        idle = r.get("idle_row_share")
+        return "flare mix" + ("" if idle is None else f", {idle:.0%} of row-steps idle")
+    return f"forced {r.get('new_tokens', 128)}"
+
+
 def provenance(rows: list[dict]) -> list[str]:
     """Which cards and library versions the results came from (one line per distinct set; results written
     before versions were recorded name torch only)."""
@@ -101,22 +109,25 @@ def tables(rows: list[dict]) -> str:
                     "no autocast: tokens/s (median)", "step s", "peak GiB",
                     "autocast, batched vision encoder forced over the model's own: tokens/s", "device"],
                    [loop_row(r) for r in of("loop")])
-    out += section("Inference (the infer stage, 128 new tokens forced, two 512-px views)",
-                   ["backend", "batch", "KV cache", "decode loop", "image processing", "vision encoder", "reports/s",
+    out += section("Inference (the infer stage, two 512-px views; new tokens forced, or the FLARE mix of lengths)",
+                   ["backend", "batch", "KV cache", "decode loop", "answer lengths", "image processing",
+                    "vision encoder", "reports/s",
                     "s per batch (median)", "peak GiB", "samples", "other settings", "device"],
-                   [[r["backend"], r["batch"], r["cache"], r.get("decode_loop", "generate"), r.get("image_device", "cpu"),
+                   [[r["backend"], r["batch"], r["cache"], r.get("decode_loop", "generate"), answer_lengths(r),
+                     r.get("image_device", "cpu"),
                      r.get("vision_encoder", "per_image"), r["reports_per_second"],
                      _num(median(r.get("generate_seconds_per_batch") or [None])), r.get("peak_memory_gib") or "n/a",
                      r["samples"], _settings(r),
                      r["device"]] for r in sorted(of("infer"), key=lambda r: (r["cache"], r["batch"]))])
     out += section("GRPO (the rl stage)",
                    ["backend", "generations", "completions/step", "rollouts", "s/step (median)", "first step s",
-                    "peak GiB", "other settings"],
+                    "peak GiB", "split s: rollout / old+ref log-probs / reward / loss forward / backward / other",
+                    "other settings"],
                    [[r["backend"], r["num_generations"], r["completions_per_step"],
                      r.get("cache", "dynamic") + (" + compiled decode" if r.get("compiled_decode") else "")
                      + (" + graph loop" if r.get("decode_loop") == "graph" else ""),
                      _num(r.get("step_seconds_median")), _num(r.get("first_step_seconds")), r.get("peak_memory_gib"),
-                     _settings(r)]
+                     " / ".join(_num(v) for v in (r.get("step_split_seconds") or {}).values()) or "n/a", _settings(r)]
                     for r in of("grpo")])
     out += section("Reward (reward=flare on report completions, RadGraph of radgraph-xl's shapes, random weights)",
                    ["RadGraph device", "path", "completions", "generations per reference", "completions/s",

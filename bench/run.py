@@ -28,7 +28,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.common import (bench_data, compose, device_name, ensure_prepared, filtered_file,  # noqa: E402
-                          gpu_peak_gib, library_versions, model_flops_utilization, model_overrides)
+                          gpu_peak_gib, library_versions, model_flops_utilization, model_overrides,
+                          write_result)
 from flare_exp.profiling import PROFILE_FIRST  # noqa: E402
 
 PROFILE_STEPS = 2  # --profile: steps 6 and 7
@@ -42,7 +43,7 @@ def measurement_name(args) -> str:
     elif args.what == "infer":
         parts += [args.cache or "dynamic", f"img{args.image_device}"]
         parts += ([f"long{args.long_side}first"] if args.long_side else []) + (
-            ["keepcache"] if args.keep_long_cache else [])
+            ["keepcache"] if args.keep_long_cache else []) + (["mixflare"] if args.length_mix == "flare" else [])
     elif args.what == "sft":
         parts += [f"w{'default' if args.workers is None else args.workers}"] + (["compiled"] if args.compile else [])
     if args.what == "reward":
@@ -183,10 +184,14 @@ def run_grpo(args, work: Path) -> dict:
                    f"rl.cache_implementation={args.cache or 'dynamic'}",  # the baseline: TRL's own rollouts
                    f"rl.compile_generation={'true' if args.compile else 'false'}",
                    f"paths.output_root={work / 'out'}", *args.set])
+    from bench.grpo_split import StepSplit
+
     t0 = time.time()
-    summary = run(cfg, run_dir=work / "runs" / name)
+    with StepSplit() as split:
+        summary = run(cfg, run_dir=work / "runs" / name)
     history = json.loads((work / "runs" / name / "log_history.json").read_text())
-    return {"what": "grpo", "backend": args.backend, "num_generations": args.num_generations,
+    print("GRPO step split (s, median over the steps after the warm-up):", json.dumps(split.medians(args.warmup)))
+    return {"what": "grpo", "step_split_seconds": split.medians(args.warmup), "backend": args.backend, "num_generations": args.num_generations,
             "cache": args.cache or "dynamic", "compiled_decode": args.compile, "decode_loop": summary["decode_loop"],
             "completions_per_step": args.batch, "completion_length": args.completion_length,
             "wall_seconds": round(time.time() - t0, 1), "first_step_seconds": next(
@@ -196,12 +201,20 @@ def run_grpo(args, work: Path) -> dict:
 
 def run_infer(args, work: Path) -> dict:
     """Inference through the infer stage: two 512-px views + a question, args.new_tokens new tokens each
-    (min_new_tokens forces the full length, so every report costs the same)."""
+    (min_new_tokens forces the full length, so every report costs the same); or, with --length-mix flare,
+    the demo's five datasets shuffled, each report ending at a length drawn for its task type (bench/lengths.py)."""
+    import contextlib
+
     from flare_exp.main import run
 
     ensure_prepared(work, args.image_size)
     source = filtered_file(work, args.dataset, max(1, -(-args.samples // 64)))  # 64 demo records per dataset
     samples = args.samples
+    forced = None
+    if args.length_mix == "flare":
+        from bench.lengths import ForcedLengths, mixed_file
+
+        source, forced = mixed_file(work, samples), ForcedLengths(args.new_tokens)
     if args.long_side:  # one batch of large images first (infer sorts longest first), then the usual reports
         from flare_exp.io import read_jsonl, write_jsonl
 
@@ -216,22 +229,30 @@ def run_infer(args, work: Path) -> dict:
                  f"infer.sort_by_length={'false' if args.batch == 1 else 'true'}",
                  f"infer.image_device={args.image_device}"]
     overrides += [f"infer.cache_implementation={args.cache or 'dynamic'}",
-                  f"infer.min_new_tokens={args.new_tokens}",  # every report new_tokens long, either decode loop
+                  # every report new_tokens long, either decode loop; or each its drawn length (the graph loop)
+                  *([] if forced else [f"infer.min_new_tokens={args.new_tokens}"]),
                   f"infer.keep_long_cache={'true' if args.keep_long_cache else 'false'}", *args.set]
     import torch
 
     batches = BatchLog()
-    if args.warm:  # one untimed batch first: compilation (static cache) is not throughput
-        run(compose([*overrides, f"infer.num_samples={args.batch}"]), run_dir=work / "runs" / (name + "-warm"))
-    batches.records.clear()
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.time()
-    # the profile: the second batch of the timed run
-    summary = run(compose([*overrides, *(["infer.profile_batch=2"] if args.profile else [])]),
-                  run_dir=work / "runs" / name)
+    with forced or contextlib.nullcontext():
+        if args.warm:  # one untimed batch first: compilation (static cache) is not throughput
+            run(compose([*overrides, f"infer.num_samples={args.batch}"]), run_dir=work / "runs" / (name + "-warm"))
+        batches.records.clear()
+        if forced:
+            forced.reset()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.time()
+        # the profile: the second batch of the timed run
+        summary = run(compose([*overrides, *(["infer.profile_batch=2"] if args.profile else [])]),
+                      run_dir=work / "runs" / name)
     keep_profile(work / "runs" / name, args, name)
-    return {"what": "infer", "generate_seconds_per_batch": [round(r.batch_seconds, 3) for r in batches.records],
+    if forced and summary["decode_loop"] != "graph":
+        raise SystemExit("--length-mix flare ends reports at their drawn lengths in the graph decode loop only: "
+                         f"this run decoded with {summary['decode_loop']} (pass --cache static and "
+                         "--set infer.decode_loop=graph)")
+    return {"what": "infer", "length_mix": args.length_mix, **(forced.summary() if forced else {}), "generate_seconds_per_batch": [round(r.batch_seconds, 3) for r in batches.records],
             "backend": args.backend, "batch": args.batch, "batch_used": summary["batch_size"],
             "batch_choice": summary.get("batch_size_choice"), "cache": args.cache or "dynamic",
             "image_device": args.image_device, "peak_memory_gib": gpu_peak_gib(),
@@ -278,6 +299,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--dataset", default="IU_XRay")
     p.add_argument("--views", type=int, default=None, help="sft/loop: keep only the first N images per sample")
+    p.add_argument("--length-mix", default="forced", choices=["forced", "flare"],
+                   help="infer: every report --new-tokens long (forced), or the five datasets shuffled, each report "
+                        "ending at a length drawn for its task type, capped at --new-tokens (bench/lengths.py)")
     p.add_argument("--keep-long-cache", action="store_true",
                    help="infer: the graph loop keeps any cache long enough (no shrinking), to compare")
     p.add_argument("--long-side", type=int, default=None,
@@ -313,6 +337,9 @@ def main() -> None:
         if not key or not sep:
             p.error(f"--env {setting!r}: expected KEY=VALUE, e.g. --env UNSLOTH_FUSED_LINEAR=0")
         os.environ[key] = value
+    if args.what == "infer" and args.length_mix == "flare" and (args.samples % args.batch or args.long_side):
+        p.error("--length-mix flare: --samples must be a multiple of --batch (a short last batch decodes with "
+                "generate, where lengths are not forced), without --long-side")
     work = Path(args.work)
     if args.what == "build":
         from bench.model import build_qwen3vl_4b_random
@@ -355,10 +382,7 @@ def main() -> None:
     result.update(card_gib=args.card_gib, device=device_name(),
                   torch=torch.__version__, versions=library_versions(),
                   date=time.strftime("%Y-%m-%d %H:%M"))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{measurement_name(args)}.json").write_text(json.dumps(result, indent=2))
-    print("BENCH", json.dumps(result))
+    write_result(args.out, measurement_name(args), result, "BENCH")
 
 
 if __name__ == "__main__":

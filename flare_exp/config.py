@@ -12,6 +12,7 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from flare_exp.decode_config import DecodingConfig
 from flare_exp.eval_config import (CheXbertConfig, CrimsonConfig, EvalConfig, GreenConfig,  # noqa: F401
                                    KeywordMetricsConfig, RunsConfig, SignificanceConfig, SweepReportConfig)
 
@@ -246,7 +247,7 @@ class SFTConfig(TrainerSettings):
 
 
 @dataclass
-class RLConfig(TrainerSettings):
+class RLConfig(TrainerSettings, DecodingConfig):
     num_generations: int = 2
     per_device_train_batch_size: int = 2
     learning_rate: float = 5e-6
@@ -273,17 +274,11 @@ class RLConfig(TrainerSettings):
     # A prompt longer than max_prompt_length (default: model.max_seq_length - max_completion_length):
     # error (at startup, naming the fix) or skip.
     on_too_long: str = "error"
-    # Rollouts are most of a GRPO step. They run in eval mode. "auto" (both keys): with model.backend=hf a
-    # static KV cache and a compiled decode step (CUDA graphs; GPU only, the first step pays about a minute of
-    # compilation; docs/performance.md for the speed-up); with backend=unsloth TRL's defaults.
-    cache_implementation: Optional[str] = "auto"  # auto | static | dynamic | null (= dynamic)
+    # Rollouts are most of a GRPO step. They run in eval mode, decoded as cache_implementation and decode_loop
+    # say (flare_exp/decode_config.py): with model.backend=hf a static KV cache and a compiled decode step (CUDA
+    # graphs; GPU only, the first step pays about a minute of compilation; docs/performance.md for the
+    # speed-up); with backend=unsloth TRL's defaults.
     compile_generation: Optional[bool] = None  # null = auto: on for backend=hf with a static cache
-    # graph (backend=hf): the rollouts run through infer.decode_loop's graph loop (one compiled step per token,
-    # sampling with TRL's temperature / top-k / top-p; caches in steps of 256 tokens); same distribution as
-    # generate (tested), faster on a GPU (docs/performance.md; its first step compiles longer). generate: TRL's
-    # rollouts call transformers' generate. auto: graph where the rollouts would be compiled with a static
-    # cache (backend=hf on a GPU, no vLLM), generate elsewhere.
-    decode_loop: str = "auto"
     use_vllm: bool = False
     wandb_project: str = "flare_exp_rl"
     # Watching GRPO (docs/stages.md, "Watching GRPO"). Every log_rollouts_steps steps (0: never), a few prompts'
@@ -320,7 +315,7 @@ class RLConfig(TrainerSettings):
 
 
 @dataclass
-class InferConfig:
+class InferConfig(DecodingConfig):
     checkpoint: Optional[str] = None  # None = the base model at model.path
     label: Optional[str] = None  # column header in the sheet; default: derived from the checkpoint
     split: str = "val"
@@ -338,15 +333,11 @@ class InferConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     sort_by_length: bool = True
-    # auto: a static KV cache (decode step compiled into CUDA graphs by transformers) for backend=hf on GPU,
-    # where it is the faster one (docs/performance.md); dynamic elsewhere. static | dynamic.
-    cache_implementation: Optional[str] = "auto"
-    # graph (backend=hf): one compiled step per token (model, mask, the greedy or sampled pick, stop flags;
-    # CUDA graphs on a GPU) with a static KV cache, the host checking for the end every 16 tokens instead of
-    # waiting on the GPU several times per token (flare_exp/models/graph_decoding.py). Same tokens as generate
-    # (tested) and faster on a GPU (docs/performance.md). generate: transformers' generate(). auto: graph
-    # where generate would compile a static-cache step (backend=hf on a GPU), generate elsewhere.
-    decode_loop: str = "auto"
+    # Group the records by task type before batching, the longest answers first (reports, label lists, labels,
+    # numbers): a batch ends when its longest answer does, so short answers no longer wait on a report in their
+    # batch. The output keeps the input's order and the same predictions (tested); off until measured on a GPU.
+    bucket_by_task: bool = False
+    # cache_implementation and decode_loop: flare_exp/decode_config.py.
     # The graph loop keeps a KV cache while it is long enough, at most twice the need (prompts come longest
     # first: a large batch's cache would slow every later short batch); true keeps any long enough one, as
     # generate does (for comparison).

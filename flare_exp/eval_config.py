@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
+from flare_exp.decode_config import DecodeLoopConfig
+
 
 @dataclass
 class KeywordMetricsConfig:
@@ -14,7 +16,7 @@ class KeywordMetricsConfig:
 
 
 @dataclass
-class GreenConfig:
+class GreenConfig(DecodeLoopConfig):
     model_path: Optional[str] = None
     # Prompts judged together (length-sorted). The package judges 8 at a time in input order. The batch is not
     # only speed: a batch shares one total length (max_length), so a judgment that reaches it is cut where its
@@ -31,15 +33,14 @@ class GreenConfig:
     # A tighter cap on the judgment's tokens; null = the package's (max_length minus the prompt).
     max_new_tokens: Optional[int] = None
     dtype: str = "float16"  # the package's; bfloat16 | float32
-    # auto: the graph decode loop on a GPU (static cache, compiled step), generate on the CPU; generate; graph.
-    decode_loop: str = "auto"
+    # decode_loop (flare_exp/decode_config.py): auto takes the graph loop on a GPU, generate on the CPU.
     # package: the GREEN package's parser (its numbers); robust: also reads counts without a trailing period
     # or sections without blank lines, and leaves unreadable outputs out of the mean (not the package's number).
     parser: str = "package"
 
 
 @dataclass
-class CrimsonConfig:
+class CrimsonConfig(DecodeLoopConfig):
     # CRIMSON's judge (rajpurkarlab/medgemma-4b-it-crimson, downloaded): null = CRIMSON not computed.
     model_path: Optional[str] = None
     # Reports judged together (length-sorted, left-padded); 1 is the package's way (its pipeline, one at a time).
@@ -47,9 +48,7 @@ class CrimsonConfig:
     # A tighter cap on a judgment's tokens; null = the package's (the judge's generation_config.json, else 8192).
     max_new_tokens: Optional[int] = None
     dtype: str = "bfloat16"  # the package's; float16 | float32
-    # auto: the graph decode loop on a GPU where the judge allows it (not MedGemma: sliding-window layers),
-    # generate elsewhere; generate; graph (an error where the judge does not allow it).
-    decode_loop: str = "auto"
+    # decode_loop (flare_exp/decode_config.py): not MedGemma's (sliding-window layers): graph is an error there.
 
 
 @dataclass

@@ -132,6 +132,9 @@ def test_bench_grpo_both_rollout_loops(tmp_path, tiny_model_dir, bench):
                        "--set", f"rl.decode_loop={loop}")
         assert result["steps_measured"] == 1 and result["overrides"] == [f"rl.decode_loop={loop}"]
         assert result["decode_loop"] == loop
+        split = result["step_split_seconds"]  # the step's parts, each timed
+        assert list(split) == ["rollout", "old_ref_logprobs", "reward", "loss_forward", "backward", "other"]
+        assert split["rollout"] > 0 and split["reward"] > 0 and split["backward"] > 0 and split["loss_forward"] > 0
 
 
 def test_bench_reward(tmp_path, bench):
@@ -181,3 +184,25 @@ def test_bench_env_setting_must_name_a_value():
     out = subprocess.run([sys.executable, "-m", "bench.run", "sft", "--env", "UNSLOTH_FUSED_LINEAR"],
                          capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 2 and "--env 'UNSLOTH_FUSED_LINEAR': expected KEY=VALUE" in out.stderr
+
+
+def test_bench_infer_answer_length_mix(tmp_path, tiny_model_dir, bench):
+    """--length-mix flare: reports end at lengths drawn per task type (the loop stops once a batch's rows all
+    ended); infer.bucket_by_task batches like with like, so fewer row-steps idle on finished rows (here against
+    the shuffled input order: in the demo, sorting by prompt length already puts the two-view reports together)."""
+    common = ["--model-dir", str(tiny_model_dir), "--work", str(tmp_path / "work"), "--image-size", "96",
+              "--dtype", "float32", "--out", str(tmp_path / "out"), "--batch", "4", "--samples", "12",
+              "--new-tokens", "40", "--cache", "static", "--length-mix", "flare", "--set", "infer.decode_loop=graph",
+              "--set", "infer.sort_by_length=false"]
+    mixed = bench("infer", *common)
+    bucketed = bench("infer", *common, "--set", "infer.bucket_by_task=true")
+    assert mixed["length_mix"] == "flare" and mixed["answer_tokens"] == bucketed["answer_tokens"] > 0
+    assert len(mixed["decode_steps_per_batch"]) == 3 and min(bucketed["decode_steps_per_batch"]) < 40
+    assert bucketed["idle_row_share"] < mixed["idle_row_share"]
+    from bench.same_predictions import compare
+
+    runs = tmp_path / "work" / "runs"
+    name = "infer-hf-bs4-static-imgauto-mixflare-decode_loop-graph-sort_by_length-false"
+    same = compare(runs / f"{name}-IU_XRay", runs / f"{name}-bucket_by_task-true-IU_XRay")
+    assert same["records"] == same["identical"] == 12 and same["same_order"]  # the GPU check, here in small
+    assert "| flare mix" in bench_report(tmp_path / "out")

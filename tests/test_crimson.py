@@ -105,7 +105,7 @@ def test_judge_settings_the_package_takes_from_the_judge(tmp_path):
     with pytest.raises(ValueError, match="eval.crimson.decode_loop=graph.*sliding-window"):
         CrimsonJudge.from_pretrained(sliding, "float32", decode_loop="graph")
     judge = CrimsonJudge.from_pretrained(sliding, "float32", decode_loop="auto")
-    assert judge.graph is None and "sliding-window" in judge.decoding
+    assert judge.decoder.graph is None and "sliding-window" in judge.decoding
     assert judge.config.max_new_tokens == 5  # the judge's generation_config.json, as the package passes it
     with pytest.raises(FileNotFoundError, match="eval.crimson.model_path=.*medgemma-4b-it-crimson"):
         CrimsonJudge.from_pretrained(tmp_path / "none")

@@ -56,6 +56,21 @@ def test_same_tokens_as_generate(decode_attention, base_overrides, demo_prepared
     assert loop.cache_length == first["input_ids"].shape[1] + 8
 
 
+def test_rows_end_at_their_own_limits(base_overrides, demo_prepared):
+    """row_limits (the benchmark's answer-length mix): each row is generate's tokens up to its limit, then pad;
+    the loop stops once every row reached its limit."""
+    from flare_exp.models.graph_decoding import GraphDecoder
+
+    model, pad, first, _ = _model_and_batches(base_overrides, demo_prepared)
+    reference = _generate(model, first, pad, 8)
+    limits = [2, 8, 1, 5]
+    ours = GraphDecoder(model, None, stop_check_every=1)(first, 8, pad, row_limits=limits)
+    for row, limit in enumerate(limits):
+        assert torch.equal(ours[row, :limit], reference[row, :limit]) and (ours[row, limit:] == pad).all()
+    short = GraphDecoder(model, None, stop_check_every=1)(first, 8, pad, row_limits=[2, 3, 1, 2])
+    assert short.shape[1] == 3  # the host saw every row finished: no token past the longest limit
+
+
 def test_rows_that_finish_early(base_overrides, demo_prepared):
     from flare_exp.models.graph_decoding import GraphDecoder
 
@@ -226,6 +241,31 @@ def test_which_decode_loop_runs(setting, backend, compiled_static_on_gpu, chosen
 
     assert graph_loop_chosen("infer.decode_loop", setting, backend, compiled_static_on_gpu) is chosen
     assert ("backend=hf only" in caplog.text) == (setting == "graph" and backend == "unsloth")
+
+
+def test_one_decoding_object_for_every_section():
+    """decoder_for resolves infer's, the rollouts' and the judges' settings by one rule (no model is run)."""
+    from types import SimpleNamespace
+
+    from flare_exp.models.decoding import DecodeSettings, decoder_for
+
+    model = SimpleNamespace(device=torch.device("cpu"))
+    infer = decoder_for(model, DecodeSettings("infer"), on_gpu=True)
+    assert (infer.cache, infer.compiled, infer.graph.compiled, infer.used) == ("static", True, True, "graph")
+    assert decoder_for(model, DecodeSettings("infer")).graph is None  # auto on a CPU: generate, dynamic cache
+    rl = decoder_for(model, DecodeSettings("rl", static_on_cpu=True))  # TRL's static cache on a CPU too
+    assert (rl.cache, rl.compiled, rl.graph) == ("static", True, None)
+    assert decoder_for(model, DecodeSettings("rl", vllm=True), on_gpu=True).graph is None
+    with pytest.raises(ValueError, match="rl.use_vllm=true"):
+        decoder_for(model, DecodeSettings("rl", "graph", vllm=True))
+    refused = DecodeSettings("eval.crimson", refusal="its sliding-window attention layers")
+    assert decoder_for(model, refused, on_gpu=True).graph is None
+    with pytest.raises(ValueError, match="eval.crimson.decode_loop=graph.*sliding-window"):
+        decoder_for(model, DecodeSettings("eval.crimson", "graph", refusal="its sliding-window attention layers"))
+    with pytest.raises(ValueError, match="eval.green.decode_loop='fast'"):
+        decoder_for(model, DecodeSettings("eval.green", "fast"))
+    off = decoder_for(model, DecodeSettings("rl", "graph", compile=False, cache_implementation="static"), on_gpu=True)
+    assert not off.graph.compiled and off.used == "graph"  # rl.compile_generation=false: the loop uncompiled
 
 
 def test_the_infer_default_on_cpu_is_generate(base_overrides, sft_adapter, tmp_path, caplog):

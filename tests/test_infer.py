@@ -66,3 +66,39 @@ def test_the_graph_loop_goes_on_after_a_batch_ran_out_of_memory(base_overrides, 
     assert len(calls) == 2 and calls[1] is None  # the second full batch: back in the loop, the cache dropped
     rows = lambda name: {r["id"]: r["prediction"] for r in read_jsonl(tmp_path / name / "predictions.jsonl")}  # noqa: E731
     assert rows("halves") == rows("whole") and len(rows("whole")) == 4
+
+
+def test_batches_bucketed_by_task_keep_the_order_and_the_predictions(base_overrides, demo_prepared, tmp_path,
+                                                                       monkeypatch):
+    """infer.bucket_by_task: batches hold one task type each (longest answers first), the graph loop gives the
+    same prediction per record and predictions.jsonl keeps the input's order."""
+    from itertools import chain, zip_longest
+
+    from flare_exp.io import read_jsonl, write_jsonl
+    from flare_exp.main import run
+    from flare_exp.stages import infer
+
+    by_task = {}
+    for r in read_jsonl(demo_prepared / "val.jsonl"):
+        by_task.setdefault(r["task_type"], []).append(r)
+    assert len(by_task) >= 3
+    mixed = [r for r in chain(*zip_longest(*(rows[:3] for rows in by_task.values()))) if r]  # task types taking turns
+    write_jsonl(tmp_path / "mixed.jsonl", mixed)
+
+    batches = []
+    original = infer.model_batch
+    monkeypatch.setattr(infer, "model_batch", lambda model, chat, records, images: (
+        batches.append([r["task_type"] for r in records]), original(model, chat, records, images))[1])
+    common = ["stage=infer", *base_overrides, "infer.batch_size=3", f"infer.input_file={tmp_path / 'mixed.jsonl'}",
+              "infer.max_new_tokens=4", "infer.decode_loop=graph", "infer.cache_implementation=static"]
+    rows = {}
+    for bucketed in ("false", "true"):
+        batches.clear()
+        run(compose_cfg([*common, f"infer.bucket_by_task={bucketed}", f"run_name=b{bucketed}"]),
+            run_dir=tmp_path / bucketed)
+        rows[bucketed] = [(r["id"], r["prediction"]) for r in read_jsonl(tmp_path / bucketed / "predictions.jsonl")]
+        several = sum(len(set(tasks)) > 1 for tasks in batches)
+        assert (several == 0) if bucketed == "true" else several > 0, batches
+    assert batches[0] == ["report_generation"] * 3  # the longest answers first
+    assert rows["true"] == rows["false"] and len({p for _, p in rows["true"]}) > 1
+    assert [i for i, _ in rows["true"]] == [r["id"] for r in mixed]  # the input's order

@@ -138,7 +138,7 @@ def test_green_exact_batches_as_the_package(tiny_green_judge, tmp_path, monkeypa
     judge = GreenJudge.from_pretrained(path, "float32", exact=True, max_length=330, journal=journal)
     seen = []
     monkeypatch.setattr(judge, "generate", lambda texts: (seen.append(list(texts)), ["out"] * len(texts))[1])
-    assert judge.judge(refs, cands) == ["out"] * 10 and judge.batch_size == 8 and judge.graph is None
+    assert judge.judge(refs, cands) == ["out"] * 10 and judge.batch_size == 8 and judge.decoder.graph is None
     rendered = [judge.render(__import__("flare_exp.metrics.green", fromlist=["make_prompt"]).make_prompt(r, c))
                 for r, c in zip(refs, cands)]
     assert seen == [rendered[:8], rendered[8:]]  # input order, the repeated pair judged three times

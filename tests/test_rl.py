@@ -78,14 +78,15 @@ def test_rollout_settings_resolve_auto_per_backend(backend, cache, compiled, exp
 
     rl = compose_cfg([f"rl.cache_implementation={cache}", f"rl.compile_generation={compiled}"
                       if compiled is not None else "rl.compile_generation=null"]).rl
-    assert rollout_settings(rl, backend) == expected
+    assert rollout_settings(rl, backend).generate_settings(on_gpu=False) == expected  # TRL's static cache on a CPU too
 
 
 def test_compiled_rollouts_need_a_static_cache():
     from flare_exp.stages.rl import rollout_settings
 
+    rl = compose_cfg(["rl.cache_implementation=dynamic", "rl.compile_generation=true"]).rl
     with pytest.raises(ValueError, match="rl.cache_implementation=static"):
-        rollout_settings(compose_cfg(["rl.cache_implementation=dynamic", "rl.compile_generation=true"]).rl, "hf")
+        rollout_settings(rl, "hf").check()
 
 
 def test_grpo_config_passes_scale_rewards_and_rollout_cache(tmp_path):
@@ -160,7 +161,7 @@ def test_a_failing_compiled_decode_falls_back_to_eager_rollouts(base_overrides, 
     summary = run(_rl_cfg(base_overrides, sft_adapter, "rl.max_steps=2", "rl.cache_implementation=static",
                           "rl.compile_generation=true"), run_dir=tmp_path / "rl")
     assert summary["global_step"] == 2 and len(attempts) == 1  # tried once, then eager for good
-    assert "continuing with uncompiled rollouts" in caplog.text
+    assert "continuing uncompiled. Pass rl.compile_generation=false" in caplog.text
 
 
 def test_graph_rollouts_answer_generate_as_generate_would(base_overrides, demo_prepared):
@@ -173,9 +174,10 @@ def test_graph_rollouts_answer_generate_as_generate_would(base_overrides, demo_p
     from flare_exp.io import read_jsonl
     from flare_exp.models.loading import load_model
     from flare_exp.runtime import abspath
-    from flare_exp.stages.rl import graph_rollouts
+    from flare_exp.models.decoding import decoder_for
+    from flare_exp.stages.rl import rollout_settings
 
-    cfg = compose_cfg(["stage=rl", *base_overrides, "model.dtype=float32"])
+    cfg = compose_cfg(["stage=rl", *base_overrides, "model.dtype=float32", "rl.decode_loop=graph"])
     loaded = load_model(cfg.model, training=True)
     policy = loaded.model.eval()
     chat = VisionChat(loaded.processor, abspath(cfg.data.root))
@@ -192,7 +194,8 @@ def test_graph_rollouts_answer_generate_as_generate_would(base_overrides, demo_p
         trl_like.suppress_tokens = [policy.config.image_token_id, first_pick]
         expected = policy.generate(**batch, generation_config=trl_like)
     assert int(expected[0, batch["input_ids"].shape[1]]) != first_pick
-    graph, fallbacks = graph_rollouts(compiled=False), []
+    graph, fallbacks = decoder_for(policy, rollout_settings(cfg.rl, "hf")).graph, []
+    assert not graph.compiled  # on a CPU
     original = lambda **kw: (fallbacks.append(1), policy.generate(**kw))[1]  # noqa: E731
     with torch.no_grad():
         got = graph.generate(policy, original, generation_config=trl_like, **batch)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from flare_exp.metrics.crimson import crimson_score, make_prompt, messages, parse_judgment, summarise
 from flare_exp.metrics.judge_journal import JournaledJudge, judge_dir
-from flare_exp.models.decoding import DECODE_LOOPS, GraphLoop, graph_loop_chosen
+from flare_exp.models.decoding import DecodeSettings, decoder_for
 from flare_exp.runtime import check_choice
 
 PACKAGE_MAX_NEW_TOKENS = 8192  # the package's cap when the judge has no generation_config.json
@@ -45,19 +45,12 @@ class CrimsonJudge(JournaledJudge):
     def __init__(self, model, tokenizer, batch_size: int = 8, max_new_tokens: int | None = None,
                  decode_loop: str = "auto", journal: str | Path | None = None, identity: str = ""):
         """A loaded judge (``from_pretrained``). max_new_tokens: a tighter cap than the package's (state it)."""
-        check_choice("eval.crimson.decode_loop", decode_loop, DECODE_LOOPS)
         self.model, self.tokenizer, self.device = model, tokenizer, str(model.device)
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
         self.config = self._package_generation_config()
-        on_gpu = self.device.startswith("cuda")
         refusal = graph_loop_refusal(model)
-        if decode_loop == "graph" and refusal:
-            raise ValueError(f"eval.crimson.decode_loop=graph: the graph decode loop cannot decode this judge, "
-                             f"because of {refusal}; use auto or generate")
-        self.graph = None if refusal else (GraphLoop("eval.crimson.decode_loop", on_gpu, decode_loop) if
-                                           graph_loop_chosen("eval.crimson.decode_loop", decode_loop, "hf", on_gpu)
-                                           else None)
-        self.decoding = "graph" if self.graph else f"generate{f' ({refusal})' if refusal else ''}"
+        self.decoder = decoder_for(model, DecodeSettings("eval.crimson", decode_loop, refusal=refusal))
+        self.decoding = "graph" if self.decoder.graph else f"generate{f' ({refusal})' if refusal else ''}"
         self.identity = json.dumps([identity, max_new_tokens])
         self.journal = Path(journal) if journal else None
 
@@ -101,9 +94,9 @@ class CrimsonJudge(JournaledJudge):
         prompt = enc["input_ids"].shape[1]
         budget = self.config.max_new_tokens or max(self.config.max_length - prompt, 0)
         new = None
-        if self.graph is not None and budget > 0:
-            new = self.graph.new_tokens(self.model, enc, budget, self.config.pad_token_id, self.config,
-                                        "the CRIMSON judge's decode step")
+        if budget > 0:
+            new = self.decoder.new_tokens(enc, budget, self.config.pad_token_id, self.config,
+                                          "the CRIMSON judge's decode step")
         if new is not None:
             sequences = torch.cat([enc["input_ids"], new], dim=1)
         else:

@@ -25,7 +25,7 @@ from pathlib import Path
 from flare_exp.metrics.green import GREEN_CHAT_TEMPLATE, clean_response, green_score, make_prompt, parse_green, \
     summarise
 from flare_exp.metrics.judge_journal import JournaledJudge, judge_dir
-from flare_exp.models.decoding import DECODE_LOOPS, GraphLoop, graph_loop_chosen
+from flare_exp.models.decoding import DecodeSettings, decoder_for
 from flare_exp.runtime import check_choice
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,6 @@ class GreenJudge(JournaledJudge):
         length (prompt + judgment) and its input truncation; max_new_tokens: a tighter cap on the judgment
         (None: the package's, max_length minus the batch's prompt). identity: what names the judge in the
         journal's keys (its path and settings). exact: the package's batching (module doc)."""
-        check_choice("eval.green.decode_loop", decode_loop, DECODE_LOOPS)
         parse_green("", parser)  # an unknown parser fails here, before any judging
         if exact and max_new_tokens is not None:
             raise ValueError("eval.green.exact=true judges as the package does: leave eval.green.max_new_tokens "
@@ -88,9 +87,7 @@ class GreenJudge(JournaledJudge):
         self.parser = parser
         if exact and decode_loop == "auto":
             decode_loop = "generate"
-        on_gpu = self.device.startswith("cuda")
-        self.graph = GraphLoop("eval.green.decode_loop", on_gpu, decode_loop) if graph_loop_chosen(
-            "eval.green.decode_loop", decode_loop, "hf", on_gpu) else None
+        self.decoder = decoder_for(model, DecodeSettings("eval.green", decode_loop))
         # journal key: the judge and what decides its text (the decoding loop does not)
         self.identity = json.dumps([identity, max_length, max_new_tokens])
         self.journal = Path(journal) if journal else None
@@ -145,8 +142,8 @@ class GreenJudge(JournaledJudge):
         budget = self.new_token_budget(enc["input_ids"].shape[1])
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         new = None
-        if budget > 0 and self.graph is not None:
-            new = self.graph.new_tokens(self.model, enc, budget, pad, self._greedy_config(), "the judge's decode step")
+        if budget > 0:
+            new = self.decoder.new_tokens(enc, budget, pad, self._greedy_config(), "the judge's decode step")
         if budget <= 0:
             sequences = enc["input_ids"]
         elif new is not None:

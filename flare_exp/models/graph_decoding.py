@@ -210,10 +210,12 @@ class GraphDecoder:
         new = self(batch, generation_config.max_new_tokens, pad, generation_config)
         return torch.cat([batch["input_ids"], new], dim=1)
 
-    def __call__(self, batch: dict, max_new_tokens: int, pad_token_id: int, generation_config=None):
+    def __call__(self, batch: dict, max_new_tokens: int, pad_token_id: int, generation_config=None,
+                 row_limits=None):
         """New tokens (B, T <= max_new_tokens) for a left-padded batch (the processor's output, on the model's
         device); rows that finished early are padded with pad_token_id. End tokens, min_new_tokens and
-        suppressed tokens come from generation_config (default: the model's)."""
+        suppressed tokens come from generation_config (default: the model's). ``row_limits``: each row's own
+        cap on new tokens (B,), where it finishes as at an end token (the benchmark's answer-length mix)."""
         import torch
 
         config = generation_config or self.model.generation_config
@@ -240,7 +242,8 @@ class GraphDecoder:
             tokens = torch.full((rows, max_new_tokens), pad_token_id, dtype=input_ids.dtype, device=device)
             may_end = torch.arange(max_new_tokens, device=device) >= (config.min_new_tokens or 0)  # per new token
             tokens[:, 0] = pick(out.logits[:, -1], is_end, may_end[:1], suppressed, self.sampling)
-            finished = is_end[tokens[:, 0]]
+            limits = None if row_limits is None else torch.as_tensor(row_limits, device=device)
+            finished = is_end[tokens[:, 0]] if limits is None else is_end[tokens[:, 0]] | (limits <= 1)
             cache_positions = torch.arange(prompt, prompt + max_new_tokens, device=device)  # no host copy per token
             made = 1
             for made in range(1, max_new_tokens):
@@ -252,7 +255,8 @@ class GraphDecoder:
                                                  position_deltas, key_valid, finished, is_end, pad,
                                                  may_end[made:made + 1], suppressed)
                 tokens[:, made] = picked  # copies out of the graph's output buffers before the next replay
-                finished = now_finished.clone()
+                # outside the compiled step: the step's graph is the same with and without row limits
+                finished = now_finished.clone() if limits is None else now_finished | (limits <= made + 1)
             else:
                 made = max_new_tokens
         return tokens[:, :made]

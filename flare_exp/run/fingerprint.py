@@ -51,8 +51,8 @@ FREE = {
         "compile_generation", "decode_loop", "use_vllm", "profile_steps", *_TRACKING)) + (
         "reward.radgraph.cache_size", "reward.radgraph.device", "reward.radgraph.build_tiny"),
     "infer": _MODEL_SPEED + tuple(f"infer.{k}" for k in (
-        "batch_size", "num_samples", "sort_by_length", "cache_implementation", "decode_loop", "merge_adapter",
-        "image_device", "keep_long_cache", "profile_batch")),
+        "batch_size", "num_samples", "sort_by_length", "bucket_by_task", "cache_implementation", "decode_loop",
+        "merge_adapter", "image_device", "keep_long_cache", "profile_batch")),
     "eval": ("eval.green.batch_size", "eval.green.decode_loop", "eval.green.parser"),
 }
 

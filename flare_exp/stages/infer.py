@@ -19,10 +19,10 @@ from flare_exp.card import sized_infer_batch
 from flare_exp.compile_cache import prepare_gpu_run
 from flare_exp.data.vision import VisionChat
 from flare_exp.io import read_journal, read_jsonl, write_json, write_jsonl
-from flare_exp.models.decoding import DECODE_LOOPS, GraphLoop, graph_loop_chosen, kv_cache
+from flare_exp.models.decoding import DecodeSettings, decoder_for
 from flare_exp.models.checkpoints import adapter_identity, resolve_adapter
 from flare_exp.models.loading import load_model
-from flare_exp.runtime import abspath, check_choice, infer_input_file, ranks, retry_uncompiled
+from flare_exp.runtime import abspath, infer_input_file, ranks
 from flare_exp.sheets import write_sheet
 
 log = logging.getLogger(__name__)
@@ -73,25 +73,21 @@ def decode_new_tokens(tokenizer, new_tokens) -> list[str]:
     return [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
+def decode_settings(inf, backend: str) -> DecodeSettings:
+    """infer's decoding, as infer.decode_loop / infer.cache_implementation / infer.keep_long_cache say."""
+    return DecodeSettings.of("infer", inf, backend, shrink_cache=not inf.keep_long_cache)
+
+
 class Decoder:
-    """generate(), or the graph decode loop (infer.decode_loop), with the run's KV cache; a compilation
-    failure turns compilation off for the rest of the run."""
+    """Batches of records decoded as ``decoder_for`` decides for infer's settings: generate(), or the graph
+    decode loop, with the run's KV cache."""
 
     def __init__(self, model, chat: VisionChat, inf, backend: str):
         self.model, self.chat, self.inf = model, chat, inf
-        on_gpu = model.device.type == "cuda"
-        self.cache, self.compiled = kv_cache(inf.cache_implementation, backend, on_gpu), True
+        self.decoding = decoder_for(model, decode_settings(inf, backend))
         self.halving_said = False  # decode_in_parts warns once per run
-        self.graph = GraphLoop("infer.decode_loop", compiled=on_gpu, setting=inf.decode_loop,
-                               shrink_cache=not inf.keep_long_cache) if graph_loop_chosen(
-            "infer.decode_loop", inf.decode_loop, backend, on_gpu and self.cache == "static") else None
-        if self.graph is not None:  # said at the start: the loop, or why generate runs instead
-            self.graph.for_config(model, self._generation_config())
-
-    @property
-    def loop(self):
-        """The graph loop that decodes full batches, or None (generate)."""
-        return None if self.graph is None or self.graph.fell_back else self.graph.loop
+        if self.decoding.graph is not None:  # said at the start: the loop, or why generate runs instead
+            self.decoding.graph.for_config(model, self._generation_config())
 
     def _generation_config(self):
         """infer's settings over the model's generation config, resolved as generate() resolves them (per
@@ -101,15 +97,15 @@ class Decoder:
 
     def __call__(self, records: list[dict], images) -> list[str]:
         full = len(records) == self.inf.batch_size
-        if self.graph is not None and not self.graph.fell_back and full:
+        if self.decoding.takes_loop and full:
             return self._loop_decode(records, images)
         # A smaller last batch would need a new static cache and a new compilation: decode it eagerly.
-        cache = self.cache if full else None
-        decode = lambda: generate(self.model, self.chat, records, self.inf, images, cache, self.compiled)  # noqa: E731
-        if cache != "static" or not self.compiled:
-            return decode()
-        return retry_uncompiled(decode, lambda: setattr(self, "compiled", False), "the decode step",
-                                "continuing uncompiled. Pass infer.cache_implementation=dynamic to skip the attempt.")
+        return self._generate(records, images, self.decoding.cache if full else None)
+
+    def _generate(self, records: list[dict], images, cache: str | None) -> list[str]:
+        decoding = self.decoding  # compiled is read at each call: a failed compilation turns it off
+        return decoding.attempt_compiled(lambda: generate(self.model, self.chat, records, self.inf, images, cache,
+                                                          decoding.compiled), "the decode step")
 
     def release_memory(self) -> None:
         """Drop the kept KV caches (the loop's, and generate's static one) and return the GPU's free blocks."""
@@ -117,8 +113,7 @@ class Decoder:
 
         import torch
 
-        if self.graph is not None:
-            self.graph.release_cache()
+        self.decoding.release_cache()
         if hasattr(self.model, "_cache"):
             del self.model._cache  # generate keeps its last static cache here and makes a new one when needed
         gc.collect()
@@ -128,10 +123,10 @@ class Decoder:
     def _loop_decode(self, records: list[dict], images) -> list[str]:
         config = self._generation_config()
         batch = model_batch(self.model, self.chat, records, images)
-        new_tokens = self.graph.new_tokens(self.model, batch, config.max_new_tokens, config.pad_token_id, config,
-                                           "the decode loop's step")
+        new_tokens = self.decoding.new_tokens(batch, config.max_new_tokens, config.pad_token_id, config,
+                                              "the decode loop's step")
         if new_tokens is None:  # this batch's config asks for what the loop does not do
-            return generate(self.model, self.chat, records, self.inf, images, self.cache, self.compiled)
+            return self._generate(records, images, self.decoding.cache)
         return decode_new_tokens(self.chat.tokenizer, new_tokens)
 
 
@@ -173,7 +168,7 @@ def timed_batch(decode: Decoder, records: list[dict], images, number: int, run_d
     seconds = time.perf_counter() - t0
     if profile:
         profile.stop(run_dir / "profile.txt", f"batch {number} ({len(records)} reports)")
-    length = getattr(decode.loop, "cache_length", None)
+    length = getattr(decode.decoding.loop, "cache_length", None)
     log.debug("batch %d: %d reports in %.3f s, graph loop KV cache %s", number, len(records), seconds, length,
               extra={"batch_seconds": seconds, "loop_cache_length": length})
     return texts
@@ -215,7 +210,7 @@ def write_submission(out_dir: Path, rows: list[dict]) -> None:
 
 
 def check_settings(cfg) -> None:
-    check_choice("infer.decode_loop", cfg.infer.decode_loop, DECODE_LOOPS)
+    decode_settings(cfg.infer, cfg.model.backend).check()
 
 
 def read_predictions(out_dir: Path) -> dict[str, dict]:
@@ -237,13 +232,12 @@ def predict(cfg, todo: list[dict], journal: Path, label: str, done: dict) -> tup
     chat = VisionChat(loaded.processor, abspath(cfg.data.root), image_device(inf.image_device, loaded.model))
     decode = Decoder(loaded.model, chat, inf, cfg.model.backend)
     full_batches = len(todo) // inf.batch_size
-    if decode.cache == "static":
+    if decode.decoding.cache == "static":
         log.info("infer: %d reports, batch %d: static KV cache, decode step compiled by the first full batch%s",
                  len(todo), inf.batch_size, "" if full_batches >= 4 else
                  f" (only {full_batches} full batch(es): infer.cache_implementation=dynamic skips compiling, "
                  "which may finish sooner)")
-    if inf.sort_by_length:  # similar lengths share a batch: less padding, fewer wasted decode steps
-        todo = sorted(todo, key=lambda r: chat.sequence_length(r, with_answer=False), reverse=True)
+    todo = decoding_order(todo, chat, inf)
     bar = tqdm(total=len(todo), desc=f"infer {label}", unit="report")
     generated, elapsed = 0, 0.0
     with open(journal, "a", encoding="utf-8") as f:
@@ -261,7 +255,24 @@ def predict(cfg, todo: list[dict], journal: Path, label: str, done: dict) -> tup
             bar.update(len(chunk))
             bar.set_postfix(reports_per_s=f"{generated / max(elapsed, 1e-9):.2f}")
     bar.close()
-    return generated, elapsed, decode.graph.used if decode.graph is not None else "generate"  # what ran
+    return generated, elapsed, decode.decoding.used  # what ran
+
+
+# Task types by how long their answers run (a report, a list of labels, one label, a number): with
+# infer.bucket_by_task the longest come first, and a task type not listed with the one-label answers.
+ANSWER_LENGTH_RANK = {"report_generation": 3, "multi_label": 2, "classification": 1, "regression": 0}
+
+
+def decoding_order(todo: list[dict], chat: VisionChat, inf) -> list[dict]:
+    """The order the records are decoded in (predictions.jsonl keeps the input's order). infer.sort_by_length:
+    longest prompt first, so similar lengths share a batch (less padding; the loop's cache shrinks as prompts
+    do). infer.bucket_by_task: grouped by task type first, longest answers first, so a batch's rows end near
+    the same token and the loop stops for the whole batch (it stops when every row has ended) instead of short
+    answers idling while a report in their batch goes on."""
+    prompt = (lambda r: chat.sequence_length(r, with_answer=False)) if inf.sort_by_length else (lambda r: 0)
+    if inf.bucket_by_task:
+        return sorted(todo, key=lambda r: (ANSWER_LENGTH_RANK.get(r.get("task_type"), 1), prompt(r)), reverse=True)
+    return sorted(todo, key=prompt, reverse=True) if inf.sort_by_length else todo
 
 
 def used_adapter(cfg) -> dict | None:

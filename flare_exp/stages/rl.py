@@ -17,12 +17,12 @@ from flare_exp.card import apply_rl_card, sized_infer_batch
 from flare_exp.compile_cache import prepare_gpu_run
 from flare_exp.data.vision import VisionChat, filter_by_length, render_messages
 from flare_exp.io import read_jsonl, write_json
-from flare_exp.models.decoding import DECODE_LOOPS, GraphLoop, graph_loop_chosen, kv_cache
+from flare_exp.models.decoding import Decoding, DecodeSettings, decoder_for
 from flare_exp.models.loading import load_model
 from flare_exp.rewards.combine import build_reward
 from flare_exp.rl_monitor.callbacks import build_monitor, check_monitor_settings, finish_monitor, with_rollout_watch
 from flare_exp.rl_monitor.heldout_watch import reporting_last
-from flare_exp.runtime import abspath, check_choice, ranks, retry_uncompiled
+from flare_exp.runtime import abspath, check_choice, ranks
 from flare_exp.training import (CheckpointMeta, ProgressLog, add_to_log, cpu_ranks_args, data_fingerprints,
                                 effective_batch, half_precision, profiling, setup_tracking, train_and_save,
                                 trainer_arguments)
@@ -70,10 +70,7 @@ def check_settings(cfg) -> int:
     if loss_types:  # TRL itself would only refuse an unknown one at the first loss, after the first rollouts
         check_choice("rl.loss_type", rl.loss_type, loss_types)
     check_choice("rl.on_too_long", rl.on_too_long, ("error", "skip"))
-    check_choice("rl.decode_loop", rl.decode_loop, DECODE_LOOPS)
-    if rl.decode_loop == "graph" and rl.use_vllm:
-        raise ValueError("rl.decode_loop=graph decodes the rollouts with the policy, rl.use_vllm=true with vLLM: "
-                         "pass one of them (rl.decode_loop=auto picks generate's path when vLLM is on)")
+    rollout_settings(rl, cfg.model.backend).check()
     check_monitor_settings(rl)
     limit = rl.max_prompt_length or max_seq_length - rl.max_completion_length
     if limit <= 0:
@@ -107,53 +104,38 @@ class RewardTermLog(TrainerCallback):
         add_to_log(state, logs, {f"reward_term/{k}": round(v, 4) for k, v in self.reward.pop_term_means().items()})
 
 
-def rollout_settings(rl, backend: str) -> tuple[str | None, bool]:
-    """(KV cache implementation, compiled decode) for the rollouts, resolving "auto" per backend."""
-    cache = kv_cache(rl.cache_implementation, backend)
-    compiled = rl.compile_generation
-    if compiled is None:
-        compiled = backend == "hf" and cache == "static"
-    if compiled and cache != "static":
-        raise ValueError("rl.compile_generation=true compiles the decode step over a fixed-size KV cache: "
-                         "also pass rl.cache_implementation=static")
-    return cache, compiled
-
-
-def graph_rollouts(compiled: bool, setting: str = "graph") -> GraphLoop:
-    """rl.decode_loop=graph: while a rollout runs, the policy's generate() is answered by the graph decode loop
-    with the generation config TRL asks for; prompts vary in length from step to step, so caches come in steps
-    of 256 tokens (a few compiled graphs), and in random order the longest is kept (shrinking and growing
-    again would recompile)."""
-    return GraphLoop("rl.decode_loop", compiled, setting, cache_multiple=256, shrink_cache=False)
+def rollout_settings(rl, backend: str) -> DecodeSettings:
+    """The rollouts' decoding (rl.decode_loop, rl.cache_implementation, rl.compile_generation, rl.use_vllm).
+    TRL keeps its static cache on a CPU too (uncompiled there). With the graph loop, prompts vary in length
+    from step to step, so caches come in steps of 256 tokens (a few compiled graphs), and in random order the
+    longest is kept (shrinking and growing again would recompile)."""
+    return DecodeSettings.of("rl", rl, backend, static_on_cpu=True, cache_multiple=256, shrink_cache=False)
 
 
 def with_rollouts_in_eval_mode(trainer_class):
     """TRL generates with the policy in training mode. Eval mode for the rollout (restored afterwards) keeps
     dropout and the gradient-checkpointing wrappers out of the decode loop, and lets a compiled decode step
     be traced once for inference instead of for training. If compiling the decode step fails (another GPU,
-    another torch), training goes on with eager rollouts and says so once. With ``graph_rollouts`` set
-    (rl.decode_loop=graph) the policy's generate is answered by the graph decode loop during the rollout."""
+    another torch), training goes on with eager rollouts and says so once. Where ``decoding`` (the rollouts'
+    ``decoder_for``) chose the graph loop, the policy's generate is answered by it during the rollout."""
 
     class FlareGRPOTrainer(trainer_class):
-        graph_rollouts: GraphLoop | None = None
+        decoding: Decoding | None = None
 
         def _generate_single_turn(self, *args, **kwargs):
             config = getattr(self, "generation_config", None)
             rollout = lambda: super(FlareGRPOTrainer, self)._generate_single_turn(*args, **kwargs)  # noqa: E731
             was_training = self.model.training
             self.model.eval()
-            graph = self.graph_rollouts
+            graph = self.decoding.graph if self.decoding is not None else None
             policy = self.accelerator.unwrap_model(self.model_wrapped) if graph else None
             if graph:  # TRL calls the unwrapped policy's generate
                 policy.generate = functools.partial(graph.generate, policy, policy.generate)
             try:
-                compiling = graph.compiled if graph else config is not None and not config.disable_compile
-                if not compiling:
+                if self.decoding is None:
                     return rollout()
-                return retry_uncompiled(rollout, lambda: (setattr(config, "disable_compile", True),
-                                                          graph and graph.uncompile()),
-                                        "the rollout decode step", "continuing with uncompiled rollouts. Pass "
-                                        "rl.compile_generation=false to skip the attempt.")
+                return self.decoding.attempt_compiled(rollout, "the rollout decode step", also_off=lambda: (
+                    config is not None and setattr(config, "disable_compile", True)))
             finally:
                 if graph:
                     del policy.generate
@@ -179,7 +161,7 @@ def grpo_args(cfg, out_dir: Path, report_to: str, bf16: bool, suppress_tokens: l
     from trl import GRPOConfig
 
     rl = cfg.rl
-    cache, _ = rollout_settings(rl, cfg.model.backend)
+    cache, _ = rollout_settings(rl, cfg.model.backend).generate_settings(on_gpu=True)  # TRL's, on any device
     # vLLM takes generation_kwargs as its sampling parameters, which have no suppress_tokens
     generation_kwargs = {"suppress_tokens": suppress_tokens} if suppress_tokens and not rl.use_vllm else None
     return GRPOConfig(
@@ -203,7 +185,6 @@ def run(cfg, out_dir: Path) -> dict:
     cfg, card_choice = apply_rl_card(cfg)
     cfg, _ = sized_infer_batch(cfg)  # the held-out evals' decode batch (rl.eval_steps)
     rl = cfg.rl
-    cache, compiled = rollout_settings(rl, cfg.model.backend)
     reward = build_reward(cfg.reward)
     records, wanted = training_records(cfg, reward)
     torch.manual_seed(cfg.seed)
@@ -217,9 +198,10 @@ def run(cfg, out_dir: Path) -> dict:
     loaded.processor.tokenizer.padding_side = "left"
     chat = VisionChat(loaded.processor, abspath(cfg.data.root))
     records, skipped = prompts_that_fit(chat, records, prompt_limit, rl.on_too_long, out_dir)
-    compiled_on_gpu = compiled and torch.cuda.is_available()  # torch.compile runs on GPUs only here
-    graph = graph_loop_chosen("rl.decode_loop", rl.decode_loop, cfg.model.backend,
-                              compiled_on_gpu and not rl.use_vllm)
+    # torch.compile runs on GPUs only here; the trainer moves the policy there
+    decoding = decoder_for(loaded.model, rollout_settings(rl, cfg.model.backend), on_gpu=torch.cuda.is_available())
+    cache, compiled, graph = decoding.cache, decoding.compiled, decoding.graph is not None
+    compiled_on_gpu = compiled and torch.cuda.is_available()
     log.info("rl: %d prompts (%s), init_from=%s, backend=%s, rollouts: %s%s", len(records), ", ".join(wanted),
              loaded.adapter, cfg.model.backend, "graph decode loop, static KV cache" if graph else
              f"generate, {cache or 'dynamic'} KV cache", ", compiled decode" if compiled_on_gpu else "")
@@ -239,13 +221,12 @@ def run(cfg, out_dir: Path) -> dict:
     reporting_last(trainer)
     if hasattr(trainer, "generation_config"):  # TRL turns compilation off for its rollouts
         trainer.generation_config.disable_compile = not compiled
-    if graph:
-        trainer.graph_rollouts = graph_rollouts(compiled_on_gpu, rl.decode_loop)
+    trainer.decoding = decoding
     _, final, lead = train_and_save(trainer, "rl", cfg, out_dir, meta, report_to, oom_remedies(rl),
                                     final_meta=lambda t: {"init_from": str(loaded.adapter or "")})
     summary = summarise(trainer.state.log_history, trainer.state.global_step)
     summary.update(final_adapter=str(final), prompts=len(records), skipped_too_long=skipped,
-                   decode_loop=trainer.graph_rollouts.used if graph else "generate", card_preset=card_choice,
+                   decode_loop=decoding.used, card_preset=card_choice,
                    **effective_batch(rl, trainer.args.world_size))
     if lead:
         summary.update(finish_monitor(monitor, trainer.state.log_history, out_dir, rl.max_steps))

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from flare_exp.card import card_memory, green_batch, sized_batch
 from flare_exp.data.predictions import load_rows
+from flare_exp.fixtures.random_scorers import random_scorer_caveats
 from flare_exp.compile_cache import prepare_gpu_run
 from flare_exp.io import write_json, write_jsonl
 from flare_exp.metrics import official, tasks, text
@@ -320,9 +321,11 @@ def run(cfg, out_dir: Path) -> dict:
         if rank != 0:
             return {"rank": rank}
     results, samples = {}, {}
+    meaningless = random_scorer_caveats(cfg)  # a tiny random scorer's numbers: said beside every run's
     for k, entry in enumerate(entries):
         path = find_predictions(entry)
         label, res, per_sample, rows = evaluate_file(path, scorers, cfg.eval.allow_partial)
+        res["caveats"] = [*res.get("caveats", []), *meaningless]
         while label in results:  # two runs with the same label stay apart
             label += "'"
         results[label], samples[label] = res, per_sample

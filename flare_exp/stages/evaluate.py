@@ -321,16 +321,17 @@ def run(cfg, out_dir: Path) -> dict:
         if rank != 0:
             return {"rank": rank}
     results, samples = {}, {}
-    meaningless = random_scorer_caveats(cfg)  # a tiny random scorer's numbers: said beside every run's
     for k, entry in enumerate(entries):
         path = find_predictions(entry)
         label, res, per_sample, rows = evaluate_file(path, scorers, cfg.eval.allow_partial)
-        res["caveats"] = [*res.get("caveats", []), *meaningless]
         while label in results:  # two runs with the same label stay apart
             label += "'"
         results[label], samples[label] = res, per_sample
         write_scored_sheet(out_dir / ("scored.xlsx" if len(entries) == 1 else f"scored_{k + 1}.xlsx"), rows, label,
                            per_sample, res)
+    meaningless = random_scorer_caveats(cfg)  # after scoring: a tiny RadGraph is built on first use
+    for res in results.values():
+        res["caveats"] = [*res.get("caveats", []), *meaningless]
     write_json(out_dir / "metrics.json", results)
     summary = flat_summary(results)
     write_json(out_dir / "metrics_summary.json", summary)

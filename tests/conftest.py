@@ -68,3 +68,17 @@ def sft_adapter(session_dir, tiny_model_dir, demo_prepared) -> Path:
                          "sft.max_steps=2", "sft.per_device_train_batch_size=2", "sft.learning_rate=1e-3",
                          "sft.eval_steps=0"]), run_dir=out / "sft")
     return out / "sft"
+
+
+@pytest.fixture(scope="session")
+def learned_sft_adapter(session_dir, tiny_model_dir, demo_prepared) -> Path:
+    """An SFT adapter that learned the demo's answers (the demo's settings, half its steps: multi-label F1 and
+    the reports' ROUGE well above 0), for the tests whose outcome needs a policy that can get worse or better:
+    a pruned search, reward weights that change the outcome."""
+    from flare_exp.main import run
+
+    out = session_dir / "learned_sft_adapter"
+    if not (out / "sft" / "DONE").exists():
+        run(compose_cfg(["stage=sft", f"paths.cache_dir={session_dir / 'cache'}", f"paths.output_root={out}",
+                         "sft.max_steps=40", "sft.eval_steps=0", "sft.save_steps=40"]), run_dir=out / "sft")
+    return out / "sft"

@@ -100,6 +100,8 @@ def test_eval_demo_and_comparison(base_overrides, sft_adapter, tmp_path):
     assert set(metrics["base"]["by_task"]) == {"classification", "multi_label", "regression", "report_generation"}
     md = (tmp_path / "eval" / "report.md").read_text()
     assert "| metric | " in md and "| report_generation: green_score | n/a | n/a |" in md
+    # the demo's RadGraph is the tiny random one: the caveats say its numbers mean nothing, once for both runs
+    assert md.count("radgraph_* are scored by a tiny random RadGraph (the demo's): they mean nothing") == 1
     assert md.index("Official numbers") < md.index("all metrics")
     assert (tmp_path / "eval" / "metrics.png").stat().st_size > 1000 and (tmp_path / "eval" / "report.html").exists()
     assert any(k.startswith("base/classification/") for k in summary)
@@ -320,6 +322,9 @@ def test_eval_runs_green_when_configured(base_overrides, tmp_path):
     assert official_green["report_generation"]["green_score"] == report["green_score"]
     samples = (tmp_path / "eval" / "green_samples_base.jsonl").read_text().splitlines()
     assert len(samples) == report["n"] and "judge_output" in json.loads(samples[0])
+    caveats = json.loads((tmp_path / "eval" / "metrics.json").read_text())["base"]["caveats"]
+    assert "report_generation: green_score is judged by a tiny random model (eval.green.model_path): it means " \
+           "nothing" in caveats
 
 
 def test_chexbert_efficacy_by_hand():

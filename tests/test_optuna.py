@@ -22,6 +22,7 @@ def _trial_args(session_dir, tmp_path, sft_adapter, run_name):
     return ["-m", "hydra/sweeper=optuna", f"paths.cache_dir={session_dir / 'cache'}",
             f"paths.output_root={tmp_path / 'out'}", "stage=pipeline", "stage.steps=[rl,infer,eval]",
             f"rl.init_from={sft_adapter}", "rl.max_steps=1", "rl.max_completion_length=8", "infer.num_samples=6",
+            "rl.per_device_train_batch_size=4", "rl.num_generations=2",  # the mechanics: not the demo's rl budget
             "infer.max_new_tokens=8", "eval.radgraph=false", f"run_name={run_name}"]
 
 

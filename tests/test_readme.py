@@ -50,15 +50,17 @@ def test_the_readme_demo_command_runs_the_pipeline(session_dir, tmp_path, tiny_m
     assert "To copy construct from a tensor" not in log and "Using device:" not in log
 
 
-def test_the_readme_grid_sweep_and_its_report(session_dir, tmp_path, sft_adapter):
+def test_the_readme_grid_sweep_and_its_report(session_dir, tmp_path, learned_sft_adapter):
+    """From an SFT adapter that learned the reports, the four weight settings price the reports its GRPO policy
+    writes differently: four different reward curves (the weights, not the jobs' seeds: each job has the same)."""
     sweep = next(c for c in readme_commands() if c.startswith("python launch.py -m $F stage=rl"))
     report = next(c for c in readme_commands() if "stage=sweep_report" in c)
     assert "hydra/launcher=slurm" in sweep
     command = sweep.replace("$F", "experiment=demo").replace("rl.init_from=outputs/runs/sft-r16",
-                                                              f"rl.init_from={sft_adapter}")
+                                                              f"rl.init_from={learned_sft_adapter}")
     state = tmp_path / "slurm"
     proc = _run(command, [f"paths.cache_dir={session_dir / 'cache'}", f"paths.output_root={tmp_path / 'out'}",
-                          "run_name=readme", "rl.max_steps=1", "rl.max_completion_length=8"],
+                          "run_name=readme", "rl.max_steps=2", "rl.max_completion_length=8"],  # step 2 has report prompts
                 {"PATH": f"{FAKE_SLURM}:{os.environ['PATH']}", "FAKE_SLURM_DIR": str(state)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     sweep_dir = tmp_path / "out" / "sweeps" / "readme"
@@ -73,4 +75,5 @@ def test_the_readme_grid_sweep_and_its_report(session_dir, tmp_path, sft_adapter
     assert {(r["reward.report_generation.weights.radgraph"], r["reward.report_generation.weights.rouge_l"])
             for r in rows} == {("0.5", "0.1"), ("0.5", "0.3"), ("0.7", "0.1"), ("0.7", "0.3")}
     assert all(r["reward_last"] != "" for r in rows)
+    assert len({r["reward_last"] for r in rows}) == 4, rows  # the weights change the outcome
     assert (sweep_dir / "report" / "sweep.png").stat().st_size > 1000

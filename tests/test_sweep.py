@@ -26,7 +26,8 @@ def _launch(args, tmp_path, env_extra=None, timeout=600):
 
 def _rl_args(session_dir, tmp_path, sft_adapter):
     return [f"paths.cache_dir={session_dir / 'cache'}", f"paths.output_root={tmp_path / 'out'}", "stage=rl",
-            f"rl.init_from={sft_adapter}", "rl.max_steps=1", "rl.max_completion_length=8", "run_name=sweep"]
+            f"rl.init_from={sft_adapter}", "rl.max_steps=1", "rl.max_completion_length=8", "run_name=sweep",
+            "rl.per_device_train_batch_size=4", "rl.num_generations=2"]  # the mechanics: not the demo's rl budget
 
 
 def _sweep_report(session_dir, tmp_path, sweep):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from flare_exp.card import card_memory, green_batch, sized_batch
 from flare_exp.data.predictions import load_rows
+from flare_exp.fixtures.random_scorers import random_scorer_caveats
 from flare_exp.compile_cache import prepare_gpu_run
 from flare_exp.io import write_json, write_jsonl
 from flare_exp.metrics import official, tasks, text
@@ -328,6 +329,9 @@ def run(cfg, out_dir: Path) -> dict:
         results[label], samples[label] = res, per_sample
         write_scored_sheet(out_dir / ("scored.xlsx" if len(entries) == 1 else f"scored_{k + 1}.xlsx"), rows, label,
                            per_sample, res)
+    meaningless = random_scorer_caveats(cfg)  # after scoring: a tiny RadGraph is built on first use
+    for res in results.values():
+        res["caveats"] = [*res.get("caveats", []), *meaningless]
     write_json(out_dir / "metrics.json", results)
     summary = flat_summary(results)
     write_json(out_dir / "metrics_summary.json", summary)

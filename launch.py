@@ -46,7 +46,7 @@ def check_command_line(argv: list[str]) -> None:
     problems: list[Exception] = [ValueError(p) for p in unknown.values()]
     if not args.multirun:
         problems += other_setting_problems([o for o in args.overrides if o not in unknown])
-    from flare_exp.main import settings_error
+    from flare_exp.checks import settings_error
 
     refuse(settings_error(problems), "checked before Hydra started: nothing was run or written")
 
@@ -54,7 +54,7 @@ def check_command_line(argv: list[str]) -> None:
 def other_setting_problems(known_overrides: list[str]) -> list[Exception]:
     from hydra import compose, initialize_config_dir
 
-    from flare_exp.main import input_problems, setting_problems
+    from flare_exp.checks import input_problems, setting_problems
 
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

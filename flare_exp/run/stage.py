@@ -36,6 +36,7 @@ MODEL_SPEED = ("model.download_hint", "model.build_tiny", "model.attn_implementa
 @dataclass(frozen=True)
 class Stage:
     name: str
+    help: str = ""  # its line in ``python launch.py --help``
     reads: tuple = ()  # keys naming the paths it reads: checked to exist before any work
     reads_doc: str = ""  # docs/stages.md's "reads" cell
     writes_doc: str = ""  # docs/stages.md's "writes" cell
@@ -109,7 +110,7 @@ def _declaration(path: Path) -> Stage | None:
 def declared_stages() -> dict[str, Stage]:
     """Every declared stage by name, in the order the README lists them (the pipeline's order first)."""
     found = [s for path in sorted(STAGES_DIR.glob("*.py")) if (s := _declaration(path))]
-    order = ("prepare", "sft", "rl", "infer", "eval", "sweep_report", "runs", "pipeline")
+    order = ("prepare", "sft", "rl", "infer", "eval", "pipeline", "sweep_report", "runs")
     return {s.name: s for s in sorted(found, key=lambda s: (order.index(s.name) if s.name in order else len(order),
                                                              s.name))}
 
@@ -133,6 +134,16 @@ def several_ranks() -> set[str]:
 def infer_input_file(cfg) -> str:
     """What infer reads: infer.input_file, else the prepared split (``${data.prepared_dir}/<infer.split>.jsonl``)."""
     return stage("infer").path_of(cfg, "infer.input_file")
+
+
+def stage_help() -> str:
+    """The stages' lines of ``python launch.py --help`` (conf/config.yaml's help template: ``${stage_help:}``)."""
+    return "\n".join(f"  {name:<14}{s.help}" for name, s in declared_stages().items())
+
+
+# Hydra's help page lists the stages through this resolver (launch.py imports this module first).
+if not OmegaConf.has_resolver("stage_help"):
+    OmegaConf.register_new_resolver("stage_help", stage_help)
 
 
 def stage_table() -> str:

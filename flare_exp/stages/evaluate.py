@@ -28,6 +28,7 @@ from flare_exp.sheets import write_scored_sheet
 
 STAGE = Stage(
     name="eval",
+    help="FLARE's official metrics, GREEN, RadGraph, ROUGE/BLEU, runs compared side by side",
     reads=("eval.predictions",),
     deciding=("eval.green",),
     free=("eval.green.batch_size", "eval.green.decode_loop", "eval.green.parser"),

@@ -31,6 +31,7 @@ from flare_exp.sheets import write_sheet
 
 STAGE = Stage(
     name="infer",
+    help="predictions + an Excel sheet, or a FLARE submission (infer.split=test)",
     reads=("infer.input_file", "infer.checkpoint"),
     defaults={"infer.input_file": "{data.prepared_dir}/{infer.split}.jsonl"},
     deciding=("data.root", "model", "infer"),

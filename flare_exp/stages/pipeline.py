@@ -20,6 +20,7 @@ from flare_exp.runtime import barrier, ranks
 
 STAGE = Stage(
     name="pipeline",
+    help="stage.steps in order, each step in its own sub-directory (the default: the demo)",
     record="view",
 )
 

@@ -12,6 +12,7 @@ from flare_exp.runtime import abspath
 
 STAGE = Stage(
     name="prepare",
+    help="the raw FLARE download -> train/val/test.jsonl (validated, rejects listed)",
     reads=(),
     deciding=("data",),
     free=("data.image_workers",),

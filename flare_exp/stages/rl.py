@@ -32,6 +32,7 @@ from flare_exp.training import (CheckpointMeta, ProgressLog, add_to_log, cpu_ran
 
 STAGE = Stage(
     name="rl",
+    help="GRPO from an SFT adapter with task-aware rewards (reward=flare | seed)",
     reads=("rl.train_file", "rl.init_from"),
     deciding=("seed", "data.root", "model", "rl", "reward"),
     free=(
@@ -218,13 +219,22 @@ def grpo_args(cfg, out_dir: Path, report_to: str, bf16: bool, suppress_tokens: l
     )
 
 
-def run(cfg, out_dir: Path) -> dict:
+def applied_config(cfg) -> tuple:
+    """The config rl trains with (rl.card_preset applied: the run records it as its config.yaml) and what the
+    preset decided (run_info.json's ``applied``); the configured values stay in its fingerprint."""
+    return apply_rl_card(cfg)
+
+
+def run(cfg, out_dir: Path, applied: dict | None = None) -> dict:
+    """``cfg``: the config applied_config made (the Run records it); called alone, it applies it itself."""
     import torch
     from trl import GRPOTrainer
 
     prompt_limit = check_settings(cfg)
     prepare_gpu_run(cfg)
-    cfg, card_choice = apply_rl_card(cfg)
+    if applied is None:
+        cfg, applied = applied_config(cfg)
+    card_choice = applied
     cfg, _ = sized_infer_batch(cfg)  # the held-out evals' decode batch (rl.eval_steps)
     rl = cfg.rl
     cache, compiled = rollout_settings(rl, cfg.model.backend)

@@ -6,6 +6,7 @@ from flare_exp.run.stage import Stage
 
 STAGE = Stage(
     name="runs",
+    help="the runs under paths.output_root listed (runs.compare=[a,b]: side by side, with significance)",
     record="none",
     reads_doc="`paths.output_root` (`runs.compare`)",
     writes_doc="nothing: prints the runs table, or the comparison",

@@ -25,6 +25,7 @@ from flare_exp.training import (CheckpointMeta, ProgressLog, cpu_ranks_args, dat
 
 STAGE = Stage(
     name="sft",
+    help="LoRA supervised fine-tuning (resumable; torchrun for several GPUs)",
     reads=("sft.train_file", "sft.val_file", "sft.init_from"),
     deciding=("seed", "data.root", "model", "sft"),
     free=(

@@ -20,19 +20,20 @@ from flare_exp.cells import csv_text
 from flare_exp.io import NON_FINITE, write_text
 from flare_exp.run.layout import FAILED, HYDRA, LOG_HISTORY, METRICS, OVERRIDES, own_or_step, summary_name
 from flare_exp.run.record import marker
-from flare_exp.run.stage import Stage
+from flare_exp.run.stage import Stage, declared_stages
 from flare_exp.runtime import abspath
 
 
 STAGE = Stage(
     name="sweep_report",
+    help="the table, plots and Optuna study of a sweep directory",
     record="view",
     reads_doc="`sweep_report.sweep_dir`",
     writes_doc="`<sweep_dir>/report/sweep.{csv,md,html,png}`",
 )
 
 log = logging.getLogger(__name__)
-SUMMARIES = (summary_name("rl"), summary_name("sft"))
+TRAINED = tuple(name for name, s in declared_stages().items() if s.trains)  # their summaries hold a job's numbers
 LOWER_IS_BETTER = ("mean_absolute_error", "loss", "mae", "rmse", "seconds")
 
 
@@ -44,8 +45,8 @@ def collect(sweep_dir: Path) -> list[dict]:
         overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.exists() else []
         job = {"job": job_dir.name, "dir": str(job_dir), "status": marker(job_dir) or "unfinished",
                "overrides": dict(o.split("=", 1) for o in overrides if "=" in o), "metrics": {}, "curve": []}
-        for sub in ("", "sft", "rl", "eval"):  # a stage's job, or a pipeline job's steps
-            for name in SUMMARIES:
+        for sub in ("", *TRAINED):  # a stage's job, or a pipeline job's steps
+            for name in map(summary_name, TRAINED):
                 if (job_dir / sub / name).exists():
                     job["metrics"].update(json.loads((job_dir / sub / name).read_text()))
         job["metrics"].update(official_metrics(job_dir))

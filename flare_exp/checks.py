@@ -67,7 +67,8 @@ def setting_problems(cfg: DictConfig, preload: bool = False) -> list[Exception]:
     problems += ranged
     if preload and not problems:  # Unsloth first (it patches transformers), then the stage modules' own checks
         _collect(problems, preload_backend, cfg)
-    for step in sorted(steps - {"pipeline", "sweep_report"}) if not ranged else ():  # they divide by those settings
+    views = {name for name, s in declared_stages().items() if s.record == "view"}  # a pipeline checks its steps
+    for step in sorted(steps - views) if not ranged else ():  # they divide by those settings
         _collect(problems, lambda name: stage(name).check(cfg), step)
     return problems
 

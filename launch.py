@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 
 import flare_exp.config  # noqa: F401  (registers the structured-config schema)
 import flare_exp.run.names  # noqa: F401  (registers the run_name resolver that places the run dir)
+import flare_exp.run.stage  # noqa: F401  (registers the stage_help resolver: the stages on the help page)
 
 # What bad input raises (a missing file, a wrong key or value, a finished run, a missing package): our messages
 # name the key and the fix, so a single run prints just the message. Anything else keeps Hydra's traceback.
@@ -46,7 +47,7 @@ def check_command_line(argv: list[str]) -> None:
     problems: list[Exception] = [ValueError(p) for p in unknown.values()]
     if not args.multirun:
         problems += other_setting_problems([o for o in args.overrides if o not in unknown])
-    from flare_exp.main import settings_error
+    from flare_exp.checks import settings_error
 
     refuse(settings_error(problems), "checked before Hydra started: nothing was run or written")
 
@@ -54,7 +55,7 @@ def check_command_line(argv: list[str]) -> None:
 def other_setting_problems(known_overrides: list[str]) -> list[Exception]:
     from hydra import compose, initialize_config_dir
 
-    from flare_exp.main import input_problems, setting_problems
+    from flare_exp.checks import input_problems, setting_problems
 
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

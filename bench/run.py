@@ -350,7 +350,7 @@ def main() -> None:
         return
     if args.backend == "unsloth":
         # Before anything imports transformers (the stage modules patched below do): Unsloth patches at import
-        # and warns "may run slower" otherwise, as launch.py's path (flare_exp.main.preload_backend) avoids.
+        # and warns "may run slower" otherwise, as launch.py's path (flare_exp.checks.preload_backend) avoids.
         from flare_exp.models.loading import require_unsloth
 
         require_unsloth()

@@ -14,7 +14,8 @@ import json
 import logging
 from pathlib import Path
 
-from flare_exp.run.record import DONE, FAILED, marker
+from flare_exp.run.layout import CONFIG, DONE, FAILED, HYDRA, METRICS, RUN_INFO, own_or_step
+from flare_exp.run.record import marker
 
 log = logging.getLogger(__name__)
 # the official metric a run is known by, in this order of preference
@@ -24,10 +25,7 @@ HEADLINE = (("multi_label", "f1_score"), ("classification", "balanced_accuracy")
 
 def metrics_file(run_dir: Path) -> Path | None:
     """The eval metrics a run holds: its own (an eval run) or its eval step's (a pipeline, an Optuna trial)."""
-    for path in (run_dir / "metrics.json", run_dir / "eval" / "metrics.json"):
-        if path.is_file():
-            return path
-    return None
+    return own_or_step(run_dir, METRICS)
 
 
 def official_blocks(run_dir: Path) -> dict:
@@ -62,7 +60,7 @@ def _read_json(path: Path) -> dict:
 def _stage_of(run_dir: Path) -> str | None:
     from omegaconf import OmegaConf
 
-    for saved in (run_dir / "config.yaml", run_dir / ".hydra" / "config.yaml"):  # the latter: a refused launch
+    for saved in (run_dir / CONFIG, run_dir / HYDRA / CONFIG):  # the latter: a refused launch
         try:
             return OmegaConf.select(OmegaConf.load(saved), "stage.name")
         except (OSError, ValueError):
@@ -80,7 +78,7 @@ def _is_running(run_dir: Path) -> bool:
 
 def run_summary(run_dir: Path) -> dict | None:
     """One run dir's row: name, stage, status, started, seconds, headline, error; None for a dir that is no run."""
-    info = _read_json(run_dir / "run_info.json")
+    info = _read_json(run_dir / RUN_INFO)
     found = marker(run_dir)
     if not info and found is None:
         return None

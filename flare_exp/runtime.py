@@ -34,11 +34,6 @@ def barrier() -> None:
         dist.barrier()
 
 
-def infer_input_file(cfg) -> str:
-    """What infer reads: infer.input_file, else the prepared split (``${data.prepared_dir}/<infer.split>.jsonl``)."""
-    return cfg.infer.input_file or f"{cfg.data.prepared_dir}/{cfg.infer.split}.jsonl"
-
-
 def abspath(path: str | Path) -> Path:
     """Resolve a config path against the directory launch.py was started from."""
     return Path(to_absolute_path(str(path)))

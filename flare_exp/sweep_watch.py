@@ -1,7 +1,7 @@
 """What flare-exp's sweep launchers (hydra_plugins/flare_exp_launchers) add to Hydra's submitit launchers:
 
 - every job's settings are checked before any job is launched (the same checks a single run makes,
-  flare_exp.main.setting_problems / input_problems), all problems reported together, nothing launched;
+  flare_exp.checks.setting_problems / input_problems), all problems reported together, nothing launched;
 - one line per finished job (its number, overrides, DONE/FAILED, duration, headline metric) and an ETA;
 - the failed jobs named at the end (the sweep exits non-zero);
 - SIGTERM and SIGINT (``timeout``, ``kill``, Ctrl-C) forwarded to the local workers, which are waited for and
@@ -42,7 +42,7 @@ def job_problems(hydra_context, master_config, overrides) -> list[str]:
     """The problems a run with these overrides would stop on (settings and input paths), as text."""
     from hydra.core.hydra_config import HydraConfig
 
-    from flare_exp.main import input_problems, setting_problems
+    from flare_exp.checks import input_problems, setting_problems
 
     saved = HydraConfig.instance().cfg
     try:

@@ -18,6 +18,7 @@ from flare_exp.logs import log_part
 from flare_exp.model_card import write_model_cards
 from flare_exp.models.checkpoints import (check_training_state, incomplete, list_checkpoints, mark_complete,
                                          newest_complete, write_meta)
+from flare_exp.run.layout import LOG_HISTORY
 from flare_exp.runtime import abspath, world_size
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ def train_and_save(trainer, stage: str, cfg, out_dir: Path, meta: "CheckpointMet
     if lead:
         from flare_exp.io import write_json
 
-        write_json(out_dir / "log_history.json", trainer.state.log_history)
+        write_json(out_dir / LOG_HISTORY, trainer.state.log_history)
     return result, final, lead
 
 
@@ -157,7 +158,7 @@ def finish_tracking(report_to: str) -> None:
 
 
 def half_precision(model) -> tuple[bool, bool]:
-    """(bf16, fp16) for TrainingArguments, from the loaded model's dtype (main.validate has refused half
+    """(bf16, fp16) for TrainingArguments, from the loaded model's dtype (checks.validate has refused half
     precision without a GPU)."""
     import torch
 

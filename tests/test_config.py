@@ -57,7 +57,7 @@ def test_wrong_type_fails_at_compose_time():
 
 
 def test_missing_data_root_is_named(tmp_path):
-    from flare_exp.main import validate
+    from flare_exp.checks import validate
 
     cfg = compose_cfg(["experiment=flare", "stage=prepare"])
     with pytest.raises(ValueError, match="data.root"):
@@ -65,7 +65,7 @@ def test_missing_data_root_is_named(tmp_path):
 
 
 def test_demo_experiment_refuses_real_model():
-    from flare_exp.main import validate
+    from flare_exp.checks import validate
 
     cfg = compose_cfg(["model=qwen3vl_4b"])
     with pytest.raises(ValueError, match="experiment=flare"):
@@ -73,7 +73,7 @@ def test_demo_experiment_refuses_real_model():
 
 
 def test_unknown_backend_rejected():
-    from flare_exp.main import validate
+    from flare_exp.checks import validate
 
     with pytest.raises(ValueError, match="backend"):
         validate(compose_cfg(["model.backend=vllm"]))
@@ -82,7 +82,7 @@ def test_unknown_backend_rejected():
 @pytest.mark.parametrize("key", ["model.vision_encoder", "model.decode_attention", "model.lora.input_cast"])
 def test_unknown_model_setting_rejected_at_startup(key):
     """Before a pipeline's first step runs, not when a later step loads the model."""
-    from flare_exp.main import validate
+    from flare_exp.checks import validate
 
     with pytest.raises(ValueError, match=f"{key}='fast': choose "):
         validate(compose_cfg([f"{key}=fast"]))
@@ -92,7 +92,7 @@ def test_unknown_model_setting_rejected_at_startup(key):
                                      "sft.on_too_long=truncate", "rl.decode_loop=graph rl.use_vllm=true"])
 def test_stage_settings_stop_a_pipeline_before_its_first_step(setting, base_overrides, tmp_path, monkeypatch):
     """A bad rl.* or infer.* value must not wait for hours of sft to surface."""
-    from flare_exp import stages
+    from flare_exp.run import stage as stages
     from flare_exp.main import run
 
     ran = []
@@ -116,7 +116,7 @@ def test_stage_settings_stop_a_pipeline_before_its_first_step(setting, base_over
 def test_readme_commands_compose(overrides, monkeypatch):
     import torch
 
-    from flare_exp.main import validate
+    from flare_exp.checks import validate
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the README's commands run on a GPU node
     cfg = compose_cfg(["experiment=flare", "data.root=/data/FLARE_Task5", *overrides])
@@ -151,7 +151,7 @@ def test_compiled_kernels_are_cached_beside_the_other_caches(tmp_path, monkeypat
 def test_one_process_per_job(monkeypatch, caplog):
     import torch
 
-    from flare_exp.main import check_one_process_per_job
+    from flare_exp.checks import check_one_process_per_job
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="WORLD_SIZE=2: prepare run\\(s\\) one process per job; only eval, infer, rl, "
@@ -169,7 +169,7 @@ def test_one_process_per_job(monkeypatch, caplog):
 
 
 def test_entry_point_imports_no_ml_library_before_the_backend():
-    """Unsloth must be imported before transformers/peft/trl to patch them (main.preload_backend does it
+    """Unsloth must be imported before transformers/peft/trl to patch them (checks.preload_backend does it
     first thing in run()): importing the entry point and composing a config must not import them."""
     import subprocess
     import sys
@@ -188,7 +188,7 @@ def test_entry_point_imports_no_ml_library_before_the_backend():
 def test_half_precision_training_without_a_gpu_is_refused_at_startup(tmp_path):
     import torch
 
-    from flare_exp.main import validate
+    from flare_exp.checks import validate
 
     cfg = compose_cfg(["stage=sft", "model.dtype=bfloat16"])
     if torch.cuda.is_available():
@@ -200,7 +200,7 @@ def test_half_precision_training_without_a_gpu_is_refused_at_startup(tmp_path):
 
 
 def test_plus_cannot_add_a_key_the_schema_lacks():
-    from flare_exp.main import validate
+    from flare_exp.checks import validate
 
     cfg = compose_cfg(["+sft.learning_rat=1e-4", "+model.lora.rr=8"])
     with pytest.raises(ValueError, match=r"sft.learning_rat \(did you mean sft.learning_rate\?\).*") as e:
@@ -211,14 +211,14 @@ def test_plus_cannot_add_a_key_the_schema_lacks():
 
 @pytest.mark.parametrize("weight", ["nan", "inf", "-inf"])
 def test_non_finite_reward_weights_stop_at_startup(weight):
-    from flare_exp.main import validate
+    from flare_exp.checks import validate
 
     with pytest.raises(ValueError, match=f"reward.regression.weights.numeric={weight}.*finite"):
         validate(compose_cfg([f"reward.regression.weights.numeric={weight}"]))
 
 
 def test_negative_reward_weight_is_allowed_and_said(caplog):
-    from flare_exp.main import validate
+    from flare_exp.checks import validate
 
     validate(compose_cfg(["reward.regression.weights.numeric=-0.5"]))
     assert "reward.regression.weights.numeric=-0.5 is negative" in caplog.text
@@ -265,7 +265,7 @@ def test_a_first_real_run_hears_every_problem_at_once(tmp_path):
 def test_liger_kernels_are_refused_where_they_cannot_run(tiny_model_dir):
     import torch
 
-    from flare_exp.main import validate
+    from flare_exp.checks import validate
     from flare_exp.models.loading import load_model
 
     with pytest.raises(ValueError, match="model.liger_kernel=true is for model.backend=hf"):
@@ -280,7 +280,7 @@ def test_liger_kernels_are_refused_where_they_cannot_run(tiny_model_dir):
 def test_named_experiments_compose(experiment, monkeypatch):
     import torch
 
-    from flare_exp.main import validate
+    from flare_exp.checks import validate
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     validate(compose_cfg([f"experiment={experiment}", "data.root=/data/FLARE_Task5", "rl.init_from=/runs/sft"]))
@@ -290,13 +290,13 @@ def test_help_lists_every_stage_group_launcher_and_sweeper():
     import subprocess
     import sys
 
-    from flare_exp.stages import RUNNERS
+    from flare_exp.run.stage import declared_stages as RUNNERS
 
     out = subprocess.run([sys.executable, "launch.py", "--help"], cwd=CONF.parent, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    for stage in RUNNERS:
+    for stage in RUNNERS():
         assert any(line.startswith(f"  {stage} ") for line in lines), stage
     for group in ("data", "experiment", "model", "reward", "stage"):
         options = sorted(p.stem for p in (CONF / group).glob("*.yaml"))

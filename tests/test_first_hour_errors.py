@@ -90,7 +90,7 @@ def test_the_command_line_hears_the_unknown_key_and_every_other_problem_at_once(
 
 
 def test_an_unset_mandatory_value_is_a_line_of_the_list_not_a_traceback():
-    from flare_exp.main import validate
+    from flare_exp.checks import validate
 
     with pytest.raises(ValueError, match=r"data.root must be set \(Download FLARE"):
         validate(compose_cfg(["experiment=flare", "stage=prepare"]), inputs=True)
@@ -159,7 +159,7 @@ def test_trls_warning_about_our_default_rl_loss_is_left_out(caplog):
 
 
 def test_a_training_stage_names_a_data_root_that_is_not_there(tmp_path):
-    from flare_exp.main import input_problems
+    from flare_exp.checks import input_problems
 
     cfg = compose_cfg(["experiment=flare", "stage=infer", f"data.root={tmp_path / 'nonexistent'}",
                        f"model.path={tmp_path}"])

@@ -7,7 +7,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf.errors import InterpolationResolutionError
 
 from conftest import CONF, compose_cfg
-from flare_exp.main import setting_problems
+from flare_exp.checks import setting_problems
 
 
 @pytest.mark.parametrize("name, why", [("../../x", "path separator"), ("a/b", "path separator"), ("..", "'..'"),

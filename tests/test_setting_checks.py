@@ -3,7 +3,7 @@ every step of a pipeline, and reported together; a reward weight of 0 turns its 
 import pytest
 
 from conftest import compose_cfg
-from flare_exp.main import validate
+from flare_exp.checks import validate
 from flare_exp.rewards.combine import CombinedReward
 
 BAD_RANGES = {"sft.eval_steps": 0, "sft.early_stopping_patience": 2, "infer.batch_size": 0, "sft.max_steps": 0,
@@ -33,7 +33,7 @@ def test_every_range_problem_is_reported_together_with_its_key():
     ("sft.max_steps=0", "sft.max_steps=0: must be"),
 ])
 def test_a_pipeline_checks_every_step_before_its_first(setting, message, base_overrides, tmp_path, monkeypatch):
-    from flare_exp import stages
+    from flare_exp.run import stage as stages
     from flare_exp.main import run
 
     ran = []

@@ -103,3 +103,35 @@ def test_compiled_blocks_round_as_eager_does():
     assert torch.equal(results["eager"], eager)
     assert not torch.equal(results["fused"], eager)
 
+
+
+def test_the_run_records_the_config_that_trained_and_resumes_on_another_card(base_overrides, card, tmp_path):
+    """config.yaml is what sft ran with (the card's sizing applied; run_info.json says what it changed from the
+    configured values), while the fingerprint keeps the configured values: the same command resumes on another
+    card, and a changed setting of the user's is still refused."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    from flare_exp.run.fingerprint import RunSettingsChangedError
+    from flare_exp.run.lifecycle import Run
+
+    card["gib"] = 141
+    ran = []
+    with Run(_cfg(base_overrides), "sft", tmp_path) as run:
+        configured = run.configured.sft.per_device_train_batch_size
+        ran.append(run.cfg.sft.per_device_train_batch_size)
+    recorded = OmegaConf.load(tmp_path / "config.yaml")
+    assert (configured, ran[0], recorded.sft.per_device_train_batch_size) == (4, 16, 16)
+    assert recorded.sft.gradient_accumulation_steps == 1 and recorded.sft.compile_layers is True
+    applied = json.loads((tmp_path / "run_info.json").read_text())["applied"]
+    assert applied["changed"]["sft.per_device_train_batch_size"] == [4, 16] and applied["preset"] == "auto"
+    fingerprint = json.loads((tmp_path / "fingerprint.json").read_text())["settings"]
+    assert (fingerprint["sft.per_device_train_batch_size"], fingerprint["sft.gradient_accumulation_steps"]) == (4, 4)
+    (tmp_path / "checkpoint-1").mkdir()  # the attempt left a checkpoint: the next one resumes from it
+    card["gib"] = 24
+    with Run(_cfg(base_overrides), "sft", tmp_path) as run:  # the same command on a smaller card: resumes
+        assert run.applied["changed"]["sft.per_device_train_batch_size"] == [4, 16]
+    with pytest.raises(RunSettingsChangedError, match="sft.gradient_accumulation_steps: 4 -> 2"):
+        with Run(_cfg(base_overrides, "sft.gradient_accumulation_steps=2"), "sft", tmp_path):
+            pass

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from flare_exp.io import read_jsonl
 from flare_exp.metrics import official
-from flare_exp.run.record import DONE
-from flare_exp.runtime import infer_input_file
+from flare_exp.run.layout import CONFIG, DONE, RUN_INFO, summary_name
+from flare_exp.run.stage import infer_input_file
 
 
 def load_rows(path: Path, allow_partial: bool, prepared_dir: str | None = None) -> tuple[list[dict], dict]:
@@ -29,7 +29,7 @@ def load_rows(path: Path, allow_partial: bool, prepared_dir: str | None = None) 
         info["answers_note"] = ("answers taken from the predictions file, unchecked: no prepared split was found "
                                 "to join them to (data.prepared_dir)")
     run_dir = path.parent
-    if (run_dir / "run_info.json").exists() and not (run_dir / DONE).exists():
+    if (run_dir / RUN_INFO).exists() and not (run_dir / DONE).exists():
         if not allow_partial:
             raise ValueError(f"{run_dir} holds an unfinished infer run (no {DONE} marker): finish it (rerun the same "
                              "infer command, it resumes) or pass eval.allow_partial=true to score what is there")
@@ -56,7 +56,7 @@ def load_rows(path: Path, allow_partial: bool, prepared_dir: str | None = None) 
 def check_written_count(path: Path, count: int, allow_partial: bool) -> None:
     """A finished infer run's predictions file must hold as many rows as its summary says it wrote: fewer means
     the file was cut (a partial copy, an edit) and the scores would silently cover a subset."""
-    summary = path.parent / "infer_summary.json"
+    summary = path.parent / summary_name("infer")
     if not ((path.parent / DONE).exists() and summary.exists()):
         return
     written = json.loads(summary.read_text()).get("samples")
@@ -71,7 +71,7 @@ def expected_count(run_dir: Path) -> int | None:
     from omegaconf import OmegaConf
 
     try:
-        cfg = OmegaConf.load(run_dir / "config.yaml")
+        cfg = OmegaConf.load(run_dir / CONFIG)
         source = infer_input_file(cfg)
         total = sum(1 for line in open(source, encoding="utf-8") if line.strip())
     except Exception:  # noqa: BLE001  (a best-effort count for the report's wording)

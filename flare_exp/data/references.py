@@ -10,7 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from flare_exp.io import read_jsonl
-from flare_exp.runtime import abspath, infer_input_file
+from flare_exp.run.layout import CONFIG
+from flare_exp.run.stage import infer_input_file
+from flare_exp.runtime import abspath
 
 SHOWN = 5  # ids named in an error
 FROM_REFERENCE = ("answer", "task_type", "dataset", "question", "image_name")
@@ -21,7 +23,7 @@ def reference_file(predictions: Path, rows: list[dict], prepared_dir: str | None
     name (``<data.prepared_dir>/<split>.jsonl``); None when neither exists."""
     from omegaconf import OmegaConf
 
-    saved = predictions.parent / "config.yaml"
+    saved = predictions.parent / CONFIG
     if saved.is_file():
         try:
             source = abspath(infer_input_file(OmegaConf.load(saved)))

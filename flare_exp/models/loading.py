@@ -126,7 +126,7 @@ def _adapter_and_base(model_cfg, init_from: str | None) -> tuple[Path | None, Pa
 
 
 def check_model_settings(model_cfg) -> None:
-    """The model.* names, checked before minutes of loading (and by main.validate at startup)."""
+    """The model.* names, checked before minutes of loading (and by checks.validate at startup)."""
     check_choice("model.backend", model_cfg.backend, ("hf", "unsloth"))
     check_choice("model.vision_encoder", model_cfg.vision_encoder, vision_encoder.SETTINGS)
     check_choice("model.decode_attention", model_cfg.decode_attention, grouped_attention.SETTINGS)

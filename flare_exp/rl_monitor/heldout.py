@@ -19,6 +19,7 @@ from omegaconf import OmegaConf, open_dict
 from flare_exp.io import read_jsonl, write_json, write_jsonl
 from flare_exp.metrics.official import LOWER_IS_BETTER, OFFICIAL_METRIC
 from flare_exp.optuna_search import direction_of, objective_value
+from flare_exp.run.layout import PREDICTIONS
 from flare_exp.runtime import abspath
 
 log = logging.getLogger(__name__)
@@ -127,10 +128,10 @@ class HeldOutEval:
         finally:
             model.train(was_training)
         step_dir = self.out_dir / "heldout" / f"step-{step}"
-        write_jsonl(step_dir / "predictions.jsonl", rows)  # readable afterwards; eval's code reads it
+        write_jsonl(step_dir / PREDICTIONS, rows)  # readable afterwards; eval's code reads it
         if self.scorers is None:  # loaded once; GREEN's journal is keyed by the judged texts, so it is shared
             self.scorers = ReportScorers(self.cfg, self.out_dir / "heldout")
-        _, result, _, _ = evaluate_file(step_dir / "predictions.jsonl", self.scorers)
+        _, result, _, _ = evaluate_file(step_dir / PREDICTIONS, self.scorers)
         return result, time.perf_counter() - start
 
 

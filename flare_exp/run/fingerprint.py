@@ -15,51 +15,19 @@ from omegaconf import OmegaConf
 
 from flare_exp.io import file_fingerprint
 from flare_exp.models.checkpoints import WEIGHTS
-from flare_exp.run.record import FINGERPRINT
-from flare_exp.runtime import abspath, infer_input_file
+from flare_exp.run.layout import CONFIG, FINGERPRINT, predictions_file
+from flare_exp.run.stage import declared_stages
+from flare_exp.run.stage import stage as stage_named
+from flare_exp.runtime import abspath
 
 log = logging.getLogger(__name__)
 
 
-# The config keys (whole sections or single keys) whose values decide what a stage writes.
-DECIDING = {
-    "prepare": ("data",),
-    "sft": ("seed", "data.root", "model", "sft"),
-    "rl": ("seed", "data.root", "model", "rl", "reward"),
-    "infer": ("data.root", "model", "infer"),
-    "eval": ("eval.green",),
-}
-
-
-# Keys under those that change only how fast a stage runs, how often it logs or saves, or how long it goes
-# on: a resume may change them (a longer max_steps continues training; a smaller batch after an OOM).
-_MODEL_SPEED = ("model.download_hint", "model.build_tiny", "model.attn_implementation", "model.cudnn_attention",
-                "model.vision_encoder", "model.decode_attention", "model.gradient_checkpointing", "model.liger_kernel",
-                "model.unsloth_offload_activations", "model.cpu_threads")
-
-
-_TRACKING = ("report_to", "wandb_project", "wandb_mode")
-FREE = {
-    "prepare": ("data.image_workers",),
-    "sft": _MODEL_SPEED + tuple(f"sft.{k}" for k in (
-        "per_device_eval_batch_size", "max_steps", "num_train_epochs", "logging_steps", "save_steps",
-        "eval_steps", "save_total_limit", "early_stopping_patience", "max_eval_samples", "dataloader_num_workers",
-        "card_preset", "compile_layers", "compile_backend", "answer_logits_only", "rope_positions",
-        "recompute_above_tokens", "profile_steps", *_TRACKING)),
-    "rl": _MODEL_SPEED + tuple(f"rl.{k}" for k in (
-        "max_steps", "logging_steps", "save_steps", "save_total_limit", "cache_implementation",
-        "compile_generation", "decode_loop", "use_vllm", "profile_steps", *_TRACKING)) + (
-        "reward.radgraph.cache_size", "reward.radgraph.device", "reward.radgraph.build_tiny"),
-    "infer": _MODEL_SPEED + tuple(f"infer.{k}" for k in (
-        "batch_size", "num_samples", "sort_by_length", "bucket_by_task", "cache_implementation", "decode_loop",
-        "merge_adapter", "image_device", "keep_long_cache", "profile_batch")),
-    "eval": ("eval.green.batch_size", "eval.green.decode_loop", "eval.green.parser"),
-}
-
-
-# What a resume continues from: without any of these in the run dir there is nothing to mix.
-RESUMABLE = {"sft": ("checkpoint-*",), "rl": ("checkpoint-*",),
-             "infer": ("predictions.jsonl", "predictions.rank*.jsonl"), "eval": ("green_judgments.jsonl", "green_judgments.rank*.jsonl")}
+# What each stage's declaration (run/stage.py) says decides its outputs, may change on a resume, and resumes from.
+DECIDING = {s.name: s.deciding for s in declared_stages().values() if s.deciding}
+FREE = {s.name: s.free for s in declared_stages().values() if s.free}
+RESUMABLE = {s.name: s.resumable for s in declared_stages().values() if s.resumable}
+STARTS = {s.name: s.starts_from for s in declared_stages().values() if s.starts_from}  # the adapter it starts from
 
 
 class RunSettingsChangedError(RuntimeError):
@@ -89,23 +57,19 @@ def settings_of(stage: str, config: dict) -> dict:
 
 def input_files(stage: str, cfg) -> dict[str, Path]:
     """The files whose contents decide a stage's outputs, by the key that names them."""
+    declared = stage_named(stage)
     files = {}
-    if stage == "sft":
-        files = {"sft.train_file": cfg.sft.train_file, "sft.val_file": cfg.sft.val_file}
-    elif stage == "rl":
-        files = {"rl.train_file": cfg.rl.train_file}
-    elif stage == "infer":
-        files = {"infer.input_file": infer_input_file(cfg)}
-    elif stage == "eval":
-        files = {f"eval.predictions[{i}]": _predictions_file(entry) for i, entry in enumerate(cfg.eval.predictions)}
+    for key in declared.fingerprinted:
+        value = declared.path_of(cfg, key)
+        if isinstance(value, (list, tuple)) or OmegaConf.is_list(value):  # runs or files: each one's predictions
+            files.update({f"{key}[{i}]": predictions_file(abspath(entry)) for i, entry in enumerate(value)})
+        else:
+            files[key] = value
     adapter = starting_adapter(stage, cfg)
     if adapter is not None:
         files[f"{STARTS[stage]} (adapter weights)"] = next((adapter / n for n in WEIGHTS if (adapter / n).exists()),
                                                              None)
     return {k: abspath(v) for k, v in files.items() if v}
-
-
-STARTS = {"sft": "sft.init_from", "rl": "rl.init_from", "infer": "infer.checkpoint"}  # the adapter it starts from
 
 
 def starting_adapter(stage: str, cfg) -> Path | None:
@@ -116,15 +80,6 @@ def starting_adapter(stage: str, cfg) -> Path | None:
     key = STARTS.get(stage)
     value = OmegaConf.select(cfg, key) if key else None
     return chosen_adapter(key, abspath(value), cfg.allow_intermediate_checkpoint) if value else None
-
-
-def _predictions_file(entry: str) -> Path | None:
-    from flare_exp.stages.evaluate import find_predictions
-
-    try:
-        return find_predictions(str(abspath(entry)))
-    except FileNotFoundError:
-        return None  # eval itself says so
 
 
 def fingerprint(stage: str, cfg) -> dict:
@@ -175,6 +130,6 @@ def finished_differences(stage: str, run_dir: Path, cfg) -> list[str]:
     recorded = run_dir / FINGERPRINT
     if recorded.exists():
         return differences(json.loads(recorded.read_text()), new)
-    config = run_dir / "config.yaml"
+    config = run_dir / CONFIG
     old = settings_of(stage, OmegaConf.to_container(OmegaConf.load(config))) if config.exists() else {}
     return differences({"settings": old}, {"settings": new["settings"]})

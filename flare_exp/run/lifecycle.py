@@ -4,7 +4,10 @@ one per step. The stage itself never touches the lock, the attempt or the marker
 - open: the lock (one writer per run dir; run.lock), then the attempt: a finished run is refused unless
   overwrite (the earlier attempt then moves to attempts/NN/), an unfinished one is resumed only with the same
   fingerprint (run.fingerprint), the adapter it starts from is the one meant (models.checkpoints), and its
-  config, run info and fingerprint are recorded (run.record);
+  config, run info and fingerprint are recorded (run.record). The config recorded is the one that runs (a
+  stage's settings sized by the card applied; run_info.json's ``applied`` says what they changed from the
+  configured values); the fingerprint holds the configured values, so a rerun of the same command resumes on
+  another card;
 - execute: the old markers cleared, the work run, DONE (its summary) or FAILED (the traceback) left;
 - close: the lock released.
 
@@ -14,6 +17,7 @@ FAILED naming themselves if they fail.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import logging
 import time
 from pathlib import Path
@@ -24,23 +28,27 @@ from flare_exp.models.checkpoints import adapter_identity
 from flare_exp.run.fingerprint import (RunSettingsChangedError, check_resume, finished_differences, fingerprint,
                                        starting_adapter)
 from flare_exp.run.lock import RunLock
-from flare_exp.run.record import (DONE, FAILED, FINGERPRINT, RunFinishedError, archive_attempt, attempt_files,
-                                  write_failed, write_run_metadata)
+from flare_exp.run.layout import DONE, FAILED, FINGERPRINT, REPORT_HTML, SWEEP_TABLE
+from flare_exp.run.record import RunFinishedError, archive_attempt, attempt_files, write_failed, write_run_metadata
+from flare_exp.run.stage import declared_stages
 from flare_exp.runtime import barrier
 
 log = logging.getLogger(__name__)
-VIEWS = ("pipeline", "sweep_report")  # a pipeline's steps have their own attempts; a sweep report only reads
 
 
 class Run:
     """``with Run(cfg, stage, out_dir) as run: run.execute(work)``: ``work(cfg, out_dir)`` inside the run's
     lock, attempt and markers. ``run_dir``: Hydra's run dir when the outputs live elsewhere (prepare's prepared
     dir), which gets the config and the markers too. ``rank``: this process's rank (only rank 0 locks, records
-    and marks); ``locked=False`` for a pipeline's step, inside the pipeline's own lock."""
+    and marks); ``locked=False`` for a pipeline's step, inside the pipeline's own lock. ``cfg`` is the configured
+    config; ``self.cfg`` the one the stage runs with (its ``applied_config``), ``self.applied`` what that changed."""
 
     def __init__(self, cfg, stage: str, out_dir: Path, run_dir: Path | None = None, rank: int = 0,
                  locked: bool = True):
-        self.cfg, self.stage, self.out_dir, self.run_dir, self.rank = cfg, stage, out_dir, run_dir or out_dir, rank
+        self.stage, self.out_dir, self.run_dir, self.rank = stage, out_dir, run_dir or out_dir, rank
+        self.declared = declared_stages().get(stage)
+        self.view = self.declared is None or self.declared.record != "attempt"  # a pipeline's steps: their own
+        self.configured, self.cfg, self.applied = cfg, cfg, None
         self.locked = locked and rank == 0
         self.lock: RunLock | None = None
 
@@ -48,6 +56,8 @@ class Run:
         if self.locked:
             self.lock = RunLock(self.out_dir).acquire()
         try:
+            if not self.view:  # every rank runs with the same applied settings
+                self.cfg, self.applied = self.declared.applied(self.configured)
             if self.rank == 0:
                 self._start()
         except BaseException:
@@ -60,16 +70,19 @@ class Run:
             self.lock.release()
 
     def _start(self) -> None:
-        if self.stage in VIEWS:
+        if self.view:
             write_run_metadata(self.out_dir, self.cfg)
         else:
-            start_attempt(self.stage, self.cfg, self.out_dir)
+            start_attempt(self.stage, self.configured, self.out_dir, ran=self.cfg, applied=self.applied)
         if self.out_dir != self.run_dir:
             write_run_metadata(self.run_dir, self.cfg)
 
     def execute(self, work):
         """``work(cfg, out_dir)`` between the markers (None on a rank > 0: rank 0 alone works). The ranks start
-        together once rank 0 has cleared the old markers, and end together."""
+        together once rank 0 has cleared the old markers, and end together. A stage that applied settings sized
+        by the card gets what they changed too (``applied=``)."""
+        if work is not None and self.applied is not None:
+            work = functools.partial(work, applied=self.applied)
         if self.rank != 0:
             return follow_rank_0(self.out_dir, self.rank, work, self.cfg, self.out_dir)
         if self.locked:  # a run of its own (not a pipeline's step): say what runs where
@@ -81,7 +94,7 @@ class Run:
         barrier()  # the outputs are complete before any rank goes on (a pipeline's next step reads them)
         if self.locked:  # the same lines whether the steps ran now or were reused
             report = report_of(self.stage, self.out_dir, result)
-            summary = run_summary(report.parent) if report and report.name == "report.html" else ""
+            summary = run_summary(report.parent) if report and report.name == REPORT_HTML else ""
             print(f"\n[flare-exp] stage={self.stage} finished. Outputs: {self.out_dir}"
                   + (f"\n\n{summary}\n" if summary else "") + (f"\nReport: {report}" if report else ""))
         return result
@@ -90,9 +103,9 @@ class Run:
 def report_of(stage: str, out_dir: Path, result) -> Path | None:
     """The page a finished run's reader opens first: eval's report (a pipeline's eval step), a sweep's table."""
     if stage == "sweep_report":
-        return Path(result["report_dir"]) / "sweep.md"
+        return Path(result["report_dir"]) / SWEEP_TABLE
     eval_dir = {"eval": out_dir, "pipeline": out_dir / "eval"}.get(stage)
-    return eval_dir / "report.html" if eval_dir and (eval_dir / "report.html").exists() else None
+    return eval_dir / REPORT_HTML if eval_dir and (eval_dir / REPORT_HTML).exists() else None
 
 
 def reusable(stage: str, cfg, out_dir: Path) -> bool:
@@ -144,9 +157,11 @@ def run_with_markers(run_dir: Path, fn, *args, after_clearing=None, **kwargs):
     return result
 
 
-def start_attempt(stage: str, cfg, run_dir: Path) -> None:
+def start_attempt(stage: str, cfg, run_dir: Path, ran=None, applied: dict | None = None) -> None:
     """Before a stage writes anything in run_dir: refuse a finished run (unless overwrite), archive the earlier
-    attempt (overwrite) or check that a resume continues the same run, then record this attempt."""
+    attempt (overwrite) or check that a resume continues the same run, then record this attempt: the config
+    that runs (``ran``, default ``cfg``) and what the card's sizing changed (``applied``); the fingerprint is
+    the configured ``cfg``'s."""
     if (run_dir / DONE).exists() and not cfg.overwrite:
         raise RunFinishedError(
             f"{run_dir} already holds a finished {stage} run ({DONE} marker present). Nothing was changed. "
@@ -158,5 +173,6 @@ def start_attempt(stage: str, cfg, run_dir: Path) -> None:
         log.info("overwrite=true: the earlier attempt in %s moved to %s; starting afresh", run_dir, dest)
     else:
         check_resume(stage, run_dir, new)
-    write_run_metadata(run_dir, cfg, adapter=adapter_identity(starting_adapter(stage, cfg)))
+    write_run_metadata(run_dir, cfg if ran is None else ran, adapter=adapter_identity(starting_adapter(stage, cfg)),
+                       **({"applied": applied} if applied is not None else {}))
     write_json(run_dir / FINGERPRINT, new)  # what a resume, and a pipeline reusing the finished step, compare

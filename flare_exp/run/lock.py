@@ -25,8 +25,9 @@ import time
 import uuid
 from pathlib import Path
 
+from flare_exp.run.layout import LOCK
+
 log = logging.getLogger(__name__)
-LOCK = ".lock"
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 300.0
 _OWNER = re.compile(r"^owner\.(\d+)\.json$")

@@ -20,14 +20,12 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from flare_exp.io import write_json, write_text
+from flare_exp.run.layout import ATTEMPTS, CONFIG, DONE, FAILED, FINGERPRINT, HYDRA, LOCK, RUN_INFO
 from flare_exp.runtime import world_size
 
 log = logging.getLogger(__name__)
 
 
-DONE = "DONE"
-FAILED = "FAILED"
-FINGERPRINT = "fingerprint.json"  # what decides a stage's outputs (run/fingerprint.py)
 TRACKED_PACKAGES = ("torch", "torchvision", "transformers", "trl", "peft", "accelerate", "datasets", "unsloth",
                     "unsloth_zoo", "bitsandbytes", "radgraph", "rouge-score", "hydra-core", "omegaconf",
                     "submitit", "hydra-submitit-launcher", "wandb", "openpyxl")
@@ -70,7 +68,7 @@ def marker(run_dir: Path) -> str | None:
 
 def next_attempt_dir(run_dir: Path) -> Path:
     """attempts/NN numbered after the highest one there (not by count: a user may have deleted an old one)."""
-    attempts = run_dir / "attempts"
+    attempts = run_dir / ATTEMPTS
     numbers = [int(p.name) for p in attempts.glob("[0-9]*") if p.name.isdigit()] if attempts.is_dir() else []
     dest = attempts / f"{max(numbers, default=0) + 1:02d}"
     dest.mkdir(parents=True)
@@ -82,13 +80,13 @@ def keep_previous_attempt(run_dir: Path, config_yaml: str) -> Path | None:
     the earlier attempt's config.yaml, run_info.json and FAILED traceback move to attempts/NN/ instead of
     being overwritten, so what trained the first steps stays on record (its fingerprint is copied). Only a
     finished run rerun with the same config (a pipeline reusing its steps) keeps nothing new."""
-    if not (run_dir / "run_info.json").exists():
+    if not (run_dir / RUN_INFO).exists():
         return None
-    config = run_dir / "config.yaml"
+    config = run_dir / CONFIG
     if (run_dir / DONE).exists() and config.exists() and config.read_text() == config_yaml:
         return None
     dest = next_attempt_dir(run_dir)
-    for name in ("config.yaml", "run_info.json", FAILED):
+    for name in (CONFIG, RUN_INFO, FAILED):
         if (run_dir / name).exists():
             (run_dir / name).rename(dest / name)
     if (run_dir / FINGERPRINT).exists():
@@ -103,8 +101,8 @@ def write_run_metadata(run_dir: Path, cfg: DictConfig, **provenance) -> None:
     kept = keep_previous_attempt(run_dir, config_yaml)
     if kept is not None:
         log.info("%s was used before: its earlier config, run info and any failure are kept in %s", run_dir, kept)
-    write_text(run_dir / "config.yaml", config_yaml)
-    write_json(run_dir / "run_info.json", {
+    write_text(run_dir / CONFIG, config_yaml)
+    write_json(run_dir / RUN_INFO, {
         "started": _dt.datetime.now().isoformat(timespec="seconds"),
         "git_commit": git_commit(),
         "host": platform.node(),
@@ -133,7 +131,7 @@ def write_failed(run_dir: Path, error: BaseException, rank: int | None = None) -
 
 # Kept in place when an attempt moves to attempts/NN: the lock, the record of earlier attempts, Hydra's own
 # files and the job's log (open for writing by this very process).
-_STAYS = {".lock", "attempts", ".hydra", ".submitit"}
+_STAYS = {LOCK, ATTEMPTS, HYDRA, ".submitit"}
 
 
 def attempt_files(run_dir: Path) -> list[Path]:
@@ -141,7 +139,7 @@ def attempt_files(run_dir: Path) -> list[Path]:
     if not run_dir.is_dir():
         return []
     return sorted(p for p in run_dir.iterdir()
-                  if p.name not in _STAYS and not p.name.startswith(".lock") and not p.name.endswith(".log"))
+                  if p.name not in _STAYS and not p.name.startswith(LOCK) and not p.name.endswith(".log"))
 
 
 def archive_attempt(run_dir: Path) -> Path:

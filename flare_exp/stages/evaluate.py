@@ -21,9 +21,28 @@ from flare_exp.io import write_json, write_jsonl
 from flare_exp.metrics import official, tasks, text
 from flare_exp.metrics.report import write_reports
 from flare_exp.metrics.significance import adjust_p_values, bootstrap_interval, correct_family
-from flare_exp.run.record import DONE
+from flare_exp.run.layout import CONFIG, DONE, METRICS, RUN_INFO, predictions_file, summary_name
+from flare_exp.run.stage import Stage
 from flare_exp.runtime import abspath, barrier, ranks
 from flare_exp.sheets import write_scored_sheet
+
+
+STAGE = Stage(
+    name="eval",
+    help="FLARE's official metrics, GREEN, RadGraph, ROUGE/BLEU, runs compared side by side",
+    reads=("eval.predictions",),
+    deciding=("eval.green",),
+    free=("eval.green.batch_size", "eval.green.decode_loop", "eval.green.parser"),
+    fingerprinted=("eval.predictions",),
+    resumable=("green_judgments.jsonl", "green_judgments.rank*.jsonl"),
+    ranks="several",
+    feeds_from={"eval.predictions": ("infer",)},
+    pipeline_step=True,
+    reads_doc="`eval.predictions` (one or more)",
+    writes_doc=("`metrics.json`, `metrics_summary.json`, `significance.json` (several runs), `report.md`, "
+        "`report.html`, `metrics.png`, `scored.xlsx` (each row with its score: correct, label F1, absolute "
+        "error, GREEN or ROUGE-L; worst first), `green_samples_*.jsonl`, `green_judgments.jsonl`"),
+)
 
 log = logging.getLogger(__name__)
 TASK_METRICS = {"classification": tasks.classification_metrics, "multi_label": tasks.multi_label_metrics,
@@ -31,10 +50,9 @@ TASK_METRICS = {"classification": tasks.classification_metrics, "multi_label": t
 
 
 def find_predictions(entry: str) -> Path:
-    path = abspath(entry)
-    for candidate in (path, path / "predictions.jsonl", path / "infer" / "predictions.jsonl"):
-        if candidate.is_file():
-            return candidate
+    found = predictions_file(abspath(entry))
+    if found is not None:
+        return found
     raise FileNotFoundError(f"eval.predictions entry {entry}: no predictions.jsonl there (run stage=infer first)")
 
 
@@ -169,17 +187,17 @@ def run_metadata(path: Path) -> dict:
 
     run_dir, meta = path.parent, {}
     try:
-        if (run_dir / "infer_summary.json").exists():
-            summary = json.loads((run_dir / "infer_summary.json").read_text())
+        if (run_dir / summary_name("infer")).exists():
+            summary = json.loads((run_dir / summary_name("infer")).read_text())
             adapter = summary.get("adapter") or {}
             meta.update(checkpoint=adapter.get("path") or summary.get("checkpoint") or "base model",
                         adapter_sha256=adapter.get("sha256"), label=summary.get("label"))
-        if (run_dir / "config.yaml").exists():
-            cfg = OmegaConf.load(run_dir / "config.yaml")
+        if (run_dir / CONFIG).exists():
+            cfg = OmegaConf.load(run_dir / CONFIG)
             meta.update(model=str(cfg.model.get("name")), model_path=str(cfg.model.get("path")),
                         backend=str(cfg.model.get("backend")))
-        if (run_dir / "run_info.json").exists():
-            info = json.loads((run_dir / "run_info.json").read_text())
+        if (run_dir / RUN_INFO).exists():
+            info = json.loads((run_dir / RUN_INFO).read_text())
             meta.update(commit=info.get("git_commit"), started=info.get("started") or info.get("start_time"))
         if (run_dir / DONE).exists():
             meta["finished"] = json.loads((run_dir / DONE).read_text()).get("finished")
@@ -332,9 +350,9 @@ def run(cfg, out_dir: Path) -> dict:
     meaningless = random_scorer_caveats(cfg)  # after scoring: a tiny RadGraph is built on first use
     for res in results.values():
         res["caveats"] = [*res.get("caveats", []), *meaningless]
-    write_json(out_dir / "metrics.json", results)
+    write_json(out_dir / METRICS, results)
     summary = flat_summary(results)
-    write_json(out_dir / "metrics_summary.json", summary)
+    write_json(out_dir / summary_name("eval"), summary)
     sig = cfg.eval.significance
     tests, warnings = compare(results, samples, sig.resamples, sig.seed, sig.ar_trials) \
         if len(results) > 1 else ([], [])
@@ -348,5 +366,5 @@ def run(cfg, out_dir: Path) -> dict:
                          for task, (_, stats) in per_task.items()} for label, per_task in samples.items()}
     write_reports(out_dir, results, tests, warnings, intervals, family, root=abspath(cfg.paths.output_root))
     log.info("evaluation written to %s", out_dir)  # the run's summary (its official table) is printed at its end
-    return {"metrics": str(out_dir / "metrics.json"), "report": str(out_dir / "report.md"), **summary,
+    return {"metrics": str(out_dir / METRICS), "report": str(out_dir / "report.md"), **summary,
             **({"green_batch": scorers.green_batch} if scorers.green_batch else {})}

@@ -22,12 +22,35 @@ from flare_exp.io import read_journal, read_jsonl, write_json, write_jsonl
 from flare_exp.models.decoding import DecodeSettings, decoder_for
 from flare_exp.models.checkpoints import adapter_identity, resolve_adapter
 from flare_exp.models.loading import load_model
-from flare_exp.runtime import abspath, infer_input_file, ranks
+from flare_exp.run.layout import PREDICTIONS, summary_name
+from flare_exp.run.layout import RANK_PREDICTIONS as RANK_JOURNAL
+from flare_exp.run.stage import Stage, infer_input_file
+from flare_exp.runtime import abspath, ranks
 from flare_exp.sheets import write_sheet
 
+
+STAGE = Stage(
+    name="infer",
+    help="predictions + an Excel sheet, or a FLARE submission (infer.split=test)",
+    reads=("infer.input_file", "infer.checkpoint"),
+    defaults={"infer.input_file": "{data.prepared_dir}/{infer.split}.jsonl"},
+    deciding=("data.root", "model", "infer"),
+    free=(
+        "model speed", "infer.batch_size", "infer.num_samples", "infer.sort_by_length", "infer.bucket_by_task",
+        "infer.cache_implementation", "infer.decode_loop", "infer.merge_adapter", "infer.image_device",
+        "infer.keep_long_cache", "infer.profile_batch"),
+    fingerprinted=("infer.input_file",),
+    starts_from="infer.checkpoint",
+    resumable=("predictions.jsonl", "predictions.rank*.jsonl"),
+    ranks="several",
+    loads_model=True,
+    feeds_from={"infer.checkpoint": ("rl", "sft")},
+    pipeline_step=True,
+    reads_doc="`infer.checkpoint` (none = base model; a run, pipeline or adapter dir), `infer.split`",
+    writes_doc="`predictions.jsonl`, `predictions.xlsx`, `submission/` (test split), `infer_summary.json`",
+)
+
 log = logging.getLogger(__name__)
-PREDICTIONS = "predictions.jsonl"
-RANK_JOURNAL = "predictions.rank{rank}.jsonl"  # one per rank of a data-parallel job, merged at the end
 
 
 def checkpoint_label(checkpoint: str | None) -> str:
@@ -341,5 +364,5 @@ def finish(cfg, out_dir: Path, records: list[dict], done: dict, label: str, gene
                "batch_size": inf.batch_size, "batch_size_choice": batch_choice, "max_new_tokens": inf.max_new_tokens,
                "decode_loop": loop,
                "world_size": world}
-    write_json(out_dir / "infer_summary.json", summary)
+    write_json(out_dir / summary_name("infer"), summary)
     return summary

@@ -12,25 +12,34 @@ from pathlib import Path
 
 from omegaconf import OmegaConf, open_dict
 
-from flare_exp import stages
 from flare_exp.optuna_pruning import pruned_summary
 from flare_exp.run.lifecycle import Run, reusable
+from flare_exp.run.stage import Stage, declared_stages, stage
 from flare_exp.runtime import barrier, ranks
+
+
+STAGE = Stage(
+    name="pipeline",
+    help="stage.steps in order, each step in its own sub-directory (the default: the demo)",
+    record="view",
+)
 
 log = logging.getLogger(__name__)
 
 def _chain(step: str, cfg, done_dirs: dict[str, Path]) -> None:
-    with open_dict(cfg):
-        if step == "rl" and cfg.rl.init_from is None and "sft" in done_dirs:
-            cfg.rl.init_from = str(done_dirs["sft"])
-        if step == "infer" and cfg.infer.checkpoint is None:
-            for source in ("rl", "sft"):
-                if source in done_dirs:
-                    cfg.infer.checkpoint = str(done_dirs[source])
-                    break
-        if step == "eval" and not cfg.eval.predictions and "infer" in done_dirs:
-            # the models of stage.compare first (base, sft), then the last one: the report reads left to right
-            cfg.eval.predictions = [str(d) for s, d in done_dirs.items() if s.startswith("infer")]
+    """Fill each unset input of ``step`` from the earlier steps its declaration names (``feeds_from``): the
+    first of them that ran; a list takes every one of their dirs, in the order they ran (eval's predictions: the
+    models of stage.compare first, then the last one, so the report reads left to right)."""
+    for key, sources in stage(step).feeds_from.items():
+        if OmegaConf.select(cfg, key):
+            continue
+        if OmegaConf.is_list(OmegaConf.select(cfg, key)):
+            value = [str(d) for s, d in done_dirs.items() if s.split("-")[0] in sources]
+        else:
+            value = next((str(done_dirs[s]) for s in sources if s in done_dirs), None)
+        if value:
+            with open_dict(cfg):
+                OmegaConf.update(cfg, key, value, merge=False)
 
 
 def _infer_compared(cfg, out_dir: Path, done_dirs: dict[str, Path], results: dict) -> None:
@@ -74,22 +83,21 @@ def _run_or_reuse(step: str, step_cfg, step_dir: Path, results: dict, name: str)
 def run_step(step: str, step_cfg, step_dir: Path):
     """One step in its own run (attempt, markers; run.lifecycle). On several ranks the data-parallel stages
     run on every rank, prepare on rank 0 while the others wait."""
-    runner = stages.get_runner(step)
     rank, _ = ranks()
     with Run(step_cfg, step, step_dir, rank=rank, locked=False) as step_run:  # inside the pipeline's lock
-        return step_run.execute(None if rank and step in stages.RANK_0_STEPS else runner.run)
+        return step_run.execute(None if rank and stage(step).ranks == "rank 0" else stage(step).runner().run)
 
 
 def run(cfg, out_dir: Path) -> dict:
     steps = list(cfg.stage.steps)
-    unknown = [s for s in steps if s not in stages.RUNNERS or s in ("pipeline", "sweep_report")]
+    known = [name for name, s in declared_stages().items() if s.pipeline_step]
+    unknown = [s for s in steps if s not in known]
     if unknown:
-        raise ValueError(f"stage.steps has unknown or non-pipeline steps {unknown}; "
-                         f"choose from prepare, sft, rl, infer, eval")
+        raise ValueError(f"stage.steps has unknown or non-pipeline steps {unknown}; choose from {', '.join(known)}")
     unknown = [s for s in cfg.stage.compare if s not in ("base", "sft", "rl")]
     if unknown:
         raise ValueError(f"stage.compare has {unknown}: each entry is base, sft or rl")
-    # every step's own settings were checked before the first (main.validate): a bad rl.* does not wait for sft
+    # every step's own settings were checked before the first (checks.validate): a bad rl.* does not wait for sft
     done_dirs: dict[str, Path] = {}
     results = {}
     for step in steps:
@@ -99,7 +107,7 @@ def run(cfg, out_dir: Path) -> dict:
         _chain(step, step_cfg, done_dirs)
         if step == "infer":
             _infer_compared(cfg, out_dir, done_dirs, results)
-        step_dir = stages.output_dir(step, step_cfg, out_dir / step)
+        step_dir = stage(step).output_dir(step_cfg, out_dir / step)
         _run_or_reuse(step, step_cfg, step_dir, results, step)
         done_dirs[step] = step_dir
         if step == "rl" and pruned_summary(step_dir):  # an Optuna trial stopped early: its infer/eval are moot

@@ -6,7 +6,21 @@ from pathlib import Path
 
 from flare_exp.data.images import processor_limits
 from flare_exp.data.prepare import format_summary, prepare
+from flare_exp.run.stage import Stage
 from flare_exp.runtime import abspath
+
+
+STAGE = Stage(
+    name="prepare",
+    help="the raw FLARE download -> train/val/test.jsonl (validated, rejects listed)",
+    reads=(),
+    deciding=("data",),
+    free=("data.image_workers",),
+    ranks="rank 0",
+    pipeline_step=True,
+    reads_doc="`data.root`",
+    writes_doc="`data.prepared_dir/{train,val,test,rejects}.jsonl`, `summary.json`",
+)
 
 log = logging.getLogger(__name__)
 

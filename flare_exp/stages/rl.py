@@ -22,10 +22,35 @@ from flare_exp.models.loading import load_model
 from flare_exp.rewards.combine import build_reward
 from flare_exp.rl_monitor.callbacks import build_monitor, check_monitor_settings, finish_monitor, with_rollout_watch
 from flare_exp.rl_monitor.heldout_watch import reporting_last
+from flare_exp.run.layout import summary_name
+from flare_exp.run.stage import Stage
 from flare_exp.runtime import abspath, check_choice, ranks
 from flare_exp.training import (CheckpointMeta, ProgressLog, add_to_log, cpu_ranks_args, data_fingerprints,
                                 effective_batch, half_precision, profiling, setup_tracking, train_and_save,
                                 trainer_arguments)
+
+
+STAGE = Stage(
+    name="rl",
+    help="GRPO from an SFT adapter with task-aware rewards (reward=flare | seed)",
+    reads=("rl.train_file", "rl.init_from"),
+    deciding=("seed", "data.root", "model", "rl", "reward"),
+    free=(
+        "model speed", "rl.max_steps", "rl.logging_steps", "rl.save_steps", "rl.save_total_limit",
+        "rl.cache_implementation", "rl.compile_generation", "rl.decode_loop", "rl.use_vllm", "rl.profile_steps",
+        "rl.report_to", "rl.wandb_project", "rl.wandb_mode", "reward.radgraph.cache_size",
+        "reward.radgraph.device", "reward.radgraph.build_tiny"),
+    fingerprinted=("rl.train_file",),
+    starts_from="rl.init_from",
+    resumable=("checkpoint-*",),
+    ranks="several",
+    loads_model=True,
+    trains=True,
+    feeds_from={"rl.init_from": ("sft",)},
+    pipeline_step=True,
+    reads_doc="`rl.train_file`, `rl.init_from` (SFT run dir, pipeline dir or adapter)",
+    writes_doc="same as sft, `rl_summary.json`",
+)
 
 log = logging.getLogger(__name__)
 
@@ -176,13 +201,22 @@ def grpo_args(cfg, out_dir: Path, report_to: str, bf16: bool, suppress_tokens: l
     )
 
 
-def run(cfg, out_dir: Path) -> dict:
+def applied_config(cfg) -> tuple:
+    """The config rl trains with (rl.card_preset applied: the run records it as its config.yaml) and what the
+    preset decided (run_info.json's ``applied``); the configured values stay in its fingerprint."""
+    return apply_rl_card(cfg)
+
+
+def run(cfg, out_dir: Path, applied: dict | None = None) -> dict:
+    """``cfg``: the config applied_config made (the Run records it); called alone, it applies it itself."""
     import torch
     from trl import GRPOTrainer
 
     prompt_limit = check_settings(cfg)
     prepare_gpu_run(cfg)
-    cfg, card_choice = apply_rl_card(cfg)
+    if applied is None:
+        cfg, applied = applied_config(cfg)
+    card_choice = applied
     cfg, _ = sized_infer_batch(cfg)  # the held-out evals' decode batch (rl.eval_steps)
     rl = cfg.rl
     reward = build_reward(cfg.reward)
@@ -230,7 +264,7 @@ def run(cfg, out_dir: Path) -> dict:
                    **effective_batch(rl, trainer.args.world_size))
     if lead:
         summary.update(finish_monitor(monitor, trainer.state.log_history, out_dir, rl.max_steps))
-        write_json(out_dir / "rl_summary.json", summary)
+        write_json(out_dir / summary_name("rl"), summary)
     log.info("rl finished: adapter at %s, final reward %s", final, summary.get("reward_last"))
     return summary
 

@@ -15,10 +15,39 @@ from flare_exp.models import rope_positions
 from flare_exp.models.loading import PRECISIONS, compile_repeated_blocks, load_model
 from flare_exp.rl_monitor.heldout import HeldOutEval
 from flare_exp.rl_monitor.heldout_watch import HeldOutWatch, check_metric_spec, reporting_last, write_curves
+from flare_exp.run.layout import summary_name
+from flare_exp.run.stage import Stage
 from flare_exp.runtime import abspath, check_choice, is_compilation_error, ranks
 from flare_exp.stages import sft_card
 from flare_exp.training import (CheckpointMeta, ProgressLog, cpu_ranks_args, data_fingerprints, effective_batch,
                                 half_precision, profiling, setup_tracking, train_and_save, trainer_arguments)
+
+
+STAGE = Stage(
+    name="sft",
+    help="LoRA supervised fine-tuning (resumable; torchrun for several GPUs)",
+    reads=("sft.train_file", "sft.val_file", "sft.init_from"),
+    deciding=("seed", "data.root", "model", "sft"),
+    free=(
+        "model speed", "sft.per_device_eval_batch_size", "sft.max_steps", "sft.num_train_epochs",
+        "sft.logging_steps", "sft.save_steps", "sft.eval_steps", "sft.save_total_limit",
+        "sft.early_stopping_patience", "sft.max_eval_samples", "sft.dataloader_num_workers", "sft.card_preset",
+        "sft.compile_layers", "sft.compile_backend", "sft.answer_logits_only", "sft.rope_positions",
+        "sft.recompute_above_tokens", "sft.profile_steps", "sft.report_to", "sft.wandb_project",
+        "sft.wandb_mode"),
+    fingerprinted=("sft.train_file", "sft.val_file"),
+    starts_from="sft.init_from",
+    resumable=("checkpoint-*",),
+    ranks="several",
+    loads_model=True,
+    trains=True,
+    pipeline_step=True,
+    reads_doc="`sft.train_file`, `sft.val_file`",
+    writes_doc=("`checkpoint-N/`, `final/` (LoRA adapter + processor + `flare_exp_checkpoint.json`), `README.md` "
+        "(our model card: base model, data, settings, how training ended; also in `final/` and each "
+        "checkpoint), `log_history.json`, `sft_summary.json`; with `sft.eval_per_task`: `best/`, `heldout/`, "
+        "`sft_curves.png`"),
+)
 
 log = logging.getLogger(__name__)
 
@@ -173,11 +202,21 @@ def compile_layers(sft, backend: str) -> bool:
     return True
 
 
-def run(cfg, out_dir: Path) -> dict:
+def applied_config(cfg) -> tuple:
+    """The config sft trains with (sft.card_preset applied) and what the preset decided: the run records the
+    first as its config.yaml and the second in run_info.json (the configured values stay in its fingerprint)."""
+    check_settings(cfg)
+    used, changes, card, why = sft_card.apply_card_preset(cfg)
+    return used, {"preset": cfg.sft.card_preset, "card": card and str(card), "changed": changes, "why": why}
+
+
+def run(cfg, out_dir: Path, applied: dict | None = None) -> dict:
+    """``cfg``: the config applied_config made (the Run records it); called alone, it applies it itself."""
     import torch
 
-    check_settings(cfg)
-    cfg, preset_changes, card, card_why = sft_card.apply_card_preset(cfg)
+    if applied is None:
+        cfg, applied = applied_config(cfg)
+    preset_changes = applied["changed"]
     prepare_gpu_run(cfg)
     sft = cfg.sft
     torch.manual_seed(cfg.seed)
@@ -208,8 +247,7 @@ def run(cfg, out_dir: Path) -> dict:
                "last_loss": history[-1]["loss"] if history else None,
                "best_eval_loss_checkpoint": trainer.state.best_model_checkpoint,
                "train_samples": len(train), "skipped_too_long": skipped, **batch,
-               "card_preset": {"preset": sft.card_preset, "card": card and str(card), "changed": preset_changes,
-                               "why": card_why},
+               "card_preset": applied,
                **({"recomputed_batches": trainer.recomputed_batches} if hasattr(trainer, "recomputed_batches")
                   else {})}
     if lead:
@@ -217,7 +255,7 @@ def run(cfg, out_dir: Path) -> dict:
         if watch.heldout is not None:
             write_curves(trainer.state.log_history, ["loss", "eval_loss"], watch.key, out_dir / "sft_curves.png",
                          "loss and eval loss", "no eval step")
-        write_json(out_dir / "sft_summary.json", summary)
+        write_json(out_dir / summary_name("sft"), summary)
     log.info("sft finished: adapter at %s (%s)", final, loss_line(history, result.training_loss, sft.logging_steps))
     return summary
 

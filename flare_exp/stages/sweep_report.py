@@ -18,43 +18,53 @@ import yaml
 
 from flare_exp.cells import csv_text
 from flare_exp.io import NON_FINITE, write_text
+from flare_exp.run.layout import FAILED, HYDRA, LOG_HISTORY, METRICS, OVERRIDES, own_or_step, summary_name
 from flare_exp.run.record import marker
+from flare_exp.run.stage import Stage, declared_stages
 from flare_exp.runtime import abspath
 
+
+STAGE = Stage(
+    name="sweep_report",
+    help="the table, plots and Optuna study of a sweep directory",
+    record="view",
+    reads_doc="`sweep_report.sweep_dir`",
+    writes_doc="`<sweep_dir>/report/sweep.{csv,md,html,png}`",
+)
+
 log = logging.getLogger(__name__)
-SUMMARIES = ("rl_summary.json", "sft_summary.json")
+TRAINED = tuple(name for name, s in declared_stages().items() if s.trains)  # their summaries hold a job's numbers
 LOWER_IS_BETTER = ("mean_absolute_error", "loss", "mae", "rmse", "seconds")
 
 
 def collect(sweep_dir: Path) -> list[dict]:
     jobs = []
-    for job_dir in sorted((p for p in sweep_dir.iterdir() if p.is_dir() and (p / ".hydra").is_dir()),
+    for job_dir in sorted((p for p in sweep_dir.iterdir() if p.is_dir() and (p / HYDRA).is_dir()),
                           key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else p.name)):
-        overrides_file = job_dir / ".hydra" / "overrides.yaml"
+        overrides_file = job_dir / HYDRA / OVERRIDES
         overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.exists() else []
         job = {"job": job_dir.name, "dir": str(job_dir), "status": marker(job_dir) or "unfinished",
                "overrides": dict(o.split("=", 1) for o in overrides if "=" in o), "metrics": {}, "curve": []}
-        for sub in ("", "sft", "rl", "eval"):  # a stage's job, or a pipeline job's steps
-            for name in SUMMARIES:
+        for sub in ("", *TRAINED):  # a stage's job, or a pipeline job's steps
+            for name in map(summary_name, TRAINED):
                 if (job_dir / sub / name).exists():
                     job["metrics"].update(json.loads((job_dir / sub / name).read_text()))
         job["metrics"].update(official_metrics(job_dir))
-        history = next((p for p in (job_dir / "log_history.json", job_dir / "rl" / "log_history.json") if p.exists()),
-                       job_dir / "log_history.json")
-        if history.exists():
+        history = own_or_step(job_dir, LOG_HISTORY, steps=("rl",))
+        if history is not None:
             logged = json.loads(history.read_text())
             job["curve"] = [(h["step"], h["reward"]) for h in logged if "reward" in h]
             job["metrics"].update(run_term_means(logged))
         job["metrics"] = {k: NON_FINITE.get(v, v) if isinstance(v, str) else v for k, v in job["metrics"].items()}
         if job["status"] == "FAILED":
-            job["error"] = (job_dir / "FAILED").read_text().splitlines()[0][:200]
+            job["error"] = (job_dir / FAILED).read_text().splitlines()[0][:200]
         jobs.append(job)
     return jobs
 
 
 def official_metrics(job_dir: Path) -> dict:
     """FLARE's official numbers of the job's eval (its first evaluated run), as official/<task>/<metric>."""
-    path = next((p for p in (job_dir / "metrics.json", job_dir / "eval" / "metrics.json") if p.exists()), None)
+    path = own_or_step(job_dir, METRICS)
     if path is None:
         return {}
     results = json.loads(path.read_text())

@@ -1,0 +1,207 @@
+"""Every check of the settings, and of what this machine must hold for them, made before any work: all problems
+reported in one message (main.run and the sweep launcher call ``validate`` / ``setting_problems``)."""
+from __future__ import annotations
+
+import logging
+import re
+
+from omegaconf import DictConfig, OmegaConf
+
+from flare_exp import setting_checks
+from flare_exp.config import Config
+from flare_exp.models.loading import check_model_settings
+from flare_exp.run.names import check_run_name
+from flare_exp.run.stage import declared_stages, several_ranks, stage
+from flare_exp.runtime import abspath, world_size
+
+log = logging.getLogger(__name__)
+
+
+def steps_of(cfg: DictConfig) -> set[str]:
+    return set(cfg.stage.steps) if cfg.stage.name == "pipeline" else {cfg.stage.name}
+
+
+def _loading_model(steps: set[str]) -> bool:
+    return any(declared.loads_model for name, declared in declared_stages().items() if name in steps)
+
+
+def validate(cfg: DictConfig, inputs: bool = False) -> None:
+    """Every problem with the settings (and, with ``inputs``, what this machine must hold for them: the
+    backend's package, the model, every input path) checked before any work and reported in one message: a
+    first real run must not fail once per wrong setting."""
+    problems = setting_problems(cfg, preload=inputs) + (input_problems(cfg) if inputs else [])
+    if problems:
+        raise settings_error(problems)
+
+
+def settings_error(problems: list[Exception]) -> Exception:
+    """One problem as itself; several as one ValueError listing them all."""
+    if len(problems) == 1:
+        return problems[0]
+    return ValueError(f"{len(problems)} problems with the settings; nothing was run:\n"
+                      + "\n".join(f"  {i}. {p}" for i, p in enumerate(problems, 1)))
+
+
+def _collect(problems: list, check, *args) -> None:
+    from omegaconf.errors import MissingMandatoryValue
+
+    try:
+        check(*args)
+    except MissingMandatoryValue:
+        pass  # named once, with every other unset value
+    except (ValueError, FileNotFoundError, ImportError, RuntimeError) as e:
+        problems.append(e)
+
+
+def setting_problems(cfg: DictConfig, preload: bool = False) -> list[Exception]:
+    problems: list[Exception] = []
+    steps = steps_of(cfg)
+    for check in (check_known_keys, check_set_values, check_demo_budget, check_half_precision):
+        _collect(problems, check, cfg)
+    _collect(problems, check_run_name, cfg.run_name)
+    _collect(problems, check_reward_weights, cfg.reward)
+    _collect(problems, check_model_settings, cfg.model)
+    _collect(problems, check_one_process_per_job, _loading_model(steps), steps, cfg.model.backend,
+             cfg.stage.name == "pipeline")
+    ranged = setting_checks.problems(cfg, steps, inputs=preload)  # every step's ranges, reward terms, judge paths
+    problems += ranged
+    if preload and not problems:  # Unsloth first (it patches transformers), then the stage modules' own checks
+        _collect(problems, preload_backend, cfg)
+    views = {name for name, s in declared_stages().items() if s.record == "view"}  # a pipeline checks its steps
+    for step in sorted(steps - views) if not ranged else ():  # they divide by those settings
+        _collect(problems, lambda name: stage(name).check(cfg), step)
+    return problems
+
+
+def check_known_keys(cfg: DictConfig) -> None:
+    from flare_exp.config_keys import unknown_keys
+
+    unknown = unknown_keys(cfg, Config)
+    if unknown:
+        raise ValueError(f"unknown config key(s): {'; '.join(unknown)}. `+key=value` adds a key the stages never "
+                         "read; set an existing key without the +")
+
+
+# what to put in a mandatory value (???) the user has not set
+MANDATORY_HINTS = {"data.root": "Download FLARE-Task5-MLLM-2D (Xray) and point data.root at the folder holding "
+                                "training/ ..."}
+
+
+def check_set_values(cfg: DictConfig) -> None:
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ValueError("; ".join(f"{k} must be set" + (f" ({MANDATORY_HINTS[k]})" if k in MANDATORY_HINTS else "")
+                                   for k in missing) + f": python launch.py {missing[0]}=...")
+
+
+def check_demo_budget(cfg: DictConfig) -> None:
+    if cfg.experiment_name == "demo" and (cfg.model.name != "tiny" or cfg.data.name != "demo"):
+        raise ValueError(
+            f"experiment=demo runs demo-sized budgets (a few steps), but model={cfg.model.name} "
+            f"data={cfg.data.name} were chosen. For real runs pass experiment=flare (or ~experiment) "
+            "so the full training settings apply.")
+
+
+def check_half_precision(cfg: DictConfig) -> None:
+    trains = any(s.trains for name, s in declared_stages().items() if name in steps_of(cfg))
+    if trains and cfg.model.dtype in ("bfloat16", "float16"):
+        import torch
+
+        if not torch.cuda.is_available():  # before minutes of model loading, not transformers' "bf16/gpu" error
+            raise ValueError(f"model.dtype={cfg.model.dtype}: training in half precision needs a GPU and this "
+                             "machine has none; pass model.dtype=float32 (or auto) to train on the CPU")
+
+
+def input_problems(cfg: DictConfig) -> list[Exception]:
+    """The paths a run reads that must exist before it starts (those an earlier step of a pipeline writes
+    are left to that step)."""
+    from flare_exp.models.loading import check_model_path
+
+    problems: list[Exception] = []
+    steps = steps_of(cfg)
+    if _loading_model(steps):
+        _collect(problems, check_model_path, cfg.model)
+    root = OmegaConf.select(cfg, "data.root", throw_on_missing=False)  # unset: check_set_values names it
+    if "prepare" in steps:
+        _collect(problems, _check_exists, "data.root", root, cfg.data.demo is None, MANDATORY_HINTS["data.root"])
+        return problems
+    if _loading_model(steps):  # the prepared records name their images relative to it
+        _collect(problems, _check_exists, "data.root", root, cfg.data.demo is None,
+                 "Point it at the folder stage=prepare read (the prepared records' images are under it)")
+    for declared in (s for name, s in declared_stages().items() if name in steps):
+        if not steps & declared.written_by():  # else an earlier step of this pipeline writes them
+            for key in declared.reads:
+                _collect_missing(problems, declared, key, cfg)
+    return problems
+
+
+def _collect_missing(problems: list, declared, key: str, cfg: DictConfig) -> None:
+    """Each path ``key`` names (or, unset, the one the stage reads instead) that does not exist."""
+    value = declared.path_of(cfg, key)
+    if key in declared.defaults and not OmegaConf.select(cfg, key):
+        used = re.findall(r"\{([\w.]+)\}", declared.defaults[key])
+        name = ", ".join(f"{k}={OmegaConf.select(cfg, k)}" for k in used if k != "data.prepared_dir")
+        _collect(problems, _check_exists, name, value, True, f"Run stage=prepare first, or set {key}")
+        return
+    hint = "stage=prepare writes it" if key.endswith(("train_file", "val_file")) else ""
+    for one in (value if isinstance(value, (list, tuple)) or OmegaConf.is_list(value) else [value]):
+        _collect(problems, _check_exists, key, one, True, hint)
+
+
+def _check_exists(key: str, value, required: bool, hint: str) -> None:
+    if value is not None and required and not abspath(value).exists():
+        raise FileNotFoundError(f"{key}={value}: no such file or directory ({abspath(value)}). {hint}".strip())
+
+
+def check_reward_weights(reward: DictConfig) -> None:
+    """A NaN or infinite weight stops here, naming the key (it would poison every GRPO advantage); a negative
+    one is allowed (a penalty) and said."""
+    import math
+
+    from flare_exp.data.records import TASK_TYPES
+
+    for task in TASK_TYPES:
+        for term, weight in (reward[task].weights or {}).items():
+            key = f"reward.{task}.weights.{term}"
+            if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not math.isfinite(weight):
+                raise ValueError(f"{key}={weight!r}: a reward weight must be a finite number")
+            if weight < 0:
+                log.warning("%s=%s is negative: the term is a penalty", key, weight)
+
+
+def check_one_process_per_job(uses_gpu: bool = True, steps: set[str] | None = None,
+                              backend: str = "hf", in_pipeline: bool = False) -> None:
+    """Several ranks (torchrun / accelerate launch / srun with several tasks) run the data-parallel stages
+    (their declarations say ``ranks="several"``); the others run one process per job and refuse several, instead of having every rank
+    write the same markers and predictions. Say when GPUs given to a one-process job would sit idle."""
+    world = world_size()
+    if world > 1:
+        ranks = {name: s.ranks for name, s in declared_stages().items()}
+        others = sorted(s for s in steps or () if ranks.get(s) != "several" and not (in_pipeline and
+                                                                                   ranks.get(s) == "rank 0"))
+        if others:
+            raise ValueError(f"WORLD_SIZE={world}: {', '.join(others)} run(s) one process per job; only "
+                             f"{', '.join(sorted(several_ranks()))} (and stage=pipeline, whose prepare runs on "
+                             "rank 0) run on several ranks. Launch the others with `python launch.py ...`")
+        if backend != "hf":
+            raise ValueError(f"WORLD_SIZE={world}: model.backend={backend} is not supported on several ranks "
+                             "(not measured); pass model.backend=hf")
+        return
+    if not uses_gpu:
+        return
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.device_count() > 1:
+        log.warning("this job sees %d GPUs but uses one (cuda:0); run `torchrun --nproc_per_node=%d launch.py "
+                    "...` to use all of them, or ask for one GPU per job and run a sweep",
+                    torch.cuda.device_count(), torch.cuda.device_count())
+
+
+def preload_backend(cfg: DictConfig) -> None:
+    """Unsloth must be imported before transformers / peft / trl to patch them all: do it before any stage
+    module is imported. Only for model.backend=unsloth, and only for stages that load the model."""
+    if cfg.model.backend != "unsloth" or not _loading_model(steps_of(cfg)):
+        return
+    from flare_exp.models.loading import require_unsloth
+
+    require_unsloth()

@@ -18,11 +18,11 @@ from flare_exp.data.predictions import load_rows
 from flare_exp.compile_cache import prepare_gpu_run
 from flare_exp.io import write_json, write_jsonl
 from flare_exp.metrics import official, tasks, text
-from flare_exp.metrics.report import write_reports
+from flare_exp.reports.eval_report import write_reports
 from flare_exp.metrics.significance import adjust_p_values, bootstrap_interval, correct_family
 from flare_exp.run.record import DONE
 from flare_exp.runtime import abspath, barrier, ranks
-from flare_exp.sheets import write_scored_sheet
+from flare_exp.reports.sheets import write_scored_sheet
 
 log = logging.getLogger(__name__)
 TASK_METRICS = {"classification": tasks.classification_metrics, "multi_label": tasks.multi_label_metrics,

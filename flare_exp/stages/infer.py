@@ -23,7 +23,7 @@ from flare_exp.models.decoding import DECODE_LOOPS, GraphLoop, graph_loop_chosen
 from flare_exp.models.checkpoints import adapter_identity, resolve_adapter
 from flare_exp.models.loading import load_model
 from flare_exp.runtime import abspath, check_choice, infer_input_file, ranks, retry_uncompiled
-from flare_exp.sheets import write_sheet
+from flare_exp.reports.sheets import write_sheet
 
 log = logging.getLogger(__name__)
 PREDICTIONS = "predictions.jsonl"

@@ -50,7 +50,7 @@ class ReportScorers:
         if not self.cfg.eval.radgraph or not rg.model_dir:
             return None
         if self._radgraph is None:
-            from flare_exp.rewards.radgraph_term import RadGraphScorer
+            from flare_exp.metrics.radgraph_f1 import RadGraphScorer
 
             self._radgraph = RadGraphScorer(str(abspath(rg.model_dir)), rg.model_type, rg.cache_size,
                                             build_tiny=rg.build_tiny, device=rg.device)
@@ -117,7 +117,7 @@ def report_metrics(rows: list[dict], scorers: ReportScorers, label: str) -> tupl
            "seed_bleu": text.seed_bleu(hyps, refs)}
     radgraph = scorers.radgraph()
     if radgraph is not None:
-        from flare_exp.rewards.radgraph_term import MAX_WORDS, is_cut
+        from flare_exp.metrics.radgraph_f1 import MAX_WORDS, is_cut
 
         triples = radgraph.score_pairs(hyps, refs)
         for i, name in enumerate(("radgraph_RG_E", "radgraph_RG_ER", "radgraph_RG_ER_bar")):

@@ -9,6 +9,8 @@ from statistics import median
 import sys
 from pathlib import Path
 
+from flare_exp.reports.tables import md_table
+
 
 def load(folder: Path) -> list[dict]:
     rows = []
@@ -30,8 +32,7 @@ def section(title: str, columns: list[str], rows: list[list]) -> list[str]:
     """A Markdown table under a heading; nothing when there are no rows."""
     if not rows:
         return []
-    return [f"### {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns),
-            *("| " + " | ".join(str(c) for c in row) + " |" for row in rows), ""]
+    return [f"### {title}", "", *md_table(columns, rows)]
 
 
 def loop_tokens_per_second(row: dict, variant: str) -> float:

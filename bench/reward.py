@@ -31,7 +31,7 @@ def run_reward(args, work) -> dict:
 
     from flare_exp.fixtures.tiny_radgraph import build_tiny_radgraph
     from flare_exp.rewards import combine
-    from flare_exp.rewards import radgraph_term
+    from flare_exp.metrics import radgraph_f1
 
     model_dir = build_tiny_radgraph(work / f"radgraph-{args.radgraph_size}", size=args.radgraph_size)
     groups = max(1, args.samples // args.num_generations)
@@ -44,7 +44,7 @@ def run_reward(args, work) -> dict:
              ("F1RadGraph per pair, gradients recorded (radgraph as is)", 0, True))
     for device in devices:
         for path, cache_size, with_grad in paths:
-            radgraph_term._SCORERS.clear()  # a fresh scorer: load time is not counted, no parse is reused
+            radgraph_f1._SCORERS.clear()  # a fresh scorer: load time is not counted, no parse is reused
             cfg = compose(["reward=flare", f"reward.radgraph.model_dir={model_dir}", f"reward.radgraph.device={device}",
                            f"reward.radgraph.cache_size={cache_size}"])
             reward = combine.build_reward(cfg.reward)

@@ -40,7 +40,7 @@ def official_blocks(run_dir: Path) -> dict:
 
 
 def headline(run_dir: Path) -> str | None:
-    from flare_exp.metrics.report import fmt
+    from flare_exp.reports.tables import fmt
 
     for block in official_blocks(run_dir).values():
         for task, metric in HEADLINE:
@@ -157,9 +157,9 @@ def per_sample_stats(block: dict) -> dict:
 
 def comparison(output_root: Path, names: list[str], resamples: int = 1000, seed: int = 0) -> list[str]:
     """Markdown: the runs' official metrics side by side, then the paired tests between every two of them."""
-    from flare_exp.metrics.report_page import md_table
-    from flare_exp.metrics.report import (SIGNIFICANCE_HEADER, official_table, significance_notes,
-                                          significance_rows)
+    from flare_exp.reports.eval_report import (SIGNIFICANCE_HEADER, official_table, significance_notes,
+                                               significance_rows)
+    from flare_exp.reports.tables import md_table
     from flare_exp.metrics.significance import correct_family
     from flare_exp.stages.evaluate import compare
 
@@ -197,7 +197,7 @@ def remove_view_dir() -> None:
 
 
 def run(cfg, out_dir: Path | None = None) -> dict:
-    from flare_exp.metrics.report_page import md_table
+    from flare_exp.reports.tables import md_table
     from flare_exp.runtime import abspath
 
     root = abspath(cfg.paths.output_root)

@@ -87,7 +87,7 @@ def log_part(key: str, value: float) -> str:
 def run_summary(eval_dir: Path) -> str:
     """The official table of an evaluation (FLARE's numbers, one column per run), as plain aligned text: what a
     finished run prints; report.md / report.html hold the rest."""
-    from flare_exp.metrics.report import caveat_lines, official_table
+    from flare_exp.reports.eval_report import caveat_lines, official_table
 
     metrics = eval_dir / "metrics.json"
     if not metrics.exists():

@@ -32,7 +32,7 @@ def make_pruner(setting: dict | None):
 def pruning_overrides(search, trial) -> list[str]:
     """What a trial job needs to report its in-training metric to the study and be pruned: nothing when the
     sweep does not prune (pruner none, several objectives, or trials without rl.eval_steps)."""
-    from flare_exp.optuna_search import STUDY_FILE
+    from flare_exp.optuna_study import STUDY_FILE
 
     if not getattr(search, "prunes", False):
         return []
@@ -83,7 +83,7 @@ def trial_pruner(study_file: Path, number: int):
     trial ``number``'s intermediate value, and the study's pruner asked."""
     import optuna
 
-    from flare_exp.optuna_search import open_storage
+    from flare_exp.optuna_study import open_storage
 
     info = json.loads(Path(study_file).read_text())
     study = optuna.load_study(study_name=info["study_name"], storage=open_storage(info["storage"],

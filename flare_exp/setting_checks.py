@@ -97,7 +97,7 @@ def judge_path_problems(cfg, steps: set[str]) -> list[str]:
     """The scorer and judge files a step will load (rl's RadGraph term, eval's RadGraph, GREEN judge, CheXbert,
     keyword module): each that is set must be there (a tiny RadGraph built on demand excepted)."""
     from flare_exp.rewards.combine import active_weights
-    from flare_exp.rewards.radgraph_term import check_model_dir
+    from flare_exp.metrics.radgraph_f1 import check_model_dir
     from flare_exp.runtime import abspath
 
     problems = []

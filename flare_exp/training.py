@@ -15,7 +15,7 @@ from transformers import TrainerCallback
 
 from flare_exp.io import file_fingerprint
 from flare_exp.logs import log_part
-from flare_exp.model_card import write_model_cards
+from flare_exp.reports.model_card import write_model_cards
 from flare_exp.models.checkpoints import (check_training_state, incomplete, list_checkpoints, mark_complete,
                                          newest_complete, write_meta)
 from flare_exp.run.layout import LOG_HISTORY

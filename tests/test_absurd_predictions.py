@@ -15,7 +15,7 @@ BIG = " ".join(WORDS[i % len(WORDS)] for i in range(100_000 // 6))[:100_000]
 MEASURE = f"""
 import resource, sys, time
 from flare_exp.fixtures.tiny_radgraph import build_tiny_radgraph
-from flare_exp.rewards.radgraph_term import RadGraphScorer
+from flare_exp.metrics.radgraph_f1 import RadGraphScorer
 scorer = RadGraphScorer(str(build_tiny_radgraph(sys.argv[1])), "radgraph-xl", 0, build_tiny=True)
 big = sys.argv[2]
 start = time.time()

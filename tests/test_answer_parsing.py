@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from flare_exp.answers import extract_choice, parse_number
+from flare_exp.metrics.answers import extract_choice, parse_number
 
 DENTAL = "ABCDEFGHIJK"  # options up to K: "I" is an option too
 

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import REPO, compose_cfg
 from flare_exp.main import run
-from flare_exp.optuna_search import direction_of, objective_value
+from flare_exp.optuna_study import direction_of, objective_value
 
 pytestmark = pytest.mark.slow  # subprocess launches of whole sweeps / several ranks
 
@@ -33,7 +33,7 @@ def _env(extra=None):
 def _study(sweep):
     import optuna
 
-    from flare_exp.optuna_report import load_study
+    from flare_exp.reports.study import load_study
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     return load_study(sweep)[0]
@@ -93,7 +93,7 @@ def test_two_objectives_give_a_pareto_front_and_a_failing_trial_does_not_stop_th
     """A grid over rl.num_generations, both trials in one batch: num_generations=3 does not divide the batch, so
     that trial fails unlaunched (the settings checks; its FAILED marker says why), the other completes, and the
     search ends non-zero naming the failed trial."""
-    from flare_exp.optuna_report import best_trials, write_study_report
+    from flare_exp.reports.study import best_trials, write_study_report
 
     sweep = tmp_path / "out" / "sweeps" / "pareto"
     proc = subprocess.run([sys.executable, "launch.py", *_trial_args(session_dir, tmp_path, sft_adapter, "pareto"),

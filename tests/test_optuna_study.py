@@ -4,7 +4,8 @@ import sys
 
 import pytest
 
-from flare_exp.optuna_search import SEARCH, open_storage, recover_interrupted, search_lock
+from flare_exp.optuna_search import SEARCH, recover_interrupted, search_lock
+from flare_exp.optuna_study import open_storage
 from flare_exp.run.lock import RunLockedError
 
 

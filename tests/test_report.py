@@ -58,7 +58,7 @@ class _Page(HTMLParser):
 
 
 def test_report_html_is_one_self_contained_page_with_results_first(tmp_path):
-    from flare_exp.metrics.report import write_reports
+    from flare_exp.reports.eval_report import write_reports
 
     root, out = tmp_path / "outputs", tmp_path / "outputs" / "runs" / "cmp" / "eval"
     out.mkdir(parents=True)
@@ -93,7 +93,7 @@ def test_report_html_is_one_self_contained_page_with_results_first(tmp_path):
 
 def test_metrics_png_has_one_panel_per_official_metric_and_a_bar_per_run(tmp_path, monkeypatch):
     from flare_exp import plotting
-    from flare_exp.metrics import report_figure
+    from flare_exp.reports import eval_figure
     from flare_exp.metrics.significance import bootstrap_interval
 
     stats = np.array([[1.0, 0.0], [0.0, 0.0], [1.0, 0.0], [1.0, 0.0]])  # classification: correct?, class
@@ -105,7 +105,7 @@ def test_metrics_png_has_one_panel_per_official_metric_and_a_bar_per_run(tmp_pat
     for results in ({"base": _result(root, "base", 0.0, INF), "rl": _result(root, "rl", 0.5, 2.0)},
                     {"a": {"n": 4, "official": {"classification": {"balanced_accuracy": 0.0},
                                                 "regression": {"mean_absolute_error": None}}}}):
-        report_figure.plot(tmp_path / "m.png", results, {"rl": {"classification": interval}})
+        eval_figure.plot(tmp_path / "m.png", results, {"rl": {"classification": interval}})
         fig = figures[-1]
         tasks = {t for r in results.values() for t in r["official"]}
         assert len(fig.axes) == len(tasks)  # one panel per official metric, no empty slot
@@ -115,7 +115,7 @@ def test_metrics_png_has_one_panel_per_official_metric_and_a_bar_per_run(tmp_pat
             assert len(bars) == len(results)  # a visible bar for every run, also at 0 and with no number
             assert len(ax.texts) >= len(results)  # and its value
         assert sorted(ax.get_title().split("\n")[0] for ax in fig.axes) == sorted(
-            report_figure.FLARE_TASK_TYPE[t] for t in tasks)
+            eval_figure.FLARE_TASK_TYPE[t] for t in tasks)
     zero = figures[0].axes[0]  # classification: base at 0.0 still shows
     assert [t.get_text() for t in zero.texts][:2] == ["0.0000", "0.5000"]
 
@@ -124,7 +124,7 @@ def test_scored_sheet_has_a_metrics_sheet_and_scores_every_regression_row(tmp_pa
     from openpyxl import load_workbook
 
     from flare_exp.metrics.official import regression_stats
-    from flare_exp.sheets import write_scored_sheet
+    from flare_exp.reports.sheets import write_scored_sheet
 
     preds = ["12.5", "about 22.9%", "none visible"]
     rows = [{"id": f"r{k}", "task_type": "regression", "dataset": "boneresorption", "image_name": "x.png",
@@ -153,7 +153,7 @@ TRL_CARD = "---\ntags:\n- trl\n---\n# Model Card for rl\nIt has been trained usi
 
 
 def test_training_runs_get_our_model_card_not_trl_boilerplate(tmp_path):
-    from flare_exp.model_card import write_model_cards
+    from flare_exp.reports.model_card import write_model_cards
     from flare_exp.models.checkpoints import incomplete, mark_complete
 
     cfg = compose_cfg(["stage=rl", "rl.init_from=outputs/runs/sft"])
@@ -184,7 +184,8 @@ def test_the_sft_run_writes_our_card(sft_adapter):
 
 def test_an_infinite_difference_keeps_its_sign():
     """B - A where A's error is infinite and B's finite is -Infinity: shown as Infinity it would say B got worse."""
-    from flare_exp.metrics.report import fmt, significance_rows
+    from flare_exp.reports.eval_report import significance_rows
+    from flare_exp.reports.tables import fmt
 
     assert (fmt(math.inf), fmt(-math.inf), fmt(-1e-7)) == ("Infinity", "-Infinity", "0.0000")
     (row,) = significance_rows([{"run_a": "base", "run_b": "sft", "task": "regression",

@@ -115,10 +115,11 @@ def test_radgraph_term_through_the_real_package(tiny_radgraph):
 
 
 def test_radgraph_parses_each_report_once(tiny_radgraph, monkeypatch):
-    from flare_exp.rewards import radgraph_term
+    from flare_exp.metrics.radgraph_f1 import get_scorer
+    from flare_exp.rewards.radgraph_term import RadGraphTerm
 
-    term = radgraph_term.RadGraphTerm(model_dir=str(tiny_radgraph))
-    annotator = radgraph_term.get_scorer(term.scorer.model_dir, "radgraph-xl").radgraph
+    term = RadGraphTerm(model_dir=str(tiny_radgraph))
+    annotator = get_scorer(term.scorer.model_dir, "radgraph-xl").radgraph
     seen = []
     real = annotator.forward
     monkeypatch.setattr(annotator, "forward", lambda reports: (seen.append(list(reports)), real(reports))[1])
@@ -133,8 +134,8 @@ def test_radgraph_scores_equal_the_packages_own(tiny_radgraph):
     """The per-report graphs + radgraph.rewards.compute_reward give F1RadGraph's numbers, all three levels."""
     from radgraph import F1RadGraph
 
-    from flare_exp.rewards.radgraph_term import RadGraphScorer
-    from flare_exp.rewards.radgraph_tokenizer import supply_radgraph_tokenizer_methods
+    from flare_exp.metrics.radgraph_f1 import RadGraphScorer
+    from flare_exp.metrics.radgraph_tokenizer import supply_radgraph_tokenizer_methods
 
     supply_radgraph_tokenizer_methods()  # what get_scorer does before it builds an F1RadGraph
 
@@ -152,7 +153,7 @@ def test_radgraph_scores_equal_the_packages_own(tiny_radgraph):
 
 
 def test_radgraph_device_setting(tiny_radgraph):
-    from flare_exp.rewards.radgraph_term import RadGraphScorer, radgraph_device
+    from flare_exp.metrics.radgraph_f1 import RadGraphScorer, radgraph_device
 
     assert radgraph_device("cpu") == -1 and radgraph_device("auto") in (-1, 0)
     with pytest.raises(ValueError, match="reward.radgraph.device='gpu0'"):
@@ -248,12 +249,12 @@ def test_reward_throughput_report_pairs(tiny_radgraph, capsys):
 
 def test_radgraph_parses_equal_those_made_on_transformers_4(tiny_radgraph):
     """radgraph 0.1.18 runs on transformers 5 with the two tokenizer methods it calls supplied
-    (flare_exp.rewards.radgraph_tokenizer): the same graphs and scores as on transformers 4.57.6, where the package
+    (flare_exp.metrics.radgraph_tokenizer): the same graphs and scores as on transformers 4.57.6, where the package
     has them (tests/golden, made there on the same tiny model: its weights do not depend on the version)."""
     import json
     from pathlib import Path
 
-    from flare_exp.rewards.radgraph_term import RadGraphScorer
+    from flare_exp.metrics.radgraph_f1 import RadGraphScorer
 
     golden = json.loads((Path(__file__).parent / "golden" / "radgraph_tiny_parses.json").read_text())
     scorer = RadGraphScorer(str(tiny_radgraph), device="cpu")

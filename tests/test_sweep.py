@@ -150,7 +150,7 @@ def test_sweep_report_ranks_by_the_official_metric_and_draws_a_2d_sweep_as_a_hea
     averaged over the whole run (a term missing from the last steps still shows), the heatmap drawn."""
     from conftest import compose_cfg
     from flare_exp.main import run
-    from flare_exp.stages import sweep_report
+    from flare_exp.reports import sweep_figure
 
     sweep, scores = tmp_path / "sweep", {(0.5, 0.1): 0.2, (0.5, 0.3): 0.6, (0.7, 0.1): 0.4, (0.7, 0.3): 0.1}
     for n, ((a, b), score) in enumerate(scores.items()):
@@ -167,7 +167,7 @@ def test_sweep_report_ranks_by_the_official_metric_and_draws_a_2d_sweep_as_a_hea
         (job / "eval" / "metrics.json").write_text(json.dumps(
             {"rl": {"official": {"classification": {"balanced_accuracy": score, "num_examples": 9}}}}))
     drawn = []
-    monkeypatch.setattr(sweep_report, "_heatmap", lambda fig, ax, jobs, keys, metric: drawn.append((keys, metric)))
+    monkeypatch.setattr(sweep_figure, "_heatmap", lambda fig, ax, jobs, keys, metric: drawn.append((keys, metric)))
     run(compose_cfg(["stage=sweep_report", f"sweep_report.sweep_dir={sweep}"]), run_dir=tmp_path / "r")
     rows = list(csv.DictReader((sweep / "report" / "sweep.csv").open()))
     key = "official/classification/balanced_accuracy"

@@ -19,19 +19,17 @@ def row_scores(rows: list[dict], samples: dict) -> dict[str, tuple[float | None,
             out[r["id"]] = first_number_error(r)
     missing = [r for r in rows if r["id"] not in out and r["task_type"] == "report_generation"]
     if missing:  # no GREEN judge: the row's ROUGE-L
-        from rouge_score import rouge_scorer
+        from flare_exp.metrics.text import rouge_l_per_pair
 
-        scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-        for r in missing:
-            pred = r.get("prediction") if isinstance(r.get("prediction"), str) else ""
-            out[r["id"]] = (scorer.score(r.get("answer") or "", pred)["rougeL"].fmeasure, "ROUGE-L")
+        scores = rouge_l_per_pair([r.get("prediction") for r in missing], [r.get("answer") or "" for r in missing])
+        out.update((r["id"], (score, "ROUGE-L")) for r, score in zip(missing, scores))
     return out
 
 
 def first_number_error(row: dict) -> tuple[float | None, str]:
     """A regression row that FLARE's float() does not read ("22.9%", free text): the absolute error of the first
     number in it (as mae_parseable reads it), or why there is none."""
-    from flare_exp.answers import parse_number
+    from flare_exp.metrics.answers import parse_number
 
     pred, gold = parse_number(row.get("prediction")), parse_number(row.get("answer"))
     if pred is None or gold is None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 
-from flare_exp.answers import extract_choice, label_set, parse_number, set_f1
+from flare_exp.metrics.answers import extract_choice, label_set, parse_number, set_f1
 from flare_exp.data.records import label_separator
 from flare_exp.metrics.official import flare_text, multi_label_stats
 

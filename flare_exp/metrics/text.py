@@ -7,10 +7,12 @@
 - ``seed_bleu``: the seed's / FLARE25 baseline's BLEU: per-sample clipped n-gram precision averaged over the
   samples, geometric mean over n = 1..4, corpus brevity penalty, no smoothing.
 - ``rouge_1`` / ``rouge_2`` / ``rouge_l``: rouge-score ROUGE-1, ROUGE-2 and ROUGE-L F-measures (stemmer on),
-  means over samples; an empty prediction scores 0.
+  means over samples; an empty prediction scores 0. ``rouge_l_per_pair``: ROUGE-L per pair (the rouge_l reward
+  term, the scored sheet's rows).
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections import Counter
 
@@ -57,10 +59,23 @@ def seed_bleu(hyps: list[str], refs: list[str], max_n: int = 4) -> float:
     return bp * math.exp(sum(math.log(p) for p in mean_precisions) / max_n)
 
 
-def rouge(hyps: list[str], refs: list[str]) -> dict[str, float]:
+@functools.lru_cache(maxsize=None)
+def rouge_scorer_of(kinds: tuple[str, ...], use_stemmer: bool = True):
+    """rouge-score's scorer for ``kinds`` (built once per process: its stemmer is not free)."""
     from rouge_score import rouge_scorer
 
-    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    return rouge_scorer.RougeScorer(list(kinds), use_stemmer=use_stemmer)
+
+
+def rouge_l_per_pair(hyps: list, refs: list, use_stemmer: bool = True) -> list[float]:
+    """The ROUGE-L F-measure of each (prediction, reference) pair; a prediction that is empty or not text scores 0."""
+    scorer = rouge_scorer_of(("rougeL",), use_stemmer)
+    return [scorer.score(str(r), h)["rougeL"].fmeasure if isinstance(h, str) and h.strip() else 0.0
+            for h, r in zip(hyps, refs)]
+
+
+def rouge(hyps: list[str], refs: list[str]) -> dict[str, float]:
+    scorer = rouge_scorer_of(("rouge1", "rouge2", "rougeL"))
     totals = {"rouge_1": 0.0, "rouge_2": 0.0, "rouge_l": 0.0}
     for h, r in zip(hyps, refs):
         if isinstance(h, str) and h.strip():

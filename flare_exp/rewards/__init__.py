@@ -1,4 +1,4 @@
-"""Reward terms for GRPO, each a small class in its own module, found by name in a registry.
+"""Reward terms for GRPO, each a small class in its own module, found by name in one registry (``TERMS``).
 
 A term scores a batch: ``term(completions, answers, rows) -> list[float]``, where ``rows`` are the dataset
 columns of each sample (task_type, dataset, ...). Terms are combined per task type by
@@ -8,30 +8,21 @@ from __future__ import annotations
 
 import importlib
 
-REGISTRY: dict[str, type] = {}
-# term name -> module that registers it; imported on first use (radgraph pulls in allennlp, keep it lazy).
-MODULES = {
-    "choice": "flare_exp.rewards.choice",
-    "numeric": "flare_exp.rewards.numeric",
-    "label_f1": "flare_exp.rewards.label_f1",
-    "radgraph": "flare_exp.rewards.radgraph_term",
-    "rouge_l": "flare_exp.rewards.rouge",
-    "format_seed": "flare_exp.rewards.format",
-    "format_flare": "flare_exp.rewards.format",
+# term name -> "module:class", the one registry of reward terms; a term's module is imported on first use
+# (radgraph pulls in allennlp: keep it lazy).
+TERMS = {
+    "choice": "flare_exp.rewards.choice:Choice",
+    "numeric": "flare_exp.rewards.numeric:Numeric",
+    "label_f1": "flare_exp.rewards.label_f1:LabelF1",
+    "radgraph": "flare_exp.rewards.radgraph_term:RadGraphTerm",
+    "rouge_l": "flare_exp.rewards.rouge:RougeL",
+    "format_seed": "flare_exp.rewards.format:FormatSeed",
+    "format_flare": "flare_exp.rewards.format:FormatFlare",
 }
 
 
-def register(name: str):
-    def wrap(cls):
-        REGISTRY[name] = cls
-        cls.name = name
-        return cls
-
-    return wrap
-
-
 def get_term(name: str) -> type:
-    if name not in MODULES:
-        raise KeyError(f"unknown reward term {name!r}; known terms: {', '.join(sorted(MODULES))}")
-    importlib.import_module(MODULES[name])
-    return REGISTRY[name]
+    if name not in TERMS:
+        raise KeyError(f"unknown reward term {name!r}; known terms: {', '.join(sorted(TERMS))}")
+    module, _, cls = TERMS[name].partition(":")
+    return getattr(importlib.import_module(module), cls)

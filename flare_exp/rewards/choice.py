@@ -1,13 +1,12 @@
 """choice: multiple-choice answers (dental: one option letter, A..K), read with
-``flare_exp.answers.extract_choice`` (which fixes the original scripts' "a" read as option A and its A..F limit).
+``flare_exp.metrics.answers.extract_choice`` (which fixes the original scripts' "a" read as option A and its A..F
+limit).
 """
 from __future__ import annotations
 
-from flare_exp.answers import extract_choice
-from flare_exp.rewards import register
+from flare_exp.metrics.answers import extract_choice
 
 
-@register("choice")
 class Choice:
     def __init__(self, correct: float = 1.0, wrong: float = -0.2, missing: float = -0.2,
                  letters: str = "ABCDEFGHIJK"):

@@ -129,16 +129,16 @@ def reward_problems(reward_cfg, trained_task_types=()) -> list[str]:
     (``trained_task_types``) that is unknown or has every term off."""
     import inspect
 
-    from flare_exp.rewards import MODULES
+    from flare_exp.rewards import TERMS
 
     cfg = _plain(reward_cfg)
-    problems, known = [], ", ".join(sorted(MODULES))
+    problems, known = [], ", ".join(sorted(TERMS))
     for task in TASK_TYPES:
         for name in ((cfg.get(task) or {}).get("weights") or {}):
-            if name not in MODULES:
+            if name not in TERMS:
                 problems.append(f"reward.{task}.weights.{name}: unknown reward term; known: {known}")
     for name, params in term_params(cfg).items():
-        if name not in MODULES:
+        if name not in TERMS:
             problems.append(f"reward.terms.{name}: unknown reward term; known: {known}")
             continue
         accepted = inspect.signature(get_term(name).__init__).parameters

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import re
 
-from flare_exp.rewards import register
 
 ARTEFACTS = ("<REASONING>", "addCriterion")
 _FINDINGS = re.compile(r"findings\s*:", re.I)
@@ -23,7 +22,6 @@ def _sentences(text: str) -> set[str]:
     return {s.strip().lower() for s in re.split(r"[.\n]+", text) if s.strip()}
 
 
-@register("format_seed")
 class FormatSeed:
     def __call__(self, completions, answers=None, rows=None) -> list[float]:
         out = []
@@ -51,7 +49,6 @@ class FormatSeed:
         return out
 
 
-@register("format_flare")
 class FormatFlare:
     def __init__(self, length_tolerance: float = 1.0, heading_penalty: float = 0.5, artefact_penalty: float = 1.0):
         self.length_tolerance = length_tolerance

@@ -5,12 +5,10 @@ whole); labels compare case- and whitespace-insensitively.
 """
 from __future__ import annotations
 
-from flare_exp.answers import label_set, set_f1
+from flare_exp.metrics.answers import label_set, set_f1
 from flare_exp.data.records import label_separator
-from flare_exp.rewards import register
 
 
-@register("label_f1")
 class LabelF1:
     def __init__(self, separators: dict | None = None):
         self.separators = dict(separators or {})

@@ -1,15 +1,13 @@
 """numeric: regression answers (boneresorption: a percentage such as ``22.9``), read with
-``flare_exp.answers.parse_number`` (the original scripts missed the ``%`` and fell through to the report reward). The value
-term is the original scripts' tiers; there is no format or length term here (the original scripts' 0.3 x format paid a number answer
-for long text with headings).
+``flare_exp.metrics.answers.parse_number`` (the original scripts missed the ``%`` and fell through to the report
+reward). The value term is the original scripts' tiers; there is no format or length term here (the original
+scripts' 0.3 x format paid a number answer for long text with headings).
 """
 from __future__ import annotations
 
-from flare_exp.answers import parse_number
-from flare_exp.rewards import register
+from flare_exp.metrics.answers import parse_number
 
 
-@register("numeric")
 class Numeric:
     def __init__(self, tiers=((2.0, 1.0), (5.0, 0.5), (10.0, 0.0)), beyond: float = -0.5, missing: float = -0.5,
                  valid_range=(0.0, 100.0), out_of_range: float = -0.3):

@@ -1,16 +1,14 @@
-"""rouge_l: ROUGE-L F-measure from rouge-score (stemmer on, as the original scripts)."""
+"""rouge_l: ROUGE-L F-measure of a completion against the reference (stemmer on, as the original scripts), scored
+by :func:`flare_exp.metrics.text.rouge_l_per_pair`."""
 from __future__ import annotations
 
-from flare_exp.rewards import register
+from flare_exp.metrics.text import rouge_l_per_pair, rouge_scorer_of
 
 
-@register("rouge_l")
 class RougeL:
     def __init__(self, use_stemmer: bool = True):
-        from rouge_score import rouge_scorer
-
-        self.scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=use_stemmer)
+        self.use_stemmer = use_stemmer
+        rouge_scorer_of(("rougeL",), use_stemmer)  # rouge-score missing fails here, before training starts
 
     def __call__(self, completions, answers, rows=None) -> list[float]:
-        return [self.scorer.score(str(a), c)["rougeL"].fmeasure if isinstance(c, str) and c.strip() else 0.0
-                for c, a in zip(completions, answers)]
+        return rouge_l_per_pair(completions, answers, self.use_stemmer)

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf, open_dict
 
 from flare_exp.io import read_jsonl, write_json, write_jsonl
 from flare_exp.metrics.official import LOWER_IS_BETTER, OFFICIAL_METRIC
-from flare_exp.optuna_search import direction_of, objective_value
+from flare_exp.optuna_study import direction_of, objective_value
 from flare_exp.run.layout import PREDICTIONS
 from flare_exp.runtime import abspath
 

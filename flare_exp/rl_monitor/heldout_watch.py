@@ -22,7 +22,7 @@ EVALS = "heldout_evals.jsonl"
 
 def check_metric_spec(stage: str, spec: str) -> None:
     """``<stage>.metric_for_best_model``, checked before any work."""
-    from flare_exp.optuna_search import parse_objective
+    from flare_exp.optuna_study import parse_objective
 
     if spec == OFFICIAL_MEAN:
         return

@@ -19,12 +19,12 @@ from flare_exp.fixtures.random_scorers import random_scorer_caveats
 from flare_exp.compile_cache import prepare_gpu_run
 from flare_exp.io import write_json, write_jsonl
 from flare_exp.metrics import official, tasks, text
-from flare_exp.metrics.report import write_reports
+from flare_exp.reports.eval_report import write_reports
 from flare_exp.metrics.significance import adjust_p_values, bootstrap_interval, correct_family
 from flare_exp.run.layout import CONFIG, DONE, METRICS, RUN_INFO, predictions_file, summary_name
 from flare_exp.run.stage import Stage
 from flare_exp.runtime import abspath, barrier, ranks
-from flare_exp.sheets import write_scored_sheet
+from flare_exp.reports.sheets import write_scored_sheet
 
 
 STAGE = Stage(
@@ -69,7 +69,7 @@ class ReportScorers:
         if not self.cfg.eval.radgraph or not rg.model_dir:
             return None
         if self._radgraph is None:
-            from flare_exp.rewards.radgraph_term import RadGraphScorer
+            from flare_exp.metrics.radgraph_f1 import RadGraphScorer
 
             self._radgraph = RadGraphScorer(str(abspath(rg.model_dir)), rg.model_type, rg.cache_size,
                                             build_tiny=rg.build_tiny, device=rg.device)
@@ -136,7 +136,7 @@ def report_metrics(rows: list[dict], scorers: ReportScorers, label: str) -> tupl
            "seed_bleu": text.seed_bleu(hyps, refs)}
     radgraph = scorers.radgraph()
     if radgraph is not None:
-        from flare_exp.rewards.radgraph_term import MAX_WORDS, is_cut
+        from flare_exp.metrics.radgraph_f1 import MAX_WORDS, is_cut
 
         triples = radgraph.score_pairs(hyps, refs)
         for i, name in enumerate(("radgraph_RG_E", "radgraph_RG_ER", "radgraph_RG_ER_bar")):

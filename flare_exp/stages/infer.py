@@ -22,11 +22,11 @@ from flare_exp.io import read_journal, read_jsonl, write_json, write_jsonl
 from flare_exp.models.decoding import DecodeSettings, decoder_for
 from flare_exp.models.checkpoints import adapter_identity, resolve_adapter
 from flare_exp.models.loading import load_model
+from flare_exp.reports.sheets import write_sheet
 from flare_exp.run.layout import PREDICTIONS, summary_name
 from flare_exp.run.layout import RANK_PREDICTIONS as RANK_JOURNAL
 from flare_exp.run.stage import Stage, infer_input_file
 from flare_exp.runtime import abspath, ranks
-from flare_exp.sheets import write_sheet
 
 
 STAGE = Stage(

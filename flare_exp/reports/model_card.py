@@ -28,7 +28,7 @@ def last_logged(history: list[dict]) -> dict:
 
 
 def number(v) -> str:
-    from flare_exp.metrics.report import four_decimals
+    from flare_exp.reports.tables import four_decimals
 
     return four_decimals(v) if isinstance(v, float) else str(v)
 

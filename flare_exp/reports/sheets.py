@@ -4,7 +4,10 @@ stored as text, never as a formula."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+
+from flare_exp.metrics.official import FLARE_TASK_TYPE, OFFICIAL_METRIC
 
 PREDICTION_WIDTHS = (38, 60, 50, 50, 16, 18, 30)  # ImageName, Question, Answer, prediction, Dataset, TaskType, id
 EXTRA_WIDTHS = {"score": 12, "score_kind": 40}  # eval's score columns; others 18
@@ -41,7 +44,6 @@ def write_sheet(path: Path, rows: list[dict], label: str, extra: tuple[str, ...]
 def write_scored_sheet(path: Path, rows: list[dict], label: str, samples: dict, result: dict | None = None) -> None:
     """The predictions with a score per row, each task's worst first (a reviewer's reading order), and the
     run's metrics on a sheet beside them."""
-    from flare_exp.metrics.report import metric_rows
     from flare_exp.metrics.row_scores import row_scores, worst_first
 
     scores = row_scores(rows, samples)
@@ -51,6 +53,27 @@ def write_scored_sheet(path: Path, rows: list[dict], label: str, samples: dict, 
     write_sheet(path, worst_first(scored), label, extra=("score", "score_kind"),
                 adapter=next((r["adapter"] for r in rows if r.get("adapter")), None),  # infer's rows name it
                 metrics=metric_rows(result) if result else None)
+
+
+def sheet_value(value):
+    """A number as the sheet stores it (infinity and missing ones as words a reader understands)."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "Infinity" if value > 0 else "n/a"
+    return value
+
+
+def metric_rows(result: dict) -> list[tuple]:
+    """scored.xlsx's metrics sheet for one run: FLARE's official numbers, then every metric of each task type."""
+    rows = [("metric", "value")]
+    for task, block in sorted(result["official"].items()):
+        metric = OFFICIAL_METRIC[task]
+        rows.append((f"official {FLARE_TASK_TYPE[task]}: {metric}", sheet_value((block or {}).get(metric))))
+    for task, metrics in sorted(result["by_task"].items()):
+        rows += [(f"{task}: {k}", sheet_value(v)) for k, v in metrics.items()
+                 if v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))]
+    return rows + [("n", result["n"])]
 
 
 def fill_sheet(ws, header: list[str], rows: list[list], widths: tuple[int, ...], wrap: bool) -> None:

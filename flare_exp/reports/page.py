@@ -8,8 +8,7 @@ import html
 import re
 from dataclasses import dataclass, field
 
-# A number (fixed digits come from the caller), an interval, or a placeholder for a missing one.
-NUMERIC = re.compile(r"^(-?\d+(\.\d+)?|\[-?\d+\.\d+, -?\d+\.\d+\]|n/a|NaN|-?Infinity|-?inf|infinite)$")
+from flare_exp.reports.tables import md_table, numeric, numeric_columns
 
 STYLE = ("body{font-family:Helvetica,Arial,sans-serif;font-size:15px;line-height:1.4;color:#222;max-width:64em;"
          "margin:1.5em auto;padding:0 1em}h1{font-size:1.6em;margin-bottom:.2em}h2{font-size:1.25em;"
@@ -31,15 +30,6 @@ class Block:
     png: bytes = b""
 
 
-def numeric(cell: str) -> bool:
-    return bool(NUMERIC.match(cell.strip()))
-
-
-def numeric_columns(header: list[str], rows: list[list[str]]) -> list[bool]:
-    """A column is right-aligned when all its cells are numbers (or placeholders for one); the first names rows."""
-    return [k > 0 and bool(rows) and all(numeric(r[k]) for r in rows) for k in range(len(header))]
-
-
 def breakable(text: str) -> str:
     """Escaped text that may wrap after "_" and "/" (metric names, paths) rather than inside a word."""
     return re.sub(r"([_/])", r"\1<wbr>", html.escape(text))
@@ -56,12 +46,6 @@ def html_table(header: list[str], rows: list[list[str]]) -> str:
     return ("<table><tr>" + "".join(cell("th", h, k) for k, h in enumerate(header)) + "</tr>" +
             "".join("<tr>" + "".join(cell("td", c, k) for k, c in enumerate(r)) + "</tr>" for r in rows) +
             "</table>")
-
-
-def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
-    align = ["---:" if right else "---" for right in numeric_columns(header, rows)]
-    return ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|",
-            *("| " + " | ".join(r) + " |" for r in rows), ""]
 
 
 def to_html(title: str, meta: str, blocks: list[Block]) -> str:

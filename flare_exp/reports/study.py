@@ -10,7 +10,8 @@ import shlex
 from pathlib import Path
 
 from flare_exp.io import write_text
-from flare_exp.optuna_search import STUDY_FILE, open_storage
+from flare_exp.optuna_study import STUDY_FILE, open_storage
+from flare_exp.reports.tables import md_table, short_number
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +132,6 @@ def plot_study(study, names: list[str], path: Path) -> None:
 
 
 def write_study_report(sweep_dir: Path, report: Path) -> dict:
-    from flare_exp.stages.sweep_report import markdown
-
     study, info = load_study(sweep_dir)
     names = info["objectives"]
     header, rows = trial_rows(study, names)
@@ -151,7 +150,7 @@ def write_study_report(sweep_dir: Path, report: Path) -> dict:
     share = importances(study)
     if share:
         lines += ["", "## Parameter importance", ""] + [f"- {k}: {v:.2f}" for k, v in share.items()]
-    lines += ["", "## Trials", "", markdown(header, rows)]
+    lines += ["", "## Trials", "", *md_table(header, rows, cell=short_number)]
     write_text(report / "study.md", "\n".join(lines) + "\n")
     plot_study(study, names, report / "study.png")
     for t in best:

@@ -7,13 +7,13 @@ relative to the output root.
 """
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
 from flare_exp.io import write_text
 from flare_exp.metrics.official import FLARE_TASK_TYPE, LOWER_IS_BETTER, OFFICIAL_METRIC
-from flare_exp.metrics.report_page import Block, to_html, to_markdown
+from flare_exp.reports.page import Block, to_html, to_markdown
+from flare_exp.reports.tables import fmt
 
 OFFICIAL_NOTES = [
     "Official numbers follow FLARE's evaluator: tasks grouped by task type across datasets (chestdr and "
@@ -31,22 +31,6 @@ OFFICIAL_NOTES = [
     "summary failing: green_score_none says which and how many). report_generation's own green_score scores "
     "them anyway; eval.green.parser=robust reads more there and leaves unreadable ones out.",
 ]
-
-
-def four_decimals(v: float) -> str:
-    """A finite float with four decimals, never "-0.0000" (a loss of -1e-7 reads as 0)."""
-    text = f"{v:.4f}"
-    return "0.0000" if text == "-0.0000" else text
-
-
-def fmt(v) -> str:
-    if v is None:
-        return "n/a"
-    if isinstance(v, float):
-        if math.isinf(v):
-            return "Infinity" if v > 0 else "-Infinity"  # B - A when A's error is infinite: the sign says who won
-        return "NaN" if math.isnan(v) else four_decimals(v)
-    return str(v)
 
 
 def official_cell(block: dict | None, metric: str) -> str:
@@ -214,7 +198,7 @@ def write_reports(out_dir: Path, results: dict, tests: list[dict], warnings: lis
     ``caveats``: lines for the report's caveats list (each result's own ``caveats`` list joins them)."""
     import datetime
 
-    from flare_exp.metrics.report_figure import plot
+    from flare_exp.reports.eval_figure import plot
     from flare_exp.run.record import git_commit
 
     meta = (f"evaluated {datetime.datetime.now().isoformat(timespec='seconds')}, flare-exp commit "
@@ -223,24 +207,3 @@ def write_reports(out_dir: Path, results: dict, tests: list[dict], warnings: lis
     blocks = report_blocks(out_dir, results, tests, warnings, family, root, caveats)
     write_text(out_dir / "report.md", to_markdown("flare-exp evaluation", meta, blocks, "metrics.png"))
     write_text(out_dir / "report.html", to_html("flare-exp evaluation", meta, blocks))
-
-
-def sheet_value(value):
-    """A number as the sheet stores it (infinity and missing ones as words a reader understands)."""
-    if value is None:
-        return "n/a"
-    if isinstance(value, float) and not math.isfinite(value):
-        return "Infinity" if value > 0 else "n/a"
-    return value
-
-
-def metric_rows(result: dict) -> list[tuple]:
-    """scored.xlsx's metrics sheet for one run: FLARE's official numbers, then every metric of each task type."""
-    rows = [("metric", "value")]
-    for task, block in sorted(result["official"].items()):
-        metric = OFFICIAL_METRIC[task]
-        rows.append((f"official {FLARE_TASK_TYPE[task]}: {metric}", sheet_value((block or {}).get(metric))))
-    for task, metrics in sorted(result["by_task"].items()):
-        rows += [(f"{task}: {k}", sheet_value(v)) for k, v in metrics.items()
-                 if v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))]
-    return rows + [("n", result["n"])]

@@ -1,0 +1,78 @@
+"""A sweep's Optuna study as its readers need it: where it is kept (the study file, the journal), how it is
+opened again, and how an objective is read from a run's metrics and which way it goes.
+
+The search (flare_exp.optuna_search), its pruner (flare_exp.optuna_pruning), the in-training held-out metric
+(flare_exp.rl_monitor.heldout) and the study report (flare_exp.reports.study) all read these; this module reads
+none of them.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+STUDY_FILE = "optuna_study.json"  # what sweep_report needs to open the study again
+JOURNAL = "optuna.journal"
+_MINIMISED = ("mean_absolute_error", "mae_parseable", "rmse_parseable", "unparseable")
+
+
+def direction_of(objective: str) -> str:
+    """'<task>.<metric>': minimise errors (FLARE's MAE), maximise everything else."""
+    metric = objective.rsplit(".", 1)[-1]
+    return "minimize" if metric in _MINIMISED or "error" in metric else "maximize"
+
+
+def parse_objective(spec: str) -> tuple[str, str]:
+    task, _, metric = spec.partition(".")
+    if not metric:
+        raise ValueError(f"hydra.sweeper.objectives: {spec!r} is not '<task>.<metric>', e.g. "
+                         "multi_label.f1_score or report_generation.green_score")
+    return task, metric
+
+
+def objective_value(metrics: dict, spec: str) -> float | None:
+    """An objective from one run's metrics.json block: FLARE's official number first, then our variants."""
+    task, metric = parse_objective(spec)
+    for section in ("official", "by_task"):
+        value = (metrics.get(section, {}).get(task) or {}).get(metric)
+        if value is not None:
+            return float(value)
+    return None
+
+
+def open_storage(storage: str | None, sweep_dir: Path):
+    """A journal file (default, safe on NFS/Lustre), or a database URL (postgresql://..., mysql://...)."""
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    if storage and "://" in storage:
+        if storage.startswith("sqlite"):
+            log.warning("hydra.sweeper.storage=%s: SQLite locks are unreliable on NFS/Lustre; a journal file "
+                        "(the default) is the safe choice on a shared filesystem", storage)
+        return storage
+    path = journal_path(storage, sweep_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    repair_journal_tail(path)
+    return JournalStorage(JournalFileBackend(str(path)))
+
+
+def journal_path(storage: str | None, sweep_dir: Path) -> Path | None:
+    """The study's journal file; None for a database URL."""
+    if storage and "://" in storage:
+        return None
+    return Path(storage) if storage else sweep_dir / JOURNAL
+
+
+def repair_journal_tail(path: Path) -> None:
+    """A sweep killed while Optuna appended to the journal leaves a torn last line; the next append would run
+    on from it and make the study unreadable for good. Cut the file back to its last whole line (logged)."""
+    if not path.is_file():
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if not data or data.endswith(b"\n"):
+            return
+        keep = data.rfind(b"\n") + 1
+        log.warning("optuna: %s ends in a torn line (%d bytes, a write cut short by a kill): cut back to its "
+                    "last whole line", path, len(data) - keep)
+        f.truncate(keep)

@@ -1,0 +1,68 @@
+"""The sweep report: one table of every job of a sweep dir (sweep.csv, sweep.md, a self-contained sweep.html)
+and sweep.png in <sweep_dir>/report/, with the study's own view beside it for an Optuna search."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from flare_exp.cells import csv_text
+from flare_exp.io import write_text
+from flare_exp.reports.sweep_figure import plot
+from flare_exp.reports.sweep_jobs import collect, lower_is_better, rank_key, ranked, ranks_by, reward_caveat, \
+    varying_keys
+from flare_exp.reports.tables import md_table, short_number
+
+log = logging.getLogger(__name__)
+
+
+def table(jobs: list[dict], key: str | None = None) -> tuple[list[str], list[list]]:
+    varying = varying_keys(jobs)
+    metric_keys = sorted({k for j in jobs for k, v in j["metrics"].items() if isinstance(v, (int, float))},
+                         key=lambda k: (k != key, not k.startswith("official/"), k != "reward_last", k))
+    header = ["rank", "job", "status", *varying, *metric_keys, "error"]
+    rows = [[i + 1 if key and ranks_by(j, key) else "", j["job"], j["status"],
+             *(j["overrides"].get(k, "") for k in varying), *(j["metrics"].get(k, "") for k in metric_keys),
+             j.get("error", "")] for i, j in enumerate(ranked(jobs, key))]
+    return header, rows
+
+
+def write_html(path: Path, title: str, ranking: str, header: list[str], rows: list[list], figure: Path) -> None:
+    """sweep.html: the table (numbers with four decimals, right-aligned) and the figure, in one self-contained
+    page like the eval report."""
+    from flare_exp.reports.page import Block, to_html
+
+    cell = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
+    blocks = [Block("table", header=header, items=[[cell(v) for v in row] for row in rows]),
+              Block("figure", "the sweep's rewards and ranking metric", png=figure.read_bytes())]
+    write_text(path, to_html(title, ranking or "unranked (no common metric)", blocks))
+
+
+def markdown(header: list[str], rows: list[list]) -> str:
+    return "\n".join(md_table(header, rows, cell=short_number))
+
+
+def write_sweep_report(sweep_dir: Path, rank_by: str | None) -> dict:
+    """Every job of ``sweep_dir`` ranked by ``rank_by`` (else the first official metric, else reward_last), written
+    to <sweep_dir>/report/ (regenerated on every call: it only reads the jobs); the summary of what was found."""
+    jobs = collect(sweep_dir)
+    if not jobs:
+        raise ValueError(f"{sweep_dir}: no job directories (with .hydra/) found")
+    key = rank_key(jobs, rank_by)
+    header, rows = table(jobs, key)
+    report = sweep_dir / "report"
+    write_text(report / "sweep.csv", csv_text(header, rows))  # no cell a spreadsheet would run
+    ranking = (f"Ranked by {key} ({'lowest' if lower_is_better(key) else 'highest'} first; sweep_report.rank_by "
+               f"chooses).{reward_caveat(jobs, key)}\n\n") if key else ""
+    write_text(report / "sweep.md", f"# Sweep {sweep_dir.name}\n\n{ranking}" + markdown(header, rows))
+    plot(jobs, key, report / "sweep.png")
+    write_html(report / "sweep.html", f"Sweep {sweep_dir.name}", ranking.strip(), header, rows, report / "sweep.png")
+    counts = {s: sum(j["status"] == s for j in jobs) for s in ("DONE", "FAILED", "unfinished")}
+    log.info("sweep report for %d jobs (%s) in %s\n%s", len(jobs), counts, report, markdown(header, rows))
+    summary = {"report_dir": str(report), "jobs": len(jobs), **counts}
+    from flare_exp.optuna_study import STUDY_FILE
+
+    if (sweep_dir / STUDY_FILE).exists():  # an Optuna search: the study's own view beside the job table
+        from flare_exp.reports.study import write_study_report
+
+        summary["study"] = write_study_report(sweep_dir, report)
+    return summary

@@ -1,0 +1,108 @@
+"""A sweep's jobs as its report sees them: each job dir's overrides, status, final numbers and reward curve,
+and the jobs ranked by one metric."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import yaml
+
+from flare_exp.io import NON_FINITE
+from flare_exp.run.layout import FAILED, HYDRA, LOG_HISTORY, METRICS, OVERRIDES, own_or_step, summary_name
+from flare_exp.run.record import marker
+from flare_exp.run.stage import declared_stages
+
+TRAINED = tuple(name for name, s in declared_stages().items() if s.trains)  # their summaries hold a job's numbers
+LOWER_IS_BETTER = ("mean_absolute_error", "loss", "mae", "rmse", "seconds")
+
+
+def collect(sweep_dir: Path) -> list[dict]:
+    jobs = []
+    for job_dir in sorted((p for p in sweep_dir.iterdir() if p.is_dir() and (p / HYDRA).is_dir()),
+                          key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else p.name)):
+        overrides_file = job_dir / HYDRA / OVERRIDES
+        overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.exists() else []
+        job = {"job": job_dir.name, "dir": str(job_dir), "status": marker(job_dir) or "unfinished",
+               "overrides": dict(o.split("=", 1) for o in overrides if "=" in o), "metrics": {}, "curve": []}
+        for sub in ("", *TRAINED):  # a stage's job, or a pipeline job's steps
+            for name in map(summary_name, TRAINED):
+                if (job_dir / sub / name).exists():
+                    job["metrics"].update(json.loads((job_dir / sub / name).read_text()))
+        job["metrics"].update(official_metrics(job_dir))
+        history = own_or_step(job_dir, LOG_HISTORY, steps=("rl",))
+        if history is not None:
+            logged = json.loads(history.read_text())
+            job["curve"] = [(h["step"], h["reward"]) for h in logged if "reward" in h]
+            job["metrics"].update(run_term_means(logged))
+        job["metrics"] = {k: NON_FINITE.get(v, v) if isinstance(v, str) else v for k, v in job["metrics"].items()}
+        if job["status"] == "FAILED":
+            job["error"] = (job_dir / FAILED).read_text().splitlines()[0][:200]
+        jobs.append(job)
+    return jobs
+
+
+def official_metrics(job_dir: Path) -> dict:
+    """FLARE's official numbers of the job's eval (its first evaluated run), as official/<task>/<metric>."""
+    path = own_or_step(job_dir, METRICS)
+    if path is None:
+        return {}
+    results = json.loads(path.read_text())
+    first = next(iter(results.values()), {})
+    return {f"official/{task}/{k}": v for task, block in first.get("official", {}).items() for k, v in block.items()
+            if (isinstance(v, (int, float)) or v in NON_FINITE) and k not in ("num_examples",)}
+
+
+def run_term_means(history: list[dict]) -> dict:
+    """Each reward term's mean over every logged step of the run (the summary's last-quarter mean misses a term
+    whose task had no prompt in the last batches)."""
+    sums: dict[str, list[float]] = {}
+    for h in history:
+        for k, v in h.items():
+            if k.startswith("reward_term/") and isinstance(v, (int, float)):
+                sums.setdefault(k, []).append(v)
+    return {k: round(sum(v) / len(v), 4) for k, v in sums.items()}
+
+
+def varying_keys(jobs: list[dict]) -> list[str]:
+    return sorted({k for j in jobs for k in j["overrides"] if len({jj["overrides"].get(k) for jj in jobs}) > 1})
+
+
+def rank_key(jobs: list[dict], setting: str | None) -> str | None:
+    """The metric the jobs are ranked by: sweep_report.rank_by, else the first official metric, else reward_last."""
+    known = {k for j in jobs for k in j["metrics"]}
+    if setting:
+        if setting not in known:
+            raise ValueError(f"sweep_report.rank_by={setting}: no job has it; choose one of {', '.join(sorted(known))}")
+        return setting
+    return next((k for k in sorted(known) if k.startswith("official/")), "reward_last" if "reward_last" in known
+                else None)
+
+
+def lower_is_better(key: str) -> bool:
+    return any(part in key for part in LOWER_IS_BETTER)
+
+
+def reward_caveat(jobs: list[dict], key: str | None) -> str:
+    """Said under the ranking when jobs with other reward weights are ranked by their own reward."""
+    reward_keys = {k for j in jobs for k in j["overrides"] if k.startswith("reward.")}
+    if key != "reward_last" or not any(len({j["overrides"].get(k) for j in jobs}) > 1 for k in reward_keys):
+        return ""
+    return (" Each job's reward is computed with its own reward weights, so jobs whose weights differ are not "
+            "comparable by it: evaluate each job (stage.steps=[rl,infer,eval]) and rank by an official metric.")
+
+
+def ranks_by(job: dict, key: str | None) -> bool:
+    """A finished job with a finite ``key``: a NaN or infinite value (a diverged run) is no score to rank by."""
+    value = job["metrics"].get(key)
+    return job["status"] == "DONE" and isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def ranked(jobs: list[dict], key: str | None) -> list[dict]:
+    """Finished jobs with a finite ``key`` best first (lowest first for errors), then the others in job order
+    (NaN and infinite values among them, shown as they are)."""
+    if key is None:
+        return jobs
+    lower = lower_is_better(key)
+    scored = sorted((j for j in jobs if ranks_by(j, key)), key=lambda j: j["metrics"][key] if lower else -j["metrics"][key])
+    return scored + [j for j in jobs if j not in scored]

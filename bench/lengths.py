@@ -53,10 +53,10 @@ class ForcedLengths(contextlib.AbstractContextManager):
 
     def __enter__(self):
         from flare_exp.models.graph_decoding import GraphDecoder
-        from flare_exp.stages import infer
+        from flare_exp.models import batch_decoding
 
-        self._patched = [(infer, "model_batch", infer.model_batch), (GraphDecoder, "__call__", GraphDecoder.__call__)]
-        original_batch, original_call = infer.model_batch, GraphDecoder.__call__
+        self._patched = [(batch_decoding, "model_batch", batch_decoding.model_batch), (GraphDecoder, "__call__", GraphDecoder.__call__)]
+        original_batch, original_call = batch_decoding.model_batch, GraphDecoder.__call__
 
         def model_batch(model, chat, records, images):
             self._limits = [answer_length(r["id"], r["task_type"], self.cap) for r in records]
@@ -70,7 +70,7 @@ class ForcedLengths(contextlib.AbstractContextManager):
             self.idle_row_steps += tokens.shape[1] * len(limits) - sum(min(n, tokens.shape[1]) for n in limits)
             return tokens
 
-        infer.model_batch, GraphDecoder.__call__ = model_batch, call
+        batch_decoding.model_batch, GraphDecoder.__call__ = model_batch, call
         return self
 
     def __exit__(self, *exc):

@@ -160,8 +160,7 @@ def comparison(output_root: Path, names: list[str], resamples: int = 1000, seed:
     from flare_exp.reports.eval_report import (SIGNIFICANCE_HEADER, official_table, significance_notes,
                                                significance_rows)
     from flare_exp.reports.tables import md_table
-    from flare_exp.metrics.significance import correct_family
-    from flare_exp.stages.evaluate import compare
+    from flare_exp.metrics.significance import compare, correct_family
 
     results, samples = {}, {}
     for name in names:

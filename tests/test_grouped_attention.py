@@ -117,7 +117,7 @@ def test_generation_is_unchanged(cache, base_overrides, demo_prepared, monkeypat
     torch.testing.assert_close(torch.stack(grouped.scores), torch.stack(reference.scores), rtol=1e-5, atol=1e-5)
     # the infer stage's own decoding sees the switch too
     text_config._attn_implementation = NAME
-    from flare_exp.stages.infer import generate
+    from flare_exp.models.batch_decoding import generate
 
     inf = OmegaConf.create({"max_new_tokens": 4, "do_sample": False})
     assert len(generate(model, chat, records, inf, cache=cache, compile_decode=False)) == 4

@@ -63,7 +63,7 @@ def test_every_mode_becomes_8_bit_rgb_by_the_rule(tmp_path):
 
 
 def test_prepare_sft_rl_and_infer_see_the_same_pixels(tmp_path):
-    from flare_exp.stages.infer import batches_with_images
+    from flare_exp.models.batch_decoding import batches_with_images
     from flare_exp.stages.rl import grpo_dataset
 
     paths = _files(tmp_path / "raw")

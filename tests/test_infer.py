@@ -11,12 +11,12 @@ def test_a_batch_out_of_gpu_memory_is_decoded_in_halves(base_overrides, sft_adap
 
     from flare_exp.io import read_jsonl
     from flare_exp.main import run
-    from flare_exp.stages import infer
+    from flare_exp.models import batch_decoding
 
     common = ["stage=infer", *base_overrides, f"infer.checkpoint={sft_adapter}", "infer.batch_size=4",
               "infer.num_samples=6", "infer.max_new_tokens=4"]
     run(compose_cfg([*common, "run_name=whole"]), run_dir=tmp_path / "whole")
-    original, sizes = infer.Decoder.__call__, []
+    original, sizes = batch_decoding.Decoder.__call__, []
 
     def small_gpu(decoder, records, images, limit=1):
         sizes.append(len(records))
@@ -24,15 +24,15 @@ def test_a_batch_out_of_gpu_memory_is_decoded_in_halves(base_overrides, sft_adap
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
         return original(decoder, records, images)
 
-    monkeypatch.setattr(infer.Decoder, "__call__", small_gpu)
-    caplog.set_level("WARNING", logger="flare_exp.stages.infer")
+    monkeypatch.setattr(batch_decoding.Decoder, "__call__", small_gpu)
+    caplog.set_level("WARNING", logger="flare_exp.models.batch_decoding")
     run(compose_cfg([*common, "run_name=halves"]), run_dir=tmp_path / "halves")
     assert sizes == [4, 2, 1, 1, 2, 1, 1, 2, 1, 1]  # batches of 4 and 2, halved down to single reports
     assert caplog.text.count("ran out of GPU memory") == 1 and "infer.batch_size" in caplog.text
     rows = lambda name: {r["id"]: r["prediction"] for r in read_jsonl(tmp_path / name / "predictions.jsonl")}  # noqa: E731
     assert rows("halves") == rows("whole") and len(rows("whole")) == 6
 
-    monkeypatch.setattr(infer.Decoder, "__call__", lambda d, r, i: small_gpu(d, r, i, limit=0))
+    monkeypatch.setattr(batch_decoding.Decoder, "__call__", lambda d, r, i: small_gpu(d, r, i, limit=0))
     with pytest.raises(RuntimeError, match=r"prompt tokens \+ infer.max_new_tokens=4\) does not fit in GPU memory: "
                                            r"lower model.max_pixels"):
         run(compose_cfg([*common, "run_name=too-big"]), run_dir=tmp_path / "too-big")
@@ -76,7 +76,7 @@ def test_batches_bucketed_by_task_keep_the_order_and_the_predictions(base_overri
 
     from flare_exp.io import read_jsonl, write_jsonl
     from flare_exp.main import run
-    from flare_exp.stages import infer
+    from flare_exp.models import batch_decoding
 
     by_task = {}
     for r in read_jsonl(demo_prepared / "val.jsonl"):
@@ -86,8 +86,8 @@ def test_batches_bucketed_by_task_keep_the_order_and_the_predictions(base_overri
     write_jsonl(tmp_path / "mixed.jsonl", mixed)
 
     batches = []
-    original = infer.model_batch
-    monkeypatch.setattr(infer, "model_batch", lambda model, chat, records, images: (
+    original = batch_decoding.model_batch
+    monkeypatch.setattr(batch_decoding, "model_batch", lambda model, chat, records, images: (
         batches.append([r["task_type"] for r in records]), original(model, chat, records, images))[1])
     common = ["stage=infer", *base_overrides, "infer.batch_size=3", f"infer.input_file={tmp_path / 'mixed.jsonl'}",
               "infer.max_new_tokens=4", "infer.decode_loop=graph", "infer.cache_implementation=static"]

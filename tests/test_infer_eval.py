@@ -49,7 +49,7 @@ def test_decoding_keeps_only_new_tokens_and_uses_every_view(tiny_model_dir, demo
 
     from flare_exp.data.vision import VisionChat
     from flare_exp.io import read_jsonl
-    from flare_exp.stages.infer import generate
+    from flare_exp.models.batch_decoding import generate
 
     processor = AutoProcessor.from_pretrained(tiny_model_dir)
     model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir).eval()
@@ -389,7 +389,7 @@ def test_images_are_prefetched_in_order_and_image_device_is_checked(demo_prepare
     from types import SimpleNamespace
 
     from flare_exp.io import read_jsonl
-    from flare_exp.stages.infer import batches_with_images, image_device
+    from flare_exp.models.batch_decoding import batches_with_images, image_device
 
     records = read_jsonl(demo_prepared / "val.jsonl")[:7]
     chat = SimpleNamespace(load_images=lambda r: [r["id"]] * len(r["images"]))

@@ -1,5 +1,5 @@
-"""The package's layering, read from its source: no import circle, no stage importing another stage, one
-registry of reward terms, reports in reports/ and scorers in metrics/."""
+"""The package's layering, read from its source: no import circle, no stage importing another stage and nothing
+else importing a stage, one registry of reward terms, reports in reports/ and scorers in metrics/."""
 import ast
 from pathlib import Path
 
@@ -76,6 +76,24 @@ def test_no_stage_imports_another_stage():
               if any(isinstance(n, ast.FunctionDef) and n.name == "run" for n in ast.parse(p.read_text()).body)}
     assert {s: sorted(graph[s] & stages) for s in stages if graph[s] & stages} == {}
 
+
+
+# The bench's memory probe builds sft's trainer as the stage does (its datasets, arguments and trainer).
+STAGE_READERS_OUTSIDE = {"bench.card": ["flare_exp.stages.sft"]}
+
+
+def test_nothing_outside_the_stages_imports_a_stage():
+    """What stages share (batch decoding, scoring, the significance tests) lives outside flare_exp/stages/: the
+    product, the bench and the Hydra plugins import no stage module; the stage registry (flare_exp/run/stage.py)
+    loads them by name."""
+    sources = [*PACKAGE.rglob("*.py"), *(REPO / "bench").rglob("*.py"), *(REPO / "hydra_plugins").rglob("*.py"),
+               REPO / "launch.py"]
+    files = {module_name(p): p for p in sources}
+    in_stages = lambda name: name == "flare_exp.stages" or name.startswith("flare_exp.stages.")  # noqa: E731
+    stage_modules = {name for name in files if in_stages(name)}
+    readers = {name: sorted(imported_modules(path, set(files)) & stage_modules)
+               for name, path in files.items() if not in_stages(name)}
+    assert {name: read for name, read in readers.items() if read} == STAGE_READERS_OUTSIDE
 
 def test_every_reward_term_is_in_the_one_registry():
     """Each class of flare_exp/rewards/ that scores completions is named in rewards.TERMS, which loads it."""

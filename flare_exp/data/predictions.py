@@ -1,5 +1,6 @@
-"""A predictions file as eval reads it: joined to the prepared split it answers, checked row by row and against
-what its infer run says it wrote; anything the report must say about it."""
+"""A predictions file as eval reads it: found from an eval.predictions entry, joined to the prepared split it
+answers, checked row by row and against what its infer run says it wrote; what produced it and anything the report
+must say about it."""
 from __future__ import annotations
 
 import json
@@ -8,8 +9,9 @@ from pathlib import Path
 
 from flare_exp.io import read_jsonl
 from flare_exp.metrics import official
-from flare_exp.run.layout import CONFIG, DONE, RUN_INFO, summary_name
+from flare_exp.run.layout import CONFIG, DONE, RUN_INFO, predictions_file, summary_name
 from flare_exp.run.stage import infer_input_file
+from flare_exp.runtime import abspath
 
 
 def load_rows(path: Path, allow_partial: bool, prepared_dir: str | None = None) -> tuple[list[dict], dict]:
@@ -77,3 +79,37 @@ def expected_count(run_dir: Path) -> int | None:
     except Exception:  # noqa: BLE001  (a best-effort count for the report's wording)
         return None
     return min(total, cfg.infer.num_samples) if cfg.infer.num_samples and cfg.infer.num_samples > 0 else total
+
+
+def find_predictions(entry: str) -> Path:
+    found = predictions_file(abspath(entry))
+    if found is not None:
+        return found
+    raise FileNotFoundError(f"eval.predictions entry {entry}: no predictions.jsonl there (run stage=infer first)")
+
+
+
+def run_metadata(path: Path) -> dict:
+    """What produced a predictions file, from its infer run dir when there is one: the model, the checkpoint,
+    the backend, when and from which commit."""
+    from omegaconf import OmegaConf
+
+    run_dir, meta = path.parent, {}
+    try:
+        if (run_dir / summary_name("infer")).exists():
+            summary = json.loads((run_dir / summary_name("infer")).read_text())
+            adapter = summary.get("adapter") or {}
+            meta.update(checkpoint=adapter.get("path") or summary.get("checkpoint") or "base model",
+                        adapter_sha256=adapter.get("sha256"), label=summary.get("label"))
+        if (run_dir / CONFIG).exists():
+            cfg = OmegaConf.load(run_dir / CONFIG)
+            meta.update(model=str(cfg.model.get("name")), model_path=str(cfg.model.get("path")),
+                        backend=str(cfg.model.get("backend")))
+        if (run_dir / RUN_INFO).exists():
+            info = json.loads((run_dir / RUN_INFO).read_text())
+            meta.update(commit=info.get("git_commit"), started=info.get("started") or info.get("start_time"))
+        if (run_dir / DONE).exists():
+            meta["finished"] = json.loads((run_dir / DONE).read_text()).get("finished")
+    except (OSError, ValueError) as e:  # a best-effort record for the report
+        meta["note"] = f"run metadata unreadable: {e}"
+    return meta

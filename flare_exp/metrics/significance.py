@@ -10,6 +10,7 @@ accuracy and micro F1 are resampled as what they are, not as a mean of per-sampl
 from __future__ import annotations
 
 import math
+from itertools import combinations
 
 import numpy as np
 
@@ -116,3 +117,34 @@ def correct_family(tests: list[dict], method: str = "holm") -> dict:
     return {"correction": method, "size": size,
             "family": f"all {size} paired comparisons with a p-value in this report (every pair of runs x every "
                       "official metric they share), corrected per test (permutation, approximate randomization)"}
+
+
+def compare(results: dict, samples: dict, resamples: int, seed: int, ar_trials: int = 0) -> tuple[list[dict], list[str]]:
+    """Paired tests for every pair of runs and official metric, on the ids both scored (the bootstrap and
+    permutation test; approximate randomization with ``ar_trials``); and the warnings on runs that were not
+    scored on the same inputs."""
+    tests, warnings = [], []
+    for a, b in combinations(list(results), 2):
+        ids_a = {i for ids, _ in samples[a].values() for i in ids}
+        ids_b = {i for ids, _ in samples[b].values() for i in ids}
+        split_a, split_b = results[a].get("split"), results[b].get("split")
+        if ids_a != ids_b:
+            warnings.append(f"{a} and {b} were scored on different inputs: {len(ids_a - ids_b)} sample(s) only in "
+                            f"{a}, {len(ids_b - ids_a)} only in {b}; the comparisons use the {len(ids_a & ids_b)} "
+                            "they share")
+        if split_a != split_b:
+            warnings.append(f"{a} and {b} come from different splits: {split_a} and {split_b}")
+        for task in sorted(set(samples[a]) & set(samples[b])):
+            (ids_ta, st_a), (ids_tb, st_b) = samples[a][task], samples[b][task]
+            where_b = {i: k for k, i in enumerate(ids_tb)}
+            shared = [(k, where_b[i]) for k, i in enumerate(ids_ta) if i in where_b]
+            if not shared or not resamples:
+                continue
+            ka, kb = map(list, zip(*shared))
+            test = {"run_a": a, "run_b": b, "task": task,
+                    **paired_test(task, st_a[ka], st_b[kb], resamples=resamples, seed=seed)}
+            if ar_trials:
+                test["ar_p_value"] = approximate_randomization(task, st_a[ka], st_b[kb], ar_trials, seed)
+                test["ar_trials"] = ar_trials
+            tests.append(test)
+    return tests, warnings

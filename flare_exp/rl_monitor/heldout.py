@@ -1,7 +1,7 @@
 """Task metrics during training (rl and sft alike): every ``<stage>.eval_steps`` steps the model decodes,
 greedily, a fixed stratified subset of the validation split with infer's decode loop
-(:class:`flare_exp.stages.infer.Decoder`), and eval's own code scores it
-(:func:`flare_exp.stages.evaluate.evaluate_file` on the written predictions), so the numbers are the ones an
+(:class:`flare_exp.models.batch_decoding.Decoder`), and eval's own code scores it
+(:func:`flare_exp.metrics.scoring.evaluate_file` on the written predictions), so the numbers are the ones an
 infer + eval run of that checkpoint would give on those records. :mod:`.heldout_watch` runs it as a Trainer
 callback and keeps the best/ adapter."""
 from __future__ import annotations
@@ -112,8 +112,8 @@ class HeldOutEval:
 
     def run(self, model, step: int) -> tuple[dict, float]:
         """Decode the subset with ``model`` (eval mode, restored afterwards), score it: (result, seconds)."""
-        from flare_exp.stages.evaluate import ReportScorers, evaluate_file
-        from flare_exp.stages.infer import Decoder, batches_with_images, decode_in_parts
+        from flare_exp.metrics.scoring import ReportScorers, evaluate_file
+        from flare_exp.models.batch_decoding import Decoder, batches_with_images, decode_in_parts
 
         start, was_training = time.perf_counter(), model.training
         model.eval()

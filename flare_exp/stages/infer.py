@@ -19,7 +19,8 @@ from flare_exp.card import sized_infer_batch
 from flare_exp.compile_cache import prepare_gpu_run
 from flare_exp.data.vision import VisionChat
 from flare_exp.io import read_journal, read_jsonl, write_json, write_jsonl
-from flare_exp.models.decoding import DecodeSettings, decoder_for
+from flare_exp.models.batch_decoding import (Decoder, batches_with_images, decode_in_parts, decode_settings,
+                                             image_device)
 from flare_exp.models.checkpoints import adapter_identity, resolve_adapter
 from flare_exp.models.loading import load_model
 from flare_exp.reports.sheets import write_sheet
@@ -61,123 +62,6 @@ def checkpoint_label(checkpoint: str | None) -> str:
     return "/".join(parts[-2:]) if parts else path.name
 
 
-def generate(model, chat: VisionChat, records: list[dict], inf, images=None, cache: str | None = None,
-             compile_decode: bool = True) -> list[str]:
-    import torch
-
-    batch = model_batch(model, chat, records, images)
-    kwargs = generation_kwargs(inf, chat.tokenizer.pad_token_id)
-    if cache:
-        kwargs["cache_implementation"] = cache
-        kwargs["disable_compile"] = not compile_decode
-    with torch.inference_mode():
-        out = model.generate(**batch, **kwargs)
-    new_tokens = out[:, batch["input_ids"].shape[1]:]  # left padding: the prompt ends at the same column
-    return decode_new_tokens(chat.tokenizer, new_tokens)
-
-
-def model_batch(model, chat: VisionChat, records: list[dict], images) -> dict:
-    """The records' prompts, left-padded, on the model's device."""
-    batch = chat.generation_batch(records, images)
-    return {k: v.to(model.device) if hasattr(v, "to") else v for k, v in batch.items()}
-
-
-def generation_kwargs(inf, pad_token_id: int) -> dict:
-    """What infer asks of the model's generation config (both decode loops resolve it as generate does)."""
-    kwargs = dict(max_new_tokens=inf.max_new_tokens, do_sample=inf.do_sample, pad_token_id=pad_token_id)
-    if getattr(inf, "min_new_tokens", None):
-        kwargs["min_new_tokens"] = inf.min_new_tokens
-    if inf.do_sample:
-        kwargs.update(temperature=inf.temperature, top_p=inf.top_p)
-    return kwargs
-
-
-def decode_new_tokens(tokenizer, new_tokens) -> list[str]:
-    return [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
-
-
-def decode_settings(inf, backend: str) -> DecodeSettings:
-    """infer's decoding, as infer.decode_loop / infer.cache_implementation / infer.keep_long_cache say."""
-    return DecodeSettings.of("infer", inf, backend, shrink_cache=not inf.keep_long_cache)
-
-
-class Decoder:
-    """Batches of records decoded as ``decoder_for`` decides for infer's settings: generate(), or the graph
-    decode loop, with the run's KV cache."""
-
-    def __init__(self, model, chat: VisionChat, inf, backend: str):
-        self.model, self.chat, self.inf = model, chat, inf
-        self.decoding = decoder_for(model, decode_settings(inf, backend))
-        self.halving_said = False  # decode_in_parts warns once per run
-        if self.decoding.graph is not None:  # said at the start: the loop, or why generate runs instead
-            self.decoding.graph.for_config(model, self._generation_config())
-
-    def _generation_config(self):
-        """infer's settings over the model's generation config, resolved as generate() resolves them (per
-        batch: the config may change between batches)."""
-        return self.model._prepare_generation_config(
-            None, **generation_kwargs(self.inf, self.chat.tokenizer.pad_token_id))[0]
-
-    def __call__(self, records: list[dict], images) -> list[str]:
-        full = len(records) == self.inf.batch_size
-        if self.decoding.takes_loop and full:
-            return self._loop_decode(records, images)
-        # A smaller last batch would need a new static cache and a new compilation: decode it eagerly.
-        return self._generate(records, images, self.decoding.cache if full else None)
-
-    def _generate(self, records: list[dict], images, cache: str | None) -> list[str]:
-        decoding = self.decoding  # compiled is read at each call: a failed compilation turns it off
-        return decoding.attempt_compiled(lambda: generate(self.model, self.chat, records, self.inf, images, cache,
-                                                          decoding.compiled), "the decode step")
-
-    def release_memory(self) -> None:
-        """Drop the kept KV caches (the loop's, and generate's static one) and return the GPU's free blocks."""
-        import gc
-
-        import torch
-
-        self.decoding.release_cache()
-        if hasattr(self.model, "_cache"):
-            del self.model._cache  # generate keeps its last static cache here and makes a new one when needed
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
-    def _loop_decode(self, records: list[dict], images) -> list[str]:
-        config = self._generation_config()
-        batch = model_batch(self.model, self.chat, records, images)
-        new_tokens = self.decoding.new_tokens(batch, config.max_new_tokens, config.pad_token_id, config,
-                                              "the decode loop's step")
-        if new_tokens is None:  # this batch's config asks for what the loop does not do
-            return self._generate(records, images, self.decoding.cache)
-        return decode_new_tokens(self.chat.tokenizer, new_tokens)
-
-
-def decode_in_parts(decode: Decoder, records: list[dict], images) -> list[str]:
-    """``decode(records, images)``; a batch that runs out of GPU memory is decoded in halves (down to single
-    reports), said once. Prompts are sorted longest first, so the largest images meet infer.batch_size in the
-    first batches; the halves decode with a dynamic cache, like a short last batch."""
-    import torch
-
-    try:
-        return decode(records, images)
-    except torch.OutOfMemoryError as e:
-        if len(records) == 1:
-            raise RuntimeError(
-                f"{records[0]['id']}: one report ({decode.chat.sequence_length(records[0], with_answer=False)} "
-                f"prompt tokens + infer.max_new_tokens={decode.inf.max_new_tokens}) does not fit in GPU memory: "
-                "lower model.max_pixels (fewer image tokens) or infer.max_new_tokens") from e
-        reason = str(e).splitlines()[0][:160]
-    decode.release_memory()  # outside the except block: its traceback no longer holds the batch's tensors
-    if not decode.halving_said:
-        log.warning("infer: a batch of %d ran out of GPU memory (%s); decoding such batches in halves. A lower "
-                    "infer.batch_size avoids the retries.", len(records), reason)
-        decode.halving_said = True
-    half = len(records) // 2
-    return (decode_in_parts(decode, records[:half], images[:half])
-            + decode_in_parts(decode, records[half:], images[half:]))
-
-
 def timed_batch(decode: Decoder, records: list[dict], images, number: int, run_dir: Path) -> list[str]:
     """One batch decoded, timed (the decoded text waits for the GPU) and logged at debug level with the graph
     loop's KV cache length (the benchmark reads these records); infer.profile_batch profiles that batch."""
@@ -195,29 +79,6 @@ def timed_batch(decode: Decoder, records: list[dict], images, number: int, run_d
     log.debug("batch %d: %d reports in %.3f s, graph loop KV cache %s", number, len(records), seconds, length,
               extra={"batch_seconds": seconds, "loop_cache_length": length})
     return texts
-
-
-def image_device(setting: str, model) -> str | None:
-    if setting == "auto":
-        return None if model.device.type == "cpu" else str(model.device)
-    if setting not in ("cpu", "cuda") and not setting.startswith("cuda:"):
-        raise ValueError(f"infer.image_device={setting!r}: choose auto, cpu or cuda[:N]")
-    return setting
-
-
-def batches_with_images(chat: VisionChat, todo: list[dict], size: int):
-    """(records, their decoded images) per batch; the next batch's files are read and decoded in a thread
-    while the current one generates."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    chunks = [todo[i:i + size] for i in range(0, len(todo), size)]
-    load = lambda chunk: [chat.load_images(r) for r in chunk]  # noqa: E731
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(load, chunks[0]) if chunks else None
-        for i, chunk in enumerate(chunks):
-            images = pending.result()
-            pending = pool.submit(load, chunks[i + 1]) if i + 1 < len(chunks) else None
-            yield chunk, images
 
 
 def write_submission(out_dir: Path, rows: list[dict]) -> None:

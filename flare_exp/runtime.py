@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 from hydra.utils import to_absolute_path
@@ -49,6 +50,24 @@ def check_choice(key: str, value, choices) -> None:
     if value not in choices:
         names = [str(c) for c in choices]
         raise ValueError(f"{key}={value!r}: choose {', '.join(names[:-1])} or {names[-1]}")
+
+
+@contextmanager
+def cpu_rng_kept(seed: int | None = None):
+    """torch's CPU random state as it was, once the block ends (seeded with ``seed`` inside it, if given): what
+    the block draws (a scorer's weights initialised and then loaded, a tiny model built on first use) leaves
+    what a stage draws next (a LoRA's weights, GRPO's samples) unchanged, so a first run that builds or loads
+    something in-process draws what a rerun draws. The CUDA generators are left alone (these blocks draw on CPU)."""
+    import torch
+
+    generator = torch.random.default_generator
+    saved = generator.get_state()
+    if seed is not None:
+        generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        generator.set_state(saved)
 
 
 def retry_uncompiled(call, turn_compilation_off, what: str, then: str):

@@ -1,6 +1,7 @@
 """The README's commands run as written (on the demo experiment): the demo, and the grid sweep through the
 stand-in SLURM commands followed by its sweep_report command. A README that drifts from the code fails here."""
 import csv
+import json
 import os
 import re
 import shlex
@@ -9,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import REPO
 
@@ -77,3 +79,22 @@ def test_the_readme_grid_sweep_and_its_report(session_dir, tmp_path, learned_sft
     assert all(r["reward_last"] != "" for r in rows)
     assert len({r["reward_last"] for r in rows}) == 4, rows  # the weights change the outcome
     assert (sweep_dir / "report" / "sweep.png").stat().st_size > 1000
+
+
+def test_the_readme_demo_sweep_whose_weights_change_the_official_outcome(session_dir, tmp_path, learned_sft_adapter):
+    """Real GRPO on the tiny model from an SFT adapter that learned the answers, each job evaluated: the
+    regression reward off leaves the official MAE where sft left it, on moves it (the weight, not the seed:
+    both jobs have the same)."""
+    sweep = next(c for c in readme_commands() if "reward.regression.weights.numeric=0,1" in c)
+    command = sweep.replace("rl.init_from=outputs/runs/demo-pipeline/sft", f"rl.init_from={learned_sft_adapter}")
+    proc = _run(command, [f"paths.cache_dir={session_dir / 'cache'}", f"paths.output_root={tmp_path}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    official = {}
+    for job in sorted((tmp_path / "sweeps" / "demo-weights").glob("[0-9]")):
+        numeric = next(o for o in yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()) if "numeric" in o)
+        results = json.loads((job / "eval" / "metrics.json").read_text())
+        mae = next(iter(results.values()))["official"]["regression"]["mean_absolute_error"]
+        official[numeric.split("=")[1]] = float(mae)  # "Infinity": an answer without a number (FLARE's rule)
+    assert set(official) == {"0", "1"}, official
+    assert official["1"] < official["0"], official  # rewarding the number teaches it
+    print("official regression MAE by reward.regression.weights.numeric:", official)

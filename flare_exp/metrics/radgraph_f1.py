@@ -14,6 +14,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 from flare_exp.config import RadGraphConfig
+from flare_exp.runtime import cpu_rng_kept
 
 log = logging.getLogger(__name__)
 DEFAULTS = RadGraphConfig()  # reward.radgraph's defaults, the one place they are written
@@ -118,7 +119,9 @@ class RadGraphScorer:
         import torch
 
         new = list(dict.fromkeys(r for r in reports if r not in self.graphs))
-        with torch.no_grad():  # radgraph never turns gradients off: each parse would record a graph
+        # radgraph never turns gradients off (each parse would record a graph); loading and parsing draw from
+        # torch's random state, as many draws as the process's caches decide: training's draws stay its own
+        with torch.no_grad(), cpu_rng_kept():
             parsed = self._scorer().radgraph(new) if new else {}
         found = {}
         for report in reports:
@@ -140,7 +143,7 @@ class RadGraphScorer:
         if not self.cache_size:
             import torch
 
-            with torch.no_grad():
+            with torch.no_grad(), cpu_rng_kept():
                 _, lists, _, _ = self._scorer()(refs=[r for _, r in scored], hyps=[h for h, _ in scored])
             values = iter(zip(*lists))
             return [tuple(map(float, next(values))) if p[0] and p[1] else (0.0, 0.0, 0.0) for p in pairs]

@@ -42,7 +42,9 @@ def official_blocks(run_dir: Path) -> dict:
 def headline(run_dir: Path) -> str | None:
     from flare_exp.reports.tables import fmt
 
-    for block in official_blocks(run_dir).values():
+    # the last block is the run's own model: a pipeline compares base and sft before it, an eval its inputs in
+    # order given
+    for block in list(official_blocks(run_dir).values())[-1:]:
         for task, metric in HEADLINE:
             value = (block.get("official", {}).get(task) or {}).get(metric)
             if value is not None:

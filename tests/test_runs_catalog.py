@@ -50,3 +50,13 @@ def test_the_listing_tells_each_run_state_and_the_comparison_tests_the_differenc
     text = "\n".join(comparison(root, ["good", "sweeps/grid/0"], resamples=200))
     assert "| multi-label classification: f1_score | 1.0000 | 0.1250 |" in text
     assert "sweeps/grid/0 vs good" in text and "multi_label" in text
+
+
+def test_the_headline_is_the_runs_own_model_not_the_base_it_is_compared_with(tmp_path):
+    """A pipeline's metrics.json holds base, sft, then the run's own model: the listing shows the last."""
+    from flare_exp.catalog import headline
+
+    blocks = {name: {"n": 8, "official": {"multi_label": {"f1_score": f1}}}
+              for name, f1 in (("base", 0.0), ("pipe/sft", 0.5), ("pipe/rl", 0.75))}
+    (tmp_path / "metrics.json").write_text(json.dumps(blocks))
+    assert headline(tmp_path) == "multi_label.f1_score=0.7500"

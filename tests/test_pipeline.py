@@ -39,7 +39,9 @@ def test_the_demo_pipeline_end_to_end_and_again(base_overrides, tmp_path, caplog
     with pytest.raises(RunSettingsChangedError, match=r"\[infer\] \S+ holds a finished step made with other "
                                                       r"settings or inputs: infer.max_new_tokens: \d+ -> 5\. "):
         run(compose_cfg([*base_overrides, "infer.max_new_tokens=5"]), run_dir=run_dir)
-    assert (run_dir / "attempts" / "01" / "config.yaml").read_text() == first_config
+    # refused before the pipeline's dir was touched: still the finished run it was (its DONE, its config)
+    assert (run_dir / "config.yaml").read_text() == first_config and (run_dir / "DONE").exists()
+    assert not (run_dir / "FAILED").exists() and not (run_dir / "attempts").exists()
     assert (run_dir / "infer" / "DONE").exists() and (run_dir / "eval" / "DONE").exists()  # nothing was redone
 
 

@@ -50,12 +50,15 @@ class Run:
         self.view = self.declared is None or self.declared.record != "attempt"  # a pipeline's steps: their own
         self.configured, self.cfg, self.applied = cfg, cfg, None
         self.locked = locked and rank == 0
+        self.own_run = locked  # not a pipeline's step (the pipeline checked its steps before it started)
         self.lock: RunLock | None = None
 
     def __enter__(self) -> "Run":
         if self.locked:
             self.lock = RunLock(self.out_dir).acquire()
         try:
+            if self.declared is not None and self.own_run:  # nothing touched yet: a refusal leaves the dir as it was
+                self.declared.refuse_before_start(self.configured, self.out_dir)
             if not self.view:  # every rank runs with the same applied settings
                 self.cfg, self.applied = self.declared.applied(self.configured)
             if self.rank == 0:

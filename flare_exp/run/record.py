@@ -116,7 +116,8 @@ def write_failed(run_dir: Path, error: BaseException, rank: int | None = None) -
     """FAILED with the error and its traceback (call it in the except block); ``rank`` names the rank of a
     data-parallel job that failed."""
     stopped = isinstance(error, (SystemExit, KeyboardInterrupt))  # preempted, timed out, cancelled, Ctrl-C
-    why = (f"stopped from outside ({type(error).__name__} {error}): preempted, timed out or cancelled; a "
+    named = f"{type(error).__name__}{f': {error}' if str(error) else ''}"
+    why = (f"stopped from outside ({named}): preempted, timed out or cancelled; a "
            "requeued job or a rerun with the same run_name resumes") if stopped else f"{type(error).__name__}: {error}"
     if rank is None and world_size() > 1:
         rank = int(os.environ.get("RANK", "0") or 0)

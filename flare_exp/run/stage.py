@@ -71,6 +71,12 @@ class Stage:
         apply = getattr(self.runner(), "applied_config", None)
         return apply(cfg) if apply else (cfg, None)
 
+    def refuse_before_start(self, cfg, run_dir: Path) -> None:
+        """The stage's own refusals that must come before its run dir is touched (a pipeline's finished steps)."""
+        refuse = getattr(self.runner(), "refuse_before_start", None)
+        if refuse:
+            refuse(cfg, run_dir)
+
     def written_by(self) -> set[str]:
         """The earlier steps whose outputs fill its inputs in a pipeline."""
         return {step for steps in self.feeds_from.values() for step in steps}

@@ -42,19 +42,6 @@ def _chain(step: str, cfg, done_dirs: dict[str, Path]) -> None:
                 OmegaConf.update(cfg, key, value, merge=False)
 
 
-def _infer_compared(cfg, out_dir: Path, done_dirs: dict[str, Path], results: dict) -> None:
-    """stage.compare: infer the base model and/or earlier steps' adapters too (``infer-<source>/``), so that eval
-    compares them with the last model (base -> sft -> rl, with the significance of each move)."""
-    for source in compared_sources(cfg):
-        step_cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-        with open_dict(step_cfg):
-            step_cfg.stage.name = "infer"
-            step_cfg.infer.checkpoint = None if source == "base" else str(done_dirs[source])
-        name = f"infer-{source}"
-        _run_or_reuse("infer", step_cfg, out_dir / name, results, name)
-        done_dirs[name] = out_dir / name
-
-
 def compared_sources(cfg) -> list[str]:
     """stage.compare as this pipeline can honour it: the trained steps it runs before infer, and base alongside
     one of them (a pipeline that trains nothing here, or does not evaluate, has no moves to show)."""
@@ -88,7 +75,31 @@ def run_step(step: str, step_cfg, step_dir: Path):
         return step_run.execute(None if rank and stage(step).ranks == "rank 0" else stage(step).runner().run)
 
 
-def run(cfg, out_dir: Path) -> dict:
+def planned_steps(cfg, out_dir: Path):
+    """(name, step, its config, its dir) in the order they run, each step's inputs filled from the earlier
+    steps' dirs (``_chain``); stage.compare's infers of the base model or earlier adapters (``infer-<source>/``)
+    come right before infer, so that eval compares them with the last model (base -> sft -> rl)."""
+    done_dirs: dict[str, Path] = {}
+    for step in cfg.stage.steps:
+        if step == "infer":
+            for source in compared_sources(cfg):
+                step_cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+                with open_dict(step_cfg):
+                    step_cfg.stage.name = "infer"
+                    step_cfg.infer.checkpoint = None if source == "base" else str(done_dirs[source])
+                name = f"infer-{source}"
+                yield name, "infer", step_cfg, out_dir / name
+                done_dirs[name] = out_dir / name
+        step_cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+        with open_dict(step_cfg):
+            step_cfg.stage.name = step
+        _chain(step, step_cfg, done_dirs)
+        step_dir = stage(step).output_dir(step_cfg, out_dir / step)
+        yield step, step, step_cfg, step_dir
+        done_dirs[step] = step_dir
+
+
+def check_steps(cfg) -> None:
     steps = list(cfg.stage.steps)
     known = [name for name, s in declared_stages().items() if s.pipeline_step]
     unknown = [s for s in steps if s not in known]
@@ -97,19 +108,26 @@ def run(cfg, out_dir: Path) -> dict:
     unknown = [s for s in cfg.stage.compare if s not in ("base", "sft", "rl")]
     if unknown:
         raise ValueError(f"stage.compare has {unknown}: each entry is base, sft or rl")
+
+
+def refuse_before_start(cfg, out_dir: Path) -> None:
+    """Before the pipeline's run dir is touched: a finished step that these settings would have to redo stops
+    the rerun here, so a refused rerun leaves the finished pipeline as it was (its DONE, its config). Steps are
+    checked in order up to the first that will run (those after it get new inputs and are checked then)."""
+    check_steps(cfg)
+    for name, step, step_cfg, step_dir in planned_steps(cfg, out_dir):
+        if not reusable(step, step_cfg, step_dir):
+            return
+
+
+def run(cfg, out_dir: Path) -> dict:
+    check_steps(cfg)
     # every step's own settings were checked before the first (checks.validate): a bad rl.* does not wait for sft
     done_dirs: dict[str, Path] = {}
     results = {}
-    for step in steps:
-        step_cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-        with open_dict(step_cfg):
-            step_cfg.stage.name = step
-        _chain(step, step_cfg, done_dirs)
-        if step == "infer":
-            _infer_compared(cfg, out_dir, done_dirs, results)
-        step_dir = stage(step).output_dir(step_cfg, out_dir / step)
-        _run_or_reuse(step, step_cfg, step_dir, results, step)
-        done_dirs[step] = step_dir
+    for name, step, step_cfg, step_dir in planned_steps(cfg, out_dir):
+        _run_or_reuse(step, step_cfg, step_dir, results, name)
+        done_dirs[name] = step_dir
         if step == "rl" and pruned_summary(step_dir):  # an Optuna trial stopped early: its infer/eval are moot
             log.info("[rl] pruned by the Optuna search: the steps after it are not run")
             break

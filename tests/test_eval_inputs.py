@@ -47,6 +47,10 @@ def test_answers_come_from_the_prepared_split_the_infer_run_read(tmp_path):
     rows, info = load_rows(_predictions(run_dir, bare), False, prepared_dir=None)
     assert [r["answer"] for r in rows] == ["A", "B", "C"] and rows[0]["task_type"] == "classification"
     assert info["answers_from"] == f"{prepared}/val.jsonl" and "answers_note" not in info
+    assert info["coverage"].startswith(f"5 of the 8 questions of {prepared}/val.jsonl have no prediction: the "
+                                       "numbers cover the 3 answered")
+    _, whole = load_rows(_predictions(run_dir, [{"id": r["id"], "prediction": "B"} for r in REFERENCE]), False)
+    assert "coverage" not in whole
 
 
 def test_without_a_prepared_split_the_report_says_where_the_answers_came_from(base_overrides, tmp_path):

@@ -59,3 +59,13 @@ def join_to_reference(predictions: Path, rows: list[dict], reference: Path) -> l
                          f"{_named(changed)}. Eval scores against the prepared answers; a predictions file whose "
                          "answers were edited is refused")
     return [{**r, **{k: refs[r["id"]][k] for k in FROM_REFERENCE if k in refs[r["id"]]}} for r in rows]
+
+
+def coverage(rows: list[dict], reference: Path) -> dict:
+    """A file that answers part of its split: the report says how much (else a subset reads as the whole)."""
+    total = len({r["id"] for r in read_jsonl(reference) if isinstance(r, dict) and "id" in r})
+    answered = len({r.get("id") for r in rows})
+    if answered >= total:
+        return {}
+    return {"coverage": f"{total - answered} of the {total} questions of {reference} have no prediction: the numbers "
+                        f"cover the {answered} answered (a subset asked for, or a cut file)"}

@@ -145,6 +145,8 @@ def caveat_lines(results: dict, warnings: list[str], caveats: list[str] | None =
         lines = list(res.get("caveats", []))
         if res.get("partial"):
             lines.append(res["partial"])
+        elif res.get("coverage"):
+            lines.append(res["coverage"])
         if res.get("empty_predictions"):
             lines.append(f"{res['empty_predictions']} empty (null or non-text) prediction(s), scored as empty answers")
         if res.get("answers_note"):

@@ -99,11 +99,28 @@ def override_key_problems(overrides: list[str], schema: type, groups: set[str]) 
         if found:
             problems[override.input_line] = f"unknown config key {found}" + (
                 "" if "did you mean" in found else " (python launch.py --cfg job lists every key)")
-        elif not override.is_sweep_override():
-            wrong = wrong_value(schema, key, override.value())
-            if wrong:
-                problems[override.input_line] = f"{key}={override.get_value_element_as_str()}: {wrong}"
+        else:
+            for value in _values(override):
+                wrong = wrong_value(schema, key, value)
+                if wrong:
+                    problems[override.input_line] = f"{key}={_said(value)}: {wrong}"
+                    break
     return problems
+
+
+def _values(override) -> list:
+    """The override's value, or each value of a sweep over a list or range (`a=1,2`); none for an interval
+    (Optuna's search space: its values are drawn later)."""
+    if not override.is_sweep_override():
+        return [override.value()]
+    try:
+        return list(override.sweep_iterator())
+    except Exception:  # noqa: BLE001  (an interval or a sweep Hydra expands itself)
+        return []
+
+
+def _said(value) -> str:
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def wrong_value(schema: type, key: str, value) -> str | None:
@@ -113,9 +130,14 @@ def wrong_value(schema: type, key: str, value) -> str | None:
     from omegaconf import ValueNode
     from omegaconf.errors import OmegaConfBaseException
 
+    from omegaconf import DictConfig
+
     node = _structured(schema)
     for part in key.split("."):
-        node = node._get_node(part) if hasattr(node, "_get_node") else None
+        parent, node = node, node._get_node(part) if hasattr(node, "_get_node") else None
+        if node is None and isinstance(parent, DictConfig) and parent._metadata.element_type in ELEMENT_NODES:
+            node = ELEMENT_NODES[parent._metadata.element_type]()  # a new entry of a typed dict (reward weights)
+            break
     if not isinstance(node, ValueNode) or isinstance(value, str) and value.startswith("${"):
         return None  # a section, a dict entry or an interpolation: checked when composed
     if value is None:
@@ -129,6 +151,13 @@ def wrong_value(schema: type, key: str, value) -> str | None:
     return None
 
 
+def _element_nodes() -> dict:
+    from omegaconf import BooleanNode, FloatNode, IntegerNode
+
+    return {int: IntegerNode, float: FloatNode, bool: BooleanNode}
+
+
+ELEMENT_NODES = _element_nodes()
 SAID = {"IntegerNode": "must be an integer", "FloatNode": "must be a number", "BooleanNode": "must be true or false"}
 
 

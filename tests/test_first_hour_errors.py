@@ -174,3 +174,15 @@ def test_a_sweep_hears_its_unknown_keys_before_any_job(capsys):
         launch.check_command_line(["-m", "sft.max_step=1,2", "rl.num_generations=2,4"])
     message = capsys.readouterr().err
     assert "unknown config key sft.max_step (did you mean sft.max_steps?)" in message and "rl.num_gen" not in message
+
+
+def test_a_typed_dict_entry_and_every_value_of_a_sweep_are_checked():
+    """A reward weight is an entry of a Dict[str, float]: a word there joins the list like any number key; a
+    sweep's values are each checked, so one bad value stops the sweep before Hydra (naming that value)."""
+    assert key_problems("reward.report_generation.weights.radgraph=abc") == [
+        "reward.report_generation.weights.radgraph=abc: must be a number"]
+    assert key_problems("reward.report_generation.weights.radgraph=0.7") == []
+    assert key_problems("reward.report_generation.weights.radgraph=0.5,abc", "sft.max_steps=3,4") == [
+        "reward.report_generation.weights.radgraph=abc: must be a number"]
+    assert key_problems("sft.max_steps=3,x") == ["sft.max_steps=x: must be an integer"]
+    assert key_problems("sft.learning_rate=interval(1e-5,1e-3)") == []  # Optuna draws these later

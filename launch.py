@@ -81,6 +81,12 @@ def main(cfg: DictConfig):
         if HydraConfig.get().mode != RunMode.RUN or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise  # sweeps: the job fails and the sweep report says so
         refuse(e)
+    except KeyboardInterrupt:  # Ctrl-C or SIGINT: the run dir already says FAILED (stopped from outside)
+        if HydraConfig.get().mode != RunMode.RUN or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print("\nflare-exp: stopped (Ctrl-C / SIGINT). The run dir says FAILED (stopped from outside); the same "
+              "command resumes from the last checkpoint.", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

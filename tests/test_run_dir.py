@@ -142,6 +142,12 @@ def test_the_adapter_used_is_the_adapter_meant(tmp_path):
                                                     r"checkpoints: checkpoint-3 \.\. checkpoint-3\).*"
                                                     r"allow_intermediate_checkpoint=true"):
             resolve_adapter(path)
+    infer_run = tmp_path / "infer-a"  # a finished run of ours that trained nothing
+    infer_run.mkdir()
+    (infer_run / "run_info.json").write_text("{}")
+    (infer_run / "DONE").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"infer-a is a finished run that trained nothing .* an sft or rl run"):
+        resolve_adapter(infer_run)
     with pytest.raises(ValueError, match=r"infer.checkpoint=\S+checkpoint-3 is an intermediate checkpoint .* pass "
                                          r"allow_intermediate_checkpoint=true to use it on purpose"):
         chosen_adapter("infer.checkpoint", killed / "checkpoint-3", allow_intermediate=False)

@@ -104,6 +104,10 @@ def resolve_adapter(path: str | Path) -> Path:
     ours = (path / "run_info.json").exists()  # a run dir of ours: DONE says it finished
     if _is_adapter(path / "final") and (not ours or (path / "DONE").exists()):
         return path / "final"
+    if ours and (path / "DONE").exists() and not _numbered(path):
+        raise FileNotFoundError(
+            f"{path} is a finished run that trained nothing (no final/ adapter, no checkpoint: an infer, eval or "
+            "prepare run?). Point it at an sft or rl run dir, a pipeline dir, or an adapter dir.")
     if ours or _numbered(path):
         ckpts = _numbered(path)
         raise FileNotFoundError(

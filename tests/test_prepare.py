@@ -79,7 +79,7 @@ def test_prepare_demo(tmp_path, demo_root):
 def test_rerun_refuses_then_overwrite(tmp_path, demo_root):
     out = _prepare(tmp_path, demo_root)
     before = (out / "train.jsonl").read_bytes()
-    with pytest.raises(RunFinishedError, match="overwrite=true"):
+    with pytest.raises(RunFinishedError, match=r"overwrite=true .* or choose another data.prepared_dir= \(prepare writes there"):
         _prepare(tmp_path, demo_root)
     _prepare(tmp_path, demo_root, "overwrite=true")  # idempotent unzip, same output
     assert (out / "train.jsonl").read_bytes() == before

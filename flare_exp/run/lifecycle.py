@@ -169,7 +169,7 @@ def start_attempt(stage: str, cfg, run_dir: Path, ran=None, applied: dict | None
         raise RunFinishedError(
             f"{run_dir} already holds a finished {stage} run ({DONE} marker present). Nothing was changed. "
             f"Pass overwrite=true to redo it there (the finished run moves to attempts/NN/), or choose another "
-            "run_name=.")
+            f"{'data.prepared_dir= (prepare writes there, whatever the run_name)' if stage == 'prepare' else 'run_name='}.")
     new = fingerprint(stage, cfg)
     if cfg.overwrite and attempt_files(run_dir):
         dest = archive_attempt(run_dir)

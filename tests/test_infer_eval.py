@@ -110,7 +110,7 @@ def test_eval_demo_and_comparison(base_overrides, sft_adapter, tmp_path):
     assert trained["checkpoint"] == str(sft_adapter / "final") and len(trained["adapter_sha256"]) == 64
     page = (tmp_path / "eval" / "report.html").read_text()
     assert page.index("Official numbers") < page.index("Runs evaluated") < page.index("all metrics")
-    assert "flare-exp commit" in page and "<code>metrics.json</code>" in page and "<code>scored_1.xlsx</code>" in page
+    assert "flare-exp commit" in page and "<code>metrics.json</code>" in page and "<code>scored_1.xlsx</code>" in page and "scored sheet" in page
 
 
 def _rows(task, dataset, pairs):

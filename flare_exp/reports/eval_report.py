@@ -102,7 +102,7 @@ def significance_notes(family: dict | None) -> list[str]:
 
 RUN_FIELDS = (("split", "split"), ("n", "n"), ("model", "model"), ("model_path", "model path"),
               ("backend", "backend"), ("checkpoint", "adapter"), ("adapter_sha256", "adapter sha256"),
-              ("finished", "predicted"), ("commit", "commit"), ("file", "predictions"))
+              ("finished", "predicted"), ("commit", "commit"), ("file", "predictions"), ("scored_sheet", "scored sheet"))
 SHORT_HASH = 12
 
 
@@ -126,7 +126,7 @@ def short_hash(value) -> str:
 def runs_table(results: dict, root: Path | None = None) -> tuple[list[str], list[list[str]]]:
     """What each evaluated run is, one column per run (a row per field keeps the table inside the page)."""
     def field(res: dict, key: str) -> str:
-        value = res.get(key) if key in ("split", "n", "file") else res.get("run", {}).get(key)
+        value = res.get(key) if key in ("split", "n", "file", "scored_sheet") else res.get("run", {}).get(key)
         if value in (None, ""):
             return "n/a"
         if key in ("commit", "adapter_sha256"):

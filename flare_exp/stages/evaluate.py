@@ -38,7 +38,8 @@ STAGE = Stage(
     reads_doc="`eval.predictions` (one or more)",
     writes_doc=("`metrics.json`, `metrics_summary.json`, `significance.json` (several runs), `report.md`, "
         "`report.html`, `metrics.png`, `scored.xlsx` (each row with its score: correct, label F1, absolute "
-        "error, GREEN or ROUGE-L; worst first), `green_samples_*.jsonl`, `green_judgments.jsonl`"),
+        "error, GREEN or ROUGE-L; worst first; several runs: `scored_1.xlsx`, ... in eval.predictions' order, "
+        "named in the report's runs table), `green_samples_*.jsonl`, `green_judgments.jsonl`"),
 )
 
 log = logging.getLogger(__name__)
@@ -79,9 +80,9 @@ def run(cfg, out_dir: Path) -> dict:
         label, res, per_sample, rows = evaluate_file(path, scorers, cfg.eval.allow_partial)
         while label in results:  # two runs with the same label stay apart
             label += "'"
+        res["scored_sheet"] = "scored.xlsx" if len(entries) == 1 else f"scored_{k + 1}.xlsx"  # in eval.predictions' order
         results[label], samples[label] = res, per_sample
-        write_scored_sheet(out_dir / ("scored.xlsx" if len(entries) == 1 else f"scored_{k + 1}.xlsx"), rows, label,
-                           per_sample, res)
+        write_scored_sheet(out_dir / res["scored_sheet"], rows, label, per_sample, res)
     meaningless = random_scorer_caveats(cfg)  # after scoring: a tiny RadGraph is built on first use
     for res in results.values():
         res["caveats"] = [*res.get("caveats", []), *meaningless]

@@ -94,8 +94,9 @@ def regression_outcome(rows: list[dict]) -> dict:
     golds = [flare_float(r.get("answer", "")) for r in rows]
     unread = sum(p is None or g is None for p, g in zip(preds, golds))
     if unread:
-        return {name: math.inf, "note": f"infinite: {unread} prediction(s) or answer(s) that float() does not read "
-                                        "(FLARE's rule); mae_parseable gives the error over the others"}
+        return {name: math.inf, "note": f"infinite: {unread} of {len(rows)} rows hold a prediction or answer that "
+                                        "float() does not read (FLARE's rule); mae_parseable is the error where a "
+                                        "number can be read from the text (unparseable counts the rest)"}
     stopped = [r.get("id") for r, p, g in zip(rows, preds, golds) if not (math.isfinite(p) and math.isfinite(g))]
     if stopped:
         return {name: None, "aborted": True, "abort_ids": stopped,

@@ -157,7 +157,8 @@ def per_sample_stats(block: dict) -> dict:
             for task, group in by_task.items() if task in official.STATS}
 
 
-def comparison(output_root: Path, names: list[str], resamples: int = 1000, seed: int = 0) -> list[str]:
+def comparison(output_root: Path, names: list[str], resamples: int = 1000, seed: int = 0,
+               ar_trials: int = 0) -> list[str]:
     """Markdown: the runs' official metrics side by side, then the paired tests between every two of them."""
     from flare_exp.reports.eval_report import (SIGNIFICANCE_HEADER, official_table, significance_notes,
                                                significance_rows)
@@ -173,7 +174,7 @@ def comparison(output_root: Path, names: list[str], resamples: int = 1000, seed:
         for label, block in blocks.items():
             key = name if len(blocks) == 1 else f"{name}:{label}"
             results[key], samples[key] = block, per_sample_stats(block)
-    tests, warnings = compare(results, samples, resamples, seed)
+    tests, warnings = compare(results, samples, resamples, seed, ar_trials)
     family = correct_family(tests)
     lines = md_table(*official_table(results))
     if tests:
@@ -204,7 +205,8 @@ def run(cfg, out_dir: Path | None = None) -> dict:
     root = abspath(cfg.paths.output_root)
     names = list(cfg.runs.compare or [])
     if names:
-        lines = comparison(root, names, cfg.eval.significance.resamples, cfg.eval.significance.seed)
+        lines = comparison(root, names, cfg.eval.significance.resamples, cfg.eval.significance.seed,
+                           cfg.eval.significance.ar_trials)
     else:
         header, rows = listing(root)
         lines = md_table(header, rows) if rows else [f"no runs under {root}"]

@@ -47,9 +47,11 @@ def test_the_listing_tells_each_run_state_and_the_comparison_tests_the_differenc
     assert by_name["refused"]["status"].startswith("stopped by settings: ValueError: sft.max_steps=0")
     assert run_summary(root / "runs" / "not-a-run") is None
 
-    text = "\n".join(comparison(root, ["good", "sweeps/grid/0"], resamples=200))
+    text = "\n".join(comparison(root, ["good", "sweeps/grid/0"], resamples=200, ar_trials=200))
     assert "| multi-label classification: f1_score | 1.0000 | 0.1250 |" in text
     assert "sweeps/grid/0 vs good" in text and "multi_label" in text
+    row = next(line for line in text.splitlines() if line.startswith("| sweeps/grid/0 vs good"))
+    assert row.split("|")[-4].strip() != "n/a", row  # p (AR): approximate randomization ran too
 
 
 def test_the_headline_is_the_runs_own_model_not_the_base_it_is_compared_with(tmp_path):

@@ -17,7 +17,7 @@ from flare_exp.runtime import abspath
 def load_rows(path: Path, allow_partial: bool, prepared_dir: str | None = None) -> tuple[list[dict], dict]:
     """The predictions of one file, joined by id to the prepared split they answer (found from the infer run,
     else ``prepared_dir``), checked; and what the report must say about them."""
-    from flare_exp.data.references import coverage, join_to_reference, reference_file
+    from flare_exp.data.references import join_to_reference, reference_file
 
     rows = read_jsonl(path)
     if not rows:
@@ -26,8 +26,8 @@ def load_rows(path: Path, allow_partial: bool, prepared_dir: str | None = None) 
     reference = reference_file(path, rows, prepared_dir)
     info: dict = {"answers_from": str(reference) if reference else "the predictions file"}
     if reference:
-        rows = join_to_reference(path, rows, reference)
-        info.update(coverage(rows, reference))
+        rows, covered = join_to_reference(path, rows, reference)
+        info.update(covered)
     else:
         info["answers_note"] = ("answers taken from the predictions file, unchecked: no prepared split was found "
                                 "to join them to (data.prepared_dir)")

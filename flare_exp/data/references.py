@@ -43,9 +43,10 @@ def _named(ids: list) -> str:
     return ", ".join(map(str, ids[:SHOWN])) + (f" and {len(ids) - SHOWN} more" if len(ids) > SHOWN else "")
 
 
-def join_to_reference(predictions: Path, rows: list[dict], reference: Path) -> list[dict]:
-    """The rows with the reference's answer, task type, dataset, question and image name; an id the reference
-    lacks, or an answer that differs from it, is an error naming the first few."""
+def join_to_reference(predictions: Path, rows: list[dict], reference: Path) -> tuple[list[dict], dict]:
+    """The rows with the reference's answer, task type, dataset, question and image name, and how much of the
+    split they answer (``coverage``); an id the reference lacks, or an answer that differs from it, is an error
+    naming the first few."""
     refs = {r["id"]: r for r in read_jsonl(reference) if isinstance(r, dict) and "id" in r}
     unknown = [r.get("id") for r in rows if r.get("id") not in refs]
     if unknown:
@@ -58,12 +59,13 @@ def join_to_reference(predictions: Path, rows: list[dict], reference: Path) -> l
         raise ValueError(f"{predictions}: {len(changed)} answer(s) differ from the prepared split {reference}: "
                          f"{_named(changed)}. Eval scores against the prepared answers; a predictions file whose "
                          "answers were edited is refused")
-    return [{**r, **{k: refs[r["id"]][k] for k in FROM_REFERENCE if k in refs[r["id"]]}} for r in rows]
+    joined = [{**r, **{k: refs[r["id"]][k] for k in FROM_REFERENCE if k in refs[r["id"]]}} for r in rows]
+    return joined, coverage(joined, reference, len(refs))
 
 
-def coverage(rows: list[dict], reference: Path) -> dict:
-    """A file that answers part of its split: the report says how much (else a subset reads as the whole)."""
-    total = len({r["id"] for r in read_jsonl(reference) if isinstance(r, dict) and "id" in r})
+def coverage(rows: list[dict], reference: Path, total: int) -> dict:
+    """A file that answers part of its split (``total`` questions): the report says how much (else a subset reads
+    as the whole)."""
     answered = len({r.get("id") for r in rows})
     if answered >= total:
         return {}

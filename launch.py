@@ -75,14 +75,16 @@ def main(cfg: DictConfig):
     from flare_exp.run.lock import RunLockedError
     from flare_exp.run.record import RunFinishedError
 
+    # sweeps keep the exception (the job fails and the sweep report says so), as does HYDRA_FULL_ERROR=1
+    said_in_one_line = HydraConfig.get().mode == RunMode.RUN and os.environ.get("HYDRA_FULL_ERROR") != "1"
     try:
         return run(cfg)
     except (*INPUT_ERRORS, RunFinishedError, RunLockedError, RunSettingsChangedError) as e:
-        if HydraConfig.get().mode != RunMode.RUN or os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise  # sweeps: the job fails and the sweep report says so
+        if not said_in_one_line:
+            raise
         refuse(e)
     except KeyboardInterrupt:  # Ctrl-C or SIGINT: the run dir already says FAILED (stopped from outside)
-        if HydraConfig.get().mode != RunMode.RUN or os.environ.get("HYDRA_FULL_ERROR") == "1":
+        if not said_in_one_line:
             raise
         print("\nflare-exp: stopped (Ctrl-C / SIGINT). The run dir says FAILED (stopped from outside); the same "
               "command resumes from the last checkpoint.", file=sys.stderr)

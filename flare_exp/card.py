@@ -39,10 +39,12 @@ MEMORY_MODEL = {
     "sft_sample_tokens": 700,  # a typical FLARE sample (two 512-px views + answer); longer batches recompute
     "sft_largest_budget": 12000,  # the largest budget measured (H200: 77 GiB); larger ones are not proven
     "sft_largest_micro_batch": 16,
-    # infer: weights + vision encoder workspace, and per report (prompt ~700 + new tokens): batch 128 x (700 +
-    # 128) tokens peaked at 53.9 GiB (2026-12-03): (53.9 - 9) / 106k tokens
-    "infer_reserved_gib": 11.0,
-    "infer_gib_per_1k_tokens": 0.43,
+    # infer: weights + vision encoder workspace, and per report (prompt + new tokens). Under 24 and 40 GiB caps
+    # (2026-12-03, four calls) the peaks of batches 24 / 32 / 48 / 72 of 684-token reports lie on one line,
+    # 8.4 GiB + 0.196 GiB per report (0.286 per 1,000 tokens; every residual <= 0.02 GiB); 1.1 GiB kept above
+    # the intercept. Without a cap the allocator keeps more cached (53.9 GiB at batch 128), not a need.
+    "infer_reserved_gib": 9.5,
+    "infer_gib_per_1k_tokens": 0.29,
     "infer_prompt_tokens": 700,
     "infer_largest_batch": 128,  # 128 made 28 reports/s against 16 at 32; larger not measured
     # GREEN-radllama2-7b: 13.5 GiB of fp16 weights, no grouped-query attention: 0.5 GiB per 1,000 tokens of KV

@@ -33,8 +33,8 @@ def _sft(base_overrides, *extra):
 
 
 # card GiB -> (micro-batch, accumulation, token budget), infer batch (256 new tokens), GREEN batch (2,048 tokens)
-SIZED = {141: ((16, 1, 12000), 128, 96), 80: ((8, 2, 6500), 128, 56), 48: ((16, 1, 3500), 80, 24),
-         40: ((16, 1, 2500), 56, 16), 24: ((16, 1, 1000), 24, 5)}
+SIZED = {141: ((16, 1, 12000), 128, 96), 80: ((8, 2, 6500), 128, 56), 48: ((16, 1, 3500), 120, 24),
+         40: ((16, 1, 2500), 96, 16), 24: ((16, 1, 1000), 40, 5)}
 
 
 @pytest.mark.parametrize("gib", sorted(SIZED))

@@ -85,3 +85,22 @@ def test_a_finished_infer_runs_file_cut_at_a_line_boundary_is_refused(tmp_path):
     assert len(rows) == 6
     _predictions(run_dir, [{**r, "prediction": "A"} for r in REFERENCE])
     assert len(load_rows(path, False, prepared)[0]) == 8
+
+
+def test_the_same_predictions_named_twice_are_refused_before_any_work(base_overrides, tmp_path):
+    """eval.predictions=[run, run/predictions.jsonl]: one run compared with itself is refused at the checks,
+    naming both entries; two different files pass."""
+    from flare_exp.checks import setting_problems
+
+    first, second = tmp_path / "a", tmp_path / "b"
+    for folder in (first, second):
+        folder.mkdir()
+        _predictions(folder, [{**r, "prediction": "A"} for r in REFERENCE])
+    twice = compose_cfg(["stage=eval", *base_overrides, f"eval.predictions=[{first},{first}/predictions.jsonl]"])
+    problems = setting_problems(twice)
+    assert len(problems) == 1 and "eval.predictions lists" in str(problems[0]) and "twice" in str(problems[0])
+    assert f"'{first}/predictions.jsonl'" in str(problems[0])
+    with pytest.raises(ValueError, match="twice"):
+        run(twice, run_dir=tmp_path / "eval")
+    assert not (tmp_path / "eval" / "metrics.json").exists()
+    assert setting_problems(compose_cfg(["stage=eval", *base_overrides, f"eval.predictions=[{first},{second}]"])) == []

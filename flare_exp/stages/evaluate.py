@@ -20,7 +20,7 @@ from flare_exp.metrics.scoring import ReportScorers, evaluate_file, flat_summary
 from flare_exp.metrics.significance import adjust_p_values, bootstrap_interval, compare, correct_family
 from flare_exp.reports.eval_report import write_reports
 from flare_exp.reports.sheets import write_scored_sheet
-from flare_exp.run.layout import METRICS, summary_name
+from flare_exp.run.layout import METRICS, predictions_file, summary_name
 from flare_exp.run.stage import Stage
 from flare_exp.runtime import abspath, barrier, ranks
 
@@ -45,6 +45,20 @@ STAGE = Stage(
 log = logging.getLogger(__name__)
 
 
+def check_settings(cfg) -> None:
+    """eval.predictions names each predictions file once: the same run twice would be compared with itself
+    (every difference 0, every p-value 1) and its sheet written twice under two names."""
+    seen: dict[Path, str] = {}
+    for entry in cfg.eval.predictions or ():
+        path = abspath(str(entry))
+        found = predictions_file(path)
+        key = (found or path).resolve()
+        if key in seen:
+            raise ValueError(f"eval.predictions lists {key} twice ({seen[key]!r} and {str(entry)!r}): name each "
+                             "run once")
+        seen[key] = str(entry)
+
+
 def judge_shares(cfg, scorers: ReportScorers, entries: list, rank: int, world: int) -> None:
     """A data-parallel eval: each rank's report judges (GREEN, CRIMSON) take their share of every file's reports
     (own journals), then rank 0 merges the journals. The other metrics are computed by rank 0 alone (they take
@@ -66,6 +80,7 @@ def run(cfg, out_dir: Path) -> dict:
     if not entries:
         raise ValueError("eval.predictions is empty: pass one or more predictions.jsonl files or infer run dirs, "
                          "e.g. eval.predictions=[outputs/runs/demo-infer]")
+    check_settings(cfg)
     adjust_p_values([], cfg.eval.significance.correction)  # an unknown correction fails before any judging
     prepare_gpu_run(cfg)
     scorers = ReportScorers(cfg, out_dir)

@@ -183,6 +183,7 @@ def run_grpo(args, work: Path) -> dict:
                    f"reward.radgraph.model_dir={work / 'radgraph'}", "reward.radgraph.build_tiny=true",
                    f"rl.cache_implementation={args.cache or 'dynamic'}",  # the baseline: TRL's own rollouts
                    f"rl.compile_generation={'true' if args.compile else 'false'}",
+                   f"rl.profile_steps={PROFILE_STEPS if args.profile else 0}",
                    f"paths.output_root={work / 'out'}", *args.set])
     from bench.grpo_split import StepSplit
 
@@ -190,13 +191,15 @@ def run_grpo(args, work: Path) -> dict:
     with StepSplit() as split:
         summary = run(cfg, run_dir=work / "runs" / name)
     history = json.loads((work / "runs" / name / "log_history.json").read_text())
+    keep_profile(work / "runs" / name, args, name)  # rollouts included: the decode steps' kernels
+    profiled = range(PROFILE_FIRST + 1, PROFILE_FIRST + PROFILE_STEPS + 1) if args.profile else ()
     print("GRPO step split (s, median over the steps after the warm-up):", json.dumps(split.medians(args.warmup)))
     return {"what": "grpo", "step_split_seconds": split.medians(args.warmup), "backend": args.backend, "num_generations": args.num_generations,
             "cache": args.cache or "dynamic", "compiled_decode": args.compile, "decode_loop": summary["decode_loop"],
             "completions_per_step": args.batch, "completion_length": args.completion_length,
             "wall_seconds": round(time.time() - t0, 1), "first_step_seconds": next(
                 (h["step_seconds"] for h in history if "step_seconds" in h), None),
-            **summarise(history, args.warmup)}
+            **summarise(history, args.warmup, profiled)}
 
 
 def run_infer(args, work: Path) -> dict:
@@ -291,7 +294,8 @@ def main() -> None:
                    help="grpo: rl.compile_generation=true (needs --cache static); sft: sft.compile_layers=true")
     p.add_argument("--image-device", default="auto", help="infer: infer.image_device")
     p.add_argument("--workers", type=int, default=None, help="sft: sft.dataloader_num_workers (default: the stage's)")
-    p.add_argument("--profile", action="store_true", help="sft: torch.profiler over two steps; infer: one batch")
+    p.add_argument("--profile", action="store_true",
+                   help="sft, grpo: torch.profiler over two steps (grpo: needs --steps >= 7); infer: one batch")
     p.add_argument("--radgraph-size", default="base", choices=["tiny", "base"], help="reward: the RadGraph's shapes")
     p.add_argument("--backend", default="hf", choices=["hf", "unsloth"])
     p.add_argument("--batch", type=int, default=8)

@@ -206,3 +206,14 @@ def test_bench_infer_answer_length_mix(tmp_path, tiny_model_dir, bench):
     same = compare(runs / f"{name}-IU_XRay", runs / f"{name}-bucket_by_task-true-IU_XRay")
     assert same["records"] == same["identical"] == 12 and same["same_order"]  # the GPU check, here in small
     assert "| flare mix" in bench_report(tmp_path / "out")
+
+
+def test_bench_grpo_profile(tmp_path, tiny_model_dir, bench):
+    """grpo --profile: steps 6 and 7 profiled (rollouts inside: the decode steps' kernels), their profile kept
+    beside the results and those steps left out of the medians."""
+    result = bench("grpo", "--model-dir", str(tiny_model_dir), "--work", str(tmp_path / "work"), "--image-size",
+                   "96", "--dtype", "float32", "--out", str(tmp_path / "out"), "--num-generations", "2",
+                   "--batch", "2", "--steps", "7", "--warmup", "1", "--completion-length", "4", "--profile")
+    assert result["steps_measured"] == 4
+    profile = (tmp_path / "out" / "profile-grpo-hf-bs2-ng2-dynamic-IU_XRay.txt").read_text()
+    assert profile.startswith("2 steps: wall ") and "aten::mm" in profile

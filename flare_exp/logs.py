@@ -23,6 +23,10 @@ HARMLESS_RECORDS = (
     # rl's default pair (importance_sampling_level=sequence, loss_type=dr_grpo; why: RLConfig in config.py): our
     # steps are on-policy, where the pair's gradient is token-level Dr. GRPO's, not the objective TRL warns of
     ("trl.trainer.grpo_trainer", "the `'dr_grpo'` loss sums per-token contributions"),
+    # the Trainer copies the tokenizer's PAD/BOS/EOS into the model's configs at every rl run (Qwen3-VL's
+    # top-level config has none); it keeps every EOS the generation config had, and the decoding reads the same
+    # ids from the tokenizer, so nothing a run decodes or trains changes
+    ("transformers.trainer_utils", "The tokenizer has new PAD/BOS/EOS tokens"),
 )
 
 

@@ -158,6 +158,32 @@ def test_trls_warning_about_our_default_rl_loss_is_left_out(caplog):
     assert len(caplog.records) == 1 and "`'dapo'`" in caplog.records[0].getMessage()
 
 
+def test_the_trainers_token_alignment_notice_is_left_out_and_keeps_every_end_token(caplog):
+    """transformers' Trainer aligns the model's special tokens with the tokenizer's at every rl run and says so;
+    the notice is left out because the alignment keeps every end token decoding stops at (checked here)."""
+    import types
+
+    from transformers import GenerationConfig
+    from transformers.trainer_utils import align_special_tokens
+
+    from flare_exp.logs import quiet_known_messages
+
+    quiet_known_messages()
+    model = types.SimpleNamespace(config=types.SimpleNamespace(), generation_config=GenerationConfig(
+        eos_token_id=[151645, 151643], pad_token_id=151643))
+    tokenizer = types.SimpleNamespace(eos_token_id=151645, bos_token_id=None, pad_token_id=151643)
+    source = logging.getLogger("transformers.trainer_utils")
+    with caplog.at_level(logging.WARNING, logger=source.name):
+        source.addHandler(caplog.handler)
+        try:
+            align_special_tokens(model, tokenizer)
+            source.warning("The tokenizer has a new chat template")  # another notice still shows
+        finally:
+            source.removeHandler(caplog.handler)
+    assert set(model.generation_config.eos_token_id) == {151645, 151643}
+    assert [r.getMessage() for r in caplog.records] == ["The tokenizer has a new chat template"]
+
+
 def test_a_training_stage_names_a_data_root_that_is_not_there(tmp_path):
     from flare_exp.checks import input_problems
 

@@ -3,6 +3,7 @@ setup, flare_exp/compile_cache.prepare_gpu_run). flare_exp/logs.py holds the mes
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 
 from flare_exp.logs import _DropText
@@ -14,6 +15,10 @@ SILENCED_WARNINGS = (
     # torch's TF32 hints: the stages compute in bf16/fp16; their few float32 matmuls are not worth TF32's rounding
     ("TensorFloat32 tensor cores for float32 matrix multiplication", "torch"),
     ("new API settings to control TF32", "torch"),
+    # inductor, compiling a softmax over the vocabulary (the decode loop's pick): a note to torch's developers
+    ("Online softmax is disabled on the fly", "torch._inductor"),
+    # a dependency's TorchScript decorator, met once at the first training step
+    ("`torch.jit.script_method` is deprecated", "torch.jit"),
 )
 # (logger, text) of log records nobody can act on
 SILENCED_RECORDS = (("torch._inductor.compile_fx", "TensorFloat32 tensor cores"),)
@@ -52,7 +57,7 @@ def quiet_gpu_messages() -> None:
     if _installed:
         return
     for text, _ in SILENCED_WARNINGS:
-        warnings.filterwarnings("ignore", message=f".*{text}")
+        warnings.filterwarnings("ignore", message=f"(?s).*{re.escape(text)}")  # inductor's begins with a newline
     for name, text in SILENCED_RECORDS:
         logging.getLogger(name).addFilter(_DropText(text))
     logging.getLogger(RECOMPILE_LOGGER).addFilter(RecompileLimitOnce())

@@ -18,13 +18,17 @@ def load_rows(path: Path, allow_partial: bool, prepared_dir: str | None = None) 
     """The predictions of one file, joined by id to the prepared split they answer (found from the infer run,
     else ``prepared_dir``), checked; and what the report must say about them."""
     from flare_exp.data.references import join_to_reference, reference_file
+    from flare_exp.data.sheet_predictions import is_sheet, read_sheet_predictions
 
-    rows = read_jsonl(path)
+    rows = read_sheet_predictions(path) if is_sheet(path) else read_jsonl(path)
     if not rows:
         raise ValueError(f"{path}: no predictions")
     check_written_count(path, len(rows), allow_partial)
     reference = reference_file(path, rows, prepared_dir)
     info: dict = {"answers_from": str(reference) if reference else "the predictions file"}
+    if is_sheet(path):
+        info["sheet_note"] = (f"predictions read from the worksheet {path.name}, as it is now: a prediction edited "
+                              "by hand is scored as edited")
     if reference:
         rows, covered = join_to_reference(path, rows, reference)
         info.update(covered)

@@ -36,6 +36,20 @@ def reference_file(predictions: Path, rows: list[dict], prepared_dir: str | None
         candidate = abspath(prepared_dir) / f"{next(iter(splits))}.jsonl"
         if candidate.is_file():
             return candidate
+    if prepared_dir and splits == {None}:  # rows that name no split (a worksheet, a hand-made file)
+        return split_holding(abspath(prepared_dir), {r.get("id") for r in rows})
+    return None
+
+
+def split_holding(prepared: Path, ids: set) -> Path | None:
+    """The prepared split whose questions include every one of ``ids`` (None if no split does)."""
+    for candidate in sorted(prepared.glob("*.jsonl")) if prepared.is_dir() else ():
+        try:
+            known = {r.get("id") for r in read_jsonl(candidate) if isinstance(r, dict)}
+        except ValueError:
+            continue  # not a split file
+        if ids <= known:
+            return candidate
     return None
 
 

@@ -149,8 +149,9 @@ def caveat_lines(results: dict, warnings: list[str], caveats: list[str] | None =
             lines.append(res["coverage"])
         if res.get("empty_predictions"):
             lines.append(f"{res['empty_predictions']} empty (null or non-text) prediction(s), scored as empty answers")
-        if res.get("answers_note"):
-            lines.append(res["answers_note"])
+        for note in ("answers_note", "sheet_note"):
+            if res.get(note):
+                lines.append(res[note])
         for task, block in res["official"].items():
             note = (block or {}).get("note") or (block or {}).get(OFFICIAL_METRIC[task]) is None and \
                 res["by_task"].get(task, {}).get(OFFICIAL_METRIC[task].split("_")[0] + "_note")

@@ -2,7 +2,7 @@
 GREEN package computes it; one model, or several side by side with paired significance tests.
 
 ``python launch.py stage=eval eval.predictions=[runs/a/infer,runs/b/infer]``: each entry is a predictions.jsonl
-or a run dir holding one. Several entries give a side-by-side comparison (base vs SFT vs RL, or a sweep).
+or a run dir holding one, or a worksheet (infer's predictions.xlsx, edited by hand: flare_exp/data/sheet_predictions.py). Several entries give a side-by-side comparison (base vs SFT vs RL, or a sweep).
 Writes metrics.json (per run: ``official``, FLARE's metric per task type and per dataset under FLARE's names;
 ``by_task`` / ``by_dataset``, every metric), metrics_summary.json (flat, for sweep reports), significance.json
 (comparisons), report.md, report.html, metrics.png, and the GREEN judge's per-sample counts when GREEN runs.
@@ -35,7 +35,7 @@ STAGE = Stage(
     ranks="several",
     feeds_from={"eval.predictions": ("infer",)},
     pipeline_step=True,
-    reads_doc="`eval.predictions` (one or more)",
+    reads_doc="`eval.predictions` (one or more: infer run dirs, `predictions.jsonl` or `.xlsx` files)",
     writes_doc=("`metrics.json`, `metrics_summary.json`, `significance.json` (several runs), `report.md`, "
         "`report.html`, `metrics.png`, `scored.xlsx` (each row with its score: correct, label F1, absolute "
         "error, GREEN or ROUGE-L; worst first; several runs: `scored_1.xlsx`, ... in eval.predictions' order, "

@@ -1,0 +1,98 @@
+"""Predictions read from a worksheet: infer's predictions.xlsx after a person has edited it (a prediction fixed
+by hand, rows deleted, columns moved), or a sheet made elsewhere with the same columns. eval takes it as an
+``eval.predictions`` entry like a predictions.jsonl; the rows are then joined to the prepared split as any file's.
+
+What Excel does to typed text is not guessed at: a number typed into a cell is read back as the number's text
+("12.5"), but a cell Excel turned into a date or a TRUE/FALSE, or a formula, is an error naming the cell, since
+the text that was typed cannot be known."""
+from __future__ import annotations
+
+import datetime
+import zipfile
+from pathlib import Path
+
+SHEET_SUFFIXES = (".xlsx", ".xlsm")
+SHEET = "predictions"  # the sheet infer writes; another workbook's first sheet is read instead
+# the columns infer's sheet has besides the prediction (header, case-insensitive -> row key); eval's scored
+# sheets add score columns, read past
+KNOWN_COLUMNS = {"imagename": "image_name", "question": "question", "answer": "answer", "dataset": "dataset",
+                 "tasktype": "task_type", "id": "id"}
+SCORE_COLUMNS = {"score", "score_kind"}
+
+
+def is_sheet(path: Path) -> bool:
+    return path.suffix.lower() in SHEET_SUFFIXES
+
+
+def read_sheet_predictions(path: Path) -> list[dict]:
+    """One row per question: id, prediction, and what else the sheet names (answer, task type, ...); the
+    prediction column's header (the run's label in infer's sheet) becomes the rows' ``model``."""
+    from openpyxl import load_workbook
+    from openpyxl.utils.exceptions import InvalidFileException
+
+    try:
+        workbook = load_workbook(path, read_only=True, data_only=False)
+    except (InvalidFileException, zipfile.BadZipFile, OSError, KeyError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable .xlsx workbook ({type(e).__name__}: {e})") from e
+    try:
+        sheet = workbook[SHEET] if SHEET in workbook.sheetnames else workbook.worksheets[0]
+        lines = sheet.iter_rows()
+        header = next(lines, None)
+        columns, prediction = _columns(path, sheet.title, header or ())
+        rows = []
+        for cells in lines:
+            row = _row(path, sheet.title, cells, columns, prediction)
+            if row is not None:
+                rows.append(row)
+    finally:
+        workbook.close()
+    return rows
+
+
+def _columns(path: Path, title: str, header) -> tuple[dict[int, str], tuple[int, str]]:
+    """{column index: row key} of the known columns, and (index, header) of the prediction column: the one
+    column that is neither a known one nor a score."""
+    names = [("" if c.value is None else str(c.value)).strip() for c in header]
+    columns = {i: KNOWN_COLUMNS[n.lower()] for i, n in enumerate(names) if n.lower() in KNOWN_COLUMNS}
+    others = [(i, n) for i, n in enumerate(names) if n and n.lower() not in {*KNOWN_COLUMNS, *SCORE_COLUMNS}]
+    shown = ", ".join(repr(n) for n in names if n) or "none"
+    if "id" not in columns.values():
+        raise ValueError(f"{path} (sheet {title!r}): no 'id' column (its columns: {shown}); eval joins each "
+                         "prediction to its question by id, as infer's predictions.xlsx has it")
+    if len(others) != 1:
+        raise ValueError(
+            f"{path} (sheet {title!r}): {'no' if not others else 'more than one'} column that could hold the "
+            f"predictions (its columns: {shown}). Keep exactly one column besides "
+            "ImageName, Question, Answer, Dataset, TaskType and id: the predictions, headed by the run's label")
+    return columns, others[0]
+
+
+def _row(path: Path, title: str, cells, columns: dict[int, str], prediction: tuple[int, str]) -> dict | None:
+    """The row's values by key (None for an empty row); a cell whose typed text is lost is an error."""
+    values = {i: _text(path, title, c) for i, c in enumerate(cells)}
+    if all(v in (None, "") for v in values.values()):
+        return None  # an empty line left by a deleted row
+    row = {key: values.get(i) for i, key in columns.items() if values.get(i) is not None}
+    row["prediction"] = values.get(prediction[0]) or ""  # an empty cell: an empty answer, scored as wrong
+    row["model"] = prediction[1]
+    if not row.get("id"):
+        raise ValueError(f"{path} (sheet {title!r}), row {cells[0].row}: a prediction without an id; give it the "
+                         "question's id or delete the row")
+    return row
+
+
+def _text(path: Path, title: str, cell) -> str | None:
+    value = getattr(cell, "value", None)
+    if value is None or isinstance(value, str) and cell.data_type != "f":
+        return value
+    where = f"{path} (sheet {title!r}), cell {cell.coordinate}"
+    if cell.data_type == "f":
+        raise ValueError(f"{where} holds a formula ({value}): paste its value as text")
+    if isinstance(value, bool) or isinstance(value, (datetime.date, datetime.time, datetime.timedelta)):
+        raise ValueError(f"{where}: Excel turned the typed text into {type(value).__name__} {value}; format the "
+                         "column as Text and type it again")
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() and abs(value) < 2 ** 53 else repr(value)
+    return str(value)

@@ -1,0 +1,112 @@
+"""eval.predictions may name a worksheet (infer's predictions.xlsx, edited by hand): read as it is now, joined to
+the prepared split like a predictions.jsonl; what Excel did to typed text is read back as text where it can be
+(numbers) and refused, naming the cell, where it cannot (dates, booleans, formulas)."""
+import datetime
+import json
+
+import pytest
+from openpyxl import load_workbook
+
+from conftest import compose_cfg
+from flare_exp.data.predictions import load_rows
+from flare_exp.io import write_jsonl
+from flare_exp.main import run
+from flare_exp.reports.sheets import write_sheet
+
+REFERENCE = [{"id": f"boneresorption/{i}", "dataset": "boneresorption", "task_type": "regression",
+              "answer": str(10 + i), "split": "val", "question": f"q{i}", "image_name": f"{i}.png"}
+             for i in range(6)] + \
+            [{"id": f"dental/{i}", "dataset": "dental", "task_type": "classification", "answer": "ABC"[i % 3],
+              "split": "val", "question": f"d{i}", "image_name": f"d{i}.png"} for i in range(6)]
+PREDICTED = {**{f"boneresorption/{i}": str(10 + i + (i % 2)) for i in range(6)},
+             **{f"dental/{i}": "ABCA"[i % 4] for i in range(6)}}
+
+
+def _prepared(tmp_path):
+    write_jsonl(tmp_path / "prepared" / "val.jsonl", REFERENCE)
+    write_jsonl(tmp_path / "prepared" / "train.jsonl", [{**REFERENCE[0], "id": "other/0", "split": "train"}])
+    return str(tmp_path / "prepared")
+
+
+def _sheet(tmp_path, name="predictions.xlsx"):
+    rows = [{**r, "prediction": PREDICTED[r["id"]]} for r in REFERENCE]
+    write_jsonl(tmp_path / "predictions.jsonl", rows)
+    write_sheet(tmp_path / name, rows, "my-run")
+    return tmp_path / name
+
+
+def _edit(path, edit):
+    workbook = load_workbook(path)
+    edit(workbook["predictions"])
+    workbook.save(path)
+    return path
+
+
+def test_a_sheet_reads_as_its_jsonl_and_scores_the_same(base_overrides, tmp_path):
+    prepared = _prepared(tmp_path)
+    sheet = _sheet(tmp_path)
+    from_sheet, info = load_rows(sheet, False, prepared)
+    from_jsonl, _ = load_rows(tmp_path / "predictions.jsonl", False, prepared)
+    pick = lambda rows: [(r["id"], r["prediction"], r["answer"], r["task_type"]) for r in rows]  # noqa: E731
+    assert pick(from_sheet) == pick(from_jsonl) and from_sheet[0]["model"] == "my-run"
+    assert info["answers_from"].endswith("prepared/val.jsonl") and "worksheet predictions.xlsx" in info["sheet_note"]
+    metrics = {}
+    for name, entry in (("sheet", sheet), ("jsonl", tmp_path / "predictions.jsonl")):
+        run(compose_cfg(["stage=eval", *base_overrides, f"eval.predictions=[{entry}]",
+                         f"data.prepared_dir={prepared}", f"run_name=e-{name}"]), run_dir=tmp_path / name)
+        metrics[name] = next(iter(json.loads((tmp_path / name / "metrics.json").read_text()).values()))
+    assert metrics["sheet"]["official"] == metrics["jsonl"]["official"]
+    assert metrics["sheet"]["official"]["regression"]["mean_absolute_error"] == 0.5
+    assert (tmp_path / "sheet" / "scored.xlsx").exists()
+    assert "worksheet predictions.xlsx, as it is now" in (tmp_path / "sheet" / "report.md").read_text()
+
+
+def test_hand_edits_are_scored_as_edited(tmp_path):
+    """A prediction retyped as a number, a deleted row, an empty line, another sheet put first."""
+    prepared = _prepared(tmp_path)
+
+    def edit(sheet):
+        sheet["D2"] = 99.5  # boneresorption/0's prediction, typed as a number
+        sheet["D3"] = 7  # boneresorption/1
+        sheet.delete_rows(4)  # boneresorption/2 gone
+        sheet.insert_rows(6)  # an empty line
+    sheet = _edit(_sheet(tmp_path), edit)
+    workbook = load_workbook(sheet)
+    workbook.create_sheet("my notes", 0).append(["nothing to read here"])
+    workbook.save(sheet)
+    rows, info = load_rows(sheet, False, prepared)
+    by_id = {r["id"]: r["prediction"] for r in rows}
+    assert by_id["boneresorption/0"] == "99.5" and by_id["boneresorption/1"] == "7"
+    assert len(rows) == 11 and "boneresorption/2" not in by_id
+    assert info["coverage"].startswith("1 of the 12 questions")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s.__setitem__("D2", datetime.datetime(2024, 1, 2)), r"cell D2: Excel turned the typed text into "
+                                                                    r"datetime"),
+    (lambda s: s.__setitem__("D3", True), "cell D3: Excel turned the typed text into bool"),
+    (lambda s: s.__setitem__("D4", "=1+1"), r"cell D4 holds a formula \(=1\+1\): paste its value"),
+    (lambda s: s.__setitem__("G1", "ID number"), r"no 'id' column \(its columns: 'ImageName', .*'ID number'\)"),
+    (lambda s: s.__setitem__("H1", "my notes"), r"more than one column that could hold the predictions"),
+    (lambda s: s.__setitem__("D1", "Answer"), r"no column that could hold the predictions"),
+    (lambda s: s.__setitem__("G5", None), "row 5: a prediction without an id"),
+    (lambda s: s.__setitem__("G11", "dental/0"), r"id\(s\) occur more than once"),  # dental/3: its answer too
+])
+def test_what_cannot_be_read_back_is_refused_naming_the_cell(tmp_path, edit, message):
+    prepared = _prepared(tmp_path)
+    sheet = _edit(_sheet(tmp_path), edit)
+    with pytest.raises(ValueError, match=message):
+        load_rows(sheet, False, prepared)
+
+
+def test_a_sheet_outside_a_run_finds_its_split_and_a_broken_file_is_named(tmp_path):
+    prepared = _prepared(tmp_path)
+    (tmp_path / "elsewhere").mkdir()
+    sheet = _sheet(tmp_path / "elsewhere", "mine.xlsx")
+    _edit(sheet, lambda s: s.delete_cols(1, 3))  # ImageName, Question, Answer removed: answers from the split
+    rows, info = load_rows(sheet, False, prepared)
+    assert info["answers_from"].endswith("prepared/val.jsonl") and rows[0]["answer"] == "10"
+    torn = tmp_path / "torn.xlsx"
+    torn.write_bytes(sheet.read_bytes()[:500])
+    with pytest.raises(ValueError, match=r"torn.xlsx: not a readable .xlsx workbook"):
+        load_rows(torn, False, prepared)

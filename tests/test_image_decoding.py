@@ -121,3 +121,16 @@ def test_a_bad_window_is_named():
     for bad in ([5, 5], [1], [0, float("nan")]):
         with pytest.raises(ValueError, match=r"data.image_window="):
             check_window(bad)
+
+
+def test_every_pil_mode_in_memory_becomes_rgb_and_premultiplied_grey_is_its_grey():
+    """Modes no saved file of ours has (e.g. La, premultiplied grey + alpha, which PIL cannot convert) still
+    follow the rule: the grey over black."""
+    from flare_exp.data.decoding import to_rgb
+
+    grey = np.arange(48, dtype=np.uint8).reshape(6, 8) * 5
+    for mode in ("1", "L", "P", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV", "I", "F", "I;16", "I;16B",
+                 "I;16L", "I;16N", "LA", "La", "PA", "RGBa"):
+        assert to_rgb(Image.new(mode, (8, 6))).mode == "RGB", mode
+    premultiplied = Image.merge("La", [Image.fromarray(grey), Image.new("L", (8, 6), 128)])
+    assert (np.asarray(to_rgb(premultiplied))[..., 1] == grey).all()

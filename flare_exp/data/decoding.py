@@ -11,7 +11,8 @@ gives the same pixels everywhere.
      minimum and maximum (a constant image becomes black), or the window the user set (data.image_window).
      PIL's own conversion would clip, not scale: a 16-bit X-ray became two grey levels, nearly all white.
    - alpha (``LA``, ``La``, ``PA``, ``RGBA``, ``RGBa``, and ``P`` with a transparent colour): composited over
-     black, the colour of no signal on an X-ray: ``value * alpha / 255``, rounded.
+     black, the colour of no signal on an X-ray: ``value * alpha / 255``, rounded (``La``, grey premultiplied by
+     its alpha, is that already: its grey channel).
 """
 from __future__ import annotations
 
@@ -67,6 +68,8 @@ def to_rgb(im: Image.Image, window: tuple[float, float] | None = None) -> Image.
     mode = im.mode
     if mode in HIGH_BIT_DEPTH:
         return Image.fromarray(scale_to_8bit(np.asarray(im), window), mode="L").convert("RGB")
+    if mode == "La":  # grey premultiplied by its alpha: already the grey over black (PIL cannot unpremultiply it)
+        return im.getchannel(0).convert("RGB")
     if mode in WITH_ALPHA or (mode == "P" and "transparency" in im.info):
         return _over_black(im)
     if mode == "1":

@@ -84,6 +84,27 @@ def test_resume_refuses_every_deciding_change(stage, base_overrides, demo_prepar
             check_resume(stage, run_dir, {**recorded, "settings": settings_of(stage, _set(config, key, _changed(value)))})
 
 
+def test_a_cut_fingerprint_is_named_not_a_json_traceback(base_overrides, tmp_path):
+    """An unfinished run whose fingerprint.json was cut short (or edited) cannot be compared: refused, naming the
+    file and the way out, before anything resumes; a finished one, when a pipeline would reuse it, likewise."""
+    from flare_exp.run.fingerprint import finished_differences
+
+    cfg = compose_cfg(["stage=infer", *base_overrides])
+    run_dir = tmp_path / "infer"
+    run_dir.mkdir()
+    text = json.dumps(fingerprint("infer", cfg))
+    (run_dir / "fingerprint.json").write_text(text[: len(text) // 2])
+    _left_to_resume("infer", run_dir)
+    for check in (lambda: check_resume("infer", run_dir, fingerprint("infer", cfg)),
+                  lambda: finished_differences("infer", run_dir, cfg)):
+        with pytest.raises(RunSettingsChangedError, match=r"fingerprint.json is unreadable \(JSONDecodeError: .*"
+                                                          r"cannot be compared .* overwrite=true"):
+            check()
+    (run_dir / "fingerprint.json").write_text("[]")  # parses, but is no fingerprint
+    with pytest.raises(RunSettingsChangedError, match="unreadable"):
+        check_resume("infer", run_dir, fingerprint("infer", cfg))
+
+
 def test_every_stage_that_resumes_has_its_deciding_keys():
     assert set(RESUMABLE) <= set(DECIDING) and {"model"} <= set(DECIDING["sft"]) & set(DECIDING["rl"]) & set(
         DECIDING["infer"])

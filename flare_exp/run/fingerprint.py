@@ -108,13 +108,29 @@ def _resumable(stage: str, run_dir: Path) -> list[Path]:
     return [p for pattern in RESUMABLE.get(stage, ()) for p in sorted(run_dir.glob(pattern))]
 
 
+def recorded_fingerprint(run_dir: Path) -> dict:
+    """The fingerprint a run dir recorded; one that does not parse (cut short, edited) is an error saying what to
+    do, since the run's settings can no longer be compared with this one's."""
+    path = run_dir / FINGERPRINT
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        recorded = e
+    if not isinstance(recorded, dict):
+        raise RunSettingsChangedError(
+            f"{path} is unreadable ({type(recorded).__name__}: {recorded}), so the settings of the run in {run_dir} "
+            "cannot be compared with this one's. Pass overwrite=true to start afresh (the earlier attempt moves to "
+            "attempts/NN/), or choose another run_name=.")
+    return recorded
+
+
 def check_resume(stage: str, run_dir: Path, new: dict) -> None:
     """An unfinished attempt left outputs to continue from: its fingerprint must be this run's."""
     left = _resumable(stage, run_dir)
     recorded = run_dir / FINGERPRINT
     if not left or not recorded.exists():
         return
-    changed = differences(json.loads(recorded.read_text()), new)
+    changed = differences(recorded_fingerprint(run_dir), new)
     if changed:
         raise RunSettingsChangedError(
             f"{run_dir} holds an unfinished {stage} run ({', '.join(p.name for p in left[:3])}) made with other "
@@ -129,7 +145,7 @@ def finished_differences(stage: str, run_dir: Path, cfg) -> list[str]:
     new = fingerprint(stage, cfg)
     recorded = run_dir / FINGERPRINT
     if recorded.exists():
-        return differences(json.loads(recorded.read_text()), new)
+        return differences(recorded_fingerprint(run_dir), new)
     config = run_dir / CONFIG
     old = settings_of(stage, OmegaConf.to_container(OmegaConf.load(config))) if config.exists() else {}
     return differences({"settings": old}, {"settings": new["settings"]})

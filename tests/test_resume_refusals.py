@@ -105,6 +105,28 @@ def test_a_cut_fingerprint_is_named_not_a_json_traceback(base_overrides, tmp_pat
         check_resume("infer", run_dir, fingerprint("infer", cfg))
 
 
+@pytest.mark.parametrize("stage, key, value", [("sft", "sft.max_steps", 7), ("rl", "rl.max_steps", 7),
+                                               ("infer", "infer.num_samples", 5)])
+def test_a_budget_change_resumes_but_is_no_finished_step(stage, key, value, base_overrides, tmp_path):
+    """Training longer, or answering more records, may continue an unfinished run; a pipeline does not reuse a
+    finished step made with another budget (its outputs are not what was asked for), naming the key; a
+    fingerprint recorded before budgets were has none to compare."""
+    from flare_exp.run.fingerprint import finished_differences
+
+    cfg = compose_cfg([f"stage={stage}", *base_overrides])
+    run_dir = tmp_path / stage
+    run_dir.mkdir()
+    recorded = fingerprint(stage, cfg)
+    (run_dir / "fingerprint.json").write_text(json.dumps(recorded))
+    _left_to_resume(stage, run_dir)
+    other = compose_cfg([f"stage={stage}", *base_overrides, f"{key}={value}"])
+    check_resume(stage, run_dir, fingerprint(stage, other))  # a resume may change it
+    assert finished_differences(stage, run_dir, cfg) == []
+    assert finished_differences(stage, run_dir, other) == [f"{key}: {OmegaConf.select(cfg, key)} -> {value}"]
+    (run_dir / "fingerprint.json").write_text(json.dumps({k: v for k, v in recorded.items() if k != "budget"}))
+    assert finished_differences(stage, run_dir, other) == []
+
+
 def test_every_stage_that_resumes_has_its_deciding_keys():
     assert set(RESUMABLE) <= set(DECIDING) and {"model"} <= set(DECIDING["sft"]) & set(DECIDING["rl"]) & set(
         DECIDING["infer"])

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 # What each stage's declaration (run/stage.py) says decides its outputs, may change on a resume, and resumes from.
 DECIDING = {s.name: s.deciding for s in declared_stages().values() if s.deciding}
 FREE = {s.name: s.free for s in declared_stages().values() if s.free}
+BUDGET = {s.name: s.budget for s in declared_stages().values() if s.budget}
 RESUMABLE = {s.name: s.resumable for s in declared_stages().values() if s.resumable}
 STARTS = {s.name: s.starts_from for s in declared_stages().values() if s.starts_from}  # the adapter it starts from
 
@@ -86,13 +87,14 @@ def fingerprint(stage: str, cfg) -> dict:
     files = {key: file_fingerprint(path)["sha256"] for key, path in input_files(stage, cfg).items()
              if path.is_file()}
     return {"stage": stage, "settings": settings_of(stage, OmegaConf.to_container(cfg, resolve=True)),
-            "files": files}
+            "files": files, "budget": {key: OmegaConf.select(cfg, key) for key in BUDGET.get(stage, ())}}
 
 
-def differences(old: dict, new: dict) -> list[str]:
-    """'key: old -> new' for every deciding setting or input file that differs."""
+def differences(old: dict, new: dict, budget: bool = False) -> list[str]:
+    """'key: old -> new' for every deciding setting or input file that differs; with ``budget`` also the budget
+    keys (a finished run's; a fingerprint recorded before they were has none to compare)."""
     out = []
-    for kind in ("settings", "files"):
+    for kind in ("settings", "files", *(("budget",) if budget and "budget" in old else ())):
         before, after = old.get(kind, {}), new.get(kind, {})
         for key in sorted(set(before) | set(after)):
             a, b = before.get(key, "(unset)"), after.get(key, "(unset)")
@@ -145,7 +147,7 @@ def finished_differences(stage: str, run_dir: Path, cfg) -> list[str]:
     new = fingerprint(stage, cfg)
     recorded = run_dir / FINGERPRINT
     if recorded.exists():
-        return differences(recorded_fingerprint(run_dir), new)
+        return differences(recorded_fingerprint(run_dir), new, budget=True)
     config = run_dir / CONFIG
     old = settings_of(stage, OmegaConf.to_container(OmegaConf.load(config))) if config.exists() else {}
     return differences({"settings": old}, {"settings": new["settings"]})

@@ -43,6 +43,9 @@ class Stage:
     defaults: dict = field(default_factory=dict)  # key -> the path read when the key is unset ({dotted.key} filled)
     deciding: tuple = ()  # config keys (whole sections or single keys) whose values decide its outputs
     free: tuple = ()  # keys under those that a resume may change (speed, logging, budgets)
+    # the free keys a finished run's outputs still follow (how long it trained, how many records it answered):
+    # a resume may change them, a pipeline reusing the finished step may not
+    budget: tuple = ()
     fingerprinted: tuple = ()  # keys naming input files whose bytes decide its outputs
     starts_from: str | None = None  # the key naming the adapter it starts from
     resumable: tuple = ()  # what a resume continues from (globs in its run dir)

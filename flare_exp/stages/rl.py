@@ -40,6 +40,7 @@ STAGE = Stage(
         "rl.cache_implementation", "rl.compile_generation", "rl.decode_loop", "rl.use_vllm", "rl.profile_steps",
         "rl.report_to", "rl.wandb_project", "rl.wandb_mode", "reward.radgraph.cache_size",
         "reward.radgraph.device", "reward.radgraph.build_tiny"),
+    budget=("rl.max_steps",),
     fingerprinted=("rl.train_file",),
     starts_from="rl.init_from",
     resumable=("checkpoint-*",),

@@ -35,6 +35,7 @@ STAGE = Stage(
         "sft.compile_layers", "sft.compile_backend", "sft.answer_logits_only", "sft.rope_positions",
         "sft.recompute_above_tokens", "sft.profile_steps", "sft.report_to", "sft.wandb_project",
         "sft.wandb_mode"),
+    budget=("sft.max_steps", "sft.num_train_epochs", "sft.early_stopping_patience", "sft.max_eval_samples"),
     fingerprinted=("sft.train_file", "sft.val_file"),
     starts_from="sft.init_from",
     resumable=("checkpoint-*",),

@@ -85,6 +85,24 @@ def test_test_split_writes_a_flare_submission(base_overrides, tmp_path):
     records = json.loads((tmp_path / "inf" / "submission" / "dental_predictions.json").read_text())
     assert set(records[0]) == {"TaskType", "Modality", "ImageName", "Question", "Answer", "Split"}
     assert records[0]["TaskType"] == "Classification"
+    summary = _infer(base_overrides, tmp_path / "part", "infer.split=test", "infer.num_samples=3")
+    assert not (tmp_path / "part" / "submission").exists() and summary["submission_complete"] is False
+    assert sum(len(json.loads(f.read_text())) for f in (tmp_path / "part" / "submission_subset").glob("*.json")) == 3
+
+
+def test_a_smaller_num_samples_keeps_the_predictions_it_leaves_out(base_overrides, sft_adapter, tmp_path):
+    run_dir = tmp_path / "inf"
+    _infer(base_overrides, run_dir, f"infer.checkpoint={sft_adapter}", "infer.num_samples=6")
+    first = {json.loads(l)["id"]: l for l in (run_dir / "predictions.jsonl").read_text().splitlines()}
+    (run_dir / "DONE").unlink()  # an unfinished attempt, resumed asking for fewer
+    summary = _infer(base_overrides, run_dir, f"infer.checkpoint={sft_adapter}", "infer.num_samples=2")
+    assert summary["samples"] == 2 and summary["generated_now"] == 0
+    spare = (run_dir / "predictions.beyond_num_samples.jsonl").read_text().splitlines()
+    assert len(spare) == 4 and all(first[json.loads(l)["id"]] == l for l in spare)  # kept as they were
+    (run_dir / "DONE").unlink()
+    summary = _infer(base_overrides, run_dir, f"infer.checkpoint={sft_adapter}", "infer.num_samples=6")
+    assert summary["generated_now"] == 0 and summary["samples"] == 6  # none decoded again
+    assert not (run_dir / "predictions.beyond_num_samples.jsonl").exists()
 
 
 def test_eval_demo_and_comparison(base_overrides, sft_adapter, tmp_path):

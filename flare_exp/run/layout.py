@@ -20,6 +20,9 @@ HYDRA = ".hydra"  # Hydra's own record of a launch: its composed config and the 
 OVERRIDES = "overrides.yaml"
 PREDICTIONS = "predictions.jsonl"
 RANK_PREDICTIONS = "predictions.rank{rank}.jsonl"  # one per rank of a data-parallel infer, merged at the end
+# predictions an earlier attempt made for records a smaller infer.num_samples leaves out: kept, and reused by a
+# later attempt that asks for them again
+SPARE_PREDICTIONS = "predictions.beyond_num_samples.jsonl"
 LOG_HISTORY = "log_history.json"
 METRICS = "metrics.json"
 REPORT_HTML = "report.html"

@@ -24,7 +24,7 @@ from flare_exp.models.batch_decoding import (Decoder, batches_with_images, decod
 from flare_exp.models.checkpoints import adapter_identity, resolve_adapter
 from flare_exp.models.loading import load_model
 from flare_exp.reports.sheets import write_sheet
-from flare_exp.run.layout import PREDICTIONS, summary_name
+from flare_exp.run.layout import PREDICTIONS, SPARE_PREDICTIONS, summary_name
 from flare_exp.run.layout import RANK_PREDICTIONS as RANK_JOURNAL
 from flare_exp.run.stage import Stage, infer_input_file
 from flare_exp.runtime import abspath, ranks
@@ -43,13 +43,14 @@ STAGE = Stage(
     budget=("infer.num_samples",),
     fingerprinted=("infer.input_file",),
     starts_from="infer.checkpoint",
-    resumable=("predictions.jsonl", "predictions.rank*.jsonl"),
+    resumable=("predictions.jsonl", "predictions.rank*.jsonl", "predictions.beyond_num_samples.jsonl"),
     ranks="several",
     loads_model=True,
     feeds_from={"infer.checkpoint": ("rl", "sft")},
     pipeline_step=True,
     reads_doc="`infer.checkpoint` (none = base model; a run, pipeline or adapter dir), `infer.split`",
-    writes_doc="`predictions.jsonl`, `predictions.xlsx`, `submission/` (test split), `infer_summary.json`",
+    writes_doc=("`predictions.jsonl`, `predictions.xlsx`, `submission/` (test split; `submission_subset/` when "
+                "`infer.num_samples` leaves questions out), `infer_summary.json`"),
 )
 
 log = logging.getLogger(__name__)
@@ -82,16 +83,23 @@ def timed_batch(decode: Decoder, records: list[dict], images, number: int, run_d
     return texts
 
 
-def write_submission(out_dir: Path, rows: list[dict]) -> None:
+def write_submission(out_dir: Path, rows: list[dict], questions: int) -> Path:
     """FLARE's format: the question records with Answer filled in, one file per dataset; FLARE joins them to
-    its ground truth on ImageName||Question."""
+    its ground truth on ImageName||Question. Written to submission/ when ``rows`` answer all ``questions`` of the
+    split, else to submission_subset/ (a question missing from an upload scores as wrong), said in the log."""
+    folder = out_dir / ("submission" if len(rows) >= questions else "submission_subset")
+    if folder.name != "submission":
+        log.warning("infer: %d of the %d test questions answered (infer.num_samples): the files are in %s/, not "
+                    "submission/; FLARE scores every question an upload lacks as wrong", len(rows), questions,
+                    folder.name)
     by_dataset: dict[str, list] = {}
     for r in rows:
         by_dataset.setdefault(r["dataset"], []).append({
             "TaskType": r["raw_task_type"], "Modality": r.get("modality", "Xray"), "ImageName": r["image_name"],
             "Question": r["question"], "Answer": r["prediction"], "Split": "test"})
     for dataset, records in by_dataset.items():
-        write_json(out_dir / "submission" / f"{dataset}_predictions.json", records)
+        write_json(folder / f"{dataset}_predictions.json", records)
+    return folder
 
 
 def check_settings(cfg) -> None:
@@ -101,7 +109,8 @@ def check_settings(cfg) -> None:
 def read_predictions(out_dir: Path) -> dict[str, dict]:
     """Every prediction written so far: the merged file and any rank's journal (a resume may use another
     number of ranks than the attempt it continues)."""
-    done = read_journal(out_dir / PREDICTIONS, "id")
+    done = read_journal(out_dir / SPARE_PREDICTIONS, "id")
+    done.update(read_journal(out_dir / PREDICTIONS, "id"))
     for journal in sorted(out_dir.glob(RANK_JOURNAL.format(rank="*"))):
         done.update(read_journal(journal, "id"))
     return done
@@ -173,6 +182,7 @@ def run(cfg, out_dir: Path) -> dict:
     inf = cfg.infer
     source = abspath(infer_input_file(cfg))
     records = read_jsonl(source)
+    questions = len(records)
     if inf.num_samples and inf.num_samples > 0:
         records = records[:inf.num_samples]
     if not records:
@@ -197,11 +207,11 @@ def run(cfg, out_dir: Path) -> dict:
         generated, elapsed = sum(c[0] for c in counts), max(c[1] for c in counts)
         loop = next((c[2] for c in counts if c[2]), None)
         done = read_predictions(out_dir)
-    return finish(cfg, out_dir, records, done, label, generated, elapsed, loop, world, batch_choice)
+    return finish(cfg, out_dir, records, done, label, generated, elapsed, loop, world, batch_choice, questions)
 
 
 def finish(cfg, out_dir: Path, records: list[dict], done: dict, label: str, generated: int, elapsed: float,
-           loop: str | None, world: int, batch_choice: dict | None = None) -> dict:
+           loop: str | None, world: int, batch_choice: dict | None = None, questions: int = 0) -> dict:
     """One predictions file in input order (the ranks' journals merged into it), the sheet, the summary."""
     inf, pred_path = cfg.infer, out_dir / PREDICTIONS
     missing = [r["id"] for r in records if r["id"] not in done]
@@ -209,22 +219,27 @@ def finish(cfg, out_dir: Path, records: list[dict], done: dict, label: str, gene
         raise RuntimeError(f"infer: {len(missing)} records have no prediction after all ranks finished "
                            f"(first: {missing[0]}); rerun to complete them")
     rows = [done[r["id"]] for r in records]  # the input's order
-    beyond = len(done) - len(rows)
-    if beyond:  # an earlier attempt with a larger infer.num_samples: the file holds what the summary counts
+    asked = {r["id"] for r in records}
+    spare = [row for key, row in done.items() if key not in asked]
+    if spare:  # an earlier attempt with a larger infer.num_samples: the file holds what the summary counts
+        write_jsonl(out_dir / SPARE_PREDICTIONS, spare)  # kept for an attempt that asks for them again
         log.warning("infer: %d predictions of an earlier attempt are not among the %d records asked for "
-                    "(infer.num_samples=%s): left out of %s", beyond, len(rows), inf.num_samples, pred_path)
+                    "(infer.num_samples=%s): left out of %s, kept in %s", len(spare), len(rows), inf.num_samples,
+                    pred_path.name, SPARE_PREDICTIONS)
+    else:
+        (out_dir / SPARE_PREDICTIONS).unlink(missing_ok=True)  # every one of them is in the predictions now
     write_jsonl(pred_path, rows)  # one row per record, in input order (the journals are in decoding order)
     for journal in out_dir.glob(RANK_JOURNAL.format(rank="*")):
         journal.unlink()  # merged above
     adapter = used_adapter(cfg)
     write_sheet(out_dir / "predictions.xlsx", rows, label, adapter=adapter)
-    if all(r["answer"] is None for r in rows):
-        write_submission(out_dir, rows)
+    submission = write_submission(out_dir, rows, questions) if all(r["answer"] is None for r in rows) else None
     summary = {"predictions": str(pred_path), "sheet": str(out_dir / "predictions.xlsx"), "label": label,
                "checkpoint": inf.checkpoint, "adapter": adapter, "split": inf.split, "samples": len(rows), "generated_now": generated,
                "reports_per_second": round(generated / elapsed, 3) if elapsed else None,
                "batch_size": inf.batch_size, "batch_size_choice": batch_choice, "max_new_tokens": inf.max_new_tokens,
                "decode_loop": loop,
-               "world_size": world}
+               "world_size": world, **({"submission": str(submission), "submission_complete":
+                                         submission.name == "submission"} if submission else {})}
     write_json(out_dir / summary_name("infer"), summary)
     return summary

@@ -99,7 +99,7 @@ def _parse_line(path: Path, lineno: int, raw: bytes):
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}:{lineno}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
 
 
 def read_journal(path: str | Path, key: str) -> dict[str, dict]:
@@ -142,6 +142,24 @@ def read_jsonl(path: str | Path) -> list[dict]:
             if line.strip():
                 rows.append(_parse_line(path, lineno, line))
     return rows
+
+
+def read_jsonl_of_unfinished_run(path: str | Path) -> tuple[list[dict], bool]:
+    """read_jsonl for a journal another job may have been killed while writing: a torn last line is left out
+    (the file itself is not touched) and said by the second value; a broken line elsewhere is an error."""
+    lines = Path(path).read_bytes().splitlines() if Path(path).is_file() else None
+    if lines is None:
+        raise FileNotFoundError(f"{path}: no such file")
+    rows = []
+    for i, raw in enumerate(lines):
+        if raw.strip():
+            try:
+                rows.append(_parse_line(Path(path), i + 1, raw))
+            except ValueError:
+                if i < len(lines) - 1:
+                    raise
+                return rows, True
+    return rows, False
 
 
 def file_fingerprint(path: str | Path) -> dict:

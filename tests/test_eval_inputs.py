@@ -104,3 +104,33 @@ def test_the_same_predictions_named_twice_are_refused_before_any_work(base_overr
         run(twice, run_dir=tmp_path / "eval")
     assert not (tmp_path / "eval" / "metrics.json").exists()
     assert setting_problems(compose_cfg(["stage=eval", *base_overrides, f"eval.predictions=[{first},{second}]"])) == []
+
+
+def test_numbers_missing_fields_and_a_killed_runs_torn_line(tmp_path):
+    """A number written as a JSON number is read as its text (one treatment everywhere); a file whose rows have
+    no 'prediction' field, or a row without an id, is refused by name; a killed infer run's torn last line is
+    left out under eval.allow_partial and said, the file untouched."""
+    prepared = _prepared(tmp_path)
+    numeric = [{**r, "task_type": "regression", "answer": "3", "prediction": 3.0} for r in REFERENCE]
+    write_jsonl(tmp_path / "prepared" / "val.jsonl", [{**r, "task_type": "regression", "answer": "3"}
+                                                      for r in REFERENCE])
+    rows, info = load_rows(_predictions(tmp_path, numeric), False, prepared)
+    assert {r["prediction"] for r in rows} == {"3.0"} and "empty_predictions" not in info
+    renamed = [{"id": r["id"], "Prediction": "A"} for r in REFERENCE]
+    with pytest.raises(ValueError, match=r"no row has a 'prediction' field \(the first row's fields: 'id', "
+                                         r"'Prediction'\)"):
+        load_rows(_predictions(tmp_path, renamed), False, prepared)
+    with pytest.raises(ValueError, match=r"row 3: no id"):
+        load_rows(_predictions(tmp_path, [{"id": "dental/0", "prediction": "A"}, {"id": "dental/1", "prediction":
+                                          "B"}, {"prediction": "C"}]), False, prepared)
+    run_dir = tmp_path / "killed"
+    run_dir.mkdir()
+    (run_dir / "run_info.json").write_text("{}")  # an infer run without DONE
+    path = _predictions(run_dir, [{**r, "prediction": "3", "answer": "3"} for r in REFERENCE[:3]])
+    whole = path.read_text()
+    path.write_text(whole + '{"id": "dental/3", "predic')
+    with pytest.raises(ValueError, match="unfinished infer run"):
+        load_rows(path, False, prepared)
+    rows, info = load_rows(path, True, prepared)
+    assert len(rows) == 3 and "torn last line" in info["partial"]
+    assert path.read_text() == whole + '{"id": "dental/3", "predic'

@@ -7,7 +7,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from flare_exp.io import read_jsonl
+from flare_exp.io import read_jsonl, read_jsonl_of_unfinished_run
 from flare_exp.metrics import official
 from flare_exp.run.layout import CONFIG, DONE, RUN_INFO, predictions_file, summary_name
 from flare_exp.run.stage import infer_input_file
@@ -20,9 +20,21 @@ def load_rows(path: Path, allow_partial: bool, prepared_dir: str | None = None) 
     from flare_exp.data.references import join_to_reference, reference_file
     from flare_exp.data.sheet_predictions import is_sheet, read_sheet_predictions
 
-    rows = read_sheet_predictions(path) if is_sheet(path) else read_jsonl(path)
+    run_dir = path.parent
+    unfinished = (run_dir / RUN_INFO).exists() and not (run_dir / DONE).exists()
+    if unfinished and not allow_partial:
+        raise ValueError(f"{run_dir} holds an unfinished infer run (no {DONE} marker): finish it (rerun the same "
+                         "infer command, it resumes) or pass eval.allow_partial=true to score what is there")
+    torn = False
+    if is_sheet(path):
+        rows = read_sheet_predictions(path)
+    elif unfinished and allow_partial:  # a killed infer's journal may end in a torn line: left out, said
+        rows, torn = read_jsonl_of_unfinished_run(path)
+    else:
+        rows = read_jsonl(path)
     if not rows:
         raise ValueError(f"{path}: no predictions")
+    check_fields(path, rows)
     check_written_count(path, len(rows), allow_partial)
     reference = reference_file(path, rows, prepared_dir)
     info: dict = {"answers_from": str(reference) if reference else "the predictions file"}
@@ -35,12 +47,9 @@ def load_rows(path: Path, allow_partial: bool, prepared_dir: str | None = None) 
     else:
         info["answers_note"] = ("answers taken from the predictions file, unchecked: no prepared split was found "
                                 "to join them to (data.prepared_dir)")
-    run_dir = path.parent
-    if (run_dir / RUN_INFO).exists() and not (run_dir / DONE).exists():
-        if not allow_partial:
-            raise ValueError(f"{run_dir} holds an unfinished infer run (no {DONE} marker): finish it (rerun the same "
-                             "infer command, it resumes) or pass eval.allow_partial=true to score what is there")
-        info["partial"] = f"partial: {len(rows)} of {expected_count(run_dir) or 'an unknown number of'} predictions"
+    if unfinished:
+        info["partial"] = (f"partial: {len(rows)} of {expected_count(run_dir) or 'an unknown number of'} predictions"
+                           + ("; the file's torn last line (a write cut short) left out" if torn else ""))
     counts = Counter(r.get("id") for r in rows)
     doubled = {k: c for k, c in counts.items() if c > 1}
     if doubled:
@@ -58,6 +67,22 @@ def load_rows(path: Path, allow_partial: bool, prepared_dir: str | None = None) 
     if empty:
         info["empty_predictions"] = empty
     return rows, info
+
+
+def check_fields(path: Path, rows: list[dict]) -> None:
+    """Every row an object with an id; the predictions under the key ``prediction`` (a file where no row has it
+    would score as all empty answers); a number (a tool writing 20.0, not "20.0") read as its text."""
+    for line, row in enumerate(rows, 1):
+        if not isinstance(row, dict) or row.get("id") in (None, ""):
+            raise ValueError(f"{path}, row {line}: {'no id' if isinstance(row, dict) else 'not a JSON object'}; "
+                             "every prediction names its question's id")
+    if not any("prediction" in r for r in rows):
+        raise ValueError(f"{path}: no row has a 'prediction' field (the first row's fields: "
+                         f"{', '.join(map(repr, rows[0]))}); eval reads each row's answer to its question there")
+    for row in rows:
+        value = row.get("prediction")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            row["prediction"] = str(value)
 
 
 def check_written_count(path: Path, count: int, allow_partial: bool) -> None:

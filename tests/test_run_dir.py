@@ -104,6 +104,8 @@ def test_a_resume_takes_the_newest_complete_checkpoint_and_keeps_its_optimizer(b
     (first / "trainer_state.json").write_text('{"global_st')  # torn after the fact: named, never read
     assert resume_checkpoint("auto", run_dir) is None
     assert f"skipping {first}: trainer_state.json has 11 bytes" in caplog.text
+    assert f"no complete checkpoint left in {run_dir} (2 skipped, said above): training starts again from step 0" \
+        in caplog.text
     with pytest.raises(FileNotFoundError, match=r"checkpoint-1 is not a complete Trainer checkpoint: "
                                                 r"trainer_state.json has 11 bytes"):
         resume_checkpoint(str(first), run_dir)

@@ -74,12 +74,17 @@ def check_training_state(checkpoint: Path) -> None:
 def newest_complete(run_dir: Path) -> Path | None:
     """The newest complete checkpoint in ``run_dir`` (newer ones that are not are logged with why), its
     training state checked; None when there is none."""
+    skipped = 0
     for checkpoint in reversed(_numbered(run_dir)):
         why = incomplete(checkpoint)
         if why is None:
             check_training_state(checkpoint)
             return checkpoint
         log.warning("skipping %s: %s", checkpoint, why)
+        skipped += 1
+    if skipped:
+        log.warning("no complete checkpoint left in %s (%d skipped, said above): training starts again from step "
+                    "0. To keep a skipped one's progress, stop and repair or restore it first", run_dir, skipped)
     return None
 
 

@@ -40,6 +40,7 @@ def check_command_line(argv: list[str]) -> None:
         args = get_args_parser().parse_args(argv)
     except SystemExit:
         return  # Hydra's parser says what is wrong with the flags
+    check_run_name_override(args.overrides, args.multirun)
     groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
     unknown = override_key_problems(args.overrides, Config, groups)  # and values of the wrong type
     if not unknown:
@@ -50,6 +51,21 @@ def check_command_line(argv: list[str]) -> None:
     from flare_exp.checks import settings_error
 
     refuse(settings_error(problems), "checked before Hydra started: nothing was run or written")
+
+
+def check_run_name_override(overrides: list[str], multirun: bool = False) -> None:
+    """run_name places the run dir, which Hydra resolves before any of our code runs: a bad one would surface
+    as Hydra's formatting traceback, so it is refused here, in one line."""
+    from flare_exp.run.names import check_run_name
+
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if sep and key.lstrip("+~") == "run_name":
+            try:
+                for name in value.split(",") if multirun else [value]:  # a sweep may try several names
+                    check_run_name(name.strip("'\""))
+            except ValueError as e:
+                refuse(e, "checked before Hydra started: nothing was run or written")
 
 
 def other_setting_problems(known_overrides: list[str]) -> list[Exception]:

@@ -212,3 +212,16 @@ def test_a_typed_dict_entry_and_every_value_of_a_sweep_are_checked():
         "reward.report_generation.weights.radgraph=abc: must be a number"]
     assert key_problems("sft.max_steps=3,x") == ["sft.max_steps=x: must be an integer"]
     assert key_problems("sft.learning_rate=interval(1e-5,1e-3)") == []  # Optuna draws these later
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", ".."])
+def test_a_bad_run_name_is_one_line_before_hydra(name, capsys):
+    """run_name places Hydra's run dir: refused before Hydra resolves it (else Hydra's formatting traceback)."""
+    sys.path.insert(0, str(REPO))
+    import launch
+
+    with pytest.raises(SystemExit):
+        launch.check_command_line(["stage=infer", f"run_name={name}"])
+    err = capsys.readouterr().err
+    assert f"run_name='{name}'" in err and "nothing was run or written" in err and "Traceback" not in err
+    launch.check_command_line(["-m", "stage=infer", "run_name=a,b"])  # a sweep over two good names passes

@@ -1,4 +1,5 @@
-"""``hydra/launcher=local`` and ``slurm`` (conf/hydra/launcher/): Hydra's submitit launchers with flare-exp's
+"""``hydra/launcher=watched`` (the default: jobs one after another in this process), ``local`` and ``slurm``
+(conf/hydra/launcher/): Hydra's basic and submitit launchers with flare-exp's
 sweep watch around them (flare_exp/sweep_watch.py): every job's settings checked before any is launched, a
 line per finished job with an ETA, the failed jobs named; locally, SIGTERM / SIGINT stop the workers too.
 Hydra imports this module at startup: the work is imported when a sweep launches."""
@@ -7,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from hydra._internal.core_plugins.basic_launcher import BasicLauncher
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher, SlurmLauncher
 
 
@@ -24,7 +26,7 @@ class _Watched:
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         job_dirs = [sweep_dir / str(initial_job_idx + i) for i in range(len(job_overrides))]
         with Progress(job_dirs, job_names(job_overrides)) as progress:
-            with ForwardStops(job_dirs=job_dirs) if self._EXECUTOR == "local" else nullcontext():
+            with ForwardStops(job_dirs=job_dirs) if getattr(self, "_EXECUTOR", "") == "local" else nullcontext():
                 returns = super().launch(job_overrides, initial_job_idx)
         failed = record_results(progress, returns)
         if failed and "optuna" not in str(self.config.hydra.sweeper.get("_target_", "")):
@@ -33,6 +35,10 @@ class _Watched:
             exit_with(f"sweep {sweep_dir}: {len(failed)} of {len(returns)} job(s) failed. Report: python launch.py "
                       f"stage=sweep_report sweep_report.sweep_dir={sweep_dir}")
         return returns
+
+
+class WatchedBasicLauncher(_Watched, BasicLauncher):
+    pass
 
 
 class WatchedLocalLauncher(_Watched, LocalLauncher):

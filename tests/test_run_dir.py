@@ -157,3 +157,26 @@ def test_the_adapter_used_is_the_adapter_meant(tmp_path):
         chosen_adapter("infer.checkpoint", killed / "checkpoint-3", allow_intermediate=True)
     mark_complete(killed / "checkpoint-3")
     assert chosen_adapter("infer.checkpoint", killed / "checkpoint-3", True) == killed / "checkpoint-3"
+
+
+def test_jobs_equal_on_the_ranking_metric_are_ordered_by_the_other_official_metrics(tmp_path):
+    """The demo weight sweep: both jobs at balanced accuracy 0.5; the one with the better F1 (and MAE) ranks first."""
+    from flare_exp.io import write_json
+    from flare_exp.reports.sweep import table
+    from flare_exp.reports.sweep_jobs import collect, rank_key, tie_breakers
+
+    for n, (f1, mae) in enumerate([(0.4815, 5.0), (0.7213, 0.0)]):
+        job = tmp_path / str(n)
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text(f"- reward.regression.weights.numeric={n}\n")
+        (job / "DONE").write_text("{}")
+        write_json(job / "eval" / "metrics.json", {"rl": {"official": {
+            "classification": {"balanced_accuracy": 0.5}, "multi_label": {"f1_score": f1},
+            "regression": {"mean_absolute_error": mae}}}})
+    jobs = collect(tmp_path)
+    key = rank_key(jobs, None)
+    assert key == "official/classification/balanced_accuracy"
+    assert tie_breakers(jobs, key) == ["official/multi_label/f1_score", "official/regression/mean_absolute_error"]
+    header, rows = table(jobs, key)
+    by = {h: i for i, h in enumerate(header)}
+    assert [(r[by["rank"]], r[by["job"]]) for r in rows] == [(1, "1"), (2, "0")]

@@ -9,7 +9,7 @@ from flare_exp.cells import csv_text
 from flare_exp.io import write_text
 from flare_exp.reports.sweep_figure import plot
 from flare_exp.reports.sweep_jobs import collect, lower_is_better, rank_key, ranked, ranks_by, reward_caveat, \
-    varying_keys
+    tie_breakers, varying_keys
 from flare_exp.reports.tables import md_table, short_number
 
 log = logging.getLogger(__name__)
@@ -51,8 +51,10 @@ def write_sweep_report(sweep_dir: Path, rank_by: str | None) -> dict:
     header, rows = table(jobs, key)
     report = sweep_dir / "report"
     write_text(report / "sweep.csv", csv_text(header, rows))  # no cell a spreadsheet would run
+    ties = ", ".join(tie_breakers(jobs, key))
     ranking = (f"Ranked by {key} ({'lowest' if lower_is_better(key) else 'highest'} first; sweep_report.rank_by "
-               f"chooses).{reward_caveat(jobs, key)}\n\n") if key else ""
+               f"chooses){f'; equal ones by {ties} in turn' if ties else ''}."
+               f"{reward_caveat(jobs, key)}\n\n") if key else ""
     write_text(report / "sweep.md", f"# Sweep {sweep_dir.name}\n\n{ranking}" + markdown(header, rows))
     plot(jobs, key, report / "sweep.png")
     write_html(report / "sweep.html", f"Sweep {sweep_dir.name}", ranking.strip(), header, rows, report / "sweep.png")

@@ -98,11 +98,25 @@ def ranks_by(job: dict, key: str | None) -> bool:
     return job["status"] == "DONE" and isinstance(value, (int, float)) and math.isfinite(value)
 
 
+def tie_breakers(jobs: list[dict], key: str | None) -> list[str]:
+    """The other official metrics, in name order: jobs equal on ``key`` are ordered by them in turn."""
+    return sorted({k for j in jobs for k in j["metrics"] if k.startswith("official/") and k != key})
+
+
+def _oriented(job: dict, key: str) -> float:
+    """``key``'s value with the best lowest (missing, NaN or infinite: last)."""
+    value = job["metrics"].get(key)
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        return math.inf
+    return value if lower_is_better(key) else -value
+
+
 def ranked(jobs: list[dict], key: str | None) -> list[dict]:
-    """Finished jobs with a finite ``key`` best first (lowest first for errors), then the others in job order
-    (NaN and infinite values among them, shown as they are)."""
+    """Finished jobs with a finite ``key`` best first (lowest first for errors), equal ones by the other official
+    metrics in turn (tie_breakers), then job order; then the others in job order (NaN and infinite values among
+    them, shown as they are)."""
     if key is None:
         return jobs
-    lower = lower_is_better(key)
-    scored = sorted((j for j in jobs if ranks_by(j, key)), key=lambda j: j["metrics"][key] if lower else -j["metrics"][key])
+    order = [key, *tie_breakers(jobs, key)]
+    scored = sorted((j for j in jobs if ranks_by(j, key)), key=lambda j: [_oriented(j, k) for k in order])
     return scored + [j for j in jobs if j not in scored]

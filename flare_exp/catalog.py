@@ -34,9 +34,12 @@ def official_blocks(run_dir: Path) -> dict:
     if path is None:
         return {}
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
+    # a hand-made or foreign metrics.json: only blocks shaped as eval writes them
+    return {k: v for k, v in data.items() if isinstance(v, dict) and isinstance(v.get("official", {}), dict)} \
+        if isinstance(data, dict) else {}
 
 
 def headline(run_dir: Path) -> str | None:
@@ -46,9 +49,11 @@ def headline(run_dir: Path) -> str | None:
     # order given
     for block in list(official_blocks(run_dir).values())[-1:]:
         for task, metric in HEADLINE:
-            value = (block.get("official", {}).get(task) or {}).get(metric)
-            if value is not None:
-                return f"{task}.{metric}={fmt(value)}"
+            found = block.get("official", {}).get(task)
+            value = found.get(metric) if isinstance(found, dict) else None
+            if value is not None:  # a number of part of the split says so (a partial run, a cut file)
+                part = " (partial)" if block.get("partial") or block.get("coverage") else ""
+                return f"{task}.{metric}={fmt(value)}{part}"
     return None
 
 

@@ -62,3 +62,8 @@ def test_the_headline_is_the_runs_own_model_not_the_base_it_is_compared_with(tmp
               for name, f1 in (("base", 0.0), ("pipe/sft", 0.5), ("pipe/rl", 0.75))}
     (tmp_path / "metrics.json").write_text(json.dumps(blocks))
     assert headline(tmp_path) == "multi_label.f1_score=0.7500"
+    blocks["pipe/rl"]["coverage"] = "53 of the 64 questions ... have no prediction"
+    (tmp_path / "metrics.json").write_text(json.dumps(blocks))
+    assert headline(tmp_path) == "multi_label.f1_score=0.7500 (partial)"  # not read as the whole split's
+    (tmp_path / "metrics.json").write_text(json.dumps({"n": 3, "runs": [1, 2], "x": {"official": 5}}))
+    assert headline(tmp_path) is None  # a metrics.json of another shape: no headline, no crash

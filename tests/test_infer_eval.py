@@ -380,8 +380,12 @@ def test_infer_overwrite_regenerates(base_overrides, tmp_path):
     from flare_exp.run.record import RunFinishedError
 
     first = _infer(base_overrides, tmp_path / "inf", "infer.num_samples=4")
-    with pytest.raises(RunFinishedError):
+    with pytest.raises(RunFinishedError, match=r"holds a finished infer run \(DONE marker present\)\. Nothing"):
         _infer(base_overrides, tmp_path / "inf", "infer.num_samples=4")
+    eval_cfg = compose_cfg(["stage=eval", *base_overrides, f"eval.predictions=[{tmp_path / 'inf'}]"])
+    with pytest.raises(RunFinishedError, match=r"holds a finished infer run \(DONE marker present\) \(this launch is "
+                                               r"stage=eval: another run_name= keeps both\)"):
+        run(eval_cfg, run_dir=tmp_path / "inf")  # the other stage's run is named as what it is
     again = _infer(base_overrides, tmp_path / "inf", "infer.num_samples=4", "overwrite=true")
     assert first["generated_now"] == again["generated_now"] == 4
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import functools
+import json
 import logging
 import time
 from pathlib import Path
@@ -160,14 +161,24 @@ def run_with_markers(run_dir: Path, fn, *args, after_clearing=None, **kwargs):
     return result
 
 
+def recorded_stage(run_dir: Path) -> str | None:
+    """The stage a run dir's fingerprint names (None: none recorded, or unreadable)."""
+    try:
+        return json.loads((run_dir / FINGERPRINT).read_text()).get("stage")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def start_attempt(stage: str, cfg, run_dir: Path, ran=None, applied: dict | None = None) -> None:
     """Before a stage writes anything in run_dir: refuse a finished run (unless overwrite), archive the earlier
     attempt (overwrite) or check that a resume continues the same run, then record this attempt: the config
     that runs (``ran``, default ``cfg``) and what the card's sizing changed (``applied``); the fingerprint is
     the configured ``cfg``'s."""
     if (run_dir / DONE).exists() and not cfg.overwrite:
+        held = recorded_stage(run_dir) or stage
+        other = f" (this launch is stage={stage}: another run_name= keeps both)" if held != stage else ""
         raise RunFinishedError(
-            f"{run_dir} already holds a finished {stage} run ({DONE} marker present). Nothing was changed. "
+            f"{run_dir} already holds a finished {held} run ({DONE} marker present){other}. Nothing was changed. "
             f"Pass overwrite=true to redo it there (the finished run moves to attempts/NN/), or choose another "
             f"{'data.prepared_dir= (prepare writes there, whatever the run_name)' if stage == 'prepare' else 'run_name='}.")
     new = fingerprint(stage, cfg)

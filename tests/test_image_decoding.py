@@ -134,3 +134,17 @@ def test_every_pil_mode_in_memory_becomes_rgb_and_premultiplied_grey_is_its_grey
         assert to_rgb(Image.new(mode, (8, 6))).mode == "RGB", mode
     premultiplied = Image.merge("La", [Image.fromarray(grey), Image.new("L", (8, 6), 128)])
     assert (np.asarray(to_rgb(premultiplied))[..., 1] == grey).all()
+
+
+def test_an_image_gone_since_prepare_names_the_record_and_the_fix(tmp_path):
+    """sft measures each sample from its image headers, every stage decodes them: an image deleted or damaged
+    after prepare is an error naming the record and saying to re-run prepare, not a bare Errno."""
+    paths = _files(tmp_path / "raw")
+    chat = VisionChat(SimpleNamespace(tokenizer=lambda text, add_special_tokens: SimpleNamespace(input_ids=[1])),
+                      tmp_path / "raw")
+    chat.prompt_text = lambda record: "q"  # the text part: not what is tested here
+    record = {"id": "chestdr/7", "images": [paths["L"].name], "messages": [{"role": "user", "content": "q"}]}
+    paths["L"].unlink()
+    for read in (chat.load_images, lambda r: chat.sequence_length(r, with_answer=False)):
+        with pytest.raises(ValueError, match=r"record chestdr/7: cannot read image .*L\.png: .*re-run stage=prepare"):
+            read(record)

@@ -68,7 +68,8 @@ class VisionChat:
             try:
                 images.append(decode_image(path, window))
             except (OSError, ValueError) as e:
-                raise ValueError(f"record {record.get('id')}: cannot read image {path}: {e}") from None
+                raise ValueError(f"record {record.get('id')}: cannot read image {path}: {e}. The prepared records "
+                                 "name images prepare checked: re-run stage=prepare if the files changed") from None
         return images
 
     def image_tokens(self, width: int, height: int) -> int:
@@ -87,8 +88,13 @@ class VisionChat:
         text = self.full_text(record) if with_answer else self.prompt_text(record)
         n = len(self.tokenizer(text, add_special_tokens=False).input_ids)
         for path in self.image_paths(record):
-            with Image.open(path) as im:
-                n += self.image_tokens(*im.size) - 1  # the single placeholder expands to this many tokens
+            try:
+                with Image.open(path) as im:
+                    size = im.size
+            except (OSError, ValueError) as e:  # moved, deleted or damaged since prepare checked it
+                raise ValueError(f"record {record.get('id')}: cannot read image {path}: {e}. The prepared records "
+                                 "name images prepare checked: re-run stage=prepare if the files changed") from None
+            n += self.image_tokens(*size) - 1  # the single placeholder expands to this many tokens
         return n
 
     # -- batches ----------------------------------------------------------------------------------------

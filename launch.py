@@ -81,6 +81,17 @@ def other_setting_problems(known_overrides: list[str]) -> list[Exception]:
         return []
 
 
+def stop_on_sigterm() -> None:
+    """SIGTERM (a scheduler's preemption or time limit, `kill`) stops a single run as Ctrl-C does: the run dir gets
+    its FAILED marker (stopped from outside) instead of the process vanishing without one."""
+    import signal
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt("SIGTERM")
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig):
     from hydra.core.hydra_config import HydraConfig
@@ -92,19 +103,23 @@ def main(cfg: DictConfig):
     from flare_exp.run.record import RunFinishedError
 
     # sweeps keep the exception (the job fails and the sweep report says so), as does HYDRA_FULL_ERROR=1
-    said_in_one_line = HydraConfig.get().mode == RunMode.RUN and os.environ.get("HYDRA_FULL_ERROR") != "1"
+    single = HydraConfig.get().mode == RunMode.RUN
+    said_in_one_line = single and os.environ.get("HYDRA_FULL_ERROR") != "1"
+    if single:  # a sweep's jobs are submitit's, which handles their signals itself
+        stop_on_sigterm()
     try:
         return run(cfg)
     except (*INPUT_ERRORS, RunFinishedError, RunLockedError, RunSettingsChangedError) as e:
         if not said_in_one_line:
             raise
         refuse(e)
-    except KeyboardInterrupt:  # Ctrl-C or SIGINT: the run dir already says FAILED (stopped from outside)
+    except KeyboardInterrupt as e:  # Ctrl-C, SIGINT or SIGTERM: the run dir already says FAILED (stopped from outside)
         if not said_in_one_line:
             raise
-        print("\nflare-exp: stopped (Ctrl-C / SIGINT). The run dir says FAILED (stopped from outside); the same "
-              "command resumes from the last checkpoint.", file=sys.stderr)
-        sys.exit(130)
+        by = "SIGTERM" if str(e) == "SIGTERM" else "Ctrl-C / SIGINT"
+        print(f"\nflare-exp: stopped ({by}). The run dir says FAILED (stopped from outside); the same command resumes "
+              "from the last checkpoint.", file=sys.stderr)
+        sys.exit(143 if by == "SIGTERM" else 130)
 
 
 if __name__ == "__main__":

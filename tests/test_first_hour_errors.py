@@ -226,3 +226,26 @@ def test_a_bad_run_name_is_one_line_before_hydra(name, capsys):
     err = capsys.readouterr().err
     assert f"run_name='{name}'" in err and "nothing was run or written" in err and "Traceback" not in err
     launch.check_command_line(["-m", "stage=infer", "run_name=a,b"])  # a sweep over two good names passes
+
+
+def test_sigterm_stops_a_run_with_its_failed_marker(base_overrides, tmp_path):
+    """A scheduler's SIGTERM (preemption, time limit) stops a single run as Ctrl-C does: FAILED says it was
+    stopped from outside, one line says so, exit 143; the same command would resume."""
+    import signal
+    import subprocess
+    import time
+
+    run_dir = tmp_path / "out" / "runs" / "term"
+    proc = subprocess.Popen([sys.executable, "launch.py", "stage=sft", *base_overrides, "run_name=term",
+                             "sft.max_steps=100000", "sft.save_steps=100000", "sft.eval_steps=0"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = run_dir / "launch.log"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and "stage=sft" in log.read_text(errors="replace")):
+        time.sleep(0.5)  # the run has started: its run dir is checked and recorded
+    time.sleep(3)  # into the training loop
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert "flare-exp: stopped (SIGTERM)" in err and "Traceback" not in err
+    assert (run_dir / "FAILED").read_text().startswith("stopped from outside (KeyboardInterrupt: SIGTERM)")

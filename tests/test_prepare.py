@@ -73,6 +73,8 @@ def test_prepare_demo(tmp_path, demo_root):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["records"] == {"train": len(train), "val": len(val), "test": len(test)}
     assert (out / "DONE").exists() and (tmp_path / "run" / "config.yaml").exists()
+    done = json.loads((out / "DONE").read_text())  # the run dir the catalog lists says what prepare took
+    assert done["seconds"] > 0 and json.loads((tmp_path / "run" / "DONE").read_text()) == done
     assert (demo_root / "training/Xray/periapical.zip.unzipped").exists()
 
 

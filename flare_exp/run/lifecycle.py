@@ -93,8 +93,9 @@ class Run:
             log.info("stage=%s model=%s (%s) data=%s -> %s", self.stage, self.cfg.model.name,
                      self.cfg.model.backend, self.cfg.data.name, self.out_dir)
         result = run_with_markers(self.out_dir, work, self.cfg, self.out_dir, after_clearing=barrier)
-        if self.out_dir != self.run_dir:
+        if self.out_dir != self.run_dir:  # Hydra's run dir records the same run: its DONE says what the work took
             run_with_markers(self.run_dir, lambda: result)
+            write_json(self.run_dir / DONE, json.loads((self.out_dir / DONE).read_text()))
         barrier()  # the outputs are complete before any rank goes on (a pipeline's next step reads them)
         if self.locked:  # the same lines whether the steps ran now or were reused
             report = report_of(self.stage, self.out_dir, result)

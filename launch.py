@@ -18,6 +18,7 @@ import flare_exp.run.stage  # noqa: F401  (registers the stage_help resolver: th
 # name the key and the fix, so a single run prints just the message. Anything else keeps Hydra's traceback.
 INPUT_ERRORS = (ValueError, FileNotFoundError, ImportError)
 CONF_DIR = Path(__file__).resolve().parent / "conf"
+BEFORE_HYDRA = "checked before Hydra started: nothing was run or written"
 
 
 def refuse(error: Exception, note: str = "HYDRA_FULL_ERROR=1 shows the traceback; a stage that had started also "
@@ -50,7 +51,7 @@ def check_command_line(argv: list[str]) -> None:
         problems += other_setting_problems([o for o in args.overrides if o not in unknown])
     from flare_exp.checks import settings_error
 
-    refuse(settings_error(problems), "checked before Hydra started: nothing was run or written")
+    refuse(settings_error(problems), BEFORE_HYDRA)
 
 
 def check_run_name_override(overrides: list[str], multirun: bool = False) -> None:
@@ -65,7 +66,7 @@ def check_run_name_override(overrides: list[str], multirun: bool = False) -> Non
                 for name in value.split(",") if multirun else [value]:  # a sweep may try several names
                     check_run_name(name.strip("'\""))
             except ValueError as e:
-                refuse(e, "checked before Hydra started: nothing was run or written")
+                refuse(e, BEFORE_HYDRA)
 
 
 def other_setting_problems(known_overrides: list[str]) -> list[Exception]:
@@ -105,7 +106,7 @@ def main(cfg: DictConfig):
     # sweeps keep the exception (the job fails and the sweep report says so), as does HYDRA_FULL_ERROR=1
     single = HydraConfig.get().mode == RunMode.RUN
     said_in_one_line = single and os.environ.get("HYDRA_FULL_ERROR") != "1"
-    if single:  # a sweep's jobs are submitit's, which handles their signals itself
+    if single:  # a sweep's jobs: submitit's workers handle their own signals, the watched launcher stops whole
         stop_on_sigterm()
     try:
         return run(cfg)

@@ -127,10 +127,8 @@ def wrong_value(schema: type, key: str, value) -> str | None:
     """Why OmegaConf would refuse ``value`` for the schema's ``key`` (a string where a number goes, 1.5 for an
     integer, null for a key that needs a value), said the way the settings list says it; None when it takes it.
     Hydra would otherwise stop at the first such value with its own conversion error, one key at a time."""
-    from omegaconf import ValueNode
+    from omegaconf import DictConfig, ValueNode
     from omegaconf.errors import OmegaConfBaseException
-
-    from omegaconf import DictConfig
 
     node = _structured(schema)
     for part in key.split("."):

@@ -109,26 +109,33 @@ def read_journal(path: str | Path, key: str) -> dict[str, dict]:
     import logging
 
     path = Path(path)
-    rows: dict[str, dict] = {}
     if not path.exists():
-        return rows
-    lines = path.read_bytes().splitlines()
-    torn = False
-    for i, raw in enumerate(lines):
-        try:
-            row = _parse_line(path, i + 1, raw)
-        except ValueError as e:
-            if i < len(lines) - 1:
-                raise
-            logging.getLogger(__name__).warning("%s: dropping a torn last line (interrupted write: %s)", path,
-                                                str(e).split(": ", 1)[1])
-            torn = True
-            continue
-        rows[row[key]] = row
-    if torn:
+        return {}
+    parsed, torn = _rows_up_to_a_torn_end(path, skip_blank=False)
+    rows = {row[key]: row for row in parsed}
+    if torn is not None:
+        logging.getLogger(__name__).warning("%s: dropping a torn last line (interrupted write: %s)", path,
+                                            str(torn).split(": ", 1)[1])
         with atomic_path(path) as tmp:
             tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows.values()), encoding="utf-8")
     return rows
+
+
+def _rows_up_to_a_torn_end(path: Path, skip_blank: bool) -> tuple[list, ValueError | None]:
+    """The rows of a JSONL file and, when its last line does not parse (a write cut short), that line's error
+    instead of the line; a broken line elsewhere is an error naming it."""
+    lines = path.read_bytes().splitlines()
+    rows = []
+    for i, raw in enumerate(lines):
+        if skip_blank and not raw.strip():
+            continue
+        try:
+            rows.append(_parse_line(path, i + 1, raw))
+        except ValueError as e:
+            if i < len(lines) - 1:
+                raise
+            return rows, e
+    return rows, None
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -147,19 +154,11 @@ def read_jsonl(path: str | Path) -> list[dict]:
 def read_jsonl_of_unfinished_run(path: str | Path) -> tuple[list[dict], bool]:
     """read_jsonl for a journal another job may have been killed while writing: a torn last line is left out
     (the file itself is not touched) and said by the second value; a broken line elsewhere is an error."""
-    lines = Path(path).read_bytes().splitlines() if Path(path).is_file() else None
-    if lines is None:
+    path = Path(path)
+    if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
-    rows = []
-    for i, raw in enumerate(lines):
-        if raw.strip():
-            try:
-                rows.append(_parse_line(Path(path), i + 1, raw))
-            except ValueError:
-                if i < len(lines) - 1:
-                    raise
-                return rows, True
-    return rows, False
+    rows, torn = _rows_up_to_a_torn_end(path, skip_blank=True)
+    return rows, torn is not None
 
 
 def file_fingerprint(path: str | Path) -> dict:

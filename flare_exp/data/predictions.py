@@ -25,10 +25,10 @@ def load_rows(path: Path, allow_partial: bool, prepared_dir: str | None = None) 
     if unfinished and not allow_partial:
         raise ValueError(f"{run_dir} holds an unfinished infer run (no {DONE} marker): finish it (rerun the same "
                          "infer command, it resumes) or pass eval.allow_partial=true to score what is there")
-    torn = False
-    if is_sheet(path):
+    sheet, torn = is_sheet(path), False
+    if sheet:
         rows = read_sheet_predictions(path)
-    elif unfinished and allow_partial:  # a killed infer's journal may end in a torn line: left out, said
+    elif unfinished:  # allowed partial: a killed infer's journal may end in a torn line, left out and said
         rows, torn = read_jsonl_of_unfinished_run(path)
     else:
         rows = read_jsonl(path)
@@ -38,7 +38,7 @@ def load_rows(path: Path, allow_partial: bool, prepared_dir: str | None = None) 
     check_written_count(path, len(rows), allow_partial)
     reference = reference_file(path, rows, prepared_dir)
     info: dict = {"answers_from": str(reference) if reference else "the predictions file"}
-    if is_sheet(path):
+    if sheet:
         info["sheet_note"] = (f"predictions read from the worksheet {path.name}, as it is now: a prediction edited "
                               "by hand is scored as edited")
     if reference:

@@ -12,12 +12,14 @@ import zipfile
 from pathlib import Path
 
 SHEET_SUFFIXES = (".xlsx", ".xlsm")
-SHEET = "predictions"  # the sheet infer writes; another workbook's first sheet is read instead
-# the columns infer's sheet has besides the prediction (header, case-insensitive -> row key); eval's scored
-# sheets add score columns, read past
-KNOWN_COLUMNS = {"imagename": "image_name", "question": "question", "answer": "answer", "dataset": "dataset",
-                 "tasktype": "task_type", "id": "id"}
-SCORE_COLUMNS = {"score", "score_kind"}
+SHEET = "predictions"  # the sheet infer writes (reports/sheets.py); another workbook's first sheet is read instead
+# the columns of infer's sheet besides the prediction (header -> row key), in its order; the prediction column,
+# headed by the run's label, comes at PREDICTION_COLUMN (after Answer); eval's scored sheets add SCORE_COLUMNS
+ROW_COLUMNS = (("ImageName", "image_name"), ("Question", "question"), ("Answer", "answer"), ("Dataset", "dataset"),
+               ("TaskType", "task_type"), ("id", "id"))
+PREDICTION_COLUMN = 3
+SCORE_COLUMNS = ("score", "score_kind")
+KNOWN_COLUMNS = {header.lower(): key for header, key in ROW_COLUMNS}  # read case-insensitively
 
 
 def is_sheet(path: Path) -> bool:
@@ -91,8 +93,4 @@ def _text(path: Path, title: str, cell) -> str | None:
     if isinstance(value, bool) or isinstance(value, (datetime.date, datetime.time, datetime.timedelta)):
         raise ValueError(f"{where}: Excel turned the typed text into {type(value).__name__} {value}; format the "
                          "column as Text and type it again")
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        return str(int(value)) if value.is_integer() and abs(value) < 2 ** 53 else repr(value)
-    return str(value)
+    return str(value)  # a number typed into the cell: its text, as eval reads a number in a predictions.jsonl

@@ -27,6 +27,12 @@ def render_messages(messages: list[dict]) -> list[dict]:
     return out
 
 
+def unreadable_image(record: dict, path: Path, error: Exception) -> ValueError:
+    """An image of a prepared record that cannot be read now: moved, deleted or damaged since prepare checked it."""
+    return ValueError(f"record {record.get('id')}: cannot read image {path}: {error}. The prepared records name "
+                      "images prepare checked: re-run stage=prepare if the files changed")
+
+
 class VisionChat:
     def __init__(self, processor, image_root: str | Path, image_device: str | None = None):
         self.processor = processor
@@ -68,8 +74,7 @@ class VisionChat:
             try:
                 images.append(decode_image(path, window))
             except (OSError, ValueError) as e:
-                raise ValueError(f"record {record.get('id')}: cannot read image {path}: {e}. The prepared records "
-                                 "name images prepare checked: re-run stage=prepare if the files changed") from None
+                raise unreadable_image(record, path, e) from None
         return images
 
     def image_tokens(self, width: int, height: int) -> int:
@@ -91,9 +96,8 @@ class VisionChat:
             try:
                 with Image.open(path) as im:
                     size = im.size
-            except (OSError, ValueError) as e:  # moved, deleted or damaged since prepare checked it
-                raise ValueError(f"record {record.get('id')}: cannot read image {path}: {e}. The prepared records "
-                                 "name images prepare checked: re-run stage=prepare if the files changed") from None
+            except (OSError, ValueError) as e:
+                raise unreadable_image(record, path, e) from None
             n += self.image_tokens(*size) - 1  # the single placeholder expands to this many tokens
         return n
 

@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+from flare_exp.data.sheet_predictions import PREDICTION_COLUMN, ROW_COLUMNS, SCORE_COLUMNS, SHEET
 from flare_exp.metrics.official import FLARE_TASK_TYPE, OFFICIAL_METRIC
 
 PREDICTION_WIDTHS = (38, 60, 50, 50, 16, 18, 30)  # ImageName, Question, Answer, prediction, Dataset, TaskType, id
@@ -22,13 +23,14 @@ def write_sheet(path: Path, rows: list[dict], label: str, extra: tuple[str, ...]
 
     wb = Workbook()
     ws = wb.active
-    ws.title = "predictions"
-    header = ["ImageName", "Question", "Answer", label, "Dataset", "TaskType", "id", *extra]
+    ws.title = SHEET
+    names = [name for name, _ in ROW_COLUMNS]
+    header = [*names[:PREDICTION_COLUMN], label, *names[PREDICTION_COLUMN:], *extra]
     body = []
     for r in rows:
-        name = r["image_name"] if isinstance(r["image_name"], str) else ", ".join(r["image_name"])
-        values = [name, r["question"], r["answer"], r["prediction"], r["dataset"], r["task_type"], r["id"],
-                  *(r.get(k) for k in extra)]
+        cells = [r[key] if key != "image_name" or isinstance(r[key], str) else ", ".join(r[key])
+                 for _, key in ROW_COLUMNS]
+        values = [*cells[:PREDICTION_COLUMN], r["prediction"], *cells[PREDICTION_COLUMN:], *(r.get(k) for k in extra)]
         body.append([json.dumps(v, ensure_ascii=False) if isinstance(v, (list, dict)) else v for v in values])
     fill_sheet(ws, header, body, PREDICTION_WIDTHS + tuple(EXTRA_WIDTHS.get(k, 18) for k in extra), wrap=True)
     if metrics:
@@ -50,7 +52,7 @@ def write_scored_sheet(path: Path, rows: list[dict], label: str, samples: dict, 
     blank = {"image_name": "", "question": "", "answer": None, "prediction": None, "dataset": ""}
     scored = [{**blank, **r, "score": scores.get(r["id"], (None, ""))[0],
                "score_kind": scores.get(r["id"], (None, ""))[1]} for r in rows]  # a hand-made file may lack fields
-    write_sheet(path, worst_first(scored), label, extra=("score", "score_kind"),
+    write_sheet(path, worst_first(scored), label, extra=SCORE_COLUMNS,
                 adapter=next((r["adapter"] for r in rows if r.get("adapter")), None),  # infer's rows name it
                 metrics=metric_rows(result) if result else None)
 

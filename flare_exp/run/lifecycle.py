@@ -27,7 +27,7 @@ from flare_exp.io import write_json
 from flare_exp.logs import run_summary
 from flare_exp.models.checkpoints import adapter_identity
 from flare_exp.run.fingerprint import (RunSettingsChangedError, check_resume, finished_differences, fingerprint,
-                                       starting_adapter)
+                                       recorded_fingerprint, starting_adapter)
 from flare_exp.run.lock import RunLock
 from flare_exp.run.layout import DONE, FAILED, FINGERPRINT, REPORT_HTML, SWEEP_TABLE
 from flare_exp.run.record import RunFinishedError, archive_attempt, attempt_files, write_failed, write_run_metadata
@@ -93,8 +93,8 @@ class Run:
             log.info("stage=%s model=%s (%s) data=%s -> %s", self.stage, self.cfg.model.name,
                      self.cfg.model.backend, self.cfg.data.name, self.out_dir)
         result = run_with_markers(self.out_dir, work, self.cfg, self.out_dir, after_clearing=barrier)
-        if self.out_dir != self.run_dir:  # Hydra's run dir records the same run: its DONE says what the work took
-            run_with_markers(self.run_dir, lambda: result)
+        if self.out_dir != self.run_dir:  # Hydra's run dir records the same run: the outputs' DONE, as it is
+            (self.run_dir / FAILED).unlink(missing_ok=True)
             write_json(self.run_dir / DONE, json.loads((self.out_dir / DONE).read_text()))
         barrier()  # the outputs are complete before any rank goes on (a pipeline's next step reads them)
         if self.locked:  # the same lines whether the steps ran now or were reused
@@ -165,8 +165,8 @@ def run_with_markers(run_dir: Path, fn, *args, after_clearing=None, **kwargs):
 def recorded_stage(run_dir: Path) -> str | None:
     """The stage a run dir's fingerprint names (None: none recorded, or unreadable)."""
     try:
-        return json.loads((run_dir / FINGERPRINT).read_text()).get("stage")
-    except (OSError, ValueError, AttributeError):
+        return recorded_fingerprint(run_dir).get("stage")
+    except (OSError, RunSettingsChangedError):
         return None
 
 

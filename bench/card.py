@@ -112,14 +112,16 @@ def infer_fit(results: list[dict], prompt_tokens: int) -> dict | None:
 
 
 def green_fit(folder: Path) -> dict | None:
-    """The GREEN judge's GiB per 1,000 tokens of a batch (batch x its max length) from bench/green.py's runs."""
+    """The GREEN judge's GiB per 1,000 tokens of a batch (batch x its longest row: prompt + new tokens, or an
+    older run's max length) from bench/green.py's runs."""
     points = []
     for path in folder.glob("green*.json"):
         result = json.loads(path.read_text())
         for run in result.get("runs", []):
             match = re.search(r"batch (\d+)", run.get("way", ""))
-            if match and run.get("peak_gib") and result.get("max_length"):
-                points.append((int(match.group(1)) * result["max_length"] / 1000, run["peak_gib"]))
+            row = result.get("row_tokens") or result.get("max_length")
+            if match and run.get("peak_gib") and row:
+                points.append((int(match.group(1)) * row / 1000, run["peak_gib"]))
     fit = slope(points)
     return fit and {"gib_per_1k_tokens": round(fit[0], 3), "intercept_gib": round(fit[1], 2)}
 

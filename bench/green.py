@@ -14,7 +14,8 @@ Writes one JSON: judgments/s, peak memory, and the share of identical judgments 
     python3 -m bench.green --out DIR [--prompts 256] [--package-prompts 64] [--batch 64 96|auto] [--new-tokens 300]
                            [--card-gib 80]
 
-``--batch auto`` is the batch eval.green.batch_size=auto picks on this card (for ``--max-length`` tokens);
+``--batch auto`` is the batch eval.green.batch_size=auto picks on this card (from the longest prompt + the new
+tokens, at most ``--max-length``);
 ``--card-gib`` caps the process as bench.run does (a smaller card emulated); ``--package-prompts 0`` skips the
 package's and the control's runs.
 """
@@ -69,17 +70,6 @@ def timed(fn):
     return out, time.perf_counter() - start, torch.cuda.max_memory_allocated() / 2 ** 30
 
 
-def judge_batch(value: str, max_length: int) -> int:
-    """A --batch value: a number, or what eval.green.batch_size=auto sizes on this (capped) card."""
-    if value != "auto":
-        return int(value)
-    from flare_exp.card import card_memory, green_batch
-
-    batch, why = green_batch(card_memory(), max_length)
-    print(f"--batch auto -> {batch} ({why})", flush=True)
-    return batch
-
-
 def main() -> None:
     import torch
 
@@ -88,7 +78,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=256)
     parser.add_argument("--package-prompts", type=int, default=64)
     parser.add_argument("--batch", nargs="+", default=["64", "96"], help="batch sizes, or auto")
-    parser.add_argument("--max-length", type=int, default=2048, help="eval.green.max_length, for --batch auto")
+    parser.add_argument("--max-length", type=int, default=2048, help="eval.green.max_length")
     parser.add_argument("--card-gib", type=float, default=None)
     parser.add_argument("--new-tokens", type=int, default=300)
     parser.add_argument("--prompt-tokens", type=int, default=800)
@@ -117,7 +107,8 @@ def main() -> None:
     refs, cands = pairs(args.prompts, int(max(args.prompt_tokens - bare, 2) / per_word * 2 / 3))
     texts = [package.render(make_prompt(r, c)) for r, c in zip(refs, cands)]
     result = {"judge": "random Llama-2-7B shapes, fp16", "new_tokens": args.new_tokens,
-              "prompt_tokens_mean": length(texts), "card_gib": args.card_gib, "runs": []}
+              "prompt_tokens_mean": length(texts), "card_gib": args.card_gib, "max_length": args.max_length,
+              "row_tokens": package.row_tokens(refs, cands), "runs": []}  # the longest row: what memory grows by
     save = lambda: (out_dir / "green-judge.json").write_text(json.dumps(result, indent=2) + "\n")  # noqa: E731
     print(json.dumps(result), flush=True)
     n = args.package_prompts
@@ -133,14 +124,19 @@ def main() -> None:
         print(json.dumps(result["runs"][-1]), flush=True)
         save()
     package_out = judged[8]
-    for batch in map(lambda b: judge_batch(b, args.max_length), args.batch):
-        ours = GreenJudge(model, tokenizer, batch_size=batch, decode_loop="graph", **settings)
+    for batch in (b if b == "auto" else int(b) for b in args.batch):
+        ours = GreenJudge(model, tokenizer, batch_size=batch, decode_loop="graph", max_length=args.max_length,
+                          **settings)
         for phase in ("first (compiles)", "warm"):
             try:
                 out, seconds, peak = timed(lambda: ours.judge(refs, cands))
             except torch.OutOfMemoryError as e:
                 result["runs"].append({"way": f"ours: graph loop, batch {batch}", "error": str(e)[:200]})
+                print(json.dumps(result["runs"][-1]), flush=True)
                 break
+            if batch == "auto":
+                print(f"--batch auto -> {ours.batch_choice}", flush=True)
+                batch = ours.batch_size
             same = sum(a == b for a, b in zip(out[:n], package_out)) / n if n else None
             result["runs"].append({"way": f"ours: graph loop, batch {batch}, {phase}", "prompts": len(refs),
                                    "seconds": seconds, "judgments_per_s": len(refs) / seconds, "peak_gib": peak,

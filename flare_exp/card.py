@@ -47,10 +47,14 @@ MEMORY_MODEL = {
     "infer_gib_per_1k_tokens": 0.29,
     "infer_prompt_tokens": 700,
     "infer_largest_batch": 128,  # 128 made 28 reports/s against 16 at 32; larger not measured
-    # GREEN-radllama2-7b: 13.5 GiB of fp16 weights, no grouped-query attention: 0.5 GiB per 1,000 tokens of KV
-    # cache, a batch spans eval.green.max_length tokens; batch 96 measured fastest on an H200 (2026-12-01)
-    "green_reserved_gib": 16.0,
-    "green_gib_per_1k_tokens": 0.5,
+    # GREEN-radllama2-7b (fp16, no grouped-query attention): per judgment, its row of KV cache (0.5 GiB per 1,000
+    # tokens) and the prefill's activations. Under 24, 40 and 48 GiB caps (2026-12-04, two calls) the peaks of
+    # batches 5 / 8 / 16 / 24 / 32 of rows up to 1,216 tokens (916-token prompts + 300 new) lie on one line:
+    # 12.58 GiB (the weights) + 0.68 GiB per judgment (0.56 per 1,000 tokens; every residual <= 0.03 GiB); 0.7
+    # GiB kept above the intercept. A row spans eval.green.max_length tokens unless eval.green.max_new_tokens
+    # is set (then the longest prompt + that). Batch 96 measured fastest on an H200 (2026-12-01)
+    "green_reserved_gib": 13.3,
+    "green_gib_per_1k_tokens": 0.56,
     "green_largest_batch": 96,
     "usable_fraction": 0.92,  # of the card: the allocator's fragmentation and other processes' contexts
 }
@@ -183,14 +187,15 @@ def infer_batch(card: Card | None, max_new_tokens: int) -> tuple[int, str]:
                    f"at most {m['infer_largest_batch']} (the fastest measured)")
 
 
-def green_batch(card: Card | None, max_length: int) -> tuple[int, str]:
-    """eval.green.batch_size=auto: (batch, why)."""
+def green_batch(card: Card | None, row_tokens: int) -> tuple[int, str]:
+    """eval.green.batch_size=auto: (batch, why) for judgments whose rows (prompt + judgment) span at most
+    ``row_tokens`` (GreenJudge.row_tokens: eval.green.max_length, or the longest prompt + max_new_tokens)."""
     m = MEMORY_MODEL
     if card is None:
         return GREEN_CPU_BATCH, "no GPU: the CPU default"
-    per_prompt = max_length * m["green_gib_per_1k_tokens"] / 1000
+    per_prompt = row_tokens * m["green_gib_per_1k_tokens"] / 1000
     batch = round_batch((usable_gib(card) - m["green_reserved_gib"]) / per_prompt, m["green_largest_batch"])
-    return batch, (f"{card}: {per_prompt:.2f} GiB per judgment of {max_length} tokens, at most "
+    return batch, (f"{card}: {per_prompt:.2f} GiB per judgment of up to {row_tokens} tokens, at most "
                    f"{m['green_largest_batch']} (the fastest measured)")
 
 

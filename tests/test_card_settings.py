@@ -33,8 +33,8 @@ def _sft(base_overrides, *extra):
 
 
 # card GiB -> (micro-batch, accumulation, token budget), infer batch (256 new tokens), GREEN batch (2,048 tokens)
-SIZED = {141: ((16, 1, 12000), 128, 96), 80: ((8, 2, 6500), 128, 56), 48: ((16, 1, 3500), 120, 24),
-         40: ((16, 1, 2500), 96, 16), 24: ((16, 1, 1000), 40, 5)}
+SIZED = {141: ((16, 1, 12000), 128, 96), 80: ((8, 2, 6500), 128, 48), 48: ((16, 1, 3500), 120, 24),
+         40: ((16, 1, 2500), 96, 16), 24: ((16, 1, 1000), 40, 7)}
 
 
 @pytest.mark.parametrize("gib", sorted(SIZED))
@@ -87,6 +87,37 @@ def test_what_the_user_sets_stays(base_overrides, card):
     assert choice["changed"]["rl.per_device_train_batch_size"] == [2, 8]
     assert apply_rl_card(compose_cfg(["stage=rl", *base_overrides, "rl.per_device_train_batch_size=2",
                                       "rl.gradient_accumulation_steps=4", "rl.card_preset=none"]))[1]["changed"] == {}
+
+
+def test_the_green_judge_sizes_its_batch_from_its_rows(card, tmp_path, caplog):
+    """eval.green.batch_size=auto, sized when the prompts are known: a row spans max_length tokens under the
+    package's budget, or the longest prompt + max_new_tokens; a number stays; exact keeps the package's 8."""
+    from flare_exp.fixtures.tiny_models import build_tiny_causal_lm
+    from flare_exp.metrics.green_judge import GreenJudge
+
+    caplog.set_level(logging.INFO, logger="flare_exp")
+    card["gib"] = 40
+    path = build_tiny_causal_lm(tmp_path / "judge")
+    refs = ["The heart is normal."] * 40
+    cands = [f"Heart normal {i} {'and lungs clear ' * (i % 7)}." for i in range(40)]  # 40 distinct prompts
+    load = lambda **kw: GreenJudge.from_pretrained(path, "float32", device="cpu", **kw)  # noqa: E731
+    for settings in ({"max_new_tokens": 300}, {}):
+        judge, batches = load(batch_size="auto", **settings), []
+        judge.generate = lambda texts: (batches.append(len(texts)), ["x"] * len(texts))[1]
+        assert judge.batch_size == "auto" and judge.batch_choice is None  # not sized before the prompts
+        judge.judge(refs, cands)
+        rows = min(2048, max(judge.input_tokens(refs, cands)) + 300) if settings else 2048
+        assert judge.row_tokens(refs, cands) == rows and rows < 2048 or not settings
+        batch = green_batch(Card("NVIDIA FAKE", 40, "total"), rows)[0]
+        assert judge.batch_choice == {"key": "eval.green.batch_size", "value": batch, "auto": True,
+                                      "why": judge.batch_choice["why"]}
+        assert f"up to {rows} tokens" in judge.batch_choice["why"] and max(batches) == min(batch, 40)
+    assert batch == 16 and green_batch(Card("NVIDIA FAKE", 40, "total"), 1216)[0] == 32
+    fixed = load(batch_size=5)
+    assert fixed.batch_choice["why"] == "set in the config" and fixed.batch_size == 5
+    assert load(batch_size="auto", exact=True).batch_size == 8
+    with pytest.raises(ValueError, match="eval.green.batch_size"):
+        load(batch_size=0)
 
 
 def test_the_card_memory_a_process_may_use(card, monkeypatch):

@@ -22,6 +22,7 @@ import json
 import logging
 from pathlib import Path
 
+from flare_exp.card import AUTO, card_memory, check_batch, green_batch, sized_batch
 from flare_exp.metrics.green import GREEN_CHAT_TEMPLATE, clean_response, green_score, make_prompt, parse_green, \
     summarise
 from flare_exp.metrics.judge_journal import JournaledJudge, judge_dir
@@ -31,6 +32,7 @@ from flare_exp.runtime import check_choice
 log = logging.getLogger(__name__)
 JUDGE_DTYPES = ("float16", "bfloat16", "float32")
 PACKAGE_BATCH = 8  # the package's batch size, as FLARE's evaluator calls it
+BATCH_KEY = "eval.green.batch_size"
 
 
 @contextlib.contextmanager
@@ -82,7 +84,11 @@ class GreenJudge(JournaledJudge):
                              f"null (it is {max_new_tokens})")
         self.model, self.tokenizer, self.device = model, tokenizer, str(model.device)
         self.exact = exact
-        self.batch_size = PACKAGE_BATCH if exact else batch_size
+        check_batch(BATCH_KEY, batch_size)
+        # the batch as used, and why (eval's summary); auto is sized when the prompts are known (judge)
+        self.batch_size, self.batch_choice = (PACKAGE_BATCH, {
+            "key": BATCH_KEY, "value": PACKAGE_BATCH, "auto": False, "why": "eval.green.exact=true: the package's "
+            "batches"}) if exact else (AUTO, None) if batch_size == AUTO else sized_batch(BATCH_KEY, batch_size, None)
         self.max_length, self.max_new_tokens = max_length, max_new_tokens
         self.parser = parser
         if exact and decode_loop == "auto":
@@ -126,6 +132,20 @@ class GreenJudge(JournaledJudge):
     def new_token_budget(self, prompt_length: int) -> int:
         budget = self.max_length - prompt_length
         return budget if self.max_new_tokens is None else min(budget, self.max_new_tokens)
+
+    def row_tokens(self, references: list[str], candidates: list[str]) -> int:
+        """The most tokens one row of the judge's cache holds: max_length (the package's budget fills it), or
+        with max_new_tokens set the longest prompt (cut at max_length) + max_new_tokens."""
+        if self.max_new_tokens is None or not references:
+            return self.max_length
+        return min(self.max_length, max(self.input_tokens(references, candidates)) + self.max_new_tokens)
+
+    def judge(self, references: list[str], candidates: list[str], share: tuple[int, int] | None = None) -> list[str]:
+        if self.batch_size == AUTO:  # every rank sizes from the same prompts and the same kind of card
+            rows = self.row_tokens(references, candidates)
+            self.batch_size, self.batch_choice = sized_batch(BATCH_KEY, AUTO,
+                                                             lambda: green_batch(card_memory(), rows))
+        return super().judge(references, candidates, share)
 
     def _greedy_config(self):
         """The judge's generation config with the package's greedy settings (its EOS as the pad token)."""

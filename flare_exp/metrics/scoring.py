@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-from flare_exp.card import card_memory, green_batch, sized_batch
 from flare_exp.data.predictions import load_rows, run_metadata
 from flare_exp.io import write_jsonl
 from flare_exp.metrics import official, tasks, text
@@ -21,7 +20,6 @@ class ReportScorers:
     def __init__(self, cfg, out_dir: Path):
         self.cfg, self.out_dir = cfg, out_dir
         self._radgraph = self._green = self._crimson = self._chexbert = self._keyword = None
-        self.green_batch = None  # eval.green.batch_size as used, and why (the summary's)
 
     def radgraph(self):
         rg = self.cfg.reward.radgraph
@@ -62,14 +60,17 @@ class ReportScorers:
             from flare_exp.metrics.green_judge import GreenJudge
 
             g = self.cfg.eval.green
-            batch, self.green_batch = sized_batch("eval.green.batch_size", g.batch_size,
-                                                  lambda: green_batch(card_memory(), g.max_length))
             self._green = GreenJudge.from_pretrained(
-                abspath(g.model_path), g.dtype, batch_size=batch, max_length=g.max_length,
+                abspath(g.model_path), g.dtype, batch_size=g.batch_size, max_length=g.max_length,
                 max_new_tokens=g.max_new_tokens, decode_loop=g.decode_loop, parser=g.parser, exact=g.exact,
                 journal=self.out_dir / "green_judgments.jsonl")  # a rerun resumes here
         return self._green
 
+
+    @property
+    def green_batch(self) -> dict | None:
+        """eval.green.batch_size as used, and why (the summary's); None before the judge judged."""
+        return self._green.batch_choice if self._green is not None else None
 
     def crimson(self):
         if not self.cfg.eval.crimson.model_path:

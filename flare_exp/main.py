@@ -13,7 +13,7 @@ from flare_exp.checks import validate
 from flare_exp.logs import quiet_known_messages
 from flare_exp.run.layout import RUN_INFO
 from flare_exp.run.lifecycle import Run
-from flare_exp.run.record import write_failed
+from flare_exp.run.record import restore_hydra_record, write_failed
 from flare_exp.run.stage import stage as stage_named
 from flare_exp.runtime import abspath, start_process_group, world_size
 
@@ -67,6 +67,8 @@ def run(cfg: DictConfig, run_dir: Path | None = None):
         # unless it holds an earlier run, whose record stays as it was
         if refused and (HydraConfig.get().mode == RunMode.MULTIRUN or not (refused / RUN_INFO).exists()):
             write_failed(refused, e)
+        elif refused:
+            restore_hydra_record(refused)
         raise
     stage = stage_named(cfg.stage.name)
     if stage.record == "none":  # a view of the output root (stage=runs): no run dir of its own

@@ -249,3 +249,25 @@ def test_sigterm_stops_a_run_with_its_failed_marker(base_overrides, tmp_path):
     assert proc.returncode == 143, err[-2000:]
     assert "flare-exp: stopped (SIGTERM)" in err and "Traceback" not in err
     assert (run_dir / "FAILED").read_text().startswith("stopped from outside (KeyboardInterrupt: SIGTERM)")
+
+
+def test_a_refused_relaunch_leaves_the_runs_hydra_record_as_it_was(base_overrides, tmp_path):
+    """Hydra writes .hydra/ before any check: a relaunch refused by a finished run gets its record put back; with
+    overwrite=true the earlier attempt's record moves to attempts/01/.hydra/ with the rest of it."""
+    import subprocess
+
+    hydra = tmp_path / "out" / "runs" / "rec" / ".hydra"
+    launch = lambda *extra: subprocess.run(  # noqa: E731
+        [sys.executable, "launch.py", "stage=infer", *base_overrides, "run_name=rec", "infer.num_samples=2",
+         "infer.batch_size=2", *extra], cwd=REPO, capture_output=True, text=True, timeout=300)
+    first = launch("infer.max_new_tokens=4")
+    assert first.returncode == 0, first.stderr[-2000:]
+    record = {name: (hydra / name).read_text() for name in ("config.yaml", "overrides.yaml")}
+    refused = launch("infer.max_new_tokens=5")
+    assert refused.returncode != 0 and "already holds a finished infer run" in refused.stderr
+    assert {name: (hydra / name).read_text() for name in record} == record  # as the finished run left it
+    again = launch("infer.max_new_tokens=5", "overwrite=true")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "infer.max_new_tokens=5" in (hydra / "overrides.yaml").read_text()
+    kept = hydra.parent / "attempts" / "01" / ".hydra"
+    assert {name: (kept / name).read_text() for name in record} == record

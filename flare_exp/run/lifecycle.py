@@ -30,7 +30,8 @@ from flare_exp.run.fingerprint import (RunSettingsChangedError, check_resume, fi
                                        recorded_fingerprint, starting_adapter)
 from flare_exp.run.lock import RunLock
 from flare_exp.run.layout import DONE, FAILED, FINGERPRINT, REPORT_HTML, SWEEP_TABLE
-from flare_exp.run.record import RunFinishedError, archive_attempt, attempt_files, write_failed, write_run_metadata
+from flare_exp.run.record import (RunFinishedError, archive_attempt, attempt_files, keep_hydra_record,
+                                  restore_hydra_record, write_failed, write_run_metadata)
 from flare_exp.run.stage import declared_stages
 from flare_exp.runtime import barrier
 
@@ -65,6 +66,8 @@ class Run:
             if self.rank == 0:
                 self._start()
         except BaseException:
+            if self.own_run and self.rank == 0:  # refused: the run dir's record of its own launch stays
+                restore_hydra_record(self.run_dir)
             self.__exit__()
             raise
         return self
@@ -80,6 +83,8 @@ class Run:
             start_attempt(self.stage, self.configured, self.out_dir, ran=self.cfg, applied=self.applied)
         if self.out_dir != self.run_dir:
             write_run_metadata(self.run_dir, self.cfg)
+        if self.own_run:
+            keep_hydra_record(self.run_dir)
 
     def execute(self, work):
         """``work(cfg, out_dir)`` between the markers (None on a rank > 0: rank 0 alone works). The ranks start

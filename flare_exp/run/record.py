@@ -130,6 +130,27 @@ def write_failed(run_dir: Path, error: BaseException, rank: int | None = None) -
     write_text(run_dir / FAILED, text)
 
 
+# Hydra writes its record of a launch (.hydra/*.yaml) into the run dir before any check of ours, so a launch
+# refused there (a finished run, other settings, another writer) would leave the run dir's record describing the
+# refused launch. A copy of the record of the launch the run dir accepted is kept beside it and put back.
+ACCEPTED_HYDRA = "accepted"
+
+
+def keep_hydra_record(run_dir: Path) -> None:
+    """After this launch is accepted into run_dir: a copy of Hydra's record of it in .hydra/accepted/."""
+    hydra = run_dir / HYDRA
+    for yaml in hydra.glob("*.yaml") if hydra.is_dir() else []:
+        write_text(hydra / ACCEPTED_HYDRA / yaml.name, yaml.read_text())
+
+
+def restore_hydra_record(run_dir: Path) -> None:
+    """A launch into run_dir was refused: Hydra's record of the launch the run dir accepted, put back (the
+    refused launch's record goes; nothing of it ran). A run dir from before these copies keeps what it has."""
+    accepted = run_dir / HYDRA / ACCEPTED_HYDRA
+    for yaml in accepted.glob("*.yaml") if accepted.is_dir() else []:
+        write_text(run_dir / HYDRA / yaml.name, yaml.read_text())
+
+
 # Kept in place when an attempt moves to attempts/NN: the lock, the record of earlier attempts, Hydra's own
 # files and the job's log (open for writing by this very process).
 _STAYS = {LOCK, ATTEMPTS, HYDRA, ".submitit"}
@@ -150,4 +171,7 @@ def archive_attempt(run_dir: Path) -> Path:
     dest = next_attempt_dir(run_dir)
     for path in files:
         shutil.move(str(path), str(dest / path.name))
+    accepted = run_dir / HYDRA / ACCEPTED_HYDRA  # Hydra's record of that attempt's launch (.hydra/ stays)
+    if accepted.is_dir():
+        shutil.copytree(accepted, dest / HYDRA)
     return dest

@@ -148,3 +148,22 @@ def test_an_image_gone_since_prepare_names_the_record_and_the_fix(tmp_path):
     for read in (chat.load_images, lambda r: chat.sequence_length(r, with_answer=False)):
         with pytest.raises(ValueError, match=r"record chestdr/7: cannot read image .*L\.png: .*re-run stage=prepare"):
             read(record)
+
+
+def test_a_later_stage_given_another_window_than_prepares_is_refused(base_overrides, demo_prepared, tmp_path):
+    """data.image_window is prepare's: infer (as sft and rl) set to another window than the records carry stops,
+    naming both; unset, or the records' own, it runs."""
+    from conftest import compose_cfg
+    from flare_exp.data.decoding import check_records_window
+    from flare_exp.main import run
+
+    cfg = compose_cfg(["stage=infer", *base_overrides, "infer.num_samples=2", "infer.max_new_tokens=2",
+                       "data.image_window=[0,4095]"])
+    with pytest.raises(ValueError, match=r"data.image_window=\[0, 4095\], but the records of \S+ were prepared "
+                                         r"with each image's own range: the window is prepare's setting"):
+        run(cfg, run_dir=tmp_path / "inf")
+    records = [{"image_window": [0, 4095]}, {"image_window": None}]
+    with pytest.raises(ValueError, match=r"prepared with each image's own range, \[0, 4095\]"):
+        check_records_window(records, [0, 4095], "x.jsonl")
+    check_records_window(records[:1], [0, 4095], "x.jsonl")  # the records' own window: nothing to say
+    check_records_window(records, None, "x.jsonl")

@@ -39,6 +39,23 @@ def check_window(window) -> tuple[float, float] | None:
     return float(values[0]), float(values[1])
 
 
+def check_records_window(records: list[dict], configured, source) -> None:
+    """data.image_window is prepare's: each record carries the window its images are decoded with. Set on a
+    later stage, it must be the records' (else a ValueError names both), so no stage decodes by another
+    window than the one the user sees set."""
+    wanted = check_window(configured)
+    if wanted is None:
+        return
+    used = {check_window(r.get("image_window")) for r in records}
+    if used != {wanted}:
+        named = ", ".join("each image's own range" if w is None else f"[{w[0]:g}, {w[1]:g}]"
+                          for w in sorted(used, key=lambda w: (w is not None, w or ())))
+        raise ValueError(f"data.image_window=[{wanted[0]:g}, {wanted[1]:g}], but the records of {source} were "
+                         f"prepared with {named}: the window is prepare's setting. Re-run stage=prepare with "
+                         "this data.image_window into another data.prepared_dir, or leave data.image_window "
+                         "unset here (the records' window is used)")
+
+
 def scale_to_8bit(values: np.ndarray, window: tuple[float, float] | None) -> np.ndarray:
     """A high-bit-depth grey channel scaled linearly from the window (else its own range) to uint8, rounded
     half up (float32 holds every 16-bit value exactly)."""

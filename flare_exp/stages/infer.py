@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from flare_exp.card import sized_infer_batch
 from flare_exp.compile_cache import prepare_gpu_run
+from flare_exp.data.decoding import check_records_window
 from flare_exp.data.vision import VisionChat
 from flare_exp.io import read_journal, read_jsonl, write_json, write_jsonl
 from flare_exp.models.batch_decoding import (Decoder, batches_with_images, decode_in_parts, decode_settings,
@@ -182,6 +183,7 @@ def run(cfg, out_dir: Path) -> dict:
     inf = cfg.infer
     source = abspath(infer_input_file(cfg))
     records = read_jsonl(source)
+    check_records_window(records, cfg.data.image_window, source)
     questions = len(records)
     if inf.num_samples and inf.num_samples > 0:
         records = records[:inf.num_samples]

@@ -15,6 +15,7 @@ from transformers import TrainerCallback
 
 from flare_exp.card import apply_rl_card, sized_infer_batch
 from flare_exp.compile_cache import prepare_gpu_run
+from flare_exp.data.decoding import check_records_window
 from flare_exp.data.vision import VisionChat, filter_by_length, render_messages
 from flare_exp.io import read_jsonl, write_json
 from flare_exp.models.decoding import Decoding, DecodeSettings, decoder_for
@@ -274,6 +275,7 @@ def training_records(cfg, reward) -> tuple[list[dict], list[str]]:
     """The prepared records with answers of the task types trained (rl.task_types, else the reward's)."""
     rl = cfg.rl
     records = [r for r in read_jsonl(abspath(rl.train_file)) if r.get("answer") is not None]
+    check_records_window(records, cfg.data.image_window, rl.train_file)
     wanted = list(rl.task_types) or reward.task_types()
     records = [r for r in records if r["task_type"] in wanted]
     missing = sorted({r["task_type"] for r in records} - set(reward.task_types()))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from flare_exp.data.decoding import check_records_window
 from flare_exp.data.vision import SFTCollator, VisionChat, filter_by_length
 from flare_exp.compile_cache import prepare_gpu_run
 from flare_exp.io import read_jsonl, write_json
@@ -267,6 +268,7 @@ def datasets(cfg, chat: VisionChat, out_dir: Path) -> tuple["RecordDataset", "Re
     sft, max_len = cfg.sft, cfg.model.max_seq_length
     train, too_long, train_lengths = load_split(sft.train_file, sft.max_train_samples, chat, max_len,
                                                 sft.on_too_long, "training")
+    check_records_window(train, cfg.data.image_window, sft.train_file)
     val, val_too_long, val_lengths = ([], [], [])
     if sft.val_file and abspath(sft.val_file).exists():
         val, val_too_long, val_lengths = load_split(sft.val_file, sft.max_eval_samples, chat, max_len,

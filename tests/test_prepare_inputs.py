@@ -114,7 +114,7 @@ def test_records_are_typed(tmp_path):
                        {**cls, "Answer": "B", "Question": "q7 " + options},
                        {**cls, "Answer": "three", "Question": "q8 " + options},
                        {**GOOD, "Answer": ["Effusion", "Mass"], "Question": "q9"},
-                       {**GOOD, "Answer": {"a": 1}, "Question": "q10"}])
+                       {**GOOD, "Answer": {"a": 1}, "Question": "q10"}, {**reg, "Answer": "40.5 %", "Question": "q11"}])
     out, reasons = _rejects(tmp_path, root)
     assert reasons == {1: "ImageName must be a string or a list of strings, got null",
                        2: "ImageName must be a string or a list of strings, got a number",
@@ -124,6 +124,7 @@ def test_records_are_typed(tmp_path):
                        10: "answer must be text, got an object"}
     answers = {r["question"]: r["answer"] for r in read_jsonl(out / "train.jsonl")}
     assert answers["q5"] == "22.9" and answers["q9"] == "Effusion, Mass"
+    assert answers["q11"] == "40.5"  # the number FLARE's evaluator reads (float("40.5 %") fails)
     assert answers["q7 " + options] == "B" and answers["q8 " + options] == "three"  # kept, not guessed away
     rejects = read_jsonl(out / "rejects.jsonl")
     assert rejects[0]["file"] == "training/Xray/chestdr/chestdr_questions_train.json"

@@ -84,7 +84,8 @@ def listed_options(question: str) -> str:
 def answer_text(raw: Any, task_type: str, dataset: str, question: str) -> tuple[str | None, str | None]:
     """(the answer as a string, None) or (None, why it is not an answer of its task type). Only what is certain
     is refused: a regression answer that is not one finite number, a classification letter the question's
-    listed options do not include; a list-valued multi-label answer is joined with the dataset's separator."""
+    listed options do not include; a list-valued multi-label answer is joined with the dataset's separator, a
+    regression answer's percent sign dropped ("40 %" -> "40")."""
     import math
 
     if isinstance(raw, list) and task_type == "multi_label" and all(isinstance(x, str) for x in raw):
@@ -98,6 +99,9 @@ def answer_text(raw: Any, task_type: str, dataset: str, question: str) -> tuple[
     if task_type == "regression":
         if not _NUMBER_ANSWER.fullmatch(text) or not math.isfinite(float(text.rstrip("% "))):
             return None, f"regression answer {text[:40]!r} is not a finite number"
+        # the number alone: FLARE's evaluator reads float(answer), which "40%" fails (an infinite MAE), so a
+        # model trained on "40%" would write answers the leaderboard cannot read
+        text = text.rstrip("% ")
     if task_type == "classification":
         options = listed_options(question)
         letter = re.fullmatch(r"\(?([A-Za-z])\)?[.)]?", text) or re.match(r"([A-Z])[.)]\s", text)

@@ -201,6 +201,10 @@ def remove_view_dir() -> None:
     made = Path(HydraConfig.get().runtime.output_dir)
     if made.is_dir() and all(p.suffix == ".log" and p.stat().st_size == 0 for p in made.iterdir()):
         shutil.rmtree(made)
+        try:
+            made.parent.rmdir()  # runs/, when this launch's dir was all it held
+        except OSError:
+            pass
 
 
 def run(cfg, out_dir: Path | None = None) -> dict:

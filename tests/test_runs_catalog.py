@@ -67,3 +67,17 @@ def test_the_headline_is_the_runs_own_model_not_the_base_it_is_compared_with(tmp
     assert headline(tmp_path) == "multi_label.f1_score=0.7500 (partial)"  # not read as the whole split's
     (tmp_path / "metrics.json").write_text(json.dumps({"n": 3, "runs": [1, 2], "x": {"official": 5}}))
     assert headline(tmp_path) is None  # a metrics.json of another shape: no headline, no crash
+
+
+def test_listing_an_empty_output_root_leaves_nothing_behind(tmp_path):
+    """stage=runs is a view: on a root with no runs it says so and leaves no runs/ (nor Hydra's dir) behind."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    done = subprocess.run([sys.executable, "launch.py", "stage=runs", f"paths.output_root={tmp_path / 'root'}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "No runs under" in done.stdout + done.stderr
+    assert not (tmp_path / "root" / "runs").exists()

@@ -76,8 +76,11 @@ def test_listing_an_empty_output_root_leaves_nothing_behind(tmp_path):
 
     from conftest import REPO
 
-    done = subprocess.run([sys.executable, "launch.py", "stage=runs", f"paths.output_root={tmp_path / 'root'}"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "No runs under" in done.stdout + done.stderr
-    assert not (tmp_path / "root" / "runs").exists()
+    for made_by_user in (False, True):
+        if made_by_user:
+            (tmp_path / "root").mkdir(exist_ok=True)
+        done = subprocess.run([sys.executable, "launch.py", "stage=runs", f"paths.output_root={tmp_path / 'root'}"],
+                              cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "no runs under" in (done.stdout + done.stderr).lower()
+        assert not (tmp_path / "root" / "runs").exists()

@@ -222,3 +222,18 @@ def test_the_alarm_fires_on_a_gameable_reward_and_stays_quiet_on_the_default(bas
     assert json.loads((tmp_path / "gamed" / "alarms.json").read_text()) == gamed["alarms"]
     default = run(compose_cfg([*common, "rl.max_steps=5"]), run_dir=tmp_path / "default")
     assert default["alarms"] == [] and not (tmp_path / "default" / "alarms.json").exists()
+
+
+def test_a_heldout_eval_leaves_trainings_random_stream_as_it_was(monkeypatch):
+    """Whatever the held-out eval draws (a judge's weights initialised before loading, a sampled decode), training
+    goes on with the random state it had: the same stream as a run without evals."""
+    import torch
+
+    from flare_exp.rl_monitor.heldout import HeldOutEval
+
+    monkeypatch.setattr(HeldOutEval, "_run", lambda self, model, step: (torch.nn.Linear(64, 64), {}, 0.0)[1:])
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    assert HeldOutEval.__new__(HeldOutEval).run(None, 1) == ({}, 0.0)
+    assert torch.equal(torch.rand(3), expected)

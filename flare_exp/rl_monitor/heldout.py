@@ -111,7 +111,16 @@ class HeldOutEval:
         return bool(self.every) and (step % self.every == 0 or step == max_steps)
 
     def run(self, model, step: int) -> tuple[dict, float]:
-        """Decode the subset with ``model`` (eval mode, restored afterwards), score it: (result, seconds)."""
+        """Decode the subset with ``model`` (eval mode, restored afterwards), score it: (result, seconds). The
+        random state is training's again afterwards: loading a judge initialises weights before it reads them,
+        and a sampled decode draws, so a run with evals trains on the same stream as one without."""
+        import torch
+
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            return self._run(model, step)
+
+    def _run(self, model, step: int) -> tuple[dict, float]:
         from flare_exp.metrics.scoring import ReportScorers, evaluate_file
         from flare_exp.models.batch_decoding import Decoder, batches_with_images, decode_in_parts
 

@@ -44,3 +44,17 @@ def test_csv_cells_never_start_a_formula(tmp_path):
     assert rows[1] == ["0", "-0.2", "'" + HOSTILE[0]] and rows[2] == ["1", "-1e-3", "'@cmd"]
     assert rows[3] == ["2", "0.5", "ok"]
     assert not any(re.match(r"[=+@\t\r]", cell) or re.match(r"-(?![\d.])", cell) for row in rows for cell in row)
+
+
+def test_a_text_longer_than_a_cell_holds_is_cut_with_a_warning_naming_its_row(tmp_path, caplog):
+    """A worksheet cell holds 32,767 characters: a longer text (a runaway generation) is cut there, and the log
+    names the row; the others stay whole."""
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="flare_exp")
+    rows = [{**_row(0, "short"), "prediction": "word " * 10000}, _row(1, "fine")]
+    write_sheet(tmp_path / "predictions.xlsx", rows, "run")
+    cells = [[c.value for c in row] for row in load_workbook(tmp_path / "predictions.xlsx").active.iter_rows()]
+    assert len(cells[1][3]) == 32767 and cells[1][3] == ("word " * 10000)[:32767] and cells[2][3] == "fine"
+    assert "1 cell(s) longer than a worksheet cell's 32767 characters were cut" in caplog.text
+    assert "(rows: id0)" in caplog.text

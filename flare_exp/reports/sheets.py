@@ -4,14 +4,18 @@ stored as text, never as a formula."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
 from flare_exp.data.sheet_predictions import PREDICTION_COLUMN, ROW_COLUMNS, SCORE_COLUMNS, SHEET
 from flare_exp.metrics.official import FLARE_TASK_TYPE, OFFICIAL_METRIC
 
+EXCEL_CELL_CHARACTERS = 32767  # the most a cell holds: Excel and openpyxl cut a longer text there
 PREDICTION_WIDTHS = (38, 60, 50, 50, 16, 18, 30)  # ImageName, Question, Answer, prediction, Dataset, TaskType, id
 EXTRA_WIDTHS = {"score": 12, "score_kind": 40}  # eval's score columns; others 18
+
+log = logging.getLogger(__name__)
 
 
 def write_sheet(path: Path, rows: list[dict], label: str, extra: tuple[str, ...] = (), adapter: dict | None = None,
@@ -32,7 +36,12 @@ def write_sheet(path: Path, rows: list[dict], label: str, extra: tuple[str, ...]
                  for _, key in ROW_COLUMNS]
         values = [*cells[:PREDICTION_COLUMN], r["prediction"], *cells[PREDICTION_COLUMN:], *(r.get(k) for k in extra)]
         body.append([json.dumps(v, ensure_ascii=False) if isinstance(v, (list, dict)) else v for v in values])
-    fill_sheet(ws, header, body, PREDICTION_WIDTHS + tuple(EXTRA_WIDTHS.get(k, 18) for k in extra), wrap=True)
+    cut = fill_sheet(ws, header, body, PREDICTION_WIDTHS + tuple(EXTRA_WIDTHS.get(k, 18) for k in extra), wrap=True)
+    if cut:
+        log.warning("%s: %d cell(s) longer than a worksheet cell's %d characters were cut there (rows: %s); the "
+                    "whole texts are in the run's JSONL", path, len(cut), EXCEL_CELL_CHARACTERS,
+                    ", ".join(str(body[row][header.index("id")]) if "id" in header else str(row) for row in cut[:5])
+                    + (", ..." if len(cut) > 5 else ""))
     if metrics:
         fill_sheet(wb.create_sheet("metrics"), list(metrics[0]), [list(m) for m in metrics[1:]],
                    (48,) + (22,) * (len(metrics[0]) - 1), wrap=False)
@@ -78,9 +87,9 @@ def metric_rows(result: dict) -> list[tuple]:
     return rows + [("n", result["n"])]
 
 
-def fill_sheet(ws, header: list[str], rows: list[list], widths: tuple[int, ...], wrap: bool) -> None:
+def fill_sheet(ws, header: list[str], rows: list[list], widths: tuple[int, ...], wrap: bool) -> list[int]:
     """``header`` in bold and frozen, ``rows`` under it with filters, the columns ``widths`` characters wide;
-    numbers with four decimals."""
+    numbers with four decimals. Returns the indices of the rows with a text cut at a cell's limit."""
     from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
     from openpyxl.styles import Alignment, Font
     from openpyxl.utils import get_column_letter
@@ -91,9 +100,14 @@ def fill_sheet(ws, header: list[str], rows: list[list], widths: tuple[int, ...],
     text_cells(ws[1])
     for cell in ws[1]:
         cell.font = Font(bold=True)
-    for values in rows:
+    cut = []
+    for index, values in enumerate(rows):
         # Generated text can hold control characters that a worksheet cannot store: drop them in the sheet only.
-        ws.append([ILLEGAL_CHARACTERS_RE.sub("", v) if isinstance(v, str) else v for v in values])
+        values = [ILLEGAL_CHARACTERS_RE.sub("", v) if isinstance(v, str) else v for v in values]
+        if any(isinstance(v, str) and len(v) > EXCEL_CELL_CHARACTERS for v in values):
+            cut.append(index)
+            values = [v[:EXCEL_CELL_CHARACTERS] if isinstance(v, str) else v for v in values]
+        ws.append(values)
         text_cells(ws[ws.max_row])  # untrusted text: never a formula, whatever it starts with
         for cell in ws[ws.max_row]:
             if isinstance(cell.value, float):
@@ -106,6 +120,7 @@ def fill_sheet(ws, header: list[str], rows: list[list], widths: tuple[int, ...],
                 cell.alignment = Alignment(wrap_text=True, vertical="top")
     ws.freeze_panes = "A2"
     ws.auto_filter.ref = ws.dimensions
+    return cut
 
 
 def save_workbook(wb, path: Path) -> None:

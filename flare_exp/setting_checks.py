@@ -25,6 +25,8 @@ RULES = {
     "probability": (lambda v: 0 < v <= 1, "a number above 0, at most 1"),
     "generations": (lambda v: v >= 2, "an integer >= 2 (GRPO compares completions of one prompt)"),
 }
+# rules of counts: a float is refused even where the schema's type lets one through (a batch is int or "auto")
+WHOLE_NUMBERS = {"count", "count0", "batch", "limit", "every", "steps", "generations"}
 TRAINER = {"per_device_train_batch_size": "count", "gradient_accumulation_steps": "count",
            "learning_rate": "non_negative", "warmup_ratio": "ratio", "max_steps": "count", "logging_steps": "count",
            "save_steps": "count", "save_total_limit": "count", "max_train_samples": "limit",
@@ -59,7 +61,7 @@ def range_problems(cfg, steps: set[str]) -> list[str]:
             test, wanted = RULES[rule]
             if value is None or isinstance(value, bool) or (rule == "batch" and value == "auto"):
                 continue
-            if isinstance(value, str):
+            if isinstance(value, str) or (rule in WHOLE_NUMBERS and not isinstance(value, int)):
                 problems.append(f"{section}.{key}={value!r}: must be {wanted}")
                 continue
             if not math.isfinite(value) or not test(value):

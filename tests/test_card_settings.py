@@ -139,6 +139,11 @@ def test_a_batch_is_a_number_or_auto(base_overrides):
     assert "infer.batch_size='big': must be an integer >= 1 or auto (sized by the card's memory)" in problems
     assert any(p.startswith("eval.green.batch_size=0") for p in problems)
     assert range_problems(compose_cfg(["stage=infer", *base_overrides, "infer.batch_size=auto"]), {"infer"}) == []
+    for half in ("1.5", "2.0"):  # a batch is a whole number: no launch records a run it cannot make
+        problems = range_problems(compose_cfg(["stage=infer", *base_overrides, f"infer.batch_size={half}",
+                                               f"eval.green.batch_size={half}"]), {"infer", "eval"})
+        assert f"infer.batch_size={half}: must be an integer >= 1 or auto (sized by the card's memory)" in problems
+        assert f"eval.green.batch_size={half}: must be an integer >= 1 or auto (sized by the card's memory)" in problems
 
 
 def test_compile_caches_live_under_the_cache_dir(tmp_path, monkeypatch):

@@ -271,3 +271,24 @@ def test_a_refused_relaunch_leaves_the_runs_hydra_record_as_it_was(base_override
     assert "infer.max_new_tokens=5" in (hydra / "overrides.yaml").read_text()
     kept = hydra.parent / "attempts" / "01" / ".hydra"
     assert {name: (kept / name).read_text() for name in record} == record
+
+
+def test_a_launch_refused_for_the_lock_puts_the_runs_hydra_record_back(base_overrides, tmp_path, monkeypatch):
+    """Another writer holds the run dir: the refused launch's .hydra/ (Hydra wrote it first) goes, the accepted
+    launch's comes back."""
+    from flare_exp.run import lifecycle
+    from flare_exp.run.lock import RunLockedError
+
+    run_dir = tmp_path / "run"
+    (run_dir / ".hydra" / "accepted").mkdir(parents=True)
+    (run_dir / ".hydra" / "accepted" / "overrides.yaml").write_text("- sft.logging_steps=1\n")
+    (run_dir / ".hydra" / "overrides.yaml").write_text("- sft.logging_steps=7\n")  # the refused launch's
+
+    def held(self):
+        raise RunLockedError("held by another launch")
+
+    monkeypatch.setattr(lifecycle.RunLock, "acquire", held)
+    with pytest.raises(RunLockedError):
+        with lifecycle.Run(compose_cfg(["stage=sft", *base_overrides]), "sft", run_dir):
+            pass
+    assert (run_dir / ".hydra" / "overrides.yaml").read_text() == "- sft.logging_steps=1\n"

@@ -56,9 +56,9 @@ class Run:
         self.lock: RunLock | None = None
 
     def __enter__(self) -> "Run":
-        if self.locked:
-            self.lock = RunLock(self.out_dir).acquire()
         try:
+            if self.locked:
+                self.lock = RunLock(self.out_dir).acquire()
             if self.declared is not None and self.own_run:  # nothing touched yet: a refusal leaves the dir as it was
                 self.declared.refuse_before_start(self.configured, self.out_dir)
             if not self.view:  # every rank runs with the same applied settings

@@ -42,15 +42,18 @@ def reference_file(predictions: Path, rows: list[dict], prepared_dir: str | None
 
 
 def split_holding(prepared: Path, ids: set) -> Path | None:
-    """The prepared split whose questions include every one of ``ids`` (None if no split does)."""
+    """The prepared split holding the most of ``ids`` (None if none holds any). Ids are digests of the
+    question, so a split holding some of them is the one the rows came from: an id it lacks (a typo in a
+    hand-edited sheet) is then an error naming it, not a reason to leave every answer unchecked."""
+    best, most = None, 0
     for candidate in sorted(prepared.glob("*.jsonl")) if prepared.is_dir() else ():
         try:
             known = {r.get("id") for r in read_jsonl(candidate) if isinstance(r, dict)}
         except ValueError:
             continue  # not a split file
-        if ids <= known:
-            return candidate
-    return None
+        if len(ids & known) > most:
+            best, most = candidate, len(ids & known)
+    return best
 
 
 def _named(ids: list) -> str:

@@ -45,7 +45,8 @@ def train_and_save(trainer, stage: str, cfg, out_dir: Path, meta: "CheckpointMet
     quiet_progress(trainer)
     try:
         try:
-            result = trainer.train(resume_from_checkpoint=resume_checkpoint(cfg.resume, out_dir))
+            checkpoint = resume_checkpoint(cfg.resume, out_dir)
+            result = at_the_step_budget(trainer, checkpoint) or trainer.train(resume_from_checkpoint=checkpoint)
         except torch.OutOfMemoryError as e:
             raise out_of_memory_error(stage, trainer.state.global_step + 1, out_dir, remedies) from e
         except Exception as e:
@@ -66,6 +67,26 @@ def train_and_save(trainer, stage: str, cfg, out_dir: Path, meta: "CheckpointMet
 
         write_json(out_dir / LOG_HISTORY, trainer.state.log_history)
     return result, final, lead
+
+
+def at_the_step_budget(trainer, checkpoint: str | None):
+    """A checkpoint already at max_steps (the job was stopped after its last save, before final/): its weights
+    and trainer state are the training's end (a TrainOutput); None otherwise. The Trainer would resume from it
+    and train one step past max_steps (it checks the budget only after a step)."""
+    from transformers.trainer_callback import TrainerState
+    from transformers.trainer_utils import TrainOutput
+
+    if checkpoint is None or trainer.args.max_steps <= 0:
+        return None
+    state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
+    if state.global_step < trainer.args.max_steps:
+        return None
+    trainer._load_from_checkpoint(checkpoint)  # the adapter's weights, as train(resume_from_checkpoint=) loads them
+    trainer.state = state
+    log.info("%s is at max_steps=%d already: its weights are the final ones (nothing left to train)",
+             Path(checkpoint).name, trainer.args.max_steps)
+    losses = [h["loss"] for h in state.log_history if "loss" in h]
+    return TrainOutput(state.global_step, sum(losses) / len(losses) if losses else 0.0, {})
 
 
 def profiling(section, out_dir) -> list:

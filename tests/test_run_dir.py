@@ -180,3 +180,23 @@ def test_jobs_equal_on_the_ranking_metric_are_ordered_by_the_other_official_metr
     header, rows = table(jobs, key)
     by = {h: i for i, h in enumerate(header)}
     assert [(r[by["rank"]], r[by["job"]]) for r in rows] == [(1, "1"), (2, "0")]
+
+
+def test_a_run_stopped_after_its_last_checkpoint_trains_no_step_past_max_steps(base_overrides, tmp_path):
+    """Killed after checkpoint-N = max_steps was saved but before final/ and DONE: the rerun takes that
+    checkpoint's weights as the end (the Trainer would train step N+1)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from flare_exp.main import run
+
+    cfg = compose_cfg(["stage=sft", *base_overrides, "sft.max_steps=4", "sft.save_steps=2", "sft.eval_steps=0",
+                       "sft.per_device_train_batch_size=2"])
+    out = tmp_path / "sft"
+    assert run(cfg, run_dir=out)["global_step"] == 4
+    (out / "DONE").unlink()
+    (out / "final" / "adapter_model.safetensors").unlink()  # final/ not yet written
+    again = run(cfg, run_dir=out)
+    assert again["global_step"] == 4 and not (out / "checkpoint-5").exists()
+    final, kept = (load_file(str(d / "adapter_model.safetensors")) for d in (out / "final", out / "checkpoint-4"))
+    assert final.keys() == kept.keys() and all(torch.equal(final[k], kept[k]) for k in final)

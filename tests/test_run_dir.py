@@ -200,3 +200,24 @@ def test_a_run_stopped_after_its_last_checkpoint_trains_no_step_past_max_steps(b
     assert again["global_step"] == 4 and not (out / "checkpoint-5").exists()
     final, kept = (load_file(str(d / "adapter_model.safetensors")) for d in (out / "final", out / "checkpoint-4"))
     assert final.keys() == kept.keys() and all(torch.equal(final[k], kept[k]) for k in final)
+
+
+def test_a_resume_without_its_fingerprint_is_held_to_the_settings_its_config_recorded(base_overrides, tmp_path):
+    """fingerprint.json deleted from an unfinished run: the settings in its config.yaml decide (another learning
+    rate is refused, naming it); with config.yaml unreadable too, the resume is refused, saying what to do."""
+    from flare_exp.main import run
+    from flare_exp.run.fingerprint import RunSettingsChangedError
+
+    args = ["stage=sft", *base_overrides, "sft.max_steps=2", "sft.save_steps=1", "sft.eval_steps=0"]
+    out = tmp_path / "sft"
+    run(compose_cfg([*args, "sft.max_steps=1"]), run_dir=out)
+    (out / "DONE").unlink()  # stopped before its end: checkpoint-1 to continue from
+    (out / "fingerprint.json").unlink()
+    with pytest.raises(RunSettingsChangedError, match=r"sft.learning_rate: 0.01 -> 0.5"):
+        run(compose_cfg([*args, "sft.learning_rate=0.5"]), run_dir=out)
+    same = tmp_path / "same"
+    shutil.copytree(out, same)
+    assert run(compose_cfg(args), run_dir=same)["global_step"] == 2  # the same settings continue it
+    (out / "config.yaml").write_text("garbage: [")
+    with pytest.raises(RunSettingsChangedError, match=r"neither a readable fingerprint.json nor config.yaml"):
+        run(compose_cfg(args), run_dir=out)

@@ -129,10 +129,20 @@ def recorded_fingerprint(run_dir: Path) -> dict:
 def check_resume(stage: str, run_dir: Path, new: dict) -> None:
     """An unfinished attempt left outputs to continue from: its fingerprint must be this run's."""
     left = _resumable(stage, run_dir)
-    recorded = run_dir / FINGERPRINT
-    if not left or not recorded.exists():
+    if not left:
         return
-    changed = differences(recorded_fingerprint(run_dir), new)
+    if (run_dir / FINGERPRINT).exists():
+        changed = differences(recorded_fingerprint(run_dir), new)
+    else:  # removed or never written: the settings the attempt recorded in config.yaml decide
+        try:
+            old = settings_of(stage, OmegaConf.to_container(OmegaConf.load(run_dir / CONFIG)))
+        except Exception:  # noqa: BLE001  (missing, cut or hand-broken: nothing says what made the outputs)
+            raise RunSettingsChangedError(
+                f"{run_dir} holds an unfinished {stage} run ({', '.join(p.name for p in left[:3])}) but neither a "
+                f"readable {FINGERPRINT} nor {CONFIG} says which settings made it, so a resume could mix two runs. "
+                "Pass overwrite=true to start afresh (the earlier attempt moves to attempts/NN/), or choose "
+                "another run_name=.") from None
+        changed = differences({"settings": old}, {"settings": new["settings"]})
     if changed:
         raise RunSettingsChangedError(
             f"{run_dir} holds an unfinished {stage} run ({', '.join(p.name for p in left[:3])}) made with other "

@@ -70,7 +70,7 @@ def _stage_of(run_dir: Path) -> str | None:
     for saved in (run_dir / CONFIG, run_dir / HYDRA / CONFIG):  # the latter: a refused launch
         try:
             return OmegaConf.select(OmegaConf.load(saved), "stage.name")
-        except (OSError, ValueError):
+        except Exception:  # noqa: BLE001  (missing, cut or hand-broken: the listing goes on)
             continue
     return None
 

@@ -480,3 +480,16 @@ def test_eval_writes_a_sheet_scored_per_row_worst_first(base_overrides, sft_adap
     ordered = worst_first([{"task_type": "regression", "score": 1.0}, {"task_type": "regression", "score": 5.0},
                            {"task_type": "regression", "score": None}])
     assert [r["score"] for r in ordered] == [None, 5.0, 1.0]  # no number at all: the worst answer
+
+
+def test_a_hand_broken_config_in_an_infer_run_dir_is_a_note_not_a_crash(tmp_path):
+    """What made a predictions file is a best-effort record: a config.yaml cut or broken by hand becomes a note in
+    the report's metadata, and the run listing passes over it."""
+    from flare_exp.catalog import _stage_of
+    from flare_exp.data.predictions import run_metadata
+
+    (tmp_path / "config.yaml").write_text("garbage: [")
+    (tmp_path / "predictions.jsonl").write_text("")
+    meta = run_metadata(tmp_path / "predictions.jsonl")
+    assert meta["note"].startswith("run metadata unreadable: ") and "Traceback" not in meta["note"]
+    assert _stage_of(tmp_path) is None

@@ -140,6 +140,6 @@ def run_metadata(path: Path) -> dict:
             meta.update(commit=info.get("git_commit"), started=info.get("started") or info.get("start_time"))
         if (run_dir / DONE).exists():
             meta["finished"] = json.loads((run_dir / DONE).read_text()).get("finished")
-    except (OSError, ValueError) as e:  # a best-effort record for the report
-        meta["note"] = f"run metadata unreadable: {e}"
+    except Exception as e:  # noqa: BLE001  (a best-effort record for the report: a cut or hand-broken file, too)
+        meta["note"] = f"run metadata unreadable: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     return meta

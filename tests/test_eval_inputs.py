@@ -120,6 +120,10 @@ def test_numbers_missing_fields_and_a_killed_runs_torn_line(tmp_path):
     with pytest.raises(ValueError, match=r"no row has a 'prediction' field \(the first row's fields: 'id', "
                                          r"'Prediction'\)"):
         load_rows(_predictions(tmp_path, renamed), False, prepared)
+    for odd, named in ((["Effusion", "Mass"], r"list \["), ({"a": 1}, "dict"), (True, "bool")):
+        rows = [{"id": "dental/0", "prediction": "A"}, {"id": "dental/1", "prediction": odd}]
+        with pytest.raises(ValueError, match=rf"row 2 \(id dental/1\): the prediction is {named}.*, not text"):
+            load_rows(_predictions(tmp_path, rows), False, prepared)
     with pytest.raises(ValueError, match=r"row 3: no id"):
         load_rows(_predictions(tmp_path, [{"id": "dental/0", "prediction": "A"}, {"id": "dental/1", "prediction":
                                           "B"}, {"prediction": "C"}]), False, prepared)

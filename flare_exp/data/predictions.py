@@ -79,10 +79,14 @@ def check_fields(path: Path, rows: list[dict]) -> None:
     if not any("prediction" in r for r in rows):
         raise ValueError(f"{path}: no row has a 'prediction' field (the first row's fields: "
                          f"{', '.join(map(repr, rows[0]))}); eval reads each row's answer to its question there")
-    for row in rows:
+    for line, row in enumerate(rows, 1):
         value = row.get("prediction")
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             row["prediction"] = str(value)
+        elif value is not None and not isinstance(value, str):  # FLARE's sheet holds text: no list, object, bool
+            raise ValueError(f"{path}, row {line} (id {row['id']}): the prediction is {type(value).__name__} "
+                             f"{json.dumps(value)[:60]}, not text; write the answer as the model's text (a "
+                             "multi-label answer as one string, labels separated as in the dataset's answers)")
 
 
 def check_written_count(path: Path, count: int, allow_partial: bool) -> None:

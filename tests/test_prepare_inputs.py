@@ -136,3 +136,16 @@ def test_a_periapical_list_answer_is_joined_with_its_separator():
     assert answer_text(["Caries", "Periapical Lesion"], "multi_label", "periapical", "?") == \
         ("Caries;Periapical Lesion", None)
     assert answer_text(json.loads('["No Finding"]'), "multi_label", "chestdr", "?") == ("No Finding", None)
+
+
+def test_the_demo_fills_no_root_the_user_named(tmp_path):
+    """data=demo generates its synthetic tree under paths.cache_dir only: a mistyped data.root (the FLARE
+    download meant, experiment=flare forgotten) is an error naming it, and nothing is written there."""
+    from conftest import compose_cfg
+    from flare_exp.main import run
+
+    cfg = compose_cfg(["stage=prepare", f"paths.cache_dir={tmp_path / 'cache'}", f"paths.output_root={tmp_path}",
+                       f"data.root={tmp_path / 'FLARE_Taks5'}", f"data.prepared_dir={tmp_path / 'prepared'}"])
+    with pytest.raises(FileNotFoundError, match=r"data.root=\S+FLARE_Taks5: no such directory .* experiment=flare"):
+        run(cfg, run_dir=tmp_path / "prep")
+    assert not (tmp_path / "FLARE_Taks5").exists()

@@ -34,6 +34,12 @@ def run(cfg, out_dir: Path) -> dict:
     if cfg.data.demo is not None and not root.exists():
         from flare_exp.fixtures.demo_data import generate_demo
 
+        if not root.is_relative_to(abspath(cfg.paths.cache_dir)):  # a root the user named: never fill it
+            raise FileNotFoundError(
+                f"data.root={cfg.data.root}: no such directory ({root}). data={cfg.data.name} generates its "
+                f"synthetic tree only under paths.cache_dir ({abspath(cfg.paths.cache_dir)}); for the FLARE "
+                "download pass experiment=flare data.root=/path/to/FLARE_Task5")
+
         log.info("data=%s: generating the synthetic FLARE-layout demo tree at %s", cfg.data.name, root)
         generate_demo(root, **cfg.data.demo)
     limits = processor_limits(cfg.model)

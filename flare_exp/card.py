@@ -58,6 +58,7 @@ MEMORY_MODEL = {
     "green_largest_batch": 96,
     "usable_fraction": 0.92,  # of the card: the allocator's fragmentation and other processes' contexts
 }
+RL_CARD_PRESETS = ("auto", "none")
 INFER_CPU_BATCH = 32  # the defaults before cards were sized (CPU runs and the tests keep them)
 GREEN_CPU_BATCH = 16
 
@@ -148,7 +149,7 @@ def apply_rl_card(cfg) -> tuple[object, dict]:
     from flare_exp.runtime import check_choice
 
     rl = cfg.rl
-    check_choice("rl.card_preset", rl.card_preset, ("auto", "none"))
+    check_choice("rl.card_preset", rl.card_preset, RL_CARD_PRESETS)
     card = card_memory() if rl.card_preset == "auto" else None
     if card is None:
         return cfg, {"card": None, "changed": {}, "why": "as configured (rl.card_preset=none or no GPU)"}

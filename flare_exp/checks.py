@@ -65,12 +65,25 @@ def setting_problems(cfg: DictConfig, preload: bool = False) -> list[Exception]:
              cfg.stage.name == "pipeline")
     ranged = setting_checks.problems(cfg, steps, inputs=preload)  # every step's ranges, reward terms, judge paths
     problems += ranged
+    _collect_presets(problems, cfg, steps)
     if preload and not problems:  # Unsloth first (it patches transformers), then the stage modules' own checks
         _collect(problems, preload_backend, cfg)
     views = {name for name, s in declared_stages().items() if s.record == "view"}  # a pipeline checks its steps
     for step in sorted(steps - views) if not ranged else ():  # they divide by those settings
         _collect(problems, lambda name: stage(name).check(cfg), step)
     return problems
+
+
+def _collect_presets(problems: list, cfg: DictConfig, steps: set[str]) -> None:
+    """The card presets' names, with the other problems (the stages check the rest of them later)."""
+    from flare_exp.card import RL_CARD_PRESETS
+    from flare_exp.runtime import check_choice
+    from flare_exp.stages.sft_card import SETTINGS as SFT_CARD_PRESETS
+
+    if "sft" in steps:
+        _collect(problems, check_choice, "sft.card_preset", cfg.sft.card_preset, SFT_CARD_PRESETS)
+    if "rl" in steps:
+        _collect(problems, check_choice, "rl.card_preset", cfg.rl.card_preset, RL_CARD_PRESETS)
 
 
 def check_known_keys(cfg: DictConfig) -> None:

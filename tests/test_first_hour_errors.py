@@ -292,3 +292,14 @@ def test_a_launch_refused_for_the_lock_puts_the_runs_hydra_record_back(base_over
         with lifecycle.Run(compose_cfg(["stage=sft", *base_overrides]), "sft", run_dir):
             pass
     assert (run_dir / ".hydra" / "overrides.yaml").read_text() == "- sft.logging_steps=1\n"
+
+
+def test_the_card_presets_names_are_in_the_one_list(base_overrides):
+    """A misspelt sft.card_preset / rl.card_preset is listed with the other problems, not found one launch later."""
+    from flare_exp.checks import setting_problems
+
+    problems = [str(p) for p in setting_problems(compose_cfg(
+        ["stage=pipeline", "stage.steps=[sft,rl]", *base_overrides, "sft.card_preset=big", "rl.card_preset=big",
+         "sft.learning_rate=-1"]))]
+    assert "sft.card_preset='big': choose auto, large or none" in problems
+    assert "rl.card_preset='big': choose auto or none" in problems and len(problems) == 3, problems

@@ -19,8 +19,13 @@ def compose(overrides: list[str]):
         return hydra_compose(config_name="config", overrides=overrides)
 
 
+def bench_root(work: Path) -> Path:
+    """The demo tree's root: under paths.cache_dir, the only place data=demo generates it."""
+    return work / "cache" / "data" / "raw"
+
+
 def bench_data(work: Path) -> list[str]:
-    return [f"paths.cache_dir={work / 'cache'}", f"data.root={work / 'data' / 'raw'}",
+    return [f"paths.cache_dir={work / 'cache'}", f"data.root={bench_root(work)}",
             f"data.prepared_dir={work / 'data' / 'prepared'}"]
 
 
@@ -48,7 +53,7 @@ def long_image(work: Path, side: int) -> str:
     from PIL import Image
 
     relative = f"bench_long/long_{side}.png"
-    path = work / "data" / "raw" / relative
+    path = bench_root(work) / relative
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         base = np.random.default_rng(0).normal(120, 40, size=(side // 16, side // 16)).clip(0, 255).astype(np.uint8)

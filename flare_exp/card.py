@@ -58,6 +58,7 @@ MEMORY_MODEL = {
     "green_largest_batch": 96,
     "usable_fraction": 0.92,  # of the card: the allocator's fragmentation and other processes' contexts
 }
+SFT_CARD_PRESETS = ("auto", "large", "none")
 RL_CARD_PRESETS = ("auto", "none")
 INFER_CPU_BATCH = 32  # the defaults before cards were sized (CPU runs and the tests keep them)
 GREEN_CPU_BATCH = 16
@@ -152,14 +153,17 @@ def apply_rl_card(cfg) -> tuple[object, dict]:
     check_choice("rl.card_preset", rl.card_preset, RL_CARD_PRESETS)
     card = card_memory() if rl.card_preset == "auto" else None
     if card is None:
-        return cfg, {"card": None, "changed": {}, "why": "as configured (rl.card_preset=none or no GPU)"}
+        why = "rl.card_preset=none: as configured" if rl.card_preset == "none" else "no GPU: as configured"
+        log.info("rl.card_preset=%s: %s (%d x %d completions per step)", rl.card_preset, why,
+                 rl.per_device_train_batch_size, rl.gradient_accumulation_steps)
+        return cfg, {"preset": rl.card_preset, "card": None, "changed": {}, "why": why}
     completions = rl.per_device_train_batch_size * rl.gradient_accumulation_steps
     tokens = MEMORY_MODEL["infer_prompt_tokens"] + rl.max_completion_length
     micro = rl_micro_batch(card, completions, tokens)
     why = (f"{card}: {micro} completions of ~{tokens} tokens per pass fit recomputed "
            f"({MEMORY_MODEL['sft_recomputed_gib_per_1k_tokens']} GiB per 1,000 tokens)")
     if micro <= rl.per_device_train_batch_size:
-        return cfg, {"card": str(card), "changed": {}, "why": why}
+        return cfg, {"preset": rl.card_preset, "card": str(card), "changed": {}, "why": why}
     changed = {"rl.per_device_train_batch_size": [rl.per_device_train_batch_size, micro],
                "rl.gradient_accumulation_steps": [rl.gradient_accumulation_steps, completions // micro]}
     used = copy.deepcopy(cfg)
@@ -168,7 +172,7 @@ def apply_rl_card(cfg) -> tuple[object, dict]:
             OmegaConf.update(used, key, new, merge=False)
     log.info("rl.card_preset=auto on %s: %s (the same %d completions per step; rl.card_preset=none keeps the "
              "configured split)", why, ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()), completions)
-    return used, {"card": str(card), "changed": changed, "why": why}
+    return used, {"preset": rl.card_preset, "card": str(card), "changed": changed, "why": why}
 
 
 def round_batch(n: float, largest: int) -> int:

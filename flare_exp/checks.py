@@ -76,9 +76,8 @@ def setting_problems(cfg: DictConfig, preload: bool = False) -> list[Exception]:
 
 def _collect_presets(problems: list, cfg: DictConfig, steps: set[str]) -> None:
     """The card presets' names, with the other problems (the stages check the rest of them later)."""
-    from flare_exp.card import RL_CARD_PRESETS
+    from flare_exp.card import RL_CARD_PRESETS, SFT_CARD_PRESETS
     from flare_exp.runtime import check_choice
-    from flare_exp.stages.sft_card import SETTINGS as SFT_CARD_PRESETS
 
     if "sft" in steps:
         _collect(problems, check_choice, "sft.card_preset", cfg.sft.card_preset, SFT_CARD_PRESETS)

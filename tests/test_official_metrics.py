@@ -130,12 +130,15 @@ def test_eval_refuses_what_it_should_not_trust(base_overrides, tmp_path):
     assert "partial: 4 of" in (tmp_path / "eval" / "report.md").read_text()
 
 
-def test_null_and_list_predictions_score_as_empty(base_overrides, tmp_path):
-    rows = [row(1, "dental", "classification", "A", None), row(2, "dental", "classification", "A", ["A"]),
-            row(3, "dental", "classification", "A", "A"), row(4, "boneresorption", "regression", "3", None)]
+def test_null_and_missing_predictions_score_as_empty_and_a_list_is_refused(base_overrides, tmp_path):
+    rows = [row(1, "dental", "classification", "A", None), row(3, "dental", "classification", "A", "A"),
+            row(4, "boneresorption", "regression", "3", None)]
     rows.append({k: v for k, v in row(5, "chestdr", "multi_label", "Mass", "x").items() if k != "prediction"})
     write_jsonl(tmp_path / "p.jsonl", rows)
     metrics = _eval(base_overrides, tmp_path, tmp_path / "p.jsonl")["m"]
-    assert metrics["empty_predictions"] == 4 and metrics["by_task"]["classification"]["accuracy"] == pytest.approx(1 / 3)
+    assert metrics["empty_predictions"] == 3 and metrics["by_task"]["classification"]["accuracy"] == pytest.approx(1 / 2)
     assert metrics["official"]["regression"]["mean_absolute_error"] == "Infinity"  # strict JSON's infinity
-    assert "4 empty" in (tmp_path / "eval" / "report.md").read_text()
+    assert "3 empty" in (tmp_path / "eval" / "report.md").read_text()
+    write_jsonl(tmp_path / "list.jsonl", [*rows, row(2, "dental", "classification", "A", ["A"])])
+    with pytest.raises(ValueError, match=r"row 5 \(id \S+\): the prediction is list \[\"A\"\], not text"):
+        _eval(base_overrides, tmp_path / "again", tmp_path / "list.jsonl")

@@ -15,13 +15,13 @@ import copy
 import logging
 from importlib.util import find_spec
 
-from flare_exp.card import MEMORY_MODEL, Card, SftChoice, card_memory, divisors_up_to, sft_choice
+from flare_exp.card import MEMORY_MODEL, SFT_CARD_PRESETS, Card, SftChoice, card_memory, divisors_up_to, sft_choice
 from flare_exp.models.liger import LIGER_REQUIREMENT
 from flare_exp.runtime import check_choice
 
 log = logging.getLogger(__name__)
 
-SETTINGS = ("auto", "large", "none")
+SETTINGS = SFT_CARD_PRESETS
 
 
 def split_batch(effective: int, largest: int = MEMORY_MODEL["sft_largest_micro_batch"]) -> tuple[int, int]:
@@ -70,11 +70,13 @@ def apply_card_preset(cfg):
     from omegaconf import OmegaConf, read_write
 
     preset = cfg.sft.card_preset
-    if preset == "none" or cfg.model.backend != "hf":
-        return cfg, {}, None, f"sft.card_preset={preset}, model.backend={cfg.model.backend}: as configured"
-    card: Card | None = card_memory()
+    card: Card | None = None if preset == "none" or cfg.model.backend != "hf" else card_memory()
     if card is None:
-        return cfg, {}, None, "no GPU: as configured"
+        why = ("no GPU: as configured" if preset != "none" and cfg.model.backend == "hf" else
+               f"sft.card_preset={preset}, model.backend={cfg.model.backend}: as configured")
+        log.info("sft.card_preset=%s: %s (%d x %d samples per step)", preset, why,
+                 cfg.sft.per_device_train_batch_size, cfg.sft.gradient_accumulation_steps)
+        return cfg, {}, None, why
     effective = cfg.sft.per_device_train_batch_size * cfg.sft.gradient_accumulation_steps
     choice = largest_card_choice(effective) if preset == "large" else sft_choice(card, effective)
     liger = find_spec("liger_kernel") is not None

@@ -138,3 +138,15 @@ def test_numbers_missing_fields_and_a_killed_runs_torn_line(tmp_path):
     rows, info = load_rows(path, True, prepared)
     assert len(rows) == 3 and "torn last line" in info["partial"]
     assert path.read_text() == whole + '{"id": "dental/3", "predic'
+
+
+def test_a_finished_runs_cut_predictions_file_says_what_to_do(tmp_path):
+    """A DONE infer run's predictions.jsonl cut mid-line (copied half, edited): the line, and what to do."""
+    prepared = _prepared(tmp_path)
+    run_dir = tmp_path / "done"
+    run_dir.mkdir()
+    (run_dir / "DONE").write_text("{}")
+    path = _predictions(run_dir, [{**r, "prediction": "3"} for r in REFERENCE[:3]])
+    path.write_text(path.read_text() + '{"id": "dental/3", "predic')
+    with pytest.raises(ValueError, match=r"predictions.jsonl:4: .*the file was cut or edited since: copy it again"):
+        load_rows(path, True, prepared)

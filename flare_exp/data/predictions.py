@@ -31,7 +31,13 @@ def load_rows(path: Path, allow_partial: bool, prepared_dir: str | None = None) 
     elif unfinished:  # allowed partial: a killed infer's journal may end in a torn line, left out and said
         rows, torn = read_jsonl_of_unfinished_run(path)
     else:
-        rows = read_jsonl(path)
+        try:
+            rows = read_jsonl(path)
+        except ValueError as e:
+            if not (run_dir / DONE).exists():
+                raise
+            raise ValueError(f"{e}. Its infer run finished, so the file was cut or edited since: copy it again "
+                             "from where it was made, or rerun that infer with overwrite=true") from None
     if not rows:
         raise ValueError(f"{path}: no predictions")
     check_fields(path, rows)

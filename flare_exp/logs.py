@@ -27,6 +27,9 @@ HARMLESS_RECORDS = (
     # top-level config has none); it keeps every EOS the generation config had, and the decoding reads the same
     # ids from the tokenizer, so nothing a run decodes or trains changes
     ("transformers.trainer_utils", "The tokenizer has new PAD/BOS/EOS tokens"),
+    # the model card PEFT writes beside a saved adapter starts without a YAML block; ours (write_model_cards)
+    # replaces it, so the empty card data read on the way is never used
+    ("huggingface_hub.repocard", "Repo card metadata block was not found"),
 )
 
 

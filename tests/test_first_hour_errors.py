@@ -303,3 +303,15 @@ def test_the_card_presets_names_are_in_the_one_list(base_overrides):
          "sft.learning_rate=-1"]))]
     assert "sft.card_preset='big': choose auto, large or none" in problems
     assert "rl.card_preset='big': choose auto or none" in problems and len(problems) == 3, problems
+
+
+def test_the_empty_model_card_notice_is_left_out(caplog):
+    """huggingface_hub's notice about the YAML-less card PEFT writes beside an adapter: nothing to act on."""
+    from flare_exp.logs import quiet_known_messages
+
+    quiet_known_messages()
+    with caplog.at_level(logging.WARNING):
+        logging.getLogger("huggingface_hub.repocard").warning(
+            "Repo card metadata block was not found. Setting CardData to empty.")
+        logging.getLogger("huggingface_hub.repocard").warning("another notice")
+    assert "Repo card metadata" not in caplog.text and "another notice" in caplog.text

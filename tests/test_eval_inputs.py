@@ -150,3 +150,11 @@ def test_a_finished_runs_cut_predictions_file_says_what_to_do(tmp_path):
     path.write_text(path.read_text() + '{"id": "dental/3", "predic')
     with pytest.raises(ValueError, match=r"predictions.jsonl:4: .*the file was cut or edited since: copy it again"):
         load_rows(path, True, prepared)
+
+
+def test_a_doubled_id_is_named_as_such_even_when_its_answers_differ(tmp_path):
+    prepared = _prepared(tmp_path)
+    rows = [{**r, "prediction": "A"} for r in REFERENCE[:3]]
+    rows.append({**rows[0], "answer": "something else"})  # the same question twice, its answer edited once
+    with pytest.raises(ValueError, match=r"1 id\(s\) occur more than once \(2 rows, e.g. "):
+        load_rows(_predictions(tmp_path, rows), False, prepared)

@@ -42,6 +42,7 @@ def load_rows(path: Path, allow_partial: bool, prepared_dir: str | None = None) 
         raise ValueError(f"{path}: no predictions")
     check_fields(path, rows)
     check_written_count(path, len(rows), allow_partial)
+    check_one_row_per_id(path, rows)  # before the join: a doubled row is named as such, not as a changed answer
     reference = reference_file(path, rows, prepared_dir)
     info: dict = {"answers_from": str(reference) if reference else "the predictions file"}
     if sheet:
@@ -56,11 +57,6 @@ def load_rows(path: Path, allow_partial: bool, prepared_dir: str | None = None) 
     if unfinished:
         info["partial"] = (f"partial: {len(rows)} of {expected_count(run_dir) or 'an unknown number of'} predictions"
                            + ("; the file's torn last line (a write cut short) left out" if torn else ""))
-    counts = Counter(r.get("id") for r in rows)
-    doubled = {k: c for k, c in counts.items() if c > 1}
-    if doubled:
-        raise ValueError(f"{path}: {len(doubled)} id(s) occur more than once ({sum(doubled.values())} rows, e.g. "
-                         f"{next(iter(doubled))}): a predictions file holds one row per question")
     unknown = sorted({str(r.get("task_type")) for r in rows} - set(official.OFFICIAL_METRIC))
     if unknown:
         raise ValueError(f"{path}: unknown task type(s) {', '.join(unknown)}; known: "
@@ -73,6 +69,14 @@ def load_rows(path: Path, allow_partial: bool, prepared_dir: str | None = None) 
     if empty:
         info["empty_predictions"] = empty
     return rows, info
+
+
+def check_one_row_per_id(path: Path, rows: list[dict]) -> None:
+    counts = Counter(r.get("id") for r in rows)
+    doubled = {k: c for k, c in counts.items() if c > 1}
+    if doubled:
+        raise ValueError(f"{path}: {len(doubled)} id(s) occur more than once ({sum(doubled.values())} rows, e.g. "
+                         f"{next(iter(doubled))}): a predictions file holds one row per question")
 
 
 def check_fields(path: Path, rows: list[dict]) -> None:

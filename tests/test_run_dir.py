@@ -221,3 +221,20 @@ def test_a_resume_without_its_fingerprint_is_held_to_the_settings_its_config_rec
     (out / "config.yaml").write_text("garbage: [")
     with pytest.raises(RunSettingsChangedError, match=r"neither a readable fingerprint.json nor config.yaml"):
         run(compose_cfg(args), run_dir=out)
+
+
+def test_a_run_dir_used_again_keeps_the_earlier_attempts_whole_record(tmp_path):
+    """A pipeline's own record (its steps archive themselves) rerun with other settings: attempts/NN/ gets the
+    earlier config, run info, how it ended (DONE), its fingerprint and Hydra's record of its launch."""
+    from flare_exp.run.record import keep_previous_attempt
+
+    run_dir = tmp_path / "pipe"
+    (run_dir / ".hydra" / "accepted").mkdir(parents=True)
+    (run_dir / ".hydra" / "accepted" / "overrides.yaml").write_text("- overwrite=false\n")
+    for name, text in (("config.yaml", "a: 1\n"), ("run_info.json", "{}"), ("DONE", "{}"), ("fingerprint.json", "{}")):
+        (run_dir / name).write_text(text)
+    dest = keep_previous_attempt(run_dir, "a: 2\n")
+    assert dest == run_dir / "attempts" / "01"
+    assert {p.name for p in dest.iterdir()} == {"config.yaml", "run_info.json", "DONE", "fingerprint.json", ".hydra"}
+    assert (dest / ".hydra" / "overrides.yaml").read_text() == "- overwrite=false\n"
+    assert not (run_dir / "config.yaml").exists() and (run_dir / "DONE").exists()  # DONE: the new attempt's to clear

@@ -89,8 +89,10 @@ def keep_previous_attempt(run_dir: Path, config_yaml: str) -> Path | None:
     for name in (CONFIG, RUN_INFO, FAILED):
         if (run_dir / name).exists():
             (run_dir / name).rename(dest / name)
-    if (run_dir / FINGERPRINT).exists():
-        shutil.copy2(run_dir / FINGERPRINT, dest / FINGERPRINT)
+    for name in (FINGERPRINT, DONE):  # how it ended, too (a pipeline's new attempt clears its DONE)
+        if (run_dir / name).exists():
+            shutil.copy2(run_dir / name, dest / name)
+    copy_hydra_record(run_dir, dest)
     return dest
 
 
@@ -171,7 +173,12 @@ def archive_attempt(run_dir: Path) -> Path:
     dest = next_attempt_dir(run_dir)
     for path in files:
         shutil.move(str(path), str(dest / path.name))
-    accepted = run_dir / HYDRA / ACCEPTED_HYDRA  # Hydra's record of that attempt's launch (.hydra/ stays)
-    if accepted.is_dir():
-        shutil.copytree(accepted, dest / HYDRA)
+    copy_hydra_record(run_dir, dest)
     return dest
+
+
+def copy_hydra_record(run_dir: Path, dest: Path) -> None:
+    """Hydra's record of the launch an earlier attempt ran under (.hydra/ itself stays), into attempts/NN/."""
+    accepted = run_dir / HYDRA / ACCEPTED_HYDRA
+    if accepted.is_dir() and not (dest / HYDRA).exists():
+        shutil.copytree(accepted, dest / HYDRA)

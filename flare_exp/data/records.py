@@ -97,11 +97,12 @@ def answer_text(raw: Any, task_type: str, dataset: str, question: str) -> tuple[
     if not text:
         return None, "empty answer"
     if task_type == "regression":
-        if not _NUMBER_ANSWER.fullmatch(text) or not math.isfinite(float(text.rstrip("% "))):
-            return None, f"regression answer {text[:40]!r} is not a finite number"
         # the number alone: FLARE's evaluator reads float(answer), which "40%" fails (an infinite MAE), so a
         # model trained on "40%" would write answers the leaderboard cannot read
-        text = text.rstrip("% ")
+        number = text.rstrip("% ")
+        if not _NUMBER_ANSWER.fullmatch(text) or not math.isfinite(float(number)):
+            return None, f"regression answer {text[:40]!r} is not a finite number"
+        text = number
     if task_type == "classification":
         options = listed_options(question)
         letter = re.fullmatch(r"\(?([A-Za-z])\)?[.)]?", text) or re.match(r"([A-Z])[.)]\s", text)

@@ -51,8 +51,9 @@ def split_holding(prepared: Path, ids: set) -> Path | None:
             known = {r.get("id") for r in read_jsonl(candidate) if isinstance(r, dict)}
         except ValueError:
             continue  # not a split file
-        if len(ids & known) > most:
-            best, most = candidate, len(ids & known)
+        held = len(ids & known)
+        if held > most:
+            best, most = candidate, held
     return best
 
 

@@ -86,9 +86,14 @@ class GreenJudge(JournaledJudge):
         self.exact = exact
         check_batch(BATCH_KEY, batch_size)
         # the batch as used, and why (eval's summary); auto is sized when the prompts are known (judge)
-        self.batch_size, self.batch_choice = (PACKAGE_BATCH, {
-            "key": BATCH_KEY, "value": PACKAGE_BATCH, "auto": False, "why": "eval.green.exact=true: the package's "
-            "batches"}) if exact else (AUTO, None) if batch_size == AUTO else sized_batch(BATCH_KEY, batch_size, None)
+        if exact:
+            self.batch_size, self.batch_choice = PACKAGE_BATCH, {
+                "key": BATCH_KEY, "value": PACKAGE_BATCH, "auto": False, "why": "eval.green.exact=true: the "
+                "package's batches"}
+        elif batch_size == AUTO:
+            self.batch_size, self.batch_choice = AUTO, None
+        else:
+            self.batch_size, self.batch_choice = sized_batch(BATCH_KEY, batch_size, None)
         self.max_length, self.max_new_tokens = max_length, max_new_tokens
         self.parser = parser
         if exact and decode_loop == "auto":

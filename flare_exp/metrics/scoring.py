@@ -66,7 +66,6 @@ class ReportScorers:
                 journal=self.out_dir / "green_judgments.jsonl")  # a rerun resumes here
         return self._green
 
-
     @property
     def green_batch(self) -> dict | None:
         """eval.green.batch_size as used, and why (the summary's); None before the judge judged."""

@@ -38,10 +38,10 @@ def write_sheet(path: Path, rows: list[dict], label: str, extra: tuple[str, ...]
         body.append([json.dumps(v, ensure_ascii=False) if isinstance(v, (list, dict)) else v for v in values])
     cut = fill_sheet(ws, header, body, PREDICTION_WIDTHS + tuple(EXTRA_WIDTHS.get(k, 18) for k in extra), wrap=True)
     if cut:
+        ids = [str(body[row][header.index("id")]) for row in cut]
         log.warning("%s: %d cell(s) longer than a worksheet cell's %d characters were cut there (rows: %s); the "
                     "whole texts are in the run's JSONL", path, len(cut), EXCEL_CELL_CHARACTERS,
-                    ", ".join(str(body[row][header.index("id")]) if "id" in header else str(row) for row in cut[:5])
-                    + (", ..." if len(cut) > 5 else ""))
+                    ", ".join(ids[:5]) + (", ..." if len(ids) > 5 else ""))
     if metrics:
         fill_sheet(wb.create_sheet("metrics"), list(metrics[0]), [list(m) for m in metrics[1:]],
                    (48,) + (22,) * (len(metrics[0]) - 1), wrap=False)

@@ -135,14 +135,14 @@ def check_resume(stage: str, run_dir: Path, new: dict) -> None:
         changed = differences(recorded_fingerprint(run_dir), new)
     else:  # removed or never written: the settings the attempt recorded in config.yaml decide
         try:
-            old = settings_of(stage, OmegaConf.to_container(OmegaConf.load(run_dir / CONFIG)))
+            old = config_settings(stage, run_dir)
         except Exception:  # noqa: BLE001  (missing, cut or hand-broken: nothing says what made the outputs)
             raise RunSettingsChangedError(
                 f"{run_dir} holds an unfinished {stage} run ({', '.join(p.name for p in left[:3])}) but neither a "
                 f"readable {FINGERPRINT} nor {CONFIG} says which settings made it, so a resume could mix two runs. "
                 "Pass overwrite=true to start afresh (the earlier attempt moves to attempts/NN/), or choose "
                 "another run_name=.") from None
-        changed = differences({"settings": old}, {"settings": new["settings"]})
+        changed = settings_differences(old, new)
     if changed:
         raise RunSettingsChangedError(
             f"{run_dir} holds an unfinished {stage} run ({', '.join(p.name for p in left[:3])}) made with other "
@@ -158,6 +158,14 @@ def finished_differences(stage: str, run_dir: Path, cfg) -> list[str]:
     recorded = run_dir / FINGERPRINT
     if recorded.exists():
         return differences(recorded_fingerprint(run_dir), new, budget=True)
-    config = run_dir / CONFIG
-    old = settings_of(stage, OmegaConf.to_container(OmegaConf.load(config))) if config.exists() else {}
+    return settings_differences(config_settings(stage, run_dir) if (run_dir / CONFIG).exists() else {}, new)
+
+
+def config_settings(stage: str, run_dir: Path) -> dict:
+    """The deciding settings of the config.yaml a run dir recorded (a run without its fingerprint)."""
+    return settings_of(stage, OmegaConf.to_container(OmegaConf.load(run_dir / CONFIG)))
+
+
+def settings_differences(old: dict, new: dict) -> list[str]:
+    """What differs between recorded deciding settings and this run's fingerprint's."""
     return differences({"settings": old}, {"settings": new["settings"]})

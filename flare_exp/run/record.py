@@ -140,17 +140,18 @@ ACCEPTED_HYDRA = "accepted"
 
 def keep_hydra_record(run_dir: Path) -> None:
     """After this launch is accepted into run_dir: a copy of Hydra's record of it in .hydra/accepted/."""
-    hydra = run_dir / HYDRA
-    for yaml in hydra.glob("*.yaml") if hydra.is_dir() else []:
-        write_text(hydra / ACCEPTED_HYDRA / yaml.name, yaml.read_text())
+    _copy_yaml_files(run_dir / HYDRA, run_dir / HYDRA / ACCEPTED_HYDRA)
 
 
 def restore_hydra_record(run_dir: Path) -> None:
     """A launch into run_dir was refused: Hydra's record of the launch the run dir accepted, put back (the
     refused launch's record goes; nothing of it ran). A run dir from before these copies keeps what it has."""
-    accepted = run_dir / HYDRA / ACCEPTED_HYDRA
-    for yaml in accepted.glob("*.yaml") if accepted.is_dir() else []:
-        write_text(run_dir / HYDRA / yaml.name, yaml.read_text())
+    _copy_yaml_files(run_dir / HYDRA / ACCEPTED_HYDRA, run_dir / HYDRA)
+
+
+def _copy_yaml_files(source: Path, dest: Path) -> None:
+    for yaml in source.glob("*.yaml") if source.is_dir() else []:
+        write_text(dest / yaml.name, yaml.read_text())
 
 
 # Kept in place when an attempt moves to attempts/NN: the lock, the record of earlier attempts, Hydra's own

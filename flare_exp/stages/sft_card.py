@@ -70,10 +70,11 @@ def apply_card_preset(cfg):
     from omegaconf import OmegaConf, read_write
 
     preset = cfg.sft.card_preset
-    card: Card | None = None if preset == "none" or cfg.model.backend != "hf" else card_memory()
+    as_configured = preset == "none" or cfg.model.backend != "hf"
+    card: Card | None = None if as_configured else card_memory()
     if card is None:
-        why = ("no GPU: as configured" if preset != "none" and cfg.model.backend == "hf" else
-               f"sft.card_preset={preset}, model.backend={cfg.model.backend}: as configured")
+        why = (f"sft.card_preset={preset}, model.backend={cfg.model.backend}: as configured" if as_configured
+               else "no GPU: as configured")
         log.info("sft.card_preset=%s: %s (%d x %d samples per step)", preset, why,
                  cfg.sft.per_device_train_batch_size, cfg.sft.gradient_accumulation_steps)
         return cfg, {}, None, why

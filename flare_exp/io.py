@@ -35,9 +35,12 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_dir(target: str | Path, prefix: str = ".tmp-") -> Iterator[Path]:
+def atomic_dir(target: str | Path, prefix: str = ".tmp-", complete=None) -> Iterator[Path]:
     """A temporary sibling directory to fill; renamed to ``target`` when the block ends (a half-written
-    ``target`` left by a crash is replaced), removed if the block fails: a reader never sees half a tree."""
+    ``target`` left by a crash is replaced), removed if the block fails: a reader never sees half a tree.
+    ``complete(target)``: whether a target is whole. A whole one that appeared meanwhile (another process that
+    built the same thing, e.g. parallel sweep jobs building a fixture) is kept and this block's tree dropped, so
+    a process already reading it never sees its files vanish. Without it, an existing target is replaced."""
     import shutil
 
     target = Path(target)
@@ -45,9 +48,17 @@ def atomic_dir(target: str | Path, prefix: str = ".tmp-") -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
     try:
         yield tmp
+        if complete is not None and complete(target):
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
         if target.exists():
             shutil.rmtree(target)
-        tmp.rename(target)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process renamed its tree there first
+            if complete is None or not complete(target):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -137,3 +137,53 @@ def test_the_heartbeat_stops_with_the_release_and_an_old_one_is_stale_only_after
     with pytest.raises(RunLockedError, match="node-9"):
         RunLock(tmp_path / "x", stale_after_s=300).acquire()
     assert RunLock(tmp_path / "x", stale_after_s=280).acquire().held()
+
+
+def test_a_whole_tree_another_process_built_is_kept(tmp_path):
+    """Parallel sweep jobs build the same fixture (tiny RadGraph, tiny model, demo tree): the one that finishes
+    second keeps the first's whole tree instead of deleting it under a job already reading it (a job's RadGraph
+    once failed with "No such file or directory: 'weights.th'"); a half-written tree is still replaced."""
+    from flare_exp.io import atomic_dir
+
+    target = tmp_path / "radgraph-xl"
+    whole = lambda d: (d / "weights.th").exists()  # noqa: E731
+    with atomic_dir(target, ".radgraph-", complete=whole) as tmp:
+        (tmp / "weights.th").write_text("ours")
+        target.mkdir()  # meanwhile another job renamed its whole tree there
+        (target / "weights.th").write_text("theirs")
+    assert (target / "weights.th").read_text() == "theirs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["radgraph-xl"]  # ours dropped
+
+    (target / "weights.th").unlink()  # half-written (a crash): replaced
+    with atomic_dir(target, ".radgraph-", complete=whole) as tmp:
+        (tmp / "weights.th").write_text("ours")
+    assert (target / "weights.th").read_text() == "ours"
+    with atomic_dir(target) as tmp:  # no way to tell a whole tree: replaced, as before
+        (tmp / "weights.th").write_text("new")
+    assert (target / "weights.th").read_text() == "new"
+
+
+def _build_then_read(model_dir: str, start: float) -> str:
+    import time
+    from pathlib import Path
+
+    from flare_exp.fixtures.tiny_radgraph import build_tiny_radgraph
+
+    time.sleep(max(0.0, start - time.time()))
+    build_tiny_radgraph(model_dir)
+    for _ in range(20):  # as a job's scorer reads it, while the others may still be finishing theirs
+        (Path(model_dir) / "radgraph-xl" / "weights.th").read_bytes()
+        time.sleep(0.05)
+    return "ok"
+
+
+def test_parallel_builders_of_the_tiny_radgraph(tmp_path):
+    import concurrent.futures
+    import multiprocessing
+    import time
+
+    start = time.time() + 3
+    with concurrent.futures.ProcessPoolExecutor(3, mp_context=multiprocessing.get_context("spawn")) as pool:
+        results = list(pool.map(_build_then_read, [str(tmp_path)] * 3, [start] * 3))
+    assert results == ["ok"] * 3
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".radgraph-")]

@@ -93,6 +93,23 @@ def test_every_image_is_decoded_and_a_broken_one_is_named_with_its_size(tmp_path
     assert len(read_jsonl(out / "train.jsonl")) == 1
 
 
+def test_a_file_that_is_no_image_and_a_folder_in_its_place_are_named_as_such(tmp_path):
+    root = tmp_path / "raw"
+    d = _small_tree(root, [GOOD, {**GOOD, "ImageName": "imagesTr/page.png", "Question": "q1"},
+                           {**GOOD, "ImageName": "imagesTr/empty.png", "Question": "q2"},
+                           {**GOOD, "ImageName": "imagesTr/folder.png", "Question": "q3"}])
+    (d / "imagesTr" / "page.png").write_text("<html>the download's error page</html>")
+    (d / "imagesTr" / "empty.png").write_bytes(b"")
+    (d / "imagesTr" / "folder.png").mkdir()
+    _, reasons = _rejects(tmp_path, root)
+    assert reasons[1] == ("corrupt image page.png: no image format Pillow reads: an empty or cut download, or another "
+                          "kind of file under an image's name (38 bytes)")
+    assert reasons[2] == "corrupt image empty.png: the file is empty (0 bytes)"
+    assert reasons[3] == ("missing image imagesTr/folder.png (a directory of that name is there, not an image "
+                          "file)")
+    assert "BytesIO" not in " ".join(reasons.values())
+
+
 def test_parallel_decoding_gives_what_one_process_gives(tmp_path):
     paths = []
     for i in range(40):

@@ -139,6 +139,10 @@ def _check_image(path: str, window: tuple[float, float] | None, decode: bool = T
                     pixels = hashlib.sha1(upright_rgb(im, window).tobytes()).hexdigest()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         return ImageCheck(f"decompression bomb {Path(path).name}: {e} ({size})", None, mode, None)
+    except Image.UnidentifiedImageError:  # PIL's wording names an in-memory buffer, not the file
+        reason = ("no image format Pillow reads: an empty or cut download, or another kind of file under an "
+                  "image's name" if data else "the file is empty")
+        return ImageCheck(f"corrupt image {Path(path).name}: {reason} ({size})", None, mode, None)
     except Exception as e:  # PIL raises many types for broken files
         reason = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "this file", str(e))[:200]
         return ImageCheck(f"corrupt image {Path(path).name}: {type(e).__name__}: {reason} ({size})", None, mode, None)

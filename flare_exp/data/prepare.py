@@ -102,6 +102,8 @@ def _resolve_image(dataset_dir: Path, name: str) -> Path | str:
     for sub in sorted(dataset_dir.glob("images*")):  # ImageName given relative to imagesTr/ etc.
         if (sub / name).is_file():
             return sub / name
+    if direct.is_dir():
+        return f"missing image {name} (a directory of that name is there, not an image file)"
     return f"missing image {name}"
 
 

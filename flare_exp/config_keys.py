@@ -92,6 +92,12 @@ def override_key_problems(overrides: list[str], schema: type, groups: set[str]) 
     problems = {}
     for override in parsed:
         key = override.key_or_group
+        if key.startswith("hydra.") and not override.is_delete():  # Hydra's own keys, against its schema
+            found = unknown_path(key, _hydra_schema())
+            if found:
+                problems[override.input_line] = f"unknown Hydra key {found}" + (
+                    "" if "did you mean" in found else " (python launch.py --cfg hydra lists Hydra's keys)")
+            continue
         if (override.is_delete() or override.is_hydra_override() or key == "hydra" or override.package
                 or key.split("/")[0] in groups and "." not in key):  # `group@package=option` is a group choice too
             continue
@@ -106,6 +112,15 @@ def override_key_problems(overrides: list[str], schema: type, groups: set[str]) 
                     problems[override.input_line] = f"{key}={_said(value)}: {wrong}"
                     break
     return problems
+
+
+@lru_cache(maxsize=None)
+def _hydra_schema() -> type:
+    """Hydra's config as a schema under ``hydra``: its untyped parts (the launcher's and sweeper's settings, the
+    logging configs) take any key, as they depend on the chosen plugin."""
+    from hydra.conf import HydraConf
+
+    return dataclasses.make_dataclass("HydraRoot", [("hydra", HydraConf)])
 
 
 def _values(override) -> list:

@@ -39,9 +39,22 @@ def test_an_unknown_key_is_named_with_the_closest_key(override, meant):
     assert f"did you mean {meant}?" in problem and "+" not in problem
 
 
+@pytest.mark.parametrize("override, meant", [
+    ("hydra.job.chdr=true", "hydra.job.chdir"),  # Hydra's own advice would be +hydra.job.chdr=true: ignored
+    ("+hydra.jb.name=x", "hydra.job"),
+    ("hydra.run.dri=/tmp/x", "hydra.run.dir"),
+    ("hydra.sweep.subdirr=x", "hydra.sweep.subdir"),
+])
+def test_a_misspelt_hydra_key_is_named_with_the_closest(override, meant):
+    (problem,) = key_problems(override)
+    assert problem.startswith("unknown Hydra key") and f"did you mean {meant}?" in problem
+
+
 def test_known_keys_group_choices_and_free_form_dicts_pass():
     assert key_problems("sft.max_steps=10", "model=tiny", "+experiment=flare", "~experiment", "hydra/launcher=local",
-                        "hydra.job.chdir=false", "+reward.report_generation.weights.my_term=0.5",
+                        "hydra.job.chdir=false", "+hydra.job.env_set.WANDB_MODE=offline", "hydra.verbose=true",
+                        "hydra.launcher.timeout_min=30", "+hydra.launcher.additional_parameters.qos=high",
+                        "~hydra.job.chdir", "+reward.report_generation.weights.my_term=0.5",
                         "data.instructions.report_generation=x", "model.lora.target_modules=[q_proj]") == []
 
 

@@ -76,3 +76,29 @@ def test_a_finished_step_is_reused_only_with_the_same_inputs(base_overrides, dem
     train.write_text("".join(line + "\n" for line in train.read_text().splitlines()[:-1]))  # one record less
     with pytest.raises(RunSettingsChangedError, match=r"\[sft\] .* sft\.train_file sha256: [0-9a-f]{12} -> "):
         reusable("sft", cfg, step_dir)
+
+
+def test_a_shared_prepare_another_job_holds_is_waited_for_then_reused(base_overrides, tmp_path, caplog):
+    """The jobs of a sweep share prepare's dir (data.prepared_dir, outside each pipeline's own): a job that finds
+    another one holding it waits, then reuses what it made; before, the jobs prepared over each other at the
+    same time, each filing the others' attempts. A job that runs the step takes the dir's lock and gives it back."""
+    import threading
+    import time
+
+    from flare_exp.main import run
+    from flare_exp.run.layout import LOCK
+    from flare_exp.run.lock import RunLock
+
+    prepared = tmp_path / "prepared"
+    pipeline = [*base_overrides, f"data.prepared_dir={prepared}", "stage=pipeline", "stage.steps=[prepare]"]
+    first = run(compose_cfg(pipeline), run_dir=tmp_path / "job0")  # runs the step: takes and releases the lock
+    assert first["results"]["prepare"]["records"] and not (prepared / LOCK).exists()
+    other = RunLock(prepared).acquire()  # another job holds it (a live process: this one)
+    threading.Timer(3.0, other.release).start()
+    caplog.set_level("INFO", logger="flare_exp.run.lock")
+    start = time.monotonic()
+    again = run(compose_cfg(pipeline), run_dir=tmp_path / "job1")
+    assert time.monotonic() - start >= 2.5
+    assert again["results"]["prepare"] == {"reused": str(prepared)}
+    assert f"[prepare]: waiting for the run that holds {prepared}" in caplog.text
+    assert not (prepared / "attempts").exists()

@@ -140,6 +140,17 @@ class RunLock:
             except OSError:
                 return
 
+    def wait_while_held(self, what: str, poll_s: float = 2.0, say_every_s: float = 60.0) -> None:
+        """Return once no live run holds the lock (a dead holder's lock is free: ``acquire`` takes it over);
+        says what it waits for, then again every ``say_every_s``."""
+        said = None
+        while (holder := self.holder()) is not None and self._stale(holder) is None:
+            if said is None or time.monotonic() - said > say_every_s:
+                log.info("%s: waiting for the run that holds %s (host %s, pid %s, started %s)", what,
+                         self.dir.parent, holder.get("host"), holder.get("pid"), holder.get("started"))
+                said = time.monotonic()
+            time.sleep(poll_s)
+
     def held(self) -> bool:
         holder = self.holder()
         return bool(holder and self.owner_file and holder.get("token") == self._token)

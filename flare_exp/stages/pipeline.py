@@ -3,7 +3,9 @@
 Each step runs in ``<run dir>/<step>`` (prepare in ``data.prepared_dir``) with its own DONE/FAILED marker.
 A step already DONE with the same fingerprint (deciding settings, input sha256, starting adapter) is reused, not
 redone, so rerunning the pipeline after a crash continues where it stopped; DONE with another one stops, naming
-what changed (``overwrite=true`` redoes it).
+what changed (``overwrite=true`` redoes it). A step whose dir lies outside the pipeline's (prepare's, shared by
+the jobs of a sweep) runs under that dir's own lock: a job that finds another one preparing waits for it, then
+reuses what it made.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from omegaconf import OmegaConf, open_dict
 
 from flare_exp.optuna_pruning import pruned_summary
 from flare_exp.run.lifecycle import Run, reusable
+from flare_exp.run.lock import RunLock, RunLockedError
 from flare_exp.run.stage import Stage, declared_stages, stage
 from flare_exp.runtime import barrier, ranks
 
@@ -55,16 +58,37 @@ def compared_sources(cfg) -> list[str]:
     return [s for s in cfg.stage.compare if s in trained or (s == "base" and trained)]
 
 
-def _run_or_reuse(step: str, step_cfg, step_dir: Path, results: dict, name: str) -> None:
-    reuse = reusable(step, step_cfg, step_dir)
-    barrier()  # several ranks: each has decided before rank 0 touches the step's dir
-    if reuse:
-        log.info("[%s] already finished in %s with the same settings and inputs: reusing it (overwrite=true "
-                 "redoes it)", name, step_dir)
-        results[name] = {"reused": str(step_dir)}
-    else:
-        log.info("[%s] running in %s", name, step_dir)
-        results[name] = run_step(step, step_cfg, step_dir)
+def _run_or_reuse(step: str, step_cfg, step_dir: Path, results: dict, name: str, out_dir: Path) -> None:
+    reuse, lock = _decide(step, step_cfg, step_dir, name, shared=not step_dir.resolve().is_relative_to(
+        out_dir.resolve()))
+    try:
+        if reuse:
+            log.info("[%s] already finished in %s with the same settings and inputs: reusing it (overwrite=true "
+                     "redoes it)", name, step_dir)
+            results[name] = {"reused": str(step_dir)}
+        else:
+            log.info("[%s] running in %s", name, step_dir)
+            results[name] = run_step(step, step_cfg, step_dir)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _decide(step: str, step_cfg, step_dir: Path, name: str, shared: bool):
+    """(reuse the step?, the lock this process took on a shared step's dir). Inside the pipeline's dir its lock
+    covers the step; a shared dir is decided once no other live run holds it, and rank 0 takes its lock to run
+    the step (another job claiming it first: wait for that one and decide again)."""
+    while True:
+        if shared:
+            RunLock(step_dir).wait_while_held(f"[{name}]")
+        reuse = reusable(step, step_cfg, step_dir)
+        barrier()  # several ranks: each has decided before rank 0 touches the step's dir
+        if reuse or not shared or ranks()[0] != 0:
+            return reuse, None
+        try:
+            return False, RunLock(step_dir).acquire()
+        except RunLockedError:
+            continue
 
 
 def run_step(step: str, step_cfg, step_dir: Path):
@@ -126,7 +150,7 @@ def run(cfg, out_dir: Path) -> dict:
     done_dirs: dict[str, Path] = {}
     results = {}
     for name, step, step_cfg, step_dir in planned_steps(cfg, out_dir):
-        _run_or_reuse(step, step_cfg, step_dir, results, name)
+        _run_or_reuse(step, step_cfg, step_dir, results, name, out_dir)
         done_dirs[name] = step_dir
         if step == "rl" and pruned_summary(step_dir):  # an Optuna trial stopped early: its infer/eval are moot
             log.info("[rl] pruned by the Optuna search: the steps after it are not run")

@@ -493,3 +493,21 @@ def test_a_hand_broken_config_in_an_infer_run_dir_is_a_note_not_a_crash(tmp_path
     meta = run_metadata(tmp_path / "predictions.jsonl")
     assert meta["note"].startswith("run metadata unreadable: ") and "Traceback" not in meta["note"]
     assert _stage_of(tmp_path) is None
+
+
+def test_the_submission_keeps_flares_own_question_text(tmp_path):
+    """FLARE's evaluator joins a submission to its ground truth on the raw ImageName||Question and skips what does
+    not match: a question with surrounding whitespace in FLARE's file goes back as it was, not stripped."""
+    from test_prepare import GOOD, _prepare, _small_tree
+
+    from flare_exp.io import read_jsonl
+    from flare_exp.stages.infer import write_submission
+
+    root = tmp_path / "raw"
+    _small_tree(root, [GOOD, {**GOOD, "Question": " Which findings? \n"}])
+    records = read_jsonl(_prepare(tmp_path, root, "data.datasets=[chestdr]") / "train.jsonl")
+    assert [r["question"] for r in records] == [GOOD["Question"], "Which findings?"]
+    assert "raw_question" not in records[0] and records[1]["raw_question"] == " Which findings? \n"
+    rows = [{**r, "prediction": "none"} for r in records]
+    submitted = json.loads((write_submission(tmp_path / "inf", rows, 2) / "chestdr_predictions.json").read_text())
+    assert [s["Question"] for s in submitted] == [GOOD["Question"], " Which findings? \n"]

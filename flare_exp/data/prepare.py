@@ -160,6 +160,9 @@ def convert_record(raw, qf: QuestionFile, out_split: str, root: Path, cfg):
         "image_name": raw["ImageName"],
         "images": images,
         "question": question,
+        # FLARE's evaluator joins a submission to its ground truth on the raw ImageName||Question: the raw text
+        # is kept for the submission where stripping changed it
+        **({"raw_question": raw["Question"]} if raw["Question"] != question else {}),
         "answer": answer,
         "messages": R.build_messages(images, text, answer),
         "_paths": paths,  # for the image pass and the leakage check; not written out

@@ -97,7 +97,7 @@ def write_submission(out_dir: Path, rows: list[dict], questions: int) -> Path:
     for r in rows:
         by_dataset.setdefault(r["dataset"], []).append({
             "TaskType": r["raw_task_type"], "Modality": r.get("modality", "Xray"), "ImageName": r["image_name"],
-            "Question": r["question"], "Answer": r["prediction"], "Split": "test"})
+            "Question": r.get("raw_question", r["question"]), "Answer": r["prediction"], "Split": "test"})
     for dataset, records in by_dataset.items():
         write_json(folder / f"{dataset}_predictions.json", records)
     return folder
@@ -141,6 +141,8 @@ def predict(cfg, todo: list[dict], journal: Path, label: str, done: dict) -> tup
             for r, p in zip(chunk, timed_batch(decode, chunk, images, number, journal.parent)):
                 row = {k: r[k] for k in ("id", "dataset", "task_type", "raw_task_type", "split", "image_name",
                                          "images", "question", "answer")}
+                if "raw_question" in r:  # the submission's Question
+                    row["raw_question"] = r["raw_question"]
                 row.update(prediction=p, model=label, adapter=adapter)
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
                 done[r["id"]] = row

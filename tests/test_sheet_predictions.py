@@ -58,7 +58,8 @@ def test_a_sheet_reads_as_its_jsonl_and_scores_the_same(base_overrides, tmp_path
     assert metrics["sheet"]["official"] == metrics["jsonl"]["official"]
     assert metrics["sheet"]["official"]["regression"]["mean_absolute_error"] == 0.5
     assert (tmp_path / "sheet" / "scored.xlsx").exists()
-    assert "worksheet predictions.xlsx, as it is now" in (tmp_path / "sheet" / "report.md").read_text()
+    assert "worksheet predictions.xlsx (sheet 'predictions'), as it is now" in (
+        tmp_path / "sheet" / "report.md").read_text()
 
 
 def test_hand_edits_are_scored_as_edited(tmp_path):
@@ -91,6 +92,12 @@ def test_hand_edits_are_scored_as_edited(tmp_path):
     (lambda s: s.__setitem__("D1", "Answer"), r"no column that could hold the predictions"),
     (lambda s: s.__setitem__("G5", None), "row 5: a prediction without an id"),
     (lambda s: s.__setitem__("G11", "dental/0"), r"id\(s\) occur more than once"),  # dental/3: its answer too
+    # "40%" typed into a cell: Excel keeps 0.4 with a percentage format
+    (lambda s: (s.__setitem__("D2", 0.4), setattr(s["D2"], "number_format", "0%")),
+     r"cell D2: a percentage cell \(format '0%'\) holds 0.4, the typed number divided by 100"),
+    # the predictions' header cleared and a notes column added: the notes must not be scored
+    (lambda s: (s.__setitem__("D1", None), s.__setitem__("H1", "notes"), s.__setitem__("H2", "looks fine")),
+     r"cell D2: a value in a column without a header"),
 ])
 def test_what_cannot_be_read_back_is_refused_naming_the_cell(tmp_path, edit, message):
     prepared = _prepared(tmp_path)
@@ -114,3 +121,16 @@ def test_a_sheet_outside_a_run_finds_its_split_and_a_broken_file_is_named(tmp_pa
     torn.write_bytes(sheet.read_bytes()[:500])
     with pytest.raises(ValueError, match=r"torn.xlsx: not a readable .xlsx workbook"):
         load_rows(torn, False, prepared)
+
+
+def test_an_edited_copy_sheet_is_named_as_not_read(tmp_path, caplog):
+    """Excel's copy of a sheet ("predictions (2)") edited instead of the original: the sheet read and the copy
+    left unread are both named."""
+    prepared = _prepared(tmp_path)
+    sheet = _sheet(tmp_path)
+    workbook = load_workbook(sheet)
+    workbook.copy_worksheet(workbook["predictions"]).title = "predictions (2)"
+    workbook.save(sheet)
+    rows, info = load_rows(sheet, False, prepared)
+    assert len(rows) == 12 and "(sheet 'predictions')" in info["sheet_note"]
+    assert "read from the sheet 'predictions' only; 'predictions (2)' also has an id column and is not read" in caplog.text

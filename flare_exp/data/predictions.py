@@ -27,7 +27,7 @@ def load_rows(path: Path, allow_partial: bool, prepared_dir: str | None = None) 
                          "infer command, it resumes) or pass eval.allow_partial=true to score what is there")
     sheet, torn = is_sheet(path), False
     if sheet:
-        rows = read_sheet_predictions(path)
+        rows, sheet_title = read_sheet_predictions(path)
     elif unfinished:  # allowed partial: a killed infer's journal may end in a torn line, left out and said
         rows, torn = read_jsonl_of_unfinished_run(path)
     else:
@@ -46,8 +46,8 @@ def load_rows(path: Path, allow_partial: bool, prepared_dir: str | None = None) 
     reference = reference_file(path, rows, prepared_dir)
     info: dict = {"answers_from": str(reference) if reference else "the predictions file"}
     if sheet:
-        info["sheet_note"] = (f"predictions read from the worksheet {path.name}, as it is now: a prediction edited "
-                              "by hand is scored as edited")
+        info["sheet_note"] = (f"predictions read from the worksheet {path.name} (sheet {sheet_title!r}), as it is "
+                              "now: a prediction edited by hand is scored as edited")
     if reference:
         rows, covered = join_to_reference(path, rows, reference)
         info.update(covered)

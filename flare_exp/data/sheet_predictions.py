@@ -8,6 +8,7 @@ the text that was typed cannot be known."""
 from __future__ import annotations
 
 import datetime
+import logging
 import zipfile
 from pathlib import Path
 
@@ -20,15 +21,20 @@ ROW_COLUMNS = (("ImageName", "image_name"), ("Question", "question"), ("Answer",
 PREDICTION_COLUMN = 3
 SCORE_COLUMNS = ("score", "score_kind")
 KNOWN_COLUMNS = {header.lower(): key for header, key in ROW_COLUMNS}  # read case-insensitively
+UNHEADED = "(no header)"
+
+log = logging.getLogger(__name__)
 
 
 def is_sheet(path: Path) -> bool:
     return path.suffix.lower() in SHEET_SUFFIXES
 
 
-def read_sheet_predictions(path: Path) -> list[dict]:
-    """One row per question: id, prediction, and what else the sheet names (answer, task type, ...); the
-    prediction column's header (the run's label in infer's sheet) becomes the rows' ``model``."""
+def read_sheet_predictions(path: Path) -> tuple[list[dict], str]:
+    """(one row per question: id, prediction, and what else the sheet names (answer, task type, ...); the
+    prediction column's header (the run's label in infer's sheet) becomes the rows' ``model``, the sheet's
+    title). Another sheet that also has an id column (an edited copy, "predictions (2)") is named in a warning:
+    only one sheet is read."""
     from openpyxl import load_workbook
     from openpyxl.utils.exceptions import InvalidFileException
 
@@ -46,16 +52,28 @@ def read_sheet_predictions(path: Path) -> list[dict]:
             row = _row(path, sheet.title, cells, columns, prediction)
             if row is not None:
                 rows.append(row)
+        others = [w.title for w in workbook.worksheets if w.title != sheet.title and _has_id_column(w)]
     finally:
         workbook.close()
-    return rows
+    if others:
+        log.warning("%s: predictions read from the sheet %r only; %s also %s an id column and %s not read (eval "
+                    "reads the sheet named %r, else the first one: keep the edited sheet under that name)", path,
+                    sheet.title, ", ".join(repr(o) for o in others), "has" if len(others) == 1 else "have",
+                    "is" if len(others) == 1 else "are", SHEET)
+    return rows, sheet.title
+
+
+def _has_id_column(worksheet) -> bool:
+    first = next(worksheet.iter_rows(max_row=1, values_only=True), ())
+    return any(isinstance(v, str) and v.strip().lower() == "id" for v in first)
 
 
 def _columns(path: Path, title: str, header) -> tuple[dict[int, str], tuple[int, str]]:
     """{column index: row key} of the known columns, and (index, header) of the prediction column: the one
-    column that is neither a known one nor a score."""
+    column that is neither a known one nor a score. A column with values but no header is refused in _row."""
     names = [("" if c.value is None else str(c.value)).strip() for c in header]
     columns = {i: KNOWN_COLUMNS[n.lower()] for i, n in enumerate(names) if n.lower() in KNOWN_COLUMNS}
+    columns.update({i: UNHEADED for i, n in enumerate(names) if not n})
     others = [(i, n) for i, n in enumerate(names) if n and n.lower() not in {*KNOWN_COLUMNS, *SCORE_COLUMNS}]
     shown = ", ".join(repr(n) for n in names if n) or "none"
     if "id" not in columns.values():
@@ -74,7 +92,11 @@ def _row(path: Path, title: str, cells, columns: dict[int, str], prediction: tup
     values = {i: _text(path, title, c) for i, c in enumerate(cells)}
     if all(v in (None, "") for v in values.values()):
         return None  # an empty line left by a deleted row
-    row = {key: values.get(i) for i, key in columns.items() if values.get(i) is not None}
+    unheaded = [c for i, c in enumerate(cells) if columns.get(i) == UNHEADED and values.get(i) not in (None, "")]
+    if unheaded:
+        raise ValueError(f"{path} (sheet {title!r}), cell {unheaded[0].coordinate}: a value in a column without a "
+                         "header. Head it (the predictions' column: the run's label) or delete the column")
+    row = {key: values.get(i) for i, key in columns.items() if values.get(i) is not None and key != UNHEADED}
     row["prediction"] = values.get(prediction[0]) or ""  # an empty cell: an empty answer, scored as wrong
     row["model"] = prediction[1]
     if not row.get("id"):
@@ -93,4 +115,7 @@ def _text(path: Path, title: str, cell) -> str | None:
     if isinstance(value, bool) or isinstance(value, (datetime.date, datetime.time, datetime.timedelta)):
         raise ValueError(f"{where}: Excel turned the typed text into {type(value).__name__} {value}; format the "
                          "column as Text and type it again")
+    if "%" in str(getattr(cell, "number_format", "") or ""):
+        raise ValueError(f"{where}: a percentage cell (format {cell.number_format!r}) holds {value}, the typed number "
+                         "divided by 100; format the column as Text and type the number without '%'")
     return str(value)  # a number typed into the cell: its text, as eval reads a number in a predictions.jsonl

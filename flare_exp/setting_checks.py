@@ -92,7 +92,41 @@ def _pair_problems(cfg, steps: set[str]) -> list[str]:
             check_window(cfg.data.image_window)
         except ValueError as e:
             problems.append(str(e))
+        problems += _split_name_problems(cfg.data)
+    if steps & {"sft", "rl"}:
+        problems += _resume_problems(cfg.resume)
     return problems
+
+
+def _split_name_problems(data) -> list[str]:
+    """data.*_splits name FLARE's split folders: another name matches no folder and leaves its file empty."""
+    import difflib
+
+    from flare_exp.data.prepare import FLARE_SPLITS
+
+    problems = []
+    for key in ("train_splits", "val_splits", "test_splits"):
+        for name in data[key] or []:
+            if name not in FLARE_SPLITS:
+                close = difflib.get_close_matches(str(name), FLARE_SPLITS, n=1)
+                problems.append(f"data.{key}: {name!r} is not a FLARE split folder"
+                                + (f" (did you mean {close[0]!r}?)" if close else "")
+                                + f"; FLARE's are {', '.join(FLARE_SPLITS)}")
+    return problems
+
+
+def _resume_problems(resume) -> list[str]:
+    """resume is auto, never or a checkpoint's path: a word like false or no would be read as a path."""
+    from flare_exp.runtime import abspath
+
+    value = str(resume)
+    if value in ("auto", "never") or abspath(value).exists():
+        return []
+    meant = {"false": "never", "no": "never", "0": "never", "off": "never", "none": "never", "true": "auto",
+             "yes": "auto", "1": "auto", "on": "auto"}.get(value.lower())
+    return [f"resume={value}: not auto, never or a checkpoint that exists (no such path: {abspath(value)})"
+            + (f"; did you mean resume={meant}?" if meant else "; resume=auto continues from the run dir's last "
+               "checkpoint, resume=never starts fresh")]
 
 
 def judge_path_problems(cfg, steps: set[str]) -> list[str]:

@@ -71,3 +71,25 @@ def test_all_zero_weights_are_refused_at_startup():
     with pytest.raises(ValueError, match="rl.task_types names classification, whose reward weights are all 0"):
         validate(compose_cfg(["stage=rl", "reward.classification.weights.choice=0",
                               "rl.task_types=[classification,regression]"]))
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("data.train_splits=[trainig]", "data.train_splits: 'trainig' is not a FLARE split folder (did you mean "
+                                    "'training'?); FLARE's are training, validation-public"),
+    ("data.val_splits=[validation-public,valid]", "data.val_splits: 'valid' is not a FLARE split folder"),
+    ("resume=false", "resume=False: not auto, never or a checkpoint that exists (no such path: "),
+    ("resume=no", "did you mean resume=never?"),
+    ("resume=/nowhere/checkpoint-5", "resume=/nowhere/checkpoint-5: not auto, never or a checkpoint that exists"),
+])
+def test_a_split_name_or_resume_that_names_nothing_is_refused_before_work(setting, message):
+    """A split folder FLARE does not have would leave its file empty (found only when sft reads it); a resume
+    value that is neither auto, never nor a path was read as a path after the model had loaded."""
+    with pytest.raises(ValueError) as e:
+        validate(compose_cfg(["stage.steps=[prepare,sft]", setting]))
+    assert message in str(e.value)
+
+
+def test_the_resume_values_that_work_pass(tmp_path):
+    for value in ("auto", "never", str(tmp_path)):
+        validate(compose_cfg(["stage.steps=[prepare,sft]", f"resume={value}"]))
+    validate(compose_cfg(["stage=infer", "resume=false"]))  # infer reads no resume setting

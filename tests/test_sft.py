@@ -112,7 +112,7 @@ def test_missing_model_names_the_key(base_overrides, tmp_path):
 def test_unsloth_without_gpu_is_a_clear_error(base_overrides):
     from flare_exp.models.loading import load_model
 
-    with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
         load_model(compose_cfg([*base_overrides, "model.backend=unsloth"]).model)
 
 

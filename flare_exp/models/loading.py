@@ -215,8 +215,8 @@ def require_unsloth():
     import torch
 
     if not torch.cuda.is_available():
-        raise RuntimeError("model.backend=unsloth needs a CUDA GPU (Unsloth's vision loaders are GPU-only); "
-                           "use model.backend=hf on this machine.")
+        raise ValueError("model.backend=unsloth needs a CUDA GPU (Unsloth's vision loaders are GPU-only); "
+                         "use model.backend=hf on this machine.")
     try:
         import unsloth
     except ImportError as e:

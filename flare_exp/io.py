@@ -104,7 +104,10 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
 
 
 def _parse_line(path: Path, lineno: int, raw: bytes):
-    """One JSONL line: its object, or a ValueError naming the file, line and what is wrong with it."""
+    """One JSONL line: its object, or a ValueError naming the file, line and what is wrong with it. A byte-order
+    mark opening the file (Windows editors write one) is not part of the JSON."""
+    if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
     try:
         return json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as e:

@@ -158,3 +158,36 @@ def test_a_doubled_id_is_named_as_such_even_when_its_answers_differ(tmp_path):
     rows.append({**rows[0], "answer": "something else"})  # the same question twice, its answer edited once
     with pytest.raises(ValueError, match=r"1 id\(s\) occur more than once \(2 rows, e.g. "):
         load_rows(_predictions(tmp_path, rows), False, prepared)
+
+
+def test_a_byte_order_mark_is_read_past_and_a_csv_is_named(tmp_path):
+    """Windows editors open a file with a byte-order mark: the JSONL still reads. A .csv export is named with
+    what eval reads instead of failing as 'not valid JSON'."""
+    prepared = _prepared(tmp_path)
+    path = _predictions(tmp_path, [{**r, "prediction": r["answer"]} for r in REFERENCE])
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    rows, _ = load_rows(path, False, prepared)
+    assert len(rows) == 8 and rows[0]["id"] == "dental/0"
+    (tmp_path / "p.csv").write_text("id,prediction\ndental/0,A\n")
+    with pytest.raises(ValueError, match=r"p.csv: eval reads predictions as JSONL .* save this table as .xlsx"):
+        load_rows(tmp_path / "p.csv", False, prepared)
+
+
+def test_a_question_file_with_a_byte_order_mark_is_prepared(tmp_path):
+    from test_prepare import GOOD, _prepare, _small_tree
+
+    from flare_exp.io import read_jsonl
+
+    root = tmp_path / "raw"
+    _small_tree(root, [GOOD])
+    question_file = root / "training" / "Xray" / "chestdr" / "chestdr_questions_train.json"
+    question_file.write_bytes(b"\xef\xbb\xbf" + question_file.read_bytes())
+    assert len(read_jsonl(_prepare(tmp_path, root, "data.datasets=[chestdr]") / "train.jsonl")) == 1
+
+
+def test_an_id_with_a_stray_space_is_shown_quoted(tmp_path):
+    prepared = _prepared(tmp_path)
+    rows = [{**r, "prediction": "A"} for r in REFERENCE]
+    rows[3]["id"] = "dental/3 "  # a space typed after it in a sheet
+    with pytest.raises(ValueError, match=r"not in the prepared split .*: 'dental/3 '"):
+        load_rows(_predictions(tmp_path, rows), False, prepared)

@@ -39,6 +39,17 @@ def test_an_unknown_key_is_named_with_the_closest_key(override, meant):
     assert f"did you mean {meant}?" in problem and "+" not in problem
 
 
+@pytest.mark.parametrize("override, said", [
+    ("reward.regression.weights.numerc=1", "did you mean reward.regression.weights.numeric?"),  # Hydra: "use +"
+    ("+reward.regression.weights.numerc=1", "did you mean reward.regression.weights.numeric?"),
+    ("reward.terms.choise.correct=2", "did you mean reward.terms.choice?"),
+    ("+reward.classification.weights.my_term=1", "no reward term 'my_term'; the terms: "),
+])
+def test_a_reward_term_the_registry_lacks_is_named_before_hydra(override, said):
+    (problem,) = key_problems(override)
+    assert said in problem
+
+
 @pytest.mark.parametrize("override, meant", [
     ("hydra.job.chdr=true", "hydra.job.chdir"),  # Hydra's own advice would be +hydra.job.chdr=true: ignored
     ("+hydra.jb.name=x", "hydra.job"),
@@ -54,7 +65,7 @@ def test_known_keys_group_choices_and_free_form_dicts_pass():
     assert key_problems("sft.max_steps=10", "model=tiny", "+experiment=flare", "~experiment", "hydra/launcher=local",
                         "hydra.job.chdir=false", "+hydra.job.env_set.WANDB_MODE=offline", "hydra.verbose=true",
                         "hydra.launcher.timeout_min=30", "+hydra.launcher.additional_parameters.qos=high",
-                        "~hydra.job.chdir", "+reward.report_generation.weights.my_term=0.5",
+                        "~hydra.job.chdir", "+reward.report_generation.weights.rouge_l=0.5",
                         "data.instructions.report_generation=x", "model.lora.target_modules=[q_proj]") == []
 
 

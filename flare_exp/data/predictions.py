@@ -20,6 +20,10 @@ def load_rows(path: Path, allow_partial: bool, prepared_dir: str | None = None) 
     from flare_exp.data.references import join_to_reference, reference_file
     from flare_exp.data.sheet_predictions import is_sheet, read_sheet_predictions
 
+    if path.suffix.lower() in (".csv", ".tsv"):
+        raise ValueError(f"{path}: eval reads predictions as JSONL (infer's predictions.jsonl: one JSON object per "
+                         "line with id and prediction) or as an .xlsx sheet with infer's columns; save this table "
+                         "as .xlsx")
     run_dir = path.parent
     unfinished = (run_dir / RUN_INFO).exists() and not (run_dir / DONE).exists()
     if unfinished and not allow_partial:

@@ -109,7 +109,7 @@ def _resolve_image(dataset_dir: Path, name: str) -> Path | str:
 
 def load_question_file(qf: QuestionFile) -> list:
     try:
-        data = json.loads(qf.path.read_text(encoding="utf-8"))
+        data = json.loads(qf.path.read_text(encoding="utf-8-sig"))  # a byte-order mark (Notepad's) is not JSON
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PrepareError(f"{qf.path}: malformed JSON ({e})") from None
     if not isinstance(data, list):

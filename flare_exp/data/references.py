@@ -58,7 +58,8 @@ def split_holding(prepared: Path, ids: set) -> Path | None:
 
 
 def _named(ids: list) -> str:
-    return ", ".join(map(str, ids[:SHOWN])) + (f" and {len(ids) - SHOWN} more" if len(ids) > SHOWN else "")
+    shown = [repr(str(i)) if not str(i) or str(i) != str(i).strip() else str(i) for i in ids[:SHOWN]]  # a space shows
+    return ", ".join(shown) + (f" and {len(ids) - SHOWN} more" if len(ids) > SHOWN else "")
 
 
 def join_to_reference(predictions: Path, rows: list[dict], reference: Path) -> tuple[list[dict], dict]:

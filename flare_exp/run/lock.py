@@ -107,8 +107,8 @@ class RunLock:
         h = holder or {}
         return RunLockedError(
             f"{self.dir.parent} is in use by another run: host {h.get('host', '?')}, pid {h.get('pid', '?')}, "
-            f"started {h.get('started', '?')}. Wait for it, or choose another run_name=. (A lock whose holder "
-            "died is taken over by itself.)")
+            f"started {h.get('started', '?')}. Wait for it, or choose another run_name= (for prepare's dir, another "
+            "data.prepared_dir=). (A lock whose holder died is taken over by itself.)")
 
     def acquire(self) -> "RunLock":
         for _ in range(5):  # a lock released while we looked at it: look again

@@ -201,3 +201,26 @@ def test_launch_py_subprocess(tmp_path):
     verbose = subprocess.run(cmd, cwd=REPO, env={**env, "HYDRA_FULL_ERROR": "1"}, capture_output=True, text=True,
                              timeout=300)
     assert verbose.returncode == 1 and "Traceback" in verbose.stderr
+
+
+def test_a_second_prepare_of_one_download_waits_for_the_first_ones_unzip(tmp_path):
+    """Two prepares of one download (into two prepared dirs) must not extract over each other: the second
+    waits for the first's unzip lock, then finds the archive done; nothing is written where nothing is zipped."""
+    import threading
+    import time
+    import zipfile
+
+    from flare_exp.data.prepare import unzip_nested
+    from flare_exp.run.lock import RunLock
+
+    root = tmp_path / "raw"
+    root.mkdir()
+    assert unzip_nested(root) == 0 and list(root.iterdir()) == []
+    with zipfile.ZipFile(root / "a.zip", "w") as archive:
+        archive.writestr("a/x.txt", "x")
+    other = RunLock(root, name=".flare_exp_unzip.lock").acquire()  # the first prepare, extracting
+    threading.Timer(2.0, other.release).start()
+    start = time.monotonic()
+    assert unzip_nested(root) == 1 and time.monotonic() - start >= 1.5
+    assert (root / "a" / "x.txt").read_text() == "x" and not (root / ".flare_exp_unzip.lock").exists()
+    assert unzip_nested(root) == 0

@@ -41,11 +41,36 @@ class QuestionFile:
     dataset: str
 
 
+def _pending_zips(root: Path) -> list[Path]:
+    return [z for z in walk_files(root, ".zip") if not z.with_name(z.name + ".unzipped").exists()]
+
+
 def unzip_nested(root: Path) -> int:
-    """Extract every *.zip under ``root`` next to itself, repeating for zips inside zips. Idempotent."""
+    """Extract every *.zip under ``root`` next to itself, repeating for zips inside zips. Idempotent. Under a
+    lock in ``root`` when there is anything to extract: two prepares of one download (into two prepared dirs)
+    would otherwise extract over each other and read half-written files; the second waits, then finds it done."""
+    from flare_exp.run.lock import RunLock, RunLockedError
+
+    if not _pending_zips(root):
+        return 0  # nothing written into the download (it may be read-only)
+    lock = RunLock(root, name=".flare_exp_unzip.lock")
+    while True:
+        lock.wait_while_held("prepare: unzip")
+        try:
+            lock.acquire()
+            break
+        except RunLockedError:
+            continue
+    try:
+        return _extract_pending(root)
+    finally:
+        lock.release()
+
+
+def _extract_pending(root: Path) -> int:
     extracted = 0
     while True:
-        pending = [z for z in walk_files(root, ".zip") if not z.with_name(z.name + ".unzipped").exists()]
+        pending = _pending_zips(root)
         if not pending:
             return extracted
         for archive in tqdm(pending, desc="unzip", unit="zip", disable=len(pending) < 2):

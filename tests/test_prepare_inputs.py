@@ -166,3 +166,14 @@ def test_the_demo_fills_no_root_the_user_named(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"data.root=\S+FLARE_Taks5: no such directory .* experiment=flare"):
         run(cfg, run_dir=tmp_path / "prep")
     assert not (tmp_path / "FLARE_Taks5").exists()
+
+
+def test_an_empty_question_file_is_said(tmp_path, caplog):
+    root = tmp_path / "raw"
+    _small_tree(root, [GOOD])
+    _small_tree(root, [], dataset="dental")
+    _small_tree(root, [GOOD], dataset="dental", split="validation-public")  # its val has records
+    caplog.set_level("WARNING", logger="flare_exp.data.prepare")
+    _prepare(tmp_path, root, "data.datasets=[chestdr,dental]", "data.allow_overlap=true")  # one grey image
+    assert "training/Xray/dental/dental_questions_train.json holds no records (an empty list): train gets nothing " \
+           "from dental's training split" in caplog.text

@@ -281,6 +281,9 @@ def read_records(root: Path, cfg_data, split_sources: dict, rejects: list,
         for qf in discover(found, list(cfg_data.datasets), sources):
             raw_records = load_question_file(qf)
             file = str(qf.path.relative_to(root))
+            if not raw_records:
+                log.warning("prepare: %s holds no records (an empty list): %s gets nothing from %s's %s split", file,
+                            out_split, qf.dataset, qf.split)
             for index, raw in enumerate(tqdm(raw_records, desc=f"{out_split}:{qf.dataset}", unit="q",
                                              leave=False, disable=len(raw_records) < 500)):
                 record, reason = convert_record(raw, qf, out_split, root, cfg_data)

@@ -93,3 +93,9 @@ def test_the_resume_values_that_work_pass(tmp_path):
     for value in ("auto", "never", str(tmp_path)):
         validate(compose_cfg(["stage.steps=[prepare,sft]", f"resume={value}"]))
     validate(compose_cfg(["stage=infer", "resume=false"]))  # infer reads no resume setting
+
+
+def test_an_infer_split_that_is_no_prepared_split_is_named():
+    with pytest.raises(ValueError, match=r"infer.split='tst': choose train, val or test"):
+        validate(compose_cfg(["stage=infer", "infer.split=tst"]))
+    validate(compose_cfg(["stage=infer", "infer.split=tst", "infer.input_file=/any/file.jsonl"]))  # not read

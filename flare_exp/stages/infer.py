@@ -28,7 +28,7 @@ from flare_exp.reports.sheets import write_sheet
 from flare_exp.run.layout import PREDICTIONS, SPARE_PREDICTIONS, summary_name
 from flare_exp.run.layout import RANK_PREDICTIONS as RANK_JOURNAL
 from flare_exp.run.stage import Stage, infer_input_file
-from flare_exp.runtime import abspath, ranks
+from flare_exp.runtime import abspath, check_choice, ranks
 
 
 STAGE = Stage(
@@ -105,6 +105,8 @@ def write_submission(out_dir: Path, rows: list[dict], questions: int) -> Path:
 
 def check_settings(cfg) -> None:
     decode_settings(cfg.infer, cfg.model.backend).check()
+    if not cfg.infer.input_file:  # else the split names no file
+        check_choice("infer.split", cfg.infer.split, ("train", "val", "test"))
 
 
 def read_predictions(out_dir: Path) -> dict[str, dict]:

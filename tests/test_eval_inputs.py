@@ -191,3 +191,17 @@ def test_an_id_with_a_stray_space_is_shown_quoted(tmp_path):
     rows[3]["id"] = "dental/3 "  # a space typed after it in a sheet
     with pytest.raises(ValueError, match=r"not in the prepared split .*: 'dental/3 '"):
         load_rows(_predictions(tmp_path, rows), False, prepared)
+
+
+def test_no_report_no_scorer_caveat(base_overrides, tmp_path):
+    """The tiny RadGraph's caveat is about reports: a file without any has none."""
+    from flare_exp.fixtures.tiny_radgraph import build_tiny_radgraph
+    from flare_exp.runtime import abspath
+
+    prepared = _prepared(tmp_path)
+    path = _predictions(tmp_path, [{**r, "prediction": r["answer"]} for r in REFERENCE])
+    cfg = compose_cfg(["stage=eval", *base_overrides, f"eval.predictions=[{path}]", f"data.prepared_dir={prepared}"])
+    build_tiny_radgraph(abspath(cfg.reward.radgraph.model_dir))  # configured and random, as the demo's
+    run(cfg, run_dir=tmp_path / "eval")
+    (entry,) = json.loads((tmp_path / "eval" / "metrics.json").read_text()).values()
+    assert list(entry["by_task"]) == ["classification"] and not any("RadGraph" in c for c in entry["caveats"])

@@ -99,8 +99,9 @@ def run(cfg, out_dir: Path) -> dict:
         results[label], samples[label] = res, per_sample
         write_scored_sheet(out_dir / res["scored_sheet"], rows, label, per_sample, res)
     meaningless = random_scorer_caveats(cfg)  # after scoring: a tiny RadGraph is built on first use
-    for res in results.values():
-        res["caveats"] = [*res.get("caveats", []), *meaningless]
+    for res in results.values():  # the scorers' caveats are about reports: only where there are reports
+        res["caveats"] = [*res.get("caveats", []),
+                          *(meaningless if "report_generation" in res.get("by_task", {}) else [])]
     write_json(out_dir / METRICS, results)
     summary = flat_summary(results)
     write_json(out_dir / summary_name("eval"), summary)

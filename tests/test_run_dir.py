@@ -218,8 +218,13 @@ def test_a_resume_without_its_fingerprint_is_held_to_the_settings_its_config_rec
     same = tmp_path / "same"
     shutil.copytree(out, same)
     assert run(compose_cfg(args), run_dir=same)["global_step"] == 2  # the same settings continue it
+    recorded = (out / "config.yaml").read_text()
     (out / "config.yaml").write_text("garbage: [")
     with pytest.raises(RunSettingsChangedError, match=r"neither a readable fingerprint.json nor config.yaml"):
+        run(compose_cfg(args), run_dir=out)
+    (out / "config.yaml").write_text(recorded[:len(recorded) // 3].rsplit("\n", 1)[0] + "\n")  # cut at a line
+    with pytest.raises(RunSettingsChangedError, match=r"nor config.yaml says which settings made it \(config.yaml "
+                                                      r"lacks \d+ of them, e.g. .*: cut short or edited\)"):
         run(compose_cfg(args), run_dir=out)
 
 

@@ -136,12 +136,16 @@ def check_resume(stage: str, run_dir: Path, new: dict) -> None:
     else:  # removed or never written: the settings the attempt recorded in config.yaml decide
         try:
             old = config_settings(stage, run_dir)
+            lacking = sorted(set(new["settings"]) - set(old))  # cut short at a line, or keys deleted
         except Exception:  # noqa: BLE001  (missing, cut or hand-broken: nothing says what made the outputs)
+            old, lacking = None, []
+        if old is None or lacking:
             raise RunSettingsChangedError(
                 f"{run_dir} holds an unfinished {stage} run ({', '.join(p.name for p in left[:3])}) but neither a "
-                f"readable {FINGERPRINT} nor {CONFIG} says which settings made it, so a resume could mix two runs. "
-                "Pass overwrite=true to start afresh (the earlier attempt moves to attempts/NN/), or choose "
-                "another run_name=.") from None
+                f"readable {FINGERPRINT} nor {CONFIG} says which settings made it"
+                + (f" ({CONFIG} lacks {len(lacking)} of them, e.g. {', '.join(lacking[:3])}: cut short or edited)"
+                   if lacking else "") + ", so a resume could mix two runs. Pass overwrite=true to start afresh (the "
+                "earlier attempt moves to attempts/NN/), or choose another run_name=.")
         changed = settings_differences(old, new)
     if changed:
         raise RunSettingsChangedError(

@@ -10,6 +10,8 @@ import difflib
 import typing
 from functools import lru_cache
 
+from flare_exp.setting_checks import unknown_reward_term
+
 
 def _dataclass_of(kind):
     """The dataclass a field holds (``Optional[X]`` -> X), else None."""
@@ -101,7 +103,7 @@ def override_key_problems(overrides: list[str], schema: type, groups: set[str]) 
         if (override.is_delete() or override.is_hydra_override() or key == "hydra" or override.package
                 or key.split("/")[0] in groups and "." not in key):  # `group@package=option` is a group choice too
             continue
-        found = unknown_path(key, schema) or _unknown_reward_term(key)
+        found = unknown_path(key, schema) or unknown_reward_term(key)
         if found:
             problems[override.input_line] = f"unknown config key {found}" + (
                 "" if "did you mean" in found else " (python launch.py --cfg job lists every key)")
@@ -112,25 +114,6 @@ def override_key_problems(overrides: list[str], schema: type, groups: set[str]) 
                     problems[override.input_line] = f"{key}={_said(value)}: {wrong}"
                     break
     return problems
-
-
-def _unknown_reward_term(key: str) -> str | None:
-    """reward.<task>.weights.<term> and reward.terms.<term>.*: any key for the schema (a dict), but a term must be
-    one of the reward registry's (Hydra's advice for a new key, "use +", adds a term refused later)."""
-    parts = key.split(".")
-    if len(parts) == 4 and parts[0] == "reward" and parts[2] == "weights":
-        name, stem = parts[3], ".".join(parts[:3])
-    elif len(parts) >= 3 and parts[:2] == ["reward", "terms"]:
-        name, stem = parts[2], "reward.terms"
-    else:
-        return None
-    from flare_exp.rewards import TERMS
-
-    if name in TERMS:
-        return None
-    close = difflib.get_close_matches(name, sorted(TERMS), n=1)
-    return f"{key}: no reward term {name!r}" + (f" (did you mean {stem}.{close[0]}?)" if close else
-                                                 f"; the terms: {', '.join(sorted(TERMS))}")
 
 
 @lru_cache(maxsize=None)

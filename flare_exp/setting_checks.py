@@ -164,3 +164,25 @@ def problems(cfg, steps: set[str], inputs: bool = False) -> list[ValueError]:
     if inputs:
         found += judge_path_problems(cfg, steps)
     return [ValueError(p) for p in found]
+
+
+def unknown_reward_term(key: str) -> str | None:
+    """The problem with a command line's reward.<task>.weights.<term> or reward.terms.<term>.* key (any key for the
+    schema: a dict), None when the term is one of the reward registry's, which every term must be (Hydra's advice
+    for a new key, "use +", adds a term refused later); the closest term named."""
+    import difflib
+
+    parts = key.split(".")
+    if len(parts) == 4 and parts[0] == "reward" and parts[2] == "weights":
+        name, stem = parts[3], ".".join(parts[:3])
+    elif len(parts) >= 3 and parts[:2] == ["reward", "terms"]:
+        name, stem = parts[2], "reward.terms"
+    else:
+        return None
+    from flare_exp.rewards import TERMS
+
+    if name in TERMS:
+        return None
+    close = difflib.get_close_matches(name, sorted(TERMS), n=1)
+    return f"{key}: no reward term {name!r}" + (f" (did you mean {stem}.{close[0]}?)" if close else
+                                                 f"; the terms: {', '.join(sorted(TERMS))}")

@@ -115,7 +115,7 @@ def test_a_sheet_outside_a_run_finds_its_split_and_a_broken_file_is_named(tmp_pa
     assert info["answers_from"].endswith("prepared/val.jsonl") and rows[0]["answer"] == "10"
     typo = _edit(_sheet(tmp_path / "elsewhere", "typo.xlsx"), lambda s: s.cell(2, 7, "boneresorption/0 "))
     with pytest.raises(ValueError, match=r"1 prediction id\(s\) are not in the prepared split \S+val.jsonl: "
-                                         r"boneresorption/0 "):  # a typo is named; the answers stay checked
+                                         r"'boneresorption/0 '"):  # a typo is named; the answers stay checked
         load_rows(typo, False, prepared)
     torn = tmp_path / "torn.xlsx"
     torn.write_bytes(sheet.read_bytes()[:500])

@@ -76,19 +76,25 @@ def _run_or_reuse(step: str, step_cfg, step_dir: Path, results: dict, name: str,
 
 def _decide(step: str, step_cfg, step_dir: Path, name: str, shared: bool):
     """(reuse the step?, the lock this process took on a shared step's dir). Inside the pipeline's dir its lock
-    covers the step; a shared dir is decided once no other live run holds it, and rank 0 takes its lock to run
-    the step (another job claiming it first: wait for that one and decide again)."""
-    while True:
-        if shared:
+    covers the step. A shared dir is decided by rank 0 once no other live run holds it: it reuses the finished
+    step or takes the dir's lock to run it (another job claiming it first: wait for that one, decide again); the
+    other ranks then decide as it did (the dir cannot change while rank 0 holds it or it is finished)."""
+    lock, rank = None, ranks()[0]
+    if shared and rank == 0:
+        while True:
             RunLock(step_dir).wait_while_held(f"[{name}]")
-        reuse = reusable(step, step_cfg, step_dir)
-        barrier()  # several ranks: each has decided before rank 0 touches the step's dir
-        if reuse or not shared or ranks()[0] != 0:
-            return reuse, None
-        try:
-            return False, RunLock(step_dir).acquire()
-        except RunLockedError:
-            continue
+            if reusable(step, step_cfg, step_dir):
+                break
+            try:
+                lock = RunLock(step_dir).acquire()
+                break
+            except RunLockedError:
+                continue
+    if shared:
+        barrier()  # rank 0 has decided
+    reuse = lock is None if shared and rank == 0 else reusable(step, step_cfg, step_dir)
+    barrier()  # several ranks: each has decided before rank 0 touches the step's dir
+    return reuse, lock
 
 
 def run_step(step: str, step_cfg, step_dir: Path):

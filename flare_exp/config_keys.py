@@ -149,6 +149,8 @@ def wrong_value(schema: type, key: str, value) -> str | None:
 
     node = _structured(schema)
     for part in key.split("."):
+        if isinstance(node, DictConfig) and node._is_none():
+            return None  # an optional section that is null in the schema (data.demo): checked when composed
         parent, node = node, node._get_node(part) if hasattr(node, "_get_node") else None
         if node is None and isinstance(parent, DictConfig) and parent._metadata.element_type in ELEMENT_NODES:
             node = ELEMENT_NODES[parent._metadata.element_type]()  # a new entry of a typed dict (reward weights)

@@ -104,24 +104,42 @@ def _split_name_problems(data) -> list[str]:
 
     from flare_exp.data.prepare import FLARE_SPLITS
 
-    problems = []
+    problems, roles = [], {}
     for key in ("train_splits", "val_splits", "test_splits"):
         for name in data[key] or []:
+            roles.setdefault(name, []).append(f"data.{key}")
             if name not in FLARE_SPLITS:
                 close = difflib.get_close_matches(str(name), FLARE_SPLITS, n=1)
                 problems.append(f"data.{key}: {name!r} is not a FLARE split folder"
                                 + (f" (did you mean {close[0]!r}?)" if close else "")
                                 + f"; FLARE's are {', '.join(FLARE_SPLITS)}")
+    for name, keys in roles.items():
+        if len(keys) > 1:  # its records would go to one file and be rejected as duplicates in the other
+            problems.append(f"the split {name!r} is named in {' and '.join(keys)}: give each split one role")
     return problems
 
 
 def _resume_problems(resume) -> list[str]:
-    """resume is auto, never or a checkpoint's path: a word like false or no would be read as a path."""
+    """resume is auto, never or a complete checkpoint: a word like false or no would be read as a path, an empty
+    value as the working directory, a run dir as a checkpoint."""
+    from flare_exp.models.checkpoints import incomplete, list_checkpoints
     from flare_exp.runtime import abspath
 
-    value = str(resume)
-    if value in ("auto", "never") or abspath(value).exists():
+    value = str(resume).strip()
+    if value in ("auto", "never"):
         return []
+    if not value:
+        return ["resume= is empty: pass resume=auto (continue from the run dir's last checkpoint), resume=never or "
+                "a checkpoint's path"]
+    path = abspath(value)
+    if path.exists():
+        why = incomplete(path)
+        if not why:
+            return []
+        inside = list_checkpoints(path) if path.is_dir() else []
+        return [f"resume={value}: {path} is not a complete Trainer checkpoint ({why})"
+                + (f"; it is a run dir: name one of its checkpoints, e.g. resume={value.rstrip('/')}/{inside[-1].name}"
+                   if inside else "")]
     meant = {"false": "never", "no": "never", "0": "never", "off": "never", "none": "never", "true": "auto",
              "yes": "auto", "1": "auto", "on": "auto"}.get(value.lower())
     return [f"resume={value}: not auto, never or a checkpoint that exists (no such path: {abspath(value)})"

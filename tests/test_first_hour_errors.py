@@ -65,7 +65,8 @@ def test_known_keys_group_choices_and_free_form_dicts_pass():
     assert key_problems("sft.max_steps=10", "model=tiny", "+experiment=flare", "~experiment", "hydra/launcher=local",
                         "hydra.job.chdir=false", "+hydra.job.env_set.WANDB_MODE=offline", "hydra.verbose=true",
                         "hydra.launcher.timeout_min=30", "+hydra.launcher.additional_parameters.qos=high",
-                        "~hydra.job.chdir", "+reward.report_generation.weights.rouge_l=0.5",
+                        "~hydra.job.chdir", "+reward.report_generation.weights.rouge_l=0.5", "data.demo.seed=1",
+                        "data.demo.image_size=512",  # data.demo is null in the schema, set by data=demo
                         "data.instructions.report_generation=x", "model.lora.target_modules=[q_proj]") == []
 
 

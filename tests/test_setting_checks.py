@@ -80,6 +80,9 @@ def test_all_zero_weights_are_refused_at_startup():
     ("resume=false", "resume=False: not auto, never or a checkpoint that exists (no such path: "),
     ("resume=no", "did you mean resume=never?"),
     ("resume=/nowhere/checkpoint-5", "resume=/nowhere/checkpoint-5: not auto, never or a checkpoint that exists"),
+    ("resume=", "resume= is empty: pass resume=auto"),  # read as the working directory before
+    ("data.train_splits=[training,validation-public]", "the split 'validation-public' is named in data.train_splits "
+                                                        "and data.val_splits: give each split one role"),
 ])
 def test_a_split_name_or_resume_that_names_nothing_is_refused_before_work(setting, message):
     """A split folder FLARE does not have would leave its file empty (found only when sft reads it); a resume
@@ -90,8 +93,16 @@ def test_a_split_name_or_resume_that_names_nothing_is_refused_before_work(settin
 
 
 def test_the_resume_values_that_work_pass(tmp_path):
-    for value in ("auto", "never", str(tmp_path)):
+    from flare_exp.models.checkpoints import mark_complete
+
+    run_dir = tmp_path / "sft"
+    (run_dir / "checkpoint-4").mkdir(parents=True)
+    mark_complete(run_dir / "checkpoint-4")
+    for value in ("auto", "never", str(run_dir / "checkpoint-4")):
         validate(compose_cfg(["stage.steps=[prepare,sft]", f"resume={value}"]))
+    with pytest.raises(ValueError, match=r"is not a complete Trainer checkpoint .*it is a run dir: name one of its "
+                                         r"checkpoints, e.g. resume=.*sft/checkpoint-4"):
+        validate(compose_cfg(["stage.steps=[prepare,sft]", f"resume={run_dir}"]))
     validate(compose_cfg(["stage=infer", "resume=false"]))  # infer reads no resume setting
 
 

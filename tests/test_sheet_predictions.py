@@ -123,6 +123,17 @@ def test_a_sheet_outside_a_run_finds_its_split_and_a_broken_file_is_named(tmp_pa
         load_rows(torn, False, prepared)
 
 
+def test_a_number_shown_with_a_quoted_percent_sign_is_read_as_typed(tmp_path):
+    """The format 0"%" shows 11 as "11%" without dividing it: the number is what was typed."""
+    prepared = _prepared(tmp_path)
+
+    def edit(sheet):
+        sheet["D3"] = 11
+        sheet["D3"].number_format = '0"%"'
+    rows, _ = load_rows(_edit(_sheet(tmp_path), edit), False, prepared)
+    assert {r["id"]: r["prediction"] for r in rows}["boneresorption/1"] == "11"
+
+
 def test_an_edited_copy_sheet_is_named_as_not_read(tmp_path, caplog):
     """Excel's copy of a sheet ("predictions (2)") edited instead of the original: the sheet read and the copy
     left unread are both named."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import re
 import zipfile
 from pathlib import Path
 
@@ -115,7 +116,7 @@ def _text(path: Path, title: str, cell) -> str | None:
     if isinstance(value, bool) or isinstance(value, (datetime.date, datetime.time, datetime.timedelta)):
         raise ValueError(f"{where}: Excel turned the typed text into {type(value).__name__} {value}; format the "
                          "column as Text and type it again")
-    if "%" in str(getattr(cell, "number_format", "") or ""):
+    if "%" in re.sub(r'"[^"]*"|\\.', "", str(getattr(cell, "number_format", "") or "")):  # not a quoted "%"
         raise ValueError(f"{where}: a percentage cell (format {cell.number_format!r}) holds {value}, the typed number "
                          "divided by 100; format the column as Text and type the number without '%'")
     return str(value)  # a number typed into the cell: its text, as eval reads a number in a predictions.jsonl

@@ -142,7 +142,7 @@ def _resume_problems(resume) -> list[str]:
                    if inside else "")]
     meant = {"false": "never", "no": "never", "0": "never", "off": "never", "none": "never", "true": "auto",
              "yes": "auto", "1": "auto", "on": "auto"}.get(value.lower())
-    return [f"resume={value}: not auto, never or a checkpoint that exists (no such path: {abspath(value)})"
+    return [f"resume={value}: not auto, never or a checkpoint that exists (no such path: {path})"
             + (f"; did you mean resume={meant}?" if meant else "; resume=auto continues from the run dir's last "
                "checkpoint, resume=never starts fresh")]
 

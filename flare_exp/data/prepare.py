@@ -49,18 +49,11 @@ def unzip_nested(root: Path) -> int:
     """Extract every *.zip under ``root`` next to itself, repeating for zips inside zips. Idempotent. Under a
     lock in ``root`` when there is anything to extract: two prepares of one download (into two prepared dirs)
     would otherwise extract over each other and read half-written files; the second waits, then finds it done."""
-    from flare_exp.run.lock import RunLock, RunLockedError
+    from flare_exp.run.lock import RunLock
 
     if not _pending_zips(root):
         return 0  # nothing written into the download (it may be read-only)
-    lock = RunLock(root, name=".flare_exp_unzip.lock")
-    while True:
-        lock.wait_while_held("prepare: unzip")
-        try:
-            lock.acquire()
-            break
-        except RunLockedError:
-            continue
+    lock = RunLock(root, name=".flare_exp_unzip.lock").acquire_when_free("prepare: unzip")
     try:
         return _extract_pending(root)
     finally:

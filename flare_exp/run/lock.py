@@ -151,6 +151,18 @@ class RunLock:
                 said = time.monotonic()
             time.sleep(poll_s)
 
+    def acquire_when_free(self, what: str, unless=None) -> "RunLock | None":
+        """The lock, taken once no live run holds it (another launch claiming it first is waited for too); None,
+        not taken, when ``unless()`` is true after a wait (what the holder made is there: nothing to do)."""
+        while True:
+            self.wait_while_held(what)
+            if unless is not None and unless():
+                return None
+            try:
+                return self.acquire()
+            except RunLockedError:
+                continue
+
     def held(self) -> bool:
         holder = self.holder()
         return bool(holder and self.owner_file and holder.get("token") == self._token)

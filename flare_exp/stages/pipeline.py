@@ -16,7 +16,7 @@ from omegaconf import OmegaConf, open_dict
 
 from flare_exp.optuna_pruning import pruned_summary
 from flare_exp.run.lifecycle import Run, reusable
-from flare_exp.run.lock import RunLock, RunLockedError
+from flare_exp.run.lock import RunLock
 from flare_exp.run.stage import Stage, declared_stages, stage
 from flare_exp.runtime import barrier, ranks
 
@@ -81,15 +81,7 @@ def _decide(step: str, step_cfg, step_dir: Path, name: str, shared: bool):
     other ranks then decide as it did (the dir cannot change while rank 0 holds it or it is finished)."""
     lock, rank = None, ranks()[0]
     if shared and rank == 0:
-        while True:
-            RunLock(step_dir).wait_while_held(f"[{name}]")
-            if reusable(step, step_cfg, step_dir):
-                break
-            try:
-                lock = RunLock(step_dir).acquire()
-                break
-            except RunLockedError:
-                continue
+        lock = RunLock(step_dir).acquire_when_free(f"[{name}]", unless=lambda: reusable(step, step_cfg, step_dir))
     if shared:
         barrier()  # rank 0 has decided
     reuse = lock is None if shared and rank == 0 else reusable(step, step_cfg, step_dir)

@@ -280,6 +280,13 @@ class RLConfig(TrainerSettings, DecodingConfig):
     # speed-up); with backend=unsloth TRL's defaults.
     compile_generation: Optional[bool] = None  # null = auto: on for backend=hf with a static cache
     use_vllm: bool = False
+    # The weights the rollouts decode with (flare_exp/models/rollout_weights.py). adapter: the policy's unmerged
+    # LoRA, whose float32 products (PEFT's dtype) cost nearly as much per decode token as the bf16 model itself
+    # (docs/performance.md). merged: before each rollout W + scaling * B @ A is rounded once into a bf16 copy
+    # of the LoRA layers' weights (fixed buffers, kept for the run: their size in GPU memory) and the rollout
+    # decodes with it, the adapter off; the loss still uses the adapter. auto: merged where the rollouts run the
+    # graph decode loop on a GPU and the copy fits beside training, else adapter. backend=hf only.
+    rollout_weights: str = "adapter"
     wandb_project: str = "flare_exp_rl"
     # Watching GRPO (docs/stages.md, "Watching GRPO"). Every log_rollouts_steps steps (0: never), a few prompts'
     # groups (completions, reward terms, totals, advantages) go to <run dir>/rollouts.jsonl and rollouts.html;

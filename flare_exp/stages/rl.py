@@ -20,6 +20,7 @@ from flare_exp.data.vision import VisionChat, filter_by_length, render_messages
 from flare_exp.io import read_jsonl, write_json
 from flare_exp.models.decoding import Decoding, DecodeSettings, decoder_for
 from flare_exp.models.loading import load_model
+from flare_exp.models.rollout_weights import SETTINGS as ROLLOUT_WEIGHTS, RolloutWeights, auto_margin_bytes
 from flare_exp.rewards.combine import build_reward
 from flare_exp.rl_monitor.callbacks import build_monitor, check_monitor_settings, finish_monitor, with_rollout_watch
 from flare_exp.rl_monitor.heldout_watch import reporting_last
@@ -39,6 +40,7 @@ STAGE = Stage(
     free=(
         "model speed", "rl.max_steps", "rl.logging_steps", "rl.save_steps", "rl.save_total_limit",
         "rl.cache_implementation", "rl.compile_generation", "rl.decode_loop", "rl.use_vllm", "rl.profile_steps",
+        "rl.rollout_weights",
         "rl.report_to", "rl.wandb_project", "rl.wandb_mode", "reward.radgraph.cache_size",
         "reward.radgraph.device", "reward.radgraph.build_tiny"),
     budget=("rl.max_steps",),
@@ -98,12 +100,36 @@ def check_settings(cfg) -> int:
         check_choice("rl.loss_type", rl.loss_type, loss_types)
     check_choice("rl.on_too_long", rl.on_too_long, ("error", "skip"))
     rollout_settings(rl, cfg.model.backend).check()
+    check_rollout_weights(rl, cfg.model.backend)
     check_monitor_settings(rl)
     limit = rl.max_prompt_length or max_seq_length - rl.max_completion_length
     if limit <= 0:
         raise ValueError(f"rl.max_completion_length={rl.max_completion_length} leaves no room for the prompt in "
                          f"model.max_seq_length={max_seq_length}")
     return limit
+
+
+def check_rollout_weights(rl, backend: str) -> None:
+    """rl.rollout_weights: merged swaps PEFT's LoRA layers of transformers' model (as model.liger_kernel, hf only)
+    and decodes with the policy, not with vLLM's own copy of it."""
+    check_choice("rl.rollout_weights", rl.rollout_weights, ROLLOUT_WEIGHTS)
+    if rl.rollout_weights == "merged" and backend != "hf":
+        raise ValueError("rl.rollout_weights=merged is for model.backend=hf (Unsloth patches its LoRA layers its "
+                         "own way): pass rl.rollout_weights=adapter")
+    if rl.rollout_weights == "merged" and rl.use_vllm:
+        raise ValueError("rl.rollout_weights=merged decodes with the policy, rl.use_vllm=true with vLLM: pass one "
+                         "of them")
+
+
+def rollout_weights_of(rl, backend: str, graph_loop: bool) -> RolloutWeights:
+    """rl.rollout_weights for this run; auto's margin for a rollout of TRL's generation batch (micro-batch x
+    accumulation rows) and a training pass of the micro-batch, at the card preset's typical prompt length."""
+    from flare_exp.card import MEMORY_MODEL
+
+    tokens = MEMORY_MODEL["infer_prompt_tokens"] + rl.max_completion_length
+    rows = rl.per_device_train_batch_size * rl.gradient_accumulation_steps
+    return RolloutWeights(rl.rollout_weights, backend, graph_loop,
+                          auto_margin_bytes(rows, rl.per_device_train_batch_size, tokens))
 
 
 def trl_loss_types() -> tuple[str, ...]:
@@ -144,10 +170,14 @@ def with_rollouts_in_eval_mode(trainer_class):
     dropout and the gradient-checkpointing wrappers out of the decode loop, and lets a compiled decode step
     be traced once for inference instead of for training. If compiling the decode step fails (another GPU,
     another torch), training goes on with eager rollouts and says so once. Where ``decoding`` (the rollouts'
-    ``decoder_for``) chose the graph loop, the policy's generate is answered by it during the rollout."""
+    ``decoder_for``) chose the graph loop, the policy's generate is answered by it during the rollout. With
+    ``rollout_weights`` (rl.rollout_weights) the rollout decodes with the policy's merged copy where it chose
+    one. Only the rollout: the held-out eval (rl.eval_steps) runs between steps with the adapter, so the metric
+    that picks best/, raises the alarm and prunes trials is the same whichever rollout_weights a run takes."""
 
     class FlareGRPOTrainer(trainer_class):
         decoding: Decoding | None = None
+        rollout_weights: RolloutWeights | None = None
 
         def _generate_single_turn(self, *args, **kwargs):
             config = getattr(self, "generation_config", None)
@@ -155,14 +185,16 @@ def with_rollouts_in_eval_mode(trainer_class):
             was_training = self.model.training
             self.model.eval()
             graph = self.decoding.graph if self.decoding is not None else None
-            policy = self.accelerator.unwrap_model(self.model_wrapped) if graph else None
+            policy = self.accelerator.unwrap_model(self.model_wrapped)  # each DDP rank merges its own copy
             if graph:  # TRL calls the unwrapped policy's generate
                 policy.generate = functools.partial(graph.generate, policy, policy.generate)
+            weights = self.rollout_weights or RolloutWeights("adapter", "hf", False)
             try:
-                if self.decoding is None:
-                    return rollout()
-                return self.decoding.attempt_compiled(rollout, "the rollout decode step", also_off=lambda: (
-                    config is not None and setattr(config, "disable_compile", True)))
+                with weights.around_rollout(policy):
+                    if self.decoding is None:
+                        return rollout()
+                    return self.decoding.attempt_compiled(rollout, "the rollout decode step", also_off=lambda: (
+                        config is not None and setattr(config, "disable_compile", True)))
             finally:
                 if graph:
                     del policy.generate
@@ -258,11 +290,12 @@ def run(cfg, out_dir: Path, applied: dict | None = None) -> dict:
     if hasattr(trainer, "generation_config"):  # TRL turns compilation off for its rollouts
         trainer.generation_config.disable_compile = not compiled
     trainer.decoding = decoding
+    trainer.rollout_weights = rollout_weights_of(rl, cfg.model.backend, graph)
     _, final, lead = train_and_save(trainer, "rl", cfg, out_dir, meta, report_to, oom_remedies(rl),
                                     final_meta=lambda t: {"init_from": str(loaded.adapter or "")})
     summary = summarise(trainer.state.log_history, trainer.state.global_step)
     summary.update(final_adapter=str(final), prompts=len(records), skipped_too_long=skipped,
-                   decode_loop=decoding.used, card_preset=card_choice,
+                   decode_loop=decoding.used, rollout_weights=trainer.rollout_weights.used, card_preset=card_choice,
                    **effective_batch(rl, trainer.args.world_size))
     if lead:
         summary.update(finish_monitor(monitor, trainer.state.log_history, out_dir, rl.max_steps))

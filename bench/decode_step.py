@@ -24,14 +24,14 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
-def qwen_model(lora: bool):
+def qwen_model(lora: bool, decode_attention: str = "grouped"):
     from bench.common import compose
     from flare_exp.models import lora_casts
     from flare_exp.models.loading import load_model, lora_target_modules
 
     cfg = compose(["stage=infer", "experiment=flare", "model.path=/tmp/flare_bench/qwen3vl-4b-random",
                    "model.build_tiny=false", "model.dtype=bfloat16", "model.lora.r=16", "model.lora.alpha=16",
-                   "model.lora.modules_to_save=[]"])
+                   "model.lora.modules_to_save=[]", f"model.decode_attention={decode_attention}"])
     model = load_model(cfg.model, training=False).model
     if lora:  # the rollouts' policy: the base with a fresh, unmerged LoRA (B = 0 as peft starts it: made nonzero)
         import torch
@@ -92,6 +92,8 @@ def main() -> None:
     p.add_argument("--prompt-spread", type=int, default=150)
     p.add_argument("--profile", type=int, nargs="*", default=[], help="batch sizes to profile")
     p.add_argument("--card-gib", type=float, default=None)
+    p.add_argument("--decode-attention", default="grouped", help="model.decode_attention (the judge: "
+                   "eval.green.decode_attention)")
     args = p.parse_args()
     import torch
 
@@ -105,9 +107,12 @@ def main() -> None:
     if args.model == "judge":
         from bench.green import random_judge
 
+        from flare_exp.models.grouped_attention import use_decode_attention
+
         model = random_judge()
+        use_decode_attention(model, args.decode_attention, "eval.green.decode_attention")
     else:
-        model = qwen_model(args.lora)
+        model = qwen_model(args.lora, args.decode_attention)
     config = model.generation_config
     config.min_new_tokens, config.max_new_tokens = args.new_tokens, args.new_tokens
     config.do_sample = False
@@ -116,6 +121,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"what": "decode_step", "model": args.model, "lora": args.lora, "new_tokens": args.new_tokens,
+              "decode_attention": args.decode_attention,
               "prompt_tokens": args.prompt_tokens, "versions": library_versions(),
               "device": torch.cuda.get_device_name(), "card_gib": args.card_gib, "runs": []}
 
@@ -145,7 +151,7 @@ def main() -> None:
             run["profile"] = profiled(decode, steps)
         result["runs"].append(run)
         print(json.dumps(run), flush=True)
-        (out / f"decode-step-{args.model}{'-lora' if args.lora else ''}.json").write_text(
+        (out / f"decode-step-{args.model}{'-lora' if args.lora else ''}-{args.decode_attention}.json").write_text(
             json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}))
 

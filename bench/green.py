@@ -31,13 +31,13 @@ WORDS = ("heart size normal lungs clear no pleural effusion pneumothorax mild ca
          "lobe atelectasis stable mediastinal contour degenerative changes spine granuloma").split()
 
 
-def random_judge(vocab: int = 32000):
+def random_judge(vocab: int = 32000, dtype: str = "float16"):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=vocab, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                          num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
                          bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    return random_on_gpu(LlamaForCausalLM, config, "float16")
+    return random_on_gpu(LlamaForCausalLM, config, dtype)
 
 
 def random_on_gpu(model_class, config, dtype: str):
@@ -71,8 +71,6 @@ def timed(fn):
 
 
 def main() -> None:
-    import torch
-
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--prompts", type=int, default=256)
@@ -82,6 +80,11 @@ def main() -> None:
     parser.add_argument("--card-gib", type=float, default=None)
     parser.add_argument("--new-tokens", type=int, default=300)
     parser.add_argument("--prompt-tokens", type=int, default=800)
+    parser.add_argument("--decode-attention", nargs="+", default=["grouped"],
+                        help="eval.green.decode_attention settings, each run at every batch; identical_to_first: "
+                             "the share of judgments equal to the first setting's at that batch")
+    parser.add_argument("--dtype", default="float16", help="the random judge's (float32: equal outputs are the "
+                        "correctness test)")
     args = parser.parse_args()
     if args.card_gib:
         from bench.run import cap_memory
@@ -97,7 +100,7 @@ def main() -> None:
     corpus = make_prompt(" ".join(WORDS), " ".join(WORDS)) * 8
     path = build_tiny_causal_lm("/tmp/flare_bench/judge-tokenizer", vocab_size=2000, corpus=corpus)
     tokenizer = judge_tokenizer(path)
-    model = random_judge()
+    model = random_judge(dtype=args.dtype)
     model.generation_config.min_new_tokens = args.new_tokens  # every judgment as long as the cap
     settings = dict(max_new_tokens=args.new_tokens, parser="package")
     package = GreenJudge(model, tokenizer, batch_size=8, decode_loop="generate", **settings)
@@ -106,7 +109,7 @@ def main() -> None:
     per_word = (length([package.render(make_prompt(" ".join(WORDS * 4), ""))]) - bare) / (len(WORDS) * 4)
     refs, cands = pairs(args.prompts, int(max(args.prompt_tokens - bare, 2) / per_word * 2 / 3))
     texts = [package.render(make_prompt(r, c)) for r, c in zip(refs, cands)]
-    result = {"judge": "random Llama-2-7B shapes, fp16", "new_tokens": args.new_tokens,
+    result = {"judge": f"random Llama-2-7B shapes, {args.dtype}", "new_tokens": args.new_tokens,
               "prompt_tokens_mean": length(texts), "card_gib": args.card_gib, "max_length": args.max_length,
               "row_tokens": package.row_tokens(refs, cands), "runs": []}  # the longest row: what memory grows by
     save = lambda: (out_dir / "green-judge.json").write_text(json.dumps(result, indent=2) + "\n")  # noqa: E731
@@ -125,27 +128,49 @@ def main() -> None:
         save()
     package_out = judged[8]
     for batch in (b if b == "auto" else int(b) for b in args.batch):
-        ours = GreenJudge(model, tokenizer, batch_size=batch, decode_loop="graph", max_length=args.max_length,
-                          **settings)
-        for phase in ("first (compiles)", "warm"):
-            try:
-                out, seconds, peak = timed(lambda: ours.judge(refs, cands))
-            except torch.OutOfMemoryError as e:
-                result["runs"].append({"way": f"ours: graph loop, batch {batch}", "error": str(e)[:200]})
-                print(json.dumps(result["runs"][-1]), flush=True)
+        first_way = None
+        for attention in args.decode_attention:
+            outputs = judge_with(model, tokenizer, batch, attention, args, settings, refs, cands, result, save,
+                                 package_out, n)
+            if outputs is None:
                 break
-            if batch == "auto":
-                print(f"--batch auto -> {ours.batch_choice}", flush=True)
-                batch = ours.batch_size
-            same = sum(a == b for a, b in zip(out[:n], package_out)) / n if n else None
-            result["runs"].append({"way": f"ours: graph loop, batch {batch}, {phase}", "prompts": len(refs),
-                                   "seconds": seconds, "judgments_per_s": len(refs) / seconds, "peak_gib": peak,
-                                   "identical_to_package": same})
+            first_way = first_way or outputs
+            result["runs"][-1]["identical_to_first"] = sum(a == b for a, b in zip(outputs, first_way)) / len(refs)
             print(json.dumps(result["runs"][-1]), flush=True)
-            save()
-        del ours
-        torch.cuda.empty_cache()
     save()
+
+
+def judge_with(model, tokenizer, batch, attention, args, settings, refs, cands, result, save, package_out, n):
+    """One decode attention at one batch: a first (compiling) pass and a warm one; the warm outputs (None: out
+    of memory)."""
+    import torch
+    from flare_exp.metrics.green_judge import GreenJudge
+    from flare_exp.models.grouped_attention import use_decode_attention
+
+    torch._dynamo.reset()
+    model.config._attn_implementation = "sdpa"  # then the setting's own
+    use_decode_attention(model, attention, "eval.green.decode_attention")
+    ours = GreenJudge(model, tokenizer, batch_size=batch, decode_loop="graph", max_length=args.max_length,
+                      **settings)
+    out = None
+    for phase in ("first (compiles)", "warm"):
+        try:
+            out, seconds, peak = timed(lambda: ours.judge(refs, cands))
+        except torch.OutOfMemoryError as e:
+            result["runs"].append({"way": f"ours: graph loop, batch {batch}, {attention}", "error": str(e)[:200]})
+            print(json.dumps(result["runs"][-1]), flush=True)
+            return None
+        if batch == "auto":
+            print(f"--batch auto -> {ours.batch_choice}", flush=True)
+            batch = ours.batch_size
+        same = sum(a == b for a, b in zip(out[:n], package_out)) / n if n else None
+        result["runs"].append({"way": f"ours: graph loop, batch {batch}, {attention}, {phase}",
+                               "prompts": len(refs), "seconds": seconds, "judgments_per_s": len(refs) / seconds,
+                               "peak_gib": peak, "identical_to_package": same})
+        print(json.dumps(result["runs"][-1]), flush=True)
+        save()
+    torch.cuda.empty_cache()
+    return out
 
 
 if __name__ == "__main__":

@@ -46,6 +46,10 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--model-dir", default="/tmp/flare_bench/qwen3vl-4b-random")
     p.add_argument("--work", default="/tmp/flare_bench")
+    p.add_argument("--decode-attention", default="grouped", help="the loop's model.decode_attention; generate "
+                   "always decodes with transformers' SDPA")
+    p.add_argument("--eager-only", action="store_true", help="skip the compiled comparison (its compiles take "
+                   "minutes on the 4B shapes in float32)")
     args = p.parse_args()
     import torch
 
@@ -59,9 +63,12 @@ def main() -> None:
     ensure_prepared(work, 512)
     shape = SimpleNamespace(model_dir=args.model_dir, backend="hf", dtype=args.dtype, grad_ckpt="false",
                             vision_encoder="batched", long_side=None)
-    cfg = compose(["stage=infer", "experiment=flare", *bench_data(work), *model_overrides(shape)])
+    cfg = compose(["stage=infer", "experiment=flare", *bench_data(work), *model_overrides(shape),
+                   f"model.decode_attention={args.decode_attention}"])
     loaded = load_model(cfg.model, training=False)
     model = loaded.model.eval()
+    text_config = model.config.get_text_config()
+    loops_attention = text_config._attn_implementation
     chat = VisionChat(loaded.processor, abspath(cfg.data.root))
     records = spread_records(chat, read_jsonl(work / "data" / "prepared" / "val.jsonl"), args.batch)
     batch = {k: v.to(model.device) for k, v in chat.generation_batch(records).items()}
@@ -69,23 +76,28 @@ def main() -> None:
     prompt = batch["input_ids"].shape[1]
 
     def generated(compiled: bool):
-        with torch.inference_mode():
-            out = model.generate(**batch, max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=pad,
-                                 cache_implementation="static", disable_compile=not compiled)
+        text_config._attn_implementation = "sdpa"  # the reference: transformers' own attention
+        try:
+            with torch.inference_mode():
+                out = model.generate(**batch, max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=pad,
+                                     cache_implementation="static", disable_compile=not compiled)
+        finally:
+            text_config._attn_implementation = loops_attention
         return out[:, prompt:]
 
     result = {"what": "same_tokens", "dtype": args.dtype, "batch": args.batch, "prompt_tokens": prompt,
+              "decode_attention": args.decode_attention,
               "padding_per_row": (prompt - batch["attention_mask"].sum(-1)).tolist(),
               "versions": library_versions(), "device": torch.cuda.get_device_name() if torch.cuda.is_available()
               else "cpu"}
     loop = GraphDecoder(model, None)(batch, args.new_tokens, pad)
     result["eager loop vs generate"] = compare(loop, generated(compiled=False))
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and not args.eager_only:
         loop = GraphDecoder(model, COMPILE_ON_GPU)(batch, args.new_tokens, pad)
         result["compiled loop vs compiled generate"] = compare(loop, generated(compiled=True))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"same-tokens-{args.dtype}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"same-tokens-{args.dtype}-{args.decode_attention}.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=1))
 
 

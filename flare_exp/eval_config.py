@@ -33,6 +33,10 @@ class GreenConfig(DecodeLoopConfig):
     # A tighter cap on the judgment's tokens; null = the package's (max_length minus the prompt).
     max_new_tokens: Optional[int] = None
     dtype: str = "float16"  # the package's; bfloat16 | float32
+    # The attention of its decode steps (as model.decode_attention): split_kv (GPU, Triton) reads each row's
+    # cache in slices over many programs and skips padding; grouped and transformers are both transformers'
+    # SDPA for this judge (no grouped heads). eval.green.exact=true keeps transformers'.
+    decode_attention: str = "grouped"
     # decode_loop (flare_exp/decode_config.py): auto takes the graph loop on a GPU, generate on the CPU.
     # package: the GREEN package's parser (its numbers); robust: also reads counts without a trailing period
     # or sections without blank lines, and leaves unreadable outputs out of the mean (not the package's number).

@@ -81,7 +81,7 @@ def test_generation_is_unchanged(cache, base_overrides, demo_prepared, monkeypat
     from flare_exp.models.loading import load_model
     from flare_exp.runtime import abspath
 
-    cfg = compose_cfg(["stage=infer", *base_overrides, "model.dtype=float32"])
+    cfg = compose_cfg(["stage=infer", *base_overrides, "model.dtype=float32", "model.decode_attention=grouped"])
     loaded = load_model(cfg.model, training=False)
     model = loaded.model
     text_config, vision_config = model.config.text_config, model.config.vision_config

@@ -26,6 +26,7 @@ from flare_exp.card import AUTO, card_memory, check_batch, green_batch, sized_ba
 from flare_exp.metrics.green import GREEN_CHAT_TEMPLATE, clean_response, green_score, make_prompt, parse_green, \
     summarise
 from flare_exp.metrics.judge_journal import JournaledJudge, judge_dir
+from flare_exp.models import grouped_attention
 from flare_exp.models.decoding import DecodeSettings, decoder_for
 from flare_exp.runtime import check_choice
 
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 JUDGE_DTYPES = ("float16", "bfloat16", "float32")
 PACKAGE_BATCH = 8  # the package's batch size, as FLARE's evaluator calls it
 BATCH_KEY = "eval.green.batch_size"
+ATTENTION_KEY = "eval.green.decode_attention"
 
 
 @contextlib.contextmanager
@@ -105,7 +107,7 @@ class GreenJudge(JournaledJudge):
 
     @classmethod
     def from_pretrained(cls, model_path: str | Path, dtype: str = "float16", device: str | None = None,
-                        **settings) -> "GreenJudge":
+                        decode_attention: str = "grouped", **settings) -> "GreenJudge":
         """The judge and its tokenizer as the package loads them: fp16 weights; the tokenizer with
         BOS and EOS added (the package's ``add_eos_token=True``), left padding, the GREEN chat template, EOS as
         the pad token."""
@@ -113,11 +115,14 @@ class GreenJudge(JournaledJudge):
         from transformers import AutoModelForCausalLM
 
         check_choice("eval.green.dtype", dtype, JUDGE_DTYPES)
+        check_choice(ATTENTION_KEY, decode_attention, grouped_attention.SETTINGS)
         path = judge_dir("eval.green.model_path", model_path, "StanfordAIMI/GREEN-radllama2-7b --local-dir DIR "
                          "(~13.5 GB; GREEN-RadPhi2 is smaller)")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         tokenizer = judge_tokenizer(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
+        if not settings.get("exact"):  # exact: every judgment as the package makes it, its attention too
+            grouped_attention.use_decode_attention(model, decode_attention, ATTENTION_KEY)
         return cls(model, tokenizer, identity=json.dumps([str(path.resolve()), dtype]), **settings)
 
     def render(self, prompt: str) -> str:

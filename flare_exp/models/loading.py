@@ -149,7 +149,7 @@ def load_model(model_cfg, init_from: str | None = None, training: bool = True, s
         loaded = _load_hf(model_cfg, init_from, training, merge_adapter and not training)
     vision_encoder.use_batched_vision_encoder(loaded.model, model_cfg.vision_encoder)
     if loaded.backend == "hf":  # Unsloth patches attention and LoRA its own way; untried there, so left to it
-        grouped_attention.use_grouped_decode_attention(loaded.model, model_cfg.decode_attention)
+        grouped_attention.use_decode_attention(loaded.model, model_cfg.decode_attention)
         lora_casts.use_lora_input_cast(loaded.model, model_cfg.lora.input_cast)
     return loaded
 

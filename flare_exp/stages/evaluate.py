@@ -29,7 +29,7 @@ STAGE = Stage(
     help="FLARE's official metrics, GREEN, RadGraph, ROUGE/BLEU, runs compared side by side",
     reads=("eval.predictions",),
     deciding=("eval.green",),
-    free=("eval.green.batch_size", "eval.green.decode_loop", "eval.green.parser"),
+    free=("eval.green.batch_size", "eval.green.decode_loop", "eval.green.decode_attention", "eval.green.parser"),
     fingerprinted=("eval.predictions",),
     resumable=("green_judgments.jsonl", "green_judgments.rank*.jsonl"),
     ranks="several",
@@ -47,7 +47,12 @@ log = logging.getLogger(__name__)
 
 def check_settings(cfg) -> None:
     """eval.predictions names each predictions file once: the same run twice would be compared with itself
-    (every difference 0, every p-value 1) and its sheet written twice under two names."""
+    (every difference 0, every p-value 1) and its sheet written twice under two names. The judge's attention
+    setting is checked here, before the judge loads."""
+    from flare_exp.models.grouped_attention import SETTINGS
+    from flare_exp.runtime import check_choice
+
+    check_choice("eval.green.decode_attention", cfg.eval.green.decode_attention, SETTINGS)
     seen: dict[Path, str] = {}
     for entry in cfg.eval.predictions or ():
         path = abspath(str(entry))

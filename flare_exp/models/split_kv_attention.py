@@ -1,0 +1,184 @@
+"""Split-KV decode attention in Triton (``model.decode_attention=split_kv``, ``eval.green.decode_attention``).
+
+At a decode step each row has one query token and reads its whole KV cache: the step is bound by memory, not
+arithmetic. SDPA's kernels (cuDNN on Hopper) give one program a whole row of one key/value head, so with few
+programs per SM the loads are not overlapped enough: at batch 128 on an H200, 197 us per layer call where the
+cache's bytes need ~90 us (docs/performance.md). Here each program reads one slice of the keys for all the query
+heads that share its key/value head (``groups``: 4 for Qwen3-VL-4B, 1 for the GREEN judge), so there are enough
+programs to keep the memory busy at any batch size, and a second small kernel merges the slices' partial
+softmaxes (flash-decoding). A key block whose mask is all False (left padding, the static cache's unwritten
+tail) costs no memory traffic: its loads are masked off.
+
+The mask is the decode step's own boolean (batch, 1, 1, keys) mask, read as it is: any pattern is honoured, no
+assumption that the valid keys are contiguous. Float32 inputs use exact float32 products (no TF32), so on
+float32 weights the outputs match SDPA's to rounding. A row with no valid key gets zeros (SDPA: NaN; a decode
+step always sees at least its own token).
+
+Wrapped as a torch custom op so a compiled decode step (CUDA graphs) captures it as one opaque call. Needs a
+CUDA tensor and Triton; ``TRITON_INTERPRET=1`` runs the same kernels on CPU tensors (the tests do).
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+BLOCK_N = 64  # keys per loop iteration of a program
+MAX_SPLITS = 32
+
+
+def supported(query, key, attention_mask, dropout: float = 0.0, **kwargs) -> bool:
+    """Whether this call is a decode step the kernel computes exactly as SDPA would."""
+    import torch
+
+    if query.shape[2] != 1 or dropout or attention_mask is None or attention_mask.dtype != torch.bool:
+        return False
+    if attention_mask.ndim != 4 or attention_mask.shape[1] != 1 or attention_mask.shape[2] != 1:
+        return False
+    if any(kwargs.get(name) is not None for name in ("softcap", "s_aux", "sinks", "head_mask")):
+        return False  # attention variants the kernel does not compute
+    head_dim = query.shape[-1]
+    return (query.dtype in (torch.float16, torch.bfloat16, torch.float32) and key.dtype == query.dtype
+            and query.shape[1] % key.shape[1] == 0 and 16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0
+            and not kwargs.get("output_attentions") and (query.is_cuda or interpreted()))
+
+
+def interpreted() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def split_count(programs: int, key_blocks: int, processors: int) -> int:
+    """Slices per (row, key/value head): enough programs for ~4 per SM, no more slices than key blocks."""
+    wanted = -(-4 * processors // max(programs, 1))
+    return max(1, min(wanted, key_blocks, MAX_SPLITS))
+
+
+@functools.cache
+def processor_count(device_index: int) -> int:
+    import torch
+
+    if not torch.cuda.is_available():
+        return 4  # the interpreter: a few slices, so the merge is exercised
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+@functools.cache
+def kernels():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def partial_attention(Q, K, V, M, O, L, scale, n_keys, keys_per_split, kv_heads, groups,
+                          sqb, sqh, sqg, skb, skh, skn, svb, svh, svn, smb, smn, splits,
+                          BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                          PRECISION: tl.constexpr):
+        row_head = tl.program_id(0)  # b * kv_heads + h
+        split = tl.program_id(1)
+        b = row_head // kv_heads
+        h = row_head % kv_heads
+        g = tl.arange(0, BLOCK_G)
+        d = tl.arange(0, HEAD_DIM)
+        q = tl.load(Q + b * sqb + h * sqh + g[:, None] * sqg + d[None, :], mask=g[:, None] < groups, other=0.0)
+        best = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        total = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
+        start = split * keys_per_split
+        end = tl.minimum(start + keys_per_split, n_keys)
+        for first in range(start, end, BLOCK_N):
+            # no branch on the mask: masked-out rows of a load read no memory, and a loop without a branch is
+            # software-pipelined (the next blocks' loads in flight while this one computes)
+            n = first + tl.arange(0, BLOCK_N)
+            valid = tl.load(M + b * smb + n * smn, mask=n < end, other=0) != 0
+            k = tl.load(K + b * skb + h * skh + n[:, None] * skn + d[None, :], mask=valid[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+            s = tl.where(valid[None, :], s, float("-inf"))
+            new_best = tl.maximum(best, tl.max(s, axis=1))
+            shift = tl.where(new_best == float("-inf"), 0.0, new_best)  # nothing seen yet: no NaN from -inf - -inf
+            p = tl.exp(s - shift[:, None])
+            kept = tl.exp(best - shift)
+            total = total * kept + tl.sum(p, axis=1)
+            v = tl.load(V + b * svb + h * svh + n[:, None] * svn + d[None, :], mask=valid[:, None], other=0.0)
+            acc = acc * kept[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            best = new_best
+        seen = total > 0
+        out = acc / tl.where(seen, total, 1.0)[:, None]
+        lse = tl.where(seen, best + tl.log(tl.where(seen, total, 1.0)), float("-inf"))
+        rows = row_head * groups + g  # query head h * groups + g of row b, as repeat_kv lays them out
+        tl.store(O + (rows[:, None] * splits + split) * HEAD_DIM + d[None, :], out, mask=g[:, None] < groups)
+        tl.store(L + rows * splits + split, lse, mask=g < groups)
+
+    @triton.jit
+    def merge_slices(O, L, Out, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr):
+        row = tl.program_id(0)  # b * heads + query head
+        s = tl.arange(0, BLOCK_S)
+        d = tl.arange(0, HEAD_DIM)
+        lse = tl.load(L + row * SPLITS + s, mask=s < SPLITS, other=float("-inf"))
+        top = tl.max(lse, axis=0)
+        top = tl.where(top == float("-inf"), 0.0, top)
+        weight = tl.exp(lse - top)
+        parts = tl.load(O + (row * SPLITS + s[:, None]) * HEAD_DIM + d[None, :], mask=s[:, None] < SPLITS, other=0.0)
+        norm = tl.sum(weight, axis=0)
+        out = tl.sum(weight[:, None] * parts, axis=0) / tl.where(norm > 0, norm, 1.0)
+        tl.store(Out + row * HEAD_DIM + d, out.to(Out.dtype.element_ty))
+
+    return partial_attention, merge_slices
+
+
+def attend(query, key, value, mask, scale: float | None = None, splits: int | None = None,
+           block_n: int = BLOCK_N, warps: int = 4, stages: int = 2):
+    """query (B, H, 1, D), key/value (B, H_kv, N, D), mask (B, 1, 1, N) bool -> (B, 1, H, D), as
+    transformers' attention functions return it. ``splits`` / ``block_n`` / ``warps`` / ``stages``: the
+    launch shape (defaults chosen by measurement, docs/performance.md)."""
+    import torch
+
+    partial_attention, merge_slices = kernels()
+    batch, heads, _, head_dim = query.shape
+    kv_heads, n_keys = key.shape[1], key.shape[2]
+    groups = heads // kv_heads
+    if query.stride(-1) != 1:
+        query = query.contiguous()
+    key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (key, value))
+    if splits is None:
+        splits = split_count(batch * kv_heads, -(-n_keys // block_n), processor_count(query.device.index or 0))
+    keys_per_split = -(-n_keys // splits)
+    keys_per_split = -(-keys_per_split // block_n) * block_n  # whole blocks per slice
+    splits = -(-n_keys // keys_per_split)
+    scale = 1 / math.sqrt(head_dim) if scale is None else scale
+    parts = torch.empty(batch * heads * splits * head_dim, dtype=torch.float32, device=query.device)
+    lse = torch.empty(batch * heads * splits, dtype=torch.float32, device=query.device)
+    out = torch.empty(batch, 1, heads, head_dim, dtype=query.dtype, device=query.device)
+    mask = mask.view(torch.uint8)
+    precision = "ieee" if query.dtype == torch.float32 else "tf32"
+    partial_attention[(batch * kv_heads, splits)](
+        query, key, value, mask, parts, lse, scale, n_keys, keys_per_split, kv_heads, groups,
+        query.stride(0), query.stride(1) * groups, query.stride(1), key.stride(0), key.stride(1), key.stride(2),
+        value.stride(0), value.stride(1), value.stride(2), mask.stride(0), mask.stride(3), splits,
+        BLOCK_G=max(16, triton_power_of_two(groups)), BLOCK_N=block_n, HEAD_DIM=head_dim,
+        PRECISION=precision, num_warps=warps, num_stages=stages)
+    merge_slices[(batch * heads,)](parts, lse, out, SPLITS=splits, BLOCK_S=max(2, triton_power_of_two(splits)),
+                                   HEAD_DIM=head_dim, num_warps=4)
+    return out
+
+
+def triton_power_of_two(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+@functools.cache
+def custom_op():
+    """``attend`` as a torch custom op, so torch.compile captures it as one call (its output shape declared)."""
+    import torch
+
+    # the schema spelled out: this module's annotations are strings (``from __future__ import annotations``)
+    @torch.library.custom_op("flare_exp::split_kv_decode", mutates_args=(),
+                             schema="(Tensor query, Tensor key, Tensor value, Tensor mask, float scale) -> Tensor")
+    def split_kv_decode(query, key, value, mask, scale):
+        return attend(query, key, value, mask, scale)
+
+    @split_kv_decode.register_fake
+    def _(query, key, value, mask, scale):
+        batch, heads, _, head_dim = query.shape
+        return query.new_empty(batch, 1, heads, head_dim)
+
+    return split_kv_decode

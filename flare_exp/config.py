@@ -69,10 +69,12 @@ class ModelConfig:
     # batched: the vision encoder attends over all images of one size in one call (sdpa) and builds
     # position embeddings once per image size; per_image: transformers' own per-image loops. Same math.
     vision_encoder: str = "batched"
-    # grouped (backend=hf, sdpa): at decode steps of a padded batch the query heads that share a key/value head
-    # attend together, reading the KV cache once; transformers copies it per query head whenever a mask is
-    # present (4x for Qwen3-VL-4B). Same math; prefill and training unchanged.
-    decode_attention: str = "grouped"
+    # The attention of decode steps (backend=hf, sdpa; prefill and training unchanged). split_kv: on a GPU a
+    # Triton kernel reads each row's KV cache in slices over many programs (flare_exp/models/split_kv_attention.py;
+    # 1.7x SDPA's attention at batch 128, 2.9x at 8: docs/performance.md), elsewhere as grouped. grouped: the query
+    # heads that share a key/value head attend together in SDPA, reading the cache once (transformers copies it
+    # per query head whenever a mask is present, 4x for Qwen3-VL-4B). transformers: its own. Same math.
+    decode_attention: str = "split_kv"
     gradient_checkpointing: bool = False
     # backend=hf on a GPU: Liger's Triton RMSNorm and rotary kernels (flare_exp/models/liger.py); opt-in,
     # measured in docs/performance.md.
@@ -283,10 +285,11 @@ class RLConfig(TrainerSettings, DecodingConfig):
     # The weights the rollouts decode with (flare_exp/models/rollout_weights.py). adapter: the policy's unmerged
     # LoRA, whose float32 products (PEFT's dtype) cost nearly as much per decode token as the bf16 model itself
     # (docs/performance.md). merged: before each rollout W + scaling * B @ A is rounded once into a bf16 copy
-    # of the LoRA layers' weights (fixed buffers, kept for the run: their size in GPU memory) and the rollout
-    # decodes with it, the adapter off; the loss still uses the adapter. auto: merged where the rollouts run the
-    # graph decode loop on a GPU and the copy fits beside training, else adapter. backend=hf only.
-    rollout_weights: str = "adapter"
+    # of the LoRA layers' weights (fixed buffers, kept for the run: their size in GPU memory, 7.6 GiB for
+    # Qwen3-VL-4B) and the rollout decodes with it, the adapter off; the loss still uses the adapter (1.27x a
+    # GRPO step on an H200). auto: merged where the rollouts run the graph decode loop on a GPU and the copy
+    # fits beside training, else adapter. backend=hf only (auto keeps the adapter elsewhere).
+    rollout_weights: str = "auto"
     wandb_project: str = "flare_exp_rl"
     # Watching GRPO (docs/stages.md, "Watching GRPO"). Every log_rollouts_steps steps (0: never), a few prompts'
     # groups (completions, reward terms, totals, advantages) go to <run dir>/rollouts.jsonl and rollouts.html;

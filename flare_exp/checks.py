@@ -29,9 +29,18 @@ def validate(cfg: DictConfig, inputs: bool = False) -> None:
     """Every problem with the settings (and, with ``inputs``, what this machine must hold for them: the
     backend's package, the model, every input path) checked before any work and reported in one message: a
     first real run must not fail once per wrong setting."""
-    problems = setting_problems(cfg, preload=inputs) + (input_problems(cfg) if inputs else [])
+    problems = setting_problems(cfg, preload=inputs)
+    if inputs:  # a path built from a wrong setting is not a second problem (infer.split=tset: no tset.jsonl)
+        named = {_key_of(p) for p in problems}
+        problems += [p for p in input_problems(cfg) if _key_of(p) not in named]
     if problems:
         raise settings_error(problems)
+
+
+def _key_of(problem: Exception) -> str | None:
+    """The setting a problem's message starts with ("infer.split='tset': ..."), if any."""
+    found = re.match(r"([\w.]+)=", str(problem))
+    return found.group(1) if found else None
 
 
 def settings_error(problems: list[Exception]) -> Exception:

@@ -42,6 +42,8 @@ def check_command_line(argv: list[str]) -> None:
     except SystemExit:
         return  # Hydra's parser says what is wrong with the flags
     check_run_name_override(args.overrides, args.multirun)
+    check_sweeper_params(args.overrides)
+    check_slurm_reachable(args.overrides, args.multirun)
     groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
     unknown = override_key_problems(args.overrides, Config, groups)  # and values of the wrong type
     if not unknown:
@@ -67,6 +69,31 @@ def check_run_name_override(overrides: list[str], multirun: bool = False) -> Non
                     check_run_name(name.strip("'\""))
             except ValueError as e:
                 refuse(e, BEFORE_HYDRA)
+
+
+def check_sweeper_params(overrides: list[str]) -> None:
+    """hydra.sweeper.params.KEY=... on the command line: Hydra fails on it with an AssertionError from OmegaConf
+    (the basic sweeper's params are null until a config sets them); the command line sweeps KEY itself."""
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        key = key.lstrip("+~")
+        if sep and key.startswith("hydra.sweeper.params."):
+            swept = key[len("hydra.sweeper.params."):]
+            refuse(ValueError(f"{override}: on the command line a sweep names the key itself, with -m: python "
+                              f"launch.py -m {swept}={value} (hydra.sweeper.params is for an experiment file, "
+                              "conf/experiment/)"), BEFORE_HYDRA)
+
+
+def check_slurm_reachable(overrides: list[str], multirun: bool) -> None:
+    """hydra/launcher=slurm submits through SLURM's commands; off the cluster submitit stops with a traceback
+    ("Could not detect srun") after Hydra has composed the sweep."""
+    import shutil
+
+    if multirun and "hydra/launcher=slurm" in (o.replace(" ", "") for o in overrides) and not shutil.which("srun"):
+        refuse(RuntimeError("hydra/launcher=slurm: SLURM's srun is not on this machine's PATH (run the sweep from "
+                            "a login node of the cluster), or sweep here with hydra/launcher=local (jobs as local "
+                            "processes) or hydra/launcher=watched (the default: one after another in this process)"),
+               BEFORE_HYDRA)
 
 
 def other_setting_problems(known_overrides: list[str]) -> list[Exception]:

@@ -197,10 +197,17 @@ def unknown_reward_term(key: str) -> str | None:
         name, stem = parts[2], "reward.terms"
     else:
         return None
-    from flare_exp.rewards import TERMS
+    from flare_exp.rewards import TERMS, term_parameters
 
     if name in TERMS:
-        return None
+        if stem != "reward.terms" or len(parts) != 4:
+            return None
+        accepted = term_parameters(name)  # reward.terms.<term>.<parameter>: one the term takes
+        if parts[3] in accepted:
+            return None
+        close = difflib.get_close_matches(parts[3], accepted, n=1)
+        return f"{key}: the {name} term takes no parameter {parts[3]!r}" + (
+            f" (did you mean {stem}.{name}.{close[0]}?)" if close else f"; it takes {', '.join(accepted)}")
     close = difflib.get_close_matches(name, sorted(TERMS), n=1)
     return f"{key}: no reward term {name!r}" + (f" (did you mean {stem}.{close[0]}?)" if close else
                                                  f"; the terms: {', '.join(sorted(TERMS))}")

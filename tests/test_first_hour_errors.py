@@ -44,6 +44,8 @@ def test_an_unknown_key_is_named_with_the_closest_key(override, meant):
     ("+reward.regression.weights.numerc=1", "did you mean reward.regression.weights.numeric?"),
     ("reward.terms.choise.correct=2", "did you mean reward.terms.choice?"),
     ("+reward.classification.weights.my_term=1", "no reward term 'my_term'; the terms: "),
+    ("reward.terms.choice.corect=2", "no parameter 'corect' (did you mean reward.terms.choice.correct?)"),
+    ("reward.terms.numeric.zzz=2", "no parameter 'zzz'; it takes "),
 ])
 def test_a_reward_term_the_registry_lacks_is_named_before_hydra(override, said):
     (problem,) = key_problems(override)
@@ -238,6 +240,31 @@ def test_a_typed_dict_entry_and_every_value_of_a_sweep_are_checked():
         "reward.report_generation.weights.radgraph=abc: must be a number"]
     assert key_problems("sft.max_steps=3,x") == ["sft.max_steps=x: must be an integer"]
     assert key_problems("sft.learning_rate=interval(1e-5,1e-3)") == []  # Optuna draws these later
+
+
+@pytest.mark.parametrize("argv", [["hydra.sweeper.params.rl.learning_rate=1e-5,2e-5"],
+                                  ["-m", "+hydra.sweeper.params.rl.learning_rate=1e-5,2e-5"]])
+def test_sweeper_params_on_the_command_line_are_answered_with_the_sweep_itself(argv, capsys):
+    """Hydra answers hydra.sweeper.params.KEY=... with OmegaConf's AssertionError traceback."""
+    sys.path.insert(0, str(REPO))
+    import launch
+
+    with pytest.raises(SystemExit):
+        launch.check_command_line(argv)
+    err = capsys.readouterr().err
+    assert "python launch.py -m rl.learning_rate=1e-5,2e-5" in err and "Traceback" not in err
+
+
+def test_the_slurm_launcher_off_the_cluster_is_one_line(capsys, monkeypatch):
+    sys.path.insert(0, str(REPO))
+    import launch
+
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(SystemExit):
+        launch.check_command_line(["-m", "hydra/launcher=slurm", "stage=prepare"])
+    err = capsys.readouterr().err
+    assert "srun is not on this machine's PATH" in err and "hydra/launcher=local" in err
+    launch.check_command_line(["hydra/launcher=slurm", "stage=prepare"])  # a single run launches nothing
 
 
 @pytest.mark.parametrize("name", ["../x", "a/b", ".."])

@@ -26,3 +26,10 @@ def get_term(name: str) -> type:
         raise KeyError(f"unknown reward term {name!r}; known terms: {', '.join(sorted(TERMS))}")
     module, _, cls = TERMS[name].partition(":")
     return getattr(importlib.import_module(module), cls)
+
+
+def term_parameters(name: str) -> list[str]:
+    """The parameters a term's constructor takes (what reward.terms.<name>.* may set)."""
+    import inspect
+
+    return [p for p in inspect.signature(get_term(name).__init__).parameters if p != "self"]

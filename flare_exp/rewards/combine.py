@@ -14,7 +14,7 @@ from collections import defaultdict
 from omegaconf import OmegaConf
 
 from flare_exp.data.records import TASK_TYPES
-from flare_exp.rewards import get_term
+from flare_exp.rewards import get_term, term_parameters
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +127,6 @@ def reward_problems(reward_cfg, trained_task_types=()) -> list[str]:
     """Every problem with reward.* that rl would meet only at its start: unknown term names (in weights or in
     reward.terms), parameters a term does not take, no term on at all, a task type in rl.task_types
     (``trained_task_types``) that is unknown or has every term off."""
-    import inspect
-
     from flare_exp.rewards import TERMS
 
     cfg = _plain(reward_cfg)
@@ -141,13 +139,13 @@ def reward_problems(reward_cfg, trained_task_types=()) -> list[str]:
         if name not in TERMS:
             problems.append(f"reward.terms.{name}: unknown reward term; known: {known}")
             continue
-        accepted = inspect.signature(get_term(name).__init__).parameters
+        accepted = term_parameters(name)
         for param in params:
             if param not in accepted:
                 section = "reward.radgraph" if name == "radgraph" and param in (cfg.get("radgraph") or {}) \
                     else f"reward.terms.{name}"
                 problems.append(f"{section}.{param}: the {name} term takes no such parameter; it takes "
-                                f"{', '.join(p for p in accepted if p != 'self')}")
+                                f"{', '.join(accepted)}")
     weights = active_weights(cfg)
     if not any(weights.values()):
         problems.append(f"reward={cfg.get('name')}: every reward weight is 0 (or none is set): a weight of 0 turns "

@@ -89,12 +89,16 @@ def test_hand_edits_are_scored_as_edited(tmp_path):
     (lambda s: s.__setitem__("D4", "=1+1"), r"cell D4 holds a formula \(=1\+1\): paste its value"),
     (lambda s: s.__setitem__("G1", "ID number"), r"no 'id' column \(its columns: 'ImageName', .*'ID number'\)"),
     (lambda s: s.__setitem__("H1", "my notes"), r"more than one column that could hold the predictions"),
-    (lambda s: s.__setitem__("D1", "Answer"), r"no column that could hold the predictions"),
+    (lambda s: s.__setitem__("D1", "Answer"), r"\('Answer'\) are both read as 'answer'"),  # the predictions'
+    (lambda s: s.__setitem__("D1", "score"), r"no column that could hold the predictions"),  # headers renamed
     (lambda s: s.__setitem__("G5", None), "row 5: a prediction without an id"),
     (lambda s: s.__setitem__("G11", "dental/0"), r"id\(s\) occur more than once"),  # dental/3: its answer too
     # "40%" typed into a cell: Excel keeps 0.4 with a percentage format
     (lambda s: (s.__setitem__("D2", 0.4), setattr(s["D2"], "number_format", "0%")),
      r"cell D2: a percentage cell \(format '0%'\) holds 0.4, the typed number divided by 100"),
+    # a second id column (a copy of ids, typed over): which one to join by is not said
+    (lambda s: (s.__setitem__("H1", "ID"), s.__setitem__("H2", "x")),
+     r"columns G \('id'\) and H \('ID'\) are both read as 'id': keep one"),
     # the predictions' header cleared and a notes column added: the notes must not be scored
     (lambda s: (s.__setitem__("D1", None), s.__setitem__("H1", "notes"), s.__setitem__("H2", "looks fine")),
      r"cell D2: a value in a column without a header"),

@@ -77,6 +77,7 @@ def _columns(path: Path, title: str, header) -> tuple[dict[int, str], tuple[int,
     columns.update({i: UNHEADED for i, n in enumerate(names) if not n})
     others = [(i, n) for i, n in enumerate(names) if n and n.lower() not in {*KNOWN_COLUMNS, *SCORE_COLUMNS}]
     shown = ", ".join(repr(n) for n in names if n) or "none"
+    _refuse_a_column_twice(path, title, names, columns)
     if "id" not in columns.values():
         raise ValueError(f"{path} (sheet {title!r}): no 'id' column (its columns: {shown}); eval joins each "
                          "prediction to its question by id, as infer's predictions.xlsx has it")
@@ -86,6 +87,22 @@ def _columns(path: Path, title: str, header) -> tuple[dict[int, str], tuple[int,
             f"predictions (its columns: {shown}). Keep exactly one column besides "
             "ImageName, Question, Answer, Dataset, TaskType and id: the predictions, headed by the run's label")
     return columns, others[0]
+
+
+def _refuse_a_column_twice(path: Path, title: str, names: list[str], columns: dict[int, str]) -> None:
+    """Two columns read as one (id and ID, two Answer columns): which one eval should read is not said."""
+    from openpyxl.utils import get_column_letter
+
+    seen: dict[str, int] = {}
+    for i, key in sorted(columns.items()):
+        if key == UNHEADED:
+            continue
+        if key in seen:
+            first = seen[key]
+            raise ValueError(f"{path} (sheet {title!r}): columns {get_column_letter(first + 1)} ({names[first]!r}) "
+                             f"and {get_column_letter(i + 1)} ({names[i]!r}) are both read as {key!r}: keep one "
+                             "of them (delete or rename the other)")
+        seen[key] = i
 
 
 def _row(path: Path, title: str, cells, columns: dict[int, str], prediction: tuple[int, str]) -> dict | None:

@@ -102,3 +102,27 @@ def test_a_shared_prepare_another_job_holds_is_waited_for_then_reused(base_overr
     assert again["results"]["prepare"] == {"reused": str(prepared)}
     assert f"[prepare]: waiting for the run that holds {prepared}" in caplog.text
     assert not (prepared / "attempts").exists()
+
+
+def test_overwrite_in_a_sweep_redoes_a_shared_prepare_once(base_overrides, tmp_path, monkeypatch):
+    """overwrite=true on a sweep's jobs: the first job redoes the shared prepare dir, the others reuse what it
+    made (before, every job redid it, one after another under its lock); outside a sweep it is redone each time."""
+    import time
+
+    from flare_exp.main import run
+    from flare_exp.stages import pipeline as pipeline_stage
+
+    prepared = tmp_path / "prepared"
+    steps = [*base_overrides, f"data.prepared_dir={prepared}", "stage=pipeline", "stage.steps=[prepare]"]
+    run(compose_cfg(steps), run_dir=tmp_path / "before")
+    time.sleep(0.05)
+    start = time.time()  # the sweep began after the first DONE
+    monkeypatch.setattr(pipeline_stage, "sweep_started", lambda: start)
+    redo = [*steps, "overwrite=true"]
+    first = run(compose_cfg(redo), run_dir=tmp_path / "job0")
+    assert first["results"]["prepare"].get("records") and len(list((prepared / "attempts").iterdir())) == 1
+    second = run(compose_cfg(redo), run_dir=tmp_path / "job1")
+    assert second["results"]["prepare"] == {"reused": str(prepared)}
+    monkeypatch.setattr(pipeline_stage, "sweep_started", lambda: None)  # a single run: overwrite redoes it
+    third = run(compose_cfg(redo), run_dir=tmp_path / "single")
+    assert third["results"]["prepare"].get("records") and len(list((prepared / "attempts").iterdir())) == 2

@@ -5,7 +5,7 @@ A step already DONE with the same fingerprint (deciding settings, input sha256, 
 redone, so rerunning the pipeline after a crash continues where it stopped; DONE with another one stops, naming
 what changed (``overwrite=true`` redoes it). A step whose dir lies outside the pipeline's (prepare's, shared by
 the jobs of a sweep) runs under that dir's own lock: a job that finds another one preparing waits for it, then
-reuses what it made.
+reuses what it made; with overwrite=true the sweep's first job redoes it and the others reuse that.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from pathlib import Path
 from omegaconf import OmegaConf, open_dict
 
 from flare_exp.optuna_pruning import pruned_summary
+from flare_exp.run.layout import DONE
 from flare_exp.run.lifecycle import Run, reusable
 from flare_exp.run.lock import RunLock
 from flare_exp.run.stage import Stage, declared_stages, stage
@@ -62,9 +63,10 @@ def _run_or_reuse(step: str, step_cfg, step_dir: Path, results: dict, name: str,
     reuse, lock = _decide(step, step_cfg, step_dir, name, shared=not step_dir.resolve().is_relative_to(
         out_dir.resolve()))
     try:
-        if reuse:
+        if reuse and not step_cfg.overwrite:  # with overwrite, _reusable_shared said why it is reused
             log.info("[%s] already finished in %s with the same settings and inputs: reusing it (overwrite=true "
                      "redoes it)", name, step_dir)
+        if reuse:
             results[name] = {"reused": str(step_dir)}
         else:
             log.info("[%s] running in %s", name, step_dir)
@@ -74,6 +76,36 @@ def _run_or_reuse(step: str, step_cfg, step_dir: Path, results: dict, name: str,
             lock.release()
 
 
+def sweep_started() -> float | None:
+    """When this job's sweep began (its multirun.yaml, written by Hydra before any job), None outside a sweep."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    started = Path(HydraConfig.get().sweep.dir) / "multirun.yaml"
+    return started.stat().st_mtime if started.exists() else None
+
+
+def redone_in_this_sweep(step_dir: Path, step_cfg) -> bool:
+    """overwrite=true in the jobs of a sweep redoes a shared step once, not once per job: a step another job of
+    this sweep finished (DONE written after the sweep began) is kept."""
+    start = sweep_started() if step_cfg.overwrite else None
+    done = step_dir / DONE
+    return start is not None and done.exists() and done.stat().st_mtime >= start
+
+
+def _reusable_shared(step: str, step_cfg, step_dir: Path, name: str) -> bool:
+    """``reusable``, where overwrite=true does not redo what another job of this sweep has just redone (asked
+    again while waiting for that job)."""
+    if redone_in_this_sweep(step_dir, step_cfg):
+        if reusable(step, OmegaConf.merge(step_cfg, {"overwrite": False}), step_dir):
+            log.info("[%s] overwrite=true: another job of this sweep has redone %s; reusing it", name, step_dir)
+            return True
+        return False
+    return reusable(step, step_cfg, step_dir)
+
+
 def _decide(step: str, step_cfg, step_dir: Path, name: str, shared: bool):
     """(reuse the step?, the lock this process took on a shared step's dir). Inside the pipeline's dir its lock
     covers the step. A shared dir is decided by rank 0 once no other live run holds it: it reuses the finished
@@ -81,10 +113,11 @@ def _decide(step: str, step_cfg, step_dir: Path, name: str, shared: bool):
     other ranks then decide as it did (the dir cannot change while rank 0 holds it or it is finished)."""
     lock, rank = None, ranks()[0]
     if shared and rank == 0:
-        lock = RunLock(step_dir).acquire_when_free(f"[{name}]", unless=lambda: reusable(step, step_cfg, step_dir))
+        lock = RunLock(step_dir).acquire_when_free(f"[{name}]", unless=lambda: _reusable_shared(
+            step, step_cfg, step_dir, name))
     if shared:
         barrier()  # rank 0 has decided
-    reuse = lock is None if shared and rank == 0 else reusable(step, step_cfg, step_dir)
+    reuse = lock is None if shared and rank == 0 else _reusable_shared(step, step_cfg, step_dir, name)
     barrier()  # several ranks: each has decided before rank 0 touches the step's dir
     return reuse, lock
 

@@ -66,7 +66,21 @@ def test_unknown_setting_is_named():
         check_settings(cfg)
 
 
+def test_a_head_size_the_kernel_cannot_take_is_named():
+    from flare_exp.models.split_kv_attention import self_check
+
+    assert self_check("cpu", torch.float32, 80) == "head size 80 is not a power of two from 16 to 256"
+
+
 if INTERPRETED:  # the child run's tests (test_kernels_under_the_interpreter)
+    def test_the_self_check_agrees_and_catches_a_wrong_kernel(interpreter, monkeypatch):
+        """Run at load time on a GPU: a kernel that compiles wrongly or not at all keeps SDPA, with the reason."""
+        assert interpreter.self_check("cpu", torch.float32, 32) is None
+        monkeypatch.setattr(interpreter, "attend", lambda q, k, v, m: torch.zeros(2, 1, 8, 32))
+        assert interpreter.self_check("cpu", torch.float32, 32).startswith("differs from SDPA by")
+        monkeypatch.setattr(interpreter, "attend", lambda *a: 1 / 0)
+        assert interpreter.self_check("cpu", torch.float32, 32).startswith("ZeroDivisionError")
+
     @pytest.mark.parametrize("heads,kv_heads,keys,head_dim,splits,dtype", [
         (8, 2, 150, 32, None, torch.float32),  # grouped heads, slices chosen by the rule
         (4, 4, 70, 16, 3, torch.float32),  # plain multi-head (the GREEN judge), keys not a whole number of blocks

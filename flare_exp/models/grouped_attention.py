@@ -90,15 +90,22 @@ def register() -> None:
 
 
 def kernel_available(model, key: str) -> bool:
-    """split_kv on a GPU needs Triton (torch's CUDA wheels bring it); without it the grouped path, said once."""
+    """split_kv on a GPU needs Triton (torch's CUDA wheels bring it) and a kernel that compiles and agrees with
+    SDPA on this card, dtype and head size (checked once, here); otherwise the grouped path, said once."""
     import importlib.util
 
-    on_gpu = any(p.is_cuda for p in model.parameters())
-    if on_gpu and importlib.util.find_spec("triton") is None:
-        log.warning("%s=split_kv: Triton is not installed, so decode steps take the grouped path "
-                    "(pip install triton, matching torch, for the kernel)", key)
-        return False
-    return True
+    parameter = next(model.parameters(), None)
+    if parameter is None or not parameter.is_cuda:
+        return True  # off a GPU every call takes the grouped path anyway
+    why = "Triton is not installed (pip install triton, matching torch)" if importlib.util.find_spec(
+        "triton") is None else None
+    if why is None:
+        config = model.config.get_text_config()
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        why = split_kv_attention.self_check(parameter.device, parameter.dtype, head_dim)
+    if why:
+        log.warning("%s=split_kv: decode steps take the grouped path: %s", key, why)
+    return why is None
 
 
 def use_decode_attention(model, setting: str, key: str = "model.decode_attention") -> int:

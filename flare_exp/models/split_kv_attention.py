@@ -15,7 +15,9 @@ float32 weights the outputs match SDPA's to rounding. A row with no valid key ge
 step always sees at least its own token).
 
 Wrapped as a torch custom op so a compiled decode step (CUDA graphs) captures it as one opaque call. Needs a
-CUDA tensor and Triton; ``TRITON_INTERPRET=1`` runs the same kernels on CPU tensors (the tests do).
+CUDA tensor and Triton; ``TRITON_INTERPRET=1`` runs the same kernels on CPU tensors (the tests do). When a
+model is switched to it on a GPU, ``self_check`` runs it once against SDPA on that card, dtype and head size:
+a Triton that cannot compile it there, or a result that disagrees, keeps SDPA with a warning.
 """
 from __future__ import annotations
 
@@ -159,6 +161,30 @@ def attend(query, key, value, mask, scale: float | None = None, splits: int | No
     merge_slices[(batch * heads,)](parts, lse, out, SPLITS=splits, BLOCK_S=max(2, triton_power_of_two(splits)),
                                    HEAD_DIM=head_dim, num_warps=4)
     return out
+
+
+def self_check(device, dtype, head_dim: int) -> str | None:
+    """Run the kernel once on this card, dtype and head size against SDPA (it also compiles that variant):
+    None when it agrees, else why not (a GPU or Triton build it does not run on: the caller keeps SDPA)."""
+    import torch
+
+    if not (16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0):
+        return f"head size {head_dim} is not a power of two from 16 to 256"
+    try:
+        generator = torch.Generator(device=device).manual_seed(0)
+        query = torch.randn(2, 8, 1, head_dim, device=device, generator=generator).to(dtype)
+        key, value = (torch.randn(2, 2, 200, head_dim, device=device, generator=generator).to(dtype)
+                      for _ in range(2))
+        mask = torch.ones(2, 1, 1, 200, dtype=torch.bool, device=device)
+        mask[0, ..., :70] = False
+        got = attend(query, key, value, mask).float()
+        want = torch.nn.functional.scaled_dot_product_attention(
+            query.float(), key.float().repeat_interleave(4, 1), value.float().repeat_interleave(4, 1),
+            attn_mask=mask).transpose(1, 2)
+        error = float((got - want).abs().max())
+    except Exception as e:  # a Triton that cannot compile the kernel here: any error of its compiler
+        return f"{type(e).__name__}: {str(e)[:200]}"
+    return None if error < (1e-4 if dtype == torch.float32 else 2e-2) else f"differs from SDPA by {error:.3g}"
 
 
 def triton_power_of_two(n: int) -> int:

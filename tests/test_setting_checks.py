@@ -28,6 +28,7 @@ def test_every_range_problem_is_reported_together_with_its_key():
 @pytest.mark.parametrize("setting, message", [
     ("+reward.classification.weights.choise=1.0", "reward.classification.weights.choise: unknown reward term"),
     ("+reward.terms.choice.corect=2", "reward.terms.choice.corect: the choice term takes no such parameter"),
+    ("reward.terms.choice.correct=abc", r"reward.terms.choice.correct='abc': must be a number \(its default: 1.0\)"),
     ("eval.green.model_path=/nowhere/GREEN", r"eval.green.model_path=/nowhere/GREEN: no such file"),
     ("reward.radgraph.build_tiny=false", r"reward.radgraph.model_dir=.*: no radgraph-xl/weights.th there"),
     ("sft.max_steps=0", "sft.max_steps=0: must be"),

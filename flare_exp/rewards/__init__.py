@@ -28,8 +28,22 @@ def get_term(name: str) -> type:
     return getattr(importlib.import_module(module), cls)
 
 
-def term_parameters(name: str) -> list[str]:
-    """The parameters a term's constructor takes (what reward.terms.<name>.* may set)."""
+def term_parameters(name: str) -> dict:
+    """The parameters a term's constructor takes (what reward.terms.<name>.* may set), with their defaults
+    (inspect's ``empty`` where there is none)."""
     import inspect
 
-    return [p for p in inspect.signature(get_term(name).__init__).parameters if p != "self"]
+    return {p: v.default for p, v in inspect.signature(get_term(name).__init__).parameters.items() if p != "self"}
+
+
+def wrong_parameter_value(default, value) -> str | None:
+    """Why ``value`` cannot stand where the term's default is a number (a word would fail inside the first GRPO
+    step's arithmetic); None when it can, or when the default says nothing."""
+    if isinstance(default, bool) or not isinstance(default, (int, float)) or value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        try:
+            float(value)
+        except (TypeError, ValueError):
+            return "must be a number"
+    return None

@@ -14,7 +14,7 @@ from collections import defaultdict
 from omegaconf import OmegaConf
 
 from flare_exp.data.records import TASK_TYPES
-from flare_exp.rewards import get_term, term_parameters
+from flare_exp.rewards import get_term, term_parameters, wrong_parameter_value
 
 log = logging.getLogger(__name__)
 
@@ -140,12 +140,15 @@ def reward_problems(reward_cfg, trained_task_types=()) -> list[str]:
             problems.append(f"reward.terms.{name}: unknown reward term; known: {known}")
             continue
         accepted = term_parameters(name)
-        for param in params:
+        for param, value in params.items():
+            section = "reward.radgraph" if name == "radgraph" and param in (cfg.get("radgraph") or {}) \
+                else f"reward.terms.{name}"
             if param not in accepted:
-                section = "reward.radgraph" if name == "radgraph" and param in (cfg.get("radgraph") or {}) \
-                    else f"reward.terms.{name}"
                 problems.append(f"{section}.{param}: the {name} term takes no such parameter; it takes "
                                 f"{', '.join(accepted)}")
+            elif wrong_parameter_value(accepted[param], value):
+                problems.append(f"{section}.{param}={value!r}: {wrong_parameter_value(accepted[param], value)} "
+                                f"(its default: {accepted[param]})")
     weights = active_weights(cfg)
     if not any(weights.values()):
         problems.append(f"reward={cfg.get('name')}: every reward weight is 0 (or none is set): a weight of 0 turns "

@@ -43,14 +43,17 @@ def check_command_line(argv: list[str]) -> None:
         return  # Hydra's parser says what is wrong with the flags
     check_run_name_override(args.overrides, args.multirun)
     check_sweeper_params(args.overrides)
-    check_slurm_reachable(args.overrides, args.multirun)
+    check_slurm_launcher(args.overrides, args.multirun)
     groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
     unknown = override_key_problems(args.overrides, Config, groups)  # and values of the wrong type
-    if not unknown:
-        return
     problems: list[Exception] = [ValueError(p) for p in unknown.values()]
-    if not args.multirun:
-        problems += other_setting_problems([o for o in args.overrides if o not in unknown])
+    asks_hydra = any(getattr(args, flag, None) for flag in (
+        "help", "hydra_help", "version", "info", "cfg", "shell_completion", "experimental_rerun"))
+    if not args.multirun and not asks_hydra:
+        # a single run's settings, checked before Hydra makes its run dir (a refused run leaves none behind)
+        problems += other_setting_problems([o for o in args.overrides if o not in unknown], inputs=bool(unknown))
+    if not problems:
+        return
     from flare_exp.checks import settings_error
 
     refuse(settings_error(problems), BEFORE_HYDRA)
@@ -84,19 +87,29 @@ def check_sweeper_params(overrides: list[str]) -> None:
                               "conf/experiment/)"), BEFORE_HYDRA)
 
 
-def check_slurm_reachable(overrides: list[str], multirun: bool) -> None:
-    """hydra/launcher=slurm submits through SLURM's commands; off the cluster submitit stops with a traceback
-    ("Could not detect srun") after Hydra has composed the sweep."""
+def check_slurm_launcher(overrides: list[str], multirun: bool) -> None:
+    """hydra/launcher=slurm submits a sweep's jobs through SLURM. Without -m Hydra ignores the launcher and runs
+    the job here (on a login node: a whole training job); off the cluster submitit stops with a traceback
+    ("Could not detect srun") after Hydra has composed the sweep. Both are refused in one line."""
     import shutil
 
-    if multirun and "hydra/launcher=slurm" in (o.replace(" ", "") for o in overrides) and not shutil.which("srun"):
+    if "hydra/launcher=slurm" not in (o.replace(" ", "") for o in overrides):
+        return
+    if not multirun:
+        refuse(ValueError("hydra/launcher=slurm submits the jobs of a sweep (-m); without -m this job would run "
+                          "here, on this machine. Add -m (one job is a sweep too) or leave the launcher out"),
+               BEFORE_HYDRA)
+    if not shutil.which("srun"):
         refuse(RuntimeError("hydra/launcher=slurm: SLURM's srun is not on this machine's PATH (run the sweep from "
                             "a login node of the cluster), or sweep here with hydra/launcher=local (jobs as local "
                             "processes) or hydra/launcher=watched (the default: one after another in this process)"),
                BEFORE_HYDRA)
 
 
-def other_setting_problems(known_overrides: list[str]) -> list[Exception]:
+def other_setting_problems(known_overrides: list[str], inputs: bool) -> list[Exception]:
+    """The settings' problems of a single run, composed as Hydra will (with ``inputs``, the missing paths too:
+    beside an unknown key, so that one message lists everything). Nothing when composing fails: Hydra's own
+    complaint comes then."""
     from hydra import compose, initialize_config_dir
 
     from flare_exp.checks import input_problems, setting_problems
@@ -104,7 +117,7 @@ def other_setting_problems(known_overrides: list[str]) -> list[Exception]:
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose(config_name="config", overrides=known_overrides)
-        return setting_problems(cfg) + input_problems(cfg)
+        return setting_problems(cfg) + (input_problems(cfg) if inputs else [])
     except Exception:  # Hydra's own complaint about the rest comes once these keys are fixed
         return []
 

@@ -144,7 +144,7 @@ def wrong_value(schema: type, key: str, value) -> str | None:
     """Why OmegaConf would refuse ``value`` for the schema's ``key`` (a string where a number goes, 1.5 for an
     integer, null for a key that needs a value), said the way the settings list says it; None when it takes it.
     Hydra would otherwise stop at the first such value with its own conversion error, one key at a time."""
-    from omegaconf import DictConfig, ValueNode
+    from omegaconf import AnyNode, DictConfig, ValueNode
     from omegaconf.errors import OmegaConfBaseException
 
     node = _structured(schema)
@@ -159,6 +159,8 @@ def wrong_value(schema: type, key: str, value) -> str | None:
         return None  # a section, a dict entry or an interpolation: checked when composed
     if value is None:
         return None if node._is_optional() else "needs a value (null is not allowed here)"
+    if isinstance(value, (list, dict)) and not isinstance(node, AnyNode):
+        return "must be a single value, not a " + ("list" if isinstance(value, list) else "dict")
     if type(node).__name__ not in SAID:
         return None  # strings and untyped keys: their values are checked where they are read
     try:

@@ -264,7 +264,9 @@ def test_the_slurm_launcher_off_the_cluster_is_one_line(capsys, monkeypatch):
         launch.check_command_line(["-m", "hydra/launcher=slurm", "stage=prepare"])
     err = capsys.readouterr().err
     assert "srun is not on this machine's PATH" in err and "hydra/launcher=local" in err
-    launch.check_command_line(["hydra/launcher=slurm", "stage=prepare"])  # a single run launches nothing
+    with pytest.raises(SystemExit):  # without -m Hydra would run the job right here, on the login node
+        launch.check_command_line(["hydra/launcher=slurm", "stage=prepare"])
+    assert "without -m this job would run here" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", ["../x", "a/b", ".."])

@@ -51,7 +51,8 @@ def test_the_graph_loop_goes_on_after_a_batch_ran_out_of_memory(base_overrides, 
     common = ["stage=infer", *base_overrides, f"infer.checkpoint={sft_adapter}", "infer.batch_size=2",
               "infer.num_samples=4", "infer.max_new_tokens=4", "infer.decode_loop=graph",
               "infer.cache_implementation=static"]
-    run(compose_cfg([*common, "run_name=whole"]), run_dir=tmp_path / "whole")
+    summary = run(compose_cfg([*common, "run_name=whole"]), run_dir=tmp_path / "whole")
+    assert summary["decode_loop"] == "graph" and summary["decode_attention"] == "split_kv (grouped SDPA: no GPU)"
     original, calls = GraphDecoder.__call__, []
 
     def first_fails(loop, *args, **kwargs):

@@ -66,6 +66,16 @@ def test_unknown_setting_is_named():
         check_settings(cfg)
 
 
+@pytest.mark.parametrize("setting, said", [("split_kv", "split_kv (grouped SDPA: no GPU)"), ("grouped", "grouped"),
+                                           ("transformers", "transformers (sdpa)")])
+def test_the_summary_says_which_attention_ran(setting, said, base_overrides):
+    from flare_exp.models.grouped_attention import attention_used
+    from flare_exp.models.loading import load_model
+
+    cfg = compose_cfg(["stage=infer", *base_overrides, f"model.decode_attention={setting}"])
+    assert attention_used(load_model(cfg.model, training=False).model) == said
+
+
 def test_a_head_size_the_kernel_cannot_take_is_named():
     from flare_exp.models.split_kv_attention import self_check
 

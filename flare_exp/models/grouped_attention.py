@@ -1,4 +1,4 @@
-"""Decode-step attention: ``model.decode_attention`` = grouped (default) | split_kv | transformers.
+"""Decode-step attention: ``model.decode_attention`` = split_kv (default) | grouped | transformers.
 
 Qwen3-VL-4B's language model has 32 query heads sharing 8 key/value heads. With attn_implementation=sdpa,
 transformers (5.17) lets SDPA share them (``enable_gqa``) only when there is no attention mask; a batch of
@@ -134,3 +134,12 @@ def use_decode_attention(model, setting: str, key: str = "model.decode_attention
         log.info("%s=%s: nothing to change (no sdpa attention%s)", key, setting,
                  " with grouped key/value heads" if setting == "grouped" else "")
     return len(switched)
+
+
+def attention_used(model) -> str:
+    """What the model's decode steps attend with, for a stage's summary: the setting as it runs here."""
+    name = model.config.get_text_config()._attn_implementation
+    on_gpu = any(p.is_cuda for p in model.parameters())
+    if name == SPLIT_KV_NAME:
+        return "split_kv (Triton kernel)" if on_gpu else "split_kv (grouped SDPA: no GPU)"
+    return {NAME: "grouped", "sdpa": "transformers (sdpa)"}.get(name, name)

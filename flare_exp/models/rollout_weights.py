@@ -177,15 +177,15 @@ class RolloutWeights:
             log.warning("rl.rollout_weights=%s: the rollouts keep the adapter, because of %s", self.setting, why)
             return self.used
         copy, on_gpu = MergedCopy(layers), policy.device.type == "cuda"
-        gib = copy.nbytes / 2**30
+        size = f"{copy.nbytes / 2**30:.2f} GiB" if copy.nbytes >= 2**28 else f"{copy.nbytes / 2**20:.1f} MiB"
         if self.setting == "auto":
             why = auto_refusal(on_gpu, self.graph_loop, free_bytes(policy.device) if on_gpu else 0, copy.nbytes,
                                self.margin)
             if why:
-                log.info("rl.rollout_weights=auto: adapter (%s; the merged copy would take %.2f GiB)", why, gib)
+                log.info("rl.rollout_weights=auto: adapter (%s; the merged copy would take %s)", why, size)
                 return self.used
         self.copy, self.used = copy, "merged"
-        log.info("rl.rollout_weights=%s: merged, a %.2f GiB copy of %d LoRA layers' weights", self.setting, gib,
+        log.info("rl.rollout_weights=%s: merged, a %s copy of %d LoRA layers' weights", self.setting, size,
                  len(layers))
         return self.used
 

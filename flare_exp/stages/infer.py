@@ -23,6 +23,7 @@ from flare_exp.io import read_journal, read_jsonl, write_json, write_jsonl
 from flare_exp.models.batch_decoding import (Decoder, batches_with_images, decode_in_parts, decode_settings,
                                              image_device)
 from flare_exp.models.checkpoints import adapter_identity, resolve_adapter
+from flare_exp.models.grouped_attention import attention_used
 from flare_exp.models.loading import load_model
 from flare_exp.reports.sheets import write_sheet
 from flare_exp.run.layout import PREDICTIONS, SPARE_PREDICTIONS, summary_name
@@ -154,7 +155,8 @@ def predict(cfg, todo: list[dict], journal: Path, label: str, done: dict) -> tup
             bar.update(len(chunk))
             bar.set_postfix(reports_per_s=f"{generated / max(elapsed, 1e-9):.2f}")
     bar.close()
-    return generated, elapsed, decode.decoding.used  # what ran
+    return generated, elapsed, {"decode_loop": decode.decoding.used,  # what ran
+                                "decode_attention": attention_used(loaded.model)}
 
 
 # Task types by how long their answers run (a report, a list of labels, one label, a number): with
@@ -217,7 +219,7 @@ def run(cfg, out_dir: Path) -> dict:
 
 
 def finish(cfg, out_dir: Path, records: list[dict], done: dict, label: str, generated: int, elapsed: float,
-           loop: str | None, world: int, batch_choice: dict | None = None, questions: int = 0) -> dict:
+           loop: dict | None, world: int, batch_choice: dict | None = None, questions: int = 0) -> dict:
     """One predictions file in input order (the ranks' journals merged into it), the sheet, the summary."""
     inf, pred_path = cfg.infer, out_dir / PREDICTIONS
     missing = [r["id"] for r in records if r["id"] not in done]
@@ -244,7 +246,7 @@ def finish(cfg, out_dir: Path, records: list[dict], done: dict, label: str, gene
                "checkpoint": inf.checkpoint, "adapter": adapter, "split": inf.split, "samples": len(rows), "generated_now": generated,
                "reports_per_second": round(generated / elapsed, 3) if elapsed else None,
                "batch_size": inf.batch_size, "batch_size_choice": batch_choice, "max_new_tokens": inf.max_new_tokens,
-               "decode_loop": loop,
+               **(loop or {"decode_loop": None}),
                "world_size": world, **({"submission": str(submission), "submission_complete":
                                          submission.name == "submission"} if submission else {})}
     write_json(out_dir / summary_name("infer"), summary)

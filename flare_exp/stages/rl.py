@@ -19,6 +19,7 @@ from flare_exp.data.decoding import check_records_window
 from flare_exp.data.vision import VisionChat, filter_by_length, render_messages
 from flare_exp.io import read_jsonl, write_json
 from flare_exp.models.decoding import Decoding, DecodeSettings, decoder_for
+from flare_exp.models.grouped_attention import attention_used
 from flare_exp.models.loading import load_model
 from flare_exp.models.rollout_weights import SETTINGS as ROLLOUT_WEIGHTS, RolloutWeights, auto_margin_bytes
 from flare_exp.rewards.combine import build_reward
@@ -295,7 +296,8 @@ def run(cfg, out_dir: Path, applied: dict | None = None) -> dict:
                                     final_meta=lambda t: {"init_from": str(loaded.adapter or "")})
     summary = summarise(trainer.state.log_history, trainer.state.global_step)
     summary.update(final_adapter=str(final), prompts=len(records), skipped_too_long=skipped,
-                   decode_loop=decoding.used, rollout_weights=trainer.rollout_weights.used, card_preset=card_choice,
+                   decode_loop=decoding.used, decode_attention=attention_used(loaded.model),
+                   rollout_weights=trainer.rollout_weights.used, card_preset=card_choice,
                    **effective_batch(rl, trainer.args.world_size))
     if lead:
         summary.update(finish_monitor(monitor, trainer.state.log_history, out_dir, rl.max_steps))

@@ -38,8 +38,9 @@ def job_config(hydra_context, master_config, overrides):
     return cfg
 
 
-def job_problems(hydra_context, master_config, overrides) -> list[str]:
-    """The problems a run with these overrides would stop on (settings and input paths), as text."""
+def job_problems(hydra_context, master_config, overrides, prepares: list | None = None) -> list[str]:
+    """The problems a run with these overrides would stop on (settings and input paths), as text. ``prepares``:
+    where this job prepares data and with what settings (``prepare_target``) is appended to it."""
     from hydra.core.hydra_config import HydraConfig
 
     from flare_exp.checks import input_problems, setting_problems
@@ -47,11 +48,47 @@ def job_problems(hydra_context, master_config, overrides) -> list[str]:
     saved = HydraConfig.instance().cfg
     try:
         cfg = job_config(hydra_context, master_config, overrides)
+        if prepares is not None:
+            prepares.append(prepare_target(cfg))
         return [str(p) for p in setting_problems(cfg) + input_problems(cfg)]
     except Exception as e:  # an override Hydra cannot compose (a wrong key or value)
         return [f"{type(e).__name__}: {e}"]
     finally:
         HydraConfig.instance().cfg = saved
+
+
+def prepare_target(cfg) -> tuple | None:
+    """(the data.prepared_dir a job's prepare step writes, its deciding settings), None when it prepares none."""
+    from omegaconf import OmegaConf
+
+    from flare_exp.checks import steps_of
+    from flare_exp.run.fingerprint import settings_of
+    from flare_exp.runtime import abspath
+
+    if "prepare" not in steps_of(cfg):
+        return None
+    return abspath(cfg.data.prepared_dir).resolve(), settings_of("prepare", OmegaConf.to_container(cfg, resolve=True))
+
+
+def shared_prepare_conflicts(targets: list, first_idx: int) -> list[str]:
+    """Jobs that would prepare different data into one data.prepared_dir: the later one would stop at its start
+    (the dir holds the first one's data, made with other settings), after the sweep launched."""
+    from flare_exp.run.fingerprint import differences
+
+    seen, out = {}, []
+    for idx, target in enumerate(targets):
+        if target is None:
+            continue
+        where, settings = target
+        if where not in seen:
+            seen[where] = (idx, settings)
+            continue
+        changed = differences({"settings": seen[where][1]}, {"settings": settings})
+        if changed:
+            out.append(f"  jobs #{first_idx + seen[where][0]} and #{first_idx + idx} would prepare different data "
+                       f"into one data.prepared_dir={where} ({'; '.join(changed[:4])}): give each of them its own "
+                       "data.prepared_dir (sweep it alongside)")
+    return out
 
 
 def job_names(job_overrides) -> list[str]:
@@ -68,16 +105,20 @@ def job_names(job_overrides) -> list[str]:
 def check_jobs(hydra_context, master_config, job_overrides, initial_job_idx: int) -> None:
     """Every job's problems, or a SweepSettingsError naming each job and its problems."""
     say(f"checking the settings of {len(job_overrides)} job(s) before launching any")
-    bad = []
+    bad, prepares = [], []
     names = job_names(job_overrides)
     for idx, overrides in enumerate(job_overrides):
-        problems = job_problems(hydra_context, master_config, overrides)
+        problems = job_problems(hydra_context, master_config, overrides, prepares)
+        prepares += [None] * (idx + 1 - len(prepares))  # a job that did not compose prepares nothing
         if problems:
             bad.append(f"  job #{initial_job_idx + idx} ({names[idx]}):\n"
                        + "\n".join(f"    - {p}" for p in problems))
-    if bad:
-        raise SweepSettingsError(f"{len(bad)} of {len(job_overrides)} jobs of the sweep have settings a run would "
-                                 "refuse; no job was launched:\n" + "\n".join(bad))
+    clashes = shared_prepare_conflicts(prepares, initial_job_idx)
+    if bad or clashes:
+        said = [f"{len(bad)} of {len(job_overrides)} jobs of the sweep have settings a run would refuse"] if bad \
+            else []
+        said += ["jobs of the sweep would write over each other's prepared data"] if clashes else []
+        raise SweepSettingsError(" and ".join(said) + "; no job was launched:\n" + "\n".join(bad + clashes))
 
 
 def exit_with(message: str, code: int = 1) -> None:

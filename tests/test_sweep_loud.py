@@ -106,3 +106,21 @@ def test_the_stop_message_counts_what_the_job_dirs_say(tmp_path):
     (dirs[2] / "DONE").unlink()
     said = sweep_watch.jobs_after_stop(dirs)
     assert said.startswith("2 job(s) not finished (#1, #2: ") and "1 finished (DONE)" in said, said
+
+
+def test_jobs_that_would_prepare_different_data_into_one_dir_are_named():
+    """A pipeline sweep over a data.* key with one data.prepared_dir: the second job would stop at its start
+    (the dir holds the first one's data), after the sweep launched; now refused before any job."""
+    from conftest import compose_cfg
+
+    def target(*overrides):
+        return sweep_watch.prepare_target(compose_cfg(["stage=pipeline", "stage.steps=[prepare,sft]",
+                                                       "data.prepared_dir=/tmp/one", *overrides]))
+
+    two, one = target("data.datasets=[IU_XRay,chestdr]"), target("data.datasets=[IU_XRay]")
+    assert sweep_watch.prepare_target(compose_cfg(["stage=infer"])) is None  # prepares nothing
+    (clash,) = sweep_watch.shared_prepare_conflicts([two, None, one, two], first_idx=4)
+    assert clash.startswith("  jobs #4 and #6 would prepare different data into one data.prepared_dir=/tmp/one")
+    assert "data.datasets: ['IU_XRay', 'chestdr'] -> ['IU_XRay']" in clash
+    assert sweep_watch.shared_prepare_conflicts(
+        [two, target("data.datasets=[IU_XRay,chestdr]", "sft.max_steps=3"), two], first_idx=0) == []  # sft only

@@ -56,6 +56,7 @@ def test_a_sheet_reads_as_its_jsonl_and_scores_the_same(base_overrides, tmp_path
                          f"data.prepared_dir={prepared}", f"run_name=e-{name}"]), run_dir=tmp_path / name)
         metrics[name] = next(iter(json.loads((tmp_path / name / "metrics.json").read_text()).values()))
     assert metrics["sheet"]["official"] == metrics["jsonl"]["official"]
+    assert metrics["sheet"]["split"] == metrics["jsonl"]["split"] == "val"  # runs.compare: one split, no warning
     assert metrics["sheet"]["official"]["regression"]["mean_absolute_error"] == 0.5
     assert (tmp_path / "sheet" / "scored.xlsx").exists()
     assert "worksheet predictions.xlsx (sheet 'predictions'), as it is now" in (

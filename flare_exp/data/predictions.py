@@ -55,6 +55,9 @@ def load_rows(path: Path, allow_partial: bool, prepared_dir: str | None = None) 
     if reference:
         rows, covered = join_to_reference(path, rows, reference)
         info.update(covered)
+        if reference.stem in ("train", "val", "test"):  # a prepared split: a sheet's rows (no split column) are it
+            for row in rows:
+                row["split"] = row.get("split") or reference.stem
     else:
         info["answers_note"] = ("answers taken from the predictions file, unchecked: no prepared split was found "
                                 "to join them to (data.prepared_dir)")

@@ -49,9 +49,11 @@ def check_command_line(argv: list[str]) -> None:
     problems: list[Exception] = [ValueError(p) for p in unknown.values()]
     asks_hydra = any(getattr(args, flag, None) for flag in (
         "help", "hydra_help", "version", "info", "cfg", "shell_completion", "experimental_rerun"))
-    if not args.multirun and not asks_hydra:
-        # a single run's settings, checked before Hydra makes its run dir (a refused run leaves none behind)
-        problems += other_setting_problems([o for o in args.overrides if o not in unknown], inputs=bool(unknown))
+    own_config = any(getattr(args, flag, None) for flag in ("config_name", "config_path", "config_dir"))
+    if not args.multirun and not asks_hydra and not own_config:
+        # a single run's settings and inputs, checked before Hydra makes its run dir (a refused run leaves none);
+        # with another primary config (--config-name/-dir) the run checks them itself, against that config
+        problems += other_setting_problems([o for o in args.overrides if o not in unknown])
     if not problems:
         return
     from flare_exp.checks import settings_error
@@ -106,20 +108,30 @@ def check_slurm_launcher(overrides: list[str], multirun: bool) -> None:
                BEFORE_HYDRA)
 
 
-def other_setting_problems(known_overrides: list[str], inputs: bool) -> list[Exception]:
-    """The settings' problems of a single run, composed as Hydra will (with ``inputs``, the missing paths too:
-    beside an unknown key, so that one message lists everything). Nothing when composing fails: Hydra's own
-    complaint comes then."""
+def other_setting_problems(known_overrides: list[str]) -> list[Exception]:
+    """A single run's problems (settings and input paths), composed as Hydra will. Nothing when composing fails
+    (Hydra's own complaint comes then); a value that needs Hydra's runtime to resolve (``${hydra:runtime.cwd}``)
+    is left to the run's own check, where it resolves."""
     from hydra import compose, initialize_config_dir
+    from omegaconf.errors import InterpolationResolutionError
 
-    from flare_exp.checks import input_problems, setting_problems
+    from flare_exp.checks import problems_of
 
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose(config_name="config", overrides=known_overrides)
-        return setting_problems(cfg) + (input_problems(cfg) if inputs else [])
-    except Exception:  # Hydra's own complaint about the rest comes once these keys are fixed
+        problems = problems_of(cfg, inputs=True)
+    except Exception:  # noqa: BLE001
         return []
+    return [p for p in problems if not _needs_hydra_runtime(p, InterpolationResolutionError)]
+
+
+def _needs_hydra_runtime(problem: BaseException, interpolation_error: type) -> bool:
+    while problem is not None:
+        if isinstance(problem, interpolation_error) or "HydraConfig was not set" in str(problem):
+            return True
+        problem = problem.__cause__ or problem.__context__
+    return False
 
 
 def stop_on_sigterm() -> None:

@@ -29,12 +29,19 @@ def validate(cfg: DictConfig, inputs: bool = False) -> None:
     """Every problem with the settings (and, with ``inputs``, what this machine must hold for them: the
     backend's package, the model, every input path) checked before any work and reported in one message: a
     first real run must not fail once per wrong setting."""
-    problems = setting_problems(cfg, preload=inputs)
-    if inputs:  # a path built from a wrong setting is not a second problem (infer.split=tset: no tset.jsonl)
-        named = {_key_of(p) for p in problems}
-        problems += [p for p in input_problems(cfg) if _key_of(p) not in named]
+    problems = problems_of(cfg, inputs=inputs, preload=inputs)
     if problems:
         raise settings_error(problems)
+
+
+def problems_of(cfg: DictConfig, inputs: bool = False, preload: bool = False) -> list[Exception]:
+    """The settings' problems (``preload``: the backend's package imported too) and, with ``inputs``, the
+    missing paths; a path built from a wrong setting is not a second problem (infer.split=tset: no tset.jsonl)."""
+    problems = setting_problems(cfg, preload=preload)
+    if inputs:
+        named = {_key_of(p) for p in problems}
+        problems += [p for p in input_problems(cfg) if _key_of(p) not in named]
+    return problems
 
 
 def _key_of(problem: Exception) -> str | None:

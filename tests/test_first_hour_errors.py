@@ -255,6 +255,21 @@ def test_sweeper_params_on_the_command_line_are_answered_with_the_sweep_itself(a
     assert "python launch.py -m rl.learning_rate=1e-5,2e-5" in err and "Traceback" not in err
 
 
+def test_a_single_runs_settings_are_checked_before_hydra_as_the_run_would(capsys, tmp_path):
+    """A refused single run leaves no run dir; a value that resolves only in Hydra's runtime, or another primary
+    config (--config-name / --config-dir, which the run checks itself), is not refused here."""
+    sys.path.insert(0, str(REPO))
+    import launch
+
+    with pytest.raises(SystemExit):
+        launch.check_command_line(["stage=infer", "infer.batch_size=-3"])
+    assert "infer.batch_size=-3" in capsys.readouterr().err
+    launch.check_command_line(["stage=eval", "eval.predictions=[${hydra:runtime.cwd}/outputs/runs/x/infer]"])
+    (tmp_path / "mine.yaml").write_text("defaults: [config, _self_]\nrl:\n  per_device_train_batch_size: 12\n")
+    launch.check_command_line([f"--config-dir={tmp_path}", "--config-name=mine", "stage=rl", "rl.num_generations=3"])
+    assert capsys.readouterr().err == ""
+
+
 def test_the_slurm_launcher_off_the_cluster_is_one_line(capsys, monkeypatch):
     sys.path.insert(0, str(REPO))
     import launch

@@ -40,6 +40,15 @@ def abspath(path: str | Path) -> Path:
     return Path(to_absolute_path(str(path)))
 
 
+def inside_cache(cfg, path) -> bool:
+    """Whether ``path`` lies under paths.cache_dir: the only place a tiny random model or scorer is built on
+    demand (a folder the user names elsewhere is never written into)."""
+    from omegaconf import OmegaConf
+
+    cache_dir = OmegaConf.select(cfg, "paths.cache_dir", default=None)
+    return cache_dir is not None and abspath(path).resolve().is_relative_to(abspath(cache_dir).resolve())
+
+
 def is_compilation_error(error: BaseException) -> bool:
     """An error raised by torch.compile (dynamo tracing or inductor code generation), not by the model."""
     return type(error).__module__.startswith(("torch._dynamo", "torch._inductor"))

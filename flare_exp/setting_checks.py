@@ -152,17 +152,20 @@ def judge_path_problems(cfg, steps: set[str]) -> list[str]:
     keyword module): each that is set must be there (a tiny RadGraph built on demand excepted)."""
     from flare_exp.rewards.combine import active_weights
     from flare_exp.metrics.radgraph_f1 import check_model_dir
-    from flare_exp.runtime import abspath
+    from flare_exp.runtime import abspath, inside_cache
 
     problems = []
     rg = cfg.reward.radgraph
     rl_uses = "rl" in steps and any("radgraph" in w for w in active_weights(cfg.reward).values())
     eval_uses = "eval" in steps and cfg.eval.radgraph and rg.model_dir
-    if (rl_uses or eval_uses) and not (rg.build_tiny and rg.model_dir):
+    builds_tiny = rg.build_tiny and rg.model_dir and inside_cache(cfg, rg.model_dir)
+    if (rl_uses or eval_uses) and not builds_tiny:
         try:
             check_model_dir(abspath(rg.model_dir) if rg.model_dir else None, rg.model_type)
         except FileNotFoundError as e:
-            problems.append(str(e))
+            problems.append(str(e) + (" (reward.radgraph.build_tiny builds its tiny RadGraph only under "
+                                      "paths.cache_dir: a folder you name is never written into)"
+                                      if rg.build_tiny and rg.model_dir else ""))
     if "eval" in steps:
         for key in ("eval.green.model_path", "eval.chexbert.path", "eval.chexbert.encoder_path",
                     "eval.keyword_metrics.module"):

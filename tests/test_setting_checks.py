@@ -31,6 +31,8 @@ def test_every_range_problem_is_reported_together_with_its_key():
     ("reward.terms.choice.correct=abc", r"reward.terms.choice.correct='abc': must be a number \(its default: 1.0\)"),
     ("eval.green.model_path=/nowhere/GREEN", r"eval.green.model_path=/nowhere/GREEN: no such file"),
     ("reward.radgraph.build_tiny=false", r"reward.radgraph.model_dir=.*: no radgraph-xl/weights.th there"),
+    ("reward.radgraph.build_tiny=true", r"no radgraph-xl/weights.th there.*builds its tiny RadGraph only under "
+                                        r"paths.cache_dir"),  # a folder the user names is never written into
     ("sft.max_steps=0", "sft.max_steps=0: must be"),
 ])
 def test_a_pipeline_checks_every_step_before_its_first(setting, message, base_overrides, tmp_path, monkeypatch):

@@ -14,7 +14,7 @@ from typing import Any
 
 from flare_exp.models.checkpoints import read_meta, resolve_adapter
 from flare_exp.models import grouped_attention, lora_casts, vision_encoder
-from flare_exp.runtime import abspath, check_choice
+from flare_exp.runtime import abspath, check_choice, inside_cache
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +52,7 @@ def builds_tiny_at(model_cfg, path: Path) -> bool:
 
     if not model_cfg.build_tiny or not OmegaConf.is_config(model_cfg):
         return False
-    cache_dir = OmegaConf.select(model_cfg._get_root(), "paths.cache_dir", default=None)
-    return cache_dir is not None and path.resolve().is_relative_to(abspath(cache_dir).resolve())
+    return inside_cache(model_cfg._get_root(), path)
 
 
 def resolve_model_path(model_cfg) -> Path:

@@ -180,7 +180,7 @@ def run_grpo(args, work: Path) -> dict:
                    f"rl.num_generations={args.num_generations}", f"rl.per_device_train_batch_size={args.batch}",
                    f"rl.max_completion_length={args.completion_length}", "rl.logging_steps=1",
                    "rl.save_steps=100000", "rl.task_types=[report_generation]", "overwrite=true",
-                   f"reward.radgraph.model_dir={work / 'radgraph'}", "reward.radgraph.build_tiny=true",
+                   f"reward.radgraph.model_dir={work / 'cache' / 'radgraph'}", "reward.radgraph.build_tiny=true",
                    f"rl.cache_implementation={args.cache or 'dynamic'}",  # the baseline: TRL's own rollouts
                    f"rl.compile_generation={'true' if args.compile else 'false'}",
                    f"rl.profile_steps={PROFILE_STEPS if args.profile else 0}",

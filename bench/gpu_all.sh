@@ -20,7 +20,7 @@ SMOKE=(experiment=flare sft.card_preset=none data=demo data.demo.image_size=512 
        model.min_pixels=3136 model.max_pixels=262144 paths.cache_dir=/tmp/smoke/cache paths.output_root=/tmp/smoke/out
        sft.max_steps=4 sft.per_device_train_batch_size=4 sft.eval_steps=0 sft.save_steps=2 rl.max_steps=2
        rl.num_generations=2 rl.per_device_train_batch_size=4 rl.max_completion_length=32 infer.batch_size=8
-       infer.num_samples=16 infer.max_new_tokens=32 reward.radgraph.model_dir=/tmp/smoke/radgraph
+       infer.num_samples=16 infer.max_new_tokens=32 reward.radgraph.model_dir=/tmp/smoke/cache/radgraph
        reward.radgraph.build_tiny=true)
 while IFS=$'\t' read -r _ seconds runner args; do
   read -r -a argv <<< "$args"

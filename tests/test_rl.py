@@ -1,3 +1,4 @@
+import importlib.util
 import json
 import shutil
 
@@ -104,6 +105,9 @@ def test_grpo_config_passes_scale_rewards_and_rollout_cache(tmp_path):
         from flare_exp.stages.rl import check_settings
 
         check_settings(compose_cfg(["rl.scale_rewards=std"]))
+    if importlib.util.find_spec("vllm") is None:  # this machine: TRL would fail only after the model loaded
+        with pytest.raises(ValueError, match="rl.use_vllm=true: vLLM is not installed"):
+            check_settings(compose_cfg(["rl.use_vllm=true", "rl.decode_loop=generate"]))
 
 
 def test_loss_settings_are_checked_at_startup():

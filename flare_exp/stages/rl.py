@@ -7,6 +7,7 @@ Setup (settings check, model + adapter, GRPO dataset with lazily loaded images, 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
 import statistics
 from pathlib import Path
@@ -107,6 +108,10 @@ def check_settings(cfg) -> int:
     if limit <= 0:
         raise ValueError(f"rl.max_completion_length={rl.max_completion_length} leaves no room for the prompt in "
                          f"model.max_seq_length={max_seq_length}")
+    if rl.use_vllm and importlib.util.find_spec("vllm") is None:  # else TRL's ImportError after the model loads
+        raise ValueError("rl.use_vllm=true: vLLM is not installed in this environment (TRL's vLLM rollouts import "
+                         "it); install a vllm that matches torch on the GPU nodes, or leave rl.use_vllm=false (the "
+                         "graph decode loop)")
     return limit
 
 

@@ -40,21 +40,23 @@ def job_config(hydra_context, master_config, overrides):
 
 def job_problems(hydra_context, master_config, overrides, prepares: list | None = None) -> list[str]:
     """The problems a run with these overrides would stop on (settings and input paths), as text. ``prepares``:
-    where this job prepares data and with what settings (``prepare_target``) is appended to it."""
+    where this job prepares data and with what settings (``prepare_target``; None when it does not compose) is
+    appended to it, once per call."""
     from hydra.core.hydra_config import HydraConfig
 
     from flare_exp.checks import input_problems, setting_problems
 
-    saved = HydraConfig.instance().cfg
+    saved, target = HydraConfig.instance().cfg, None
     try:
         cfg = job_config(hydra_context, master_config, overrides)
-        if prepares is not None:
-            prepares.append(prepare_target(cfg))
+        target = prepare_target(cfg)
         return [str(p) for p in setting_problems(cfg) + input_problems(cfg)]
     except Exception as e:  # an override Hydra cannot compose (a wrong key or value)
         return [f"{type(e).__name__}: {e}"]
     finally:
         HydraConfig.instance().cfg = saved
+        if prepares is not None:
+            prepares.append(target)
 
 
 def prepare_target(cfg) -> tuple | None:
@@ -109,7 +111,6 @@ def check_jobs(hydra_context, master_config, job_overrides, initial_job_idx: int
     names = job_names(job_overrides)
     for idx, overrides in enumerate(job_overrides):
         problems = job_problems(hydra_context, master_config, overrides, prepares)
-        prepares += [None] * (idx + 1 - len(prepares))  # a job that did not compose prepares nothing
         if problems:
             bad.append(f"  job #{initial_job_idx + idx} ({names[idx]}):\n"
                        + "\n".join(f"    - {p}" for p in problems))

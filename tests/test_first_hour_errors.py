@@ -77,6 +77,7 @@ def test_known_keys_group_choices_and_free_form_dicts_pass():
     ("sft.max_steps=1.5", "sft.max_steps=1.5: must be an integer"),
     ("model.gradient_checkpointing=maybe", "model.gradient_checkpointing=maybe: must be true or false"),
     ("sft.max_steps=null", "sft.max_steps=null: needs a value"),
+    ("model.decode_attention=[grouped]", "model.decode_attention=['grouped']: must be a single value, not a list"),
 ])
 def test_a_value_of_the_wrong_type_is_named_before_hydra(override, said):
     (problem,) = key_problems(override)

@@ -38,10 +38,14 @@ def supported(query, key, attention_mask, dropout: float = 0.0, **kwargs) -> boo
         return False
     if any(kwargs.get(name) is not None for name in ("softcap", "s_aux", "sinks", "head_mask")):
         return False  # attention variants the kernel does not compute
-    head_dim = query.shape[-1]
     return (query.dtype in (torch.float16, torch.bfloat16, torch.float32) and key.dtype == query.dtype
-            and query.shape[1] % key.shape[1] == 0 and 16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0
+            and query.shape[1] % key.shape[1] == 0 and takes_head_dim(query.shape[-1])
             and not kwargs.get("output_attentions") and (query.is_cuda or interpreted()))
+
+
+def takes_head_dim(head_dim: int) -> bool:
+    """The head sizes the kernel is built for: a power of two from 16 to 256 (tl.arange and tl.dot's shapes)."""
+    return 16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0
 
 
 def interpreted() -> bool:
@@ -168,7 +172,7 @@ def self_check(device, dtype, head_dim: int) -> str | None:
     None when it agrees, else why not (a GPU or Triton build it does not run on: the caller keeps SDPA)."""
     import torch
 
-    if not (16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0):
+    if not takes_head_dim(head_dim):
         return f"head size {head_dim} is not a power of two from 16 to 256"
     try:
         generator = torch.Generator(device=device).manual_seed(0)

@@ -146,9 +146,8 @@ def reward_problems(reward_cfg, trained_task_types=()) -> list[str]:
             if param not in accepted:
                 problems.append(f"{section}.{param}: the {name} term takes no such parameter; it takes "
                                 f"{', '.join(accepted)}")
-            elif wrong_parameter_value(accepted[param], value):
-                problems.append(f"{section}.{param}={value!r}: {wrong_parameter_value(accepted[param], value)} "
-                                f"(its default: {accepted[param]})")
+            elif wrong := wrong_parameter_value(accepted[param], value):
+                problems.append(f"{section}.{param}={value!r}: {wrong} (its default: {accepted[param]})")
     weights = active_weights(cfg)
     if not any(weights.values()):
         problems.append(f"reward={cfg.get('name')}: every reward weight is 0 (or none is set): a weight of 0 turns "

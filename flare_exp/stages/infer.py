@@ -122,7 +122,7 @@ def read_predictions(out_dir: Path) -> dict[str, dict]:
 
 def predict(cfg, todo: list[dict], journal: Path, label: str, done: dict) -> tuple[int, float, str | None]:
     """Generate predictions for ``todo``, appended to ``journal`` batch by batch, each row naming the adapter
-    (path and sha256) that made it; (generated, seconds, loop)."""
+    (path and sha256) that made it; (generated, seconds, what decoded them: decode_loop and decode_attention)."""
     inf = cfg.infer
     adapter = used_adapter(cfg)
     loaded = load_model(cfg.model, init_from=inf.checkpoint, training=False, seed=cfg.seed,
@@ -203,23 +203,23 @@ def run(cfg, out_dir: Path) -> dict:
     if done:
         log.info("resuming: %d of %d predictions already in %s", len(mine) - len(todo), len(mine), out_dir)
     journal = out_dir / (PREDICTIONS if world == 1 else RANK_JOURNAL.format(rank=rank))
-    generated, elapsed, loop = predict(cfg, todo, journal, label, done) if todo else (0, 0.0, None)
+    generated, elapsed, decoded_by = predict(cfg, todo, journal, label, done) if todo else (0, 0.0, None)
     if world > 1:
         import torch.distributed as dist
 
         counts = [None] * world
-        dist.all_gather_object(counts, (generated, elapsed, loop))
+        dist.all_gather_object(counts, (generated, elapsed, decoded_by))
         dist.barrier()  # every rank's journal is complete
         if rank != 0:
             return {"rank": rank, "generated_now": generated}
         generated, elapsed = sum(c[0] for c in counts), max(c[1] for c in counts)
-        loop = next((c[2] for c in counts if c[2]), None)
+        decoded_by = next((c[2] for c in counts if c[2]), None)
         done = read_predictions(out_dir)
-    return finish(cfg, out_dir, records, done, label, generated, elapsed, loop, world, batch_choice, questions)
+    return finish(cfg, out_dir, records, done, label, generated, elapsed, decoded_by, world, batch_choice, questions)
 
 
 def finish(cfg, out_dir: Path, records: list[dict], done: dict, label: str, generated: int, elapsed: float,
-           loop: dict | None, world: int, batch_choice: dict | None = None, questions: int = 0) -> dict:
+           decoded_by: dict | None, world: int, batch_choice: dict | None = None, questions: int = 0) -> dict:
     """One predictions file in input order (the ranks' journals merged into it), the sheet, the summary."""
     inf, pred_path = cfg.infer, out_dir / PREDICTIONS
     missing = [r["id"] for r in records if r["id"] not in done]
@@ -246,7 +246,7 @@ def finish(cfg, out_dir: Path, records: list[dict], done: dict, label: str, gene
                "checkpoint": inf.checkpoint, "adapter": adapter, "split": inf.split, "samples": len(rows), "generated_now": generated,
                "reports_per_second": round(generated / elapsed, 3) if elapsed else None,
                "batch_size": inf.batch_size, "batch_size_choice": batch_choice, "max_new_tokens": inf.max_new_tokens,
-               **(loop or {"decode_loop": None}),
+               **(decoded_by or {"decode_loop": None}),
                "world_size": world, **({"submission": str(submission), "submission_complete":
                                          submission.name == "submission"} if submission else {})}
     write_json(out_dir / summary_name("infer"), summary)

@@ -63,10 +63,10 @@ def _run_or_reuse(step: str, step_cfg, step_dir: Path, results: dict, name: str,
     reuse, lock = _decide(step, step_cfg, step_dir, name, shared=not step_dir.resolve().is_relative_to(
         out_dir.resolve()))
     try:
-        if reuse and not step_cfg.overwrite:  # with overwrite, _reusable_shared said why it is reused
-            log.info("[%s] already finished in %s with the same settings and inputs: reusing it (overwrite=true "
-                     "redoes it)", name, step_dir)
         if reuse:
+            if not step_cfg.overwrite:  # with overwrite, _reusable_shared said why it is reused
+                log.info("[%s] already finished in %s with the same settings and inputs: reusing it "
+                         "(overwrite=true redoes it)", name, step_dir)
             results[name] = {"reused": str(step_dir)}
         else:
             log.info("[%s] running in %s", name, step_dir)

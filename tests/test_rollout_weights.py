@@ -186,3 +186,23 @@ def test_grpo_with_merged_rollouts(base_overrides, sft_adapter, tmp_path, monkey
                   run_dir=tmp_path / "rl")
     assert summary["global_step"] == 2 and summary["rollout_weights"] == "merged"
     assert summary["decode_loop"] == "graph" and len(refreshed) == 2 and refreshed[0] > 10
+
+
+def test_a_resume_that_changes_the_rollout_weights_says_which_steps_used_which(base_overrides, sft_adapter,
+                                                                               tmp_path):
+    import shutil
+
+    from flare_exp.main import run
+
+    def rl(weights: str, steps: int):
+        return compose_cfg(["stage=rl", *base_overrides, f"rl.init_from={sft_adapter}", f"rl.max_steps={steps}",
+                            "rl.per_device_train_batch_size=4", "rl.num_generations=2", "rl.save_steps=2",
+                            "rl.max_completion_length=8", "rl.decode_loop=graph", f"rl.rollout_weights={weights}"])
+
+    first = run(rl("adapter", 2), run_dir=tmp_path / "rl")
+    assert first["rollout_weights"] == "adapter" and "rollout_weights_from_step" not in first
+    shutil.rmtree(tmp_path / "rl" / "final")  # as if preempted after checkpoint-2
+    (tmp_path / "rl" / "DONE").unlink()
+    summary = run(rl("merged", 3), run_dir=tmp_path / "rl")
+    assert summary["global_step"] == 3 and summary["rollout_weights"] == "merged"
+    assert summary["rollout_weights_from_step"] == {"1": "adapter", "3": "merged"}

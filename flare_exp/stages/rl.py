@@ -151,6 +151,31 @@ def trl_loss_types() -> tuple[str, ...]:
     return tuple(re.findall(r"'(\w+)'", supported.group(1))) if supported else ()
 
 
+class RolloutWeightsLog(TrainerCallback):
+    """Each logged step's rollout weights (adapter | merged), in log_history only (a word, not a wandb value):
+    a checkpoint keeps it, so after a resume that changed rl.rollout_weights the summary says which steps
+    sampled with which (``rollout_weights_from_step``)."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        used = getattr(self.trainer.rollout_weights, "used", None)
+        if used and state.log_history and "reward" in state.log_history[-1]:
+            state.log_history[-1]["rollout_weights"] = used
+
+
+def rollout_weights_spans(history: list[dict], used: str | None) -> dict:
+    """{"rollout_weights_from_step": {first step: weights}} when the run's attempts sampled with different
+    rollout weights (a resume that changed rl.rollout_weights), else {}."""
+    spans: dict[str, str] = {}
+    for h in history:
+        value = h.get("rollout_weights")
+        if value and (not spans or list(spans.values())[-1] != value):
+            spans[str(h.get("step"))] = value
+    return {"rollout_weights_from_step": spans} if len(set(spans.values()) | {used} - {None}) > 1 else {}
+
+
 class RewardTermLog(TrainerCallback):
     """Adds the per-term reward means since the last log line to the log (and wandb)."""
 
@@ -297,12 +322,14 @@ def run(cfg, out_dir: Path, applied: dict | None = None) -> dict:
         trainer.generation_config.disable_compile = not compiled
     trainer.decoding = decoding
     trainer.rollout_weights = rollout_weights_of(rl, cfg.model.backend, graph)
+    trainer.add_callback(RolloutWeightsLog(trainer))
     _, final, lead = train_and_save(trainer, "rl", cfg, out_dir, meta, report_to, oom_remedies(rl),
                                     final_meta=lambda t: {"init_from": str(loaded.adapter or "")})
     summary = summarise(trainer.state.log_history, trainer.state.global_step)
     summary.update(final_adapter=str(final), prompts=len(records), skipped_too_long=skipped,
                    decode_loop=decoding.used, decode_attention=attention_used(loaded.model),
                    rollout_weights=trainer.rollout_weights.used, card_preset=card_choice,
+                   **rollout_weights_spans(trainer.state.log_history, trainer.rollout_weights.used),
                    **effective_batch(rl, trainer.args.world_size))
     if lead:
         summary.update(finish_monitor(monitor, trainer.state.log_history, out_dir, rl.max_steps))

@@ -84,8 +84,7 @@ def setting_problems(cfg: DictConfig, preload: bool = False) -> list[Exception]:
     _collect_presets(problems, cfg, steps)
     if preload and not problems:  # Unsloth first (it patches transformers), then the stage modules' own checks
         _collect(problems, preload_backend, cfg)
-    views = {name for name, s in declared_stages().items() if s.record == "view"}  # a pipeline checks its steps
-    for step in sorted(steps - views) if not ranged else ():  # they divide by those settings
+    for step in sorted(steps) if not ranged else ():  # they divide by those settings
         _collect(problems, lambda name: stage(name).check(cfg), step)
     return problems
 
@@ -160,7 +159,17 @@ def input_problems(cfg: DictConfig) -> list[Exception]:
         if not steps & declared.written_by():  # else an earlier step of this pipeline writes them
             for key in declared.reads:
                 _collect_missing(problems, declared, key, cfg)
+                _collect(problems, _check_window, declared.path_of(cfg, key), cfg.data.image_window)
     return problems
+
+
+def _check_window(path, window) -> None:
+    """A set data.image_window against the window the prepared records at ``path`` were decoded with."""
+    from flare_exp.data.decoding import check_records_window
+    from flare_exp.io import read_jsonl
+
+    if window is not None and isinstance(path, str) and path.endswith(".jsonl") and abspath(path).is_file():
+        check_records_window(read_jsonl(abspath(path)), window, path)
 
 
 def _collect_missing(problems: list, declared, key: str, cfg: DictConfig) -> None:

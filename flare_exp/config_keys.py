@@ -63,6 +63,16 @@ def unknown_path(dotted: str, schema: type) -> str | None:
     return None
 
 
+def schema_setting(dotted: str, schema: type) -> bool:
+    """Whether ``dotted`` is a field of a dataclass section (model.decode_attention), not a key under a dict."""
+    node, parts = schema, dotted.split(".")
+    for key in parts[:-1]:
+        node = _dataclass_of(_fields(node).get(key))
+        if node is None:
+            return False
+    return parts[-1] in _fields(node)
+
+
 def unknown_keys(cfg, schema: type, prefix: str = "") -> list[str]:
     """Keys of a composed config that the schema does not have, each with the closest schema key. Hydra lets
     ``+key=value`` add a key to a structured config, which would then be ignored silently: ``+sft.learning_rat=1e-4``
@@ -99,6 +109,11 @@ def override_key_problems(overrides: list[str], schema: type, groups: set[str]) 
             if found:
                 problems[override.input_line] = f"unknown Hydra key {found}" + (
                     "" if "did you mean" in found else " (python launch.py --cfg hydra lists Hydra's keys)")
+            continue
+        if override.is_delete() and "." in key and schema_setting(key, schema):
+            problems[override.input_line] = (
+                f"{override.input_line}: {key} is a setting of the schema, which a run always has (Hydra cannot "
+                f"delete it): leave it out for its default, or set it: {key}=VALUE")
             continue
         if (override.is_delete() or override.is_hydra_override() or key == "hydra" or override.package
                 or key.split("/")[0] in groups and "." not in key):  # `group@package=option` is a group choice too

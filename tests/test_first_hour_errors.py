@@ -69,7 +69,15 @@ def test_known_keys_group_choices_and_free_form_dicts_pass():
                         "hydra.launcher.timeout_min=30", "+hydra.launcher.additional_parameters.qos=high",
                         "~hydra.job.chdir", "+reward.report_generation.weights.rouge_l=0.5", "data.demo.seed=1",
                         "data.demo.image_size=512",  # data.demo is null in the schema, set by data=demo
-                        "data.instructions.report_generation=x", "model.lora.target_modules=[q_proj]") == []
+                        "data.instructions.report_generation=x", "model.lora.target_modules=[q_proj]",
+                        "~reward.report_generation.weights.rouge_l") == []  # a dict's entry can go
+
+
+@pytest.mark.parametrize("override", ["~model.decode_attention", "~rl.num_generations=4", "~model.lora.r"])
+def test_deleting_a_setting_of_the_schema_is_one_line_saying_how_to_set_it(override):
+    (problem,) = key_problems(override)
+    key = override.lstrip("~").split("=")[0]
+    assert f"{key} is a setting of the schema" in problem and f"{key}=VALUE" in problem
 
 
 @pytest.mark.parametrize("override, said", [
@@ -265,6 +273,11 @@ def test_a_single_runs_settings_are_checked_before_hydra_as_the_run_would(capsys
     with pytest.raises(SystemExit):
         launch.check_command_line(["stage=infer", "infer.batch_size=-3"])
     assert "infer.batch_size=-3" in capsys.readouterr().err
+    for argv, said in ((["stage=sweep_report"], "sweep_report.sweep_dir is not set"),  # a view stage's own check
+                       (["stage=sweep_report", f"sweep_report.sweep_dir={tmp_path}/nope"], "no such file")):
+        with pytest.raises(SystemExit):
+            launch.check_command_line(argv)
+        assert said in capsys.readouterr().err
     launch.check_command_line(["stage=eval", "eval.predictions=[${hydra:runtime.cwd}/outputs/runs/x/infer]"])
     (tmp_path / "mine.yaml").write_text("defaults: [config, _self_]\nrl:\n  per_device_train_batch_size: 12\n")
     launch.check_command_line([f"--config-dir={tmp_path}", "--config-name=mine", "stage=rl", "rl.num_generations=3"])

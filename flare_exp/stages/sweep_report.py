@@ -21,15 +21,20 @@ STAGE = Stage(
     name="sweep_report",
     help="the table, plots and Optuna study of a sweep directory",
     record="view",
+    reads=("sweep_report.sweep_dir",),
     reads_doc="`sweep_report.sweep_dir`",
     writes_doc="`<sweep_dir>/report/sweep.{csv,md,html,png}`",
 )
 
 
-def run(cfg, out_dir: Path) -> dict:
+def check_settings(cfg) -> None:
     if not cfg.sweep_report.sweep_dir:
         raise ValueError("sweep_report.sweep_dir is not set: pass the sweep's directory, "
                          "e.g. sweep_report.sweep_dir=outputs/sweeps/<run_name>")
+
+
+def run(cfg, out_dir: Path) -> dict:
+    check_settings(cfg)
     sweep_dir = abspath(cfg.sweep_report.sweep_dir)
     if not sweep_dir.is_dir():
         raise FileNotFoundError(f"sweep_report.sweep_dir={sweep_dir} does not exist")

@@ -147,9 +147,10 @@ def find_run(output_root: Path, name: str) -> Path:
                             "lists them)")
 
 
-def per_sample_stats(block: dict) -> dict:
+def per_sample_stats(block: dict) -> tuple[dict, set]:
     """task -> (ids, per-sample official statistics) from the predictions file a run's eval scored, for the
-    paired tests (the GREEN judge's per-report scores are not kept: report generation is left out)."""
+    paired tests (the GREEN judge's per-report scores are not kept: report generation is left out); and every
+    id the file holds, reports included (what two runs share is counted on those)."""
     from flare_exp.metrics import official
     from flare_exp.data.predictions import load_rows
 
@@ -157,9 +158,9 @@ def per_sample_stats(block: dict) -> dict:
     by_task: dict = {}
     for row in rows:
         by_task.setdefault(row["task_type"], []).append(row)
-    return {task: ([r["id"] for r in group], official.STATS[task]([r.get("prediction", "") for r in group],
-                                                                   [r.get("answer", "") for r in group]))
-            for task, group in by_task.items() if task in official.STATS}
+    return ({task: ([r["id"] for r in group], official.STATS[task]([r.get("prediction", "") for r in group],
+                                                                    [r.get("answer", "") for r in group]))
+             for task, group in by_task.items() if task in official.STATS}, {r["id"] for r in rows})
 
 
 def comparison(output_root: Path, names: list[str], resamples: int = 1000, seed: int = 0,
@@ -170,7 +171,7 @@ def comparison(output_root: Path, names: list[str], resamples: int = 1000, seed:
     from flare_exp.reports.tables import md_table
     from flare_exp.metrics.significance import compare, correct_family
 
-    results, samples = {}, {}
+    results, samples, inputs = {}, {}, {}
     for name in names:
         blocks = official_blocks(find_run(output_root, name))
         if not blocks:
@@ -178,8 +179,9 @@ def comparison(output_root: Path, names: list[str], resamples: int = 1000, seed:
                                     "or trial with an eval step)")
         for label, block in blocks.items():
             key = name if len(blocks) == 1 else f"{name}:{label}"
-            results[key], samples[key] = block, per_sample_stats(block)
-    tests, warnings = compare(results, samples, resamples, seed, ar_trials)
+            results[key] = block
+            samples[key], inputs[key] = per_sample_stats(block)
+    tests, warnings = compare(results, samples, resamples, seed, ar_trials, inputs)
     family = correct_family(tests)
     lines = md_table(*official_table(results))
     if tests:

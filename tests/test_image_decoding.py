@@ -162,6 +162,10 @@ def test_a_later_stage_given_another_window_than_prepares_is_refused(base_overri
     with pytest.raises(ValueError, match=r"data.image_window=\[0, 4095\], but the records of \S+ were prepared "
                                          r"with each image's own range: the window is prepare's setting"):
         run(cfg, run_dir=tmp_path / "inf")
+    from flare_exp.checks import problems_of
+
+    (problem,) = problems_of(cfg, inputs=True)  # checked with the settings, before Hydra makes a run dir
+    assert "but the records of" in str(problem) and "val.jsonl" in str(problem)
     records = [{"image_window": [0, 4095]}, {"image_window": None}]
     with pytest.raises(ValueError, match=r"prepared with each image's own range, \[0, 4095\]"):
         check_records_window(records, [0, 4095], "x.jsonl")

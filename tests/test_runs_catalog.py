@@ -8,18 +8,21 @@ from flare_exp.run.lifecycle import run_with_markers
 from flare_exp.run.record import write_failed, write_run_metadata
 
 
-def _predictions(path, hits):
-    """Eight multi-label rows; the first ``hits`` predicted right."""
+def _predictions(path, hits, reports=()):
+    """Eight multi-label rows; the first ``hits`` predicted right; a report row per id in ``reports``."""
     rows = [{"id": f"q{i}", "task_type": "multi_label", "dataset": "chestdr", "split": "val",
              "answer": "effusion", "prediction": "effusion" if i < hits else "nodule"} for i in range(8)]
+    rows += [{"id": r, "task_type": "report_generation", "dataset": "iu_xray", "split": "val",
+              "answer": "No acute findings.", "prediction": "Normal chest."} for r in reports]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 
-def _eval_run(run_dir, cfg, hits):
+def _eval_run(run_dir, cfg, hits, reports=()):
     write_run_metadata(run_dir, cfg)
     (run_dir / "scored").mkdir()  # predictions outside the run's own config: their answers are their own
-    block = {"file": str(_predictions(run_dir / "scored" / "predictions.jsonl", hits)), "n": 8, "split": "val",
+    block = {"file": str(_predictions(run_dir / "scored" / "predictions.jsonl", hits, reports)), "n": 8 + len(reports),
+             "split": "val",
              "official": {"multi_label": {"f1_score": hits / 8}}, "official_by_dataset": {}}
     (run_dir / "metrics.json").write_text(json.dumps({run_dir.name: block}))
     run_with_markers(run_dir, lambda: {"metrics": str(run_dir / "metrics.json")})
@@ -84,3 +87,15 @@ def test_listing_an_empty_output_root_leaves_nothing_behind(tmp_path):
         assert done.returncode == 0, done.stderr[-2000:]
         assert "no runs under" in (done.stdout + done.stderr).lower()
         assert not (tmp_path / "root" / "runs").exists()
+
+
+def test_runs_scored_on_different_reports_are_said_to_differ(tmp_path):
+    """Report generation has no paired test here, but its rows are inputs: two runs that differ only there are
+    not said to share everything."""
+    cfg = compose_cfg(["stage=eval"])
+    root = tmp_path / "out"
+    _eval_run(root / "runs" / "a", cfg, hits=8, reports=("r1", "r2"))
+    _eval_run(root / "runs" / "b", cfg, hits=4, reports=("r1", "r3", "r4"))
+    text = "\n".join(comparison(root, ["a", "b"], resamples=50))
+    assert "warning: a and b were scored on different inputs: 1 sample(s) only in a, 2 only in b" in text
+    assert "use the 9 they share" in text

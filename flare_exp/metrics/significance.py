@@ -119,14 +119,16 @@ def correct_family(tests: list[dict], method: str = "holm") -> dict:
                       "official metric they share), corrected per test (permutation, approximate randomization)"}
 
 
-def compare(results: dict, samples: dict, resamples: int, seed: int, ar_trials: int = 0) -> tuple[list[dict], list[str]]:
+def compare(results: dict, samples: dict, resamples: int, seed: int, ar_trials: int = 0,
+            inputs: dict[str, set] | None = None) -> tuple[list[dict], list[str]]:
     """Paired tests for every pair of runs and official metric, on the ids both scored (the bootstrap and
     permutation test; approximate randomization with ``ar_trials``); and the warnings on runs that were not
-    scored on the same inputs."""
+    scored on the same inputs: every id a run scored (``inputs``, run -> ids; default: those in ``samples``,
+    which may leave a task out)."""
     tests, warnings = [], []
     for a, b in combinations(list(results), 2):
-        ids_a = {i for ids, _ in samples[a].values() for i in ids}
-        ids_b = {i for ids, _ in samples[b].values() for i in ids}
+        ids_a, ids_b = ({i for ids, _ in samples[r].values() for i in ids} if inputs is None else inputs[r]
+                        for r in (a, b))
         split_a, split_b = results[a].get("split"), results[b].get("split")
         if ids_a != ids_b:
             warnings.append(f"{a} and {b} were scored on different inputs: {len(ids_a - ids_b)} sample(s) only in "

@@ -126,3 +126,33 @@ def test_overwrite_in_a_sweep_redoes_a_shared_prepare_once(base_overrides, tmp_p
     monkeypatch.setattr(pipeline_stage, "sweep_started", lambda: None)  # a single run: overwrite redoes it
     third = run(compose_cfg(redo), run_dir=tmp_path / "single")
     assert third["results"]["prepare"].get("records") and len(list((prepared / "attempts").iterdir())) == 2
+
+
+def test_a_finished_prepare_is_not_reused_after_the_download_changed(base_overrides, tmp_path):
+    """FLARE's corrected annotations unpacked into the same data.root: the pipeline's finished prepare (and so
+    everything trained on it) is not reused, naming the file; an image copied again with new times but the same
+    bytes is the same download."""
+    import os
+    import shutil
+
+    from flare_exp.main import run
+
+    cfg = compose_cfg(base_overrides)
+    root = tmp_path / "flare"
+    shutil.copytree(cfg.data.root, root)
+    steps = [*base_overrides, f"data.root={root}", f"data.prepared_dir={tmp_path / 'prepared'}", "stage=pipeline",
+             "stage.steps=[prepare]"]
+    run(compose_cfg(steps), run_dir=tmp_path / "pipe")
+    image = next(root.rglob("*.png"))
+    os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))  # touched: same bytes
+    assert run(compose_cfg(steps), run_dir=tmp_path / "pipe")["results"]["prepare"] == {
+        "reused": str(tmp_path / "prepared")}
+    questions = sorted(root.rglob("*_questions_train.json"))[0]
+    questions.write_text(questions.read_text().replace('"Answer": "', '"Answer": "corrected ', 1))
+    image.write_bytes(image.read_bytes() + b"\0")
+    name = questions.relative_to(root).as_posix()
+    with pytest.raises(RunSettingsChangedError, match=rf"\[prepare\] .* data.root file {name}: changed \(sha256 "
+                                                      rf"[0-9a-f]{{12}} -> [0-9a-f]{{12}}\); data.root file \S+\.png: changed"):
+        run(compose_cfg(steps), run_dir=tmp_path / "pipe")
+    result = run(compose_cfg([*steps, "overwrite=true"]), run_dir=tmp_path / "pipe")
+    assert result["results"]["prepare"]["records"]  # redone from the download as it is now

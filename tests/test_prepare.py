@@ -78,6 +78,28 @@ def test_prepare_demo(tmp_path, demo_root):
     assert (demo_root / "training/Xray/periapical.zip.unzipped").exists()
 
 
+def test_an_archive_replaced_after_extracting_is_extracted_again(tmp_path):
+    """A re-downloaded archive over an extracted one (its marker records the size and time it was extracted
+    at) is pending again; a marker of an earlier version, without them, stays extracted."""
+    import os
+    import zipfile
+
+    from flare_exp.data.prepare import pending_zips, unzip_nested
+
+    archive = tmp_path / "training" / "set.zip"
+    archive.parent.mkdir(parents=True)
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("set/a_questions_train.json", "[]")
+    assert unzip_nested(tmp_path) == 1 and pending_zips(tmp_path) == []
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("set/a_questions_train.json", '[{"corrected": 1}]')
+    os.utime(archive, ns=(1, archive.stat().st_mtime_ns + 10**9))
+    assert pending_zips(tmp_path) == [archive]
+    assert unzip_nested(tmp_path) == 1 and "corrected" in (tmp_path / "training/set/a_questions_train.json").read_text()
+    archive.with_name("set.zip.unzipped").write_text("extracted by flare_exp prepare\n")  # an older marker
+    assert pending_zips(tmp_path) == []
+
+
 def test_rerun_refuses_then_overwrite(tmp_path, demo_root):
     out = _prepare(tmp_path, demo_root)
     before = (out / "train.jsonl").read_bytes()

@@ -21,6 +21,7 @@ from flare_exp.data import records as R
 from flare_exp.data.decoding import check_window
 from flare_exp.data.images import (OUTSIDE_ROOT, PROCESSOR_REFUSES, SMALLER_THAN_A_PATCH, ProcessorLimits,
                                    check_images, inside, walk_files)
+from flare_exp.data.prepare_inputs import record_inputs
 from flare_exp.io import write_json, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -41,8 +42,24 @@ class QuestionFile:
     dataset: str
 
 
-def _pending_zips(root: Path) -> list[Path]:
-    return [z for z in walk_files(root, ".zip") if not z.with_name(z.name + ".unzipped").exists()]
+def pending_zips(root: Path) -> list[Path]:
+    """The archives not extracted yet, or replaced since (their marker records the size and time extracted)."""
+    return [z for z in walk_files(root, ".zip") if _unzip_stamp(z.with_name(z.name + ".unzipped")) not in (
+        _archive_stamp(z), "")]
+
+
+def _archive_stamp(archive: Path) -> str:
+    stat = archive.stat()
+    return f"extracted by flare_exp prepare: {stat.st_size} bytes, modified {stat.st_mtime_ns}\n"
+
+
+def _unzip_stamp(marker: Path) -> str | None:
+    """The marker's stamp; "" for a marker of an earlier version (no stamp: taken as extracted), None if none."""
+    try:
+        text = marker.read_text()
+    except OSError:
+        return None
+    return text if text.startswith("extracted by flare_exp prepare:") else ""
 
 
 def unzip_nested(root: Path) -> int:
@@ -51,7 +68,7 @@ def unzip_nested(root: Path) -> int:
     would otherwise extract over each other and read half-written files; the second waits, then finds it done."""
     from flare_exp.run.lock import RunLock
 
-    if not _pending_zips(root):
+    if not pending_zips(root):
         return 0  # nothing written into the download (it may be read-only)
     lock = RunLock(root, name=".flare_exp_unzip.lock").acquire_when_free("prepare: unzip")
     try:
@@ -63,7 +80,7 @@ def unzip_nested(root: Path) -> int:
 def _extract_pending(root: Path) -> int:
     extracted = 0
     while True:
-        pending = _pending_zips(root)
+        pending = pending_zips(root)
         if not pending:
             return extracted
         for archive in tqdm(pending, desc="unzip", unit="zip", disable=len(pending) < 2):
@@ -77,7 +94,7 @@ def _extract_pending(root: Path) -> int:
                     zf.extractall(dest)
             except zipfile.BadZipFile as e:
                 raise PrepareError(f"{archive}: not a valid zip file ({e})") from None
-            archive.with_name(archive.name + ".unzipped").write_text("extracted by flare_exp prepare\n")
+            archive.with_name(archive.name + ".unzipped").write_text(_archive_stamp(archive))
             extracted += 1
 
 
@@ -224,12 +241,11 @@ def prepare(cfg_data, root: Path, out_dir: Path, limits: ProcessorLimits | None 
         n = unzip_nested(root)
         if n:
             log.info("unzipped %d archives under %s", n, root)
-    split_sources = {"train": list(cfg_data.train_splits), "val": list(cfg_data.val_splits),
-                     "test": list(cfg_data.test_splits)}
+    split_sources = split_sources_of(cfg_data)
     rejects: list[dict] = []
     found = question_files(root)
     candidates = read_records(root, cfg_data, split_sources, rejects, found)
-    by_split, modes = accept_records(candidates, cfg_data, rejects, limits)
+    by_split, modes, sha1s = accept_records(candidates, cfg_data, rejects, limits)
     rejects.sort(key=lambda r: (r["file"], r["index"]))
     write_jsonl(out_dir / "rejects.jsonl", rejects)  # first: an error below points at it
     check_requested(root, cfg_data, split_sources, by_split, rejects, out_dir / "rejects.jsonl", found)
@@ -256,7 +272,19 @@ def prepare(cfg_data, root: Path, out_dir: Path, limits: ProcessorLimits | None 
         "seconds": round(time.time() - start, 2),
     }
     write_json(out_dir / "summary.json", summary)
+    record_inputs(out_dir, root, questions_read(found, cfg_data, split_sources), sha1s)
     return summary
+
+
+def split_sources_of(cfg_data) -> dict[str, list[str]]:
+    return {"train": list(cfg_data.train_splits), "val": list(cfg_data.val_splits),
+            "test": list(cfg_data.test_splits)}
+
+
+def questions_read(found: list[tuple], cfg_data, split_sources: dict) -> list[Path]:
+    """The question files a prepare with these settings reads (``found``: question_files(root))."""
+    return sorted({qf.path for sources in split_sources.values()
+                   for qf in discover(found, list(cfg_data.datasets), sources)})
 
 
 def _reject(rejects: list, cfg_data, file: str, index: int, reason: str) -> None:
@@ -288,10 +316,10 @@ def read_records(root: Path, cfg_data, split_sources: dict, rejects: list,
 
 
 def accept_records(candidates: list, cfg_data, rejects: list,
-                   limits: ProcessorLimits | None = None) -> tuple[dict[str, list[dict]], dict[str, int]]:
+                   limits: ProcessorLimits | None = None) -> tuple[dict[str, list[dict]], dict[str, int], dict]:
     """Decode every image the candidates name (once, in parallel; data.verify_images=false: headers only); a
     record with a broken image, one the processor cannot take, or a second record with the same
-    ImageName||Question, is rejected. Also: the accepted images counted by PIL mode."""
+    ImageName||Question, is rejected. Also: the accepted images counted by PIL mode, and each image's sha1."""
     by_split: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
     images = [p for record, _, _ in candidates for p in record["_paths"]]
     window = check_window(cfg_data.image_window)
@@ -311,7 +339,8 @@ def accept_records(candidates: list, cfg_data, rejects: list,
         modes.update({p: result.mode for p, result in zip(record["_paths"], results)})
         seen.add(record["id"])
         by_split[record["split"]].append(record)
-    return by_split, dict(sorted(Counter(modes.values()).items()))
+    sha1s = {p: result.sha1 for p, result in checked.items() if result.sha1}
+    return by_split, dict(sorted(Counter(modes.values()).items())), sha1s
 
 
 def check_requested(root: Path, cfg_data, split_sources: dict, by_split: dict, rejects: list,

@@ -157,12 +157,16 @@ def check_resume(stage: str, run_dir: Path, new: dict) -> None:
 
 def finished_differences(stage: str, run_dir: Path, cfg) -> list[str]:
     """What differs between a finished run's fingerprint and this config's ('key: old -> new'); a run finished
-    before fingerprints were recorded is held to the deciding settings of its config.yaml."""
+    before fingerprints were recorded is held to the deciding settings of its config.yaml. A stage whose inputs
+    are more than files (prepare's data.root) says what changed there with its ``input_changes``."""
     new = fingerprint(stage, cfg)
     recorded = run_dir / FINGERPRINT
     if recorded.exists():
-        return differences(recorded_fingerprint(run_dir), new, budget=True)
-    return settings_differences(config_settings(stage, run_dir) if (run_dir / CONFIG).exists() else {}, new)
+        changed = differences(recorded_fingerprint(run_dir), new, budget=True)
+    else:
+        changed = settings_differences(config_settings(stage, run_dir) if (run_dir / CONFIG).exists() else {}, new)
+    inputs = getattr(stage_named(stage).runner(), "input_changes", None)  # inputs beyond files: a data tree
+    return changed + (inputs(cfg, run_dir) if inputs and not changed else [])
 
 
 def config_settings(stage: str, run_dir: Path) -> dict:

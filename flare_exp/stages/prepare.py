@@ -29,6 +29,21 @@ def output_dir(cfg, run_dir: Path) -> Path:
     return abspath(cfg.data.prepared_dir)
 
 
+def input_changes(cfg, out_dir: Path) -> list[str]:
+    """What changed under data.root since the prepare in ``out_dir`` read it (a finished prepare is reused only
+    without any): its question files and images."""
+    from flare_exp.data.prepare import pending_zips, question_files, questions_read, split_sources_of
+    from flare_exp.data.prepare_inputs import input_changes as changes, summarised
+
+    root = abspath(cfg.data.root)
+    if not root.is_dir():
+        return []  # the settings' check names a missing data.root
+    archives = [f"data.root file {z.relative_to(root).as_posix()}: new or replaced, not extracted yet"
+                for z in (pending_zips(root) if cfg.data.unzip else [])]
+    found = question_files(root)
+    return summarised(archives + changes(out_dir, root, questions_read(found, cfg.data, split_sources_of(cfg.data))))
+
+
 def run(cfg, out_dir: Path) -> dict:
     root = abspath(cfg.data.root)
     if cfg.data.demo is not None and not root.exists():

@@ -51,6 +51,23 @@ def test_a_live_holder_stops_the_second_launch(base_overrides, tmp_path):
     assert (tmp_path / "eval" / "DONE").exists() and not (tmp_path / "eval" / ".lock").exists()
 
 
+def test_a_prepare_into_another_dir_under_a_record_in_use_is_refused(base_overrides, tmp_path):
+    """prepare writes into data.prepared_dir and records the launch in Hydra's run dir: two prepares into two
+    prepared dirs under one run_name would write one record at once, so the record is locked too."""
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        _fake_holder(tmp_path / "record", sleeper.pid)
+        cfg = compose_cfg(["stage=prepare", *base_overrides, f"data.prepared_dir={tmp_path / 'mine'}"])
+        with pytest.raises(RunLockedError, match=rf"{tmp_path / 'record'} is in use by another run: .* pid {sleeper.pid}"):
+            run(cfg, run_dir=tmp_path / "record")
+        assert not (tmp_path / "mine" / ".lock").exists() and not (tmp_path / "mine" / "DONE").exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    run(cfg, run_dir=tmp_path / "record")
+    assert (tmp_path / "record" / "DONE").exists() and not (tmp_path / "record" / ".lock").exists()
+
+
 def test_stale_locks_are_taken_over_and_fresh_ones_kept(tmp_path, caplog, monkeypatch):
     _fake_holder(tmp_path / "a", _dead_pid())
     with RunLock(tmp_path / "a"):

@@ -54,11 +54,14 @@ class Run:
         self.locked = locked and rank == 0
         self.own_run = locked  # not a pipeline's step (the pipeline checked its steps before it started)
         self.lock: RunLock | None = None
+        self.record_lock: RunLock | None = None
 
     def __enter__(self) -> "Run":
         try:
             if self.locked:
                 self.lock = RunLock(self.out_dir).acquire()
+                if self.run_dir != self.out_dir:  # its record too: two prepares into two dirs under one run_name
+                    self.record_lock = RunLock(self.run_dir).acquire()
             if self.declared is not None and self.own_run:  # nothing touched yet: a refusal leaves the dir as it was
                 self.declared.refuse_before_start(self.configured, self.out_dir)
             if not self.view:  # every rank runs with the same applied settings
@@ -73,8 +76,9 @@ class Run:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.lock is not None:
-            self.lock.release()
+        for lock in (self.record_lock, self.lock):
+            if lock is not None:
+                lock.release()
 
     def _start(self) -> None:
         if self.view:

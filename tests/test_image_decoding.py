@@ -100,6 +100,25 @@ def test_prepare_counts_modes_and_rejects_what_the_processor_cannot_take(tmp_pat
     assert summary["rejects"] == {"image smaller than one vision patch": 1, "image the processor refuses": 1}
     assert {r["image_name"]: r["image_window"] for r in read_jsonl(out / "train.jsonl")}["imagesTr/x16.png"] == \
         [0, 4095]
+    # a.png is one flat grey and rgba.png all transparent black: kept, but named (the gradient is not)
+    assert summary["nearly_uniform_images"] == {"count": 2, "first": [
+        "training/Xray/chestdr/imagesTr/a.png", "training/Xray/chestdr/imagesTr/rgba.png"]}
+
+
+def test_a_window_that_saturates_an_image_is_named_not_silent(tmp_path, caplog):
+    """A full-range 16-bit X-ray under a 12-bit window decodes to nearly all white: prepare keeps it (the
+    window is the user's) but names it in the log and summary.json."""
+    root = tmp_path / "raw"
+    d = _small_tree(root, [{**GOOD, "ImageName": "imagesTr/full16.png"}], images=())
+    full = (np.arange(64 * 64) * 16).reshape(64, 64).astype(np.uint16)  # 0..65520: 94% of it above 4095
+    Image.fromarray(full).save(d / "imagesTr" / "full16.png")
+    caplog.set_level("WARNING", logger="flare_exp.data.prepare")
+    out = _prepare(tmp_path, root, "data.datasets=[chestdr]", "data.image_window=[0,4095]")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["nearly_uniform_images"]["first"] == ["training/Xray/chestdr/imagesTr/full16.png"]
+    assert "data.image_window=[0, 4095] may not suit them" in caplog.text
+    unwindowed = _prepare(tmp_path / "own", root, "data.datasets=[chestdr]")  # its own range: a gradient
+    assert json.loads((unwindowed / "summary.json").read_text())["nearly_uniform_images"]["count"] == 0
 
 
 def test_processor_limits_come_from_the_models_processor_config(tmp_path):

@@ -84,7 +84,7 @@ def test_an_archive_replaced_after_extracting_is_extracted_again(tmp_path):
     import os
     import zipfile
 
-    from flare_exp.data.prepare import pending_zips, unzip_nested
+    from flare_exp.data.unzip import pending_zips, unzip_nested
 
     archive = tmp_path / "training" / "set.zip"
     archive.parent.mkdir(parents=True)

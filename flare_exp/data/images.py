@@ -65,6 +65,7 @@ class ImageCheck(NamedTuple):
     mode: str | None  # the file's PIL mode (summary.json counts them)
     pixels: str | None  # sha1 of the decoded 8-bit RGB pixels (same picture in another file format)
     size: tuple[int, int] | None = None  # width, height as stored
+    uniform: float | None = None  # share of the decoded pixels at the commonest grey level (1.0: one flat value)
 
 
 @dataclass(frozen=True)
@@ -129,14 +130,15 @@ def _check_image(path: str, window: tuple[float, float] | None, decode: bool = T
         data = Path(path).read_bytes()
     except OSError as e:
         return ImageCheck(f"unreadable image {Path(path).name}: {e.strerror or e}", None, None, None)
-    size, mode, pixels = f"{len(data):,} bytes", None, None
+    size, mode, pixels, uniform = f"{len(data):,} bytes", None, None, None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as im:
                 size, mode, stored = f"{im.width}x{im.height} px, {size}", im.mode, im.size
                 if decode:
-                    pixels = hashlib.sha1(upright_rgb(im, window).tobytes()).hexdigest()
+                    picture = upright_rgb(im, window)
+                    pixels, uniform = hashlib.sha1(picture.tobytes()).hexdigest(), commonest_share(picture)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         return ImageCheck(f"decompression bomb {Path(path).name}: {e} ({size})", None, mode, None)
     except Image.UnidentifiedImageError:  # PIL's wording names an in-memory buffer, not the file
@@ -146,7 +148,16 @@ def _check_image(path: str, window: tuple[float, float] | None, decode: bool = T
     except Exception as e:  # PIL raises many types for broken files
         reason = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "this file", str(e))[:200]
         return ImageCheck(f"corrupt image {Path(path).name}: {type(e).__name__}: {reason} ({size})", None, mode, None)
-    return ImageCheck(None, hashlib.sha1(data).hexdigest(), mode, pixels, stored)
+    return ImageCheck(None, hashlib.sha1(data).hexdigest(), mode, pixels, stored, uniform)
+
+
+def commonest_share(picture) -> float:
+    """The share of an 8-bit picture's pixels at its commonest level of the first channel (grey X-rays: all
+    three are one): near 1 for a picture that decoded to one flat value, e.g. a window that saturates it."""
+    import numpy as np
+
+    counts = np.bincount(np.asarray(picture)[..., 0].ravel(), minlength=256)
+    return float(counts.max() / max(counts.sum(), 1))
 
 
 def _within(check: ImageCheck, path: Path, limits: ProcessorLimits | None) -> ImageCheck:

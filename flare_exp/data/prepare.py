@@ -10,10 +10,10 @@ import json
 import logging
 import re
 import time
-import zipfile
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from tqdm.auto import tqdm
 
@@ -22,6 +22,7 @@ from flare_exp.data.decoding import check_window
 from flare_exp.data.images import (OUTSIDE_ROOT, PROCESSOR_REFUSES, SMALLER_THAN_A_PATCH, ProcessorLimits,
                                    check_images, inside, walk_files)
 from flare_exp.data.prepare_inputs import record_inputs
+from flare_exp.data.unzip import PrepareError, unzip_nested
 from flare_exp.io import write_json, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -31,71 +32,11 @@ _QUESTION_FILE = re.compile(r"^(?P<dataset>.+?)_(?:questions_(?:train|val|test)(
 REQUIRED_KEYS = ("TaskType", "ImageName", "Question")
 
 
-class PrepareError(ValueError):
-    """Bad input that stops prepare (malformed JSON file, strict-mode reject, leakage)."""
-
-
 @dataclass(frozen=True)
 class QuestionFile:
     path: Path
     split: str  # the FLARE split folder it sits under
     dataset: str
-
-
-def pending_zips(root: Path) -> list[Path]:
-    """The archives not extracted yet, or replaced since (their marker records the size and time extracted)."""
-    return [z for z in walk_files(root, ".zip") if _unzip_stamp(z.with_name(z.name + ".unzipped")) not in (
-        _archive_stamp(z), "")]
-
-
-def _archive_stamp(archive: Path) -> str:
-    stat = archive.stat()
-    return f"extracted by flare_exp prepare: {stat.st_size} bytes, modified {stat.st_mtime_ns}\n"
-
-
-def _unzip_stamp(marker: Path) -> str | None:
-    """The marker's stamp; "" for a marker of an earlier version (no stamp: taken as extracted), None if none."""
-    try:
-        text = marker.read_text()
-    except OSError:
-        return None
-    return text if text.startswith("extracted by flare_exp prepare:") else ""
-
-
-def unzip_nested(root: Path) -> int:
-    """Extract every *.zip under ``root`` next to itself, repeating for zips inside zips. Idempotent. Under a
-    lock in ``root`` when there is anything to extract: two prepares of one download (into two prepared dirs)
-    would otherwise extract over each other and read half-written files; the second waits, then finds it done."""
-    from flare_exp.run.lock import RunLock
-
-    if not pending_zips(root):
-        return 0  # nothing written into the download (it may be read-only)
-    lock = RunLock(root, name=".flare_exp_unzip.lock").acquire_when_free("prepare: unzip")
-    try:
-        return _extract_pending(root)
-    finally:
-        lock.release()
-
-
-def _extract_pending(root: Path) -> int:
-    extracted = 0
-    while True:
-        pending = pending_zips(root)
-        if not pending:
-            return extracted
-        for archive in tqdm(pending, desc="unzip", unit="zip", disable=len(pending) < 2):
-            dest = archive.parent.resolve()
-            try:
-                with zipfile.ZipFile(archive) as zf:
-                    for member in zf.namelist():
-                        target = (dest / member).resolve()
-                        if dest not in target.parents and target != dest:
-                            raise PrepareError(f"{archive}: member {member!r} would extract outside {dest}")
-                    zf.extractall(dest)
-            except zipfile.BadZipFile as e:
-                raise PrepareError(f"{archive}: not a valid zip file ({e})") from None
-            archive.with_name(archive.name + ".unzipped").write_text(_archive_stamp(archive))
-            extracted += 1
 
 
 def discover(files: list[tuple], datasets: list[str], splits: list[str]) -> list[QuestionFile]:
@@ -245,7 +186,7 @@ def prepare(cfg_data, root: Path, out_dir: Path, limits: ProcessorLimits | None 
     rejects: list[dict] = []
     found = question_files(root)
     candidates = read_records(root, cfg_data, split_sources, rejects, found)
-    by_split, modes, sha1s = accept_records(candidates, cfg_data, rejects, limits)
+    by_split, modes, sha1s, flat = accept_records(candidates, cfg_data, rejects, limits)
     rejects.sort(key=lambda r: (r["file"], r["index"]))
     write_jsonl(out_dir / "rejects.jsonl", rejects)  # first: an error below points at it
     check_requested(root, cfg_data, split_sources, by_split, rejects, out_dir / "rejects.jsonl", found)
@@ -267,6 +208,7 @@ def prepare(cfg_data, root: Path, out_dir: Path, limits: ProcessorLimits | None 
         "images": len({p for rows in by_split.values() for r in rows for p in r["images"]}),
         "images_by_mode": modes,
         "image_window": list(cfg_data.image_window) if cfg_data.image_window is not None else "own range",
+        "nearly_uniform_images": nearly_uniform(flat, root, cfg_data.image_window),
         "processor_limits": asdict(limits) if limits else None,
         "overlapping_studies_allowed": len(overlap),
         "seconds": round(time.time() - start, 2),
@@ -274,6 +216,18 @@ def prepare(cfg_data, root: Path, out_dir: Path, limits: ProcessorLimits | None 
     write_json(out_dir / "summary.json", summary)
     record_inputs(out_dir, root, questions_read(found, cfg_data, split_sources), sha1s)
     return summary
+
+
+def nearly_uniform(flat: list[Path], root: Path, window) -> dict:
+    """The accepted images that decoded to one nearly flat level, counted, the first named, and said."""
+    names = [str(p.relative_to(root)) if p.is_relative_to(root) else str(p) for p in flat]
+    if names:
+        log.warning("prepare: %d accepted image(s) decoded to nearly one flat grey level (>= %d%% of the pixels), "
+                    "e.g. %s: %s. They are kept; summary.json lists the first ones", len(names),
+                    round(NEARLY_UNIFORM * 100), ", ".join(names[:3]),
+                    f"data.image_window=[{window[0]:g}, {window[1]:g}] may not suit them (a window outside their values saturates "
+                    "them)" if window is not None else "blank or constant images")
+    return {"count": len(names), "first": names[:20]}
 
 
 def split_sources_of(cfg_data) -> dict[str, list[str]]:
@@ -315,11 +269,24 @@ def read_records(root: Path, cfg_data, split_sources: dict, rejects: list,
     return candidates
 
 
+class Accepted(NamedTuple):
+    by_split: dict[str, list[dict]]
+    modes: dict[str, int]  # PIL mode -> accepted images
+    sha1s: dict[Path, str]  # every decoded image's bytes
+    nearly_uniform: list[Path]  # accepted images whose decoded pixels are nearly all one level
+
+
+# an accepted image with this share of its pixels at one grey level is named in summary.json and the log: a
+# window that saturates it (data.image_window), a float or constant image, a blank scan
+NEARLY_UNIFORM = 0.9
+
+
 def accept_records(candidates: list, cfg_data, rejects: list,
-                   limits: ProcessorLimits | None = None) -> tuple[dict[str, list[dict]], dict[str, int], dict]:
+                   limits: ProcessorLimits | None = None) -> "Accepted":
     """Decode every image the candidates name (once, in parallel; data.verify_images=false: headers only); a
     record with a broken image, one the processor cannot take, or a second record with the same
-    ImageName||Question, is rejected. Also: the accepted images counted by PIL mode, and each image's sha1."""
+    ImageName||Question, is rejected. Also: the accepted images counted by PIL mode, each image's sha1, and the
+    accepted images that decoded to one nearly flat grey level."""
     by_split: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
     images = [p for record, _, _ in candidates for p in record["_paths"]]
     window = check_window(cfg_data.image_window)
@@ -340,7 +307,8 @@ def accept_records(candidates: list, cfg_data, rejects: list,
         seen.add(record["id"])
         by_split[record["split"]].append(record)
     sha1s = {p: result.sha1 for p, result in checked.items() if result.sha1}
-    return by_split, dict(sorted(Counter(modes.values()).items())), sha1s
+    flat = sorted({p for p in modes if (checked[p].uniform or 0) >= NEARLY_UNIFORM})
+    return Accepted(by_split, dict(sorted(Counter(modes.values()).items())), sha1s, flat)
 
 
 def check_requested(root: Path, cfg_data, split_sources: dict, by_split: dict, rejects: list,

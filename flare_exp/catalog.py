@@ -28,14 +28,19 @@ def metrics_file(run_dir: Path) -> Path | None:
     return own_or_step(run_dir, METRICS)
 
 
-def official_blocks(run_dir: Path) -> dict:
-    """label -> the official block of every predictions file the run's eval scored (empty without an eval)."""
+def official_blocks(run_dir: Path, strict: bool = False) -> dict:
+    """label -> the official block of every predictions file the run's eval scored (empty without an eval);
+    ``strict`` (runs.compare): an unreadable metrics.json is an error naming it, not an empty one."""
     path = metrics_file(run_dir)
     if path is None:
         return {}
     try:
         data = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError) as e:
+        if strict:
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ValueError(f"runs.compare: {path} is unreadable ({why}): cut or edited since its eval wrote it; "
+                             "rerun that eval") from None
         return {}
     # a hand-made or foreign metrics.json: only blocks shaped as eval writes them
     return {k: v for k, v in data.items() if isinstance(v, dict) and isinstance(v.get("official", {}), dict)} \
@@ -171,12 +176,19 @@ def comparison(output_root: Path, names: list[str], resamples: int = 1000, seed:
     from flare_exp.reports.tables import md_table
     from flare_exp.metrics.significance import compare, correct_family
 
-    results, samples, inputs = {}, {}, {}
+    results, samples, inputs, unfinished = {}, {}, {}, []
     for name in names:
-        blocks = official_blocks(find_run(output_root, name))
+        run_dir = find_run(output_root, name)
+        blocks, failed = official_blocks(run_dir, strict=True), own_or_step(run_dir, FAILED)
         if not blocks:
-            raise FileNotFoundError(f"runs.compare: {name} holds no eval metrics.json (an eval run, or a pipeline "
-                                    "or trial with an eval step)")
+            raise FileNotFoundError(f"runs.compare: {name} " + (
+                f"FAILED: {run_summary(failed.parent)['error']} ({failed}); rerun it" if failed else
+                "holds no eval metrics.json (an eval run, or a pipeline or trial with an eval step)"))
+        eval_dir = metrics_file(run_dir).parent
+        if marker(eval_dir) != DONE:  # a metrics.json of a killed eval, or one left by an attempt before a FAILED
+            unfinished.append(f"{name}: its eval {eval_dir} " + (
+                "FAILED: its metrics.json may be an earlier attempt's" if marker(eval_dir) == FAILED else
+                "is unfinished (no DONE marker): its metrics may be partial"))
         for label, block in blocks.items():
             key = name if len(blocks) == 1 else f"{name}:{label}"
             results[key] = block
@@ -188,7 +200,7 @@ def comparison(output_root: Path, names: list[str], resamples: int = 1000, seed:
         lines += ["Paired tests (report generation left out: its per-report GREEN scores are in the eval runs' "
                   "scored sheets, not compared here):", "",
                   *md_table(SIGNIFICANCE_HEADER, significance_rows(tests)), *significance_notes(family)]
-    return lines + [f"warning: {w}" for w in warnings]
+    return lines + [f"warning: {w}" for w in unfinished + warnings]
 
 
 def remove_view_dir() -> None:

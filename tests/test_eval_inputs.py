@@ -185,11 +185,13 @@ def test_a_question_file_with_a_byte_order_mark_is_prepared(tmp_path):
     assert len(read_jsonl(_prepare(tmp_path, root, "data.datasets=[chestdr]") / "train.jsonl")) == 1
 
 
-def test_an_id_with_a_stray_space_is_shown_quoted(tmp_path):
+def test_an_id_with_a_stray_space_is_read_as_the_id_and_a_typo_is_named(tmp_path):
     prepared = _prepared(tmp_path)
     rows = [{**r, "prediction": "A"} for r in REFERENCE]
     rows[3]["id"] = "dental/3 "  # a space typed after it in a sheet
-    with pytest.raises(ValueError, match=r"not in the prepared split .*: 'dental/3 '"):
+    assert [r["id"] for r in load_rows(_predictions(tmp_path, rows), False, prepared)[0]][3] == "dental/3"
+    rows[3]["id"] = "dental/e "
+    with pytest.raises(ValueError, match=r"not in the prepared split .*: dental/e\. "):
         load_rows(_predictions(tmp_path, rows), False, prepared)
 
 

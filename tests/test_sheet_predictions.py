@@ -118,9 +118,9 @@ def test_a_sheet_outside_a_run_finds_its_split_and_a_broken_file_is_named(tmp_pa
     _edit(sheet, lambda s: s.delete_cols(1, 3))  # ImageName, Question, Answer removed: answers from the split
     rows, info = load_rows(sheet, False, prepared)
     assert info["answers_from"].endswith("prepared/val.jsonl") and rows[0]["answer"] == "10"
-    typo = _edit(_sheet(tmp_path / "elsewhere", "typo.xlsx"), lambda s: s.cell(2, 7, "boneresorption/0 "))
+    typo = _edit(_sheet(tmp_path / "elsewhere", "typo.xlsx"), lambda s: s.cell(2, 7, "boneresorption/O "))
     with pytest.raises(ValueError, match=r"1 prediction id\(s\) are not in the prepared split \S+val.jsonl: "
-                                         r"'boneresorption/0 '"):  # a typo is named; the answers stay checked
+                                         r"boneresorption/O\. "):  # a typo is named; the answers stay checked
         load_rows(typo, False, prepared)
     torn = tmp_path / "torn.xlsx"
     torn.write_bytes(sheet.read_bytes()[:500])

@@ -17,13 +17,10 @@ from flare_exp.runtime import abspath
 def load_rows(path: Path, allow_partial: bool, prepared_dir: str | None = None) -> tuple[list[dict], dict]:
     """The predictions of one file, joined by id to the prepared split they answer (found from the infer run,
     else ``prepared_dir``), checked; and what the report must say about them."""
-    from flare_exp.data.references import join_to_reference, reference_file
     from flare_exp.data.sheet_predictions import is_sheet, read_sheet_predictions
 
-    if path.suffix.lower() in (".csv", ".tsv"):
-        raise ValueError(f"{path}: eval reads predictions as JSONL (infer's predictions.jsonl: one JSON object per "
-                         "line with id and prediction) or as an .xlsx sheet with infer's columns; save this table "
-                         "as .xlsx")
+    if not is_sheet(path):
+        refuse_other_formats(path)
     run_dir = path.parent
     unfinished = (run_dir / RUN_INFO).exists() and not (run_dir / DONE).exists()
     if unfinished and not allow_partial:
@@ -47,20 +44,10 @@ def load_rows(path: Path, allow_partial: bool, prepared_dir: str | None = None) 
     check_fields(path, rows)
     check_written_count(path, len(rows), allow_partial)
     check_one_row_per_id(path, rows)  # before the join: a doubled row is named as such, not as a changed answer
-    reference = reference_file(path, rows, prepared_dir)
-    info: dict = {"answers_from": str(reference) if reference else "the predictions file"}
+    rows, info = joined(path, rows, prepared_dir)
     if sheet:
         info["sheet_note"] = (f"predictions read from the worksheet {path.name} (sheet {sheet_title!r}), as it is "
                               "now: a prediction edited by hand is scored as edited")
-    if reference:
-        rows, covered = join_to_reference(path, rows, reference)
-        info.update(covered)
-        if reference.stem in ("train", "val", "test"):  # a prepared split: a sheet's rows (no split column) are it
-            for row in rows:
-                row["split"] = row.get("split") or reference.stem
-    else:
-        info["answers_note"] = ("answers taken from the predictions file, unchecked: no prepared split was found "
-                                "to join them to (data.prepared_dir)")
     if unfinished:
         info["partial"] = (f"partial: {len(rows)} of {expected_count(run_dir) or 'an unknown number of'} predictions"
                            + ("; the file's torn last line (a write cut short) left out" if torn else ""))
@@ -72,10 +59,83 @@ def load_rows(path: Path, allow_partial: bool, prepared_dir: str | None = None) 
     if missing:
         raise ValueError(f"{path}: {len(missing)} predictions have no ground truth (e.g. {missing[0]}); "
                          "the test split is scored by FLARE from the submission files")
-    empty = sum(not isinstance(r.get("prediction"), str) for r in rows)
+    empty = sum(not isinstance(r.get("prediction"), str) or not r["prediction"].strip() for r in rows)
     if empty:
         info["empty_predictions"] = empty
     return rows, info
+
+
+def joined(path: Path, rows: list[dict], prepared_dir: str | None) -> tuple[list[dict], dict]:
+    """The rows joined to the prepared split they answer, and where their answers came from; an infer run whose
+    own split is gone is named as such, not as ids missing from the split data.prepared_dir offers instead."""
+    from flare_exp.data.references import gone_run_split, join_to_reference, reference_file
+
+    reference, gone = reference_file(path, rows, prepared_dir), gone_run_split(path)
+    if reference is None:
+        return rows, {"answers_from": "the predictions file", "answers_note": (
+            "answers taken from the predictions file, unchecked: no prepared split was found to join them to "
+            f"(data.prepared_dir{'; ' + gone if gone else ''})")}
+    try:
+        rows, covered = join_to_reference(path, rows, reference)
+    except ValueError as e:
+        if not gone:
+            raise
+        raise ValueError(f"{path}: {gone}, and data.prepared_dir's {reference}, tried instead, does not match "
+                         "these predictions: prepare that split again (stage=prepare with the run's data settings) or "
+                         "point data.prepared_dir at a copy of it") from e
+    if reference.stem in ("train", "val", "test"):  # a prepared split: a sheet's rows (no split column) are it
+        for row in rows:
+            row["split"] = row.get("split") or reference.stem
+    return rows, {"answers_from": str(reference), **covered}
+
+
+OLE2 = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"  # the old binary Office files: .xls (and .doc, an encrypted .xlsx)
+ZIP = b"PK\x03\x04"  # .xlsx, .ods
+ACCEPTED = ("eval reads infer's predictions.jsonl (one JSON object per line with id and prediction), an infer run "
+            "dir or an .xlsx sheet with infer's columns")
+
+
+def refuse_other_formats(path: Path) -> None:
+    """A file of another format (a CSV, an .xls or .ods spreadsheet, a JSON array) named as such with what to
+    do, before reading it as JSONL fails on its first byte."""
+    why = other_format(path)
+    if why:
+        raise ValueError(f"{path}: {why}")
+
+
+def other_format(path: Path) -> str | None:
+    suffix = path.suffix.lower()
+    if suffix in (".csv", ".tsv"):
+        return ("eval reads predictions as JSONL (infer's predictions.jsonl: one JSON object per line with id and "
+                "prediction) or as an .xlsx sheet with infer's columns; save this table as .xlsx")
+    if not path.is_file():
+        return None  # the reader says so
+    with open(path, "rb") as f:
+        head = f.read(128)
+    if suffix == ".xls" or head.startswith(OLE2):
+        return "an old binary Excel workbook (.xls), which eval does not read: save it as .xlsx (Excel Workbook)"
+    if suffix == ".ods" or head.startswith(ZIP) and b"opendocument" in head:
+        return ("an OpenDocument spreadsheet (.ods), which eval does not read: save it as .xlsx (LibreOffice: Save "
+                "As, Excel 2007-365)")
+    if head.startswith(ZIP):
+        return f"a zip archive, not JSON Lines: a workbook is read when saved as .xlsx; {ACCEPTED}"
+    if head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
+        return json_array(path)
+    return None
+
+
+def json_array(path: Path) -> str:
+    """What a file holding one JSON array is: FLARE's submission format (a dataset's *_predictions.json, rows
+    without ids), or another list of rows."""
+    try:
+        first = (json.loads(path.read_text(encoding="utf-8-sig")) or [None])[0]
+    except (ValueError, TypeError, KeyError, IndexError):
+        first = None
+    if isinstance(first, dict) and {"ImageName", "Answer"} <= set(first) and "id" not in first:
+        return ("a FLARE submission file (a JSON array of TaskType, ImageName, Question, Answer: no ids), not JSON "
+                f"Lines; {ACCEPTED}: pass the infer run that wrote it (its dir or its predictions.jsonl)")
+    return (f"a JSON array, not JSON Lines; {ACCEPTED}: write one object per line "
+            f"(e.g. jq -c '.[]' {path.name} > predictions.jsonl)")
 
 
 def check_one_row_per_id(path: Path, rows: list[dict]) -> None:
@@ -90,6 +150,8 @@ def check_fields(path: Path, rows: list[dict]) -> None:
     """Every row an object with an id; the predictions under the key ``prediction`` (a file where no row has it
     would score as all empty answers); a number (a tool writing 20.0, not "20.0") read as its text."""
     for line, row in enumerate(rows, 1):
+        if isinstance(row, dict) and isinstance(row.get("id"), str):
+            row["id"] = row["id"].strip()  # a space a spreadsheet or an editor added; two ids left equal are doubled
         if not isinstance(row, dict) or row.get("id") in (None, ""):
             raise ValueError(f"{path}, row {line}: {'no id' if isinstance(row, dict) else 'not a JSON object'}; "
                              "every prediction names its question's id")

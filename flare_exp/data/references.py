@@ -7,6 +7,7 @@ came from the predictions file, unchecked.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from flare_exp.io import read_jsonl
@@ -21,16 +22,9 @@ FROM_REFERENCE = ("answer", "task_type", "dataset", "question", "image_name")
 def reference_file(predictions: Path, rows: list[dict], prepared_dir: str | None) -> Path | None:
     """The file infer read for these predictions (its run dir's saved config), else the prepared split the rows
     name (``<data.prepared_dir>/<split>.jsonl``); None when neither exists."""
-    from omegaconf import OmegaConf
-
-    saved = predictions.parent / CONFIG
-    if saved.is_file():
-        try:
-            source = abspath(infer_input_file(OmegaConf.load(saved)))
-        except Exception:  # noqa: BLE001  (not an infer run's config: fall back to the split the rows name)
-            source = None
-        if source is not None and source.is_file():
-            return source
+    source = run_split(predictions)
+    if source is not None and source.is_file():
+        return source
     splits = {r.get("split") for r in rows}
     if prepared_dir and len(splits) == 1 and isinstance(next(iter(splits)), str):
         candidate = abspath(prepared_dir) / f"{next(iter(splits))}.jsonl"
@@ -39,6 +33,32 @@ def reference_file(predictions: Path, rows: list[dict], prepared_dir: str | None
     if prepared_dir and splits == {None}:  # rows that name no split (a worksheet, a hand-made file)
         return split_holding(abspath(prepared_dir), {r.get("id") for r in rows})
     return None
+
+
+def run_split(predictions: Path) -> Path | None:
+    """The file infer read for these predictions, from its run dir's saved config; None without an infer run's
+    config (one that names neither infer.input_file nor data.prepared_dir and infer.split)."""
+    from omegaconf import OmegaConf
+
+    saved = predictions.parent / CONFIG
+    if not saved.is_file():
+        return None
+    try:
+        cfg = OmegaConf.load(saved)
+        named = OmegaConf.select(cfg, "infer.input_file") or (OmegaConf.select(cfg, "data.prepared_dir")
+                                                               and OmegaConf.select(cfg, "infer.split"))
+        return abspath(infer_input_file(cfg)) if named else None
+    except Exception:  # noqa: BLE001  (not an infer run's config: the split the rows name is used)
+        return None
+
+
+def gone_run_split(predictions: Path) -> str | None:
+    """What to say when the split the predictions' infer run read is gone (deleted, or a path of another
+    machine): said before any error of the split eval falls back to."""
+    source = run_split(predictions)
+    if source is None or source.is_file():
+        return None
+    return f"its infer run's split {source} ({predictions.parent.name}/{CONFIG}) is gone"
 
 
 def split_holding(prepared: Path, ids: set) -> Path | None:
@@ -73,13 +93,32 @@ def join_to_reference(predictions: Path, rows: list[dict], reference: Path) -> t
                          f"{_named(unknown)}. Score predictions of this split only (or point data.prepared_dir at "
                          "the one they were made from)")
     changed = [r["id"] for r in rows if r.get("answer") is not None and refs[r["id"]].get("answer") is not None
-               and str(r["answer"]) != str(refs[r["id"]]["answer"])]
+               and not same_answer(r["answer"], refs[r["id"]]["answer"])]
     if changed:
         raise ValueError(f"{predictions}: {len(changed)} answer(s) differ from the prepared split {reference}: "
                          f"{_named(changed)}. Eval scores against the prepared answers; a predictions file whose "
                          "answers were edited is refused")
     joined = [{**r, **{k: refs[r["id"]][k] for k in FROM_REFERENCE if k in refs[r["id"]]}} for r in rows]
     return joined, coverage(joined, reference, len(refs))
+
+
+def same_answer(given, prepared) -> bool:
+    """The same text, or the same number written another way: Excel's "Convert to Number" stores "60.0" as 60, a
+    tool writes 61.0 for "61". Only a whole answer that is a number counts so ("60 mm" is not 60)."""
+    if str(given) == str(prepared):
+        return True
+    numbers = [_number(v) for v in (given, prepared)]
+    return None not in numbers and numbers[0] == numbers[1]
+
+
+def _number(value) -> float | None:
+    if isinstance(value, bool):
+        return None
+    try:
+        number = float(value.replace("_", "x") if isinstance(value, str) else value)  # "6_0" is no number here
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
 
 
 def coverage(rows: list[dict], reference: Path, total: int) -> dict:

@@ -117,6 +117,8 @@ def _row(path: Path, title: str, cells, columns: dict[int, str], prediction: tup
     row = {key: values.get(i) for i, key in columns.items() if values.get(i) is not None and key != UNHEADED}
     row["prediction"] = values.get(prediction[0]) or ""  # an empty cell: an empty answer, scored as wrong
     row["model"] = prediction[1]
+    if isinstance(row.get("id"), str):
+        row["id"] = row["id"].strip()  # a space typed after it: the id; two left equal are doubled
     if not row.get("id"):
         raise ValueError(f"{path} (sheet {title!r}), row {cells[0].row}: a prediction without an id; give it the "
                          "question's id or delete the row")

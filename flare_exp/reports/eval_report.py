@@ -148,7 +148,7 @@ def caveat_lines(results: dict, warnings: list[str], caveats: list[str] | None =
         elif res.get("coverage"):
             lines.append(res["coverage"])
         if res.get("empty_predictions"):
-            lines.append(f"{res['empty_predictions']} empty (null or non-text) prediction(s), scored as empty answers")
+            lines.append(f"{res['empty_predictions']} empty (blank, null or non-text) prediction(s), scored as empty answers")
         for note in ("answers_note", "sheet_note"):
             if res.get(note):
                 lines.append(res[note])

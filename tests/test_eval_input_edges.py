@@ -1,0 +1,168 @@
+"""What users bring to stage=eval besides infer's own files: a sheet whose answers Excel turned into numbers,
+blank predictions, ids with a stray space, a spreadsheet or JSON file of another format, an infer run whose split
+was deleted, and runs.compare on a broken, failed or unfinished eval."""
+import json
+import zipfile
+
+import pytest
+from conftest import compose_cfg
+from openpyxl import load_workbook
+
+from flare_exp.catalog import comparison
+from flare_exp.data.predictions import load_rows
+from flare_exp.io import write_jsonl
+from flare_exp.reports.sheets import write_sheet
+from flare_exp.run.lifecycle import run_with_markers
+from flare_exp.run.record import write_failed, write_run_metadata
+
+REFERENCE = [{"id": f"boneresorption/{i}", "dataset": "boneresorption", "task_type": "regression",
+              "answer": f"{60 + i}.0", "split": "val", "question": f"q{i}", "image_name": f"{i}.png"}
+             for i in range(4)] + \
+            [{"id": f"dental/{i}", "dataset": "dental", "task_type": "classification", "answer": "ABC"[i % 3],
+              "split": "val", "question": f"d{i}", "image_name": f"d{i}.png"} for i in range(4)]
+
+
+def _prepared(tmp_path, rows=REFERENCE, split="val"):
+    write_jsonl(tmp_path / "prepared" / f"{split}.jsonl", rows)
+    return str(tmp_path / "prepared")
+
+
+def _predictions(folder, rows, name="predictions.jsonl"):
+    folder.mkdir(parents=True, exist_ok=True)
+    write_jsonl(folder / name, rows)
+    return folder / name
+
+
+def _answered(**changes):
+    return [{**r, "prediction": r["answer"], **changes.get(r["id"], {})} for r in REFERENCE]
+
+
+def _sheet(tmp_path, edit):
+    path = tmp_path / "predictions.xlsx"
+    write_sheet(path, _answered(), "my-run")
+    workbook = load_workbook(path)
+    edit(workbook["predictions"])
+    workbook.save(path)
+    return path
+
+
+def test_answers_equal_as_numbers_are_the_same_answer_and_a_different_one_is_still_refused(tmp_path):
+    """Excel's "Convert to Number" on the Answer column stores "60.0" as 60; a tool writes 61.0 for "61"."""
+    prepared = _prepared(tmp_path)
+    converted = _sheet(tmp_path, lambda s: [s.cell(row, 3, 60 + row - 2) for row in range(2, 6)])
+    rows, _ = load_rows(converted, False, prepared)
+    assert {r["id"]: r["answer"] for r in rows}["boneresorption/0"] == "60.0"  # the prepared answer is scored
+    as_numbers = _answered(**{"boneresorption/1": {"answer": 61.0}, "boneresorption/2": {"answer": "62"}})
+    assert len(load_rows(_predictions(tmp_path, as_numbers), False, prepared)[0]) == 8
+    for other in (60.5, "60.01", "60 mm"):
+        edited = _answered(**{"boneresorption/0": {"answer": other}})
+        with pytest.raises(ValueError, match=r"1 answer\(s\) differ from the prepared split .*: boneresorption/0\."):
+            load_rows(_predictions(tmp_path, edited), False, prepared)
+
+
+def test_blank_and_whitespace_predictions_are_counted_as_empty(tmp_path):
+    prepared = _prepared(tmp_path)
+    blank = _answered(**{"dental/0": {"prediction": ""}, "dental/1": {"prediction": "  \n"},
+                         "dental/2": {"prediction": None}})
+    _, info = load_rows(_predictions(tmp_path, blank), False, prepared)
+    assert info["empty_predictions"] == 3
+    cleared = _sheet(tmp_path, lambda s: (s.__setitem__("D6", None), s.__setitem__("D7", " ")))
+    _, info = load_rows(cleared, False, prepared)
+    assert info["empty_predictions"] == 2
+    _, info = load_rows(_predictions(tmp_path, _answered()), False, prepared)
+    assert "empty_predictions" not in info
+
+
+def test_ids_with_stray_whitespace_are_trimmed_but_still_count_as_duplicates(tmp_path):
+    prepared = _prepared(tmp_path)
+    spaced = _answered(**{"dental/0": {"id": " dental/0"}, "dental/1": {"id": "dental/1\t "}})
+    rows, _ = load_rows(_predictions(tmp_path, spaced), False, prepared)
+    assert {"dental/0", "dental/1"} <= {r["id"] for r in rows} and rows[4]["answer"] == "A"
+    sheet = _sheet(tmp_path, lambda s: s.cell(2, 7, "  boneresorption/0 "))
+    assert "boneresorption/0" in {r["id"] for r in load_rows(sheet, False, prepared)[0]}
+    doubled = _answered() + [{**_answered()[5], "id": "dental/1 "}]
+    with pytest.raises(ValueError, match=r"1 id\(s\) occur more than once \(2 rows, e.g. dental/1\)"):
+        load_rows(_predictions(tmp_path, doubled), False, prepared)
+    with pytest.raises(ValueError, match=r"row 2: no id"):
+        load_rows(_predictions(tmp_path, [_answered()[0], {**_answered()[1], "id": "  "}]), False, prepared)
+
+
+def _ods(path):
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("mimetype", "application/vnd.oasis.opendocument.spreadsheet")
+        z.writestr("content.xml", "<office:document-content/>")
+    return path
+
+
+@pytest.mark.parametrize("name, write, message", [
+    ("p.xls", lambda p: p.write_bytes(b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + b"\x00\xc7" * 300),
+     r"p.xls: an old binary Excel workbook \(.xls\).* save it as .xlsx"),
+    ("predictions.jsonl", lambda p: p.write_bytes(b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + b"\x00\xc7" * 300),
+     r"predictions.jsonl: an old binary Excel workbook \(.xls\).* save it as .xlsx"),
+    ("p.ods", _ods, r"p.ods: an OpenDocument spreadsheet \(.ods\).* save it as .xlsx"),
+    ("p.json", lambda p: p.write_text(json.dumps([{"id": "dental/0", "prediction": "A"}], indent=2)),
+     r"p.json: a JSON array, not JSON Lines; eval reads .*one JSON object per line.*\.xlsx"),
+    ("dental_predictions.json", lambda p: p.write_text(json.dumps(
+        [{"TaskType": "classification", "Modality": "Xray", "ImageName": "0.png", "Question": "d0", "Answer": "A",
+          "Split": "val"}], indent=4)),
+     r"dental_predictions.json: a FLARE submission file \(a JSON array .*no ids\), not JSON Lines.*infer run"),
+])
+def test_a_file_of_another_format_is_named_with_what_to_do(tmp_path, name, write, message):
+    prepared = _prepared(tmp_path)
+    write(tmp_path / name)
+    with pytest.raises(ValueError, match=message) as refused:
+        load_rows(tmp_path / name, False, prepared)
+    assert "\n" not in str(refused.value)
+
+
+def _infer_run(tmp_path, split_dir):
+    run_dir = tmp_path / "infer"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(json.dumps({"data": {"prepared_dir": str(split_dir)},
+                                                     "infer": {"input_file": None, "split": "val"}}))
+    return _predictions(run_dir, [{**r, "prediction": "B"} for r in REFERENCE])  # as infer writes them
+
+
+def test_an_infer_runs_deleted_split_is_named_not_a_join_to_another_split(tmp_path):
+    run_split = tmp_path / "theirs"
+    _prepared(run_split)
+    path = _infer_run(tmp_path, run_split / "prepared")
+    (run_split / "prepared" / "val.jsonl").unlink()
+    other = _prepared(tmp_path / "mine", [{**REFERENCE[0], "id": "other/0"}])  # data.prepared_dir: other ids
+    gone = rf"its infer run's split {run_split}/prepared/val.jsonl \(infer/config.yaml\) is gone"
+    with pytest.raises(ValueError, match=gone + r", and data.prepared_dir's .*mine/prepared/val.jsonl, tried instead, "
+                                          r"does not match these predictions: prepare that split again"):
+        load_rows(path, False, other)
+    _, info = load_rows(path, False, str(tmp_path / "nothing"))  # no split at all: unchecked, and why
+    assert info["answers_from"] == "the predictions file" and f"{run_split}/prepared/val.jsonl" in info["answers_note"]
+    rows, info = load_rows(path, False, _prepared(tmp_path / "copy"))  # the same split elsewhere: joined to it
+    assert info["answers_from"] == f"{tmp_path}/copy/prepared/val.jsonl" and rows[0]["answer"] == "60.0"
+
+
+def _eval_run(run_dir, metrics: str | None, finish=True):
+    """An eval run dir whose metrics.json holds ``metrics``; marked DONE when ``finish``."""
+    write_run_metadata(run_dir, compose_cfg(["stage=eval"]))
+    rows = [{"id": f"q{i}", "task_type": "multi_label", "dataset": "chestdr", "split": "val",
+             "answer": "effusion", "prediction": "effusion"} for i in range(4)]
+    block = {"file": str(_predictions(run_dir / "scored", rows)), "n": 4, "split": "val",
+             "official": {"multi_label": {"f1_score": 1.0}}, "official_by_dataset": {}}
+    (run_dir / "metrics.json").write_text(json.dumps({run_dir.name: block}) if metrics is None else metrics)
+    if finish:
+        run_with_markers(run_dir, lambda: {})
+
+
+def test_compare_names_a_torn_metrics_file_a_failed_eval_and_warns_of_an_unfinished_one(tmp_path):
+    root = tmp_path / "out"
+    _eval_run(root / "runs" / "good", None)
+    _eval_run(root / "runs" / "torn", '{"torn": {"n": 4, "offi')
+    with pytest.raises(ValueError, match=r"runs.compare: \S+/torn/metrics.json is unreadable \(Unterminated string"):
+        comparison(root, ["good", "torn"], resamples=20)
+    failed = root / "runs" / "failed"
+    write_run_metadata(failed, compose_cfg(["stage=eval"]))
+    write_failed(failed, RuntimeError("GREEN judge ran out of memory"))
+    with pytest.raises(FileNotFoundError, match=r"runs.compare: failed FAILED: RuntimeError: GREEN judge ran out"):
+        comparison(root, ["good", "failed"], resamples=20)
+    _eval_run(root / "runs" / "cut", None, finish=False)
+    text = "\n".join(comparison(root, ["good", "cut"], resamples=20))
+    assert f"warning: cut: its eval {root}/runs/cut is unfinished (no DONE marker): its metrics may be partial" in text
+    assert "good: its eval" not in text

@@ -150,3 +150,23 @@ def test_an_edited_copy_sheet_is_named_as_not_read(tmp_path, caplog):
     rows, info = load_rows(sheet, False, prepared)
     assert len(rows) == 12 and "(sheet 'predictions')" in info["sheet_note"]
     assert "read from the sheet 'predictions' only; 'predictions (2)' also has an id column and is not read" in caplog.text
+
+
+def test_an_edited_sheet_beside_the_jsonl_eval_scores_is_said_naming_the_sheet(tmp_path, caplog):
+    """A run dir given to eval scores its predictions.jsonl; its predictions.xlsx edited by hand since is not
+    scored, and that is said (log and report note) with the sheet to pass instead. An unedited one says nothing."""
+    import os
+
+    prepared = _prepared(tmp_path)
+    sheet = _sheet(tmp_path)
+    assert "edited_sheet_note" not in load_rows(tmp_path / "predictions.jsonl", False, prepared)[1]
+    _edit(sheet, lambda ws: setattr(ws.cell(row=2, column=_column(ws, "my-run")), "value", "99"))
+    os.utime(sheet, (sheet.stat().st_atime, (tmp_path / "predictions.jsonl").stat().st_mtime + 5))
+    rows, info = load_rows(tmp_path / "predictions.jsonl", False, prepared)
+    assert f"{sheet} was changed after predictions.jsonl and differs in 1 prediction(s)" in info["edited_sheet_note"]
+    assert f"eval.predictions=[{sheet}]" in info["edited_sheet_note"] and "was changed after" in caplog.text
+    assert {r["prediction"] for r in rows} == set(PREDICTED.values())  # the jsonl's, as scored
+
+
+def _column(ws, header: str) -> int:
+    return next(c.column for c in ws[1] if c.value == header)

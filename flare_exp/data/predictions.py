@@ -4,6 +4,7 @@ must say about it."""
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 from pathlib import Path
 
@@ -12,6 +13,8 @@ from flare_exp.metrics import official
 from flare_exp.run.layout import CONFIG, DONE, RUN_INFO, predictions_file, summary_name
 from flare_exp.run.stage import infer_input_file
 from flare_exp.runtime import abspath
+
+log = logging.getLogger(__name__)
 
 
 def load_rows(path: Path, allow_partial: bool, prepared_dir: str | None = None) -> tuple[list[dict], dict]:
@@ -48,6 +51,8 @@ def load_rows(path: Path, allow_partial: bool, prepared_dir: str | None = None) 
     if sheet:
         info["sheet_note"] = (f"predictions read from the worksheet {path.name} (sheet {sheet_title!r}), as it is "
                               "now: a prediction edited by hand is scored as edited")
+    else:
+        info.update(edited_sheet_beside(path, rows))
     if unfinished:
         info["partial"] = (f"partial: {len(rows)} of {expected_count(run_dir) or 'an unknown number of'} predictions"
                            + ("; the file's torn last line (a write cut short) left out" if torn else ""))
@@ -63,6 +68,30 @@ def load_rows(path: Path, allow_partial: bool, prepared_dir: str | None = None) 
     if empty:
         info["empty_predictions"] = empty
     return rows, info
+
+
+def edited_sheet_beside(path: Path, rows: list[dict]) -> dict:
+    """An infer run's predictions.xlsx edited by hand next to the predictions.jsonl eval scores (a run dir
+    given): said in the log and the report, naming the sheet to pass instead; {} when it agrees or is absent."""
+    from flare_exp.data.sheet_predictions import read_sheet_predictions
+
+    sheet = path.with_suffix(".xlsx")
+    if not sheet.is_file() or sheet.stat().st_mtime <= path.stat().st_mtime:
+        return {}  # infer writes the sheet after the journal: an older sheet was not edited since
+    try:
+        edited = {r.get("id"): r.get("prediction") for r in read_sheet_predictions(sheet)[0]}
+    except Exception:  # noqa: BLE001  (a sheet broken by the edit: only passing it would say how)
+        edited = None
+    text = lambda value: "" if value is None else str(value)  # noqa: E731  (an empty cell: a null prediction)
+    differ = None if edited is None else sum(text(edited.get(r["id"], r.get("prediction"))) != text(r.get("prediction"))
+                                             for r in rows)
+    if differ == 0:
+        return {}
+    note = (f"{sheet} was changed after {path.name} and " + (f"differs in {differ} prediction(s)" if differ else
+            "cannot be read") + f": eval scored {path.name}, not the sheet; to score the edited sheet pass "
+            f"eval.predictions=[{sheet}]")
+    log.warning("eval: %s", note)
+    return {"edited_sheet_note": note}
 
 
 def joined(path: Path, rows: list[dict], prepared_dir: str | None) -> tuple[list[dict], dict]:

@@ -149,7 +149,7 @@ def caveat_lines(results: dict, warnings: list[str], caveats: list[str] | None =
             lines.append(res["coverage"])
         if res.get("empty_predictions"):
             lines.append(f"{res['empty_predictions']} empty (blank, null or non-text) prediction(s), scored as empty answers")
-        for note in ("answers_note", "sheet_note"):
+        for note in ("answers_note", "sheet_note", "edited_sheet_note"):
             if res.get(note):
                 lines.append(res[note])
         for task, block in res["official"].items():

@@ -99,3 +99,26 @@ def test_runs_scored_on_different_reports_are_said_to_differ(tmp_path):
     text = "\n".join(comparison(root, ["a", "b"], resamples=50))
     assert "warning: a and b were scored on different inputs: 1 sample(s) only in a, 2 only in b" in text
     assert "use the 9 they share" in text
+
+
+def test_runs_joined_to_differently_prepared_data_are_said_to_differ(tmp_path):
+    """Same ids and answers, but one run's split was prepared with data.image_window (other pixels) and predicted
+    under another model.max_pixels: the comparison says so, and the runs table shows both."""
+    from flare_exp.metrics.significance import compare
+    from flare_exp.reports.eval_report import runs_table
+
+    base = {"split": "val", "n": 8, "official": {}, "run": {"max_pixels": None}}
+    results = {"win": {**base, "answers_from": str(tmp_path / "p_win" / "val.jsonl"), "image_window": "[0, 4095]"},
+               "own": {**base, "answers_from": str(tmp_path / "p" / "val.jsonl"), "image_window": "own range",
+                       "run": {"max_pixels": 401408}}}
+    _, warnings = compare(results, {"win": {}, "own": {}}, resamples=0, seed=0)
+    assert any("win and own were joined to different prepared files" in w for w in warnings)
+    assert "win and own decoded their images with different windows: [0, 4095] and own range" in warnings
+    assert "win and own were predicted with different model.max_pixels: None and 401408" in warnings
+    header, rows = runs_table(results, tmp_path)
+    table = {row[0]: row[1:] for row in rows}
+    assert table["image window"] == ["[0, 4095]", "own range"] and table["prepared split"] == [
+        "p_win/val.jsonl", "p/val.jsonl"]
+    same = {k: {**v, "answers_from": results["own"]["answers_from"], "image_window": "own range",
+                "run": {"max_pixels": 401408}} for k, v in results.items()}
+    assert compare(same, {"win": {}, "own": {}}, resamples=0, seed=0)[1] == []

@@ -158,6 +158,13 @@ def test_an_edited_sheet_beside_the_jsonl_eval_scores_is_said_naming_the_sheet(t
     import os
 
     prepared = _prepared(tmp_path)
+    bell = tmp_path / "bell"  # a control character the sheet cannot store: left out there, not an edit
+    bell.mkdir()
+    rows = [{**r, "prediction": PREDICTED[r["id"]] + ("\x07" if r["task_type"] == "classification" else "")}
+            for r in REFERENCE]
+    write_jsonl(bell / "predictions.jsonl", rows)
+    write_sheet(bell / "predictions.xlsx", rows, "my-run")
+    assert "edited_sheet_note" not in load_rows(bell / "predictions.jsonl", False, prepared)[1]
     sheet = _sheet(tmp_path)
     assert "edited_sheet_note" not in load_rows(tmp_path / "predictions.jsonl", False, prepared)[1]
     _edit(sheet, lambda ws: setattr(ws.cell(row=2, column=_column(ws, "my-run")), "value", "99"))

@@ -82,7 +82,9 @@ def edited_sheet_beside(path: Path, rows: list[dict]) -> dict:
         edited = {r.get("id"): r.get("prediction") for r in read_sheet_predictions(sheet)[0]}
     except Exception:  # noqa: BLE001  (a sheet broken by the edit: only passing it would say how)
         edited = None
-    text = lambda value: "" if value is None else str(value)  # noqa: E731  (an empty cell: a null prediction)
+    from flare_exp.reports.sheets import as_stored
+
+    text = lambda value: "" if value is None else str(as_stored(value))  # noqa: E731  (an empty cell: a null one)
     differ = None if edited is None else sum(text(edited.get(r["id"], r.get("prediction"))) != text(r.get("prediction"))
                                              for r in rows)
     if differ == 0:
@@ -246,7 +248,7 @@ def run_metadata(path: Path) -> dict:
         if (run_dir / CONFIG).exists():
             cfg = OmegaConf.load(run_dir / CONFIG)
             meta.update(model=str(cfg.model.get("name")), model_path=str(cfg.model.get("path")),
-                        backend=str(cfg.model.get("backend")))
+                        backend=str(cfg.model.get("backend")), max_pixels=cfg.model.get("max_pixels"))
         if (run_dir / RUN_INFO).exists():
             info = json.loads((run_dir / RUN_INFO).read_text())
             meta.update(commit=info.get("git_commit"), started=info.get("started") or info.get("start_time"))

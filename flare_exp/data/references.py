@@ -99,7 +99,15 @@ def join_to_reference(predictions: Path, rows: list[dict], reference: Path) -> t
                          f"{_named(changed)}. Eval scores against the prepared answers; a predictions file whose "
                          "answers were edited is refused")
     joined = [{**r, **{k: refs[r["id"]][k] for k in FROM_REFERENCE if k in refs[r["id"]]}} for r in rows]
-    return joined, coverage(joined, reference, len(refs))
+    return joined, {**coverage(joined, reference, len(refs)),
+                    "image_window": windows_of(refs[r["id"]] for r in rows)}
+
+
+def windows_of(records) -> str:
+    """How the records' images were decoded: prepare's data.image_window each carries, or their own range."""
+    named = {"own range" if not r.get("image_window") else "[{:g}, {:g}]".format(*r["image_window"])
+             for r in records}
+    return ", ".join(sorted(named)) or "n/a"
 
 
 def same_answer(given, prepared) -> bool:

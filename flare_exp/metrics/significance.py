@@ -119,6 +119,26 @@ def correct_family(tests: list[dict], method: str = "holm") -> dict:
                       "official metric they share), corrected per test (permutation, approximate randomization)"}
 
 
+def input_differences(a: str, b: str, res_a: dict, res_b: dict) -> list[str]:
+    """What else two runs did not share: the prepared file they were joined to (prepare's settings, e.g.
+    data.image_window, decide its records and pixels), the images' window, the model's image size cap."""
+    import os
+
+    out = []
+    files = [res.get("answers_from") for res in (res_a, res_b)]
+    if None not in files and "the predictions file" not in files and os.path.realpath(files[0]) != os.path.realpath(
+            files[1]):
+        out.append(f"{a} and {b} were joined to different prepared files ({files[0]} and {files[1]}): their "
+                   "records or decoded images may differ (prepare's settings, data.image_window)")
+    for key, what in (("image_window", "decoded their images with different windows"),):
+        if res_a.get(key) and res_b.get(key) and res_a[key] != res_b[key]:
+            out.append(f"{a} and {b} {what}: {res_a[key]} and {res_b[key]}")
+    pixels = [res.get("run", {}).get("max_pixels", "unknown") for res in (res_a, res_b)]
+    if "unknown" not in pixels and pixels[0] != pixels[1]:  # both from infer runs that recorded it
+        out.append(f"{a} and {b} were predicted with different model.max_pixels: {pixels[0]} and {pixels[1]}")
+    return out
+
+
 def compare(results: dict, samples: dict, resamples: int, seed: int, ar_trials: int = 0,
             inputs: dict[str, set] | None = None) -> tuple[list[dict], list[str]]:
     """Paired tests for every pair of runs and official metric, on the ids both scored (the bootstrap and
@@ -136,6 +156,7 @@ def compare(results: dict, samples: dict, resamples: int, seed: int, ar_trials: 
                             "they share")
         if split_a != split_b:
             warnings.append(f"{a} and {b} come from different splits: {split_a} and {split_b}")
+        warnings += input_differences(a, b, results[a], results[b])
         for task in sorted(set(samples[a]) & set(samples[b])):
             (ids_ta, st_a), (ids_tb, st_b) = samples[a][task], samples[b][task]
             where_b = {i: k for k, i in enumerate(ids_tb)}

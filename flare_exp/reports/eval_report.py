@@ -100,9 +100,11 @@ def significance_notes(family: dict | None) -> list[str]:
     return notes
 
 
-RUN_FIELDS = (("split", "split"), ("n", "n"), ("model", "model"), ("model_path", "model path"),
+RUN_FIELDS = (("split", "split"), ("n", "n"), ("answers_from", "prepared split"), ("image_window", "image window"),
+              ("model", "model"), ("model_path", "model path"), ("max_pixels", "model.max_pixels"),
               ("backend", "backend"), ("checkpoint", "adapter"), ("adapter_sha256", "adapter sha256"),
               ("finished", "predicted"), ("commit", "commit"), ("file", "predictions"), ("scored_sheet", "scored sheet"))
+RESULT_FIELDS = ("split", "n", "answers_from", "image_window", "file", "scored_sheet")  # the rest: its run's
 SHORT_HASH = 12
 
 
@@ -126,12 +128,12 @@ def short_hash(value) -> str:
 def runs_table(results: dict, root: Path | None = None) -> tuple[list[str], list[list[str]]]:
     """What each evaluated run is, one column per run (a row per field keeps the table inside the page)."""
     def field(res: dict, key: str) -> str:
-        value = res.get(key) if key in ("split", "n", "file", "scored_sheet") else res.get("run", {}).get(key)
+        value = res.get(key) if key in RESULT_FIELDS else res.get("run", {}).get(key)
         if value in (None, ""):
             return "n/a"
         if key in ("commit", "adapter_sha256"):
             return short_hash(value)
-        return shown_path(value, root) if key in ("model_path", "checkpoint", "file") else str(value)
+        return shown_path(value, root) if key in ("model_path", "checkpoint", "file", "answers_from") else str(value)
 
     return ["run", *results], [[title, *(field(res, key) for res in results.values())] for key, title in RUN_FIELDS]
 

@@ -87,6 +87,14 @@ def metric_rows(result: dict) -> list[tuple]:
     return rows + [("n", result["n"])]
 
 
+def as_stored(value):
+    """A value as a worksheet cell holds it: generated text can hold control characters a worksheet cannot store
+    (dropped, in the sheet only) and run past a cell's limit (cut)."""
+    from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
+
+    return ILLEGAL_CHARACTERS_RE.sub("", value)[:EXCEL_CELL_CHARACTERS] if isinstance(value, str) else value
+
+
 def fill_sheet(ws, header: list[str], rows: list[list], widths: tuple[int, ...], wrap: bool) -> list[int]:
     """``header`` in bold and frozen, ``rows`` under it with filters, the columns ``widths`` characters wide;
     numbers with four decimals. Returns the indices of the rows with a text cut at a cell's limit."""
@@ -102,12 +110,9 @@ def fill_sheet(ws, header: list[str], rows: list[list], widths: tuple[int, ...],
         cell.font = Font(bold=True)
     cut = []
     for index, values in enumerate(rows):
-        # Generated text can hold control characters that a worksheet cannot store: drop them in the sheet only.
-        values = [ILLEGAL_CHARACTERS_RE.sub("", v) if isinstance(v, str) else v for v in values]
-        if any(isinstance(v, str) and len(v) > EXCEL_CELL_CHARACTERS for v in values):
+        if any(isinstance(v, str) and len(ILLEGAL_CHARACTERS_RE.sub("", v)) > EXCEL_CELL_CHARACTERS for v in values):
             cut.append(index)
-            values = [v[:EXCEL_CELL_CHARACTERS] if isinstance(v, str) else v for v in values]
-        ws.append(values)
+        ws.append([as_stored(v) for v in values])
         text_cells(ws[ws.max_row])  # untrusted text: never a formula, whatever it starts with
         for cell in ws[ws.max_row]:
             if isinstance(cell.value, float):

@@ -41,6 +41,7 @@ def check_command_line(argv: list[str]) -> None:
         args = get_args_parser().parse_args(argv)
     except SystemExit:
         return  # Hydra's parser says what is wrong with the flags
+    check_parsable(args.overrides)
     check_run_name_override(args.overrides, args.multirun)
     check_sweeper_params(args.overrides)
     check_slurm_launcher(args.overrides, args.multirun)
@@ -59,6 +60,27 @@ def check_command_line(argv: list[str]) -> None:
     from flare_exp.checks import settings_error
 
     refuse(settings_error(problems), BEFORE_HYDRA)
+
+
+def check_parsable(overrides: list[str]) -> None:
+    """An override Hydra's grammar cannot read (a space, a parenthesis or a non-ASCII letter in a bare value: a
+    path like "preds (Dr Müller).xlsx") gets one line saying how to quote it, not the lexer's report."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for override in overrides:
+        try:
+            parser.parse_override(override)
+        except Exception:  # noqa: BLE001  (Hydra's grammar errors: several types)
+            key, sep, value = override.partition("=")
+            if not sep or not value or value[0] in "'\"":
+                continue  # no value, or quoted already: Hydra's own message says what is wrong
+            example = (f"{key}=[\"{value[1:-1]}\"]" if value.startswith("[") and value.endswith("]") and "," not in value
+                       else f"{key}=\"{value}\"")
+            refuse(ValueError(f"{override}: Hydra's grammar cannot read this value bare (spaces, parentheses, '=' "
+                              f"or non-ASCII letters need quotes): write '{example}' (the shell's single quotes "
+                              "around Hydra's double ones)"),
+                   BEFORE_HYDRA)
 
 
 def check_run_name_override(overrides: list[str], multirun: bool = False) -> None:

@@ -159,7 +159,7 @@ def wrong_value(schema: type, key: str, value) -> str | None:
     """Why OmegaConf would refuse ``value`` for the schema's ``key`` (a string where a number goes, 1.5 for an
     integer, null for a key that needs a value), said the way the settings list says it; None when it takes it.
     Hydra would otherwise stop at the first such value with its own conversion error, one key at a time."""
-    from omegaconf import AnyNode, DictConfig, ValueNode
+    from omegaconf import AnyNode, DictConfig, ListConfig, ValueNode
     from omegaconf.errors import OmegaConfBaseException
 
     node = _structured(schema)
@@ -170,8 +170,12 @@ def wrong_value(schema: type, key: str, value) -> str | None:
         if node is None and isinstance(parent, DictConfig) and parent._metadata.element_type in ELEMENT_NODES:
             node = ELEMENT_NODES[parent._metadata.element_type]()  # a new entry of a typed dict (reward weights)
             break
-    if not isinstance(node, ValueNode) or isinstance(value, str) and value.startswith("${"):
-        return None  # a section, a dict entry or an interpolation: checked when composed
+    if isinstance(value, str) and value.startswith("${"):
+        return None  # an interpolation: checked when composed
+    if isinstance(node, ListConfig) and value is not None and not isinstance(value, list):
+        return f"a list: write {key}=[{value}] (or [a,b] for several)"
+    if not isinstance(node, ValueNode):
+        return None  # a section or a dict entry: checked when composed
     if value is None:
         return None if node._is_optional() else "needs a value (null is not allowed here)"
     if isinstance(value, (list, dict)) and not isinstance(node, AnyNode):

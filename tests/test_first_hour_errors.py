@@ -86,6 +86,8 @@ def test_deleting_a_setting_of_the_schema_is_one_line_saying_how_to_set_it(overr
     ("model.gradient_checkpointing=maybe", "model.gradient_checkpointing=maybe: must be true or false"),
     ("sft.max_steps=null", "sft.max_steps=null: needs a value"),
     ("model.decode_attention=[grouped]", "model.decode_attention=['grouped']: must be a single value, not a list"),
+    ("eval.predictions=outputs/runs/x", "eval.predictions=outputs/runs/x: a list: write eval.predictions=[outputs/runs/x]"),
+    ("stage.steps=prepare", "stage.steps=prepare: a list: write stage.steps=[prepare]"),
 ])
 def test_a_value_of_the_wrong_type_is_named_before_hydra(override, said):
     (problem,) = key_problems(override)
@@ -95,7 +97,8 @@ def test_a_value_of_the_wrong_type_is_named_before_hydra(override, said):
 def test_values_hydra_takes_pass():
     assert key_problems("sft.learning_rate=1e-4", "sft.max_steps=10", "model.gradient_checkpointing=yes",
                         "infer.batch_size=auto", "sft.learning_rate=${rl.learning_rate}", "rl.beta=0",
-                        "rl.learning_rate=1e-4,2e-4") == []
+                        "rl.learning_rate=1e-4,2e-4", "eval.predictions=[a,b]", "data.image_window=null",
+                        "model.lora.target_modules=all-linear") == []
 
 
 def test_a_wrong_type_a_misspelt_key_and_a_bad_range_are_one_list(capsys, base_overrides):
@@ -262,6 +265,21 @@ def test_sweeper_params_on_the_command_line_are_answered_with_the_sweep_itself(a
         launch.check_command_line(argv)
     err = capsys.readouterr().err
     assert "python launch.py -m rl.learning_rate=1e-5,2e-5" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["run_name=my eval \u00fc"], """write 'run_name="my eval \u00fc"'"""),
+    (["stage=eval", "eval.predictions=[preds (Dr M\u00fcller).xlsx]"],
+     """write 'eval.predictions=["preds (Dr M\u00fcller).xlsx"]'"""),
+])
+def test_a_value_hydras_grammar_cannot_read_bare_is_one_line_saying_how_to_quote_it(argv, said, capsys):
+    sys.path.insert(0, str(REPO))
+    import launch
+
+    with pytest.raises(SystemExit):
+        launch.check_command_line(argv)
+    err = capsys.readouterr().err
+    assert "Hydra's grammar cannot read this value bare" in err and said in err and "Lexer" not in err
 
 
 def test_a_single_runs_settings_are_checked_before_hydra_as_the_run_would(capsys, tmp_path):

@@ -142,10 +142,38 @@ def other_setting_problems(known_overrides: list[str]) -> list[Exception]:
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose(config_name="config", overrides=known_overrides)
+    except Exception as e:  # noqa: BLE001  (a config file's own problem is said in one line; else Hydra's)
+        found = config_file_problem(e)
+        return [found] if found else []
+    try:
         problems = problems_of(cfg, inputs=True)
     except Exception:  # noqa: BLE001
         return []
     return [p for p in problems if not _needs_hydra_runtime(p, InterpolationResolutionError)]
+
+
+def config_file_problem(error: BaseException) -> Exception | None:
+    """A config file the run composes (an experiment file of the user's) that is not valid YAML (an indent, a
+    duplicate key), or sets a key the schema lacks: one line naming the file and line, or the key with the closest
+    one (Hydra prints a long YAML traceback, or its struct error without a suggestion)."""
+    import yaml
+    from omegaconf.errors import ConfigKeyError
+
+    from flare_exp.config import Config
+    from flare_exp.config_keys import unknown_path
+
+    while error is not None:
+        if isinstance(error, yaml.MarkedYAMLError) and error.problem_mark is not None:
+            mark = error.problem_mark
+            return ValueError(f"{mark.name}, line {mark.line + 1}, column {mark.column + 1}: not valid YAML: "
+                              f"{error.problem}" + (f" ({error.context})" if error.context else ""))
+        if isinstance(error, ConfigKeyError) and getattr(error, "full_key", None):
+            found = unknown_path(str(error.full_key), Config)
+            if found:
+                return ValueError(f"unknown config key {found}, set in a config file this run composes (an "
+                                  "experiment or other group file; python launch.py --cfg job lists every key)")
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def _needs_hydra_runtime(problem: BaseException, interpolation_error: type) -> bool:
@@ -180,7 +208,7 @@ def main(cfg: DictConfig):
     # sweeps keep the exception (the job fails and the sweep report says so), as does HYDRA_FULL_ERROR=1
     single = HydraConfig.get().mode == RunMode.RUN
     said_in_one_line = single and os.environ.get("HYDRA_FULL_ERROR") != "1"
-    if single:  # a sweep's jobs: submitit's workers handle their own signals, the watched launcher stops whole
+    if single:  # a sweep's jobs: submitit's workers handle their own signals, the watched launcher its own (StopInProcess)
         stop_on_sigterm()
     try:
         return run(cfg)

@@ -282,6 +282,27 @@ def test_a_value_hydras_grammar_cannot_read_bare_is_one_line_saying_how_to_quote
     assert "Hydra's grammar cannot read this value bare" in err and said in err and "Lexer" not in err
 
 
+@pytest.mark.parametrize("body, said", [
+    ("sft:\n  learning_rate: 1e-4\n   max_steps: 3\n", r"mine.yaml, line 4, column 13: not valid YAML: mapping values"),
+    ("sft:\n  max_steps: 3\n  max_steps: 4\n", r"mine.yaml, line 4, column 3: not valid YAML: found duplicate key"),
+    ("sft:\n  lerning_rate: 1e-4\n", r"unknown config key sft.lerning_rate \(did you mean sft.learning_rate\?\), set in"),
+])
+def test_a_users_config_file_with_a_yaml_or_key_error_is_one_line(body, said, tmp_path, capsys):
+    """An experiment file of the user's (found through hydra.searchpath): Hydra printed a YAML traceback of
+    ~80 lines, or its struct error with no suggestion."""
+    import re
+
+    sys.path.insert(0, str(REPO))
+    import launch
+
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "mine.yaml").write_text("# @package _global_\n" + body)
+    with pytest.raises(SystemExit):
+        launch.check_command_line([f"hydra.searchpath=[file://{tmp_path}]", "experiment=mine", "stage=runs"])
+    err = capsys.readouterr().err
+    assert re.search(said, err) and "Traceback" not in err
+
+
 def test_a_single_runs_settings_are_checked_before_hydra_as_the_run_would(capsys, tmp_path):
     """A refused single run leaves no run dir; a value that resolves only in Hydra's runtime, or another primary
     config (--config-name / --config-dir, which the run checks itself), is not refused here."""

@@ -255,7 +255,7 @@ class Search:
         import optuna
 
         from flare_exp.run.record import write_failed
-        from flare_exp.sweep_watch import job_problems
+        from flare_exp.sweep_checks import job_problems
 
         good = []
         for trial in trials:

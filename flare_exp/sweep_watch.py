@@ -1,12 +1,13 @@
 """What flare-exp's sweep launchers (hydra_plugins/flare_exp_launchers) add to Hydra's submitit launchers:
 
-- every job's settings are checked before any job is launched (the same checks a single run makes,
-  flare_exp.checks.setting_problems / input_problems), all problems reported together, nothing launched;
+- every job's settings and dir are checked before any job is launched (flare_exp/sweep_checks.py);
 - one line per finished job (its number, overrides, DONE/FAILED, duration, headline metric) and an ETA;
 - the failed jobs named at the end (the sweep exits non-zero);
 - SIGTERM and SIGINT (``timeout``, ``kill``, Ctrl-C) forwarded to the local workers, which are waited for and
   killed if they linger: submitit's workers ignore SIGTERM (a SLURM pre-emption warning), so without this a
   stopped sweep leaves them running.
+  Jobs run in this process (the watched launcher) are stopped by SIGTERM as by Ctrl-C. Either way a job whose
+  run had started leaves FAILED (stopped from outside), and the sweep says in one line what the stop left.
 """
 from __future__ import annotations
 
@@ -19,107 +20,6 @@ from pathlib import Path
 
 # job dir -> why it failed, for every job (or Optuna trial) of this sweep process that failed
 FAILURES: dict[str, str] = {}
-
-
-class SweepSettingsError(ValueError):
-    """Some job of a sweep has settings a run would refuse; no job was launched."""
-
-
-def job_config(hydra_context, master_config, overrides):
-    """The config one job's task function gets (the sweep's config with the job's overrides, without the hydra
-    node), composed the way the job will compose it."""
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
-
-    cfg = hydra_context.config_loader.load_sweep_config(master_config, list(overrides))
-    HydraConfig.instance().set_config(cfg)  # what ${hydra:...} interpolations read while the checks resolve keys
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
-
-
-def job_problems(hydra_context, master_config, overrides, prepares: list | None = None) -> list[str]:
-    """The problems a run with these overrides would stop on (settings and input paths), as text. ``prepares``:
-    where this job prepares data and with what settings (``prepare_target``; None when it does not compose) is
-    appended to it, once per call."""
-    from hydra.core.hydra_config import HydraConfig
-
-    from flare_exp.checks import input_problems, setting_problems
-
-    saved, target = HydraConfig.instance().cfg, None
-    try:
-        cfg = job_config(hydra_context, master_config, overrides)
-        target = prepare_target(cfg)
-        return [str(p) for p in setting_problems(cfg) + input_problems(cfg)]
-    except Exception as e:  # an override Hydra cannot compose (a wrong key or value)
-        return [f"{type(e).__name__}: {e}"]
-    finally:
-        HydraConfig.instance().cfg = saved
-        if prepares is not None:
-            prepares.append(target)
-
-
-def prepare_target(cfg) -> tuple | None:
-    """(the data.prepared_dir a job's prepare step writes, its deciding settings), None when it prepares none."""
-    from omegaconf import OmegaConf
-
-    from flare_exp.checks import steps_of
-    from flare_exp.run.fingerprint import settings_of
-    from flare_exp.runtime import abspath
-
-    if "prepare" not in steps_of(cfg):
-        return None
-    return abspath(cfg.data.prepared_dir).resolve(), settings_of("prepare", OmegaConf.to_container(cfg, resolve=True))
-
-
-def shared_prepare_conflicts(targets: list, first_idx: int) -> list[str]:
-    """Jobs that would prepare different data into one data.prepared_dir: the later one would stop at its start
-    (the dir holds the first one's data, made with other settings), after the sweep launched."""
-    from flare_exp.run.fingerprint import differences
-
-    seen, out = {}, []
-    for idx, target in enumerate(targets):
-        if target is None:
-            continue
-        where, settings = target
-        if where not in seen:
-            seen[where] = (idx, settings)
-            continue
-        changed = differences({"settings": seen[where][1]}, {"settings": settings})
-        if changed:
-            out.append(f"  jobs #{first_idx + seen[where][0]} and #{first_idx + idx} would prepare different data "
-                       f"into one data.prepared_dir={where} ({'; '.join(changed[:4])}): give each of them its own "
-                       "data.prepared_dir (sweep it alongside)")
-    return out
-
-
-def job_names(job_overrides) -> list[str]:
-    """Each job named by the overrides that tell it from the others (the swept keys), else by its last few."""
-    from hydra.core.utils import filter_overrides
-
-    pairs = [dict(o.split("=", 1) for o in filter_overrides(list(job)) if "=" in o) for job in job_overrides]
-    keys = list(dict.fromkeys(k for p in pairs for k in p))
-    varying = [k for k in keys if len({p.get(k) for p in pairs}) > 1] if len(pairs) > 1 else []
-    return [" ".join(f"{k}={p[k]}" for k in (varying or [k for k in p if "/" not in p[k]][-4:]) if k in p)
-            or "(no overrides)" for p in pairs]
-
-
-def check_jobs(hydra_context, master_config, job_overrides, initial_job_idx: int) -> None:
-    """Every job's problems, or a SweepSettingsError naming each job and its problems."""
-    say(f"checking the settings of {len(job_overrides)} job(s) before launching any")
-    bad, prepares = [], []
-    names = job_names(job_overrides)
-    for idx, overrides in enumerate(job_overrides):
-        problems = job_problems(hydra_context, master_config, overrides, prepares)
-        if problems:
-            bad.append(f"  job #{initial_job_idx + idx} ({names[idx]}):\n"
-                       + "\n".join(f"    - {p}" for p in problems))
-    clashes = shared_prepare_conflicts(prepares, initial_job_idx)
-    if bad or clashes:
-        said = [f"{len(bad)} of {len(job_overrides)} jobs of the sweep have settings a run would refuse"] if bad \
-            else []
-        said += ["jobs of the sweep would write over each other's prepared data"] if clashes else []
-        raise SweepSettingsError(" and ".join(said) + "; no job was launched:\n" + "\n".join(bad + clashes))
 
 
 def exit_with(message: str, code: int = 1) -> None:
@@ -166,12 +66,10 @@ class Progress:
                 self.finished(i, found)
 
     def finished(self, i: int, status: str, why: str | None = None) -> None:
-        from flare_exp.catalog import run_summary
-
         if i in self.reported:
             return
         self.reported[i] = status
-        row = run_summary(self.job_dirs[i])
+        row = self.summary(i, status)
         seconds = row["seconds"] if row and row.get("seconds") is not None else time.time() - self.start
         headline = f", {row['headline']}" if row and row.get("headline") else ""
         reason = why or (row or {}).get("error")
@@ -182,6 +80,23 @@ class Progress:
         say(f"{done}/{total} #{self.job_dirs[i].name} ({self.names[i]}) {status} in {seconds:.0f} s{headline}"
             f"{f': {reason}' if status != 'DONE' and reason else ''} | {eta}")
 
+    def written_now(self, i: int, status: str) -> bool:
+        """The job's dir holds the ``status`` marker, written during this launch (not an earlier attempt's)."""
+        path = self.job_dirs[i] / status
+        try:
+            return path.stat().st_mtime >= self.start - 1
+        except OSError:
+            return False
+
+    def summary(self, i: int, status: str) -> dict | None:
+        """The job dir's summary (duration, metric, error) when its marker is this launch's ``status``; None
+        otherwise: a job refused before it started leaves the dir's earlier run, whose metric is not its own."""
+        from flare_exp.catalog import run_summary
+        from flare_exp.run.record import marker
+
+        return run_summary(self.job_dirs[i]) if marker(self.job_dirs[i]) == status and \
+            self.written_now(i, status) else None
+
 
 def first_line(error) -> str:
     text = str(error).strip().splitlines()
@@ -190,8 +105,11 @@ def first_line(error) -> str:
 
 def record_results(progress: Progress, returns) -> list[str]:
     """After the launcher's wait: a line for any job whose marker the watcher did not see, the failures kept in
-    FAILURES and named together (returned)."""
+    FAILURES and named together (returned), each with where its traceback is (a job refused before it touched
+    its dir wrote no FAILED there: its line is all there is)."""
     from hydra.core.utils import JobStatus
+
+    from flare_exp.run.layout import FAILED
 
     failed = []
     for i, ret in enumerate(returns):
@@ -200,10 +118,11 @@ def record_results(progress: Progress, returns) -> list[str]:
         progress.finished(i, "DONE" if ok else "FAILED", why)
         if not ok:
             FAILURES[str(progress.job_dirs[i])] = f"job #{progress.job_dirs[i].name} ({progress.names[i]}): {why}"
-            failed.append(FAILURES[str(progress.job_dirs[i])])
+            where = f"traceback in {progress.job_dirs[i] / FAILED}" if progress.written_now(i, FAILED) else \
+                "no FAILED file: stopped before touching its dir, which holds what it held"
+            failed.append(f"{FAILURES[str(progress.job_dirs[i])]} ({where})")
     if failed:
-        say(f"{len(failed)} of {len(returns)} job(s) FAILED (traceback in each job's FAILED file):\n  "
-            + "\n  ".join(failed))
+        say(f"{len(failed)} of {len(returns)} job(s) FAILED:\n  " + "\n  ".join(failed))
     return failed
 
 
@@ -292,6 +211,30 @@ class ForwardStops:
         count = stop_workers(self.grace_s)
         say(f"{name}: {count} worker process(es) stopped; {jobs_after_stop(self.job_dirs)}")
         raise SystemExit(128 + signum)
+
+
+class StopInProcess:
+    """The watched launcher runs its jobs in this process: SIGTERM stops the running job as Ctrl-C does (its dir
+    gets FAILED, stopped from outside, as a single run's does: launch.py's stop_on_sigterm), then the sweep says
+    what the stop left and exits 128 + the signal's number, instead of vanishing without a word or a marker."""
+
+    def __init__(self, job_dirs: list[Path]):
+        self.job_dirs = job_dirs
+
+    def __enter__(self) -> "StopInProcess":
+        self.previous = signal.signal(signal.SIGTERM, self._interrupt)
+        return self
+
+    @staticmethod
+    def _interrupt(signum, frame) -> None:
+        raise KeyboardInterrupt("SIGTERM")
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        signal.signal(signal.SIGTERM, self.previous)
+        if exc_type is KeyboardInterrupt:
+            by = signal.SIGTERM if str(exc) == "SIGTERM" else signal.SIGINT
+            say(f"{by.name}: the sweep stopped; {jobs_after_stop(self.job_dirs)}")
+            raise SystemExit(128 + by) from None
 
 
 def jobs_after_stop(job_dirs: list[Path]) -> str:

@@ -4,12 +4,11 @@ import os
 import subprocess
 import sys
 import textwrap
-from types import SimpleNamespace
 
 import pytest
 from conftest import REPO
 
-from flare_exp import sweep_watch
+from flare_exp import sweep_checks, sweep_watch
 
 
 def test_a_sweep_with_one_bad_job_launches_none_and_names_it(session_dir, tmp_path):
@@ -24,6 +23,7 @@ def test_a_sweep_with_one_bad_job_launches_none_and_names_it(session_dir, tmp_pa
     assert "1 of 2 jobs of the sweep have settings a run would refuse; no job was launched" in proc.stderr
     assert "job #1 (data.image_workers=-1)" in proc.stderr and "data.image_workers=-1: must be" in proc.stderr
     assert not (out / "sweeps" / "two" / "0").exists() and not (out / "sweeps" / "two" / ".submitit").exists()
+    assert not (out / "sweeps" / "two" / "multirun.yaml").exists()  # no record of a sweep that launched nothing
 
 
 def test_a_line_per_finished_job_and_the_failures_named(tmp_path, capsys):
@@ -78,6 +78,28 @@ def test_sigterm_stops_workers_that_ignore_it(tmp_path):
             os.kill(int((tmp_path / "pid").read_text()), 9)
 
 
+def test_sigterm_to_a_sweep_running_its_job_in_process_leaves_failed_in_the_job_dir_and_says_so(tmp_path):
+    """hydra/launcher=watched (the default for -m) runs each job in the sweep's process: SIGTERM used to end it
+    on the spot, the running job's dir left without a marker. Now it stops as Ctrl-C does: FAILED (stopped from
+    outside), one line naming the unfinished job, exit 143."""
+    job = tmp_path / "0"
+    job.mkdir()
+    script = textwrap.dedent(f"""
+        import os, signal, sys, time
+        from pathlib import Path
+        sys.path.insert(0, {str(REPO)!r})
+        from flare_exp import sweep_watch
+        from flare_exp.run.lifecycle import run_with_markers
+        with sweep_watch.StopInProcess([Path({str(job)!r})]):
+            run_with_markers(Path({str(job)!r}), lambda: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(60)))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    assert (job / "FAILED").read_text().startswith("stopped from outside (KeyboardInterrupt: SIGTERM)")
+    assert "[flare-exp sweep] SIGTERM: the sweep stopped; 1 job(s) not finished (#0: " in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_an_optuna_search_with_failed_trials_ends_non_zero_naming_them():
     import optuna
 
@@ -114,13 +136,13 @@ def test_jobs_that_would_prepare_different_data_into_one_dir_are_named():
     from conftest import compose_cfg
 
     def target(*overrides):
-        return sweep_watch.prepare_target(compose_cfg(["stage=pipeline", "stage.steps=[prepare,sft]",
+        return sweep_checks.prepare_target(compose_cfg(["stage=pipeline", "stage.steps=[prepare,sft]",
                                                        "data.prepared_dir=/tmp/one", *overrides]))
 
     two, one = target("data.datasets=[IU_XRay,chestdr]"), target("data.datasets=[IU_XRay]")
-    assert sweep_watch.prepare_target(compose_cfg(["stage=infer"])) is None  # prepares nothing
-    (clash,) = sweep_watch.shared_prepare_conflicts([two, None, one, two], first_idx=4)
+    assert sweep_checks.prepare_target(compose_cfg(["stage=infer"])) is None  # prepares nothing
+    (clash,) = sweep_checks.shared_prepare_conflicts([two, None, one, two], first_idx=4)
     assert clash.startswith("  jobs #4 and #6 would prepare different data into one data.prepared_dir=/tmp/one")
     assert "data.datasets: ['IU_XRay', 'chestdr'] -> ['IU_XRay']" in clash
-    assert sweep_watch.shared_prepare_conflicts(
+    assert sweep_checks.shared_prepare_conflicts(
         [two, target("data.datasets=[IU_XRay,chestdr]", "sft.max_steps=3"), two], first_idx=0) == []  # sft only

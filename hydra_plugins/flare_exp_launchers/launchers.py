@@ -1,7 +1,8 @@
 """``hydra/launcher=watched`` (the default: jobs one after another in this process), ``local`` and ``slurm``
 (conf/hydra/launcher/): Hydra's basic and submitit launchers with flare-exp's
-sweep watch around them (flare_exp/sweep_watch.py): every job's settings checked before any is launched, a
-line per finished job with an ETA, the failed jobs named; locally, SIGTERM / SIGINT stop the workers too.
+sweep checks and watch around them (flare_exp/sweep_checks.py, sweep_watch.py): every job's settings checked before any is launched, a
+line per finished job with an ETA, the failed jobs named; locally, SIGTERM / SIGINT stop the workers too,
+and SIGTERM stops the watched launcher's in-process job as Ctrl-C does (its dir says FAILED).
 Hydra imports this module at startup: the work is imported when a sweep launches."""
 from __future__ import annotations
 
@@ -13,20 +14,32 @@ from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLaunche
 
 
 class _Watched:
+    def setup(self, *, hydra_context, task_function, config) -> None:
+        from flare_exp.sweep_checks import SweepRecord
+
+        super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
+        # before the sweeper writes this sweep's multirun.yaml: put back if the sweep is refused unlaunched
+        self._record, self._launched = SweepRecord(config), False
+
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int):
         from contextlib import nullcontext
 
-        from flare_exp.sweep_watch import (ForwardStops, Progress, SweepSettingsError, check_jobs, exit_with,
-                                           job_names, record_results)
+        from flare_exp.sweep_checks import SweepSettingsError, check_jobs, job_names
+        from flare_exp.sweep_watch import ForwardStops, Progress, StopInProcess, exit_with, record_results
 
         try:
             check_jobs(self.hydra_context, self.config, job_overrides, initial_job_idx)
         except SweepSettingsError as e:
+            if not getattr(self, "_launched", True):  # nothing of this sweep ran: its record was never true
+                self._record.restore()
             exit_with(str(e), 2)
+        self._launched = True
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         job_dirs = [sweep_dir / str(initial_job_idx + i) for i in range(len(job_overrides))]
         with Progress(job_dirs, job_names(job_overrides)) as progress:
-            with ForwardStops(job_dirs=job_dirs) if getattr(self, "_EXECUTOR", "") == "local" else nullcontext():
+            stops = ForwardStops(job_dirs=job_dirs) if getattr(self, "_EXECUTOR", "") == "local" else \
+                StopInProcess(job_dirs) if isinstance(self, BasicLauncher) else nullcontext()
+            with stops:
                 returns = super().launch(job_overrides, initial_job_idx)
         failed = record_results(progress, returns)
         if failed and "optuna" not in str(self.config.hydra.sweeper.get("_target_", "")):

@@ -1,0 +1,220 @@
+"""A sweep's jobs checked before any is launched (flare_exp/sweep_watch.py runs the rest of the watch):
+
+- each job's settings, with the same checks a single run makes (flare_exp.checks.setting_problems /
+  input_problems);
+- each job's dir: one that holds a run (finished, or unfinished to resume) made with other deciding settings
+  would refuse the job at its start;
+- jobs that would prepare different data into one data.prepared_dir.
+
+All problems reported together, nothing launched, the sweep dir's multirun.yaml put back as it was
+(``SweepRecord``).
+"""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+from flare_exp.sweep_watch import say
+
+
+class SweepSettingsError(ValueError):
+    """Some job of a sweep has settings a run would refuse; no job was launched."""
+
+
+def job_config(hydra_context, master_config, overrides):
+    """The config one job's task function gets (the sweep's config with the job's overrides, without the hydra
+    node), composed the way the job will compose it."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    cfg = hydra_context.config_loader.load_sweep_config(master_config, list(overrides))
+    HydraConfig.instance().set_config(cfg)  # what ${hydra:...} interpolations read while the checks resolve keys
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+@contextmanager
+def composed(hydra_context, master_config, overrides):
+    """One job's config (``job_config``), Hydra's own config put back afterwards."""
+    from hydra.core.hydra_config import HydraConfig
+
+    saved = HydraConfig.instance().cfg
+    try:
+        yield job_config(hydra_context, master_config, overrides)
+    finally:
+        HydraConfig.instance().cfg = saved
+
+
+def job_problems(hydra_context, master_config, overrides, prepares: list | None = None) -> list[str]:
+    """The problems a run with these overrides would stop on (settings and input paths), as text. ``prepares``:
+    where this job prepares data and with what settings (``prepare_target``; None when it does not compose) is
+    appended to it, once per call."""
+    from flare_exp.checks import input_problems, setting_problems
+
+    target = None
+    try:
+        with composed(hydra_context, master_config, overrides) as cfg:
+            target = prepare_target(cfg)
+            return [str(p) for p in setting_problems(cfg) + input_problems(cfg)]
+    except Exception as e:  # an override Hydra cannot compose (a wrong key or value)
+        return [f"{type(e).__name__}: {e}"]
+    finally:
+        if prepares is not None:
+            prepares.append(target)
+
+
+def dir_refusal(hydra_context, master_config, overrides, job_dir: Path) -> str | None:
+    """Why this job would be refused in ``job_dir`` at its start, the way the run itself refuses (a finished or
+    unfinished run there made with other deciding settings or inputs); None when it would not (or does not
+    compose: job_problems says so)."""
+    from flare_exp.run.fingerprint import RunSettingsChangedError
+
+    try:
+        with composed(hydra_context, master_config, overrides) as cfg:
+            for stage, stage_cfg, run_dir in runs_started(cfg, job_dir):
+                refuse_other_settings(stage, stage_cfg, run_dir)
+    except RunSettingsChangedError as e:
+        return " ".join(str(e).split())
+    except Exception:  # noqa: BLE001  (anything else: the job itself says it, as it would have)
+        return None
+    return None
+
+
+def runs_started(cfg, job_dir: Path) -> list[tuple]:
+    """(stage, its config, its run dir) of the run this job starts in its dir: the stage's own, or a pipeline's
+    first step that is not reused (a finished step these settings would have to redo raises, as the pipeline
+    does before it starts). Empty with overwrite=true (the earlier run moves to attempts/NN/)."""
+    from flare_exp.run.lifecycle import reusable
+    from flare_exp.run.stage import stage as stage_named
+
+    declared = stage_named(cfg.stage.name)
+    if cfg.overwrite or declared.record == "none":
+        return []
+    out_dir = declared.output_dir(cfg, job_dir)
+    if declared.record == "attempt":
+        return [(declared.name, cfg, out_dir)]
+    if declared.name != "pipeline":
+        return []
+    from flare_exp.stages.pipeline import check_steps, planned_steps
+
+    check_steps(cfg)
+    for _, step, step_cfg, step_dir in planned_steps(cfg, out_dir):
+        if not reusable(step, step_cfg, step_dir):
+            return [(step, step_cfg, step_dir)]
+    return []
+
+
+def refuse_other_settings(stage: str, cfg, run_dir: Path) -> None:
+    """RunSettingsChangedError when ``run_dir`` holds a finished run of ``stage`` made with other deciding
+    settings or inputs, or an unfinished one a resume would mix with this one (fingerprint.check_resume)."""
+    from flare_exp.run.fingerprint import (RunSettingsChangedError, check_resume, finished_differences,
+                                           fingerprint)
+    from flare_exp.run.layout import DONE
+    from flare_exp.run.record import attempt_files
+
+    if not (run_dir / DONE).exists():
+        if attempt_files(run_dir):  # an empty or new dir: nothing to compare (nor input files to hash)
+            check_resume(stage, run_dir, fingerprint(stage, cfg))
+        return
+    changed = finished_differences(stage, run_dir, cfg)
+    if changed:
+        raise RunSettingsChangedError(
+            f"{run_dir} holds a finished {stage} run made with other settings or inputs: {'; '.join(changed[:8])}"
+            f"{f'; and {len(changed) - 8} more' if len(changed) > 8 else ''}. Choose another run_name= to keep "
+            "both, or pass overwrite=true to redo it there (the finished run moves to attempts/NN/).")
+
+
+def prepare_target(cfg) -> tuple | None:
+    """(the data.prepared_dir a job's prepare step writes, its deciding settings), None when it prepares none."""
+    from omegaconf import OmegaConf
+
+    from flare_exp.checks import steps_of
+    from flare_exp.run.fingerprint import settings_of
+    from flare_exp.runtime import abspath
+
+    if "prepare" not in steps_of(cfg):
+        return None
+    return abspath(cfg.data.prepared_dir).resolve(), settings_of("prepare", OmegaConf.to_container(cfg, resolve=True))
+
+
+def shared_prepare_conflicts(targets: list, first_idx: int) -> list[str]:
+    """Jobs that would prepare different data into one data.prepared_dir: the later one would stop at its start
+    (the dir holds the first one's data, made with other settings), after the sweep launched."""
+    from flare_exp.run.fingerprint import differences
+
+    seen, out = {}, []
+    for idx, target in enumerate(targets):
+        if target is None:
+            continue
+        where, settings = target
+        if where not in seen:
+            seen[where] = (idx, settings)
+            continue
+        changed = differences({"settings": seen[where][1]}, {"settings": settings})
+        if changed:
+            out.append(f"  jobs #{first_idx + seen[where][0]} and #{first_idx + idx} would prepare different data "
+                       f"into one data.prepared_dir={where} ({'; '.join(changed[:4])}): give each of them its own "
+                       "data.prepared_dir (sweep it alongside)")
+    return out
+
+
+def job_names(job_overrides) -> list[str]:
+    """Each job named by the overrides that tell it from the others (the swept keys), else by its last few."""
+    from hydra.core.utils import filter_overrides
+
+    pairs = [dict(o.split("=", 1) for o in filter_overrides(list(job)) if "=" in o) for job in job_overrides]
+    keys = list(dict.fromkeys(k for p in pairs for k in p))
+    varying = [k for k in keys if len({p.get(k) for p in pairs}) > 1] if len(pairs) > 1 else []
+    return [" ".join(f"{k}={p[k]}" for k in (varying or [k for k in p if "/" not in p[k]][-4:]) if k in p)
+            or "(no overrides)" for p in pairs]
+
+
+def check_jobs(hydra_context, master_config, job_overrides, initial_job_idx: int) -> None:
+    """Every job's problems, or a SweepSettingsError naming each job and its problems."""
+    say(f"checking the settings of {len(job_overrides)} job(s) before launching any")
+    bad, prepares, held = [], [], []
+    names = job_names(job_overrides)
+    sweep_dir = Path(str(master_config.hydra.sweep.dir))
+    for idx, overrides in enumerate(job_overrides):
+        problems = job_problems(hydra_context, master_config, overrides, prepares)
+        if problems:
+            bad.append(f"  job #{initial_job_idx + idx} ({names[idx]}):\n"
+                       + "\n".join(f"    - {p}" for p in problems))
+            continue
+        refusal = dir_refusal(hydra_context, master_config, overrides, sweep_dir / str(initial_job_idx + idx))
+        if refusal:
+            held.append(f"  job #{initial_job_idx + idx} ({names[idx]}): {refusal}")
+    clashes = shared_prepare_conflicts(prepares, initial_job_idx)
+    if bad or clashes or held:
+        said = [f"{len(bad)} of {len(job_overrides)} jobs of the sweep have settings a run would refuse"] if bad \
+            else []
+        said += [f"the dirs of {len(held)} of {len(job_overrides)} jobs hold runs made with other settings, which "
+                 "would refuse them"] if held else []
+        said += ["jobs of the sweep would write over each other's prepared data"] if clashes else []
+        raise SweepSettingsError(" and ".join(said) + "; no job was launched:\n" + "\n".join(bad + held + clashes))
+
+
+class SweepRecord:
+    """The sweep dir's multirun.yaml as it was before this sweep: Hydra's sweeper writes the new one before the
+    launcher checks the jobs, so a sweep refused there puts the old one back (none: removed), and the sweep dir's
+    record keeps matching the jobs in it."""
+
+    def __init__(self, config):
+        try:
+            self.path: Path | None = Path(str(config.hydra.sweep.dir)) / "multirun.yaml"
+        except Exception:  # noqa: BLE001  (a sweep dir that does not resolve yet: nothing to keep)
+            self.path = None
+        held = self.path is not None and self.path.is_file()
+        self.text = self.path.read_bytes() if held else None
+        self.times = (self.path.stat().st_atime_ns, self.path.stat().st_mtime_ns) if held else None
+
+    def restore(self) -> None:
+        if self.path is None:
+            return
+        if self.text is None:
+            self.path.unlink(missing_ok=True)
+            return
+        self.path.write_bytes(self.text)
+        os.utime(self.path, ns=self.times)  # when the sweep of the jobs in it began (pipeline.sweep_started)

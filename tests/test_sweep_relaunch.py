@@ -1,0 +1,93 @@
+"""A sweep relaunched into a sweep dir whose jobs hold runs made with other settings: refused before any job,
+each such job named with its dir, what differs and the fix; the sweep dir's multirun.yaml still the one of the
+jobs in it. And a job refused after launch shows no metric of the earlier run left in its dir."""
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO, compose_cfg
+
+import pytest
+
+from flare_exp import sweep_watch
+
+
+def _overrides(session_dir, tmp_path):
+    return [f"paths.cache_dir={session_dir / 'cache'}", f"paths.output_root={tmp_path / 'out'}", "stage=sft",
+            "run_name=again"]
+
+
+def _earlier_run(job_dir, overrides, finished: bool) -> None:
+    """What an earlier sweep's job left: its fingerprint, and DONE or a checkpoint to resume from."""
+    from flare_exp.run.fingerprint import fingerprint
+
+    job_dir.mkdir(parents=True)
+    (job_dir / "fingerprint.json").write_text(json.dumps(fingerprint("sft", compose_cfg(overrides))))
+    if finished:
+        (job_dir / "DONE").write_text("{}")
+    else:
+        (job_dir / "checkpoint-1").mkdir()
+
+
+@pytest.mark.slow
+def test_a_relaunch_over_jobs_made_with_other_settings_is_refused_before_any_job_and_keeps_multirun_yaml(
+        session_dir, tmp_path, tiny_model_dir, demo_prepared):
+    """Jobs #0 (finished) and #1 (unfinished) hold runs made with seed=1; #2 one made with its own seed=4: the
+    relaunch with seed=2,3,4 names #0 and #1 (dir, seed: 1 -> N, the fix), launches none, and leaves the earlier
+    sweep's multirun.yaml as it was."""
+    base = _overrides(session_dir, tmp_path)
+    sweep = tmp_path / "out" / "sweeps" / "again"
+    for n, (seed, finished) in enumerate([(1, True), (1, False), (4, False)]):
+        _earlier_run(sweep / str(n), [*base, f"seed={seed}"], finished)
+    record = sweep / "multirun.yaml"
+    record.write_text("the earlier sweep's record\n")
+    os.utime(record, (1_000_000_000, 1_000_000_000))
+    proc = subprocess.run([sys.executable, "launch.py", "-m", *base, "hydra/launcher=local", "seed=2,3,4"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "the dirs of 2 of 3 jobs hold runs made with other settings, which would refuse them; no job was " \
+           "launched" in proc.stderr, proc.stderr[-3000:]
+    (first,) = [line for line in proc.stderr.splitlines() if line.startswith("  job #0 (seed=2): ")]
+    assert f"{sweep / '0'} holds a finished sft run made with other settings or inputs: seed: 1 -> 2." in first
+    assert "another run_name=" in first and "overwrite=true" in first
+    (second,) = [line for line in proc.stderr.splitlines() if line.startswith("  job #1 (seed=3): ")]
+    assert f"{sweep / '1'} holds an unfinished sft run" in second and "seed: 1 -> 3" in second
+    assert "job #2" not in proc.stderr  # its dir holds a run of its own settings: it resumes
+    assert record.read_text() == "the earlier sweep's record\n" and record.stat().st_mtime == 1_000_000_000
+    assert not (sweep / ".submitit").exists() and not (sweep / "0" / "FAILED").exists()
+
+
+def test_a_job_refused_at_its_start_shows_no_metric_of_the_earlier_run_in_its_dir(tmp_path, capsys):
+    """Job #0's dir holds an earlier run, finished with a metric; the job, refused before touching it, fails:
+    its line has no metric, and the closing lines say where each failure's reason is (its line, or the
+    traceback in the FAILED file the job wrote)."""
+    from hydra.core.utils import JobReturn, JobStatus
+
+    from flare_exp.run.lifecycle import run_with_markers
+    from flare_exp.run.record import write_failed
+
+    dirs = [tmp_path / "0", tmp_path / "1"]
+    for d in dirs:
+        (d / "eval").mkdir(parents=True)
+    (dirs[0] / "eval" / "metrics.json").write_text(json.dumps(
+        {"rl": {"official": {"multi_label": {"f1_score": 0.4815}}}}))
+    run_with_markers(dirs[0], lambda: {"ok": 1})
+    os.utime(dirs[0] / "DONE", (1_000_000_000, 1_000_000_000))  # an earlier launch's
+    sweep_watch.FAILURES.clear()
+    with sweep_watch.Progress(dirs, ["w=0.5", "w=1"], poll_s=60) as progress:
+        try:
+            raise ValueError("cut short")
+        except ValueError as e:
+            write_failed(dirs[1], e)
+    returns = [JobReturn(), JobReturn()]
+    for ret, why in zip(returns, ["RunSettingsChangedError: other settings", "ValueError: cut short"]):
+        ret.status, ret._return_value = JobStatus.FAILED, RuntimeError(why)
+    sweep_watch.record_results(progress, returns)
+    err = capsys.readouterr().err
+    (line,) = [l for l in err.splitlines() if "#0 (w=0.5) FAILED" in l]
+    assert "0.4815" not in line and "f1_score" not in line, line
+    assert "traceback in each job's FAILED file" not in err
+    assert "2 of 2 job(s) FAILED" in err
+    assert "job #0 (w=0.5): RuntimeError: RunSettingsChangedError: other settings (no FAILED file" in err
+    assert f"job #1 (w=1): RuntimeError: ValueError: cut short (traceback in {dirs[1] / 'FAILED'})" in err

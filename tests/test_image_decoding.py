@@ -190,3 +190,16 @@ def test_a_later_stage_given_another_window_than_prepares_is_refused(base_overri
         check_records_window(records, [0, 4095], "x.jsonl")
     check_records_window(records[:1], [0, 4095], "x.jsonl")  # the records' own window: nothing to say
     check_records_window(records, None, "x.jsonl")
+
+
+def test_a_multi_page_tiff_is_read_by_its_first_page_and_named(tmp_path, caplog):
+    root = tmp_path / "raw"
+    d = _small_tree(root, [{**GOOD, "ImageName": "imagesTr/pages.tif"}], images=())
+    first = Image.fromarray(GRADIENT.astype(np.uint8))
+    first.save(d / "imagesTr" / "pages.tif", save_all=True, append_images=[Image.new("L", (64, 64), 255)])
+    caplog.set_level("WARNING", logger="flare_exp.data.prepare")
+    out = _prepare(tmp_path, root, "data.datasets=[chestdr]")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["multi_page_images"] == {"count": 1, "first": ["training/Xray/chestdr/imagesTr/pages.tif"]}
+    assert "every stage reads their first page only" in caplog.text
+    assert np.array_equal(np.asarray(decode_image(d / "imagesTr" / "pages.tif"))[..., 0], GRADIENT.astype(np.uint8))

@@ -66,6 +66,7 @@ class ImageCheck(NamedTuple):
     pixels: str | None  # sha1 of the decoded 8-bit RGB pixels (same picture in another file format)
     size: tuple[int, int] | None = None  # width, height as stored
     uniform: float | None = None  # share of the decoded pixels at the commonest grey level (1.0: one flat value)
+    frames: int = 1  # pages of a multi-page file (TIFF): the stages read the first
 
 
 @dataclass(frozen=True)
@@ -130,12 +131,13 @@ def _check_image(path: str, window: tuple[float, float] | None, decode: bool = T
         data = Path(path).read_bytes()
     except OSError as e:
         return ImageCheck(f"unreadable image {Path(path).name}: {e.strerror or e}", None, None, None)
-    size, mode, pixels, uniform = f"{len(data):,} bytes", None, None, None
+    size, mode, pixels, uniform, frames = f"{len(data):,} bytes", None, None, None, 1
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as im:
                 size, mode, stored = f"{im.width}x{im.height} px, {size}", im.mode, im.size
+                frames = getattr(im, "n_frames", 1)
                 if decode:
                     picture = upright_rgb(im, window)
                     pixels, uniform = hashlib.sha1(picture.tobytes()).hexdigest(), commonest_share(picture)
@@ -148,7 +150,7 @@ def _check_image(path: str, window: tuple[float, float] | None, decode: bool = T
     except Exception as e:  # PIL raises many types for broken files
         reason = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "this file", str(e))[:200]
         return ImageCheck(f"corrupt image {Path(path).name}: {type(e).__name__}: {reason} ({size})", None, mode, None)
-    return ImageCheck(None, hashlib.sha1(data).hexdigest(), mode, pixels, stored, uniform)
+    return ImageCheck(None, hashlib.sha1(data).hexdigest(), mode, pixels, stored, uniform, frames)
 
 
 def commonest_share(picture) -> float:

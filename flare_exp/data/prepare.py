@@ -186,7 +186,8 @@ def prepare(cfg_data, root: Path, out_dir: Path, limits: ProcessorLimits | None 
     rejects: list[dict] = []
     found = question_files(root)
     candidates = read_records(root, cfg_data, split_sources, rejects, found)
-    by_split, modes, sha1s, flat = accept_records(candidates, cfg_data, rejects, limits)
+    accepted = accept_records(candidates, cfg_data, rejects, limits)
+    by_split, modes = accepted.by_split, accepted.modes
     rejects.sort(key=lambda r: (r["file"], r["index"]))
     write_jsonl(out_dir / "rejects.jsonl", rejects)  # first: an error below points at it
     check_requested(root, cfg_data, split_sources, by_split, rejects, out_dir / "rejects.jsonl", found)
@@ -208,26 +209,34 @@ def prepare(cfg_data, root: Path, out_dir: Path, limits: ProcessorLimits | None 
         "images": len({p for rows in by_split.values() for r in rows for p in r["images"]}),
         "images_by_mode": modes,
         "image_window": list(cfg_data.image_window) if cfg_data.image_window is not None else "own range",
-        "nearly_uniform_images": nearly_uniform(flat, root, cfg_data.image_window),
+        **named_images(accepted, root, cfg_data.image_window),
         "processor_limits": asdict(limits) if limits else None,
         "overlapping_studies_allowed": len(overlap),
         "seconds": round(time.time() - start, 2),
     }
     write_json(out_dir / "summary.json", summary)
-    record_inputs(out_dir, root, questions_read(found, cfg_data, split_sources), sha1s)
+    record_inputs(out_dir, root, questions_read(found, cfg_data, split_sources), accepted.sha1s)
     return summary
 
 
-def nearly_uniform(flat: list[Path], root: Path, window) -> dict:
-    """The accepted images that decoded to one nearly flat level, counted, the first named, and said."""
-    names = [str(p.relative_to(root)) if p.is_relative_to(root) else str(p) for p in flat]
-    if names:
+def named_images(accepted: Accepted, root: Path, window) -> dict:
+    """The accepted images a user should look at, each kind counted, the first named, and said in the log:
+    those that decoded to nearly one flat level, and multi-page files (only the first page is read)."""
+    def names(paths: list[Path]) -> list[str]:
+        return [str(p.relative_to(root)) if p.is_relative_to(root) else str(p) for p in paths]
+
+    flat, pages = names(accepted.nearly_uniform), names(accepted.multi_frame)
+    if flat:
         log.warning("prepare: %d accepted image(s) decoded to nearly one flat grey level (>= %d%% of the pixels), "
-                    "e.g. %s: %s. They are kept; summary.json lists the first ones", len(names),
-                    round(NEARLY_UNIFORM * 100), ", ".join(names[:3]),
-                    f"data.image_window=[{window[0]:g}, {window[1]:g}] may not suit them (a window outside their values saturates "
-                    "them)" if window is not None else "blank or constant images")
-    return {"count": len(names), "first": names[:20]}
+                    "e.g. %s: %s. They are kept; summary.json lists the first ones", len(flat),
+                    round(NEARLY_UNIFORM * 100), ", ".join(flat[:3]),
+                    f"data.image_window=[{window[0]:g}, {window[1]:g}] may not suit them (a window outside their "
+                    "values saturates them)" if window is not None else "blank or constant images")
+    if pages:
+        log.warning("prepare: %d accepted image(s) are multi-page files, e.g. %s: every stage reads their first "
+                    "page only. summary.json lists the first ones", len(pages), ", ".join(pages[:3]))
+    return {"nearly_uniform_images": {"count": len(flat), "first": flat[:20]},
+            "multi_page_images": {"count": len(pages), "first": pages[:20]}}
 
 
 def split_sources_of(cfg_data) -> dict[str, list[str]]:
@@ -274,6 +283,7 @@ class Accepted(NamedTuple):
     modes: dict[str, int]  # PIL mode -> accepted images
     sha1s: dict[Path, str]  # every decoded image's bytes
     nearly_uniform: list[Path]  # accepted images whose decoded pixels are nearly all one level
+    multi_frame: list[Path]  # accepted multi-page files
 
 
 # an accepted image with this share of its pixels at one grey level is named in summary.json and the log: a
@@ -286,7 +296,7 @@ def accept_records(candidates: list, cfg_data, rejects: list,
     """Decode every image the candidates name (once, in parallel; data.verify_images=false: headers only); a
     record with a broken image, one the processor cannot take, or a second record with the same
     ImageName||Question, is rejected. Also: the accepted images counted by PIL mode, each image's sha1, and the
-    accepted images that decoded to one nearly flat grey level."""
+    accepted images that decoded to one nearly flat grey level, and those of several pages."""
     by_split: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
     images = [p for record, _, _ in candidates for p in record["_paths"]]
     window = check_window(cfg_data.image_window)
@@ -307,8 +317,9 @@ def accept_records(candidates: list, cfg_data, rejects: list,
         seen.add(record["id"])
         by_split[record["split"]].append(record)
     sha1s = {p: result.sha1 for p, result in checked.items() if result.sha1}
-    flat = sorted({p for p in modes if (checked[p].uniform or 0) >= NEARLY_UNIFORM})
-    return Accepted(by_split, dict(sorted(Counter(modes.values()).items())), sha1s, flat)
+    flat = sorted(p for p in modes if (checked[p].uniform or 0) >= NEARLY_UNIFORM)
+    return Accepted(by_split, dict(sorted(Counter(modes.values()).items())), sha1s, flat,
+                    sorted(p for p in modes if checked[p].frames > 1))
 
 
 def check_requested(root: Path, cfg_data, split_sources: dict, by_split: dict, rejects: list,

@@ -47,8 +47,9 @@ def test_every_pair_of_splits_is_guarded(tmp_path, first, second, copy):
     trees[second]["copy.png" if copy == "renamed" else leaked] = grey  # the same bytes, renamed or not
     for split, images in trees.items():
         _split_tree(tmp_path / "raw", split, images)
+    twin = rf" = chestdr:copy.png \({second}\)" if copy == "renamed" else ""  # the picture's other name, too
     with pytest.raises(PrepareError, match=rf"(?s)^1 studies appear in more than one split \({first}/{second}: 1;"
-                                           rf".*\n  chestdr:{leaked}\n"):
+                                           rf".*\n  chestdr:{leaked}{twin}\n"):
         _prepare(tmp_path, tmp_path / "raw")
     out = _prepare(tmp_path, tmp_path / "raw", "data.allow_overlap=true")
     assert json.loads((out / "summary.json").read_text())["overlapping_studies_allowed"] == 1
@@ -75,6 +76,7 @@ def test_overlap_counts_each_pair_and_each_study_once():
         check_overlap(by_split, allow=False)
     message = str(error.value)
     assert message.startswith("3 studies appear in more than one split (train/val: 2, train/test: 1, val/test: 1;")
-    assert message.split("\n")[1:4] == ["  chestdr:a.png", "  chestdr:b.png", "  chestdr:c.png"]
+    assert message.split("\n")[1:4] == ["  chestdr:a.png = chestdr:y.png (test)", "  chestdr:b.png",
+                                         "  chestdr:c.png = chestdr:x.png (val)"]
     assert check_overlap(by_split, allow=True) == ["chestdr:a.png", "chestdr:b.png", "chestdr:c.png"]
     assert check_overlap({"train": by_split["train"], "val": _rows(("q.png", "8"))}, allow=False) == []

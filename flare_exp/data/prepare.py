@@ -164,11 +164,18 @@ def check_overlap(by_split: dict[str, list[dict]], allow: bool) -> list[str]:
              for a, b in (("train", "val"), ("train", "test"), ("val", "test"))}
     overlap = sorted({study for studies in pairs.values() for study in studies})
     if overlap and not allow:
-        shown = "\n  ".join(overlap[:50]) + (f"\n  ... and {len(overlap) - 50} more" if len(overlap) > 50 else "")
+        twins = defaultdict(set)  # a study -> its other names in the later split (same picture, renamed)
+        for a, b in pairs:
+            for k in keys[a].keys() & keys[b].keys():
+                if keys[a][k] != keys[b][k]:
+                    twins[keys[a][k]].add(f"{keys[b][k]} ({b})")
+        named = [study + (f" = {', '.join(sorted(twins[study]))}" if twins[study] else "") for study in overlap]
+        shown = "\n  ".join(named[:50]) + (f"\n  ... and {len(overlap) - 50} more" if len(overlap) > 50 else "")
         where = ", ".join(f"{a}/{b}: {len(studies)}" for (a, b), studies in pairs.items() if studies)
         raise PrepareError(
             f"{len(overlap)} studies appear in more than one split ({where}; validation would leak):\n  {shown}\n"
-            "Remove them from one side, or pass data.allow_overlap=true to accept the leak.")
+            "Remove them from one side (a study's picture under another name is shown as 'name = other name "
+            "(split)'), or pass data.allow_overlap=true to accept the leak.")
     return overlap
 
 

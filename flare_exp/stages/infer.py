@@ -59,6 +59,7 @@ log = logging.getLogger(__name__)
 
 
 def checkpoint_label(checkpoint: str | None) -> str:
+    """The predictions' label: the adapter's run (a pipeline's step: pipeline/step), "base" without one."""
     if not checkpoint:
         return "base"
     path = Path(checkpoint)
@@ -195,7 +196,7 @@ def run(cfg, out_dir: Path) -> dict:
         records = records[:inf.num_samples]
     if not records:
         raise ValueError(f"{source}: no records to predict")
-    label = inf.label or checkpoint_label(inf.checkpoint)
+    label = inf.label or checkpoint_label(used_adapter(cfg)["path"] if inf.checkpoint else None)  # what it names
     rank, world = ranks()
     done = read_predictions(out_dir)
     mine = records[rank::world]  # each rank its share; rank 0 merges them in input order below

@@ -97,10 +97,10 @@ def runs_started(cfg, job_dir: Path) -> list[tuple]:
         return [(declared.name, cfg, out_dir)]
     if declared.name != "pipeline":
         return []
-    from flare_exp.stages.pipeline import check_steps, planned_steps
+    pipeline = declared.runner()  # the stage registry loads it: nothing outside the stages imports one
 
-    check_steps(cfg)
-    for _, step, step_cfg, step_dir in planned_steps(cfg, out_dir):
+    pipeline.check_steps(cfg)
+    for _, step, step_cfg, step_dir in pipeline.planned_steps(cfg, out_dir):
         if not reusable(step, step_cfg, step_dir):
             return [(step, step_cfg, step_dir)]
     return []

@@ -352,6 +352,10 @@ class InferConfig(DecodingConfig):
     # first: a large batch's cache would slow every later short batch); true keeps any long enough one, as
     # generate does (for comparison).
     keep_long_cache: bool = False
+    # The graph loop's prefill (on a GPU) with its text model compiled (dynamic shapes; the vision encoder stays
+    # eager): inductor fuses the norms, rope and activations the eager prefill runs as separate kernels. Off
+    # until measured side by side (docs/performance.md); its first batch compiles.
+    compile_prefill: bool = False
     # Profile the N-th batch (1 = the first) into <run dir>/profile.txt; null: none.
     profile_batch: Optional[int] = None
     # Fold a LoRA checkpoint into the weights (backend=hf): same outputs up to rounding, fewer kernels per token.

@@ -147,6 +147,8 @@ def test_a_finished_prepare_is_not_reused_after_the_download_changed(base_overri
     os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))  # touched: same bytes
     assert run(compose_cfg(steps), run_dir=tmp_path / "pipe")["results"]["prepare"] == {
         "reused": str(tmp_path / "prepared")}
+    recorded = json.loads((tmp_path / "prepared" / "inputs.json").read_text())["images"]
+    assert recorded[image.relative_to(root).as_posix()][1] == image.stat().st_mtime_ns  # compared by bytes once
     questions = sorted(root.rglob("*_questions_train.json"))[0]
     questions.write_text(questions.read_text().replace('"Answer": "', '"Answer": "corrected ', 1))
     image.write_bytes(image.read_bytes() + b"\0")
@@ -156,3 +158,38 @@ def test_a_finished_prepare_is_not_reused_after_the_download_changed(base_overri
         run(compose_cfg(steps), run_dir=tmp_path / "pipe")
     result = run(compose_cfg([*steps, "overwrite=true"]), run_dir=tmp_path / "pipe")
     assert result["results"]["prepare"]["records"]  # redone from the download as it is now
+
+
+def test_a_prepare_input_missing_or_broken_then_supplied_stops_the_reuse(base_overrides, tmp_path, caplog):
+    """Images still downloading at the first prepare: a missing one supplied later, or a cut one replaced, is a
+    changed input. A prepared dir without a readable record of its inputs is reused with a warning saying
+    nothing was compared (a prepare from before they were recorded, or the record cut short or hand-broken)."""
+    import shutil
+
+    from flare_exp.main import run
+
+    cfg = compose_cfg(base_overrides)
+    root, prepared = tmp_path / "flare", tmp_path / "prepared"
+    shutil.copytree(cfg.data.root, root)
+    images = sorted(p for p in root.rglob("*.png") if "dental" in str(p))
+    kept = tmp_path / "kept.png"
+    shutil.copy(images[0], kept)
+    images[0].unlink()  # not there yet
+    images[1].write_bytes(images[1].read_bytes()[:200])  # cut short
+    steps = [*base_overrides, f"data.root={root}", f"data.prepared_dir={prepared}", "stage=pipeline",
+             "stage.steps=[prepare]"]
+    run(compose_cfg(steps), run_dir=tmp_path / "pipe")
+    shutil.copy(kept, images[0])
+    shutil.copy(kept, images[1])
+    missing, cut = (p.relative_to(root).as_posix() for p in images[:2])
+    with pytest.raises(RunSettingsChangedError) as refused:
+        run(compose_cfg(steps), run_dir=tmp_path / "pipe")
+    assert f"data.root file {cut}: changed" in str(refused.value)
+    assert f"{missing}: added (missing at the prepare)" in str(refused.value)
+    assert "another data.prepared_dir= to keep both" in str(refused.value)
+    for record in ("", '{"question_files": {}, "ima', "[]"):
+        (prepared / "inputs.json").write_text(record)
+        caplog.clear()
+        again = run(compose_cfg(steps), run_dir=tmp_path / "pipe")
+        assert again["results"]["prepare"] == {"reused": str(prepared)}
+        assert "data.root's files were not compared with what made it" in caplog.text

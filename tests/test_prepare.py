@@ -79,25 +79,32 @@ def test_prepare_demo(tmp_path, demo_root):
 
 
 def test_an_archive_replaced_after_extracting_is_extracted_again(tmp_path):
-    """A re-downloaded archive over an extracted one (its marker records the size and time it was extracted
-    at) is pending again; a marker of an earlier version, without them, stays extracted."""
+    """A re-downloaded archive over an extracted one (its marker records the size, time and sha1 it was
+    extracted at) is pending again; the same bytes copied again (new times) are not, and the marker takes the new
+    time. A marker of an earlier version, without a record, is pending only when the archive is newer."""
     import os
     import zipfile
 
     from flare_exp.data.unzip import pending_zips, unzip_nested
 
     archive = tmp_path / "training" / "set.zip"
+    marker = archive.with_name("set.zip.unzipped")
     archive.parent.mkdir(parents=True)
     with zipfile.ZipFile(archive, "w") as zf:
         zf.writestr("set/a_questions_train.json", "[]")
     assert unzip_nested(tmp_path) == 1 and pending_zips(tmp_path) == []
+    later = archive.stat().st_mtime_ns + 10**9
+    os.utime(archive, ns=(later, later))  # copied again, same bytes
+    assert pending_zips(tmp_path) == [] and f"modified {later}," in marker.read_text()
     with zipfile.ZipFile(archive, "w") as zf:
         zf.writestr("set/a_questions_train.json", '[{"corrected": 1}]')
-    os.utime(archive, ns=(1, archive.stat().st_mtime_ns + 10**9))
     assert pending_zips(tmp_path) == [archive]
     assert unzip_nested(tmp_path) == 1 and "corrected" in (tmp_path / "training/set/a_questions_train.json").read_text()
-    archive.with_name("set.zip.unzipped").write_text("extracted by flare_exp prepare\n")  # an older marker
+    marker.write_text("extracted by flare_exp prepare\n")  # an earlier version's marker, newer than the archive
     assert pending_zips(tmp_path) == []
+    newer = marker.stat().st_mtime_ns + 10**9
+    os.utime(archive, ns=(newer, newer))  # the archive replaced after that version extracted it
+    assert pending_zips(tmp_path) == [archive]
 
 
 def test_rerun_refuses_then_overwrite(tmp_path, demo_root):

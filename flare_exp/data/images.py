@@ -65,7 +65,7 @@ class ImageCheck(NamedTuple):
     mode: str | None  # the file's PIL mode (summary.json counts them)
     pixels: str | None  # sha1 of the decoded 8-bit RGB pixels (same picture in another file format)
     size: tuple[int, int] | None = None  # width, height as stored
-    uniform: float | None = None  # share of the decoded pixels at the commonest grey level (1.0: one flat value)
+    uniform: float | None = None  # share of the decoded grey values near their median (1.0: one flat value)
     frames: int = 1  # pages of a multi-page file (TIFF): the stages read the first
 
 
@@ -131,6 +131,7 @@ def _check_image(path: str, window: tuple[float, float] | None, decode: bool = T
         data = Path(path).read_bytes()
     except OSError as e:
         return ImageCheck(f"unreadable image {Path(path).name}: {e.strerror or e}", None, None, None)
+    digest = hashlib.sha1(data).hexdigest()  # a rejected file too: replaced later, it is another input
     size, mode, pixels, uniform, frames = f"{len(data):,} bytes", None, None, None, 1
     try:
         with warnings.catch_warnings():
@@ -140,26 +141,30 @@ def _check_image(path: str, window: tuple[float, float] | None, decode: bool = T
                 frames = getattr(im, "n_frames", 1)
                 if decode:
                     picture = upright_rgb(im, window)
-                    pixels, uniform = hashlib.sha1(picture.tobytes()).hexdigest(), commonest_share(picture)
+                    pixels, uniform = hashlib.sha1(picture.tobytes()).hexdigest(), flat_share(picture)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        return ImageCheck(f"decompression bomb {Path(path).name}: {e} ({size})", None, mode, None)
+        return ImageCheck(f"decompression bomb {Path(path).name}: {e} ({size})", digest, mode, None)
     except Image.UnidentifiedImageError:  # PIL's wording names an in-memory buffer, not the file
         reason = ("no image format Pillow reads: an empty or cut download, or another kind of file under an "
                   "image's name" if data else "the file is empty")
-        return ImageCheck(f"corrupt image {Path(path).name}: {reason} ({size})", None, mode, None)
+        return ImageCheck(f"corrupt image {Path(path).name}: {reason} ({size})", digest, mode, None)
     except Exception as e:  # PIL raises many types for broken files
         reason = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "this file", str(e))[:200]
-        return ImageCheck(f"corrupt image {Path(path).name}: {type(e).__name__}: {reason} ({size})", None, mode, None)
-    return ImageCheck(None, hashlib.sha1(data).hexdigest(), mode, pixels, stored, uniform, frames)
+        return ImageCheck(f"corrupt image {Path(path).name}: {type(e).__name__}: {reason} ({size})", digest, mode,
+                          None)
+    return ImageCheck(None, digest, mode, pixels, stored, uniform, frames)
 
 
-def commonest_share(picture) -> float:
-    """The share of an 8-bit picture's pixels at its commonest level of the first channel (grey X-rays: all
-    three are one): near 1 for a picture that decoded to one flat value, e.g. a window that saturates it."""
+def flat_share(picture, levels: int = 6) -> float:
+    """The share of an 8-bit picture's grey values within ``levels`` of their median: near 1 for a picture that
+    decoded to one flat value (a window that saturates it, a blank or constant scan, sensor noise on a blank),
+    low for any X-ray with content (a black border alone is not flat: its content is elsewhere)."""
     import numpy as np
 
-    counts = np.bincount(np.asarray(picture)[..., 0].ravel(), minlength=256)
-    return float(counts.max() / max(counts.sum(), 1))
+    counts = np.bincount(np.asarray(picture.convert("L")).ravel(), minlength=256)  # a histogram: cheap on large scans
+    total = max(int(counts.sum()), 1)
+    median = int(np.searchsorted(np.cumsum(counts), total / 2))
+    return float(counts[max(median - levels, 0):median + levels + 1].sum() / total)
 
 
 def _within(check: ImageCheck, path: Path, limits: ProcessorLimits | None) -> ImageCheck:

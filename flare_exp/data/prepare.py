@@ -68,7 +68,7 @@ def question_files(root: Path) -> list[tuple[Path, str, str | None, bool]]:
     return found
 
 
-def _resolve_image(dataset_dir: Path, name: str) -> Path | str:
+def resolve_image(dataset_dir: Path, name: str) -> Path | str:
     """The image file an ImageName names, or why there is none ("outside data.root": never opened)."""
     direct = inside(dataset_dir, name)
     if direct is None:
@@ -119,7 +119,7 @@ def convert_record(raw, qf: QuestionFile, out_split: str, root: Path, cfg):
         return None, problem
     paths = []
     for name in R.image_list(raw["ImageName"]):
-        path = _resolve_image(qf.path.parent, name)
+        path = resolve_image(qf.path.parent, name)
         if isinstance(path, str):
             return None, path
         paths.append(path)
@@ -192,7 +192,8 @@ def prepare(cfg_data, root: Path, out_dir: Path, limits: ProcessorLimits | None 
     split_sources = split_sources_of(cfg_data)
     rejects: list[dict] = []
     found = question_files(root)
-    candidates = read_records(root, cfg_data, split_sources, rejects, found)
+    missing: list[tuple[Path, str]] = []
+    candidates = read_records(root, cfg_data, split_sources, rejects, found, missing)
     accepted = accept_records(candidates, cfg_data, rejects, limits)
     by_split, modes = accepted.by_split, accepted.modes
     rejects.sort(key=lambda r: (r["file"], r["index"]))
@@ -216,17 +217,17 @@ def prepare(cfg_data, root: Path, out_dir: Path, limits: ProcessorLimits | None 
         "images": len({p for rows in by_split.values() for r in rows for p in r["images"]}),
         "images_by_mode": modes,
         "image_window": list(cfg_data.image_window) if cfg_data.image_window is not None else "own range",
-        **named_images(accepted, root, cfg_data.image_window),
+        **named_images(accepted, root, cfg_data.image_window, cfg_data.verify_images),
         "processor_limits": asdict(limits) if limits else None,
         "overlapping_studies_allowed": len(overlap),
         "seconds": round(time.time() - start, 2),
     }
     write_json(out_dir / "summary.json", summary)
-    record_inputs(out_dir, root, questions_read(found, cfg_data, split_sources), accepted.sha1s)
+    record_inputs(out_dir, root, questions_read(found, cfg_data, split_sources), accepted.sha1s, missing)
     return summary
 
 
-def named_images(accepted: Accepted, root: Path, window) -> dict:
+def named_images(accepted: Accepted, root: Path, window, decoded: bool = True) -> dict:
     """The accepted images a user should look at, each kind counted, the first named, and said in the log:
     those that decoded to nearly one flat level, and multi-page files (only the first page is read)."""
     def names(paths: list[Path]) -> list[str]:
@@ -242,7 +243,8 @@ def named_images(accepted: Accepted, root: Path, window) -> dict:
     if pages:
         log.warning("prepare: %d accepted image(s) are multi-page files, e.g. %s: every stage reads their first "
                     "page only. summary.json lists the first ones", len(pages), ", ".join(pages[:3]))
-    return {"nearly_uniform_images": {"count": len(flat), "first": flat[:20]},
+    return {"nearly_uniform_images": {"count": len(flat), "first": flat[:20]} if decoded else
+            "not checked (data.verify_images=false: headers only)",
             "multi_page_images": {"count": len(pages), "first": pages[:20]}}
 
 
@@ -263,10 +265,11 @@ def _reject(rejects: list, cfg_data, file: str, index: int, reason: str) -> None
     rejects.append({"file": file, "index": index, "reason": reason})
 
 
-def read_records(root: Path, cfg_data, split_sources: dict, rejects: list,
-                 found: list[tuple]) -> list[tuple[dict, str, int]]:
+def read_records(root: Path, cfg_data, split_sources: dict, rejects: list, found: list[tuple],
+                 missing: list | None = None) -> list[tuple[dict, str, int]]:
     """(record, file, index) of every record that passes the field checks, in file order; the others go to
-    ``rejects`` with file, index and reason."""
+    ``rejects`` with file, index and reason, and the images a record named that are not there to ``missing``
+    (dataset folder, ImageName: supplied later, they are a changed input)."""
     candidates = []
     for out_split, sources in split_sources.items():
         for qf in discover(found, list(cfg_data.datasets), sources):
@@ -280,6 +283,9 @@ def read_records(root: Path, cfg_data, split_sources: dict, rejects: list,
                 record, reason = convert_record(raw, qf, out_split, root, cfg_data)
                 if record is None:
                     _reject(rejects, cfg_data, file, index, reason)
+                    if reason.startswith("missing image") and missing is not None:
+                        missing += [(qf.path.parent, n) for n in R.image_list(raw["ImageName"])
+                                    if isinstance(resolve_image(qf.path.parent, n), str)]
                 else:
                     candidates.append((record, file, index))
     return candidates

@@ -12,20 +12,26 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 from flare_exp.io import file_fingerprint, write_json
+
+log = logging.getLogger(__name__)
 
 INPUTS = "inputs.json"
 SHOWN = 5  # changed files named in a message; the rest are counted
 
 
-def record_inputs(out_dir: Path, root: Path, questions: list[Path], images: dict[Path, str]) -> None:
-    """``images``: path -> sha1 of its bytes (prepare's leakage check computed it)."""
+def record_inputs(out_dir: Path, root: Path, questions: list[Path], images: dict[Path, str],
+                  missing: list[tuple[Path, str]] = ()) -> None:
+    """``images``: path -> sha1 of its bytes (prepare's image pass computed it, rejected files too); ``missing``:
+    (dataset folder, ImageName) of the images a record named that were not there."""
     stats = {p: p.stat() for p in images if p.exists()}
     write_json(out_dir / INPUTS, {
         "question_files": {_name(p, root): file_fingerprint(p)["sha256"] for p in questions},
-        "images": {_name(p, root): [s.st_size, s.st_mtime_ns, images[p]] for p, s in stats.items()}})
+        "images": {_name(p, root): [s.st_size, s.st_mtime_ns, images[p]] for p, s in stats.items()},
+        "missing": sorted({(_name(folder, root), name) for folder, name in missing})})
 
 
 def _name(path: Path, root: Path) -> str:
@@ -36,26 +42,52 @@ def _name(path: Path, root: Path) -> str:
         return str(path)
 
 
-def input_changes(out_dir: Path, root: Path, questions: list[Path]) -> list[str]:
+def input_changes(out_dir: Path, root: Path, questions: list[Path], resolve) -> list[str]:
     """'data.root file X: changed' for what differs between the recorded inputs and data.root now
-    (``questions``: the question files a prepare would read now); nothing when no record was kept."""
-    try:
-        recorded = json.loads((out_dir / INPUTS).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    (``questions``: the question files a prepare would read now; ``resolve(folder, name)``: prepare's image
+    lookup, a path or why there is none). An image found with new times but the same bytes is the same, and its
+    record takes the new times. A prepared dir without a readable record says so in the log (nothing compared)."""
+    recorded = _recorded(out_dir)
+    if recorded is None:
         return []
     now = {_name(p, root): p for p in questions}
-    before = recorded.get("question_files", {})
+    before = recorded["question_files"]
     changes = [f"{name}: added" for name in sorted(set(now) - set(before))]
     changes += [f"{name}: removed" for name in sorted(set(before) - set(now))]
     changes += [f"{name}: changed (sha256 {sha[:12]} -> {file_fingerprint(now[name])['sha256'][:12]})"
                 for name, sha in sorted(before.items())
                 if name in now and file_fingerprint(now[name])["sha256"] != sha]
-    changes += [f"{name}: {why}" for name, why in image_changes(root, recorded.get("images", {}))]
+    images, refreshed = image_changes(root, recorded["images"])
+    changes += [f"{name}: {why}" for name, why in images]
+    changes += [f"{Path(folder, name).as_posix()}: added (missing at the prepare)"
+                for folder, name in recorded["missing"] if not isinstance(resolve(root / folder, name), str)]
+    if refreshed and not changes:  # a copy with new times: compared by bytes once, not at every check
+        write_json(out_dir / INPUTS, {**recorded, "images": {**recorded["images"], **refreshed}})
     return [f"data.root file {c}" for c in changes]
 
 
-def image_changes(root: Path, recorded: dict) -> list[tuple[str, str]]:
-    out = []
+def _recorded(out_dir: Path) -> dict | None:
+    """The recorded inputs, or None (said once in the log) when there is no readable record: a prepare made
+    before they were recorded, or a file cut short or edited."""
+    try:
+        recorded = json.loads((out_dir / INPUTS).read_text(encoding="utf-8"))
+        parts = (recorded["question_files"], recorded["images"], recorded.get("missing", []))
+        if not (isinstance(parts[0], dict) and isinstance(parts[1], dict) and isinstance(parts[2], list)):
+            raise ValueError("not the shape prepare writes")
+        return {"question_files": parts[0], "images": parts[1], "missing": parts[2]}
+    except FileNotFoundError:
+        why = "none was recorded (a prepare made before they were)"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        why = f"it is unreadable ({type(e).__name__}: {e})"
+    log.warning("prepare: %s: %s, so data.root's files were not compared with what made it; overwrite=true "
+                "prepares again and records them", out_dir / INPUTS, why)
+    return None
+
+
+def image_changes(root: Path, recorded: dict) -> tuple[list[tuple[str, str]], dict]:
+    """(name, removed | changed) of each recorded image that differs, and the new records of those found with
+    new times but the same bytes."""
+    out, refreshed = [], {}
     for name, (size, mtime, sha1) in sorted(recorded.items()):
         path = root / name
         try:
@@ -63,9 +95,12 @@ def image_changes(root: Path, recorded: dict) -> list[tuple[str, str]]:
         except OSError:
             out.append((name, "removed"))
             continue
-        if (stat.st_size, stat.st_mtime_ns) != (size, mtime) and _sha1(path) != sha1:
-            out.append((name, "changed"))
-    return out
+        if (stat.st_size, stat.st_mtime_ns) != (size, mtime):
+            if stat.st_size != size or _sha1(path) != sha1:
+                out.append((name, "changed"))
+            else:
+                refreshed[name] = [size, stat.st_mtime_ns, sha1]
+    return out, refreshed
 
 
 def _sha1(path: Path) -> str:

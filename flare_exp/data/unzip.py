@@ -1,8 +1,10 @@
 """FLARE's download unpacked in place: every nested ``*.zip`` extracted next to itself, once; an archive
-replaced after extracting (a re-download) is extracted again (its marker records the size and time it was
-extracted at)."""
+replaced after extracting (a re-download with other bytes) is extracted again (its marker records the size, time
+and sha1 it had when extracted)."""
 from __future__ import annotations
 
+import hashlib
+import re
 import zipfile
 from pathlib import Path
 
@@ -16,23 +18,52 @@ class PrepareError(ValueError):
 
 
 def pending_zips(root: Path) -> list[Path]:
-    """The archives not extracted yet, or replaced since (their marker records the size and time extracted)."""
-    return [z for z in walk_files(root, ".zip") if _unzip_stamp(z.with_name(z.name + ".unzipped")) not in (
-        _archive_stamp(z), "")]
+    """The archives not extracted yet, or replaced since: their marker records the size, time and sha1 the
+    archive had when extracted; one copied again with the same bytes (new times) is not pending, its marker
+    refreshed where the download is writable. A marker of an earlier version (no record) counts as extracted
+    unless the archive is newer than it."""
+    return [z for z in walk_files(root, ".zip") if not _extracted(z, z.with_name(z.name + ".unzipped"))]
+
+
+def _extracted(archive: Path, marker: Path) -> bool:
+    try:
+        text, marked = marker.read_text(), marker.stat().st_mtime_ns
+    except OSError:
+        return False
+    stat = archive.stat()
+    found = re.match(rf"{STAMP} (\d+) bytes, modified (\d+), sha1 ([0-9a-f]+)", text)
+    if found is None:
+        return stat.st_mtime_ns <= marked  # an earlier version's marker: replaced if the archive is newer
+    size, mtime, sha1 = int(found.group(1)), int(found.group(2)), found.group(3)
+    if (size, mtime) == (stat.st_size, stat.st_mtime_ns):
+        return True
+    if size != stat.st_size or _sha1(archive) != sha1:
+        return False
+    try:
+        marker.write_text(_stamp(size, stat.st_mtime_ns, sha1))  # the same bytes, copied again: new times kept
+    except OSError:
+        pass  # a read-only download: compared by content again next time
+    return True
+
+
+STAMP = "extracted by flare_exp prepare:"
+
+
+def _stamp(size: int, mtime_ns: int, sha1: str) -> str:
+    return f"{STAMP} {size} bytes, modified {mtime_ns}, sha1 {sha1}\n"
 
 
 def _archive_stamp(archive: Path) -> str:
     stat = archive.stat()
-    return f"extracted by flare_exp prepare: {stat.st_size} bytes, modified {stat.st_mtime_ns}\n"
+    return _stamp(stat.st_size, stat.st_mtime_ns, _sha1(archive))
 
 
-def _unzip_stamp(marker: Path) -> str | None:
-    """The marker's stamp; "" for a marker of an earlier version (no stamp: taken as extracted), None if none."""
-    try:
-        text = marker.read_text()
-    except OSError:
-        return None
-    return text if text.startswith("extracted by flare_exp prepare:") else ""
+def _sha1(path: Path) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def unzip_nested(root: Path) -> int:

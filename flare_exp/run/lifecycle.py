@@ -134,7 +134,8 @@ def reusable(stage: str, cfg, out_dir: Path) -> bool:
             f"[{stage}] {out_dir} holds a finished step made with other settings or inputs: "
             f"{'; '.join(changed[:8])}{f'; and {len(changed) - 8} more' if len(changed) > 8 else ''}. Rerun with "
             "the earlier ones to reuse it, pass overwrite=true to redo the steps (earlier outputs move to "
-            "attempts/NN/), or choose another run_name= to keep both.")
+            f"attempts/NN/), or choose another {'data.prepared_dir' if stage == 'prepare' else 'run_name'}= to "
+            "keep both.")
     return True
 
 

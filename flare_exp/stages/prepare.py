@@ -32,7 +32,7 @@ def output_dir(cfg, run_dir: Path) -> Path:
 def input_changes(cfg, out_dir: Path) -> list[str]:
     """What changed under data.root since the prepare in ``out_dir`` read it (a finished prepare is reused only
     without any): its question files and images."""
-    from flare_exp.data.prepare import question_files, questions_read, split_sources_of
+    from flare_exp.data.prepare import question_files, questions_read, resolve_image, split_sources_of
     from flare_exp.data.unzip import pending_zips
     from flare_exp.data.prepare_inputs import input_changes as changes, summarised
 
@@ -42,7 +42,8 @@ def input_changes(cfg, out_dir: Path) -> list[str]:
     archives = [f"data.root file {z.relative_to(root).as_posix()}: new or replaced, not extracted yet"
                 for z in (pending_zips(root) if cfg.data.unzip else [])]
     found = question_files(root)
-    return summarised(archives + changes(out_dir, root, questions_read(found, cfg.data, split_sources_of(cfg.data))))
+    read = questions_read(found, cfg.data, split_sources_of(cfg.data))
+    return summarised(archives + changes(out_dir, root, read, resolve_image))
 
 
 def run(cfg, out_dir: Path) -> dict:

@@ -108,8 +108,17 @@ def run_summary(run_dir: Path) -> dict | None:
         status = "running" if _is_running(run_dir) else "unfinished"
         if started and status == "running":
             seconds = _dt.datetime.now().timestamp() - _dt.datetime.fromisoformat(started).timestamp()
+    metrics, unreadable, metric = metrics_file(run_dir), None, None
+    if metrics is not None:  # a torn or hand-broken metrics.json: said, not an empty metric beside a plain DONE
+        try:
+            json.loads(metrics.read_text())
+        except (OSError, ValueError) as e:
+            unreadable = str(metrics.relative_to(run_dir))
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            metric = f"{unreadable} unreadable ({why}): cut or edited since its eval wrote it; rerun that eval"
     return {"name": run_dir.name, "stage": _stage_of(run_dir) or "?", "status": status, "started": started,
-            "seconds": seconds, "headline": headline(run_dir), "error": error}
+            "seconds": seconds, "headline": metric or headline(run_dir), "error": error,
+            "metrics_unreadable": unreadable}
 
 
 def run_dirs(output_root: Path) -> list[tuple[str, Path]]:
@@ -138,6 +147,8 @@ def listing(output_root: Path) -> tuple[list[str], list[list[str]]]:
         if row is None:
             continue
         status = row["status"] + (f": {row['error']}" if row["error"] and row["status"] != DONE else "")
+        if row["metrics_unreadable"] and row["status"] == DONE:  # the why: in the headline column
+            status += f" ({row['metrics_unreadable']} unreadable)"
         rows.append([name, row["stage"], status[:90], (row["started"] or "").replace("T", " "),
                      duration(row["seconds"]), row["headline"] or ""])
     return ["run", "stage", "status", "started", "duration", "headline metric"], rows

@@ -166,3 +166,23 @@ def test_compare_names_a_torn_metrics_file_a_failed_eval_and_warns_of_an_unfinis
     text = "\n".join(comparison(root, ["good", "cut"], resamples=20))
     assert f"warning: cut: its eval {root}/runs/cut is unfinished (no DONE marker): its metrics may be partial" in text
     assert "good: its eval" not in text
+
+
+def test_a_split_joined_instead_of_an_infer_runs_deleted_one_is_said_in_the_log_and_the_report(tmp_path, caplog):
+    """data.prepared_dir's split with the same ids is scored when the run's own split is gone; its answers and
+    image window may not be what the run predicted on, so the report's caveats say it was used instead."""
+    from flare_exp.reports.eval_report import caveat_lines
+
+    run_split = tmp_path / "theirs"
+    _prepared(run_split)
+    path = _infer_run(tmp_path, run_split / "prepared")
+    (run_split / "prepared" / "val.jsonl").unlink()
+    fallback = f"{tmp_path}/copy/prepared/val.jsonl"
+    _, info = load_rows(path, False, _prepared(tmp_path / "copy"))
+    said = (f"its infer run's split {run_split}/prepared/val.jsonl (infer/config.yaml) is gone; joined to {fallback} "
+            "(data.prepared_dir) instead")
+    assert info["answers_from"] == fallback and said in info["answers_note"] and said in caplog.text
+    assert any(said in line for line in caveat_lines({"infer": {**info, "official": {}, "by_task": {}}}, []))
+    _, own = load_rows(_predictions(tmp_path / "plain", [{**r, "prediction": "B"} for r in REFERENCE]), False,
+                       _prepared(tmp_path / "copy"))  # no infer run: the split its rows name, no note
+    assert "answers_note" not in own

@@ -511,3 +511,26 @@ def test_the_submission_keeps_flares_own_question_text(tmp_path):
     rows = [{**r, "prediction": "none"} for r in records]
     submitted = json.loads((write_submission(tmp_path / "inf", rows, 2) / "chestdr_predictions.json").read_text())
     assert [s["Question"] for s in submitted] == [GOOD["Question"], " Which findings? \n"]
+
+
+def test_eval_says_runs_differ_in_their_reports_without_a_green_judge(base_overrides, tmp_path):
+    """Without a GREEN judge the report rows have no paired test, but they are inputs: eval's own warning counts
+    them, as runs.compare does for the same pair."""
+    from flare_exp.io import write_jsonl
+
+    split = [{"id": f"dental/{i}", "dataset": "dental", "task_type": "classification", "answer": "ABC"[i % 3],
+              "split": "val", "question": f"d{i}", "image_name": f"d{i}.png"} for i in range(4)] + \
+            [{"id": f"iu/{i}", "dataset": "IU_XRay", "task_type": "report_generation", "answer": "No acute findings.",
+              "split": "val", "question": f"r{i}", "image_name": f"r{i}.png"} for i in range(4)]
+    write_jsonl(tmp_path / "prepared" / "val.jsonl", split)
+    for name, reports in (("a", ("iu/0", "iu/1")), ("b", ("iu/0", "iu/2", "iu/3"))):
+        write_jsonl(tmp_path / name / "predictions.jsonl",
+                    [{**r, "prediction": "A" if r["task_type"] == "classification" else "Normal chest."}
+                     for r in split if r["task_type"] == "classification" or r["id"] in reports])
+    run(compose_cfg(["stage=eval", *base_overrides, f"eval.predictions=[{tmp_path / 'a'},{tmp_path / 'b'}]",
+                     f"data.prepared_dir={tmp_path / 'prepared'}", "eval.significance.resamples=20"]),
+        run_dir=tmp_path / "eval")
+    warnings = json.loads((tmp_path / "eval" / "significance.json").read_text())["warnings"]
+    said = "a and b were scored on different inputs: 1 sample(s) only in a, 2 only in b; the comparisons use the 5"
+    assert any(w.startswith(said) for w in warnings), warnings
+    assert said in (tmp_path / "eval" / "report.md").read_text()

@@ -122,3 +122,19 @@ def test_runs_joined_to_differently_prepared_data_are_said_to_differ(tmp_path):
     same = {k: {**v, "answers_from": results["own"]["answers_from"], "image_window": "own range",
                 "run": {"max_pixels": 401408}} for k, v in results.items()}
     assert compare(same, {"win": {}, "own": {}}, resamples=0, seed=0)[1] == []
+
+
+def test_the_listing_names_a_done_eval_whose_metrics_file_is_torn(tmp_path):
+    """A metrics.json cut or edited since its eval wrote it is not a plain DONE with an empty metric: the status
+    says it is unreadable and the headline column says why (runs.compare refuses it the same way)."""
+    cfg = compose_cfg(["stage=eval"])
+    root = tmp_path / "out"
+    _eval_run(root / "runs" / "good", cfg, hits=8)
+    _eval_run(root / "runs" / "torn", cfg, hits=8)
+    (root / "runs" / "torn" / "metrics.json").write_text('{"torn": {"n": 8, "offi')
+    header, rows = listing(root)
+    by_name = {r[0]: dict(zip(header, r)) for r in rows}
+    assert by_name["torn"]["status"] == "DONE (metrics.json unreadable)"
+    assert by_name["torn"]["headline metric"].startswith("metrics.json unreadable (Unterminated string")
+    assert "rerun that eval" in by_name["torn"]["headline metric"]
+    assert by_name["good"]["status"] == "DONE" and by_name["good"]["headline metric"] == "multi_label.f1_score=1.0000"

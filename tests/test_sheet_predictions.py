@@ -177,3 +177,29 @@ def test_an_edited_sheet_beside_the_jsonl_eval_scores_is_said_naming_the_sheet(t
 
 def _column(ws, header: str) -> int:
     return next(c.column for c in ws[1] if c.value == header)
+
+
+def test_a_sheet_whose_numbers_excel_converted_is_not_an_edit_but_a_changed_number_is(tmp_path):
+    """Excel's "Convert to Number" on regression predictions (the text "10.0" stored as the number 10) scores the
+    same, so it is no edit; a number or text changed by hand still is."""
+    import os
+
+    prepared = _prepared(tmp_path)
+    rows = [{**r, "prediction": f"{PREDICTED[r['id']]}.0" if r["task_type"] == "regression" else PREDICTED[r["id"]]}
+            for r in REFERENCE]
+    write_jsonl(tmp_path / "predictions.jsonl", rows)
+    sheet = tmp_path / "predictions.xlsx"
+    write_sheet(sheet, rows, "my-run")
+
+    def converted(ws, *changes):
+        column = _column(ws, "my-run")
+        for row in range(2, 8):  # the regression rows: the text "10.0" stored as the number 10
+            ws.cell(row=row, column=column).value = int(float(ws.cell(row=row, column=column).value))
+        for row, value in changes:
+            ws.cell(row=row, column=column).value = value
+    for changes, differ in (((), None), (((2, 10.5),), 1), (((2, "10 mm"), (9, "C")), 2)):
+        write_sheet(sheet, rows, "my-run")
+        _edit(sheet, lambda ws: converted(ws, *changes))
+        os.utime(sheet, (sheet.stat().st_atime, (tmp_path / "predictions.jsonl").stat().st_mtime + 5))
+        note = load_rows(tmp_path / "predictions.jsonl", False, prepared)[1].get("edited_sheet_note")
+        assert (note is None) if differ is None else f"differs in {differ} prediction(s)" in note, (changes, note)

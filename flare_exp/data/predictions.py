@@ -82,11 +82,13 @@ def edited_sheet_beside(path: Path, rows: list[dict]) -> dict:
         edited = {r.get("id"): r.get("prediction") for r in read_sheet_predictions(sheet)[0]}
     except Exception:  # noqa: BLE001  (a sheet broken by the edit: only passing it would say how)
         edited = None
+    from flare_exp.data.references import same_answer
     from flare_exp.reports.sheets import as_stored
 
     text = lambda value: "" if value is None else str(as_stored(value))  # noqa: E731  (an empty cell: a null one)
-    differ = None if edited is None else sum(text(edited.get(r["id"], r.get("prediction"))) != text(r.get("prediction"))
-                                             for r in rows)
+    # compared as answers are: Excel's "Convert to Number" (text "60.0" stored as 60) scores the same, no edit
+    differ = None if edited is None else sum(
+        not same_answer(text(edited.get(r["id"], r.get("prediction"))), text(r.get("prediction"))) for r in rows)
     if differ == 0:
         return {}
     note = (f"{sheet} was changed after {path.name} and " + (f"differs in {differ} prediction(s)" if differ else
@@ -117,6 +119,10 @@ def joined(path: Path, rows: list[dict], prepared_dir: str | None) -> tuple[list
     if reference.stem in ("train", "val", "test"):  # a prepared split: a sheet's rows (no split column) are it
         for row in rows:
             row["split"] = row.get("split") or reference.stem
+    if gone:  # the ids matched another prepared split: its answers, split and image window are scored, and said
+        covered["answers_note"] = (f"{gone}; joined to {reference} (data.prepared_dir) instead: the answers, split and "
+                                   "image window are that file's, which may not be what the run predicted on")
+        log.warning("eval: %s: %s", path, covered["answers_note"])
     return rows, {"answers_from": str(reference), **covered}
 
 

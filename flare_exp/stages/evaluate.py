@@ -94,7 +94,7 @@ def run(cfg, out_dir: Path) -> dict:
         judge_shares(cfg, scorers, entries, rank, world)
         if rank != 0:
             return {"rank": rank}
-    results, samples = {}, {}
+    results, samples, inputs = {}, {}, {}
     for k, entry in enumerate(entries):
         path = find_predictions(entry)
         label, res, per_sample, rows = evaluate_file(path, scorers, cfg.eval.allow_partial)
@@ -102,6 +102,7 @@ def run(cfg, out_dir: Path) -> dict:
             label += "'"
         res["scored_sheet"] = "scored.xlsx" if len(entries) == 1 else f"scored_{k + 1}.xlsx"  # in eval.predictions' order
         results[label], samples[label] = res, per_sample
+        inputs[label] = {r["id"] for r in rows}  # every row scored, reports too (samples lack them without a judge)
         write_scored_sheet(out_dir / res["scored_sheet"], rows, label, per_sample, res)
     meaningless = random_scorer_caveats(cfg)  # after scoring: a tiny RadGraph is built on first use
     for res in results.values():  # the scorers' caveats are about reports: only where there are reports
@@ -111,7 +112,7 @@ def run(cfg, out_dir: Path) -> dict:
     summary = flat_summary(results)
     write_json(out_dir / summary_name("eval"), summary)
     sig = cfg.eval.significance
-    tests, warnings = compare(results, samples, sig.resamples, sig.seed, sig.ar_trials) \
+    tests, warnings = compare(results, samples, sig.resamples, sig.seed, sig.ar_trials, inputs) \
         if len(results) > 1 else ([], [])
     family = correct_family(tests, sig.correction)
     for warning in warnings:

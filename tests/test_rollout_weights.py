@@ -197,12 +197,13 @@ def test_a_resume_that_changes_the_rollout_weights_says_which_steps_used_which(b
     def rl(weights: str, steps: int):
         return compose_cfg(["stage=rl", *base_overrides, f"rl.init_from={sft_adapter}", f"rl.max_steps={steps}",
                             "rl.per_device_train_batch_size=4", "rl.num_generations=2", "rl.save_steps=2",
+                            "rl.logging_steps=2",  # the second attempt's first log line is at step 4, not 3
                             "rl.max_completion_length=8", "rl.decode_loop=graph", f"rl.rollout_weights={weights}"])
 
     first = run(rl("adapter", 2), run_dir=tmp_path / "rl")
     assert first["rollout_weights"] == "adapter" and "rollout_weights_from_step" not in first
     shutil.rmtree(tmp_path / "rl" / "final")  # as if preempted after checkpoint-2
     (tmp_path / "rl" / "DONE").unlink()
-    summary = run(rl("merged", 3), run_dir=tmp_path / "rl")
-    assert summary["global_step"] == 3 and summary["rollout_weights"] == "merged"
+    summary = run(rl("merged", 4), run_dir=tmp_path / "rl")
+    assert summary["global_step"] == 4 and summary["rollout_weights"] == "merged"
     assert summary["rollout_weights_from_step"] == {"1": "adapter", "3": "merged"}

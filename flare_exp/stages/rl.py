@@ -152,17 +152,21 @@ def trl_loss_types() -> tuple[str, ...]:
 
 
 class RolloutWeightsLog(TrainerCallback):
-    """Each logged step's rollout weights (adapter | merged), in log_history only (a word, not a wandb value):
-    a checkpoint keeps it, so after a resume that changed rl.rollout_weights the summary says which steps
-    sampled with which (``rollout_weights_from_step``)."""
+    """Each logged step's rollout weights (adapter | merged), in log_history only (a word, not a wandb value),
+    and an attempt's first log line also the first step it sampled: a checkpoint keeps them, so after a resume
+    that changed rl.rollout_weights the summary says from which step each was used (``rollout_weights_from_step``)."""
 
     def __init__(self, trainer):
-        self.trainer = trainer
+        self.trainer, self.said_first = trainer, False
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         used = getattr(self.trainer.rollout_weights, "used", None)
         if used and state.log_history and "reward" in state.log_history[-1]:
             state.log_history[-1]["rollout_weights"] = used
+            first = getattr(self.trainer, "first_rollout_step", None)  # this attempt's first sampled step
+            if first is not None and not self.said_first:
+                state.log_history[-1]["rollout_weights_first_step"] = first
+                self.said_first = True
 
 
 def rollout_weights_spans(history: list[dict], used: str | None) -> dict:
@@ -172,7 +176,7 @@ def rollout_weights_spans(history: list[dict], used: str | None) -> dict:
     for h in history:
         value = h.get("rollout_weights")
         if value and (not spans or list(spans.values())[-1] != value):
-            spans[str(h.get("step"))] = value
+            spans[str(h.get("rollout_weights_first_step", h.get("step")))] = value
     return {"rollout_weights_from_step": spans} if len(set(spans.values()) | {used} - {None}) > 1 else {}
 
 
@@ -220,6 +224,8 @@ def with_rollouts_in_eval_mode(trainer_class):
             if graph:  # TRL calls the unwrapped policy's generate
                 policy.generate = functools.partial(graph.generate, policy, policy.generate)
             weights = self.rollout_weights or RolloutWeights("adapter", "hf", False)
+            if getattr(self, "first_rollout_step", None) is None:  # this attempt's (a resume: its first step)
+                self.first_rollout_step = self.state.global_step + 1
             try:
                 with weights.around_rollout(policy):
                     if self.decoding is None:

@@ -51,10 +51,13 @@ def check_command_line(argv: list[str]) -> None:
     asks_hydra = any(getattr(args, flag, None) for flag in (
         "help", "hydra_help", "version", "info", "cfg", "shell_completion", "experimental_rerun"))
     own_config = any(getattr(args, flag, None) for flag in ("config_name", "config_path", "config_dir"))
+    known = [o for o in args.overrides if o not in unknown]
     if not args.multirun and not asks_hydra and not own_config:
         # a single run's settings and inputs, checked before Hydra makes its run dir (a refused run leaves none);
         # with another primary config (--config-name/-dir) the run checks them itself, against that config
-        problems += other_setting_problems([o for o in args.overrides if o not in unknown])
+        problems += other_setting_problems(known)
+    elif args.cfg and not own_config:  # --cfg job: a config file it cannot read is said in one line too
+        problems += composed(known)[1]
     if not problems:
         return
     from flare_exp.checks import settings_error
@@ -67,6 +70,9 @@ def check_parsable(overrides: list[str]) -> None:
     path like "preds (Dr Müller).xlsx") gets one line saying how to quote it, not the lexer's report."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    from flare_exp.config import Config
+    from flare_exp.config_keys import takes_list
+
     parser = OverridesParser.create()
     for override in overrides:
         try:
@@ -75,8 +81,11 @@ def check_parsable(overrides: list[str]) -> None:
             key, sep, value = override.partition("=")
             if not sep or not value or value[0] in "'\"":
                 continue  # no value, or quoted already: Hydra's own message says what is wrong
-            example = (f"{key}=[\"{value[1:-1]}\"]" if value.startswith("[") and value.endswith("]") and "," not in value
-                       else f"{key}=\"{value}\"")
+            example = f"{key}=\"{value}\""
+            if value.startswith("[") and value.endswith("]") and "," not in value:
+                example = f"{key}=[\"{value[1:-1]}\"]"
+            elif takes_list(Config, key.lstrip("+~")):  # a list key: the quoted value inside its brackets
+                example = f"{key}=[\"{value}\"]"
             refuse(ValueError(f"{override}: Hydra's grammar cannot read this value bare (spaces, parentheses, '=' "
                               f"or non-ASCII letters need quotes): write '{example}' (the shell's single quotes "
                               "around Hydra's double ones)"),
@@ -134,22 +143,31 @@ def other_setting_problems(known_overrides: list[str]) -> list[Exception]:
     """A single run's problems (settings and input paths), composed as Hydra will. Nothing when composing fails
     (Hydra's own complaint comes then); a value that needs Hydra's runtime to resolve (``${hydra:runtime.cwd}``)
     is left to the run's own check, where it resolves."""
-    from hydra import compose, initialize_config_dir
     from omegaconf.errors import InterpolationResolutionError
 
     from flare_exp.checks import problems_of
 
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose(config_name="config", overrides=known_overrides)
-    except Exception as e:  # noqa: BLE001  (a config file's own problem is said in one line; else Hydra's)
-        found = config_file_problem(e)
-        return [found] if found else []
+    cfg, problems = composed(known_overrides)
+    if cfg is None:
+        return problems
     try:
         problems = problems_of(cfg, inputs=True)
     except Exception:  # noqa: BLE001
         return []
     return [p for p in problems if not _needs_hydra_runtime(p, InterpolationResolutionError)]
+
+
+def composed(overrides: list[str]) -> tuple:
+    """(the config as Hydra will compose it, []), or (None, [a config file's own problem]); (None, []) when
+    composing fails otherwise (Hydra's own complaint comes then)."""
+    from hydra import compose, initialize_config_dir
+
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose(config_name="config", overrides=overrides), []
+    except Exception as e:  # noqa: BLE001
+        found = config_file_problem(e)
+        return None, [found] if found else []
 
 
 def config_file_problem(error: BaseException) -> Exception | None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import typing
 from functools import lru_cache
 
@@ -173,7 +174,9 @@ def wrong_value(schema: type, key: str, value) -> str | None:
     if isinstance(value, str) and value.startswith("${"):
         return None  # an interpolation: checked when composed
     if isinstance(node, ListConfig) and value is not None and not isinstance(value, list):
-        return f"a list: write {key}=[{value}] (or [a,b] for several)"
+        bare = re.fullmatch(r"[\w./:@+-]*", str(value))  # what Hydra's grammar reads without quotes
+        written = f"{key}=[{value}]" if bare else f"""'{key}=["{value}"]'"""
+        return f"a list: write {written} (or [a,b] for several)"
     if not isinstance(node, ValueNode):
         return None  # a section or a dict entry: checked when composed
     if value is None:
@@ -200,6 +203,18 @@ SAID = {"IntegerNode": "must be an integer", "FloatNode": "must be a number", "B
 
 
 @lru_cache(maxsize=None)
+def takes_list(schema: type, key: str) -> bool:
+    """Whether the schema's ``key`` holds a list (eval.predictions, stage.steps, ...)."""
+    from omegaconf import DictConfig, ListConfig
+
+    node = _structured(schema)
+    for part in key.split("."):
+        if not isinstance(node, DictConfig) or node._is_none() or part not in node:
+            return False
+        node = node._get_node(part)
+    return isinstance(node, ListConfig)
+
+
 def _structured(schema: type):
     """The schema as OmegaConf builds it (read only: values are checked against its nodes, never set)."""
     from omegaconf import OmegaConf

@@ -88,6 +88,7 @@ def test_deleting_a_setting_of_the_schema_is_one_line_saying_how_to_set_it(overr
     ("model.decode_attention=[grouped]", "model.decode_attention=['grouped']: must be a single value, not a list"),
     ("eval.predictions=outputs/runs/x", "eval.predictions=outputs/runs/x: a list: write eval.predictions=[outputs/runs/x]"),
     ("stage.steps=prepare", "stage.steps=prepare: a list: write stage.steps=[prepare]"),
+    ('eval.predictions="a b.xlsx"', """eval.predictions=a b.xlsx: a list: write 'eval.predictions=["a b.xlsx"]'"""),
 ])
 def test_a_value_of_the_wrong_type_is_named_before_hydra(override, said):
     (problem,) = key_problems(override)
@@ -271,6 +272,8 @@ def test_sweeper_params_on_the_command_line_are_answered_with_the_sweep_itself(a
     (["run_name=my eval \u00fc"], """write 'run_name="my eval \u00fc"'"""),
     (["stage=eval", "eval.predictions=[preds (Dr M\u00fcller).xlsx]"],
      """write 'eval.predictions=["preds (Dr M\u00fcller).xlsx"]'"""),
+    (["stage=eval", "eval.predictions=preds (Dr M\u00fcller).xlsx"],  # a list key without its brackets too
+     """write 'eval.predictions=["preds (Dr M\u00fcller).xlsx"]'"""),
 ])
 def test_a_value_hydras_grammar_cannot_read_bare_is_one_line_saying_how_to_quote_it(argv, said, capsys):
     sys.path.insert(0, str(REPO))
@@ -297,10 +300,11 @@ def test_a_users_config_file_with_a_yaml_or_key_error_is_one_line(body, said, tm
 
     (tmp_path / "experiment").mkdir()
     (tmp_path / "experiment" / "mine.yaml").write_text("# @package _global_\n" + body)
-    with pytest.raises(SystemExit):
-        launch.check_command_line([f"hydra.searchpath=[file://{tmp_path}]", "experiment=mine", "stage=runs"])
-    err = capsys.readouterr().err
-    assert re.search(said, err) and "Traceback" not in err
+    for extra in ([], ["--cfg", "job"]):  # the command the misspelt key's message recommends, too
+        with pytest.raises(SystemExit):
+            launch.check_command_line([f"hydra.searchpath=[file://{tmp_path}]", "experiment=mine", "stage=runs", *extra])
+        err = capsys.readouterr().err
+        assert re.search(said, err) and "Traceback" not in err
 
 
 def test_a_single_runs_settings_are_checked_before_hydra_as_the_run_would(capsys, tmp_path):

@@ -187,6 +187,11 @@ def test_a_prepare_input_missing_or_broken_then_supplied_stops_the_reuse(base_ov
     assert f"data.root file {cut}: changed" in str(refused.value)
     assert f"{missing}: added (missing at the prepare)" in str(refused.value)
     assert "another data.prepared_dir= to keep both" in str(refused.value)
+    with pytest.raises(RunSettingsChangedError):  # another run_name, the same prepared dir: a fresh dir says why
+        run(compose_cfg(steps), run_dir=tmp_path / "fresh")
+    from flare_exp.catalog import run_summary
+
+    assert run_summary(tmp_path / "fresh")["status"] == "stopped by settings"
     for record in ("", '{"question_files": {}, "ima', "[]"):
         (prepared / "inputs.json").write_text(record)
         caplog.clear()

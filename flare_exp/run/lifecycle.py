@@ -29,7 +29,7 @@ from flare_exp.models.checkpoints import adapter_identity
 from flare_exp.run.fingerprint import (RunSettingsChangedError, check_resume, finished_differences, fingerprint,
                                        recorded_fingerprint, starting_adapter)
 from flare_exp.run.lock import RunLock
-from flare_exp.run.layout import DONE, FAILED, FINGERPRINT, REPORT_HTML, SWEEP_TABLE
+from flare_exp.run.layout import DONE, FAILED, FINGERPRINT, REPORT_HTML, RUN_INFO, SWEEP_TABLE
 from flare_exp.run.record import (RunFinishedError, archive_attempt, attempt_files, keep_hydra_record,
                                   restore_hydra_record, write_failed, write_run_metadata)
 from flare_exp.run.stage import declared_stages
@@ -68,9 +68,11 @@ class Run:
                 self.cfg, self.applied = self.declared.applied(self.configured)
             if self.rank == 0:
                 self._start()
-        except BaseException:
+        except BaseException as e:
             if self.own_run and self.rank == 0:  # refused: the run dir's record of its own launch stays
                 restore_hydra_record(self.run_dir)
+                if isinstance(e, RunSettingsChangedError) and not (self.run_dir / RUN_INFO).exists():
+                    write_failed(self.run_dir, e)  # a fresh dir (a pipeline refused for a step elsewhere) says why
             self.__exit__()
             raise
         return self

@@ -203,3 +203,16 @@ def test_a_sheet_whose_numbers_excel_converted_is_not_an_edit_but_a_changed_numb
         os.utime(sheet, (sheet.stat().st_atime, (tmp_path / "predictions.jsonl").stat().st_mtime + 5))
         note = load_rows(tmp_path / "predictions.jsonl", False, prepared)[1].get("edited_sheet_note")
         assert (note is None) if differ is None else f"differs in {differ} prediction(s)" in note, (changes, note)
+
+
+def test_a_window_is_named_only_where_the_prepared_images_have_more_than_8_bits(tmp_path):
+    """A window scales 16-bit and float grey only: over 8-bit images the runs table says none applies (two runs
+    prepared with and without one decode alike, no difference to warn of)."""
+    prepared = _prepared(tmp_path)
+    _sheet(tmp_path)
+    assert load_rows(tmp_path / "predictions.jsonl", False, prepared)[1]["image_window"] == "own range"  # unknown
+    (tmp_path / "prepared" / "summary.json").write_text(json.dumps({"images_by_mode": {"RGB": 3, "L": 2}}))
+    assert load_rows(tmp_path / "predictions.jsonl", False, prepared)[1]["image_window"] == \
+        "none applies (8-bit images)"
+    (tmp_path / "prepared" / "summary.json").write_text(json.dumps({"images_by_mode": {"RGB": 3, "I;16": 2}}))
+    assert load_rows(tmp_path / "predictions.jsonl", False, prepared)[1]["image_window"] == "own range"

@@ -100,7 +100,8 @@ def join_to_reference(predictions: Path, rows: list[dict], reference: Path) -> t
                          "answers were edited is refused")
     joined = [{**r, **{k: refs[r["id"]][k] for k in FROM_REFERENCE if k in refs[r["id"]]}} for r in rows]
     return joined, {**coverage(joined, reference, len(refs)),
-                    "image_window": windows_of(refs[r["id"]] for r in rows)}
+                    "image_window": windows_of(refs[r["id"]] for r in rows) if high_bit(reference) else
+                    "none applies (8-bit images)"}
 
 
 def windows_of(records) -> str:
@@ -108,6 +109,21 @@ def windows_of(records) -> str:
     named = {"own range" if not r.get("image_window") else "[{:g}, {:g}]".format(*r["image_window"])
              for r in records}
     return ", ".join(sorted(named)) or "n/a"
+
+
+HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")  # the modes a window scales (docs/stages.md)
+
+
+def high_bit(reference: Path) -> bool:
+    """Whether the prepared split's images include any a window applies to (its summary.json counts the modes;
+    unknown, e.g. a file outside a prepared dir: assumed so)."""
+    import json
+
+    try:
+        modes = json.loads((reference.parent / "summary.json").read_text(encoding="utf-8"))["images_by_mode"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return True
+    return not isinstance(modes, dict) or any(mode in HIGH_BIT_MODES for mode in modes)
 
 
 def same_answer(given, prepared) -> bool:

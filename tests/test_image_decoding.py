@@ -119,6 +119,10 @@ def test_a_window_that_saturates_an_image_is_named_not_silent(tmp_path, caplog):
     assert "data.image_window=[0, 4095] may not suit them" in caplog.text
     unwindowed = _prepare(tmp_path / "own", root, "data.datasets=[chestdr]")  # its own range: a gradient
     assert json.loads((unwindowed / "summary.json").read_text())["nearly_uniform_images"]["count"] == 0
+    blank = (1000 + np.random.default_rng(0).integers(0, 4, (64, 64))).astype(np.uint16)  # a blank 16-bit scan
+    Image.fromarray(blank).save(d / "imagesTr" / "full16.png")  # its own range stretches the noise to 0..255
+    stretched = _prepare(tmp_path / "blank", root, "data.datasets=[chestdr]")
+    assert json.loads((stretched / "summary.json").read_text())["nearly_uniform_images"]["count"] == 1
 
 
 def test_processor_limits_come_from_the_models_processor_config(tmp_path):

@@ -142,6 +142,8 @@ def _check_image(path: str, window: tuple[float, float] | None, decode: bool = T
                 if decode:
                     picture = upright_rgb(im, window)
                     pixels, uniform = hashlib.sha1(picture.tobytes()).hexdigest(), flat_share(picture)
+                    if window is None and narrow_integer_range(im):  # its own range stretched: noise, not content
+                        uniform = 1.0
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         return ImageCheck(f"decompression bomb {Path(path).name}: {e} ({size})", digest, mode, None)
     except Image.UnidentifiedImageError:  # PIL's wording names an in-memory buffer, not the file
@@ -153,6 +155,17 @@ def _check_image(path: str, window: tuple[float, float] | None, decode: bool = T
         return ImageCheck(f"corrupt image {Path(path).name}: {type(e).__name__}: {reason} ({size})", digest, mode,
                           None)
     return ImageCheck(None, digest, mode, pixels, stored, uniform, frames)
+
+
+def narrow_integer_range(im, levels: int = 16) -> bool:
+    """A 16- or 32-bit integer grey image whose values span fewer than ``levels``: scaled from its own range it
+    becomes full-contrast noise, a blank scan that looks like content."""
+    import numpy as np
+
+    if im.mode not in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        return False
+    values = np.asarray(im)
+    return values.size > 0 and int(values.max()) - int(values.min()) < levels
 
 
 def flat_share(picture, levels: int = 6) -> float:

@@ -65,18 +65,23 @@ def job_problems(hydra_context, master_config, overrides, prepares: list | None 
             prepares.append(target)
 
 
-def dir_refusal(hydra_context, master_config, overrides, job_dir: Path) -> str | None:
-    """Why this job would be refused in ``job_dir`` at its start, the way the run itself refuses (a finished or
-    unfinished run there made with other deciding settings or inputs); None when it would not (or does not
-    compose: job_problems says so)."""
+def dir_refusal(hydra_context, master_config, overrides, job_dir: Path) -> tuple[str, str] | None:
+    """(the run dir, why) this job would be refused at its start in ``job_dir``, the way the run itself refuses
+    (a finished or unfinished run there made with other deciding settings or inputs): the job's own dir, or one
+    several jobs share (a pipeline's data.prepared_dir); None when it would not (or does not compose:
+    job_problems says so)."""
     from flare_exp.run.fingerprint import RunSettingsChangedError
 
     try:
         with composed(hydra_context, master_config, overrides) as cfg:
             for stage, stage_cfg, run_dir in runs_started(cfg, job_dir):
-                refuse_other_settings(stage, stage_cfg, run_dir)
+                try:
+                    refuse_other_settings(stage, stage_cfg, run_dir)
+                except RunSettingsChangedError as e:
+                    e.run_dir = run_dir
+                    raise
     except RunSettingsChangedError as e:
-        return " ".join(str(e).split())
+        return str(getattr(e, "run_dir", job_dir)), " ".join(str(e).split())
     except Exception:  # noqa: BLE001  (anything else: the job itself says it, as it would have)
         return None
     return None
@@ -85,7 +90,9 @@ def dir_refusal(hydra_context, master_config, overrides, job_dir: Path) -> str |
 def runs_started(cfg, job_dir: Path) -> list[tuple]:
     """(stage, its config, its run dir) of the run this job starts in its dir: the stage's own, or a pipeline's
     first step that is not reused (a finished step these settings would have to redo raises, as the pipeline
-    does before it starts). Empty with overwrite=true (the earlier run moves to attempts/NN/)."""
+    does before it starts, its dir in the error's ``run_dir``). Empty with overwrite=true (the earlier run moves
+    to attempts/NN/)."""
+    from flare_exp.run.fingerprint import RunSettingsChangedError
     from flare_exp.run.lifecycle import reusable
     from flare_exp.run.stage import stage as stage_named
 
@@ -101,8 +108,12 @@ def runs_started(cfg, job_dir: Path) -> list[tuple]:
 
     pipeline.check_steps(cfg)
     for _, step, step_cfg, step_dir in pipeline.planned_steps(cfg, out_dir):
-        if not reusable(step, step_cfg, step_dir):
-            return [(step, step_cfg, step_dir)]
+        try:
+            if not reusable(step, step_cfg, step_dir):
+                return [(step, step_cfg, step_dir)]
+        except RunSettingsChangedError as e:
+            e.run_dir = step_dir
+            raise
     return []
 
 
@@ -172,9 +183,10 @@ def job_names(job_overrides) -> list[str]:
 
 
 def check_jobs(hydra_context, master_config, job_overrides, initial_job_idx: int) -> None:
-    """Every job's problems, or a SweepSettingsError naming each job and its problems."""
+    """Every job's problems, or a SweepSettingsError naming each job and its problems (a run dir several jobs
+    share, refusing them all, said once with the jobs that share it)."""
     say(f"checking the settings of {len(job_overrides)} job(s) before launching any")
-    bad, prepares, held = [], [], []
+    bad, prepares, refused = [], [], {}
     names = job_names(job_overrides)
     sweep_dir = Path(str(master_config.hydra.sweep.dir))
     for idx, overrides in enumerate(job_overrides):
@@ -185,15 +197,47 @@ def check_jobs(hydra_context, master_config, job_overrides, initial_job_idx: int
             continue
         refusal = dir_refusal(hydra_context, master_config, overrides, sweep_dir / str(initial_job_idx + idx))
         if refusal:
-            held.append(f"  job #{initial_job_idx + idx} ({names[idx]}): {refusal}")
+            where, why = refusal
+            refused.setdefault(where, []).append((f"#{initial_job_idx + idx} ({names[idx]})", why))
     clashes = shared_prepare_conflicts(prepares, initial_job_idx)
-    if bad or clashes or held:
-        said = [f"{len(bad)} of {len(job_overrides)} jobs of the sweep have settings a run would refuse"] if bad \
-            else []
-        said += [f"the dirs of {len(held)} of {len(job_overrides)} jobs hold runs made with other settings, which "
-                 "would refuse them"] if held else []
+    if bad or clashes or refused:
+        total = len(job_overrides)
+        said = [f"{len(bad)} of {total} jobs of the sweep have settings a run would refuse"] if bad else []
+        said += held_headline(refused, total)
         said += ["jobs of the sweep would write over each other's prepared data"] if clashes else []
-        raise SweepSettingsError(" and ".join(said) + "; no job was launched:\n" + "\n".join(bad + held + clashes))
+        raise SweepSettingsError(" and ".join(said) + "; no job was launched:\n"
+                                 + "\n".join(bad + held_lines(refused) + clashes))
+
+
+def held_headline(refused: dict, total: int) -> list[str]:
+    """The refused jobs counted: each in its own dir, and the dirs several jobs share (``refused``: run dir ->
+    [(job, why)])."""
+    own = sum(1 for jobs in refused.values() if len(jobs) == 1)
+    shared = [len(jobs) for jobs in refused.values() if len(jobs) > 1]
+    said = [f"the dirs of {own} of {total} jobs hold runs made with other settings"] if own else []
+    if len(shared) == 1:
+        said.append(f"one dir shared by {shared[0]} of {total} jobs holds a run made with other settings")
+    elif shared:
+        said.append(f"{len(shared)} dirs, each shared by several jobs ({sum(shared)} of {total}), hold runs made "
+                    "with other settings")
+    return [" and ".join(said) + ", which would refuse them"] if said else []
+
+
+def held_lines(refused: dict) -> list[str]:
+    """A line per refused job in a dir of its own; one per shared dir, naming the jobs that share it and why it
+    refuses them (said once when it is the same for all)."""
+    out = []
+    for where, jobs in refused.items():
+        if len(jobs) == 1:
+            out.append(f"  job {jobs[0][0]}: {jobs[0][1]}")
+            continue
+        named = ", ".join(job for job, _ in jobs[:-1]) + f" and {jobs[-1][0]}"
+        whys = list(dict.fromkeys(why for _, why in jobs))
+        if len(whys) == 1:
+            out.append(f"  jobs {named} share {where}: {whys[0]}")
+        else:
+            out.append(f"  jobs {named} share {where}:\n" + "\n".join(f"    - job {job}: {why}" for job, why in jobs))
+    return out
 
 
 class SweepRecord:

@@ -2,7 +2,8 @@
 
 - every job's settings and dir are checked before any job is launched (flare_exp/sweep_checks.py);
 - one line per finished job (its number, overrides, DONE/FAILED, duration, headline metric) and an ETA;
-- the failed jobs named at the end (the sweep exits non-zero);
+- the failed jobs named at the end (the sweep exits non-zero), a job whose worker died without a traceback
+  (kill -9, the OOM killer) among them: submitit's error for it would have ended the sweep unreported;
 - SIGTERM and SIGINT (``timeout``, ``kill``, Ctrl-C) forwarded to the local workers, which are waited for and
   killed if they linger: submitit's workers ignore SIGTERM (a SLURM pre-emption warning), so without this a
   stopped sweep leaves them running.
@@ -16,6 +17,7 @@ import signal
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 # job dir -> why it failed, for every job (or Optuna trial) of this sweep process that failed
@@ -103,10 +105,82 @@ def first_line(error) -> str:
     return f"{type(error).__name__}: {text[0][:300] if text else ''}"
 
 
+WORKER_DIED = ("its worker died without a traceback (killed: kill -9 or out of memory); rerunning the sweep "
+               "resumes it")
+
+
+class WorkerDiedError(RuntimeError):
+    """A submitit job whose worker ended without a result or a traceback (SIGKILL, the OOM killer, a lost node):
+    submitit's UncompletedJobError put in one line, with where the worker's own log is."""
+
+    def __init__(self, state: str = "", log: str = ""):
+        super().__init__(WORKER_DIED)
+        self.state, self.log = state, log
+
+
+def job_return(job, overrides=None):
+    """One submitit job's JobReturn, as Hydra's submitit launch collects it (``job.results()[0]``); a job whose
+    worker died without producing one (submitit's UncompletedJobError, whose text is the worker's whole stderr)
+    gets a failed JobReturn saying so (``WorkerDiedError``), so the other jobs' results are still reported. A job
+    whose worker failed in Python outside Hydra's run_job (FailedJobError: its traceback) still raises."""
+    from hydra.core.utils import JobReturn, JobStatus
+    from submitit.core.utils import FailedJobError, UncompletedJobError
+
+    try:
+        return job.results()[0]
+    except FailedJobError:
+        raise
+    except UncompletedJobError:
+        from submitit.local.local import LocalJob
+
+        paths = getattr(job, "paths", None)
+        # SLURM's state says why (OUT_OF_MEMORY, TIMEOUT, CANCELLED, NODE_FAIL); a local job's says nothing more
+        state = "" if isinstance(job, LocalJob) else str(getattr(job, "state", "") or "")
+        ret = JobReturn(overrides=list(overrides) if overrides is not None else None, status=JobStatus.FAILED)
+        ret._return_value = WorkerDiedError(state, str(paths.stderr) if paths is not None else "")
+        return ret
+
+
+class _CollectedAlone:
+    """A submitit job whose ``results()`` is ``[job_return(job)]``: Hydra's launch calls it for each job."""
+
+    def __init__(self, job, overrides):
+        self.job, self.overrides = job, overrides
+
+    def results(self) -> list:
+        return [job_return(self.job, self.overrides)]
+
+    def __getattr__(self, name):
+        return getattr(self.job, name)
+
+
+@contextmanager
+def results_per_job():
+    """While Hydra's submitit launch runs: it collects ``[j.results()[0] for j in executor.map_array(...)]``,
+    so one job whose worker died (kill -9, the OOM killer) raised submitit's UncompletedJobError there and
+    ended the sweep in the worker's stderr, the other jobs' results unreported. Here map_array's jobs give
+    theirs one by one (``job_return``): the dead one a failed JobReturn, the sweep its lines and summary."""
+    import submitit
+
+    submit = submitit.AutoExecutor.map_array
+
+    def map_array(executor, fn, *iterable):
+        jobs = submit(executor, fn, *iterable)
+        overrides = list(iterable[0]) if iterable else [None] * len(jobs)
+        return [_CollectedAlone(job, o) for job, o in zip(jobs, overrides)]
+
+    submitit.AutoExecutor.map_array = map_array  # submitit's own submission, its jobs' results taken one by one
+    try:
+        yield
+    finally:
+        submitit.AutoExecutor.map_array = submit
+
+
 def record_results(progress: Progress, returns) -> list[str]:
     """After the launcher's wait: a line for any job whose marker the watcher did not see, the failures kept in
     FAILURES and named together (returned), each with where its traceback is (a job refused before it touched
-    its dir wrote no FAILED there: its line is all there is)."""
+    its dir wrote no FAILED there: its line is all there is; a job whose worker was killed wrote none either:
+    its worker's log is named)."""
     from hydra.core.utils import JobStatus
 
     from flare_exp.run.layout import FAILED
@@ -114,12 +188,20 @@ def record_results(progress: Progress, returns) -> list[str]:
     failed = []
     for i, ret in enumerate(returns):
         ok = ret.status == JobStatus.COMPLETED
-        why = None if ok else first_line(ret._return_value)
+        died = isinstance(ret._return_value, WorkerDiedError)
+        why = None if ok else str(ret._return_value) if died else first_line(ret._return_value)
         progress.finished(i, "DONE" if ok else "FAILED", why)
         if not ok:
             FAILURES[str(progress.job_dirs[i])] = f"job #{progress.job_dirs[i].name} ({progress.names[i]}): {why}"
-            where = f"traceback in {progress.job_dirs[i] / FAILED}" if progress.written_now(i, FAILED) else \
-                "no FAILED file: stopped before touching its dir, which holds what it held"
+            if progress.written_now(i, FAILED):
+                where = f"traceback in {progress.job_dirs[i] / FAILED}"
+            elif died:
+                error = ret._return_value
+                where = "no FAILED file: killed mid-run, its dir holds the run as far as it got" + \
+                    (f"; its job's state: {error.state}" if error.state else "") + \
+                    (f"; its worker's log: {error.log}" if error.log else "")
+            else:
+                where = "no FAILED file: stopped before touching its dir, which holds what it held"
             failed.append(f"{FAILURES[str(progress.job_dirs[i])]} ({where})")
     if failed:
         say(f"{len(failed)} of {len(returns)} job(s) FAILED:\n  " + "\n  ".join(failed))

@@ -146,3 +146,70 @@ def test_jobs_that_would_prepare_different_data_into_one_dir_are_named():
     assert "data.datasets: ['IU_XRay', 'chestdr'] -> ['IU_XRay']" in clash
     assert sweep_checks.shared_prepare_conflicts(
         [two, target("data.datasets=[IU_XRay,chestdr]", "sft.max_steps=3"), two], first_idx=0) == []  # sft only
+
+
+@pytest.mark.slow
+def test_a_local_sweep_whose_worker_is_killed_reports_every_job_and_names_the_dead_one(session_dir, tmp_path):
+    """hydra/launcher=local: job #0's worker dies without Python's clean-up (SIGKILL, as kill -9 or the OOM killer
+    send). Hydra's launch raised submitit's UncompletedJobError there: the worker's stderr as a traceback, no
+    line for job #1, no summary. Now job #1's line, a FAILED line for #0 saying its worker was killed, the
+    summary and the sweep_report command; exit 1."""
+    script = tmp_path / "sweep_k9.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {str(REPO)!r})
+        import hydra
+        import launch  # the schema and resolvers launch.py registers
+
+        @hydra.main(version_base="1.3", config_path=str(launch.CONF_DIR), config_name="config")
+        def task(cfg):  # pickled by value (defined in __main__): the worker runs this, not launch.main
+            if cfg.seed == 1:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return {{"seed": cfg.seed}}
+
+        task()
+    """))
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(script), "-m", "hydra/launcher=local", "stage=prepare",
+                           "run_name=k9", f"paths.output_root={out}", f"paths.cache_dir={session_dir / 'cache'}",
+                           "seed=1,2"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    err = proc.stderr
+    assert proc.returncode == 1, err[-3000:]
+    assert "Traceback" not in err and "UncompletedJobError" not in err, err[-3000:]
+    assert "#0 (seed=1) FAILED in " in err and f": {sweep_watch.WORKER_DIED} | " in err, err[-3000:]
+    assert "#1 (seed=2) DONE in " in err
+    sweep = out / "sweeps" / "k9"
+    assert "1 of 2 job(s) FAILED:\n" in err
+    (summary,) = [line for line in err.splitlines() if line.startswith("  job #0 (seed=1): ")]
+    assert f"{sweep_watch.WORKER_DIED} (no FAILED file: killed mid-run" in summary
+    assert f"its worker's log: {sweep / '.submitit'}" in summary and summary.endswith("_0_log.err)"), summary
+    assert f"Report: python launch.py stage=sweep_report sweep_report.sweep_dir={sweep}" in err
+
+
+def test_a_dead_worker_is_a_failed_job_and_a_python_failure_still_raises():
+    """What the watched submitit launchers collect per job: a result as it is; a worker that left no result
+    (submitit's UncompletedJobError) a failed JobReturn; a failure with a traceback outside Hydra's run_job
+    (FailedJobError) raised as before, its traceback not hidden."""
+    from hydra.core.utils import JobReturn, JobStatus
+    from submitit.core.utils import FailedJobError, UncompletedJobError
+
+    class Job:
+        def __init__(self, outcome):
+            self.outcome, self.state = outcome, "OUT_OF_MEMORY"
+
+        def results(self):
+            if isinstance(self.outcome, BaseException):
+                raise self.outcome
+            return [self.outcome]
+
+    done = JobReturn(status=JobStatus.COMPLETED)
+    assert sweep_watch.job_return(Job(done)) is done
+    dead = sweep_watch.job_return(Job(UncompletedJobError("Job 1 has not produced any output\n" + "log\n" * 200)),
+                                  ["seed=1"])
+    assert dead.status == JobStatus.FAILED and dead.overrides == ["seed=1"]
+    assert isinstance(dead._return_value, sweep_watch.WorkerDiedError) and dead._return_value.state == "OUT_OF_MEMORY"
+    assert str(dead._return_value) == sweep_watch.WORKER_DIED
+    with pytest.raises(FailedJobError, match="failed during processing"):
+        sweep_watch.job_return(Job(FailedJobError("Job (task=0) failed during processing with trace: ...")))

@@ -91,3 +91,52 @@ def test_a_job_refused_at_its_start_shows_no_metric_of_the_earlier_run_in_its_di
     assert "2 of 2 job(s) FAILED" in err
     assert "job #0 (w=0.5): RuntimeError: RunSettingsChangedError: other settings (no FAILED file" in err
     assert f"job #1 (w=1): RuntimeError: ValueError: cut short (traceback in {dirs[1] / 'FAILED'})" in err
+
+
+@pytest.mark.slow
+def test_jobs_refused_by_one_shared_prepared_dir_are_named_once_with_the_dir(session_dir, tmp_path):
+    """A pipeline sweep whose prepare step shares one data.prepared_dir, which holds a finished prepare made with
+    another data.demo.seed: every job is refused for that one dir. The refusal said "the dirs of 2 of 2 jobs hold
+    runs made with other settings" and the same reason twice; now once, naming the dir and the jobs sharing it."""
+    from flare_exp.run.fingerprint import fingerprint
+
+    prepared = tmp_path / "prepared"
+    base = [f"paths.cache_dir={session_dir / 'cache'}", f"paths.output_root={tmp_path / 'out'}", "stage=pipeline",
+            "stage.steps=[prepare]", f"data.prepared_dir={prepared}", "run_name=shared"]
+    prepared.mkdir()
+    (prepared / "fingerprint.json").write_text(json.dumps(fingerprint(
+        "prepare", compose_cfg([*base, "data.demo.seed=1"]))))
+    (prepared / "DONE").write_text("{}")
+    proc = subprocess.run([sys.executable, "launch.py", "-m", *base, "hydra/launcher=local", "seed=2,3"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    err = proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in err, err[-3000:]
+    assert "one dir shared by 2 of 2 jobs holds a run made with other settings, which would refuse them; no job " \
+           "was launched" in err, err[-3000:]
+    assert "the dirs of" not in err
+    (line,) = [line for line in err.splitlines() if line.startswith("  jobs ")]
+    assert line.startswith(f"  jobs #0 (seed=2) and #1 (seed=3) share {prepared}: [prepare] {prepared} holds a "
+                           "finished step made with other settings or inputs: data.demo.seed: 1 -> 0."), line
+    assert "job #0" not in err and "job #1" not in err  # said once, not per job
+    assert not (tmp_path / "out" / "sweeps" / "shared" / ".submitit").exists()
+
+
+def test_a_shared_dir_is_said_once_beside_the_jobs_refused_in_their_own():
+    """The refusal's lines and headline: jobs refused in their own dirs one line each; jobs sharing a dir one
+    line naming them and the dir (each job's reason under it when they differ)."""
+    from flare_exp.sweep_checks import held_headline, held_lines
+
+    refused = {"/s/0/sft": [("#0 (a=1)", "/s/0/sft holds x")],
+               "/p": [("#1 (a=2)", "/p holds y"), ("#2 (a=3)", "/p holds y")],
+               "/q": [("#3 (a=4)", "/q holds z: 1 -> 4"), ("#4 (a=5)", "/q holds z: 1 -> 5")]}
+    assert held_lines(refused) == [
+        "  job #0 (a=1): /s/0/sft holds x",
+        "  jobs #1 (a=2) and #2 (a=3) share /p: /p holds y",
+        "  jobs #3 (a=4) and #4 (a=5) share /q:\n    - job #3 (a=4): /q holds z: 1 -> 4\n"
+        "    - job #4 (a=5): /q holds z: 1 -> 5"]
+    assert held_headline(refused, 6) == [
+        "the dirs of 1 of 6 jobs hold runs made with other settings and 2 dirs, each shared by several jobs (4 of 6), "
+        "hold runs made with other settings, which would refuse them"]
+    assert held_headline({"/p": refused["/p"]}, 2) == [
+        "one dir shared by 2 of 2 jobs holds a run made with other settings, which would refuse them"]
+    assert held_headline({}, 2) == []

@@ -1,7 +1,8 @@
 """``hydra/launcher=watched`` (the default: jobs one after another in this process), ``local`` and ``slurm``
 (conf/hydra/launcher/): Hydra's basic and submitit launchers with flare-exp's
 sweep checks and watch around them (flare_exp/sweep_checks.py, sweep_watch.py): every job's settings checked before any is launched, a
-line per finished job with an ETA, the failed jobs named; locally, SIGTERM / SIGINT stop the workers too,
+line per finished job with an ETA, the failed jobs named (a submitit job whose worker was killed among them);
+locally, SIGTERM / SIGINT stop the workers too,
 and SIGTERM stops the watched launcher's in-process job as Ctrl-C does (its dir says FAILED).
 Hydra imports this module at startup: the work is imported when a sweep launches."""
 from __future__ import annotations
@@ -10,7 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 from hydra._internal.core_plugins.basic_launcher import BasicLauncher
-from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher, SlurmLauncher
+from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher, LocalLauncher, SlurmLauncher
 
 
 class _Watched:
@@ -25,7 +26,8 @@ class _Watched:
         from contextlib import nullcontext
 
         from flare_exp.sweep_checks import SweepSettingsError, check_jobs, job_names
-        from flare_exp.sweep_watch import ForwardStops, Progress, StopInProcess, exit_with, record_results
+        from flare_exp.sweep_watch import (ForwardStops, Progress, StopInProcess, exit_with, record_results,
+                                           results_per_job)
 
         try:
             check_jobs(self.hydra_context, self.config, job_overrides, initial_job_idx)
@@ -39,7 +41,9 @@ class _Watched:
         with Progress(job_dirs, job_names(job_overrides)) as progress:
             stops = ForwardStops(job_dirs=job_dirs) if getattr(self, "_EXECUTOR", "") == "local" else \
                 StopInProcess(job_dirs) if isinstance(self, BasicLauncher) else nullcontext()
-            with stops:
+            # submitit's jobs: one whose worker died (kill -9, the OOM killer) is a failed job, not the sweep's end
+            per_job = results_per_job() if isinstance(self, BaseSubmititLauncher) else nullcontext()
+            with stops, per_job:
                 returns = super().launch(job_overrides, initial_job_idx)
         failed = record_results(progress, returns)
         if failed and "optuna" not in str(self.config.hydra.sweeper.get("_target_", "")):

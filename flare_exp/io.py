@@ -178,8 +178,13 @@ def read_jsonl_of_unfinished_run(path: str | Path) -> tuple[list[dict], bool]:
 def file_fingerprint(path: str | Path) -> dict:
     """sha256 + size of a file, saved with checkpoints so a resumed run can tell its data changed."""
     path = Path(path)
-    h = hashlib.sha256()
+    return {"path": str(path), "sha256": file_digest(path), "bytes": path.stat().st_size}
+
+
+def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
+    """A file's digest, read in 1 MiB chunks (downloads and weights are large)."""
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
-    return {"path": str(path), "sha256": h.hexdigest(), "bytes": path.stat().st_size}
+    return h.hexdigest()

@@ -4,18 +4,18 @@ them into the same data.root and reruns a pipeline must not get the old records 
 them) reported as made "with the same settings and inputs".
 
 Recorded: each question file read (sha256), each image a record named (size, modification time, sha1 of its
-bytes). Checked: a question file changed, removed or added for the chosen datasets and splits; an image whose
-size or time changed is read again and counts as changed only if its bytes did (a copy with new times is the
-same download).
+bytes; rejected ones too: cut short, unreadable, too small), and each image a record named that was not there.
+Checked: a question file changed, removed or added for the chosen datasets and splits; an image changed or
+removed (one whose size or time changed is read again and counts only if its bytes did: a copy with new times is
+the same download, and its record takes the new times); a missing image that is there now.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
 
-from flare_exp.io import file_fingerprint, write_json
+from flare_exp.io import file_digest, file_fingerprint, write_json
 
 log = logging.getLogger(__name__)
 
@@ -96,19 +96,11 @@ def image_changes(root: Path, recorded: dict) -> tuple[list[tuple[str, str]], di
             out.append((name, "removed"))
             continue
         if (stat.st_size, stat.st_mtime_ns) != (size, mtime):
-            if stat.st_size != size or _sha1(path) != sha1:
+            if stat.st_size != size or file_digest(path, "sha1") != sha1:
                 out.append((name, "changed"))
             else:
                 refreshed[name] = [size, stat.st_mtime_ns, sha1]
     return out, refreshed
-
-
-def _sha1(path: Path) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def summarised(changes: list[str]) -> list[str]:

@@ -3,7 +3,6 @@ replaced after extracting (a re-download with other bytes) is extracted again (i
 and sha1 it had when extracted)."""
 from __future__ import annotations
 
-import hashlib
 import re
 import zipfile
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from flare_exp.data.images import walk_files
+from flare_exp.io import file_digest
 
 
 class PrepareError(ValueError):
@@ -37,7 +37,7 @@ def _extracted(archive: Path, marker: Path) -> bool:
     size, mtime, sha1 = int(found.group(1)), int(found.group(2)), found.group(3)
     if (size, mtime) == (stat.st_size, stat.st_mtime_ns):
         return True
-    if size != stat.st_size or _sha1(archive) != sha1:
+    if size != stat.st_size or file_digest(archive, "sha1") != sha1:
         return False
     try:
         marker.write_text(_stamp(size, stat.st_mtime_ns, sha1))  # the same bytes, copied again: new times kept
@@ -55,15 +55,7 @@ def _stamp(size: int, mtime_ns: int, sha1: str) -> str:
 
 def _archive_stamp(archive: Path) -> str:
     stat = archive.stat()
-    return _stamp(stat.st_size, stat.st_mtime_ns, _sha1(archive))
-
-
-def _sha1(path: Path) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return _stamp(stat.st_size, stat.st_mtime_ns, file_digest(archive, "sha1"))
 
 
 def unzip_nested(root: Path) -> int:

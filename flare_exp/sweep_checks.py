@@ -188,7 +188,9 @@ def check_jobs(hydra_context, master_config, job_overrides, initial_job_idx: int
     say(f"checking the settings of {len(job_overrides)} job(s) before launching any")
     bad, prepares, refused = [], [], {}
     names = job_names(job_overrides)
-    sweep_dir = Path(str(master_config.hydra.sweep.dir))
+    # absolute, as each job's own output dir is (Hydra's runtime): the paths derived from it (a pipeline's steps
+    # feed on each other's dirs) are compared with those the jobs recorded
+    sweep_dir = Path(os.path.abspath(str(master_config.hydra.sweep.dir)))
     for idx, overrides in enumerate(job_overrides):
         problems = job_problems(hydra_context, master_config, overrides, prepares)
         if problems:

@@ -140,3 +140,20 @@ def test_a_shared_dir_is_said_once_beside_the_jobs_refused_in_their_own():
     assert held_headline({"/p": refused["/p"]}, 2) == [
         "one dir shared by 2 of 2 jobs holds a run made with other settings, which would refuse them"]
     assert held_headline({}, 2) == []
+
+
+@pytest.mark.slow
+def test_the_same_pipeline_sweep_again_under_a_relative_output_root_reuses_its_jobs(session_dir, tmp_path,
+                                                                                   tiny_model_dir, demo_prepared):
+    """The README's demo sweep run twice (paths.output_root=outputs, relative): the second launch reuses every
+    job's steps. The pre-launch check derived the steps' paths from the relative sweep dir while the jobs had
+    recorded absolute ones, and refused every job."""
+    command = [sys.executable, str(REPO / "launch.py"), "-m", f"paths.cache_dir={session_dir / 'cache'}",
+               "paths.output_root=out", "stage=pipeline", "stage.steps=[sft,infer]", "stage.compare=[]",
+               "run_name=twice", "sft.max_steps=1", "infer.num_samples=2", "infer.max_new_tokens=2", "seed=1"]
+    for attempt in ("first", "again"):
+        proc = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert proc.returncode == 0, (attempt, proc.stderr[-3000:])
+    assert "held" not in proc.stderr and "would refuse" not in proc.stderr
+    assert "[infer] already finished" in proc.stderr + proc.stdout  # its checkpoint: the sft step's dir

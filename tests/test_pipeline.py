@@ -128,7 +128,7 @@ def test_overwrite_in_a_sweep_redoes_a_shared_prepare_once(base_overrides, tmp_p
     assert third["results"]["prepare"].get("records") and len(list((prepared / "attempts").iterdir())) == 2
 
 
-def test_a_finished_prepare_is_not_reused_after_the_download_changed(base_overrides, tmp_path):
+def test_a_finished_prepare_is_not_reused_after_the_download_changed(base_overrides, tmp_path, monkeypatch):
     """FLARE's corrected annotations unpacked into the same data.root: the pipeline's finished prepare (and so
     everything trained on it) is not reused, naming the file; an image copied again with new times but the same
     bytes is the same download."""
@@ -145,6 +145,15 @@ def test_a_finished_prepare_is_not_reused_after_the_download_changed(base_overri
     run(compose_cfg(steps), run_dir=tmp_path / "pipe")
     image = next(root.rglob("*.png"))
     os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))  # touched: same bytes
+    from flare_exp.data import prepare_inputs
+
+    def read_only(*args):
+        raise OSError(30, "Read-only file system")
+
+    with monkeypatch.context() as patched:  # a read-only prepared dir: the refresh is skipped, the reuse goes on
+        patched.setattr(prepare_inputs, "write_json", read_only)
+        assert run(compose_cfg(steps), run_dir=tmp_path / "pipe")["results"]["prepare"] == {
+            "reused": str(tmp_path / "prepared")}
     assert run(compose_cfg(steps), run_dir=tmp_path / "pipe")["results"]["prepare"] == {
         "reused": str(tmp_path / "prepared")}
     recorded = json.loads((tmp_path / "prepared" / "inputs.json").read_text())["images"]
@@ -192,9 +201,18 @@ def test_a_prepare_input_missing_or_broken_then_supplied_stops_the_reuse(base_ov
     from flare_exp.catalog import run_summary
 
     assert run_summary(tmp_path / "fresh")["status"] == "stopped by settings"
-    for record in ("", '{"question_files": {}, "ima', "[]"):
+    summary = json.loads((prepared / "summary.json").read_text())
+    for record in ("", '{"question_files": {}, "ima', "[]"):  # this version wrote one: deleted or cut since
         (prepared / "inputs.json").write_text(record)
-        caplog.clear()
-        again = run(compose_cfg(steps), run_dir=tmp_path / "pipe")
-        assert again["results"]["prepare"] == {"reused": str(prepared)}
-        assert "data.root's files were not compared with what made it" in caplog.text
+        with pytest.raises(RunSettingsChangedError, match="inputs.json in .* missing or unreadable, though the "
+                                                          "prepare wrote it"):
+            run(compose_cfg(steps), run_dir=tmp_path / "pipe")
+    del summary["inputs"]  # a prepare made before inputs were recorded: reused, said once per dir
+    (prepared / "summary.json").write_text(json.dumps(summary))
+    from flare_exp.data import prepare_inputs
+
+    prepare_inputs.SAID.clear()
+    caplog.clear()
+    again = run(compose_cfg(steps), run_dir=tmp_path / "pipe")
+    assert again["results"]["prepare"] == {"reused": str(prepared)}
+    assert caplog.text.count("data.root's files were not compared with what made it") == 1

@@ -21,7 +21,7 @@ from flare_exp.data import records as R
 from flare_exp.data.decoding import check_window
 from flare_exp.data.images import (OUTSIDE_ROOT, PROCESSOR_REFUSES, SMALLER_THAN_A_PATCH, ProcessorLimits,
                                    check_images, inside, walk_files)
-from flare_exp.data.prepare_inputs import record_inputs
+from flare_exp.data.prepare_inputs import INPUTS, record_inputs
 from flare_exp.data.unzip import PrepareError, unzip_nested
 from flare_exp.io import write_json, write_jsonl
 
@@ -220,6 +220,7 @@ def prepare(cfg_data, root: Path, out_dir: Path, limits: ProcessorLimits | None 
         **named_images(accepted, root, cfg_data.image_window, cfg_data.verify_images),
         "processor_limits": asdict(limits) if limits else None,
         "overlapping_studies_allowed": len(overlap),
+        "inputs": INPUTS,  # recorded beside: a later reuse check expects it
         "seconds": round(time.time() - start, 2),
     }
     write_json(out_dir / "summary.json", summary)

@@ -42,14 +42,18 @@ def _name(path: Path, root: Path) -> str:
         return str(path)
 
 
-def input_changes(out_dir: Path, root: Path, questions: list[Path], resolve) -> list[str]:
+def input_changes(out_dir: Path, root: Path, questions: list[Path], resolve, expected: bool = False,
+                  quiet: bool = False) -> list[str]:
     """'data.root file X: changed' for what differs between the recorded inputs and data.root now
     (``questions``: the question files a prepare would read now; ``resolve(folder, name)``: prepare's image
     lookup, a path or why there is none). An image found with new times but the same bytes is the same, and its
-    record takes the new times. A prepared dir without a readable record says so in the log (nothing compared)."""
-    recorded = _recorded(out_dir)
+    record takes the new times. Without a readable record: a change when one was written (``expected``: a
+    prepare of this version, deleted or cut since), else said once in the log (unless ``quiet``: the demo's own
+    generated tree), nothing compared."""
+    recorded = _recorded(out_dir, expected or quiet)
     if recorded is None:
-        return []
+        return [f"{INPUTS} in {out_dir}: missing or unreadable, though the prepare wrote it (deleted or cut "
+                "since): its inputs cannot be compared"] if expected else []
     now = {_name(p, root): p for p in questions}
     before = recorded["question_files"]
     changes = [f"{name}: added" for name in sorted(set(now) - set(before))]
@@ -62,13 +66,19 @@ def input_changes(out_dir: Path, root: Path, questions: list[Path], resolve) -> 
     changes += [f"{Path(folder, name).as_posix()}: added (missing at the prepare)"
                 for folder, name in recorded["missing"] if not isinstance(resolve(root / folder, name), str)]
     if refreshed and not changes:  # a copy with new times: compared by bytes once, not at every check
-        write_json(out_dir / INPUTS, {**recorded, "images": {**recorded["images"], **refreshed}})
+        try:
+            write_json(out_dir / INPUTS, {**recorded, "images": {**recorded["images"], **refreshed}})
+        except OSError:
+            pass  # a read-only prepared dir: compared by bytes again next time
     return [f"data.root file {c}" for c in changes]
 
 
-def _recorded(out_dir: Path) -> dict | None:
-    """The recorded inputs, or None (said once in the log) when there is no readable record: a prepare made
-    before they were recorded, or a file cut short or edited."""
+SAID: set[str] = set()  # the prepared dirs whose missing record was said (a run checks them more than once)
+
+
+def _recorded(out_dir: Path, silent: bool = False) -> dict | None:
+    """The recorded inputs, or None (said once per dir in the log, unless ``silent``) when there is no readable
+    record: a prepare made before they were recorded, or a file cut short or edited."""
     try:
         recorded = json.loads((out_dir / INPUTS).read_text(encoding="utf-8"))
         parts = (recorded["question_files"], recorded["images"], recorded.get("missing", []))
@@ -79,8 +89,11 @@ def _recorded(out_dir: Path) -> dict | None:
         why = "none was recorded (a prepare made before they were)"
     except (OSError, ValueError, KeyError, TypeError) as e:
         why = f"it is unreadable ({type(e).__name__}: {e})"
-    log.warning("prepare: %s: %s, so data.root's files were not compared with what made it; overwrite=true "
-                "prepares again and records them", out_dir / INPUTS, why)
+    if not silent and str(out_dir) not in SAID:
+        SAID.add(str(out_dir))
+        log.warning("prepare: %s: %s, so data.root's files were not compared with what made it; a prepare into "
+                    "this dir with overwrite=true records them (the steps trained on it then redo too)",
+                    out_dir / INPUTS, why)
     return None
 
 

@@ -34,7 +34,7 @@ def input_changes(cfg, out_dir: Path) -> list[str]:
     without any): its question files and images."""
     from flare_exp.data.prepare import question_files, questions_read, resolve_image, split_sources_of
     from flare_exp.data.unzip import pending_zips
-    from flare_exp.data.prepare_inputs import input_changes as changes, summarised
+    from flare_exp.data.prepare_inputs import INPUTS, input_changes as changes, summarised
 
     root = abspath(cfg.data.root)
     if not root.is_dir():
@@ -43,7 +43,19 @@ def input_changes(cfg, out_dir: Path) -> list[str]:
                 for z in (pending_zips(root) if cfg.data.unzip else [])]
     found = question_files(root)
     read = questions_read(found, cfg.data, split_sources_of(cfg.data))
-    return summarised(archives + changes(out_dir, root, read, resolve_image))
+    expected = _summary(out_dir).get("inputs") == INPUTS  # this version's prepare wrote the record
+    generated = cfg.data.demo is not None and root.is_relative_to(abspath(cfg.paths.cache_dir))  # our demo tree
+    return summarised(archives + changes(out_dir, root, read, resolve_image, expected, quiet=generated))
+
+
+def _summary(out_dir: Path) -> dict:
+    import json
+
+    try:
+        found = json.loads((out_dir / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
 
 
 def run(cfg, out_dir: Path) -> dict:

@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 from tqdm.auto import tqdm
 
-from flare_exp.data.decoding import upright_rgb
+from flare_exp.data.decoding import HIGH_BIT_DEPTH, upright_rgb
 
 OUTSIDE_ROOT = "outside data.root"
 SMALLER_THAN_A_PATCH = "image smaller than one vision patch"
@@ -162,7 +162,7 @@ def narrow_integer_range(im, levels: int = 16) -> bool:
     becomes full-contrast noise, a blank scan that looks like content."""
     import numpy as np
 
-    if im.mode not in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+    if im.mode not in HIGH_BIT_DEPTH or im.mode == "F":  # integer modes: a float image may span less than 1
         return False
     values = np.asarray(im)
     return values.size > 0 and int(values.max()) - int(values.min()) < levels

@@ -101,9 +101,10 @@ def edited_sheet_beside(path: Path, rows: list[dict]) -> dict:
 def joined(path: Path, rows: list[dict], prepared_dir: str | None) -> tuple[list[dict], dict]:
     """The rows joined to the prepared split they answer, and where their answers came from; an infer run whose
     own split is gone is named as such, not as ids missing from the split data.prepared_dir offers instead."""
-    from flare_exp.data.references import gone_run_split, join_to_reference, reference_file
+    from flare_exp.data.references import gone_run_split, join_to_reference, reference_file, run_split
 
-    reference, gone = reference_file(path, rows, prepared_dir), gone_run_split(path)
+    source = run_split(path)  # the infer run's own split, read from its config once
+    reference, gone = reference_file(source, rows, prepared_dir), gone_run_split(path, source)
     if reference is None:
         return rows, {"answers_from": "the predictions file", "answers_note": (
             "answers taken from the predictions file, unchecked: no prepared split was found to join them to "

@@ -15,7 +15,7 @@ import json
 import logging
 from pathlib import Path
 
-from flare_exp.io import file_digest, file_fingerprint, write_json
+from flare_exp.io import file_digest, write_json
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ def record_inputs(out_dir: Path, root: Path, questions: list[Path], images: dict
     (dataset folder, ImageName) of the images a record named that were not there."""
     stats = {p: p.stat() for p in images if p.exists()}
     write_json(out_dir / INPUTS, {
-        "question_files": {_name(p, root): file_fingerprint(p)["sha256"] for p in questions},
+        "question_files": {_name(p, root): file_digest(p) for p in questions},
         "images": {_name(p, root): [s.st_size, s.st_mtime_ns, images[p]] for p, s in stats.items()},
         "missing": sorted({(_name(folder, root), name) for folder, name in missing})})
 
@@ -58,9 +58,9 @@ def input_changes(out_dir: Path, root: Path, questions: list[Path], resolve, exp
     before = recorded["question_files"]
     changes = [f"{name}: added" for name in sorted(set(now) - set(before))]
     changes += [f"{name}: removed" for name in sorted(set(before) - set(now))]
-    changes += [f"{name}: changed (sha256 {sha[:12]} -> {file_fingerprint(now[name])['sha256'][:12]})"
-                for name, sha in sorted(before.items())
-                if name in now and file_fingerprint(now[name])["sha256"] != sha]
+    current = {name: file_digest(now[name]) for name in sorted(before) if name in now}  # each read once
+    changes += [f"{name}: changed (sha256 {before[name][:12]} -> {sha[:12]})" for name, sha in current.items()
+                if sha != before[name]]
     images, refreshed = image_changes(root, recorded["images"])
     changes += [f"{name}: {why}" for name, why in images]
     changes += [f"{Path(folder, name).as_posix()}: added (missing at the prepare)"

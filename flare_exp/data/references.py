@@ -19,10 +19,9 @@ SHOWN = 5  # ids named in an error
 FROM_REFERENCE = ("answer", "task_type", "dataset", "question", "image_name")
 
 
-def reference_file(predictions: Path, rows: list[dict], prepared_dir: str | None) -> Path | None:
-    """The file infer read for these predictions (its run dir's saved config), else the prepared split the rows
+def reference_file(source: Path | None, rows: list[dict], prepared_dir: str | None) -> Path | None:
+    """The file infer read for these predictions (``source``: ``run_split``), else the prepared split the rows
     name (``<data.prepared_dir>/<split>.jsonl``); None when neither exists."""
-    source = run_split(predictions)
     if source is not None and source.is_file():
         return source
     splits = {r.get("split") for r in rows}
@@ -52,10 +51,9 @@ def run_split(predictions: Path) -> Path | None:
         return None
 
 
-def gone_run_split(predictions: Path) -> str | None:
-    """What to say when the split the predictions' infer run read is gone (deleted, or a path of another
-    machine): said before any error of the split eval falls back to."""
-    source = run_split(predictions)
+def gone_run_split(predictions: Path, source: Path | None) -> str | None:
+    """What to say when the split the predictions' infer run read (``source``: ``run_split``) is gone (deleted,
+    or a path of another machine): said before any error of the split eval falls back to."""
     if source is None or source.is_file():
         return None
     return f"its infer run's split {source} ({predictions.parent.name}/{CONFIG}) is gone"
@@ -111,9 +109,6 @@ def windows_of(records) -> str:
     return ", ".join(sorted(named)) or "n/a"
 
 
-HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")  # the modes a window scales (docs/stages.md)
-
-
 def high_bit(reference: Path) -> bool:
     """Whether the prepared split's images include any a window applies to (its summary.json counts the modes;
     unknown, e.g. a file outside a prepared dir: assumed so)."""
@@ -123,7 +118,9 @@ def high_bit(reference: Path) -> bool:
         modes = json.loads((reference.parent / "summary.json").read_text(encoding="utf-8"))["images_by_mode"]
     except (OSError, ValueError, KeyError, TypeError):
         return True
-    return not isinstance(modes, dict) or any(mode in HIGH_BIT_MODES for mode in modes)
+    from flare_exp.data.decoding import HIGH_BIT_DEPTH  # the modes a window scales
+
+    return not isinstance(modes, dict) or any(mode in HIGH_BIT_DEPTH for mode in modes)
 
 
 def same_answer(given, prepared) -> bool:

@@ -47,39 +47,42 @@ def composed(hydra_context, master_config, overrides):
         HydraConfig.instance().cfg = saved
 
 
-def job_problems(hydra_context, master_config, overrides, prepares: list | None = None) -> list[str]:
-    """The problems a run with these overrides would stop on (settings and input paths), as text. ``prepares``:
-    where this job prepares data and with what settings (``prepare_target``; None when it does not compose) is
-    appended to it, once per call."""
+def job_problems(hydra_context, master_config, overrides) -> list[str]:
+    """The problems a run with these overrides would stop on (settings and input paths), as text."""
+    return checked_job(hydra_context, master_config, overrides)[0]
+
+
+def checked_job(hydra_context, master_config, overrides, job_dir: Path | None = None) -> tuple:
+    """One job's config composed once, and from it: (its problems as text, where it prepares data and with what
+    settings (``prepare_target``; None when it does not compose), and, given its ``job_dir`` and no problems,
+    ``dir_refusal``)."""
     from flare_exp.checks import input_problems, setting_problems
 
-    target = None
+    target = refusal = None
     try:
         with composed(hydra_context, master_config, overrides) as cfg:
             target = prepare_target(cfg)
-            return [str(p) for p in setting_problems(cfg) + input_problems(cfg)]
+            problems = [str(p) for p in setting_problems(cfg) + input_problems(cfg)]
+            if job_dir is not None and not problems:
+                refusal = dir_refusal(cfg, job_dir)
     except Exception as e:  # an override Hydra cannot compose (a wrong key or value)
-        return [f"{type(e).__name__}: {e}"]
-    finally:
-        if prepares is not None:
-            prepares.append(target)
+        problems = [f"{type(e).__name__}: {e}"]
+    return problems, target, refusal
 
 
-def dir_refusal(hydra_context, master_config, overrides, job_dir: Path) -> tuple[str, str] | None:
+def dir_refusal(cfg, job_dir: Path) -> tuple[str, str] | None:
     """(the run dir, why) this job would be refused at its start in ``job_dir``, the way the run itself refuses
     (a finished or unfinished run there made with other deciding settings or inputs): the job's own dir, or one
-    several jobs share (a pipeline's data.prepared_dir); None when it would not (or does not compose:
-    job_problems says so)."""
+    several jobs share (a pipeline's data.prepared_dir); None when it would not."""
     from flare_exp.run.fingerprint import RunSettingsChangedError
 
     try:
-        with composed(hydra_context, master_config, overrides) as cfg:
-            for stage, stage_cfg, run_dir in runs_started(cfg, job_dir):
-                try:
-                    refuse_other_settings(stage, stage_cfg, run_dir)
-                except RunSettingsChangedError as e:
-                    e.run_dir = run_dir
-                    raise
+        for stage, stage_cfg, run_dir in runs_started(cfg, job_dir):
+            try:
+                refuse_other_settings(stage, stage_cfg, run_dir)
+            except RunSettingsChangedError as e:
+                e.run_dir = run_dir
+                raise
     except RunSettingsChangedError as e:
         return str(getattr(e, "run_dir", job_dir)), " ".join(str(e).split())
     except Exception:  # noqa: BLE001  (anything else: the job itself says it, as it would have)
@@ -121,7 +124,7 @@ def refuse_other_settings(stage: str, cfg, run_dir: Path) -> None:
     """RunSettingsChangedError when ``run_dir`` holds a finished run of ``stage`` made with other deciding
     settings or inputs, or an unfinished one a resume would mix with this one (fingerprint.check_resume)."""
     from flare_exp.run.fingerprint import (RunSettingsChangedError, check_resume, finished_differences,
-                                           fingerprint)
+                                           fingerprint, listed)
     from flare_exp.run.layout import DONE
     from flare_exp.run.record import attempt_files
 
@@ -132,9 +135,9 @@ def refuse_other_settings(stage: str, cfg, run_dir: Path) -> None:
     changed = finished_differences(stage, run_dir, cfg)
     if changed:
         raise RunSettingsChangedError(
-            f"{run_dir} holds a finished {stage} run made with other settings or inputs: {'; '.join(changed[:8])}"
-            f"{f'; and {len(changed) - 8} more' if len(changed) > 8 else ''}. Choose another run_name= to keep "
-            "both, or pass overwrite=true to redo it there (the finished run moves to attempts/NN/).")
+            f"{run_dir} holds a finished {stage} run made with other settings or inputs: {listed(changed)}. "
+            "Choose another run_name= to keep both, or pass overwrite=true to redo it there (the finished run "
+            "moves to attempts/NN/).")
 
 
 def prepare_target(cfg) -> tuple | None:
@@ -192,13 +195,13 @@ def check_jobs(hydra_context, master_config, job_overrides, initial_job_idx: int
     # feed on each other's dirs) are compared with those the jobs recorded
     sweep_dir = Path(os.path.abspath(str(master_config.hydra.sweep.dir)))
     for idx, overrides in enumerate(job_overrides):
-        problems = job_problems(hydra_context, master_config, overrides, prepares)
+        problems, target, refusal = checked_job(hydra_context, master_config, overrides,
+                                                sweep_dir / str(initial_job_idx + idx))
+        prepares.append(target)
         if problems:
             bad.append(f"  job #{initial_job_idx + idx} ({names[idx]}):\n"
                        + "\n".join(f"    - {p}" for p in problems))
-            continue
-        refusal = dir_refusal(hydra_context, master_config, overrides, sweep_dir / str(initial_job_idx + idx))
-        if refusal:
+        elif refusal:
             where, why = refusal
             refused.setdefault(where, []).append((f"#{initial_job_idx + idx} ({names[idx]})", why))
     clashes = shared_prepare_conflicts(prepares, initial_job_idx)

@@ -90,6 +90,11 @@ def fingerprint(stage: str, cfg) -> dict:
             "files": files, "budget": {key: OmegaConf.select(cfg, key) for key in BUDGET.get(stage, ())}}
 
 
+def listed(changed: list[str], shown: int = 8) -> str:
+    """The first ``shown`` differences joined, the rest counted (a refusal's message)."""
+    return "; ".join(changed[:shown]) + (f"; and {len(changed) - shown} more" if len(changed) > shown else "")
+
+
 def differences(old: dict, new: dict, budget: bool = False) -> list[str]:
     """'key: old -> new' for every deciding setting or input file that differs; with ``budget`` also the budget
     keys (a finished run's; a fingerprint recorded before they were has none to compare)."""

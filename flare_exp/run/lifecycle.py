@@ -27,7 +27,7 @@ from flare_exp.io import write_json
 from flare_exp.logs import run_summary
 from flare_exp.models.checkpoints import adapter_identity
 from flare_exp.run.fingerprint import (RunSettingsChangedError, check_resume, finished_differences, fingerprint,
-                                       recorded_fingerprint, starting_adapter)
+                                       listed, recorded_fingerprint, starting_adapter)
 from flare_exp.run.lock import RunLock
 from flare_exp.run.layout import DONE, FAILED, FINGERPRINT, REPORT_HTML, RUN_INFO, SWEEP_TABLE
 from flare_exp.run.record import (RunFinishedError, archive_attempt, attempt_files, keep_hydra_record,
@@ -133,10 +133,9 @@ def reusable(stage: str, cfg, out_dir: Path) -> bool:
     changed = finished_differences(stage, out_dir, cfg)
     if changed:
         raise RunSettingsChangedError(
-            f"[{stage}] {out_dir} holds a finished step made with other settings or inputs: "
-            f"{'; '.join(changed[:8])}{f'; and {len(changed) - 8} more' if len(changed) > 8 else ''}. Rerun with "
-            "the earlier ones to reuse it, pass overwrite=true to redo the steps (earlier outputs move to "
-            f"attempts/NN/), or choose another {'data.prepared_dir' if stage == 'prepare' else 'run_name'}= to "
+            f"[{stage}] {out_dir} holds a finished step made with other settings or inputs: {listed(changed)}. "
+            "Rerun with the earlier ones to reuse it, pass overwrite=true to redo the steps (earlier outputs move "
+            f"to attempts/NN/), or choose another {'data.prepared_dir' if stage == 'prepare' else 'run_name'}= to "
             "keep both.")
     return True
 

@@ -180,7 +180,7 @@ def config_file_problem(error: BaseException) -> Exception | None:
     from flare_exp.config import Config
     from flare_exp.config_keys import unknown_path
 
-    while error is not None:
+    for error in causes(error):
         if isinstance(error, yaml.MarkedYAMLError) and error.problem_mark is not None:
             mark = error.problem_mark
             return ValueError(f"{mark.name}, line {mark.line + 1}, column {mark.column + 1}: not valid YAML: "
@@ -190,16 +190,18 @@ def config_file_problem(error: BaseException) -> Exception | None:
             if found:
                 return ValueError(f"unknown config key {found}, set in a config file this run composes (an "
                                   "experiment or other group file; python launch.py --cfg job lists every key)")
-        error = error.__cause__ or error.__context__
     return None
 
 
 def _needs_hydra_runtime(problem: BaseException, interpolation_error: type) -> bool:
-    while problem is not None:
-        if isinstance(problem, interpolation_error) or "HydraConfig was not set" in str(problem):
-            return True
-        problem = problem.__cause__ or problem.__context__
-    return False
+    return any(isinstance(p, interpolation_error) or "HydraConfig was not set" in str(p) for p in causes(problem))
+
+
+def causes(error: BaseException | None):
+    """``error`` and what it was raised from or while handling, outermost first."""
+    while error is not None:
+        yield error
+        error = error.__cause__ or error.__context__
 
 
 def stop_on_sigterm() -> None:

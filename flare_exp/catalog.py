@@ -38,13 +38,17 @@ def official_blocks(run_dir: Path, strict: bool = False) -> dict:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         if strict:
-            why = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise ValueError(f"runs.compare: {path} is unreadable ({why}): cut or edited since its eval wrote it; "
-                             "rerun that eval") from None
+            raise ValueError(f"runs.compare: {path} is unreadable ({why_unreadable(e)}): cut or edited since its "
+                             "eval wrote it; rerun that eval") from None
         return {}
     # a hand-made or foreign metrics.json: only blocks shaped as eval writes them
     return {k: v for k, v in data.items() if isinstance(v, dict) and isinstance(v.get("official", {}), dict)} \
         if isinstance(data, dict) else {}
+
+
+def why_unreadable(error: Exception) -> str:
+    """A file's read or parse error in a line (a JSON error's own first line, else its type)."""
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
 def headline(run_dir: Path) -> str | None:
@@ -114,8 +118,8 @@ def run_summary(run_dir: Path) -> dict | None:
             json.loads(metrics.read_text())
         except (OSError, ValueError) as e:
             unreadable = str(metrics.relative_to(run_dir))
-            why = str(e).splitlines()[0] if str(e) else type(e).__name__
-            metric = f"{unreadable} unreadable ({why}): cut or edited since its eval wrote it; rerun that eval"
+            metric = (f"{unreadable} unreadable ({why_unreadable(e)}): cut or edited since its eval wrote it; rerun "
+                      "that eval")
     return {"name": run_dir.name, "stage": _stage_of(run_dir) or "?", "status": status, "started": started,
             "seconds": seconds, "headline": metric or headline(run_dir), "error": error,
             "metrics_unreadable": unreadable}

@@ -160,17 +160,10 @@ def wrong_value(schema: type, key: str, value) -> str | None:
     """Why OmegaConf would refuse ``value`` for the schema's ``key`` (a string where a number goes, 1.5 for an
     integer, null for a key that needs a value), said the way the settings list says it; None when it takes it.
     Hydra would otherwise stop at the first such value with its own conversion error, one key at a time."""
-    from omegaconf import AnyNode, DictConfig, ListConfig, ValueNode
+    from omegaconf import AnyNode, ListConfig, ValueNode
     from omegaconf.errors import OmegaConfBaseException
 
-    node = _structured(schema)
-    for part in key.split("."):
-        if isinstance(node, DictConfig) and node._is_none():
-            return None  # an optional section that is null in the schema (data.demo): checked when composed
-        parent, node = node, node._get_node(part) if hasattr(node, "_get_node") else None
-        if node is None and isinstance(parent, DictConfig) and parent._metadata.element_type in ELEMENT_NODES:
-            node = ELEMENT_NODES[parent._metadata.element_type]()  # a new entry of a typed dict (reward weights)
-            break
+    node = _schema_node(schema, key)
     if isinstance(value, str) and value.startswith("${"):
         return None  # an interpolation: checked when composed
     if isinstance(node, ListConfig) and value is not None and not isinstance(value, list):
@@ -205,14 +198,26 @@ SAID = {"IntegerNode": "must be an integer", "FloatNode": "must be a number", "B
 @lru_cache(maxsize=None)
 def takes_list(schema: type, key: str) -> bool:
     """Whether the schema's ``key`` holds a list (eval.predictions, stage.steps, ...)."""
-    from omegaconf import DictConfig, ListConfig
+    from omegaconf import ListConfig
+
+    return isinstance(_schema_node(schema, key), ListConfig)
+
+
+def _schema_node(schema: type, key: str):
+    """The schema's node at ``key``: None for a key under an optional section that is null in the schema
+    (data.demo: checked when composed) or one it lacks; a value node for a new entry of a typed dict (reward
+    weights)."""
+    from omegaconf import DictConfig
 
     node = _structured(schema)
     for part in key.split("."):
-        if not isinstance(node, DictConfig) or node._is_none() or part not in node:
-            return False
-        node = node._get_node(part)
-    return isinstance(node, ListConfig)
+        if isinstance(node, DictConfig) and node._is_none():
+            return None
+        known = hasattr(node, "_get_node") and (part in node if isinstance(node, DictConfig) else True)
+        parent, node = node, node._get_node(part) if known else None
+        if node is None and isinstance(parent, DictConfig) and parent._metadata.element_type in ELEMENT_NODES:
+            return ELEMENT_NODES[parent._metadata.element_type]()
+    return node
 
 
 def _structured(schema: type):

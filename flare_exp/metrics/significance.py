@@ -130,9 +130,9 @@ def input_differences(a: str, b: str, res_a: dict, res_b: dict) -> list[str]:
             files[1]):
         out.append(f"{a} and {b} were joined to different prepared files ({files[0]} and {files[1]}): their "
                    "records or decoded images may differ (prepare's settings, data.image_window)")
-    for key, what in (("image_window", "decoded their images with different windows"),):
-        if res_a.get(key) and res_b.get(key) and res_a[key] != res_b[key]:
-            out.append(f"{a} and {b} {what}: {res_a[key]} and {res_b[key]}")
+    windows = [res.get("image_window") for res in (res_a, res_b)]
+    if all(windows) and windows[0] != windows[1]:
+        out.append(f"{a} and {b} decoded their images with different windows: {windows[0]} and {windows[1]}")
     pixels = [res.get("run", {}).get("max_pixels", "unknown") for res in (res_a, res_b)]
     if "unknown" not in pixels and pixels[0] != pixels[1]:  # both from infer runs that recorded it
         out.append(f"{a} and {b} were predicted with different model.max_pixels: {pixels[0]} and {pixels[1]}")

@@ -76,8 +76,8 @@ class ModelConfig:
     # per query head whenever a mask is present, 4x for Qwen3-VL-4B). transformers: its own. Same math.
     decode_attention: str = "split_kv"
     gradient_checkpointing: bool = False
-    # backend=hf on a GPU: Liger's Triton RMSNorm and rotary kernels (flare_exp/models/liger.py); opt-in,
-    # measured in docs/performance.md.
+    # backend=hf on a GPU: Liger's Triton RMSNorm and rotary kernels (flare_exp/models/liger.py) for training
+    # (sft, rl); infer loads without them (they broke its compiled decode step: docs/performance.md).
     liger_kernel: bool = False
     # backend=unsloth with gradient_checkpointing: also offload the checkpointed activations to CPU memory
     # (Unsloth's "unsloth" mode, the least GPU memory); false = plain recomputation, no host copies.
@@ -290,6 +290,9 @@ class RLConfig(TrainerSettings, DecodingConfig):
     # GRPO step on an H200). auto: merged where the rollouts run the graph decode loop on a GPU and the copy
     # fits beside training, else adapter. backend=hf only (auto keeps the adapter elsewhere).
     rollout_weights: str = "auto"
+    # Each row's images are decoded when the DataLoader reads it (grpo_dataset's lazy transform); workers do it
+    # beside the GPU instead of between steps.
+    dataloader_num_workers: int = 0
     wandb_project: str = "flare_exp_rl"
     # Watching GRPO (docs/stages.md, "Watching GRPO"). Every log_rollouts_steps steps (0: never), a few prompts'
     # groups (completions, reward terms, totals, advantages) go to <run dir>/rollouts.jsonl and rollouts.html;
@@ -352,10 +355,6 @@ class InferConfig(DecodingConfig):
     # first: a large batch's cache would slow every later short batch); true keeps any long enough one, as
     # generate does (for comparison).
     keep_long_cache: bool = False
-    # The graph loop's prefill (on a GPU) with its text model compiled (dynamic shapes; the vision encoder stays
-    # eager): inductor fuses the norms, rope and activations the eager prefill runs as separate kernels. Off
-    # until measured side by side (docs/performance.md); its first batch compiles.
-    compile_prefill: bool = False
     # Profile the N-th batch (1 = the first) into <run dir>/profile.txt; null: none.
     profile_batch: Optional[int] = None
     # Fold a LoRA checkpoint into the weights (backend=hf): same outputs up to rounding, fewer kernels per token.

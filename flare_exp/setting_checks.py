@@ -37,7 +37,7 @@ RANGES = {
             "num_train_epochs": "positive", "eval_steps": "every", "early_stopping_patience": "count",
             "max_eval_samples": "limit", "dataloader_num_workers": "count0"},
     "rl": {**TRAINER, "num_generations": "generations", "max_completion_length": "count",
-           "max_prompt_length": "count", "beta": "non_negative", "temperature": "positive", "top_p": "probability"},
+           "max_prompt_length": "count", "dataloader_num_workers": "count0", "beta": "non_negative", "temperature": "positive", "top_p": "probability"},
     "infer": {"batch_size": "batch", "max_new_tokens": "count", "min_new_tokens": "count0",
               "temperature": "positive", "top_p": "probability", "profile_batch": "count"},
     "eval": {"green.batch_size": "batch", "green.max_length": "count", "green.max_new_tokens": "count",

@@ -276,6 +276,18 @@ def test_liger_kernels_are_refused_where_they_cannot_run(tiny_model_dir):
         load_model(compose_cfg(["model.liger_kernel=true", f"model.path={tiny_model_dir}"]).model)
 
 
+def test_inference_loads_without_liger_and_says_so(tiny_model_dir, caplog):
+    """Liger's kernels are training kernels: in the compiled decode loop they ran infer at 0.39x, so a model
+    loaded for inference leaves them out, on any machine, and the log says so."""
+    from flare_exp.models.loading import load_model
+
+    with caplog.at_level("INFO", logger="flare_exp.models.loading"):
+        loaded = load_model(compose_cfg(["model.liger_kernel=true", f"model.path={tiny_model_dir}"]).model,
+                            training=False)
+    assert loaded.model is not None
+    assert "inference decodes without them" in caplog.text
+
+
 @pytest.mark.parametrize("experiment", ["flare", "reward_search"])
 def test_named_experiments_compose(experiment, monkeypatch):
     import torch

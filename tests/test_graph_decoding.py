@@ -139,29 +139,6 @@ def test_token_step_traces_as_one_graph(base_overrides, demo_prepared):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
-def test_a_compiled_prefill_gives_the_same_tokens_and_leaves_the_step_graph_alone(base_overrides, demo_prepared):
-    """infer.compile_prefill: the prefill's text decoder compiled with dynamic shapes (batches of other prompt
-    lengths, one compile) gives generate's tokens, and the compiled step is traced once: switching the prefill on
-    and off changes no module attribute the step's guards read."""
-    import torch._dynamo
-
-    from flare_exp.models.compiled_prefill import INSTALLED
-    from flare_exp.models.graph_decoding import GraphDecoder
-
-    model, pad, first, second = _model_and_batches(base_overrides, demo_prepared)
-    torch._dynamo.reset()
-    counters = torch._dynamo.utils.counters
-    counters.clear()
-    loop = GraphDecoder(model, dict(backend="eager", fullgraph=True, dynamic=False), compile_prefill=True)
-    for batch in (first, second):
-        _assert_same(loop(batch, 12, pad), _generate(model, batch, pad, 12), pad)
-    graphs = counters["stats"]["unique_graphs"]
-    assert graphs > 1 and getattr(model, INSTALLED).on is False  # the step's graph and the prefill's
-    _assert_same(loop(first, 12, pad), _generate(model, first, pad, 12), pad)
-    assert counters["stats"]["unique_graphs"] == graphs  # nothing traced again
-    assert GraphDecoder(model, None, compile_prefill=True).prefill is None  # an uncompiled loop: eager prefill
-
-
 @pytest.mark.parametrize("sampling", [(0.7, 20, 0.8), (1.0, None, 0.5), (1.3, 5, 1.0), (1.0, None, 1.0)])
 def test_sampling_warps_as_generate(sampling):
     from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,

@@ -49,10 +49,8 @@ def decode_new_tokens(tokenizer, new_tokens) -> list[str]:
 
 
 def decode_settings(inf, backend: str) -> DecodeSettings:
-    """infer's decoding, as infer.decode_loop / infer.cache_implementation / infer.keep_long_cache /
-    infer.compile_prefill say."""
-    return DecodeSettings.of("infer", inf, backend, shrink_cache=not inf.keep_long_cache,
-                             compile_prefill=inf.compile_prefill)
+    """infer's decoding, as infer.decode_loop / infer.cache_implementation / infer.keep_long_cache say."""
+    return DecodeSettings.of("infer", inf, backend, shrink_cache=not inf.keep_long_cache)
 
 
 class Decoder:

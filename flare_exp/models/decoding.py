@@ -73,9 +73,8 @@ class GraphLoop:
         if self.loop is None:
             self.loop = GraphDecoder(model, COMPILE_ON_GPU if self.compiled else None,
                                      sampling=sampling_of(generation_config), **self.options)
-            log.info("%s=%s: the graph loop, one %s step per token, a static KV cache%s", self.key, self.setting,
-                     "compiled" if self.compiled else "uncompiled",
-                     ", the prefill's text decoder compiled" if self.loop.prefill is not None else "")
+            log.info("%s=%s: the graph loop, one %s step per token, a static KV cache", self.key, self.setting,
+                     "compiled" if self.compiled else "uncompiled")
         return self.loop
 
     def uncompile(self) -> None:
@@ -124,7 +123,7 @@ class DecodeSettings:
     false). ``static_on_cpu``: auto keeps a static cache off the GPU too (TRL's rollouts, uncompiled there).
     ``vllm``: another engine decodes (rl.use_vllm): auto never takes the loop. ``refusal``: why the loop
     cannot decode this model (a judge's layers), None when it can. ``cache_multiple`` / ``shrink_cache``: the
-    loop's cache policy (GraphDecoder); ``compile_prefill``: its prefill's text model compiled too."""
+    loop's cache policy (GraphDecoder)."""
     section: str
     decode_loop: str = "auto"
     cache_implementation: str | None = "auto"
@@ -135,7 +134,6 @@ class DecodeSettings:
     refusal: str | None = None
     cache_multiple: int = 1
     shrink_cache: bool = True
-    compile_prefill: bool = False
     off_switch: str = "cache_implementation=dynamic"  # the setting that skips compiling, named when it fails
 
     @classmethod
@@ -184,8 +182,8 @@ class Decoding:
             settings.key, settings.decode_loop, settings.backend,
             on_gpu and self.compiled and self.cache == "static" and not settings.vllm)
         self.graph = GraphLoop(settings.key, on_gpu and settings.compile is not False, settings.decode_loop,
-                               cache_multiple=settings.cache_multiple, shrink_cache=settings.shrink_cache,
-                               compile_prefill=settings.compile_prefill) if chosen else None
+                               cache_multiple=settings.cache_multiple,
+                               shrink_cache=settings.shrink_cache) if chosen else None
 
     @property
     def loop(self) -> GraphDecoder | None:

@@ -22,10 +22,8 @@ falls back to ``generate``. Sampled tokens follow generate's distribution, not i
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 
-from flare_exp.models.compiled_prefill import CompiledPrefill
 from flare_exp.models.rope_positions import rope_index, rope_owner
 
 # how the token step is compiled on a GPU: CUDA graphs (as generate compiles its decode step), fixed shapes
@@ -146,12 +144,10 @@ class GraphDecoder:
     a new length costs a new compiled graph, and halving bounds their number when lengths only decrease.
     ``compile_step``: None = plain Python (CPU, debugging); else torch.compile keyword
     arguments. ``sampling``: None = greedy. ``cache_multiple``: the cache length is rounded up to a multiple of
-    it, so prompts of varying length (GRPO) share a few caches and compiled graphs. ``compile_prefill``: with
-    a compiled step, the prefill's text decoder is compiled too (infer.compile_prefill)."""
+    it, so prompts of varying length (GRPO) share a few caches and compiled graphs."""
 
     def __init__(self, model, compile_step: dict | None, stop_check_every: int = 16,
-                 sampling: Sampling | None = None, cache_multiple: int = 1, shrink_cache: bool = True,
-                 compile_prefill: bool = False):
+                 sampling: Sampling | None = None, cache_multiple: int = 1, shrink_cache: bool = True):
         import torch
 
         if stop_check_every < 1:
@@ -160,9 +156,6 @@ class GraphDecoder:
         self.cache_shape: tuple[int, int] | None = None  # (batch size, length) of self.cache
         self.rope_owner = rope_owner(model)
         self.cache_multiple, self.shrink_cache = cache_multiple, shrink_cache
-        # the prefill's text decoder compiled too, where the step is (compiled_prefill.py)
-        self.prefill = CompiledPrefill.of(model, compile_step.get("backend", "inductor")) \
-            if compile_prefill and compile_step else None
         self.cudagraphs = bool(compile_step) and compile_step.get("mode") in ("reduce-overhead",
                                                                                 "max-autotune")
         self.step = torch.compile(self._token_step, **compile_step) if compile_step else self._token_step
@@ -232,9 +225,8 @@ class GraphDecoder:
         with torch.inference_mode():  # the cache's tensors are inference tensors: reset them in this mode too
             cache = self._static_cache(rows, prompt + max_new_tokens)
             positions = prompt_positions(self.rope_owner, batch)
-            with self.prefill.active() if self.prefill is not None else nullcontext():
-                out = self.model(**batch, position_ids=positions, past_key_values=cache, use_cache=True,
-                                 logits_to_keep=1)
+            out = self.model(**batch, position_ids=positions, past_key_values=cache, use_cache=True,
+                             logits_to_keep=1)
             if self.rope_owner is not None:
                 # generate's decoding state (unused here: every step passes its positions), left as a fresh
                 # model has it: the compiled step is specialised on it, and a generate call in between set it

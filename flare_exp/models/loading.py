@@ -162,10 +162,13 @@ def _load_hf(model_cfg, init_from, training, merge_adapter=False) -> LoadedModel
     apply_pixel_budget(processor, model_cfg)
     model = AutoModelForImageTextToText.from_pretrained(
         base, dtype=torch_dtype(model_cfg.dtype), attn_implementation=model_cfg.attn_implementation)
-    if model_cfg.liger_kernel:
+    if model_cfg.liger_kernel and training:
         from flare_exp.models.liger import use_liger_kernels
 
         use_liger_kernels(model)
+    elif model_cfg.liger_kernel:  # its Triton kernels break the compiled decode step's graph: 2.6x slower
+        log.info("model.liger_kernel=true: Liger's kernels are for training; inference decodes without them "
+                 "(the same outputs up to rounding; with them infer ran at 0.39x, docs/performance.md)")
     if adapter is not None:
         model = PeftModel.from_pretrained(model, adapter, is_trainable=training)
         if merge_adapter:  # an unmerged LoRA adds two small matmuls per projection to every decode step

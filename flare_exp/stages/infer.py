@@ -41,7 +41,7 @@ STAGE = Stage(
     free=(
         "model speed", "infer.batch_size", "infer.num_samples", "infer.sort_by_length", "infer.bucket_by_task",
         "infer.cache_implementation", "infer.decode_loop", "infer.merge_adapter", "infer.image_device",
-        "infer.keep_long_cache", "infer.compile_prefill", "infer.profile_batch"),
+        "infer.keep_long_cache", "infer.profile_batch"),
     budget=("infer.num_samples",),
     fingerprinted=("infer.input_file",),
     starts_from="infer.checkpoint",

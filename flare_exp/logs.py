@@ -71,8 +71,16 @@ class _BarSafeStream:
 
         if not tqdm._instances:
             return self.stream.write(text)
-        with tqdm.external_write_mode(file=self.stream):
-            return self.stream.write(text)
+        try:
+            with tqdm.external_write_mode(file=self.stream):
+                return self.stream.write(text)
+        except RuntimeError as e:
+            # A signal's SystemExit (submitit's preemption exit, SLURM's SIGTERM) raised while tqdm took its two
+            # locks makes tqdm release one it never held; that RuntimeError would replace the exit, and logging
+            # swallows RuntimeErrors: the job would train on after its requeue. The exit goes on instead.
+            if isinstance(e.__context__, (SystemExit, KeyboardInterrupt)):
+                raise e.__context__ from None
+            raise
 
     def flush(self):
         self.stream.flush()

@@ -441,3 +441,33 @@ def test_the_empty_model_card_notice_is_left_out(caplog):
             "Repo card metadata block was not found. Setting CardData to empty.")
         logging.getLogger("huggingface_hub.repocard").warning("another notice")
     assert "Repo card metadata" not in caplog.text and "another notice" in caplog.text
+
+
+def test_a_signals_exit_during_a_log_line_beside_a_bar_still_exits():
+    """submitit exits (SystemExit) from its preemption handler at any bytecode; landing inside tqdm's taking of its
+    locks, tqdm releases one it never took, and that RuntimeError (which logging swallows) used to replace the
+    exit: the job trained on after its requeue."""
+    from tqdm import tqdm
+
+    from flare_exp.logs import _BarSafeStream
+
+    class InterruptedLock:
+        def acquire(self, *a, **k):
+            raise SystemExit(-1)
+
+        def release(self):
+            raise RuntimeError("cannot release un-acquired lock")
+
+    out, saved = io.StringIO(), tqdm.get_lock()
+    handler = logging.StreamHandler(_BarSafeStream(out))
+    logger = logging.getLogger("flare_exp.test_bars_exit")
+    logger.addHandler(handler)
+    bar = tqdm(total=3, file=out, mininterval=0)
+    tqdm.set_lock(InterruptedLock())
+    try:
+        with pytest.raises(SystemExit):
+            logger.warning("a log line")
+    finally:
+        tqdm.set_lock(saved)
+        bar.close()
+        logger.removeHandler(handler)

@@ -68,9 +68,9 @@ def test_sft_resumed_with_another_learning_rate_or_train_file_refuses(base_overr
 
 
 def test_settings_that_do_not_decide_outputs_are_left_out():
-    cfg = {"seed": 1, "data": {"root": "r", "name": "x"}, "model": {"path": "m", "gradient_checkpointing": True},
+    cfg = {"seed": 1, "data": {"root": "/r", "name": "x"}, "model": {"path": "/m", "gradient_checkpointing": True},
            "sft": {"learning_rate": 1.0, "logging_steps": 5, "max_steps": 10}}
-    assert settings_of("sft", cfg) == {"seed": 1, "data.root": "r", "model.path": "m", "sft.learning_rate": 1.0}
+    assert settings_of("sft", cfg) == {"seed": 1, "data.root": "/r", "model.path": "/m", "sft.learning_rate": 1.0}
     old, new = {"settings": {"a": 1}, "files": {"f": "0" * 64}}, {"settings": {"a": 2}, "files": {"f": "1" * 64}}
     assert differences(old, new) == ["a: 1 -> 2", "f sha256: 000000000000 -> 111111111111"]
 
@@ -83,3 +83,33 @@ def test_attempts_are_numbered_after_the_highest_one_left(tmp_path):
     shutil.rmtree(tmp_path / "attempts" / "02")  # a user cleaned up an old attempt
     assert next_attempt_dir(tmp_path).name == "04"
     assert next_attempt_dir(tmp_path / "fresh").name == "01"
+
+
+def test_a_path_spelled_another_way_is_the_same_setting(base_overrides, sft_adapter, tmp_path, monkeypatch):
+    """infer.checkpoint given absolute, then relative with a trailing slash, then through a link: one run, resumed;
+    the same relative spelling from another directory names another folder: refused."""
+    run_dir = tmp_path / "inf"
+    _infer(base_overrides, run_dir, "infer.num_samples=4", f"infer.checkpoint={sft_adapter}")
+    _interrupted(run_dir)
+    link = tmp_path / "adapter-link"
+    link.symlink_to(sft_adapter, target_is_directory=True)
+    monkeypatch.chdir(sft_adapter.parent)
+    _infer(base_overrides, run_dir, "infer.num_samples=4", f"infer.checkpoint={sft_adapter.name}/")
+    _interrupted(run_dir)
+    _infer(base_overrides, run_dir, "infer.num_samples=4", f"infer.checkpoint={link}")
+    _interrupted(run_dir)
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(sft_adapter, tmp_path / sft_adapter.name)
+    with pytest.raises(RunSettingsChangedError, match="infer.checkpoint: "):
+        _infer(base_overrides, run_dir, "infer.num_samples=4", f"infer.checkpoint={sft_adapter.name}")
+
+
+def test_a_record_with_a_relative_path_compares_from_the_launch_directory(tmp_path, monkeypatch):
+    """Fingerprints recorded before paths were made absolute hold them as typed."""
+    monkeypatch.chdir(tmp_path)
+    old = {"settings": {"data.root": "data/raw", "data.name": "flare"}}
+    assert differences(old, {"settings": {"data.root": str(tmp_path / "data" / "raw"), "data.name": "flare"}}) == []
+    assert differences(old, {"settings": {"data.root": "/elsewhere/raw", "data.name": "flare"}}) == [
+        f"data.root: {tmp_path / 'data' / 'raw'} -> /elsewhere/raw"]
+    assert settings_of("prepare", {"data": {"root": "data/raw/", "name": "x"}})["data.root"] == str(
+        tmp_path / "data" / "raw")

@@ -44,8 +44,28 @@ def _flatten(node, prefix: str) -> dict:
     return {prefix: node}
 
 
+# settings that name a file or folder, by their last name part (data.root, model.path, sft.train_file, ...)
+PATH_NAMES = ("root", "path", "checkpoint", "init_from")
+PATH_SUFFIXES = ("_dir", "_file", "_path")
+
+
+def as_compared(key: str, value):
+    """A path setting as the absolute path it names (relative ones from launch.py's directory, links followed),
+    so ``data`` and ``/home/me/project/data/`` are one setting and the same ``data`` from another directory is
+    not; any other setting as it is."""
+    name = key.rsplit(".", 1)[-1]
+    if not isinstance(value, str) or not value or "://" in value or not (
+            name in PATH_NAMES or name.endswith(PATH_SUFFIXES)):
+        return value
+    try:
+        return str(abspath(value).resolve())
+    except (OSError, RuntimeError):  # a link loop or an unreadable folder: the path as it is spelled
+        return str(abspath(value))
+
+
 def settings_of(stage: str, config: dict) -> dict:
-    """The deciding settings of ``stage`` in a resolved config (a plain dict), flattened to dotted keys."""
+    """The deciding settings of ``stage`` in a resolved config (a plain dict), flattened to dotted keys, paths as
+    ``as_compared`` gives them."""
     out = {}
     for key in DECIDING.get(stage, ()):
         node = config
@@ -53,7 +73,7 @@ def settings_of(stage: str, config: dict) -> dict:
             node = node.get(part) if isinstance(node, dict) else None
         out.update(_flatten(node, key))
     free = FREE.get(stage, ())
-    return {k: v for k, v in out.items() if not any(k == f or k.startswith(f + ".") for f in free)}
+    return {k: as_compared(k, v) for k, v in out.items() if not any(k == f or k.startswith(f + ".") for f in free)}
 
 
 def input_files(stage: str, cfg) -> dict[str, Path]:
@@ -103,6 +123,8 @@ def differences(old: dict, new: dict, budget: bool = False) -> list[str]:
         before, after = old.get(kind, {}), new.get(kind, {})
         for key in sorted(set(before) | set(after)):
             a, b = before.get(key, "(unset)"), after.get(key, "(unset)")
+            if kind == "settings":  # a record from before paths were recorded absolute: its relative ones too
+                a, b = as_compared(key, a), as_compared(key, b)
             if a != b:
                 if kind == "files":
                     a, b = (str(x)[:12] for x in (a, b))

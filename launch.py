@@ -81,6 +81,10 @@ def check_parsable(overrides: list[str]) -> None:
             key, sep, value = override.partition("=")
             if not sep or not value or value[0] in "'\"":
                 continue  # no value, or quoted already: Hydra's own message says what is wrong
+            if value.startswith("~"):  # the shell expands ~ only at a word's start, never after key=
+                refuse(ValueError(f"{override}: '~' is not expanded after {key}= (the shell expands it only at a "
+                                  f"word's start, and flare-exp reads paths as written): write {key}=$HOME"
+                                  f"{value[1:]} (the shell fills in $HOME)"), BEFORE_HYDRA)
             example = f"{key}=\"{value}\""
             if value.startswith("[") and value.endswith("]") and "," not in value:
                 example = f"{key}=[\"{value[1:-1]}\"]"
@@ -215,6 +219,12 @@ def stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, stop)
 
 
+# what the same command does after a stop, by stage
+RESUMES = {"sft": "resumes from the last checkpoint", "rl": "resumes from the last checkpoint",
+           "infer": "resumes after the predictions already written",
+           "pipeline": "reuses the finished steps and resumes the stopped one"}
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig):
     from hydra.core.hydra_config import HydraConfig
@@ -240,8 +250,8 @@ def main(cfg: DictConfig):
         if not said_in_one_line:
             raise
         by = "SIGTERM" if str(e) == "SIGTERM" else "Ctrl-C / SIGINT"
-        print(f"\nflare-exp: stopped ({by}). The run dir says FAILED (stopped from outside); the same command resumes "
-              "from the last checkpoint.", file=sys.stderr)
+        print(f"\nflare-exp: stopped ({by}). The run dir says FAILED (stopped from outside); the same command "
+              f"{RESUMES.get(cfg.stage.name, 'runs it again')}.", file=sys.stderr)
         sys.exit(143 if by == "SIGTERM" else 130)
 
 

@@ -72,7 +72,7 @@ def _collect(problems: list, check, *args) -> None:
 def setting_problems(cfg: DictConfig, preload: bool = False) -> list[Exception]:
     problems: list[Exception] = []
     steps = steps_of(cfg)
-    for check in (check_known_keys, check_set_values, check_demo_budget, check_half_precision):
+    for check in (check_known_keys, check_set_values, check_demo_budget, check_half_precision, check_liger_here):
         _collect(problems, check, cfg)
     _collect(problems, check_run_name, cfg.run_name)
     _collect(problems, check_reward_weights, cfg.reward)
@@ -129,14 +129,28 @@ def check_demo_budget(cfg: DictConfig) -> None:
             "so the full training settings apply.")
 
 
+def _trains(cfg: DictConfig) -> bool:
+    return any(s.trains for name, s in declared_stages().items() if name in steps_of(cfg))
+
+
 def check_half_precision(cfg: DictConfig) -> None:
-    trains = any(s.trains for name, s in declared_stages().items() if name in steps_of(cfg))
-    if trains and cfg.model.dtype in ("bfloat16", "float16"):
+    if _trains(cfg) and cfg.model.dtype in ("bfloat16", "float16"):
         import torch
 
         if not torch.cuda.is_available():  # before minutes of model loading, not transformers' "bf16/gpu" error
             raise ValueError(f"model.dtype={cfg.model.dtype}: training in half precision needs a GPU and this "
                              "machine has none; pass model.dtype=float32 (or auto) to train on the CPU")
+
+
+def check_liger_here(cfg: DictConfig) -> None:
+    """Liger's kernels train only (inference loads without them), and only on a GPU: said before any step runs."""
+    if _trains(cfg) and cfg.model.liger_kernel and cfg.model.backend == "hf":
+        import torch
+
+        from flare_exp.models.liger import GPU_ONLY
+
+        if not torch.cuda.is_available():
+            raise ValueError(GPU_ONLY)
 
 
 def input_problems(cfg: DictConfig) -> list[Exception]:

@@ -48,8 +48,8 @@ _installed = False
 def quiet_known_messages() -> None:
     global _installed
     for handler in logging.getLogger().handlers:  # each job's (Hydra configures the logging per job)
-        if type(handler) is logging.StreamHandler and not isinstance(handler.stream, _BarSafeStream):
-            handler.setStream(_BarSafeStream(handler.stream))  # the console, not the job's log file
+        if type(handler) is logging.StreamHandler and not isinstance(handler.stream, BarSafeStream):
+            handler.setStream(BarSafeStream(handler.stream))  # the console, not the job's log file
     if _installed:
         return
     for text, module in HARMLESS_WARNINGS:
@@ -59,7 +59,7 @@ def quiet_known_messages() -> None:
     _installed = True
 
 
-class _BarSafeStream:
+class BarSafeStream:
     """A console stream whose lines clear the open progress bars first and redraw them after, so that a log
     line never starts in the middle of a bar (the bars write to stderr, the log to stdout: one terminal)."""
 

@@ -31,7 +31,11 @@ def exit_with(message: str, code: int = 1) -> None:
 
 
 def say(text: str) -> None:
-    print(f"[flare-exp sweep] {text}", file=sys.stderr, flush=True)
+    """One line on stderr, never inside a job's progress bar (a local sweep runs its jobs in this process)."""
+    from flare_exp.logs import BarSafeStream
+
+    BarSafeStream(sys.stderr).write(f"[flare-exp sweep] {text}\n")
+    sys.stderr.flush()
 
 
 class Progress:

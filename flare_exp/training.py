@@ -31,7 +31,21 @@ def trainer_arguments(section, args_class, set_by_stage: tuple[str, ...] = ()) -
     import dataclasses
 
     names = {f.name for f in dataclasses.fields(args_class)} - set(set_by_stage)
-    return {name: section[name] for name in section if name in names}
+    out = {name: section[name] for name in section if name in names}
+    if out.get("dataloader_num_workers"):
+        out["dataloader_num_workers"] = workers_for_cores(out["dataloader_num_workers"])
+    return out
+
+
+def workers_for_cores(asked: int) -> int:
+    """DataLoader workers beyond this process's CPU cores only add processes (a typo's 100000 would fork for
+    minutes before the first step): at most one per core, said."""
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if asked > cores:
+        log.warning("dataloader_num_workers=%d: this job has %d CPU cores; using %d workers", asked, cores, cores)
+    return min(asked, cores)
 
 
 def train_and_save(trainer, stage: str, cfg, out_dir: Path, meta: "CheckpointMeta", report_to: str,

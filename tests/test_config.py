@@ -274,6 +274,10 @@ def test_liger_kernels_are_refused_where_they_cannot_run(tiny_model_dir):
         return
     with pytest.raises(ValueError, match="model.liger_kernel=true: .* GPU only"):
         load_model(compose_cfg(["model.liger_kernel=true", f"model.path={tiny_model_dir}"]).model)
+    for steps in ("[prepare,sft]", "[rl]"):  # before prepare runs or a model loads
+        with pytest.raises(ValueError, match="model.liger_kernel=true: .* GPU only"):
+            validate(compose_cfg(["stage=pipeline", f"stage.steps={steps}", "model.liger_kernel=true"]))
+    validate(compose_cfg(["stage=infer", "model.liger_kernel=true"]))  # inference loads without them
 
 
 def test_inference_loads_without_liger_and_says_so(tiny_model_dir, caplog):

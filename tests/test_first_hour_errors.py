@@ -171,10 +171,10 @@ def test_a_finished_run_prints_the_official_table(tmp_path):
 def test_a_log_line_never_lands_inside_a_progress_bar():
     from tqdm import tqdm
 
-    from flare_exp.logs import _BarSafeStream
+    from flare_exp.logs import BarSafeStream
 
     out = io.StringIO()
-    handler = logging.StreamHandler(_BarSafeStream(out))
+    handler = logging.StreamHandler(BarSafeStream(out))
     logger = logging.getLogger("flare_exp.test_bars")
     logger.addHandler(handler)
     try:
@@ -374,6 +374,7 @@ def test_sigterm_stops_a_run_with_its_failed_marker(base_overrides, tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-2000:]
     assert "flare-exp: stopped (SIGTERM)" in err and "Traceback" not in err
+    assert "the same command resumes from the last checkpoint" in err
     assert (run_dir / "FAILED").read_text().startswith("stopped from outside (KeyboardInterrupt: SIGTERM)")
 
 
@@ -449,7 +450,7 @@ def test_a_signals_exit_during_a_log_line_beside_a_bar_still_exits():
     exit: the job trained on after its requeue."""
     from tqdm import tqdm
 
-    from flare_exp.logs import _BarSafeStream
+    from flare_exp.logs import BarSafeStream
 
     class InterruptedLock:
         def acquire(self, *a, **k):
@@ -459,7 +460,7 @@ def test_a_signals_exit_during_a_log_line_beside_a_bar_still_exits():
             raise RuntimeError("cannot release un-acquired lock")
 
     out, saved = io.StringIO(), tqdm.get_lock()
-    handler = logging.StreamHandler(_BarSafeStream(out))
+    handler = logging.StreamHandler(BarSafeStream(out))
     logger = logging.getLogger("flare_exp.test_bars_exit")
     logger.addHandler(handler)
     bar = tqdm(total=3, file=out, mininterval=0)
@@ -471,3 +472,13 @@ def test_a_signals_exit_during_a_log_line_beside_a_bar_still_exits():
         tqdm.set_lock(saved)
         bar.close()
         logger.removeHandler(handler)
+
+
+def test_a_home_folder_written_with_a_tilde_is_told_to_use_home(capsys):
+    sys.path.insert(0, str(REPO))
+    import launch
+
+    with pytest.raises(SystemExit):
+        launch.check_command_line(["data.root=~/FLARE_Task5"])
+    err = capsys.readouterr().err
+    assert "'~' is not expanded after data.root=" in err and "write data.root=$HOME/FLARE_Task5" in err

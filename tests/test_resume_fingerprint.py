@@ -104,12 +104,45 @@ def test_a_path_spelled_another_way_is_the_same_setting(base_overrides, sft_adap
         _infer(base_overrides, run_dir, "infer.num_samples=4", f"infer.checkpoint={sft_adapter.name}")
 
 
-def test_a_record_with_a_relative_path_compares_from_the_launch_directory(tmp_path, monkeypatch):
-    """Fingerprints recorded before paths were made absolute hold them as typed."""
-    monkeypatch.chdir(tmp_path)
-    old = {"settings": {"data.root": "data/raw", "data.name": "flare"}}
-    assert differences(old, {"settings": {"data.root": str(tmp_path / "data" / "raw"), "data.name": "flare"}}) == []
-    assert differences(old, {"settings": {"data.root": "/elsewhere/raw", "data.name": "flare"}}) == [
-        f"data.root: {tmp_path / 'data' / 'raw'} -> /elsewhere/raw"]
+def test_a_record_with_a_relative_path_compares_from_the_directory_it_was_launched_in(tmp_path, monkeypatch):
+    """Fingerprints recorded before paths were made absolute hold them as typed: compared from the directory
+    that run started in (run_info.json), or this launch's where none was recorded; a key the record lacks reads
+    (unset), not as a path."""
+    from flare_exp.run.fingerprint import config_settings, recorded_fingerprint
+
+    run_dir, project = tmp_path / "run", tmp_path / "project"
+    run_dir.mkdir()
+    (run_dir / "fingerprint.json").write_text(json.dumps({"settings": {"data.root": "data/raw", "data.name": "f"}}))
+    new = {"settings": {"data.root": str(project / "data" / "raw"), "data.name": "f", "data.prepared_dir": "/p"}}
+    monkeypatch.chdir(tmp_path)  # no launch_dir recorded: this launch's directory
+    assert differences(recorded_fingerprint(run_dir), new) == [
+        f"data.prepared_dir: (unset) -> /p", f"data.root: {tmp_path / 'data' / 'raw'} -> {project / 'data' / 'raw'}"]
+    (run_dir / "run_info.json").write_text(json.dumps({"launch_dir": str(project)}))
+    assert differences(recorded_fingerprint(run_dir), new) == ["data.prepared_dir: (unset) -> /p"]
+    (run_dir / "config.yaml").write_text("data:\n  root: data/raw\n  name: f\n")  # the fallback without it
+    assert config_settings("prepare", run_dir)["data.root"] == str(project / "data" / "raw")
     assert settings_of("prepare", {"data": {"root": "data/raw/", "name": "x"}})["data.root"] == str(
         tmp_path / "data" / "raw")
+
+
+@pytest.mark.parametrize("stage", ["sft", "rl"])
+def test_dataloader_workers_may_change_on_a_resume(stage):
+    """Workers only decode images beside the GPU: a resume or a reuse may change their number."""
+    cfg = {"seed": 1, stage: {"dataloader_num_workers": 2, "learning_rate": 1.0}}
+    assert f"{stage}.dataloader_num_workers" not in settings_of(stage, cfg)
+    assert settings_of(stage, cfg)[f"{stage}.learning_rate"] == 1.0
+
+
+def test_more_dataloader_workers_than_cores_are_cut_to_the_cores(caplog):
+    import os
+
+    from transformers import TrainingArguments
+
+    from flare_exp.training import trainer_arguments
+
+    cores = len(os.sched_getaffinity(0))
+    with caplog.at_level("WARNING", logger="flare_exp.training"):
+        args = trainer_arguments({"dataloader_num_workers": 100000, "learning_rate": 1.0}, TrainingArguments)
+    assert args == {"dataloader_num_workers": cores, "learning_rate": 1.0}
+    assert f"this job has {cores} CPU cores" in caplog.text
+    assert trainer_arguments({"dataloader_num_workers": 0}, TrainingArguments) == {"dataloader_num_workers": 0}

@@ -8,12 +8,15 @@ from __future__ import annotations
 LIGER_REQUIREMENT = "liger-kernel==0.8.5"
 
 
+GPU_ONLY = ("model.liger_kernel=true: Liger's kernels are written in Triton and run on a GPU only; pass "
+            "model.liger_kernel=false on this machine")
+
+
 def use_liger_kernels(model) -> None:
     import torch
 
     if not torch.cuda.is_available():
-        raise ValueError("model.liger_kernel=true: Liger's kernels are written in Triton and run on a GPU only; "
-                         "pass model.liger_kernel=false on this machine")
+        raise ValueError(GPU_ONLY)
     model_type = getattr(model.config, "model_type", None)
     if model_type != "qwen3_vl":
         raise ValueError(f"model.liger_kernel=true is wired for Qwen3-VL; this model is {model_type!r}")

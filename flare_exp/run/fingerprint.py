@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from flare_exp.io import file_fingerprint
 from flare_exp.models.checkpoints import WEIGHTS
-from flare_exp.run.layout import CONFIG, FINGERPRINT, predictions_file
+from flare_exp.run.layout import CONFIG, FINGERPRINT, RUN_INFO, predictions_file
 from flare_exp.run.stage import declared_stages
 from flare_exp.run.stage import stage as stage_named
 from flare_exp.runtime import abspath
@@ -49,21 +50,32 @@ PATH_NAMES = ("root", "path", "checkpoint", "init_from")
 PATH_SUFFIXES = ("_dir", "_file", "_path")
 
 
-def as_compared(key: str, value):
-    """A path setting as the absolute path it names (relative ones from launch.py's directory, links followed),
-    so ``data`` and ``/home/me/project/data/`` are one setting and the same ``data`` from another directory is
-    not; any other setting as it is."""
+def as_compared(key: str, value, launch_dir: str | None = None):
+    """A path setting as the absolute path it names (relative ones from the directory launch.py started in:
+    ``launch_dir`` for a recorded run's, else this launch's; links followed), so ``data`` and
+    ``/home/me/project/data/`` are one setting and the same ``data`` from another directory is not; any other
+    setting as it is."""
     name = key.rsplit(".", 1)[-1]
     if not isinstance(value, str) or not value or "://" in value or not (
             name in PATH_NAMES or name.endswith(PATH_SUFFIXES)):
         return value
+    path = Path(launch_dir, value) if launch_dir else abspath(value)
     try:
-        return str(abspath(value).resolve())
+        return str(path.resolve())
     except (OSError, RuntimeError):  # a link loop or an unreadable folder: the path as it is spelled
-        return str(abspath(value))
+        return os.path.normpath(path)
 
 
-def settings_of(stage: str, config: dict) -> dict:
+def launch_dir_of(run_dir: Path) -> str | None:
+    """The directory a run's launch started in (run_info.json; None for runs recorded before it was)."""
+    try:
+        found = json.loads((run_dir / RUN_INFO).read_text(encoding="utf-8")).get("launch_dir")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return found if isinstance(found, str) and found else None
+
+
+def settings_of(stage: str, config: dict, launch_dir: str | None = None) -> dict:
     """The deciding settings of ``stage`` in a resolved config (a plain dict), flattened to dotted keys, paths as
     ``as_compared`` gives them."""
     out = {}
@@ -73,7 +85,8 @@ def settings_of(stage: str, config: dict) -> dict:
             node = node.get(part) if isinstance(node, dict) else None
         out.update(_flatten(node, key))
     free = FREE.get(stage, ())
-    return {k: as_compared(k, v) for k, v in out.items() if not any(k == f or k.startswith(f + ".") for f in free)}
+    return {k: as_compared(k, v, launch_dir) for k, v in out.items()
+            if not any(k == f or k.startswith(f + ".") for f in free)}
 
 
 def input_files(stage: str, cfg) -> dict[str, Path]:
@@ -123,8 +136,6 @@ def differences(old: dict, new: dict, budget: bool = False) -> list[str]:
         before, after = old.get(kind, {}), new.get(kind, {})
         for key in sorted(set(before) | set(after)):
             a, b = before.get(key, "(unset)"), after.get(key, "(unset)")
-            if kind == "settings":  # a record from before paths were recorded absolute: its relative ones too
-                a, b = as_compared(key, a), as_compared(key, b)
             if a != b:
                 if kind == "files":
                     a, b = (str(x)[:12] for x in (a, b))
@@ -134,7 +145,12 @@ def differences(old: dict, new: dict, budget: bool = False) -> list[str]:
 
 
 def _resumable(stage: str, run_dir: Path) -> list[Path]:
-    return [p for pattern in RESUMABLE.get(stage, ()) for p in sorted(run_dir.glob(pattern))]
+    """What an unfinished attempt left to continue from, newest step last (checkpoint-8 before checkpoint-12)."""
+    def by_step(p: Path):
+        name, _, step = p.name.rpartition("-")
+        return (name, int(step)) if step.isdigit() else (p.name, -1)
+
+    return [p for pattern in RESUMABLE.get(stage, ()) for p in sorted(run_dir.glob(pattern), key=by_step)]
 
 
 def recorded_fingerprint(run_dir: Path) -> dict:
@@ -145,6 +161,10 @@ def recorded_fingerprint(run_dir: Path) -> dict:
         recorded = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         recorded = e
+    if isinstance(recorded, dict) and isinstance(recorded.get("settings"), dict):
+        # recorded before paths were made absolute: its relative ones from the directory that run started in
+        launch_dir = launch_dir_of(run_dir)
+        recorded["settings"] = {k: as_compared(k, v, launch_dir) for k, v in recorded["settings"].items()}
     if not isinstance(recorded, dict):
         raise RunSettingsChangedError(
             f"{path} is unreadable ({type(recorded).__name__}: {recorded}), so the settings of the run in {run_dir} "
@@ -168,7 +188,7 @@ def check_resume(stage: str, run_dir: Path, new: dict) -> None:
             old, lacking = None, []
         if old is None or lacking:
             raise RunSettingsChangedError(
-                f"{run_dir} holds an unfinished {stage} run ({', '.join(p.name for p in left[:3])}) but neither a "
+                f"{run_dir} holds an unfinished {stage} run ({', '.join(p.name for p in left[-3:])}) but neither a "
                 f"readable {FINGERPRINT} nor {CONFIG} says which settings made it"
                 + (f" ({CONFIG} lacks {len(lacking)} of them, e.g. {', '.join(lacking[:3])}: cut short or edited)"
                    if lacking else "") + ", so a resume could mix two runs. Pass overwrite=true to start afresh (the "
@@ -176,7 +196,7 @@ def check_resume(stage: str, run_dir: Path, new: dict) -> None:
         changed = settings_differences(old, new)
     if changed:
         raise RunSettingsChangedError(
-            f"{run_dir} holds an unfinished {stage} run ({', '.join(p.name for p in left[:3])}) made with other "
+            f"{run_dir} holds an unfinished {stage} run ({', '.join(p.name for p in left[-3:])}) made with other "
             f"settings, which a resume would mix with this one's: {'; '.join(changed)}. Rerun with the earlier "
             "settings to continue it, pass overwrite=true to start afresh (the earlier attempt moves to "
             "attempts/NN/), or choose another run_name=.")
@@ -198,7 +218,7 @@ def finished_differences(stage: str, run_dir: Path, cfg) -> list[str]:
 
 def config_settings(stage: str, run_dir: Path) -> dict:
     """The deciding settings of the config.yaml a run dir recorded (a run without its fingerprint)."""
-    return settings_of(stage, OmegaConf.to_container(OmegaConf.load(run_dir / CONFIG)))
+    return settings_of(stage, OmegaConf.to_container(OmegaConf.load(run_dir / CONFIG)), launch_dir_of(run_dir))
 
 
 def settings_differences(old: dict, new: dict) -> list[str]:

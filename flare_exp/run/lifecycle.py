@@ -111,7 +111,8 @@ class Run:
         if self.locked:  # the same lines whether the steps ran now or were reused
             report = report_of(self.stage, self.out_dir, result)
             summary = run_summary(report.parent) if report and report.name == REPORT_HTML else ""
-            print(f"\n[flare-exp] stage={self.stage} finished. Outputs: {self.out_dir}"
+            outputs = report.parent if self.stage == "sweep_report" else self.out_dir  # it writes in the sweep
+            print(f"\n[flare-exp] stage={self.stage} finished. Outputs: {outputs}"
                   + (f"\n\n{summary}\n" if summary else "") + (f"\nReport: {report}" if report else ""))
         return result
 

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from flare_exp.io import write_json, write_text
 from flare_exp.run.layout import ATTEMPTS, CONFIG, DONE, FAILED, FINGERPRINT, HYDRA, LOCK, RUN_INFO
-from flare_exp.runtime import world_size
+from flare_exp.runtime import abspath, world_size
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,7 @@ def write_run_metadata(run_dir: Path, cfg: DictConfig, **provenance) -> None:
         "git_commit": git_commit(),
         "host": platform.node(),
         "argv": sys.argv,
+        "launch_dir": str(abspath(".")),  # where its relative paths start (a resume compares them from here)
         "packages": package_versions(),
         **provenance,  # what the run started from (the adapter's path and sha256)
     })

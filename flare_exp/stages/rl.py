@@ -42,7 +42,7 @@ STAGE = Stage(
     free=(
         "model speed", "rl.max_steps", "rl.logging_steps", "rl.save_steps", "rl.save_total_limit",
         "rl.cache_implementation", "rl.compile_generation", "rl.decode_loop", "rl.use_vllm", "rl.profile_steps",
-        "rl.rollout_weights",
+        "rl.rollout_weights", "rl.dataloader_num_workers",
         "rl.report_to", "rl.wandb_project", "rl.wandb_mode", "reward.radgraph.cache_size",
         "reward.radgraph.device", "reward.radgraph.build_tiny"),
     budget=("rl.max_steps",),

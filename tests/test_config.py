@@ -292,6 +292,14 @@ def test_inference_loads_without_liger_and_says_so(tiny_model_dir, caplog):
     assert "inference decodes without them" in caplog.text
 
 
+def test_an_infer_run_with_liger_set_says_it_ran_without(base_overrides, tmp_path):
+    from flare_exp.main import run
+
+    summary = run(compose_cfg(["stage=infer", *base_overrides, "infer.max_new_tokens=2", "infer.num_samples=2",
+                               "model.liger_kernel=true"]), run_dir=tmp_path / "inf")
+    assert summary["liger_kernel"] == "off: training kernels"
+
+
 @pytest.mark.parametrize("experiment", ["flare", "reward_search"])
 def test_named_experiments_compose(experiment, monkeypatch):
     import torch

@@ -248,6 +248,8 @@ def finish(cfg, out_dir: Path, records: list[dict], done: dict, label: str, gene
                "reports_per_second": round(generated / elapsed, 3) if elapsed else None,
                "batch_size": inf.batch_size, "batch_size_choice": batch_choice, "max_new_tokens": inf.max_new_tokens,
                **(decoded_by or {"decode_loop": None}),
+               # model.liger_kernel=true is in config.yaml; inference loads without them (models/loading.py)
+               **({"liger_kernel": "off: training kernels"} if cfg.model.liger_kernel else {}),
                "world_size": world, **({"submission": str(submission), "submission_complete":
                                          submission.name == "submission"} if submission else {})}
     write_json(out_dir / summary_name("infer"), summary)

@@ -146,3 +146,12 @@ def test_more_dataloader_workers_than_cores_are_cut_to_the_cores(caplog):
     assert args == {"dataloader_num_workers": cores, "learning_rate": 1.0}
     assert f"this job has {cores} CPU cores" in caplog.text
     assert trainer_arguments({"dataloader_num_workers": 0}, TrainingArguments) == {"dataloader_num_workers": 0}
+
+
+def test_what_a_resume_continues_from_is_listed_by_step(tmp_path):
+    from flare_exp.run.fingerprint import _resumable
+
+    for step in (12, 8, 16, 2):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    assert [p.name for p in _resumable("sft", tmp_path)] == [
+        "checkpoint-2", "checkpoint-8", "checkpoint-12", "checkpoint-16"]

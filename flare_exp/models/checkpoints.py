@@ -49,10 +49,16 @@ def incomplete(checkpoint: Path) -> str | None:
     return None
 
 
+def checkpoint_step(path: Path) -> int | None:
+    """N of a Trainer's checkpoint-N, None for any other name."""
+    found = _CKPT.match(path.name)
+    return int(found.group(1)) if found else None
+
+
 def _numbered(run_dir: Path) -> list[Path]:
     if not run_dir.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := _CKPT.match(p.name)) and p.is_dir()]
+    found = [(step, p) for p in run_dir.iterdir() if (step := checkpoint_step(p)) is not None and p.is_dir()]
     return [p for _, p in sorted(found)]
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from flare_exp.io import file_fingerprint
-from flare_exp.models.checkpoints import WEIGHTS
+from flare_exp.models.checkpoints import WEIGHTS, checkpoint_step
 from flare_exp.run.layout import CONFIG, FINGERPRINT, RUN_INFO, predictions_file
 from flare_exp.run.stage import declared_stages
 from flare_exp.run.stage import stage as stage_named
@@ -147,8 +147,8 @@ def differences(old: dict, new: dict, budget: bool = False) -> list[str]:
 def _resumable(stage: str, run_dir: Path) -> list[Path]:
     """What an unfinished attempt left to continue from, newest step last (checkpoint-8 before checkpoint-12)."""
     def by_step(p: Path):
-        name, _, step = p.name.rpartition("-")
-        return (name, int(step)) if step.isdigit() else (p.name, -1)
+        step = checkpoint_step(p)
+        return (step is not None, step or 0, p.name)
 
     return [p for pattern in RESUMABLE.get(stage, ()) for p in sorted(run_dir.glob(pattern), key=by_step)]
 
@@ -161,15 +161,15 @@ def recorded_fingerprint(run_dir: Path) -> dict:
         recorded = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         recorded = e
-    if isinstance(recorded, dict) and isinstance(recorded.get("settings"), dict):
-        # recorded before paths were made absolute: its relative ones from the directory that run started in
-        launch_dir = launch_dir_of(run_dir)
-        recorded["settings"] = {k: as_compared(k, v, launch_dir) for k, v in recorded["settings"].items()}
     if not isinstance(recorded, dict):
         raise RunSettingsChangedError(
             f"{path} is unreadable ({type(recorded).__name__}: {recorded}), so the settings of the run in {run_dir} "
             "cannot be compared with this one's. Pass overwrite=true to start afresh (the earlier attempt moves to "
             "attempts/NN/), or choose another run_name=.")
+    if isinstance(recorded.get("settings"), dict):
+        # recorded before paths were made absolute: its relative ones from the directory that run started in
+        launch_dir = launch_dir_of(run_dir)
+        recorded["settings"] = {k: as_compared(k, v, launch_dir) for k, v in recorded["settings"].items()}
     return recorded
 
 

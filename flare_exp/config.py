@@ -75,6 +75,10 @@ class ModelConfig:
     # heads that share a key/value head attend together in SDPA, reading the cache once (transformers copies it
     # per query head whenever a mask is present, 4x for Qwen3-VL-4B). transformers: its own. Same math.
     decode_attention: str = "split_kv"
+    # backend=hf on a GPU: eager forwards without gradients (infer's and the rollouts' prefill) run RMSNorm, the
+    # rotary embedding and SiLU x up as small compiled kernels (flare_exp/models/fused_prefill.py); the compiled
+    # decode step and training keep transformers' own. Same math, eager's bf16 roundings.
+    fused_prefill: bool = False
     gradient_checkpointing: bool = False
     # backend=hf on a GPU: Liger's Triton RMSNorm and rotary kernels (flare_exp/models/liger.py) for training
     # (sft, rl); infer loads without them (they broke its compiled decode step: docs/performance.md).

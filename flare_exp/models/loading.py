@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from flare_exp.models.checkpoints import read_meta, resolve_adapter
-from flare_exp.models import grouped_attention, lora_casts, vision_encoder
+from flare_exp.models import fused_prefill, grouped_attention, lora_casts, vision_encoder
 from flare_exp.runtime import abspath, check_choice, inside_cache
 
 log = logging.getLogger(__name__)
@@ -149,6 +149,7 @@ def load_model(model_cfg, init_from: str | None = None, training: bool = True, s
     vision_encoder.use_batched_vision_encoder(loaded.model, model_cfg.vision_encoder)
     if loaded.backend == "hf":  # Unsloth patches attention and LoRA its own way; untried there, so left to it
         grouped_attention.use_decode_attention(loaded.model, model_cfg.decode_attention)
+        fused_prefill.use_fused_prefill(loaded.model, model_cfg.fused_prefill)
         lora_casts.use_lora_input_cast(loaded.model, model_cfg.lora.input_cast)
     return loaded
 

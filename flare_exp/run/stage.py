@@ -29,7 +29,8 @@ STAGES_DIR = Path(__file__).resolve().parent.parent / "stages"
 RANKS = ("one", "several", "rank 0")
 # "model speed" in a stage's free keys: the model.* keys that change only how fast it runs, never what it writes
 MODEL_SPEED = ("model.download_hint", "model.build_tiny", "model.attn_implementation", "model.cudnn_attention",
-               "model.vision_encoder", "model.decode_attention", "model.gradient_checkpointing", "model.liger_kernel",
+               "model.vision_encoder", "model.decode_attention", "model.fused_prefill",
+               "model.gradient_checkpointing", "model.liger_kernel",
                "model.unsloth_offload_activations", "model.cpu_threads")
 
 

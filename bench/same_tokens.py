@@ -48,6 +48,8 @@ def main() -> None:
     p.add_argument("--work", default="/tmp/flare_bench")
     p.add_argument("--decode-attention", default="grouped", help="the loop's model.decode_attention; generate "
                    "always decodes with transformers' SDPA")
+    p.add_argument("--fused-prefill", action="store_true", help="the loop's model runs with model.fused_prefill; "
+                   "generate's reference pauses it (transformers' own forwards)")
     p.add_argument("--eager-only", action="store_true", help="skip the compiled comparison (its compiles take "
                    "minutes on the 4B shapes in float32)")
     args = p.parse_args()
@@ -64,7 +66,8 @@ def main() -> None:
     shape = SimpleNamespace(model_dir=args.model_dir, backend="hf", dtype=args.dtype, grad_ckpt="false",
                             vision_encoder="batched", long_side=None)
     cfg = compose(["stage=infer", "experiment=flare", *bench_data(work), *model_overrides(shape),
-                   f"model.decode_attention={args.decode_attention}"])
+                   f"model.decode_attention={args.decode_attention}",
+                   f"model.fused_prefill={'true' if args.fused_prefill else 'false'}"])
     loaded = load_model(cfg.model, training=False)
     model = loaded.model.eval()
     text_config = model.config.get_text_config()
@@ -76,9 +79,11 @@ def main() -> None:
     prompt = batch["input_ids"].shape[1]
 
     def generated(compiled: bool):
-        text_config._attn_implementation = "sdpa"  # the reference: transformers' own attention
+        from flare_exp.models.fused_prefill import paused
+
+        text_config._attn_implementation = "sdpa"  # the reference: transformers' own attention and forwards
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), paused():
                 out = model.generate(**batch, max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=pad,
                                      cache_implementation="static", disable_compile=not compiled)
         finally:
@@ -86,7 +91,7 @@ def main() -> None:
         return out[:, prompt:]
 
     result = {"what": "same_tokens", "dtype": args.dtype, "batch": args.batch, "prompt_tokens": prompt,
-              "decode_attention": args.decode_attention,
+              "decode_attention": args.decode_attention, "fused_prefill": args.fused_prefill,
               "padding_per_row": (prompt - batch["attention_mask"].sum(-1)).tolist(),
               "versions": library_versions(), "device": torch.cuda.get_device_name() if torch.cuda.is_available()
               else "cpu"}
@@ -97,7 +102,8 @@ def main() -> None:
         result["compiled loop vs compiled generate"] = compare(loop, generated(compiled=True))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"same-tokens-{args.dtype}-{args.decode_attention}.json").write_text(json.dumps(result, indent=2) + "\n")
+    fused = "-fused" if args.fused_prefill else ""
+    (out / f"same-tokens-{args.dtype}-{args.decode_attention}{fused}.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=1))
 
 

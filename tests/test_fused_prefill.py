@@ -18,9 +18,7 @@ def fused(monkeypatch):
     monkeypatch.setattr(fused_prefill, "BACKEND", "aot_eager")
     fused_prefill.compiled.cache_clear()
     calls = []
-    on_gpu = lambda t: calls.append(t.shape) or (not torch.is_grad_enabled()  # noqa: E731
-                                                 and not torch.compiler.is_compiling())
-    monkeypatch.setattr(fused_prefill, "takes_fused", on_gpu)
+    monkeypatch.setattr(fused_prefill, "on_gpu", lambda t: calls.append(t.shape) or True)
     yield fused_prefill, calls
     fused_prefill.compiled.cache_clear()
 
@@ -62,6 +60,10 @@ def test_same_logits_and_tokens_as_transformers(fused, base_overrides, demo_prep
     tokens = GraphDecoder(patched.model, None)(batch, 8, pad)
     assert len(set(want_tokens[0].tolist())) > 1 and torch.equal(tokens, want_tokens)
     assert module.compiled.cache_info().currsize == 3  # norm, SiLU x up, rope
+    module.compiled.cache_clear()
+    with module.paused(), torch.inference_mode():  # bench.same_tokens' reference
+        assert torch.equal(patched.model(**batch).logits, want)
+    assert not module.compiled.cache_info().currsize
 
 
 def test_gradients_and_compiled_regions_keep_transformers_code(fused, base_overrides, demo_prepared):

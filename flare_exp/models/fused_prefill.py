@@ -16,6 +16,7 @@ tensors off the GPU.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import logging
@@ -29,6 +30,7 @@ ROPE_MODULES = ("transformers.models.qwen3_vl.modeling_qwen3_vl", "transformers.
                 "transformers.models.qwen2.modeling_qwen2", "transformers.models.llama.modeling_llama")
 BACKEND = "inductor"  # the tests trace with "aot_eager" on a CPU
 FUSED = "_flare_fused"  # set on a patched module or function: patching again changes nothing
+PAUSED = [False]  # paused(): transformers' own code everywhere (a reference to compare with)
 
 
 def rms_norm(hidden, weight, eps: float):
@@ -60,7 +62,22 @@ def takes_fused(tensor) -> bool:
     """An eager forward without gradients on a GPU (see the module's docstring)."""
     import torch
 
-    return tensor.is_cuda and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+    return (on_gpu(tensor) and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and not PAUSED[0])
+
+
+def on_gpu(tensor) -> bool:  # the tests count and force it on a CPU
+    return tensor.is_cuda
+
+
+@contextlib.contextmanager
+def paused():
+    """transformers' own norms, rotary embedding and MLPs while open (bench.same_tokens' reference)."""
+    PAUSED[0] = True
+    try:
+        yield
+    finally:
+        PAUSED[0] = False
 
 
 def fused_norm_forward(self, hidden_states):

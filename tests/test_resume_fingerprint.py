@@ -86,7 +86,7 @@ def test_attempts_are_numbered_after_the_highest_one_left(tmp_path):
 
 
 def test_a_path_spelled_another_way_is_the_same_setting(base_overrides, sft_adapter, tmp_path, monkeypatch):
-    """infer.checkpoint given absolute, then relative with a trailing slash, then through a link: one run, resumed;
+    """infer.checkpoint given absolute, then relative with a trailing slash, then through a link, then as its final/ adapter: one run, resumed;
     the same relative spelling from another directory names another folder: refused."""
     run_dir = tmp_path / "inf"
     _infer(base_overrides, run_dir, "infer.num_samples=4", f"infer.checkpoint={sft_adapter}")
@@ -97,6 +97,8 @@ def test_a_path_spelled_another_way_is_the_same_setting(base_overrides, sft_adap
     _infer(base_overrides, run_dir, "infer.num_samples=4", f"infer.checkpoint={sft_adapter.name}/")
     _interrupted(run_dir)
     _infer(base_overrides, run_dir, "infer.num_samples=4", f"infer.checkpoint={link}")
+    _interrupted(run_dir)
+    _infer(base_overrides, run_dir, "infer.num_samples=4", f"infer.checkpoint={sft_adapter / 'final'}")  # its adapter
     _interrupted(run_dir)
     monkeypatch.chdir(tmp_path)
     shutil.copytree(sft_adapter, tmp_path / sft_adapter.name)

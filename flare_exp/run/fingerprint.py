@@ -66,6 +66,19 @@ def as_compared(key: str, value, launch_dir: str | None = None):
         return os.path.normpath(path)
 
 
+def adapter_compared(stage: str, key: str, value):
+    """The adapter a stage starts from (infer.checkpoint, rl.init_from) as the adapter dir the path means, so a
+    run dir and its final/ are one setting; a path that names no adapter (gone, unfinished) as it is."""
+    if key != STARTS.get(stage) or not isinstance(value, str) or not value:
+        return value
+    from flare_exp.models.checkpoints import resolve_adapter
+
+    try:
+        return str(resolve_adapter(value))
+    except (OSError, ValueError):
+        return value
+
+
 def launch_dir_of(run_dir: Path) -> str | None:
     """The directory a run's launch started in (run_info.json; None for runs recorded before it was)."""
     try:
@@ -85,7 +98,7 @@ def settings_of(stage: str, config: dict, launch_dir: str | None = None) -> dict
             node = node.get(part) if isinstance(node, dict) else None
         out.update(_flatten(node, key))
     free = FREE.get(stage, ())
-    return {k: as_compared(k, v, launch_dir) for k, v in out.items()
+    return {k: adapter_compared(stage, k, as_compared(k, v, launch_dir)) for k, v in out.items()
             if not any(k == f or k.startswith(f + ".") for f in free)}
 
 
@@ -169,7 +182,8 @@ def recorded_fingerprint(run_dir: Path) -> dict:
     if isinstance(recorded.get("settings"), dict):
         # recorded before paths were made absolute: its relative ones from the directory that run started in
         launch_dir = launch_dir_of(run_dir)
-        recorded["settings"] = {k: as_compared(k, v, launch_dir) for k, v in recorded["settings"].items()}
+        recorded["settings"] = {k: adapter_compared(recorded.get("stage"), k, as_compared(k, v, launch_dir))
+                                for k, v in recorded["settings"].items()}
     return recorded
 
 

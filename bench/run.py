@@ -264,6 +264,15 @@ def run_infer(args, work: Path) -> dict:
             "reports_per_second": summary["reports_per_second"], "wall_seconds": round(time.time() - t0, 1)}
 
 
+def dynamo_counts() -> dict:
+    """TorchDynamo's counters for the process: graphs, frames, and the reasons of any graph breaks."""
+    import torch._dynamo
+
+    counters = torch._dynamo.utils.counters
+    return {kind: {str(k)[:300]: v for k, v in counters[kind].items()}
+            for kind in ("stats", "frames", "graph_break", "unimplemented") if counters.get(kind)}
+
+
 def cap_memory(gib: float) -> None:
     """The process capped at ``gib`` of the card (a smaller card emulated; FLARE_EXP_CARD_GIB tells the stages'
     sizing, since torch before 2.14 cannot say the cap)."""
@@ -383,6 +392,8 @@ def main() -> None:
     if args.what != "reward":
         result["vision_encoder"] = args.vision_encoder
         result["overrides"] = list(args.set) + [f"env {setting}" for setting in args.env]
+    if args.what in ("grpo", "infer"):  # how the compiled decode step traced: one graph per step, or breaks
+        result["dynamo"] = dynamo_counts()
     result.update(card_gib=args.card_gib, device=device_name(),
                   torch=torch.__version__, versions=library_versions(),
                   date=time.strftime("%Y-%m-%d %H:%M"))

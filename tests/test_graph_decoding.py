@@ -303,3 +303,26 @@ def test_a_kept_cache_is_reused_only_when_it_fits(kept_length, batch_size, neede
     loop = GraphDecoder(loop.model, None, shrink_cache=False)  # GRPO's rollouts: long enough is kept
     loop.cache, loop.cache_shape = kept, (4, kept_length)
     assert (loop._static_cache(batch_size, needed) is kept) == (batch_size == 4 and needed <= kept_length)
+
+
+def test_the_input_gradient_hooks_are_off_while_the_loop_decodes(base_overrides, demo_prepared):
+    """TRL sets transformers' enable_input_require_grads hooks on a PEFT policy trained with gradient
+    checkpointing; their requires_grad_ breaks the compiled step's graph (torch 2.11): off while decoding, the
+    same hooks back after, in their order."""
+    from flare_exp.models.graph_decoding import GraphDecoder
+    from flare_exp.models.loading import load_model
+
+    cfg = compose_cfg(["stage=rl", *base_overrides, "model.gradient_checkpointing=true"])
+    policy = load_model(cfg.model, training=True).model
+    policy.enable_input_require_grads()  # as TRL does, on the PEFT model
+    embeddings = policy.get_input_embeddings()
+    hooks_seen = []
+    embeddings.register_forward_hook(lambda module, *_: hooks_seen.append(len(module._forward_hooks)))
+    before = list(embeddings._forward_hooks.items())
+    assert sum(getattr(h, "__name__", "") == "make_inputs_require_grads" for _, h in before) >= 2  # loading's, TRL's
+    _, pad, first, _ = _model_and_batches(base_overrides, demo_prepared)
+    GraphDecoder(policy.eval(), None)(first, 4, pad)
+    assert hooks_seen and set(hooks_seen) == {1}  # only this test's hook ran in the decode
+    assert list(embeddings._forward_hooks.items()) == before  # back, in their order
+    with torch.enable_grad():
+        assert embeddings(first["input_ids"][:, :3]).requires_grad  # they work again

@@ -22,6 +22,7 @@ falls back to ``generate``. Sampled tokens follow generate's distribution, not i
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 from flare_exp.models.rope_positions import rope_index, rope_owner
@@ -136,6 +137,35 @@ def prompt_positions(owner, batch: dict):
     return torch.cat([text.unsqueeze(0), rope.to(text.device)], dim=0)
 
 
+# the forward hooks transformers' enable_input_require_grads and PEFT register on the input embeddings
+INPUT_GRAD_HOOKS = ("make_inputs_require_grads", "make_inputs_require_grad")
+
+
+@contextlib.contextmanager
+def input_grad_hooks_off(model):
+    """The input embeddings' require-grad hooks (gradient checkpointing of a PEFT model: set by the model's
+    loading and again by TRL) taken off while the loop decodes, put back after in their order: their
+    ``requires_grad_`` call breaks the compiled step's graph on torch 2.11 (the rollout step then ran as ~5
+    graphs with ~14 guard checks per token), and a decode needs no input gradients."""
+    removed = []
+    for module in model.modules():
+        hooks = module._forward_hooks  # torch's own registry: the handles are the model's, not ours
+        found = [key for key, hook in hooks.items() if getattr(hook, "__name__", "") in INPUT_GRAD_HOOKS]
+        if found:
+            removed.append((module, dict(hooks)))
+            for key in found:
+                del hooks[key]
+    try:
+        yield
+    finally:
+        for module, before in removed:
+            hooks = module._forward_hooks
+            added = {key: hook for key, hook in hooks.items() if key not in before}  # registered meanwhile
+            hooks.clear()
+            hooks.update(before)
+            hooks.update(added)
+
+
 class GraphDecoder:
     """Holds a static KV cache across batches and the compiled token step. The cache is kept while the batch
     size matches and it is long enough, and with ``shrink_cache`` at most twice as long as needed: each token
@@ -222,7 +252,8 @@ class GraphDecoder:
         input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
         rows, prompt = input_ids.shape
         device = input_ids.device
-        with torch.inference_mode():  # the cache's tensors are inference tensors: reset them in this mode too
+        # the cache's tensors are inference tensors: reset them in this mode too
+        with torch.inference_mode(), input_grad_hooks_off(self.model):
             cache = self._static_cache(rows, prompt + max_new_tokens)
             positions = prompt_positions(self.rope_owner, batch)
             out = self.model(**batch, position_ids=positions, past_key_values=cache, use_cache=True,

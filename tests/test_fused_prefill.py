@@ -16,6 +16,7 @@ def fused(monkeypatch):
 
     monkeypatch.setattr(qwen3_vl, "apply_rotary_pos_emb", qwen3_vl.apply_rotary_pos_emb)
     monkeypatch.setattr(fused_prefill, "BACKEND", "aot_eager")
+    monkeypatch.setattr(fused_prefill, "FAILED", [False])
     fused_prefill.compiled.cache_clear()
     calls = []
     monkeypatch.setattr(fused_prefill, "on_gpu", lambda t: calls.append(t.shape) or True)
@@ -97,3 +98,23 @@ def test_on_a_cpu_nothing_is_compiled_and_patching_twice_changes_nothing(base_ov
         loaded.model.model.language_model.norm(torch.randn(2, 3, loaded.model.config.text_config.hidden_size))
     assert not fused_prefill.compiled.cache_info().currsize
     assert fused_prefill.use_fused_prefill(loaded.model, False) == 0
+
+
+def test_a_compilation_that_fails_leaves_transformers_code_said_once(fused, base_overrides, demo_prepared, monkeypatch,
+                                                                     caplog):
+    module, calls = fused
+
+    def broken(graph, example_inputs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(module, "BACKEND", broken)
+    cfg, loaded = _model(base_overrides, "true")
+    batch = _batch(cfg, loaded, demo_prepared)
+    with torch.inference_mode():
+        with module.paused():
+            want = loaded.model(**batch).logits
+        got = loaded.model(**batch).logits
+        again = loaded.model(**batch).logits
+    assert torch.equal(got, want) and torch.equal(again, want)
+    said = [r.message for r in caplog.records if "model.fused_prefill: compiling" in r.message]
+    assert len(said) == 1 and "transformers' own code" in said[0]

@@ -31,6 +31,7 @@ ROPE_MODULES = ("transformers.models.qwen3_vl.modeling_qwen3_vl", "transformers.
 BACKEND = "inductor"  # the tests trace with "aot_eager" on a CPU
 FUSED = "_flare_fused"  # set on a patched module or function: patching again changes nothing
 PAUSED = [False]  # paused(): transformers' own code everywhere (a reference to compare with)
+FAILED = [False]  # a compilation failed in this process (another GPU, another torch): transformers' code from then on
 
 
 def rms_norm(hidden, weight, eps: float):
@@ -63,7 +64,24 @@ def takes_fused(tensor) -> bool:
     import torch
 
     return (on_gpu(tensor) and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-            and not PAUSED[0])
+            and not PAUSED[0] and not FAILED[0])
+
+
+def run_fused(function, *args, **kwargs):
+    """``function`` compiled; if torch.compile fails (another GPU, another torch), said once, and transformers'
+    own code from then on: the run goes on with the same results, slower."""
+    from flare_exp.runtime import is_compilation_error
+
+    try:
+        return compiled(function)(*args, **kwargs)
+    except Exception as e:
+        if not is_compilation_error(e):
+            raise
+        FAILED[0] = True
+        log.warning("model.fused_prefill: compiling %s failed (%s: %s); the prefill runs transformers' own code "
+                    "from here on (the same results, slower)", function.__name__, type(e).__name__,
+                    str(e).splitlines()[0][:200] if str(e) else "")
+        return function(*args, **kwargs)
 
 
 def on_gpu(tensor) -> bool:  # the tests count and force it on a CPU
@@ -82,13 +100,13 @@ def paused():
 
 def fused_norm_forward(self, hidden_states):
     if takes_fused(hidden_states):
-        return compiled(rms_norm)(hidden_states, self.weight, self.variance_epsilon)
+        return run_fused(rms_norm, hidden_states, self.weight, self.variance_epsilon)
     return type(self).forward(self, hidden_states)
 
 
 def fused_mlp_forward(self, x):
     if takes_fused(x):
-        return self.down_proj(compiled(silu_times)(self.gate_proj(x), self.up_proj(x)))
+        return self.down_proj(run_fused(silu_times, self.gate_proj(x), self.up_proj(x)))
     return type(self).forward(self, x)
 
 
@@ -96,7 +114,7 @@ def fused_rope(original):
     """``apply_rotary_pos_emb`` of a transformers module, compiled where ``takes_fused``."""
     def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
         if takes_fused(q):
-            return compiled(original)(q, k, cos, sin, *args, **kwargs)
+            return run_fused(original, q, k, cos, sin, *args, **kwargs)
         return original(q, k, cos, sin, *args, **kwargs)
 
     setattr(apply_rotary_pos_emb, FUSED, original)

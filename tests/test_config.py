@@ -329,3 +329,24 @@ def test_help_lists_every_stage_group_launcher_and_sweeper():
     assert f"hydra/launcher: {', '.join(launchers)} (with -m)" in lines
     assert any(line.startswith("hydra/sweeper:") and "optuna" in line for line in lines)
     assert "python launch.py" in out.stdout and "README.md" in out.stdout
+
+
+def test_a_load_without_liger_builds_transformers_code_again(tiny_model_dir, monkeypatch):
+    """liger-kernel patches modeling_qwen3_vl's names for the whole process (its RMSNorm class, the rotary
+    function): a later load without Liger in the same process (a pipeline's rl and infer after its sft) builds
+    transformers' own again."""
+    import transformers.models.qwen3_vl.modeling_qwen3_vl as qwen3_vl
+
+    from flare_exp.models import liger
+    from flare_exp.models.loading import load_model
+
+    norm_class, rope = qwen3_vl.Qwen3VLTextRMSNorm, qwen3_vl.apply_rotary_pos_emb
+    monkeypatch.setattr(liger, "_ORIGINALS", {})
+    for name in ("Qwen3VLTextRMSNorm", "apply_rotary_pos_emb"):
+        monkeypatch.setattr(qwen3_vl, name, getattr(qwen3_vl, name))  # put back after the test, whatever happens
+    liger.remember_transformers_code()  # what use_liger_kernels does before liger-kernel patches, as it patches:
+    qwen3_vl.Qwen3VLTextRMSNorm = type("LigerRMSNorm", (norm_class,), {})
+    qwen3_vl.apply_rotary_pos_emb = lambda *args, **kwargs: rope(*args, **kwargs)
+    model = load_model(compose_cfg(["stage=infer", f"model.path={tiny_model_dir}"]).model, training=False).model
+    assert not [m for m in model.modules() if type(m).__name__ == "LigerRMSNorm"]
+    assert qwen3_vl.Qwen3VLTextRMSNorm is norm_class and qwen3_vl.apply_rotary_pos_emb is rope

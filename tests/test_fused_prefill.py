@@ -118,3 +118,37 @@ def test_a_compilation_that_fails_leaves_transformers_code_said_once(fused, base
     assert torch.equal(got, want) and torch.equal(again, want)
     said = [r.message for r in caplog.records if "model.fused_prefill: compiling" in r.message]
     assert len(said) == 1 and "transformers' own code" in said[0]
+
+
+def test_norms_patched_before_keep_their_kernels(fused, base_overrides, monkeypatch):
+    """Liger binds its RMSNorm into each norm of the model it trains and swaps the module's rotary function: the
+    fused prefill leaves both to it (training keeps Liger's kernels)."""
+    import types
+
+    import transformers.models.qwen3_vl.modeling_qwen3_vl as qwen3_vl
+
+    module, _ = fused
+    liger_calls = []
+
+    def liger_norm(self, hidden):
+        liger_calls.append(1)
+        return type(self).forward(self, hidden)
+
+    def liger_rope(*args, **kwargs):
+        return liger_rope.original(*args, **kwargs)
+
+    liger_rope.original = qwen3_vl.apply_rotary_pos_emb
+    monkeypatch.setattr(qwen3_vl, "apply_rotary_pos_emb", liger_rope)
+    cfg = compose_cfg(["stage=infer", *base_overrides, "model.dtype=float32"])
+    from flare_exp.models.loading import load_model
+
+    loaded = load_model(cfg.model, training=False)
+    norms = [m for m in loaded.model.modules() if type(m).__name__ == "Qwen3VLTextRMSNorm"]
+    for norm in norms:
+        norm.forward = types.MethodType(liger_norm, norm)
+    patched = module.use_fused_prefill(loaded.model, True)
+    assert patched == len([m for m in loaded.model.modules() if type(m).__name__ == "Qwen3VLTextMLP"])
+    assert qwen3_vl.apply_rotary_pos_emb is liger_rope
+    with torch.inference_mode():
+        norms[0](torch.randn(2, 3, norms[0].weight.shape[0]))
+    assert liger_calls == [1]

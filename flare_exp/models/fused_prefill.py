@@ -126,12 +126,14 @@ def use_fused_prefill(model, on: bool) -> int:
     wrapper is transformers' function wherever it steps aside). Returns how many modules were patched."""
     import types
 
+    import torch
+
     if not on:
         return 0
     patched, modules = 0, set()
     for module in model.modules():
         name = type(module).__name__
-        if getattr(module, FUSED, False):
+        if getattr(module, FUSED, False) or "forward" in vars(module):  # patched already (Liger's norms: kept)
             continue
         if name in NORM_CLASSES and hasattr(module, "variance_epsilon"):
             module.forward = types.MethodType(fused_norm_forward, module)
@@ -144,7 +146,11 @@ def use_fused_prefill(model, on: bool) -> int:
         modules.add(type(module).__module__)
     for name in sorted(modules & set(ROPE_MODULES)):
         source = importlib.import_module(name)
-        if not hasattr(getattr(source, "apply_rotary_pos_emb", None), FUSED):
-            source.apply_rotary_pos_emb = fused_rope(source.apply_rotary_pos_emb)
-    log.info("model.fused_prefill=true: %d norms and MLPs fused in forwards without gradients on a GPU", patched)
+        rope = getattr(source, "apply_rotary_pos_emb", None)
+        if getattr(rope, "__module__", None) == name:  # transformers' own (not fused yet, not Liger's)
+            source.apply_rotary_pos_emb = fused_rope(rope)
+    if not torch.cuda.is_available():
+        log.info("model.fused_prefill=true: no GPU here, so transformers' own forwards run (it fuses on a GPU only)")
+    else:
+        log.info("model.fused_prefill=true: %d norms and MLPs fused in forwards without gradients", patched)
     return patched

@@ -150,6 +150,8 @@ def load_model(model_cfg, init_from: str | None = None, training: bool = True, s
     if loaded.backend == "hf":  # Unsloth patches attention and LoRA its own way; untried there, so left to it
         grouped_attention.use_decode_attention(loaded.model, model_cfg.decode_attention)
         fused_prefill.use_fused_prefill(loaded.model, model_cfg.fused_prefill)
+    elif model_cfg.fused_prefill:
+        log.info("model.fused_prefill=true is for model.backend=hf: Unsloth's own forwards run")
         lora_casts.use_lora_input_cast(loaded.model, model_cfg.lora.input_cast)
     return loaded
 
@@ -161,6 +163,10 @@ def _load_hf(model_cfg, init_from, training, merge_adapter=False) -> LoadedModel
     adapter, base = _adapter_and_base(model_cfg, init_from)
     processor = AutoProcessor.from_pretrained(adapter or base)
     apply_pixel_budget(processor, model_cfg)
+    if not (model_cfg.liger_kernel and training):  # an earlier load in this process may have patched it in
+        from flare_exp.models.liger import restore_transformers_code
+
+        restore_transformers_code()
     model = AutoModelForImageTextToText.from_pretrained(
         base, dtype=torch_dtype(model_cfg.dtype), attn_implementation=model_cfg.attn_implementation)
     if model_cfg.liger_kernel and training:

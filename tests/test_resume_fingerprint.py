@@ -86,7 +86,8 @@ def test_attempts_are_numbered_after_the_highest_one_left(tmp_path):
 
 
 def test_a_path_spelled_another_way_is_the_same_setting(base_overrides, sft_adapter, tmp_path, monkeypatch):
-    """infer.checkpoint given absolute, then relative with a trailing slash, then through a link, then as its final/ adapter: one run, resumed;
+    """infer.checkpoint given absolute, then relative with a trailing slash, then through a link (one label on
+    every row), then as its final/ adapter: one run, resumed;
     the same relative spelling from another directory names another folder: refused."""
     run_dir = tmp_path / "inf"
     _infer(base_overrides, run_dir, "infer.num_samples=4", f"infer.checkpoint={sft_adapter}")
@@ -96,7 +97,11 @@ def test_a_path_spelled_another_way_is_the_same_setting(base_overrides, sft_adap
     monkeypatch.chdir(sft_adapter.parent)
     _infer(base_overrides, run_dir, "infer.num_samples=4", f"infer.checkpoint={sft_adapter.name}/")
     _interrupted(run_dir)
+    predictions = run_dir / "predictions.jsonl"
+    predictions.write_text("".join(predictions.read_text().splitlines(keepends=True)[:2]))  # 2 left to predict
     _infer(base_overrides, run_dir, "infer.num_samples=4", f"infer.checkpoint={link}")
+    rows = read_jsonl(predictions)
+    assert len(rows) == 4 and len({r["model"] for r in rows}) == 1 and len({r["adapter"]["path"] for r in rows}) == 1
     _interrupted(run_dir)
     _infer(base_overrides, run_dir, "infer.num_samples=4", f"infer.checkpoint={sft_adapter / 'final'}")  # its adapter
     _interrupted(run_dir)

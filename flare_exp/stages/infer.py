@@ -178,9 +178,12 @@ def decoding_order(todo: list[dict], chat: VisionChat, inf) -> list[dict]:
 
 
 def used_adapter(cfg) -> dict | None:
-    """infer.checkpoint's adapter (a finished run's final adapter; checkpoints.resolve_adapter) by path and
-    sha256; None for the base model."""
-    return adapter_identity(resolve_adapter(abspath(cfg.infer.checkpoint))) if cfg.infer.checkpoint else None
+    """infer.checkpoint's adapter (a finished run's final adapter; checkpoints.resolve_adapter) by its real path
+    (links followed: every spelling of one adapter gives one label, also across a resume) and sha256; None for
+    the base model."""
+    if not cfg.infer.checkpoint:
+        return None
+    return adapter_identity(resolve_adapter(abspath(cfg.infer.checkpoint)).resolve())
 
 
 def run(cfg, out_dir: Path) -> dict:

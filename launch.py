@@ -23,8 +23,24 @@ BEFORE_HYDRA = "checked before Hydra started: nothing was run or written"
 
 def refuse(error: Exception, note: str = "HYDRA_FULL_ERROR=1 shows the traceback; a stage that had started also "
                                           "wrote it to FAILED in its run dir") -> None:
-    print(f"\nflare-exp: {type(error).__name__}: {error}\n({note})", file=sys.stderr)
+    print(f"\nflare-exp: {type(error).__name__}: {own_message(error)}\n({note})", file=sys.stderr)
     sys.exit(1)
+
+
+WORKER_TRACEBACK = "\nOriginal Traceback (most recent call last):\n"
+
+
+def own_message(error: Exception) -> str:
+    """The error's message; one raised in a DataLoader worker (torch re-raises it with the worker's traceback
+    inside the message) as its own message, the worker named after it."""
+    text = str(error)
+    if WORKER_TRACEBACK not in text:
+        return text
+    where, traceback = text.split(WORKER_TRACEBACK, 1)
+    prefix = f"\n{type(error).__name__}: "
+    at = traceback.rfind(prefix)
+    message = traceback[at + len(prefix):] if at >= 0 else traceback.strip().splitlines()[-1]
+    return f"{message.strip()} ({where.strip().removeprefix('Caught ').rstrip('.')})"
 
 
 def check_command_line(argv: list[str]) -> None:

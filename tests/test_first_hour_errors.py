@@ -482,3 +482,21 @@ def test_a_home_folder_written_with_a_tilde_is_told_to_use_home(capsys):
         launch.check_command_line(["data.root=~/FLARE_Task5"])
     err = capsys.readouterr().err
     assert "'~' is not expanded after data.root=" in err and "write data.root=$HOME/FLARE_Task5" in err
+
+
+def test_an_error_raised_in_a_dataloader_worker_is_said_as_its_own_message():
+    """torch re-raises a worker's error with the worker's whole traceback inside the message: the one-line refusal
+    says the error's own message and names the worker."""
+    import launch
+    from torch.utils.data._utils.worker import ExceptionWrapper
+
+    try:
+        raise ValueError("data/raw/x.png: cut short (10 of 100 bytes)")
+    except ValueError:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 1")
+    with pytest.raises(ValueError) as raised:
+        wrapped.reraise()
+    assert "Original Traceback" in str(raised.value)
+    assert launch.own_message(raised.value) == ("data/raw/x.png: cut short (10 of 100 bytes) "
+                                                "(ValueError in DataLoader worker process 1)")
+    assert launch.own_message(ValueError("a: b\nc")) == "a: b\nc"

@@ -57,6 +57,7 @@ def train_and_save(trainer, stage: str, cfg, out_dir: Path, meta: "CheckpointMet
     import torch
 
     quiet_progress(trainer)
+    workers_ignore_sigterm(trainer)
     try:
         try:
             checkpoint = resume_checkpoint(cfg.resume, out_dir)
@@ -267,6 +268,37 @@ class ProgressLog(TrainerCallback):
             extras["peak_memory_gib"] = round(mem, 2)
         add_to_log(state, logs, extras)
         log.info(" | ".join(parts))
+
+
+class WorkerIgnoresSigterm:
+    """A DataLoader worker's init: SIGTERM ignored, then the Trainer's own init (its seeding). A scheduler's stop
+    (preemption, time limit, scancel) sends SIGTERM to every process of the job: the main process stops the run
+    and then its workers; workers that died first were printed by torch as a traceback after the clean stop
+    message. Workers still end with the main process (torch's workers watch it) or at SIGKILL."""
+
+    def __init__(self, then=None):
+        self.then = then
+
+    def __call__(self, worker_id: int) -> None:
+        import signal
+
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if self.then is not None:
+            self.then(worker_id)
+
+
+def workers_ignore_sigterm(trainer) -> None:
+    """Every DataLoader the trainer builds with workers gets WorkerIgnoresSigterm as its worker init."""
+    build = trainer._get_dataloader
+
+    def built(*args, **kwargs):
+        loader = build(*args, **kwargs)
+        inner = getattr(loader, "base_dataloader", loader)  # accelerate's wrapper iterates the DataLoader it holds
+        if getattr(inner, "num_workers", 0) and not isinstance(inner.worker_init_fn, WorkerIgnoresSigterm):
+            inner.worker_init_fn = WorkerIgnoresSigterm(inner.worker_init_fn)
+        return loader
+
+    trainer._get_dataloader = built
 
 
 def quiet_progress(trainer) -> None:

@@ -162,3 +162,30 @@ def test_what_a_resume_continues_from_is_listed_by_step(tmp_path):
         (tmp_path / f"checkpoint-{step}").mkdir()
     assert [p.name for p in _resumable("sft", tmp_path)] == [
         "checkpoint-2", "checkpoint-8", "checkpoint-12", "checkpoint-16"]
+
+
+def test_dataloader_workers_leave_sigterm_to_the_main_process(tmp_path):
+    """A scheduler's SIGTERM reaches every process of the job: the Trainer's workers ignore it (the main process
+    stops the run, then them), so no worker death is printed as a traceback after the stop message."""
+    import signal
+
+    import torch
+    from transformers import Trainer, TrainingArguments
+
+    from flare_exp.training import workers_ignore_sigterm
+
+    class Disposition(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return {"x": torch.tensor([float(signal.getsignal(signal.SIGTERM) == signal.SIG_IGN)])}
+
+    args = TrainingArguments(output_dir=str(tmp_path), dataloader_num_workers=1, per_device_train_batch_size=4,
+                             use_cpu=True, report_to=[], remove_unused_columns=False)
+    trainer = Trainer(model=torch.nn.Linear(1, 1), args=args, train_dataset=Disposition(),
+                      data_collator=lambda rows: {"x": torch.stack([r["x"] for r in rows])})
+    workers_ignore_sigterm(trainer)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch["x"].eq(1).all()
+    assert signal.getsignal(signal.SIGTERM) != signal.SIG_IGN  # the main process keeps its own handling

@@ -189,3 +189,22 @@ def test_dataloader_workers_leave_sigterm_to_the_main_process(tmp_path):
     batch = next(iter(trainer.get_train_dataloader()))
     assert batch["x"].eq(1).all()
     assert signal.getsignal(signal.SIGTERM) != signal.SIG_IGN  # the main process keeps its own handling
+
+
+def test_the_starting_adapters_config_is_part_of_the_inputs(base_overrides, sft_adapter, tmp_path):
+    """A LoRA's rank, alpha and targets live in adapter_config.json beside its weights: an edited config is a
+    changed input; a record made before configs were hashed has none to compare."""
+    adapter = tmp_path / "adapter"
+    shutil.copytree(sft_adapter / "final", adapter)
+    run_dir = tmp_path / "inf"
+    _infer(base_overrides, run_dir, "infer.num_samples=4", f"infer.checkpoint={adapter}")
+    _interrupted(run_dir)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["lora_alpha"] = config["lora_alpha"] * 4
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(RunSettingsChangedError, match=r"infer\.checkpoint \(adapter config\) sha256"):
+        _infer(base_overrides, run_dir, "infer.num_samples=4", f"infer.checkpoint={adapter}")
+    recorded = json.loads((run_dir / "fingerprint.json").read_text())
+    recorded["files"] = {k: v for k, v in recorded["files"].items() if "adapter config" not in k}
+    (run_dir / "fingerprint.json").write_text(json.dumps(recorded))
+    _infer(base_overrides, run_dir, "infer.num_samples=4", f"infer.checkpoint={adapter}")

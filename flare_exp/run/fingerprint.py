@@ -45,6 +45,10 @@ def _flatten(node, prefix: str) -> dict:
     return {prefix: node}
 
 
+# the starting adapter's adapter_config.json (rank, alpha, targets) is hashed too; a fingerprint recorded before it
+# was has none to compare
+ADAPTER_CONFIG = " (adapter config)"
+
 # settings that name a file or folder, by their last name part (data.root, model.path, sft.train_file, ...)
 PATH_NAMES = ("root", "path", "checkpoint", "init_from")
 PATH_SUFFIXES = ("_dir", "_file", "_path")
@@ -116,6 +120,7 @@ def input_files(stage: str, cfg) -> dict[str, Path]:
     if adapter is not None:
         files[f"{STARTS[stage]} (adapter weights)"] = next((adapter / n for n in WEIGHTS if (adapter / n).exists()),
                                                              None)
+        files[f"{STARTS[stage]}{ADAPTER_CONFIG}"] = adapter / "adapter_config.json"  # its rank, alpha, targets
     return {k: abspath(v) for k, v in files.items() if v}
 
 
@@ -148,6 +153,8 @@ def differences(old: dict, new: dict, budget: bool = False) -> list[str]:
     for kind in ("settings", "files", *(("budget",) if budget and "budget" in old else ())):
         before, after = old.get(kind, {}), new.get(kind, {})
         for key in sorted(set(before) | set(after)):
+            if kind == "files" and key.endswith(ADAPTER_CONFIG) and key not in before:
+                continue  # recorded before adapter configs were hashed
             a, b = before.get(key, "(unset)"), after.get(key, "(unset)")
             if a != b:
                 if kind == "files":

@@ -29,7 +29,7 @@ MLP_CLASSES = ("Qwen3VLTextMLP", "Qwen3MLP", "Qwen2MLP", "LlamaMLP")
 ROPE_MODULES = ("transformers.models.qwen3_vl.modeling_qwen3_vl", "transformers.models.qwen3.modeling_qwen3",
                 "transformers.models.qwen2.modeling_qwen2", "transformers.models.llama.modeling_llama")
 BACKEND = "inductor"  # the tests trace with "aot_eager" on a CPU
-FUSED = "_flare_fused"  # set on a patched module or function: patching again changes nothing
+FUSED = "_flare_fused"  # on the rotary wrapper: the function it wraps
 PAUSED = [False]  # paused(): transformers' own code everywhere (a reference to compare with)
 FAILED = [False]  # a compilation failed in this process (another GPU, another torch): transformers' code from then on
 
@@ -70,18 +70,12 @@ def takes_fused(tensor) -> bool:
 def run_fused(function, *args, **kwargs):
     """``function`` compiled; if torch.compile fails (another GPU, another torch), said once, and transformers'
     own code from then on: the run goes on with the same results, slower."""
-    from flare_exp.runtime import is_compilation_error
+    from flare_exp.runtime import retry_uncompiled
 
-    try:
-        return compiled(function)(*args, **kwargs)
-    except Exception as e:
-        if not is_compilation_error(e):
-            raise
-        FAILED[0] = True
-        log.warning("model.fused_prefill: compiling %s failed (%s: %s); the prefill runs transformers' own code "
-                    "from here on (the same results, slower)", function.__name__, type(e).__name__,
-                    str(e).splitlines()[0][:200] if str(e) else "")
-        return function(*args, **kwargs)
+    return retry_uncompiled(
+        lambda: function(*args, **kwargs) if FAILED[0] else compiled(function)(*args, **kwargs),
+        lambda: FAILED.__setitem__(0, True), f"model.fused_prefill's {function.__name__}",
+        "the prefill runs transformers' own code from here on (the same results, slower)")
 
 
 def on_gpu(tensor) -> bool:  # the tests count and force it on a CPU
@@ -133,7 +127,7 @@ def use_fused_prefill(model, on: bool) -> int:
     patched, modules = 0, set()
     for module in model.modules():
         name = type(module).__name__
-        if getattr(module, FUSED, False) or "forward" in vars(module):  # patched already (Liger's norms: kept)
+        if "forward" in vars(module):  # patched already: by this function, or Liger's norms (kept)
             continue
         if name in NORM_CLASSES and hasattr(module, "variance_epsilon"):
             module.forward = types.MethodType(fused_norm_forward, module)
@@ -141,7 +135,6 @@ def use_fused_prefill(model, on: bool) -> int:
             module.forward = types.MethodType(fused_mlp_forward, module)
         else:
             continue
-        setattr(module, FUSED, True)
         patched += 1
         modules.add(type(module).__module__)
     for name in sorted(modules & set(ROPE_MODULES)):

@@ -70,9 +70,11 @@ def as_compared(key: str, value, launch_dir: str | None = None):
         return os.path.normpath(path)
 
 
-def adapter_compared(stage: str, key: str, value):
-    """The adapter a stage starts from (infer.checkpoint, rl.init_from) as the adapter dir the path means, so a
-    run dir and its final/ are one setting; a path that names no adapter (gone, unfinished) as it is."""
+def setting_compared(stage: str | None, key: str, value, launch_dir: str | None = None):
+    """A deciding setting as fingerprints compare it: a path as ``as_compared`` gives it; the adapter a stage
+    starts from (infer.checkpoint, rl.init_from) as the adapter dir the path means, so a run dir and its final/
+    are one setting (a path that names no adapter, gone or unfinished, as it is)."""
+    value = as_compared(key, value, launch_dir)
     if key != STARTS.get(stage) or not isinstance(value, str) or not value:
         return value
     from flare_exp.models.checkpoints import resolve_adapter
@@ -93,8 +95,8 @@ def launch_dir_of(run_dir: Path) -> str | None:
 
 
 def settings_of(stage: str, config: dict, launch_dir: str | None = None) -> dict:
-    """The deciding settings of ``stage`` in a resolved config (a plain dict), flattened to dotted keys, paths as
-    ``as_compared`` gives them."""
+    """The deciding settings of ``stage`` in a resolved config (a plain dict), flattened to dotted keys, as
+    ``setting_compared`` gives them."""
     out = {}
     for key in DECIDING.get(stage, ()):
         node = config
@@ -102,7 +104,7 @@ def settings_of(stage: str, config: dict, launch_dir: str | None = None) -> dict
             node = node.get(part) if isinstance(node, dict) else None
         out.update(_flatten(node, key))
     free = FREE.get(stage, ())
-    return {k: adapter_compared(stage, k, as_compared(k, v, launch_dir)) for k, v in out.items()
+    return {k: setting_compared(stage, k, v, launch_dir) for k, v in out.items()
             if not any(k == f or k.startswith(f + ".") for f in free)}
 
 
@@ -189,7 +191,7 @@ def recorded_fingerprint(run_dir: Path) -> dict:
     if isinstance(recorded.get("settings"), dict):
         # recorded before paths were made absolute: its relative ones from the directory that run started in
         launch_dir = launch_dir_of(run_dir)
-        recorded["settings"] = {k: adapter_compared(recorded.get("stage"), k, as_compared(k, v, launch_dir))
+        recorded["settings"] = {k: setting_compared(recorded.get("stage"), k, v, launch_dir)
                                 for k, v in recorded["settings"].items()}
     return recorded
 

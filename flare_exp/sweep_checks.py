@@ -130,7 +130,7 @@ def refuse_other_settings(stage: str, cfg, run_dir: Path) -> None:
 
     if not (run_dir / DONE).exists():
         if attempt_files(run_dir):  # an empty or new dir: nothing to compare (nor input files to hash)
-            check_resume(stage, run_dir, fingerprint(stage, cfg))
+            check_resume(stage, run_dir, fingerprint(stage, cfg), cfg)
         return
     changed = finished_differences(stage, run_dir, cfg)
     if changed:

@@ -216,3 +216,52 @@ def test_a_prepare_input_missing_or_broken_then_supplied_stops_the_reuse(base_ov
     again = run(compose_cfg(steps), run_dir=tmp_path / "pipe")
     assert again["results"]["prepare"] == {"reused": str(prepared)}
     assert caplog.text.count("data.root's files were not compared with what made it") == 1
+
+
+def test_data_moved_elsewhere_is_the_same_data_and_an_edit_there_is_not(base_overrides, tmp_path):
+    """The download copied to another place (a node's scratch, another mount) with the same images is the same
+    input: a prepare step is reused and a training run resumes; an image that differs at the new place, or
+    records not from the prepared dir whose images were recorded, still stop it, saying why. The prepared dir
+    itself may move too (it is prepare's own dir)."""
+    import shutil
+
+    from flare_exp.main import run
+    from flare_exp.run.fingerprint import check_resume, finished_differences, fingerprint
+
+    cfg = compose_cfg(base_overrides)
+    root, moved, prepared = tmp_path / "flare", tmp_path / "scratch" / "flare", tmp_path / "prepared"
+    shutil.copytree(cfg.data.root, root)
+    steps = [*base_overrides, f"data.root={root}", f"data.prepared_dir={prepared}", "stage=pipeline",
+             "stage.steps=[prepare]"]
+    run(compose_cfg(steps), run_dir=tmp_path / "pipe")
+    shutil.copytree(root, moved)  # new times, same bytes
+    shutil.rmtree(root)
+    at = [*base_overrides, f"data.root={moved}", f"data.prepared_dir={prepared}"]
+    assert run(compose_cfg([*at, "stage=pipeline", "stage.steps=[prepare]"]),
+               run_dir=tmp_path / "pipe")["results"]["prepare"] == {"reused": str(prepared)}
+    shutil.copytree(prepared, tmp_path / "prepared2")
+    assert finished_differences("prepare", tmp_path / "prepared2",
+                                compose_cfg([*at, f"data.prepared_dir={tmp_path / 'prepared2'}"])) == []
+
+    sft_dir = tmp_path / "sft"
+    sft_dir.mkdir()
+    old = compose_cfg([*base_overrides, "stage=sft", f"data.root={root}", f"data.prepared_dir={prepared}"])
+    recorded = fingerprint("sft", old)
+    (sft_dir / "fingerprint.json").write_text(json.dumps(recorded))
+    (sft_dir / "checkpoint-1").mkdir()
+    new = compose_cfg([*at, "stage=sft"])
+    check_resume("sft", sft_dir, fingerprint("sft", new), new)  # moved: resumes
+    with pytest.raises(RunSettingsChangedError, match="data.root: .*"):
+        check_resume("sft", sft_dir, fingerprint("sft", new))  # nothing to compare the images with
+    image = sorted(moved.rglob("*.png"))[3]
+    image.write_bytes(image.read_bytes() + b"\0")
+    with pytest.raises(RunSettingsChangedError,
+                       match=rf"data.root: {root} -> {moved} \(1 of the \d+ images prepare recorded differ there, "
+                             rf"e.g. {image.relative_to(moved).as_posix()}: changed\)"):
+        check_resume("sft", sft_dir, fingerprint("sft", new), new)
+    elsewhere = tmp_path / "train.jsonl"
+    shutil.copy(prepared / "train.jsonl", elsewhere)
+    other = compose_cfg([*at, "stage=sft", f"sft.train_file={elsewhere}"])
+    changed = finished_differences("sft", sft_dir, other)
+    assert any(c.startswith("data.root: ") and "sft.train_file is not a file of data.prepared_dir" in c
+               for c in changed), changed

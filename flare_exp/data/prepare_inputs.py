@@ -116,5 +116,22 @@ def image_changes(root: Path, recorded: dict) -> tuple[list[tuple[str, str]], di
     return out, refreshed
 
 
+def moved_here(out_dir: Path, root: Path) -> str | None:
+    """None when every image the prepare in ``out_dir`` recorded is under ``root`` with the same bytes (its
+    data.root moved or copied there: a stat each, the bytes read only where size or time differ); else why not."""
+    recorded = _recorded(out_dir, silent=True)
+    if recorded is None:
+        return f"{out_dir / INPUTS} is missing or unreadable, so the images there cannot be compared"
+    if not root.is_dir():
+        return f"no such directory {root}"
+    log.info("comparing the %d images recorded in %s with those under %s", len(recorded["images"]),
+             out_dir / INPUTS, root)
+    changed, _ = image_changes(root, recorded["images"])
+    if changed:
+        name, why = changed[0]
+        return f"{len(changed)} of the {len(recorded['images'])} images prepare recorded differ there, e.g. {name}: {why}"
+    return None
+
+
 def summarised(changes: list[str]) -> list[str]:
     return changes[:SHOWN] + ([f"and {len(changes) - SHOWN} more data.root files"] if len(changes) > SHOWN else [])

@@ -196,8 +196,9 @@ def recorded_fingerprint(run_dir: Path) -> dict:
     return recorded
 
 
-def check_resume(stage: str, run_dir: Path, new: dict) -> None:
-    """An unfinished attempt left outputs to continue from: its fingerprint must be this run's."""
+def check_resume(stage: str, run_dir: Path, new: dict, cfg=None) -> None:
+    """An unfinished attempt left outputs to continue from: its fingerprint must be this run's (with ``cfg``, a
+    data.root that moved with the same images is the same, ``moved_data_root``)."""
     left = _resumable(stage, run_dir)
     if not left:
         return
@@ -217,6 +218,7 @@ def check_resume(stage: str, run_dir: Path, new: dict) -> None:
                    if lacking else "") + ", so a resume could mix two runs. Pass overwrite=true to start afresh (the "
                 "earlier attempt moves to attempts/NN/), or choose another run_name=.")
         changed = settings_differences(old, new)
+    changed = moved_data_root(stage, changed, cfg)
     if changed:
         raise RunSettingsChangedError(
             f"{run_dir} holds an unfinished {stage} run ({', '.join(p.name for p in left[-3:])}) made with other "
@@ -235,8 +237,35 @@ def finished_differences(stage: str, run_dir: Path, cfg) -> list[str]:
         changed = differences(recorded_fingerprint(run_dir), new, budget=True)
     else:
         changed = settings_differences(config_settings(stage, run_dir) if (run_dir / CONFIG).exists() else {}, new)
+    changed = moved_data_root(stage, changed, cfg)
     inputs = getattr(stage_named(stage).runner(), "input_changes", None)  # inputs beyond files: a data tree
     return changed + (inputs(cfg, run_dir) if inputs and not changed else [])
+
+
+ROOT_CHANGED = "data.root: "
+
+
+def moved_data_root(stage: str, changed: list[str], cfg) -> list[str]:
+    """``changed`` without its data.root entry where the data moved rather than changed (copied to a node's
+    scratch, another mount): every image the prepare in data.prepared_dir recorded (prepare_inputs) is under the
+    new data.root with the same bytes, and the stage's records come from that prepared dir. Else the entry says
+    why the move could not be taken as the same data."""
+    entry = next((c for c in changed if c.startswith(ROOT_CHANGED)), None)
+    if entry is None or cfg is None:
+        return changed
+    from flare_exp.data.prepare_inputs import moved_here
+
+    prepared, root = abspath(cfg.data.prepared_dir), abspath(cfg.data.root)
+    adapter = STARTS.get(stage)  # its files are not records
+    outside = [key for key, path in input_files(stage, cfg).items()
+               if not (adapter and key.startswith(adapter)) and not path.is_relative_to(prepared)]
+    why = (f"{outside[0]} is not a file of data.prepared_dir, whose record of images it compared" if outside
+           else moved_here(prepared, root))
+    if why:
+        return [f"{c} ({why})" if c is entry else c for c in changed]
+    log.info("%s: data.root moved (%s), and the images prepare recorded are there with the same bytes: the same "
+             "data", stage, entry[len(ROOT_CHANGED):])
+    return [c for c in changed if c is not entry]
 
 
 def config_settings(stage: str, run_dir: Path) -> dict:

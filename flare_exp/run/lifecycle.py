@@ -199,7 +199,7 @@ def start_attempt(stage: str, cfg, run_dir: Path, ran=None, applied: dict | None
         dest = archive_attempt(run_dir)
         log.info("overwrite=true: the earlier attempt in %s moved to %s; starting afresh", run_dir, dest)
     else:
-        check_resume(stage, run_dir, new)
+        check_resume(stage, run_dir, new, cfg)
     write_run_metadata(run_dir, cfg if ran is None else ran, adapter=adapter_identity(starting_adapter(stage, cfg)),
                        **({"applied": applied} if applied is not None else {}))
     write_json(run_dir / FINGERPRINT, new)  # what a resume, and a pipeline reusing the finished step, compare

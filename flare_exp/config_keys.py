@@ -178,11 +178,23 @@ def wrong_value(schema: type, key: str, value) -> str | None:
         return "must be a single value, not a " + ("list" if isinstance(value, list) else "dict")
     if type(node).__name__ not in SAID:
         return None  # strings and untyped keys: their values are checked where they are read
+    if type(node).__name__ == "BooleanNode" and not _boolean(value):
+        return SAID["BooleanNode"]
     try:
         node.validate_and_convert(value)
     except OmegaConfBaseException:
         return SAID[type(node).__name__]
     return None
+
+
+def _boolean(value) -> bool:
+    """A value a true/false key takes: OmegaConf reads any integer (2, -1) and any integer string as true, so a
+    typo'd number would switch a setting on unnoticed; 0 and 1 and its words are meant."""
+    if isinstance(value, bool):
+        return True
+    if isinstance(value, int):
+        return value in (0, 1)
+    return isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no", "on", "off", "0", "1")
 
 
 def _element_nodes() -> dict:

@@ -84,6 +84,9 @@ def test_deleting_a_setting_of_the_schema_is_one_line_saying_how_to_set_it(overr
     ("sft.learning_rate=abc", "sft.learning_rate=abc: must be a number"),
     ("sft.max_steps=1.5", "sft.max_steps=1.5: must be an integer"),
     ("model.gradient_checkpointing=maybe", "model.gradient_checkpointing=maybe: must be true or false"),
+    ("model.fused_prefill=2", "model.fused_prefill=2: must be true or false"),  # OmegaConf reads any int as true
+    ("overwrite=-1", "overwrite=-1: must be true or false"),
+    ("infer.sort_by_length='7'", "infer.sort_by_length=7: must be true or false"),
     ("sft.max_steps=null", "sft.max_steps=null: needs a value"),
     ("model.decode_attention=[grouped]", "model.decode_attention=['grouped']: must be a single value, not a list"),
     ("eval.predictions=outputs/runs/x", "eval.predictions=outputs/runs/x: a list: write eval.predictions=[outputs/runs/x]"),
@@ -96,7 +99,7 @@ def test_a_value_of_the_wrong_type_is_named_before_hydra(override, said):
 
 
 def test_values_hydra_takes_pass():
-    assert key_problems("sft.learning_rate=1e-4", "sft.max_steps=10", "model.gradient_checkpointing=yes",
+    assert key_problems("sft.learning_rate=1e-4", "sft.max_steps=10", "model.gradient_checkpointing=yes", "overwrite=1", "model.fused_prefill=0", "infer.sort_by_length=Off",
                         "infer.batch_size=auto", "sft.learning_rate=${rl.learning_rate}", "rl.beta=0",
                         "rl.learning_rate=1e-4,2e-4", "eval.predictions=[a,b]", "data.image_window=null",
                         "model.lora.target_modules=all-linear") == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -201,7 +202,24 @@ def _collect_missing(problems: list, declared, key: str, cfg: DictConfig) -> Non
 
 def _check_exists(key: str, value, required: bool, hint: str) -> None:
     if value is not None and required and not abspath(value).exists():
-        raise FileNotFoundError(f"{key}={value}: no such file or directory ({abspath(value)}). {hint}".strip())
+        raise FileNotFoundError(f"{key}={value}: {why_missing(abspath(value))} ({abspath(value)}). {hint}".strip())
+
+
+def why_missing(path: Path) -> str:
+    """Why a path that does not exist is not there: a link that loops, a link to nothing, or no such file."""
+    import errno
+    import os
+
+    if not path.is_symlink():
+        return "no such file or directory"
+    try:
+        path.resolve(strict=True)
+    except RuntimeError:  # Python < 3.13 says a loop this way
+        return "a symbolic link that loops"
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "a symbolic link that loops"
+    return f"a symbolic link to {os.readlink(path)}, which does not exist"
 
 
 def check_reward_weights(reward: DictConfig) -> None:

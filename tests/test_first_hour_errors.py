@@ -503,3 +503,18 @@ def test_an_error_raised_in_a_dataloader_worker_is_said_as_its_own_message():
     assert launch.own_message(raised.value) == ("data/raw/x.png: cut short (10 of 100 bytes) "
                                                 "(ValueError in DataLoader worker process 1)")
     assert launch.own_message(ValueError("a: b\nc")) == "a: b\nc"
+
+
+def test_a_missing_path_that_is_a_link_says_so(tmp_path):
+    """A checkpoint or data path that is a broken or looping link is named as one, not as "no such file"."""
+    import os
+
+    from flare_exp.checks import _check_exists
+
+    os.symlink(tmp_path / "loop", tmp_path / "loop")
+    os.symlink(tmp_path / "gone", tmp_path / "dangling")
+    for name, said in (("loop", "a symbolic link that loops"),
+                       ("dangling", f"a symbolic link to {tmp_path / 'gone'}, which does not exist"),
+                       ("absent", "no such file or directory")):
+        with pytest.raises(FileNotFoundError, match=f"infer.checkpoint={tmp_path / name}: {said} "):
+            _check_exists("infer.checkpoint", str(tmp_path / name), True, "")

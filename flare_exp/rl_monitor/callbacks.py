@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from transformers import TrainerCallback
+
 from flare_exp.io import write_json
 from flare_exp.rl_monitor.alarm import findings
 from flare_exp.rl_monitor.heldout import HeldOutEval, higher_is_better
@@ -165,3 +167,46 @@ def finish_monitor(monitor: GRPOMonitor, history: list[dict], out_dir: Path, max
                  "rl.eval_steps=0")
     write_alarms(out_dir, monitor.alarms)
     return monitor.rl_summary(max_steps)
+
+
+class RolloutWeightsLog(TrainerCallback):
+    """Each logged step's rollout weights (adapter | merged), in log_history only (a word, not a wandb value),
+    and an attempt's first log line also the first step it sampled: a checkpoint keeps them, so after a resume
+    that changed rl.rollout_weights the summary says from which step each was used (``rollout_weights_from_step``)."""
+
+    def __init__(self, trainer):
+        self.trainer, self.said_first = trainer, False
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        used = getattr(self.trainer.rollout_weights, "used", None)
+        if used and state.log_history and "reward" in state.log_history[-1]:
+            state.log_history[-1]["rollout_weights"] = used
+            first = getattr(self.trainer, "first_rollout_step", None)  # this attempt's first sampled step
+            if first is not None and not self.said_first:
+                state.log_history[-1]["rollout_weights_first_step"] = first
+                self.said_first = True
+
+
+def rollout_weights_spans(history: list[dict], used: str | None) -> dict:
+    """{"rollout_weights_from_step": {first step: weights}} when the run's attempts sampled with different
+    rollout weights (a resume that changed rl.rollout_weights), else {}."""
+    spans: dict[str, str] = {}
+    for h in history:
+        value = h.get("rollout_weights")
+        if value and (not spans or list(spans.values())[-1] != value):
+            spans[str(h.get("rollout_weights_first_step", h.get("step")))] = value
+    return {"rollout_weights_from_step": spans} if len(set(spans.values()) | {used} - {None}) > 1 else {}
+
+
+class RewardTermLog(TrainerCallback):
+    """Adds the per-term reward means since the last log line to the log (and wandb)."""
+
+    def __init__(self, reward):
+        self.reward = reward
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None:
+            return
+        from flare_exp.training import add_to_log
+
+        add_to_log(state, logs, {f"reward_term/{k}": round(v, 4) for k, v in self.reward.pop_term_means().items()})

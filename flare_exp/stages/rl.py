@@ -12,8 +12,6 @@ import logging
 import statistics
 from pathlib import Path
 
-from transformers import TrainerCallback
-
 from flare_exp.card import apply_rl_card, sized_infer_batch
 from flare_exp.compile_cache import prepare_gpu_run
 from flare_exp.data.decoding import check_records_window
@@ -24,12 +22,13 @@ from flare_exp.models.grouped_attention import attention_used
 from flare_exp.models.loading import load_model
 from flare_exp.models.rollout_weights import SETTINGS as ROLLOUT_WEIGHTS, RolloutWeights, auto_margin_bytes
 from flare_exp.rewards.combine import build_reward
-from flare_exp.rl_monitor.callbacks import build_monitor, check_monitor_settings, finish_monitor, with_rollout_watch
+from flare_exp.rl_monitor.callbacks import (RewardTermLog, RolloutWeightsLog, build_monitor, check_monitor_settings,
+                                           finish_monitor, rollout_weights_spans, with_rollout_watch)
 from flare_exp.rl_monitor.heldout_watch import reporting_last
 from flare_exp.run.layout import summary_name
 from flare_exp.run.stage import Stage
 from flare_exp.runtime import abspath, check_choice, ranks
-from flare_exp.training import (CheckpointMeta, ProgressLog, add_to_log, cpu_ranks_args, data_fingerprints,
+from flare_exp.training import (CheckpointMeta, ProgressLog, cpu_ranks_args, data_fingerprints,
                                 effective_batch, half_precision, profiling, setup_tracking, train_and_save,
                                 trainer_arguments)
 
@@ -149,47 +148,6 @@ def trl_loss_types() -> tuple[str, ...]:
     text = next((f.metadata.get("help", "") for f in dataclasses.fields(GRPOConfig) if f.name == "loss_type"), "")
     supported = re.search(r"Supported values are (.*?)\.\s", text)
     return tuple(re.findall(r"'(\w+)'", supported.group(1))) if supported else ()
-
-
-class RolloutWeightsLog(TrainerCallback):
-    """Each logged step's rollout weights (adapter | merged), in log_history only (a word, not a wandb value),
-    and an attempt's first log line also the first step it sampled: a checkpoint keeps them, so after a resume
-    that changed rl.rollout_weights the summary says from which step each was used (``rollout_weights_from_step``)."""
-
-    def __init__(self, trainer):
-        self.trainer, self.said_first = trainer, False
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        used = getattr(self.trainer.rollout_weights, "used", None)
-        if used and state.log_history and "reward" in state.log_history[-1]:
-            state.log_history[-1]["rollout_weights"] = used
-            first = getattr(self.trainer, "first_rollout_step", None)  # this attempt's first sampled step
-            if first is not None and not self.said_first:
-                state.log_history[-1]["rollout_weights_first_step"] = first
-                self.said_first = True
-
-
-def rollout_weights_spans(history: list[dict], used: str | None) -> dict:
-    """{"rollout_weights_from_step": {first step: weights}} when the run's attempts sampled with different
-    rollout weights (a resume that changed rl.rollout_weights), else {}."""
-    spans: dict[str, str] = {}
-    for h in history:
-        value = h.get("rollout_weights")
-        if value and (not spans or list(spans.values())[-1] != value):
-            spans[str(h.get("rollout_weights_first_step", h.get("step")))] = value
-    return {"rollout_weights_from_step": spans} if len(set(spans.values()) | {used} - {None}) > 1 else {}
-
-
-class RewardTermLog(TrainerCallback):
-    """Adds the per-term reward means since the last log line to the log (and wandb)."""
-
-    def __init__(self, reward):
-        self.reward = reward
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is None:
-            return
-        add_to_log(state, logs, {f"reward_term/{k}": round(v, 4) for k, v in self.reward.pop_term_means().items()})
 
 
 def rollout_settings(rl, backend: str) -> DecodeSettings:

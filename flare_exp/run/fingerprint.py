@@ -103,9 +103,12 @@ def settings_of(stage: str, config: dict, launch_dir: str | None = None) -> dict
         for part in key.split("."):
             node = node.get(part) if isinstance(node, dict) else None
         out.update(_flatten(node, key))
-    free = FREE.get(stage, ())
-    return {k: setting_compared(stage, k, v, launch_dir) for k, v in out.items()
-            if not any(k == f or k.startswith(f + ".") for f in free)}
+    return {k: setting_compared(stage, k, v, launch_dir) for k, v in out.items() if not is_free(stage, k)}
+
+
+def is_free(stage: str, key: str) -> bool:
+    """A setting a resume may change (a stage's ``free`` keys and those under them)."""
+    return any(key == f or key.startswith(f + ".") for f in FREE.get(stage, ()))
 
 
 def input_files(stage: str, cfg) -> dict[str, Path]:
@@ -191,8 +194,10 @@ def recorded_fingerprint(run_dir: Path) -> dict:
     if isinstance(recorded.get("settings"), dict):
         # recorded before paths were made absolute: its relative ones from the directory that run started in
         launch_dir = launch_dir_of(run_dir)
-        recorded["settings"] = {k: setting_compared(recorded.get("stage"), k, v, launch_dir)
-                                for k, v in recorded["settings"].items()}
+        # a key free now was recorded while it still decided (data.prepared_dir for prepare): not compared
+        stage = recorded.get("stage")
+        recorded["settings"] = {k: setting_compared(stage, k, v, launch_dir)
+                                for k, v in recorded["settings"].items() if not is_free(stage, k)}
     return recorded
 
 

@@ -93,6 +93,17 @@ def load_question_file(qf: QuestionFile) -> list:
     return data
 
 
+def _encodable(value) -> bool:
+    """Text that UTF-8 can hold (JSON may escape half of a surrogate pair: text cut inside a character)."""
+    try:
+        for text in value if isinstance(value, list) else [value]:
+            if isinstance(text, str):
+                text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def convert_record(raw, qf: QuestionFile, out_split: str, root: Path, cfg):
     """Return (record, None) or (None, reason). The record's image files are found, not yet decoded."""
     if not isinstance(raw, dict):
@@ -103,10 +114,15 @@ def convert_record(raw, qf: QuestionFile, out_split: str, root: Path, cfg):
         missing.append("Answer")
     if missing:
         return None, f"missing key {', '.join(missing)}"
+    broken = next((key for key in (*REQUIRED_KEYS, "Answer", "Modality") if not _encodable(raw.get(key))), None)
+    if broken:
+        return None, f"{broken} is not valid Unicode (a lone UTF-16 surrogate: text cut inside a character)"
     task_type = R.normalise_task_type(raw["TaskType"])
     if task_type is None:
         return None, f"unknown TaskType {raw['TaskType']!r}"
-    if not isinstance(raw["Question"], str) or not raw["Question"].strip():
+    if not isinstance(raw["Question"], str):
+        return None, f"Question is not text ({type(raw['Question']).__name__})"
+    if not raw["Question"].strip():
         return None, "empty question"
     question = raw["Question"].strip()
     answer = None

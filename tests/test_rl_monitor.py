@@ -237,3 +237,35 @@ def test_a_heldout_eval_leaves_trainings_random_stream_as_it_was(monkeypatch):
     torch.manual_seed(0)
     assert HeldOutEval.__new__(HeldOutEval).run(None, 1) == ({}, 0.0)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_rollout_thumbnails_show_the_picture_the_model_was_given(tmp_path):
+    """A 16-bit X-ray is scaled by the record's window (not clipped to white), an EXIF-rotated photo is upright:
+    the thumbnail is the stages' decoding of the file, as the model saw it."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from flare_exp.data.decoding import decode_image
+    from flare_exp.rl_monitor.rollouts_html import thumbnail
+
+    ramp = (np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) % 4096).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "x16.png")
+    photo = Image.new("RGB", (60, 20), "black")
+    photo.paste((255, 255, 255), (0, 0, 20, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated by 90 degrees
+    photo.save(tmp_path / "turned.jpg", exif=exif)
+
+    def shown(uri: str) -> Image.Image:
+        return Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))).convert("L")
+
+    x16 = np.asarray(shown(thumbnail(tmp_path / "x16.png", (0, 4095))), dtype=float)
+    assert 100 < x16.mean() < 155 and x16.std() > 40  # a ramp over the window, not all white
+    expected = np.asarray(decode_image(tmp_path / "x16.png", (0, 4095)).convert("L"), dtype=float)
+    assert abs(x16.mean() - expected.mean()) < 3
+    turned = shown(thumbnail(tmp_path / "turned.jpg"))
+    assert turned.size[1] > turned.size[0]  # upright: taller than wide, as decoded
+    assert thumbnail(tmp_path / "missing.png") == ""

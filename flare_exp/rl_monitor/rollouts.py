@@ -39,12 +39,21 @@ def group_entries(step: int, rows: list[dict], samples: list[dict], advantages: 
         row = rows[idx[0]]
         out.append({
             "step": step, "id": row["id"], "dataset": row.get("dataset"), "task_type": row["task_type"],
-            "images": list(row.get("image_paths") or []), "reference": str(row.get("answer")),
+            "images": list(row.get("image_paths") or []), "image_window": row.get("image_window"),
+            "reference": str(row.get("answer")),
             "weights": weights.get(row["task_type"], {}),
             "completions": [{"text": (samples[i]["text"] or "")[:MAX_TEXT], "terms": {k: round(v, 4) for k, v in samples[i]["terms"].items()},
                              "total": round(samples[i]["total"], 4), "advantage": round(advantages[i], 4),
                              "length": lengths[i], "at_cap": lengths[i] >= cap} for i in idx]})
     return out
+
+
+def shown_image(path: Path, window):
+    """The picture the model was given for an image file (the stages' decoding rule: 16-bit scaled by the
+    record's window, EXIF orientation, alpha over black), not the file's raw pixels."""
+    from flare_exp.data.decoding import check_window, decode_image
+
+    return decode_image(path, check_window(window))
 
 
 class RolloutLog:
@@ -104,7 +113,7 @@ def wandb_table(entries: list[dict], image_root: Path):
     table = wandb.Table(columns=["step", "id", "dataset", "task_type", "image", "reference", "completion",
                                  *terms, "total", "advantage", "length"])
     for e in entries:
-        image = wandb.Image(str(image_root / e["images"][0])) if e["images"] else None
+        image = wandb.Image(shown_image(image_root / e["images"][0], e.get("image_window"))) if e["images"] else None
         for c in e["completions"]:
             table.add_data(e["step"], e["id"], e["dataset"], e["task_type"], image, e["reference"], c["text"],
                            *(c["terms"].get(t) for t in terms), c["total"], c["advantage"], c["length"])

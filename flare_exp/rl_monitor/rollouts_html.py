@@ -9,6 +9,7 @@ import io
 from pathlib import Path
 
 from flare_exp.io import write_text
+from flare_exp.rl_monitor.rollouts import shown_image
 
 THUMB = 112  # pixels, longest side
 
@@ -33,17 +34,15 @@ g.style.display=on?'':'none';if(on)n++;}});document.getElementById('shown').text
 
 
 @functools.lru_cache(maxsize=4096)
-def thumbnail(path: str) -> str:
-    """A JPEG data URI of the image, THUMB pixels on its longest side; empty when the file cannot be read."""
-    from PIL import Image
-
+def thumbnail(path: Path, window: tuple | None = None) -> str:
+    """A JPEG data URI of the picture the model was given (rollouts.shown_image), THUMB pixels on its longest
+    side; empty when the file cannot be read."""
     try:
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-            image.thumbnail((THUMB, THUMB))
-            buffer = io.BytesIO()
-            image.save(buffer, "JPEG", quality=80)
-    except OSError:
+        image = shown_image(path, window)
+        image.thumbnail((THUMB, THUMB))
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=80)
+    except (OSError, ValueError):
         return ""
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
 
@@ -64,8 +63,9 @@ def term_ranges(entries: list[dict]) -> dict[str, tuple[float, float]]:
 
 def group_html(e: dict, ranges: dict, image_root: Path) -> str:
     esc = html.escape
-    images = "".join(f'<img src="{thumbnail(str(image_root / name))}" title="{esc(name)}" alt="{esc(name)}">'
-                     for name in e["images"])
+    window = tuple(e["image_window"]) if e.get("image_window") else None  # hashable: thumbnails are cached
+    images = "".join(f'<img src="{thumbnail(image_root / name, window)}" title="{esc(name)}" '
+                     f'alt="{esc(name)}">' for name in e["images"])
     terms = sorted({t for c in e["completions"] for t in c["terms"]})
     header = "".join(f"<th>{esc(t)}</th>" for t in [*terms, "total", "advantage"])
     rows = []

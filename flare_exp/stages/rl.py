@@ -74,7 +74,7 @@ def grpo_dataset(records: list[dict], chat: VisionChat):
         "id": r["id"], "image_window": r.get("image_window")} for r in records])
 
     def materialise(batch: dict) -> dict:
-        out = {k: v for k, v in batch.items() if k not in ("prompt_json", "image_window")}
+        out = {k: v for k, v in batch.items() if k != "prompt_json"}  # the window too: the rollout log shows the views
         out["prompt"] = [json.loads(p) for p in batch["prompt_json"]]
         out["images"] = [chat.load_images({"id": i, "images": paths, "image_window": window})
                          for i, paths, window in zip(batch["id"], batch["image_paths"], batch["image_window"])]

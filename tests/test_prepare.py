@@ -259,3 +259,18 @@ def test_a_second_prepare_of_one_download_waits_for_the_first_ones_unzip(tmp_pat
     assert unzip_nested(root) == 1 and time.monotonic() - start >= 1.5
     assert (root / "a" / "x.txt").read_text() == "x" and not (root / ".flare_exp_unzip.lock").exists()
     assert unzip_nested(root) == 0
+
+
+def test_a_copy_of_the_tree_under_data_root_loses_to_the_real_one_and_is_said(tmp_path, caplog):
+    """A backup of training/ kept inside data.root: the real (shallowest) question files win, the copy's
+    records are rejected as duplicates, and the log names both folders."""
+    root = tmp_path / "raw"
+    _small_tree(root, [GOOD, {**GOOD, "Question": "q1"}])
+    shutil.copytree(root / "training", root / "backup" / "training")
+    with caplog.at_level("WARNING"):
+        out = _prepare(tmp_path, root, "data.datasets=[chestdr]")
+    train = read_jsonl(out / "train.jsonl")
+    assert len(train) == 2 and all(r["images"][0].startswith("training/") for r in train)
+    assert {r["file"] for r in read_jsonl(out / "rejects.jsonl")} == {
+        "backup/training/Xray/chestdr/chestdr_questions_train.json"}
+    assert "chestdr's training questions are in 2 folders" in caplog.text

@@ -50,9 +50,26 @@ def discover(files: list[tuple], datasets: list[str], splits: list[str]) -> list
     for (split, dataset), paths in sorted(found.items()):
         # validation-hidden may ship both <ds>_questions_val.json (no answers) and ..._withGT.json: use the latter.
         with_gt = [p for p, gt in paths if gt]
-        for p in (with_gt or [p for p, _ in paths]):
-            out.append(QuestionFile(p, split, dataset))
+        # the shallowest first: a copy deeper down (a backup, a second unpacking) loses the duplicates to it
+        chosen = sorted(with_gt or [p for p, _ in paths], key=lambda p: (len(p.parts), p))
+        _say_copies(split, dataset, chosen)
+        out += [QuestionFile(p, split, dataset) for p in chosen]
     return out
+
+
+SAID_COPIES: set[tuple] = set()
+
+
+def _say_copies(split: str, dataset: str, paths: list[Path]) -> None:
+    """Question files of one dataset and split in several folders: a copy of the tree under data.root (a
+    backup, an unpacked second archive) whose records compete with the real ones, said once per prepare."""
+    folders = sorted({p.parent for p in paths}, key=lambda d: (len(d.parts), d))
+    if len(folders) > 1 and tuple(paths) not in SAID_COPIES:
+        SAID_COPIES.add(tuple(paths))
+        log.warning("prepare: %s's %s questions are in %d folders: %s. All are read, the shallowest first, and a "
+                    "record found again (same ImageName and Question) is rejected as a duplicate; move a backup or "
+                    "second copy out of data.root, or limit it with data.datasets", dataset, split, len(folders),
+                    ", ".join(str(d) for d in folders))
 
 
 def question_files(root: Path) -> list[tuple[Path, str, str | None, bool]]:

@@ -186,3 +186,21 @@ def test_a_split_joined_instead_of_an_infer_runs_deleted_one_is_said_in_the_log_
     _, own = load_rows(_predictions(tmp_path / "plain", [{**r, "prediction": "B"} for r in REFERENCE]), False,
                        _prepared(tmp_path / "copy"))  # no infer run: the split its rows name, no note
     assert "answers_note" not in own
+
+
+def test_a_sheet_of_answers_with_control_characters_is_infers_own_not_an_edit(tmp_path):
+    """A prepared answer holding a character a worksheet cannot store (NUL, a vertical tab or form feed pasted
+    from a PDF): infer's sheet holds it without, and eval takes that sheet as unedited, scoring the prepared
+    answer; another answer is still refused."""
+    reference = [{**r, "answer": "The heart\x00 is\x0b normal.", "task_type": "report_generation"}
+                 if r["id"] == "dental/0" else r for r in REFERENCE]
+    prepared = _prepared(tmp_path, reference)
+    path = tmp_path / "predictions.xlsx"
+    write_sheet(path, [{**r, "prediction": "x"} for r in reference], "my-run")
+    rows, _ = load_rows(path, False, prepared)
+    assert {r["id"]: r["answer"] for r in rows}["dental/0"] == "The heart\x00 is\x0b normal."
+    workbook = load_workbook(path)
+    workbook["predictions"]["C6"] = "The heart is abnormal."
+    workbook.save(path)
+    with pytest.raises(ValueError, match=r"1 answer\(s\) differ from the prepared split .*: dental/0\."):
+        load_rows(path, False, prepared)

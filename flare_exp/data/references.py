@@ -125,8 +125,11 @@ def high_bit(reference: Path) -> bool:
 
 def same_answer(given, prepared) -> bool:
     """The same text, or the same number written another way: Excel's "Convert to Number" stores "60.0" as 60, a
-    tool writes 61.0 for "61". Only a whole answer that is a number counts so ("60 mm" is not 60)."""
-    if str(given) == str(prepared):
+    tool writes 61.0 for "61". Only a whole answer that is a number counts so ("60 mm" is not 60). A worksheet
+    holds the prepared text as it can store it (control characters dropped, cut at a cell's limit)."""
+    from flare_exp.reports.sheets import as_stored
+
+    if str(given) == str(prepared) or isinstance(prepared, str) and str(given) == as_stored(prepared):
         return True
     numbers = [_number(v) for v in (given, prepared)]
     return None not in numbers and numbers[0] == numbers[1]

@@ -204,3 +204,19 @@ def test_a_sheet_of_answers_with_control_characters_is_infers_own_not_an_edit(tm
     workbook.save(path)
     with pytest.raises(ValueError, match=r"1 answer\(s\) differ from the prepared split .*: dental/0\."):
         load_rows(path, False, prepared)
+
+
+def test_merged_cells_in_an_edited_sheet_are_refused_naming_the_range(tmp_path):
+    """Two equal predictions merged into one cell: the hidden cell would read as a blank prediction (MAE
+    Infinity); refused, naming the range. A merge on another sheet does not matter."""
+    prepared = _prepared(tmp_path)
+    merged = _sheet(tmp_path, lambda s: s.merge_cells("D2:D3"))
+    with pytest.raises(ValueError, match=r"sheet 'predictions'\): merged cells D2:D3: .* unmerge them"):
+        load_rows(merged, False, prepared)
+    workbook = load_workbook(merged)
+    workbook["predictions"].unmerge_cells("D2:D3")
+    workbook["predictions"]["D3"] = "61.0"
+    workbook.create_sheet("notes").merge_cells("A1:B2")
+    workbook.save(merged)
+    rows, _ = load_rows(merged, False, prepared)
+    assert len(rows) == 8

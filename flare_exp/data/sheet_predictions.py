@@ -56,12 +56,34 @@ def read_sheet_predictions(path: Path) -> tuple[list[dict], str]:
         others = [w.title for w in workbook.worksheets if w.title != sheet.title and _has_id_column(w)]
     finally:
         workbook.close()
+    _refuse_merged_cells(path, sheet.title)
     if others:
         log.warning("%s: predictions read from the sheet %r only; %s also %s an id column and %s not read (eval "
                     "reads the sheet named %r, else the first one: keep the edited sheet under that name)", path,
                     sheet.title, ", ".join(repr(o) for o in others), "has" if len(others) == 1 else "have",
                     "is" if len(others) == 1 else "are", SHEET)
     return rows, sheet.title
+
+
+def _refuse_merged_cells(path: Path, title: str) -> None:
+    """Merged cells hold their value in the first cell only: the others would read as blank predictions (or
+    answers) without a word. A read-only workbook does not list merges, so the sheets' XML is looked at first
+    and the workbook opened in full only where one has a merge."""
+    from openpyxl import load_workbook
+
+    with zipfile.ZipFile(path) as archive:
+        if not any(b"<mergeCell " in archive.read(n) for n in archive.namelist()
+                   if n.startswith("xl/worksheets/") and n.endswith(".xml")):
+            return
+    workbook = load_workbook(path)
+    try:
+        merged = [str(r) for r in workbook[title].merged_cells.ranges]
+    finally:
+        workbook.close()
+    if merged:
+        raise ValueError(f"{path} (sheet {title!r}): merged cells {', '.join(merged[:5])}"
+                         + (f" and {len(merged) - 5} more" if len(merged) > 5 else "") + ": a merge keeps its value "
+                         "in its first cell only, so the others would read as blank; unmerge them and fill each cell")
 
 
 def _has_id_column(worksheet) -> bool:

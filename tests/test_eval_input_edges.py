@@ -220,3 +220,22 @@ def test_merged_cells_in_an_edited_sheet_are_refused_naming_the_range(tmp_path):
     workbook.save(merged)
     rows, _ = load_rows(merged, False, prepared)
     assert len(rows) == 8
+
+
+def test_a_null_multi_label_prediction_is_said_as_left_out_of_flares_f1(tmp_path):
+    """FLARE's multi-label F1 leaves out a pair whose prediction is not text, while a blank text is no label:
+    the caveat says which the official number did, not only "scored as empty"."""
+    from flare_exp.metrics.official import multi_label_stats
+    from flare_exp.reports.eval_report import caveat_lines
+
+    reference = REFERENCE + [{"id": f"chestdr/{i}", "dataset": "chestdr", "task_type": "multi_label",
+                              "answer": "Mass, Nodule", "split": "val", "question": f"c{i}", "image_name": f"c{i}.png"}
+                             for i in range(2)]
+    prepared = _prepared(tmp_path, reference)
+    rows = [{**r, "prediction": r["answer"]} for r in reference]
+    rows[-2]["prediction"], rows[-1]["prediction"] = None, ""
+    _, info = load_rows(_predictions(tmp_path, rows), False, prepared)
+    assert info["empty_predictions"] == 2 and info["null_multi_label_predictions"] == 1
+    (line,) = [c for c in caveat_lines({"r": {**info, "official": {}, "by_task": {}}}, []) if "empty" in c]
+    assert "2 empty" in line and "leaves out the 1 pair(s) whose prediction is null" in line
+    assert multi_label_stats([None, ""], ["Mass", "Mass"]).tolist() == [[0, 0, 0], [0, 0, 1]]

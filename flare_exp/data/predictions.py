@@ -67,6 +67,9 @@ def load_rows(path: Path, allow_partial: bool, prepared_dir: str | None = None) 
     empty = sum(not isinstance(r.get("prediction"), str) or not r["prediction"].strip() for r in rows)
     if empty:
         info["empty_predictions"] = empty
+    left_out = sum(r.get("task_type") == "multi_label" and not isinstance(r.get("prediction"), str) for r in rows)
+    if left_out:  # FLARE's multi-label F1 leaves a pair out whose prediction is no text; "" counts as no label
+        info["null_multi_label_predictions"] = left_out
     return rows, info
 
 

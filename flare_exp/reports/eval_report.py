@@ -150,7 +150,11 @@ def caveat_lines(results: dict, warnings: list[str], caveats: list[str] | None =
         elif res.get("coverage"):
             lines.append(res["coverage"])
         if res.get("empty_predictions"):
-            lines.append(f"{res['empty_predictions']} empty (blank, null or non-text) prediction(s), scored as empty answers")
+            null = res.get("null_multi_label_predictions")
+            lines.append(f"{res['empty_predictions']} empty (blank, null or non-text) prediction(s), scored as empty "
+                         "answers" + (f", except in FLARE's multi-label f1_score, which leaves out the {null} pair(s) "
+                                      "whose prediction is null (as its evaluator does; a blank text counts as no "
+                                      "label)" if null else ""))
         for note in ("answers_note", "sheet_note", "edited_sheet_note"):
             if res.get(note):
                 lines.append(res[note])

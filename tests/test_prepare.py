@@ -274,3 +274,19 @@ def test_a_copy_of_the_tree_under_data_root_loses_to_the_real_one_and_is_said(tm
     assert {r["file"] for r in read_jsonl(out / "rejects.jsonl")} == {
         "backup/training/Xray/chestdr/chestdr_questions_train.json"}
     assert "chestdr's training questions are in 2 folders" in caplog.text
+
+
+def test_classification_answers_that_are_not_one_letter_are_kept_and_said(tmp_path, caplog):
+    """'E.', '(e)' or a finding's name are what the download holds (FLARE scores against them as written): kept,
+    counted in summary.json and said, since a model trained on them learns to write them."""
+    dental = {"TaskType": "Classification", "Modality": "Xray", "ImageName": "imagesTr/a.png",
+              "Question": "Which? A. x B. y C. z", "Split": "train"}
+    root = tmp_path / "raw"
+    _small_tree(root, [{**dental, "Answer": "B"}, {**dental, "Question": "q1 A. x B. y", "Answer": "B."},
+                       {**dental, "Question": "q2", "Answer": "Impacted tooth"}], dataset="dental")
+    with caplog.at_level("WARNING"):
+        out = _prepare(tmp_path, root, "data.datasets=[dental]")
+    said = json.loads((out / "summary.json").read_text())["classification_answers_not_one_letter"]
+    assert said["count"] == 2 and {s.split(": ", 1)[1] for s in said["first"]} == {"'B.'", "'Impacted tooth'"}
+    assert len(read_jsonl(out / "train.jsonl")) == 3
+    assert "2 classification answer(s) are not one option letter" in caplog.text

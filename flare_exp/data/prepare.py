@@ -251,6 +251,7 @@ def prepare(cfg_data, root: Path, out_dir: Path, limits: ProcessorLimits | None 
         "images_by_mode": modes,
         "image_window": list(cfg_data.image_window) if cfg_data.image_window is not None else "own range",
         **named_images(accepted, root, cfg_data.image_window, cfg_data.verify_images),
+        "classification_answers_not_one_letter": _said_answers(by_split),
         "processor_limits": asdict(limits) if limits else None,
         "overlapping_studies_allowed": len(overlap),
         "inputs": INPUTS,  # recorded beside: a later reuse check expects it
@@ -259,6 +260,15 @@ def prepare(cfg_data, root: Path, out_dir: Path, limits: ProcessorLimits | None 
     write_json(out_dir / "summary.json", summary)
     record_inputs(out_dir, root, questions_read(found, cfg_data, split_sources), accepted.sha1s, missing)
     return summary
+
+
+def _said_answers(by_split: dict) -> dict:
+    odd = R.unusual_answers([r for rows in by_split.values() for r in rows])
+    if odd["count"]:
+        log.warning("prepare: %d classification answer(s) are not one option letter, e.g. %s: kept as written (FLARE "
+                    "scores against them as written), so a model trained on them learns to write them; "
+                    "summary.json lists the first ones", odd["count"], ", ".join(odd["first"][:3]))
+    return odd
 
 
 def named_images(accepted: Accepted, root: Path, window, decoded: bool = True) -> dict:

@@ -142,3 +142,13 @@ def build_messages(images: list[str], prompt_text: str, answer: str | None) -> l
 def prompt_text(question: str, task_type: str, instructions: dict | None) -> str:
     instruction = (instructions or {}).get(task_type, "") or ""
     return f"{instruction.strip()}\n{question}" if instruction.strip() else question
+
+
+def unusual_answers(rows: list[dict]) -> dict:
+    """Classification answers that are not one option letter ("E.", "(E)", "A,B", a finding's name): kept as
+    the download has them (FLARE scores against them as written, so "E" would not match "E."), counted and the
+    first named, since a model trained on them learns to write them."""
+    odd = [r for r in rows if r["task_type"] == "classification" and isinstance(r.get("answer"), str)
+           and not re.fullmatch(r"[A-Za-z]", r["answer"])]
+    return {"count": len(odd), "first": [f"{r['id']}: {r['answer'][:40]!r}" for r in odd[:10]]}
+

@@ -64,3 +64,6 @@ def test_negative_zero_and_refusals():
     assert parse_number("0") == 0.0 and zero is not None
     assert parse_number(True) is None  # a boolean is not a number
     assert parse_number(None) is None and parse_number("no number") is None and parse_number([1]) is None
+    # past a float's range, or NaN: no error is measurable from it, so it is unparseable (not Infinity)
+    assert parse_number("1e309") is None and parse_number("9" * 400) is None and parse_number(10 ** 400) is None
+    assert parse_number(float("nan")) is None and parse_number(float("inf")) is None

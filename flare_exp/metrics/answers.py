@@ -60,9 +60,18 @@ _NUMBER = re.compile(r"(?:[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[-+]?\.\d+)(
 
 
 def parse_number(text) -> float | None:
+    """The first number in the answer; None for none, and for one past a float's range ("1e309", a 400-digit
+    integer: no error is measurable from it) or NaN."""
+    import math
+
     if isinstance(text, (int, float)) and not isinstance(text, bool):
-        return float(text)
-    if not isinstance(text, str):
+        try:
+            number = float(text)
+        except OverflowError:
+            return None
+    elif not isinstance(text, str):
         return None
-    m = _NUMBER.search(text)
-    return float(m.group(0).replace(",", "")) if m else None
+    else:
+        m = _NUMBER.search(text)
+        number = float(m.group(0).replace(",", "")) if m else math.nan
+    return number if math.isfinite(number) else None

@@ -290,3 +290,25 @@ def test_classification_answers_that_are_not_one_letter_are_kept_and_said(tmp_pa
     assert said["count"] == 2 and {s.split(": ", 1)[1] for s in said["first"]} == {"'B.'", "'Impacted tooth'"}
     assert len(read_jsonl(out / "train.jsonl")) == 3
     assert "2 classification answer(s) are not one option letter" in caplog.text
+
+
+def test_an_image_name_in_another_unicode_form_is_found_and_a_missing_one_says_why(tmp_path):
+    """A name typed in NFC and stored on disk in NFD (macOS) is the same file; a name with a stray space, or a
+    link to nothing, is said as such in the reject."""
+    import os
+    import unicodedata
+
+    root = tmp_path / "raw"
+    stored = unicodedata.normalize("NFD", "é.png")
+    d = _small_tree(root, [{**GOOD, "ImageName": "imagesTr/" + unicodedata.normalize("NFC", "é.png")},
+                           {**GOOD, "ImageName": "imagesTr/a.png ", "Question": "q1"},
+                           {**GOOD, "ImageName": "imagesTr/link.png", "Question": "q2"}],
+                    images=("a.png", stored))
+    os.symlink(d / "imagesTr" / "gone.png", d / "imagesTr" / "link.png")
+    out = _prepare(tmp_path, root, "data.datasets=[chestdr]")
+    (kept,) = read_jsonl(out / "train.jsonl")
+    assert kept["images"] == [f"training/Xray/chestdr/imagesTr/{stored}"]
+    reasons = [r["reason"] for r in read_jsonl(out / "rejects.jsonl")]
+    assert reasons == ["missing image 'imagesTr/a.png '",
+                       f"missing image imagesTr/link.png (a symbolic link to {d / 'imagesTr' / 'gone.png'}, "
+                       "which is not there)"]

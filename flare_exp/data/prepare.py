@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import time
+import unicodedata
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -90,14 +92,28 @@ def resolve_image(dataset_dir: Path, name: str) -> Path | str:
     direct = inside(dataset_dir, name)
     if direct is None:
         return f"{OUTSIDE_ROOT}: ImageName {name!r}"
-    if direct.is_file():
+    # a name typed in one Unicode form and stored on disk in the other (macOS writes NFD) is the same file
+    for spelling in dict.fromkeys([name, *(unicodedata.normalize(form, name) for form in ("NFC", "NFD"))]):
+        found = _image_file(dataset_dir, spelling)
+        if found is not None:
+            return found
+    shown = repr(name) if name != name.strip() else name  # a stray space shows
+    if direct.is_dir():
+        return f"missing image {shown} (a directory of that name is there, not an image file)"
+    if direct.is_symlink():
+        return f"missing image {shown} (a symbolic link to {os.readlink(direct)}, which is not there)"
+    return f"missing image {shown}"
+
+
+def _image_file(dataset_dir: Path, name: str) -> Path | None:
+    """The file ``name`` names in the dataset's folder, or under one of its images*/ folders."""
+    direct = inside(dataset_dir, name)
+    if direct is not None and direct.is_file():
         return direct
     for sub in sorted(dataset_dir.glob("images*")):  # ImageName given relative to imagesTr/ etc.
         if (sub / name).is_file():
             return sub / name
-    if direct.is_dir():
-        return f"missing image {name} (a directory of that name is there, not an image file)"
-    return f"missing image {name}"
+    return None
 
 
 def load_question_file(qf: QuestionFile) -> list:

@@ -15,11 +15,15 @@ from flare_exp.run import lock as run_lock
 from flare_exp.run.lock import RunLock, RunLockedError
 
 
-def _fake_holder(run_dir, pid, host=None, age_s=0.0, job=None):
+def _fake_holder(run_dir, pid, host=None, age_s=0.0, job=None, started=None):
+    """An owner file as the holder ``pid`` would have written it (taken now, unless ``started`` says when)."""
+    import datetime
+
     lock = run_dir / ".lock"
     lock.mkdir(parents=True)
     owner = lock / "owner.1.json"
-    owner.write_text(json.dumps({"host": host or platform.node(), "pid": pid, "started": "2026-12-01T10:00:00",
+    started = started or datetime.datetime.now().isoformat(timespec="seconds")
+    owner.write_text(json.dumps({"host": host or platform.node(), "pid": pid, "started": started,
                                  "slurm_job_id": job}))
     if age_s:
         os.utime(owner, (time.time() - age_s, time.time() - age_s))
@@ -37,10 +41,11 @@ def test_a_live_holder_stops_the_second_launch(base_overrides, tmp_path):
                          "prediction": "A", "model": "m"}])
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        _fake_holder(tmp_path / "eval", sleeper.pid)
+        time.sleep(0.05)
+        _fake_holder(tmp_path / "eval", sleeper.pid, started="2099-12-01T10:00:00")
         cfg = compose_cfg(["stage=eval", *base_overrides, f"eval.predictions=[{preds}]", "eval.radgraph=false"])
         with pytest.raises(RunLockedError, match=f"in use by another run: host {platform.node()}, pid {sleeper.pid}, "
-                                                 "started 2026-12-01T10:00:00"):
+                                                 "started 2099-12-01T10:00:00"):
             run(cfg, run_dir=tmp_path / "eval")
         assert not (tmp_path / "eval" / "metrics.json").exists() and not (tmp_path / "eval" / "config.yaml").exists()
     finally:
@@ -82,6 +87,30 @@ def test_stale_locks_are_taken_over_and_fresh_ones_kept(tmp_path, caplog, monkey
     _fake_holder(tmp_path / "d", 1, host="node-17", age_s=5, job="4242")
     RunLock(tmp_path / "d").acquire().release()
     assert "earlier attempt of SLURM job 4242" in caplog.text
+
+
+def test_a_live_pid_that_is_not_the_holder_does_not_keep_its_lock(tmp_path, caplog):
+    """After a container restart or a reboot the dead holder's pid belongs to another process (pid 1, even the
+    launch itself): a process that started after the lock was taken, this very process, or a pid whose holder
+    has not beaten for hours is no holder; a live holder whose heartbeat is fresh keeps its lock."""
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        time.sleep(0.05)
+        _fake_holder(tmp_path / "reused", sleeper.pid, started="2026-01-01T00:00:00")  # its process is younger
+        RunLock(tmp_path / "reused").acquire().release()
+        assert "another process now (started after the lock was taken" in caplog.text
+        _fake_holder(tmp_path / "silent", sleeper.pid, age_s=3 * 3600, started="2099-01-01T00:00:00")
+        RunLock(tmp_path / "silent").acquire().release()
+        assert "the lock's heartbeat is 10800 s old" in caplog.text
+        _fake_holder(tmp_path / "alive", sleeper.pid, age_s=600, started="2099-01-01T00:00:00")
+        with pytest.raises(RunLockedError, match=f"pid {sleeper.pid}"):
+            RunLock(tmp_path / "alive").acquire()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    _fake_holder(tmp_path / "mine", os.getpid(), started="2099-01-01T00:00:00")
+    RunLock(tmp_path / "mine").acquire().release()
+    assert "this very process, which does not hold it" in caplog.text
 
 
 def test_the_heartbeat_keeps_the_lock_fresh(tmp_path):

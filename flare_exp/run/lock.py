@@ -6,8 +6,10 @@ with ``os.link``, which fails if the name exists (atomic on every filesystem, NF
 launches that claim number N, exactly one gets it. Taking over a dead holder's lock claims the next number, so
 two relaunches after a crash cannot both take it: the loser stops, naming the winner. While the run lives, a
 thread touches its owner file every ``HEARTBEAT_S`` seconds. A holder is gone, and its lock taken over (the
-log says so), on the same host when its pid no longer exists (kill -9), when it is an earlier attempt of the
-same SLURM job (a requeue, on any node), and on another host when its heartbeat is older than
+log says so), on the same host when its pid no longer exists (kill -9) or belongs to another process now (a
+restarted container or a reboot reuses pids: the process started after the lock was taken, it is this very
+process, or the heartbeat has been silent for SAME_HOST_STALE_FACTOR x ``stale_after_s``), when it is an earlier
+attempt of the same SLURM job (a requeue, on any node), and on another host when its heartbeat is older than
 ``stale_after_s`` (a node that went away). A lock directory with no owner file yet is free: its maker, if
 alive, loses the claim to number 1 and stops like any other loser.
 """
@@ -31,6 +33,9 @@ log = logging.getLogger(__name__)
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 300.0
 _OWNER = re.compile(r"^owner\.(\d+)\.json$")
+# on the same host a live pid counts, unless the heartbeat has been silent this many times stale_after_s
+SAME_HOST_STALE_FACTOR = 12
+_HELD_HERE: set[str] = set()  # the tokens of the locks this process holds
 
 
 class RunLockedError(RuntimeError):
@@ -45,6 +50,41 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:  # another user's process: alive
         return True
     return True
+
+
+def _gone_here(holder: dict, silent_after_s: float) -> str | None:
+    """Why a holder on this host is gone, or None while it may live. A live pid is not enough: a restarted
+    container or a reboot hands the dead holder's pid to another process (pid 1 of a container, even this one)."""
+    pid = int(holder.get("pid", -1))
+    if not _pid_alive(pid):
+        return f"pid {pid} on this host is gone"
+    if pid == os.getpid() and holder.get("token") not in _HELD_HERE:
+        return f"it names pid {pid}, this very process, which does not hold it (a reused pid)"
+    started, since = _process_start(pid), _lock_started(holder)
+    if started is not None and since is not None and started > since + 2:
+        return f"pid {pid} is another process now (started after the lock was taken: a reused pid)"
+    if holder["heartbeat_age_s"] > silent_after_s:
+        return (f"pid {pid} is alive but the lock's heartbeat is {holder['heartbeat_age_s']:.0f} s old (the holder "
+                f"beats every {HEARTBEAT_S:.0f} s: another process has its pid)")
+    return None
+
+
+def _process_start(pid: int) -> float | None:
+    """When a process started (seconds since the epoch; Linux's /proc), None where unknown."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def _lock_started(holder: dict) -> float | None:
+    try:
+        return _dt.datetime.fromisoformat(str(holder.get("started"))).timestamp()
+    except ValueError:
+        return None
 
 
 class RunLock:
@@ -79,9 +119,7 @@ class RunLock:
         if job and holder.get("slurm_job_id") == job and holder.get("pid") != os.getpid():
             return f"it is an earlier attempt of SLURM job {job} (requeued)"
         if holder.get("host") == platform.node():
-            if not _pid_alive(int(holder.get("pid", -1))):
-                return f"pid {holder.get('pid')} on this host is gone"
-            return None
+            return _gone_here(holder, self.stale_after_s * SAME_HOST_STALE_FACTOR)
         if holder["heartbeat_age_s"] > self.stale_after_s:
             return f"its heartbeat is {holder['heartbeat_age_s']:.0f} s old (host {holder.get('host')})"
         return None
@@ -101,6 +139,7 @@ class RunLock:
         finally:
             tmp.unlink(missing_ok=True)
         self.owner_file, self._token = target, tmp.name
+        _HELD_HERE.add(tmp.name)
         return True
 
     def _refuse(self, holder: dict | None) -> RunLockedError:
@@ -171,6 +210,7 @@ class RunLock:
         """Stop the heartbeat; if this process still holds the lock, move the lock dir aside (one rename: a
         launch looking at it sees it whole or not at all), then delete it."""
         self._stop.set()
+        _HELD_HERE.discard(self._token)
         if not self.held():
             return
         aside = self.dir.with_name(f"{self.dir.name}.released.{uuid.uuid4().hex}")

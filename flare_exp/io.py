@@ -120,18 +120,25 @@ def read_journal(path: str | Path, key: str) -> dict[str, dict]:
     """Rows of an append-only JSONL journal (predictions, judgments) by ``row[key]``, for resuming. A torn last
     line (the job was killed mid-write, at any byte, inside a multi-byte character too) is dropped, logged, and
     the file rewritten without it, so appends continue cleanly; a broken line elsewhere is an error naming it."""
-    import logging
-
     path = Path(path)
     if not path.exists():
         return {}
-    parsed, torn = _rows_up_to_a_torn_end(path, skip_blank=False)
-    rows = {row[key]: row for row in parsed}
+    return {row[key]: row for row in mended_journal(path)}
+
+
+def mended_journal(path: Path) -> list[dict]:
+    """The rows of an append-only JSONL journal; a torn last line (a write cut short, at any byte) is dropped,
+    logged, and the file rewritten without it, and a last line without its newline gets one, so the next append
+    starts a line of its own instead of gluing onto the torn one. A broken line elsewhere is an error naming it."""
+    import logging
+
+    rows, torn = _rows_up_to_a_torn_end(path, skip_blank=False)
     if torn is not None:
         logging.getLogger(__name__).warning("%s: dropping a torn last line (interrupted write: %s)", path,
                                             str(torn).split(": ", 1)[1])
+    if torn is not None or (rows and not path.read_bytes().endswith(b"\n")):
         with atomic_path(path) as tmp:
-            tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows.values()), encoding="utf-8")
+            tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return rows
 
 

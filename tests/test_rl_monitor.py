@@ -269,3 +269,19 @@ def test_rollout_thumbnails_show_the_picture_the_model_was_given(tmp_path):
     turned = shown(thumbnail(tmp_path / "turned.jpg"))
     assert turned.size[1] > turned.size[0]  # upright: taller than wide, as decoded
     assert thumbnail(tmp_path / "missing.png") == ""
+
+
+def test_a_rollout_journal_torn_by_a_kill_is_mended_before_the_resume_appends(tmp_path, caplog):
+    """The kill cut the last group's line (or only its newline): the resumed run's first append starts a line of
+    its own; every line parses, none is lost but the torn one."""
+    entry = {"step": 1, "id": "r1", "dataset": "d", "task_type": "regression", "images": [], "reference": "4",
+             "completions": []}
+    for n, tail in enumerate(('{"step": 2, "id": "r2", "data', "")):
+        journal = tmp_path / f"run{n}" / "rollouts.jsonl"
+        journal.parent.mkdir()
+        journal.write_text(json.dumps(entry) + ("\n" + tail if tail else ""))  # torn line / no final newline
+        rollouts = RolloutLog(journal.parent, 1, 2, 1.0, tmp_path)
+        rollouts.append([{**entry, "step": 10}])
+        steps = [json.loads(line)["step"] for line in journal.read_text().splitlines()]
+        assert steps == [1, 10]
+    assert "dropping a torn last line" in caplog.text

@@ -9,6 +9,8 @@ import os
 from collections import defaultdict
 from pathlib import Path
 
+from flare_exp.io import mended_journal
+
 log = logging.getLogger(__name__)
 ROLLOUTS = "rollouts.jsonl"
 MAX_TEXT = 2000  # characters of a completion kept (a runaway completion stays readable, the file bounded)
@@ -64,7 +66,8 @@ class RolloutLog:
         self.every, self.groups_per_step = every, groups_per_step
         self.max_bytes, self.image_root = int(max_mb * 2 ** 20), image_root
         self.full_said = False
-        self.steps_written = {e["step"] for e in read_rollouts(self.path)} if self.path.exists() else set()
+        # a resumed run: the groups written so far (a line torn by the kill cut off, so appends start a new line)
+        self.steps_written = {e["step"] for e in mended_journal(self.path)} if self.path.exists() else set()
         self.new_entries: list[dict] = []  # since the tracker last took them (a W&B table per logging step)
 
     def wants(self, step: int) -> bool:

@@ -60,7 +60,7 @@ def train_and_save(trainer, stage: str, cfg, out_dir: Path, meta: "CheckpointMet
     workers_ignore_sigterm(trainer)
     try:
         try:
-            checkpoint = resume_checkpoint(cfg.resume, out_dir)
+            checkpoint = resume_checkpoint(cfg.resume, out_dir, stage, cfg)
             result = at_the_step_budget(trainer, checkpoint) or trainer.train(resume_from_checkpoint=checkpoint)
         except torch.OutOfMemoryError as e:
             raise out_of_memory_error(stage, trainer.state.global_step + 1, out_dir, remedies) from e
@@ -142,9 +142,10 @@ def effective_batch(section, world: int) -> dict:
             "effective_batch": section.per_device_train_batch_size * section.gradient_accumulation_steps * world}
 
 
-def resume_checkpoint(resume: str, out_dir: Path) -> str | None:
+def resume_checkpoint(resume: str, out_dir: Path, stage: str | None = None, cfg=None) -> str | None:
     """resume=auto: the newest complete checkpoint in out_dir, if any; never: none (refuse if some exist);
-    anything else: that checkpoint path, if it is complete."""
+    anything else: that checkpoint path, if it is complete and (with ``stage`` and ``cfg``) made with this run's
+    deciding settings and inputs (``check_resumed_run``)."""
     if resume == "auto":
         ckpt = newest_complete(out_dir)
         if ckpt:
@@ -161,7 +162,39 @@ def resume_checkpoint(resume: str, out_dir: Path) -> str | None:
     if why:
         raise FileNotFoundError(f"resume={resume}: {path} is not a complete Trainer checkpoint: {why}")
     check_training_state(path)
+    if stage is not None and cfg is not None:
+        check_resumed_run(resume, path, out_dir, stage, cfg)
+    log.info("resume=%s: continuing from %s", resume, path)
     return str(path)
+
+
+def check_resumed_run(resume: str, checkpoint: Path, out_dir: Path, stage: str, cfg) -> None:
+    """A checkpoint of another run dir continues that run under this one's name: it must have been made with
+    this run's deciding settings and inputs (its run dir's fingerprint, else its config.yaml), as a resume=auto
+    in this dir is held to (this dir's own checkpoints were checked when the run opened)."""
+    from flare_exp.run.fingerprint import (RunSettingsChangedError, config_settings, differences, fingerprint,
+                                           listed, moved_data_root, recorded_fingerprint, settings_differences)
+    from flare_exp.run.layout import CONFIG, FINGERPRINT
+
+    source = checkpoint.parent
+    if source.resolve() == out_dir.resolve():
+        return
+    new = fingerprint(stage, cfg)
+    if (source / FINGERPRINT).exists():
+        changed = differences(recorded_fingerprint(source), new)
+    elif (source / CONFIG).exists():
+        changed = settings_differences(config_settings(stage, source), new)
+    else:
+        raise RunSettingsChangedError(
+            f"resume={resume}: {source} records neither {FINGERPRINT} nor {CONFIG}, so nothing says the checkpoint "
+            f"was made with this run's settings. Start from its weights instead ({stage}.init_from={checkpoint} with "
+            "allow_intermediate_checkpoint=true), which trains a new run from them.")
+    changed = moved_data_root(stage, changed, cfg)
+    if changed:
+        raise RunSettingsChangedError(
+            f"resume={resume}: {checkpoint} belongs to the run in {source}, made with other settings or inputs, "
+            f"which this run would continue as its own: {listed(changed)}. Resume it with that run's settings, or "
+            f"start a new run from its weights ({stage}.init_from={checkpoint} with allow_intermediate_checkpoint=true).")
 
 
 def out_of_memory_error(stage: str, step: int, out_dir: Path, remedies: list[str]) -> RuntimeError:

@@ -208,3 +208,37 @@ def test_the_starting_adapters_config_is_part_of_the_inputs(base_overrides, sft_
     recorded["files"] = {k: v for k, v in recorded["files"].items() if "adapter config" not in k}
     (run_dir / "fingerprint.json").write_text(json.dumps(recorded))
     _infer(base_overrides, run_dir, "infer.num_samples=4", f"infer.checkpoint={adapter}")
+
+
+def test_resume_from_another_runs_checkpoint_is_held_to_that_runs_settings(base_overrides, tmp_path, caplog):
+    """resume=<path> into another run dir continues that run under this name: made with another learning rate
+    (or LoRA rank) it is refused, naming the key, before any training; with the same settings it continues and
+    says from where; a run dir that records no settings cannot vouch for its checkpoint."""
+    import logging
+
+    from flare_exp.models.checkpoints import TRAINING_STATE, mark_complete
+    from flare_exp.run.fingerprint import fingerprint
+    from flare_exp.training import resume_checkpoint
+
+    def cfg(*extra):
+        return compose_cfg(["stage=sft", *base_overrides, "sft.learning_rate=0.02", *extra])
+
+    source = tmp_path / "other-sft"
+    checkpoint = source / "checkpoint-30"
+    checkpoint.mkdir(parents=True)
+    for name in (*TRAINING_STATE, "adapter_model.safetensors"):
+        (checkpoint / name).write_text("x")
+    mark_complete(checkpoint)
+    (source / "fingerprint.json").write_text(json.dumps(fingerprint("sft", cfg())))
+    mine = tmp_path / "mine"
+    for changed, key in ((("sft.learning_rate=0.01",), "sft.learning_rate: 0.02 -> 0.01"),
+                         (("model.lora.r=4",), "model.lora.r: ")):
+        with pytest.raises(RunSettingsChangedError, match=rf"resume={checkpoint}: .* belongs to the run in {source}, "
+                                                          rf"made with other settings .*{key}"):
+            resume_checkpoint(str(checkpoint), mine, "sft", cfg(*changed))
+    with caplog.at_level(logging.INFO):
+        assert resume_checkpoint(str(checkpoint), mine, "sft", cfg()) == str(checkpoint)
+    assert f"continuing from {checkpoint}" in caplog.text
+    (source / "fingerprint.json").unlink()
+    with pytest.raises(RunSettingsChangedError, match="records neither fingerprint.json nor config.yaml"):
+        resume_checkpoint(str(checkpoint), mine, "sft", cfg())

@@ -51,7 +51,9 @@ MUST_DECIDE = {
                     "reward.report_generation.weights.radgraph", "reward.terms.choice.wrong"},
     "infer": _MODEL | {"data.root", "infer.checkpoint", "infer.input_file", "infer.split", "infer.max_new_tokens",
                        "infer.temperature", "infer.do_sample"},
-    "eval": {"eval.green.model_path", "eval.green.max_new_tokens", "eval.green.max_length"},
+    "eval": {"eval.green.model_path", "eval.green.max_new_tokens", "eval.green.max_length",
+             "eval.significance.correction", "eval.significance.ar_trials", "eval.significance.resamples",
+             "eval.radgraph", "eval.chexbert.path", "eval.crimson.model_path", "eval.keyword_metrics.module"},
 }
 
 
@@ -143,3 +145,24 @@ def test_a_finished_prepare_is_reused_with_more_image_workers_and_not_with_other
     assert finished_differences("prepare", tmp_path / "prepared", compose_cfg(
         ["stage=prepare", *base_overrides, "data.val_splits=[training]"])) == [
         "data.val_splits: ['validation-public', 'validation-hidden'] -> ['training']"]
+
+
+def test_an_eval_recorded_before_its_report_settings_decided_is_compared_on_what_it_recorded(base_overrides,
+                                                                                              tmp_path):
+    """eval's significance, RadGraph, CheXbert, CRIMSON and keyword settings decide its report now: a finished
+    eval made with another correction is not reused; one recorded before they decided (its fingerprint has only
+    eval.green.*) is compared on what it has."""
+    from flare_exp.run.fingerprint import finished_differences
+
+    cfg = compose_cfg(["stage=eval", *base_overrides])
+    run_dir = tmp_path / "eval"
+    run_dir.mkdir()
+    recorded = fingerprint("eval", cfg)
+    (run_dir / "fingerprint.json").write_text(json.dumps(recorded))
+    (run_dir / "DONE").write_text("{}")
+    assert finished_differences("eval", run_dir, cfg) == []
+    other = compose_cfg(["stage=eval", *base_overrides, "eval.significance.correction=none"])
+    assert finished_differences("eval", run_dir, other) == ["eval.significance.correction: holm -> none"]
+    old = {**recorded, "settings": {k: v for k, v in recorded["settings"].items() if k.startswith("eval.green.")}}
+    (run_dir / "fingerprint.json").write_text(json.dumps(old))
+    assert finished_differences("eval", run_dir, other) == []

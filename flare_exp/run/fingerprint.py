@@ -45,6 +45,10 @@ def _flatten(node, prefix: str) -> dict:
     return {prefix: node}
 
 
+# deciding keys added after fingerprints were first recorded: a fingerprint recorded before has none to compare
+DECIDING_SINCE = {"eval": ("eval.significance", "eval.radgraph", "eval.chexbert", "eval.keyword_metrics",
+                           "eval.crimson")}
+
 # the starting adapter's adapter_config.json (rank, alpha, targets) is hashed too; a fingerprint recorded before it
 # was has none to compare
 ADAPTER_CONFIG = " (adapter config)"
@@ -157,9 +161,12 @@ def differences(old: dict, new: dict, budget: bool = False) -> list[str]:
     out = []
     for kind in ("settings", "files", *(("budget",) if budget and "budget" in old else ())):
         before, after = old.get(kind, {}), new.get(kind, {})
+        added_later = DECIDING_SINCE.get(old.get("stage"), ())
         for key in sorted(set(before) | set(after)):
             if kind == "files" and key.endswith(ADAPTER_CONFIG) and key not in before:
                 continue  # recorded before adapter configs were hashed
+            if kind == "settings" and key not in before and any(key.startswith(k) for k in added_later):
+                continue  # recorded before it decided
             a, b = before.get(key, "(unset)"), after.get(key, "(unset)")
             if a != b:
                 if kind == "files":

@@ -242,3 +242,25 @@ def test_resume_from_another_runs_checkpoint_is_held_to_that_runs_settings(base_
     (source / "fingerprint.json").unlink()
     with pytest.raises(RunSettingsChangedError, match="records neither fingerprint.json nor config.yaml"):
         resume_checkpoint(str(checkpoint), mine, "sft", cfg())
+
+
+def test_a_moved_or_copied_adapter_or_prepared_dir_with_the_same_bytes_is_the_same_input(base_overrides, sft_adapter,
+                                                                                         tmp_path):
+    """A pipeline's tree copied elsewhere (its rl step starts from its own sft, now at another path), an
+    archived adapter with the same bytes, a prepared dir moved: the same sha256 is the same input, so the
+    training run resumes; other bytes are still refused."""
+    from flare_exp.run.fingerprint import check_resume, fingerprint
+
+    prepared = compose_cfg(base_overrides).data.prepared_dir
+    copy, moved = tmp_path / "elsewhere" / "sft", tmp_path / "prepared"
+    shutil.copytree(sft_adapter, copy)
+    shutil.copytree(prepared, moved)
+    run_dir = tmp_path / "rl"
+    (run_dir / "checkpoint-1").mkdir(parents=True)
+    old = compose_cfg(["stage=rl", *base_overrides, f"rl.init_from={sft_adapter}"])
+    (run_dir / "fingerprint.json").write_text(json.dumps(fingerprint("rl", old)))
+    new = compose_cfg(["stage=rl", *base_overrides, f"rl.init_from={copy}", f"data.prepared_dir={moved}"])
+    check_resume("rl", run_dir, fingerprint("rl", new), new)
+    (copy / "final" / "adapter_model.safetensors").write_bytes(b"other")
+    with pytest.raises(RunSettingsChangedError, match=r"rl.init_from: .* -> .*elsewhere/sft/final"):
+        check_resume("rl", run_dir, fingerprint("rl", new), new)

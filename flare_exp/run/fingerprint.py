@@ -49,9 +49,14 @@ def _flatten(node, prefix: str) -> dict:
 DECIDING_SINCE = {"eval": ("eval.significance", "eval.radgraph", "eval.chexbert", "eval.keyword_metrics",
                            "eval.crimson")}
 
+# input files hashed since fingerprints were first recorded (as the adapter's config below): not compared with a
+# fingerprint recorded before
+HASHED_SINCE = ("rl.eval_file",)
+
 # the starting adapter's adapter_config.json (rank, alpha, targets) is hashed too; a fingerprint recorded before it
 # was has none to compare
 ADAPTER_CONFIG = " (adapter config)"
+ADAPTER_WEIGHTS = " (adapter weights)"
 
 # settings that name a file or folder, by their last name part (data.root, model.path, sft.train_file, ...)
 PATH_NAMES = ("root", "path", "checkpoint", "init_from")
@@ -127,7 +132,7 @@ def input_files(stage: str, cfg) -> dict[str, Path]:
             files[key] = value
     adapter = starting_adapter(stage, cfg)
     if adapter is not None:
-        files[f"{STARTS[stage]} (adapter weights)"] = next((adapter / n for n in WEIGHTS if (adapter / n).exists()),
+        files[f"{STARTS[stage]}{ADAPTER_WEIGHTS}"] = next((adapter / n for n in WEIGHTS if (adapter / n).exists()),
                                                              None)
         files[f"{STARTS[stage]}{ADAPTER_CONFIG}"] = adapter / "adapter_config.json"  # its rank, alpha, targets
     return {k: abspath(v) for k, v in files.items() if v}
@@ -163,8 +168,8 @@ def differences(old: dict, new: dict, budget: bool = False) -> list[str]:
         before, after = old.get(kind, {}), new.get(kind, {})
         added_later = DECIDING_SINCE.get(old.get("stage"), ())
         for key in sorted(set(before) | set(after)):
-            if kind == "files" and key.endswith(ADAPTER_CONFIG) and key not in before:
-                continue  # recorded before adapter configs were hashed
+            if kind == "files" and key not in before and (key.endswith(ADAPTER_CONFIG) or key in HASHED_SINCE):
+                continue  # recorded before these files were hashed
             if kind == "settings" and key not in before and any(key.startswith(k) for k in added_later):
                 continue  # recorded before it decided
             a, b = before.get(key, "(unset)"), after.get(key, "(unset)")
@@ -215,7 +220,8 @@ def check_resume(stage: str, run_dir: Path, new: dict, cfg=None) -> None:
     if not left:
         return
     if (run_dir / FINGERPRINT).exists():
-        changed = differences(recorded_fingerprint(run_dir), new)
+        old = recorded_fingerprint(run_dir)
+        changed = differences(old, new)
     else:  # removed or never written: the settings the attempt recorded in config.yaml decide
         try:
             old = config_settings(stage, run_dir)
@@ -230,7 +236,8 @@ def check_resume(stage: str, run_dir: Path, new: dict, cfg=None) -> None:
                    if lacking else "") + ", so a resume could mix two runs. Pass overwrite=true to start afresh (the "
                 "earlier attempt moves to attempts/NN/), or choose another run_name=.")
         changed = settings_differences(old, new)
-    changed = moved_data_root(stage, changed, cfg)
+        old = None
+    changed = moved_data_root(stage, moved_files(stage, changed, old, new if cfg is not None else None), cfg)
     if changed:
         raise RunSettingsChangedError(
             f"{run_dir} holds an unfinished {stage} run ({', '.join(p.name for p in left[-3:])}) made with other "
@@ -246,12 +253,38 @@ def finished_differences(stage: str, run_dir: Path, cfg) -> list[str]:
     new = fingerprint(stage, cfg)
     recorded = run_dir / FINGERPRINT
     if recorded.exists():
-        changed = differences(recorded_fingerprint(run_dir), new, budget=True)
+        old = recorded_fingerprint(run_dir)
+        changed = moved_files(stage, differences(old, new, budget=True), old, new)
     else:
         changed = settings_differences(config_settings(stage, run_dir) if (run_dir / CONFIG).exists() else {}, new)
     changed = moved_data_root(stage, changed, cfg)
     inputs = getattr(stage_named(stage).runner(), "input_changes", None)  # inputs beyond files: a data tree
     return changed + (inputs(cfg, run_dir) if inputs and not changed else [])
+
+
+NAMED_BY_ADAPTER_PATH = ("infer",)  # stages whose outputs name the adapter they start from by its path
+
+
+def moved_files(stage: str, changed: list[str], old: dict | None, new: dict | None) -> list[str]:
+    """``changed`` without the path settings whose files are the same bytes at the new path (a moved or copied
+    output tree, prepared dir or adapter: its sha256 decides, recorded in ``old`` and ``new``'s files): an input
+    file (sft.train_file, ...) or the adapter a training stage starts from (its weights and config)."""
+    if old is None or new is None:
+        return changed
+    before, after = old.get("files", {}), new.get("files", {})
+    kept = []
+    for entry in changed:
+        key = entry.split(": ", 1)[0]
+        if key == STARTS.get(stage) and stage in NAMED_BY_ADAPTER_PATH:
+            kept.append(entry)  # its rows name the adapter by its path: a resume elsewhere would mix two names
+            continue
+        hashed = [f"{key}{ADAPTER_WEIGHTS}", f"{key}{ADAPTER_CONFIG}"] if key == STARTS.get(stage) else [key]
+        compared = [k for k in hashed if k in before]  # a record from before configs were hashed has weights only
+        if key in new.get("settings", {}) and hashed[0] in before and all(before[k] == after.get(k) for k in compared):
+            log.info("%s: %s moved (%s), the same bytes there: the same input", stage, key, entry[len(key) + 2:])
+            continue
+        kept.append(entry)
+    return kept
 
 
 ROOT_CHANGED = "data.root: "

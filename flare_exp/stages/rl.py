@@ -45,7 +45,7 @@ STAGE = Stage(
         "rl.report_to", "rl.wandb_project", "rl.wandb_mode", "reward.radgraph.cache_size",
         "reward.radgraph.device", "reward.radgraph.build_tiny"),
     budget=("rl.max_steps",),
-    fingerprinted=("rl.train_file",),
+    fingerprinted=("rl.train_file", "rl.eval_file"),
     starts_from="rl.init_from",
     resumable=("checkpoint-*",),
     ranks="several",

@@ -29,9 +29,12 @@ def test_the_demo_pipeline_end_to_end_and_again(base_overrides, tmp_path, caplog
     assert torch.get_num_threads() == 1  # model=tiny: model.cpu_threads=1 (a second thread only spins)
 
     caplog.set_level("INFO", logger="flare_exp.stages.pipeline")
-    again = run(compose_cfg(base_overrides), run_dir=run_dir)
+    record = {name: (run_dir / name).read_bytes() for name in ("DONE", "config.yaml", "run_info.json")}
+    again = run(compose_cfg([*base_overrides, "infer.batch_size=4"]), run_dir=run_dir)  # a speed setting only
     assert all(again["results"][step] == {"reused": str(run_dir / step)} for step in steps[1:])
     assert not (run_dir / "attempts").exists()  # same settings, nothing failed: nothing new to keep
+    # nothing ran: the record is still the run that made the outputs (its results, duration, config)
+    assert record == {name: (run_dir / name).read_bytes() for name in record}
 
     assert "other settings" not in caplog.text
     first_config = (run_dir / "config.yaml").read_text()

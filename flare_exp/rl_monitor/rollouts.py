@@ -50,14 +50,6 @@ def group_entries(step: int, rows: list[dict], samples: list[dict], advantages: 
     return out
 
 
-def shown_image(path: Path, window):
-    """The picture the model was given for an image file (the stages' decoding rule: 16-bit scaled by the
-    record's window, EXIF orientation, alpha over black), not the file's raw pixels."""
-    from flare_exp.data.decoding import check_window, decode_image
-
-    return decode_image(path, check_window(window))
-
-
 class RolloutLog:
     """Appends picked groups to rollouts.jsonl (rank 0 only) and rewrites rollouts.html after each append."""
 
@@ -111,6 +103,8 @@ def read_rollouts(path: Path) -> list[dict]:
 def wandb_table(entries: list[dict], image_root: Path):
     """The entries as a W&B table: one row per completion, the first image of its record shown."""
     import wandb
+
+    from flare_exp.rl_monitor.rollouts_html import shown_image
 
     terms = sorted({t for e in entries for c in e["completions"] for t in c["terms"]})
     table = wandb.Table(columns=["step", "id", "dataset", "task_type", "image", "reference", "completion",

@@ -9,7 +9,6 @@ import io
 from pathlib import Path
 
 from flare_exp.io import write_text
-from flare_exp.rl_monitor.rollouts import shown_image
 
 THUMB = 112  # pixels, longest side
 
@@ -33,9 +32,18 @@ g.style.display=on?'':'none';if(on)n++;}});document.getElementById('shown').text
 </body></html>"""
 
 
+def shown_image(path: Path, window):
+    """The picture the model was given for an image file (the stages' decoding rule: 16-bit scaled by the
+    record's window, EXIF orientation, alpha over black), not the file's raw pixels."""
+    from flare_exp.data.decoding import check_window, decode_image
+
+    return decode_image(path, check_window(window))
+
+
+
 @functools.lru_cache(maxsize=4096)
 def thumbnail(path: Path, window: tuple | None = None) -> str:
-    """A JPEG data URI of the picture the model was given (rollouts.shown_image), THUMB pixels on its longest
+    """A JPEG data URI of the picture the model was given (shown_image), THUMB pixels on its longest
     side; empty when the file cannot be read."""
     try:
         image = shown_image(path, window)

@@ -23,14 +23,14 @@ import logging
 import time
 from pathlib import Path
 
-from flare_exp.io import write_json
+from flare_exp.io import write_bytes, write_json
 from flare_exp.logs import run_summary
 from flare_exp.models.checkpoints import adapter_identity
 from flare_exp.run.fingerprint import (RunSettingsChangedError, check_resume, finished_differences, fingerprint,
                                        listed, recorded_fingerprint, starting_adapter)
 from flare_exp.run.lock import RunLock
-from flare_exp.run.layout import DONE, FAILED, FINGERPRINT, REPORT_HTML, RUN_INFO, SWEEP_TABLE
-from flare_exp.run.record import (RunFinishedError, archive_attempt, attempt_files, keep_hydra_record,
+from flare_exp.run.layout import CONFIG, DONE, FAILED, FINGERPRINT, REPORT_HTML, RUN_INFO, SWEEP_TABLE
+from flare_exp.run.record import (RunFinishedError, archive_attempt, attempt_files, file_attempt, keep_hydra_record,
                                   restore_hydra_record, write_failed, write_run_metadata)
 from flare_exp.run.stage import declared_stages
 from flare_exp.runtime import barrier
@@ -55,6 +55,7 @@ class Run:
         self.own_run = locked  # not a pipeline's step (the pipeline checked its steps before it started)
         self.lock: RunLock | None = None
         self.record_lock: RunLock | None = None
+        self.finished_record: dict[str, bytes] = {}  # a finished pipeline's record, kept if it only reuses now
 
     def __enter__(self) -> "Run":
         try:
@@ -67,6 +68,7 @@ class Run:
             if not self.view:  # every rank runs with the same applied settings
                 self.cfg, self.applied = self.declared.applied(self.configured)
             if self.rank == 0:
+                self.finished_record = finished_record(self.out_dir) if self.view and self.own_run else {}
                 self._start()
         except BaseException as e:
             if self.own_run and self.rank == 0:  # refused: the run dir's record of its own launch stays
@@ -83,14 +85,26 @@ class Run:
                 lock.release()
 
     def _start(self) -> None:
-        if self.view:
-            write_run_metadata(self.out_dir, self.cfg)
+        if self.view:  # a finished pipeline's record is kept by execute(), once it knows whether anything ran
+            write_run_metadata(self.out_dir, self.cfg, keep_previous=not self.finished_record)
         else:
             start_attempt(self.stage, self.configured, self.out_dir, ran=self.cfg, applied=self.applied)
         if self.out_dir != self.run_dir:
             write_run_metadata(self.run_dir, self.cfg)
         if self.own_run:
             keep_hydra_record(self.run_dir)
+
+    def _keep_finished_record(self, reused: bool) -> None:
+        """A finished pipeline run again: when every step was reused, its record (DONE with the results and the
+        duration, config, run info) stays as the run that made the outputs; else it moves to attempts/NN/."""
+        if not self.finished_record:
+            return
+        if reused:
+            for name, data in self.finished_record.items():
+                write_bytes(self.out_dir / name, data)
+        else:
+            log.info("%s was finished before: its record is kept in %s", self.out_dir,
+                     file_attempt(self.out_dir, self.finished_record))
 
     def execute(self, work):
         """``work(cfg, out_dir)`` between the markers (None on a rank > 0: rank 0 alone works). The ranks start
@@ -103,7 +117,12 @@ class Run:
         if self.locked:  # a run of its own (not a pipeline's step): say what runs where
             log.info("stage=%s model=%s (%s) data=%s -> %s", self.stage, self.cfg.model.name,
                      self.cfg.model.backend, self.cfg.data.name, self.out_dir)
-        result = run_with_markers(self.out_dir, work, self.cfg, self.out_dir, after_clearing=barrier)
+        try:
+            result = run_with_markers(self.out_dir, work, self.cfg, self.out_dir, after_clearing=barrier)
+        except BaseException:
+            self._keep_finished_record(reused=False)
+            raise
+        self._keep_finished_record(reused=only_reused(result))
         if self.out_dir != self.run_dir:  # Hydra's run dir records the same run: the outputs' DONE, as it is
             (self.run_dir / FAILED).unlink(missing_ok=True)
             write_json(self.run_dir / DONE, json.loads((self.out_dir / DONE).read_text()))
@@ -115,6 +134,22 @@ class Run:
             print(f"\n[flare-exp] stage={self.stage} finished. Outputs: {outputs}"
                   + (f"\n\n{summary}\n" if summary else "") + (f"\nReport: {report}" if report else ""))
         return result
+
+
+def finished_record(run_dir: Path) -> dict[str, bytes]:
+    """A finished run's record (DONE, config, run info) as it is, empty for an unfinished one."""
+    if not (run_dir / DONE).exists():
+        return {}
+    try:
+        return {name: (run_dir / name).read_bytes() for name in (DONE, CONFIG, RUN_INFO) if (run_dir / name).exists()}
+    except OSError:
+        return {}
+
+
+def only_reused(result) -> bool:
+    """A pipeline's result whose every step was a finished one reused (nothing trained, predicted or scored)."""
+    steps = result.get("results") if isinstance(result, dict) else None
+    return bool(steps) and all(isinstance(r, dict) and set(r) == {"reused"} for r in steps.values())
 
 
 def report_of(stage: str, out_dir: Path, result) -> Path | None:

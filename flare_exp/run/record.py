@@ -19,7 +19,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from flare_exp.io import write_json, write_text
+from flare_exp.io import write_bytes, write_json, write_text
 from flare_exp.run.layout import ATTEMPTS, CONFIG, DONE, FAILED, FINGERPRINT, HYDRA, LOCK, RUN_INFO
 from flare_exp.runtime import abspath, world_size
 
@@ -75,6 +75,15 @@ def next_attempt_dir(run_dir: Path) -> Path:
     return dest
 
 
+def file_attempt(run_dir: Path, record: dict[str, bytes]) -> Path:
+    """An earlier attempt's record (file name -> its bytes, read before this attempt rewrote them) into
+    attempts/NN/."""
+    dest = next_attempt_dir(run_dir)
+    for name, data in record.items():
+        write_bytes(dest / name, data)
+    return dest
+
+
 def keep_previous_attempt(run_dir: Path, config_yaml: str) -> Path | None:
     """A run dir used again (a resumed crash or kill -9, a requeued SLURM job, a rerun with other settings):
     the earlier attempt's config.yaml, run_info.json and FAILED traceback move to attempts/NN/ instead of
@@ -96,11 +105,14 @@ def keep_previous_attempt(run_dir: Path, config_yaml: str) -> Path | None:
     return dest
 
 
-def write_run_metadata(run_dir: Path, cfg: DictConfig, **provenance) -> None:
+def write_run_metadata(run_dir: Path, cfg: DictConfig, keep_previous: bool = True, **provenance) -> None:
+    """config.yaml and run_info.json of the attempt that starts; the earlier attempt's kept first
+    (``keep_previous``: the caller keeps it otherwise, a finished pipeline's record until it knows whether
+    anything ran)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     # YAML text, never a pickled DictConfig: torch>=2.6 refuses to load checkpoints holding one.
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
-    kept = keep_previous_attempt(run_dir, config_yaml)
+    kept = keep_previous_attempt(run_dir, config_yaml) if keep_previous else None
     if kept is not None:
         log.info("%s was used before: its earlier config, run info and any failure are kept in %s", run_dir, kept)
     write_text(run_dir / CONFIG, config_yaml)

@@ -6,15 +6,35 @@ import hashlib
 import json
 import math
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 
-def _umask_mode() -> int:
+def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
-    return 0o666 & ~mask
+    return mask
+
+
+def _umask_mode() -> int:
+    return 0o666 & ~_umask()
+
+
+def shared_as_umask(tree: Path) -> None:
+    """Files and folders under ``tree`` (itself included) that their writer made private (0600 / 0700:
+    safetensors' save_file, mkdtemp) get the mode a plain open() or mkdir() gives under this umask (0644 /
+    0755 under 022), so a teammate can read a shared run; a mode set otherwise is left as it is."""
+    mask = _umask()
+    for path in [tree, *tree.rglob("*")]:
+        try:
+            mode = path.lstat().st_mode
+            if stat.S_ISLNK(mode) or mode & 0o077:
+                continue
+            os.chmod(path, (0o777 if stat.S_ISDIR(mode) else 0o666) & ~mask)
+        except OSError:
+            continue
 
 
 @contextlib.contextmanager
@@ -48,6 +68,7 @@ def atomic_dir(target: str | Path, prefix: str = ".tmp-", complete=None) -> Iter
     tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
     try:
         yield tmp
+        shared_as_umask(tmp)  # mkdtemp's dir is 0700, as are some writers' files
         if complete is not None and complete(target):
             shutil.rmtree(tmp, ignore_errors=True)
             return

@@ -13,7 +13,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from transformers import TrainerCallback
 
-from flare_exp.io import file_fingerprint
+from flare_exp.io import file_fingerprint, shared_as_umask
 from flare_exp.logs import log_part
 from flare_exp.reports.model_card import write_model_cards
 from flare_exp.models.checkpoints import (check_training_state, incomplete, list_checkpoints, mark_complete,
@@ -377,6 +377,7 @@ class CheckpointMeta(TrainerCallback):
         if self.processor is not None:
             self.processor.save_pretrained(adapter_dir)
         write_meta(adapter_dir, self.base, self.config_yaml, data=self.fingerprints, **extra)
+        shared_as_umask(adapter_dir)  # safetensors writes its weights 0600: a teammate could not read them
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:

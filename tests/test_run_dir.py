@@ -243,3 +243,29 @@ def test_a_run_dir_used_again_keeps_the_earlier_attempts_whole_record(tmp_path):
     assert {p.name for p in dest.iterdir()} == {"config.yaml", "run_info.json", "DONE", "fingerprint.json", ".hydra"}
     assert (dest / ".hydra" / "overrides.yaml").read_text() == "- overwrite=false\n"
     assert not (run_dir / "config.yaml").exists() and (run_dir / "DONE").exists()  # DONE: the new attempt's to clear
+
+
+def test_weights_written_private_are_shared_as_the_umask_says(tmp_path):
+    """safetensors writes 0600 and mkdtemp 0700: a finished adapter, a checkpoint and a built model get the modes a
+    plain write gives under the umask (0644 / 0755 under 022), so a teammate can start from them."""
+    import os
+
+    import torch
+    from safetensors.torch import save_file
+
+    from flare_exp.io import atomic_dir
+    from flare_exp.models.checkpoints import mark_complete
+
+    old = os.umask(0o022)
+    try:
+        checkpoint = tmp_path / "checkpoint-2"
+        checkpoint.mkdir()
+        save_file({"a": torch.zeros(2)}, str(checkpoint / "adapter_model.safetensors"))
+        mark_complete(checkpoint)
+        assert oct((checkpoint / "adapter_model.safetensors").stat().st_mode & 0o777) == "0o644"
+        with atomic_dir(tmp_path / "model") as tmp:
+            save_file({"a": torch.zeros(2)}, str(tmp / "model.safetensors"))
+        assert oct((tmp_path / "model").stat().st_mode & 0o777) == "0o755"
+        assert oct((tmp_path / "model" / "model.safetensors").stat().st_mode & 0o777) == "0o644"
+    finally:
+        os.umask(old)

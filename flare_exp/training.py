@@ -60,8 +60,11 @@ def train_and_save(trainer, stage: str, cfg, out_dir: Path, meta: "CheckpointMet
     workers_ignore_sigterm(trainer)
     try:
         try:
-            checkpoint = resume_checkpoint(cfg.resume, out_dir, stage, cfg)
+            checkpoint = resume_checkpoint(cfg.resume, out_dir, stage, cfg, trainer.args.max_steps)
+            spliced = schedule_change(trainer, checkpoint)
             result = at_the_step_budget(trainer, checkpoint) or trainer.train(resume_from_checkpoint=checkpoint)
+            if spliced:  # on record where the run's own history is: log_history.json, final/'s metadata
+                trainer.state.log_history.append(spliced)
         except torch.OutOfMemoryError as e:
             raise out_of_memory_error(stage, trainer.state.global_step + 1, out_dir, remedies) from e
         except Exception as e:
@@ -73,7 +76,8 @@ def train_and_save(trainer, stage: str, cfg, out_dir: Path, meta: "CheckpointMet
         trainer.save_model(str(final))  # the Trainer saves on the main process only
         lead = trainer.is_world_process_zero()  # a data-parallel job's other ranks write nothing
         if lead:
-            meta.write(final, step=trainer.state.global_step, **(final_meta(trainer) if final_meta else {}))
+            meta.write(final, step=trainer.state.global_step, **(final_meta(trainer) if final_meta else {}),
+                       **({"schedule_changed": spliced} if spliced else {}))
             write_model_cards(out_dir, stage, cfg, meta.base, meta.fingerprints, trainer.state)  # not TRL's card
     finally:
         finish_tracking(report_to)
@@ -142,12 +146,37 @@ def effective_batch(section, world: int) -> dict:
             "effective_batch": section.per_device_train_batch_size * section.gradient_accumulation_steps * world}
 
 
-def resume_checkpoint(resume: str, out_dir: Path, stage: str | None = None, cfg=None) -> str | None:
+def schedule_change(trainer, checkpoint: str | None) -> dict | None:
+    """A resume whose max_steps differs from the one the checkpoint was trained for: the Trainer lays the
+    learning-rate schedule out again for the new budget, so from the checkpoint's step on the rate follows
+    another curve (a linear decay jumps back up). Said, and returned for the record; None otherwise (a
+    constant schedule is not changed by the budget)."""
+    from transformers.trainer_callback import TrainerState
+
+    budget = trainer.args.max_steps
+    scheduler = str(getattr(trainer.args.lr_scheduler_type, "value", trainer.args.lr_scheduler_type))
+    if checkpoint is None or budget <= 0 or scheduler == "constant":
+        return None
+    state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
+    if not state.max_steps or state.max_steps == budget or state.global_step >= budget:
+        return None
+    log.warning("%s was trained for max_steps=%d; continuing it to max_steps=%d lays the learning-rate schedule (%s) "
+                "out again for %d steps, so from step %d the rate follows the new curve: the adapter is neither a "
+                "%d- nor a %d-step run (recorded as schedule_changed). For one schedule, start a new run from its "
+                "weights (sft.init_from / rl.init_from=%s, allow_intermediate_checkpoint=true)", Path(checkpoint).name,
+                state.max_steps, budget, scheduler, budget, state.global_step + 1,
+                state.max_steps, budget, checkpoint)
+    return {"step": state.global_step, "schedule_changed": {"max_steps_before": state.max_steps,
+                                                            "max_steps_after": budget}}
+
+
+def resume_checkpoint(resume: str, out_dir: Path, stage: str | None = None, cfg=None,
+                      max_steps: int | None = None) -> str | None:
     """resume=auto: the newest complete checkpoint in out_dir, if any; never: none (refuse if some exist);
     anything else: that checkpoint path, if it is complete and (with ``stage`` and ``cfg``) made with this run's
     deciding settings and inputs (``check_resumed_run``)."""
     if resume == "auto":
-        ckpt = newest_complete(out_dir)
+        ckpt = newest_complete(out_dir, up_to=max_steps)
         if ckpt:
             log.info("resume=auto: continuing from %s", ckpt)
         return str(ckpt) if ckpt else None

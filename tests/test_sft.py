@@ -79,6 +79,17 @@ def test_resume_continues_from_the_last_checkpoint(base_overrides, tmp_path):
     steps = [h["step"] for h in state["log_history"] if "loss" in h]
     assert steps == [1, 2, 3, 4]  # steps 1-2 come from the first job, 3-4 from the resumed one
     assert state["log_history"][0] == state_before["log_history"][0]
+    # a budget changed on resume lays the learning-rate schedule out anew: said and on record
+    changed = {"max_steps_before": 2, "max_steps_after": 4}
+    assert {"step": 2, "schedule_changed": changed} in json.loads((run_dir / "log_history.json").read_text())
+    assert json.loads((run_dir / "final" / "flare_exp_checkpoint.json").read_text())["schedule_changed"]["step"] == 2
+    # a budget lowered below the newest checkpoint: the checkpoint at the budget is the end, not a longer run's
+    shutil.rmtree(run_dir / "final")
+    (run_dir / "DONE").unlink()
+    third = run(_sft_cfg(base_overrides, "sft.max_steps=2", *common), run_dir=run_dir)
+    assert third["global_step"] == 2
+    assert (run_dir / "final" / "adapter_model.safetensors").read_bytes() == (
+        run_dir / "checkpoint-2" / "adapter_model.safetensors").read_bytes()
 
 
 def test_resume_never_refuses_existing_checkpoints(base_overrides, tmp_path):

@@ -78,11 +78,16 @@ def check_training_state(checkpoint: Path) -> None:
                 "(resume=<path>), or start afresh (overwrite=true; the earlier attempt moves to attempts/NN/)")
 
 
-def newest_complete(run_dir: Path) -> Path | None:
+def newest_complete(run_dir: Path, up_to: int | None = None) -> Path | None:
     """The newest complete checkpoint in ``run_dir`` (newer ones that are not are logged with why), its
-    training state checked; None when there is none."""
+    training state checked; None when there is none. ``up_to``: a budget (max_steps) lowered since: the
+    checkpoints past it are passed over, said, so the adapter is the budget's, not a longer run's."""
     skipped = 0
     for checkpoint in reversed(_numbered(run_dir)):
+        if up_to and up_to > 0 and (checkpoint_step(checkpoint) or 0) > up_to:
+            log.warning("skipping %s: past max_steps=%d (the budget was lowered since it was saved)", checkpoint.name,
+                        up_to)
+            continue
         why = incomplete(checkpoint)
         if why is None:
             check_training_state(checkpoint)

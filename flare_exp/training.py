@@ -183,8 +183,9 @@ def resume_checkpoint(resume: str, out_dir: Path, stage: str | None = None, cfg=
     if resume == "never":
         ckpts = list_checkpoints(out_dir)
         if ckpts:
-            raise RuntimeError(f"{out_dir} already holds checkpoints ({ckpts[-1].name}) and resume=never; use "
-                               "resume=auto to continue, or another run_name= to start fresh")
+            from flare_exp.run.stage import resume_never_refusal
+
+            raise RuntimeError(resume_never_refusal(out_dir, ckpts[-1].name))
         return None
     path = abspath(resume)
     why = incomplete(path)

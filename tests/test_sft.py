@@ -96,8 +96,11 @@ def test_resume_never_refuses_existing_checkpoints(base_overrides, tmp_path):
     run_dir = tmp_path / "sft"
     run(_sft_cfg(base_overrides, "sft.max_steps=2", "sft.save_steps=2", "sft.eval_steps=0"), run_dir=run_dir)
     (run_dir / "DONE").unlink()
-    with pytest.raises(RuntimeError, match="resume=never"):
+    config = (run_dir / "config.yaml").read_text()
+    with pytest.raises(RuntimeError, match=r"checkpoints \(checkpoint-2\) and resume=never: .* overwrite=true"):
         run(_sft_cfg(base_overrides, "sft.max_steps=2", "resume=never"), run_dir=run_dir)
+    # refused before the run dir was touched (no model loaded, no FAILED, its record as it was)
+    assert not (run_dir / "FAILED").exists() and (run_dir / "config.yaml").read_text() == config
 
 
 def test_too_long_samples_are_skipped_or_refused(base_overrides, tmp_path):

@@ -76,7 +76,14 @@ class Stage:
         return apply(cfg) if apply else (cfg, None)
 
     def refuse_before_start(self, cfg, run_dir: Path) -> None:
-        """The stage's own refusals that must come before its run dir is touched (a pipeline's finished steps)."""
+        """The stage's own refusals that must come before its run dir is touched (a pipeline's finished steps),
+        and resume=never on checkpoints a training run left (before the model loads, not after)."""
+        if self.trains and cfg.get("resume") == "never" and not cfg.get("overwrite"):
+            from flare_exp.models.checkpoints import list_checkpoints
+
+            left = list_checkpoints(run_dir)
+            if left:
+                raise RuntimeError(resume_never_refusal(run_dir, left[-1].name))
         refuse = getattr(self.runner(), "refuse_before_start", None)
         if refuse:
             refuse(cfg, run_dir)
@@ -91,6 +98,11 @@ class Stage:
         if value or key not in self.defaults:
             return value
         return re.sub(r"\{([\w.]+)\}", lambda m: str(OmegaConf.select(cfg, m.group(1))), self.defaults[key])
+
+
+def resume_never_refusal(run_dir: Path, newest: str) -> str:
+    return (f"{run_dir} already holds checkpoints ({newest}) and resume=never: use resume=auto to continue, "
+            "overwrite=true to start afresh (the earlier attempt moves to attempts/NN/), or another run_name=")
 
 
 def _declaration(path: Path) -> Stage | None:

@@ -227,7 +227,8 @@ def start_attempt(stage: str, cfg, run_dir: Path, ran=None, applied: dict | None
         other = f" (this launch is stage={stage}: another run_name= keeps both)" if held != stage else ""
         raise RunFinishedError(
             f"{run_dir} already holds a finished {held} run ({DONE} marker present){other}. Nothing of it was "
-            "changed (its launch.log notes this refused launch). Pass overwrite=true to redo it there (the finished run moves to attempts/NN/), or choose another "
+            "changed (its launch.log notes this refused launch). Pass overwrite=true to redo it there (the finished "
+            "run moves to attempts/NN/), or choose another "
             f"{'data.prepared_dir= (prepare writes there, whatever the run_name)' if stage == 'prepare' else 'run_name='}.")
     new = fingerprint(stage, cfg)
     if cfg.overwrite and attempt_files(run_dir):

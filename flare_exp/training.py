@@ -224,7 +224,8 @@ def check_resumed_run(resume: str, checkpoint: Path, out_dir: Path, stage: str, 
         raise RunSettingsChangedError(
             f"resume={resume}: {checkpoint} belongs to the run in {source}, made with other settings or inputs, "
             f"which this run would continue as its own: {listed(changed)}. Resume it with that run's settings, or "
-            f"start a new run from its weights ({stage}.init_from={checkpoint} with allow_intermediate_checkpoint=true).")
+            f"start a new run from its weights ({stage}.init_from={checkpoint} with "
+            "allow_intermediate_checkpoint=true).")
 
 
 def out_of_memory_error(stage: str, step: int, out_dir: Path, remedies: list[str]) -> RuntimeError:

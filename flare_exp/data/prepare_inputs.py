@@ -129,7 +129,8 @@ def moved_here(out_dir: Path, root: Path) -> str | None:
     changed, _ = image_changes(root, recorded["images"])
     if changed:
         name, why = changed[0]
-        return f"{len(changed)} of the {len(recorded['images'])} images prepare recorded differ there, e.g. {name}: {why}"
+        return (f"{len(changed)} of the {len(recorded['images'])} images prepare recorded differ there, e.g. "
+                f"{name}: {why}")
     return None
 
 

@@ -228,7 +228,7 @@ def remove_view_dir() -> None:
     if not HydraConfig.initialized():
         return
     made = Path(HydraConfig.get().runtime.output_dir)
-    if made.is_dir() and all(p.suffix == ".log" and p.stat().st_size == 0 for p in made.iterdir()):
+    if made.is_dir() and all(p.suffix == ".log" for p in made.iterdir()):  # its own log only: nothing of a run
         shutil.rmtree(made)
         try:
             made.parent.rmdir()  # runs/, when this launch's dir was all it held
@@ -242,12 +242,14 @@ def run(cfg, out_dir: Path | None = None) -> dict:
 
     root = abspath(cfg.paths.output_root)
     names = list(cfg.runs.compare or [])
-    if names:
-        lines = comparison(root, names, cfg.eval.significance.resamples, cfg.eval.significance.seed,
-                           cfg.eval.significance.ar_trials)
-    else:
-        header, rows = listing(root)
-        lines = md_table(header, rows) if rows else [f"no runs under {root}"]
+    try:
+        if names:
+            lines = comparison(root, names, cfg.eval.significance.resamples, cfg.eval.significance.seed,
+                               cfg.eval.significance.ar_trials)
+        else:
+            header, rows = listing(root)
+            lines = md_table(header, rows) if rows else [f"no runs under {root}"]
+    finally:
+        remove_view_dir()
     print("\n".join(lines), flush=True)
-    remove_view_dir()
     return {"output_root": str(root), "lines": len(lines)}

@@ -1,5 +1,6 @@
 """stage=runs: the runs under the output root listed from their own records, and compared side by side."""
 import json
+import os
 
 from conftest import compose_cfg
 
@@ -87,6 +88,23 @@ def test_listing_an_empty_output_root_leaves_nothing_behind(tmp_path):
         assert done.returncode == 0, done.stderr[-2000:]
         assert "no runs under" in (done.stdout + done.stderr).lower()
         assert not (tmp_path / "root" / "runs").exists()
+        assert (tmp_path / "root").exists() == made_by_user  # not even the root is made
+    # a read-only output root (an archive mounted read-only) is listed, a failing comparison leaves nothing
+    (tmp_path / "root" / "runs" / "a").mkdir(parents=True)
+    (tmp_path / "root" / "runs" / "a" / "DONE").write_text('{"seconds": 3}')
+    (tmp_path / "root" / "runs" / "a" / "run_info.json").write_text('{"started": "2026-12-01T10:00:00"}')
+    os.chmod(tmp_path / "root" / "runs", 0o555)
+    try:
+        for extra, code in (([], 0), (["runs.compare=[a,nope]"], 1)):
+            done = subprocess.run([sys.executable, "launch.py", "stage=runs", f"paths.output_root={tmp_path / 'root'}",
+                                   *extra], cwd=REPO, capture_output=True, text=True, timeout=300,
+                                  env={**os.environ, "TMPDIR": str(tmp_path / "tmp")})
+            assert done.returncode == code, done.stderr[-2000:]
+            assert sorted(p.name for p in (tmp_path / "root" / "runs").iterdir()) == ["a"]
+            assert not (tmp_path / "tmp" / "flare-exp-views").exists() or not any(
+                (tmp_path / "tmp" / "flare-exp-views").iterdir())
+    finally:
+        os.chmod(tmp_path / "root" / "runs", 0o755)
 
 
 def test_runs_scored_on_different_reports_are_said_to_differ(tmp_path):

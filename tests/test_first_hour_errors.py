@@ -518,3 +518,19 @@ def test_a_missing_path_that_is_a_link_says_so(tmp_path):
                        ("absent", "no such file or directory")):
         with pytest.raises(FileNotFoundError, match=f"infer.checkpoint={tmp_path / name}: {said} "):
             _check_exists("infer.checkpoint", str(tmp_path / name), True, "")
+
+
+def test_an_output_root_that_cannot_be_written_is_named_before_any_run(base_overrides, tmp_path, monkeypatch):
+    """A read-only mount (or no permission) under paths.output_root: one line naming the key, not Hydra's
+    logging traceback; a run whose root does not exist yet is fine where its parent takes new folders."""
+    import os
+
+    from flare_exp.checks import problems_of
+
+    root = tmp_path / "archive" / "out"
+    cfg = compose_cfg(["stage=eval", *base_overrides, f"paths.output_root={root}"])
+    assert not [p for p in problems_of(cfg, inputs=True) if "paths.output_root" in str(p)]
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if str(path) == str(tmp_path) else real(path, mode))
+    (problem,) = [p for p in problems_of(cfg, inputs=True) if "paths.output_root" in str(p)]
+    assert str(problem).startswith(f"paths.output_root={root}: {tmp_path} cannot be written (a read-only mount")

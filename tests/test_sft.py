@@ -428,3 +428,22 @@ def test_the_run_mean_loss_covers_the_steps_before_a_resume():
     history = [{"loss": 1.0, "step": 2}, {"loss": 0.5, "step": 4}, {"loss": 0.25, "step": 5}]
     assert run_mean_loss(history, session_mean=0.05) == (2 * 1.0 + 2 * 0.5 + 1 * 0.25) / 5
     assert run_mean_loss([], session_mean=0.7) == 0.7
+
+
+def test_a_damaged_or_missing_final_adapter_is_named(base_overrides, sft_adapter, tmp_path):
+    """final/ deleted from a finished run is not called an unfinished run; weights cut short by a copy are one
+    line naming the adapter, not the loader's traceback."""
+    from flare_exp.models.loading import load_model
+
+    copy = tmp_path / "sft"
+    shutil.copytree(sft_adapter, copy)
+    weights = copy / "final" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    cfg = _sft_cfg(base_overrides)
+    with pytest.raises(RuntimeError, match=rf"the LoRA adapter in {copy / 'final'} cannot be loaded \(.*cut short"):
+        load_model(cfg.model, init_from=str(copy), training=False)
+    shutil.rmtree(copy / "final")
+    from flare_exp.models.checkpoints import resolve_adapter
+
+    with pytest.raises(FileNotFoundError, match="is a finished run whose final/ adapter is missing"):
+        resolve_adapter(copy)

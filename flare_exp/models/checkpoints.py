@@ -125,6 +125,10 @@ def resolve_adapter(path: str | Path) -> Path:
         raise FileNotFoundError(
             f"{path} is a finished run that trained nothing (no final/ adapter, no checkpoint: an infer, eval or "
             "prepare run?). Point it at an sft or rl run dir, a pipeline dir, or an adapter dir.")
+    if ours and (path / "DONE").exists():
+        raise FileNotFoundError(
+            f"{path} is a finished run whose final/ adapter is missing (deleted or moved since): restore final/, or "
+            f"use one of its checkpoints on purpose ({path}/checkpoint-N with {ALLOW_INTERMEDIATE}=true)")
     if ours or _numbered(path):
         ckpts = _numbered(path)
         raise FileNotFoundError(

@@ -157,7 +157,7 @@ def load_model(model_cfg, init_from: str | None = None, training: bool = True, s
 
 
 def _load_hf(model_cfg, init_from, training, merge_adapter=False) -> LoadedModel:
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     adapter, base = _adapter_and_base(model_cfg, init_from)
@@ -177,7 +177,7 @@ def _load_hf(model_cfg, init_from, training, merge_adapter=False) -> LoadedModel
         log.info("model.liger_kernel=true: Liger's kernels are for training; inference decodes without them "
                  "(the same outputs up to rounding; with them infer ran at 0.39x, docs/performance.md)")
     if adapter is not None:
-        model = PeftModel.from_pretrained(model, adapter, is_trainable=training)
+        model = adapter_loaded(model, adapter, training)
         if merge_adapter:  # an unmerged LoRA adds two small matmuls per projection to every decode step
             model = model.merge_and_unload()
     elif training:
@@ -247,9 +247,7 @@ def _load_unsloth(model_cfg, init_from, training, seed) -> LoadedModel:
     apply_pixel_budget(processor, model_cfg)
     lora = model_cfg.lora
     if adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter, is_trainable=training)
+        model = adapter_loaded(model, adapter, training)
     elif training:
         model = FastVisionModel.get_peft_model(
             model, finetune_vision_layers=lora.finetune_vision_layers,
@@ -265,3 +263,17 @@ def _load_unsloth(model_cfg, init_from, training, seed) -> LoadedModel:
     else:
         FastVisionModel.for_inference(model)
     return LoadedModel(model, processor, base, adapter, "unsloth")
+
+
+def adapter_loaded(model, adapter, training: bool):
+    """The model with the LoRA adapter at ``adapter``; weights that cannot be read (cut short by a copy, damaged)
+    or that do not fit the model are one line naming the adapter, not the loader's traceback."""
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, adapter, is_trainable=training)
+    except Exception as e:  # noqa: BLE001  (safetensors' and torch's own errors for a bad file, a shape mismatch)
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        raise RuntimeError(f"the LoRA adapter in {adapter} cannot be loaded ({type(e).__name__}: {first}): its "
+                           "weights are cut short or damaged (copy them again) or were trained for another base "
+                           "model or LoRA settings (model.path, model.lora.*)") from e

@@ -239,3 +239,20 @@ def test_a_null_multi_label_prediction_is_said_as_left_out_of_flares_f1(tmp_path
     (line,) = [c for c in caveat_lines({"r": {**info, "official": {}, "by_task": {}}}, []) if "empty" in c]
     assert "2 empty" in line and "leaves out the 1 pair(s) whose prediction is null" in line
     assert multi_label_stats([None, ""], ["Mass", "Mass"]).tolist() == [[0, 0, 0], [0, 0, 1]]
+
+
+def test_a_standalone_predictions_file_with_a_torn_last_line_says_so_and_allow_partial_scores_the_rest(tmp_path):
+    """A copy of a killed run's journal: the refusal says the last line is cut short and what scores the rest;
+    with eval.allow_partial=true the complete lines are scored and the report says one was left out."""
+    prepared = _prepared(tmp_path)
+    path = _predictions(tmp_path / "copy", _answered())
+    path.write_text(path.read_text()[:-25])  # cut inside the last line
+    with pytest.raises(ValueError, match=r"It is the file's last line, cut short .* eval.allow_partial=true"):
+        load_rows(path, False, prepared)
+    rows, info = load_rows(path, True, prepared)
+    assert len(rows) == len(REFERENCE) - 1 and "torn last line" in info["partial"]
+    broken = _predictions(tmp_path / "mid", _answered())
+    lines = broken.read_text().splitlines(keepends=True)
+    broken.write_text("".join([lines[0], "garbage\n", *lines[1:]]))
+    with pytest.raises(ValueError, match="not valid JSON"):  # a broken line inside the file: refused either way
+        load_rows(broken, True, prepared)

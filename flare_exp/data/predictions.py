@@ -32,14 +32,18 @@ def load_rows(path: Path, allow_partial: bool, prepared_dir: str | None = None) 
     sheet, torn = is_sheet(path), False
     if sheet:
         rows, sheet_title = read_sheet_predictions(path)
-    elif unfinished:  # allowed partial: a killed infer's journal may end in a torn line, left out and said
+    elif unfinished or (allow_partial and not (run_dir / DONE).exists()):
+        # allowed partial: a killed infer's journal, or a copy of one, may end in a torn line, left out and said
         rows, torn = read_jsonl_of_unfinished_run(path)
     else:
         try:
             rows = read_jsonl(path)
         except ValueError as e:
             if not (run_dir / DONE).exists():
-                raise
+                last = _torn_at_the_end(path)
+                raise ValueError(f"{e}" + (". It is the file's last line, cut short (a copy or a run stopped while "
+                                           "writing): eval.allow_partial=true scores the complete lines before it, "
+                                           "said in the report" if last else "")) from None
             raise ValueError(f"{e}. Its infer run finished, so the file was cut or edited since: copy it again "
                              "from where it was made, or rerun that infer with overwrite=true") from None
     if not rows:
@@ -53,6 +57,9 @@ def load_rows(path: Path, allow_partial: bool, prepared_dir: str | None = None) 
                               "now: a prediction edited by hand is scored as edited")
     else:
         info.update(edited_sheet_beside(path, rows))
+    if torn and not unfinished:
+        info["partial"] = (f"partial: {len(rows)} predictions; the file's torn last line (a write cut short) left "
+                           "out (eval.allow_partial=true)")
     if unfinished:
         info["partial"] = (f"partial: {len(rows)} of {expected_count(run_dir) or 'an unknown number of'} predictions"
                            + ("; the file's torn last line (a write cut short) left out" if torn else ""))
@@ -185,6 +192,14 @@ def check_one_row_per_id(path: Path, rows: list[dict]) -> None:
     if doubled:
         raise ValueError(f"{path}: {len(doubled)} id(s) occur more than once ({sum(doubled.values())} rows, e.g. "
                          f"{next(iter(doubled))}): a predictions file holds one row per question")
+
+
+def _torn_at_the_end(path: Path) -> bool:
+    """Whether the only line that does not parse is the file's last one (a write cut short)."""
+    try:
+        return read_jsonl_of_unfinished_run(path)[1]
+    except ValueError:
+        return False
 
 
 def check_fields(path: Path, rows: list[dict]) -> None:

@@ -167,6 +167,8 @@ def wrong_value(schema: type, key: str, value) -> str | None:
     if isinstance(value, str) and value.startswith("${"):
         return None  # an interpolation: checked when composed
     if isinstance(node, ListConfig) and value is not None and not isinstance(value, list):
+        if key in LIST_SHAPES:
+            return LIST_SHAPES[key]
         bare = re.fullmatch(r"[\w./:@+-]*", str(value))  # what Hydra's grammar reads without quotes
         written = f"{key}=[{value}]" if bare else f"""'{key}=["{value}"]'"""
         return f"a list: write {written} (or [a,b] for several)"
@@ -195,6 +197,11 @@ def _boolean(value) -> bool:
     if isinstance(value, int):
         return value in (0, 1)
     return isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no", "on", "off", "0", "1")
+
+
+# lists of a fixed shape, where the usual advice (the value in brackets) would be refused next
+LIST_SHAPES = {"data.image_window": "a list [low, high] in the images' own units: write data.image_window=[0,4095] "
+                                    "(or null: each image by its own range)"}
 
 
 def _element_nodes() -> dict:

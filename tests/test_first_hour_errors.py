@@ -91,6 +91,8 @@ def test_deleting_a_setting_of_the_schema_is_one_line_saying_how_to_set_it(overr
     ("model.decode_attention=[grouped]", "model.decode_attention=['grouped']: must be a single value, not a list"),
     ("eval.predictions=outputs/runs/x", "eval.predictions=outputs/runs/x: a list: write eval.predictions=[outputs/runs/x]"),
     ("stage.steps=prepare", "stage.steps=prepare: a list: write stage.steps=[prepare]"),
+    ("data.image_window=0", "data.image_window=0: a list [low, high] in the images' own units: write "
+                            "data.image_window=[0,4095]"),
     ('eval.predictions="a b.xlsx"', """eval.predictions=a b.xlsx: a list: write 'eval.predictions=["a b.xlsx"]'"""),
 ])
 def test_a_value_of_the_wrong_type_is_named_before_hydra(override, said):

@@ -150,12 +150,13 @@ def test_each_reject_reason(tmp_path):
         {**GOOD, "Question": "Which? \ud83d"},  # half of a surrogate pair: text cut inside a character
         {**GOOD, "ImageName": "imagesTr/a\udcff.png", "Question": "q5"},
         {**GOOD, "Question": 42},
+        {**GOOD, "Answer": "Effusion"},  # the same question again, answered otherwise
     ])
     (d / "imagesTr" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
     out = _prepare(tmp_path, root, "data.datasets=[chestdr]")
     rejects = read_jsonl(out / "rejects.jsonl")
     reasons = [r["reason"] for r in rejects]
-    assert [r["index"] for r in rejects] == [1, 2, 3, 4, 5, 6, 7, 8, 9]
+    assert [r["index"] for r in rejects] == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
     assert reasons[0] == "missing image imagesTr/missing.png"
     assert reasons[1].startswith("corrupt image corrupt.png")
     assert reasons[2] == "missing key Question"
@@ -164,7 +165,10 @@ def test_each_reject_reason(tmp_path):
     assert reasons[5].startswith("duplicate")
     assert reasons[6:] == ["Question is not valid Unicode (a lone UTF-16 surrogate: text cut inside a character)",
                            "ImageName is not valid Unicode (a lone UTF-16 surrogate: text cut inside a character)",
-                           "Question is not text (int)"]
+                           "Question is not text (int)",
+                           "duplicate ImageName||Question with another answer ('Effusion'; 'Effusion, Mass' kept)"]
+    assert json.loads((out / "summary.json").read_text())["rejects"][
+        "duplicate ImageName||Question with another answer"] == 1
     assert all(r["file"] == "training/Xray/chestdr/chestdr_questions_train.json" for r in rejects)
     assert len(read_jsonl(out / "train.jsonl")) == 1
 

@@ -374,12 +374,15 @@ def accept_records(candidates: list, cfg_data, rejects: list,
     images = [p for record, _, _ in candidates for p in record["_paths"]]
     window = check_window(cfg_data.image_window)
     checked = check_images(images, cfg_data.image_workers, window, limits, decode=cfg_data.verify_images)
-    seen, modes = set(), {}
+    seen: dict[str, str | None] = {}  # id -> the answer kept
+    modes = {}
     for record, file, index in candidates:
         results = [checked[p] for p in record["_paths"]]
         problem = next((result.problem for result in results if result.problem), None)
         if problem is None and record["id"] in seen:
-            problem = "duplicate ImageName||Question"
+            kept = seen[record["id"]]
+            problem = "duplicate ImageName||Question" + (
+                f" with another answer ({record.get('answer')!r}; {kept!r} kept)" if kept != record.get("answer") else "")
         if problem:
             _reject(rejects, cfg_data, file, index, problem)
             continue
@@ -387,7 +390,7 @@ def accept_records(candidates: list, cfg_data, rejects: list,
         if window is not None:
             record["image_window"] = list(window)  # every stage decodes with it (VisionChat.load_images)
         modes.update({p: result.mode for p, result in zip(record["_paths"], results)})
-        seen.add(record["id"])
+        seen[record["id"]] = record.get("answer")
         by_split[record["split"]].append(record)
     sha1s = {p: result.sha1 for p, result in checked.items() if result.sha1}
     flat = sorted(p for p in modes if (checked[p].uniform or 0) >= NEARLY_UNIFORM)
@@ -423,7 +426,7 @@ def check_requested(root: Path, cfg_data, split_sources: dict, by_split: dict, r
 
 
 def _reason_kind(reason: str) -> str:
-    for prefix in ("missing image", "corrupt image", "decompression bomb", "missing key", "unknown TaskType",
+    for prefix in ("duplicate ImageName||Question with another answer", "missing image", "corrupt image", "decompression bomb", "missing key", "unknown TaskType",
                    OUTSIDE_ROOT, SMALLER_THAN_A_PATCH, PROCESSOR_REFUSES):
         if reason.startswith(prefix):
             return prefix

@@ -207,3 +207,15 @@ def test_a_multi_page_tiff_is_read_by_its_first_page_and_named(tmp_path, caplog)
     assert summary["multi_page_images"] == {"count": 1, "first": ["training/Xray/chestdr/imagesTr/pages.tif"]}
     assert "every stage reads their first page only" in caplog.text
     assert np.array_equal(np.asarray(decode_image(d / "imagesTr" / "pages.tif"))[..., 0], GRADIENT.astype(np.uint8))
+
+
+def test_a_float_images_nan_and_infinite_pixels_are_black_or_white_not_mid_grey():
+    """NaN (no signal) and -inf read as the low end, +inf as the high end, of the finite range or the window;
+    the finite pixels keep their scale."""
+    import numpy as np
+
+    from flare_exp.data.decoding import scale_to_8bit
+
+    values = np.array([[-1.0, 2.5, np.nan, np.inf, -np.inf, 0.4]], dtype=np.float32)
+    assert scale_to_8bit(values, None).tolist() == [[0, 255, 0, 255, 0, 102]]
+    assert scale_to_8bit(values, (0.0, 1.0)).tolist() == [[0, 255, 0, 255, 0, 102]]

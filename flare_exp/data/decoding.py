@@ -61,8 +61,13 @@ def scale_to_8bit(values: np.ndarray, window: tuple[float, float] | None) -> np.
     half up (float32 holds every 16-bit value exactly)."""
     floating = values.dtype.kind == "f"
     values = values.astype(np.float32)
-    if floating:  # NaN and infinite pixels of a float image count as 0
-        values = np.nan_to_num(values, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+    finite = np.isfinite(values) if floating else None
+    if finite is not None and not finite.all():  # NaN (no signal) and -inf: black; +inf: white
+        seen = values[finite]
+        lowest, highest = (float(seen.min()), float(seen.max())) if seen.size else (0.0, 0.0)
+        if window is not None:
+            lowest, highest = window
+        values = np.nan_to_num(values, copy=False, nan=lowest, posinf=highest, neginf=lowest)
     low, high = window if window is not None else (float(values.min()), float(values.max()))
     if high <= low:
         return np.zeros(values.shape, np.uint8)

@@ -346,7 +346,7 @@ def test_the_slurm_launcher_off_the_cluster_is_one_line(capsys, monkeypatch):
     assert "without -m this job would run here" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["../x", "a/b", ".."])
+@pytest.mark.parametrize("name", ["../x", "a/b", "..", "-x", ".hidden", "tab\tname"])
 def test_a_bad_run_name_is_one_line_before_hydra(name, capsys):
     """run_name places Hydra's run dir: refused before Hydra resolves it (else Hydra's formatting traceback)."""
     sys.path.insert(0, str(REPO))
@@ -355,7 +355,7 @@ def test_a_bad_run_name_is_one_line_before_hydra(name, capsys):
     with pytest.raises(SystemExit):
         launch.check_command_line(["stage=infer", f"run_name={name}"])
     err = capsys.readouterr().err
-    assert f"run_name='{name}'" in err and "nothing was run or written" in err and "Traceback" not in err
+    assert f"run_name={name!r}" in err and "nothing was run or written" in err and "Traceback" not in err
     launch.check_command_line(["-m", "stage=infer", "run_name=a,b"])  # a sweep over two good names passes
 
 

@@ -316,3 +316,11 @@ def test_an_image_name_in_another_unicode_form_is_found_and_a_missing_one_says_w
     assert reasons == ["missing image 'imagesTr/a.png '",
                        f"missing image imagesTr/link.png (a symbolic link to {d / 'imagesTr' / 'gone.png'}, "
                        "which is not there)"]
+
+
+def test_regression_answers_in_another_scripts_digits_become_ascii():
+    """'３５' (fullwidth) and '٣٥' (Arabic-Indic) are 35 to float() and FLARE: the model is trained to write 35."""
+    from flare_exp.data.records import answer_text
+
+    for written in ("３５", "٣٥", "35 %"):
+        assert answer_text(written, "regression", "boneresorption", "q") == ("35", None)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import unicodedata
 from typing import Any
 
 # Our task type names: every stage, reward and metric is keyed by them.
@@ -103,7 +104,8 @@ def answer_text(raw: Any, task_type: str, dataset: str, question: str) -> tuple[
         number = text.rstrip("% ")
         if not _NUMBER_ANSWER.fullmatch(text) or not math.isfinite(float(number)):
             return None, f"regression answer {text[:40]!r} is not a finite number"
-        text = number
+        # digits of another script ("３５", "٣٥"): float() reads them, but a model trained on them writes them
+        text = "".join(str(unicodedata.digit(c)) if c.isdigit() and not c.isascii() else c for c in number)
     if task_type == "classification":
         options = listed_options(question)
         letter = re.fullmatch(r"\(?([A-Za-z])\)?[.)]?", text) or re.match(r"([A-Z])[.)]\s", text)

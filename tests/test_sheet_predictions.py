@@ -149,6 +149,7 @@ def test_an_edited_copy_sheet_is_named_as_not_read(tmp_path, caplog):
     workbook.save(sheet)
     rows, info = load_rows(sheet, False, prepared)
     assert len(rows) == 12 and "(sheet 'predictions')" in info["sheet_note"]
+    assert "not read: the sheet(s) 'predictions (2)'" in info["sheet_note"]  # the report says it too
     assert "read from the sheet 'predictions' only; 'predictions (2)' also has an id column and is not read" in caplog.text
 
 

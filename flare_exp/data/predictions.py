@@ -31,7 +31,7 @@ def load_rows(path: Path, allow_partial: bool, prepared_dir: str | None = None) 
                          "infer command, it resumes) or pass eval.allow_partial=true to score what is there")
     sheet, torn = is_sheet(path), False
     if sheet:
-        rows, sheet_title = read_sheet_predictions(path)
+        rows, sheet_title, other_sheets = read_sheet_predictions(path)
     elif unfinished or (allow_partial and not (run_dir / DONE).exists()):
         # allowed partial: a killed infer's journal, or a copy of one, may end in a torn line, left out and said
         rows, torn = read_jsonl_of_unfinished_run(path)
@@ -54,7 +54,9 @@ def load_rows(path: Path, allow_partial: bool, prepared_dir: str | None = None) 
     rows, info = joined(path, rows, prepared_dir)
     if sheet:
         info["sheet_note"] = (f"predictions read from the worksheet {path.name} (sheet {sheet_title!r}), as it is "
-                              "now: a prediction edited by hand is scored as edited")
+                              "now: a prediction edited by hand is scored as edited" + (
+                                  f"; not read: the sheet(s) {', '.join(map(repr, other_sheets))}, which also "
+                                  "hold an id column" if other_sheets else ""))
     else:
         info.update(edited_sheet_beside(path, rows))
     if torn and not unfinished:

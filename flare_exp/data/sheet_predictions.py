@@ -31,11 +31,11 @@ def is_sheet(path: Path) -> bool:
     return path.suffix.lower() in SHEET_SUFFIXES
 
 
-def read_sheet_predictions(path: Path) -> tuple[list[dict], str]:
+def read_sheet_predictions(path: Path) -> tuple[list[dict], str, list[str]]:
     """(one row per question: id, prediction, and what else the sheet names (answer, task type, ...); the
     prediction column's header (the run's label in infer's sheet) becomes the rows' ``model``, the sheet's
-    title). Another sheet that also has an id column (an edited copy, "predictions (2)") is named in a warning:
-    only one sheet is read."""
+    title, the other sheets with an id column). Another sheet that also has an id column (an edited copy,
+    "predictions (2)") is named in a warning (and the report): only one sheet is read."""
     from openpyxl import load_workbook
     from openpyxl.utils.exceptions import InvalidFileException
 
@@ -62,7 +62,7 @@ def read_sheet_predictions(path: Path) -> tuple[list[dict], str]:
                     "reads the sheet named %r, else the first one: keep the edited sheet under that name)", path,
                     sheet.title, ", ".join(repr(o) for o in others), "has" if len(others) == 1 else "have",
                     "is" if len(others) == 1 else "are", SHEET)
-    return rows, sheet.title
+    return rows, sheet.title, others
 
 
 def _refuse_merged_cells(path: Path, title: str) -> None:

@@ -73,7 +73,8 @@ def check_command_line(argv: list[str]) -> None:
         # with another primary config (--config-name/-dir) the run checks them itself, against that config
         problems += other_setting_problems(known)
     elif args.cfg and not own_config:  # --cfg job: a config file it cannot read is said in one line too
-        problems += composed(known)[1]
+        cfg, found = composed(known)
+        problems += found + (values_in_files() if cfg is not None else [])
     if not problems:
         return
     from flare_exp.checks import settings_error
@@ -174,7 +175,15 @@ def other_setting_problems(known_overrides: list[str]) -> list[Exception]:
         problems = problems_of(cfg, inputs=True)
     except Exception:  # noqa: BLE001
         return []
-    return [p for p in problems if not _needs_hydra_runtime(p, InterpolationResolutionError)]
+    return values_in_files() + [p for p in problems if not _needs_hydra_runtime(p, InterpolationResolutionError)]
+
+
+def values_in_files() -> list[Exception]:
+    """The values of the group files the last ``composed`` read that the schema's types refuse or misread."""
+    from flare_exp.config import Config
+    from flare_exp.config_keys import file_value_problems
+
+    return [ValueError(p) for p in file_value_problems(composed.dirs, composed.choices, Config)]
 
 
 def composed(overrides: list[str]) -> tuple:
@@ -182,12 +191,23 @@ def composed(overrides: list[str]) -> tuple:
     composing fails otherwise (Hydra's own complaint comes then)."""
     from hydra import compose, initialize_config_dir
 
+    from omegaconf import open_dict
+
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return compose(config_name="config", overrides=overrides), []
+            cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+        composed.choices = dict(cfg.hydra.runtime.choices)  # the group files it read (file_value_problems)
+        composed.dirs = [Path(p.split("://", 1)[-1]) for p in cfg.hydra.searchpath if not str(p).startswith("pkg")]
+        composed.dirs.append(CONF_DIR)
+        with open_dict(cfg):
+            del cfg["hydra"]
+        return cfg, []
     except Exception as e:  # noqa: BLE001
         found = config_file_problem(e)
         return None, [found] if found else []
+
+
+composed.choices, composed.dirs = {}, [CONF_DIR]
 
 
 def config_file_problem(error: BaseException) -> Exception | None:
@@ -195,7 +215,7 @@ def config_file_problem(error: BaseException) -> Exception | None:
     duplicate key), or sets a key the schema lacks: one line naming the file and line, or the key with the closest
     one (Hydra prints a long YAML traceback, or its struct error without a suggestion)."""
     import yaml
-    from omegaconf.errors import ConfigKeyError
+    from omegaconf.errors import ConfigKeyError, ValidationError
 
     from flare_exp.config import Config
     from flare_exp.config_keys import unknown_path
@@ -205,6 +225,9 @@ def config_file_problem(error: BaseException) -> Exception | None:
             mark = error.problem_mark
             return ValueError(f"{mark.name}, line {mark.line + 1}, column {mark.column + 1}: not valid YAML: "
                               f"{error.problem}" + (f" ({error.context})" if error.context else ""))
+        if isinstance(error, ValidationError) and getattr(error, "full_key", None):
+            return ValueError(f"{error.full_key}: {str(error).splitlines()[0]}, set in a config file this run "
+                              "composes (an experiment or other group file)")
         if isinstance(error, ConfigKeyError) and getattr(error, "full_key", None):
             found = unknown_path(str(error.full_key), Config)
             if found:

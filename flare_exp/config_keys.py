@@ -9,6 +9,7 @@ import dataclasses
 import difflib
 import re
 import typing
+from pathlib import Path
 from functools import lru_cache
 
 from flare_exp.setting_checks import unknown_reward_term
@@ -244,3 +245,48 @@ def _structured(schema: type):
     from omegaconf import OmegaConf
 
     return OmegaConf.structured(schema)
+
+
+def file_value_problems(conf_dirs: list[Path], choices: dict, schema: type) -> list[str]:
+    """'file: key=value: why' for each value a group file the run composes sets (the chosen options and the
+    files their defaults name, e.g. an experiment built on another) that the schema's type refuses, or that
+    OmegaConf would take but mean otherwise (2 or -1 for a true/false key: read as true). Hydra would stop at
+    the first refused one with its own error, and take the others without a word."""
+    import yaml
+
+    def found(name: str) -> Path | None:  # the first config dir (hydra.searchpath's, then conf/) that has it
+        return next((d / name for d in conf_dirs if (d / name).is_file()), None)
+
+    todo = [(found(f"{group}/{choice}.yaml"), group) for group, choice in choices.items()
+            if isinstance(choice, str) and not group.startswith("hydra")]
+    seen, out = set(), []
+    while todo:
+        path, group = todo.pop(0)
+        if path is None or path in seen:
+            continue
+        seen.add(path)
+        text = path.read_text(encoding="utf-8")
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError:
+            continue  # said by config_file_problem, with its line
+        if not isinstance(raw, dict):
+            continue
+        for entry in raw.pop("defaults", None) or []:  # /experiment/flare: a file this one is built on
+            if isinstance(entry, str) and entry.startswith("/") and entry != "/_self_":
+                todo.append((found(f"{entry[1:]}.yaml"), entry[1:].split("/")[0]))
+        package = "" if re.search(r"^#\s*@package\s+_global_", text, re.M) else group
+        for key, value in _leaves(raw, package):
+            wrong = wrong_value(schema, key, value) if not key.startswith("hydra.") else None
+            if wrong:
+                out.append(f"{path}: {key}={_said(value)}: {wrong}")
+    return out
+
+
+def _leaves(node, prefix: str):
+    for key, value in node.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict) and value:
+            yield from _leaves(value, dotted)
+        else:
+            yield dotted, value

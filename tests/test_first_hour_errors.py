@@ -294,6 +294,10 @@ def test_a_value_hydras_grammar_cannot_read_bare_is_one_line_saying_how_to_quote
     ("sft:\n  learning_rate: 1e-4\n   max_steps: 3\n", r"mine.yaml, line 4, column 13: not valid YAML: mapping values"),
     ("sft:\n  max_steps: 3\n  max_steps: 4\n", r"mine.yaml, line 4, column 3: not valid YAML: found duplicate key"),
     ("sft:\n  lerning_rate: 1e-4\n", r"unknown config key sft.lerning_rate \(did you mean sft.learning_rate\?\), set in"),
+    ("sft:\n  learning_rate: abc\n", r"sft.learning_rate: Value 'abc' .* converted to Float, set in a config file"),
+    # OmegaConf reads any integer as true: said, every such value in one list
+    ("sft:\n  group_by_length: 2\nmodel:\n  fused_prefill: -1\n",
+     r"(?s)problems with the settings.*mine.yaml: sft.group_by_length=2: must be true or false.*mine.yaml: model.fused_prefill=-1"),
 ])
 def test_a_users_config_file_with_a_yaml_or_key_error_is_one_line(body, said, tmp_path, capsys):
     """An experiment file of the user's (found through hydra.searchpath): Hydra printed a YAML traceback of

@@ -248,14 +248,17 @@ def causes(error: BaseException | None):
 
 
 def stop_on_sigterm() -> None:
-    """SIGTERM (a scheduler's preemption or time limit, `kill`) stops a single run as Ctrl-C does: the run dir gets
-    its FAILED marker (stopped from outside) instead of the process vanishing without one."""
+    """SIGTERM (a scheduler's preemption or time limit, `kill`) and SIGHUP (the terminal closed) stop a single run
+    as Ctrl-C does: the run dir gets its FAILED marker (stopped from outside) instead of the process vanishing
+    without one. A SIGHUP ignored already (started under nohup) stays ignored."""
     import signal
 
     def stop(signum, frame):
-        raise KeyboardInterrupt("SIGTERM")
+        raise KeyboardInterrupt(signal.Signals(signum).name)
 
     signal.signal(signal.SIGTERM, stop)
+    if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, stop)
 
 
 # what the same command does after a stop, by stage
@@ -285,13 +288,13 @@ def main(cfg: DictConfig):
         if not said_in_one_line:
             raise
         refuse(e)
-    except KeyboardInterrupt as e:  # Ctrl-C, SIGINT or SIGTERM: the run dir already says FAILED (stopped from outside)
+    except KeyboardInterrupt as e:  # Ctrl-C, SIGINT, SIGTERM or SIGHUP: the run dir says FAILED (stopped from outside)
         if not said_in_one_line:
             raise
-        by = "SIGTERM" if str(e) == "SIGTERM" else "Ctrl-C / SIGINT"
+        by = str(e) if str(e) in ("SIGTERM", "SIGHUP") else "Ctrl-C / SIGINT"
         print(f"\nflare-exp: stopped ({by}). The run dir says FAILED (stopped from outside); the same command "
               f"{RESUMES.get(cfg.stage.name, 'runs it again')}.", file=sys.stderr)
-        sys.exit(143 if by == "SIGTERM" else 130)
+        sys.exit({"SIGTERM": 143, "SIGHUP": 129}.get(by, 130))
 
 
 if __name__ == "__main__":

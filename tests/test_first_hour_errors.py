@@ -363,7 +363,8 @@ def test_a_bad_run_name_is_one_line_before_hydra(name, capsys):
     launch.check_command_line(["-m", "stage=infer", "run_name=a,b"])  # a sweep over two good names passes
 
 
-def test_sigterm_stops_a_run_with_its_failed_marker(base_overrides, tmp_path):
+@pytest.mark.parametrize("name, code", [("SIGTERM", 143), ("SIGHUP", 129)])  # SIGHUP: the terminal closed
+def test_sigterm_stops_a_run_with_its_failed_marker(name, code, base_overrides, tmp_path):
     """A scheduler's SIGTERM (preemption, time limit) stops a single run as Ctrl-C does: FAILED says it was
     stopped from outside, one line says so, exit 143; the same command would resume."""
     import signal
@@ -379,12 +380,12 @@ def test_sigterm_stops_a_run_with_its_failed_marker(base_overrides, tmp_path):
     while time.time() < deadline and not (log.exists() and "stage=sft" in log.read_text(errors="replace")):
         time.sleep(0.5)  # the run has started: its run dir is checked and recorded
     time.sleep(3)  # into the training loop
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(getattr(signal, name))
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err[-2000:]
-    assert "flare-exp: stopped (SIGTERM)" in err and "Traceback" not in err
+    assert proc.returncode == code, err[-2000:]
+    assert f"flare-exp: stopped ({name})" in err and "Traceback" not in err
     assert "the same command resumes from the last checkpoint" in err
-    assert (run_dir / "FAILED").read_text().startswith("stopped from outside (KeyboardInterrupt: SIGTERM)")
+    assert (run_dir / "FAILED").read_text().startswith(f"stopped from outside (KeyboardInterrupt: {name})")
 
 
 def test_a_refused_relaunch_leaves_the_runs_hydra_record_as_it_was(base_overrides, tmp_path):

@@ -103,7 +103,7 @@ def _split_name_problems(data) -> list[str]:
     """data.*_splits name FLARE's split folders: another name matches no folder and leaves its file empty."""
     import difflib
 
-    from flare_exp.data.prepare import FLARE_SPLITS
+    from flare_exp.data.question_files import FLARE_SPLITS
 
     problems, roles = [], {}
     for key in ("train_splits", "val_splits", "test_splits"):

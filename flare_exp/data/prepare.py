@@ -6,14 +6,10 @@ with file, index and reason), guard against a study in two splits, write atomica
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
-import re
 import time
-import unicodedata
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import NamedTuple
 
@@ -21,109 +17,15 @@ from tqdm.auto import tqdm
 
 from flare_exp.data import records as R
 from flare_exp.data.decoding import check_window
-from flare_exp.data.images import (OUTSIDE_ROOT, PROCESSOR_REFUSES, SMALLER_THAN_A_PATCH, ProcessorLimits,
-                                   check_images, inside, walk_files)
+from flare_exp.data.images import OUTSIDE_ROOT, PROCESSOR_REFUSES, SMALLER_THAN_A_PATCH, ProcessorLimits, check_images
+from flare_exp.data.question_files import QuestionFile, discover, load_question_file, question_files, resolve_image
 from flare_exp.data.prepare_inputs import INPUTS, record_inputs
 from flare_exp.data.unzip import PrepareError, unzip_nested
 from flare_exp.io import write_json, write_jsonl
 
 log = logging.getLogger(__name__)
 
-FLARE_SPLITS = ("training", "validation-public", "validation-hidden", "testing")
-_QUESTION_FILE = re.compile(r"^(?P<dataset>.+?)_(?:questions_(?:train|val|test)(?P<gt>_withGT)?|all_(?:train|val))\.json$")
 REQUIRED_KEYS = ("TaskType", "ImageName", "Question")
-
-
-@dataclass(frozen=True)
-class QuestionFile:
-    path: Path
-    split: str  # the FLARE split folder it sits under
-    dataset: str
-
-
-def discover(files: list[tuple], datasets: list[str], splits: list[str]) -> list[QuestionFile]:
-    """The question JSON files of the wanted datasets under the wanted FLARE split folders, in sorted order
-    (``files``: what ``question_files(root)`` found)."""
-    found: dict[tuple[str, str], list[tuple[Path, bool]]] = defaultdict(list)
-    for path, dataset, split, with_gt in files:
-        if dataset in datasets and split in splits:
-            found[(split, dataset)].append((path, with_gt))
-    out = []
-    for (split, dataset), paths in sorted(found.items()):
-        # validation-hidden may ship both <ds>_questions_val.json (no answers) and ..._withGT.json: use the latter.
-        with_gt = [p for p, gt in paths if gt]
-        # the shallowest first: a copy deeper down (a backup, a second unpacking) loses the duplicates to it
-        chosen = sorted(with_gt or [p for p, _ in paths], key=lambda p: (len(p.parts), p))
-        _say_copies(split, dataset, chosen)
-        out += [QuestionFile(p, split, dataset) for p in chosen]
-    return out
-
-
-SAID_COPIES: set[tuple] = set()
-
-
-def _say_copies(split: str, dataset: str, paths: list[Path]) -> None:
-    """Question files of one dataset and split in several folders: a copy of the tree under data.root (a
-    backup, an unpacked second archive) whose records compete with the real ones, said once per prepare."""
-    folders = sorted({p.parent for p in paths}, key=lambda d: (len(d.parts), d))
-    if len(folders) > 1 and tuple(paths) not in SAID_COPIES:
-        SAID_COPIES.add(tuple(paths))
-        log.warning("prepare: %s's %s questions are in %d folders: %s. All are read, the shallowest first, and a "
-                    "record found again (same ImageName and Question) is rejected as a duplicate; move a backup or "
-                    "second copy out of data.root, or limit it with data.datasets", dataset, split, len(folders),
-                    ", ".join(str(d) for d in folders))
-
-
-def question_files(root: Path) -> list[tuple[Path, str, str | None, bool]]:
-    """(path, dataset, FLARE split, has _withGT) of every question file under root, symlinked folders included
-    (the tree is walked once per prepare)."""
-    found = []
-    for path in walk_files(root, ".json"):
-        m = _QUESTION_FILE.match(path.name)
-        parts = path.relative_to(root).parts
-        if m and not any(part.startswith(".") for part in parts):
-            split = next((p for p in parts if p in FLARE_SPLITS), None)
-            found.append((path, m.group("dataset"), split, bool(m.group("gt"))))
-    return found
-
-
-def resolve_image(dataset_dir: Path, name: str) -> Path | str:
-    """The image file an ImageName names, or why there is none ("outside data.root": never opened)."""
-    direct = inside(dataset_dir, name)
-    if direct is None:
-        return f"{OUTSIDE_ROOT}: ImageName {name!r}"
-    # a name typed in one Unicode form and stored on disk in the other (macOS writes NFD) is the same file
-    for spelling in dict.fromkeys([name, *(unicodedata.normalize(form, name) for form in ("NFC", "NFD"))]):
-        found = _image_file(dataset_dir, spelling)
-        if found is not None:
-            return found
-    shown = repr(name) if name != name.strip() else name  # a stray space shows
-    if direct.is_dir():
-        return f"missing image {shown} (a directory of that name is there, not an image file)"
-    if direct.is_symlink():
-        return f"missing image {shown} (a symbolic link to {os.readlink(direct)}, which is not there)"
-    return f"missing image {shown}"
-
-
-def _image_file(dataset_dir: Path, name: str) -> Path | None:
-    """The file ``name`` names in the dataset's folder, or under one of its images*/ folders."""
-    direct = inside(dataset_dir, name)
-    if direct is not None and direct.is_file():
-        return direct
-    for sub in sorted(dataset_dir.glob("images*")):  # ImageName given relative to imagesTr/ etc.
-        if (sub / name).is_file():
-            return sub / name
-    return None
-
-
-def load_question_file(qf: QuestionFile) -> list:
-    try:
-        data = json.loads(qf.path.read_text(encoding="utf-8-sig"))  # a byte-order mark (Notepad's) is not JSON
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PrepareError(f"{qf.path}: malformed JSON ({e})") from None
-    if not isinstance(data, list):
-        raise PrepareError(f"{qf.path}: expected a JSON list of records, got {type(data).__name__}")
-    return data
 
 
 def _encodable(value) -> bool:
@@ -381,8 +283,9 @@ def accept_records(candidates: list, cfg_data, rejects: list,
         problem = next((result.problem for result in results if result.problem), None)
         if problem is None and record["id"] in seen:
             kept = seen[record["id"]]
+            other = kept != record.get("answer")
             problem = "duplicate ImageName||Question" + (
-                f" with another answer ({record.get('answer')!r}; {kept!r} kept)" if kept != record.get("answer") else "")
+                f" with another answer ({record.get('answer')!r}; {kept!r} kept)" if other else "")
         if problem:
             _reject(rejects, cfg_data, file, index, problem)
             continue
@@ -426,7 +329,8 @@ def check_requested(root: Path, cfg_data, split_sources: dict, by_split: dict, r
 
 
 def _reason_kind(reason: str) -> str:
-    for prefix in ("duplicate ImageName||Question with another answer", "missing image", "corrupt image", "decompression bomb", "missing key", "unknown TaskType",
+    for prefix in ("duplicate ImageName||Question with another answer", "missing image", "corrupt image",
+                   "decompression bomb", "missing key", "unknown TaskType",
                    OUTSIDE_ROOT, SMALLER_THAN_A_PATCH, PROCESSOR_REFUSES):
         if reason.startswith(prefix):
             return prefix

@@ -218,7 +218,7 @@ def test_resume_from_another_runs_checkpoint_is_held_to_that_runs_settings(base_
 
     from flare_exp.models.checkpoints import TRAINING_STATE, mark_complete
     from flare_exp.run.fingerprint import fingerprint
-    from flare_exp.training import resume_checkpoint
+    from flare_exp.resume import resume_checkpoint
 
     def cfg(*extra):
         return compose_cfg(["stage=sft", *base_overrides, "sft.learning_rate=0.02", *extra])

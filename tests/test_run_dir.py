@@ -89,7 +89,7 @@ def test_a_resume_takes_the_newest_complete_checkpoint_and_keeps_its_optimizer(b
 
     from flare_exp.main import run
     from flare_exp.models.checkpoints import COMPLETE, list_checkpoints, mark_complete
-    from flare_exp.training import resume_checkpoint
+    from flare_exp.resume import resume_checkpoint
 
     run_dir = tmp_path / "sft"
     args = ["stage=sft", *base_overrides, "sft.max_steps=2", "sft.save_steps=1", "sft.eval_steps=0"]

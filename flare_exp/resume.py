@@ -1,0 +1,114 @@
+"""Where a training run continues from: resume=auto's newest complete checkpoint (within the budget), never, or a
+checkpoint named on purpose (held to the run that made it); a checkpoint at the budget is the end; a budget
+changed since lays the learning-rate schedule out again, said and recorded."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from flare_exp.models.checkpoints import check_training_state, incomplete, list_checkpoints, newest_complete
+from flare_exp.runtime import abspath
+
+log = logging.getLogger(__name__)
+
+
+def at_the_step_budget(trainer, checkpoint: str | None):
+    """A checkpoint already at max_steps (the job was stopped after its last save, before final/): its weights
+    and trainer state are the training's end (a TrainOutput); None otherwise. The Trainer would resume from it
+    and train one step past max_steps (it checks the budget only after a step)."""
+    from transformers.trainer_callback import TrainerState
+    from transformers.trainer_utils import TrainOutput
+
+    if checkpoint is None or trainer.args.max_steps <= 0:
+        return None
+    state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
+    if state.global_step < trainer.args.max_steps:
+        return None
+    trainer._load_from_checkpoint(checkpoint)  # the adapter's weights, as train(resume_from_checkpoint=) loads them
+    trainer.state = state
+    log.info("%s is at max_steps=%d already: its weights are the final ones (nothing left to train)",
+             Path(checkpoint).name, trainer.args.max_steps)
+    losses = [h["loss"] for h in state.log_history if "loss" in h]
+    return TrainOutput(state.global_step, sum(losses) / len(losses) if losses else 0.0, {})
+
+
+def schedule_change(trainer, checkpoint: str | None) -> dict | None:
+    """A resume whose max_steps differs from the one the checkpoint was trained for: the Trainer lays the
+    learning-rate schedule out again for the new budget, so from the checkpoint's step on the rate follows
+    another curve (a linear decay jumps back up). Said, and returned for the record; None otherwise (a
+    constant schedule is not changed by the budget)."""
+    from transformers.trainer_callback import TrainerState
+
+    budget = trainer.args.max_steps
+    scheduler = str(getattr(trainer.args.lr_scheduler_type, "value", trainer.args.lr_scheduler_type))
+    if checkpoint is None or budget <= 0 or scheduler == "constant":
+        return None
+    state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
+    if not state.max_steps or state.max_steps == budget or state.global_step >= budget:
+        return None
+    log.warning("%s was trained for max_steps=%d; continuing it to max_steps=%d lays the learning-rate schedule (%s) "
+                "out again for %d steps, so from step %d the rate follows the new curve: the adapter is neither a "
+                "%d- nor a %d-step run (recorded as schedule_changed). For one schedule, start a new run from its "
+                "weights (sft.init_from / rl.init_from=%s, allow_intermediate_checkpoint=true)", Path(checkpoint).name,
+                state.max_steps, budget, scheduler, budget, state.global_step + 1,
+                state.max_steps, budget, checkpoint)
+    return {"step": state.global_step, "schedule_changed": {"max_steps_before": state.max_steps,
+                                                            "max_steps_after": budget}}
+
+
+def resume_checkpoint(resume: str, out_dir: Path, stage: str | None = None, cfg=None,
+                      max_steps: int | None = None) -> str | None:
+    """resume=auto: the newest complete checkpoint in out_dir, if any; never: none (refuse if some exist);
+    anything else: that checkpoint path, if it is complete and (with ``stage`` and ``cfg``) made with this run's
+    deciding settings and inputs (``check_resumed_run``)."""
+    if resume == "auto":
+        ckpt = newest_complete(out_dir, up_to=max_steps)
+        if ckpt:
+            log.info("resume=auto: continuing from %s", ckpt)
+        return str(ckpt) if ckpt else None
+    if resume == "never":
+        ckpts = list_checkpoints(out_dir)
+        if ckpts:
+            from flare_exp.run.stage import resume_never_refusal
+
+            raise RuntimeError(resume_never_refusal(out_dir, ckpts[-1].name))
+        return None
+    path = abspath(resume)
+    why = incomplete(path)
+    if why:
+        raise FileNotFoundError(f"resume={resume}: {path} is not a complete Trainer checkpoint: {why}")
+    check_training_state(path)
+    if stage is not None and cfg is not None:
+        check_resumed_run(resume, path, out_dir, stage, cfg)
+    log.info("resume=%s: continuing from %s", resume, path)
+    return str(path)
+
+
+def check_resumed_run(resume: str, checkpoint: Path, out_dir: Path, stage: str, cfg) -> None:
+    """A checkpoint of another run dir continues that run under this one's name: it must have been made with
+    this run's deciding settings and inputs (its run dir's fingerprint, else its config.yaml), as a resume=auto
+    in this dir is held to (this dir's own checkpoints were checked when the run opened)."""
+    from flare_exp.run.fingerprint import (RunSettingsChangedError, config_settings, differences, fingerprint,
+                                           listed, moved_data_root, recorded_fingerprint, settings_differences)
+    from flare_exp.run.layout import CONFIG, FINGERPRINT
+
+    source = checkpoint.parent
+    if source.resolve() == out_dir.resolve():
+        return
+    new = fingerprint(stage, cfg)
+    if (source / FINGERPRINT).exists():
+        changed = differences(recorded_fingerprint(source), new)
+    elif (source / CONFIG).exists():
+        changed = settings_differences(config_settings(stage, source), new)
+    else:
+        raise RunSettingsChangedError(
+            f"resume={resume}: {source} records neither {FINGERPRINT} nor {CONFIG}, so nothing says the checkpoint "
+            f"was made with this run's settings. Start from its weights instead ({stage}.init_from={checkpoint} with "
+            "allow_intermediate_checkpoint=true), which trains a new run from them.")
+    changed = moved_data_root(stage, changed, cfg)
+    if changed:
+        raise RunSettingsChangedError(
+            f"resume={resume}: {checkpoint} belongs to the run in {source}, made with other settings or inputs, "
+            f"which this run would continue as its own: {listed(changed)}. Resume it with that run's settings, or "
+            f"start a new run from its weights ({stage}.init_from={checkpoint} with "
+            "allow_intermediate_checkpoint=true).")

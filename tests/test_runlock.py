@@ -22,8 +22,9 @@ def _fake_holder(run_dir, pid, host=None, age_s=0.0, job=None, started=None):
     lock = run_dir / ".lock"
     lock.mkdir(parents=True)
     owner = lock / "owner.1.json"
-    started = started or datetime.datetime.now().isoformat(timespec="seconds")
-    owner.write_text(json.dumps({"host": host or platform.node(), "pid": pid, "started": started,
+    when = datetime.datetime.fromisoformat(started) if started else datetime.datetime.now()
+    owner.write_text(json.dumps({"host": host or platform.node(), "pid": pid,
+                                 "started": when.isoformat(timespec="seconds"), "started_epoch": when.timestamp(),
                                  "slurm_job_id": job}))
     if age_s:
         os.utime(owner, (time.time() - age_s, time.time() - age_s))
@@ -111,6 +112,31 @@ def test_a_live_pid_that_is_not_the_holder_does_not_keep_its_lock(tmp_path, capl
     _fake_holder(tmp_path / "mine", os.getpid(), started="2099-01-01T00:00:00")
     RunLock(tmp_path / "mine").acquire().release()
     assert "this very process, which does not hold it" in caplog.text
+
+
+
+def test_a_live_holder_in_another_time_zone_keeps_its_lock(tmp_path, monkeypatch):
+    """The lock's start is compared with the holder process's start as seconds since the epoch: a holder whose
+    local time reads hours behind (another TZ) is not taken for a younger process; an owner file without that
+    time is not judged by it."""
+    import datetime
+
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        time.sleep(0.05)
+        lock = tmp_path / "tz" / ".lock"
+        lock.mkdir(parents=True)
+        west = (datetime.datetime.now() - datetime.timedelta(hours=5)).isoformat(timespec="seconds")
+        (lock / "owner.1.json").write_text(json.dumps({"host": platform.node(), "pid": sleeper.pid, "started": west,
+                                                       "started_epoch": time.time()}))
+        with pytest.raises(RunLockedError, match=f"pid {sleeper.pid}"):
+            RunLock(tmp_path / "tz").acquire()
+        (lock / "owner.1.json").write_text(json.dumps({"host": platform.node(), "pid": sleeper.pid, "started": west}))
+        with pytest.raises(RunLockedError, match=f"pid {sleeper.pid}"):  # recorded before: no epoch, not judged
+            RunLock(tmp_path / "tz").acquire()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
 
 
 def test_the_heartbeat_keeps_the_lock_fresh(tmp_path):

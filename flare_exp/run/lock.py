@@ -81,10 +81,10 @@ def _process_start(pid: int) -> float | None:
 
 
 def _lock_started(holder: dict) -> float | None:
-    try:
-        return _dt.datetime.fromisoformat(str(holder.get("started"))).timestamp()
-    except ValueError:
-        return None
+    """When the lock was taken, in seconds since the epoch; None for an owner file without it (its ``started`` is
+    local time of the holder's own zone, which another launch's TZ may read hours off)."""
+    value = holder.get("started_epoch")
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 class RunLock:
@@ -130,6 +130,7 @@ class RunLock:
         tmp = self.dir / f".claim.{uuid.uuid4().hex}"
         tmp.write_text(json.dumps({"host": platform.node(), "pid": os.getpid(), "token": tmp.name,
                                    "started": _dt.datetime.now().isoformat(timespec="seconds"),
+                                   "started_epoch": time.time(),  # compared with a process's start: no time zone
                                    "slurm_job_id": os.environ.get("SLURM_JOB_ID")}))
         target = self.dir / f"owner.{number}.json"
         try:

@@ -278,6 +278,13 @@ def test_a_copy_of_the_tree_under_data_root_loses_to_the_real_one_and_is_said(tm
     assert {r["file"] for r in read_jsonl(out / "rejects.jsonl")} == {
         "backup/training/Xray/chestdr/chestdr_questions_train.json"}
     assert "chestdr's training questions are in 2 folders" in caplog.text
+    # a copy beside the real folder, at the same depth and first by name ("Copy of chestdr"), loses too
+    shutil.rmtree(root / "backup")
+    shutil.copytree(root / "training" / "Xray" / "chestdr", root / "training" / "Xray" / "Copy of chestdr")
+    out = _prepare(tmp_path, root, "data.datasets=[chestdr]", "overwrite=true")
+    assert all(r["images"][0].startswith("training/Xray/chestdr/") for r in read_jsonl(out / "train.jsonl"))
+    assert {r["file"] for r in read_jsonl(out / "rejects.jsonl")} == {
+        "training/Xray/Copy of chestdr/chestdr_questions_train.json"}
 
 
 def test_classification_answers_that_are_not_one_letter_are_kept_and_said(tmp_path, caplog):

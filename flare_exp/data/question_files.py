@@ -38,11 +38,18 @@ def discover(files: list[tuple], datasets: list[str], splits: list[str]) -> list
     for (split, dataset), paths in sorted(found.items()):
         # validation-hidden may ship both <ds>_questions_val.json (no answers) and ..._withGT.json: use the latter.
         with_gt = [p for p, gt in paths if gt]
-        # the shallowest first: a copy deeper down (a backup, a second unpacking) loses the duplicates to it
-        chosen = sorted(with_gt or [p for p, _ in paths], key=lambda p: (len(p.parts), p))
+        # FLARE's own place first (<split>/<modality>/<dataset>/), then the shallowest: a copy elsewhere ("Copy of
+        # dental", backup/training/...) loses the duplicates to it
+        chosen = sorted(with_gt or [p for p, _ in paths], key=lambda p: (not _own_place(p, split, dataset),
+                                                                         len(p.parts), p))
         _say_copies(split, dataset, chosen)
         out += [QuestionFile(p, split, dataset) for p in chosen]
     return out
+
+
+def _own_place(path: Path, split: str, dataset: str) -> bool:
+    """Whether a question file sits where FLARE puts it: <split>/<modality>/<dataset>/<file>."""
+    return path.parent.name == dataset and path.parent.parent.parent.name == split
 
 
 SAID_COPIES: set[tuple] = set()
@@ -50,14 +57,15 @@ SAID_COPIES: set[tuple] = set()
 
 def _say_copies(split: str, dataset: str, paths: list[Path]) -> None:
     """Question files of one dataset and split in several folders: a copy of the tree under data.root (a
-    backup, an unpacked second archive) whose records compete with the real ones, said once per prepare."""
-    folders = sorted({p.parent for p in paths}, key=lambda d: (len(d.parts), d))
+    backup, an unpacked second archive) whose records compete with the real ones, said once per prepare, naming
+    the folder whose records are kept."""
+    folders = list(dict.fromkeys(p.parent for p in paths))  # in the order they are read
     if len(folders) > 1 and tuple(paths) not in SAID_COPIES:
         SAID_COPIES.add(tuple(paths))
-        log.warning("prepare: %s's %s questions are in %d folders: %s. All are read, the shallowest first, and a "
-                    "record found again (same ImageName and Question) is rejected as a duplicate; move a backup or "
-                    "second copy out of data.root, or limit it with data.datasets", dataset, split, len(folders),
-                    ", ".join(str(d) for d in folders))
+        log.warning("prepare: %s's %s questions are in %d folders: %s. All are read, %s first (its records are "
+                    "kept), and a record found again (same ImageName and Question) is rejected as a duplicate; move "
+                    "a backup or second copy out of data.root, or limit it with data.datasets", dataset, split,
+                    len(folders), ", ".join(str(d) for d in folders), folders[0])
 
 
 def question_files(root: Path) -> list[tuple[Path, str, str | None, bool]]:

@@ -90,11 +90,6 @@ def write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
-def write_bytes(path: str | Path, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-
-
 # How a strict JSON reader (jq, JavaScript's JSON.parse) gets a non-finite number: as these strings, which
 # Number() and float() read back; json.dumps would write bare NaN / Infinity tokens that such readers reject.
 NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}

@@ -35,6 +35,29 @@ def test_the_demo_pipeline_end_to_end_and_again(base_overrides, tmp_path, caplog
     assert not (run_dir / "attempts").exists()  # same settings, nothing failed: nothing new to keep
     # nothing ran: the record is still the run that made the outputs (its results, duration, config)
     assert record == {name: (run_dir / name).read_bytes() for name in record}
+    # a step redone and then killed: the finished record is on file in attempts/NN, not lost
+    import shutil
+
+    from flare_exp.stages import pipeline as pipeline_stage
+
+    shutil.rmtree(run_dir / "eval")
+    real_step = pipeline_stage.run_step
+
+    def killed(step, *args, **kwargs):
+        if step == "eval":
+            raise KeyboardInterrupt("SIGTERM")
+        return real_step(step, *args, **kwargs)
+
+    pipeline_stage.run_step = killed
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run(compose_cfg(base_overrides), run_dir=run_dir)
+    finally:
+        pipeline_stage.run_step = real_step
+    assert record == {name: (run_dir / "attempts" / "01" / name).read_bytes() for name in record}
+    run(compose_cfg(base_overrides), run_dir=run_dir)  # finished again (the killed attempt on file too)
+    assert (run_dir / "DONE").exists()
+    shutil.rmtree(run_dir / "attempts")
 
     assert "other settings" not in caplog.text
     first_config = (run_dir / "config.yaml").read_text()

@@ -20,17 +20,18 @@ import datetime as _dt
 import functools
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
-from flare_exp.io import write_bytes, write_json
+from flare_exp.io import write_json
 from flare_exp.logs import run_summary
 from flare_exp.models.checkpoints import adapter_identity
 from flare_exp.run.fingerprint import (RunSettingsChangedError, check_resume, finished_differences, fingerprint,
                                        listed, recorded_fingerprint, starting_adapter)
 from flare_exp.run.lock import RunLock
 from flare_exp.run.layout import CONFIG, DONE, FAILED, FINGERPRINT, REPORT_HTML, RUN_INFO, SWEEP_TABLE
-from flare_exp.run.record import (RunFinishedError, archive_attempt, attempt_files, file_attempt, keep_hydra_record,
+from flare_exp.run.record import (RunFinishedError, archive_attempt, attempt_files, keep_hydra_record, next_attempt_dir,
                                   restore_hydra_record, write_failed, write_run_metadata)
 from flare_exp.run.stage import declared_stages
 from flare_exp.runtime import barrier
@@ -55,7 +56,7 @@ class Run:
         self.own_run = locked  # not a pipeline's step (the pipeline checked its steps before it started)
         self.lock: RunLock | None = None
         self.record_lock: RunLock | None = None
-        self.finished_record: dict[str, bytes] = {}  # a finished pipeline's record, kept if it only reuses now
+        self.filed: Path | None = None  # a finished pipeline's record, filed at the start, put back if it only reuses
 
     def __enter__(self) -> "Run":
         try:
@@ -68,7 +69,7 @@ class Run:
             if not self.view:  # every rank runs with the same applied settings
                 self.cfg, self.applied = self.declared.applied(self.configured)
             if self.rank == 0:
-                self.finished_record = finished_record(self.out_dir) if self.view and self.own_run else {}
+                self.filed = file_finished_record(self.out_dir) if self.view and self.own_run else None
                 self._start()
         except BaseException as e:
             if self.own_run and self.rank == 0:  # refused: the run dir's record of its own launch stays
@@ -86,7 +87,7 @@ class Run:
 
     def _start(self) -> None:
         if self.view:  # a finished pipeline's record is kept by execute(), once it knows whether anything ran
-            write_run_metadata(self.out_dir, self.cfg, keep_previous=not self.finished_record)
+            write_run_metadata(self.out_dir, self.cfg, keep_previous=self.filed is None)
         else:
             start_attempt(self.stage, self.configured, self.out_dir, ran=self.cfg, applied=self.applied)
         if self.out_dir != self.run_dir:
@@ -95,16 +96,21 @@ class Run:
             keep_hydra_record(self.run_dir)
 
     def _keep_finished_record(self, reused: bool) -> None:
-        """A finished pipeline run again: when every step was reused, its record (DONE with the results and the
-        duration, config, run info) stays as the run that made the outputs; else it moves to attempts/NN/."""
-        if not self.finished_record:
+        """A finished pipeline run again had its record (DONE with the results and the duration, config, run info)
+        filed into attempts/NN/ at the start, so a kill or a failure loses nothing: when every step was reused it
+        goes back in place (as it was, times included) as the run that made the outputs; else it stays filed."""
+        if self.filed is None:
             return
-        if reused:
-            for name, data in self.finished_record.items():
-                write_bytes(self.out_dir / name, data)
-        else:
-            log.info("%s was finished before: its record is kept in %s", self.out_dir,
-                     file_attempt(self.out_dir, self.finished_record))
+        if not reused:
+            log.info("%s was finished before: its record is kept in %s", self.out_dir, self.filed)
+            return
+        for path in list(self.filed.iterdir()):
+            os.replace(path, self.out_dir / path.name)
+        self.filed.rmdir()
+        try:
+            self.filed.parent.rmdir()  # attempts/, when it held only this
+        except OSError:
+            pass
 
     def execute(self, work):
         """``work(cfg, out_dir)`` between the markers (None on a rank > 0: rank 0 alone works). The ranks start
@@ -136,14 +142,15 @@ class Run:
         return result
 
 
-def finished_record(run_dir: Path) -> dict[str, bytes]:
-    """A finished run's record (DONE, config, run info) as it is, empty for an unfinished one."""
+def file_finished_record(run_dir: Path) -> Path | None:
+    """A finished run's record (DONE, config, run info) moved into attempts/NN/ (its dir), None when unfinished."""
     if not (run_dir / DONE).exists():
-        return {}
-    try:
-        return {name: (run_dir / name).read_bytes() for name in (DONE, CONFIG, RUN_INFO) if (run_dir / name).exists()}
-    except OSError:
-        return {}
+        return None
+    dest = next_attempt_dir(run_dir)
+    for name in (DONE, CONFIG, RUN_INFO):
+        if (run_dir / name).exists():
+            os.replace(run_dir / name, dest / name)
+    return dest
 
 
 def only_reused(result) -> bool:

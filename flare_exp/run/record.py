@@ -19,7 +19,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from flare_exp.io import write_bytes, write_json, write_text
+from flare_exp.io import write_json, write_text
 from flare_exp.run.layout import ATTEMPTS, CONFIG, DONE, FAILED, FINGERPRINT, HYDRA, LOCK, RUN_INFO
 from flare_exp.runtime import abspath, world_size
 
@@ -72,15 +72,6 @@ def next_attempt_dir(run_dir: Path) -> Path:
     numbers = [int(p.name) for p in attempts.glob("[0-9]*") if p.name.isdigit()] if attempts.is_dir() else []
     dest = attempts / f"{max(numbers, default=0) + 1:02d}"
     dest.mkdir(parents=True)
-    return dest
-
-
-def file_attempt(run_dir: Path, record: dict[str, bytes]) -> Path:
-    """An earlier attempt's record (file name -> its bytes, read before this attempt rewrote them) into
-    attempts/NN/."""
-    dest = next_attempt_dir(run_dir)
-    for name, data in record.items():
-        write_bytes(dest / name, data)
     return dest
 
 

@@ -97,10 +97,20 @@ def test_resume_never_refuses_existing_checkpoints(base_overrides, tmp_path):
     run(_sft_cfg(base_overrides, "sft.max_steps=2", "sft.save_steps=2", "sft.eval_steps=0"), run_dir=run_dir)
     (run_dir / "DONE").unlink()
     config = (run_dir / "config.yaml").read_text()
-    with pytest.raises(RuntimeError, match=r"checkpoints \(checkpoint-2\) and resume=never: .* overwrite=true"):
+    from flare_exp.run.fingerprint import RunSettingsChangedError  # said in one line, as other refusals
+
+    with pytest.raises(RunSettingsChangedError, match=r"\(checkpoint-2\) and resume=never: .* overwrite=true"):
         run(_sft_cfg(base_overrides, "sft.max_steps=2", "resume=never"), run_dir=run_dir)
     # refused before the run dir was touched (no model loaded, no FAILED, its record as it was)
     assert not (run_dir / "FAILED").exists() and (run_dir / "config.yaml").read_text() == config
+    # a pipeline whose sft step left checkpoints: refused before its first step, its dirs untouched
+    pipe = tmp_path / "pipe"
+    shutil.copytree(run_dir, pipe / "sft")
+    before = sorted(p.relative_to(pipe) for p in (pipe / "sft").rglob("*"))
+    with pytest.raises(RunSettingsChangedError, match="resume=never"):
+        run(compose_cfg([*base_overrides, "stage=pipeline", "stage.steps=[sft]", "sft.max_steps=2", "resume=never"]),
+            run_dir=pipe)
+    assert sorted(p.relative_to(pipe) for p in (pipe / "sft").rglob("*")) == before  # the step's dir untouched
 
 
 def test_too_long_samples_are_skipped_or_refused(base_overrides, tmp_path):

@@ -78,15 +78,20 @@ class Stage:
     def refuse_before_start(self, cfg, run_dir: Path) -> None:
         """The stage's own refusals that must come before its run dir is touched (a pipeline's finished steps),
         and resume=never on checkpoints a training run left (before the model loads, not after)."""
-        if self.trains and cfg.get("resume") == "never" and not cfg.get("overwrite"):
-            from flare_exp.models.checkpoints import list_checkpoints
-
-            left = list_checkpoints(run_dir)
-            if left:
-                raise RuntimeError(resume_never_refusal(run_dir, left[-1].name))
+        self.refuse_resume_never(cfg, run_dir)
         refuse = getattr(self.runner(), "refuse_before_start", None)
         if refuse:
             refuse(cfg, run_dir)
+
+    def refuse_resume_never(self, cfg, run_dir: Path) -> None:
+        """resume=never on the checkpoints a training run left: refused before anything is touched."""
+        if self.trains and cfg.get("resume") == "never" and not cfg.get("overwrite"):
+            from flare_exp.models.checkpoints import list_checkpoints
+            from flare_exp.run.fingerprint import RunSettingsChangedError
+
+            left = list_checkpoints(run_dir)
+            if left:
+                raise RunSettingsChangedError(resume_never_refusal(run_dir, left[-1].name))
 
     def written_by(self) -> set[str]:
         """The earlier steps whose outputs fill its inputs in a pipeline."""

@@ -172,6 +172,7 @@ def refuse_before_start(cfg, out_dir: Path) -> None:
     check_steps(cfg)
     for name, step, step_cfg, step_dir in planned_steps(cfg, out_dir):
         if not reusable(step, step_cfg, step_dir):
+            stage(step).refuse_resume_never(step_cfg, step_dir)
             return
 
 

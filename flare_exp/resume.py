@@ -44,8 +44,14 @@ def schedule_change(trainer, checkpoint: str | None) -> dict | None:
     if checkpoint is None or budget <= 0 or scheduler == "constant":
         return None
     state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
-    if not state.max_steps or state.max_steps == budget or state.global_step >= budget:
+    if not state.max_steps or state.max_steps == budget:
         return None
+    if state.global_step >= budget:  # the end already: its steps followed the longer budget's schedule
+        log.warning("%s ends this run (max_steps=%d), but its steps followed a learning-rate schedule (%s) laid out "
+                    "for max_steps=%d: it is not a %d-step run (recorded as schedule_changed)", Path(checkpoint).name,
+                    budget, scheduler, state.max_steps, budget)
+        return {"step": state.global_step, "schedule_changed": {"max_steps_before": state.max_steps,
+                                                                "max_steps_after": budget}}
     log.warning("%s was trained for max_steps=%d; continuing it to max_steps=%d lays the learning-rate schedule (%s) "
                 "out again for %d steps, so from step %d the rate follows the new curve: the adapter is neither a "
                 "%d- nor a %d-step run (recorded as schedule_changed). For one schedule, start a new run from its "

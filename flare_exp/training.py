@@ -62,8 +62,10 @@ def train_and_save(trainer, stage: str, cfg, out_dir: Path, meta: "CheckpointMet
         try:
             checkpoint = resume_checkpoint(cfg.resume, out_dir, stage, cfg, trainer.args.max_steps)
             spliced = schedule_change(trainer, checkpoint)
+            if spliced:  # in the trainer state: every later checkpoint, log_history.json and final/ carry it
+                trainer.add_callback(NotedInHistory(spliced))
             result = at_the_step_budget(trainer, checkpoint) or trainer.train(resume_from_checkpoint=checkpoint)
-            if spliced:  # on record where the run's own history is: log_history.json, final/'s metadata
+            if spliced and spliced not in trainer.state.log_history:  # at the budget already: no training began
                 trainer.state.log_history.append(spliced)
         except torch.OutOfMemoryError as e:
             raise out_of_memory_error(stage, trainer.state.global_step + 1, out_dir, remedies) from e
@@ -76,8 +78,9 @@ def train_and_save(trainer, stage: str, cfg, out_dir: Path, meta: "CheckpointMet
         trainer.save_model(str(final))  # the Trainer saves on the main process only
         lead = trainer.is_world_process_zero()  # a data-parallel job's other ranks write nothing
         if lead:
+            changes = [h for h in trainer.state.log_history if "schedule_changed" in h]  # this attempt's and earlier
             meta.write(final, step=trainer.state.global_step, **(final_meta(trainer) if final_meta else {}),
-                       **({"schedule_changed": spliced} if spliced else {}))
+                       **({"schedule_changed": changes} if changes else {}))
             write_model_cards(out_dir, stage, cfg, meta.base, meta.fingerprints, trainer.state)  # not TRL's card
     finally:
         finish_tracking(report_to)
@@ -86,6 +89,18 @@ def train_and_save(trainer, stage: str, cfg, out_dir: Path, meta: "CheckpointMet
 
         write_json(out_dir / LOG_HISTORY, trainer.state.log_history)
     return result, final, lead
+
+
+class NotedInHistory(TrainerCallback):
+    """Puts an entry into the trainer state's log history when training begins (after a resume loaded it), so
+    the checkpoints saved from then on carry it, and a later resume of them too."""
+
+    def __init__(self, entry: dict):
+        self.entry = entry
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.entry not in state.log_history:
+            state.log_history.append(self.entry)
 
 
 def profiling(section, out_dir) -> list:

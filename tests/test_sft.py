@@ -82,7 +82,10 @@ def test_resume_continues_from_the_last_checkpoint(base_overrides, tmp_path):
     # a budget changed on resume lays the learning-rate schedule out anew: said and on record
     changed = {"max_steps_before": 2, "max_steps_after": 4}
     assert {"step": 2, "schedule_changed": changed} in json.loads((run_dir / "log_history.json").read_text())
-    assert json.loads((run_dir / "final" / "flare_exp_checkpoint.json").read_text())["schedule_changed"]["step"] == 2
+    final_meta = json.loads((run_dir / "final" / "flare_exp_checkpoint.json").read_text())
+    assert final_meta["schedule_changed"] == [{"step": 2, "schedule_changed": changed}]
+    # in the trainer state of the checkpoints saved since: a second interruption and resume keeps it
+    assert {"step": 2, "schedule_changed": changed} in state["log_history"]
     # a budget lowered below the newest checkpoint: the checkpoint at the budget is the end, not a longer run's
     shutil.rmtree(run_dir / "final")
     (run_dir / "DONE").unlink()

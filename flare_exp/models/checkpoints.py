@@ -87,6 +87,7 @@ def newest_complete(run_dir: Path, up_to: int | None = None) -> Path | None:
         if up_to and up_to > 0 and (checkpoint_step(checkpoint) or 0) > up_to:
             log.warning("skipping %s: past max_steps=%d (the budget was lowered since it was saved)", checkpoint.name,
                         up_to)
+            skipped += 1
             continue
         why = incomplete(checkpoint)
         if why is None:

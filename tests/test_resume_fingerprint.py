@@ -264,3 +264,20 @@ def test_a_moved_or_copied_adapter_or_prepared_dir_with_the_same_bytes_is_the_sa
     (copy / "final" / "adapter_model.safetensors").write_bytes(b"other")
     with pytest.raises(RunSettingsChangedError, match=r"rl.init_from: .* -> .*elsewhere/sft/final"):
         check_resume("rl", run_dir, fingerprint("rl", new), new)
+
+
+def test_a_copied_pipelines_infer_step_is_reused_where_its_label_is_the_same(base_overrides, sft_adapter, tmp_path):
+    """infer labels its rows by the adapter's path (<run>/<step>): a pipeline tree copied elsewhere keeps those
+    names and bytes, so its finished infer step is reused; the same bytes under another run's name are not."""
+    from flare_exp.run.fingerprint import finished_differences, fingerprint
+
+    for where in ("a/runs/demo", "b/runs/demo", "c/runs/other"):
+        shutil.copytree(sft_adapter, tmp_path / where / "sft")
+    run_dir = tmp_path / "a" / "runs" / "demo" / "infer"
+    run_dir.mkdir()
+    old = compose_cfg(["stage=infer", *base_overrides, f"infer.checkpoint={tmp_path / 'a/runs/demo/sft'}"])
+    (run_dir / "fingerprint.json").write_text(json.dumps(fingerprint("infer", old)))
+    copied = compose_cfg(["stage=infer", *base_overrides, f"infer.checkpoint={tmp_path / 'b/runs/demo/sft'}"])
+    assert finished_differences("infer", run_dir, copied) == []
+    other = compose_cfg(["stage=infer", *base_overrides, f"infer.checkpoint={tmp_path / 'c/runs/other/sft'}"])
+    assert [c.split(":")[0] for c in finished_differences("infer", run_dir, other)] == ["infer.checkpoint"]

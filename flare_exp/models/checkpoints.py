@@ -157,6 +157,15 @@ def chosen_adapter(key: str, path: str | Path, allow_intermediate: bool) -> Path
     return adapter
 
 
+def checkpoint_label(checkpoint: str | None) -> str:
+    """The predictions' label: the adapter's run (a pipeline's step: pipeline/step), "base" without one."""
+    if not checkpoint:
+        return "base"
+    path = Path(checkpoint)
+    parts = [p for p in path.parts[-3:] if p not in ("final",)]
+    return "/".join(parts[-2:]) if parts else path.name
+
+
 def adapter_identity(adapter: Path | None) -> dict | None:
     """What names an adapter in every output: its path and the sha256 of its weights file."""
     if adapter is None:

@@ -262,7 +262,15 @@ def finished_differences(stage: str, run_dir: Path, cfg) -> list[str]:
     return changed + (inputs(cfg, run_dir) if inputs and not changed else [])
 
 
-NAMED_BY_ADAPTER_PATH = ("infer",)  # stages whose outputs name the adapter they start from by its path
+NAMED_BY_ADAPTER_PATH = ("infer",)  # stages whose outputs are labelled by the adapter they start from's path
+
+
+def _same_label(key: str, old: dict, new: dict) -> bool:
+    """The adapter at both paths gives its outputs one label (a pipeline's tree copied elsewhere: <run>/sft)."""
+    from flare_exp.models.checkpoints import checkpoint_label
+
+    paths = [fp.get("settings", {}).get(key) for fp in (old, new)]
+    return all(isinstance(p, str) and p for p in paths) and checkpoint_label(paths[0]) == checkpoint_label(paths[1])
 
 
 def moved_files(stage: str, changed: list[str], old: dict | None, new: dict | None) -> list[str]:
@@ -275,8 +283,8 @@ def moved_files(stage: str, changed: list[str], old: dict | None, new: dict | No
     kept = []
     for entry in changed:
         key = entry.split(": ", 1)[0]
-        if key == STARTS.get(stage) and stage in NAMED_BY_ADAPTER_PATH:
-            kept.append(entry)  # its rows name the adapter by its path: a resume elsewhere would mix two names
+        if key == STARTS.get(stage) and stage in NAMED_BY_ADAPTER_PATH and not _same_label(key, old, new):
+            kept.append(entry)  # its rows are labelled by the adapter's path: elsewhere they would get another label
             continue
         hashed = [f"{key}{ADAPTER_WEIGHTS}", f"{key}{ADAPTER_CONFIG}"] if key == STARTS.get(stage) else [key]
         compared = [k for k in hashed if k in before]  # a record from before configs were hashed has weights only

@@ -22,7 +22,7 @@ from flare_exp.data.vision import VisionChat
 from flare_exp.io import read_journal, read_jsonl, write_json, write_jsonl
 from flare_exp.models.batch_decoding import (Decoder, batches_with_images, decode_in_parts, decode_settings,
                                              image_device)
-from flare_exp.models.checkpoints import adapter_identity, resolve_adapter
+from flare_exp.models.checkpoints import adapter_identity, checkpoint_label, resolve_adapter
 from flare_exp.models.grouped_attention import attention_used
 from flare_exp.models.loading import load_model
 from flare_exp.reports.sheets import write_sheet
@@ -56,15 +56,6 @@ STAGE = Stage(
 )
 
 log = logging.getLogger(__name__)
-
-
-def checkpoint_label(checkpoint: str | None) -> str:
-    """The predictions' label: the adapter's run (a pipeline's step: pipeline/step), "base" without one."""
-    if not checkpoint:
-        return "base"
-    path = Path(checkpoint)
-    parts = [p for p in path.parts[-3:] if p not in ("final",)]
-    return "/".join(parts[-2:]) if parts else path.name
 
 
 def timed_batch(decode: Decoder, records: list[dict], images, number: int, run_dir: Path) -> list[str]:

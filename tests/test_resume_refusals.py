@@ -53,7 +53,8 @@ MUST_DECIDE = {
                        "infer.temperature", "infer.do_sample"},
     "eval": {"eval.green.model_path", "eval.green.max_new_tokens", "eval.green.max_length",
              "eval.significance.correction", "eval.significance.ar_trials", "eval.significance.resamples",
-             "eval.radgraph", "eval.chexbert.path", "eval.crimson.model_path", "eval.keyword_metrics.module"},
+             "eval.radgraph", "eval.chexbert.path", "eval.crimson.model_path", "eval.keyword_metrics.module",
+             "eval.green.parser"},  # robust leaves unreadable judgments out of the non-official GREEN numbers
 }
 
 

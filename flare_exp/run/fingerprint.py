@@ -47,7 +47,7 @@ def _flatten(node, prefix: str) -> dict:
 
 # deciding keys added after fingerprints were first recorded: a fingerprint recorded before has none to compare
 DECIDING_SINCE = {"eval": ("eval.significance", "eval.radgraph", "eval.chexbert", "eval.keyword_metrics",
-                           "eval.crimson")}
+                           "eval.crimson", "eval.green.parser")}
 
 # input files hashed since fingerprints were first recorded (as the adapter's config below): not compared with a
 # fingerprint recorded before

@@ -31,7 +31,7 @@ STAGE = Stage(
     deciding=("eval",),
     # the predictions are compared by their bytes (fingerprinted), not by where they lie
     free=("eval.predictions", "eval.allow_partial", "eval.green.batch_size", "eval.green.decode_loop",
-          "eval.green.decode_attention", "eval.green.parser", "eval.crimson.batch_size", "eval.crimson.decode_loop",
+          "eval.green.decode_attention", "eval.crimson.batch_size", "eval.crimson.decode_loop",
           "eval.chexbert.batch_size"),
     fingerprinted=("eval.predictions",),
     resumable=("green_judgments.jsonl", "green_judgments.rank*.jsonl"),

@@ -162,7 +162,10 @@ def input_problems(cfg: DictConfig) -> list[Exception]:
     problems: list[Exception] = []
     steps = steps_of(cfg)
     if any(stage(name).record != "none" for name in steps if name in declared_stages()):  # it makes a run dir
-        _collect(problems, _check_writable, "paths.output_root", cfg.paths.output_root)
+        run_dir = abspath(cfg.paths.output_root) / "runs" / str(OmegaConf.select(cfg, "run_name", default=""))
+        _collect(problems, _check_writable, "paths.output_root", cfg.paths.output_root, run_dir)
+    if "prepare" in steps:
+        _collect(problems, _check_writable, "data.prepared_dir", cfg.data.prepared_dir)
     if _loading_model(steps):
         _collect(problems, check_model_path, cfg.model)
     root = OmegaConf.select(cfg, "data.root", throw_on_missing=False)  # unset: check_set_values names it
@@ -180,16 +183,17 @@ def input_problems(cfg: DictConfig) -> list[Exception]:
     return problems
 
 
-def _check_writable(key: str, value) -> None:
-    """A folder runs are written under: it, or the nearest folder above it that exists, takes new files."""
+def _check_writable(key: str, value, where: Path | None = None) -> None:
+    """A folder a run writes in (``where``: the run's own dir under it): it, or the nearest folder above it that
+    exists, takes new files."""
     import os
 
-    path = abspath(value)
+    path = where or abspath(value)
     existing = next((p for p in (path, *path.parents) if p.exists()), None)
     if existing is not None and not (existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)):
-        raise ValueError(f"{key}={value}: {existing} cannot be written (a read-only mount, or no permission): "
-                              f"every run writes its dir under {key}; point it at a writable folder "
-                              "(stage=runs only reads and works on a read-only one)")
+        raise ValueError(f"{key}={value}: {existing} cannot be written (a read-only mount, or no permission), and "
+                         f"this run writes {path}; point {key} at a writable folder (stage=runs only reads and "
+                         "works on a read-only one)")
 
 
 def _check_window(path, window) -> None:

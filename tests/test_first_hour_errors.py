@@ -541,3 +541,9 @@ def test_an_output_root_that_cannot_be_written_is_named_before_any_run(base_over
     monkeypatch.setattr(os, "access", lambda path, mode: False if str(path) == str(tmp_path) else real(path, mode))
     (problem,) = [p for p in problems_of(cfg, inputs=True) if "paths.output_root" in str(p)]
     assert str(problem).startswith(f"paths.output_root={root}: {tmp_path} cannot be written (a read-only mount")
+    # the run's own dir read-only under a writable root (a finished run archived, mounted back read-only)
+    run_dir = root / "runs" / cfg.run_name
+    run_dir.mkdir(parents=True)
+    monkeypatch.setattr(os, "access", lambda path, mode: False if str(path) == str(run_dir) else real(path, mode))
+    (problem,) = [p for p in problems_of(cfg, inputs=True) if "paths.output_root" in str(p)]
+    assert f"{run_dir} cannot be written" in str(problem)

@@ -103,7 +103,13 @@ def check_resumed_run(resume: str, checkpoint: Path, out_dir: Path, stage: str, 
         return
     new = fingerprint(stage, cfg)
     if (source / FINGERPRINT).exists():
-        changed = differences(recorded_fingerprint(source), new)
+        recorded = recorded_fingerprint(source)
+        if recorded.get("stage") not in (None, stage):
+            raise RunSettingsChangedError(
+                f"resume={resume}: {checkpoint} is a checkpoint of the {recorded['stage']} run in {source}, not of "
+                f"a {stage} run: a resume continues the same run. To start {stage} from its weights, pass "
+                f"{stage}.init_from={checkpoint} with allow_intermediate_checkpoint=true.")
+        changed = differences(recorded, new)
     elif (source / CONFIG).exists():
         changed = settings_differences(config_settings(stage, source), new)
     else:

@@ -281,3 +281,21 @@ def test_a_copied_pipelines_infer_step_is_reused_where_its_label_is_the_same(bas
     assert finished_differences("infer", run_dir, copied) == []
     other = compose_cfg(["stage=infer", *base_overrides, f"infer.checkpoint={tmp_path / 'c/runs/other/sft'}"])
     assert [c.split(":")[0] for c in finished_differences("infer", run_dir, other)] == ["infer.checkpoint"]
+
+
+def test_resume_from_a_checkpoint_of_another_stage_says_so(base_overrides, tmp_path):
+    """An sft run's checkpoint given to rl as resume=: named as the sft run's, with the way to start from it."""
+    from flare_exp.models.checkpoints import TRAINING_STATE, mark_complete
+    from flare_exp.run.fingerprint import fingerprint
+    from flare_exp.resume import resume_checkpoint
+
+    source = tmp_path / "an-sft"
+    checkpoint = source / "checkpoint-4"
+    checkpoint.mkdir(parents=True)
+    for name in TRAINING_STATE:
+        (checkpoint / name).write_text("x")
+    mark_complete(checkpoint)
+    (source / "fingerprint.json").write_text(json.dumps(fingerprint("sft", compose_cfg(["stage=sft", *base_overrides]))))
+    with pytest.raises(RunSettingsChangedError, match=r"is a checkpoint of the sft run in .*, not of a rl run: .* "
+                                                      r"rl.init_from="):
+        resume_checkpoint(str(checkpoint), tmp_path / "rl", "rl", compose_cfg(["stage=rl", *base_overrides]))

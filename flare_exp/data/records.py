@@ -99,6 +99,7 @@ def answer_text(raw: Any, task_type: str, dataset: str, question: str) -> tuple[
     if not text:
         return None, "empty answer"
     if task_type == "regression":
+        text = unicodedata.normalize("NFKC", text)  # a full-width "３５％" is "35%"
         # the number alone: FLARE's evaluator reads float(answer), which "40%" fails (an infinite MAE), so a
         # model trained on "40%" would write answers the leaderboard cannot read
         number = text.rstrip("% ")

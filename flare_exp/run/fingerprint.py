@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from flare_exp.io import file_fingerprint
 from flare_exp.models.checkpoints import WEIGHTS, checkpoint_step
 from flare_exp.run.layout import CONFIG, FINGERPRINT, RUN_INFO, predictions_file
+from flare_exp.run.record import RunSettingsChangedError
 from flare_exp.run.stage import declared_stages
 from flare_exp.run.stage import stage as stage_named
 from flare_exp.runtime import abspath
@@ -32,8 +33,6 @@ RESUMABLE = {s.name: s.resumable for s in declared_stages().values() if s.resuma
 STARTS = {s.name: s.starts_from for s in declared_stages().values() if s.starts_from}  # the adapter it starts from
 
 
-class RunSettingsChangedError(RuntimeError):
-    """An unfinished run dir resumed with settings or inputs that decide its outputs changed."""
 
 
 def _flatten(node, prefix: str) -> dict:

@@ -35,6 +35,11 @@ class RunFinishedError(RuntimeError):
     """The run dir already holds a finished run and overwrite is off."""
 
 
+class RunSettingsChangedError(RuntimeError):
+    """A run dir resumed or reused with settings or inputs that decide its outputs changed, or in a state this
+    launch's settings refuse (resume=never on checkpoints)."""
+
+
 def git_commit() -> str | None:
     repo = Path(__file__).resolve().parent.parent
     try:

@@ -87,7 +87,7 @@ class Stage:
         """resume=never on the checkpoints a training run left: refused before anything is touched."""
         if self.trains and cfg.get("resume") == "never" and not cfg.get("overwrite"):
             from flare_exp.models.checkpoints import list_checkpoints
-            from flare_exp.run.fingerprint import RunSettingsChangedError
+            from flare_exp.run.record import RunSettingsChangedError
 
             left = list_checkpoints(run_dir)
             if left:

@@ -547,3 +547,8 @@ def test_an_output_root_that_cannot_be_written_is_named_before_any_run(base_over
     monkeypatch.setattr(os, "access", lambda path, mode: False if str(path) == str(run_dir) else real(path, mode))
     (problem,) = [p for p in problems_of(cfg, inputs=True) if "paths.output_root" in str(p)]
     assert f"{run_dir} cannot be written" in str(problem)
+    step_dir = run_dir / "eval"  # a pipeline's step dir read-only inside its writable run dir
+    step_dir.mkdir()
+    monkeypatch.setattr(os, "access", lambda path, mode: False if str(path) == str(step_dir) else real(path, mode))
+    (problem,) = [p for p in problems_of(cfg, inputs=True) if "paths.output_root" in str(p)]
+    assert f"{step_dir} cannot be written" in str(problem)

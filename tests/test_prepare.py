@@ -285,6 +285,11 @@ def test_a_copy_of_the_tree_under_data_root_loses_to_the_real_one_and_is_said(tm
     assert all(r["images"][0].startswith("training/Xray/chestdr/") for r in read_jsonl(out / "train.jsonl"))
     assert {r["file"] for r in read_jsonl(out / "rejects.jsonl")} == {
         "training/Xray/Copy of chestdr/chestdr_questions_train.json"}
+    # a copy of the modality folder ("Copy of Xray") too
+    shutil.rmtree(root / "training" / "Xray" / "Copy of chestdr")
+    shutil.copytree(root / "training" / "Xray", root / "training" / "Copy of Xray")
+    out = _prepare(tmp_path, root, "data.datasets=[chestdr]", "overwrite=true")
+    assert all(r["images"][0].startswith("training/Xray/chestdr/") for r in read_jsonl(out / "train.jsonl"))
 
 
 def test_classification_answers_that_are_not_one_letter_are_kept_and_said(tmp_path, caplog):

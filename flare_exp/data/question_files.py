@@ -47,9 +47,13 @@ def discover(files: list[tuple], datasets: list[str], splits: list[str]) -> list
     return out
 
 
+MODALITY_FOLDER = "Xray"  # FLARE Task 5's modality folder: <split>/Xray/<dataset>/
+
+
 def _own_place(path: Path, split: str, dataset: str) -> bool:
-    """Whether a question file sits where FLARE puts it: <split>/<modality>/<dataset>/<file>."""
-    return path.parent.name == dataset and path.parent.parent.parent.name == split
+    """Whether a question file sits where FLARE puts it: <split>/Xray/<dataset>/<file> (a "Copy of Xray" is not)."""
+    return (path.parent.name == dataset and path.parent.parent.name == MODALITY_FOLDER
+            and path.parent.parent.parent.name == split)
 
 
 SAID_COPIES: set[tuple] = set()

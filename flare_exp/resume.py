@@ -81,6 +81,10 @@ def resume_checkpoint(resume: str, out_dir: Path, stage: str | None = None, cfg=
         return None
     path = abspath(resume)
     why = incomplete(path)
+    if why and (path / "adapter_config.json").exists() and not (path / "trainer_state.json").exists():
+        raise FileNotFoundError(f"resume={resume}: {path} is an adapter, not a Trainer checkpoint (no optimizer or "
+                                f"schedule to continue): to train on from its weights pass {stage or 'sft'}.init_from="
+                                f"{path}; resume= takes a checkpoint-N")
     if why:
         raise FileNotFoundError(f"resume={resume}: {path} is not a complete Trainer checkpoint: {why}")
     check_training_state(path)

@@ -334,5 +334,5 @@ def test_regression_answers_in_another_scripts_digits_become_ascii():
     """'３５' (fullwidth) and '٣٥' (Arabic-Indic) are 35 to float() and FLARE: the model is trained to write 35."""
     from flare_exp.data.records import answer_text
 
-    for written in ("３５", "٣٥", "35 %", "３５％"):
+    for written in ("３５", "٣٥", "35 %", "３５％", "٣٥٪", "35\u200b"):
         assert answer_text(written, "regression", "boneresorption", "q") == ("35", None)

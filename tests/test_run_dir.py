@@ -269,3 +269,15 @@ def test_weights_written_private_are_shared_as_the_umask_says(tmp_path):
         assert oct((tmp_path / "model" / "model.safetensors").stat().st_mode & 0o777) == "0o644"
     finally:
         os.umask(old)
+
+
+def test_resume_from_a_final_adapter_says_it_is_no_checkpoint(tmp_path):
+    """final/ holds the adapter only (no optimizer, no schedule): resume= is told to take init_from instead, not
+    that a checkpoint was cut short while saving."""
+    from flare_exp.resume import resume_checkpoint
+
+    final = tmp_path / "sft" / "final"
+    final.mkdir(parents=True)
+    (final / "adapter_config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"is an adapter, not a Trainer checkpoint .* rl.init_from="):
+        resume_checkpoint(str(final), tmp_path / "rl", "rl")

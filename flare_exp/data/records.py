@@ -99,7 +99,9 @@ def answer_text(raw: Any, task_type: str, dataset: str, question: str) -> tuple[
     if not text:
         return None, "empty answer"
     if task_type == "regression":
-        text = unicodedata.normalize("NFKC", text)  # a full-width "３５％" is "35%"
+        # a full-width "３５％" is "35%", an Arabic "٣٥٪" is "35%", and invisible format characters go
+        text = "".join(c for c in unicodedata.normalize("NFKC", text) if unicodedata.category(c) != "Cf")
+        text = text.replace("\u066a", "%").strip()
         # the number alone: FLARE's evaluator reads float(answer), which "40%" fails (an infinite MAE), so a
         # model trained on "40%" would write answers the leaderboard cannot read
         number = text.rstrip("% ")

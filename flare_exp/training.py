@@ -78,9 +78,8 @@ def train_and_save(trainer, stage: str, cfg, out_dir: Path, meta: "CheckpointMet
         trainer.save_model(str(final))  # the Trainer saves on the main process only
         lead = trainer.is_world_process_zero()  # a data-parallel job's other ranks write nothing
         if lead:
-            changes = [h for h in trainer.state.log_history if "schedule_changed" in h]  # this attempt's and earlier
             meta.write(final, step=trainer.state.global_step, **(final_meta(trainer) if final_meta else {}),
-                       **({"schedule_changed": changes} if changes else {}))
+                       **schedule_changes(trainer.state))
             write_model_cards(out_dir, stage, cfg, meta.base, meta.fingerprints, trainer.state)  # not TRL's card
     finally:
         finish_tracking(report_to)
@@ -89,6 +88,13 @@ def train_and_save(trainer, stage: str, cfg, out_dir: Path, meta: "CheckpointMet
 
         write_json(out_dir / LOG_HISTORY, trainer.state.log_history)
     return result, final, lead
+
+
+def schedule_changes(state) -> dict:
+    """{"schedule_changed": [...]} for the budget changes a run's attempts made (resume.schedule_change, kept in
+    the trainer state), {} for none: for final/'s metadata and the stage's summary."""
+    changes = [h for h in state.log_history if "schedule_changed" in h]
+    return {"schedule_changed": changes} if changes else {}
 
 
 class NotedInHistory(TrainerCallback):

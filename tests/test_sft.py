@@ -84,6 +84,7 @@ def test_resume_continues_from_the_last_checkpoint(base_overrides, tmp_path):
     assert {"step": 2, "schedule_changed": changed} in json.loads((run_dir / "log_history.json").read_text())
     final_meta = json.loads((run_dir / "final" / "flare_exp_checkpoint.json").read_text())
     assert final_meta["schedule_changed"] == [{"step": 2, "schedule_changed": changed}]
+    assert second["schedule_changed"] == final_meta["schedule_changed"]  # and in sft_summary.json
     # in the trainer state of the checkpoints saved since: a second interruption and resume keeps it
     assert {"step": 2, "schedule_changed": changed} in state["log_history"]
     # a budget lowered below the newest checkpoint: the checkpoint at the budget is the end, not a longer run's

@@ -29,8 +29,8 @@ from flare_exp.run.layout import summary_name
 from flare_exp.run.stage import Stage
 from flare_exp.runtime import abspath, check_choice, ranks
 from flare_exp.training import (CheckpointMeta, ProgressLog, cpu_ranks_args, data_fingerprints,
-                                effective_batch, half_precision, profiling, setup_tracking, train_and_save,
-                                trainer_arguments)
+                                effective_batch, half_precision, profiling, schedule_changes, setup_tracking,
+                                train_and_save, trainer_arguments)
 
 
 STAGE = Stage(
@@ -289,7 +289,7 @@ def run(cfg, out_dir: Path, applied: dict | None = None) -> dict:
     trainer.add_callback(RolloutWeightsLog(trainer))
     _, final, lead = train_and_save(trainer, "rl", cfg, out_dir, meta, report_to, oom_remedies(rl),
                                     final_meta=lambda t: {"init_from": str(loaded.adapter or "")})
-    summary = summarise(trainer.state.log_history, trainer.state.global_step)
+    summary = {**summarise(trainer.state.log_history, trainer.state.global_step), **schedule_changes(trainer.state)}
     summary.update(final_adapter=str(final), prompts=len(records), skipped_too_long=skipped,
                    decode_loop=decoding.used, decode_attention=attention_used(loaded.model),
                    rollout_weights=trainer.rollout_weights.used, card_preset=card_choice,

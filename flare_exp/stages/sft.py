@@ -21,7 +21,8 @@ from flare_exp.run.stage import Stage
 from flare_exp.runtime import abspath, check_choice, is_compilation_error, ranks
 from flare_exp.stages import sft_card
 from flare_exp.training import (CheckpointMeta, ProgressLog, cpu_ranks_args, data_fingerprints, effective_batch,
-                                half_precision, profiling, setup_tracking, train_and_save, trainer_arguments)
+                                half_precision, profiling, schedule_changes, setup_tracking, train_and_save,
+                                trainer_arguments)
 
 
 STAGE = Stage(
@@ -249,7 +250,7 @@ def run(cfg, out_dir: Path, applied: dict | None = None) -> dict:
                "last_loss": history[-1]["loss"] if history else None,
                "best_eval_loss_checkpoint": trainer.state.best_model_checkpoint,
                "train_samples": len(train), "skipped_too_long": skipped, **batch,
-               "card_preset": applied,
+               "card_preset": applied, **schedule_changes(trainer.state),
                **({"recomputed_batches": trainer.recomputed_batches} if hasattr(trainer, "recomputed_batches")
                   else {})}
     if lead:

@@ -68,6 +68,8 @@ def check_command_line(argv: list[str]) -> None:
         "help", "hydra_help", "version", "info", "cfg", "shell_completion", "experimental_rerun"))
     own_config = any(getattr(args, flag, None) for flag in ("config_name", "config_path", "config_dir"))
     known = [o for o in args.overrides if o not in unknown]
+    if args.multirun and not asks_hydra:  # a sweep: its dir goes under the output root before any job runs
+        problems += sweep_root_problems(known)
     if not args.multirun and not asks_hydra and not own_config:
         # a single run's settings and inputs, checked before Hydra makes its run dir (a refused run leaves none);
         # with another primary config (--config-name/-dir) the run checks them itself, against that config
@@ -158,6 +160,23 @@ def check_slurm_launcher(overrides: list[str], multirun: bool) -> None:
                             "a login node of the cluster), or sweep here with hydra/launcher=local (jobs as local "
                             "processes) or hydra/launcher=watched (the default: one after another in this process)"),
                BEFORE_HYDRA)
+
+
+def sweep_root_problems(overrides: list[str]) -> list[Exception]:
+    """A sweep's output root (its one value; a sweep over several is left to the jobs) that cannot be written: one
+    line, before Hydra makes the sweep dir (else its OSError traceback)."""
+    from flare_exp.checks import check_writable
+    from flare_exp.config import PathsConfig
+
+    given = [o.split("=", 1)[1] for o in overrides if o.startswith(("paths.output_root=", "+paths.output_root="))]
+    root = given[-1] if given else PathsConfig.output_root
+    if "," in root or "${" in root:
+        return []
+    try:
+        check_writable("paths.output_root", root)
+    except ValueError as e:
+        return [e]
+    return []
 
 
 def other_setting_problems(known_overrides: list[str]) -> list[Exception]:

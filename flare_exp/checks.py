@@ -163,9 +163,9 @@ def input_problems(cfg: DictConfig) -> list[Exception]:
     steps = steps_of(cfg)
     if any(stage(name).record != "none" for name in steps if name in declared_stages()):  # it makes a run dir
         run_dir = abspath(cfg.paths.output_root) / "runs" / str(OmegaConf.select(cfg, "run_name", default=""))
-        _collect(problems, _check_writable, "paths.output_root", cfg.paths.output_root, run_dir)
+        _collect(problems, check_writable, "paths.output_root", cfg.paths.output_root, run_dir)
     if "prepare" in steps:
-        _collect(problems, _check_writable, "data.prepared_dir", cfg.data.prepared_dir)
+        _collect(problems, check_writable, "data.prepared_dir", cfg.data.prepared_dir)
     if _loading_model(steps):
         _collect(problems, check_model_path, cfg.model)
     root = OmegaConf.select(cfg, "data.root", throw_on_missing=False)  # unset: check_set_values names it
@@ -183,7 +183,7 @@ def input_problems(cfg: DictConfig) -> list[Exception]:
     return problems
 
 
-def _check_writable(key: str, value, where: Path | None = None) -> None:
+def check_writable(key: str, value, where: Path | None = None) -> None:
     """A folder a run writes in (``where``: the run's own dir under it): it, or the nearest folder above it that
     exists, takes new files."""
     import os

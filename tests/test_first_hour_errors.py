@@ -552,3 +552,18 @@ def test_an_output_root_that_cannot_be_written_is_named_before_any_run(base_over
     monkeypatch.setattr(os, "access", lambda path, mode: False if str(path) == str(step_dir) else real(path, mode))
     (problem,) = [p for p in problems_of(cfg, inputs=True) if "paths.output_root" in str(p)]
     assert f"{step_dir} cannot be written" in str(problem)
+
+
+def test_a_sweep_on_an_output_root_that_cannot_be_written_is_one_line(tmp_path, monkeypatch, capsys):
+    """-m: the sweep's dir goes under the output root before any job: one line, not Hydra's OSError traceback."""
+    import os
+
+    sys.path.insert(0, str(REPO))
+    import launch
+
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if str(path) == str(tmp_path) else real(path, mode))
+    with pytest.raises(SystemExit):
+        launch.check_command_line(["-m", f"paths.output_root={tmp_path / 'out'}", "stage=sft", "sft.max_steps=1,2"])
+    err = capsys.readouterr().err
+    assert f"paths.output_root={tmp_path / 'out'}: {tmp_path} cannot be written" in err and "Traceback" not in err

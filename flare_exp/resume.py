@@ -99,7 +99,7 @@ def check_resumed_run(resume: str, checkpoint: Path, out_dir: Path, stage: str, 
     this run's deciding settings and inputs (its run dir's fingerprint, else its config.yaml), as a resume=auto
     in this dir is held to (this dir's own checkpoints were checked when the run opened)."""
     from flare_exp.run.fingerprint import (RunSettingsChangedError, config_settings, differences, fingerprint,
-                                           listed, moved_data_root, recorded_fingerprint, settings_differences)
+                                           listed, recorded_fingerprint, settings_differences, unless_moved)
     from flare_exp.run.layout import CONFIG, FINGERPRINT
 
     source = checkpoint.parent
@@ -113,15 +113,14 @@ def check_resumed_run(resume: str, checkpoint: Path, out_dir: Path, stage: str, 
                 f"resume={resume}: {checkpoint} is a checkpoint of the {recorded['stage']} run in {source}, not of "
                 f"a {stage} run: a resume continues the same run. To start {stage} from its weights, pass "
                 f"{stage}.init_from={checkpoint} with allow_intermediate_checkpoint=true.")
-        changed = differences(recorded, new)
+        changed = unless_moved(stage, differences(recorded, new), recorded, new, cfg)
     elif (source / CONFIG).exists():
-        changed = settings_differences(config_settings(stage, source), new)
+        changed = unless_moved(stage, settings_differences(config_settings(stage, source), new), None, new, cfg)
     else:
         raise RunSettingsChangedError(
             f"resume={resume}: {source} records neither {FINGERPRINT} nor {CONFIG}, so nothing says the checkpoint "
             f"was made with this run's settings. Start from its weights instead ({stage}.init_from={checkpoint} with "
             "allow_intermediate_checkpoint=true), which trains a new run from them.")
-    changed = moved_data_root(stage, changed, cfg)
     if changed:
         raise RunSettingsChangedError(
             f"resume={resume}: {checkpoint} belongs to the run in {source}, made with other settings or inputs, "

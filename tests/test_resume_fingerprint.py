@@ -239,6 +239,13 @@ def test_resume_from_another_runs_checkpoint_is_held_to_that_runs_settings(base_
     with caplog.at_level(logging.INFO):
         assert resume_checkpoint(str(checkpoint), mine, "sft", cfg()) == str(checkpoint)
     assert f"continuing from {checkpoint}" in caplog.text
+    # its train file copied elsewhere with the same bytes is the same input, as for a resume in place
+    import shutil
+
+    copy = tmp_path / "copy" / "train.jsonl"
+    copy.parent.mkdir()
+    shutil.copy(cfg().sft.train_file, copy)
+    assert resume_checkpoint(str(checkpoint), mine, "sft", cfg(f"sft.train_file={copy}")) == str(checkpoint)
     (source / "fingerprint.json").unlink()
     with pytest.raises(RunSettingsChangedError, match="records neither fingerprint.json nor config.yaml"):
         resume_checkpoint(str(checkpoint), mine, "sft", cfg())

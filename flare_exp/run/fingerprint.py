@@ -33,8 +33,6 @@ RESUMABLE = {s.name: s.resumable for s in declared_stages().values() if s.resuma
 STARTS = {s.name: s.starts_from for s in declared_stages().values() if s.starts_from}  # the adapter it starts from
 
 
-
-
 def _flatten(node, prefix: str) -> dict:
     if isinstance(node, dict):
         out = {}
@@ -236,7 +234,7 @@ def check_resume(stage: str, run_dir: Path, new: dict, cfg=None) -> None:
                 "earlier attempt moves to attempts/NN/), or choose another run_name=.")
         changed = settings_differences(old, new)
         old = None
-    changed = moved_data_root(stage, moved_files(stage, changed, old, new if cfg is not None else None), cfg)
+    changed = unless_moved(stage, changed, old, new, cfg)
     if changed:
         raise RunSettingsChangedError(
             f"{run_dir} holds an unfinished {stage} run ({', '.join(p.name for p in left[-3:])}) made with other "
@@ -253,12 +251,21 @@ def finished_differences(stage: str, run_dir: Path, cfg) -> list[str]:
     recorded = run_dir / FINGERPRINT
     if recorded.exists():
         old = recorded_fingerprint(run_dir)
-        changed = moved_files(stage, differences(old, new, budget=True), old, new)
+        changed = unless_moved(stage, differences(old, new, budget=True), old, new, cfg)
     else:
         changed = settings_differences(config_settings(stage, run_dir) if (run_dir / CONFIG).exists() else {}, new)
-    changed = moved_data_root(stage, changed, cfg)
+        changed = unless_moved(stage, changed, None, new, cfg)
     inputs = getattr(stage_named(stage).runner(), "input_changes", None)  # inputs beyond files: a data tree
     return changed + (inputs(cfg, run_dir) if inputs and not changed else [])
+
+
+def unless_moved(stage: str, changed: list[str], old: dict | None, new: dict, cfg) -> list[str]:
+    """``changed`` without what moved rather than changed (``moved_files``, ``moved_data_root``); with no ``cfg``
+    (nothing to compare the new place with) as it is. ``old``: the recorded fingerprint, None when the run's
+    config.yaml stood in for it (no file hashes to compare)."""
+    if cfg is None:
+        return changed
+    return moved_data_root(stage, moved_files(stage, changed, old, new), cfg)
 
 
 NAMED_BY_ADAPTER_PATH = ("infer",)  # stages whose outputs are labelled by the adapter they start from's path
@@ -303,7 +310,7 @@ def moved_data_root(stage: str, changed: list[str], cfg) -> list[str]:
     new data.root with the same bytes, and the stage's records come from that prepared dir. Else the entry says
     why the move could not be taken as the same data."""
     entry = next((c for c in changed if c.startswith(ROOT_CHANGED)), None)
-    if entry is None or cfg is None:
+    if entry is None:
         return changed
     from flare_exp.data.prepare_inputs import moved_here
 

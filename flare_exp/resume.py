@@ -46,18 +46,18 @@ def schedule_change(trainer, checkpoint: str | None) -> dict | None:
     state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
     if not state.max_steps or state.max_steps == budget:
         return None
+    name = Path(checkpoint).name
     if state.global_step >= budget:  # the end already: its steps followed the longer budget's schedule
         log.warning("%s ends this run (max_steps=%d), but its steps followed a learning-rate schedule (%s) laid out "
-                    "for max_steps=%d: it is not a %d-step run (recorded as schedule_changed)", Path(checkpoint).name,
-                    budget, scheduler, state.max_steps, budget)
-        return {"step": state.global_step, "schedule_changed": {"max_steps_before": state.max_steps,
-                                                                "max_steps_after": budget}}
-    log.warning("%s was trained for max_steps=%d; continuing it to max_steps=%d lays the learning-rate schedule (%s) "
-                "out again for %d steps, so from step %d the rate follows the new curve: the adapter is neither a "
-                "%d- nor a %d-step run (recorded as schedule_changed). For one schedule, start a new run from its "
-                "weights (sft.init_from / rl.init_from=%s, allow_intermediate_checkpoint=true)", Path(checkpoint).name,
-                state.max_steps, budget, scheduler, budget, state.global_step + 1,
-                state.max_steps, budget, checkpoint)
+                    "for max_steps=%d: it is not a %d-step run (recorded as schedule_changed)", name, budget,
+                    scheduler, state.max_steps, budget)
+    else:
+        log.warning("%s was trained for max_steps=%d; continuing it to max_steps=%d lays the learning-rate schedule "
+                    "(%s) out again for %d steps, so from step %d the rate follows the new curve: the adapter is "
+                    "neither a %d- nor a %d-step run (recorded as schedule_changed). For one schedule, start a new "
+                    "run from its weights (sft.init_from / rl.init_from=%s, allow_intermediate_checkpoint=true)",
+                    name, state.max_steps, budget, scheduler, budget, state.global_step + 1, state.max_steps, budget,
+                    checkpoint)
     return {"step": state.global_step, "schedule_changed": {"max_steps_before": state.max_steps,
                                                             "max_steps_after": budget}}
 
@@ -74,10 +74,11 @@ def resume_checkpoint(resume: str, out_dir: Path, stage: str | None = None, cfg=
         return str(ckpt) if ckpt else None
     if resume == "never":
         ckpts = list_checkpoints(out_dir)
-        if ckpts:
+        if ckpts:  # the stage's declaration refuses this before the run starts; a later pipeline step lands here
+            from flare_exp.run.record import RunSettingsChangedError
             from flare_exp.run.stage import resume_never_refusal
 
-            raise RuntimeError(resume_never_refusal(out_dir, ckpts[-1].name))
+            raise RunSettingsChangedError(resume_never_refusal(out_dir, ckpts[-1].name))
         return None
     path = abspath(resume)
     why = incomplete(path)

@@ -75,8 +75,7 @@ def check_command_line(argv: list[str]) -> None:
         # with another primary config (--config-name/-dir) the run checks them itself, against that config
         problems += other_setting_problems(known)
     elif args.cfg and not own_config:  # --cfg job: a config file it cannot read is said in one line too
-        cfg, found = composed(known)
-        problems += found + (values_in_files() if cfg is not None else [])
+        problems += composed(known)[1]
     if not problems:
         return
     from flare_exp.checks import settings_error
@@ -187,46 +186,38 @@ def other_setting_problems(known_overrides: list[str]) -> list[Exception]:
 
     from flare_exp.checks import problems_of
 
-    cfg, problems = composed(known_overrides)
+    cfg, in_files = composed(known_overrides)
     if cfg is None:
-        return problems
+        return in_files
     try:
         problems = problems_of(cfg, inputs=True)
     except Exception:  # noqa: BLE001
         return []
-    return values_in_files() + [p for p in problems if not _needs_hydra_runtime(p, InterpolationResolutionError)]
-
-
-def values_in_files() -> list[Exception]:
-    """The values of the group files the last ``composed`` read that the schema's types refuse or misread."""
-    from flare_exp.config import Config
-    from flare_exp.config_keys import file_value_problems
-
-    return [ValueError(p) for p in file_value_problems(composed.dirs, composed.choices, Config)]
+    return in_files + [p for p in problems if not _needs_hydra_runtime(p, InterpolationResolutionError)]
 
 
 def composed(overrides: list[str]) -> tuple:
-    """(the config as Hydra will compose it, []), or (None, [a config file's own problem]); (None, []) when
-    composing fails otherwise (Hydra's own complaint comes then)."""
+    """(the config as Hydra will compose it, the values its group files set that the schema's types refuse or
+    misread), or (None, [a config file's own problem]); (None, []) when composing fails otherwise (Hydra's own
+    complaint comes then)."""
     from hydra import compose, initialize_config_dir
-
     from omegaconf import open_dict
+
+    from flare_exp.config import Config
+    from flare_exp.config_keys import file_value_problems
 
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
-        composed.choices = dict(cfg.hydra.runtime.choices)  # the group files it read (file_value_problems)
-        composed.dirs = [Path(p.split("://", 1)[-1]) for p in cfg.hydra.searchpath if not str(p).startswith("pkg")]
-        composed.dirs.append(CONF_DIR)
-        with open_dict(cfg):
-            del cfg["hydra"]
-        return cfg, []
     except Exception as e:  # noqa: BLE001
         found = config_file_problem(e)
         return None, [found] if found else []
-
-
-composed.choices, composed.dirs = {}, [CONF_DIR]
+    # the group files it read, in the config dirs Hydra searched (hydra.searchpath's, then conf/)
+    dirs = [Path(p.split("://", 1)[-1]) for p in cfg.hydra.searchpath if not str(p).startswith("pkg")] + [CONF_DIR]
+    in_files = [ValueError(p) for p in file_value_problems(dirs, dict(cfg.hydra.runtime.choices), Config)]
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg, in_files
 
 
 def config_file_problem(error: BaseException) -> Exception | None:

@@ -9,8 +9,8 @@ import dataclasses
 import difflib
 import re
 import typing
-from pathlib import Path
 from functools import lru_cache
+from pathlib import Path
 
 from flare_exp.setting_checks import unknown_reward_term
 

@@ -59,11 +59,9 @@ def load_rows(path: Path, allow_partial: bool, prepared_dir: str | None = None) 
                                   "hold an id column" if other_sheets else ""))
     else:
         info.update(edited_sheet_beside(path, rows))
-    if torn and not unfinished:
-        info["partial"] = (f"partial: {len(rows)} predictions; the file's torn last line (a write cut short) left "
-                           "out (eval.allow_partial=true)")
-    if unfinished:
-        info["partial"] = (f"partial: {len(rows)} of {expected_count(run_dir) or 'an unknown number of'} predictions"
+    if unfinished or torn:  # an unfinished infer run, or a file whose torn last line was left out
+        of = f" of {expected_count(run_dir) or 'an unknown number of'}" if unfinished else ""
+        info["partial"] = (f"partial: {len(rows)}{of} predictions"
                            + ("; the file's torn last line (a write cut short) left out" if torn else ""))
     unknown = sorted({str(r.get("task_type")) for r in rows} - set(official.OFFICIAL_METRIC))
     if unknown:

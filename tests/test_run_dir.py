@@ -253,15 +253,17 @@ def test_weights_written_private_are_shared_as_the_umask_says(tmp_path):
     import torch
     from safetensors.torch import save_file
 
+    from omegaconf import OmegaConf
+
     from flare_exp.io import atomic_dir
-    from flare_exp.models.checkpoints import mark_complete
+    from flare_exp.training import CheckpointMeta
 
     old = os.umask(0o022)
     try:
         checkpoint = tmp_path / "checkpoint-2"
         checkpoint.mkdir()
         save_file({"a": torch.zeros(2)}, str(checkpoint / "adapter_model.safetensors"))
-        mark_complete(checkpoint)
+        CheckpointMeta(tmp_path / "base", OmegaConf.create({}), []).write(checkpoint, step=2)  # every adapter dir
         assert oct((checkpoint / "adapter_model.safetensors").stat().st_mode & 0o777) == "0o644"
         with atomic_dir(tmp_path / "model") as tmp:
             save_file({"a": torch.zeros(2)}, str(tmp / "model.safetensors"))

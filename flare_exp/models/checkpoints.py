@@ -10,7 +10,7 @@ import logging
 import re
 from pathlib import Path
 
-from flare_exp.io import shared_as_umask, write_json
+from flare_exp.io import write_json
 
 META = "flare_exp_checkpoint.json"
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
@@ -25,7 +25,6 @@ log = logging.getLogger(__name__)
 
 def mark_complete(checkpoint: Path) -> None:
     """Record that ``checkpoint`` is whole: called after the Trainer (and our metadata) wrote every file."""
-    shared_as_umask(checkpoint)  # safetensors writes its weights 0600: a teammate could not read them
     # each rank of a data-parallel job writes its own rng_state_<rank>.pth, maybe still while rank 0 marks
     files = {str(p.relative_to(checkpoint)): p.stat().st_size for p in sorted(checkpoint.rglob("*"))
              if p.is_file() and p.name != COMPLETE and not _RANK_RNG.match(p.name)}

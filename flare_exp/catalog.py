@@ -231,7 +231,7 @@ def remove_view_dir() -> None:
     if made.is_dir() and all(p.suffix == ".log" for p in made.iterdir()):  # its own log only: nothing of a run
         shutil.rmtree(made)
         try:
-            made.parent.rmdir()  # runs/, when this launch's dir was all it held
+            made.parent.rmdir()  # flare-exp-views/ (conf/stage/runs.yaml), when this launch's dir was all it held
         except OSError:
             pass
 

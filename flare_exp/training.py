@@ -14,10 +14,10 @@ from omegaconf import OmegaConf
 from transformers import TrainerCallback
 
 from flare_exp.io import file_fingerprint, shared_as_umask
-from flare_exp.resume import at_the_step_budget, resume_checkpoint, schedule_change
 from flare_exp.logs import log_part
-from flare_exp.reports.model_card import write_model_cards
 from flare_exp.models.checkpoints import list_checkpoints, mark_complete, write_meta
+from flare_exp.reports.model_card import write_model_cards
+from flare_exp.resume import at_the_step_budget, resume_checkpoint, schedule_change
 from flare_exp.run.layout import LOG_HISTORY
 from flare_exp.runtime import abspath, world_size
 

@@ -156,4 +156,3 @@ def unusual_answers(rows: list[dict]) -> dict:
     odd = [r for r in rows if r["task_type"] == "classification" and isinstance(r.get("answer"), str)
            and not re.fullmatch(r"[A-Za-z]", r["answer"])]
     return {"count": len(odd), "first": [f"{r['id']}: {r['answer'][:40]!r}" for r in odd[:10]]}
-

@@ -19,6 +19,7 @@ from flare_exp.models.checkpoints import list_checkpoints, mark_complete, write_
 from flare_exp.reports.model_card import write_model_cards
 from flare_exp.resume import at_the_step_budget, resume_checkpoint, schedule_change
 from flare_exp.run.layout import LOG_HISTORY
+from flare_exp.run.lock import check_still_held
 from flare_exp.runtime import abspath, world_size
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,7 @@ def train_and_save(trainer, stage: str, cfg, out_dir: Path, meta: "CheckpointMet
                 raise explained from e
             raise
         final = out_dir / "final"
+        check_still_held()
         trainer.save_model(str(final))  # the Trainer saves on the main process only
         lead = trainer.is_world_process_zero()  # a data-parallel job's other ranks write nothing
         if lead:
@@ -315,7 +317,9 @@ def _peak_memory_gib() -> float | None:
 
 
 class CheckpointMeta(TrainerCallback):
-    """Writes flare_exp_checkpoint.json (base path, config YAML, data fingerprints) into every checkpoint."""
+    """Writes flare_exp_checkpoint.json (base path, config YAML, data fingerprints) into every checkpoint; a
+    process whose run-dir lock was taken over while it was stopped saves none (each step's end, before the
+    Trainer's save: the run dir is another's now)."""
 
     def __init__(self, base_model_path: Path, cfg, fingerprints: list[dict], processor=None):
         self.base = str(base_model_path)
@@ -328,6 +332,10 @@ class CheckpointMeta(TrainerCallback):
             self.processor.save_pretrained(adapter_dir)
         write_meta(adapter_dir, self.base, self.config_yaml, data=self.fingerprints, **extra)
         shared_as_umask(adapter_dir)  # safetensors writes its weights 0600: a teammate could not read them
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            check_still_held()
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:

@@ -82,3 +82,15 @@ def learned_sft_adapter(session_dir, tiny_model_dir, demo_prepared) -> Path:
         run(compose_cfg(["stage=sft", f"paths.cache_dir={session_dir / 'cache'}", f"paths.output_root={out}",
                          "sft.max_steps=40", "sft.eval_steps=0", "sft.save_steps=40"]), run_dir=out / "sft")
     return out / "sft"
+
+
+@pytest.fixture(autouse=True)
+def _no_lock_outlives_its_test():
+    """A test that takes a run lock and leaves it (or has it taken over on purpose) does not leave it to the
+    next test's lost-lock checks: every lock still listed as this process's is let go after each test."""
+    yield
+    from flare_exp.run import lock as run_lock
+
+    for lock in list(run_lock._LOCKS_HERE):
+        lock._stop.set()
+        run_lock._LOCKS_HERE.remove(lock)

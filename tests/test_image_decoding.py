@@ -219,3 +219,31 @@ def test_a_float_images_nan_and_infinite_pixels_are_black_or_white_not_mid_grey(
     values = np.array([[-1.0, 2.5, np.nan, np.inf, -np.inf, 0.4]], dtype=np.float32)
     assert scale_to_8bit(values, None).tolist() == [[0, 255, 0, 255, 0, 102]]
     assert scale_to_8bit(values, (0.0, 1.0)).tolist() == [[0, 255, 0, 255, 0, 102]]
+
+
+def test_a_collimated_scan_is_no_blank_one(tmp_path, caplog):
+    """A small exposed field inside a wide black border (electronic shutters): 95% of the pixels at one level,
+    but a picture; named apart as framed, not warned as blank. A blank scan with sensor noise, a white one with
+    a few specks, and a 16-bit one whose window clips most of it stay nearly flat."""
+    root = tmp_path / "raw"
+    names = ["collimated.png", "noise.png", "specks.png", "clipped16.png"]
+    d = _small_tree(root, [{**GOOD, "ImageName": f"imagesTr/{n}", "Question": f"q{i}"} for i, n in enumerate(names)],
+                    images=())
+    rng = np.random.default_rng(0)
+    collimated = np.zeros((256, 256), np.uint8)
+    collimated[100:150, 90:150] = np.add.outer(np.arange(50) * 4, np.arange(60) * 2).clip(0, 255)  # ~5% a field
+    Image.fromarray(collimated).save(d / "imagesTr" / names[0])
+    Image.fromarray((120 + rng.integers(-3, 4, (256, 256))).astype(np.uint8)).save(d / "imagesTr" / names[1])
+    specks = np.full((256, 256), 255, np.uint8)
+    specks[rng.random((256, 256)) < 0.04] = 0
+    Image.fromarray(specks).save(d / "imagesTr" / names[2])
+    clipped = np.full((256, 256), 60000, np.uint16)
+    clipped[:20] = np.arange(256, dtype=np.uint16) * 16  # the top band inside the window, the rest above it
+    Image.fromarray(clipped).save(d / "imagesTr" / names[3])
+    caplog.set_level("INFO", logger="flare_exp.data.prepare")
+    out = _prepare(tmp_path, root, "data.datasets=[chestdr]", "data.image_window=[0,4095]")
+    summary = json.loads((out / "summary.json").read_text())
+    where = "training/Xray/chestdr/imagesTr/"
+    assert summary["framed_images"] == {"count": 1, "first": [where + "collimated.png"]}
+    assert summary["nearly_uniform_images"]["first"] == [where + n for n in sorted(names[1:])]
+    assert "hold their content in a box inside a border" in caplog.text

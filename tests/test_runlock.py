@@ -208,7 +208,9 @@ def test_the_heartbeat_stops_with_the_release_and_an_old_one_is_stale_only_after
     _fake_holder(tmp_path / "x", 1, host="node-9", age_s=290)
     with pytest.raises(RunLockedError, match="node-9"):
         RunLock(tmp_path / "x", stale_after_s=300).acquire()
-    assert RunLock(tmp_path / "x", stale_after_s=280).acquire().held()
+    taken = RunLock(tmp_path / "x", stale_after_s=280).acquire()
+    assert taken.held()
+    taken.release()
 
 
 def test_a_whole_tree_another_process_built_is_kept(tmp_path):
@@ -259,3 +261,59 @@ def test_parallel_builders_of_the_tiny_radgraph(tmp_path):
         results = list(pool.map(_build_then_read, [str(tmp_path)] * 3, [start] * 3))
     assert results == ["ok"] * 3
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".radgraph-")]
+
+
+def _take_over(run_dir, pid: int = 1, host: str = "node-after-suspend"):
+    """Another launch takes the lock over, as it would once this process has been stopped past the wait."""
+    lock = run_dir / ".lock"
+    number = max(int(p.name.split(".")[1]) for p in lock.glob("owner.*.json")) + 1
+    (lock / f"owner.{number}.json").write_text(json.dumps(
+        {"host": host, "pid": pid, "started": "2026-12-05T11:00:00", "started_epoch": time.time(), "token": "other"}))
+
+
+def test_a_holder_stopped_past_the_takeover_writes_no_more(tmp_path, caplog):
+    from flare_exp.run.lock import RunLockLostError, check_still_held, lock_lost
+
+    lock = RunLock(tmp_path, heartbeat_s=0.05).acquire()
+    check_still_held()  # its own: nothing to say
+    _take_over(tmp_path)
+    with pytest.raises(RunLockLostError, match="taken over while it was stopped.*host node-after-suspend, pid 1"):
+        check_still_held()
+    assert lock_lost()
+    time.sleep(0.3)  # the heartbeat says it too, once, and stops touching its owner file
+    assert caplog.text.count("taken over while it was stopped") == 1
+    lock.release()  # the lock is the other launch's: left as it is
+    assert (tmp_path / ".lock" / "owner.2.json").exists() and not lock_lost()
+
+
+def test_a_run_whose_lock_was_taken_over_leaves_no_marker(base_overrides, tmp_path, monkeypatch):
+    """eval ran while stopped past the wait (the takeover is made as its markers are cleared): it stops before
+    DONE, and writes no FAILED either; the run dir and its lock are the other launch's."""
+    import flare_exp.run.lifecycle as lifecycle
+    from flare_exp.run.lock import RunLockLostError
+
+    preds = tmp_path / "p.jsonl"
+    write_jsonl(preds, [{"id": "d/1", "dataset": "dental", "task_type": "classification", "answer": "A",
+                         "prediction": "A", "model": "m"}])
+    monkeypatch.setattr(lifecycle, "barrier", lambda: _take_over(tmp_path / "eval"))
+    cfg = compose_cfg(["stage=eval", *base_overrides, f"eval.predictions=[{preds}]", "eval.radgraph=false"])
+    with pytest.raises(RunLockLostError, match="keeps one writer"):
+        run(cfg, run_dir=tmp_path / "eval")
+    assert not (tmp_path / "eval" / "DONE").exists() and not (tmp_path / "eval" / "FAILED").exists()
+    assert (tmp_path / "eval" / ".lock" / "owner.2.json").exists()
+
+
+def test_a_trainer_whose_lock_was_taken_over_saves_no_checkpoint(tmp_path):
+    from types import SimpleNamespace
+
+    from flare_exp.run.lock import RunLockLostError
+    from flare_exp.training import CheckpointMeta
+
+    meta = CheckpointMeta(tmp_path / "base", compose_cfg([]), [])
+    lock = RunLock(tmp_path).acquire()
+    state = SimpleNamespace(is_world_process_zero=True, global_step=3)
+    meta.on_step_end(None, state, None)  # its own: the step ends, the Trainer's save may follow
+    _take_over(tmp_path)
+    with pytest.raises(RunLockLostError):
+        meta.on_step_end(None, state, None)
+    lock.release()

@@ -217,3 +217,35 @@ def test_a_window_is_named_only_where_the_prepared_images_have_more_than_8_bits(
         "none applies (8-bit images)"
     (tmp_path / "prepared" / "summary.json").write_text(json.dumps({"images_by_mode": {"RGB": 3, "I;16": 2}}))
     assert load_rows(tmp_path / "predictions.jsonl", False, prepared)[1]["image_window"] == "own range"
+
+
+@pytest.mark.parametrize("cell, value, message", [
+    ("F2", "classification", r"boneresorption/0: TaskType 'classification' \(prepared: 'regression'\)"),
+    ("E3", "dental", r"boneresorption/1: Dataset 'dental' \(prepared: 'boneresorption'\)"),
+    ("A4", "9.png", r"boneresorption/2: ImageName '9.png' \(prepared: '2.png'\)"),
+    ("B8", "d5", r"dental/0: Question 'd5' \(prepared: 'd0'\)"),
+])
+def test_a_row_edited_to_describe_another_question_is_refused(tmp_path, cell, value, message):
+    """eval joins by id and scores against the id's prepared question; FLARE joins on ImageName||Question: a row
+    whose cells now name another question would be scored against one the person did not mean."""
+    prepared = _prepared(tmp_path)
+    sheet = _edit(_sheet(tmp_path), lambda s: s.__setitem__(cell, value))
+    with pytest.raises(ValueError, match=r"1 row\(s\) describe another question than their id's.*" + message):
+        load_rows(sheet, False, prepared)
+
+
+def test_the_same_description_written_another_way_is_no_edit(tmp_path):
+    """FLARE's raw TaskType, another case, spacing, a list of images joined with ',' or ', ': the same question."""
+    prepared = _prepared(tmp_path)
+    write_jsonl(tmp_path / "prepared" / "val.jsonl",
+                [*REFERENCE, {**REFERENCE[0], "id": "iu/0", "dataset": "IU_XRay", "task_type": "report_generation",
+                              "image_name": ["a-0.png", "a-1.png"], "answer": "No acute findings."}])
+
+    def edit(sheet):
+        sheet["F2"], sheet["E3"], sheet["B4"] = "Regression", "BoneResorption", " q2  "
+    rows = [{**r, "prediction": "1"} for r in REFERENCE] + [
+        {"id": "iu/0", "dataset": "IU_XRay", "task_type": "Report_Generation", "image_name": "a-0.png,a-1.png",
+         "question": "q0", "answer": "No acute findings.", "prediction": "x"}]
+    write_sheet(tmp_path / "s.xlsx", rows, "my-run")
+    rows, _ = load_rows(_edit(tmp_path / "s.xlsx", edit), False, prepared)
+    assert {r["id"]: r["task_type"] for r in rows}["boneresorption/0"] == "regression" and len(rows) == 13

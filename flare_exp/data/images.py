@@ -67,6 +67,13 @@ class ImageCheck(NamedTuple):
     size: tuple[int, int] | None = None  # width, height as stored
     uniform: float | None = None  # share of the decoded grey values near their median (1.0: one flat value)
     frames: int = 1  # pages of a multi-page file (TIFF): the stages read the first
+    framed: bool = False  # nearly one level, but around a box that holds content (a collimated field, a margin)
+
+
+# an accepted image with this share of its pixels at one grey level is named in summary.json and the log: a
+# window that saturates it (data.image_window), a float or constant image, a blank scan; or, when the rest forms
+# a box of content inside that level, a collimated field or a wide margin (named apart: it is a picture)
+NEARLY_UNIFORM = 0.9
 
 
 @dataclass(frozen=True)
@@ -132,7 +139,7 @@ def _check_image(path: str, window: tuple[float, float] | None, decode: bool = T
     except OSError as e:
         return ImageCheck(f"unreadable image {Path(path).name}: {e.strerror or e}", None, None, None)
     digest = hashlib.sha1(data).hexdigest()  # a rejected file too: replaced later, it is another input
-    size, mode, pixels, uniform, frames = f"{len(data):,} bytes", None, None, None, 1
+    size, mode, pixels, uniform, frames, framed = f"{len(data):,} bytes", None, None, None, 1, False
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -144,6 +151,8 @@ def _check_image(path: str, window: tuple[float, float] | None, decode: bool = T
                     pixels, uniform = hashlib.sha1(picture.tobytes()).hexdigest(), flat_share(picture)
                     if window is None and narrow_integer_range(im):  # its own range stretched: noise, not content
                         uniform = 1.0
+                    elif uniform >= NEARLY_UNIFORM and not saturated_by(window, im):
+                        framed = framed_content(picture)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         return ImageCheck(f"decompression bomb {Path(path).name}: {e} ({size})", digest, mode, None)
     except Image.UnidentifiedImageError:  # PIL's wording names an in-memory buffer, not the file
@@ -154,7 +163,7 @@ def _check_image(path: str, window: tuple[float, float] | None, decode: bool = T
         reason = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "this file", str(e))[:200]
         return ImageCheck(f"corrupt image {Path(path).name}: {type(e).__name__}: {reason} ({size})", digest, mode,
                           None)
-    return ImageCheck(None, digest, mode, pixels, stored, uniform, frames)
+    return ImageCheck(None, digest, mode, pixels, stored, uniform, frames, framed)
 
 
 def narrow_integer_range(im, levels: int = 16) -> bool:
@@ -178,6 +187,37 @@ def flat_share(picture, levels: int = 6) -> float:
     total = max(int(counts.sum()), 1)
     median = int(np.searchsorted(np.cumsum(counts), total / 2))
     return float(counts[max(median - levels, 0):median + levels + 1].sum() / total)
+
+
+def framed_content(picture, levels: int = 6, busy: float = 0.05) -> bool:
+    """Whether a picture that is nearly one grey level holds its content in a box inside that level (a collimated
+    field inside its shutters' border, a small scan on a wide margin): the rows and columns where at least
+    ``busy`` of the pixels are off the level bound a box of at least 1% of the picture whose own pixels are not
+    nearly one level. Noise on a blank scan is spread over the whole picture, so its box is the picture."""
+    import numpy as np
+
+    grey = np.asarray(picture.convert("L"))
+    counts = np.bincount(grey.ravel(), minlength=256)
+    level = int(np.searchsorted(np.cumsum(counts), grey.size / 2))
+    off = np.abs(grey.astype(np.int16) - level) > levels
+    rows, cols = np.flatnonzero(off.mean(axis=1) >= busy), np.flatnonzero(off.mean(axis=0) >= busy)
+    if not rows.size or not cols.size:
+        return False
+    box = off[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    return box.size >= 0.01 * off.size and box.size < 0.9 * off.size and float(box.mean()) > 1 - NEARLY_UNIFORM
+
+
+def saturated_by(window: tuple[float, float] | None, im) -> bool:
+    """Whether data.image_window clips most of a high-bit-depth image's values (then it, not a border, is why
+    the picture is nearly one level)."""
+    import numpy as np
+
+    from flare_exp.data.decoding import HIGH_BIT_DEPTH
+
+    if window is None or im.mode not in HIGH_BIT_DEPTH:
+        return False
+    values = np.asarray(im)
+    return float(np.mean((values < window[0]) | (values > window[1]))) >= 0.5
 
 
 def _within(check: ImageCheck, path: Path, limits: ProcessorLimits | None) -> ImageCheck:

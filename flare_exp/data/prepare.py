@@ -17,7 +17,8 @@ from tqdm.auto import tqdm
 
 from flare_exp.data import records as R
 from flare_exp.data.decoding import check_window
-from flare_exp.data.images import OUTSIDE_ROOT, PROCESSOR_REFUSES, SMALLER_THAN_A_PATCH, ProcessorLimits, check_images
+from flare_exp.data.images import (NEARLY_UNIFORM, OUTSIDE_ROOT, PROCESSOR_REFUSES, SMALLER_THAN_A_PATCH, ProcessorLimits,
+                                   check_images)
 from flare_exp.data.question_files import QuestionFile, discover, load_question_file, question_files, resolve_image
 from flare_exp.data.prepare_inputs import INPUTS, record_inputs
 from flare_exp.data.unzip import PrepareError, unzip_nested
@@ -191,22 +192,29 @@ def _said_answers(by_split: dict) -> dict:
 
 def named_images(accepted: Accepted, root: Path, window, decoded: bool = True) -> dict:
     """The accepted images a user should look at, each kind counted, the first named, and said in the log:
-    those that decoded to nearly one flat level, and multi-page files (only the first page is read)."""
+    those that decoded to nearly one flat level, those whose content is a box inside a wide border (said, not
+    warned: a collimated field is a picture), and multi-page files (only the first page is read)."""
     def names(paths: list[Path]) -> list[str]:
         return [str(p.relative_to(root)) if p.is_relative_to(root) else str(p) for p in paths]
 
-    flat, pages = names(accepted.nearly_uniform), names(accepted.multi_frame)
+    flat, pages, framed = names(accepted.nearly_uniform), names(accepted.multi_frame), names(accepted.framed)
     if flat:
         log.warning("prepare: %d accepted image(s) decoded to nearly one flat grey level (>= %d%% of the pixels), "
                     "e.g. %s: %s. They are kept; summary.json lists the first ones", len(flat),
                     round(NEARLY_UNIFORM * 100), ", ".join(flat[:3]),
                     f"data.image_window=[{window[0]:g}, {window[1]:g}] may not suit them (a window outside their "
                     "values saturates them)" if window is not None else "blank or constant images")
+    if framed:
+        log.info("prepare: %d accepted image(s) hold their content in a box inside a border of one level (>= %d%% of "
+                 "the pixels: a collimated field, a wide margin), e.g. %s; kept as they are (the model sees the "
+                 "border too); summary.json lists the first ones", len(framed), round(NEARLY_UNIFORM * 100),
+                 ", ".join(framed[:3]))
     if pages:
         log.warning("prepare: %d accepted image(s) are multi-page files, e.g. %s: every stage reads their first "
                     "page only. summary.json lists the first ones", len(pages), ", ".join(pages[:3]))
     return {"nearly_uniform_images": {"count": len(flat), "first": flat[:20]} if decoded else
             "not checked (data.verify_images=false: headers only)",
+            "framed_images": {"count": len(framed), "first": framed[:20]},
             "multi_page_images": {"count": len(pages), "first": pages[:20]}}
 
 
@@ -258,12 +266,9 @@ class Accepted(NamedTuple):
     modes: dict[str, int]  # PIL mode -> accepted images
     sha1s: dict[Path, str]  # every decoded image's bytes
     nearly_uniform: list[Path]  # accepted images whose decoded pixels are nearly all one level
+    framed: list[Path]  # accepted images nearly all one level around a box of content (a collimated field)
     multi_frame: list[Path]  # accepted multi-page files
 
-
-# an accepted image with this share of its pixels at one grey level is named in summary.json and the log: a
-# window that saturates it (data.image_window), a float or constant image, a blank scan
-NEARLY_UNIFORM = 0.9
 
 
 def accept_records(candidates: list, cfg_data, rejects: list,
@@ -296,8 +301,9 @@ def accept_records(candidates: list, cfg_data, rejects: list,
         seen[record["id"]] = record.get("answer")
         by_split[record["split"]].append(record)
     sha1s = {p: result.sha1 for p, result in checked.items() if result.sha1}
-    flat = sorted(p for p in modes if (checked[p].uniform or 0) >= NEARLY_UNIFORM)
+    flat = sorted(p for p in modes if (checked[p].uniform or 0) >= NEARLY_UNIFORM and not checked[p].framed)
     return Accepted(by_split, dict(sorted(Counter(modes.values()).items())), sha1s, flat,
+                    sorted(p for p in modes if checked[p].framed),
                     sorted(p for p in modes if checked[p].frames > 1))
 
 

@@ -2,8 +2,9 @@
 
 A predictions file carries the answers infer copied into it; a hand-edited or foreign file may carry other ones,
 or ids that are not in the split. Where the prepared split is known, eval takes the answer, task type and
-dataset from it and refuses unknown ids and answers that differ; where it is not, the report says the answers
-came from the predictions file, unchecked.
+dataset from it and refuses unknown ids, answers that differ, and rows whose dataset, task type, image name or
+question name another question than their id's (a sheet's cells edited); where it is not, the report says the
+answers came from the predictions file, unchecked.
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from flare_exp.runtime import abspath
 
 SHOWN = 5  # ids named in an error
 FROM_REFERENCE = ("answer", "task_type", "dataset", "question", "image_name")
+# what else a row says about its question (row key, the sheet's header): compared with the id's prepared record
+DESCRIBING = (("dataset", "Dataset"), ("task_type", "TaskType"), ("image_name", "ImageName"), ("question", "Question"))
 
 
 def reference_file(source: Path | None, rows: list[dict], prepared_dir: str | None) -> Path | None:
@@ -96,10 +99,55 @@ def join_to_reference(predictions: Path, rows: list[dict], reference: Path) -> t
         raise ValueError(f"{predictions}: {len(changed)} answer(s) differ from the prepared split {reference}: "
                          f"{_named(changed)}. Eval scores against the prepared answers; a predictions file whose "
                          "answers were edited is refused")
+    refuse_other_descriptions(predictions, rows, refs, reference)
     joined = [{**r, **{k: refs[r["id"]][k] for k in FROM_REFERENCE if k in refs[r["id"]]}} for r in rows]
     return joined, {**coverage(joined, reference, len(refs)),
                     "image_window": windows_of(refs[r["id"]] for r in rows) if high_bit(reference) else
                     "none applies (8-bit images)"}
+
+
+def refuse_other_descriptions(predictions: Path, rows: list[dict], refs: dict, reference: Path) -> None:
+    """A row whose Dataset, TaskType, ImageName or Question differs from its id's prepared record (a sheet's
+    cells edited, rows pasted under other ids): eval joins by id and would score the prediction against the id's
+    question, while FLARE joins on ImageName||Question; which one the row answers is not said, so it is refused."""
+    differing = []
+    for row in rows:
+        ref = refs[row["id"]]
+        said = [f"{header} {_shown(row[key])} (prepared: {_shown(ref[key])})" for key, header in DESCRIBING
+                if row.get(key) is not None and ref.get(key) is not None and not _same_description(key, row[key],
+                                                                                                      ref[key])]
+        if said:
+            differing.append(f"{row['id']}: {', '.join(said)}")
+    if differing:
+        raise ValueError(
+            f"{predictions}: {len(differing)} row(s) describe another question than their id's in the prepared split "
+            f"{reference}: {'; '.join(differing[:3])}{' and more' if len(differing) > 3 else ''}. Eval joins each "
+            "prediction to its question by id and takes the dataset, task type, image and question from the "
+            "prepared split: put the prepared values back, or move the prediction to the row (id) of the question it "
+            "answers")
+
+
+def _same_description(key: str, given, prepared) -> bool:
+    """The same dataset, task type, image name or question, as a sheet or another tool may write it: FLARE's raw
+    TaskType for ours, a list of image names joined with ", " (as infer's sheet does) or ",", spacing aside."""
+    from flare_exp.data.records import normalise_task_type
+    from flare_exp.reports.sheets import as_stored
+
+    def text(value) -> str:
+        return " ".join(str(value).split())
+
+    if key == "image_name" and isinstance(prepared, list):
+        return given == prepared or isinstance(given, str) and text(given) in (text(", ".join(prepared)),
+                                                                              text(",".join(prepared)))
+    if key == "task_type":
+        return text(given) == prepared or normalise_task_type(str(given)) == prepared
+    if key == "dataset":
+        return text(given).lower() == str(prepared).lower()
+    return text(given) in (text(prepared), text(as_stored(prepared)))
+
+
+def _shown(value) -> str:
+    return repr(value if len(str(value)) <= 50 else f"{str(value)[:47]}...")
 
 
 def windows_of(records) -> str:

@@ -15,6 +15,7 @@ import logging
 from pathlib import Path
 
 from flare_exp.io import read_journal
+from flare_exp.run.lock import check_still_held
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,10 @@ class JournaledJudge:
         with (open(journal, "a", encoding="utf-8") if journal else contextlib.nullcontext()) as f:
             for todo in tqdm(batches, desc=self.name, unit="batch", disable=len(batches) <= 1):
                 batch_keys, batch = zip(*todo)
-                for key, output in zip(batch_keys, self.generate(list(batch))):
+                outputs = self.generate(list(batch))
+                if f:
+                    check_still_held()  # stopped past the takeover wait: the journal is another's now
+                for key, output in zip(batch_keys, outputs):
                     judged[key] = output
                     if f:
                         f.write(json.dumps({"key": key, "judge_output": output}, ensure_ascii=False) + "\n")

@@ -14,6 +14,7 @@ from transformers import TrainerCallback
 from flare_exp.io import atomic_dir
 from flare_exp.rl_monitor.heldout import (OFFICIAL_MEAN, HeldOutEval, flat_metrics, higher_is_better,
                                           monitored_value)
+from flare_exp.run.lock import check_still_held
 from flare_exp.runtime import ranks
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ class HeldOutWatch(TrainerCallback):
         if value is not None:
             numbers[self.key] = round(value, 4)
         self.pending.update(numbers)
+        check_still_held()  # stopped past the takeover wait: the run dir is another's now
         with open(self.out_dir / EVALS, "a") as f:
             f.write(json.dumps({"step": state.global_step, "value": value, **numbers}) + "\n")
         log.info("%s step %d: held-out %s = %s (%d records, %.1f s)", self.stage, state.global_step, spec,

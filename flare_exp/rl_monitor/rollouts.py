@@ -10,6 +10,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from flare_exp.io import mended_journal
+from flare_exp.run.lock import check_still_held
 
 log = logging.getLogger(__name__)
 ROLLOUTS = "rollouts.jsonl"
@@ -80,6 +81,7 @@ class RolloutLog:
             return
         if {e["step"] for e in entries} & self.steps_written:
             return  # a resumed run redoes steps whose groups are already there: keep the first ones
+        check_still_held()  # stopped past the takeover wait: the run dir is another's now
         with open(self.path, "a") as f:  # appended lines: a crash loses at most the line being written
             f.write(lines)
             f.flush()

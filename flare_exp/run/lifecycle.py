@@ -29,7 +29,7 @@ from flare_exp.logs import run_summary
 from flare_exp.models.checkpoints import adapter_identity
 from flare_exp.run.fingerprint import (RunSettingsChangedError, check_resume, finished_differences, fingerprint,
                                        listed, recorded_fingerprint, starting_adapter)
-from flare_exp.run.lock import RunLock
+from flare_exp.run.lock import RunLock, check_still_held, lock_lost
 from flare_exp.run.layout import CONFIG, DONE, FAILED, FINGERPRINT, REPORT_HTML, RUN_INFO, SWEEP_TABLE
 from flare_exp.run.record import (RunFinishedError, archive_attempt, attempt_files, keep_hydra_record, next_attempt_dir,
                                   restore_hydra_record, write_failed, write_run_metadata)
@@ -207,8 +207,10 @@ def run_with_markers(run_dir: Path, fn, *args, after_clearing=None, **kwargs):
     start = time.time()
     try:
         result = fn(*args, **kwargs)
+        check_still_held()  # stopped past the takeover wait: the run dir is another's now, DONE is not ours to write
     except BaseException as e:
-        write_failed(run_dir, e)
+        if not lock_lost():  # nor FAILED: the process that took the lock over writes the markers
+            write_failed(run_dir, e)
         raise
     write_json(run_dir / DONE, {"seconds": round(time.time() - start, 2),
                                 "finished": _dt.datetime.now().isoformat(timespec="seconds"),

@@ -11,7 +11,10 @@ restarted container or a reboot reuses pids: the process started after the lock 
 process, or the heartbeat has been silent for SAME_HOST_STALE_FACTOR x ``stale_after_s``), when it is an earlier
 attempt of the same SLURM job (a requeue, on any node), and on another host when its heartbeat is older than
 ``stale_after_s`` (a node that went away). A lock directory with no owner file yet is free: its maker, if
-alive, loses the claim to number 1 and stops like any other loser.
+alive, loses the claim to number 1 and stops like any other loser. A holder that was only stopped (SIGSTOP, a
+suspended SLURM job, a frozen node) past the takeover wait finds, once it goes on, that the lock is another's:
+its heartbeat sees it, and ``check_still_held`` (called before every checkpoint, journal batch and marker) stops
+it there without writing more, so the dir keeps one writer.
 """
 from __future__ import annotations
 
@@ -36,10 +39,31 @@ _OWNER = re.compile(r"^owner\.(\d+)\.json$")
 # on the same host a live pid counts, unless the heartbeat has been silent this many times stale_after_s
 SAME_HOST_STALE_FACTOR = 12
 _HELD_HERE: set[str] = set()  # the tokens of the locks this process holds
+_LOCKS_HERE: list["RunLock"] = []  # the locks this process took and has not released
 
 
 class RunLockedError(RuntimeError):
     """Another live process holds the run dir."""
+
+
+class RunLockLostError(RunLockedError):
+    """This process's lock was taken over while it was stopped: it must not write into the run dir any more."""
+
+
+def check_still_held() -> None:
+    """Raise RunLockLostError if a lock this process took has been taken over meanwhile (it was stopped longer
+    than the takeover wait): called before each write that a second writer would spoil."""
+    for lock in list(_LOCKS_HERE):
+        lock.check_held()
+
+
+def lock_lost() -> bool:
+    """Whether a lock this process took is another's now (then it leaves no marker either)."""
+    try:
+        check_still_held()
+    except RunLockLostError:
+        return True
+    return False
 
 
 def _pid_alive(pid: int) -> bool:
@@ -171,14 +195,41 @@ class RunLock:
             raise RunLockedError(f"{self.dir}: could not take the lock (other launches keep taking and releasing it)")
         self._thread = threading.Thread(target=self._beat, name="run-lock-heartbeat", daemon=True)
         self._thread.start()
+        _LOCKS_HERE.append(self)
         return self
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
+            if self._taken_over():  # stopped past the takeover wait: say so now, check_held stops the writes
+                log.error("%s", self._lost())
+                return
             try:
                 os.utime(self.owner_file)
             except OSError:
                 return
+
+    def _lost(self) -> str:
+        h = self.holder() or {}
+        now = (f"host {h.get('host', '?')}, pid {h.get('pid', '?')}, started {h.get('started', '?')} holds it now"
+               if h else "it has been released since")
+        return (f"{self.dir.parent}: this process's lock was taken over while it was stopped or silent (a suspended "
+                f"job, a frozen node): {now}. This process stops here without writing more into it, so the run dir "
+                "keeps one writer; the run goes on in the process that took it over (or rerun the same command to "
+                "resume it).")
+
+    def check_held(self) -> None:
+        """Raise RunLockLostError when this lock is no longer this process's (see ``check_still_held``)."""
+        if self.owner_file is not None and not self._stop.is_set() and self._taken_over():
+            raise RunLockLostError(self._lost())
+
+    def _taken_over(self) -> bool:
+        """Another owner file numbered above this process's, or this one gone (a read that fails for another
+        reason, a filesystem's hiccup, is no proof: False)."""
+        try:
+            number, _ = self._highest()
+            return not self.owner_file.exists() or number > int(_OWNER.match(self.owner_file.name).group(1))
+        except OSError:
+            return False
 
     def wait_while_held(self, what: str, poll_s: float = 2.0, say_every_s: float = 60.0) -> None:
         """Return once no live run holds the lock (a dead holder's lock is free: ``acquire`` takes it over);
@@ -212,6 +263,8 @@ class RunLock:
         launch looking at it sees it whole or not at all), then delete it."""
         self._stop.set()
         _HELD_HERE.discard(self._token)
+        if self in _LOCKS_HERE:
+            _LOCKS_HERE.remove(self)
         if not self.held():
             return
         aside = self.dir.with_name(f"{self.dir.name}.released.{uuid.uuid4().hex}")

@@ -28,6 +28,7 @@ from flare_exp.models.loading import load_model
 from flare_exp.reports.sheets import write_sheet
 from flare_exp.run.layout import PREDICTIONS, SPARE_PREDICTIONS, summary_name
 from flare_exp.run.layout import RANK_PREDICTIONS as RANK_JOURNAL
+from flare_exp.run.lock import check_still_held
 from flare_exp.run.stage import Stage, infer_input_file
 from flare_exp.runtime import abspath, check_choice, ranks
 
@@ -133,7 +134,9 @@ def predict(cfg, todo: list[dict], journal: Path, label: str, done: dict) -> tup
     with open(journal, "a", encoding="utf-8") as f:
         start = time.perf_counter()  # reports/s over the whole loop: reading, processing, writing included
         for number, (chunk, images) in enumerate(batches_with_images(chat, todo, inf.batch_size), 1):
-            for r, p in zip(chunk, timed_batch(decode, chunk, images, number, journal.parent)):
+            predicted = timed_batch(decode, chunk, images, number, journal.parent)
+            check_still_held()  # stopped past the takeover wait: the journal is another's now
+            for r, p in zip(chunk, predicted):
                 row = {k: r[k] for k in ("id", "dataset", "task_type", "raw_task_type", "split", "image_name",
                                          "images", "question", "answer")}
                 if "raw_question" in r:  # the submission's Question

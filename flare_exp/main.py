@@ -76,8 +76,18 @@ def run(cfg: DictConfig, run_dir: Path | None = None):
     limit_cpu_threads(OmegaConf.select(cfg, "model.cpu_threads"))
     if run_dir is None:
         run_dir = Path(HydraConfig.get().runtime.output_dir)
+        outside_the_output_root(run_dir, abspath(cfg.paths.output_root))
     out_dir = stage.output_dir(cfg, run_dir)
     rank = start_process_group() if world_size() > 1 else 0
     # one writer per run dir, from the first check to the last marker; the stage only does its work
     with Run(cfg, stage.name, out_dir, run_dir, rank=rank) as this_run:
         return this_run.execute(stage.runner().run)
+
+
+def outside_the_output_root(run_dir: Path, output_root: Path) -> None:
+    """A run dir placed elsewhere (hydra.run.dir or hydra.sweep.dir set by hand) runs there, but the catalog
+    (stage=runs) lists paths.output_root only: said once, so the run is not looked for in vain."""
+    if not run_dir.resolve().is_relative_to(output_root.resolve()):
+        log.warning("the run dir %s is outside paths.output_root=%s (hydra.run.dir or hydra.sweep.dir set by "
+                    "hand): it runs there, but stage=runs lists paths.output_root only (pass "
+                    "paths.output_root=%s to list it)", run_dir, output_root, run_dir.parent)

@@ -130,7 +130,8 @@ def test_numbers_missing_fields_and_a_killed_runs_torn_line(tmp_path):
     run_dir = tmp_path / "killed"
     run_dir.mkdir()
     (run_dir / "run_info.json").write_text("{}")  # an infer run without DONE
-    path = _predictions(run_dir, [{**r, "prediction": "3", "answer": "3"} for r in REFERENCE[:3]])
+    path = _predictions(run_dir, [{**r, "task_type": "regression", "prediction": "3", "answer": "3"}
+                                  for r in REFERENCE[:3]])
     whole = path.read_text()
     path.write_text(whole + '{"id": "dental/3", "predic')
     with pytest.raises(ValueError, match="unfinished infer run"):

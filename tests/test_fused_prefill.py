@@ -20,6 +20,7 @@ def fused(monkeypatch):
     fused_prefill.compiled.cache_clear()
     calls = []
     monkeypatch.setattr(fused_prefill, "on_gpu", lambda t: calls.append(t.shape) or True)
+    monkeypatch.setattr(fused_prefill, "gpu_here", lambda: True)
     yield fused_prefill, calls
     fused_prefill.compiled.cache_clear()
 
@@ -82,14 +83,18 @@ def test_gradients_and_compiled_regions_keep_transformers_code(fused, base_overr
     assert not module.compiled.cache_info().currsize
 
 
-def test_on_a_cpu_nothing_is_compiled_and_patching_twice_changes_nothing(base_overrides, monkeypatch):
+def test_on_a_cpu_nothing_is_patched_or_compiled_and_patching_twice_changes_nothing(base_overrides, monkeypatch):
     import transformers.models.qwen3_vl.modeling_qwen3_vl as qwen3_vl
 
     from flare_exp.models import fused_prefill
 
     monkeypatch.setattr(qwen3_vl, "apply_rotary_pos_emb", qwen3_vl.apply_rotary_pos_emb)
     original = qwen3_vl.apply_rotary_pos_emb
-    _, loaded = _model(base_overrides, "true")
+    _, loaded = _model(base_overrides, "true")  # the default: nothing of transformers' is patched without a GPU
+    assert qwen3_vl.apply_rotary_pos_emb is original and not any("forward" in vars(m) for m in loaded.model.modules()
+                                                                  if type(m).__name__ in fused_prefill.NORM_CLASSES)
+    monkeypatch.setattr(fused_prefill, "gpu_here", lambda: True)  # patched as on a GPU: CPU tensors step aside
+    assert fused_prefill.use_fused_prefill(loaded.model, True) > 0
     rope = qwen3_vl.apply_rotary_pos_emb
     assert getattr(rope, fused_prefill.FUSED) is original
     assert fused_prefill.use_fused_prefill(loaded.model, True) == 0 and qwen3_vl.apply_rotary_pos_emb is rope
@@ -139,7 +144,7 @@ def test_norms_patched_before_keep_their_kernels(fused, base_overrides, monkeypa
 
     liger_rope.original = qwen3_vl.apply_rotary_pos_emb
     monkeypatch.setattr(qwen3_vl, "apply_rotary_pos_emb", liger_rope)
-    cfg = compose_cfg(["stage=infer", *base_overrides, "model.dtype=float32"])
+    cfg = compose_cfg(["stage=infer", *base_overrides, "model.dtype=float32", "model.fused_prefill=false"])
     from flare_exp.models.loading import load_model
 
     loaded = load_model(cfg.model, training=False)

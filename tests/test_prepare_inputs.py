@@ -177,3 +177,33 @@ def test_an_empty_question_file_is_said(tmp_path, caplog):
     _prepare(tmp_path, root, "data.datasets=[chestdr,dental]", "data.allow_overlap=true")  # one grey image
     assert "training/Xray/dental/dental_questions_train.json holds no records (an empty list): train gets nothing " \
            "from dental's training split" in caplog.text
+
+
+def test_each_copy_of_data_root_is_read_once_and_the_prepares_record_stays(tmp_path, monkeypatch):
+    """Two copies of the download with new file times (the original and a node's scratch), checked in turn: each
+    copy's images are read once, their times kept under its path; the prepare's own record is not rewritten."""
+    import os
+    import shutil
+
+    import flare_exp.data.prepare_inputs as inputs
+
+    root, copy = tmp_path / "raw", tmp_path / "scratch" / "raw"
+    _small_tree(root, [GOOD])
+    images = {p: inputs.file_digest(p, "sha1") for p in root.rglob("*.png")}
+    inputs.record_inputs(tmp_path, root, [], images)
+    original = json.loads((tmp_path / inputs.INPUTS).read_text())["images"]
+    shutil.copytree(root, copy)
+    for p in copy.rglob("*.png"):
+        os.utime(p, ns=(p.stat().st_mtime_ns + 10**9,) * 2)
+    reads = []
+    real = inputs.file_digest
+    monkeypatch.setattr(inputs, "file_digest", lambda path, *a: reads.append(path) or real(path, *a))
+    for where, expected_reads in ((copy, len(images)), (copy, 0), (root, 0), (copy, 0)):
+        reads.clear()
+        assert inputs.input_changes(tmp_path, where, [], lambda folder, name: folder / name) == []
+        assert inputs.moved_here(tmp_path, where) is None
+        assert len(reads) == expected_reads, (where, reads)
+    record = json.loads((tmp_path / inputs.INPUTS).read_text())
+    assert record["images"] == original and list(record["times"]) == [str(copy)]
+    next(copy.rglob("*.png")).write_bytes(b"\0" * 10)  # an edit at the copy is still seen
+    assert inputs.moved_here(tmp_path, copy).startswith("1 of the")

@@ -283,3 +283,12 @@ def test_resume_from_a_final_adapter_says_it_is_no_checkpoint(tmp_path):
     (final / "adapter_config.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match=r"is an adapter, not a Trainer checkpoint .* rl.init_from="):
         resume_checkpoint(str(final), tmp_path / "rl", "rl")
+
+
+def test_a_run_dir_placed_outside_the_output_root_is_said(tmp_path, caplog):
+    from flare_exp.main import outside_the_output_root
+
+    outside_the_output_root(tmp_path / "out" / "runs" / "x", tmp_path / "out")
+    assert not caplog.text
+    outside_the_output_root(tmp_path / "elsewhere" / "x", tmp_path / "out")
+    assert "is outside paths.output_root" in caplog.text and f"paths.output_root={tmp_path / 'elsewhere'}" in caplog.text

@@ -7,7 +7,8 @@ Recorded: each question file read (sha256), each image a record named (size, mod
 bytes; rejected ones too: cut short, unreadable, too small), and each image a record named that was not there.
 Checked: a question file changed, removed or added for the chosen datasets and splits; an image changed or
 removed (one whose size or time changed is read again and counts only if its bytes did: a copy with new times is
-the same download, and its record takes the new times); a missing image that is there now.
+the same download, and its new times are kept under that data.root's path, so each copy is read once, and the
+prepare's own record stays as it was); a missing image that is there now.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ log = logging.getLogger(__name__)
 
 INPUTS = "inputs.json"
 SHOWN = 5  # changed files named in a message; the rest are counted
+KEPT_ROOTS = 4  # the copies of data.root whose file times are kept (the latest ones)
 
 
 def record_inputs(out_dir: Path, root: Path, questions: list[Path], images: dict[Path, str],
@@ -61,16 +63,26 @@ def input_changes(out_dir: Path, root: Path, questions: list[Path], resolve, exp
     current = {name: file_digest(now[name]) for name in sorted(before) if name in now}  # each read once
     changes += [f"{name}: changed (sha256 {before[name][:12]} -> {sha[:12]})" for name, sha in current.items()
                 if sha != before[name]]
-    images, refreshed = image_changes(root, recorded["images"])
+    images, refreshed = image_changes(root, recorded["images"], recorded["times"].get(str(root), {}))
     changes += [f"{name}: {why}" for name, why in images]
     changes += [f"{Path(folder, name).as_posix()}: added (missing at the prepare)"
                 for folder, name in recorded["missing"] if not isinstance(resolve(root / folder, name), str)]
-    if refreshed and not changes:  # a copy with new times: compared by bytes once, not at every check
-        try:
-            write_json(out_dir / INPUTS, {**recorded, "images": {**recorded["images"], **refreshed}})
-        except OSError:
-            pass  # a read-only prepared dir: compared by bytes again next time
+    if not changes:
+        keep_times(out_dir, recorded, root, refreshed)
     return [f"data.root file {c}" for c in changes]
+
+
+def keep_times(out_dir: Path, recorded: dict, root: Path, refreshed: dict) -> None:
+    """The new times of a data.root copy's files found with the same bytes, kept under that root's path (the
+    latest KEPT_ROOTS roots): the next check there compares by size and time again, not by reading every file."""
+    if not refreshed:
+        return
+    times = {k: v for k, v in recorded["times"].items() if k != str(root)}
+    times[str(root)] = {**recorded["times"].get(str(root), {}), **refreshed}
+    try:
+        write_json(out_dir / INPUTS, {**recorded, "times": dict(list(times.items())[-KEPT_ROOTS:])})
+    except OSError:
+        pass  # a read-only prepared dir: compared by bytes again next time
 
 
 SAID: set[str] = set()  # the prepared dirs whose missing record was said (a run checks them more than once)
@@ -81,10 +93,12 @@ def _recorded(out_dir: Path, silent: bool = False) -> dict | None:
     record: a prepare made before they were recorded, or a file cut short or edited."""
     try:
         recorded = json.loads((out_dir / INPUTS).read_text(encoding="utf-8"))
-        parts = (recorded["question_files"], recorded["images"], recorded.get("missing", []))
-        if not (isinstance(parts[0], dict) and isinstance(parts[1], dict) and isinstance(parts[2], list)):
+        parts = (recorded["question_files"], recorded["images"], recorded.get("missing", []),
+                 recorded.get("times", {}))
+        if not (isinstance(parts[0], dict) and isinstance(parts[1], dict) and isinstance(parts[2], list)
+                and isinstance(parts[3], dict)):
             raise ValueError("not the shape prepare writes")
-        return {"question_files": parts[0], "images": parts[1], "missing": parts[2]}
+        return {"question_files": parts[0], "images": parts[1], "missing": parts[2], "times": parts[3]}
     except FileNotFoundError:
         why = "none was recorded (a prepare made before they were)"
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -97,10 +111,10 @@ def _recorded(out_dir: Path, silent: bool = False) -> dict | None:
     return None
 
 
-def image_changes(root: Path, recorded: dict) -> tuple[list[tuple[str, str]], dict]:
-    """(name, removed | changed) of each recorded image that differs, and the new records of those found with
-    new times but the same bytes."""
-    out, refreshed = [], {}
+def image_changes(root: Path, recorded: dict, copy_times: dict | None = None) -> tuple[list[tuple[str, str]], dict]:
+    """(name, removed | changed) of each recorded image that differs, and the times of those found with new
+    times but the same bytes (``copy_times``: name -> time, those found so before under this root)."""
+    out, refreshed, copy_times = [], {}, copy_times or {}
     for name, (size, mtime, sha1) in sorted(recorded.items()):
         path = root / name
         try:
@@ -108,11 +122,12 @@ def image_changes(root: Path, recorded: dict) -> tuple[list[tuple[str, str]], di
         except OSError:
             out.append((name, "removed"))
             continue
-        if (stat.st_size, stat.st_mtime_ns) != (size, mtime):
-            if stat.st_size != size or file_digest(path, "sha1") != sha1:
-                out.append((name, "changed"))
-            else:
-                refreshed[name] = [size, stat.st_mtime_ns, sha1]
+        if stat.st_size == size and stat.st_mtime_ns in (mtime, copy_times.get(name)):
+            continue
+        if stat.st_size != size or file_digest(path, "sha1") != sha1:
+            out.append((name, "changed"))
+        else:
+            refreshed[name] = stat.st_mtime_ns
     return out, refreshed
 
 
@@ -126,11 +141,12 @@ def moved_here(out_dir: Path, root: Path) -> str | None:
         return f"no such directory {root}"
     log.info("comparing the %d images recorded in %s with those under %s", len(recorded["images"]),
              out_dir / INPUTS, root)
-    changed, _ = image_changes(root, recorded["images"])
+    changed, refreshed = image_changes(root, recorded["images"], recorded["times"].get(str(root), {}))
     if changed:
         name, why = changed[0]
         return (f"{len(changed)} of the {len(recorded['images'])} images prepare recorded differ there, e.g. "
                 f"{name}: {why}")
+    keep_times(out_dir, recorded, root, refreshed)
     return None
 
 

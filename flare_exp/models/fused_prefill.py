@@ -82,6 +82,12 @@ def on_gpu(tensor) -> bool:  # the tests count and force it on a CPU
     return tensor.is_cuda
 
 
+def gpu_here() -> bool:  # the tests force it on a CPU
+    import torch
+
+    return torch.cuda.is_available()
+
+
 @contextlib.contextmanager
 def paused():
     """transformers' own norms, rotary embedding and MLPs while open (bench.same_tokens' reference)."""
@@ -120,9 +126,10 @@ def use_fused_prefill(model, on: bool) -> int:
     wrapper is transformers' function wherever it steps aside). Returns how many modules were patched."""
     import types
 
-    import torch
-
     if not on:
+        return 0
+    if not gpu_here():  # it fuses on a GPU only: transformers' code is left untouched (module-wide rope included)
+        log.debug("model.fused_prefill=true: no GPU here, so transformers' own forwards run (it fuses on a GPU only)")
         return 0
     patched, modules = 0, set()
     for module in model.modules():
@@ -142,8 +149,5 @@ def use_fused_prefill(model, on: bool) -> int:
         rope = getattr(source, "apply_rotary_pos_emb", None)
         if getattr(rope, "__module__", None) == name:  # transformers' own (not fused yet, not Liger's)
             source.apply_rotary_pos_emb = fused_rope(rope)
-    if not torch.cuda.is_available():
-        log.info("model.fused_prefill=true: no GPU here, so transformers' own forwards run (it fuses on a GPU only)")
-    else:
-        log.info("model.fused_prefill=true: %d norms and MLPs fused in forwards without gradients", patched)
+    log.info("model.fused_prefill=true: %d norms and MLPs fused in forwards without gradients", patched)
     return patched

@@ -151,8 +151,8 @@ def load_model(model_cfg, init_from: str | None = None, training: bool = True, s
         grouped_attention.use_decode_attention(loaded.model, model_cfg.decode_attention)
         fused_prefill.use_fused_prefill(loaded.model, model_cfg.fused_prefill)
         lora_casts.use_lora_input_cast(loaded.model, model_cfg.lora.input_cast)
-    elif model_cfg.fused_prefill:
-        log.info("model.fused_prefill=true is for model.backend=hf: Unsloth's own forwards run")
+    elif model_cfg.fused_prefill:  # the default: said only where asked for
+        log.debug("model.fused_prefill=true is for model.backend=hf: Unsloth's own forwards run")
     return loaded
 
 

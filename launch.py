@@ -99,6 +99,8 @@ def check_parsable(overrides: list[str]) -> None:
             key, sep, value = override.partition("=")
             if not sep or not value or value[0] in "'\"":
                 continue  # no value, or quoted already: Hydra's own message says what is wrong
+            if value.startswith("~") and key.lstrip("+~") == "run_name":
+                check_run_name_override([f"run_name={value}"])  # a name, not a path: the name's own rule
             if value.startswith("~"):  # the shell expands ~ only at a word's start, never after key=
                 refuse(ValueError(f"{override}: '~' is not expanded after {key}= (the shell expands it only at a "
                                   f"word's start, and flare-exp reads paths as written): write {key}=$HOME"

@@ -350,7 +350,7 @@ def test_the_slurm_launcher_off_the_cluster_is_one_line(capsys, monkeypatch):
     assert "without -m this job would run here" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["../x", "a/b", "..", "-x", ".hidden", "tab\tname"])
+@pytest.mark.parametrize("name", ["../x", "a/b", "..", "-x", ".hidden", "tab\tname", "~x"])
 def test_a_bad_run_name_is_one_line_before_hydra(name, capsys):
     """run_name places Hydra's run dir: refused before Hydra resolves it (else Hydra's formatting traceback)."""
     sys.path.insert(0, str(REPO))

@@ -58,6 +58,16 @@ def test_the_demo_pipeline_end_to_end_and_again(base_overrides, tmp_path, caplog
     run(compose_cfg(base_overrides), run_dir=run_dir)  # finished again (the killed attempt on file too)
     assert (run_dir / "DONE").exists()
     shutil.rmtree(run_dir / "attempts")
+    # a rerun killed (kill -9) in the moment it had filed the record, before it put it back: the next rerun that
+    # only reuses takes it up and puts it back, as it was
+    from flare_exp.run.lifecycle import file_finished_record
+
+    record = {name: (run_dir / name).read_bytes() for name in record}
+    file_finished_record(run_dir)
+    (run_dir / "config.yaml").write_text("the killed rerun's")
+    run(compose_cfg(base_overrides), run_dir=run_dir)
+    assert record == {name: (run_dir / name).read_bytes() for name in record}
+    assert not (run_dir / "attempts").exists()
 
     assert "other settings" not in caplog.text
     first_config = (run_dir / "config.yaml").read_text()

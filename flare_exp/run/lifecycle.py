@@ -30,7 +30,7 @@ from flare_exp.models.checkpoints import adapter_identity
 from flare_exp.run.fingerprint import (RunSettingsChangedError, check_resume, finished_differences, fingerprint,
                                        listed, recorded_fingerprint, starting_adapter)
 from flare_exp.run.lock import RunLock, check_still_held, lock_lost
-from flare_exp.run.layout import CONFIG, DONE, FAILED, FINGERPRINT, REPORT_HTML, RUN_INFO, SWEEP_TABLE
+from flare_exp.run.layout import ATTEMPTS, CONFIG, DONE, FAILED, FINGERPRINT, REPORT_HTML, RUN_INFO, SWEEP_TABLE
 from flare_exp.run.record import (RunFinishedError, archive_attempt, attempt_files, keep_hydra_record, next_attempt_dir,
                                   restore_hydra_record, write_failed, write_run_metadata)
 from flare_exp.run.stage import declared_stages
@@ -101,6 +101,7 @@ class Run:
         goes back in place (as it was, times included) as the run that made the outputs; else it stays filed."""
         if self.filed is None:
             return
+        (self.filed / FILED_AT_RERUN).unlink(missing_ok=True)
         if not reused:
             log.info("%s was finished before: its record is kept in %s", self.out_dir, self.filed)
             return
@@ -142,15 +143,37 @@ class Run:
         return result
 
 
+FILED_AT_RERUN = ".filed_at_rerun"  # in attempts/NN: a finished record filed by a rerun that has not ended yet
+
+
 def file_finished_record(run_dir: Path) -> Path | None:
-    """A finished run's record (DONE, config, run info) moved into attempts/NN/ (its dir), None when unfinished."""
+    """A finished run's record (DONE, config, run info) moved into attempts/NN/ (its dir), None when unfinished;
+    a record an earlier rerun filed and could not put back (killed: kill -9, a node lost) is taken up again."""
     if not (run_dir / DONE).exists():
-        return None
+        return left_filed(run_dir)
     dest = next_attempt_dir(run_dir)
+    (dest / FILED_AT_RERUN).touch()  # first: a kill from here on leaves it marked
     for name in (DONE, CONFIG, RUN_INFO):
         if (run_dir / name).exists():
             os.replace(run_dir / name, dest / name)
     return dest
+
+
+def left_filed(run_dir: Path) -> Path | None:
+    """The newest attempts/NN, when a rerun filed the finished record there and was killed before it put it
+    back or kept it (its mark is still there), the run dir has no marker of its own, and no step finished
+    since the filing (the record still describes the outputs)."""
+    if (run_dir / FAILED).exists() or not (run_dir / ATTEMPTS).is_dir():
+        return None
+    numbered = [p for p in (run_dir / ATTEMPTS).iterdir() if p.name.isdigit()]
+    newest = max(numbered, key=lambda p: int(p.name), default=None)
+    if newest is None or not (newest / FILED_AT_RERUN).exists() or not (newest / DONE).exists():
+        return None
+    filed_at = (newest / FILED_AT_RERUN).stat().st_mtime
+    if any(done.stat().st_mtime > filed_at for done in run_dir.glob(f"*/{DONE}")):
+        return None
+    log.info("%s: the finished record a killed rerun filed in %s is taken up again", run_dir, newest)
+    return newest
 
 
 def only_reused(result) -> bool:

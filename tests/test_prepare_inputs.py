@@ -207,3 +207,23 @@ def test_each_copy_of_data_root_is_read_once_and_the_prepares_record_stays(tmp_p
     assert record["images"] == original and list(record["times"]) == [str(copy)]
     next(copy.rglob("*.png")).write_bytes(b"\0" * 10)  # an edit at the copy is still seen
     assert inputs.moved_here(tmp_path, copy).startswith("1 of the")
+
+
+def test_the_multi_label_answers_labels_are_counted_and_the_rare_ones_named():
+    """Each multi-label dataset's labels split by its own separator (periapical's comma label stays whole); a
+    label seen once is named: a typo, or answers joined with the other separator."""
+    from flare_exp.data.records import multi_label_labels
+
+    comma_label = "Endodontic Treatment, Restorative Treatment, and Complications"
+    rows = [{"dataset": "chestdr", "task_type": "multi_label", "answer": a}
+            for a in ("Effusion, Mass", "Mass", "Effusion,  Cardiomegaly", "Cardiomegally", "Mass; Effusion",
+                      "Cardiomegaly")] + \
+           [{"dataset": "periapical", "task_type": "multi_label", "answer": a}
+            for a in (f"Caries;{comma_label}", comma_label, "Caries")] + \
+           [{"dataset": "dental", "task_type": "classification", "answer": "A"}]
+    found = multi_label_labels(rows)
+    assert found["chestdr"] == {"answers": 6, "labels": {"Mass": 2, "Effusion": 2, "Cardiomegaly": 2,
+                                                         "Cardiomegally": 1, "Mass; Effusion": 1},
+                                "rare": ["Cardiomegally", "Mass; Effusion"]}
+    assert found["periapical"]["labels"] == {"Caries": 2, comma_label: 2} and not found["periapical"]["rare"]
+    assert set(found) == {"chestdr", "periapical"}

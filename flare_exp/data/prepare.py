@@ -171,6 +171,7 @@ def prepare(cfg_data, root: Path, out_dir: Path, limits: ProcessorLimits | None 
         "image_window": list(cfg_data.image_window) if cfg_data.image_window is not None else "own range",
         **named_images(accepted, root, cfg_data.image_window, cfg_data.verify_images),
         "classification_answers_not_one_letter": _said_answers(by_split),
+        "multi_label_labels": _said_labels(by_split),
         "processor_limits": asdict(limits) if limits else None,
         "overlapping_studies_allowed": len(overlap),
         "inputs": INPUTS,  # recorded beside: a later reuse check expects it
@@ -188,6 +189,19 @@ def _said_answers(by_split: dict) -> dict:
                     "scores against them as written), so a model trained on them learns to write them; "
                     "summary.json lists the first ones", odd["count"], ", ".join(odd["first"][:3]))
     return odd
+
+
+def _said_labels(by_split: dict) -> dict:
+    """The multi-label datasets' label distributions; a label seen once among many answers is said (a typo or
+    another separator is most likely)."""
+    found = R.multi_label_labels([r for rows in by_split.values() for r in rows])
+    for dataset, block in found.items():
+        if block["rare"] and block["answers"] >= 50:
+            log.warning("prepare: %s: %d label(s) appear once in its %d multi-label answers, e.g. %s: a typo, labels "
+                        "joined with another separator, or a rare finding; summary.json lists them "
+                        "(multi_label_labels)", dataset, len(block["rare"]), block["answers"],
+                        ", ".join(repr(label) for label in block["rare"][:3]))
+    return found
 
 
 def named_images(accepted: Accepted, root: Path, window, decoded: bool = True) -> dict:

@@ -156,3 +156,24 @@ def unusual_answers(rows: list[dict]) -> dict:
     odd = [r for r in rows if r["task_type"] == "classification" and isinstance(r.get("answer"), str)
            and not re.fullmatch(r"[A-Za-z]", r["answer"])]
     return {"count": len(odd), "first": [f"{r['id']}: {r['answer'][:40]!r}" for r in odd[:10]]}
+
+
+def multi_label_labels(rows: list[dict], rare_below: int = 2) -> dict:
+    """Per multi-label dataset: its answers counted, each label (the answer split by the dataset's separator, as
+    written) with how often it appears, most frequent first, and those seen fewer than ``rare_below`` times: a
+    typo ("Cardiomegally"), answers joined with another separator ("Effusion; Mass" as one label), or a rare
+    finding, which a reader of the label distribution wants named."""
+    from collections import Counter
+
+    counts: dict[str, Counter] = {}
+    answers: Counter = Counter()
+    for r in rows:
+        if r.get("task_type") != "multi_label" or not isinstance(r.get("answer"), str):
+            continue
+        answers[r["dataset"]] += 1
+        sep = label_separator(r["dataset"], r["answer"])
+        counts.setdefault(r["dataset"], Counter()).update(
+            label.strip() for label in r["answer"].split(sep) if label.strip())
+    return {dataset: {"answers": answers[dataset], "labels": dict(found.most_common()),
+                      "rare": sorted(label for label, n in found.items() if n < rare_below)}
+            for dataset, found in sorted(counts.items())}

@@ -286,7 +286,7 @@ def main(cfg: DictConfig):
 
     from flare_exp.main import run
     from flare_exp.run.fingerprint import RunSettingsChangedError
-    from flare_exp.run.lock import RunLockedError
+    from flare_exp.run.lock import RunLockedError, RunLockLostError
     from flare_exp.run.record import RunFinishedError
 
     # sweeps keep the exception (the job fails and the sweep report says so), as does HYDRA_FULL_ERROR=1
@@ -299,6 +299,8 @@ def main(cfg: DictConfig):
     except (*INPUT_ERRORS, RunFinishedError, RunLockedError, RunSettingsChangedError) as e:
         if not said_in_one_line:
             raise
+        if isinstance(e, RunLockLostError):
+            refuse(e, "nothing more was written into that run dir, no FAILED either: it is the other run's now")
         refuse(e)
     except KeyboardInterrupt as e:  # Ctrl-C, SIGINT, SIGTERM or SIGHUP: the run dir says FAILED (stopped from outside)
         if not said_in_one_line:

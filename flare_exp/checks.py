@@ -164,7 +164,8 @@ def input_problems(cfg: DictConfig) -> list[Exception]:
     if any(stage(name).record != "none" for name in steps if name in declared_stages()):  # it makes a run dir
         run_dir = abspath(cfg.paths.output_root) / "runs" / str(OmegaConf.select(cfg, "run_name", default=""))
         _collect(problems, check_writable, "paths.output_root", cfg.paths.output_root, run_dir)
-    if "prepare" in steps:
+    finished = (abspath(cfg.data.prepared_dir) / "DONE").exists() and not cfg.overwrite
+    if "prepare" in steps and not finished:  # a finished prepare is reused, read-only mount or not
         _collect(problems, check_writable, "data.prepared_dir", cfg.data.prepared_dir)
     if _loading_model(steps):
         _collect(problems, check_model_path, cfg.model)

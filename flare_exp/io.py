@@ -132,9 +132,18 @@ def _parse_line(path: Path, lineno: int, raw: bytes):
     try:
         return json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}:{lineno}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
+        raise ValueError(f"{path}:{lineno}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})"
+                         f"{_remade_by(path)}") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
+        raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg}, column {e.colno}){_remade_by(path)}") from None
+
+
+def _remade_by(path: Path) -> str:
+    """For a split prepare wrote (its summary.json beside it): how to write it again."""
+    if Path(path).stem in ("train", "val", "test") and (Path(path).parent / "summary.json").exists():
+        return (f"; it is a split prepare wrote, cut or edited since: write it again with stage=prepare "
+                f"data.prepared_dir={Path(path).parent} overwrite=true (the steps trained on it redo too)")
+    return ""
 
 
 def read_journal(path: str | Path, key: str) -> dict[str, dict]:

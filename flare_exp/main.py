@@ -85,9 +85,20 @@ def run(cfg: DictConfig, run_dir: Path | None = None):
 
 
 def outside_the_output_root(run_dir: Path, output_root: Path) -> None:
-    """A run dir placed elsewhere (hydra.run.dir or hydra.sweep.dir set by hand) runs there, but the catalog
-    (stage=runs) lists paths.output_root only: said once, so the run is not looked for in vain."""
-    if not run_dir.resolve().is_relative_to(output_root.resolve()):
-        log.warning("the run dir %s is outside paths.output_root=%s (hydra.run.dir or hydra.sweep.dir set by "
-                    "hand): it runs there, but stage=runs lists paths.output_root only (pass "
-                    "paths.output_root=%s to list it)", run_dir, output_root, run_dir.parent)
+    """A run dir placed by hand (hydra.run.dir, hydra.sweep.dir) where the catalog does not look (stage=runs lists
+    <paths.output_root>/runs/<name> and sweeps/<sweep>/<job>) runs there, said once, with the root that would list
+    it where there is one."""
+    run_dir = run_dir.resolve()
+    if _listed_under(run_dir, output_root.resolve()):
+        return
+    root = run_dir.parent.parent if run_dir.parent.name == "runs" else \
+        run_dir.parent.parent.parent if run_dir.parent.parent.name == "sweeps" else None
+    log.warning("the run dir %s is not where stage=runs looks (<paths.output_root>/runs/<name> or "
+                "sweeps/<sweep>/<job>, with paths.output_root=%s; hydra.run.dir or hydra.sweep.dir set by hand): it "
+                "runs there, but is not listed%s", run_dir, output_root,
+                f" (paths.output_root={root} lists it)" if root else "")
+
+
+def _listed_under(run_dir: Path, root: Path) -> bool:
+    """Whether the catalog would list run_dir under root (runs/<name>, sweeps/<sweep>/<job>), made or not."""
+    return run_dir.parent == root / "runs" or run_dir.parent.parent == root / "sweeps"

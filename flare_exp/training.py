@@ -80,6 +80,7 @@ def train_and_save(trainer, stage: str, cfg, out_dir: Path, meta: "CheckpointMet
         trainer.save_model(str(final))  # the Trainer saves on the main process only
         lead = trainer.is_world_process_zero()  # a data-parallel job's other ranks write nothing
         if lead:
+            check_still_held()  # the save above may have been cut by a stop: not marked, nor carded, if it is lost
             meta.write(final, step=trainer.state.global_step, **(final_meta(trainer) if final_meta else {}),
                        **schedule_changes(trainer.state))
             write_model_cards(out_dir, stage, cfg, meta.base, meta.fingerprints, trainer.state)  # not TRL's card
@@ -88,6 +89,7 @@ def train_and_save(trainer, stage: str, cfg, out_dir: Path, meta: "CheckpointMet
     if lead:
         from flare_exp.io import write_json
 
+        check_still_held()
         write_json(out_dir / LOG_HISTORY, trainer.state.log_history)
     return result, final, lead
 
@@ -339,6 +341,7 @@ class CheckpointMeta(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
+            check_still_held()  # a save a stop cut into: not completed (nor marked) in a dir that is another's
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if ckpt.is_dir():
                 self.write(ckpt, step=state.global_step)

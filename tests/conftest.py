@@ -85,12 +85,14 @@ def learned_sft_adapter(session_dir, tiny_model_dir, demo_prepared) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _no_lock_outlives_its_test():
+def _no_lock_outlives_its_test(monkeypatch):
     """A test that takes a run lock and leaves it (or has it taken over on purpose) does not leave it to the
-    next test's lost-lock checks: every lock still listed as this process's is let go after each test."""
-    yield
+    next test's lost-lock checks: every lock still listed as this process's is let go after each test. A lock
+    taken over does not end the test process (a subprocess test checks that it ends a run's)."""
     from flare_exp.run import lock as run_lock
 
+    monkeypatch.setattr(run_lock, "HARD_STOP", [False])
+    yield
     for lock in list(run_lock._LOCKS_HERE):
         lock._stop.set()
         run_lock._LOCKS_HERE.remove(lock)

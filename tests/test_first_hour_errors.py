@@ -567,3 +567,23 @@ def test_a_sweep_on_an_output_root_that_cannot_be_written_is_one_line(tmp_path, 
         launch.check_command_line(["-m", f"paths.output_root={tmp_path / 'out'}", "stage=sft", "sft.max_steps=1,2"])
     err = capsys.readouterr().err
     assert f"paths.output_root={tmp_path / 'out'}: {tmp_path} cannot be written" in err and "Traceback" not in err
+
+
+def test_a_read_only_finished_prepared_dir_is_reused_by_a_pipeline(base_overrides, demo_prepared, tmp_path,
+                                                                    monkeypatch):
+    """A shared prepare, finished and mounted read-only: a pipeline with a prepare step reuses it (nothing to
+    write there), while one that would write it (unfinished, or overwrite=true) is refused naming the key."""
+    import os
+    import shutil
+
+    from flare_exp.checks import problems_of
+
+    prepared = tmp_path / "prepared"
+    shutil.copytree(demo_prepared, prepared)
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if str(path).startswith(str(prepared))
+                        else real(path, mode))
+    cfg = compose_cfg([*base_overrides, f"data.prepared_dir={prepared}", "stage.steps=[prepare,sft]"])
+    assert not [p for p in problems_of(cfg, inputs=True) if "data.prepared_dir" in str(p)]
+    again = compose_cfg([*base_overrides, f"data.prepared_dir={prepared}", "stage.steps=[prepare,sft]", "overwrite=true"])
+    assert [p for p in problems_of(again, inputs=True) if "data.prepared_dir" in str(p) and "cannot be written" in str(p)]

@@ -3,6 +3,7 @@ EXIF orientation applied), the same pixels in prepare, sft, rl and infer; images
 rejected at prepare with the reason."""
 import hashlib
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -116,7 +117,7 @@ def test_a_window_that_saturates_an_image_is_named_not_silent(tmp_path, caplog):
     out = _prepare(tmp_path, root, "data.datasets=[chestdr]", "data.image_window=[0,4095]")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["nearly_uniform_images"]["first"] == ["training/Xray/chestdr/imagesTr/full16.png"]
-    assert "data.image_window=[0, 4095] may not suit them" in caplog.text
+    assert "data.image_window=[0, 4095] clips most of their values and may not suit them" in caplog.text
     unwindowed = _prepare(tmp_path / "own", root, "data.datasets=[chestdr]")  # its own range: a gradient
     assert json.loads((unwindowed / "summary.json").read_text())["nearly_uniform_images"]["count"] == 0
     blank = (1000 + np.random.default_rng(0).integers(0, 4, (64, 64))).astype(np.uint16)  # a blank 16-bit scan
@@ -222,28 +223,58 @@ def test_a_float_images_nan_and_infinite_pixels_are_black_or_white_not_mid_grey(
 
 
 def test_a_collimated_scan_is_no_blank_one(tmp_path, caplog):
-    """A small exposed field inside a wide black border (electronic shutters): 95% of the pixels at one level,
-    but a picture; named apart as framed, not warned as blank. A blank scan with sensor noise, a white one with
-    a few specks, and a 16-bit one whose window clips most of it stay nearly flat."""
+    """A small exposed field inside a wide border (electronic shutters), with or without noise in the border, 8- or
+    16-bit under a window that fits the field: 95% of the pixels at one level, but a picture, named apart as
+    framed. A blank exposure (noise only, 8- or 16-bit), one with a lead marker, a white one with specks, and a
+    16-bit one whose window clips most of it stay nearly flat; only the clipped one blames the window."""
     root = tmp_path / "raw"
-    names = ["collimated.png", "noise.png", "specks.png", "clipped16.png"]
-    d = _small_tree(root, [{**GOOD, "ImageName": f"imagesTr/{n}", "Question": f"q{i}"} for i, n in enumerate(names)],
-                    images=())
     rng = np.random.default_rng(0)
-    collimated = np.zeros((256, 256), np.uint8)
-    collimated[100:150, 90:150] = np.add.outer(np.arange(50) * 4, np.arange(60) * 2).clip(0, 255)  # ~5% a field
-    Image.fromarray(collimated).save(d / "imagesTr" / names[0])
-    Image.fromarray((120 + rng.integers(-3, 4, (256, 256))).astype(np.uint8)).save(d / "imagesTr" / names[1])
+    field = np.add.outer(np.arange(50) * 4, np.arange(60) * 2).clip(0, 255)  # content with many levels
+
+    def framed8(noise: float = 0.0):
+        picture = np.clip(rng.normal(0, noise, (256, 256)), 0, 255) if noise else np.zeros((256, 256))
+        picture[100:150, 90:150] = field
+        return picture.astype(np.uint8)
+
+    framed16 = np.zeros((256, 256), np.uint16)
+    framed16[100:150, 90:150] = 1000 + field * 8  # 1000..3000: the window [1000, 3000] fits the field
+    marker = np.zeros((256, 256), np.uint8)
+    marker[20:60, 20:45] = 255  # a lead marker on a blank exposure
     specks = np.full((256, 256), 255, np.uint8)
     specks[rng.random((256, 256)) < 0.04] = 0
-    Image.fromarray(specks).save(d / "imagesTr" / names[2])
     clipped = np.full((256, 256), 60000, np.uint16)
-    clipped[:20] = np.arange(256, dtype=np.uint16) * 16  # the top band inside the window, the rest above it
-    Image.fromarray(clipped).save(d / "imagesTr" / names[3])
+    clipped[:20] = np.arange(256, dtype=np.uint16) * 8  # a band along one side inside the window, the rest above
+    images = {"framed.png": framed8(), "framed_noisy.png": framed8(4.0), "framed16.png": framed16,
+              "noise.png": (120 + rng.integers(-3, 4, (256, 256))).astype(np.uint8), "marker.png": marker,
+              "specks.png": specks, "clipped16.png": clipped}
+    names = list(images)
+    d = _small_tree(root, [{**GOOD, "ImageName": f"imagesTr/{n}", "Question": f"q{i}"} for i, n in enumerate(names)],
+                    images=())
+    for name, array in images.items():
+        Image.fromarray(array).save(d / "imagesTr" / name)
     caplog.set_level("INFO", logger="flare_exp.data.prepare")
-    out = _prepare(tmp_path, root, "data.datasets=[chestdr]", "data.image_window=[0,4095]")
+    out = _prepare(tmp_path, root, "data.datasets=[chestdr]", "data.image_window=[1000,3000]")
     summary = json.loads((out / "summary.json").read_text())
     where = "training/Xray/chestdr/imagesTr/"
-    assert summary["framed_images"] == {"count": 1, "first": [where + "collimated.png"]}
-    assert summary["nearly_uniform_images"]["first"] == [where + n for n in sorted(names[1:])]
+    assert summary["framed_images"]["first"] == [where + n for n in ("framed.png", "framed16.png", "framed_noisy.png")]
+    assert summary["nearly_uniform_images"]["first"] == [where + n for n in sorted(
+        ("noise.png", "marker.png", "specks.png", "clipped16.png"))]
     assert "hold their content in a box inside a border" in caplog.text
+    assert "1 accepted image(s) decoded to nearly one flat grey level (>= 90% of the pixels), e.g. " \
+           f"{where}clipped16.png: data.image_window=[1000, 3000] clips" in caplog.text
+    assert "3 accepted image(s) decoded to nearly one flat grey level" in caplog.text
+
+
+def test_a_blank_16_bit_frame_stretched_to_its_own_range_is_named():
+    """A detector frame of noise only (1000 +- 3, a range over 16 values) scaled by its own range becomes
+    full-contrast noise: named as blank, while a 16-bit X-ray-like picture (smooth) is not."""
+    from flare_exp.data.images import _check_image
+
+    rng = np.random.default_rng(2)
+    tmp = Path(__import__("tempfile").mkdtemp())
+    blank = (1000 + rng.normal(0, 3, (256, 256))).astype(np.uint16)
+    smooth = (np.add.outer(np.arange(256), np.arange(256)) * 8 + rng.normal(0, 3, (256, 256))).astype(np.uint16)
+    for name, array in (("blank.png", blank), ("smooth.png", smooth)):
+        Image.fromarray(array).save(tmp / name)
+    assert _check_image(str(tmp / "blank.png"), None).uniform == 1.0
+    assert _check_image(str(tmp / "smooth.png"), None).uniform < 0.9

@@ -268,7 +268,10 @@ def test_a_moved_or_copied_adapter_or_prepared_dir_with_the_same_bytes_is_the_sa
     (run_dir / "fingerprint.json").write_text(json.dumps(fingerprint("rl", old)))
     new = compose_cfg(["stage=rl", *base_overrides, f"rl.init_from={copy}", f"data.prepared_dir={moved}"])
     check_resume("rl", run_dir, fingerprint("rl", new), new)
-    (copy / "final" / "adapter_model.safetensors").write_bytes(b"other")
+    weights = copy / "final" / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # other weights, still a readable file
+    weights.write_bytes(bytes(data))
     with pytest.raises(RunSettingsChangedError, match=r"rl.init_from: .* -> .*elsewhere/sft/final"):
         check_resume("rl", run_dir, fingerprint("rl", new), new)
 

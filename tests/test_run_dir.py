@@ -289,6 +289,11 @@ def test_a_run_dir_placed_outside_the_output_root_is_said(tmp_path, caplog):
     from flare_exp.main import outside_the_output_root
 
     outside_the_output_root(tmp_path / "out" / "runs" / "x", tmp_path / "out")
+    outside_the_output_root(tmp_path / "out" / "sweeps" / "s" / "0", tmp_path / "out")
     assert not caplog.text
-    outside_the_output_root(tmp_path / "elsewhere" / "x", tmp_path / "out")
-    assert "is outside paths.output_root" in caplog.text and f"paths.output_root={tmp_path / 'elsewhere'}" in caplog.text
+    outside_the_output_root(tmp_path / "elsewhere" / "runs" / "x", tmp_path / "out")
+    assert "is not where stage=runs looks" in caplog.text and f"(paths.output_root={tmp_path / 'elsewhere'} " \
+        "lists it)" in caplog.text
+    caplog.clear()
+    outside_the_output_root(tmp_path / "out" / "other" / "x", tmp_path / "out")  # under the root, not listed
+    assert "is not where stage=runs looks" in caplog.text and "lists it" not in caplog.text

@@ -5,6 +5,7 @@ import platform
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -317,3 +318,51 @@ def test_a_trainer_whose_lock_was_taken_over_saves_no_checkpoint(tmp_path):
     with pytest.raises(RunLockLostError):
         meta.on_step_end(None, state, None)
     lock.release()
+
+
+def test_a_lock_released_and_claimed_again_under_the_same_name_is_not_the_stopped_holders(tmp_path):
+    """A stopped holder's lock taken over by a launch that then ended (released: the lock dir gone) and claimed by
+    a third launch as owner.1.json again: the name is the stopped holder's, the token is not."""
+    import shutil
+
+    from flare_exp.run.lock import RunLockLostError
+
+    stopped = RunLock(tmp_path).acquire()
+    _take_over(tmp_path)
+    shutil.rmtree(tmp_path / ".lock")  # the launch that took it over was refused, and released it
+    third = RunLock(tmp_path).acquire()
+    assert third.owner_file == stopped.owner_file
+    with pytest.raises(RunLockLostError):
+        stopped.check_held()
+    third.check_held()
+    third.release()
+
+
+def test_the_heartbeat_ends_a_process_whose_lock_was_taken_over(tmp_path):
+    """The process was stopped inside a save (its main thread writing); once it goes on, its heartbeat ends it at
+    once (exit 75), before the save goes far, and its last words are not in the run dir's own log file."""
+    script = f"""
+import logging, sys, time
+from pathlib import Path
+from flare_exp.run.lock import RunLock
+run_dir = Path({str(tmp_path)!r})
+handler = logging.FileHandler(run_dir / "launch.log")
+logging.getLogger().addHandler(handler)
+logging.getLogger().setLevel(logging.INFO)
+lock = RunLock(run_dir, heartbeat_s=0.05).acquire()
+print("ready", flush=True)
+with open(run_dir / "save.bin", "a") as save:
+    for _ in range(2000):
+        save.write("x"); save.flush(); time.sleep(0.005)
+print("finished the save", flush=True)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=str(Path(__file__).resolve().parent.parent))
+    assert proc.stdout.readline().strip() == "ready"
+    _take_over(tmp_path)
+    taken = time.monotonic()
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 75 and "finished the save" not in out
+    assert time.monotonic() - taken < 5
+    assert "taken over while it was stopped" in err and "taken over" not in (tmp_path / "launch.log").read_text()
+    assert len((tmp_path / "save.bin").read_text()) < 2000

@@ -452,10 +452,18 @@ def test_a_damaged_or_missing_final_adapter_is_named(base_overrides, sft_adapter
     copy = tmp_path / "sft"
     shutil.copytree(sft_adapter, copy)
     weights = copy / "final" / "adapter_model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:100])
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[:100])
     cfg = _sft_cfg(base_overrides)
-    with pytest.raises(RuntimeError, match=rf"the LoRA adapter in {copy / 'final'} cannot be loaded \(.*cut short"):
+    with pytest.raises(ValueError, match=rf"the LoRA adapter in {copy / 'final'} cannot be loaded \(.*cut short"):
         load_model(cfg.model, init_from=str(copy), training=False)
+    from flare_exp.models.checkpoints import chosen_adapter
+
+    for cut in (whole[:100], whole[:-100]):  # the header cut, or the tensors after it: found before any load
+        weights.write_bytes(cut)
+        with pytest.raises(ValueError, match=rf"infer.checkpoint={copy}: the LoRA adapter's weights {weights} "
+                                             r"cannot be read \(.*\): cut short or damaged"):
+            chosen_adapter("infer.checkpoint", copy, False)
     shutil.rmtree(copy / "final")
     from flare_exp.models.checkpoints import resolve_adapter
 

@@ -220,10 +220,11 @@ def test_a_window_is_named_only_where_the_prepared_images_have_more_than_8_bits(
 
 
 @pytest.mark.parametrize("cell, value, message", [
-    ("F2", "classification", r"boneresorption/0: TaskType 'classification' \(prepared: 'regression'\)"),
-    ("E3", "dental", r"boneresorption/1: Dataset 'dental' \(prepared: 'boneresorption'\)"),
-    ("A4", "9.png", r"boneresorption/2: ImageName '9.png' \(prepared: '2.png'\)"),
-    ("B8", "d5", r"dental/0: Question 'd5' \(prepared: 'd0'\)"),
+    ("F2", "classification", r"row 2 \(id boneresorption/0\): TaskType 'classification' \(prepared: 'regression'; "
+                             r"they differ at character 1\)"),
+    ("E3", "dental", r"row 3 \(id boneresorption/1\): Dataset 'dental' \(prepared: 'boneresorption'"),
+    ("A4", "9.png", r"row 4 \(id boneresorption/2\): ImageName '9.png' \(prepared: '2.png'"),
+    ("B8", "d5", r"row 8 \(id dental/0\): Question 'd5' \(prepared: 'd0'; they differ at character 2\)"),
 ])
 def test_a_row_edited_to_describe_another_question_is_refused(tmp_path, cell, value, message):
     """eval joins by id and scores against the id's prepared question; FLARE joins on ImageName||Question: a row
@@ -234,6 +235,20 @@ def test_a_row_edited_to_describe_another_question_is_refused(tmp_path, cell, va
         load_rows(sheet, False, prepared)
 
 
+def test_an_edit_far_into_a_long_question_is_shown_where_it_is(tmp_path):
+    _prepared(tmp_path)
+    long = "Which option best describes this dental radiograph? A. Normal B. Caries C. Other"
+    write_jsonl(tmp_path / "prepared" / "val.jsonl", [{**r, "question": long} if r["id"] == "dental/0" else r
+                                                      for r in REFERENCE])
+    rows = [{**r, "prediction": "A", **({"question": long} if r["id"] == "dental/0" else {})} for r in REFERENCE]
+    write_sheet(tmp_path / "s.xlsx", rows, "my-run")
+    sheet = _edit(tmp_path / "s.xlsx", lambda s: s.__setitem__("B8", long.replace("A. Normal", "A. Healthy")))
+    with pytest.raises(ValueError, match=r"row 8 \(id dental/0\): Question '\.\.\.ntal radiograph\? A\. "
+                                         r"Healthy B\. Caries C\. Other' \(prepared: '\.\.\.ntal radiograph\? "
+                                         r"A\. Normal B\. Caries C\. Other'; they differ at character 56\)"):
+        load_rows(sheet, False, str(tmp_path / "prepared"))
+
+
 def test_the_same_description_written_another_way_is_no_edit(tmp_path):
     """FLARE's raw TaskType, another case, spacing, a list of images joined with ',' or ', ': the same question."""
     prepared = _prepared(tmp_path)
@@ -241,11 +256,39 @@ def test_the_same_description_written_another_way_is_no_edit(tmp_path):
                 [*REFERENCE, {**REFERENCE[0], "id": "iu/0", "dataset": "IU_XRay", "task_type": "report_generation",
                               "image_name": ["a-0.png", "a-1.png"], "answer": "No acute findings."}])
 
+    import unicodedata
+
     def edit(sheet):
         sheet["F2"], sheet["E3"], sheet["B4"] = "Regression", "BoneResorption", " q2  "
-    rows = [{**r, "prediction": "1"} for r in REFERENCE] + [
-        {"id": "iu/0", "dataset": "IU_XRay", "task_type": "Report_Generation", "image_name": "a-0.png,a-1.png",
-         "question": "q0", "answer": "No acute findings.", "prediction": "x"}]
+        sheet["F5"], sheet["B6"] = " ", "Q4"  # a blank cell, a question in another case
+        sheet["B7"] = unicodedata.normalize("NFD", "qé5")  # macOS's form of the prepared "qé5"
+    accented = [{**r, "question": "qé5"} if r["id"] == "boneresorption/5" else r for r in REFERENCE]
+    rows = [{**r, "prediction": "1"} for r in accented] + [
+        {"id": f"iu/{i}", "dataset": "IU_XRay", "task_type": task, "image_name": names, "question": "q0",
+         "answer": "No acute findings.", "prediction": "x"}
+        for i, (task, names) in enumerate((("Report_Generation", "a-0.png,a-1.png"), ("REPORT GENERATION", "a-0.png ; a-1.png"),
+                                           ("report-generation", "a-1.png\na-0.png")))] + [
+        {"id": f"cd/{i}", "dataset": "chestdr", "task_type": task, "image_name": "c.png", "question": "q0",
+         "answer": "Mass", "prediction": "Mass"} for i, task in enumerate(("MULTI_LABEL", "multi label", "Multi-Label"))]
+    write_jsonl(tmp_path / "prepared" / "val.jsonl",
+                [*accented, *({**REFERENCE[0], "id": f"iu/{i}", "dataset": "IU_XRay", "task_type": "report_generation",
+                                "image_name": ["a-0.png", "a-1.png"], "answer": "No acute findings."} for i in range(3)),
+                 *({**REFERENCE[0], "id": f"cd/{i}", "dataset": "chestdr", "task_type": "multi_label",
+                    "image_name": "c.png", "answer": "Mass"} for i in range(3))])
     write_sheet(tmp_path / "s.xlsx", rows, "my-run")
     rows, _ = load_rows(_edit(tmp_path / "s.xlsx", edit), False, prepared)
-    assert {r["id"]: r["task_type"] for r in rows}["boneresorption/0"] == "regression" and len(rows) == 13
+    assert {r["id"]: r["task_type"] for r in rows}["boneresorption/0"] == "regression" and len(rows) == 18
+    assert not any("sheet_row" in r for r in rows)
+
+
+def test_a_sheet_scored_without_its_split_reads_names_as_one(tmp_path):
+    """No prepared split (answers unchecked): FLARE's raw TaskType is read as ours, and one dataset written in two
+    cases is one dataset, said in the report."""
+    rows = [{"id": f"c/{i}", "dataset": "ChestDR" if i % 2 else "chestdr", "task_type": "Multi-label Classification",
+             "image_name": f"{i}.png", "question": "q", "answer": "Mass", "prediction": "Mass" if i < 3 else "Effusion"}
+            for i in range(6)]
+    write_sheet(tmp_path / "s.xlsx", rows, "my-run")
+    read, info = load_rows(tmp_path / "s.xlsx", False, str(tmp_path / "nothing"))
+    assert {r["dataset"] for r in read} == {"ChestDR"} or {r["dataset"] for r in read} == {"chestdr"}
+    assert {r["task_type"] for r in read} == {"multi_label"} and "several cases scored as one" in \
+        info["dataset_names_note"]

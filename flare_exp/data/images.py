@@ -68,6 +68,7 @@ class ImageCheck(NamedTuple):
     uniform: float | None = None  # share of the decoded grey values near their median (1.0: one flat value)
     frames: int = 1  # pages of a multi-page file (TIFF): the stages read the first
     framed: bool = False  # nearly one level, but around a box that holds content (a collimated field, a margin)
+    clipped: bool = False  # data.image_window clips most of its values (a high-bit-depth image)
 
 
 # an accepted image with this share of its pixels at one grey level is named in summary.json and the log: a
@@ -139,7 +140,7 @@ def _check_image(path: str, window: tuple[float, float] | None, decode: bool = T
     except OSError as e:
         return ImageCheck(f"unreadable image {Path(path).name}: {e.strerror or e}", None, None, None)
     digest = hashlib.sha1(data).hexdigest()  # a rejected file too: replaced later, it is another input
-    size, mode, pixels, uniform, frames, framed = f"{len(data):,} bytes", None, None, None, 1, False
+    size, mode, pixels, uniform, frames, framed, clipped = f"{len(data):,} bytes", None, None, None, 1, False, False
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -149,10 +150,12 @@ def _check_image(path: str, window: tuple[float, float] | None, decode: bool = T
                 if decode:
                     picture = upright_rgb(im, window)
                     pixels, uniform = hashlib.sha1(picture.tobytes()).hexdigest(), flat_share(picture)
-                    if window is None and narrow_integer_range(im):  # its own range stretched: noise, not content
-                        uniform = 1.0
-                    elif uniform >= NEARLY_UNIFORM and not saturated_by(window, im):
-                        framed = framed_content(picture)
+                    if window is None and (narrow_integer_range(im) or stretched_noise(im, picture)):
+                        uniform = 1.0  # its own range stretched a blank frame's noise to full contrast
+                    elif uniform >= NEARLY_UNIFORM:  # a window clipping the bright side: too narrow, not a border
+                        side = clipped_side(window, im)
+                        framed = side != "above" and framed_content(picture)
+                        clipped = side is not None and not framed
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         return ImageCheck(f"decompression bomb {Path(path).name}: {e} ({size})", digest, mode, None)
     except Image.UnidentifiedImageError:  # PIL's wording names an in-memory buffer, not the file
@@ -163,7 +166,7 @@ def _check_image(path: str, window: tuple[float, float] | None, decode: bool = T
         reason = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "this file", str(e))[:200]
         return ImageCheck(f"corrupt image {Path(path).name}: {type(e).__name__}: {reason} ({size})", digest, mode,
                           None)
-    return ImageCheck(None, digest, mode, pixels, stored, uniform, frames, framed)
+    return ImageCheck(None, digest, mode, pixels, stored, uniform, frames, framed, clipped)
 
 
 def narrow_integer_range(im, levels: int = 16) -> bool:
@@ -191,33 +194,62 @@ def flat_share(picture, levels: int = 6) -> float:
 
 def framed_content(picture, levels: int = 6, busy: float = 0.05) -> bool:
     """Whether a picture that is nearly one grey level holds its content in a box inside that level (a collimated
-    field inside its shutters' border, a small scan on a wide margin): the rows and columns where at least
-    ``busy`` of the pixels are off the level bound a box of at least 1% of the picture whose own pixels are not
-    nearly one level. Noise on a blank scan is spread over the whole picture, so its box is the picture."""
+    field inside its shutters' border, a small scan on a wide margin). Off the level means further from it than
+    ``levels`` or twice the level's own noise (its 90th percentile). The rows and columns where at least ``busy``
+    of the pixels are off bound the box, which must cover 1-90% of the picture, touch at most two of its edges (a
+    band along one side, all the window left unclipped, is no field), be more than a tenth off the level, and
+    hold many grey levels there (a lead marker or a white block on a blank exposure is one level: no picture)."""
     import numpy as np
 
     grey = np.asarray(picture.convert("L"))
     counts = np.bincount(grey.ravel(), minlength=256)
     level = int(np.searchsorted(np.cumsum(counts), grey.size / 2))
-    off = np.abs(grey.astype(np.int16) - level) > levels
+    deviation = np.abs(grey.astype(np.int16) - level)
+    off = deviation > max(levels, 2 * float(np.percentile(deviation, 90)))
     rows, cols = np.flatnonzero(off.mean(axis=1) >= busy), np.flatnonzero(off.mean(axis=0) >= busy)
     if not rows.size or not cols.size:
         return False
-    box = off[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
-    return box.size >= 0.01 * off.size and box.size < 0.9 * off.size and float(box.mean()) > 1 - NEARLY_UNIFORM
+    top, bottom, left, right = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    edges = (top == 0) + (bottom == grey.shape[0]) + (left == 0) + (right == grey.shape[1])
+    box, inside = off[top:bottom, left:right], grey[top:bottom, left:right]
+    if not (0.01 * off.size <= box.size < 0.9 * off.size) or edges > 2 or float(box.mean()) <= 1 - NEARLY_UNIFORM:
+        return False
+    content = np.bincount(inside[box], minlength=256)
+    middle = int(np.searchsorted(np.cumsum(content), content.sum() / 2))
+    return float(content[max(middle - levels, 0):middle + levels + 1].sum() / content.sum()) < NEARLY_UNIFORM
 
 
-def saturated_by(window: tuple[float, float] | None, im) -> bool:
-    """Whether data.image_window clips most of a high-bit-depth image's values (then it, not a border, is why
-    the picture is nearly one level)."""
+def stretched_noise(im, picture) -> bool:
+    """A high-bit-depth image whose own range, stretched to 0..255, shows no structure: neighbouring pixels no
+    more alike than chance (a blank detector frame's noise, e.g. 1000 +- 3, at full contrast). An X-ray's
+    neighbours are alike; only integer modes with their own range are looked at (a window says the user chose)."""
+    import numpy as np
+
+    from flare_exp.data.decoding import HIGH_BIT_DEPTH
+
+    if im.mode not in HIGH_BIT_DEPTH:
+        return False
+    grey = np.asarray(picture.convert("L"), dtype=np.float32)
+    step = max(1, max(grey.shape) // 512)  # a 512-px sample: cheap on large scans
+    grey = grey[::step, ::step]
+    left, right = grey[:, :-1].ravel(), grey[:, 1:].ravel()
+    if left.size < 16 or left.std() == 0 or right.std() == 0:
+        return False  # constant: flat_share names it already
+    return float(np.corrcoef(left, right)[0, 1]) < 0.25
+
+
+def clipped_side(window: tuple[float, float] | None, im) -> str | None:
+    """Which side of data.image_window clips most of a high-bit-depth image's values ("above": a window too
+    narrow for the data, "below": the dark side, where a collimator's border lies), None where neither does."""
     import numpy as np
 
     from flare_exp.data.decoding import HIGH_BIT_DEPTH
 
     if window is None or im.mode not in HIGH_BIT_DEPTH:
-        return False
+        return None
     values = np.asarray(im)
-    return float(np.mean((values < window[0]) | (values > window[1]))) >= 0.5
+    above, below = float(np.mean(values > window[1])), float(np.mean(values < window[0]))
+    return "above" if above >= 0.5 else "below" if below >= 0.5 else None
 
 
 def _within(check: ImageCheck, path: Path, limits: ProcessorLimits | None) -> ImageCheck:

@@ -63,6 +63,10 @@ def load_rows(path: Path, allow_partial: bool, prepared_dir: str | None = None) 
         of = f" of {expected_count(run_dir) or 'an unknown number of'}" if unfinished else ""
         info["partial"] = (f"partial: {len(rows)}{of} predictions"
                            + ("; the file's torn last line (a write cut short) left out" if torn else ""))
+    for row in rows:
+        row.pop("sheet_row", None)
+    if info.get("answers_from") == "the predictions file":  # unchecked: the file's own names, read as eval does
+        info.update(same_names(path, rows))
     unknown = sorted({str(r.get("task_type")) for r in rows} - set(official.OFFICIAL_METRIC))
     if unknown:
         raise ValueError(f"{path}: unknown task type(s) {', '.join(unknown)}; known: "
@@ -106,6 +110,34 @@ def edited_sheet_beside(path: Path, rows: list[dict]) -> dict:
             f"eval.predictions=[{sheet}]")
     log.warning("eval: %s", note)
     return {"edited_sheet_note": note}
+
+
+def same_names(path: Path, rows: list[dict]) -> dict:
+    """A file scored without a prepared split: its task types as ours (FLARE's raw names and ours in any case or
+    spacing), and one dataset written in several cases ("chestdr", "ChestDR") as one, its most frequent spelling,
+    said in the report (two would split the dataset's number in two)."""
+    from collections import Counter
+
+    from flare_exp.data.records import normalise_task_type
+
+    for row in rows:
+        task = row.get("task_type")
+        if isinstance(task, str) and task not in official.OFFICIAL_METRIC and normalise_task_type(task):
+            row["task_type"] = normalise_task_type(task)
+    spellings: dict[str, Counter] = {}
+    for row in rows:
+        if isinstance(row.get("dataset"), str):
+            spellings.setdefault(row["dataset"].strip().casefold(), Counter())[row["dataset"]] += 1
+    merged = {name: found.most_common(1)[0][0] for name, found in spellings.items() if len(found) > 1}
+    if not merged:
+        return {}
+    for row in rows:
+        if isinstance(row.get("dataset"), str) and row["dataset"].strip().casefold() in merged:
+            row["dataset"] = merged[row["dataset"].strip().casefold()]
+    note = ("datasets written in several cases scored as one: " + ", ".join(
+        f"{' / '.join(sorted(spellings[k]))} as {v}" for k, v in sorted(merged.items())))
+    log.warning("eval: %s: %s", path, note)
+    return {"dataset_names_note": note}
 
 
 def joined(path: Path, rows: list[dict], prepared_dir: str | None) -> tuple[list[dict], dict]:

@@ -212,12 +212,15 @@ def named_images(accepted: Accepted, root: Path, window, decoded: bool = True) -
         return [str(p.relative_to(root)) if p.is_relative_to(root) else str(p) for p in paths]
 
     flat, pages, framed = names(accepted.nearly_uniform), names(accepted.multi_frame), names(accepted.framed)
-    if flat:
-        log.warning("prepare: %d accepted image(s) decoded to nearly one flat grey level (>= %d%% of the pixels), "
-                    "e.g. %s: %s. They are kept; summary.json lists the first ones", len(flat),
-                    round(NEARLY_UNIFORM * 100), ", ".join(flat[:3]),
-                    f"data.image_window=[{window[0]:g}, {window[1]:g}] may not suit them (a window outside their "
-                    "values saturates them)" if window is not None else "blank or constant images")
+    clipped = set(names(accepted.clipped))
+    for group, why in (([f for f in flat if f in clipped], f"data.image_window=[{window[0]:g}, {window[1]:g}] "
+                        "clips most of their values and may not suit them" if window is not None else ""),
+                       ([f for f in flat if f not in clipped], "blank or constant images (a blank exposure, a "
+                        "detector frame of noise only, one value throughout)")):
+        if group:
+            log.warning("prepare: %d accepted image(s) decoded to nearly one flat grey level (>= %d%% of the pixels),"
+                        " e.g. %s: %s. They are kept; summary.json lists the first ones", len(group),
+                        round(NEARLY_UNIFORM * 100), ", ".join(group[:3]), why)
     if framed:
         log.info("prepare: %d accepted image(s) hold their content in a box inside a border of one level (>= %d%% of "
                  "the pixels: a collimated field, a wide margin), e.g. %s; kept as they are (the model sees the "
@@ -281,6 +284,7 @@ class Accepted(NamedTuple):
     sha1s: dict[Path, str]  # every decoded image's bytes
     nearly_uniform: list[Path]  # accepted images whose decoded pixels are nearly all one level
     framed: list[Path]  # accepted images nearly all one level around a box of content (a collimated field)
+    clipped: list[Path]  # accepted nearly flat images whose values data.image_window mostly clips
     multi_frame: list[Path]  # accepted multi-page files
 
 
@@ -317,7 +321,7 @@ def accept_records(candidates: list, cfg_data, rejects: list,
     sha1s = {p: result.sha1 for p, result in checked.items() if result.sha1}
     flat = sorted(p for p in modes if (checked[p].uniform or 0) >= NEARLY_UNIFORM and not checked[p].framed)
     return Accepted(by_split, dict(sorted(Counter(modes.values()).items())), sha1s, flat,
-                    sorted(p for p in modes if checked[p].framed),
+                    sorted(p for p in modes if checked[p].framed), sorted(p for p in flat if checked[p].clipped),
                     sorted(p for p in modes if checked[p].frames > 1))
 
 

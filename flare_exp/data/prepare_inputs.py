@@ -85,6 +85,7 @@ def keep_times(out_dir: Path, recorded: dict, root: Path, refreshed: dict) -> No
         pass  # a read-only prepared dir: compared by bytes again next time
 
 
+COMPARED: set[tuple[str, str]] = set()  # (prepared dir, data.root) pairs whose comparison was said
 SAID: set[str] = set()  # the prepared dirs whose missing record was said (a run checks them more than once)
 
 
@@ -139,8 +140,10 @@ def moved_here(out_dir: Path, root: Path) -> str | None:
         return f"{out_dir / INPUTS} is missing or unreadable, so the images there cannot be compared"
     if not root.is_dir():
         return f"no such directory {root}"
-    log.info("comparing the %d images recorded in %s with those under %s", len(recorded["images"]),
-             out_dir / INPUTS, root)
+    if (str(out_dir), str(root)) not in COMPARED:  # a launch compares them at each of its checks: said once
+        COMPARED.add((str(out_dir), str(root)))
+        log.info("comparing the %d images recorded in %s with those under %s", len(recorded["images"]),
+                 out_dir / INPUTS, root)
     changed, refreshed = image_changes(root, recorded["images"], recorded["times"].get(str(root), {}))
     if changed:
         name, why = changed[0]

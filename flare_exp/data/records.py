@@ -24,6 +24,8 @@ _RAW_TASK_TYPES = {
     "multilabel classification": "multi_label",
     "classification": "classification",
     "regression": "regression",
+    "multi label": "multi_label",  # ours, as a sheet or another tool may write it (MULTI_LABEL, Multi-label)
+    "multilabel": "multi_label",
 }
 
 # Multi-label separators differ per dataset: chestdr joins labels with ", ", periapical with ";" (and one

@@ -9,6 +9,8 @@ answers came from the predictions file, unchecked.
 from __future__ import annotations
 
 import math
+import re
+import unicodedata
 from pathlib import Path
 
 from flare_exp.io import read_jsonl
@@ -113,11 +115,12 @@ def refuse_other_descriptions(predictions: Path, rows: list[dict], refs: dict, r
     differing = []
     for row in rows:
         ref = refs[row["id"]]
-        said = [f"{header} {_shown(row[key])} (prepared: {_shown(ref[key])})" for key, header in DESCRIBING
-                if row.get(key) is not None and ref.get(key) is not None and not _same_description(key, row[key],
-                                                                                                      ref[key])]
+        said = [f"{header} {_difference(row[key], ref[key])}" for key, header in DESCRIBING
+                if not _blank(row.get(key)) and ref.get(key) is not None
+                and not _same_description(key, row[key], ref[key])]
         if said:
-            differing.append(f"{row['id']}: {', '.join(said)}")
+            where = f"row {row['sheet_row']} (id {row['id']})" if row.get("sheet_row") else str(row["id"])
+            differing.append(f"{where}: {', '.join(said)}")
     if differing:
         raise ValueError(
             f"{predictions}: {len(differing)} row(s) describe another question than their id's in the prepared split "
@@ -127,27 +130,44 @@ def refuse_other_descriptions(predictions: Path, rows: list[dict], refs: dict, r
             "answers")
 
 
+def _blank(value) -> bool:
+    return value is None or isinstance(value, str) and not value.strip()
+
+
+def _text(value) -> str:
+    """A value as compared: one Unicode form (macOS writes names decomposed), runs of spaces and line breaks as
+    one space (a non-breaking one too)."""
+    return " ".join(unicodedata.normalize("NFC", str(value)).split())
+
+
 def _same_description(key: str, given, prepared) -> bool:
-    """The same dataset, task type, image name or question, as a sheet or another tool may write it: FLARE's raw
-    TaskType for ours, a list of image names joined with ", " (as infer's sheet does) or ",", spacing aside."""
+    """The same dataset, task type, image name or question, as a sheet or another tool may write it: our task
+    type or FLARE's in any case and spacing, the dataset and the question in any case, a list of image names
+    joined with ",", ";" or line breaks in any order (the same views), any Unicode form and spacing."""
     from flare_exp.data.records import normalise_task_type
     from flare_exp.reports.sheets import as_stored
 
-    def text(value) -> str:
-        return " ".join(str(value).split())
-
-    if key == "image_name" and isinstance(prepared, list):
-        return given == prepared or isinstance(given, str) and text(given) in (text(", ".join(prepared)),
-                                                                              text(",".join(prepared)))
+    if key == "image_name":
+        names = prepared if isinstance(prepared, list) else [prepared]
+        pieces = given if isinstance(given, list) else re.split(r"[,;\n]", str(given))
+        return sorted(_text(p) for p in pieces if _text(p)) == sorted(_text(n) for n in names)
     if key == "task_type":
-        return text(given) == prepared or normalise_task_type(str(given)) == prepared
+        return (normalise_task_type(_text(given)) or _text(given)) == (normalise_task_type(prepared) or prepared)
     if key == "dataset":
-        return text(given).lower() == str(prepared).lower()
-    return text(given) in (text(prepared), text(as_stored(prepared)))
+        return _text(given).casefold() == _text(prepared).casefold()
+    return _text(given).casefold() in (_text(prepared).casefold(), _text(as_stored(prepared)).casefold())
 
 
-def _shown(value) -> str:
-    return repr(value if len(str(value)) <= 50 else f"{str(value)[:47]}...")
+def _difference(given, prepared) -> str:
+    """The two values where they first differ (a long question's edit is past its start; two forms of one
+    letter look the same, so the place is named)."""
+    a, b = _text(given), _text(prepared)
+    at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+    def near(text: str) -> str:
+        start = max(at - 20, 0)
+        return ("..." if start else "") + text[start:at + 30] + ("..." if len(text) > at + 30 else "")
+    return f"{near(a)!r} (prepared: {near(b)!r}; they differ at character {at + 1})"
 
 
 def windows_of(records) -> str:

@@ -40,6 +40,14 @@ def read_sheet_predictions(path: Path) -> tuple[list[dict], str, list[str]]:
     from openpyxl.utils.exceptions import InvalidFileException
 
     try:
+        with open(path, "rb") as f:
+            ole2 = f.read(8) == b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"
+    except OSError:
+        ole2 = False
+    if ole2:  # Office's older container: a password-protected workbook, or an .xls renamed .xlsx
+        raise ValueError(f"{path}: a password-protected workbook or an old .xls named .xlsx, which eval cannot read: "
+                         "save it without a password, as an Excel Workbook (.xlsx)")
+    try:
         workbook = load_workbook(path, read_only=True, data_only=False)
     except (InvalidFileException, zipfile.BadZipFile, OSError, KeyError, ValueError) as e:
         raise ValueError(f"{path}: not a readable .xlsx workbook ({type(e).__name__}: {e})") from e
@@ -139,6 +147,7 @@ def _row(path: Path, title: str, cells, columns: dict[int, str], prediction: tup
     row = {key: values.get(i) for i, key in columns.items() if values.get(i) is not None and key != UNHEADED}
     row["prediction"] = values.get(prediction[0]) or ""  # an empty cell: an empty answer, scored as wrong
     row["model"] = prediction[1]
+    row["sheet_row"] = cells[0].row  # named in a refusal; dropped once the rows are joined
     if isinstance(row.get("id"), str):
         row["id"] = row["id"].strip()  # a space typed after it: the id; two left equal are doubled
     if not row.get("id"):

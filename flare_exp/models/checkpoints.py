@@ -153,7 +153,28 @@ def chosen_adapter(key: str, path: str | Path, allow_intermediate: bool) -> Path
         why = incomplete(adapter)
         if why:
             raise FileNotFoundError(f"{key}={path}: {adapter} is not a complete checkpoint: {why}")
+    damaged = unreadable_weights(adapter)
+    if damaged:
+        raise ValueError(f"{key}={path}: {damaged}")
     return adapter
+
+
+def unreadable_weights(adapter: Path) -> str | None:
+    """Why an adapter's safetensors weights cannot be read (cut short by a copy, damaged), found from the file's
+    header and size before any model is loaded; None when they can (or are in another format)."""
+    weights = adapter / WEIGHTS[0]
+    if not weights.is_file():
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(weights), framework="pt") as f:
+            f.keys()
+    except Exception as e:  # noqa: BLE001  (safetensors raises its own error types for a bad file)
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        return (f"the LoRA adapter's weights {weights} cannot be read ({first}): cut short or damaged; copy them "
+                "again from where they were trained")
+    return None
 
 
 def checkpoint_label(checkpoint: str | None) -> str:

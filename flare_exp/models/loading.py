@@ -265,6 +265,10 @@ def _load_unsloth(model_cfg, init_from, training, seed) -> LoadedModel:
     return LoadedModel(model, processor, base, adapter, "unsloth")
 
 
+class AdapterLoadError(ValueError):
+    """An adapter that cannot be loaded onto the model: bad input, said in one line."""
+
+
 def adapter_loaded(model, adapter, training: bool):
     """The model with the LoRA adapter at ``adapter``; weights that cannot be read (cut short by a copy, damaged)
     or that do not fit the model are one line naming the adapter, not the loader's traceback."""
@@ -274,6 +278,6 @@ def adapter_loaded(model, adapter, training: bool):
         return PeftModel.from_pretrained(model, adapter, is_trainable=training)
     except Exception as e:  # noqa: BLE001  (safetensors' and torch's own errors for a bad file, a shape mismatch)
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-        raise RuntimeError(f"the LoRA adapter in {adapter} cannot be loaded ({type(e).__name__}: {first}): its "
+        raise AdapterLoadError(f"the LoRA adapter in {adapter} cannot be loaded ({type(e).__name__}: {first}): its "
                            "weights are cut short or damaged (copy them again) or were trained for another base "
                            "model or LoRA settings (model.path, model.lora.*)") from e

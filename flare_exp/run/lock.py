@@ -12,9 +12,12 @@ process, or the heartbeat has been silent for SAME_HOST_STALE_FACTOR x ``stale_a
 attempt of the same SLURM job (a requeue, on any node), and on another host when its heartbeat is older than
 ``stale_after_s`` (a node that went away). A lock directory with no owner file yet is free: its maker, if
 alive, loses the claim to number 1 and stops like any other loser. A holder that was only stopped (SIGSTOP, a
-suspended SLURM job, a frozen node) past the takeover wait finds, once it goes on, that the lock is another's:
-its heartbeat sees it, and ``check_still_held`` (called before every checkpoint, journal batch and marker) stops
-it there without writing more, so the dir keeps one writer.
+suspended SLURM job, a frozen node) past the takeover wait finds, once it goes on, that the lock is another's
+(its owner file gone, or another one above it or in its place, told by its token): its heartbeat thread, whose
+wait ran out while it was stopped, sees it first and ends the process at once (exit 75), before a save it was in
+can go on; ``check_still_held`` (called before every checkpoint, journal batch, summary and marker) stops the
+main thread likewise. Either way nothing more is written there, its own log file there included, so the dir
+keeps one writer.
 """
 from __future__ import annotations
 
@@ -40,6 +43,8 @@ _OWNER = re.compile(r"^owner\.(\d+)\.json$")
 SAME_HOST_STALE_FACTOR = 12
 _HELD_HERE: set[str] = set()  # the tokens of the locks this process holds
 _LOCKS_HERE: list["RunLock"] = []  # the locks this process took and has not released
+LOST_EXIT_CODE = 75  # EX_TEMPFAIL: the run goes on in the process that took the lock over
+HARD_STOP = [True]  # the heartbeat ends the process when its lock was taken over (the tests look at it instead)
 
 
 class RunLockedError(RuntimeError):
@@ -200,8 +205,13 @@ class RunLock:
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
-            if self._taken_over():  # stopped past the takeover wait: say so now, check_held stops the writes
+            if self._taken_over():  # stopped past the takeover wait: end here, before the main thread writes more
+                self._leave_the_dir()
                 log.error("%s", self._lost())
+                if HARD_STOP[0]:
+                    for handler in logging.getLogger().handlers:
+                        handler.flush()
+                    os._exit(LOST_EXIT_CODE)
                 return
             try:
                 os.utime(self.owner_file)
@@ -220,16 +230,29 @@ class RunLock:
     def check_held(self) -> None:
         """Raise RunLockLostError when this lock is no longer this process's (see ``check_still_held``)."""
         if self.owner_file is not None and not self._stop.is_set() and self._taken_over():
+            self._leave_the_dir()
             raise RunLockLostError(self._lost())
 
     def _taken_over(self) -> bool:
-        """Another owner file numbered above this process's, or this one gone (a read that fails for another
-        reason, a filesystem's hiccup, is no proof: False)."""
+        """The lock is another's: the owner file in force (the highest) is not this process's, by its name or by
+        its token (the lock dir released and claimed again by a third launch reuses the name). A read that fails
+        for another reason (a filesystem's hiccup) is no proof: False."""
         try:
-            number, _ = self._highest()
-            return not self.owner_file.exists() or number > int(_OWNER.match(self.owner_file.name).group(1))
-        except OSError:
+            _, path = self._highest()
+            if path != self.owner_file:
+                return True
+            return json.loads(path.read_text()).get("token") != self._token
+        except (OSError, ValueError):
             return False
+
+    def _leave_the_dir(self) -> None:
+        """No more lines into the run dir's own log files (launch.log): the dir is another run's now."""
+        root = logging.getLogger()
+        for handler in list(root.handlers):
+            name = getattr(handler, "baseFilename", None)
+            if name and Path(name).resolve().is_relative_to(self.dir.parent.resolve()):
+                root.removeHandler(handler)
+                handler.close()
 
     def wait_while_held(self, what: str, poll_s: float = 2.0, say_every_s: float = 60.0) -> None:
         """Return once no live run holds the lock (a dead holder's lock is free: ``acquire`` takes it over);

@@ -21,6 +21,7 @@ from flare_exp.metrics.significance import adjust_p_values, bootstrap_interval, 
 from flare_exp.reports.eval_report import write_reports
 from flare_exp.reports.sheets import write_scored_sheet
 from flare_exp.run.layout import METRICS, predictions_file, summary_name
+from flare_exp.run.lock import check_still_held
 from flare_exp.run.stage import Stage
 from flare_exp.runtime import abspath, barrier, ranks
 
@@ -113,6 +114,7 @@ def run(cfg, out_dir: Path) -> dict:
                           *(meaningless if "report_generation" in res.get("by_task", {}) else [])]
     write_json(out_dir / METRICS, results)
     summary = flat_summary(results)
+    check_still_held()  # not into a run dir that is another's now
     write_json(out_dir / summary_name("eval"), summary)
     sig = cfg.eval.significance
     tests, warnings = compare(results, samples, sig.resamples, sig.seed, sig.ar_trials, inputs) \

@@ -225,6 +225,7 @@ def finish(cfg, out_dir: Path, records: list[dict], done: dict, label: str, gene
         raise RuntimeError(f"infer: {len(missing)} records have no prediction after all ranks finished "
                            f"(first: {missing[0]}); rerun to complete them")
     rows = [done[r["id"]] for r in records]  # the input's order
+    check_still_held()  # the files below are the run's record: not written into a dir that is another's now
     asked = {r["id"] for r in records}
     spare = [row for key, row in done.items() if key not in asked]
     if spare:  # an earlier attempt with a larger infer.num_samples: the file holds what the summary counts
@@ -238,6 +239,7 @@ def finish(cfg, out_dir: Path, records: list[dict], done: dict, label: str, gene
     for journal in out_dir.glob(RANK_JOURNAL.format(rank="*")):
         journal.unlink()  # merged above
     adapter = used_adapter(cfg)
+    check_still_held()
     write_sheet(out_dir / "predictions.xlsx", rows, label, adapter=adapter)
     submission = write_submission(out_dir, rows, questions) if all(r["answer"] is None for r in rows) else None
     summary = {"predictions": str(pred_path), "sheet": str(out_dir / "predictions.xlsx"), "label": label,
@@ -249,5 +251,6 @@ def finish(cfg, out_dir: Path, records: list[dict], done: dict, label: str, gene
                **({"liger_kernel": "off: training kernels"} if cfg.model.liger_kernel else {}),
                "world_size": world, **({"submission": str(submission), "submission_complete":
                                          submission.name == "submission"} if submission else {})}
+    check_still_held()
     write_json(out_dir / summary_name("infer"), summary)
     return summary

@@ -206,6 +206,8 @@ class RunLock:
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
             if self._taken_over():  # stopped past the takeover wait: end here, before the main thread writes more
+                if self._stop.is_set():  # released meanwhile by this process (its own rename): nothing lost
+                    return
                 self._leave_the_dir()
                 log.error("%s", self._lost())
                 if HARD_STOP[0]:

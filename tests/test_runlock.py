@@ -366,3 +366,22 @@ print("finished the save", flush=True)
     assert time.monotonic() - taken < 5
     assert "taken over while it was stopped" in err and "taken over" not in (tmp_path / "launch.log").read_text()
     assert len((tmp_path / "save.bin").read_text()) < 2000
+
+
+def test_a_stopped_holder_on_this_host_keeps_its_lock_and_is_named_stopped(tmp_path):
+    """A holder stopped (SIGSTOP, a suspended job) for hours is silent but alive: taking its lock over would leave
+    two writers once it is continued, so the launch is refused, saying it is stopped and how to go on."""
+    import signal
+
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        time.sleep(0.05)
+        os.kill(sleeper.pid, signal.SIGSTOP)
+        time.sleep(0.1)
+        _fake_holder(tmp_path, sleeper.pid, age_s=3 * 3600, started="2099-01-01T00:00:00")
+        with pytest.raises(RunLockedError, match=rf"pid {sleeper.pid}, started .*, stopped now \(SIGSTOP.*kill -CONT "
+                                                 rf"{sleeper.pid}\)"):
+            RunLock(tmp_path).acquire()
+    finally:
+        sleeper.kill()
+        sleeper.wait()

@@ -92,10 +92,21 @@ def _gone_here(holder: dict, silent_after_s: float) -> str | None:
     started, since = _process_start(pid), _lock_started(holder)
     if started is not None and since is not None and started > since + 2:
         return f"pid {pid} is another process now (started after the lock was taken: a reused pid)"
+    if _stopped(pid):  # silent because it is stopped (SIGSTOP, a suspended job): it goes on when continued
+        return None
     if holder["heartbeat_age_s"] > silent_after_s:
         return (f"pid {pid} is alive but the lock's heartbeat is {holder['heartbeat_age_s']:.0f} s old (the holder "
                 f"beats every {HEARTBEAT_S:.0f} s: another process has its pid)")
     return None
+
+
+def _stopped(pid: int) -> bool:
+    """Whether a process on this host is stopped (its state T or t in Linux's /proc: SIGSTOP, Ctrl-Z, a suspended
+    job, a debugger): its silence is no death, and taking its lock over would leave it a writer when continued."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("T", "t")
+    except (OSError, IndexError):
+        return False
 
 
 def _process_start(pid: int) -> float | None:
@@ -174,10 +185,14 @@ class RunLock:
 
     def _refuse(self, holder: dict | None) -> RunLockedError:
         h = holder or {}
+        pid = h.get("pid", "?")
+        stopped = h.get("host") == platform.node() and isinstance(pid, int) and _stopped(pid)
         return RunLockedError(
-            f"{self.dir.parent} is in use by another run: host {h.get('host', '?')}, pid {h.get('pid', '?')}, "
-            f"started {h.get('started', '?')}. Wait for it, or choose another run_name= (for prepare's dir, another "
-            "data.prepared_dir=). (A lock whose holder died is taken over by itself.)")
+            f"{self.dir.parent} is in use by another run: host {h.get('host', '?')}, pid {pid}, started "
+            f"{h.get('started', '?')}" + (f", stopped now (SIGSTOP, Ctrl-Z or a suspended job): continue it (kill "
+                                         f"-CONT {pid}) or end it (kill {pid}), then launch again" if stopped else "")
+            + ". Wait for it, or choose another run_name= (for prepare's dir, another data.prepared_dir=). (A lock "
+            "whose holder died is taken over by itself.)")
 
     def acquire(self) -> "RunLock":
         for _ in range(5):  # a lock released while we looked at it: look again

@@ -241,6 +241,7 @@ def finish(cfg, out_dir: Path, records: list[dict], done: dict, label: str, gene
     adapter = used_adapter(cfg)
     check_still_held()
     write_sheet(out_dir / "predictions.xlsx", rows, label, adapter=adapter)
+    check_still_held()
     submission = write_submission(out_dir, rows, questions) if all(r["answer"] is None for r in rows) else None
     summary = {"predictions": str(pred_path), "sheet": str(out_dir / "predictions.xlsx"), "label": label,
                "checkpoint": inf.checkpoint, "adapter": adapter, "split": inf.split, "samples": len(rows), "generated_now": generated,

@@ -368,7 +368,7 @@ print("finished the save", flush=True)
     assert len((tmp_path / "save.bin").read_text()) < 2000
 
 
-def test_a_stopped_holder_on_this_host_keeps_its_lock_and_is_named_stopped(tmp_path):
+def test_a_stopped_holder_on_this_host_keeps_its_lock_and_is_named_stopped(tmp_path, monkeypatch):
     """A holder stopped (SIGSTOP, a suspended job) for hours is silent but alive: taking its lock over would leave
     two writers once it is continued, so the launch is refused, saying it is stopped and how to go on."""
     import signal
@@ -382,6 +382,10 @@ def test_a_stopped_holder_on_this_host_keeps_its_lock_and_is_named_stopped(tmp_p
         with pytest.raises(RunLockedError, match=rf"pid {sleeper.pid}, started .*, stopped now \(SIGSTOP.*kill -CONT "
                                                  rf"{sleeper.pid}\)"):
             RunLock(tmp_path).acquire()
+        monkeypatch.setenv("SLURM_JOB_ID", "4243")  # the same job's earlier attempt on this node, still there
+        _fake_holder(tmp_path / "job", sleeper.pid, age_s=3 * 3600, started="2099-01-01T00:00:00", job="4243")
+        with pytest.raises(RunLockedError, match="stopped now"):
+            RunLock(tmp_path / "job").acquire()
     finally:
         sleeper.kill()
         sleeper.wait()

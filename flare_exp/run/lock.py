@@ -156,10 +156,13 @@ class RunLock:
     def _stale(self, holder: dict) -> str | None:
         """Why the lock's holder is gone, or None while it may live."""
         job = os.environ.get("SLURM_JOB_ID")
-        if job and holder.get("slurm_job_id") == job and holder.get("pid") != os.getpid():
+        here = holder.get("host") == platform.node()
+        silent_after_s = self.stale_after_s * SAME_HOST_STALE_FACTOR
+        if job and holder.get("slurm_job_id") == job and holder.get("pid") != os.getpid() and (
+                not here or _gone_here(holder, silent_after_s)):  # on this node: only once its process is gone
             return f"it is an earlier attempt of SLURM job {job} (requeued)"
-        if holder.get("host") == platform.node():
-            return _gone_here(holder, self.stale_after_s * SAME_HOST_STALE_FACTOR)
+        if here:
+            return _gone_here(holder, silent_after_s)
         if holder["heartbeat_age_s"] > self.stale_after_s:
             return f"its heartbeat is {holder['heartbeat_age_s']:.0f} s old (host {holder.get('host')})"
         return None

@@ -292,3 +292,11 @@ def test_a_sheet_scored_without_its_split_reads_names_as_one(tmp_path):
     assert {r["dataset"] for r in read} == {"ChestDR"} or {r["dataset"] for r in read} == {"chestdr"}
     assert {r["task_type"] for r in read} == {"multi_label"} and "several cases scored as one" in \
         info["dataset_names_note"]
+
+
+def test_a_merged_header_is_named_as_a_merge(tmp_path):
+    """A merge over the predictions' header and the next one reads as a missing header: the merge is named."""
+    prepared = _prepared(tmp_path)
+    sheet = _edit(_sheet(tmp_path), lambda s: s.merge_cells("C1:D1"))
+    with pytest.raises(ValueError, match=r"merged cells C1:D1"):
+        load_rows(sheet, False, prepared)

@@ -53,6 +53,7 @@ def read_sheet_predictions(path: Path) -> tuple[list[dict], str, list[str]]:
         raise ValueError(f"{path}: not a readable .xlsx workbook ({type(e).__name__}: {e})") from e
     try:
         sheet = workbook[SHEET] if SHEET in workbook.sheetnames else workbook.worksheets[0]
+        _refuse_merged_cells(path, sheet.title)  # first: a merged header would read as a missing column
         lines = sheet.iter_rows()
         header = next(lines, None)
         columns, prediction = _columns(path, sheet.title, header or ())
@@ -64,7 +65,6 @@ def read_sheet_predictions(path: Path) -> tuple[list[dict], str, list[str]]:
         others = [w.title for w in workbook.worksheets if w.title != sheet.title and _has_id_column(w)]
     finally:
         workbook.close()
-    _refuse_merged_cells(path, sheet.title)
     if others:
         log.warning("%s: predictions read from the sheet %r only; %s also %s an id column and %s not read (eval "
                     "reads the sheet named %r, else the first one: keep the edited sheet under that name)", path,

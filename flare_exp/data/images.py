@@ -187,9 +187,16 @@ def flat_share(picture, levels: int = 6) -> float:
     import numpy as np
 
     counts = np.bincount(np.asarray(picture.convert("L")).ravel(), minlength=256)  # a histogram: cheap on large scans
+    return _near_median(counts, levels)[1]
+
+
+def _near_median(counts, levels: int) -> tuple[int, float]:
+    """A grey-level histogram's median level, and the share of its values within ``levels`` of it."""
+    import numpy as np
+
     total = max(int(counts.sum()), 1)
     median = int(np.searchsorted(np.cumsum(counts), total / 2))
-    return float(counts[max(median - levels, 0):median + levels + 1].sum() / total)
+    return median, float(counts[max(median - levels, 0):median + levels + 1].sum() / total)
 
 
 def framed_content(picture, levels: int = 6, busy: float = 0.05) -> bool:
@@ -202,8 +209,7 @@ def framed_content(picture, levels: int = 6, busy: float = 0.05) -> bool:
     import numpy as np
 
     grey = np.asarray(picture.convert("L"))
-    counts = np.bincount(grey.ravel(), minlength=256)
-    level = int(np.searchsorted(np.cumsum(counts), grey.size / 2))
+    level, _ = _near_median(np.bincount(grey.ravel(), minlength=256), levels)
     deviation = np.abs(grey.astype(np.int16) - level)
     off = deviation > max(levels, 2 * float(np.percentile(deviation, 90)))
     rows, cols = np.flatnonzero(off.mean(axis=1) >= busy), np.flatnonzero(off.mean(axis=0) >= busy)
@@ -214,9 +220,7 @@ def framed_content(picture, levels: int = 6, busy: float = 0.05) -> bool:
     box, inside = off[top:bottom, left:right], grey[top:bottom, left:right]
     if not (0.01 * off.size <= box.size < 0.9 * off.size) or edges > 2 or float(box.mean()) <= 1 - NEARLY_UNIFORM:
         return False
-    content = np.bincount(inside[box], minlength=256)
-    middle = int(np.searchsorted(np.cumsum(content), content.sum() / 2))
-    return float(content[max(middle - levels, 0):middle + levels + 1].sum() / content.sum()) < NEARLY_UNIFORM
+    return _near_median(np.bincount(inside[box], minlength=256), levels)[1] < NEARLY_UNIFORM
 
 
 def stretched_noise(im, picture) -> bool:
@@ -224,8 +228,6 @@ def stretched_noise(im, picture) -> bool:
     more alike than chance (a blank detector frame's noise, e.g. 1000 +- 3, at full contrast). An X-ray's
     neighbours are alike; only integer modes with their own range are looked at (a window says the user chose)."""
     import numpy as np
-
-    from flare_exp.data.decoding import HIGH_BIT_DEPTH
 
     if im.mode not in HIGH_BIT_DEPTH:
         return False
@@ -242,8 +244,6 @@ def clipped_side(window: tuple[float, float] | None, im) -> str | None:
     """Which side of data.image_window clips most of a high-bit-depth image's values ("above": a window too
     narrow for the data, "below": the dark side, where a collimator's border lies), None where neither does."""
     import numpy as np
-
-    from flare_exp.data.decoding import HIGH_BIT_DEPTH
 
     if window is None or im.mode not in HIGH_BIT_DEPTH:
         return None

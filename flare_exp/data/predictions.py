@@ -8,6 +8,7 @@ import logging
 from collections import Counter
 from pathlib import Path
 
+from flare_exp.data.sheet_predictions import OLE2
 from flare_exp.io import read_jsonl, read_jsonl_of_unfinished_run
 from flare_exp.metrics import official
 from flare_exp.run.layout import CONFIG, DONE, RUN_INFO, predictions_file, summary_name
@@ -122,8 +123,8 @@ def same_names(path: Path, rows: list[dict]) -> dict:
 
     for row in rows:
         task = row.get("task_type")
-        if isinstance(task, str) and task not in official.OFFICIAL_METRIC and normalise_task_type(task):
-            row["task_type"] = normalise_task_type(task)
+        if isinstance(task, str) and task not in official.OFFICIAL_METRIC:
+            row["task_type"] = normalise_task_type(task) or task
     spellings: dict[str, Counter] = {}
     for row in rows:
         if isinstance(row.get("dataset"), str):
@@ -169,7 +170,6 @@ def joined(path: Path, rows: list[dict], prepared_dir: str | None) -> tuple[list
     return rows, {"answers_from": str(reference), **covered}
 
 
-OLE2 = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"  # the old binary Office files: .xls (and .doc, an encrypted .xlsx)
 ZIP = b"PK\x03\x04"  # .xlsx, .ods
 ACCEPTED = ("eval reads infer's predictions.jsonl (one JSON object per line with id and prediction), an infer run "
             "dir or an .xlsx sheet with infer's columns")

@@ -23,6 +23,7 @@ PREDICTION_COLUMN = 3
 SCORE_COLUMNS = ("score", "score_kind")
 KNOWN_COLUMNS = {header.lower(): key for header, key in ROW_COLUMNS}  # read case-insensitively
 UNHEADED = "(no header)"
+OLE2 = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"  # the old binary Office container: .xls, .doc, an encrypted .xlsx
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ def read_sheet_predictions(path: Path) -> tuple[list[dict], str, list[str]]:
 
     try:
         with open(path, "rb") as f:
-            ole2 = f.read(8) == b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"
+            ole2 = f.read(len(OLE2)) == OLE2
     except OSError:
         ole2 = False
     if ole2:  # Office's older container: a password-protected workbook, or an .xls renamed .xlsx

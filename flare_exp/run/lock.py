@@ -103,20 +103,26 @@ def _gone_here(holder: dict, silent_after_s: float) -> str | None:
 def _stopped(pid: int) -> bool:
     """Whether a process on this host is stopped (its state T or t in Linux's /proc: SIGSTOP, Ctrl-Z, a suspended
     job, a debugger): its silence is no death, and taking its lock over would leave it a writer when continued."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("T", "t")
-    except (OSError, IndexError):
-        return False
+    fields = _proc_stat(pid)
+    return bool(fields) and fields[0] in ("T", "t")
 
 
 def _process_start(pid: int) -> float | None:
     """When a process started (seconds since the epoch; Linux's /proc), None where unknown."""
+    fields = _proc_stat(pid)
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
                     if line.startswith("btime "))
         return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
+    except (OSError, ValueError, IndexError, StopIteration, TypeError):
+        return None
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command's name (state first), None where unreadable."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
         return None
 
 

@@ -136,6 +136,12 @@ def run_dirs(output_root: Path) -> list[tuple[str, Path]]:
     return [(name, path) for name, path in found if path.is_dir()]
 
 
+def listed_under(run_dir: Path, output_root: Path) -> bool:
+    """Whether ``run_dirs(output_root)`` lists run_dir (made or not yet): runs/<name>, sweeps/<sweep>/<job>."""
+    return run_dir.parent == output_root / "runs" or (
+        run_dir.parent.parent == output_root / "sweeps" and run_dir.name.isdigit())
+
+
 def duration(seconds) -> str:
     if seconds is None:
         return ""

@@ -88,17 +88,13 @@ def outside_the_output_root(run_dir: Path, output_root: Path) -> None:
     """A run dir placed by hand (hydra.run.dir, hydra.sweep.dir) where the catalog does not look (stage=runs lists
     <paths.output_root>/runs/<name> and sweeps/<sweep>/<job>) runs there, said once, with the root that would list
     it where there is one."""
+    from flare_exp.catalog import listed_under
+
     run_dir = run_dir.resolve()
-    if _listed_under(run_dir, output_root.resolve()):
+    if listed_under(run_dir, output_root.resolve()):
         return
-    root = run_dir.parent.parent if run_dir.parent.name == "runs" else \
-        run_dir.parent.parent.parent if run_dir.parent.parent.name == "sweeps" else None
+    root = next((r for r in (run_dir.parent.parent, run_dir.parent.parent.parent) if listed_under(run_dir, r)), None)
     log.warning("the run dir %s is not where stage=runs looks (<paths.output_root>/runs/<name> or "
                 "sweeps/<sweep>/<job>, with paths.output_root=%s; hydra.run.dir or hydra.sweep.dir set by hand): it "
                 "runs there, but is not listed%s", run_dir, output_root,
                 f" (paths.output_root={root} lists it)" if root else "")
-
-
-def _listed_under(run_dir: Path, root: Path) -> bool:
-    """Whether the catalog would list run_dir under root (runs/<name>, sweeps/<sweep>/<job>), made or not."""
-    return run_dir.parent == root / "runs" or run_dir.parent.parent == root / "sweeps"

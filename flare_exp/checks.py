@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from flare_exp import setting_checks
 from flare_exp.config import Config
 from flare_exp.models.loading import check_model_settings
+from flare_exp.run.layout import DONE
 from flare_exp.run.names import check_run_name
 from flare_exp.run.stage import declared_stages, several_ranks, stage
 from flare_exp.runtime import abspath, world_size
@@ -164,7 +165,7 @@ def input_problems(cfg: DictConfig) -> list[Exception]:
     if any(stage(name).record != "none" for name in steps if name in declared_stages()):  # it makes a run dir
         run_dir = abspath(cfg.paths.output_root) / "runs" / str(OmegaConf.select(cfg, "run_name", default=""))
         _collect(problems, check_writable, "paths.output_root", cfg.paths.output_root, run_dir)
-    finished = (abspath(cfg.data.prepared_dir) / "DONE").exists() and not cfg.overwrite
+    finished = (abspath(cfg.data.prepared_dir) / DONE).exists() and not cfg.overwrite
     if "prepare" in steps and not finished:  # a finished prepare is reused, read-only mount or not
         _collect(problems, check_writable, "data.prepared_dir", cfg.data.prepared_dir)
     if _loading_model(steps):

@@ -37,9 +37,22 @@ def shared_as_umask(tree: Path) -> None:
             continue
 
 
+# Called with the target of every atomic write (file or tree) just before it lands: the run lock
+# (flare_exp.run.lock) puts its check here that this process still owns the run dir the target is in, so a
+# process whose lock was taken over while it was stopped lands nothing more in a dir that has another writer.
+# A list filled by the lock's module, so io depends on nothing of the run's.
+BEFORE_LANDING: list = []
+
+
+def _before_landing(path: Path) -> None:
+    for check in BEFORE_LANDING:
+        check(path)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; it replaces ``path`` only if the block finishes."""
+    """Yield a temporary path next to ``path``; it replaces ``path`` only if the block finishes (and the run
+    lock, where one is held, is still this process's: ``BEFORE_LANDING``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -48,6 +61,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp_path
         os.chmod(tmp_path, _umask_mode())  # mkstemp's file is 0600: give it the mode a plain open() would
+        _before_landing(path)
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
@@ -72,6 +86,7 @@ def atomic_dir(target: str | Path, prefix: str = ".tmp-", complete=None) -> Iter
         if complete is not None and complete(target):
             shutil.rmtree(tmp, ignore_errors=True)
             return
+        _before_landing(target)
         if target.exists():
             shutil.rmtree(target)
         try:

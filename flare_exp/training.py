@@ -89,7 +89,6 @@ def train_and_save(trainer, stage: str, cfg, out_dir: Path, meta: "CheckpointMet
     if lead:
         from flare_exp.io import write_json
 
-        check_still_held()
         write_json(out_dir / LOG_HISTORY, trainer.state.log_history)
     return result, final, lead
 

@@ -389,3 +389,31 @@ def test_a_stopped_holder_on_this_host_keeps_its_lock_and_is_named_stopped(tmp_p
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_no_atomic_write_lands_in_a_dir_whose_lock_was_taken_over(tmp_path):
+    """Every atomic write (file or tree) checks the lock of the run dir it lands in, just before it lands: after
+    the takeover nothing more replaces a file of the run dir or adds one, its temporary file is gone, and writes
+    elsewhere (another run's dir, a shared cache) go on."""
+    from flare_exp.io import atomic_dir, write_json, write_text
+    from flare_exp.run.lock import RunLockLostError
+
+    run_dir, elsewhere = tmp_path / "run", tmp_path / "cache"
+    lock = RunLock(run_dir).acquire()
+    write_text(run_dir / "sub" / "a.txt", "mine")  # its own: lands
+    _take_over(run_dir)
+    with pytest.raises(RunLockLostError, match="keeps one writer"):
+        write_text(run_dir / "sub" / "a.txt", "late")
+    with pytest.raises(RunLockLostError):
+        write_json(run_dir / "summary.json", {"late": True})
+    with pytest.raises(RunLockLostError):
+        with atomic_dir(run_dir / "final") as tmp:
+            (tmp / "adapter.safetensors").write_text("late")
+    assert (run_dir / "sub" / "a.txt").read_text() == "mine"
+    assert not (run_dir / "summary.json").exists() and not (run_dir / "final").exists()
+    assert sorted(p.name for p in (run_dir / "sub").iterdir()) == ["a.txt"]  # no temporary file left
+    write_text(elsewhere / "b.txt", "shared")
+    (tmp_path / "link").symlink_to(run_dir)
+    with pytest.raises(RunLockLostError):  # the run dir by another spelling
+        write_text(tmp_path / "link" / "c.txt", "late")
+    lock.release()

@@ -21,7 +21,6 @@ from flare_exp.data.images import (NEARLY_UNIFORM, OUTSIDE_ROOT, PROCESSOR_REFUS
                                    check_images)
 from flare_exp.data.question_files import QuestionFile, discover, load_question_file, question_files, resolve_image
 from flare_exp.data.prepare_inputs import INPUTS, record_inputs
-from flare_exp.run.lock import check_still_held
 from flare_exp.data.unzip import PrepareError, unzip_nested
 from flare_exp.io import write_json, write_jsonl
 
@@ -150,7 +149,6 @@ def prepare(cfg_data, root: Path, out_dir: Path, limits: ProcessorLimits | None 
     accepted = accept_records(candidates, cfg_data, rejects, limits)
     by_split, modes = accepted.by_split, accepted.modes
     rejects.sort(key=lambda r: (r["file"], r["index"]))
-    check_still_held()  # the image pass can take hours: the dir may be another's now
     write_jsonl(out_dir / "rejects.jsonl", rejects)  # first: an error below points at it
     check_requested(root, cfg_data, split_sources, by_split, rejects, out_dir / "rejects.jsonl", found)
     overlap = check_overlap(by_split, cfg_data.allow_overlap)
@@ -160,7 +158,6 @@ def prepare(cfg_data, root: Path, out_dir: Path, limits: ProcessorLimits | None 
             r.pop("_digests", None)
             r.pop("_paths", None)
         rows.sort(key=lambda r: (r["dataset"], r["source_split"], r["id"]))
-        check_still_held()
         write_jsonl(out_dir / f"{split}.jsonl", rows)
     counts = {split: dict(sorted(Counter(f"{r['dataset']}/{r['task_type']}" for r in rows).items()))
               for split, rows in by_split.items()}
@@ -180,7 +177,6 @@ def prepare(cfg_data, root: Path, out_dir: Path, limits: ProcessorLimits | None 
         "inputs": INPUTS,  # recorded beside: a later reuse check expects it
         "seconds": round(time.time() - start, 2),
     }
-    check_still_held()
     write_json(out_dir / "summary.json", summary)
     record_inputs(out_dir, root, questions_read(found, cfg_data, split_sources), accepted.sha1s, missing)
     return summary

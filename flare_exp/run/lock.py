@@ -33,6 +33,7 @@ import time
 import uuid
 from pathlib import Path
 
+from flare_exp.io import BEFORE_LANDING
 from flare_exp.run.layout import LOCK
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,17 @@ def check_still_held() -> None:
     than the takeover wait): called before each write that a second writer would spoil."""
     for lock in list(_LOCKS_HERE):
         lock.check_held()
+
+
+def check_held_for(path: Path) -> None:
+    """``check_still_held`` for a write into ``path``: only the locks of run dirs that hold it (io's
+    BEFORE_LANDING; a write elsewhere, a shared cache's, is no run dir's)."""
+    for lock in list(_LOCKS_HERE):
+        if lock.guards(path):
+            lock.check_held()
+
+
+BEFORE_LANDING.append(check_held_for)
 
 
 def lock_lost() -> bool:
@@ -252,6 +264,15 @@ class RunLock:
                 f"job, a frozen node): {now}. This process stops here without writing more into it, so the run dir "
                 "keeps one writer; the run goes on in the process that took it over (or rerun the same command to "
                 "resume it).")
+
+    def guards(self, path: Path) -> bool:
+        """Whether ``path`` is in this lock's run dir (the lock dir itself aside: its files are the lock's)."""
+        try:  # links followed: the run dir reached by another spelling is the same dir
+            path = Path(path)
+            path = path.parent.resolve() / path.name
+            return path.is_relative_to(self.dir.parent.resolve()) and not path.is_relative_to(self.dir.resolve())
+        except (OSError, RuntimeError):  # a loop of links: no run dir's
+            return False
 
     def check_held(self) -> None:
         """Raise RunLockLostError when this lock is no longer this process's (see ``check_still_held``)."""

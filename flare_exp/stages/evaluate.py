@@ -21,7 +21,6 @@ from flare_exp.metrics.significance import adjust_p_values, bootstrap_interval, 
 from flare_exp.reports.eval_report import write_reports
 from flare_exp.reports.sheets import write_scored_sheet
 from flare_exp.run.layout import METRICS, predictions_file, summary_name
-from flare_exp.run.lock import check_still_held
 from flare_exp.run.stage import Stage
 from flare_exp.runtime import abspath, barrier, ranks
 
@@ -107,16 +106,13 @@ def run(cfg, out_dir: Path) -> dict:
         res["scored_sheet"] = "scored.xlsx" if len(entries) == 1 else f"scored_{k + 1}.xlsx"  # in eval.predictions' order
         results[label], samples[label] = res, per_sample
         inputs[label] = {r["id"] for r in rows}  # every row scored, reports too (samples lack them without a judge)
-        check_still_held()  # scoring (a judge) can take hours: the dir may be another's now
         write_scored_sheet(out_dir / res["scored_sheet"], rows, label, per_sample, res)
     meaningless = random_scorer_caveats(cfg)  # after scoring: a tiny RadGraph is built on first use
     for res in results.values():  # the scorers' caveats are about reports: only where there are reports
         res["caveats"] = [*res.get("caveats", []),
                           *(meaningless if "report_generation" in res.get("by_task", {}) else [])]
-    check_still_held()
     write_json(out_dir / METRICS, results)
     summary = flat_summary(results)
-    check_still_held()  # not into a run dir that is another's now
     write_json(out_dir / summary_name("eval"), summary)
     sig = cfg.eval.significance
     tests, warnings = compare(results, samples, sig.resamples, sig.seed, sig.ar_trials, inputs) \
@@ -124,13 +120,11 @@ def run(cfg, out_dir: Path) -> dict:
     family = correct_family(tests, sig.correction)
     for warning in warnings:
         log.warning("eval: %s", warning)
-    check_still_held()
     if len(results) > 1:
         write_json(out_dir / "significance.json", {"family": family, "tests": tests, "warnings": warnings})
     intervals = {label: {task: bootstrap_interval(task, stats, cfg.eval.significance.resamples,
                                                   cfg.eval.significance.seed)
                          for task, (_, stats) in per_task.items()} for label, per_task in samples.items()}
-    check_still_held()
     write_reports(out_dir, results, tests, warnings, intervals, family, root=abspath(cfg.paths.output_root))
     log.info("evaluation written to %s", out_dir)  # the run's summary (its official table) is printed at its end
     return {"metrics": str(out_dir / METRICS), "report": str(out_dir / "report.md"), **summary,

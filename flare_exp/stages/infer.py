@@ -239,9 +239,7 @@ def finish(cfg, out_dir: Path, records: list[dict], done: dict, label: str, gene
     for journal in out_dir.glob(RANK_JOURNAL.format(rank="*")):
         journal.unlink()  # merged above
     adapter = used_adapter(cfg)
-    check_still_held()
     write_sheet(out_dir / "predictions.xlsx", rows, label, adapter=adapter)
-    check_still_held()
     submission = write_submission(out_dir, rows, questions) if all(r["answer"] is None for r in rows) else None
     summary = {"predictions": str(pred_path), "sheet": str(out_dir / "predictions.xlsx"), "label": label,
                "checkpoint": inf.checkpoint, "adapter": adapter, "split": inf.split, "samples": len(rows), "generated_now": generated,
@@ -252,6 +250,5 @@ def finish(cfg, out_dir: Path, records: list[dict], done: dict, label: str, gene
                **({"liger_kernel": "off: training kernels"} if cfg.model.liger_kernel else {}),
                "world_size": world, **({"submission": str(submission), "submission_complete":
                                          submission.name == "submission"} if submission else {})}
-    check_still_held()
     write_json(out_dir / summary_name("infer"), summary)
     return summary

@@ -26,7 +26,6 @@ from flare_exp.rl_monitor.callbacks import (RewardTermLog, RolloutWeightsLog, bu
                                            finish_monitor, rollout_weights_spans, with_rollout_watch)
 from flare_exp.rl_monitor.heldout_watch import reporting_last
 from flare_exp.run.layout import summary_name
-from flare_exp.run.lock import check_still_held
 from flare_exp.run.stage import Stage
 from flare_exp.runtime import abspath, check_choice, ranks
 from flare_exp.training import (CheckpointMeta, ProgressLog, cpu_ranks_args, data_fingerprints,
@@ -298,7 +297,6 @@ def run(cfg, out_dir: Path, applied: dict | None = None) -> dict:
                    **effective_batch(rl, trainer.args.world_size))
     if lead:
         summary.update(finish_monitor(monitor, trainer.state.log_history, out_dir, rl.max_steps))
-        check_still_held()  # not into a run dir that is another's now
         write_json(out_dir / summary_name("rl"), summary)
     log.info("rl finished: adapter at %s, final reward %s", final, summary.get("reward_last"))
     return summary

@@ -17,7 +17,6 @@ from flare_exp.models.loading import PRECISIONS, compile_repeated_blocks, load_m
 from flare_exp.rl_monitor.heldout import HeldOutEval
 from flare_exp.rl_monitor.heldout_watch import HeldOutWatch, check_metric_spec, reporting_last, write_curves
 from flare_exp.run.layout import summary_name
-from flare_exp.run.lock import check_still_held
 from flare_exp.run.stage import Stage
 from flare_exp.runtime import abspath, check_choice, is_compilation_error, ranks
 from flare_exp.stages import sft_card
@@ -259,7 +258,6 @@ def run(cfg, out_dir: Path, applied: dict | None = None) -> dict:
         if watch.heldout is not None:
             write_curves(trainer.state.log_history, ["loss", "eval_loss"], watch.key, out_dir / "sft_curves.png",
                          "loss and eval loss", "no eval step")
-        check_still_held()  # not into a run dir that is another's now
         write_json(out_dir / summary_name("sft"), summary)
     log.info("sft finished: adapter at %s (%s)", final, loss_line(history, run_mean_loss(history, result.training_loss), sft.logging_steps))
     return summary

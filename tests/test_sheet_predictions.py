@@ -88,7 +88,7 @@ def test_hand_edits_are_scored_as_edited(tmp_path):
                                                                     r"datetime"),
     (lambda s: s.__setitem__("D3", True), "cell D3: Excel turned the typed text into bool"),
     (lambda s: s.__setitem__("D4", "=1+1"), r"cell D4 holds a formula \(=1\+1\): paste its value"),
-    (lambda s: s.__setitem__("G1", "ID number"), r"no 'id' column \(its columns: 'ImageName', .*'ID number'\)"),
+    (lambda s: s.__setitem__("G1", "ID number"), r"no 'id' column in its first 20 rows \(the first row with values has: 'ImageName', .*'ID number'\)"),
     (lambda s: s.__setitem__("H1", "my notes"), r"more than one column that could hold the predictions"),
     (lambda s: s.__setitem__("D1", "Answer"), r"\('Answer'\) are both read as 'answer'"),  # the predictions'
     (lambda s: s.__setitem__("D1", "score"), r"no column that could hold the predictions"),  # headers renamed
@@ -300,3 +300,24 @@ def test_a_merged_header_is_named_as_a_merge(tmp_path):
     sheet = _edit(_sheet(tmp_path), lambda s: s.merge_cells("C1:D1"))
     with pytest.raises(ValueError, match=r"merged cells C1:D1"):
         load_rows(sheet, False, prepared)
+
+
+def test_blank_rows_or_a_title_above_the_header_are_passed_over(tmp_path, caplog):
+    """A sheet whose table was moved down (blank rows inserted at the top) or given a title line reads as before;
+    a sheet whose header row was deleted names what its first row holds."""
+    import logging
+
+    prepared = _prepared(tmp_path)
+    expected = [(r["id"], r["prediction"]) for r in load_rows(_sheet(tmp_path), False, prepared)[0]]
+
+    def moved_down(sheet):
+        sheet.insert_rows(1, 3)
+        sheet["B2"] = "Predictions of my-run, checked by hand"
+    with caplog.at_level(logging.INFO):
+        rows, _ = load_rows(_edit(_sheet(tmp_path, "moved.xlsx"), moved_down), False, prepared)
+    assert [(r["id"], r["prediction"]) for r in rows] == expected
+    assert "the header is row 4; the 1 row(s) above it with values are not read" in caplog.text
+    headless = _edit(_sheet(tmp_path, "headless.xlsx"), lambda s: s.delete_rows(1))
+    with pytest.raises(ValueError, match=r"no 'id' column in its first 20 rows \(the first row with values has: "
+                                         r"'0.png', 'q0', '10'"):
+        load_rows(headless, False, prepared)

@@ -23,6 +23,7 @@ PREDICTION_COLUMN = 3
 SCORE_COLUMNS = ("score", "score_kind")
 KNOWN_COLUMNS = {header.lower(): key for header, key in ROW_COLUMNS}  # read case-insensitively
 UNHEADED = "(no header)"
+HEADER_SEARCH_ROWS = 20  # the header is looked for in this many rows: blank ones or a title may come first
 OLE2 = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"  # the old binary Office container: .xls, .doc, an encrypted .xlsx
 
 log = logging.getLogger(__name__)
@@ -56,8 +57,8 @@ def read_sheet_predictions(path: Path) -> tuple[list[dict], str, list[str]]:
         sheet = workbook[SHEET] if SHEET in workbook.sheetnames else workbook.worksheets[0]
         _refuse_merged_cells(path, sheet.title)  # first: a merged header would read as a missing column
         lines = sheet.iter_rows()
-        header = next(lines, None)
-        columns, prediction = _columns(path, sheet.title, header or ())
+        header = _header(path, sheet.title, lines)
+        columns, prediction = _columns(path, sheet.title, header)
         rows = []
         for cells in lines:
             row = _row(path, sheet.title, cells, columns, prediction)
@@ -95,9 +96,34 @@ def _refuse_merged_cells(path: Path, title: str) -> None:
                          "in its first cell only, so the others would read as blank; unmerge them and fill each cell")
 
 
+def _names_id(values) -> bool:
+    return any(isinstance(v, str) and v.strip().lower() == "id" for v in values)
+
+
+def _header(path: Path, title: str, lines) -> tuple:
+    """The header row, taken from ``lines`` (the rows after it stay there to be read): the first of the first
+    HEADER_SEARCH_ROWS rows with an "id" cell, so blank rows or a title typed above the table are passed over
+    (said); without one, the first row that has a value (its columns name what is there) or nothing."""
+    first_filled, skipped = None, 0
+    for number, cells in enumerate(lines, 1):
+        values = [c.value for c in cells]
+        if _names_id(values):
+            if skipped:
+                log.info("%s (sheet %r): the header is row %d; the %d row(s) above it with values are not read",
+                         path, title, number, skipped)
+            return cells
+        filled = any(v is not None and str(v).strip() for v in values)
+        skipped += filled
+        if first_filled is None and filled:
+            first_filled = cells
+        if number >= HEADER_SEARCH_ROWS:
+            break
+    return first_filled or ()
+
+
 def _has_id_column(worksheet) -> bool:
-    first = next(worksheet.iter_rows(max_row=1, values_only=True), ())
-    return any(isinstance(v, str) and v.strip().lower() == "id" for v in first)
+    rows = worksheet.iter_rows(max_row=HEADER_SEARCH_ROWS, values_only=True)
+    return any(_names_id(values) for values in rows)
 
 
 def _columns(path: Path, title: str, header) -> tuple[dict[int, str], tuple[int, str]]:
@@ -110,8 +136,9 @@ def _columns(path: Path, title: str, header) -> tuple[dict[int, str], tuple[int,
     shown = ", ".join(repr(n) for n in names if n) or "none"
     _refuse_a_column_twice(path, title, names, columns)
     if "id" not in columns.values():
-        raise ValueError(f"{path} (sheet {title!r}): no 'id' column (its columns: {shown}); eval joins each "
-                         "prediction to its question by id, as infer's predictions.xlsx has it")
+        raise ValueError(f"{path} (sheet {title!r}): no 'id' column in its first {HEADER_SEARCH_ROWS} rows (the "
+                         f"first row with values has: {shown}); eval joins each prediction to its question by id, "
+                         "as infer's predictions.xlsx has it")
     if len(others) != 1:
         raise ValueError(
             f"{path} (sheet {title!r}): {'no' if not others else 'more than one'} column that could hold the "

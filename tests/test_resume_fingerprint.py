@@ -309,3 +309,21 @@ def test_resume_from_a_checkpoint_of_another_stage_says_so(base_overrides, tmp_p
     with pytest.raises(RunSettingsChangedError, match=r"is a checkpoint of the sft run in .*, not of a rl run: .* "
                                                       r"rl.init_from="):
         resume_checkpoint(str(checkpoint), tmp_path / "rl", "rl", compose_cfg(["stage=rl", *base_overrides]))
+
+
+def test_a_finished_step_without_its_fingerprint_is_not_reused_blind(base_overrides, tmp_path):
+    """fingerprint.json deleted by hand: config.yaml still names the input files, but not what they held, so an
+    edit of one since could not be seen: the step is not reused, and the refusal names the missing file."""
+    from flare_exp.io import write_jsonl
+    from flare_exp.run.fingerprint import finished_differences
+
+    preds = tmp_path / "p.jsonl"
+    write_jsonl(preds, [{"id": "d/1", "dataset": "dental", "task_type": "classification", "answer": "A",
+                         "prediction": "A", "model": "m"}])
+    cfg = compose_cfg(["stage=eval", *base_overrides, f"eval.predictions=[{preds}]", "eval.radgraph=false"])
+    run(cfg, run_dir=tmp_path / "eval")
+    assert finished_differences("eval", tmp_path / "eval", cfg) == []
+    (tmp_path / "eval" / "fingerprint.json").unlink()
+    assert finished_differences("eval", tmp_path / "eval", cfg) == [
+        "fingerprint.json: missing (deleted?), so the contents of eval.predictions[0] it was made from cannot be "
+        "compared"]

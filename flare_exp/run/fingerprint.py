@@ -255,6 +255,9 @@ def finished_differences(stage: str, run_dir: Path, cfg) -> list[str]:
     else:
         changed = settings_differences(config_settings(stage, run_dir) if (run_dir / CONFIG).exists() else {}, new)
         changed = unless_moved(stage, changed, None, new, cfg)
+        if new["files"]:  # config.yaml names the files, not what they held: an edit since would go unseen
+            changed.append(f"{FINGERPRINT}: missing (deleted?), so the contents of {', '.join(sorted(new['files']))} "
+                           "it was made from cannot be compared")
     inputs = getattr(stage_named(stage).runner(), "input_changes", None)  # inputs beyond files: a data tree
     return changed + (inputs(cfg, run_dir) if inputs and not changed else [])
 

@@ -61,13 +61,15 @@ def check_command_line(argv: list[str]) -> None:
     check_run_name_override(args.overrides, args.multirun)
     check_sweeper_params(args.overrides)
     check_slurm_launcher(args.overrides, args.multirun)
-    groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
+    overrides = with_config_dir(args.overrides, args.config_dir)
+    groups = {p.name for d in [CONF_DIR, *searched_dirs(overrides)] if d.is_dir() for p in d.iterdir() if p.is_dir()}
     unknown = override_key_problems(args.overrides, Config, groups)  # and values of the wrong type
     problems: list[Exception] = [ValueError(p) for p in unknown.values()]
     asks_hydra = any(getattr(args, flag, None) for flag in (
         "help", "hydra_help", "version", "info", "cfg", "shell_completion", "experimental_rerun"))
-    own_config = any(getattr(args, flag, None) for flag in ("config_name", "config_path", "config_dir"))
-    known = [o for o in args.overrides if o not in unknown]
+    # another primary config (--config-name / --config-path); --config-dir alone only adds a dir to search
+    own_config = any(getattr(args, flag, None) for flag in ("config_name", "config_path"))
+    known = [o for o in overrides if o not in unknown]
     if args.multirun and not asks_hydra:  # a sweep: its dir goes under the output root before any job runs
         problems += sweep_root_problems(known)
     if not args.multirun and not asks_hydra and not own_config:
@@ -81,6 +83,37 @@ def check_command_line(argv: list[str]) -> None:
     from flare_exp.checks import settings_error
 
     refuse(settings_error(problems), BEFORE_HYDRA)
+
+
+SEARCHPATH = "hydra.searchpath"
+
+
+def with_config_dir(overrides: list[str], config_dir: str | None) -> list[str]:
+    """The overrides composed as Hydra runs them: ``--config-dir D`` puts D first on the config search path
+    (its group files, a new group of its own, are found there), as ``hydra.searchpath=[file://D]`` does."""
+    if not config_dir:
+        return list(overrides)
+    first = f"file://{Path(config_dir).expanduser().resolve()}"
+    given = [o for o in overrides if o.split("=", 1)[0].lstrip("+") == SEARCHPATH]
+    others = [o for o in overrides if o not in given]
+    listed = ",".join([first] + [p for o in given for p in _searchpath_entries(o)])
+    return [*others, f"{SEARCHPATH}=[{listed}]"]
+
+
+def _searchpath_entries(override: str) -> list[str]:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        value = OverridesParser.create().parse_override(override).value()
+    except Exception:  # noqa: BLE001  (Hydra's own complaint comes when it composes)
+        return []
+    return [str(v) for v in value] if isinstance(value, list) else [str(value)]
+
+
+def searched_dirs(overrides: list[str]) -> list[Path]:
+    """The config dirs a ``hydra.searchpath`` override adds (file:// entries, or plain paths)."""
+    return [Path(e.split("://", 1)[-1]) for o in overrides if o.split("=", 1)[0].lstrip("+") == SEARCHPATH
+            for e in _searchpath_entries(o) if not e.startswith("pkg://")]
 
 
 def check_parsable(overrides: list[str]) -> None:

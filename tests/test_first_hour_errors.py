@@ -309,16 +309,35 @@ def test_a_users_config_file_with_a_yaml_or_key_error_is_one_line(body, said, tm
 
     (tmp_path / "experiment").mkdir()
     (tmp_path / "experiment" / "mine.yaml").write_text("# @package _global_\n" + body)
-    for extra in ([], ["--cfg", "job"]):  # the command the misspelt key's message recommends, too
+    for found_by, extra in (([f"hydra.searchpath=[file://{tmp_path}]"], []),
+                            ([f"hydra.searchpath=[file://{tmp_path}]"], ["--cfg", "job"]),  # as its message advises
+                            ([f"--config-dir={tmp_path}"], [])):  # Hydra's flag for the same
         with pytest.raises(SystemExit):
-            launch.check_command_line([f"hydra.searchpath=[file://{tmp_path}]", "experiment=mine", "stage=runs", *extra])
+            launch.check_command_line([*found_by, "experiment=mine", "stage=runs", *extra])
         err = capsys.readouterr().err
         assert re.search(said, err) and "Traceback" not in err
 
 
+def test_a_group_of_the_users_own_config_dir_is_a_known_key(tmp_path, capsys):
+    """--config-dir D (or hydra.searchpath) with a group of D's own (+cluster=a): not an unknown key; its
+    values are checked as the run composes them."""
+    sys.path.insert(0, str(REPO))
+    import launch
+
+    (tmp_path / "cluster").mkdir()
+    (tmp_path / "cluster" / "a.yaml").write_text("# @package _global_\ninfer:\n  batch_size: 16\n")
+    (tmp_path / "cluster" / "bad.yaml").write_text("# @package _global_\ninfer:\n  batch_size: -2\n")
+    for found_by in (f"--config-dir={tmp_path}", f"hydra.searchpath=[file://{tmp_path}]"):
+        launch.check_command_line([found_by, "+cluster=a", "stage=runs"])
+        assert capsys.readouterr().err == ""
+        with pytest.raises(SystemExit):
+            launch.check_command_line([found_by, "+cluster=bad", "stage=infer"])
+        assert "infer.batch_size=-2" in capsys.readouterr().err
+
+
 def test_a_single_runs_settings_are_checked_before_hydra_as_the_run_would(capsys, tmp_path):
     """A refused single run leaves no run dir; a value that resolves only in Hydra's runtime, or another primary
-    config (--config-name / --config-dir, which the run checks itself), is not refused here."""
+    config (--config-name, which the run checks itself), is not refused here."""
     sys.path.insert(0, str(REPO))
     import launch
 

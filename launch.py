@@ -89,14 +89,20 @@ SEARCHPATH = "hydra.searchpath"
 
 
 def with_config_dir(overrides: list[str], config_dir: str | None) -> list[str]:
-    """The overrides composed as Hydra runs them: ``--config-dir D`` puts D first on the config search path
-    (its group files, a new group of its own, are found there), as ``hydra.searchpath=[file://D]`` does."""
+    """The overrides composed as Hydra runs them: ``--config-dir D`` adds D to the config search path after
+    conf/ (a file both hold is conf/'s: ``shadowed_files`` refuses that) and before any hydra.searchpath entry,
+    as ``hydra.searchpath=[file://D, ...]`` does. D as Hydra reads it: no ``~`` expanded; one that is no
+    directory is refused here in one line (Hydra's own error is a traceback-like report)."""
     if not config_dir:
         return list(overrides)
-    first = f"file://{Path(config_dir).expanduser().resolve()}"
+    where = os.path.abspath(config_dir)  # Hydra's own reading of the flag
+    if not os.path.isdir(where):
+        tilde = (" The shell expands ~ only at a word's start: write --config-dir ~/... (a space, not '=') or "
+                 "$HOME/..." if "~" in config_dir else "")
+        refuse(ValueError(f"--config-dir {config_dir}: no such directory ({where}).{tilde}"), BEFORE_HYDRA)
     given = [o for o in overrides if o.split("=", 1)[0].lstrip("+") == SEARCHPATH]
     others = [o for o in overrides if o not in given]
-    listed = ",".join([first] + [p for o in given for p in _searchpath_entries(o)])
+    listed = ",".join([f"file://{where}"] + [p for o in given for p in _searchpath_entries(o)])
     return [*others, f"{SEARCHPATH}=[{listed}]"]
 
 
@@ -247,12 +253,28 @@ def composed(overrides: list[str]) -> tuple:
     except Exception as e:  # noqa: BLE001
         found = config_file_problem(e)
         return None, [found] if found else []
-    # the group files it read, in the config dirs Hydra searched (hydra.searchpath's, then conf/)
-    dirs = [Path(p.split("://", 1)[-1]) for p in cfg.hydra.searchpath if not str(p).startswith("pkg")] + [CONF_DIR]
-    in_files = [ValueError(p) for p in file_value_problems(dirs, dict(cfg.hydra.runtime.choices), Config)]
+    # the group files it read, in the config dirs Hydra searched, in its order (conf/, then hydra.searchpath's)
+    dirs = [CONF_DIR] + [Path(p.split("://", 1)[-1]) for p in cfg.hydra.searchpath if not str(p).startswith("pkg")]
+    choices = dict(cfg.hydra.runtime.choices)
+    in_files = [ValueError(p) for p in shadowed_files(dirs, choices) + file_value_problems(dirs, choices, Config)]
     with open_dict(cfg):
         del cfg["hydra"]
     return cfg, in_files
+
+
+def shadowed_files(dirs: list[Path], choices: dict) -> list[str]:
+    """A chosen group file of the user's config dir that one of conf/ (searched first) hides: the run would
+    compose the repo's without a word (a copy of experiment/flare.yaml edited under the same name)."""
+    out = []
+    for group, choice in choices.items():
+        if not isinstance(choice, str) or group.startswith("hydra"):
+            continue
+        name = f"{group}/{choice}.yaml"
+        found = [d / name for d in dirs if (d / name).is_file()]
+        if len(found) > 1 and found[0].is_relative_to(CONF_DIR):
+            out.append(f"{found[1]}: {group}={choice} composes {found[0]} instead (Hydra searches the repo's conf/ "
+                       f"first); give yours another name")
+    return out
 
 
 def config_file_problem(error: BaseException) -> Exception | None:

@@ -254,7 +254,7 @@ def file_value_problems(conf_dirs: list[Path], choices: dict, schema: type) -> l
     the first refused one with its own error, and take the others without a word."""
     import yaml
 
-    def found(name: str) -> Path | None:  # the first config dir (hydra.searchpath's, then conf/) that has it
+    def found(name: str) -> Path | None:  # the first config dir (in Hydra's order: conf/ first) that has it
         return next((d / name for d in conf_dirs if (d / name).is_file()), None)
 
     todo = [(found(f"{group}/{choice}.yaml"), group) for group, choice in choices.items()

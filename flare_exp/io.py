@@ -54,6 +54,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; it replaces ``path`` only if the block finishes (and the run
     lock, where one is held, is still this process's: ``BEFORE_LANDING``)."""
     path = Path(path)
+    _before_landing(path)  # also before: no folder or temporary file made in a dir that is another's
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -78,6 +79,7 @@ def atomic_dir(target: str | Path, prefix: str = ".tmp-", complete=None) -> Iter
     import shutil
 
     target = Path(target)
+    _before_landing(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
     try:

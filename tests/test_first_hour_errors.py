@@ -320,7 +320,10 @@ def test_a_users_config_file_with_a_yaml_or_key_error_is_one_line(body, said, tm
 
 def test_a_group_of_the_users_own_config_dir_is_a_known_key(tmp_path, capsys):
     """--config-dir D (or hydra.searchpath) with a group of D's own (+cluster=a): not an unknown key; its
-    values are checked as the run composes them."""
+    values are checked as the run composes them. A file of D that conf/ hides, or a D Hydra would not find, is
+    refused before Hydra."""
+    import re
+
     sys.path.insert(0, str(REPO))
     import launch
 
@@ -333,6 +336,16 @@ def test_a_group_of_the_users_own_config_dir_is_a_known_key(tmp_path, capsys):
         with pytest.raises(SystemExit):
             launch.check_command_line([found_by, "+cluster=bad", "stage=infer"])
         assert "infer.batch_size=-2" in capsys.readouterr().err
+    # a copy of the repo's experiment edited under its own name: Hydra would compose the repo's (conf/ first)
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "demo.yaml").write_text("# @package _global_\ninfer:\n  max_new_tokens: 99\n")
+    with pytest.raises(SystemExit):
+        launch.check_command_line([f"--config-dir={tmp_path}", "experiment=demo", "stage=runs"])
+    assert re.search(r"experiment/demo.yaml: experiment=demo composes \S+conf/experiment/demo.yaml instead",
+                     capsys.readouterr().err)
+    with pytest.raises(SystemExit):  # Hydra reads the flag without expanding ~
+        launch.check_command_line(["--config-dir=~/my_conf", "stage=runs"])
+    assert "--config-dir ~/my_conf: no such directory" in capsys.readouterr().err
 
 
 def test_a_single_runs_settings_are_checked_before_hydra_as_the_run_would(capsys, tmp_path):

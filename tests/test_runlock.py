@@ -412,6 +412,9 @@ def test_no_atomic_write_lands_in_a_dir_whose_lock_was_taken_over(tmp_path):
     assert (run_dir / "sub" / "a.txt").read_text() == "mine"
     assert not (run_dir / "summary.json").exists() and not (run_dir / "final").exists()
     assert sorted(p.name for p in (run_dir / "sub").iterdir()) == ["a.txt"]  # no temporary file left
+    with pytest.raises(RunLockLostError):  # refused before it makes a folder there
+        write_text(run_dir / "new" / "deeper" / "d.txt", "late")
+    assert not (run_dir / "new").exists()
     write_text(elsewhere / "b.txt", "shared")
     (tmp_path / "link").symlink_to(run_dir)
     with pytest.raises(RunLockLostError):  # the run dir by another spelling

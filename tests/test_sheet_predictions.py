@@ -316,8 +316,41 @@ def test_blank_rows_or_a_title_above_the_header_are_passed_over(tmp_path, caplog
     with caplog.at_level(logging.INFO):
         rows, _ = load_rows(_edit(_sheet(tmp_path, "moved.xlsx"), moved_down), False, prepared)
     assert [(r["id"], r["prediction"]) for r in rows] == expected
-    assert "the header is row 4; the 1 row(s) above it with values are not read" in caplog.text
+    assert "the header is row 4; row(s) 2 above it (a title) are not read" in caplog.text
     headless = _edit(_sheet(tmp_path, "headless.xlsx"), lambda s: s.delete_rows(1))
     with pytest.raises(ValueError, match=r"no 'id' column in its first 20 rows \(the first row with values has: "
                                          r"'0.png', 'q0', '10'"):
         load_rows(headless, False, prepared)
+
+
+def test_rows_of_the_table_misplaced_or_shifted(tmp_path, caplog):
+    """A row of the table moved above its header is refused (it would not be read); the header typed twice (two
+    tables pasted together) is passed over, said; a table that starts in column B reads as in column A."""
+    prepared = _prepared(tmp_path)
+    expected = sorted((r["id"], r["prediction"]) for r in load_rows(_sheet(tmp_path), False, prepared)[0])
+
+    def moved_up(sheet):
+        sheet.insert_rows(1)
+        for column in range(1, 8):
+            sheet.cell(1, column, sheet.cell(3, column).value)
+        sheet.delete_rows(3)
+    with pytest.raises(ValueError, match=r"row 1 holds values in 7 cells above the header \(row 2\), where only a "
+                                         r"title may stand"):
+        load_rows(_edit(_sheet(tmp_path, "up.xlsx"), moved_up), False, prepared)
+
+    def header_twice(sheet):
+        sheet.insert_rows(5)
+        for column in range(1, 8):
+            sheet.cell(5, column, sheet.cell(1, column).value)
+    rows, _ = load_rows(_edit(_sheet(tmp_path, "twice.xlsx"), header_twice), False, prepared)
+    assert sorted((r["id"], r["prediction"]) for r in rows) == expected
+    assert "row 5 repeats the header (row 1): not read" in caplog.text
+
+    shifted = _edit(_sheet(tmp_path, "shifted.xlsx"), lambda s: s.insert_cols(1))
+    assert sorted((r["id"], r["prediction"]) for r in load_rows(shifted, False, prepared)[0]) == expected
+    with pytest.raises(ValueError, match=r"row 5: a prediction without an id"):  # numbered in a shifted table too
+        load_rows(_edit(shifted, lambda s: s.__setitem__("H5", None)), False, prepared)
+
+    blank_top = _edit(_sheet(tmp_path, "low.xlsx"), lambda s: s.insert_rows(1, 20))
+    with pytest.raises(ValueError, match=r"no 'id' column in its first 20 rows \(they are blank\)"):
+        load_rows(blank_top, False, prepared)

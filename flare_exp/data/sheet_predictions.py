@@ -56,12 +56,12 @@ def read_sheet_predictions(path: Path) -> tuple[list[dict], str, list[str]]:
     try:
         sheet = workbook[SHEET] if SHEET in workbook.sheetnames else workbook.worksheets[0]
         _refuse_merged_cells(path, sheet.title)  # first: a merged header would read as a missing column
-        lines = sheet.iter_rows()
-        header = _header(path, sheet.title, lines)
-        columns, prediction = _columns(path, sheet.title, header)
+        lines = enumerate(sheet.iter_rows(), 1)  # numbered here: a row's leading empty cells carry no number
+        header, header_row = _header(path, sheet.title, lines)
+        columns, prediction = _columns(path, sheet.title, header, header_row)
         rows = []
-        for cells in lines:
-            row = _row(path, sheet.title, cells, columns, prediction)
+        for number, cells in lines:
+            row = _row(path, sheet.title, cells, number, columns, prediction, header_row)
             if row is not None:
                 rows.append(row)
         others = [w.title for w in workbook.worksheets if w.title != sheet.title and _has_id_column(w)]
@@ -100,25 +100,38 @@ def _names_id(values) -> bool:
     return any(isinstance(v, str) and v.strip().lower() == "id" for v in values)
 
 
-def _header(path: Path, title: str, lines) -> tuple:
-    """The header row, taken from ``lines`` (the rows after it stay there to be read): the first of the first
-    HEADER_SEARCH_ROWS rows with an "id" cell, so blank rows or a title typed above the table are passed over
-    (said); without one, the first row that has a value (its columns name what is there) or nothing."""
-    first_filled, skipped = None, 0
-    for number, cells in enumerate(lines, 1):
+def _header(path: Path, title: str, lines) -> tuple[tuple, int | None]:
+    """The header row and its number, taken from ``lines`` (numbered rows; the rows after it stay there to be
+    read): the first of the first HEADER_SEARCH_ROWS rows with an "id" cell, so blank rows or a title typed
+    above the table are passed over. A row above it with values in more than one cell is no title (a row of the
+    table moved above its header?): refused, as it would not be read. Without an id cell: the first row that
+    has a value (its columns name what is there) or nothing, and None."""
+    first_filled, titles = None, []
+    for number, cells in lines:
         values = [c.value for c in cells]
         if _names_id(values):
-            if skipped:
-                log.info("%s (sheet %r): the header is row %d; the %d row(s) above it with values are not read",
-                         path, title, number, skipped)
-            return cells
-        filled = any(v is not None and str(v).strip() for v in values)
-        skipped += filled
-        if first_filled is None and filled:
-            first_filled = cells
+            if titles:
+                log.info("%s (sheet %r): the header is row %d; row(s) %s above it (a title) are not read", path,
+                         title, number, ", ".join(map(str, titles)))
+            return cells, number
+        filled = [v for v in values if v is not None and str(v).strip()]
+        if len(filled) > 1:
+            first_filled = first_filled or cells
+            for later, more in lines:  # is there a header below it?
+                if later > HEADER_SEARCH_ROWS:
+                    break
+                if _names_id([c.value for c in more]):
+                    raise ValueError(
+                        f"{path} (sheet {title!r}): row {number} holds values in {len(filled)} cells above the "
+                        f"header (row {later}), where only a title may stand: a row of the table moved above its "
+                        "header? Move it below the header, or delete it")
+            return first_filled, None
+        if filled:
+            titles.append(number)
+            first_filled = first_filled or cells
         if number >= HEADER_SEARCH_ROWS:
             break
-    return first_filled or ()
+    return first_filled or (), None
 
 
 def _has_id_column(worksheet) -> bool:
@@ -126,23 +139,23 @@ def _has_id_column(worksheet) -> bool:
     return any(_names_id(values) for values in rows)
 
 
-def _columns(path: Path, title: str, header) -> tuple[dict[int, str], tuple[int, str]]:
+def _columns(path: Path, title: str, header, header_row: int | None) -> tuple[dict[int, str], tuple[int, str]]:
     """{column index: row key} of the known columns, and (index, header) of the prediction column: the one
     column that is neither a known one nor a score. A column with values but no header is refused in _row."""
     names = [("" if c.value is None else str(c.value)).strip() for c in header]
     columns = {i: KNOWN_COLUMNS[n.lower()] for i, n in enumerate(names) if n.lower() in KNOWN_COLUMNS}
     columns.update({i: UNHEADED for i, n in enumerate(names) if not n})
     others = [(i, n) for i, n in enumerate(names) if n and n.lower() not in {*KNOWN_COLUMNS, *SCORE_COLUMNS}]
-    shown = ", ".join(repr(n) for n in names if n) or "none"
+    shown = ", ".join(repr(n) for n in names if n)
     _refuse_a_column_twice(path, title, names, columns)
     if "id" not in columns.values():
-        raise ValueError(f"{path} (sheet {title!r}): no 'id' column in its first {HEADER_SEARCH_ROWS} rows (the "
-                         f"first row with values has: {shown}); eval joins each prediction to its question by id, "
-                         "as infer's predictions.xlsx has it")
+        first = f"the first row with values has: {shown}" if shown else "they are blank"
+        raise ValueError(f"{path} (sheet {title!r}): no 'id' column in its first {HEADER_SEARCH_ROWS} rows ({first}); "
+                         "eval joins each prediction to its question by id, as infer's predictions.xlsx has it")
     if len(others) != 1:
         raise ValueError(
             f"{path} (sheet {title!r}): {'no' if not others else 'more than one'} column that could hold the "
-            f"predictions (its columns: {shown}). Keep exactly one column besides "
+            f"predictions (the header, row {header_row}: {shown}). Keep exactly one column besides "
             "ImageName, Question, Answer, Dataset, TaskType and id: the predictions, headed by the run's label")
     return columns, others[0]
 
@@ -163,11 +176,17 @@ def _refuse_a_column_twice(path: Path, title: str, names: list[str], columns: di
         seen[key] = i
 
 
-def _row(path: Path, title: str, cells, columns: dict[int, str], prediction: tuple[int, str]) -> dict | None:
-    """The row's values by key (None for an empty row); a cell whose typed text is lost is an error."""
+def _row(path: Path, title: str, cells, number: int, columns: dict[int, str], prediction: tuple[int, str],
+         header_row: int) -> dict | None:
+    """Row ``number``'s values by key (None for an empty row, or one that repeats the header: said); a cell
+    whose typed text is lost is an error."""
     values = {i: _text(path, title, c) for i, c in enumerate(cells)}
     if all(v in (None, "") for v in values.values()):
         return None  # an empty line left by a deleted row
+    ids = [values.get(i) for i, key in columns.items() if key == "id"]
+    if ids and isinstance(ids[0], str) and ids[0].strip().lower() == "id":
+        log.warning("%s (sheet %r): row %d repeats the header (row %d): not read", path, title, number, header_row)
+        return None
     unheaded = [c for i, c in enumerate(cells) if columns.get(i) == UNHEADED and values.get(i) not in (None, "")]
     if unheaded:
         raise ValueError(f"{path} (sheet {title!r}), cell {unheaded[0].coordinate}: a value in a column without a "
@@ -175,11 +194,11 @@ def _row(path: Path, title: str, cells, columns: dict[int, str], prediction: tup
     row = {key: values.get(i) for i, key in columns.items() if values.get(i) is not None and key != UNHEADED}
     row["prediction"] = values.get(prediction[0]) or ""  # an empty cell: an empty answer, scored as wrong
     row["model"] = prediction[1]
-    row["sheet_row"] = cells[0].row  # named in a refusal; dropped once the rows are joined
+    row["sheet_row"] = number  # named in a refusal; dropped once the rows are joined
     if isinstance(row.get("id"), str):
         row["id"] = row["id"].strip()  # a space typed after it: the id; two left equal are doubled
     if not row.get("id"):
-        raise ValueError(f"{path} (sheet {title!r}), row {cells[0].row}: a prediction without an id; give it the "
+        raise ValueError(f"{path} (sheet {title!r}), row {number}: a prediction without an id; give it the "
                          "question's id or delete the row")
     return row
 

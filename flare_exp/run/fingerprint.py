@@ -243,10 +243,14 @@ def check_resume(stage: str, run_dir: Path, new: dict, cfg=None) -> None:
             "attempts/NN/), or choose another run_name=.")
 
 
+MISSING_FINGERPRINT = f"{FINGERPRINT}: missing (deleted?)"
+
+
 def finished_differences(stage: str, run_dir: Path, cfg) -> list[str]:
-    """What differs between a finished run's fingerprint and this config's ('key: old -> new'); a run finished
-    before fingerprints were recorded is held to the deciding settings of its config.yaml. A stage whose inputs
-    are more than files (prepare's data.root) says what changed there with its ``input_changes``."""
+    """What differs between a finished run's fingerprint and this config's ('key: old -> new'). Without its
+    fingerprint.json a run is held to the deciding settings of its config.yaml, and where it read input files
+    (whose contents only the fingerprint recorded) the missing fingerprint is a difference itself. A stage
+    whose inputs are more than files (prepare's data.root) says what changed there with its ``input_changes``."""
     new = fingerprint(stage, cfg)
     recorded = run_dir / FINGERPRINT
     if recorded.exists():
@@ -256,8 +260,8 @@ def finished_differences(stage: str, run_dir: Path, cfg) -> list[str]:
         changed = settings_differences(config_settings(stage, run_dir) if (run_dir / CONFIG).exists() else {}, new)
         changed = unless_moved(stage, changed, None, new, cfg)
         if new["files"]:  # config.yaml names the files, not what they held: an edit since would go unseen
-            changed.append(f"{FINGERPRINT}: missing (deleted?), so the contents of {', '.join(sorted(new['files']))} "
-                           "it was made from cannot be compared")
+            changed.append(f"{MISSING_FINGERPRINT}, so the contents of {', '.join(sorted(new['files']))} it was "
+                           "made from cannot be compared")
     inputs = getattr(stage_named(stage).runner(), "input_changes", None)  # inputs beyond files: a data tree
     return changed + (inputs(cfg, run_dir) if inputs and not changed else [])
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from flare_exp.io import write_json
 from flare_exp.logs import run_summary
 from flare_exp.models.checkpoints import adapter_identity
-from flare_exp.run.fingerprint import (RunSettingsChangedError, check_resume, finished_differences, fingerprint,
+from flare_exp.run.fingerprint import (MISSING_FINGERPRINT, RunSettingsChangedError, check_resume, finished_differences, fingerprint,
                                        listed, recorded_fingerprint, starting_adapter)
 from flare_exp.run.lock import RunLock, check_still_held, lock_lost
 from flare_exp.run.layout import ATTEMPTS, CONFIG, DONE, FAILED, FINGERPRINT, REPORT_HTML, RUN_INFO, SWEEP_TABLE
@@ -197,6 +197,11 @@ def reusable(stage: str, cfg, out_dir: Path) -> bool:
     if not (out_dir / DONE).exists() or cfg.overwrite:
         return False
     changed = finished_differences(stage, out_dir, cfg)
+    if changed and all(c.startswith(MISSING_FINGERPRINT) for c in changed):  # nothing can reuse it: say what can
+        raise RunSettingsChangedError(
+            f"[{stage}] {out_dir} is finished, but {changed[0]} with this run's. Move {out_dir} aside (or delete "
+            "it) to redo this step alone, or pass overwrite=true to redo the steps (earlier outputs move to "
+            "attempts/NN/).")
     if changed:
         raise RunSettingsChangedError(
             f"[{stage}] {out_dir} holds a finished step made with other settings or inputs: {listed(changed)}. "

@@ -12,6 +12,7 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from flare_exp.data.records import FLARE_DATASETS
 from flare_exp.decode_config import DecodingConfig
 from flare_exp.eval_config import (CheXbertConfig, CrimsonConfig, EvalConfig, GreenConfig,  # noqa: F401
                                    KeywordMetricsConfig, RunsConfig, SignificanceConfig, SweepReportConfig)
@@ -117,7 +118,7 @@ class DataConfig:
     # Where prepare writes train/val/test.jsonl and where sft/rl/infer read them.
     prepared_dir: str = MISSING
     datasets: List[str] = field(
-        default_factory=lambda: ["IU_XRay", "chestdr", "dental", "periapical", "boneresorption"])
+        default_factory=lambda: list(FLARE_DATASETS))
     # Which FLARE split folders feed which output file.
     train_splits: List[str] = field(default_factory=lambda: ["training"])
     val_splits: List[str] = field(default_factory=lambda: ["validation-public"])

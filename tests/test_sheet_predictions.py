@@ -289,9 +289,15 @@ def test_a_sheet_scored_without_its_split_reads_names_as_one(tmp_path):
             for i in range(6)]
     write_sheet(tmp_path / "s.xlsx", rows, "my-run")
     read, info = load_rows(tmp_path / "s.xlsx", False, str(tmp_path / "nothing"))
-    assert {r["dataset"] for r in read} == {"ChestDR"} or {r["dataset"] for r in read} == {"chestdr"}
+    assert {r["dataset"] for r in read} == {"chestdr"}  # FLARE's own spelling, whichever is more frequent
     assert {r["task_type"] for r in read} == {"multi_label"} and "several cases scored as one" in \
         info["dataset_names_note"]
+    # another file spelling it one way only: the same name, so two files compared side by side line up
+    write_sheet(tmp_path / "t.xlsx", [{**r, "dataset": "ChestDR"} for r in rows], "other-run")
+    assert {r["dataset"] for r in load_rows(tmp_path / "t.xlsx", False, str(tmp_path / "nothing"))[0]} == {"chestdr"}
+    write_sheet(tmp_path / "u.xlsx", [{**r, "dataset": "MyXrays" if r["id"] < "c/4" else "myxrays"} for r in rows],
+                "third-run")  # not a FLARE dataset: its most frequent spelling in the file
+    assert {r["dataset"] for r in load_rows(tmp_path / "u.xlsx", False, str(tmp_path / "nothing"))[0]} == {"MyXrays"}
 
 
 def test_a_merged_header_is_named_as_a_merge(tmp_path):

@@ -115,11 +115,12 @@ def edited_sheet_beside(path: Path, rows: list[dict]) -> dict:
 
 def same_names(path: Path, rows: list[dict]) -> dict:
     """A file scored without a prepared split: its task types as ours (FLARE's raw names and ours in any case or
-    spacing), and one dataset written in several cases ("chestdr", "ChestDR") as one, its most frequent spelling,
-    said in the report (two would split the dataset's number in two)."""
+    spacing), and one dataset written in several cases ("chestdr", "ChestDR") as one, said in the report (two
+    would split the dataset's number in two): a FLARE dataset as the download spells it, so every file of an
+    eval names it alike (files compared side by side), another one as its most frequent spelling in the file."""
     from collections import Counter
 
-    from flare_exp.data.records import normalise_task_type
+    from flare_exp.data.records import FLARE_DATASETS, normalise_task_type
 
     for row in rows:
         task = row.get("task_type")
@@ -129,7 +130,9 @@ def same_names(path: Path, rows: list[dict]) -> dict:
     for row in rows:
         if isinstance(row.get("dataset"), str):
             spellings.setdefault(row["dataset"].strip().casefold(), Counter())[row["dataset"]] += 1
-    merged = {name: found.most_common(1)[0][0] for name, found in spellings.items() if len(found) > 1}
+    flare = {name.casefold(): name for name in FLARE_DATASETS}
+    merged = {key: flare.get(key) or found.most_common(1)[0][0] for key, found in spellings.items()
+              if len(found) > 1 or key in flare and set(found) != {flare[key]}}
     if not merged:
         return {}
     for row in rows:

@@ -31,6 +31,8 @@ _RAW_TASK_TYPES = {
 # Multi-label separators differ per dataset: chestdr joins labels with ", ", periapical with ";" (and one
 # periapical label itself contains commas).
 LABEL_SEPARATORS = {"chestdr": ",", "periapical": ";"}
+# the FLARE 2025 Task 5 X-ray datasets as the download spells them (data.datasets' default)
+FLARE_DATASETS = ("IU_XRay", "chestdr", "dental", "periapical", "boneresorption")
 
 _VIEW_SUFFIX = re.compile(r"-(\d+)\.[A-Za-z0-9]+$")
 

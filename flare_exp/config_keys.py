@@ -121,6 +121,10 @@ def override_key_problems(overrides: list[str], schema: type, groups: set[str]) 
                 or key.split("/")[0] in groups and "." not in key):  # `group@package=option` is a group choice too
             continue
         found = unknown_path(key, schema) or unknown_reward_term(key)
+        group = difflib.get_close_matches(key, sorted(groups), n=1, cutoff=0.8) if found and "." not in key else []
+        if group:  # a misspelt group (experimnt=flare, +clustr=a): the group is meant, not a top-level key
+            plus = "+" if override.input_line.startswith("+") else ""
+            found = f"{key} (did you mean the group {group[0]}: {plus}{group[0]}={_said(override.value())}?)"
         if found:
             problems[override.input_line] = f"unknown config key {found}" + (
                 "" if "did you mean" in found else " (python launch.py --cfg job lists every key)")

@@ -334,6 +334,9 @@ def test_a_group_of_the_users_own_config_dir_is_a_known_key(tmp_path, capsys):
         launch.check_command_line([found_by, "+cluster=a", "stage=runs"])
         assert capsys.readouterr().err == ""
         with pytest.raises(SystemExit):
+            launch.check_command_line([found_by, "+clustr=a", "stage=runs"])
+        assert "unknown config key clustr (did you mean the group cluster: +cluster=a?)" in capsys.readouterr().err
+        with pytest.raises(SystemExit):
             launch.check_command_line([found_by, "+cluster=bad", "stage=infer"])
         assert "infer.batch_size=-2" in capsys.readouterr().err
     # a copy of the repo's experiment edited under its own name: Hydra would compose the repo's (conf/ first)

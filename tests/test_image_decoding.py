@@ -225,8 +225,10 @@ def test_a_float_images_nan_and_infinite_pixels_are_black_or_white_not_mid_grey(
 def test_a_collimated_scan_is_no_blank_one(tmp_path, caplog):
     """A small exposed field inside a wide border (electronic shutters), with or without noise in the border, 8- or
     16-bit under a window that fits the field: 95% of the pixels at one level, but a picture, named apart as
-    framed. A blank exposure (noise only, 8- or 16-bit), one with a lead marker, a white one with specks, and a
-    16-bit one whose window clips most of it stay nearly flat; only the clipped one blames the window."""
+    framed; so is a field inside shutters stored bright, above the window. A blank exposure (noise only, 8- or
+    16-bit), one with a lead marker, a white one with specks, and 16-bit ones whose window clips most of them (a
+    band along one side left, or two lung-like blobs: no box they fill) stay nearly flat; only the clipped ones
+    blame the window."""
     root = tmp_path / "raw"
     rng = np.random.default_rng(0)
     field = np.add.outer(np.arange(50) * 4, np.arange(60) * 2).clip(0, 255)  # content with many levels
@@ -244,9 +246,16 @@ def test_a_collimated_scan_is_no_blank_one(tmp_path, caplog):
     specks[rng.random((256, 256)) < 0.04] = 0
     clipped = np.full((256, 256), 60000, np.uint16)
     clipped[:20] = np.arange(256, dtype=np.uint16) * 8  # a band along one side inside the window, the rest above
+    bright16 = np.full((256, 256), 60000, np.uint16)  # shutters stored bright, the field inside the window
+    bright16[100:150, 90:150] = 1000 + field * 8
+    lungs = np.full((256, 256), 60000, np.uint16)  # a window too narrow for a chest: two dark blobs left
+    yy, xx = np.mgrid[:256, :256]
+    for cx in (90, 166):
+        lung = ((yy - 128) / 40.0) ** 2 + ((xx - cx) / 20.0) ** 2 < 1
+        lungs[lung] = 1000 + (yy + xx)[lung].astype(np.uint16) * 4
     images = {"framed.png": framed8(), "framed_noisy.png": framed8(4.0), "framed16.png": framed16,
               "noise.png": (120 + rng.integers(-3, 4, (256, 256))).astype(np.uint8), "marker.png": marker,
-              "specks.png": specks, "clipped16.png": clipped}
+              "specks.png": specks, "clipped16.png": clipped, "bright16.png": bright16, "lungs16.png": lungs}
     names = list(images)
     d = _small_tree(root, [{**GOOD, "ImageName": f"imagesTr/{n}", "Question": f"q{i}"} for i, n in enumerate(names)],
                     images=())
@@ -256,12 +265,13 @@ def test_a_collimated_scan_is_no_blank_one(tmp_path, caplog):
     out = _prepare(tmp_path, root, "data.datasets=[chestdr]", "data.image_window=[1000,3000]")
     summary = json.loads((out / "summary.json").read_text())
     where = "training/Xray/chestdr/imagesTr/"
-    assert summary["framed_images"]["first"] == [where + n for n in ("framed.png", "framed16.png", "framed_noisy.png")]
+    assert summary["framed_images"]["first"] == [where + n for n in (
+        "bright16.png", "framed.png", "framed16.png", "framed_noisy.png")]
     assert summary["nearly_uniform_images"]["first"] == [where + n for n in sorted(
-        ("noise.png", "marker.png", "specks.png", "clipped16.png"))]
+        ("noise.png", "marker.png", "specks.png", "clipped16.png", "lungs16.png"))]
     assert "hold their content in a box inside a border" in caplog.text
-    assert "1 accepted image(s) decoded to nearly one flat grey level (>= 90% of the pixels), e.g. " \
-           f"{where}clipped16.png: data.image_window=[1000, 3000] clips" in caplog.text
+    assert "2 accepted image(s) decoded to nearly one flat grey level (>= 90% of the pixels), e.g. " \
+           f"{where}clipped16.png, {where}lungs16.png: data.image_window=[1000, 3000] clips" in caplog.text
     assert "3 accepted image(s) decoded to nearly one flat grey level" in caplog.text
 
 

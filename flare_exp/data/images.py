@@ -152,9 +152,12 @@ def _check_image(path: str, window: tuple[float, float] | None, decode: bool = T
                     pixels, uniform = hashlib.sha1(picture.tobytes()).hexdigest(), flat_share(picture)
                     if window is None and (narrow_integer_range(im) or stretched_noise(im, picture)):
                         uniform = 1.0  # its own range stretched a blank frame's noise to full contrast
-                    elif uniform >= NEARLY_UNIFORM:  # a window clipping the bright side: too narrow, not a border
+                    elif uniform >= NEARLY_UNIFORM:
                         side = clipped_side(window, im)
-                        framed = side != "above" and framed_content(picture)
+                        # clipped on the bright side: a window too narrow (what it leaves is anatomy or a band,
+                        # no box), unless a field fills a box that a bright border surrounds (shutters stored bright)
+                        framed = (framed_content(picture, filled=FIELD_FILLS, edges_touched=0) if side == "above"
+                                  else framed_content(picture))
                         clipped = side is not None and not framed
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         return ImageCheck(f"decompression bomb {Path(path).name}: {e} ({size})", digest, mode, None)
@@ -199,13 +202,19 @@ def _near_median(counts, levels: int) -> tuple[int, float]:
     return median, float(counts[max(median - levels, 0):median + levels + 1].sum() / total)
 
 
-def framed_content(picture, levels: int = 6, busy: float = 0.05) -> bool:
+FIELD_FILLS = 0.8  # a field inside a bright border fills at least this share of its box (an ellipse: 0.785)
+
+
+def framed_content(picture, levels: int = 6, busy: float = 0.05, filled: float = 0.0,
+                   edges_touched: int = 2) -> bool:
     """Whether a picture that is nearly one grey level holds its content in a box inside that level (a collimated
     field inside its shutters' border, a small scan on a wide margin). Off the level means further from it than
     ``levels`` or twice the level's own noise (its 90th percentile). The rows and columns where at least ``busy``
     of the pixels are off bound the box, which must cover 1-90% of the picture, touch at most two of its edges (a
     band along one side, all the window left unclipped, is no field), be more than a tenth off the level, and
-    hold many grey levels there (a lead marker or a white block on a blank exposure is one level: no picture)."""
+    hold many grey levels there (a lead marker or a white block on a blank exposure is one level: no picture);
+    ``filled``: the least share of the box that is off the level (a collimated field fills its box, the parts of
+    an anatomy a too narrow window leaves unclipped do not); ``edges_touched``: the most edges the box may touch."""
     import numpy as np
 
     grey = np.asarray(picture.convert("L"))
@@ -216,9 +225,11 @@ def framed_content(picture, levels: int = 6, busy: float = 0.05) -> bool:
     if not rows.size or not cols.size:
         return False
     top, bottom, left, right = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
-    edges = (top == 0) + (bottom == grey.shape[0]) + (left == 0) + (right == grey.shape[1])
+    edges = sum(int(touches) for touches in (top == 0, bottom == grey.shape[0], left == 0, right == grey.shape[1]))
     box, inside = off[top:bottom, left:right], grey[top:bottom, left:right]
-    if not (0.01 * off.size <= box.size < 0.9 * off.size) or edges > 2 or float(box.mean()) <= 1 - NEARLY_UNIFORM:
+    if not (0.01 * off.size <= box.size < 0.9 * off.size) or edges > edges_touched or float(box.mean()) <= 1 - NEARLY_UNIFORM:
+        return False
+    if float(box.mean()) < filled:
         return False
     return _near_median(np.bincount(inside[box], minlength=256), levels)[1] < NEARLY_UNIFORM
 

@@ -277,14 +277,22 @@ def test_a_collimated_scan_is_no_blank_one(tmp_path, caplog):
 
 def test_a_blank_16_bit_frame_stretched_to_its_own_range_is_named():
     """A detector frame of noise only (1000 +- 3, a range over 16 values) scaled by its own range becomes
-    full-contrast noise: named as blank, while a 16-bit X-ray-like picture (smooth) is not."""
+    full-contrast noise: named as blank, also over a heel effect's gradient, while 16-bit X-ray-like pictures
+    (smooth, or a shape over the same gradient and noise) are not."""
     from flare_exp.data.images import _check_image
 
     rng = np.random.default_rng(2)
     tmp = Path(__import__("tempfile").mkdtemp())
     blank = (1000 + rng.normal(0, 3, (256, 256))).astype(np.uint16)
     smooth = (np.add.outer(np.arange(256), np.arange(256)) * 8 + rng.normal(0, 3, (256, 256))).astype(np.uint16)
-    for name, array in (("blank.png", blank), ("smooth.png", smooth)):
+    across = np.arange(256)[None, :] / 256
+    heel = (1000 + 60 * across + 15 * across ** 2 + rng.normal(0, 3, (256, 256))).astype(np.uint16)  # blank + heel
+    yy, xx = np.mgrid[:256, :256]
+    shaped = (1000 + 60 * across + 40 * (((yy - 128) ** 2 + (xx - 100) ** 2) < 50 ** 2)  # heel, noise and a shape
+              + rng.normal(0, 3, (256, 256))).astype(np.uint16)
+    for name, array in (("blank.png", blank), ("smooth.png", smooth), ("heel.png", heel), ("shaped.png", shaped)):
         Image.fromarray(array).save(tmp / name)
     assert _check_image(str(tmp / "blank.png"), None).uniform == 1.0
+    assert _check_image(str(tmp / "heel.png"), None).uniform == 1.0
     assert _check_image(str(tmp / "smooth.png"), None).uniform < 0.9
+    assert _check_image(str(tmp / "shaped.png"), None).uniform < 0.9

@@ -236,19 +236,47 @@ def framed_content(picture, levels: int = 6, busy: float = 0.05, filled: float =
 
 def stretched_noise(im, picture) -> bool:
     """A high-bit-depth image whose own range, stretched to 0..255, shows no structure: neighbouring pixels no
-    more alike than chance (a blank detector frame's noise, e.g. 1000 +- 3, at full contrast). An X-ray's
-    neighbours are alike; only integer modes with their own range are looked at (a window says the user chose)."""
+    more alike than chance (a blank detector frame's noise, e.g. 1000 +- 3, at full contrast), also once a smooth
+    trend across the frame is taken out (a blank exposure's heel effect: a gradient under the noise). An X-ray's
+    neighbours are alike, its trend taken out or not; only integer modes with their own range are looked at (a
+    window says the user chose)."""
     import numpy as np
 
     if im.mode not in HIGH_BIT_DEPTH:
         return False
-    grey = np.asarray(picture.convert("L"), dtype=np.float32)
+    grey = np.asarray(picture.convert("L"), dtype=np.float64)
     step = max(1, max(grey.shape) // 512)  # a 512-px sample: cheap on large scans
     grey = grey[::step, ::step]
-    left, right = grey[:, :-1].ravel(), grey[:, 1:].ravel()
-    if left.size < 16 or left.std() == 0 or right.std() == 0:
+    if grey[:, :-1].size < 16:
+        return False
+    if _unlike_neighbours(grey):
+        return True
+    residual = grey - _quadratic_trend(grey)
+    return float(residual.std()) >= 1.0 and _unlike_neighbours(residual)  # under 1 level: rounding, no noise
+
+
+def _unlike_neighbours(values) -> bool:
+    import numpy as np
+
+    left, right = values[:, :-1].ravel(), values[:, 1:].ravel()
+    if left.std() == 0 or right.std() == 0:
         return False  # constant: flat_share names it already
     return float(np.corrcoef(left, right)[0, 1]) < 0.25
+
+
+def _quadratic_trend(values):
+    """The least-squares quadratic surface over the picture (a heel effect's gradient and its bend)."""
+    import numpy as np
+
+    def terms(rows, cols):
+        y, x = rows.ravel() / max(values.shape[0], 1), cols.ravel() / max(values.shape[1], 1)
+        return np.stack([np.ones_like(x), x, y, x * x, x * y, y * y], axis=1)
+
+    rows, cols = np.mgrid[:values.shape[0], :values.shape[1]]
+    fit = max(1, max(values.shape) // 128)  # fitted on a 128-px sample: a smooth surface needs no more
+    coefficients, *_ = np.linalg.lstsq(terms(rows[::fit, ::fit], cols[::fit, ::fit]),
+                                       values[::fit, ::fit].ravel(), rcond=None)
+    return (terms(rows, cols) @ coefficients).reshape(values.shape)
 
 
 def clipped_side(window: tuple[float, float] | None, im) -> str | None:

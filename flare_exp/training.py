@@ -15,7 +15,7 @@ from transformers import TrainerCallback
 
 from flare_exp.io import file_fingerprint, shared_as_umask
 from flare_exp.logs import log_part
-from flare_exp.models.checkpoints import list_checkpoints, mark_complete, write_meta
+from flare_exp.models.checkpoints import list_checkpoints, mark_complete, sort_adapter_config, write_meta
 from flare_exp.reports.model_card import write_model_cards
 from flare_exp.resume import at_the_step_budget, resume_checkpoint, schedule_change
 from flare_exp.run.layout import LOG_HISTORY
@@ -329,6 +329,7 @@ class CheckpointMeta(TrainerCallback):
         self.processor = processor
 
     def write(self, adapter_dir: Path, **extra) -> None:
+        sort_adapter_config(adapter_dir)  # PEFT's set order: one adapter, one config sha256 in later fingerprints
         if self.processor is not None:
             self.processor.save_pretrained(adapter_dir)
         write_meta(adapter_dir, self.base, self.config_yaml, data=self.fingerprints, **extra)

@@ -327,3 +327,20 @@ def test_a_finished_step_without_its_fingerprint_is_not_reused_blind(base_overri
     assert finished_differences("eval", tmp_path / "eval", cfg) == [
         "fingerprint.json: missing (deleted?), so the contents of eval.predictions[0] it was made from cannot be "
         "compared"]
+
+
+def test_an_adapters_config_has_one_order_of_its_target_modules(sft_adapter, tmp_path):
+    """PEFT writes target_modules in a Python set's order (the hash seed's): the same adapter trained twice had two
+    config sha256s, and a stage starting from it was refused as started from another adapter. Saved sorted."""
+    from flare_exp.io import file_fingerprint
+    from flare_exp.models.checkpoints import sort_adapter_config
+
+    saved = json.loads((sft_adapter / "final" / "adapter_config.json").read_text())
+    assert saved["target_modules"] == sorted(saved["target_modules"]) and len(saved["target_modules"]) > 1
+    digests = []
+    for order in (["v_proj", "q_proj", "o_proj"], ["o_proj", "v_proj", "q_proj"]):
+        (tmp_path / "a").mkdir(exist_ok=True)
+        (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**saved, "target_modules": order}))
+        sort_adapter_config(tmp_path / "a")
+        digests.append(file_fingerprint(tmp_path / "a" / "adapter_config.json")["sha256"])
+    assert digests[0] == digests[1]

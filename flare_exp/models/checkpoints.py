@@ -207,3 +207,32 @@ def read_meta(adapter_dir: Path) -> dict:
 
 def write_meta(adapter_dir: Path, base_model_path: str, config_yaml: str, **extra) -> None:
     write_json(adapter_dir / META, {"base_model_path": base_model_path, "config_yaml": config_yaml, **extra})
+
+
+# PEFT writes these sets as lists in a Python set's order, which follows the process's hash seed: the same
+# adapter's adapter_config.json would differ byte for byte between two runs, and so would its sha256 in the
+# fingerprint of every stage that starts from it (a reuse refused for nothing)
+UNORDERED_ADAPTER_KEYS = ("target_modules", "exclude_modules", "modules_to_save")
+
+
+def sort_adapter_config(adapter_dir: Path) -> None:
+    """Rewrite ``adapter_dir``'s adapter_config.json with its unordered lists sorted (PEFT reads them as sets):
+    an adapter trained twice the same way has the same config bytes."""
+    import json
+
+    from flare_exp.io import write_text
+
+    path = Path(adapter_dir) / "adapter_config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # none, or not PEFT's: left as it is
+    if not isinstance(config, dict):
+        return
+    changed = False
+    for key in UNORDERED_ADAPTER_KEYS:
+        value = config.get(key)
+        if isinstance(value, list) and all(isinstance(v, str) for v in value) and value != sorted(value):
+            config[key], changed = sorted(value), True
+    if changed:
+        write_text(path, json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -361,8 +361,11 @@ def main(cfg: DictConfig):
         if not said_in_one_line:
             raise
         by = str(e) if str(e) in ("SIGTERM", "SIGHUP") else "Ctrl-C / SIGINT"
-        print(f"\nflare-exp: stopped ({by}). The run dir says FAILED (stopped from outside); the same command "
-              f"{RESUMES.get(cfg.stage.name, 'runs it again')}.", file=sys.stderr)
+        resumes = RESUMES.get(cfg.stage.name, "runs it again")
+        then = (f"the same command {resumes}" if not cfg.overwrite or os.environ.get("SLURM_JOB_ID") else
+                f"the same command without overwrite=true {resumes} (with it, this attempt moves to attempts/ and "
+                "it starts afresh)")  # a requeued SLURM job continues its own attempt, overwrite or not
+        print(f"\nflare-exp: stopped ({by}). The run dir says FAILED (stopped from outside); {then}.", file=sys.stderr)
         sys.exit({"SIGTERM": 143, "SIGHUP": 129}.get(by, 130))
 
 

@@ -344,3 +344,31 @@ def test_an_adapters_config_has_one_order_of_its_target_modules(sft_adapter, tmp
         sort_adapter_config(tmp_path / "a")
         digests.append(file_fingerprint(tmp_path / "a" / "adapter_config.json")["sha256"])
     assert digests[0] == digests[1]
+
+
+def test_a_requeued_slurm_job_with_overwrite_continues_its_own_attempt(base_overrides, tmp_path, monkeypatch):
+    """overwrite=true in a SLURM job's command: a preempted and requeued job must not move its own unfinished work
+    to attempts/ (nor redo a pipeline step it finished) at every requeue; another job's attempt still moves."""
+    from flare_exp.io import write_jsonl
+    from flare_exp.run.layout import DONE
+    from flare_exp.run.lifecycle import reusable, start_attempt
+
+    preds = tmp_path / "p.jsonl"
+    write_jsonl(preds, [{"id": "d/1", "dataset": "dental", "task_type": "classification", "answer": "A",
+                         "prediction": "A", "model": "m"}])
+    cfg = compose_cfg(["stage=eval", *base_overrides, f"eval.predictions=[{preds}]", "eval.radgraph=false",
+                       "overwrite=true"])
+    run_dir = tmp_path / "eval"
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    start_attempt("eval", cfg, run_dir)  # the job's first start
+    assert json.loads((run_dir / "run_info.json").read_text())["slurm_job_id"] == "77"
+    (run_dir / "work.jsonl").write_text("done so far\n")
+    start_attempt("eval", cfg, run_dir)  # requeued: its own unfinished attempt goes on where it is
+    assert (run_dir / "work.jsonl").exists()
+    (run_dir / DONE).write_text("{}")
+    assert reusable("eval", cfg, run_dir)  # finished by this job before the requeue: kept
+    monkeypatch.setenv("SLURM_JOB_ID", "78")  # another job with overwrite=true: redoes it
+    assert not reusable("eval", cfg, run_dir)
+    start_attempt("eval", cfg, run_dir)
+    assert not (run_dir / "work.jsonl").exists()
+    assert [p.name for p in (run_dir / "attempts").glob("*/work.jsonl")]

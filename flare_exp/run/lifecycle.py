@@ -32,7 +32,7 @@ from flare_exp.run.fingerprint import (MISSING_FINGERPRINT, RunSettingsChangedEr
 from flare_exp.run.lock import RunLock, check_still_held, lock_lost
 from flare_exp.run.layout import ATTEMPTS, CONFIG, DONE, FAILED, FINGERPRINT, REPORT_HTML, RUN_INFO, SWEEP_TABLE
 from flare_exp.run.record import (RunFinishedError, archive_attempt, attempt_files, keep_hydra_record, next_attempt_dir,
-                                  restore_hydra_record, write_failed, write_run_metadata)
+                                  restore_hydra_record, this_jobs_attempt, write_failed, write_run_metadata)
 from flare_exp.run.stage import declared_stages
 from flare_exp.runtime import barrier
 
@@ -194,8 +194,8 @@ def reusable(stage: str, cfg, out_dir: Path) -> bool:
     """A pipeline's step already finished with this very fingerprint (deciding settings, input sha256, the
     adapter it started from): reuse it. Finished with another one: stop, naming what changed (its outputs do
     not follow this config). Unfinished, or overwrite=true: run it."""
-    if not (out_dir / DONE).exists() or cfg.overwrite:
-        return False
+    if not (out_dir / DONE).exists() or cfg.overwrite and not this_jobs_attempt(out_dir):
+        return False  # (a step this SLURM job finished before its requeue is not redone)
     changed = finished_differences(stage, out_dir, cfg)
     if changed and all(c.startswith(MISSING_FINGERPRINT) for c in changed):  # nothing can reuse it: say what can
         raise RunSettingsChangedError(
@@ -268,10 +268,14 @@ def start_attempt(stage: str, cfg, run_dir: Path, ran=None, applied: dict | None
             "run moves to attempts/NN/), or choose another "
             f"{'data.prepared_dir= (prepare writes there, whatever the run_name)' if stage == 'prepare' else 'run_name='}.")
     new = fingerprint(stage, cfg)
-    if cfg.overwrite and attempt_files(run_dir):
+    requeued = cfg.overwrite and not (run_dir / DONE).exists() and this_jobs_attempt(run_dir)
+    if cfg.overwrite and attempt_files(run_dir) and not requeued:
         dest = archive_attempt(run_dir)
         log.info("overwrite=true: the earlier attempt in %s moved to %s; starting afresh", run_dir, dest)
     else:
+        if requeued:
+            log.info("overwrite=true: the unfinished attempt in %s is this SLURM job's own (requeued): continuing it",
+                     run_dir)
         check_resume(stage, run_dir, new, cfg)
     write_run_metadata(run_dir, cfg if ran is None else ran, adapter=adapter_identity(starting_adapter(stage, cfg)),
                        **({"applied": applied} if applied is not None else {}))

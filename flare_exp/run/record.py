@@ -7,6 +7,7 @@ truth about how a run ended. FAILED carries the traceback.
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import logging
 import os
 import platform
@@ -118,6 +119,7 @@ def write_run_metadata(run_dir: Path, cfg: DictConfig, keep_previous: bool = Tru
         "host": platform.node(),
         "argv": sys.argv,
         "launch_dir": str(abspath(".")),  # where its relative paths start (a resume compares them from here)
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),  # a requeue of the same job continues it (this_jobs_attempt)
         "packages": package_versions(),
         **provenance,  # what the run started from (the adapter's path and sha256)
     })
@@ -166,6 +168,19 @@ def _copy_yaml_files(source: Path, dest: Path) -> None:
 # Kept in place when an attempt moves to attempts/NN: the lock, the record of earlier attempts, Hydra's own
 # files and the job's log (open for writing by this very process).
 _STAYS = {LOCK, ATTEMPTS, HYDRA, ".submitit"}
+
+
+def this_jobs_attempt(run_dir: Path) -> bool:
+    """Whether the attempt recorded in ``run_dir`` was started by this very SLURM job (its run_info.json): the
+    job was preempted and requeued, and under overwrite=true the requeue continues what it started instead of
+    moving its own work to attempts/ (or redoing a step it finished) at every requeue."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return False
+    try:
+        return json.loads((run_dir / RUN_INFO).read_text(encoding="utf-8")).get("slurm_job_id") == job
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def attempt_files(run_dir: Path) -> list[Path]:

@@ -223,7 +223,8 @@ def run_infer(args, work: Path) -> dict:
 
         large = filtered_file(work, args.dataset, max(1, -(-args.batch // 64)), long_side=args.long_side)
         mixed = work / "data" / f"infer_{args.dataset}_long{args.long_side}x{args.batch}_then{samples}.jsonl"
-        write_jsonl(mixed, read_jsonl(large)[:args.batch] + read_jsonl(source)[:samples])
+        long_rows = [{**r, "id": f"{r['id']}-long{args.long_side}"} for r in read_jsonl(large)[:args.batch]]
+        write_jsonl(mixed, long_rows + read_jsonl(source)[:samples])  # ids of their own: one prediction each
         source, samples = mixed, samples + args.batch
     name = measurement_name(args)
     overrides = ["stage=infer", "experiment=flare", *bench_data(work), *model_overrides(args),

@@ -87,7 +87,7 @@ def test_a_failing_rank_ends_the_job_with_failed_naming_it(session_dir, tmp_path
     from flare_exp.io import read_jsonl, write_jsonl
 
     rows = read_jsonl(demo_prepared / "val.jsonl")[:4]
-    rows[1] = {**rows[1], "images": ["no/such/image.png"]}  # records[1::2] is rank 1's share
+    rows[1] = {**rows[1], "images": ["no/such/image.png", *rows[1]["images"][1:]]}  # records[1::2]: rank 1's share
     write_jsonl(tmp_path / "four.jsonl", rows)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29535",
                            "launch.py", f"paths.cache_dir={session_dir / 'cache'}", "stage=infer",

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf, open_dict
 
-from flare_exp.io import read_jsonl, write_json, write_jsonl
+from flare_exp.data.prepared_split import read_prepared_split
+from flare_exp.io import write_json, write_jsonl
 from flare_exp.metrics.official import LOWER_IS_BETTER, OFFICIAL_METRIC
 from flare_exp.optuna_study import direction_of, objective_value
 from flare_exp.run.layout import PREDICTIONS
@@ -92,7 +93,7 @@ class HeldOutEval:
                                     f"it; prepare the data or turn the eval off: docs/stages.md)")
         saved = out_dir / SUBSET
         ids = read_jsonl_ids(saved) if saved.exists() else None
-        records = read_jsonl(source)
+        records = read_prepared_split(source)
         if task_types is None:
             task_types = sorted({r["task_type"] for r in records if r.get("answer") is not None})
         self.records = ([r for r in records if r["id"] in set(ids)] if ids is not None else

@@ -18,8 +18,9 @@ from tqdm.auto import tqdm
 from flare_exp.card import sized_infer_batch
 from flare_exp.compile_cache import prepare_gpu_run
 from flare_exp.data.decoding import check_records_window
+from flare_exp.data.prepared_split import read_prepared_split
 from flare_exp.data.vision import VisionChat
-from flare_exp.io import read_journal, read_jsonl, write_json, write_jsonl
+from flare_exp.io import read_journal, write_json, write_jsonl
 from flare_exp.models.batch_decoding import (Decoder, batches_with_images, decode_in_parts, decode_settings,
                                              image_device)
 from flare_exp.models.checkpoints import adapter_identity, checkpoint_label, resolve_adapter
@@ -186,7 +187,7 @@ def run(cfg, out_dir: Path) -> dict:
     cfg, batch_choice = sized_infer_batch(cfg)
     inf = cfg.infer
     source = abspath(infer_input_file(cfg))
-    records = read_jsonl(source)
+    records = read_prepared_split(source)
     check_records_window(records, cfg.data.image_window, source)
     questions = len(records)
     if inf.num_samples and inf.num_samples > 0:

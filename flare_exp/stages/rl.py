@@ -16,7 +16,8 @@ from flare_exp.card import apply_rl_card, sized_infer_batch
 from flare_exp.compile_cache import prepare_gpu_run
 from flare_exp.data.decoding import check_records_window
 from flare_exp.data.vision import VisionChat, filter_by_length, render_messages
-from flare_exp.io import read_jsonl, write_json
+from flare_exp.data.prepared_split import read_prepared_split
+from flare_exp.io import write_json
 from flare_exp.models.decoding import Decoding, DecodeSettings, decoder_for
 from flare_exp.models.grouped_attention import attention_used
 from flare_exp.models.loading import load_model
@@ -305,7 +306,7 @@ def run(cfg, out_dir: Path, applied: dict | None = None) -> dict:
 def training_records(cfg, reward) -> tuple[list[dict], list[str]]:
     """The prepared records with answers of the task types trained (rl.task_types, else the reward's)."""
     rl = cfg.rl
-    records = [r for r in read_jsonl(abspath(rl.train_file)) if r.get("answer") is not None]
+    records = [r for r in read_prepared_split(abspath(rl.train_file)) if r.get("answer") is not None]
     check_records_window(records, cfg.data.image_window, rl.train_file)
     wanted = list(rl.task_types) or reward.task_types()
     records = [r for r in records if r["task_type"] in wanted]

@@ -11,7 +11,8 @@ from pathlib import Path
 from flare_exp.data.decoding import check_records_window
 from flare_exp.data.vision import SFTCollator, VisionChat, filter_by_length
 from flare_exp.compile_cache import prepare_gpu_run
-from flare_exp.io import read_jsonl, write_json
+from flare_exp.data.prepared_split import read_prepared_split
+from flare_exp.io import write_json
 from flare_exp.models import rope_positions
 from flare_exp.models.loading import PRECISIONS, compile_repeated_blocks, load_model
 from flare_exp.rl_monitor.heldout import HeldOutEval
@@ -180,7 +181,7 @@ def recompute_long_batches(trainer_class, above_tokens: int):
 
 
 def load_split(path, limit, chat, max_len, on_too_long, what) -> tuple[list[dict], list[dict], list[int]]:
-    records = [r for r in read_jsonl(abspath(path)) if r.get("answer") is not None]
+    records = [r for r in read_prepared_split(abspath(path)) if r.get("answer") is not None]
     if limit:
         records = records[:limit]
     if not records:

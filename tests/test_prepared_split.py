@@ -1,0 +1,55 @@
+"""A prepared split edited by hand since prepare wrote it: sft, rl and infer refuse what prepare would never have
+written, naming the file, the record and what is wrong, before any model loads."""
+import copy
+import json
+
+import pytest
+
+from conftest import compose_cfg
+from flare_exp.data.prepared_split import read_prepared_split
+from flare_exp.io import read_jsonl, write_jsonl
+from flare_exp.main import run
+
+
+def _edited(demo_prepared, tmp_path, edit, name="val.jsonl"):
+    rows = read_jsonl(demo_prepared / name)
+    edit(rows)
+    write_jsonl(tmp_path / name, rows)
+    return tmp_path / name
+
+
+def _drop_image_entry(rows):
+    two = next(r for r in rows if len(r["images"]) == 2)
+    two["messages"][0]["content"] = [p for p in two["messages"][0]["content"] if p.get("type") != "image"][:1] + \
+        [p for p in two["messages"][0]["content"] if p.get("type") == "image"][:1]
+
+
+@pytest.mark.parametrize("edit, said", [
+    (lambda rows: rows.insert(3, copy.deepcopy(rows[2])), r"record 4 \(id \S+\): the id of record 3 again"),
+    (lambda rows: rows[1].update(task_type="banana"), r"record 2 \(id \S+\): task_type 'banana' is none of"),
+    (lambda rows: rows[0].pop("messages"), r"record 1 \(id \S+\): no 'messages'"),
+    (lambda rows: rows[0].update(images=["/etc/hostname"] * len(rows[0]["images"])),
+     r"the image '/etc/hostname' lies outside data.root"),
+    (lambda rows: rows[0].update(images=["../../../etc/passwd"] * len(rows[0]["images"])),
+     r"the image '../../../etc/passwd' lies outside data.root"),
+    (_drop_image_entry, r"its messages show 1 image\(s\) and its 'images' list 2"),
+    (lambda rows: rows.__setitem__(0, ["not", "a", "record"]), r"record 1: a list, not a record"),
+])
+def test_what_prepare_would_not_have_written_is_named(demo_prepared, tmp_path, edit, said):
+    path = _edited(demo_prepared, tmp_path, edit)
+    with pytest.raises(ValueError, match=said + r".*Undo the edit, or rerun stage=prepare"):
+        read_prepared_split(path)
+
+
+def test_the_split_as_prepare_wrote_it_reads_whole(demo_prepared):
+    for name in ("train.jsonl", "val.jsonl"):
+        assert read_prepared_split(demo_prepared / name) == read_jsonl(demo_prepared / name)
+
+
+def test_infer_refuses_an_edited_split_before_loading_a_model(base_overrides, demo_prepared, tmp_path):
+    path = _edited(demo_prepared, tmp_path, lambda rows: rows.insert(1, copy.deepcopy(rows[0])))
+    cfg = compose_cfg(["stage=infer", *base_overrides, f"infer.input_file={path}"])
+    with pytest.raises(ValueError, match=r"val.jsonl: 1 record\(s\) are not as prepare writes them"):
+        run(cfg, run_dir=tmp_path / "infer")
+    assert not (tmp_path / "infer" / "predictions.jsonl").exists()
+    assert json.loads((tmp_path / "infer" / "run_info.json").read_text())  # the attempt is on record

@@ -304,3 +304,21 @@ def test_data_moved_elsewhere_is_the_same_data_and_an_edit_there_is_not(base_ove
     changed = finished_differences("sft", sft_dir, other)
     assert any(c.startswith("data.root: ") and "sft.train_file is not a file of data.prepared_dir" in c
                for c in changed), changed
+
+
+def test_a_prepared_split_edited_since_is_not_the_prepares_output(base_overrides, tmp_path):
+    """A finished prepare whose train.jsonl was edited by hand (an answer changed, a line deleted) is not reused
+    as "the same settings and inputs": its summary would count other records than the file holds."""
+    from flare_exp.main import run
+    from flare_exp.run.lifecycle import reusable
+
+    prepared = tmp_path / "prepared"
+    pipeline = [*base_overrides, f"data.prepared_dir={prepared}", "stage=pipeline", "stage.steps=[prepare]"]
+    run(compose_cfg(pipeline), run_dir=tmp_path / "job0")
+    cfg = compose_cfg([*base_overrides, f"data.prepared_dir={prepared}", "stage=prepare"])
+    assert reusable("prepare", cfg, prepared)
+    lines = (prepared / "train.jsonl").read_text().splitlines()
+    (prepared / "train.jsonl").write_text("".join(line + "\n" for line in lines[:-1]))
+    with pytest.raises(RunSettingsChangedError, match=r"\[prepare\] .* prepared file train.jsonl: edited since the "
+                                                      r"prepare wrote it \(sha256 [0-9a-f]{12} -> "):
+        reusable("prepare", cfg, prepared)

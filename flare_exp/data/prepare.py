@@ -178,7 +178,8 @@ def prepare(cfg_data, root: Path, out_dir: Path, limits: ProcessorLimits | None 
         "seconds": round(time.time() - start, 2),
     }
     write_json(out_dir / "summary.json", summary)
-    record_inputs(out_dir, root, questions_read(found, cfg_data, split_sources), accepted.sha1s, missing)
+    record_inputs(out_dir, root, questions_read(found, cfg_data, split_sources), accepted.sha1s, missing,
+                  outputs=[out_dir / f"{split}.jsonl" for split in by_split])
     return summary
 
 

@@ -26,14 +26,30 @@ KEPT_ROOTS = 4  # the copies of data.root whose file times are kept (the latest 
 
 
 def record_inputs(out_dir: Path, root: Path, questions: list[Path], images: dict[Path, str],
-                  missing: list[tuple[Path, str]] = ()) -> None:
+                  missing: list[tuple[Path, str]] = (), outputs: list[Path] = ()) -> None:
     """``images``: path -> sha1 of its bytes (prepare's image pass computed it, rejected files too); ``missing``:
-    (dataset folder, ImageName) of the images a record named that were not there."""
+    (dataset folder, ImageName) of the images a record named that were not there; ``outputs``: the split files
+    it wrote (sha256: one edited by hand since is no longer this prepare's output)."""
     stats = {p: p.stat() for p in images if p.exists()}
     write_json(out_dir / INPUTS, {
         "question_files": {_name(p, root): file_digest(p) for p in questions},
         "images": {_name(p, root): [s.st_size, s.st_mtime_ns, images[p]] for p, s in stats.items()},
-        "missing": sorted({(_name(folder, root), name) for folder, name in missing})})
+        "missing": sorted({(_name(folder, root), name) for folder, name in missing}),
+        "outputs": {p.name: file_digest(p) for p in outputs if p.is_file()}})
+
+
+def output_changes(out_dir: Path, recorded: dict) -> list[str]:
+    """'prepared file train.jsonl: edited since ...' for each split file that is not what the prepare wrote (a
+    reuse would train and report on other records than its summary counts)."""
+    changes = []
+    for name, sha in sorted(recorded.get("outputs", {}).items()):
+        path = out_dir / name
+        now = file_digest(path) if path.is_file() else None
+        if now != sha:
+            changes.append(f"prepared file {name}: " + ("removed since the prepare wrote it" if now is None else
+                                                         f"edited since the prepare wrote it (sha256 {sha[:12]} -> "
+                                                         f"{now[:12]})"))
+    return changes
 
 
 def _name(path: Path, root: Path) -> str:
@@ -69,7 +85,7 @@ def input_changes(out_dir: Path, root: Path, questions: list[Path], resolve, exp
                 for folder, name in recorded["missing"] if not isinstance(resolve(root / folder, name), str)]
     if not changes:
         keep_times(out_dir, recorded, root, refreshed)
-    return [f"data.root file {c}" for c in changes]
+    return [f"data.root file {c}" for c in changes] + output_changes(out_dir, recorded)
 
 
 def keep_times(out_dir: Path, recorded: dict, root: Path, refreshed: dict) -> None:
@@ -95,11 +111,12 @@ def _recorded(out_dir: Path, silent: bool = False) -> dict | None:
     try:
         recorded = json.loads((out_dir / INPUTS).read_text(encoding="utf-8"))
         parts = (recorded["question_files"], recorded["images"], recorded.get("missing", []),
-                 recorded.get("times", {}))
+                 recorded.get("times", {}), recorded.get("outputs", {}))
         if not (isinstance(parts[0], dict) and isinstance(parts[1], dict) and isinstance(parts[2], list)
-                and isinstance(parts[3], dict)):
+                and isinstance(parts[3], dict) and isinstance(parts[4], dict)):
             raise ValueError("not the shape prepare writes")
-        return {"question_files": parts[0], "images": parts[1], "missing": parts[2], "times": parts[3]}
+        return {"question_files": parts[0], "images": parts[1], "missing": parts[2], "times": parts[3],
+                "outputs": parts[4]}
     except FileNotFoundError:
         why = "none was recorded (a prepare made before they were)"
     except (OSError, ValueError, KeyError, TypeError) as e:

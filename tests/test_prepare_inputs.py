@@ -168,6 +168,20 @@ def test_the_demo_fills_no_root_the_user_named(tmp_path):
     assert not (tmp_path / "FLARE_Taks5").exists()
 
 
+def test_a_demo_tree_made_with_other_settings_is_not_taken_for_this_runs(tmp_path):
+    """data.demo.seed / sizes changed while the generated tree is there: refused, naming both settings (the
+    run's config.yaml would record the new ones while its records came from the old tree)."""
+    from flare_exp.fixtures.demo_data import generate_demo
+
+    root = tmp_path / "demo"
+    generate_demo(root, seed=0, train_per_dataset=2, val_per_dataset=1, test_per_dataset=1, image_size=32)
+    assert generate_demo(root, seed=0, train_per_dataset=2, val_per_dataset=1, test_per_dataset=1,
+                         image_size=32) == root  # the same settings: kept
+    with pytest.raises(ValueError, match=r"generated with data.demo.seed=0, data.demo.train_per_dataset=2, this "
+                                         r"run asks for data.demo.seed=7, data.demo.train_per_dataset=3\. Delete"):
+        generate_demo(root, seed=7, train_per_dataset=3, val_per_dataset=1, test_per_dataset=1, image_size=32)
+
+
 def test_an_empty_question_file_is_said(tmp_path, caplog):
     root = tmp_path / "raw"
     _small_tree(root, [GOOD])

@@ -61,9 +61,12 @@ def _summary(out_dir: Path) -> dict:
 
 def run(cfg, out_dir: Path) -> dict:
     root = abspath(cfg.data.root)
-    if cfg.data.demo is not None and not root.exists():
-        from flare_exp.fixtures.demo_data import generate_demo
+    if cfg.data.demo is not None:
+        from flare_exp.fixtures.demo_data import DEMO_MARKER, generate_demo
 
+        if (root / DEMO_MARKER).exists():
+            generate_demo(root, **cfg.data.demo)  # there: its settings must be this run's (refused otherwise)
+    if cfg.data.demo is not None and not root.exists():
         if not root.is_relative_to(abspath(cfg.paths.cache_dir)):  # a root the user named: never fill it
             raise FileNotFoundError(
                 f"data.root={cfg.data.root}: no such directory ({root}). data={cfg.data.name} generates its "

@@ -107,6 +107,25 @@ def test_an_archive_replaced_after_extracting_is_extracted_again(tmp_path):
     assert pending_zips(tmp_path) == [archive]
 
 
+def test_a_broken_archive_of_a_dataset_not_asked_for_is_passed_over(tmp_path, caplog):
+    """A cut chestdr.zip stops no prepare of dental alone (said), nor its reuse; one that may hold the data asked
+    for stops it, saying what to do."""
+    from flare_exp.data.unzip import PrepareError, pending_zips, unzip_nested
+
+    broken = tmp_path / "training" / "Xray" / "chestdr.zip"
+    broken.parent.mkdir(parents=True)
+    broken.write_bytes(b"PK\x03\x04 cut short")
+    caplog.set_level("WARNING", logger="flare_exp.data.unzip")
+    assert unzip_nested(tmp_path, ["dental"]) == 0
+    assert "chestdr.zip is not a valid zip file" in caplog.text and "passed over" in caplog.text
+    assert pending_zips(tmp_path) == [broken]  # left as it is, for a prepare that asks for chestdr
+    with pytest.raises(PrepareError, match=r"chestdr.zip: not a valid zip file .*Download it again, or move it out"):
+        unzip_nested(tmp_path, ["chestdr", "dental"])
+    with pytest.raises(PrepareError, match="not a valid zip file"):  # a name that says no dataset: may hold any
+        (tmp_path / "training" / "Xray" / "images_part2.zip").write_bytes(b"PK\x03\x04 cut")
+        unzip_nested(tmp_path, ["dental"])
+
+
 def test_rerun_refuses_then_overwrite(tmp_path, demo_root):
     out = _prepare(tmp_path, demo_root)
     before = (out / "train.jsonl").read_bytes()

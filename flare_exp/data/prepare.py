@@ -138,7 +138,7 @@ def prepare(cfg_data, root: Path, out_dir: Path, limits: ProcessorLimits | None 
         raise FileNotFoundError(f"data.root={root} does not exist. Download FLARE-Task5-MLLM-2D (Xray) and "
                                 "point data.root at the folder holding training/ validation-public/ ...")
     if cfg_data.unzip:
-        n = unzip_nested(root)
+        n = unzip_nested(root, list(cfg_data.datasets))
         if n:
             log.info("unzipped %d archives under %s", n, root)
     split_sources = split_sources_of(cfg_data)

@@ -3,6 +3,7 @@ replaced after extracting (a re-download with other bytes) is extracted again (i
 and sha1 it had when extracted)."""
 from __future__ import annotations
 
+import logging
 import re
 import zipfile
 from pathlib import Path
@@ -11,6 +12,8 @@ from tqdm.auto import tqdm
 
 from flare_exp.data.images import walk_files
 from flare_exp.io import file_digest
+
+log = logging.getLogger(__name__)
 
 
 class PrepareError(ValueError):
@@ -58,25 +61,38 @@ def _archive_stamp(archive: Path) -> str:
     return _stamp(stat.st_size, stat.st_mtime_ns, file_digest(archive, "sha1"))
 
 
-def unzip_nested(root: Path) -> int:
+def unzip_nested(root: Path, datasets: list[str] | None = None) -> int:
     """Extract every *.zip under ``root`` next to itself, repeating for zips inside zips. Idempotent. Under a
     lock in ``root`` when there is anything to extract: two prepares of one download (into two prepared dirs)
-    would otherwise extract over each other and read half-written files; the second waits, then finds it done."""
+    would otherwise extract over each other and read half-written files; the second waits, then finds it done.
+    ``datasets``: the ones asked for; a broken archive that names only another FLARE dataset is passed over."""
     from flare_exp.run.lock import RunLock
 
     if not pending_zips(root):
         return 0  # nothing written into the download (it may be read-only)
     lock = RunLock(root, name=".flare_exp_unzip.lock").acquire_when_free("prepare: unzip")
     try:
-        return _extract_pending(root)
+        return _extract_pending(root, datasets)
     finally:
         lock.release()
 
 
-def _extract_pending(root: Path) -> int:
-    extracted = 0
+def of_another_dataset(root: Path, archive: Path, datasets: list[str] | None) -> bool:
+    """Whether the archive's path names a FLARE dataset (training/Xray/chestdr.zip, .../chestdr/imagesTr.zip)
+    and none of those asked for."""
+    from flare_exp.data.records import FLARE_DATASETS
+
+    if datasets is None:
+        return False
+    named = {part.casefold() for part in archive.relative_to(root).with_suffix("").parts}
+    flare = {d.casefold() for d in FLARE_DATASETS}
+    return bool(named & flare) and not named & {d.casefold() for d in datasets}
+
+
+def _extract_pending(root: Path, datasets: list[str] | None = None) -> int:
+    extracted, passed_over = 0, set()
     while True:
-        pending = pending_zips(root)
+        pending = [z for z in pending_zips(root) if z not in passed_over]
         if not pending:
             return extracted
         for archive in tqdm(pending, desc="unzip", unit="zip", disable=len(pending) < 2):
@@ -89,6 +105,13 @@ def _extract_pending(root: Path) -> int:
                             raise PrepareError(f"{archive}: member {member!r} would extract outside {dest}")
                     zf.extractall(dest)
             except zipfile.BadZipFile as e:
-                raise PrepareError(f"{archive}: not a valid zip file ({e})") from None
+                if of_another_dataset(root, archive, datasets):
+                    log.warning("prepare: %s is not a valid zip file (%s); passed over: it holds none of "
+                                "data.datasets=%s", archive, e, list(datasets))
+                    passed_over.add(archive)
+                    continue
+                raise PrepareError(f"{archive}: not a valid zip file ({e}): a download cut short? Download it "
+                                   "again, or move it out of data.root if its data is not needed (data.unzip=false "
+                                   "skips every archive)") from None
             archive.with_name(archive.name + ".unzipped").write_text(_archive_stamp(archive))
             extracted += 1

@@ -322,3 +322,36 @@ def test_a_prepared_split_edited_since_is_not_the_prepares_output(base_overrides
     with pytest.raises(RunSettingsChangedError, match=r"\[prepare\] .* prepared file train.jsonl: edited since the "
                                                       r"prepare wrote it \(sha256 [0-9a-f]{12} -> "):
         reusable("prepare", cfg, prepared)
+
+
+def test_an_overwrite_files_every_earlier_step_before_the_first_runs(base_overrides, tmp_path, monkeypatch):
+    """overwrite=true stopped in its first step: the earlier attempt's finished steps are not left beside it
+    (listed with their metric, taken as its predictions): each step of the pipeline's dir moved its earlier
+    attempt to its attempts/ before the first step ran. A requeue of the SLURM job that made them keeps them."""
+    import flare_exp.stages.pipeline as pipeline
+
+    out = tmp_path / "pipe"
+    cfg = compose_cfg([*base_overrides, "stage=pipeline", "stage.steps=[prepare,sft,infer,eval]", "overwrite=true",
+                       f"data.prepared_dir={tmp_path / 'shared'}"])
+    for step in ("sft", "infer", "eval"):  # the earlier attempt, finished
+        (out / step).mkdir(parents=True)
+        (out / step / "DONE").write_text("{}")
+        (out / step / "run_info.json").write_text(json.dumps({"slurm_job_id": "41"}))
+    (out / "eval" / "metrics.json").write_text("{}")
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "DONE").write_text("{}")  # prepare's dir, outside: its own rule decides
+
+    def stopped(*args):
+        raise KeyboardInterrupt("SIGTERM")
+    monkeypatch.setattr(pipeline, "_run_or_reuse", stopped)
+    monkeypatch.setenv("SLURM_JOB_ID", "41")  # the job that made them, requeued: kept
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run(cfg, out)
+    assert all((out / step / "DONE").exists() for step in ("sft", "infer", "eval"))
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run(cfg, out)
+    for step in ("sft", "infer", "eval"):
+        assert not (out / step / "DONE").exists() and (out / step / "attempts" / "01" / "DONE").exists()
+    assert not (out / "eval" / "metrics.json").exists()
+    assert (tmp_path / "shared" / "DONE").exists()

@@ -176,9 +176,28 @@ def refuse_before_start(cfg, out_dir: Path) -> None:
             return
 
 
+def file_earlier_steps(cfg, out_dir: Path) -> None:
+    """overwrite=true: every step in the pipeline's own dir moves its earlier attempt to its attempts/NN/ before
+    the first step runs (rank 0; the others wait), not as each is reached: a pipeline stopped in sft would leave
+    the earlier attempt's finished rl, infer and eval beside it, listed with their metric and taken as its
+    predictions. What this SLURM job made before its requeue stays (this_jobs_attempt); a shared step (prepare's
+    dir outside) is decided by its own rule."""
+    from flare_exp.run.record import archive_attempt, attempt_files, this_jobs_attempt
+
+    if not cfg.overwrite:
+        return
+    if ranks()[0] == 0:
+        for name, _, _, step_dir in planned_steps(cfg, out_dir):
+            inside = step_dir.resolve().is_relative_to(out_dir.resolve())
+            if inside and attempt_files(step_dir) and not this_jobs_attempt(step_dir):
+                log.info("[%s] overwrite=true: the earlier attempt moved to %s", name, archive_attempt(step_dir))
+    barrier()
+
+
 def run(cfg, out_dir: Path) -> dict:
     check_steps(cfg)
     # every step's own settings were checked before the first (checks.validate): a bad rl.* does not wait for sft
+    file_earlier_steps(cfg, out_dir)
     done_dirs: dict[str, Path] = {}
     results = {}
     for name, step, step_cfg, step_dir in planned_steps(cfg, out_dir):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import os
 import stat
@@ -170,7 +171,13 @@ def read_journal(path: str | Path, key: str) -> dict[str, dict]:
     path = Path(path)
     if not path.exists():
         return {}
-    return {row[key]: row for row in mended_journal(path)}
+    rows: dict[str, dict] = {}
+    for row in mended_journal(path):
+        if row[key] in rows and rows[row[key]] != row:  # never appended twice by a resume: an edit by hand
+            logging.getLogger(__name__).warning(
+                "%s: two rows for %s %r that differ: the later one is kept", path, key, row[key])
+        rows[row[key]] = row
+    return rows
 
 
 def mended_journal(path: Path) -> list[dict]:

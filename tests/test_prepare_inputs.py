@@ -241,3 +241,18 @@ def test_the_multi_label_answers_labels_are_counted_and_the_rare_ones_named():
                                 "rare": ["Cardiomegally", "Mass; Effusion"]}
     assert found["periapical"]["labels"] == {"Caries": 2, comma_label: 2} and not found["periapical"]["rare"]
     assert set(found) == {"chestdr", "periapical"}
+
+
+def test_a_large_scan_is_no_bomb_below_pils_own_limit(tmp_path, monkeypatch):
+    """PIL warns at MAX_IMAGE_PIXELS and refuses at twice that: an image between the two (a 100 MP scan under the
+    default limits) is decoded and kept; one above is rejected as a decompression bomb."""
+    import numpy as np
+    from PIL import Image
+
+    from flare_exp.data.images import _check_image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    for side in (40, 50):  # 1,600 pixels: above the warning, below the error; 2,500: above both
+        Image.fromarray((np.arange(side * side) % 251).reshape(side, side).astype(np.uint8)).save(tmp_path / f"{side}.png")
+    assert _check_image(str(tmp_path / "40.png"), None).problem is None
+    assert _check_image(str(tmp_path / "50.png"), None).problem.startswith("decompression bomb 50.png")

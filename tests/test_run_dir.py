@@ -297,3 +297,18 @@ def test_a_run_dir_placed_outside_the_output_root_is_said(tmp_path, caplog):
     caplog.clear()
     outside_the_output_root(tmp_path / "out" / "other" / "x", tmp_path / "out")  # under the root, not listed
     assert "is not where stage=runs looks" in caplog.text and "lists it" not in caplog.text
+
+
+def test_a_journal_edited_to_hold_one_key_twice_says_which_row_is_kept(tmp_path, caplog):
+    """A resume never appends a key twice: two rows for one id that differ are a hand edit, said (the later one
+    is kept); a row copied as it is, is not worth a word."""
+    from flare_exp.io import read_journal
+
+    journal = tmp_path / "predictions.jsonl"
+    journal.write_text('{"id": "a", "prediction": "A"}\n{"id": "b", "prediction": "B"}\n{"id": "b", "prediction": "B"}\n')
+    caplog.set_level("WARNING", logger="flare_exp.io")
+    assert read_journal(journal, "id")["b"]["prediction"] == "B" and not caplog.text
+    with open(journal, "a") as f:
+        f.write('{"id": "a", "prediction": "ZZZ"}\n')
+    assert read_journal(journal, "id")["a"]["prediction"] == "ZZZ"
+    assert "two rows for id 'a' that differ: the later one is kept" in caplog.text

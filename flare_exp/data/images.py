@@ -143,7 +143,9 @@ def _check_image(path: str, window: tuple[float, float] | None, decode: bool = T
     size, mode, pixels, uniform, frames, framed, clipped = f"{len(data):,} bytes", None, None, None, 1, False, False
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # PIL's own limit rejects (DecompressionBombError, twice MAX_IMAGE_PIXELS: ~179 MP); its warning at
+            # half that is no reason to drop a large scan, which the processor's max_pixels scales down anyway
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as im:
                 size, mode, stored = f"{im.width}x{im.height} px, {size}", im.mode, im.size
                 frames = getattr(im, "n_frames", 1)
@@ -159,7 +161,7 @@ def _check_image(path: str, window: tuple[float, float] | None, decode: bool = T
                         framed = (framed_content(picture, filled=FIELD_FILLS, edges_touched=0) if side == "above"
                                   else framed_content(picture))
                         clipped = side is not None and not framed
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except Image.DecompressionBombError as e:
         return ImageCheck(f"decompression bomb {Path(path).name}: {e} ({size})", digest, mode, None)
     except Image.UnidentifiedImageError:  # PIL's wording names an in-memory buffer, not the file
         reason = ("no image format Pillow reads: an empty or cut download, or another kind of file under an "

@@ -103,6 +103,13 @@ def test_a_smaller_num_samples_keeps_the_predictions_it_leaves_out(base_override
     summary = _infer(base_overrides, run_dir, f"infer.checkpoint={sft_adapter}", "infer.num_samples=6")
     assert summary["generated_now"] == 0 and summary["samples"] == 6  # none decoded again
     assert not (run_dir / "predictions.beyond_num_samples.jsonl").exists()
+    (run_dir / "DONE").unlink()  # a row whose id is in no record (edited by hand): set apart as such
+    with open(run_dir / "predictions.jsonl", "a") as f:
+        f.write(json.dumps({**json.loads(next(iter(first.values()))), "id": "dental/typed-by-hand"}) + "\n")
+    summary = _infer(base_overrides, run_dir, f"infer.checkpoint={sft_adapter}", "infer.num_samples=6")
+    assert summary["samples"] == 6 and not (run_dir / "predictions.beyond_num_samples.jsonl").exists()
+    foreign = (run_dir / "predictions.not_in_split.jsonl").read_text().splitlines()
+    assert [json.loads(l)["id"] for l in foreign] == ["dental/typed-by-hand"]
 
 
 def test_eval_demo_and_comparison(base_overrides, sft_adapter, tmp_path):

@@ -23,6 +23,7 @@ RANK_PREDICTIONS = "predictions.rank{rank}.jsonl"  # one per rank of a data-para
 # predictions an earlier attempt made for records a smaller infer.num_samples leaves out: kept, and reused by a
 # later attempt that asks for them again
 SPARE_PREDICTIONS = "predictions.beyond_num_samples.jsonl"
+FOREIGN_PREDICTIONS = "predictions.not_in_split.jsonl"  # journal rows whose id is in no record of the split
 LOG_HISTORY = "log_history.json"
 METRICS = "metrics.json"
 REPORT_HTML = "report.html"

@@ -27,7 +27,7 @@ from flare_exp.models.checkpoints import adapter_identity, checkpoint_label, res
 from flare_exp.models.grouped_attention import attention_used
 from flare_exp.models.loading import load_model
 from flare_exp.reports.sheets import write_sheet
-from flare_exp.run.layout import PREDICTIONS, SPARE_PREDICTIONS, summary_name
+from flare_exp.run.layout import FOREIGN_PREDICTIONS, PREDICTIONS, SPARE_PREDICTIONS, summary_name
 from flare_exp.run.layout import RANK_PREDICTIONS as RANK_JOURNAL
 from flare_exp.run.lock import check_still_held
 from flare_exp.run.stage import Stage, infer_input_file
@@ -189,7 +189,7 @@ def run(cfg, out_dir: Path) -> dict:
     source = abspath(infer_input_file(cfg))
     records = read_prepared_split(source)
     check_records_window(records, cfg.data.image_window, source)
-    questions = len(records)
+    questions, split_ids = len(records), {r["id"] for r in records}
     if inf.num_samples and inf.num_samples > 0:
         records = records[:inf.num_samples]
     if not records:
@@ -214,12 +214,15 @@ def run(cfg, out_dir: Path) -> dict:
         generated, elapsed = sum(c[0] for c in counts), max(c[1] for c in counts)
         decoded_by = next((c[2] for c in counts if c[2]), None)
         done = read_predictions(out_dir)
-    return finish(cfg, out_dir, records, done, label, generated, elapsed, decoded_by, world, batch_choice, questions)
+    return finish(cfg, out_dir, records, done, label, generated, elapsed, decoded_by, world, batch_choice, questions,
+                  split_ids)
 
 
 def finish(cfg, out_dir: Path, records: list[dict], done: dict, label: str, generated: int, elapsed: float,
-           decoded_by: dict | None, world: int, batch_choice: dict | None = None, questions: int = 0) -> dict:
-    """One predictions file in input order (the ranks' journals merged into it), the sheet, the summary."""
+           decoded_by: dict | None, world: int, batch_choice: dict | None = None, questions: int = 0,
+           split_ids: set | None = None) -> dict:
+    """One predictions file in input order (the ranks' journals merged into it), the sheet, the summary.
+    ``split_ids``: every record's id in the split (default: those asked for)."""
     inf, pred_path = cfg.infer, out_dir / PREDICTIONS
     missing = [r["id"] for r in records if r["id"] not in done]
     if missing:
@@ -228,7 +231,14 @@ def finish(cfg, out_dir: Path, records: list[dict], done: dict, label: str, gene
     rows = [done[r["id"]] for r in records]  # the input's order
     check_still_held()  # the files below are the run's record: not written into a dir that is another's now
     asked = {r["id"] for r in records}
-    spare = [row for key, row in done.items() if key not in asked]
+    split_ids = asked if split_ids is None else split_ids
+    foreign = [row for key, row in done.items() if key not in split_ids]
+    if foreign:  # a row edited by hand, or another split's journal: no record of this split is answered by it
+        write_jsonl(out_dir / FOREIGN_PREDICTIONS, foreign)
+        log.warning("infer: %d prediction row(s) name an id in no record of this split (first: %s; edited by hand, "
+                    "or another split's journal?): left out of %s, kept in %s", len(foreign), foreign[0].get("id"),
+                    pred_path.name, FOREIGN_PREDICTIONS)
+    spare = [row for key, row in done.items() if key not in asked and key in split_ids]
     if spare:  # an earlier attempt with a larger infer.num_samples: the file holds what the summary counts
         write_jsonl(out_dir / SPARE_PREDICTIONS, spare)  # kept for an attempt that asks for them again
         log.warning("infer: %d predictions of an earlier attempt are not among the %d records asked for "

@@ -51,6 +51,7 @@ def check_command_line(argv: list[str]) -> None:
     from hydra._internal.utils import get_args_parser
 
     from flare_exp.config import Config
+    from flare_exp.config_dirs import searched_dirs, with_config_dir
     from flare_exp.config_keys import override_key_problems
 
     try:
@@ -61,7 +62,10 @@ def check_command_line(argv: list[str]) -> None:
     check_run_name_override(args.overrides, args.multirun)
     check_sweeper_params(args.overrides)
     check_slurm_launcher(args.overrides, args.multirun)
-    overrides = with_config_dir(args.overrides, args.config_dir)
+    try:
+        overrides = with_config_dir(args.overrides, args.config_dir)
+    except ValueError as e:  # a --config-dir Hydra would not find
+        refuse(e, BEFORE_HYDRA)
     groups = {p.name for d in [CONF_DIR, *searched_dirs(overrides)] if d.is_dir() for p in d.iterdir() if p.is_dir()}
     unknown = override_key_problems(args.overrides, Config, groups)  # and values of the wrong type
     problems: list[Exception] = [ValueError(p) for p in unknown.values()]
@@ -83,43 +87,6 @@ def check_command_line(argv: list[str]) -> None:
     from flare_exp.checks import settings_error
 
     refuse(settings_error(problems), BEFORE_HYDRA)
-
-
-SEARCHPATH = "hydra.searchpath"
-
-
-def with_config_dir(overrides: list[str], config_dir: str | None) -> list[str]:
-    """The overrides composed as Hydra runs them: ``--config-dir D`` adds D to the config search path after
-    conf/ (a file both hold is conf/'s: ``shadowed_files`` refuses that) and before any hydra.searchpath entry,
-    as ``hydra.searchpath=[file://D, ...]`` does. D as Hydra reads it: no ``~`` expanded; one that is no
-    directory is refused here in one line (Hydra's own error is a traceback-like report)."""
-    if not config_dir:
-        return list(overrides)
-    where = os.path.abspath(config_dir)  # Hydra's own reading of the flag
-    if not os.path.isdir(where):
-        tilde = (" The shell expands ~ only at a word's start: write --config-dir ~/... (a space, not '=') or "
-                 "$HOME/..." if "~" in config_dir else "")
-        refuse(ValueError(f"--config-dir {config_dir}: no such directory ({where}).{tilde}"), BEFORE_HYDRA)
-    given = [o for o in overrides if o.split("=", 1)[0].lstrip("+") == SEARCHPATH]
-    others = [o for o in overrides if o not in given]
-    listed = ",".join([f"file://{where}"] + [p for o in given for p in _searchpath_entries(o)])
-    return [*others, f"{SEARCHPATH}=[{listed}]"]
-
-
-def _searchpath_entries(override: str) -> list[str]:
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    try:
-        value = OverridesParser.create().parse_override(override).value()
-    except Exception:  # noqa: BLE001  (Hydra's own complaint comes when it composes)
-        return []
-    return [str(v) for v in value] if isinstance(value, list) else [str(value)]
-
-
-def searched_dirs(overrides: list[str]) -> list[Path]:
-    """The config dirs a ``hydra.searchpath`` override adds (file:// entries, or plain paths)."""
-    return [Path(e.split("://", 1)[-1]) for o in overrides if o.split("=", 1)[0].lstrip("+") == SEARCHPATH
-            for e in _searchpath_entries(o) if not e.startswith("pkg://")]
 
 
 def check_parsable(overrides: list[str]) -> None:
@@ -245,6 +212,7 @@ def composed(overrides: list[str]) -> tuple:
     from omegaconf import open_dict
 
     from flare_exp.config import Config
+    from flare_exp.config_dirs import shadowed_files
     from flare_exp.config_keys import file_value_problems
 
     try:
@@ -256,25 +224,11 @@ def composed(overrides: list[str]) -> tuple:
     # the group files it read, in the config dirs Hydra searched, in its order (conf/, then hydra.searchpath's)
     dirs = [CONF_DIR] + [Path(p.split("://", 1)[-1]) for p in cfg.hydra.searchpath if not str(p).startswith("pkg")]
     choices = dict(cfg.hydra.runtime.choices)
-    in_files = [ValueError(p) for p in shadowed_files(dirs, choices) + file_value_problems(dirs, choices, Config)]
+    in_files = [ValueError(p) for p in shadowed_files(dirs, choices, CONF_DIR)
+                + file_value_problems(dirs, choices, Config)]
     with open_dict(cfg):
         del cfg["hydra"]
     return cfg, in_files
-
-
-def shadowed_files(dirs: list[Path], choices: dict) -> list[str]:
-    """A chosen group file of the user's config dir that one of conf/ (searched first) hides: the run would
-    compose the repo's without a word (a copy of experiment/flare.yaml edited under the same name)."""
-    out = []
-    for group, choice in choices.items():
-        if not isinstance(choice, str) or group.startswith("hydra"):
-            continue
-        name = f"{group}/{choice}.yaml"
-        found = [d / name for d in dirs if (d / name).is_file()]
-        if len(found) > 1 and found[0].is_relative_to(CONF_DIR):
-            out.append(f"{found[1]}: {group}={choice} composes {found[0]} instead (Hydra searches the repo's conf/ "
-                       f"first); give yours another name")
-    return out
 
 
 def config_file_problem(error: BaseException) -> Exception | None:

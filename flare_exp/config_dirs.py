@@ -1,0 +1,59 @@
+"""The config dirs a launch composes from beside the repo's conf/ (``--config-dir``, ``hydra.searchpath``), read as
+Hydra reads them, for launch.py's checks before Hydra starts: the overrides as Hydra runs them, the dirs they add
+(their groups are known keys), and a user's group file that conf/ hides."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+SEARCHPATH = "hydra.searchpath"
+
+
+def with_config_dir(overrides: list[str], config_dir: str | None) -> list[str]:
+    """The overrides composed as Hydra runs them: ``--config-dir D`` adds D to the config search path after
+    conf/ (a file both hold is conf/'s: ``shadowed_files`` refuses that) and before any hydra.searchpath entry,
+    as ``hydra.searchpath=[file://D, ...]`` does. D as Hydra reads it: no ``~`` expanded; one that is no
+    directory is a ValueError (Hydra's own error is a traceback-like report)."""
+    if not config_dir:
+        return list(overrides)
+    where = os.path.abspath(config_dir)  # Hydra's own reading of the flag
+    if not os.path.isdir(where):
+        tilde = (" The shell expands ~ only at a word's start: write --config-dir ~/... (a space, not '=') or "
+                 "$HOME/..." if "~" in config_dir else "")
+        raise ValueError(f"--config-dir {config_dir}: no such directory ({where}).{tilde}")
+    given = [o for o in overrides if o.split("=", 1)[0].lstrip("+") == SEARCHPATH]
+    others = [o for o in overrides if o not in given]
+    listed = ",".join([f"file://{where}"] + [p for o in given for p in _searchpath_entries(o)])
+    return [*others, f"{SEARCHPATH}=[{listed}]"]
+
+
+def _searchpath_entries(override: str) -> list[str]:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        value = OverridesParser.create().parse_override(override).value()
+    except Exception:  # noqa: BLE001  (Hydra's own complaint comes when it composes)
+        return []
+    return [str(v) for v in value] if isinstance(value, list) else [str(value)]
+
+
+def searched_dirs(overrides: list[str]) -> list[Path]:
+    """The config dirs a ``hydra.searchpath`` override adds (file:// entries, or plain paths)."""
+    return [Path(e.split("://", 1)[-1]) for o in overrides if o.split("=", 1)[0].lstrip("+") == SEARCHPATH
+            for e in _searchpath_entries(o) if not e.startswith("pkg://")]
+
+
+def shadowed_files(dirs: list[Path], choices: dict, conf_dir: Path) -> list[str]:
+    """A chosen group file of the user's config dir that one of ``conf_dir`` (the repo's conf/, searched first)
+    hides: the run would compose the repo's without a word (a copy of experiment/flare.yaml edited under the same
+    name)."""
+    out = []
+    for group, choice in choices.items():
+        if not isinstance(choice, str) or group.startswith("hydra"):
+            continue
+        name = f"{group}/{choice}.yaml"
+        found = [d / name for d in dirs if (d / name).is_file()]
+        if len(found) > 1 and found[0].is_relative_to(conf_dir):
+            out.append(f"{found[1]}: {group}={choice} composes {found[0]} instead (Hydra searches the repo's conf/ "
+                       f"first); give yours another name")
+    return out

@@ -212,7 +212,7 @@ def composed(overrides: list[str]) -> tuple:
     from omegaconf import open_dict
 
     from flare_exp.config import Config
-    from flare_exp.config_dirs import shadowed_files
+    from flare_exp.config_dirs import entry_dir, shadowed_files
     from flare_exp.config_keys import file_value_problems
 
     try:
@@ -222,7 +222,7 @@ def composed(overrides: list[str]) -> tuple:
         found = config_file_problem(e)
         return None, [found] if found else []
     # the group files it read, in the config dirs Hydra searched, in its order (conf/, then hydra.searchpath's)
-    dirs = [CONF_DIR] + [Path(p.split("://", 1)[-1]) for p in cfg.hydra.searchpath if not str(p).startswith("pkg")]
+    dirs = [CONF_DIR] + [d for entry in cfg.hydra.searchpath if (d := entry_dir(str(entry)))]
     choices = dict(cfg.hydra.runtime.choices)
     in_files = [ValueError(p) for p in shadowed_files(dirs, choices, CONF_DIR)
                 + file_value_problems(dirs, choices, Config)]

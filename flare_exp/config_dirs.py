@@ -21,7 +21,7 @@ def with_config_dir(overrides: list[str], config_dir: str | None) -> list[str]:
         tilde = (" The shell expands ~ only at a word's start: write --config-dir ~/... (a space, not '=') or "
                  "$HOME/..." if "~" in config_dir else "")
         raise ValueError(f"--config-dir {config_dir}: no such directory ({where}).{tilde}")
-    given = [o for o in overrides if o.split("=", 1)[0].lstrip("+") == SEARCHPATH]
+    given = [o for o in overrides if _sets_searchpath(o)]
     others = [o for o in overrides if o not in given]
     listed = ",".join([f"file://{where}"] + [p for o in given for p in _searchpath_entries(o)])
     return [*others, f"{SEARCHPATH}=[{listed}]"]
@@ -37,10 +37,18 @@ def _searchpath_entries(override: str) -> list[str]:
     return [str(v) for v in value] if isinstance(value, list) else [str(value)]
 
 
+def _sets_searchpath(override: str) -> bool:
+    return override.split("=", 1)[0].lstrip("+") == SEARCHPATH
+
+
+def entry_dir(entry: str) -> Path | None:
+    """The folder a search-path entry names (file:// or a plain path); None for a package (pkg://)."""
+    return None if entry.startswith("pkg") else Path(entry.split("://", 1)[-1])
+
+
 def searched_dirs(overrides: list[str]) -> list[Path]:
-    """The config dirs a ``hydra.searchpath`` override adds (file:// entries, or plain paths)."""
-    return [Path(e.split("://", 1)[-1]) for o in overrides if o.split("=", 1)[0].lstrip("+") == SEARCHPATH
-            for e in _searchpath_entries(o) if not e.startswith("pkg://")]
+    """The config dirs a ``hydra.searchpath`` override adds."""
+    return [d for o in overrides if _sets_searchpath(o) for e in _searchpath_entries(o) if (d := entry_dir(e))]
 
 
 def shadowed_files(dirs: list[Path], choices: dict, conf_dir: Path) -> list[str]:

@@ -12,6 +12,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+log = logging.getLogger(__name__)
+
 
 def _umask() -> int:
     mask = os.umask(0o022)
@@ -174,8 +176,7 @@ def read_journal(path: str | Path, key: str) -> dict[str, dict]:
     rows: dict[str, dict] = {}
     for row in mended_journal(path):
         if row[key] in rows and rows[row[key]] != row:  # never appended twice by a resume: an edit by hand
-            logging.getLogger(__name__).warning(
-                "%s: two rows for %s %r that differ: the later one is kept", path, key, row[key])
+            log.warning("%s: two rows for %s %r that differ: the later one is kept", path, key, row[key])
         rows[row[key]] = row
     return rows
 

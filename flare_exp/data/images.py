@@ -229,9 +229,9 @@ def framed_content(picture, levels: int = 6, busy: float = 0.05, filled: float =
     top, bottom, left, right = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
     edges = sum(int(touches) for touches in (top == 0, bottom == grey.shape[0], left == 0, right == grey.shape[1]))
     box, inside = off[top:bottom, left:right], grey[top:bottom, left:right]
-    if not (0.01 * off.size <= box.size < 0.9 * off.size) or edges > edges_touched or float(box.mean()) <= 1 - NEARLY_UNIFORM:
-        return False
-    if float(box.mean()) < filled:
+    fill = float(box.mean())
+    if not (0.01 * off.size <= box.size < 0.9 * off.size) or edges > edges_touched or fill <= 1 - NEARLY_UNIFORM \
+            or fill < filled:
         return False
     return _near_median(np.bincount(inside[box], minlength=256), levels)[1] < NEARLY_UNIFORM
 

@@ -4,8 +4,9 @@ written is one error naming the file, the records and what is wrong, before any 
 mid-run, nor a run that finishes and leaves eval to refuse its predictions."""
 from __future__ import annotations
 
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
+from flare_exp.data.images import inside
 from flare_exp.data.records import TASK_TYPES
 from flare_exp.io import read_jsonl
 
@@ -51,8 +52,7 @@ def record_problem(record) -> str | None:
     for image in record["images"]:
         if not isinstance(image, str) or not image:
             return f"an image path {image!r} that is no path"
-        parts = PurePosixPath(image.replace("\\", "/"))
-        if parts.is_absolute() or Path(image).is_absolute() or ".." in parts.parts:
+        if inside(Path("."), image) is None:  # prepare's own rule for a record's image path
             return (f"the image {image!r} lies outside data.root (prepare writes paths inside it, and a stage "
                     "opens no file elsewhere)")
     shown = sum(1 for message in record["messages"] if isinstance(message, dict)

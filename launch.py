@@ -4,6 +4,7 @@ Kept thin on purpose: submitit pickles this task function for cluster jobs, so e
 inside it, from the flare_exp package.
 """
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -75,7 +76,7 @@ def check_command_line(argv: list[str]) -> None:
     own_config = any(getattr(args, flag, None) for flag in ("config_name", "config_path"))
     known = [o for o in overrides if o not in unknown]
     if args.multirun and not asks_hydra:  # a sweep: its dir goes under the output root before any job runs
-        problems += sweep_root_problems(known)
+        problems += sweep_root_problems(known) + sweep_file_problems(known, groups)
     if not args.multirun and not asks_hydra and not own_config:
         # a single run's settings and inputs, checked before Hydra makes its run dir (a refused run leaves none);
         # with another primary config (--config-name/-dir) the run checks them itself, against that config
@@ -186,6 +187,34 @@ def sweep_root_problems(overrides: list[str]) -> list[Exception]:
     return []
 
 
+def sweep_file_problems(overrides: list[str], groups: set[str]) -> list[Exception]:
+    """A sweep's group files (``experiment=a,b``, and a fixed ``+cluster=mine``): each choice composed once with the
+    sweep's fixed overrides, and a file's own problem (not YAML, a key the schema lacks, a value its type refuses) said in one line, as a single
+    run hears it (Hydra's sweeper would stop on the first with its own error). Other sweep values are the jobs'."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    fixed, choices = [], []
+    for override in overrides:
+        try:
+            parsed = parser.parse_override(override)
+        except Exception:  # noqa: BLE001  (Hydra's own complaint comes)
+            return []
+        if not parsed.is_sweep_override():
+            fixed.append(override)
+        elif parsed.get_key_element().lstrip("+~").split("@")[0] in groups and not parsed.is_delete():
+            key = override.split("=", 1)[0]
+            try:
+                choices += [f"{key}={value}" for value in parsed.sweep_string_iterator()]
+            except Exception:  # noqa: BLE001  (a range or interval sweep of a group: not file names)
+                continue
+    problems: dict[str, Exception] = {}
+    for choice in choices or [None]:  # the fixed overrides' own group files are composed in each
+        for problem in composed([*fixed, *([choice] if choice else [])])[1]:
+            problems.setdefault(str(problem), problem)
+    return list(problems.values())
+
+
 def other_setting_problems(known_overrides: list[str]) -> list[Exception]:
     """A single run's problems (settings and input paths), composed as Hydra will. Nothing when composing fails
     (Hydra's own complaint comes then); a value that needs Hydra's runtime to resolve (``${hydra:runtime.cwd}``)
@@ -212,14 +241,14 @@ def composed(overrides: list[str]) -> tuple:
     from omegaconf import open_dict
 
     from flare_exp.config import Config
-    from flare_exp.config_dirs import entry_dir, shadowed_files
+    from flare_exp.config_dirs import entry_dir, searched_dirs, shadowed_files
     from flare_exp.config_keys import file_value_problems
 
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
     except Exception as e:  # noqa: BLE001
-        found = config_file_problem(e)
+        found = config_file_problem(e, [CONF_DIR, *searched_dirs(overrides)])
         return None, [found] if found else []
     # the group files it read, in the config dirs Hydra searched, in its order (conf/, then hydra.searchpath's)
     dirs = [CONF_DIR] + [d for entry in cfg.hydra.searchpath if (d := entry_dir(str(entry)))]
@@ -231,29 +260,34 @@ def composed(overrides: list[str]) -> tuple:
     return cfg, in_files
 
 
-def config_file_problem(error: BaseException) -> Exception | None:
+def config_file_problem(error: BaseException, conf_dirs: list[Path] = ()) -> Exception | None:
     """A config file the run composes (an experiment file of the user's) that is not valid YAML (an indent, a
-    duplicate key), or sets a key the schema lacks: one line naming the file and line, or the key with the closest
-    one (Hydra prints a long YAML traceback, or its struct error without a suggestion)."""
+    duplicate key), or sets a key the schema lacks or a value its type refuses: one line naming the file and line,
+    or the key with the closest one and the file (found in ``conf_dirs``, Hydra's search order, from the
+    "In 'experiment/mine'" Hydra's error starts with). Hydra prints a long YAML traceback, or its struct error
+    without a suggestion."""
     import yaml
     from omegaconf.errors import ConfigKeyError, ValidationError
 
     from flare_exp.config import Config
     from flare_exp.config_keys import unknown_path
 
+    named = re.match(r"In '([^']+)'", str(error))  # Hydra's ConfigCompositionException: the group file
+    files = [d / f"{named.group(1)}.yaml" for d in conf_dirs] if named else []
+    where = next((str(f) for f in files if f.is_file()),
+                 "a config file this run composes (an experiment or other group file)")
     for error in causes(error):
         if isinstance(error, yaml.MarkedYAMLError) and error.problem_mark is not None:
             mark = error.problem_mark
             return ValueError(f"{mark.name}, line {mark.line + 1}, column {mark.column + 1}: not valid YAML: "
                               f"{error.problem}" + (f" ({error.context})" if error.context else ""))
         if isinstance(error, ValidationError) and getattr(error, "full_key", None):
-            return ValueError(f"{error.full_key}: {str(error).splitlines()[0]}, set in a config file this run "
-                              "composes (an experiment or other group file)")
+            return ValueError(f"{error.full_key}: {str(error).splitlines()[0]}, set in {where}")
         if isinstance(error, ConfigKeyError) and getattr(error, "full_key", None):
             found = unknown_path(str(error.full_key), Config)
             if found:
-                return ValueError(f"unknown config key {found}, set in a config file this run composes (an "
-                                  "experiment or other group file; python launch.py --cfg job lists every key)")
+                return ValueError(f"unknown config key {found}, set in {where}; python launch.py --cfg job "
+                                  "lists every key")
     return None
 
 

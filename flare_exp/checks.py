@@ -225,8 +225,11 @@ def _collect_missing(problems: list, declared, key: str, cfg: DictConfig) -> Non
 
 
 def _check_exists(key: str, value, required: bool, hint: str) -> None:
+    from flare_exp.run.lock import being_made
+
     if value is not None and required and not abspath(value).exists():
-        raise FileNotFoundError(f"{key}={value}: {why_missing(abspath(value))} ({abspath(value)}). {hint}".strip())
+        path = abspath(value)
+        raise FileNotFoundError(f"{key}={value}: {why_missing(path)} ({path}). {being_made(path) or hint}".strip())
 
 
 def why_missing(path: Path) -> str:

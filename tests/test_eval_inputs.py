@@ -161,6 +161,22 @@ def test_a_doubled_id_is_named_as_such_even_when_its_answers_differ(tmp_path):
         load_rows(_predictions(tmp_path, rows), False, prepared)
 
 
+def test_a_finished_runs_doubled_row_is_named_not_sent_to_allow_partial(tmp_path):
+    """A row pasted twice into a finished run's file: the count differs from the summary, but the hint is the
+    doubled id (eval.allow_partial would only be refused next on the same row)."""
+    prepared = _prepared(tmp_path)
+    run_dir = tmp_path / "done"
+    run_dir.mkdir()
+    (run_dir / "DONE").write_text("{}")
+    (run_dir / "infer_summary.json").write_text(json.dumps({"samples": 3}))
+    rows = [{**r, "prediction": "A"} for r in REFERENCE[:3]]
+    path = _predictions(run_dir, rows + rows[:1])
+    for partial in (False, True):
+        with pytest.raises(ValueError, match=r"occur more than once") as caught:
+            load_rows(path, partial, prepared)
+        assert "allow_partial" not in str(caught.value)
+
+
 def test_a_byte_order_mark_is_read_past_and_a_csv_is_named(tmp_path):
     """Windows editors open a file with a byte-order mark: the JSONL still reads. A .csv export is named with
     what eval reads instead of failing as 'not valid JSON'."""

@@ -293,8 +293,9 @@ def test_a_value_hydras_grammar_cannot_read_bare_is_one_line_saying_how_to_quote
 @pytest.mark.parametrize("body, said", [
     ("sft:\n  learning_rate: 1e-4\n   max_steps: 3\n", r"mine.yaml, line 4, column 13: not valid YAML: mapping values"),
     ("sft:\n  max_steps: 3\n  max_steps: 4\n", r"mine.yaml, line 4, column 3: not valid YAML: found duplicate key"),
-    ("sft:\n  lerning_rate: 1e-4\n", r"unknown config key sft.lerning_rate \(did you mean sft.learning_rate\?\), set in"),
-    ("sft:\n  learning_rate: abc\n", r"sft.learning_rate: Value 'abc' .* converted to Float, set in a config file"),
+    ("sft:\n  lerning_rate: 1e-4\n", r"unknown config key sft.lerning_rate \(did you mean sft.learning_rate\?\), set in "
+                                     r"\S+/experiment/mine.yaml"),
+    ("sft:\n  learning_rate: abc\n", r"sft.learning_rate: Value 'abc' .* converted to Float, set in \S+/experiment/mine.yaml"),
     # OmegaConf reads any integer as true: said, every such value in one list
     ("sft:\n  group_by_length: 2\nmodel:\n  fused_prefill: -1\n",
      r"(?s)problems with the settings.*mine.yaml: sft.group_by_length=2: must be true or false.*mine.yaml: model.fused_prefill=-1"),
@@ -311,11 +312,16 @@ def test_a_users_config_file_with_a_yaml_or_key_error_is_one_line(body, said, tm
     (tmp_path / "experiment" / "mine.yaml").write_text("# @package _global_\n" + body)
     for found_by, extra in (([f"hydra.searchpath=[file://{tmp_path}]"], []),
                             ([f"hydra.searchpath=[file://{tmp_path}]"], ["--cfg", "job"]),  # as its message advises
-                            ([f"--config-dir={tmp_path}"], [])):  # Hydra's flag for the same
+                            ([f"--config-dir={tmp_path}"], []),  # Hydra's flag for the same
+                            ([f"--config-dir={tmp_path}"], ["-m"])):  # a sweep of one job: Hydra's sweeper composes it
         with pytest.raises(SystemExit):
             launch.check_command_line([*found_by, "experiment=mine", "stage=runs", *extra])
         err = capsys.readouterr().err
         assert re.search(said, err) and "Traceback" not in err
+    with pytest.raises(SystemExit):  # a sweep over the user's files and ours: each composed once
+        launch.check_command_line(["-m", f"--config-dir={tmp_path}", "experiment=demo,mine", "stage=runs"])
+    err = capsys.readouterr().err
+    assert re.search(said, err) and "demo.yaml" not in err
 
 
 def test_a_group_of_the_users_own_config_dir_is_a_known_key(tmp_path, capsys):

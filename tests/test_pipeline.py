@@ -193,7 +193,8 @@ def test_a_finished_prepare_is_not_reused_after_the_download_changed(base_overri
     assert run(compose_cfg(steps), run_dir=tmp_path / "pipe")["results"]["prepare"] == {
         "reused": str(tmp_path / "prepared")}
     recorded = json.loads((tmp_path / "prepared" / "inputs.json").read_text())["times"][str(root)]
-    assert recorded[image.relative_to(root).as_posix()] == image.stat().st_mtime_ns  # compared by bytes once
+    now = image.stat()  # compared by bytes once, then by its new times
+    assert recorded[image.relative_to(root).as_posix()] == [now.st_mtime_ns, now.st_ctime_ns]
     questions = sorted(root.rglob("*_questions_train.json"))[0]
     questions.write_text(questions.read_text().replace('"Answer": "', '"Answer": "corrected ', 1))
     image.write_bytes(image.read_bytes() + b"\0")

@@ -344,9 +344,28 @@ def test_an_image_name_in_another_unicode_form_is_found_and_a_missing_one_says_w
     (kept,) = read_jsonl(out / "train.jsonl")
     assert kept["images"] == [f"training/Xray/chestdr/imagesTr/{stored}"]
     reasons = [r["reason"] for r in read_jsonl(out / "rejects.jsonl")]
-    assert reasons == ["missing image 'imagesTr/a.png '",
+    assert reasons == ["missing image 'imagesTr/a.png ' (the dataset's folder holds imagesTr/a.png: an ImageName is "
+                       "matched exactly: case, suffix and spaces; correct the ImageName or rename the file)",
                        f"missing image imagesTr/link.png (a symbolic link to {d / 'imagesTr' / 'gone.png'}, "
                        "which is not there)"]
+
+
+def test_a_missing_image_names_the_file_it_was_likely_meant_to_be(tmp_path):
+    """An ImageName in other case than the file (written on Windows or macOS) or with another suffix (a
+    converted export) is still missing (never taken in its place), and the reject names the near file."""
+    root = tmp_path / "raw"
+    _small_tree(root, [GOOD, {**GOOD, "ImageName": "imagesTr/case.png", "Question": "q1"},
+                       {**GOOD, "ImageName": "scan.png", "Question": "q2"},
+                       {**GOOD, "ImageName": "imagesTr/none.png", "Question": "q3"}],
+                images=("a.png", "CASE.PNG", "scan.jpg"))
+    out = _prepare(tmp_path, root, "data.datasets=[chestdr]")
+    assert len(read_jsonl(out / "train.jsonl")) == 1
+    reasons = [r["reason"] for r in read_jsonl(out / "rejects.jsonl")]
+    assert reasons == ["missing image imagesTr/case.png (the dataset's folder holds imagesTr/CASE.PNG: an ImageName "
+                       "is matched exactly: case, suffix and spaces; correct the ImageName or rename the file)",
+                       "missing image scan.png (the dataset's folder holds imagesTr/scan.jpg: an ImageName is "
+                       "matched exactly: case, suffix and spaces; correct the ImageName or rename the file)",
+                       "missing image imagesTr/none.png"]
 
 
 def test_regression_answers_in_another_scripts_digits_become_ascii():

@@ -223,6 +223,29 @@ def test_each_copy_of_data_root_is_read_once_and_the_prepares_record_stays(tmp_p
     assert inputs.moved_here(tmp_path, copy).startswith("1 of the")
 
 
+def test_an_image_edited_at_the_same_size_with_its_time_set_back_is_seen(tmp_path):
+    """An image rewritten in place, same size, its modification time restored (``touch -r``): the change time,
+    which cannot be set back, sends it to be read again; an untouched tree is still compared by stat alone."""
+    import os
+
+    import flare_exp.data.prepare_inputs as inputs
+
+    root = tmp_path / "raw"
+    _small_tree(root, [GOOD])
+    images = {p: inputs.file_digest(p, "sha1") for p in root.rglob("*.png")}
+    inputs.record_inputs(tmp_path, root, [], images)
+    assert inputs.input_changes(tmp_path, root, [], lambda folder, name: folder / name) == []
+    edited = sorted(images)[0]
+    before = edited.stat()
+    data = bytearray(edited.read_bytes())
+    data[-20] ^= 0xFF
+    edited.write_bytes(bytes(data))
+    os.utime(edited, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert edited.stat().st_size == before.st_size and edited.stat().st_mtime_ns == before.st_mtime_ns
+    changes = inputs.input_changes(tmp_path, root, [], lambda folder, name: folder / name)
+    assert changes == [f"data.root file {edited.relative_to(root).as_posix()}: changed"]
+
+
 def test_the_multi_label_answers_labels_are_counted_and_the_rare_ones_named():
     """Each multi-label dataset's labels split by its own separator (periapical's comma label stays whole); a
     label seen once is named: a typo, or answers joined with the other separator."""

@@ -420,3 +420,24 @@ def test_no_atomic_write_lands_in_a_dir_whose_lock_was_taken_over(tmp_path):
     with pytest.raises(RunLockLostError):  # the run dir by another spelling
         write_text(tmp_path / "link" / "c.txt", "late")
     lock.release()
+
+
+def test_a_split_a_live_prepare_has_not_written_yet_says_to_wait_for_it(base_overrides, tmp_path):
+    """sft launched while another launch's prepare still holds data.prepared_dir: the missing split is named as
+    being made, not as a prepare nobody ran."""
+    from flare_exp.checks import input_problems
+
+    prepared = tmp_path / "prepared"
+    cfg = compose_cfg(["stage=sft", *base_overrides, f"data.prepared_dir={prepared}"])
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        time.sleep(0.05)
+        _fake_holder(prepared, sleeper.pid)
+        said = " ".join(map(str, input_problems(cfg)))
+        assert f"{prepared} is being written by a run that has not finished" in said
+        assert f"pid {sleeper.pid}" in said and "Run stage=prepare first" not in said
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    said = " ".join(map(str, input_problems(cfg)))  # its holder gone: what to run
+    assert "being written" not in said and "train_file" in said

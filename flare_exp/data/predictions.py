@@ -50,8 +50,9 @@ def load_rows(path: Path, allow_partial: bool, prepared_dir: str | None = None) 
     if not rows:
         raise ValueError(f"{path}: no predictions")
     check_fields(path, rows)
+    # a doubled row is named as such: not as a changed answer (the join), nor as a count to allow_partial away
+    check_one_row_per_id(path, rows)
     check_written_count(path, len(rows), allow_partial)
-    check_one_row_per_id(path, rows)  # before the join: a doubled row is named as such, not as a changed answer
     rows, info = joined(path, rows, prepared_dir)
     if sheet:
         info["sheet_note"] = (f"predictions read from the worksheet {path.name} (sheet {sheet_title!r}), as it is "

@@ -3,8 +3,10 @@ reused only while the download is as it was: FLARE publishes corrected annotatio
 them into the same data.root and reruns a pipeline must not get the old records (and the model trained on
 them) reported as made "with the same settings and inputs".
 
-Recorded: each question file read (sha256), each image a record named (size, modification time, sha1 of its
-bytes; rejected ones too: cut short, unreadable, too small), and each image a record named that was not there.
+Recorded: each question file read (sha256), each image a record named (size, modification and change times, sha1
+of its bytes; rejected ones too: cut short, unreadable, too small), and each image a record named that was not
+there. The change time is the one a user cannot set back: an image edited in place at the same size with its
+modification time restored (``touch -r``) is read again.
 Checked: a question file changed, removed or added for the chosen datasets and splits; an image changed or
 removed (one whose size or time changed is read again and counts only if its bytes did: a copy with new times is
 the same download, and its new times are kept under that data.root's path, so each copy is read once, and the
@@ -33,7 +35,7 @@ def record_inputs(out_dir: Path, root: Path, questions: list[Path], images: dict
     stats = {p: p.stat() for p in images if p.exists()}
     write_json(out_dir / INPUTS, {
         "question_files": {_name(p, root): file_digest(p) for p in questions},
-        "images": {_name(p, root): [s.st_size, s.st_mtime_ns, images[p]] for p, s in stats.items()},
+        "images": {_name(p, root): [s.st_size, s.st_mtime_ns, images[p], s.st_ctime_ns] for p, s in stats.items()},
         "missing": sorted({(_name(folder, root), name) for folder, name in missing}),
         "outputs": {p.name: file_digest(p) for p in outputs if p.is_file()}})
 
@@ -133,19 +135,21 @@ def image_changes(root: Path, recorded: dict, copy_times: dict | None = None) ->
     """(name, removed | changed) of each recorded image that differs, and the times of those found with new
     times but the same bytes (``copy_times``: name -> time, those found so before under this root)."""
     out, refreshed, copy_times = [], {}, copy_times or {}
-    for name, (size, mtime, sha1) in sorted(recorded.items()):
+    for name, (size, mtime, sha1, *ctime) in sorted(recorded.items()):
         path = root / name
         try:
             stat = path.stat()
         except OSError:
             out.append((name, "removed"))
             continue
-        if stat.st_size == size and stat.st_mtime_ns in (mtime, copy_times.get(name)):
+        times = [stat.st_mtime_ns, stat.st_ctime_ns]
+        if stat.st_size == size and (times in ([mtime, *ctime], copy_times.get(name))
+                                     or not ctime and stat.st_mtime_ns in (mtime, copy_times.get(name))):
             continue
         if stat.st_size != size or file_digest(path, "sha1") != sha1:
             out.append((name, "changed"))
         else:
-            refreshed[name] = stat.st_mtime_ns
+            refreshed[name] = times
     return out, refreshed
 
 

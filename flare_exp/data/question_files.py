@@ -2,6 +2,7 @@
 several folders said, and the image file each record's ImageName names."""
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -100,7 +101,37 @@ def resolve_image(dataset_dir: Path, name: str) -> Path | str:
         return f"missing image {shown} (a directory of that name is there, not an image file)"
     if direct.is_symlink():
         return f"missing image {shown} (a symbolic link to {os.readlink(direct)}, which is not there)"
+    folders = dict.fromkeys([direct.parent, *((sub / name).parent for sub in sorted(dataset_dir.glob("images*"))
+                                              if sub.is_dir())])
+    near = [str((folder / found).relative_to(dataset_dir)) for folder in folders
+            for found in near_names(folder, direct.name)][:3]
+    if near:  # Linux names differ in case; a converted export changes the suffix: said, never taken in its place
+        return (f"missing image {shown} (the dataset's folder holds {', '.join(near)}: an ImageName is matched "
+                "exactly: case, suffix and spaces; correct the ImageName or rename the file)")
     return f"missing image {shown}"
+
+
+def near_names(folder: Path, name: str, shown: int = 3) -> list[str]:
+    """The files in ``folder`` whose name is ``name`` in other case, or whose stem is its stem in any case
+    (another suffix): what a missing image was likely meant to be."""
+    try:
+        names = _folded_names(str(folder), folder.stat().st_mtime_ns)
+    except OSError:
+        return []
+    wanted = Path(name)
+    found = names.get(name.casefold(), []) + names.get(wanted.stem.casefold() + "\0stem", [])
+    return sorted(set(found) - {name})[:shown]
+
+
+@functools.lru_cache(maxsize=32)
+def _folded_names(folder: str, mtime_ns: int) -> dict[str, list[str]]:
+    """A folder's file names by their case-folded name and by their case-folded stem (listed once per folder
+    while it is unchanged: a missing image of a large folder is looked up without listing it again)."""
+    index: dict[str, list[str]] = defaultdict(list)
+    for entry in os.scandir(folder):
+        index[entry.name.casefold()].append(entry.name)
+        index[Path(entry.name).stem.casefold() + "\0stem"].append(entry.name)
+    return dict(index)
 
 
 def _image_file(dataset_dir: Path, name: str) -> Path | None:

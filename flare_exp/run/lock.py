@@ -138,6 +138,18 @@ def _proc_stat(pid: int) -> list[str] | None:
         return None
 
 
+def being_made(path: Path) -> str:
+    """For a path that is missing: the live run that holds the run dir it would be in (its writer, not yet
+    there), said as what to do; "" when none does."""
+    for folder in (path, *path.parents):
+        holder = RunLock(folder).live_holder() if (folder / LOCK).is_dir() else None
+        if holder is not None and holder.get("token") not in _HELD_HERE:  # not a lock this process holds
+            return (f"{folder} is being written by a run that has not finished (host {holder.get('host')}, pid "
+                    f"{holder.get('pid')}, started {holder.get('started')}): wait for it to finish, then launch "
+                    "again")
+    return ""
+
+
 def _lock_started(holder: dict) -> float | None:
     """When the lock was taken, in seconds since the epoch; None for an owner file without it (its ``started`` is
     local time of the holder's own zone, which another launch's TZ may read hours off)."""
@@ -301,11 +313,16 @@ class RunLock:
                 root.removeHandler(handler)
                 handler.close()
 
+    def live_holder(self) -> dict | None:
+        """The lock's holder while it lives; None when the lock is free or its holder is gone (taken over next)."""
+        holder = self.holder()
+        return holder if holder is not None and self._stale(holder) is None else None
+
     def wait_while_held(self, what: str, poll_s: float = 2.0, say_every_s: float = 60.0) -> None:
         """Return once no live run holds the lock (a dead holder's lock is free: ``acquire`` takes it over);
         says what it waits for, then again every ``say_every_s``."""
         said = None
-        while (holder := self.holder()) is not None and self._stale(holder) is None:
+        while (holder := self.live_holder()) is not None:
             if said is None or time.monotonic() - said > say_every_s:
                 log.info("%s: waiting for the run that holds %s (host %s, pid %s, started %s)", what,
                          self.dir.parent, holder.get("host"), holder.get("pid"), holder.get("started"))

@@ -276,17 +276,19 @@ def config_file_problem(error: BaseException, conf_dirs: list[Path] = ()) -> Exc
     files = [d / f"{named.group(1)}.yaml" for d in conf_dirs] if named else []
     where = next((str(f) for f in files if f.is_file()),
                  "a config file this run composes (an experiment or other group file)")
+    if given := re.match(r"Error merging override (.+)", str(error)):  # the command line's, not a file's
+        where = f"the command line ({given.group(1).strip()})"
     for error in causes(error):
         if isinstance(error, yaml.MarkedYAMLError) and error.problem_mark is not None:
             mark = error.problem_mark
             return ValueError(f"{mark.name}, line {mark.line + 1}, column {mark.column + 1}: not valid YAML: "
                               f"{error.problem}" + (f" ({error.context})" if error.context else ""))
         if isinstance(error, ValidationError) and getattr(error, "full_key", None):
-            return ValueError(f"{error.full_key}: {str(error).splitlines()[0]}, set in {where}")
+            return ValueError(f"{error.full_key}: {str(error).splitlines()[0]}, set {'on' if given else 'in'} {where}")
         if isinstance(error, ConfigKeyError) and getattr(error, "full_key", None):
             found = unknown_path(str(error.full_key), Config)
             if found:
-                return ValueError(f"unknown config key {found}, set in {where}; python launch.py --cfg job "
+                return ValueError(f"unknown config key {found}, set {'on' if given else 'in'} {where}; python launch.py --cfg job "
                                   "lists every key")
     return None
 

@@ -4,7 +4,8 @@ metric), and chosen runs' official metrics compared side by side with the paired
 run_info.json, config.yaml, the lock), metrics from its eval's metrics.json.
 
 A run's status: DONE, FAILED (the first line of its error), "stopped by settings" (FAILED written before the run
-started: no run_info.json), running (its lock is held by a live process), or unfinished (crashed or killed;
+started: no run_info.json), running (its lock is held by a live process), stopped (that process is stopped:
+SIGSTOP, Ctrl-Z, a suspended job), or unfinished (crashed or killed;
 rerunning its command resumes it).
 """
 from __future__ import annotations
@@ -84,12 +85,15 @@ def _stage_of(run_dir: Path) -> str | None:
     return None
 
 
-def _is_running(run_dir: Path) -> bool:
-    from flare_exp.run.lock import RunLock
+def _live_status(run_dir: Path) -> str:
+    """running (a live process holds its lock), stopped (that process is stopped: SIGSTOP, Ctrl-Z, a suspended
+    job; it goes on when continued) or unfinished."""
+    from flare_exp.run.lock import RunLock, holder_stopped
 
-    lock = RunLock(run_dir)
-    holder = lock.holder()
-    return holder is not None and lock._stale(holder) is None
+    holder = RunLock(run_dir).live_holder()
+    if holder is None:
+        return "unfinished"
+    return f"stopped (pid {holder.get('pid')}: kill -CONT to go on)" if holder_stopped(holder) else "running"
 
 
 def run_summary(run_dir: Path) -> dict | None:
@@ -109,8 +113,8 @@ def run_summary(run_dir: Path) -> dict | None:
         if started:
             seconds = (run_dir / FAILED).stat().st_mtime - _dt.datetime.fromisoformat(started).timestamp()
     else:
-        status = "running" if _is_running(run_dir) else "unfinished"
-        if started and status == "running":
+        status = _live_status(run_dir)
+        if started and status != "unfinished":
             seconds = _dt.datetime.now().timestamp() - _dt.datetime.fromisoformat(started).timestamp()
     metrics, unreadable, metric = metrics_file(run_dir), None, None
     if metrics is not None:  # a torn or hand-broken metrics.json: said, not an empty metric beside a plain DONE

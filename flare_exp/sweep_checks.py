@@ -15,7 +15,7 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
-from flare_exp.sweep_watch import say
+from flare_exp.sweep_watch import exit_with, say
 
 
 class SweepSettingsError(ValueError):
@@ -243,6 +243,36 @@ def held_lines(refused: dict) -> list[str]:
         else:
             out.append(f"  jobs {named} share {where}:\n" + "\n".join(f"    - job {job}: {why}" for job, why in jobs))
     return out
+
+
+SWEEP_LOCK = ".sweep.lock"
+_SWEEP_LOCKS: dict[str, object] = {}  # sweep dir -> the lock this process took for it
+
+
+def lock_sweep(config) -> None:
+    """One sweep at a time in a sweep dir (one run_name): a second launch of a sweep into it while the first one
+    lives is refused (exit 2) before Hydra writes its multirun.yaml or any job starts; each would otherwise run
+    the jobs the other holds, fail on their locks and end non-zero. Released when the process ends (a crashed
+    sweep's lock is taken over as a run's is); an earlier sweep of this very process into the same dir (one
+    Python session, sweeps one after another) hands its lock on."""
+    import atexit
+
+    from flare_exp.run.lock import RunLock, RunLockedError
+
+    try:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+    except Exception:  # noqa: BLE001  (a sweep dir that does not resolve: Hydra says so itself)
+        return
+    earlier = _SWEEP_LOCKS.pop(str(sweep_dir), None)
+    if earlier is not None:
+        earlier.release()
+    lock = RunLock(sweep_dir, name=SWEEP_LOCK)
+    try:
+        lock.acquire()
+    except RunLockedError as e:
+        exit_with(f"another sweep is running in this sweep dir; nothing was launched: {e}", 2)
+    _SWEEP_LOCKS[str(sweep_dir)] = lock
+    atexit.register(lock.release)
 
 
 class SweepRecord:

@@ -628,3 +628,32 @@ def test_a_read_only_finished_prepared_dir_is_reused_by_a_pipeline(base_override
     assert not [p for p in problems_of(cfg, inputs=True) if "data.prepared_dir" in str(p)]
     again = compose_cfg([*base_overrides, f"data.prepared_dir={prepared}", "stage.steps=[prepare,sft]", "overwrite=true"])
     assert [p for p in problems_of(again, inputs=True) if "data.prepared_dir" in str(p) and "cannot be written" in str(p)]
+
+
+def test_a_list_value_refused_on_the_command_line_is_not_blamed_on_a_file(capsys):
+    sys.path.insert(0, str(REPO))
+    import launch
+
+    with pytest.raises(SystemExit):
+        launch.check_command_line(["stage=runs", "data.image_window=[a,b]"])
+    err = capsys.readouterr().err
+    assert "set on the command line (data.image_window=[a,b])" in err and "config file" not in err
+
+
+def test_an_empty_eval_list_or_a_training_run_dir_is_refused_before_hydra(capsys, tmp_path):
+    """eval.predictions=[] and an sft run dir (no predictions) are refused before any run dir is made, as a
+    path listed twice is."""
+    sys.path.insert(0, str(REPO))
+    import launch
+
+    sft_dir = tmp_path / "runs" / "mine" / "sft"
+    sft_dir.mkdir(parents=True)
+    (sft_dir / "config.yaml").write_text("stage:\n  name: sft\n")
+    for value, said in (("[]", "eval.predictions is empty"),
+                        (f"[{sft_dir}]", f"eval.predictions entry {sft_dir}: the run dir of a stage=sft run")):
+        with pytest.raises(SystemExit):
+            launch.check_command_line(["stage=eval", f"eval.predictions={value}",
+                                       f"paths.output_root={tmp_path / 'out'}"])
+        err = capsys.readouterr().err
+        assert said in err and "before Hydra started" in err
+    assert not (tmp_path / "out").exists()

@@ -156,3 +156,33 @@ def test_the_listing_names_a_done_eval_whose_metrics_file_is_torn(tmp_path):
     assert by_name["torn"]["headline metric"].startswith("metrics.json unreadable (Unterminated string")
     assert "rerun that eval" in by_name["torn"]["headline metric"]
     assert by_name["good"]["status"] == "DONE" and by_name["good"]["headline metric"] == "multi_label.f1_score=1.0000"
+
+
+def test_a_run_whose_process_is_stopped_is_listed_as_stopped_not_running(tmp_path):
+    """A holder stopped with SIGSTOP (Ctrl-Z, a suspended job) holds the lock but makes no progress: listed as
+    stopped, with what makes it go on; continued, it is running again."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from test_runlock import _fake_holder
+
+    run_dir = tmp_path / "runs" / "paused"
+    run_dir.mkdir(parents=True)
+    (run_dir / "run_info.json").write_text(json.dumps({"started": "2026-12-01T10:00:00"}))
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        time.sleep(0.05)
+        _fake_holder(run_dir, sleeper.pid)
+        assert run_summary(run_dir)["status"] == "running"
+        sleeper.send_signal(signal.SIGSTOP)
+        time.sleep(0.1)
+        assert run_summary(run_dir)["status"] == f"stopped (pid {sleeper.pid}: kill -CONT to go on)"
+        sleeper.send_signal(signal.SIGCONT)
+        time.sleep(0.1)
+        assert run_summary(run_dir)["status"] == "running"
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert run_summary(run_dir)["status"] == "unfinished"

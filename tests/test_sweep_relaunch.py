@@ -157,3 +157,36 @@ def test_the_same_pipeline_sweep_again_under_a_relative_output_root_reuses_its_j
         assert proc.returncode == 0, (attempt, proc.stderr[-3000:])
     assert "held" not in proc.stderr and "would refuse" not in proc.stderr
     assert "[infer] already finished" in proc.stderr + proc.stdout  # its checkpoint: the sft step's dir
+
+
+def test_a_second_sweep_into_a_sweep_dir_in_use_is_refused_before_it_writes_there(tmp_path):
+    """The same -m command launched twice at once: the second is refused (exit 2, naming the first's pid) before
+    Hydra writes its multirun.yaml or starts a job, so the first runs its jobs alone and ends 0; once the first
+    is gone its lock is taken over and released at the end."""
+    import time
+
+    from test_runlock import _fake_holder
+
+    preds = tmp_path / "p.jsonl"
+    preds.write_text(json.dumps({"id": "d/1", "dataset": "dental", "task_type": "classification", "answer": "A",
+                                 "prediction": "A"}) + "\n")
+    argv = [sys.executable, "launch.py", "-m", "stage=eval", f"eval.predictions=[{preds}]", "eval.radgraph=false",
+            f"paths.output_root={tmp_path / 'out'}", "run_name=sw", "seed=1,2"]
+    sweep = tmp_path / "out" / "sweeps" / "sw"
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        time.sleep(0.05)
+        _fake_holder(sweep, sleeper.pid)
+        os.rename(sweep / ".lock", sweep / ".sweep.lock")
+        proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert "another sweep is running in this sweep dir; nothing was launched" in proc.stderr
+        assert f"pid {sleeper.pid}" in proc.stderr and "Traceback" not in proc.stderr
+        assert sorted(p.name for p in sweep.iterdir()) == [".sweep.lock"]
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (sweep / "0" / "DONE").exists() and (sweep / "1" / "DONE").exists()
+    assert not (sweep / ".sweep.lock").exists()

@@ -112,6 +112,12 @@ def _gone_here(holder: dict, silent_after_s: float) -> str | None:
     return None
 
 
+def holder_stopped(holder: dict) -> bool:
+    """Whether a lock's holder is a stopped process on this host (elsewhere it cannot be told)."""
+    pid = holder.get("pid")
+    return holder.get("host") == platform.node() and isinstance(pid, int) and _stopped(pid)
+
+
 def _stopped(pid: int) -> bool:
     """Whether a process on this host is stopped (its state T or t in Linux's /proc: SIGSTOP, Ctrl-Z, a suspended
     job, a debugger): its silence is no death, and taking its lock over would leave it a writer when continued."""
@@ -219,7 +225,7 @@ class RunLock:
     def _refuse(self, holder: dict | None) -> RunLockedError:
         h = holder or {}
         pid = h.get("pid", "?")
-        stopped = h.get("host") == platform.node() and isinstance(pid, int) and _stopped(pid)
+        stopped = holder_stopped(h)
         return RunLockedError(
             f"{self.dir.parent} is in use by another run: host {h.get('host', '?')}, pid {pid}, started "
             f"{h.get('started', '?')}" + (f", stopped now (SIGSTOP, Ctrl-Z or a suspended job): continue it (kill "

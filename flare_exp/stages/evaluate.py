@@ -46,6 +46,8 @@ STAGE = Stage(
 )
 
 log = logging.getLogger(__name__)
+EMPTY = ("eval.predictions is empty: pass one or more predictions.jsonl files or infer run dirs, e.g. "
+         "eval.predictions=[outputs/runs/demo-infer]")
 
 
 def check_settings(cfg) -> None:
@@ -56,15 +58,34 @@ def check_settings(cfg) -> None:
     from flare_exp.runtime import check_choice
 
     check_choice("eval.green.decode_attention", cfg.eval.green.decode_attention, SETTINGS)
+    if not cfg.eval.predictions and cfg.stage.name == "eval":  # a pipeline fills it from its infer steps
+        raise ValueError(EMPTY)
     seen: dict[Path, str] = {}
     for entry in cfg.eval.predictions or ():
         path = abspath(str(entry))
         found = predictions_file(path)
+        if found is None and (other := other_stages_run(path)):
+            raise ValueError(f"eval.predictions entry {entry}: the run dir of a stage={other} run, which holds no "
+                             "predictions; eval scores an infer run's (stage=infer with infer.checkpoint= pointing at it makes them)")
         key = (found or path).resolve()
         if key in seen:
             raise ValueError(f"eval.predictions lists {key} twice ({seen[key]!r} and {str(entry)!r}): name each "
                              "run once")
         seen[key] = str(entry)
+
+
+def other_stages_run(path: Path) -> str | None:
+    """The stage of the run dir ``path`` when it is another stage's than infer (an sft or rl run given as eval's
+    input); None for anything else (an infer run still to make, in a pipeline, is left to the run)."""
+    from omegaconf import OmegaConf
+
+    from flare_exp.run.layout import CONFIG
+
+    try:
+        stage = OmegaConf.select(OmegaConf.load(path / CONFIG), "stage.name") if (path / CONFIG).is_file() else None
+    except Exception:  # noqa: BLE001  (an unreadable config: what it is cannot be told here)
+        return None
+    return str(stage) if stage and stage != "infer" else None
 
 
 def judge_shares(cfg, scorers: ReportScorers, entries: list, rank: int, world: int) -> None:
@@ -86,8 +107,7 @@ def judge_shares(cfg, scorers: ReportScorers, entries: list, rank: int, world: i
 def run(cfg, out_dir: Path) -> dict:
     entries = list(cfg.eval.predictions)
     if not entries:
-        raise ValueError("eval.predictions is empty: pass one or more predictions.jsonl files or infer run dirs, "
-                         "e.g. eval.predictions=[outputs/runs/demo-infer]")
+        raise ValueError(EMPTY)
     check_settings(cfg)
     adjust_p_values([], cfg.eval.significance.correction)  # an unknown correction fails before any judging
     prepare_gpu_run(cfg)

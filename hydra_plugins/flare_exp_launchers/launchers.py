@@ -16,9 +16,10 @@ from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmitit
 
 class _Watched:
     def setup(self, *, hydra_context, task_function, config) -> None:
-        from flare_exp.sweep_checks import SweepRecord
+        from flare_exp.sweep_checks import SweepRecord, lock_sweep
 
         super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
+        lock_sweep(config)  # another live sweep into this dir: refused here, before Hydra writes in it
         # before the sweeper writes this sweep's multirun.yaml: put back if the sweep is refused unlaunched
         self._record, self._launched = SweepRecord(config), False
 

@@ -368,6 +368,34 @@ def test_a_missing_image_names_the_file_it_was_likely_meant_to_be(tmp_path):
                        "missing image imagesTr/none.png"]
 
 
+def test_kept_records_a_careful_user_wants_named_are_counted_in_the_summary(tmp_path, caplog):
+    """The same question on the same pixels under two names with answers that differ (label order aside), a
+    record listing one view twice, and a bone-resorption percentage outside 0-100: kept, said once each, listed
+    in summary.json."""
+    root = tmp_path / "raw"
+    _small_tree(root, [GOOD, {**GOOD, "ImageName": "imagesTr/b.png", "Answer": "Mass, Effusion"},  # same labels
+                       {**GOOD, "ImageName": "imagesTr/c.png", "Answer": "Effusion"},  # the same pixels, other labels
+                       {**GOOD, "ImageName": ["imagesTr/a.png", "imagesTr/a.png"], "Question": "Twice?"}],
+                images=("a.png", "b.png", "c.png"))
+    _small_tree(root, [{"TaskType": "Regression", "Modality": "Xray", "ImageName": f"imagesTr/{name}",
+                        "Question": f"Resorption of {name}?", "Answer": answer, "Split": "train"}
+                       for name, answer in (("a.png", "-5"), ("b.png", "35"))], dataset="boneresorption")
+    caplog.set_level("WARNING")
+    out = _prepare(tmp_path, root, "data.datasets=[chestdr,boneresorption]", "data.allow_overlap=true")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["records"]["train"] == 6
+    conflicts = summary["same_pixels_other_answers"]
+    assert conflicts["count"] == 1 and "a.png" in conflicts["first"][0] and "c.png" in conflicts["first"][0]
+    assert "'Effusion'" in conflicts["first"][0] and "b.png" in conflicts["first"][0]
+    assert summary["repeated_images_in_a_record"]["count"] == 1
+    bone = next(r for r in read_jsonl(out / "train.jsonl") if r["answer"] == "-5")
+    assert summary["percentages_out_of_range"] == {"count": 1, "first": [
+        f"train: training/Xray/boneresorption/imagesTr/a.png ({bone['id']}) = '-5'"]}
+    for said in ("asked of the same pixels under several names with answers that differ",
+                 "show one picture more than once", "percentage answer(s) lie outside 0-100"):
+        assert caplog.text.count(said) == 1
+
+
 def test_regression_answers_in_another_scripts_digits_become_ascii():
     """'３５' (fullwidth) and '٣٥' (Arabic-Indic) are 35 to float() and FLARE: the model is trained to write 35."""
     from flare_exp.data.records import answer_text

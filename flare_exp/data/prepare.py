@@ -21,6 +21,7 @@ from flare_exp.data.images import (NEARLY_UNIFORM, OUTSIDE_ROOT, PROCESSOR_REFUS
                                    check_images)
 from flare_exp.data.question_files import QuestionFile, discover, load_question_file, question_files, resolve_image
 from flare_exp.data.prepare_inputs import INPUTS, record_inputs
+from flare_exp.data.record_doubts import record_doubts
 from flare_exp.data.unzip import PrepareError, unzip_nested
 from flare_exp.io import write_json, write_jsonl
 
@@ -152,11 +153,11 @@ def prepare(cfg_data, root: Path, out_dir: Path, limits: ProcessorLimits | None 
     write_jsonl(out_dir / "rejects.jsonl", rejects)  # first: an error below points at it
     check_requested(root, cfg_data, split_sources, by_split, rejects, out_dir / "rejects.jsonl", found)
     overlap = check_overlap(by_split, cfg_data.allow_overlap)
-
+    doubts = record_doubts(by_split)
     for split, rows in by_split.items():
         for r in rows:
-            r.pop("_digests", None)
-            r.pop("_paths", None)
+            for private in ("_digests", "_paths", "_pixels"):
+                r.pop(private, None)
         rows.sort(key=lambda r: (r["dataset"], r["source_split"], r["id"]))
         write_jsonl(out_dir / f"{split}.jsonl", rows)
     counts = {split: dict(sorted(Counter(f"{r['dataset']}/{r['task_type']}" for r in rows).items()))
@@ -172,6 +173,7 @@ def prepare(cfg_data, root: Path, out_dir: Path, limits: ProcessorLimits | None 
         **named_images(accepted, root, cfg_data.image_window, cfg_data.verify_images),
         "classification_answers_not_one_letter": _said_answers(by_split),
         "multi_label_labels": _said_labels(by_split),
+        **doubts,
         "processor_limits": asdict(limits) if limits else None,
         "overlapping_studies_allowed": len(overlap),
         "inputs": INPUTS,  # recorded beside: a later reuse check expects it
@@ -314,6 +316,7 @@ def accept_records(candidates: list, cfg_data, rejects: list,
             _reject(rejects, cfg_data, file, index, problem)
             continue
         record["_digests"] = [d for result in results for d in (result.sha1, result.pixels) if d]
+        record["_pixels"] = [result.pixels or result.sha1 for result in results]  # one per image (record_doubts)
         if window is not None:
             record["image_window"] = list(window)  # every stage decodes with it (VisionChat.load_images)
         modes.update({p: result.mode for p, result in zip(record["_paths"], results)})

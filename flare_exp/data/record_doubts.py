@@ -1,0 +1,105 @@
+"""What prepare keeps but a careful user wants named (summary.json and one warning each), per split:
+
+- the same question on the same pixels with answers that disagree (a picture filed twice under two names, its
+  labels edited in one copy): the model is trained on both, FLARE scores against both;
+- a record that shows one picture more than once (a view listed twice, or two names of one file);
+- a bone-resorption answer outside 0-100 (it is a percentage: -5 or 250 is a typo).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict
+
+from flare_exp.data.records import label_separator
+
+log = logging.getLogger(__name__)
+SHOWN = 10  # the cases named in summary.json (all are counted)
+PERCENT_DATASETS = ("boneresorption",)
+
+
+def answer_key(row: dict):
+    """An answer as it is scored: a multi-label answer as its set of labels (their order does not count), a
+    number as its value, anything else as its text without surrounding space."""
+    answer = row.get("answer")
+    if not isinstance(answer, str):
+        return answer
+    if row.get("task_type") == "multi_label":
+        sep = label_separator(row.get("dataset", ""), answer)
+        return frozenset(label.strip().casefold() for label in answer.split(sep) if label.strip())
+    if row.get("task_type") == "regression":
+        try:
+            return float(answer)
+        except ValueError:
+            return answer.strip()
+    return answer.strip()
+
+
+def conflicting_answers(rows: list[dict]) -> list[list[dict]]:
+    """Groups of records of one split with the same dataset, question (case and spacing aside) and images (by
+    their decoded pixels, ``_pixels``) whose answers differ."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for row in rows:
+        if row.get("_pixels") and all(row["_pixels"]):  # every image's digest known
+            question = " ".join(str(row.get("question", "")).split()).casefold()
+            groups[(row["dataset"], row["task_type"], tuple(sorted(row["_pixels"])), question)].append(row)
+    return [group for group in groups.values() if len({_hashable(answer_key(r)) for r in group}) > 1]
+
+
+def _hashable(key):
+    return repr(key) if isinstance(key, (list, dict)) else key
+
+
+def repeated_images(rows: list[dict]) -> list[dict]:
+    """Records that show one picture more than once (the same path twice, or two files of the same pixels)."""
+    def pixels(row):
+        return [d for d in row.get("_pixels") or () if d]
+
+    return [row for row in rows if len(set(row["images"])) < len(row["images"])
+            or len(set(pixels(row))) < len(pixels(row))]
+
+
+def out_of_range(rows: list[dict]) -> list[dict]:
+    """Regression answers of a percentage dataset outside 0-100."""
+    out = []
+    for row in rows:
+        key = answer_key(row) if row.get("task_type") == "regression" else None
+        if row.get("dataset") in PERCENT_DATASETS and isinstance(key, float) and math.isfinite(key) \
+                and not 0 <= key <= 100:
+            out.append(row)
+    return out
+
+
+def _named(row: dict) -> str:
+    """A record as a user finds it in the download: its images (under data.root), then its id."""
+    return f"{' + '.join(row['images'])} ({row['id']})"
+
+
+def record_doubts(by_split: dict[str, list[dict]]) -> dict:
+    """The three kinds above, counted over the splits, the first named, each kind said once in the log."""
+    conflicts = [(split, group) for split, rows in by_split.items() for group in conflicting_answers(rows)]
+    repeated = [(split, row) for split, rows in by_split.items() for row in repeated_images(rows)]
+    ranged = [(split, row) for split, rows in by_split.items() for row in out_of_range(rows)]
+    said = {
+        "same_pixels_other_answers": {"count": len(conflicts), "first": [
+            f"{split}: " + "; ".join(f"{_named(r)} = {str(r.get('answer'))[:40]!r}" for r in group[:4])
+            for split, group in conflicts[:SHOWN]]},
+        "repeated_images_in_a_record": {"count": len(repeated),
+                                        "first": [f"{split}: {_named(r)}" for split, r in repeated[:SHOWN]]},
+        "percentages_out_of_range": {"count": len(ranged), "first": [
+            f"{split}: {_named(r)} = {r.get('answer')!r}" for split, r in ranged[:SHOWN]]},
+    }
+    if conflicts:
+        log.warning("prepare: %d question(s) are asked of the same pixels under several names with answers that "
+                    "differ, e.g. %s: all are kept (the model is trained on each, FLARE scores against each); "
+                    "correct the labels or remove the copy. summary.json lists the first ones "
+                    "(same_pixels_other_answers)", len(conflicts), said["same_pixels_other_answers"]["first"][0])
+    if repeated:
+        log.warning("prepare: %d record(s) show one picture more than once (a view listed twice, or two names of "
+                    "one file), e.g. %s: kept, the model sees it twice; summary.json lists them "
+                    "(repeated_images_in_a_record)", len(repeated), said["repeated_images_in_a_record"]["first"][0])
+    if ranged:
+        log.warning("prepare: %d percentage answer(s) lie outside 0-100, e.g. %s: kept as written (a typo?); "
+                    "summary.json lists them (percentages_out_of_range)", len(ranged),
+                    said["percentages_out_of_range"]["first"][0])
+    return said

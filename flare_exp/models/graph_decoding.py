@@ -174,10 +174,12 @@ class GraphDecoder:
     a new length costs a new compiled graph, and halving bounds their number when lengths only decrease.
     ``compile_step``: None = plain Python (CPU, debugging); else torch.compile keyword
     arguments. ``sampling``: None = greedy. ``cache_multiple``: the cache length is rounded up to a multiple of
-    it, so prompts of varying length (GRPO) share a few caches and compiled graphs."""
+    it, so prompts of varying length (GRPO) share a few caches and compiled graphs. ``shared_prompts``: a
+    prompt repeated over rows is prefilled once (shared_prompts.py)."""
 
     def __init__(self, model, compile_step: dict | None, stop_check_every: int = 16,
-                 sampling: Sampling | None = None, cache_multiple: int = 1, shrink_cache: bool = True):
+                 sampling: Sampling | None = None, cache_multiple: int = 1, shrink_cache: bool = True,
+                 shared_prompts: bool = False):
         import torch
 
         if stop_check_every < 1:
@@ -185,7 +187,7 @@ class GraphDecoder:
         self.model, self.stop_check_every, self.cache, self.sampling = model, stop_check_every, None, sampling
         self.cache_shape: tuple[int, int] | None = None  # (batch size, length) of self.cache
         self.rope_owner = rope_owner(model)
-        self.cache_multiple, self.shrink_cache = cache_multiple, shrink_cache
+        self.cache_multiple, self.shrink_cache, self.shared_prompts = cache_multiple, shrink_cache, shared_prompts
         self.cudagraphs = bool(compile_step) and compile_step.get("mode") in ("reduce-overhead",
                                                                                 "max-autotune")
         self.step = torch.compile(self._token_step, **compile_step) if compile_step else self._token_step
@@ -210,6 +212,19 @@ class GraphDecoder:
         picked = pick(logits[:, -1], is_end, may_end, suppressed, self.sampling)
         picked = torch.where(finished, pad, picked)
         return picked, finished | is_end[picked]
+
+    def _prefill(self, batch: dict, positions, cache):
+        """The prompt's forward (eager, as generate's) into the cache; each row's last logits (B, V). With
+        ``shared_prompts``, a prompt repeated over rows (GRPO's generations) is run once (shared_prompts.py)."""
+        if self.shared_prompts:
+            from flare_exp.models.shared_prompts import prefill_once_per_prompt
+
+            last = prefill_once_per_prompt(self.model, batch, positions, cache,
+                                           getattr(self.model.config, "vision_start_token_id", None))
+            if last is not None:
+                return last
+        return self.model(**batch, position_ids=positions, past_key_values=cache, use_cache=True,
+                          logits_to_keep=1).logits[:, -1]
 
     def release_cache(self) -> None:
         self.cache, self.cache_shape = None, None
@@ -256,15 +271,14 @@ class GraphDecoder:
         with torch.inference_mode(), input_grad_hooks_off(self.model):
             cache = self._static_cache(rows, prompt + max_new_tokens)
             positions = prompt_positions(self.rope_owner, batch)
-            out = self.model(**batch, position_ids=positions, past_key_values=cache, use_cache=True,
-                             logits_to_keep=1)
+            last = self._prefill(batch, positions, cache)  # (B, V): each row's next-token logits
             if self.rope_owner is not None:
                 # generate's decoding state (unused here: every step passes its positions), left as a fresh
                 # model has it: the compiled step is specialised on it, and a generate call in between set it
                 self.rope_owner.rope_deltas = None
             # new token i (cache position prompt + i) of a row continues its prompt's last position
             position_deltas = positions[..., -1:] + 1 - prompt
-            vocab = out.logits.shape[-1]
+            vocab = last.shape[-1]
             is_end = token_flags(end_token_ids(config), vocab, device)
             suppressed = token_flags(config.suppress_tokens or [], vocab, device)
             pad = torch.tensor(pad_token_id, device=device, dtype=input_ids.dtype)
@@ -272,7 +286,7 @@ class GraphDecoder:
             key_valid[:, :prompt] = attention_mask.bool()
             tokens = torch.full((rows, max_new_tokens), pad_token_id, dtype=input_ids.dtype, device=device)
             may_end = torch.arange(max_new_tokens, device=device) >= (config.min_new_tokens or 0)  # per new token
-            tokens[:, 0] = pick(out.logits[:, -1], is_end, may_end[:1], suppressed, self.sampling)
+            tokens[:, 0] = pick(last, is_end, may_end[:1], suppressed, self.sampling)
             limits = None if row_limits is None else torch.as_tensor(row_limits, device=device)
             finished = is_end[tokens[:, 0]] if limits is None else is_end[tokens[:, 0]] | (limits <= 1)
             cache_positions = torch.arange(prompt, prompt + max_new_tokens, device=device)  # no host copy per token

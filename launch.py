@@ -80,7 +80,9 @@ def check_command_line(argv: list[str]) -> None:
     if not args.multirun and not asks_hydra and not own_config:
         # a single run's settings and inputs, checked before Hydra makes its run dir (a refused run leaves none);
         # with another primary config (--config-name/-dir) the run checks them itself, against that config
-        problems += other_setting_problems(known)
+        # a key whose value was refused was left out of the composition: what that leaves is no second problem
+        refused = tuple(f"{o.split('=', 1)[0].lstrip('+~')}{end}" for o in unknown for end in "= :")
+        problems += [p for p in other_setting_problems(known) if not refused or not str(p).startswith(refused)]
     elif args.cfg and not own_config:  # --cfg job: a config file it cannot read is said in one line too
         problems += composed(known)[1]
     if not problems:
@@ -223,41 +225,49 @@ def other_setting_problems(known_overrides: list[str]) -> list[Exception]:
 
     from flare_exp.checks import problems_of
 
-    cfg, in_files = composed(known_overrides)
+    from flare_exp.checks import problem_key
+
+    cfg, in_files, from_files = composed(known_overrides)
     if cfg is None:
         return in_files
     try:
         problems = problems_of(cfg, inputs=True)
     except Exception:  # noqa: BLE001
         return []
-    return in_files + [p for p in problems if not _needs_hydra_runtime(p, InterpolationResolutionError)]
+    problems = [p for p in problems if not _needs_hydra_runtime(p, InterpolationResolutionError)]
+    # a value the user's config file set, refused by its range: named with the file, not read as the command line's
+    return in_files + [ValueError(f"{p}, set in {from_files[problem_key(p)]}") if isinstance(p, ValueError)
+                       and problem_key(p) in from_files else p for p in problems]
 
 
 def composed(overrides: list[str]) -> tuple:
     """(the config as Hydra will compose it, the values its group files set that the schema's types refuse or
-    misread), or (None, [a config file's own problem]); (None, []) when composing fails otherwise (Hydra's own
-    complaint comes then)."""
+    misread, the keys the user's own group files set -> the file), or (None, [a config file's own problem], {});
+    (None, [], {}) when composing fails otherwise (Hydra's own complaint comes then)."""
     from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
     from flare_exp.config import Config
     from flare_exp.config_dirs import entry_dir, searched_dirs, shadowed_files
-    from flare_exp.config_keys import file_value_problems
+    from flare_exp.config_keys import file_value_problems, keys_set_in_files
 
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
     except Exception as e:  # noqa: BLE001
         found = config_file_problem(e, [CONF_DIR, *searched_dirs(overrides)])
-        return None, [found] if found else []
+        return None, [found] if found else [], {}
     # the group files it read, in the config dirs Hydra searched, in its order (conf/, then hydra.searchpath's)
     dirs = [CONF_DIR] + [d for entry in cfg.hydra.searchpath if (d := entry_dir(str(entry)))]
     choices = dict(cfg.hydra.runtime.choices)
     in_files = [ValueError(p) for p in shadowed_files(dirs, choices, CONF_DIR)
                 + file_value_problems(dirs, choices, Config)]
+    given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}  # the command line's own: not from a file
+    from_files = {key: path for key, path in keys_set_in_files(dirs, choices).items() if key not in given
+                  and not path.is_relative_to(CONF_DIR)}  # the user's files (conf/'s values are checked by tests)
     with open_dict(cfg):
         del cfg["hydra"]
-    return cfg, in_files
+    return cfg, in_files, from_files
 
 
 def config_file_problem(error: BaseException, conf_dirs: list[Path] = ()) -> Exception | None:
@@ -286,6 +296,12 @@ def config_file_problem(error: BaseException, conf_dirs: list[Path] = ()) -> Exc
         if isinstance(error, ValidationError) and getattr(error, "full_key", None):
             return ValueError(f"{error.full_key}: {str(error).splitlines()[0]}, set {'on' if given else 'in'} {where}")
         if isinstance(error, ConfigKeyError) and getattr(error, "full_key", None):
+            group = named.group(1).split("/")[0] if named else None
+            if group and str(error.full_key).split(".")[0] == group and where.endswith(".yaml") \
+                    and unknown_path(group, Config):  # a group whose package is no section (experiment/)
+                return ValueError(f"{where}: its keys land under '{group}.' (the group's own package): a file that "
+                                  "sets stage keys (sft:, rl:, ...) needs '# @package _global_' as its first line, "
+                                  f"as conf/{group}/*.yaml have")
             found = unknown_path(str(error.full_key), Config)
             if found:
                 return ValueError(f"unknown config key {found}, set {'on' if given else 'in'} {where}; python launch.py --cfg job "
@@ -324,6 +340,24 @@ RESUMES = {"sft": "resumes from the last checkpoint", "rl": "resumes from the la
            "pipeline": "reuses the finished steps and resumes the stopped one"}
 
 
+def resumes_from(cfg) -> str:
+    """What the same command does after a stop; a training run that saved no checkpoint yet starts again."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from flare_exp.run.stage import stage
+
+    resumes = RESUMES.get(cfg.stage.name, "runs it again")
+    if cfg.stage.name in ("sft", "rl"):
+        try:
+            out = stage(cfg.stage.name).output_dir(cfg, Path(HydraConfig.get().runtime.output_dir))
+        except Exception:  # noqa: BLE001  (the wording only)
+            return resumes
+        if not any(out.glob("checkpoint-*")):
+            return (f"starts it again from step 0 (no checkpoint was saved yet: one is saved every "
+                    f"{cfg.stage.name}.save_steps={cfg[cfg.stage.name].save_steps} steps)")
+    return resumes
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig):
     from hydra.core.hydra_config import HydraConfig
@@ -351,7 +385,7 @@ def main(cfg: DictConfig):
         if not said_in_one_line:
             raise
         by = str(e) if str(e) in ("SIGTERM", "SIGHUP") else "Ctrl-C / SIGINT"
-        resumes = RESUMES.get(cfg.stage.name, "runs it again")
+        resumes = resumes_from(cfg)
         then = (f"the same command {resumes}" if not cfg.overwrite or os.environ.get("SLURM_JOB_ID") else
                 f"the same command without overwrite=true {resumes} (with it, this attempt moves to attempts/ and "
                 "it starts afresh)")  # a requeued SLURM job continues its own attempt, overwrite or not

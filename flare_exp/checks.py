@@ -41,12 +41,12 @@ def problems_of(cfg: DictConfig, inputs: bool = False, preload: bool = False) ->
     missing paths; a path built from a wrong setting is not a second problem (infer.split=tset: no tset.jsonl)."""
     problems = setting_problems(cfg, preload=preload)
     if inputs:
-        named = {_key_of(p) for p in problems}
-        problems += [p for p in input_problems(cfg) if _key_of(p) not in named]
+        named = {problem_key(p) for p in problems}
+        problems += [p for p in input_problems(cfg) if problem_key(p) not in named]
     return problems
 
 
-def _key_of(problem: Exception) -> str | None:
+def problem_key(problem: Exception) -> str | None:
     """The setting a problem's message starts with ("infer.split='tset': ..."), if any."""
     found = re.match(r"([\w.]+)=", str(problem))
     return found.group(1) if found else None
@@ -177,12 +177,48 @@ def input_problems(cfg: DictConfig) -> list[Exception]:
     if _loading_model(steps):  # the prepared records name their images relative to it
         _collect(problems, _check_exists, "data.root", root, cfg.data.demo is None,
                  "Point it at the folder stage=prepare read (the prepared records' images are under it)")
+        _collect(problems, check_prepared_images, cfg)
     for declared in (s for name, s in declared_stages().items() if name in steps):
         if not steps & declared.written_by():  # else an earlier step of this pipeline writes them
             for key in declared.reads:
                 _collect_missing(problems, declared, key, cfg)
                 _collect(problems, _check_window, declared.path_of(cfg, key), cfg.data.image_window)
     return problems
+
+
+COMPARED_ROOTS: dict[tuple, str | None] = {}  # (prepared dir, its record's time, data.root) -> why they differ
+
+
+def check_prepared_images(cfg: DictConfig) -> None:
+    """The images the prepare in data.prepared_dir recorded (inputs.json) are under this data.root with the same
+    bytes: a stat each, the bytes read where size or a time differ (once per launch). A stage started on another
+    root, or on the same one with an image changed since (a same-size edit too), would train on or predict for
+    pictures prepare never checked and its answers were not matched to."""
+    from flare_exp.data.prepare_inputs import INPUTS, moved_here
+
+    prepared, value = abspath(cfg.data.prepared_dir), OmegaConf.select(cfg, "data.root", throw_on_missing=False)
+    record = prepared / INPUTS
+    if value is None or not record.is_file() or not abspath(value).is_dir():
+        return  # no record (said where a reuse needs one), or no root: named by its own check
+    root = abspath(value)
+    key = (str(prepared), record.stat().st_mtime_ns, str(root))
+    if key not in COMPARED_ROOTS:
+        COMPARED_ROOTS[key] = moved_here(prepared, root)
+    why = COMPARED_ROOTS[key]
+    if why:
+        read = _prepared_root(prepared)
+        raise ValueError(f"data.root={value}: {why} (against {record}). The prepared records' images must be the "
+                         f"ones prepare read{f' (under {read})' if read and read != str(root) else ''}: point "
+                         "data.root there, or prepare this data.root into another data.prepared_dir")
+
+
+def _prepared_root(prepared: Path) -> str | None:
+    import json
+
+    try:
+        return str(json.loads((prepared / "summary.json").read_text()).get("data_root"))
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def check_writable(key: str, value, where: Path | None = None) -> None:

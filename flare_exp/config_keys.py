@@ -256,35 +256,53 @@ def file_value_problems(conf_dirs: list[Path], choices: dict, schema: type) -> l
     files their defaults name, e.g. an experiment built on another) that the schema's type refuses, or that
     OmegaConf would take but mean otherwise (2 or -1 for a true/false key: read as true). Hydra would stop at
     the first refused one with its own error, and take the others without a word."""
+    out = []
+    for path, key, value in group_file_values(conf_dirs, choices):
+        wrong = wrong_value(schema, key, value) if not key.startswith("hydra.") else None
+        if wrong:
+            out.append(f"{path}: {key}={_said(value)}: {wrong}")
+    return out
+
+
+def keys_set_in_files(conf_dirs: list[Path], choices: dict) -> dict[str, Path]:
+    """key -> the group file that sets it last, in the order they are read (a refusal of its value names it)."""
+    return {key: path for path, key, _ in group_file_values(conf_dirs, choices)}
+
+
+def group_file_values(conf_dirs: list[Path], choices: dict):
+    """(file, dotted key, value) of every value the chosen group files set, and the files their defaults name
+    (found in ``conf_dirs`` in Hydra's order: conf/ first); a file that is not valid YAML is skipped (said by
+    the config-file check, with its line)."""
     import yaml
 
     def found(name: str) -> Path | None:  # the first config dir (in Hydra's order: conf/ first) that has it
         return next((d / name for d in conf_dirs if (d / name).is_file()), None)
 
-    todo = [(found(f"{group}/{choice}.yaml"), group) for group, choice in choices.items()
-            if isinstance(choice, str) and not group.startswith("hydra")]
-    seen, out = set(), []
-    while todo:
-        path, group = todo.pop(0)
+    seen: set[Path] = set()
+
+    def walk(path: Path | None, group: str):  # a file's defaults first, then its own values (they win)
         if path is None or path in seen:
-            continue
+            return
         seen.add(path)
         text = path.read_text(encoding="utf-8")
         try:
             raw = yaml.safe_load(text)
         except yaml.YAMLError:
-            continue  # said by config_file_problem, with its line
+            return
         if not isinstance(raw, dict):
-            continue
-        for entry in raw.pop("defaults", None) or []:  # /experiment/flare: a file this one is built on
-            if isinstance(entry, str) and entry.startswith("/") and entry != "/_self_":
-                todo.append((found(f"{entry[1:]}.yaml"), entry[1:].split("/")[0]))
+            return
+        for entry in raw.pop("defaults", None) or []:  # /experiment/flare, or flare: a file this one is built on
+            if isinstance(entry, str) and entry.lstrip("/") != "_self_":
+                yield from walk(found(f"{entry[1:]}.yaml") if entry.startswith("/") else
+                                found(f"{group}/{entry}.yaml"), entry.lstrip("/").split("/")[0]
+                                if entry.startswith("/") else group)
         package = "" if re.search(r"^#\s*@package\s+_global_", text, re.M) else group
         for key, value in _leaves(raw, package):
-            wrong = wrong_value(schema, key, value) if not key.startswith("hydra.") else None
-            if wrong:
-                out.append(f"{path}: {key}={_said(value)}: {wrong}")
-    return out
+            yield path, key, value
+
+    for group, choice in choices.items():
+        if isinstance(choice, str) and not group.startswith("hydra"):
+            yield from walk(found(f"{group}/{choice}.yaml"), group)
 
 
 def _leaves(node, prefix: str):

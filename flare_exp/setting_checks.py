@@ -93,10 +93,21 @@ def _pair_problems(cfg, steps: set[str]) -> list[str]:
             check_window(cfg.data.image_window)
         except ValueError as e:
             problems.append(str(e))
-        problems += _split_name_problems(cfg.data)
+        problems += _split_name_problems(cfg.data) + _dataset_name_problems(cfg.data)
     if steps & {"sft", "rl"}:
         problems += _resume_problems(cfg.resume)
     return problems
+
+
+def _dataset_name_problems(data) -> list[str]:
+    """A FLARE dataset written in other case (chestDR): question files are found by their name as written, so
+    it would match none (another name may be a dataset of the user's own, in FLARE's layout)."""
+    from flare_exp.data.records import FLARE_DATASETS
+
+    flare = {name.casefold(): name for name in FLARE_DATASETS}
+    return [f"data.datasets: {name!r} is FLARE's {flare[str(name).casefold()]!r} in other case (question files "
+            f"are found by their name as written): write {flare[str(name).casefold()]!r}"
+            for name in data.datasets or [] if str(name).casefold() in flare and name != flare[str(name).casefold()]]
 
 
 def _split_name_problems(data) -> list[str]:
@@ -115,8 +126,11 @@ def _split_name_problems(data) -> list[str]:
                                 + (f" (did you mean {close[0]!r}?)" if close else "")
                                 + f"; FLARE's are {', '.join(FLARE_SPLITS)}")
     for name, keys in roles.items():
-        if len(keys) > 1:  # its records would go to one file and be rejected as duplicates in the other
-            problems.append(f"the split {name!r} is named in {' and '.join(keys)}: give each split one role")
+        if len(set(keys)) == 1 and len(keys) > 1:
+            problems.append(f"{keys[0]} lists the split {name!r} {len(keys)} times: list it once")
+        elif len(keys) > 1:  # its records would go to one file and be rejected as duplicates in the other
+            problems.append(f"the split {name!r} is named in {' and '.join(dict.fromkeys(keys))}: give each split "
+                            "one role")
     return problems
 
 

@@ -187,11 +187,21 @@ def record_results(progress: Progress, returns) -> list[str]:
     its worker's log is named)."""
     from hydra.core.utils import JobStatus
 
-    from flare_exp.run.layout import FAILED
+    from flare_exp.run.layout import DONE, FAILED
+    from flare_exp.run.record import RunFinishedError
 
     failed = []
     for i, ret in enumerate(returns):
         ok = ret.status == JobStatus.COMPLETED
+        if not ok and isinstance(ret._return_value, RunFinishedError) and (progress.job_dirs[i] / DONE).exists():
+            # a sweep launched again (after a kill, a node's end): a job its dir holds finished, with these very
+            # settings (the checks before launch refuse other ones), is done, not failed
+            progress.finished(i, "DONE (finished before this launch: kept)")
+            job = progress.job_dirs[i]  # completed (Hydra's sweeper raises a failed job's error after the
+            metrics = next((p for p in (job / "metrics.json", job / "eval" / "metrics.json") if p.is_file()), None)
+            ret.status, ret._return_value = JobStatus.COMPLETED, {  # launch), its metrics where a search reads them
+                "kept": str(job), **({"metrics": str(metrics)} if metrics else {})}
+            continue
         died = isinstance(ret._return_value, WorkerDiedError)
         why = None if ok else str(ret._return_value) if died else first_line(ret._return_value)
         progress.finished(i, "DONE" if ok else "FAILED", why)

@@ -296,6 +296,8 @@ def test_a_value_hydras_grammar_cannot_read_bare_is_one_line_saying_how_to_quote
     ("sft:\n  lerning_rate: 1e-4\n", r"unknown config key sft.lerning_rate \(did you mean sft.learning_rate\?\), set in "
                                      r"\S+/experiment/mine.yaml"),
     ("sft:\n  learning_rate: abc\n", r"sft.learning_rate: Value 'abc' .* converted to Float, set in \S+/experiment/mine.yaml"),
+    # the header forgotten: the keys land under experiment. ("# @package _global_" written after them is no header)
+    ("sft:\n  max_steps: 2\n# x\n", None),
     # OmegaConf reads any integer as true: said, every such value in one list
     ("sft:\n  group_by_length: 2\nmodel:\n  fused_prefill: -1\n",
      r"(?s)problems with the settings.*mine.yaml: sft.group_by_length=2: must be true or false.*mine.yaml: model.fused_prefill=-1"),
@@ -309,7 +311,8 @@ def test_a_users_config_file_with_a_yaml_or_key_error_is_one_line(body, said, tm
     import launch
 
     (tmp_path / "experiment").mkdir()
-    (tmp_path / "experiment" / "mine.yaml").write_text("# @package _global_\n" + body)
+    (tmp_path / "experiment" / "mine.yaml").write_text(("# @package _global_\n" if said else "") + body)
+    said = said or r"experiment/mine.yaml: its keys land under 'experiment.' .* needs '# @package _global_' as its first"
     for found_by, extra in (([f"hydra.searchpath=[file://{tmp_path}]"], []),
                             ([f"hydra.searchpath=[file://{tmp_path}]"], ["--cfg", "job"]),  # as its message advises
                             ([f"--config-dir={tmp_path}"], []),  # Hydra's flag for the same
@@ -425,7 +428,9 @@ def test_sigterm_stops_a_run_with_its_failed_marker(name, code, base_overrides, 
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err[-2000:]
     assert f"flare-exp: stopped ({name})" in err and "Traceback" not in err
-    assert "the same command resumes from the last checkpoint" in err
+    # no checkpoint saved yet (save_steps=100000): said, not a resume that would start at step 0 unannounced
+    assert "the same command starts it again from step 0 (no checkpoint was saved yet: one is saved every " \
+           "sft.save_steps=100000 steps)" in err
     assert (run_dir / "FAILED").read_text().startswith(f"stopped from outside (KeyboardInterrupt: {name})")
 
 
@@ -649,11 +654,42 @@ def test_an_empty_eval_list_or_a_training_run_dir_is_refused_before_hydra(capsys
     sft_dir = tmp_path / "runs" / "mine" / "sft"
     sft_dir.mkdir(parents=True)
     (sft_dir / "config.yaml").write_text("stage:\n  name: sft\n")
+    adapter, sweep = sft_dir / "final", tmp_path / "sweeps" / "sw"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    (sweep / "0").mkdir(parents=True)
+    (sweep / "multirun.yaml").write_text("")
     for value, said in (("[]", "eval.predictions is empty"),
-                        (f"[{sft_dir}]", f"eval.predictions entry {sft_dir}: the run dir of a stage=sft run")):
+                        (f"[{sft_dir}]", f"eval.predictions entry {sft_dir}: the run dir of a stage=sft run"),
+                        (f"[{adapter}]", f"an adapter (LoRA weights), not predictions: run stage=infer "
+                                         f"infer.checkpoint={adapter} first"),
+                        (f"[{sweep}]", f"a sweep dir: name the jobs whose predictions to score, e.g. "
+                                       f"eval.predictions=[{sweep}/0]")):
         with pytest.raises(SystemExit):
             launch.check_command_line(["stage=eval", f"eval.predictions={value}",
                                        f"paths.output_root={tmp_path / 'out'}"])
         err = capsys.readouterr().err
         assert said in err and "before Hydra started" in err
     assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit):  # not a list: that one problem, not also "empty"
+        launch.check_command_line(["stage=eval", f"eval.predictions={sft_dir}"])
+    err = capsys.readouterr().err
+    assert "a list: write" in err and "is empty" not in err
+
+
+def test_a_value_out_of_range_in_the_users_file_names_the_file(tmp_path, capsys):
+    """A range refusal (not a type error) of a value set in the user's experiment file (built on the repo's demo)
+    names the file; the same key given on the command line is the command line's."""
+    sys.path.insert(0, str(REPO))
+    import launch
+
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "neg.yaml").write_text("# @package _global_\ndefaults: [demo]\nsft:\n  max_steps: -7\n")
+    with pytest.raises(SystemExit):
+        launch.check_command_line([f"--config-dir={tmp_path}", "experiment=neg", "stage=sft"])
+    assert f"sft.max_steps=-7: must be an integer >= 1 (or -1: sft.num_train_epochs decides), set in " \
+           f"{tmp_path / 'experiment' / 'neg.yaml'}" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        launch.check_command_line([f"--config-dir={tmp_path}", "experiment=neg", "stage=sft", "sft.max_steps=-3"])
+    err = capsys.readouterr().err
+    assert "sft.max_steps=-3" in err and "neg.yaml" not in err

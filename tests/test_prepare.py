@@ -356,7 +356,11 @@ def test_a_missing_image_names_the_file_it_was_likely_meant_to_be(tmp_path):
     root = tmp_path / "raw"
     _small_tree(root, [GOOD, {**GOOD, "ImageName": "imagesTr/case.png", "Question": "q1"},
                        {**GOOD, "ImageName": "scan.png", "Question": "q2"},
-                       {**GOOD, "ImageName": "imagesTr/none.png", "Question": "q3"}],
+                       {**GOOD, "ImageName": "imagesTr/none.png", "Question": "q3"},
+                       # a folder in other case, a space before the suffix, a doubled suffix
+                       {**GOOD, "ImageName": "IMAGESTR/Case.png", "Question": "q4"},
+                       {**GOOD, "ImageName": "imagesTr/a .png", "Question": "q5"},
+                       {**GOOD, "ImageName": "imagesTr/a.png.png", "Question": "q6"}],
                 images=("a.png", "CASE.PNG", "scan.jpg"))
     out = _prepare(tmp_path, root, "data.datasets=[chestdr]")
     assert len(read_jsonl(out / "train.jsonl")) == 1
@@ -365,7 +369,11 @@ def test_a_missing_image_names_the_file_it_was_likely_meant_to_be(tmp_path):
                        "is matched exactly: case, suffix and spaces; correct the ImageName or rename the file)",
                        "missing image scan.png (the dataset's folder holds imagesTr/scan.jpg: an ImageName is "
                        "matched exactly: case, suffix and spaces; correct the ImageName or rename the file)",
-                       "missing image imagesTr/none.png"]
+                       "missing image imagesTr/none.png"] + [
+        f"missing image {name} (the dataset's folder holds imagesTr/{file}: an ImageName is matched exactly: case, "
+        "suffix and spaces; correct the ImageName or rename the file)"
+        for name, file in (("IMAGESTR/Case.png", "CASE.PNG"), ("imagesTr/a .png", "a.png"),
+                           ("imagesTr/a.png.png", "a.png"))]
 
 
 def test_kept_records_a_careful_user_wants_named_are_counted_in_the_summary(tmp_path, caplog):

@@ -279,3 +279,29 @@ def test_a_large_scan_is_no_bomb_below_pils_own_limit(tmp_path, monkeypatch):
         Image.fromarray((np.arange(side * side) % 251).reshape(side, side).astype(np.uint8)).save(tmp_path / f"{side}.png")
     assert _check_image(str(tmp_path / "40.png"), None).problem is None
     assert _check_image(str(tmp_path / "50.png"), None).problem.startswith("decompression bomb 50.png")
+
+
+def test_a_stage_started_on_a_root_whose_images_differ_from_the_prepared_ones_is_refused(base_overrides,
+                                                                                          demo_prepared, tmp_path):
+    """infer (sft, rl) on a data.root whose images are not those prepare recorded (another tree, or an image
+    edited at the same size with its time set back): refused before the run, naming the image; an exact copy
+    (new times, same bytes) is the same data."""
+    import os
+    import shutil
+
+    from conftest import compose_cfg
+    from flare_exp.checks import input_problems
+
+    copy = tmp_path / "raw"
+    shutil.copytree(demo_prepared.parent / "raw", copy)
+    cfg = lambda root: compose_cfg(["stage=infer", *base_overrides, f"data.root={root}"])  # noqa: E731
+    assert not [p for p in input_problems(cfg(copy)) if "data.root" in str(p)]
+    image = sorted(copy.rglob("*.png"))[0]
+    before = image.stat()
+    data = bytearray(image.read_bytes())
+    data[-30] ^= 0xFF
+    image.write_bytes(bytes(data))
+    os.utime(image, ns=(before.st_atime_ns, before.st_mtime_ns))
+    (said,) = [str(p) for p in input_problems(cfg(copy)) if str(p).startswith("data.root=")]
+    assert f"1 of the" in said and f"{image.relative_to(copy).as_posix()}: changed" in said
+    assert f"(under {demo_prepared.parent / 'raw'})" in said

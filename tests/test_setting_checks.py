@@ -86,6 +86,9 @@ def test_all_zero_weights_are_refused_at_startup():
     ("resume=", "resume= is empty: pass resume=auto"),  # read as the working directory before
     ("data.train_splits=[training,validation-public]", "the split 'validation-public' is named in data.train_splits "
                                                         "and data.val_splits: give each split one role"),
+    ("data.val_splits=[validation-hidden,validation-hidden]", "data.val_splits lists the split "
+                                                              "'validation-hidden' 2 times: list it once"),
+    ("data.datasets=[chestDR,dental]", "data.datasets: 'chestDR' is FLARE's 'chestdr' in other case"),
 ])
 def test_a_split_name_or_resume_that_names_nothing_is_refused_before_work(setting, message):
     """A split folder FLARE does not have would leave its file empty (found only when sft reads it); a resume

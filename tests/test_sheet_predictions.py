@@ -100,6 +100,9 @@ def test_hand_edits_are_scored_as_edited(tmp_path):
     # a second id column (a copy of ids, typed over): which one to join by is not said
     (lambda s: (s.__setitem__("H1", "ID"), s.__setitem__("H2", "x")),
      r"columns G \('id'\) and H \('ID'\) are both read as 'id': keep one"),
+    # the predictions' header cleared: the empty header cell named, not "no column that could hold them"
+    (lambda s: s.__setitem__("D1", None),
+     r"no column is headed for the predictions .*the header cell D1 is empty: if the predictions are there, head"),
     # the predictions' header cleared and a notes column added: the notes must not be scored
     (lambda s: (s.__setitem__("D1", None), s.__setitem__("H1", "notes"), s.__setitem__("H2", "looks fine")),
      r"cell D2: a value in a column without a header"),

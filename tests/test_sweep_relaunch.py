@@ -190,3 +190,9 @@ def test_a_second_sweep_into_a_sweep_dir_in_use_is_refused_before_it_writes_ther
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (sweep / "0" / "DONE").exists() and (sweep / "1" / "DONE").exists()
     assert not (sweep / ".sweep.lock").exists()
+    # the same sweep again (after a kill, say): its finished jobs are kept, not failures
+    (sweep / "1" / "DONE").unlink()  # as if killed before its end: it runs again
+    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "#0 (seed=1) DONE (finished before this launch: kept)" in proc.stderr and "FAILED" not in proc.stderr
+    assert (sweep / "1" / "DONE").exists()

@@ -101,36 +101,60 @@ def resolve_image(dataset_dir: Path, name: str) -> Path | str:
         return f"missing image {shown} (a directory of that name is there, not an image file)"
     if direct.is_symlink():
         return f"missing image {shown} (a symbolic link to {os.readlink(direct)}, which is not there)"
-    folders = dict.fromkeys([direct.parent, *((sub / name).parent for sub in sorted(dataset_dir.glob("images*"))
-                                              if sub.is_dir())])
-    near = [str((folder / found).relative_to(dataset_dir)) for folder in folders
-            for found in near_names(folder, direct.name)][:3]
+    near = near_names(dataset_dir, name)
     if near:  # Linux names differ in case; a converted export changes the suffix: said, never taken in its place
         return (f"missing image {shown} (the dataset's folder holds {', '.join(near)}: an ImageName is matched "
                 "exactly: case, suffix and spaces; correct the ImageName or rename the file)")
     return f"missing image {shown}"
 
 
-def near_names(folder: Path, name: str, shown: int = 3) -> list[str]:
-    """The files in ``folder`` whose name is ``name`` in other case, or whose stem is its stem in any case
-    (another suffix): what a missing image was likely meant to be."""
-    try:
-        names = _folded_names(str(folder), folder.stat().st_mtime_ns)
-    except OSError:
+def near_names(dataset_dir: Path, name: str, shown: int = 3) -> list[str]:
+    """The files under ``dataset_dir`` (relative to it) that ``name`` likely meant: each folder of the name and the
+    file matched with case and whitespace aside and a doubled suffix (x.png.png) as one, the file also by its
+    stem alone (another suffix); a bare name is looked for in the images*/ folders too."""
+    parts = Path(name.strip()).parts
+    if not parts:
         return []
-    wanted = Path(name)
-    found = names.get(name.casefold(), []) + names.get(wanted.stem.casefold() + "\0stem", [])
-    return sorted(set(found) - {name})[:shown]
+    folders = [dataset_dir]
+    if len(parts) == 1:
+        folders += sorted(p for p in dataset_dir.glob("images*") if p.is_dir())
+    for part in parts[:-1]:
+        folders = [folder / found for folder in folders for found in _listing(folder).get(_loose(part), [])
+                   if (folder / found).is_dir()]
+    last = _loose(parts[-1])
+    found = [folder / hit for folder in folders for hit in {
+        *_listing(folder).get(last, []), *_listing(folder).get(_STEM + Path(last).stem, [])}]
+    wanted = dataset_dir / name
+    return sorted(str(p.relative_to(dataset_dir)) for p in found if p != wanted and p.is_file())[:shown]
 
 
-@functools.lru_cache(maxsize=32)
-def _folded_names(folder: str, mtime_ns: int) -> dict[str, list[str]]:
-    """A folder's file names by their case-folded name and by their case-folded stem (listed once per folder
-    while it is unchanged: a missing image of a large folder is looked up without listing it again)."""
+_STEM = "\0stem:"  # a key no file name can hold
+
+
+def _loose(name: str) -> str:
+    """A name with case and whitespace aside and a doubled suffix as one (x.png.png -> x.png)."""
+    loose = "".join(name.split()).casefold()
+    while Path(loose).suffix and Path(Path(loose).stem).suffix == Path(loose).suffix:
+        loose = Path(loose).stem
+    return loose
+
+
+def _listing(folder: Path) -> dict[str, list[str]]:
+    try:
+        return _loose_names(str(folder), folder.stat().st_mtime_ns)
+    except OSError:
+        return {}
+
+
+@functools.lru_cache(maxsize=64)
+def _loose_names(folder: str, mtime_ns: int) -> dict[str, list[str]]:
+    """A folder's entries by their loose name and by their loose stem (listed once per folder while it is
+    unchanged: the missing images of a large folder are looked up without listing it again)."""
     index: dict[str, list[str]] = defaultdict(list)
     for entry in os.scandir(folder):
-        index[entry.name.casefold()].append(entry.name)
-        index[Path(entry.name).stem.casefold() + "\0stem"].append(entry.name)
+        loose = _loose(entry.name)
+        index[loose].append(entry.name)
+        index[_STEM + Path(loose).stem].append(entry.name)
     return dict(index)
 
 

@@ -152,6 +152,14 @@ def _columns(path: Path, title: str, header, header_row: int | None) -> tuple[di
         first = f"the first row with values has: {shown}" if shown else "they are blank"
         raise ValueError(f"{path} (sheet {title!r}): no 'id' column in its first {HEADER_SEARCH_ROWS} rows ({first}); "
                          "eval joins each prediction to its question by id, as infer's predictions.xlsx has it")
+    blank = [i for i, key in columns.items() if key == UNHEADED]
+    if not others and blank:  # the predictions' header cell cleared (or never typed): that column is named
+        from openpyxl.utils import get_column_letter
+
+        cells = ", ".join(f"{get_column_letter(i + 1)}{header_row or 1}" for i in blank[:3])
+        raise ValueError(f"{path} (sheet {title!r}): no column is headed for the predictions (the header, row "
+                         f"{header_row}: {shown}), and the header cell {cells} is empty: if the predictions are "
+                         "there, head that column with the run's label")
     if len(others) != 1:
         raise ValueError(
             f"{path} (sheet {title!r}): {'no' if not others else 'more than one'} column that could hold the "

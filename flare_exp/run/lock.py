@@ -229,7 +229,8 @@ class RunLock:
         return RunLockedError(
             f"{self.dir.parent} is in use by another run: host {h.get('host', '?')}, pid {pid}, started "
             f"{h.get('started', '?')}" + (f", stopped now (SIGSTOP, Ctrl-Z or a suspended job): continue it (kill "
-                                         f"-CONT {pid}) or end it (kill {pid}), then launch again" if stopped else "")
+                                         f"-CONT {pid}) or end it (kill {pid}; kill -CONT {pid}: a stopped process "
+                                         "takes the signal once continued), then launch again" if stopped else "")
             + ". Wait for it, or choose another run_name= (for prepare's dir, another data.prepared_dir=). (A lock "
             "whose holder died is taken over by itself.)")
 

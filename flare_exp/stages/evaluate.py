@@ -64,14 +64,31 @@ def check_settings(cfg) -> None:
     for entry in cfg.eval.predictions or ():
         path = abspath(str(entry))
         found = predictions_file(path)
-        if found is None and (other := other_stages_run(path)):
-            raise ValueError(f"eval.predictions entry {entry}: the run dir of a stage={other} run, which holds no "
-                             "predictions; eval scores an infer run's (stage=infer with infer.checkpoint= pointing at it makes them)")
+        if found is None and (what := not_predictions(path, str(entry))):
+            raise ValueError(f"eval.predictions entry {entry}: {what}")
         key = (found or path).resolve()
         if key in seen:
             raise ValueError(f"eval.predictions lists {key} twice ({seen[key]!r} and {str(entry)!r}): name each "
                              "run once")
         seen[key] = str(entry)
+
+
+def not_predictions(path: Path, entry: str) -> str | None:
+    """What a folder given as predictions is instead, with what to pass (a training run, an adapter, a sweep);
+    None where it cannot be told (an infer run still to make, in a pipeline, is left to the run)."""
+    if not path.is_dir():
+        return None
+    if (other := other_stages_run(path)):
+        return (f"the run dir of a stage={other} run, which holds no predictions; eval scores an infer run's "
+                "(stage=infer with infer.checkpoint= pointing at its adapter makes them)")
+    if (path / "adapter_config.json").is_file():
+        return (f"an adapter (LoRA weights), not predictions: run stage=infer infer.checkpoint={entry} first and "
+                "pass that infer run")
+    jobs = sorted((p for p in path.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+    if (path / "multirun.yaml").is_file() or any(predictions_file(job) for job in jobs):
+        shown = ",".join(f"{entry.rstrip('/')}/{job.name}" for job in jobs[:2]) or f"{entry.rstrip('/')}/0"
+        return f"a sweep dir: name the jobs whose predictions to score, e.g. eval.predictions=[{shown}]"
+    return None
 
 
 def other_stages_run(path: Path) -> str | None:

@@ -363,3 +363,15 @@ def test_rows_of_the_table_misplaced_or_shifted(tmp_path, caplog):
     blank_top = _edit(_sheet(tmp_path, "low.xlsx"), lambda s: s.insert_rows(1, 20))
     with pytest.raises(ValueError, match=r"no 'id' column in its first 20 rows \(they are blank\)"):
         load_rows(blank_top, False, prepared)
+
+
+def test_rows_hidden_in_the_sheet_are_scored_and_said(tmp_path, caplog):
+    """Rows hidden by an Excel filter (or Hide) are still rows of the sheet: scored, and the report and the log
+    say how many, so a user who hid rows to leave them out hears it."""
+    prepared = _prepared(tmp_path)
+    sheet = _edit(_sheet(tmp_path), lambda s: [setattr(s.row_dimensions[n], "hidden", True) for n in (3, 4)])
+    rows, info = load_rows(sheet, False, prepared)
+    assert len(rows) == len(REFERENCE) and "2 row(s) hidden in the sheet are scored too" in info["sheet_note"]
+    assert "2 row(s) hidden in the sheet (an Excel filter or Hide) are scored too" in caplog.text
+    rows, info = load_rows(_sheet(tmp_path, "plain.xlsx"), False, prepared)
+    assert "hidden" not in info["sheet_note"]

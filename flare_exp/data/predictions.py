@@ -30,9 +30,10 @@ def load_rows(path: Path, allow_partial: bool, prepared_dir: str | None = None) 
     if unfinished and not allow_partial:
         raise ValueError(f"{run_dir} holds an unfinished infer run (no {DONE} marker): finish it (rerun the same "
                          "infer command, it resumes) or pass eval.allow_partial=true to score what is there")
-    sheet, torn = is_sheet(path), False
+    sheet, torn, hidden = is_sheet(path), False, 0
     if sheet:
         rows, sheet_title, other_sheets = read_sheet_predictions(path)
+        hidden = sum(bool(r.pop("sheet_hidden", False)) for r in rows)
     elif unfinished or (allow_partial and not (run_dir / DONE).exists()):
         # allowed partial: a killed infer's journal, or a copy of one, may end in a torn line, left out and said
         rows, torn = read_jsonl_of_unfinished_run(path)
@@ -55,10 +56,14 @@ def load_rows(path: Path, allow_partial: bool, prepared_dir: str | None = None) 
     check_written_count(path, len(rows), allow_partial)
     rows, info = joined(path, rows, prepared_dir)
     if sheet:
+        if hidden:
+            log.warning("eval: %s: %d row(s) hidden in the sheet (an Excel filter or Hide) are scored too: delete "
+                        "the rows to leave them out", path, hidden)
         info["sheet_note"] = (f"predictions read from the worksheet {path.name} (sheet {sheet_title!r}), as it is "
                               "now: a prediction edited by hand is scored as edited" + (
                                   f"; not read: the sheet(s) {', '.join(map(repr, other_sheets))}, which also "
-                                  "hold an id column" if other_sheets else ""))
+                                  "hold an id column" if other_sheets else "") + (
+                                  f"; {hidden} row(s) hidden in the sheet are scored too" if hidden else ""))
     else:
         info.update(edited_sheet_beside(path, rows))
     if unfinished or torn:  # an unfinished infer run, or a file whose torn last line was left out

@@ -59,11 +59,11 @@ def read_sheet_predictions(path: Path) -> tuple[list[dict], str, list[str]]:
         lines = enumerate(sheet.iter_rows(), 1)  # numbered here: a row's leading empty cells carry no number
         header, header_row = _header(path, sheet.title, lines)
         columns, prediction = _columns(path, sheet.title, header, header_row)
-        rows = []
+        rows, hidden = [], _hidden_rows(path, sheet.title)
         for number, cells in lines:
             row = _row(path, sheet.title, cells, number, columns, prediction, header_row)
             if row is not None:
-                rows.append(row)
+                rows.append({**row, "sheet_hidden": True} if number in hidden else row)
         others = [w.title for w in workbook.worksheets if w.title != sheet.title and _has_id_column(w)]
     finally:
         workbook.close()
@@ -94,6 +94,23 @@ def _refuse_merged_cells(path: Path, title: str) -> None:
         raise ValueError(f"{path} (sheet {title!r}): merged cells {', '.join(merged[:5])}"
                          + (f" and {len(merged) - 5} more" if len(merged) > 5 else "") + ": a merge keeps its value "
                          "in its first cell only, so the others would read as blank; unmerge them and fill each cell")
+
+
+def _hidden_rows(path: Path, title: str) -> set[int]:
+    """The rows Excel hides in the sheet (a filter, "Hide"): read and scored like the others, which a user who
+    hid rows to leave them out must hear. A read-only workbook does not say, so the workbook is opened in full
+    only where a sheet's XML hides a row."""
+    from openpyxl import load_workbook
+
+    with zipfile.ZipFile(path) as archive:
+        if not any(re.search(rb'<row [^>]*hidden="(?:1|true)"', archive.read(n)) for n in archive.namelist()
+                   if n.startswith("xl/worksheets/") and n.endswith(".xml")):
+            return set()
+    workbook = load_workbook(path)
+    try:
+        return {number for number, row in workbook[title].row_dimensions.items() if row.hidden}
+    finally:
+        workbook.close()
 
 
 def _names_id(values) -> bool:

@@ -280,8 +280,8 @@ def group_file_values(conf_dirs: list[Path], choices: dict):
 
     seen: set[Path] = set()
 
-    def walk(path: Path | None, group: str):  # a file's defaults first, then its own values (they win)
-        if path is None or path in seen:
+    def walk(path: Path | None, group: str):  # in Hydra's order: a file's own values where _self_ stands
+        if path is None or path in seen:  # among its defaults (last when it is not listed: they win)
             return
         seen.add(path)
         text = path.read_text(encoding="utf-8")
@@ -291,14 +291,15 @@ def group_file_values(conf_dirs: list[Path], choices: dict):
             return
         if not isinstance(raw, dict):
             return
-        for entry in raw.pop("defaults", None) or []:  # /experiment/flare, or flare: a file this one is built on
-            if isinstance(entry, str) and entry.lstrip("/") != "_self_":
-                yield from walk(found(f"{entry[1:]}.yaml") if entry.startswith("/") else
-                                found(f"{group}/{entry}.yaml"), entry.lstrip("/").split("/")[0]
-                                if entry.startswith("/") else group)
+        defaults = [e for e in raw.pop("defaults", None) or [] if isinstance(e, str)]
         package = "" if re.search(r"^#\s*@package\s+_global_", text, re.M) else group
-        for key, value in _leaves(raw, package):
-            yield path, key, value
+        for entry in defaults if "_self_" in defaults else [*defaults, "_self_"]:
+            if entry.lstrip("/") == "_self_":
+                yield from ((path, key, value) for key, value in _leaves(raw, package))
+            elif entry.startswith("/"):  # /experiment/flare: a file of another group this one is built on
+                yield from walk(found(f"{entry[1:]}.yaml"), entry[1:].split("/")[0])
+            else:  # flare: a file of its own group
+                yield from walk(found(f"{group}/{entry}.yaml"), group)
 
     for group, choice in choices.items():
         if isinstance(choice, str) and not group.startswith("hydra"):

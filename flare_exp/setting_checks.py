@@ -93,10 +93,20 @@ def _pair_problems(cfg, steps: set[str]) -> list[str]:
             check_window(cfg.data.image_window)
         except ValueError as e:
             problems.append(str(e))
-        problems += _split_name_problems(cfg.data) + _dataset_name_problems(cfg.data)
+        problems += _split_name_problems(cfg.data) + _dataset_name_problems(cfg.data) + _demo_problems(cfg.data)
     if steps & {"sft", "rl"}:
         problems += _resume_problems(cfg.resume)
     return problems
+
+
+def _demo_problems(data) -> list[str]:
+    """data.demo's sizes: a negative count or a tiny image would make an empty or unreadable demo tree."""
+    demo = data.get("demo")
+    if demo is None:
+        return []
+    least = {"train_per_dataset": 1, "val_per_dataset": 1, "test_per_dataset": 0, "image_size": 32}
+    return [f"data.demo.{key}={demo[key]}: must be an integer >= {low}" for key, low in least.items()
+            if not isinstance(demo[key], int) or isinstance(demo[key], bool) or demo[key] < low]
 
 
 def _dataset_name_problems(data) -> list[str]:

@@ -659,12 +659,16 @@ def test_an_empty_eval_list_or_a_training_run_dir_is_refused_before_hydra(capsys
     (adapter / "adapter_config.json").write_text("{}")
     (sweep / "0").mkdir(parents=True)
     (sweep / "multirun.yaml").write_text("")
+    (tmp_path / "empty").mkdir()
     for value, said in (("[]", "eval.predictions is empty"),
                         (f"[{sft_dir}]", f"eval.predictions entry {sft_dir}: the run dir of a stage=sft run"),
                         (f"[{adapter}]", f"an adapter (LoRA weights), not predictions: run stage=infer "
                                          f"infer.checkpoint={adapter} first"),
                         (f"[{sweep}]", f"a sweep dir: name the jobs whose predictions to score, e.g. "
-                                       f"eval.predictions=[{sweep}/0]")):
+                                       f"eval.predictions=[{sweep}/0]"),
+                        (f"[{sft_dir / 'config.yaml'}]", "a yaml file (a run's config, log or report?), not "
+                                                          "predictions"),
+                        (f"[{tmp_path}/empty]", "no predictions.jsonl or predictions.xlsx there")):
         with pytest.raises(SystemExit):
             launch.check_command_line(["stage=eval", f"eval.predictions={value}",
                                        f"paths.output_root={tmp_path / 'out'}"])
@@ -687,6 +691,12 @@ def test_a_value_out_of_range_in_the_users_file_names_the_file(tmp_path, capsys)
     (tmp_path / "experiment" / "neg.yaml").write_text("# @package _global_\ndefaults: [demo]\nsft:\n  max_steps: -7\n")
     with pytest.raises(SystemExit):
         launch.check_command_line([f"--config-dir={tmp_path}", "experiment=neg", "stage=sft"])
+    assert f"sft.max_steps=-7: must be an integer >= 1 (or -1: sft.num_train_epochs decides), set in " \
+           f"{tmp_path / 'experiment' / 'neg.yaml'}" in capsys.readouterr().err
+    (tmp_path / "experiment" / "order.yaml").write_text(  # its own 5 first, then neg's -7 over it
+        "# @package _global_\ndefaults: [_self_, neg]\nsft:\n  max_steps: 5\n")
+    with pytest.raises(SystemExit):
+        launch.check_command_line([f"--config-dir={tmp_path}", "experiment=order", "stage=sft"])
     assert f"sft.max_steps=-7: must be an integer >= 1 (or -1: sft.num_train_epochs decides), set in " \
            f"{tmp_path / 'experiment' / 'neg.yaml'}" in capsys.readouterr().err
     with pytest.raises(SystemExit):

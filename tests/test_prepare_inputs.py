@@ -304,4 +304,27 @@ def test_a_stage_started_on_a_root_whose_images_differ_from_the_prepared_ones_is
     os.utime(image, ns=(before.st_atime_ns, before.st_mtime_ns))
     (said,) = [str(p) for p in input_problems(cfg(copy)) if str(p).startswith("data.root=")]
     assert f"1 of the" in said and f"{image.relative_to(copy).as_posix()}: changed" in said
-    assert f"(under {demo_prepared.parent / 'raw'})" in said
+    assert f"point data.root at the folder prepare read ({demo_prepared.parent / 'raw'})" in said
+
+
+def test_a_prepared_dir_without_a_readable_record_is_not_blamed_on_a_right_root(base_overrides, demo_prepared,
+                                                                                tmp_path, caplog):
+    """inputs.json cut short (or a prepare from before it was written): nothing to compare with. The root prepare
+    read passes; another root passes with a warning that its images were not compared."""
+    import shutil
+
+    from conftest import compose_cfg
+    from flare_exp.checks import input_problems
+
+    prepared = tmp_path / "prepared"
+    shutil.copytree(demo_prepared, prepared)
+    (prepared / "inputs.json").write_text((prepared / "inputs.json").read_text()[:100])
+    cfg = lambda root: compose_cfg(["stage=infer", *base_overrides, f"data.root={root}",  # noqa: E731
+                                    f"data.prepared_dir={prepared}"])
+    caplog.set_level("WARNING")
+    assert not [p for p in input_problems(cfg(demo_prepared.parent / "raw")) if "data.root" in str(p)]
+    assert "were not compared" not in caplog.text
+    copy = tmp_path / "raw"
+    shutil.copytree(demo_prepared.parent / "raw", copy)
+    assert not [p for p in input_problems(cfg(copy)) if "data.root" in str(p)]
+    assert f"data.root={copy} is not the folder the prepare in {prepared} read" in caplog.text

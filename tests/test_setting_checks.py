@@ -89,6 +89,7 @@ def test_all_zero_weights_are_refused_at_startup():
     ("data.val_splits=[validation-hidden,validation-hidden]", "data.val_splits lists the split "
                                                               "'validation-hidden' 2 times: list it once"),
     ("data.datasets=[chestDR,dental]", "data.datasets: 'chestDR' is FLARE's 'chestdr' in other case"),
+    ("data.demo.train_per_dataset=-2", "data.demo.train_per_dataset=-2: must be an integer >= 1"),
 ])
 def test_a_split_name_or_resume_that_names_nothing_is_refused_before_work(setting, message):
     """A split folder FLARE does not have would leave its file empty (found only when sft reads it); a resume

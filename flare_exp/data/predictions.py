@@ -210,6 +210,15 @@ def other_format(path: Path) -> str | None:
         return f"a zip archive, not JSON Lines: a workbook is read when saved as .xlsx; {ACCEPTED}"
     if head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
         return json_array(path)
+    if suffix in (".yaml", ".yml", ".md", ".txt", ".log", ".html", ".png"):
+        return f"a {suffix[1:]} file (a run's config, log or report?), not predictions; {ACCEPTED}"
+    if suffix == ".json" and head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"{"):
+        try:
+            whole = json.loads(path.read_text(encoding="utf-8-sig"))
+        except ValueError:
+            return None  # JSON Lines under a .json name: read as such
+        if not (isinstance(whole, dict) and "id" in whole):  # one prediction row is JSON Lines too
+            return f"one JSON object (a run's summary or record?), not predictions; {ACCEPTED}"
     return None
 
 

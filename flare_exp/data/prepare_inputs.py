@@ -107,6 +107,10 @@ COMPARED: set[tuple[str, str]] = set()  # (prepared dir, data.root) pairs whose 
 SAID: set[str] = set()  # the prepared dirs whose missing record was said (a run checks them more than once)
 
 
+def has_readable_record(out_dir: Path) -> bool:
+    return _recorded(out_dir, silent=True) is not None
+
+
 def _recorded(out_dir: Path, silent: bool = False) -> dict | None:
     """The recorded inputs, or None (said once per dir in the log, unless ``silent``) when there is no readable
     record: a prepare made before they were recorded, or a file cut short or edited."""

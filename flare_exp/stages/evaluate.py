@@ -54,6 +54,8 @@ def check_settings(cfg) -> None:
     """eval.predictions names each predictions file once: the same run twice would be compared with itself
     (every difference 0, every p-value 1) and its sheet written twice under two names. The judge's attention
     setting is checked here, before the judge loads."""
+    from flare_exp.data.predictions import other_format
+    from flare_exp.data.sheet_predictions import is_sheet
     from flare_exp.models.grouped_attention import SETTINGS
     from flare_exp.runtime import check_choice
 
@@ -66,6 +68,11 @@ def check_settings(cfg) -> None:
         found = predictions_file(path)
         if found is None and (what := not_predictions(path, str(entry))):
             raise ValueError(f"eval.predictions entry {entry}: {what}")
+        if path.is_file() and not is_sheet(path) and (why := other_format(path)):  # a config, a CSV, a submission
+            raise ValueError(f"{path}: {why}")
+        if found is None and path.is_dir() and cfg.stage.name == "eval":  # a pipeline's infer step comes later
+            raise ValueError(f"eval.predictions entry {entry}: no predictions.jsonl or predictions.xlsx there; "
+                             "pass an infer run dir or its predictions file")
         key = (found or path).resolve()
         if key in seen:
             raise ValueError(f"eval.predictions lists {key} twice ({seen[key]!r} and {str(entry)!r}): name each "

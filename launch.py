@@ -190,9 +190,10 @@ def sweep_root_problems(overrides: list[str]) -> list[Exception]:
 
 
 def sweep_file_problems(overrides: list[str], groups: set[str]) -> list[Exception]:
-    """A sweep's group files (``experiment=a,b``, and a fixed ``+cluster=mine``): each choice composed once with the
-    sweep's fixed overrides, and a file's own problem (not YAML, a key the schema lacks, a value its type refuses) said in one line, as a single
-    run hears it (Hydra's sweeper would stop on the first with its own error). Other sweep values are the jobs'."""
+    """A sweep's group files (``experiment=a,b``, and a fixed ``+cluster=mine``): each choice composed once with
+    the sweep's fixed overrides, and a file's own problem (not YAML, a key the schema lacks, a value its type
+    refuses) said in one line, as a single run hears it (Hydra's sweeper would stop on the first with its own
+    error). Other sweep values are the jobs'."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parser = OverridesParser.create()
@@ -223,9 +224,7 @@ def other_setting_problems(known_overrides: list[str]) -> list[Exception]:
     is left to the run's own check, where it resolves."""
     from omegaconf.errors import InterpolationResolutionError
 
-    from flare_exp.checks import problems_of
-
-    from flare_exp.checks import problem_key
+    from flare_exp.checks import problem_key, problems_of
 
     cfg, in_files, from_files = composed(known_overrides)
     if cfg is None:
@@ -249,7 +248,7 @@ def composed(overrides: list[str]) -> tuple:
 
     from flare_exp.config import Config
     from flare_exp.config_dirs import entry_dir, searched_dirs, shadowed_files
-    from flare_exp.config_keys import file_value_problems, keys_set_in_files
+    from flare_exp.config_keys import file_value_problems, group_file_values
 
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -260,11 +259,12 @@ def composed(overrides: list[str]) -> tuple:
     # the group files it read, in the config dirs Hydra searched, in its order (conf/, then hydra.searchpath's)
     dirs = [CONF_DIR] + [d for entry in cfg.hydra.searchpath if (d := entry_dir(str(entry)))]
     choices = dict(cfg.hydra.runtime.choices)
-    in_files = [ValueError(p) for p in shadowed_files(dirs, choices, CONF_DIR)
-                + file_value_problems(dirs, choices, Config)]
+    values = list(group_file_values(dirs, choices))  # in Hydra's order: the last file to set a key sets it
+    in_files = [ValueError(p) for p in shadowed_files(dirs, choices, CONF_DIR) + file_value_problems(values, Config)]
     given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}  # the command line's own: not from a file
-    from_files = {key: path for key, path in keys_set_in_files(dirs, choices).items() if key not in given
-                  and not path.is_relative_to(CONF_DIR)}  # the user's files (conf/'s values are checked by tests)
+    from_files = {key: path for path, key, _ in values}
+    from_files = {key: path for key, path in from_files.items()  # the user's files (conf/'s are checked by tests)
+                  if key not in given and not path.is_relative_to(CONF_DIR)}
     with open_dict(cfg):
         del cfg["hydra"]
     return cfg, in_files, from_files
@@ -283,29 +283,28 @@ def config_file_problem(error: BaseException, conf_dirs: list[Path] = ()) -> Exc
     from flare_exp.config_keys import unknown_path
 
     named = re.match(r"In '([^']+)'", str(error))  # Hydra's ConfigCompositionException: the group file
-    files = [d / f"{named.group(1)}.yaml" for d in conf_dirs] if named else []
-    where = next((str(f) for f in files if f.is_file()),
-                 "a config file this run composes (an experiment or other group file)")
-    if given := re.match(r"Error merging override (.+)", str(error)):  # the command line's, not a file's
-        where = f"the command line ({given.group(1).strip()})"
+    file = next((f for d in conf_dirs if named and (f := d / f"{named.group(1)}.yaml").is_file()), None)
+    given = re.match(r"Error merging override (.+)", str(error))  # the command line's, not a file's
+    source = (f"on the command line ({given.group(1).strip()})" if given else f"in {file}" if file else
+              "in a config file this run composes (an experiment or other group file)")
     for error in causes(error):
         if isinstance(error, yaml.MarkedYAMLError) and error.problem_mark is not None:
             mark = error.problem_mark
             return ValueError(f"{mark.name}, line {mark.line + 1}, column {mark.column + 1}: not valid YAML: "
                               f"{error.problem}" + (f" ({error.context})" if error.context else ""))
         if isinstance(error, ValidationError) and getattr(error, "full_key", None):
-            return ValueError(f"{error.full_key}: {str(error).splitlines()[0]}, set {'on' if given else 'in'} {where}")
+            return ValueError(f"{error.full_key}: {str(error).splitlines()[0]}, set {source}")
         if isinstance(error, ConfigKeyError) and getattr(error, "full_key", None):
             group = named.group(1).split("/")[0] if named else None
-            if group and str(error.full_key).split(".")[0] == group and where.endswith(".yaml") \
-                    and unknown_path(group, Config):  # a group whose package is no section (experiment/)
-                return ValueError(f"{where}: its keys land under '{group}.' (the group's own package): a file that "
+            if file and str(error.full_key).split(".")[0] == group and unknown_path(group, Config):
+                # a group whose package is no section (experiment/): its keys landed under the group's name
+                return ValueError(f"{file}: its keys land under '{group}.' (the group's own package): a file that "
                                   "sets stage keys (sft:, rl:, ...) needs '# @package _global_' as its first line, "
                                   f"as conf/{group}/*.yaml have")
             found = unknown_path(str(error.full_key), Config)
             if found:
-                return ValueError(f"unknown config key {found}, set {'on' if given else 'in'} {where}; python launch.py --cfg job "
-                                  "lists every key")
+                return ValueError(f"unknown config key {found}, set {source}; python launch.py --cfg job lists "
+                                  "every key")
     return None
 
 

@@ -74,7 +74,8 @@ def _read_json(path: Path) -> dict:
         return {}
 
 
-def _stage_of(run_dir: Path) -> str | None:
+def stage_of(run_dir: Path) -> str | None:
+    """The stage a run dir's config.yaml names (a refused launch: its .hydra/config.yaml); None if none does."""
     from omegaconf import OmegaConf
 
     for saved in (run_dir / CONFIG, run_dir / HYDRA / CONFIG):  # the latter: a refused launch
@@ -124,7 +125,7 @@ def run_summary(run_dir: Path) -> dict | None:
             unreadable = str(metrics.relative_to(run_dir))
             metric = (f"{unreadable} unreadable ({why_unreadable(e)}): cut or edited since its eval wrote it; rerun "
                       "that eval")
-    return {"name": run_dir.name, "stage": _stage_of(run_dir) or "?", "status": status, "started": started,
+    return {"name": run_dir.name, "stage": stage_of(run_dir) or "?", "status": status, "started": started,
             "seconds": seconds, "headline": metric or headline(run_dir), "error": error,
             "metrics_unreadable": unreadable}
 

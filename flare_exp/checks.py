@@ -193,42 +193,30 @@ def check_prepared_images(cfg: DictConfig) -> None:
     """The images the prepare in data.prepared_dir recorded (inputs.json) are under this data.root with the same
     bytes: a stat each, the bytes read where size or a time differ (once per launch). A stage started on another
     root, or on the same one with an image changed since (a same-size edit too), would train on or predict for
-    pictures prepare never checked and its answers were not matched to."""
-    from flare_exp.data.prepare_inputs import INPUTS, has_readable_record, moved_here
+    pictures prepare never checked and its answers were not matched to. Without a readable record nothing can
+    be compared: another root than prepare's is then said in the log, as a reuse of such a dir says it."""
+    from flare_exp.data.prepare_inputs import INPUTS, moved_here, prepared_summary, recorded_inputs
 
     prepared, value = abspath(cfg.data.prepared_dir), OmegaConf.select(cfg, "data.root", throw_on_missing=False)
-    if value is None or not abspath(value).is_dir() or not (prepared / "summary.json").is_file():
+    summary = prepared_summary(prepared)
+    if value is None or not abspath(value).is_dir() or not summary:
         return  # no root (named by its own check) or no finished prepare there (named by the missing split)
-    root, read, record = abspath(value), _prepared_root(prepared), prepared / INPUTS
+    root, read, record = abspath(value), summary.get("data_root"), prepared / INPUTS
     key = (str(prepared), record.stat().st_mtime_ns if record.is_file() else None, str(root))
     if key not in COMPARED_ROOTS:
-        COMPARED_ROOTS[key] = moved_here(prepared, root) if record.is_file() else f"{record} is missing"
+        recorded = recorded_inputs(prepared)
+        COMPARED_ROOTS[key] = None if recorded is None else moved_here(prepared, root, recorded)
+        if recorded is None and read != str(root):
+            log.warning("data.root=%s is not the folder the prepare in %s read (%s), and %s is missing or unreadable, "
+                        "so its images were not compared: make sure they are the same files (or prepare this "
+                        "data.root again)", value, prepared, read, record)
     why = COMPARED_ROOTS[key]
-    if why and not has_readable_record(prepared):  # nothing to compare with: said, as a reuse of such a dir says it
-        if read != str(root) and key not in SAID_UNCOMPARED:
-            SAID_UNCOMPARED.add(key)
-            log.warning("data.root=%s is not the folder the prepare in %s read (%s), and %s, so its images were not "
-                        "compared: make sure they are the same files (or prepare this data.root again)", value,
-                        prepared, read, why)
-        return
     if why:
         fix = ("they changed since prepare read them: prepare again (overwrite=true, or another "
                "data.prepared_dir)" if read == str(root) else f"point data.root at the folder prepare read "
                f"({read}), or prepare this data.root into another data.prepared_dir")
         raise ValueError(f"data.root={value}: {why} (against {record}). The prepared records' images must be the "
                          f"ones prepare read: {fix}")
-
-
-SAID_UNCOMPARED: set[tuple] = set()
-
-
-def _prepared_root(prepared: Path) -> str | None:
-    import json
-
-    try:
-        return str(json.loads((prepared / "summary.json").read_text()).get("data_root"))
-    except (OSError, ValueError, AttributeError):
-        return None
 
 
 def check_writable(key: str, value, where: Path | None = None) -> None:

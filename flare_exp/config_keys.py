@@ -251,22 +251,17 @@ def _structured(schema: type):
     return OmegaConf.structured(schema)
 
 
-def file_value_problems(conf_dirs: list[Path], choices: dict, schema: type) -> list[str]:
-    """'file: key=value: why' for each value a group file the run composes sets (the chosen options and the
-    files their defaults name, e.g. an experiment built on another) that the schema's type refuses, or that
-    OmegaConf would take but mean otherwise (2 or -1 for a true/false key: read as true). Hydra would stop at
-    the first refused one with its own error, and take the others without a word."""
+def file_value_problems(values: list[tuple[Path, str, object]], schema: type) -> list[str]:
+    """'file: key=value: why' for each value a group file the run composes sets (``values``: group_file_values)
+    that the schema's type refuses, or that OmegaConf would take but mean otherwise (2 or -1 for a true/false key:
+    read as true). Hydra would stop at the first refused one with its own error, and take the others without a
+    word."""
     out = []
-    for path, key, value in group_file_values(conf_dirs, choices):
+    for path, key, value in values:
         wrong = wrong_value(schema, key, value) if not key.startswith("hydra.") else None
         if wrong:
             out.append(f"{path}: {key}={_said(value)}: {wrong}")
     return out
-
-
-def keys_set_in_files(conf_dirs: list[Path], choices: dict) -> dict[str, Path]:
-    """key -> the group file that sets it last, in the order they are read (a refusal of its value names it)."""
-    return {key: path for path, key, _ in group_file_values(conf_dirs, choices)}
 
 
 def group_file_values(conf_dirs: list[Path], choices: dict):

@@ -115,9 +115,9 @@ def _dataset_name_problems(data) -> list[str]:
     from flare_exp.data.records import FLARE_DATASETS
 
     flare = {name.casefold(): name for name in FLARE_DATASETS}
-    return [f"data.datasets: {name!r} is FLARE's {flare[str(name).casefold()]!r} in other case (question files "
-            f"are found by their name as written): write {flare[str(name).casefold()]!r}"
-            for name in data.datasets or [] if str(name).casefold() in flare and name != flare[str(name).casefold()]]
+    meant = {name: flare.get(str(name).casefold()) for name in data.datasets or []}
+    return [f"data.datasets: {name!r} is FLARE's {right!r} in other case (question files are found by their name "
+            f"as written): write {right!r}" for name, right in meant.items() if right and name != right]
 
 
 def _split_name_problems(data) -> list[str]:

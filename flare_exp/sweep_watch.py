@@ -197,10 +197,12 @@ def record_results(progress: Progress, returns) -> list[str]:
             # a sweep launched again (after a kill, a node's end): a job its dir holds finished, with these very
             # settings (the checks before launch refuse other ones), is done, not failed
             progress.finished(i, "DONE (finished before this launch: kept)")
-            job = progress.job_dirs[i]  # completed (Hydra's sweeper raises a failed job's error after the
+            # completed (Hydra's sweeper raises a failed job's error after the launch), its metrics where a search
+            # reads them (optuna_search.job_metrics)
+            job = progress.job_dirs[i]
             metrics = next((p for p in (job / "metrics.json", job / "eval" / "metrics.json") if p.is_file()), None)
-            ret.status, ret._return_value = JobStatus.COMPLETED, {  # launch), its metrics where a search reads them
-                "kept": str(job), **({"metrics": str(metrics)} if metrics else {})}
+            ret.status = JobStatus.COMPLETED
+            ret._return_value = {"kept": str(job), **({"metrics": str(metrics)} if metrics else {})}
             continue
         died = isinstance(ret._return_value, WorkerDiedError)
         why = None if ok else str(ret._return_value) if died else first_line(ret._return_value)

@@ -355,8 +355,9 @@ def test_a_prompt_repeated_over_rows_is_prefilled_once_with_the_same_tokens(base
         expected = whole(batch, 8, pad)
         assert torch.equal(once(batch, 8, pad), expected)
     assert prefills == [[0, 1], [0, 1]]  # the distinct prompts only; the batch without repeats prefilled whole
-    found = shared_prompts.repeated_rows(repeated, model.config.vision_start_token_id)
+    spans = lambda batch: shared_prompts.image_spans(batch, model.config.vision_start_token_id)  # noqa: E731
+    found = shared_prompts.repeated_rows(repeated, spans(repeated))
     assert found[1].tolist() == [0, 1, 0, 0, 1]
     other = {**repeated, "pixel_values": repeated["pixel_values"].clone()}
     other["pixel_values"][-1] += 1  # the last row's image differs: its own prompt
-    assert shared_prompts.repeated_rows(other, model.config.vision_start_token_id)[1].tolist() == [0, 1, 0, 0, 2]
+    assert shared_prompts.repeated_rows(other, spans(other))[1].tolist() == [0, 1, 0, 0, 2]

@@ -492,14 +492,14 @@ def test_eval_writes_a_sheet_scored_per_row_worst_first(base_overrides, sft_adap
 def test_a_hand_broken_config_in_an_infer_run_dir_is_a_note_not_a_crash(tmp_path):
     """What made a predictions file is a best-effort record: a config.yaml cut or broken by hand becomes a note in
     the report's metadata, and the run listing passes over it."""
-    from flare_exp.catalog import _stage_of
+    from flare_exp.catalog import stage_of
     from flare_exp.data.predictions import run_metadata
 
     (tmp_path / "config.yaml").write_text("garbage: [")
     (tmp_path / "predictions.jsonl").write_text("")
     meta = run_metadata(tmp_path / "predictions.jsonl")
     assert meta["note"].startswith("run metadata unreadable: ") and "Traceback" not in meta["note"]
-    assert _stage_of(tmp_path) is None
+    assert stage_of(tmp_path) is None
 
 
 def test_the_submission_keeps_flares_own_question_text(tmp_path):

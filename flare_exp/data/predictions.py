@@ -208,11 +208,12 @@ def other_format(path: Path) -> str | None:
                 "As, Excel 2007-365)")
     if head.startswith(ZIP):
         return f"a zip archive, not JSON Lines: a workbook is read when saved as .xlsx; {ACCEPTED}"
-    if head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n")  # past a byte-order mark and blank space
+    if text.startswith(b"["):
         return json_array(path)
     if suffix in (".yaml", ".yml", ".md", ".txt", ".log", ".html", ".png"):
         return f"a {suffix[1:]} file (a run's config, log or report?), not predictions; {ACCEPTED}"
-    if suffix == ".json" and head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"{"):
+    if suffix == ".json" and text.startswith(b"{"):
         try:
             whole = json.loads(path.read_text(encoding="utf-8-sig"))
         except ValueError:

@@ -107,8 +107,18 @@ COMPARED: set[tuple[str, str]] = set()  # (prepared dir, data.root) pairs whose 
 SAID: set[str] = set()  # the prepared dirs whose missing record was said (a run checks them more than once)
 
 
-def has_readable_record(out_dir: Path) -> bool:
-    return _recorded(out_dir, silent=True) is not None
+def recorded_inputs(out_dir: Path) -> dict | None:
+    """The inputs the prepare in ``out_dir`` recorded, None when none is readable (nothing said)."""
+    return _recorded(out_dir, silent=True)
+
+
+def prepared_summary(out_dir: Path) -> dict:
+    """The summary.json a finished prepare wrote in ``out_dir`` ({} when there is none, or it is unreadable)."""
+    try:
+        found = json.loads((out_dir / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
 
 
 def _recorded(out_dir: Path, silent: bool = False) -> dict | None:
@@ -157,10 +167,11 @@ def image_changes(root: Path, recorded: dict, copy_times: dict | None = None) ->
     return out, refreshed
 
 
-def moved_here(out_dir: Path, root: Path) -> str | None:
-    """None when every image the prepare in ``out_dir`` recorded is under ``root`` with the same bytes (its
-    data.root moved or copied there: a stat each, the bytes read only where size or time differ); else why not."""
-    recorded = _recorded(out_dir, silent=True)
+def moved_here(out_dir: Path, root: Path, recorded: dict | None = None) -> str | None:
+    """None when every image the prepare in ``out_dir`` recorded (``recorded``, read if not given) is under
+    ``root`` with the same bytes (its data.root moved or copied there: a stat each, the bytes read only where
+    size or time differ); else why not."""
+    recorded = recorded or _recorded(out_dir, silent=True)
     if recorded is None:
         return f"{out_dir / INPUTS} is missing or unreadable, so the images there cannot be compared"
     if not root.is_dir():

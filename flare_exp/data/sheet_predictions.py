@@ -55,15 +55,17 @@ def read_sheet_predictions(path: Path) -> tuple[list[dict], str, list[str]]:
         raise ValueError(f"{path}: not a readable .xlsx workbook ({type(e).__name__}: {e})") from e
     try:
         sheet = workbook[SHEET] if SHEET in workbook.sheetnames else workbook.worksheets[0]
-        _refuse_merged_cells(path, sheet.title)  # first: a merged header would read as a missing column
+        merged, hidden = _layout(path, sheet.title)
+        _refuse_merged_cells(path, sheet.title, merged)  # first: a merged header would read as a missing column
         lines = enumerate(sheet.iter_rows(), 1)  # numbered here: a row's leading empty cells carry no number
         header, header_row = _header(path, sheet.title, lines)
         columns, prediction = _columns(path, sheet.title, header, header_row)
-        rows, hidden = [], _hidden_rows(path, sheet.title)
+        rows = []
         for number, cells in lines:
             row = _row(path, sheet.title, cells, number, columns, prediction, header_row)
             if row is not None:
-                rows.append({**row, "sheet_hidden": True} if number in hidden else row)
+                # a hidden row is scored like the others: eval says how many (a user may have hidden them to
+                rows.append({**row, "sheet_hidden": True} if number in hidden else row)  # leave them out)
         others = [w.title for w in workbook.worksheets if w.title != sheet.title and _has_id_column(w)]
     finally:
         workbook.close()
@@ -75,42 +77,31 @@ def read_sheet_predictions(path: Path) -> tuple[list[dict], str, list[str]]:
     return rows, sheet.title, others
 
 
-def _refuse_merged_cells(path: Path, title: str) -> None:
-    """Merged cells hold their value in the first cell only: the others would read as blank predictions (or
-    answers) without a word. A read-only workbook does not list merges, so the sheets' XML is looked at first
-    and the workbook opened in full only where one has a merge."""
+def _layout(path: Path, title: str) -> tuple[list[str], set[int]]:
+    """(the sheet's merged ranges, the rows Excel hides in it). A read-only workbook says neither, so the sheets'
+    XML is looked at once and the workbook opened in full only where one has a merge or a hidden row."""
     from openpyxl import load_workbook
 
     with zipfile.ZipFile(path) as archive:
-        if not any(b"<mergeCell " in archive.read(n) for n in archive.namelist()
-                   if n.startswith("xl/worksheets/") and n.endswith(".xml")):
-            return
+        if not any(re.search(rb'<mergeCell |<row [^>]*hidden="(?:1|true)"', archive.read(n))
+                   for n in archive.namelist() if n.startswith("xl/worksheets/") and n.endswith(".xml")):
+            return [], set()
     workbook = load_workbook(path)
     try:
-        merged = [str(r) for r in workbook[title].merged_cells.ranges]
+        sheet = workbook[title]
+        return ([str(r) for r in sheet.merged_cells.ranges],
+                {number for number, row in sheet.row_dimensions.items() if row.hidden})
     finally:
         workbook.close()
+
+
+def _refuse_merged_cells(path: Path, title: str, merged: list[str]) -> None:
+    """Merged cells hold their value in the first cell only: the others would read as blank predictions (or
+    answers) without a word."""
     if merged:
         raise ValueError(f"{path} (sheet {title!r}): merged cells {', '.join(merged[:5])}"
                          + (f" and {len(merged) - 5} more" if len(merged) > 5 else "") + ": a merge keeps its value "
                          "in its first cell only, so the others would read as blank; unmerge them and fill each cell")
-
-
-def _hidden_rows(path: Path, title: str) -> set[int]:
-    """The rows Excel hides in the sheet (a filter, "Hide"): read and scored like the others, which a user who
-    hid rows to leave them out must hear. A read-only workbook does not say, so the workbook is opened in full
-    only where a sheet's XML hides a row."""
-    from openpyxl import load_workbook
-
-    with zipfile.ZipFile(path) as archive:
-        if not any(re.search(rb'<row [^>]*hidden="(?:1|true)"', archive.read(n)) for n in archive.namelist()
-                   if n.startswith("xl/worksheets/") and n.endswith(".xml")):
-            return set()
-    workbook = load_workbook(path)
-    try:
-        return {number for number, row in workbook[title].row_dimensions.items() if row.hidden}
-    finally:
-        workbook.close()
 
 
 def _names_id(values) -> bool:

@@ -38,15 +38,15 @@ def image_spans(batch: dict, vision_start_id: int | None) -> list[tuple[int, int
     return spans
 
 
-def repeated_rows(batch: dict, vision_start_id: int | None):
+def repeated_rows(batch: dict, spans):
     """(the first row of each distinct prompt (U,), each row's distinct prompt (B,)) as index tensors on the
-    batch's device, or None when every row is its own prompt or the batch holds inputs not known here."""
+    batch's device, or None when every row is its own prompt or the batch holds inputs not known here
+    (``spans``: image_spans)."""
     import torch
 
     if set(batch) - set(ROW_KEYS) - set(IMAGE_KEYS):
         return None
     rows = batch["input_ids"].shape[0]
-    spans = image_spans(batch, vision_start_id)
     if rows < 2 or spans is None:
         return None
     host = {key: batch[key].cpu() for key in ROW_KEYS if batch.get(key) is not None}
@@ -95,13 +95,14 @@ def prefill_once_per_prompt(model, batch: dict, positions, cache, vision_start_i
 
     if any(type(layer).__name__ != "StaticLayer" for layer in cache.layers):
         return None  # a sliding-window or other layer keeps its cache otherwise: prefilled whole
-    found = repeated_rows(batch, vision_start_id)
+    spans = image_spans(batch, vision_start_id)
+    found = repeated_rows(batch, spans)
     if found is None:
         return None
     first, inverse = found
     prompt = batch["input_ids"].shape[1]
     small = StaticCache(config=model.config, max_cache_len=prompt)
-    out = model(**rows_of(batch, first, image_spans(batch, vision_start_id)),
+    out = model(**rows_of(batch, first, spans),
                 position_ids=positions.index_select(-2, first), past_key_values=small, use_cache=True,
                 logits_to_keep=1)
     for mine, theirs in zip(cache.layers, small.layers):

@@ -101,14 +101,9 @@ def not_predictions(path: Path, entry: str) -> str | None:
 def other_stages_run(path: Path) -> str | None:
     """The stage of the run dir ``path`` when it is another stage's than infer (an sft or rl run given as eval's
     input); None for anything else (an infer run still to make, in a pipeline, is left to the run)."""
-    from omegaconf import OmegaConf
+    from flare_exp.catalog import stage_of
 
-    from flare_exp.run.layout import CONFIG
-
-    try:
-        stage = OmegaConf.select(OmegaConf.load(path / CONFIG), "stage.name") if (path / CONFIG).is_file() else None
-    except Exception:  # noqa: BLE001  (an unreadable config: what it is cannot be told here)
-        return None
+    stage = stage_of(path)
     return str(stage) if stage and stage != "infer" else None
 
 

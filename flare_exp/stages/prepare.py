@@ -35,7 +35,7 @@ def input_changes(cfg, out_dir: Path) -> list[str]:
     from flare_exp.data.prepare import questions_read, split_sources_of
     from flare_exp.data.question_files import question_files, resolve_image
     from flare_exp.data.unzip import of_another_dataset, pending_zips
-    from flare_exp.data.prepare_inputs import INPUTS, input_changes as changes, summarised
+    from flare_exp.data.prepare_inputs import INPUTS, input_changes as changes, prepared_summary, summarised
 
     root = abspath(cfg.data.root)
     if not root.is_dir():
@@ -45,19 +45,9 @@ def input_changes(cfg, out_dir: Path) -> list[str]:
                 if not of_another_dataset(root, z, list(cfg.data.datasets))]  # none of this prepare's data
     found = question_files(root)
     read = questions_read(found, cfg.data, split_sources_of(cfg.data))
-    expected = _summary(out_dir).get("inputs") == INPUTS  # this version's prepare wrote the record
+    expected = prepared_summary(out_dir).get("inputs") == INPUTS  # this version's prepare wrote the record
     generated = cfg.data.demo is not None and root.is_relative_to(abspath(cfg.paths.cache_dir))  # our demo tree
     return summarised(archives + changes(out_dir, root, read, resolve_image, expected, quiet=generated))
-
-
-def _summary(out_dir: Path) -> dict:
-    import json
-
-    try:
-        found = json.loads((out_dir / "summary.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return found if isinstance(found, dict) else {}
 
 
 def run(cfg, out_dir: Path) -> dict:
@@ -67,15 +57,14 @@ def run(cfg, out_dir: Path) -> dict:
 
         if (root / DEMO_MARKER).exists():
             generate_demo(root, **cfg.data.demo)  # there: its settings must be this run's (refused otherwise)
-    if cfg.data.demo is not None and not root.exists():
-        if not root.is_relative_to(abspath(cfg.paths.cache_dir)):  # a root the user named: never fill it
-            raise FileNotFoundError(
-                f"data.root={cfg.data.root}: no such directory ({root}). data={cfg.data.name} generates its "
-                f"synthetic tree only under paths.cache_dir ({abspath(cfg.paths.cache_dir)}); for the FLARE "
-                "download pass experiment=flare data.root=/path/to/FLARE_Task5")
-
-        log.info("data=%s: generating the synthetic FLARE-layout demo tree at %s", cfg.data.name, root)
-        generate_demo(root, **cfg.data.demo)
+        elif not root.exists():
+            if not root.is_relative_to(abspath(cfg.paths.cache_dir)):  # a root the user named: never fill it
+                raise FileNotFoundError(
+                    f"data.root={cfg.data.root}: no such directory ({root}). data={cfg.data.name} generates its "
+                    f"synthetic tree only under paths.cache_dir ({abspath(cfg.paths.cache_dir)}); for the FLARE "
+                    "download pass experiment=flare data.root=/path/to/FLARE_Task5")
+            log.info("data=%s: generating the synthetic FLARE-layout demo tree at %s", cfg.data.name, root)
+            generate_demo(root, **cfg.data.demo)
     limits = processor_limits(cfg.model)
     log.info("prepare: images held against the processor's limits from %s", limits.source)
     summary = prepare(cfg.data, root, out_dir, limits)

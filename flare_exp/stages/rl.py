@@ -157,7 +157,7 @@ def rollout_settings(rl, backend: str) -> DecodeSettings:
     from step to step, so caches come in steps of 256 tokens (a few compiled graphs), and in random order the
     longest is kept (shrinking and growing again would recompile)."""
     return DecodeSettings.of("rl", rl, backend, static_on_cpu=True, cache_multiple=256, shrink_cache=False,
-                             shared_prompts=bool(rl.get("shared_prompt_prefill", False)))
+                             shared_prompts=rl.shared_prompt_prefill)
 
 
 def with_rollouts_in_eval_mode(trainer_class):

@@ -186,7 +186,7 @@ def input_problems(cfg: DictConfig) -> list[Exception]:
     return problems
 
 
-COMPARED_ROOTS: dict[tuple, str | None] = {}  # (prepared dir, its record's time, data.root) -> why they differ
+COMPARED_ROOTS: dict[tuple, str | None] = {}  # (prepared dir, record time, data.root, record files) -> why not
 
 
 def check_prepared_images(cfg: DictConfig) -> None:
@@ -195,17 +195,20 @@ def check_prepared_images(cfg: DictConfig) -> None:
     root, or on the same one with an image changed since (a same-size edit too), would train on or predict for
     pictures prepare never checked and its answers were not matched to. Without a readable record nothing can
     be compared: another root than prepare's is then said in the log, as a reuse of such a dir says it."""
-    from flare_exp.data.prepare_inputs import INPUTS, moved_here, prepared_summary, recorded_inputs
+    from flare_exp.data.prepare_inputs import INPUTS, images_named, moved_here, prepared_summary, recorded_inputs
 
     prepared, value = abspath(cfg.data.prepared_dir), OmegaConf.select(cfg, "data.root", throw_on_missing=False)
     summary = prepared_summary(prepared)
     if value is None or not abspath(value).is_dir() or not summary:
         return  # no root (named by its own check) or no finished prepare there (named by the missing split)
     root, read, record = abspath(value), summary.get("data_root"), prepared / INPUTS
-    key = (str(prepared), record.stat().st_mtime_ns if record.is_file() else None, str(root))
+    files = _record_files(cfg)  # only their images matter: a root holding just the test split serves a test infer
+    key = (str(prepared), record.stat().st_mtime_ns if record.is_file() else None, str(root),
+           tuple((str(f), f.stat().st_mtime_ns) for f in files))
     if key not in COMPARED_ROOTS:
         recorded = recorded_inputs(prepared)
-        COMPARED_ROOTS[key] = None if recorded is None else moved_here(prepared, root, recorded)
+        COMPARED_ROOTS[key] = None if recorded is None else moved_here(
+            prepared, root, recorded, images_named(files) if files else None)
         if recorded is None and read != str(root):
             log.warning("data.root=%s is not the folder the prepare in %s read (%s), and %s is missing or unreadable, "
                         "so its images were not compared: make sure they are the same files (or prepare this "
@@ -217,6 +220,17 @@ def check_prepared_images(cfg: DictConfig) -> None:
                f"({read}), or prepare this data.root into another data.prepared_dir")
         raise ValueError(f"data.root={value}: {why} (against {record}). The prepared records' images must be the "
                          f"ones prepare read: {fix}")
+
+
+def _record_files(cfg: DictConfig) -> list[Path]:
+    """The record files (.jsonl) the launched steps read or fingerprint, those that exist."""
+    found = set()
+    for declared in (s for name, s in declared_stages().items() if name in steps_of(cfg)):
+        for key in (*declared.reads, *declared.fingerprinted):
+            value = declared.path_of(cfg, key)
+            if isinstance(value, str) and value.endswith(".jsonl") and abspath(value).is_file():
+                found.add(abspath(value))
+    return sorted(found)
 
 
 def check_writable(key: str, value, where: Path | None = None) -> None:

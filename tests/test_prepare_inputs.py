@@ -296,7 +296,7 @@ def test_a_stage_started_on_a_root_whose_images_differ_from_the_prepared_ones_is
     shutil.copytree(demo_prepared.parent / "raw", copy)
     cfg = lambda root: compose_cfg(["stage=infer", *base_overrides, f"data.root={root}"])  # noqa: E731
     assert not [p for p in input_problems(cfg(copy)) if "data.root" in str(p)]
-    image = sorted(copy.rglob("*.png"))[0]
+    image = sorted(copy.rglob("val/**/*.png"))[0]  # one that infer's split (val) uses
     before = image.stat()
     data = bytearray(image.read_bytes())
     data[-30] ^= 0xFF
@@ -305,6 +305,29 @@ def test_a_stage_started_on_a_root_whose_images_differ_from_the_prepared_ones_is
     (said,) = [str(p) for p in input_problems(cfg(copy)) if str(p).startswith("data.root=")]
     assert f"1 of the" in said and f"{image.relative_to(copy).as_posix()}: changed" in said
     assert f"point data.root at the folder prepare read ({demo_prepared.parent / 'raw'})" in said
+
+
+def test_a_root_holding_only_the_split_a_stage_reads_serves_it(base_overrides, demo_prepared, tmp_path):
+    """A copy of data.root with only the validation images (a node given just what infer reads) passes for
+    infer on val; sft, which reads the training records too, is refused, naming a removed training image; an
+    edit to an image no record of the stage uses is no reason to refuse it."""
+    import shutil
+
+    from conftest import compose_cfg
+    from flare_exp.checks import input_problems
+
+    copy = tmp_path / "raw"
+    shutil.copytree(demo_prepared.parent / "raw", copy)
+    for split in ("training", "testing"):
+        shutil.rmtree(copy / split)
+    cfg = lambda *more: compose_cfg([*more, *base_overrides, f"data.root={copy}"])  # noqa: E731
+    assert not [p for p in input_problems(cfg("stage=infer")) if "data.root" in str(p)]
+    (said,) = [str(p) for p in input_problems(cfg("stage=sft")) if str(p).startswith("data.root=")]
+    assert "images prepare recorded that these records use differ there" in said
+    assert ": removed" in said and "training/" in said
+    (said,) = [str(p) for p in input_problems(cfg("stage=infer", "infer.split=test"))
+               if str(p).startswith("data.root=")]
+    assert "testing/" in said and ": removed" in said
 
 
 def test_a_prepared_dir_without_a_readable_record_is_not_blamed_on_a_right_root(base_overrides, demo_prepared,

@@ -167,27 +167,42 @@ def image_changes(root: Path, recorded: dict, copy_times: dict | None = None) ->
     return out, refreshed
 
 
-def moved_here(out_dir: Path, root: Path, recorded: dict | None = None) -> str | None:
-    """None when every image the prepare in ``out_dir`` recorded (``recorded``, read if not given) is under
-    ``root`` with the same bytes (its data.root moved or copied there: a stat each, the bytes read only where
-    size or time differ); else why not."""
+def moved_here(out_dir: Path, root: Path, recorded: dict | None = None, only: set | None = None) -> str | None:
+    """None when every image the prepare in ``out_dir`` recorded (``recorded``, read if not given; ``only``: those
+    of them named here, the images a stage's records use) is under ``root`` with the same bytes (its data.root
+    moved or copied there: a stat each, the bytes read only where size or time differ); else why not."""
     recorded = recorded or _recorded(out_dir, silent=True)
     if recorded is None:
         return f"{out_dir / INPUTS} is missing or unreadable, so the images there cannot be compared"
     if not root.is_dir():
         return f"no such directory {root}"
+    images = recorded["images"] if only is None else {k: v for k, v in recorded["images"].items() if k in only}
     if (str(out_dir), str(root)) not in COMPARED:  # a launch compares them at each of its checks: said once
         COMPARED.add((str(out_dir), str(root)))
-        log.info("comparing the %d images recorded in %s with those under %s", len(recorded["images"]),
-                 out_dir / INPUTS, root)
-    changed, refreshed = image_changes(root, recorded["images"], recorded["times"].get(str(root), {}))
+        log.info("comparing the %d images recorded in %s with those under %s", len(images), out_dir / INPUTS, root)
+    changed, refreshed = image_changes(root, images, recorded["times"].get(str(root), {}))
     if changed:
         name, why = changed[0]
-        return (f"{len(changed)} of the {len(recorded['images'])} images prepare recorded differ there, e.g. "
-                f"{name}: {why}")
+        which = "images prepare recorded" if only is None else "images prepare recorded that these records use"
+        return f"{len(changed)} of the {len(images)} {which} differ there, e.g. {name}: {why}"
     keep_times(out_dir, recorded, root, refreshed)
     return None
 
 
 def summarised(changes: list[str]) -> list[str]:
     return changes[:SHOWN] + ([f"and {len(changes) - SHOWN} more data.root files"] if len(changes) > SHOWN else [])
+
+
+def images_named(record_files: list[Path]) -> set[str] | None:
+    """The images the records in these prepared files use (their ``images`` field), None where a file cannot be
+    read whole: its stage says so itself, and the caller then compares every recorded image."""
+    names: set[str] = set()
+    try:
+        for path in record_files:
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    if line.strip():
+                        names.update(json.loads(line).get("images") or ())
+    except (OSError, ValueError, AttributeError, TypeError):
+        return None
+    return names

@@ -402,6 +402,28 @@ def test_kept_records_a_careful_user_wants_named_are_counted_in_the_summary(tmp_
     for said in ("asked of the same pixels under several names with answers that differ",
                  "show one picture more than once", "percentage answer(s) lie outside 0-100"):
         assert caplog.text.count(said) == 1
+    listed = read_jsonl(out / "doubts.jsonl")  # every case, each record in full
+    assert [d["kind"] for d in listed] == ["same_pixels_other_answers", "repeated_images_in_a_record",
+                                           "percentages_out_of_range"]
+    assert sorted(r["answer"] for r in listed[0]["records"]) == ["Effusion", "Effusion, Mass", "Mass, Effusion"]
+    assert listed[2]["records"] == [{"id": bone["id"], "images": bone["images"], "question": bone["question"],
+                                     "answer": "-5"}] and listed[2]["split"] == "train"
+    assert "doubts.jsonl lists all" in caplog.text
+
+
+def test_more_doubts_than_the_summary_names_are_all_in_doubts_jsonl(tmp_path):
+    """summary.json names the first SHOWN cases of a kind; doubts.jsonl lists every one."""
+    from flare_exp.data.record_doubts import SHOWN
+
+    root = tmp_path / "raw"
+    names = [f"s{i}.png" for i in range(SHOWN + 3)]
+    _small_tree(root, [{"TaskType": "Regression", "Modality": "Xray", "ImageName": f"imagesTr/{name}",
+                        "Question": f"Resorption of {name}?", "Answer": "250", "Split": "train"}
+                       for name in names], dataset="boneresorption", images=tuple(names))
+    out = _prepare(tmp_path, root, "data.datasets=[boneresorption]")
+    summary = json.loads((out / "summary.json").read_text())["percentages_out_of_range"]
+    assert summary["count"] == SHOWN + 3 and len(summary["first"]) == SHOWN
+    assert len(read_jsonl(out / "doubts.jsonl")) == SHOWN + 3
 
 
 def test_regression_answers_in_another_scripts_digits_become_ascii():

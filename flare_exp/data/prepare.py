@@ -21,7 +21,7 @@ from flare_exp.data.images import (NEARLY_UNIFORM, OUTSIDE_ROOT, PROCESSOR_REFUS
                                    check_images)
 from flare_exp.data.question_files import QuestionFile, discover, load_question_file, question_files, resolve_image
 from flare_exp.data.prepare_inputs import INPUTS, record_inputs
-from flare_exp.data.record_doubts import record_doubts
+from flare_exp.data.record_doubts import DOUBTS, record_doubts
 from flare_exp.data.unzip import PrepareError, unzip_nested
 from flare_exp.io import write_json, write_jsonl
 
@@ -153,7 +153,8 @@ def prepare(cfg_data, root: Path, out_dir: Path, limits: ProcessorLimits | None 
     write_jsonl(out_dir / "rejects.jsonl", rejects)  # first: an error below points at it
     check_requested(root, cfg_data, split_sources, by_split, rejects, out_dir / "rejects.jsonl", found)
     overlap = check_overlap(by_split, cfg_data.allow_overlap)
-    doubts = record_doubts(by_split)
+    doubts, listed = record_doubts(by_split)
+    write_jsonl(out_dir / DOUBTS, listed)  # before the splits lose their private fields: every case, in full
     for split, rows in by_split.items():
         for r in rows:
             for private in ("_digests", "_paths", "_pixels"):

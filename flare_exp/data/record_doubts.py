@@ -1,4 +1,5 @@
-"""What prepare keeps but a careful user wants named (summary.json and one warning each), per split:
+"""What prepare keeps but a careful user wants named (counted in summary.json with the first ones, every case in
+doubts.jsonl, one warning per kind), per split:
 
 - the same question on the same pixels with answers that disagree (a picture filed twice under two names, its
   labels edited in one copy): the model is trained on both, FLARE scores against both;
@@ -14,7 +15,8 @@ from collections import defaultdict
 from flare_exp.data.records import label_separator
 
 log = logging.getLogger(__name__)
-SHOWN = 10  # the cases named in summary.json (all are counted)
+SHOWN = 10  # the cases named in summary.json (all are counted, and listed in doubts.jsonl)
+DOUBTS = "doubts.jsonl"
 PERCENT_DATASETS = ("boneresorption",)
 
 
@@ -75,8 +77,15 @@ def _named(row: dict) -> str:
     return f"{' + '.join(row['images'])} ({row['id']})"
 
 
-def record_doubts(by_split: dict[str, list[dict]]) -> dict:
-    """The three kinds above, counted over the splits, the first named, each kind said once in the log."""
+def _listed(kind: str, split: str, rows: list[dict]) -> dict:
+    """One line of doubts.jsonl: a case with every record it involves, as a user finds them in the download."""
+    return {"kind": kind, "split": split, "records": [
+        {"id": r["id"], "images": r["images"], "question": r.get("question"), "answer": r.get("answer")} for r in rows]}
+
+
+def record_doubts(by_split: dict[str, list[dict]]) -> tuple[dict, list[dict]]:
+    """The three kinds above, counted over the splits with the first named (summary.json), every case listed
+    (doubts.jsonl's lines), each kind said once in the log."""
     conflicts = [(split, group) for split, rows in by_split.items() for group in conflicting_answers(rows)]
     repeated = [(split, row) for split, rows in by_split.items() for row in repeated_images(rows)]
     ranged = [(split, row) for split, rows in by_split.items() for row in out_of_range(rows)]
@@ -89,17 +98,21 @@ def record_doubts(by_split: dict[str, list[dict]]) -> dict:
         "percentages_out_of_range": {"count": len(ranged), "first": [
             f"{split}: {_named(r)} = {r.get('answer')!r}" for split, r in ranged[:SHOWN]]},
     }
+    listed = ([_listed("same_pixels_other_answers", split, group) for split, group in conflicts]
+              + [_listed("repeated_images_in_a_record", split, [r]) for split, r in repeated]
+              + [_listed("percentages_out_of_range", split, [r]) for split, r in ranged])
+    every = f"{DOUBTS} lists all"
     if conflicts:
         log.warning("prepare: %d question(s) are asked of the same pixels under several names with answers that "
                     "differ, e.g. %s: all are kept (the model is trained on each, FLARE scores against each); "
-                    "correct the labels or remove the copy. summary.json lists the first ones "
-                    "(same_pixels_other_answers)", len(conflicts), said["same_pixels_other_answers"]["first"][0])
+                    "correct the labels or remove the copy. %s (same_pixels_other_answers)", len(conflicts),
+                    said["same_pixels_other_answers"]["first"][0], every)
     if repeated:
         log.warning("prepare: %d record(s) show one picture more than once (a view listed twice, or two names of "
-                    "one file), e.g. %s: kept, the model sees it twice; summary.json lists them "
-                    "(repeated_images_in_a_record)", len(repeated), said["repeated_images_in_a_record"]["first"][0])
+                    "one file), e.g. %s: kept, the model sees it twice; %s (repeated_images_in_a_record)",
+                    len(repeated), said["repeated_images_in_a_record"]["first"][0], every)
     if ranged:
         log.warning("prepare: %d percentage answer(s) lie outside 0-100, e.g. %s: kept as written (a typo?); "
-                    "summary.json lists them (percentages_out_of_range)", len(ranged),
-                    said["percentages_out_of_range"]["first"][0])
-    return said
+                    "%s (percentages_out_of_range)", len(ranged), said["percentages_out_of_range"]["first"][0],
+                    every)
+    return said, listed

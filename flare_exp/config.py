@@ -296,10 +296,6 @@ class RLConfig(TrainerSettings, DecodingConfig):
     # GRPO step on an H200). auto: merged where the rollouts run the graph decode loop on a GPU and the copy
     # fits beside training, else adapter. backend=hf only (auto keeps the adapter elsewhere).
     rollout_weights: str = "auto"
-    # The graph loop's rollouts: a prompt repeated over a batch's rows (its rl.num_generations copies, images
-    # included) prefilled once, its keys and values copied to each row (flare_exp/models/shared_prompts.py).
-    # Same math; off until measured against the default (docs/performance.md).
-    shared_prompt_prefill: bool = False
     # Each row's images are decoded when the DataLoader reads it (grpo_dataset's lazy transform); workers do it
     # beside the GPU instead of between steps (0.15 s of an H200's 2.9 s step waited for them in the training
     # process; with 2 workers 0.001 s: docs/performance.md).

@@ -326,38 +326,3 @@ def test_the_input_gradient_hooks_are_off_while_the_loop_decodes(base_overrides,
     assert list(embeddings._forward_hooks.items()) == before  # back, in their order
     with torch.enable_grad():
         assert embeddings(first["input_ids"][:, :3]).requires_grad  # they work again
-
-
-def test_a_prompt_repeated_over_rows_is_prefilled_once_with_the_same_tokens(base_overrides, demo_prepared, monkeypatch):
-    """rl.shared_prompt_prefill: GRPO's generations of one prompt (images included) prefilled once, its cache
-    copied to each row: the tokens are the batch prefilled whole's (greedy), also in a batch holding two prompts
-    interleaved and one of another length, a cache reused after, and where no prompt repeats."""
-    from flare_exp.data.vision import VisionChat
-    from flare_exp.io import read_jsonl
-    from flare_exp.models import shared_prompts
-    from flare_exp.models.graph_decoding import GraphDecoder
-    from flare_exp.models.loading import load_model
-    from flare_exp.runtime import abspath
-
-    model, pad, first, _ = _model_and_batches(base_overrides, demo_prepared)
-    cfg = compose_cfg(["stage=infer", *base_overrides, "model.dtype=float32"])
-    chat = VisionChat(load_model(cfg.model, training=False).processor, abspath(cfg.data.root))
-    rows = read_jsonl(demo_prepared / "val.jsonl")
-    with_images = [r for r in rows if r["images"]]
-    a, b = with_images[0], next(r for r in with_images if len(r["images"]) != len(with_images[0]["images"]) or
-                                r["question"] != with_images[0]["question"])
-    repeated = chat.generation_batch([a, b, a, a, b])
-    once, whole = GraphDecoder(model, None, shared_prompts=True), GraphDecoder(model, None)
-    prefills = []
-    real = shared_prompts.rows_of
-    monkeypatch.setattr(shared_prompts, "rows_of", lambda *args: prefills.append(args[1].tolist()) or real(*args))
-    for batch in (repeated, first, repeated):
-        expected = whole(batch, 8, pad)
-        assert torch.equal(once(batch, 8, pad), expected)
-    assert prefills == [[0, 1], [0, 1]]  # the distinct prompts only; the batch without repeats prefilled whole
-    spans = lambda batch: shared_prompts.image_spans(batch, model.config.vision_start_token_id)  # noqa: E731
-    found = shared_prompts.repeated_rows(repeated, spans(repeated))
-    assert found[1].tolist() == [0, 1, 0, 0, 1]
-    other = {**repeated, "pixel_values": repeated["pixel_values"].clone()}
-    other["pixel_values"][-1] += 1  # the last row's image differs: its own prompt
-    assert shared_prompts.repeated_rows(other, spans(other))[1].tolist() == [0, 1, 0, 0, 2]

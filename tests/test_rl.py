@@ -245,18 +245,3 @@ def test_out_of_gpu_memory_in_grpo_says_what_to_lower(base_overrides, sft_adapte
                                            r"rl.per_device_train_batch_size=4 .*rl.num_generations=2.*"
                                            r"rl.max_completion_length=8.*starts again \(no checkpoint"):
         run(_rl_cfg(base_overrides, sft_adapter), run_dir=tmp_path / "rl")
-
-
-def test_grpo_rollouts_prefill_each_prompt_once(base_overrides, sft_adapter, tmp_path, monkeypatch):
-    """rl.shared_prompt_prefill=true: TRL's rollout batch (each prompt num_generations times, images included)
-    reaches the loop's prefill as its distinct prompts only."""
-    from flare_exp.models import shared_prompts
-
-    prefills = []
-    real = shared_prompts.rows_of
-    monkeypatch.setattr(shared_prompts, "rows_of", lambda batch, first, spans: (
-        prefills.append((batch["input_ids"].shape[0], len(first))), real(batch, first, spans))[1])
-    summary = run(_rl_cfg(base_overrides, sft_adapter, "rl.max_steps=2", "rl.decode_loop=graph",
-                          "rl.shared_prompt_prefill=true"), run_dir=tmp_path / "rl")
-    assert summary["global_step"] == 2
-    assert prefills == [(4, 2), (4, 2)]  # 4 rows a rollout (batch 4): 2 prompts x rl.num_generations=2

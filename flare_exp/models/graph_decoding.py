@@ -174,12 +174,10 @@ class GraphDecoder:
     a new length costs a new compiled graph, and halving bounds their number when lengths only decrease.
     ``compile_step``: None = plain Python (CPU, debugging); else torch.compile keyword
     arguments. ``sampling``: None = greedy. ``cache_multiple``: the cache length is rounded up to a multiple of
-    it, so prompts of varying length (GRPO) share a few caches and compiled graphs. ``shared_prompts``: a
-    prompt repeated over rows is prefilled once (shared_prompts.py)."""
+    it, so prompts of varying length (GRPO) share a few caches and compiled graphs."""
 
     def __init__(self, model, compile_step: dict | None, stop_check_every: int = 16,
-                 sampling: Sampling | None = None, cache_multiple: int = 1, shrink_cache: bool = True,
-                 shared_prompts: bool = False):
+                 sampling: Sampling | None = None, cache_multiple: int = 1, shrink_cache: bool = True):
         import torch
 
         if stop_check_every < 1:
@@ -187,7 +185,7 @@ class GraphDecoder:
         self.model, self.stop_check_every, self.cache, self.sampling = model, stop_check_every, None, sampling
         self.cache_shape: tuple[int, int] | None = None  # (batch size, length) of self.cache
         self.rope_owner = rope_owner(model)
-        self.cache_multiple, self.shrink_cache, self.shared_prompts = cache_multiple, shrink_cache, shared_prompts
+        self.cache_multiple, self.shrink_cache = cache_multiple, shrink_cache
         self.cudagraphs = bool(compile_step) and compile_step.get("mode") in ("reduce-overhead",
                                                                                 "max-autotune")
         self.step = torch.compile(self._token_step, **compile_step) if compile_step else self._token_step
@@ -214,15 +212,7 @@ class GraphDecoder:
         return picked, finished | is_end[picked]
 
     def _prefill(self, batch: dict, positions, cache):
-        """The prompt's forward (eager, as generate's) into the cache; each row's last logits (B, V). With
-        ``shared_prompts``, a prompt repeated over rows (GRPO's generations) is run once (shared_prompts.py)."""
-        if self.shared_prompts:
-            from flare_exp.models.shared_prompts import prefill_once_per_prompt
-
-            last = prefill_once_per_prompt(self.model, batch, positions, cache,
-                                           getattr(self.model.config, "vision_start_token_id", None))
-            if last is not None:
-                return last
+        """The prompt's forward (eager, as generate's) into the cache; each row's last logits (B, V)."""
         return self.model(**batch, position_ids=positions, past_key_values=cache, use_cache=True,
                           logits_to_keep=1).logits[:, -1]
 

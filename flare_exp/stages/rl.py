@@ -42,7 +42,7 @@ STAGE = Stage(
     free=(
         "model speed", "rl.max_steps", "rl.logging_steps", "rl.save_steps", "rl.save_total_limit",
         "rl.cache_implementation", "rl.compile_generation", "rl.decode_loop", "rl.use_vllm", "rl.profile_steps",
-        "rl.rollout_weights", "rl.dataloader_num_workers", "rl.shared_prompt_prefill",
+        "rl.rollout_weights", "rl.dataloader_num_workers",
         "rl.report_to", "rl.wandb_project", "rl.wandb_mode", "reward.radgraph.cache_size",
         "reward.radgraph.device", "reward.radgraph.build_tiny"),
     budget=("rl.max_steps",),
@@ -156,8 +156,7 @@ def rollout_settings(rl, backend: str) -> DecodeSettings:
     TRL keeps its static cache on a CPU too (uncompiled there). With the graph loop, prompts vary in length
     from step to step, so caches come in steps of 256 tokens (a few compiled graphs), and in random order the
     longest is kept (shrinking and growing again would recompile)."""
-    return DecodeSettings.of("rl", rl, backend, static_on_cpu=True, cache_multiple=256, shrink_cache=False,
-                             shared_prompts=rl.shared_prompt_prefill)
+    return DecodeSettings.of("rl", rl, backend, static_on_cpu=True, cache_multiple=256, shrink_cache=False)
 
 
 def with_rollouts_in_eval_mode(trainer_class):

@@ -333,28 +333,13 @@ def stop_on_sigterm() -> None:
         signal.signal(signal.SIGHUP, stop)
 
 
-# what the same command does after a stop, by stage
-RESUMES = {"sft": "resumes from the last checkpoint", "rl": "resumes from the last checkpoint",
-           "infer": "resumes after the predictions already written",
-           "pipeline": "reuses the finished steps and resumes the stopped one"}
-
-
 def resumes_from(cfg) -> str:
-    """What the same command does after a stop; a training run that saved no checkpoint yet starts again."""
+    """What the same command does after a stop (flare_exp.resume.after_a_stop), for this launch's run dir."""
     from hydra.core.hydra_config import HydraConfig
 
-    from flare_exp.run.stage import stage
+    from flare_exp.resume import after_a_stop
 
-    resumes = RESUMES.get(cfg.stage.name, "runs it again")
-    if cfg.stage.name in ("sft", "rl"):
-        try:
-            out = stage(cfg.stage.name).output_dir(cfg, Path(HydraConfig.get().runtime.output_dir))
-        except Exception:  # noqa: BLE001  (the wording only)
-            return resumes
-        if not any(out.glob("checkpoint-*")):
-            return (f"starts it again from step 0 (no checkpoint was saved yet: one is saved every "
-                    f"{cfg.stage.name}.save_steps={cfg[cfg.stage.name].save_steps} steps)")
-    return resumes
+    return after_a_stop(cfg, Path(HydraConfig.get().runtime.output_dir))
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

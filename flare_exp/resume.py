@@ -128,3 +128,50 @@ def check_resumed_run(resume: str, checkpoint: Path, out_dir: Path, stage: str, 
             f"which this run would continue as its own: {listed(changed)}. Resume it with that run's settings, or "
             f"start a new run from its weights ({stage}.init_from={checkpoint} with "
             "allow_intermediate_checkpoint=true).")
+
+
+# what the same command does after a stop, by stage (or pipeline step)
+AFTER_A_STOP = {"sft": "resumes from the last checkpoint", "rl": "resumes from the last checkpoint",
+                "infer": "resumes after the predictions already written",
+                "pipeline": "reuses the finished steps and resumes the stopped one"}
+
+
+def after_a_stop(cfg, run_dir: Path) -> str:
+    """What the same command does after a stop (Ctrl-C, SIGTERM) of the run in ``run_dir``; a training run, or a
+    pipeline's training step, that saved no checkpoint yet starts again from step 0: said so, not "resumes"."""
+    from flare_exp.run.stage import stage
+
+    name = cfg.stage.name
+    try:
+        if name == "pipeline":
+            return _pipeline_after_a_stop(cfg, run_dir)
+        why = _no_checkpoint_yet(cfg, name, stage(name).output_dir(cfg, run_dir))
+    except Exception:  # noqa: BLE001  (the wording only: a stop's message never fails on it)
+        return AFTER_A_STOP.get(name, "runs it again")
+    return f"starts it again from step 0 {why}" if why else AFTER_A_STOP.get(name, "runs it again")
+
+
+def _pipeline_after_a_stop(cfg, run_dir: Path) -> str:
+    """The steps finished are reused; the first one unfinished (the pipeline runs them in order) is the stopped
+    one, named with what it does."""
+    from flare_exp.run.layout import DONE
+    from flare_exp.run.stage import stage
+
+    finished = []
+    for name, step, step_cfg, step_dir in stage("pipeline").runner().planned_steps(cfg, run_dir):
+        if (step_dir / DONE).exists():
+            finished.append(name)
+            continue
+        why = _no_checkpoint_yet(step_cfg, step, step_dir)
+        then = f"starts again from step 0 {why}" if why else AFTER_A_STOP.get(step, "runs again")
+        head = f"reuses the finished steps ({', '.join(finished)})" if finished else "runs the pipeline again"
+        return f"{head}; its stopped {name} step {then}"
+    return "reuses the finished steps"  # stopped after the last step had finished
+
+
+def _no_checkpoint_yet(cfg, stage: str, out_dir: Path) -> str | None:
+    """Why a training run in ``out_dir`` starts again from step 0 (it saved no checkpoint yet), None when it
+    is no training run or has a checkpoint to resume from."""
+    if stage not in ("sft", "rl") or any(out_dir.glob("checkpoint-*")):
+        return None
+    return f"(no checkpoint was saved yet: one is saved every {stage}.save_steps={cfg[stage].save_steps} steps)"

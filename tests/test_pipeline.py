@@ -356,3 +356,33 @@ def test_an_overwrite_files_every_earlier_step_before_the_first_runs(base_overri
         assert not (out / step / "DONE").exists() and (out / step / "attempts" / "01" / "DONE").exists()
     assert not (out / "eval" / "metrics.json").exists()
     assert (tmp_path / "shared" / "DONE").exists()
+
+
+def test_a_stopped_pipeline_says_what_its_stopped_training_step_does_again(tmp_path):
+    """A pipeline stopped in its sft step before the first checkpoint: the same command starts that step again
+    from step 0, said with the step and its save_steps (it said "resumes the stopped one"); with a checkpoint the
+    step resumes from it; finished steps before it are named as reused."""
+    from flare_exp.resume import after_a_stop
+
+    run_dir, prepared = tmp_path / "run", tmp_path / "prepared"
+    cfg = compose_cfg(["stage=pipeline", "stage.steps=[prepare,sft,infer]", "sft.save_steps=500",
+                       f"data.prepared_dir={prepared}"])
+    assert after_a_stop(cfg, run_dir) == (
+        "runs the pipeline again; its stopped prepare step runs again")
+    prepared.mkdir()
+    (prepared / "DONE").write_text("{}")
+    assert after_a_stop(cfg, run_dir) == (
+        "reuses the finished steps (prepare); its stopped sft step starts again from step 0 (no checkpoint was "
+        "saved yet: one is saved every sft.save_steps=500 steps)")
+    (run_dir / "sft" / "checkpoint-500").mkdir(parents=True)
+    assert after_a_stop(cfg, run_dir) == (
+        "reuses the finished steps (prepare); its stopped sft step resumes from the last checkpoint")
+    (run_dir / "sft" / "DONE").write_text("{}")
+    assert after_a_stop(cfg, run_dir) == (
+        "reuses the finished steps (prepare, sft); its stopped infer step resumes after the predictions already "
+        "written")
+    rl = compose_cfg(["stage=pipeline", "stage.steps=[rl]", "rl.save_steps=7"])
+    assert after_a_stop(rl, run_dir) == ("runs the pipeline again; its stopped rl step starts again from step 0 (no "
+                                         "checkpoint was saved yet: one is saved every rl.save_steps=7 steps)")
+    assert after_a_stop(compose_cfg(["stage=sft", "sft.save_steps=500"]), run_dir / "single") == (
+        "starts it again from step 0 (no checkpoint was saved yet: one is saved every sft.save_steps=500 steps)")

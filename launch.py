@@ -224,7 +224,7 @@ def other_setting_problems(known_overrides: list[str]) -> list[Exception]:
     is left to the run's own check, where it resolves."""
     from omegaconf.errors import InterpolationResolutionError
 
-    from flare_exp.checks import problem_key, problems_of
+    from flare_exp.checks import named_with_files, problems_of
 
     cfg, in_files, from_files = composed(known_overrides)
     if cfg is None:
@@ -234,9 +234,7 @@ def other_setting_problems(known_overrides: list[str]) -> list[Exception]:
     except Exception:  # noqa: BLE001
         return []
     problems = [p for p in problems if not _needs_hydra_runtime(p, InterpolationResolutionError)]
-    # a value the user's config file set, refused by its range: named with the file, not read as the command line's
-    return in_files + [ValueError(f"{p}, set in {from_files[problem_key(p)]}") if isinstance(p, ValueError)
-                       and problem_key(p) in from_files else p for p in problems]
+    return in_files + named_with_files(problems, from_files)
 
 
 def composed(overrides: list[str]) -> tuple:
@@ -247,7 +245,7 @@ def composed(overrides: list[str]) -> tuple:
     from omegaconf import open_dict
 
     from flare_exp.config import Config
-    from flare_exp.config_dirs import entry_dir, searched_dirs, shadowed_files
+    from flare_exp.config_dirs import composed_dirs, searched_dirs, shadowed_files, users_files
     from flare_exp.config_keys import file_value_problems, group_file_values
 
     try:
@@ -257,14 +255,11 @@ def composed(overrides: list[str]) -> tuple:
         found = config_file_problem(e, [CONF_DIR, *searched_dirs(overrides)])
         return None, [found] if found else [], {}
     # the group files it read, in the config dirs Hydra searched, in its order (conf/, then hydra.searchpath's)
-    dirs = [CONF_DIR] + [d for entry in cfg.hydra.searchpath if (d := entry_dir(str(entry)))]
+    dirs = composed_dirs([CONF_DIR], cfg)
     choices = dict(cfg.hydra.runtime.choices)
     values = list(group_file_values(dirs, choices))  # in Hydra's order: the last file to set a key sets it
     in_files = [ValueError(p) for p in shadowed_files(dirs, choices, CONF_DIR) + file_value_problems(values, Config)]
-    given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}  # the command line's own: not from a file
-    from_files = {key: path for path, key, _ in values}
-    from_files = {key: path for key, path in from_files.items()  # the user's files (conf/'s are checked by tests)
-                  if key not in given and not path.is_relative_to(CONF_DIR)}
+    from_files = users_files(values, overrides, CONF_DIR)
     with open_dict(cfg):
         del cfg["hydra"]
     return cfg, in_files, from_files

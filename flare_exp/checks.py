@@ -52,6 +52,13 @@ def problem_key(problem: Exception) -> str | None:
     return found.group(1) if found else None
 
 
+def named_with_files(problems: list[Exception], from_files: dict[str, Path]) -> list[Exception]:
+    """A value the user's config file set (``from_files``: key -> file, config_dirs.users_files), refused by its
+    range: named with the file, not read as the command line's."""
+    return [ValueError(f"{p}, set in {from_files[problem_key(p)]}") if isinstance(p, ValueError)
+            and problem_key(p) in from_files else p for p in problems]
+
+
 def settings_error(problems: list[Exception]) -> Exception:
     """One problem as itself; several as one ValueError listing them all."""
     if len(problems) == 1:

@@ -42,8 +42,10 @@ def _sets_searchpath(override: str) -> bool:
 
 
 def entry_dir(entry: str) -> Path | None:
-    """The folder a search-path entry names (file:// or a plain path); None for a package (pkg://)."""
-    return None if entry.startswith("pkg") else Path(entry.split("://", 1)[-1])
+    """The folder a search-path entry names (file:// or a plain path); None for a package (pkg://) or Hydra's
+    structured configs (structured://)."""
+    scheme, sep, path = entry.partition("://")
+    return (Path(path) if scheme == "file" else None) if sep else Path(entry)
 
 
 def searched_dirs(overrides: list[str]) -> list[Path]:
@@ -65,3 +67,20 @@ def shadowed_files(dirs: list[Path], choices: dict, conf_dir: Path) -> list[str]
             out.append(f"{found[1]}: {group}={choice} composes {found[0]} instead (Hydra searches the repo's conf/ "
                        f"first); give yours another name")
     return out
+
+
+def composed_dirs(searched: list[Path], cfg) -> list[Path]:
+    """The config dirs a composed config (its hydra node kept) read its group files from, in Hydra's order:
+    ``searched`` (Hydra's own search path: conf/, then --config-dir's), then hydra.searchpath's entries."""
+    dirs = [*searched, *(d for entry in cfg.hydra.searchpath if (d := entry_dir(str(entry))))]
+    return list(dict.fromkeys(dirs))
+
+
+def users_files(values, overrides: list[str], conf_dir: Path) -> dict[str, Path]:
+    """The keys the user's own group files set -> the file that sets each (``values``: config_keys.
+    group_file_values's, in Hydra's order: the last file to set a key sets it). A key the command line gives
+    (``overrides``) is the command line's; conf/'s files are the repo's (checked by its tests)."""
+    given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    from_files = {key: path for path, key, _ in values}
+    return {key: path for key, path in from_files.items()
+            if key not in given and not path.is_relative_to(conf_dir)}

@@ -22,22 +22,39 @@ class SweepSettingsError(ValueError):
     """Some job of a sweep has settings a run would refuse; no job was launched."""
 
 
-def job_config(hydra_context, master_config, overrides):
-    """The config one job's task function gets (the sweep's config with the job's overrides, without the hydra
-    node), composed the way the job will compose it."""
+def job_config(hydra_context, master_config, overrides) -> tuple:
+    """(the config one job's task function gets: the sweep's config with the job's overrides, without the hydra
+    node, composed the way the job will compose it; the keys its user's group files set -> the file)."""
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
     cfg = hydra_context.config_loader.load_sweep_config(master_config, list(overrides))
     HydraConfig.instance().set_config(cfg)  # what ${hydra:...} interpolations read while the checks resolve keys
+    files = job_files(hydra_context, cfg, overrides)
     with open_dict(cfg):
         del cfg["hydra"]
-    return cfg
+    return cfg, files
+
+
+def job_files(hydra_context, cfg, overrides) -> dict:
+    """The keys the user's own group files set in this job's composition -> the file (config_dirs.users_files),
+    found as a single run's check finds them, in the dirs Hydra composed the job from (conf/, --config-dir,
+    hydra.searchpath)."""
+    from flare_exp.config_dirs import composed_dirs, entry_dir, users_files
+    from flare_exp.config_keys import group_file_values
+
+    entries = hydra_context.config_loader.get_search_path().get_path()
+    conf_dir = next((entry_dir(e.path) for e in entries if e.provider == "main"), None)
+    if conf_dir is None:
+        return {}
+    dirs = composed_dirs([d for e in entries if (d := entry_dir(e.path))], cfg)
+    values = group_file_values(dirs, dict(cfg.hydra.runtime.choices))
+    return users_files(values, list(overrides), conf_dir)
 
 
 @contextmanager
 def composed(hydra_context, master_config, overrides):
-    """One job's config (``job_config``), Hydra's own config put back afterwards."""
+    """One job's config and its user's files (``job_config``), Hydra's own config put back afterwards."""
     from hydra.core.hydra_config import HydraConfig
 
     saved = HydraConfig.instance().cfg
@@ -56,13 +73,14 @@ def checked_job(hydra_context, master_config, overrides, job_dir: Path | None = 
     """One job's config composed once, and from it: (its problems as text, where it prepares data and with what
     settings (``prepare_target``; None when it does not compose), and, given its ``job_dir`` and no problems,
     ``dir_refusal``)."""
-    from flare_exp.checks import input_problems, setting_problems
+    from flare_exp.checks import input_problems, named_with_files, setting_problems
 
     target = refusal = None
     try:
-        with composed(hydra_context, master_config, overrides) as cfg:
+        with composed(hydra_context, master_config, overrides) as (cfg, files):
             target = prepare_target(cfg)
-            problems = [str(p) for p in setting_problems(cfg) + input_problems(cfg)]
+            # a value the job's own group file set is named with that file, as a single run names it
+            problems = [str(p) for p in named_with_files(setting_problems(cfg) + input_problems(cfg), files)]
             if job_dir is not None and not problems:
                 refusal = dir_refusal(cfg, job_dir)
     except Exception as e:  # an override Hydra cannot compose (a wrong key or value)

@@ -26,6 +26,23 @@ def test_a_sweep_with_one_bad_job_launches_none_and_names_it(session_dir, tmp_pa
     assert not (out / "sweeps" / "two" / "multirun.yaml").exists()  # no record of a sweep that launched nothing
 
 
+def test_a_range_error_in_a_jobs_own_group_file_names_the_file(session_dir, tmp_path):
+    """A sweep over the user's experiment files (--config-dir): the job whose file sets a value out of range hears
+    the file, as a single run does (the per-job list named the key alone)."""
+    conf = tmp_path / "cd"
+    (conf / "experiment").mkdir(parents=True)
+    (conf / "experiment" / "good.yaml").write_text("# @package _global_\ndefaults: [demo]\ndata:\n  image_workers: 1\n")
+    (conf / "experiment" / "bad.yaml").write_text("# @package _global_\ndefaults: [demo]\ndata:\n  image_workers: -1\n")
+    proc = subprocess.run([sys.executable, "launch.py", "--config-dir", str(conf), "-m", "experiment=good,bad",
+                           f"paths.output_root={tmp_path / 'out'}", f"paths.cache_dir={session_dir / 'cache'}",
+                           "stage=prepare"], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "1 of 2 jobs of the sweep have settings a run would refuse" in proc.stderr
+    (line,) = [line for line in proc.stderr.splitlines() if "data.image_workers=-1" in line]
+    assert line.endswith(f", set in {conf / 'experiment' / 'bad.yaml'}"), line
+
+
 def test_a_line_per_finished_job_and_the_failures_named(tmp_path, capsys):
     from hydra.core.utils import JobReturn, JobStatus
 

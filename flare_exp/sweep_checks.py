@@ -72,10 +72,11 @@ def job_problems(hydra_context, master_config, overrides) -> list[str]:
 def checked_job(hydra_context, master_config, overrides, job_dir: Path | None = None) -> tuple:
     """One job's config composed once, and from it: (its problems as text, where it prepares data and with what
     settings (``prepare_target``; None when it does not compose), and, given its ``job_dir`` and no problems,
-    ``dir_refusal``)."""
+    ``dir_refusal`` and whether the dir's finished run is kept (``kept_run``))."""
     from flare_exp.checks import input_problems, named_with_files, setting_problems
 
     target = refusal = None
+    kept = False
     try:
         with composed(hydra_context, master_config, overrides) as (cfg, files):
             target = prepare_target(cfg)
@@ -83,9 +84,46 @@ def checked_job(hydra_context, master_config, overrides, job_dir: Path | None = 
             problems = [str(p) for p in named_with_files(setting_problems(cfg) + input_problems(cfg), files)]
             if job_dir is not None and not problems:
                 refusal = dir_refusal(cfg, job_dir)
+                kept = refusal is None and kept_run(cfg, job_dir)
     except Exception as e:  # an override Hydra cannot compose (a wrong key or value)
         problems = [f"{type(e).__name__}: {e}"]
-    return problems, target, refusal
+    return problems, target, refusal, kept
+
+
+def kept_run(cfg, job_dir: Path) -> bool:
+    """The job's dir holds a run finished with these settings (other ones are a ``dir_refusal``), which the job
+    keeps: it stops at its start as finished, and the sweep counts it done (sweep_watch.record_results)."""
+    from flare_exp.run.layout import DONE
+    from flare_exp.run.stage import stage
+
+    return not cfg.overwrite and stage(cfg.stage.name).record != "none" and (job_dir / DONE).exists()
+
+
+def kept_name(job_dir: Path, overrides, name: str) -> str:
+    """A kept job's name, with the overrides its run was made with where they differ from this launch's (a
+    setting that decides nothing, which the checks let pass): its line tells what the kept run is."""
+    import yaml
+    from hydra.core.utils import filter_overrides
+
+    from flare_exp.run.layout import HYDRA, OVERRIDES
+    from flare_exp.run.record import ACCEPTED_HYDRA
+
+    record = next((p for p in (job_dir / HYDRA / ACCEPTED_HYDRA / OVERRIDES, job_dir / HYDRA / OVERRIDES)
+                   if p.is_file()), None)
+    try:
+        made = _pairs(filter_overrides(yaml.safe_load(record.read_text()) or [])) if record else None
+    except (OSError, yaml.YAMLError, AttributeError, TypeError):
+        made = None
+    if made is None:
+        return name
+    asked = _pairs(filter_overrides(list(overrides)))
+    differ = [k for k in dict.fromkeys([*made, *asked]) if made.get(k) != asked.get(k)]
+    said = ", ".join(f"{k}={made[k]}" if k in made else f"{k} at its default" for k in differ)
+    return f"{name}; the kept run was made with {said}" if differ else name
+
+
+def _pairs(overrides) -> dict[str, str]:
+    return dict(str(o).split("=", 1) for o in overrides if "=" in str(o))
 
 
 def dir_refusal(cfg, job_dir: Path) -> tuple[str, str] | None:
@@ -196,26 +234,29 @@ def job_names(job_overrides) -> list[str]:
     """Each job named by the overrides that tell it from the others (the swept keys), else by its last few."""
     from hydra.core.utils import filter_overrides
 
-    pairs = [dict(o.split("=", 1) for o in filter_overrides(list(job)) if "=" in o) for job in job_overrides]
+    pairs = [_pairs(filter_overrides(list(job))) for job in job_overrides]
     keys = list(dict.fromkeys(k for p in pairs for k in p))
     varying = [k for k in keys if len({p.get(k) for p in pairs}) > 1] if len(pairs) > 1 else []
     return [" ".join(f"{k}={p[k]}" for k in (varying or [k for k in p if "/" not in p[k]][-4:]) if k in p)
             or "(no overrides)" for p in pairs]
 
 
-def check_jobs(hydra_context, master_config, job_overrides, initial_job_idx: int) -> None:
+def check_jobs(hydra_context, master_config, job_overrides, initial_job_idx: int) -> dict[int, str]:
     """Every job's problems, or a SweepSettingsError naming each job and its problems (a run dir several jobs
-    share, refusing them all, said once with the jobs that share it)."""
+    share, refusing them all, said once with the jobs that share it). Returns the jobs whose dir holds a run they
+    keep (their index in ``job_overrides`` -> their ``kept_name``), for the watch to say before the others run."""
     say(f"checking the settings of {len(job_overrides)} job(s) before launching any")
-    bad, prepares, refused = [], [], {}
+    bad, prepares, refused, kept = [], [], {}, {}
     names = job_names(job_overrides)
     # absolute, as each job's own output dir is (Hydra's runtime): the paths derived from it (a pipeline's steps
     # feed on each other's dirs) are compared with those the jobs recorded
     sweep_dir = Path(os.path.abspath(str(master_config.hydra.sweep.dir)))
     for idx, overrides in enumerate(job_overrides):
-        problems, target, refusal = checked_job(hydra_context, master_config, overrides,
-                                                sweep_dir / str(initial_job_idx + idx))
+        job_dir = sweep_dir / str(initial_job_idx + idx)
+        problems, target, refusal, keeps = checked_job(hydra_context, master_config, overrides, job_dir)
         prepares.append(target)
+        if keeps:
+            kept[idx] = kept_name(job_dir, overrides, names[idx])
         if problems:
             bad.append(f"  job #{initial_job_idx + idx} ({names[idx]}):\n"
                        + "\n".join(f"    - {p}" for p in problems))
@@ -230,6 +271,7 @@ def check_jobs(hydra_context, master_config, job_overrides, initial_job_idx: int
         said += ["jobs of the sweep would write over each other's prepared data"] if clashes else []
         raise SweepSettingsError(" and ".join(said) + "; no job was launched:\n"
                                  + "\n".join(bad + held_lines(refused) + clashes))
+    return kept
 
 
 def held_headline(refused: dict, total: int) -> list[str]:

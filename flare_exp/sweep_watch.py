@@ -1,7 +1,8 @@
 """What flare-exp's sweep launchers (hydra_plugins/flare_exp_launchers) add to Hydra's submitit launchers:
 
 - every job's settings and dir are checked before any job is launched (flare_exp/sweep_checks.py);
-- one line per finished job (its number, overrides, DONE/FAILED, duration, headline metric) and an ETA;
+- one line per finished job (its number, overrides, DONE/FAILED, duration, headline metric) and an ETA; a
+  relaunched sweep's jobs that keep their finished run said as it starts;
 - the failed jobs named at the end (the sweep exits non-zero), a job whose worker died without a traceback
   (kill -9, the OOM killer) among them: submitit's error for it would have ended the sweep unreported;
 - SIGTERM and SIGINT (``timeout``, ``kill``, Ctrl-C) forwarded to the local workers, which are waited for and
@@ -38,12 +39,20 @@ def say(text: str) -> None:
     sys.stderr.flush()
 
 
+KEPT = "DONE (finished before this launch: kept)"
+
+
 class Progress:
     """Watches the jobs' dirs for their DONE / FAILED markers (a thread) and prints one line per finished job
-    with an ETA from the rate so far."""
+    with an ETA from the rate so far. The jobs whose dir holds a run they keep (``kept``: index -> the name to
+    show, sweep_checks.kept_name) are said as the launch starts, once: a relaunched sweep does not leave them
+    unsaid until its last job ends."""
 
-    def __init__(self, job_dirs: list[Path], names: list[str], poll_s: float = 1.0):
-        self.job_dirs, self.names, self.poll_s = job_dirs, names, poll_s
+    def __init__(self, job_dirs: list[Path], names: list[str], poll_s: float = 1.0, kept: dict | None = None):
+        self.job_dirs, self.names, self.poll_s = job_dirs, list(names), poll_s
+        self.kept = dict(kept or {})
+        for i, name in self.kept.items():
+            self.names[i] = name
         self.start = time.time()
         self.reported: dict[int, str] = {}
         self._stop = threading.Event()
@@ -52,6 +61,8 @@ class Progress:
     def __enter__(self) -> "Progress":
         say(f"{len(self.job_dirs)} job(s) launched: {self.job_dirs[0].parent}/<job>/ "
             "(a line per finished job follows)")
+        for i in self.kept:
+            self.finished(i, KEPT)
         self._thread.start()
         return self
 
@@ -80,9 +91,10 @@ class Progress:
         headline = f", {row['headline']}" if row and row.get("headline") else ""
         reason = why or (row or {}).get("error")
         done, total = len(self.reported), len(self.job_dirs)
-        left = total - done
+        left, ran = total - done, done - len(self.kept)  # the rate: the jobs run in this launch, not the kept
         elapsed = time.time() - self.start
-        eta = f"{left} left, ETA ~{elapsed / done * left:.0f} s" if left else "all finished"
+        eta = f"{left} left, ETA ~{elapsed / ran * left:.0f} s" if left and ran > 0 else f"{left} left" if left \
+            else "all finished"
         say(f"{done}/{total} #{self.job_dirs[i].name} ({self.names[i]}) {status} in {seconds:.0f} s{headline}"
             f"{f': {reason}' if status != 'DONE' and reason else ''} | {eta}")
 
@@ -95,13 +107,14 @@ class Progress:
             return False
 
     def summary(self, i: int, status: str) -> dict | None:
-        """The job dir's summary (duration, metric, error) when its marker is this launch's ``status``; None
-        otherwise: a job refused before it started leaves the dir's earlier run, whose metric is not its own."""
+        """The job dir's summary (duration, metric, error) when its marker is this launch's ``status``, or the
+        run the job keeps; None otherwise: a job refused before it started leaves the dir's earlier run, whose
+        metric is not its own."""
         from flare_exp.catalog import run_summary
         from flare_exp.run.record import marker
 
-        return run_summary(self.job_dirs[i]) if marker(self.job_dirs[i]) == status and \
-            self.written_now(i, status) else None
+        own = status == KEPT or marker(self.job_dirs[i]) == status and self.written_now(i, status)
+        return run_summary(self.job_dirs[i]) if own else None
 
 
 def first_line(error) -> str:
@@ -196,7 +209,7 @@ def record_results(progress: Progress, returns) -> list[str]:
         if not ok and isinstance(ret._return_value, RunFinishedError) and (progress.job_dirs[i] / DONE).exists():
             # a sweep launched again (after a kill, a node's end): a job its dir holds finished, with these very
             # settings (the checks before launch refuse other ones), is done, not failed
-            progress.finished(i, "DONE (finished before this launch: kept)")
+            progress.finished(i, KEPT)  # said at the launch's start when the checks saw it kept
             # completed (Hydra's sweeper raises a failed job's error after the launch), its metrics where a search
             # reads them (optuna_search.job_metrics)
             job = progress.job_dirs[i]

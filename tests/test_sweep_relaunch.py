@@ -196,3 +196,31 @@ def test_a_second_sweep_into_a_sweep_dir_in_use_is_refused_before_it_writes_ther
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "#0 (seed=1) DONE (finished before this launch: kept)" in proc.stderr and "FAILED" not in proc.stderr
     assert (sweep / "1" / "DONE").exists()
+
+
+def test_a_relaunched_sweep_says_its_kept_jobs_first_with_the_overrides_they_were_made_with(tmp_path):
+    """Job #0 finished with seed=1, job #1 was killed: the relaunch (seed=4,5; seed decides nothing of an eval)
+    says #0 kept once, before #1 runs (it was said only when the whole sweep ended), with the seed its run was
+    made with beside this launch's."""
+    preds = tmp_path / "p.jsonl"
+    preds.write_text(json.dumps({"id": "d/1", "dataset": "dental", "task_type": "classification", "answer": "A",
+                                 "prediction": "A"}) + "\n")
+    argv = [sys.executable, "launch.py", "-m", "stage=eval", f"eval.predictions=[{preds}]", "eval.radgraph=false",
+            f"paths.output_root={tmp_path / 'out'}", "run_name=kept"]
+    sweep = tmp_path / "out" / "sweeps" / "kept"
+    first = subprocess.run([*argv, "seed=1,2"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    (sweep / "1" / "DONE").unlink()  # as if killed before its end
+    proc = subprocess.run([*argv, "seed=4,5"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=300, env={**os.environ, "PYTHONUNBUFFERED": "1"})  # Hydra's log lines in order
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    lines = proc.stdout.splitlines()
+    kept = [i for i, line in enumerate(lines) if line.startswith("[flare-exp sweep] ") and "#0 (" in line]
+    assert len(kept) == 1, lines
+    assert lines[kept[0]].startswith("[flare-exp sweep] 1/2 #0 (seed=4; the kept run was made with seed=1) DONE "
+                                     "(finished before this launch: kept) in "), lines
+    assert "| 1 left" in lines[kept[0]] and "ETA" not in lines[kept[0]]  # no rate from a job this launch kept
+    (launching,) = [i for i, line in enumerate(lines) if "Launching 2 jobs" in line]  # Hydra's, as the jobs start
+    assert kept[0] < launching
+    assert any("#1 (seed=5) DONE in" in line for line in lines[launching:])
+    assert "seed=1" in (sweep / "0" / ".hydra" / "overrides.yaml").read_text()  # the kept run's record stays

@@ -31,7 +31,7 @@ class _Watched:
                                            results_per_job)
 
         try:
-            check_jobs(self.hydra_context, self.config, job_overrides, initial_job_idx)
+            kept = check_jobs(self.hydra_context, self.config, job_overrides, initial_job_idx)
         except SweepSettingsError as e:
             if not getattr(self, "_launched", True):  # nothing of this sweep ran: its record was never true
                 self._record.restore()
@@ -39,7 +39,7 @@ class _Watched:
         self._launched = True
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         job_dirs = [sweep_dir / str(initial_job_idx + i) for i in range(len(job_overrides))]
-        with Progress(job_dirs, job_names(job_overrides)) as progress:
+        with Progress(job_dirs, job_names(job_overrides), kept=kept) as progress:
             stops = ForwardStops(job_dirs=job_dirs) if getattr(self, "_EXECUTOR", "") == "local" else \
                 StopInProcess(job_dirs) if isinstance(self, BasicLauncher) else nullcontext()
             # submitit's jobs: one whose worker died (kill -9, the OOM killer) is a failed job, not the sweep's end

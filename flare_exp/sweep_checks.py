@@ -320,7 +320,7 @@ def lock_sweep(config) -> None:
     from flare_exp.run.lock import RunLock, RunLockedError
 
     try:
-        sweep_dir = Path(str(config.hydra.sweep.dir))
+        sweep_dir = Path(os.path.abspath(str(config.hydra.sweep.dir)))  # as SweepRecord names it
     except Exception:  # noqa: BLE001  (a sweep dir that does not resolve: Hydra says so itself)
         return
     earlier = _SWEEP_LOCKS.pop(str(sweep_dir), None)
@@ -335,25 +335,42 @@ def lock_sweep(config) -> None:
     atexit.register(lock.release)
 
 
+def unlock_sweep(sweep_dir: Path) -> None:
+    """The sweep lock this process took on ``sweep_dir`` (``lock_sweep``) let go now, not at exit."""
+    lock = _SWEEP_LOCKS.pop(str(sweep_dir), None)
+    if lock is not None:
+        lock.release()
+
+
 class SweepRecord:
-    """The sweep dir's multirun.yaml as it was before this sweep: Hydra's sweeper writes the new one before the
-    launcher checks the jobs, so a sweep refused there puts the old one back (none: removed), and the sweep dir's
-    record keeps matching the jobs in it."""
+    """The sweep dir as it was before this sweep (taken before the sweep's lock): Hydra's sweeper writes the new
+    multirun.yaml before the launcher checks the jobs, so a sweep refused there puts the old one back (none:
+    removed), and the sweep dir's record keeps matching the jobs in it; a sweep dir (or folder above it) this
+    launch made goes again while it is empty."""
 
     def __init__(self, config):
         try:
-            self.path: Path | None = Path(str(config.hydra.sweep.dir)) / "multirun.yaml"
+            self.dir: Path | None = Path(os.path.abspath(str(config.hydra.sweep.dir)))
         except Exception:  # noqa: BLE001  (a sweep dir that does not resolve yet: nothing to keep)
-            self.path = None
+            self.dir = None
+        self.path = self.dir / "multirun.yaml" if self.dir else None
         held = self.path is not None and self.path.is_file()
         self.text = self.path.read_bytes() if held else None
         self.times = (self.path.stat().st_atime_ns, self.path.stat().st_mtime_ns) if held else None
+        self.made = [] if self.dir is None else [d for d in (self.dir, *self.dir.parents) if not d.exists()]
 
     def restore(self) -> None:
+        """The sweep was refused before any job: the dir put back as it was (Hydra's sweeper wrote in it)."""
         if self.path is None:
             return
         if self.text is None:
             self.path.unlink(missing_ok=True)
-            return
-        self.path.write_bytes(self.text)
-        os.utime(self.path, ns=self.times)  # when the sweep of the jobs in it began (pipeline.sweep_started)
+        else:
+            self.path.write_bytes(self.text)
+            os.utime(self.path, ns=self.times)  # when the sweep of the jobs in it began (pipeline.sweep_started)
+        unlock_sweep(self.dir)  # its .sweep.lock goes now, not at exit: the dir is left as it was
+        for folder in self.made:  # a refused sweep leaves no empty dir it made; the deepest first, and one that
+            try:  # holds anything (or was there before: not in made) stays
+                folder.rmdir()
+            except OSError:
+                break

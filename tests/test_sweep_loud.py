@@ -22,8 +22,32 @@ def test_a_sweep_with_one_bad_job_launches_none_and_names_it(session_dir, tmp_pa
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "1 of 2 jobs of the sweep have settings a run would refuse; no job was launched" in proc.stderr
     assert "job #1 (data.image_workers=-1)" in proc.stderr and "data.image_workers=-1: must be" in proc.stderr
-    assert not (out / "sweeps" / "two" / "0").exists() and not (out / "sweeps" / "two" / ".submitit").exists()
-    assert not (out / "sweeps" / "two" / "multirun.yaml").exists()  # no record of a sweep that launched nothing
+    assert not out.exists()  # the sweep dir (and the folders above it) this refused launch made: gone again
+
+
+def test_a_refused_sweep_removes_only_the_empty_dirs_it_made(tmp_path):
+    """A sweep refused before any job (multirun.yaml put back, the sweep lock let go): the sweep dir and the
+    folders above it that this launch made go while empty; a dir that was there, or that holds anything, stays."""
+    from omegaconf import OmegaConf
+
+    def refused(sweep_dir):
+        config = OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep_dir)}}})
+        record = sweep_checks.SweepRecord(config)  # as the launcher's setup takes it, before the lock
+        sweep_checks.lock_sweep(config)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        (sweep_dir / "multirun.yaml").write_text("this sweep's\n")  # Hydra's sweeper writes it
+        assert (sweep_dir / ".sweep.lock").exists()
+        record.restore()
+
+    refused(tmp_path / "out" / "sweeps" / "new")
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "kept" / "sweeps" / "there").mkdir(parents=True)
+    refused(tmp_path / "kept" / "sweeps" / "there")
+    assert sorted(p.name for p in (tmp_path / "kept" / "sweeps").iterdir()) == ["there"]
+    assert not any((tmp_path / "kept" / "sweeps" / "there").iterdir())
+    (tmp_path / "kept" / "sweeps" / "mine.txt").write_text("x")  # a dir above it that holds something
+    refused(tmp_path / "kept" / "sweeps" / "other" / "deep")
+    assert sorted(p.name for p in (tmp_path / "kept" / "sweeps").iterdir()) == ["mine.txt", "there"]
 
 
 def test_a_range_error_in_a_jobs_own_group_file_names_the_file(session_dir, tmp_path):

@@ -19,9 +19,9 @@ class _Watched:
         from flare_exp.sweep_checks import SweepRecord, lock_sweep
 
         super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
-        lock_sweep(config)  # another live sweep into this dir: refused here, before Hydra writes in it
-        # before the sweeper writes this sweep's multirun.yaml: put back if the sweep is refused unlaunched
+        # before the lock and the sweeper's multirun.yaml: put back if the sweep is refused unlaunched
         self._record, self._launched = SweepRecord(config), False
+        lock_sweep(config)  # another live sweep into this dir: refused here, before Hydra writes in it
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int):
         from contextlib import nullcontext

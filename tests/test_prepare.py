@@ -376,6 +376,49 @@ def test_a_missing_image_names_the_file_it_was_likely_meant_to_be(tmp_path):
                            ("imagesTr/a.png.png", "a.png"))]
 
 
+@pytest.mark.parametrize("name, meant", [
+    ("x.png.jpg", "x.png"),  # a doubled suffix of another kind (a converter that appends its own)
+    ("x (1).png", "x.png"), ("x(2).png", "x.png"),  # a browser's second download
+    ("boneresorption_1009.png", "boneresorption_01009.png"),  # zero padding dropped from the trailing number
+    ("boneresorption_001010.png", "boneresorption_01010.png"),  # ... or added
+    ("boneresorption-01010.png", "boneresorption_01010.png"),  # hyphen for underscore
+    ("Scan-7 (1).PNG.jpg", "scan_007.png"),  # several at once
+])
+def test_a_missing_image_is_hinted_through_one_normalisation_of_both_names(tmp_path, name, meant):
+    from flare_exp.data.question_files import resolve_image
+
+    for file in ("x.png", "boneresorption_01009.png", "boneresorption_01010.png", "scan_007.png", "x_10.png"):
+        (tmp_path / file).touch()
+    assert resolve_image(tmp_path, name) == (
+        f"missing image {name} (the dataset's folder holds {meant}: an ImageName is matched exactly: case, suffix "
+        "and spaces; correct the ImageName or rename the file)")
+
+
+def test_two_files_of_one_near_key_are_both_listed_and_a_large_folder_is_listed_once(tmp_path):
+    """Two existing files the missing name is near in the same way (padding dropped in one, added in the other)
+    are both named, never one of them alone; tens of thousands of files are indexed once for every lookup."""
+    import time
+
+    from flare_exp.data import question_files
+    from flare_exp.data.question_files import near_names, resolve_image
+
+    for file in ("img_01.png", "img_001.png", "img_10.png"):
+        (tmp_path / file).touch()
+    assert near_names(tmp_path, "img_1.png") == ["img_001.png", "img_01.png"]
+    assert near_names(tmp_path, "img_100.png") == []  # 10 is not 100: only padding zeros are set aside
+    big = tmp_path / "big"
+    big.mkdir()
+    for i in range(20000):
+        (big / f"case_{i:05d}.png").touch()
+    question_files._near_names.cache_clear()
+    started = time.perf_counter()
+    said = [resolve_image(big, f"case_{i}.jpg") for i in range(0, 20000, 40)]
+    assert said[1] == ("missing image case_40.jpg (the dataset's folder holds case_00040.png: an ImageName is "
+                       "matched exactly: case, suffix and spaces; correct the ImageName or rename the file)")
+    assert question_files._near_names.cache_info().misses == 1  # the folder indexed once for 500 missing names
+    print(f"500 lookups in a folder of 20000: {time.perf_counter() - started:.2f} s")
+
+
 def test_kept_records_a_careful_user_wants_named_are_counted_in_the_summary(tmp_path, caplog):
     """The same question on the same pixels under two names with answers that differ (label order aside), a
     record listing one view twice, and a bone-resorption percentage outside 0-100: kept, said once each, listed

@@ -110,52 +110,64 @@ def resolve_image(dataset_dir: Path, name: str) -> Path | str:
 
 def near_names(dataset_dir: Path, name: str, shown: int = 3) -> list[str]:
     """The files under ``dataset_dir`` (relative to it) that ``name`` likely meant: each folder of the name and the
-    file matched with case and whitespace aside and a doubled suffix (x.png.png) as one, the file also by its
-    stem alone (another suffix); a bare name is looked for in the images*/ folders too."""
+    file matched by their ``near_key`` (two files of one key are both listed: never one chosen for the other); a
+    bare name is looked for in the images*/ folders too."""
     parts = Path(name.strip()).parts
     if not parts:
         return []
-    folders = [dataset_dir]
-    if len(parts) == 1:
-        folders += sorted(p for p in dataset_dir.glob("images*") if p.is_dir())
+    folders = [dataset_dir, *(_image_folders(dataset_dir) if len(parts) == 1 else [])]
     for part in parts[:-1]:
-        folders = [folder / found for folder in folders for found in _listing(folder).get(_loose(part), [])
+        folders = [folder / found for folder in folders for found in _listing(folder).get(near_key(part), [])
                    if (folder / found).is_dir()]
-    last = _loose(parts[-1])
-    found = [folder / hit for folder in folders for hit in {
-        *_listing(folder).get(last, []), *_listing(folder).get(_STEM + Path(last).stem, [])}]
+    found = [folder / hit for folder in folders for hit in _listing(folder).get(near_key(parts[-1]), [])]
     wanted = dataset_dir / name
     return sorted(str(p.relative_to(dataset_dir)) for p in found if p != wanted and p.is_file())[:shown]
 
 
-_STEM = "\0stem:"  # a key no file name can hold
+_TYPE_SUFFIX = re.compile(r"\.[a-z][a-z0-9]{2,3}$")  # .png, .jpeg, .tif, .jp2: not a version (.v2) or a number
+_COPY_MARK = re.compile(r"\(\d+\)$")  # a browser's second download of a file: x (1).png
+_PADDED = re.compile(r"(?<!\d)0+(?=\d+$)")  # the zeros padding a trailing number: _01009
 
 
-def _loose(name: str) -> str:
-    """A name with case and whitespace aside and a doubled suffix as one (x.png.png -> x.png)."""
-    loose = "".join(name.split()).casefold()
-    while Path(loose).suffix and Path(Path(loose).stem).suffix == Path(loose).suffix:
-        loose = Path(loose).stem
-    return loose
+def near_key(name: str) -> str:
+    """What is left of a name once the ways an ImageName and its file drift apart are set aside: case, spaces,
+    hyphen for underscore, its file-type suffixes (another one, none, or two: x.png.jpg), a browser's copy mark
+    (x (1).png) and the zeros padding its trailing number (_1009 for _01009). Both names are mapped through it."""
+    key = "".join(name.split()).casefold().replace("-", "_")
+    while _TYPE_SUFFIX.search(key):
+        key = _TYPE_SUFFIX.sub("", key)
+    return _PADDED.sub("", _COPY_MARK.sub("", key))
 
 
 def _listing(folder: Path) -> dict[str, list[str]]:
     try:
-        return _loose_names(str(folder), folder.stat().st_mtime_ns)
+        return _near_names(str(folder), folder.stat().st_mtime_ns)
     except OSError:
         return {}
 
 
 @functools.lru_cache(maxsize=64)
-def _loose_names(folder: str, mtime_ns: int) -> dict[str, list[str]]:
-    """A folder's entries by their loose name and by their loose stem (listed once per folder while it is
-    unchanged: the missing images of a large folder are looked up without listing it again)."""
+def _near_names(folder: str, mtime_ns: int) -> dict[str, list[str]]:
+    """A folder's entries by their ``near_key`` (listed once per folder while it is unchanged: the missing images
+    of a folder of tens of thousands are looked up without listing it again)."""
     index: dict[str, list[str]] = defaultdict(list)
     for entry in os.scandir(folder):
-        loose = _loose(entry.name)
-        index[loose].append(entry.name)
-        index[_STEM + Path(loose).stem].append(entry.name)
+        index[near_key(entry.name)].append(entry.name)
     return dict(index)
+
+
+def _image_folders(dataset_dir: Path) -> list[Path]:
+    """The dataset's images*/ folders (imagesTr/, imagesTs/), sorted; listed once while the dataset's folder is
+    unchanged: a flat folder of tens of thousands of images is not listed again for every missing one."""
+    try:
+        return [dataset_dir / name for name in _folders_named_images(str(dataset_dir), dataset_dir.stat().st_mtime_ns)]
+    except OSError:
+        return []
+
+
+@functools.lru_cache(maxsize=64)
+def _folders_named_images(folder: str, mtime_ns: int) -> tuple[str, ...]:
+    return tuple(sorted(e.name for e in os.scandir(folder) if e.name.startswith("images") and e.is_dir()))
 
 
 def _image_file(dataset_dir: Path, name: str) -> Path | None:
@@ -163,7 +175,7 @@ def _image_file(dataset_dir: Path, name: str) -> Path | None:
     direct = inside(dataset_dir, name)
     if direct is not None and direct.is_file():
         return direct
-    for sub in sorted(dataset_dir.glob("images*")):  # ImageName given relative to imagesTr/ etc.
+    for sub in _image_folders(dataset_dir):  # ImageName given relative to imagesTr/ etc.
         if (sub / name).is_file():
             return sub / name
     return None

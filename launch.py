@@ -252,7 +252,7 @@ def composed(overrides: list[str]) -> tuple:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
     except Exception as e:  # noqa: BLE001
-        found = config_file_problem(e, [CONF_DIR, *searched_dirs(overrides)])
+        found = config_file_problem(e, [CONF_DIR, *searched_dirs(overrides)], overrides)
         return None, [found] if found else [], {}
     # the group files it read, in the config dirs Hydra searched, in its order (conf/, then hydra.searchpath's)
     dirs = composed_dirs([CONF_DIR], cfg)
@@ -265,17 +265,25 @@ def composed(overrides: list[str]) -> tuple:
     return cfg, in_files, from_files
 
 
-def config_file_problem(error: BaseException, conf_dirs: list[Path] = ()) -> Exception | None:
+def config_file_problem(error: BaseException, conf_dirs: list[Path] = (),
+                        overrides: list[str] = ()) -> Exception | None:
     """A config file the run composes (an experiment file of the user's) that is not valid YAML (an indent, a
-    duplicate key), or sets a key the schema lacks or a value its type refuses: one line naming the file and line,
-    or the key with the closest one and the file (found in ``conf_dirs``, Hydra's search order, from the
-    "In 'experiment/mine'" Hydra's error starts with). Hydra prints a long YAML traceback, or its struct error
-    without a suggestion."""
+    duplicate key), sets a key the schema lacks or a value its type refuses, or picks a group option that does
+    not exist (in its defaults list, or ``overrides``' choice): one line naming the file and line, or the key
+    with the closest one and the file (found in ``conf_dirs``, Hydra's search order, from the "In
+    'experiment/mine'" Hydra's error starts with), or the option with the group's own. Hydra prints a long YAML
+    traceback, its struct error without a suggestion, or "In 'config'" for a user file's missing option."""
     import yaml
     from omegaconf.errors import ConfigKeyError, ValidationError
 
     from flare_exp.config import Config
+    from flare_exp.config_dirs import missing_choice
     from flare_exp.config_keys import unknown_path
+
+    missing = re.search(r"Could not find '([^']+)'", str(error))
+    said = missing and missing_choice(missing.group(1), list(overrides), list(conf_dirs))
+    if said:
+        return ValueError(said)
 
     named = re.match(r"In '([^']+)'", str(error))  # Hydra's ConfigCompositionException: the group file
     file = next((f for d in conf_dirs if named and (f := d / f"{named.group(1)}.yaml").is_file()), None)

@@ -84,3 +84,45 @@ def users_files(values, overrides: list[str], conf_dir: Path) -> dict[str, Path]
     from_files = {key: path for path, key, _ in values}
     return {key: path for key, path in from_files.items()
             if key not in given and not path.is_relative_to(conf_dir)}
+
+
+def missing_choice(missing: str, overrides: list[str], dirs: list[Path]) -> str | None:
+    """What to say of Hydra's "Could not find 'group/option'" (``missing``): the group file of the user's whose
+    defaults list picks it (Hydra names only 'config'), or the command line's choice, with the group's options
+    in ``dirs`` and the nearest one. None when ``missing`` names no group file."""
+    import difflib
+
+    group, _, option = missing.rpartition("/")
+    if not group:
+        return None
+    options = sorted({f.stem for d in dirs if (d / group).is_dir() for f in (d / group).glob("*.yaml")})
+    near = difflib.get_close_matches(option, options, n=1)
+    tail = (f"no {group}/{option}.yaml in the config dirs; {group} has {', '.join(options) or 'no options'}"
+            + (f" (did you mean {group}={near[0]}?)" if near else ""))
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if key.lstrip("+~") == group and value == option:
+            return f"{override} on the command line: {tail}"
+        for d in dirs:
+            file = d / key.lstrip("+~") / f"{value}.yaml"
+            if "/" not in key and value and file.is_file() and _picks(file, group, option):
+                return f"{file}: its defaults list picks {group}={option}, and there is {tail}"
+    return None
+
+
+def _picks(file: Path, group: str, option: str) -> bool:
+    """Whether a group file's ``defaults:`` list has an entry choosing ``option`` of ``group`` (``- /group: x``,
+    ``- override /group: x``, ``- group: x``)."""
+    import yaml
+
+    try:
+        defaults = (yaml.safe_load(file.read_text(encoding="utf-8")) or {}).get("defaults") or []
+    except (OSError, ValueError, AttributeError, yaml.YAMLError):
+        return False
+    for entry in defaults if isinstance(defaults, list) else []:
+        items = entry.items() if isinstance(entry, dict) else []
+        for key, value in items:
+            named = str(key).removeprefix("override ").strip().lstrip("/")
+            if named.split("@")[0] == group and str(value) == option:
+                return True
+    return False

@@ -298,6 +298,11 @@ def test_a_value_hydras_grammar_cannot_read_bare_is_one_line_saying_how_to_quote
     ("sft:\n  learning_rate: abc\n", r"sft.learning_rate: Value 'abc' .* converted to Float, set in \S+/experiment/mine.yaml"),
     # the header forgotten: the keys land under experiment. ("# @package _global_" written after them is no header)
     ("sft:\n  max_steps: 2\n# x\n", None),
+    # a group option its defaults list picks that does not exist: Hydra said "In 'config'", not the file
+    ("defaults:\n  - override /model: tinyy\n", r"experiment/mine.yaml: its defaults list picks model=tinyy, and "
+                                                 r"there is no model/tinyy.yaml in the config dirs; model has "
+                                                 r"qwen3vl_4b, tiny \(did you mean model=tiny\?\)"),
+    ("defaults:\n  - /reward: nope\n", r"experiment/mine.yaml: its defaults list picks reward=nope"),
     # OmegaConf reads any integer as true: said, every such value in one list
     ("sft:\n  group_by_length: 2\nmodel:\n  fused_prefill: -1\n",
      r"(?s)problems with the settings.*mine.yaml: sft.group_by_length=2: must be true or false.*mine.yaml: model.fused_prefill=-1"),
@@ -325,6 +330,18 @@ def test_a_users_config_file_with_a_yaml_or_key_error_is_one_line(body, said, tm
         launch.check_command_line(["-m", f"--config-dir={tmp_path}", "experiment=demo,mine", "stage=runs"])
     err = capsys.readouterr().err
     assert re.search(said, err) and "demo.yaml" not in err
+
+
+def test_a_group_option_that_does_not_exist_is_named_with_the_groups_options(capsys):
+    sys.path.insert(0, str(REPO))
+    import launch
+
+    for argv in (["model=tinyy", "stage=runs"], ["-m", "model=tiny,tinyy", "stage=runs"]):
+        with pytest.raises(SystemExit):
+            launch.check_command_line(argv)
+        err = capsys.readouterr().err
+        assert ("model=tinyy on the command line: no model/tinyy.yaml in the config dirs; model has qwen3vl_4b, "
+                "tiny (did you mean model=tiny?)") in err and "Config search path" not in err
 
 
 def test_a_group_of_the_users_own_config_dir_is_a_known_key(tmp_path, capsys):

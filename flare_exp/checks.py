@@ -230,14 +230,8 @@ def check_prepared_images(cfg: DictConfig) -> None:
 
 
 def _record_files(cfg: DictConfig) -> list[Path]:
-    """The record files (.jsonl) the launched steps read or fingerprint, those that exist."""
-    found = set()
-    for declared in (s for name, s in declared_stages().items() if name in steps_of(cfg)):
-        for key in (*declared.reads, *declared.fingerprinted):
-            value = declared.path_of(cfg, key)
-            if isinstance(value, str) and value.endswith(".jsonl") and abspath(value).is_file():
-                found.add(abspath(value))
-    return sorted(found)
+    """The record files (.jsonl) the launched steps read."""
+    return sorted({f for name, s in declared_stages().items() if name in steps_of(cfg) for f in s.record_files(cfg)})
 
 
 def check_writable(key: str, value, where: Path | None = None) -> None:

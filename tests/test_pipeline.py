@@ -293,11 +293,14 @@ def test_data_moved_elsewhere_is_the_same_data_and_an_edit_there_is_not(base_ove
     check_resume("sft", sft_dir, fingerprint("sft", new), new)  # moved: resumes
     with pytest.raises(RunSettingsChangedError, match="data.root: .*"):
         check_resume("sft", sft_dir, fingerprint("sft", new))  # nothing to compare the images with
-    image = sorted(moved.rglob("*.png"))[3]
+    unused = sorted(moved.rglob("testing/**/*.png"))[0]  # no record of sft's uses it: its change is no matter
+    unused.write_bytes(unused.read_bytes() + b"\0")
+    check_resume("sft", sft_dir, fingerprint("sft", new), new)
+    image = sorted(moved.rglob("training/**/*.png"))[3]
     image.write_bytes(image.read_bytes() + b"\0")
     with pytest.raises(RunSettingsChangedError,
-                       match=rf"data.root: {root} -> {moved} \(1 of the \d+ images prepare recorded differ there, "
-                             rf"e.g. {image.relative_to(moved).as_posix()}: changed\)"):
+                       match=rf"data.root: {root} -> {moved} \(1 of the \d+ images prepare recorded that these "
+                             rf"records use differ there, e.g. {image.relative_to(moved).as_posix()}: changed\)"):
         check_resume("sft", sft_dir, fingerprint("sft", new), new)
     elsewhere = tmp_path / "train.jsonl"
     shutil.copy(prepared / "train.jsonl", elsewhere)

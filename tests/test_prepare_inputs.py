@@ -328,6 +328,14 @@ def test_a_root_holding_only_the_split_a_stage_reads_serves_it(base_overrides, d
     (said,) = [str(p) for p in input_problems(cfg("stage=infer", "infer.split=test"))
                if str(p).startswith("data.root=")]
     assert "testing/" in said and ": removed" in said
+    train_only = tmp_path / "train_only"  # rl reads the validation records only for its held-out evals
+    shutil.copytree(demo_prepared.parent / "raw", train_only)
+    for split in ("val", "testing"):
+        shutil.rmtree(train_only / split)
+    at = lambda *more: compose_cfg(["stage=rl", *more, *base_overrides, f"data.root={train_only}"])  # noqa: E731
+    assert not [p for p in input_problems(at()) if str(p).startswith("data.root=")]
+    (said,) = [str(p) for p in input_problems(at("rl.eval_steps=1")) if str(p).startswith("data.root=")]
+    assert "val/" in said and ": removed" in said
 
 
 def test_a_prepared_dir_without_a_readable_record_is_not_blamed_on_a_right_root(base_overrides, demo_prepared,

@@ -48,6 +48,8 @@ class Stage:
     # a resume may change them, a pipeline reusing the finished step may not
     budget: tuple = ()
     fingerprinted: tuple = ()  # keys naming input files whose bytes decide its outputs
+    # key -> the setting without which that file is not read (a held-out set read only by its evals)
+    read_when: dict = field(default_factory=dict)
     starts_from: str | None = None  # the key naming the adapter it starts from
     resumable: tuple = ()  # what a resume continues from (globs in its run dir)
     ranks: str = "one"  # several: data-parallel on every rank; rank 0: in a pipeline, rank 0 while others wait
@@ -96,6 +98,20 @@ class Stage:
     def written_by(self) -> set[str]:
         """The earlier steps whose outputs fill its inputs in a pipeline."""
         return {step for steps in self.feeds_from.values() for step in steps}
+
+    def record_files(self, cfg) -> list[Path]:
+        """The record files (.jsonl) it reads with these settings, those that exist: their images are the ones a
+        data.root must hold for it."""
+        from flare_exp.runtime import abspath
+
+        found = []
+        for key in dict.fromkeys((*self.reads, *self.fingerprinted)):
+            value = self.path_of(cfg, key)
+            if key in self.read_when and not OmegaConf.select(cfg, self.read_when[key]):
+                continue
+            if isinstance(value, str) and value.endswith(".jsonl") and abspath(value).is_file():
+                found.append(abspath(value))
+        return found
 
     def path_of(self, cfg, key: str):
         """The value of a key naming a path, or where the stage reads when it is unset (``defaults``)."""

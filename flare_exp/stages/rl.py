@@ -47,6 +47,7 @@ STAGE = Stage(
         "reward.radgraph.device", "reward.radgraph.build_tiny"),
     budget=("rl.max_steps",),
     fingerprinted=("rl.train_file", "rl.eval_file"),
+    read_when={"rl.eval_file": "rl.eval_steps"},
     starts_from="rl.init_from",
     resumable=("checkpoint-*",),
     ranks="several",

@@ -345,7 +345,7 @@ def test_an_image_name_in_another_unicode_form_is_found_and_a_missing_one_says_w
     assert kept["images"] == [f"training/Xray/chestdr/imagesTr/{stored}"]
     reasons = [r["reason"] for r in read_jsonl(out / "rejects.jsonl")]
     assert reasons == ["missing image 'imagesTr/a.png ' (the dataset's folder holds imagesTr/a.png: an ImageName is "
-                       "matched exactly: case, suffix and spaces; correct the ImageName or rename the file)",
+                       "matched exactly, letter for letter; correct the ImageName or rename the file)",
                        f"missing image imagesTr/link.png (a symbolic link to {d / 'imagesTr' / 'gone.png'}, "
                        "which is not there)"]
 
@@ -366,12 +366,12 @@ def test_a_missing_image_names_the_file_it_was_likely_meant_to_be(tmp_path):
     assert len(read_jsonl(out / "train.jsonl")) == 1
     reasons = [r["reason"] for r in read_jsonl(out / "rejects.jsonl")]
     assert reasons == ["missing image imagesTr/case.png (the dataset's folder holds imagesTr/CASE.PNG: an ImageName "
-                       "is matched exactly: case, suffix and spaces; correct the ImageName or rename the file)",
+                       "is matched exactly, letter for letter; correct the ImageName or rename the file)",
                        "missing image scan.png (the dataset's folder holds imagesTr/scan.jpg: an ImageName is "
-                       "matched exactly: case, suffix and spaces; correct the ImageName or rename the file)",
+                       "matched exactly, letter for letter; correct the ImageName or rename the file)",
                        "missing image imagesTr/none.png"] + [
-        f"missing image {name} (the dataset's folder holds imagesTr/{file}: an ImageName is matched exactly: case, "
-        "suffix and spaces; correct the ImageName or rename the file)"
+        f"missing image {name} (the dataset's folder holds imagesTr/{file}: an ImageName is matched exactly, "
+        "letter for letter; correct the ImageName or rename the file)"
         for name, file in (("IMAGESTR/Case.png", "CASE.PNG"), ("imagesTr/a .png", "a.png"),
                            ("imagesTr/a.png.png", "a.png"))]
 
@@ -390,8 +390,8 @@ def test_a_missing_image_is_hinted_through_one_normalisation_of_both_names(tmp_p
     for file in ("x.png", "boneresorption_01009.png", "boneresorption_01010.png", "scan_007.png", "x_10.png"):
         (tmp_path / file).touch()
     assert resolve_image(tmp_path, name) == (
-        f"missing image {name} (the dataset's folder holds {meant}: an ImageName is matched exactly: case, suffix "
-        "and spaces; correct the ImageName or rename the file)")
+        f"missing image {name} (the dataset's folder holds {meant}: an ImageName is matched exactly, letter for "
+        "letter; correct the ImageName or rename the file)")
 
 
 def test_two_files_of_one_near_key_are_both_listed_and_a_large_folder_is_listed_once(tmp_path):
@@ -404,8 +404,14 @@ def test_two_files_of_one_near_key_are_both_listed_and_a_large_folder_is_listed_
 
     for file in ("img_01.png", "img_001.png", "img_10.png"):
         (tmp_path / file).touch()
-    assert near_names(tmp_path, "img_1.png") == ["img_001.png", "img_01.png"]
-    assert near_names(tmp_path, "img_100.png") == []  # 10 is not 100: only padding zeros are set aside
+    assert near_names(tmp_path, "img_1.png") == (["img_001.png", "img_01.png"], 0)
+    assert near_names(tmp_path, "img_100.png") == ([], 0)  # 10 is not 100: only padding zeros are set aside
+    for file in ("tooth (1).png", "tooth (2).png", "scan.left.png", "x.jpg", "x.jpeg", "X.png", "x (1).png"):
+        (tmp_path / file).touch()
+    assert near_names(tmp_path, "tooth (3).png") == ([], 0)  # another copy of one download, not a misspelling
+    assert near_names(tmp_path, "scan.png") == ([], 0)  # a dotted word is no file type
+    assert near_names(tmp_path, "x.png") == (["X.png", "x (1).png", "x.jpeg"], 1)  # the fourth is counted
+    assert "x.jpeg and 1 more named alike: an ImageName" in resolve_image(tmp_path, "x.png")
     big = tmp_path / "big"
     big.mkdir()
     for i in range(20000):
@@ -414,7 +420,7 @@ def test_two_files_of_one_near_key_are_both_listed_and_a_large_folder_is_listed_
     started = time.perf_counter()
     said = [resolve_image(big, f"case_{i}.jpg") for i in range(0, 20000, 40)]
     assert said[1] == ("missing image case_40.jpg (the dataset's folder holds case_00040.png: an ImageName is "
-                       "matched exactly: case, suffix and spaces; correct the ImageName or rename the file)")
+                       "matched exactly, letter for letter; correct the ImageName or rename the file)")
     assert question_files._near_names.cache_info().misses == 1  # the folder indexed once for 500 missing names
     print(f"500 lookups in a folder of 20000: {time.perf_counter() - started:.2f} s")
 

@@ -101,30 +101,44 @@ def resolve_image(dataset_dir: Path, name: str) -> Path | str:
         return f"missing image {shown} (a directory of that name is there, not an image file)"
     if direct.is_symlink():
         return f"missing image {shown} (a symbolic link to {os.readlink(direct)}, which is not there)"
-    near = near_names(dataset_dir, name)
+    near, more = near_names(dataset_dir, name)
     if near:  # Linux names differ in case; a converted export changes the suffix: said, never taken in its place
-        return (f"missing image {shown} (the dataset's folder holds {', '.join(near)}: an ImageName is matched "
-                "exactly: case, suffix and spaces; correct the ImageName or rename the file)")
+        also = f" and {more} more named alike" if more else ""
+        return (f"missing image {shown} (the dataset's folder holds {', '.join(near)}{also}: an ImageName is "
+                "matched exactly, letter for letter; correct the ImageName or rename the file)")
     return f"missing image {shown}"
 
 
-def near_names(dataset_dir: Path, name: str, shown: int = 3) -> list[str]:
-    """The files under ``dataset_dir`` (relative to it) that ``name`` likely meant: each folder of the name and the
-    file matched by their ``near_key`` (two files of one key are both listed: never one chosen for the other); a
-    bare name is looked for in the images*/ folders too."""
+def near_names(dataset_dir: Path, name: str, shown: int = 3) -> tuple[list[str], int]:
+    """The files under ``dataset_dir`` (relative to it) that ``name`` likely meant, the first ``shown`` of them,
+    and how many more names are alike: each folder of the name and the file matched by their ``near_key`` (two
+    files of one key are all listed: never one chosen for the other); a bare name is looked for in the images*/
+    folders too. Two copies of one download (x (1).png, x (2).png) are other files, not a misspelling."""
     parts = Path(name.strip()).parts
     if not parts:
-        return []
+        return [], 0
     folders = [dataset_dir, *(_image_folders(dataset_dir) if len(parts) == 1 else [])]
     for part in parts[:-1]:
         folders = [folder / found for folder in folders for found in _listing(folder).get(near_key(part), [])
                    if (folder / found).is_dir()]
-    found = [folder / hit for folder in folders for hit in _listing(folder).get(near_key(parts[-1]), [])]
-    wanted = dataset_dir / name
-    return sorted(str(p.relative_to(dataset_dir)) for p in found if p != wanted and p.is_file())[:shown]
+    marked = _copy_marked(parts[-1])
+    found = sorted(folder / hit for folder in folders for hit in _listing(folder).get(near_key(parts[-1]), [])
+                   if not (marked and _copy_marked(hit)))
+    wanted, files = dataset_dir / name, []
+    for i, path in enumerate(found):  # a stat each, only until enough are shown: a key may hold thousands
+        if path != wanted and path.is_file():
+            files.append(str(path.relative_to(dataset_dir)))
+            if len(files) == shown:
+                return files, len(found) - i - 1
+    return files, 0
 
 
-_TYPE_SUFFIX = re.compile(r"\.[a-z][a-z0-9]{2,3}$")  # .png, .jpeg, .tif, .jp2: not a version (.v2) or a number
+def _copy_marked(name: str) -> bool:
+    return bool(_COPY_MARK.search(_TYPE_SUFFIX.sub("", "".join(name.split()).casefold())))
+
+
+# an image file's type suffix (not any dotted word: scan.left.png is no misspelling of scan.png)
+_TYPE_SUFFIX = re.compile(r"\.(png|jpe?g|jfif|tiff?|bmp|gif|webp|dcm|dicom|jp2|j2k|pgm|ppm|pnm)$")
 _COPY_MARK = re.compile(r"\(\d+\)$")  # a browser's second download of a file: x (1).png
 _PADDED = re.compile(r"(?<!\d)0+(?=\d+$)")  # the zeros padding a trailing number: _01009
 

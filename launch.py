@@ -277,11 +277,13 @@ def config_file_problem(error: BaseException, conf_dirs: list[Path] = (),
     from omegaconf.errors import ConfigKeyError, ValidationError
 
     from flare_exp.config import Config
-    from flare_exp.config_dirs import missing_choice
+    from flare_exp.config_dirs import missing_choice, null_choice
     from flare_exp.config_keys import unknown_path
 
     missing = re.search(r"Could not find '([^']+)'", str(error))
     said = missing and missing_choice(missing.group(1), list(overrides), list(conf_dirs))
+    if "Config group override must be a string" in str(error):
+        said = null_choice(list(overrides), list(conf_dirs))
     if said:
         return ValueError(said)
 

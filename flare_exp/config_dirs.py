@@ -88,41 +88,88 @@ def users_files(values, overrides: list[str], conf_dir: Path) -> dict[str, Path]
 
 def missing_choice(missing: str, overrides: list[str], dirs: list[Path]) -> str | None:
     """What to say of Hydra's "Could not find 'group/option'" (``missing``): the group file of the user's whose
-    defaults list picks it (Hydra names only 'config'), or the command line's choice, with the group's options
-    in ``dirs`` and the nearest one. None when ``missing`` names no group file."""
+    defaults list picks it (Hydra names only 'config'), found from the command line's choices through the files
+    their defaults lists include, or the command line's own choice; with the group's options (Hydra's own and
+    its plugins' too, and those in ``dirs``) and the nearest one. None when ``missing`` names no group file."""
     import difflib
 
     group, _, option = missing.rpartition("/")
     if not group:
         return None
-    options = sorted({f.stem for d in dirs if (d / group).is_dir() for f in (d / group).glob("*.yaml")})
+    options = _group_options(group, dirs)
     near = difflib.get_close_matches(option, options, n=1)
-    tail = (f"no {group}/{option}.yaml in the config dirs; {group} has {', '.join(options) or 'no options'}"
-            + (f" (did you mean {group}={near[0]}?)" if near else ""))
+    tail = (f"no {group}/{option}.yaml in the config dirs; " + (
+        f"{group} has {', '.join(options)}" if options else f"there is no config group {group}")
+        + (f" (did you mean {group}={near[0]}?)" if near else ""))
     for override in overrides:
         key, _, value = override.partition("=")
-        if key.lstrip("+~") == group and value == option:
+        key = key.lstrip("+~")
+        if key == group and value == option:
             return f"{override} on the command line: {tail}"
-        for d in dirs:
-            file = d / key.lstrip("+~") / f"{value}.yaml"
-            if "/" not in key and value and file.is_file() and _picks(file, group, option):
-                return f"{file}: its defaults list picks {group}={option}, and there is {tail}"
+        if "/" in key or not value:
+            continue
+        for file in (d / key / f"{value}.yaml" for d in dirs):
+            found = _picking_file(file, group, option, dirs, set())
+            if found is not None:
+                return f"{found}: its defaults list picks {group}={option}, and there is {tail}"
     return None
 
 
-def _picks(file: Path, group: str, option: str) -> bool:
-    """Whether a group file's ``defaults:`` list has an entry choosing ``option`` of ``group`` (``- /group: x``,
-    ``- override /group: x``, ``- group: x``)."""
+def null_choice(overrides: list[str], dirs: list[Path]) -> str | None:
+    """A config group given null on the command line (Hydra's answer is a traceback): what it takes instead."""
+    for override in overrides:
+        key, _, value = override.partition("=")
+        options = _group_options(key.lstrip("+~"), dirs) if value.strip().lower() in ("null", "none", "~") else []
+        if options:
+            return f"{override}: a config group takes one of its options, not null: {', '.join(options)}"
+    return None
+
+
+def _group_options(group: str, dirs: list[Path]) -> list[str]:
+    """A group's options as Hydra finds them (conf/, its own hydra/ groups, its plugins') and in ``dirs``."""
+    options = {f.stem for d in dirs if (d / group).is_dir() for f in (d / group).glob("*.yaml")}
+    try:
+        from hydra import initialize_config_dir
+        from hydra.core.global_hydra import GlobalHydra
+
+        with initialize_config_dir(config_dir=str(dirs[0]), version_base="1.3"):
+            options.update(GlobalHydra.instance().config_loader().get_group_options(group))
+    except Exception:  # noqa: BLE001  (the list only: the message stands without Hydra's)
+        pass
+    return sorted(options)
+
+
+def _picking_file(file: Path, group: str, option: str, dirs: list[Path], seen: set) -> Path | None:
+    """``file``, or a group file its defaults list includes (and so on), whose defaults list picks ``option`` of
+    ``group`` (``- /group: x``, ``- override /group: x``, ``- group: x``); None when none does."""
+    if file in seen or not file.is_file():
+        return None
+    seen.add(file)
+    for key, value in _defaults_entries(file):
+        named = key.removeprefix("override ").strip().lstrip("/").split("@")[0]
+        if value is not None and named == group and value == option:
+            return file
+        included = f"{named}/{value}" if value is not None else named  # - /experiment/base, - /experiment: base
+        for d in dirs:
+            found = _picking_file(d / f"{included}.yaml", group, option, dirs, seen)
+            if found is not None:
+                return found
+    return None
+
+
+def _defaults_entries(file: Path) -> list[tuple[str, str | None]]:
+    """A group file's defaults list as (key, choice) pairs: ``- group: x`` gives (group, x), ``- /path`` gives
+    (/path, None)."""
     import yaml
 
     try:
         defaults = (yaml.safe_load(file.read_text(encoding="utf-8")) or {}).get("defaults") or []
     except (OSError, ValueError, AttributeError, yaml.YAMLError):
-        return False
+        return []
+    out = []
     for entry in defaults if isinstance(defaults, list) else []:
-        items = entry.items() if isinstance(entry, dict) else []
-        for key, value in items:
-            named = str(key).removeprefix("override ").strip().lstrip("/")
-            if named.split("@")[0] == group and str(value) == option:
-                return True
-    return False
+        if isinstance(entry, dict):
+            out += [(str(k), str(v)) for k, v in entry.items() if v is not None]
+        elif isinstance(entry, str) and entry != "_self_":
+            out.append((entry, None))
+    return out

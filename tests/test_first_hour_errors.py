@@ -342,6 +342,33 @@ def test_a_group_option_that_does_not_exist_is_named_with_the_groups_options(cap
         err = capsys.readouterr().err
         assert ("model=tinyy on the command line: no model/tinyy.yaml in the config dirs; model has qwen3vl_4b, "
                 "tiny (did you mean model=tiny?)") in err and "Config search path" not in err
+    said = {  # Hydra's own groups and its plugins' options are listed too; null is no option (Hydra: a traceback)
+        ("-m", "hydra/sweeper=basc", "stage=runs"): "hydra/sweeper has basic, optuna (did you mean "
+                                                     "hydra/sweeper=basic?)",
+        ("-m", "hydra/launcher=submitit_lokal", "stage=runs"): "(did you mean hydra/launcher=submitit_local?)",
+        ("model=null", "stage=runs"): "model=null: a config group takes one of its options, not null: qwen3vl_4b, tiny",
+        ("+clustr=a", "stage=runs"): "unknown config key clustr",
+    }
+    for argv, expected in said.items():
+        with pytest.raises(SystemExit):
+            launch.check_command_line(list(argv))
+        err = capsys.readouterr().err
+        assert expected in err and "Traceback" not in err, err
+
+
+def test_a_missing_option_picked_in_a_file_another_user_file_includes_names_that_file(tmp_path, capsys):
+    sys.path.insert(0, str(REPO))
+    import launch
+
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "base.yaml").write_text("# @package _global_\ndefaults:\n  - override /model: tinny\n")
+    (tmp_path / "experiment" / "child.yaml").write_text("# @package _global_\ndefaults:\n  - /experiment/base\n")
+    for extra in ([], ["-m"]):
+        with pytest.raises(SystemExit):
+            launch.check_command_line([f"--config-dir={tmp_path}", "experiment=child", "stage=runs", *extra])
+        err = capsys.readouterr().err
+        assert (f"{tmp_path}/experiment/base.yaml: its defaults list picks model=tinny, and there is no "
+                "model/tinny.yaml") in err
 
 
 def test_a_group_of_the_users_own_config_dir_is_a_known_key(tmp_path, capsys):

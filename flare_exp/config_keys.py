@@ -287,7 +287,9 @@ def group_file_values(conf_dirs: list[Path], choices: dict):
         if not isinstance(raw, dict):
             return
         defaults = [e for e in raw.pop("defaults", None) or [] if isinstance(e, str)]
-        package = "" if re.search(r"^#\s*@package\s+_global_", text, re.M) else group
+        header = re.search(r"^#\s*@package\s+(\S+)", text, re.M)  # _global_, or a section (sft) its keys go under
+        package = group if header is None else "" if header.group(1) == "_global_" else \
+            header.group(1).replace("_group_", group)
         for entry in defaults if "_self_" in defaults else [*defaults, "_self_"]:
             if entry.lstrip("/") == "_self_":
                 yield from ((path, key, value) for key, value in _leaves(raw, package))
@@ -296,9 +298,23 @@ def group_file_values(conf_dirs: list[Path], choices: dict):
             else:  # flare: a file of its own group
                 yield from walk(found(f"{group}/{entry}.yaml"), group)
 
-    for group, choice in choices.items():
+    for group, choice in sorted(choices.items(), key=lambda item: _composed_at(item[0], conf_dirs)):
         if isinstance(choice, str) and not group.startswith("hydra"):
             yield from walk(found(f"{group}/{choice}.yaml"), group)
+
+
+def _composed_at(group: str, conf_dirs: list[Path]) -> int:
+    """Where Hydra composes a group: its place in the primary config's defaults list (conf/config.yaml); a group
+    appended on the command line (+cluster=a) comes after them all, so its values win."""
+    import yaml
+
+    try:
+        listed = yaml.safe_load((conf_dirs[0] / "config.yaml").read_text(encoding="utf-8")).get("defaults") or []
+    except (OSError, AttributeError, IndexError, yaml.YAMLError):
+        listed = []
+    names = [next(iter(e)).split("@")[0].removeprefix("override ").lstrip("/") if isinstance(e, dict) else str(e)
+             for e in listed]
+    return names.index(group) if group in names else len(names)
 
 
 def _leaves(node, prefix: str):

@@ -747,3 +747,26 @@ def test_a_value_out_of_range_in_the_users_file_names_the_file(tmp_path, capsys)
         launch.check_command_line([f"--config-dir={tmp_path}", "experiment=neg", "stage=sft", "sft.max_steps=-3"])
     err = capsys.readouterr().err
     assert "sft.max_steps=-3" in err and "neg.yaml" not in err
+
+
+def test_a_range_error_names_the_file_hydra_took_the_value_from(tmp_path, capsys):
+    """A group appended on the command line (+cluster=a) is composed after the experiment, so its value is the
+    one refused; a file with its own package header (# @package sft) is named too."""
+    sys.path.insert(0, str(REPO))
+    import launch
+
+    for group, name, body in (("experiment", "good", "# @package _global_\nrl:\n  num_generations: 4\n"),
+                              ("cluster", "a", "# @package _global_\nrl:\n  num_generations: 1\n"),
+                              ("cluster", "c", "# @package sft\nlearning_rate: -1.0\n")):
+        (tmp_path / group).mkdir(exist_ok=True)
+        (tmp_path / group / f"{name}.yaml").write_text(body)
+    for argv, said in (
+            (["experiment=good", "+cluster=a", "stage=rl"], f"rl.num_generations=1: must be an integer >= 2 (GRPO "
+                                                             f"compares completions of one prompt), set in "
+                                                             f"{tmp_path}/cluster/a.yaml"),
+            (["+cluster=c", "stage=sft"], f"sft.learning_rate=-1.0: must be a number >= 0, set in "
+                                          f"{tmp_path}/cluster/c.yaml")):
+        with pytest.raises(SystemExit):
+            launch.check_command_line([f"--config-dir={tmp_path}", *argv])
+        err = capsys.readouterr().err
+        assert said in err and "experiment/good.yaml" not in err, err

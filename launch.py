@@ -245,7 +245,7 @@ def composed(overrides: list[str]) -> tuple:
     from omegaconf import open_dict
 
     from flare_exp.config import Config
-    from flare_exp.config_dirs import composed_dirs, searched_dirs, shadowed_files, users_files
+    from flare_exp.config_dirs import composed_dirs, ignored_hydra_picks, searched_dirs, shadowed_files, users_files
     from flare_exp.config_keys import file_value_problems, group_file_values
 
     try:
@@ -258,7 +258,8 @@ def composed(overrides: list[str]) -> tuple:
     dirs = composed_dirs([CONF_DIR], cfg)
     choices = dict(cfg.hydra.runtime.choices)
     values = list(group_file_values(dirs, choices))  # in Hydra's order: the last file to set a key sets it
-    in_files = [ValueError(p) for p in shadowed_files(dirs, choices, CONF_DIR) + file_value_problems(values, Config)]
+    in_files = [ValueError(p) for p in shadowed_files(dirs, choices, CONF_DIR) + file_value_problems(values, Config)
+                + ignored_hydra_picks(dirs, choices, CONF_DIR)]
     from_files = users_files(values, overrides, CONF_DIR)
     with open_dict(cfg):
         del cfg["hydra"]

@@ -69,6 +69,27 @@ def shadowed_files(dirs: list[Path], choices: dict, conf_dir: Path) -> list[str]
     return out
 
 
+def ignored_hydra_picks(dirs: list[Path], choices: dict, conf_dir: Path) -> list[str]:
+    """A user's chosen group file whose defaults list picks a Hydra group (``override /hydra/launcher: slurm``)
+    that the composition did not take: conf/config.yaml's own override of that group wins (hydra/launcher:
+    watched), and Hydra says nothing, so a sweep meant for SLURM would run its jobs one by one where it was
+    launched."""
+    out = []
+    for group, choice in choices.items():
+        if not isinstance(choice, str) or group.startswith("hydra"):
+            continue
+        file = next((d / group / f"{choice}.yaml" for d in dirs if (d / group / f"{choice}.yaml").is_file()), None)
+        if file is None or file.is_relative_to(conf_dir):
+            continue
+        for key, value in _defaults_entries(file):
+            named = key.removeprefix("override ").strip().lstrip("/")
+            if named.startswith("hydra/") and value is not None and choices.get(named) != value:
+                out.append(f"{file}: its defaults list picks {named}={value}, which this launch does not take "
+                           f"(it composes {named}={choices.get(named)}: the repo's conf/config.yaml chooses it); "
+                           f"choose it on the command line: {named}={value}")
+    return out
+
+
 def composed_dirs(searched: list[Path], cfg) -> list[Path]:
     """The config dirs a composed config (its hydra node kept) read its group files from, in Hydra's order:
     ``searched`` (Hydra's own search path: conf/, then --config-dir's), then hydra.searchpath's entries."""

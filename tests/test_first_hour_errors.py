@@ -770,3 +770,25 @@ def test_a_range_error_names_the_file_hydra_took_the_value_from(tmp_path, capsys
             launch.check_command_line([f"--config-dir={tmp_path}", *argv])
         err = capsys.readouterr().err
         assert said in err and "experiment/good.yaml" not in err, err
+
+
+def test_a_hydra_group_picked_in_a_users_file_that_the_launch_does_not_take_is_refused(tmp_path, capsys):
+    """conf/config.yaml's own `override hydra/launcher: watched` wins over an experiment file's
+    `override /hydra/launcher: slurm`, without a word from Hydra: a SLURM sweep would run on the login node. A
+    pick that is taken (reward_search's sweeper) passes."""
+    sys.path.insert(0, str(REPO))
+    import launch
+
+    (tmp_path / "experiment").mkdir()
+    demo = (CONF / "experiment" / "demo.yaml").read_text()
+    picked = demo.replace("  - override /data: demo\n", "  - override /data: demo\n  - override /hydra/launcher: slurm\n")
+    assert picked != demo
+    (tmp_path / "experiment" / "mine.yaml").write_text(picked)
+    (tmp_path / "experiment" / "search.yaml").write_text((CONF / "experiment" / "reward_search.yaml").read_text())
+    with pytest.raises(SystemExit):
+        launch.check_command_line(["-m", f"--config-dir={tmp_path}", "experiment=mine", "stage=sft"])
+    err = capsys.readouterr().err
+    assert (f"{tmp_path}/experiment/mine.yaml: its defaults list picks hydra/launcher=slurm, which this launch does "
+            "not take (it composes hydra/launcher=watched") in err and "hydra/launcher=slurm" in err.splitlines()[-2]
+    cfg, in_files, _ = launch.composed([f"hydra.searchpath=[file://{tmp_path}]", "experiment=search", "stage=rl"])
+    assert cfg is not None and not [p for p in in_files if "hydra/" in str(p)]

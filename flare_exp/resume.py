@@ -6,7 +6,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from flare_exp.models.checkpoints import check_training_state, incomplete, list_checkpoints, newest_complete
+from flare_exp.models.checkpoints import (_numbered, check_training_state, checkpoint_step, incomplete,
+                                          list_checkpoints, newest_complete)
 from flare_exp.runtime import abspath
 
 log = logging.getLogger(__name__)
@@ -130,25 +131,27 @@ def check_resumed_run(resume: str, checkpoint: Path, out_dir: Path, stage: str, 
             "allow_intermediate_checkpoint=true).")
 
 
-# what the same command does after a stop, by stage (or pipeline step)
-AFTER_A_STOP = {"sft": "resumes from the last checkpoint", "rl": "resumes from the last checkpoint",
+# what the same command does after a stop, by stage (or pipeline step); a training run names its checkpoint
+AFTER_A_STOP = {"sft": "resumes from its newest complete checkpoint", "rl": "resumes from its newest complete checkpoint",
                 "infer": "resumes after the predictions already written",
                 "pipeline": "reuses the finished steps and resumes the stopped one"}
 
 
 def after_a_stop(cfg, run_dir: Path) -> str:
-    """What the same command does after a stop (Ctrl-C, SIGTERM) of the run in ``run_dir``; a training run, or a
-    pipeline's training step, that saved no checkpoint yet starts again from step 0: said so, not "resumes"."""
+    """What the same command does after a stop (Ctrl-C, SIGTERM) of the run in ``run_dir``. A training run, or a
+    pipeline's training step, says what its resume takes: the checkpoint resume=auto picks (newest_complete, the
+    rule the run itself follows), step 0 when none counts (none saved yet, or incomplete, or past the budget),
+    a refusal under resume=never when checkpoints are there."""
     from flare_exp.run.stage import stage
 
     name = cfg.stage.name
     try:
         if name == "pipeline":
             return _pipeline_after_a_stop(cfg, run_dir)
-        why = _no_checkpoint_yet(cfg, name, stage(name).output_dir(cfg, run_dir))
+        then = _training_after_a_stop(cfg, name, stage(name).output_dir(cfg, run_dir), "it ")
     except Exception:  # noqa: BLE001  (the wording only: a stop's message never fails on it)
         return AFTER_A_STOP.get(name, "runs it again")
-    return f"starts it again from step 0 {why}" if why else AFTER_A_STOP.get(name, "runs it again")
+    return then or AFTER_A_STOP.get(name, "runs it again")
 
 
 def _pipeline_after_a_stop(cfg, run_dir: Path) -> str:
@@ -162,16 +165,63 @@ def _pipeline_after_a_stop(cfg, run_dir: Path) -> str:
         if (step_dir / DONE).exists():
             finished.append(name)
             continue
-        why = _no_checkpoint_yet(step_cfg, step, step_dir)
-        then = f"starts again from step 0 {why}" if why else AFTER_A_STOP.get(step, "runs again")
+        then = _training_after_a_stop(step_cfg, step, step_dir, "") or AFTER_A_STOP.get(step, "runs again")
         head = f"reuses the finished steps ({', '.join(finished)})" if finished else "runs the pipeline again"
         return f"{head}; its stopped {name} step {then}"
     return "reuses the finished steps"  # stopped after the last step had finished
 
 
-def _no_checkpoint_yet(cfg, stage: str, out_dir: Path) -> str | None:
-    """Why a training run in ``out_dir`` starts again from step 0 (it saved no checkpoint yet), None when it
-    is no training run or has a checkpoint to resume from."""
-    if stage not in ("sft", "rl") or any(out_dir.glob("checkpoint-*")):
+def _training_after_a_stop(cfg, stage: str, out_dir: Path, it: str) -> str | None:
+    """What the same command does with the training run in ``out_dir`` (``it``: "it " for a run, "" for a
+    pipeline's step): refused (resume=never on checkpoints), resumed from the checkpoint named, or started again
+    from step 0 with why; None when it is no training run."""
+    if stage not in ("sft", "rl"):
         return None
-    return f"(no checkpoint was saved yet: one is saved every {stage}.save_steps={cfg[stage].save_steps} steps)"
+    budget = cfg[stage].get("max_steps")
+    budget = budget if budget and budget > 0 else None
+    resume = str(cfg.get("resume", "auto"))
+    if resume == "never":  # as Stage.refuse_resume_never and resume_checkpoint do
+        left = list_checkpoints(out_dir)
+        if left:
+            taken = _quietly(newest_complete, out_dir, up_to=budget)
+            then = f"continue from {'it' if taken == left[-1] else taken.name}" if taken else "continue"
+            return (f"is refused (resume=never and {left[-1].name} is there): pass resume=auto to {then}, or "
+                    "overwrite=true to start afresh")
+        return f"starts {it}again from step 0 {_why_step_0(cfg, stage, out_dir, budget)}"
+    if resume != "auto":  # a checkpoint named on purpose: taken again, whatever the run saved since
+        taken = _quietly(newest_complete, out_dir, up_to=budget)
+        newer = (f"; pass resume=auto to continue from {taken.name}"
+                 if taken and abspath(resume) != taken.resolve() else "")
+        return f"resumes from {resume} again (resume= names it){newer}"
+    try:
+        taken = _quietly(newest_complete, out_dir, up_to=budget)
+    except FileNotFoundError as e:  # its optimizer or schedule missing: the run stops at its start, saying so
+        return f"stops at its start: {e}"
+    if taken is None:
+        return f"starts {it}again from step 0 {_why_step_0(cfg, stage, out_dir, budget)}"
+    step = checkpoint_step(taken)
+    if budget and step >= budget:
+        return f"saves final/ from {taken.name} (step {step} of {budget}: its training had reached max_steps)"
+    return f"resumes from {taken.name} (step {step}{f' of {budget}' if budget else ''})"
+
+
+def _why_step_0(cfg, stage: str, out_dir: Path, budget: int | None) -> str:
+    """Why no checkpoint in ``out_dir`` is resumed from: none saved yet, or each one there incomplete or past
+    the budget (the newest first)."""
+    there = list(reversed(_numbered(out_dir)))
+    if not there:
+        return f"(no checkpoint was saved yet: one is saved every {stage}.save_steps={cfg[stage].save_steps} steps)"
+    why = [f"{p.name} is past {stage}.max_steps={budget}" if budget and checkpoint_step(p) > budget else
+           f"{p.name} is incomplete: {incomplete(p)}" for p in there[:3]]
+    more = f", and {len(there) - 3} more" if len(there) > 3 else ""
+    return f"({'; '.join(why)}{more})"
+
+
+def _quietly(find, *args, **kwargs):
+    """``find`` with its 'skipping ...' warnings held back: the stop's message says why in its own words."""
+    checkpoints_log = logging.getLogger("flare_exp.models.checkpoints")
+    was, checkpoints_log.disabled = checkpoints_log.disabled, True
+    try:
+        return find(*args, **kwargs)
+    finally:
+        checkpoints_log.disabled = was

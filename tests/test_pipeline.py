@@ -369,7 +369,7 @@ def test_a_stopped_pipeline_says_what_its_stopped_training_step_does_again(tmp_p
 
     run_dir, prepared = tmp_path / "run", tmp_path / "prepared"
     cfg = compose_cfg(["stage=pipeline", "stage.steps=[prepare,sft,infer]", "sft.save_steps=500",
-                       f"data.prepared_dir={prepared}"])
+                       "sft.max_steps=1500", f"data.prepared_dir={prepared}"])
     assert after_a_stop(cfg, run_dir) == (
         "runs the pipeline again; its stopped prepare step runs again")
     prepared.mkdir()
@@ -377,9 +377,9 @@ def test_a_stopped_pipeline_says_what_its_stopped_training_step_does_again(tmp_p
     assert after_a_stop(cfg, run_dir) == (
         "reuses the finished steps (prepare); its stopped sft step starts again from step 0 (no checkpoint was "
         "saved yet: one is saved every sft.save_steps=500 steps)")
-    (run_dir / "sft" / "checkpoint-500").mkdir(parents=True)
+    _checkpoint(run_dir / "sft" / "checkpoint-500")
     assert after_a_stop(cfg, run_dir) == (
-        "reuses the finished steps (prepare); its stopped sft step resumes from the last checkpoint")
+        "reuses the finished steps (prepare); its stopped sft step resumes from checkpoint-500 (step 500 of 1500)")
     (run_dir / "sft" / "DONE").write_text("{}")
     assert after_a_stop(cfg, run_dir) == (
         "reuses the finished steps (prepare, sft); its stopped infer step resumes after the predictions already "
@@ -389,3 +389,70 @@ def test_a_stopped_pipeline_says_what_its_stopped_training_step_does_again(tmp_p
                                          "checkpoint was saved yet: one is saved every rl.save_steps=7 steps)")
     assert after_a_stop(compose_cfg(["stage=sft", "sft.save_steps=500"]), run_dir / "single") == (
         "starts it again from step 0 (no checkpoint was saved yet: one is saved every sft.save_steps=500 steps)")
+
+
+def _checkpoint(path, complete=True):
+    """A Trainer checkpoint made by hand: its training state, and (``complete``) the marker written last."""
+    from flare_exp.models.checkpoints import TRAINING_STATE, mark_complete
+
+    path.mkdir(parents=True)
+    for name in (*TRAINING_STATE, "adapter_model.safetensors"):
+        (path / name).write_text("x")
+    if complete:
+        mark_complete(path)
+    return path
+
+
+@pytest.mark.parametrize("stage", ["sft", "rl"])
+def test_a_stopped_run_names_the_checkpoint_its_resume_takes(stage, tmp_path):
+    """The stop's message named no checkpoint ("resumes from the last checkpoint"): now the one resume=auto takes
+    (models.checkpoints.newest_complete), with its step of the budget; an incomplete newer one (stopped while
+    saving) is passed over, as the resume passes it."""
+    from flare_exp.resume import after_a_stop
+
+    run_dir = tmp_path / "run"
+    cfg = compose_cfg([f"stage={stage}", f"{stage}.max_steps=300", f"{stage}.save_steps=3"])
+    _checkpoint(run_dir / "checkpoint-3")
+    assert after_a_stop(cfg, run_dir) == "resumes from checkpoint-3 (step 3 of 300)"
+    _checkpoint(run_dir / "checkpoint-6", complete=False)
+    assert after_a_stop(cfg, run_dir) == "resumes from checkpoint-3 (step 3 of 300)"
+    _checkpoint(run_dir / "checkpoint-300")
+    assert after_a_stop(cfg, run_dir) == ("saves final/ from checkpoint-300 (step 300 of 300: its training had "
+                                          "reached max_steps)")
+    lowered = compose_cfg([f"stage={stage}", f"{stage}.max_steps=5"])  # the budget lowered: past it, passed over
+    assert after_a_stop(lowered, run_dir) == "resumes from checkpoint-3 (step 3 of 5)"
+
+
+def test_a_stopped_run_whose_only_checkpoint_is_incomplete_starts_again_from_step_0(tmp_path):
+    """A checkpoint cut short while saving (no flare_exp_complete.json) is no resume: the message said
+    "resumes"; it says step 0 and why, for a run and for a pipeline's training step."""
+    from flare_exp.resume import after_a_stop
+
+    run_dir = tmp_path / "run"
+    _checkpoint(run_dir / "checkpoint-40", complete=False)
+    assert after_a_stop(compose_cfg(["stage=sft"]), run_dir) == (
+        "starts it again from step 0 (checkpoint-40 is incomplete: no flare_exp_complete.json (cut short while "
+        "saving))")
+    _checkpoint(tmp_path / "pipe" / "rl" / "checkpoint-40", complete=False)
+    pipeline = compose_cfg(["stage=pipeline", "stage.steps=[rl]", "rl.max_steps=100"])
+    assert after_a_stop(pipeline, tmp_path / "pipe") == (
+        "runs the pipeline again; its stopped rl step starts again from step 0 (checkpoint-40 is incomplete: no "
+        "flare_exp_complete.json (cut short while saving))")
+
+
+def test_a_stopped_run_with_resume_never_says_the_same_command_is_refused(tmp_path):
+    """resume=never on a run dir holding checkpoints is refused at the start (Stage.refuse_resume_never): the
+    stop's message promised a resume; it says the refusal and the ways on. Without a checkpoint it starts again."""
+    from flare_exp.resume import after_a_stop
+
+    run_dir = tmp_path / "run"
+    never = compose_cfg(["stage=sft", "resume=never", "sft.save_steps=2"])
+    assert after_a_stop(never, run_dir).startswith("starts it again from step 0 (no checkpoint was saved yet")
+    _checkpoint(run_dir / "checkpoint-2")
+    assert after_a_stop(never, run_dir) == (
+        "is refused (resume=never and checkpoint-2 is there): pass resume=auto to continue from it, or "
+        "overwrite=true to start afresh")
+    _checkpoint(tmp_path / "pipe" / "sft" / "checkpoint-2")
+    assert after_a_stop(compose_cfg(["stage=pipeline", "stage.steps=[sft]", "resume=never"]), tmp_path / "pipe") == (
+        "runs the pipeline again; its stopped sft step is refused (resume=never and checkpoint-2 is there): pass "
+        "resume=auto to continue from it, or overwrite=true to start afresh")

@@ -254,3 +254,35 @@ def test_a_dead_worker_is_a_failed_job_and_a_python_failure_still_raises():
     assert str(dead._return_value) == sweep_watch.WORKER_DIED
     with pytest.raises(FailedJobError, match="failed during processing"):
         sweep_watch.job_return(Job(FailedJobError("Job (task=0) failed during processing with trace: ...")))
+
+
+def test_the_stop_message_says_per_job_what_rerunning_does_from_its_own_run_dir(tmp_path):
+    """A stopped sweep said "rerunning the same command resumes the unfinished ones", of a job that had saved no
+    checkpoint too: now each unfinished job gets a single run's stop wording (resume.after_a_stop) for its own
+    run dir and config: step 0 with why, or the checkpoint its resume takes; a job never started runs."""
+    from conftest import compose_cfg
+    from omegaconf import OmegaConf
+
+    from flare_exp.models.checkpoints import TRAINING_STATE, mark_complete
+
+    dirs = [tmp_path / str(i) for i in range(4)]
+    for d, max_steps in zip(dirs, (1, 400, 400, 400)):
+        d.mkdir()
+        OmegaConf.save(compose_cfg(["stage=sft", f"sft.max_steps={max_steps}", "sft.save_steps=50"]), d / "config.yaml")
+    (dirs[0] / "DONE").write_text("")
+    (dirs[1] / "FAILED").write_text("stopped from outside")
+    (dirs[2] / "FAILED").write_text("stopped from outside")
+    checkpoint = dirs[2] / "checkpoint-50"
+    checkpoint.mkdir()
+    for name in TRAINING_STATE:
+        (checkpoint / name).write_text("x")
+    mark_complete(checkpoint)
+    (dirs[3] / "config.yaml").unlink()  # never started
+    said = sweep_watch.jobs_after_stop(dirs)
+    assert said.startswith("3 job(s) not finished (#1, #2, #3: ") and "1 finished (DONE)" in said, said
+    assert "resumes the unfinished" not in said
+    assert ("#1: starts it again from step 0 (no checkpoint was saved yet: one is saved every sft.save_steps=50 "
+            "steps)") in said, said
+    assert "#2: resumes from checkpoint-50 (step 50 of 400)" in said, said
+    assert "#3: runs it (it had not started)" in said, said
+    assert "#0" not in said.split("per job: ")[1]

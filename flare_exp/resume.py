@@ -154,6 +154,22 @@ def after_a_stop(cfg, run_dir: Path) -> str:
     return then or AFTER_A_STOP.get(name, "runs it again")
 
 
+def after_a_stop_in(run_dir: Path) -> str | None:
+    """``after_a_stop`` for the run in ``run_dir`` with the config it ran with (its config.yaml): for a sweep's
+    job, or the FAILED a stop leaves; None when the run wrote no config yet (stopped before it started)."""
+    from omegaconf import OmegaConf
+
+    from flare_exp.run.layout import CONFIG
+
+    try:
+        cfg = OmegaConf.load(run_dir / CONFIG)
+    except FileNotFoundError:
+        return None
+    except Exception:  # noqa: BLE001  (the wording only: a stop's message never fails on it)
+        return "runs it again"
+    return after_a_stop(cfg, run_dir)
+
+
 def _pipeline_after_a_stop(cfg, run_dir: Path) -> str:
     """The steps finished are reused; the first one unfinished (the pipeline runs them in order) is the stopped
     one, named with what it does."""

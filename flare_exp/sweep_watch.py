@@ -367,16 +367,6 @@ def jobs_after_stop(job_dirs: list[Path]) -> str:
 def job_after_stop(job_dir: Path) -> str:
     """What rerunning the sweep does with a job it stopped: a single run's stop message (resume.after_a_stop),
     for the job's own run dir and the config it ran with; a job that never started runs."""
-    from omegaconf import OmegaConf
+    from flare_exp.resume import after_a_stop_in
 
-    from flare_exp.resume import after_a_stop
-    from flare_exp.run.layout import CONFIG
-
-    config = job_dir / CONFIG
-    if not config.is_file():
-        return "runs it (it had not started)"
-    try:
-        cfg = OmegaConf.load(config)
-    except Exception:  # noqa: BLE001  (the wording only: a stop's message never fails on it)
-        return "runs it again"
-    return after_a_stop(cfg, job_dir)
+    return after_a_stop_in(job_dir) or "runs it (it had not started)"

@@ -286,3 +286,26 @@ def test_the_stop_message_says_per_job_what_rerunning_does_from_its_own_run_dir(
     assert "#2: resumes from checkpoint-50 (step 50 of 400)" in said, said
     assert "#3: runs it (it had not started)" in said, said
     assert "#0" not in said.split("per job: ")[1]
+
+
+def test_a_stopped_jobs_failed_line_says_what_a_rerun_does_from_its_run_dir(tmp_path):
+    """The sweep's line for a job stopped mid-run is its FAILED's first line: it said "a requeued job or a rerun
+    with the same run_name resumes", of a job that had saved no checkpoint too; now after_a_stop's wording for
+    the job's own run dir and config."""
+    from conftest import compose_cfg
+    from omegaconf import OmegaConf
+
+    from flare_exp.run.record import write_failed
+
+    job = tmp_path / "1"
+    job.mkdir()
+    OmegaConf.save(compose_cfg(["stage=sft", "sft.max_steps=400", "sft.save_steps=50"]), job / "config.yaml")
+    (job / "checkpoint-50").mkdir()  # cut short while saving: no flare_exp_complete.json
+    try:
+        raise KeyboardInterrupt
+    except KeyboardInterrupt as e:
+        write_failed(job, e)
+    first = (job / "FAILED").read_text().splitlines()[0]
+    assert first == ("stopped from outside (KeyboardInterrupt): preempted, timed out or cancelled; a requeued job or "
+                     "a rerun with the same run_name starts it again from step 0 (checkpoint-50 is incomplete: no "
+                     "flare_exp_complete.json (cut short while saving))"), first

@@ -130,8 +130,8 @@ def write_failed(run_dir: Path, error: BaseException, rank: int | None = None) -
     data-parallel job that failed."""
     stopped = isinstance(error, (SystemExit, KeyboardInterrupt))  # preempted, timed out, cancelled, Ctrl-C
     named = f"{type(error).__name__}{f': {error}' if str(error) else ''}"
-    why = (f"stopped from outside ({named}): preempted, timed out or cancelled; a "
-           "requeued job or a rerun with the same run_name resumes") if stopped else f"{type(error).__name__}: {error}"
+    why = (f"stopped from outside ({named}): preempted, timed out or cancelled; a requeued job or a rerun with "
+           f"the same run_name {_after_a_stop(run_dir)}") if stopped else f"{type(error).__name__}: {error}"
     if rank is None and world_size() > 1:
         rank = int(os.environ.get("RANK", "0") or 0)
     where = f"rank {rank}: " if rank is not None else ""
@@ -141,6 +141,16 @@ def write_failed(run_dir: Path, error: BaseException, rank: int | None = None) -
         # the rank that failed first wrote its cause; the others then fail on the broken process group
         text = f"{earlier.read_text()}\n--- then {text}"
     write_text(run_dir / FAILED, text)
+
+
+def _after_a_stop(run_dir: Path) -> str:
+    """What the same command does after this stop (resume.after_a_stop, for the config the run wrote)."""
+    try:
+        from flare_exp.resume import after_a_stop_in
+
+        return after_a_stop_in(run_dir) or "runs it again"
+    except Exception:  # noqa: BLE001  (the wording only: writing FAILED never fails on it)
+        return "runs it again"
 
 
 # Hydra writes its record of a launch (.hydra/*.yaml) into the run dir before any check of ours, so a launch

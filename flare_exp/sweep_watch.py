@@ -90,6 +90,8 @@ class Progress:
         seconds = row["seconds"] if row and row.get("seconds") is not None else time.time() - self.start
         headline = f", {row['headline']}" if row and row.get("headline") else ""
         reason = why or (row or {}).get("error")
+        if not why and row and status == "FAILED":  # the table's 200 characters would cut a stop's what-next
+            reason = failed_line(self.job_dirs[i]) or reason
         done, total = len(self.reported), len(self.job_dirs)
         left, ran = total - done, done - len(self.kept)  # the rate: the jobs run in this launch, not the kept
         elapsed = time.time() - self.start
@@ -115,6 +117,17 @@ class Progress:
 
         own = status == KEPT or marker(self.job_dirs[i]) == status and self.written_now(i, status)
         return run_summary(self.job_dirs[i]) if own else None
+
+
+def failed_line(job_dir: Path, limit: int = 600) -> str | None:
+    """The first line of a job's FAILED (why it failed, a stop's what-next with it), up to ``limit`` characters."""
+    from flare_exp.run.layout import FAILED
+
+    try:
+        text = (job_dir / FAILED).read_text(errors="replace")
+    except OSError:
+        return None
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")[:limit] or None
 
 
 def first_line(error) -> str:

@@ -288,7 +288,7 @@ def test_the_stop_message_says_per_job_what_rerunning_does_from_its_own_run_dir(
     assert "#0" not in said.split("per job: ")[1]
 
 
-def test_a_stopped_jobs_failed_line_says_what_a_rerun_does_from_its_run_dir(tmp_path):
+def test_a_stopped_jobs_failed_line_says_what_a_rerun_does_from_its_run_dir(tmp_path, capsys):
     """The sweep's line for a job stopped mid-run is its FAILED's first line: it said "a requeued job or a rerun
     with the same run_name resumes", of a job that had saved no checkpoint too; now after_a_stop's wording for
     the job's own run dir and config."""
@@ -309,3 +309,7 @@ def test_a_stopped_jobs_failed_line_says_what_a_rerun_does_from_its_run_dir(tmp_
     assert first == ("stopped from outside (KeyboardInterrupt): preempted, timed out or cancelled; a requeued job or "
                      "a rerun with the same run_name starts it again from step 0 (checkpoint-50 is incomplete: no "
                      "flare_exp_complete.json (cut short while saving))"), first
+    with sweep_watch.Progress([job], ["sft.max_steps=400"], poll_s=60) as progress:
+        progress.finished(0, "FAILED")  # the sweep's line: the whole sentence, not the runs table's 200 characters
+    err = capsys.readouterr().err
+    assert f": {first} | all finished" in err, err

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from flare_exp.models.checkpoints import (_numbered, check_training_state, checkpoint_step, incomplete,
+from flare_exp.models.checkpoints import (numbered_checkpoints, check_training_state, checkpoint_step, incomplete,
                                           list_checkpoints, newest_complete)
 from flare_exp.runtime import abspath
 
@@ -224,7 +224,7 @@ def _training_after_a_stop(cfg, stage: str, out_dir: Path, it: str) -> str | Non
 def _why_step_0(cfg, stage: str, out_dir: Path, budget: int | None) -> str:
     """Why no checkpoint in ``out_dir`` is resumed from: none saved yet, or each one there incomplete or past
     the budget (the newest first)."""
-    there = list(reversed(_numbered(out_dir)))
+    there = list(reversed(numbered_checkpoints(out_dir)))
     if not there:
         return f"(no checkpoint was saved yet: one is saved every {stage}.save_steps={cfg[stage].save_steps} steps)"
     why = [f"{p.name} is past {stage}.max_steps={budget}" if budget and checkpoint_step(p) > budget else

@@ -55,7 +55,7 @@ def checkpoint_step(path: Path) -> int | None:
     return int(found.group(1)) if found else None
 
 
-def _numbered(run_dir: Path) -> list[Path]:
+def numbered_checkpoints(run_dir: Path) -> list[Path]:
     if not run_dir.is_dir():
         return []
     found = [(step, p) for p in run_dir.iterdir() if (step := checkpoint_step(p)) is not None and p.is_dir()]
@@ -64,7 +64,7 @@ def _numbered(run_dir: Path) -> list[Path]:
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """The complete Trainer checkpoints under ``run_dir``, oldest first."""
-    return [p for p in _numbered(run_dir) if incomplete(p) is None]
+    return [p for p in numbered_checkpoints(run_dir) if incomplete(p) is None]
 
 
 def check_training_state(checkpoint: Path) -> None:
@@ -82,7 +82,7 @@ def newest_complete(run_dir: Path, up_to: int | None = None) -> Path | None:
     training state checked; None when there is none. ``up_to``: a budget (max_steps) lowered since: the
     checkpoints past it are passed over, said, so the adapter is the budget's, not a longer run's."""
     skipped = 0
-    for checkpoint in reversed(_numbered(run_dir)):
+    for checkpoint in reversed(numbered_checkpoints(run_dir)):
         if up_to and up_to > 0 and (checkpoint_step(checkpoint) or 0) > up_to:
             log.warning("skipping %s: past max_steps=%d (the budget was lowered since it was saved)", checkpoint.name,
                         up_to)
@@ -121,7 +121,7 @@ def resolve_adapter(path: str | Path) -> Path:
     ours = (path / "run_info.json").exists()  # a run dir of ours: DONE says it finished
     if _is_adapter(path / "final") and (not ours or (path / "DONE").exists()):
         return path / "final"
-    if ours and (path / "DONE").exists() and not _numbered(path):
+    if ours and (path / "DONE").exists() and not numbered_checkpoints(path):
         raise FileNotFoundError(
             f"{path} is a finished run that trained nothing (no final/ adapter, no checkpoint: an infer, eval or "
             "prepare run?). Point it at an sft or rl run dir, a pipeline dir, or an adapter dir.")
@@ -129,8 +129,8 @@ def resolve_adapter(path: str | Path) -> Path:
         raise FileNotFoundError(
             f"{path} is a finished run whose final/ adapter is missing (deleted or moved since): restore final/, or "
             f"use one of its checkpoints on purpose ({path}/checkpoint-N with {ALLOW_INTERMEDIATE}=true)")
-    if ours or _numbered(path):
-        ckpts = _numbered(path)
+    if ours or numbered_checkpoints(path):
+        ckpts = numbered_checkpoints(path)
         raise FileNotFoundError(
             f"{path} is an unfinished run (no DONE marker{', no final/ adapter' if not _is_adapter(path / 'final') else ''}"
             f"{f'; checkpoints: {ckpts[0].name} .. {ckpts[-1].name}' if ckpts else ''}): finish it (rerun it with "

@@ -295,6 +295,7 @@ def test_a_stopped_jobs_failed_line_says_what_a_rerun_does_from_its_run_dir(tmp_
     from conftest import compose_cfg
     from omegaconf import OmegaConf
 
+    from flare_exp.resume import after_a_stop_in
     from flare_exp.run.record import write_failed
 
     job = tmp_path / "1"
@@ -304,7 +305,7 @@ def test_a_stopped_jobs_failed_line_says_what_a_rerun_does_from_its_run_dir(tmp_
     try:
         raise KeyboardInterrupt
     except KeyboardInterrupt as e:
-        write_failed(job, e)
+        write_failed(job, e, after_a_stop=after_a_stop_in)  # as the run's lifecycle passes it
     first = (job / "FAILED").read_text().splitlines()[0]
     assert first == ("stopped from outside (KeyboardInterrupt): preempted, timed out or cancelled; a requeued job or "
                      "a rerun with the same run_name starts it again from step 0 (checkpoint-50 is incomplete: no "

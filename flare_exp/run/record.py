@@ -125,13 +125,14 @@ def write_run_metadata(run_dir: Path, cfg: DictConfig, keep_previous: bool = Tru
     })
 
 
-def write_failed(run_dir: Path, error: BaseException, rank: int | None = None) -> None:
+def write_failed(run_dir: Path, error: BaseException, rank: int | None = None, after_a_stop=None) -> None:
     """FAILED with the error and its traceback (call it in the except block); ``rank`` names the rank of a
-    data-parallel job that failed."""
+    data-parallel job that failed; ``after_a_stop(run_dir)``: what a rerun does after a stop (resume.py's
+    wording, passed in by the run's lifecycle: run/ does not import the resume rules built on it)."""
     stopped = isinstance(error, (SystemExit, KeyboardInterrupt))  # preempted, timed out, cancelled, Ctrl-C
     named = f"{type(error).__name__}{f': {error}' if str(error) else ''}"
     why = (f"stopped from outside ({named}): preempted, timed out or cancelled; a requeued job or a rerun with "
-           f"the same run_name {_after_a_stop(run_dir)}") if stopped else f"{type(error).__name__}: {error}"
+           f"the same run_name {_after_a_stop(run_dir, after_a_stop)}") if stopped else f"{type(error).__name__}: {error}"
     if rank is None and world_size() > 1:
         rank = int(os.environ.get("RANK", "0") or 0)
     where = f"rank {rank}: " if rank is not None else ""
@@ -143,12 +144,10 @@ def write_failed(run_dir: Path, error: BaseException, rank: int | None = None) -
     write_text(run_dir / FAILED, text)
 
 
-def _after_a_stop(run_dir: Path) -> str:
-    """What the same command does after this stop (resume.after_a_stop, for the config the run wrote)."""
+def _after_a_stop(run_dir: Path, wording) -> str:
+    """What the same command does after this stop (``wording(run_dir)``, for the config the run wrote)."""
     try:
-        from flare_exp.resume import after_a_stop_in
-
-        return after_a_stop_in(run_dir) or "runs it again"
+        return (wording and wording(run_dir)) or "runs it again"
     except Exception:  # noqa: BLE001  (the wording only: writing FAILED never fails on it)
         return "runs it again"
 

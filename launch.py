@@ -259,7 +259,7 @@ def composed(overrides: list[str]) -> tuple:
     choices = dict(cfg.hydra.runtime.choices)
     values = list(group_file_values(dirs, choices))  # in Hydra's order: the last file to set a key sets it
     in_files = [ValueError(p) for p in shadowed_files(dirs, choices, CONF_DIR) + file_value_problems(values, Config)
-                + ignored_hydra_picks(dirs, choices, CONF_DIR)]
+                + ignored_hydra_picks(dirs, choices, CONF_DIR, overrides)]
     from_files = users_files(values, overrides, CONF_DIR)
     with open_dict(cfg):
         del cfg["hydra"]
@@ -300,6 +300,10 @@ def config_file_problem(error: BaseException, conf_dirs: list[Path] = (),
                               f"{error.problem}" + (f" ({error.context})" if error.context else ""))
         if isinstance(error, ValidationError) and getattr(error, "full_key", None):
             return ValueError(f"{error.full_key}: {str(error).splitlines()[0]}, set {source}")
+        if isinstance(error, ConfigKeyError) and str(getattr(error, "full_key", "")).startswith("hydra.launcher."):
+            return ValueError(f"{error.full_key} is no setting of the launcher this launch composes, set {source}: "
+                              "a launcher's settings follow its choice, which the command line makes (e.g. -m "
+                              "hydra/launcher=slurm hydra.launcher.partition=gpu); docs/slurm.md lists them")
         if isinstance(error, ConfigKeyError) and getattr(error, "full_key", None):
             group = named.group(1).split("/")[0] if named else None
             if file and str(error.full_key).split(".")[0] == group and unknown_path(group, Config):

@@ -69,7 +69,7 @@ def shadowed_files(dirs: list[Path], choices: dict, conf_dir: Path) -> list[str]
     return out
 
 
-def ignored_hydra_picks(dirs: list[Path], choices: dict, conf_dir: Path) -> list[str]:
+def ignored_hydra_picks(dirs: list[Path], choices: dict, conf_dir: Path, overrides: list[str] = ()) -> list[str]:
     """A user's chosen group file whose defaults list picks a Hydra group (``override /hydra/launcher: slurm``)
     that the composition did not take: conf/config.yaml's own override of that group wins (hydra/launcher:
     watched), and Hydra says nothing, so a sweep meant for SLURM would run its jobs one by one where it was
@@ -83,10 +83,16 @@ def ignored_hydra_picks(dirs: list[Path], choices: dict, conf_dir: Path) -> list
             continue
         for key, value in _defaults_entries(file):
             named = key.removeprefix("override ").strip().lstrip("/")
-            if named.startswith("hydra/") and value is not None and choices.get(named) != value:
-                out.append(f"{file}: its defaults list picks {named}={value}, which this launch does not take "
-                           f"(it composes {named}={choices.get(named)}: the repo's conf/config.yaml chooses it); "
-                           f"choose it on the command line: {named}={value}")
+            if not named.startswith("hydra/") or value is None or choices.get(named) == value:
+                continue
+            given = next((o for o in overrides if o.partition("=")[0].lstrip("+~") == named), None)
+            why = (f"the command line's {given} wins" if given else
+                   f"the repo's conf/config.yaml chooses {named}={choices.get(named)}")
+            options = _group_options(named, dirs)
+            fix = (f"choose it on the command line: -m {named}={value}" if value in options else
+                   f"nor is {value} a {named} option: {', '.join(options)}")
+            out.append(f"{file}: its defaults list picks {named}={value}, which this launch does not take ({why}); "
+                       + fix)
     return out
 
 

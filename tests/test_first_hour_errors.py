@@ -789,6 +789,16 @@ def test_a_hydra_group_picked_in_a_users_file_that_the_launch_does_not_take_is_r
         launch.check_command_line(["-m", f"--config-dir={tmp_path}", "experiment=mine", "stage=sft"])
     err = capsys.readouterr().err
     assert (f"{tmp_path}/experiment/mine.yaml: its defaults list picks hydra/launcher=slurm, which this launch does "
-            "not take (it composes hydra/launcher=watched") in err and "hydra/launcher=slurm" in err.splitlines()[-2]
+            "not take (the repo's conf/config.yaml chooses hydra/launcher=watched); choose it on the command line: "
+            "-m hydra/launcher=slurm") in err
+    (tmp_path / "experiment" / "lokal.yaml").write_text(picked.replace("launcher: slurm", "launcher: lokal"))
+    (tmp_path / "experiment" / "part.yaml").write_text(demo + "hydra:\n  launcher:\n    partition: gpu\n")
+    for argv, said in ((["experiment=mine", "hydra/launcher=local"], "(the command line's hydra/launcher=local wins)"),
+                       (["experiment=lokal"], "nor is lokal a hydra/launcher option: basic, local, slurm"),
+                       (["experiment=part"], "hydra.launcher.partition is no setting of the launcher this launch "
+                                             f"composes, set in {tmp_path}/experiment/part.yaml")):
+        with pytest.raises(SystemExit):
+            launch.check_command_line(["-m", f"--config-dir={tmp_path}", *argv, "stage=sft"])
+        assert said in capsys.readouterr().err
     cfg, in_files, _ = launch.composed([f"hydra.searchpath=[file://{tmp_path}]", "experiment=search", "stage=rl"])
     assert cfg is not None and not [p for p in in_files if "hydra/" in str(p)]

@@ -409,6 +409,7 @@ def test_two_files_of_one_near_key_are_both_listed_and_a_large_folder_is_listed_
     for file in ("tooth (1).png", "tooth (2).png", "scan.left.png", "x.jpg", "x.jpeg", "X.png", "x (1).png"):
         (tmp_path / file).touch()
     assert near_names(tmp_path, "tooth (3).png") == ([], 0)  # another copy of one download, not a misspelling
+    assert near_names(tmp_path, "TOOTH (2).jpg") == (["tooth (2).png"], 0)  # the same copy, in other case and suffix
     assert near_names(tmp_path, "scan.png") == ([], 0)  # a dotted word is no file type
     assert near_names(tmp_path, "x.png") == (["X.png", "x (1).png", "x.jpeg"], 1)  # the fourth is counted
     assert "x.jpeg and 1 more named alike: an ImageName" in resolve_image(tmp_path, "x.png")

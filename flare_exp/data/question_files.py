@@ -113,7 +113,8 @@ def near_names(dataset_dir: Path, name: str, shown: int = 3) -> tuple[list[str],
     """The files under ``dataset_dir`` (relative to it) that ``name`` likely meant, the first ``shown`` of them,
     and how many more names are alike: each folder of the name and the file matched by their ``near_key`` (two
     files of one key are all listed: never one chosen for the other); a bare name is looked for in the images*/
-    folders too. Two copies of one download (x (1).png, x (2).png) are other files, not a misspelling."""
+    folders too. Two copies of one download (x (1).png, x (2).png) are other files, not a misspelling; the same
+    copy in another case or suffix is one (Scan (1).PNG for scan (1).png)."""
     parts = Path(name.strip()).parts
     if not parts:
         return [], 0
@@ -121,9 +122,9 @@ def near_names(dataset_dir: Path, name: str, shown: int = 3) -> tuple[list[str],
     for part in parts[:-1]:
         folders = [folder / found for folder in folders for found in _listing(folder).get(near_key(part), [])
                    if (folder / found).is_dir()]
-    marked = _copy_marked(parts[-1])
+    mark = _copy_mark(parts[-1])
     found = sorted(folder / hit for folder in folders for hit in _listing(folder).get(near_key(parts[-1]), [])
-                   if not (marked and _copy_marked(hit)))
+                   if mark is None or _copy_mark(hit) in (None, mark))
     wanted, files = dataset_dir / name, []
     for i, path in enumerate(found):  # a stat each, only until enough are shown: a key may hold thousands
         if path != wanted and path.is_file():
@@ -133,8 +134,10 @@ def near_names(dataset_dir: Path, name: str, shown: int = 3) -> tuple[list[str],
     return files, 0
 
 
-def _copy_marked(name: str) -> bool:
-    return bool(_COPY_MARK.search(_TYPE_SUFFIX.sub("", "".join(name.split()).casefold())))
+def _copy_mark(name: str) -> str | None:
+    """The copy number a name carries (x (2).png: 2), None without one."""
+    found = _COPY_MARK.search(_TYPE_SUFFIX.sub("", "".join(name.split()).casefold()))
+    return found.group(0) if found else None
 
 
 # an image file's type suffix (not any dotted word: scan.left.png is no misspelling of scan.png)

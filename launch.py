@@ -206,11 +206,15 @@ def sweep_file_problems(overrides: list[str], groups: set[str]) -> list[Exceptio
         if not parsed.is_sweep_override():
             fixed.append(override)
         elif parsed.get_key_element().lstrip("+~").split("@")[0] in groups and not parsed.is_delete():
-            key = override.split("=", 1)[0]
+            key, value = override.split("=", 1)
             try:
                 choices += [f"{key}={value}" for value in parsed.sweep_string_iterator()]
-            except Exception:  # noqa: BLE001  (a range or interval sweep of a group: not file names)
-                continue
+            except Exception:  # noqa: BLE001  (glob(...): the group's options; a range or interval: not names)
+                if value.startswith("glob("):
+                    from flare_exp.config_dirs import searched_dirs, sweep_values
+
+                    group = key.lstrip("+~").split("@")[0]
+                    choices += [f"{key}={v}" for v in sweep_values(value, group, [CONF_DIR, *searched_dirs(overrides)])]
     problems: dict[str, Exception] = {}
     for choice in choices or [None]:  # the fixed overrides' own group files are composed in each
         for problem in composed([*fixed, *([choice] if choice else [])])[1]:

@@ -135,11 +135,23 @@ def missing_choice(missing: str, overrides: list[str], dirs: list[Path]) -> str 
             return f"{override} on the command line: {tail}"
         if "/" in key or not value:
             continue
-        for file in (d / key / f"{value}.yaml" for d in dirs):
+        for file in (d / key / f"{each}.yaml" for each in sweep_values(value, key, dirs) for d in dirs):
             found = _picking_file(file, group, option, dirs, set())
             if found is not None:
                 return f"{found}: its defaults list picks {group}={option}, and there is {tail}"
     return None
+
+
+def sweep_values(value: str, group: str, dirs: list[Path]) -> list[str]:
+    """The options a command-line choice names: one, a comma list, choice(a,b) or glob(pattern) of the group's."""
+    import fnmatch
+
+    inner = value[value.index("(") + 1:value.rindex(")")] if value.endswith(")") and "(" in value else value
+    names = [v.strip().strip("'\"") for v in inner.split(",") if v.strip()]
+    if value.startswith("glob("):
+        options = _group_options(group, dirs)
+        return [o for o in options if any(fnmatch.fnmatch(o, pattern) for pattern in names)]
+    return names
 
 
 def null_choice(overrides: list[str], dirs: list[Path]) -> str | None:

@@ -363,9 +363,9 @@ def test_a_missing_option_picked_in_a_file_another_user_file_includes_names_that
     (tmp_path / "experiment").mkdir()
     (tmp_path / "experiment" / "base.yaml").write_text("# @package _global_\ndefaults:\n  - override /model: tinny\n")
     (tmp_path / "experiment" / "child.yaml").write_text("# @package _global_\ndefaults:\n  - /experiment/base\n")
-    for extra in ([], ["-m"]):
+    for extra in (["experiment=child"], ["-m", "experiment=child"], ["-m", "experiment=glob(ch*)"]):
         with pytest.raises(SystemExit):
-            launch.check_command_line([f"--config-dir={tmp_path}", "experiment=child", "stage=runs", *extra])
+            launch.check_command_line([f"--config-dir={tmp_path}", "stage=runs", *extra])
         err = capsys.readouterr().err
         assert (f"{tmp_path}/experiment/base.yaml: its defaults list picks model=tinny, and there is no "
                 "model/tinny.yaml") in err

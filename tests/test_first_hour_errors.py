@@ -365,7 +365,7 @@ def test_a_missing_option_picked_in_a_file_another_user_file_includes_names_that
     (tmp_path / "experiment" / "child.yaml").write_text("# @package _global_\ndefaults:\n  - /experiment/base\n")
     for extra in (["experiment=child"], ["-m", "experiment=child"], ["-m", "experiment=glob(ch*)"]):
         with pytest.raises(SystemExit):
-            launch.check_command_line([f"--config-dir={tmp_path}", "stage=runs", *extra])
+            launch.check_command_line([*extra[:-1], f"--config-dir={tmp_path}", "stage=runs", extra[-1]])
         err = capsys.readouterr().err
         assert (f"{tmp_path}/experiment/base.yaml: its defaults list picks model=tinny, and there is no "
                 "model/tinny.yaml") in err

@@ -59,6 +59,9 @@ def check_command_line(argv: list[str]) -> None:
         args = get_args_parser().parse_args(argv)
     except SystemExit:
         return  # Hydra's parser says what is wrong with the flags
+    if args.multirun and args.cfg:  # Hydra's answer is a traceback
+        refuse(ValueError(f"-m with --cfg {args.cfg}: --cfg prints one composed config; drop -m and give one "
+                          "value per key (the job you want to see)"), BEFORE_HYDRA)
     check_parsable(args.overrides)
     check_run_name_override(args.overrides, args.multirun)
     check_sweeper_params(args.overrides)

@@ -125,7 +125,7 @@ def missing_choice(missing: str, overrides: list[str], dirs: list[Path]) -> str 
         return None
     options = _group_options(group, dirs)
     near = difflib.get_close_matches(option, options, n=1)
-    tail = (f"no {group}/{option}.yaml in the config dirs; " + (
+    tail = (("no option given; " if not option else f"no {group}/{option}.yaml in the config dirs; ") + (
         f"{group} has {', '.join(options)}" if options else f"there is no config group {group}")
         + (f" (did you mean {group}={near[0]}?)" if near else ""))
     for override in overrides:

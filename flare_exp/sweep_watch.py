@@ -59,8 +59,9 @@ class Progress:
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def __enter__(self) -> "Progress":
-        say(f"{len(self.job_dirs)} job(s) launched: {self.job_dirs[0].parent}/<job>/ "
-            "(a line per finished job follows)")
+        runs = len(self.job_dirs) - len(self.kept)
+        kept = f", {len(self.kept)} kept from an earlier launch" if self.kept else ""
+        say(f"{runs} job(s) launched{kept}: {self.job_dirs[0].parent}/<job>/ (a line per finished job follows)")
         for i in self.kept:
             self.finished(i, KEPT)
         self._thread.start()

@@ -802,3 +802,16 @@ def test_a_hydra_group_picked_in_a_users_file_that_the_launch_does_not_take_is_r
         assert said in capsys.readouterr().err
     cfg, in_files, _ = launch.composed([f"hydra.searchpath=[file://{tmp_path}]", "experiment=search", "stage=rl"])
     assert cfg is not None and not [p for p in in_files if "hydra/" in str(p)]
+
+
+def test_a_sweep_with_cfg_and_an_empty_choice_are_one_line(capsys):
+    sys.path.insert(0, str(REPO))
+    import launch
+
+    for argv, said in ((["-m", "--cfg", "job", "stage=rl"], "-m with --cfg job: --cfg prints one composed config"),
+                       (["model=", "stage=runs"], "model= on the command line: no option given; model has "
+                                                  "qwen3vl_4b, tiny")):
+        with pytest.raises(SystemExit):
+            launch.check_command_line(argv)
+        err = capsys.readouterr().err
+        assert said in err and "Traceback" not in err, err

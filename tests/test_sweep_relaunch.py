@@ -224,3 +224,4 @@ def test_a_relaunched_sweep_says_its_kept_jobs_first_with_the_overrides_they_wer
     assert kept[0] < launching
     assert any("#1 (seed=5) DONE in" in line for line in lines[launching:])
     assert "seed=1" in (sweep / "0" / ".hydra" / "overrides.yaml").read_text()  # the kept run's record stays
+    assert any("1 job(s) launched, 1 kept from an earlier launch:" in line for line in lines), lines

@@ -221,6 +221,23 @@ def test_leakage_guard(tmp_path):
     assert len(read_jsonl(out / "val.jsonl")) == 1
 
 
+def test_a_picture_kept_in_two_splits_with_answers_that_differ_is_a_doubt(tmp_path):
+    """data.allow_overlap keeps a training picture copied into val; with another answer there, eval scores the
+    model against the answer it was trained away from: counted and listed like a conflict within one split."""
+    root = tmp_path / "raw"
+    _small_tree(root, [GOOD])
+    val = root / "validation-public" / "Xray" / "chestdr"
+    shutil.copytree(root / "training" / "Xray" / "chestdr" / "imagesTr", val / "imagesVal")
+    (val / "chestdr_questions_val.json").write_text(json.dumps([{**GOOD, "ImageName": "imagesVal/a.png",
+                                                                  "Answer": "Effusion"}]))
+    out = _prepare(tmp_path, root, "data.datasets=[chestdr]", "data.allow_overlap=true")
+    summary = json.loads((out / "summary.json").read_text())["same_pixels_other_answers"]
+    assert summary["count"] == 1 and summary["first"][0].startswith("train+val: ")
+    (listed,) = read_jsonl(out / "doubts.jsonl")
+    assert listed["split"] == "train+val" and sorted(r["answer"] for r in listed["records"]) == [
+        "Effusion", "Effusion, Mass"]
+
+
 def test_leakage_guard_sees_the_same_picture_under_another_name(tmp_path):
     from PIL import Image
 

@@ -87,6 +87,10 @@ def record_doubts(by_split: dict[str, list[dict]]) -> tuple[dict, list[dict]]:
     """The three kinds above, counted over the splits with the first named (summary.json), every case listed
     (doubts.jsonl's lines), each kind said once in the log."""
     conflicts = [(split, group) for split, rows in by_split.items() for group in conflicting_answers(rows)]
+    # and across splits (data.allow_overlap keeps a picture in two): eval scores against the other split's answer
+    conflicts += [("+".join(sorted({r["split"] for r in group})), group) for group in
+                  conflicting_answers([r for rows in by_split.values() for r in rows])
+                  if len({r["split"] for r in group}) > 1]
     repeated = [(split, row) for split, rows in by_split.items() for row in repeated_images(rows)]
     ranged = [(split, row) for split, rows in by_split.items() for row in out_of_range(rows)]
     said = {

@@ -236,15 +236,17 @@ def record_results(progress: Progress, returns) -> list[str]:
         progress.finished(i, "DONE" if ok else "FAILED", why)
         if not ok:
             FAILURES[str(progress.job_dirs[i])] = f"job #{progress.job_dirs[i].name} ({progress.names[i]}): {why}"
+            earlier = (progress.job_dirs[i] / FAILED).exists()  # an earlier attempt's, not this launch's
+            none = "its FAILED is an earlier attempt's" if earlier else "no FAILED file"
             if progress.written_now(i, FAILED):
                 where = f"traceback in {progress.job_dirs[i] / FAILED}"
             elif died:
                 error = ret._return_value
-                where = "no FAILED file: killed mid-run, its dir holds the run as far as it got" + \
+                where = f"{none}: killed mid-run, its dir holds the run as far as it got" + \
                     (f"; its job's state: {error.state}" if error.state else "") + \
                     (f"; its worker's log: {error.log}" if error.log else "")
             else:
-                where = "no FAILED file: stopped before touching its dir, which holds what it held"
+                where = f"{none}: stopped before touching its dir, which holds what it held"
             failed.append(f"{FAILURES[str(progress.job_dirs[i])]} ({where})")
     if failed:
         say(f"{len(failed)} of {len(returns)} job(s) FAILED:\n  " + "\n  ".join(failed))

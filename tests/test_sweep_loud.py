@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 from conftest import REPO
@@ -90,6 +91,27 @@ def test_a_line_per_finished_job_and_the_failures_named(tmp_path, capsys):
     assert "2/2 #1 (a=2) FAILED" in err and "all finished" in err
     assert "1 of 2 job(s) FAILED" in err and "job #1 (a=2): ValueError: not divisible" in err
     assert list(sweep_watch.FAILURES) == [str(dirs[1])]
+
+
+def test_a_job_refused_before_its_dir_says_whose_failed_is_there(tmp_path, capsys):
+    """A job refused before it touched its dir (resume=never over an earlier attempt's checkpoints) wrote no
+    FAILED: the earlier attempt's FAILED there is named as such, not denied."""
+    from hydra.core.utils import JobReturn, JobStatus
+
+    dirs = [tmp_path / "0", tmp_path / "1"]
+    for d in dirs:
+        d.mkdir()
+    (dirs[1] / "FAILED").write_text("stopped from outside (KeyboardInterrupt): ...\n")  # the earlier attempt's
+    os.utime(dirs[1] / "FAILED", (time.time() - 3600, time.time() - 3600))
+    sweep_watch.FAILURES.clear()
+    with sweep_watch.Progress(dirs, ["a=1", "a=2"], poll_s=60) as progress:
+        rets = [JobReturn(), JobReturn()]
+        for ret in rets:
+            ret.status, ret._return_value = JobStatus.FAILED, ValueError("resume=never: refused")
+        failed = sweep_watch.record_results(progress, rets)
+    assert failed[0].endswith("(no FAILED file: stopped before touching its dir, which holds what it held)")
+    assert failed[1].endswith("(its FAILED is an earlier attempt's: stopped before touching its dir, which holds "
+                              "what it held)")
 
 
 def test_sigterm_stops_workers_that_ignore_it(tmp_path):

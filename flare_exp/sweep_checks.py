@@ -178,15 +178,18 @@ def runs_started(cfg, job_dir: Path) -> list[tuple]:
 
 def refuse_other_settings(stage: str, cfg, run_dir: Path) -> None:
     """RunSettingsChangedError when ``run_dir`` holds a finished run of ``stage`` made with other deciding
-    settings or inputs, or an unfinished one a resume would mix with this one (fingerprint.check_resume)."""
+    settings or inputs, or an unfinished one a resume would mix with this one (fingerprint.check_resume) or that
+    resume=never would refuse (its checkpoints: said before the job loads a model, not after)."""
     from flare_exp.run.fingerprint import (RunSettingsChangedError, check_resume, finished_differences,
                                            fingerprint, listed)
     from flare_exp.run.layout import DONE
     from flare_exp.run.record import attempt_files
+    from flare_exp.run.stage import stage as stage_named
 
     if not (run_dir / DONE).exists():
         if attempt_files(run_dir):  # an empty or new dir: nothing to compare (nor input files to hash)
             check_resume(stage, run_dir, fingerprint(stage, cfg), cfg)
+            stage_named(stage).refuse_resume_never(cfg, run_dir)
         return
     changed = finished_differences(stage, run_dir, cfg)
     if changed:
@@ -279,13 +282,13 @@ def held_headline(refused: dict, total: int) -> list[str]:
     [(job, why)])."""
     own = sum(1 for jobs in refused.values() if len(jobs) == 1)
     shared = [len(jobs) for jobs in refused.values() if len(jobs) > 1]
-    said = [f"the dirs of {own} of {total} jobs hold runs made with other settings"] if own else []
+    said = [f"the dirs of {own} of {total} jobs hold runs"] if own else []
     if len(shared) == 1:
-        said.append(f"one dir shared by {shared[0]} of {total} jobs holds a run made with other settings")
+        said.append(f"one dir shared by {shared[0]} of {total} jobs holds a run")
     elif shared:
-        said.append(f"{len(shared)} dirs, each shared by several jobs ({sum(shared)} of {total}), hold runs made "
-                    "with other settings")
-    return [" and ".join(said) + ", which would refuse them"] if said else []
+        said.append(f"{len(shared)} dirs, each shared by several jobs ({sum(shared)} of {total}), hold runs")
+    # other deciding settings, or checkpoints under resume=never: each job's line says which
+    return [" and ".join(said) + " that would refuse them"] if said else []
 
 
 def held_lines(refused: dict) -> list[str]:

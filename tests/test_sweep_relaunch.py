@@ -46,8 +46,8 @@ def test_a_relaunch_over_jobs_made_with_other_settings_is_refused_before_any_job
     proc = subprocess.run([sys.executable, "launch.py", "-m", *base, "hydra/launcher=local", "seed=2,3,4"], cwd=REPO,
                           capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert "the dirs of 2 of 3 jobs hold runs made with other settings, which would refuse them; no job was " \
-           "launched" in proc.stderr, proc.stderr[-3000:]
+    assert "the dirs of 2 of 3 jobs hold runs that would refuse them; no job was launched" in proc.stderr, \
+        proc.stderr[-3000:]
     (first,) = [line for line in proc.stderr.splitlines() if line.startswith("  job #0 (seed=2): ")]
     assert f"{sweep / '0'} holds a finished sft run made with other settings or inputs: seed: 1 -> 2." in first
     assert "another run_name=" in first and "overwrite=true" in first
@@ -56,6 +56,24 @@ def test_a_relaunch_over_jobs_made_with_other_settings_is_refused_before_any_job
     assert "job #2" not in proc.stderr  # its dir holds a run of its own settings: it resumes
     assert record.read_text() == "the earlier sweep's record\n" and record.stat().st_mtime == 1_000_000_000
     assert not (sweep / ".submitit").exists() and not (sweep / "0" / "FAILED").exists()
+
+
+@pytest.mark.slow
+def test_a_relaunch_with_resume_never_over_checkpoints_is_refused_before_any_job(session_dir, tmp_path, tiny_model_dir,
+                                                                                 demo_prepared):
+    """resume=never over a job's checkpoints (same settings): said before launch, not after the job has loaded
+    its model (on a cluster: after its queue wait)."""
+    base = _overrides(session_dir, tmp_path)
+    sweep = tmp_path / "out" / "sweeps" / "again"
+    for n, seed in enumerate((1, 2)):
+        _earlier_run(sweep / str(n), [*base, f"seed={seed}"], False)
+        (sweep / str(n) / "checkpoint-1" / "flare_exp_complete.json").write_text('{"files": {}}')  # whole
+    proc = subprocess.run([sys.executable, "launch.py", "-m", *base, "hydra/launcher=local", "seed=1,2",
+                           "resume=never"], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "the dirs of 2 of 2 jobs hold runs that would refuse them; no job was launched" in proc.stderr
+    assert f"{sweep / '0'} already holds checkpoints (checkpoint-1) and resume=never" in proc.stderr
 
 
 def test_a_job_refused_at_its_start_shows_no_metric_of_the_earlier_run_in_its_dir(tmp_path, capsys):
@@ -111,7 +129,7 @@ def test_jobs_refused_by_one_shared_prepared_dir_are_named_once_with_the_dir(ses
                           capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     err = proc.stderr
     assert proc.returncode == 2 and "Traceback" not in err, err[-3000:]
-    assert "one dir shared by 2 of 2 jobs holds a run made with other settings, which would refuse them; no job " \
+    assert "one dir shared by 2 of 2 jobs holds a run that would refuse them; no job " \
            "was launched" in err, err[-3000:]
     assert "the dirs of" not in err
     (line,) = [line for line in err.splitlines() if line.startswith("  jobs ")]
@@ -135,10 +153,10 @@ def test_a_shared_dir_is_said_once_beside_the_jobs_refused_in_their_own():
         "  jobs #3 (a=4) and #4 (a=5) share /q:\n    - job #3 (a=4): /q holds z: 1 -> 4\n"
         "    - job #4 (a=5): /q holds z: 1 -> 5"]
     assert held_headline(refused, 6) == [
-        "the dirs of 1 of 6 jobs hold runs made with other settings and 2 dirs, each shared by several jobs (4 of 6), "
-        "hold runs made with other settings, which would refuse them"]
+        "the dirs of 1 of 6 jobs hold runs and 2 dirs, each shared by several jobs (4 of 6), "
+        "hold runs that would refuse them"]
     assert held_headline({"/p": refused["/p"]}, 2) == [
-        "one dir shared by 2 of 2 jobs holds a run made with other settings, which would refuse them"]
+        "one dir shared by 2 of 2 jobs holds a run that would refuse them"]
     assert held_headline({}, 2) == []
 
 

@@ -211,13 +211,13 @@ def sweep_file_problems(overrides: list[str], groups: set[str]) -> list[Exceptio
         elif parsed.get_key_element().lstrip("+~").split("@")[0] in groups and not parsed.is_delete():
             key, value = override.split("=", 1)
             try:
-                choices += [f"{key}={value}" for value in parsed.sweep_string_iterator()]
+                choices += [f"{key}={each}" for each in parsed.sweep_string_iterator()]
             except Exception:  # noqa: BLE001  (glob(...): the group's options; a range or interval: not names)
                 if value.startswith("glob("):
                     from flare_exp.config_dirs import searched_dirs, sweep_values
 
-                    group = key.lstrip("+~").split("@")[0]
-                    choices += [f"{key}={v}" for v in sweep_values(value, group, [CONF_DIR, *searched_dirs(overrides)])]
+                    dirs = [CONF_DIR, *searched_dirs(overrides)]
+                    choices += [f"{key}={each}" for each in sweep_values(value, key.lstrip("+~").split("@")[0], dirs)]
     problems: dict[str, Exception] = {}
     for choice in choices or [None]:  # the fixed overrides' own group files are composed in each
         for problem in composed([*fixed, *([choice] if choice else [])])[1]:

@@ -215,7 +215,7 @@ def check_prepared_images(cfg: DictConfig) -> None:
     if key not in COMPARED_ROOTS:
         recorded = recorded_inputs(prepared)
         COMPARED_ROOTS[key] = None if recorded is None else moved_here(
-            prepared, root, recorded, images_named(files) if files else None)
+            prepared, root, recorded, images_named(files))
         if recorded is None and read != str(root):
             log.warning("data.root=%s is not the folder the prepare in %s read (%s), and %s is missing or unreadable, "
                         "so its images were not compared: make sure they are the same files (or prepare this "

@@ -82,7 +82,7 @@ def ignored_hydra_picks(dirs: list[Path], choices: dict, conf_dir: Path, overrid
         if file is None or file.is_relative_to(conf_dir):
             continue
         for key, value in _defaults_entries(file):
-            named = key.removeprefix("override ").strip().lstrip("/")
+            named = defaults_group(key)
             if not named.startswith("hydra/") or value is None or choices.get(named) == value:
                 continue
             given = next((o for o in overrides if o.partition("=")[0].lstrip("+~") == named), None)
@@ -185,7 +185,7 @@ def _picking_file(file: Path, group: str, option: str, dirs: list[Path], seen: s
         return None
     seen.add(file)
     for key, value in _defaults_entries(file):
-        named = key.removeprefix("override ").strip().lstrip("/").split("@")[0]
+        named = defaults_group(key)
         if value is not None and named == group and value == option:
             return file
         included = f"{named}/{value}" if value is not None else named  # - /experiment/base, - /experiment: base
@@ -194,6 +194,12 @@ def _picking_file(file: Path, group: str, option: str, dirs: list[Path], seen: s
             if found is not None:
                 return found
     return None
+
+
+def defaults_group(key: str) -> str:
+    """The group a defaults-list entry's key names: ``override /hydra/launcher`` -> hydra/launcher,
+    ``/model@foo`` -> model."""
+    return key.removeprefix("override ").strip().lstrip("/").split("@")[0]
 
 
 def _defaults_entries(file: Path) -> list[tuple[str, str | None]]:

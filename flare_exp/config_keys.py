@@ -298,23 +298,25 @@ def group_file_values(conf_dirs: list[Path], choices: dict):
             else:  # flare: a file of its own group
                 yield from walk(found(f"{group}/{entry}.yaml"), group)
 
-    for group, choice in sorted(choices.items(), key=lambda item: _composed_at(item[0], conf_dirs)):
+    order = _primary_order(conf_dirs)
+    for group, choice in sorted(choices.items(), key=lambda item: order.get(item[0], len(order))):
         if isinstance(choice, str) and not group.startswith("hydra"):
             yield from walk(found(f"{group}/{choice}.yaml"), group)
 
 
-def _composed_at(group: str, conf_dirs: list[Path]) -> int:
-    """Where Hydra composes a group: its place in the primary config's defaults list (conf/config.yaml); a group
-    appended on the command line (+cluster=a) comes after them all, so its values win."""
+def _primary_order(conf_dirs: list[Path]) -> dict[str, int]:
+    """Where Hydra composes each group: its place in the primary config's defaults list (conf/config.yaml); a
+    group appended on the command line (+cluster=a) is not there and comes after them all, so its values win."""
     import yaml
+
+    from flare_exp.config_dirs import defaults_group
 
     try:
         listed = yaml.safe_load((conf_dirs[0] / "config.yaml").read_text(encoding="utf-8")).get("defaults") or []
     except (OSError, AttributeError, IndexError, yaml.YAMLError):
         listed = []
-    names = [next(iter(e)).split("@")[0].removeprefix("override ").lstrip("/") if isinstance(e, dict) else str(e)
-             for e in listed]
-    return names.index(group) if group in names else len(names)
+    names = [defaults_group(str(next(iter(e)))) if isinstance(e, dict) else str(e) for e in listed]
+    return {name: i for i, name in reversed(list(enumerate(names)))}  # the first place, as list.index gave
 
 
 def _leaves(node, prefix: str):

@@ -6,8 +6,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from flare_exp.models.checkpoints import (numbered_checkpoints, check_training_state, checkpoint_step, incomplete,
-                                          list_checkpoints, newest_complete)
+from flare_exp.models.checkpoints import (check_training_state, checkpoint_step, incomplete, list_checkpoints,
+                                          newest_complete, numbered_checkpoints)
 from flare_exp.runtime import abspath
 
 log = logging.getLogger(__name__)

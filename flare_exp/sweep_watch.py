@@ -371,13 +371,13 @@ def jobs_after_stop(job_dirs: list[Path]) -> str:
 
     if not job_dirs:
         return "the stopped jobs' dirs say FAILED (stopped from outside); rerunning the same command resumes them"
-    unfinished = [d.name for d in job_dirs if marker(d) != DONE]
+    unfinished = [d for d in job_dirs if marker(d) != DONE]
     done = len(job_dirs) - len(unfinished)
     if not unfinished:
         return f"all {done} job(s) had finished (DONE) before the stop: nothing was cut short"
-    then = "; ".join(f"#{d.name}: {job_after_stop(d)}" for d in job_dirs if marker(d) != DONE)
-    return (f"{len(unfinished)} job(s) not finished (#{', #'.join(unfinished)}: FAILED, stopped from outside, or "
-            f"never started), {done} finished (DONE); rerunning the same command, per job: {then}")
+    then = "; ".join(f"#{d.name}: {job_after_stop(d)}" for d in unfinished)
+    return (f"{len(unfinished)} job(s) not finished (#{', #'.join(d.name for d in unfinished)}: FAILED, stopped "
+            f"from outside, or never started), {done} finished (DONE); rerunning the same command, per job: {then}")
 
 
 def job_after_stop(job_dir: Path) -> str:

@@ -194,8 +194,10 @@ def summarised(changes: list[str]) -> list[str]:
 
 
 def images_named(record_files: list[Path]) -> set[str] | None:
-    """The images the records in these prepared files use (their ``images`` field), None where a file cannot be
-    read whole: its stage says so itself, and the caller then compares every recorded image."""
+    """The images the records in these prepared files use (their ``images`` field); None (the caller compares
+    every recorded image) for no files, or where a file cannot be read whole: its stage says so itself."""
+    if not record_files:
+        return None
     names: set[str] = set()
     try:
         for path in record_files:

@@ -136,7 +136,7 @@ def near_names(dataset_dir: Path, name: str, shown: int = 3) -> tuple[list[str],
 
 def _copy_mark(name: str) -> str | None:
     """The copy number a name carries (x (2).png: 2), None without one."""
-    found = _COPY_MARK.search(_TYPE_SUFFIX.sub("", "".join(name.split()).casefold()))
+    found = _COPY_MARK.search(_bare(name))
     return found.group(0) if found else None
 
 
@@ -150,10 +150,15 @@ def near_key(name: str) -> str:
     """What is left of a name once the ways an ImageName and its file drift apart are set aside: case, spaces,
     hyphen for underscore, its file-type suffixes (another one, none, or two: x.png.jpg), a browser's copy mark
     (x (1).png) and the zeros padding its trailing number (_1009 for _01009). Both names are mapped through it."""
+    return _PADDED.sub("", _COPY_MARK.sub("", _bare(name)))
+
+
+def _bare(name: str) -> str:
+    """A name without spaces, case, hyphens (for underscores) and its file-type suffixes (all of them)."""
     key = "".join(name.split()).casefold().replace("-", "_")
     while _TYPE_SUFFIX.search(key):
         key = _TYPE_SUFFIX.sub("", key)
-    return _PADDED.sub("", _COPY_MARK.sub("", key))
+    return key
 
 
 def _listing(folder: Path) -> dict[str, list[str]]:

@@ -211,11 +211,6 @@ class GraphDecoder:
         picked = torch.where(finished, pad, picked)
         return picked, finished | is_end[picked]
 
-    def _prefill(self, batch: dict, positions, cache):
-        """The prompt's forward (eager, as generate's) into the cache; each row's last logits (B, V)."""
-        return self.model(**batch, position_ids=positions, past_key_values=cache, use_cache=True,
-                          logits_to_keep=1).logits[:, -1]
-
     def release_cache(self) -> None:
         self.cache, self.cache_shape = None, None
 
@@ -261,7 +256,9 @@ class GraphDecoder:
         with torch.inference_mode(), input_grad_hooks_off(self.model):
             cache = self._static_cache(rows, prompt + max_new_tokens)
             positions = prompt_positions(self.rope_owner, batch)
-            last = self._prefill(batch, positions, cache)  # (B, V): each row's next-token logits
+            # the prompt's forward (eager, as generate's) into the cache; each row's next-token logits (B, V)
+            last = self.model(**batch, position_ids=positions, past_key_values=cache, use_cache=True,
+                              logits_to_keep=1).logits[:, -1]
             if self.rope_owner is not None:
                 # generate's decoding state (unused here: every step passes its positions), left as a fresh
                 # model has it: the compiled step is specialised on it, and a generate call in between set it

@@ -327,7 +327,7 @@ def moved_data_root(stage: str, changed: list[str], cfg) -> list[str]:
                if not (adapter and key.startswith(adapter)) and not path.is_relative_to(prepared)]
     files = stage_named(stage).record_files(cfg)  # only their images: a root with just the split it reads will do
     why = (f"{outside[0]} is not a file of data.prepared_dir, whose record of images it compared" if outside
-           else moved_here(prepared, root, only=images_named(files) if files else None))
+           else moved_here(prepared, root, only=images_named(files)))
     if why:
         return [f"{c} ({why})" if c is entry else c for c in changed]
     log.info("%s: data.root moved (%s), and the images prepare recorded are there with the same bytes: the same "

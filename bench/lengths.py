@@ -52,15 +52,15 @@ class ForcedLengths(contextlib.AbstractContextManager):
         self._limits: list[int] | None = None
 
     def __enter__(self):
+        from flare_exp.models.batch_decoding import Decoder
         from flare_exp.models.graph_decoding import GraphDecoder
-        from flare_exp.models import batch_decoding
 
-        self._patched = [(batch_decoding, "model_batch", batch_decoding.model_batch), (GraphDecoder, "__call__", GraphDecoder.__call__)]
-        original_batch, original_call = batch_decoding.model_batch, GraphDecoder.__call__
+        self._patched = [(Decoder, "_loop_decode", Decoder._loop_decode), (GraphDecoder, "__call__", GraphDecoder.__call__)]
+        original_decode, original_call = Decoder._loop_decode, GraphDecoder.__call__
 
-        def model_batch(model, chat, records, images):
+        def loop_decode(decoder, records, images):  # the batch's records, however its input was built
             self._limits = [answer_length(r["id"], r["task_type"], self.cap) for r in records]
-            return original_batch(model, chat, records, images)
+            return original_decode(decoder, records, images)
 
         def call(loop, batch, max_new_tokens, pad_token_id, generation_config=None, row_limits=None):
             limits = self._limits if row_limits is None else row_limits
@@ -70,7 +70,7 @@ class ForcedLengths(contextlib.AbstractContextManager):
             self.idle_row_steps += tokens.shape[1] * len(limits) - sum(min(n, tokens.shape[1]) for n in limits)
             return tokens
 
-        batch_decoding.model_batch, GraphDecoder.__call__ = model_batch, call
+        Decoder._loop_decode, GraphDecoder.__call__ = loop_decode, call
         return self
 
     def __exit__(self, *exc):

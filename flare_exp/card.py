@@ -10,6 +10,7 @@ coefficients OUT_DIR` re-measures them from a folder of bench results (bench/car
 - GRPO: the completions per step are kept; the micro-batch is the largest divisor (<= 16) that fits recomputed.
 - infer.batch_size=auto and eval.green.batch_size=auto: the largest batch whose KV cache and activations fit,
   capped at the batch measured fastest; without a GPU, the CPU defaults (INFER_CPU_BATCH, GREEN_CPU_BATCH).
+- infer.inputs_ahead=auto: the next batch's input is built beside the decode where the card holds both.
 
 A value the user sets is never overridden: batch sizes are sized only where they say ``auto``; SFT's split only
 under sft.card_preset=auto (``none`` keeps the configured split).
@@ -47,6 +48,9 @@ MEMORY_MODEL = {
     "infer_gib_per_1k_tokens": 0.29,
     "infer_prompt_tokens": 700,
     "infer_largest_batch": 128,  # 128 made 28 reports/s against 16 at 32; larger not measured
+    # infer.inputs_ahead: the next batch's input built beside this batch's prefill and decode. H100, batch 128, two
+    # 512-px views, 128 new tokens (2026-12-06, one call): peak 53.9 GiB with it, 33.5 without: 0.159 per report
+    "infer_ahead_gib_per_report": 0.16,
     # GREEN-radllama2-7b (fp16, no grouped-query attention): per judgment, its row of KV cache (0.5 GiB per 1,000
     # tokens) and the prefill's activations. Under 24, 40 and 48 GiB caps (2026-12-04, two calls) the peaks of
     # batches 5 / 8 / 16 / 24 / 32 of rows up to 1,216 tokens (916-token prompts + 300 new) lie on one line:
@@ -190,6 +194,18 @@ def infer_batch(card: Card | None, max_new_tokens: int) -> tuple[int, str]:
     batch = round_batch((usable_gib(card) - m["infer_reserved_gib"]) / per_report, m["infer_largest_batch"])
     return batch, (f"{card}: {per_report:.2f} GiB per report of ~{m['infer_prompt_tokens']} + {max_new_tokens} tokens, "
                    f"at most {m['infer_largest_batch']} (the fastest measured)")
+
+
+def infer_ahead_room(card: Card | None, batch: int, max_new_tokens: int) -> tuple[bool, str]:
+    """infer.inputs_ahead=auto: (whether the card holds the next batch's input beside this batch's decode, why).
+    Where it does not (a 40 GiB card at its largest fitting batch), the larger batch is worth more."""
+    m = MEMORY_MODEL
+    if card is None:
+        return False, "no GPU"
+    per_report = (m["infer_prompt_tokens"] + max_new_tokens) * m["infer_gib_per_1k_tokens"] / 1000
+    need = m["infer_reserved_gib"] + batch * (per_report + m["infer_ahead_gib_per_report"])
+    return need <= usable_gib(card), (f"{card}: batch {batch} with the next one's input ahead needs ~{need:.0f} GiB "
+                                      f"of {usable_gib(card):.0f} usable")
 
 
 def green_batch(card: Card | None, row_tokens: int) -> tuple[int, str]:

@@ -368,6 +368,9 @@ class InferConfig(DecodingConfig):
     merge_adapter: bool = True
     # Where images are resized and patched: auto = the model's device (GPU when there is one), or cpu.
     image_device: str = "auto"
+    # The next batch's input (image processing, upload) built in the reader thread on a second CUDA stream while
+    # this batch decodes (model and image_device on a GPU): auto where the card holds it beside the batch.
+    inputs_ahead: Any = "auto"  # auto | true | false
 
 
 @dataclass

@@ -228,3 +228,20 @@ def test_the_bench_fits_the_coefficients():
              for b in (32, 128)]
     assert infer_fit(infer, 700)["gib_per_1k_tokens"] == 0.43
     assert "| 80 | infer | batch 128 (auto) | 40.0 |" in "\n".join(card_table(infer))
+
+
+def test_the_next_batch_is_built_ahead_where_the_card_holds_it(base_overrides, card):
+    """infer.inputs_ahead=auto: on an 80 GiB card beside the largest batch; not on a 40 GiB card, whose auto
+    batch already fills it (the larger batch is worth more); never without a GPU. A bad value is refused."""
+    from flare_exp.card import card_memory, infer_ahead_room
+    from flare_exp.stages.infer import check_settings
+
+    assert infer_ahead_room(card_memory(), 128, 256)[0]
+    card["gib"] = 40
+    fits, why = infer_ahead_room(card_memory(), infer_batch(card_memory(), 256)[0], 256)
+    assert not fits and "40 GiB" in why and "batch 96" in why
+    assert infer_ahead_room(card_memory(), 24, 256)[0]  # a small batch the user set leaves room
+    assert infer_ahead_room(None, 8, 256) == (False, "no GPU")
+    check_settings(compose_cfg(["stage=infer", *base_overrides, "infer.inputs_ahead=false"]))
+    with pytest.raises(ValueError, match="infer.inputs_ahead='always': choose auto, True or False"):
+        check_settings(compose_cfg(["stage=infer", *base_overrides, "infer.inputs_ahead=always"]))

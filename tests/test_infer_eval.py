@@ -541,3 +541,36 @@ def test_eval_says_runs_differ_in_their_reports_without_a_green_judge(base_overr
     said = "a and b were scored on different inputs: 1 sample(s) only in a, 2 only in b; the comparisons use the 5"
     assert any(w.startswith(said) for w in warnings), warnings
     assert said in (tmp_path / "eval" / "report.md").read_text()
+
+
+def test_inputs_built_ahead_give_the_same_predictions_and_are_all_used(base_overrides, demo_prepared, monkeypatch):
+    """infer.inputs_ahead: the reader thread builds each batch's model input (its own processor copy); the
+    decoder takes it instead of building its own: same predictions, every built input used, none left over."""
+    from flare_exp.data.vision import VisionChat
+    from flare_exp.io import read_jsonl
+    from flare_exp.models import batch_decoding
+    from flare_exp.models.batch_decoding import Decoder, InputsAhead, batches_with_images, decode_in_parts
+    from flare_exp.models.batch_decoding import inputs_ahead
+    from flare_exp.models.loading import load_model
+    from flare_exp.runtime import abspath
+
+    cfg = compose_cfg(["stage=infer", *base_overrides, "model.dtype=float32", "infer.batch_size=3",
+                       "infer.decode_loop=graph", "infer.max_new_tokens=6"])
+    loaded = load_model(cfg.model, training=False)
+    chat = VisionChat(loaded.processor, abspath(cfg.data.root))
+    records = read_jsonl(demo_prepared / "val.jsonl")[:7]  # two full batches (the loop), a short one (generate)
+    decoder = Decoder(loaded.model, chat, cfg.infer, "hf")
+    assert inputs_ahead(decoder) is None  # on a CPU the input is built in turn
+    built_in_turn = [decode_in_parts(decoder, c, ims) for c, ims in batches_with_images(chat, records, 3)]
+
+    def not_called(*args):
+        raise AssertionError("the decoder built an input the reader thread had built")
+
+    decoder.ahead = InputsAhead(loaded.model, chat)
+    assert decoder.ahead.chat.processor is not chat.processor
+    monkeypatch.setattr(batch_decoding, "model_batch", not_called)
+    ahead = [decode_in_parts(decoder, c, ims) for c, ims in batches_with_images(chat, records, 3, decoder.ahead)]
+    assert ahead == built_in_turn and any(p for batch in ahead for p in batch)
+    assert decoder.ahead.ready == {}
+    decoder.ahead.build(records[:3], [chat.load_images(r) for r in records[:3]])
+    assert decoder.ahead.take(records[:2]) is None  # a half of a built batch builds its own

@@ -14,10 +14,10 @@ log = logging.getLogger(__name__)
 
 
 def generate(model, chat: VisionChat, records: list[dict], inf, images=None, cache: str | None = None,
-             compile_decode: bool = True) -> list[str]:
+             compile_decode: bool = True, batch: dict | None = None) -> list[str]:
     import torch
 
-    batch = model_batch(model, chat, records, images)
+    batch = batch if batch is not None else model_batch(model, chat, records, images)
     kwargs = generation_kwargs(inf, chat.tokenizer.pad_token_id)
     if cache:
         kwargs["cache_implementation"] = cache
@@ -30,8 +30,12 @@ def generate(model, chat: VisionChat, records: list[dict], inf, images=None, cac
 
 def model_batch(model, chat: VisionChat, records: list[dict], images) -> dict:
     """The records' prompts, left-padded, on the model's device."""
+    return model_batch_on(model.device, chat, records, images)
+
+
+def model_batch_on(device, chat: VisionChat, records: list[dict], images, non_blocking: bool = False) -> dict:
     batch = chat.generation_batch(records, images)
-    return {k: v.to(model.device) if hasattr(v, "to") else v for k, v in batch.items()}
+    return {k: v.to(device, non_blocking=non_blocking) if hasattr(v, "to") else v for k, v in batch.items()}
 
 
 def generation_kwargs(inf, pad_token_id: int) -> dict:
@@ -61,6 +65,7 @@ class Decoder:
         self.model, self.chat, self.inf = model, chat, inf
         self.decoding = decoder_for(model, decode_settings(inf, backend))
         self.halving_said = False  # decode_in_parts warns once per run
+        self.ahead: InputsAhead | None = None  # the reader thread's prebuilt inputs (batches_with_images)
         if self.decoding.graph is not None:  # said at the start: the loop, or why generate runs instead
             self.decoding.graph.for_config(model, self._generation_config())
 
@@ -77,10 +82,14 @@ class Decoder:
         # A smaller last batch would need a new static cache and a new compilation: decode it eagerly.
         return self._generate(records, images, self.decoding.cache if full else None)
 
-    def _generate(self, records: list[dict], images, cache: str | None) -> list[str]:
+    def _prebuilt(self, records: list[dict]) -> dict | None:
+        return self.ahead.take(records) if self.ahead is not None else None
+
+    def _generate(self, records: list[dict], images, cache: str | None, batch: dict | None = None) -> list[str]:
         decoding = self.decoding  # compiled is read at each call: a failed compilation turns it off
+        batch = batch if batch is not None else self._prebuilt(records)
         return decoding.attempt_compiled(lambda: generate(self.model, self.chat, records, self.inf, images, cache,
-                                                          decoding.compiled), "the decode step")
+                                                          decoding.compiled, batch), "the decode step")
 
     def release_memory(self) -> None:
         """Drop the kept KV caches (the loop's, and generate's static one) and return the GPU's free blocks."""
@@ -97,11 +106,12 @@ class Decoder:
 
     def _loop_decode(self, records: list[dict], images) -> list[str]:
         config = self._generation_config()
-        batch = model_batch(self.model, self.chat, records, images)
+        batch = self._prebuilt(records)
+        batch = batch if batch is not None else model_batch(self.model, self.chat, records, images)
         new_tokens = self.decoding.new_tokens(batch, config.max_new_tokens, config.pad_token_id, config,
                                               "the decode loop's step")
         if new_tokens is None:  # this batch's config asks for what the loop does not do
-            return self._generate(records, images, self.decoding.cache)
+            return self._generate(records, images, self.decoding.cache, batch)
         return decode_new_tokens(self.chat.tokenizer, new_tokens)
 
 
@@ -139,16 +149,105 @@ def image_device(setting: str, model) -> str | None:
     return setting
 
 
-def batches_with_images(chat: VisionChat, todo: list[dict], size: int):
+def batches_with_images(chat: VisionChat, todo: list[dict], size: int, ahead: InputsAhead | None = None):
     """(records, their decoded images) per batch; the next batch's files are read and decoded in a thread
-    while the current one generates."""
+    while the current one generates (with ``ahead``, its model input built there too)."""
     from concurrent.futures import ThreadPoolExecutor
 
     chunks = [todo[i:i + size] for i in range(0, len(todo), size)]
-    load = lambda chunk: [chat.load_images(r) for r in chunk]  # noqa: E731
+
+    def load(chunk):
+        images = [chat.load_images(r) for r in chunk]
+        if ahead is not None:
+            ahead.build(chunk, images)
+        return images
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(load, chunks[0]) if chunks else None
         for i, chunk in enumerate(chunks):
             images = pending.result()
             pending = pool.submit(load, chunks[i + 1]) if i + 1 < len(chunks) else None
             yield chunk, images
+
+
+
+class InputsAhead:
+    """The next batch's model input (the processor's resize and patching on the GPU, the ids uploaded) built in
+    the reader thread on a second CUDA stream while the current batch decodes, so the decode thread finds it
+    ready. The thread has its own copy of the processor: a tokenizer is not shared between threads."""
+
+    def __init__(self, model, chat: VisionChat):
+        import copy
+
+        import torch
+
+        from flare_exp.data.vision import VisionChat as Chat
+
+        self.device = model.device
+        self.chat = Chat(copy.deepcopy(chat.processor), chat.image_root, chat.image_device)
+        # on a CPU (tests) the build runs in the thread without a stream, the order being the thread's own
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.ready: dict[tuple, tuple] = {}
+
+    @staticmethod
+    def key(records: list[dict]) -> tuple:
+        return tuple(r["id"] for r in records)
+
+    def build(self, records: list[dict], images) -> None:
+        """Builds and keeps the records' input; out of GPU memory, it keeps none (the decoder builds it in turn,
+        where a batch out of memory is decoded in halves)."""
+        import torch
+
+        try:
+            self._build(records, images)
+        except torch.OutOfMemoryError:
+            pass
+
+    def _build(self, records: list[dict], images) -> None:
+        import torch
+
+        if self.stream is None:
+            self.ready[self.key(records)] = (model_batch_on(self.device, self.chat, records, images), None)
+            return
+        with torch.cuda.stream(self.stream):
+            batch = model_batch_on(self.device, self.chat, records, images, non_blocking=True)
+            built = torch.cuda.Event()
+            built.record(self.stream)
+        self.ready[self.key(records)] = (batch, built)
+
+    def take(self, records: list[dict]) -> dict | None:
+        """The batch built for exactly these records (None for a half of one), usable on the current stream."""
+        import torch
+
+        found = self.ready.pop(self.key(records), None)
+        if found is None:
+            return None
+        batch, built = found
+        if built is None:
+            return batch
+        current = torch.cuda.current_stream(self.device)
+        current.wait_event(built)
+        for v in batch.values():
+            if isinstance(v, torch.Tensor) and v.is_cuda:
+                v.record_stream(current)  # freed later, its memory waits for this stream's use
+        return batch
+
+
+INPUTS_AHEAD = ("auto", True, False)
+
+
+def inputs_ahead(decode: Decoder) -> InputsAhead | None:
+    """An InputsAhead for a decoder whose model and image processor are on a GPU, as infer.inputs_ahead says
+    (auto: where the card holds it, card.infer_ahead_room), else None."""
+    from flare_exp.card import card_memory, infer_ahead_room
+
+    model, chat, inf = decode.model, decode.chat, decode.inf
+    if not inf.inputs_ahead or model.device.type != "cuda" or not str(chat.image_device).startswith("cuda"):
+        return None
+    if inf.inputs_ahead == "auto":
+        fits, why = infer_ahead_room(card_memory(), inf.batch_size, inf.max_new_tokens)
+        log.info("infer.inputs_ahead=auto: %s (%s)", "the next batch's input is built ahead" if fits else
+                 "each batch's input is built in turn", why)
+        if not fits:
+            return None
+    decode.ahead = InputsAhead(model, chat)
+    return decode.ahead

@@ -22,7 +22,7 @@ from flare_exp.data.prepared_split import read_prepared_split
 from flare_exp.data.vision import VisionChat
 from flare_exp.io import read_journal, write_json, write_jsonl
 from flare_exp.models.batch_decoding import (Decoder, batches_with_images, decode_in_parts, decode_settings,
-                                             image_device)
+                                             image_device, inputs_ahead, INPUTS_AHEAD)
 from flare_exp.models.checkpoints import adapter_identity, checkpoint_label, resolve_adapter
 from flare_exp.models.grouped_attention import attention_used
 from flare_exp.models.loading import load_model
@@ -43,7 +43,7 @@ STAGE = Stage(
     free=(
         "model speed", "infer.batch_size", "infer.num_samples", "infer.sort_by_length", "infer.bucket_by_task",
         "infer.cache_implementation", "infer.decode_loop", "infer.merge_adapter", "infer.image_device",
-        "infer.keep_long_cache", "infer.profile_batch"),
+        "infer.inputs_ahead", "infer.keep_long_cache", "infer.profile_batch"),
     budget=("infer.num_samples",),
     fingerprinted=("infer.input_file",),
     starts_from="infer.checkpoint",
@@ -100,6 +100,7 @@ def write_submission(out_dir: Path, rows: list[dict], questions: int) -> Path:
 
 def check_settings(cfg) -> None:
     decode_settings(cfg.infer, cfg.model.backend).check()
+    check_choice("infer.inputs_ahead", cfg.infer.inputs_ahead, INPUTS_AHEAD)
     if not cfg.infer.input_file:  # else the split names no file
         check_choice("infer.split", cfg.infer.split, ("train", "val", "test"))
 
@@ -116,7 +117,8 @@ def read_predictions(out_dir: Path) -> dict[str, dict]:
 
 def predict(cfg, todo: list[dict], journal: Path, label: str, done: dict) -> tuple[int, float, str | None]:
     """Generate predictions for ``todo``, appended to ``journal`` batch by batch, each row naming the adapter
-    (path and sha256) that made it; (generated, seconds, what decoded them: decode_loop and decode_attention)."""
+    (path and sha256) that made it; (generated, seconds, what decoded them: decode_loop, decode_attention and
+    inputs_ahead)."""
     inf = cfg.infer
     adapter = used_adapter(cfg)
     loaded = load_model(cfg.model, init_from=inf.checkpoint, training=False, seed=cfg.seed,
@@ -134,7 +136,9 @@ def predict(cfg, todo: list[dict], journal: Path, label: str, done: dict) -> tup
     generated, elapsed = 0, 0.0
     with open(journal, "a", encoding="utf-8") as f:
         start = time.perf_counter()  # reports/s over the whole loop: reading, processing, writing included
-        for number, (chunk, images) in enumerate(batches_with_images(chat, todo, inf.batch_size), 1):
+        ahead = inputs_ahead(decode)
+        batches = batches_with_images(chat, todo, inf.batch_size, ahead)
+        for number, (chunk, images) in enumerate(batches, 1):
             predicted = timed_batch(decode, chunk, images, number, journal.parent)
             check_still_held()  # stopped past the takeover wait: the journal is another's now
             for r, p in zip(chunk, predicted):
@@ -152,7 +156,7 @@ def predict(cfg, todo: list[dict], journal: Path, label: str, done: dict) -> tup
             bar.set_postfix(reports_per_s=f"{generated / max(elapsed, 1e-9):.2f}")
     bar.close()
     return generated, elapsed, {"decode_loop": decode.decoding.used,  # what ran
-                                "decode_attention": attention_used(loaded.model)}
+                                "decode_attention": attention_used(loaded.model), "inputs_ahead": ahead is not None}
 
 
 # Task types by how long their answers run (a report, a list of labels, one label, a number): with

@@ -116,30 +116,48 @@ def users_files(values, overrides: list[str], conf_dir: Path) -> dict[str, Path]
 def missing_choice(missing: str, overrides: list[str], dirs: list[Path]) -> str | None:
     """What to say of Hydra's "Could not find 'group/option'" (``missing``): the group file of the user's whose
     defaults list picks it (Hydra names only 'config'), found from the command line's choices through the files
-    their defaults lists include, or the command line's own choice; with the group's options (Hydra's own and
-    its plugins' too, and those in ``dirs``) and the nearest one. None when ``missing`` names no group file."""
-    import difflib
-
+    their defaults lists include, with every other option that file picks and no config dir has (Hydra stops at
+    the first), or the command line's own choice; each with the group's options (Hydra's own and its plugins'
+    too, and those in ``dirs``) and the nearest one. None when ``missing`` names no group file."""
     group, _, option = missing.rpartition("/")
     if not group:
         return None
-    options = _group_options(group, dirs)
-    near = difflib.get_close_matches(option, options, n=1)
-    tail = (("no option given; " if not option else f"no {group}/{option}.yaml in the config dirs; ") + (
-        f"{group} has {', '.join(options)}" if options else f"there is no config group {group}")
-        + (f" (did you mean {group}={near[0]}?)" if near else ""))
     for override in overrides:
         key, _, value = override.partition("=")
         key = key.lstrip("+~")
         if key == group and value == option:
-            return f"{override} on the command line: {tail}"
+            return f"{override} on the command line: {_no_option(group, option, dirs)}"
         if "/" in key or not value:
             continue
         for file in (d / key / f"{each}.yaml" for each in sweep_values(value, key, dirs) for d in dirs):
             found = _picking_file(file, group, option, dirs, set())
             if found is not None:
-                return f"{found}: its defaults list picks {group}={option}, and there is {tail}"
+                return _missing_picks(found, (group, option), dirs)
     return None
+
+
+def _no_option(group: str, option: str, dirs: list[Path]) -> str:
+    """'no group/option.yaml in the config dirs; group has a, b (did you mean group=a?)'."""
+    import difflib
+
+    options = _group_options(group, dirs)
+    near = difflib.get_close_matches(option, options, n=1)
+    return (("no option given; " if not option else f"no {group}/{option}.yaml in the config dirs; ") + (
+        f"{group} has {', '.join(options)}" if options else f"there is no config group {group}")
+        + (f" (did you mean {group}={near[0]}?)" if near else ""))
+
+
+def _missing_picks(file: Path, missing: tuple[str, str], dirs: list[Path]) -> str:
+    """The option Hydra found missing (``missing``: group, option) and every other one ``file``'s defaults list
+    picks that no config dir has, each named with the file and the group's options: one message, not one launch
+    per missing option."""
+    picks = [(defaults_group(key), value) for key, value in _defaults_entries(file) if value is not None]
+    said = [f"{file}: its defaults list picks {group}={value}, and there is {_no_option(group, value, dirs)}"
+            for group, value in picks if (group, value) == missing or value not in _group_options(group, dirs)]
+    if len(said) == 1:
+        return said[0]
+    return f"{len(said)} options the defaults list of {file} picks do not exist:\n" + "\n".join(
+        f"    - {line}" for line in said)
 
 
 def sweep_values(value: str, group: str, dirs: list[Path]) -> list[str]:

@@ -371,6 +371,30 @@ def test_a_missing_option_picked_in_a_file_another_user_file_includes_names_that
                 "model/tinny.yaml") in err
 
 
+def test_every_missing_option_a_users_file_picks_is_named_at_once(tmp_path, capsys):
+    """Hydra stops at the first option it cannot find: a file picking two that do not exist said one, and the
+    next launch the other; now both, each with the file and its group's options, from the file or one that
+    includes it."""
+    sys.path.insert(0, str(REPO))
+    import launch
+
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "base.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - override /model: tinny\n  - override /data: demo\n"
+        "  - override /reward: nope\n")
+    (tmp_path / "experiment" / "child.yaml").write_text("# @package _global_\ndefaults:\n  - /experiment/base\n")
+    base = tmp_path / "experiment" / "base.yaml"
+    for extra in (["experiment=base"], ["experiment=child"], ["-m", "experiment=child"]):
+        with pytest.raises(SystemExit):
+            launch.check_command_line([*extra[:-1], f"--config-dir={tmp_path}", "stage=runs", extra[-1]])
+        err = capsys.readouterr().err
+        assert f"2 options the defaults list of {base} picks do not exist:" in err, err
+        assert (f"{base}: its defaults list picks model=tinny, and there is no model/tinny.yaml in the config dirs; "
+                "model has qwen3vl_4b, tiny (did you mean model=tiny?)") in err
+        assert (f"{base}: its defaults list picks reward=nope, and there is no reward/nope.yaml in the config dirs; "
+                "reward has flare, seed") in err and "data=demo" not in err
+
+
 def test_a_group_of_the_users_own_config_dir_is_a_known_key(tmp_path, capsys):
     """--config-dir D (or hydra.searchpath) with a group of D's own (+cluster=a): not an unknown key; its
     values are checked as the run composes them. A file of D that conf/ hides, or a D Hydra would not find, is

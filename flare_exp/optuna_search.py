@@ -67,7 +67,10 @@ def search_lock(storage: str | None, sweep_dir: Path):
     from flare_exp.run.lock import RunLock
 
     path = journal_path(storage, sweep_dir)
-    return RunLock(path.parent, name=f".{path.name}.lock") if path else RunLock(sweep_dir, name=".optuna.lock")
+    if path is None:
+        return RunLock(sweep_dir, name=".optuna.lock")
+    # a journal named on purpose holds the study whatever the run_name (the sweep dir): another one is another study
+    return RunLock(path.parent, name=f".{path.name}.lock", placed_by="hydra.sweeper.storage" if storage else "run_name")
 
 
 SEARCH = "search"  # a trial's user attribute: the search (host, pid) that runs it

@@ -75,6 +75,39 @@ def test_a_prepare_into_another_dir_under_a_record_in_use_is_refused(base_overri
     assert (tmp_path / "record" / "DONE").exists() and not (tmp_path / "record" / ".lock").exists()
 
 
+def test_a_refusal_names_only_the_setting_that_places_the_locked_dir(tmp_path, capsys):
+    """Every refusal said "choose another run_name= (for prepare's dir, another data.prepared_dir=)": a sweep's,
+    a search's, an sft run's too. Now the one setting whose other value is another dir: prepare's prepared dir
+    data.prepared_dir, its record, a run's dir and a sweep's run_name, a journal named on purpose its storage."""
+    from omegaconf import OmegaConf
+
+    from flare_exp import sweep_checks
+    from flare_exp.optuna_search import search_lock
+    from flare_exp.run.lifecycle import Run
+
+    def refusal(held: str, stage: str, out_dir: str, run_dir: str | None = None) -> str:
+        """A run of ``stage`` into ``out_dir`` (its record in ``run_dir``) while another holds ``held``."""
+        out_dir, run_dir = tmp_path / out_dir, tmp_path / (run_dir or out_dir)
+        with RunLock(tmp_path / held), pytest.raises(RunLockedError) as refused:
+            with Run(compose_cfg([f"stage={stage}", f"data.prepared_dir={out_dir}"]), stage, out_dir, run_dir):
+                pass
+        return str(refused.value)
+
+    said = [("data.prepared_dir", refusal("prep", "prepare", "prep", "rec")),
+            ("run_name", refusal("rec", "prepare", "other", "rec")),  # prepare's record: Hydra's run dir
+            ("run_name", refusal("sft", "sft", "sft"))]
+    with search_lock(str(tmp_path / "study.journal"), tmp_path / "a"), pytest.raises(RunLockedError) as refused:
+        search_lock(str(tmp_path / "study.journal"), tmp_path / "b").acquire()
+    said.append(("hydra.sweeper.storage", str(refused.value)))
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path / "sweep")}}})
+    with RunLock(tmp_path / "sweep", name=sweep_checks.SWEEP_LOCK), pytest.raises(SystemExit):
+        sweep_checks.lock_sweep(config)
+    said.append(("run_name", capsys.readouterr().err))
+    for setting, message in said:
+        assert f"Wait for it, or choose another {setting}=. (A lock" in message, message
+        assert "prepared_dir" not in message or setting == "data.prepared_dir", message
+
+
 def test_stale_locks_are_taken_over_and_fresh_ones_kept(tmp_path, caplog, monkeypatch):
     _fake_holder(tmp_path / "a", _dead_pid())
     with RunLock(tmp_path / "a"):

@@ -61,7 +61,7 @@ class Run:
     def __enter__(self) -> "Run":
         try:
             if self.locked:
-                self.lock = RunLock(self.out_dir).acquire()
+                self.lock = RunLock(self.out_dir, placed_by=dir_setting(self.stage)).acquire()
                 if self.run_dir != self.out_dir:  # its record too: two prepares into two dirs under one run_name
                     self.record_lock = RunLock(self.run_dir).acquire()
             if self.declared is not None and self.own_run:  # nothing touched yet: a refusal leaves the dir as it was
@@ -190,6 +190,12 @@ def report_of(stage: str, out_dir: Path, result) -> Path | None:
     return eval_dir / REPORT_HTML if eval_dir and (eval_dir / REPORT_HTML).exists() else None
 
 
+def dir_setting(stage: str) -> str:
+    """The setting whose other value gives a stage another output dir: prepare writes into data.prepared_dir
+    whatever the run_name (stages/prepare.output_dir), every other stage into its run dir."""
+    return "data.prepared_dir" if stage == "prepare" else "run_name"
+
+
 def reusable(stage: str, cfg, out_dir: Path) -> bool:
     """A pipeline's step already finished with this very fingerprint (deciding settings, input sha256, the
     adapter it started from): reuse it. Finished with another one: stop, naming what changed (its outputs do
@@ -206,8 +212,7 @@ def reusable(stage: str, cfg, out_dir: Path) -> bool:
         raise RunSettingsChangedError(
             f"[{stage}] {out_dir} holds a finished step made with other settings or inputs: {listed(changed)}. "
             "Rerun with the earlier ones to reuse it, pass overwrite=true to redo the steps (earlier outputs move "
-            f"to attempts/NN/), or choose another {'data.prepared_dir' if stage == 'prepare' else 'run_name'}= to "
-            "keep both.")
+            f"to attempts/NN/), or choose another {dir_setting(stage)}= to keep both.")
     return True
 
 
@@ -272,7 +277,7 @@ def start_attempt(stage: str, cfg, run_dir: Path, ran=None, applied: dict | None
             f"{run_dir} already holds a finished {held} run ({DONE} marker present){other}. Nothing of it was "
             "changed (its launch.log notes this refused launch). Pass overwrite=true to redo it there (the finished "
             "run moves to attempts/NN/), or choose another "
-            f"{'data.prepared_dir= (prepare writes there, whatever the run_name)' if stage == 'prepare' else 'run_name='}.")
+            f"{dir_setting(stage)}={' (prepare writes there, whatever the run_name)' if stage == 'prepare' else ''}.")
     new = fingerprint(stage, cfg)
     requeued = cfg.overwrite and not (run_dir / DONE).exists() and this_jobs_attempt(run_dir)
     if cfg.overwrite and attempt_files(run_dir) and not requeued:

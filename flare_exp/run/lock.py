@@ -165,8 +165,9 @@ def _lock_started(holder: dict) -> float | None:
 
 class RunLock:
     def __init__(self, run_dir: Path, stale_after_s: float = STALE_AFTER_S, heartbeat_s: float = HEARTBEAT_S,
-                 name: str = LOCK):
+                 name: str = LOCK, placed_by: str = "run_name"):
         self.dir = Path(run_dir) / name
+        self.placed_by = placed_by  # the setting whose other value is another dir: a refusal's way round
         self.stale_after_s, self.heartbeat_s = stale_after_s, heartbeat_s
         self.owner_file: Path | None = None
         self._token: str | None = None
@@ -231,8 +232,8 @@ class RunLock:
             f"{h.get('started', '?')}" + (f", stopped now (SIGSTOP, Ctrl-Z or a suspended job): continue it (kill "
                                          f"-CONT {pid}) or end it (kill {pid}; kill -CONT {pid}: a stopped process "
                                          "takes the signal once continued), then launch again" if stopped else "")
-            + ". Wait for it, or choose another run_name= (for prepare's dir, another data.prepared_dir=). (A lock "
-            "whose holder died is taken over by itself.)")
+            + f". Wait for it, or choose another {self.placed_by}=. (A lock whose holder died is taken over by "
+            "itself.)")
 
     def acquire(self) -> "RunLock":
         for _ in range(5):  # a lock released while we looked at it: look again

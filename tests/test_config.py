@@ -331,6 +331,18 @@ def test_help_lists_every_stage_group_launcher_and_sweeper():
     assert "python launch.py" in out.stdout and "README.md" in out.stdout
 
 
+def test_the_group_table_in_the_docs_lists_every_option_conf_has():
+    """docs/configuration.md's table of config groups lacked stage=runs and hydra/launcher=watched (the default
+    launcher of -m): every option of conf/'s groups is in its group's row."""
+    import re
+
+    text = (CONF.parent / "docs" / "configuration.md").read_text()
+    rows = {m.group(1): set(re.findall(r"`([^`]+)`", m.group(2)))
+            for m in re.finditer(r"^\| `([^`]+)` \| ([^|]+) \|", text, re.M)}
+    for group in ("data", "experiment", "model", "reward", "stage", "hydra/launcher", "hydra/sweeper"):
+        assert set(_options(group)) <= rows[group], (group, set(_options(group)) - rows[group])
+
+
 def test_a_load_without_liger_builds_transformers_code_again(tiny_model_dir, monkeypatch):
     """liger-kernel patches modeling_qwen3_vl's names for the whole process (its RMSNorm class, the rotary
     function): a later load without Liger in the same process (a pipeline's rl and infer after its sft) builds

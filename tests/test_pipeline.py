@@ -423,6 +423,21 @@ def test_a_stopped_run_names_the_checkpoint_its_resume_takes(stage, tmp_path):
     assert after_a_stop(lowered, run_dir) == "resumes from checkpoint-3 (step 3 of 5)"
 
 
+def test_out_of_memory_names_the_checkpoint_its_resume_takes(tmp_path):
+    """The out-of-memory error named the newest complete checkpoint, one past max_steps (a budget lowered since
+    it was saved) too, where the rerun continues from the newest within the budget (newest_complete)."""
+    from flare_exp.training import out_of_memory_error
+
+    run_dir = tmp_path / "run"
+    for step in (3, 9):
+        _checkpoint(run_dir / f"checkpoint-{step}")
+    said = str(out_of_memory_error("sft", 5, run_dir, ["lower sft.per_device_train_batch_size=4"], max_steps=6))
+    assert said.endswith("Rerun with the same run_name: it continues from checkpoint-3 (resume=auto)."), said
+    said = str(out_of_memory_error("sft", 5, run_dir, ["lower it"], max_steps=2))
+    assert said.endswith("it starts again (no checkpoint it can continue from) (resume=auto)."), said
+    assert "continues from checkpoint-9" in str(out_of_memory_error("sft", 10, run_dir, ["lower it"], max_steps=20))
+
+
 def test_a_stopped_run_whose_only_checkpoint_is_incomplete_starts_again_from_step_0(tmp_path):
     """A checkpoint cut short while saving (no flare_exp_complete.json) is no resume: the message said
     "resumes"; it says step 0 and why, for a run and for a pipeline's training step."""

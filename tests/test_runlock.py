@@ -81,7 +81,7 @@ def test_a_refusal_names_only_the_setting_that_places_the_locked_dir(tmp_path, c
     data.prepared_dir, its record, a run's dir and a sweep's run_name, a journal named on purpose its storage."""
     from omegaconf import OmegaConf
 
-    from flare_exp import sweep_checks
+    from flare_exp import sweep_dir
     from flare_exp.optuna_search import search_lock
     from flare_exp.run.lifecycle import Run
 
@@ -100,8 +100,8 @@ def test_a_refusal_names_only_the_setting_that_places_the_locked_dir(tmp_path, c
         search_lock(str(tmp_path / "study.journal"), tmp_path / "b").acquire()
     said.append(("hydra.sweeper.storage", str(refused.value)))
     config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path / "sweep")}}})
-    with RunLock(tmp_path / "sweep", name=sweep_checks.SWEEP_LOCK), pytest.raises(SystemExit):
-        sweep_checks.lock_sweep(config)
+    with RunLock(tmp_path / "sweep", name=sweep_dir.SWEEP_LOCK), pytest.raises(SystemExit):
+        sweep_dir.lock_sweep(config)
     said.append(("run_name", capsys.readouterr().err))
     for setting, message in said:
         assert f"Wait for it, or choose another {setting}=. (A lock" in message, message

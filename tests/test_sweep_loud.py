@@ -31,10 +31,12 @@ def test_a_refused_sweep_removes_only_the_empty_dirs_it_made(tmp_path):
     folders above it that this launch made go while empty; a dir that was there, or that holds anything, stays."""
     from omegaconf import OmegaConf
 
+    from flare_exp.sweep_dir import SweepRecord, lock_sweep
+
     def refused(sweep_dir):
         config = OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep_dir)}}})
-        record = sweep_checks.SweepRecord(config)  # as the launcher's setup takes it, before the lock
-        sweep_checks.lock_sweep(config)
+        record = SweepRecord(config)  # as the launcher's setup takes it, before the lock
+        lock_sweep(config)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         (sweep_dir / "multirun.yaml").write_text("this sweep's\n")  # Hydra's sweeper writes it
         assert (sweep_dir / ".sweep.lock").exists()

@@ -1,6 +1,6 @@
 """``hydra/launcher=watched`` (the default: jobs one after another in this process), ``local`` and ``slurm``
-(conf/hydra/launcher/): Hydra's basic and submitit launchers with flare-exp's
-sweep checks and watch around them (flare_exp/sweep_checks.py, sweep_watch.py): every job's settings checked before any is launched, a
+(conf/hydra/launcher/): Hydra's basic and submitit launchers with flare-exp's sweep checks and watch around them
+(flare_exp/sweep_checks.py, sweep_dir.py, sweep_watch.py): every job's settings checked before any is launched, a
 line per finished job with an ETA, the failed jobs named (a submitit job whose worker was killed among them);
 locally, SIGTERM / SIGINT stop the workers too,
 and SIGTERM stops the watched launcher's in-process job as Ctrl-C does (its dir says FAILED).
@@ -16,7 +16,7 @@ from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmitit
 
 class _Watched:
     def setup(self, *, hydra_context, task_function, config) -> None:
-        from flare_exp.sweep_checks import SweepRecord, lock_sweep
+        from flare_exp.sweep_dir import SweepRecord, lock_sweep
 
         super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
         # before the lock and the sweeper's multirun.yaml: put back if the sweep is refused unlaunched

@@ -4,7 +4,7 @@
   input_problems);
 - each job's dir: one that holds a run (finished, or unfinished to resume) made with other deciding settings
   would refuse the job at its start;
-- jobs that would prepare different data into one data.prepared_dir.
+- jobs that would prepare different data into one data.prepared_dir, and stage=prepare jobs sharing one.
 
 All problems reported together, nothing launched, the sweep dir's multirun.yaml put back as it was
 (``sweep_dir.SweepRecord``).
@@ -200,7 +200,8 @@ def refuse_other_settings(stage: str, cfg, run_dir: Path) -> None:
 
 
 def prepare_target(cfg) -> tuple | None:
-    """(the data.prepared_dir a job's prepare step writes, its deciding settings), None when it prepares none."""
+    """(the data.prepared_dir a job's prepare step writes, its deciding settings, whether it is a stage=prepare
+    run: a pipeline's step reuses a finished prepare instead), None when it prepares none."""
     from omegaconf import OmegaConf
 
     from flare_exp.checks import steps_of
@@ -209,7 +210,13 @@ def prepare_target(cfg) -> tuple | None:
 
     if "prepare" not in steps_of(cfg):
         return None
-    return abspath(cfg.data.prepared_dir).resolve(), settings_of("prepare", OmegaConf.to_container(cfg, resolve=True))
+    return (abspath(cfg.data.prepared_dir).resolve(), settings_of("prepare", OmegaConf.to_container(cfg, resolve=True)),
+            cfg.stage.name == "prepare")
+
+
+# not "sweep data.prepared_dir alongside": a grid's product of it and the swept key shares each dir again
+OWN_DIR = ("give each job its own data.prepared_dir (one that names a key the sweep varies: "
+           "'data.prepared_dir=DIR/${KEY}')")
 
 
 def shared_prepare_conflicts(targets: list, first_idx: int) -> list[str]:
@@ -219,18 +226,45 @@ def shared_prepare_conflicts(targets: list, first_idx: int) -> list[str]:
 
     seen, out = {}, []
     for idx, target in enumerate(targets):
-        if target is None:
+        if target is None or target[2]:  # a stage=prepare run's: shared_prepare_runs names those
             continue
-        where, settings = target
+        where, settings, _ = target
         if where not in seen:
             seen[where] = (idx, settings)
             continue
         changed = differences({"settings": seen[where][1]}, {"settings": settings})
         if changed:
             out.append(f"  jobs #{first_idx + seen[where][0]} and #{first_idx + idx} would prepare different data "
-                       f"into one data.prepared_dir={where} ({'; '.join(changed[:4])}): give each of them its own "
-                       "data.prepared_dir (sweep it alongside)")
+                       f"into one data.prepared_dir={where} ({'; '.join(changed[:4])}): {OWN_DIR}")
     return out
+
+
+def shared_prepare_runs(targets: list, names: list[str], first_idx: int) -> list[str]:
+    """stage=prepare jobs that would write one data.prepared_dir: the first to finish leaves it DONE and the others
+    are refused at their start as finished runs, one by one after the sweep launched (a pipeline's prepare step
+    reuses the dir instead: shared_prepare_conflicts). Said before any job, with the overrides that tell the jobs
+    apart (``names``: job_names)."""
+    from flare_exp.run.fingerprint import differences
+
+    shared: dict = {}
+    for idx, target in enumerate(targets):
+        if target is not None and target[2]:
+            shared.setdefault(target[0], []).append(idx)
+    out = []
+    for where, jobs in ((w, j) for w, j in shared.items() if len(j) > 1):
+        first = {"settings": targets[jobs[0]][1]}
+        changed = list(dict.fromkeys(c for i in jobs[1:] for c in differences(first, {"settings": targets[i][1]})))
+        fix = (f"they would prepare different data ({'; '.join(changed[:4])}): {OWN_DIR}" if changed else
+               f"they would prepare the same data: drop the sweep (one prepare serves them all), or {OWN_DIR}")
+        out.append(f"  jobs {joined([f'#{first_idx + i} ({names[i]})' for i in jobs])} would each run stage=prepare "
+                   f"into one data.prepared_dir={where}, where the first to start refuses the others (its lock while "
+                   f"it runs, its DONE once finished); {fix}")
+    return out
+
+
+def joined(items: list[str]) -> str:
+    """'a, b and c'."""
+    return ", ".join(items[:-1]) + f" and {items[-1]}" if len(items) > 1 else "".join(items)
 
 
 def job_names(job_overrides) -> list[str]:
@@ -266,7 +300,8 @@ def check_jobs(hydra_context, master_config, job_overrides, initial_job_idx: int
         elif refusal:
             where, why = refusal
             refused.setdefault(where, []).append((f"#{initial_job_idx + idx} ({names[idx]})", why))
-    clashes = shared_prepare_conflicts(prepares, initial_job_idx)
+    clashes = [*shared_prepare_conflicts(prepares, initial_job_idx),
+               *shared_prepare_runs(prepares, names, initial_job_idx)]
     if bad or clashes or refused:
         total = len(job_overrides)
         said = [f"{len(bad)} of {total} jobs of the sweep have settings a run would refuse"] if bad else []
@@ -299,7 +334,7 @@ def held_lines(refused: dict) -> list[str]:
         if len(jobs) == 1:
             out.append(f"  job {jobs[0][0]}: {jobs[0][1]}")
             continue
-        named = ", ".join(job for job, _ in jobs[:-1]) + f" and {jobs[-1][0]}"
+        named = joined([job for job, _ in jobs])
         whys = list(dict.fromkeys(why for _, why in jobs))
         if len(whys) == 1:
             out.append(f"  jobs {named} share {where}: {whys[0]}")

@@ -18,7 +18,9 @@ def test_a_sweep_with_one_bad_job_launches_none_and_names_it(session_dir, tmp_pa
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "launch.py", "-m", f"paths.output_root={out}",
                            f"paths.cache_dir={session_dir / 'cache'}", "hydra/launcher=local", "run_name=two",
-                           "stage=prepare", "data.image_workers=1,-1"], cwd=REPO, capture_output=True, text=True, timeout=300,
+                           "stage=prepare", "data.image_workers=1,-1",
+                           f"data.prepared_dir={tmp_path}/prepared-${{data.image_workers}}"],  # one each: not refused
+                          cwd=REPO, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "1 of 2 jobs of the sweep have settings a run would refuse; no job was launched" in proc.stderr
@@ -213,6 +215,29 @@ def test_jobs_that_would_prepare_different_data_into_one_dir_are_named():
         [two, target("data.datasets=[IU_XRay,chestdr]", "sft.max_steps=3"), two], first_idx=0) == []  # sft only
 
 
+def test_stage_prepare_jobs_sharing_one_prepared_dir_are_refused_before_any_runs():
+    """A stage=prepare sweep whose jobs share one data.prepared_dir: the first finished it and the others were
+    refused one by one as finished runs. Now refused before any job, naming the dir, the jobs by the overrides
+    that differ and the way out; a pipeline's jobs reuse the dir (nothing said), jobs with their own dirs pass."""
+    from conftest import compose_cfg
+
+    def target(*overrides):
+        return sweep_checks.prepare_target(compose_cfg(["stage=prepare", "data.prepared_dir=/tmp/one", *overrides]))
+
+    same = [target("seed=1"), target("seed=2"), None, target("seed=3")]
+    (line,) = sweep_checks.shared_prepare_runs(same, ["seed=1", "seed=2", "stage=infer", "seed=3"], first_idx=2)
+    assert line.startswith("  jobs #2 (seed=1), #3 (seed=2) and #5 (seed=3) would each run stage=prepare into one "
+                           "data.prepared_dir=/tmp/one"), line
+    assert "the same data: drop the sweep" in line and "give each job its own data.prepared_dir" in line
+    (line,) = sweep_checks.shared_prepare_runs([target(), target("data.datasets=[IU_XRay]")], ["a", "b"], 0)
+    assert "different data (data.datasets: " in line and "drop the sweep" not in line
+    assert sweep_checks.shared_prepare_conflicts(same, first_idx=0) == []  # said once, by shared_prepare_runs
+    assert sweep_checks.shared_prepare_runs([target("data.prepared_dir=/tmp/a"), target("data.prepared_dir=/tmp/b")],
+                                            ["a", "b"], 0) == []
+    pipeline = sweep_checks.prepare_target(compose_cfg(["stage=pipeline", "data.prepared_dir=/tmp/one"]))
+    assert sweep_checks.shared_prepare_runs([pipeline, pipeline], ["a", "b"], 0) == []
+
+
 @pytest.mark.slow
 def test_a_local_sweep_whose_worker_is_killed_reports_every_job_and_names_the_dead_one(session_dir, tmp_path):
     """hydra/launcher=local: job #0's worker dies without Python's clean-up (SIGKILL, as kill -9 or the OOM killer
@@ -237,7 +262,7 @@ def test_a_local_sweep_whose_worker_is_killed_reports_every_job_and_names_the_de
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, str(script), "-m", "hydra/launcher=local", "stage=prepare",
                            "run_name=k9", f"paths.output_root={out}", f"paths.cache_dir={session_dir / 'cache'}",
-                           "seed=1,2"],
+                           "seed=1,2", f"data.prepared_dir={tmp_path}/prepared-${{seed}}"],  # one each: not refused
                           cwd=REPO, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     err = proc.stderr

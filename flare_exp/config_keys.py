@@ -275,8 +275,10 @@ def group_file_values(conf_dirs: list[Path], choices: dict):
 
     seen: set[Path] = set()
 
-    def walk(path: Path | None, group: str):  # in Hydra's order: a file's own values where _self_ stands
-        if path is None or path in seen:  # among its defaults (last when it is not listed: they win)
+    def walk(path: Path | None, group: str, placed: str | None = None):
+        # in Hydra's order: a file's own values where _self_ stands among its defaults (last when it is not listed:
+        # they win); ``placed``: the package the choice gives it (+cluster@sft=c), which Hydra takes over its header
+        if path is None or path in seen:
             return
         seen.add(path)
         text = path.read_text(encoding="utf-8")
@@ -288,8 +290,8 @@ def group_file_values(conf_dirs: list[Path], choices: dict):
             return
         defaults = [e for e in raw.pop("defaults", None) or [] if isinstance(e, str)]
         header = re.search(r"^#\s*@package\s+(\S+)", text, re.M)  # _global_, or a section (sft) its keys go under
-        package = group if header is None else "" if header.group(1) == "_global_" else \
-            header.group(1).replace("_group_", group)
+        package = placed or (group if header is None else header.group(1).replace("_group_", group))
+        package = "" if package == "_global_" else package
         for entry in defaults if "_self_" in defaults else [*defaults, "_self_"]:
             if entry.lstrip("/") == "_self_":
                 yield from ((path, key, value) for key, value in _leaves(raw, package))
@@ -301,7 +303,8 @@ def group_file_values(conf_dirs: list[Path], choices: dict):
     order = _primary_order(conf_dirs)
     for group, choice in sorted(choices.items(), key=lambda item: order.get(item[0], len(order))):
         if isinstance(choice, str) and not group.startswith("hydra"):
-            yield from walk(found(f"{group}/{choice}.yaml"), group)
+            name, _, placed = group.partition("@")  # +cluster@sft=c: the file is cluster/c.yaml
+            yield from walk(found(f"{name}/{choice}.yaml"), name, placed or None)
 
 
 def _primary_order(conf_dirs: list[Path]) -> dict[str, int]:

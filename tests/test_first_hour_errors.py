@@ -796,6 +796,25 @@ def test_a_range_error_names_the_file_hydra_took_the_value_from(tmp_path, capsys
         assert said in err and "experiment/good.yaml" not in err, err
 
 
+def test_a_range_error_of_a_group_placed_under_a_package_names_the_file(tmp_path, capsys):
+    """+cluster@sft=c (the file's keys placed under sft by the choice, over its own header): the range error
+    named the key alone, as if the command line had set it; it names the file, as +cluster=c's does."""
+    sys.path.insert(0, str(REPO))
+    import launch
+
+    (tmp_path / "cluster").mkdir()
+    (tmp_path / "cluster" / "bare.yaml").write_text("learning_rate: -1.0\n")
+    (tmp_path / "cluster" / "headed.yaml").write_text("# @package rl\nlearning_rate: -2.0\n")
+    (tmp_path / "cluster" / "global.yaml").write_text("sft:\n  learning_rate: -3.0\n")
+    for choice, value in (("+cluster@sft=bare", "-1.0"), ("+cluster@sft=headed", "-2.0"),
+                          ("+cluster@_global_=global", "-3.0")):
+        with pytest.raises(SystemExit):
+            launch.check_command_line([f"--config-dir={tmp_path}", choice, "stage=sft"])
+        name = choice.split("=")[1]
+        assert (f"sft.learning_rate={value}: must be a number >= 0, set in {tmp_path}/cluster/{name}.yaml"
+                in capsys.readouterr().err), choice
+
+
 def test_a_hydra_group_picked_in_a_users_file_that_the_launch_does_not_take_is_refused(tmp_path, capsys):
     """conf/config.yaml's own `override hydra/launcher: watched` wins over an experiment file's
     `override /hydra/launcher: slurm`, without a word from Hydra: a SLURM sweep would run on the login node. A

@@ -84,6 +84,8 @@ class Progress:
                 self.finished(i, found)
 
     def finished(self, i: int, status: str, why: str | None = None) -> None:
+        from flare_exp.run.record import was_stopped
+
         if i in self.reported:
             return
         self.reported[i] = status
@@ -96,8 +98,8 @@ class Progress:
         done, total = len(self.reported), len(self.job_dirs)
         left, ran = total - done, done - len(self.kept)  # the rate: the jobs run in this launch, not the kept
         elapsed = time.time() - self.start
-        eta = f"{left} left, ETA ~{elapsed / ran * left:.0f} s" if left and ran > 0 else f"{left} left" if left \
-            else "all finished"
+        timed = left and ran > 0 and not was_stopped(reason)  # a stop (the sweep's, mostly) ends the rate's meaning
+        eta = f"{left} left, ETA ~{elapsed / ran * left:.0f} s" if timed else f"{left} left" if left else "all finished"
         say(f"{done}/{total} #{self.job_dirs[i].name} ({self.names[i]}) {status} in {seconds:.0f} s{headline}"
             f"{f': {reason}' if status != 'DONE' and reason else ''} | {eta}")
 

@@ -197,6 +197,28 @@ def test_the_stop_message_counts_what_the_job_dirs_say(tmp_path):
     assert said.startswith("2 job(s) not finished (#1, #2: ") and "1 finished (DONE)" in said, said
 
 
+def test_a_stopped_jobs_line_gives_no_eta(tmp_path, capsys):
+    """The rate so far says nothing of when a stopped sweep ends: a job stopped from outside (its FAILED says so,
+    a rank's too) had an ETA on its line; now the jobs left are counted alone. A job that failed keeps it."""
+    from flare_exp.run.record import write_failed
+
+    dirs = [tmp_path / str(i) for i in range(4)]
+    for d in dirs:
+        d.mkdir()
+    with sweep_watch.Progress(dirs, ["a=1", "a=2", "a=3", "a=4"], poll_s=60) as progress:
+        for job, error, rank in ((dirs[0], KeyboardInterrupt("SIGTERM"), None), (dirs[1], SystemExit(143), 1),
+                                 (dirs[2], ValueError("not divisible"), None)):
+            try:
+                raise error
+            except BaseException as e:  # noqa: BLE001  (as the run's lifecycle writes it)
+                write_failed(job, e, rank=rank)
+        progress.poll()
+    lines = [line for line in capsys.readouterr().err.splitlines() if " FAILED in " in line]
+    assert ": stopped from outside (KeyboardInterrupt: SIGTERM)" in lines[0] and lines[0].endswith(" | 3 left")
+    assert ": rank 1: stopped from outside (SystemExit: 143)" in lines[1] and lines[1].endswith(" | 2 left")
+    assert ": ValueError: not divisible | 1 left, ETA ~" in lines[2], lines
+
+
 def test_jobs_that_would_prepare_different_data_into_one_dir_are_named():
     """A pipeline sweep over a data.* key with one data.prepared_dir: the second job would stop at its start
     (the dir holds the first one's data), after the sweep launched; now refused before any job."""

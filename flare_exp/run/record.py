@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -125,13 +126,21 @@ def write_run_metadata(run_dir: Path, cfg: DictConfig, keep_previous: bool = Tru
     })
 
 
+STOPPED = "stopped from outside"  # FAILED's first words (after a rank's) for a run preempted, cancelled, Ctrl-C'd
+
+
+def was_stopped(failed_line: str | None) -> bool:
+    """A FAILED's first line says its run was stopped from outside (write_failed), not that it failed."""
+    return re.match(rf"(rank \d+: )?{STOPPED}", failed_line or "") is not None
+
+
 def write_failed(run_dir: Path, error: BaseException, rank: int | None = None, after_a_stop=None) -> None:
     """FAILED with the error and its traceback (call it in the except block); ``rank`` names the rank of a
     data-parallel job that failed; ``after_a_stop(run_dir)``: what a rerun does after a stop (resume.py's
     wording, passed in by the run's lifecycle: run/ does not import the resume rules built on it)."""
     stopped = isinstance(error, (SystemExit, KeyboardInterrupt))  # preempted, timed out, cancelled, Ctrl-C
     named = f"{type(error).__name__}{f': {error}' if str(error) else ''}"
-    why = (f"stopped from outside ({named}): preempted, timed out or cancelled; a requeued job or a rerun with "
+    why = (f"{STOPPED} ({named}): preempted, timed out or cancelled; a requeued job or a rerun with "
            f"the same run_name {_after_a_stop(run_dir, after_a_stop)}") if stopped else f"{type(error).__name__}: {error}"
     if rank is None and world_size() > 1:
         rank = int(os.environ.get("RANK", "0") or 0)

@@ -277,7 +277,8 @@ def config_file_problem(error: BaseException, conf_dirs: list[Path] = (),
                         overrides: list[str] = ()) -> Exception | None:
     """A config file the run composes (an experiment file of the user's) that is not valid YAML (an indent, a
     duplicate key), sets a key the schema lacks or a value its type refuses, or picks a group option that does
-    not exist (in its defaults list, or ``overrides``' choice): one line naming the file and line, or the key
+    not exist (in its defaults list, or ``overrides``' choice) or a Hydra group after its overrides
+    (config_dirs.choice_problem): one line naming the file and line, or the key
     with the closest one and the file (found in ``conf_dirs``, Hydra's search order, from the "In
     'experiment/mine'" Hydra's error starts with), or the option with the group's own. Hydra prints a long YAML
     traceback, its struct error without a suggestion, or "In 'config'" for a user file's missing option."""
@@ -285,13 +286,10 @@ def config_file_problem(error: BaseException, conf_dirs: list[Path] = (),
     from omegaconf.errors import ConfigKeyError, ValidationError
 
     from flare_exp.config import Config
-    from flare_exp.config_dirs import missing_choice, null_choice
+    from flare_exp.config_dirs import choice_problem
     from flare_exp.config_keys import unknown_path
 
-    missing = re.search(r"Could not find '([^']+)'", str(error))
-    said = missing and missing_choice(missing.group(1), list(overrides), list(conf_dirs))
-    if "Config group override must be a string" in str(error):
-        said = null_choice(list(overrides), list(conf_dirs))
+    said = choice_problem(str(error), list(overrides), list(conf_dirs))
     if said:
         return ValueError(said)
 

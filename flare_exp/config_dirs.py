@@ -4,6 +4,7 @@ Hydra reads them, for launch.py's checks before Hydra starts: the overrides as H
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 SEARCHPATH = "hydra.searchpath"
@@ -85,15 +86,48 @@ def ignored_hydra_picks(dirs: list[Path], choices: dict, conf_dir: Path, overrid
             named = defaults_group(key)
             if not named.startswith("hydra/") or value is None or choices.get(named) == value:
                 continue
-            given = next((o for o in overrides if o.partition("=")[0].lstrip("+~") == named), None)
-            why = (f"the command line's {given} wins" if given else
-                   f"the repo's conf/config.yaml chooses {named}={choices.get(named)}")
-            options = _group_options(named, dirs)
-            fix = (f"choose it on the command line: -m {named}={value}" if value in options else
-                   f"nor is {value} a {named} option: {', '.join(options)}")
-            out.append(f"{file}: its defaults list picks {named}={value}, which this launch does not take ({why}); "
-                       + fix)
+            out.append(_not_taken(file, (named, value), choices.get(named), overrides, dirs))
     return out
+
+
+def misplaced_hydra_pick(error: str, overrides: list[str], dirs: list[Path]) -> str | None:
+    """Hydra's "In experiment/mine: Override 'data : demo' is defined before 'hydra/launcher: slurm'" for a user's
+    ``- /hydra/launcher: slurm`` (no ``override``) after the file's override entries: said as ignored_hydra_picks
+    says a pick this launch does not take, which it is wherever it stands (the primary config, ``dirs[0]``'s
+    config.yaml, picks that group itself). None for any other error, or a group the primary config leaves."""
+    found = re.search(r"In '?([^':]+)'?: Override '[^']*' is defined before '(hydra/[^:']+): ([^']+)'", error)
+    if not found:
+        return None
+    named, group, value = found.groups()
+    file = next((d / f"{named}.yaml" for d in dirs if (d / f"{named}.yaml").is_file()), None)
+    taken = {defaults_group(key): v for key, v in _defaults_entries(dirs[0] / "config.yaml")}.get(group)
+    if file is None or file.is_relative_to(dirs[0]) or taken is None:
+        return None
+    return _not_taken(file, (group, value), taken, overrides, dirs)
+
+
+def _not_taken(file: Path, pick: tuple[str, str], taken: str, overrides: list[str], dirs: list[Path]) -> str:
+    """A Hydra group ``file`` picks (``pick``: group, option) that the launch does not take: why (the command
+    line's choice, else ``taken``, conf/config.yaml's) and the way that works, the command line's choice."""
+    group, value = pick
+    given = next((o for o in overrides if o.partition("=")[0].lstrip("+~") == group), None)
+    why = f"the command line's {given} wins" if given else f"the repo's conf/config.yaml chooses {group}={taken}"
+    options = _group_options(group, dirs)
+    fix = (f"choose it on the command line: -m {group}={value}" if value in options else
+           f"nor is {value} a {group} option: {', '.join(options)}")
+    return (f"{file}: its defaults list picks {group}={value}, which this launch does not take ({why}); {fix}; "
+            "drop it from the file")
+
+
+def choice_problem(error: str, overrides: list[str], dirs: list[Path]) -> str | None:
+    """What to say of Hydra's composition error about a group choice (launch.config_file_problem): an option
+    that does not exist (missing_choice), a null one (null_choice), a Hydra group picked in a user's file after
+    its overrides (misplaced_hydra_pick); None for any other error."""
+    if "Config group override must be a string" in error:
+        return null_choice(overrides, dirs)
+    missing = re.search(r"Could not find '([^']+)'", error)
+    return (missing and missing_choice(missing.group(1), overrides, dirs)) or misplaced_hydra_pick(
+        error, overrides, dirs)
 
 
 def composed_dirs(searched: list[Path], cfg) -> list[Path]:

@@ -847,6 +847,29 @@ def test_a_hydra_group_picked_in_a_users_file_that_the_launch_does_not_take_is_r
     assert cfg is not None and not [p for p in in_files if "hydra/" in str(p)]
 
 
+def test_a_hydra_group_picked_without_override_after_a_files_overrides_is_said_as_not_taken(tmp_path, capsys):
+    """`- /hydra/launcher: slurm` (no `override`) after the file's `override` entries: Hydra's raw "Overrides must
+    be at the end of the defaults list"; now the line the same pick with `override` gets (the launch would not
+    take it anywhere in the file), which says to choose it on the command line and drop it from the file."""
+    sys.path.insert(0, str(REPO))
+    import launch
+
+    (tmp_path / "experiment").mkdir()
+    demo = (CONF / "experiment" / "demo.yaml").read_text()
+    for name, pick in (("plain", "  - /hydra/launcher: slurm\n"), ("keyword", "  - override /hydra/launcher: slurm\n")):
+        picked = demo.replace("  - override /data: demo\n", "  - override /data: demo\n" + pick)
+        assert picked != demo
+        (tmp_path / "experiment" / f"{name}.yaml").write_text(picked)
+        for extra in (["-m"], []):
+            with pytest.raises(SystemExit):
+                launch.check_command_line([*extra, f"--config-dir={tmp_path}", f"experiment={name}", "stage=sft"])
+            err = capsys.readouterr().err
+            assert (f"{tmp_path}/experiment/{name}.yaml: its defaults list picks hydra/launcher=slurm, which this "
+                    "launch does not take (the repo's conf/config.yaml chooses hydra/launcher=watched); choose it on "
+                    "the command line: -m hydra/launcher=slurm; drop it from the file") in err, err
+            assert "Overrides must be at the end" not in err
+
+
 def test_a_sweep_with_cfg_and_an_empty_choice_are_one_line(capsys):
     sys.path.insert(0, str(REPO))
     import launch

@@ -161,13 +161,13 @@ def batches_with_images(chat: VisionChat, todo: list[dict], size: int, ahead: In
         if ahead is not None:
             ahead.build(chunk, images)
         return images
+
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(load, chunks[0]) if chunks else None
         for i, chunk in enumerate(chunks):
             images = pending.result()
             pending = pool.submit(load, chunks[i + 1]) if i + 1 < len(chunks) else None
             yield chunk, images
-
 
 
 class InputsAhead:
@@ -241,7 +241,12 @@ def inputs_ahead(decode: Decoder) -> InputsAhead | None:
     from flare_exp.card import card_memory, infer_ahead_room
 
     model, chat, inf = decode.model, decode.chat, decode.inf
-    if not inf.inputs_ahead or model.device.type != "cuda" or not str(chat.image_device).startswith("cuda"):
+    if not inf.inputs_ahead:
+        return None
+    if model.device.type != "cuda" or not str(chat.image_device).startswith("cuda"):
+        if inf.inputs_ahead is True:
+            log.info("infer.inputs_ahead=true: each batch's input is built in turn, as the model and "
+                     "infer.image_device are not both on a GPU")
         return None
     if inf.inputs_ahead == "auto":
         fits, why = infer_ahead_room(card_memory(), inf.batch_size, inf.max_new_tokens)

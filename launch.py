@@ -266,7 +266,7 @@ def composed(overrides: list[str]) -> tuple:
     choices = dict(cfg.hydra.runtime.choices)
     values = list(group_file_values(dirs, choices))  # in Hydra's order: the last file to set a key sets it
     in_files = [ValueError(p) for p in shadowed_files(dirs, choices, CONF_DIR) + file_value_problems(values, Config)
-                + ignored_hydra_picks(dirs, choices, CONF_DIR, overrides)]
+                + ignored_hydra_picks(dirs, choices, overrides)]
     from_files = users_files(values, overrides, CONF_DIR)
     with open_dict(cfg):
         del cfg["hydra"]

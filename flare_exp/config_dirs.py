@@ -70,7 +70,7 @@ def shadowed_files(dirs: list[Path], choices: dict, conf_dir: Path) -> list[str]
     return out
 
 
-def ignored_hydra_picks(dirs: list[Path], choices: dict, conf_dir: Path, overrides: list[str] = ()) -> list[str]:
+def ignored_hydra_picks(dirs: list[Path], choices: dict, overrides: list[str] = ()) -> list[str]:
     """A user's chosen group file whose defaults list picks a Hydra group (``override /hydra/launcher: slurm``)
     that the composition did not take: conf/config.yaml's own override of that group wins (hydra/launcher:
     watched), and Hydra says nothing, so a sweep meant for SLURM would run its jobs one by one where it was
@@ -79,8 +79,9 @@ def ignored_hydra_picks(dirs: list[Path], choices: dict, conf_dir: Path, overrid
     for group, choice in choices.items():
         if not isinstance(choice, str) or group.startswith("hydra"):
             continue
+        # conf/'s files too: the docs tell users to copy an experiment there (the repo's own picks are taken)
         file = next((d / group / f"{choice}.yaml" for d in dirs if (d / group / f"{choice}.yaml").is_file()), None)
-        if file is None or file.is_relative_to(conf_dir):
+        if file is None:
             continue
         for key, value in _defaults_entries(file):
             named = defaults_group(key)
@@ -101,7 +102,7 @@ def misplaced_hydra_pick(error: str, overrides: list[str], dirs: list[Path]) -> 
     named, group, value = found.groups()
     file = next((d / f"{named}.yaml" for d in dirs if (d / f"{named}.yaml").is_file()), None)
     taken = {defaults_group(key): v for key, v in _defaults_entries(dirs[0] / "config.yaml")}.get(group)
-    if file is None or file.is_relative_to(dirs[0]) or taken is None:
+    if file is None or taken is None:
         return None
     return _not_taken(file, (group, value), taken, overrides, dirs)
 

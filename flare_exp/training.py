@@ -15,7 +15,7 @@ from transformers import TrainerCallback
 
 from flare_exp.io import file_fingerprint, shared_as_umask
 from flare_exp.logs import log_part
-from flare_exp.models.checkpoints import mark_complete, newest_complete, sort_adapter_config, write_meta
+from flare_exp.models.checkpoints import mark_complete, sort_adapter_config, write_meta
 from flare_exp.reports.model_card import write_model_cards
 from flare_exp.resume import at_the_step_budget, resume_checkpoint, schedule_change
 from flare_exp.run.layout import LOG_HISTORY
@@ -69,8 +69,7 @@ def train_and_save(trainer, stage: str, cfg, out_dir: Path, meta: "CheckpointMet
             if spliced and spliced not in trainer.state.log_history:  # at the budget already: no training began
                 trainer.state.log_history.append(spliced)
         except torch.OutOfMemoryError as e:
-            raise out_of_memory_error(stage, trainer.state.global_step + 1, out_dir, remedies,
-                                      trainer.args.max_steps) from e
+            raise out_of_memory_error(cfg, stage, trainer.state.global_step + 1, out_dir, remedies) from e
         except Exception as e:
             explained = explain_failure(e) if explain_failure else None
             if explained is not None:
@@ -151,18 +150,14 @@ def effective_batch(section, world: int) -> dict:
             "effective_batch": section.per_device_train_batch_size * section.gradient_accumulation_steps * world}
 
 
-def out_of_memory_error(stage: str, step: int, out_dir: Path, remedies: list[str],
-                        max_steps: int | None = None) -> RuntimeError:
-    """What a training stage says when the GPU runs out of memory: where, what to lower, and that a rerun with
-    the same run_name continues from the checkpoint resume=auto takes (newest_complete, as resume_checkpoint
-    finds it: one past ``max_steps``, a budget lowered since, is passed over) rather than from the start."""
-    try:
-        taken = newest_complete(out_dir, up_to=max_steps)
-        resume = f"continues from {taken.name}" if taken else "starts again (no checkpoint it can continue from)"
-        then = f"Rerun with the same run_name: it {resume} (resume=auto)."
-    except FileNotFoundError as e:  # its optimizer or schedule missing: the rerun stops at its start, saying so
-        then = f"A rerun with the same run_name would stop at its start: {e}"
-    return RuntimeError(f"{stage}: the GPU ran out of memory in step {step}: " + "; or ".join(remedies) + f". {then}")
+def out_of_memory_error(cfg, stage: str, step: int, out_dir: Path, remedies: list[str]) -> RuntimeError:
+    """What a training stage says when the GPU runs out of memory: where, what to lower, and what the same command
+    does next under its resume= (resume.rerun_of_training: the checkpoint it continues from, step 0 and why, a
+    refusal under resume=never, a checkpoint resume= names), as a stop's message says it."""
+    from flare_exp.resume import rerun_of_training
+
+    return RuntimeError(f"{stage}: the GPU ran out of memory in step {step}: " + "; or ".join(remedies)
+                        + f". Rerun the same command after that: it {rerun_of_training(cfg, stage, out_dir)}.")
 
 
 def setup_tracking(section, out_dir: Path) -> str:

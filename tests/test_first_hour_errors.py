@@ -870,6 +870,30 @@ def test_a_hydra_group_picked_without_override_after_a_files_overrides_is_said_a
             assert "Overrides must be at the end" not in err
 
 
+def test_a_hydra_group_picked_in_a_copy_inside_conf_is_said_as_not_taken(tmp_path, monkeypatch, capsys):
+    """The docs say to copy an experiment into conf/experiment/: a copy there that picks hydra/launcher=slurm
+    gets the same line as one in a --config-dir (before, files under conf/ were taken for the repo's and a SLURM
+    sweep ran its jobs where it was launched, silently)."""
+    import shutil
+
+    sys.path.insert(0, str(REPO))
+    import launch
+
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF, conf)  # the repo's conf/ stays as it is for the tests running beside this one
+    monkeypatch.setattr(launch, "CONF_DIR", conf)
+    demo = (CONF / "experiment" / "demo.yaml").read_text()
+    for name, pick in (("plain", "  - /hydra/launcher: slurm\n"), ("keyword", "  - override /hydra/launcher: slurm\n")):
+        (conf / "experiment" / f"{name}.yaml").write_text(
+            demo.replace("  - override /data: demo\n", "  - override /data: demo\n" + pick))
+        with pytest.raises(SystemExit):
+            launch.check_command_line(["-m", f"experiment={name}", "stage=sft"])
+        err = capsys.readouterr().err
+        assert (f"{conf}/experiment/{name}.yaml: its defaults list picks hydra/launcher=slurm, which this launch does "
+                "not take") in err, err
+    launch.check_command_line(["-m", "experiment=demo", "stage=sft"])  # the repo's own files: nothing to say
+
+
 def test_a_sweep_with_cfg_and_an_empty_choice_are_one_line(capsys):
     sys.path.insert(0, str(REPO))
     import launch

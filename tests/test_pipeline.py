@@ -424,18 +424,29 @@ def test_a_stopped_run_names_the_checkpoint_its_resume_takes(stage, tmp_path):
 
 
 def test_out_of_memory_names_the_checkpoint_its_resume_takes(tmp_path):
-    """The out-of-memory error named the newest complete checkpoint, one past max_steps (a budget lowered since
-    it was saved) too, where the rerun continues from the newest within the budget (newest_complete)."""
+    """The out-of-memory error says what the same command does next, as a stop's message does: the newest
+    complete checkpoint within max_steps (one past a budget lowered since is passed over), step 0 and why, a
+    refusal under resume=never, the checkpoint resume= names (it said "continues ... (resume=auto)" whatever
+    resume= was: following it under a named resume threw the steps since away)."""
     from flare_exp.training import out_of_memory_error
 
     run_dir = tmp_path / "run"
     for step in (3, 9):
         _checkpoint(run_dir / f"checkpoint-{step}")
-    said = str(out_of_memory_error("sft", 5, run_dir, ["lower sft.per_device_train_batch_size=4"], max_steps=6))
-    assert said.endswith("Rerun with the same run_name: it continues from checkpoint-3 (resume=auto)."), said
-    said = str(out_of_memory_error("sft", 5, run_dir, ["lower it"], max_steps=2))
-    assert said.endswith("it starts again (no checkpoint it can continue from) (resume=auto)."), said
-    assert "continues from checkpoint-9" in str(out_of_memory_error("sft", 10, run_dir, ["lower it"], max_steps=20))
+
+    def said(*overrides):
+        cfg = compose_cfg(["stage=sft", *overrides])
+        return str(out_of_memory_error(cfg, "sft", 5, run_dir, ["lower sft.per_device_train_batch_size=4"]))
+
+    assert said("sft.max_steps=6").endswith("Rerun the same command after that: it resumes from checkpoint-3 "
+                                            "(step 3 of 6)."), said("sft.max_steps=6")
+    assert "it starts again from step 0 (checkpoint-9 is past sft.max_steps=2" in said("sft.max_steps=2")
+    assert "it resumes from checkpoint-9 (step 9 of 20)" in said("sft.max_steps=20")
+    assert "it is refused (resume=never and checkpoint-9 is there): pass resume=auto" in said(
+        "sft.max_steps=20", "resume=never")
+    named = said("sft.max_steps=20", f"resume={run_dir / 'checkpoint-3'}")
+    assert f"it resumes from {run_dir / 'checkpoint-3'} again (resume= names it); pass resume=auto to continue " \
+           "from checkpoint-9" in named, named
 
 
 def test_a_stopped_run_whose_only_checkpoint_is_incomplete_starts_again_from_step_0(tmp_path):

@@ -243,5 +243,6 @@ def test_out_of_gpu_memory_in_grpo_says_what_to_lower(base_overrides, sft_adapte
     monkeypatch.setattr(GRPOTrainer, "training_step", small_gpu)
     with pytest.raises(RuntimeError, match=r"rl: the GPU ran out of memory in step 1: lower "
                                            r"rl.per_device_train_batch_size=4 .*rl.num_generations=2.*"
-                                           r"rl.max_completion_length=8.*starts again \(no checkpoint"):
+                                           r"rl.max_completion_length=8.*it starts again from step 0 \(no checkpoint was "
+                                           r"saved yet"):
         run(_rl_cfg(base_overrides, sft_adapter), run_dir=tmp_path / "rl")

@@ -243,5 +243,6 @@ def test_the_next_batch_is_built_ahead_where_the_card_holds_it(base_overrides, c
     assert infer_ahead_room(card_memory(), 24, 256)[0]  # a small batch the user set leaves room
     assert infer_ahead_room(None, 8, 256) == (False, "no GPU")
     check_settings(compose_cfg(["stage=infer", *base_overrides, "infer.inputs_ahead=false"]))
-    with pytest.raises(ValueError, match="infer.inputs_ahead='always': choose auto, True or False"):
-        check_settings(compose_cfg(["stage=infer", *base_overrides, "infer.inputs_ahead=always"]))
+    for bad in ("always", "1", "0", "1.0", "2"):  # a switch is true or false, not a number
+        with pytest.raises(ValueError, match="infer.inputs_ahead=.*: choose auto, true or false"):
+            check_settings(compose_cfg(["stage=infer", *base_overrides, f"infer.inputs_ahead={bad}"]))

@@ -574,3 +574,42 @@ def test_inputs_built_ahead_give_the_same_predictions_and_are_all_used(base_over
     assert decoder.ahead.ready == {}
     decoder.ahead.build(records[:3], [chat.load_images(r) for r in records[:3]])
     assert decoder.ahead.take(records[:2]) is None  # a half of a built batch builds its own
+    with decoder.ahead:  # as infer holds it: a loop stopped between batches leaves no built input behind
+        decoder.ahead.build(records[:3], [chat.load_images(r) for r in records[:3]])
+    assert decoder.ahead.ready == {} and decoder.ahead.state() == "ahead"
+
+
+def test_a_batch_out_of_memory_stops_building_inputs_ahead(base_overrides, demo_prepared, monkeypatch, caplog):
+    """The memory an input built ahead holds goes to the decode once a batch runs out of it: the halves and
+    every later batch are built in turn, said in the halving warning and in the summary's words."""
+    import torch
+
+    from flare_exp.data.vision import VisionChat
+    from flare_exp.io import read_jsonl
+    from flare_exp.models.batch_decoding import Decoder, InputsAhead, batches_with_images, decode_in_parts
+    from flare_exp.models.loading import load_model
+    from flare_exp.runtime import abspath
+
+    cfg = compose_cfg(["stage=infer", *base_overrides, "model.dtype=float32", "infer.batch_size=2",
+                       "infer.max_new_tokens=4"])
+    loaded = load_model(cfg.model, training=False)
+    chat = VisionChat(loaded.processor, abspath(cfg.data.root))
+    records = read_jsonl(demo_prepared / "val.jsonl")[:4]
+    decoder = Decoder(loaded.model, chat, cfg.infer, "hf")
+    decoder.ahead = InputsAhead(loaded.model, chat)
+    original, calls = Decoder.__call__, []
+
+    def first_batch_too_large(self, batch_records, images):
+        calls.append(len(batch_records))
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(self, batch_records, images)
+
+    monkeypatch.setattr(Decoder, "__call__", first_batch_too_large)
+    with caplog.at_level("WARNING"):
+        texts = [t for c, ims in batches_with_images(chat, records, 2, decoder.ahead)
+                 for t in decode_in_parts(decoder, c, ims)]
+    assert len(texts) == 4 and calls == [2, 1, 1, 2]
+    assert decoder.ahead.stopped and decoder.ahead.ready == {}
+    assert "building each batch's input in turn from now on (infer.inputs_ahead)" in caplog.text
+    assert decoder.ahead.state() == "ahead, then in turn (a batch ran out of GPU memory)"

@@ -131,9 +131,12 @@ def decode_in_parts(decode: Decoder, records: list[dict], images) -> list[str]:
                 "lower model.max_pixels (fewer image tokens) or infer.max_new_tokens") from e
         reason = str(e).splitlines()[0][:160]
     decode.release_memory()  # outside the except block: its traceback no longer holds the batch's tensors
-    if not decode.halving_said:
-        log.warning("infer: a batch of %d ran out of GPU memory (%s); decoding such batches in halves. A lower "
-                    "infer.batch_size avoids the retries.", len(records), reason)
+    stopped_ahead = decode.ahead is not None and decode.ahead.stop()
+    if not decode.halving_said or stopped_ahead:
+        log.warning("infer: a batch of %d ran out of GPU memory (%s); decoding such batches in halves%s. A lower "
+                    "infer.batch_size avoids the retries.", len(records), reason,
+                    ", and building each batch's input in turn from now on (infer.inputs_ahead)" if stopped_ahead
+                    else "")
         decode.halving_said = True
     half = len(records) // 2
     return (decode_in_parts(decode, records[:half], images[:half])
@@ -187,6 +190,23 @@ class InputsAhead:
         # on a CPU (tests) the build runs in the thread without a stream, the order being the thread's own
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.ready: dict[tuple, tuple] = {}
+        self.stopped = False  # by a batch out of memory: the memory an input ahead holds goes to the decode
+
+    def stop(self) -> bool:
+        """No more inputs built ahead, those built dropped; True the first time (it was building until then)."""
+        was_on, self.stopped = not self.stopped, True
+        self.ready.clear()
+        return was_on
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:  # a stopped loop leaves no built input behind (up to GiBs on a GPU)
+        self.ready.clear()
+
+    def state(self) -> str:
+        """What the run's summary records."""
+        return "ahead, then in turn (a batch ran out of GPU memory)" if self.stopped else "ahead"
 
     @staticmethod
     def key(records: list[dict]) -> tuple:
@@ -197,6 +217,8 @@ class InputsAhead:
         where a batch out of memory is decoded in halves)."""
         import torch
 
+        if self.stopped:
+            return
         try:
             self._build(records, images)
         except torch.OutOfMemoryError:
@@ -232,7 +254,9 @@ class InputsAhead:
         return batch
 
 
-INPUTS_AHEAD = ("auto", True, False)
+def check_inputs_ahead(value) -> None:
+    if value != "auto" and not isinstance(value, bool):  # 0, 1 and 1.0 too: a switch is true or false
+        raise ValueError(f"infer.inputs_ahead={value!r}: choose auto, true or false")
 
 
 def inputs_ahead(decode: Decoder) -> InputsAhead | None:

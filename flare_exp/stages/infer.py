@@ -8,6 +8,7 @@ appended to predictions.jsonl batch by batch, so a preempted job resumes where i
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -21,8 +22,8 @@ from flare_exp.data.decoding import check_records_window
 from flare_exp.data.prepared_split import read_prepared_split
 from flare_exp.data.vision import VisionChat
 from flare_exp.io import read_journal, write_json, write_jsonl
-from flare_exp.models.batch_decoding import (Decoder, batches_with_images, decode_in_parts, decode_settings,
-                                             image_device, inputs_ahead, INPUTS_AHEAD)
+from flare_exp.models.batch_decoding import (Decoder, batches_with_images, check_inputs_ahead, decode_in_parts,
+                                             decode_settings, image_device, inputs_ahead)
 from flare_exp.models.checkpoints import adapter_identity, checkpoint_label, resolve_adapter
 from flare_exp.models.grouped_attention import attention_used
 from flare_exp.models.loading import load_model
@@ -100,7 +101,7 @@ def write_submission(out_dir: Path, rows: list[dict], questions: int) -> Path:
 
 def check_settings(cfg) -> None:
     decode_settings(cfg.infer, cfg.model.backend).check()
-    check_choice("infer.inputs_ahead", cfg.infer.inputs_ahead, INPUTS_AHEAD)
+    check_inputs_ahead(cfg.infer.inputs_ahead)
     if not cfg.infer.input_file:  # else the split names no file
         check_choice("infer.split", cfg.infer.split, ("train", "val", "test"))
 
@@ -118,7 +119,7 @@ def read_predictions(out_dir: Path) -> dict[str, dict]:
 def predict(cfg, todo: list[dict], journal: Path, label: str, done: dict) -> tuple[int, float, str | None]:
     """Generate predictions for ``todo``, appended to ``journal`` batch by batch, each row naming the adapter
     (path and sha256) that made it; (generated, seconds, what decoded them: decode_loop, decode_attention and
-    inputs_ahead)."""
+    how the inputs were built)."""
     inf = cfg.infer
     adapter = used_adapter(cfg)
     loaded = load_model(cfg.model, init_from=inf.checkpoint, training=False, seed=cfg.seed,
@@ -134,9 +135,9 @@ def predict(cfg, todo: list[dict], journal: Path, label: str, done: dict) -> tup
     todo = decoding_order(todo, chat, inf)
     bar = tqdm(total=len(todo), desc=f"infer {label}", unit="report")
     generated, elapsed = 0, 0.0
-    with open(journal, "a", encoding="utf-8") as f:
+    ahead = inputs_ahead(decode)
+    with open(journal, "a", encoding="utf-8") as f, ahead or contextlib.nullcontext():
         start = time.perf_counter()  # reports/s over the whole loop: reading, processing, writing included
-        ahead = inputs_ahead(decode)
         batches = batches_with_images(chat, todo, inf.batch_size, ahead)
         for number, (chunk, images) in enumerate(batches, 1):
             predicted = timed_batch(decode, chunk, images, number, journal.parent)
@@ -156,7 +157,8 @@ def predict(cfg, todo: list[dict], journal: Path, label: str, done: dict) -> tup
             bar.set_postfix(reports_per_s=f"{generated / max(elapsed, 1e-9):.2f}")
     bar.close()
     return generated, elapsed, {"decode_loop": decode.decoding.used,  # what ran
-                                "decode_attention": attention_used(loaded.model), "inputs_ahead": ahead is not None}
+                                "decode_attention": attention_used(loaded.model),
+                                "inputs": ahead.state() if ahead is not None else "in turn"}
 
 
 # Task types by how long their answers run (a report, a list of labels, one label, a number): with

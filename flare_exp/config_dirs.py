@@ -159,9 +159,9 @@ def missing_choice(missing: str, overrides: list[str], dirs: list[Path]) -> str 
         return None
     for override in overrides:
         key, _, value = override.partition("=")
-        key = key.lstrip("+~")
+        key = key.lstrip("+~").split("@")[0]  # +cluster@sft=x picks cluster/x.yaml
         if key == group and value == option:
-            return f"{override} on the command line: {_no_option(group, option, dirs)}"
+            return _missing_on_command_line(overrides, dirs)
         if "/" in key or not value:
             continue
         for file in (d / key / f"{each}.yaml" for each in sweep_values(value, key, dirs) for d in dirs):
@@ -169,6 +169,23 @@ def missing_choice(missing: str, overrides: list[str], dirs: list[Path]) -> str 
             if found is not None:
                 return _missing_picks(found, (group, option), dirs)
     return None
+
+
+def _missing_on_command_line(overrides: list[str], dirs: list[Path]) -> str:
+    """Every group choice on the command line that no config dir has (Hydra stops at the first), each with its
+    group's options: one message, not one launch per mistyped choice."""
+    said = []
+    for override in overrides:
+        key, _, value = override.partition("=")
+        group = key.lstrip("+~").split("@")[0]
+        if "." in group or not _group_options(group, dirs):  # a key's value, not a group's choice
+            continue
+        options = _group_options(group, dirs)
+        said += [f"{override} on the command line: {_no_option(group, each, dirs)}"
+                 for each in (sweep_values(value, group, dirs) if value else [""]) if each not in options]
+    if len(said) <= 1:
+        return said[0] if said else "a choice on the command line names no config file"
+    return f"{len(said)} choices on the command line do not exist:\n" + "\n".join(f"    - {line}" for line in said)
 
 
 def _no_option(group: str, option: str, dirs: list[Path]) -> str:

@@ -815,6 +815,27 @@ def test_a_range_error_of_a_group_placed_under_a_package_names_the_file(tmp_path
                 in capsys.readouterr().err), choice
 
 
+def test_every_missing_choice_on_the_command_line_is_named_at_once(tmp_path, capsys):
+    """data=demoo model=tinyy: Hydra stops at the first, so the second came one launch later; both are named now,
+    each with its group's options. A choice placed under a package (+cluster@sft=nope) is named as
+    +cluster=nope is (Hydra's raw "Could not find 'cluster/nope'" before)."""
+    sys.path.insert(0, str(REPO))
+    import launch
+
+    with pytest.raises(SystemExit):
+        launch.check_command_line(["data=demoo", "model=tinyy", "stage=sft"])
+    err = capsys.readouterr().err
+    assert "2 choices on the command line do not exist:" in err, err
+    assert "- data=demoo on the command line: no data/demoo.yaml in the config dirs; data has demo" in err
+    assert "- model=tinyy on the command line: no model/tinyy.yaml in the config dirs; model has qwen3vl_4b, tiny" in err
+    (tmp_path / "cluster").mkdir()
+    (tmp_path / "cluster" / "small.yaml").write_text("learning_rate: 1.0\n")
+    with pytest.raises(SystemExit):
+        launch.check_command_line([f"--config-dir={tmp_path}", "+cluster@sft=nope", "stage=sft"])
+    err = capsys.readouterr().err
+    assert "+cluster@sft=nope on the command line: no cluster/nope.yaml in the config dirs; cluster has small" in err
+
+
 def test_a_hydra_group_picked_in_a_users_file_that_the_launch_does_not_take_is_refused(tmp_path, capsys):
     """conf/config.yaml's own `override hydra/launcher: watched` wins over an experiment file's
     `override /hydra/launcher: slurm`, without a word from Hydra: a SLURM sweep would run on the login node. A

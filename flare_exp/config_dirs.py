@@ -165,9 +165,8 @@ def missing_choice(missing: str, overrides: list[str], dirs: list[Path]) -> str 
         if "/" in key or not value:
             continue
         for file in (d / key / f"{each}.yaml" for each in sweep_values(value, key, dirs) for d in dirs):
-            found = _picking_file(file, group, option, dirs, set())
-            if found is not None:
-                return _missing_picks(found, (group, option), dirs)
+            if _picking_file(file, group, option, dirs, set()) is not None:
+                return _missing_picks(file, (group, option), dirs)
     return None
 
 
@@ -199,17 +198,33 @@ def _no_option(group: str, option: str, dirs: list[Path]) -> str:
         + (f" (did you mean {group}={near[0]}?)" if near else ""))
 
 
-def _missing_picks(file: Path, missing: tuple[str, str], dirs: list[Path]) -> str:
-    """The option Hydra found missing (``missing``: group, option) and every other one ``file``'s defaults list
-    picks that no config dir has, each named with the file and the group's options: one message, not one launch
-    per missing option."""
-    picks = [(defaults_group(key), value) for key, value in _defaults_entries(file) if value is not None]
+def _missing_picks(root: Path, missing: tuple[str, str], dirs: list[Path]) -> str:
+    """The option Hydra found missing (``missing``: group, option) and every other one that the defaults lists
+    of ``root`` (the command line's choice) and the files it includes pick and no config dir has, each named
+    with its file and the group's options: one message, not one launch per missing option."""
     said = [f"{file}: its defaults list picks {group}={value}, and there is {_no_option(group, value, dirs)}"
-            for group, value in picks if (group, value) == missing or value not in _group_options(group, dirs)]
+            for file, group, value in _picks_below(root, dirs, set())
+            if (group, value) == missing or value not in _group_options(group, dirs)]
     if len(said) == 1:
         return said[0]
-    return f"{len(said)} options the defaults list of {file} picks do not exist:\n" + "\n".join(
+    return f"{len(said)} options the defaults lists of {root} and its includes pick do not exist:\n" + "\n".join(
         f"    - {line}" for line in said)
+
+
+def _picks_below(file: Path, dirs: list[Path], seen: set) -> list[tuple[Path, str, str]]:
+    """(file, group, option) of every group choice in ``file``'s defaults list and in the files it includes."""
+    if file in seen or not file.is_file():
+        return []
+    seen.add(file)
+    picks = []
+    for key, value in _defaults_entries(file):
+        named = _entry_group(file, key, dirs)
+        if value is not None:
+            picks.append((file, named, value))
+        included = f"{named}/{value}" if value is not None else named
+        target = next((d / f"{included}.yaml" for d in dirs if (d / f"{included}.yaml").is_file()), None)
+        picks += _picks_below(target, dirs, seen) if target else []
+    return picks
 
 
 def sweep_values(value: str, group: str, dirs: list[Path]) -> list[str]:
@@ -255,7 +270,7 @@ def _picking_file(file: Path, group: str, option: str, dirs: list[Path], seen: s
         return None
     seen.add(file)
     for key, value in _defaults_entries(file):
-        named = defaults_group(key)
+        named = _entry_group(file, key, dirs)
         if value is not None and named == group and value == option:
             return file
         included = f"{named}/{value}" if value is not None else named  # - /experiment/base, - /experiment: base
@@ -270,6 +285,17 @@ def defaults_group(key: str) -> str:
     """The group a defaults-list entry's key names: ``override /hydra/launcher`` -> hydra/launcher,
     ``/model@foo`` -> model."""
     return key.removeprefix("override ").strip().lstrip("/").split("@")[0]
+
+
+def _entry_group(file: Path, key: str, dirs: list[Path]) -> str:
+    """The group (or file, for an include) a defaults entry of ``file`` names: without a leading / it is
+    relative to the group ``file`` is in, as Hydra reads it (``- incl`` in experiment/mine.yaml is
+    experiment/incl)."""
+    named = defaults_group(key)
+    if key.removeprefix("override ").strip().startswith("/"):
+        return named
+    home = next((file.parent.relative_to(d).as_posix() for d in dirs if file.is_relative_to(d)), ".")
+    return named if home == "." else f"{home}/{named}"
 
 
 def _defaults_entries(file: Path) -> list[tuple[str, str | None]]:

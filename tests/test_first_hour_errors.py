@@ -383,16 +383,22 @@ def test_every_missing_option_a_users_file_picks_is_named_at_once(tmp_path, caps
         "# @package _global_\ndefaults:\n  - override /model: tinny\n  - override /data: demo\n"
         "  - override /reward: nope\n")
     (tmp_path / "experiment" / "child.yaml").write_text("# @package _global_\ndefaults:\n  - /experiment/base\n")
+    # the including file's own missing pick too, and an include written relative to its group (- base)
+    (tmp_path / "experiment" / "sibling.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - base\n  - override /stage: inferr\n")
     base = tmp_path / "experiment" / "base.yaml"
-    for extra in (["experiment=base"], ["experiment=child"], ["-m", "experiment=child"]):
+    for extra in (["experiment=base"], ["experiment=child"], ["-m", "experiment=child"], ["experiment=sibling"]):
         with pytest.raises(SystemExit):
             launch.check_command_line([*extra[:-1], f"--config-dir={tmp_path}", "stage=runs", extra[-1]])
         err = capsys.readouterr().err
-        assert f"2 options the defaults list of {base} picks do not exist:" in err, err
+        root = tmp_path / "experiment" / f"{extra[-1].split('=')[1]}.yaml"
+        count = 3 if "sibling" in extra[-1] else 2
+        assert f"{count} options the defaults lists of {root} and its includes pick do not exist:" in err, err
         assert (f"{base}: its defaults list picks model=tinny, and there is no model/tinny.yaml in the config dirs; "
                 "model has qwen3vl_4b, tiny (did you mean model=tiny?)") in err
         assert (f"{base}: its defaults list picks reward=nope, and there is no reward/nope.yaml in the config dirs; "
                 "reward has flare, seed") in err and "data=demo" not in err
+    assert f"{root}: its defaults list picks stage=inferr, and there is no stage/inferr.yaml" in err
 
 
 def test_a_group_of_the_users_own_config_dir_is_a_known_key(tmp_path, capsys):

@@ -207,7 +207,7 @@ def test_a_stopped_jobs_line_gives_no_eta(tmp_path, capsys):
         d.mkdir()
     with sweep_watch.Progress(dirs, ["a=1", "a=2", "a=3", "a=4"], poll_s=60) as progress:
         for job, error, rank in ((dirs[0], KeyboardInterrupt("SIGTERM"), None), (dirs[1], SystemExit(143), 1),
-                                 (dirs[2], ValueError("not divisible"), None)):
+                                 (dirs[2], ValueError("not divisible"), None), (dirs[3], SystemExit(143), None)):
             try:
                 raise error
             except BaseException as e:  # noqa: BLE001  (as the run's lifecycle writes it)
@@ -217,6 +217,7 @@ def test_a_stopped_jobs_line_gives_no_eta(tmp_path, capsys):
     assert ": stopped from outside (KeyboardInterrupt: SIGTERM)" in lines[0] and lines[0].endswith(" | 3 left")
     assert ": rank 1: stopped from outside (SystemExit: 143)" in lines[1] and lines[1].endswith(" | 2 left")
     assert ": ValueError: not divisible | 1 left, ETA ~" in lines[2], lines
+    assert lines[3].endswith(" | all ended"), lines  # the last one stopped: not "all finished"
 
 
 def test_jobs_that_would_prepare_different_data_into_one_dir_are_named():

@@ -385,4 +385,4 @@ def test_a_stopped_jobs_failed_line_says_what_a_rerun_does_from_its_run_dir(tmp_
     with sweep_watch.Progress([job], ["sft.max_steps=400"], poll_s=60) as progress:
         progress.finished(0, "FAILED")  # the sweep's line: the whole sentence, not the runs table's 200 characters
     err = capsys.readouterr().err
-    assert f": {first} | all finished" in err, err
+    assert f": {first} | all ended" in err, err

@@ -71,8 +71,8 @@ def shadowed_files(dirs: list[Path], choices: dict, conf_dir: Path) -> list[str]
 
 
 def ignored_hydra_picks(dirs: list[Path], choices: dict, overrides: list[str] = ()) -> list[str]:
-    """A user's chosen group file whose defaults list picks a Hydra group (``override /hydra/launcher: slurm``)
-    that the composition did not take: conf/config.yaml's own override of that group wins (hydra/launcher:
+    """A user's chosen group file whose defaults list (or that of a file it includes) picks a Hydra group
+    (``override /hydra/launcher: slurm``) that the composition did not take: conf/config.yaml's own override of that group wins (hydra/launcher:
     watched), and Hydra says nothing, so a sweep meant for SLURM would run its jobs one by one where it was
     launched."""
     out = []
@@ -83,12 +83,11 @@ def ignored_hydra_picks(dirs: list[Path], choices: dict, overrides: list[str] = 
         file = next((d / group / f"{choice}.yaml" for d in dirs if (d / group / f"{choice}.yaml").is_file()), None)
         if file is None:
             continue
-        for key, value in _defaults_entries(file):
-            named = defaults_group(key)
-            if not named.startswith("hydra/") or value is None or choices.get(named) == value:
-                continue
-            out.append(_not_taken(file, (named, value), choices.get(named), overrides, dirs))
-    return out
+        for picking, named, value in _picks_below(file, dirs, set()):  # the files it includes too
+            hydra_own = any(picking.is_relative_to(d / "hydra") for d in dirs)  # slurm.yaml's base launcher
+            if named.startswith("hydra/") and not hydra_own and choices.get(named) != value:
+                out.append(_not_taken(picking, (named, value), choices.get(named), overrides, dirs))
+    return list(dict.fromkeys(out))  # one file included by two choices: said once
 
 
 def misplaced_hydra_pick(error: str, overrides: list[str], dirs: list[Path]) -> str | None:

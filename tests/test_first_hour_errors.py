@@ -918,7 +918,16 @@ def test_a_hydra_group_picked_in_a_copy_inside_conf_is_said_as_not_taken(tmp_pat
         err = capsys.readouterr().err
         assert (f"{conf}/experiment/{name}.yaml: its defaults list picks hydra/launcher=slurm, which this launch does "
                 "not take") in err, err
-    launch.check_command_line(["-m", "experiment=demo", "stage=sft"])  # the repo's own files: nothing to say
+    # the pick in a file the chosen one includes (relative or absolute), not in the chosen one itself
+    for include in ("plain", "/experiment/keyword"):
+        (conf / "experiment" / "outer.yaml").write_text(f"# @package _global_\ndefaults:\n  - {include}\n")
+        with pytest.raises(SystemExit):
+            launch.check_command_line(["-m", "experiment=outer", "stage=sft"])
+        err = capsys.readouterr().err
+        assert f"{conf}/experiment/{include.rpartition('/')[2]}.yaml: its defaults list picks hydra/launcher=slurm" \
+            in err, err
+    for taken in ("demo", "reward_search"):  # the repo's own files: nothing to say
+        launch.check_command_line(["-m", f"experiment={taken}", "stage=sft"])
 
 
 def test_a_sweep_with_cfg_and_an_empty_choice_are_one_line(capsys):

@@ -151,13 +151,24 @@ def effective_batch(section, world: int) -> dict:
 
 
 def out_of_memory_error(cfg, stage: str, step: int, out_dir: Path, remedies: list[str]) -> RuntimeError:
-    """What a training stage says when the GPU runs out of memory: where, what to lower, and what the same command
-    does next under its resume= (resume.rerun_of_training: the checkpoint it continues from, step 0 and why, a
-    refusal under resume=never, a checkpoint resume= names), as a stop's message says it."""
-    from flare_exp.resume import rerun_of_training
+    """What a training stage says when the GPU runs out of memory: where and what to lower. A remedy that keeps
+    the run (a speed setting: its key is free for the stage) comes with what the same command then does under
+    its resume= (resume.rerun_of_training: the checkpoint it continues from, step 0 and why, a refusal under
+    resume=never, a checkpoint resume= names); one that changes what the run trains (a batch split, the image
+    size) with a new run_name, as the same run_name would refuse the changed settings."""
+    import re
 
-    return RuntimeError(f"{stage}: the GPU ran out of memory in step {step}: " + "; or ".join(remedies)
-                        + f". Rerun the same command after that: it {rerun_of_training(cfg, stage, out_dir)}.")
+    from flare_exp.resume import rerun_of_training
+    from flare_exp.run.stage import stage as declared
+
+    free = set(declared(stage).free)
+    keeping = [r for r in remedies if (key := re.search(r"([\w.]+)=", r)) and key.group(1) in free]
+    changing = [r for r in remedies if r not in keeping]
+    said = [f"{'; or '.join(keeping)}, and rerun with the same run_name: it {rerun_of_training(cfg, stage, out_dir)}"
+            ] if keeping else []
+    said += [f"{'; or '.join(changing)}: that changes what the run trains, so give it a new run_name= (it starts "
+             "from step 0; overwrite=true replaces this run)"] if changing else []
+    return RuntimeError(f"{stage}: the GPU ran out of memory in step {step}: " + ". Or ".join(said) + ".")
 
 
 def setup_tracking(section, out_dir: Path) -> str:

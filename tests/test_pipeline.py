@@ -424,22 +424,27 @@ def test_a_stopped_run_names_the_checkpoint_its_resume_takes(stage, tmp_path):
 
 
 def test_out_of_memory_names_the_checkpoint_its_resume_takes(tmp_path):
-    """The out-of-memory error says what the same command does next, as a stop's message does: the newest
-    complete checkpoint within max_steps (one past a budget lowered since is passed over), step 0 and why, a
-    refusal under resume=never, the checkpoint resume= names (it said "continues ... (resume=auto)" whatever
-    resume= was: following it under a named resume threw the steps since away)."""
+    """The out-of-memory error says what a rerun does next, as a stop's message does: the newest complete
+    checkpoint within max_steps (one past a budget lowered since is passed over), step 0 and why, a refusal
+    under resume=never, the checkpoint resume= names (it said "continues ... (resume=auto)" whatever resume=
+    was). That is said of the remedies that keep the run (speed settings); those that change what it trains
+    (the batch split, the image size) would be refused under the same run_name: a new one is asked for."""
     from flare_exp.training import out_of_memory_error
 
     run_dir = tmp_path / "run"
     for step in (3, 9):
         _checkpoint(run_dir / f"checkpoint-{step}")
+    remedies = ["set model.gradient_checkpointing=true", "lower sft.per_device_train_batch_size=4",
+                "lower model.max_pixels (fewer image tokens per view)"]
 
-    def said(*overrides):
-        cfg = compose_cfg(["stage=sft", *overrides])
-        return str(out_of_memory_error(cfg, "sft", 5, run_dir, ["lower sft.per_device_train_batch_size=4"]))
+    def said(*overrides, given=remedies):
+        return str(out_of_memory_error(compose_cfg(["stage=sft", *overrides]), "sft", 5, run_dir, given))
 
-    assert said("sft.max_steps=6").endswith("Rerun the same command after that: it resumes from checkpoint-3 "
-                                            "(step 3 of 6)."), said("sft.max_steps=6")
+    assert said("sft.max_steps=6") == (
+        "sft: the GPU ran out of memory in step 5: set model.gradient_checkpointing=true, and rerun with the same "
+        "run_name: it resumes from checkpoint-3 (step 3 of 6). Or lower sft.per_device_train_batch_size=4; or lower "
+        "model.max_pixels (fewer image tokens per view): that changes what the run trains, so give it a new "
+        "run_name= (it starts from step 0; overwrite=true replaces this run)."), said("sft.max_steps=6")
     assert "it starts again from step 0 (checkpoint-9 is past sft.max_steps=2" in said("sft.max_steps=2")
     assert "it resumes from checkpoint-9 (step 9 of 20)" in said("sft.max_steps=20")
     assert "it is refused (resume=never and checkpoint-9 is there): pass resume=auto" in said(
@@ -447,6 +452,8 @@ def test_out_of_memory_names_the_checkpoint_its_resume_takes(tmp_path):
     named = said("sft.max_steps=20", f"resume={run_dir / 'checkpoint-3'}")
     assert f"it resumes from {run_dir / 'checkpoint-3'} again (resume= names it); pass resume=auto to continue " \
            "from checkpoint-9" in named, named
+    only_changing = said("sft.max_steps=20", given=remedies[1:])
+    assert "rerun" not in only_changing and "give it a new run_name=" in only_changing
 
 
 def test_a_stopped_run_whose_only_checkpoint_is_incomplete_starts_again_from_step_0(tmp_path):

@@ -241,8 +241,10 @@ def test_out_of_gpu_memory_in_grpo_says_what_to_lower(base_overrides, sft_adapte
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(GRPOTrainer, "training_step", small_gpu)
-    with pytest.raises(RuntimeError, match=r"rl: the GPU ran out of memory in step 1: lower "
+    with pytest.raises(RuntimeError, match=r"rl: the GPU ran out of memory in step 1: (set model.gradient_"
+                                           r"checkpointing=true, and rerun with the same run_name: it starts again "
+                                           r"from step 0 \(no checkpoint was saved yet.*\. Or )?lower "
                                            r"rl.per_device_train_batch_size=4 .*rl.num_generations=2.*"
-                                           r"rl.max_completion_length=8.*it starts again from step 0 \(no checkpoint was "
-                                           r"saved yet"):
+                                           r"rl.max_completion_length=8.*that changes what the run trains, so give it "
+                                           r"a new run_name="):
         run(_rl_cfg(base_overrides, sft_adapter), run_dir=tmp_path / "rl")

@@ -299,10 +299,10 @@ def test_out_of_gpu_memory_says_what_to_lower_and_the_rerun_resumes(base_overrid
     cfg = _sft_cfg(base_overrides, "sft.max_steps=2", "sft.save_steps=1", "sft.gradient_accumulation_steps=1",
                    "model.gradient_checkpointing=false")
     monkeypatch.setattr(Trainer, "training_step", small_gpu)
-    with pytest.raises(RuntimeError, match=r"sft: the GPU ran out of memory in step 2: lower "
-                                           r"sft.per_device_train_batch_size=\d+ .*model.max_pixels.*"
-                                           r"model.gradient_checkpointing=true\. Rerun the same command after that: "
-                                           r"it resumes from checkpoint-1 \(step 1 of 2\)\."):
+    with pytest.raises(RuntimeError, match=r"sft: the GPU ran out of memory in step 2: set "
+                                           r"model.gradient_checkpointing=true, and rerun with the same run_name: "
+                                           r"it resumes from checkpoint-1 \(step 1 of 2\)\. Or lower "
+                                           r"sft.per_device_train_batch_size=\d+ .*model.max_pixels.*new run_name="):
         run(cfg, run_dir=tmp_path / "sft")
     monkeypatch.setattr(Trainer, "training_step", original)
     assert run(cfg, run_dir=tmp_path / "sft")["global_step"] == 2

@@ -289,7 +289,7 @@ def run(cfg, out_dir: Path, applied: dict | None = None) -> dict:
     trainer.decoding = decoding
     trainer.rollout_weights = rollout_weights_of(rl, cfg.model.backend, graph)
     trainer.add_callback(RolloutWeightsLog(trainer))
-    _, final, lead = train_and_save(trainer, "rl", cfg, out_dir, meta, report_to, oom_remedies(rl),
+    _, final, lead = train_and_save(trainer, "rl", cfg, out_dir, meta, report_to, oom_remedies(cfg),
                                     final_meta=lambda t: {"init_from": str(loaded.adapter or "")})
     summary = {**summarise(trainer.state.log_history, trainer.state.global_step), **schedule_changes(trainer.state)}
     summary.update(final_adapter=str(final), prompts=len(records), skipped_too_long=skipped,
@@ -339,8 +339,10 @@ def prompts_that_fit(chat: VisionChat, records: list[dict], limit: int, on_too_l
     return records, len(too_long)
 
 
-def oom_remedies(rl) -> list[str]:
-    return [f"lower rl.per_device_train_batch_size={rl.per_device_train_batch_size} (raise "
+def oom_remedies(cfg) -> list[str]:
+    rl = cfg.rl
+    return [*([] if cfg.model.gradient_checkpointing else ["set model.gradient_checkpointing=true"]),
+            f"lower rl.per_device_train_batch_size={rl.per_device_train_batch_size} (raise "
             "rl.gradient_accumulation_steps to keep the completions per step; their product stays a multiple "
             f"of rl.num_generations={rl.num_generations})",
             f"lower rl.max_completion_length={rl.max_completion_length}",

@@ -216,7 +216,7 @@ def _training_after_a_stop(cfg, stage: str, out_dir: Path, it: str) -> str | Non
     if resume != "auto":  # a checkpoint named on purpose: taken again, whatever the run saved since
         taken = _quietly(newest_complete, out_dir, up_to=budget)
         newer = (f"; pass resume=auto to continue from {taken.name}"
-                 if taken and abspath(resume) != taken.resolve() else "")
+                 if taken and abspath(resume).resolve() != taken.resolve() else "")
         return f"resumes from {resume} again (resume= names it){newer}"
     try:
         taken = _quietly(newest_complete, out_dir, up_to=budget)

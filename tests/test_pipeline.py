@@ -452,6 +452,8 @@ def test_out_of_memory_names_the_checkpoint_its_resume_takes(tmp_path):
     named = said("sft.max_steps=20", f"resume={run_dir / 'checkpoint-3'}")
     assert f"it resumes from {run_dir / 'checkpoint-3'} again (resume= names it); pass resume=auto to continue " \
            "from checkpoint-9" in named, named
+    dotted = said("sft.max_steps=20", f"resume={run_dir}/../run/checkpoint-9")  # the newest one, spelled with ..
+    assert "(resume= names it)." in dotted and "pass resume=auto" not in dotted, dotted
     only_changing = said("sft.max_steps=20", given=remedies[1:])
     assert "rerun" not in only_changing and "give it a new run_name=" in only_changing
 

@@ -179,22 +179,23 @@ def _missing_on_command_line(overrides: list[str], dirs: list[Path]) -> str:
         if "." in group or not _group_options(group, dirs):  # a key's value, not a group's choice
             continue
         options = _group_options(group, dirs)
-        said += [f"{override} on the command line: {_no_option(group, each, dirs)}"
+        said += [f"{override} on the command line: {_no_option(group, each, dirs, key)}"
                  for each in (sweep_values(value, group, dirs) if value else [""]) if each not in options]
     if len(said) <= 1:
         return said[0] if said else "a choice on the command line names no config file"
     return f"{len(said)} choices on the command line do not exist:\n" + "\n".join(f"    - {line}" for line in said)
 
 
-def _no_option(group: str, option: str, dirs: list[Path]) -> str:
-    """'no group/option.yaml in the config dirs; group has a, b (did you mean group=a?)'."""
+def _no_option(group: str, option: str, dirs: list[Path], spelled: str | None = None) -> str:
+    """'no group/option.yaml in the config dirs; group has a, b (did you mean group=a?)'; ``spelled``: the key as
+    the command line wrote it (+cluster@sft), for the suggestion."""
     import difflib
 
     options = _group_options(group, dirs)
     near = difflib.get_close_matches(option, options, n=1)
     return (("no option given; " if not option else f"no {group}/{option}.yaml in the config dirs; ") + (
         f"{group} has {', '.join(options)}" if options else f"there is no config group {group}")
-        + (f" (did you mean {group}={near[0]}?)" if near else ""))
+        + (f" (did you mean {spelled or group}={near[0]}?)" if near else ""))
 
 
 def _missing_picks(root: Path, missing: tuple[str, str], dirs: list[Path]) -> str:

@@ -840,6 +840,9 @@ def test_every_missing_choice_on_the_command_line_is_named_at_once(tmp_path, cap
         launch.check_command_line([f"--config-dir={tmp_path}", "+cluster@sft=nope", "stage=sft"])
     err = capsys.readouterr().err
     assert "+cluster@sft=nope on the command line: no cluster/nope.yaml in the config dirs; cluster has small" in err
+    with pytest.raises(SystemExit):
+        launch.check_command_line([f"--config-dir={tmp_path}", "+cluster@sft=smal", "stage=sft"])
+    assert "(did you mean +cluster@sft=small?)" in capsys.readouterr().err  # as the command line spells it
 
 
 def test_a_hydra_group_picked_in_a_users_file_that_the_launch_does_not_take_is_refused(tmp_path, capsys):

@@ -97,6 +97,7 @@ def test_a_smaller_num_samples_keeps_the_predictions_it_leaves_out(base_override
     (run_dir / "DONE").unlink()  # an unfinished attempt, resumed asking for fewer
     summary = _infer(base_overrides, run_dir, f"infer.checkpoint={sft_adapter}", "infer.num_samples=2")
     assert summary["samples"] == 2 and summary["generated_now"] == 0
+    assert summary["decode_loop"] is None and summary["inputs"] is None  # nothing decoded: the same keys, null
     spare = (run_dir / "predictions.beyond_num_samples.jsonl").read_text().splitlines()
     assert len(spare) == 4 and all(first[json.loads(l)["id"]] == l for l in spare)  # kept as they were
     (run_dir / "DONE").unlink()

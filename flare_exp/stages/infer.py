@@ -262,7 +262,7 @@ def finish(cfg, out_dir: Path, records: list[dict], done: dict, label: str, gene
                "checkpoint": inf.checkpoint, "adapter": adapter, "split": inf.split, "samples": len(rows), "generated_now": generated,
                "reports_per_second": round(generated / elapsed, 3) if elapsed else None,
                "batch_size": inf.batch_size, "batch_size_choice": batch_choice, "max_new_tokens": inf.max_new_tokens,
-               **(decoded_by or {"decode_loop": None}),
+               **(decoded_by or {"decode_loop": None, "inputs": None}),  # none decoded now (all resumed)
                # model.liger_kernel=true is in config.yaml; inference loads without them (models/loading.py)
                **({"liger_kernel": "off: training kernels"} if cfg.model.liger_kernel else {}),
                "world_size": world, **({"submission": str(submission), "submission_complete":

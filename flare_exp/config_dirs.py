@@ -72,9 +72,9 @@ def shadowed_files(dirs: list[Path], choices: dict, conf_dir: Path) -> list[str]
 
 def ignored_hydra_picks(dirs: list[Path], choices: dict, overrides: list[str] = ()) -> list[str]:
     """A user's chosen group file whose defaults list (or that of a file it includes) picks a Hydra group
-    (``override /hydra/launcher: slurm``) that the composition did not take: conf/config.yaml's own override of that group wins (hydra/launcher:
-    watched), and Hydra says nothing, so a sweep meant for SLURM would run its jobs one by one where it was
-    launched."""
+    (``override /hydra/launcher: slurm``) that the composition did not take: conf/config.yaml's own override of
+    that group wins (hydra/launcher: watched), and Hydra says nothing, so a sweep meant for SLURM would run its
+    jobs one by one where it was launched."""
     out = []
     for group, choice in choices.items():
         if not isinstance(choice, str) or group.startswith("hydra"):
@@ -150,28 +150,38 @@ def users_files(values, overrides: list[str], conf_dir: Path) -> dict[str, Path]
 def missing_choice(missing: str, overrides: list[str], dirs: list[Path]) -> str | None:
     """What to say of Hydra's "Could not find 'group/option'" (``missing``): the group file of the user's whose
     defaults list picks it (Hydra names only 'config'), found from the command line's choices through the files
-    their defaults lists include, with every other option that file picks and no config dir has (Hydra stops at
-    the first), or the command line's own choice; each with the group's options (Hydra's own and its plugins'
-    too, and those in ``dirs``) and the nearest one. None when ``missing`` names no group file."""
+    their defaults lists include, or the command line's own choice; with every other option those files and
+    the command line pick that no config dir has (Hydra stops at the first), each with the group's options
+    (Hydra's own and its plugins' too, and those in ``dirs``) and the nearest one. None when ``missing`` names
+    no group file."""
     group, _, option = missing.rpartition("/")
     if not group:
         return None
-    for override in overrides:
+    on_line, roots, chosen = _command_line_misses(overrides, dirs), [], False
+    for override in overrides:  # the group files the command line chooses, in its order
         key, _, value = override.partition("=")
         key = key.lstrip("+~").split("@")[0]  # +cluster@sft=x picks cluster/x.yaml
-        if key == group and value == option:
-            return _missing_on_command_line(overrides, dirs)
-        if "/" in key or not value:
-            continue
-        for file in (d / key / f"{each}.yaml" for each in sweep_values(value, key, dirs) for d in dirs):
-            if _picking_file(file, group, option, dirs, set()) is not None:
-                return _missing_picks(file, (group, option), dirs)
-    return None
+        values = sweep_values(value, key, dirs) if value else [""]
+        chosen = chosen or (key == group and option in values)
+        if "/" not in key and value:
+            roots += [f for each in values for d in dirs
+                      if (f := d / key / f"{each}.yaml").is_file() and f not in roots]
+    picking = next((r for r in roots if _picking_file(r, group, option, dirs, set()) is not None), None)
+    if picking is None and not chosen:
+        return None
+    in_files = {r: misses for r in roots if (misses := _file_misses(r, (group, option) if r == picking else None,
+                                                                    dirs))}
+    said = [line for misses in in_files.values() for line in misses] + on_line
+    if len(said) == 1:
+        return said[0]
+    files = " and ".join(f"the defaults lists of {r} and its includes" for r in in_files)
+    head = (f"options {files} pick" if not on_line else "choices on the command line" if not in_files else
+            f"options picked on the command line and in {files}")
+    return f"{len(said)} {head} do not exist:\n" + "\n".join(f"    - {line}" for line in said)
 
 
-def _missing_on_command_line(overrides: list[str], dirs: list[Path]) -> str:
-    """Every group choice on the command line that no config dir has (Hydra stops at the first), each with its
-    group's options: one message, not one launch per mistyped choice."""
+def _command_line_misses(overrides: list[str], dirs: list[Path]) -> list[str]:
+    """Every group choice on the command line that no config dir has, each with its group's options."""
     said = []
     for override in overrides:
         key, _, value = override.partition("=")
@@ -181,9 +191,7 @@ def _missing_on_command_line(overrides: list[str], dirs: list[Path]) -> str:
         options = _group_options(group, dirs)
         said += [f"{override} on the command line: {_no_option(group, each, dirs, key)}"
                  for each in (sweep_values(value, group, dirs) if value else [""]) if each not in options]
-    if len(said) <= 1:
-        return said[0] if said else "a choice on the command line names no config file"
-    return f"{len(said)} choices on the command line do not exist:\n" + "\n".join(f"    - {line}" for line in said)
+    return said
 
 
 def _no_option(group: str, option: str, dirs: list[Path], spelled: str | None = None) -> str:
@@ -198,17 +206,13 @@ def _no_option(group: str, option: str, dirs: list[Path], spelled: str | None = 
         + (f" (did you mean {spelled or group}={near[0]}?)" if near else ""))
 
 
-def _missing_picks(root: Path, missing: tuple[str, str], dirs: list[Path]) -> str:
+def _file_misses(root: Path, missing: tuple[str, str] | None, dirs: list[Path]) -> list[str]:
     """The option Hydra found missing (``missing``: group, option) and every other one that the defaults lists
     of ``root`` (the command line's choice) and the files it includes pick and no config dir has, each named
-    with its file and the group's options: one message, not one launch per missing option."""
-    said = [f"{file}: its defaults list picks {group}={value}, and there is {_no_option(group, value, dirs)}"
+    with its file and the group's options."""
+    return [f"{file}: its defaults list picks {group}={value}, and there is {_no_option(group, value, dirs)}"
             for file, group, value in _picks_below(root, dirs, set())
             if (group, value) == missing or value not in _group_options(group, dirs)]
-    if len(said) == 1:
-        return said[0]
-    return f"{len(said)} options the defaults lists of {root} and its includes pick do not exist:\n" + "\n".join(
-        f"    - {line}" for line in said)
 
 
 def _picks_below(file: Path, dirs: list[Path], seen: set) -> list[tuple[Path, str, str]]:

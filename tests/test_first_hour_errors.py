@@ -843,6 +843,15 @@ def test_every_missing_choice_on_the_command_line_is_named_at_once(tmp_path, cap
     with pytest.raises(SystemExit):
         launch.check_command_line([f"--config-dir={tmp_path}", "+cluster@sft=smal", "stage=sft"])
     assert "(did you mean +cluster@sft=small?)" in capsys.readouterr().err  # as the command line spells it
+    (tmp_path / "experiment").mkdir()
+    mine = tmp_path / "experiment" / "mine.yaml"
+    mine.write_text("# @package _global_\ndefaults:\n  - override /model: tinny\n")
+    with pytest.raises(SystemExit):  # a file's miss and the command line's: one launch, not two
+        launch.check_command_line([f"--config-dir={tmp_path}", "experiment=mine", "data=demoo", "stage=sft"])
+    err = capsys.readouterr().err
+    assert (f"2 options picked on the command line and in the defaults lists of {mine} and its includes do not "
+            "exist:") in err, err
+    assert f"- {mine}: its defaults list picks model=tinny" in err and "- data=demoo on the command line" in err
 
 
 def test_a_hydra_group_picked_in_a_users_file_that_the_launch_does_not_take_is_refused(tmp_path, capsys):

@@ -166,11 +166,12 @@ def missing_choice(missing: str, overrides: list[str], dirs: list[Path]) -> str 
         if "/" not in key and value:
             roots += [f for each in values for d in dirs
                       if (f := d / key / f"{each}.yaml").is_file() and f not in roots]
-    picking = next((r for r in roots if _picking_file(r, group, option, dirs, set()) is not None), None)
+    picks = {r: _picks_below(r, dirs, set()) for r in roots}  # each chosen file and what it includes, read once
+    picking = next((r for r in roots if any((g, v) == (group, option) for _, g, v in picks[r])), None)
     if picking is None and not chosen:
         return None
-    in_files = {r: misses for r in roots if (misses := _file_misses(r, (group, option) if r == picking else None,
-                                                                    dirs))}
+    in_files = {r: misses for r in roots
+                if (misses := _file_misses(picks[r], (group, option) if r == picking else None, dirs))}
     said = [line for misses in in_files.values() for line in misses] + on_line
     if len(said) == 1:
         return said[0]
@@ -186,9 +187,9 @@ def _command_line_misses(overrides: list[str], dirs: list[Path]) -> list[str]:
     for override in overrides:
         key, _, value = override.partition("=")
         group = key.lstrip("+~").split("@")[0]
-        if "." in group or not _group_options(group, dirs):  # a key's value, not a group's choice
+        options = [] if "." in group else _group_options(group, dirs)
+        if not options:  # a key's value, not a group's choice
             continue
-        options = _group_options(group, dirs)
         said += [f"{override} on the command line: {_no_option(group, each, dirs, key)}"
                  for each in (sweep_values(value, group, dirs) if value else [""]) if each not in options]
     return said
@@ -206,13 +207,11 @@ def _no_option(group: str, option: str, dirs: list[Path], spelled: str | None = 
         + (f" (did you mean {spelled or group}={near[0]}?)" if near else ""))
 
 
-def _file_misses(root: Path, missing: tuple[str, str] | None, dirs: list[Path]) -> list[str]:
-    """The option Hydra found missing (``missing``: group, option) and every other one that the defaults lists
-    of ``root`` (the command line's choice) and the files it includes pick and no config dir has, each named
-    with its file and the group's options."""
+def _file_misses(picks: list[tuple[Path, str, str]], missing: tuple[str, str] | None, dirs: list[Path]) -> list[str]:
+    """Of ``picks`` (_picks_below of a command-line choice's file), the option Hydra found missing (``missing``:
+    group, option) and every other one no config dir has, each named with its file and the group's options."""
     return [f"{file}: its defaults list picks {group}={value}, and there is {_no_option(group, value, dirs)}"
-            for file, group, value in _picks_below(root, dirs, set())
-            if (group, value) == missing or value not in _group_options(group, dirs)]
+            for file, group, value in picks if (group, value) == missing or value not in _group_options(group, dirs)]
 
 
 def _picks_below(file: Path, dirs: list[Path], seen: set) -> list[tuple[Path, str, str]]:
@@ -265,24 +264,6 @@ def _group_options(group: str, dirs: list[Path]) -> list[str]:
     except Exception:  # noqa: BLE001  (the list only: the message stands without Hydra's)
         pass
     return sorted(options)
-
-
-def _picking_file(file: Path, group: str, option: str, dirs: list[Path], seen: set) -> Path | None:
-    """``file``, or a group file its defaults list includes (and so on), whose defaults list picks ``option`` of
-    ``group`` (``- /group: x``, ``- override /group: x``, ``- group: x``); None when none does."""
-    if file in seen or not file.is_file():
-        return None
-    seen.add(file)
-    for key, value in _defaults_entries(file):
-        named = _entry_group(file, key, dirs)
-        if value is not None and named == group and value == option:
-            return file
-        included = f"{named}/{value}" if value is not None else named  # - /experiment/base, - /experiment: base
-        for d in dirs:
-            found = _picking_file(d / f"{included}.yaml", group, option, dirs, seen)
-            if found is not None:
-                return found
-    return None
 
 
 def defaults_group(key: str) -> str:

@@ -98,8 +98,9 @@ class Progress:
         done, total = len(self.reported), len(self.job_dirs)
         left, ran = total - done, done - len(self.kept)  # the rate: the jobs run in this launch, not the kept
         elapsed = time.time() - self.start
-        timed = left and ran > 0 and not was_stopped(reason)  # a stop (the sweep's, mostly) ends the rate's meaning
-        ended = "all ended" if was_stopped(reason) else "all finished"  # a stopped job did not finish
+        stopped = was_stopped(reason)
+        timed = left and ran > 0 and not stopped  # a stop (the sweep's, mostly) ends the rate's meaning
+        ended = "all ended" if stopped else "all finished"  # a stopped job did not finish
         eta = f"{left} left, ETA ~{elapsed / ran * left:.0f} s" if timed else f"{left} left" if left else ended
         say(f"{done}/{total} #{self.job_dirs[i].name} ({self.names[i]}) {status} in {seconds:.0f} s{headline}"
             f"{f': {reason}' if status != 'DONE' and reason else ''} | {eta}")

@@ -136,6 +136,21 @@ def gpu_peak_gib() -> float | None:
     return round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None
 
 
+def gpu_held_gib() -> dict | None:
+    """What the process still holds on the GPU after a collection, GiB (None on a CPU): a finished stage run
+    should leave nothing behind for the next one in the same process (a pipeline's steps, the bench's warm-up)."""
+    import gc
+
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    gc.collect()
+    torch.cuda.synchronize()
+    return {"allocated": round(torch.cuda.memory_allocated() / 2**30, 2),
+            "reserved": round(torch.cuda.memory_reserved() / 2**30, 2)}
+
+
 # Dense (no sparsity) bf16 tensor-core peaks of the cards we know, TFLOP/s, from the vendors' datasheets; matched
 # against torch's device name in this order (the first match wins: "H100 PCIe" before "H100").
 PEAK_BF16_TFLOPS = ((r"H100 NVL|H200 NVL", 835.0), (r"H100 PCIe", 756.0), (r"H100|H200", 989.0), (r"A100", 312.0),

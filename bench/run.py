@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.common import (bench_data, compose, device_name, ensure_prepared, filtered_file,  # noqa: E402
-                          gpu_peak_gib, library_versions, model_flops_utilization, model_overrides,
+                          gpu_held_gib, gpu_peak_gib, library_versions, model_flops_utilization, model_overrides,
                           write_result)
 from flare_exp.profiling import PROFILE_FIRST  # noqa: E402
 
@@ -239,9 +239,12 @@ def run_infer(args, work: Path) -> dict:
     import torch
 
     batches = BatchLog()
+    held_after_warm = None
     with forced or contextlib.nullcontext():
         if args.warm:  # one untimed batch first: compilation (static cache) is not throughput
             run(compose([*overrides, f"infer.num_samples={args.batch}"]), run_dir=work / "runs" / (name + "-warm"))
+            held_after_warm = gpu_held_gib()
+            print("GPU memory held after the warm-up run (GiB):", held_after_warm)
         batches.records.clear()
         if forced:
             forced.reset()
@@ -260,6 +263,7 @@ def run_infer(args, work: Path) -> dict:
             "backend": args.backend, "batch": args.batch, "batch_used": summary["batch_size"],
             "batch_choice": summary.get("batch_size_choice"), "cache": args.cache or "dynamic",
             "image_device": args.image_device, "peak_memory_gib": gpu_peak_gib(),
+            "held_after_warm_gib": held_after_warm,
             "new_tokens": args.new_tokens, "samples": summary["samples"], "decode_loop": summary["decode_loop"],
             "loop_cache_lengths": [r.loop_cache_length for r in batches.records],
             "reports_per_second": summary["reports_per_second"], "wall_seconds": round(time.time() - t0, 1)}

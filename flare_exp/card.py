@@ -10,7 +10,7 @@ coefficients OUT_DIR` re-measures them from a folder of bench results (bench/car
 - GRPO: the completions per step are kept; the micro-batch is the largest divisor (<= 16) that fits recomputed.
 - infer.batch_size=auto and eval.green.batch_size=auto: the largest batch whose KV cache and activations fit,
   capped at the batch measured fastest; without a GPU, the CPU defaults (INFER_CPU_BATCH, GREEN_CPU_BATCH).
-- infer.inputs_ahead=auto: the next batch's input is built beside the decode where the card holds both.
+- infer.inputs_ahead=auto: the next batch's input is built beside the decode wherever the batch fits the card.
 
 A value the user sets is never overridden: batch sizes are sized only where they say ``auto``; SFT's split only
 under sft.card_preset=auto (``none`` keeps the configured split).
@@ -48,9 +48,12 @@ MEMORY_MODEL = {
     "infer_gib_per_1k_tokens": 0.29,
     "infer_prompt_tokens": 700,
     "infer_largest_batch": 128,  # 128 made 28 reports/s against 16 at 32; larger not measured
-    # infer.inputs_ahead: the next batch's input built beside this batch's prefill and decode. H100, batch 128, two
-    # 512-px views, 128 new tokens (2026-12-06, one call): peak 53.9 GiB with it, 33.5 without: 0.159 per report
-    "infer_ahead_gib_per_report": 0.16,
+    # infer.inputs_ahead needs no room of its own: under caps (H100, two 512-px views + 128 new tokens; 2026-12-06,
+    # seventeenth session) the peaks with the next batch's input built ahead equal those built in turn: 27.24 GiB
+    # at batch 96 and 30.39 at 112 under 40 GiB (each pair in one call), 33.54 at 128 under 48 (uncapped in turn:
+    # 33.54), 17.80 at 48 under 24 (the line above: 17.8). The input is ~0.012 GiB per report (float32 pixel
+    # values), built while the decode's working set is below the prefill's peak. Without a cap the allocator
+    # caches more for the second stream (53.9 against 33.5 GiB at batch 128), not a need.
     # GREEN-radllama2-7b (fp16, no grouped-query attention): per judgment, its row of KV cache (0.5 GiB per 1,000
     # tokens) and the prefill's activations. Under 24, 40 and 48 GiB caps (2026-12-04, two calls) the peaks of
     # batches 5 / 8 / 16 / 24 / 32 of rows up to 1,216 tokens (916-token prompts + 300 new) lie on one line:
@@ -185,27 +188,33 @@ def round_batch(n: float, largest: int) -> int:
     return n // 8 * 8 if n >= 8 else max(1, n)
 
 
+def infer_need_gib(batch: int, max_new_tokens: int) -> float:
+    """The modelled peak of an infer batch (weights, vision workspace, prefill and KV cache), GiB."""
+    m = MEMORY_MODEL
+    per_report = (m["infer_prompt_tokens"] + max_new_tokens) * m["infer_gib_per_1k_tokens"] / 1000
+    return m["infer_reserved_gib"] + batch * per_report
+
+
 def infer_batch(card: Card | None, max_new_tokens: int) -> tuple[int, str]:
     """infer.batch_size=auto: (batch, why)."""
     m = MEMORY_MODEL
     if card is None:
         return INFER_CPU_BATCH, "no GPU: the CPU default"
-    per_report = (m["infer_prompt_tokens"] + max_new_tokens) * m["infer_gib_per_1k_tokens"] / 1000
+    per_report = infer_need_gib(1, max_new_tokens) - m["infer_reserved_gib"]
     batch = round_batch((usable_gib(card) - m["infer_reserved_gib"]) / per_report, m["infer_largest_batch"])
     return batch, (f"{card}: {per_report:.2f} GiB per report of ~{m['infer_prompt_tokens']} + {max_new_tokens} tokens, "
                    f"at most {m['infer_largest_batch']} (the fastest measured)")
 
 
 def infer_ahead_room(card: Card | None, batch: int, max_new_tokens: int) -> tuple[bool, str]:
-    """infer.inputs_ahead=auto: (whether the card holds the next batch's input beside this batch's decode, why).
-    Where it does not (a 40 GiB card at its largest fitting batch), the larger batch is worth more."""
-    m = MEMORY_MODEL
+    """infer.inputs_ahead=auto: (whether to build the next batch's input beside this batch's decode, why): where
+    the batch itself fits the card (the input ahead adds nothing to the peak, MEMORY_MODEL); a batch set larger
+    than that builds each input in turn, leaving what it has to the batch."""
     if card is None:
         return False, "no GPU"
-    per_report = (m["infer_prompt_tokens"] + max_new_tokens) * m["infer_gib_per_1k_tokens"] / 1000
-    need = m["infer_reserved_gib"] + batch * (per_report + m["infer_ahead_gib_per_report"])
-    return need <= usable_gib(card), (f"{card}: batch {batch} with the next one's input ahead needs ~{need:.0f} GiB "
-                                      f"of {usable_gib(card):.0f} usable")
+    need = infer_need_gib(batch, max_new_tokens)
+    return need <= usable_gib(card), (f"{card}: batch {batch} needs ~{need:.0f} GiB of {usable_gib(card):.0f} "
+                                      "usable; the next batch's input adds nothing to the peak")
 
 
 def green_batch(card: Card | None, row_tokens: int) -> tuple[int, str]:

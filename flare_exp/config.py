@@ -16,6 +16,7 @@ from flare_exp.data.records import FLARE_DATASETS
 from flare_exp.decode_config import DecodingConfig
 from flare_exp.eval_config import (CheXbertConfig, CrimsonConfig, EvalConfig, GreenConfig,  # noqa: F401
                                    KeywordMetricsConfig, RunsConfig, SignificanceConfig, SweepReportConfig)
+from flare_exp.reward_config import RewardConfig
 
 
 @dataclass
@@ -137,42 +138,6 @@ class DataConfig:
     allow_overlap: bool = False
     # data=demo: generate a synthetic FLARE-layout tree at `root` when it is missing.
     demo: Optional[DemoConfig] = None
-
-
-@dataclass
-class TaskRewardConfig:
-    # term name -> weight; the terms are looked up in the reward registry. 0 turns a term off; a task type with
-    # every term off is not rewarded (rl leaves it out; docs/stages.md).
-    weights: Dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
-class RadGraphConfig:
-    model_type: str = "radgraph-xl"
-    # Directory holding <model_type>/{config.json,vocabulary/,weights.th}.
-    model_dir: Optional[str] = None
-    reward_level: str = "RG_ER"  # RG_E | RG_ER | RG_ER_bar
-    cache_size: int = 100000
-    # experiment=demo: build a tiny random RadGraph at model_dir when it is missing.
-    build_tiny: bool = False
-    # Where reports are parsed: auto = the job's GPU when it has one (a few hundred MB), else the CPU.
-    device: str = "auto"
-
-
-@dataclass
-class RewardConfig:
-    name: str = MISSING
-    clip_min: float = -2.0
-    clip_max: float = 2.0
-    # Score given when a completion is not a string (None, a number, ...), instead of crashing a GRPO step.
-    invalid_completion: float = -1.0
-    report_generation: TaskRewardConfig = field(default_factory=TaskRewardConfig)
-    classification: TaskRewardConfig = field(default_factory=TaskRewardConfig)
-    multi_label: TaskRewardConfig = field(default_factory=TaskRewardConfig)
-    regression: TaskRewardConfig = field(default_factory=TaskRewardConfig)
-    # Per-term parameters (term name -> {param: value}), shared by every task type that uses the term.
-    terms: Dict[str, Any] = field(default_factory=dict)
-    radgraph: RadGraphConfig = field(default_factory=RadGraphConfig)
 
 
 @dataclass
@@ -369,7 +334,7 @@ class InferConfig(DecodingConfig):
     # Where images are resized and patched: auto = the model's device (GPU when there is one), or cpu.
     image_device: str = "auto"
     # The next batch's input (image processing, upload) built in the reader thread on a second CUDA stream while
-    # this batch decodes (model and image_device on a GPU): auto where the card holds it beside the batch.
+    # this batch decodes (model and image_device on a GPU): auto wherever the batch fits the card.
     inputs_ahead: Any = "auto"  # auto | true | false
 
 

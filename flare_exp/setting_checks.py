@@ -82,6 +82,10 @@ def _pair_problems(cfg, steps: set[str]) -> list[str]:
     least, most = cfg.infer.min_new_tokens, cfg.infer.max_new_tokens
     if "infer" in steps and least is not None and least > most:
         problems.append(f"infer.min_new_tokens={least} is above infer.max_new_tokens={most}")
+    if "infer" in steps:
+        from flare_exp.models.batch_decoding import check_inputs_ahead
+
+        problems += _refusal(check_inputs_ahead, cfg.infer.inputs_ahead)
     if "sft" in steps and cfg.sft.early_stopping_patience and cfg.sft.eval_steps == 0:
         problems.append(f"sft.early_stopping_patience={cfg.sft.early_stopping_patience} stops on the validation loss, "
                         "but sft.eval_steps=0 never evaluates: set sft.eval_steps >= 1 (or "
@@ -89,14 +93,20 @@ def _pair_problems(cfg, steps: set[str]) -> list[str]:
     if "rl" in steps and not cfg.reward.clip_min < cfg.reward.clip_max:
         problems.append(f"reward.clip_min={cfg.reward.clip_min} must be below reward.clip_max={cfg.reward.clip_max}")
     if "prepare" in steps:
-        try:
-            check_window(cfg.data.image_window)
-        except ValueError as e:
-            problems.append(str(e))
+        problems += _refusal(check_window, cfg.data.image_window)
         problems += _split_name_problems(cfg.data) + _dataset_name_problems(cfg.data) + _demo_problems(cfg.data)
     if steps & {"sft", "rl"}:
         problems += _resume_problems(cfg.resume)
     return problems
+
+
+def _refusal(check, value) -> list[str]:
+    """A check that raises ValueError, as a list of problems (listed with the others, not the first alone)."""
+    try:
+        check(value)
+    except ValueError as e:
+        return [str(e)]
+    return []
 
 
 def _demo_problems(data) -> list[str]:

@@ -21,6 +21,9 @@ def test_every_range_problem_is_reported_together_with_its_key():
             assert f"{key}={value}: must be" in str(e.value), key
     assert "sft.early_stopping_patience=2 stops on the validation loss, but sft.eval_steps=0 never evaluates" in \
         str(e.value)
+    with pytest.raises(ValueError, match="2 problems") as e:  # a switch beside a range: both named at once
+        validate(compose_cfg(["stage=infer", "infer.batch_size=0", "infer.inputs_ahead=2"]))
+    assert "infer.inputs_ahead=2: choose auto, true or false" in str(e.value)
     validate(compose_cfg(["stage=prepare", "sft.max_steps=0"]))  # a step checks the sections it reads
     validate(compose_cfg(["stage=sft", "sft.max_steps=-1", "sft.eval_steps=0"]))  # epochs decide; no evaluation
 

@@ -13,7 +13,7 @@ import logging
 from collections import OrderedDict
 from pathlib import Path
 
-from flare_exp.config import RadGraphConfig
+from flare_exp.reward_config import RadGraphConfig
 from flare_exp.runtime import cpu_rng_kept
 
 log = logging.getLogger(__name__)

@@ -224,13 +224,13 @@ def follow_rank_0(run_dir: Path, rank: int, fn=None, *args):
     try:
         result = fn(*args) if fn is not None else None
     except BaseException as e:
-        write_failed(run_dir, e, rank=rank, after_a_stop=_after_a_stop())
+        write_failed(run_dir, e, rank=rank, after_a_stop=_resume_wording())
         raise
     barrier()
     return result
 
 
-def _after_a_stop():
+def _resume_wording():
     from flare_exp.resume import after_a_stop_in  # the resume rules are built on run/: imported when a run fails
 
     return after_a_stop_in
@@ -249,7 +249,7 @@ def run_with_markers(run_dir: Path, fn, *args, after_clearing=None, **kwargs):
         check_still_held()  # stopped past the takeover wait: the run dir is another's now, DONE is not ours to write
     except BaseException as e:
         if not lock_lost():  # nor FAILED: the process that took the lock over writes the markers
-            write_failed(run_dir, e, after_a_stop=_after_a_stop())
+            write_failed(run_dir, e, after_a_stop=_resume_wording())
         raise
     write_json(run_dir / DONE, {"seconds": round(time.time() - start, 2),
                                 "finished": _dt.datetime.now().isoformat(timespec="seconds"),

@@ -141,7 +141,8 @@ def write_failed(run_dir: Path, error: BaseException, rank: int | None = None, a
     stopped = isinstance(error, (SystemExit, KeyboardInterrupt))  # preempted, timed out, cancelled, Ctrl-C
     named = f"{type(error).__name__}{f': {error}' if str(error) else ''}"
     why = (f"{STOPPED} ({named}): preempted, timed out or cancelled; a requeued job or a rerun with "
-           f"the same run_name {_after_a_stop(run_dir, after_a_stop)}") if stopped else f"{type(error).__name__}: {error}"
+           f"the same run_name {_wording_after_a_stop(run_dir, after_a_stop)}") if stopped \
+        else f"{type(error).__name__}: {error}"
     if rank is None and world_size() > 1:
         rank = int(os.environ.get("RANK", "0") or 0)
     where = f"rank {rank}: " if rank is not None else ""
@@ -153,7 +154,7 @@ def write_failed(run_dir: Path, error: BaseException, rank: int | None = None, a
     write_text(run_dir / FAILED, text)
 
 
-def _after_a_stop(run_dir: Path, wording) -> str:
+def _wording_after_a_stop(run_dir: Path, wording) -> str:
     """What the same command does after this stop (``wording(run_dir)``, for the config the run wrote)."""
     try:
         return (wording and wording(run_dir)) or "runs it again"

@@ -1,0 +1,44 @@
+"""The reward section's structured config (``reward.*``): per task type, the weights of the reward terms found
+by name in the registry (flare_exp/rewards), the terms' shared parameters, and RadGraph's scorer."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+from omegaconf import MISSING
+
+
+@dataclass
+class TaskRewardConfig:
+    # term name -> weight; the terms are looked up in the reward registry. 0 turns a term off; a task type with
+    # every term off is not rewarded (rl leaves it out; docs/stages.md).
+    weights: Dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class RadGraphConfig:
+    model_type: str = "radgraph-xl"
+    # Directory holding <model_type>/{config.json,vocabulary/,weights.th}.
+    model_dir: Optional[str] = None
+    reward_level: str = "RG_ER"  # RG_E | RG_ER | RG_ER_bar
+    cache_size: int = 100000
+    # experiment=demo: build a tiny random RadGraph at model_dir when it is missing.
+    build_tiny: bool = False
+    # Where reports are parsed: auto = the job's GPU when it has one (a few hundred MB), else the CPU.
+    device: str = "auto"
+
+
+@dataclass
+class RewardConfig:
+    name: str = MISSING
+    clip_min: float = -2.0
+    clip_max: float = 2.0
+    # Score given when a completion is not a string (None, a number, ...), instead of crashing a GRPO step.
+    invalid_completion: float = -1.0
+    report_generation: TaskRewardConfig = field(default_factory=TaskRewardConfig)
+    classification: TaskRewardConfig = field(default_factory=TaskRewardConfig)
+    multi_label: TaskRewardConfig = field(default_factory=TaskRewardConfig)
+    regression: TaskRewardConfig = field(default_factory=TaskRewardConfig)
+    # Per-term parameters (term name -> {param: value}), shared by every task type that uses the term.
+    terms: Dict[str, Any] = field(default_factory=dict)
+    radgraph: RadGraphConfig = field(default_factory=RadGraphConfig)

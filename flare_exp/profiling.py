@@ -1,6 +1,6 @@
 """torch.profiler over a few training steps (``sft.profile_steps`` / ``rl.profile_steps``) or one inference batch
-(``infer.profile_batch``): the top GPU and CPU ops in <run dir>/profile.txt, headed by GPU kernel time against
-wall time (how busy the GPU was). How the performance doc's profiles are made."""
+(``infer.profile_batch``): the top GPU kernels, the ops by input shape and the top CPU ops in <run dir>/profile.txt,
+headed by GPU kernel time against wall time (how busy the GPU was). How the performance doc's profiles are made."""
 from __future__ import annotations
 
 import time
@@ -8,16 +8,26 @@ from pathlib import Path
 
 
 def write_profile(path: Path, prof, wall: float, what: str) -> None:
-    """The top ops by GPU and by CPU time, headed by kernel time vs wall time (how busy the GPU was)."""
+    """Headed by kernel time vs wall time (how busy the GPU was): the top GPU kernels alone (the op rows that
+    launch them would count their time twice), the top ops by input shape (which tensors the time went to), and
+    the top ops by CPU time."""
     import torch
+    from torch.autograd.profiler_util import EventList
 
     events = prof.key_averages()
-    device_us = sum(e.self_device_time_total for e in events  # kernel rows only, not the ops launching them
-                    if e.device_type == torch.autograd.DeviceType.CUDA)
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    device_us = sum(e.self_device_time_total for e in kernels)
+    by_device = "self_device_time_total" if kernels else "self_cpu_time_total"
+    shapes = prof.key_averages(group_by_input_shape=True)
+    shapes = EventList([e for e in shapes if e.device_type != torch.autograd.DeviceType.CUDA and e.input_shapes])
+    tables = [("GPU kernels" if kernels else "ops (no GPU)", EventList(kernels or events).table(
+                   sort_by=by_device, row_limit=25)),
+              ("ops by input shape", shapes.table(sort_by=by_device.replace("self_", ""), row_limit=20,
+                                                  max_shapes_column_width=60)),
+              ("ops by CPU time", events.table(sort_by="self_cpu_time_total", row_limit=15))]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(f"{what}: wall {wall:.3f} s, GPU kernels {device_us / 1e6:.3f} s (busy "
-                    f"{device_us / 1e6 / wall:.0%})\n\n" + events.table(sort_by="self_device_time_total", row_limit=25)
-                    + "\n\n" + events.table(sort_by="self_cpu_time_total", row_limit=15))
+                    f"{device_us / 1e6 / wall:.0%})\n\n" + "\n\n".join(f"## {name}\n{table}" for name, table in tables))
 
 
 PROFILE_FIRST = 5  # profiled from the sixth step on (global_step counts finished steps): past the warm-up
@@ -32,7 +42,7 @@ class Profiled:
         activities = [torch.profiler.ProfilerActivity.CPU]
         if torch.cuda.is_available():
             activities.append(torch.profiler.ProfilerActivity.CUDA)
-        self.prof = torch.profiler.profile(activities=activities)
+        self.prof = torch.profiler.profile(activities=activities, record_shapes=True)
         self.prof.__enter__()
         self.t0 = time.perf_counter()
 

@@ -10,24 +10,42 @@ from pathlib import Path
 def write_profile(path: Path, prof, wall: float, what: str) -> None:
     """Headed by kernel time vs wall time (how busy the GPU was): the top GPU kernels alone (the op rows that
     launch them would count their time twice), the top ops by input shape (which tensors the time went to), and
-    the top ops by CPU time."""
+    the top ops by CPU time. A table torch cannot draw is replaced by why, not left to stop the run."""
     import torch
     from torch.autograd.profiler_util import EventList
 
     events = prof.key_averages()
     kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
     device_us = sum(e.self_device_time_total for e in kernels)
-    by_device = "self_device_time_total" if kernels else "self_cpu_time_total"
-    shapes = prof.key_averages(group_by_input_shape=True)
-    shapes = EventList([e for e in shapes if e.device_type != torch.autograd.DeviceType.CUDA and e.input_shapes])
-    tables = [("GPU kernels" if kernels else "ops (no GPU)", EventList(kernels or events).table(
-                   sort_by=by_device, row_limit=25)),
-              ("ops by input shape", shapes.table(sort_by=by_device.replace("self_", ""), row_limit=20,
-                                                  max_shapes_column_width=60)),
-              ("ops by CPU time", events.table(sort_by="self_cpu_time_total", row_limit=15))]
+    tables = [("GPU kernels" if kernels else "ops (no GPU)", lambda: EventList(kernels or events).table(
+                   sort_by="self_device_time_total" if kernels else "self_cpu_time_total", row_limit=25)),
+              ("ops by input shape", lambda: shape_table(prof, on_gpu=bool(kernels))),
+              ("ops by CPU time", lambda: events.table(sort_by="self_cpu_time_total", row_limit=15))]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(f"{what}: wall {wall:.3f} s, GPU kernels {device_us / 1e6:.3f} s (busy "
-                    f"{device_us / 1e6 / wall:.0%})\n\n" + "\n\n".join(f"## {name}\n{table}" for name, table in tables))
+                    f"{device_us / 1e6 / wall:.0%})\n\n" + "\n\n".join(f"## {name}\n{drawn(table)}"
+                                                                for name, table in tables))
+
+
+def drawn(table) -> str:
+    try:
+        return table()
+    except Exception as e:  # noqa: BLE001  (torch's table code; the profile is a diagnostic of the run)
+        return f"(not drawn: {type(e).__name__}: {e})"
+
+
+def shape_table(prof, on_gpu: bool, rows: int = 20) -> str:
+    """The ops that took the most GPU time (CPU time without a GPU), each input shape apart: its own table, as
+    torch's needs the kernel rows beside the ops to compute its percentages."""
+    import torch
+
+    ops = [e for e in prof.key_averages(group_by_input_shape=True)
+           if e.device_type != torch.autograd.DeviceType.CUDA and e.input_shapes]
+    ops.sort(key=lambda e: e.device_time_total if on_gpu else e.cpu_time_total, reverse=True)
+    lines = [f"{'GPU ms':>10} {'CPU ms':>10} {'calls':>7}  op  input shapes"]
+    lines += [f"{e.device_time_total / 1e3:10.2f} {e.cpu_time_total / 1e3:10.2f} {e.count:7d}  {e.key}  "
+              f"{str(e.input_shapes)[:160]}" for e in ops[:rows]]
+    return "\n".join(lines)
 
 
 PROFILE_FIRST = 5  # profiled from the sixth step on (global_step counts finished steps): past the warm-up

@@ -7,6 +7,8 @@ import os
 import re
 from pathlib import Path
 
+from flare_exp.defaults_lists import entry_problems, group_options, no_option, not_taken, picks_below
+
 SEARCHPATH = "hydra.searchpath"
 
 
@@ -83,51 +85,26 @@ def ignored_hydra_picks(dirs: list[Path], choices: dict, overrides: list[str] = 
         file = next((d / group / f"{choice}.yaml" for d in dirs if (d / group / f"{choice}.yaml").is_file()), None)
         if file is None:
             continue
-        for picking, named, value in _picks_below(file, dirs, set()):  # the files it includes too
+        for picking, named, value, _ in picks_below(file, dirs, set()):  # the files it includes too
             hydra_own = any(picking.is_relative_to(d / "hydra") for d in dirs)  # slurm.yaml's base launcher
-            if named.startswith("hydra/") and not hydra_own and choices.get(named) != value:
-                out.append(_not_taken(picking, (named, value), choices.get(named), overrides, dirs))
+            if named.startswith("hydra/") and value is not None and not hydra_own and choices.get(named) != value:
+                out.append(not_taken(picking, (named, value), choices.get(named), overrides, dirs))
     return list(dict.fromkeys(out))  # one file included by two choices: said once
 
 
-def misplaced_hydra_pick(error: str, overrides: list[str], dirs: list[Path]) -> str | None:
-    """Hydra's "In experiment/mine: Override 'data : demo' is defined before 'hydra/launcher: slurm'" for a user's
-    ``- /hydra/launcher: slurm`` (no ``override``) after the file's override entries: said as ignored_hydra_picks
-    says a pick this launch does not take, which it is wherever it stands (the primary config, ``dirs[0]``'s
-    config.yaml, picks that group itself). None for any other error, or a group the primary config leaves."""
-    found = re.search(r"In '?([^':]+)'?: Override '[^']*' is defined before '(hydra/[^:']+): ([^']+)'", error)
-    if not found:
-        return None
-    named, group, value = found.groups()
-    file = next((d / f"{named}.yaml" for d in dirs if (d / f"{named}.yaml").is_file()), None)
-    taken = {defaults_group(key): v for key, v in _defaults_entries(dirs[0] / "config.yaml")}.get(group)
-    if file is None or taken is None:
-        return None
-    return _not_taken(file, (group, value), taken, overrides, dirs)
-
-
-def _not_taken(file: Path, pick: tuple[str, str], taken: str, overrides: list[str], dirs: list[Path]) -> str:
-    """A Hydra group ``file`` picks (``pick``: group, option) that the launch does not take: why (the command
-    line's choice, else ``taken``, conf/config.yaml's) and the way that works, the command line's choice."""
-    group, value = pick
-    given = next((o for o in overrides if o.partition("=")[0].lstrip("+~") == group), None)
-    why = f"the command line's {given} wins" if given else f"the repo's conf/config.yaml chooses {group}={taken}"
-    options = _group_options(group, dirs)
-    fix = (f"choose it on the command line: -m {group}={value}" if value in options else
-           f"nor is {value} a {group} option: {', '.join(options)}")
-    return (f"{file}: its defaults list picks {group}={value}, which this launch does not take ({why}); {fix}; "
-            "drop it from the file")
+# Hydra's errors about a defaults list (a missing option or include, an entry it reads otherwise than meant):
+# each stops at the first problem and most name no file ("In 'config'"), so the chosen files are read for them all
+DEFAULTS_ERRORS = re.compile(r"Could not (find|load|override) '|appears more than once in the final defaults list|"
+                             r"Multiple values for |Overrides must be at the end of the defaults list")
 
 
 def choice_problem(error: str, overrides: list[str], dirs: list[Path]) -> str | None:
-    """What to say of Hydra's composition error about a group choice (launch.config_file_problem): an option
-    that does not exist (missing_choice), a null one (null_choice), a Hydra group picked in a user's file after
-    its overrides (misplaced_hydra_pick); None for any other error."""
+    """What to say of Hydra's composition error about a group choice (launch.config_file_problem): a null one
+    (null_choice), or what is wrong in the defaults lists of the chosen files and on the command line
+    (defaults_problem); None for any other error."""
     if "Config group override must be a string" in error:
         return null_choice(overrides, dirs)
-    missing = re.search(r"Could not find '([^']+)'", error)
-    return (missing and missing_choice(missing.group(1), overrides, dirs)) or misplaced_hydra_pick(
-        error, overrides, dirs)
+    return defaults_problem(overrides, dirs) if DEFAULTS_ERRORS.search(error) else None
 
 
 def composed_dirs(searched: list[Path], cfg) -> list[Path]:
@@ -147,38 +124,29 @@ def users_files(values, overrides: list[str], conf_dir: Path) -> dict[str, Path]
             if key not in given and not path.is_relative_to(conf_dir)}
 
 
-def missing_choice(missing: str, overrides: list[str], dirs: list[Path]) -> str | None:
-    """What to say of Hydra's "Could not find 'group/option'" (``missing``): the group file of the user's whose
-    defaults list picks it (Hydra names only 'config'), found from the command line's choices through the files
-    their defaults lists include, or the command line's own choice; with every other option those files and
-    the command line pick that no config dir has (Hydra stops at the first), each with the group's options
-    (Hydra's own and its plugins' too, and those in ``dirs``) and the nearest one. None when ``missing`` names
-    no group file."""
-    group, _, option = missing.rpartition("/")
-    if not group:
-        return None
-    on_line, roots, chosen = _command_line_misses(overrides, dirs), [], False
+def defaults_problem(overrides: list[str], dirs: list[Path]) -> str | None:
+    """Every problem of the defaults lists of the group files the command line chooses (through the files they
+    include: defaults_lists.entry_problems, each naming its file) and every command-line choice no config dir
+    has, in one message (Hydra stops at the first, most often as "In 'config'"); None when there is none."""
+    roots = []
     for override in overrides:  # the group files the command line chooses, in its order
         key, _, value = override.partition("=")
         key = key.lstrip("+~").split("@")[0]  # +cluster@sft=x picks cluster/x.yaml
-        values = sweep_values(value, key, dirs) if value else [""]
-        chosen = chosen or (key == group and option in values)
         if "/" not in key and value:
-            roots += [f for each in values for d in dirs
+            roots += [f for each in sweep_values(value, key, dirs) for d in dirs
                       if (f := d / key / f"{each}.yaml").is_file() and f not in roots]
-    picks = {r: _picks_below(r, dirs, set()) for r in roots}  # each chosen file and what it includes, read once
-    picking = next((r for r in roots if any((g, v) == (group, option) for _, g, v in picks[r])), None)
-    if picking is None and not chosen:
-        return None
-    in_files = {r: misses for r in roots
-                if (misses := _file_misses(picks[r], (group, option) if r == picking else None, dirs))}
-    said = [line for misses in in_files.values() for line in misses] + on_line
-    if len(said) == 1:
-        return said[0]
+    in_files = {r: found for r in roots if (found := entry_problems(picks_below(r, dirs, set()), dirs, overrides))}
+    on_line = _command_line_misses(overrides, dirs)
+    said = list(dict.fromkeys(line for found in in_files.values() for _, line in found)) + on_line
+    if len(said) <= 1:
+        return said[0] if said else None
     files = " and ".join(f"the defaults lists of {r} and its includes" for r in in_files)
-    head = (f"options {files} pick" if not on_line else "choices on the command line" if not in_files else
-            f"options picked on the command line and in {files}")
-    return f"{len(said)} {head} do not exist:\n" + "\n".join(f"    - {line}" for line in said)
+    if any(not missing for found in in_files.values() for missing, _ in found):
+        head = f"problems in {files}" + (" and on the command line" if on_line else "")
+    else:
+        head = (f"options {files} pick do not exist" if not on_line else "choices on the command line do not "
+                "exist" if not in_files else f"options picked on the command line and in {files} do not exist")
+    return f"{len(said)} {head}:\n" + "\n".join(f"    - {line}" for line in said)
 
 
 def _command_line_misses(overrides: list[str], dirs: list[Path]) -> list[str]:
@@ -187,47 +155,13 @@ def _command_line_misses(overrides: list[str], dirs: list[Path]) -> list[str]:
     for override in overrides:
         key, _, value = override.partition("=")
         group = key.lstrip("+~").split("@")[0]
-        options = [] if "." in group else _group_options(group, dirs)
+        options = [] if "." in group else group_options(group, dirs)
         if not options:  # a key's value, not a group's choice
             continue
-        said += [f"{override} on the command line: {_no_option(group, each, dirs, key)}"
+        spelled = (lambda o, key=key: f"{key}={o}")  # as the command line spells the key: +cluster@sft=a
+        said += [f"{override} on the command line: {no_option(group, each, dirs, spelled)}"
                  for each in (sweep_values(value, group, dirs) if value else [""]) if each not in options]
     return said
-
-
-def _no_option(group: str, option: str, dirs: list[Path], spelled: str | None = None) -> str:
-    """'no group/option.yaml in the config dirs; group has a, b (did you mean group=a?)'; ``spelled``: the key as
-    the command line wrote it (+cluster@sft), for the suggestion."""
-    import difflib
-
-    options = _group_options(group, dirs)
-    near = difflib.get_close_matches(option, options, n=1)
-    return (("no option given; " if not option else f"no {group}/{option}.yaml in the config dirs; ") + (
-        f"{group} has {', '.join(options)}" if options else f"there is no config group {group}")
-        + (f" (did you mean {spelled or group}={near[0]}?)" if near else ""))
-
-
-def _file_misses(picks: list[tuple[Path, str, str]], missing: tuple[str, str] | None, dirs: list[Path]) -> list[str]:
-    """Of ``picks`` (_picks_below of a command-line choice's file), the option Hydra found missing (``missing``:
-    group, option) and every other one no config dir has, each named with its file and the group's options."""
-    return [f"{file}: its defaults list picks {group}={value}, and there is {_no_option(group, value, dirs)}"
-            for file, group, value in picks if (group, value) == missing or value not in _group_options(group, dirs)]
-
-
-def _picks_below(file: Path, dirs: list[Path], seen: set) -> list[tuple[Path, str, str]]:
-    """(file, group, option) of every group choice in ``file``'s defaults list and in the files it includes."""
-    if file in seen or not file.is_file():
-        return []
-    seen.add(file)
-    picks = []
-    for key, value in _defaults_entries(file):
-        named = _entry_group(file, key, dirs)
-        if value is not None:
-            picks.append((file, named, value))
-        included = f"{named}/{value}" if value is not None else named
-        target = next((d / f"{included}.yaml" for d in dirs if (d / f"{included}.yaml").is_file()), None)
-        picks += _picks_below(target, dirs, seen) if target else []
-    return picks
 
 
 def sweep_values(value: str, group: str, dirs: list[Path]) -> list[str]:
@@ -237,7 +171,7 @@ def sweep_values(value: str, group: str, dirs: list[Path]) -> list[str]:
     inner = value[value.index("(") + 1:value.rindex(")")] if value.endswith(")") and "(" in value else value
     names = [v.strip().strip("'\"") for v in inner.split(",") if v.strip()]
     if value.startswith("glob("):
-        options = _group_options(group, dirs)
+        options = group_options(group, dirs)
         return [o for o in options if any(fnmatch.fnmatch(o, pattern) for pattern in names)]
     return names
 
@@ -246,56 +180,7 @@ def null_choice(overrides: list[str], dirs: list[Path]) -> str | None:
     """A config group given null on the command line (Hydra's answer is a traceback): what it takes instead."""
     for override in overrides:
         key, _, value = override.partition("=")
-        options = _group_options(key.lstrip("+~"), dirs) if value.strip().lower() in ("null", "none", "~") else []
+        options = group_options(key.lstrip("+~"), dirs) if value.strip().lower() in ("null", "none", "~") else []
         if options:
             return f"{override}: a config group takes one of its options, not null: {', '.join(options)}"
     return None
-
-
-def _group_options(group: str, dirs: list[Path]) -> list[str]:
-    """A group's options as Hydra finds them (conf/, its own hydra/ groups, its plugins') and in ``dirs``."""
-    options = {f.stem for d in dirs if (d / group).is_dir() for f in (d / group).glob("*.yaml")}
-    try:
-        from hydra import initialize_config_dir
-        from hydra.core.global_hydra import GlobalHydra
-
-        with initialize_config_dir(config_dir=str(dirs[0]), version_base="1.3"):
-            options.update(GlobalHydra.instance().config_loader().get_group_options(group))
-    except Exception:  # noqa: BLE001  (the list only: the message stands without Hydra's)
-        pass
-    return sorted(options)
-
-
-def defaults_group(key: str) -> str:
-    """The group a defaults-list entry's key names: ``override /hydra/launcher`` -> hydra/launcher,
-    ``/model@foo`` -> model."""
-    return key.removeprefix("override ").strip().lstrip("/").split("@")[0]
-
-
-def _entry_group(file: Path, key: str, dirs: list[Path]) -> str:
-    """The group (or file, for an include) a defaults entry of ``file`` names: without a leading / it is
-    relative to the group ``file`` is in, as Hydra reads it (``- incl`` in experiment/mine.yaml is
-    experiment/incl)."""
-    named = defaults_group(key)
-    if key.removeprefix("override ").strip().startswith("/"):
-        return named
-    home = next((file.parent.relative_to(d).as_posix() for d in dirs if file.is_relative_to(d)), ".")
-    return named if home == "." else f"{home}/{named}"
-
-
-def _defaults_entries(file: Path) -> list[tuple[str, str | None]]:
-    """A group file's defaults list as (key, choice) pairs: ``- group: x`` gives (group, x), ``- /path`` gives
-    (/path, None)."""
-    import yaml
-
-    try:
-        defaults = (yaml.safe_load(file.read_text(encoding="utf-8")) or {}).get("defaults") or []
-    except (OSError, ValueError, AttributeError, yaml.YAMLError):
-        return []
-    out = []
-    for entry in defaults if isinstance(defaults, list) else []:
-        if isinstance(entry, dict):
-            out += [(str(k), str(v)) for k, v in entry.items() if v is not None]
-        elif isinstance(entry, str) and entry != "_self_":
-            out.append((entry, None))
-    return out

@@ -312,7 +312,7 @@ def _primary_order(conf_dirs: list[Path]) -> dict[str, int]:
     group appended on the command line (+cluster=a) is not there and comes after them all, so its values win."""
     import yaml
 
-    from flare_exp.config_dirs import defaults_group
+    from flare_exp.defaults_lists import defaults_group
 
     try:
         listed = yaml.safe_load((conf_dirs[0] / "config.yaml").read_text(encoding="utf-8")).get("defaults") or []

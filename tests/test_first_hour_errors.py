@@ -302,7 +302,10 @@ def test_a_value_hydras_grammar_cannot_read_bare_is_one_line_saying_how_to_quote
     ("defaults:\n  - override /model: tinyy\n", r"experiment/mine.yaml: its defaults list picks model=tinyy, and "
                                                  r"there is no model/tinyy.yaml in the config dirs; model has "
                                                  r"qwen3vl_4b, tiny \(did you mean model=tiny\?\)"),
-    ("defaults:\n  - /reward: nope\n", r"experiment/mine.yaml: its defaults list picks reward=nope"),
+    # without `override` too (an option that exists would be "reward appears more than once"): both said
+    ("defaults:\n  - /reward: nope\n", r"experiment/mine.yaml: `- /reward: nope` picks reward without `override`, "
+                                       r"but conf/config.yaml chooses reward already: write `- override /reward: nope`"
+                                       r".*; and there is no reward/nope.yaml in the config dirs"),
     # OmegaConf reads any integer as true: said, every such value in one list
     ("sft:\n  group_by_length: 2\nmodel:\n  fused_prefill: -1\n",
      r"(?s)problems with the settings.*mine.yaml: sft.group_by_length=2: must be true or false.*mine.yaml: model.fused_prefill=-1"),

@@ -7,7 +7,8 @@ import os
 import re
 from pathlib import Path
 
-from flare_exp.defaults_lists import entry_problems, group_options, no_option, not_taken, picks_below
+from flare_exp.defaults_lists import (entry_problems, group_options, no_option, not_a_list, not_taken,
+                                      picks_below)
 
 SEARCHPATH = "hydra.searchpath"
 
@@ -100,10 +101,12 @@ DEFAULTS_ERRORS = re.compile(r"Could not (find|load|override) '|appears more tha
 
 def choice_problem(error: str, overrides: list[str], dirs: list[Path]) -> str | None:
     """What to say of Hydra's composition error about a group choice (launch.config_file_problem): a null one
-    (null_choice), or what is wrong in the defaults lists of the chosen files and on the command line
+    (null_choice), a defaults list that is no list (not_a_list), or what is wrong in the defaults lists of the chosen files and on the command line
     (defaults_problem); None for any other error."""
     if "Config group override must be a string" in error:
         return null_choice(overrides, dirs)
+    if "Invalid defaults list in" in error:
+        return not_a_list(error, dirs)
     return defaults_problem(overrides, dirs) if DEFAULTS_ERRORS.search(error) else None
 
 

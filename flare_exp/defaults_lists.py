@@ -153,6 +153,10 @@ def _entry_problem(pick: Pick, dirs: list[Path], overrides: list[str], primary: 
         parent, _, name = group.rpartition("/")
         if hydras_own or _exists(group, None, dirs):
             return None
+        if ":" in key:  # `- override /model:tiny`: YAML reads one name, which Hydra looks for as a file
+            option_key, _, option = key.rpartition(":")
+            return (False, f"{file}: `{_entry(pick)}` is one name to YAML (it needs a space after the colon), which "
+                           f"Hydra looks for as a file: write `- {option_key}: {option.strip()}`")
         before = key.rpartition("/")[0]
         return (True, f"{file}: its defaults list includes {group} (`{_entry(pick)}`), and there is "
                       + no_option(parent, name, dirs, lambda o: f"`- {before + '/' if before else ''}{o}`"))
@@ -182,3 +186,22 @@ def _exists(group: str, value: str | None, dirs: list[Path]) -> bool:
 def _missing(group: str, value: str, dirs: list[Path]) -> str:
     return "" if _exists(group, value, dirs) else f"; and there is {no_option(group, value, dirs)}"
 
+
+def not_a_list(error: str, dirs: list[Path]) -> str | None:
+    """Hydra's "Invalid defaults list in 'experiment/mine', defaults must be a list (got mapping)" (a traceback):
+    the file, and its entries as the list items to write."""
+    import re
+
+    import yaml
+
+    found = re.search(r"Invalid defaults list in '([^']+)', defaults must be a list \(got (\w+)\)", error)
+    file = found and next((f for d in dirs if (f := d / f"{found.group(1)}.yaml").is_file()), None)
+    if not file:
+        return None
+    try:
+        given = yaml.safe_load(file.read_text(encoding="utf-8"))["defaults"]
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        given = None
+    items = [f"- {k}: {v}" for k, v in given.items()] if isinstance(given, dict) else ["- override /group: option"]
+    return (f"{file}: its defaults is a {found.group(2)}, and Hydra takes a list, one entry per line starting with "
+            f"'- ': write `defaults:` then {', '.join(f'`  {item}`' for item in items)}, each on its own line")

@@ -114,3 +114,16 @@ def test_an_override_of_a_group_nothing_chooses_and_a_pick_after_the_overrides(t
     assert ("`- override data: flare_xray` names experiment/data, which is not there (an entry without a leading / is "
             "read inside the file's own group): data is written /data; write `- override /data: flare_xray`") in err
 
+
+@pytest.mark.parametrize("defaults, expected", [
+    # Hydra: "Could not load 'experiment/override /model:tiny'"
+    ("defaults:\n  - override /model:tiny\n", "`- override /model:tiny` is one name to YAML (it needs a space after "
+                                               "the colon), which Hydra looks for as a file: write `- override /model: "
+                                               "tiny`"),
+    # Hydra: a traceback ending "ValueError: Invalid defaults list in 'experiment/mine', defaults must be a list"
+    ("defaults:\n  override /model: tiny\n", "its defaults is a mapping, and Hydra takes a list, one entry per line "
+                                              "starting with '- ': write `defaults:` then `  - override /model: tiny`"),
+])
+def test_a_defaults_list_yaml_reads_otherwise_says_what_to_write(defaults, expected, tmp_path, capsys):
+    err = said(tmp_path, capsys, "# @package _global_\n" + defaults)
+    assert f"{tmp_path}/experiment/mine.yaml: {expected}" in err, err

@@ -131,15 +131,17 @@ def dir_refusal(cfg, job_dir: Path) -> tuple[str, str] | None:
     (a finished or unfinished run there made with other deciding settings or inputs): the job's own dir, or one
     several jobs share (a pipeline's data.prepared_dir); None when it would not."""
     from flare_exp.run.fingerprint import RunSettingsChangedError
+    from flare_exp.run.record import RunFinishedError
 
     try:
         for stage, stage_cfg, run_dir in runs_started(cfg, job_dir):
             try:
                 refuse_other_settings(stage, stage_cfg, run_dir)
-            except RunSettingsChangedError as e:
+                refuse_finished_elsewhere(stage, run_dir, job_dir)
+            except (RunSettingsChangedError, RunFinishedError) as e:
                 e.run_dir = run_dir
                 raise
-    except RunSettingsChangedError as e:
+    except (RunSettingsChangedError, RunFinishedError) as e:
         return str(getattr(e, "run_dir", job_dir)), " ".join(str(e).split())
     except Exception:  # noqa: BLE001  (anything else: the job itself says it, as it would have)
         return None
@@ -183,6 +185,7 @@ def refuse_other_settings(stage: str, cfg, run_dir: Path) -> None:
     from flare_exp.run.fingerprint import (RunSettingsChangedError, check_resume, finished_differences,
                                            fingerprint, listed)
     from flare_exp.run.layout import DONE
+    from flare_exp.run.lifecycle import dir_setting
     from flare_exp.run.record import attempt_files
     from flare_exp.run.stage import stage as stage_named
 
@@ -195,8 +198,24 @@ def refuse_other_settings(stage: str, cfg, run_dir: Path) -> None:
     if changed:
         raise RunSettingsChangedError(
             f"{run_dir} holds a finished {stage} run made with other settings or inputs: {listed(changed)}. "
-            "Choose another run_name= to keep both, or pass overwrite=true to redo it there (the finished run "
-            "moves to attempts/NN/).")
+            f"Choose another {dir_setting(stage)}= to keep both, or pass overwrite=true to redo it there (the "
+            "finished run moves to attempts/NN/).")
+
+
+def refuse_finished_elsewhere(stage: str, run_dir: Path, job_dir: Path) -> None:
+    """RunFinishedError when the job's outputs go outside its own dir (stage=prepare: data.prepared_dir) and a
+    run finished there with these very settings: the job's start refuses it as finished (lifecycle.start_attempt),
+    one job after another once the sweep launched. A job whose own dir is finished too is kept instead (a sweep
+    launched again: kept_run)."""
+    from flare_exp.run.layout import DONE
+    from flare_exp.run.lifecycle import dir_setting
+    from flare_exp.run.record import RunFinishedError
+
+    if run_dir != job_dir and (run_dir / DONE).exists() and not (job_dir / DONE).exists():
+        raise RunFinishedError(
+            f"{run_dir} already holds a finished {stage} run made with these settings ({DONE} marker present). Pass "
+            f"overwrite=true to redo it there (the finished run moves to attempts/NN/), or choose another "
+            f"{dir_setting(stage)}= ({stage} writes there, whatever the run_name); the later stages read it as it is.")
 
 
 def prepare_target(cfg) -> tuple | None:
@@ -220,13 +239,14 @@ OWN_DIR = ("give each job its own data.prepared_dir (one that names a key the sw
 
 
 def shared_prepare_conflicts(targets: list, first_idx: int) -> list[str]:
-    """Jobs that would prepare different data into one data.prepared_dir: the later one would stop at its start
-    (the dir holds the first one's data, made with other settings), after the sweep launched."""
+    """Pipeline jobs that would prepare different data into one data.prepared_dir: the later one would stop at its
+    start (the dir holds the first one's data, made with other settings), after the sweep launched."""
     from flare_exp.run.fingerprint import differences
 
+    by_prepare = prepare_groups(targets)  # shared_prepare_runs names those dirs' jobs
     seen, out = {}, []
     for idx, target in enumerate(targets):
-        if target is None or target[2]:  # a stage=prepare run's: shared_prepare_runs names those
+        if target is None or target[0] in by_prepare:
             continue
         where, settings, _ = target
         if where not in seen:
@@ -239,27 +259,54 @@ def shared_prepare_conflicts(targets: list, first_idx: int) -> list[str]:
     return out
 
 
-def shared_prepare_runs(targets: list, names: list[str], first_idx: int) -> list[str]:
-    """stage=prepare jobs that would write one data.prepared_dir: the first to finish leaves it DONE and the others
-    are refused at their start as finished runs, one by one after the sweep launched (a pipeline's prepare step
-    reuses the dir instead: shared_prepare_conflicts). Said before any job, with the overrides that tell the jobs
-    apart (``names``: job_names)."""
-    from flare_exp.run.fingerprint import differences
+def shared_prepare_runs(targets: list, names: list[str], first_idx: int, held: dict | None = None) -> list[str]:
+    """A stage=prepare job that would write one data.prepared_dir with other jobs (stage=prepare ones, or a
+    pipeline's prepare step): the first to finish leaves it DONE and the stage=prepare ones after it are refused at
+    their start as finished runs, or two at once race for its lock, one by one after the sweep launched (pipelines
+    alone reuse the dir instead: shared_prepare_conflicts). Said before any job, with the overrides that tell the
+    jobs apart (``names``: job_names) and, where the dir already holds a run that refuses them (``held``: the
+    dir -> [(job, why)], check_jobs' refusals), what is there."""
+    out = []
+    for where, jobs in prepare_groups(targets).items():
+        runs = [i for i in jobs if targets[i][2]]
+        named = joined([f"#{first_idx + i} ({names[i]})" for i in jobs])
+        if runs == jobs:
+            said = (f"  jobs {named} would each run stage=prepare into one data.prepared_dir={where}, where the first "
+                    "to start refuses the others (its lock while it runs, its DONE once finished)")
+        else:
+            steps = joined([f"#{first_idx + i}" for i in jobs if i not in runs])
+            said = (f"  jobs {named} would each prepare data into one data.prepared_dir={where} (stage=prepare: "
+                    f"{joined([f'#{first_idx + i}' for i in runs])}; a pipeline's prepare step: {steps}), where "
+                    "two at once race for its lock and a stage=prepare job refuses to start once another's "
+                    "prepare finished there")
+        there = next((jobs for held_dir, jobs in (held or {}).items() if Path(held_dir).resolve() == where), [])
+        whys = list(dict.fromkeys(why for _, why in there))
+        already = [f"\n    - {whys[0]}"] if len(whys) == 1 else [f"\n    - job {job}: {why}" for job, why in there]
+        out.append(f"{said}; {shared_fix(targets, jobs, runs)}{''.join(already)}")
+    return out
 
+
+def prepare_groups(targets: list) -> dict:
+    """data.prepared_dir -> the jobs that prepare into it, for each dir a stage=prepare job shares with another."""
     shared: dict = {}
     for idx, target in enumerate(targets):
-        if target is not None and target[2]:
+        if target is not None:
             shared.setdefault(target[0], []).append(idx)
-    out = []
-    for where, jobs in ((w, j) for w, j in shared.items() if len(j) > 1):
-        first = {"settings": targets[jobs[0]][1]}
-        changed = list(dict.fromkeys(c for i in jobs[1:] for c in differences(first, {"settings": targets[i][1]})))
-        fix = (f"they would prepare different data ({'; '.join(changed[:4])}): {OWN_DIR}" if changed else
-               f"they would prepare the same data: drop the sweep (one prepare serves them all), or {OWN_DIR}")
-        out.append(f"  jobs {joined([f'#{first_idx + i} ({names[i]})' for i in jobs])} would each run stage=prepare "
-                   f"into one data.prepared_dir={where}, where the first to start refuses the others (its lock while "
-                   f"it runs, its DONE once finished); {fix}")
-    return out
+    return {where: jobs for where, jobs in shared.items() if len(jobs) > 1 and any(targets[i][2] for i in jobs)}
+
+
+def shared_fix(targets: list, jobs: list[int], runs: list[int]) -> str:
+    """What to change for jobs preparing into one dir: their own dirs, or one prepare where the data is the same."""
+    from flare_exp.run.fingerprint import differences
+
+    first = {"settings": targets[jobs[0]][1]}
+    changed = list(dict.fromkeys(c for i in jobs[1:] for c in differences(first, {"settings": targets[i][1]})))
+    if changed:
+        return f"they would prepare different data ({'; '.join(changed[:4])}): {OWN_DIR}"
+    if runs == jobs:
+        return f"they would prepare the same data: drop the sweep (one prepare serves them all), or {OWN_DIR}"
+    return ("they would prepare the same data: drop stage=prepare from the sweep (a pipeline's prepare step "
+            f"prepares it, the pipelines after it reuse it), or {OWN_DIR}")
 
 
 def joined(items: list[str]) -> str:
@@ -301,7 +348,9 @@ def check_jobs(hydra_context, master_config, job_overrides, initial_job_idx: int
             where, why = refusal
             refused.setdefault(where, []).append((f"#{initial_job_idx + idx} ({names[idx]})", why))
     clashes = [*shared_prepare_conflicts(prepares, initial_job_idx),
-               *shared_prepare_runs(prepares, names, initial_job_idx)]
+               *shared_prepare_runs(prepares, names, initial_job_idx, held=refused)]
+    for where in [w for w in refused if Path(w).resolve() in prepare_groups(prepares)]:
+        del refused[where]  # said once, in shared_prepare_runs' line naming the jobs that share it
     if bad or clashes or refused:
         total = len(job_overrides)
         said = [f"{len(bad)} of {total} jobs of the sweep have settings a run would refuse"] if bad else []

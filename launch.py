@@ -220,7 +220,8 @@ def sweep_file_problems(overrides: list[str], groups: set[str]) -> list[Exceptio
                     choices += [f"{key}={each}" for each in sweep_values(value, key.lstrip("+~").split("@")[0], dirs)]
     problems: dict[str, Exception] = {}
     for choice in choices or [None]:  # the fixed overrides' own group files are composed in each
-        for problem in composed([*fixed, *([choice] if choice else [])])[1]:
+        # a missing option said of the whole command line: the same text from each choice's composition, once
+        for problem in composed([*fixed, *([choice] if choice else [])], said_of=overrides)[1]:
             problems.setdefault(str(problem), problem)
     return list(problems.values())
 
@@ -244,10 +245,11 @@ def other_setting_problems(known_overrides: list[str]) -> list[Exception]:
     return in_files + named_with_files(problems, from_files)
 
 
-def composed(overrides: list[str]) -> tuple:
+def composed(overrides: list[str], said_of: list[str] | None = None) -> tuple:
     """(the config as Hydra will compose it, the values its group files set that the schema's types refuse or
     misread, the keys the user's own group files set -> the file), or (None, [a config file's own problem], {});
-    (None, [], {}) when composing fails otherwise (Hydra's own complaint comes then)."""
+    (None, [], {}) when composing fails otherwise (Hydra's own complaint comes then). ``said_of``: the command
+    line a missing option's problem lists every miss of (a sweep's, where ``overrides`` are one job's)."""
     from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
@@ -259,7 +261,7 @@ def composed(overrides: list[str]) -> tuple:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
     except Exception as e:  # noqa: BLE001
-        found = config_file_problem(e, [CONF_DIR, *searched_dirs(overrides)], overrides)
+        found = config_file_problem(e, [CONF_DIR, *searched_dirs(overrides)], said_of or overrides)
         return None, [found] if found else [], {}
     # the group files it read, in the config dirs Hydra searched, in its order (conf/, then hydra.searchpath's)
     dirs = composed_dirs([CONF_DIR], cfg)

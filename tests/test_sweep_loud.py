@@ -386,3 +386,17 @@ def test_a_stopped_jobs_failed_line_says_what_a_rerun_does_from_its_run_dir(tmp_
         progress.finished(0, "FAILED")  # the sweep's line: the whole sentence, not the runs table's 200 characters
     err = capsys.readouterr().err
     assert f": {first} | all ended" in err, err
+
+
+def test_a_missing_choice_all_jobs_share_is_named_once(capsys):
+    """-m model=tiny_typo experiment=demo,nonexist: each experiment choice was composed with its own overrides,
+    so model=tiny_typo came once as one choice's problem and again in the other's "2 choices ..." list. Now
+    once, in one list with experiment=nonexist."""
+    import launch
+
+    with pytest.raises(SystemExit):
+        launch.check_command_line(["-m", "stage=prepare", "model=tiny_typo", "seed=1,2", "experiment=demo,nonexist"])
+    err = capsys.readouterr().err
+    assert err.count("model=tiny_typo on the command line: no model/tiny_typo.yaml") == 1, err
+    assert "2 choices on the command line do not exist:" in err and "problems with the settings" not in err, err
+    assert "- experiment=demo,nonexist on the command line: no experiment/nonexist.yaml" in err, err

@@ -22,6 +22,7 @@ def lock_sweep(config) -> None:
     import atexit
 
     from flare_exp.run.lock import RunLock, RunLockedError
+    from flare_exp.run.names import hydra_dir_setting
 
     try:
         sweep_dir = Path(os.path.abspath(str(config.hydra.sweep.dir)))  # as SweepRecord names it
@@ -30,7 +31,7 @@ def lock_sweep(config) -> None:
     earlier = _SWEEP_LOCKS.pop(str(sweep_dir), None)
     if earlier is not None:
         earlier.release()
-    lock = RunLock(sweep_dir, name=SWEEP_LOCK)
+    lock = RunLock(sweep_dir, name=SWEEP_LOCK, placed_by=hydra_dir_setting(config.hydra, sweep=True))
     try:
         lock.acquire()
     except RunLockedError as e:

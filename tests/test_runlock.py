@@ -99,13 +99,54 @@ def test_a_refusal_names_only_the_setting_that_places_the_locked_dir(tmp_path, c
     with search_lock(str(tmp_path / "study.journal"), tmp_path / "a"), pytest.raises(RunLockedError) as refused:
         search_lock(str(tmp_path / "study.journal"), tmp_path / "b").acquire()
     said.append(("hydra.sweeper.storage", str(refused.value)))
-    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path / "sweep")}}})
-    with RunLock(tmp_path / "sweep", name=sweep_dir.SWEEP_LOCK), pytest.raises(SystemExit):
+    config = OmegaConf.create({"paths": {"output_root": str(tmp_path)}, "run_name": "sweep",  # conf/config.yaml's
+                               "hydra": {"sweep": {"dir": "${paths.output_root}/sweeps/${run_name:${run_name}}"}}})
+    with RunLock(tmp_path / "sweeps" / "sweep", name=sweep_dir.SWEEP_LOCK), pytest.raises(SystemExit):
         sweep_dir.lock_sweep(config)
     said.append(("run_name", capsys.readouterr().err))
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path / "sweep")}}})  # hydra.sweep.dir=...
+    with RunLock(tmp_path / "sweep", name=sweep_dir.SWEEP_LOCK), pytest.raises(SystemExit):
+        sweep_dir.lock_sweep(config)
+    said.append(("hydra.sweep.dir", capsys.readouterr().err))
     for setting, message in said:
         assert f"Wait for it, or choose another {setting}=. (A lock" in message, message
         assert "prepared_dir" not in message or setting == "data.prepared_dir", message
+
+
+def test_a_refusal_of_a_dir_placed_by_hydra_run_dir_names_hydra_run_dir(tmp_path):
+    """hydra.run.dir=/scratch/x (not run_name) placed the run dir another process holds: the refusal said
+    "choose another run_name=", which does not move it. Now hydra.run.dir= (hydra.sweep.dir= for a sweep's
+    job); a dir run_name places, or one outside Hydra's (a prepared dir), is said as before."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from conftest import CONF
+
+    def refusal(*overrides, held="mine", mode=RunMode.RUN) -> str:
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=[f"paths.output_root={tmp_path}", *overrides],
+                          return_hydra_config=True)
+        cfg.hydra.mode = mode  # as Hydra's launch sets it
+        saved = HydraConfig.instance().cfg
+        HydraConfig.instance().set_config(cfg)  # what a launched job's lock reads
+        try:
+            with RunLock(tmp_path / held), pytest.raises(RunLockedError) as refused:
+                RunLock(tmp_path / held).acquire()
+        finally:
+            HydraConfig.instance().cfg = saved
+        return str(refused.value)
+
+    assert "or choose another hydra.run.dir=. (A lock" in refusal(f"hydra.run.dir={tmp_path / 'mine'}")
+    assert "or choose another run_name=. (A lock" in refusal("run_name=mine", held="runs/mine")
+    assert "or choose another run_name=. (A lock" in refusal(f"hydra.run.dir={tmp_path / 'mine'}", held="other")
+    assert "or choose another hydra.sweep.dir=. (A lock" in refusal(f"hydra.sweep.dir={tmp_path / 'sw'}",
+                                                                    held="sw/0", mode=RunMode.MULTIRUN)
+    from flare_exp.run.names import placed_by
+
+    assert placed_by(tmp_path / "mine") == "run_name"  # no Hydra config set: a run started from Python
 
 
 def test_stale_locks_are_taken_over_and_fresh_ones_kept(tmp_path, caplog, monkeypatch):

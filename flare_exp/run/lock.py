@@ -224,7 +224,11 @@ class RunLock:
         return True
 
     def _refuse(self, holder: dict | None) -> RunLockedError:
+        from flare_exp.run.names import placed_by
+
         h = holder or {}
+        # Hydra's dir ("run_name"): hydra.run.dir= / hydra.sweep.dir= where the launch placed it itself
+        setting = placed_by(self.dir.parent) if self.placed_by == "run_name" else self.placed_by
         pid = h.get("pid", "?")
         stopped = holder_stopped(h)
         return RunLockedError(
@@ -232,7 +236,7 @@ class RunLock:
             f"{h.get('started', '?')}" + (f", stopped now (SIGSTOP, Ctrl-Z or a suspended job): continue it (kill "
                                          f"-CONT {pid}) or end it (kill {pid}; kill -CONT {pid}: a stopped process "
                                          "takes the signal once continued), then launch again" if stopped else "")
-            + f". Wait for it, or choose another {self.placed_by}=. (A lock whose holder died is taken over by "
+            + f". Wait for it, or choose another {setting}=. (A lock whose holder died is taken over by "
             "itself.)")
 
     def acquire(self) -> "RunLock":

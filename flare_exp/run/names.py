@@ -21,6 +21,39 @@ def check_run_name(name) -> str:
     return text
 
 
+def hydra_dir_setting(hydra, sweep: bool) -> str:
+    """The setting whose other value gives another Hydra run dir (``sweep``: sweep dir), from the launch's hydra
+    node: run_name, which conf/config.yaml's hydra.run.dir and hydra.sweep.dir name; hydra.run.dir (or
+    hydra.sweep.dir) itself where the launch gave one that does not name run_name (hydra.run.dir=/scratch/x):
+    another run_name would not move it."""
+    key = "sweep" if sweep else "run"
+    try:
+        raw = OmegaConf.to_container(hydra[key], resolve=False).get("dir")
+    except Exception:  # noqa: BLE001  (no such node: conf/config.yaml's own placing)
+        return "run_name"
+    return "run_name" if "run_name" in str(raw) else f"hydra.{key}.dir"
+
+
+def placed_by(folder) -> str:
+    """The setting that placed ``folder``, when it is this Hydra run's output dir, its sweep dir or a dir in
+    them (a lock refusal's way round: choose another ...=): hydra_dir_setting; run_name otherwise (no Hydra
+    config: a run started from Python)."""
+    import os
+    from pathlib import Path
+
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    try:
+        hydra = HydraConfig.get()
+        sweep = hydra.mode == RunMode.MULTIRUN
+        base = Path(os.path.abspath(str(hydra.sweep.dir if sweep else hydra.run.dir)))
+    except Exception:  # noqa: BLE001  (HydraConfig not set, or a dir that does not resolve here)
+        return "run_name"
+    here = Path(os.path.abspath(str(folder)))
+    return hydra_dir_setting(hydra, sweep) if here == base or base in here.parents else "run_name"
+
+
 # conf/config.yaml places Hydra's run and sweep dirs through this resolver, so a bad name stops before Hydra
 # makes any directory for it.
 if not OmegaConf.has_resolver("run_name"):

@@ -1,4 +1,5 @@
 """One writer per run dir: a second launch stops naming the holder; a dead holder's lock is taken over."""
+import contextlib
 import json
 import os
 import platform
@@ -113,10 +114,9 @@ def test_a_refusal_names_only_the_setting_that_places_the_locked_dir(tmp_path, c
         assert "prepared_dir" not in message or setting == "data.prepared_dir", message
 
 
-def test_a_refusal_of_a_dir_placed_by_hydra_run_dir_names_hydra_run_dir(tmp_path):
-    """hydra.run.dir=/scratch/x (not run_name) placed the run dir another process holds: the refusal said
-    "choose another run_name=", which does not move it. Now hydra.run.dir= (hydra.sweep.dir= for a sweep's
-    job); a dir run_name places, or one outside Hydra's (a prepared dir), is said as before."""
+@contextlib.contextmanager
+def launched_with(tmp_path, overrides, mode=None):
+    """HydraConfig set as a launched job's (``overrides`` composed over conf/), as the refusals read it."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
@@ -124,19 +124,29 @@ def test_a_refusal_of_a_dir_placed_by_hydra_run_dir_names_hydra_run_dir(tmp_path
 
     from conftest import CONF
 
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"paths.output_root={tmp_path}", *overrides],
+                      return_hydra_config=True)
+    cfg.hydra.mode = mode or RunMode.RUN  # as Hydra's launch sets it
+    saved = HydraConfig.instance().cfg
+    HydraConfig.instance().set_config(cfg)
+    try:
+        yield cfg
+    finally:
+        HydraConfig.instance().cfg = saved
+
+
+def test_a_refusal_of_a_dir_placed_by_hydra_run_dir_names_hydra_run_dir(tmp_path):
+    """hydra.run.dir=/scratch/x (not run_name) placed the run dir another process holds: the refusal said
+    "choose another run_name=", which does not move it. Now hydra.run.dir= (hydra.sweep.dir= for a sweep's
+    job); a dir run_name places, or one outside Hydra's (a prepared dir), is said as before."""
+    from hydra.types import RunMode
+
     def refusal(*overrides, held="mine", mode=RunMode.RUN) -> str:
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            cfg = compose(config_name="config", overrides=[f"paths.output_root={tmp_path}", *overrides],
-                          return_hydra_config=True)
-        cfg.hydra.mode = mode  # as Hydra's launch sets it
-        saved = HydraConfig.instance().cfg
-        HydraConfig.instance().set_config(cfg)  # what a launched job's lock reads
-        try:
-            with RunLock(tmp_path / held), pytest.raises(RunLockedError) as refused:
-                RunLock(tmp_path / held).acquire()
-        finally:
-            HydraConfig.instance().cfg = saved
+        with launched_with(tmp_path, overrides, mode), RunLock(tmp_path / held), \
+                pytest.raises(RunLockedError) as refused:
+            RunLock(tmp_path / held).acquire()
         return str(refused.value)
 
     assert "or choose another hydra.run.dir=. (A lock" in refusal(f"hydra.run.dir={tmp_path / 'mine'}")
@@ -147,6 +157,27 @@ def test_a_refusal_of_a_dir_placed_by_hydra_run_dir_names_hydra_run_dir(tmp_path
     from flare_exp.run.names import placed_by
 
     assert placed_by(tmp_path / "mine") == "run_name"  # no Hydra config set: a run started from Python
+
+
+def test_a_finished_run_in_a_dir_placed_by_hydra_run_dir_names_hydra_run_dir(tmp_path):
+    """A finished run (or unreadable fingerprint) in a dir hydra.run.dir placed: 'choose another hydra.run.dir=',
+    as the lock refusal says it; a prepared dir still names data.prepared_dir."""
+    from flare_exp.run.layout import DONE, FINGERPRINT
+    from flare_exp.run.lifecycle import start_attempt
+    from flare_exp.run.record import RunFinishedError, RunSettingsChangedError
+    from flare_exp.run.fingerprint import recorded_fingerprint
+
+    run_dir = tmp_path / "mine"
+    run_dir.mkdir()
+    (run_dir / DONE).write_text("{}")
+    (run_dir / FINGERPRINT).write_text("{cut short")
+    with launched_with(tmp_path, [f"hydra.run.dir={run_dir}", "stage=sft"]) as cfg:
+        with pytest.raises(RunFinishedError, match=r"or choose another hydra\.run\.dir=\.$"):
+            start_attempt("sft", cfg, run_dir)
+        with pytest.raises(RunSettingsChangedError, match=r"or choose another hydra\.run\.dir=\.$"):
+            recorded_fingerprint(run_dir)
+        with pytest.raises(RunFinishedError, match=r"another data\.prepared_dir= \(prepare writes there"):
+            start_attempt("prepare", cfg, run_dir)
 
 
 def test_stale_locks_are_taken_over_and_fresh_ones_kept(tmp_path, caplog, monkeypatch):

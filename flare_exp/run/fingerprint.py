@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from flare_exp.io import file_fingerprint
 from flare_exp.models.checkpoints import WEIGHTS, checkpoint_step
 from flare_exp.run.layout import CONFIG, FINGERPRINT, RUN_INFO, predictions_file
+from flare_exp.run.names import placed_by
 from flare_exp.run.record import RunSettingsChangedError
 from flare_exp.run.stage import declared_stages
 from flare_exp.run.stage import stage as stage_named
@@ -199,7 +200,7 @@ def recorded_fingerprint(run_dir: Path) -> dict:
         raise RunSettingsChangedError(
             f"{path} is unreadable ({type(recorded).__name__}: {recorded}), so the settings of the run in {run_dir} "
             "cannot be compared with this one's. Pass overwrite=true to start afresh (the earlier attempt moves to "
-            "attempts/NN/), or choose another run_name=.")
+            f"attempts/NN/), or choose another {placed_by(run_dir)}=.")
     if isinstance(recorded.get("settings"), dict):
         # recorded before paths were made absolute: its relative ones from the directory that run started in
         launch_dir = launch_dir_of(run_dir)
@@ -231,7 +232,7 @@ def check_resume(stage: str, run_dir: Path, new: dict, cfg=None) -> None:
                 f"readable {FINGERPRINT} nor {CONFIG} says which settings made it"
                 + (f" ({CONFIG} lacks {len(lacking)} of them, e.g. {', '.join(lacking[:3])}: cut short or edited)"
                    if lacking else "") + ", so a resume could mix two runs. Pass overwrite=true to start afresh (the "
-                "earlier attempt moves to attempts/NN/), or choose another run_name=.")
+                f"earlier attempt moves to attempts/NN/), or choose another {placed_by(run_dir)}=.")
         changed = settings_differences(old, new)
         old = None
     changed = unless_moved(stage, changed, old, new, cfg)
@@ -240,7 +241,7 @@ def check_resume(stage: str, run_dir: Path, new: dict, cfg=None) -> None:
             f"{run_dir} holds an unfinished {stage} run ({', '.join(p.name for p in left[-3:])}) made with other "
             f"settings, which a resume would mix with this one's: {'; '.join(changed)}. Rerun with the earlier "
             "settings to continue it, pass overwrite=true to start afresh (the earlier attempt moves to "
-            "attempts/NN/), or choose another run_name=.")
+            f"attempts/NN/), or choose another {placed_by(run_dir)}=.")
 
 
 MISSING_FINGERPRINT = f"{FINGERPRINT}: missing (deleted?)"

@@ -61,7 +61,7 @@ class Run:
     def __enter__(self) -> "Run":
         try:
             if self.locked:
-                self.lock = RunLock(self.out_dir, placed_by=dir_setting(self.stage)).acquire()
+                self.lock = RunLock(self.out_dir, placed_by=dir_setting(self.stage, self.out_dir)).acquire()
                 if self.run_dir != self.out_dir:  # its record too: two prepares into two dirs under one run_name
                     self.record_lock = RunLock(self.run_dir).acquire()
             if self.declared is not None and self.own_run:  # nothing touched yet: a refusal leaves the dir as it was
@@ -190,10 +190,15 @@ def report_of(stage: str, out_dir: Path, result) -> Path | None:
     return eval_dir / REPORT_HTML if eval_dir and (eval_dir / REPORT_HTML).exists() else None
 
 
-def dir_setting(stage: str) -> str:
+def dir_setting(stage: str, run_dir: Path | None = None) -> str:
     """The setting whose other value gives a stage another output dir: prepare writes into data.prepared_dir
-    whatever the run_name (stages/prepare.output_dir), every other stage into its run dir."""
-    return "data.prepared_dir" if stage == "prepare" else "run_name"
+    whatever the run_name (stages/prepare.output_dir), every other stage into its run dir, which run_name
+    places, or hydra.run.dir / hydra.sweep.dir where the launch gave one of its own (names.placed_by)."""
+    if stage == "prepare":
+        return "data.prepared_dir"
+    from flare_exp.run.names import placed_by
+
+    return placed_by(run_dir) if run_dir is not None else "run_name"
 
 
 def reusable(stage: str, cfg, out_dir: Path) -> bool:
@@ -212,7 +217,7 @@ def reusable(stage: str, cfg, out_dir: Path) -> bool:
         raise RunSettingsChangedError(
             f"[{stage}] {out_dir} holds a finished step made with other settings or inputs: {listed(changed)}. "
             "Rerun with the earlier ones to reuse it, pass overwrite=true to redo the steps (earlier outputs move "
-            f"to attempts/NN/), or choose another {dir_setting(stage)}= to keep both.")
+            f"to attempts/NN/), or choose another {dir_setting(stage, out_dir)}= to keep both.")
     return True
 
 
@@ -272,12 +277,13 @@ def start_attempt(stage: str, cfg, run_dir: Path, ran=None, applied: dict | None
     the configured ``cfg``'s."""
     if (run_dir / DONE).exists() and not cfg.overwrite:
         held = recorded_stage(run_dir) or stage
-        other = f" (this launch is stage={stage}: another run_name= keeps both)" if held != stage else ""
+        setting = dir_setting(stage, run_dir)
+        other = f" (this launch is stage={stage}: another {setting}= keeps both)" if held != stage else ""
         raise RunFinishedError(
             f"{run_dir} already holds a finished {held} run ({DONE} marker present){other}. Nothing of it was "
             "changed (its launch.log notes this refused launch). Pass overwrite=true to redo it there (the finished "
             "run moves to attempts/NN/), or choose another "
-            f"{dir_setting(stage)}={' (prepare writes there, whatever the run_name)' if stage == 'prepare' else ''}.")
+            f"{setting}={' (prepare writes there, whatever the run_name)' if stage == 'prepare' else ''}.")
     new = fingerprint(stage, cfg)
     requeued = cfg.overwrite and not (run_dir / DONE).exists() and this_jobs_attempt(run_dir)
     if cfg.overwrite and attempt_files(run_dir) and not requeued:

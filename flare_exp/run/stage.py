@@ -25,6 +25,8 @@ from types import ModuleType
 
 from omegaconf import OmegaConf
 
+from flare_exp.run.names import placed_by
+
 STAGES_DIR = Path(__file__).resolve().parent.parent / "stages"
 RANKS = ("one", "several", "rank 0")
 # "model speed" in a stage's free keys: the model.* keys that change only how fast it runs, never what it writes
@@ -123,7 +125,8 @@ class Stage:
 
 def resume_never_refusal(run_dir: Path, newest: str) -> str:
     return (f"{run_dir} already holds checkpoints ({newest}) and resume=never: use resume=auto to continue, "
-            "overwrite=true to start afresh (the earlier attempt moves to attempts/NN/), or another run_name=")
+            "overwrite=true to start afresh (the earlier attempt moves to attempts/NN/), or another "
+            f"{placed_by(run_dir)}=")
 
 
 def _declaration(path: Path) -> Stage | None:

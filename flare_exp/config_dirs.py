@@ -162,7 +162,8 @@ def _command_line_misses(overrides: list[str], dirs: list[Path]) -> list[str]:
         if not options:  # a key's value, not a group's choice
             continue
         spelled = (lambda o, key=key: f"{key}={o}")  # as the command line spells the key: +cluster@sft=a
-        said += [f"{override} on the command line: {no_option(group, each, dirs, spelled)}"
+        said += [f"{override if each == value else f'{key}={each} (in {override})'} on the command line: "
+                 f"{no_option(group, each, dirs, spelled)}"
                  for each in (sweep_values(value, group, dirs) if value else [""]) if each not in options]
     return said
 

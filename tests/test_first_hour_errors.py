@@ -339,11 +339,12 @@ def test_a_group_option_that_does_not_exist_is_named_with_the_groups_options(cap
     sys.path.insert(0, str(REPO))
     import launch
 
-    for argv in (["model=tinyy", "stage=runs"], ["-m", "model=tiny,tinyy", "stage=runs"]):
+    for argv, said in ((["model=tinyy", "stage=runs"], "model=tinyy"),
+                       (["-m", "model=tiny,tinyy", "stage=runs"], "model=tinyy (in model=tiny,tinyy)")):
         with pytest.raises(SystemExit):
             launch.check_command_line(argv)
         err = capsys.readouterr().err
-        assert ("model=tinyy on the command line: no model/tinyy.yaml in the config dirs; model has qwen3vl_4b, "
+        assert (f"{said} on the command line: no model/tinyy.yaml in the config dirs; model has qwen3vl_4b, "
                 "tiny (did you mean model=tiny?)") in err and "Config search path" not in err
     said = {  # Hydra's own groups and its plugins' options are listed too; null is no option (Hydra: a traceback)
         ("-m", "hydra/sweeper=basc", "stage=runs"): "hydra/sweeper has basic, optuna (did you mean "

@@ -399,4 +399,5 @@ def test_a_missing_choice_all_jobs_share_is_named_once(capsys):
     err = capsys.readouterr().err
     assert err.count("model=tiny_typo on the command line: no model/tiny_typo.yaml") == 1, err
     assert "2 choices on the command line do not exist:" in err and "problems with the settings" not in err, err
-    assert "- experiment=demo,nonexist on the command line: no experiment/nonexist.yaml" in err, err
+    assert "- experiment=nonexist (in experiment=demo,nonexist) on the command line: no experiment/nonexist.yaml" \
+        in err, err

@@ -60,9 +60,10 @@ def range_problems(cfg, steps: set[str]) -> list[str]:
         for key, rule in RANGES[section].items():
             value = OmegaConf.select(cfg, f"{section}.{key}", throw_on_missing=False)
             test, wanted = RULES[rule]
-            if value is None or isinstance(value, bool) or (rule == "batch" and value == "auto"):
-                continue
-            if isinstance(value, str) or (rule in WHOLE_NUMBERS and not isinstance(value, int)):
+            if (value is None and rule != "batch") or (rule == "batch" and value == "auto"):
+                continue  # an optional setting left unset; a batch sized by the card
+            if value is None or isinstance(value, (str, bool)) or (rule in WHOLE_NUMBERS
+                                                                    and not isinstance(value, int)):
                 problems.append(f"{section}.{key}={value!r}: must be {wanted}")
                 continue
             if not math.isfinite(value) or not test(value):
@@ -83,9 +84,12 @@ def _pair_problems(cfg, steps: set[str]) -> list[str]:
     if "infer" in steps and least is not None and least > most:
         problems.append(f"infer.min_new_tokens={least} is above infer.max_new_tokens={most}")
     if "infer" in steps:
-        from flare_exp.models.batch_decoding import check_inputs_ahead
+        from flare_exp.models.batch_decoding import check_inputs_ahead, image_device
 
         problems += _refusal(check_inputs_ahead, cfg.infer.inputs_ahead)
+        if cfg.infer.image_device != "auto":  # the others name a device; auto asks the model where it is
+            problems += _refusal(lambda setting: image_device(setting, None), cfg.infer.image_device)
+    problems += _cache_problems(cfg, steps)
     if "sft" in steps and cfg.sft.early_stopping_patience and cfg.sft.eval_steps == 0:
         problems.append(f"sft.early_stopping_patience={cfg.sft.early_stopping_patience} stops on the validation loss, "
                         "but sft.eval_steps=0 never evaluates: set sft.eval_steps >= 1 (or "
@@ -98,6 +102,15 @@ def _pair_problems(cfg, steps: set[str]) -> list[str]:
     if steps & {"sft", "rl"}:
         problems += _resume_problems(cfg.resume)
     return problems
+
+
+def _cache_problems(cfg, steps: set[str]) -> list[str]:
+    """The decoding sections' KV cache settings, for the steps that generate with them."""
+    from flare_exp.models.decoding import check_cache_implementation
+
+    return [problem for section in ("rl", "infer") if section in steps
+            for problem in _refusal(lambda value, key=f"{section}.cache_implementation":
+                                    check_cache_implementation(key, value), cfg[section].cache_implementation)]
 
 
 def _refusal(check, value) -> list[str]:

@@ -24,6 +24,23 @@ def test_every_range_problem_is_reported_together_with_its_key():
     with pytest.raises(ValueError, match="2 problems") as e:  # a switch beside a range: both named at once
         validate(compose_cfg(["stage=infer", "infer.batch_size=0", "infer.inputs_ahead=2"]))
     assert "infer.inputs_ahead=2: choose auto, true or false" in str(e.value)
+
+
+def test_a_pipeline_names_its_later_steps_device_cache_and_batch_typos_before_its_first_step():
+    """A pipeline (or a sweep's job) trained for hours, then stopped at infer on a typo: infer.image_device,
+    the KV cache of rl and infer, a batch size of null or true. Now each is named before any step, together."""
+    bad = {"infer.image_device": "gpu", "infer.cache_implementation": "junk", "rl.cache_implementation": "statik",
+           "infer.batch_size": "null", "eval.green.batch_size": "true"}
+    cfg = compose_cfg(["stage.steps=[prepare,sft,rl,infer,eval]", *(f"{k}={v}" for k, v in bad.items())])
+    with pytest.raises(ValueError, match=f"{len(bad)} problems with the settings") as e:
+        validate(cfg)
+    for said in ("infer.image_device='gpu': choose auto, cpu or cuda[:N]",
+                 "infer.cache_implementation='junk': choose auto, null (dynamic) or one of transformers' caches: static,",
+                 "rl.cache_implementation='statik'", "infer.batch_size=None: must be an integer >= 1 or auto",
+                 "eval.green.batch_size=True: must be"):
+        assert said in str(e.value), said
+    validate(compose_cfg(["stage=infer", "infer.image_device=cuda:1", "infer.cache_implementation=null",
+                          "rl.cache_implementation=junk"]))  # a device named, generate's dynamic cache; rl not run
     validate(compose_cfg(["stage=prepare", "sft.max_steps=0"]))  # a step checks the sections it reads
     validate(compose_cfg(["stage=sft", "sft.max_steps=-1", "sft.eval_steps=0"]))  # epochs decide; no evaluation
 

@@ -36,6 +36,16 @@ def kv_cache(setting: str | None, backend: str, on_gpu: bool = True) -> str | No
     return None if setting in (None, "dynamic") else setting
 
 
+def check_cache_implementation(key: str, setting) -> None:
+    """auto, null, or a KV cache transformers' generate knows (its own list): a typo would otherwise stop the
+    stage at its first generate, after the steps before it ran."""
+    from transformers.generation.configuration_utils import ALL_CACHE_IMPLEMENTATIONS
+
+    if setting not in ("auto", None) and setting not in ALL_CACHE_IMPLEMENTATIONS:
+        raise ValueError(f"{key}={setting!r}: choose auto, null (dynamic) or one of transformers' caches: "
+                         f"{', '.join(ALL_CACHE_IMPLEMENTATIONS)}")
+
+
 def graph_loop_chosen(key: str, setting: str, backend: str, compiled_static_on_gpu: bool) -> bool:
     """Whether ``key`` (infer.decode_loop / rl.decode_loop / eval.green.decode_loop) runs the graph loop.
     auto: where generate would run a compiled static-cache decode step (backend=hf on a GPU), where the loop

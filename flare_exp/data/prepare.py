@@ -17,11 +17,11 @@ from tqdm.auto import tqdm
 
 from flare_exp.data import records as R
 from flare_exp.data.decoding import check_window
-from flare_exp.data.images import (NEARLY_UNIFORM, OUTSIDE_ROOT, PROCESSOR_REFUSES, SMALLER_THAN_A_PATCH, ProcessorLimits,
-                                   check_images)
+from flare_exp.data.images import NEARLY_UNIFORM, ProcessorLimits, check_images
 from flare_exp.data.question_files import QuestionFile, discover, load_question_file, question_files, resolve_image
 from flare_exp.data.prepare_inputs import INPUTS, record_inputs
 from flare_exp.data.record_doubts import DOUBTS, record_doubts
+from flare_exp.data.rejects import REJECTS, reason_kind
 from flare_exp.data.unzip import PrepareError, unzip_nested
 from flare_exp.io import write_json, write_jsonl
 
@@ -150,8 +150,8 @@ def prepare(cfg_data, root: Path, out_dir: Path, limits: ProcessorLimits | None 
     accepted = accept_records(candidates, cfg_data, rejects, limits)
     by_split, modes = accepted.by_split, accepted.modes
     rejects.sort(key=lambda r: (r["file"], r["index"]))
-    write_jsonl(out_dir / "rejects.jsonl", rejects)  # first: an error below points at it
-    check_requested(root, cfg_data, split_sources, by_split, rejects, out_dir / "rejects.jsonl", found)
+    write_jsonl(out_dir / REJECTS, rejects)  # first: an error below points at it
+    check_requested(root, cfg_data, split_sources, by_split, rejects, out_dir / REJECTS, found)
     overlap = check_overlap(by_split, cfg_data.allow_overlap)
     doubts, listed = record_doubts(by_split)
     write_jsonl(out_dir / DOUBTS, listed)  # before the splits lose their private fields: every case, in full
@@ -167,7 +167,7 @@ def prepare(cfg_data, root: Path, out_dir: Path, limits: ProcessorLimits | None 
         "data_root": str(root),
         "records": {s: len(rows) for s, rows in by_split.items()},
         "by_dataset_task": counts,
-        "rejects": dict(Counter(_reason_kind(r["reason"]) for r in rejects)),
+        "rejects": dict(Counter(reason_kind(r["reason"]) for r in rejects)),
         "images": len({p for rows in by_split.values() for r in rows for p in r["images"]}),
         "images_by_mode": modes,
         "image_window": list(cfg_data.image_window) if cfg_data.image_window is not None else "own range",
@@ -250,10 +250,11 @@ def questions_read(found: list[tuple], cfg_data, split_sources: dict) -> list[Pa
                    for qf in discover(found, list(cfg_data.datasets), sources)})
 
 
-def _reject(rejects: list, cfg_data, file: str, index: int, reason: str) -> None:
+def _reject(rejects: list, cfg_data, file: str, index: int, reason: str, split: str) -> None:
+    """A question left out, with the split it was for (infer and eval count a split's from it: data/rejects.py)."""
     if cfg_data.strict:
         raise PrepareError(f"{file} record {index}: {reason} (data.strict=true)")
-    rejects.append({"file": file, "index": index, "reason": reason})
+    rejects.append({"file": file, "index": index, "reason": reason, "split": split})
 
 
 def read_records(root: Path, cfg_data, split_sources: dict, rejects: list, found: list[tuple],
@@ -273,7 +274,7 @@ def read_records(root: Path, cfg_data, split_sources: dict, rejects: list, found
                                              leave=False, disable=len(raw_records) < 500)):
                 record, reason = convert_record(raw, qf, out_split, root, cfg_data)
                 if record is None:
-                    _reject(rejects, cfg_data, file, index, reason)
+                    _reject(rejects, cfg_data, file, index, reason, out_split)
                     if reason.startswith("missing image") and missing is not None:
                         missing += [(qf.path.parent, n) for n in R.image_list(raw["ImageName"])
                                     if isinstance(resolve_image(qf.path.parent, n), str)]
@@ -314,7 +315,7 @@ def accept_records(candidates: list, cfg_data, rejects: list,
             problem = "duplicate ImageName||Question" + (
                 f" with another answer ({record.get('answer')!r}; {kept!r} kept)" if other else "")
         if problem:
-            _reject(rejects, cfg_data, file, index, problem)
+            _reject(rejects, cfg_data, file, index, problem, record["split"])
             continue
         record["_digests"] = [d for result in results for d in (result.sha1, result.pixels) if d]
         record["_pixels"] = [result.pixels or result.sha1 for result in results]  # one per image (record_doubts)
@@ -350,20 +351,11 @@ def check_requested(root: Path, cfg_data, split_sources: dict, by_split: dict, r
     if not by_split["train"] and not by_split["val"]:
         problems.append("no train or val records at all")
     if problems:
-        kinds = Counter(_reason_kind(r["reason"]) for r in rejects)
+        kinds = Counter(reason_kind(r["reason"]) for r in rejects)
         raise PrepareError(f"under data.root={root}: " + "; ".join(problems)
                            + f". Rejected records: {dict(kinds) or 'none'} (each with file, index and reason in "
                            f"{rejects_file}). Check data.root, data.datasets and data.*_splits "
                            "(an empty list, e.g. data.test_splits=[], leaves a split out).")
-
-
-def _reason_kind(reason: str) -> str:
-    for prefix in ("duplicate ImageName||Question with another answer", "missing image", "corrupt image",
-                   "decompression bomb", "missing key", "unknown TaskType",
-                   OUTSIDE_ROOT, SMALLER_THAN_A_PATCH, PROCESSOR_REFUSES):
-        if reason.startswith(prefix):
-            return prefix
-    return reason
 
 
 def format_summary(summary: dict) -> str:

@@ -13,6 +13,7 @@ import re
 import unicodedata
 from pathlib import Path
 
+from flare_exp.data.rejects import describe_rejected, rejected_questions
 from flare_exp.io import read_jsonl
 from flare_exp.run.layout import CONFIG
 from flare_exp.run.stage import infer_input_file
@@ -214,10 +215,16 @@ def _number(value) -> float | None:
 
 
 def coverage(rows: list[dict], reference: Path, total: int) -> dict:
-    """A file that answers part of its split (``total`` questions): the report says how much (else a subset reads
-    as the whole)."""
+    """A file that answers part of its split (``total`` questions), or a split prepare left questions out of
+    (data/rejects.py): the report says how much (else a subset reads as the whole)."""
     answered = len({r.get("id") for r in rows})
-    if answered >= total:
-        return {}
-    return {"coverage": f"{total - answered} of the {total} questions of {reference} have no prediction: the numbers "
-                        f"cover the {answered} answered (a subset asked for, or a cut file)"}
+    rejected = rejected_questions(reference)
+    said = {}
+    if answered < total:
+        said["coverage"] = (f"{total - answered} of the {total} questions of {reference} have no prediction: the "
+                            f"numbers cover the {answered} answered (a subset asked for, or a cut file)")
+    if rejected:
+        split = Path(reference).name.removesuffix(".jsonl")
+        said["rejected_at_prepare"] = (f"{describe_rejected(rejected, split)} are in no prepared split: the numbers "
+                                       f"cover {answered} of the split's {total + rejected['count']} questions")
+    return said

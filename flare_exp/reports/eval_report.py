@@ -155,7 +155,7 @@ def caveat_lines(results: dict, warnings: list[str], caveats: list[str] | None =
                          "answers" + (f", except in FLARE's multi-label f1_score, which leaves out the {null} pair(s) "
                                       "whose prediction is null (as its evaluator does; a blank text counts as no "
                                       "label)" if null else ""))
-        for note in ("answers_note", "dataset_names_note", "sheet_note", "edited_sheet_note"):
+        for note in ("rejected_at_prepare", "answers_note", "dataset_names_note", "sheet_note", "edited_sheet_note"):
             if res.get(note):
                 lines.append(res[note])
         for task, block in res["official"].items():

@@ -20,6 +20,7 @@ from flare_exp.card import sized_infer_batch
 from flare_exp.compile_cache import prepare_gpu_run
 from flare_exp.data.decoding import check_records_window
 from flare_exp.data.prepared_split import read_prepared_split
+from flare_exp.data.rejects import describe_rejected, rejected_questions
 from flare_exp.data.vision import VisionChat
 from flare_exp.io import read_journal, write_json, write_jsonl
 from flare_exp.models.batch_decoding import (Decoder, batches_with_images, check_inputs_ahead, decode_in_parts,
@@ -80,15 +81,18 @@ def timed_batch(decode: Decoder, records: list[dict], images, number: int, run_d
     return texts
 
 
-def write_submission(out_dir: Path, rows: list[dict], questions: int) -> Path:
+def write_submission(out_dir: Path, rows: list[dict], questions: int, rejected: dict | None = None) -> Path:
     """FLARE's format: the question records with Answer filled in, one file per dataset; FLARE joins them to
     its ground truth on ImageName||Question. Written to submission/ when ``rows`` answer all ``questions`` of the
-    split, else to submission_subset/ (a question missing from an upload scores as wrong), said in the log."""
+    split (those prepare rejected included: ``rejected``), else to submission_subset/ (a question missing from an
+    upload scores as wrong), said in the log."""
     folder = out_dir / ("submission" if len(rows) >= questions else "submission_subset")
     if folder.name != "submission":
-        log.warning("infer: %d of the %d test questions answered (infer.num_samples): the files are in %s/, not "
-                    "submission/; FLARE scores every question an upload lacks as wrong", len(rows), questions,
-                    folder.name)
+        why = (f"{describe_rejected(rejected, 'test')} have none: fix or re-download the images it names, rerun "
+               "stage=prepare with overwrite=true, then this infer (it predicts the questions it lacks)"
+               if rejected else "infer.num_samples")
+        log.warning("infer: %d of the %d test questions answered (%s): the files are in %s/, not submission/; FLARE "
+                    "scores every question an upload lacks as wrong", len(rows), questions, why, folder.name)
     by_dataset: dict[str, list] = {}
     for r in rows:
         by_dataset.setdefault(r["dataset"], []).append({
@@ -195,7 +199,8 @@ def run(cfg, out_dir: Path) -> dict:
     source = abspath(infer_input_file(cfg))
     records = read_prepared_split(source)
     check_records_window(records, cfg.data.image_window, source)
-    questions, split_ids = len(records), {r["id"] for r in records}
+    rejected = rejected_questions(source)  # the split's questions prepare left out: FLARE still scores them
+    questions, split_ids = len(records) + (rejected["count"] if rejected else 0), {r["id"] for r in records}
     if inf.num_samples and inf.num_samples > 0:
         records = records[:inf.num_samples]
     if not records:
@@ -221,14 +226,15 @@ def run(cfg, out_dir: Path) -> dict:
         decoded_by = next((c[2] for c in counts if c[2]), None)
         done = read_predictions(out_dir)
     return finish(cfg, out_dir, records, done, label, generated, elapsed, decoded_by, world, batch_choice, questions,
-                  split_ids)
+                  split_ids, rejected)
 
 
 def finish(cfg, out_dir: Path, records: list[dict], done: dict, label: str, generated: int, elapsed: float,
            decoded_by: dict | None, world: int, batch_choice: dict | None = None, questions: int = 0,
-           split_ids: set | None = None) -> dict:
+           split_ids: set | None = None, rejected: dict | None = None) -> dict:
     """One predictions file in input order (the ranks' journals merged into it), the sheet, the summary.
-    ``split_ids``: every record's id in the split (default: those asked for)."""
+    ``split_ids``: every record's id in the split (default: those asked for); ``rejected``: the split's questions
+    prepare left out (data/rejects.py)."""
     inf, pred_path = cfg.infer, out_dir / PREDICTIONS
     missing = [r["id"] for r in records if r["id"] not in done]
     if missing:
@@ -257,7 +263,11 @@ def finish(cfg, out_dir: Path, records: list[dict], done: dict, label: str, gene
         journal.unlink()  # merged above
     adapter = used_adapter(cfg)
     write_sheet(out_dir / "predictions.xlsx", rows, label, adapter=adapter)
-    submission = write_submission(out_dir, rows, questions) if all(r["answer"] is None for r in rows) else None
+    submission = (write_submission(out_dir, rows, questions, rejected) if all(r["answer"] is None for r in rows)
+                  else None)
+    if rejected and not submission:
+        log.warning("infer: %s have no prediction: the predictions cover %d of the split's %d questions",
+                    describe_rejected(rejected, inf.split), len(rows), questions)
     summary = {"predictions": str(pred_path), "sheet": str(out_dir / "predictions.xlsx"), "label": label,
                "checkpoint": inf.checkpoint, "adapter": adapter, "split": inf.split, "samples": len(rows), "generated_now": generated,
                "reports_per_second": round(generated / elapsed, 3) if elapsed else None,
@@ -265,6 +275,7 @@ def finish(cfg, out_dir: Path, records: list[dict], done: dict, label: str, gene
                **(decoded_by or {"decode_loop": None, "inputs": None}),  # none decoded now (all resumed)
                # model.liger_kernel=true is in config.yaml; inference loads without them (models/loading.py)
                **({"liger_kernel": "off: training kernels"} if cfg.model.liger_kernel else {}),
+               "rejected_at_prepare": rejected["count"] if rejected else 0,
                "world_size": world, **({"submission": str(submission), "submission_complete":
                                          submission.name == "submission"} if submission else {})}
     write_json(out_dir / summary_name("infer"), summary)

@@ -238,6 +238,10 @@ def test_a_null_multi_label_prediction_is_said_as_left_out_of_flares_f1(tmp_path
     assert info["empty_predictions"] == 2 and info["null_multi_label_predictions"] == 1
     (line,) = [c for c in caveat_lines({"r": {**info, "official": {}, "by_task": {}}}, []) if "empty" in c]
     assert "2 empty" in line and "leaves out the 1 pair(s) whose prediction is null" in line
+    assert "every multi-label pair" not in line
+    official = {"multi_label": {"f1_score": 0.0, "num_examples": 1}}  # every pair left out: an F1 over none
+    (line,) = [c for c in caveat_lines({"r": {**info, "official": official, "by_task": {}}}, []) if "empty" in c]
+    assert "here that is every multi-label pair, so its f1_score of 0 is FLARE's value for no pairs" in line
     assert multi_label_stats([None, ""], ["Mass", "Mass"]).tolist() == [[0, 0, 0], [0, 0, 1]]
 
 

@@ -7,6 +7,7 @@ relative to the output root.
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -151,10 +152,13 @@ def caveat_lines(results: dict, warnings: list[str], caveats: list[str] | None =
             lines.append(res["coverage"])
         if res.get("empty_predictions"):
             null = res.get("null_multi_label_predictions")
+            every = null and null >= ((res["official"].get("multi_label") or {}).get("num_examples") or math.inf)
             lines.append(f"{res['empty_predictions']} empty (blank, null or non-text) prediction(s), scored as empty "
                          "answers" + (f", except in FLARE's multi-label f1_score, which leaves out the {null} pair(s) "
                                       "whose prediction is null (as its evaluator does; a blank text counts as no "
-                                      "label)" if null else ""))
+                                      "label)" if null else "")
+                         + ("; here that is every multi-label pair, so its f1_score of 0 is FLARE's value for no "
+                            "pairs, not a measurement" if every else ""))
         for note in ("rejected_at_prepare", "answers_note", "dataset_names_note", "sheet_note", "edited_sheet_note"):
             if res.get(note):
                 lines.append(res[note])

@@ -260,3 +260,14 @@ def test_a_standalone_predictions_file_with_a_torn_last_line_says_so_and_allow_p
     broken.write_text("".join([lines[0], "garbage\n", *lines[1:]]))
     with pytest.raises(ValueError, match="not valid JSON"):  # a broken line inside the file: refused either way
         load_rows(broken, True, prepared)
+
+
+def test_an_infer_runs_unreadable_config_is_said_before_eval_falls_back(tmp_path, caplog):
+    """An infer run dir whose config.yaml was torn or edited: eval cannot know the split that run read, joins the
+    rows to data.prepared_dir's split, and now says so (it did quietly)."""
+    from flare_exp.data.references import run_split
+
+    (tmp_path / "config.yaml").write_text(":: not yaml [")
+    assert run_split(tmp_path / "predictions.jsonl") is None
+    assert f"eval: {tmp_path / 'config.yaml'} cannot be read (" in caplog.text
+    assert "joined to data.prepared_dir's split their rows name" in caplog.text

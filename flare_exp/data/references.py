@@ -8,6 +8,7 @@ answers came from the predictions file, unchecked.
 """
 from __future__ import annotations
 
+import logging
 import math
 import re
 import unicodedata
@@ -18,6 +19,8 @@ from flare_exp.io import read_jsonl
 from flare_exp.run.layout import CONFIG
 from flare_exp.run.stage import infer_input_file
 from flare_exp.runtime import abspath
+
+log = logging.getLogger(__name__)
 
 SHOWN = 5  # ids named in an error
 FROM_REFERENCE = ("answer", "task_type", "dataset", "question", "image_name")
@@ -53,7 +56,10 @@ def run_split(predictions: Path) -> Path | None:
         named = OmegaConf.select(cfg, "infer.input_file") or (OmegaConf.select(cfg, "data.prepared_dir")
                                                                and OmegaConf.select(cfg, "infer.split"))
         return abspath(infer_input_file(cfg)) if named else None
-    except Exception:  # noqa: BLE001  (not an infer run's config: the split the rows name is used)
+    except Exception as e:  # noqa: BLE001  (not an infer run's config: the split the rows name is used)
+        log.warning("eval: %s cannot be read (%s: %s), so the split its infer run read is not known: the "
+                    "predictions are joined to data.prepared_dir's split their rows name (the report's 'prepared "
+                    "split' row says which)", saved, type(e).__name__, str(e)[:200])
         return None
 
 

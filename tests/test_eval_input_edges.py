@@ -267,7 +267,9 @@ def test_an_infer_runs_unreadable_config_is_said_before_eval_falls_back(tmp_path
     rows to data.prepared_dir's split, and now says so (it did quietly)."""
     from flare_exp.data.references import run_split
 
-    (tmp_path / "config.yaml").write_text(":: not yaml [")
-    assert run_split(tmp_path / "predictions.jsonl") is None
-    assert f"eval: {tmp_path / 'config.yaml'} cannot be read (" in caplog.text
+    for text, why in ((":: not yaml [", "it names neither infer.input_file nor data.prepared_dir"),
+                      ("a: [1, 2", "it cannot be read (")):
+        (tmp_path / "config.yaml").write_text(text)
+        assert run_split(tmp_path / "predictions.jsonl") is None
+        assert f"eval: {tmp_path / 'config.yaml'}: {why}" in caplog.text
     assert "joined to data.prepared_dir's split their rows name" in caplog.text

@@ -55,12 +55,14 @@ def run_split(predictions: Path) -> Path | None:
         cfg = OmegaConf.load(saved)
         named = OmegaConf.select(cfg, "infer.input_file") or (OmegaConf.select(cfg, "data.prepared_dir")
                                                                and OmegaConf.select(cfg, "infer.split"))
-        return abspath(infer_input_file(cfg)) if named else None
-    except Exception as e:  # noqa: BLE001  (not an infer run's config: the split the rows name is used)
-        log.warning("eval: %s cannot be read (%s: %s), so the split its infer run read is not known: the "
-                    "predictions are joined to data.prepared_dir's split their rows name (the report's 'prepared "
-                    "split' row says which)", saved, type(e).__name__, str(e)[:200])
-        return None
+        if named:
+            return abspath(infer_input_file(cfg))
+        why = "it names neither infer.input_file nor data.prepared_dir and infer.split"
+    except Exception as e:  # noqa: BLE001  (torn or edited: the split the rows name is used)
+        why = f"it cannot be read ({type(e).__name__}: {str(e)[:200]})"
+    log.warning("eval: %s: %s, so the split its infer run read is not known: the predictions are joined to "
+                "data.prepared_dir's split their rows name (the report's 'prepared split' row says which)", saved, why)
+    return None
 
 
 def gone_run_split(predictions: Path, source: Path | None) -> str | None:

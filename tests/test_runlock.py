@@ -546,3 +546,21 @@ def test_a_split_a_live_prepare_has_not_written_yet_says_to_wait_for_it(base_ove
         sleeper.wait()
     said = " ".join(map(str, input_problems(cfg)))  # its holder gone: what to run
     assert "being written" not in said and "train_file" in said
+
+
+def test_a_refusal_says_how_to_free_a_lock_no_flare_exp_run_holds(tmp_path):
+    """A live pid in an owner file without started_epoch (a dir copied by hand, a pid another program has now)
+    cannot be told from a live run: the refusal said only "Wait for it, or choose another run_name=". It also
+    says how to check the pid and the exact lock directory to remove once no run writes there."""
+    lock = tmp_path / "copied" / ".lock"
+    lock.mkdir(parents=True)
+    (lock / "owner.1.json").write_text(json.dumps({"host": platform.node(), "pid": 1, "started": "2020-01-01"}))
+    with pytest.raises(RunLockedError) as refused:
+        RunLock(tmp_path / "copied").acquire()
+    message = str(refused.value)
+    assert "Wait for it, or choose another run_name=. (A lock" in message, message
+    assert f"If pid 1 on host {platform.node()} is no flare-exp run" in message, message
+    assert "ps -o args= -p 1" in message, message
+    assert f"remove the lock directory {lock} (rm -r {lock})" in message, message
+    assert f"once sure no run writes into {tmp_path / 'copied'}" in message, message
+

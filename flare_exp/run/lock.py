@@ -27,6 +27,7 @@ import logging
 import os
 import platform
 import re
+import shlex
 import shutil
 import threading
 import time
@@ -237,7 +238,10 @@ class RunLock:
                                          f"-CONT {pid}) or end it (kill {pid}; kill -CONT {pid}: a stopped process "
                                          "takes the signal once continued), then launch again" if stopped else "")
             + f". Wait for it, or choose another {setting}=. (A lock whose holder died is taken over by "
-            "itself.)")
+            f"itself.) If pid {pid} on host {h.get('host', '?')} is no flare-exp run (a run dir copied by hand with "
+            f"its lock, or a pid another program has now: `ps -o args= -p {pid}` there says which), remove the lock "
+            f"directory {self.dir} (rm -r {shlex.quote(str(self.dir))}) once sure no run writes into "
+            f"{self.dir.parent}, and launch again.")
 
     def acquire(self) -> "RunLock":
         for _ in range(5):  # a lock released while we looked at it: look again

@@ -564,3 +564,19 @@ def test_a_refusal_says_how_to_free_a_lock_no_flare_exp_run_holds(tmp_path):
     assert f"remove the lock directory {lock} (rm -r {lock})" in message, message
     assert f"once sure no run writes into {tmp_path / 'copied'}" in message, message
 
+
+@pytest.mark.parametrize("text", ['{"host": "vm", "pid": 12', "garbage\x00", "[1, 2]", "null"])
+def test_an_unreadable_owner_file_is_taken_over_with_a_warning(tmp_path, caplog, text):
+    """A torn or garbage owner file names no holder: its lock was taken over without a word (a dead pid's takeover
+    is logged). Now a WARNING names the file and why; a JSON that is no object counts as unreadable too (it
+    stopped the launch with a TypeError)."""
+    lock = tmp_path / ".lock"
+    lock.mkdir()
+    (lock / "owner.1.json").write_text(text)
+    with caplog.at_level("WARNING", logger="flare_exp.run.lock"):
+        RunLock(tmp_path).acquire().release()
+    warned = [r for r in caplog.records if r.levelname == "WARNING" and "taking over the lock" in r.getMessage()]
+    assert len(warned) == 1, caplog.text
+    said = warned[0].getMessage()
+    assert f"its owner file {lock / 'owner.1.json'} cannot be read" in said, said
+    assert "torn or written by hand" in said, said

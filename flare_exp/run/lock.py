@@ -164,6 +164,15 @@ def _lock_started(holder: dict) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
+def _unreadable(path: Path) -> str | None:
+    """Why an owner file names no holder (torn by a copy, written by hand); None when it does, or is gone."""
+    try:
+        fields = json.loads(path.read_text())
+    except (OSError, ValueError) as e:  # a file gone was released meanwhile
+        return None if isinstance(e, FileNotFoundError) else f"{type(e).__name__}: {e}"
+    return None if isinstance(fields, dict) else f"a JSON {type(fields).__name__}, not an object"
+
+
 class RunLock:
     def __init__(self, run_dir: Path, stale_after_s: float = STALE_AFTER_S, heartbeat_s: float = HEARTBEAT_S,
                  name: str = LOCK, placed_by: str = "run_name"):
@@ -188,8 +197,8 @@ class RunLock:
         try:
             return {**json.loads(path.read_text()), "heartbeat_age_s": time.time() - path.stat().st_mtime,
                     "number": number} if path else None
-        except (OSError, ValueError):
-            return None  # released meanwhile (owner files are put in place whole: never half-written)
+        except (OSError, ValueError, TypeError):  # released meanwhile, or torn or hand-written (no JSON object):
+            return None  # no holder (acquire says so: _unreadable); a run puts its owner file in place whole
 
     def _stale(self, holder: dict) -> str | None:
         """Why the lock's holder is gone, or None while it may live."""
@@ -247,7 +256,12 @@ class RunLock:
         for _ in range(5):  # a lock released while we looked at it: look again
             holder = self.holder()
             if holder is None:
-                number = self._highest()[0] + 1
+                number, path = self._highest()
+                if path is not None and (unreadable := _unreadable(path)):
+                    log.warning("taking over the lock of %s: its owner file %s cannot be read (%s), so it names no "
+                                "run (torn or written by hand: a run puts it in place whole)", self.dir.parent, path,
+                                unreadable)
+                number += 1
             else:
                 why = self._stale(holder)
                 if why is None:

@@ -375,3 +375,60 @@ def test_rows_hidden_in_the_sheet_are_scored_and_said(tmp_path, caplog):
     assert "2 row(s) hidden in the sheet (an Excel filter or Hide) are scored too" in caplog.text
     rows, info = load_rows(_sheet(tmp_path, "plain.xlsx"), False, prepared)
     assert "hidden" not in info["sheet_note"]
+
+
+def _rearranged(tmp_path, *copies):
+    """infer's workbook with its adapter sheet moved first and the predictions' sheet renamed "Sheet1" (and
+    copied as ``copies``), as a hand edit leaves it."""
+    sheet = _sheet(tmp_path)
+    workbook = load_workbook(sheet)
+    workbook["predictions"].title = "Sheet1"
+    for name in copies:
+        workbook.copy_worksheet(workbook["Sheet1"]).title = name
+    workbook.move_sheet("adapter", offset=-workbook.sheetnames.index("adapter"))
+    assert workbook.sheetnames[0] == "adapter"
+    workbook.save(sheet)
+    return sheet
+
+
+def test_a_renamed_predictions_sheet_behind_the_adapter_sheet_is_read_and_said(tmp_path, caplog):
+    """No sheet named 'predictions' and infer's adapter sheet first: that sheet has no id column, so it was
+    refused as "(sheet 'adapter'): no 'id' column", while the renamed sheet has one. The one sheet with an id
+    column is read, named in a warning and in the report's note."""
+    prepared = _prepared(tmp_path)
+    rows, info = load_rows(_rearranged(tmp_path), False, prepared)
+    assert len(rows) == 12 and {r["id"]: r["prediction"] for r in rows} == PREDICTED
+    assert "(sheet 'Sheet1')" in info["sheet_note"]
+    assert ("the first sheet, 'adapter' (no sheet is named 'predictions'), has no 'id' column in its first 20 rows: "
+            "predictions read from the sheet 'Sheet1', the only one with an id column") in caplog.text
+
+
+def test_a_predictions_sheet_without_ids_reads_the_one_sheet_that_has_them(tmp_path, caplog):
+    """The sheet named 'predictions' lost its id column, an edited copy of it has one: the copy is read, said."""
+    prepared = _prepared(tmp_path)
+    sheet = _sheet(tmp_path)
+    workbook = load_workbook(sheet)
+    workbook.copy_worksheet(workbook["predictions"]).title = "predictions (2)"
+    workbook["predictions"]["G1"] = "ID number"
+    workbook.save(sheet)
+    rows, info = load_rows(sheet, False, prepared)
+    assert len(rows) == 12 and "(sheet 'predictions (2)')" in info["sheet_note"]
+    assert "the sheet 'predictions' has no 'id' column" in caplog.text
+    assert "predictions read from the sheet 'predictions (2)', the only one with an id column" in caplog.text
+
+
+def test_several_sheets_with_ids_behind_one_without_are_refused_naming_them(tmp_path):
+    with pytest.raises(ValueError, match=r"the first sheet, 'adapter' \(no sheet is named 'predictions'\), has no "
+                                         r"'id' column .*: the sheets 'Sheet1', 'Sheet1 \(2\)' each have one, so "
+                                         r"which to score is not known: name the one to score 'predictions'"):
+        load_rows(_rearranged(tmp_path, "Sheet1 (2)"), False, _prepared(tmp_path))
+
+
+def test_the_adapter_sheet_is_never_read_as_predictions(tmp_path):
+    """The predictions' sheet deleted: the adapter sheet left is refused, not read."""
+    sheet = _sheet(tmp_path)
+    workbook = load_workbook(sheet)
+    del workbook["predictions"]
+    workbook.save(sheet)
+    with pytest.raises(ValueError, match=r"\(sheet 'adapter'\): no 'id' column"):
+        load_rows(sheet, False, _prepared(tmp_path))

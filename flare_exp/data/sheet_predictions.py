@@ -14,7 +14,7 @@ import zipfile
 from pathlib import Path
 
 SHEET_SUFFIXES = (".xlsx", ".xlsm")
-SHEET = "predictions"  # the sheet infer writes (reports/sheets.py); another workbook's first sheet is read instead
+SHEET = "predictions"  # the sheet infer writes (reports/sheets.py); else the first one is read (_pick_sheet)
 # the columns of infer's sheet besides the prediction (header -> row key), in its order; the prediction column,
 # headed by the run's label, comes at PREDICTION_COLUMN (after Answer); eval's scored sheets add SCORE_COLUMNS
 ROW_COLUMNS = (("ImageName", "image_name"), ("Question", "question"), ("Answer", "answer"), ("Dataset", "dataset"),
@@ -37,7 +37,7 @@ def read_sheet_predictions(path: Path) -> tuple[list[dict], str, list[str]]:
     """(one row per question: id, prediction, and what else the sheet names (answer, task type, ...); the
     prediction column's header (the run's label in infer's sheet) becomes the rows' ``model``, the sheet's
     title, the other sheets with an id column). Another sheet that also has an id column (an edited copy,
-    "predictions (2)") is named in a warning (and the report): only one sheet is read."""
+    "predictions (2)") is named in a warning (and the report): only one sheet is read (which: _pick_sheet)."""
     from openpyxl import load_workbook
     from openpyxl.utils.exceptions import InvalidFileException
 
@@ -54,7 +54,7 @@ def read_sheet_predictions(path: Path) -> tuple[list[dict], str, list[str]]:
     except (InvalidFileException, zipfile.BadZipFile, OSError, KeyError, ValueError) as e:
         raise ValueError(f"{path}: not a readable .xlsx workbook ({type(e).__name__}: {e})") from e
     try:
-        sheet = workbook[SHEET] if SHEET in workbook.sheetnames else workbook.worksheets[0]
+        sheet, others = _pick_sheet(path, workbook)
         merged, hidden = _layout(path, sheet.title)
         _refuse_merged_cells(path, sheet.title, merged)  # first: a merged header would read as a missing column
         lines = enumerate(sheet.iter_rows(), 1)  # numbered here: a row's leading empty cells carry no number
@@ -66,7 +66,6 @@ def read_sheet_predictions(path: Path) -> tuple[list[dict], str, list[str]]:
             if row is not None:
                 # a hidden row is scored like the others: eval says how many (a user may have hidden them to
                 rows.append({**row, "sheet_hidden": True} if number in hidden else row)  # leave them out)
-        others = [w.title for w in workbook.worksheets if w.title != sheet.title and _has_id_column(w)]
     finally:
         workbook.close()
     if others:
@@ -75,6 +74,28 @@ def read_sheet_predictions(path: Path) -> tuple[list[dict], str, list[str]]:
                     sheet.title, ", ".join(repr(o) for o in others), "has" if len(others) == 1 else "have",
                     "is" if len(others) == 1 else "are", SHEET)
     return rows, sheet.title, others
+
+
+def _pick_sheet(path: Path, workbook):
+    """(the sheet to read, the titles of the other sheets with an id column): the one named SHEET, else the first;
+    where that one has no id column (infer's adapter sheet moved first, the predictions' sheet renamed) but one
+    other sheet has, that one, said in a warning; where several have, refused naming them. Where none has, the
+    first one is refused naming its header (_columns): a sheet without an id column is never read."""
+    first = workbook[SHEET] if SHEET in workbook.sheetnames else workbook.worksheets[0]
+    with_id = [w.title for w in workbook.worksheets if _has_id_column(w)]
+    if first.title in with_id or not with_id:
+        return first, [title for title in with_id if title != first.title]
+    named = (f"the sheet {SHEET!r}" if first.title == SHEET
+             else f"the first sheet, {first.title!r} (no sheet is named {SHEET!r}),")
+    if len(with_id) > 1:
+        rename = f" (after renaming the sheet {SHEET!r})" if first.title == SHEET else ""
+        raise ValueError(f"{path}: {named} has no 'id' column in its first {HEADER_SEARCH_ROWS} rows: the sheets "
+                         f"{', '.join(map(repr, with_id))} each have one, so which to score is not known: name the "
+                         f"one to score {SHEET!r}{rename}, or delete the others")
+    log.warning("%s: %s has no 'id' column in its first %d rows: predictions read from the sheet %r, the only one "
+                "with an id column (keep them in a sheet named %r to read them without this warning)", path, named,
+                HEADER_SEARCH_ROWS, with_id[0], SHEET)
+    return workbook[with_id[0]], []
 
 
 def _layout(path: Path, title: str) -> tuple[list[str], set[int]]:

@@ -580,3 +580,15 @@ def test_an_unreadable_owner_file_is_taken_over_with_a_warning(tmp_path, caplog,
     said = warned[0].getMessage()
     assert f"its owner file {lock / 'owner.1.json'} cannot be read" in said, said
     assert "torn or written by hand" in said, said
+
+
+@pytest.mark.parametrize("pid", ['"abc"', "true", "1.5", "null"])
+def test_an_owner_file_whose_pid_is_no_number_is_taken_over_with_a_warning(tmp_path, caplog, pid):
+    """An owner file edited by hand to a pid that is no whole number names no process on this host: taken over
+    with a WARNING saying so (int("abc") stopped the launch with a ValueError)."""
+    lock = tmp_path / ".lock"
+    lock.mkdir()
+    (lock / "owner.1.json").write_text(f'{{"host": "{platform.node()}", "pid": {pid}, "started": "2026-01-01"}}')
+    with caplog.at_level("WARNING", logger="flare_exp.run.lock"):
+        RunLock(tmp_path).acquire().release()
+    assert "its owner file names no process (pid" in caplog.text, caplog.text

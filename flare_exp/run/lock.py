@@ -97,7 +97,9 @@ def _pid_alive(pid: int) -> bool:
 def _gone_here(holder: dict, silent_after_s: float) -> str | None:
     """Why a holder on this host is gone, or None while it may live. A live pid is not enough: a restarted
     container or a reboot hands the dead holder's pid to another process (pid 1 of a container, even this one)."""
-    pid = int(holder.get("pid", -1))
+    pid = holder.get("pid", -1)
+    if not isinstance(pid, int) or isinstance(pid, bool):  # edited by hand: names no process that could hold it
+        return f"its owner file names no process (pid {pid!r})"
     if not _pid_alive(pid):
         return f"pid {pid} on this host is gone"
     if pid == os.getpid() and holder.get("token") not in _HELD_HERE:
@@ -330,7 +332,8 @@ class RunLock:
             _, path = self._highest()
             if path != self.owner_file:
                 return True
-            return json.loads(path.read_text()).get("token") != self._token
+            owner = json.loads(path.read_text())
+            return not isinstance(owner, dict) or owner.get("token") != self._token  # rewritten: not ours
         except (OSError, ValueError):
             return False
 

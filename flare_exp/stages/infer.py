@@ -56,7 +56,7 @@ STAGE = Stage(
     pipeline_step=True,
     reads_doc="`infer.checkpoint` (none = base model; a run, pipeline or adapter dir), `infer.split`",
     writes_doc=("`predictions.jsonl`, `predictions.xlsx`, `submission/` (test split; `submission_subset/` when "
-                "`infer.num_samples` leaves questions out), `infer_summary.json`"),
+                "`infer.num_samples` or prepare's rejects leave questions out), `infer_summary.json`"),
 )
 
 log = logging.getLogger(__name__)

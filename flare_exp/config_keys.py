@@ -51,18 +51,55 @@ def suggestion(schema: type, prefix: str, key: str, root: type | None = None) ->
     return f" (did you mean {' or '.join(elsewhere[:3])}?)" if elsewhere else ""
 
 
-def unknown_path(dotted: str, schema: type) -> str | None:
-    """None when the schema has ``dotted`` (or a dict-typed or untyped field on the way takes any key below
-    it); else the unknown part of it with the closest key."""
-    node, parts = schema, dotted.split(".")
+def _unknown_at(parts: list[str], schema: type) -> tuple[int, type] | None:
+    """(index of the first part the schema lacks, the section it is missing from), or None when the schema has
+    the key (or a dict-typed or untyped field on the way takes any key below it)."""
+    node = schema
     for depth, key in enumerate(parts):
-        prefix = ".".join(parts[:depth]) + "." if depth else ""
         if key not in _fields(node):
-            return f"{prefix}{key}" + suggestion(node, prefix, key, root=schema)
+            return depth, node
         node = _dataclass_of(_fields(node)[key])
         if node is None:
             return None  # a leaf, a dict or Any: Hydra checks the value's type
     return None
+
+
+def _sections(schema: type, prefix: str = "") -> list[str]:
+    """'' and every section's prefix ('model.', 'model.lora.', 'eval.green.', ...)."""
+    found = [prefix]
+    for key, kind in _fields(schema).items():
+        inner = _dataclass_of(kind)
+        found += _sections(inner, f"{prefix}{key}.") if inner else []
+    return found
+
+
+def _moved(parts: list[str], depth: int, schema: type) -> list[str]:
+    """The keys that end with the typed key's tail from its unknown part on (or a longer tail), under another
+    section: lora.r -> model.lora.r, eval.lora.r -> model.lora.r; the longest tail that is found. Only keys the
+    schema names count: a dict or untyped field (hydra.overrides) would take any tail."""
+    known = set(_all_paths(schema)) | {s[:-1] for s in _sections(schema)}
+    for start in range(depth + 1):
+        tail = ".".join(parts[start:])
+        found = [f"{s}{tail}" for s in _sections(schema) if f"{s}{tail}" in known]
+        if found:
+            return found
+    return []
+
+
+def unknown_path(dotted: str, schema: type) -> str | None:
+    """None when the schema has ``dotted`` (or a dict-typed or untyped field on the way takes any key below
+    it); else the unknown part of it with the closest key. A key whose tail is a key of another section
+    (lora.r, green.batch_size) is named whole, with the key(s) it is under."""
+    parts = dotted.split(".")
+    unknown = _unknown_at(parts, schema)
+    if unknown is None:
+        return None
+    depth, node = unknown
+    moved = _moved(parts, depth, schema) if depth < len(parts) - 1 else []
+    if moved:
+        return f"{dotted} (did you mean {' or '.join(moved[:3])}?)"
+    prefix = ".".join(parts[:depth]) + "." if depth else ""
+    return f"{prefix}{parts[depth]}" + suggestion(node, prefix, parts[depth], root=schema)
 
 
 def schema_setting(dotted: str, schema: type) -> bool:

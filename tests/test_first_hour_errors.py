@@ -40,6 +40,18 @@ def test_an_unknown_key_is_named_with_the_closest_key(override, meant):
 
 
 @pytest.mark.parametrize("override, said", [
+    ("lora.r=4", "unknown config key lora.r (did you mean model.lora.r?)"),  # a section left out: named whole
+    ("+lora.r=4", "unknown config key lora.r (did you mean model.lora.r?)"),
+    ("green.batch_size=2", "unknown config key green.batch_size (did you mean eval.green.batch_size?)"),
+    ("eval.lora.r=4", "unknown config key eval.lora.r (did you mean model.lora.r?)"),  # the wrong section
+    ("max_steps=3", "unknown config key max_steps (did you mean sft.max_steps or rl.max_steps?)"),  # several
+])
+def test_a_key_of_another_section_typed_without_it_is_named_whole_with_the_full_key(override, said):
+    (problem,) = key_problems(override)
+    assert problem == said
+
+
+@pytest.mark.parametrize("override, said", [
     ("reward.regression.weights.numerc=1", "did you mean reward.regression.weights.numeric?"),  # Hydra: "use +"
     ("+reward.regression.weights.numerc=1", "did you mean reward.regression.weights.numeric?"),
     ("reward.terms.choise.correct=2", "did you mean reward.terms.choice?"),

@@ -52,6 +52,35 @@ def decode_new_tokens(tokenizer, new_tokens) -> list[str]:
     return [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
+def max_positions(config) -> tuple[int, str] | None:
+    """The model's context, prompt and new tokens together: (max_position_embeddings, its config.json key), from
+    text_config where the config has one (Qwen3-VL), else the top level; None for a config without it."""
+    for key, part in (("text_config.", getattr(config, "text_config", None)), ("", config)):
+        value = getattr(part, "max_position_embeddings", None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value, f"{key}max_position_embeddings"
+    return None
+
+
+def check_room(config, prompt_tokens: int, max_new_tokens: int, key: str = "infer.max_new_tokens") -> None:
+    """Refuse ``max_new_tokens`` that, after ``prompt_tokens`` (0: before any prompt is built), run past the
+    model's context: generate() would go on past it (a model that never ends runs without end), and a static
+    KV cache of that length would not fit."""
+    found = max_positions(config)
+    if found is None or prompt_tokens + max_new_tokens <= found[0] and max_new_tokens < found[0]:
+        return
+    limit, where = found
+    said = f"{key}={max_new_tokens} does not fit the model's context: {limit} positions ({where} in its config.json)"
+    if prompt_tokens >= limit:
+        raise ValueError(f"{said}: the longest prompt of this batch alone takes {prompt_tokens} tokens; lower "
+                         "model.max_pixels (fewer image tokens)")
+    if prompt_tokens:
+        raise ValueError(f"{said}, which the longest prompt of this batch ({prompt_tokens} tokens) and the new "
+                         f"tokens share; pass {key}={max(limit - prompt_tokens, 0)} or less")
+    raise ValueError(f"{said}, which the prompt and the new tokens share; pass a smaller {key}: at most {limit} less "
+                     "the prompt's tokens")
+
+
 def decode_settings(inf, backend: str) -> DecodeSettings:
     """infer's decoding, as infer.decode_loop / infer.cache_implementation / infer.keep_long_cache say."""
     return DecodeSettings.of("infer", inf, backend, shrink_cache=not inf.keep_long_cache)
@@ -63,6 +92,7 @@ class Decoder:
 
     def __init__(self, model, chat: VisionChat, inf, backend: str):
         self.model, self.chat, self.inf = model, chat, inf
+        check_room(getattr(model, "config", None), 0, inf.max_new_tokens)  # before a static cache of that length
         self.decoding = decoder_for(model, decode_settings(inf, backend))
         self.halving_said = False  # decode_in_parts warns once per run
         self.ahead: InputsAhead | None = None  # the reader thread's prebuilt inputs (batches_with_images)
@@ -88,8 +118,15 @@ class Decoder:
     def _generate(self, records: list[dict], images, cache: str | None, batch: dict | None = None) -> list[str]:
         decoding = self.decoding  # compiled is read at each call: a failed compilation turns it off
         batch = batch if batch is not None else self._prebuilt(records)
+        batch = batch if batch is not None else model_batch(self.model, self.chat, records, images)
+        self._check_room(batch)
         return decoding.attempt_compiled(lambda: generate(self.model, self.chat, records, self.inf, images, cache,
                                                           decoding.compiled, batch), "the decode step")
+
+    def _check_room(self, batch: dict) -> None:
+        """This batch's prompts (left-padded to the longest) and infer.max_new_tokens within the model's context;
+        the longest prompts come first (infer.sort_by_length), so a run that does not fit stops at its first."""
+        check_room(getattr(self.model, "config", None), batch["input_ids"].shape[1], self.inf.max_new_tokens)
 
     def release_memory(self) -> None:
         """Drop the kept KV caches (the loop's, and generate's static one) and return the GPU's free blocks."""
@@ -108,6 +145,7 @@ class Decoder:
         config = self._generation_config()
         batch = self._prebuilt(records)
         batch = batch if batch is not None else model_batch(self.model, self.chat, records, images)
+        self._check_room(batch)
         new_tokens = self.decoding.new_tokens(batch, config.max_new_tokens, config.pad_token_id, config,
                                               "the decode loop's step")
         if new_tokens is None:  # this batch's config asks for what the loop does not do

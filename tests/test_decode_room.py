@@ -1,0 +1,48 @@
+"""infer.max_new_tokens past the model's context stops after the load, before any decoding, naming the key, its
+value, the model's limit and the config.json key it comes from (a tiny model that never ends would run forever)."""
+from types import SimpleNamespace
+
+import pytest
+
+from conftest import compose_cfg
+
+
+def test_the_models_limit_is_read_where_its_config_keeps_it():
+    from flare_exp.models.batch_decoding import max_positions
+
+    nested = SimpleNamespace(text_config=SimpleNamespace(max_position_embeddings=4096))  # Qwen3-VL
+    assert max_positions(nested) == (4096, "text_config.max_position_embeddings")
+    assert max_positions(SimpleNamespace(max_position_embeddings=2048)) == (2048, "max_position_embeddings")
+    assert max_positions(SimpleNamespace(text_config=SimpleNamespace())) is None  # no check
+    assert max_positions(None) is None
+
+
+def test_a_prompt_and_max_new_tokens_past_the_limit_say_what_to_pass():
+    from flare_exp.models.batch_decoding import check_room
+
+    config = SimpleNamespace(text_config=SimpleNamespace(max_position_embeddings=4096))
+    check_room(config, 4096 - 100, 100)  # fits exactly
+    with pytest.raises(ValueError) as e:
+        check_room(config, 1000, 100000000)
+    assert str(e.value) == (
+        "infer.max_new_tokens=100000000 does not fit the model's context: 4096 positions (text_config."
+        "max_position_embeddings in its config.json), which the longest prompt of this batch (1000 tokens) and "
+        "the new tokens share; pass infer.max_new_tokens=3096 or less")
+    with pytest.raises(ValueError, match=r"infer.max_new_tokens=5000 does not fit the model's context: 4096 "
+                                         r"positions .*; pass a smaller infer.max_new_tokens: at most 4096 "
+                                         r"less the prompt's tokens"):
+        check_room(config, 0, 5000)  # before any prompt: max_new_tokens alone
+
+
+def test_infer_stops_after_the_load_before_decoding(base_overrides, tmp_path):
+    from flare_exp.main import run
+
+    cfg = compose_cfg(["stage=infer", *base_overrides, "infer.num_samples=2", "infer.max_new_tokens=100000000"])
+    with pytest.raises(ValueError, match=r"infer.max_new_tokens=100000000 does not fit .* 4096 positions "
+                                         r"\(text_config.max_position_embeddings in its config.json\)"):
+        run(cfg, run_dir=tmp_path / "run")
+    cfg = compose_cfg(["stage=infer", *base_overrides, "infer.num_samples=2", "infer.max_new_tokens=4090",
+                       "run_name=prompt"])
+    with pytest.raises(ValueError, match=r"infer.max_new_tokens=4090 .* the longest prompt of this batch \(\d+ "
+                                         r"tokens\)"):
+        run(cfg, run_dir=tmp_path / "prompt")

@@ -418,6 +418,8 @@ def test_merged_adapter_predicts_what_the_unmerged_one_does(base_overrides, sft_
 def test_images_are_prefetched_in_order_and_image_device_is_checked(demo_prepared):
     from types import SimpleNamespace
 
+    import torch
+
     from flare_exp.io import read_jsonl
     from flare_exp.models.batch_decoding import batches_with_images, image_device
 
@@ -427,9 +429,15 @@ def test_images_are_prefetched_in_order_and_image_device_is_checked(demo_prepare
     assert [len(b) for b, _ in batches] == [3, 3, 1]
     assert all(imgs == [[r["id"]] * len(r["images"]) for r in b] for b, imgs in batches)
     model = SimpleNamespace(device=SimpleNamespace(type="cpu"))
-    assert image_device("auto", model) is None and image_device("cuda:1", model) == "cuda:1"
-    with pytest.raises(ValueError, match="infer.image_device='gpu'"):
-        image_device("gpu", model)
+    assert image_device("auto", model) is None and image_device("cpu", model) == "cpu"
+    assert image_device("cuda:1", None) == "cuda:1"  # the check before any work: the syntax only
+    for bad in ("gpu", "cuda:x", "cuda:", "CPU"):
+        with pytest.raises(ValueError, match=f"infer.image_device='{bad}': choose auto, cpu or cuda"):
+            image_device(bad, model)
+    cards = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    with pytest.raises(ValueError, match=f"infer.image_device=cuda:{cards}: this process sees "
+                                         + (f"{cards} GPU" if cards else "no GPU")):
+        image_device(f"cuda:{cards}", model)  # a card this process does not have (it died on a driver error)
 
 
 def test_infer_kv_cache_auto_and_a_failing_compiled_decode(base_overrides, tmp_path, monkeypatch, caplog):

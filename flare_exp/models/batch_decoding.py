@@ -3,6 +3,7 @@ thread, generate() or the graph decode loop, a batch out of GPU memory decoded i
 from __future__ import annotations
 
 import logging
+import re
 from typing import TYPE_CHECKING
 
 from flare_exp.models.decoding import DecodeSettings, decoder_for
@@ -185,8 +186,16 @@ def decode_in_parts(decode: Decoder, records: list[dict], images) -> list[str]:
 def image_device(setting: str, model) -> str | None:
     if setting == "auto":
         return None if model.device.type == "cpu" else str(model.device)
-    if setting not in ("cpu", "cuda") and not setting.startswith("cuda:"):
+    if setting != "cpu" and not re.fullmatch(r"cuda(:\d+)?", str(setting)):
         raise ValueError(f"infer.image_device={setting!r}: choose auto, cpu or cuda[:N]")
+    if model is not None and setting != "cpu":  # named where this process runs: a GPU it has
+        import torch
+
+        cards = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if int(setting.partition(":")[2] or 0) >= cards:
+            raise ValueError(f"infer.image_device={setting}: this process sees "
+                             + (f"{cards} GPU(s) (cuda:0 to cuda:{cards - 1})" if cards else "no GPU")
+                             + ": pass auto (the model's device) or cpu")
     return setting
 
 

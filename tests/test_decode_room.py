@@ -46,3 +46,19 @@ def test_infer_stops_after_the_load_before_decoding(base_overrides, tmp_path):
     with pytest.raises(ValueError, match=r"infer.max_new_tokens=4090 .* the longest prompt of this batch \(\d+ "
                                          r"tokens\)"):
         run(cfg, run_dir=tmp_path / "prompt")
+
+
+def test_an_in_training_evals_own_token_budget_is_named_by_its_own_key(base_overrides, tmp_path):
+    """sft.eval_max_new_tokens (rl's likewise) past the model's context: the in-training eval's error names that
+    key, not infer.max_new_tokens, which the user did not set."""
+    from flare_exp.data.vision import VisionChat
+    from flare_exp.models.loading import load_model
+    from flare_exp.rl_monitor.heldout import HeldOutEval
+    from flare_exp.runtime import abspath
+
+    cfg = compose_cfg(["stage=sft", *base_overrides, "sft.eval_per_task=1", "sft.eval_max_new_tokens=100000000"])
+    loaded = load_model(cfg.model, training=False)
+    heldout = HeldOutEval(cfg, "sft", tmp_path, None, VisionChat(loaded.processor, abspath(cfg.data.root)),
+                          source_key="val_file")
+    with pytest.raises(ValueError, match=r"^sft\.eval_max_new_tokens=100000000 does not fit the model's context"):
+        heldout.run(loaded.model, 1)

@@ -91,9 +91,10 @@ class Decoder:
     """Batches of records decoded as ``decoder_for`` decides for infer's settings: generate(), or the graph
     decode loop, with the run's KV cache."""
 
-    def __init__(self, model, chat: VisionChat, inf, backend: str):
-        self.model, self.chat, self.inf = model, chat, inf
-        check_room(getattr(model, "config", None), 0, inf.max_new_tokens)  # before a static cache of that length
+    def __init__(self, model, chat: VisionChat, inf, backend: str, tokens_key: str = "infer.max_new_tokens"):
+        """``tokens_key``: the setting that gave ``inf.max_new_tokens`` (an in-training eval's own), for errors."""
+        self.model, self.chat, self.inf, self.tokens_key = model, chat, inf, tokens_key
+        check_room(getattr(model, "config", None), 0, inf.max_new_tokens, tokens_key)  # before a cache that long
         self.decoding = decoder_for(model, decode_settings(inf, backend))
         self.halving_said = False  # decode_in_parts warns once per run
         self.ahead: InputsAhead | None = None  # the reader thread's prebuilt inputs (batches_with_images)
@@ -127,7 +128,8 @@ class Decoder:
     def _check_room(self, batch: dict) -> None:
         """This batch's prompts (left-padded to the longest) and infer.max_new_tokens within the model's context;
         the longest prompts come first (infer.sort_by_length), so a run that does not fit stops at its first."""
-        check_room(getattr(self.model, "config", None), batch["input_ids"].shape[1], self.inf.max_new_tokens)
+        check_room(getattr(self.model, "config", None), batch["input_ids"].shape[1], self.inf.max_new_tokens,
+                   self.tokens_key)
 
     def release_memory(self) -> None:
         """Drop the kept KV caches (the loop's, and generate's static one) and return the GPU's free blocks."""

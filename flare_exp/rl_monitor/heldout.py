@@ -106,6 +106,7 @@ class HeldOutEval:
         with open_dict(self.infer):  # greedy, as infer decodes for eval
             self.infer.do_sample, self.infer.min_new_tokens, self.infer.profile_batch = False, None, None
             self.infer.max_new_tokens = section.eval_max_new_tokens or cfg.infer.max_new_tokens
+        self.tokens_key = f"{stage}.eval_max_new_tokens" if section.eval_max_new_tokens else "infer.max_new_tokens"
         self.decoder = self.scorers = None
 
     def due(self, step: int, max_steps: int) -> bool:
@@ -129,7 +130,7 @@ class HeldOutEval:
         model.eval()
         try:
             if self.decoder is None:
-                self.decoder = Decoder(model, self.chat, self.infer, self.cfg.model.backend)
+                self.decoder = Decoder(model, self.chat, self.infer, self.cfg.model.backend, self.tokens_key)
             rows = []
             for chunk, images in batches_with_images(self.chat, self.records, self.infer.batch_size):
                 rows += [{"id": r["id"], "dataset": r["dataset"], "task_type": r["task_type"], "answer": r["answer"],

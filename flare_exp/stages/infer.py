@@ -88,9 +88,8 @@ def write_submission(out_dir: Path, rows: list[dict], questions: int, rejected: 
     upload scores as wrong), said in the log."""
     folder = out_dir / ("submission" if len(rows) >= questions else "submission_subset")
     if folder.name != "submission":
-        why = (f"{describe_rejected(rejected, 'test')} have none: fix or re-download the images it names, rerun "
-               "stage=prepare with overwrite=true, then this infer (it predicts the questions it lacks)"
-               if rejected else "infer.num_samples")
+        why = (f"{describe_rejected(rejected, 'test')} have none: fix or re-download the images it names, then "
+               "rerun stage=prepare and this infer, each with overwrite=true" if rejected else "infer.num_samples")
         log.warning("infer: %d of the %d test questions answered (%s): the files are in %s/, not submission/; FLARE "
                     "scores every question an upload lacks as wrong", len(rows), questions, why, folder.name)
     by_dataset: dict[str, list] = {}

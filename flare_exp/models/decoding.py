@@ -39,9 +39,11 @@ def kv_cache(setting: str | None, backend: str, on_gpu: bool = True) -> str | No
 def check_cache_implementation(key: str, setting) -> None:
     """auto, null, or a KV cache transformers' generate knows (its own list): a typo would otherwise stop the
     stage at its first generate, after the steps before it ran."""
+    if setting in ("auto", None, "static", "dynamic"):
+        return  # the usual ones, without importing transformers before any work
     from transformers.generation.configuration_utils import ALL_CACHE_IMPLEMENTATIONS
 
-    if setting not in ("auto", None) and setting not in ALL_CACHE_IMPLEMENTATIONS:
+    if setting not in ALL_CACHE_IMPLEMENTATIONS:
         raise ValueError(f"{key}={setting!r}: choose auto, null (dynamic) or one of transformers' caches: "
                          f"{', '.join(ALL_CACHE_IMPLEMENTATIONS)}")
 

@@ -84,11 +84,10 @@ def _pair_problems(cfg, steps: set[str]) -> list[str]:
     if "infer" in steps and least is not None and least > most:
         problems.append(f"infer.min_new_tokens={least} is above infer.max_new_tokens={most}")
     if "infer" in steps:
-        from flare_exp.models.batch_decoding import check_inputs_ahead, image_device
+        from flare_exp.models.batch_decoding import check_image_device, check_inputs_ahead
 
         problems += _refusal(check_inputs_ahead, cfg.infer.inputs_ahead)
-        if cfg.infer.image_device != "auto":  # the others name a device; auto asks the model where it is
-            problems += _refusal(lambda setting: image_device(setting, None), cfg.infer.image_device)
+        problems += _refusal(lambda setting: check_image_device(setting, here=False), cfg.infer.image_device)
     problems += _cache_problems(cfg, steps)
     if "sft" in steps and cfg.sft.early_stopping_patience and cfg.sft.eval_steps == 0:
         problems.append(f"sft.early_stopping_patience={cfg.sft.early_stopping_patience} stops on the validation loss, "

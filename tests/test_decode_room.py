@@ -62,3 +62,22 @@ def test_an_in_training_evals_own_token_budget_is_named_by_its_own_key(base_over
                           source_key="val_file")
     with pytest.raises(ValueError, match=r"^sft\.eval_max_new_tokens=100000000 does not fit the model's context"):
         heldout.run(loaded.model, 1)
+
+
+def test_a_pipeline_names_a_budget_past_the_context_and_a_gpu_it_lacks_before_its_first_step(base_overrides):
+    """infer.max_new_tokens / rl.eval_max_new_tokens past model.path's context, and infer.image_device naming a GPU
+    the job's process lacks, stopped a pipeline at infer after sft and GRPO had trained: now before any step."""
+    import torch
+
+    from flare_exp.checks import validate
+
+    cfg = compose_cfg(["stage.steps=[sft,rl,infer]", *base_overrides, "infer.max_new_tokens=5000",
+                       "rl.eval_steps=2", "rl.eval_max_new_tokens=9000", "sft.eval_per_task=0",
+                       f"infer.image_device=cuda:{torch.cuda.device_count()}"])
+    with pytest.raises(ValueError, match="3 problems with the settings") as e:
+        validate(cfg, inputs=True)
+    for said in ("infer.max_new_tokens=5000 does not fit the model's context: 4096 positions",
+                 "rl.eval_max_new_tokens=9000 does not fit", f"infer.image_device=cuda:{torch.cuda.device_count()}: "
+                 "this process sees"):
+        assert said in str(e.value), said
+    validate(compose_cfg(["stage.steps=[sft,rl,infer]", *base_overrides, "infer.max_new_tokens=64"]), inputs=True)

@@ -421,7 +421,7 @@ def test_images_are_prefetched_in_order_and_image_device_is_checked(demo_prepare
     import torch
 
     from flare_exp.io import read_jsonl
-    from flare_exp.models.batch_decoding import batches_with_images, image_device
+    from flare_exp.models.batch_decoding import batches_with_images, check_image_device, image_device
 
     records = read_jsonl(demo_prepared / "val.jsonl")[:7]
     chat = SimpleNamespace(load_images=lambda r: [r["id"]] * len(r["images"]))
@@ -430,7 +430,7 @@ def test_images_are_prefetched_in_order_and_image_device_is_checked(demo_prepare
     assert all(imgs == [[r["id"]] * len(r["images"]) for r in b] for b, imgs in batches)
     model = SimpleNamespace(device=SimpleNamespace(type="cpu"))
     assert image_device("auto", model) is None and image_device("cpu", model) == "cpu"
-    assert image_device("cuda:1", None) == "cuda:1"  # the check before any work: the syntax only
+    check_image_device("cuda:1", here=False)  # the check before a sweep's launch: the spelling only
     for bad in ("gpu", "cuda:x", "cuda:", "CPU"):
         with pytest.raises(ValueError, match=f"infer.image_device='{bad}': choose auto, cpu or cuda"):
             image_device(bad, model)

@@ -56,8 +56,11 @@ def decode_new_tokens(tokenizer, new_tokens) -> list[str]:
 def max_positions(config) -> tuple[int, str] | None:
     """The model's context, prompt and new tokens together: (max_position_embeddings, its config.json key), from
     text_config where the config has one (Qwen3-VL), else the top level; None for a config without it."""
-    for key, part in (("text_config.", getattr(config, "text_config", None)), ("", config)):
-        value = getattr(part, "max_position_embeddings", None)
+    def field(part, name):  # a loaded config, or its config.json read as a dict (the checks before any work)
+        return part.get(name) if isinstance(part, dict) else getattr(part, name, None)
+
+    for key, part in (("text_config.", field(config, "text_config")), ("", config)):
+        value = field(part, "max_position_embeddings")
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value, f"{key}max_position_embeddings"
     return None
@@ -186,11 +189,21 @@ def decode_in_parts(decode: Decoder, records: list[dict], images) -> list[str]:
 
 
 def image_device(setting: str, model) -> str | None:
+    """Where the images are processed: the model's device (auto), or the one named (checked here)."""
     if setting == "auto":
         return None if model.device.type == "cpu" else str(model.device)
+    check_image_device(setting, here=True)
+    return setting
+
+
+def check_image_device(setting: str, here: bool) -> None:
+    """infer.image_device's spelling; ``here``: also that this process has the GPU it names (in the job's own
+    process: a sweep launched from a login node without GPUs checks the spelling only)."""
+    if setting == "auto":
+        return
     if setting != "cpu" and not re.fullmatch(r"cuda(:\d+)?", str(setting)):
         raise ValueError(f"infer.image_device={setting!r}: choose auto, cpu or cuda[:N]")
-    if model is not None and setting != "cpu":  # named where this process runs: a GPU it has
+    if here and setting != "cpu":
         import torch
 
         cards = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -198,7 +211,6 @@ def image_device(setting: str, model) -> str | None:
             raise ValueError(f"infer.image_device={setting}: this process sees "
                              + (f"{cards} GPU(s) (cuda:0 to cuda:{cards - 1})" if cards else "no GPU")
                              + ": pass auto (the model's device) or cpu")
-    return setting
 
 
 def batches_with_images(chat: VisionChat, todo: list[dict], size: int, ahead: InputsAhead | None = None):

@@ -47,3 +47,42 @@ def test_a_rejected_test_question_keeps_the_submission_a_subset(tmp_path, base_o
     assert (f"1 question(s) of the val split that prepare rejected (corrupt image: 1; see {prepared / 'rejects.jsonl'})"
             f" are in no prepared split: the numbers cover {total - 1} of the split's {total} questions") in report
     assert json.loads((out / "infer_summary.json").read_text())["rejected_at_prepare"] == 1
+
+
+def test_rejects_no_split_can_be_told_of_are_said_as_unknown_not_as_none(tmp_path):
+    """A prepare from before the split tags, a torn rejects.jsonl, or one deleted while summary.json counts rejects:
+    the split's rejected questions are not known, and that is said (they read as none: a submission was declared
+    complete without them); duplicates are answered by the record kept, so they never count."""
+    from flare_exp.data.rejects import describe_rejected
+
+    split = tmp_path / "test.jsonl"
+    split.write_text("")
+    rejects = tmp_path / "rejects.jsonl"
+    old = [{"file": "t.json", "index": 0, "reason": "corrupt image a.png: OSError"},
+           {"file": "t.json", "index": 1, "reason": "duplicate ImageName||Question"}]
+    rejects.write_text("\n".join(json.dumps(r) for r in old) + "\n")
+    found = rejected_questions(split)
+    assert found["count"] is None and found["at_most"] == 1 and "names no split for them" in found["why"]
+    assert describe_rejected(found, "test").startswith("up to 1 question(s) of the test split that prepare "
+                                                       "rejected (which split each was for is not known")
+    rejects.write_text(rejects.read_text() + '{"file": "t.json", "ind')  # torn
+    (tmp_path / "summary.json").write_text(json.dumps({"rejects": {"corrupt image": 2,
+                                                                   "duplicate ImageName||Question": 5}}))
+    found = rejected_questions(split)
+    assert found["at_most"] == 2 and "cannot be read (" in found["why"]
+    rejects.unlink()
+    assert rejected_questions(split)["why"].endswith("is gone, while prepare's summary.json counts them")
+    (tmp_path / "summary.json").write_text(json.dumps({"rejects": {"duplicate ImageName||Question": 5}}))
+    assert rejected_questions(split) is None  # only duplicates: every question is answered
+    rejects.write_text(json.dumps({**old[0], "split": "val"}) + "\n")
+    assert rejected_questions(split) is None and rejected_questions(tmp_path / "val.jsonl")["count"] == 1
+
+
+def test_an_infer_whose_rejects_name_no_split_does_not_call_its_submission_complete(tmp_path, base_overrides,
+                                                                                     demo_prepared, caplog):
+    prepared = shutil.copytree(demo_prepared, tmp_path / "prepared")
+    (prepared / "rejects.jsonl").write_text(json.dumps({"file": "t.json", "index": 0, "reason": "corrupt image"}) + "\n")
+    summary = run(compose_cfg(["stage=infer", *base_overrides, f"data.prepared_dir={prepared}", "infer.split=test",
+                               "infer.max_new_tokens=2"]), run_dir=tmp_path / "infer")
+    assert summary["submission_complete"] is None and summary["rejected_at_prepare"] == "up to 1, split unknown"
+    assert "may have no prediction" in caplog.text and "the submission may lack some" in caplog.text

@@ -231,8 +231,11 @@ def coverage(rows: list[dict], reference: Path, total: int) -> dict:
     if answered < total:
         said["coverage"] = (f"{total - answered} of the {total} questions of {reference} have no prediction: the "
                             f"numbers cover the {answered} answered (a subset asked for, or a cut file)")
-    if rejected:
-        split = Path(reference).name.removesuffix(".jsonl")
+    split = Path(reference).name.removesuffix(".jsonl")
+    if rejected and rejected["count"] is None:
+        said["rejected_at_prepare"] = (f"{describe_rejected(rejected, split)} may be in no prepared split: the "
+                                       f"numbers cover {answered} questions, maybe not all of the split's")
+    elif rejected:
         said["rejected_at_prepare"] = (f"{describe_rejected(rejected, split)} are in no prepared split: the numbers "
                                        f"cover {answered} of the split's {total + rejected['count']} questions")
     return said

@@ -27,26 +27,56 @@ def reason_kind(reason: str) -> str:
 
 def rejected_questions(split_file: Path) -> dict | None:
     """The questions of a prepared split (``<prepared dir>/<split>.jsonl``) that prepare left out, its duplicates
-    aside: {"count", "reasons" (kind -> count), "file"}; None when there are none, or the file is no prepared
-    split (another infer.input_file), or its rejects.jsonl predates the split tags (a prepare before them)."""
+    aside: {"count", "reasons" (kind -> count), "file"}; where prepare rejected questions but which split they
+    were for cannot be told (its rejects.jsonl predates the split tags, cannot be read, or is gone while its
+    summary.json counts rejects): {"count": None, "at_most", "why", "file"}. None when none were rejected or
+    the file is no prepared split (another infer.input_file)."""
     split_file = Path(split_file)
-    rejects = split_file.parent / REJECTS
-    if split_file.name not in SPLIT_FILES or not rejects.is_file():
+    if split_file.name not in SPLIT_FILES:
         return None
-    split = split_file.name.removesuffix(".jsonl")
+    rejects, split = split_file.parent / REJECTS, split_file.name.removesuffix(".jsonl")
+    if not rejects.is_file():
+        counted = _summary_rejects(split_file.parent / "summary.json")
+        return _unknown(counted, f"{rejects} is gone, while prepare's summary.json counts them", rejects)
     try:
-        left_out = [r for r in read_jsonl(rejects) if isinstance(r, dict) and r.get("split") == split
-                    and not str(r.get("reason", "")).startswith(DUPLICATE)]
-    except (OSError, ValueError):
-        return None  # unreadable: prepare's own summary still says what it rejected
+        entries = [r for r in read_jsonl(rejects) if isinstance(r, dict)
+                   and not str(r.get("reason", "")).startswith(DUPLICATE)]
+    except (OSError, ValueError) as e:
+        counted = _summary_rejects(split_file.parent / "summary.json")
+        return _unknown(counted, f"{rejects} cannot be read ({type(e).__name__}: {str(e)[:120]})", rejects)
+    untagged = [r for r in entries if "split" not in r]
+    if untagged:
+        return _unknown(len(untagged), f"{rejects} names no split for them (a prepare before the split tags)",
+                        rejects)
+    left_out = [r for r in entries if r.get("split") == split]
     if not left_out:
         return None
     return {"count": len(left_out), "file": str(rejects),
             "reasons": dict(Counter(reason_kind(str(r.get("reason", ""))) for r in left_out).most_common())}
 
 
+def _summary_rejects(summary: Path) -> int | None:
+    """The questions prepare's summary.json counts as rejected, duplicates aside (None: no readable count)."""
+    import json
+
+    try:
+        kinds = json.loads(summary.read_text(encoding="utf-8")).get("rejects") or {}
+        return sum(int(n) for kind, n in kinds.items() if not str(kind).startswith(DUPLICATE))
+    except (OSError, ValueError, AttributeError, TypeError):
+        return None
+
+
+def _unknown(at_most: int | None, why: str, rejects: Path) -> dict | None:
+    return None if not at_most else {"count": None, "at_most": at_most, "why": why, "file": str(rejects)}
+
+
 def describe_rejected(rejected: dict, split: str) -> str:
-    """'3 question(s) of the val split that prepare rejected (corrupt image: 2, ...; see .../rejects.jsonl)'."""
+    """'3 question(s) of the val split that prepare rejected (corrupt image: 2, ...; see .../rejects.jsonl)', or
+    for rejects no split can be told of: 'up to 3 question(s) of the val split that prepare rejected (which split
+    each was for is not known: ...; rerun stage=prepare with overwrite=true to count them)'."""
+    if rejected["count"] is None:
+        return (f"up to {rejected['at_most']} question(s) of the {split} split that prepare rejected (which split "
+                f"each was for is not known: {rejected['why']}; rerun stage=prepare with overwrite=true to count them)")
     reasons = ", ".join(f"{kind}: {n}" for kind, n in rejected["reasons"].items())
     return (f"{rejected['count']} question(s) of the {split} split that prepare rejected ({reasons}; see "
             f"{rejected['file']})")

@@ -199,7 +199,7 @@ def run(cfg, out_dir: Path) -> dict:
     records = read_prepared_split(source)
     check_records_window(records, cfg.data.image_window, source)
     rejected = rejected_questions(source)  # the split's questions prepare left out: FLARE still scores them
-    questions, split_ids = len(records) + (rejected["count"] if rejected else 0), {r["id"] for r in records}
+    questions, split_ids = len(records) + ((rejected or {}).get("count") or 0), {r["id"] for r in records}
     if inf.num_samples and inf.num_samples > 0:
         records = records[:inf.num_samples]
     if not records:
@@ -264,7 +264,11 @@ def finish(cfg, out_dir: Path, records: list[dict], done: dict, label: str, gene
     write_sheet(out_dir / "predictions.xlsx", rows, label, adapter=adapter)
     submission = (write_submission(out_dir, rows, questions, rejected) if all(r["answer"] is None for r in rows)
                   else None)
-    if rejected and not submission:
+    unknown = bool(rejected) and rejected["count"] is None  # rejects no split can be told of: maybe this one's
+    if unknown:
+        log.warning("infer: %s may have no prediction: the predictions cover %d questions, %s", describe_rejected(
+            rejected, inf.split), len(rows), "and the submission may lack some" if submission else "maybe not all")
+    elif rejected and not submission:
         log.warning("infer: %s have no prediction: the predictions cover %d of the split's %d questions",
                     describe_rejected(rejected, inf.split), len(rows), questions)
     summary = {"predictions": str(pred_path), "sheet": str(out_dir / "predictions.xlsx"), "label": label,
@@ -274,8 +278,9 @@ def finish(cfg, out_dir: Path, records: list[dict], done: dict, label: str, gene
                **(decoded_by or {"decode_loop": None, "inputs": None}),  # none decoded now (all resumed)
                # model.liger_kernel=true is in config.yaml; inference loads without them (models/loading.py)
                **({"liger_kernel": "off: training kernels"} if cfg.model.liger_kernel else {}),
-               "rejected_at_prepare": rejected["count"] if rejected else 0,
-               "world_size": world, **({"submission": str(submission), "submission_complete":
-                                         submission.name == "submission"} if submission else {})}
+               "rejected_at_prepare": (f"up to {rejected['at_most']}, split unknown" if unknown else
+                                       rejected["count"] if rejected else 0),
+               "world_size": world, **({"submission": str(submission), "submission_complete":  # unknown: null
+                                         None if unknown else submission.name == "submission"} if submission else {})}
     write_json(out_dir / summary_name("infer"), summary)
     return summary

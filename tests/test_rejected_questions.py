@@ -81,7 +81,8 @@ def test_rejects_no_split_can_be_told_of_are_said_as_unknown_not_as_none(tmp_pat
 def test_an_infer_whose_rejects_name_no_split_does_not_call_its_submission_complete(tmp_path, base_overrides,
                                                                                      demo_prepared, caplog):
     prepared = shutil.copytree(demo_prepared, tmp_path / "prepared")
-    (prepared / "rejects.jsonl").write_text(json.dumps({"file": "t.json", "index": 0, "reason": "corrupt image"}) + "\n")
+    untagged = {"file": "t.json", "index": 0, "reason": "corrupt image"}  # a prepare before the split tags
+    (prepared / "rejects.jsonl").write_text(json.dumps(untagged) + "\n")
     summary = run(compose_cfg(["stage=infer", *base_overrides, f"data.prepared_dir={prepared}", "infer.split=test",
                                "infer.max_new_tokens=2"]), run_dir=tmp_path / "infer")
     assert summary["submission_complete"] is None and summary["rejected_at_prepare"] == "up to 1, split unknown"

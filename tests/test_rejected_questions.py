@@ -75,7 +75,13 @@ def test_rejects_no_split_can_be_told_of_are_said_as_unknown_not_as_none(tmp_pat
     (tmp_path / "summary.json").write_text(json.dumps({"rejects": {"duplicate ImageName||Question": 5}}))
     assert rejected_questions(split) is None  # only duplicates: every question is answered
     rejects.write_text(json.dumps({**old[0], "split": "val"}) + "\n")
+    (tmp_path / "summary.json").write_text(json.dumps({"rejects": {"corrupt image": 1}}))  # as prepare writes both
     assert rejected_questions(split) is None and rejected_questions(tmp_path / "val.jsonl")["count"] == 1
+    (tmp_path / "summary.json").write_text(json.dumps({"rejects": {"corrupt image": 3}}))  # 2 lines deleted by hand
+    found = rejected_questions(split)
+    assert found["at_most"] == 3 and "lists 1 rejected question(s) and prepare's summary.json 3" in found["why"]
+    rejects.write_text("")  # emptied by hand
+    assert rejected_questions(split)["at_most"] == 3
 
 
 def test_an_infer_whose_rejects_name_no_split_does_not_call_its_submission_complete(tmp_path, base_overrides,

@@ -48,6 +48,10 @@ def rejected_questions(split_file: Path) -> dict | None:
     if untagged:
         return _unknown(len(untagged), f"{rejects} names no split for them (a prepare before the split tags)",
                         rejects)
+    counted = _summary_rejects(split_file.parent / "summary.json")
+    if counted is not None and counted != len(entries):  # lines deleted or added by hand since prepare wrote both
+        return _unknown(max(counted, len(entries)), f"{rejects} lists {len(entries)} rejected question(s) and "
+                                                    f"prepare's summary.json {counted}", rejects)
     left_out = [r for r in entries if r.get("split") == split]
     if not left_out:
         return None

@@ -398,7 +398,7 @@ def test_a_renamed_predictions_sheet_behind_the_adapter_sheet_is_read_and_said(t
     prepared = _prepared(tmp_path)
     rows, info = load_rows(_rearranged(tmp_path), False, prepared)
     assert len(rows) == 12 and {r["id"]: r["prediction"] for r in rows} == PREDICTED
-    assert "(sheet 'Sheet1')" in info["sheet_note"]
+    assert "(sheet 'Sheet1': no sheet named 'predictions' has an id column)" in info["sheet_note"]
     assert ("the first sheet, 'adapter' (no sheet is named 'predictions'), has no 'id' column in its first 20 rows: "
             "predictions read from the sheet 'Sheet1', the only one with an id column") in caplog.text
 

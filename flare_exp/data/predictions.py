@@ -59,8 +59,9 @@ def load_rows(path: Path, allow_partial: bool, prepared_dir: str | None = None) 
         if hidden:
             log.warning("eval: %s: %d row(s) hidden in the sheet (an Excel filter or Hide) are scored too: delete "
                         "the rows to leave them out", path, hidden)
-        info["sheet_note"] = (f"predictions read from the worksheet {path.name} (sheet {sheet_title!r}), as it is "
-                              "now: a prediction edited by hand is scored as edited" + (
+        why_this = "" if sheet_title == "predictions" else ": no sheet named 'predictions' has an id column"
+        info["sheet_note"] = (f"predictions read from the worksheet {path.name} (sheet {sheet_title!r}{why_this}), "
+                              "as it is now: a prediction edited by hand is scored as edited" + (
                                   f"; not read: the sheet(s) {', '.join(map(repr, other_sheets))}, which also "
                                   "hold an id column" if other_sheets else "") + (
                                   f"; {hidden} row(s) hidden in the sheet are scored too" if hidden else ""))

@@ -412,7 +412,8 @@ def test_a_predictions_sheet_without_ids_reads_the_one_sheet_that_has_them(tmp_p
     workbook["predictions"]["G1"] = "ID number"
     workbook.save(sheet)
     rows, info = load_rows(sheet, False, prepared)
-    assert len(rows) == 12 and "(sheet 'predictions (2)': no sheet named 'predictions' has an id column)" in info["sheet_note"]
+    assert len(rows) == 12
+    assert "(sheet 'predictions (2)': no sheet named 'predictions' has an id column)" in info["sheet_note"]
     assert "the sheet 'predictions' has no 'id' column" in caplog.text
     assert "predictions read from the sheet 'predictions (2)', the only one with an id column" in caplog.text
 

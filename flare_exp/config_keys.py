@@ -99,7 +99,11 @@ def unknown_path(dotted: str, schema: type) -> str | None:
     if moved:
         return f"{dotted} (did you mean {' or '.join(moved[:3])}?)"
     prefix = ".".join(parts[:depth]) + "." if depth else ""
-    return f"{prefix}{parts[depth]}" + suggestion(node, prefix, parts[depth], root=schema)
+    said = suggestion(node, prefix, parts[depth], root=schema)
+    if not said and depth == len(parts) - 1:  # a section typed without its parent (a file's top-level lora:)
+        sections = _moved(parts, depth, schema)
+        said = f" (did you mean {' or '.join(sections[:3])}?)" if sections else ""
+    return f"{prefix}{parts[depth]}" + said
 
 
 def schema_setting(dotted: str, schema: type) -> bool:

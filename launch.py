@@ -289,7 +289,7 @@ def config_file_problem(error: BaseException, conf_dirs: list[Path] = (),
 
     from flare_exp.config import Config
     from flare_exp.config_dirs import choice_problem
-    from flare_exp.config_keys import unknown_path
+    from flare_exp.config_keys import file_unknown_keys, unknown_path
 
     said = choice_problem(str(error), list(overrides), list(conf_dirs))
     if said:
@@ -319,9 +319,10 @@ def config_file_problem(error: BaseException, conf_dirs: list[Path] = (),
                                   "sets stage keys (sft:, rl:, ...) needs '# @package _global_' as its first line, "
                                   f"as conf/{group}/*.yaml have")
             found = unknown_path(str(error.full_key), Config)
+            every = (file_unknown_keys(conf_dirs, named.group(1), Config) if file else []) or [found]
             if found:
-                return ValueError(f"unknown config key {found}, set {source}; python launch.py --cfg job lists "
-                                  "every key")
+                return ValueError(f"unknown config key{'s' if len(every) > 1 else ''} {'; '.join(every)}, set "
+                                  f"{source}; python launch.py --cfg job lists every key")
     return None
 
 

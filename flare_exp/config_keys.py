@@ -305,6 +305,14 @@ def file_value_problems(values: list[tuple[Path, str, object]], schema: type) ->
     return out
 
 
+def file_unknown_keys(conf_dirs: list[Path], group_file: str, schema: type) -> list[str]:
+    """Every key that a group file (``experiment/mine``) and the files it builds on set and the schema lacks,
+    each with its closest key: Hydra names the first alone."""
+    group, _, choice = group_file.partition("/")
+    keys = dict.fromkeys(k for _, k, _ in group_file_values(conf_dirs, {group: choice}) if not k.startswith("hydra."))
+    return [said for key in keys if (said := unknown_path(key, schema))]
+
+
 def group_file_values(conf_dirs: list[Path], choices: dict):
     """(file, dotted key, value) of every value the chosen group files set, and the files their defaults name
     (found in ``conf_dirs`` in Hydra's order: conf/ first); a file that is not valid YAML is skipped (said by

@@ -309,7 +309,10 @@ def test_a_value_hydras_grammar_cannot_read_bare_is_one_line_saying_how_to_quote
                                      r"\S+/experiment/mine.yaml"),
     ("sft:\n  learning_rate: abc\n", r"sft.learning_rate: Value 'abc' .* converted to Float, set in \S+/experiment/mine.yaml"),
     # a section written at the top, without its parent
-    ("lora:\n  r: 4\n", r"unknown config key lora \(did you mean model.lora\?\), set in \S+/experiment/mine.yaml"),
+    ("lora:\n  r: 4\n", r"unknown config key lora.r \(did you mean model.lora.r\?\), set in \S+/experiment/mine.yaml"),
+    # every unknown key of the file in one message (Hydra stops at the first)
+    ("sft:\n  max_step: 3\nlora:\n  r: 4\n", r"unknown config keys sft.max_step \(did you mean sft.max_steps\?\); "
+                                              r"lora.r \(did you mean model.lora.r\?\), set in \S+/experiment/mine.yaml"),
     # the header forgotten: the keys land under experiment. ("# @package _global_" written after them is no header)
     ("sft:\n  max_steps: 2\n# x\n", None),
     # a group option its defaults list picks that does not exist: Hydra said "In 'config'", not the file

@@ -319,8 +319,8 @@ def config_file_problem(error: BaseException, conf_dirs: list[Path] = (),
                                   "sets stage keys (sft:, rl:, ...) needs '# @package _global_' as its first line, "
                                   f"as conf/{group}/*.yaml have")
             found = unknown_path(str(error.full_key), Config)
-            every = (file_unknown_keys(conf_dirs, named.group(1), Config) if file else []) or [found]
             if found:
+                every = (file_unknown_keys(conf_dirs, named.group(1), Config) if file else []) or [found]
                 return ValueError(f"unknown config key{'s' if len(every) > 1 else ''} {'; '.join(every)}, set "
                                   f"{source}; python launch.py --cfg job lists every key")
     return None

@@ -87,7 +87,7 @@ def _pair_problems(cfg, steps: set[str]) -> list[str]:
         from flare_exp.models.batch_decoding import check_image_device, check_inputs_ahead
 
         problems += _refusal(check_inputs_ahead, cfg.infer.inputs_ahead)
-        problems += _refusal(lambda setting: check_image_device(setting, here=False), cfg.infer.image_device)
+        problems += _refusal(check_image_device, cfg.infer.image_device, False)  # its spelling: no GPU looked at
     problems += _cache_problems(cfg, steps)
     if "sft" in steps and cfg.sft.early_stopping_patience and cfg.sft.eval_steps == 0:
         problems.append(f"sft.early_stopping_patience={cfg.sft.early_stopping_patience} stops on the validation loss, "
@@ -108,14 +108,14 @@ def _cache_problems(cfg, steps: set[str]) -> list[str]:
     from flare_exp.models.decoding import check_cache_implementation
 
     return [problem for section in ("rl", "infer") if section in steps
-            for problem in _refusal(lambda value, key=f"{section}.cache_implementation":
-                                    check_cache_implementation(key, value), cfg[section].cache_implementation)]
+            for problem in _refusal(check_cache_implementation, f"{section}.cache_implementation",
+                                    cfg[section].cache_implementation)]
 
 
-def _refusal(check, value) -> list[str]:
+def _refusal(check, *args) -> list[str]:
     """A check that raises ValueError, as a list of problems (listed with the others, not the first alone)."""
     try:
-        check(value)
+        check(*args)
     except ValueError as e:
         return [str(e)]
     return []

@@ -8,7 +8,7 @@ import logging
 from collections import Counter
 from pathlib import Path
 
-from flare_exp.data.sheet_predictions import OLE2
+from flare_exp.data.sheet_predictions import OLE2, SHEET
 from flare_exp.io import read_jsonl, read_jsonl_of_unfinished_run
 from flare_exp.metrics import official
 from flare_exp.run.layout import CONFIG, DONE, RUN_INFO, predictions_file, summary_name
@@ -59,7 +59,7 @@ def load_rows(path: Path, allow_partial: bool, prepared_dir: str | None = None) 
         if hidden:
             log.warning("eval: %s: %d row(s) hidden in the sheet (an Excel filter or Hide) are scored too: delete "
                         "the rows to leave them out", path, hidden)
-        why_this = "" if sheet_title == "predictions" else ": no sheet named 'predictions' has an id column"
+        why_this = "" if sheet_title == SHEET else f": no sheet named {SHEET!r} has an id column"
         info["sheet_note"] = (f"predictions read from the worksheet {path.name} (sheet {sheet_title!r}{why_this}), "
                               "as it is now: a prediction edited by hand is scored as edited" + (
                                   f"; not read: the sheet(s) {', '.join(map(repr, other_sheets))}, which also "

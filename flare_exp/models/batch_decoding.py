@@ -117,22 +117,21 @@ class Decoder:
         # A smaller last batch would need a new static cache and a new compilation: decode it eagerly.
         return self._generate(records, images, self.decoding.cache if full else None)
 
-    def _prebuilt(self, records: list[dict]) -> dict | None:
-        return self.ahead.take(records) if self.ahead is not None else None
+    def _input(self, records: list[dict], images) -> dict:
+        """The batch's model input, built ahead by the reader thread or else now, its prompts (left-padded to the
+        longest) and infer.max_new_tokens within the model's context: the longest prompts come first
+        (infer.sort_by_length), so a run that does not fit stops at its first batch."""
+        batch = self.ahead.take(records) if self.ahead is not None else None
+        batch = batch if batch is not None else model_batch(self.model, self.chat, records, images)
+        check_room(getattr(self.model, "config", None), batch["input_ids"].shape[1], self.inf.max_new_tokens,
+                   self.tokens_key)
+        return batch
 
     def _generate(self, records: list[dict], images, cache: str | None, batch: dict | None = None) -> list[str]:
         decoding = self.decoding  # compiled is read at each call: a failed compilation turns it off
-        batch = batch if batch is not None else self._prebuilt(records)
-        batch = batch if batch is not None else model_batch(self.model, self.chat, records, images)
-        self._check_room(batch)
+        batch = batch if batch is not None else self._input(records, images)
         return decoding.attempt_compiled(lambda: generate(self.model, self.chat, records, self.inf, images, cache,
                                                           decoding.compiled, batch), "the decode step")
-
-    def _check_room(self, batch: dict) -> None:
-        """This batch's prompts (left-padded to the longest) and infer.max_new_tokens within the model's context;
-        the longest prompts come first (infer.sort_by_length), so a run that does not fit stops at its first."""
-        check_room(getattr(self.model, "config", None), batch["input_ids"].shape[1], self.inf.max_new_tokens,
-                   self.tokens_key)
 
     def release_memory(self) -> None:
         """Drop the kept KV caches (the loop's, and generate's static one) and return the GPU's free blocks."""
@@ -149,9 +148,7 @@ class Decoder:
 
     def _loop_decode(self, records: list[dict], images) -> list[str]:
         config = self._generation_config()
-        batch = self._prebuilt(records)
-        batch = batch if batch is not None else model_batch(self.model, self.chat, records, images)
-        self._check_room(batch)
+        batch = self._input(records, images)
         new_tokens = self.decoding.new_tokens(batch, config.max_new_tokens, config.pad_token_id, config,
                                               "the decode loop's step")
         if new_tokens is None:  # this batch's config asks for what the loop does not do

@@ -61,7 +61,7 @@ class Run:
     def __enter__(self) -> "Run":
         try:
             if self.locked:
-                self.lock = RunLock(self.out_dir, placed_by=dir_setting(self.stage, self.out_dir)).acquire()
+                self.lock = RunLock(self.out_dir, placed_by=dir_setting(self.stage)).acquire()
                 if self.run_dir != self.out_dir:  # its record too: two prepares into two dirs under one run_name
                     self.record_lock = RunLock(self.run_dir).acquire()
             if self.declared is not None and self.own_run:  # nothing touched yet: a refusal leaves the dir as it was

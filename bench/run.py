@@ -197,7 +197,7 @@ def run_grpo(args, work: Path) -> dict:
     return {"what": "grpo", "step_split_seconds": split.medians(args.warmup), "backend": args.backend, "num_generations": args.num_generations,
             "cache": args.cache or "dynamic", "compiled_decode": args.compile, "decode_loop": summary["decode_loop"],
             "completions_per_step": args.batch, "completion_length": args.completion_length,
-            "wall_seconds": round(time.time() - t0, 1), "first_step_seconds": next(
+            "card_choice": summary.get("card_preset"), "wall_seconds": round(time.time() - t0, 1), "first_step_seconds": next(
                 (h["step_seconds"] for h in history if "step_seconds" in h), None),
             **summarise(history, args.warmup, profiled)}
 

@@ -7,7 +7,8 @@ coefficients OUT_DIR` re-measures them from a folder of bench results (bench/car
   is the largest divisor of it (<= 16) whose batches of a typical sample train without recomputation inside the
   card, unless a micro-batch twice as large fits with recomputation; the token budget
   (sft.recompute_above_tokens) is what fits without recomputation. Liger and compiled blocks go on with it.
-- GRPO: the completions per step are kept; the micro-batch is the largest divisor (<= 16) that fits recomputed.
+- GRPO: the completions per step are kept; the micro-batch is the largest divisor (<= 16) that fits recomputed;
+  rl.recompute_every_n_layers=auto: as few of its layers recompute as the rest of the card holds.
 - infer.batch_size=auto and eval.green.batch_size=auto: the largest batch whose KV cache and activations fit,
   capped at the batch measured fastest; without a GPU, the CPU defaults (INFER_CPU_BATCH, GREEN_CPU_BATCH).
 - infer.inputs_ahead=auto: the next batch's input is built beside the decode wherever the batch fits the card.
@@ -63,6 +64,11 @@ MEMORY_MODEL = {
     "green_reserved_gib": 13.3,
     "green_gib_per_1k_tokens": 0.56,
     "green_largest_batch": 96,
+    # GRPO (rl.recompute_every_n_layers=auto): the merged rollout weights' copy (rl.rollout_weights=merged,
+    # Qwen3-VL-4B: 7.6 GiB), and the activations a micro-batch keeps per 1,000 tokens when no layer recomputes,
+    # beyond the recomputed pass's. PROVISIONAL: SFT's figure (9.0 - 0.7) until GRPO's own is measured
+    "rl_merged_copy_gib": 7.6,
+    "rl_kept_gib_per_1k_tokens": 8.3,
     "usable_fraction": 0.92,  # of the card: the allocator's fragmentation and other processes' contexts
 }
 SFT_CARD_PRESETS = ("auto", "large", "none")
@@ -147,9 +153,64 @@ def rl_micro_batch(card: Card, completions: int, sequence_tokens: int) -> int:
                or [1])
 
 
+def rl_recompute_every(card: Card | None, micro_batch: int, sequence_tokens: int) -> tuple[int, str]:
+    """rl.recompute_every_n_layers=auto: (n, why). n = 0 (no layer recomputes) where the micro-batch's
+    activations all fit beside the run's other memory, else the largest n whose kept (n-1)/n of them fit; 1
+    (every layer recomputes) without a GPU or room."""
+    m = MEMORY_MODEL
+    if card is None:
+        return 1, "no GPU: every layer recomputes"
+    tokens = micro_batch * sequence_tokens / 1000
+    free = (usable_gib(card) - m["sft_reserved_gib"] - m["rl_merged_copy_gib"]
+            - tokens * m["sft_recomputed_gib_per_1k_tokens"])
+    kept_all = tokens * m["rl_kept_gib_per_1k_tokens"]
+    room = free / kept_all if kept_all > 0 else 1.0  # the share of the layers' activations that fits
+    n = 0 if room >= 1 else max([k for k in range(1, 65) if 1 - 1 / k <= room], default=1)
+    what = ("no layer recomputes" if n == 0 else "every layer recomputes" if n == 1 else
+            f"every {n}th layer recomputes, the others keep their activations")
+    return n, (f"{card}: {what} ({micro_batch} completions of ~{sequence_tokens} tokens per pass: "
+               f"{kept_all:.1f} GiB of activations kept in full, {max(free, 0):.1f} GiB of room)")
+
+
+def rl_split(rl, card: Card | None, tokens: int) -> tuple[dict, str]:
+    """rl.card_preset: the changed micro-batch / accumulation ({} if none) and why."""
+    completions = rl.per_device_train_batch_size * rl.gradient_accumulation_steps
+    if card is None:
+        why = "rl.card_preset=none: as configured" if rl.card_preset == "none" else "no GPU: as configured"
+        log.info("rl.card_preset=%s: %s (%d x %d completions per step)", rl.card_preset, why,
+                 rl.per_device_train_batch_size, rl.gradient_accumulation_steps)
+        return {}, why
+    micro = rl_micro_batch(card, completions, tokens)
+    why = (f"{card}: {micro} completions of ~{tokens} tokens per pass fit recomputed "
+           f"({MEMORY_MODEL['sft_recomputed_gib_per_1k_tokens']} GiB per 1,000 tokens)")
+    if micro <= rl.per_device_train_batch_size:
+        return {}, why
+    changed = {"rl.per_device_train_batch_size": [rl.per_device_train_batch_size, micro],
+               "rl.gradient_accumulation_steps": [rl.gradient_accumulation_steps, completions // micro]}
+    log.info("rl.card_preset=auto on %s: %s (the same %d completions per step; rl.card_preset=none keeps the "
+             "configured split)", why, ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()), completions)
+    return changed, why
+
+
+def rl_recompute(cfg, card: Card | None, micro_batch: int, tokens: int) -> tuple[int, str]:
+    """rl.recompute_every_n_layers=auto resolved: (n, why), logged where the card sized it."""
+    model = cfg.model
+    if not model.gradient_checkpointing:
+        return 1, "model.gradient_checkpointing=false: nothing recomputes"
+    if model.backend != "hf":
+        return 1, "model.backend=unsloth: Unsloth's own checkpointing"
+    if cfg.rl.card_preset != "auto":
+        return 1, f"rl.card_preset={cfg.rl.card_preset}: every layer recomputes"
+    n, why = rl_recompute_every(card, micro_batch, tokens)
+    log.info("rl.recompute_every_n_layers=auto -> %d (%s); set rl.recompute_every_n_layers=N to choose", n, why)
+    return n, why
+
+
 def apply_rl_card(cfg) -> tuple[object, dict]:
-    """``cfg`` with rl.card_preset=auto applied (a copy when the split changes) and the decision for the summary:
-    the completions per step stay, a larger micro-batch takes fewer passes per step."""
+    """``cfg`` with the card's choices applied (a copy when one changes a value) and the decision for the
+    summary. rl.card_preset=auto: the completions per step stay, a larger micro-batch takes fewer passes per
+    step (rl_split); rl.recompute_every_n_layers=auto: as few layers recompute as the card's memory allows
+    (rl_recompute)."""
     import copy
 
     from omegaconf import OmegaConf, read_write
@@ -159,27 +220,20 @@ def apply_rl_card(cfg) -> tuple[object, dict]:
     rl = cfg.rl
     check_choice("rl.card_preset", rl.card_preset, RL_CARD_PRESETS)
     card = card_memory() if rl.card_preset == "auto" else None
-    if card is None:
-        why = "rl.card_preset=none: as configured" if rl.card_preset == "none" else "no GPU: as configured"
-        log.info("rl.card_preset=%s: %s (%d x %d completions per step)", rl.card_preset, why,
-                 rl.per_device_train_batch_size, rl.gradient_accumulation_steps)
-        return cfg, {"preset": rl.card_preset, "card": None, "changed": {}, "why": why}
-    completions = rl.per_device_train_batch_size * rl.gradient_accumulation_steps
     tokens = MEMORY_MODEL["infer_prompt_tokens"] + rl.max_completion_length
-    micro = rl_micro_batch(card, completions, tokens)
-    why = (f"{card}: {micro} completions of ~{tokens} tokens per pass fit recomputed "
-           f"({MEMORY_MODEL['sft_recomputed_gib_per_1k_tokens']} GiB per 1,000 tokens)")
-    if micro <= rl.per_device_train_batch_size:
-        return cfg, {"preset": rl.card_preset, "card": str(card), "changed": {}, "why": why}
-    changed = {"rl.per_device_train_batch_size": [rl.per_device_train_batch_size, micro],
-               "rl.gradient_accumulation_steps": [rl.gradient_accumulation_steps, completions // micro]}
-    used = copy.deepcopy(cfg)
+    changed, why = rl_split(rl, card, tokens)
+    whys = [why]
+    if rl.recompute_every_n_layers == AUTO:
+        micro = changed.get("rl.per_device_train_batch_size", [0, rl.per_device_train_batch_size])[1]
+        n, why = rl_recompute(cfg, card, micro, tokens)
+        changed["rl.recompute_every_n_layers"] = [AUTO, n]
+        whys.append(f"rl.recompute_every_n_layers=auto -> {n} ({why})")
+    used = copy.deepcopy(cfg) if changed else cfg
     with read_write(used):
         for key, (_, new) in changed.items():
             OmegaConf.update(used, key, new, merge=False)
-    log.info("rl.card_preset=auto on %s: %s (the same %d completions per step; rl.card_preset=none keeps the "
-             "configured split)", why, ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()), completions)
-    return used, {"preset": rl.card_preset, "card": str(card), "changed": changed, "why": why}
+    return used, {"preset": rl.card_preset, "card": str(card) if card else None, "changed": changed,
+                  "why": "; ".join(whys)}
 
 
 def round_batch(n: float, largest: int) -> int:

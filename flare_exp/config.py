@@ -294,6 +294,11 @@ class RLConfig(TrainerSettings, DecodingConfig):
     # auto (a GPU): the completions per step (micro-batch x accumulation) kept, split into the largest micro-batch
     # the card's memory fits (flare_exp/card.py; the log and rl_summary.json say why); none: as configured.
     card_preset: str = "auto"
+    # With model.gradient_checkpointing=true (backend=hf), which layers recompute their activations in the
+    # backward instead of keeping them (transformers' every_n_layers): 1 = every layer (the least memory), n = every
+    # n-th (the others keep theirs), 0 = none. auto: as few as the card's memory allows (flare_exp/card.py); 1
+    # without a GPU or under card_preset=none. Speed only: the loss and gradients are the same.
+    recompute_every_n_layers: Any = "auto"
     # Set by the Optuna sweeper when it prunes (hydra.sweeper.pruner): the study file and this job's trial.
     optuna_study: Optional[str] = None
     optuna_trial: Optional[int] = None

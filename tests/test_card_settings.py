@@ -56,6 +56,26 @@ def test_every_stage_sizes_itself_to_the_card(base_overrides, card, gib, caplog)
     assert sized.infer.batch_size == infer and choice["auto"] and f"{gib} GiB" in choice["why"]
 
 
+# card GiB -> rl.recompute_every_n_layers=auto for 8 completions of 256 tokens (0: none recomputes, 1: all)
+RECOMPUTE = {141: 0, 80: 4, 48: 1, 40: 1, 24: 1}
+
+
+@pytest.mark.parametrize("gib", sorted(RECOMPUTE))
+def test_grpo_recomputes_as_few_layers_as_the_card_allows(base_overrides, card, gib, caplog):
+    caplog.set_level(logging.INFO, logger="flare_exp")
+    card["gib"] = gib
+    rl = compose_cfg(["stage=rl", *base_overrides, "model.gradient_checkpointing=true", "rl.num_generations=8",
+                      "rl.per_device_train_batch_size=8", "rl.max_completion_length=256"])
+    used, choice = apply_rl_card(rl)
+    assert used.rl.recompute_every_n_layers == RECOMPUTE[gib] and rl.rl.recompute_every_n_layers == "auto"
+    assert choice["changed"]["rl.recompute_every_n_layers"] == ["auto", RECOMPUTE[gib]]
+    assert f"rl.recompute_every_n_layers=auto -> {RECOMPUTE[gib]}" in caplog.text
+    for kept in ("model.gradient_checkpointing=false", "model.backend=unsloth", "rl.recompute_every_n_layers=2"):
+        used, _ = apply_rl_card(compose_cfg(["stage=rl", *base_overrides, "model.gradient_checkpointing=true",
+                                             "rl.num_generations=8", "rl.per_device_train_batch_size=8", kept]))
+        assert used.rl.recompute_every_n_layers == (2 if kept.endswith("=2") else 1)
+
+
 def test_no_gpu_keeps_the_cpu_defaults(base_overrides, card):
     card["gib"] = None
     cfg = _sft(base_overrides)
@@ -66,7 +86,9 @@ def test_no_gpu_keeps_the_cpu_defaults(base_overrides, card):
     assert sized.infer.batch_size == 32 and choice["why"] == "no GPU: the CPU default"
     rl = compose_cfg(["stage=rl", *base_overrides, "rl.per_device_train_batch_size=2",
                       "rl.gradient_accumulation_steps=4"])
-    assert apply_rl_card(rl)[0] is rl
+    used, choice = apply_rl_card(rl)
+    assert used.rl.per_device_train_batch_size == 2 and used.rl.recompute_every_n_layers == 1
+    assert choice["changed"] == {"rl.recompute_every_n_layers": ["auto", 1]}
 
 
 def test_what_the_user_sets_stays(base_overrides, card):
@@ -86,7 +108,8 @@ def test_what_the_user_sets_stays(base_overrides, card):
     assert (used.rl.per_device_train_batch_size, used.rl.gradient_accumulation_steps) == (8, 1)
     assert choice["changed"]["rl.per_device_train_batch_size"] == [2, 8]
     assert apply_rl_card(compose_cfg(["stage=rl", *base_overrides, "rl.per_device_train_batch_size=2",
-                                      "rl.gradient_accumulation_steps=4", "rl.card_preset=none"]))[1]["changed"] == {}
+                                      "rl.gradient_accumulation_steps=4", "rl.card_preset=none"]))[1]["changed"] == {
+        "rl.recompute_every_n_layers": ["auto", 1]}  # none: every layer recomputes, as before cards were sized
 
 
 def test_the_green_judge_sizes_its_batch_from_its_rows(card, tmp_path, caplog):

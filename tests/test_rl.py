@@ -143,6 +143,31 @@ def test_rollouts_run_in_eval_mode_and_training_resumes(base_overrides, sft_adap
     assert modes[-1][0] and modes[-1][1] > 1  # the policy's loss forward ran in training mode again
 
 
+@pytest.mark.parametrize("settings, recomputing", [
+    (("model.gradient_checkpointing=true", "rl.recompute_every_n_layers=1"), {0: True, 1: True}),
+    (("model.gradient_checkpointing=true", "rl.recompute_every_n_layers=2"), {0: True, 1: False}),
+    (("model.gradient_checkpointing=true", "rl.recompute_every_n_layers=0"), {0: False, 1: False}),
+    (("model.gradient_checkpointing=false",), {0: False, 1: False})])  # TRL's own default would turn it on
+def test_grpo_recomputes_the_layers_it_is_told_to(base_overrides, sft_adapter, tmp_path, monkeypatch, settings,
+                                                  recomputing):
+    """The loss forward's text layers recompute as rl.recompute_every_n_layers says (every n-th checkpointed
+    layer: the tiny model's two vision blocks count first) and as model.gradient_checkpointing says."""
+    from transformers.models.qwen3_vl import modeling_qwen3_vl
+
+    seen = {}
+    layer = modeling_qwen3_vl.Qwen3VLTextDecoderLayer
+    original = layer.__call__
+
+    def recording(self, *args, **kwargs):
+        if self.training:
+            seen[self.self_attn.layer_idx] = self.gradient_checkpointing
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(layer, "__call__", recording)
+    run(_rl_cfg(base_overrides, sft_adapter, "rl.max_steps=1", *settings), run_dir=tmp_path / "rl")
+    assert seen == recomputing
+
+
 def test_a_failing_compiled_decode_falls_back_to_eager_rollouts(base_overrides, sft_adapter, tmp_path, monkeypatch,
                                                                 caplog):
     """Compilation only happens on GPU; here the decode step is 'compiled' into a function that fails the way

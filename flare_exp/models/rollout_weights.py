@@ -126,14 +126,17 @@ class MergedCopy:
                 entry.layer._disable_adapters = flag
 
 
-def auto_margin_bytes(rollout_rows: int, micro_batch: int, sequence_tokens: int) -> int:
+def auto_margin_bytes(rollout_rows: int, micro_batch: int, sequence_tokens: int, kept_share: float = 0.0) -> int:
     """What must stay free beside the copy, which is kept for the whole run: the rollout's KV cache and decode
     activations (infer's measured GiB per 1,000 tokens of a row), a recomputed training pass of the micro-batch
-    (the rl card preset's coefficient) and 2 GiB for the merge's float32 temporaries and fragmentation."""
+    (the rl card preset's coefficient) plus the ``kept_share`` of its activations the layers that do not
+    recompute keep (rl.recompute_every_n_layers), and 2 GiB for the merge's float32 temporaries and
+    fragmentation."""
     from flare_exp.card import MEMORY_MODEL as m
 
+    per_1k = m["sft_recomputed_gib_per_1k_tokens"] + kept_share * m["rl_kept_gib_per_1k_tokens"]
     gib = (rollout_rows * sequence_tokens * m["infer_gib_per_1k_tokens"] / 1000
-           + micro_batch * sequence_tokens * m["sft_recomputed_gib_per_1k_tokens"] / 1000 + 2.0)
+           + micro_batch * sequence_tokens * per_1k / 1000 + 2.0)
     return int(gib * 2**30)
 
 

@@ -21,6 +21,7 @@ from flare_exp.io import write_json
 from flare_exp.models.decoding import Decoding, DecodeSettings, decoder_for
 from flare_exp.models.grouped_attention import attention_used
 from flare_exp.models.loading import load_model
+from flare_exp.models.recompute import recompute_every
 from flare_exp.models.rollout_weights import SETTINGS as ROLLOUT_WEIGHTS, RolloutWeights, auto_margin_bytes
 from flare_exp.rewards.combine import build_reward
 from flare_exp.rl_monitor.callbacks import (RewardTermLog, RolloutWeightsLog, build_monitor, check_monitor_settings,
@@ -42,7 +43,7 @@ STAGE = Stage(
     free=(
         "model speed", "rl.max_steps", "rl.logging_steps", "rl.save_steps", "rl.save_total_limit",
         "rl.cache_implementation", "rl.compile_generation", "rl.decode_loop", "rl.use_vllm", "rl.profile_steps",
-        "rl.rollout_weights", "rl.dataloader_num_workers",
+        "rl.rollout_weights", "rl.dataloader_num_workers", "rl.recompute_every_n_layers",
         "rl.report_to", "rl.wandb_project", "rl.wandb_mode", "reward.radgraph.cache_size",
         "reward.radgraph.device", "reward.radgraph.build_tiny"),
     budget=("rl.max_steps",),
@@ -104,6 +105,7 @@ def check_settings(cfg) -> int:
     check_choice("rl.on_too_long", rl.on_too_long, ("error", "skip"))
     rollout_settings(rl, cfg.model.backend).check()
     check_rollout_weights(rl, cfg.model.backend)
+    check_recompute(rl, cfg.model.backend)
     check_monitor_settings(rl)
     limit = rl.max_prompt_length or max_seq_length - rl.max_completion_length
     if limit <= 0:
@@ -128,6 +130,23 @@ def check_rollout_weights(rl, backend: str) -> None:
                          "of them")
 
 
+def check_recompute(rl, backend: str) -> None:
+    n = rl.recompute_every_n_layers
+    if n != "auto" and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+        raise ValueError(f"rl.recompute_every_n_layers={n!r}: auto, 0 (no layer recomputes), 1 (every layer) or "
+                         "n (every n-th layer)")
+    if n not in ("auto", 1) and backend != "hf":
+        raise ValueError(f"rl.recompute_every_n_layers={n} is for model.backend=hf (Unsloth checkpoints its own "
+                         "way): leave it at auto")
+
+
+def recomputes(cfg) -> bool:
+    """GRPOConfig's gradient_checkpointing: TRL's default turns it on whatever the model says, and the Trainer
+    enables it again at train(); model.gradient_checkpointing=false and rl.recompute_every_n_layers=0 hold there
+    only when passed. Every n-th layer (n >= 2) is chosen per loss pass (flare_exp/models/recompute.py)."""
+    return bool(cfg.model.gradient_checkpointing) and cfg.rl.recompute_every_n_layers != 0
+
+
 def rollout_weights_of(rl, backend: str, graph_loop: bool) -> RolloutWeights:
     """rl.rollout_weights for this run; auto's margin for a rollout of TRL's generation batch (micro-batch x
     accumulation rows) and a training pass of the micro-batch, at the card preset's typical prompt length."""
@@ -135,8 +154,10 @@ def rollout_weights_of(rl, backend: str, graph_loop: bool) -> RolloutWeights:
 
     tokens = MEMORY_MODEL["infer_prompt_tokens"] + rl.max_completion_length
     rows = rl.per_device_train_batch_size * rl.gradient_accumulation_steps
+    n = rl.recompute_every_n_layers
+    kept_share = 0.0 if n in (1, "auto") else 1.0 if n == 0 else 1 - 1 / n  # of the activations, not recomputed
     return RolloutWeights(rl.rollout_weights, backend, graph_loop,
-                          auto_margin_bytes(rows, rl.per_device_train_batch_size, tokens))
+                          auto_margin_bytes(rows, rl.per_device_train_batch_size, tokens, kept_share))
 
 
 def trl_loss_types() -> tuple[str, ...]:
@@ -228,7 +249,7 @@ def grpo_args(cfg, out_dir: Path, report_to: str, bf16: bool, suppress_tokens: l
                                              "metric_for_best_model")),
         report_to=report_to, cache_implementation=cache, generation_kwargs=generation_kwargs,
         bf16=bf16, remove_unused_columns=False, seed=cfg.seed, disable_tqdm=False, logging_first_step=True,
-        dataloader_pin_memory=torch.cuda.is_available(), **cpu_ranks_args(),
+        dataloader_pin_memory=torch.cuda.is_available(), **cpu_ranks_args(), gradient_checkpointing=recomputes(cfg),
     )
 
 
@@ -257,6 +278,8 @@ def run(cfg, out_dir: Path, applied: dict | None = None) -> dict:
         log.info("rl: no rl.init_from: GRPO starts from the base model (model.path=%s) with a fresh LoRA; "
                  "rl.init_from=<an sft run dir> starts from its adapter", cfg.model.path)
     loaded = load_model(cfg.model, init_from=rl.init_from, training=True, seed=cfg.seed)
+    if cfg.model.gradient_checkpointing and rl.recompute_every_n_layers == 0:
+        loaded.model.gradient_checkpointing_disable()  # rl.recompute_every_n_layers=0: every layer keeps its own
     # TRL pads the prompts on the left and encodes their images again for the loss with the processor's own
     # padding side: both must agree, or the mm_token_type_ids (transformers 5) are shifted against the prompt
     # tokens in a batch of unequal prompts (the processor saved by SFT pads on the right)
@@ -278,7 +301,10 @@ def run(cfg, out_dir: Path, applied: dict | None = None) -> dict:
     report_to = setup_tracking(rl, out_dir)
     meta = CheckpointMeta(loaded.base_path, cfg, data_fingerprints(rl.train_file), loaded.processor)
     monitor = build_monitor(cfg, out_dir, reward, wanted, chat, meta)
-    trainer = with_rollout_watch(with_rollouts_in_eval_mode(GRPOTrainer), monitor)(
+    trainer_class = with_rollout_watch(with_rollouts_in_eval_mode(GRPOTrainer), monitor)
+    if recomputes(cfg) and rl.recompute_every_n_layers not in (1, "auto"):
+        trainer_class = recompute_every(trainer_class, rl.recompute_every_n_layers)
+    trainer = trainer_class(
         model=loaded.model, reward_funcs=[reward], processing_class=loaded.processor,
         args=grpo_args(cfg, out_dir, report_to, half_precision(loaded.model)[0], vision_token_ids(loaded.model.config)),
         train_dataset=grpo_dataset(records, chat),
@@ -342,6 +368,8 @@ def prompts_that_fit(chat: VisionChat, records: list[dict], limit: int, on_too_l
 def oom_remedies(cfg) -> list[str]:
     rl = cfg.rl
     return [*([] if cfg.model.gradient_checkpointing else ["set model.gradient_checkpointing=true"]),
+            *(["set rl.recompute_every_n_layers=1 (every layer recomputes)"]
+              if cfg.model.gradient_checkpointing and rl.recompute_every_n_layers not in (1, "auto") else []),
             f"lower rl.per_device_train_batch_size={rl.per_device_train_batch_size} (raise "
             "rl.gradient_accumulation_steps to keep the completions per step; their product stays a multiple "
             f"of rl.num_generations={rl.num_generations})",

@@ -15,6 +15,7 @@ from flare_exp.data.prepared_split import read_prepared_split
 from flare_exp.io import write_json
 from flare_exp.models import rope_positions
 from flare_exp.models.loading import PRECISIONS, compile_repeated_blocks, load_model
+from flare_exp.models.recompute import checkpointed_layers, recompute_only
 from flare_exp.rl_monitor.heldout import HeldOutEval
 from flare_exp.rl_monitor.heldout_watch import HeldOutWatch, check_metric_spec, reporting_last, write_curves
 from flare_exp.run.layout import summary_name
@@ -166,14 +167,10 @@ def recompute_long_batches(trainer_class, above_tokens: int):
         recomputed_batches, checkpointed = 0, None
 
         def training_step(self, model, inputs, *args, **kwargs):
-            from transformers.modeling_layers import GradientCheckpointingLayer
-
-            if self.checkpointed is None:  # the layers gradient_checkpointing_enable switched on
-                self.checkpointed = [m for m in model.modules()
-                                     if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+            if self.checkpointed is None:
+                self.checkpointed = checkpointed_layers(model)
             recompute = inputs["input_ids"].numel() > above_tokens
-            for layer in self.checkpointed:
-                layer.gradient_checkpointing = recompute
+            recompute_only(self.checkpointed, lambda index: recompute)
             self.recomputed_batches += recompute
             return super().training_step(model, inputs, *args, **kwargs)
 

@@ -10,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from flare_exp import setting_checks
 from flare_exp.config import Config
+from flare_exp.context_checks import length_checks
 from flare_exp.models.loading import check_model_settings
 from flare_exp.run.layout import DONE
 from flare_exp.run.names import check_run_name
@@ -181,8 +182,8 @@ def input_problems(cfg: DictConfig) -> list[Exception]:
         _collect(problems, check_writable, "data.prepared_dir", cfg.data.prepared_dir)
     if _loading_model(steps):
         _collect(problems, check_model_path, cfg.model)
-        for key, tokens in decode_budgets(cfg, steps):
-            _collect(problems, check_decode_budget, cfg.model.path, key, tokens)
+    for check, *args in length_checks(cfg, steps, _loading_model(steps)):
+        _collect(problems, check, *args)
     root = OmegaConf.select(cfg, "data.root", throw_on_missing=False)  # unset: check_set_values names it
     if "prepare" in steps:
         _collect(problems, _check_exists, "data.root", root, cfg.data.demo is None, MANDATORY_HINTS["data.root"])
@@ -197,34 +198,6 @@ def input_problems(cfg: DictConfig) -> list[Exception]:
                 _collect_missing(problems, declared, key, cfg)
                 _collect(problems, _check_window, declared.path_of(cfg, key), cfg.data.image_window)
     return problems
-
-
-def decode_budgets(cfg: DictConfig, steps: set[str]) -> list[tuple[str, int]]:
-    """(the key, its value) of each new-token budget the steps decode with: infer's, and the in-training evals'
-    (their own eval_max_new_tokens, else infer.max_new_tokens)."""
-    evals = {"sft": cfg.sft.eval_per_task, "rl": cfg.rl.eval_steps}  # when sft's / rl's held-out evals run
-    budgets = [("infer.max_new_tokens", cfg.infer.max_new_tokens)] if "infer" in steps else []
-    for section in (s for s in ("sft", "rl") if s in steps and evals[s]):
-        own = cfg[section].eval_max_new_tokens
-        budgets.append((f"{section}.eval_max_new_tokens", own) if own else ("infer.max_new_tokens",
-                                                                              cfg.infer.max_new_tokens))
-    return list(dict.fromkeys(b for b in budgets if isinstance(b[1], int)))
-
-
-def check_decode_budget(model_path, key: str, tokens: int) -> None:
-    """A new-token budget past the context in model.path's config.json (decoding would stop there only after
-    the steps before it ran); a model not there yet (built on first use) or without the key: no check."""
-    import json
-
-    from flare_exp.models.batch_decoding import check_room
-
-    path = abspath(model_path) / "config.json" if model_path else None
-    try:
-        config = json.loads(path.read_text(encoding="utf-8")) if path and path.is_file() else None
-    except (OSError, ValueError):
-        return  # the model's loading says what is wrong with it
-    if isinstance(config, dict):
-        check_room(config, 0, tokens, key)
 
 
 COMPARED_ROOTS: dict[tuple, str | None] = {}  # (prepared dir, record time, data.root, record files) -> why not

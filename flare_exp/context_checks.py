@@ -10,14 +10,12 @@ from flare_exp.runtime import abspath
 
 def length_checks(cfg: DictConfig, steps: set[str], loading_model: bool) -> list[tuple]:
     """(check, *its arguments) for each length the steps decode or train with, against the context of the model
-    that reads it: infer's and the in-training evals' new tokens, model.max_seq_length (sft, rl), the judges'
-    lengths (GREEN's total length, CRIMSON's new-token cap)."""
+    that reads it: infer's and the in-training evals' new tokens, the judges' lengths (GREEN's total length,
+    CRIMSON's new-token cap). model.max_seq_length is a cap on the records, not a length decoded to: a cap past
+    the context refuses nothing that fits it."""
     found = []
     if loading_model:
         found += [(check_decode_budget, cfg.model.path, key, tokens) for key, tokens in decode_budgets(cfg, steps)]
-        if steps & {"sft", "rl"}:
-            found.append((check_context, cfg.model.path, "model.max_seq_length", cfg.model.max_seq_length,
-                          "the model"))
     if "eval" in steps:
         green, crimson = cfg.eval.green, cfg.eval.crimson
         if green.model_path and isinstance(green.max_length, int):
@@ -65,9 +63,8 @@ def check_decode_budget(model_path, key: str, tokens: int) -> None:
 
 
 def check_context(model_path, key: str, tokens: int, whose: str) -> None:
-    """A total length (prompt and answer: model.max_seq_length, eval.green.max_length) past the context in the
-    model's config.json: positions past it were never trained, and the run would not stop there but score or
-    train on what they give."""
+    """A total length decoded to (eval.green.max_length) past the context in the model's config.json: positions
+    past it were never trained, and the judge would not stop there but judge on what they give."""
     from flare_exp.models.batch_decoding import max_positions
 
     config = model_config(model_path)

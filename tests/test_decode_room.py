@@ -84,8 +84,8 @@ def test_a_pipeline_names_a_budget_past_the_context_and_a_gpu_it_lacks_before_it
 
 
 def test_total_lengths_past_a_models_context_are_named_before_any_step(base_overrides, tmp_path):
-    """model.max_seq_length (sft, rl) past model.path's context, eval.green.max_length past the GREEN judge's and
-    eval.crimson.max_new_tokens past CRIMSON's: said with the limit and where it comes from, before any work."""
+    """eval.green.max_length past the GREEN judge's context and eval.crimson.max_new_tokens past CRIMSON's: said
+    with the limit and where it comes from, before any work."""
     import json
 
     from flare_exp.checks import validate
@@ -95,16 +95,12 @@ def test_total_lengths_past_a_models_context_are_named_before_any_step(base_over
         judges[name] = tmp_path / name
         judges[name].mkdir()
         (judges[name] / "config.json").write_text(json.dumps({"max_position_embeddings": limit}))
-    cfg = compose_cfg(["stage.steps=[sft,rl,infer,eval]", *base_overrides, "model.max_seq_length=5000",
-                       "sft.eval_per_task=0", f"eval.green.model_path={judges['green']}", "eval.green.max_length=4096",
+    cfg = compose_cfg(["stage.steps=[sft,rl,infer,eval]", *base_overrides, "sft.eval_per_task=0", f"eval.green.model_path={judges['green']}", "eval.green.max_length=4096",
                        f"eval.crimson.model_path={judges['crimson']}", "eval.crimson.max_new_tokens=9000"])
-    with pytest.raises(ValueError, match="3 problems with the settings") as e:
+    with pytest.raises(ValueError, match="2 problems with the settings") as e:
         validate(cfg, inputs=True)
-    for said in ("model.max_seq_length=5000 is past the model's context: 4096 positions (text_config."
-                 "max_position_embeddings in ", "; pass model.max_seq_length=4096 or less",
-                 "eval.green.max_length=4096 is past the GREEN judge's context: 2048 positions "
+    for said in ("eval.green.max_length=4096 is past the GREEN judge's context: 2048 positions "
                  f"(max_position_embeddings in {judges['green'] / 'config.json'}); pass eval.green.max_length=2048",
                  "eval.crimson.max_new_tokens=9000 does not fit the model's context: 8192 positions"):
         assert said in str(e.value), said
-    validate(compose_cfg(["stage.steps=[sft,rl,infer,eval]", *base_overrides, "model.max_seq_length=4096",
-                          "sft.eval_per_task=0", f"eval.green.model_path={judges['green']}"]), inputs=True)
+    validate(compose_cfg(["stage.steps=[sft,rl,infer,eval]", *base_overrides, "sft.eval_per_task=0", f"eval.green.model_path={judges['green']}"]), inputs=True)

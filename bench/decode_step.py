@@ -101,7 +101,7 @@ def main() -> None:
     from flare_exp.models.graph_decoding import COMPILE_ON_GPU, GraphDecoder
 
     if args.card_gib:
-        from bench.run import cap_memory
+        from bench.common import cap_memory
 
         cap_memory(args.card_gib)
     if args.model == "judge":

@@ -87,7 +87,7 @@ def main() -> None:
                         "correctness test)")
     args = parser.parse_args()
     if args.card_gib:
-        from bench.run import cap_memory
+        from bench.common import cap_memory
 
         cap_memory(args.card_gib)
     out_dir = Path(args.out)

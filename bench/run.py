@@ -27,49 +27,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.common import (bench_data, compose, device_name, ensure_prepared, filtered_file,  # noqa: E402
-                          gpu_held_gib, gpu_peak_gib, library_versions, model_flops_utilization, model_overrides,
-                          write_result)
+from bench.common import (bench_data, cap_memory, compose, device_name, ensure_prepared,  # noqa: E402
+                          filtered_file, gpu_held_gib, gpu_peak_gib, library_versions, measurement_name,
+                          model_flops_utilization, model_overrides, sample_shape, write_result)
 from flare_exp.profiling import PROFILE_FIRST  # noqa: E402
 
 PROFILE_STEPS = 2  # --profile: steps 6 and 7
-
-
-def measurement_name(args) -> str:
-    """One name per measured setting: its run directory, profile file and result JSON."""
-    parts = [args.what, args.backend, f"bs{args.batch}"]
-    if args.what == "grpo":
-        parts += [f"ng{args.num_generations}", args.cache or "dynamic"] + (["compiled"] if args.compile else [])
-    elif args.what == "infer":
-        parts += [args.cache or "dynamic", f"img{args.image_device}"]
-        parts += ([f"long{args.long_side}first"] if args.long_side else []) + (
-            ["keepcache"] if args.keep_long_cache else []) + (["mixflare"] if args.length_mix == "flare" else [])
-    elif args.what == "sft":
-        parts += [f"w{'default' if args.workers is None else args.workers}"] + (["compiled"] if args.compile else [])
-    if args.what == "reward":
-        return f"reward-ng{args.num_generations}-n{args.samples}-radgraph{args.radgraph_size}"
-    if args.what in ("sft", "loop") and args.grad_ckpt == "false":
-        parts.append("nockpt")
-    if args.vision_encoder != "batched":
-        parts.append(f"vision-{args.vision_encoder}")
-    if args.what in ("sft", "loop") and args.force_vision_encoder:
-        parts.append("forced-vision")
-    if args.what == "loop" and args.distinct_batches:
-        parts.append("distinct")
-    if args.card_gib:
-        parts.append(f"cap{args.card_gib:g}")
-    parts += [override.rsplit(".", 1)[-1].replace("=", "-") for override in args.set + args.env]
-    if args.what in ("sft", "loop"):
-        parts += [name for name, _ in sample_shape(args)]
-    return "-".join(parts + [args.dataset])
-
-
-def sample_shape(args) -> list[tuple[str, str]]:
-    """How the samples were reshaped (sft/loop): (file-name part, words for the result's "samples")."""
-    return (([(f"views{args.views}", f"{args.views} view(s)")] if args.views is not None else [])
-            + ([(f"answer{args.answer_words}w", f"{args.answer_words}-word answers")]
-               if args.answer_words is not None else [])
-            + ([(f"long{args.long_side}px", f"one {args.long_side}-px image")] if args.long_side else []))
 
 
 def summarise(history: list[dict], skip: int, exclude_steps=()) -> dict:
@@ -276,20 +239,6 @@ def dynamo_counts() -> dict:
     counters = torch._dynamo.utils.counters
     return {kind: {str(k)[:300]: v for k, v in counters[kind].items()}
             for kind in ("stats", "frames", "graph_break", "unimplemented") if counters.get(kind)}
-
-
-def cap_memory(gib: float) -> None:
-    """The process capped at ``gib`` of the card (a smaller card emulated; FLARE_EXP_CARD_GIB tells the stages'
-    sizing, since torch before 2.14 cannot say the cap)."""
-    import torch
-
-    from flare_exp.card import CARD_GIB_ENV
-
-    total = torch.cuda.get_device_properties(0).total_memory / 2 ** 30
-    if gib > total:
-        raise SystemExit(f"--card-gib {gib}: the card has only {total:.0f} GiB")
-    torch.cuda.set_per_process_memory_fraction(gib / total, 0)
-    os.environ[CARD_GIB_ENV] = f"{gib:g}"
 
 
 def main() -> None:

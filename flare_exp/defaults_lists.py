@@ -57,17 +57,27 @@ def entry_group(file: Path, key: str, dirs: list[Path]) -> str:
     return named if home == "." else f"{home}/{named}"
 
 
-def defaults_entries(file: Path) -> list[tuple[str, str | None]]:
-    """A group file's defaults list as (key, choice) pairs: ``- group: x`` gives (group, x), ``- /path`` gives
-    (/path, None)."""
+def _defaults_list(file: Path) -> list:
     import yaml
 
     try:
         defaults = (yaml.safe_load(file.read_text(encoding="utf-8")) or {}).get("defaults") or []
     except (OSError, ValueError, AttributeError, yaml.YAMLError):
         return []
+    return defaults if isinstance(defaults, list) else []
+
+
+def where_picks_go(file: Path) -> str:
+    """Where to write a pick in ``file``: before its ``- _self_`` (the repo's convention), or, in a list without
+    one, anywhere in it (Hydra reads the file's own keys after the list)."""
+    return CONVENTION if "_self_" in _defaults_list(file) else "in its defaults list"
+
+
+def defaults_entries(file: Path) -> list[tuple[str, str | None]]:
+    """A group file's defaults list as (key, choice) pairs: ``- group: x`` gives (group, x), ``- /path`` gives
+    (/path, None)."""
     out = []
-    for entry in defaults if isinstance(defaults, list) else []:
+    for entry in _defaults_list(file):
         if isinstance(entry, dict):
             out += [(str(k), str(v)) for k, v in entry.items() if v is not None]
         elif isinstance(entry, str) and entry != "_self_":
@@ -148,7 +158,7 @@ def _entry_problem(pick: Pick, dirs: list[Path], overrides: list[str], primary: 
         return (False, f"{file}: `{_entry(pick)}` names {group}, which is not there (an entry without a leading / "
                        f"is read inside the file's own group): {absolute} is written /{absolute}"
                        + (f"; as such, {rest[1].removeprefix(f'{file}: ')}" if rest else
-                          f"; write `{_entry(fixed)}` {CONVENTION}"))
+                          f"; write `{_entry(fixed)}` {where_picks_go(file)}"))
     if value is None:
         parent, _, name = group.rpartition("/")
         if hydras_own or _exists(group, None, dirs):
@@ -168,7 +178,7 @@ def _entry_problem(pick: Pick, dirs: list[Path], overrides: list[str], primary: 
         who = "conf/config.yaml" if group in primary else "Hydra's own config"
         return (False, f"{file}: `{_entry(pick)}` picks {group} without `override`, but {who} chooses {group} "
                        f"already: write `- override /{group}: {value}` "
-                       f"{CONVENTION}{_missing(group, value, dirs)}")
+                       f"{where_picks_go(file)}{_missing(group, value, dirs)}")
     if is_override(key) and group not in primary and group not in chosen and not group.startswith("hydra/"):
         return (False, f"{file}: `{_entry(pick)}` overrides {group}, which nothing before it chooses: "
                        f"write `- /{group}: {value}`{_missing(group, value, dirs)}")

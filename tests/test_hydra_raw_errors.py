@@ -51,8 +51,8 @@ def test_a_group_picked_without_override_says_to_write_override(where, tmp_path,
     is defined before 'data: flare_typo'" (after the overrides); a missing option named too."""
     err = said(tmp_path, capsys, edited(FLARE, where, where + "  - /data: flare_typo\n"))
     assert (f"{tmp_path}/experiment/mine.yaml: `- /data: flare_typo` picks data without `override`, but "
-            "conf/config.yaml chooses data already: write `- override /data: flare_typo` before `- _self_`, as "
-            "conf/experiment/reward_search.yaml does; and there is no data/flare_typo.yaml in the config dirs; data "
+            "conf/config.yaml chooses data already: write `- override /data: flare_typo` in its defaults list; and "
+            "there is no data/flare_typo.yaml in the config dirs; data "
             "has demo, flare_xray (did you mean data=flare_xray?)") in err, err
 
 

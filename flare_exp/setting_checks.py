@@ -42,7 +42,9 @@ RANGES = {
     "infer": {"batch_size": "batch", "max_new_tokens": "count", "min_new_tokens": "count0",
               "temperature": "positive", "top_p": "probability", "profile_batch": "count"},
     "eval": {"green.batch_size": "batch", "green.max_length": "count", "green.max_new_tokens": "count",
-             "significance.resamples": "count0", "chexbert.batch_size": "count"},
+             "crimson.batch_size": "count", "crimson.max_new_tokens": "count",
+             "significance.resamples": "count0", "significance.ar_trials": "count0", "significance.seed": "count0",
+             "chexbert.batch_size": "count"},
     "model": {"max_seq_length": "count", "min_pixels": "count", "max_pixels": "count", "lora.r": "count",
               "lora.alpha": "positive", "lora.dropout": "dropout"},
     "data": {"image_workers": "count0"},
@@ -54,20 +56,21 @@ SECTIONS = {"prepare": ("data",), "sft": ("sft", "model"), "rl": ("rl", "model",
 
 
 def range_problems(cfg, steps: set[str]) -> list[str]:
-    """Every numeric setting the steps read that is out of its range, each with its key and value."""
+    """Every numeric setting the steps read that is out of its range, each with its key and value (the run's
+    seed too: numpy refuses a negative one only once the trainer seeds it)."""
+    sections = sorted({s for step in steps for s in SECTIONS.get(step, ())})
+    checked = [("seed", "count0")] + [(f"{section}.{key}", rule) for section in sections
+                                      for key, rule in RANGES[section].items()]
     problems = []
-    for section in sorted({s for step in steps for s in SECTIONS.get(step, ())}):
-        for key, rule in RANGES[section].items():
-            value = OmegaConf.select(cfg, f"{section}.{key}", throw_on_missing=False)
-            test, wanted = RULES[rule]
-            if (value is None and rule != "batch") or (rule == "batch" and value == "auto"):
-                continue  # an optional setting left unset; a batch sized by the card
-            if value is None or isinstance(value, (str, bool)) or (rule in WHOLE_NUMBERS
-                                                                    and not isinstance(value, int)):
-                problems.append(f"{section}.{key}={value!r}: must be {wanted}")
-                continue
-            if not math.isfinite(value) or not test(value):
-                problems.append(f"{section}.{key}={value}: must be {wanted}")
+    for key, rule in checked:
+        value = OmegaConf.select(cfg, key, throw_on_missing=False)
+        test, wanted = RULES[rule]
+        if (value is None and rule != "batch") or (rule == "batch" and value == "auto"):
+            continue  # an optional setting left unset; a batch sized by the card
+        if value is None or isinstance(value, (str, bool)) or (rule in WHOLE_NUMBERS and not isinstance(value, int)):
+            problems.append(f"{key}={value!r}: must be {wanted}")
+        elif not math.isfinite(value) or not test(value):
+            problems.append(f"{key}={value}: must be {wanted}")
     return problems + _pair_problems(cfg, steps)
 
 
@@ -214,8 +217,8 @@ def judge_path_problems(cfg, steps: set[str]) -> list[str]:
                                       "paths.cache_dir: a folder you name is never written into)"
                                       if rg.build_tiny and rg.model_dir else ""))
     if "eval" in steps:
-        for key in ("eval.green.model_path", "eval.chexbert.path", "eval.chexbert.encoder_path",
-                    "eval.keyword_metrics.module"):
+        for key in ("eval.green.model_path", "eval.crimson.model_path", "eval.chexbert.path",
+                    "eval.chexbert.encoder_path", "eval.keyword_metrics.module"):
             value = OmegaConf.select(cfg, key)
             if value and not abspath(value).exists():
                 problems.append(f"{key}={value}: no such file or directory ({abspath(value)})")

@@ -41,6 +41,11 @@ def test_long_prompts_fail_at_startup_or_are_skipped(base_overrides, sft_adapter
     summary = run(_rl_cfg(base_overrides, sft_adapter, "model.max_seq_length=80", "rl.max_completion_length=20",
                           "rl.on_too_long=skip", "rl.max_steps=1"), run_dir=tmp_path / "b")
     assert summary["skipped_too_long"] > 0
+    # every prompt too long: refused, not a 0-step run whose final/ is the SFT adapter, marked DONE
+    with pytest.raises(ValueError, match=r"^all \d+ prompts are longer than 5 tokens .*none is left to train on"):
+        run(_rl_cfg(base_overrides, sft_adapter, "model.max_seq_length=25", "rl.max_completion_length=20",
+                    "rl.on_too_long=skip", "rl.max_steps=1", "run_name=c"), run_dir=tmp_path / "c")
+    assert not (tmp_path / "c" / "DONE").exists()
 
 
 def test_rl_resumes_from_its_last_checkpoint(base_overrides, sft_adapter, tmp_path):

@@ -147,3 +147,20 @@ def test_a_path_built_from_a_wrong_setting_is_not_a_second_problem(demo_prepared
     with pytest.raises(ValueError, match=r"(?s)2 problems.*infer.split='tst'.*model.path=/nowhere") as raised:
         validate(compose_cfg(["stage=infer", "infer.split=tst", f"data.prepared_dir={demo_prepared}",
                               "model.path=/nowhere", "model.build_tiny=false"]), inputs=True)
+
+
+def test_the_significance_and_crimson_settings_and_the_seed_are_ranged_before_any_work(base_overrides, tmp_path):
+    """A negative eval.significance.ar_trials gave a p-value of -0.25 (and 'adjusted p 0.0000' for a zero
+    difference); a negative significance seed or run seed failed after all scoring / at the trainer's seeding;
+    CRIMSON's 0s meant its package defaults; its missing judge dir was found only after Hydra started."""
+    from flare_exp.checks import validate
+
+    cfg = compose_cfg(["stage=eval", *base_overrides, "eval.significance.ar_trials=-5", "eval.significance.seed=-1",
+                       "eval.crimson.max_new_tokens=0", "eval.crimson.batch_size=0", "seed=-3",
+                       f"eval.crimson.model_path={tmp_path / 'nope'}"])
+    with pytest.raises(ValueError, match="6 problems") as e:
+        validate(cfg, inputs=True)
+    for said in ("seed=-3: must be an integer >= 0", "eval.significance.ar_trials=-5: must be an integer >= 0",
+                 "eval.significance.seed=-1: must be", "eval.crimson.max_new_tokens=0: must be an integer >= 1",
+                 "eval.crimson.batch_size=0: must be", f"eval.crimson.model_path={tmp_path / 'nope'}: no such file"):
+        assert said in str(e.value), said

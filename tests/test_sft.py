@@ -125,6 +125,9 @@ def test_too_long_samples_are_skipped_or_refused(base_overrides, tmp_path):
     with pytest.raises(ValueError, match="model.max_seq_length=60"):
         run(_sft_cfg(base_overrides, "sft.max_steps=1", "model.max_seq_length=60", "sft.on_too_long=error"),
             run_dir=tmp_path / "b")
+    with pytest.raises(ValueError, match=r"^all \d+ training samples of .* are longer than model.max_seq_length=40, "
+                                         r"e.g. .* none is left to train on"):  # was an IndexError in the tokenizer
+        run(_sft_cfg(base_overrides, "sft.max_steps=1", "model.max_seq_length=40"), run_dir=tmp_path / "c")
 
 
 def test_missing_model_names_the_key(base_overrides, tmp_path):

@@ -359,6 +359,9 @@ def prompts_that_fit(chat: VisionChat, records: list[dict], limit: int, on_too_l
         if on_too_long == "error":
             raise ValueError(msg + ". Raise model.max_seq_length, lower model.max_pixels or "
                              "rl.max_completion_length, or pass rl.on_too_long=skip")
+        if not records:  # else a run of 0 steps whose final/ is the adapter it started from, marked DONE
+            raise ValueError(f"all {msg}: none is left to train on. Raise model.max_seq_length, lower "
+                             "model.max_pixels or rl.max_completion_length")
         log.warning("%s: skipped", msg)
         if ranks()[0] == 0:
             write_json(out_dir / "too_long.json", too_long)

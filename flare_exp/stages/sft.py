@@ -272,6 +272,10 @@ def datasets(cfg, chat: VisionChat, out_dir: Path) -> tuple["RecordDataset", "Re
     if sft.val_file and abspath(sft.val_file).exists():
         val, val_too_long, val_lengths = load_split(sft.val_file, sft.max_eval_samples, chat, max_len,
                                                     sft.on_too_long, "eval")
+    if not train:  # the trainer would fail on an empty dataset, deep inside the tokenizer
+        raise ValueError(f"all {len(too_long)} training samples of {sft.train_file} are longer than "
+                         f"model.max_seq_length={max_len}, e.g. {too_long[0]['id']} with {too_long[0]['tokens']} "
+                         "tokens: none is left to train on. Raise model.max_seq_length or lower model.max_pixels")
     if too_long or val_too_long:
         log.warning("skipped %d train / %d val samples longer than model.max_seq_length=%d (listed in "
                     "too_long.json)", len(too_long), len(val_too_long), max_len)

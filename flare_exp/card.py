@@ -196,7 +196,7 @@ def rl_recompute(cfg, card: Card | None, micro_batch: int, tokens: int) -> tuple
     """rl.recompute_every_n_layers=auto resolved: (n, why), logged where the card sized it."""
     model = cfg.model
     if not model.gradient_checkpointing:
-        return 1, "model.gradient_checkpointing=false: nothing recomputes"
+        return 0, "model.gradient_checkpointing=false: nothing recomputes"
     if model.backend != "hf":
         return 1, "model.backend=unsloth: Unsloth's own checkpointing"
     if cfg.rl.card_preset != "auto":
@@ -223,6 +223,9 @@ def apply_rl_card(cfg) -> tuple[object, dict]:
     tokens = MEMORY_MODEL["infer_prompt_tokens"] + rl.max_completion_length
     changed, why = rl_split(rl, card, tokens)
     whys = [why]
+    if rl.recompute_every_n_layers not in (AUTO, 0) and not cfg.model.gradient_checkpointing:
+        log.warning("rl.recompute_every_n_layers=%s has no effect: model.gradient_checkpointing=false, so no layer "
+                    "recomputes", rl.recompute_every_n_layers)
     if rl.recompute_every_n_layers == AUTO:
         micro = changed.get("rl.per_device_train_batch_size", [0, rl.per_device_train_batch_size])[1]
         n, why = rl_recompute(cfg, card, micro, tokens)

@@ -73,7 +73,8 @@ def test_grpo_recomputes_as_few_layers_as_the_card_allows(base_overrides, card, 
     for kept in ("model.gradient_checkpointing=false", "model.backend=unsloth", "rl.recompute_every_n_layers=2"):
         used, _ = apply_rl_card(compose_cfg(["stage=rl", *base_overrides, "model.gradient_checkpointing=true",
                                              "rl.num_generations=8", "rl.per_device_train_batch_size=8", kept]))
-        assert used.rl.recompute_every_n_layers == (2 if kept.endswith("=2") else 1)
+        assert used.rl.recompute_every_n_layers == {"model.gradient_checkpointing=false": 0,
+                                                    "model.backend=unsloth": 1}.get(kept, 2)
 
 
 def test_no_gpu_keeps_the_cpu_defaults(base_overrides, card):
@@ -87,8 +88,10 @@ def test_no_gpu_keeps_the_cpu_defaults(base_overrides, card):
     rl = compose_cfg(["stage=rl", *base_overrides, "rl.per_device_train_batch_size=2",
                       "rl.gradient_accumulation_steps=4"])
     used, choice = apply_rl_card(rl)
-    assert used.rl.per_device_train_batch_size == 2 and used.rl.recompute_every_n_layers == 1
-    assert choice["changed"] == {"rl.recompute_every_n_layers": ["auto", 1]}
+    assert used.rl.per_device_train_batch_size == 2 and used.rl.recompute_every_n_layers == 0  # not checkpointed
+    assert choice["changed"] == {"rl.recompute_every_n_layers": ["auto", 0]}
+    checkpointed = compose_cfg(["stage=rl", *base_overrides, "model.gradient_checkpointing=true"])
+    assert apply_rl_card(checkpointed)[0].rl.recompute_every_n_layers == 1  # no GPU: every layer
 
 
 def test_what_the_user_sets_stays(base_overrides, card):
@@ -108,7 +111,8 @@ def test_what_the_user_sets_stays(base_overrides, card):
     assert (used.rl.per_device_train_batch_size, used.rl.gradient_accumulation_steps) == (8, 1)
     assert choice["changed"]["rl.per_device_train_batch_size"] == [2, 8]
     assert apply_rl_card(compose_cfg(["stage=rl", *base_overrides, "rl.per_device_train_batch_size=2",
-                                      "rl.gradient_accumulation_steps=4", "rl.card_preset=none"]))[1]["changed"] == {
+                                      "rl.gradient_accumulation_steps=4", "rl.card_preset=none",
+                                      "model.gradient_checkpointing=true"]))[1]["changed"] == {
         "rl.recompute_every_n_layers": ["auto", 1]}  # none: every layer recomputes, as before cards were sized
 
 

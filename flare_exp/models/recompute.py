@@ -6,6 +6,10 @@ the layers' flags right before each pass that trains: the layers read their flag
 """
 from __future__ import annotations
 
+import logging
+
+log = logging.getLogger(__name__)
+
 
 def checkpointed_layers(model) -> list:
     """The layers gradient_checkpointing_enable switched on, in the model's module order (transformers' count
@@ -32,6 +36,9 @@ def recompute_every(trainer_class, every_n_layers: int):
             if model.training:
                 if self.checkpointed is None:
                     self.checkpointed = checkpointed_layers(model)
+                    said = sum(index % every_n_layers == 0 for index in range(len(self.checkpointed)))
+                    log.info("every %d layers: %d of the %d checkpointed layers recompute in the backward, the others "
+                             "keep their activations", every_n_layers, said, len(self.checkpointed))
                 recompute_only(self.checkpointed, lambda index: index % every_n_layers == 0)
             return super().compute_loss(model, *args, **kwargs)
 

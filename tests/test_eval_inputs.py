@@ -37,6 +37,18 @@ def test_unknown_ids_and_changed_answers_are_refused_by_name(tmp_path):
         load_rows(_predictions(tmp_path, edited), False, prepared)
 
 
+def test_rows_of_several_splits_in_one_file_are_refused(tmp_path):
+    """One train row in a val file made the split unknown: the answers went unchecked (edited ones scored) and a
+    train question counted in the val numbers. Prepared dir or not, it is refused, naming a stray row."""
+    prepared = _prepared(tmp_path)
+    edited = [{**r, "prediction": "A", "answer": "A"} for r in REFERENCE]
+    mixed = edited + [{**REFERENCE[0], "id": "dental/training/t0", "split": "train", "prediction": "B"}]
+    for where in (prepared, None):
+        with pytest.raises(ValueError, match=r"its rows name several splits \(val: 8, train: 1\), e.g. "
+                                             r"dental/training/t0 \(train\): eval scores one split at a time"):
+            load_rows(_predictions(tmp_path, mixed), False, where)
+
+
 def test_answers_come_from_the_prepared_split_the_infer_run_read(tmp_path):
     prepared = _prepared(tmp_path)
     run_dir = tmp_path / "infer"

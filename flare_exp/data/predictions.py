@@ -157,6 +157,8 @@ def joined(path: Path, rows: list[dict], prepared_dir: str | None) -> tuple[list
     from flare_exp.data.references import gone_run_split, join_to_reference, reference_file, run_split
 
     source = run_split(path)  # the infer run's own split, read from its config once
+    if source is None or not source.is_file():
+        refuse_mixed_splits(path, rows)
     reference, gone = reference_file(source, rows, prepared_dir), gone_run_split(path, source)
     if reference is None:
         return rows, {"answers_from": "the predictions file", "answers_note": (
@@ -178,6 +180,22 @@ def joined(path: Path, rows: list[dict], prepared_dir: str | None) -> tuple[list
                                    "image window are that file's, which may not be what the run predicted on")
         log.warning("eval: %s: %s", path, covered["answers_note"])
     return rows, {"answers_from": str(reference), **covered}
+
+
+def refuse_mixed_splits(path: Path, rows: list[dict]) -> None:
+    """Rows that name several splits, with no infer run's own file to join them to: no one prepared split holds
+    their answers, so none would be checked, and one split's numbers would count another's questions."""
+    from collections import Counter
+
+    named = Counter(r["split"] for r in rows if isinstance(r.get("split"), str))
+    if len(named) < 2:
+        return
+    _, *others = [split for split, _count in named.most_common()]
+    strays = [r.get("id") for r in rows if r.get("split") in others]
+    raise ValueError(f"{path}: its rows name several splits ({', '.join(f'{k}: {n}' for k, n in named.most_common())}"
+                     f"), e.g. {strays[0]} ({next(r['split'] for r in rows if r.get('id') == strays[0])}): eval scores "
+                     f"one split at a time. Leave out the rows of the other split(s), or score each split's "
+                     "predictions as a file of its own")
 
 
 ZIP = b"PK\x03\x04"  # .xlsx, .ods

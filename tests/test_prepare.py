@@ -135,6 +135,20 @@ def test_rerun_refuses_then_overwrite(tmp_path, demo_root):
     assert (out / "train.jsonl").read_bytes() == before
 
 
+def test_the_run_dir_of_a_failed_prepare_into_another_dir_says_failed_not_the_last_done(tmp_path, demo_root):
+    """Hydra's run dir records each prepare launch, whatever its prepared dir: a later prepare that failed left
+    the earlier one's DONE beside its own config, and the runs table listed the failure as DONE."""
+    _prepare(tmp_path, demo_root, f"data.prepared_dir={tmp_path / 'pA'}")
+    assert (tmp_path / "run" / "DONE").is_file()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(Exception, match="no train or val records at all"):
+        _prepare(tmp_path, tmp_path / "empty", f"data.prepared_dir={tmp_path / 'pB'}")
+    assert not (tmp_path / "run" / "DONE").exists() and "no train or val records" in (
+        tmp_path / "run" / "FAILED").read_text()
+    filed = sorted((tmp_path / "run" / "attempts").iterdir())
+    assert (filed[-1] / "DONE").is_file()  # the earlier prepare's end, with its config
+
+
 def test_instruction_prefix(tmp_path, demo_root):
     out = _prepare(tmp_path, demo_root, "+data.instructions.report_generation='Write the report.'")
     iu = [r for r in read_jsonl(out / "train.jsonl") if r["dataset"] == "IU_XRay"]

@@ -21,6 +21,7 @@ import functools
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -90,8 +91,9 @@ class Run:
             write_run_metadata(self.out_dir, self.cfg, keep_previous=self.filed is None)
         else:
             start_attempt(self.stage, self.configured, self.out_dir, ran=self.cfg, applied=self.applied)
-        if self.out_dir != self.run_dir:
+        if self.out_dir != self.run_dir:  # Hydra's run dir records this attempt: an earlier one's marker is filed
             write_run_metadata(self.run_dir, self.cfg)
+            (self.run_dir / DONE).unlink(missing_ok=True)
         if self.own_run:
             keep_hydra_record(self.run_dir)
 
@@ -128,6 +130,8 @@ class Run:
             result = run_with_markers(self.out_dir, work, self.cfg, self.out_dir, after_clearing=barrier)
         except BaseException:
             self._keep_finished_record(reused=False)
+            if self.out_dir != self.run_dir and (self.out_dir / FAILED).is_file():  # as DONE below: the same end
+                shutil.copy2(self.out_dir / FAILED, self.run_dir / FAILED)
             raise
         self._keep_finished_record(reused=only_reused(result))
         if self.out_dir != self.run_dir:  # Hydra's run dir records the same run: the outputs' DONE, as it is

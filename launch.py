@@ -256,6 +256,7 @@ def composed(overrides: list[str], said_of: list[str] | None = None) -> tuple:
     from flare_exp.config import Config
     from flare_exp.config_dirs import composed_dirs, ignored_hydra_picks, searched_dirs, shadowed_files, users_files
     from flare_exp.config_keys import file_value_problems, group_file_values
+    from flare_exp.optuna_study import objective_problems
 
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -270,6 +271,7 @@ def composed(overrides: list[str], said_of: list[str] | None = None) -> tuple:
     in_files = [ValueError(p) for p in shadowed_files(dirs, choices, CONF_DIR) + file_value_problems(values, Config)
                 + ignored_hydra_picks(dirs, choices, overrides)]
     from_files = users_files(values, overrides, CONF_DIR)
+    in_files += objective_problems(cfg.hydra.sweeper.get("objectives"))  # before any trial runs
     with open_dict(cfg):
         del cfg["hydra"]
     return cfg, in_files, from_files

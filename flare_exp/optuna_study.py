@@ -30,6 +30,42 @@ def parse_objective(spec: str) -> tuple[str, str]:
     return task, metric
 
 
+def check_objective(spec: str) -> None:
+    """An objective eval's metrics.json can hold, before any trial runs (a misspelt one would fail every trial
+    after its rl, infer and eval): a known task and, for the tasks of fixed metrics, one of their names (the
+    report metrics depend on the scorers configured, so any name passes there)."""
+    import difflib
+
+    from flare_exp.metrics import official, tasks
+
+    task, metric = parse_objective(spec)
+    known = sorted(official.OFFICIAL_METRIC)
+    if task not in known:
+        near = difflib.get_close_matches(task, known, n=1)
+        raise ValueError(f"hydra.sweeper.objectives: {spec!r} names no task {task!r}" + (
+            f" (did you mean {near[0]}.{metric}?)" if near else f"; the tasks: {', '.join(known)}"))
+    if task == "report_generation":
+        return
+    sample = [{"id": "x", "prediction": "1", "answer": "1", "task_type": task, "dataset": "chestdr"}]
+    names = sorted(k for k in {**official.official_block(task, sample, None), **getattr(tasks, f"{task}_metrics")(
+        sample)} if k not in ("n", "num_examples", "flare_task_type", "per_label_f1"))
+    if metric not in names:
+        near = difflib.get_close_matches(metric, names, n=1)
+        raise ValueError(f"hydra.sweeper.objectives: {spec!r}: {task} has no metric {metric!r}" + (
+            f" (did you mean {task}.{near[0]}?)" if near else "") + f"; its metrics: {', '.join(names)}")
+
+
+def objective_problems(objectives) -> list[ValueError]:
+    """check_objective's refusal of each of a sweeper's objectives (none for a sweeper without them)."""
+    problems = []
+    for spec in objectives or []:
+        try:
+            check_objective(str(spec))
+        except ValueError as e:
+            problems.append(e)
+    return problems
+
+
 def objective_value(metrics: dict, spec: str) -> float | None:
     """An objective from one run's metrics.json block: FLARE's official number first, then our variants."""
     task, metric = parse_objective(spec)

@@ -54,3 +54,24 @@ def test_a_live_trial_is_not_marked_interrupted(tmp_path):
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_a_misspelt_objective_is_refused_before_any_trial_with_the_names_it_could_be():
+    """multi_label.f1 ran every trial's rl, infer and eval in full, then failed it: now refused up front, naming
+    the task's metrics (the report metrics depend on the scorers configured: any name passes there)."""
+    from flare_exp.optuna_study import check_objective, objective_problems
+
+    for fine in ("multi_label.f1_score", "regression.mean_absolute_error", "classification.macro_f1",
+                 "multi_label.dataset_aware_f1_micro", "report_generation.anything"):
+        check_objective(fine)
+    said = [str(p) for p in objective_problems(["multi_label.f1", "multilabel.f1_score", "classification.acc",
+                                                "classification.balanced_accuracy"])]
+    assert said == [
+        "hydra.sweeper.objectives: 'multi_label.f1': multi_label has no metric 'f1'; its metrics: "
+        "dataset_aware_f1_example, dataset_aware_f1_micro, dataset_aware_precision_micro, dataset_aware_recall_micro, "
+        "f1_score, precision_micro, recall_micro",
+        "hydra.sweeper.objectives: 'multilabel.f1_score' names no task 'multilabel' (did you mean "
+        "multi_label.f1_score?)",
+        "hydra.sweeper.objectives: 'classification.acc': classification has no metric 'acc'; its metrics: accuracy, "
+        "balanced_accuracy, balanced_accuracy_parsed, macro_f1"]
+    assert objective_problems(None) == []

@@ -66,9 +66,11 @@ MEMORY_MODEL = {
     "green_largest_batch": 96,
     # GRPO (rl.recompute_every_n_layers=auto): the merged rollout weights' copy (rl.rollout_weights=merged,
     # Qwen3-VL-4B: 7.6 GiB), and the activations a micro-batch keeps per 1,000 tokens when no layer recomputes,
-    # beyond the recomputed pass's. PROVISIONAL: SFT's figure (9.0 - 0.7) until GRPO's own is measured
+    # beyond the recomputed pass's. None: not measured on a GPU yet (bench/run.py grpo --set
+    # rl.recompute_every_n_layers=N beside 1 gives it); until then auto keeps every layer recomputing. SFT's
+    # figure (9.0 - 0.7) is only a guess for it: the loss pass holds other tensors than SFT's.
     "rl_merged_copy_gib": 7.6,
-    "rl_kept_gib_per_1k_tokens": 8.3,
+    "rl_kept_gib_per_1k_tokens": None,
     "usable_fraction": 0.92,  # of the card: the allocator's fragmentation and other processes' contexts
 }
 SFT_CARD_PRESETS = ("auto", "large", "none")
@@ -160,6 +162,9 @@ def rl_recompute_every(card: Card | None, micro_batch: int, sequence_tokens: int
     m = MEMORY_MODEL
     if card is None:
         return 1, "no GPU: every layer recomputes"
+    if m["rl_kept_gib_per_1k_tokens"] is None:
+        return 1, (f"{card}: every layer recomputes; what GRPO's layers keep without recomputation is not measured "
+                   "yet, so auto does not size it (rl.recompute_every_n_layers=N chooses)")
     tokens = micro_batch * sequence_tokens / 1000
     free = (usable_gib(card) - m["sft_reserved_gib"] - m["rl_merged_copy_gib"]
             - tokens * m["sft_recomputed_gib_per_1k_tokens"])

@@ -491,3 +491,25 @@ def test_a_stopped_run_with_resume_never_says_the_same_command_is_refused(tmp_pa
     assert after_a_stop(compose_cfg(["stage=pipeline", "stage.steps=[sft]", "resume=never"]), tmp_path / "pipe") == (
         "runs the pipeline again; its stopped sft step is refused (resume=never and checkpoint-2 is there): pass "
         "resume=auto to continue from it, or overwrite=true to start afresh")
+
+
+def test_step_lists_that_make_no_sense_are_refused_and_the_predicting_model_is_not_compared_with_itself(caplog):
+    """[eval,infer] ran eval first and failed on an empty eval.predictions; [] finished DONE having done nothing;
+    [sft,sft] ran sft once; stage.compare naming the model infer predicts with inferred it twice and compared it
+    with itself (two more tests in the correction's family)."""
+    import logging
+
+    from flare_exp.stages.pipeline import check_steps, compared_sources
+
+    for steps, said in (("[eval,infer]", r"stage.steps=\[eval,infer\] is out of order: .* write stage.steps=\[infer,eval\]"),
+                        ("[]", "stage.steps is empty"), ("[sft,sft,infer]", "names sft more than once")):
+        with pytest.raises(ValueError, match=said):
+            check_steps(compose_cfg(["stage=pipeline", f"stage.steps={steps}"]))
+    caplog.set_level(logging.INFO, logger="flare_exp")
+    without_rl = compose_cfg(["stage=pipeline", "stage.steps=[prepare,sft,infer,eval]", "stage.compare=[base,sft]"])
+    assert compared_sources(without_rl) == ["base"]
+    assert "sft is the model infer predicts with in this pipeline: not compared with itself" in caplog.text
+    whole = compose_cfg(["stage=pipeline", "stage.steps=[prepare,sft,rl,infer,eval]", "stage.compare=[base,sft,rl]"])
+    assert compared_sources(whole) == ["base", "sft"]
+    assert compared_sources(compose_cfg(["stage=pipeline", "stage.steps=[prepare,infer,eval]",
+                                         "stage.compare=[base]"])) == []  # nothing trained: no move to show

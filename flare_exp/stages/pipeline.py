@@ -47,16 +47,22 @@ def _chain(step: str, cfg, done_dirs: dict[str, Path]) -> None:
 
 
 def compared_sources(cfg) -> list[str]:
-    """stage.compare as this pipeline can honour it: the trained steps it runs before infer, and base alongside
-    one of them (a pipeline that trains nothing here, or does not evaluate, has no moves to show)."""
+    """stage.compare as this pipeline can honour it: the trained steps it runs before infer other than the one
+    infer predicts with (the last: compared with itself it would only add tests to the correction's family), and
+    base beside a trained model (a pipeline that trains nothing here, or does not evaluate, has no moves to show)."""
     steps = list(cfg.stage.steps)
     if "infer" not in steps or "eval" not in steps[steps.index("infer"):]:
         return []
-    trained = [s for s in cfg.stage.compare if s in steps[:steps.index("infer")]]
-    left_out = [s for s in cfg.stage.compare if s not in trained and s != "base"]
+    before = [s for s in steps[:steps.index("infer")] if s in ("sft", "rl")]
+    predicting = before[-1] if before else None
+    trained = [s for s in cfg.stage.compare if s in before and s != predicting]
+    left_out = [s for s in cfg.stage.compare if s not in trained and s not in ("base", predicting)]
     if left_out:
         log.info("stage.compare: %s not run before infer in this pipeline: not compared", left_out)
-    return [s for s in cfg.stage.compare if s in trained or (s == "base" and trained)]
+    if predicting in cfg.stage.compare:
+        log.info("stage.compare: %s is the model infer predicts with in this pipeline: not compared with itself",
+                 predicting)
+    return [s for s in cfg.stage.compare if s in trained or (s == "base" and predicting)]
 
 
 def _run_or_reuse(step: str, step_cfg, step_dir: Path, results: dict, name: str, out_dir: Path) -> None:
@@ -155,11 +161,21 @@ def planned_steps(cfg, out_dir: Path):
 
 
 def check_steps(cfg) -> None:
+    """stage.steps: known steps, each once, in the order each reads the one before it; stage.compare's names."""
     steps = list(cfg.stage.steps)
     known = [name for name, s in declared_stages().items() if s.pipeline_step]
     unknown = [s for s in steps if s not in known]
     if unknown:
         raise ValueError(f"stage.steps has unknown or non-pipeline steps {unknown}; choose from {', '.join(known)}")
+    if not steps:
+        raise ValueError(f"stage.steps is empty: name the steps to run, in order, from {', '.join(known)}")
+    twice = sorted({s for s in steps if steps.count(s) > 1})
+    if twice:
+        raise ValueError(f"stage.steps names {', '.join(twice)} more than once: each step runs once per pipeline")
+    ordered = sorted(steps, key=known.index)
+    if steps != ordered:
+        raise ValueError(f"stage.steps=[{','.join(steps)}] is out of order: each step reads what the ones before it "
+                         f"wrote; write stage.steps=[{','.join(ordered)}]")
     unknown = [s for s in cfg.stage.compare if s not in ("base", "sft", "rl")]
     if unknown:
         raise ValueError(f"stage.compare has {unknown}: each entry is base, sft or rl")

@@ -202,6 +202,7 @@ def judge_path_problems(cfg, steps: set[str]) -> list[str]:
     keyword module): each that is set must be there (a tiny RadGraph built on demand excepted)."""
     from flare_exp.rewards.combine import active_weights
     from flare_exp.metrics.radgraph_f1 import check_model_dir
+    from flare_exp.models.checkpoint_files import check_model_folder
     from flare_exp.runtime import abspath, inside_cache
 
     problems = []
@@ -222,6 +223,11 @@ def judge_path_problems(cfg, steps: set[str]) -> list[str]:
             value = OmegaConf.select(cfg, key)
             if value and not abspath(value).exists():
                 problems.append(f"{key}={value}: no such file or directory ({abspath(value)})")
+            elif value and key.endswith("model_path") and (abspath(value) / "config.json").is_file():
+                try:  # a judge copied half-way reads as "install sentencepiece" at its load otherwise
+                    check_model_folder(key, abspath(value))
+                except ValueError as e:
+                    problems.append(str(e))
     return problems
 
 

@@ -33,8 +33,12 @@ class LoadedModel:
 
 def check_model_path(model_cfg) -> None:
     """model.path holds a model (or model.build_tiny will build one there: only in the cache)."""
+    from flare_exp.models.checkpoint_files import check_model_folder
+
     path = abspath(model_cfg.path)
-    if (path / "config.json").exists() or builds_tiny_at(model_cfg, path):
+    if (path / "config.json").exists():
+        return check_model_folder("model.path", path, vision=True)
+    if builds_tiny_at(model_cfg, path):
         return
     if model_cfg.build_tiny:
         raise FileNotFoundError(

@@ -1,0 +1,43 @@
+"""What a model folder copied to an offline cluster must hold, checked before any work: a readable config.json, a
+tokenizer and weights (an interrupted copy otherwise reads as a library problem: "install sentencepiece",
+"Unrecognized processing class", a JSONDecodeError traceback), and for model.path a vision-language model."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def read_config(key: str, path: Path) -> dict:
+    """config.json of the folder ``key`` names, as a dict; a ValueError naming the key when it is not one."""
+    file = path / "config.json"
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{key}={path}: config.json is not UTF-8 text: an incomplete or damaged copy? Copy the "
+                         "model's folder again") from None
+    except ValueError as e:
+        raise ValueError(f"{key}={path}: config.json is not valid JSON ({e}): an incomplete or hand-edited copy? "
+                         "Copy the model's folder again") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{key}={path}: config.json holds no settings object: copy the model's folder again")
+    return config
+
+
+def check_model_folder(key: str, path: Path, vision: bool = False) -> None:
+    """The folder ``key`` names holds a whole model: config.json, tokenizer files, weights; ``vision``: a
+    vision-language model (a vision_config), as model.path must."""
+    config = read_config(key, path)
+    missing = [what for what, found in (
+        (f"tokenizer files ({' / '.join(TOKENIZER_FILES[:2])})", any((path / f).is_file() for f in TOKENIZER_FILES)),
+        ("weights (*.safetensors or pytorch_model*.bin)", any(any(path.glob(p)) for p in WEIGHT_PATTERNS)))
+        if not found]
+    if missing:
+        raise ValueError(f"{key}={path} has config.json but no {' and no '.join(missing)}: an incomplete copy? Copy "
+                         "the whole folder the download made")
+    if vision and "vision_config" not in config:
+        raise ValueError(f"{key}={path} holds a {config.get('model_type', 'text')} model without a vision tower "
+                         "(no vision_config in its config.json): flare-exp fine-tunes a vision-language model "
+                         "(Qwen3-VL-4B-Instruct); point model.path at one")

@@ -1,0 +1,49 @@
+"""A model or judge folder copied half-way to an offline cluster is named by its key before any work: config.json
+that is not JSON, no tokenizer, no weights, or a model.path without a vision tower (each read as a library
+problem at its load before: "install sentencepiece", "Unrecognized processing class", a JSONDecodeError)."""
+import json
+import shutil
+
+import pytest
+
+from conftest import compose_cfg
+
+
+def _folder(tmp_path, name, config, *files):
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "config.json").write_text(config if isinstance(config, str) else json.dumps(config))
+    for file in files:
+        (folder / file).write_bytes(b"")
+    return folder
+
+
+def test_a_half_copied_or_wrong_model_folder_is_named_by_its_key(tmp_path, tiny_model_dir):
+    from flare_exp.models.checkpoint_files import check_model_folder
+
+    check_model_folder("model.path", tiny_model_dir, vision=True)  # a whole Qwen3-VL folder passes
+    for folder, said in (
+            (_folder(tmp_path, "torn", '{"model_type": "qwen3_vl", "vision'),
+             "model.path=.*torn: config.json is not valid JSON .*: an incomplete or hand-edited copy"),
+            (_folder(tmp_path, "list", "[1, 2]"), "config.json holds no settings object"),
+            (_folder(tmp_path, "bare", {"model_type": "qwen3_vl", "vision_config": {}}),
+             r"has config.json but no tokenizer files \(tokenizer.json / tokenizer.model\) and no weights"),
+            (_folder(tmp_path, "text", {"model_type": "llama"}, "tokenizer.json", "model.safetensors"),
+             "holds a llama model without a vision tower")):
+        with pytest.raises(ValueError, match=said):
+            check_model_folder("model.path", folder, vision=True)
+
+
+def test_a_half_copied_judge_is_in_the_one_list_before_any_work(base_overrides, tmp_path, tiny_model_dir):
+    from flare_exp.checks import validate
+
+    half = _folder(tmp_path, "green", {"model_type": "llama", "max_position_embeddings": 4096})
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "config.json").write_text("{broken")
+    cfg = compose_cfg(["stage.steps=[infer,eval]", *base_overrides, f"model.path={model}",
+                       f"eval.green.model_path={half}"])
+    with pytest.raises(ValueError, match="2 problems") as e:
+        validate(cfg, inputs=True)
+    assert f"eval.green.model_path={half} has config.json but no tokenizer files" in str(e.value)
+    assert f"model.path={model}: config.json is not valid JSON" in str(e.value)

@@ -63,6 +63,26 @@ def schedule_change(trainer, checkpoint: str | None) -> dict | None:
                                                             "max_steps_after": budget}}
 
 
+def file_past_the_budget(out_dir: Path, max_steps: int | None) -> None:
+    """Checkpoints past a budget lowered since they were saved belong to the earlier attempt's longer schedule:
+    they move to its record (attempts/NN/), so the finished run dir holds only this schedule's checkpoints and a
+    later init_from= of one cannot take a step this run never trained (rank 0; the others pass them over)."""
+    from flare_exp.run.layout import ATTEMPTS
+    from flare_exp.run.record import next_attempt_dir
+    from flare_exp.runtime import ranks
+
+    past = [c for c in numbered_checkpoints(out_dir) if max_steps and max_steps > 0
+            and (checkpoint_step(c) or 0) > max_steps]
+    if not past or ranks()[0] != 0:
+        return
+    attempts = [p for p in (out_dir / ATTEMPTS).glob("[0-9]*") if p.name.isdigit()]
+    dest = max(attempts, key=lambda p: int(p.name)) if attempts else next_attempt_dir(out_dir)
+    for checkpoint in past:
+        checkpoint.rename(dest / checkpoint.name)
+    log.info("%s: moved to %s with the earlier attempt's record (past max_steps=%d)",
+             ", ".join(c.name for c in past), dest, max_steps)
+
+
 def resume_checkpoint(resume: str, out_dir: Path, stage: str | None = None, cfg=None,
                       max_steps: int | None = None) -> str | None:
     """resume=auto: the newest complete checkpoint in out_dir, if any; never: none (refuse if some exist);
@@ -70,6 +90,7 @@ def resume_checkpoint(resume: str, out_dir: Path, stage: str | None = None, cfg=
     deciding settings and inputs (``check_resumed_run``)."""
     if resume == "auto":
         ckpt = newest_complete(out_dir, up_to=max_steps)
+        file_past_the_budget(out_dir, max_steps)
         if ckpt:
             log.info("resume=auto: continuing from %s", ckpt)
         return str(ckpt) if ckpt else None

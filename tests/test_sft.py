@@ -94,6 +94,10 @@ def test_resume_continues_from_the_last_checkpoint(base_overrides, tmp_path):
     assert third["global_step"] == 2
     assert (run_dir / "final" / "adapter_model.safetensors").read_bytes() == (
         run_dir / "checkpoint-2" / "adapter_model.safetensors").read_bytes()
+    # the longer schedule's checkpoints moved to its attempt's record: none past this run's end stays beside final/
+    assert not (run_dir / "checkpoint-4").exists() and not (run_dir / "checkpoint-3").exists()
+    filed = max((run_dir / "attempts").iterdir(), key=lambda p: int(p.name))
+    assert (filed / "checkpoint-4" / "trainer_state.json").is_file() and (filed / "config.yaml").is_file()
 
 
 def test_resume_never_refuses_existing_checkpoints(base_overrides, tmp_path):

@@ -251,7 +251,10 @@ def check_writable(key: str, value, where: Path | None = None) -> None:
     if existing == path and path.is_dir():  # a pipeline's step dirs inside it are written too
         existing = next((p for p in (path, *sorted(path.iterdir())) if p.is_dir() and not p.name.startswith(".")
                          and p.name != "attempts" and not os.access(p, os.W_OK | os.X_OK)), path)
-    if existing is not None and not (existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)):
+    if existing is not None and not existing.is_dir():
+        raise ValueError(f"{key}={value}: {existing} is a file, not a folder, and this run writes {path}; point "
+                         f"{key} at a folder")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"{key}={value}: {existing} cannot be written (a read-only mount, or no permission), and "
                          f"this run writes {path}; point {key} at a writable folder"
                          + (" or choose another run_name=" if where is not None and existing != where.parent else "")

@@ -103,6 +103,11 @@ def _pair_problems(cfg, steps: set[str]) -> list[str]:
         problems += _split_name_problems(cfg.data) + _dataset_name_problems(cfg.data) + _demo_problems(cfg.data)
     if steps & {"sft", "rl"}:
         problems += _resume_problems(cfg.resume)
+    green = cfg.eval.green
+    if "eval" in steps and isinstance(green.max_new_tokens, int) and isinstance(green.max_length, int) \
+            and green.max_new_tokens >= green.max_length:
+        problems.append(f"eval.green.max_new_tokens={green.max_new_tokens} caps nothing: the judgment shares "
+                        f"eval.green.max_length={green.max_length} tokens with its prompt; lower it or leave it null")
     return problems
 
 

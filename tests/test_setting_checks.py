@@ -164,3 +164,15 @@ def test_the_significance_and_crimson_settings_and_the_seed_are_ranged_before_an
                  "eval.significance.seed=-1: must be", "eval.crimson.max_new_tokens=0: must be an integer >= 1",
                  "eval.crimson.batch_size=0: must be", f"eval.crimson.model_path={tmp_path / 'nope'}: no such file"):
         assert said in str(e.value), said
+
+
+def test_a_green_cap_past_its_total_length_and_an_output_root_that_is_a_file_are_said(base_overrides, tmp_path):
+    from flare_exp.checks import check_writable
+
+    cfg = compose_cfg(["stage=eval", *base_overrides, "eval.green.max_new_tokens=3000"])
+    with pytest.raises(ValueError, match=r"eval.green.max_new_tokens=3000 caps nothing: the judgment shares "
+                                         r"eval.green.max_length=2048 tokens with its prompt"):
+        validate(cfg)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match=r"afile is a file, not a folder, and this run writes .*afile/runs"):
+        check_writable("paths.output_root", tmp_path / "afile", tmp_path / "afile" / "runs")

@@ -262,3 +262,12 @@ def test_radgraph_parses_equal_those_made_on_transformers_4(tiny_radgraph):
     assert {r: scorer.graphs[r] for r in golden["graphs"]} == golden["graphs"]
     assert [list(s) for s in scores] == golden["scores"]
     assert sum(len(g["entities"]) for g in golden["graphs"].values()) > 100  # the tiny model finds entities
+
+
+def test_a_negative_weight_is_kept_and_said(caplog):
+    """reward.regression.weights.numeric=-1 rewards wrong numbers: allowed (a penalty term), said in the log."""
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="flare_exp")
+    build_reward(compose_cfg(["reward.regression.weights.numeric=-1"]).reward)
+    assert "reward.regression.weights.numeric=-1 is negative: the better a completion scores on numeric" in caplog.text

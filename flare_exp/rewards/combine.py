@@ -120,6 +120,11 @@ class CombinedReward:
 
 
 def build_reward(reward_cfg) -> CombinedReward:
+    for task, weights in active_weights(reward_cfg).items():  # allowed (a penalty), but rarely meant: said
+        for term, weight in weights.items():
+            if weight < 0:
+                log.warning("reward.%s.weights.%s=%g is negative: the better a completion scores on %s, the lower "
+                            "its reward (a penalty); a positive weight rewards it", task, term, weight, term)
     return CombinedReward(reward_cfg)
 
 

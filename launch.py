@@ -255,15 +255,17 @@ def composed(overrides: list[str], said_of: list[str] | None = None) -> tuple:
 
     from flare_exp.config import Config
     from flare_exp.config_dirs import composed_dirs, ignored_hydra_picks, searched_dirs, shadowed_files, users_files
-    from flare_exp.config_keys import file_value_problems, group_file_values
+    from flare_exp.config_keys import file_value_problems, group_file_values, refused_file_values
     from flare_exp.optuna_study import objective_problems
 
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
     except Exception as e:  # noqa: BLE001
-        found = config_file_problem(e, [CONF_DIR, *searched_dirs(overrides)], said_of or overrides)
-        return None, [found] if found else [], {}
+        dirs = [CONF_DIR, *searched_dirs(overrides)]
+        every = [ValueError(p) for p in refused_file_values(e, dirs, Config)]  # each, not the first alone
+        found = config_file_problem(e, dirs, said_of or overrides)
+        return None, every if len(every) > 1 else [found] if found else [], {}
     # the group files it read, in the config dirs Hydra searched, in its order (conf/, then hydra.searchpath's)
     dirs = composed_dirs([CONF_DIR], cfg)
     choices = dict(cfg.hydra.runtime.choices)

@@ -305,6 +305,17 @@ def file_value_problems(values: list[tuple[Path, str, object]], schema: type) ->
     return out
 
 
+def refused_file_values(error: BaseException, conf_dirs: list[Path], schema: type) -> list[str]:
+    """Hydra stopped composing at a value a group file sets that the schema's type refuses ("In 'experiment/mine':
+    ValidationError ..."): every such value of that file and those it builds on, said at once (Hydra names the
+    first, the next comes one launch later). [] for another error."""
+    named = re.match(r"In '([^']+)': ValidationError", str(error))
+    if not named:
+        return []
+    group, _, choice = named.group(1).partition("/")
+    return file_value_problems(list(group_file_values(conf_dirs, {group: choice})), schema)
+
+
 def file_unknown_keys(conf_dirs: list[Path], group_file: str, schema: type) -> list[str]:
     """Every key that a group file (``experiment/mine``) and the files it builds on set and the schema lacks,
     each with its closest key: Hydra names the first alone."""

@@ -127,3 +127,12 @@ def test_an_override_of_a_group_nothing_chooses_and_a_pick_after_the_overrides(t
 def test_a_defaults_list_yaml_reads_otherwise_says_what_to_write(defaults, expected, tmp_path, capsys):
     err = said(tmp_path, capsys, "# @package _global_\n" + defaults)
     assert f"{tmp_path}/experiment/mine.yaml: {expected}" in err, err
+
+
+def test_every_value_a_file_sets_that_the_schema_refuses_is_said_at_once(tmp_path, capsys):
+    """Hydra stops at the first refused value ("Value 'fast' ... could not be converted to Float"); the next came
+    one launch later."""
+    err = said(tmp_path, capsys, FLARE + "sft:\n  learning_rate: fast\nmodel:\n  max_seq_length: 1e9\n")
+    assert "2 problems with the settings" in err, err
+    assert f"{tmp_path}/experiment/mine.yaml: sft.learning_rate=fast: must be a number" in err, err
+    assert f"{tmp_path}/experiment/mine.yaml: model.max_seq_length=1e9: must be an integer" in err, err

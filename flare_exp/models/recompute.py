@@ -37,8 +37,8 @@ def recompute_every(trainer_class, every_n_layers: int):
                 if self.checkpointed is None:
                     self.checkpointed = checkpointed_layers(model)
                     said = sum(index % every_n_layers == 0 for index in range(len(self.checkpointed)))
-                    log.info("every %d layers: %d of the %d checkpointed layers recompute in the backward, the others "
-                             "keep their activations", every_n_layers, said, len(self.checkpointed))
+                    log.info("every %dth layer recomputes: %d of the %d checkpointed layers in the backward, the "
+                             "others keep their activations", every_n_layers, said, len(self.checkpointed))
                 recompute_only(self.checkpointed, lambda index: index % every_n_layers == 0)
             return super().compute_loss(model, *args, **kwargs)
 

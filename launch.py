@@ -221,7 +221,7 @@ def sweep_file_problems(overrides: list[str], groups: set[str]) -> list[Exceptio
     problems: dict[str, Exception] = {}
     for choice in choices or [None]:  # the fixed overrides' own group files are composed in each
         # a missing option said of the whole command line: the same text from each choice's composition, once
-        for problem in composed([*fixed, *([choice] if choice else [])], said_of=overrides)[1]:
+        for problem in composed([*fixed, *([choice] if choice else [])], said_of=overrides, sweep=True)[1]:
             problems.setdefault(str(problem), problem)
     return list(problems.values())
 
@@ -245,11 +245,12 @@ def other_setting_problems(known_overrides: list[str]) -> list[Exception]:
     return in_files + named_with_files(problems, from_files)
 
 
-def composed(overrides: list[str], said_of: list[str] | None = None) -> tuple:
+def composed(overrides: list[str], said_of: list[str] | None = None, sweep: bool = False) -> tuple:
     """(the config as Hydra will compose it, the values its group files set that the schema's types refuse or
     misread, the keys the user's own group files set -> the file), or (None, [a config file's own problem], {});
     (None, [], {}) when composing fails otherwise (Hydra's own complaint comes then). ``said_of``: the command
-    line a missing option's problem lists every miss of (a sweep's, where ``overrides`` are one job's)."""
+    line a missing option's problem lists every miss of (a sweep's, where ``overrides`` are one job's); ``sweep``:
+    its sweeper's objectives too."""
     from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
@@ -273,7 +274,8 @@ def composed(overrides: list[str], said_of: list[str] | None = None) -> tuple:
     in_files = [ValueError(p) for p in shadowed_files(dirs, choices, CONF_DIR) + file_value_problems(values, Config)
                 + ignored_hydra_picks(dirs, choices, overrides)]
     from_files = users_files(values, overrides, CONF_DIR)
-    in_files += objective_problems(cfg.hydra.sweeper.get("objectives"))  # before any trial runs
+    if sweep:  # a sweeper's objectives, before any trial runs
+        in_files += objective_problems(cfg.hydra.sweeper.get("objectives"), bool(cfg.eval.green.model_path))
     with open_dict(cfg):
         del cfg["hydra"]
     return cfg, in_files, from_files

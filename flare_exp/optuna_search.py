@@ -21,8 +21,8 @@ from pathlib import Path
 
 from flare_exp.io import write_json
 from flare_exp.optuna_pruning import make_pruner, pruning_enabled, pruning_overrides, tell_pruned
-from flare_exp.optuna_study import (JOURNAL, STUDY_FILE, check_objective, direction_of, journal_path, objective_value,
-                                    open_storage)
+from flare_exp.optuna_study import (JOURNAL, STUDY_FILE, check_objective, direction_of, journal_path, objective_list,
+                                    objective_value, open_storage)
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ class Search:
 
         s = sweeper.settings
         self.launcher, self.config, self.hydra_context = sweeper.launcher, sweeper.config, sweeper.hydra_context
-        self.objectives = list(s["objectives"])
+        self.objectives = objective_list(s["objectives"])
         for spec in self.objectives:
             check_objective(spec)
         self.weights = dict(s.get("objective_weights") or {})

@@ -55,14 +55,31 @@ def check_objective(spec: str) -> None:
             f" (did you mean {task}.{near[0]}?)" if near else "") + f"; its metrics: {', '.join(names)}")
 
 
-def objective_problems(objectives) -> list[ValueError]:
-    """check_objective's refusal of each of a sweeper's objectives (none for a sweeper without them)."""
-    problems = []
-    for spec in objectives or []:
+def objective_list(objectives) -> list[str]:
+    """hydra.sweeper.objectives as a list: one written without brackets (a string) is one objective, not one per
+    character."""
+    return [objectives] if isinstance(objectives, str) else [str(o) for o in objectives or []]
+
+
+def objective_problems(objectives, green_judge: bool = True) -> list[ValueError]:
+    """check_objective's refusal of each of a sweeper's objectives (None: a sweeper without them), an empty list,
+    and a GREEN objective without a judge (``green_judge``: eval.green.model_path set): every trial would run in
+    full, then fail."""
+    if objectives is None:
+        return []
+    specs, problems = objective_list(objectives), []
+    if not specs:
+        return [ValueError("hydra.sweeper.objectives is empty: name at least one '<task>.<metric>' of eval's "
+                           "metrics.json, e.g. [multi_label.f1_score]")]
+    for spec in specs:
         try:
-            check_objective(str(spec))
+            check_objective(spec)
         except ValueError as e:
             problems.append(e)
+        else:
+            if spec == "report_generation.green_score" and not green_judge:
+                problems.append(ValueError("hydra.sweeper.objectives: report_generation.green_score needs the GREEN "
+                                           "judge: set eval.green.model_path (or choose other objectives)"))
     return problems
 
 

@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 RULES = {
     "count": (lambda v: v >= 1, "an integer >= 1"),
     "count0": (lambda v: v >= 0, "an integer >= 0"),
+    "seed": (lambda v: 0 <= v < 2 ** 32, "an integer from 0 to 2**32 - 1 (numpy's range)"),
     "batch": (lambda v: v >= 1, "an integer >= 1 or auto (sized by the card's memory)"),
     "limit": (lambda v: v >= 0, "an integer >= 0 (0 or null: no limit)"),
     "every": (lambda v: v >= 0, "an integer >= 0 (0: never)"),
@@ -26,7 +27,7 @@ RULES = {
     "generations": (lambda v: v >= 2, "an integer >= 2 (GRPO compares completions of one prompt)"),
 }
 # rules of counts: a float is refused even where the schema's type lets one through (a batch is int or "auto")
-WHOLE_NUMBERS = {"count", "count0", "batch", "limit", "every", "steps", "generations"}
+WHOLE_NUMBERS = {"count", "count0", "batch", "limit", "every", "steps", "generations", "seed"}
 TRAINER = {"per_device_train_batch_size": "count", "gradient_accumulation_steps": "count",
            "learning_rate": "non_negative", "warmup_ratio": "ratio", "max_steps": "count", "logging_steps": "count",
            "save_steps": "count", "save_total_limit": "count", "max_train_samples": "limit",
@@ -59,7 +60,7 @@ def range_problems(cfg, steps: set[str]) -> list[str]:
     """Every numeric setting the steps read that is out of its range, each with its key and value (the run's
     seed too: numpy refuses a negative one only once the trainer seeds it)."""
     sections = sorted({s for step in steps for s in SECTIONS.get(step, ())})
-    checked = [("seed", "count0")] + [(f"{section}.{key}", rule) for section in sections
+    checked = [("seed", "seed")] + [(f"{section}.{key}", rule) for section in sections
                                       for key, rule in RANGES[section].items()]
     problems = []
     for key, rule in checked:
@@ -104,6 +105,8 @@ def _pair_problems(cfg, steps: set[str]) -> list[str]:
     if steps & {"sft", "rl"}:
         problems += _resume_problems(cfg.resume)
     green = cfg.eval.green
+    if "eval" in steps:
+        problems += _judge_choice_problems(cfg.eval)
     if "eval" in steps and isinstance(green.max_new_tokens, int) and isinstance(green.max_length, int) \
             and green.max_new_tokens >= green.max_length:
         problems.append(f"eval.green.max_new_tokens={green.max_new_tokens} caps nothing: the judgment shares "
@@ -118,6 +121,24 @@ def _cache_problems(cfg, steps: set[str]) -> list[str]:
     return [problem for section in ("rl", "infer") if section in steps
             for problem in _refusal(check_cache_implementation, f"{section}.cache_implementation",
                                     cfg[section].cache_implementation)]
+
+
+def _judge_choice_problems(evaluation) -> list[str]:
+    """The judges' named settings: a typo in eval.green.parser was found only after GREEN had judged every report,
+    one in a judge's decode_loop only once the judge had loaded."""
+    from flare_exp.metrics.crimson_judge import JUDGE_DTYPES as CRIMSON_DTYPES
+    from flare_exp.metrics.green import PARSERS
+    from flare_exp.metrics.green_judge import JUDGE_DTYPES as GREEN_DTYPES
+    from flare_exp.models import grouped_attention
+    from flare_exp.models.decoding import DECODE_LOOPS
+    from flare_exp.runtime import check_choice
+
+    green, crimson = evaluation.green, evaluation.crimson
+    return [problem for key, value, choices in (
+        ("eval.green.parser", green.parser, PARSERS), ("eval.green.decode_loop", green.decode_loop, DECODE_LOOPS),
+        ("eval.green.decode_attention", green.decode_attention, grouped_attention.SETTINGS),
+        ("eval.green.dtype", green.dtype, GREEN_DTYPES), ("eval.crimson.decode_loop", crimson.decode_loop, DECODE_LOOPS),
+        ("eval.crimson.dtype", crimson.dtype, CRIMSON_DTYPES)) for problem in _refusal(check_choice, key, value, choices)]
 
 
 def _refusal(check, *args) -> list[str]:

@@ -43,10 +43,27 @@ def test_rows_of_several_splits_in_one_file_are_refused(tmp_path):
     prepared = _prepared(tmp_path)
     edited = [{**r, "prediction": "A", "answer": "A"} for r in REFERENCE]
     mixed = edited + [{**REFERENCE[0], "id": "dental/training/t0", "split": "train", "prediction": "B"}]
-    for where in (prepared, None):
-        with pytest.raises(ValueError, match=r"its rows name several splits \(val: 8, train: 1\), e.g. "
-                                             r"dental/training/t0 \(train\): eval scores one split at a time"):
-            load_rows(_predictions(tmp_path, mixed), False, where)
+    with pytest.raises(ValueError, match=r"1 prediction id\(s\) are not in the prepared split .*val.jsonl: "
+                                         r"dental/training/t0"):
+        load_rows(_predictions(tmp_path, mixed), False, prepared)
+    with pytest.raises(ValueError, match=r"its rows name several splits \(val: 8, train: 1\), e.g. "
+                                         r"dental/training/t0 \(train\): eval scores one split at a time"):
+        load_rows(_predictions(tmp_path, mixed), False, None)  # no prepared split to check them against
+    # a row whose split is null, or the split spelt otherwise, beside the named ones: joined to the split holding
+    # their ids, so the edited answers are refused (it had left every answer unchecked) and a stray id named
+    for odd in (None, "VAL", "validation", "", 1):
+        relabelled = [dict(r) for r in edited]
+        relabelled[0]["split"] = odd
+        with pytest.raises(ValueError, match=r"answer\(s\) differ from the prepared split .*val.jsonl"):
+            load_rows(_predictions(tmp_path, relabelled), False, prepared)
+    stray = [{**r, "prediction": "A"} for r in REFERENCE] + [
+        {**REFERENCE[0], "id": "dental/training/t0", "split": None, "prediction": "B"}]
+    with pytest.raises(ValueError, match=r"1 prediction id\(s\) are not in the prepared split .*val.jsonl: "
+                                         r"dental/training/t0"):
+        load_rows(_predictions(tmp_path, stray), False, prepared)
+    rows, info = load_rows(_predictions(tmp_path, [{**r, "prediction": "A", "split": "VAL"} for r in REFERENCE]),
+                           False, prepared)
+    assert info["answers_from"].endswith("val.jsonl") and {r["split"] for r in rows} == {"val"}
 
 
 def test_answers_come_from_the_prepared_split_the_infer_run_read(tmp_path):

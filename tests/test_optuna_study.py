@@ -75,3 +75,16 @@ def test_a_misspelt_objective_is_refused_before_any_trial_with_the_names_it_coul
         "hydra.sweeper.objectives: 'classification.acc': classification has no metric 'acc'; its metrics: accuracy, "
         "balanced_accuracy, balanced_accuracy_parsed, macro_f1"]
     assert objective_problems(None) == []
+
+
+def test_an_empty_a_bracketless_and_a_judgeless_objective_list_are_said():
+    from flare_exp.optuna_study import objective_list, objective_problems
+
+    assert objective_list("multi_label.f1_score") == ["multi_label.f1_score"]  # not one per character
+    assert objective_problems("multi_label.f1_score") == []
+    assert [str(p) for p in objective_problems([])] == [
+        "hydra.sweeper.objectives is empty: name at least one '<task>.<metric>' of eval's metrics.json, e.g. "
+        "[multi_label.f1_score]"]
+    assert "needs the GREEN judge: set eval.green.model_path" in str(
+        objective_problems(["report_generation.green_score"], green_judge=False)[0])
+    assert objective_problems(["report_generation.green_score"], green_judge=True) == []

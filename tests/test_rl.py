@@ -278,3 +278,14 @@ def test_out_of_gpu_memory_in_grpo_says_what_to_lower(base_overrides, sft_adapte
                                            r"rl.max_completion_length=8.*that changes what the run trains, so give it "
                                            r"a new run_name="):
         run(_rl_cfg(base_overrides, sft_adapter), run_dir=tmp_path / "rl")
+
+
+def test_a_task_or_dataset_the_length_limit_empties_is_named():
+    """Skipping too-long records dropped whole task types (rl) or datasets (sft) with only a count in the log."""
+    from flare_exp.data.vision import emptied
+
+    before = [{"task_type": t, "dataset": d} for t, d in (("regression", "boneresorption"), ("classification", "dental"),
+                                                         ("classification", "chestdr"))]
+    assert emptied(before, before[1:2], "task_type") == ["regression"]
+    assert emptied(before, before[1:2], "dataset") == ["boneresorption", "chestdr"]
+    assert emptied(before, before, "dataset") == []

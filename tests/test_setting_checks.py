@@ -160,7 +160,7 @@ def test_the_significance_and_crimson_settings_and_the_seed_are_ranged_before_an
                        f"eval.crimson.model_path={tmp_path / 'nope'}"])
     with pytest.raises(ValueError, match="6 problems") as e:
         validate(cfg, inputs=True)
-    for said in ("seed=-3: must be an integer >= 0", "eval.significance.ar_trials=-5: must be an integer >= 0",
+    for said in ("seed=-3: must be an integer from 0 to 2**32 - 1", "eval.significance.ar_trials=-5: must be an integer >= 0",
                  "eval.significance.seed=-1: must be", "eval.crimson.max_new_tokens=0: must be an integer >= 1",
                  "eval.crimson.batch_size=0: must be", f"eval.crimson.model_path={tmp_path / 'nope'}: no such file"):
         assert said in str(e.value), said
@@ -176,3 +176,15 @@ def test_a_green_cap_past_its_total_length_and_an_output_root_that_is_a_file_are
     (tmp_path / "afile").write_text("x")
     with pytest.raises(ValueError, match=r"afile is a file, not a folder, and this run writes .*afile/runs"):
         check_writable("paths.output_root", tmp_path / "afile", tmp_path / "afile" / "runs")
+
+
+def test_the_judges_named_settings_and_a_seed_past_numpys_range_are_checked_before_any_work(base_overrides):
+    """A typo in eval.green.parser failed only after GREEN had judged every report; seed=2**32 in sft's seeding."""
+    cfg = compose_cfg(["stage=eval", *base_overrides, "eval.green.parser=robst", "eval.green.decode_loop=grph",
+                       "eval.crimson.decode_loop=x", "eval.green.dtype=fp16", "seed=4294967296"])
+    with pytest.raises(ValueError, match="5 problems") as e:
+        validate(cfg)
+    for said in ("seed=4294967296: must be an integer from 0 to 2**32 - 1", "eval.green.parser='robst': choose "
+                 "package or robust", "eval.green.decode_loop='grph'", "eval.crimson.decode_loop='x'",
+                 "eval.green.dtype='fp16'"):
+        assert said in str(e.value), said

@@ -157,10 +157,9 @@ def joined(path: Path, rows: list[dict], prepared_dir: str | None) -> tuple[list
     from flare_exp.data.references import gone_run_split, join_to_reference, reference_file, run_split
 
     source = run_split(path)  # the infer run's own split, read from its config once
-    if source is None or not source.is_file():
-        refuse_mixed_splits(path, rows)
     reference, gone = reference_file(source, rows, prepared_dir), gone_run_split(path, source)
     if reference is None:
+        refuse_mixed_splits(path, rows)
         return rows, {"answers_from": "the predictions file", "answers_note": (
             "answers taken from the predictions file, unchecked: no prepared split was found to join them to "
             f"(data.prepared_dir{'; ' + gone if gone else ''})")}
@@ -172,9 +171,9 @@ def joined(path: Path, rows: list[dict], prepared_dir: str | None) -> tuple[list
         raise ValueError(f"{path}: {gone}, and data.prepared_dir's {reference}, tried instead, does not match "
                          "these predictions: prepare that split again (stage=prepare with the run's data settings) or "
                          "point data.prepared_dir at a copy of it") from e
-    if reference.stem in ("train", "val", "test"):  # a prepared split: a sheet's rows (no split column) are it
-        for row in rows:
-            row["split"] = row.get("split") or reference.stem
+    if reference.stem in ("train", "val", "test"):  # a prepared split holds every row now: they are it, whatever
+        for row in rows:  # a sheet (no split column) or a hand-edited file ("VAL", null) called them
+            row["split"] = reference.stem
     if gone:  # the ids matched another prepared split: its answers, split and image window are scored, and said
         covered["answers_note"] = (f"{gone}; joined to {reference} (data.prepared_dir) instead: the answers, split and "
                                    "image window are that file's, which may not be what the run predicted on")
@@ -183,8 +182,9 @@ def joined(path: Path, rows: list[dict], prepared_dir: str | None) -> tuple[list
 
 
 def refuse_mixed_splits(path: Path, rows: list[dict]) -> None:
-    """Rows that name several splits, with no infer run's own file to join them to: no one prepared split holds
-    their answers, so none would be checked, and one split's numbers would count another's questions."""
+    """Rows that name several splits, with no prepared split to join them to (where one holds their ids, its join
+    refuses the ids it lacks): none of their answers could be checked, and one split's numbers would count
+    another's questions."""
     from collections import Counter
 
     named = Counter(r["split"] for r in rows if isinstance(r.get("split"), str))

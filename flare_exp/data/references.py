@@ -30,7 +30,8 @@ DESCRIBING = (("dataset", "Dataset"), ("task_type", "TaskType"), ("image_name", 
 
 def reference_file(source: Path | None, rows: list[dict], prepared_dir: str | None) -> Path | None:
     """The file infer read for these predictions (``source``: ``run_split``), else the prepared split the rows
-    name (``<data.prepared_dir>/<split>.jsonl``); None when neither exists."""
+    name (``<data.prepared_dir>/<split>.jsonl``), else the prepared split holding most of their ids; None when
+    there is none."""
     if source is not None and source.is_file():
         return source
     splits = {r.get("split") for r in rows}
@@ -38,7 +39,9 @@ def reference_file(source: Path | None, rows: list[dict], prepared_dir: str | No
         candidate = abspath(prepared_dir) / f"{next(iter(splits))}.jsonl"
         if candidate.is_file():
             return candidate
-    if prepared_dir and splits == {None}:  # rows that name no split (a worksheet, a hand-made file)
+    if prepared_dir:  # rows that name no split (a worksheet, a hand-made file), or not one split it has a file of
+        # (null beside val, "VAL", "validation", 1): the split holding most of their ids, whose join then refuses
+        # an id it lacks and an answer edited, rather than leave every answer unchecked
         return split_holding(abspath(prepared_dir), {r.get("id") for r in rows})
     return None
 

@@ -144,6 +144,13 @@ class SFTCollator:
         return batch
 
 
+def emptied(before: list[dict], after: list[dict], key: str) -> list[str]:
+    """The values of ``key`` (task_type, dataset) that records before a filter had and none after it has: a
+    whole task or dataset the length limit left out, which a count of skipped records does not show."""
+    kept = {r.get(key) for r in after}
+    return sorted({str(r.get(key)) for r in before if r.get(key) not in kept})
+
+
 def filter_by_length(chat: VisionChat, records: list[dict], max_len: int, on_too_long: str,
                      with_answer: bool = True) -> tuple[list[dict], list[dict], list[int]]:
     """Split records into (fitting, too long, the fitting ones' token counts). on_too_long=error raises on the

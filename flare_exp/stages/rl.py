@@ -15,7 +15,7 @@ from pathlib import Path
 from flare_exp.card import apply_rl_card, sized_infer_batch
 from flare_exp.compile_cache import prepare_gpu_run
 from flare_exp.data.decoding import check_records_window
-from flare_exp.data.vision import VisionChat, filter_by_length, render_messages
+from flare_exp.data.vision import VisionChat, emptied, filter_by_length, render_messages
 from flare_exp.data.prepared_split import read_prepared_split
 from flare_exp.io import write_json
 from flare_exp.models.decoding import Decoding, DecodeSettings, decoder_for
@@ -352,7 +352,8 @@ def prompts_that_fit(chat: VisionChat, records: list[dict], limit: int, on_too_l
                      out_dir: Path) -> tuple[list[dict], int]:
     """The records whose prompts fit in ``limit`` tokens; the others stop the run (rl.on_too_long=error) or are
     skipped and listed in too_long.json."""
-    records, too_long, _ = filter_by_length(chat, records, limit, "skip", with_answer=False)
+    kept, too_long, _ = filter_by_length(chat, records, limit, "skip", with_answer=False)
+    records, gone = kept, emptied(records, kept, "task_type") if kept else []
     if too_long:
         msg = (f"{len(too_long)} prompts are longer than {limit} tokens (model.max_seq_length - "
                f"rl.max_completion_length), e.g. {too_long[0]['id']} with {too_long[0]['tokens']}")
@@ -362,7 +363,9 @@ def prompts_that_fit(chat: VisionChat, records: list[dict], limit: int, on_too_l
         if not records:  # else a run of 0 steps whose final/ is the adapter it started from, marked DONE
             raise ValueError(f"all {msg}: none is left to train on. Raise model.max_seq_length, lower "
                              "model.max_pixels or rl.max_completion_length")
-        log.warning("%s: skipped", msg)
+        log.warning("%s: skipped%s", msg, f"; every prompt of {', '.join(gone)} was, so GRPO does not train "
+                    f"{'that task type' if len(gone) == 1 else 'those task types'} here (their reward weights change "
+                    "nothing)" if gone else "")
         if ranks()[0] == 0:
             write_json(out_dir / "too_long.json", too_long)
     return records, len(too_long)

@@ -9,7 +9,7 @@ import logging
 from pathlib import Path
 
 from flare_exp.data.decoding import check_records_window
-from flare_exp.data.vision import SFTCollator, VisionChat, filter_by_length
+from flare_exp.data.vision import SFTCollator, VisionChat, emptied, filter_by_length
 from flare_exp.compile_cache import prepare_gpu_run
 from flare_exp.data.prepared_split import read_prepared_split
 from flare_exp.io import write_json
@@ -177,13 +177,16 @@ def recompute_long_batches(trainer_class, above_tokens: int):
     return SelectiveRecomputeTrainer
 
 
-def load_split(path, limit, chat, max_len, on_too_long, what) -> tuple[list[dict], list[dict], list[int]]:
+def load_split(path, limit, chat, max_len, on_too_long, what) -> tuple[list[dict], list[dict], list[int], list[str]]:
+    """(the records that fit, the too-long ones, the fitting ones' lengths, the datasets none of whose records
+    fit)."""
     records = [r for r in read_prepared_split(abspath(path)) if r.get("answer") is not None]
     if limit:
         records = records[:limit]
     if not records:
         raise ValueError(f"{path}: no records with answers for {what}")
-    return filter_by_length(chat, records, max_len, on_too_long)
+    kept, too_long, lengths = filter_by_length(chat, records, max_len, on_too_long)
+    return kept, too_long, lengths, emptied(records, kept, "dataset")
 
 
 def compile_layers(sft, backend: str) -> bool:
@@ -265,12 +268,12 @@ def datasets(cfg, chat: VisionChat, out_dir: Path) -> tuple["RecordDataset", "Re
     """The training set and (when evaluating) the eval set, their too-long samples skipped and listed;
     (train, val or None, how many were skipped)."""
     sft, max_len = cfg.sft, cfg.model.max_seq_length
-    train, too_long, train_lengths = load_split(sft.train_file, sft.max_train_samples, chat, max_len,
+    train, too_long, train_lengths, gone = load_split(sft.train_file, sft.max_train_samples, chat, max_len,
                                                 sft.on_too_long, "training")
     check_records_window(train, cfg.data.image_window, sft.train_file)
     val, val_too_long, val_lengths = ([], [], [])
     if sft.val_file and abspath(sft.val_file).exists():
-        val, val_too_long, val_lengths = load_split(sft.val_file, sft.max_eval_samples, chat, max_len,
+        val, val_too_long, val_lengths, _ = load_split(sft.val_file, sft.max_eval_samples, chat, max_len,
                                                     sft.on_too_long, "eval")
     if not train:  # the trainer would fail on an empty dataset, deep inside the tokenizer
         raise ValueError(f"all {len(too_long)} training samples of {sft.train_file} are longer than "
@@ -278,7 +281,10 @@ def datasets(cfg, chat: VisionChat, out_dir: Path) -> tuple["RecordDataset", "Re
                          "tokens: none is left to train on. Raise model.max_seq_length or lower model.max_pixels")
     if too_long or val_too_long:
         log.warning("skipped %d train / %d val samples longer than model.max_seq_length=%d (listed in "
-                    "too_long.json)", len(too_long), len(val_too_long), max_len)
+                    "too_long.json)%s", len(too_long), len(val_too_long), max_len,
+                    f"; every training sample of {', '.join(gone)} was: SFT does not learn "
+                    f"{'that dataset' if len(gone) == 1 else 'those datasets'} here"
+                    if gone else "")
         if ranks()[0] == 0:
             write_json(out_dir / "too_long.json", {"train": too_long, "val": val_too_long})
     log.info("sft: %d train / %d val samples, backend=%s", len(train), len(val), cfg.model.backend)

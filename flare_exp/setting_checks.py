@@ -251,7 +251,7 @@ def judge_path_problems(cfg, steps: set[str]) -> list[str]:
                 problems.append(f"{key}={value}: no such file or directory ({abspath(value)})")
             elif value and key.endswith("model_path") and (abspath(value) / "config.json").is_file():
                 try:  # a judge copied half-way reads as "install sentencepiece" at its load otherwise
-                    check_model_folder(key, abspath(value))
+                    check_model_folder(key, abspath(value), vision=False if key == "eval.green.model_path" else None)
                 except ValueError as e:
                     problems.append(str(e))
     return problems

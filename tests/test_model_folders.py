@@ -47,3 +47,17 @@ def test_a_half_copied_judge_is_in_the_one_list_before_any_work(base_overrides, 
         validate(cfg, inputs=True)
     assert f"eval.green.model_path={half} has config.json but no tokenizer files" in str(e.value)
     assert f"model.path={model}: config.json is not valid JSON" in str(e.value)
+
+
+def test_a_missing_shard_and_a_vision_model_given_as_the_green_judge_are_named(tmp_path, tiny_model_dir):
+    from flare_exp.models.checkpoint_files import check_model_folder
+
+    sharded = _folder(tmp_path, "sharded", {"model_type": "llama"}, "tokenizer.json", "model-00001-of-00002.safetensors")
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    with pytest.raises(ValueError, match=r"eval.green.model_path=.*sharded: its weights index names 1 shard\(s\) the "
+                                         r"folder lacks, e.g. model-00002-of-00002.safetensors"):
+        check_model_folder("eval.green.model_path", sharded, vision=False)
+    with pytest.raises(ValueError, match=r"holds a vision-language model \(qwen3_vl\), not a judge's text model"):
+        check_model_folder("eval.green.model_path", tiny_model_dir, vision=False)
+    check_model_folder("eval.crimson.model_path", tiny_model_dir)  # MedGemma is one: either passes

@@ -26,9 +26,21 @@ def read_config(key: str, path: Path) -> dict:
     return config
 
 
-def check_model_folder(key: str, path: Path, vision: bool = False) -> None:
-    """The folder ``key`` names holds a whole model: config.json, tokenizer files, weights; ``vision``: a
-    vision-language model (a vision_config), as model.path must."""
+def shard_names(path: Path) -> list[str]:
+    """The weight files a sharded model's index (model.safetensors.index.json, ...) names."""
+    names = set()
+    for index in [*path.glob("*.safetensors.index.json"), *path.glob("pytorch_model.bin.index.json")]:
+        try:
+            names |= set((json.loads(index.read_text(encoding="utf-8")).get("weight_map") or {}).values())
+        except (OSError, ValueError, AttributeError):
+            continue  # its load names a torn index
+    return sorted(names)
+
+
+def check_model_folder(key: str, path: Path, vision: bool | None = None) -> None:
+    """The folder ``key`` names holds a whole model: config.json, tokenizer files, weights (every shard its index
+    names); ``vision``: True for a vision-language model (model.path), False for a judge's text model (GREEN),
+    None either (CRIMSON's MedGemma is one)."""
     config = read_config(key, path)
     missing = [what for what, found in (
         (f"tokenizer files ({' / '.join(TOKENIZER_FILES[:2])})", any((path / f).is_file() for f in TOKENIZER_FILES)),
@@ -37,6 +49,13 @@ def check_model_folder(key: str, path: Path, vision: bool = False) -> None:
     if missing:
         raise ValueError(f"{key}={path} has config.json but no {' and no '.join(missing)}: an incomplete copy? Copy "
                          "the whole folder the download made")
+    missing_shards = [name for name in shard_names(path) if not (path / name).is_file()]
+    if missing_shards:
+        raise ValueError(f"{key}={path}: its weights index names {len(missing_shards)} shard(s) the folder lacks, "
+                         f"e.g. {missing_shards[0]}: an incomplete copy? Copy the whole folder the download made")
+    if vision is False and "vision_config" in config:
+        raise ValueError(f"{key}={path} holds a vision-language model ({config.get('model_type')}), not a judge's "
+                         "text model: point it at the judge's own folder")
     if vision and "vision_config" not in config:
         raise ValueError(f"{key}={path} holds a {config.get('model_type', 'text')} model without a vision tower "
                          "(no vision_config in its config.json): flare-exp fine-tunes a vision-language model "

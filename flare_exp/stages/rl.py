@@ -280,6 +280,8 @@ def run(cfg, out_dir: Path, applied: dict | None = None) -> dict:
     loaded = load_model(cfg.model, init_from=rl.init_from, training=True, seed=cfg.seed)
     if cfg.model.gradient_checkpointing and rl.recompute_every_n_layers == 0:
         loaded.model.gradient_checkpointing_disable()  # rl.recompute_every_n_layers=0: every layer keeps its own
+        log.info("rl.recompute_every_n_layers=0: no layer recomputes in the backward (every layer keeps its "
+                 "activations: the most memory)")
     # TRL pads the prompts on the left and encodes their images again for the loss with the processor's own
     # padding side: both must agree, or the mm_token_type_ids (transformers 5) are shifted against the prompt
     # tokens in a batch of unequal prompts (the processor saved by SFT pads on the right)

@@ -155,6 +155,13 @@ def rl_micro_batch(card: Card, completions: int, sequence_tokens: int) -> int:
                or [1])
 
 
+def kept_share(every_n_layers) -> float:
+    """The share of a pass's activations the layers that do not recompute keep, for rl.recompute_every_n_layers:
+    none at 1 (and auto, before it is sized), all at 0, (n-1)/n at n."""
+    n = every_n_layers
+    return 0.0 if n in (1, AUTO) else 1.0 if n == 0 else 1 - 1 / n
+
+
 def rl_recompute_every(card: Card | None, micro_batch: int, sequence_tokens: int) -> tuple[int, str]:
     """rl.recompute_every_n_layers=auto: (n, why). n = 0 (no layer recomputes) where the micro-batch's
     activations all fit beside the run's other memory, else the largest n whose kept (n-1)/n of them fit; 1
@@ -170,7 +177,7 @@ def rl_recompute_every(card: Card | None, micro_batch: int, sequence_tokens: int
             - tokens * m["sft_recomputed_gib_per_1k_tokens"])
     kept_all = tokens * m["rl_kept_gib_per_1k_tokens"]
     room = free / kept_all if kept_all > 0 else 1.0  # the share of the layers' activations that fits
-    n = 0 if room >= 1 else max([k for k in range(1, 65) if 1 - 1 / k <= room], default=1)
+    n = 0 if room >= 1 else max([k for k in range(1, 65) if kept_share(k) <= room], default=1)
     what = ("no layer recomputes" if n == 0 else "every layer recomputes" if n == 1 else
             f"every {n}th layer recomputes, the others keep their activations")
     return n, (f"{card}: {what} ({micro_batch} completions of ~{sequence_tokens} tokens per pass: "

@@ -310,17 +310,19 @@ def refused_file_values(error: BaseException, conf_dirs: list[Path], schema: typ
     ValidationError ..."): every such value of that file and those it builds on, said at once (Hydra names the
     first, the next comes one launch later). [] for another error."""
     named = re.match(r"In '([^']+)': ValidationError", str(error))
-    if not named:
-        return []
-    group, _, choice = named.group(1).partition("/")
-    return file_value_problems(list(group_file_values(conf_dirs, {group: choice})), schema)
+    return file_value_problems(_file_values(conf_dirs, named.group(1)), schema) if named else []
+
+
+def _file_values(conf_dirs: list[Path], group_file: str) -> list[tuple[Path, str, object]]:
+    """group_file_values of one group file (``experiment/mine``) and the files it builds on."""
+    group, _, choice = group_file.partition("/")
+    return list(group_file_values(conf_dirs, {group: choice}))
 
 
 def file_unknown_keys(conf_dirs: list[Path], group_file: str, schema: type) -> list[str]:
     """Every key that a group file (``experiment/mine``) and the files it builds on set and the schema lacks,
     each with its closest key: Hydra names the first alone."""
-    group, _, choice = group_file.partition("/")
-    keys = dict.fromkeys(k for _, k, _ in group_file_values(conf_dirs, {group: choice}) if not k.startswith("hydra."))
+    keys = dict.fromkeys(k for _, k, _ in _file_values(conf_dirs, group_file) if not k.startswith("hydra."))
     return [said for key in keys if (said := unknown_path(key, schema))]
 
 

@@ -42,14 +42,15 @@ def decode_budgets(cfg: DictConfig, steps: set[str]) -> list[tuple[str, int]]:
 def model_config(model_path) -> dict | None:
     """model.path's config.json (or a judge's) as a dict; None for a model not there yet (built on first use) or
     an unreadable one (its loading says what is wrong with it)."""
-    import json
+    from flare_exp.models.checkpoint_files import read_config
 
-    path = abspath(model_path) / "config.json" if model_path else None
+    folder = abspath(model_path) if model_path else None
+    if folder is None or not (folder / "config.json").is_file():
+        return None
     try:
-        config = json.loads(path.read_text(encoding="utf-8")) if path and path.is_file() else None
+        return read_config("", folder)
     except (OSError, ValueError):
         return None
-    return config if isinstance(config, dict) else None
 
 
 def check_decode_budget(model_path, key: str, tokens: int) -> None:

@@ -68,15 +68,15 @@ def file_past_the_budget(out_dir: Path, max_steps: int | None) -> None:
     they move to its record (attempts/NN/), so the finished run dir holds only this schedule's checkpoints and a
     later init_from= of one cannot take a step this run never trained (rank 0; the others pass them over)."""
     from flare_exp.run.layout import ATTEMPTS
-    from flare_exp.run.record import next_attempt_dir
+    from flare_exp.run.record import attempt_numbers, next_attempt_dir
     from flare_exp.runtime import ranks
 
     past = [c for c in numbered_checkpoints(out_dir) if max_steps and max_steps > 0
             and (checkpoint_step(c) or 0) > max_steps]
     if not past or ranks()[0] != 0:
         return
-    attempts = [p for p in (out_dir / ATTEMPTS).glob("[0-9]*") if p.name.isdigit()]
-    dest = max(attempts, key=lambda p: int(p.name)) if attempts else next_attempt_dir(out_dir)
+    numbers = attempt_numbers(out_dir)
+    dest = out_dir / ATTEMPTS / f"{max(numbers):02d}" if numbers else next_attempt_dir(out_dir)
     for checkpoint in past:
         checkpoint.rename(dest / checkpoint.name)
     log.info("%s: moved to %s with the earlier attempt's record (past max_steps=%d)",

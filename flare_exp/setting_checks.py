@@ -104,13 +104,14 @@ def _pair_problems(cfg, steps: set[str]) -> list[str]:
         problems += _split_name_problems(cfg.data) + _dataset_name_problems(cfg.data) + _demo_problems(cfg.data)
     if steps & {"sft", "rl"}:
         problems += _resume_problems(cfg.resume)
-    green = cfg.eval.green
     if "eval" in steps:
         problems += _judge_choice_problems(cfg.eval)
-    if "eval" in steps and isinstance(green.max_new_tokens, int) and isinstance(green.max_length, int) \
-            and green.max_new_tokens >= green.max_length:
-        problems.append(f"eval.green.max_new_tokens={green.max_new_tokens} caps nothing: the judgment shares "
-                        f"eval.green.max_length={green.max_length} tokens with its prompt; lower it or leave it null")
+        green = cfg.eval.green
+        if isinstance(green.max_new_tokens, int) and isinstance(green.max_length, int) \
+                and green.max_new_tokens >= green.max_length:
+            problems.append(f"eval.green.max_new_tokens={green.max_new_tokens} caps nothing: the judgment shares "
+                            f"eval.green.max_length={green.max_length} tokens with its prompt; lower it or leave it "
+                            "null")
     return problems
 
 
@@ -250,10 +251,9 @@ def judge_path_problems(cfg, steps: set[str]) -> list[str]:
             if value and not abspath(value).exists():
                 problems.append(f"{key}={value}: no such file or directory ({abspath(value)})")
             elif value and key.endswith("model_path") and (abspath(value) / "config.json").is_file():
-                try:  # a judge copied half-way reads as "install sentencepiece" at its load otherwise
-                    check_model_folder(key, abspath(value), vision=False if key == "eval.green.model_path" else None)
-                except ValueError as e:
-                    problems.append(str(e))
+                # a judge copied half-way reads as "install sentencepiece" at its load otherwise
+                problems += _refusal(check_model_folder, key, abspath(value),
+                                     False if key == "eval.green.model_path" else None)
     return problems
 
 

@@ -185,8 +185,6 @@ def refuse_mixed_splits(path: Path, rows: list[dict]) -> None:
     """Rows that name several splits, with no prepared split to join them to (where one holds their ids, its join
     refuses the ids it lacks): none of their answers could be checked, and one split's numbers would count
     another's questions."""
-    from collections import Counter
-
     named = Counter(r["split"] for r in rows if isinstance(r.get("split"), str))
     if len(named) < 2:
         return

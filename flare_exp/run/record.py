@@ -73,11 +73,15 @@ def marker(run_dir: Path) -> str | None:
     return None
 
 
+def attempt_numbers(run_dir: Path) -> list[int]:
+    """The numbers of the attempts/NN dirs there."""
+    attempts = run_dir / ATTEMPTS
+    return [int(p.name) for p in attempts.glob("[0-9]*") if p.name.isdigit()] if attempts.is_dir() else []
+
+
 def next_attempt_dir(run_dir: Path) -> Path:
     """attempts/NN numbered after the highest one there (not by count: a user may have deleted an old one)."""
-    attempts = run_dir / ATTEMPTS
-    numbers = [int(p.name) for p in attempts.glob("[0-9]*") if p.name.isdigit()] if attempts.is_dir() else []
-    dest = attempts / f"{max(numbers, default=0) + 1:02d}"
+    dest = run_dir / ATTEMPTS / f"{max(attempt_numbers(run_dir), default=0) + 1:02d}"
     dest.mkdir(parents=True)
     return dest
 

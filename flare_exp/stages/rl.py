@@ -12,7 +12,7 @@ import logging
 import statistics
 from pathlib import Path
 
-from flare_exp.card import apply_rl_card, sized_infer_batch
+from flare_exp.card import apply_rl_card, kept_share, sized_infer_batch
 from flare_exp.compile_cache import prepare_gpu_run
 from flare_exp.data.decoding import check_records_window
 from flare_exp.data.vision import VisionChat, emptied, filter_by_length, render_messages
@@ -154,10 +154,8 @@ def rollout_weights_of(rl, backend: str, graph_loop: bool) -> RolloutWeights:
 
     tokens = MEMORY_MODEL["infer_prompt_tokens"] + rl.max_completion_length
     rows = rl.per_device_train_batch_size * rl.gradient_accumulation_steps
-    n = rl.recompute_every_n_layers
-    kept_share = 0.0 if n in (1, "auto") else 1.0 if n == 0 else 1 - 1 / n  # of the activations, not recomputed
-    return RolloutWeights(rl.rollout_weights, backend, graph_loop,
-                          auto_margin_bytes(rows, rl.per_device_train_batch_size, tokens, kept_share))
+    return RolloutWeights(rl.rollout_weights, backend, graph_loop, auto_margin_bytes(
+        rows, rl.per_device_train_batch_size, tokens, kept_share(rl.recompute_every_n_layers)))
 
 
 def trl_loss_types() -> tuple[str, ...]:

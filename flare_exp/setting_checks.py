@@ -25,9 +25,11 @@ RULES = {
     "dropout": (lambda v: 0 <= v < 1, "a number from 0 to below 1"),
     "probability": (lambda v: 0 < v <= 1, "a number above 0, at most 1"),
     "generations": (lambda v: v >= 2, "an integer >= 2 (GRPO compares completions of one prompt)"),
+    "trials": (lambda v: 0 <= v <= 1_000_000, "an integer from 0 to 1,000,000 (0: none; a p-value resolves to "
+                                                "1/(1 + trials), more only takes longer)"),
 }
 # rules of counts: a float is refused even where the schema's type lets one through (a batch is int or "auto")
-WHOLE_NUMBERS = {"count", "count0", "batch", "limit", "every", "steps", "generations", "seed"}
+WHOLE_NUMBERS = {"count", "count0", "batch", "limit", "every", "steps", "generations", "seed", "trials"}
 TRAINER = {"per_device_train_batch_size": "count", "gradient_accumulation_steps": "count",
            "learning_rate": "non_negative", "warmup_ratio": "ratio", "max_steps": "count", "logging_steps": "count",
            "save_steps": "count", "save_total_limit": "count", "max_train_samples": "limit",
@@ -44,7 +46,7 @@ RANGES = {
               "temperature": "positive", "top_p": "probability", "profile_batch": "count"},
     "eval": {"green.batch_size": "batch", "green.max_length": "count", "green.max_new_tokens": "count",
              "crimson.batch_size": "count", "crimson.max_new_tokens": "count",
-             "significance.resamples": "count0", "significance.ar_trials": "count0", "significance.seed": "count0",
+             "significance.resamples": "trials", "significance.ar_trials": "trials", "significance.seed": "count0",
              "chexbert.batch_size": "count"},
     "model": {"max_seq_length": "count", "min_pixels": "count", "max_pixels": "count", "lora.r": "count",
               "lora.alpha": "positive", "lora.dropout": "dropout"},
@@ -53,7 +55,7 @@ RANGES = {
 }
 # the sections each step reads
 SECTIONS = {"prepare": ("data",), "sft": ("sft", "model"), "rl": ("rl", "model", "reward"),
-            "infer": ("infer", "model"), "eval": ("eval",)}
+            "infer": ("infer", "model"), "eval": ("eval",), "runs": ("eval",)}  # runs.compare: eval.significance
 
 
 def range_problems(cfg, steps: set[str]) -> list[str]:

@@ -61,3 +61,27 @@ def test_a_missing_shard_and_a_vision_model_given_as_the_green_judge_are_named(t
     with pytest.raises(ValueError, match=r"holds a vision-language model \(qwen3_vl\), not a judge's text model"):
         check_model_folder("eval.green.model_path", tiny_model_dir, vision=False)
     check_model_folder("eval.crimson.model_path", tiny_model_dir)  # MedGemma is one: either passes
+
+
+def test_a_cut_short_weights_file_and_a_torn_index_are_named(tmp_path, tiny_model_dir):
+    """An interrupted rsync leaves a safetensors file shorter than its header says, or an index cut mid-JSON: both
+    are named with the key and the file before any load (safetensors' own error names neither)."""
+    from flare_exp.models.checkpoint_files import check_model_folder
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    weights = sorted(model.glob("*.safetensors"))[0]
+    whole = weights.read_bytes()
+    for cut, said in ((len(whole) - 100, "cut short"), (5, "shorter than a safetensors header"),
+                      (40, "its header says .* bytes of header")):
+        weights.write_bytes(whole[:cut])
+        with pytest.raises(ValueError, match=f"model.path=.*model: {weights.name} is not a whole weights file .*{said}"):
+            check_model_folder("model.path", model, vision=True)
+    weights.write_bytes(b"version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 9\n")  # an LFS pointer
+    with pytest.raises(ValueError, match="is not a whole weights file"):
+        check_model_folder("model.path", model, vision=True)
+    weights.write_bytes(whole)
+    check_model_folder("model.path", model, vision=True)
+    (model / "model.safetensors.index.json").write_text('{"weight_map": {"a": "model.saf')
+    with pytest.raises(ValueError, match="model.safetensors.index.json is not a readable weights index"):
+        check_model_folder("model.path", model, vision=True)

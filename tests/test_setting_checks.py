@@ -160,7 +160,7 @@ def test_the_significance_and_crimson_settings_and_the_seed_are_ranged_before_an
                        f"eval.crimson.model_path={tmp_path / 'nope'}"])
     with pytest.raises(ValueError, match="6 problems") as e:
         validate(cfg, inputs=True)
-    for said in ("seed=-3: must be an integer from 0 to 2**32 - 1", "eval.significance.ar_trials=-5: must be an integer >= 0",
+    for said in ("seed=-3: must be an integer from 0 to 2**32 - 1", "eval.significance.ar_trials=-5: must be an integer from 0 to 1,000,000",
                  "eval.significance.seed=-1: must be", "eval.crimson.max_new_tokens=0: must be an integer >= 1",
                  "eval.crimson.batch_size=0: must be", f"eval.crimson.model_path={tmp_path / 'nope'}: no such file"):
         assert said in str(e.value), said
@@ -188,3 +188,16 @@ def test_the_judges_named_settings_and_a_seed_past_numpys_range_are_checked_befo
                  "package or robust", "eval.green.decode_loop='grph'", "eval.crimson.decode_loop='x'",
                  "eval.green.dtype='fp16'"):
         assert said in str(e.value), said
+
+
+def test_the_comparison_of_stage_runs_ranges_its_trials(base_overrides):
+    """python launch.py stage=runs runs.compare=[a,b] reads eval.significance too: 10**9 resamples would run for
+    days (its arrays are drawn in bounded chunks, so never all memory), a negative count gave a negative p."""
+    from flare_exp.checks import validate
+
+    cfg = compose_cfg(["stage=runs", *base_overrides, "runs.compare=[a,b]", "eval.significance.resamples=1000000000",
+                       "eval.significance.ar_trials=1000001"])
+    with pytest.raises(ValueError, match="2 problems") as e:
+        validate(cfg)
+    assert "eval.significance.resamples=1000000000: must be an integer from 0 to 1,000,000" in str(e.value)
+    assert "eval.significance.ar_trials=1000001: must be" in str(e.value)

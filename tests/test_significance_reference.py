@@ -112,3 +112,20 @@ def test_worked_example_by_hand():
     # and 2.5; Monte-Carlo percentiles fall on the lattice of quarters
     assert test["a_ci95"] == [0.5, 2.5]
     assert bootstrap_interval("regression", a, RESAMPLES, 0) == test["a_ci95"]
+
+
+def test_resampling_in_chunks_changes_no_number(monkeypatch):
+    """A large eval.significance.resamples is drawn in row chunks of bounded memory; numpy draws the same numbers
+    either way, so every interval and p-value equals the one-array draw (chunks of 7 rows here)."""
+    from flare_exp.metrics import significance
+
+    rng = np.random.default_rng(5)
+    a = (rng.random((60, 3)) < 0.5).astype(float)
+    b = np.where(rng.random((60, 3)) < 0.8, a, 1 - a)
+    whole = paired_test("classification", a, b, resamples=500, seed=4)
+    interval = bootstrap_interval("classification", a, 500, 4)
+    chunked = significance._chunk_rows
+    monkeypatch.setattr(significance, "_chunk_rows", lambda resamples, stats: chunked(resamples, stats, cells=7 * 180))
+    assert significance._chunk_rows(500, a)[:2] == [7, 7]
+    assert paired_test("classification", a, b, resamples=500, seed=4) == whole
+    assert bootstrap_interval("classification", a, 500, 4) == interval == whole["a_ci95"]

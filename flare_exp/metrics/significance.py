@@ -35,12 +35,10 @@ def paired_test(task: str, stats_a: np.ndarray, stats_b: np.ndarray, resamples: 
         out["note"] = "a metric is infinite or undefined on these samples: no interval or p-value"
         return out
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, n, size=(resamples, n))
-    boot_a, boot_b = aggregate(task, stats_a[idx]), aggregate(task, stats_b[idx])
-    swap = rng.random((resamples, n)) < 0.5
-    perm_a = np.where(swap[..., None], stats_b, stats_a)
-    perm_b = np.where(swap[..., None], stats_a, stats_b)
-    perm_diff = aggregate(task, perm_b) - aggregate(task, perm_a)
+    boot_a, boot_b = _resampled(task, rng, (stats_a, stats_b), resamples)
+    perm_diff = np.concatenate([np.zeros(0)] + [
+        aggregate(task, np.where(swap, stats_a, stats_b)) - aggregate(task, np.where(swap, stats_b, stats_a))
+        for swap in (rng.random((rows, n))[..., None] < 0.5 for rows in _chunk_rows(resamples, stats_a))])
     observed = abs(b - a)
     extreme = int((np.abs(perm_diff) >= observed - 1e-12).sum())
     out.update(a_ci95=_interval(boot_a), b_ci95=_interval(boot_b), difference_ci95=_interval(boot_b - boot_a),
@@ -48,13 +46,31 @@ def paired_test(task: str, stats_a: np.ndarray, stats_b: np.ndarray, resamples: 
     return out
 
 
+def _chunk_rows(resamples: int, stats: np.ndarray, cells: int = 2 ** 22):
+    """Row counts that split ``resamples`` so a (rows, n, k) array stays ~32 MB: a large eval.significance.resamples
+    takes longer, never all memory. numpy's Generator draws the same numbers in row chunks as in one call, so the
+    chunking changes no result."""
+    per_row = max(1, stats.size)
+    step = max(1, cells // per_row)
+    return [min(step, resamples - start) for start in range(0, resamples, step)]
+
+
+def _resampled(task: str, rng, runs: tuple, resamples: int) -> list[np.ndarray]:
+    """Each run's metric on the same ``resamples`` bootstrap draws of sample ids."""
+    out = [[] for _ in runs]
+    for rows in _chunk_rows(resamples, runs[0]):
+        idx = rng.integers(0, len(runs[0]), size=(rows, len(runs[0])))
+        for values, stats in zip(out, runs):
+            values.append(np.atleast_1d(aggregate(task, stats[idx])))
+    return [np.concatenate(values) if values else np.zeros(0) for values in out]
+
+
 def bootstrap_interval(task: str, stats: np.ndarray, resamples: int = 1000, seed: int = 0) -> list[float] | None:
     """The 95% percentile bootstrap interval of one run's official metric (None when it is infinite or
     undefined, or there are no samples)."""
     if not len(stats) or not resamples or not math.isfinite(float(aggregate(task, stats))):
         return None
-    idx = np.random.default_rng(seed).integers(0, len(stats), size=(resamples, len(stats)))
-    return _interval(aggregate(task, stats[idx]))
+    return _interval(_resampled(task, np.random.default_rng(seed), (stats,), resamples)[0])
 
 
 # ---- approximate randomization and the correction across a family of tests -------------------------------

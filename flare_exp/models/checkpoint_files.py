@@ -4,6 +4,7 @@ tokenizer and weights (an interrupted copy otherwise reads as a library problem:
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
@@ -26,15 +27,41 @@ def read_config(key: str, path: Path) -> dict:
     return config
 
 
-def shard_names(path: Path) -> list[str]:
-    """The weight files a sharded model's index (model.safetensors.index.json, ...) names."""
+def shard_names(key: str, path: Path) -> list[str]:
+    """The weight files a sharded model's index (model.safetensors.index.json, ...) names; a ValueError naming the
+    key for an index that is not one (a torn copy)."""
     names = set()
     for index in [*path.glob("*.safetensors.index.json"), *path.glob("pytorch_model.bin.index.json")]:
         try:
-            names |= set((json.loads(index.read_text(encoding="utf-8")).get("weight_map") or {}).values())
-        except (OSError, ValueError, AttributeError):
-            continue  # its load names a torn index
+            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise ValueError("no weight_map of tensor -> file")
+        except (UnicodeDecodeError, ValueError, AttributeError) as e:
+            raise ValueError(f"{key}={path}: {index.name} is not a readable weights index ({e}): an incomplete or "
+                             "damaged copy? Copy the model's folder again") from None
+        names |= set(weight_map.values())
     return sorted(names)
+
+
+def safetensors_problem(file: Path) -> str | None:
+    """Why ``file`` is not a whole safetensors file (a copy cut short, a stray text file), from its header alone:
+    8 bytes of header length, a JSON header, and data reaching the last tensor's end; None when whole."""
+    size = file.stat().st_size
+    with file.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"{size} bytes, shorter than a safetensors header"
+        (length,) = struct.unpack("<Q", head)
+        if length > size - 8:
+            return f"its header says {length} bytes of header, the file holds {size - 8}"
+        try:
+            header = json.loads(f.read(length).decode("utf-8"))
+            end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
+        except (UnicodeDecodeError, ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+            return f"its header is not a safetensors header ({type(e).__name__})"
+    if 8 + length + end > size:
+        return f"{size:,} bytes where its tensors need {8 + length + end:,}: cut short"
+    return None
 
 
 def check_model_folder(key: str, path: Path, vision: bool | None = None) -> None:
@@ -49,7 +76,7 @@ def check_model_folder(key: str, path: Path, vision: bool | None = None) -> None
     if missing:
         raise ValueError(f"{key}={path} has config.json but no {' and no '.join(missing)}: an incomplete copy? Copy "
                          "the whole folder the download made")
-    missing_shards = [name for name in shard_names(path) if not (path / name).is_file()]
+    missing_shards = [name for name in shard_names(key, path) if not (path / name).is_file()]
     if missing_shards:
         raise ValueError(f"{key}={path}: its weights index names {len(missing_shards)} shard(s) the folder lacks, "
                          f"e.g. {missing_shards[0]}: an incomplete copy? Copy the whole folder the download made")
@@ -60,3 +87,8 @@ def check_model_folder(key: str, path: Path, vision: bool | None = None) -> None
         raise ValueError(f"{key}={path} holds a {config.get('model_type', 'text')} model without a vision tower "
                          "(no vision_config in its config.json): flare-exp fine-tunes a vision-language model "
                          "(Qwen3-VL-4B-Instruct); point model.path at one")
+    for file in sorted(path.glob("*.safetensors")):
+        problem = safetensors_problem(file)
+        if problem:
+            raise ValueError(f"{key}={path}: {file.name} is not a whole weights file ({problem}): an interrupted "
+                             "copy? Copy the model's folder again")

@@ -250,14 +250,14 @@ def composed(overrides: list[str], said_of: list[str] | None = None, sweep: bool
     misread, the keys the user's own group files set -> the file), or (None, [a config file's own problem], {});
     (None, [], {}) when composing fails otherwise (Hydra's own complaint comes then). ``said_of``: the command
     line a missing option's problem lists every miss of (a sweep's, where ``overrides`` are one job's); ``sweep``:
-    its sweeper's objectives too."""
+    its sweeper's settings too."""
     from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
     from flare_exp.config import Config
     from flare_exp.config_dirs import composed_dirs, ignored_hydra_picks, searched_dirs, shadowed_files, users_files
     from flare_exp.config_keys import file_value_problems, group_file_values, refused_file_values
-    from flare_exp.optuna_study import objective_problems
+    from flare_exp.optuna_settings import sweeper_problems
 
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -274,8 +274,8 @@ def composed(overrides: list[str], said_of: list[str] | None = None, sweep: bool
     in_files = [ValueError(p) for p in shadowed_files(dirs, choices, CONF_DIR) + file_value_problems(values, Config)
                 + ignored_hydra_picks(dirs, choices, overrides)]
     from_files = users_files(values, overrides, CONF_DIR)
-    if sweep:  # a sweeper's objectives, before any trial runs
-        in_files += objective_problems(cfg.hydra.sweeper.get("objectives"), bool(cfg.eval.green.model_path))
+    if sweep:  # the sweeper's settings, before any trial runs
+        in_files += sweeper_problems(cfg.hydra.sweeper, bool(cfg.eval.green.model_path))
     with open_dict(cfg):
         del cfg["hydra"]
     return cfg, in_files, from_files

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from flare_exp.io import write_json
 from flare_exp.optuna_pruning import make_pruner, pruning_enabled, pruning_overrides, tell_pruned
+from flare_exp.optuna_settings import sampler_problems, weight_problems
 from flare_exp.optuna_study import (JOURNAL, STUDY_FILE, check_objective, direction_of, journal_path, objective_list,
                                     objective_value, open_storage)
 
@@ -171,7 +172,10 @@ class Search:
         self.space, self.fixed = search_space(parser.parse_overrides(list(arguments) + params))
         self.directions = [direction_of(o) for o in self.objectives]
         if self.weights:
-            self._check_weighted()
+            problems = weight_problems(self.weights, self.objectives)
+            if problems:
+                raise ValueError("; ".join(problems))
+            self.directions = [direction_of(next(o for o in self.objectives if self.weights.get(o)))]
         self.sweep_dir = Path(str(self.config.hydra.sweep.dir))
         self.n_trials, self.n_jobs = int(s["n_trials"]), max(1, int(s["n_jobs"]))
         self.grid: list[dict] = []
@@ -185,15 +189,6 @@ class Search:
                                                                                          self.sweep_dir),
             sampler=sampler, load_if_exists=True,
             **({"direction": self.directions[0]} if len(self.directions) == 1 else {"directions": self.directions}))
-
-    def _check_weighted(self):
-        unknown = sorted(set(self.weights) - set(self.objectives))
-        if unknown:
-            raise ValueError(f"hydra.sweeper.objective_weights names {unknown}, not among hydra.sweeper.objectives")
-        if len(set(self.directions)) > 1:
-            raise ValueError("hydra.sweeper.objective_weights mixes metrics to maximise and to minimise "
-                             f"({dict(zip(self.objectives, self.directions))}): weight metrics of one direction")
-        self.directions = self.directions[:1]
 
     def _sampler(self, setting: dict):
         import optuna
@@ -212,8 +207,9 @@ class Search:
             return optuna.samplers.RandomSampler(seed=seed)
         samplers = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler,
                     "nsga2": optuna.samplers.NSGAIISampler}
-        if name not in samplers:
-            raise ValueError(f"hydra.sweeper.sampler.name={name!r}: choose tpe, random, nsga2 or grid")
+        problems = sampler_problems(setting)
+        if problems:
+            raise ValueError("; ".join(problems))
         return samplers[name](seed=seed)
 
     def values(self, metrics: dict) -> tuple[list[float] | None, str | None]:

@@ -130,7 +130,7 @@ def test_a_batch_of_trials_through_the_stand_in_slurm(session_dir, tmp_path, sft
 
 @pytest.mark.parametrize("setting, message", [
     ("hydra.sweeper.objectives=[rouge]", "is not '<task>.<metric>'"),
-    ("hydra.sweeper.sampler.name=bayes", "choose tpe, random, nsga2 or grid"),
+    ("hydra.sweeper.sampler.name=bayes", "choose tpe, random, nsga2, grid"),
 ])
 def test_bad_sweeper_settings_are_named(session_dir, tmp_path, sft_adapter, setting, message):
     proc = subprocess.run([sys.executable, "launch.py", *_trial_args(session_dir, tmp_path, sft_adapter, "bad"),

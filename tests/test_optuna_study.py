@@ -88,3 +88,39 @@ def test_an_empty_a_bracketless_and_a_judgeless_objective_list_are_said():
     assert "needs the GREEN judge: set eval.green.model_path" in str(
         objective_problems(["report_generation.green_score"], green_judge=False)[0])
     assert objective_problems(["report_generation.green_score"], green_judge=True) == []
+
+
+def test_every_sweeper_setting_is_named_before_any_trial():
+    """A misspelt sampler, pruner (accepted silently where pruning was off), objective weight or trial count is one
+    line each, with its key, before Hydra starts the sweep (they failed in it with a traceback)."""
+    from omegaconf import OmegaConf
+
+    from flare_exp.optuna_settings import sweeper_problems
+
+    good = {"_target_": "hydra_plugins.flare_exp_optuna.optuna_sweeper.OptunaSweeper", "n_trials": 4, "n_jobs": 2,
+            "objectives": ["multi_label.f1_score", "regression.mean_absolute_error"],
+            "objective_weights": None, "sampler": {"name": "tpe", "seed": 0},
+            "pruner": {"name": "median", "n_startup_trials": 2}}
+    assert sweeper_problems(OmegaConf.create(good), True) == []
+    bad = OmegaConf.create({**good, "n_trials": 0, "n_jobs": 1.5, "sampler": {"name": "bayes", "seed": -2},
+                            "pruner": {"name": "medain"},
+                            "objective_weights": {"multi_label.f1": 1, "regression.mean_absolute_error": "x"}})
+    said = [str(p) for p in sweeper_problems(bad, True)]
+    assert said == ["hydra.sweeper.n_trials=0: must be an integer >= 1",
+                    "hydra.sweeper.n_jobs=1.5: must be an integer >= 1",
+                    "hydra.sweeper.objective_weights names 'multi_label.f1', not one of hydra.sweeper.objectives "
+                    "(multi_label.f1_score, regression.mean_absolute_error): did you mean multi_label.f1_score?",
+                    "hydra.sweeper.objective_weights.regression.mean_absolute_error='x': must be a number >= 0",
+                    "hydra.sweeper.sampler.name='bayes': choose tpe, random, nsga2, grid",
+                    "hydra.sweeper.sampler.seed=-2: must be an integer from 0 to 2**32 - 1, or null",
+                    "hydra.sweeper.pruner.name='medain': choose median, percentile, successive_halving, hyperband, "
+                    "threshold, none"]
+    mixed = OmegaConf.create({**good, "objective_weights": {"multi_label.f1_score": 1,
+                                                            "regression.mean_absolute_error": 1}})
+    assert "mixes metrics to maximise and to minimise" in str(sweeper_problems(mixed, True)[0])
+    zero = OmegaConf.create({**good, "objective_weights": {"multi_label.f1_score": 0}})
+    assert "every weight is 0" in str(sweeper_problems(zero, True)[0])
+    args = OmegaConf.create({**good, "pruner": {"name": "hyperband", "bogus": 1}})
+    assert "hydra.sweeper.pruner: HyperbandPruner" in str(sweeper_problems(args, True)[0])
+    basic = OmegaConf.create({"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"})
+    assert sweeper_problems(basic, True) == []

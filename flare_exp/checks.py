@@ -81,6 +81,12 @@ def _collect(problems: list, check, *args) -> None:
 
 def setting_problems(cfg: DictConfig, preload: bool = False) -> list[Exception]:
     problems: list[Exception] = []
+    if cfg.stage.name == "pipeline":  # its step list first: the checks below read every step it names
+        from flare_exp.stages.pipeline import check_steps
+
+        _collect(problems, check_steps, cfg)
+        if problems:
+            return problems
     steps = steps_of(cfg)
     for check in (check_known_keys, check_set_values, check_demo_budget, check_half_precision, check_liger_here):
         _collect(problems, check, cfg)
@@ -173,6 +179,12 @@ def input_problems(cfg: DictConfig) -> list[Exception]:
     from flare_exp.models.loading import check_model_path
 
     problems: list[Exception] = []
+    if cfg.stage.name == "pipeline":  # its step list first: the checks below read every step it names
+        from flare_exp.stages.pipeline import check_steps
+
+        _collect(problems, check_steps, cfg)
+        if problems:
+            return problems
     steps = steps_of(cfg)
     if any(stage(name).record != "none" for name in steps if name in declared_stages()):  # it makes a run dir
         run_dir = abspath(cfg.paths.output_root) / "runs" / str(OmegaConf.select(cfg, "run_name", default=""))

@@ -2,10 +2,11 @@
 the real stage code on the tiny model; a rerun reuses every finished step and files no attempt; a rerun with
 other settings or inputs stops naming them."""
 import json
+import sys
 
 import pytest
 
-from conftest import compose_cfg
+from conftest import REPO, compose_cfg
 from flare_exp.run.fingerprint import RunSettingsChangedError
 
 
@@ -493,7 +494,8 @@ def test_a_stopped_run_with_resume_never_says_the_same_command_is_refused(tmp_pa
         "resume=auto to continue from it, or overwrite=true to start afresh")
 
 
-def test_step_lists_that_make_no_sense_are_refused_and_the_predicting_model_is_not_compared_with_itself(caplog):
+def test_step_lists_that_make_no_sense_are_refused_and_the_predicting_model_is_not_compared_with_itself(caplog,
+                                                                                                         capsys):
     """[eval,infer] ran eval first and failed on an empty eval.predictions; [] finished DONE having done nothing;
     [sft,sft] ran sft once; stage.compare naming the model infer predicts with inferred it twice and compared it
     with itself (two more tests in the correction's family)."""
@@ -505,6 +507,14 @@ def test_step_lists_that_make_no_sense_are_refused_and_the_predicting_model_is_n
                         ("[]", "stage.steps is empty"), ("[sft,sft,infer]", "names sft more than once")):
         with pytest.raises(ValueError, match=said):
             check_steps(compose_cfg(["stage=pipeline", f"stage.steps={steps}"]))
+    sys.path.insert(0, str(REPO))
+    import launch
+
+    for steps in ("[eval,infer]", "[]", "[sft,sft]", "[foo]"):  # said before Hydra makes a run dir (it left one)
+        with pytest.raises(SystemExit):
+            launch.check_command_line(["stage=pipeline", f"stage.steps={steps}"])
+        err = capsys.readouterr().err
+        assert "stage.steps" in err and "nothing was run or written" in err, err
     caplog.set_level(logging.INFO, logger="flare_exp")
     without_rl = compose_cfg(["stage=pipeline", "stage.steps=[prepare,sft,infer,eval]", "stage.compare=[base,sft]"])
     assert compared_sources(without_rl) == ["base"]

@@ -112,5 +112,7 @@ def run_summary(eval_dir: Path) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
              for r in [header, *rows]]
-    caveats = caveat_lines(results, [])  # why a number reads 0, Infinity or n/a, as the report says it
+    compared = eval_dir / "significance.json"  # runs side by side that were not scored alike (splits, inputs)
+    warnings = json.loads(compared.read_text()).get("warnings", []) if compared.is_file() else []
+    caveats = caveat_lines(results, warnings)  # why a number reads 0, Infinity or n/a, as the report says it
     return "\n".join(lines + (["caveats:", *(f"- {c}" for c in caveats)] if caveats else []))

@@ -183,6 +183,11 @@ def test_a_finished_run_prints_the_official_table(tmp_path):
     lines = run_summary(tmp_path).splitlines()
     assert re.fullmatch(r"official \(FLARE\) +base +sft", lines[0])
     assert re.fullmatch(r"classification: balanced_accuracy +0\.5000 +0\.5000", lines[1])
+    assert "caveats:" not in lines
+    # two runs scored on different splits: the printed caveats say so, as the report does
+    (tmp_path / "significance.json").write_text(json.dumps({"warnings": ["base and sft come from different splits: "
+                                                                          "val and train"]}))
+    assert "- base and sft come from different splits: val and train" in run_summary(tmp_path).splitlines()
 
 
 def test_a_log_line_never_lands_inside_a_progress_bar():

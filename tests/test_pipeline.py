@@ -495,13 +495,14 @@ def test_a_stopped_run_with_resume_never_says_the_same_command_is_refused(tmp_pa
 
 
 def test_step_lists_that_make_no_sense_are_refused_and_the_predicting_model_is_not_compared_with_itself(caplog,
-                                                                                                         capsys):
+                                                                                                         capsys,
+                                                                                                         tmp_path):
     """[eval,infer] ran eval first and failed on an empty eval.predictions; [] finished DONE having done nothing;
     [sft,sft] ran sft once; stage.compare naming the model infer predicts with inferred it twice and compared it
     with itself (two more tests in the correction's family)."""
     import logging
 
-    from flare_exp.stages.pipeline import check_steps, compared_sources
+    from flare_exp.stages.pipeline import check_steps, compared_sources, planned_steps, say_what_is_compared
 
     for steps, said in (("[eval,infer]", r"stage.steps=\[eval,infer\] is out of order: .* write stage.steps=\[infer,eval\]"),
                         ("[]", "stage.steps is empty"), ("[sft,sft,infer]", "names sft more than once")):
@@ -518,7 +519,17 @@ def test_step_lists_that_make_no_sense_are_refused_and_the_predicting_model_is_n
     caplog.set_level(logging.INFO, logger="flare_exp")
     without_rl = compose_cfg(["stage=pipeline", "stage.steps=[prepare,sft,infer,eval]", "stage.compare=[base,sft]"])
     assert compared_sources(without_rl) == ["base"]
+    say_what_is_compared(without_rl)
     assert "sft is the model infer predicts with in this pipeline: not compared with itself" in caplog.text
+    # rl from an sft run given by hand: that run is the sft model to compare (it was dropped, with an INFO line)
+    given = compose_cfg(["stage=pipeline", "stage.steps=[rl,infer,eval]", "stage.compare=[base,sft]",
+                         "rl.init_from=/runs/sft"])
+    assert compared_sources(given) == ["base", "sft"]
+    planned = {name: c.infer.checkpoint for name, _, c, _ in planned_steps(given, tmp_path) if name.startswith("infer")}
+    assert planned == {"infer-base": None, "infer-sft": "/runs/sft", "infer": str(tmp_path / "rl")}
+    caplog.clear()
+    say_what_is_compared(compose_cfg(["stage=pipeline", "stage.steps=[rl,infer,eval]", "stage.compare=[sft]"]))
+    assert "WARNING" in caplog.text and "sft is not compared" in caplog.text and "rl.init_from" in caplog.text
     whole = compose_cfg(["stage=pipeline", "stage.steps=[prepare,sft,rl,infer,eval]", "stage.compare=[base,sft,rl]"])
     assert compared_sources(whole) == ["base", "sft"]
     assert compared_sources(compose_cfg(["stage=pipeline", "stage.steps=[prepare,infer,eval]",

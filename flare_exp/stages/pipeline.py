@@ -46,23 +46,50 @@ def _chain(step: str, cfg, done_dirs: dict[str, Path]) -> None:
                 OmegaConf.update(cfg, key, value, merge=False)
 
 
+def _trained_before_infer(cfg) -> dict[str, str | None]:
+    """The trained models a pipeline's infer could compare: each sft/rl step before infer (None: its dir in this
+    pipeline) and, for an rl step that starts from an sft run given in rl.init_from, that run."""
+    steps = list(cfg.stage.steps)
+    before = {s: None for s in steps[:steps.index("infer")] if s in ("sft", "rl")}
+    if "rl" in before and "sft" not in before and cfg.rl.init_from:
+        before = {"sft": str(cfg.rl.init_from), **before}
+    return before
+
+
 def compared_sources(cfg) -> list[str]:
-    """stage.compare as this pipeline can honour it: the trained steps it runs before infer other than the one
-    infer predicts with (the last: compared with itself it would only add tests to the correction's family), and
-    base beside a trained model (a pipeline that trains nothing here, or does not evaluate, has no moves to show)."""
+    """stage.compare as this pipeline can honour it: the trained models before infer (``_trained_before_infer``)
+    other than the one infer predicts with (the last: compared with itself it would only add tests to the
+    correction's family), and base beside a trained model (a pipeline that trains nothing here, or does not
+    evaluate, has no moves to show)."""
     steps = list(cfg.stage.steps)
     if "infer" not in steps or "eval" not in steps[steps.index("infer"):]:
         return []
-    before = [s for s in steps[:steps.index("infer")] if s in ("sft", "rl")]
+    before = list(_trained_before_infer(cfg))
     predicting = before[-1] if before else None
-    trained = [s for s in cfg.stage.compare if s in before and s != predicting]
-    left_out = [s for s in cfg.stage.compare if s not in trained and s not in ("base", predicting)]
-    if left_out:
-        log.info("stage.compare: %s not run before infer in this pipeline: not compared", left_out)
-    if predicting in cfg.stage.compare:
-        log.info("stage.compare: %s is the model infer predicts with in this pipeline: not compared with itself",
-                 predicting)
-    return [s for s in cfg.stage.compare if s in trained or (s == "base" and predicting)]
+    return [s for s in cfg.stage.compare if (s in before and s != predicting) or (s == "base" and predicting)]
+
+
+def say_what_is_compared(cfg) -> None:
+    """Once per pipeline: the entries of stage.compare it cannot honour, and why."""
+    steps, honoured = list(cfg.stage.steps), compared_sources(cfg)
+    left_out = [s for s in cfg.stage.compare if s not in honoured]
+    if not left_out:
+        return
+    if "infer" not in steps or "eval" not in steps[steps.index("infer"):]:
+        log.warning("stage.compare=%s: not compared, this pipeline does not run infer then eval", left_out)
+        return
+    before = list(_trained_before_infer(cfg))
+    for source in left_out:
+        if before and source == before[-1]:
+            log.info("stage.compare: %s is the model infer predicts with in this pipeline: not compared with "
+                     "itself", source)
+        elif source == "base":
+            log.info("stage.compare: base is the model infer predicts with (nothing is trained before it in this "
+                     "pipeline): not compared with itself")
+        else:
+            log.warning("stage.compare: %s is not compared: this pipeline does not run it before infer%s", source,
+                        " (nor does rl.init_from name its run)" if source == "sft" and "rl" in before else
+                        "; add it to stage.steps, or infer its run on its own and give both to eval.predictions")
 
 
 def _run_or_reuse(step: str, step_cfg, step_dir: Path, results: dict, name: str, out_dir: Path) -> None:
@@ -147,7 +174,8 @@ def planned_steps(cfg, out_dir: Path):
                 step_cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
                 with open_dict(step_cfg):
                     step_cfg.stage.name = "infer"
-                    step_cfg.infer.checkpoint = None if source == "base" else str(done_dirs[source])
+                    step_cfg.infer.checkpoint = None if source == "base" else str(
+                        done_dirs.get(source) or _trained_before_infer(cfg)[source])
                 name = f"infer-{source}"
                 yield name, "infer", step_cfg, out_dir / name
                 done_dirs[name] = out_dir / name
@@ -212,6 +240,7 @@ def file_earlier_steps(cfg, out_dir: Path) -> None:
 
 def run(cfg, out_dir: Path) -> dict:
     check_steps(cfg)
+    say_what_is_compared(cfg)
     # every step's own settings were checked before the first (checks.validate): a bad rl.* does not wait for sft
     file_earlier_steps(cfg, out_dir)
     done_dirs: dict[str, Path] = {}

@@ -100,7 +100,7 @@ DEFAULTS_ERRORS = re.compile(r"Could not (find|load|override) '|appears more tha
 
 
 def choice_problem(error: str, overrides: list[str], dirs: list[Path]) -> str | None:
-    """What to say of Hydra's composition error about a group choice (launch.config_file_problem): a null one
+    """What to say of Hydra's composition error about a group choice (command_line.config_file_problem): a null one
     (null_choice), a defaults list that is no list (not_a_list), or what is wrong in the defaults lists of the
     chosen files and on the command line (defaults_problem); None for any other error."""
     if "Config group override must be a string" in error:

@@ -943,10 +943,11 @@ def test_a_hydra_group_picked_in_a_copy_inside_conf_is_said_as_not_taken(tmp_pat
 
     sys.path.insert(0, str(REPO))
     import launch
+    from flare_exp import command_line
 
     conf = tmp_path / "conf"
     shutil.copytree(CONF, conf)  # the repo's conf/ stays as it is for the tests running beside this one
-    monkeypatch.setattr(launch, "CONF_DIR", conf)
+    monkeypatch.setattr(command_line, "CONF_DIR", conf)
     demo = (CONF / "experiment" / "demo.yaml").read_text()
     for name, pick in (("plain", "  - /hydra/launcher: slurm\n"), ("keyword", "  - override /hydra/launcher: slurm\n")):
         (conf / "experiment" / f"{name}.yaml").write_text(
@@ -967,7 +968,8 @@ def test_a_hydra_group_picked_in_a_copy_inside_conf_is_said_as_not_taken(tmp_pat
     for taken in ("demo", "reward_search"):  # the repo's own files: nothing to say (the search's GREEN objective
         # needs a judge: another objective here)
         launch.check_command_line(["-m", f"experiment={taken}", "stage=sft",
-                                   "hydra.sweeper.objectives=[classification.balanced_accuracy]"])
+                                   "hydra.sweeper.objectives=[classification.balanced_accuracy]",
+                                   "hydra.sweeper.objective_weights=null"])
 
 
 def test_a_sweep_with_cfg_and_an_empty_choice_are_one_line(capsys):

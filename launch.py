@@ -13,8 +13,8 @@ from omegaconf import DictConfig
 import flare_exp.config  # noqa: F401  (registers the structured-config schema)
 import flare_exp.run.names  # noqa: F401  (registers the run_name resolver that places the run dir)
 import flare_exp.run.stage  # noqa: F401  (registers the stage_help resolver: the stages on the help page)
-# the command line's checks before Hydra composes (composed, own_message: read by the tests too)
-from flare_exp.command_line import check_command_line, composed, own_message, refuse  # noqa: F401
+# the command line's checks before Hydra composes (CONF_DIR, composed, own_message: read by the tests too)
+from flare_exp.command_line import CONF_DIR, check_command_line, composed, own_message, refuse  # noqa: F401
 
 # What bad input raises (a missing file, a wrong key or value, a finished run, a missing package): our messages
 # name the key and the fix, so a single run prints just the message. Anything else keeps Hydra's traceback.

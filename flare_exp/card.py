@@ -66,11 +66,12 @@ MEMORY_MODEL = {
     "green_largest_batch": 96,
     # GRPO (rl.recompute_every_n_layers=auto): the merged rollout weights' copy (rl.rollout_weights=merged,
     # Qwen3-VL-4B: 7.6 GiB), and the activations a micro-batch keeps per 1,000 tokens when no layer recomputes,
-    # beyond the recomputed pass's. None: not measured on a GPU yet (bench/run.py grpo --set
-    # rl.recompute_every_n_layers=N beside 1 gives it); until then auto keeps every layer recomputing. SFT's
-    # figure (9.0 - 0.7) is only a guess for it: the loss pass holds other tensors than SFT's.
+    # beyond the recomputed pass's. Measured on an H100 (2026-12-06, one box, bench/run.py grpo 8 x 256, 8
+    # completions of ~956 tokens as the card estimate counts them): peaks 21.29 / 43.22 / 54.74 GiB with every
+    # layer / every 2nd / every 4th recomputing: the kept half is 21.93 GiB, the kept three quarters 33.45, i.e.
+    # 5.74 and 5.83 GiB per 1,000 tokens kept in full
     "rl_merged_copy_gib": 7.6,
-    "rl_kept_gib_per_1k_tokens": None,
+    "rl_kept_gib_per_1k_tokens": 5.8,
     "usable_fraction": 0.92,  # of the card: the allocator's fragmentation and other processes' contexts
 }
 SFT_CARD_PRESETS = ("auto", "large", "none")

@@ -79,14 +79,18 @@ def _collect(problems: list, check, *args) -> None:
         problems.append(e)
 
 
-def setting_problems(cfg: DictConfig, preload: bool = False) -> list[Exception]:
+def step_list_problems(cfg: DictConfig) -> list[Exception]:
+    """A pipeline's stage.steps (known, each once, in order) and stage.compare, before Hydra makes a run dir."""
     problems: list[Exception] = []
-    if cfg.stage.name == "pipeline":  # its step list first: the checks below read every step it names
-        from flare_exp.stages.pipeline import check_steps
+    if cfg.stage.name == "pipeline":
+        _collect(problems, stage("pipeline").check, cfg)
+    return problems
 
-        _collect(problems, check_steps, cfg)
-        if problems:
-            return problems
+
+def setting_problems(cfg: DictConfig, preload: bool = False) -> list[Exception]:
+    problems: list[Exception] = step_list_problems(cfg)
+    if problems:  # the checks below read every step a pipeline names
+        return problems
     steps = steps_of(cfg)
     for check in (check_known_keys, check_set_values, check_demo_budget, check_half_precision, check_liger_here):
         _collect(problems, check, cfg)
@@ -179,12 +183,8 @@ def input_problems(cfg: DictConfig) -> list[Exception]:
     from flare_exp.models.loading import check_model_path
 
     problems: list[Exception] = []
-    if cfg.stage.name == "pipeline":  # its step list first: the checks below read every step it names
-        from flare_exp.stages.pipeline import check_steps
-
-        _collect(problems, check_steps, cfg)
-        if problems:
-            return problems
+    if step_list_problems(cfg):  # said by setting_problems; the paths below depend on the steps
+        return problems
     steps = steps_of(cfg)
     if any(stage(name).record != "none" for name in steps if name in declared_stages()):  # it makes a run dir
         run_dir = abspath(cfg.paths.output_root) / "runs" / str(OmegaConf.select(cfg, "run_name", default=""))

@@ -95,8 +95,8 @@ def test_total_lengths_past_a_models_context_are_named_before_any_step(base_over
         judges[name] = tmp_path / name
         judges[name].mkdir()
         (judges[name] / "config.json").write_text(json.dumps({"max_position_embeddings": limit}))
-        for file in ("tokenizer.json", "model.safetensors"):  # a whole folder, as far as the checks look
-            (judges[name] / file).write_bytes(b"")
+        (judges[name] / "tokenizer.json").write_text("{}")  # a whole folder, as far as the checks look: the
+        (judges[name] / "model.safetensors").write_bytes((2).to_bytes(8, "little") + b"{}")  # weights file of none
     cfg = compose_cfg(["stage.steps=[sft,rl,infer,eval]", *base_overrides, "sft.eval_per_task=0", f"eval.green.model_path={judges['green']}", "eval.green.max_length=4096",
                        f"eval.crimson.model_path={judges['crimson']}", "eval.crimson.max_new_tokens=9000"])
     with pytest.raises(ValueError, match="2 problems with the settings") as e:

@@ -188,6 +188,10 @@ def planned_steps(cfg, out_dir: Path):
         done_dirs[step] = step_dir
 
 
+def check_settings(cfg) -> None:  # the stage registry's hook: checks.setting_problems, before the steps' own
+    check_steps(cfg)
+
+
 def check_steps(cfg) -> None:
     """stage.steps: known steps, each once, in the order each reads the one before it; stage.compare's names."""
     steps = list(cfg.stage.steps)

@@ -85,3 +85,34 @@ def test_a_cut_short_weights_file_and_a_torn_index_are_named(tmp_path, tiny_mode
     (model / "model.safetensors.index.json").write_text('{"weight_map": {"a": "model.saf')
     with pytest.raises(ValueError, match="model.safetensors.index.json is not a readable weights index"):
         check_model_folder("model.path", model, vision=True)
+
+
+def test_weights_that_do_not_fill_the_model_are_refused_at_load(tmp_path, tiny_model_dir):
+    """A whole but smaller weights file (a tensor dropped), or a config.json of another size: transformers
+    initialised the missing tensors at random and the run went on (infer DONE, GREEN 0.0), or raised a
+    RuntimeError naming no key. Both are named with the key at load."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForImageTextToText
+
+    from flare_exp.models.checkpoint_files import load_whole
+
+    cut = tmp_path / "cut"
+    shutil.copytree(tiny_model_dir, cut)
+    weights = sorted(cut.glob("*.safetensors"))[0]
+    tensors = load_file(weights)
+    dropped = sorted(tensors)[3]
+    del tensors[dropped]
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"model.path=.*cut: its weights lack 1 tensor\(s\) its config.json asks "
+                                         rf"for, e.g. {dropped}"):
+        load_whole(AutoModelForImageTextToText, "model.path", cut)
+    wider = tmp_path / "wider"
+    shutil.copytree(tiny_model_dir, wider)
+    config = json.loads((wider / "config.json").read_text())
+    config["text_config"]["intermediate_size"] *= 2
+    (wider / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="model.path=.*wider: its weights' shapes do not match its config.json"):
+        load_whole(AutoModelForImageTextToText, "model.path", wider)
+    assert load_whole(AutoModelForImageTextToText, "model.path", tiny_model_dir) is not None

@@ -61,12 +61,15 @@ class CrimsonJudge(JournaledJudge):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from flare_exp.models.checkpoint_files import load_whole
+
         check_choice("eval.crimson.dtype", dtype, JUDGE_DTYPES)
         path = judge_dir("eval.crimson.model_path", model_path, "rajpurkarlab/medgemma-4b-it-crimson --local-dir DIR "
                          "(~8.6 GB; accept MedGemma's terms on the hub first)")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
+        model = load_whole(AutoModelForCausalLM, "eval.crimson.model_path", path,
+                           dtype=getattr(torch, dtype)).to(device).eval()
         return cls(model, tokenizer, identity=json.dumps([str(path.resolve()), dtype]), **settings)
 
     def _package_generation_config(self):

@@ -114,13 +114,16 @@ class GreenJudge(JournaledJudge):
         import torch
         from transformers import AutoModelForCausalLM
 
+        from flare_exp.models.checkpoint_files import load_whole
+
         check_choice("eval.green.dtype", dtype, JUDGE_DTYPES)
         check_choice(ATTENTION_KEY, decode_attention, grouped_attention.SETTINGS)
         path = judge_dir("eval.green.model_path", model_path, "StanfordAIMI/GREEN-radllama2-7b --local-dir DIR "
                          "(~13.5 GB; GREEN-RadPhi2 is smaller)")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         tokenizer = judge_tokenizer(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
+        model = load_whole(AutoModelForCausalLM, "eval.green.model_path", path,
+                           dtype=getattr(torch, dtype)).to(device).eval()
         if not settings.get("exact"):  # exact: every judgment as the package makes it, its attention too
             grouped_attention.use_decode_attention(model, decode_attention, ATTENTION_KEY)
         return cls(model, tokenizer, identity=json.dumps([str(path.resolve()), dtype]), **settings)

@@ -92,3 +92,23 @@ def check_model_folder(key: str, path: Path, vision: bool | None = None) -> None
         if problem:
             raise ValueError(f"{key}={path}: {file.name} is not a whole weights file ({problem}): an interrupted "
                              "copy? Copy the model's folder again")
+
+
+def load_whole(model_class, key: str, path: Path, **kwargs):
+    """``model_class.from_pretrained(path)`` that refuses weights which do not fill the model its config.json
+    describes: a tensor the files lack (transformers initialises it at random, says so in a table, and the run
+    scores a random layer: GREEN 0.0 with no caveat) or one of another shape (its RuntimeError names no key)."""
+    try:
+        model, info = model_class.from_pretrained(path, output_loading_info=True, **kwargs)
+    except RuntimeError as e:
+        if "mismatch" not in str(e):
+            raise
+        raise ValueError(f"{key}={path}: its weights' shapes do not match its config.json (transformers' table "
+                         "above names them): a config.json of another model size? Copy the model's folder "
+                         "again") from None
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise ValueError(f"{key}={path}: its weights lack {len(missing)} tensor(s) its config.json asks for, e.g. "
+                         f"{missing[0]} (loaded, they would be random numbers): an incomplete copy, or a "
+                         "config.json of another model? Copy the model's folder again")
+    return model

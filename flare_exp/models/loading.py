@@ -164,6 +164,8 @@ def _load_hf(model_cfg, init_from, training, merge_adapter=False) -> LoadedModel
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from flare_exp.models.checkpoint_files import load_whole
+
     adapter, base = _adapter_and_base(model_cfg, init_from)
     processor = AutoProcessor.from_pretrained(adapter or base)
     apply_pixel_budget(processor, model_cfg)
@@ -171,8 +173,8 @@ def _load_hf(model_cfg, init_from, training, merge_adapter=False) -> LoadedModel
         from flare_exp.models.liger import restore_transformers_code
 
         restore_transformers_code()
-    model = AutoModelForImageTextToText.from_pretrained(
-        base, dtype=torch_dtype(model_cfg.dtype), attn_implementation=model_cfg.attn_implementation)
+    model = load_whole(AutoModelForImageTextToText, "model.path", base, dtype=torch_dtype(model_cfg.dtype),
+                       attn_implementation=model_cfg.attn_implementation)
     if model_cfg.liger_kernel and training:
         from flare_exp.models.liger import use_liger_kernels
 

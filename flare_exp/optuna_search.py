@@ -31,35 +31,42 @@ log = logging.getLogger(__name__)
 def search_space(overrides) -> tuple[dict, list[str]]:
     """Optuna distributions for the sweep overrides (interval(a,b) [tag(log, ...)], range(a,b[,step]),
     choice(a,b) or a,b), and the plain overrides every trial gets."""
-    from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSweep
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-
     space, fixed = {}, []
     for o in overrides:
         key = o.get_key_element()
         if not o.is_sweep_override():
             fixed.append(f"{key}={o.get_value_element_as_str()}")
             continue
-        value = o.value()
-        if isinstance(value, IntervalSweep):
-            log_scale = "log" in value.tags
-            if "int" in value.tags:
-                space[key] = IntDistribution(int(value.start), int(value.end), log=log_scale)
-            else:
-                space[key] = FloatDistribution(float(value.start), float(value.end), log=log_scale)
-        elif isinstance(value, RangeSweep):
-            values = list(value.range())
-            space[key] = CategoricalDistribution(values) if any(isinstance(v, float) for v in values) else \
-                IntDistribution(int(values[0]), int(values[-1]), step=int(value.step))
-        elif isinstance(value, ChoiceSweep):
-            space[key] = CategoricalDistribution([v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
-                                                  for v in value.list])
-        else:
-            raise ValueError(f"{key}: the Optuna sweeper takes interval(), range() and choice() sweeps")
+        try:
+            space[key] = _distribution(o.value())
+        except ValueError as e:  # Optuna's own words (low above high, a log scale from 0) with the key
+            raise ValueError(f"{o.input_line or key}: {e}") from None
     if not space:
         raise ValueError("the Optuna sweeper got no search space: give keys as key='interval(0,1)', "
                          "key='choice(a,b)' on the command line or in hydra.sweeper.params")
     return space, fixed
+
+
+def _distribution(value):
+    """The Optuna distribution of one sweep override's value."""
+    from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSweep
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    if isinstance(value, IntervalSweep):
+        log_scale = "log" in value.tags
+        if "int" in value.tags:
+            return IntDistribution(int(value.start), int(value.end), log=log_scale)
+        return FloatDistribution(float(value.start), float(value.end), log=log_scale)
+    if isinstance(value, RangeSweep):
+        values = list(value.range())
+        if not values:
+            raise ValueError("an empty range")
+        return CategoricalDistribution(values) if any(isinstance(v, float) for v in values) else \
+            IntDistribution(int(values[0]), int(values[-1]), step=int(value.step))
+    if isinstance(value, ChoiceSweep):
+        return CategoricalDistribution([v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
+                                        for v in value.list])
+    raise ValueError("the Optuna sweeper takes interval(), range() and choice() sweeps")
 
 
 def search_lock(storage: str | None, sweep_dir: Path):
@@ -225,6 +232,7 @@ class Search:
 
     def run(self) -> list:
         with search_lock(self.storage_setting, self.sweep_dir):
+            self._refuse_other_settings()
             return self._search()
 
     def _search(self) -> list:
@@ -302,10 +310,35 @@ class Search:
     def _names(self) -> list[str]:
         return ["weighted(" + ",".join(self.objectives) + ")"] if self.weights else self.objectives
 
+    def _deciding(self) -> dict:
+        """What makes two searches one study: their trials' numbers are comparable only where these agree."""
+        from optuna.distributions import distribution_to_json
+
+        return {"objectives": self._names(), "objective_weights": self.weights or None, "directions": self.directions,
+                "search_space": sorted(self.space), "fixed_overrides": self.fixed,
+                "distributions": {k: json.loads(distribution_to_json(d)) for k, d in sorted(self.space.items())}}
+
+    def _refuse_other_settings(self) -> None:
+        """A rerun that changed the objectives, weights, search space or fixed overrides of a study with finished
+        trials would continue it: the old trials' values ranked under the new objective's name, the sampler
+        fitted to them. Refused, naming what changed; a study without a finished trial takes the new settings."""
+        import optuna
+
+        path = self.sweep_dir / STUDY_FILE
+        if not path.is_file():
+            return
+        done = self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
+                                                             optuna.trial.TrialState.PRUNED))
+        before, now = json.loads(path.read_text()), self._deciding()
+        changed = [f"{key}: {before[key]} -> {now[key]}" for key in now if key in before and before[key] != now[key]]
+        if done and changed:
+            raise ValueError(f"hydra.sweeper: the study in {self.sweep_dir} has {len(done)} finished trial(s) made "
+                             f"with other settings ({'; '.join(changed)}); continuing it would rank them beside "
+                             "these. Rerun with its settings to continue it, or pass run_name=<another name> to "
+                             "start a new study in its own sweep dir")
+
     def _record(self) -> None:
         write_json(self.sweep_dir / STUDY_FILE, {
             "study_name": self.study.study_name, "storage": self.storage_setting or str(self.sweep_dir / JOURNAL),
-            "objectives": self._names(), "directions": self.directions, "n_trials": self.n_trials,
-            "search_space": sorted(self.space), "fixed_overrides": self.fixed,
-            "pruner": self.pruner_setting if self.prunes else None})
+            "n_trials": self.n_trials, **self._deciding(), "pruner": self.pruner_setting if self.prunes else None})
 

@@ -111,6 +111,17 @@ def test_two_objectives_give_a_pareto_front_and_a_failing_trial_does_not_stop_th
     assert len(study.directions) == 2 and best_trials(study)
     summary = write_study_report(sweep, sweep / "report")
     assert summary["best_trials"] and "(the Pareto front)" in (sweep / "report" / "study.md").read_text()
+    # the same sweep again with another objective: its finished trial would be ranked under the new name
+    record = sorted(p.name for p in sweep.iterdir())
+    again = subprocess.run([sys.executable, "launch.py", *_trial_args(session_dir, tmp_path, sft_adapter, "pareto"),
+                            "hydra/launcher=local", "rl.num_generations=choice(2,3)", "hydra.sweeper.n_trials=2",
+                            "hydra.sweeper.sampler.name=grid", "hydra.sweeper.objectives=[report_generation.bleu_1]"],
+                           cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 2 and "Traceback" not in again.stderr, again.stderr[-3000:]
+    assert "has 1 finished trial(s) made with other settings (objectives: ['report_generation.rouge_l', " \
+           "'report_generation.bleu_1'] -> ['report_generation.bleu_1']" in again.stderr
+    assert "run_name=<another name>" in again.stderr and sorted(p.name for p in sweep.iterdir()) == record
+    assert len(_study(sweep).get_trials(deepcopy=False)) == 2
 
 
 def test_a_batch_of_trials_through_the_stand_in_slurm(session_dir, tmp_path, sft_adapter):

@@ -124,3 +124,18 @@ def test_every_sweeper_setting_is_named_before_any_trial():
     assert "hydra.sweeper.pruner: HyperbandPruner" in str(sweeper_problems(args, True)[0])
     basic = OmegaConf.create({"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"})
     assert sweeper_problems(basic, True) == []
+
+
+def test_a_sweep_value_optuna_refuses_is_named_with_its_key():
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from flare_exp.optuna_search import search_space
+
+    parse = OverridesParser.create().parse_overrides
+    for override, said in (("a.b=interval(1,0)", r"a.b=interval\(1, ?0\): .*low"),
+                           ("a.b=tag(log,interval(0,1))", r"a.b=.*: .*log"),
+                           ("a.b=range(3,1)", "a.b=.*: an empty range")):
+        with pytest.raises(ValueError, match=said):
+            search_space(parse([override]))
+    space, fixed = search_space(parse(["a.b=interval(0,1)", "c=2"]))
+    assert list(space) == ["a.b"] and fixed == ["c=2"]

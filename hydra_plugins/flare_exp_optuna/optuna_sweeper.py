@@ -34,3 +34,7 @@ class OptunaSweeper(Sweeper):
             return Search(self, arguments).run()
         except SearchFailedError as e:  # named without a traceback; the sweep exits non-zero
             exit_with(str(e))
+        except ValueError as e:  # a setting the search refuses before any trial: the sweep dir as it was
+            if not getattr(self.launcher, "_launched", True):
+                self.launcher._record.restore()
+            exit_with(str(e), 2)

@@ -253,3 +253,19 @@ def test_no_report_no_scorer_caveat(base_overrides, tmp_path):
     run(cfg, run_dir=tmp_path / "eval")
     (entry,) = json.loads((tmp_path / "eval" / "metrics.json").read_text()).values()
     assert list(entry["by_task"]) == ["classification"] and not any("RadGraph" in c for c in entry["caveats"])
+
+
+def test_rows_of_two_models_in_one_file_are_refused(tmp_path):
+    """Two infer runs' files joined into one: each row names its model (and adapter), and eval scored them as one
+    model under the first one's name. Refused, naming a row of the other; rows without the fields pass."""
+    prepared = _prepared(tmp_path)
+    rows = [{**r, "prediction": "A", "model": "runs/rl", "adapter": {"path": "/a"}} for r in REFERENCE]
+    for row in rows[5:7]:
+        row["model"], row["adapter"] = "base", None
+    with pytest.raises(ValueError, match=r"its rows name 2 models \(model/adapter fields\), e.g. 2 row\(s\) like "
+                                         r"dental/5 by 'base' beside 'runs/rl': eval scores one model per file"):
+        load_rows(_predictions(tmp_path, rows), False, prepared)
+    one = [{**r, "prediction": "A", "model": "runs/rl"} for r in REFERENCE]
+    assert len(load_rows(_predictions(tmp_path, one), False, prepared)[0]) == 8
+    bare = [{**r, "prediction": "A"} for r in REFERENCE]
+    assert len(load_rows(_predictions(tmp_path, bare), False, prepared)[0]) == 8

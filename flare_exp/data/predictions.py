@@ -51,6 +51,7 @@ def load_rows(path: Path, allow_partial: bool, prepared_dir: str | None = None) 
     if not rows:
         raise ValueError(f"{path}: no predictions")
     check_fields(path, rows)
+    refuse_mixed_models(path, rows)
     # a doubled row is named as such: not as a changed answer (the join), nor as a count to allow_partial away
     check_one_row_per_id(path, rows)
     check_written_count(path, len(rows), allow_partial)
@@ -194,6 +195,27 @@ def refuse_mixed_splits(path: Path, rows: list[dict]) -> None:
                      f"), e.g. {strays[0]} ({next(r['split'] for r in rows if r.get('id') == strays[0])}): eval scores "
                      f"one split at a time. Leave out the rows of the other split(s), or score each split's "
                      "predictions as a file of its own")
+
+
+def refuse_mixed_models(path: Path, rows: list[dict]) -> None:
+    """Rows whose own model / adapter fields (infer writes them on every row) name several models: two runs'
+    files joined into one would be scored as one model, under one name."""
+    import json
+
+    def made_by(row: dict) -> str | None:
+        if row.get("model") is None and row.get("adapter") is None:
+            return None  # a row written by hand or by another tool: nothing to compare
+        return json.dumps([row.get("model"), row.get("adapter")], sort_keys=True, default=str)
+
+    named = Counter(m for m in map(made_by, rows) if m is not None)
+    if len(named) < 2:
+        return
+    (first, _), (other, count) = named.most_common(2)
+    stray = next(r for r in rows if made_by(r) == other)
+    raise ValueError(f"{path}: its rows name {len(named)} models (model/adapter fields), e.g. {count} row(s) like "
+                     f"{stray.get('id')} by {json.loads(other)[0]!r} beside {json.loads(first)[0]!r}: eval scores "
+                     "one model per file. Give each model's predictions as a file of its own in eval.predictions "
+                     "(they are compared side by side)")
 
 
 ZIP = b"PK\x03\x04"  # .xlsx, .ods

@@ -527,6 +527,13 @@ def test_step_lists_that_make_no_sense_are_refused_and_the_predicting_model_is_n
     assert compared_sources(given) == ["base", "sft"]
     planned = {name: c.infer.checkpoint for name, _, c, _ in planned_steps(given, tmp_path) if name.startswith("infer")}
     assert planned == {"infer-base": None, "infer-sft": "/runs/sft", "infer": str(tmp_path / "rl")}
+    # infer predicting with an adapter given by hand: base beside it is a move to show (it was dropped as "the
+    # model infer predicts with"); a model named twice is refused
+    given_adapter = compose_cfg(["stage=pipeline", "stage.steps=[prepare,infer,eval]", "stage.compare=[base]",
+                                 "infer.checkpoint=/runs/sft"])
+    assert compared_sources(given_adapter) == ["base"]
+    with pytest.raises(ValueError, match="stage.compare names base more than once"):
+        check_steps(compose_cfg(["stage=pipeline", "stage.compare=[base,base]"]))
     caplog.clear()
     say_what_is_compared(compose_cfg(["stage=pipeline", "stage.steps=[rl,infer,eval]", "stage.compare=[sft]"]))
     assert "WARNING" in caplog.text and "sft is not compared" in caplog.text and "rl.init_from" in caplog.text

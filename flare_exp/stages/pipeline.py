@@ -56,23 +56,28 @@ def _trained_before_infer(cfg) -> dict[str, str | None]:
     return before
 
 
+def _predicting(cfg, before: list[str]) -> str:
+    """The model the pipeline's infer predicts with: the adapter infer.checkpoint names, else the last trained
+    model before it, else base."""
+    return "infer.checkpoint" if cfg.infer.checkpoint else before[-1] if before else "base"
+
+
 def compared_sources(cfg) -> list[str]:
     """stage.compare as this pipeline can honour it: the trained models before infer (``_trained_before_infer``)
-    other than the one infer predicts with (the last: compared with itself it would only add tests to the
-    correction's family), and base beside a trained model (a pipeline that trains nothing here, or does not
-    evaluate, has no moves to show)."""
+    and base, each once, other than the one infer predicts with (compared with itself it would only add tests to
+    the correction's family); none where the pipeline does not evaluate."""
     steps = list(cfg.stage.steps)
     if "infer" not in steps or "eval" not in steps[steps.index("infer"):]:
         return []
     before = list(_trained_before_infer(cfg))
-    predicting = before[-1] if before else None
-    return [s for s in cfg.stage.compare if (s in before and s != predicting) or (s == "base" and predicting)]
+    predicting = _predicting(cfg, before)
+    return [s for s in dict.fromkeys(cfg.stage.compare) if s in (*before, "base") and s != predicting]
 
 
 def say_what_is_compared(cfg) -> None:
     """Once per pipeline: the entries of stage.compare it cannot honour, and why."""
     steps, honoured = list(cfg.stage.steps), compared_sources(cfg)
-    left_out = [s for s in cfg.stage.compare if s not in honoured]
+    left_out = [s for s in dict.fromkeys(cfg.stage.compare) if s not in honoured]
     if not left_out:
         return
     if "infer" not in steps or "eval" not in steps[steps.index("infer"):]:
@@ -80,12 +85,9 @@ def say_what_is_compared(cfg) -> None:
         return
     before = list(_trained_before_infer(cfg))
     for source in left_out:
-        if before and source == before[-1]:
-            log.info("stage.compare: %s is the model infer predicts with in this pipeline: not compared with "
-                     "itself", source)
-        elif source == "base":
-            log.info("stage.compare: base is the model infer predicts with (nothing is trained before it in this "
-                     "pipeline): not compared with itself")
+        if source == _predicting(cfg, before):
+            log.info("stage.compare: %s is the model infer predicts with in this pipeline%s: not compared with "
+                     "itself", source, "" if before else " (nothing is trained before it)")
         else:
             log.warning("stage.compare: %s is not compared: this pipeline does not run it before infer%s", source,
                         " (nor does rl.init_from name its run)" if source == "sft" and "rl" in before else
@@ -211,6 +213,9 @@ def check_steps(cfg) -> None:
     unknown = [s for s in cfg.stage.compare if s not in ("base", "sft", "rl")]
     if unknown:
         raise ValueError(f"stage.compare has {unknown}: each entry is base, sft or rl")
+    twice = sorted({s for s in cfg.stage.compare if list(cfg.stage.compare).count(s) > 1})
+    if twice:
+        raise ValueError(f"stage.compare names {', '.join(twice)} more than once: each model is compared once")
 
 
 def refuse_before_start(cfg, out_dir: Path) -> None:

@@ -195,7 +195,7 @@ def per_sample_stats(block: dict) -> tuple[dict, set]:
 
 
 def comparison(output_root: Path, names: list[str], resamples: int = 1000, seed: int = 0,
-               ar_trials: int = 0) -> list[str]:
+               ar_trials: int = 0, correction: str = "holm") -> list[str]:
     """Markdown: the runs' official metrics side by side, then the paired tests between every two of them."""
     from flare_exp.reports.eval_report import (SIGNIFICANCE_HEADER, official_table, significance_notes,
                                                significance_rows)
@@ -220,7 +220,7 @@ def comparison(output_root: Path, names: list[str], resamples: int = 1000, seed:
             results[key] = block
             samples[key], inputs[key] = per_sample_stats(block)
     tests, warnings = compare(results, samples, resamples, seed, ar_trials, inputs)
-    family = correct_family(tests)
+    family = correct_family(tests, correction)
     lines = md_table(*official_table(results))
     if tests:
         lines += ["Paired tests (report generation left out: its per-report GREEN scores are in the eval runs' "
@@ -255,8 +255,8 @@ def run(cfg, out_dir: Path | None = None) -> dict:
     names = list(cfg.runs.compare or [])
     try:
         if names:
-            lines = comparison(root, names, cfg.eval.significance.resamples, cfg.eval.significance.seed,
-                               cfg.eval.significance.ar_trials)
+            sig = cfg.eval.significance
+            lines = comparison(root, names, sig.resamples, sig.seed, sig.ar_trials, sig.correction)
         else:
             header, rows = listing(root)
             lines = md_table(header, rows) if rows else [f"no runs under {root}"]

@@ -106,6 +106,16 @@ def _pair_problems(cfg, steps: set[str]) -> list[str]:
         problems += _split_name_problems(cfg.data) + _dataset_name_problems(cfg.data) + _demo_problems(cfg.data)
     if steps & {"sft", "rl"}:
         problems += _resume_problems(cfg.resume)
+    if steps & {"eval", "runs"}:  # runs.compare corrects its family of tests too
+        from flare_exp.metrics.significance import CORRECTIONS
+        from flare_exp.runtime import check_choice
+
+        problems += _refusal(check_choice, "eval.significance.correction", cfg.eval.significance.correction,
+                             CORRECTIONS)
+    named = list(OmegaConf.select(cfg, "runs.compare", default=None) or [])
+    if "runs" in steps and len(set(map(str, named))) < len(named):
+        problems.append(f"runs.compare={named} names a run more than once: each run is compared once (a run beside "
+                        "itself adds tests of no difference to the correction's family)")
     if "eval" in steps:
         problems += _judge_choice_problems(cfg.eval)
         green = cfg.eval.green

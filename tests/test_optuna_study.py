@@ -118,8 +118,11 @@ def test_every_sweeper_setting_is_named_before_any_trial():
     mixed = OmegaConf.create({**good, "objective_weights": {"multi_label.f1_score": 1,
                                                             "regression.mean_absolute_error": 1}})
     assert "mixes metrics to maximise and to minimise" in str(sweeper_problems(mixed, True)[0])
-    zero = OmegaConf.create({**good, "objective_weights": {"multi_label.f1_score": 0}})
+    zero = OmegaConf.create({**good, "objective_weights": {"multi_label.f1_score": 0,
+                                                           "regression.mean_absolute_error": 0}})
     assert "every weight is 0" in str(sweeper_problems(zero, True)[0])
+    partial = OmegaConf.create({**good, "objective_weights": {"multi_label.f1_score": 1}})
+    assert "gives no weight to regression.mean_absolute_error" in str(sweeper_problems(partial, True)[0])
     args = OmegaConf.create({**good, "pruner": {"name": "hyperband", "bogus": 1}})
     assert "hydra.sweeper.pruner: HyperbandPruner" in str(sweeper_problems(args, True)[0])
     basic = OmegaConf.create({"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"})

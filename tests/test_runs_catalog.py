@@ -56,6 +56,9 @@ def test_the_listing_tells_each_run_state_and_the_comparison_tests_the_differenc
     assert "sweeps/grid/0 vs good" in text and "multi_label" in text
     row = next(line for line in text.splitlines() if line.startswith("| sweeps/grid/0 vs good"))
     assert row.split("|")[-4].strip() != "n/a", row  # p (AR): approximate randomization ran too
+    assert "Adjusted p (Holm's step-down)" in text  # eval.significance.correction is read (it was always Holm)
+    bh = "\n".join(comparison(root, ["good", "sweeps/grid/0"], resamples=200, correction="bh"))
+    assert "Adjusted p (Benjamini-Hochberg)" in bh
 
 
 def test_the_headline_is_the_runs_own_model_not_the_base_it_is_compared_with(tmp_path):

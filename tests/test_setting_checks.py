@@ -195,9 +195,11 @@ def test_the_comparison_of_stage_runs_ranges_its_trials(base_overrides):
     days (its arrays are drawn in bounded chunks, so never all memory), a negative count gave a negative p."""
     from flare_exp.checks import validate
 
-    cfg = compose_cfg(["stage=runs", *base_overrides, "runs.compare=[a,b]", "eval.significance.resamples=1000000000",
-                       "eval.significance.ar_trials=1000001"])
-    with pytest.raises(ValueError, match="2 problems") as e:
+    cfg = compose_cfg(["stage=runs", *base_overrides, "runs.compare=[a,a]", "eval.significance.resamples=1000000000",
+                       "eval.significance.ar_trials=1000001", "eval.significance.correction=bonferroni"])
+    with pytest.raises(ValueError, match="4 problems") as e:
         validate(cfg)
+    assert "eval.significance.correction='bonferroni': choose holm, bh or none" in str(e.value)
+    assert "runs.compare=['a', 'a'] names a run more than once" in str(e.value)
     assert "eval.significance.resamples=1000000000: must be an integer from 0 to 1,000,000" in str(e.value)
     assert "eval.significance.ar_trials=1000001: must be" in str(e.value)

@@ -22,15 +22,15 @@ def direction_of(objective: str) -> str:
     return "minimize" if metric in _MINIMISED or "error" in metric else "maximize"
 
 
-def parse_objective(spec: str) -> tuple[str, str]:
+def parse_objective(spec: str, key: str = "hydra.sweeper.objectives") -> tuple[str, str]:
     task, _, metric = spec.partition(".")
     if not metric:
-        raise ValueError(f"hydra.sweeper.objectives: {spec!r} is not '<task>.<metric>', e.g. "
+        raise ValueError(f"{key}: {spec!r} is not '<task>.<metric>', e.g. "
                          "multi_label.f1_score or report_generation.green_score")
     return task, metric
 
 
-def check_objective(spec: str) -> None:
+def check_objective(spec: str, key: str = "hydra.sweeper.objectives") -> None:
     """An objective eval's metrics.json can hold, before any trial runs (a misspelt one would fail every trial
     after its rl, infer and eval): a known task and, for the tasks of fixed metrics, one of their names (the
     report metrics depend on the scorers configured, so any name passes there)."""
@@ -38,11 +38,11 @@ def check_objective(spec: str) -> None:
 
     from flare_exp.metrics import official, tasks
 
-    task, metric = parse_objective(spec)
+    task, metric = parse_objective(spec, key)
     known = sorted(official.OFFICIAL_METRIC)
     if task not in known:
         near = difflib.get_close_matches(task, known, n=1)
-        raise ValueError(f"hydra.sweeper.objectives: {spec!r} names no task {task!r}" + (
+        raise ValueError(f"{key}: {spec!r} names no task {task!r}" + (
             f" (did you mean {near[0]}.{metric}?)" if near else f"; the tasks: {', '.join(known)}"))
     if task == "report_generation":
         return
@@ -51,7 +51,7 @@ def check_objective(spec: str) -> None:
         sample)} if k not in ("n", "num_examples", "flare_task_type", "per_label_f1"))
     if metric not in names:
         near = difflib.get_close_matches(metric, names, n=1)
-        raise ValueError(f"hydra.sweeper.objectives: {spec!r}: {task} has no metric {metric!r}" + (
+        raise ValueError(f"{key}: {spec!r}: {task} has no metric {metric!r}" + (
             f" (did you mean {task}.{near[0]}?)" if near else "") + f"; its metrics: {', '.join(names)}")
 
 

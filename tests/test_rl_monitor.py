@@ -96,6 +96,14 @@ def test_bad_monitor_settings_are_named():
     with pytest.raises(ValueError, match="rl.eval_steps=0"):
         check_monitor_settings(compose_cfg(["rl.optuna_trial=3", "rl.optuna_study=/x"]).rl)
     check_monitor_settings(compose_cfg(["rl.metric_for_best_model=classification.balanced_accuracy"]).rl)
+    # a misspelt metric kept no best/ adapter and switched an Optuna search's pruning off, silently
+    with pytest.raises(ValueError, match=r"rl.metric_for_best_model: 'multi_label.f1_scor': multi_label has no "
+                                         r"metric 'f1_scor' \(did you mean multi_label.f1_score\?\)"):
+        check_monitor_settings(compose_cfg(["rl.metric_for_best_model=multi_label.f1_scor"]).rl)
+    from flare_exp.rl_monitor.heldout_watch import check_metric_spec
+
+    with pytest.raises(ValueError, match="sft.metric_for_best_model: 'foo.bar' names no task 'foo'"):
+        check_metric_spec("sft", "foo.bar")
 
 
 def test_optuna_prunes_a_trailing_trial_and_the_study_report_shows_it(tmp_path):

@@ -23,7 +23,7 @@ EVALS = "heldout_evals.jsonl"
 
 def check_metric_spec(stage: str, spec: str) -> None:
     """``<stage>.metric_for_best_model``, checked before any work."""
-    from flare_exp.optuna_study import parse_objective
+    from flare_exp.optuna_study import check_objective, parse_objective
 
     if spec == OFFICIAL_MEAN:
         return
@@ -32,6 +32,7 @@ def check_metric_spec(stage: str, spec: str) -> None:
     except ValueError:
         raise ValueError(f"{stage}.metric_for_best_model={spec!r}: give '<task>.<metric>' as in eval's "
                          f"metrics.json (e.g. classification.balanced_accuracy) or {OFFICIAL_MEAN}") from None
+    check_objective(spec, f"{stage}.metric_for_best_model")  # a known task and metric: a typo kept no best/
 
 
 class HeldOutWatch(TrainerCallback):

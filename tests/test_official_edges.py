@@ -151,3 +151,21 @@ def test_green_exact_batches_as_the_package(tiny_green_judge, tmp_path, monkeypa
     seen.clear()
     default.judge(refs, cands)
     assert len(seen) == 1 and len(seen[0]) == 8 and seen[0][0] == rendered[-1]  # distinct, longest first
+
+
+def test_runs_predicted_with_other_decoding_or_another_base_model_are_said():
+    """Three evals of one adapter (3 new tokens, sampled at 1.5, another base model) printed side by side with
+    no note of what differed; the prepared file, window and max_pixels were said already."""
+    from flare_exp.data.predictions import decoding_of
+    from flare_exp.metrics.significance import input_differences
+
+    greedy = decoding_of({"max_new_tokens": 256, "do_sample": False, "temperature": 1.0, "top_p": 1.0})
+    hot = decoding_of({"max_new_tokens": 256, "do_sample": True, "temperature": 1.5, "top_p": 1.0})
+    assert greedy == "max_new_tokens=256, greedy" and hot == "max_new_tokens=256, sampled (temperature=1.5, top_p=1.0)"
+    a = {"run": {"model_path": "/models/qwen", "decoding": greedy}}
+    said = input_differences("sft", "sft'", a, {"run": {"model_path": "/models/other", "decoding": hot}})
+    assert said == ["sft and sft' were predicted on different base models (model.path): /models/qwen and "
+                    "/models/other", f"sft and sft' were predicted with different decoding settings: {greedy} and "
+                    f"{hot}"]
+    assert input_differences("sft", "rl", a, {"run": {"model_path": "/models/../models/qwen", "decoding": greedy}}) == []
+    assert input_differences("sft", "rl", a, {"run": {}}) == []  # a file without its infer run: nothing to compare

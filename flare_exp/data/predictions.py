@@ -348,6 +348,17 @@ def find_predictions(entry: str) -> Path:
 
 
 
+def decoding_of(infer) -> str:
+    """The settings that decide a prediction's text, as one line (two runs that differ in it are not one model's
+    numbers under two decodings' noise)."""
+    said = f"max_new_tokens={infer.get('max_new_tokens')}"
+    if infer.get("min_new_tokens"):
+        said += f", min_new_tokens={infer.get('min_new_tokens')}"
+    if infer.get("do_sample"):
+        said += f", sampled (temperature={infer.get('temperature')}, top_p={infer.get('top_p')})"
+    return said + ("" if infer.get("do_sample") else ", greedy")
+
+
 def run_metadata(path: Path) -> dict:
     """What produced a predictions file, from its infer run dir when there is one: the model, the checkpoint,
     the backend, when and from which commit."""
@@ -363,7 +374,8 @@ def run_metadata(path: Path) -> dict:
         if (run_dir / CONFIG).exists():
             cfg = OmegaConf.load(run_dir / CONFIG)
             meta.update(model=str(cfg.model.get("name")), model_path=str(cfg.model.get("path")),
-                        backend=str(cfg.model.get("backend")), max_pixels=cfg.model.get("max_pixels"))
+                        backend=str(cfg.model.get("backend")), max_pixels=cfg.model.get("max_pixels"),
+                        decoding=decoding_of(cfg.get("infer") or {}))
         if (run_dir / RUN_INFO).exists():
             info = json.loads((run_dir / RUN_INFO).read_text())
             meta.update(commit=info.get("git_commit"), started=info.get("started") or info.get("start_time"))

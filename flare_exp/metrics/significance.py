@@ -149,6 +149,13 @@ def input_differences(a: str, b: str, res_a: dict, res_b: dict) -> list[str]:
     windows = [res.get("image_window") for res in (res_a, res_b)]
     if all(windows) and windows[0] != windows[1]:
         out.append(f"{a} and {b} decoded their images with different windows: {windows[0]} and {windows[1]}")
+    for field, what in (("model_path", "on different base models (model.path)"),
+                        ("decoding", "with different decoding settings")):
+        values = [res.get("run", {}).get(field) for res in (res_a, res_b)]
+        same = os.path.realpath(values[0]) == os.path.realpath(values[1]) if field == "model_path" and None not in \
+            values else values[0] == values[1]
+        if None not in values and not same:  # both from infer runs that recorded it
+            out.append(f"{a} and {b} were predicted {what}: {values[0]} and {values[1]}")
     pixels = [res.get("run", {}).get("max_pixels", "unknown") for res in (res_a, res_b)]
     if "unknown" not in pixels and pixels[0] != pixels[1]:  # both from infer runs that recorded it
         out.append(f"{a} and {b} were predicted with different model.max_pixels: {pixels[0]} and {pixels[1]}")

@@ -13,8 +13,8 @@ def _folder(tmp_path, name, config, *files):
     folder = tmp_path / name
     folder.mkdir()
     (folder / "config.json").write_text(config if isinstance(config, str) else json.dumps(config))
-    for file in files:
-        (folder / file).write_bytes(b"")
+    for file in files:  # whole as far as the checks look: a JSON object, a safetensors file of no tensors
+        (folder / file).write_bytes(b"{}" if file.endswith(".json") else (2).to_bytes(8, "little") + b"{}")
     return folder
 
 
@@ -116,3 +116,27 @@ def test_weights_that_do_not_fill_the_model_are_refused_at_load(tmp_path, tiny_m
     with pytest.raises(ValueError, match="model.path=.*wider: its weights' shapes do not match its config.json"):
         load_whole(AutoModelForImageTextToText, "model.path", wider)
     assert load_whole(AutoModelForImageTextToText, "model.path", tiny_model_dir) is not None
+
+
+def test_a_torn_tokenizer_or_processor_file_a_missing_processor_and_dangling_links_are_named(tmp_path,
+                                                                                              tiny_model_dir):
+    """A torn tokenizer.json gave a bare JSONDecodeError naming no file, after the run dir was made; a missing
+    processor config transformers' "Can't load image processor" traceback; a link into a hub cache that was not
+    copied a FileNotFoundError naming no key."""
+    from flare_exp.models.checkpoint_files import check_model_folder
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    for name in ("tokenizer.json", "processor_config.json"):
+        whole = (model / name).read_text()
+        (model / name).write_text(whole[: len(whole) // 2])
+        with pytest.raises(ValueError, match=f"model.path=.*model: {name} is not valid JSON"):
+            check_model_folder("model.path", model, vision=True)
+        (model / name).write_text(whole)
+    (model / "processor_config.json").rename(tmp_path / "processor_config.json")
+    with pytest.raises(ValueError, match="has no image processor settings"):
+        check_model_folder("model.path", model, vision=True)
+    check_model_folder("eval.crimson.model_path", model)  # a judge needs no image processor here
+    (model / "processor_config.json").symlink_to(tmp_path / "gone.json")
+    with pytest.raises(ValueError, match=r"1 file\(s\) are links to nothing, e.g. processor_config.json"):
+        check_model_folder("model.path", model, vision=True)

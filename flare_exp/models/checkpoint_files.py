@@ -8,6 +8,7 @@ import struct
 from pathlib import Path
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
@@ -68,7 +69,19 @@ def check_model_folder(key: str, path: Path, vision: bool | None = None) -> None
     """The folder ``key`` names holds a whole model: config.json, tokenizer files, weights (every shard its index
     names); ``vision``: True for a vision-language model (model.path), False for a judge's text model (GREEN),
     None either (CRIMSON's MedGemma is one)."""
+    broken = sorted(p.name for p in path.iterdir() if p.is_symlink() and not p.exists())
+    if broken:
+        raise ValueError(f"{key}={path}: {len(broken)} file(s) are links to nothing, e.g. {broken[0]} (a copied "
+                         "hub cache keeps its files in blobs/ beside the snapshot): copy the folder with its links "
+                         "resolved (cp -rL, or huggingface-cli download --local-dir)")
     config = read_config(key, path)
+    for name in ("tokenizer.json", "tokenizer_config.json", *PROCESSOR_FILES):  # each a library's JSON, if there
+        if (path / name).is_file():
+            try:
+                json.loads((path / name).read_text(encoding="utf-8"))
+            except ValueError as e:  # UnicodeDecodeError too
+                raise ValueError(f"{key}={path}: {name} is not valid JSON ({e}): an incomplete or damaged copy? "
+                                 "Copy the model's folder again") from None
     missing = [what for what, found in (
         (f"tokenizer files ({' / '.join(TOKENIZER_FILES[:2])})", any((path / f).is_file() for f in TOKENIZER_FILES)),
         ("weights (*.safetensors or pytorch_model*.bin)", any(any(path.glob(p)) for p in WEIGHT_PATTERNS)))
@@ -87,6 +100,9 @@ def check_model_folder(key: str, path: Path, vision: bool | None = None) -> None
         raise ValueError(f"{key}={path} holds a {config.get('model_type', 'text')} model without a vision tower "
                          "(no vision_config in its config.json): flare-exp fine-tunes a vision-language model "
                          "(Qwen3-VL-4B-Instruct); point model.path at one")
+    if vision and not any((path / name).is_file() for name in PROCESSOR_FILES):
+        raise ValueError(f"{key}={path} has no image processor settings ({' or '.join(PROCESSOR_FILES)}): an "
+                         "incomplete copy? Copy the whole folder the download made")
     for file in sorted(path.glob("*.safetensors")):
         problem = safetensors_problem(file)
         if problem:

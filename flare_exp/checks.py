@@ -209,7 +209,22 @@ def input_problems(cfg: DictConfig) -> list[Exception]:
             for key in declared.reads:
                 _collect_missing(problems, declared, key, cfg)
                 _collect(problems, _check_window, declared.path_of(cfg, key), cfg.data.image_window)
+        _collect(problems, _check_start, cfg, declared.starts_from)
     return problems
+
+
+def _check_start(cfg: DictConfig, key: str | None) -> None:
+    """The adapter a stage starts from, where the user named one that exists: an adapter, a finished training
+    run or a pipeline (an infer or eval run, an unfinished run, an intermediate checkpoint not allowed: refused
+    at its load, after the run dir was made)."""
+    from flare_exp.models.checkpoints import chosen_adapter
+
+    value = OmegaConf.select(cfg, key) if key else None
+    if value and abspath(value).exists():  # a missing path is named by the reads' check
+        try:
+            chosen_adapter(key, abspath(value), cfg.allow_intermediate_checkpoint)
+        except FileNotFoundError as e:  # resolve_adapter's words name the path; the key comes first
+            raise FileNotFoundError(f"{key}: {e}") from None
 
 
 COMPARED_ROOTS: dict[tuple, str | None] = {}  # (prepared dir, record time, data.root, record files) -> why not

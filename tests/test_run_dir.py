@@ -1,12 +1,13 @@
 """The run dir's guarantees at their edges: its name, attempts, journals, checkpoints, strict JSON."""
 import shutil
+import sys
 
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf.errors import InterpolationResolutionError
 
-from conftest import CONF, compose_cfg
+from conftest import CONF, REPO, compose_cfg
 from flare_exp.checks import setting_problems
 
 
@@ -128,7 +129,7 @@ def _training_run(path, finished=True, checkpoints=()):
     return path
 
 
-def test_the_adapter_used_is_the_adapter_meant(tmp_path):
+def test_the_adapter_used_is_the_adapter_meant(tmp_path, capsys):
     from flare_exp.models.checkpoints import chosen_adapter, mark_complete, resolve_adapter
 
     pipeline = tmp_path / "pipe"
@@ -157,6 +158,19 @@ def test_the_adapter_used_is_the_adapter_meant(tmp_path):
         chosen_adapter("infer.checkpoint", killed / "checkpoint-3", allow_intermediate=True)
     mark_complete(killed / "checkpoint-3")
     assert chosen_adapter("infer.checkpoint", killed / "checkpoint-3", True) == killed / "checkpoint-3"
+    # named before Hydra makes the run dir (a refused rl.init_from left one with .hydra/ and launch.log only)
+    sys.path.insert(0, str(REPO))
+    import launch
+
+    for key, value in (("rl.init_from", infer_run), ("infer.checkpoint", killed / "checkpoint-1"),
+                       ("sft.init_from", killed)):
+        (killed / "checkpoint-1").mkdir(exist_ok=True)
+        stage = key.split(".")[0]
+        with pytest.raises(SystemExit):
+            launch.check_command_line([f"stage={stage}", f"{key}={value}", f"paths.output_root={tmp_path / 'o'}"])
+        err = capsys.readouterr().err
+        assert f"{key}" in err and "nothing was run or written" in err, err
+    assert not (tmp_path / "o").exists()
 
 
 def test_jobs_equal_on_the_ranking_metric_are_ordered_by_the_other_official_metrics(tmp_path):

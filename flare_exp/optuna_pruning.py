@@ -23,10 +23,19 @@ def make_pruner(setting: dict | None):
                "none": optuna.pruners.NopPruner}
     if name not in classes:
         raise ValueError(f"hydra.sweeper.pruner.name={name!r}: choose {', '.join(PRUNERS)}")
+    import inspect
+
+    takes = [p for p in inspect.signature(classes[name]).parameters if p != "self"]
+    foreign = [k for k in setting if k not in takes]
+    if foreign:  # e.g. median's n_startup_trials, kept from conf/hydra/sweeper/optuna.yaml when the name changes
+        raise ValueError(f"hydra.sweeper.pruner: {name} takes no {', '.join(foreign)} (it takes "
+                         f"{', '.join(takes) or 'nothing'}): drop it with "
+                         f"{' '.join(f'~hydra.sweeper.pruner.{k}' for k in foreign)} (the sweeper's config sets "
+                         "median's arguments, kept when only the name changes)")
     try:
         return classes[name](**setting)
-    except TypeError as e:
-        raise ValueError(f"hydra.sweeper.pruner: {e}") from None
+    except (TypeError, ValueError) as e:  # Optuna's own range checks (a percentile of 150) with the key
+        raise ValueError(f"hydra.sweeper.pruner ({name}, {setting}): {e}") from None
 
 
 def pruning_overrides(search, trial) -> list[str]:

@@ -141,7 +141,8 @@ def raise_for_failed_trials(study, numbers: list[int]) -> None:
               if t.number in set(numbers) and not t.user_attrs.get("interrupted")]
     if failed:
         raise SearchFailedError(
-            f"{len(failed)} of {len(numbers)} trial(s) failed (a trial's job dir holds its FAILED traceback):\n"
+            f"{len(failed)} of {len(numbers)} trial(s) failed (a trial that stopped: its job dir's FAILED says why; "
+            "one that finished: its metrics.json lacked a finite objective):\n"
             + "\n".join(f"  trial {t.number}: {t.user_attrs.get('failure', 'failed')}" for t in failed))
 
 

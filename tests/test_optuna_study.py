@@ -124,7 +124,10 @@ def test_every_sweeper_setting_is_named_before_any_trial():
     partial = OmegaConf.create({**good, "objective_weights": {"multi_label.f1_score": 1}})
     assert "gives no weight to regression.mean_absolute_error" in str(sweeper_problems(partial, True)[0])
     args = OmegaConf.create({**good, "pruner": {"name": "hyperband", "bogus": 1}})
-    assert "hydra.sweeper.pruner: HyperbandPruner" in str(sweeper_problems(args, True)[0])
+    assert "hydra.sweeper.pruner: hyperband takes no bogus (it takes min_resource" in str(
+        sweeper_problems(args, True)[0])
+    switched = OmegaConf.create({**good, "pruner": {"name": "hyperband", "n_startup_trials": 2}})
+    assert "~hydra.sweeper.pruner.n_startup_trials" in str(sweeper_problems(switched, True)[0])
     basic = OmegaConf.create({"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"})
     assert sweeper_problems(basic, True) == []
 

@@ -278,7 +278,7 @@ def config_file_problem(error: BaseException, conf_dirs: list[Path] = (),
     'experiment/mine'" Hydra's error starts with), or the option with the group's own. Hydra prints a long YAML
     traceback, its struct error without a suggestion, or "In 'config'" for a user file's missing option."""
     import yaml
-    from omegaconf.errors import ConfigKeyError, ValidationError
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
     from flare_exp.config import Config
     from flare_exp.config_dirs import choice_problem
@@ -290,8 +290,8 @@ def config_file_problem(error: BaseException, conf_dirs: list[Path] = (),
 
     named = re.match(r"In '([^']+)'", str(error))  # Hydra's ConfigCompositionException: the group file
     file = next((f for d in conf_dirs if named and (f := d / f"{named.group(1)}.yaml").is_file()), None)
-    given = re.match(r"Error merging override (.+)", str(error))  # the command line's, not a file's
-    source = (f"on the command line ({given.group(1).strip()})" if given else f"in {file}" if file else
+    given = re.match(r"Error merging override (.+)|Could not override '(.+?)'", str(error))  # the command line's
+    source = (f"on the command line ({(given.group(1) or given.group(2)).strip()})" if given else f"in {file}" if file else
               "in a config file this run composes (an experiment or other group file)")
     for error in causes(error):
         if isinstance(error, yaml.MarkedYAMLError) and error.problem_mark is not None:
@@ -304,6 +304,17 @@ def config_file_problem(error: BaseException, conf_dirs: list[Path] = (),
             return ValueError(f"{error.full_key} is no setting of the launcher this launch composes, set {source}: "
                               "a launcher's settings follow its choice, which the command line makes (e.g. -m "
                               "hydra/launcher=slurm hydra.launcher.partition=gpu); docs/slurm.md lists them")
+        if isinstance(error, (ConfigKeyError, ConfigAttributeError)) and \
+                str(getattr(error, "full_key", "")).startswith("hydra.sweeper."):
+            import difflib
+
+            *parent, last = str(error.full_key).split(".")
+            keys = [str(k) for k in (getattr(error, "parent_node", None) or {}).keys()]
+            near = difflib.get_close_matches(last, keys, n=1)
+            return ValueError(f"{error.full_key} is no setting of the sweeper's config, set {source}" + (
+                f" (did you mean {'.'.join(parent)}.{near[0]}?)" if near else "") + ": an argument of Optuna's "
+                "pruner or sampler that is not there yet is added with a leading + (e.g. "
+                "+hydra.sweeper.pruner.min_resource=3); conf/hydra/sweeper/optuna.yaml lists the others")
         if isinstance(error, ConfigKeyError) and getattr(error, "full_key", None):
             group = named.group(1).split("/")[0] if named else None
             if file and str(error.full_key).split(".")[0] == group and unknown_path(group, Config):

@@ -983,3 +983,23 @@ def test_a_sweep_with_cfg_and_an_empty_choice_are_one_line(capsys):
             launch.check_command_line(argv)
         err = capsys.readouterr().err
         assert said in err and "Traceback" not in err, err
+
+
+def test_a_pruner_argument_the_sweeper_config_lacks_is_one_line_with_the_closest(capsys):
+    """A misspelt pruner argument gave OmegaConf's struct traceback; a pruner written as a dict with a new argument
+    was said as "unknown config key hydra, set in a config file" (it came from the command line)."""
+    sys.path.insert(0, str(REPO))
+    import launch
+
+    for override, said in (("hydra.sweeper.pruner.n_startup_trial=3",
+                            "hydra.sweeper.pruner.n_startup_trial is no setting of the sweeper's config, set on the "
+                            "command line (hydra.sweeper.pruner.n_startup_trial) (did you mean "
+                            "hydra.sweeper.pruner.n_startup_trials?)"),
+                           ("hydra.sweeper.pruner={name:successive_halving,min_resource:3}",
+                            "hydra.sweeper.pruner.min_resource is no setting of the sweeper's config, set on the "
+                            "command line")):
+        with pytest.raises(SystemExit):
+            launch.check_command_line(["-m", "hydra/sweeper=optuna", "reward.multi_label.weights.label_f1="
+                                       "interval(0.1,1.0)", override])
+        err = capsys.readouterr().err
+        assert said in err and "+hydra.sweeper.pruner.min_resource=3" in err and "Traceback" not in err, err

@@ -326,6 +326,9 @@ def test_blank_rows_or_a_title_above_the_header_are_passed_over(tmp_path, caplog
         rows, _ = load_rows(_edit(_sheet(tmp_path, "moved.xlsx"), moved_down), False, prepared)
     assert [(r["id"], r["prediction"]) for r in rows] == expected
     assert "the header is row 4; row(s) 2 above it (a title) are not read" in caplog.text
+    # a space typed in column A below the table: a blank row (it was "a prediction without an id")
+    spaced = _edit(_sheet(tmp_path, "spaced.xlsx"), lambda s: s.cell(row=s.max_row + 3, column=1, value=" "))
+    assert [(r["id"], r["prediction"]) for r in load_rows(spaced, False, prepared)[0]] == expected
     headless = _edit(_sheet(tmp_path, "headless.xlsx"), lambda s: s.delete_rows(1))
     with pytest.raises(ValueError, match=r"no 'id' column in its first 20 rows \(the first row with values has: "
                                          r"'0.png', 'q0', '10'"):

@@ -218,8 +218,8 @@ def _row(path: Path, title: str, cells, number: int, columns: dict[int, str], pr
     """Row ``number``'s values by key (None for an empty row, or one that repeats the header: said); a cell
     whose typed text is lost is an error."""
     values = {i: _text(path, title, c) for i, c in enumerate(cells)}
-    if all(v in (None, "") for v in values.values()):
-        return None  # an empty line left by a deleted row
+    if all(v is None or isinstance(v, str) and not v.strip() for v in values.values()):
+        return None  # an empty line left by a deleted row (a space typed in a cell of it: still empty)
     ids = [values.get(i) for i, key in columns.items() if key == "id"]
     if ids and isinstance(ids[0], str) and ids[0].strip().lower() == "id":
         log.warning("%s (sheet %r): row %d repeats the header (row %d): not read", path, title, number, header_row)

@@ -965,11 +965,13 @@ def test_a_hydra_group_picked_in_a_copy_inside_conf_is_said_as_not_taken(tmp_pat
         err = capsys.readouterr().err
         assert f"{conf}/experiment/{include.rpartition('/')[2]}.yaml: its defaults list picks hydra/launcher=slurm" \
             in err, err
-    for taken in ("demo", "reward_search"):  # the repo's own files: nothing to say (the search's GREEN objective
-        # needs a judge: another objective here)
-        launch.check_command_line(["-m", f"experiment={taken}", "stage=sft",
-                                   "hydra.sweeper.objectives=[classification.balanced_accuracy]",
-                                   "hydra.sweeper.objective_weights=null"])
+    launch.check_command_line(["-m", "experiment=demo", "stage=sft"])  # the repo's own files: nothing to say
+    launch.check_command_line(["-m", "experiment=reward_search", "stage=sft",  # its GREEN objective needs a judge
+                               "hydra.sweeper.objectives=[classification.balanced_accuracy]",
+                               "hydra.sweeper.objective_weights=null"])
+    with pytest.raises(SystemExit):  # a setting of Optuna's sweeper where the basic one runs (Hydra's traceback)
+        launch.check_command_line(["-m", "experiment=demo", "stage=sft", "hydra.sweeper.objectives=[a.b]"])
+    assert "hydra.sweeper.objectives is no setting of the sweeper this launch composes" in capsys.readouterr().err
 
 
 def test_a_sweep_with_cfg_and_an_empty_choice_are_one_line(capsys):
@@ -992,12 +994,12 @@ def test_a_pruner_argument_the_sweeper_config_lacks_is_one_line_with_the_closest
     import launch
 
     for override, said in (("hydra.sweeper.pruner.n_startup_trial=3",
-                            "hydra.sweeper.pruner.n_startup_trial is no setting of the sweeper's config, set on the "
-                            "command line (hydra.sweeper.pruner.n_startup_trial) (did you mean "
+                            "hydra.sweeper.pruner.n_startup_trial is no setting of the sweeper this launch composes, "
+                            "set on the command line (hydra.sweeper.pruner.n_startup_trial) (did you mean "
                             "hydra.sweeper.pruner.n_startup_trials?)"),
                            ("hydra.sweeper.pruner={name:successive_halving,min_resource:3}",
-                            "hydra.sweeper.pruner.min_resource is no setting of the sweeper's config, set on the "
-                            "command line")):
+                            "hydra.sweeper.pruner.min_resource is no setting of the sweeper this launch composes, set "
+                            "on the command line")):
         with pytest.raises(SystemExit):
             launch.check_command_line(["-m", "hydra/sweeper=optuna", "reward.multi_label.weights.label_f1="
                                        "interval(0.1,1.0)", override])

@@ -151,7 +151,7 @@ def test_auto_takes_the_copy_only_with_the_graph_loop_on_a_gpu_where_it_fits():
     assert 8 * gib < margin < 11 * gib  # 2.2 (rollout) + 5.4 (training pass) + 2
     # every 2nd layer keeping its activations (rl.recompute_every_n_layers=2): half of them in the margin too
     half = auto_margin_bytes(rollout_rows=8, micro_batch=8, sequence_tokens=956, kept_share=0.5)
-    assert 35 * gib < half < 45 * gib
+    assert 30 * gib < half < 34 * gib  # + 0.5 x 7.6k tokens x GRPO's measured 5.8 GiB per 1,000 kept
     assert auto_refusal(True, True, free=120 * gib, copy=8 * gib, margin=margin) is None
     assert "GiB free < the copy" in auto_refusal(True, True, free=14 * gib, copy=8 * gib, margin=margin)
     assert auto_refusal(True, False, free=120 * gib, copy=8 * gib, margin=margin) == (

@@ -45,7 +45,7 @@ def test_sft_heldout_settings_are_named(base_overrides):
         check_settings(compose_cfg(["stage=sft", "sft.eval_per_task=4", "sft.eval_steps=0"]))
     with pytest.raises(ValueError, match="sft.metric_for_best_model='rouge_l'"):
         check_settings(compose_cfg(["stage=sft", "sft.metric_for_best_model=rouge_l"]))
-    check_settings(compose_cfg(["stage=sft", "sft.eval_per_task=4", "sft.metric_for_best_model=regression.mae"]))
+    check_settings(compose_cfg(["stage=sft", "sft.eval_per_task=4", "sft.metric_for_best_model=regression.mean_absolute_error"]))
 
 
 def _search(tmp_path, overrides):

@@ -94,7 +94,7 @@ def test_total_lengths_past_a_models_context_are_named_before_any_step(base_over
     for name, limit in (("green", 2048), ("crimson", 8192)):
         judges[name] = tmp_path / name
         judges[name].mkdir()
-        (judges[name] / "config.json").write_text(json.dumps({"max_position_embeddings": limit}))
+        (judges[name] / "config.json").write_text(json.dumps({"model_type": "llama", "max_position_embeddings": limit}))
         (judges[name] / "tokenizer.json").write_text("{}")  # a whole folder, as far as the checks look: the
         (judges[name] / "model.safetensors").write_bytes((2).to_bytes(8, "little") + b"{}")  # weights file of none
     cfg = compose_cfg(["stage.steps=[sft,rl,infer,eval]", *base_overrides, "sft.eval_per_task=0", f"eval.green.model_path={judges['green']}", "eval.green.max_length=4096",

@@ -60,7 +60,9 @@ def test_a_missing_shard_and_a_vision_model_given_as_the_green_judge_are_named(t
         check_model_folder("eval.green.model_path", sharded, vision=False)
     with pytest.raises(ValueError, match=r"holds a vision-language model \(qwen3_vl\), not a judge's text model"):
         check_model_folder("eval.green.model_path", tiny_model_dir, vision=False)
-    check_model_folder("eval.crimson.model_path", tiny_model_dir)  # MedGemma is one: either passes
+    with pytest.raises(ValueError, match="holds a 'qwen3_vl' model, which transformers does not load as a judge's "
+                                         "text generator"):  # CRIMSON's MedGemma is a VLM too, but a causal LM's
+        check_model_folder("eval.crimson.model_path", tiny_model_dir)
 
 
 def test_a_cut_short_weights_file_and_a_torn_index_are_named(tmp_path, tiny_model_dir):
@@ -136,6 +138,7 @@ def test_a_torn_tokenizer_or_processor_file_a_missing_processor_and_dangling_lin
     (model / "processor_config.json").rename(tmp_path / "processor_config.json")
     with pytest.raises(ValueError, match="has no image processor settings"):
         check_model_folder("model.path", model, vision=True)
+    (model / "config.json").write_text(json.dumps({"model_type": "gemma3", "vision_config": {}}))
     check_model_folder("eval.crimson.model_path", model)  # a judge needs no image processor here
     (model / "processor_config.json").symlink_to(tmp_path / "gone.json")
     with pytest.raises(ValueError, match=r"1 file\(s\) are links to nothing, e.g. processor_config.json"):

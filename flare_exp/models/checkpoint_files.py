@@ -96,6 +96,13 @@ def check_model_folder(key: str, path: Path, vision: bool | None = None) -> None
     if vision is False and "vision_config" in config:
         raise ValueError(f"{key}={path} holds a vision-language model ({config.get('model_type')}), not a judge's "
                          "text model: point it at the judge's own folder")
+    if vision is not True:  # a judge, loaded as a causal LM (CRIMSON's MedGemma is one too)
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        kind = config.get("model_type")
+        if kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+            raise ValueError(f"{key}={path} holds a {kind!r} model, which transformers does not load as a judge's "
+                             "text generator (AutoModelForCausalLM): point it at the judge's own folder")
     if vision and "vision_config" not in config:
         raise ValueError(f"{key}={path} holds a {config.get('model_type', 'text')} model without a vision tower "
                          "(no vision_config in its config.json): flare-exp fine-tunes a vision-language model "

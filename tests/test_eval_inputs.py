@@ -269,3 +269,16 @@ def test_rows_of_two_models_in_one_file_are_refused(tmp_path):
     assert len(load_rows(_predictions(tmp_path, one), False, prepared)[0]) == 8
     bare = [{**r, "prediction": "A"} for r in REFERENCE]
     assert len(load_rows(_predictions(tmp_path, bare), False, prepared)[0]) == 8
+
+
+def test_predictions_of_the_test_split_are_refused_before_the_scorers_load(tmp_path):
+    """They were refused only after RadGraph (and a judge) had loaded: "predictions have no ground truth"."""
+    from flare_exp.stages.evaluate import check_settings
+
+    run_dir = tmp_path / "infer-test"
+    rows = [{**r, "split": "test", "answer": None, "prediction": "A"} for r in REFERENCE]
+    _predictions(run_dir, rows)
+    with pytest.raises(ValueError, match=r"holds predictions of the test split, which has no answers to score here"):
+        check_settings(compose_cfg(["stage=eval", f"eval.predictions=[{run_dir}]"]))
+    _predictions(run_dir, [{**r, "prediction": "A"} for r in REFERENCE])
+    check_settings(compose_cfg(["stage=eval", f"eval.predictions=[{run_dir}]"]))  # a val split's: scored

@@ -73,11 +73,31 @@ def check_settings(cfg) -> None:
         if found is None and path.is_dir() and cfg.stage.name == "eval":  # a pipeline's infer step comes later
             raise ValueError(f"eval.predictions entry {entry}: no predictions.jsonl or predictions.xlsx there; "
                              "pass an infer run dir or its predictions file")
+        if found is not None and (why := unanswered(found)):
+            raise ValueError(f"eval.predictions entry {entry}: {why}")
         key = (found or path).resolve()
         if key in seen:
             raise ValueError(f"eval.predictions lists {key} twice ({seen[key]!r} and {str(entry)!r}): name each "
                              "run once")
         seen[key] = str(entry)
+
+
+def unanswered(path: Path) -> str | None:
+    """Predictions of the test split (its first row names split test and has no answer): found before the
+    scorers load, not after (FLARE scores the test split from the submission files)."""
+    import json
+
+    if path.suffix != ".jsonl":
+        return None
+    try:
+        with path.open(encoding="utf-8") as f:
+            first = json.loads(f.readline() or "{}")
+    except (OSError, ValueError):
+        return None  # read, and named, by the eval itself
+    if isinstance(first, dict) and first.get("split") == "test" and first.get("answer") is None:
+        return (f"{path} holds predictions of the test split, which has no answers to score here: FLARE scores the "
+                "test split from the submission sheet (infer writes it); score a val or train split's predictions")
+    return None
 
 
 def not_predictions(path: Path, entry: str) -> str | None:

@@ -23,6 +23,8 @@ def make_pruner(setting: dict | None):
                "none": optuna.pruners.NopPruner}
     if name not in classes:
         raise ValueError(f"hydra.sweeper.pruner.name={name!r}: choose {', '.join(PRUNERS)}")
+    if name == "none":  # no pruning: the arguments the config keeps for median mean nothing
+        return optuna.pruners.NopPruner()
     import inspect
 
     takes = [p for p in inspect.signature(classes[name]).parameters if p != "self"]

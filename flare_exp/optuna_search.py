@@ -162,6 +162,22 @@ def job_metrics(ret) -> tuple[dict | None, str | None]:
     return next(iter(blocks.values())), None
 
 
+def _comparable(key: str, value):
+    """A recorded study setting as it decides the study: fixed overrides in any order, a path with or without its
+    trailing slash."""
+    if key == "fixed_overrides":
+        return sorted(str(o).rstrip("/") for o in value or [])
+    return value
+
+
+def _change(key: str, before, now) -> str:
+    if key == "fixed_overrides":
+        gone, new = set(_comparable(key, before)) - set(_comparable(key, now)), \
+            set(_comparable(key, now)) - set(_comparable(key, before))
+        return f"fixed overrides: {sorted(gone) or 'none'} -> {sorted(new) or 'none'}"
+    return f"{key}: {before} -> {now}"
+
+
 class Search:
     """One study: its objectives and directions, the search space, and the launcher that runs its trials."""
 
@@ -197,6 +213,10 @@ class Search:
                                                                                          self.sweep_dir),
             sampler=sampler, load_if_exists=True,
             **({"direction": self.directions[0]} if len(self.directions) == 1 else {"directions": self.directions}))
+        setting, earlier = dict(s.get("sampler") or {}), len(self.study.trials)
+        if earlier and setting.get("seed") is not None:  # a continued study: with the same seed its sampler would
+            # draw the first trials' settings again (a killed search's rerun repeated whole trials)
+            self.study.sampler = self._sampler({**setting, "seed": (int(setting["seed"]) + earlier) % 2**32})
 
     def _sampler(self, setting: dict):
         import optuna
@@ -331,7 +351,8 @@ class Search:
         done = self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
                                                              optuna.trial.TrialState.PRUNED))
         before, now = json.loads(path.read_text()), self._deciding()
-        changed = [f"{key}: {before[key]} -> {now[key]}" for key in now if key in before and before[key] != now[key]]
+        changed = [_change(key, before[key], now[key]) for key in now if key in before
+                   and _comparable(key, before[key]) != _comparable(key, now[key])]
         if done and changed:
             raise ValueError(f"hydra.sweeper: the study in {self.sweep_dir} has {len(done)} finished trial(s) made "
                              f"with other settings ({'; '.join(changed)}); continuing it would rank them beside "

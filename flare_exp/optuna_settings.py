@@ -50,15 +50,14 @@ def weight_problems(weights, objectives: list[str]) -> list[str]:
             out.append(f"hydra.sweeper.objective_weights names {name!r}, not one of hydra.sweeper.objectives "
                        f"({', '.join(objectives)})" + (f": did you mean {near[0]}?" if near else ""))
         elif isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) \
-                or weight < 0:
-            out.append(f"hydra.sweeper.objective_weights.{name}={weight!r}: must be a number >= 0")
+                or weight <= 0:
+            out.append(f"hydra.sweeper.objective_weights.{name}={weight!r}: must be a number > 0 (an objective "
+                       "without weight goes out of hydra.sweeper.objectives)")
     left_out = [o for o in objectives if o not in weights]
     if not out and left_out:
         out.append(f"hydra.sweeper.objective_weights gives no weight to {', '.join(left_out)}: the weighted mean "
                    "would leave it out (weight 0) while its name stays in the objective's; weight every objective, "
                    "or take it out of hydra.sweeper.objectives")
-    if not out and weights and not any(weights.values()):
-        out.append("hydra.sweeper.objective_weights: every weight is 0, the weighted mean is undefined")
     directions = {o: direction_of(o) for o in objectives if o in weights}
     if not out and len(set(directions.values())) > 1:
         out.append(f"hydra.sweeper.objective_weights mixes metrics to maximise and to minimise ({directions}): "

@@ -71,7 +71,11 @@ def objective_problems(objectives, green_judge: bool = True) -> list[ValueError]
     if not specs:
         return [ValueError("hydra.sweeper.objectives is empty: name at least one '<task>.<metric>' of eval's "
                            "metrics.json, e.g. [multi_label.f1_score]")]
-    for spec in specs:
+    twice = sorted({s for s in specs if specs.count(s) > 1})
+    if twice:
+        problems.append(ValueError(f"hydra.sweeper.objectives names {', '.join(twice)} more than once: each "
+                                   "objective once (twice, it made a two-objective study that cannot prune)"))
+    for spec in dict.fromkeys(specs):
         try:
             check_objective(spec)
         except ValueError as e:

@@ -116,6 +116,13 @@ def _pair_problems(cfg, steps: set[str]) -> list[str]:
     if "runs" in steps and len(set(map(str, named))) < len(named):
         problems.append(f"runs.compare={named} names a run more than once: each run is compared once (a run beside "
                         "itself adds tests of no difference to the correction's family)")
+    for section in sorted(steps & {"sft", "rl"}):  # an in-training metric no scorer makes: no best/, no pruning
+        held = cfg[section]
+        on = held.eval_steps and (section == "rl" or held.eval_per_task)
+        if on and held.metric_for_best_model == "report_generation.green_score" and not cfg.eval.green.model_path:
+            problems.append(f"{section}.metric_for_best_model=report_generation.green_score needs the GREEN judge: "
+                            "set eval.green.model_path (the held-out evals score with eval's settings), or choose "
+                            "another metric")
     if "eval" in steps:
         problems += _judge_choice_problems(cfg.eval)
         green = cfg.eval.green

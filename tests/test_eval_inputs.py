@@ -262,8 +262,13 @@ def test_rows_of_two_models_in_one_file_are_refused(tmp_path):
     rows = [{**r, "prediction": "A", "model": "runs/rl", "adapter": {"path": "/a"}} for r in REFERENCE]
     for row in rows[5:7]:
         row["model"], row["adapter"] = "base", None
-    with pytest.raises(ValueError, match=r"its rows name 2 models \(model/adapter fields\), e.g. 2 row\(s\) like "
-                                         r"dental/5 by 'base' beside 'runs/rl': eval scores one model per file"):
+    with pytest.raises(ValueError, match=r"its rows come from 2 models \(model/adapter fields\), e.g. 2 row\(s\) "
+                                         r"like dental/5 with model 'base', adapter None beside rows with model "
+                                         r"'runs/rl', adapter \{'path': '/a'\}: eval scores one model per file"):
+        load_rows(_predictions(tmp_path, rows), False, prepared)
+    for row in rows[5:7]:  # rows without the fields beside named ones: as mixed
+        del row["model"], row["adapter"]
+    with pytest.raises(ValueError, match=r"like dental/5 with no model fields beside rows with model 'runs/rl'"):
         load_rows(_predictions(tmp_path, rows), False, prepared)
     one = [{**r, "prediction": "A", "model": "runs/rl"} for r in REFERENCE]
     assert len(load_rows(_predictions(tmp_path, one), False, prepared)[0]) == 8

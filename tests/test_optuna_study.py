@@ -110,7 +110,8 @@ def test_every_sweeper_setting_is_named_before_any_trial():
                     "hydra.sweeper.n_jobs=1.5: must be an integer >= 1",
                     "hydra.sweeper.objective_weights names 'multi_label.f1', not one of hydra.sweeper.objectives "
                     "(multi_label.f1_score, regression.mean_absolute_error): did you mean multi_label.f1_score?",
-                    "hydra.sweeper.objective_weights.regression.mean_absolute_error='x': must be a number >= 0",
+                    "hydra.sweeper.objective_weights.regression.mean_absolute_error='x': must be a number > 0 (an "
+                    "objective without weight goes out of hydra.sweeper.objectives)",
                     "hydra.sweeper.sampler.name='bayes': choose tpe, random, nsga2, grid",
                     "hydra.sweeper.sampler.seed=-2: must be an integer from 0 to 2**32 - 1, or null",
                     "hydra.sweeper.pruner.name='medain': choose median, percentile, successive_halving, hyperband, "
@@ -120,7 +121,12 @@ def test_every_sweeper_setting_is_named_before_any_trial():
     assert "mixes metrics to maximise and to minimise" in str(sweeper_problems(mixed, True)[0])
     zero = OmegaConf.create({**good, "objective_weights": {"multi_label.f1_score": 0,
                                                            "regression.mean_absolute_error": 0}})
-    assert "every weight is 0" in str(sweeper_problems(zero, True)[0])
+    assert "multi_label.f1_score=0: must be a number > 0" in str(sweeper_problems(zero, True)[0])
+    twice = OmegaConf.create({**good, "objectives": ["multi_label.f1_score", "multi_label.f1_score"]})
+    assert "names multi_label.f1_score more than once" in str(sweeper_problems(twice, True)[0])
+    from flare_exp.optuna_pruning import make_pruner
+
+    assert type(make_pruner({"name": "none", "n_startup_trials": 2})).__name__ == "NopPruner"  # median's leftovers
     partial = OmegaConf.create({**good, "objective_weights": {"multi_label.f1_score": 1}})
     assert "gives no weight to regression.mean_absolute_error" in str(sweeper_problems(partial, True)[0])
     args = OmegaConf.create({**good, "pruner": {"name": "hyperband", "bogus": 1}})

@@ -203,3 +203,14 @@ def test_the_comparison_of_stage_runs_ranges_its_trials(base_overrides):
     assert "runs.compare=['a', 'a'] names a run more than once" in str(e.value)
     assert "eval.significance.resamples=1000000000: must be an integer from 0 to 1,000,000" in str(e.value)
     assert "eval.significance.ar_trials=1000001: must be" in str(e.value)
+
+
+def test_a_green_held_out_metric_without_a_judge_is_refused(base_overrides):
+    """Every held-out eval read n/a: no best/ adapter kept, an Optuna search's pruning off, silently."""
+    from flare_exp.checks import validate
+
+    with pytest.raises(ValueError, match="rl.metric_for_best_model=report_generation.green_score needs the GREEN judge"):
+        validate(compose_cfg(["stage=rl", *base_overrides, "rl.eval_steps=4",
+                              "rl.metric_for_best_model=report_generation.green_score"]))
+    validate(compose_cfg(["stage=rl", *base_overrides, "rl.eval_steps=0",  # no held-out eval: nothing to score
+                          "rl.metric_for_best_model=report_generation.green_score"]))

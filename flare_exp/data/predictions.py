@@ -207,15 +207,17 @@ def refuse_mixed_models(path: Path, rows: list[dict]) -> None:
             return None  # a row written by hand or by another tool: nothing to compare
         return json.dumps([row.get("model"), row.get("adapter")], sort_keys=True, default=str)
 
-    named = Counter(m for m in map(made_by, rows) if m is not None)
+    named = Counter(made_by(r) for r in rows)  # None: a row without the fields
     if len(named) < 2:
         return
     (first, _), (other, count) = named.most_common(2)
     stray = next(r for r in rows if made_by(r) == other)
-    raise ValueError(f"{path}: its rows name {len(named)} models (model/adapter fields), e.g. {count} row(s) like "
-                     f"{stray.get('id')} by {json.loads(other)[0]!r} beside {json.loads(first)[0]!r}: eval scores "
-                     "one model per file. Give each model's predictions as a file of its own in eval.predictions "
-                     "(they are compared side by side)")
+    said = lambda made: "no model fields" if made is None else "model {!r}, adapter {!r}".format(  # noqa: E731
+        *json.loads(made))
+    raise ValueError(f"{path}: its rows come from {len(named)} models (model/adapter fields), e.g. {count} row(s) "
+                     f"like {stray.get('id')} with {said(other)} beside rows with {said(first)}: eval scores one "
+                     "model per file. Give each model's predictions as a file of its own in eval.predictions (they "
+                     "are compared side by side)")
 
 
 ZIP = b"PK\x03\x04"  # .xlsx, .ods

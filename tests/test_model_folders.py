@@ -143,3 +143,33 @@ def test_a_torn_tokenizer_or_processor_file_a_missing_processor_and_dangling_lin
     (model / "processor_config.json").symlink_to(tmp_path / "gone.json")
     with pytest.raises(ValueError, match=r"1 file\(s\) are links to nothing, e.g. processor_config.json"):
         check_model_folder("model.path", model, vision=True)
+
+
+def test_weights_of_layers_the_config_lacks_and_an_adapter_missing_a_tensor_are_refused(tmp_path, tiny_model_dir):
+    """A config.json of fewer layers than the weights loaded part of the model (infer DONE, GREEN 0.0); an adapter
+    missing a LoRA tensor loaded with peft's UserWarning alone (4 of 64 predictions changed)."""
+    import json
+
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForImageTextToText
+
+    from flare_exp.models.checkpoint_files import load_whole
+    from flare_exp.models.loading import AdapterLoadError, adapter_loaded
+
+    fewer = tmp_path / "fewer"
+    shutil.copytree(tiny_model_dir, fewer)
+    config = json.loads((fewer / "config.json").read_text())
+    config["text_config"]["num_hidden_layers"] -= 1
+    (fewer / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"model.path=.*fewer: its weights hold \d+ tensor\(s\) of layers its "
+                                         r"config.json does not describe"):
+        load_whole(AutoModelForImageTextToText, "model.path", fewer)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
+    get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).save_pretrained(tmp_path / "adapter")
+    weights = tmp_path / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    del tensors[sorted(tensors)[0]]
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(AdapterLoadError, match="lacks weights its adapter_config.json names"):
+        adapter_loaded(AutoModelForImageTextToText.from_pretrained(tiny_model_dir), tmp_path / "adapter", False)

@@ -158,6 +158,9 @@ def test_the_adapter_used_is_the_adapter_meant(tmp_path, capsys):
         chosen_adapter("infer.checkpoint", killed / "checkpoint-3", allow_intermediate=True)
     mark_complete(killed / "checkpoint-3")
     assert chosen_adapter("infer.checkpoint", killed / "checkpoint-3", True) == killed / "checkpoint-3"
+    (tmp_path / "my-adapter").symlink_to(killed / "checkpoint-3")  # a link is the checkpoint it points at
+    with pytest.raises(ValueError, match=r"is an intermediate checkpoint \(checkpoint-3\)"):
+        chosen_adapter("infer.checkpoint", tmp_path / "my-adapter", allow_intermediate=False)
     # named before Hydra makes the run dir (a refused rl.init_from left one with .hydra/ and launch.log only)
     sys.path.insert(0, str(REPO))
     import launch

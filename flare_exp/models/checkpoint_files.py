@@ -129,6 +129,11 @@ def load_whole(model_class, key: str, path: Path, **kwargs):
         raise ValueError(f"{key}={path}: its weights' shapes do not match its config.json (transformers' table "
                          "above names them): a config.json of another model size? Copy the model's folder "
                          "again") from None
+    layers = sorted(k for k in info.get("unexpected_keys") or [] if ".layers." in k)
+    if layers:  # weights of layers config.json does not describe: the model would run without them
+        raise ValueError(f"{key}={path}: its weights hold {len(layers)} tensor(s) of layers its config.json does not "
+                         f"describe, e.g. {layers[0]}: a config.json of another model size? Copy the model's folder "
+                         "again")
     missing = sorted(info.get("missing_keys") or [])
     if missing:
         raise ValueError(f"{key}={path}: its weights lack {len(missing)} tensor(s) its config.json asks for, e.g. "

@@ -145,9 +145,9 @@ def chosen_adapter(key: str, path: str | Path, allow_intermediate: bool) -> Path
     """The adapter ``key`` names (resolve_adapter), an intermediate checkpoint-N only with ``allow_intermediate``
     and only when whole."""
     adapter = resolve_adapter(path)
-    if _CKPT.match(adapter.name):
+    if _CKPT.match(adapter.name) or _CKPT.match(adapter.resolve().name):  # a link to a checkpoint-N is one
         if not allow_intermediate:
-            raise ValueError(f"{key}={path} is an intermediate checkpoint ({adapter.name}) of a training run, not "
+            raise ValueError(f"{key}={path} is an intermediate checkpoint ({adapter.resolve().name}) of a training run, not "
                              f"its final adapter: pass {ALLOW_INTERMEDIATE}=true to use it on purpose, or point at "
                              "the finished run dir")
         why = incomplete(adapter)

@@ -278,12 +278,22 @@ class AdapterLoadError(ValueError):
 def adapter_loaded(model, adapter, training: bool):
     """The model with the LoRA adapter at ``adapter``; weights that cannot be read (cut short by a copy, damaged)
     or that do not fit the model are one line naming the adapter, not the loader's traceback."""
+    import warnings
+
     from peft import PeftModel
 
     try:
-        return PeftModel.from_pretrained(model, adapter, is_trainable=training)
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            loaded = PeftModel.from_pretrained(model, adapter, is_trainable=training)
     except Exception as e:  # noqa: BLE001  (safetensors' and torch's own errors for a bad file, a shape mismatch)
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
         raise AdapterLoadError(f"the LoRA adapter in {adapter} cannot be loaded ({type(e).__name__}: {first}): its "
                            "weights are cut short or damaged (copy them again) or were trained for another base "
                            "model or LoRA settings (model.path, model.lora.*)") from e
+    for warning in said:
+        if "missing adapter keys" in str(warning.message):  # peft warns and leaves those LoRA weights at their init
+            raise AdapterLoadError(f"the LoRA adapter in {adapter} lacks weights its adapter_config.json names "
+                                   f"({str(warning.message)[:200]}): an incomplete copy? Copy the adapter again")
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return loaded

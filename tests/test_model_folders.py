@@ -173,3 +173,22 @@ def test_weights_of_layers_the_config_lacks_and_an_adapter_missing_a_tensor_are_
     save_file(tensors, weights, metadata={"format": "pt"})
     with pytest.raises(AdapterLoadError, match="lacks weights its adapter_config.json names"):
         adapter_loaded(AutoModelForImageTextToText.from_pretrained(tiny_model_dir), tmp_path / "adapter", False)
+
+
+def test_a_vision_config_of_a_type_transformers_cannot_load_and_a_torn_adapter_file_are_named(tmp_path,
+                                                                                              tiny_model_dir):
+    """A model type transformers does not load as a VLM gave its list of ~80 config classes naming no key; a torn
+    JSON file in an adapter dir the loader's JSONDecodeError naming no file."""
+    import json
+
+    from flare_exp.models.checkpoint_files import check_model_folder, torn_json
+
+    odd = tmp_path / "odd"
+    shutil.copytree(tiny_model_dir, odd)
+    config = json.loads((odd / "config.json").read_text())
+    (odd / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
+    with pytest.raises(ValueError, match=r"model.path=.*odd holds a 'llama' model, which transformers does not load "
+                                         r"as a vision-language model"):
+        check_model_folder("model.path", odd, vision=True)
+    (odd / "generation_config.json").write_text('{"do_sample": ')
+    assert torn_json(odd).startswith("generation_config.json is not valid JSON")

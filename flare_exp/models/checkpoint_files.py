@@ -28,6 +28,21 @@ def read_config(key: str, path: Path) -> dict:
     return config
 
 
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", *PROCESSOR_FILES, "generation_config.json",
+              "chat_template.json", "adapter_config.json")
+
+
+def torn_json(path: Path) -> str | None:
+    """Which of the JSON files a model or adapter folder may hold is not JSON (a copy cut short), and why."""
+    for name in SIDE_FILES:
+        if (path / name).is_file():
+            try:
+                json.loads((path / name).read_text(encoding="utf-8"))
+            except ValueError as e:  # UnicodeDecodeError too
+                return f"{name} is not valid JSON ({e})"
+    return None
+
+
 def shard_names(key: str, path: Path) -> list[str]:
     """The weight files a sharded model's index (model.safetensors.index.json, ...) names; a ValueError naming the
     key for an index that is not one (a torn copy)."""
@@ -75,13 +90,9 @@ def check_model_folder(key: str, path: Path, vision: bool | None = None) -> None
                          "hub cache keeps its files in blobs/ beside the snapshot): copy the folder with its links "
                          "resolved (cp -rL, or huggingface-cli download --local-dir)")
     config = read_config(key, path)
-    for name in ("tokenizer.json", "tokenizer_config.json", *PROCESSOR_FILES):  # each a library's JSON, if there
-        if (path / name).is_file():
-            try:
-                json.loads((path / name).read_text(encoding="utf-8"))
-            except ValueError as e:  # UnicodeDecodeError too
-                raise ValueError(f"{key}={path}: {name} is not valid JSON ({e}): an incomplete or damaged copy? "
-                                 "Copy the model's folder again") from None
+    torn = torn_json(path)
+    if torn:
+        raise ValueError(f"{key}={path}: {torn}: an incomplete or damaged copy? Copy the model's folder again")
     missing = [what for what, found in (
         (f"tokenizer files ({' / '.join(TOKENIZER_FILES[:2])})", any((path / f).is_file() for f in TOKENIZER_FILES)),
         ("weights (*.safetensors or pytorch_model*.bin)", any(any(path.glob(p)) for p in WEIGHT_PATTERNS)))
@@ -103,6 +114,13 @@ def check_model_folder(key: str, path: Path, vision: bool | None = None) -> None
         if kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
             raise ValueError(f"{key}={path} holds a {kind!r} model, which transformers does not load as a judge's "
                              "text generator (AutoModelForCausalLM): point it at the judge's own folder")
+    if vision and "vision_config" in config:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+        if config.get("model_type") not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+            raise ValueError(f"{key}={path} holds a {config.get('model_type')!r} model, which transformers does not "
+                             "load as a vision-language model (AutoModelForImageTextToText): point model.path at "
+                             "Qwen3-VL-4B-Instruct's folder")
     if vision and "vision_config" not in config:
         raise ValueError(f"{key}={path} holds a {config.get('model_type', 'text')} model without a vision tower "
                          "(no vision_config in its config.json): flare-exp fine-tunes a vision-language model "

@@ -153,7 +153,9 @@ def chosen_adapter(key: str, path: str | Path, allow_intermediate: bool) -> Path
         why = incomplete(adapter)
         if why:
             raise FileNotFoundError(f"{key}={path}: {adapter} is not a complete checkpoint: {why}")
-    damaged = unreadable_weights(adapter)
+    from flare_exp.models.checkpoint_files import torn_json
+
+    damaged = unreadable_weights(adapter) or torn_json(adapter)
     if damaged:
         raise ValueError(f"{key}={path}: {damaged}")
     return adapter

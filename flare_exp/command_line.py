@@ -312,9 +312,10 @@ def config_file_problem(error: BaseException, conf_dirs: list[Path] = (),
             keys = [str(k) for k in (getattr(error, "parent_node", None) or {}).keys()]
             near = difflib.get_close_matches(last, keys, n=1)
             return ValueError(f"{error.full_key} is no setting of the sweeper this launch composes, set {source}" + (
-                f" (did you mean {'.'.join(parent)}.{near[0]}?)" if near else "") + ": Optuna's settings need "
-                "hydra/sweeper=optuna (conf/hydra/sweeper/optuna.yaml lists them); an argument of its pruner or "
-                "sampler that is not there yet is added with a leading + (e.g. +hydra.sweeper.pruner.min_resource=3)")
+                f" (did you mean {'.'.join(parent)}.{near[0]}?)" if near else "") + ": Optuna's sweeper "
+                "(hydra/sweeper=optuna) has the settings conf/hydra/sweeper/optuna.yaml lists; an argument of its "
+                "pruner or sampler that is not there yet is added with a leading + (e.g. "
+                "+hydra.sweeper.pruner.min_resource=3)")
         if isinstance(error, ConfigKeyError) and getattr(error, "full_key", None):
             group = named.group(1).split("/")[0] if named else None
             if file and str(error.full_key).split(".")[0] == group and unknown_path(group, Config):

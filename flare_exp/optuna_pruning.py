@@ -32,8 +32,9 @@ def make_pruner(setting: dict | None):
     if foreign:  # e.g. median's n_startup_trials, kept from conf/hydra/sweeper/optuna.yaml when the name changes
         raise ValueError(f"hydra.sweeper.pruner: {name} takes no {', '.join(foreign)} (it takes "
                          f"{', '.join(takes) or 'nothing'}): drop it with "
-                         f"{' '.join(f'~hydra.sweeper.pruner.{k}' for k in foreign)} (the sweeper's config sets "
-                         "median's arguments, kept when only the name changes)")
+                         f"{' '.join(f'~hydra.sweeper.pruner.{k}' for k in foreign)}" + (
+                             " (the sweeper's config sets median's arguments, kept when only the name changes)"
+                             if name != "median" and set(foreign) & {"n_startup_trials", "n_warmup_steps"} else ""))
     try:
         return classes[name](**setting)
     except (TypeError, ValueError) as e:  # Optuna's own range checks (a percentile of 150) with the key

@@ -169,3 +169,12 @@ def test_runs_predicted_with_other_decoding_or_another_base_model_are_said():
                     f"{hot}"]
     assert input_differences("sft", "rl", a, {"run": {"model_path": "/models/../models/qwen", "decoding": greedy}}) == []
     assert input_differences("sft", "rl", a, {"run": {}}) == []  # a file without its infer run: nothing to compare
+
+
+def test_two_evals_of_one_predictions_file_are_said():
+    from flare_exp.metrics.significance import input_differences
+
+    said = input_differences("ev1", "ev2", {"file": "/runs/infer/predictions.jsonl"},
+                             {"file": "/runs/infer/../infer/predictions.jsonl"})
+    assert said == ["ev1 and ev2 scored the same predictions file (/runs/infer/predictions.jsonl): their "
+                    "differences are the scorers' alone, and their tests widen the correction's family"]

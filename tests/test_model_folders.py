@@ -181,7 +181,7 @@ def test_a_vision_config_of_a_type_transformers_cannot_load_and_a_torn_adapter_f
     JSON file in an adapter dir the loader's JSONDecodeError naming no file."""
     import json
 
-    from flare_exp.models.checkpoint_files import check_model_folder, torn_json
+    from flare_exp.models.checkpoint_files import check_model_folder, torn_side_file
 
     odd = tmp_path / "odd"
     shutil.copytree(tiny_model_dir, odd)
@@ -191,4 +191,18 @@ def test_a_vision_config_of_a_type_transformers_cannot_load_and_a_torn_adapter_f
                                          r"as a vision-language model"):
         check_model_folder("model.path", odd, vision=True)
     (odd / "generation_config.json").write_text('{"do_sample": ')
-    assert torn_json(odd).startswith("generation_config.json is not valid JSON")
+    assert torn_side_file(odd).startswith("generation_config.json is not valid JSON")
+    (odd / "generation_config.json").write_text("{}")
+    (odd / "chat_template.jinja").write_text("{% for message in messages %}{{ message['content'")  # cut short
+    assert torn_side_file(odd).startswith("chat_template.jinja is not a whole template (TemplateSyntaxError")
+
+
+def test_another_judge_given_as_crimson_is_named(tmp_path):
+    """GREEN's judge (no chat template of its own) as eval.crimson.model_path failed on apply_chat_template naming
+    no key."""
+    from flare_exp.fixtures.tiny_models import build_tiny_causal_lm
+    from flare_exp.metrics.crimson_judge import CrimsonJudge
+
+    green = build_tiny_causal_lm(tmp_path / "green")
+    with pytest.raises(ValueError, match=r"eval.crimson.model_path=.*green: its tokenizer has no chat template"):
+        CrimsonJudge.from_pretrained(green, device="cpu")

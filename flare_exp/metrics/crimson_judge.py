@@ -68,6 +68,9 @@ class CrimsonJudge(JournaledJudge):
                          "(~8.6 GB; accept MedGemma's terms on the hub first)")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+        if not getattr(tokenizer, "chat_template", None):  # GREEN's judge given here: no chat template of its own
+            raise ValueError(f"eval.crimson.model_path={path}: its tokenizer has no chat template, which CRIMSON's "
+                             "prompt needs: is it another judge's folder? Point it at the CRIMSON judge's own folder")
         model = load_whole(AutoModelForCausalLM, "eval.crimson.model_path", path,
                            dtype=getattr(torch, dtype)).to(device).eval()
         return cls(model, tokenizer, identity=json.dumps([str(path.resolve()), dtype]), **settings)

@@ -32,14 +32,22 @@ SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", *PROCESSOR_FILES, "gene
               "chat_template.json", "adapter_config.json")
 
 
-def torn_json(path: Path) -> str | None:
-    """Which of the JSON files a model or adapter folder may hold is not JSON (a copy cut short), and why."""
+def torn_side_file(path: Path) -> str | None:
+    """Which of the side files a model or adapter folder may hold (its JSON settings, its chat template) is torn
+    (a copy cut short), and why."""
     for name in SIDE_FILES:
         if (path / name).is_file():
             try:
                 json.loads((path / name).read_text(encoding="utf-8"))
             except ValueError as e:  # UnicodeDecodeError too
                 return f"{name} is not valid JSON ({e})"
+    if (path / "chat_template.jinja").is_file():  # the chat template transformers renders every prompt with
+        import jinja2
+
+        try:
+            jinja2.Environment().parse((path / "chat_template.jinja").read_text(encoding="utf-8"))
+        except (jinja2.TemplateSyntaxError, UnicodeDecodeError) as e:
+            return f"chat_template.jinja is not a whole template ({type(e).__name__}: {e})"
     return None
 
 
@@ -90,7 +98,7 @@ def check_model_folder(key: str, path: Path, vision: bool | None = None) -> None
                          "hub cache keeps its files in blobs/ beside the snapshot): copy the folder with its links "
                          "resolved (cp -rL, or huggingface-cli download --local-dir)")
     config = read_config(key, path)
-    torn = torn_json(path)
+    torn = torn_side_file(path)
     if torn:
         raise ValueError(f"{key}={path}: {torn}: an incomplete or damaged copy? Copy the model's folder again")
     missing = [what for what, found in (

@@ -153,9 +153,9 @@ def chosen_adapter(key: str, path: str | Path, allow_intermediate: bool) -> Path
         why = incomplete(adapter)
         if why:
             raise FileNotFoundError(f"{key}={path}: {adapter} is not a complete checkpoint: {why}")
-    from flare_exp.models.checkpoint_files import torn_json
+    from flare_exp.models.checkpoint_files import torn_side_file
 
-    damaged = unreadable_weights(adapter) or torn_json(adapter)
+    damaged = unreadable_weights(adapter) or torn_side_file(adapter)
     if damaged:
         raise ValueError(f"{key}={path}: {damaged}")
     return adapter

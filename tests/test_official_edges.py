@@ -178,3 +178,8 @@ def test_two_evals_of_one_predictions_file_are_said():
                              {"file": "/runs/infer/../infer/predictions.jsonl"})
     assert said == ["ev1 and ev2 scored the same predictions file (/runs/infer/predictions.jsonl): their "
                     "differences are the scorers' alone, and their tests widen the correction's family"]
+    copy = input_differences("ev1", "ev2", {"file": "/a/predictions.jsonl", "file_sha256": "x"},
+                             {"file": "/b/predictions.jsonl", "file_sha256": "x"})
+    assert copy and "scored byte-identical predictions files (/a/predictions.jsonl and /b/predictions.jsonl" in copy[0]
+    assert input_differences("ev1", "ev2", {"file": "/a/p.jsonl", "file_sha256": "x"},
+                             {"file": "/b/p.jsonl", "file_sha256": "y"}) == []

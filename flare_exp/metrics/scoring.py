@@ -6,7 +6,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from flare_exp.data.predictions import load_rows, run_metadata
-from flare_exp.io import write_jsonl
+from flare_exp.io import file_digest, write_jsonl
 from flare_exp.metrics import official, tasks, text
 from flare_exp.runtime import abspath
 
@@ -163,7 +163,8 @@ def evaluate_file(path: Path, scorers: ReportScorers, allow_partial: bool = Fals
     for raw_row, row in zip(raw, rows):
         by_task[row["task_type"]].append((raw_row, row))
         by_dataset[row["dataset"]].append((raw_row, row))
-    result = {"file": str(path), "n": len(rows), "split": raw[0].get("split"), **info, "run": run_metadata(path),
+    result = {"file": str(path), "file_sha256": file_digest(path), "n": len(rows), "split": raw[0].get("split"),
+              **info, "run": run_metadata(path),
               "official": {},
               "official_by_dataset": {}, "by_task": {}, "by_dataset": {}}
     samples, green_by_id = {}, {}

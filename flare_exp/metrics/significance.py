@@ -142,9 +142,13 @@ def input_differences(a: str, b: str, res_a: dict, res_b: dict) -> list[str]:
 
     out = []
     scored = [res.get("file") for res in (res_a, res_b)]
+    digests = [res.get("file_sha256") for res in (res_a, res_b)]
     if None not in scored and os.path.realpath(scored[0]) == os.path.realpath(scored[1]):
         out.append(f"{a} and {b} scored the same predictions file ({scored[0]}): their differences are the scorers' "
                    "alone, and their tests widen the correction's family")
+    elif None not in digests and digests[0] == digests[1]:
+        out.append(f"{a} and {b} scored byte-identical predictions files ({scored[0]} and {scored[1]}: a copy?): "
+                   "their differences are the scorers' alone, and their tests widen the correction's family")
     files = [res.get("answers_from") for res in (res_a, res_b)]
     if None not in files and "the predictions file" not in files and os.path.realpath(files[0]) != os.path.realpath(
             files[1]):

@@ -170,9 +170,6 @@ def rl_recompute_every(card: Card | None, micro_batch: int, sequence_tokens: int
     m = MEMORY_MODEL
     if card is None:
         return 1, "no GPU: every layer recomputes"
-    if m["rl_kept_gib_per_1k_tokens"] is None:
-        return 1, (f"{card}: every layer recomputes; what GRPO's layers keep without recomputation is not measured "
-                   "yet, so auto does not size it (rl.recompute_every_n_layers=N chooses)")
     tokens = micro_batch * sequence_tokens / 1000
     free = (usable_gib(card) - m["sft_reserved_gib"] - m["rl_merged_copy_gib"]
             - tokens * m["sft_recomputed_gib_per_1k_tokens"])

@@ -213,10 +213,10 @@ class Search:
                                                                                          self.sweep_dir),
             sampler=sampler, load_if_exists=True,
             **({"direction": self.directions[0]} if len(self.directions) == 1 else {"directions": self.directions}))
-        setting, earlier = dict(s.get("sampler") or {}), len(self.study.trials)
-        if earlier and setting.get("seed") is not None:  # a continued study: with the same seed its sampler would
-            # draw the first trials' settings again (a killed search's rerun repeated whole trials)
-            self.study.sampler = self._sampler({**setting, "seed": (int(setting["seed"]) + earlier) % 2**32})
+        seed, earlier = (s.get("sampler") or {}).get("seed"), len(self.study.trials)
+        if earlier and seed is not None:  # a continued study: with the same seed its sampler would draw the first
+            # trials' settings again (a killed search's rerun repeated whole trials)
+            self.study.sampler = type(sampler)(seed=(int(seed) + earlier) % 2**32)
 
     def _sampler(self, setting: dict):
         import optuna

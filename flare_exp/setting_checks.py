@@ -112,8 +112,8 @@ def _pair_problems(cfg, steps: set[str]) -> list[str]:
 
         problems += _refusal(check_choice, "eval.significance.correction", cfg.eval.significance.correction,
                              CORRECTIONS)
-    named = list(OmegaConf.select(cfg, "runs.compare", default=None) or [])
-    if "runs" in steps and len(set(map(str, named))) < len(named):
+    named = list(cfg.runs.compare or []) if "runs" in steps else []
+    if len(set(map(str, named))) < len(named):
         problems.append(f"runs.compare={named} names a run more than once: each run is compared once (a run beside "
                         "itself adds tests of no difference to the correction's family)")
     for section in sorted(steps & {"sft", "rl"}):  # an in-training metric no scorer makes: no best/, no pruning

@@ -36,9 +36,7 @@ def paired_test(task: str, stats_a: np.ndarray, stats_b: np.ndarray, resamples: 
         return out
     rng = np.random.default_rng(seed)
     boot_a, boot_b = _resampled(task, rng, (stats_a, stats_b), resamples)
-    perm_diff = np.concatenate([np.zeros(0)] + [
-        aggregate(task, np.where(swap, stats_a, stats_b)) - aggregate(task, np.where(swap, stats_b, stats_a))
-        for swap in (rng.random((rows, n))[..., None] < 0.5 for rows in _chunk_rows(resamples, stats_a))])
+    perm_diff = _swapped_differences(task, rng, stats_a, stats_b, resamples)
     observed = abs(b - a)
     extreme = int((np.abs(perm_diff) >= observed - 1e-12).sum())
     out.update(a_ci95=_interval(boot_a), b_ci95=_interval(boot_b), difference_ci95=_interval(boot_b - boot_a),
@@ -65,6 +63,17 @@ def _resampled(task: str, rng, runs: tuple, resamples: int) -> list[np.ndarray]:
     return [np.concatenate(values) if values else np.zeros(0) for values in out]
 
 
+def _swapped_differences(task: str, rng, stats_a: np.ndarray, stats_b: np.ndarray, trials: int) -> np.ndarray:
+    """The metric's difference between the two runs after each sample's two predictions swap runs with probability
+    1/2, ``trials`` times (the permutation test's and approximate randomization's draws), in bounded chunks."""
+    parts = [np.zeros(0)]
+    for rows in _chunk_rows(trials, stats_a):
+        swap = rng.random((rows, len(stats_a)))[..., None] < 0.5
+        parts.append(np.atleast_1d(aggregate(task, np.where(swap, stats_a, stats_b))
+                                   - aggregate(task, np.where(swap, stats_b, stats_a))))
+    return np.concatenate(parts)
+
+
 def bootstrap_interval(task: str, stats: np.ndarray, resamples: int = 1000, seed: int = 0) -> list[float] | None:
     """The 95% percentile bootstrap interval of one run's official metric (None when it is infinite or
     undefined, or there are no samples)."""
@@ -79,7 +88,7 @@ CORRECTIONS = ("holm", "bh", "none")
 
 
 def approximate_randomization(task: str, stats_a: np.ndarray, stats_b: np.ndarray, trials: int = 10000,
-                              seed: int = 0, chunk: int = 1000) -> float | None:
+                              seed: int = 0) -> float | None:
     """Paired approximate randomization (Noreen's test, the one RadEval reports): in each trial every
     sample's two predictions swap runs with probability 1/2 and the metric is recomputed on both shuffled
     runs; p = (1 + #{trials with |difference| >= observed}) / (1 + trials), two-sided. Its own random stream
@@ -87,12 +96,8 @@ def approximate_randomization(task: str, stats_a: np.ndarray, stats_b: np.ndarra
     observed = float(aggregate(task, stats_b)) - float(aggregate(task, stats_a))
     if not math.isfinite(observed) or not trials:
         return None
-    rng, extreme = np.random.default_rng([seed, 1]), 0
-    for start in range(0, trials, chunk):  # a bounded (chunk, n, k) array at a time
-        swap = rng.random((min(chunk, trials - start), len(stats_a)))[..., None] < 0.5
-        shuffled = aggregate(task, np.where(swap, stats_a, stats_b)) - aggregate(task, np.where(swap, stats_b, stats_a))
-        extreme += int((np.abs(shuffled) >= abs(observed) - 1e-12).sum())
-    return (1 + extreme) / (1 + trials)
+    shuffled = _swapped_differences(task, np.random.default_rng([seed, 1]), stats_a, stats_b, trials)
+    return (1 + int((np.abs(shuffled) >= abs(observed) - 1e-12).sum())) / (1 + trials)
 
 
 def adjust_p_values(p_values: list[float | None], method: str = "holm") -> list[float | None]:

@@ -112,35 +112,47 @@ def check_model_folder(key: str, path: Path, vision: bool | None = None) -> None
     if missing_shards:
         raise ValueError(f"{key}={path}: its weights index names {len(missing_shards)} shard(s) the folder lacks, "
                          f"e.g. {missing_shards[0]}: an incomplete copy? Copy the whole folder the download made")
-    if vision is False and "vision_config" in config:
-        raise ValueError(f"{key}={path} holds a vision-language model ({config.get('model_type')}), not a judge's "
-                         "text model: point it at the judge's own folder")
-    if vision is not True:  # a judge, loaded as a causal LM (CRIMSON's MedGemma is one too)
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-        kind = config.get("model_type")
-        if kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-            raise ValueError(f"{key}={path} holds a {kind!r} model, which transformers does not load as a judge's "
-                             "text generator (AutoModelForCausalLM): point it at the judge's own folder")
-    if vision and "vision_config" in config:
-        from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
-
-        if config.get("model_type") not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
-            raise ValueError(f"{key}={path} holds a {config.get('model_type')!r} model, which transformers does not "
-                             "load as a vision-language model (AutoModelForImageTextToText): point model.path at "
-                             "Qwen3-VL-4B-Instruct's folder")
-    if vision and "vision_config" not in config:
-        raise ValueError(f"{key}={path} holds a {config.get('model_type', 'text')} model without a vision tower "
-                         "(no vision_config in its config.json): flare-exp fine-tunes a vision-language model "
-                         "(Qwen3-VL-4B-Instruct); point model.path at one")
-    if vision and not any((path / name).is_file() for name in PROCESSOR_FILES):
-        raise ValueError(f"{key}={path} has no image processor settings ({' or '.join(PROCESSOR_FILES)}): an "
-                         "incomplete copy? Copy the whole folder the download made")
+    if vision:
+        _check_vision_model(key, path, config)
+    else:
+        _check_judge_model(key, path, config, vision)
     for file in sorted(path.glob("*.safetensors")):
         problem = safetensors_problem(file)
         if problem:
             raise ValueError(f"{key}={path}: {file.name} is not a whole weights file ({problem}): an interrupted "
                              "copy? Copy the model's folder again")
+
+
+def _check_vision_model(key: str, path: Path, config: dict) -> None:
+    """model.path: a vision-language model transformers loads as one, with its image processor's settings."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    kind = config.get("model_type")
+    if "vision_config" not in config:
+        raise ValueError(f"{key}={path} holds a {config.get('model_type', 'text')} model without a vision tower "
+                         "(no vision_config in its config.json): flare-exp fine-tunes a vision-language model "
+                         "(Qwen3-VL-4B-Instruct); point model.path at one")
+    if kind not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        raise ValueError(f"{key}={path} holds a {kind!r} model, which transformers does not load as a "
+                         "vision-language model (AutoModelForImageTextToText): point model.path at "
+                         "Qwen3-VL-4B-Instruct's folder")
+    if not any((path / name).is_file() for name in PROCESSOR_FILES):
+        raise ValueError(f"{key}={path} has no image processor settings ({' or '.join(PROCESSOR_FILES)}): an "
+                         "incomplete copy? Copy the whole folder the download made")
+
+
+def _check_judge_model(key: str, path: Path, config: dict, vision: bool | None) -> None:
+    """A judge, loaded as a causal LM (CRIMSON's MedGemma is one, a VLM too: ``vision`` None; GREEN's is text
+    only: False)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    kind = config.get("model_type")
+    if vision is False and "vision_config" in config:
+        raise ValueError(f"{key}={path} holds a vision-language model ({kind}), not a judge's text model: point it "
+                         "at the judge's own folder")
+    if kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ValueError(f"{key}={path} holds a {kind!r} model, which transformers does not load as a judge's text "
+                         "generator (AutoModelForCausalLM): point it at the judge's own folder")
 
 
 def load_whole(model_class, key: str, path: Path, **kwargs):

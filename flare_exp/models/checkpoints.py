@@ -147,9 +147,9 @@ def chosen_adapter(key: str, path: str | Path, allow_intermediate: bool) -> Path
     adapter = resolve_adapter(path)
     if _CKPT.match(adapter.name) or _CKPT.match(adapter.resolve().name):  # a link to a checkpoint-N is one
         if not allow_intermediate:
-            raise ValueError(f"{key}={path} is an intermediate checkpoint ({adapter.resolve().name}) of a training run, not "
-                             f"its final adapter: pass {ALLOW_INTERMEDIATE}=true to use it on purpose, or point at "
-                             "the finished run dir")
+            raise ValueError(f"{key}={path} is an intermediate checkpoint ({adapter.resolve().name}) of a training "
+                             f"run, not its final adapter: pass {ALLOW_INTERMEDIATE}=true to use it on purpose, or "
+                             "point at the finished run dir")
         why = incomplete(adapter)
         if why:
             raise FileNotFoundError(f"{key}={path}: {adapter} is not a complete checkpoint: {why}")

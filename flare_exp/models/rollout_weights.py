@@ -134,9 +134,7 @@ def auto_margin_bytes(rollout_rows: int, micro_batch: int, sequence_tokens: int,
     fragmentation."""
     from flare_exp.card import MEMORY_MODEL as m
 
-    # GRPO's own kept-activation figure once measured; SFT's until then (the larger guess keeps the adapter)
-    kept = m["rl_kept_gib_per_1k_tokens"] or m["sft_gib_per_1k_tokens"] - m["sft_recomputed_gib_per_1k_tokens"]
-    per_1k = m["sft_recomputed_gib_per_1k_tokens"] + kept_share * kept
+    per_1k = m["sft_recomputed_gib_per_1k_tokens"] + kept_share * m["rl_kept_gib_per_1k_tokens"]
     gib = (rollout_rows * sequence_tokens * m["infer_gib_per_1k_tokens"] / 1000
            + micro_batch * sequence_tokens * per_1k / 1000 + 2.0)
     return int(gib * 2**30)

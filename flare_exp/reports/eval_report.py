@@ -102,8 +102,8 @@ def significance_notes(family: dict | None) -> list[str]:
 
 
 RUN_FIELDS = (("split", "split"), ("n", "n"), ("answers_from", "prepared split"), ("image_window", "image window"),
-              ("model", "model"), ("model_path", "model path"), ("max_pixels", "model.max_pixels"), ("decoding", "decoding"),
-              ("backend", "backend"), ("checkpoint", "adapter"), ("adapter_sha256", "adapter sha256"),
+              ("model", "model"), ("model_path", "model path"), ("max_pixels", "model.max_pixels"),
+              ("decoding", "decoding"), ("backend", "backend"), ("checkpoint", "adapter"), ("adapter_sha256", "adapter sha256"),
               ("finished", "predicted"), ("commit", "commit"), ("file", "predictions"), ("scored_sheet", "scored sheet"))
 RESULT_FIELDS = ("split", "n", "answers_from", "image_window", "file", "scored_sheet")  # the rest: its run's
 SHORT_HASH = 12

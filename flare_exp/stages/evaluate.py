@@ -17,7 +17,7 @@ from flare_exp.data.predictions import find_predictions, load_rows
 from flare_exp.fixtures.random_scorers import random_scorer_caveats
 from flare_exp.io import write_json
 from flare_exp.metrics.scoring import ReportScorers, evaluate_file, flat_summary, scored_rows
-from flare_exp.metrics.significance import adjust_p_values, bootstrap_interval, compare, correct_family
+from flare_exp.metrics.significance import bootstrap_interval, compare, correct_family
 from flare_exp.reports.eval_report import write_reports
 from flare_exp.reports.sheets import write_scored_sheet
 from flare_exp.run.layout import METRICS, predictions_file, summary_name
@@ -148,7 +148,6 @@ def run(cfg, out_dir: Path) -> dict:
     if not entries:
         raise ValueError(EMPTY)
     check_settings(cfg)
-    adjust_p_values([], cfg.eval.significance.correction)  # an unknown correction fails before any judging
     prepare_gpu_run(cfg)
     scorers = ReportScorers(cfg, out_dir)
     rank, world = ranks()

@@ -269,12 +269,12 @@ def datasets(cfg, chat: VisionChat, out_dir: Path) -> tuple["RecordDataset", "Re
     (train, val or None, how many were skipped)."""
     sft, max_len = cfg.sft, cfg.model.max_seq_length
     train, too_long, train_lengths, gone = load_split(sft.train_file, sft.max_train_samples, chat, max_len,
-                                                sft.on_too_long, "training")
+                                                      sft.on_too_long, "training")
     check_records_window(train, cfg.data.image_window, sft.train_file)
     val, val_too_long, val_lengths = ([], [], [])
     if sft.val_file and abspath(sft.val_file).exists():
         val, val_too_long, val_lengths, _ = load_split(sft.val_file, sft.max_eval_samples, chat, max_len,
-                                                    sft.on_too_long, "eval")
+                                                       sft.on_too_long, "eval")
     if not train:  # the trainer would fail on an empty dataset, deep inside the tokenizer
         raise ValueError(f"all {len(too_long)} training samples of {sft.train_file} are longer than "
                          f"model.max_seq_length={max_len}, e.g. {too_long[0]['id']} with {too_long[0]['tokens']} "

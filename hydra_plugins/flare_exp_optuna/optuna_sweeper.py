@@ -13,8 +13,8 @@ class OptunaSweeper(Sweeper):
                  params: Optional[Dict[str, str]] = None, objective_weights: Optional[Dict[str, float]] = None,
                  sampler: Optional[Dict[str, Any]] = None, storage: Optional[str] = None,
                  study_name: Optional[str] = None, pruner: Optional[Dict[str, Any]] = None) -> None:
-        # one objective written without brackets is a string: one objective, not one per character
-        self.settings = dict(objectives=[objectives] if isinstance(objectives, str) else list(objectives), n_trials=n_trials, n_jobs=n_jobs, params=params,
+        # the objectives as given: the search reads them (optuna_study.objective_list: one without brackets is one)
+        self.settings = dict(objectives=objectives, n_trials=n_trials, n_jobs=n_jobs, params=params,
                              objective_weights=objective_weights, sampler=sampler, storage=storage,
                              study_name=study_name, pruner=pruner)
         self.launcher = self.config = self.hydra_context = None

@@ -47,6 +47,18 @@ def official_blocks(run_dir: Path, strict: bool = False) -> dict:
         if isinstance(data, dict) else {}
 
 
+def own_block(blocks: dict, run_dir: Path | None = None) -> dict:
+    """The metrics block of a run's own model among those its eval scored: in a pipeline (a sweep job, an Optuna
+    trial) the one of the predictions its own infer step wrote (stage.compare's models are scored beside it);
+    else the last (an eval's inputs in the order given). Empty where there is none."""
+    if run_dir is not None:
+        own = (Path(run_dir) / "infer").resolve()
+        for block in blocks.values():
+            if isinstance(block, dict) and Path(str(block.get("file", ""))).resolve().parent == own:
+                return block
+    return list(blocks.values())[-1] if blocks else {}
+
+
 def why_unreadable(error: Exception) -> str:
     """A file's read or parse error in a line (a JSON error's own first line, else its type)."""
     return str(error).splitlines()[0] if str(error) else type(error).__name__
@@ -55,9 +67,8 @@ def why_unreadable(error: Exception) -> str:
 def headline(run_dir: Path) -> str | None:
     from flare_exp.reports.tables import fmt
 
-    # the last block is the run's own model: a pipeline compares base and sft before it, an eval its inputs in
-    # order given
-    for block in list(official_blocks(run_dir).values())[-1:]:
+    blocks = official_blocks(run_dir)
+    for block in [own_block(blocks, run_dir)] if blocks else []:
         for task, metric in HEADLINE:
             found = block.get("official", {}).get(task)
             value = found.get(metric) if isinstance(found, dict) else None

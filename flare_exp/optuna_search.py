@@ -153,13 +153,16 @@ def job_metrics(ret) -> tuple[dict | None, str | None]:
     if ret.status != JobStatus.COMPLETED:
         error = ret._return_value
         return None, f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+    from flare_exp.catalog import own_block
+
     value = ret.return_value if isinstance(ret.return_value, dict) else {}
     eval_dir = (value.get("steps") or {}).get("eval")
     path = Path(eval_dir) / "metrics.json" if eval_dir else Path(value.get("metrics", ""))
     if not path.is_file():
         return None, "the trial ran no eval (stage.steps must end with eval) or wrote no metrics.json"
-    blocks = json.loads(path.read_text())
-    return next(iter(blocks.values())), None
+    # the trial's own model: stage.compare's (base, the sft it starts from) are scored in the same file
+    trial_dir = Path(eval_dir).parent if eval_dir else Path(value["kept"]) if value.get("kept") else None
+    return own_block(json.loads(path.read_text()), trial_dir), None
 
 
 def _comparable(key: str, value):

@@ -1,8 +1,8 @@
 """What flare-exp's sweep launchers (hydra_plugins/flare_exp_launchers) add to Hydra's submitit launchers:
 
 - every job's settings and dir are checked before any job is launched (flare_exp/sweep_checks.py);
-- one line per finished job (its number, overrides, DONE/FAILED, duration, headline metric) and an ETA; a
-  relaunched sweep's jobs that keep their finished run said as it starts;
+- one line per finished job (its number, overrides, DONE/FAILED, duration, headline metric or an Optuna
+  search's objectives) and an ETA; a relaunched sweep's jobs that keep their finished run said as it starts;
 - the failed jobs named at the end (the sweep exits non-zero), a job whose worker died without a traceback
   (kill -9, the OOM killer) among them: submitit's error for it would have ended the sweep unreported;
 - SIGTERM and SIGINT (``timeout``, ``kill``, Ctrl-C) forwarded to the local workers, which are waited for and
@@ -48,8 +48,10 @@ class Progress:
     show, sweep_checks.kept_name) are said as the launch starts, once: a relaunched sweep does not leave them
     unsaid until its last job ends."""
 
-    def __init__(self, job_dirs: list[Path], names: list[str], poll_s: float = 1.0, kept: dict | None = None):
+    def __init__(self, job_dirs: list[Path], names: list[str], poll_s: float = 1.0, kept: dict | None = None,
+                 objectives: list[str] | None = None):
         self.job_dirs, self.names, self.poll_s = job_dirs, list(names), poll_s
+        self.objectives = objectives  # an Optuna search's: each job's line shows them, not the headline metric
         self.kept = dict(kept or {})
         for i, name in self.kept.items():
             self.names[i] = name
@@ -91,7 +93,8 @@ class Progress:
         self.reported[i] = status
         row = self.summary(i, status)
         seconds = row["seconds"] if row and row.get("seconds") is not None else time.time() - self.start
-        headline = f", {row['headline']}" if row and row.get("headline") else ""
+        shown = self.objective_values(i) if row and self.objectives else row and row.get("headline")
+        headline = f", {shown}" if shown else ""
         reason = why or (row or {}).get("error")
         if not why and row and status == "FAILED":  # the table's 200 characters would cut a stop's what-next
             reason = failed_line(self.job_dirs[i]) or reason
@@ -104,6 +107,23 @@ class Progress:
         eta = f"{left} left, ETA ~{elapsed / ran * left:.0f} s" if timed else f"{left} left" if left else ended
         say(f"{done}/{total} #{self.job_dirs[i].name} ({self.names[i]}) {status} in {seconds:.0f} s{headline}"
             f"{f': {reason}' if status != 'DONE' and reason else ''} | {eta}")
+
+    def objective_values(self, i: int) -> str | None:
+        """The search's objectives as the job's own model scored them (what the study records), None without an
+        eval's metrics."""
+        import json
+
+        from flare_exp.catalog import metrics_file, own_block
+        from flare_exp.optuna_study import objective_value
+        from flare_exp.reports.tables import fmt
+
+        path = metrics_file(self.job_dirs[i])
+        try:
+            block = own_block(json.loads(path.read_text()), self.job_dirs[i]) if path else {}
+        except (OSError, ValueError):
+            return None
+        values = {o: objective_value(block, o) for o in self.objectives} if isinstance(block, dict) else {}
+        return ", ".join(f"{o}={fmt(v)}" for o, v in values.items()) if values else None
 
     def written_now(self, i: int, status: str) -> bool:
         """The job's dir holds the ``status`` marker, written during this launch (not an earlier attempt's)."""

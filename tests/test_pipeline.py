@@ -534,6 +534,17 @@ def test_step_lists_that_make_no_sense_are_refused_and_the_predicting_model_is_n
     assert compared_sources(given_adapter) == ["base"]
     with pytest.raises(ValueError, match="stage.compare names base more than once"):
         check_steps(compose_cfg(["stage=pipeline", "stage.compare=[base,base]"]))
+    # infer.checkpoint naming an sft run: sft is the model infer predicts with, not a step the pipeline lacks
+    sft_run = tmp_path / "an-sft-run"
+    (sft_run / "final").mkdir(parents=True)
+    (sft_run / "final" / "adapter_config.json").write_text("{}")
+    for name, text in (("run_info.json", "{}"), ("DONE", ""), ("config.yaml", "stage:\n  name: sft\n")):
+        (sft_run / name).write_text(text)
+    caplog.clear()
+    say_what_is_compared(compose_cfg(["stage=pipeline", "stage.steps=[infer,eval]", "stage.compare=[sft]",
+                                      f"infer.checkpoint={sft_run}"]))
+    assert f"sft is the model infer predicts with in this pipeline (infer.checkpoint={sft_run} is an sft run)" \
+        in caplog.text and "WARNING" not in caplog.text, caplog.text
     caplog.clear()
     say_what_is_compared(compose_cfg(["stage=pipeline", "stage.steps=[rl,infer,eval]", "stage.compare=[sft]"]))
     assert "WARNING" in caplog.text and "sft is not compared" in caplog.text and "rl.init_from" in caplog.text

@@ -43,13 +43,15 @@ def collect(sweep_dir: Path) -> list[dict]:
 
 
 def official_metrics(job_dir: Path) -> dict:
-    """FLARE's official numbers of the job's eval (its first evaluated run), as official/<task>/<metric>."""
+    """FLARE's official numbers of the job's own model (catalog.own_block: not a model stage.compare scored beside
+    it), as official/<task>/<metric>."""
+    from flare_exp.catalog import own_block
+
     path = own_or_step(job_dir, METRICS)
     if path is None:
         return {}
-    results = json.loads(path.read_text())
-    first = next(iter(results.values()), {})
-    return {f"official/{task}/{k}": v for task, block in first.get("official", {}).items() for k, v in block.items()
+    own = own_block(json.loads(path.read_text()), job_dir)
+    return {f"official/{task}/{k}": v for task, block in own.get("official", {}).items() for k, v in block.items()
             if (isinstance(v, (int, float)) or v in NON_FINITE) and k not in ("num_examples",)}
 
 

@@ -19,7 +19,7 @@ from flare_exp.run.layout import DONE
 from flare_exp.run.lifecycle import Run, reusable
 from flare_exp.run.lock import RunLock
 from flare_exp.run.stage import Stage, declared_stages, stage
-from flare_exp.runtime import barrier, ranks
+from flare_exp.runtime import abspath, barrier, ranks
 
 
 STAGE = Stage(
@@ -84,14 +84,29 @@ def say_what_is_compared(cfg) -> None:
         log.warning("stage.compare=%s: not compared, this pipeline does not run infer then eval", left_out)
         return
     before = list(_trained_before_infer(cfg))
+    given = _stage_of_adapter(cfg.infer.checkpoint) if cfg.infer.checkpoint else None
     for source in left_out:
-        if source == _predicting(cfg, before):
+        if source in (_predicting(cfg, before), given):
+            why = (f" (infer.checkpoint={cfg.infer.checkpoint} is an {given} run)" if source == given else
+                   "" if before else " (nothing is trained before it)")
             log.info("stage.compare: %s is the model infer predicts with in this pipeline%s: not compared with "
-                     "itself", source, "" if before else " (nothing is trained before it)")
+                     "itself", source, why)
         else:
             log.warning("stage.compare: %s is not compared: this pipeline does not run it before infer%s", source,
                         " (nor does rl.init_from name its run)" if source == "sft" and "rl" in before else
                         "; add it to stage.steps, or infer its run on its own and give both to eval.predictions")
+
+
+def _stage_of_adapter(path) -> str | None:
+    """The stage (sft, rl) whose run the adapter ``path`` names belongs to; None where no run of ours says."""
+    from flare_exp.catalog import stage_of
+    from flare_exp.models.checkpoints import resolve_adapter
+
+    try:
+        adapter = resolve_adapter(abspath(path))
+    except (FileNotFoundError, OSError):
+        return None
+    return next((s for s in (stage_of(d) for d in (adapter, adapter.parent)) if s in ("sft", "rl")), None)
 
 
 def _run_or_reuse(step: str, step_cfg, step_dir: Path, results: dict, name: str, out_dir: Path) -> None:

@@ -26,6 +26,7 @@ class _Watched:
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int):
         from contextlib import nullcontext
 
+        from flare_exp.optuna_study import objective_list
         from flare_exp.sweep_checks import SweepSettingsError, check_jobs, job_names
         from flare_exp.sweep_watch import (ForwardStops, Progress, StopInProcess, exit_with, record_results,
                                            results_per_job)
@@ -39,7 +40,9 @@ class _Watched:
         self._launched = True
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         job_dirs = [sweep_dir / str(initial_job_idx + i) for i in range(len(job_overrides))]
-        with Progress(job_dirs, job_names(job_overrides), kept=kept) as progress:
+        search = "optuna" in str(self.config.hydra.sweeper.get("_target_", ""))
+        objectives = objective_list(self.config.hydra.sweeper.get("objectives")) if search else None
+        with Progress(job_dirs, job_names(job_overrides), kept=kept, objectives=objectives) as progress:
             stops = ForwardStops(job_dirs=job_dirs) if getattr(self, "_EXECUTOR", "") == "local" else \
                 StopInProcess(job_dirs) if isinstance(self, BasicLauncher) else nullcontext()
             # submitit's jobs: one whose worker died (kill -9, the OOM killer) is a failed job, not the sweep's end
@@ -47,7 +50,7 @@ class _Watched:
             with stops, per_job:
                 returns = super().launch(job_overrides, initial_job_idx)
         failed = record_results(progress, returns)
-        if failed and "optuna" not in str(self.config.hydra.sweeper.get("_target_", "")):
+        if failed and not search:
             # a grid sweep ends here, non-zero (Hydra's own sweeper would raise the first failure's traceback);
             # an Optuna search tells the study and names its failed trials at its end
             exit_with(f"sweep {sweep_dir}: {len(failed)} of {len(returns)} job(s) failed. Report: python launch.py "

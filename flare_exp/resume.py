@@ -103,7 +103,7 @@ def resume_checkpoint(resume: str, out_dir: Path, stage: str | None = None, cfg=
             raise RunSettingsChangedError(resume_never_refusal(out_dir, ckpts[-1].name))
         return None
     path = abspath(resume)
-    why = incomplete(path)
+    why = incomplete(path, verify=True)
     if why and (path / "adapter_config.json").exists() and not (path / "trainer_state.json").exists():
         raise FileNotFoundError(f"resume={resume}: {path} is an adapter, not a Trainer checkpoint (no optimizer or "
                                 f"schedule to continue): to train on from its weights pass {stage or 'sft'}.init_from="

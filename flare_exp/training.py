@@ -13,6 +13,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from transformers import TrainerCallback
 
+from flare_exp.divergence import SAMPLED_NAN, StopWhenDiverged, diverged
 from flare_exp.io import file_fingerprint, shared_as_umask
 from flare_exp.logs import log_part
 from flare_exp.models.checkpoints import mark_complete, sort_adapter_config, write_meta
@@ -59,6 +60,7 @@ def train_and_save(trainer, stage: str, cfg, out_dir: Path, meta: "CheckpointMet
 
     quiet_progress(trainer)
     workers_ignore_sigterm(trainer)
+    trainer.add_callback(StopWhenDiverged(stage, out_dir))
     try:
         try:
             checkpoint = resume_checkpoint(cfg.resume, out_dir, stage, cfg, trainer.args.max_steps)
@@ -71,6 +73,9 @@ def train_and_save(trainer, stage: str, cfg, out_dir: Path, meta: "CheckpointMet
         except torch.OutOfMemoryError as e:
             raise out_of_memory_error(cfg, stage, trainer.state.global_step + 1, out_dir, remedies) from e
         except Exception as e:
+            if SAMPLED_NAN in str(e):  # a rollout of weights gone inf/NaN before a step's end could say so
+                raise diverged(stage, trainer.state.global_step + 1, trainer.args, out_dir,
+                               "the policy's next-token probabilities are inf or NaN") from e
             explained = explain_failure(e) if explain_failure else None
             if explained is not None:
                 raise explained from e

@@ -34,6 +34,8 @@ def _drop_image_entry(rows):
      r"the image '../../../etc/passwd' lies outside data.root"),
     (_drop_image_entry, r"its messages show 1 image\(s\) and its 'images' list 2"),
     (lambda rows: rows.__setitem__(0, ["not", "a", "record"]), r"record 1: a list, not a record"),
+    (lambda rows: rows[0].update(answer=[rows[0]["answer"]]), r"record 1 \(id \S+\): 'answer' is a list, not text"),
+    (lambda rows: rows[0].update(answer=5), r"'answer' is a int, not text"),
 ])
 def test_what_prepare_would_not_have_written_is_named(demo_prepared, tmp_path, edit, said):
     path = _edited(demo_prepared, tmp_path, edit)
@@ -53,3 +55,24 @@ def test_infer_refuses_an_edited_split_before_loading_a_model(base_overrides, de
         run(cfg, run_dir=tmp_path / "infer")
     assert not (tmp_path / "infer" / "predictions.jsonl").exists()
     assert json.loads((tmp_path / "infer" / "run_info.json").read_text())  # the attempt is on record
+
+
+def test_eval_refuses_answers_that_are_not_text_and_names_the_split_of_an_empty_one(demo_prepared, tmp_path):
+    """A prepared split whose multi-label answers were rewritten as lists (or a class as a number) was scored F1 0 /
+    balanced accuracy 0 with no caveat; a val answer set to null was called "the test split"."""
+    from flare_exp.data.predictions import load_rows
+
+    prepared = tmp_path / "prepared"
+    prepared.mkdir()
+    rows = read_jsonl(demo_prepared / "val.jsonl")[:6]
+    predictions = tmp_path / "predictions.jsonl"
+    write_jsonl(predictions, [{"id": r["id"], "prediction": "x", "split": "val"} for r in rows])
+    for edit, said in ((lambda r: r.update(answer=[r["answer"]]), r"are not text, e.g. .*\(a list\).*rerun "
+                                                                   r"stage=prepare"),
+                       (lambda r: r.update(answer=None), r"no ground truth .*their answers in the val split .* are "
+                                                         r"empty \(edited since\?\)")):
+        edited = copy.deepcopy(rows)
+        edit(edited[2])
+        write_jsonl(prepared / "val.jsonl", edited)
+        with pytest.raises(ValueError, match=said):
+            load_rows(predictions, False, str(prepared))

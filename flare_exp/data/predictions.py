@@ -80,10 +80,13 @@ def load_rows(path: Path, allow_partial: bool, prepared_dir: str | None = None) 
     if unknown:
         raise ValueError(f"{path}: unknown task type(s) {', '.join(unknown)}; known: "
                          f"{', '.join(official.OFFICIAL_METRIC)}")
-    missing = [r["id"] for r in rows if r.get("answer") is None]
+    missing = [r for r in rows if r.get("answer") is None]
     if missing:
-        raise ValueError(f"{path}: {len(missing)} predictions have no ground truth (e.g. {missing[0]}); "
-                         "the test split is scored by FLARE from the submission files")
+        split = missing[0].get("split")
+        why = ("the test split is scored by FLARE from the submission files" if split in ("test", None) else
+               f"their answers in the {split} split {info.get('answers_from', '')} are empty (edited since?): undo "
+               "the edit, or rerun stage=prepare (overwrite=true)")
+        raise ValueError(f"{path}: {len(missing)} predictions have no ground truth (e.g. {missing[0]['id']}); {why}")
     empty = sum(not isinstance(r.get("prediction"), str) or not r["prediction"].strip() for r in rows)
     if empty:
         info["empty_predictions"] = empty

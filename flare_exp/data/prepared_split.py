@@ -49,6 +49,9 @@ def record_problem(record) -> str | None:
             return f"{key!r} is a {type(record[key]).__name__}, not a {kind.__name__}"
     if record["task_type"] not in TASK_TYPES:
         return f"task_type {record['task_type']!r} is none of {', '.join(TASK_TYPES)}"
+    if record.get("answer") is not None and not isinstance(record["answer"], str):  # eval would score it 0
+        return (f"'answer' is a {type(record['answer']).__name__}, not text (prepare writes every answer as text: "
+                "labels joined with ';', numbers as written)")
     for image in record["images"]:
         if not isinstance(image, str) or not image:
             return f"an image path {image!r} that is no path"

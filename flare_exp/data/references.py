@@ -107,6 +107,14 @@ def join_to_reference(predictions: Path, rows: list[dict], reference: Path) -> t
         raise ValueError(f"{predictions}: {len(unknown)} prediction id(s) are not in the prepared split {reference}: "
                          f"{_named(unknown)}. Score predictions of this split only (or point data.prepared_dir at "
                          "the one they were made from)")
+    not_text = [r["id"] for r in rows if refs[r["id"]].get("answer") is not None
+                and not isinstance(refs[r["id"]]["answer"], str)]
+    if not_text:  # a list of labels, a number typed in: scored against text, every one would count as wrong
+        first = refs[not_text[0]]["answer"]
+        raise ValueError(f"{reference}: {len(not_text)} answer(s) of this prepared split are not text, e.g. "
+                         f"{not_text[0]}: {first!r} (a {type(first).__name__}): prepare writes every answer as text "
+                         "(labels joined with ';'), so the file was edited since. Undo the edit, or rerun "
+                         "stage=prepare (overwrite=true)")
     changed = [r["id"] for r in rows if r.get("answer") is not None and refs[r["id"]].get("answer") is not None
                and not same_answer(r["answer"], refs[r["id"]]["answer"])]
     if changed:

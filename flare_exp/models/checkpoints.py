@@ -24,21 +24,29 @@ log = logging.getLogger(__name__)
 
 
 def mark_complete(checkpoint: Path) -> None:
-    """Record that ``checkpoint`` is whole: called after the Trainer (and our metadata) wrote every file."""
+    """Record that ``checkpoint`` is whole: called after the Trainer (and our metadata) wrote every file. Each
+    file's size and sha256: a resume checks the bytes too (a file damaged in place keeps its size)."""
+    from flare_exp.io import file_digest
+
     # each rank of a data-parallel job writes its own rng_state_<rank>.pth, maybe still while rank 0 marks
-    files = {str(p.relative_to(checkpoint)): p.stat().st_size for p in sorted(checkpoint.rglob("*"))
-             if p.is_file() and p.name != COMPLETE and not _RANK_RNG.match(p.name)}
-    write_json(checkpoint / COMPLETE, {"files": files})
+    written = [p for p in sorted(checkpoint.rglob("*")) if p.is_file() and p.name != COMPLETE
+               and not _RANK_RNG.match(p.name)]
+    write_json(checkpoint / COMPLETE, {"files": {str(p.relative_to(checkpoint)): p.stat().st_size for p in written},
+                                       "sha256": {str(p.relative_to(checkpoint)): file_digest(p) for p in written}})
 
 
-def incomplete(checkpoint: Path) -> str | None:
+def incomplete(checkpoint: Path, verify: bool = False) -> str | None:
     """Why ``checkpoint`` cannot be used (its marker missing: cut short while saving; a file missing or of
-    another size than was written), or None when it is whole."""
+    another size than was written; with ``verify``, one whose bytes changed since: damaged in place), or None when
+    it is whole. ``verify`` reads every file: for a checkpoint about to be used, not for listings."""
+    from flare_exp.io import file_digest
+
     try:
-        files = json.loads((checkpoint / COMPLETE).read_text())["files"]
+        record = json.loads((checkpoint / COMPLETE).read_text())
+        files, digests = record["files"], record.get("sha256") or {}  # a marker of before the digests: sizes
     except FileNotFoundError:
         return f"no {COMPLETE} (cut short while saving)"
-    except (ValueError, KeyError, OSError) as e:
+    except (ValueError, KeyError, OSError, AttributeError, TypeError) as e:
         return f"{COMPLETE} unreadable ({e})"
     for name, size in files.items():
         path = checkpoint / name
@@ -46,6 +54,8 @@ def incomplete(checkpoint: Path) -> str | None:
             return f"{name} is missing"
         if path.stat().st_size != size:
             return f"{name} has {path.stat().st_size} bytes, {size} were written"
+        if verify and name in digests and file_digest(path) != digests[name]:
+            return f"{name} differs from what was saved (its sha256 changed: damaged on disk or edited since)"
     return None
 
 
@@ -88,7 +98,7 @@ def newest_complete(run_dir: Path, up_to: int | None = None) -> Path | None:
                         up_to)
             skipped += 1
             continue
-        why = incomplete(checkpoint)
+        why = incomplete(checkpoint, verify=True)
         if why is None:
             check_training_state(checkpoint)
             return checkpoint
@@ -150,7 +160,7 @@ def chosen_adapter(key: str, path: str | Path, allow_intermediate: bool) -> Path
             raise ValueError(f"{key}={path} is an intermediate checkpoint ({adapter.resolve().name}) of a training "
                              f"run, not its final adapter: pass {ALLOW_INTERMEDIATE}=true to use it on purpose, or "
                              "point at the finished run dir")
-        why = incomplete(adapter)
+        why = incomplete(adapter, verify=True)
         if why:
             raise FileNotFoundError(f"{key}={path}: {adapter} is not a complete checkpoint: {why}")
     from flare_exp.models.checkpoint_files import torn_side_file

@@ -296,4 +296,23 @@ def adapter_loaded(model, adapter, training: bool):
             raise AdapterLoadError(f"the LoRA adapter in {adapter} lacks weights its adapter_config.json names "
                                    f"({str(warning.message)[:200]}): an incomplete copy? Copy the adapter again")
         warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    bad = non_finite_weight((n, p) for n, p in loaded.named_parameters() if "lora_" in n or "modules_to_save" in n)
+    if bad:
+        raise AdapterLoadError(f"the LoRA adapter in {adapter} holds inf/NaN weights ({bad}): a training that "
+                               "diverged (a learning rate far too high) or a copy damaged since; its predictions "
+                               "would be empty or noise. Train it again, or copy it again from where it was trained")
     return loaded
+
+
+def non_finite_weight(named) -> str | None:
+    """The name of the first of these (name, tensor) pairs that holds inf or NaN, None when all are finite: each
+    tensor's largest magnitude, computed together (a few kernels for hundreds of LoRA tensors)."""
+    import torch
+
+    named = [(n, p.detach()) for n, p in named if p.numel()]
+    if not named:
+        return None
+    device = named[0][1].device  # one device for the stack (a model split over several holds others)
+    largest = torch.stack([m.float().to(device) for m in torch._foreach_norm([p for _, p in named], float("inf"))])
+    bad = ~torch.isfinite(largest)
+    return named[int(bad.nonzero()[0, 0])][0] if bool(bad.any()) else None

@@ -1,0 +1,75 @@
+"""Training that diverges stops where it does (the Trainer logged loss 0 and grad_norm nan, saved NaN adapters and
+ended DONE); an adapter of inf/NaN weights is refused where a stage loads it; a checkpoint whose bytes changed in
+place since it was saved (same size: the size check passed) is passed over by a resume, said."""
+import json
+import logging
+import shutil
+
+import pytest
+import torch
+
+from conftest import compose_cfg
+from flare_exp.main import run
+from flare_exp.models.checkpoints import incomplete, mark_complete, newest_complete
+
+
+def test_a_learning_rate_far_too_high_stops_the_run_naming_the_step_and_the_key(base_overrides, tmp_path):
+    from flare_exp.divergence import TrainingDivergedError
+
+    run_dir = tmp_path / "sft"
+    cfg = compose_cfg(["stage=sft", *base_overrides, "sft.max_steps=6", "sft.learning_rate=1e4", "sft.eval_steps=0",
+                       "sft.warmup_ratio=0", "sft.save_steps=1", "sft.logging_steps=1"])
+    with pytest.raises(TrainingDivergedError, match=r"sft diverged at step \d+: .* is inf or NaN.*sft.learning_rate "
+                                                     r"\(now 10000\)"):
+        run(cfg, run_dir=run_dir)
+    assert not (run_dir / "final").exists() and not (run_dir / "DONE").exists() and (run_dir / "FAILED").exists()
+    for checkpoint in run_dir.glob("checkpoint-*"):  # those saved are of finite weights
+        from safetensors.torch import load_file
+
+        weights = load_file(checkpoint / "adapter_model.safetensors")
+        assert all(torch.isfinite(w).all() for w in weights.values()), checkpoint
+
+
+def test_an_adapter_of_nan_weights_is_refused_at_load(sft_adapter, tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from flare_exp.models.loading import AdapterLoadError, adapter_loaded
+    from transformers import AutoModelForImageTextToText
+
+    adapter = tmp_path / "nan-adapter"
+    shutil.copytree(sft_adapter / "final", adapter)
+    weights = load_file(adapter / "adapter_model.safetensors")
+    name = sorted(weights)[0]
+    weights[name] = weights[name].clone()
+    weights[name].view(-1)[0] = float("nan")
+    save_file(weights, adapter / "adapter_model.safetensors")
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
+    with pytest.raises(AdapterLoadError, match=r"holds inf/NaN weights \(.*lm_head"):
+        adapter_loaded(model, adapter, training=False)
+
+
+def _checkpoint(run_dir, step):
+    checkpoint = run_dir / f"checkpoint-{step}"
+    checkpoint.mkdir(parents=True)
+    for name in ("trainer_state.json", "optimizer.pt", "scheduler.pt", "adapter_model.safetensors"):
+        (checkpoint / name).write_bytes(bytes(range(256)) * 4)
+    mark_complete(checkpoint)
+    return checkpoint
+
+
+def test_a_checkpoint_damaged_in_place_is_passed_over_by_a_resume(tmp_path, caplog):
+    older, newer = _checkpoint(tmp_path, 40), _checkpoint(tmp_path, 80)
+    assert json.loads((newer / "flare_exp_complete.json").read_text())["sha256"]["optimizer.pt"]
+    data = bytearray((newer / "optimizer.pt").read_bytes())
+    data[100:164] = b"\x7f" * 64  # bit rot: the same size
+    (newer / "optimizer.pt").write_bytes(bytes(data))
+    assert incomplete(newer) is None  # listings check sizes only
+    assert "optimizer.pt differs from what was saved" in incomplete(newer, verify=True)
+    caplog.set_level(logging.WARNING)
+    assert newest_complete(tmp_path) == older
+    assert "skipping" in caplog.text and "checkpoint-80" in caplog.text and "optimizer.pt differs" in caplog.text
+    # a marker written before the digests (sizes only) still counts as complete
+    record = json.loads((older / "flare_exp_complete.json").read_text())
+    del record["sha256"]
+    (older / "flare_exp_complete.json").write_text(json.dumps(record))
+    assert incomplete(older, verify=True) is None

@@ -290,6 +290,12 @@ def config_file_problem(error: BaseException, conf_dirs: list[Path] = (),
 
     named = re.match(r"In '([^']+)'", str(error))  # Hydra's ConfigCompositionException: the group file
     file = next((f for d in conf_dirs if named and (f := d / f"{named.group(1)}.yaml").is_file()), None)
+    package = re.search(r"Could not override '[^'@]+@([^.']+)\.", str(error))  # its defaults list's, in its package
+    group = named.group(1).split("/")[0] if named else None
+    if file and package and package.group(1) == group and unknown_path(group, Config):
+        return ValueError(f"{file}: its defaults list picks groups under '{group}.' (the group's own package), where "
+                          "there are none: a file that picks other groups (override /model: ...) or sets stage keys "
+                          f"needs '# @package _global_' as its first line, as conf/{group}/*.yaml have")
     given = re.match(r"Error merging override (.+)|Could not override '(.+?)'", str(error))  # the command line's
     source = (f"on the command line ({(given.group(1) or given.group(2)).strip()})" if given else f"in {file}" if file else
               "in a config file this run composes (an experiment or other group file)")
@@ -317,7 +323,6 @@ def config_file_problem(error: BaseException, conf_dirs: list[Path] = (),
                 "pruner or sampler that is not there yet is added with a leading + (e.g. "
                 "+hydra.sweeper.pruner.min_resource=3)")
         if isinstance(error, ConfigKeyError) and getattr(error, "full_key", None):
-            group = named.group(1).split("/")[0] if named else None
             if file and str(error.full_key).split(".")[0] == group and unknown_path(group, Config):
                 # a group whose package is no section (experiment/): its keys landed under the group's name
                 return ValueError(f"{file}: its keys land under '{group}.' (the group's own package): a file that "

@@ -73,3 +73,24 @@ def test_a_checkpoint_damaged_in_place_is_passed_over_by_a_resume(tmp_path, capl
     del record["sha256"]
     (older / "flare_exp_complete.json").write_text(json.dumps(record))
     assert incomplete(older, verify=True) is None
+
+
+def test_another_stage_under_an_unfinished_runs_name_is_refused(base_overrides, tmp_path, sft_adapter):
+    """An infer (or eval, rl) launched under the name of a killed sft run took its dir over, finished DONE beside
+    the sft's checkpoints, and the sft could no longer be resumed."""
+    from flare_exp.run.record import RunSettingsChangedError
+
+    run_dir = tmp_path / "sft-x"
+    run(compose_cfg(["stage=sft", *base_overrides, "sft.max_steps=2", "sft.save_steps=1", "sft.eval_steps=0"]),
+        run_dir=run_dir)
+    shutil.rmtree(run_dir / "final")  # killed after checkpoint-2
+    (run_dir / "DONE").unlink()
+    for stage in ("infer", "rl"):
+        with pytest.raises(RunSettingsChangedError, match=rf"holds an unfinished sft run \(checkpoint-1, checkpoint-2\)"
+                                                          rf"; this launch is stage={stage}"):
+            run(compose_cfg([f"stage={stage}", *base_overrides, "infer.num_samples=2", f"rl.init_from={sft_adapter}"]),
+                run_dir=run_dir)
+        assert (run_dir / "checkpoint-2").is_dir() and not (run_dir / "DONE").exists()
+    resumed = run(compose_cfg(["stage=sft", *base_overrides, "sft.max_steps=2", "sft.save_steps=1",
+                               "sft.eval_steps=0"]), run_dir=run_dir)
+    assert resumed["global_step"] == 2 and (run_dir / "DONE").exists()

@@ -357,6 +357,21 @@ def test_a_users_config_file_with_a_yaml_or_key_error_is_one_line(body, said, tm
     assert re.search(said, err) and "demo.yaml" not in err
 
 
+def test_a_headerless_file_with_a_defaults_list_is_told_its_header(tmp_path, capsys):
+    """Without '# @package _global_', a defaults list's `override /model: tiny` became Hydra's "Could not override
+    'model@experiment.model'. Did you mean to override model?" (a file without one had our message)."""
+    sys.path.insert(0, str(REPO))
+    import launch
+
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "mine.yaml").write_text("defaults:\n  - override /model: tiny\nsft:\n  max_steps: 2\n")
+    with pytest.raises(SystemExit):
+        launch.check_command_line([f"--config-dir={tmp_path}", "experiment=mine", "stage=sft"])
+    err = capsys.readouterr().err
+    assert "experiment/mine.yaml: its defaults list picks groups under 'experiment.'" in err and \
+        "needs '# @package _global_' as its first line" in err and "Did you mean" not in err, err
+
+
 def test_a_group_option_that_does_not_exist_is_named_with_the_groups_options(capsys):
     sys.path.insert(0, str(REPO))
     import launch

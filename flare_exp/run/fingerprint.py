@@ -211,6 +211,24 @@ def recorded_fingerprint(run_dir: Path) -> dict:
     return recorded
 
 
+def check_other_stage(stage: str, run_dir: Path) -> None:
+    """An unfinished run of another stage left outputs to continue from (an sft's checkpoints, an infer's
+    predictions so far): a launch of this stage under its name took the dir over, finished there beside them, and
+    that run could no longer be resumed (overwrite=true then filed its checkpoints away with this run)."""
+    try:
+        held = recorded_fingerprint(run_dir).get("stage") if (run_dir / FINGERPRINT).exists() else \
+            OmegaConf.select(OmegaConf.load(run_dir / CONFIG), "stage.name")
+    except Exception:  # noqa: BLE001  (unreadable or missing: check_resume says what it can)
+        return
+    left = _resumable(held, run_dir) if held and held != stage else []
+    if left:
+        raise RunSettingsChangedError(
+            f"{run_dir} holds an unfinished {held} run ({', '.join(p.name for p in left[-3:])}); this launch is "
+            f"stage={stage}, which would take that dir over and leave the {held} run unresumable. Finish it with "
+            f"its own command (stage={held}), or choose another {placed_by(run_dir)}= for this one; overwrite=true "
+            f"moves the {held} attempt to attempts/NN/ and starts this one there.")
+
+
 def check_resume(stage: str, run_dir: Path, new: dict, cfg=None) -> None:
     """An unfinished attempt left outputs to continue from: its fingerprint must be this run's (with ``cfg``, a
     data.root that moved with the same images is the same, ``moved_data_root``)."""

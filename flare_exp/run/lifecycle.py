@@ -28,8 +28,9 @@ from pathlib import Path
 from flare_exp.io import write_json
 from flare_exp.logs import run_summary
 from flare_exp.models.checkpoints import adapter_identity
-from flare_exp.run.fingerprint import (MISSING_FINGERPRINT, RunSettingsChangedError, check_resume, finished_differences, fingerprint,
-                                       listed, recorded_fingerprint, starting_adapter)
+from flare_exp.run.fingerprint import (MISSING_FINGERPRINT, RunSettingsChangedError, check_other_stage, check_resume,
+                                       finished_differences, fingerprint, listed, recorded_fingerprint,
+                                       starting_adapter)
 from flare_exp.run.lock import RunLock, check_still_held, lock_lost
 from flare_exp.run.layout import ATTEMPTS, CONFIG, DONE, FAILED, FINGERPRINT, REPORT_HTML, RUN_INFO, SWEEP_TABLE
 from flare_exp.run.record import (RunFinishedError, archive_attempt, attempt_files, keep_hydra_record, next_attempt_dir,
@@ -297,6 +298,7 @@ def start_attempt(stage: str, cfg, run_dir: Path, ran=None, applied: dict | None
         if requeued:
             log.info("overwrite=true: the unfinished attempt in %s is this SLURM job's own (requeued): continuing it",
                      run_dir)
+        check_other_stage(stage, run_dir)
         check_resume(stage, run_dir, new, cfg)
     write_run_metadata(run_dir, cfg if ran is None else ran, adapter=adapter_identity(starting_adapter(stage, cfg)),
                        **({"applied": applied} if applied is not None else {}))

@@ -74,6 +74,8 @@ def headline(run_dir: Path) -> str | None:
             value = found.get(metric) if isinstance(found, dict) else None
             if value is not None:  # a number of part of the split says so (a partial run, a cut file)
                 part = " (partial)" if block.get("partial") or block.get("coverage") else ""
+                if marker(metrics_file(run_dir).parent) != DONE:  # a killed eval's (or an earlier attempt's) file
+                    part += " (its eval unfinished)"
                 return f"{task}.{metric}={fmt(value)}{part}"
     return None
 

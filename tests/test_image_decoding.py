@@ -296,3 +296,20 @@ def test_a_blank_16_bit_frame_stretched_to_its_own_range_is_named():
     assert _check_image(str(tmp / "heel.png"), None).uniform == 1.0
     assert _check_image(str(tmp / "smooth.png"), None).uniform < 0.9
     assert _check_image(str(tmp / "shaped.png"), None).uniform < 0.9
+
+
+def test_one_outlying_pixel_of_a_smooth_image_is_no_blank_frames_noise():
+    """A small float gradient with one +inf pixel was listed as nearly uniform: that pixel alone lifted
+    the residual's standard deviation above a level; a blank frame's noise is still told."""
+    import numpy as np
+    from PIL import Image
+
+    from flare_exp.data.images import stretched_noise, upright_rgb
+
+    for outlier in (np.inf, -np.inf, np.nan):
+        values = np.tile(np.linspace(0, 1, 64, dtype=np.float32), (64, 1))
+        values[5, 5] = outlier
+        image = Image.fromarray(values, mode="F")
+        assert not stretched_noise(image, upright_rgb(image, None))
+    noise = Image.fromarray((1000 + np.random.default_rng(0).normal(0, 3, (128, 128))).astype(np.uint16))
+    assert stretched_noise(noise, upright_rgb(noise, None))

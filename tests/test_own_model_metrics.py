@@ -44,3 +44,9 @@ def test_every_reader_takes_the_jobs_own_model_not_a_compared_one(tmp_path):
     assert own_block({"a": {"file": "/x/a.jsonl"}, "b": {"file": "/x/b.jsonl"}}, tmp_path / "an-eval")["file"] == \
         "/x/b.jsonl"
     assert own_block({}) == {}
+
+
+def test_a_killed_evals_number_is_said_unfinished_in_the_runs_table(tmp_path):
+    job = _trial(tmp_path, ["base", "0/rl"])
+    (job / "eval" / "DONE").unlink()  # killed after metrics.json was written
+    assert headline(job) == "multi_label.f1_score=0.7000 (its eval unfinished)"

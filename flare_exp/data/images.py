@@ -254,7 +254,10 @@ def stretched_noise(im, picture) -> bool:
     if _unlike_neighbours(grey):
         return True
     residual = grey - _quadratic_trend(grey)
-    return float(residual.std()) >= 1.0 and _unlike_neighbours(residual)  # under 1 level: rounding, no noise
+    # under 1 level: rounding, no noise; the spread robust to a few outliers (one hot or +inf pixel of a smooth
+    # image is no noise, but it alone lifted the standard deviation of a small frame's residual above a level)
+    spread = 1.4826 * float(np.median(np.abs(residual - np.median(residual))))
+    return spread >= 1.0 and _unlike_neighbours(residual)
 
 
 def _unlike_neighbours(values) -> bool:

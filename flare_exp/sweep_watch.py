@@ -277,8 +277,8 @@ def record_results(progress: Progress, returns) -> list[str]:
     return failed
 
 
-def descendants(pid: int) -> list[int]:
-    """Every live process below ``pid`` (Linux /proc), children first."""
+def _children_of() -> dict[int, list[int]]:
+    """Each live process's children (Linux /proc)."""
     parents: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -286,6 +286,12 @@ def descendants(pid: int) -> list[int]:
             parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
         except (OSError, IndexError, ValueError):
             continue
+    return parents
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (Linux /proc), children first."""
+    parents = _children_of()
     found, queue = [], list(parents.get(pid, []))
     while queue:
         child = queue.pop(0)
@@ -322,14 +328,16 @@ def _wait_gone(pids: list[int], seconds: float) -> None:
 
 
 def stop_workers(grace_s: float = 10.0) -> int:
-    """SIGINT to the jobs first (the leaves of this process's tree: each leaves FAILED saying it was stopped
-    from outside), up to ``grace_s`` for them to end; then SIGINT to what is left (submitit's local
-    controllers), and SIGKILL to whatever still lives 2 s later. The controllers are not signalled first: they
-    would SIGKILL their job one second after passing the SIGINT on, before it has written its marker."""
-    workers = descendants(os.getpid())
-    leaves = [pid for pid in workers if not descendants(pid)]
-    _signal(leaves, signal.SIGINT)
-    _wait_gone(leaves, grace_s)
+    """SIGINT to the jobs first (each child's children: the job processes submitit's local controllers started,
+    or a child itself where it has none; each job leaves FAILED saying it was stopped from outside), up to
+    ``grace_s`` for them to end; then SIGINT to what is left (the controllers), and SIGKILL to whatever still
+    lives 2 s later. The controllers are not signalled first: they would SIGKILL their job one second after
+    passing the SIGINT on, before it has written its marker. Not the tree's leaves: a job that had a child of
+    its own at that moment (a DataLoader worker) was passed over and finished DONE after the stop."""
+    workers, tree = descendants(os.getpid()), _children_of()
+    jobs = [job for child in tree.get(os.getpid(), []) for job in (tree.get(child) or [child])]
+    _signal(jobs, signal.SIGINT)
+    _wait_gone(jobs, grace_s)
     _wait_gone(workers, 2.0)  # a controller whose job ended exits by itself
     _signal(_alive(workers), signal.SIGINT)
     _wait_gone(workers, 2.0)

@@ -118,6 +118,34 @@ def test_a_job_refused_before_its_dir_says_whose_failed_is_there(tmp_path, capsy
                               "what it held)")
 
 
+def test_a_job_with_a_child_of_its_own_gets_the_stop(tmp_path):
+    """controller -> job -> the job's own child (a DataLoader worker): the stop went to the tree's leaves, so a job
+    that had a child at that moment was passed over and finished DONE after the sweep said its workers stopped."""
+    job = textwrap.dedent(f"""
+        import signal, subprocess, sys, time
+        child = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGINT, "
+                                  "signal.SIG_IGN); time.sleep(30)"])
+        try:
+            time.sleep(4)  # its work, which ends DONE unless stopped
+            open({str(tmp_path / 'stopped')!r}, "w").write("finished after the stop")
+        except KeyboardInterrupt:
+            open({str(tmp_path / 'stopped')!r}, "w").write("job")
+        child.kill()
+    """)
+    controller = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {job!r}])"
+    script = textwrap.dedent(f"""
+        import subprocess, sys, time
+        sys.path.insert(0, {str(REPO)!r})
+        from flare_exp import sweep_watch
+        controller = subprocess.Popen([sys.executable, "-c", {controller!r}])
+        time.sleep(1.5)
+        sweep_watch.stop_workers(grace_s=6.0)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "stopped").read_text() == "job"
+
+
 def test_sigterm_stops_workers_that_ignore_it(tmp_path):
     """A worker ignoring SIGTERM and SIGINT (as submitit's do SIGTERM): the sweep process, sent SIGTERM, stops
     it and exits 143; nothing is left running."""

@@ -137,6 +137,12 @@ def test_eval_demo_and_comparison(base_overrides, sft_adapter, tmp_path):
     page = (tmp_path / "eval" / "report.html").read_text()
     assert page.index("Official numbers") < page.index("Runs evaluated") < page.index("all metrics")
     assert "flare-exp commit" in page and "<code>metrics.json</code>" in page and "<code>scored_1.xlsx</code>" in page and "scored sheet" in page
+    # one run's jsonl and its sheet side by side: the second is named by its input, not with a trailing apostrophe
+    cfg = compose_cfg(["stage=eval", *base_overrides,
+                       f"eval.predictions=[{tmp_path / 'b'},{tmp_path / 'b' / 'predictions.xlsx'}]"])
+    run(cfg, run_dir=tmp_path / "eval-both")
+    assert list(json.loads((tmp_path / "eval-both" / "metrics.json").read_text())) == [
+        "base", "base [2: predictions.xlsx]"]
 
 
 def _rows(task, dataset, pairs):

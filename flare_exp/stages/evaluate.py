@@ -159,7 +159,9 @@ def run(cfg, out_dir: Path) -> dict:
     for k, entry in enumerate(entries):
         path = find_predictions(entry)
         label, res, per_sample, rows = evaluate_file(path, scorers, cfg.eval.allow_partial)
-        while label in results:  # two runs with the same label stay apart
+        if label in results:  # two files of one run (its jsonl and its sheet, a copy) stay apart, named by file
+            label = f"{label} [{k + 1}: {path.name}]"
+        while label in results:
             label += "'"
         res["scored_sheet"] = "scored.xlsx" if len(entries) == 1 else f"scored_{k + 1}.xlsx"  # in eval.predictions' order
         results[label], samples[label] = res, per_sample

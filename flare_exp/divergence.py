@@ -28,7 +28,8 @@ def diverged(stage: str, step: int, args, out_dir: Path, what: str) -> TrainingD
 
 class StopWhenDiverged(TrainerCallback):
     """The trainable weights checked finite as training starts (a resumed checkpoint) and after every optimizer
-    step (one multi-tensor reduction and one sync a step): a learning rate far too high turns them to inf/NaN,
+    step (one multi-tensor reduction and one wait a step, where the Trainer's own NaN filter of the loss already
+    waits for each step): a learning rate far too high turns them to inf/NaN,
     and the Trainer went on logging loss 0 (its NaN filter) and grad_norm nan, saved NaN adapters and ended DONE.
     Raised at the step's end, before that step's save."""
 

@@ -138,9 +138,36 @@ def run_summary(run_dir: Path) -> dict | None:
             unreadable = str(metrics.relative_to(run_dir))
             metric = (f"{unreadable} unreadable ({why_unreadable(e)}): cut or edited since its eval wrote it; rerun "
                       "that eval")
+    earlier = continued_attempts(run_dir)
+    known = seconds is not None and None not in earlier  # a killed attempt (kill -9: no FAILED) has no end time
     return {"name": run_dir.name, "stage": stage_of(run_dir) or "?", "status": status, "started": started,
-            "seconds": seconds, "headline": metric or headline(run_dir), "error": error,
+            "seconds": seconds + sum(earlier) if known else seconds, "attempts": 1 + len(earlier),
+            "all_attempts_timed": known, "headline": metric or headline(run_dir), "error": error,
             "metrics_unreadable": unreadable}
+
+
+def continued_attempts(run_dir: Path) -> list[float | None]:
+    """The seconds of each earlier attempt this run continued (a kill, a preemption, then the same command: its
+    record alone was filed in attempts/NN/, its checkpoints stayed), newest first, back to one it did not continue
+    (a finished run or one overwrite=true filed away whole, with its outputs); None for one killed without a
+    FAILED marker (kill -9, a node lost), whose end is not known."""
+    from flare_exp.run.layout import FINGERPRINT
+    from flare_exp.run.record import attempt_numbers
+
+    record_only = {CONFIG, RUN_INFO, FAILED, FINGERPRINT, HYDRA}
+    seconds = []
+    for number in sorted(attempt_numbers(run_dir), reverse=True):
+        attempt = run_dir / "attempts" / f"{number:02d}"
+        names = {p.name for p in attempt.iterdir()} if attempt.is_dir() else set()
+        started = _read_json(attempt / RUN_INFO).get("started")
+        if RUN_INFO not in names or not names <= record_only:
+            break
+        try:
+            ended = (attempt / FAILED).stat().st_mtime if FAILED in names else None
+            seconds.append(max(0.0, ended - _dt.datetime.fromisoformat(started).timestamp()) if ended else None)
+        except (OSError, ValueError, TypeError):
+            seconds.append(None)
+    return seconds
 
 
 def run_dirs(output_root: Path) -> list[tuple[str, Path]]:
@@ -177,8 +204,10 @@ def listing(output_root: Path) -> tuple[list[str], list[list[str]]]:
         status = row["status"] + (f": {row['error']}" if row["error"] and row["status"] != DONE else "")
         if row["metrics_unreadable"] and row["status"] == DONE:  # the why: in the headline column
             status += f" ({row['metrics_unreadable']} unreadable)"
+        attempts = "" if row["attempts"] == 1 else f" ({row['attempts']} attempts)" if row["all_attempts_timed"] \
+            else f" (the last of {row['attempts']} attempts)"
         rows.append([name, row["stage"], status[:90], (row["started"] or "").replace("T", " "),
-                     duration(row["seconds"]), row["headline"] or ""])
+                     duration(row["seconds"]) + attempts, row["headline"] or ""])
     return ["run", "stage", "status", "started", "duration", "headline metric"], rows
 
 

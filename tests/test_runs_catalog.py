@@ -190,3 +190,36 @@ def test_a_run_whose_process_is_stopped_is_listed_as_stopped_not_running(tmp_pat
         sleeper.kill()
         sleeper.wait()
     assert run_summary(run_dir)["status"] == "unfinished"
+
+
+def test_a_resumed_runs_duration_counts_the_attempts_it_continued(tmp_path):
+    """stage=runs showed a resumed run's last attempt only (12 s for a run that trained 22 s over two)."""
+    import os
+
+    from flare_exp.catalog import listing
+
+    run_dir = tmp_path / "runs" / "sft-k"
+
+    def attempt(number, seconds, failed=True, outputs=False):
+        path = run_dir / "attempts" / f"{number:02d}"
+        path.mkdir(parents=True)
+        (path / "run_info.json").write_text(json.dumps({"started": "2026-12-06T10:00:00"}))
+        (path / "config.yaml").write_text("stage:\n  name: sft\n")
+        if failed:
+            (path / "FAILED").write_text("stopped from outside (KeyboardInterrupt: SIGTERM)\n")
+            end = __import__("datetime").datetime.fromisoformat("2026-12-06T10:00:00").timestamp() + seconds
+            os.utime(path / "FAILED", (end, end))
+        if outputs:  # overwrite=true filed a whole earlier run away: not one this run continued
+            (path / "checkpoint-40").mkdir()
+
+    attempt(1, 100, outputs=True)
+    attempt(2, 10)
+    run_dir.mkdir(exist_ok=True)
+    (run_dir / "run_info.json").write_text(json.dumps({"started": "2026-12-06T11:00:00"}))
+    (run_dir / "config.yaml").write_text("stage:\n  name: sft\n")
+    (run_dir / "DONE").write_text(json.dumps({"seconds": 12}))
+    row = next(r for r in listing(tmp_path)[1] if r[0] == "sft-k")
+    assert row[4] == "22s (2 attempts)", row
+    attempt(3, 0, failed=False)  # killed -9: no FAILED, no end time
+    row = next(r for r in listing(tmp_path)[1] if r[0] == "sft-k")
+    assert row[4] == "12s (the last of 3 attempts)", row

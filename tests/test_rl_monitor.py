@@ -48,6 +48,19 @@ def test_alarm_on_length_collapse_and_the_cap_but_only_while_the_reward_rises():
     assert findings(_history(RISING[:4]), 8, 0.05, 0.5, None) == []  # fewer steps than the window
 
 
+def test_a_window_without_any_learning_signal_is_said():
+    """Every group's completions earning one reward (a policy collapsed by a learning rate far too high, or a
+    reward that cannot tell them apart) logged loss 0 and grad_norm 0 for the rest of the run, unsaid."""
+    from flare_exp.rl_monitor.alarm import no_signal
+
+    flat = [0.4] * 8
+    said = no_signal(_history(flat, frac_reward_zero_std=[0.5, 0.5] + [1.0] * 6), 6)
+    assert said and said[0][0] == "no_signal" and "logged step 3-8 (frac_reward_zero_std 1)" in said[0][1]
+    assert "rl.learning_rate" in said[0][1] and "rl.temperature" in said[0][1]
+    assert no_signal(_history(flat, frac_reward_zero_std=[1.0] * 7 + [0.75]), 6) == []  # one group told apart
+    assert no_signal(_history(flat[:3], frac_reward_zero_std=[1.0] * 3), 6) == []  # fewer steps than the window
+
+
 def test_the_heldout_subset_is_stratified_and_fixed():
     records = [{"id": f"{d}-{i}", "dataset": d, "task_type": t, "answer": "x"}
                for t, ds in (("classification", ("a", "b")), ("regression", ("c",))) for d in ds for i in range(5)]
@@ -226,6 +239,8 @@ def test_the_alarm_fires_on_a_gameable_reward_and_stays_quiet_on_the_default(bas
                              "+reward.classification.weights.format_flare=1.0",
                              "reward.classification.weights.choice=0.01"]), run_dir=tmp_path / "gamed")
     assert [a["kind"] for a in gamed["alarms"]] == ["length cap"]
+    # its 4 completions per prompt earned one reward each step (all cut at the cap): said apart from the alarms
+    assert "frac_reward_zero_std 1" in gamed["no_learning_signal"]["finding"]
     assert gamed["alarms"][0]["finding"].startswith("reward rose by") and gamed["global_step"] == gamed["alarms"][0]["step"] < 10
     assert json.loads((tmp_path / "gamed" / "alarms.json").read_text()) == gamed["alarms"]
     default = run(compose_cfg([*common, "rl.max_steps=5"]), run_dir=tmp_path / "default")

@@ -92,3 +92,20 @@ def findings(history: list[dict], window_size: int, min_rise: float, collapse: f
     found = heldout_falls(evals, heldout_key, higher_better) if heldout_key else []
     found += saturated_terms(window, steps, min_rise) + length_findings(window, steps, collapse)
     return [(kind, f"{span} while {sentence}") for kind, sentence in found]
+
+
+def no_signal(history: list[dict], window_size: int) -> list[tuple[str, str]]:
+    """Every group's completions earned one reward (TRL's frac_reward_zero_std at 1) in each of the window's
+    logged steps: GRPO's advantages were all 0 there, and the policy learned nothing from them. Not reward
+    hacking (no stop, not an alarm): said once, and kept in rl_summary.json as no_learning_signal."""
+    steps = [h for h in history if h.get("frac_reward_zero_std") is not None]
+    if len(steps) < max(4, window_size):
+        return []
+    window = steps[-window_size:]
+    if min(h["frac_reward_zero_std"] for h in window) < 1 - 1e-6:
+        return []
+    return [("no_signal", f"every group's completions earned the same reward in each logged step "
+                          f"{window[0]['step']}-{window[-1]['step']} (frac_reward_zero_std 1): GRPO's advantages were 0 "
+                          "and the policy learned nothing there. More varied completions (rl.temperature, "
+                          "rl.num_generations), reward weights that tell them apart, or a lower rl.learning_rate (a "
+                          "policy a step far too large collapsed samples one answer) give it a signal")]

@@ -9,7 +9,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from flare_exp.io import write_json
-from flare_exp.rl_monitor.alarm import findings
+from flare_exp.rl_monitor.alarm import findings, no_signal
 from flare_exp.rl_monitor.heldout import HeldOutEval, higher_is_better
 from flare_exp.rl_monitor.heldout_watch import HeldOutWatch, check_metric_spec, write_curves
 from flare_exp.rl_monitor.rollouts import RolloutLog, group_entries, wandb_table
@@ -61,6 +61,7 @@ class GRPOMonitor(HeldOutWatch):
         self.rollouts, self.pruner = rollouts, pruner
         self.cap_shares: list[float] = []
         self.alarms: list[dict] = []
+        self.no_signal: dict | None = None  # the first window in which GRPO's advantages were all 0 (once a run)
         self.pruned_at: int | None = None
 
     def saw_round(self, step: int, inputs: list[dict], output: dict) -> None:
@@ -111,6 +112,9 @@ class GRPOMonitor(HeldOutWatch):
             log.warning("rl reward-hacking alarm at step %d: %s%s", state.global_step, finding,
                         " -- stopping (rl.stop_on_alarm=true)" if rl.stop_on_alarm else
                         " (rl.stop_on_alarm=true would stop the run)")
+        for _kind, finding in no_signal(state.log_history, rl.alarm_window) if self.no_signal is None else []:
+            self.no_signal = {"step": state.global_step, "finding": finding}  # no alarm (no gaming): its own field
+            log.warning("rl: no learning signal at step %d: %s", state.global_step, finding)
         return bool(new) and rl.stop_on_alarm
 
     def _prune(self, state, logs: dict) -> bool:
@@ -126,6 +130,8 @@ class GRPOMonitor(HeldOutWatch):
 
     def rl_summary(self, max_steps: int) -> dict:
         out = {"alarms": self.alarms, "alarm_count": len(self.alarms), **self.summary()}  # the count: a sweep column
+        if self.no_signal is not None:
+            out["no_learning_signal"] = self.no_signal
         if self.pruner is not None:
             out["pruned_at_step"] = self.pruned_at
             out["steps_saved"] = max_steps - self.pruned_at if self.pruned_at else 0

@@ -192,3 +192,13 @@ def test_an_infinite_difference_keeps_its_sign():
                                  "metric": "mean_absolute_error", "a": math.inf, "b": 7.5,
                                  "difference": -math.inf, "n": 8}])
     assert row[2:5] == ["Infinity", "7.5000", "-Infinity"]
+
+
+def test_long_run_labels_under_a_panel_wrap_after_a_space_or_a_slash():
+    """Two long labels side by side under a metrics.png panel overlapped."""
+    from flare_exp.reports.eval_figure import wrapped
+
+    assert wrapped("demo-pipeline/rl") == "demo-pipeline/rl"
+    assert wrapped("demo-pipeline/rl [2: predictions.xlsx]") == "demo-pipeline/rl [2:\npredictions.xlsx]"
+    assert wrapped("sweeps/reward-search-IU_XRay/12/rl") == "sweeps/\nreward-search-IU_XRay/\n12/rl"
+    assert max(len(line) for line in wrapped("a/" * 30).splitlines()) <= 22

@@ -58,10 +58,23 @@ def panel(ax, title: str, metric: str, labels: list[str], values: list, errors: 
     if note:
         ax.text(0.5, 0.55, note, ha="center", va="center", fontsize=FONT - 1, color="#555", transform=ax.transAxes)
     ax.set_title(f"{title}\n{metric}" + (" (lower is better)" if lower else ""), fontsize=FONT)
-    ax.set_xticks(range(len(labels)), labels, rotation=15 if len(labels) > 2 else 0, ha="right" if len(labels) > 2
-                  else "center", fontsize=FONT - 1)
+    ax.set_xticks(range(len(labels)), [wrapped(label) for label in labels], rotation=15 if len(labels) > 2 else 0,
+                  ha="right" if len(labels) > 2 else "center", fontsize=FONT - 1)
     ax.tick_params(axis="y", labelsize=FONT - 1)
     ax.spines[["top", "right"]].set_visible(False)
+
+
+def wrapped(label: str, width: int = 22) -> str:
+    """A run's label in lines of about ``width`` characters, broken after a space or a "/" (two long labels side by
+    side under a panel overlapped)."""
+    import re
+
+    lines = [""]
+    for piece in re.findall(r"[^ /]*[ /]?", label):
+        if lines[-1] and len(lines[-1]) + len(piece.rstrip()) > width:
+            lines.append("")
+        lines[-1] += piece
+    return "\n".join(line.rstrip() for line in lines if line.strip())
 
 
 def plot(path: Path, results: dict, intervals: dict) -> None:

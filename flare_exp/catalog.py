@@ -82,9 +82,10 @@ def headline(run_dir: Path) -> str | None:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        found = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
+    return found if isinstance(found, dict) else {}  # a hand-edited list or number: nothing read, no crash
 
 
 def stage_of(run_dir: Path) -> str | None:
@@ -116,7 +117,11 @@ def run_summary(run_dir: Path) -> dict | None:
     found = marker(run_dir)
     if not info and found is None:
         return None
-    started = info.get("started")
+    started = info.get("started") if isinstance(info.get("started"), str) else None
+    try:
+        _dt.datetime.fromisoformat(started) if started else None
+    except ValueError:  # hand-edited: no time, not a crash of the whole listing
+        started = None
     seconds, error = None, None
     if found == DONE:
         status, seconds = DONE, _read_json(run_dir / DONE).get("seconds")

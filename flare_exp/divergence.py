@@ -21,9 +21,8 @@ def diverged(stage: str, step: int, args, out_dir: Path, what: str) -> TrainingD
             "would diverge again)" if saved else "No checkpoint was saved before it")
     return TrainingDivergedError(
         f"{stage} diverged at step {step}: {what}, so the loss and grad_norm it would log are not numbers and its "
-        f"adapter would predict nothing. {kept}. Lower {stage}.learning_rate (now {args.learning_rate:g}) or "
-        f"{stage}.max_grad_norm (now {args.max_grad_norm:g}) and run again under another run_name (or with "
-        "overwrite=true: this attempt moves to attempts/)")
+        f"adapter would predict nothing. {kept}. Lower {stage}.learning_rate (now {args.learning_rate:g}) and run "
+        "again under another run_name (or with overwrite=true: this attempt moves to attempts/)")
 
 
 class StopWhenDiverged(TrainerCallback):

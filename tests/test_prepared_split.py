@@ -36,6 +36,7 @@ def _drop_image_entry(rows):
     (lambda rows: rows.__setitem__(0, ["not", "a", "record"]), r"record 1: a list, not a record"),
     (lambda rows: rows[0].update(answer=[rows[0]["answer"]]), r"record 1 \(id \S+\): 'answer' is a list, not text"),
     (lambda rows: rows[0].update(answer=5), r"'answer' is a int, not text"),
+    (lambda rows: rows[0].update(answer="  "), r"'answer' is empty \(prepare writes none"),
 ])
 def test_what_prepare_would_not_have_written_is_named(demo_prepared, tmp_path, edit, said):
     path = _edited(demo_prepared, tmp_path, edit)
@@ -67,8 +68,9 @@ def test_eval_refuses_answers_that_are_not_text_and_names_the_split_of_an_empty_
     rows = read_jsonl(demo_prepared / "val.jsonl")[:6]
     predictions = tmp_path / "predictions.jsonl"
     write_jsonl(predictions, [{"id": r["id"], "prediction": "x", "split": "val"} for r in rows])
-    for edit, said in ((lambda r: r.update(answer=[r["answer"]]), r"are not text, e.g. .*\(a list\).*rerun "
+    for edit, said in ((lambda r: r.update(answer=[r["answer"]]), r"are not text or empty, e.g. .*\(a list\).*rerun "
                                                                    r"stage=prepare"),
+                       (lambda r: r.update(answer=" "), r"are not text or empty, e.g. \S+: ' ' \(a str\)"),
                        (lambda r: r.update(answer=None), r"no ground truth .*their answers in the val split .* are "
                                                          r"empty \(edited since\?\)")):
         edited = copy.deepcopy(rows)
@@ -76,3 +78,18 @@ def test_eval_refuses_answers_that_are_not_text_and_names_the_split_of_an_empty_
         write_jsonl(prepared / "val.jsonl", edited)
         with pytest.raises(ValueError, match=said):
             load_rows(predictions, False, str(prepared))
+
+
+def test_the_split_an_infer_run_read_is_found_from_where_it_was_launched(tmp_path, monkeypatch):
+    """A relative data.prepared_dir in an infer run's config.yaml was taken from eval's working directory: launched
+    elsewhere, eval found no split, scored edited answers unchecked and said the split was gone."""
+    from flare_exp.data.references import run_split
+
+    run_dir = tmp_path / "runs" / "inf"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("data:\n  prepared_dir: .cache/prepared\ninfer:\n  split: val\n  input_file: null\n")
+    (run_dir / "run_info.json").write_text(json.dumps({"launch_dir": str(tmp_path / "clone")}))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert run_split(run_dir / "predictions.jsonl") == tmp_path / "clone" / ".cache" / "prepared" / "val.jsonl"

@@ -223,3 +223,16 @@ def test_a_resumed_runs_duration_counts_the_attempts_it_continued(tmp_path):
     attempt(3, 0, failed=False)  # killed -9: no FAILED, no end time
     row = next(r for r in listing(tmp_path)[1] if r[0] == "sft-k")
     assert row[4] == "12s (the last of 3 attempts)", row
+
+
+def test_one_hand_edited_run_info_does_not_hide_the_listing(tmp_path):
+    from flare_exp.catalog import listing
+
+    for name, text in (("a-list", "[1, 2]"), ("a-number", json.dumps({"started": 12345})),
+                       ("a-word", json.dumps({"started": "yesterday"}))):
+        run_dir = tmp_path / "runs" / name
+        run_dir.mkdir(parents=True)
+        (run_dir / "run_info.json").write_text(text)
+        (run_dir / "DONE").write_text("{}")
+    rows = {r[0]: r for r in listing(tmp_path)[1]}
+    assert set(rows) >= {"a-number", "a-word"} and rows["a-number"][3] == "" and rows["a-word"][3] == ""

@@ -52,6 +52,8 @@ def record_problem(record) -> str | None:
     if record.get("answer") is not None and not isinstance(record["answer"], str):  # eval would score it 0
         return (f"'answer' is a {type(record['answer']).__name__}, not text (prepare writes every answer as text: "
                 "labels joined with ';', numbers as written)")
+    if isinstance(record.get("answer"), str) and not record["answer"].strip():  # prepare refuses an empty answer
+        return "'answer' is empty (prepare writes none: a test split's answers are null)"
     for image in record["images"]:
         if not isinstance(image, str) or not image:
             return f"an image path {image!r} that is no path"

@@ -58,8 +58,11 @@ def run_split(predictions: Path) -> Path | None:
         cfg = OmegaConf.load(saved)
         named = OmegaConf.select(cfg, "infer.input_file") or (OmegaConf.select(cfg, "data.prepared_dir")
                                                                and OmegaConf.select(cfg, "infer.split"))
-        if named:
-            return abspath(infer_input_file(cfg))
+        if named:  # a relative path from the directory that infer started in (run_info.json), not eval's
+            from flare_exp.run.fingerprint import launch_dir_of
+
+            path, launched = Path(str(infer_input_file(cfg))), launch_dir_of(predictions.parent)
+            return path if path.is_absolute() else Path(launched) / path if launched else abspath(path)
         why = "it names neither infer.input_file nor data.prepared_dir and infer.split"
     except Exception as e:  # noqa: BLE001  (torn or edited: the split the rows name is used)
         why = f"it cannot be read ({type(e).__name__}: {str(e)[:200]})"
@@ -108,13 +111,13 @@ def join_to_reference(predictions: Path, rows: list[dict], reference: Path) -> t
                          f"{_named(unknown)}. Score predictions of this split only (or point data.prepared_dir at "
                          "the one they were made from)")
     not_text = [r["id"] for r in rows if refs[r["id"]].get("answer") is not None
-                and not isinstance(refs[r["id"]]["answer"], str)]
-    if not_text:  # a list of labels, a number typed in: scored against text, every one would count as wrong
+                and (not isinstance(refs[r["id"]]["answer"], str) or not refs[r["id"]]["answer"].strip())]
+    if not_text:  # a list of labels, a number typed in, "": scored against text, every one would count as wrong
         first = refs[not_text[0]]["answer"]
-        raise ValueError(f"{reference}: {len(not_text)} answer(s) of this prepared split are not text, e.g. "
-                         f"{not_text[0]}: {first!r} (a {type(first).__name__}): prepare writes every answer as text "
-                         "(labels joined with ';'), so the file was edited since. Undo the edit, or rerun "
-                         "stage=prepare (overwrite=true)")
+        raise ValueError(f"{reference}: {len(not_text)} answer(s) of this prepared split are not text or empty, "
+                         f"e.g. {not_text[0]}: {first!r} (a {type(first).__name__}): prepare writes every answer as "
+                         "non-empty text (labels joined with ';'), so the file was edited since. Undo the edit, or "
+                         "rerun stage=prepare (overwrite=true)")
     changed = [r["id"] for r in rows if r.get("answer") is not None and refs[r["id"]].get("answer") is not None
                and not same_answer(r["answer"], refs[r["id"]]["answer"])]
     if changed:

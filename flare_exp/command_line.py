@@ -124,8 +124,11 @@ def check_run_name_override(overrides: list[str], multirun: bool = False) -> Non
         key, sep, value = override.partition("=")
         if sep and key.lstrip("+~") == "run_name":
             try:
-                for name in value.split(",") if multirun else [value]:  # a sweep may try several names
-                    check_run_name(name.strip("'\""))
+                if multirun and "," in value.strip("'\""):  # a sweep's jobs would land in one sweep dir each
+                    raise ValueError(f"run_name={value} sweeps run_name: it names the sweep dir itself "
+                                     "(sweeps/<run_name>/<job>), so each job would land in a sweep of its own that "
+                                     "neither a rerun nor sweep_report finds. Sweep other keys and give one run_name")
+                check_run_name(value.strip("'\""))
             except ValueError as e:
                 refuse(e, BEFORE_HYDRA)
 

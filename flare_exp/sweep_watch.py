@@ -351,8 +351,8 @@ class ForwardStops:
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self, grace_s: float = 10.0, job_dirs: list[Path] | None = None):
-        self.grace_s, self.job_dirs = grace_s, job_dirs or []
+    def __init__(self, grace_s: float = 10.0, job_dirs: list[Path] | None = None, trials: bool = False):
+        self.grace_s, self.job_dirs, self.trials = grace_s, job_dirs or [], trials  # trials: an Optuna search's
 
     def __enter__(self) -> "ForwardStops":
         self.previous = {s: signal.signal(s, self._stop) for s in self.SIGNALS}
@@ -368,7 +368,7 @@ class ForwardStops:
         name = signal.Signals(signum).name
         say(f"{name}: stopping the sweep's workers")
         count = stop_workers(self.grace_s)
-        say(f"{name}: {count} worker process(es) stopped; {jobs_after_stop(self.job_dirs)}")
+        say(f"{name}: {count} worker process(es) stopped; {jobs_after_stop(self.job_dirs, self.trials)}")
         raise SystemExit(128 + signum)
 
 
@@ -377,8 +377,8 @@ class StopInProcess:
     gets FAILED, stopped from outside, as a single run's does: launch.py's stop_on_sigterm), then the sweep says
     what the stop left and exits 128 + the signal's number, instead of vanishing without a word or a marker."""
 
-    def __init__(self, job_dirs: list[Path]):
-        self.job_dirs = job_dirs
+    def __init__(self, job_dirs: list[Path], trials: bool = False):
+        self.job_dirs, self.trials = job_dirs, trials
 
     def __enter__(self) -> "StopInProcess":
         self.previous = signal.signal(signal.SIGTERM, self._interrupt)
@@ -392,13 +392,14 @@ class StopInProcess:
         signal.signal(signal.SIGTERM, self.previous)
         if exc_type is KeyboardInterrupt:
             by = signal.SIGTERM if str(exc) == "SIGTERM" else signal.SIGINT
-            say(f"{by.name}: the sweep stopped; {jobs_after_stop(self.job_dirs)}")
+            say(f"{by.name}: the sweep stopped; {jobs_after_stop(self.job_dirs, self.trials)}")
             raise SystemExit(128 + by) from None
 
 
-def jobs_after_stop(job_dirs: list[Path]) -> str:
+def jobs_after_stop(job_dirs: list[Path], trials: bool = False) -> str:
     """What a stop left, from the job dirs' markers: a job that had finished says DONE (a stop just after the
-    last job ended stopped nothing), the others FAILED (stopped from outside) or nothing yet (never started)."""
+    last job ended stopped nothing), the others FAILED (stopped from outside) or nothing yet (never started).
+    ``trials``: an Optuna search's jobs, which a rerun retries as new trials rather than resuming them."""
     from flare_exp.run.record import DONE, marker
 
     if not job_dirs:
@@ -407,7 +408,9 @@ def jobs_after_stop(job_dirs: list[Path]) -> str:
     done = len(job_dirs) - len(unfinished)
     if not unfinished:
         return f"all {done} job(s) had finished (DONE) before the stop: nothing was cut short"
-    then = "; ".join(f"#{d.name}: {job_after_stop(d)}" for d in unfinished)
+    then = "; ".join(f"#{d.name}: {job_after_stop(d)}" for d in unfinished) if not trials else (
+        "the study keeps the finished trials and retries the stopped ones as new trials, each in a dir of its own "
+        "from its first step (the stopped trials' dirs stay as they are)")
     return (f"{len(unfinished)} job(s) not finished (#{', #'.join(d.name for d in unfinished)}: FAILED, stopped "
             f"from outside, or never started), {done} finished (DONE); rerunning the same command, per job: {then}")
 

@@ -94,3 +94,35 @@ def test_another_stage_under_an_unfinished_runs_name_is_refused(base_overrides, 
     resumed = run(compose_cfg(["stage=sft", *base_overrides, "sft.max_steps=2", "sft.save_steps=1",
                                "sft.eval_steps=0"]), run_dir=run_dir)
     assert resumed["global_step"] == 2 and (run_dir / "DONE").exists()
+
+
+def test_a_pipeline_and_a_single_stage_do_not_take_each_others_run_dirs(base_overrides, tmp_path):
+    """A pipeline under a finished sft's name filed the sft's record away and finished beside its final/ and
+    checkpoints (no overwrite=true); under a killed one it took the dir over; a single stage under a killed
+    pipeline's name did the same to the pipeline's steps."""
+    from flare_exp.run.record import RunFinishedError, RunSettingsChangedError
+
+    sft = ["stage=sft", *base_overrides, "sft.max_steps=2", "sft.save_steps=1", "sft.eval_steps=0"]
+    pipeline = ["stage=pipeline", *base_overrides, "stage.steps=[infer,eval]", "stage.compare=[]",
+                "infer.num_samples=2", "infer.max_new_tokens=2", "eval.radgraph=false"]
+    finished = tmp_path / "fin"
+    run(compose_cfg(sft), run_dir=finished)
+    with pytest.raises(RunFinishedError, match=r"already holds a finished sft run .*this launch is stage=pipeline"):
+        run(compose_cfg(pipeline), run_dir=finished)
+    assert (finished / "DONE").exists() and (finished / "final").is_dir() and not (finished / "infer").exists()
+    killed = tmp_path / "killed"
+    run(compose_cfg(sft), run_dir=killed)
+    shutil.rmtree(killed / "final")
+    (killed / "DONE").unlink()
+    with pytest.raises(RunSettingsChangedError, match=r"holds an unfinished sft run .*this launch is stage=pipeline"):
+        run(compose_cfg(pipeline), run_dir=killed)
+    run(compose_cfg([*pipeline, "overwrite=true"]), run_dir=finished)  # the sft moves whole to attempts/
+    filed = finished / "attempts" / "01"
+    assert (filed / "final").is_dir() and (filed / "checkpoint-2").is_dir() and not (finished / "final").exists()
+    assert (finished / "eval" / "DONE").exists()
+    # a pipeline killed in its sft step: a single stage under its name is refused, naming the pipeline
+    (finished / "DONE").unlink()
+    shutil.copytree(filed / "checkpoint-2", finished / "sft" / "checkpoint-2")
+    with pytest.raises(RunSettingsChangedError, match=r"holds an unfinished pipeline run \(.*sft.*\); this launch "
+                                                      r"is stage=infer"):
+        run(compose_cfg(["stage=infer", *base_overrides, "infer.num_samples=2"]), run_dir=finished)

@@ -519,7 +519,7 @@ def test_a_bad_run_name_is_one_line_before_hydra(name, capsys):
         launch.check_command_line(["stage=infer", f"run_name={name}"])
     err = capsys.readouterr().err
     assert f"run_name={name!r}" in err and "nothing was run or written" in err and "Traceback" not in err
-    launch.check_command_line(["-m", "stage=infer", "run_name=a,b"])  # a sweep over two good names passes
+    launch.check_command_line(["-m", "stage=infer", "run_name=a.b_c-1"])  # a sweep of one good name passes
 
 
 @pytest.mark.parametrize("name, code", [("SIGTERM", 143), ("SIGHUP", 129)])  # SIGHUP: the terminal closed
@@ -1020,3 +1020,18 @@ def test_a_pruner_argument_the_sweeper_config_lacks_is_one_line_with_the_closest
                                        "interval(0.1,1.0)", override])
         err = capsys.readouterr().err
         assert said in err and "+hydra.sweeper.pruner.min_resource=3" in err and "Traceback" not in err, err
+
+
+def test_a_swept_or_overlong_run_name_is_refused_before_hydra(capsys):
+    """run_name=a,b in a sweep put each job in a sweep dir of its own (sweeps/a/0, sweeps/b/1) while the sweep
+    announced sweeps/<default>/: a rerun failed both jobs and sweep_report found nothing; a name over 255 bytes
+    was an OSError traceback."""
+    sys.path.insert(0, str(REPO))
+    import launch
+
+    for args, said in ((["-m", "stage=infer", "run_name=swa,swb"], "sweeps run_name: it names the sweep dir itself"),
+                       (["stage=infer", "run_name=" + "x" * 300], "is 300 bytes long (a directory name holds at most 255)")):
+        with pytest.raises(SystemExit):
+            launch.check_command_line(args)
+        err = capsys.readouterr().err
+        assert said in err and "nothing was run or written" in err, err

@@ -223,6 +223,10 @@ def test_the_stop_message_counts_what_the_job_dirs_say(tmp_path):
     (dirs[2] / "DONE").unlink()
     said = sweep_watch.jobs_after_stop(dirs)
     assert said.startswith("2 job(s) not finished (#1, #2: ") and "1 finished (DONE)" in said, said
+    # an Optuna search's rerun retries its stopped trials as new ones from their first step (it said "resumes from
+    # checkpoint-24", which a new trial does not)
+    said = sweep_watch.jobs_after_stop(dirs, trials=True)
+    assert "retries the stopped ones as new trials" in said and "resumes" not in said, said
 
 
 def test_a_stopped_jobs_line_gives_no_eta(tmp_path, capsys):

@@ -211,22 +211,47 @@ def recorded_fingerprint(run_dir: Path) -> dict:
     return recorded
 
 
+def held_stage(run_dir: Path) -> str | None:
+    """The stage of the run a dir holds: its config.yaml's (a pipeline writes no fingerprint of its own), else its
+    fingerprint's; None where neither reads."""
+    for read in (lambda: OmegaConf.select(OmegaConf.load(run_dir / CONFIG), "stage.name"),
+                 lambda: recorded_fingerprint(run_dir).get("stage")):
+        try:
+            found = read()
+        except Exception:  # noqa: BLE001  (unreadable or missing: the other record, or nothing)
+            continue
+        if isinstance(found, str) and found:
+            return found
+    return None
+
+
+def left_by(held: str, run_dir: Path) -> list[Path]:
+    """What an unfinished run of stage ``held`` left to continue from: its resumable outputs, or a pipeline's
+    step dirs that hold anything."""
+    if held == "pipeline":
+        steps = set(declared_stages())
+        return sorted(p for p in run_dir.iterdir() if p.is_dir() and (p.name in steps or p.name.startswith("infer-"))
+                      and any(p.iterdir()))
+    return _resumable(held, run_dir)
+
+
+def other_stage_refusal(stage: str, held: str, run_dir: Path, left: list[Path]) -> RunSettingsChangedError:
+    return RunSettingsChangedError(
+        f"{run_dir} holds an unfinished {held} run ({', '.join(p.name for p in left[-3:])}); this launch is "
+        f"stage={stage}, which would take that dir over and leave the {held} run unresumable. Finish it with "
+        f"its own command (stage={held}), or choose another {placed_by(run_dir)}= for this one; overwrite=true "
+        f"moves the {held} attempt to attempts/NN/ and starts this one there.")
+
+
 def check_other_stage(stage: str, run_dir: Path) -> None:
     """An unfinished run of another stage left outputs to continue from (an sft's checkpoints, an infer's
-    predictions so far): a launch of this stage under its name took the dir over, finished there beside them, and
-    that run could no longer be resumed (overwrite=true then filed its checkpoints away with this run)."""
-    try:
-        held = recorded_fingerprint(run_dir).get("stage") if (run_dir / FINGERPRINT).exists() else \
-            OmegaConf.select(OmegaConf.load(run_dir / CONFIG), "stage.name")
-    except Exception:  # noqa: BLE001  (unreadable or missing: check_resume says what it can)
-        return
-    left = _resumable(held, run_dir) if held and held != stage else []
+    predictions so far, a pipeline's steps): a launch of this stage under its name took the dir over, finished
+    there beside them, and that run could no longer be resumed (overwrite=true then filed its checkpoints away
+    with this run)."""
+    held = held_stage(run_dir)
+    left = left_by(held, run_dir) if held and held != stage else []
     if left:
-        raise RunSettingsChangedError(
-            f"{run_dir} holds an unfinished {held} run ({', '.join(p.name for p in left[-3:])}); this launch is "
-            f"stage={stage}, which would take that dir over and leave the {held} run unresumable. Finish it with "
-            f"its own command (stage={held}), or choose another {placed_by(run_dir)}= for this one; overwrite=true "
-            f"moves the {held} attempt to attempts/NN/ and starts this one there.")
+        raise other_stage_refusal(stage, held, run_dir, left)
 
 
 def check_resume(stage: str, run_dir: Path, new: dict, cfg=None) -> None:

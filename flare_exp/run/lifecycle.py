@@ -29,8 +29,8 @@ from flare_exp.io import write_json
 from flare_exp.logs import run_summary
 from flare_exp.models.checkpoints import adapter_identity
 from flare_exp.run.fingerprint import (MISSING_FINGERPRINT, RunSettingsChangedError, check_other_stage, check_resume,
-                                       finished_differences, fingerprint, listed, recorded_fingerprint,
-                                       starting_adapter)
+                                       finished_differences, fingerprint, held_stage, left_by, listed,
+                                       other_stage_refusal, recorded_fingerprint, starting_adapter)
 from flare_exp.run.lock import RunLock, check_still_held, lock_lost
 from flare_exp.run.layout import ATTEMPTS, CONFIG, DONE, FAILED, FINGERPRINT, REPORT_HTML, RUN_INFO, SWEEP_TABLE
 from flare_exp.run.record import (RunFinishedError, archive_attempt, attempt_files, keep_hydra_record, next_attempt_dir,
@@ -66,6 +66,8 @@ class Run:
                 self.lock = RunLock(self.out_dir, placed_by=dir_setting(self.stage)).acquire()
                 if self.run_dir != self.out_dir:  # its record too: two prepares into two dirs under one run_name
                     self.record_lock = RunLock(self.run_dir).acquire()
+            if self.stage == "pipeline" and self.own_run and self.rank == 0:  # a single stage's run there
+                take_over_check(self.configured, self.out_dir)
             if self.declared is not None and self.own_run:  # nothing touched yet: a refusal leaves the dir as it was
                 self.declared.refuse_before_start(self.configured, self.out_dir)
             if not self.view:  # every rank runs with the same applied settings
@@ -146,6 +148,28 @@ class Run:
             print(f"\n[flare-exp] stage={self.stage} finished. Outputs: {outputs}"
                   + (f"\n\n{summary}\n" if summary else "") + (f"\nReport: {report}" if report else ""))
         return result
+
+
+def take_over_check(cfg, run_dir: Path) -> None:
+    """A pipeline launched under the name of a single stage's run: a finished one is refused as any finished run
+    is (it filed the run's record away and finished beside its final/ and checkpoints), an unfinished one that
+    left outputs as check_other_stage refuses it; with overwrite=true that run moves whole to attempts/NN/."""
+    held = held_stage(run_dir)
+    if held is None or held == "pipeline" or not run_dir.is_dir():
+        return
+    finished, left = (run_dir / DONE).exists(), left_by(held, run_dir)
+    if not finished and not left:
+        return
+    if cfg.overwrite:
+        log.info("overwrite=true: the %s run in %s moved to %s; the pipeline starts afresh there", held, run_dir,
+                 archive_attempt(run_dir))
+    elif finished:
+        raise RunFinishedError(
+            f"{run_dir} already holds a finished {held} run ({DONE} marker present) (this launch is stage=pipeline: "
+            "another run_name= keeps both). Nothing of it was changed. Pass overwrite=true to redo it there (the "
+            "finished run moves to attempts/NN/), or choose another run_name=.")
+    else:
+        raise other_stage_refusal("pipeline", held, run_dir, left)
 
 
 FILED_AT_RERUN = ".filed_at_rerun"  # in attempts/NN: a finished record filed by a rerun that has not ended yet

@@ -14,7 +14,9 @@ def check_run_name(name) -> str:
            "holds a control character" if any(not c.isprintable() for c in text if c != " ") else
            "starts with '-' (read as an option by the shell's tools)" if text.startswith("-") else
            "starts with '.' (a hidden directory: stage=runs would not list it)" if text.startswith(".") else
-           "starts with '~' (a shell reads ~name as a user's home)" if text.startswith("~") else None)
+           "starts with '~' (a shell reads ~name as a user's home)" if text.startswith("~") else
+           f"is {len(text.encode())} bytes long (a directory name holds at most 255)" if len(text.encode()) > 255
+           else None)
     if why:
         raise ValueError(f"run_name={text!r} {why}: a run name names one directory under paths.output_root "
                          "(runs/<run_name>, sweeps/<run_name>); use letters, digits, '-', '_' and single dots")

@@ -43,8 +43,8 @@ class _Watched:
         search = "optuna" in str(self.config.hydra.sweeper.get("_target_", ""))
         objectives = objective_list(self.config.hydra.sweeper.get("objectives")) if search else None
         with Progress(job_dirs, job_names(job_overrides), kept=kept, objectives=objectives) as progress:
-            stops = ForwardStops(job_dirs=job_dirs) if getattr(self, "_EXECUTOR", "") == "local" else \
-                StopInProcess(job_dirs) if isinstance(self, BasicLauncher) else nullcontext()
+            stops = ForwardStops(job_dirs=job_dirs, trials=search) if getattr(self, "_EXECUTOR", "") == "local" \
+                else StopInProcess(job_dirs, trials=search) if isinstance(self, BasicLauncher) else nullcontext()
             # submitit's jobs: one whose worker died (kill -9, the OOM killer) is a failed job, not the sweep's end
             per_job = results_per_job() if isinstance(self, BaseSubmititLauncher) else nullcontext()
             with stops, per_job:

@@ -126,3 +126,20 @@ def test_a_pipeline_and_a_single_stage_do_not_take_each_others_run_dirs(base_ove
     with pytest.raises(RunSettingsChangedError, match=r"holds an unfinished pipeline run \(.*sft.*\); this launch "
                                                       r"is stage=infer"):
         run(compose_cfg(["stage=infer", *base_overrides, "infer.num_samples=2"]), run_dir=finished)
+
+
+def test_a_final_adapter_damaged_in_place_is_refused_where_it_is_used(base_overrides, tmp_path):
+    """final/ had no digests (checkpoints did): exponent bits flipped in a copy's weights (same size, finite
+    values) were used silently, F1 0.72 -> 0.18."""
+    from flare_exp.models.checkpoints import chosen_adapter
+
+    run_dir = tmp_path / "sft"
+    run(compose_cfg(["stage=sft", *base_overrides, "sft.max_steps=1", "sft.eval_steps=0"]), run_dir=run_dir)
+    assert chosen_adapter("infer.checkpoint", run_dir, False) == run_dir / "final"
+    weights = run_dir / "final" / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-200:-100] = bytes(b ^ 0x40 for b in data[-200:-100])
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"infer.checkpoint=.*final is not as its training saved it: "
+                                         r"adapter_model.safetensors differs from what was saved"):
+        chosen_adapter("infer.checkpoint", run_dir, False)

@@ -163,6 +163,11 @@ def chosen_adapter(key: str, path: str | Path, allow_intermediate: bool) -> Path
         why = incomplete(adapter, verify=True)
         if why:
             raise FileNotFoundError(f"{key}={path}: {adapter} is not a complete checkpoint: {why}")
+    elif (adapter / COMPLETE).is_file():  # a training's final/ records its files' digests too
+        why = incomplete(adapter, verify=True)
+        if why:
+            raise ValueError(f"{key}={path}: {adapter} is not as its training saved it: {why}. Copy it again from "
+                             "where it was trained (or train it again)")
     from flare_exp.models.checkpoint_files import torn_side_file
 
     damaged = unreadable_weights(adapter) or torn_side_file(adapter)

@@ -272,6 +272,9 @@ def test_a_moved_or_copied_adapter_or_prepared_dir_with_the_same_bytes_is_the_sa
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF  # other weights, still a readable file
     weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"rl.init_from=.*elsewhere/sft: .* is not as its training saved it"):
+        check_resume("rl", run_dir, fingerprint("rl", new), new)  # final/'s own digests say so first
+    (copy / "final" / "flare_exp_complete.json").unlink()  # an adapter saved without them: the fingerprint says it
     with pytest.raises(RunSettingsChangedError, match=r"rl.init_from: .* -> .*elsewhere/sft/final"):
         check_resume("rl", run_dir, fingerprint("rl", new), new)
 

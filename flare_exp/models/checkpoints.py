@@ -35,10 +35,11 @@ def mark_complete(checkpoint: Path) -> None:
                                        "sha256": {str(p.relative_to(checkpoint)): file_digest(p) for p in written}})
 
 
-def incomplete(checkpoint: Path, verify: bool = False) -> str | None:
+def incomplete(checkpoint: Path, verify: bool = False, only: tuple[str, ...] | None = None) -> str | None:
     """Why ``checkpoint`` cannot be used (its marker missing: cut short while saving; a file missing or of
     another size than was written; with ``verify``, one whose bytes changed since: damaged in place), or None when
-    it is whole. ``verify`` reads every file: for a checkpoint about to be used, not for listings."""
+    it is whole. ``verify`` reads every file: for a checkpoint about to be used, not for listings. ``only``: those
+    files alone (a final/ adapter's weights: its config may be edited on purpose, the fingerprint sees that)."""
     from flare_exp.io import file_digest
 
     try:
@@ -49,6 +50,8 @@ def incomplete(checkpoint: Path, verify: bool = False) -> str | None:
     except (ValueError, KeyError, OSError, AttributeError, TypeError) as e:
         return f"{COMPLETE} unreadable ({e})"
     for name, size in files.items():
+        if only is not None and name not in only:
+            continue
         path = checkpoint / name
         if not path.is_file():
             return f"{name} is missing"
@@ -163,16 +166,16 @@ def chosen_adapter(key: str, path: str | Path, allow_intermediate: bool) -> Path
         why = incomplete(adapter, verify=True)
         if why:
             raise FileNotFoundError(f"{key}={path}: {adapter} is not a complete checkpoint: {why}")
-    elif (adapter / COMPLETE).is_file():  # a training's final/ records its files' digests too
-        why = incomplete(adapter, verify=True)
-        if why:
-            raise ValueError(f"{key}={path}: {adapter} is not as its training saved it: {why}. Copy it again from "
-                             "where it was trained (or train it again)")
     from flare_exp.models.checkpoint_files import torn_side_file
 
     damaged = unreadable_weights(adapter) or torn_side_file(adapter)
     if damaged:
         raise ValueError(f"{key}={path}: {damaged}")
+    # a training's final/ records its files' digests too: weights damaged in place since (same size, still read)
+    why = incomplete(adapter, verify=True, only=WEIGHTS) if (adapter / COMPLETE).is_file() else None
+    if why and not _CKPT.match(adapter.resolve().name):
+        raise ValueError(f"{key}={path}: {adapter} is not as its training saved it: {why}. Copy it again from "
+                         "where it was trained (or train it again)")
     return adapter
 
 

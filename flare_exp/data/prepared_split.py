@@ -38,6 +38,17 @@ def read_prepared_split(path: str | Path) -> list[dict]:
     return rows
 
 
+def answer_problem(answer) -> str | None:
+    """Why a prepared record's answer is not one prepare writes (eval would score it 0 against the predictions'
+    text), or None: null (a test split's) or non-empty text."""
+    if answer is not None and not isinstance(answer, str):
+        return (f"a {type(answer).__name__}, not text (prepare writes every answer as text: labels joined with ';', "
+                "numbers as written)")
+    if isinstance(answer, str) and not answer.strip():  # prepare refuses an empty answer
+        return "empty (prepare writes none: a test split's answers are null)"
+    return None
+
+
 def record_problem(record) -> str | None:
     """What keeps one record from being read as prepare wrote it, or None."""
     if not isinstance(record, dict):
@@ -49,11 +60,9 @@ def record_problem(record) -> str | None:
             return f"{key!r} is a {type(record[key]).__name__}, not a {kind.__name__}"
     if record["task_type"] not in TASK_TYPES:
         return f"task_type {record['task_type']!r} is none of {', '.join(TASK_TYPES)}"
-    if record.get("answer") is not None and not isinstance(record["answer"], str):  # eval would score it 0
-        return (f"'answer' is a {type(record['answer']).__name__}, not text (prepare writes every answer as text: "
-                "labels joined with ';', numbers as written)")
-    if isinstance(record.get("answer"), str) and not record["answer"].strip():  # prepare refuses an empty answer
-        return "'answer' is empty (prepare writes none: a test split's answers are null)"
+    wrong = answer_problem(record.get("answer"))
+    if wrong:
+        return f"'answer' is {wrong}"
     for image in record["images"]:
         if not isinstance(image, str) or not image:
             return f"an image path {image!r} that is no path"

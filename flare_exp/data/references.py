@@ -14,6 +14,7 @@ import re
 import unicodedata
 from pathlib import Path
 
+from flare_exp.data.prepared_split import answer_problem
 from flare_exp.data.rejects import describe_rejected, rejected_questions
 from flare_exp.io import read_jsonl
 from flare_exp.run.layout import CONFIG
@@ -59,10 +60,9 @@ def run_split(predictions: Path) -> Path | None:
         named = OmegaConf.select(cfg, "infer.input_file") or (OmegaConf.select(cfg, "data.prepared_dir")
                                                                and OmegaConf.select(cfg, "infer.split"))
         if named:  # a relative path from the directory that infer started in (run_info.json), not eval's
-            from flare_exp.run.fingerprint import launch_dir_of
+            from flare_exp.run.fingerprint import as_compared, launch_dir_of
 
-            path, launched = Path(str(infer_input_file(cfg))), launch_dir_of(predictions.parent)
-            return path if path.is_absolute() else Path(launched) / path if launched else abspath(path)
+            return Path(as_compared("infer.input_file", str(infer_input_file(cfg)), launch_dir_of(predictions.parent)))
         why = "it names neither infer.input_file nor data.prepared_dir and infer.split"
     except Exception as e:  # noqa: BLE001  (torn or edited: the split the rows name is used)
         why = f"it cannot be read ({type(e).__name__}: {str(e)[:200]})"
@@ -110,8 +110,7 @@ def join_to_reference(predictions: Path, rows: list[dict], reference: Path) -> t
         raise ValueError(f"{predictions}: {len(unknown)} prediction id(s) are not in the prepared split {reference}: "
                          f"{_named(unknown)}. Score predictions of this split only (or point data.prepared_dir at "
                          "the one they were made from)")
-    not_text = [r["id"] for r in rows if refs[r["id"]].get("answer") is not None
-                and (not isinstance(refs[r["id"]]["answer"], str) or not refs[r["id"]]["answer"].strip())]
+    not_text = [r["id"] for r in rows if answer_problem(refs[r["id"]].get("answer"))]
     if not_text:  # a list of labels, a number typed in, "": scored against text, every one would count as wrong
         first = refs[not_text[0]]["answer"]
         raise ValueError(f"{reference}: {len(not_text)} answer(s) of this prepared split are not text or empty, "

@@ -158,7 +158,8 @@ def chosen_adapter(key: str, path: str | Path, allow_intermediate: bool) -> Path
     """The adapter ``key`` names (resolve_adapter), an intermediate checkpoint-N only with ``allow_intermediate``
     and only when whole."""
     adapter = resolve_adapter(path)
-    if _CKPT.match(adapter.name) or _CKPT.match(adapter.resolve().name):  # a link to a checkpoint-N is one
+    intermediate = bool(_CKPT.match(adapter.name) or _CKPT.match(adapter.resolve().name))  # a link to one is one
+    if intermediate:
         if not allow_intermediate:
             raise ValueError(f"{key}={path} is an intermediate checkpoint ({adapter.resolve().name}) of a training "
                              f"run, not its final adapter: pass {ALLOW_INTERMEDIATE}=true to use it on purpose, or "
@@ -171,9 +172,11 @@ def chosen_adapter(key: str, path: str | Path, allow_intermediate: bool) -> Path
     damaged = unreadable_weights(adapter) or torn_side_file(adapter)
     if damaged:
         raise ValueError(f"{key}={path}: {damaged}")
-    # a training's final/ records its files' digests too: weights damaged in place since (same size, still read)
-    why = incomplete(adapter, verify=True, only=WEIGHTS) if (adapter / COMPLETE).is_file() else None
-    if why and not _CKPT.match(adapter.resolve().name):
+    # a training's final/ records its files' digests too (a checkpoint's were all read above): weights damaged in
+    # place since (same size, still read)
+    why = incomplete(adapter, verify=True, only=WEIGHTS) if not intermediate and (adapter / COMPLETE).is_file() \
+        else None
+    if why:
         raise ValueError(f"{key}={path}: {adapter} is not as its training saved it: {why}. Copy it again from "
                          "where it was trained (or train it again)")
     return adapter

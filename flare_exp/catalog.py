@@ -47,15 +47,24 @@ def official_blocks(run_dir: Path, strict: bool = False) -> dict:
         if isinstance(data, dict) else {}
 
 
-def own_block(blocks: dict, run_dir: Path | None = None) -> dict:
-    """The metrics block of a run's own model among those its eval scored: in a pipeline (a sweep job, an Optuna
-    trial) the one of the predictions its own infer step wrote (stage.compare's models are scored beside it);
-    else the last (an eval's inputs in the order given). Empty where there is none."""
+def own_label(blocks: dict, run_dir: Path | None) -> str | None:
+    """The label of a run's own model among those its eval scored: in a pipeline (a sweep job, an Optuna trial)
+    the block of the predictions its own infer step wrote (stage.compare's models are scored beside it); None where
+    no block is (an eval run of inputs given by hand)."""
     if run_dir is not None:
         own = (Path(run_dir) / "infer").resolve()
-        for block in blocks.values():
+        for label, block in blocks.items():
             if isinstance(block, dict) and Path(str(block.get("file", ""))).resolve().parent == own:
-                return block
+                return label
+    return None
+
+
+def own_block(blocks: dict, run_dir: Path | None = None) -> dict:
+    """The metrics block of a run's own model (own_label); else the last (an eval's inputs in the order given).
+    Empty where there is none."""
+    label = own_label(blocks, run_dir)
+    if label is not None:
+        return blocks[label]
     return list(blocks.values())[-1] if blocks else {}
 
 
@@ -65,18 +74,25 @@ def why_unreadable(error: Exception) -> str:
 
 
 def headline(run_dir: Path) -> str | None:
+    """The run's number (HEADLINE's first official metric it has); of an eval that scored several models by hand,
+    the last one's, named (the listing has one column: runs.compare shows them all)."""
     from flare_exp.reports.tables import fmt
 
     blocks = official_blocks(run_dir)
-    for block in [own_block(blocks, run_dir)] if blocks else []:
-        for task, metric in HEADLINE:
-            found = block.get("official", {}).get(task)
-            value = found.get(metric) if isinstance(found, dict) else None
-            if value is not None:  # a number of part of the split says so (a partial run, a cut file)
-                part = " (partial)" if block.get("partial") or block.get("coverage") else ""
-                if marker(metrics_file(run_dir).parent) != DONE:  # a killed eval's (or an earlier attempt's) file
-                    part += " (its eval unfinished)"
-                return f"{task}.{metric}={fmt(value)}{part}"
+    if not blocks:
+        return None
+    own = own_label(blocks, run_dir)
+    label = own if own is not None else list(blocks)[-1]
+    for task, metric in HEADLINE:
+        found = blocks[label].get("official", {}).get(task)
+        value = found.get(metric) if isinstance(found, dict) else None
+        if value is not None:  # a number of part of the split says so (a partial run, a cut file)
+            part = " (partial)" if blocks[label].get("partial") or blocks[label].get("coverage") else ""
+            if own is None and len(blocks) > 1:
+                part += f" (of {label}, the last of {len(blocks)} models scored)"
+            if marker(metrics_file(run_dir).parent) != DONE:  # a killed eval's (or an earlier attempt's) file
+                part += " (its eval unfinished)"
+            return f"{task}.{metric}={fmt(value)}{part}"
     return None
 
 
@@ -262,8 +278,9 @@ def comparison(output_root: Path, names: list[str], resamples: int = 1000, seed:
             unfinished.append(f"{name}: its eval {eval_dir} " + (
                 "FAILED: its metrics.json may be an earlier attempt's" if marker(eval_dir) == FAILED else
                 "is unfinished (no DONE marker): its metrics may be partial"))
-        for label, block in blocks.items():
-            key = name if len(blocks) == 1 else f"{name}:{label}"
+        own = own_label(blocks, run_dir)  # a pipeline's or trial's own model, not the base/sft it was compared to
+        for label, block in ({own: blocks[own]} if own is not None else blocks).items():
+            key = name if len(blocks) == 1 or own is not None else f"{name}:{label}"
             results[key] = block
             samples[key], inputs[key] = per_sample_stats(block)
     tests, warnings = compare(results, samples, resamples, seed, ar_trials, inputs)

@@ -273,3 +273,28 @@ def test_an_infer_runs_unreadable_config_is_said_before_eval_falls_back(tmp_path
         assert run_split(tmp_path / "predictions.jsonl") is None
         assert f"eval: {tmp_path / 'config.yaml'}: {why}" in caplog.text
     assert "joined to data.prepared_dir's split their rows name" in caplog.text
+
+
+def _trial_run(run_dir, own_f1_rows: int):
+    """A pipeline run (an Optuna trial) whose eval scored stage.compare's base beside its own infer step."""
+    write_run_metadata(run_dir, compose_cfg(["stage=eval"]))
+    rows = lambda hits: [{"id": f"q{i}", "task_type": "multi_label", "dataset": "chestdr", "split": "val",  # noqa
+                          "answer": "effusion", "prediction": "effusion" if i < hits else "edema"} for i in range(4)]
+    blocks = {label: {"file": str(_predictions(run_dir / step, rows(hits))), "n": 4, "split": "val",
+                      "official": {"multi_label": {"f1_score": hits / 4}}, "official_by_dataset": {}}
+              for label, step, hits in (("base", "infer-base", 0), (f"{run_dir.name}/rl", "infer", own_f1_rows))}
+    (run_dir / "eval").mkdir()
+    (run_dir / "eval" / "metrics.json").write_text(json.dumps(blocks))
+    run_with_markers(run_dir / "eval", lambda: {})
+
+
+def test_compare_of_two_pipelines_compares_their_own_models_not_the_base_each_scored(tmp_path):
+    """runs.compare=[t1,t2] of two trials compared every block of each (their base too): four columns and six
+    tests where the one question is t1 against t2 (Holm's family grew with the models nobody asked about)."""
+    root = tmp_path / "out"
+    _trial_run(root / "runs" / "t1", 2)
+    _trial_run(root / "runs" / "t2", 4)
+    text = "\n".join(comparison(root, ["t1", "t2"], resamples=20))
+    assert "base" not in text and "t1:" not in text, text
+    header = next(line for line in text.splitlines() if line.startswith("|"))
+    assert "t1" in header and "t2" in header

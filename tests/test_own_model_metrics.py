@@ -50,3 +50,14 @@ def test_a_killed_evals_number_is_said_unfinished_in_the_runs_table(tmp_path):
     job = _trial(tmp_path, ["base", "0/rl"])
     (job / "eval" / "DONE").unlink()  # killed after metrics.json was written
     assert headline(job) == "multi_label.f1_score=0.7000 (its eval unfinished)"
+
+
+def test_an_eval_of_several_models_names_the_one_its_headline_shows(tmp_path):
+    run = tmp_path / "an-eval"
+    run.mkdir()
+    blocks = {"base": _block(tmp_path / "b", "infer", 0.1), "sft": _block(tmp_path / "s", "infer", 0.7)}
+    (run / "metrics.json").write_text(json.dumps(blocks))
+    (run / "DONE").write_text("")
+    assert headline(run) == "multi_label.f1_score=0.7000 (of sft, the last of 2 models scored)"
+    (run / "metrics.json").write_text(json.dumps({"sft": blocks["sft"]}))
+    assert headline(run) == "multi_label.f1_score=0.7000"  # one model: nothing to name

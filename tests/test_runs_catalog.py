@@ -65,8 +65,10 @@ def test_the_headline_is_the_runs_own_model_not_the_base_it_is_compared_with(tmp
     """A pipeline's metrics.json holds base, sft, then the run's own model: the listing shows the last."""
     from flare_exp.catalog import headline
 
-    blocks = {name: {"n": 8, "official": {"multi_label": {"f1_score": f1}}}
-              for name, f1 in (("base", 0.0), ("pipe/sft", 0.5), ("pipe/rl", 0.75))}
+    blocks = {name: {"n": 8, "file": str(tmp_path / step / "predictions.jsonl"),
+                     "official": {"multi_label": {"f1_score": f1}}}
+              for name, step, f1 in (("base", "infer-base", 0.0), ("pipe/sft", "infer-sft", 0.5),
+                                     ("pipe/rl", "infer", 0.75))}
     (tmp_path / "metrics.json").write_text(json.dumps(blocks))
     (tmp_path / "DONE").write_text("{}")  # a finished eval's (a killed one's number is said unfinished)
     assert headline(tmp_path) == "multi_label.f1_score=0.7500"

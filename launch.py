@@ -14,7 +14,8 @@ import flare_exp.config  # noqa: F401  (registers the structured-config schema)
 import flare_exp.run.names  # noqa: F401  (registers the run_name resolver that places the run dir)
 import flare_exp.run.stage  # noqa: F401  (registers the stage_help resolver: the stages on the help page)
 # the command line's checks before Hydra composes (CONF_DIR, composed, own_message: read by the tests too)
-from flare_exp.command_line import CONF_DIR, check_command_line, composed, own_message, refuse  # noqa: F401
+from flare_exp.command_line import (CONF_DIR, check_command_line, composed, flags_first,  # noqa: F401
+                                    own_message, refuse)
 
 # What bad input raises (a missing file, a wrong key or value, a finished run, a missing package): our messages
 # name the key and the fix, so a single run prints just the message. Anything else keeps Hydra's traceback.
@@ -80,5 +81,6 @@ def main(cfg: DictConfig):
 
 
 if __name__ == "__main__":
+    sys.argv[1:] = flags_first(sys.argv[1:])  # `a=1 -m b=2` as `-m a=1 b=2` (Hydra's parser wants flags first)
     check_command_line(sys.argv[1:])
     main()

@@ -31,6 +31,45 @@ def own_message(error: Exception) -> str:
     return f"{message.strip()} ({where.strip().removeprefix('Caught ').rstrip('.')})"
 
 
+def flags_first(argv: list[str]) -> list[str]:
+    """The command line with Hydra's flags (and their values) before the overrides, each kept in its order:
+    Hydra's parser reads overrides only after its flags, so ``a=1 -m b=2`` was its usage dump. A line it reads
+    as given, or one it cannot read either way, is returned as it was (Hydra's parser then says what is wrong)."""
+    from hydra._internal.utils import get_args_parser
+
+    parser = get_args_parser()
+    if not _unread(parser, argv):
+        return argv
+    takes_value = {s: a.nargs for a in parser._actions if a.nargs != 0 for s in a.option_strings}
+    flags, overrides, i = [], [], 0
+    while i < len(argv):
+        token = argv[i]
+        if token.startswith("-") and len(token) > 1:
+            flags.append(token)
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if token in takes_value and nxt is not None and not nxt.startswith("-") and (
+                    takes_value[token] is None or "=" not in nxt):  # a flag's value: never an override (key=value)
+                flags.append(nxt)
+                i += 1
+        else:
+            overrides.append(token)
+        i += 1
+    reordered = flags + overrides
+    return argv if _unread(parser, reordered) else reordered
+
+
+def _unread(parser, argv: list[str]) -> bool:
+    """Whether Hydra's parser leaves part of ``argv`` unread (or refuses it)."""
+    import contextlib
+    import io
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            return bool(parser.parse_known_args(argv)[1])
+    except SystemExit:
+        return True
+
+
 def check_command_line(argv: list[str]) -> None:
     """Before Hydra composes: a key the schema lacks, with or without ``+``, is named with the closest key
     (Hydra's own advice, "use +key=value", adds a key no stage reads). A single run also hears every other

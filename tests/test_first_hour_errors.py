@@ -1035,3 +1035,21 @@ def test_a_swept_or_overlong_run_name_is_refused_before_hydra(capsys):
             launch.check_command_line(args)
         err = capsys.readouterr().err
         assert said in err and "nothing was run or written" in err, err
+
+
+def test_overrides_before_a_flag_are_read_as_after_it(tmp_path):
+    """`python launch.py run_name=x -m a=0,1` was Hydra's usage dump ("unrecognized arguments"): its parser reads
+    overrides only after its flags. The flags (and their values) go first, each kept in order; a line that cannot
+    be read either way is left for Hydra's parser to name."""
+    import subprocess
+
+    from flare_exp.command_line import flags_first
+
+    assert flags_first(["run_name=x", "-m", "a=0,1"]) == ["-m", "run_name=x", "a=0,1"]
+    assert flags_first(["a=1", "--config-name", "c", "b=2"]) == ["--config-name", "c", "a=1", "b=2"]
+    assert flags_first(["a=1", "--info", "config", "b=2"]) == ["--info", "config", "a=1", "b=2"]
+    for as_given in (["-m", "a=1"], ["a=1", "--info"], ["a=1", "--bogus", "b=2"], []):
+        assert flags_first(as_given) == as_given
+    done = subprocess.run([sys.executable, str(REPO / "launch.py"), "stage=runs", "--cfg", "job",
+                           f"paths.output_root={tmp_path}"], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0 and f"output_root: {tmp_path}" in done.stdout, done.stderr

@@ -4,9 +4,12 @@ probabilities is named as the same failure. The Trainer itself went on logging l
 grad_norm nan, saved NaN adapters and ended DONE."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from transformers import TrainerCallback
+
+log = logging.getLogger(__name__)
 
 
 class TrainingDivergedError(ValueError):
@@ -47,6 +50,32 @@ class StopWhenDiverged(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         self._check(args, state, model, "a trained weight after the optimizer step")
+
+
+class WarnWhenStuck(TrainerCallback):
+    """Finite weights that no longer move: every one of ``window`` logged steps in a row had a gradient norm of
+    exactly 0 while the loss stayed well above 0 (a learning rate far too high saturates the model: lr 300-1000
+    logged "loss 6.389 | grad_norm 0" from step 12 to the end and ended DONE). Said once, kept as ``finding``
+    (the stage's summary: no_learning_signal); not stopped: the run's numbers are finite and the user decides."""
+
+    def __init__(self, stage: str, window: int = 5):
+        self.stage, self.window, self.run, self.finding = stage, window, [], None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        if "loss" not in logs or self.finding is not None:
+            return
+        stuck = logs.get("grad_norm") == 0 and isinstance(logs["loss"], (int, float)) and logs["loss"] > 1e-3
+        self.run = [*self.run, (state.global_step, logs["loss"])] if stuck else []
+        if len(self.run) < self.window:
+            return
+        (first, loss), last = self.run[0], self.run[-1][0]
+        self.finding = {"since_step": first, "step": last, "finding": (
+            f"grad_norm 0 with the loss at {loss:.4g} in every logged step {first}-{last}: the weights stopped "
+            f"moving at step {first} and the adapter learns nothing more. A learning rate far too high saturates the "
+            f"model: lower {self.stage}.learning_rate (now {args.learning_rate:g}) and run again under another "
+            "run_name (or with overwrite=true)")}
+        log.warning("%s: no learning signal at step %d: %s", self.stage, last, self.finding["finding"])
 
 
 # torch.multinomial's words when a policy's logits are inf/NaN (its rollouts sample from them)

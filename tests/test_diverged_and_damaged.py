@@ -143,3 +143,38 @@ def test_a_final_adapter_damaged_in_place_is_refused_where_it_is_used(base_overr
     with pytest.raises(ValueError, match=r"infer.checkpoint=.*final is not as its training saved it: "
                                          r"adapter_model.safetensors differs from what was saved"):
         chosen_adapter("infer.checkpoint", run_dir, False)
+
+
+def test_weights_that_stop_moving_are_said_once_and_kept_in_the_summary(base_overrides, tmp_path, caplog):
+    """A learning rate far too high but finite (300-1000) saturated the model: "loss 6.389 | grad_norm 0" in every
+    logged step to the end, and the run ended DONE with nothing said. Now a warning names the step and the key,
+    once, and sft_summary.json keeps it; the run still finishes (its numbers are finite: the user decides)."""
+    from flare_exp.divergence import WarnWhenStuck
+
+    run_dir = tmp_path / "sft"
+    cfg = compose_cfg(["stage=sft", *base_overrides, "sft.max_steps=10", "sft.learning_rate=500", "sft.eval_steps=0",
+                       "sft.save_steps=100", "sft.logging_steps=1"])
+    with caplog.at_level(logging.WARNING):
+        run(cfg, run_dir=run_dir)
+    said = [r.getMessage() for r in caplog.records if "no learning signal" in r.getMessage()]
+    assert len(said) == 1 and "sft.learning_rate (now 500)" in said[0], said
+    summary = json.loads((run_dir / "sft_summary.json").read_text())
+    assert summary["no_learning_signal"]["since_step"] >= 1 and (run_dir / "DONE").exists()
+
+    class Args:
+        learning_rate = 1e-4
+
+    class State:
+        global_step = 0
+
+    for logs in ({"loss": 2.0, "grad_norm": 0.3}, {"loss": 0.0, "grad_norm": 0.0}, {"loss": 1e-5, "grad_norm": 0.0}):
+        watch = WarnWhenStuck("sft", window=3)  # learning, or a loss fitted to 0: not stuck
+        for step in range(6):
+            State.global_step = step
+            watch.on_log(Args(), State(), None, logs=logs)
+        assert watch.finding is None, logs
+    watch = WarnWhenStuck("rl", window=3)
+    for step, grad in enumerate([0.0, 0.0, 0.5, 0.0, 0.0, 0.0]):  # a moving step in between starts the count again
+        State.global_step = step + 1
+        watch.on_log(Args(), State(), None, logs={"loss": 3.0, "grad_norm": grad})
+    assert watch.finding["since_step"] == 4 and watch.finding["step"] == 6

@@ -9,6 +9,7 @@ import logging
 from pathlib import Path
 
 from flare_exp.data.decoding import check_records_window
+from flare_exp.divergence import WarnWhenStuck
 from flare_exp.data.vision import SFTCollator, VisionChat, emptied, filter_by_length
 from flare_exp.compile_cache import prepare_gpu_run
 from flare_exp.data.prepared_split import read_prepared_split
@@ -236,6 +237,8 @@ def run(cfg, out_dir: Path, applied: dict | None = None) -> dict:
     watch = heldout_watch(cfg, out_dir, chat, meta)
     trainer = build_trainer(cfg, loaded, chat, train, val, training_args(cfg, out_dir, report_to, loaded.model,
                                                                           evaluating=val is not None), meta, watch)
+    stuck = WarnWhenStuck("sft")
+    trainer.add_callback(stuck)
     batch = effective_batch(sft, trainer.args.world_size)
     log.info("sft: %d per device x %d accumulation x %d rank(s) = %d samples per optimizer step",
              sft.per_device_train_batch_size, sft.gradient_accumulation_steps, batch["world_size"],
@@ -254,13 +257,16 @@ def run(cfg, out_dir: Path, applied: dict | None = None) -> dict:
                "card_preset": applied, **schedule_changes(trainer.state),
                **({"recomputed_batches": trainer.recomputed_batches} if hasattr(trainer, "recomputed_batches")
                   else {})}
+    if stuck.finding:
+        summary["no_learning_signal"] = stuck.finding
     if lead:
         summary.update(watch.summary())
         if watch.heldout is not None:
             write_curves(trainer.state.log_history, ["loss", "eval_loss"], watch.key, out_dir / "sft_curves.png",
                          "loss and eval loss", "no eval step")
         write_json(out_dir / summary_name("sft"), summary)
-    log.info("sft finished: adapter at %s (%s)", final, loss_line(history, run_mean_loss(history, result.training_loss), sft.logging_steps))
+    log.info("sft finished: adapter at %s (%s)%s", final, loss_line(history, run_mean_loss(history, result.training_loss), sft.logging_steps),
+             f"; no learning signal from step {stuck.finding['since_step']} on (said above)" if stuck.finding else "")
     return summary
 
 

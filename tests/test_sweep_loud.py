@@ -9,7 +9,7 @@ import time
 import pytest
 from conftest import REPO
 
-from flare_exp import sweep_checks, sweep_watch
+from flare_exp import sweep_checks, sweep_stop, sweep_watch
 
 
 def test_a_sweep_with_one_bad_job_launches_none_and_names_it(session_dir, tmp_path):
@@ -136,10 +136,10 @@ def test_a_job_with_a_child_of_its_own_gets_the_stop(tmp_path):
     script = textwrap.dedent(f"""
         import subprocess, sys, time
         sys.path.insert(0, {str(REPO)!r})
-        from flare_exp import sweep_watch
+        from flare_exp import sweep_stop
         controller = subprocess.Popen([sys.executable, "-c", {controller!r}])
         time.sleep(1.5)
-        sweep_watch.stop_workers(grace_s=6.0)
+        sweep_stop.stop_workers(grace_s=6.0)
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
@@ -152,13 +152,13 @@ def test_sigterm_stops_workers_that_ignore_it(tmp_path):
     script = textwrap.dedent(f"""
         import os, signal, subprocess, sys, time
         sys.path.insert(0, {str(REPO)!r})
-        from flare_exp import sweep_watch
+        from flare_exp import sweep_stop
         worker = subprocess.Popen([sys.executable, "-c", "import signal, time; "
                                    "[signal.signal(s, signal.SIG_IGN) for s in (signal.SIGTERM, signal.SIGINT)]; "
                                    "time.sleep(600)"])
         open({str(tmp_path / 'pid')!r}, "w").write(str(worker.pid))
         time.sleep(0.5)
-        with sweep_watch.ForwardStops(grace_s=1.0):
+        with sweep_stop.ForwardStops(grace_s=1.0):
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(60)
     """)
@@ -167,9 +167,9 @@ def test_sigterm_stops_workers_that_ignore_it(tmp_path):
         pid = int((tmp_path / "pid").read_text())
         assert proc.returncode == 143, proc.stderr
         assert "SIGTERM: 1 worker process(es) stopped" in proc.stderr
-        assert not sweep_watch._alive([pid])
+        assert not sweep_stop._alive([pid])
     finally:  # a failing run leaves no worker behind
-        if (tmp_path / "pid").exists() and sweep_watch._alive([int((tmp_path / "pid").read_text())]):
+        if (tmp_path / "pid").exists() and sweep_stop._alive([int((tmp_path / "pid").read_text())]):
             os.kill(int((tmp_path / "pid").read_text()), 9)
 
 
@@ -183,9 +183,9 @@ def test_sigterm_to_a_sweep_running_its_job_in_process_leaves_failed_in_the_job_
         import os, signal, sys, time
         from pathlib import Path
         sys.path.insert(0, {str(REPO)!r})
-        from flare_exp import sweep_watch
+        from flare_exp import sweep_stop
         from flare_exp.run.lifecycle import run_with_markers
-        with sweep_watch.StopInProcess([Path({str(job)!r})]):
+        with sweep_stop.StopInProcess([Path({str(job)!r})]):
             run_with_markers(Path({str(job)!r}), lambda: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(60)))
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
@@ -217,15 +217,15 @@ def test_the_stop_message_counts_what_the_job_dirs_say(tmp_path):
     for d in dirs:
         d.mkdir()
         (d / "DONE").write_text("")
-    assert sweep_watch.jobs_after_stop(dirs) == "all 3 job(s) had finished (DONE) before the stop: nothing was cut short"
+    assert sweep_stop.jobs_after_stop(dirs) == "all 3 job(s) had finished (DONE) before the stop: nothing was cut short"
     (dirs[1] / "DONE").unlink()
     (dirs[1] / "FAILED").write_text("stopped from outside")
     (dirs[2] / "DONE").unlink()
-    said = sweep_watch.jobs_after_stop(dirs)
+    said = sweep_stop.jobs_after_stop(dirs)
     assert said.startswith("2 job(s) not finished (#1, #2: ") and "1 finished (DONE)" in said, said
     # an Optuna search's rerun retries its stopped trials as new ones from their first step (it said "resumes from
     # checkpoint-24", which a new trial does not)
-    said = sweep_watch.jobs_after_stop(dirs, trials=True)
+    said = sweep_stop.jobs_after_stop(dirs, trials=True)
     assert "retries the stopped ones as new trials" in said and "resumes" not in said, said
 
 
@@ -382,7 +382,7 @@ def test_the_stop_message_says_per_job_what_rerunning_does_from_its_own_run_dir(
         (checkpoint / name).write_text("x")
     mark_complete(checkpoint)
     (dirs[3] / "config.yaml").unlink()  # never started
-    said = sweep_watch.jobs_after_stop(dirs)
+    said = sweep_stop.jobs_after_stop(dirs)
     assert said.startswith("3 job(s) not finished (#1, #2, #3: ") and "1 finished (DONE)" in said, said
     assert "resumes the unfinished" not in said
     assert ("#1: starts it again from step 0 (no checkpoint was saved yet: one is saved every sft.save_steps=50 "

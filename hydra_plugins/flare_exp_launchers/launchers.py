@@ -1,9 +1,8 @@
 """``hydra/launcher=watched`` (the default: jobs one after another in this process), ``local`` and ``slurm``
 (conf/hydra/launcher/): Hydra's basic and submitit launchers with flare-exp's sweep checks and watch around them
-(flare_exp/sweep_checks.py, sweep_dir.py, sweep_watch.py): every job's settings checked before any is launched, a
-line per finished job with an ETA, the failed jobs named (a submitit job whose worker was killed among them);
-locally, SIGTERM / SIGINT stop the workers too,
-and SIGTERM stops the watched launcher's in-process job as Ctrl-C does (its dir says FAILED).
+(flare_exp/sweep_checks.py, sweep_dir.py, sweep_watch.py, sweep_stop.py): every job's settings checked before any
+is launched, a line per finished job with an ETA, the failed jobs named (a submitit job whose worker was killed among
+them); locally, SIGTERM / SIGINT stop the workers too, and SIGTERM stops the watched launcher's in-process job as Ctrl-C does (its dir says FAILED).
 Hydra imports this module at startup: the work is imported when a sweep launches."""
 from __future__ import annotations
 
@@ -28,8 +27,8 @@ class _Watched:
 
         from flare_exp.optuna_study import objective_list
         from flare_exp.sweep_checks import SweepSettingsError, check_jobs, job_names
-        from flare_exp.sweep_watch import (ForwardStops, Progress, StopInProcess, exit_with, record_results,
-                                           results_per_job)
+        from flare_exp.sweep_stop import ForwardStops, StopInProcess
+        from flare_exp.sweep_watch import Progress, exit_with, record_results, results_per_job
 
         try:
             kept = check_jobs(self.hydra_context, self.config, job_overrides, initial_job_idx)

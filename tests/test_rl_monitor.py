@@ -308,3 +308,22 @@ def test_a_rollout_journal_torn_by_a_kill_is_mended_before_the_resume_appends(tm
         steps = [json.loads(line)["step"] for line in journal.read_text().splitlines()]
         assert steps == [1, 10]
     assert "dropping a torn last line" in caplog.text
+
+
+def test_a_step_whose_groups_the_kill_tore_is_written_whole_by_the_resume(tmp_path, caplog):
+    """A step's groups are one append: the kill tore its second group's line, the mend kept the first, and the
+    resumed run, redoing that step, skipped it as written: the torn group was lost for good. Now the step's lines
+    go with the torn one and the redone step writes all its groups; an earlier whole step stays."""
+    entry = {"step": 1, "id": "r1", "dataset": "d", "task_type": "regression", "images": [], "reference": "4",
+             "completions": []}
+    journal = tmp_path / "rollouts.jsonl"
+    lines = [json.dumps({**entry, "id": f"r{i}"}) for i in range(2)] + [json.dumps({**entry, "step": 5})]
+    journal.write_text("\n".join(lines) + "\n" + json.dumps({**entry, "step": 5, "id": "r9"})[:40])
+    rollouts = RolloutLog(tmp_path, 1, 2, 1.0, tmp_path)
+    assert rollouts.steps_written == {1}
+    rollouts.append([{**entry, "step": 5, "id": "a"}, {**entry, "step": 5, "id": "b"}])
+    assert [(r["step"], r["id"]) for r in map(json.loads, journal.read_text().splitlines())] == [
+        (1, "r0"), (1, "r1"), (5, "a"), (5, "b")]
+    assert "step 5's groups before the torn line dropped too" in caplog.text
+    journal.write_text(json.dumps(entry) + "\n" + '{"st')  # cut before its step: the whole steps stay
+    assert RolloutLog(tmp_path, 1, 2, 1.0, tmp_path).steps_written == {1}

@@ -9,7 +9,7 @@ import os
 from collections import defaultdict
 from pathlib import Path
 
-from flare_exp.io import mended_journal
+from flare_exp.io import mended_journal, write_jsonl
 from flare_exp.run.lock import check_still_held
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ class RolloutLog:
         self.max_bytes, self.image_root = int(max_mb * 2 ** 20), image_root
         self.full_said = False
         # a resumed run: the groups written so far (a line torn by the kill cut off, so appends start a new line)
-        self.steps_written = {e["step"] for e in mended_journal(self.path)} if self.path.exists() else set()
+        self.steps_written = {e["step"] for e in whole_steps(self.path)} if self.path.exists() else set()
         self.new_entries: list[dict] = []  # since the tracker last took them (a W&B table per logging step)
 
     def wants(self, step: int) -> bool:
@@ -89,6 +89,28 @@ class RolloutLog:
         self.steps_written |= {e["step"] for e in entries}
         self.new_entries += entries
         write_html(read_rollouts(self.path), self.html, self.image_root)
+
+
+def whole_steps(path: Path) -> list[dict]:
+    """The journal's entries, mended (mended_journal), of whole steps only: a step's groups are written in one
+    append, so a torn last line is of the step the kill cut, which the resume redoes; that step's lines before it
+    go too, so the redone step writes all its groups (it was kept with the torn group missing)."""
+    import re
+
+    last = path.read_bytes().rstrip(b"\n").rsplit(b"\n", 1)[-1]
+    rows = mended_journal(path)
+    try:
+        json.loads(last or b"{}")
+        torn = None
+    except ValueError:
+        torn = re.match(rb'\{"step": (\d+),', last)  # a line cut before its step is said: nothing more known
+    if torn is None or not any(r.get("step") == int(torn.group(1)) for r in rows):
+        return rows
+    kept = [r for r in rows if r.get("step") != int(torn.group(1))]
+    log.warning("%s: step %s's groups before the torn line dropped too: the resumed run writes that step whole",
+                path, torn.group(1).decode())
+    write_jsonl(path, kept)
+    return kept
 
 
 def read_rollouts(path: Path) -> list[dict]:

@@ -285,8 +285,10 @@ def _schema_node(schema: type, key: str):
     return node
 
 
+@lru_cache(maxsize=None)
 def _structured(schema: type):
-    """The schema as OmegaConf builds it (read only: values are checked against its nodes, never set)."""
+    """The schema as OmegaConf builds it (read only: values are checked against its nodes, never set); built once
+    (~0.1 s each: a launch checks ~70 values, 7 s of it on 2 cores)."""
     from omegaconf import OmegaConf
 
     return OmegaConf.structured(schema)

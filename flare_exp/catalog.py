@@ -68,6 +68,23 @@ def own_block(blocks: dict, run_dir: Path | None = None) -> dict:
     return list(blocks.values())[-1] if blocks else {}
 
 
+def non_number(block: dict) -> str | None:
+    """'task.metric=value' of the first official metric (by_dataset too) that is no number (a hand-edited
+    metrics.json): not a number, null (a metric not computed) or a non-finite one as the project writes it."""
+    from flare_exp.io import NON_FINITE
+    from flare_exp.metrics.official import OFFICIAL_METRIC
+
+    for part in ("official", "official_by_dataset"):
+        for where, metrics in (block.get(part) or {}).items():
+            for metric in OFFICIAL_METRIC.values():
+                value = metrics.get(metric) if isinstance(metrics, dict) else None
+                if value is None or (isinstance(value, str) and value in NON_FINITE) or (
+                        isinstance(value, (int, float)) and not isinstance(value, bool)):
+                    continue
+                return f"{part}.{where}.{metric}={value!r}"
+    return None
+
+
 def why_unreadable(error: Exception) -> str:
     """A file's read or parse error in a line (a JSON error's own first line, else its type)."""
     return str(error).splitlines()[0] if str(error) else type(error).__name__
@@ -83,6 +100,9 @@ def headline(run_dir: Path) -> str | None:
         return None
     own = own_label(blocks, run_dir)
     label = own if own is not None else list(blocks)[-1]
+    edited = non_number(blocks[label])
+    if edited:
+        return f"{edited}: no number ({metrics_file(run_dir).name} edited since its eval wrote it; rerun that eval)"
     for task, metric in HEADLINE:
         found = blocks[label].get("official", {}).get(task)
         value = found.get(metric) if isinstance(found, dict) else None
@@ -154,11 +174,15 @@ def run_summary(run_dir: Path) -> dict | None:
     metrics, unreadable, metric = metrics_file(run_dir), None, None
     if metrics is not None:  # a torn or hand-broken metrics.json: said, not an empty metric beside a plain DONE
         try:
-            json.loads(metrics.read_text())
+            if not isinstance(json.loads(metrics.read_text()), dict):
+                raise ValueError("not an object of metrics blocks")
         except (OSError, ValueError) as e:
-            unreadable = str(metrics.relative_to(run_dir))
-            metric = (f"{unreadable} unreadable ({why_unreadable(e)}): cut or edited since its eval wrote it; rerun "
+            unreadable = f"{metrics.relative_to(run_dir)} unreadable"
+            metric = (f"{unreadable} ({why_unreadable(e)}): cut or edited since its eval wrote it; rerun "
                       "that eval")
+    elif marker(scored := run_dir if stage_of(run_dir) == "eval" else run_dir / "eval") == DONE:
+        unreadable = f"{(scored / METRICS).relative_to(run_dir)} missing"
+        metric = f"{unreadable}: deleted since its eval wrote it; rerun that eval"
     earlier = continued_attempts(run_dir)
     known = seconds is not None and None not in earlier  # a killed attempt (kill -9: no FAILED) has no end time
     return {"name": run_dir.name, "stage": stage_of(run_dir) or "?", "status": status, "started": started,
@@ -192,14 +216,22 @@ def continued_attempts(run_dir: Path) -> list[float | None]:
 
 
 def run_dirs(output_root: Path) -> list[tuple[str, Path]]:
-    """(name relative to the output root, dir) of every run: runs/<name>, sweeps/<sweep>/<job>."""
+    """(name relative to the output root, dir) of every run: runs/<name>, sweeps/<sweep>/<job>; a run linked under
+    another name once."""
     found = []
     for path in sorted((output_root / "runs").glob("*")) if (output_root / "runs").is_dir() else []:
         found.append((path.name, path))
     for sweep in sorted((output_root / "sweeps").glob("*")) if (output_root / "sweeps").is_dir() else []:
         jobs = sorted((p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
         found += [(f"sweeps/{sweep.name}/{job.name}", job) for job in jobs]
-    return [(name, path) for name, path in found if path.is_dir()]
+    # a link to a run dir listed already (or to one outside, linked twice) is that run, not a second one
+    real = {path.resolve() for _, path in found if not path.is_symlink()}
+    kept, seen = [], set()
+    for name, path in found:
+        if path.is_dir() and not (path.is_symlink() and (path.resolve() in real or path.resolve() in seen)):
+            kept.append((name, path))
+            seen.add(path.resolve())
+    return kept
 
 
 def listed_under(run_dir: Path, output_root: Path) -> bool:
@@ -224,7 +256,7 @@ def listing(output_root: Path) -> tuple[list[str], list[list[str]]]:
             continue
         status = row["status"] + (f": {row['error']}" if row["error"] and row["status"] != DONE else "")
         if row["metrics_unreadable"] and row["status"] == DONE:  # the why: in the headline column
-            status += f" ({row['metrics_unreadable']} unreadable)"
+            status += f" ({row['metrics_unreadable']})"
         attempts = "" if row["attempts"] == 1 else f" ({row['attempts']} attempts)" if row["all_attempts_timed"] \
             else f" (the last of {row['attempts']} attempts)"
         rows.append([name, row["stage"], status[:90], (row["started"] or "").replace("T", " "),
@@ -239,58 +271,6 @@ def find_run(output_root: Path, name: str) -> Path:
             return candidate
     raise FileNotFoundError(f"runs.compare: no run {name!r} under {output_root} (python launch.py stage=runs "
                             "lists them)")
-
-
-def per_sample_stats(block: dict) -> tuple[dict, set]:
-    """task -> (ids, per-sample official statistics) from the predictions file a run's eval scored, for the
-    paired tests (the GREEN judge's per-report scores are not kept: report generation is left out); and every
-    id the file holds, reports included (what two runs share is counted on those)."""
-    from flare_exp.metrics import official
-    from flare_exp.data.predictions import load_rows
-
-    rows, _ = load_rows(Path(block["file"]), allow_partial=True)
-    by_task: dict = {}
-    for row in rows:
-        by_task.setdefault(row["task_type"], []).append(row)
-    return ({task: ([r["id"] for r in group], official.STATS[task]([r.get("prediction", "") for r in group],
-                                                                    [r.get("answer", "") for r in group]))
-             for task, group in by_task.items() if task in official.STATS}, {r["id"] for r in rows})
-
-
-def comparison(output_root: Path, names: list[str], resamples: int = 1000, seed: int = 0,
-               ar_trials: int = 0, correction: str = "holm") -> list[str]:
-    """Markdown: the runs' official metrics side by side, then the paired tests between every two of them."""
-    from flare_exp.reports.eval_report import (SIGNIFICANCE_HEADER, official_table, significance_notes,
-                                               significance_rows)
-    from flare_exp.reports.tables import md_table
-    from flare_exp.metrics.significance import compare, correct_family
-
-    results, samples, inputs, unfinished = {}, {}, {}, []
-    for name in names:
-        run_dir = find_run(output_root, name)
-        blocks, failed = official_blocks(run_dir, strict=True), own_or_step(run_dir, FAILED)
-        if not blocks:
-            raise FileNotFoundError(f"runs.compare: {name} " + (
-                f"FAILED: {run_summary(failed.parent)['error']} ({failed}); rerun it" if failed else
-                "holds no eval metrics.json (an eval run, or a pipeline or trial with an eval step)"))
-        eval_dir = metrics_file(run_dir).parent
-        if marker(eval_dir) != DONE:  # a metrics.json of a killed eval, or one left by an attempt before a FAILED
-            unfinished.append(f"{name}: its eval {eval_dir} " + (
-                "FAILED: its metrics.json may be an earlier attempt's" if marker(eval_dir) == FAILED else
-                "is unfinished (no DONE marker): its metrics may be partial"))
-        own = own_label(blocks, run_dir)  # a pipeline's or trial's own model, not the base/sft it was compared to
-        for label, block in ({own: blocks[own]} if own is not None else blocks).items():
-            key = name if len(blocks) == 1 or own is not None else f"{name}:{label}"
-            results[key] = block
-            samples[key], inputs[key] = per_sample_stats(block)
-    tests, warnings = compare(results, samples, resamples, seed, ar_trials, inputs)
-    family = correct_family(tests, correction)
-    lines = md_table(*official_table(results))
-    if tests:
-        lines += ["Paired tests (report generation left out: its per-report GREEN scores are in the eval runs' "
-                  "scored sheets, not compared here):", "",
-                  *md_table(SIGNIFICANCE_HEADER, significance_rows(tests)), *significance_notes(family)]
-    return lines + [f"warning: {w}" for w in unfinished + warnings]
 
 
 def remove_view_dir() -> None:
@@ -320,6 +300,8 @@ def run(cfg, out_dir: Path | None = None) -> dict:
     try:
         if names:
             sig = cfg.eval.significance
+            from flare_exp.runs_compare import comparison
+
             lines = comparison(root, names, sig.resamples, sig.seed, sig.ar_trials, sig.correction)
         else:
             header, rows = listing(root)

@@ -8,7 +8,7 @@ import pytest
 from conftest import compose_cfg
 from openpyxl import load_workbook
 
-from flare_exp.catalog import comparison
+from flare_exp.runs_compare import comparison
 from flare_exp.data.predictions import load_rows
 from flare_exp.io import write_jsonl
 from flare_exp.reports.sheets import write_sheet

@@ -4,7 +4,8 @@ import os
 
 from conftest import compose_cfg
 
-from flare_exp.catalog import comparison, listing, run_summary
+from flare_exp.catalog import listing, run_summary
+from flare_exp.runs_compare import comparison
 from flare_exp.run.lifecycle import run_with_markers
 from flare_exp.run.record import write_failed, write_run_metadata
 

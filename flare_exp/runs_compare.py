@@ -1,0 +1,118 @@
+"""``stage=runs runs.compare=[a,b]``: chosen runs' official metrics side by side (from each one's eval
+metrics.json: a pipeline's or trial's own model, every model an eval run scored by hand) and the paired tests
+between every two, on the per-sample statistics of the very predictions each eval scored: a file changed since
+(an infer redone with overwrite=true, a sheet edited again) is refused, one whose root moved is found again by
+its bytes, and a hand-edited metric that is no number is named."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from flare_exp.catalog import find_run, metrics_file, non_number, official_blocks, own_label, run_summary
+from flare_exp.run.layout import DONE, FAILED, own_or_step
+from flare_exp.run.record import marker
+
+
+def per_sample_stats(block: dict) -> tuple[dict, set]:
+    """task -> (ids, per-sample official statistics) from the predictions file a run's eval scored, for the
+    paired tests (the GREEN judge's per-report scores are not kept: report generation is left out); and every
+    id the file holds, reports included (what two runs share is counted on those)."""
+    from flare_exp.metrics import official
+    from flare_exp.data.predictions import load_rows
+
+    rows, _ = load_rows(Path(block["file"]), allow_partial=True)
+    by_task: dict = {}
+    for row in rows:
+        by_task.setdefault(row["task_type"], []).append(row)
+    return ({task: ([r["id"] for r in group], official.STATS[task]([r.get("prediction", "") for r in group],
+                                                                    [r.get("answer", "") for r in group]))
+             for task, group in by_task.items() if task in official.STATS}, {r["id"] for r in rows})
+
+
+def scored_file(block: dict, key: str, output_root: Path) -> Path:
+    """The predictions file the eval scored, as it was then (its sha256 in the block): where the eval found it,
+    else the same path's tail under this output root with the same bytes (an output root moved or copied
+    elsewhere). A file changed since is refused: its tests would use predictions the eval never scored beside
+    the eval's own numbers."""
+    from flare_exp.io import file_digest
+
+    recorded, digest = Path(str(block.get("file", ""))), block.get("file_sha256")
+    if not digest:  # a metrics.json of an eval that recorded no digest: the path as it is
+        if recorded.is_file():
+            return recorded
+    else:
+        parts = recorded.parts
+        for candidate in [recorded, *(output_root / Path(*parts[i:]) for i in range(1, len(parts)))]:
+            if candidate.is_file() and file_digest(candidate) == digest:
+                return candidate
+    if recorded.is_file():
+        raise ValueError(
+            f"runs.compare: {key}: the predictions its eval scored, {recorded}, have changed since (sha256 "
+            f"{digest[:12]}... then, {file_digest(recorded)[:12]}... now: an infer redone with overwrite=true, a "
+            "sheet edited again): the table would show the eval's numbers and the tests another file's. Rerun "
+            "that eval (its command with overwrite=true) to compare the file as it is now")
+    raise FileNotFoundError(
+        f"runs.compare: {key}: its eval scored {recorded}, which is not there"
+        + (f" (nor under {output_root} by the end of that path with the same bytes)" if digest else "")
+        + "; the paired tests read each sample's prediction from it. Put it back where it was, or rerun that "
+        "eval on where it is now")
+
+
+def compared_blocks(output_root: Path, name: str, run_dir: Path) -> dict:
+    """key -> block of the models a run stands for in the comparison: a pipeline's or trial's own, else every one
+    its eval scored (``name:label``); a run without usable metrics is an error saying why."""
+    blocks, failed = official_blocks(run_dir, strict=True), own_or_step(run_dir, FAILED)
+    if not blocks:
+        found = metrics_file(run_dir)
+        raise FileNotFoundError(f"runs.compare: {name} " + (
+            f"FAILED: {run_summary(failed.parent)['error']} ({failed}); rerun it" if failed else
+            f"has {found}, but it holds no metrics as eval writes them (edited since); rerun that eval" if found else
+            "holds no eval metrics.json (an eval run, or a pipeline or trial with an eval step)"))
+    own = own_label(blocks, run_dir)  # a pipeline's or trial's own model, not the base/sft it was compared to
+    chosen = {own: blocks[own]} if own is not None else blocks
+    out = {}
+    for label, block in chosen.items():
+        key = name if len(chosen) == 1 else f"{name}:{label}"
+        edited = non_number(block)
+        if edited:
+            raise ValueError(f"runs.compare: {key}: {metrics_file(run_dir)} has {edited}, no number: edited since "
+                             "its eval wrote it; rerun that eval")
+        out[key] = {**block, "file": str(scored_file(block, key, output_root))}
+    return out
+
+
+def unfinished_eval(name: str, run_dir: Path) -> list[str]:
+    eval_dir = metrics_file(run_dir).parent
+    if marker(eval_dir) == DONE:
+        return []
+    return [f"{name}: its eval {eval_dir} " + (  # a killed eval's metrics.json, or an attempt's before a FAILED
+        "FAILED: its metrics.json may be an earlier attempt's" if marker(eval_dir) == FAILED else
+        "is unfinished (no DONE marker): its metrics may be partial")]
+
+
+def comparison(output_root: Path, names: list[str], resamples: int = 1000, seed: int = 0,
+               ar_trials: int = 0, correction: str = "holm") -> list[str]:
+    """Markdown: the runs' official metrics side by side, then the paired tests between every two of them."""
+    from flare_exp.reports.eval_report import (SIGNIFICANCE_HEADER, official_table, significance_notes,
+                                               significance_rows)
+    from flare_exp.reports.tables import md_table
+    from flare_exp.metrics.significance import compare, correct_family
+
+    results, samples, inputs, unfinished, dirs = {}, {}, {}, [], {}
+    for name in names:
+        run_dir = find_run(output_root, name)
+        same = dirs.get(run_dir.resolve())
+        if same is not None:  # a link to a run dir, or its path beside its name: one eval, not two
+            raise ValueError(f"runs.compare: {same} and {name} are one run dir ({run_dir.resolve()}): name it once")
+        dirs[run_dir.resolve()] = name
+        for key, block in compared_blocks(output_root, name, run_dir).items():
+            results[key] = block
+            samples[key], inputs[key] = per_sample_stats(block)
+        unfinished += unfinished_eval(name, run_dir)
+    tests, warnings = compare(results, samples, resamples, seed, ar_trials, inputs)
+    family = correct_family(tests, correction)
+    lines = md_table(*official_table(results))
+    if tests:
+        lines += ["Paired tests (report generation left out: its per-report GREEN scores are in the eval runs' "
+                  "scored sheets, not compared here):", "",
+                  *md_table(SIGNIFICANCE_HEADER, significance_rows(tests)), *significance_notes(family)]
+    return lines + [f"warning: {w}" for w in unfinished + warnings]

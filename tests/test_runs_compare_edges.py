@@ -1,0 +1,85 @@
+"""runs.compare and the runs listing on what users do to finished runs: the scored predictions redone or edited
+after the eval (the table showed the eval's numbers, the tests the new file's), an output root moved or copied,
+a metrics.json deleted, turned into a list or given a string for a number, a run dir linked under a second name."""
+import json
+import shutil
+
+import pytest
+from conftest import compose_cfg
+
+from flare_exp.catalog import listing
+from flare_exp.io import file_digest, write_jsonl
+from flare_exp.run.lifecycle import run_with_markers
+from flare_exp.run.record import write_run_metadata
+from flare_exp.runs_compare import comparison
+
+
+def _eval(root, name, hits: int):
+    """An eval run that scored an infer run's predictions (multi-label, ``hits`` of 4 right) under ``root``."""
+    infer = root / "runs" / f"infer-{name}"
+    infer.mkdir(parents=True)
+    rows = [{"id": f"q{i}", "task_type": "multi_label", "dataset": "chestdr", "split": "val", "answer": "effusion",
+             "prediction": "effusion" if i < hits else "edema"} for i in range(4)]
+    write_jsonl(infer / "predictions.jsonl", rows)
+    run_dir = root / "runs" / name
+    write_run_metadata(run_dir, compose_cfg(["stage=eval"]))
+    block = {"file": str(infer / "predictions.jsonl"), "file_sha256": file_digest(infer / "predictions.jsonl"),
+             "n": 4, "split": "val", "official": {"multi_label": {"f1_score": hits / 4}}, "official_by_dataset": {}}
+    (run_dir / "metrics.json").write_text(json.dumps({name: block}))
+    run_with_markers(run_dir, lambda: {})
+    return run_dir
+
+
+def test_predictions_changed_after_the_eval_are_refused_not_tested(tmp_path):
+    root = tmp_path / "out"
+    _eval(root, "a", 1), _eval(root, "b", 4)
+    assert "Paired tests" in "\n".join(comparison(root, ["a", "b"], resamples=20))
+    redone = root / "runs" / "infer-b" / "predictions.jsonl"  # infer redone with overwrite=true: other predictions
+    redone.write_text(redone.read_text().replace('"prediction": "effusion"', '"prediction": "edema"'))
+    with pytest.raises(ValueError, match=r"runs.compare: b: the predictions its eval scored, \S+infer-b/predictions"
+                                         r".jsonl, have changed since .*Rerun that eval"):
+        comparison(root, ["a", "b"], resamples=20)
+
+
+def test_an_output_root_moved_elsewhere_finds_its_scored_files_by_their_bytes(tmp_path):
+    root = tmp_path / "out"
+    _eval(root, "a", 1), _eval(root, "b", 4)
+    moved = tmp_path / "laptop" / "outputs"
+    shutil.move(str(root), str(moved))
+    text = "\n".join(comparison(moved, ["a", "b"], resamples=20))
+    assert "multi_label: f1_score" in text and "0.2500" in text and "1.0000" in text
+    (moved / "runs" / "infer-a" / "predictions.jsonl").unlink()
+    with pytest.raises(FileNotFoundError, match=r"runs.compare: a: its eval scored \S+/out/runs/infer-a/predictions"
+                                                r".jsonl, which is not there \(nor under \S+/laptop/outputs by the end"):
+        comparison(moved, ["a", "b"], resamples=20)
+
+
+def test_hand_edited_metrics_files_are_said_in_the_listing_and_refused_by_compare(tmp_path):
+    root = tmp_path / "out"
+    for name in ("gone", "listed", "word", "ok"):
+        _eval(root, name, 2)
+    (root / "runs" / "gone" / "metrics.json").unlink()
+    (root / "runs" / "listed" / "metrics.json").write_text("[]")
+    word = root / "runs" / "word" / "metrics.json"
+    word.write_text(word.read_text().replace('"f1_score": 0.5', '"f1_score": "high"'))
+    rows = {row[0]: row for row in listing(root)[1]}
+    assert rows["gone"][2] == "DONE (metrics.json missing)" and "deleted since its eval" in rows["gone"][5]
+    assert rows["listed"][2] == "DONE (metrics.json unreadable)" and "not an object" in rows["listed"][5]
+    assert rows["word"][5].startswith("official.multi_label.f1_score='high': no number")
+    assert rows["ok"][5] == "multi_label.f1_score=0.5000"
+    with pytest.raises(ValueError, match=r"word: \S+/metrics.json has official.multi_label.f1_score='high', no num"):
+        comparison(root, ["ok", "word"], resamples=20)
+    with pytest.raises(FileNotFoundError, match=r"listed has \S+metrics.json, but it holds no metrics as eval"):
+        comparison(root, ["ok", "listed"], resamples=20)
+    (root / "runs" / "ok" / "metrics.json").write_text(
+        (root / "runs" / "ok" / "metrics.json").read_text().replace('"f1_score": 0.5', '"f1_score": "Infinity"'))
+    assert "| Infinity |" in "\n".join(comparison(root, ["ok"], resamples=20))  # a non-finite value as eval writes it
+
+
+def test_a_run_linked_under_a_second_name_is_one_run(tmp_path):
+    root = tmp_path / "out"
+    _eval(root, "a", 1), _eval(root, "b", 4)
+    (root / "runs" / "a-link").symlink_to(root / "runs" / "a")
+    assert [row[0] for row in listing(root)[1]] == ["a", "b"]
+    with pytest.raises(ValueError, match=r"runs.compare: a and a-link are one run dir"):
+        comparison(root, ["a", "a-link"], resamples=20)

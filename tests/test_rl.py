@@ -289,3 +289,30 @@ def test_a_task_or_dataset_the_length_limit_empties_is_named():
     assert emptied(before, before[1:2], "task_type") == ["regression"]
     assert emptied(before, before[1:2], "dataset") == ["boneresorption", "chestdr"]
     assert emptied(before, before, "dataset") == []
+
+
+def test_a_resume_drops_the_stopped_attempts_rollouts_past_its_checkpoint(base_overrides, sft_adapter, tmp_path):
+    """Killed after step 3, resumed from checkpoint-1: steps 2-3 are trained again, but rollouts.jsonl kept the
+    stopped attempt's groups for them (the tester's step 8: mean total 0.55 there against the logged 0.43). They go
+    and the redone steps write theirs; a rollouts.jsonl broken inside (an edit) is set aside, not a failed resume."""
+    run_dir = tmp_path / "rl"
+    extra = ("rl.max_steps=3", "rl.log_rollouts_steps=1")
+    run(_rl_cfg(base_overrides, sft_adapter, *extra), run_dir=run_dir)
+    for gone in ("final", "checkpoint-3", "checkpoint-2"):
+        shutil.rmtree(run_dir / gone)
+    (run_dir / "DONE").unlink()
+    journal = run_dir / "rollouts.jsonl"
+    rows = [json.loads(line) for line in journal.read_text().splitlines()]
+    assert sorted({r["step"] for r in rows}) == [1, 2, 3]
+    journal.write_text("".join(json.dumps({**r, "reference": "STALE"}) + "\n" for r in rows))
+    run(_rl_cfg(base_overrides, sft_adapter, *extra), run_dir=run_dir)
+    after = [json.loads(line) for line in journal.read_text().splitlines()]
+    assert [r["step"] for r in after if r["reference"] == "STALE"] == [r["step"] for r in rows if r["step"] == 1]
+    assert sorted({r["step"] for r in after if r["reference"] != "STALE"}) == [2, 3]
+    for gone in ("final", "checkpoint-3", "checkpoint-2"):
+        shutil.rmtree(run_dir / gone)
+    (run_dir / "DONE").unlink()
+    journal.write_text('{"step": 1, "id": BROKEN\n' + journal.read_text())
+    run(_rl_cfg(base_overrides, sft_adapter, *extra), run_dir=run_dir)
+    assert (run_dir / "rollouts.jsonl.damaged").read_text().startswith('{"step": 1, "id": BROKEN')
+    assert sorted({json.loads(line)["step"] for line in journal.read_text().splitlines()}) == [2, 3]

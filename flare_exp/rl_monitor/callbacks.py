@@ -64,6 +64,11 @@ class GRPOMonitor(HeldOutWatch):
         self.no_signal: dict | None = None  # the first window in which GRPO's advantages were all 0 (once a run)
         self.pruned_at: int | None = None
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.lead and self.rollouts is not None:  # a resume: the checkpoint's step, loaded by now
+            self.rollouts.continue_from(state.global_step)
+        return super().on_train_begin(args, state, control, **kwargs)
+
     def saw_round(self, step: int, inputs: list[dict], output: dict) -> None:
         lengths = [int(n) for n in output["completion_mask"].sum(1).tolist()]
         cap = self.rl.max_completion_length

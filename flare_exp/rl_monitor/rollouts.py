@@ -63,6 +63,25 @@ class RolloutLog:
         self.steps_written = {e["step"] for e in whole_steps(self.path)} if self.path.exists() else set()
         self.new_entries: list[dict] = []  # since the tracker last took them (a W&B table per logging step)
 
+    def continue_from(self, step: int) -> None:
+        """A resumed run continues from its checkpoint at ``step``: the groups of later steps are the stopped
+        attempt's, whose trajectory was thrown away (the resume trains those steps again, its rewards in the log):
+        they go, and the redone steps write their own."""
+        if not self.path.exists():
+            return
+        rows = read_rollouts(self.path)
+        kept = [r for r in rows if not isinstance(r.get("step"), int) or r["step"] <= step]
+        if len(kept) == len(rows):
+            return
+        check_still_held()
+        write_jsonl(self.path, kept)
+        self.steps_written = {r.get("step") for r in kept}
+        log.info("rl: %s: %d group(s) of steps after %d (the stopped attempt's) dropped: the resumed run writes "
+                 "those steps again", self.path, len(rows) - len(kept), step)
+        from flare_exp.rl_monitor.rollouts_html import write_html
+
+        write_html(kept, self.html, self.image_root)
+
     def wants(self, step: int) -> bool:
         return bool(self.every) and (step == 1 or step % self.every == 0)
 
@@ -98,7 +117,17 @@ def whole_steps(path: Path) -> list[dict]:
     import re
 
     last = path.read_bytes().rstrip(b"\n").rsplit(b"\n", 1)[-1]
-    rows = mended_journal(path)
+    try:
+        rows = mended_journal(path)
+    except ValueError as e:  # a line broken inside (an edit): a log to read, not training's input: set aside
+        aside = path.with_name(f"{path.name}.damaged")
+        n = 1
+        while aside.exists():
+            n += 1
+            aside = path.with_name(f"{path.name}.damaged-{n}")
+        path.rename(aside)
+        log.warning("%s (%s); it is kept as %s and the resumed run starts a new one", path, e, aside.name)
+        return []
     try:
         json.loads(last or b"{}")
         torn = None

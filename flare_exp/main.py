@@ -13,7 +13,7 @@ from flare_exp.checks import validate
 from flare_exp.logs import quiet_known_messages
 from flare_exp.run.layout import RUN_INFO
 from flare_exp.run.lifecycle import Run
-from flare_exp.run.record import restore_hydra_record, write_failed
+from flare_exp.run.record import remember_launch, restore_hydra_record, write_failed
 from flare_exp.run.stage import stage as stage_named
 from flare_exp.runtime import abspath, start_process_group, world_size
 
@@ -46,6 +46,7 @@ def limit_cpu_threads(threads: int | None) -> None:
 
 
 def run(cfg: DictConfig, run_dir: Path | None = None):
+    remember_launch(cfg)  # Hydra's record of this launch, as it wrote it: put back once the run dir accepts it
     # Offline first: nothing here ever asks a model hub (compute nodes have none); every model is a local path.
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
         os.environ.setdefault(var, "1")

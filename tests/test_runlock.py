@@ -592,3 +592,31 @@ def test_an_owner_file_whose_pid_is_no_number_is_taken_over_with_a_warning(tmp_p
     with caplog.at_level("WARNING", logger="flare_exp.run.lock"):
         RunLock(tmp_path).acquire().release()
     assert "its owner file names no process (pid" in caplog.text, caplog.text
+
+
+def test_the_accepted_launchs_own_record_is_kept_though_a_refused_one_wrote_over_it(tmp_path):
+    """Two launches of one new run name 0.02 s apart: Hydra wrote the second's record (.hydra/) over the first's
+    before the first was accepted and copied it to .hydra/accepted/, so both held the refused launch's settings
+    (infer.checkpoint=sft where rl ran). The accepted launch's record comes from its own memory now."""
+    from omegaconf import OmegaConf, read_write
+
+    from flare_exp.run.record import keep_hydra_record, remember_launch, restore_hydra_record
+
+    run_dir = tmp_path / "runs" / "same"
+    with launched_with(tmp_path, ["run_name=same", "infer.checkpoint=/m/rl"]) as cfg:
+        from hydra.core.hydra_config import HydraConfig
+
+        with read_write(cfg.hydra):
+            cfg.hydra.runtime.output_dir = str(run_dir)
+        HydraConfig.instance().set_config(cfg)
+        task = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+        remember_launch(task)
+        (run_dir / ".hydra").mkdir(parents=True)
+        (run_dir / ".hydra" / "overrides.yaml").write_text("- infer.checkpoint=/m/sft\n")  # the other launch's
+        keep_hydra_record(run_dir)
+    for record in (run_dir / ".hydra", run_dir / ".hydra" / "accepted"):
+        assert "infer.checkpoint=/m/rl" in (record / "overrides.yaml").read_text()
+        assert "checkpoint: /m/rl" in (record / "config.yaml").read_text()
+    (run_dir / ".hydra" / "overrides.yaml").write_text("- infer.checkpoint=/m/sft\n")  # refused later: put back
+    restore_hydra_record(run_dir)
+    assert "infer.checkpoint=/m/rl" in (run_dir / ".hydra" / "overrides.yaml").read_text()

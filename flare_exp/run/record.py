@@ -172,8 +172,32 @@ def _wording_after_a_stop(run_dir: Path, wording) -> str:
 ACCEPTED_HYDRA = "accepted"
 
 
+# This launch's own record as Hydra wrote it at the job's start, kept in memory (remember_launch): a second
+# launch of the same run dir a few ms later overwrites .hydra/ on disk before this one is accepted
+_LAUNCH_RECORD: dict = {}
+
+
+def remember_launch(cfg: DictConfig) -> None:
+    """At the job's start (before anything changes ``cfg``): the texts Hydra wrote into .hydra/ for this launch
+    (its config.yaml, hydra.yaml and overrides.yaml are OmegaConf's YAML of these very objects)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    _LAUNCH_RECORD.clear()
+    if not HydraConfig.initialized() or HydraConfig.get().output_subdir is None:
+        return
+    hydra = HydraConfig.instance().cfg
+    _LAUNCH_RECORD.update({"dir": Path(HydraConfig.get().runtime.output_dir), "config.yaml": OmegaConf.to_yaml(cfg),
+                           "hydra.yaml": OmegaConf.to_yaml(hydra),
+                           "overrides.yaml": OmegaConf.to_yaml(hydra.hydra.overrides.task)})
+
+
 def keep_hydra_record(run_dir: Path) -> None:
-    """After this launch is accepted into run_dir: a copy of Hydra's record of it in .hydra/accepted/."""
+    """After this launch is accepted into run_dir: its own record put in .hydra/ (from memory: another launch
+    refused a moment later may have written its own there) and a copy kept in .hydra/accepted/."""
+    if _LAUNCH_RECORD.get("dir") == run_dir:
+        for name, text in _LAUNCH_RECORD.items():
+            if name != "dir":
+                write_text(run_dir / HYDRA / name, text)
     _copy_yaml_files(run_dir / HYDRA, run_dir / HYDRA / ACCEPTED_HYDRA)
 
 

@@ -316,3 +316,18 @@ def test_a_resume_drops_the_stopped_attempts_rollouts_past_its_checkpoint(base_o
     run(_rl_cfg(base_overrides, sft_adapter, *extra), run_dir=run_dir)
     assert (run_dir / "rollouts.jsonl.damaged").read_text().startswith('{"step": 1, "id": BROKEN')
     assert sorted({json.loads(line)["step"] for line in journal.read_text().splitlines()}) == [2, 3]
+
+
+def test_the_runs_last_reward_is_said_as_the_mean_it_is_beside_the_last_step():
+    """The log's "final reward 0.5022" was the mean of the last quarter of the steps (step 12 alone: 0.3733) and
+    reward_first step 1's own: both ends are kept now, and the line says which is which."""
+    from flare_exp.rl_monitor.reward_summary import reward_line, summarise
+
+    rewards = [0.36, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.2, 0.3, 0.6, 0.5334, 0.3733]
+    summary = summarise([{"step": i + 1, "reward": r} for i, r in enumerate(rewards)], 12)
+    assert summary["reward_last"] == 0.5022 and summary["reward_last_step"] == 0.3733
+    assert summary["reward_first"] == 0.36 and summary["reward_last_steps"] == [10, 12]
+    assert reward_line(summary) == ("reward 0.36 at the first logged step, mean 0.5022 over logged steps 10-12 "
+                                    "(reward_last), 0.3733 at step 12")
+    assert reward_line(summarise([{"step": 1, "reward": 0.5}], 1)) == "reward 0.5 at the first logged step, 0.5 at step 1"
+    assert reward_line(summarise([], 0)) == "no reward logged"

@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
-import statistics
 from pathlib import Path
 
 from flare_exp.card import apply_rl_card, kept_share, sized_infer_batch
@@ -27,6 +26,7 @@ from flare_exp.rewards.combine import build_reward
 from flare_exp.rl_monitor.callbacks import (RewardTermLog, RolloutWeightsLog, build_monitor, check_monitor_settings,
                                            finish_monitor, rollout_weights_spans, with_rollout_watch)
 from flare_exp.rl_monitor.heldout_watch import reporting_last
+from flare_exp.rl_monitor.reward_summary import reward_line, summarise
 from flare_exp.run.layout import summary_name
 from flare_exp.run.stage import Stage
 from flare_exp.runtime import abspath, check_choice, ranks
@@ -326,7 +326,7 @@ def run(cfg, out_dir: Path, applied: dict | None = None) -> dict:
     if lead:
         summary.update(finish_monitor(monitor, trainer.state.log_history, out_dir, rl.max_steps))
         write_json(out_dir / summary_name("rl"), summary)
-    log.info("rl finished: adapter at %s, final reward %s", final, summary.get("reward_last"))
+    log.info("rl finished: adapter at %s; %s", final, reward_line(summary))
     return summary
 
 
@@ -381,19 +381,3 @@ def oom_remedies(cfg) -> list[str]:
             f"of rl.num_generations={rl.num_generations})",
             f"lower rl.max_completion_length={rl.max_completion_length}",
             "lower model.max_pixels (fewer image tokens per view)"]
-
-
-def summarise(history: list[dict], global_step: int) -> dict:
-    """Final numbers for sweep comparison: the mean of the last quarter of logged steps, per metric."""
-    steps = [h for h in history if "reward" in h]
-    tail = steps[-max(1, len(steps) // 4):] if steps else []
-    out = {"global_step": global_step, "logged_steps": len(steps)}
-    keys = {k for h in tail for k in h if k == "reward" or k.startswith(("reward_term/", "rewards/")) or
-            k in ("reward_std", "completions/mean_length", "step_seconds", "peak_memory_gib")}
-    for k in sorted(keys):
-        values = [h[k] for h in tail if isinstance(h.get(k), (int, float))]
-        if values:
-            out[f"{k}_last" if k == "reward" else k] = round(statistics.fmean(values), 4)
-    if steps:
-        out["reward_first"] = steps[0]["reward"]
-    return out

@@ -1,0 +1,34 @@
+"""The numbers a GRPO run ends with (rl_summary.json, the log's last line, a sweep's ranking): each reward metric's
+mean over the last quarter of the logged steps (steady against one step's noise: ``reward_last`` is that mean of
+the reward), with the first and last logged step's reward beside it."""
+from __future__ import annotations
+
+import statistics
+
+
+def reward_line(summary: dict) -> str:
+    """The first logged reward, the last logged steps' mean (reward_last: what a sweep ranks by) and the last."""
+    if "reward_last" not in summary:
+        return "no reward logged"
+    first, last = summary["reward_last_steps"]
+    if first == last:
+        return f"reward {summary['reward_first']} at the first logged step, {summary['reward_last']} at step {last}"
+    return (f"reward {summary['reward_first']} at the first logged step, mean {summary['reward_last']} over logged "
+            f"steps {first}-{last} (reward_last), {summary['reward_last_step']} at step {last}")
+
+
+def summarise(history: list[dict], global_step: int) -> dict:
+    """Final numbers for sweep comparison: the mean of the last quarter of logged steps, per metric."""
+    steps = [h for h in history if "reward" in h]
+    tail = steps[-max(1, len(steps) // 4):] if steps else []
+    out = {"global_step": global_step, "logged_steps": len(steps)}
+    keys = {k for h in tail for k in h if k == "reward" or k.startswith(("reward_term/", "rewards/")) or
+            k in ("reward_std", "completions/mean_length", "step_seconds", "peak_memory_gib")}
+    for k in sorted(keys):
+        values = [h[k] for h in tail if isinstance(h.get(k), (int, float))]
+        if values:
+            out[f"{k}_last" if k == "reward" else k] = round(statistics.fmean(values), 4)
+    if steps:  # the ends themselves beside the tail's mean (reward_last: a mean, steady for ranking a sweep)
+        out.update(reward_first=round(steps[0]["reward"], 4), reward_last_step=round(steps[-1]["reward"], 4),
+                   reward_last_steps=[tail[0].get("step"), tail[-1].get("step")])
+    return out

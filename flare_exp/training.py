@@ -88,7 +88,7 @@ def train_and_save(trainer, stage: str, cfg, out_dir: Path, meta: "CheckpointMet
             check_still_held()  # the save above may have been cut by a stop: not marked, nor carded, if it is lost
             meta.write(final, step=trainer.state.global_step, **(final_meta(trainer) if final_meta else {}),
                        **schedule_changes(trainer.state))
-            write_model_cards(out_dir, stage, cfg, meta.base, meta.fingerprints, trainer.state)  # not TRL's card
+            write_model_cards(out_dir, stage, cfg, meta.base, meta.fingerprints, trainer)  # not TRL's card
             mark_complete(final)  # its files' digests: an adapter damaged in place since is refused where it is used
     finally:
         finish_tracking(report_to)

@@ -166,7 +166,9 @@ def test_training_runs_get_our_model_card_not_trl_boilerplate(tmp_path):
     state = SimpleNamespace(global_step=2, best_metric=None, best_model_checkpoint=None, log_history=[
         {"loss": 0.5, "reward": 0.25, "step": 1}, {"loss": 0.4, "reward": 0.75, "step": 2}])
     data = [{"path": "/data/prepared/train.jsonl", "sha256": "c" * 64}]
-    write_model_cards(run_dir, "rl", cfg, "/models/Qwen3-VL-4B-Instruct", data, state)
+    trainer = SimpleNamespace(state=state, args=SimpleNamespace(metric_for_best_model=None),
+                              callback_handler=SimpleNamespace(callbacks=[]))
+    write_model_cards(run_dir, "rl", cfg, "/models/Qwen3-VL-4B-Instruct", data, trainer)
     for where in (run_dir, run_dir / "final", run_dir / "checkpoint-2"):
         card = (where / "README.md").read_text()
         assert "TRL" not in card and "More Information Needed" not in card and "huggingface.co" not in card
@@ -174,6 +176,28 @@ def test_training_runs_get_our_model_card_not_trl_boilerplate(tmp_path):
         assert "started from: outputs/runs/sft" in card and "last reward: 0.7500" in card
         assert "num_generations" in card and "learning_rate" in card
     assert incomplete(run_dir / "checkpoint-2") is None  # the checkpoint stays usable for a resume
+
+
+def test_the_card_names_each_best_by_its_own_metric(tmp_path):
+    """The card said "best checkpoint: checkpoint-80 (official_mean 0.0391)": the Trainer's lowest eval loss under
+    the held-out metric's name; with sft.eval_per_task on it named another checkpoint and value than
+    sft_summary.json's best/ (4.9584 at checkpoint-4 against official_mean 0.25 at best/)."""
+    from flare_exp.reports.model_card import write_model_cards
+    from flare_exp.rl_monitor.heldout_watch import HeldOutWatch
+
+    cfg = compose_cfg(["stage=sft"])
+    watch = object.__new__(HeldOutWatch)  # the fields its summary reads
+    watch.heldout, watch.section, watch.out_dir = SimpleNamespace(records=[1, 2]), cfg.sft, tmp_path
+    watch.best = {"step": 4, "value": 0.25}
+    state = SimpleNamespace(global_step=4, best_metric=4.9584, best_model_checkpoint=str(tmp_path / "checkpoint-4"),
+                            log_history=[{"loss": 5.0, "step": 4}, {"eval_loss": 4.9584, "step": 4}])
+    trainer = SimpleNamespace(state=state, args=SimpleNamespace(metric_for_best_model="eval_loss"),
+                              callback_handler=SimpleNamespace(callbacks=[watch]))
+    (tmp_path / "final").mkdir()
+    write_model_cards(tmp_path, "sft", cfg, "/models/q", [], trainer)
+    card = (tmp_path / "README.md").read_text()
+    assert f"- lowest eval_loss: 4.9584 at {tmp_path / 'checkpoint-4'}" in card
+    assert f"- best held-out {cfg.sft.metric_for_best_model}: 0.2500 at step 4 ({tmp_path / 'best'})" in card
 
 
 def test_the_sft_run_writes_our_card(sft_adapter):

@@ -34,7 +34,7 @@ def number(v) -> str:
 
 
 def card_text(stage: str, cfg, base_model: str, data: list[dict], step: int, history: list[dict],
-              best: tuple | None = None) -> str:
+              best: tuple | None = None, heldout: dict | None = None) -> str:
     """The card: base model, data (with sha256), LoRA and training settings, outcome, how to use it."""
     from flare_exp.run.record import git_commit
 
@@ -54,20 +54,27 @@ def card_text(stage: str, cfg, base_model: str, data: list[dict], step: int, his
              "- every setting: config.yaml in the run dir", "",
              "## Outcome", "", f"- optimizer steps: {step}"]
     lines += [f"- last {k}: {number(v)}" for k, v in last_logged(history).items()]
-    if best and best[0] is not None:
-        lines.append(f"- best checkpoint: {best[1]} ({best[2]} {number(best[0])})")
+    if best and best[0] is not None:  # the Trainer's own (its metric_for_best_model: sft's eval loss)
+        lines.append(f"- lowest {best[2]}: {number(best[0])} at {best[1]}")
+    if heldout and heldout.get("best_checkpoint"):  # the held-out eval's best/ (sft.eval_per_task, rl.eval_steps)
+        lines.append(f"- best held-out {heldout['heldout_metric']}: {number(heldout['best_value'])} at step "
+                     f"{heldout['best_step']} ({heldout['best_checkpoint']})")
     lines += ["- official metrics: run stage=infer then stage=eval on this adapter (eval/report.html)", "",
               "## Use", "", "```", "python launch.py stage=infer infer.checkpoint=<this run dir>", "```", ""]
     return "\n".join(lines)
 
 
-def write_model_cards(out_dir: Path, stage: str, cfg, base_model: str, data: list[dict], state) -> None:
+def write_model_cards(out_dir: Path, stage: str, cfg, base_model: str, data: list[dict], trainer) -> None:
     """Our card in the run dir, final/ and every whole checkpoint-* (after training: nothing overwrites it after);
     a checkpoint's completeness record is renewed for the card's new size."""
     from flare_exp.models.checkpoints import incomplete, mark_complete
+    from flare_exp.rl_monitor.heldout_watch import HeldOutWatch
 
-    best = (state.best_metric, state.best_model_checkpoint, cfg[stage].get("metric_for_best_model") or "eval_loss")
-    text = card_text(stage, cfg, base_model, data, state.global_step, state.log_history, best)
+    state = trainer.state
+    best = (state.best_metric, state.best_model_checkpoint, trainer.args.metric_for_best_model)
+    watch = next((c for c in trainer.callback_handler.callbacks if isinstance(c, HeldOutWatch)), None)
+    text = card_text(stage, cfg, base_model, data, state.global_step, state.log_history, best,
+                     watch.summary() if watch is not None else None)
     for where in (out_dir, out_dir / "final"):
         write_text(where / CARD, text)
     for checkpoint in sorted(out_dir.glob("checkpoint-*")):

@@ -50,6 +50,18 @@ def workers_for_cores(asked: int) -> int:
     return min(asked, cores)
 
 
+def checkpoint_step(checkpoint: str | None) -> int:
+    """The global step a checkpoint was saved at (its trainer_state.json); 0 for none."""
+    import json
+
+    if checkpoint is None:
+        return 0
+    try:
+        return int(json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
 def train_and_save(trainer, stage: str, cfg, out_dir: Path, meta: "CheckpointMeta", report_to: str,
                    remedies: list[str], explain_failure=None, final_meta=None):
     """The lifecycle both training stages share: train (resumed as ``resume`` says), an out-of-memory step
@@ -64,6 +76,7 @@ def train_and_save(trainer, stage: str, cfg, out_dir: Path, meta: "CheckpointMet
     try:
         try:
             checkpoint = resume_checkpoint(cfg.resume, out_dir, stage, cfg, trainer.args.max_steps)
+            trainer.resumed_step = checkpoint_step(checkpoint)  # the run's mean loss counts from it
             spliced = schedule_change(trainer, checkpoint)
             if spliced:  # in the trainer state: every later checkpoint, log_history.json and final/ carry it
                 trainer.add_callback(NotedInHistory(spliced))
@@ -150,10 +163,20 @@ def restore_indexed_cpu_storages() -> None:
     serialization.register_package(30, lambda obj: None, deserialize)  # once per process (functools.cache)
 
 
-def effective_batch(section, world: int) -> dict:
-    """What one optimizer step sees, for the summary (and the log line)."""
-    return {"world_size": world,
-            "effective_batch": section.per_device_train_batch_size * section.gradient_accumulation_steps * world}
+def effective_batch(section, world: int, samples: int | None = None, stage: str = "sft") -> dict:
+    """What one optimizer step sees, for the summary (and the log line). Beyond the ``samples`` of the training
+    set the Trainer ends an accumulation with the epoch: every step is one epoch (8 x 50 said 400 samples a step
+    where each held the 192 there were), said once and recorded as what a step holds."""
+    per_step = section.per_device_train_batch_size * world
+    configured = per_step * section.gradient_accumulation_steps
+    if samples is None or configured <= samples:
+        return {"world_size": world, "effective_batch": configured}
+    log.warning("%s: %d per device x %d accumulation x %d rank(s) = %d samples per optimizer step, but the training "
+                "set holds %d: the Trainer ends each accumulation with the epoch, so every step is one epoch of %d "
+                "samples (%s.gradient_accumulation_steps=%d or less keeps the batch you set)", stage,
+                section.per_device_train_batch_size, section.gradient_accumulation_steps, world, configured, samples,
+                samples, stage, max(1, samples // per_step))
+    return {"world_size": world, "effective_batch": samples, "effective_batch_configured": configured}
 
 
 def out_of_memory_error(cfg, stage: str, step: int, out_dir: Path, remedies: list[str]) -> RuntimeError:

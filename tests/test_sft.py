@@ -449,6 +449,16 @@ def test_the_run_mean_loss_covers_the_steps_before_a_resume():
     history = [{"loss": 1.0, "step": 2}, {"loss": 0.5, "step": 4}, {"loss": 0.25, "step": 5}]
     assert run_mean_loss(history, session_mean=0.05) == (2 * 1.0 + 2 * 0.5 + 1 * 0.25) / 5
     assert run_mean_loss([], session_mean=0.7) == 0.7
+    # sft.logging_steps not dividing max_steps: steps 9-10 were never logged (4.9634 said against the Trainer's
+    # 4.7471): this process's own loss sum brings them in
+    logged = [{"loss": 6.3422, "step": 1}, {"loss": 5.5938, "step": 4}, {"loss": 4.1459, "step": 8}]
+    assert abs(run_mean_loss(logged, 4.7471, global_step=10) - 4.7471) < 1e-9
+    # resumed at checkpoint-4, logged at 6, stopped at 7: transformers' 0.8 / 7 is this process's sum over 7 steps
+    resumed = [{"loss": 1.0, "step": 2}, {"loss": 0.5, "step": 4}, {"loss": 0.3, "step": 6}]
+    assert abs(run_mean_loss(resumed, 0.8 / 7, global_step=7, start_step=4) - (2 + 1 + 0.6 + 0.2) / 7) < 1e-9
+    # resumed at checkpoint-5 after a window logged at 4 (step 5's loss died with the killed process)
+    gap = [{"loss": 0.5, "step": 4}, {"loss": 0.3, "step": 6}]
+    assert abs(run_mean_loss(gap, 0.3 / 6, global_step=6, start_step=5) - (4 * 0.5 + 0.3) / 5) < 1e-9
 
 
 def test_a_damaged_or_missing_final_adapter_is_named(base_overrides, sft_adapter, tmp_path):
@@ -476,3 +486,20 @@ def test_a_damaged_or_missing_final_adapter_is_named(base_overrides, sft_adapter
 
     with pytest.raises(FileNotFoundError, match="is a finished run whose final/ adapter is missing"):
         resolve_adapter(copy)
+
+
+def test_an_accumulation_beyond_the_training_set_is_said_and_recorded_as_what_a_step_holds(caplog):
+    """8 x 50 said 400 samples a step; the Trainer ends an accumulation with the epoch, so each held the 192
+    samples there were."""
+    import logging
+    from types import SimpleNamespace
+
+    from flare_exp.training import effective_batch
+
+    section = SimpleNamespace(per_device_train_batch_size=8, gradient_accumulation_steps=50)
+    with caplog.at_level(logging.WARNING):
+        assert effective_batch(section, 1, 192) == {"world_size": 1, "effective_batch": 192,
+                                                    "effective_batch_configured": 400}
+    assert "every step is one epoch of 192 samples (sft.gradient_accumulation_steps=24 or less" in caplog.text
+    assert effective_batch(section, 1, 400) == {"world_size": 1, "effective_batch": 400}
+    assert effective_batch(section, 2) == {"world_size": 2, "effective_batch": 800}

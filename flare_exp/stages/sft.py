@@ -237,12 +237,12 @@ def run(cfg, out_dir: Path, applied: dict | None = None) -> dict:
     watch = heldout_watch(cfg, out_dir, chat, meta)
     trainer = build_trainer(cfg, loaded, chat, train, val, training_args(cfg, out_dir, report_to, loaded.model,
                                                                           evaluating=val is not None), meta, watch)
-    stuck = WarnWhenStuck("sft")
-    trainer.add_callback(stuck)
-    batch = effective_batch(sft, trainer.args.world_size)
-    log.info("sft: %d per device x %d accumulation x %d rank(s) = %d samples per optimizer step",
-             sft.per_device_train_batch_size, sft.gradient_accumulation_steps, batch["world_size"],
-             batch["effective_batch"])
+    trainer.add_callback(stuck := WarnWhenStuck("sft"))
+    batch = effective_batch(sft, trainer.args.world_size, len(train))
+    if "effective_batch_configured" not in batch:  # else said as a warning: each step is one epoch
+        log.info("sft: %d per device x %d accumulation x %d rank(s) = %d samples per optimizer step",
+                 sft.per_device_train_batch_size, sft.gradient_accumulation_steps, batch["world_size"],
+                 batch["effective_batch"])
     result, final, lead = train_and_save(
         trainer, "sft", cfg, out_dir, meta, report_to, oom_remedies(cfg, preset_changes), explain_failure=lambda e: RuntimeError(
             f"compiling the model's blocks failed ({type(e).__name__}); rerun with sft.compile_layers=false (the "
@@ -250,22 +250,23 @@ def run(cfg, out_dir: Path, applied: dict | None = None) -> dict:
         final_meta=lambda t: {"best": t.state.best_model_checkpoint})
     history = [h for h in trainer.state.log_history if "loss" in h]
     summary = {"final_adapter": str(final), "global_step": trainer.state.global_step,
-               "train_loss": run_mean_loss(history, result.training_loss), "first_loss": history[0]["loss"] if history else None,
+               "train_loss": run_mean_loss(history, result.training_loss, trainer.state.global_step,
+                                         getattr(trainer, "resumed_step", 0)),
+               "first_loss": history[0]["loss"] if history else None,
                "last_loss": history[-1]["loss"] if history else None,
+               "last_loss_step": history[-1].get("step") if history else None,
                "best_eval_loss_checkpoint": trainer.state.best_model_checkpoint,
                "train_samples": len(train), "skipped_too_long": skipped, **batch,
                "card_preset": applied, **schedule_changes(trainer.state),
                **({"recomputed_batches": trainer.recomputed_batches} if hasattr(trainer, "recomputed_batches")
-                  else {})}
-    if stuck.finding:
-        summary["no_learning_signal"] = stuck.finding
+                  else {}), **({"no_learning_signal": stuck.finding} if stuck.finding else {})}
     if lead:
         summary.update(watch.summary())
         if watch.heldout is not None:
             write_curves(trainer.state.log_history, ["loss", "eval_loss"], watch.key, out_dir / "sft_curves.png",
                          "loss and eval loss", "no eval step")
         write_json(out_dir / summary_name("sft"), summary)
-    log.info("sft finished: adapter at %s (%s)%s", final, loss_line(history, run_mean_loss(history, result.training_loss), sft.logging_steps),
+    log.info("sft finished: adapter at %s (%s)%s", final, loss_line(history, summary["train_loss"], sft.logging_steps),
              f"; no learning signal from step {stuck.finding['since_step']} on (said above)" if stuck.finding else "")
     return summary
 
@@ -365,15 +366,23 @@ def oom_remedies(cfg, preset_changes: dict | None = None) -> list[str]:
               if cfg.model.gradient_checkpointing and sft.recompute_above_tokens else [])]
 
 
-def run_mean_loss(history: list[dict], session_mean: float) -> float:
-    """The training loss averaged over every step of the run, from the logged windows (each logged loss is the
-    mean over the steps since the one before). transformers' training_loss sums this process's steps only but
-    divides by the global step: after a resume it understated the loss (0.11 against 1.01 measured)."""
-    previous, total, steps = 0, 0.0, 0
+def run_mean_loss(history: list[dict], session_mean: float, global_step: int | None = None,
+                  start_step: int = 0) -> float:
+    """The training loss averaged over the run's steps: the logged windows (each logged loss is the mean over the
+    steps since the one before), and the steps after the last one logged (sft.logging_steps not dividing
+    max_steps) from what this process trained (transformers' training_loss is its loss sum over the global
+    step; ``start_step``: the step it resumed from). transformers' figure alone understated a resumed run's loss
+    (0.11 against 1.01 measured); the logged windows alone left the last unlogged steps out."""
+    previous, total, steps, in_session = 0, 0.0, 0, 0.0
     for h in history:
         step = h.get("step")
         if isinstance(step, int) and step > previous:
-            total, steps, previous = total + h["loss"] * (step - previous), steps + step - previous, step
+            n = step - (max(previous, start_step) if step > start_step else previous)  # not a killed run's gap
+            total, steps, previous = total + h["loss"] * n, steps + n, step
+            in_session += h["loss"] * n if step > start_step else 0.0
+    tail = (global_step or 0) - max(previous, start_step)
+    if tail > 0 and session_mean is not None:
+        total, steps = total + session_mean * global_step - in_session, steps + tail
     return total / steps if steps else session_mean
 
 

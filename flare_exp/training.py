@@ -16,7 +16,7 @@ from transformers import TrainerCallback
 from flare_exp.divergence import SAMPLED_NAN, StopWhenDiverged, diverged
 from flare_exp.io import file_fingerprint, shared_as_umask
 from flare_exp.logs import log_part
-from flare_exp.models.checkpoints import mark_complete, sort_adapter_config, write_meta
+from flare_exp.models.checkpoints import checkpoint_step, mark_complete, sort_adapter_config, write_meta
 from flare_exp.reports.model_card import write_model_cards
 from flare_exp.resume import at_the_step_budget, resume_checkpoint, schedule_change
 from flare_exp.run.layout import LOG_HISTORY
@@ -50,18 +50,6 @@ def workers_for_cores(asked: int) -> int:
     return min(asked, cores)
 
 
-def checkpoint_step(checkpoint: str | None) -> int:
-    """The global step a checkpoint was saved at (its trainer_state.json); 0 for none."""
-    import json
-
-    if checkpoint is None:
-        return 0
-    try:
-        return int(json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return 0
-
-
 def train_and_save(trainer, stage: str, cfg, out_dir: Path, meta: "CheckpointMeta", report_to: str,
                    remedies: list[str], explain_failure=None, final_meta=None):
     """The lifecycle both training stages share: train (resumed as ``resume`` says), an out-of-memory step
@@ -73,10 +61,11 @@ def train_and_save(trainer, stage: str, cfg, out_dir: Path, meta: "CheckpointMet
     quiet_progress(trainer)
     workers_ignore_sigterm(trainer)
     trainer.add_callback(StopWhenDiverged(stage, out_dir))
+    trainer.add_callback(StepsAsConfigured())
     try:
         try:
             checkpoint = resume_checkpoint(cfg.resume, out_dir, stage, cfg, trainer.args.max_steps)
-            trainer.resumed_step = checkpoint_step(checkpoint)  # the run's mean loss counts from it
+            trainer.resumed_step = checkpoint_step(Path(checkpoint)) or 0 if checkpoint else 0  # mean loss's start
             spliced = schedule_change(trainer, checkpoint)
             if spliced:  # in the trainer state: every later checkpoint, log_history.json and final/ carry it
                 trainer.add_callback(NotedInHistory(spliced))
@@ -117,6 +106,22 @@ def schedule_changes(state) -> dict:
     the trainer state), {} for none: for final/'s metadata and the stage's summary."""
     changes = [h for h in state.log_history if "schedule_changed" in h]
     return {"schedule_changed": changes} if changes else {}
+
+
+class StepsAsConfigured(TrainerCallback):
+    """A resume takes logging_steps, eval_steps and save_steps from the checkpoint's trainer state (transformers'
+    own way: a changed value was ignored while config.yaml recorded it); they are free keys of a resume, so the
+    values this launch set apply from the checkpoint's step on, said once."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        kinds = ("logging", "eval", "save")
+        before = {k: getattr(state, f"{k}_steps") for k in kinds}
+        state.compute_steps(args, state.max_steps)
+        changed = [f"{k}_steps {before[k]} -> {getattr(state, f'{k}_steps')}" for k in kinds
+                   if before[k] != getattr(state, f"{k}_steps") and state.global_step > 0]
+        if changed:
+            log.info("resumed at step %d with this launch's %s (the checkpoint had the former)", state.global_step,
+                     ", ".join(changed))
 
 
 class NotedInHistory(TrainerCallback):

@@ -503,3 +503,21 @@ def test_an_accumulation_beyond_the_training_set_is_said_and_recorded_as_what_a_
     assert "every step is one epoch of 192 samples (sft.gradient_accumulation_steps=24 or less" in caplog.text
     assert effective_batch(section, 1, 400) == {"world_size": 1, "effective_batch": 400}
     assert effective_batch(section, 2) == {"world_size": 2, "effective_batch": 800}
+
+
+def test_steps_set_for_a_resume_apply_from_the_checkpoint_on(caplog):
+    """A resume took logging_steps / save_steps from the checkpoint's trainer state (transformers' way): the loss
+    was logged every step and saved every 10 where the launch said 5 and 15, while config.yaml said 5 and 15."""
+    import logging
+    from types import SimpleNamespace
+
+    from transformers.trainer_callback import TrainerState
+
+    from flare_exp.training import StepsAsConfigured
+
+    state = TrainerState(global_step=20, max_steps=40, logging_steps=1, eval_steps=10, save_steps=10)
+    args = SimpleNamespace(logging_steps=5, eval_steps=10, save_steps=15)
+    with caplog.at_level(logging.INFO):
+        StepsAsConfigured().on_train_begin(args, state, None)
+    assert (state.logging_steps, state.eval_steps, state.save_steps) == (5, 10, 15)
+    assert "resumed at step 20 with this launch's logging_steps 1 -> 5, save_steps 10 -> 15" in caplog.text

@@ -43,7 +43,7 @@ def official_blocks(run_dir: Path, strict: bool = False) -> dict:
                              "eval wrote it; rerun that eval") from None
         return {}
     # a hand-made or foreign metrics.json: only blocks shaped as eval writes them
-    return {k: v for k, v in data.items() if isinstance(v, dict) and isinstance(v.get("official", {}), dict)} \
+    return {k: v for k, v in data.items() if isinstance(v, dict) and isinstance(v.get("official"), dict)} \
         if isinstance(data, dict) else {}
 
 
@@ -176,6 +176,8 @@ def run_summary(run_dir: Path) -> dict | None:
         try:
             if not isinstance(json.loads(metrics.read_text()), dict):
                 raise ValueError("not an object of metrics blocks")
+            if not official_blocks(run_dir):
+                raise ValueError("no block of official metrics in it")
         except (OSError, ValueError) as e:
             unreadable = f"{metrics.relative_to(run_dir)} unreadable"
             metric = (f"{unreadable} ({why_unreadable(e)}): cut or edited since its eval wrote it; rerun "

@@ -57,13 +57,37 @@ def scored_file(block: dict, key: str, output_root: Path) -> Path:
         "eval on where it is now")
 
 
+def disagreeing_value(block: dict, stats: dict) -> str | None:
+    """'task.metric: V in metrics.json, W from the predictions it scored' for the first official number that its
+    own predictions do not give (a number edited into metrics.json: the table would show it beside tests of the
+    true one); None where they agree. A partial run's numbers (predictions missing: counted by eval over the whole
+    split) are not recomputed here."""
+    import math
+
+    from flare_exp.io import NON_FINITE
+    from flare_exp.metrics.official import OFFICIAL_METRIC, official_value
+
+    if block.get("partial") or block.get("coverage"):
+        return None
+    for task, (_ids, values) in stats.items():
+        found = (block.get("official") or {}).get(task)
+        said = found.get(OFFICIAL_METRIC[task]) if isinstance(found, dict) else None
+        said = NON_FINITE.get(said, said) if isinstance(said, str) else said
+        true = official_value(task, values)
+        if said is None or true is None or said == true or (math.isnan(said) and math.isnan(true)) or \
+                abs(said - true) <= 1e-9 * max(1.0, abs(true)):
+            continue
+        return f"{task}.{OFFICIAL_METRIC[task]}: {said} in metrics.json, {true:.4f} from the predictions it scored"
+    return None
+
+
 def compared_blocks(output_root: Path, name: str, run_dir: Path) -> dict:
     """key -> block of the models a run stands for in the comparison: a pipeline's or trial's own, else every one
     its eval scored (``name:label``); a run without usable metrics is an error saying why."""
     blocks, failed = official_blocks(run_dir, strict=True), own_or_step(run_dir, FAILED)
     if not blocks:
         found = metrics_file(run_dir)
-        raise FileNotFoundError(f"runs.compare: {name} " + (
+        raise (ValueError if found and not failed else FileNotFoundError)(f"runs.compare: {name} " + (
             f"FAILED: {run_summary(failed.parent)['error']} ({failed}); rerun it" if failed else
             f"has {found}, but it holds no metrics as eval writes them (edited since); rerun that eval" if found else
             "holds no eval metrics.json (an eval run, or a pipeline or trial with an eval step)"))
@@ -107,6 +131,10 @@ def comparison(output_root: Path, names: list[str], resamples: int = 1000, seed:
         for key, block in compared_blocks(output_root, name, run_dir).items():
             results[key] = block
             samples[key], inputs[key] = per_sample_stats(block)
+            edited = disagreeing_value(block, samples[key])
+            if edited:
+                raise ValueError(f"runs.compare: {key}: {edited}: {metrics_file(run_dir)} was edited since its "
+                                 "eval wrote it; rerun that eval")
         unfinished += unfinished_eval(name, run_dir)
     tests, warnings = compare(results, samples, resamples, seed, ar_trials, inputs)
     family = correct_family(tests, correction)

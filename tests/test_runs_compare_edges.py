@@ -56,8 +56,12 @@ def test_an_output_root_moved_elsewhere_finds_its_scored_files_by_their_bytes(tm
 
 def test_hand_edited_metrics_files_are_said_in_the_listing_and_refused_by_compare(tmp_path):
     root = tmp_path / "out"
-    for name in ("gone", "listed", "word", "ok"):
+    for name in ("gone", "listed", "word", "ok", "empty", "other", "flat"):
         _eval(root, name, 2)
+    (root / "runs" / "empty" / "metrics.json").write_text("{}")
+    (root / "runs" / "other" / "metrics.json").write_text('{"infer-x": 5}')
+    flat = root / "runs" / "flat" / "metrics.json"
+    flat.write_text(json.dumps({k: {**v, "official": []} for k, v in json.loads(flat.read_text()).items()}))
     (root / "runs" / "gone" / "metrics.json").unlink()
     (root / "runs" / "listed" / "metrics.json").write_text("[]")
     word = root / "runs" / "word" / "metrics.json"
@@ -67,13 +71,12 @@ def test_hand_edited_metrics_files_are_said_in_the_listing_and_refused_by_compar
     assert rows["listed"][2] == "DONE (metrics.json unreadable)" and "not an object" in rows["listed"][5]
     assert rows["word"][5].startswith("official.multi_label.f1_score='high': no number")
     assert rows["ok"][5] == "multi_label.f1_score=0.5000"
+    for name in ("empty", "other", "flat"):
+        assert rows[name][2] == "DONE (metrics.json unreadable)" and "no block of official metrics" in rows[name][5]
     with pytest.raises(ValueError, match=r"word: \S+/metrics.json has official.multi_label.f1_score='high', no num"):
         comparison(root, ["ok", "word"], resamples=20)
-    with pytest.raises(FileNotFoundError, match=r"listed has \S+metrics.json, but it holds no metrics as eval"):
+    with pytest.raises(ValueError, match=r"listed has \S+metrics.json, but it holds no metrics as eval"):
         comparison(root, ["ok", "listed"], resamples=20)
-    (root / "runs" / "ok" / "metrics.json").write_text(
-        (root / "runs" / "ok" / "metrics.json").read_text().replace('"f1_score": 0.5', '"f1_score": "Infinity"'))
-    assert "| Infinity |" in "\n".join(comparison(root, ["ok"], resamples=20))  # a non-finite value as eval writes it
 
 
 def test_a_run_linked_under_a_second_name_is_one_run(tmp_path):
@@ -83,3 +86,16 @@ def test_a_run_linked_under_a_second_name_is_one_run(tmp_path):
     assert [row[0] for row in listing(root)[1]] == ["a", "b"]
     with pytest.raises(ValueError, match=r"runs.compare: a and a-link are one run dir"):
         comparison(root, ["a", "a-link"], resamples=20)
+
+
+def test_a_number_edited_into_metrics_json_is_refused_not_shown_beside_tests_of_the_true_one(tmp_path):
+    root = tmp_path / "out"
+    _eval(root, "a", 1), _eval(root, "b", 4)
+    metrics = root / "runs" / "a" / "metrics.json"
+    for edited in ('"f1_score": 0.99', '"f1_score": "NaN"'):
+        metrics.write_text(metrics.read_text().replace('"f1_score": 0.25', edited))
+        with pytest.raises(ValueError, match=r"runs.compare: a: multi_label.f1_score: (0.99|nan) in metrics.json, "
+                                             r"0.2500 from the predictions it scored: \S+ was edited since"):
+            comparison(root, ["a", "b"], resamples=20)
+        metrics.write_text(metrics.read_text().replace(edited, '"f1_score": 0.25'))
+    assert "Paired tests" in "\n".join(comparison(root, ["a", "b"], resamples=20))

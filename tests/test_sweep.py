@@ -172,7 +172,8 @@ def test_sweep_report_ranks_by_the_official_metric_and_draws_a_2d_sweep_as_a_hea
     rows = list(csv.DictReader((sweep / "report" / "sweep.csv").open()))
     key = "official/classification/balanced_accuracy"
     assert [float(r[key]) for r in rows] == [0.6, 0.4, 0.2, 0.1] and [r["rank"] for r in rows] == ["1", "2", "3", "4"]
-    assert all(float(r["reward_term/report_generation/radgraph"]) == 0.3 for r in rows)
+    assert all(float(r["reward_term/report_generation/radgraph"]) == 0.3 for r in rows)  # all steps' mean
+    assert "reward_term/*: means over all its logged steps" in (sweep / "report" / "sweep.md").read_text()
     assert drawn == [(["reward.x.weights.a", "reward.x.weights.b"], key)]
     assert "Ranked by official/classification/balanced_accuracy (highest first" in (
         sweep / "report" / "sweep.md").read_text()

@@ -13,6 +13,9 @@ from flare_exp.reports.sweep_jobs import collect, lower_is_better, rank_key, ran
 from flare_exp.reports.tables import md_table, short_number
 
 log = logging.getLogger(__name__)
+WINDOWS = ("reward_last, reward_std and rewards/*: means over the last quarter of each job's logged steps (as its "
+           "rl_summary.json); reward_term/*: means over all its logged steps (a term whose task had no prompt late in "
+           "the run keeps a value), so they do not add up to reward_last.")
 
 
 def table(jobs: list[dict], key: str | None = None) -> tuple[list[str], list[list]]:
@@ -55,6 +58,8 @@ def write_sweep_report(sweep_dir: Path, rank_by: str | None) -> dict:
     ranking = (f"Ranked by {key} ({'lowest' if lower_is_better(key) else 'highest'} first; sweep_report.rank_by "
                f"chooses){f'; equal ones by {ties} in turn' if ties else ''}."
                f"{reward_caveat(jobs, key)}\n\n") if key else ""
+    if any(k.startswith("reward_term/") for k in header):  # two windows in one row: said which is which
+        ranking += (f"{WINDOWS}\n\n")
     write_text(report / "sweep.md", f"# Sweep {sweep_dir.name}\n\n{ranking}" + markdown(header, rows))
     plot(jobs, key, report / "sweep.png")
     write_html(report / "sweep.html", f"Sweep {sweep_dir.name}", ranking.strip(), header, rows, report / "sweep.png")

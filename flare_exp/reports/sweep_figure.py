@@ -10,6 +10,14 @@ def _short(key: str) -> str:
     return key.rsplit(".", 1)[-1] if "/" not in key else key.split("/", 1)[-1]
 
 
+def _title(text: str) -> str:
+    """A panel title wrapped to the panel's width (an official metric's name with its caption ran off the
+    figure's right edge)."""
+    import textwrap
+
+    return textwrap.fill(text, 60)
+
+
 def _numeric(values) -> bool:
     try:
         [float(v) for v in values]
@@ -47,7 +55,7 @@ def plot(jobs: list[dict], key: str | None, path: Path) -> None:
         colors = {"DONE": "tab:green", "FAILED": "tab:red", "unfinished": "tab:gray"}
         values = [j["metrics"][key] if key and ranks_by(j, key) else 0.0 for j in jobs]
         finals.bar([label(j) for j in jobs], values, color=[colors.get(j["status"], "tab:gray") for j in jobs])
-        finals.set(title=f"{key or 'no metric'} per job (red = failed, grey = unfinished)")
+        finals.set(title=_title(f"{key or 'no metric'} per job (red = failed, grey = unfinished)"))
         finals.tick_params(axis="x", rotation=30, labelsize=7)
     save_png(fig, path)
 
@@ -65,7 +73,7 @@ def _heatmap(fig, ax, jobs: list[dict], keys: list[str], metric: str) -> None:
         ax.text(c, r, "n/a" if np.isnan(v) else f"{v:.3g}", ha="center", va="center", color="white", fontsize=8)
     ax.set_xticks(range(len(xs)), [f"{x:g}" for x in xs])
     ax.set_yticks(range(len(ys)), [f"{y:g}" for y in ys])
-    ax.set(xlabel=_short(keys[0]), ylabel=_short(keys[1]), title=metric)
+    ax.set(xlabel=_short(keys[0]), ylabel=_short(keys[1]), title=_title(metric))
     fig.colorbar(image, ax=ax)
 
 
@@ -80,4 +88,4 @@ def _line(ax, jobs: list[dict], key: str, metric: str) -> None:
     half = [1.96 * statistics.stdev(by_value[x]) / len(by_value[x]) ** 0.5 if len(by_value[x]) > 1 else 0.0
             for x in xs]
     ax.errorbar(xs, means, yerr=half, marker="o", capsize=3)
-    ax.set(xlabel=_short(key), ylabel=metric, title=f"{metric} (mean, 95% interval where jobs repeat a value)")
+    ax.set(xlabel=_short(key), ylabel=metric, title=_title(f"{metric} (mean, 95% interval where jobs repeat a value)"))

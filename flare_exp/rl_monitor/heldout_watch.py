@@ -117,7 +117,8 @@ def write_curves(history: list[dict], series: list[str], key: str, path: Path, t
     for i, name in enumerate(series):
         points = [(h["step"], h[name]) for h in history if isinstance(h.get(name), (int, float))]
         if points:
-            left.plot(*zip(*points), label=name.split("/", 1)[-1], lw=2 if i == 0 else 1, alpha=1 if i == 0 else 0.7)
+            left.plot(*zip(*points), "o-" if len(points) == 1 else "-", label=name.split("/", 1)[-1],  # 1: a dot
+                      lw=2 if i == 0 else 1, alpha=1 if i == 0 else 0.7)
     left.set(title=title, xlabel="step")
     left.legend(fontsize=7)
     evals = [(h["step"], h[key]) for h in history if h.get(key) is not None]

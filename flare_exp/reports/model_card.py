@@ -68,11 +68,11 @@ def write_model_cards(out_dir: Path, stage: str, cfg, base_model: str, data: lis
     """Our card in the run dir, final/ and every whole checkpoint-* (after training: nothing overwrites it after);
     a checkpoint's completeness record is renewed for the card's new size."""
     from flare_exp.models.checkpoints import incomplete, mark_complete
-    from flare_exp.rl_monitor.heldout_watch import HeldOutWatch
 
     state = trainer.state
     best = (state.best_metric, state.best_model_checkpoint, trainer.args.metric_for_best_model)
-    watch = next((c for c in trainer.callback_handler.callbacks if isinstance(c, HeldOutWatch)), None)
+    watch = next((c for c in trainer.callback_handler.callbacks  # the held-out eval's (rl_monitor.HeldOutWatch)
+                  if hasattr(c, "heldout") and callable(getattr(c, "summary", None))), None)
     text = card_text(stage, cfg, base_model, data, state.global_step, state.log_history, best,
                      watch.summary() if watch is not None else None)
     for where in (out_dir, out_dir / "final"):

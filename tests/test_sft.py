@@ -324,13 +324,13 @@ def test_out_of_gpu_memory_says_what_to_lower_and_the_rerun_resumes(base_overrid
 def test_the_finishing_line_names_a_single_logged_loss_as_such():
     """A run shorter than sft.logging_steps logs its first step only: the line must not read "12.6 at step 1 ->
     12.6 at step 1" (as if training did nothing), but say it is the only loss logged and which key logs more."""
-    from flare_exp.stages.sft import loss_line
+    from flare_exp.loss_summary import loss_line
 
-    assert loss_line([{"loss": 12.6, "step": 1}], 12.61, 10) == (
+    assert loss_line([{"loss": 12.6, "step": 1}], {"train_loss": 12.61}, 10) == (
         "loss 12.6 at step 1, the only one logged (sft.logging_steps=10); mean 12.6100")
-    assert loss_line([{"loss": 3.0, "step": 1}, {"loss": 2.0, "step": 10}], 2.5, 10) == (
+    assert loss_line([{"loss": 3.0, "step": 1}, {"loss": 2.0, "step": 10}], {"train_loss": 2.5}, 10) == (
         "loss 3.0 at step 1 -> 2.0 at step 10, mean 2.5000")
-    assert loss_line([], 0.0, 5) == "no loss logged (sft.logging_steps=5)"
+    assert loss_line([], {"train_loss": 0.0}, 5) == "no loss logged (sft.logging_steps=5)"
 
 
 def test_answer_logits_only_is_the_models_own_loss_and_gradients(base_overrides, demo_prepared):
@@ -444,7 +444,7 @@ def test_cudnn_attention_switch(base_overrides):
 def test_the_run_mean_loss_covers_the_steps_before_a_resume():
     """sft_summary's train_loss: each logged loss weighs the steps of its window, the steps before a resume too
     (transformers' own figure divides this process's loss sum by the global step)."""
-    from flare_exp.stages.sft import run_mean_loss
+    from flare_exp.loss_summary import run_mean_loss
 
     history = [{"loss": 1.0, "step": 2}, {"loss": 0.5, "step": 4}, {"loss": 0.25, "step": 5}]
     assert run_mean_loss(history, session_mean=0.05) == (2 * 1.0 + 2 * 0.5 + 1 * 0.25) / 5
@@ -521,3 +521,17 @@ def test_steps_set_for_a_resume_apply_from_the_checkpoint_on(caplog):
         StepsAsConfigured().on_train_begin(args, state, None)
     assert (state.logging_steps, state.eval_steps, state.save_steps) == (5, 10, 15)
     assert "resumed at step 20 with this launch's logging_steps 1 -> 5, save_steps 10 -> 15" in caplog.text
+
+
+def test_a_resumed_runs_mean_loss_says_the_steps_it_covers():
+    """Killed after checkpoint-5 (logged at 1 and 3), resumed: steps 4-5's losses died with the stopped attempt.
+    The card said transformers' train_loss (this process's sum over all 20 steps: 1.93 where the run's was 3.29),
+    the summary a mean that passed over the two steps unsaid; now the mean of the 18 known steps, said as such."""
+    from flare_exp.loss_summary import loss_fields, said
+
+    history = [{"loss": 6.0, "step": 1}, {"loss": 5.0, "step": 3}] + [{"loss": 2.0, "step": s} for s in (6, 9, 12)]
+    fields = loss_fields(history, session_mean=2.0 * 15 / 20, global_step=20, start_step=5)
+    assert fields["train_loss_steps"] == 18 and abs(fields["train_loss"] - (6 + 2 * 5 + 15 * 2) / 18) < 1e-9
+    assert said(fields).startswith(f"{fields['train_loss']:.4f} (over 18 of 20 steps: a stopped attempt")
+    whole = loss_fields(history[:2], session_mean=(6 + 10) / 3, global_step=3)
+    assert whole == {"train_loss": 16 / 3, "train_loss_steps": 3} and said(whole) == "5.3333"

@@ -15,7 +15,9 @@ TRAINING_KEYS = {"sft": ("per_device_train_batch_size", "gradient_accumulation_s
                         "lr_scheduler_type", "warmup_ratio", "optim", "max_steps", "num_generations",
                         "max_completion_length", "loss_type", "scale_rewards", "importance_sampling_level", "beta",
                         "temperature")}
-OUTCOME_KEYS = ("loss", "reward", "train_loss", "eval_loss")  # the last logged value of each, when logged
+# the last logged value of each, when logged (not transformers' train_loss: its last process's sum over the global
+# step, a third of the run's after a resume; the card says the run's own mean, loss_summary)
+OUTCOME_KEYS = ("loss", "reward", "eval_loss")
 
 
 def last_logged(history: list[dict]) -> dict:
@@ -34,8 +36,9 @@ def number(v) -> str:
 
 
 def card_text(stage: str, cfg, base_model: str, data: list[dict], step: int, history: list[dict],
-              best: tuple | None = None, heldout: dict | None = None) -> str:
+              best: tuple | None = None, heldout: dict | None = None, loss: dict | None = None) -> str:
     """The card: base model, data (with sha256), LoRA and training settings, outcome, how to use it."""
+    from flare_exp.loss_summary import said
     from flare_exp.run.record import git_commit
 
     section = cfg[stage]
@@ -54,6 +57,8 @@ def card_text(stage: str, cfg, base_model: str, data: list[dict], step: int, his
              "- every setting: config.yaml in the run dir", "",
              "## Outcome", "", f"- optimizer steps: {step}"]
     lines += [f"- last {k}: {number(v)}" for k, v in last_logged(history).items()]
+    if loss:
+        lines.append(f"- mean training loss: {said(loss)}")
     if best and best[0] is not None:  # the Trainer's own (its metric_for_best_model: sft's eval loss)
         lines.append(f"- lowest {best[2]}: {number(best[0])} at {best[1]}")
     if heldout and heldout.get("best_checkpoint"):  # the held-out eval's best/ (sft.eval_per_task, rl.eval_steps)
@@ -64,7 +69,8 @@ def card_text(stage: str, cfg, base_model: str, data: list[dict], step: int, his
     return "\n".join(lines)
 
 
-def write_model_cards(out_dir: Path, stage: str, cfg, base_model: str, data: list[dict], trainer) -> None:
+def write_model_cards(out_dir: Path, stage: str, cfg, base_model: str, data: list[dict], trainer,
+                      loss: dict | None = None) -> None:
     """Our card in the run dir, final/ and every whole checkpoint-* (after training: nothing overwrites it after);
     a checkpoint's completeness record is renewed for the card's new size."""
     from flare_exp.models.checkpoints import incomplete, mark_complete
@@ -74,7 +80,7 @@ def write_model_cards(out_dir: Path, stage: str, cfg, base_model: str, data: lis
     watch = next((c for c in trainer.callback_handler.callbacks  # the held-out eval's (rl_monitor.HeldOutWatch)
                   if hasattr(c, "heldout") and callable(getattr(c, "summary", None))), None)
     text = card_text(stage, cfg, base_model, data, state.global_step, state.log_history, best,
-                     watch.summary() if watch is not None else None)
+                     watch.summary() if watch is not None else None, loss)
     for where in (out_dir, out_dir / "final"):
         write_text(where / CARD, text)
     for checkpoint in sorted(out_dir.glob("checkpoint-*")):

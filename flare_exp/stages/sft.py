@@ -10,6 +10,7 @@ from pathlib import Path
 
 from flare_exp.data.decoding import check_records_window
 from flare_exp.divergence import WarnWhenStuck
+from flare_exp.loss_summary import loss_fields, loss_line
 from flare_exp.data.vision import SFTCollator, VisionChat, emptied, filter_by_length
 from flare_exp.compile_cache import prepare_gpu_run
 from flare_exp.data.prepared_split import read_prepared_split
@@ -250,8 +251,8 @@ def run(cfg, out_dir: Path, applied: dict | None = None) -> dict:
         final_meta=lambda t: {"best": t.state.best_model_checkpoint})
     history = [h for h in trainer.state.log_history if "loss" in h]
     summary = {"final_adapter": str(final), "global_step": trainer.state.global_step,
-               "train_loss": run_mean_loss(history, result.training_loss, trainer.state.global_step,
-                                         getattr(trainer, "resumed_step", 0)),
+               **loss_fields(history, result.training_loss, trainer.state.global_step,
+                             getattr(trainer, "resumed_step", 0)),
                "first_loss": history[0]["loss"] if history else None,
                "last_loss": history[-1]["loss"] if history else None,
                "last_loss_step": history[-1].get("step") if history else None,
@@ -266,7 +267,7 @@ def run(cfg, out_dir: Path, applied: dict | None = None) -> dict:
             write_curves(trainer.state.log_history, ["loss", "eval_loss"], watch.key, out_dir / "sft_curves.png",
                          "loss and eval loss", "no eval step")
         write_json(out_dir / summary_name("sft"), summary)
-    log.info("sft finished: adapter at %s (%s)%s", final, loss_line(history, summary["train_loss"], sft.logging_steps),
+    log.info("sft finished: adapter at %s (%s)%s", final, loss_line(history, summary, sft.logging_steps),
              f"; no learning signal from step {stuck.finding['since_step']} on (said above)" if stuck.finding else "")
     return summary
 
@@ -364,36 +365,3 @@ def oom_remedies(cfg, preset_changes: dict | None = None) -> list[str]:
             *([] if cfg.model.gradient_checkpointing else ["set model.gradient_checkpointing=true"]),
             *([f"lower sft.recompute_above_tokens={sft.recompute_above_tokens} (more batches recompute)"]
               if cfg.model.gradient_checkpointing and sft.recompute_above_tokens else [])]
-
-
-def run_mean_loss(history: list[dict], session_mean: float, global_step: int | None = None,
-                  start_step: int = 0) -> float:
-    """The training loss averaged over the run's steps: the logged windows (each logged loss is the mean over the
-    steps since the one before), and the steps after the last one logged (sft.logging_steps not dividing
-    max_steps) from what this process trained (transformers' training_loss is its loss sum over the global
-    step; ``start_step``: the step it resumed from). transformers' figure alone understated a resumed run's loss
-    (0.11 against 1.01 measured); the logged windows alone left the last unlogged steps out."""
-    previous, total, steps, in_session = 0, 0.0, 0, 0.0
-    for h in history:
-        step = h.get("step")
-        if isinstance(step, int) and step > previous:
-            n = step - (max(previous, start_step) if step > start_step else previous)  # not a killed run's gap
-            total, steps, previous = total + h["loss"] * n, steps + n, step
-            in_session += h["loss"] * n if step > start_step else 0.0
-    tail = (global_step or 0) - max(previous, start_step)
-    if tail > 0 and session_mean is not None:
-        total, steps = total + session_mean * global_step - in_session, steps + tail
-    return total / steps if steps else session_mean
-
-
-def loss_line(history: list[dict], mean: float, logging_steps: int) -> str:
-    """The first and last logged loss, or the one logged (a run shorter than sft.logging_steps logs its first
-    step only: saying "-> the same loss at the same step" would read as if training did nothing)."""
-    if not history:
-        return f"no loss logged (sft.logging_steps={logging_steps})"
-    first, last = history[0], history[-1]
-    if first is last:
-        return (f"loss {first['loss']} at step {first.get('step')}, the only one logged (sft.logging_steps="
-                f"{logging_steps}); mean {mean:.4f}")
-    return (f"loss {first['loss']} at step {first.get('step')} -> {last['loss']} at step {last.get('step')}, "
-            f"mean {mean:.4f}")

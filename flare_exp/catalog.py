@@ -43,8 +43,16 @@ def official_blocks(run_dir: Path, strict: bool = False) -> dict:
                              "eval wrote it; rerun that eval") from None
         return {}
     # a hand-made or foreign metrics.json: only blocks shaped as eval writes them
-    return {k: v for k, v in data.items() if isinstance(v, dict) and isinstance(v.get("official"), dict)} \
-        if isinstance(data, dict) else {}
+    return {k: v for k, v in data.items() if _with_official_metric(v)} if isinstance(data, dict) else {}
+
+
+def _with_official_metric(block) -> bool:
+    """A block as eval writes it: its official part names at least one task's official metric."""
+    from flare_exp.metrics.official import OFFICIAL_METRIC
+
+    official = block.get("official") if isinstance(block, dict) else None
+    return isinstance(official, dict) and any(isinstance(found, dict) and OFFICIAL_METRIC.get(task) in found
+                                              for task, found in official.items())
 
 
 def own_label(blocks: dict, run_dir: Path | None) -> str | None:

@@ -77,7 +77,7 @@ def disagreeing_value(block: dict, stats: dict) -> str | None:
         if said is None or true is None or said == true or (math.isnan(said) and math.isnan(true)) or \
                 abs(said - true) <= 1e-9 * max(1.0, abs(true)):
             continue
-        return f"{task}.{OFFICIAL_METRIC[task]}: {said} in metrics.json, {true:.4f} from the predictions it scored"
+        return f"{task}.{OFFICIAL_METRIC[task]}: {said!r} in metrics.json, {true!r} from the predictions it scored"
     return None
 
 

@@ -179,11 +179,13 @@ def effective_batch(section, world: int, samples: int | None = None, stage: str 
     configured = per_step * section.gradient_accumulation_steps
     if samples is None or configured <= samples:
         return {"world_size": world, "effective_batch": configured}
+    fits = (f"{stage}.gradient_accumulation_steps={samples // per_step} or less keeps the batch you set"
+            if samples >= per_step else f"{stage}.per_device_train_batch_size={max(1, samples // world)} or less "
+            "holds one batch (a larger one is filled by the whole set)")
     log.warning("%s: %d per device x %d accumulation x %d rank(s) = %d samples per optimizer step, but the training "
                 "set holds %d: the Trainer ends each accumulation with the epoch, so every step is one epoch of %d "
-                "samples (%s.gradient_accumulation_steps=%d or less keeps the batch you set)", stage,
-                section.per_device_train_batch_size, section.gradient_accumulation_steps, world, configured, samples,
-                samples, stage, max(1, samples // per_step))
+                "samples (%s)", stage, section.per_device_train_batch_size, section.gradient_accumulation_steps, world,
+                configured, samples, samples, fits)
     return {"world_size": world, "effective_batch": samples, "effective_batch_configured": configured}
 
 

@@ -62,6 +62,10 @@ def test_hand_edited_metrics_files_are_said_in_the_listing_and_refused_by_compar
     (root / "runs" / "other" / "metrics.json").write_text('{"infer-x": 5}')
     flat = root / "runs" / "flat" / "metrics.json"
     flat.write_text(json.dumps({k: {**v, "official": []} for k, v in json.loads(flat.read_text()).items()}))
+    for name, official in (("bare", {}), ("hollow", {"multi_label": {}})):
+        _eval(root, name, 2)
+        bare = root / "runs" / name / "metrics.json"
+        bare.write_text(json.dumps({k: {**v, "official": official} for k, v in json.loads(bare.read_text()).items()}))
     (root / "runs" / "gone" / "metrics.json").unlink()
     (root / "runs" / "listed" / "metrics.json").write_text("[]")
     word = root / "runs" / "word" / "metrics.json"
@@ -71,7 +75,7 @@ def test_hand_edited_metrics_files_are_said_in_the_listing_and_refused_by_compar
     assert rows["listed"][2] == "DONE (metrics.json unreadable)" and "not an object" in rows["listed"][5]
     assert rows["word"][5].startswith("official.multi_label.f1_score='high': no number")
     assert rows["ok"][5] == "multi_label.f1_score=0.5000"
-    for name in ("empty", "other", "flat"):
+    for name in ("empty", "other", "flat", "bare", "hollow"):
         assert rows[name][2] == "DONE (metrics.json unreadable)" and "no block of official metrics" in rows[name][5]
     with pytest.raises(ValueError, match=r"word: \S+/metrics.json has official.multi_label.f1_score='high', no num"):
         comparison(root, ["ok", "word"], resamples=20)
@@ -95,7 +99,7 @@ def test_a_number_edited_into_metrics_json_is_refused_not_shown_beside_tests_of_
     for edited in ('"f1_score": 0.99', '"f1_score": "NaN"'):
         metrics.write_text(metrics.read_text().replace('"f1_score": 0.25', edited))
         with pytest.raises(ValueError, match=r"runs.compare: a: multi_label.f1_score: (0.99|nan) in metrics.json, "
-                                             r"0.2500 from the predictions it scored: \S+ was edited since"):
+                                             r"0.25 from the predictions it scored: \S+ was edited since"):
             comparison(root, ["a", "b"], resamples=20)
         metrics.write_text(metrics.read_text().replace(edited, '"f1_score": 0.25'))
     assert "Paired tests" in "\n".join(comparison(root, ["a", "b"], resamples=20))

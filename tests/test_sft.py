@@ -502,6 +502,8 @@ def test_an_accumulation_beyond_the_training_set_is_said_and_recorded_as_what_a_
                                                     "effective_batch_configured": 400}
     assert "every step is one epoch of 192 samples (sft.gradient_accumulation_steps=24 or less" in caplog.text
     assert effective_batch(section, 1, 400) == {"world_size": 1, "effective_batch": 400}
+    effective_batch(SimpleNamespace(per_device_train_batch_size=16, gradient_accumulation_steps=1), 1, 12)
+    assert "sft.per_device_train_batch_size=12 or less holds one batch" in caplog.text  # accumulation 1 already
     assert effective_batch(section, 2) == {"world_size": 2, "effective_batch": 800}
 
 

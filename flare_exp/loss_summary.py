@@ -24,11 +24,6 @@ def run_loss(history: list[dict], session_mean: float | None, global_step: int |
     return (total / steps, steps) if steps else (session_mean, 0)
 
 
-def run_mean_loss(history: list[dict], session_mean: float | None, global_step: int | None = None,
-                  start_step: int = 0) -> float | None:
-    return run_loss(history, session_mean, global_step, start_step)[0]
-
-
 def loss_fields(history: list[dict], session_mean: float | None, global_step: int, start_step: int = 0) -> dict:
     """train_loss (the run's mean, run_loss), the steps it covers and, where that is fewer than the run's, why."""
     mean, covered = run_loss([h for h in history if "loss" in h], session_mean, global_step, start_step)

@@ -62,11 +62,11 @@ def train_and_save(trainer, stage: str, cfg, out_dir: Path, meta: "CheckpointMet
     quiet_progress(trainer)
     workers_ignore_sigterm(trainer)
     trainer.add_callback(StopWhenDiverged(stage, out_dir))
-    trainer.add_callback(StepsAsConfigured())
+    trainer.add_callback(AtResume())
     try:
         try:
             checkpoint = resume_checkpoint(cfg.resume, out_dir, stage, cfg, trainer.args.max_steps)
-            trainer.resumed_step = checkpoint_step(Path(checkpoint)) or 0 if checkpoint else 0  # mean loss's start
+            trainer.resumed_step = checkpoint_step(Path(checkpoint)) or 0 if checkpoint else 0  # loss_summary
             spliced = schedule_change(trainer, checkpoint)
             if spliced:  # in the trainer state: every later checkpoint, log_history.json and final/ carry it
                 trainer.add_callback(NotedInHistory(spliced))
@@ -111,12 +111,14 @@ def schedule_changes(state) -> dict:
     return {"schedule_changed": changes} if changes else {}
 
 
-class StepsAsConfigured(TrainerCallback):
-    """A resume takes logging_steps, eval_steps and save_steps from the checkpoint's trainer state (transformers'
-    own way: a changed value was ignored while config.yaml recorded it); they are free keys of a resume, so the
-    values this launch set apply from the checkpoint's step on, said once."""
+class AtResume(TrainerCallback):
+    """The logging/eval/save steps this launch set apply from the checkpoint on (transformers kept the checkpoint's,
+    while config.yaml recorded these free keys), said once; the resume's step goes into the log history
+    (``resumed_at``, carried by later checkpoints): the run's mean loss knows each resume's gap (loss_summary)."""
 
     def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step > 0 and not any(h.get("resumed_at") == state.global_step for h in state.log_history):
+            state.log_history.append({"resumed_at": state.global_step, "step": state.global_step})
         kinds = ("logging", "eval", "save")
         before = {k: getattr(state, f"{k}_steps") for k in kinds}
         state.compute_steps(args, state.max_steps)

@@ -518,12 +518,12 @@ def test_steps_set_for_a_resume_apply_from_the_checkpoint_on(caplog):
 
     from transformers.trainer_callback import TrainerState
 
-    from flare_exp.training import StepsAsConfigured
+    from flare_exp.training import AtResume
 
     state = TrainerState(global_step=20, max_steps=40, logging_steps=1, eval_steps=10, save_steps=10)
     args = SimpleNamespace(logging_steps=5, eval_steps=10, save_steps=15)
     with caplog.at_level(logging.INFO):
-        StepsAsConfigured().on_train_begin(args, state, None)
+        AtResume().on_train_begin(args, state, None)
     assert (state.logging_steps, state.eval_steps, state.save_steps) == (5, 10, 15)
     assert "resumed at step 20 with this launch's logging_steps 1 -> 5, save_steps 10 -> 15" in caplog.text
 
@@ -537,6 +537,14 @@ def test_a_resumed_runs_mean_loss_says_the_steps_it_covers():
     history = [{"loss": 6.0, "step": 1}, {"loss": 5.0, "step": 3}] + [{"loss": 2.0, "step": s} for s in (6, 9, 12)]
     fields = loss_fields(history, session_mean=2.0 * 15 / 20, global_step=20, start_step=5)
     assert fields["train_loss_steps"] == 18 and abs(fields["train_loss"] - (6 + 2 * 5 + 15 * 2) / 18) < 1e-9
-    assert said(fields).startswith(f"{fields['train_loss']:.4f} (over 18 of 20 steps: a stopped attempt")
+    assert said(fields).startswith(f"{fields['train_loss']:.4f} over 18 of 20 steps: the others were trained")
+    # resumed twice (checkpoint-5, then checkpoint-16, logging every 3 steps): each resume's gap is known from the
+    # history's resumed_at entries; only the last one's was (3.2583 said over 20 steps where 16 are known)
+    twice = [{"loss": 6.0, "step": 1}, {"loss": 5.0, "step": 3}, {"resumed_at": 5, "step": 5}, {"loss": 4.0, "step": 6},
+             {"loss": 3.0, "step": 9}, {"loss": 3.0, "step": 12}, {"loss": 3.0, "step": 15},
+             {"resumed_at": 16, "step": 16}, {"loss": 2.0, "step": 18}]
+    fields = loss_fields(twice, session_mean=2.0 * 4 / 20, global_step=20, start_step=16)
+    assert fields["train_loss_steps"] == 1 + 2 + 1 + 3 * 3 + 2 + 2
+    assert abs(fields["train_loss"] - (6 + 10 + 4 + 27 + 2 * 2 + 2 * 2) / 17) < 1e-9
     whole = loss_fields(history[:2], session_mean=(6 + 10) / 3, global_step=3)
     assert whole == {"train_loss": 16 / 3, "train_loss_steps": 3} and said(whole) == "5.3333"

@@ -251,7 +251,7 @@ def run(cfg, out_dir: Path, applied: dict | None = None) -> dict:
         final_meta=lambda t: {"best": t.state.best_model_checkpoint})
     history = [h for h in trainer.state.log_history if "loss" in h]
     summary = {"final_adapter": str(final), "global_step": trainer.state.global_step,
-               **loss_fields(history, result.training_loss, trainer.state.global_step,
+               **loss_fields(trainer.state.log_history, result.training_loss, trainer.state.global_step,
                              getattr(trainer, "resumed_step", 0)),
                "first_loss": history[0]["loss"] if history else None,
                "last_loss": history[-1]["loss"] if history else None,

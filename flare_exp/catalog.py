@@ -43,7 +43,18 @@ def official_blocks(run_dir: Path, strict: bool = False) -> dict:
                              "eval wrote it; rerun that eval") from None
         return {}
     # a hand-made or foreign metrics.json: only blocks shaped as eval writes them
-    return {k: v for k, v in data.items() if _with_official_metric(v)} if isinstance(data, dict) else {}
+    blocks = {k: v for k, v in data.items() if _with_official_metric(v)} if isinstance(data, dict) else {}
+    hollow = hollow_blocks(data)
+    if strict and hollow and blocks:  # one model of several emptied by hand: not left out without a word
+        raise ValueError(f"runs.compare: {path}: the block of {hollow[0]} holds no official metric: edited since "
+                         "its eval wrote it; rerun that eval")
+    return blocks
+
+
+def hollow_blocks(data) -> list[str]:
+    """The labels of a metrics.json's blocks of a scored file (they name it) whose official part names no metric."""
+    return [k for k, v in data.items() if isinstance(v, dict) and "file" in v and not _with_official_metric(v)] \
+        if isinstance(data, dict) else []
 
 
 def _with_official_metric(block) -> bool:
@@ -182,10 +193,13 @@ def run_summary(run_dir: Path) -> dict | None:
     metrics, unreadable, metric = metrics_file(run_dir), None, None
     if metrics is not None:  # a torn or hand-broken metrics.json: said, not an empty metric beside a plain DONE
         try:
-            if not isinstance(json.loads(metrics.read_text()), dict):
+            data = json.loads(metrics.read_text())
+            if not isinstance(data, dict):
                 raise ValueError("not an object of metrics blocks")
             if not official_blocks(run_dir):
                 raise ValueError("no block of official metrics in it")
+            if hollow_blocks(data):
+                raise ValueError(f"the block of {hollow_blocks(data)[0]} holds no official metric")
         except (OSError, ValueError) as e:
             unreadable = f"{metrics.relative_to(run_dir)} unreadable"
             metric = (f"{unreadable} ({why_unreadable(e)}): cut or edited since its eval wrote it; rerun "

@@ -103,3 +103,19 @@ def test_a_number_edited_into_metrics_json_is_refused_not_shown_beside_tests_of_
             comparison(root, ["a", "b"], resamples=20)
         metrics.write_text(metrics.read_text().replace(edited, '"f1_score": 0.25'))
     assert "Paired tests" in "\n".join(comparison(root, ["a", "b"], resamples=20))
+
+
+def test_one_model_emptied_by_hand_in_an_eval_of_several_is_named_not_dropped(tmp_path):
+    """A three-model eval whose one block's official part was emptied: compare left that model's column out and
+    the listing counted two models, without a word."""
+    root = tmp_path / "out"
+    run_dir = _eval(root, "a", 1)
+    _eval(root, "b", 4)
+    metrics = run_dir / "metrics.json"
+    blocks = json.loads(metrics.read_text())
+    blocks = {"x": {**blocks["a"], "official": {}}, **blocks}
+    metrics.write_text(json.dumps(blocks))
+    with pytest.raises(ValueError, match=r"metrics.json: the block of x holds no official metric: edited since"):
+        comparison(root, ["a", "b"], resamples=20)
+    row = next(r for r in listing(root)[1] if r[0] == "a")
+    assert row[2] == "DONE (metrics.json unreadable)" and "the block of x holds no official metric" in row[5]

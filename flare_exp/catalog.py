@@ -42,13 +42,16 @@ def official_blocks(run_dir: Path, strict: bool = False) -> dict:
             raise ValueError(f"runs.compare: {path} is unreadable ({why_unreadable(e)}): cut or edited since its "
                              "eval wrote it; rerun that eval") from None
         return {}
-    # a hand-made or foreign metrics.json: only blocks shaped as eval writes them
-    blocks = {k: v for k, v in data.items() if _with_official_metric(v)} if isinstance(data, dict) else {}
-    hollow = hollow_blocks(data)
+    blocks, hollow = blocks_in(data), hollow_blocks(data)
     if strict and hollow and blocks:  # one model of several emptied by hand: not left out without a word
         raise ValueError(f"runs.compare: {path}: the block of {hollow[0]} holds no official metric: edited since "
                          "its eval wrote it; rerun that eval")
     return blocks
+
+
+def blocks_in(data) -> dict:
+    """A parsed metrics.json's blocks shaped as eval writes them (a hand-made or foreign one: only those)."""
+    return {k: v for k, v in data.items() if _with_official_metric(v)} if isinstance(data, dict) else {}
 
 
 def hollow_blocks(data) -> list[str]:
@@ -196,10 +199,11 @@ def run_summary(run_dir: Path) -> dict | None:
             data = json.loads(metrics.read_text())
             if not isinstance(data, dict):
                 raise ValueError("not an object of metrics blocks")
-            if not official_blocks(run_dir):
+            if not blocks_in(data):
                 raise ValueError("no block of official metrics in it")
-            if hollow_blocks(data):
-                raise ValueError(f"the block of {hollow_blocks(data)[0]} holds no official metric")
+            hollow = hollow_blocks(data)
+            if hollow:
+                raise ValueError(f"the block of {hollow[0]} holds no official metric")
         except (OSError, ValueError) as e:
             unreadable = f"{metrics.relative_to(run_dir)} unreadable"
             metric = (f"{unreadable} ({why_unreadable(e)}): cut or edited since its eval wrote it; rerun "

@@ -38,6 +38,13 @@ def loss_fields(history: list[dict], session_mean: float | None, global_step: in
     return out
 
 
+def trainer_loss(trainer, session_mean: float | None) -> dict:
+    """loss_fields of a trainer after train() (``session_mean``: its TrainOutput's training_loss), from the step it
+    resumed at (train_and_save sets ``resumed_step``)."""
+    return loss_fields(trainer.state.log_history, session_mean, trainer.state.global_step,
+                       getattr(trainer, "resumed_step", 0))
+
+
 def said(fields: dict) -> str:
     """'3.2931' or '3.1552 over 18 of 20 steps: ...'."""
     mean = fields.get("train_loss")

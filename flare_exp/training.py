@@ -16,7 +16,7 @@ from transformers import TrainerCallback
 from flare_exp.divergence import SAMPLED_NAN, StopWhenDiverged, diverged
 from flare_exp.io import file_fingerprint, shared_as_umask
 from flare_exp.logs import log_part
-from flare_exp.loss_summary import loss_fields
+from flare_exp.loss_summary import trainer_loss
 from flare_exp.models.checkpoints import checkpoint_step, mark_complete, sort_adapter_config, write_meta
 from flare_exp.reports.model_card import write_model_cards
 from flare_exp.resume import at_the_step_budget, resume_checkpoint, schedule_change
@@ -91,9 +91,8 @@ def train_and_save(trainer, stage: str, cfg, out_dir: Path, meta: "CheckpointMet
             check_still_held()  # the save above may have been cut by a stop: not marked, nor carded, if it is lost
             meta.write(final, step=trainer.state.global_step, **(final_meta(trainer) if final_meta else {}),
                        **schedule_changes(trainer.state))
-            write_model_cards(out_dir, stage, cfg, meta.base, meta.fingerprints, trainer, loss_fields(
-                trainer.state.log_history, result.training_loss, trainer.state.global_step,
-                getattr(trainer, "resumed_step", 0)))  # not TRL's card
+            write_model_cards(out_dir, stage, cfg, meta.base, meta.fingerprints, trainer,  # not TRL's card
+                              trainer_loss(trainer, result.training_loss))
             mark_complete(final)  # its files' digests: an adapter damaged in place since is refused where it is used
     finally:
         finish_tracking(report_to)

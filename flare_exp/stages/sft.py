@@ -10,7 +10,7 @@ from pathlib import Path
 
 from flare_exp.data.decoding import check_records_window
 from flare_exp.divergence import WarnWhenStuck
-from flare_exp.loss_summary import loss_fields, loss_line
+from flare_exp.loss_summary import loss_line, trainer_loss
 from flare_exp.data.vision import SFTCollator, VisionChat, emptied, filter_by_length
 from flare_exp.compile_cache import prepare_gpu_run
 from flare_exp.data.prepared_split import read_prepared_split
@@ -251,8 +251,7 @@ def run(cfg, out_dir: Path, applied: dict | None = None) -> dict:
         final_meta=lambda t: {"best": t.state.best_model_checkpoint})
     history = [h for h in trainer.state.log_history if "loss" in h]
     summary = {"final_adapter": str(final), "global_step": trainer.state.global_step,
-               **loss_fields(trainer.state.log_history, result.training_loss, trainer.state.global_step,
-                             getattr(trainer, "resumed_step", 0)),
+               **trainer_loss(trainer, result.training_loss),
                "first_loss": history[0]["loss"] if history else None,
                "last_loss": history[-1]["loss"] if history else None,
                "last_loss_step": history[-1].get("step") if history else None,

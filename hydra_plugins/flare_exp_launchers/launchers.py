@@ -2,7 +2,8 @@
 (conf/hydra/launcher/): Hydra's basic and submitit launchers with flare-exp's sweep checks and watch around them
 (flare_exp/sweep_checks.py, sweep_dir.py, sweep_watch.py, sweep_stop.py): every job's settings checked before any
 is launched, a line per finished job with an ETA, the failed jobs named (a submitit job whose worker was killed among
-them); locally, SIGTERM / SIGINT stop the workers too, and SIGTERM stops the watched launcher's in-process job as Ctrl-C does (its dir says FAILED).
+them); locally, SIGTERM / SIGINT stop the workers too, and SIGTERM stops the watched launcher's in-process job as
+Ctrl-C does (its dir says FAILED).
 Hydra imports this module at startup: the work is imported when a sweep launches."""
 from __future__ import annotations
 

@@ -81,8 +81,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=300)
     parser.add_argument("--prompt-tokens", type=int, default=800)
     parser.add_argument("--decode-attention", nargs="+", default=["grouped"],
-                        help="eval.green.decode_attention settings, each run at every batch; identical_to_first: "
-                             "the share of judgments equal to the first setting's at that batch")
+                        help="eval.green.decode_attention settings, each run at every batch (split_kv+shared: "
+                             "with eval.green.shared_prefix); identical_to_first: the share of judgments equal to "
+                             "the first setting's at that batch")
     parser.add_argument("--dtype", default="float16", help="the random judge's (float32: equal outputs are the "
                         "correctness test)")
     args = parser.parse_args()
@@ -149,9 +150,9 @@ def judge_with(model, tokenizer, batch, attention, args, settings, refs, cands, 
 
     torch._dynamo.reset()
     model.config._attn_implementation = "sdpa"  # then the setting's own
-    use_decode_attention(model, attention, "eval.green.decode_attention")
+    use_decode_attention(model, attention.removesuffix("+shared"), "eval.green.decode_attention")
     ours = GreenJudge(model, tokenizer, batch_size=batch, decode_loop="graph", max_length=args.max_length,
-                      **settings)
+                      shared_prefix=attention.endswith("+shared"), **settings)
     out = None
     for phase in ("first (compiles)", "warm"):
         try:

@@ -37,6 +37,10 @@ class GreenConfig(DecodeLoopConfig):
     # cache in slices over many programs and skips padding; grouped and transformers are both transformers'
     # SDPA for this judge (no grouped heads). eval.green.exact=true keeps transformers'.
     decode_attention: str = "grouped"
+    # With decode_attention=split_kv: the prompts' common beginning (GREEN's instructions, ~250 of ~800 tokens)
+    # is read once per block of rows at each decode step instead of once per row (the same judgments to
+    # rounding). Off until measured on a GPU (docs/performance.md).
+    shared_prefix: bool = False
     # decode_loop (flare_exp/decode_config.py): auto takes the graph loop on a GPU, generate on the CPU.
     # package: the GREEN package's parser (its numbers); robust: also reads counts without a trailing period
     # or sections without blank lines, and leaves unreadable outputs out of the mean (not the package's number).

@@ -82,13 +82,55 @@ def test_a_head_size_the_kernel_cannot_take_is_named():
     assert self_check("cpu", torch.float32, 80) == "head size 80 is not a power of two from 16 to 256"
 
 
+def _left_padded(rows: list[list[int]], pad: int = 0) -> dict:
+    width = max(map(len, rows))
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def test_common_beginning_of_left_padded_prompts():
+    from flare_exp.models.graph_decoding import common_beginning
+
+    beginning = list(range(1, 81))
+    batch = _left_padded([beginning + [7, 8, 9], beginning + [5], beginning + [7, 8, 3, 4, 5, 6]])
+    starts, span = common_beginning(batch)
+    assert starts.tolist() == [3, 5, 0] and span.tolist() == [0, 80] and starts.dtype == torch.int32
+    assert common_beginning(batch, minimum=81) is None  # too short to be worth reading apart
+    same = _left_padded([beginning, beginning])  # whole prompts alike: all of them
+    assert common_beginning(same)[1].tolist() == [0, 80]
+    assert common_beginning(_left_padded([beginning])) is None  # one row: nothing to share
+    other = _left_padded([beginning + [1], [99] + beginning])  # different from the first token
+    assert common_beginning(other) is None
+    right = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"].flip(-1)}
+    assert common_beginning(right) is None  # not left padding: the columns are not where the rule puts them
+    holes = {k: v.clone() for k, v in batch.items()}
+    holes["attention_mask"][2, 10] = 0
+    assert common_beginning(holes) is None
+    images = {**batch, "pixel_values": torch.zeros(1)}  # equal image tokens need not be equal images
+    assert common_beginning(images) is None
+
+
+def test_shared_prefix_needs_the_split_kv_kernel():
+    from flare_exp.stages.evaluate import check_settings
+
+    cfg = compose_cfg(["stage=eval", "eval.green.shared_prefix=true"])
+    with pytest.raises(ValueError, match="eval.green.shared_prefix=true .* eval.green.decode_attention=split_kv "
+                                         r"\(it is grouped\)"):
+        check_settings(cfg)
+
+
 if INTERPRETED:  # the child run's tests (test_kernels_under_the_interpreter)
     def test_the_self_check_agrees_and_catches_a_wrong_kernel(interpreter, monkeypatch):
         """Run at load time on a GPU: a kernel that compiles wrongly or not at all keeps SDPA, with the reason."""
+        attend = interpreter.attend
         assert interpreter.self_check("cpu", torch.float32, 32) is None
-        monkeypatch.setattr(interpreter, "attend", lambda q, k, v, m: torch.zeros(2, 1, 8, 32))
+        monkeypatch.setattr(interpreter, "attend", lambda q, k, v, m, shared=None: torch.zeros(2, 1, 8, 32))
         assert interpreter.self_check("cpu", torch.float32, 32).startswith("differs from SDPA by")
-        monkeypatch.setattr(interpreter, "attend", lambda *a: 1 / 0)
+        monkeypatch.setattr(interpreter, "attend", lambda q, k, v, m, shared=None: attend(q, k, v, m)
+                            if shared is None else torch.zeros(2, 1, 8, 32))  # the shared part alone wrong
+        assert interpreter.self_check("cpu", torch.float32, 32).startswith("differs from SDPA by")
+        monkeypatch.setattr(interpreter, "attend", lambda *a, **k: 1 / 0)
         assert interpreter.self_check("cpu", torch.float32, 32).startswith("ZeroDivisionError")
 
     @pytest.mark.parametrize("heads,kv_heads,keys,head_dim,splits,dtype", [
@@ -166,3 +208,70 @@ if INTERPRETED:  # the child run's tests (test_kernels_under_the_interpreter)
                                            disable_compile=True, pad_token_id=pad)[:, batch["input_ids"].shape[1]:]
             assert len(set(reference[0].tolist())) > 1
             assert torch.equal(tokens[:, :reference.shape[1]], reference)
+
+
+    @pytest.mark.parametrize("heads,kv_heads,head_dim,dtype,splits", [
+        (4, 4, 16, torch.float32, None),  # plain multi-head (the GREEN judge)
+        (8, 2, 32, torch.float32, 3),  # grouped heads, several slices
+        (4, 4, 32, torch.float16, 2),
+    ])
+    def test_a_shared_beginning_read_once_gives_the_same_attention(interpreter, heads, kv_heads, head_dim, dtype,
+                                                                   splits):
+        """Every row's keys from its start on repeat the source row's for the shared length (as a common prompt
+        beginning does): read from the source row once per block of rows, the attention is SDPA's over each
+        row's own cache; the rows' own copies of those keys are not read at all."""
+        generator = torch.Generator().manual_seed(head_dim)
+        rows, keys, shared, source = 20, 230, 90, 1  # 20 rows: two blocks of 16 rows for the shared part
+        query = torch.randn(rows, 1, heads, head_dim, generator=generator).transpose(1, 2).to(dtype)
+        key, value = (torch.randn(rows, kv_heads, keys, head_dim, generator=generator).to(dtype) for _ in range(2))
+        starts = torch.randint(0, 40, (rows,), generator=generator)
+        for row in range(rows):
+            for cache in (key, value):
+                cache[row, :, starts[row]:starts[row] + shared] = cache[source, :, starts[source]:starts[source] + shared]
+        mask = (torch.arange(keys) >= starts[:, None])[:, None, None, :].clone()
+        mask[:, ..., 200:] = False  # the static cache's unwritten tail
+        mask[0, ..., 150] = False
+        span = torch.tensor([source, shared], dtype=torch.int32)
+        got = interpreter.attend(query, key, value, mask, 0.3, splits=splits, shared=(starts.int(), span))
+        want = _reference(query.float(), key.float(), value.float(), mask, 0.3)
+        tolerance = 1e-5 if dtype == torch.float32 else 2e-3
+        torch.testing.assert_close(got.float(), want, atol=tolerance, rtol=tolerance)
+        changed = key.clone()
+        changed[0, :, starts[0]:starts[0] + shared] += 1  # row 0's own copy: not read
+        same = interpreter.attend(query, changed, value, mask, 0.3, splits=splits, shared=(starts.int(), span))
+        assert torch.equal(same, got)
+        changed[source, :, starts[source] + 5] += 1  # the source row's: read for every row
+        moved = interpreter.attend(query, changed, value, mask, 0.3, splits=splits, shared=(starts.int(), span))
+        assert not torch.allclose(moved[2:].float(), want[2:], atol=tolerance)
+
+    def test_judge_with_a_shared_beginning_judges_as_generate(interpreter, monkeypatch, tmp_path):
+        """The tiny Llama judge (float32) with eval.green.shared_prefix: its GREEN prompts' common beginning goes
+        to the kernel's shared part at every decode step (where the prefill left it in each row's cache: the
+        same attention as each row reading its own copy), and the judgments are generate()'s with transformers'
+        attention."""
+        from flare_exp.fixtures.tiny_models import build_tiny_causal_lm
+        from flare_exp.metrics.green_judge import GreenJudge
+
+        shared_calls = []
+        attend = interpreter.attend
+
+        def checked(*args, shared=None, **kwargs):  # each step's attention as if every row read its own copy
+            got = attend(*args, shared=shared, **kwargs)
+            shared_calls.append(shared is not None)
+            torch.testing.assert_close(got, attend(*args, **kwargs), atol=1e-5, rtol=1e-5)
+            return got
+
+        monkeypatch.setattr(interpreter, "attend", checked)
+        path = build_tiny_causal_lm(tmp_path / "judge")
+        references = ["No acute cardiopulmonary process.", "Mild cardiomegaly. No effusion.", "Clear lungs."]
+        candidates = ["Normal chest.", "Heart size is enlarged; small left effusion.", "No pneumothorax seen."]
+        judged = {}
+        for name, settings in {"ours": dict(decode_loop="graph", decode_attention="split_kv", shared_prefix=True),
+                               "generate": dict(decode_loop="generate", decode_attention="transformers")}.items():
+            judge = GreenJudge.from_pretrained(path, "float32", device="cpu", batch_size=3, max_new_tokens=5,
+                                               **settings)
+            with torch.no_grad():  # sharpen the random attention so that a wrong key shows in the tokens
+                judge.model.model.layers[0].self_attn.q_proj.weight.mul_(8)
+            judged[name] = judge.judge(references, candidates)
+        assert shared_calls and all(shared_calls)
+        assert judged["ours"] == judged["generate"] and len(set(judged["ours"])) > 1

@@ -75,11 +75,13 @@ class GreenJudge(JournaledJudge):
 
     def __init__(self, model, tokenizer, batch_size: int = 8, max_length: int = 2048,
                  max_new_tokens: int | None = None, decode_loop: str = "auto", parser: str = "package",
-                 journal: str | Path | None = None, identity: str = "", exact: bool = False):
+                 journal: str | Path | None = None, identity: str = "", exact: bool = False,
+                 shared_prefix: bool = False):
         """A loaded judge (``from_pretrained`` loads one as the package does). max_length: the package's total
         length (prompt + judgment) and its input truncation; max_new_tokens: a tighter cap on the judgment
         (None: the package's, max_length minus the batch's prompt). identity: what names the judge in the
-        journal's keys (its path and settings). exact: the package's batching (module doc)."""
+        journal's keys (its path and settings). exact: the package's batching (module doc). shared_prefix: the
+        graph loop reads the prompts' common beginning once per block of rows (split-KV attention only)."""
         parse_green("", parser)  # an unknown parser fails here, before any judging
         if exact and max_new_tokens is not None:
             raise ValueError("eval.green.exact=true judges as the package does: leave eval.green.max_new_tokens "
@@ -100,7 +102,7 @@ class GreenJudge(JournaledJudge):
         self.parser = parser
         if exact and decode_loop == "auto":
             decode_loop = "generate"
-        self.decoder = decoder_for(model, DecodeSettings("eval.green", decode_loop))
+        self.decoder = decoder_for(model, DecodeSettings("eval.green", decode_loop, shared_prefix=shared_prefix))
         # journal key: the judge and what decides its text (the decoding loop does not)
         self.identity = json.dumps([identity, max_length, max_new_tokens])
         self.journal = Path(journal) if journal else None

@@ -63,7 +63,7 @@ class ReportScorers:
             self._green = GreenJudge.from_pretrained(
                 abspath(g.model_path), g.dtype, batch_size=g.batch_size, max_length=g.max_length,
                 max_new_tokens=g.max_new_tokens, decode_loop=g.decode_loop, parser=g.parser, exact=g.exact,
-                decode_attention=g.decode_attention,
+                decode_attention=g.decode_attention, shared_prefix=g.shared_prefix,
                 journal=self.out_dir / "green_judgments.jsonl")  # a rerun resumes here
         return self._green
 

@@ -135,7 +135,7 @@ class DecodeSettings:
     false). ``static_on_cpu``: auto keeps a static cache off the GPU too (TRL's rollouts, uncompiled there).
     ``vllm``: another engine decodes (rl.use_vllm): auto never takes the loop. ``refusal``: why the loop
     cannot decode this model (a judge's layers), None when it can. ``cache_multiple`` / ``shrink_cache``: the
-    loop's cache policy (GraphDecoder)."""
+    loop's cache policy, ``shared_prefix`` its reading of the prompts' common beginning (GraphDecoder)."""
     section: str
     decode_loop: str = "auto"
     cache_implementation: str | None = "auto"
@@ -146,6 +146,7 @@ class DecodeSettings:
     refusal: str | None = None
     cache_multiple: int = 1
     shrink_cache: bool = True
+    shared_prefix: bool = False
     off_switch: str = "cache_implementation=dynamic"  # the setting that skips compiling, named when it fails
 
     @classmethod
@@ -195,7 +196,8 @@ class Decoding:
             on_gpu and self.compiled and self.cache == "static" and not settings.vllm)
         self.graph = GraphLoop(settings.key, on_gpu and settings.compile is not False, settings.decode_loop,
                                cache_multiple=settings.cache_multiple,
-                               shrink_cache=settings.shrink_cache) if chosen else None
+                               shrink_cache=settings.shrink_cache,
+                               shared_prefix=settings.shared_prefix) if chosen else None
 
     @property
     def loop(self) -> GraphDecoder | None:

@@ -137,6 +137,38 @@ def prompt_positions(owner, batch: dict):
     return torch.cat([text.unsqueeze(0), rope.to(text.device)], dim=0)
 
 
+# the fewest common tokens worth reading apart (one key block of the split-KV kernel)
+MIN_SHARED_TOKENS = 64
+
+
+def common_beginning(batch: dict, minimum: int = MIN_SHARED_TOKENS):
+    """(starts (B,), span (2,)) as ``split_kv_attention.attend`` takes them, int32: where each row's prompt
+    begins after its left padding, and (row 0, the length of the beginning every row's prompt shares), or None
+    where the rows share fewer than ``minimum`` tokens, the padding is not on the left, or the batch carries
+    images or other inputs (equal token ids there need not be equal inputs). Equal tokens at equal positions
+    after equal tokens: a causal model gives them equal keys and values (to rounding: each row's prefill
+    computed its own)."""
+    import torch
+
+    ids, mask = batch["input_ids"], batch["attention_mask"].bool()
+    if ids.shape[0] < 2 or set(batch) - {"input_ids", "attention_mask"}:
+        return None
+    length = ids.shape[1]
+    starts = length - mask.sum(-1)
+    columns = torch.arange(length, device=ids.device)
+    if not torch.equal(mask, columns >= starts[:, None]):
+        return None
+    shortest = int((length - starts).min())
+    if shortest < minimum:
+        return None
+    aligned = ids.gather(1, starts[:, None] + columns[:shortest])
+    differs = (aligned != aligned[:1]).any(0)
+    shared = int(differs.int().argmax()) if bool(differs.any()) else shortest
+    if shared < minimum:
+        return None
+    return starts.to(torch.int32), torch.tensor([0, shared], dtype=torch.int32, device=ids.device)
+
+
 # the forward hooks transformers' enable_input_require_grads and PEFT register on the input embeddings
 INPUT_GRAD_HOOKS = ("make_inputs_require_grads", "make_inputs_require_grad")
 
@@ -174,10 +206,13 @@ class GraphDecoder:
     a new length costs a new compiled graph, and halving bounds their number when lengths only decrease.
     ``compile_step``: None = plain Python (CPU, debugging); else torch.compile keyword
     arguments. ``sampling``: None = greedy. ``cache_multiple``: the cache length is rounded up to a multiple of
-    it, so prompts of varying length (GRPO) share a few caches and compiled graphs."""
+    it, so prompts of varying length (GRPO) share a few caches and compiled graphs. ``shared_prefix``: where
+    the model decodes with the split-KV kernel and a batch's prompts begin alike (``common_beginning``: the
+    GREEN judge's instructions), each step reads that beginning's keys once per block of rows, not per row."""
 
     def __init__(self, model, compile_step: dict | None, stop_check_every: int = 16,
-                 sampling: Sampling | None = None, cache_multiple: int = 1, shrink_cache: bool = True):
+                 sampling: Sampling | None = None, cache_multiple: int = 1, shrink_cache: bool = True,
+                 shared_prefix: bool = False):
         import torch
 
         if stop_check_every < 1:
@@ -186,27 +221,37 @@ class GraphDecoder:
         self.cache_shape: tuple[int, int] | None = None  # (batch size, length) of self.cache
         self.rope_owner = rope_owner(model)
         self.cache_multiple, self.shrink_cache = cache_multiple, shrink_cache
+        self.shared_prefix = shared_prefix
         self.cudagraphs = bool(compile_step) and compile_step.get("mode") in ("reduce-overhead",
                                                                                 "max-autotune")
         self.step = torch.compile(self._token_step, **compile_step) if compile_step else self._token_step
+
+    @property
+    def split_kv(self) -> bool:
+        """Whether the model's decode steps attend with the split-KV kernel (the only one that reads a shared
+        beginning apart)."""
+        from flare_exp.models.grouped_attention import SPLIT_KV_NAME
+
+        return self.model.config.get_text_config()._attn_implementation == SPLIT_KV_NAME
 
     @property
     def cache_length(self) -> int | None:
         return None if self.cache_shape is None else self.cache_shape[1]
 
     def _token_step(self, tokens, cache_position, position_deltas, key_valid, finished, is_end, pad, may_end,
-                    suppressed):
+                    suppressed, shared=None):
         """One token for every row: tokens (B, 1), cache_position (1,), position_deltas (B, 1) or (4, B, 1)
         (see prompt_positions), key_valid (B, L) (prompt padding False), finished (B,), is_end / suppressed
         (vocabulary flags), may_end (1,): False before min_new_tokens. Returns (next tokens (B,), finished (B,)).
         The static cache writes at its own position, which is cache_position: one token per step from the
-        prefill's end."""
+        prefill's end. shared: ``common_beginning``'s, for the split-KV kernel, or None."""
         import torch
 
         keys = torch.arange(key_valid.shape[1], device=key_valid.device)
         mask = (key_valid & (keys <= cache_position))[:, None, None, :]  # (B, 1, 1, L): what this token may see
+        extra = {} if shared is None else {"shared_prefix": shared}  # reaches the attention functions
         logits = self.model(input_ids=tokens, attention_mask=mask, position_ids=position_deltas + cache_position,
-                            past_key_values=self.cache, use_cache=True).logits
+                            past_key_values=self.cache, use_cache=True, **extra).logits
         picked = pick(logits[:, -1], is_end, may_end, suppressed, self.sampling)
         picked = torch.where(finished, pad, picked)
         return picked, finished | is_end[picked]
@@ -255,6 +300,7 @@ class GraphDecoder:
         # the cache's tensors are inference tensors: reset them in this mode too
         with torch.inference_mode(), input_grad_hooks_off(self.model):
             cache = self._static_cache(rows, prompt + max_new_tokens)
+            shared = common_beginning(batch) if self.shared_prefix and self.split_kv else None
             positions = prompt_positions(self.rope_owner, batch)
             # the prompt's forward (eager, as generate's) into the cache; each row's next-token logits (B, V)
             last = self.model(**batch, position_ids=positions, past_key_values=cache, use_cache=True,
@@ -285,7 +331,7 @@ class GraphDecoder:
                     torch.compiler.cudagraph_mark_step_begin()
                 picked, now_finished = self.step(tokens[:, made - 1:made], cache_positions[made - 1:made],
                                                  position_deltas, key_valid, finished, is_end, pad,
-                                                 may_end[made:made + 1], suppressed)
+                                                 may_end[made:made + 1], suppressed, shared)
                 tokens[:, made] = picked  # copies out of the graph's output buffers before the next replay
                 # outside the compiled step: the step's graph is the same with and without row limits
                 finished = now_finished.clone() if limits is None else now_finished | (limits <= made + 1)

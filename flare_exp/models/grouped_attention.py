@@ -68,13 +68,16 @@ def trimmed(attention_mask, key):
 def split_kv_decode_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
                               scaling: float | None = None, is_causal: bool | None = None, **kwargs):
     """The split-KV kernel at decode steps it computes exactly (``split_kv_attention.supported``), else the
-    grouped path."""
+    grouped path. ``shared_prefix`` (the graph loop's, ``graph_decoding.common_beginning``): the rows' common
+    beginning read once per block of rows; the grouped path reads it in each row, as the mask says."""
     import torch
 
+    shared = kwargs.pop("shared_prefix", None)
     mask = trimmed(attention_mask, key)
     if split_kv_attention.supported(query, key, mask, dropout, **kwargs):
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        return torch.ops.flare_exp.split_kv_decode(query, key, value, mask, float(scale)), None
+        starts, span = shared if shared is not None else (None, None)
+        return torch.ops.flare_exp.split_kv_decode(query, key, value, mask, float(scale), starts, span), None
     return grouped_decode_attention(module, query, key, value, mask, dropout=dropout, scaling=scaling,
                                     is_causal=is_causal, **kwargs)
 

@@ -26,6 +26,7 @@ import math
 
 BLOCK_N = 64  # keys per loop iteration of a program
 MAX_SPLITS = 32
+SHARED_ROWS = 64  # rows per program reading the common beginning (at least tl.dot's 16)
 
 
 def supported(query, key, attention_mask, dropout: float = 0.0, **kwargs) -> bool:
@@ -69,76 +70,24 @@ def processor_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-@functools.cache
 def kernels():
-    import triton
-    import triton.language as tl
+    """(partial_attention, shared_attention, merge_slices), imported on first use (split_kv_kernels.py)."""
+    from flare_exp.models import split_kv_kernels as k
 
-    @triton.jit
-    def partial_attention(Q, K, V, M, O, L, scale, n_keys, keys_per_split, kv_heads, groups,
-                          sqb, sqh, sqg, skb, skh, skn, svb, svh, svn, smb, smn, splits,
-                          BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                          PRECISION: tl.constexpr):
-        row_head = tl.program_id(0)  # b * kv_heads + h
-        split = tl.program_id(1)
-        b = row_head // kv_heads
-        h = row_head % kv_heads
-        g = tl.arange(0, BLOCK_G)
-        d = tl.arange(0, HEAD_DIM)
-        q = tl.load(Q + b * sqb + h * sqh + g[:, None] * sqg + d[None, :], mask=g[:, None] < groups, other=0.0)
-        best = tl.full([BLOCK_G], float("-inf"), tl.float32)
-        total = tl.zeros([BLOCK_G], tl.float32)
-        acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
-        start = split * keys_per_split
-        end = tl.minimum(start + keys_per_split, n_keys)
-        for first in range(start, end, BLOCK_N):
-            # no branch on the mask: masked-out rows of a load read no memory, and a loop without a branch is
-            # software-pipelined (the next blocks' loads in flight while this one computes)
-            n = first + tl.arange(0, BLOCK_N)
-            valid = tl.load(M + b * smb + n * smn, mask=n < end, other=0) != 0
-            k = tl.load(K + b * skb + h * skh + n[:, None] * skn + d[None, :], mask=valid[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-            s = tl.where(valid[None, :], s, float("-inf"))
-            new_best = tl.maximum(best, tl.max(s, axis=1))
-            shift = tl.where(new_best == float("-inf"), 0.0, new_best)  # nothing seen yet: no NaN from -inf - -inf
-            p = tl.exp(s - shift[:, None])
-            kept = tl.exp(best - shift)
-            total = total * kept + tl.sum(p, axis=1)
-            v = tl.load(V + b * svb + h * svh + n[:, None] * svn + d[None, :], mask=valid[:, None], other=0.0)
-            acc = acc * kept[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            best = new_best
-        seen = total > 0
-        out = acc / tl.where(seen, total, 1.0)[:, None]
-        lse = tl.where(seen, best + tl.log(tl.where(seen, total, 1.0)), float("-inf"))
-        rows = row_head * groups + g  # query head h * groups + g of row b, as repeat_kv lays them out
-        tl.store(O + (rows[:, None] * splits + split) * HEAD_DIM + d[None, :], out, mask=g[:, None] < groups)
-        tl.store(L + rows * splits + split, lse, mask=g < groups)
-
-    @triton.jit
-    def merge_slices(O, L, Out, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr):
-        row = tl.program_id(0)  # b * heads + query head
-        s = tl.arange(0, BLOCK_S)
-        d = tl.arange(0, HEAD_DIM)
-        lse = tl.load(L + row * SPLITS + s, mask=s < SPLITS, other=float("-inf"))
-        top = tl.max(lse, axis=0)
-        top = tl.where(top == float("-inf"), 0.0, top)
-        weight = tl.exp(lse - top)
-        parts = tl.load(O + (row * SPLITS + s[:, None]) * HEAD_DIM + d[None, :], mask=s[:, None] < SPLITS, other=0.0)
-        norm = tl.sum(weight, axis=0)
-        out = tl.sum(weight[:, None] * parts, axis=0) / tl.where(norm > 0, norm, 1.0)
-        tl.store(Out + row * HEAD_DIM + d, out.to(Out.dtype.element_ty))
-
-    return partial_attention, merge_slices
+    return k.partial_attention, k.shared_attention, k.merge_slices
 
 
 def attend(query, key, value, mask, scale: float | None = None, splits: int | None = None,
-           block_n: int = BLOCK_N, warps: int = 4, stages: int = 2):
+           block_n: int = BLOCK_N, warps: int = 4, stages: int = 2, shared=None):
     """query (B, H, 1, D), key/value (B, H_kv, N, D), mask (B, 1, 1, N) bool -> (B, 1, H, D), as
     transformers' attention functions return it. ``splits`` / ``block_n`` / ``warps`` / ``stages``: the
-    launch shape (defaults chosen by measurement, docs/performance.md)."""
+    launch shape (defaults chosen by measurement, docs/performance.md). ``shared``: (starts (B,), span (2,)),
+    int32 on the device: every row's keys from its start on, span[1] of them, are the same as row span[0]'s
+    (the prompts' common beginning, ``graph_decoding.common_beginning``); they are read from that row once per
+    block of rows instead of once per row (the mask must let every row see them)."""
     import torch
 
-    partial_attention, merge_slices = kernels()
+    partial_attention, shared_attention, merge_slices = kernels()
     batch, heads, _, head_dim = query.shape
     kv_heads, n_keys = key.shape[1], key.shape[2]
     groups = heads // kv_heads
@@ -150,26 +99,36 @@ def attend(query, key, value, mask, scale: float | None = None, splits: int | No
     keys_per_split = -(-n_keys // splits)
     keys_per_split = -(-keys_per_split // block_n) * block_n  # whole blocks per slice
     splits = -(-n_keys // keys_per_split)
+    slots = splits + (shared is not None)  # the common beginning's part in the last slot
     scale = 1 / math.sqrt(head_dim) if scale is None else scale
-    parts = torch.empty(batch * heads * splits * head_dim, dtype=torch.float32, device=query.device)
-    lse = torch.empty(batch * heads * splits, dtype=torch.float32, device=query.device)
+    parts = torch.empty(batch * heads * slots * head_dim, dtype=torch.float32, device=query.device)
+    lse = torch.empty(batch * heads * slots, dtype=torch.float32, device=query.device)
     out = torch.empty(batch, 1, heads, head_dim, dtype=query.dtype, device=query.device)
     mask = mask.view(torch.uint8)
+    starts, span = shared if shared is not None else (mask, mask)  # unread without SHARED
     precision = "ieee" if query.dtype == torch.float32 else "tf32"
     partial_attention[(batch * kv_heads, splits)](
-        query, key, value, mask, parts, lse, scale, n_keys, keys_per_split, kv_heads, groups,
+        query, key, value, mask, starts, span, parts, lse, scale, n_keys, keys_per_split, kv_heads, groups,
         query.stride(0), query.stride(1) * groups, query.stride(1), key.stride(0), key.stride(1), key.stride(2),
-        value.stride(0), value.stride(1), value.stride(2), mask.stride(0), mask.stride(3), splits,
+        value.stride(0), value.stride(1), value.stride(2), mask.stride(0), mask.stride(3), slots,
         BLOCK_G=max(16, triton_power_of_two(groups)), BLOCK_N=block_n, HEAD_DIM=head_dim,
-        PRECISION=precision, num_warps=warps, num_stages=stages)
-    merge_slices[(batch * heads,)](parts, lse, out, SPLITS=splits, BLOCK_S=max(2, triton_power_of_two(splits)),
+        PRECISION=precision, SHARED=shared is not None, num_warps=warps, num_stages=stages)
+    if shared is not None:
+        rows_per_program = min(SHARED_ROWS, max(16, triton_power_of_two(batch)))
+        shared_attention[(-(-batch // rows_per_program), heads)](
+            query, key, value, starts, span, parts, lse, scale, batch, heads, groups, query.stride(0),
+            query.stride(1), key.stride(0), key.stride(1), key.stride(2), value.stride(0), value.stride(1),
+            value.stride(2), slots, BLOCK_R=rows_per_program, BLOCK_N=block_n, HEAD_DIM=head_dim,
+            PRECISION=precision, num_warps=warps, num_stages=stages)
+    merge_slices[(batch * heads,)](parts, lse, out, SPLITS=slots, BLOCK_S=max(2, triton_power_of_two(slots)),
                                    HEAD_DIM=head_dim, num_warps=4)
     return out
 
 
 def self_check(device, dtype, head_dim: int) -> str | None:
-    """Run the kernel once on this card, dtype and head size against SDPA (it also compiles that variant):
-    None when it agrees, else why not (a GPU or Triton build it does not run on: the caller keeps SDPA)."""
+    """Run the kernel once on this card, dtype and head size against SDPA, with and without a shared beginning
+    (it also compiles those variants): None when it agrees, else why not (a GPU or Triton build it does not run
+    on: the caller keeps SDPA)."""
     import torch
 
     if not takes_head_dim(head_dim):
@@ -181,11 +140,15 @@ def self_check(device, dtype, head_dim: int) -> str | None:
                       for _ in range(2))
         mask = torch.ones(2, 1, 1, 200, dtype=torch.bool, device=device)
         mask[0, ..., :70] = False
-        got = attend(query, key, value, mask).float()
+        for cache in (key, value):  # row 0 begins (after 70 of padding) with row 1's first 64 keys
+            cache[0, :, 70:134] = cache[1, :, :64]
+        shared = (torch.tensor([70, 0], dtype=torch.int32, device=device),
+                  torch.tensor([1, 64], dtype=torch.int32, device=device))
         want = torch.nn.functional.scaled_dot_product_attention(
             query.float(), key.float().repeat_interleave(4, 1), value.float().repeat_interleave(4, 1),
             attn_mask=mask).transpose(1, 2)
-        error = float((got - want).abs().max())
+        error = max(float((attend(query, key, value, mask, shared=common).float() - want).abs().max())
+                    for common in (None, shared))
     except Exception as e:  # a Triton that cannot compile the kernel here: any error of its compiler
         return f"{type(e).__name__}: {str(e)[:200]}"
     return None if error < (1e-4 if dtype == torch.float32 else 2e-2) else f"differs from SDPA by {error:.3g}"
@@ -202,12 +165,14 @@ def custom_op():
 
     # the schema spelled out: this module's annotations are strings (``from __future__ import annotations``)
     @torch.library.custom_op("flare_exp::split_kv_decode", mutates_args=(),
-                             schema="(Tensor query, Tensor key, Tensor value, Tensor mask, float scale) -> Tensor")
-    def split_kv_decode(query, key, value, mask, scale):
-        return attend(query, key, value, mask, scale)
+                             schema="(Tensor query, Tensor key, Tensor value, Tensor mask, float scale, "
+                                    "Tensor? shared_starts=None, Tensor? shared_span=None) -> Tensor")
+    def split_kv_decode(query, key, value, mask, scale, shared_starts=None, shared_span=None):
+        shared = None if shared_starts is None else (shared_starts, shared_span)
+        return attend(query, key, value, mask, scale, shared=shared)
 
     @split_kv_decode.register_fake
-    def _(query, key, value, mask, scale):
+    def _(query, key, value, mask, scale, shared_starts=None, shared_span=None):
         batch, heads, _, head_dim = query.shape
         return query.new_empty(batch, 1, heads, head_dim)
 

@@ -31,7 +31,7 @@ STAGE = Stage(
     deciding=("eval",),
     # the predictions are compared by their bytes (fingerprinted), not by where they lie
     free=("eval.predictions", "eval.allow_partial", "eval.green.batch_size", "eval.green.decode_loop",
-          "eval.green.decode_attention", "eval.crimson.batch_size", "eval.crimson.decode_loop",
+          "eval.green.decode_attention", "eval.green.shared_prefix", "eval.crimson.batch_size", "eval.crimson.decode_loop",
           "eval.chexbert.batch_size"),
     fingerprinted=("eval.predictions",),
     resumable=("green_judgments.jsonl", "green_judgments.rank*.jsonl"),
@@ -53,13 +53,17 @@ EMPTY = ("eval.predictions is empty: pass one or more predictions.jsonl files or
 def check_settings(cfg) -> None:
     """eval.predictions names each predictions file once: the same run twice would be compared with itself
     (every difference 0, every p-value 1) and its sheet written twice under two names. The judge's attention
-    setting is checked here, before the judge loads."""
+    settings are checked here, before the judge loads."""
     from flare_exp.data.predictions import other_format
     from flare_exp.data.sheet_predictions import is_sheet
     from flare_exp.models.grouped_attention import SETTINGS
     from flare_exp.runtime import check_choice
 
-    check_choice("eval.green.decode_attention", cfg.eval.green.decode_attention, SETTINGS)
+    green = cfg.eval.green
+    check_choice("eval.green.decode_attention", green.decode_attention, SETTINGS)
+    if green.shared_prefix and green.decode_attention != "split_kv":
+        raise ValueError(f"eval.green.shared_prefix=true reads the prompts' common beginning apart in the split-KV "
+                         f"kernel: also pass eval.green.decode_attention=split_kv (it is {green.decode_attention})")
     if not cfg.eval.predictions and cfg.stage.name == "eval":  # a pipeline fills it from its infer steps
         raise ValueError(EMPTY)
     seen: dict[Path, str] = {}

@@ -331,3 +331,18 @@ def test_the_runs_last_reward_is_said_as_the_mean_it_is_beside_the_last_step():
                                     "(reward_last), 0.3733 at step 12")
     assert reward_line(summarise([{"step": 1, "reward": 0.5}], 1)) == "reward 0.5 at the first logged step, 0.5 at step 1"
     assert reward_line(summarise([], 0)) == "no reward logged"
+    assert "reward_note" not in summary and "reward_unlogged_steps" not in summary
+
+
+def test_steps_trained_after_the_last_logged_reward_are_said():
+    """A run stopped after its last checkpoint (checkpoint-12 at max_steps 12) and resumed has nothing left to
+    train: the stopped attempt's rewards of steps 11-12 died with it, and its numbers end at step 10. Said in the
+    summary and the line, not left for a sweep to rank as the run's end."""
+    from flare_exp.rl_monitor.reward_summary import reward_line, summarise
+
+    summary = summarise([{"step": s, "reward": r} for s, r in ((5, 0.36), (10, 0.4478))], 12)
+    assert summary["reward_unlogged_steps"] == [11, 12] and summary["reward_last_steps"] == [10, 10]
+    assert reward_line(summary).endswith("0.4478 at step 10; no reward logged for steps 11-12 (a stopped attempt's "
+                                         "unlogged steps, or rl.logging_steps not reaching the end): the reward "
+                                         "numbers end at step 10")
+    assert "for step 12 " in summarise([{"step": 11, "reward": 0.1}], 12)["reward_note"]

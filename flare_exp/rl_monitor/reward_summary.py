@@ -12,9 +12,11 @@ def reward_line(summary: dict) -> str:
         return "no reward logged"
     first, last = summary["reward_last_steps"]
     if first == last:
-        return f"reward {summary['reward_first']} at the first logged step, {summary['reward_last']} at step {last}"
-    return (f"reward {summary['reward_first']} at the first logged step, mean {summary['reward_last']} over logged "
-            f"steps {first}-{last} (reward_last), {summary['reward_last_step']} at step {last}")
+        line = f"reward {summary['reward_first']} at the first logged step, {summary['reward_last']} at step {last}"
+    else:
+        line = (f"reward {summary['reward_first']} at the first logged step, mean {summary['reward_last']} over "
+                f"logged steps {first}-{last} (reward_last), {summary['reward_last_step']} at step {last}")
+    return line + (f"; {summary['reward_note']}" if "reward_note" in summary else "")
 
 
 def summarise(history: list[dict], global_step: int) -> dict:
@@ -31,4 +33,11 @@ def summarise(history: list[dict], global_step: int) -> dict:
     if steps:  # the ends themselves beside the tail's mean (reward_last: a mean, steady for ranking a sweep)
         out.update(reward_first=round(steps[0]["reward"], 4), reward_last_step=round(steps[-1]["reward"], 4),
                    reward_last_steps=[tail[0].get("step"), tail[-1].get("step")])
+        last = steps[-1].get("step")
+        if isinstance(last, int) and last < global_step:  # trained on, its rewards never logged (or lost)
+            out["reward_unlogged_steps"] = [last + 1, global_step]
+            out["reward_note"] = (f"no reward logged for step{'s' if global_step > last + 1 else ''} "
+                                  f"{last + 1}{f'-{global_step}' if global_step > last + 1 else ''} (a stopped "
+                                  f"attempt's unlogged steps, or rl.logging_steps not reaching the end): the "
+                                  f"reward numbers end at step {last}")
     return out

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The three decode numbers side by side on one GPU, in one command of under 10 minutes (docs/performance.md,
 # "Current numbers"): GRPO 8 x 256 at the defaults, infer at batch 128 (forced length, then the FLARE length mix),
-# the GREEN judge at batch ${JB:-96} (its decode attentions: ${JA:-grouped}, e.g. JA="grouped split_kv+shared"). Usage, from the repo root: `bash bench/targets.sh OUT_DIR [BUDGET_S]`.
+# the GREEN judge at batch ${JB:-96} (its decode attentions: ${JA:-grouped}, e.g. JA="grouped split_kv+shared").
+# Usage, from the repo root: `bash bench/targets.sh OUT_DIR [BUDGET_S]`.
 # An offline box without the project's pure-Python dependencies gets them from .whl/ (bench/gpu_setup.sh), e.g.
 # `pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl trl==1.16.0 datasets==4.8.5 dill==0.4.1
 # multiprocess==0.70.19 hydra-core==1.3.8 omegaconf==2.3.0 nltk openpyxl et-xmlfile submitit==1.5.4

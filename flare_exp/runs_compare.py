@@ -12,20 +12,32 @@ from flare_exp.run.layout import DONE, FAILED, own_or_step
 from flare_exp.run.record import marker
 
 
-def per_sample_stats(block: dict) -> tuple[dict, set]:
-    """task -> (ids, per-sample official statistics) from the predictions file a run's eval scored, for the
-    paired tests (the GREEN judge's per-report scores are not kept: report generation is left out); and every
-    id the file holds, reports included (what two runs share is counted on those)."""
-    from flare_exp.metrics import official
+def scored_rows(block: dict) -> list[dict]:
+    """The rows of the predictions file a run's eval scored (``scored_file`` found it)."""
     from flare_exp.data.predictions import load_rows
 
-    rows, _ = load_rows(Path(block["file"]), allow_partial=True)
-    by_task: dict = {}
+    return load_rows(Path(block["file"]), allow_partial=True)[0]
+
+
+def official_stats(rows: list[dict], field: str = "task_type") -> dict:
+    """group -> (task, ids, per-sample official statistics) of the rows grouped by ``field`` (task_type, or
+    dataset as eval's per-dataset blocks); report generation left out (its GREEN scores are the judge's)."""
+    from flare_exp.metrics import official
+
+    groups: dict = {}
     for row in rows:
-        by_task.setdefault(row["task_type"], []).append(row)
-    return ({task: ([r["id"] for r in group], official.STATS[task]([r.get("prediction", "") for r in group],
-                                                                    [r.get("answer", "") for r in group]))
-             for task, group in by_task.items() if task in official.STATS}, {r["id"] for r in rows})
+        groups.setdefault(row[field], []).append(row)
+    return {name: (group[0]["task_type"], [r["id"] for r in group], official.STATS[group[0]["task_type"]](
+        [r.get("prediction", "") for r in group], [r.get("answer", "") for r in group]))
+        for name, group in groups.items() if group[0]["task_type"] in official.STATS}
+
+
+def per_sample_stats(rows: list[dict]) -> tuple[dict, set]:
+    """task -> (ids, per-sample official statistics) for the paired tests (the GREEN judge's per-report scores
+    are not kept: report generation is left out); and every id the rows hold, reports included (what two runs
+    share is counted on those)."""
+    return ({task: (ids, values) for task, (_, ids, values) in official_stats(rows).items()},
+            {r["id"] for r in rows})
 
 
 def scored_file(block: dict, key: str, output_root: Path) -> Path:
@@ -57,11 +69,11 @@ def scored_file(block: dict, key: str, output_root: Path) -> Path:
         "eval on where it is now")
 
 
-def disagreeing_value(block: dict, stats: dict) -> str | None:
-    """'task.metric: V in metrics.json, W from the predictions it scored' for the first official number that its
-    own predictions do not give (a number edited into metrics.json: the table would show it beside tests of the
-    true one); None where they agree. A partial run's numbers (predictions missing: counted by eval over the whole
-    split) are not recomputed here."""
+def disagreeing_value(block: dict, rows: list[dict]) -> str | None:
+    """'task.metric: V in metrics.json, W from the predictions it scored' for the first official number, of a
+    task or of a dataset, that its own predictions do not give (a number edited into metrics.json: the table
+    would show it beside tests of the true one); None where they agree. A partial run's numbers (predictions
+    missing: counted by eval over the whole split) are not recomputed here."""
     import math
 
     from flare_exp.io import NON_FINITE
@@ -69,15 +81,17 @@ def disagreeing_value(block: dict, stats: dict) -> str | None:
 
     if block.get("partial") or block.get("coverage"):
         return None
-    for task, (_ids, values) in stats.items():
-        found = (block.get("official") or {}).get(task)
-        said = found.get(OFFICIAL_METRIC[task]) if isinstance(found, dict) else None
-        said = NON_FINITE.get(said, said) if isinstance(said, str) else said
-        true = official_value(task, values)
-        if said is None or true is None or said == true or (math.isnan(said) and math.isnan(true)) or \
-                abs(said - true) <= 1e-9 * max(1.0, abs(true)):
-            continue
-        return f"{task}.{OFFICIAL_METRIC[task]}: {said!r} in metrics.json, {true!r} from the predictions it scored"
+    for part, field in (("official", "task_type"), ("official_by_dataset", "dataset")):
+        for group, (task, _ids, values) in official_stats(rows, field).items():
+            found = (block.get(part) or {}).get(group)
+            said = found.get(OFFICIAL_METRIC[task]) if isinstance(found, dict) else None
+            said = NON_FINITE.get(said, said) if isinstance(said, str) else said
+            true = official_value(task, values)
+            if said is None or true is None or said == true or (math.isnan(said) and math.isnan(true)) or \
+                    abs(said - true) <= 1e-9 * max(1.0, abs(true)):
+                continue
+            where = group if part == "official" else f"{group} ({task})"
+            return f"{where}.{OFFICIAL_METRIC[task]}: {said!r} in metrics.json, {true!r} from the predictions it scored"
     return None
 
 
@@ -130,8 +144,9 @@ def comparison(output_root: Path, names: list[str], resamples: int = 1000, seed:
         dirs[run_dir.resolve()] = name
         for key, block in compared_blocks(output_root, name, run_dir).items():
             results[key] = block
-            samples[key], inputs[key] = per_sample_stats(block)
-            edited = disagreeing_value(block, samples[key])
+            rows = scored_rows(block)
+            samples[key], inputs[key] = per_sample_stats(rows)
+            edited = disagreeing_value(block, rows)
             if edited:
                 raise ValueError(f"runs.compare: {key}: {edited}: {metrics_file(run_dir)} was edited since its "
                                  "eval wrote it; rerun that eval")

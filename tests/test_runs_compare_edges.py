@@ -24,7 +24,8 @@ def _eval(root, name, hits: int):
     run_dir = root / "runs" / name
     write_run_metadata(run_dir, compose_cfg(["stage=eval"]))
     block = {"file": str(infer / "predictions.jsonl"), "file_sha256": file_digest(infer / "predictions.jsonl"),
-             "n": 4, "split": "val", "official": {"multi_label": {"f1_score": hits / 4}}, "official_by_dataset": {}}
+             "n": 4, "split": "val", "official": {"multi_label": {"f1_score": hits / 4}},
+             "official_by_dataset": {"chestdr": {"f1_score": hits / 4}}}
     (run_dir / "metrics.json").write_text(json.dumps({name: block}))
     run_with_markers(run_dir, lambda: {})
     return run_dir
@@ -103,6 +104,13 @@ def test_a_number_edited_into_metrics_json_is_refused_not_shown_beside_tests_of_
             comparison(root, ["a", "b"], resamples=20)
         metrics.write_text(metrics.read_text().replace(edited, '"f1_score": 0.25'))
     assert "Paired tests" in "\n".join(comparison(root, ["a", "b"], resamples=20))
+    # a dataset's own row of the table, edited alone
+    block = json.loads(metrics.read_text())
+    block["a"]["official_by_dataset"]["chestdr"]["f1_score"] = 0.5
+    metrics.write_text(json.dumps(block))
+    with pytest.raises(ValueError, match=r"runs.compare: a: chestdr \(multi_label\).f1_score: 0.5 in metrics.json, "
+                                         r"0.25 from the predictions it scored"):
+        comparison(root, ["a", "b"], resamples=20)
 
 
 def test_one_model_emptied_by_hand_in_an_eval_of_several_is_named_not_dropped(tmp_path):

@@ -172,24 +172,6 @@ def restore_indexed_cpu_storages() -> None:
     serialization.register_package(30, lambda obj: None, deserialize)  # once per process (functools.cache)
 
 
-def effective_batch(section, world: int, samples: int | None = None, stage: str = "sft") -> dict:
-    """What one optimizer step sees, for the summary (and the log line). Beyond the ``samples`` of the training
-    set the Trainer ends an accumulation with the epoch: every step is one epoch (8 x 50 said 400 samples a step
-    where each held the 192 there were), said once and recorded as what a step holds."""
-    per_step = section.per_device_train_batch_size * world
-    configured = per_step * section.gradient_accumulation_steps
-    if samples is None or configured <= samples:
-        return {"world_size": world, "effective_batch": configured}
-    fits = (f"{stage}.gradient_accumulation_steps={samples // per_step} or less keeps the batch you set"
-            if samples >= per_step else f"{stage}.per_device_train_batch_size={max(1, samples // world)} or less "
-            "holds one batch (a larger one is filled by the whole set)")
-    log.warning("%s: %d per device x %d accumulation x %d rank(s) = %d samples per optimizer step, but the training "
-                "set holds %d: the Trainer ends each accumulation with the epoch, so every step is one epoch of %d "
-                "samples (%s)", stage, section.per_device_train_batch_size, section.gradient_accumulation_steps, world,
-                configured, samples, samples, fits)
-    return {"world_size": world, "effective_batch": samples, "effective_batch_configured": configured}
-
-
 def out_of_memory_error(cfg, stage: str, step: int, out_dir: Path, remedies: list[str]) -> RuntimeError:
     """What a training stage says when the GPU runs out of memory: where and what to lower. A remedy that keeps
     the run (a speed setting: its key is free for the stage) comes with what the same command then does under

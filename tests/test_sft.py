@@ -497,7 +497,7 @@ def test_an_accumulation_beyond_the_training_set_is_said_and_recorded_as_what_a_
     import logging
     from types import SimpleNamespace
 
-    from flare_exp.training import effective_batch
+    from flare_exp.step_batch import effective_batch
 
     section = SimpleNamespace(per_device_train_batch_size=8, gradient_accumulation_steps=50)
     with caplog.at_level(logging.WARNING):
@@ -508,6 +508,11 @@ def test_an_accumulation_beyond_the_training_set_is_said_and_recorded_as_what_a_
     effective_batch(SimpleNamespace(per_device_train_batch_size=16, gradient_accumulation_steps=1), 1, 12)
     assert "sft.per_device_train_batch_size=12 or less holds one batch" in caplog.text  # accumulation 1 already
     assert effective_batch(section, 2) == {"world_size": 2, "effective_batch": 800}
+    with caplog.at_level(logging.INFO):  # 10 samples in steps of 4: 4, 4 and 2 an epoch
+        assert effective_batch(SimpleNamespace(per_device_train_batch_size=2, gradient_accumulation_steps=2), 1, 10) \
+            == {"world_size": 1, "effective_batch": 4, "epoch_last_step_samples": 2}
+    assert "the training set's 10 samples do not divide into optimizer steps of 4: each epoch ends with a step of 2" \
+        in caplog.text
 
 
 def test_steps_set_for_a_resume_apply_from_the_checkpoint_on(caplog):

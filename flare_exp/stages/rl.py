@@ -30,9 +30,9 @@ from flare_exp.rl_monitor.reward_summary import reward_line, summarise
 from flare_exp.run.layout import summary_name
 from flare_exp.run.stage import Stage
 from flare_exp.runtime import abspath, check_choice, ranks
-from flare_exp.training import (CheckpointMeta, ProgressLog, cpu_ranks_args, data_fingerprints,
-                                effective_batch, half_precision, profiling, schedule_changes, setup_tracking,
-                                train_and_save, trainer_arguments)
+from flare_exp.step_batch import effective_batch
+from flare_exp.training import (CheckpointMeta, ProgressLog, cpu_ranks_args, data_fingerprints, half_precision,
+                                profiling, schedule_changes, setup_tracking, train_and_save, trainer_arguments)
 
 
 STAGE = Stage(

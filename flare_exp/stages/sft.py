@@ -24,9 +24,9 @@ from flare_exp.run.layout import summary_name
 from flare_exp.run.stage import Stage
 from flare_exp.runtime import abspath, check_choice, is_compilation_error, ranks
 from flare_exp.stages import sft_card
-from flare_exp.training import (CheckpointMeta, ProgressLog, cpu_ranks_args, data_fingerprints, effective_batch,
-                                half_precision, profiling, schedule_changes, setup_tracking, train_and_save,
-                                trainer_arguments)
+from flare_exp.step_batch import effective_batch
+from flare_exp.training import (CheckpointMeta, ProgressLog, cpu_ranks_args, data_fingerprints, half_precision,
+                                profiling, schedule_changes, setup_tracking, train_and_save, trainer_arguments)
 
 
 STAGE = Stage(

@@ -63,6 +63,50 @@ def test_every_mode_becomes_8_bit_rgb_by_the_rule(tmp_path):
     assert decode_image(paths["exif"]).size == (32, 64)  # turned upright (the file holds it 64 x 32)
 
 
+def _png16(path, channels: np.ndarray, colour_type: int, exif: bytes = b""):
+    """A 16-bit PNG written byte by byte (PIL writes no 16-bit colour PNG): channels (H, W, C)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    rows = channels.astype(">u2")
+    raw = b"".join(b"\x00" + row.tobytes() for row in rows)
+    header = struct.pack(">IIBBBBB", rows.shape[1], rows.shape[0], 16, colour_type, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + (chunk(b"eXIf", exif) if exif else b"")
+                     + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    return path
+
+
+def test_a_16_bit_colour_png_is_scaled_as_a_16_bit_grey_one_not_cut_to_its_high_byte(tmp_path):
+    """PIL opens a 16-bit RGB or grey+alpha PNG as RGB / RGBA holding each value's high byte: 12-bit data
+    became 16 levels of near black (0..14), whatever data.image_window said. Decoded in full, they give the
+    16-bit grey PNG's pixels; prepare counts them as what they are."""
+    grey = GRADIENT[..., None]
+    opaque = np.full_like(grey, 65535)
+    paths = {"I;16": tmp_path / "grey.png", "RGB;16": _png16(tmp_path / "rgb.png", np.concatenate([grey] * 3, -1), 2),
+             "LA;16": _png16(tmp_path / "la.png", np.concatenate([grey, opaque], -1), 4),
+             "RGBA;16": _png16(tmp_path / "rgba.png", np.concatenate([grey] * 3 + [opaque // 2], -1), 6)}
+    Image.fromarray(GRADIENT.astype(np.uint16)).save(paths["I;16"])
+    for window in (None, (0, 4095)):
+        want = np.asarray(decode_image(paths["I;16"], window))
+        for label in ("RGB;16", "LA;16"):
+            assert np.array_equal(np.asarray(decode_image(paths[label], window)), want), (label, window)
+        half = np.asarray(decode_image(paths["RGBA;16"], window)).astype(int)  # alpha 0.5: over black
+        assert np.abs(half - want.astype(int) // 2).max() <= 1
+    assert np.asarray(decode_image(paths["RGB;16"])).max() == 255
+    checked = check_images(list(paths.values()), workers=1, window=None)
+    assert {label: checked[path].mode for label, path in paths.items()} == {label: label for label in paths}
+    assert checked[paths["RGB;16"]].pixels == checked[paths["I;16"]].pixels
+    upright = np.concatenate([grey[:, :32]] * 3, -1)  # 64 high, 32 wide
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored turned a quarter (rotate 90 clockwise to view), as a scanner export may be
+    turned = _png16(tmp_path / "turned.png", np.rot90(upright), 2, exif.tobytes())
+    assert np.array_equal(np.asarray(decode_image(turned)), np.asarray(decode_image(_png16(
+        tmp_path / "upright.png", upright, 2))))
+
+
 def test_prepare_sft_rl_and_infer_see_the_same_pixels(tmp_path):
     from flare_exp.models.batch_decoding import batches_with_images
     from flare_exp.stages.rl import grpo_dataset

@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 from tqdm.auto import tqdm
 
-from flare_exp.data.decoding import HIGH_BIT_DEPTH, upright_rgb
+from flare_exp.data.decoding import HIGH_BIT_DEPTH, mode_label, upright_rgb
 
 OUTSIDE_ROOT = "outside data.root"
 SMALLER_THAN_A_PATCH = "image smaller than one vision patch"
@@ -147,7 +147,7 @@ def _check_image(path: str, window: tuple[float, float] | None, decode: bool = T
             # half that is no reason to drop a large scan, which the processor's max_pixels scales down anyway
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as im:
-                size, mode, stored = f"{im.width}x{im.height} px, {size}", im.mode, im.size
+                size, mode, stored = f"{im.width}x{im.height} px, {size}", mode_label(im), im.size
                 frames = getattr(im, "n_frames", 1)
                 if decode:
                     picture = upright_rgb(im, window)

@@ -107,6 +107,53 @@ def test_an_archive_replaced_after_extracting_is_extracted_again(tmp_path):
     assert pending_zips(tmp_path) == [archive]
 
 
+def test_files_deleted_since_their_archive_was_extracted_come_back_from_it(tmp_path, caplog):
+    """The marker said extracted, but the folder was cleaned up (or a copy of the download kept the markers): a
+    new prepare trusted the marker and rejected every question as 'missing image'. The files gone come back from
+    the archive; one edited in place is left as it is."""
+    import zipfile
+
+    from flare_exp.data.unzip import pending_zips, unzip_nested
+
+    archive = tmp_path / "training" / "set.zip"
+    archive.parent.mkdir(parents=True)
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("set/imagesTr/a.png", "a")
+        zf.writestr("set/imagesTr/b.png", "b")
+        zf.writestr("set/a_questions_train.json", "[]")
+    assert unzip_nested(tmp_path) == 1
+    images = tmp_path / "training" / "set" / "imagesTr"
+    (images / "a.png").unlink()
+    (tmp_path / "training/set/a_questions_train.json").write_text('[{"edited": 1}]')
+    assert pending_zips(tmp_path) == [archive]
+    assert unzip_nested(tmp_path) == 1 and (images / "a.png").read_text() == "a"
+    assert "edited" in (tmp_path / "training/set/a_questions_train.json").read_text()
+    assert "1 file(s) of" in caplog.text and "extracted before, are gone (e.g. set/imagesTr/a.png)" in caplog.text
+    assert pending_zips(tmp_path) == []
+    for name in ("a.png", "b.png"):
+        (images / name).unlink()
+    images.rmdir()
+    assert unzip_nested(tmp_path) == 1 and sorted(p.name for p in images.iterdir()) == ["a.png", "b.png"]
+
+
+def test_a_whole_split_of_a_dataset_rejected_is_said(tmp_path, demo_root, caplog):
+    """Hand-edited answers with decimal commas (or its images gone): every training question of boneresorption
+    rejected, prepare finished without a word while its val split kept it going (an emptied file was said)."""
+    questions = demo_root / "training/Xray/boneresorption/boneresorption_questions_train.json"
+    records = json.loads(questions.read_text())
+    for record in records:
+        record["Answer"] = str(record["Answer"]).replace(".", ",") if "." in str(record["Answer"]) else \
+            f"{record['Answer']},5"
+    questions.write_text(json.dumps(records))
+    out = _prepare(tmp_path, demo_root)
+    assert not any(r["dataset"] == "boneresorption" for r in read_jsonl(out / "train.jsonl"))
+    assert f"prepare: train gets nothing from boneresorption: its {len(records)} questions there were all " \
+           f"rejected ({len(records)} regression answer not a finite number (decimal comma); each in" in caplog.text
+    reason = read_jsonl(out / "rejects.jsonl")[0]["reason"]
+    assert reason.endswith("is not a finite number (a decimal comma? FLARE's evaluator reads float(answer): write "
+                           "it with a point)")
+
+
 def test_a_broken_archive_of_a_dataset_not_asked_for_is_passed_over(tmp_path, caplog):
     """A cut chestdr.zip stops no prepare of dental alone (said), nor its reuse; one that may hold the data asked
     for stops it, saying what to do."""

@@ -348,6 +348,7 @@ def check_requested(root: Path, cfg_data, split_sources: dict, by_split: dict, r
     for dataset in cfg_data.datasets:
         if not any(r["dataset"] == dataset for rows in by_split.values() for r in rows):
             problems.append(f"dataset {dataset} yielded no record in any split")
+    all_rejected(root, cfg_data, split_sources, by_split, rejects, found, rejects_file)
     if not by_split["train"] and not by_split["val"]:
         problems.append("no train or val records at all")
     if problems:
@@ -356,6 +357,26 @@ def check_requested(root: Path, cfg_data, split_sources: dict, by_split: dict, r
                            + f". Rejected records: {dict(kinds) or 'none'} (each with file, index and reason in "
                            f"{rejects_file}). Check data.root, data.datasets and data.*_splits "
                            "(an empty list, e.g. data.test_splits=[], leaves a split out).")
+
+
+def all_rejected(root: Path, cfg_data, split_sources: dict, by_split: dict, rejects: list, found: list[tuple],
+                 rejects_file: Path) -> None:
+    """A dataset whose questions for a split were all rejected (hand-edited answers, its images gone) leaves that
+    split without its task: said as an emptied question file is, with the commonest reasons (the dataset's other
+    splits keep prepare going, so nothing stops)."""
+    for out_split, sources in split_sources.items():
+        kept = {r["dataset"] for r in by_split[out_split]}
+        lost: dict[str, Counter] = defaultdict(Counter)
+        for qf in discover(found, list(cfg_data.datasets), sources):
+            if qf.dataset not in kept:
+                file = str(qf.path.relative_to(root))
+                lost[qf.dataset].update(reason_kind(r["reason"]) for r in rejects
+                                        if r["file"] == file and r["split"] == out_split)
+        for dataset, reasons in lost.items():
+            if reasons:
+                log.warning("prepare: %s gets nothing from %s: its %d questions there were all rejected (%s; "
+                            "each in %s)", out_split, dataset, sum(reasons.values()), ", ".join(
+                                f"{n} {why}" for why, n in reasons.most_common(3)), rejects_file)
 
 
 def format_summary(summary: dict) -> str:

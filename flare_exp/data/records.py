@@ -110,7 +110,9 @@ def answer_text(raw: Any, task_type: str, dataset: str, question: str) -> tuple[
         # model trained on "40%" would write answers the leaderboard cannot read
         number = text.rstrip("% ")
         if not _NUMBER_ANSWER.fullmatch(text) or not math.isfinite(float(number)):
-            return None, f"regression answer {text[:40]!r} is not a finite number"
+            comma = " (a decimal comma? FLARE's evaluator reads float(answer): write it with a point)" if \
+                re.fullmatch(r"[+-]?\d+,\d+ ?%?", text) else ""
+            return None, f"regression answer {text[:40]!r} is not a finite number{comma}"
         # digits of another script ("３５", "٣٥"): float() reads them, but a model trained on them writes them
         text = "".join(str(unicodedata.digit(c)) if c.isdigit() and not c.isascii() else c for c in number)
     if task_type == "classification":

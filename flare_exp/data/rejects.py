@@ -22,6 +22,8 @@ def reason_kind(reason: str) -> str:
                    "missing key", "unknown TaskType", OUTSIDE_ROOT, SMALLER_THAN_A_PATCH, PROCESSOR_REFUSES):
         if reason.startswith(prefix):
             return prefix
+    if reason.startswith("regression answer ") and "is not a finite number" in reason:
+        return "regression answer not a finite number" + (" (decimal comma)" if "decimal comma" in reason else "")
     return reason
 
 

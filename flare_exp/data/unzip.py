@@ -1,6 +1,7 @@
 """FLARE's download unpacked in place: every nested ``*.zip`` extracted next to itself, once; an archive
 replaced after extracting (a re-download with other bytes) is extracted again (its marker records the size, time
-and sha1 it had when extracted)."""
+and sha1 it had when extracted), and its files deleted since (a disk cleanup, a copy of the download that kept the
+markers) come back from it."""
 from __future__ import annotations
 
 import logging
@@ -25,7 +26,22 @@ def pending_zips(root: Path) -> list[Path]:
     archive had when extracted; one copied again with the same bytes (new times) is not pending, its marker
     refreshed where the download is writable. A marker of an earlier version (no record) counts as extracted
     unless the archive is newer than it."""
-    return [z for z in walk_files(root, ".zip") if not _extracted(z, z.with_name(z.name + ".unzipped"))]
+    return [z for z in walk_files(root, ".zip") if not _extracted(z, _marker(z)) or _gone_members(z)]
+
+
+def _marker(archive: Path) -> Path:
+    return archive.with_name(archive.name + ".unzipped")
+
+
+def _gone_members(archive: Path) -> list[str]:
+    """The archive's files that are not next to it (deleted since it was extracted: a disk cleanup, a copy of the
+    download that kept the marker); an archive that cannot be read counts as not extracted."""
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            names = zf.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return ["(the archive cannot be read)"]
+    return [m for m in names if not m.endswith("/") and not (archive.parent / m).exists()]
 
 
 def _extracted(archive: Path, marker: Path) -> bool:
@@ -97,13 +113,25 @@ def _extract_pending(root: Path, datasets: list[str] | None = None) -> int:
             return extracted
         for archive in tqdm(pending, desc="unzip", unit="zip", disable=len(pending) < 2):
             dest = archive.parent.resolve()
+            # extracted before: only its files gone since come back (the others may have been edited in place)
+            refill = _gone_members(archive) if _extracted(archive, _marker(archive)) else None
             try:
                 with zipfile.ZipFile(archive) as zf:
                     for member in zf.namelist():
                         target = (dest / member).resolve()
                         if dest not in target.parents and target != dest:
                             raise PrepareError(f"{archive}: member {member!r} would extract outside {dest}")
-                    zf.extractall(dest)
+                    if refill:
+                        log.warning("prepare: %d file(s) of %s, extracted before, are gone (e.g. %s): extracted "
+                                    "again", len(refill), archive, refill[0])
+                    zf.extractall(dest, members=refill)
+            except OSError as e:
+                if refill is None:
+                    raise
+                log.warning("prepare: %d file(s) of %s, extracted before, are gone and cannot be extracted again "
+                            "(%s): the questions naming them are rejected as missing images", len(refill), archive, e)
+                passed_over.add(archive)
+                continue
             except zipfile.BadZipFile as e:
                 if of_another_dataset(root, archive, datasets):
                     log.warning("prepare: %s is not a valid zip file (%s); passed over: it holds none of "
@@ -113,5 +141,6 @@ def _extract_pending(root: Path, datasets: list[str] | None = None) -> int:
                 raise PrepareError(f"{archive}: not a valid zip file ({e}): a download cut short? Download it "
                                    "again, or move it out of data.root if its data is not needed (data.unzip=false "
                                    "skips every archive)") from None
-            archive.with_name(archive.name + ".unzipped").write_text(_archive_stamp(archive))
+            _marker(archive).write_text(_archive_stamp(archive))
+            passed_over.add(archive)  # once per call: a member the filesystem does not keep is not retried
             extracted += 1

@@ -260,6 +260,19 @@ def test_strict_mode_names_file_and_index(tmp_path):
         _prepare(tmp_path, root, "data.datasets=[chestdr]", "data.strict=true")
 
 
+@pytest.mark.parametrize("encoding, said", [("utf-16", "it looks like UTF-16, an editor's 'Unicode' save"),
+                                            ("utf-16-le", "it looks like UTF-16"),
+                                            ("latin-1", r"byte 0xe9 at position \d+: Latin-1 or Windows-1252")])
+def test_a_question_file_saved_in_another_encoding_is_named_as_such(tmp_path, encoding, said):
+    """Not 'malformed JSON' with a codec's message: the file is JSON in another encoding; save it as UTF-8."""
+    root = tmp_path / "raw"
+    d = _small_tree(root, [])
+    text = json.dumps([{**GOOD, "Question": "Which opacité?"}], ensure_ascii=False)
+    (d / "chestdr_questions_train.json").write_bytes(text.encode(encoding))
+    with pytest.raises(ValueError, match=r"chestdr_questions_train.json: not UTF-8 text, as JSON is \(" + said):
+        _prepare(tmp_path, root, "data.datasets=[chestdr]")
+
+
 def test_malformed_json_names_the_file(tmp_path):
     root = tmp_path / "raw"
     d = _small_tree(root, [GOOD])
@@ -511,7 +524,10 @@ def test_kept_records_a_careful_user_wants_named_are_counted_in_the_summary(tmp_
     root = tmp_path / "raw"
     _small_tree(root, [GOOD, {**GOOD, "ImageName": "imagesTr/b.png", "Answer": "Mass, Effusion"},  # same labels
                        {**GOOD, "ImageName": "imagesTr/c.png", "Answer": "Effusion"},  # the same pixels, other labels
-                       {**GOOD, "ImageName": ["imagesTr/a.png", "imagesTr/a.png"], "Question": "Twice?"}],
+                       {**GOOD, "ImageName": ["imagesTr/a.png", "imagesTr/a.png"], "Question": "Twice?"},
+                       # a TaskType edited by hand: chestdr then trains and scores as two tasks
+                       {**GOOD, "ImageName": "imagesTr/b.png", "Question": "Which one?", "TaskType": "Classification",
+                        "Answer": "A"}],
                 images=("a.png", "b.png", "c.png"))
     _small_tree(root, [{"TaskType": "Regression", "Modality": "Xray", "ImageName": f"imagesTr/{name}",
                         "Question": f"Resorption of {name}?", "Answer": answer, "Split": "train"}
@@ -519,7 +535,7 @@ def test_kept_records_a_careful_user_wants_named_are_counted_in_the_summary(tmp_
     caplog.set_level("WARNING")
     out = _prepare(tmp_path, root, "data.datasets=[chestdr,boneresorption]", "data.allow_overlap=true")
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["records"]["train"] == 6
+    assert summary["records"]["train"] == 7
     conflicts = summary["same_pixels_other_answers"]
     assert conflicts["count"] == 1 and "a.png" in conflicts["first"][0] and "c.png" in conflicts["first"][0]
     assert "'Effusion'" in conflicts["first"][0] and "b.png" in conflicts["first"][0]
@@ -527,12 +543,16 @@ def test_kept_records_a_careful_user_wants_named_are_counted_in_the_summary(tmp_
     bone = next(r for r in read_jsonl(out / "train.jsonl") if r["answer"] == "-5")
     assert summary["percentages_out_of_range"] == {"count": 1, "first": [
         f"train: training/Xray/boneresorption/imagesTr/a.png ({bone['id']}) = '-5'"]}
+    other = next(r for r in read_jsonl(out / "train.jsonl") if r["task_type"] == "classification")
+    assert summary["other_task_type_than_its_dataset"] == {"count": 1, "first": [
+        f"train: training/Xray/chestdr/imagesTr/b.png ({other['id']}) is classification"]}
     for said in ("asked of the same pixels under several names with answers that differ",
-                 "show one picture more than once", "percentage answer(s) lie outside 0-100"):
+                 "show one picture more than once", "percentage answer(s) lie outside 0-100",
+                 "1 record(s) of chestdr have another task type than the rest of their dataset"):
         assert caplog.text.count(said) == 1
     listed = read_jsonl(out / "doubts.jsonl")  # every case, each record in full
     assert [d["kind"] for d in listed] == ["same_pixels_other_answers", "repeated_images_in_a_record",
-                                           "percentages_out_of_range"]
+                                           "percentages_out_of_range", "other_task_type_than_its_dataset"]
     assert sorted(r["answer"] for r in listed[0]["records"]) == ["Effusion", "Effusion, Mass", "Mass, Effusion"]
     assert listed[2]["records"] == [{"id": bone["id"], "images": bone["images"], "question": bone["question"],
                                      "answer": "-5"}] and listed[2]["split"] == "train"

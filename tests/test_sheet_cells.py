@@ -56,5 +56,5 @@ def test_a_text_longer_than_a_cell_holds_is_cut_with_a_warning_naming_its_row(tm
     write_sheet(tmp_path / "predictions.xlsx", rows, "run")
     cells = [[c.value for c in row] for row in load_workbook(tmp_path / "predictions.xlsx").active.iter_rows()]
     assert len(cells[1][3]) == 32767 and cells[1][3] == ("word " * 10000)[:32767] and cells[2][3] == "fine"
-    assert "1 cell(s) longer than a worksheet cell's 32767 characters were cut" in caplog.text
+    assert "1 row(s) with a text longer than a worksheet cell's 32767 characters, cut there" in caplog.text
     assert "(rows: id0)" in caplog.text

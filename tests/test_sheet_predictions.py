@@ -88,6 +88,8 @@ def test_hand_edits_are_scored_as_edited(tmp_path):
                                                                     r"datetime"),
     (lambda s: s.__setitem__("D3", True), "cell D3: Excel turned the typed text into bool"),
     (lambda s: s.__setitem__("D4", "=1+1"), r"cell D4 holds a formula \(=1\+1\): paste its value"),
+    # a lookup pasted as values: the error value, not text (scored as the text "#N/A", an infinite MAE)
+    (lambda s: s.__setitem__("D5", "#N/A"), r"cell D5 holds the Excel error #N/A, not a prediction"),
     (lambda s: s.__setitem__("G1", "ID number"), r"no 'id' column in its first 20 rows \(the first row with values has: 'ImageName', .*'ID number'\)"),
     (lambda s: s.__setitem__("H1", "my notes"), r"more than one column that could hold the predictions"),
     (lambda s: s.__setitem__("D1", "Answer"), r"\('Answer'\) are both read as 'answer'"),  # the predictions'
@@ -168,7 +170,15 @@ def test_an_edited_sheet_beside_the_jsonl_eval_scores_is_said_naming_the_sheet(t
             for r in REFERENCE]
     write_jsonl(bell / "predictions.jsonl", rows)
     write_sheet(bell / "predictions.xlsx", rows, "my-run")
+    bells = sum(r["task_type"] == "classification" for r in rows)
+    assert f"predictions.xlsx: {bells} row(s) with control characters a worksheet cannot store, dropped" in caplog.text
     assert "edited_sheet_note" not in load_rows(bell / "predictions.jsonl", False, prepared)[1]
+    # the sheet itself scored: as it holds them, and said (the run dir would score the texts as generated)
+    scored, said = load_rows(bell / "predictions.xlsx", False, prepared)
+    assert not any("\x07" in r["prediction"] for r in scored)
+    assert said["stored_sheet_note"].startswith(f"{bells} prediction(s) of predictions.xlsx lost characters a "
+                                                "worksheet cannot store")
+    assert "stored_sheet_note" not in load_rows(_sheet(tmp_path), False, prepared)[1]  # nothing lost: nothing said
     sheet = _sheet(tmp_path)
     assert "edited_sheet_note" not in load_rows(tmp_path / "predictions.jsonl", False, prepared)[1]
     _edit(sheet, lambda ws: setattr(ws.cell(row=2, column=_column(ws, "my-run")), "value", "99"))

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 def load_rows(path: Path, allow_partial: bool, prepared_dir: str | None = None) -> tuple[list[dict], dict]:
     """The predictions of one file, joined by id to the prepared split they answer (found from the infer run,
     else ``prepared_dir``), checked; and what the report must say about them."""
-    from flare_exp.data.sheet_predictions import is_sheet, read_sheet_predictions
+    from flare_exp.data.sheet_predictions import is_sheet, read_sheet_predictions, stored_sheet_note
 
     if not is_sheet(path):
         refuse_other_formats(path)
@@ -66,6 +66,7 @@ def load_rows(path: Path, allow_partial: bool, prepared_dir: str | None = None) 
                                   f"; not read: the sheet(s) {', '.join(map(repr, other_sheets))}, which also "
                                   "hold an id column" if other_sheets else "") + (
                                   f"; {hidden} row(s) hidden in the sheet are scored too" if hidden else ""))
+        info.update(stored_sheet_note(path, rows))
     else:
         info.update(edited_sheet_beside(path, rows))
     if unfinished or torn:  # an unfinished infer run, or a file whose torn last line was left out

@@ -206,8 +206,20 @@ def _image_file(dataset_dir: Path, name: str) -> Path | None:
 def load_question_file(qf: QuestionFile) -> list:
     try:
         data = json.loads(qf.path.read_text(encoding="utf-8-sig"))  # a byte-order mark (Notepad's) is not JSON
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError as e:
+        raise PrepareError(f"{qf.path}: not UTF-8 text, as JSON is ({not_utf8(qf.path.read_bytes(), e)}): save it "
+                           "as UTF-8") from None
+    except json.JSONDecodeError as e:
         raise PrepareError(f"{qf.path}: malformed JSON ({e})") from None
     if not isinstance(data, list):
         raise PrepareError(f"{qf.path}: expected a JSON list of records, got {type(data).__name__}")
     return data
+
+
+def not_utf8(data: bytes, error: UnicodeDecodeError) -> str:
+    """What a question file that is not UTF-8 most likely is: an editor's "Unicode" save (UTF-16, by its
+    byte-order mark or its NUL bytes) or a single-byte code page (Latin-1, Windows-1252)."""
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff") or data[1:20:2].count(0) > 5 or data[:20:2].count(0) > 5:
+        return "it looks like UTF-16, an editor's 'Unicode' save"
+    return (f"byte 0x{data[error.start]:02x} at position {error.start}: Latin-1 or Windows-1252, an editor's "
+            "'ANSI' save?")

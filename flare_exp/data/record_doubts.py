@@ -4,13 +4,15 @@ doubts.jsonl, one warning per kind), per split:
 - the same question on the same pixels with answers that disagree (a picture filed twice under two names, its
   labels edited in one copy): the model is trained on both, FLARE scores against both;
 - a record that shows one picture more than once (a view listed twice, or two names of one file);
-- a bone-resorption answer outside 0-100 (it is a percentage: -5 or 250 is a typo).
+- a bone-resorption answer outside 0-100 (it is a percentage: -5 or 250 is a typo);
+- records of a dataset under another task type than the rest of it (a hand-edited TaskType: the dataset is then
+  trained and scored as several tasks).
 """
 from __future__ import annotations
 
 import logging
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 from flare_exp.data.records import label_separator
 
@@ -72,6 +74,15 @@ def out_of_range(rows: list[dict]) -> list[dict]:
     return out
 
 
+def other_task_types(rows: list[dict]) -> list[dict]:
+    """Records whose task type is not their dataset's commonest one (over every split)."""
+    kinds: dict[str, Counter] = defaultdict(Counter)
+    for row in rows:
+        kinds[row["dataset"]][row["task_type"]] += 1
+    usual = {dataset: counts.most_common(1)[0][0] for dataset, counts in kinds.items()}
+    return [row for row in rows if row["task_type"] != usual[row["dataset"]]]
+
+
 def _named(row: dict) -> str:
     """A record as a user finds it in the download: its images (under data.root), then its id."""
     return f"{' + '.join(row['images'])} ({row['id']})"
@@ -84,7 +95,7 @@ def _listed(kind: str, split: str, rows: list[dict]) -> dict:
 
 
 def record_doubts(by_split: dict[str, list[dict]]) -> tuple[dict, list[dict]]:
-    """The three kinds above, counted over the splits with the first named (summary.json), every case listed
+    """The kinds above, counted over the splits with the first named (summary.json), every case listed
     (doubts.jsonl's lines), each kind said once in the log."""
     conflicts = [(split, group) for split, rows in by_split.items() for group in conflicting_answers(rows)]
     # and across splits (data.allow_overlap keeps a picture in two): eval scores against the other split's answer
@@ -93,6 +104,7 @@ def record_doubts(by_split: dict[str, list[dict]]) -> tuple[dict, list[dict]]:
                   if len({r["split"] for r in group}) > 1]
     repeated = [(split, row) for split, rows in by_split.items() for row in repeated_images(rows)]
     ranged = [(split, row) for split, rows in by_split.items() for row in out_of_range(rows)]
+    mixed = [(row["split"], row) for row in other_task_types([r for rows in by_split.values() for r in rows])]
     said = {
         "same_pixels_other_answers": {"count": len(conflicts), "first": [
             f"{split}: " + "; ".join(f"{_named(r)} = {str(r.get('answer'))[:40]!r}" for r in group[:4])
@@ -101,10 +113,13 @@ def record_doubts(by_split: dict[str, list[dict]]) -> tuple[dict, list[dict]]:
                                         "first": [f"{split}: {_named(r)}" for split, r in repeated[:SHOWN]]},
         "percentages_out_of_range": {"count": len(ranged), "first": [
             f"{split}: {_named(r)} = {r.get('answer')!r}" for split, r in ranged[:SHOWN]]},
+        "other_task_type_than_its_dataset": {"count": len(mixed), "first": [
+            f"{split}: {_named(r)} is {r['task_type']}" for split, r in mixed[:SHOWN]]},
     }
     listed = ([_listed("same_pixels_other_answers", split, group) for split, group in conflicts]
               + [_listed("repeated_images_in_a_record", split, [r]) for split, r in repeated]
-              + [_listed("percentages_out_of_range", split, [r]) for split, r in ranged])
+              + [_listed("percentages_out_of_range", split, [r]) for split, r in ranged]
+              + [_listed("other_task_type_than_its_dataset", split, [r]) for split, r in mixed])
     every = f"{DOUBTS} lists all"
     if conflicts:
         log.warning("prepare: %d question(s) are asked of the same pixels under several names with answers that "
@@ -119,4 +134,10 @@ def record_doubts(by_split: dict[str, list[dict]]) -> tuple[dict, list[dict]]:
         log.warning("prepare: %d percentage answer(s) lie outside 0-100, e.g. %s: kept as written (a typo?); "
                     "%s (percentages_out_of_range)", len(ranged), said["percentages_out_of_range"]["first"][0],
                     every)
+    if mixed:
+        datasets = sorted({r["dataset"] for _, r in mixed})
+        log.warning("prepare: %d record(s) of %s have another task type than the rest of their dataset, e.g. %s: "
+                    "kept as written (the dataset is trained and scored as several tasks; a TaskType edited by "
+                    "hand?); %s (other_task_type_than_its_dataset)", len(mixed), ", ".join(datasets),
+                    said["other_task_type_than_its_dataset"]["first"][0], every)
     return said, listed

@@ -242,11 +242,13 @@ def _row(path: Path, title: str, cells, number: int, columns: dict[int, str], pr
 
 def _text(path: Path, title: str, cell) -> str | None:
     value = getattr(cell, "value", None)
-    if value is None or isinstance(value, str) and cell.data_type != "f":
+    if value is None or isinstance(value, str) and cell.data_type not in ("f", "e"):
         return value
     where = f"{path} (sheet {title!r}), cell {cell.coordinate}"
     if cell.data_type == "f":
         raise ValueError(f"{where} holds a formula ({value}): paste its value as text")
+    if cell.data_type == "e":  # a lookup pasted as values: no text anybody typed
+        raise ValueError(f"{where} holds the Excel error {value}, not a prediction: put the prediction's text there")
     if isinstance(value, bool) or isinstance(value, (datetime.date, datetime.time, datetime.timedelta)):
         raise ValueError(f"{where}: Excel turned the typed text into {type(value).__name__} {value}; format the "
                          "column as Text and type it again")
@@ -254,3 +256,29 @@ def _text(path: Path, title: str, cell) -> str | None:
         raise ValueError(f"{where}: a percentage cell (format {cell.number_format!r}) holds {value}, the typed number "
                          "divided by 100; format the column as Text and type the number without '%'")
     return str(value)  # a number typed into the cell: its text, as eval reads a number in a predictions.jsonl
+
+
+def stored_sheet_note(sheet: Path, rows: list[dict]) -> dict:
+    """A sheet infer wrote, scored as it is, beside the run's predictions.jsonl: where its predictions differ
+    from the journal's only by what a worksheet cannot store (control characters dropped, a text cut at a cell's
+    limit), said, since the run dir would score other texts; {} otherwise (no journal, or edits by hand: the
+    sheet is what was asked for)."""
+    from flare_exp.io import read_jsonl
+    from flare_exp.reports.sheets import as_stored
+
+    journal = sheet.with_suffix(".jsonl")
+    if not journal.is_file():
+        return {}
+    try:
+        generated = {r.get("id"): r.get("prediction") for r in read_jsonl(journal)}
+    except (OSError, ValueError):
+        return {}
+    altered = sum(isinstance(g := generated.get(r.get("id")), str) and g != r.get("prediction") and
+                  as_stored(g) == (r.get("prediction") or "") for r in rows)
+    if not altered:
+        return {}
+    note = (f"{altered} prediction(s) of {sheet.name} lost characters a worksheet cannot store (control "
+            f"characters, or a text past a cell's limit) when infer wrote it: scored as the sheet holds them; "
+            f"{journal.name} beside it (the run dir) holds them as generated")
+    log.warning("eval: %s", note)
+    return {"stored_sheet_note": note}

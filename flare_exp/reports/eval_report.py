@@ -159,7 +159,8 @@ def caveat_lines(results: dict, warnings: list[str], caveats: list[str] | None =
                                       "label)" if null else "")
                          + ("; here that is every multi-label pair, so its f1_score of 0 is FLARE's value for no "
                             "pairs, not a measurement" if every else ""))
-        for note in ("rejected_at_prepare", "answers_note", "dataset_names_note", "sheet_note", "edited_sheet_note"):
+        for note in ("rejected_at_prepare", "answers_note", "dataset_names_note", "sheet_note", "stored_sheet_note",
+                     "edited_sheet_note"):
             if res.get(note):
                 lines.append(res[note])
         for task, block in res["official"].items():

@@ -36,12 +36,17 @@ def write_sheet(path: Path, rows: list[dict], label: str, extra: tuple[str, ...]
                  for _, key in ROW_COLUMNS]
         values = [*cells[:PREDICTION_COLUMN], r["prediction"], *cells[PREDICTION_COLUMN:], *(r.get(k) for k in extra)]
         body.append([json.dumps(v, ensure_ascii=False) if isinstance(v, (list, dict)) else v for v in values])
-    cut = fill_sheet(ws, header, body, PREDICTION_WIDTHS + tuple(EXTRA_WIDTHS.get(k, 18) for k in extra), wrap=True)
+    cut, dropped = fill_sheet(ws, header, body, PREDICTION_WIDTHS + tuple(EXTRA_WIDTHS.get(k, 18) for k in extra),
+                              wrap=True)
+    named = lambda rows: ", ".join([str(body[row][header.index("id")]) for row in rows][:5]) + (  # noqa: E731
+        ", ..." if len(rows) > 5 else "")
     if cut:
-        ids = [str(body[row][header.index("id")]) for row in cut]
-        log.warning("%s: %d cell(s) longer than a worksheet cell's %d characters were cut there (rows: %s); the "
-                    "whole texts are in the run's JSONL", path, len(cut), EXCEL_CELL_CHARACTERS,
-                    ", ".join(ids[:5]) + (", ..." if len(ids) > 5 else ""))
+        log.warning("%s: %d row(s) with a text longer than a worksheet cell's %d characters, cut there (rows: %s); "
+                    "the whole texts are in the run's JSONL", path, len(cut), EXCEL_CELL_CHARACTERS, named(cut))
+    if dropped:
+        log.warning("%s: %d row(s) with control characters a worksheet cannot store, dropped there (rows: %s): "
+                    "scored from the sheet they read otherwise than the run's JSONL, which eval scores for the run "
+                    "dir", path, len(dropped), named(dropped))
     if metrics:
         fill_sheet(wb.create_sheet("metrics"), list(metrics[0]), [list(m) for m in metrics[1:]],
                    (48,) + (22,) * (len(metrics[0]) - 1), wrap=False)
@@ -97,7 +102,8 @@ def as_stored(value):
 
 def fill_sheet(ws, header: list[str], rows: list[list], widths: tuple[int, ...], wrap: bool) -> list[int]:
     """``header`` in bold and frozen, ``rows`` under it with filters, the columns ``widths`` characters wide;
-    numbers with four decimals. Returns the indices of the rows with a text cut at a cell's limit."""
+    numbers with four decimals. Returns the indices of the rows with a text cut at a cell's limit, and of those
+    that lost control characters."""
     from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
     from openpyxl.styles import Alignment, Font
     from openpyxl.utils import get_column_letter
@@ -108,10 +114,12 @@ def fill_sheet(ws, header: list[str], rows: list[list], widths: tuple[int, ...],
     text_cells(ws[1])
     for cell in ws[1]:
         cell.font = Font(bold=True)
-    cut = []
+    cut, dropped = [], []
     for index, values in enumerate(rows):
         if any(isinstance(v, str) and len(ILLEGAL_CHARACTERS_RE.sub("", v)) > EXCEL_CELL_CHARACTERS for v in values):
             cut.append(index)
+        if any(isinstance(v, str) and ILLEGAL_CHARACTERS_RE.search(v) for v in values):
+            dropped.append(index)
         ws.append([as_stored(v) for v in values])
         text_cells(ws[ws.max_row])  # untrusted text: never a formula, whatever it starts with
         for cell in ws[ws.max_row]:
@@ -125,7 +133,7 @@ def fill_sheet(ws, header: list[str], rows: list[list], widths: tuple[int, ...],
                 cell.alignment = Alignment(wrap_text=True, vertical="top")
     ws.freeze_panes = "A2"
     ws.auto_filter.ref = ws.dimensions
-    return cut
+    return cut, dropped
 
 
 def save_workbook(wb, path: Path) -> None:

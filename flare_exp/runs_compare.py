@@ -69,11 +69,30 @@ def scored_file(block: dict, key: str, output_root: Path) -> Path:
         "eval on where it is now")
 
 
-def disagreeing_value(block: dict, rows: list[dict]) -> str | None:
+def green_values(rows: list[dict], samples: Path | None, field: str) -> dict:
+    """group -> ("report_generation", ids, FLARE's green_score) from the judgments eval kept for these rows
+    (green_samples_*.jsonl: each report's judge output, read by the package's parser); {} without them."""
+    from flare_exp.io import read_jsonl
+    from flare_exp.metrics.green import green_score, parse_package
+
+    try:
+        judged = {s["id"]: s["judge_output"] for s in read_jsonl(samples)} if samples else {}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    groups: dict = {}
+    for row in rows:
+        if row["task_type"] == "report_generation":
+            groups.setdefault(row[field], []).append(row["id"])
+    return {name: ("report_generation", ids, sum(green_score(parse_package(judged[i])) for i in ids) / len(ids))
+            for name, ids in groups.items() if ids and all(isinstance(judged.get(i), str) for i in ids)}
+
+
+def disagreeing_value(block: dict, rows: list[dict], green_samples: Path | None = None) -> str | None:
     """'task.metric: V in metrics.json, W from the predictions it scored' for the first official number, of a
-    task or of a dataset, that its own predictions do not give (a number edited into metrics.json: the table
-    would show it beside tests of the true one); None where they agree. A partial run's numbers (predictions
-    missing: counted by eval over the whole split) are not recomputed here."""
+    task or of a dataset, that its own predictions (for report generation: the judgments eval kept of them) do
+    not give (a number edited into metrics.json: the table would show it beside tests of the true one); None
+    where they agree. A partial run's numbers (predictions missing: counted by eval over the whole split) are
+    not recomputed here."""
     import math
 
     from flare_exp.io import NON_FINITE
@@ -82,11 +101,14 @@ def disagreeing_value(block: dict, rows: list[dict]) -> str | None:
     if block.get("partial") or block.get("coverage"):
         return None
     for part, field in (("official", "task_type"), ("official_by_dataset", "dataset")):
-        for group, (task, _ids, values) in official_stats(rows, field).items():
+        recomputed = {group: (task, official_value(task, values))
+                      for group, (task, _ids, values) in official_stats(rows, field).items()}
+        recomputed.update({group: (task, value) for group, (task, _ids, value)
+                           in green_values(rows, green_samples, field).items()})
+        for group, (task, true) in recomputed.items():
             found = (block.get(part) or {}).get(group)
             said = found.get(OFFICIAL_METRIC[task]) if isinstance(found, dict) else None
             said = NON_FINITE.get(said, said) if isinstance(said, str) else said
-            true = official_value(task, values)
             if said is None or true is None or said == true or (math.isnan(said) and math.isnan(true)) or \
                     abs(said - true) <= 1e-9 * max(1.0, abs(true)):
                 continue
@@ -114,7 +136,9 @@ def compared_blocks(output_root: Path, name: str, run_dir: Path) -> dict:
         if edited:
             raise ValueError(f"runs.compare: {key}: {metrics_file(run_dir)} has {edited}, no number: edited since "
                              "its eval wrote it; rerun that eval")
-        out[key] = {**block, "file": str(scored_file(block, key, output_root))}
+        samples = metrics_file(run_dir).parent / f"green_samples_{label.replace('/', '_')}.jsonl"
+        out[key] = {**block, "file": str(scored_file(block, key, output_root)),
+                    **({"green_samples": str(samples)} if samples.is_file() else {})}
     return out
 
 
@@ -146,7 +170,7 @@ def comparison(output_root: Path, names: list[str], resamples: int = 1000, seed:
             results[key] = block
             rows = scored_rows(block)
             samples[key], inputs[key] = per_sample_stats(rows)
-            edited = disagreeing_value(block, rows)
+            edited = disagreeing_value(block, rows, Path(block["green_samples"]) if "green_samples" in block else None)
             if edited:
                 raise ValueError(f"runs.compare: {key}: {edited}: {metrics_file(run_dir)} was edited since its "
                                  "eval wrote it; rerun that eval")

@@ -8,7 +8,7 @@ import pytest
 from conftest import compose_cfg
 
 from flare_exp.catalog import listing
-from flare_exp.io import file_digest, write_jsonl
+from flare_exp.io import file_digest, read_jsonl, write_jsonl
 from flare_exp.run.lifecycle import run_with_markers
 from flare_exp.run.record import write_run_metadata
 from flare_exp.runs_compare import comparison
@@ -110,6 +110,33 @@ def test_a_number_edited_into_metrics_json_is_refused_not_shown_beside_tests_of_
     metrics.write_text(json.dumps(block))
     with pytest.raises(ValueError, match=r"runs.compare: a: chestdr \(multi_label\).f1_score: 0.5 in metrics.json, "
                                          r"0.25 from the predictions it scored"):
+        comparison(root, ["a", "b"], resamples=20)
+
+
+def test_a_green_score_edited_into_metrics_json_is_refused_from_the_judgments_eval_kept(tmp_path):
+    """Report generation's official number is the GREEN judge's mean: recomputed from the judgments eval kept
+    (green_samples_<model>.jsonl, read by the package's parser) as the other tasks' are from their predictions."""
+    from test_green_end_to_end import JUDGMENTS, SCORES
+
+    root = tmp_path / "out"
+    _eval(root, "b", 4)
+    run_dir = _eval(root, "a", 1)
+    infer = root / "runs" / "infer-a"
+    reports = [{"id": f"r{i}", "task_type": "report_generation", "dataset": "IU_XRay", "split": "val",
+                "answer": "The heart is normal.", "prediction": "Heart normal."} for i in range(4)]
+    write_jsonl(infer / "predictions.jsonl", read_jsonl(infer / "predictions.jsonl") + reports)
+    write_jsonl(run_dir / "green_samples_a.jsonl", [{"id": r["id"], "judge_output": j} for r, j in zip(reports, JUDGMENTS)])
+    mean = sum(SCORES[:4]) / 4
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics["a"].update(file_sha256=file_digest(infer / "predictions.jsonl"), n=8)
+    metrics["a"]["official"]["report_generation"] = {"green_score": mean}
+    metrics["a"]["official_by_dataset"]["IU_XRay"] = {"green_score": mean}
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    assert "report_generation: green_score" in "\n".join(comparison(root, ["a", "b"], resamples=20))
+    metrics["a"]["official_by_dataset"]["IU_XRay"]["green_score"] = 0.9
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    with pytest.raises(ValueError, match=rf"runs.compare: a: IU_XRay \(report_generation\).green_score: 0.9 in "
+                                         rf"metrics.json, {mean!r} from the predictions it scored"):
         comparison(root, ["a", "b"], resamples=20)
 
 

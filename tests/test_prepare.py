@@ -113,7 +113,7 @@ def test_files_deleted_since_their_archive_was_extracted_come_back_from_it(tmp_p
     the archive; one edited in place is left as it is."""
     import zipfile
 
-    from flare_exp.data.unzip import pending_zips, unzip_nested
+    from flare_exp.data.unzip import pending_zips, unzip_nested, why_pending
 
     archive = tmp_path / "training" / "set.zip"
     archive.parent.mkdir(parents=True)
@@ -126,6 +126,8 @@ def test_files_deleted_since_their_archive_was_extracted_come_back_from_it(tmp_p
     (images / "a.png").unlink()
     (tmp_path / "training/set/a_questions_train.json").write_text('[{"edited": 1}]')
     assert pending_zips(tmp_path) == [archive]
+    assert why_pending(archive) == ("extracted before, 1 of its files gone since (e.g. set/imagesTr/a.png): "
+                                    "extracted again")  # a finished prepare's reuse names it so
     assert unzip_nested(tmp_path) == 1 and (images / "a.png").read_text() == "a"
     assert "edited" in (tmp_path / "training/set/a_questions_train.json").read_text()
     assert "1 file(s) of" in caplog.text and "extracted before, are gone (e.g. set/imagesTr/a.png)" in caplog.text

@@ -29,6 +29,14 @@ def pending_zips(root: Path) -> list[Path]:
     return [z for z in walk_files(root, ".zip") if not _extracted(z, _marker(z)) or _gone_members(z)]
 
 
+def why_pending(archive: Path) -> str:
+    """Why a pending archive is to be extracted, in words."""
+    if not _extracted(archive, _marker(archive)):
+        return "new or replaced, not extracted yet"
+    gone = _gone_members(archive)
+    return f"extracted before, {len(gone)} of its files gone since (e.g. {gone[0]}): extracted again"
+
+
 def _marker(archive: Path) -> Path:
     return archive.with_name(archive.name + ".unzipped")
 

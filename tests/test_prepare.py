@@ -156,6 +156,29 @@ def test_a_whole_split_of_a_dataset_rejected_is_said(tmp_path, demo_root, caplog
                            "it with a point)")
 
 
+def test_question_files_named_or_placed_as_copies_are_said_not_skipped_silently(tmp_path, caplog):
+    """A second download unpacked beside the first ("training (1)/"), or a file saved twice ("... (1).json"):
+    not FLARE's names, so not read, and said (they may hold the data meant); other JSON files are not."""
+    from flare_exp.data.question_files import question_files, unread_copies
+
+    root = tmp_path / "raw"
+    d = _small_tree(root, [GOOD])
+    for copy in (root / "training (1)" / "Xray" / "chestdr" / "chestdr_questions_train.json",
+                 d / "chestdr_questions_train (1).json", d / "Copy of chestdr_questions_train.json",
+                 d / "chestdr_questions_train - Copy (2).json", d / "dental_questions_train copy.json",
+                 d / "notes (1).json"):
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        copy.write_text(json.dumps([GOOD]))
+    unread = unread_copies(root, question_files(root), ["chestdr"])
+    assert sorted(str(p.relative_to(root)) for p in unread) == [  # dental's: not asked for; notes: no name
+        "training (1)/Xray/chestdr/chestdr_questions_train.json",
+        "training/Xray/chestdr/Copy of chestdr_questions_train.json",
+        "training/Xray/chestdr/chestdr_questions_train (1).json",
+        "training/Xray/chestdr/chestdr_questions_train - Copy (2).json"]
+    _prepare(tmp_path, root, "data.datasets=[chestdr]")
+    assert "prepare: 4 question file(s) not read, named or placed as a copy (no FLARE name), e.g. " in caplog.text
+
+
 def test_a_broken_archive_of_a_dataset_not_asked_for_is_passed_over(tmp_path, caplog):
     """A cut chestdr.zip stops no prepare of dental alone (said), nor its reuse; one that may hold the data asked
     for stops it, saying what to do."""

@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 from flare_exp.data import records as R
 from flare_exp.data.decoding import check_window
 from flare_exp.data.images import NEARLY_UNIFORM, ProcessorLimits, check_images
-from flare_exp.data.question_files import QuestionFile, discover, load_question_file, question_files, resolve_image
+from flare_exp.data.question_files import (QuestionFile, discover, load_question_file, question_files, resolve_image,
+                                           unread_copies)
 from flare_exp.data.prepare_inputs import INPUTS, record_inputs
 from flare_exp.data.record_doubts import DOUBTS, record_doubts
 from flare_exp.data.rejects import REJECTS, reason_kind
@@ -145,6 +146,10 @@ def prepare(cfg_data, root: Path, out_dir: Path, limits: ProcessorLimits | None 
     split_sources = split_sources_of(cfg_data)
     rejects: list[dict] = []
     found = question_files(root)
+    copies = unread_copies(root, found, list(cfg_data.datasets))
+    if copies:
+        log.warning("prepare: %d question file(s) not read, named or placed as a copy (no FLARE name), e.g. %s: give "
+                    "them FLARE's names if they hold the data to prepare", len(copies), copies[0].relative_to(root))
     missing: list[tuple[Path, str]] = []
     candidates = read_records(root, cfg_data, split_sources, rejects, found, missing)
     accepted = accept_records(candidates, cfg_data, rejects, limits)

@@ -86,6 +86,25 @@ def question_files(root: Path) -> list[tuple[Path, str, str | None, bool]]:
     return found
 
 
+# what a browser or file manager adds to a second copy's name: "x (1)", "x - Copy", "x copy 2", "Copy of x"
+_COPIED_NAME = re.compile(r"(?: \(\d+\)| - copy(?: \(\d+\))?| copy(?: \d+)?)$|^copy of ", re.IGNORECASE)
+
+
+def unread_copies(root: Path, found: list[tuple], datasets: list[str]) -> list[Path]:
+    """Question files of the datasets asked for that prepare does not read: named as a copy of one
+    ("dental_questions_train (1).json", "Copy of ...") or under a folder that is no FLARE split ("training (1)/"):
+    a second download unpacked beside the first may hold the data meant."""
+    read = {path for path, dataset, split, _ in found if split is not None and dataset in datasets}
+    unread = []
+    for path in walk_files(root, ".json"):
+        if path in read or any(part.startswith(".") for part in path.relative_to(root).parts):
+            continue
+        named = _QUESTION_FILE.match(_COPIED_NAME.sub("", _COPIED_NAME.sub("", path.stem)) + ".json")
+        if named and named.group("dataset") in datasets:
+            unread.append(path)
+    return unread
+
+
 def resolve_image(dataset_dir: Path, name: str) -> Path | str:
     """The image file an ImageName names, or why there is none ("outside data.root": never opened)."""
     direct = inside(dataset_dir, name)

@@ -169,7 +169,8 @@ def test_an_edited_sheet_beside_the_jsonl_eval_scores_is_said_naming_the_sheet(t
     rows = [{**r, "prediction": PREDICTED[r["id"]] + ("\x07" if r["task_type"] == "classification" else "")}
             for r in REFERENCE]
     write_jsonl(bell / "predictions.jsonl", rows)
-    write_sheet(bell / "predictions.xlsx", rows, "my-run")
+    with caplog.at_level("INFO"):
+        write_sheet(bell / "predictions.xlsx", rows, "my-run")
     bells = sum(r["task_type"] == "classification" for r in rows)
     assert f"predictions.xlsx: {bells} row(s) with control characters a worksheet cannot store, dropped" in caplog.text
     assert "edited_sheet_note" not in load_rows(bell / "predictions.jsonl", False, prepared)[1]

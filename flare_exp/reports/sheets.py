@@ -43,11 +43,9 @@ def write_sheet(path: Path, rows: list[dict], label: str, extra: tuple[str, ...]
     if cut:
         log.warning("%s: %d row(s) with a text longer than a worksheet cell's %d characters, cut there (rows: %s); "
                     "the whole texts are in the run's JSONL", path, len(cut), EXCEL_CELL_CHARACTERS, named(cut))
-    if dropped:  # a predictions sheet scored as it is would score other texts; a scored sheet is a view
-        log.log(logging.INFO if extra else logging.WARNING,
-                "%s: %d row(s) with control characters a worksheet cannot store, dropped there (rows: %s)%s", path,
-                len(dropped), named(dropped), "" if extra else ": scored from this sheet they read otherwise than "
-                "the run's JSONL, which eval scores for the run dir")
+    if dropped:  # an eval of the sheet itself warns that it scores other texts than the run dir's JSONL
+        log.info("%s: %d row(s) with control characters a worksheet cannot store, dropped there (rows: %s); the "
+                 "run's JSONL holds them as generated", path, len(dropped), named(dropped))
     if metrics:
         fill_sheet(wb.create_sheet("metrics"), list(metrics[0]), [list(m) for m in metrics[1:]],
                    (48,) + (22,) * (len(metrics[0]) - 1), wrap=False)

@@ -107,6 +107,43 @@ def test_a_16_bit_colour_png_is_scaled_as_a_16_bit_grey_one_not_cut_to_its_high_
         tmp_path / "upright.png", upright, 2))))
 
 
+def _tiff16(path, channels: np.ndarray):
+    """An uncompressed 16-bit colour TIFF (little-endian, one strip), written byte by byte: channels (H, W, C)."""
+    import struct
+
+    height, width, count = channels.shape
+    data = channels.astype("<u2").tobytes()
+    tags = [(256, 3, 1, width), (257, 3, 1, height), (258, 3, count, 0), (259, 3, 1, 1), (262, 3, 1, 2),
+            (273, 4, 1, 0), (277, 3, 1, count), (278, 3, 1, height), (279, 4, 1, len(data)), (284, 3, 1, 1)]
+    bits_at = 8 + 2 + 12 * len(tags) + 4
+    strip_at = bits_at + 2 * count
+    ifd = struct.pack("<H", len(tags))
+    for tag, kind, n, value in tags:
+        value = {258: bits_at, 273: strip_at}.get(tag, value)
+        ifd += struct.pack("<HHIHH", tag, kind, n, value, 0) if kind == 3 and n == 1 else \
+            struct.pack("<HHII", tag, kind, n, value)
+    path.write_bytes(b"II*\x00" + struct.pack("<I", 8) + ifd + struct.pack("<I", 0) +
+                     struct.pack(f"<{count}H", *[16] * count) + data)
+    return path
+
+
+def test_a_16_bit_colour_tiff_is_read_in_full_where_uncompressed_and_said_where_not(tmp_path):
+    """A scanner's uncompressed 48-bit TIFF: PIL reads its high bytes; read in full, it gives the 16-bit grey
+    pixels. A compressed one keeps PIL's reading and its label says so (summary.json's images_by_mode)."""
+    from flare_exp.data.decoding import mode_label
+
+    grey = Image.fromarray(GRADIENT.astype(np.uint16))
+    grey.save(tmp_path / "grey.png")
+    tiff = _tiff16(tmp_path / "rgb.tif", np.stack([GRADIENT] * 3, -1))
+    for window in (None, (0, 4095)):
+        assert np.array_equal(np.asarray(decode_image(tiff, window)),
+                              np.asarray(decode_image(tmp_path / "grey.png", window)))
+    with Image.open(tiff) as im:
+        assert im.mode == "RGB" and mode_label(im) == "RGB;16"
+        im.tile = [tile._replace(codec_name="tiff_lzw") for tile in im.tile]  # as a compressed file's
+        assert mode_label(im) == "RGB;16 (high bytes only)"
+
+
 def test_prepare_sft_rl_and_infer_see_the_same_pixels(tmp_path):
     from flare_exp.models.batch_decoding import batches_with_images
     from flare_exp.stages.rl import grpo_dataset

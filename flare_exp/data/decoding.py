@@ -13,11 +13,11 @@ gives the same pixels everywhere.
    - alpha (``LA``, ``La``, ``PA``, ``RGBA``, ``RGBa``, and ``P`` with a transparent colour): composited over
      black, the colour of no signal on an X-ray: ``value * alpha / 255``, rounded (``La``, grey premultiplied by
      its alpha, is that already: its grey channel).
-   - 16-bit colour PNGs (RGB, grey + alpha, RGBA: 16 bits a channel, which PIL opens as ``RGB`` / ``RGBA``
-     keeping each value's high byte, so 12-bit data became 16 grey levels of near black): decoded in full
-     (torchvision's PNG decoder), the colour channels scaled together as a high-bit-depth grey is (own range or
-     the window), the alpha rounded to 8 bits, then as their 8-bit mode. ``mode_label`` names them ``RGB;16``,
-     ``LA;16``, ``RGBA;16``.
+   - 16-bit colour files (RGB, grey + alpha, RGBA: 16 bits a channel, which PIL opens as ``RGB`` / ``RGBA``
+     keeping each value's high byte, so 12-bit data became 16 grey levels of near black): read in full
+     (wide_colour.py: PNG, uncompressed TIFF), the colour channels scaled together as a high-bit-depth grey is
+     (own range or the window), the alpha rounded to 8 bits, then as their 8-bit mode. ``mode_label`` names them
+     ``RGB;16``, ``LA;16``, ``RGBA;16`` (``... (high bytes only)``: a compressed TIFF, PIL's reading kept).
 """
 from __future__ import annotations
 
@@ -26,11 +26,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from flare_exp.data.wide_colour import wide_colour_mode, wide_colour_values
+
 ORIENTATION = 0x0112  # the EXIF tag
 HIGH_BIT_DEPTH = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 WITH_ALPHA = ("LA", "La", "PA", "RGBA", "RGBa")
-# PIL's raw mode of a 16-bit colour PNG -> its label (the modes a window scales, with HIGH_BIT_DEPTH)
-WIDE_COLOUR_PNG = {"RGB;16B": "RGB;16", "LA;16B": "LA;16", "RGBA;16B": "RGBA;16"}
 # EXIF orientation -> the transpose that stands the picture up (PIL's ImageOps.exif_transpose table)
 UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
@@ -110,51 +110,28 @@ def to_rgb(im: Image.Image, window: tuple[float, float] | None = None) -> Image.
     return im.convert("RGB")  # RGB (a copy), L, P, CMYK, YCbCr, LAB, HSV: PIL's own conversion
 
 
-def wide_colour_mode(im: Image.Image) -> str | None:
-    """The label of a 16-bit colour PNG as PIL opened it (before its pixels are loaded), else None."""
-    if im.format != "PNG" or not im.tile:
-        return None
-    args = im.tile[0].args
-    return WIDE_COLOUR_PNG.get(args if isinstance(args, str) else args[0] if args else None)
-
-
 def mode_label(im: Image.Image) -> str:
-    """The image's mode as summary.json counts it: PIL's, or a 16-bit colour PNG's label."""
+    """The image's mode as summary.json counts it: PIL's, or a 16-bit colour file's label (wide_colour.py)."""
     return wide_colour_mode(im) or im.mode
 
 
-def wide_colour_rgb(im: Image.Image, window: tuple[float, float] | None) -> Image.Image:
-    """A 16-bit colour PNG (not yet loaded) decoded in full from its file: colour channels scaled together from
-    the window (else their own range), alpha rounded to 8 bits, then the 8-bit rule."""
-    import warnings
-
-    import torch
-
-    try:
-        from torchvision.io import ImageReadMode, decode_png
-    except ImportError as e:  # a torchvision without its image codecs
-        raise ValueError(f"a 16-bit colour PNG ({wide_colour_mode(im)}) is decoded in full by torchvision's PNG "
-                         f"decoder, which this torchvision lacks ({e}); install the pinned torchvision, or save the "
-                         "image as 16-bit grey") from e
-    im.fp.seek(0)
-    with warnings.catch_warnings():  # 0.29 says its codecs move to TorchCodec; the pinned version has them
-        warnings.simplefilter("ignore", DeprecationWarning)
-        data = decode_png(torch.frombuffer(bytearray(im.fp.read()), dtype=torch.uint8), ImageReadMode.UNCHANGED)
-    values = data.numpy().astype(np.int64)  # (channels, height, width), 0..65535
-    alpha = wide_colour_mode(im) != "RGB;16"
+def wide_colour_rgb(values: np.ndarray, window: tuple[float, float] | None) -> Image.Image:
+    """16-bit colour values (channels, height, width; alpha last where there is one) as 8-bit RGB: the colour
+    channels scaled together from the window (else their own range), alpha rounded to 8 bits and composited."""
+    alpha = values.shape[0] in (2, 4)
     colour = scale_to_8bit(values[:-1] if alpha else values, window)
     if not alpha:
         return Image.fromarray(np.moveaxis(colour, 0, -1), "RGB")
     opacity = ((values[-1] * 255 + 32767) // 65535).astype(np.uint8)[None]
-    if colour.shape[0] == 1:  # grey + alpha
-        return _over_black(Image.fromarray(np.moveaxis(np.concatenate([colour, opacity]), 0, -1), "LA"))
-    return _over_black(Image.fromarray(np.moveaxis(np.concatenate([colour, opacity]), 0, -1), "RGBA"))
+    layers = np.moveaxis(np.concatenate([colour, opacity]), 0, -1)
+    return _over_black(Image.fromarray(layers, "LA" if colour.shape[0] == 1 else "RGBA"))
 
 
 def upright_rgb(im: Image.Image, window: tuple[float, float] | None = None) -> Image.Image:
     """An opened image, turned as its EXIF orientation says, as 8-bit RGB by the rule above."""
-    if wide_colour_mode(im):
-        picture = wide_colour_rgb(im, window)
+    values = wide_colour_values(im) if wide_colour_mode(im) else None
+    if values is not None:
+        picture = wide_colour_rgb(values, window)
         turn = UPRIGHT.get(im.getexif().get(ORIENTATION, 1))
         return picture.transpose(turn) if turn is not None else picture
     if im.getexif().get(ORIENTATION, 1) != 1:

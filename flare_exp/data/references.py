@@ -208,10 +208,10 @@ def high_bit(reference: Path) -> bool:
         modes = json.loads((reference.parent / "summary.json").read_text(encoding="utf-8"))["images_by_mode"]
     except (OSError, ValueError, KeyError, TypeError):
         return True
-    from flare_exp.data.decoding import HIGH_BIT_DEPTH, WIDE_COLOUR_PNG  # the modes a window scales
+    from flare_exp.data.decoding import HIGH_BIT_DEPTH  # the modes a window scales
+    from flare_exp.data.wide_colour import LABELS
 
-    return not isinstance(modes, dict) or any(mode in HIGH_BIT_DEPTH or mode in WIDE_COLOUR_PNG.values()
-                                              for mode in modes)
+    return not isinstance(modes, dict) or any(mode in HIGH_BIT_DEPTH or mode in LABELS for mode in modes)
 
 
 def same_answer(given, prepared) -> bool:

@@ -24,6 +24,7 @@ from flare_exp.data.prepare_inputs import INPUTS, record_inputs
 from flare_exp.data.record_doubts import DOUBTS, record_doubts
 from flare_exp.data.rejects import REJECTS, reason_kind
 from flare_exp.data.unzip import PrepareError, unzip_nested
+from flare_exp.data.wide_colour import HIGH_BYTE_ONLY
 from flare_exp.io import write_json, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -331,6 +332,11 @@ def accept_records(candidates: list, cfg_data, rejects: list,
         by_split[record["split"]].append(record)
     sha1s = {p: result.sha1 for p, result in checked.items() if result.sha1}
     flat = sorted(p for p in modes if (checked[p].uniform or 0) >= NEARLY_UNIFORM and not checked[p].framed)
+    high_bytes = sorted(p for p, mode in modes.items() if mode.endswith(HIGH_BYTE_ONLY))
+    if high_bytes:
+        log.warning("prepare: %d 16-bit colour image(s) are compressed TIFFs read by their high bytes only (PIL's "
+                    "reading: narrow 12-bit data comes out near black), e.g. %s: save them as 16-bit grey (PNG or "
+                    "TIFF) for their full depth", len(high_bytes), high_bytes[0])
     return Accepted(by_split, dict(sorted(Counter(modes.values()).items())), sha1s, flat,
                     sorted(p for p in modes if checked[p].framed), sorted(p for p in flat if checked[p].clipped),
                     sorted(p for p in modes if checked[p].frames > 1))

@@ -243,6 +243,26 @@ def file_fingerprint(path: str | Path) -> dict:
     return {"path": str(path), "sha256": file_digest(path), "bytes": path.stat().st_size}
 
 
+def model_dir_digest(path: str | Path, sample: int = 1 << 20) -> str:
+    """A model directory's digest without reading its gigabytes: every file's name and size, the small ones
+    (config, tokenizer) whole, the large ones (weights) by three samples (start, middle, end); another model
+    in the same folder (re-downloaded, fine-tuned into it, a link moved to another version) differs in them."""
+    h = hashlib.sha256()
+    root = Path(path)
+    for file in sorted(p for p in root.rglob("*") if p.is_file() and not any(
+            part.startswith(".") for part in p.relative_to(root).parts)):
+        size = file.stat().st_size
+        h.update(f"{file.relative_to(root).as_posix()}\0{size}\0".encode())
+        with open(file, "rb") as f:
+            if size <= 3 * sample:
+                h.update(f.read())
+                continue
+            for at in (0, size // 2, size - sample):
+                f.seek(at)
+                h.update(f.read(sample))
+    return h.hexdigest()
+
+
 def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
     """A file's digest, read in 1 MiB chunks (downloads and weights are large)."""
     h = hashlib.new(algorithm)

@@ -332,6 +332,30 @@ def test_a_finished_step_without_its_fingerprint_is_not_reused_blind(base_overri
         "compared"]
 
 
+def test_an_eval_resumed_with_another_judge_in_the_same_folder_refuses(base_overrides, tmp_path):
+    """A GREEN judge re-downloaded or fine-tuned into its folder between a killed eval and its rerun: the path
+    was the same, so the journal's judgments of the first judge were reused beside the second's (one number
+    from two judges). The folder's contents are part of the inputs: the rerun refuses, naming the key."""
+    from flare_exp.fixtures.tiny_models import build_tiny_causal_lm
+    from flare_exp.io import model_dir_digest, write_jsonl
+
+    judge = build_tiny_causal_lm(tmp_path / "judge")
+    before = model_dir_digest(judge)
+    preds = tmp_path / "p.jsonl"
+    write_jsonl(preds, [{"id": "IU_XRay/1", "dataset": "IU_XRay", "task_type": "report_generation",
+                         "answer": "No effusion.", "prediction": "Normal.", "model": "m", "split": "val"}])
+    args = ["stage=eval", *base_overrides, f"eval.predictions=[{preds}]", "eval.radgraph=false",
+            f"eval.green.model_path={judge}", "eval.green.dtype=float32", "eval.green.max_new_tokens=4",
+            f"data.prepared_dir={tmp_path / 'hand_made'}"]  # rows of no prepared split
+    run(compose_cfg(args), run_dir=tmp_path / "eval")
+    _interrupted(tmp_path / "eval")
+    shutil.rmtree(judge)
+    build_tiny_causal_lm(judge, seed=1)  # another judge, the same shapes, names and sizes
+    assert model_dir_digest(judge) != before
+    with pytest.raises(RunSettingsChangedError, match=r"eval.green.model_path \(contents\) sha256"):
+        run(compose_cfg(args), run_dir=tmp_path / "eval")
+
+
 def test_an_adapters_config_has_one_order_of_its_target_modules(sft_adapter, tmp_path):
     """PEFT writes target_modules in a Python set's order (the hash seed's): the same adapter trained twice had two
     config sha256s, and a stage starting from it was refused as started from another adapter. Saved sorted."""

@@ -21,6 +21,7 @@ import json
 from pathlib import Path
 
 from flare_exp.metrics.crimson import crimson_score, make_prompt, messages, parse_judgment, summarise
+from flare_exp.io import model_dir_digest
 from flare_exp.metrics.judge_journal import JournaledJudge, judge_dir
 from flare_exp.models.decoding import DecodeSettings, decoder_for
 from flare_exp.runtime import check_choice
@@ -73,7 +74,7 @@ class CrimsonJudge(JournaledJudge):
                              "prompt needs: is it another judge's folder? Point it at the CRIMSON judge's own folder")
         model = load_whole(AutoModelForCausalLM, "eval.crimson.model_path", path,
                            dtype=getattr(torch, dtype)).to(device).eval()
-        return cls(model, tokenizer, identity=json.dumps([str(path.resolve()), dtype]), **settings)
+        return cls(model, tokenizer, identity=json.dumps([str(path.resolve()), model_dir_digest(path), dtype]), **settings)
 
     def _package_generation_config(self):
         """The judge's generation_config.json as it stands where it has one (the package passes it whole),

@@ -25,6 +25,7 @@ from pathlib import Path
 from flare_exp.card import AUTO, card_memory, check_batch, green_batch, sized_batch
 from flare_exp.metrics.green import GREEN_CHAT_TEMPLATE, clean_response, green_score, make_prompt, parse_green, \
     summarise
+from flare_exp.io import model_dir_digest
 from flare_exp.metrics.judge_journal import JournaledJudge, judge_dir
 from flare_exp.models import grouped_attention
 from flare_exp.models.decoding import DecodeSettings, decoder_for
@@ -128,7 +129,7 @@ class GreenJudge(JournaledJudge):
                            dtype=getattr(torch, dtype)).to(device).eval()
         if not settings.get("exact"):  # exact: every judgment as the package makes it, its attention too
             grouped_attention.use_decode_attention(model, decode_attention, ATTENTION_KEY)
-        return cls(model, tokenizer, identity=json.dumps([str(path.resolve()), dtype]), **settings)
+        return cls(model, tokenizer, identity=json.dumps([str(path.resolve()), model_dir_digest(path), dtype]), **settings)
 
     def render(self, prompt: str) -> str:
         """The package's chat text: the prompt as a human turn, an empty assistant turn, the generation prompt."""

@@ -54,6 +54,7 @@ HASHED_SINCE = ("rl.eval_file",)
 # the starting adapter's adapter_config.json (rank, alpha, targets) is hashed too; a fingerprint recorded before it
 # was has none to compare
 ADAPTER_CONFIG = " (adapter config)"
+MODEL_CONTENTS = " (contents)"  # a judge's model dir, digested since the twenty-second session
 ADAPTER_WEIGHTS = " (adapter weights)"
 
 # settings that name a file or folder, by their last name part (data.root, model.path, sft.train_file, ...)
@@ -146,9 +147,19 @@ def starting_adapter(stage: str, cfg) -> Path | None:
     return chosen_adapter(key, abspath(value), cfg.allow_intermediate_checkpoint) if value else None
 
 
+def model_dirs(stage: str, cfg) -> dict[str, str]:
+    """'<key> (contents)' -> the sampled digest of each model dir the stage reads (its judges): the same path
+    with another model in it is another run."""
+    from flare_exp.io import model_dir_digest
+
+    found = {key: abspath(value) for key in stage_named(stage).models_read if (value := OmegaConf.select(cfg, key))}
+    return {f"{key}{MODEL_CONTENTS}": model_dir_digest(path) for key, path in found.items() if path.is_dir()}
+
+
 def fingerprint(stage: str, cfg) -> dict:
     files = {key: file_fingerprint(path)["sha256"] for key, path in input_files(stage, cfg).items()
              if path.is_file()}
+    files.update(model_dirs(stage, cfg))
     return {"stage": stage, "settings": settings_of(stage, OmegaConf.to_container(cfg, resolve=True)),
             "files": files, "budget": {key: OmegaConf.select(cfg, key) for key in BUDGET.get(stage, ())}}
 
@@ -166,7 +177,8 @@ def differences(old: dict, new: dict, budget: bool = False) -> list[str]:
         before, after = old.get(kind, {}), new.get(kind, {})
         added_later = DECIDING_SINCE.get(old.get("stage"), ())
         for key in sorted(set(before) | set(after)):
-            if kind == "files" and key not in before and (key.endswith(ADAPTER_CONFIG) or key in HASHED_SINCE):
+            if kind == "files" and key not in before and (key.endswith((ADAPTER_CONFIG, MODEL_CONTENTS)) or
+                                                          key in HASHED_SINCE):
                 continue  # recorded before these files were hashed
             if kind == "settings" and key not in before and any(key.startswith(k) for k in added_later):
                 continue  # recorded before it decided

@@ -50,6 +50,7 @@ class Stage:
     # a resume may change them, a pipeline reusing the finished step may not
     budget: tuple = ()
     fingerprinted: tuple = ()  # keys naming input files whose bytes decide its outputs
+    models_read: tuple = ()  # keys naming model dirs (judges) whose contents decide its outputs (sampled digest)
     # key -> the setting without which that file is not read (a held-out set read only by its evals)
     read_when: dict = field(default_factory=dict)
     starts_from: str | None = None  # the key naming the adapter it starts from

@@ -34,6 +34,7 @@ STAGE = Stage(
           "eval.green.decode_attention", "eval.green.shared_prefix", "eval.crimson.batch_size", "eval.crimson.decode_loop",
           "eval.chexbert.batch_size"),
     fingerprinted=("eval.predictions",),
+    models_read=("eval.green.model_path", "eval.crimson.model_path"),  # a judge swapped in its folder
     resumable=("green_judgments.jsonl", "green_judgments.rank*.jsonl"),
     ranks="several",
     feeds_from={"eval.predictions": ("infer",)},

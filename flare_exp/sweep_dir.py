@@ -4,6 +4,7 @@ refuses it)."""
 from __future__ import annotations
 
 import os
+import platform
 from pathlib import Path
 
 from flare_exp.sweep_watch import exit_with
@@ -18,7 +19,8 @@ def lock_sweep(config) -> None:
     lives is refused (exit 2) before Hydra writes its multirun.yaml or any job starts; each would otherwise run
     the jobs the other holds, fail on their locks and end non-zero. Released when the process ends (a crashed
     sweep's lock is taken over as a run's is); an earlier sweep of this very process into the same dir (one
-    Python session, sweeps one after another) hands its lock on."""
+    Python session, sweeps one after another) hands its lock on. A sweep whose jobs a live process still holds (a
+    killed local launcher's workers live on) is refused too, naming them: each job would fail on its lock."""
     import atexit
 
     from flare_exp.run.lock import RunLock, RunLockedError
@@ -36,8 +38,33 @@ def lock_sweep(config) -> None:
         lock.acquire()
     except RunLockedError as e:
         exit_with(f"another sweep is running in this sweep dir; nothing was launched: {e}", 2)
+    running = jobs_still_running(sweep_dir)
+    if running:
+        lock.release()
+        here = platform.node()
+        pids = sorted({str(h.get("pid")) if h.get("host") == here else f"{h.get('pid')} on {h.get('host')}"
+                       for _, h in running})
+        exit_with(f"sweep {sweep_dir}: {len(running)} of its job(s) are still being run by an earlier launch "
+                  f"(pids {', '.join(pids)}; e.g. {running[0][0]}): a local launcher killed with kill -9, or "
+                  "whose terminal closed, leaves its workers running, a SLURM sweep its jobs. Wait for them to "
+                  "finish (or stop them: kill / scancel), then launch the same command again; nothing was "
+                  "launched", 2)
     _SWEEP_LOCKS[str(sweep_dir)] = lock
     atexit.register(lock.release)
+
+
+def jobs_still_running(sweep_dir: Path) -> list[tuple[Path, dict]]:
+    """(run dir, its lock's holder) of every run under a sweep dir that a live process holds (a job, or a
+    pipeline's step)."""
+    from flare_exp.run.layout import LOCK
+    from flare_exp.run.lock import RunLock
+
+    found = []
+    for lock_dir in sorted(sweep_dir.glob(f"**/{LOCK}")):
+        holder = RunLock(lock_dir.parent).live_holder() if lock_dir.is_dir() else None
+        if holder is not None:
+            found.append((lock_dir.parent, holder))
+    return found
 
 
 def unlock_sweep(sweep_dir: Path) -> None:

@@ -80,10 +80,10 @@ def stop_workers(grace_s: float = 10.0) -> int:
 
 
 class ForwardStops:
-    """While the sweep waits for its local jobs: SIGTERM / SIGINT stop the workers, then this process (exit
-    status 128 + the signal's number, as a shell reports it)."""
+    """While the sweep waits for its local jobs: SIGTERM / SIGINT / SIGHUP (its terminal closed) stop the
+    workers, then this process (exit status 128 + the signal's number, as a shell reports it)."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
     def __init__(self, grace_s: float = 10.0, job_dirs: list[Path] | None = None, trials: bool = False):
         self.grace_s, self.job_dirs, self.trials = grace_s, job_dirs or [], trials  # trials: an Optuna search's
@@ -107,25 +107,28 @@ class ForwardStops:
 
 
 class StopInProcess:
-    """The watched launcher runs its jobs in this process: SIGTERM stops the running job as Ctrl-C does (its dir
-    gets FAILED, stopped from outside, as a single run's does: launch.py's stop_on_sigterm), then the sweep says
-    what the stop left and exits 128 + the signal's number, instead of vanishing without a word or a marker."""
+    """The watched launcher runs its jobs in this process: SIGTERM or SIGHUP stops the running job as Ctrl-C does
+    (its dir gets FAILED, stopped from outside, as a single run's does: launch.py's stop_on_sigterm), then the sweep
+    says what the stop left and exits 128 + the signal's number, instead of vanishing without a word or a marker."""
 
     def __init__(self, job_dirs: list[Path], trials: bool = False):
         self.job_dirs, self.trials = job_dirs, trials
 
+    SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # SIGHUP: its terminal closed
+
     def __enter__(self) -> "StopInProcess":
-        self.previous = signal.signal(signal.SIGTERM, self._interrupt)
+        self.previous = {s: signal.signal(s, self._interrupt) for s in self.SIGNALS}
         return self
 
     @staticmethod
     def _interrupt(signum, frame) -> None:
-        raise KeyboardInterrupt("SIGTERM")
+        raise KeyboardInterrupt(signal.Signals(signum).name)
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        signal.signal(signal.SIGTERM, self.previous)
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
         if exc_type is KeyboardInterrupt:
-            by = signal.SIGTERM if str(exc) == "SIGTERM" else signal.SIGINT
+            by = {s.name: s for s in self.SIGNALS}.get(str(exc), signal.SIGINT)
             say(f"{by.name}: the sweep stopped; {jobs_after_stop(self.job_dirs, self.trials)}")
             raise SystemExit(128 + by) from None
 

@@ -146,9 +146,11 @@ def test_a_job_with_a_child_of_its_own_gets_the_stop(tmp_path):
     assert (tmp_path / "stopped").read_text() == "job"
 
 
-def test_sigterm_stops_workers_that_ignore_it(tmp_path):
-    """A worker ignoring SIGTERM and SIGINT (as submitit's do SIGTERM): the sweep process, sent SIGTERM, stops
-    it and exits 143; nothing is left running."""
+@pytest.mark.parametrize("name, code", [("SIGTERM", 143), ("SIGHUP", 129)])  # SIGHUP: its terminal closed
+def test_sigterm_stops_workers_that_ignore_it(tmp_path, name, code):
+    """A worker ignoring SIGTERM and SIGINT (as submitit's do SIGTERM): the sweep process, sent SIGTERM (or
+    SIGHUP: the workers outlived a closed terminal), stops it and exits 128 + the signal; nothing is left
+    running."""
     script = textwrap.dedent(f"""
         import os, signal, subprocess, sys, time
         sys.path.insert(0, {str(REPO)!r})
@@ -159,21 +161,23 @@ def test_sigterm_stops_workers_that_ignore_it(tmp_path):
         open({str(tmp_path / 'pid')!r}, "w").write(str(worker.pid))
         time.sleep(0.5)
         with sweep_stop.ForwardStops(grace_s=1.0):
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.{name})
             time.sleep(60)
     """)
     try:
         proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
         pid = int((tmp_path / "pid").read_text())
-        assert proc.returncode == 143, proc.stderr
-        assert "SIGTERM: 1 worker process(es) stopped" in proc.stderr
+        assert proc.returncode == code, proc.stderr
+        assert f"{name}: 1 worker process(es) stopped" in proc.stderr
         assert not sweep_stop._alive([pid])
     finally:  # a failing run leaves no worker behind
         if (tmp_path / "pid").exists() and sweep_stop._alive([int((tmp_path / "pid").read_text())]):
             os.kill(int((tmp_path / "pid").read_text()), 9)
 
 
-def test_sigterm_to_a_sweep_running_its_job_in_process_leaves_failed_in_the_job_dir_and_says_so(tmp_path):
+@pytest.mark.parametrize("name, code", [("SIGTERM", 143), ("SIGHUP", 129)])
+def test_sigterm_to_a_sweep_running_its_job_in_process_leaves_failed_in_the_job_dir_and_says_so(tmp_path, name,
+                                                                                                code):
     """hydra/launcher=watched (the default for -m) runs each job in the sweep's process: SIGTERM used to end it
     on the spot, the running job's dir left without a marker. Now it stops as Ctrl-C does: FAILED (stopped from
     outside), one line naming the unfinished job, exit 143."""
@@ -186,13 +190,53 @@ def test_sigterm_to_a_sweep_running_its_job_in_process_leaves_failed_in_the_job_
         from flare_exp import sweep_stop
         from flare_exp.run.lifecycle import run_with_markers
         with sweep_stop.StopInProcess([Path({str(job)!r})]):
-            run_with_markers(Path({str(job)!r}), lambda: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(60)))
+            run_with_markers(Path({str(job)!r}), lambda: (os.kill(os.getpid(), signal.{name}), time.sleep(60)))
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 143, proc.stderr[-3000:]
-    assert (job / "FAILED").read_text().startswith("stopped from outside (KeyboardInterrupt: SIGTERM)")
-    assert "[flare-exp sweep] SIGTERM: the sweep stopped; 1 job(s) not finished (#0: " in proc.stderr, proc.stderr
+    assert proc.returncode == code, proc.stderr[-3000:]
+    assert (job / "FAILED").read_text().startswith(f"stopped from outside (KeyboardInterrupt: {name})")
+    assert f"[flare-exp sweep] {name}: the sweep stopped; 1 job(s) not finished (#0: " in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_sweep_whose_jobs_an_earlier_launchs_workers_still_run_is_refused_naming_them(tmp_path, capsys):
+    """A local sweep's launcher killed with kill -9: its workers live on and hold their jobs. The same command
+    took the sweep over, launched every job, each refused on its lock, and said '4 of 4 job(s) failed' while the
+    workers went on to finish them. It is refused before any job, naming the workers."""
+    job = tmp_path / "sweep" / "1" / "rl"
+    script = textwrap.dedent(f"""
+        import sys, time
+        from pathlib import Path
+        sys.path.insert(0, {str(REPO)!r})
+        from flare_exp.run.lock import RunLock
+        RunLock(Path({str(job)!r})).acquire()
+        open({str(tmp_path / 'held')!r}, "w").write("held")
+        time.sleep(60)
+    """)
+    from omegaconf import OmegaConf
+
+    from flare_exp.sweep_dir import lock_sweep, unlock_sweep
+
+    worker = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        for _ in range(100):
+            if (tmp_path / "held").exists():
+                break
+            time.sleep(0.1)
+        config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path / "sweep"), "subdir": "${hydra.job.num}"}}})
+        with pytest.raises(SystemExit) as stopped:
+            lock_sweep(config)
+        assert stopped.value.code == 2
+        said = capsys.readouterr().err
+        assert f"1 of its job(s) are still being run by an earlier launch (pids {worker.pid}; e.g. {job})" in said
+        assert "nothing was launched" in said
+        worker.kill()
+        worker.wait()
+        lock_sweep(config)  # its workers gone: the sweep goes on
+        unlock_sweep(tmp_path / "sweep")
+    finally:
+        if worker.poll() is None:
+            worker.kill()
 
 
 def test_an_optuna_search_with_failed_trials_ends_non_zero_naming_them():

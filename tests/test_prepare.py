@@ -285,14 +285,17 @@ def test_strict_mode_names_file_and_index(tmp_path):
         _prepare(tmp_path, root, "data.datasets=[chestdr]", "data.strict=true")
 
 
-@pytest.mark.parametrize("encoding, said", [("utf-16", "it looks like UTF-16, an editor's 'Unicode' save"),
-                                            ("utf-16-le", "it looks like UTF-16"),
-                                            ("latin-1", r"byte 0xe9 at position \d+: Latin-1 or Windows-1252")])
-def test_a_question_file_saved_in_another_encoding_is_named_as_such(tmp_path, encoding, said):
+@pytest.mark.parametrize("encoding, question, said", [
+    ("utf-16", "Which opacité?", "it looks like UTF-16, an editor's 'Unicode' save"),
+    ("utf-16-le", "Which opacité?", "it looks like UTF-16"),  # no byte-order mark
+    ("utf-16-le", "Which?", r"it looks like UTF-16 without a byte-order mark"),  # ASCII: valid UTF-8, with NULs
+    ("utf-16-be", "Which?", r"it looks like UTF-16 without a byte-order mark"),
+    ("latin-1", "Which opacité?", r"byte 0xe9 at position \d+: Latin-1 or Windows-1252")])
+def test_a_question_file_saved_in_another_encoding_is_named_as_such(tmp_path, encoding, question, said):
     """Not 'malformed JSON' with a codec's message: the file is JSON in another encoding; save it as UTF-8."""
     root = tmp_path / "raw"
     d = _small_tree(root, [])
-    text = json.dumps([{**GOOD, "Question": "Which opacité?"}], ensure_ascii=False)
+    text = json.dumps([{**GOOD, "Question": question}], ensure_ascii=False)
     (d / "chestdr_questions_train.json").write_bytes(text.encode(encoding))
     with pytest.raises(ValueError, match=r"chestdr_questions_train.json: not UTF-8 text, as JSON is \(" + said):
         _prepare(tmp_path, root, "data.datasets=[chestdr]")

@@ -229,6 +229,10 @@ def load_question_file(qf: QuestionFile) -> list:
         raise PrepareError(f"{qf.path}: not UTF-8 text, as JSON is ({not_utf8(qf.path.read_bytes(), e)}): save it "
                            "as UTF-8") from None
     except json.JSONDecodeError as e:
+        data = qf.path.read_bytes()
+        if b"\x00" in data[:64]:  # UTF-16 without its byte-order mark: ASCII with a NUL beside each byte
+            raise PrepareError(f"{qf.path}: not UTF-8 text, as JSON is (it looks like UTF-16 without a byte-order "
+                               "mark): save it as UTF-8") from None
         raise PrepareError(f"{qf.path}: malformed JSON ({e})") from None
     if not isinstance(data, list):
         raise PrepareError(f"{qf.path}: expected a JSON list of records, got {type(data).__name__}")

@@ -107,6 +107,22 @@ def test_a_16_bit_colour_png_is_scaled_as_a_16_bit_grey_one_not_cut_to_its_high_
         tmp_path / "upright.png", upright, 2))))
 
 
+def test_a_blank_16_bit_colour_frame_is_named_as_a_16_bit_grey_one_is(tmp_path):
+    """A blank detector frame's noise (1000 +- 3), stretched from its own range to full contrast: named as nearly
+    uniform in a 16-bit grey file, and now in a 16-bit colour one too (its values were not looked at)."""
+    from flare_exp.data.images import NEARLY_UNIFORM
+
+    noise = (1000 + np.random.default_rng(0).normal(0, 3, (96, 96))).astype(np.uint16)
+    Image.fromarray(noise).save(tmp_path / "grey.png")
+    paths = [tmp_path / "grey.png", _png16(tmp_path / "rgb.png", np.stack([noise] * 3, -1), 2),
+             _png16(tmp_path / "la.png", np.stack([noise, np.full_like(noise, 65535)], -1), 4)]
+    checked = check_images(paths, workers=1, window=None)
+    assert [checked[p].uniform >= NEARLY_UNIFORM for p in paths] == [True, True, True]
+    narrow = (1000 + np.arange(96 * 96) % 8).reshape(96, 96).astype(np.uint16)  # 8 levels: no content either
+    colour = _png16(tmp_path / "narrow.png", np.stack([narrow] * 3, -1), 2)
+    assert check_images([colour], workers=1, window=None)[colour].uniform == 1.0
+
+
 def _tiff16(path, channels: np.ndarray):
     """An uncompressed 16-bit colour TIFF (little-endian, one strip), written byte by byte: channels (H, W, C)."""
     import struct
@@ -385,12 +401,12 @@ def test_one_outlying_pixel_of_a_smooth_image_is_no_blank_frames_noise():
     import numpy as np
     from PIL import Image
 
-    from flare_exp.data.images import stretched_noise, upright_rgb
+    from flare_exp.data.images import high_bit_values, stretched_noise, upright_rgb
 
     for outlier in (np.inf, -np.inf, np.nan):
         values = np.tile(np.linspace(0, 1, 64, dtype=np.float32), (64, 1))
         values[5, 5] = outlier
         image = Image.fromarray(values, mode="F")
-        assert not stretched_noise(image, upright_rgb(image, None))
+        assert not stretched_noise(high_bit_values(image), upright_rgb(image, None))
     noise = Image.fromarray((1000 + np.random.default_rng(0).normal(0, 3, (128, 128))).astype(np.uint16))
-    assert stretched_noise(noise, upright_rgb(noise, None))
+    assert stretched_noise(high_bit_values(noise), upright_rgb(noise, None))

@@ -23,6 +23,7 @@ from typing import NamedTuple
 from tqdm.auto import tqdm
 
 from flare_exp.data.decoding import HIGH_BIT_DEPTH, mode_label, upright_rgb
+from flare_exp.data.wide_colour import wide_colour_mode, wide_colour_values
 
 OUTSIDE_ROOT = "outside data.root"
 SMALLER_THAN_A_PATCH = "image smaller than one vision patch"
@@ -150,12 +151,13 @@ def _check_image(path: str, window: tuple[float, float] | None, decode: bool = T
                 size, mode, stored = f"{im.width}x{im.height} px, {size}", mode_label(im), im.size
                 frames = getattr(im, "n_frames", 1)
                 if decode:
+                    values = high_bit_values(im)  # before the picture: a 16-bit colour file is read apart
                     picture = upright_rgb(im, window)
                     pixels, uniform = hashlib.sha1(picture.tobytes()).hexdigest(), flat_share(picture)
-                    if window is None and (narrow_integer_range(im) or stretched_noise(im, picture)):
+                    if window is None and (narrow_integer_range(values) or stretched_noise(values, picture)):
                         uniform = 1.0  # its own range stretched a blank frame's noise to full contrast
                     elif uniform >= NEARLY_UNIFORM:
-                        side = clipped_side(window, im)
+                        side = clipped_side(window, values)
                         # clipped on the bright side: a window too narrow (what it leaves is anatomy or a band,
                         # no box), unless a field fills a box that a bright border surrounds (shutters stored bright)
                         framed = (framed_content(picture, filled=FIELD_FILLS, edges_touched=0) if side == "above"
@@ -174,14 +176,23 @@ def _check_image(path: str, window: tuple[float, float] | None, decode: bool = T
     return ImageCheck(None, digest, mode, pixels, stored, uniform, frames, framed, clipped)
 
 
-def narrow_integer_range(im, levels: int = 16) -> bool:
-    """A 16- or 32-bit integer grey image whose values span fewer than ``levels``: scaled from its own range it
-    becomes full-contrast noise, a blank scan that looks like content."""
+def high_bit_values(im):
+    """The values a high-bit-depth image is scaled from (a grey mode's, or a 16-bit colour file's colour
+    channels), None for an 8-bit image."""
     import numpy as np
 
-    if im.mode not in HIGH_BIT_DEPTH or im.mode == "F":  # integer modes: a float image may span less than 1
+    if im.mode in HIGH_BIT_DEPTH:
+        return np.asarray(im)
+    label = wide_colour_mode(im)
+    values = wide_colour_values(im) if label else None
+    return None if values is None else values[:-1] if label.startswith(("LA", "RGBA")) else values
+
+
+def narrow_integer_range(values, levels: int = 16) -> bool:
+    """High-bit-depth integer values (``high_bit_values``) that span fewer than ``levels``: scaled from their own
+    range they become full-contrast noise, a blank scan that looks like content."""
+    if values is None or values.dtype.kind == "f":  # integer values: a float image may span less than 1
         return False
-    values = np.asarray(im)
     return values.size > 0 and int(values.max()) - int(values.min()) < levels
 
 
@@ -236,7 +247,7 @@ def framed_content(picture, levels: int = 6, busy: float = 0.05, filled: float =
     return _near_median(np.bincount(inside[box], minlength=256), levels)[1] < NEARLY_UNIFORM
 
 
-def stretched_noise(im, picture) -> bool:
+def stretched_noise(values, picture) -> bool:
     """A high-bit-depth image whose own range, stretched to 0..255, shows no structure: neighbouring pixels no
     more alike than chance (a blank detector frame's noise, e.g. 1000 +- 3, at full contrast), also once a smooth
     trend across the frame is taken out (a blank exposure's heel effect: a gradient under the noise). An X-ray's
@@ -244,7 +255,7 @@ def stretched_noise(im, picture) -> bool:
     window says the user chose)."""
     import numpy as np
 
-    if im.mode not in HIGH_BIT_DEPTH:
+    if values is None:  # an 8-bit image: not stretched
         return False
     grey = np.asarray(picture.convert("L"), dtype=np.float64)
     step = max(1, max(grey.shape) // 512)  # a 512-px sample: cheap on large scans
@@ -284,14 +295,14 @@ def _quadratic_trend(values):
     return (terms(rows, cols) @ coefficients).reshape(values.shape)
 
 
-def clipped_side(window: tuple[float, float] | None, im) -> str | None:
-    """Which side of data.image_window clips most of a high-bit-depth image's values ("above": a window too
-    narrow for the data, "below": the dark side, where a collimator's border lies), None where neither does."""
+def clipped_side(window: tuple[float, float] | None, values) -> str | None:
+    """Which side of data.image_window clips most of a high-bit-depth image's values (``high_bit_values``;
+    "above": a window too narrow for the data, "below": the dark side, where a collimator's border lies), None
+    where neither does."""
     import numpy as np
 
-    if window is None or im.mode not in HIGH_BIT_DEPTH:
+    if window is None or values is None:
         return None
-    values = np.asarray(im)
     above, below = float(np.mean(values > window[1])), float(np.mean(values < window[0]))
     return "above" if above >= 0.5 else "below" if below >= 0.5 else None
 

@@ -151,3 +151,47 @@ def test_a_sweep_value_optuna_refuses_is_named_with_its_key():
             search_space(parse([override]))
     space, fixed = search_space(parse(["a.b=interval(0,1)", "c=2"]))
     assert list(space) == ["a.b"] and fixed == ["c=2"]
+
+
+def test_a_search_report_ranks_by_its_objective_and_says_which_dirs_were_retried(tmp_path):
+    """A killed search's rerun retries the trials it left running under new numbers: their old dirs were listed
+    as 'unfinished' (which the same command resumes: not these) and study.md counted them as failed; and the
+    search's report ranked by the first official metric rather than the objective it optimised."""
+    import json
+
+    import optuna
+
+    from flare_exp.io import write_json
+    from flare_exp.optuna_study import JOURNAL, STUDY_FILE
+    from flare_exp.reports.sweep import write_sweep_report
+
+    sweep = tmp_path / "sweep"
+    study = _study(sweep)
+    first = study.ask()
+    study.tell(first, 0.5)
+    killed = study.ask()
+    study._storage.set_trial_user_attr(killed._trial_id, "interrupted", True)
+    study.tell(killed, state=optuna.trial.TrialState.FAIL)
+    retry = study.ask()
+    study.tell(retry, 0.7)
+    write_json(sweep / STUDY_FILE, {"study_name": "s", "storage": str(sweep / JOURNAL), "n_trials": 3,
+                                    "objectives": ["multi_label.f1_score"], "directions": ["maximize"]})
+    # f1 ranks trial 2 first, balanced accuracy (the first official metric by name) trial 0
+    for number, f1, accuracy in ((0, 0.5, 0.9), (1, None, None), (2, 0.7, 0.1)):
+        job = sweep / str(number)
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text(f"- reward.x.weights.y={number}\n")
+        if f1 is not None:
+            (job / "metrics.json").write_text(json.dumps({"m": {"official": {
+                "multi_label": {"f1_score": f1}, "classification": {"balanced_accuracy": accuracy}}}}))
+            (job / "DONE").write_text("")
+    summary = write_sweep_report(sweep, None)
+    text = (sweep / "report" / "sweep.md").read_text()
+    assert "Ranked by official/multi_label/f1_score (highest first; the search's objective" in text
+    rows = [line for line in text.splitlines() if line.startswith("| ")][1:]  # the header left out
+    assert rows[0].startswith("| 1 | 2 |") and "interrupted (retried)" in rows[-1], rows
+    assert summary["unfinished"] == 0 and summary["interrupted (retried)"] == 1
+    headline = (sweep / "report" / "study.md").read_text().splitlines()[2]
+    assert headline.endswith("3 trials, 2 complete, 0 failed, 1 interrupted (retried), 0 pruned.")
+    by_accuracy = write_sweep_report(sweep, "official/classification/balanced_accuracy")  # chosen: as asked
+    assert by_accuracy and "sweep_report.rank_by chooses)" in (sweep / "report" / "sweep.md").read_text()

@@ -132,14 +132,20 @@ def plot_study(study, names: list[str], path: Path) -> None:
 
 
 def write_study_report(sweep_dir: Path, report: Path) -> dict:
+    import optuna
+
     study, info = load_study(sweep_dir)
     names = info["objectives"]
     header, rows = trial_rows(study, names)
     best = best_trials(study)
+    interrupted = sum(bool(t.user_attrs.get("interrupted")) for t in study.get_trials(deepcopy=False)
+                      if t.state == optuna.trial.TrialState.FAIL)  # a killed search's trials, retried by its rerun
     lines = [f"# Optuna study {study.study_name}", "",
              f"Objectives: {', '.join(f'{n} ({d})' for n, d in zip(names, info['directions']))}; "
              f"{len(rows)} trials, {sum(r[1] == 'COMPLETE' for r in rows)} complete, "
-             f"{sum(r[1] == 'FAIL' for r in rows)} failed, {sum(r[1] == 'PRUNED' for r in rows)} pruned.", "",
+             f"{sum(r[1] == 'FAIL' for r in rows) - interrupted} failed, "
+             + (f"{interrupted} interrupted (retried), " if interrupted else "")
+             + f"{sum(r[1] == 'PRUNED' for r in rows)} pruned.", "",
              "## Best trial" + ("s (the Pareto front)" if len(names) > 1 else ""), ""]
     for t in best:
         values = ", ".join(f"{n}={v:.4g}" for n, v in zip(names, t.values) if isinstance(v, float) and math.isfinite(v))

@@ -44,31 +44,57 @@ def markdown(header: list[str], rows: list[list]) -> str:
     return "\n".join(md_table(header, rows, cell=short_number))
 
 
+RETRIED = "interrupted (retried)"
+
+
+def mark_search_trials(sweep_dir: Path, jobs: list[dict]) -> str | None:
+    """An Optuna search's job dirs as its study knows them: a trial a killed search left running is retried
+    under a new number by the rerun, so its dir, never resumed, says so instead of 'unfinished'. Returns the
+    search's first objective that the jobs report (official/<task>/<metric>), which ranks them."""
+    from flare_exp.reports.study import load_study
+
+    try:
+        study, info = load_study(sweep_dir)
+    except Exception:  # noqa: BLE001  (a study that does not open: the job table alone, as for a grid)
+        return None
+    retried = {str(t.number) for t in study.get_trials(deepcopy=False) if t.user_attrs.get("interrupted")}
+    for job in jobs:
+        if job["job"] in retried and job["status"] != "DONE":
+            job["status"] = RETRIED
+    known = {k for j in jobs for k in j["metrics"]}
+    return next((key for name in info.get("objectives", []) if (key := "official/" + name.replace(".", "/", 1))
+                 in known), None)
+
+
 def write_sweep_report(sweep_dir: Path, rank_by: str | None) -> dict:
     """Every job of ``sweep_dir`` ranked by ``rank_by`` (else the first official metric, else reward_last), written
     to <sweep_dir>/report/ (regenerated on every call: it only reads the jobs); the summary of what was found."""
+    from flare_exp.optuna_study import STUDY_FILE
+
     jobs = collect(sweep_dir)
     if not jobs:
         raise ValueError(f"{sweep_dir}: no job directories (with .hydra/) found")
-    key = rank_key(jobs, rank_by)
+    search = (sweep_dir / STUDY_FILE).exists()  # an Optuna search: its objective ranks, its retried trials said
+    objective = mark_search_trials(sweep_dir, jobs) if search else None
+    key = rank_key(jobs, rank_by or objective)
     header, rows = table(jobs, key)
     report = sweep_dir / "report"
     write_text(report / "sweep.csv", csv_text(header, rows))  # no cell a spreadsheet would run
     ties = ", ".join(tie_breakers(jobs, key))
-    ranking = (f"Ranked by {key} ({'lowest' if lower_is_better(key) else 'highest'} first; sweep_report.rank_by "
-               f"chooses){f'; equal ones by {ties} in turn' if ties else ''}."
+    chooser = ("the search's objective; sweep_report.rank_by chooses another" if objective and key == objective
+               and not rank_by else "sweep_report.rank_by chooses")
+    ranking = (f"Ranked by {key} ({'lowest' if lower_is_better(key) else 'highest'} first; {chooser})"
+               f"{f'; equal ones by {ties} in turn' if ties else ''}."
                f"{reward_caveat(jobs, key)}\n\n") if key else ""
     if any(k.startswith("reward_term/") for k in header):  # two windows in one row: said which is which
         ranking += (f"{WINDOWS}\n\n")
     write_text(report / "sweep.md", f"# Sweep {sweep_dir.name}\n\n{ranking}" + markdown(header, rows))
     plot(jobs, key, report / "sweep.png")
     write_html(report / "sweep.html", f"Sweep {sweep_dir.name}", ranking.strip(), header, rows, report / "sweep.png")
-    counts = {s: sum(j["status"] == s for j in jobs) for s in ("DONE", "FAILED", "unfinished")}
+    counts = {s: sum(j["status"] == s for j in jobs) for s in ("DONE", "FAILED", "unfinished", RETRIED)}
     log.info("sweep report for %d jobs (%s) in %s\n%s", len(jobs), counts, report, markdown(header, rows))
     summary = {"report_dir": str(report), "jobs": len(jobs), **counts}
-    from flare_exp.optuna_study import STUDY_FILE
-
-    if (sweep_dir / STUDY_FILE).exists():  # an Optuna search: the study's own view beside the job table
+    if search:  # the study's own view beside the job table
         from flare_exp.reports.study import write_study_report
 
         summary["study"] = write_study_report(sweep_dir, report)

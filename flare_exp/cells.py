@@ -9,6 +9,15 @@ import math
 
 # What a spreadsheet program reads as the start of a formula in a cell it parses (a CSV's every cell).
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+EXCEL_CELL_CHARACTERS = 32767  # the most a cell holds: Excel and openpyxl cut a longer text there
+
+
+def as_stored(value):
+    """A value as a worksheet cell holds it: generated text can hold control characters a worksheet cannot store
+    (dropped, in the sheet only) and run past a cell's limit (cut)."""
+    from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
+
+    return ILLEGAL_CHARACTERS_RE.sub("", value)[:EXCEL_CELL_CHARACTERS] if isinstance(value, str) else value
 
 
 def text_cells(cells) -> None:

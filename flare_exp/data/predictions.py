@@ -110,7 +110,7 @@ def edited_sheet_beside(path: Path, rows: list[dict]) -> dict:
     except Exception:  # noqa: BLE001  (a sheet broken by the edit: only passing it would say how)
         edited = None
     from flare_exp.data.references import same_answer
-    from flare_exp.reports.sheets import as_stored
+    from flare_exp.cells import as_stored
 
     text = lambda value: "" if value is None else str(as_stored(value))  # noqa: E731  (an empty cell: a null one)
     # compared as answers are: Excel's "Convert to Number" (text "60.0" stored as 60) scores the same, no edit

@@ -167,7 +167,7 @@ def _same_description(key: str, given, prepared) -> bool:
     type or FLARE's in any case and spacing, the dataset and the question in any case, a list of image names
     joined with ",", ";" or line breaks in any order (the same views), any Unicode form and spacing."""
     from flare_exp.data.records import normalise_task_type
-    from flare_exp.reports.sheets import as_stored
+    from flare_exp.cells import as_stored
 
     if key == "image_name":
         names = prepared if isinstance(prepared, list) else [prepared]
@@ -218,7 +218,7 @@ def same_answer(given, prepared) -> bool:
     """The same text, or the same number written another way: Excel's "Convert to Number" stores "60.0" as 60, a
     tool writes 61.0 for "61". Only a whole answer that is a number counts so ("60 mm" is not 60). A worksheet
     holds the prepared text as it can store it (control characters dropped, cut at a cell's limit)."""
-    from flare_exp.reports.sheets import as_stored
+    from flare_exp.cells import as_stored
 
     if str(given) == str(prepared) or isinstance(prepared, str) and str(given) == as_stored(prepared):
         return True

@@ -264,7 +264,7 @@ def stored_sheet_note(sheet: Path, rows: list[dict]) -> dict:
     limit), said, since the run dir would score other texts; {} otherwise (no journal, or edits by hand: the
     sheet is what was asked for)."""
     from flare_exp.io import read_jsonl
-    from flare_exp.reports.sheets import as_stored
+    from flare_exp.cells import as_stored
 
     journal = sheet.with_suffix(".jsonl")
     if not journal.is_file():

@@ -8,10 +8,10 @@ import logging
 import math
 from pathlib import Path
 
+from flare_exp.cells import EXCEL_CELL_CHARACTERS, as_stored
 from flare_exp.data.sheet_predictions import PREDICTION_COLUMN, ROW_COLUMNS, SCORE_COLUMNS, SHEET
 from flare_exp.metrics.official import FLARE_TASK_TYPE, OFFICIAL_METRIC
 
-EXCEL_CELL_CHARACTERS = 32767  # the most a cell holds: Excel and openpyxl cut a longer text there
 PREDICTION_WIDTHS = (38, 60, 50, 50, 16, 18, 30)  # ImageName, Question, Answer, prediction, Dataset, TaskType, id
 EXTRA_WIDTHS = {"score": 12, "score_kind": 40}  # eval's score columns; others 18
 
@@ -89,14 +89,6 @@ def metric_rows(result: dict) -> list[tuple]:
         rows += [(f"{task}: {k}", sheet_value(v)) for k, v in metrics.items()
                  if v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))]
     return rows + [("n", result["n"])]
-
-
-def as_stored(value):
-    """A value as a worksheet cell holds it: generated text can hold control characters a worksheet cannot store
-    (dropped, in the sheet only) and run past a cell's limit (cut)."""
-    from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
-
-    return ILLEGAL_CHARACTERS_RE.sub("", value)[:EXCEL_CELL_CHARACTERS] if isinstance(value, str) else value
 
 
 def fill_sheet(ws, header: list[str], rows: list[list], widths: tuple[int, ...], wrap: bool) -> list[int]:

@@ -93,8 +93,6 @@ def disagreeing_value(block: dict, rows: list[dict], green_samples: Path | None 
     not give (a number edited into metrics.json: the table would show it beside tests of the true one); None
     where they agree. A partial run's numbers (predictions missing: counted by eval over the whole split) are
     not recomputed here."""
-    import math
-
     from flare_exp.io import NON_FINITE
     from flare_exp.metrics.official import OFFICIAL_METRIC, official_value
 
@@ -103,18 +101,36 @@ def disagreeing_value(block: dict, rows: list[dict], green_samples: Path | None 
     for part, field in (("official", "task_type"), ("official_by_dataset", "dataset")):
         recomputed = {group: (task, official_value(task, values))
                       for group, (task, _ids, values) in official_stats(rows, field).items()}
-        recomputed.update({group: (task, value) for group, (task, _ids, value)
-                           in green_values(rows, green_samples, field).items()})
+        judged = green_values(rows, green_samples, field)
+        for group in {r[field] for r in rows if r["task_type"] == "report_generation"}:  # no judgments: UNJUDGED
+            recomputed[group] = ("report_generation", judged[group][2] if group in judged else UNJUDGED)
         for group, (task, true) in recomputed.items():
             found = (block.get(part) or {}).get(group)
             said = found.get(OFFICIAL_METRIC[task]) if isinstance(found, dict) else None
             said = NON_FINITE.get(said, said) if isinstance(said, str) else said
-            if said is None or true is None or said == true or (math.isnan(said) and math.isnan(true)) or \
-                    abs(said - true) <= 1e-9 * max(1.0, abs(true)):
+            if said is None and (task == "report_generation" or not isinstance(found, dict)):
+                continue  # no judge or no FLARE number from the package (its reasons said), or no block written
+            if said is not None and true is not UNJUDGED and agrees(said, true):
                 continue
             where = group if part == "official" else f"{group} ({task})"
-            return f"{where}.{OFFICIAL_METRIC[task]}: {said!r} in metrics.json, {true!r} from the predictions it scored"
+            given = ("no judgment eval kept (no judge ran: no green_samples file)" if true is UNJUDGED else
+                     f"{true!r} from the predictions it scored")
+            return f"{where}.{OFFICIAL_METRIC[task]}: {said!r} in metrics.json, {given}"
     return None
+
+
+UNJUDGED = object()  # a report group without the judgments to recompute its GREEN score from
+
+
+def agrees(said: float, true: float) -> bool:
+    """Whether a number in metrics.json is the recomputed one (to rounding; an infinite or NaN one exactly)."""
+    import math
+
+    if math.isnan(said) or math.isnan(true):
+        return math.isnan(said) and math.isnan(true)
+    if math.isinf(said) or math.isinf(true):
+        return said == true
+    return abs(said - true) <= 1e-9 * max(1.0, abs(true))
 
 
 def compared_blocks(output_root: Path, name: str, run_dir: Path) -> dict:

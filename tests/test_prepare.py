@@ -165,7 +165,8 @@ def test_question_files_named_or_placed_as_copies_are_said_not_skipped_silently(
     d = _small_tree(root, [GOOD])
     for copy in (root / "training (1)" / "Xray" / "chestdr" / "chestdr_questions_train.json",
                  d / "chestdr_questions_train (1).json", d / "Copy of chestdr_questions_train.json",
-                 d / "chestdr_questions_train - Copy (2).json", d / "dental_questions_train copy.json",
+                 d / "chestdr_questions_train - Copy (2).json", d / "chestdr_questions_train(3).json",
+                 d / "dental_questions_train copy.json",
                  d / "notes (1).json"):
         copy.parent.mkdir(parents=True, exist_ok=True)
         copy.write_text(json.dumps([GOOD]))
@@ -174,9 +175,10 @@ def test_question_files_named_or_placed_as_copies_are_said_not_skipped_silently(
         "training (1)/Xray/chestdr/chestdr_questions_train.json",
         "training/Xray/chestdr/Copy of chestdr_questions_train.json",
         "training/Xray/chestdr/chestdr_questions_train (1).json",
-        "training/Xray/chestdr/chestdr_questions_train - Copy (2).json"]
+        "training/Xray/chestdr/chestdr_questions_train - Copy (2).json",
+        "training/Xray/chestdr/chestdr_questions_train(3).json"]
     _prepare(tmp_path, root, "data.datasets=[chestdr]")
-    assert "prepare: 4 question file(s) not read, named or placed as a copy (no FLARE name), e.g. " in caplog.text
+    assert "prepare: 5 question file(s) not read, named or placed as a copy (no FLARE name), e.g. " in caplog.text
 
 
 def test_a_broken_archive_of_a_dataset_not_asked_for_is_passed_over(tmp_path, caplog):

@@ -140,6 +140,44 @@ def test_a_green_score_edited_into_metrics_json_is_refused_from_the_judgments_ev
         comparison(root, ["a", "b"], resamples=20)
 
 
+def test_numbers_edited_from_infinite_null_or_no_judge_are_refused_too(tmp_path):
+    """Three edits the recomputation let through: FLARE's infinite MAE (a prediction float() does not read) typed
+    over with a finite one (the tolerance grew with the infinite value), a per-dataset number set to null, and a
+    GREEN score typed where no judge ran (nothing to recompute it from)."""
+    root = tmp_path / "out"
+    _eval(root, "b", 4)
+    run_dir = _eval(root, "a", 1)
+    infer = root / "runs" / "infer-a"
+    extra = [{"id": "n0", "task_type": "regression", "dataset": "boneresorption", "split": "val", "answer": "20.0",
+              "prediction": "about twenty"},
+             {"id": "r0", "task_type": "report_generation", "dataset": "IU_XRay", "split": "val",
+              "answer": "No effusion.", "prediction": "Normal."}]
+    write_jsonl(infer / "predictions.jsonl", read_jsonl(infer / "predictions.jsonl") + extra)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    block = metrics["a"]
+    block.update(file_sha256=file_digest(infer / "predictions.jsonl"), n=6)
+    block["official"].update(regression={"mean_absolute_error": "Infinity"}, report_generation={"green_score": None})
+    block["official_by_dataset"].update(boneresorption={"mean_absolute_error": "Infinity"},
+                                        IU_XRay={"green_score": None})
+
+    def compare_with(edit):
+        edited = json.loads(json.dumps(metrics))
+        edit(edited["a"])
+        (run_dir / "metrics.json").write_text(json.dumps(edited))
+        return comparison(root, ["a", "b"], resamples=20)
+
+    assert "regression: mean_absolute_error" in "\n".join(compare_with(lambda b: None))  # as eval wrote it
+    for edit, said in (
+            (lambda b: b["official"]["regression"].update(mean_absolute_error=2.0),
+             r"regression.mean_absolute_error: 2.0 in metrics.json, inf from the predictions it scored"),
+            (lambda b: b["official_by_dataset"]["chestdr"].update(f1_score=None),
+             r"chestdr \(multi_label\).f1_score: None in metrics.json, 0.25 from the predictions it scored"),
+            (lambda b: b["official"]["report_generation"].update(green_score=0.7),
+             r"report_generation.green_score: 0.7 in metrics.json, no judgment eval kept \(no judge ran")):
+        with pytest.raises(ValueError, match=rf"runs.compare: a: {said}"):
+            compare_with(edit)
+
+
 def test_one_model_emptied_by_hand_in_an_eval_of_several_is_named_not_dropped(tmp_path):
     """A three-model eval whose one block's official part was emptied: compare left that model's column out and
     the listing counted two models, without a word."""

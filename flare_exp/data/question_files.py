@@ -87,7 +87,7 @@ def question_files(root: Path) -> list[tuple[Path, str, str | None, bool]]:
 
 
 # what a browser or file manager adds to a second copy's name: "x (1)", "x - Copy", "x copy 2", "Copy of x"
-_COPIED_NAME = re.compile(r"(?: \(\d+\)| - copy(?: \(\d+\))?| copy(?: \d+)?)$|^copy of ", re.IGNORECASE)
+_COPIED_NAME = re.compile(r"(?: ?\(\d+\)| - copy(?: ?\(\d+\))?| copy(?: \d+)?)$|^copy of ", re.IGNORECASE)
 
 
 def unread_copies(root: Path, found: list[tuple], datasets: list[str]) -> list[Path]:

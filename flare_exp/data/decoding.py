@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from flare_exp.data.wide_colour import wide_colour_mode, wide_colour_values
+from flare_exp.data.wide_colour import colour_channels, wide_colour_mode, wide_colour_values
 
 ORIENTATION = 0x0112  # the EXIF tag
 HIGH_BIT_DEPTH = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
@@ -118,18 +118,18 @@ def mode_label(im: Image.Image) -> str:
 def wide_colour_rgb(values: np.ndarray, window: tuple[float, float] | None) -> Image.Image:
     """16-bit colour values (channels, height, width; alpha last where there is one) as 8-bit RGB: the colour
     channels scaled together from the window (else their own range), alpha rounded to 8 bits and composited."""
-    alpha = values.shape[0] in (2, 4)
-    colour = scale_to_8bit(values[:-1] if alpha else values, window)
-    if not alpha:
+    colour = scale_to_8bit(colour_channels(values), window)
+    if len(colour) == len(values):  # no alpha
         return Image.fromarray(np.moveaxis(colour, 0, -1), "RGB")
     opacity = ((values[-1] * 255 + 32767) // 65535).astype(np.uint8)[None]
     layers = np.moveaxis(np.concatenate([colour, opacity]), 0, -1)
     return _over_black(Image.fromarray(layers, "LA" if colour.shape[0] == 1 else "RGBA"))
 
 
-def upright_rgb(im: Image.Image, window: tuple[float, float] | None = None) -> Image.Image:
-    """An opened image, turned as its EXIF orientation says, as 8-bit RGB by the rule above."""
-    values = wide_colour_values(im) if wide_colour_mode(im) else None
+def upright_rgb(im: Image.Image, window: tuple[float, float] | None = None, values=None) -> Image.Image:
+    """An opened image, turned as its EXIF orientation says, as 8-bit RGB by the rule above. ``values``: its
+    wide_colour_values where the caller read them already (prepare's image check)."""
+    values = wide_colour_values(im) if values is None else values
     if values is not None:
         picture = wide_colour_rgb(values, window)
         turn = UPRIGHT.get(im.getexif().get(ORIENTATION, 1))

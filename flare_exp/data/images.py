@@ -23,7 +23,7 @@ from typing import NamedTuple
 from tqdm.auto import tqdm
 
 from flare_exp.data.decoding import HIGH_BIT_DEPTH, mode_label, upright_rgb
-from flare_exp.data.wide_colour import wide_colour_mode, wide_colour_values
+from flare_exp.data.wide_colour import colour_channels, wide_colour_values
 
 OUTSIDE_ROOT = "outside data.root"
 SMALLER_THAN_A_PATCH = "image smaller than one vision patch"
@@ -151,8 +151,9 @@ def _check_image(path: str, window: tuple[float, float] | None, decode: bool = T
                 size, mode, stored = f"{im.width}x{im.height} px, {size}", mode_label(im), im.size
                 frames = getattr(im, "n_frames", 1)
                 if decode:
-                    values = high_bit_values(im)  # before the picture: a 16-bit colour file is read apart
-                    picture = upright_rgb(im, window)
+                    wide = wide_colour_values(im)  # a 16-bit colour file, read once for both
+                    values = high_bit_values(im, wide)
+                    picture = upright_rgb(im, window, wide)
                     pixels, uniform = hashlib.sha1(picture.tobytes()).hexdigest(), flat_share(picture)
                     if window is None and (narrow_integer_range(values) or stretched_noise(values, picture)):
                         uniform = 1.0  # its own range stretched a blank frame's noise to full contrast
@@ -176,16 +177,14 @@ def _check_image(path: str, window: tuple[float, float] | None, decode: bool = T
     return ImageCheck(None, digest, mode, pixels, stored, uniform, frames, framed, clipped)
 
 
-def high_bit_values(im):
-    """The values a high-bit-depth image is scaled from (a grey mode's, or a 16-bit colour file's colour
-    channels), None for an 8-bit image."""
+def high_bit_values(im, wide=None):
+    """The values a high-bit-depth image is scaled from: a grey mode's, or a 16-bit colour file's colour channels
+    (``wide``: its wide_colour_values); None for an 8-bit image."""
     import numpy as np
 
     if im.mode in HIGH_BIT_DEPTH:
         return np.asarray(im)
-    label = wide_colour_mode(im)
-    values = wide_colour_values(im) if label else None
-    return None if values is None else values[:-1] if label.startswith(("LA", "RGBA")) else values
+    return None if wide is None else colour_channels(wide)
 
 
 def narrow_integer_range(values, levels: int = 16) -> bool:

@@ -35,9 +35,12 @@ def wide_colour_mode(im) -> str | None:
 
 
 def wide_colour_values(im) -> np.ndarray | None:
-    """(channels, height, width) of 16-bit values of a 16-bit colour image not yet loaded; None where there is no
-    full reader (PIL's high bytes then)."""
-    label, channels, order = WIDE_RAWMODES[rawmode(im)]
+    """(channels, height, width) of 16-bit values of a 16-bit colour image not yet loaded (alpha last where it has
+    one); None for any other image, and where there is no full reader (PIL's high bytes then)."""
+    found = WIDE_RAWMODES.get(rawmode(im))
+    if found is None:
+        return None
+    label, channels, order = found
     if im.format == "PNG":
         return _png_values(im, label)
     if not full_reader(im):
@@ -51,6 +54,11 @@ def wide_colour_values(im) -> np.ndarray | None:
         block = np.frombuffer(im.fp.read(count * 2), dtype=dtype, count=count)
         values[y0:y1, x0:x1] = block.reshape(y1 - y0, x1 - x0, channels)
     return np.moveaxis(values, -1, 0)
+
+
+def colour_channels(values: np.ndarray) -> np.ndarray:
+    """wide_colour_values' colour channels: grey + alpha and RGBA without their alpha."""
+    return values[:-1] if values.shape[0] in (2, 4) else values
 
 
 def _png_values(im, label: str) -> np.ndarray:

@@ -25,16 +25,29 @@ def pending_zips(root: Path) -> list[Path]:
     """The archives not extracted yet, or replaced since: their marker records the size, time and sha1 the
     archive had when extracted; one copied again with the same bytes (new times) is not pending, its marker
     refreshed where the download is writable. A marker of an earlier version (no record) counts as extracted
-    unless the archive is newer than it."""
-    return [z for z in walk_files(root, ".zip") if not _extracted(z, _marker(z)) or _gone_members(z)]
+    unless the archive is newer than it. Also those extracted before whose files were deleted since."""
+    return list(pending_archives(root))
+
+
+def pending_archives(root: Path) -> dict[Path, list[str] | None]:
+    """pending_zips with what each needs: None (the whole archive) or the files extracted before and gone since."""
+    return {z: refill for z in walk_files(root, ".zip") if (refill := _refill(z)) is None or refill}
+
+
+def _refill(archive: Path) -> list[str] | None:
+    """None where the archive is to be extracted whole; else its files gone since it was (none: nothing to do)."""
+    return _gone_members(archive) if _extracted(archive, _marker(archive)) else None
 
 
 def why_pending(archive: Path) -> str:
     """Why a pending archive is to be extracted, in words."""
-    if not _extracted(archive, _marker(archive)):
+    return said_pending(_refill(archive))
+
+
+def said_pending(refill: list[str] | None) -> str:
+    if refill is None:
         return "new or replaced, not extracted yet"
-    gone = _gone_members(archive)
-    return f"extracted before, {len(gone)} of its files gone since (e.g. {gone[0]}): extracted again"
+    return f"extracted before, {len(refill)} of its files gone since (e.g. {refill[0]}): extracted again"
 
 
 def _marker(archive: Path) -> Path:
@@ -116,13 +129,12 @@ def of_another_dataset(root: Path, archive: Path, datasets: list[str] | None) ->
 def _extract_pending(root: Path, datasets: list[str] | None = None) -> int:
     extracted, passed_over = 0, set()
     while True:
-        pending = [z for z in pending_zips(root) if z not in passed_over]
+        # extracted before: only its files gone since come back (the others may have been edited in place)
+        pending = {z: refill for z, refill in pending_archives(root).items() if z not in passed_over}
         if not pending:
             return extracted
-        for archive in tqdm(pending, desc="unzip", unit="zip", disable=len(pending) < 2):
+        for archive, refill in tqdm(pending.items(), desc="unzip", unit="zip", disable=len(pending) < 2):
             dest = archive.parent.resolve()
-            # extracted before: only its files gone since come back (the others may have been edited in place)
-            refill = _gone_members(archive) if _extracted(archive, _marker(archive)) else None
             try:
                 with zipfile.ZipFile(archive) as zf:
                     for member in zf.namelist():

@@ -34,14 +34,14 @@ def input_changes(cfg, out_dir: Path) -> list[str]:
     without any): its question files and images."""
     from flare_exp.data.prepare import questions_read, split_sources_of
     from flare_exp.data.question_files import question_files, resolve_image
-    from flare_exp.data.unzip import of_another_dataset, pending_zips, why_pending
+    from flare_exp.data.unzip import of_another_dataset, pending_archives, said_pending
     from flare_exp.data.prepare_inputs import INPUTS, input_changes as changes, prepared_summary, summarised
 
     root = abspath(cfg.data.root)
     if not root.is_dir():
         return []  # the settings' check names a missing data.root
-    archives = [f"data.root file {z.relative_to(root).as_posix()}: {why_pending(z)}"
-                for z in (pending_zips(root) if cfg.data.unzip else [])
+    archives = [f"data.root file {z.relative_to(root).as_posix()}: {said_pending(refill)}"
+                for z, refill in (pending_archives(root) if cfg.data.unzip else {}).items()
                 if not of_another_dataset(root, z, list(cfg.data.datasets))]  # none of this prepare's data
     found = question_files(root)
     read = questions_read(found, cfg.data, split_sources_of(cfg.data))

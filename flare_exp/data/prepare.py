@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from flare_exp.data import records as R
 from flare_exp.data.decoding import check_window
-from flare_exp.data.images import NEARLY_UNIFORM, ProcessorLimits, check_images
+from flare_exp.data.images import NEARLY_UNIFORM, ProcessorLimits, check_images, walk_files
 from flare_exp.data.question_files import (QuestionFile, discover, load_question_file, question_files, resolve_image,
                                            unread_copies)
 from flare_exp.data.prepare_inputs import INPUTS, record_inputs
@@ -146,8 +146,9 @@ def prepare(cfg_data, root: Path, out_dir: Path, limits: ProcessorLimits | None 
             log.info("unzipped %d archives under %s", n, root)
     split_sources = split_sources_of(cfg_data)
     rejects: list[dict] = []
-    found = question_files(root)
-    copies = unread_copies(root, found, list(cfg_data.datasets))
+    jsons = walk_files(root, ".json")  # walked once for both
+    found = question_files(root, jsons)
+    copies = unread_copies(root, found, list(cfg_data.datasets), jsons)
     if copies:
         log.warning("prepare: %d question file(s) not read, named or placed as a copy (no FLARE name), e.g. %s: give "
                     "them FLARE's names if they hold the data to prepare", len(copies), copies[0].relative_to(root))

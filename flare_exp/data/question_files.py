@@ -73,11 +73,11 @@ def _say_copies(split: str, dataset: str, paths: list[Path]) -> None:
                     len(folders), ", ".join(str(d) for d in folders), folders[0])
 
 
-def question_files(root: Path) -> list[tuple[Path, str, str | None, bool]]:
+def question_files(root: Path, files: list[Path] | None = None) -> list[tuple[Path, str, str | None, bool]]:
     """(path, dataset, FLARE split, has _withGT) of every question file under root, symlinked folders included
-    (the tree is walked once per prepare)."""
+    (the tree is walked once per prepare: ``files``, its JSON files where the caller walked it)."""
     found = []
-    for path in walk_files(root, ".json"):
+    for path in walk_files(root, ".json") if files is None else files:
         m = _QUESTION_FILE.match(path.name)
         parts = path.relative_to(root).parts
         if m and not any(part.startswith(".") for part in parts):
@@ -90,13 +90,15 @@ def question_files(root: Path) -> list[tuple[Path, str, str | None, bool]]:
 _COPIED_NAME = re.compile(r"(?: ?\(\d+\)| - copy(?: ?\(\d+\))?| copy(?: \d+)?)$|^copy of ", re.IGNORECASE)
 
 
-def unread_copies(root: Path, found: list[tuple], datasets: list[str]) -> list[Path]:
+def unread_copies(root: Path, found: list[tuple], datasets: list[str],
+                  files: list[Path] | None = None) -> list[Path]:
     """Question files of the datasets asked for that prepare does not read: named as a copy of one
     ("dental_questions_train (1).json", "Copy of ...") or under a folder that is no FLARE split ("training (1)/"):
-    a second download unpacked beside the first may hold the data meant."""
+    a second download unpacked beside the first may hold the data meant. ``files``: the JSON files under root
+    where the caller walked it (question_files' walk)."""
     read = {path for path, dataset, split, _ in found if split is not None and dataset in datasets}
     unread = []
-    for path in walk_files(root, ".json"):
+    for path in walk_files(root, ".json") if files is None else files:
         if path in read or any(part.startswith(".") for part in path.relative_to(root).parts):
             continue
         named = _QUESTION_FILE.match(_COPIED_NAME.sub("", _COPIED_NAME.sub("", path.stem)) + ".json")

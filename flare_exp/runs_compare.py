@@ -70,8 +70,8 @@ def scored_file(block: dict, key: str, output_root: Path) -> Path:
 
 
 def green_values(rows: list[dict], samples: Path | None, field: str) -> dict:
-    """group -> ("report_generation", ids, FLARE's green_score) from the judgments eval kept for these rows
-    (green_samples_*.jsonl: each report's judge output, read by the package's parser); {} without them."""
+    """group -> FLARE's green_score of its reports, from the judgments eval kept for them (green_samples_*.jsonl:
+    each report's judge output, read by the package's parser); {} without them."""
     from flare_exp.io import read_jsonl
     from flare_exp.metrics.green import green_score, parse_package
 
@@ -83,8 +83,8 @@ def green_values(rows: list[dict], samples: Path | None, field: str) -> dict:
     for row in rows:
         if row["task_type"] == "report_generation":
             groups.setdefault(row[field], []).append(row["id"])
-    return {name: ("report_generation", ids, sum(green_score(parse_package(judged[i])) for i in ids) / len(ids))
-            for name, ids in groups.items() if ids and all(isinstance(judged.get(i), str) for i in ids)}
+    return {name: sum(green_score(parse_package(judged[i])) for i in ids) / len(ids)
+            for name, ids in groups.items() if all(isinstance(judged.get(i), str) for i in ids)}
 
 
 def disagreeing_value(block: dict, rows: list[dict], green_samples: Path | None = None) -> str | None:
@@ -103,7 +103,7 @@ def disagreeing_value(block: dict, rows: list[dict], green_samples: Path | None 
                       for group, (task, _ids, values) in official_stats(rows, field).items()}
         judged = green_values(rows, green_samples, field)
         for group in {r[field] for r in rows if r["task_type"] == "report_generation"}:  # no judgments: UNJUDGED
-            recomputed[group] = ("report_generation", judged[group][2] if group in judged else UNJUDGED)
+            recomputed[group] = ("report_generation", judged.get(group, UNJUDGED))
         for group, (task, true) in recomputed.items():
             found = (block.get(part) or {}).get(group)
             said = found.get(OFFICIAL_METRIC[task]) if isinstance(found, dict) else None
@@ -136,6 +136,8 @@ def agrees(said: float, true: float) -> bool:
 def compared_blocks(output_root: Path, name: str, run_dir: Path) -> dict:
     """key -> block of the models a run stands for in the comparison: a pipeline's or trial's own, else every one
     its eval scored (``name:label``); a run without usable metrics is an error saying why."""
+    from flare_exp.metrics.scoring import samples_file
+
     blocks, failed = official_blocks(run_dir, strict=True), own_or_step(run_dir, FAILED)
     if not blocks:
         found = metrics_file(run_dir)
@@ -152,7 +154,7 @@ def compared_blocks(output_root: Path, name: str, run_dir: Path) -> dict:
         if edited:
             raise ValueError(f"runs.compare: {key}: {metrics_file(run_dir)} has {edited}, no number: edited since "
                              "its eval wrote it; rerun that eval")
-        samples = metrics_file(run_dir).parent / f"green_samples_{label.replace('/', '_')}.jsonl"
+        samples = samples_file(metrics_file(run_dir).parent, "green", label)
         out[key] = {**block, "file": str(scored_file(block, key, output_root)),
                     **({"green_samples": str(samples)} if samples.is_file() else {})}
     return out

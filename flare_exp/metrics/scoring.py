@@ -125,7 +125,7 @@ def report_metrics(rows: list[dict], scorers: ReportScorers, label: str) -> tupl
     from flare_exp.metrics.crimson_judge import crimson_fields
 
     out.update(crimson_fields(scorers.crimson(), rows,
-                              scorers.out_dir / f"crimson_samples_{label.replace('/', '_')}.jsonl"))
+                              samples_file(scorers.out_dir, "crimson", label)))
     judge = scorers.green()
     if judge is None:
         out["green_score"] = None
@@ -133,9 +133,15 @@ def report_metrics(rows: list[dict], scorers: ReportScorers, label: str) -> tupl
         return out, None
     summary, per_sample = judge.score(refs, hyps)
     out.update(summary)
-    write_jsonl(scorers.out_dir / f"green_samples_{label.replace('/', '_')}.jsonl",
+    write_jsonl(samples_file(scorers.out_dir, "green", label),
                 [{"id": r["id"], **s} for r, s in zip(rows, per_sample)])
     return out, per_sample
+
+
+def samples_file(out_dir: Path, judge: str, label: str) -> Path:
+    """Where eval keeps a judge's per-report rows for one model (``judge``: green, crimson); runs.compare reads
+    GREEN's back to recompute the score."""
+    return out_dir / f"{judge}_samples_{label.replace('/', '_')}.jsonl"
 
 
 def scored_rows(rows: list[dict]) -> list[dict]:

@@ -5,8 +5,8 @@ run_info.json, config.yaml, the lock), metrics from its eval's metrics.json.
 
 A run's status: DONE, FAILED (the first line of its error), "stopped by settings" (FAILED written before the run
 started: no run_info.json), running (its lock is held by a live process), stopped (that process is stopped:
-SIGSTOP, Ctrl-Z, a suspended job), or unfinished (crashed or killed;
-rerunning its command resumes it).
+SIGSTOP, Ctrl-Z, a suspended job), unfinished (crashed or killed; rerunning its command resumes it), or
+interrupted (retried) (an Optuna trial a killed search left running, tried again by its rerun as a new trial).
 """
 from __future__ import annotations
 
@@ -84,10 +84,7 @@ def own_label(blocks: dict, run_dir: Path | None) -> str | None:
 def own_block(blocks: dict, run_dir: Path | None = None) -> dict:
     """The metrics block of a run's own model (own_label); else the last (an eval's inputs in the order given).
     Empty where there is none."""
-    label = own_label(blocks, run_dir)
-    if label is not None:
-        return blocks[label]
-    return list(blocks.values())[-1] if blocks else {}
+    return blocks[shown_label(blocks, run_dir)] if blocks else {}
 
 
 def non_number(block: dict) -> str | None:
@@ -121,7 +118,7 @@ def headline(run_dir: Path) -> str | None:
     if not blocks:
         return None
     own = own_label(blocks, run_dir)
-    label = own if own is not None else list(blocks)[-1]
+    label = shown_label(blocks, run_dir)
     edited = non_number(blocks[label])
     if edited:
         return f"{edited}: no number ({metrics_file(run_dir).name} edited since its eval wrote it; rerun that eval)"
@@ -136,6 +133,12 @@ def headline(run_dir: Path) -> str | None:
                 part += " (its eval unfinished)"
             return f"{task}.{metric}={fmt(value)}{part}"
     return None
+
+
+def shown_label(blocks: dict, run_dir: Path | None) -> str:
+    """The label of the block whose number the listing shows: the run's own model's, else the last scored."""
+    own = own_label(blocks, run_dir)
+    return own if own is not None else list(blocks)[-1]
 
 
 def _read_json(path: Path) -> dict:
@@ -276,12 +279,24 @@ def duration(seconds) -> str:
         f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
-def listing(output_root: Path) -> tuple[list[str], list[list[str]]]:
-    rows = []
+def listing(output_root: Path, recheck=None) -> tuple[list[str], list[list[str]]]:
+    """The runs table; ``recheck(run_dir)``: why a finished run's shown number is not what its own predictions
+    give (a number edited into metrics.json), or None; said in place of that number."""
+    rows, retried = [], {}
     for name, path in run_dirs(output_root):
         row = run_summary(path)
         if row is None:
             continue
+        if row["status"] == "unfinished" and name.startswith("sweeps/"):  # an Optuna trial a rerun retried?
+            from flare_exp.reports.study import RETRIED, retried_trials
+
+            if path.parent not in retried:
+                retried[path.parent] = retried_trials(path.parent)
+            if path.name in retried[path.parent]:
+                row["status"] = f"{RETRIED}: the search's rerun tried it again as a new trial"
+        if recheck is not None and row["headline"] and not row["metrics_unreadable"] and "no number" not in \
+                row["headline"] and (edited := recheck(path)):
+            row["headline"] = f"{edited}: {metrics_file(path).name} edited since its eval wrote it; rerun that eval"
         status = row["status"] + (f": {row['error']}" if row["error"] and row["status"] != DONE else "")
         if row["metrics_unreadable"] and row["status"] == DONE:  # the why: in the headline column
             status += f" ({row['metrics_unreadable']})"

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flare_exp.catalog import find_run, metrics_file, non_number, official_blocks, own_label, run_summary
+from flare_exp.catalog import (find_run, metrics_file, non_number, official_blocks, own_label, run_summary,
+                               shown_label)
 from flare_exp.run.layout import DONE, FAILED, own_or_step
 from flare_exp.run.record import marker
 
@@ -158,6 +159,23 @@ def compared_blocks(output_root: Path, name: str, run_dir: Path) -> dict:
         out[key] = {**block, "file": str(scored_file(block, key, output_root)),
                     **({"green_samples": str(samples)} if samples.is_file() else {})}
     return out
+
+
+def listed_disagreement(run_dir: Path, output_root: Path) -> str | None:
+    """For the runs listing: disagreeing_value of the block whose number it shows; None where the numbers agree
+    or cannot be recomputed (no eval, predictions moved or changed since: runs.compare names those)."""
+    from flare_exp.metrics.scoring import samples_file
+
+    blocks = official_blocks(run_dir)
+    if not blocks:
+        return None
+    label = shown_label(blocks, run_dir)
+    samples = samples_file(metrics_file(run_dir).parent, "green", label)
+    try:
+        rows = scored_rows({"file": str(scored_file(blocks[label], label, output_root))})
+        return disagreeing_value(blocks[label], rows, samples if samples.is_file() else None)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def unfinished_eval(name: str, run_dir: Path) -> list[str]:

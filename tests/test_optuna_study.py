@@ -156,16 +156,19 @@ def test_a_sweep_value_optuna_refuses_is_named_with_its_key():
 def test_a_search_report_ranks_by_its_objective_and_says_which_dirs_were_retried(tmp_path):
     """A killed search's rerun retries the trials it left running under new numbers: their old dirs were listed
     as 'unfinished' (which the same command resumes: not these) and study.md counted them as failed; and the
-    search's report ranked by the first official metric rather than the objective it optimised."""
+    search's report ranked by the first official metric rather than the objective it optimised. The runs listing
+    says so too."""
     import json
 
     import optuna
+
+    from flare_exp.catalog import listing
 
     from flare_exp.io import write_json
     from flare_exp.optuna_study import JOURNAL, STUDY_FILE
     from flare_exp.reports.sweep import write_sweep_report
 
-    sweep = tmp_path / "sweep"
+    sweep = tmp_path / "out" / "sweeps" / "sweep"
     study = _study(sweep)
     first = study.ask()
     study.tell(first, 0.5)
@@ -185,6 +188,10 @@ def test_a_search_report_ranks_by_its_objective_and_says_which_dirs_were_retried
             (job / "metrics.json").write_text(json.dumps({"m": {"official": {
                 "multi_label": {"f1_score": f1}, "classification": {"balanced_accuracy": accuracy}}}}))
             (job / "DONE").write_text("")
+        (job / "run_info.json").write_text(json.dumps({"started": "2026-12-07T01:00:00"}))
+    statuses = {row[0]: row[2] for row in listing(tmp_path / "out")[1]}
+    assert statuses == {"sweeps/sweep/0": "DONE", "sweeps/sweep/2": "DONE", "sweeps/sweep/1":
+                        "interrupted (retried): the search's rerun tried it again as a new trial"}, statuses
     summary = write_sweep_report(sweep, None)
     text = (sweep / "report" / "sweep.md").read_text()
     assert "Ranked by official/multi_label/f1_score (highest first; the search's objective" in text

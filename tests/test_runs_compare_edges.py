@@ -113,6 +113,25 @@ def test_a_number_edited_into_metrics_json_is_refused_not_shown_beside_tests_of_
         comparison(root, ["a", "b"], resamples=20)
 
 
+def test_the_listing_says_a_number_edited_into_metrics_json_instead_of_showing_it(tmp_path):
+    """The listing shows one number per run: one typed into metrics.json (here the headline's own) is named with
+    the number its predictions give, not shown as the run's; a file changed since (not recomputable) is left to
+    runs.compare, which names it."""
+    from flare_exp.runs_compare import listed_disagreement
+
+    root = tmp_path / "out"
+    _eval(root, "a", 1), _eval(root, "b", 4)
+    metrics = root / "runs" / "a" / "metrics.json"
+    metrics.write_text(metrics.read_text().replace('"multi_label": {"f1_score": 0.25}', '"multi_label": {"f1_score": 0.9}'))
+    rows = {row[0]: row[5] for row in listing(root, lambda d: listed_disagreement(d, root))[1]}
+    assert rows["b"] == "multi_label.f1_score=1.0000"
+    assert rows["a"] == ("multi_label.f1_score: 0.9 in metrics.json, 0.25 from the predictions it scored: "
+                         "metrics.json edited since its eval wrote it; rerun that eval")
+    assert {row[0]: row[5] for row in listing(root)[1]}["a"] == "multi_label.f1_score=0.9000"  # no recheck asked
+    (root / "runs" / "infer-a" / "predictions.jsonl").write_text("")  # changed since: compare says so, not this
+    assert listed_disagreement(root / "runs" / "a", root) is None
+
+
 def test_a_green_score_edited_into_metrics_json_is_refused_from_the_judgments_eval_kept(tmp_path):
     """Report generation's official number is the GREEN judge's mean: recomputed from the judgments eval kept
     (green_samples_<model>.jsonl, read by the package's parser) as the other tasks' are from their predictions."""

@@ -25,6 +25,21 @@ def load_study(sweep_dir: Path):
     return study, info
 
 
+RETRIED = "interrupted (retried)"  # the status of such a trial's dir, for the sweep report and the runs listing
+
+
+def retried_trials(sweep_dir: Path) -> set[str]:
+    """The numbers of an Optuna search's trials that a killed launch left running: the rerun retried each under a
+    new number, so their dirs are never resumed. Empty for a grid sweep or a study that does not open."""
+    if not (sweep_dir / STUDY_FILE).exists():
+        return set()
+    try:
+        study, _ = load_study(sweep_dir)
+    except Exception:  # noqa: BLE001  (a study that does not open: no trial is known as retried)
+        return set()
+    return {str(t.number) for t in study.get_trials(deepcopy=False) if t.user_attrs.get("interrupted")}
+
+
 def rerun_command(trial, study_name: str) -> str:
     # alone: not reporting to the study (rl.optuna_*), under its own name
     overrides = [o for o in trial.user_attrs.get("overrides", []) if not o.startswith(("run_name=", "rl.optuna_"))]

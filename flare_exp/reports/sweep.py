@@ -2,11 +2,13 @@
 and sweep.png in <sweep_dir>/report/, with the study's own view beside it for an Optuna search."""
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 from flare_exp.cells import csv_text
 from flare_exp.io import write_text
+from flare_exp.reports.study import RETRIED, retried_trials
 from flare_exp.reports.sweep_figure import plot
 from flare_exp.reports.sweep_jobs import collect, lower_is_better, rank_key, ranked, ranks_by, reward_caveat, \
     tie_breakers, varying_keys
@@ -44,26 +46,24 @@ def markdown(header: list[str], rows: list[list]) -> str:
     return "\n".join(md_table(header, rows, cell=short_number))
 
 
-RETRIED = "interrupted (retried)"
-
-
 def mark_search_trials(sweep_dir: Path, jobs: list[dict]) -> str | None:
     """An Optuna search's job dirs as its study knows them: a trial a killed search left running is retried
     under a new number by the rerun, so its dir, never resumed, says so instead of 'unfinished'. Returns the
     search's first objective that the jobs report (official/<task>/<metric>), which ranks them."""
-    from flare_exp.reports.study import load_study
+    from flare_exp.optuna_study import STUDY_FILE
 
-    try:
-        study, info = load_study(sweep_dir)
-    except Exception:  # noqa: BLE001  (a study that does not open: the job table alone, as for a grid)
-        return None
-    retried = {str(t.number) for t in study.get_trials(deepcopy=False) if t.user_attrs.get("interrupted")}
+    retried = retried_trials(sweep_dir)
     for job in jobs:
         if job["job"] in retried and job["status"] != "DONE":
             job["status"] = RETRIED
+    try:
+        info = json.loads((sweep_dir / STUDY_FILE).read_text())
+    except (OSError, ValueError):  # a study file cut or edited: the job table alone, as for a grid
+        return None
+    objectives = info.get("objectives") if isinstance(info, dict) else None
     known = {k for j in jobs for k in j["metrics"]}
-    return next((key for name in info.get("objectives", []) if (key := "official/" + name.replace(".", "/", 1))
-                 in known), None)
+    return next((key for name in objectives or [] if isinstance(name, str)
+                 and (key := "official/" + name.replace(".", "/", 1)) in known), None)
 
 
 def write_sweep_report(sweep_dir: Path, rank_by: str | None) -> dict:

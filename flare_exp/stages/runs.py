@@ -6,7 +6,7 @@ from pathlib import Path
 
 from flare_exp.catalog import listing
 from flare_exp.run.stage import Stage
-from flare_exp.runs_compare import comparison
+from flare_exp.runs_compare import comparison, listed_disagreement
 
 STAGE = Stage(
     name="runs",
@@ -46,7 +46,7 @@ def run(cfg, out_dir: Path | None = None) -> dict:
             sig = cfg.eval.significance
             lines = comparison(root, names, sig.resamples, sig.seed, sig.ar_trials, sig.correction)
         else:
-            header, rows = listing(root)
+            header, rows = listing(root, lambda run_dir: listed_disagreement(run_dir, root))
             lines = md_table(header, rows) if rows else [f"no runs under {root}"]
     finally:
         remove_view_dir()

@@ -123,13 +123,17 @@ def test_a_blank_16_bit_colour_frame_is_named_as_a_16_bit_grey_one_is(tmp_path):
     assert check_images([colour], workers=1, window=None)[colour].uniform == 1.0
 
 
-def _tiff16(path, channels: np.ndarray):
-    """An uncompressed 16-bit colour TIFF (little-endian, one strip), written byte by byte: channels (H, W, C)."""
+def _tiff16(path, channels: np.ndarray, packbits: bool = False):
+    """A 16-bit colour TIFF (little-endian, one strip), written byte by byte: channels (H, W, C); uncompressed, or
+    PackBits-compressed (literal runs of 128 bytes) as a compressed file no full reader here takes."""
     import struct
 
     height, width, count = channels.shape
     data = channels.astype("<u2").tobytes()
-    tags = [(256, 3, 1, width), (257, 3, 1, height), (258, 3, count, 0), (259, 3, 1, 1), (262, 3, 1, 2),
+    if packbits:
+        data = b"".join(bytes([len(data[i:i + 128]) - 1]) + data[i:i + 128] for i in range(0, len(data), 128))
+    tags = [(256, 3, 1, width), (257, 3, 1, height), (258, 3, count, 0), (259, 3, 1, 32773 if packbits else 1),
+            (262, 3, 1, 2),
             (273, 4, 1, 0), (277, 3, 1, count), (278, 3, 1, height), (279, 4, 1, len(data)), (284, 3, 1, 1)]
     bits_at = 8 + 2 + 12 * len(tags) + 4
     strip_at = bits_at + 2 * count
@@ -158,6 +162,22 @@ def test_a_16_bit_colour_tiff_is_read_in_full_where_uncompressed_and_said_where_
         assert im.mode == "RGB" and mode_label(im) == "RGB;16"
         im.tile = [tile._replace(codec_name="tiff_lzw") for tile in im.tile]  # as a compressed file's
         assert mode_label(im) == "RGB;16 (high bytes only)"
+
+
+def test_a_compressed_16_bit_colour_tiff_is_named_by_prepare_and_keeps_pils_reading(tmp_path, caplog):
+    """A compressed (here PackBits) 48-bit TIFF has no full reader here: its pixels are PIL's high bytes, its label
+    says so in summary.json, and prepare warns how to keep its full depth."""
+    root = tmp_path / "raw"
+    d = _small_tree(root, [{**GOOD, "ImageName": "imagesTr/packed.tif"}], images=())
+    packed = _tiff16(d / "imagesTr" / "packed.tif", np.stack([GRADIENT] * 3, -1), packbits=True)
+    with Image.open(packed) as im:
+        pil_reading = np.asarray(im.convert("L"))
+    assert np.array_equal(np.asarray(decode_image(packed))[..., 0], pil_reading)
+    caplog.set_level("WARNING", logger="flare_exp.data.prepare")
+    out = _prepare(tmp_path, root, "data.datasets=[chestdr]")
+    assert json.loads((out / "summary.json").read_text())["images_by_mode"] == {"RGB;16 (high bytes only)": 1}
+    assert ("1 16-bit colour image(s) are compressed TIFFs read by their high bytes only" in caplog.text
+            and "packed.tif: save them as 16-bit grey (PNG or TIFF) for their full depth" in caplog.text)
 
 
 def test_prepare_sft_rl_and_infer_see_the_same_pixels(tmp_path):

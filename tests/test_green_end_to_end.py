@@ -139,3 +139,24 @@ def test_eval_green_aggregates_the_judgments(base_overrides, scripted_judge, tmp
     assert {k: report[k] for k in ("rouge_1", "rouge_2", "rouge_l")} == pytest.approx(rouge_score_reference(hyps, refs))
     assert {k: report[k] for k in ("bleu_1", "bleu_2", "bleu_3", "bleu_4")} == pytest.approx(sacrebleu_scores(hyps, refs))
     assert 0 < report["rouge_l"] < 1 and 0 < report["bleu_1"] < 1
+
+
+@pytest.mark.parametrize("loop", ["generate", "graph"])
+def test_a_judgment_has_its_own_prompts_room_whatever_its_batch_mates(scripted_judge, loop):
+    """A report whose judge input reaches max_length left its batch-mates no room: their judgments came out
+    empty (score 0), so eval's green_score moved with eval.green.batch_size (0.0 at 16, 0.79 at 4 on one file).
+    Each judgment now gets the room its own prompt leaves, as judged alone; exact mode keeps the package's
+    batches (a batch's budget set by its longest prompt)."""
+    long_one = " ".join(["clear"] * 200)
+    cands = CANDIDATES + [long_one]
+    judge = GreenJudge.from_pretrained(scripted_judge, "float32", batch_size=8, decode_loop=loop)
+    judge.max_length = max(judge.input_tokens([REFERENCE] * 6, cands))  # the long one's input fills it
+    alone = [judge.judge([REFERENCE], [c])[0] for c in CANDIDATES]
+    assert [green_score(parse_green(o)) for o in alone] == pytest.approx(SCORES)
+    for batch_size in (8, 3, 1):
+        judge.batch_size = batch_size
+        judge.journal = None
+        outputs = judge.judge([REFERENCE] * 6, cands)
+        assert outputs[:5] == alone and outputs[5] == "", (batch_size, outputs)
+    exact = GreenJudge(judge.model, judge.tokenizer, max_length=judge.max_length, exact=True)
+    assert exact.judge([REFERENCE] * 6, cands) == [""] * 6  # the package's batch of 8: no room for any of them

@@ -207,7 +207,9 @@ def official_green(predictions: list, per_sample: list[dict], max_length: int) -
         return {"green_score": None, "green_score_none": reasons,
                 "note": "FLARE's evaluator gets no GREEN number here (the package raises): " +
                         "; ".join(f"{why}: {n}" for why, n in reasons.items()) +
-                        ". Our green_score (report_generation's own fields) scores them anyway."}
+                        ". Our green_score (report_generation's own fields) scores them anyway"
+                        + (" (an input that fills the judge's length leaves no room for a judgment: 0; the "
+                           "reports beside it are judged in their own room)" if too_long else "") + "."}
     scores = [green_score(parse_package(text)) for text in outputs]
     return {"green_score": sum(scores) / len(scores) if scores else None}
 

@@ -6,12 +6,14 @@ how the same greedy tokens are produced:
 - ``decode_loop=graph``: the graph decode loop (static KV cache, one compiled step per token on a GPU);
 - ``auto``: graph on a GPU, generate on the CPU.
 Prompts are sorted by length (less padding), a repeated pair judged once, ``batch_size`` at a time. Greedy
-picks are the same in both loops (tested). The batch is not only a matter of speed: a batch's total length is
-``max_length`` for all its members (the package's ``generate(max_length=...)``), so a judgment that reaches that
-budget is cut where its batch-mates' longest prompt leaves it; and in fp16 on a GPU another batch composition
-can flip a near-tie (the benchmark reports the share of identical judgments). ``exact=True`` judges as the
-package does for FLARE's number: 8 at a time in input order, repeats included, ``generate`` unless the graph
-loop is asked for by name, no cap but ``max_length``. Every judgment is journaled as soon as its batch
+picks are the same in both loops (tested). In the package a batch's total length is ``max_length`` for all its
+members (its ``generate(max_length=...)``), so a judgment is cut where its batch-mates' longest prompt leaves it
+(one at ``max_length`` leaves them none). Here each judgment gets the room its own prompt leaves, as if judged
+alone: the ones a longer prompt beside them cut short are judged again among themselves, so the number does not
+move with ``batch_size``; in fp16 on a GPU another batch composition can still flip a near-tie (the benchmark
+reports the share of identical judgments). ``exact=True`` judges as the package does for FLARE's number: 8 at a
+time in input order, each batch's budget set by its longest prompt, repeats included, ``generate`` unless the
+graph loop is asked for by name, no cap but ``max_length``. Every judgment is journaled as soon as its batch
 finishes, so a preempted eval resumes, and a pair already judged (in exact mode: the same pair at the same
 place of the same batch) is not judged again.
 """
@@ -105,7 +107,8 @@ class GreenJudge(JournaledJudge):
             decode_loop = "generate"
         self.decoder = decoder_for(model, DecodeSettings("eval.green", decode_loop, shared_prefix=shared_prefix))
         # journal key: the judge and what decides its text (the decoding loop does not)
-        self.identity = json.dumps([identity, max_length, max_new_tokens])
+        # (outside exact mode each judgment has its own prompt's room: journals made before that are not reused)
+        self.identity = json.dumps([identity, max_length, max_new_tokens, *([] if exact else ["own room"])])
         self.journal = Path(journal) if journal else None
 
     @classmethod
@@ -171,25 +174,41 @@ class GreenJudge(JournaledJudge):
         return config
 
     def generate(self, texts: list[str]) -> list[str]:
-        """Greedy judgments for one batch of rendered texts, decoded and cleaned as the package does."""
-        import torch
-
+        """Greedy judgments for one batch of rendered texts, decoded and cleaned as the package does. Outside
+        exact mode each judgment gets the room its own prompt leaves (as judged alone): those the batch's
+        longest prompt cut short are judged again among themselves."""
         enc = self.encode(texts)
         budget = self.new_token_budget(enc["input_ids"].shape[1])
-        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
-        new = None
-        if budget > 0:
-            new = self.decoder.new_tokens(enc, budget, pad, self._greedy_config(), "the judge's decode step")
-        if budget <= 0:
-            sequences = enc["input_ids"]
-        elif new is not None:
-            sequences = torch.cat([enc["input_ids"], new], dim=1)
-        else:
-            with torch.inference_mode(), quiet_right_padding_warning():
-                sequences = self.model.generate(**enc, eos_token_id=eos, pad_token_id=pad, max_new_tokens=budget,
-                                                do_sample=False, temperature=None, top_p=None, top_k=None)
+        sequences = self._sequences(enc, budget)
         decoded = self.tokenizer.batch_decode(sequences, skip_special_tokens=True)
-        return [clean_response(text) for text in decoded]
+        outputs = [clean_response(text) for text in decoded]
+        cut = [] if self.exact else self.cut_by_batch(enc, sequences, budget)
+        for i, output in zip(cut, self.generate([texts[i] for i in cut]) if cut else []):
+            outputs[i] = output
+        return outputs
+
+    def _sequences(self, enc: dict, budget: int):
+        """The batch's prompts followed by up to ``budget`` greedy new tokens (the graph loop's, else generate's)."""
+        import torch
+
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        if budget <= 0:
+            return enc["input_ids"]
+        new = self.decoder.new_tokens(enc, budget, pad, self._greedy_config(), "the judge's decode step")
+        if new is not None:
+            return torch.cat([enc["input_ids"], new], dim=1)
+        with torch.inference_mode(), quiet_right_padding_warning():
+            return self.model.generate(**enc, eos_token_id=eos, pad_token_id=pad, max_new_tokens=budget,
+                                       do_sample=False, temperature=None, top_p=None, top_k=None)
+
+    def cut_by_batch(self, enc: dict, sequences, budget: int) -> list[int]:
+        """The rows whose judgment ended at the batch's budget without EOS although their own prompt leaves them
+        more (a long prompt beside them: one at max_length leaves its batch-mates none)."""
+        width = enc["input_ids"].shape[1]
+        finished = (sequences[:, width:] == self.tokenizer.eos_token_id).any(dim=1).tolist()
+        own = enc["attention_mask"].sum(dim=1).tolist()
+        return [i for i, (done, length) in enumerate(zip(finished, own))
+                if not done and self.new_token_budget(length) > max(budget, 0)]
 
     def input_tokens(self, references: list[str], candidates: list[str]) -> list[int]:
         """Each judge input's token count before truncation (the package's judgment has no room from

@@ -535,6 +535,36 @@ def test_the_submission_keeps_flares_own_question_text(tmp_path):
     assert [s["Question"] for s in submitted] == [GOOD["Question"], " Which findings? \n"]
 
 
+def test_a_submission_appears_whole_or_not_at_all_and_never_beside_an_earlier_attempts(tmp_path, monkeypatch):
+    """A kill while the dataset files were written left submission/ with some datasets missing (an upload of it
+    scores them as wrong); a rerun answering fewer questions (infer.num_samples) left that submission/ beside its
+    submission_subset/."""
+    import flare_exp.stages.infer as infer
+
+    rows = [{"dataset": d, "raw_task_type": "Multi-label Classification", "image_name": f"{d}{i}.png",
+             "question": "Which findings?", "prediction": "none"} for d in ("chestdr", "periapical") for i in range(2)]
+    out = tmp_path / "inf"
+    written = []
+
+    def dies_on_the_second(path, obj):
+        if written:
+            raise KeyboardInterrupt  # as a kill part-way
+        written.append(path)
+        (path.parent.mkdir(parents=True, exist_ok=True), path.write_text(json.dumps(obj)))
+
+    with monkeypatch.context() as patched:
+        patched.setattr(infer, "write_json", dies_on_the_second)
+        with pytest.raises(KeyboardInterrupt):
+            infer.write_submission(out, rows, 4)
+    assert written and not (out / "submission").exists() and not list(out.glob(".submission-*"))
+    whole = infer.write_submission(out, rows, 4)
+    assert sorted(p.name for p in whole.iterdir()) == ["chestdr_predictions.json", "periapical_predictions.json"]
+    subset = infer.write_submission(out, rows[:1], 4)
+    assert subset.name == "submission_subset" and not whole.exists()
+    assert [p.name for p in subset.iterdir()] == ["chestdr_predictions.json"]
+    assert infer.write_submission(out, rows, 4) == whole and whole.is_dir() and not subset.exists()
+
+
 def test_eval_says_runs_differ_in_their_reports_without_a_green_judge(base_overrides, tmp_path):
     """Without a GREEN judge the report rows have no paired test, but they are inputs: eval's own warning counts
     them, as runs.compare does for the same pair."""

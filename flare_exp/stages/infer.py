@@ -22,7 +22,7 @@ from flare_exp.data.decoding import check_records_window
 from flare_exp.data.prepared_split import read_prepared_split
 from flare_exp.data.rejects import describe_rejected, rejected_questions
 from flare_exp.data.vision import VisionChat
-from flare_exp.io import read_journal, write_json, write_jsonl
+from flare_exp.io import atomic_dir, read_journal, write_json, write_jsonl
 from flare_exp.models.batch_decoding import (Decoder, batches_with_images, check_inputs_ahead, decode_in_parts,
                                              decode_settings, image_device, inputs_ahead)
 from flare_exp.models.checkpoints import adapter_identity, checkpoint_label, resolve_adapter
@@ -97,8 +97,17 @@ def write_submission(out_dir: Path, rows: list[dict], questions: int, rejected: 
         by_dataset.setdefault(r["dataset"], []).append({
             "TaskType": r["raw_task_type"], "Modality": r.get("modality", "Xray"), "ImageName": r["image_name"],
             "Question": r.get("raw_question", r["question"]), "Answer": r["prediction"], "Split": "test"})
-    for dataset, records in by_dataset.items():
-        write_json(folder / f"{dataset}_predictions.json", records)
+    import shutil
+
+    for left in out_dir.glob(".submission-*"):  # a killed attempt's half-written folder
+        shutil.rmtree(left, ignore_errors=True)
+    with atomic_dir(folder, ".submission-") as tmp:  # whole or not at all: a kill leaves no folder of some datasets
+        for dataset, records in by_dataset.items():
+            write_json(tmp / f"{dataset}_predictions.json", records)
+    other = out_dir / ("submission_subset" if folder.name == "submission" else "submission")
+    if other.is_dir():  # an earlier attempt's, of other predictions (infer.num_samples changed): not beside these
+        shutil.rmtree(other)
+        log.info("infer: %s/ of an earlier attempt removed: %s/ holds this run's answers", other.name, folder.name)
     return folder
 
 

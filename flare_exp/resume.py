@@ -63,6 +63,49 @@ def schedule_change(trainer, checkpoint: str | None) -> dict | None:
                                                             "max_steps_after": budget}}
 
 
+STEP_SHAPE = "step_shape"  # in each checkpoint's flare_exp_checkpoint.json: what one optimizer step held
+
+
+def step_shape(args) -> dict:
+    """What one optimizer step holds under the Trainer's ``args``: per device, accumulation, ranks."""
+    return {"per_device_train_batch_size": args.per_device_train_batch_size,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps, "world_size": args.world_size}
+
+
+def _samples(shape: dict) -> int:
+    return shape["per_device_train_batch_size"] * shape["gradient_accumulation_steps"] * shape["world_size"]
+
+
+def check_step_shape(checkpoint: str | None, args, stage: str) -> None:
+    """A resume on another number of ranks trains its remaining steps with another number of samples per
+    optimizer step (the per-device batch and accumulation are the run's own settings), and the Trainer's data
+    skip counts steps, so part of the epoch would be seen twice or never: refused, naming both. A checkpoint
+    saved before this was recorded is not compared."""
+    from flare_exp.models.checkpoints import read_meta
+    from flare_exp.run.record import RunSettingsChangedError
+
+    if checkpoint is None or 0 < args.max_steps <= (checkpoint_step(Path(checkpoint)) or 0):
+        return  # at the budget already: nothing left to train
+    before, now = read_meta(Path(checkpoint)).get(STEP_SHAPE), step_shape(args)
+    try:
+        same = _samples(before) == _samples(now)
+    except (TypeError, KeyError):  # no record (an older checkpoint) or an edited one: nothing to compare
+        return
+    if same:
+        return
+
+    def said(shape):
+        return (f"{_samples(shape)} samples per optimizer step ({shape['per_device_train_batch_size']} per device x "
+                f"{shape['gradient_accumulation_steps']} accumulation x {shape['world_size']} rank(s))")
+
+    raise RunSettingsChangedError(
+        f"{checkpoint} was trained with {said(before)}; this launch gives {said(now)}: its remaining steps would be "
+        "another recipe, and the Trainer's data skip counts steps, so part of the epoch would be seen twice or "
+        f"never. Resume it on {before['world_size']} rank(s), as it started; or start afresh with overwrite=true (the "
+        f"earlier attempt moves to attempts/NN/); or train a new run from its weights ({stage}.init_from={checkpoint} "
+        "with allow_intermediate_checkpoint=true).")
+
+
 def file_past_the_budget(out_dir: Path, max_steps: int | None) -> None:
     """Checkpoints past a budget lowered since they were saved belong to the earlier attempt's longer schedule:
     they move to its record (attempts/NN/), so the finished run dir holds only this schedule's checkpoints and a

@@ -19,7 +19,8 @@ from flare_exp.logs import log_part
 from flare_exp.loss_summary import trainer_loss
 from flare_exp.models.checkpoints import checkpoint_step, mark_complete, sort_adapter_config, write_meta
 from flare_exp.reports.model_card import write_model_cards
-from flare_exp.resume import at_the_step_budget, resume_checkpoint, schedule_change
+from flare_exp.resume import (STEP_SHAPE, at_the_step_budget, check_step_shape, resume_checkpoint, schedule_change,
+                              step_shape)
 from flare_exp.run.layout import LOG_HISTORY
 from flare_exp.run.lock import check_still_held
 from flare_exp.runtime import abspath, world_size
@@ -66,6 +67,7 @@ def train_and_save(trainer, stage: str, cfg, out_dir: Path, meta: "CheckpointMet
     try:
         try:
             checkpoint = resume_checkpoint(cfg.resume, out_dir, stage, cfg, trainer.args.max_steps)
+            check_step_shape(checkpoint, trainer.args, stage)
             trainer.resumed_step = checkpoint_step(Path(checkpoint)) or 0 if checkpoint else 0  # loss_summary
             spliced = schedule_change(trainer, checkpoint)
             if spliced:  # in the trainer state: every later checkpoint, log_history.json and final/ carry it
@@ -378,5 +380,5 @@ class CheckpointMeta(TrainerCallback):
             check_still_held()  # a save a stop cut into: not completed (nor marked) in a dir that is another's
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if ckpt.is_dir():
-                self.write(ckpt, step=state.global_step)
+                self.write(ckpt, step=state.global_step, **{STEP_SHAPE: step_shape(args)})
                 mark_complete(ckpt)  # last: the Trainer's files and ours are all written

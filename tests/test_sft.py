@@ -100,6 +100,33 @@ def test_resume_continues_from_the_last_checkpoint(base_overrides, tmp_path):
     assert (filed / "checkpoint-4" / "trainer_state.json").is_file() and (filed / "config.yaml").is_file()
 
 
+def test_a_resume_on_another_number_of_ranks_is_refused_naming_both(base_overrides, tmp_path):
+    """A run started on 2 ranks and resumed on 1 (or the reverse) trained its remaining steps with half (twice)
+    the samples per optimizer step, and its summary named only the new batch. Each checkpoint records what one
+    step held; a resume that would hold another number is refused, saying how to continue."""
+    from flare_exp.models.checkpoints import mark_complete
+    from flare_exp.run.fingerprint import RunSettingsChangedError
+
+    run_dir = tmp_path / "sft"
+    common = ["sft.save_steps=2", "sft.eval_steps=0", "sft.per_device_train_batch_size=2",
+              "sft.gradient_accumulation_steps=1"]
+    run(_sft_cfg(base_overrides, "sft.max_steps=2", *common), run_dir=run_dir)
+    meta_file = run_dir / "checkpoint-2" / "flare_exp_checkpoint.json"
+    meta = json.loads(meta_file.read_text())
+    assert meta["step_shape"] == {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 1, "world_size": 1}
+    shutil.rmtree(run_dir / "final")
+    (run_dir / "DONE").unlink()
+    meta["step_shape"]["world_size"] = 2  # as a 2-rank job's checkpoint
+    meta_file.write_text(json.dumps(meta))
+    mark_complete(run_dir / "checkpoint-2")
+    with pytest.raises(RunSettingsChangedError, match=r"checkpoint-2 was trained with 4 samples per optimizer step "
+                       r"\(2 per device x 1 accumulation x 2 rank\(s\)\); this launch gives 2 samples .* Resume it on 2 "
+                       r"rank\(s\), as it started"):
+        run(_sft_cfg(base_overrides, "sft.max_steps=4", *common), run_dir=run_dir)
+    # at its budget already, nothing is left to train: no refusal
+    assert run(_sft_cfg(base_overrides, "sft.max_steps=2", *common), run_dir=run_dir)["global_step"] == 2
+
+
 def test_resume_never_refuses_existing_checkpoints(base_overrides, tmp_path):
     run_dir = tmp_path / "sft"
     run(_sft_cfg(base_overrides, "sft.max_steps=2", "sft.save_steps=2", "sft.eval_steps=0"), run_dir=run_dir)

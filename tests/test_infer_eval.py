@@ -78,16 +78,26 @@ def test_infer_resumes_after_a_torn_write(base_overrides, sft_adapter, tmp_path)
 
 
 def test_test_split_writes_a_flare_submission(base_overrides, tmp_path):
+    """Each test question file's records as given (their Split, Modality and key order too), each once, with the
+    model's Answer: all in predictions.json (the one file FLARE's evaluator reads), and split by dataset."""
+    from pathlib import Path
+
     _infer(base_overrides, tmp_path / "inf", "infer.split=test")
-    files = sorted((tmp_path / "inf" / "submission").glob("*.json"))
-    assert {f.name for f in files} == {f"{d}_predictions.json" for d in
-                                       ("IU_XRay", "boneresorption", "chestdr", "dental", "periapical")}
-    records = json.loads((tmp_path / "inf" / "submission" / "dental_predictions.json").read_text())
-    assert set(records[0]) == {"TaskType", "Modality", "ImageName", "Question", "Answer", "Split"}
-    assert records[0]["TaskType"] == "Classification"
+    folder = tmp_path / "inf" / "submission"
+    datasets = ("IU_XRay", "boneresorption", "chestdr", "dental", "periapical")
+    assert {f.name for f in folder.glob("*.json")} == {"predictions.json", *(f"{d}_predictions.json" for d in datasets)}
+    submitted = json.loads((folder / "predictions.json").read_text())
+    asked = [q for f in sorted(Path(compose_cfg(base_overrides).data.root).glob("testing/Xray/*/*_questions_test.json"))
+             for q in json.loads(f.read_text())]
+    assert len(submitted) == len(asked) and all(isinstance(r["Answer"], str) for r in submitted)
+    assert sorted(json.dumps({k: v for k, v in r.items() if k != "Answer"}) for r in submitted) == \
+        sorted(json.dumps(q) for q in asked)  # the question records, key order included
+    assert {r["Split"] for r in submitted} == {q["Split"] for q in asked} == {"testing"}
+    by_dataset = [r for d in datasets for r in json.loads((folder / f"{d}_predictions.json").read_text())]
+    assert sorted(map(json.dumps, by_dataset)) == sorted(map(json.dumps, submitted))
     summary = _infer(base_overrides, tmp_path / "part", "infer.split=test", "infer.num_samples=3")
     assert not (tmp_path / "part" / "submission").exists() and summary["submission_complete"] is False
-    assert sum(len(json.loads(f.read_text())) for f in (tmp_path / "part" / "submission_subset").glob("*.json")) == 3
+    assert len(json.loads((tmp_path / "part" / "submission_subset" / "predictions.json").read_text())) == 3
 
 
 def test_a_smaller_num_samples_keeps_the_predictions_it_leaves_out(base_overrides, sft_adapter, tmp_path):
@@ -558,10 +568,11 @@ def test_a_submission_appears_whole_or_not_at_all_and_never_beside_an_earlier_at
             infer.write_submission(out, rows, 4)
     assert written and not (out / "submission").exists() and not list(out.glob(".submission-*"))
     whole = infer.write_submission(out, rows, 4)
-    assert sorted(p.name for p in whole.iterdir()) == ["chestdr_predictions.json", "periapical_predictions.json"]
+    assert sorted(p.name for p in whole.iterdir()) == ["chestdr_predictions.json", "periapical_predictions.json",
+                                                       "predictions.json"]
     subset = infer.write_submission(out, rows[:1], 4)
     assert subset.name == "submission_subset" and not whole.exists()
-    assert [p.name for p in subset.iterdir()] == ["chestdr_predictions.json"]
+    assert sorted(p.name for p in subset.iterdir()) == ["chestdr_predictions.json", "predictions.json"]
     assert infer.write_submission(out, rows, 4) == whole and whole.is_dir() and not subset.exists()
 
 

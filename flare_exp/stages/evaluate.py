@@ -101,7 +101,8 @@ def unanswered(path: Path) -> str | None:
         return None  # read, and named, by the eval itself
     if isinstance(first, dict) and first.get("split") == "test" and first.get("answer") is None:
         return (f"{path} holds predictions of the test split, which has no answers to score here: FLARE scores the "
-                "test split from the submission sheet (infer writes it); score a val or train split's predictions")
+                "test split from the submission (infer.split=test writes submission/predictions.json); score a val or "
+                "train split's predictions")
     return None
 
 

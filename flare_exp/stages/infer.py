@@ -81,9 +81,23 @@ def timed_batch(decode: Decoder, records: list[dict], images, number: int, run_d
     return texts
 
 
+SUBMISSION_FILE = "predictions.json"  # every answer in one list: the file FLARE's evaluator reads
+
+
+def submitted_record(row: dict) -> dict:
+    """A test question's record as its question file gives it, with the model's Answer (the baselines' form;
+    FLARE joins it to its ground truth on ImageName||Question). Rows prepared before the record was kept: its
+    fields rebuilt."""
+    if isinstance(row.get("question_record"), dict):
+        return {**row["question_record"], "Answer": row["prediction"]}
+    return {"TaskType": row["raw_task_type"], "Modality": row.get("modality", "Xray"), "ImageName": row["image_name"],
+            "Question": row.get("raw_question", row["question"]), "Answer": row["prediction"], "Split": "test"}
+
+
 def write_submission(out_dir: Path, rows: list[dict], questions: int, rejected: dict | None = None) -> Path:
-    """FLARE's format: the question records with Answer filled in, one file per dataset; FLARE joins them to
-    its ground truth on ImageName||Question. Written to submission/ when ``rows`` answer all ``questions`` of the
+    """FLARE's format: the question records with Answer filled in, all in predictions.json (what FLARE's
+    evaluator reads) and split by dataset (<dataset>_predictions.json); FLARE joins them to its ground truth on
+    ImageName||Question. Written to submission/ when ``rows`` answer all ``questions`` of the
     split (those prepare rejected included: ``rejected``), else to submission_subset/ (a question missing from an
     upload scores as wrong), said in the log."""
     folder = out_dir / ("submission" if len(rows) >= questions else "submission_subset")
@@ -94,14 +108,13 @@ def write_submission(out_dir: Path, rows: list[dict], questions: int, rejected: 
                     "scores every question an upload lacks as wrong", len(rows), questions, why, folder.name)
     by_dataset: dict[str, list] = {}
     for r in rows:
-        by_dataset.setdefault(r["dataset"], []).append({
-            "TaskType": r["raw_task_type"], "Modality": r.get("modality", "Xray"), "ImageName": r["image_name"],
-            "Question": r.get("raw_question", r["question"]), "Answer": r["prediction"], "Split": "test"})
+        by_dataset.setdefault(r["dataset"], []).append(submitted_record(r))
     import shutil
 
     for left in out_dir.glob(".submission-*"):  # a killed attempt's half-written folder
         shutil.rmtree(left, ignore_errors=True)
     with atomic_dir(folder, ".submission-") as tmp:  # whole or not at all: a kill leaves no folder of some datasets
+        write_json(tmp / SUBMISSION_FILE, [record for records in by_dataset.values() for record in records])
         for dataset, records in by_dataset.items():
             write_json(tmp / f"{dataset}_predictions.json", records)
     other = out_dir / ("submission_subset" if folder.name == "submission" else "submission")
@@ -157,8 +170,9 @@ def predict(cfg, todo: list[dict], journal: Path, label: str, done: dict) -> tup
             for r, p in zip(chunk, predicted):
                 row = {k: r[k] for k in ("id", "dataset", "task_type", "raw_task_type", "split", "image_name",
                                          "images", "question", "answer")}
-                if "raw_question" in r:  # the submission's Question
-                    row["raw_question"] = r["raw_question"]
+                for kept in ("raw_question", "question_record"):  # the submission's Question, its record
+                    if kept in r:
+                        row[kept] = r[kept]
                 row.update(prediction=p, model=label, adapter=adapter)
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
                 done[r["id"]] = row

@@ -170,6 +170,10 @@ def judge_with(model, tokenizer, batch, attention, args, settings, refs, cands, 
                                "peak_gib": peak, "identical_to_package": same})
         print(json.dumps(result["runs"][-1]), flush=True)
         save()
+    ours.decoder.release_cache()  # the next way's cache and compiled step in the memory this one held
+    del ours
+    torch._dynamo.reset()
+    __import__("gc").collect()
     torch.cuda.empty_cache()
     return out
 

@@ -114,7 +114,9 @@ def test_common_beginning_of_left_padded_prompts():
 def test_shared_prefix_needs_the_split_kv_kernel():
     from flare_exp.stages.evaluate import check_settings
 
-    cfg = compose_cfg(["stage=eval", "eval.green.shared_prefix=true"])
+    with pytest.raises(ValueError, match="eval.predictions is empty"):  # past the judge's: split_kv, the default
+        check_settings(compose_cfg(["stage=eval", "eval.green.shared_prefix=true"]))
+    cfg = compose_cfg(["stage=eval", "eval.green.shared_prefix=true", "eval.green.decode_attention=grouped"])
     with pytest.raises(ValueError, match="eval.green.shared_prefix=true .* eval.green.decode_attention=split_kv "
                                          r"\(it is grouped\)"):
         check_settings(cfg)

@@ -113,7 +113,7 @@ class GreenJudge(JournaledJudge):
 
     @classmethod
     def from_pretrained(cls, model_path: str | Path, dtype: str = "float16", device: str | None = None,
-                        decode_attention: str = "grouped", **settings) -> "GreenJudge":
+                        decode_attention: str = "split_kv", **settings) -> "GreenJudge":
         """The judge and its tokenizer as the package loads them: fp16 weights; the tokenizer with
         BOS and EOS added (the package's ``add_eos_token=True``), left padding, the GREEN chat template, EOS as
         the pad token."""

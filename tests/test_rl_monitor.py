@@ -312,18 +312,27 @@ def test_a_rollout_journal_torn_by_a_kill_is_mended_before_the_resume_appends(tm
 
 def test_a_step_whose_groups_the_kill_tore_is_written_whole_by_the_resume(tmp_path, caplog):
     """A step's groups are one append: the kill tore its second group's line, the mend kept the first, and the
-    resumed run, redoing that step, skipped it as written: the torn group was lost for good. Now the step's lines
-    go with the torn one and the redone step writes all its groups; an earlier whole step stays."""
+    resumed run, redoing that step, skipped it as written: the torn group was lost for good. Now a resume that
+    redoes the step drops its lines and the redone step writes all its groups; an earlier whole step stays. A
+    resume that starts after the torn step keeps its other groups (dropping them lost the step, said as rewritten)
+    and says one was cut."""
     entry = {"step": 1, "id": "r1", "dataset": "d", "task_type": "regression", "images": [], "reference": "4",
              "completions": []}
     journal = tmp_path / "rollouts.jsonl"
     lines = [json.dumps({**entry, "id": f"r{i}"}) for i in range(2)] + [json.dumps({**entry, "step": 5})]
-    journal.write_text("\n".join(lines) + "\n" + json.dumps({**entry, "step": 5, "id": "r9"})[:40])
+    torn = "\n".join(lines) + "\n" + json.dumps({**entry, "step": 5, "id": "r9"})[:40]
+    journal.write_text(torn)
     rollouts = RolloutLog(tmp_path, 1, 2, 1.0, tmp_path)
+    rollouts.continue_from(4)  # the resume's checkpoint: step 4
     assert rollouts.steps_written == {1}
     rollouts.append([{**entry, "step": 5, "id": "a"}, {**entry, "step": 5, "id": "b"}])
     assert [(r["step"], r["id"]) for r in map(json.loads, journal.read_text().splitlines())] == [
         (1, "r0"), (1, "r1"), (5, "a"), (5, "b")]
-    assert "step 5's groups before the torn line dropped too" in caplog.text
+    journal.write_text(torn)
+    rollouts = RolloutLog(tmp_path, 1, 2, 1.0, tmp_path)
+    rollouts.continue_from(6)  # a checkpoint after the torn step: it is not redone
+    assert [(r["step"], r["id"]) for r in map(json.loads, journal.read_text().splitlines())] == [
+        (1, "r0"), (1, "r1"), (5, "r1")]
+    assert "step 5's last group was cut by the kill; the resume starts after that step (at 6)" in caplog.text
     journal.write_text(json.dumps(entry) + "\n" + '{"st')  # cut before its step: the whole steps stay
     assert RolloutLog(tmp_path, 1, 2, 1.0, tmp_path).steps_written == {1}

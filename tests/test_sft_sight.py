@@ -38,6 +38,20 @@ def test_sft_scores_heldout_rows_at_its_eval_steps_and_keeps_best(base_overrides
     assert (out / "best" / "adapter_config.json").exists() and (out / "sft_curves.png").exists()
 
 
+def test_a_resume_drops_the_stopped_attempts_evals_of_later_steps(tmp_path):
+    """Killed after its step-30 eval but before checkpoint-30 was whole, a run resumed from checkpoint-20 wrote
+    step 30's eval again: heldout_evals.jsonl held [10, 20, 30, 30, 40] (sft and rl alike)."""
+    from flare_exp.rl_monitor.heldout_watch import EVALS, HeldOutWatch
+
+    lines = [json.dumps({"step": step, "value": step / 100}) for step in (10, 20, 30)] + ['{"step": 40, "val']
+    (tmp_path / EVALS).write_text("\n".join(lines))
+    watch = HeldOutWatch("sft", SimpleNamespace(metric_for_best_model="official_mean"), tmp_path, None, None)
+    watch.on_train_begin(None, SimpleNamespace(global_step=20), None)
+    assert (tmp_path / EVALS).read_text() == "\n".join(lines[:2]) + "\n"
+    watch.on_train_begin(None, SimpleNamespace(global_step=20), None)  # nothing more to drop
+    assert [json.loads(x)["step"] for x in (tmp_path / EVALS).read_text().splitlines()] == [10, 20]
+
+
 def test_sft_heldout_settings_are_named(base_overrides):
     from flare_exp.stages.sft import check_settings
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from flare_exp.io import atomic_dir
+from flare_exp.io import atomic_dir, write_text
 from flare_exp.rl_monitor.heldout import (OFFICIAL_MEAN, HeldOutEval, flat_metrics, higher_is_better,
                                           monitored_value)
 from flare_exp.run.lock import check_still_held
@@ -52,6 +52,20 @@ class HeldOutWatch(TrainerCallback):
             return None
         meta = json.loads(path.read_text())
         return {"step": meta.get("step"), "value": meta.get("metric_value")}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        """A resume from the checkpoint at ``state.global_step``: the evals of later steps are the stopped
+        attempt's (the resume trains and evaluates those steps again); they go, as a torn last line does."""
+        path = self.out_dir / EVALS
+        if not self.lead or not path.exists():
+            return
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= state.global_step]
+        if len(kept) < len(lines):
+            check_still_held()
+            write_text(path, "".join(f"{line}\n" for line in kept))
+            log.info("%s: %s: %d eval(s) of steps after %d (the stopped attempt's) dropped: the resumed run "
+                     "evaluates those steps again", self.stage, path.name, len(lines) - len(kept), state.global_step)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if self.heldout is None or not self.heldout.due(state.global_step, state.max_steps) or not self.lead:
@@ -99,6 +113,15 @@ class HeldOutWatch(TrainerCallback):
         return {"heldout_metric": self.section.metric_for_best_model, "heldout_records": len(self.heldout.records),
                 "best_checkpoint": str(self.out_dir / "best") if self.best else None,
                 "best_step": self.best and self.best["step"], "best_value": self.best and self.best["value"]}
+
+
+def _step_of(line: str) -> int | None:
+    """A heldout_evals.jsonl line's step; None for a torn or foreign line."""
+    try:
+        step = json.loads(line).get("step")
+    except (ValueError, AttributeError):
+        return None
+    return step if isinstance(step, int) else None
 
 
 def reporting_last(trainer) -> None:

@@ -60,7 +60,8 @@ class RolloutLog:
         self.max_bytes, self.image_root = int(max_mb * 2 ** 20), image_root
         self.full_said = False
         # a resumed run: the groups written so far (a line torn by the kill cut off, so appends start a new line)
-        self.steps_written = {e["step"] for e in whole_steps(self.path)} if self.path.exists() else set()
+        rows, self.torn_step = journal_rows(self.path) if self.path.exists() else ([], None)
+        self.steps_written = {e["step"] for e in rows}
         self.new_entries: list[dict] = []  # since the tracker last took them (a W&B table per logging step)
 
     def continue_from(self, step: int) -> None:
@@ -69,6 +70,9 @@ class RolloutLog:
         they go, and the redone steps write their own."""
         if not self.path.exists():
             return
+        if self.torn_step is not None and self.torn_step <= step:  # not redone: the step stays without that group
+            log.warning("rl: %s: step %d's last group was cut by the kill; the resume starts after that step (at "
+                        "%d), so it keeps its other groups", self.path, self.torn_step, step)
         rows = read_rollouts(self.path)
         kept = [r for r in rows if not isinstance(r.get("step"), int) or r["step"] <= step]
         if len(kept) == len(rows):
@@ -110,10 +114,11 @@ class RolloutLog:
         write_html(read_rollouts(self.path), self.html, self.image_root)
 
 
-def whole_steps(path: Path) -> list[dict]:
-    """The journal's entries, mended (mended_journal), of whole steps only: a step's groups are written in one
-    append, so a torn last line is of the step the kill cut, which the resume redoes; that step's lines before it
-    go too, so the redone step writes all its groups (it was kept with the torn group missing)."""
+def journal_rows(path: Path) -> tuple[list[dict], int | None]:
+    """The journal's entries, mended (mended_journal: a torn last line dropped), and the step of that torn line
+    where it says one (a line cut before its step: None). A step's groups are one append, so the torn one is of
+    the step the kill cut: ``continue_from`` drops it whole where the resume redoes it, so the redone step writes
+    all its groups."""
     import re
 
     last = path.read_bytes().rstrip(b"\n").rsplit(b"\n", 1)[-1]
@@ -127,19 +132,13 @@ def whole_steps(path: Path) -> list[dict]:
             aside = path.with_name(f"{path.name}.damaged-{n}")
         path.rename(aside)
         log.warning("%s (%s); it is kept as %s and the resumed run starts a new one", path, e, aside.name)
-        return []
+        return [], None
     try:
         json.loads(last or b"{}")
-        torn = None
+        return rows, None
     except ValueError:
         torn = re.match(rb'\{"step": (\d+),', last)  # a line cut before its step is said: nothing more known
-    if torn is None or not any(r.get("step") == int(torn.group(1)) for r in rows):
-        return rows
-    kept = [r for r in rows if r.get("step") != int(torn.group(1))]
-    log.warning("%s: step %s's groups before the torn line dropped too: the resumed run writes that step whole",
-                path, torn.group(1).decode())
-    write_jsonl(path, kept)
-    return kept
+    return rows, int(torn.group(1)) if torn else None
 
 
 def read_rollouts(path: Path) -> list[dict]:

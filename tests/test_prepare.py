@@ -610,3 +610,27 @@ def test_regression_answers_in_another_scripts_digits_become_ascii():
 
     for written in ("３５", "٣٥", "35 %", "３５％", "٣٥٪", "35\u200b"):
         assert answer_text(written, "regression", "boneresorption", "q") == ("35", None)
+
+
+def test_a_prepared_dir_whose_prepare_did_not_finish_is_not_read(tmp_path, demo_root):
+    """sft and infer read the splits of a prepare killed before its end (no DONE, no inputs.json or summary.json)
+    without a word; a failed one too. Each is refused naming the dir, and the same command finishes it."""
+    from flare_exp.checks import check_prepare_finished, input_problems
+
+    prepared = _prepare(tmp_path, demo_root)
+    check_prepare_finished("sft.train_file", str(prepared / "train.jsonl"))  # finished: read
+    (prepared / "DONE").unlink()
+    with pytest.raises(ValueError, match=r"sft.train_file=\S+train.jsonl: the prepare that writes \S+flare_xray has "
+                                         r"not finished \(it was stopped before its end: no DONE marker\).*Run "
+                                         r"stage=prepare with data.prepared_dir=\S+flare_xray to the end"):
+        check_prepare_finished("sft.train_file", str(prepared / "train.jsonl"))
+    (prepared / "FAILED").write_text("RuntimeError: boom\n")
+    with pytest.raises(ValueError, match=r"has not finished \(it FAILED: \S+FAILED\)"):
+        check_prepare_finished("infer.input_file", str(prepared / "val.jsonl"))
+    cfg = compose_cfg(["~experiment", "data=flare_xray", "model=tiny", "stage=sft", f"data.root={demo_root}",
+                       f"paths.output_root={tmp_path / 'out'}", f"paths.cache_dir={tmp_path / 'cache'}"])
+    assert any("the prepare that writes" in str(p) for p in input_problems(cfg))
+    hand_made = tmp_path / "hand"  # a prepared dir made by hand (no prepare's records): read as it is
+    hand_made.mkdir()
+    (hand_made / "train.jsonl").write_text("")
+    check_prepare_finished("sft.train_file", str(hand_made / "train.jsonl"))

@@ -158,6 +158,12 @@ def test_the_adapter_used_is_the_adapter_meant(tmp_path, capsys):
         chosen_adapter("infer.checkpoint", killed / "checkpoint-3", allow_intermediate=True)
     mark_complete(killed / "checkpoint-3")
     assert chosen_adapter("infer.checkpoint", killed / "checkpoint-3", True) == killed / "checkpoint-3"
+    stopped = _training_run(tmp_path / "stopped")  # killed after final/ was saved, before DONE
+    (stopped / "DONE").unlink()
+    with pytest.raises(ValueError, match=r"infer.checkpoint=\S+stopped/final is the final/ adapter of an unfinished "
+                                         r"run \(\S+stopped: no DONE marker\): finish it"):
+        chosen_adapter("infer.checkpoint", stopped / "final", allow_intermediate=False)
+    assert chosen_adapter("infer.checkpoint", stopped / "final", True) == stopped / "final"
     (tmp_path / "my-adapter").symlink_to(killed / "checkpoint-3")  # a link is the checkpoint it points at
     with pytest.raises(ValueError, match=r"is an intermediate checkpoint \(checkpoint-3\)"):
         chosen_adapter("infer.checkpoint", tmp_path / "my-adapter", allow_intermediate=False)

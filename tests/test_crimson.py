@@ -128,3 +128,6 @@ def test_eval_reports_crimson_when_configured(base_overrides, tmp_path, tiny_cri
     samples = (tmp_path / "eval" / "crimson_samples_m.jsonl").read_text().splitlines()
     assert len(samples) == 3 and "judge_output" in json.loads(samples[0])
     assert len((tmp_path / "eval" / "crimson_judgments.jsonl").read_text().splitlines()) == 3
+    # replies the parser does not read: said among the caveats, not only as n/a in the task's table
+    said = f"CRIMSON gave no score for {report['crimson_unscored']} of 3 reports (replies its parser does not read)"
+    assert said in (tmp_path / "eval" / "report.md").read_text()

@@ -139,6 +139,21 @@ def runs_table(results: dict, root: Path | None = None) -> tuple[list[str], list
     return ["run", *results], [[title, *(field(res, key) for res in results.values())] for key, title in RUN_FIELDS]
 
 
+def unjudged_lines(report: dict) -> list[str]:
+    """A judge whose output gave no score for some reports (CRIMSON's unparsed replies, GREEN's with
+    eval.green.parser=robust): its mean is over the others, or there is none."""
+    lines = []
+    for judge, score, left in (("CRIMSON", "crimson_score", "crimson_unscored"),
+                               ("GREEN (robust parser)", "green_score", "green_unparsed")):
+        unscored = report.get(left)
+        if unscored:
+            total = unscored + (report.get(score.split("_")[0] + "_n") or 0)
+            lines.append(f"report generation: {judge} gave no score for {unscored} of {total} reports (replies its "
+                         "parser does not read): " + (f"{score} is the mean over the other {total - unscored}"
+                                                      if total > unscored else f"no {score}"))
+    return lines
+
+
 def caveat_lines(results: dict, warnings: list[str], caveats: list[str] | None = None) -> list[str]:
     """What a reader must know before trusting the numbers: ``caveats`` (the eval's own), each run's
     ``caveats`` list and state (partial, empty predictions, unchecked answers), the official blocks' notes,
@@ -163,6 +178,7 @@ def caveat_lines(results: dict, warnings: list[str], caveats: list[str] | None =
                      "edited_sheet_note"):
             if res.get(note):
                 lines.append(res[note])
+        lines += unjudged_lines(res["by_task"].get("report_generation", {}))
         for task, block in res["official"].items():
             note = (block or {}).get("note") or (block or {}).get(OFFICIAL_METRIC[task]) is None and \
                 res["by_task"].get(task, {}).get(OFFICIAL_METRIC[task].split("_")[0] + "_note")

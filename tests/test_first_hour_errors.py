@@ -146,6 +146,24 @@ def test_the_command_line_hears_the_unknown_key_and_every_other_problem_at_once(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_model_path_from_an_unset_flare_exp_models_says_so(monkeypatch, tmp_path):
+    """The README's real run starts with export FLARE_EXP_MODELS=...; without it model.path is ./models/...,
+    and the error named only that path."""
+    from flare_exp.models.loading import check_model_path
+
+    monkeypatch.delenv("FLARE_EXP_MODELS", raising=False)
+    monkeypatch.chdir(tmp_path)
+    cfg = compose_cfg(["experiment=flare", "stage=sft"])
+    with pytest.raises(FileNotFoundError, match=r"model.path=\S+/models/Qwen3-VL-4B-Instruct holds no model \(no "
+                                                r"config.json\). FLARE_EXP_MODELS is not set, so model.path is under "
+                                                r"./models: export FLARE_EXP_MODELS="):
+        check_model_path(cfg.model)
+    monkeypatch.setenv("FLARE_EXP_MODELS", str(tmp_path / "models"))
+    with pytest.raises(FileNotFoundError) as named:
+        check_model_path(compose_cfg(["experiment=flare", "stage=sft"]).model)
+    assert "FLARE_EXP_MODELS is not set" not in str(named.value)
+
+
 def test_an_unset_mandatory_value_is_a_line_of_the_list_not_a_traceback():
     from flare_exp.checks import validate
 

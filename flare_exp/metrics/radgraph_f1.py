@@ -42,7 +42,9 @@ def check_model_dir(model_dir, model_type: str, key: str = "reward.radgraph.mode
         raise FileNotFoundError(
             f"{key} is not set. Download the RadGraph weights on a machine with internet "
             f"(StanfordAIMI/RRG_scorers, file {model_type}.tar.gz), unpack it to DIR/{model_type}/ (config.json, "
-            f"vocabulary/, weights.th), make the BERT encoder named in its config.json local, and pass {key}=DIR")
+            f"vocabulary/, weights.th), make the BERT encoder named in its config.json local, and pass {key}=DIR"
+            + (" (or export FLARE_EXP_RADGRAPH=DIR, which the reward configs read)" if key.startswith("reward.")
+               else ""))
     path = Path(model_dir)
     if not (path / model_type / "weights.th").exists():
         raise FileNotFoundError(f"{key}={path}: no {model_type}/weights.th there. Unpack {model_type}.tar.gz "

@@ -45,8 +45,13 @@ def check_model_path(model_cfg) -> None:
             f"model.path={path} holds no model (no config.json), and model={model_cfg.name} builds its tiny random "
             f"model only under paths.cache_dir (a folder you name is never written into): leave model.path unset, "
             f"or point it at a folder holding a Qwen3-VL checkpoint")
+    import os
+
+    unset = ("" if os.environ.get("FLARE_EXP_MODELS") or not str(model_cfg.path).startswith("models/") else
+             " FLARE_EXP_MODELS is not set, so model.path is under ./models: export FLARE_EXP_MODELS=the folder "
+             "that holds the model's folder (as the README's real run does), or pass model.path.")
     raise FileNotFoundError(
-        f"model.path={path} holds no model (no config.json). {model_cfg.download_hint or ''}".strip())
+        f"model.path={path} holds no model (no config.json).{unset} {model_cfg.download_hint or ''}".strip())
 
 
 def builds_tiny_at(model_cfg, path: Path) -> bool:

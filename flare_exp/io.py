@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import re
 import stat
 import tempfile
 from pathlib import Path
@@ -70,6 +71,23 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+TEMPORARY = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")  # atomic_path's name for a file not yet in place
+
+
+def remove_leftover_temporaries(folder: Path) -> int:
+    """Remove the temporary files of writes a kill cut short (atomic_path's, never read) under ``folder``, links
+    not followed and earlier attempts' records left as filed; the count. Only for a run dir whose lock is held:
+    no other writer's file is in flight there."""
+    removed = 0
+    for parent, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if d != "attempts"]
+        for name in files:
+            if TEMPORARY.match(name):
+                Path(parent, name).unlink(missing_ok=True)
+                removed += 1
+    return removed
 
 
 @contextlib.contextmanager

@@ -335,3 +335,23 @@ def test_a_journal_edited_to_hold_one_key_twice_says_which_row_is_kept(tmp_path,
         f.write('{"id": "a", "prediction": "ZZZ"}\n')
     assert read_journal(journal, "id")["a"]["prediction"] == "ZZZ"
     assert "two rows for id 'a' that differ: the later one is kept" in caplog.text
+
+
+def test_a_rerun_removes_the_temporary_files_of_writes_a_kill_cut_short(base_overrides, tmp_path):
+    """A kill mid-write left .predictions.xlsx.<random>.tmp (a half-written workbook) and others in the run dir
+    after the resumed run ended DONE; an earlier attempt's record and files of other names are left alone."""
+    from conftest import compose_cfg
+    from flare_exp.io import write_jsonl
+    from flare_exp.main import run
+
+    write_jsonl(tmp_path / "p.jsonl", [{"id": "d/0", "dataset": "dental", "task_type": "classification",
+                                        "answer": "A", "prediction": "A", "model": "m", "split": "val"}])
+    out = tmp_path / "eval"
+    left = [out / ".metrics.png.7vz6ce6b.tmp", out / "heldout" / ".predictions.xlsx.32tg2b3y.tmp"]
+    kept = [out / "attempts" / "01" / ".metrics.json.abcd_123.tmp", out / "notes.tmp", out / ".x.tmp"]
+    for path in left + kept:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("cut short")
+    run(compose_cfg(["stage=eval", *base_overrides, f"eval.predictions=[{tmp_path / 'p.jsonl'}]",
+                     f"data.prepared_dir={tmp_path / 'hand_made'}", "eval.radgraph=false"]), run_dir=out)
+    assert (out / "DONE").exists() and not any(p.exists() for p in left) and all(p.exists() for p in kept)

@@ -25,7 +25,7 @@ import shutil
 import time
 from pathlib import Path
 
-from flare_exp.io import write_json
+from flare_exp.io import remove_leftover_temporaries, write_json
 from flare_exp.logs import run_summary
 from flare_exp.models.checkpoints import adapter_identity
 from flare_exp.run.fingerprint import (MISSING_FINGERPRINT, RunSettingsChangedError, check_other_stage, check_resume,
@@ -90,6 +90,10 @@ class Run:
                 lock.release()
 
     def _start(self) -> None:
+        removed = remove_leftover_temporaries(self.out_dir) if self.own_run else 0  # this lock's dir alone
+        if removed:
+            log.info("%s: %d temporary file(s) of writes an earlier attempt's stop cut short removed", self.out_dir,
+                     removed)
         if self.view:  # a finished pipeline's record is kept by execute(), once it knows whether anything ran
             write_run_metadata(self.out_dir, self.cfg, keep_previous=self.filed is None)
         else:

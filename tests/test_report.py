@@ -216,6 +216,9 @@ def test_an_infinite_difference_keeps_its_sign():
                                  "metric": "mean_absolute_error", "a": math.inf, "b": 7.5,
                                  "difference": -math.inf, "n": 8}])
     assert row[2:5] == ["Infinity", "7.5000", "-Infinity"]
+    from flare_exp.reports.eval_report import SIGNIFICANCE_HEADER  # "sft vs base": B first, as the header says
+
+    assert row[0] == "sft vs base" and SIGNIFICANCE_HEADER[:5] == ["B vs A", "metric", "A", "B", "B - A"]
 
 
 def test_long_run_labels_under_a_panel_wrap_after_a_space_or_a_slash():

@@ -78,7 +78,7 @@ def variant_tables(results: dict) -> list[tuple[str, list[str], list[list[str]]]
     return out
 
 
-SIGNIFICANCE_HEADER = ["comparison", "metric", "A", "B", "B - A", "95% interval of B - A", "p (perm.)",
+SIGNIFICANCE_HEADER = ["B vs A", "metric", "A", "B", "B - A", "95% interval of B - A", "p (perm.)",
                        "p adj.", "p (AR)", "p adj.", "n"]
 
 

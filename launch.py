@@ -68,6 +68,15 @@ def main(cfg: DictConfig):
         if isinstance(e, RunLockLostError):
             refuse(e, "nothing more was written into that run dir, no FAILED either: it is the other run's now")
         refuse(e)
+    except RuntimeError as e:  # a rank of a data-parallel job died: this one's collective broke (FAILED says so)
+        from flare_exp.runtime import lost_peer, ranks
+
+        if not said_in_one_line or not lost_peer(e):
+            raise
+        print(f"\nflare-exp: rank {ranks()[0]} lost another rank of this job ({str(e).splitlines()[0][:200]}): it "
+              "was killed or crashed without a word (out of memory, SIGKILL, a node lost; torchrun's summary names "
+              f"it). The run dir says FAILED; the same command {resumes_from(cfg)}.", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt as e:  # Ctrl-C, SIGINT, SIGTERM or SIGHUP: the run dir says FAILED (stopped from outside)
         if not said_in_one_line:
             raise

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import os
+import re
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -47,6 +48,18 @@ def inside_cache(cfg, path) -> bool:
 
     cache_dir = OmegaConf.select(cfg, "paths.cache_dir", default=None)
     return cache_dir is not None and abspath(path).resolve().is_relative_to(abspath(cache_dir).resolve())
+
+
+# how gloo and NCCL say that a peer process went away (its socket closed, its ranks aborted)
+_LOST_PEER = re.compile(r"Connection (reset|closed) by peer|gloo/transport|Broken pipe|remote process exited|"
+                        r"ncclRemoteError|NCCL communicator was aborted|socket .*closed", re.IGNORECASE)
+
+
+def lost_peer(error: BaseException) -> bool:
+    """An error a rank of a data-parallel job gets when another rank died (killed, out of memory, a node lost)
+    without a word: the survivor's collective fails on the broken connection."""
+    return world_size() > 1 and (type(error).__name__ == "DistBackendError" or (
+        isinstance(error, RuntimeError) and _LOST_PEER.search(str(error)) is not None))
 
 
 def is_compilation_error(error: BaseException) -> bool:

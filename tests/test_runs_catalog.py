@@ -239,3 +239,21 @@ def test_one_hand_edited_run_info_does_not_hide_the_listing(tmp_path):
         (run_dir / "DONE").write_text("{}")
     rows = {r[0]: r for r in listing(tmp_path)[1]}
     assert set(rows) >= {"a-number", "a-word"} and rows["a-number"][3] == "" and rows["a-word"][3] == ""
+
+
+def test_a_rank_that_lost_its_peer_says_so_and_how_to_go_on(tmp_path, monkeypatch):
+    """One rank of a torchrun job SIGKILLed: the survivor's FAILED named only gloo's "Connection reset by peer"
+    (with its "GLHF!"), nothing of what happened or what to do; outside several ranks the error is as it is."""
+    gloo = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:29586: "
+                        "Connection reset by peer. This is typically caused by a remote worker hanging. GLHF!")
+    write_failed(tmp_path / "one", gloo)
+    assert (tmp_path / "one" / "FAILED").read_text().startswith("RuntimeError: [../third_party/gloo")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    write_failed(tmp_path / "two", gloo)
+    text = (tmp_path / "two" / "FAILED").read_text()
+    assert text.startswith("rank 0: lost another rank of this job (RuntimeError: [../third_party/gloo") and \
+        "killed or crashed without a word (out of memory, SIGKILL, a node lost); a rerun with the same run_name " \
+        "runs it again" in text.splitlines()[0]
+    write_failed(tmp_path / "other", RuntimeError("CUDA out of memory"))  # its own failure: as it is
+    assert (tmp_path / "other" / "FAILED").read_text().startswith("rank 0: RuntimeError: CUDA out of memory")

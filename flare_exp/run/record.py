@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from flare_exp.io import write_json, write_text
 from flare_exp.run.layout import ATTEMPTS, CONFIG, DONE, FAILED, FINGERPRINT, HYDRA, LOCK, RUN_INFO
-from flare_exp.runtime import abspath, world_size
+from flare_exp.runtime import abspath, lost_peer, world_size
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +130,7 @@ def write_run_metadata(run_dir: Path, cfg: DictConfig, keep_previous: bool = Tru
     })
 
 
+LOST_PEER = "lost another rank of this job"  # FAILED's words (after its rank's) for a survivor of a dead rank
 STOPPED = "stopped from outside"  # FAILED's first words (after a rank's) for a run preempted, cancelled, Ctrl-C'd
 
 
@@ -144,9 +145,12 @@ def write_failed(run_dir: Path, error: BaseException, rank: int | None = None, a
     wording, passed in by the run's lifecycle: run/ does not import the resume rules built on it)."""
     stopped = isinstance(error, (SystemExit, KeyboardInterrupt))  # preempted, timed out, cancelled, Ctrl-C
     named = f"{type(error).__name__}{f': {error}' if str(error) else ''}"
+    first = named.splitlines()[0][:300] if named else named
     why = (f"{STOPPED} ({named}): preempted, timed out or cancelled; a requeued job or a rerun with "
            f"the same run_name {_wording_after_a_stop(run_dir, after_a_stop)}") if stopped \
-        else f"{type(error).__name__}: {error}"
+        else (f"{LOST_PEER} ({first}): one was killed or crashed without a word (out of memory, SIGKILL, a node "
+              f"lost); a rerun with the same run_name {_wording_after_a_stop(run_dir, after_a_stop)}"
+              ) if lost_peer(error) else f"{type(error).__name__}: {error}"
     if rank is None and world_size() > 1:
         rank = int(os.environ.get("RANK", "0") or 0)
     where = f"rank {rank}: " if rank is not None else ""

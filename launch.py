@@ -67,6 +67,8 @@ def main(cfg: DictConfig):
             raise
         if isinstance(e, RunLockLostError):
             refuse(e, "nothing more was written into that run dir, no FAILED either: it is the other run's now")
+        if cfg.stage.name == "runs":  # a view: no run dir, no FAILED
+            refuse(e, "HYDRA_FULL_ERROR=1 shows the traceback; this view wrote nothing")
         refuse(e)
     except RuntimeError as e:  # a rank of a data-parallel job died: this one's collective broke (FAILED says so)
         from flare_exp.runtime import lost_peer, ranks

@@ -301,7 +301,7 @@ def listing(output_root: Path, recheck=None) -> tuple[list[str], list[list[str]]
         if row["metrics_unreadable"] and row["status"] == DONE:  # the why: in the headline column
             status += f" ({row['metrics_unreadable']})"
         attempts = "" if row["attempts"] == 1 else f" ({row['attempts']} attempts)" if row["all_attempts_timed"] \
-            else f" (the last of {row['attempts']} attempts)"
+            else f" (the last of {row['attempts']} attempts: an earlier one was killed, its time unknown)"
         rows.append([name, row["stage"], status[:90], (row["started"] or "").replace("T", " "),
                      duration(row["seconds"]) + attempts, row["headline"] or ""])
     return ["run", "stage", "status", "started", "duration", "headline metric"], rows

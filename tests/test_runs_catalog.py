@@ -225,7 +225,7 @@ def test_a_resumed_runs_duration_counts_the_attempts_it_continued(tmp_path):
     assert row[4] == "22s (2 attempts)", row
     attempt(3, 0, failed=False)  # killed -9: no FAILED, no end time
     row = next(r for r in listing(tmp_path)[1] if r[0] == "sft-k")
-    assert row[4] == "12s (the last of 3 attempts)", row
+    assert row[4] == "12s (the last of 3 attempts: an earlier one was killed, its time unknown)", row
 
 
 def test_one_hand_edited_run_info_does_not_hide_the_listing(tmp_path):

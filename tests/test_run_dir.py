@@ -355,3 +355,41 @@ def test_a_rerun_removes_the_temporary_files_of_writes_a_kill_cut_short(base_ove
     run(compose_cfg(["stage=eval", *base_overrides, f"eval.predictions=[{tmp_path / 'p.jsonl'}]",
                      f"data.prepared_dir={tmp_path / 'hand_made'}", "eval.radgraph=false"]), run_dir=out)
     assert (out / "DONE").exists() and not any(p.exists() for p in left) and all(p.exists() for p in kept)
+
+
+def test_a_kill_during_overwrites_move_is_finished_by_the_next_launch(base_overrides, tmp_path, monkeypatch, caplog):
+    """overwrite=true moves the finished run into attempts/NN/ file by file: a kill after the first left DONE
+    there and the rest in place, and the next launch without overwrite "resumed" that rest as its own run. The
+    plan written first lets the next launch finish the move: the old run whole in attempts/01/, a fresh run."""
+    import shutil as shutil_module
+
+    from conftest import compose_cfg
+    from flare_exp.io import write_jsonl
+    from flare_exp.main import run
+    from flare_exp.run import record
+
+    write_jsonl(tmp_path / "p.jsonl", [{"id": "d/0", "dataset": "dental", "task_type": "classification",
+                                        "answer": "A", "prediction": "A", "model": "m", "split": "val"}])
+    out = tmp_path / "eval"
+    cfg = compose_cfg(["stage=eval", *base_overrides, f"eval.predictions=[{tmp_path / 'p.jsonl'}]",
+                       f"data.prepared_dir={tmp_path / 'hand_made'}", "eval.radgraph=false"])
+    run(cfg, run_dir=out)
+    before = sorted(p.name for p in record.attempt_files(out))
+    moved = []
+
+    def killed_after_one(src, dst):
+        if moved:
+            raise KeyboardInterrupt  # SIGKILL part-way
+        moved.append(src)
+        return shutil_module.move(src, dst)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(record.shutil, "move", killed_after_one)
+        with pytest.raises(KeyboardInterrupt):
+            record.archive_attempt(out)
+    assert len(moved) == 1 and (out / "attempts" / "01" / record.MOVING).exists()
+    caplog.set_level("WARNING")
+    run(cfg, run_dir=out)  # without overwrite: the move is finished first, then a fresh run
+    assert "move of the finished run into" in caplog.text
+    assert sorted(p.name for p in (out / "attempts" / "01").iterdir() if p.name != ".hydra") == before
+    assert (out / "DONE").exists() and (out / "metrics.json").exists()

@@ -33,8 +33,9 @@ from flare_exp.run.fingerprint import (MISSING_FINGERPRINT, RunSettingsChangedEr
                                        other_stage_refusal, recorded_fingerprint, starting_adapter)
 from flare_exp.run.lock import RunLock, check_still_held, lock_lost
 from flare_exp.run.layout import ATTEMPTS, CONFIG, DONE, FAILED, FINGERPRINT, REPORT_HTML, RUN_INFO, SWEEP_TABLE
-from flare_exp.run.record import (RunFinishedError, archive_attempt, attempt_files, keep_hydra_record, next_attempt_dir,
-                                  restore_hydra_record, this_jobs_attempt, write_failed, write_run_metadata)
+from flare_exp.run.record import (RunFinishedError, archive_attempt, attempt_files, finish_interrupted_move,
+                                  keep_hydra_record, next_attempt_dir, restore_hydra_record, this_jobs_attempt,
+                                  write_failed, write_run_metadata)
 from flare_exp.run.stage import declared_stages
 from flare_exp.runtime import barrier
 
@@ -66,6 +67,10 @@ class Run:
                 self.lock = RunLock(self.out_dir, placed_by=dir_setting(self.stage)).acquire()
                 if self.run_dir != self.out_dir:  # its record too: two prepares into two dirs under one run_name
                     self.record_lock = RunLock(self.run_dir).acquire()
+            if self.locked:
+                for dest in finish_interrupted_move(self.out_dir):
+                    log.warning("%s: an earlier overwrite=true's move of the finished run into %s was cut short: "
+                                "the rest moved there too", self.out_dir, dest)
             if self.stage == "pipeline" and self.own_run and self.rank == 0:  # a single stage's run there
                 take_over_check(self.configured, self.out_dir)
             if self.declared is not None and self.own_run:  # nothing touched yet: a refusal leaves the dir as it was

@@ -247,10 +247,38 @@ def archive_attempt(run_dir: Path) -> Path:
     attempts/NN/: a rename, so it is instant and nothing is deleted."""
     files = attempt_files(run_dir)  # before attempts/NN is made
     dest = next_attempt_dir(run_dir)
-    for path in files:
-        shutil.move(str(path), str(dest / path.name))
-    copy_hydra_record(run_dir, dest)
+    write_json(dest / MOVING, [p.name for p in files])  # the plan first: a kill mid-move is finished by the next
+    _move_in(run_dir, dest, [p.name for p in files])   # launch (finish_interrupted_move), not left split
     return dest
+
+
+MOVING = ".moving.json"  # in attempts/NN/ while an attempt moves there: the names still to move
+
+
+def _move_in(run_dir: Path, dest: Path, names: list[str]) -> None:
+    for name in names:
+        if (run_dir / name).exists() or (run_dir / name).is_symlink():
+            shutil.move(str(run_dir / name), str(dest / name))
+    copy_hydra_record(run_dir, dest)
+    (dest / MOVING).unlink(missing_ok=True)
+
+
+def finish_interrupted_move(run_dir: Path) -> list[Path]:
+    """An earlier attempt's move into attempts/NN/ a kill cut short (overwrite=true's): the rest moved there too,
+    so its files are not split between the run dir and its record (a rerun took the rest for a run to resume).
+    Under the run's lock; the attempt dirs finished."""
+    import json
+
+    done = []
+    for plan in sorted((run_dir / ATTEMPTS).glob(f"*/{MOVING}")) if (run_dir / ATTEMPTS).is_dir() else []:
+        try:
+            names = [n for n in json.loads(plan.read_text()) if isinstance(n, str) and "/" not in n]
+        except (OSError, ValueError, TypeError):  # cut while written: nothing had moved yet
+            plan.unlink(missing_ok=True)
+            continue
+        _move_in(run_dir, plan.parent, names)
+        done.append(plan.parent)
+    return done
 
 
 def copy_hydra_record(run_dir: Path, dest: Path) -> None:

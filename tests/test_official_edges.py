@@ -183,3 +183,29 @@ def test_two_evals_of_one_predictions_file_are_said():
     assert copy and "scored byte-identical predictions files (/a/predictions.jsonl and /b/predictions.jsonl" in copy[0]
     assert input_differences("ev1", "ev2", {"file": "/a/p.jsonl", "file_sha256": "x"},
                              {"file": "/b/p.jsonl", "file_sha256": "y"}) == []
+
+
+def test_a_judge_out_of_memory_names_its_longest_input_and_what_to_change(tmp_path):
+    """A ~36,000-token prediction made the CRIMSON judge run out of memory with no word of which report or what
+    to do; the judgments made before it stay journaled."""
+    import torch
+
+    from flare_exp.metrics.judge_journal import JournaledJudge
+
+    class Judge(JournaledJudge):
+        name, section, batch_size, journal = "CRIMSON judge", "eval.crimson", 2, tmp_path / "j.jsonl"
+
+        def render_pair(self, reference, candidate):
+            return f"{reference} || {candidate}"
+
+        def generate(self, texts):
+            if any(len(t) > 1000 for t in texts):
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 45.00 GiB")
+            return ["ok"] * len(texts)
+
+    judge = Judge()
+    with pytest.raises(RuntimeError, match=r"CRIMSON judge ran out of memory on a batch of 2, its longest input 6007 "
+                                           r"characters \(\.\.\..*heart heart '\): lower eval.crimson.batch_size \(1 "
+                                           r"judges one report at a time\), or shorten the prediction"):
+        judge.judge(["ref"] * 3, ["short", "fine", "heart " * 1000])
+    assert judge.judge(["ref"] * 2, ["short", "fine"]) == ["ok", "ok"]

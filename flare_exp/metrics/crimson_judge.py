@@ -41,7 +41,7 @@ def graph_loop_refusal(model) -> str | None:
 
 
 class CrimsonJudge(JournaledJudge):
-    name = "CRIMSON judge"
+    name, section = "CRIMSON judge", "eval.crimson"
 
     def __init__(self, model, tokenizer, batch_size: int = 8, max_new_tokens: int | None = None,
                  decode_loop: str = "auto", journal: str | Path | None = None, identity: str = ""):

@@ -74,7 +74,7 @@ def judge_tokenizer(path):
 
 
 class GreenJudge(JournaledJudge):
-    name = "GREEN judge"
+    name, section = "GREEN judge", "eval.green"
 
     def __init__(self, model, tokenizer, batch_size: int = 8, max_length: int = 2048,
                  max_new_tokens: int | None = None, decode_loop: str = "auto", parser: str = "package",

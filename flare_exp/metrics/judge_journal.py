@@ -31,7 +31,7 @@ def judge_dir(key: str, model_path: str | Path, download: str) -> Path:
 
 
 class JournaledJudge:
-    name = "judge"
+    name, section = "judge", "eval"
     identity, journal, batch_size, exact = "", None, 1, False
 
     def render_pair(self, reference: str, candidate: str) -> str:
@@ -82,7 +82,7 @@ class JournaledJudge:
         with (open(journal, "a", encoding="utf-8") if journal else contextlib.nullcontext()) as f:
             for todo in tqdm(batches, desc=self.name, unit="batch", disable=len(batches) <= 1):
                 batch_keys, batch = zip(*todo)
-                outputs = self.generate(list(batch))
+                outputs = self.generate_named(list(batch))
                 if f:
                     check_still_held()  # stopped past the takeover wait: the journal is another's now
                 for key, output in zip(batch_keys, outputs):
@@ -92,6 +92,25 @@ class JournaledJudge:
                 if f:
                     f.flush()
         return [] if share is not None else [judged[k] for k in keys]
+
+    def generate_named(self, batch: list[str]) -> list[str]:
+        """``generate``, its running out of memory named with the batch's longest input and what to change (the
+        judgments made so far are journaled: the same command resumes after them)."""
+        import torch
+
+        try:
+            return self.generate(batch)
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
+                raise
+            longest, tokenizer = max(batch, key=len), getattr(self, "tokenizer", None)
+            tokens = len(tokenizer(longest)["input_ids"]) if tokenizer is not None else None
+            raise RuntimeError(
+                f"{self.name} ran out of memory on a batch of {len(batch)}, its longest input "
+                f"{f'{tokens} tokens' if tokens else f'{len(longest)} characters'} (...{longest[-160:]!r}): lower "
+                f"{self.section}.batch_size (1 judges one report at a time), or shorten the prediction it holds "
+                "(a report that long is no report: a model that repeats itself?). The judgments made so far are "
+                "journaled: the same command goes on after them") from e
 
     def _batches(self, texts: list[str], judged: dict) -> tuple[list[str], list[list[tuple[str, str]]]]:
         """Every text's journal key, and the batches still to judge as (key, text) lists. Default: each distinct

@@ -45,6 +45,17 @@ class _DropText(logging.Filter):
 _installed = False
 
 
+def quiet_other_ranks() -> None:
+    """Under torchrun every rank runs the same code and logged every line once per rank: rank 0 alone says what
+    happens (INFO); the others say their warnings and errors (a rank may have its own)."""
+    import os
+
+    from flare_exp.runtime import world_size
+
+    if world_size() > 1 and os.environ.get("RANK", "0") not in ("", "0"):  # torchrun's, or SLURM's adopted
+        logging.getLogger("flare_exp").setLevel(logging.WARNING)
+
+
 def quiet_known_messages() -> None:
     global _installed
     for handler in logging.getLogger().handlers:  # each job's (Hydra configures the logging per job)

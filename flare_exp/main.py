@@ -10,7 +10,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from flare_exp.checks import validate
-from flare_exp.logs import quiet_known_messages
+from flare_exp.logs import quiet_known_messages, quiet_other_ranks
 from flare_exp.run.layout import RUN_INFO
 from flare_exp.run.lifecycle import Run
 from flare_exp.run.record import remember_launch, restore_hydra_record, write_failed
@@ -59,6 +59,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None):
     # job was submitted from, shared by every job of a sweep.
     os.environ.setdefault("UNSLOTH_COMPILE_LOCATION", str(cache_dir / "unsloth_compiled_cache"))
     adopt_slurm_ranks()
+    quiet_other_ranks()
     quiet_known_messages()
     try:
         validate(cfg, inputs=True)

@@ -257,3 +257,23 @@ def test_a_rank_that_lost_its_peer_says_so_and_how_to_go_on(tmp_path, monkeypatc
         "runs it again" in text.splitlines()[0]
     write_failed(tmp_path / "other", RuntimeError("CUDA out of memory"))  # its own failure: as it is
     assert (tmp_path / "other" / "FAILED").read_text().startswith("rank 0: RuntimeError: CUDA out of memory")
+
+
+def test_ranks_other_than_0_log_only_their_warnings(monkeypatch):
+    """Under torchrun every log line was printed once per rank."""
+    import logging
+
+    from flare_exp.logs import quiet_other_ranks
+
+    logger = logging.getLogger("flare_exp")
+    level = logger.level
+    try:
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("RANK", "0")
+        quiet_other_ranks()
+        assert logger.level == level
+        monkeypatch.setenv("RANK", "1")
+        quiet_other_ranks()
+        assert logger.level == logging.WARNING
+    finally:
+        logger.setLevel(level)

@@ -55,8 +55,9 @@ STAGE = Stage(
     feeds_from={"infer.checkpoint": ("rl", "sft")},
     pipeline_step=True,
     reads_doc="`infer.checkpoint` (none = base model; a run, pipeline or adapter dir), `infer.split`",
-    writes_doc=("`predictions.jsonl`, `predictions.xlsx`, `submission/` (test split; `submission_subset/` when "
-                "`infer.num_samples` or prepare's rejects leave questions out), `infer_summary.json`"),
+    writes_doc=("`predictions.jsonl`, `predictions.xlsx`, `submission/` (test split: `predictions.json` to upload, "
+                "and per dataset; `submission_subset/` when `infer.num_samples` or prepare's rejects leave questions "
+                "out; whole or absent), `infer_summary.json`"),
 )
 
 log = logging.getLogger(__name__)

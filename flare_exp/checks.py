@@ -305,29 +305,12 @@ def _collect_missing(problems: list, declared, key: str, cfg: DictConfig) -> Non
         name = ", ".join(f"{k}={OmegaConf.select(cfg, k)}" for k in used if k != "data.prepared_dir")
         _collect(problems, _check_exists, name, value, True, f"Run stage=prepare first, or set {key}")
         return
+    from flare_exp.data.prepare_inputs import check_prepare_finished
+
     hint = "stage=prepare writes it" if key.endswith(("train_file", "val_file")) else ""
     for one in (value if isinstance(value, (list, tuple)) or OmegaConf.is_list(value) else [value]):
         _collect(problems, _check_exists, key, one, True, hint)
         _collect(problems, check_prepare_finished, key, one)
-
-
-def check_prepare_finished(key: str, value) -> None:
-    """A file in the dir of a prepare that did not finish (killed, failed or still running): its splits may lack
-    records and its checks' records (inputs.json, summary.json) are missing, so nothing it holds is read."""
-    from flare_exp.run.fingerprint import held_stage
-    from flare_exp.run.layout import FAILED
-    from flare_exp.run.lock import being_made
-    from flare_exp.run.record import marker
-
-    folder = abspath(value).parent if value else None
-    if folder is None or not folder.is_dir() or marker(folder) == DONE or held_stage(folder) != "prepare":
-        return
-    state = (f"it FAILED: {folder / FAILED}" if marker(folder) == FAILED else "it is still running: a live process "
-             "holds its lock; wait for it" if being_made(folder / "train.jsonl") else
-             "it was stopped before its end: no DONE marker")
-    raise ValueError(f"{key}={value}: the prepare that writes {folder} has not finished ({state}), so "
-                     "its splits may lack records and its records of what it checked are missing. Run stage=prepare "
-                     f"with data.prepared_dir={folder} to the end (the same command finishes it), then this")
 
 
 def _check_exists(key: str, value, required: bool, hint: str) -> None:

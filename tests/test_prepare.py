@@ -615,7 +615,8 @@ def test_regression_answers_in_another_scripts_digits_become_ascii():
 def test_a_prepared_dir_whose_prepare_did_not_finish_is_not_read(tmp_path, demo_root):
     """sft and infer read the splits of a prepare killed before its end (no DONE, no inputs.json or summary.json)
     without a word; a failed one too. Each is refused naming the dir, and the same command finishes it."""
-    from flare_exp.checks import check_prepare_finished, input_problems
+    from flare_exp.checks import input_problems
+    from flare_exp.data.prepare_inputs import check_prepare_finished
 
     prepared = _prepare(tmp_path, demo_root)
     check_prepare_finished("sft.train_file", str(prepared / "train.jsonl"))  # finished: read

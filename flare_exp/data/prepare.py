@@ -94,8 +94,7 @@ def convert_record(raw, qf: QuestionFile, out_split: str, root: Path, cfg):
         # FLARE's evaluator joins a submission to its ground truth on the raw ImageName||Question: the raw text
         # is kept for the submission where stripping changed it
         **({"raw_question": raw["Question"]} if raw["Question"] != question else {}),
-        # a test question's record as its file gives it (Split, Modality, any other key): the submission's
-        **({"question_record": {k: v for k, v in raw.items() if k != "Answer"}} if not needs_answer else {}),
+        **({"question_record": {k: v for k, v in raw.items() if k != "Answer"}} if not needs_answer else {}),  # to submit
         "answer": answer,
         "messages": R.build_messages(images, text, answer),
         "_paths": paths,  # for the image pass and the leakage check; not written out

@@ -213,14 +213,20 @@ def images_named(record_files: list[Path]) -> set[str] | None:
 def check_prepare_finished(key: str, value) -> None:
     """A file in the dir of a prepare that did not finish (killed, failed or still running): its splits may lack
     records and its checks' records (inputs.json, summary.json) are missing, so nothing it holds is read."""
-    from flare_exp.run.fingerprint import held_stage
-    from flare_exp.run.layout import DONE, FAILED
+    from omegaconf import OmegaConf
+
+    from flare_exp.run.layout import CONFIG, DONE, FAILED
     from flare_exp.run.lock import being_made
     from flare_exp.run.record import marker
     from flare_exp.runtime import abspath
 
     folder = abspath(value).parent if value else None
-    if folder is None or not folder.is_dir() or marker(folder) == DONE or held_stage(folder) != "prepare":
+    if folder is None or not (folder / CONFIG).is_file() or marker(folder) == DONE:
+        return  # no run's dir (a prepared dir made by hand), or a finished one
+    try:
+        if OmegaConf.select(OmegaConf.load(folder / CONFIG), "stage.name") != "prepare":
+            return
+    except Exception:  # noqa: BLE001  (a config cut or edited: not known to be a prepare's)
         return
     state = (f"it FAILED: {folder / FAILED}" if marker(folder) == FAILED else "it is still running: a live process "
              "holds its lock; wait for it" if being_made(folder / "train.jsonl") else

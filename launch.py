@@ -75,9 +75,12 @@ def main(cfg: DictConfig):
 
         if not said_in_one_line or not lost_peer(e):
             raise
-        print(f"\nflare-exp: rank {ranks()[0]} lost another rank of this job ({str(e).splitlines()[0][:200]}): it "
-              "was killed or crashed without a word (out of memory, SIGKILL, a node lost; torchrun's summary names "
-              f"it). The run dir says FAILED; the same command {resumes_from(cfg)}.", file=sys.stderr)
+        failed = Path(HydraConfig.get().runtime.output_dir) / "FAILED"
+        print(f"\nflare-exp: rank {ranks()[0]} lost another rank of this job ({str(e).splitlines()[0][:120]}): that "
+              "rank ended first; its own message above says why, or, where it has none, it was killed or crashed "
+              "without a word (out of memory, SIGKILL, a node lost; torchrun's summary names it)."
+              + (f" The run dir says FAILED; the same command {resumes_from(cfg)}." if failed.exists() else ""),
+              file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt as e:  # Ctrl-C, SIGINT, SIGTERM or SIGHUP: the run dir says FAILED (stopped from outside)
         if not said_in_one_line:

@@ -299,14 +299,15 @@ def _check_window(path, window) -> None:
 
 def _collect_missing(problems: list, declared, key: str, cfg: DictConfig) -> None:
     """Each path ``key`` names (or, unset, the one the stage reads instead) that does not exist."""
+    from flare_exp.data.prepare_inputs import check_prepare_finished
+
     value = declared.path_of(cfg, key)
     if key in declared.defaults and not OmegaConf.select(cfg, key):
         used = re.findall(r"\{([\w.]+)\}", declared.defaults[key])
         name = ", ".join(f"{k}={OmegaConf.select(cfg, k)}" for k in used if k != "data.prepared_dir")
         _collect(problems, _check_exists, name, value, True, f"Run stage=prepare first, or set {key}")
+        _collect(problems, check_prepare_finished, key, value)
         return
-    from flare_exp.data.prepare_inputs import check_prepare_finished
-
     hint = "stage=prepare writes it" if key.endswith(("train_file", "val_file")) else ""
     for one in (value if isinstance(value, (list, tuple)) or OmegaConf.is_list(value) else [value]):
         _collect(problems, _check_exists, key, one, True, hint)

@@ -545,7 +545,8 @@ def test_the_submission_keeps_flares_own_question_text(tmp_path):
     assert [s["Question"] for s in submitted] == [GOOD["Question"], " Which findings? \n"]
 
 
-def test_a_submission_appears_whole_or_not_at_all_and_never_beside_an_earlier_attempts(tmp_path, monkeypatch):
+def test_a_submission_appears_whole_or_not_at_all_and_never_beside_an_earlier_attempts(tmp_path, monkeypatch,
+                                                                                        caplog):
     """A kill while the dataset files were written left submission/ with some datasets missing (an upload of it
     scores them as wrong); a rerun answering fewer questions (infer.num_samples) left that submission/ beside its
     submission_subset/."""
@@ -574,6 +575,8 @@ def test_a_submission_appears_whole_or_not_at_all_and_never_beside_an_earlier_at
     assert subset.name == "submission_subset" and not whole.exists()
     assert sorted(p.name for p in subset.iterdir()) == ["chestdr_predictions.json", "predictions.json"]
     assert infer.write_submission(out, rows, 4) == whole and whole.is_dir() and not subset.exists()
+    # rows prepared before prepare kept each test question's record: rebuilt, and said
+    assert "4 of the 4 test questions were prepared before prepare kept each question's record" in caplog.text
 
 
 def test_eval_says_runs_differ_in_their_reports_without_a_green_judge(base_overrides, tmp_path):

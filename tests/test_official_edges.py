@@ -53,6 +53,11 @@ def test_official_green_is_none_where_the_package_raises():
     assert out["green_score"] is None and out["green_score_none"] == {"prediction not text (null or a number)": 1}
     out = official_green(["a", "b"], [_sample(SIGNIFICANT_LETTERS), _sample("x", 2048)], 2048)
     assert out["green_score"] is None and list(out["green_score_none"].values()) == [1]
+    assert "the reports beside it are judged in their own room" in out["note"]
+    # in the package's batches (exact) the reports beside it got no room either: said, not "their own room"
+    out = official_green(["a", "b", "c"], [_sample(""), _sample("", 2048), _sample(SIGNIFICANT_LETTERS)], 2048)
+    assert "1 report(s) judged in a batch beside one got no room either and score 0" in out["note"]
+    assert "their own room" not in out["note"]
     # a judgment with numbered lines only switches the package's category names; the letters never come back
     assert package_summary_fails([SIGNIFICANT_LETTERS, NUMBERED_ONLY])
     assert not package_summary_fails([NUMBERED_ONLY, "no sections at all"])

@@ -631,6 +631,10 @@ def test_a_prepared_dir_whose_prepare_did_not_finish_is_not_read(tmp_path, demo_
     cfg = compose_cfg(["~experiment", "data=flare_xray", "model=tiny", "stage=sft", f"data.root={demo_root}",
                        f"paths.output_root={tmp_path / 'out'}", f"paths.cache_dir={tmp_path / 'cache'}"])
     assert any("the prepare that writes" in str(p) for p in input_problems(cfg))
+    infer = compose_cfg(["~experiment", "data=flare_xray", "model=tiny", "stage=infer", "infer.split=test",
+                         f"data.root={demo_root}", f"paths.output_root={tmp_path / 'out'}",
+                         f"paths.cache_dir={tmp_path / 'cache'}"])  # its split's file by default: checked too
+    assert any("infer.input_file=" in str(p) and "the prepare that writes" in str(p) for p in input_problems(infer))
     hand_made = tmp_path / "hand"  # a prepared dir made by hand (no prepare's records): read as it is
     hand_made.mkdir()
     (hand_made / "train.jsonl").write_text("")

@@ -203,13 +203,18 @@ def official_green(predictions: list, per_sample: list[dict], max_length: int) -
     outputs = [s["judge_output"] for s in per_sample]
     if package_summary_fails(outputs):
         reasons["the package's summary fails (a category name no judgment gives)"] = len(outputs)
+    # judged beside such an input in the package's batches (eval.green.exact=true): no room left for them either
+    starved = sum(s["judge_output"] == "" and s["judge_input_tokens"] < max_length for s in per_sample)
     if reasons:
         return {"green_score": None, "green_score_none": reasons,
                 "note": "FLARE's evaluator gets no GREEN number here (the package raises): " +
                         "; ".join(f"{why}: {n}" for why, n in reasons.items()) +
                         ". Our green_score (report_generation's own fields) scores them anyway"
-                        + (" (an input that fills the judge's length leaves no room for a judgment: 0; the "
-                           "reports beside it are judged in their own room)" if too_long else "") + "."}
+                        + (" (an input that fills the judge's length leaves no room for a judgment: 0" +
+                           (f"; {starved} report(s) judged in a batch beside one got no room either and score 0 "
+                            "(the package's batches, eval.green.exact=true): our green_score is lower than their "
+                            "own judgments would make it)" if starved else
+                            "; the reports beside it are judged in their own room)") if too_long else "") + "."}
     scores = [green_score(parse_package(text)) for text in outputs]
     return {"green_score": sum(scores) / len(scores) if scores else None}
 

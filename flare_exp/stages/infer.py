@@ -107,6 +107,12 @@ def write_submission(out_dir: Path, rows: list[dict], questions: int, rejected: 
                "rerun stage=prepare and this infer, each with overwrite=true" if rejected else "infer.num_samples")
         log.warning("infer: %d of the %d test questions answered (%s): the files are in %s/, not submission/; FLARE "
                     "scores every question an upload lacks as wrong", len(rows), questions, why, folder.name)
+    rebuilt = sum(not isinstance(r.get("question_record"), dict) for r in rows)
+    if rebuilt:
+        log.warning("infer: %d of the %d test questions were prepared before prepare kept each question's record: "
+                    "their submission records are rebuilt (Split 'test', Modality 'Xray'), not the question files' "
+                    "own. Prepare again (stage=prepare overwrite=true) and rerun this infer for the records as given",
+                    rebuilt, len(rows))
     by_dataset: dict[str, list] = {}
     for r in rows:
         by_dataset.setdefault(r["dataset"], []).append(submitted_record(r))

@@ -62,7 +62,7 @@ def main(cfg: DictConfig):
         stop_on_sigterm()
     try:
         return run(cfg)
-    except (*INPUT_ERRORS, RunFinishedError, RunLockedError, RunSettingsChangedError) as e:
+    except (*INPUT_ERRORS, RunFinishedError, RunLockedError, RunSettingsChangedError, MemoryError) as e:
         if not said_in_one_line:
             raise
         if isinstance(e, RunLockLostError):

@@ -198,7 +198,7 @@ def check_resumed_run(resume: str, checkpoint: Path, out_dir: Path, stage: str, 
 # what the same command does after a stop, by stage (or pipeline step); a training run names its checkpoint
 AFTER_A_STOP = {"sft": "resumes from its newest complete checkpoint", "rl": "resumes from its newest complete checkpoint",
                 "infer": "resumes after the predictions already written",
-                "eval": "scores again, reusing the judgments the GREEN and CRIMSON judges already wrote",
+                "eval": "scores again, reusing every judgment its report judges already wrote",
                 "pipeline": "reuses the finished steps and resumes the stopped one"}
 
 

@@ -209,8 +209,9 @@ def test_a_judge_out_of_memory_names_its_longest_input_and_what_to_change(tmp_pa
             return ["ok"] * len(texts)
 
     judge = Judge()
-    with pytest.raises(RuntimeError, match=r"CRIMSON judge ran out of memory on a batch of 2, its longest input 6007 "
-                                           r"characters \(\.\.\..*heart heart '\): lower eval.crimson.batch_size \(1 "
-                                           r"judges one report at a time\), or shorten the prediction"):
+    with pytest.raises(MemoryError, match=r"CRIMSON judge ran out of memory on a batch of 2, its longest input 6007 "
+                                          r"characters, for the prediction 'heart heart .*\.\.\. \(1000 words\): lower "
+                                          r"eval.crimson.batch_size \(1 judges one report at a time\), or shorten that "
+                                          r"prediction"):
         judge.judge(["ref"] * 3, ["short", "fine", "heart " * 1000])
     assert judge.judge(["ref"] * 2, ["short", "fine"]) == ["ok", "ok"]

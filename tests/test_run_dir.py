@@ -161,8 +161,12 @@ def test_the_adapter_used_is_the_adapter_meant(tmp_path, capsys):
     stopped = _training_run(tmp_path / "stopped")  # killed after final/ was saved, before DONE
     (stopped / "DONE").unlink()
     with pytest.raises(ValueError, match=r"infer.checkpoint=\S+stopped/final is the final/ adapter of an unfinished "
-                                         r"run \(\S+stopped: no DONE marker\): finish it"):
+                                         r"run \(\S+stopped: no DONE marker; the resume may still change it\): "
+                                         r"finish it"):
         chosen_adapter("infer.checkpoint", stopped / "final", allow_intermediate=False)
+    shutil.copytree(stopped / "final", stopped / "best")  # sft.eval_per_task's best/ of the stopped run too
+    with pytest.raises(ValueError, match=r"is the best/ adapter of an unfinished run"):
+        chosen_adapter("rl.init_from", stopped / "best", allow_intermediate=False)
     assert chosen_adapter("infer.checkpoint", stopped / "final", True) == stopped / "final"
     (tmp_path / "my-adapter").symlink_to(killed / "checkpoint-3")  # a link is the checkpoint it points at
     with pytest.raises(ValueError, match=r"is an intermediate checkpoint \(checkpoint-3\)"):

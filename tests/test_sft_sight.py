@@ -38,7 +38,7 @@ def test_sft_scores_heldout_rows_at_its_eval_steps_and_keeps_best(base_overrides
     assert (out / "best" / "adapter_config.json").exists() and (out / "sft_curves.png").exists()
 
 
-def test_a_resume_drops_the_stopped_attempts_evals_of_later_steps(tmp_path):
+def test_a_resume_drops_the_stopped_attempts_evals_of_later_steps(tmp_path, caplog):
     """Killed after its step-30 eval but before checkpoint-30 was whole, a run resumed from checkpoint-20 wrote
     step 30's eval again: heldout_evals.jsonl held [10, 20, 30, 30, 40] (sft and rl alike)."""
     from flare_exp.rl_monitor.heldout_watch import EVALS, HeldOutWatch
@@ -50,6 +50,10 @@ def test_a_resume_drops_the_stopped_attempts_evals_of_later_steps(tmp_path):
     assert (tmp_path / EVALS).read_text() == "\n".join(lines[:2]) + "\n"
     watch.on_train_begin(None, SimpleNamespace(global_step=20), None)  # nothing more to drop
     assert [json.loads(x)["step"] for x in (tmp_path / EVALS).read_text().splitlines()] == [10, 20]
+    (tmp_path / EVALS).write_text("\n".join(lines[:2]) + '\n{"step": 30, "val')  # the resume step's own line torn
+    with caplog.at_level("WARNING"):
+        watch.on_train_begin(None, SimpleNamespace(global_step=30), None)
+    assert "step 30's held-out eval was cut by the kill and is lost (the resume starts after it, at 30" in caplog.text
 
 
 def test_sft_heldout_settings_are_named(base_overrides):

@@ -30,6 +30,10 @@ def judge_dir(key: str, model_path: str | Path, download: str) -> Path:
     return path
 
 
+class JudgeOutOfMemoryError(MemoryError):
+    """A report judge's batch did not fit in memory (said in one line, with the prediction that made it long)."""
+
+
 class JournaledJudge:
     name, section = "judge", "eval"
     identity, journal, batch_size, exact = "", None, 1, False
@@ -68,6 +72,7 @@ class JournaledJudge:
         from tqdm.auto import tqdm
 
         texts = [self.render_pair(r, c) for r, c in zip(references, candidates)]
+        self.candidate_of = dict(zip(texts, candidates))  # what names a batch that runs out of memory
         judged = self._judged()
         keys, batches = self._batches(texts, judged)
         if share is not None:
@@ -105,12 +110,14 @@ class JournaledJudge:
                 raise
             longest, tokenizer = max(batch, key=len), getattr(self, "tokenizer", None)
             tokens = len(tokenizer(longest)["input_ids"]) if tokenizer is not None else None
-            raise RuntimeError(
+            candidate = str(getattr(self, "candidate_of", {}).get(longest, ""))
+            raise JudgeOutOfMemoryError(
                 f"{self.name} ran out of memory on a batch of {len(batch)}, its longest input "
-                f"{f'{tokens} tokens' if tokens else f'{len(longest)} characters'} (...{longest[-160:]!r}): lower "
-                f"{self.section}.batch_size (1 judges one report at a time), or shorten the prediction it holds "
-                "(a report that long is no report: a model that repeats itself?). The judgments made so far are "
-                "journaled: the same command goes on after them") from e
+                f"{f'{tokens} tokens' if tokens else f'{len(longest)} characters'}, for the prediction "
+                f"{candidate[:80]!r}{'...' if len(candidate) > 80 else ''} ({len(candidate.split())} words): lower "
+                f"{self.section}.batch_size (1 judges one report at a time), or shorten that prediction (a report "
+                "that long is no report: a model that repeats itself?). The judgments made so far are journaled: "
+                "the same command goes on after them") from e
 
     def _batches(self, texts: list[str], judged: dict) -> tuple[list[str], list[list[tuple[str, str]]]]:
         """Every text's journal key, and the batches still to judge as (key, text) lists. Default: each distinct

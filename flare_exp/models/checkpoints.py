@@ -168,11 +168,11 @@ def chosen_adapter(key: str, path: str | Path, allow_intermediate: bool) -> Path
         if why:
             raise FileNotFoundError(f"{key}={path}: {adapter} is not a complete checkpoint: {why}")
     run_dir = adapter.resolve().parent
-    if adapter.resolve().name == "final" and (run_dir / "run_info.json").exists() and not (
+    if adapter.resolve().name in ("final", "best") and (run_dir / "run_info.json").exists() and not (
             run_dir / "DONE").exists() and not allow_intermediate:  # as its run dir named whole is refused
-        raise ValueError(f"{key}={path} is the final/ adapter of an unfinished run ({run_dir}: no DONE marker): "
-                         "finish it (rerun it with the same run_name: it finds final/ and ends), or pass "
-                         f"{ALLOW_INTERMEDIATE}=true to use it as it is")
+        raise ValueError(f"{key}={path} is the {adapter.resolve().name}/ adapter of an unfinished run ({run_dir}: no "
+                         "DONE marker; the resume may still change it): finish it (rerun it with the same run_name), "
+                         f"or pass {ALLOW_INTERMEDIATE}=true to use it as it is")
     from flare_exp.models.checkpoint_files import torn_side_file
 
     damaged = unreadable_weights(adapter) or torn_side_file(adapter)

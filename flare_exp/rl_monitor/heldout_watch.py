@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -61,6 +62,11 @@ class HeldOutWatch(TrainerCallback):
             return
         lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
         kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= state.global_step]
+        torn = [int(m.group(1)) for line in lines if _step_of(line) is None and (m := re.match(r'\{"step": (\d+)', line))]
+        for step in (s for s in torn if s <= state.global_step):  # not evaluated again: the resume starts after it
+            log.warning("%s: %s: step %d's held-out eval was cut by the kill and is lost (the resume starts after "
+                        "it, at %d; log_history.json keeps its numbers where its log line was written)", self.stage,
+                        path.name, step, state.global_step)
         if len(kept) < len(lines):
             check_still_held()
             write_text(path, "".join(f"{line}\n" for line in kept))

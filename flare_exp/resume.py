@@ -84,8 +84,8 @@ def check_step_shape(checkpoint: str | None, args, stage: str) -> None:
     from flare_exp.models.checkpoints import read_meta
     from flare_exp.run.record import RunSettingsChangedError
 
-    if checkpoint is None or 0 < args.max_steps <= (checkpoint_step(Path(checkpoint)) or 0):
-        return  # at the budget already: nothing left to train
+    if checkpoint is None:  # (one at the budget too: its run's summary would name this launch's step)
+        return
     before, now = read_meta(Path(checkpoint)).get(STEP_SHAPE), step_shape(args)
     try:
         same = _samples(before) == _samples(now)

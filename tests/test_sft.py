@@ -123,7 +123,11 @@ def test_a_resume_on_another_number_of_ranks_is_refused_naming_both(base_overrid
                        r"\(2 per device x 1 accumulation x 2 rank\(s\)\); this launch gives 2 samples .* Resume it on 2 "
                        r"rank\(s\), as it started"):
         run(_sft_cfg(base_overrides, "sft.max_steps=4", *common), run_dir=run_dir)
-    # at its budget already, nothing is left to train: no refusal
+    with pytest.raises(RunSettingsChangedError, match="Resume it on 2 rank"):  # at its budget: its summary too
+        run(_sft_cfg(base_overrides, "sft.max_steps=2", *common), run_dir=run_dir)
+    meta["step_shape"]["world_size"] = 1
+    meta_file.write_text(json.dumps(meta))
+    mark_complete(run_dir / "checkpoint-2")
     assert run(_sft_cfg(base_overrides, "sft.max_steps=2", *common), run_dir=run_dir)["global_step"] == 2
 
 

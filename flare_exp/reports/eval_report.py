@@ -178,7 +178,7 @@ def caveat_lines(results: dict, warnings: list[str], caveats: list[str] | None =
                      "edited_sheet_note"):
             if res.get(note):
                 lines.append(res[note])
-        lines += unjudged_lines(res["by_task"].get("report_generation", {}))
+        lines += unjudged_lines((res.get("by_task") or {}).get("report_generation") or {})
         for task, block in res["official"].items():
             note = (block or {}).get("note") or (block or {}).get(OFFICIAL_METRIC[task]) is None and \
                 res["by_task"].get(task, {}).get(OFFICIAL_METRIC[task].split("_")[0] + "_note")

@@ -211,3 +211,35 @@ def test_one_model_emptied_by_hand_in_an_eval_of_several_is_named_not_dropped(tm
         comparison(root, ["a", "b"], resamples=20)
     row = next(r for r in listing(root)[1] if r[0] == "a")
     assert row[2] == "DONE (metrics.json unreadable)" and "the block of x holds no official metric" in row[5]
+
+
+def test_a_sweep_report_does_not_rank_by_a_number_typed_into_a_jobs_metrics(tmp_path):
+    """The sweep report ranked its jobs by a number edited into one job's metrics.json (the listing and
+    runs.compare already recompute it): that job is left out of the ranking, said in its error column."""
+    from flare_exp.reports.sweep import write_sweep_report
+
+    sweep = tmp_path / "out" / "sweeps" / "s"
+    for number, hits in ((0, 1), (1, 3)):
+        job = sweep / str(number)
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text(f"- reward.x.weights.y={number}\n")
+        rows = [{"id": f"q{i}", "task_type": "multi_label", "dataset": "chestdr", "split": "val",
+                 "answer": "effusion", "prediction": "effusion" if i < hits else "edema"} for i in range(4)]
+        write_jsonl(job / "infer" / "predictions.jsonl", rows)
+        block = {"file": str(job / "infer" / "predictions.jsonl"),
+                 "file_sha256": file_digest(job / "infer" / "predictions.jsonl"), "n": 4, "split": "val",
+                 "official": {"multi_label": {"f1_score": hits / 4}}, "official_by_dataset": {}}
+        (job / "eval").mkdir()
+        (job / "eval" / "metrics.json").write_text(json.dumps({"m": block}))
+        (job / "DONE").write_text("")
+    write_sweep_report(sweep, None)
+    assert [line.split("|")[2].strip() for line in (sweep / "report" / "sweep.md").read_text().splitlines()
+            if line.startswith("| 1 ")] == ["1"]  # job 1 (0.75) ranks first
+    edited = sweep / "0" / "eval" / "metrics.json"
+    edited.write_text(edited.read_text().replace('"f1_score": 0.25', '"f1_score": 0.99'))
+    write_sweep_report(sweep, None)
+    text = (sweep / "report" / "sweep.md").read_text()
+    rows = {line.split("|")[2].strip(): line for line in text.splitlines() if line.startswith("| ")}
+    assert rows["1"].startswith("| 1 |") and "| 0.99 |" not in text
+    assert "multi_label.f1_score: 0.99 in metrics.json, 0.25 from the predictions it scored: metrics.json edited" \
+        in rows["0"] and not rows["0"].startswith("| 1 |")

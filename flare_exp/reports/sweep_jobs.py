@@ -29,7 +29,12 @@ def collect(sweep_dir: Path) -> list[dict]:
             for name in map(summary_name, TRAINED):
                 if (job_dir / sub / name).exists():
                     job["metrics"].update(json.loads((job_dir / sub / name).read_text()))
-        job["metrics"].update(official_metrics(job_dir))
+        official = official_metrics(job_dir)
+        edited = edited_metrics(job_dir, sweep_dir) if official else None
+        if edited:  # a number typed into metrics.json: not ranked as the job's own
+            job["error"], official = (f"{edited}: metrics.json edited since its eval wrote it, left out of the "
+                                      "ranking; rerun that eval"), {}
+        job["metrics"].update(official)
         history = own_or_step(job_dir, LOG_HISTORY, steps=("rl",))
         if history is not None:
             logged = json.loads(history.read_text())
@@ -40,6 +45,14 @@ def collect(sweep_dir: Path) -> list[dict]:
             job["error"] = (job_dir / FAILED).read_text().splitlines()[0][:200]
         jobs.append(job)
     return jobs
+
+
+def edited_metrics(job_dir: Path, sweep_dir: Path) -> str | None:
+    """Why the job's own official numbers are not what its predictions give (runs_compare's recomputation, as
+    the runs listing does); None where they agree or cannot be recomputed."""
+    from flare_exp.runs_compare import listed_disagreement
+
+    return listed_disagreement(job_dir, sweep_dir.parent.parent)  # sweeps/<name>/: the output root above
 
 
 def official_metrics(job_dir: Path) -> dict:

@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from flare_exp import setting_checks
 from flare_exp.config import Config
 from flare_exp.context_checks import length_checks
+from flare_exp.data.prepare_inputs import check_prepared_questions
 from flare_exp.models.loading import check_model_settings
 from flare_exp.run.layout import DONE
 from flare_exp.run.names import check_run_name
@@ -204,6 +205,7 @@ def input_problems(cfg: DictConfig) -> list[Exception]:
         _collect(problems, _check_exists, "data.root", root, cfg.data.demo is None,
                  "Point it at the folder stage=prepare read (the prepared records' images are under it)")
         _collect(problems, check_prepared_images, cfg)
+        _collect(problems, check_prepared_questions, cfg, _record_files(cfg))
     for declared in (s for name, s in declared_stages().items() if name in steps):
         if not steps & declared.written_by():  # else an earlier step of this pipeline writes them
             for key in declared.reads:

@@ -639,3 +639,28 @@ def test_a_prepared_dir_whose_prepare_did_not_finish_is_not_read(tmp_path, demo_
     hand_made.mkdir()
     (hand_made / "train.jsonl").write_text("")
     check_prepare_finished("sft.train_file", str(hand_made / "train.jsonl"))
+
+
+def test_a_question_file_changed_since_prepare_is_refused_for_the_splits_a_stage_reads(tmp_path, demo_root):
+    """A test question added to the download after prepare: a standalone infer wrote a submission/ without it,
+    saying it was complete. The question files of the splits a stage reads are compared with prepare's record;
+    the others are not (a data.root holding only testing/ serves a test infer)."""
+    from flare_exp.data.prepare_inputs import check_prepared_questions
+
+    prepared = _prepare(tmp_path, demo_root)
+
+    def cfg(split):
+        return compose_cfg(["~experiment", "data=flare_xray", "model=tiny", "stage=infer", f"infer.split={split}",
+                            f"data.root={demo_root}", f"paths.cache_dir={tmp_path / 'cache'}",
+                            f"paths.output_root={tmp_path / 'out'}"])
+
+    check_prepared_questions(cfg("test"), [prepared / "test.jsonl"])
+    shutil.rmtree(demo_root / "training")  # only some splits kept: the others are not compared
+    check_prepared_questions(cfg("test"), [prepared / "test.jsonl"])
+    questions = demo_root / "testing" / "Xray" / "dental" / "dental_questions_test.json"
+    records = json.loads(questions.read_text())
+    questions.write_text(json.dumps(records + [{**records[0], "Question": "Which single option fits?"}]))
+    with pytest.raises(ValueError, match=r"1 question file\(s\) of testing differ from those the prepare in \S+ "
+                                         r"read, e.g. testing/Xray/dental/dental_questions_test.json: changed"):
+        check_prepared_questions(cfg("test"), [prepared / "test.jsonl"])
+    check_prepared_questions(cfg("val"), [prepared / "val.jsonl"])  # another split's files: as they were

@@ -74,13 +74,7 @@ def input_changes(out_dir: Path, root: Path, questions: list[Path], resolve, exp
     if recorded is None:
         return [f"{INPUTS} in {out_dir}: missing or unreadable, though the prepare wrote it (deleted or cut "
                 "since): its inputs cannot be compared"] if expected else []
-    now = {_name(p, root): p for p in questions}
-    before = recorded["question_files"]
-    changes = [f"{name}: added" for name in sorted(set(now) - set(before))]
-    changes += [f"{name}: removed" for name in sorted(set(before) - set(now))]
-    current = {name: file_digest(now[name]) for name in sorted(before) if name in now}  # each read once
-    changes += [f"{name}: changed (sha256 {before[name][:12]} -> {sha[:12]})" for name, sha in current.items()
-                if sha != before[name]]
+    changes = question_changes(recorded, root, questions)
     images, refreshed = image_changes(root, recorded["images"], recorded["times"].get(str(root), {}))
     changes += [f"{name}: {why}" for name, why in images]
     changes += [f"{Path(folder, name).as_posix()}: added (missing at the prepare)"
@@ -88,6 +82,18 @@ def input_changes(out_dir: Path, root: Path, questions: list[Path], resolve, exp
     if not changes:
         keep_times(out_dir, recorded, root, refreshed)
     return [f"data.root file {c}" for c in changes] + output_changes(out_dir, recorded)
+
+
+def question_changes(recorded: dict, root: Path, questions: list[Path]) -> list[str]:
+    """'X: added / removed / changed (sha256 a -> b)' for the question files a prepare would read now
+    (``questions``) against those it recorded."""
+    now = {_name(p, root): p for p in questions}
+    before = recorded["question_files"]
+    changes = [f"{name}: added" for name in sorted(set(now) - set(before))]
+    changes += [f"{name}: removed" for name in sorted(set(before) - set(now))]
+    current = {name: file_digest(now[name]) for name in sorted(before) if name in now}  # each read once
+    return changes + [f"{name}: changed (sha256 {before[name][:12]} -> {sha[:12]})" for name, sha in current.items()
+                      if sha != before[name]]
 
 
 def keep_times(out_dir: Path, recorded: dict, root: Path, refreshed: dict) -> None:
@@ -234,3 +240,28 @@ def check_prepare_finished(key: str, value) -> None:
     raise ValueError(f"{key}={value}: the prepare that writes {folder} has not finished ({state}), so "
                      "its splits may lack records and its records of what it checked are missing. Run stage=prepare "
                      f"with data.prepared_dir={folder} to the end (the same command finishes it), then this")
+
+
+def check_prepared_questions(cfg, record_files: list[Path]) -> None:
+    """The question files of the FLARE splits a stage's records come from (test.jsonl: testing/, ...) are the
+    ones the prepare in data.prepared_dir read (inputs.json): a question file changed, added or removed since
+    (organisers re-release a corrected one) would leave a test submission without its new questions while it
+    says it is complete, and train or score on answers changed since. Other splits are not looked at (a data.root
+    holding only testing/ serves a test infer)."""
+    from flare_exp.data.question_files import discover, question_files
+    from flare_exp.runtime import abspath
+
+    prepared, root = abspath(cfg.data.prepared_dir), abspath(cfg.data.root)
+    recorded = recorded_inputs(prepared) if root.is_dir() and prepared_summary(prepared) else None
+    kinds = {"train": cfg.data.train_splits, "val": cfg.data.val_splits, "test": cfg.data.test_splits}
+    sources = {s for f in record_files if abspath(f).parent == prepared for s in kinds.get(Path(f).stem) or ()}
+    if recorded is None or not sources:
+        return
+    now = [qf.path for qf in discover(question_files(root), list(cfg.data.datasets), sorted(sources))]
+    before = {k: v for k, v in recorded["question_files"].items() if sources & set(k.split("/"))}  # its split's folder
+    changes = question_changes({"question_files": before}, root, now)
+    if changes:
+        raise ValueError(f"data.root={cfg.data.root}: {len(changes)} question file(s) of {', '.join(sorted(sources))} "
+                         f"differ from those the prepare in {prepared} read, e.g. {changes[0]}: its records lack or "
+                         "misstate those questions (a test submission would miss them while it says it is whole). "
+                         "Prepare again (stage=prepare overwrite=true, or another data.prepared_dir), then this")

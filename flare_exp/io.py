@@ -74,14 +74,27 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 TEMPORARY = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")  # atomic_path's name for a file not yet in place
+TEMPORARY_DIR = re.compile(r"^\.(tmp|submission)-[a-z0-9_]{8}$")  # atomic_dir's tree not yet in place
+REPLACED = re.compile(r"^\.(.+)\.replaced-[a-z0-9_]{8}$")  # atomic_dir's earlier tree, until the new one is in
 
 
 def remove_leftover_temporaries(folder: Path) -> int:
-    """Remove the temporary files of writes a kill cut short (atomic_path's, never read) under ``folder``, links
-    not followed and earlier attempts' records left as filed; the count. Only for a run dir whose lock is held:
-    no other writer's file is in flight there."""
+    """Remove what writes a kill cut short left under ``folder`` (atomic_path's files and atomic_dir's trees,
+    never read), and put back a tree atomic_dir had moved aside when the kill came before its new one was in
+    place; links not followed, earlier attempts' records left as filed; the count. Only for a run dir whose lock
+    is held: no other writer's file is in flight there."""
+    import shutil
+
     removed = 0
     for parent, dirs, files in os.walk(folder):
+        for name in [d for d in dirs if TEMPORARY_DIR.match(d) or REPLACED.match(d)]:
+            dirs.remove(name)
+            aside, target = Path(parent, name), Path(parent, (REPLACED.match(name) or [None, ""])[1])
+            if REPLACED.match(name) and not target.exists():
+                aside.rename(target)  # the new tree never arrived: the earlier one is still the one
+            else:
+                shutil.rmtree(aside, ignore_errors=True)
+                removed += 1
         dirs[:] = [d for d in dirs if d != "attempts"]
         for name in files:
             if TEMPORARY.match(name):
@@ -110,14 +123,21 @@ def atomic_dir(target: str | Path, prefix: str = ".tmp-", complete=None) -> Iter
             shutil.rmtree(tmp, ignore_errors=True)
             return
         _before_landing(target)
-        if target.exists():
-            shutil.rmtree(target)
+        aside = None
+        if target.exists():  # moved aside, not deleted, until the new tree is in (a kill between keeps it)
+            aside = target.with_name(f".{target.name}.replaced-{os.urandom(4).hex()}")
+            target.rename(aside)
         try:
             tmp.rename(target)
         except OSError:  # another process renamed its tree there first
+            if aside is not None and not target.exists():
+                aside.rename(target)
+                aside = None
             if complete is None or not complete(target):
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -1,6 +1,7 @@
 """The run dir's guarantees at their edges: its name, attempts, journals, checkpoints, strict JSON."""
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -356,9 +357,48 @@ def test_a_rerun_removes_the_temporary_files_of_writes_a_kill_cut_short(base_ove
     for path in left + kept:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("cut short")
+    # atomic_dir's trees: a best/ being written (its temporary tree), and one a kill caught between moving the
+    # earlier best/ aside and putting the new one in (the earlier one goes back)
+    left.append(out / ".tmp-ab12cd34")
+    (out / ".tmp-ab12cd34").mkdir()
+    (out / ".tmp-ab12cd34" / "adapter_model.safetensors").write_text("half")
+    (out / "heldout" / ".best.replaced-0a1b2c3d").mkdir()
+    (out / "heldout" / ".best.replaced-0a1b2c3d" / "adapter_config.json").write_text("{}")
     run(compose_cfg(["stage=eval", *base_overrides, f"eval.predictions=[{tmp_path / 'p.jsonl'}]",
                      f"data.prepared_dir={tmp_path / 'hand_made'}", "eval.radgraph=false"]), run_dir=out)
     assert (out / "DONE").exists() and not any(p.exists() for p in left) and all(p.exists() for p in kept)
+    assert (out / "heldout" / "best" / "adapter_config.json").exists()  # put back
+    assert not list((out / "heldout").glob(".best.replaced-*"))
+
+
+def test_a_tree_replaced_whole_is_moved_aside_until_the_new_one_is_in(tmp_path, monkeypatch):
+    """atomic_dir removed the earlier tree, then renamed the new one in: a kill between lost both (best/ of a
+    run: the best adapter so far)."""
+    from flare_exp import io
+
+    target = tmp_path / "best"
+    target.mkdir()
+    (target / "w").write_text("old")
+    renames = []
+    real = Path.rename
+
+    def killed_before_the_new_one(self, dest):
+        renames.append(self.name)
+        if len(renames) == 2:
+            raise KeyboardInterrupt  # the earlier one moved aside, the new one not yet in
+        return real(self, dest)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(Path, "rename", killed_before_the_new_one)
+        with pytest.raises(KeyboardInterrupt):
+            with io.atomic_dir(target) as tmp:
+                (tmp / "w").write_text("new")
+    assert not target.exists() and len(list(tmp_path.glob(".best.replaced-*"))) == 1
+    io.remove_leftover_temporaries(tmp_path)  # the next run's start
+    assert (target / "w").read_text() == "old"
+    with io.atomic_dir(target) as tmp:
+        (tmp / "w").write_text("new")
+    assert (target / "w").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["best"]
 
 
 def test_a_kill_during_overwrites_move_is_finished_by_the_next_launch(base_overrides, tmp_path, monkeypatch, caplog):

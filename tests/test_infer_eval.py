@@ -73,6 +73,7 @@ def test_infer_resumes_after_a_torn_write(base_overrides, sft_adapter, tmp_path)
     (run_dir / "DONE").unlink()
     summary = _infer(base_overrides, run_dir, f"infer.checkpoint={sft_adapter}", "infer.num_samples=6")
     assert summary["generated_now"] == 3 and summary["samples"] == 6
+    assert summary["decoded_by_note"].startswith("decode_loop and inputs are this attempt's, which made 3 of the 6")
     rows = [json.loads(l) for l in (run_dir / "predictions.jsonl").read_text().splitlines()]
     assert len({r["id"] for r in rows}) == 6
 

@@ -306,6 +306,9 @@ def finish(cfg, out_dir: Path, records: list[dict], done: dict, label: str, gene
                "reports_per_second": round(generated / elapsed, 3) if elapsed else None,
                "batch_size": inf.batch_size, "batch_size_choice": batch_choice, "max_new_tokens": inf.max_new_tokens,
                **(decoded_by or {"decode_loop": None, "inputs": None}),  # none decoded now (all resumed)
+               **({"decoded_by_note": f"decode_loop and inputs are this attempt's, which made {generated} of the "
+                                      f"{len(rows)} predictions; an earlier attempt made the others"}
+                  if decoded_by and generated < len(rows) else {}),
                # model.liger_kernel=true is in config.yaml; inference loads without them (models/loading.py)
                **({"liger_kernel": "off: training kernels"} if cfg.model.liger_kernel else {}),
                "rejected_at_prepare": (f"up to {rejected['at_most']}, split unknown" if unknown else

@@ -204,8 +204,10 @@ def input_problems(cfg: DictConfig) -> list[Exception]:
     if _loading_model(steps):  # the prepared records name their images relative to it
         _collect(problems, _check_exists, "data.root", root, cfg.data.demo is None,
                  "Point it at the folder stage=prepare read (the prepared records' images are under it)")
+        before = len(problems)
         _collect(problems, check_prepared_images, cfg)
-        _collect(problems, check_prepared_questions, cfg, _record_files(cfg))
+        if len(problems) == before:  # the images differing is said already: one data.root line
+            _collect(problems, check_prepared_questions, cfg, _record_files(cfg))
     for declared in (s for name, s in declared_stages().items() if name in steps):
         if not steps & declared.written_by():  # else an earlier step of this pipeline writes them
             for key in declared.reads:

@@ -19,7 +19,7 @@ from flare_exp.data import records as R
 from flare_exp.data.decoding import check_window
 from flare_exp.data.images import NEARLY_UNIFORM, ProcessorLimits, check_images, walk_files
 from flare_exp.data.question_files import (QuestionFile, discover, load_question_file, question_files, resolve_image,
-                                           unread_copies)
+                                           split_sources_of, unread_copies)
 from flare_exp.data.prepare_inputs import INPUTS, record_inputs
 from flare_exp.data.record_doubts import DOUBTS, record_doubts
 from flare_exp.data.rejects import REJECTS, reason_kind
@@ -245,11 +245,6 @@ def named_images(accepted: Accepted, root: Path, window, decoded: bool = True) -
             "not checked (data.verify_images=false: headers only)",
             "framed_images": {"count": len(framed), "first": framed[:20]},
             "multi_page_images": {"count": len(pages), "first": pages[:20]}}
-
-
-def split_sources_of(cfg_data) -> dict[str, list[str]]:
-    return {"train": list(cfg_data.train_splits), "val": list(cfg_data.val_splits),
-            "test": list(cfg_data.test_splits)}
 
 
 def questions_read(found: list[tuple], cfg_data, split_sources: dict) -> list[Path]:

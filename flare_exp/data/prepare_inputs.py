@@ -74,7 +74,7 @@ def input_changes(out_dir: Path, root: Path, questions: list[Path], resolve, exp
     if recorded is None:
         return [f"{INPUTS} in {out_dir}: missing or unreadable, though the prepare wrote it (deleted or cut "
                 "since): its inputs cannot be compared"] if expected else []
-    changes = question_changes(recorded, root, questions)
+    changes = question_changes(recorded["question_files"], root, questions)
     images, refreshed = image_changes(root, recorded["images"], recorded["times"].get(str(root), {}))
     changes += [f"{name}: {why}" for name, why in images]
     changes += [f"{Path(folder, name).as_posix()}: added (missing at the prepare)"
@@ -84,11 +84,10 @@ def input_changes(out_dir: Path, root: Path, questions: list[Path], resolve, exp
     return [f"data.root file {c}" for c in changes] + output_changes(out_dir, recorded)
 
 
-def question_changes(recorded: dict, root: Path, questions: list[Path]) -> list[str]:
+def question_changes(before: dict, root: Path, questions: list[Path]) -> list[str]:
     """'X: added / removed / changed (sha256 a -> b)' for the question files a prepare would read now
-    (``questions``) against those it recorded."""
+    (``questions``) against those it recorded (``before``: name -> sha256)."""
     now = {_name(p, root): p for p in questions}
-    before = recorded["question_files"]
     changes = [f"{name}: added" for name in sorted(set(now) - set(before))]
     changes += [f"{name}: removed" for name in sorted(set(before) - set(now))]
     current = {name: file_digest(now[name]) for name in sorted(before) if name in now}  # each read once
@@ -248,18 +247,18 @@ def check_prepared_questions(cfg, record_files: list[Path]) -> None:
     (organisers re-release a corrected one) would leave a test submission without its new questions while it
     says it is complete, and train or score on answers changed since. Other splits are not looked at (a data.root
     holding only testing/ serves a test infer)."""
-    from flare_exp.data.question_files import discover, question_files
+    from flare_exp.data.question_files import discover, question_files, split_sources_of
     from flare_exp.runtime import abspath
 
     prepared, root = abspath(cfg.data.prepared_dir), abspath(cfg.data.root)
+    kinds = split_sources_of(cfg.data)
+    sources = {s for f in record_files if abspath(f).parent == prepared for s in kinds.get(Path(f).stem, ())}
     recorded = recorded_inputs(prepared) if root.is_dir() and prepared_summary(prepared) else None
-    kinds = {"train": cfg.data.train_splits, "val": cfg.data.val_splits, "test": cfg.data.test_splits}
-    sources = {s for f in record_files if abspath(f).parent == prepared for s in kinds.get(Path(f).stem) or ()}
     if recorded is None or not sources:
         return
     now = [qf.path for qf in discover(question_files(root), list(cfg.data.datasets), sorted(sources))]
-    before = {k: v for k, v in recorded["question_files"].items() if sources & set(k.split("/"))}  # its split's folder
-    changes = question_changes({"question_files": before}, root, now)
+    before = {k: v for k, v in recorded["question_files"].items() if sources & set(k.split("/"))}  # its splits'
+    changes = question_changes(before, root, now)
     if changes:
         raise ValueError(f"data.root={cfg.data.root}: {len(changes)} question file(s) of {', '.join(sorted(sources))} "
                          f"differ from those the prepare in {prepared} read, e.g. {changes[0]}: its records lack or "

@@ -28,6 +28,12 @@ class QuestionFile:
     dataset: str
 
 
+def split_sources_of(cfg_data) -> dict[str, list[str]]:
+    """Each prepared split (train, val, test) -> the FLARE split folders its records come from."""
+    return {"train": list(cfg_data.train_splits), "val": list(cfg_data.val_splits),
+            "test": list(cfg_data.test_splits)}
+
+
 def discover(files: list[tuple], datasets: list[str], splits: list[str]) -> list[QuestionFile]:
     """The question JSON files of the wanted datasets under the wanted FLARE split folders, in sorted order
     (``files``: what ``question_files(root)`` found)."""

@@ -32,8 +32,8 @@ def output_dir(cfg, run_dir: Path) -> Path:
 def input_changes(cfg, out_dir: Path) -> list[str]:
     """What changed under data.root since the prepare in ``out_dir`` read it (a finished prepare is reused only
     without any): its question files and images."""
-    from flare_exp.data.prepare import questions_read, split_sources_of
-    from flare_exp.data.question_files import question_files, resolve_image
+    from flare_exp.data.prepare import questions_read
+    from flare_exp.data.question_files import question_files, resolve_image, split_sources_of
     from flare_exp.data.unzip import of_another_dataset, pending_archives, said_pending
     from flare_exp.data.prepare_inputs import INPUTS, input_changes as changes, prepared_summary, summarised
 

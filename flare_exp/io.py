@@ -89,9 +89,9 @@ def remove_leftover_temporaries(folder: Path) -> int:
     for parent, dirs, files in os.walk(folder):
         for name in [d for d in dirs if TEMPORARY_DIR.match(d) or REPLACED.match(d)]:
             dirs.remove(name)
-            aside, target = Path(parent, name), Path(parent, (REPLACED.match(name) or [None, ""])[1])
-            if REPLACED.match(name) and not target.exists():
-                aside.rename(target)  # the new tree never arrived: the earlier one is still the one
+            aside, replaced = Path(parent, name), REPLACED.match(name)
+            if replaced and not Path(parent, replaced[1]).exists():
+                aside.rename(Path(parent, replaced[1]))  # the new tree never arrived: the earlier one is still it
             else:
                 shutil.rmtree(aside, ignore_errors=True)
                 removed += 1
@@ -217,6 +217,13 @@ def read_journal(path: str | Path, key: str) -> dict[str, dict]:
             log.warning("%s: two rows for %s %r that differ: the later one is kept", path, key, row[key])
         rows[row[key]] = row
     return rows
+
+
+def torn_line_step(line: str | bytes) -> int | None:
+    """The step a journal line cut short begins with (``{"step": N, ...``, as the training journals write their
+    lines), read only where the number is whole (a comma after it); None otherwise."""
+    found = re.match(r'\{"step": (\d+),', line.decode(errors="replace") if isinstance(line, bytes) else line)
+    return int(found.group(1)) if found else None
 
 
 def mended_journal(path: Path) -> list[dict]:

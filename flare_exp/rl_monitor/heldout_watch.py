@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from pathlib import Path
 
 from transformers import TrainerCallback
 
-from flare_exp.io import atomic_dir, write_text
+from flare_exp.io import atomic_dir, torn_line_step, write_text
 from flare_exp.rl_monitor.heldout import (OFFICIAL_MEAN, HeldOutEval, flat_metrics, higher_is_better,
                                           monitored_value)
 from flare_exp.run.lock import check_still_held
@@ -61,9 +60,10 @@ class HeldOutWatch(TrainerCallback):
         if not self.lead or not path.exists():
             return
         lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-        kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= state.global_step]
-        torn = [int(m.group(1)) for line in lines if _step_of(line) is None and (m := re.match(r'\{"step": (\d+)', line))]
-        for step in (s for s in torn if s <= state.global_step):  # not evaluated again: the resume starts after it
+        steps = [_step_of(line) for line in lines]
+        kept = [line for line, step in zip(lines, steps) if step is not None and step <= state.global_step]
+        torn = [torn_line_step(line) for line, step in zip(lines, steps) if step is None]
+        for step in (s for s in torn if s is not None and s <= state.global_step):  # the resume starts after it
             log.warning("%s: %s: step %d's held-out eval was cut by the kill and is lost (the resume starts after "
                         "it, at %d; log_history.json keeps its numbers where its log line was written)", self.stage,
                         path.name, step, state.global_step)

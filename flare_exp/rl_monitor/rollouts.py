@@ -9,7 +9,7 @@ import os
 from collections import defaultdict
 from pathlib import Path
 
-from flare_exp.io import mended_journal, write_jsonl
+from flare_exp.io import mended_journal, torn_line_step, write_jsonl
 from flare_exp.run.lock import check_still_held
 
 log = logging.getLogger(__name__)
@@ -119,8 +119,6 @@ def journal_rows(path: Path) -> tuple[list[dict], int | None]:
     where it says one (a line cut before its step: None). A step's groups are one append, so the torn one is of
     the step the kill cut: ``continue_from`` drops it whole where the resume redoes it, so the redone step writes
     all its groups."""
-    import re
-
     last = path.read_bytes().rstrip(b"\n").rsplit(b"\n", 1)[-1]
     try:
         rows = mended_journal(path)
@@ -137,8 +135,7 @@ def journal_rows(path: Path) -> tuple[list[dict], int | None]:
         json.loads(last or b"{}")
         return rows, None
     except ValueError:
-        torn = re.match(rb'\{"step": (\d+),', last)  # a line cut before its step is said: nothing more known
-    return rows, int(torn.group(1)) if torn else None
+        return rows, torn_line_step(last)  # a line cut before its step is said: nothing more known
 
 
 def read_rollouts(path: Path) -> list[dict]:

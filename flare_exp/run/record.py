@@ -145,7 +145,7 @@ def write_failed(run_dir: Path, error: BaseException, rank: int | None = None, a
     wording, passed in by the run's lifecycle: run/ does not import the resume rules built on it)."""
     stopped = isinstance(error, (SystemExit, KeyboardInterrupt))  # preempted, timed out, cancelled, Ctrl-C
     named = f"{type(error).__name__}{f': {error}' if str(error) else ''}"
-    first = named.splitlines()[0][:300] if named else named
+    first = named.splitlines()[0][:300]
     why = (f"{STOPPED} ({named}): preempted, timed out or cancelled; a requeued job or a rerun with "
            f"the same run_name {_wording_after_a_stop(run_dir, after_a_stop)}") if stopped \
         else (f"{LOST_PEER} ({first}): one was killed or crashed without a word (out of memory, SIGKILL, a node "

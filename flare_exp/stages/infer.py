@@ -118,9 +118,8 @@ def write_submission(out_dir: Path, rows: list[dict], questions: int, rejected: 
         by_dataset.setdefault(r["dataset"], []).append(submitted_record(r))
     import shutil
 
-    for left in out_dir.glob(".submission-*"):  # a killed attempt's half-written folder
-        shutil.rmtree(left, ignore_errors=True)
-    with atomic_dir(folder, ".submission-") as tmp:  # whole or not at all: a kill leaves no folder of some datasets
+    # whole or not at all: a kill leaves no folder of some datasets (its tree is removed at the run's next start)
+    with atomic_dir(folder, ".submission-") as tmp:
         write_json(tmp / SUBMISSION_FILE, [record for records in by_dataset.values() for record in records])
         for dataset, records in by_dataset.items():
             write_json(tmp / f"{dataset}_predictions.json", records)

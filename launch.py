@@ -15,7 +15,7 @@ import flare_exp.run.names  # noqa: F401  (registers the run_name resolver that 
 import flare_exp.run.stage  # noqa: F401  (registers the stage_help resolver: the stages on the help page)
 # the command line's checks before Hydra composes (CONF_DIR, composed, own_message: read by the tests too)
 from flare_exp.command_line import (CONF_DIR, check_command_line, composed, flags_first,  # noqa: F401
-                                    own_message, refuse)
+                                    own_message, refuse, speaker)
 
 # What bad input raises (a missing file, a wrong key or value, a finished run, a missing package): our messages
 # name the key and the fix, so a single run prints just the message. Anything else keeps Hydra's traceback.
@@ -90,7 +90,7 @@ def main(cfg: DictConfig):
         then = (f"the same command {resumes}" if not cfg.overwrite or os.environ.get("SLURM_JOB_ID") else
                 f"the same command without overwrite=true {resumes} (with it, this attempt moves to attempts/ and "
                 "it starts afresh)")  # a requeued SLURM job continues its own attempt, overwrite or not
-        print(f"\nflare-exp: stopped ({by}). The run dir says FAILED (stopped from outside); {then}.", file=sys.stderr)
+        print(f"\n{speaker()}: stopped ({by}). The run dir says FAILED (stopped from outside); {then}.", file=sys.stderr)
         sys.exit({"SIGTERM": 143, "SIGHUP": 129}.get(by, 130))
 
 

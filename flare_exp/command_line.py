@@ -11,8 +11,17 @@ BEFORE_HYDRA = "checked before Hydra started: nothing was run or written"
 
 def refuse(error: Exception, note: str = "HYDRA_FULL_ERROR=1 shows the traceback; a stage that had started also "
                                           "wrote it to FAILED in its run dir") -> None:
-    print(f"\nflare-exp: {type(error).__name__}: {own_message(error)}\n({note})", file=sys.stderr)
+    print(f"\n{speaker()}: {type(error).__name__}: {own_message(error)}\n({note})", file=sys.stderr)
     sys.exit(1)
+
+
+def speaker() -> str:
+    """Who says a refusal: under torchrun each rank reaches the same checks and says so, each named (the same
+    message twice is two ranks, not one said twice; a rank's own problem is told apart)."""
+    import os
+
+    size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    return f"flare-exp (rank {os.environ.get('RANK', '0') or '0'} of {size})" if size > 1 else "flare-exp"
 
 
 WORKER_TRACEBACK = "\nOriginal Traceback (most recent call last):\n"

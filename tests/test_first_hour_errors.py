@@ -1071,3 +1071,17 @@ def test_overrides_before_a_flag_are_read_as_after_it(tmp_path):
     done = subprocess.run([sys.executable, str(REPO / "launch.py"), "stage=runs", "--cfg", "job",
                            f"paths.output_root={tmp_path}"], capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0 and f"output_root: {tmp_path}" in done.stdout, done.stderr
+
+
+def test_a_refusal_under_torchrun_names_the_rank_that_says_it(monkeypatch, capsys):
+    """Every rank of a torchrun job reaches the same checks: the same refusal printed twice read as one said twice
+    (or a loop); each now names its rank. A one-process run says it as before."""
+    from flare_exp.command_line import refuse
+
+    for env, said in (({"WORLD_SIZE": "2", "RANK": "1"}, "flare-exp (rank 1 of 2): ValueError: bad key"),
+                      ({"WORLD_SIZE": "1", "RANK": "0"}, "\nflare-exp: ValueError: bad key")):
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        with pytest.raises(SystemExit):
+            refuse(ValueError("bad key"))
+        assert said in capsys.readouterr().err

@@ -434,6 +434,29 @@ def test_a_kill_during_overwrites_move_is_finished_by_the_next_launch(base_overr
     assert len(moved) == 1 and (out / "attempts" / "01" / record.MOVING).exists()
     caplog.set_level("WARNING")
     run(cfg, run_dir=out)  # without overwrite: the move is finished first, then a fresh run
-    assert "move of the finished run into" in caplog.text
+    assert "move of an attempt into" in caplog.text
     assert sorted(p.name for p in (out / "attempts" / "01").iterdir() if p.name != ".hydra") == before
     assert (out / "DONE").exists() and (out / "metrics.json").exists()
+
+
+def test_a_pipeline_steps_move_into_its_attempts_cut_short_is_finished_too(tmp_path):
+    """A pipeline's overwrite=true moves each step's earlier attempt into the step's attempts/NN/: a kill part-way
+    left the step's files split; the pipeline's next launch (finish_interrupted_move under its lock) finishes the
+    step's move as it does its own."""
+    from flare_exp.run import record
+
+    pipeline = tmp_path / "pipe"
+    step = pipeline / "sft"
+    (step / "attempts" / "01").mkdir(parents=True)
+    (step / "attempts" / "01" / "DONE").write_text("{}")  # moved before the kill
+    (step / "adapter").mkdir()
+    (step / "adapter" / "w").write_text("weights")
+    (step / "metrics.json").write_text("{}")
+    (step / "attempts" / "01" / record.MOVING).write_text('["DONE", "adapter", "metrics.json"]')
+    (pipeline / "attempts" / "01").mkdir(parents=True)  # the pipeline's own, finished: left alone
+    (pipeline / "attempts" / "01" / "DONE").write_text("{}")
+    assert record.finish_interrupted_move(pipeline) == [step / "attempts" / "01"]
+    moved = step / "attempts" / "01"
+    assert sorted(p.name for p in moved.iterdir()) == ["DONE", "adapter", "metrics.json"]
+    assert (moved / "adapter" / "w").read_text() == "weights" and sorted(p.name for p in step.iterdir()) == ["attempts"]
+    assert record.finish_interrupted_move(pipeline) == []

@@ -69,7 +69,7 @@ class Run:
                     self.record_lock = RunLock(self.run_dir).acquire()
             if self.locked:
                 for dest in finish_interrupted_move(self.out_dir):
-                    log.warning("%s: an earlier overwrite=true's move of the finished run into %s was cut short: "
+                    log.warning("%s: an earlier overwrite=true's move of an attempt into %s was cut short: "
                                 "the rest moved there too", self.out_dir, dest)
             if self.stage == "pipeline" and self.own_run and self.rank == 0:  # a single stage's run there
                 take_over_check(self.configured, self.out_dir)

@@ -266,17 +266,18 @@ def _move_in(run_dir: Path, dest: Path, names: list[str]) -> None:
 def finish_interrupted_move(run_dir: Path) -> list[Path]:
     """An earlier attempt's move into attempts/NN/ a kill cut short (overwrite=true's): the rest moved there too,
     so its files are not split between the run dir and its record (a rerun took the rest for a run to resume).
-    Under the run's lock; the attempt dirs finished."""
+    The dirs one level down too: a pipeline's steps, whose earlier attempts its overwrite=true moves (under the
+    pipeline's lock). Under the run's lock; the attempt dirs finished."""
     import json
 
     done = []
-    for plan in sorted((run_dir / ATTEMPTS).glob(f"*/{MOVING}")) if (run_dir / ATTEMPTS).is_dir() else []:
+    for plan in sorted([*run_dir.glob(f"{ATTEMPTS}/*/{MOVING}"), *run_dir.glob(f"*/{ATTEMPTS}/*/{MOVING}")]):
         try:
             names = [n for n in json.loads(plan.read_text()) if isinstance(n, str) and "/" not in n]
         except (OSError, ValueError, TypeError):  # cut while written: nothing had moved yet
             plan.unlink(missing_ok=True)
             continue
-        _move_in(run_dir, plan.parent, names)
+        _move_in(plan.parent.parent.parent, plan.parent, names)
         done.append(plan.parent)
     return done
 

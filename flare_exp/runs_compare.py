@@ -22,7 +22,7 @@ def scored_rows(block: dict) -> list[dict]:
 
 def official_stats(rows: list[dict], field: str = "task_type") -> dict:
     """group -> (task, ids, per-sample official statistics) of the rows grouped by ``field`` (task_type, or
-    dataset as eval's per-dataset blocks); report generation left out (its GREEN scores are the judge's)."""
+    eval's per-dataset blocks); report generation left out (its GREEN scores are the judge's)."""
     from flare_exp.metrics import official
 
     groups: dict = {}
@@ -95,11 +95,12 @@ def disagreeing_value(block: dict, rows: list[dict], green_samples: Path | None 
     where they agree. A partial run's numbers (predictions missing: counted by eval over the whole split) are
     not recomputed here."""
     from flare_exp.io import NON_FINITE
-    from flare_exp.metrics.official import OFFICIAL_METRIC, official_value
+    from flare_exp.metrics.official import OFFICIAL_METRIC, dataset_groups, official_value
 
     if block.get("partial") or block.get("coverage"):
         return None
-    for part, field in (("official", "task_type"), ("official_by_dataset", "dataset")):
+    rows = [{**row, DATASET_GROUP: group} for row, group in zip(rows, dataset_groups(rows))]
+    for part, field in (("official", "task_type"), ("official_by_dataset", DATASET_GROUP)):
         recomputed = {group: (task, official_value(task, values))
                       for group, (task, _ids, values) in official_stats(rows, field).items()}
         judged = green_values(rows, green_samples, field)
@@ -113,7 +114,7 @@ def disagreeing_value(block: dict, rows: list[dict], green_samples: Path | None 
                 continue  # no judge or no FLARE number from the package (its reasons said), or no block written
             if said is not None and true is not UNJUDGED and agrees(said, true):
                 continue
-            where = group if part == "official" else f"{group} ({task})"
+            where = group if part == "official" or group.endswith(f"({task})") else f"{group} ({task})"
             given = ("no judgment eval kept (no judge ran: no green_samples file)" if true is UNJUDGED else
                      f"{true!r} from the predictions it scored")
             return f"{where}.{OFFICIAL_METRIC[task]}: {said!r} in metrics.json, {given}"
@@ -121,6 +122,7 @@ def disagreeing_value(block: dict, rows: list[dict], green_samples: Path | None 
 
 
 UNJUDGED = object()  # a report group without the judgments to recompute its GREEN score from
+DATASET_GROUP = "dataset block"  # the key of eval's per-dataset block a row counts in (official.dataset_groups)
 
 
 def agrees(said: float, true: float) -> bool:

@@ -298,3 +298,50 @@ def test_compare_of_two_pipelines_compares_their_own_models_not_the_base_each_sc
     assert "base" not in text and "t1:" not in text, text
     header = next(line for line in text.splitlines() if line.startswith("|"))
     assert "t1" in header and "t2" in header
+
+
+def test_a_dataset_holding_two_task_types_is_scored_per_task_whatever_the_rows_order(base_overrides, tmp_path):
+    """Prepare keeps a record whose TaskType differs from its dataset's: eval scored the whole dataset by the rule
+    of its first row's task (balanced accuracy over label strings 0.625, or in reverse order F1 0.8). Each task's
+    rows of it are now a block of their own, the same in any order; the runs listing's recomputation agrees."""
+    from flare_exp.main import run
+    from flare_exp.runs_compare import disagreeing_value
+
+    rows = [{"id": "chestdr/c0", "dataset": "chestdr", "task_type": "classification", "split": "val",
+             "answer": "A", "prediction": "A", "model": "m"}] + [
+        {"id": f"chestdr/m{i}", "dataset": "chestdr", "task_type": "multi_label", "split": "val",
+         "answer": "Effusion, Cardiomegaly", "prediction": "Effusion" if i else "Effusion, Cardiomegaly",
+         "model": "m"} for i in range(4)]
+    blocks = []
+    for name, order in (("forward", rows), ("reverse", rows[::-1])):
+        path = _predictions(tmp_path / name, order)
+        run(compose_cfg(["stage=eval", *base_overrides, f"eval.predictions=[{path}]", "eval.radgraph=false",
+                         f"data.prepared_dir={tmp_path / 'hand_made'}"]), run_dir=tmp_path / f"eval-{name}")
+        block = json.loads((tmp_path / f"eval-{name}" / "metrics.json").read_text())["m"]
+        assert disagreeing_value(block, load_rows(path, True)[0]) is None
+        blocks.append((block["official_by_dataset"], block["by_dataset"]))
+    assert blocks[0][0] == blocks[1][0]  # the variants too, to the sums' rounding
+    assert blocks[0][1]["chestdr (multi_label)"]["dataset_aware_f1_example"] == pytest.approx(
+        blocks[1][1]["chestdr (multi_label)"]["dataset_aware_f1_example"])
+    official_blocks, variants = blocks[0]
+    assert official_blocks["chestdr (classification)"]["balanced_accuracy"] == 1.0
+    assert official_blocks["chestdr (multi_label)"]["f1_score"] == pytest.approx(10 / 13)  # 5 of 8 labels, 8 true
+    assert variants["chestdr (multi_label)"]["task_type"] == "multi_label" and "chestdr" not in official_blocks
+
+
+def test_two_report_datasets_get_their_own_text_metrics(base_overrides, tmp_path):
+    """by_dataset's report variants were the whole task's for every report dataset: each now has its own rows'."""
+    from flare_exp.main import run
+
+    rows = [{"id": f"{d}/{i}", "dataset": d, "task_type": "report_generation", "split": "val", "model": "m",
+             "answer": "the heart is normal in size", "prediction": p}
+            for d, p in (("IU_XRay", "the heart is normal in size"), ("other", "no acute disease"))
+            for i in range(2)]
+    path = _predictions(tmp_path / "p", rows)
+    run(compose_cfg(["stage=eval", *base_overrides, f"eval.predictions=[{path}]", "eval.radgraph=false",
+                     f"data.prepared_dir={tmp_path / 'hand_made'}"]), run_dir=tmp_path / "eval")
+    block = json.loads((tmp_path / "eval" / "metrics.json").read_text())["m"]
+    per_dataset = block["by_dataset"]
+    assert per_dataset["IU_XRay"]["rouge_l"] == pytest.approx(1.0) and per_dataset["other"]["rouge_l"] == 0
+    assert per_dataset["IU_XRay"]["n"] == 2 and 0 < block["by_task"]["report_generation"]["rouge_l"] < 1
+    assert (tmp_path / "eval" / "report.html").exists()

@@ -36,6 +36,17 @@ FLARE_TASK_TYPE = {"classification": "classification", "multi_label": "multi-lab
 LOWER_IS_BETTER = {"mean_absolute_error"}
 
 
+def dataset_groups(rows: list[dict]) -> list[str]:
+    """Each row's per-dataset block (our addition beside FLARE's per-task numbers): its dataset, or "dataset (task
+    type)" where the file holds rows of several task types for it (prepare keeps a record whose TaskType differs
+    from its dataset's): each block is scored by its own task's rule, whatever the rows' order."""
+    types: dict[str, set] = {}
+    for row in rows:
+        types.setdefault(row["dataset"], set()).add(row["task_type"])
+    return [row["dataset"] if len(types[row["dataset"]]) == 1 else f"{row['dataset']} ({row['task_type']})"
+            for row in rows]
+
+
 def flare_text(value) -> str:
     return "" if value is None else str(value).strip().lower()
 

@@ -345,3 +345,18 @@ def test_two_report_datasets_get_their_own_text_metrics(base_overrides, tmp_path
     assert per_dataset["IU_XRay"]["rouge_l"] == pytest.approx(1.0) and per_dataset["other"]["rouge_l"] == 0
     assert per_dataset["IU_XRay"]["n"] == 2 and 0 < block["by_task"]["report_generation"]["rouge_l"] < 1
     assert (tmp_path / "eval" / "report.html").exists()
+
+
+def test_a_prediction_integer_too_large_for_a_float_is_flares_infinity_not_an_abort(base_overrides, tmp_path):
+    """check_fields turned a JSON number into its text, and float() reads a 400-digit integer's text as inf (an
+    abort), while FLARE's float() of the integer raises OverflowError: infinity, as docs/metrics.md says."""
+    from flare_exp.main import run
+
+    rows = [{"id": f"boneresorption/{i}", "dataset": "boneresorption", "task_type": "regression", "split": "val",
+             "answer": "5", "prediction": p, "model": "m"} for i, p in enumerate([10 ** 400, "3", "4"])]
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    run(compose_cfg(["stage=eval", *base_overrides, f"eval.predictions=[{path}]", "eval.radgraph=false",
+                     f"data.prepared_dir={tmp_path / 'hand_made'}"]), run_dir=tmp_path / "eval")
+    official = json.loads((tmp_path / "eval" / "metrics.json").read_text())["m"]["official"]["regression"]
+    assert official["mean_absolute_error"] == "Infinity" and not official.get("aborted")

@@ -215,3 +215,40 @@ def test_a_judge_out_of_memory_names_its_longest_input_and_what_to_change(tmp_pa
                                           r"prediction"):
         judge.judge(["ref"] * 3, ["short", "fine", "heart " * 1000])
     assert judge.judge(["ref"] * 2, ["short", "fine"]) == ["ok", "ok"]
+
+
+def test_the_paired_tests_and_intervals_do_not_move_with_the_rows_order(base_overrides, tmp_path):
+    """The bootstrap resampled rows in run A's file order: the same predictions sorted in Excel (or a shuffled
+    JSONL) gave other p-values and intervals under the same seed. The draws now resample samples by id."""
+    import random
+
+    from conftest import compose_cfg
+    from flare_exp.io import write_jsonl
+    from flare_exp.main import run
+    from flare_exp.stages import evaluate
+
+    rng = random.Random(1)
+    labels = ["Effusion", "Cardiomegaly", "Edema", "No Finding"]
+    golds = [", ".join(rng.sample(labels, 2)) for _ in range(24)]
+    runs = {name: [{"id": f"chestdr/{i}", "dataset": "chestdr", "task_type": "multi_label", "split": "val",
+                    "answer": g, "prediction": rng.choice(labels), "model": name} for i, g in enumerate(golds)]
+            for name in ("a", "b")}
+    seen = []
+    for order in ("as written", "shuffled"):
+        a = list(runs["a"])
+        if order == "shuffled":
+            rng.shuffle(a)
+        write_jsonl(tmp_path / order / "a.jsonl", a)
+        write_jsonl(tmp_path / order / "b.jsonl", runs["b"])
+        intervals = []
+        real = evaluate.write_reports
+        evaluate.write_reports = lambda *args, **kw: intervals.append(args[4]) or real(*args, **kw)
+        try:
+            run(compose_cfg(["stage=eval", *base_overrides, "eval.radgraph=false",
+                             f"eval.predictions=[{tmp_path / order / 'a.jsonl'},{tmp_path / order / 'b.jsonl'}]",
+                             f"data.prepared_dir={tmp_path / 'hand_made'}"]), run_dir=tmp_path / f"eval-{order}")
+        finally:
+            evaluate.write_reports = real
+        tests = json.loads((tmp_path / f"eval-{order}" / "significance.json").read_text())["tests"]
+        seen.append(([{k: v for k, v in t.items() if k not in ("run_a", "run_b")} for t in tests], intervals[0]))
+    assert seen[0] == seen[1] and seen[0][0][0]["p_value"] is not None

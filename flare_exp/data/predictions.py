@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -312,6 +313,8 @@ def check_fields(path: Path, rows: list[dict]) -> None:
                          f"{', '.join(map(repr, rows[0]))}); eval reads each row's answer to its question there")
     for line, row in enumerate(rows, 1):
         value = row.get("prediction")
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > sys.float_info.max:
+            continue  # kept a number: float() refuses it (FLARE's infinity), while its text reads as inf (an abort)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             row["prediction"] = str(value)
         elif value is not None and not isinstance(value, str):  # FLARE's sheet holds text: no list, object, bool

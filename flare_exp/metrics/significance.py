@@ -175,6 +175,12 @@ def input_differences(a: str, b: str, res_a: dict, res_b: dict) -> list[str]:
     return out
 
 
+def id_order(ids: list[str]) -> list[int]:
+    """The positions of the samples in the order of their ids: the draws resample samples, not rows, so the same
+    predictions give the same intervals and p-values whatever the file's row order (a sheet sorted in Excel)."""
+    return sorted(range(len(ids)), key=lambda k: str(ids[k]))
+
+
 def compare(results: dict, samples: dict, resamples: int, seed: int, ar_trials: int = 0,
             inputs: dict[str, set] | None = None) -> tuple[list[dict], list[str]]:
     """Paired tests for every pair of runs and official metric, on the ids both scored (the bootstrap and
@@ -196,7 +202,7 @@ def compare(results: dict, samples: dict, resamples: int, seed: int, ar_trials: 
         for task in sorted(set(samples[a]) & set(samples[b])):
             (ids_ta, st_a), (ids_tb, st_b) = samples[a][task], samples[b][task]
             where_b = {i: k for k, i in enumerate(ids_tb)}
-            shared = [(k, where_b[i]) for k, i in enumerate(ids_ta) if i in where_b]
+            shared = [(k, where_b[ids_ta[k]]) for k in id_order(ids_ta) if ids_ta[k] in where_b]
             if not shared or not resamples:
                 continue
             ka, kb = map(list, zip(*shared))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 from pathlib import Path
 
 from flare_exp.cells import EXCEL_CELL_CHARACTERS, as_stored
@@ -35,7 +36,7 @@ def write_sheet(path: Path, rows: list[dict], label: str, extra: tuple[str, ...]
         cells = [r[key] if key != "image_name" or isinstance(r[key], str) else ", ".join(r[key])
                  for _, key in ROW_COLUMNS]
         values = [*cells[:PREDICTION_COLUMN], r["prediction"], *cells[PREDICTION_COLUMN:], *(r.get(k) for k in extra)]
-        body.append([json.dumps(v, ensure_ascii=False) if isinstance(v, (list, dict)) else v for v in values])
+        body.append([cell_value(v) for v in values])
     cut, dropped = fill_sheet(ws, header, body, PREDICTION_WIDTHS + tuple(EXTRA_WIDTHS.get(k, 18) for k in extra),
                               wrap=True)
     named = lambda rows: ", ".join([str(body[row][header.index("id")]) for row in rows][:5]) + (  # noqa: E731
@@ -54,6 +55,16 @@ def write_sheet(path: Path, rows: list[dict], label: str, extra: tuple[str, ...]
     about.append(["adapter sha256", (adapter or {}).get("sha256") or ""])
     about.column_dimensions["A"].width, about.column_dimensions["B"].width = 16, 80
     save_workbook(wb, path)
+
+
+def cell_value(value):
+    """A value as a worksheet cell holds it: a list or object as its JSON, an integer past a float's range (a
+    worksheet's numbers are floats) as its digits."""
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > sys.float_info.max:
+        return str(value)
+    return value
 
 
 def write_scored_sheet(path: Path, rows: list[dict], label: str, samples: dict, result: dict | None = None) -> None:

@@ -17,7 +17,7 @@ from flare_exp.data.predictions import find_predictions, load_rows
 from flare_exp.fixtures.random_scorers import random_scorer_caveats
 from flare_exp.io import write_json
 from flare_exp.metrics.scoring import ReportScorers, evaluate_file, flat_summary, scored_rows
-from flare_exp.metrics.significance import bootstrap_interval, compare, correct_family
+from flare_exp.metrics.significance import bootstrap_interval, compare, correct_family, id_order
 from flare_exp.reports.eval_report import write_reports
 from flare_exp.reports.sheets import write_scored_sheet
 from flare_exp.run.layout import METRICS, predictions_file, summary_name
@@ -188,9 +188,9 @@ def run(cfg, out_dir: Path) -> dict:
         log.warning("eval: %s", warning)
     if len(results) > 1:
         write_json(out_dir / "significance.json", {"family": family, "tests": tests, "warnings": warnings})
-    intervals = {label: {task: bootstrap_interval(task, stats, cfg.eval.significance.resamples,
+    intervals = {label: {task: bootstrap_interval(task, stats[id_order(ids)], cfg.eval.significance.resamples,
                                                   cfg.eval.significance.seed)
-                         for task, (_, stats) in per_task.items()} for label, per_task in samples.items()}
+                         for task, (ids, stats) in per_task.items()} for label, per_task in samples.items()}
     write_reports(out_dir, results, tests, warnings, intervals, family, root=abspath(cfg.paths.output_root))
     log.info("evaluation written to %s", out_dir)  # the run's summary (its official table) is printed at its end
     return {"metrics": str(out_dir / METRICS), "report": str(out_dir / "report.md"), **summary,

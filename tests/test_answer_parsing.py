@@ -48,7 +48,10 @@ def test_choice_refusals():
     ("-.5", -0.5),
     ("22.9%", 22.9),            # the decimals (not 22), the percent sign left
     ("1,234.5 mm", 1234.5),     # a thousands separator (not 1)
-    ("12,34", 12.0),            # not a thousands group: the first number
+    ("12,34", None),            # not a thousands group: a decimal comma, unreadable (it read as 12)
+    ("12,5", None), ("0,25 %", None), ("1,2345", None),
+    ("12, 5", 12.0),            # a comma and a space: two numbers, the first read
+    ("\u22125 mm", -5.0),       # a typeset minus sign is the sign (it read as 5)
     ("about 20 percent", 20.0),  # the first number anywhere in the text
     ("-3.5 mm", -3.5),          # the sign is kept
     ("+3", 3.0),

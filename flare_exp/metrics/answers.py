@@ -8,7 +8,8 @@
 - ``label_set`` / ``set_f1``: a multi-label answer as a set of labels split on the dataset's separator,
   compared case- and whitespace-insensitively.
 - ``parse_number``: the first number in a regression answer: ``22.9``, ``22.9%``, ``1,234``, ``about 20
-  percent``, ``1e1`` (10: the exponent is part of the number).
+  percent``, ``1e1`` (10: the exponent is part of the number), a typeset minus sign as "-"; none in ``12,5``
+  (a decimal comma).
 """
 from __future__ import annotations
 
@@ -56,12 +57,14 @@ def set_f1(pred: set, gold: set) -> float:
     return 2 * len(pred & gold) / (len(pred) + len(gold))
 
 
-_NUMBER = re.compile(r"(?:[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[-+]?\.\d+)(?:[eE][-+]?\d+)?")
+_NUMBER = re.compile(r"(?:[-+]?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|[-+]?\.\d+)(?:[eE][-+]?\d+)?")
+MINUS_SIGN = "\u2212"  # typeset minus: the number's sign, as "-"
 
 
 def parse_number(text) -> float | None:
-    """The first number in the answer; None for none, and for one past a float's range ("1e309", a 400-digit
-    integer: no error is measurable from it) or NaN."""
+    """The first number in the answer; None for none, for one past a float's range ("1e309", a 400-digit
+    integer: no error is measurable from it) or NaN, and for one written with a decimal comma ("12,5", "0,25":
+    read as 12 and 0 it counted as readable; FLARE's float() refuses it, as prepare refuses such an answer)."""
     import math
 
     if isinstance(text, (int, float)) and not isinstance(text, bool):
@@ -72,6 +75,9 @@ def parse_number(text) -> float | None:
     elif not isinstance(text, str):
         return None
     else:
+        text = text.replace(MINUS_SIGN, "-")
         m = _NUMBER.search(text)
+        if m and re.match(r",\d", text[m.end():]):  # a decimal comma ("12,5"): not read as its whole part
+            return None
         number = float(m.group(0).replace(",", "")) if m else math.nan
     return number if math.isfinite(number) else None

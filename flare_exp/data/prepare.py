@@ -301,22 +301,28 @@ def accept_records(candidates: list, cfg_data, rejects: list,
                    limits: ProcessorLimits | None = None) -> "Accepted":
     """Decode every image the candidates name (once, in parallel; data.verify_images=false: headers only); a
     record with a broken image, one the processor cannot take, or a second record with the same
-    ImageName||Question, is rejected. Also: the accepted images counted by PIL mode, each image's sha1, and the
+    ImageName||Question and answer, is rejected; of two with other answers, the earlier (FLARE's rule). Also: the accepted images counted by PIL mode, each image's sha1, and the
     accepted images that decoded to one nearly flat grey level, and those of several pages."""
     by_split: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
     images = [p for record, _, _ in candidates for p in record["_paths"]]
     window = check_window(cfg_data.image_window)
     checked = check_images(images, cfg_data.image_workers, window, limits, decode=cfg_data.verify_images)
-    seen: dict[str, str | None] = {}  # id -> the answer kept
+    seen: dict[str, tuple] = {}  # id -> (its place in its split, file, index) of the record kept
     modes = {}
     for record, file, index in candidates:
         results = [checked[p] for p in record["_paths"]]
         problem = next((result.problem for result in results if result.problem), None)
+        replaces = None
         if problem is None and record["id"] in seen:
-            kept = seen[record["id"]]
-            other = kept != record.get("answer")
-            problem = "duplicate ImageName||Question" + (
-                f" with another answer ({record.get('answer')!r}; {kept!r} kept)" if other else "")
+            place, kept_file, kept_index = seen[record["id"]]
+            kept = by_split[record["split"]][place].get("answer")
+            if kept == record.get("answer"):
+                problem = "duplicate ImageName||Question"
+            else:  # FLARE's evaluator keys its ground truth by ImageName||Question: the last record's answer counts
+                _reject(rejects, cfg_data, kept_file, kept_index, "duplicate ImageName||Question with another answer "
+                        f"({kept!r}; the later {record.get('answer')!r} kept, as FLARE's evaluator keeps the last)",
+                        record["split"])
+                replaces = place
         if problem:
             _reject(rejects, cfg_data, file, index, problem, record["split"])
             continue
@@ -325,8 +331,12 @@ def accept_records(candidates: list, cfg_data, rejects: list,
         if window is not None:
             record["image_window"] = list(window)  # every stage decodes with it (VisionChat.load_images)
         modes.update({p: result.mode for p, result in zip(record["_paths"], results)})
-        seen[record["id"]] = record.get("answer")
-        by_split[record["split"]].append(record)
+        split = by_split[record["split"]]
+        if replaces is None:
+            split.append(record)
+        else:
+            split[replaces] = record  # in the first one's place (a dict keeps its key's first place)
+        seen[record["id"]] = (len(split) - 1 if replaces is None else replaces, file, index)
     sha1s = {p: result.sha1 for p, result in checked.items() if result.sha1}
     flat = sorted(p for p in modes if (checked[p].uniform or 0) >= NEARLY_UNIFORM and not checked[p].framed)
     high_bytes = sorted(p for p, mode in modes.items() if mode.endswith(HIGH_BYTE_ONLY))

@@ -172,8 +172,8 @@ def test_sweep_report_ranks_by_the_official_metric_and_draws_a_2d_sweep_as_a_hea
     rows = list(csv.DictReader((sweep / "report" / "sweep.csv").open()))
     key = "official/classification/balanced_accuracy"
     assert [float(r[key]) for r in rows] == [0.6, 0.4, 0.2, 0.1] and [r["rank"] for r in rows] == ["1", "2", "3", "4"]
-    assert all(float(r["reward_term/report_generation/radgraph"]) == 0.3 for r in rows)  # all steps' mean
-    assert "reward_term/*: means over all its logged steps" in (sweep / "report" / "sweep.md").read_text()
+    assert all(float(r["reward_term_all/report_generation/radgraph"]) == 0.3 for r in rows)  # all steps' mean
+    assert "reward_term_all/*: means over all its logged steps" in (sweep / "report" / "sweep.md").read_text()
     assert drawn == [(["reward.x.weights.a", "reward.x.weights.b"], key)]
     assert "Ranked by official/classification/balanced_accuracy (highest first" in (
         sweep / "report" / "sweep.md").read_text()
@@ -182,3 +182,61 @@ def test_sweep_report_ranks_by_the_official_metric_and_draws_a_2d_sweep_as_a_hea
     with pytest.raises(ValueError, match="sweep_report.rank_by=nope: no job has it"):
         run(compose_cfg(["stage=sweep_report", f"sweep_report.sweep_dir={sweep}", "sweep_report.rank_by=nope",
                          "overwrite=true"]), run_dir=tmp_path / "r2")
+
+
+def test_a_sweep_relaunched_smaller_with_another_setting_ranks_only_its_own_jobs(tmp_path):
+    """overwrite=true into a sweep dir with a smaller grid and another fixed setting redid job 0 alone: the
+    report ranked it beside the earlier launches' jobs 1 and 2 (another learning rate, their cells blank) and
+    showed overwrite as a swept setting. The earlier launches' jobs are named and left out of the ranking; each
+    job's own value fills the column; overwrite is no column."""
+    from conftest import compose_cfg
+    from flare_exp.main import run
+
+    sweep = tmp_path / "sweep"
+    jobs = [("0", ["reward.x.weights.a=0", "rl.learning_rate=0.002", "overwrite=True"], 0.002, 0.4),
+            ("1", ["reward.x.weights.a=2", "overwrite=True"], 0.0005, 0.9),
+            ("2", ["reward.x.weights.a=1"], 0.0005, 0.8)]
+    for name, overrides, lr, reward in jobs:
+        job = sweep / name
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in ["stage=rl", *overrides]))
+        (job / ".hydra" / "config.yaml").write_text(f"rl:\n  learning_rate: {lr}\n")
+        (job / "DONE").write_text("{}")
+        (job / "rl_summary.json").write_text(json.dumps({"reward_last": reward}))
+    (sweep / "multirun.yaml").write_text(
+        "hydra:\n  overrides:\n    task:\n    - stage=rl\n    - reward.x.weights.a=0\n    - rl.learning_rate=0.002\n"
+        "    - overwrite=true\n  sweeper:\n    params: null\n")
+    run(compose_cfg(["stage=sweep_report", f"sweep_report.sweep_dir={sweep}"]), run_dir=tmp_path / "r")
+    rows = {r["job"]: r for r in csv.DictReader((sweep / "report" / "sweep.csv").open())}
+    assert "overwrite" not in rows["0"]
+    assert [rows[j]["rl.learning_rate"] for j in "012"] == ["0.002", "0.0005", "0.0005"]
+    assert [rows[j]["rank"] for j in "012"] == ["1", "", ""]
+    assert "made by an earlier launch into this sweep dir" in rows["1"]["error"]
+    assert "reward.x.weights.a=1, the latest launch's 0" in rows["2"]["error"] and not rows["0"]["error"]
+
+
+def test_a_reward_typed_into_a_jobs_rl_summary_is_named_and_not_ranked(tmp_path):
+    """An edited metrics.json was caught; an edited rl_summary.json's reward_last moved the ranking without a word
+    (the row's own rewards/* still showed the true one). It is recomputed from the job's log_history.json."""
+    from conftest import compose_cfg
+    from flare_exp.main import run
+    from flare_exp.rl_monitor.reward_summary import summarise
+
+    sweep = tmp_path / "sweep"
+    for n, rewards in enumerate(([0.1, 0.2, 0.3, 0.4], [0.5, 0.6, 0.7, 0.8])):
+        job = sweep / str(n)
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text(f"- reward.x.weights.a={n}\n")
+        (job / "DONE").write_text("{}")
+        history = [{"step": i + 1, "reward": r, "reward_term/classification/choice": r} for i, r in enumerate(rewards)]
+        history.append({"step": 5, "reward": 0.5, "reward_term/regression/numeric": 1.0})
+        (job / "log_history.json").write_text(json.dumps(history))
+        summary = summarise(history, 5)
+        assert summary["reward_term/classification/choice"] is None and "reward_term_note" in summary
+        (job / "rl_summary.json").write_text(json.dumps({**summary, "reward_last": 0.99} if n == 0 else summary))
+    run(compose_cfg(["stage=sweep_report", f"sweep_report.sweep_dir={sweep}", "sweep_report.rank_by=reward_last"]),
+        run_dir=tmp_path / "r")
+    rows = {r["job"]: r for r in csv.DictReader((sweep / "report" / "sweep.csv").open())}
+    assert "reward_last 0.99, 0.5 from its log_history.json: edited since its run wrote it" in rows["0"]["error"]
+    assert rows["0"]["rank"] == "" and rows["0"]["reward_last"] == "" and rows["1"]["rank"] == "1"
+    assert float(rows["1"]["reward_term_all/classification/choice"]) == 0.65 and not rows["1"]["error"]

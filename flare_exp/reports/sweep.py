@@ -15,9 +15,9 @@ from flare_exp.reports.sweep_jobs import collect, lower_is_better, rank_key, ran
 from flare_exp.reports.tables import md_table, short_number
 
 log = logging.getLogger(__name__)
-WINDOWS = ("reward_last, reward_std and rewards/*: means over the last quarter of each job's logged steps (as its "
-           "rl_summary.json); reward_term/*: means over all its logged steps (a term whose task had no prompt late in "
-           "the run keeps a value), so they do not add up to reward_last.")
+WINDOWS = ("reward_last, reward_std, rewards/* and reward_term/*: means over the last quarter of each job's logged "
+           "steps (as its rl_summary.json; a term whose task had no prompt there is empty); reward_term_all/*: means "
+           "over all its logged steps.")
 
 
 def table(jobs: list[dict], key: str | None = None) -> tuple[list[str], list[list]]:
@@ -36,7 +36,7 @@ def write_html(path: Path, title: str, ranking: str, header: list[str], rows: li
     page like the eval report."""
     from flare_exp.reports.page import Block, to_html
 
-    cell = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
+    cell = lambda v: f"{v:.4f}" if isinstance(v, float) else short_number(v)  # noqa: E731
     blocks = [Block("table", header=header, items=[[cell(v) for v in row] for row in rows]),
               Block("figure", "the sweep's rewards and ranking metric", png=figure.read_bytes())]
     write_text(path, to_html(title, ranking or "unranked (no common metric)", blocks))
@@ -86,12 +86,17 @@ def write_sweep_report(sweep_dir: Path, rank_by: str | None) -> dict:
     ranking = (f"Ranked by {key} ({'lowest' if lower_is_better(key) else 'highest'} first; {chooser})"
                f"{f'; equal ones by {ties} in turn' if ties else ''}."
                f"{reward_caveat(jobs, key)}\n\n") if key else ""
-    if any(k.startswith("reward_term/") for k in header):  # two windows in one row: said which is which
+    if any(k.startswith(("reward_term/", "reward_term_all/")) for k in header):  # two windows: said which is which
         ranking += (f"{WINDOWS}\n\n")
+    earlier = [j["job"] for j in jobs if j.get("earlier_launch")]
+    if earlier:
+        ranking += (f"Job(s) {', '.join(earlier)}: made by an earlier launch into this sweep dir with other settings "
+                    "than the latest launch's (multirun.yaml; their error column names one): listed, not ranked.\n\n")
     write_text(report / "sweep.md", f"# Sweep {sweep_dir.name}\n\n{ranking}" + markdown(header, rows))
     plot(jobs, key, report / "sweep.png")
     write_html(report / "sweep.html", f"Sweep {sweep_dir.name}", ranking.strip(), header, rows, report / "sweep.png")
     counts = {s: sum(j["status"] == s for j in jobs) for s in ("DONE", "FAILED", "unfinished", RETRIED)}
+    counts["earlier launch"] = len(earlier)
     log.info("sweep report for %d jobs (%s) in %s\n%s", len(jobs), counts, report, markdown(header, rows))
     summary = {"report_dir": str(report), "jobs": len(jobs), **counts}
     if search:  # the study's own view beside the job table

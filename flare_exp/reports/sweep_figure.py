@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from flare_exp.reports.sweep_jobs import ranks_by, varying_keys
+from flare_exp.reports.tables import short_number
 
 
 def _short(key: str) -> str:
@@ -35,7 +36,8 @@ def plot(jobs: list[dict], key: str | None, path: Path) -> None:
     varying = varying_keys(jobs)
 
     def label(j):
-        return f"#{j['job']} " + ", ".join(f"{_short(k)}={j['overrides'][k]}" for k in varying if k in j["overrides"])
+        return f"#{j['job']} " + ", ".join(f"{_short(k)}={short_number(j['overrides'][k])}" for k in varying
+                                           if k in j["overrides"])
 
     for j in jobs:
         if j["curve"]:

@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from flare_exp.io import NON_FINITE
+from flare_exp.reports.sweep_launch import LAUNCH_KEYS, config_value, earlier_launch, latest_launch
 from flare_exp.run.layout import FAILED, HYDRA, LOG_HISTORY, METRICS, OVERRIDES, own_or_step, summary_name
 from flare_exp.run.record import marker
 from flare_exp.run.stage import declared_stages
@@ -18,6 +19,35 @@ LOWER_IS_BETTER = ("mean_absolute_error", "loss", "mae", "rmse", "seconds")
 
 
 def collect(sweep_dir: Path) -> list[dict]:
+    """Every job dir of the sweep: its settings (the command line's, each swept key's value filled from the job's
+    own config where its command line left it out), status, numbers; a job no launch of the sweep dir's latest
+    (multirun.yaml) made is marked (an earlier, other launch's: left out of the ranking)."""
+    jobs = _read_jobs(sweep_dir)
+    launch = latest_launch(sweep_dir)
+    for job in jobs:
+        why = earlier_launch(job["overrides"], launch) if launch else None
+        if why:
+            job["earlier_launch"] = True
+            job["error"] = (f"{job.get('error', '')}; " if job.get("error") else "") + (
+                f"made by an earlier launch into this sweep dir, not the latest ({why}): left out of the ranking")
+    fill_settings(jobs)
+    return jobs
+
+
+def fill_settings(jobs: list[dict]) -> None:
+    """The launch keys dropped; every key some job's command line set, filled in for the others from their own
+    config (a job of another launch ran the default: its cell showed blank, as if the same)."""
+    for job in jobs:
+        job["overrides"] = {k: v for k, v in job["overrides"].items() if k.lstrip("+~") not in LAUNCH_KEYS}
+    keys = {k for job in jobs for k in job["overrides"]}
+    for job in jobs:
+        for key in keys - set(job["overrides"]):
+            value = config_value(Path(job["dir"]), key.lstrip("+~"))
+            if value is not None:
+                job["overrides"][key] = value
+
+
+def _read_jobs(sweep_dir: Path) -> list[dict]:
     jobs = []
     for job_dir in sorted((p for p in sweep_dir.iterdir() if p.is_dir() and (p / HYDRA).is_dir()),
                           key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else p.name)):
@@ -28,7 +58,13 @@ def collect(sweep_dir: Path) -> list[dict]:
         for sub in ("", *TRAINED):  # a stage's job, or a pipeline job's steps
             for name in map(summary_name, TRAINED):
                 if (job_dir / sub / name).exists():
-                    job["metrics"].update(json.loads((job_dir / sub / name).read_text()))
+                    summary = json.loads((job_dir / sub / name).read_text())
+                    edited = edited_rewards(summary, job_dir / sub / LOG_HISTORY)
+                    if edited:  # a reward typed into the summary: not ranked as the job's own
+                        job["error"] = (f"{sub or '.'}/{name}: {edited}: edited since its run wrote it; its reward "
+                                        "numbers left out of the table and the ranking")
+                        summary = {k: v for k, v in summary.items() if not is_reward_number(k)}
+                    job["metrics"].update(summary)
         official = official_metrics(job_dir)
         edited = edited_metrics(job_dir, sweep_dir) if official else None
         if edited:  # a number typed into metrics.json: not ranked as the job's own
@@ -45,6 +81,32 @@ def collect(sweep_dir: Path) -> list[dict]:
             job["error"] = (job_dir / FAILED).read_text().splitlines()[0][:200]
         jobs.append(job)
     return jobs
+
+
+def is_reward_number(key: str) -> bool:
+    return key.startswith(("reward", "rewards/")) and key != "reward_note"
+
+
+def edited_rewards(summary: dict, history_file: Path) -> str | None:
+    """'key: V, W from its log_history.json' for the first reward number of a GRPO run's summary that its logged
+    steps (beside it) do not give; None where they agree or there is no log to recompute from."""
+    from flare_exp.rl_monitor.reward_summary import summarise
+    from flare_exp.runs_compare import agrees
+
+    if "reward_last" not in summary or not history_file.exists():
+        return None
+    try:
+        recomputed = summarise(json.loads(history_file.read_text()), summary.get("global_step"))
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    for key, true in recomputed.items():
+        said = summary.get(key)
+        said = NON_FINITE.get(said, said) if isinstance(said, str) else said
+        if not is_reward_number(key) or not isinstance(true, (int, float)) or isinstance(true, bool):
+            continue
+        if not isinstance(said, (int, float)) or isinstance(said, bool) or not agrees(said, true):
+            return f"{key} {said!r}, {true!r} from its log_history.json"
+    return None
 
 
 def edited_metrics(job_dir: Path, sweep_dir: Path) -> str | None:
@@ -68,14 +130,17 @@ def official_metrics(job_dir: Path) -> dict:
             if (isinstance(v, (int, float)) or v in NON_FINITE) and k not in ("num_examples",)}
 
 
+RUN_MEAN = "reward_term_all/"  # a term's mean over the whole run (reward_term/* in rl_summary.json: the last quarter)
+
+
 def run_term_means(history: list[dict]) -> dict:
-    """Each reward term's mean over every logged step of the run (the summary's last-quarter mean misses a term
-    whose task had no prompt in the last batches)."""
+    """Each reward term's mean over every logged step of the run, as reward_term_all/<task>/<term> (the summary's
+    reward_term/* are last-quarter means, null for a term whose task had no prompt in the last batches)."""
     sums: dict[str, list[float]] = {}
     for h in history:
         for k, v in h.items():
             if k.startswith("reward_term/") and isinstance(v, (int, float)):
-                sums.setdefault(k, []).append(v)
+                sums.setdefault(RUN_MEAN + k.removeprefix("reward_term/"), []).append(v)
     return {k: round(sum(v) / len(v), 4) for k, v in sums.items()}
 
 
@@ -108,9 +173,11 @@ def reward_caveat(jobs: list[dict], key: str | None) -> str:
 
 
 def ranks_by(job: dict, key: str | None) -> bool:
-    """A finished job with a finite ``key``: a NaN or infinite value (a diverged run) is no score to rank by."""
+    """A finished job of the latest launch with a finite ``key``: a NaN or infinite value (a diverged run) is no
+    score to rank by."""
     value = job["metrics"].get(key)
-    return job["status"] == "DONE" and isinstance(value, (int, float)) and math.isfinite(value)
+    return (job["status"] == "DONE" and not job.get("earlier_launch") and isinstance(value, (int, float))
+            and math.isfinite(value))
 
 
 def tie_breakers(jobs: list[dict], key: str | None) -> list[str]:

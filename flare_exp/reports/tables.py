@@ -43,5 +43,8 @@ def md_table(header: list, rows: list[list], cell=str) -> list[str]:
 
 
 def short_number(v) -> str:
-    """A sweep's or a study's cell: floats to four significant digits, anything else as it is."""
+    """A sweep's or a study's cell: floats to four significant digits, a setting's value written as a long float
+    (a search's draw: 0.32692990979813813) too; anything else as it is (the CSV keeps every digit)."""
+    if isinstance(v, str) and re.fullmatch(r"-?\d+\.\d{5,}", v):
+        v = float(v)
     return f"{v:.4g}" if isinstance(v, float) else str(v)

@@ -30,6 +30,11 @@ def summarise(history: list[dict], global_step: int) -> dict:
         values = [h[k] for h in tail if isinstance(h.get(k), (int, float))]
         if values:
             out[f"{k}_last" if k == "reward" else k] = round(statistics.fmean(values), 4)
+    quiet = sorted({k for h in steps for k in h if k.startswith("reward_term/")} - set(out))
+    if quiet:  # every term the run logged has its key: null where its task had no prompt in the last quarter
+        out.update(dict.fromkeys(quiet))
+        out["reward_term_note"] = (f"{', '.join(quiet)}: null, no prompt of the task in the last quarter's steps; "
+                                   "a sweep report's reward_term_all/* are the whole run's means")
     if steps:  # the ends themselves beside the tail's mean (reward_last: a mean, steady for ranking a sweep)
         out.update(reward_first=round(steps[0]["reward"], 4), reward_last_step=round(steps[-1]["reward"], 4),
                    reward_last_steps=[tail[0].get("step"), tail[-1].get("step")])

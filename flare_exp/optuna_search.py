@@ -178,7 +178,27 @@ def _change(key: str, before, now) -> str:
         gone, new = set(_comparable(key, before)) - set(_comparable(key, now)), \
             set(_comparable(key, now)) - set(_comparable(key, before))
         return f"fixed overrides: {sorted(gone) or 'none'} -> {sorted(new) or 'none'}"
+    if key == "distributions" and isinstance(before, dict) and isinstance(now, dict):
+        return "; ".join(f"{name}: {_described(before.get(name))} -> {_described(now.get(name))}"
+                         for name in sorted(set(before) | set(now)) if before.get(name) != now.get(name))
     return f"{key}: {before} -> {now}"
+
+
+def _described(distribution) -> str:
+    """A recorded Optuna distribution (its JSON) as the override that makes it: interval(0,2), range(1,5),
+    choice(a,b), with a log scale or a step said; (not searched) where there is none."""
+    if not isinstance(distribution, dict):
+        return "(not searched)"
+    name, values = distribution.get("name"), distribution.get("attributes") or {}
+    if name == "CategoricalDistribution":
+        return f"choice({','.join(map(str, values.get('choices', [])))})"
+    if name not in ("FloatDistribution", "IntDistribution"):
+        return json.dumps(distribution)
+    how = [word for word, on in (("log", values.get("log")), (f"step {values.get('step')}",
+                                                              values.get("step") not in (None, 1))) if on]
+    text = (f"{'interval' if name == 'FloatDistribution' else 'range'}"
+            f"({values.get('low')},{values.get('high')})")
+    return text + (f" [{', '.join(how)}]" if how else "")
 
 
 class Search:

@@ -148,3 +148,20 @@ def test_bad_sweeper_settings_are_named(session_dir, tmp_path, sft_adapter, sett
                            "hydra/launcher=local", "reward.multi_label.weights.label_f1=interval(0.1,1.0)", setting],
                           cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and message in proc.stderr
+
+
+def test_a_changed_search_range_is_named_as_the_override_that_makes_it():
+    """The refusal of a study whose range changed dumped Optuna's distribution dicts; it names the key and both
+    overrides."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, distribution_to_json
+
+    from flare_exp.optuna_search import _change
+
+    def recorded(**space):
+        return {k: json.loads(distribution_to_json(d)) for k, d in space.items()}
+
+    before = recorded(w=FloatDistribution(0.0, 2.0), c=CategoricalDistribution(["a", "b"]))
+    now = recorded(w=FloatDistribution(0.0, 3.0, log=False), c=CategoricalDistribution(["a", "b"]),
+                   v=FloatDistribution(0.1, 1.0, log=True))
+    assert _change("distributions", before, now) == ("v: (not searched) -> interval(0.1,1.0) [log]; "
+                                                     "w: interval(0.0,2.0) -> interval(0.0,3.0)")

@@ -240,3 +240,15 @@ def test_a_reward_typed_into_a_jobs_rl_summary_is_named_and_not_ranked(tmp_path)
     assert "reward_last 0.99, 0.5 from its log_history.json: edited since its run wrote it" in rows["0"]["error"]
     assert rows["0"]["rank"] == "" and rows["0"]["reward_last"] == "" and rows["1"]["rank"] == "1"
     assert float(rows["1"]["reward_term_all/classification/choice"]) == 0.65 and not rows["1"]["error"]
+
+
+def test_a_sweep_report_pointed_at_one_runs_dir_says_so(tmp_path):
+    from flare_exp.reports.sweep import write_sweep_report
+
+    run_dir = tmp_path / "runs" / "my-rl"
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / "rl_summary.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"that is one run's dir, not a sweep's: a sweep \(python launch.py -m"):
+        write_sweep_report(run_dir, None)
+    with pytest.raises(ValueError, match=r"no job directories \(0/, 1/, ... with .hydra/\).*sweeps/<run_name>/"):
+        write_sweep_report(tmp_path / "runs", None)

@@ -73,7 +73,11 @@ def write_sweep_report(sweep_dir: Path, rank_by: str | None) -> dict:
 
     jobs = collect(sweep_dir)
     if not jobs:
-        raise ValueError(f"{sweep_dir}: no job directories (with .hydra/) found")
+        one_run = (sweep_dir / ".hydra").is_dir() or (sweep_dir / "run_info.json").is_file()
+        raise ValueError(f"sweep_report.sweep_dir={sweep_dir}: " + (
+            "that is one run's dir, not a sweep's" if one_run else "no job directories (0/, 1/, ... with .hydra/)")
+            + ": a sweep (python launch.py -m ...) writes its jobs into <paths.output_root>/sweeps/<run_name>/; "
+            "pass that dir")
     search = (sweep_dir / STUDY_FILE).exists()  # an Optuna search: its objective ranks, its retried trials said
     objective = mark_search_trials(sweep_dir, jobs) if search else None
     key = rank_key(jobs, rank_by or objective)

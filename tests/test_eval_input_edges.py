@@ -360,3 +360,34 @@ def test_a_prediction_integer_too_large_for_a_float_is_flares_infinity_not_an_ab
                      f"data.prepared_dir={tmp_path / 'hand_made'}"]), run_dir=tmp_path / "eval")
     official = json.loads((tmp_path / "eval" / "metrics.json").read_text())["m"]["official"]["regression"]
     assert official["mean_absolute_error"] == "Infinity" and not official.get("aborted")
+
+
+def test_where_prepare_normalised_what_flares_evaluator_reads_otherwise_both_numbers_are_said(base_overrides,
+                                                                                              tmp_path):
+    """A list answer (joined by prepare; FLARE leaves its pair out) and a TaskType FLARE does not spell its way
+    ("Multilabel Classification": no number there) were scored silently as FLARE's number. The official block
+    keeps eval's reading; a caveat gives the number FLARE's evaluator gives on the question file as it is."""
+    from test_prepare import _prepare, _small_tree
+
+    from flare_exp.main import run
+
+    root = tmp_path / "raw"
+    good = {"TaskType": "Multi-label Classification", "Modality": "Xray", "ImageName": "imagesTr/a.png",
+            "Split": "train"}
+    _small_tree(root, [{**good, "Question": "q0", "Answer": ["Effusion", "Mass"]},
+                       {**good, "Question": "q1", "Answer": "Effusion"},
+                       {**good, "Question": "q2", "Answer": "Mass", "TaskType": "Multilabel Classification"}])
+    prepared = _prepare(tmp_path, root, "data.datasets=[chestdr]")
+    records = [json.loads(line) for line in (prepared / "train.jsonl").read_text().splitlines()]
+    assert {r["question"]: r.get("raw_answer") for r in records} == {"q0": ["Effusion", "Mass"], "q1": None,
+                                                                       "q2": None}
+    path = _predictions(tmp_path / "p", [{"id": r["id"], "prediction": "Effusion", "model": "m"} for r in records])
+    run(compose_cfg(["stage=eval", *base_overrides, f"eval.predictions=[{path}]", "eval.radgraph=false",
+                     f"data.prepared_dir={prepared}"]), run_dir=tmp_path / "eval")
+    block = json.loads((tmp_path / "eval" / "metrics.json").read_text())["m"]
+    assert block["official"]["multi_label"]["f1_score"] == pytest.approx(4 / 7)  # eval's reading: every row
+    caveat, = block["caveats"]
+    assert caveat.startswith("multi-label classification: f1_score 1.0 by FLARE's evaluator on the question file "
+                             "as it is, 0.5714")
+    assert "1 row(s) of TaskType 'Multilabel Classification'" in caveat and "1 answer(s) given as a list" in caveat
+    assert "f1_score 1.0 by FLARE's evaluator" in (tmp_path / "eval" / "report.md").read_text()

@@ -96,6 +96,7 @@ def convert_record(raw, qf: QuestionFile, out_split: str, root: Path, cfg):
         **({"raw_question": raw["Question"]} if raw["Question"] != question else {}),
         **({"question_record": {k: v for k, v in raw.items() if k != "Answer"}} if not needs_answer else {}),  # to submit
         "answer": answer,
+        **({"raw_answer": raw["Answer"]} if needs_answer and raw["Answer"] != answer else {}),  # FLARE reads it
         "messages": R.build_messages(images, text, answer),
         "_paths": paths,  # for the image pass and the leakage check; not written out
     }, None

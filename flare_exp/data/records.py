@@ -5,7 +5,8 @@ One JSONL line per question::
     {"id", "dataset", "task_type", "raw_task_type", "split", "source_split", "modality",
      "image_name" (FLARE's raw ImageName, str or list), "images" (paths relative to data.root, frontal first),
      "question" (stripped; "raw_question": FLARE's own text, only where it had surrounding whitespace),
-     "answer" (raw; null for test), "messages" (Unsloth/TRL vision chat schema)}
+     "answer" (as text; null for test; "raw_answer": the file's own value, only where it differs: FLARE's
+     evaluator reads that one), "messages" (Unsloth/TRL vision chat schema)}
 """
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ from flare_exp.runtime import abspath
 log = logging.getLogger(__name__)
 
 SHOWN = 5  # ids named in an error
-FROM_REFERENCE = ("answer", "task_type", "dataset", "question", "image_name")
+FROM_REFERENCE = ("answer", "task_type", "dataset", "question", "image_name", "raw_answer", "raw_task_type")
 # what else a row says about its question (row key, the sheet's header): compared with the id's prepared record
 DESCRIBING = (("dataset", "Dataset"), ("task_type", "TaskType"), ("image_name", "ImageName"), ("question", "Question"))
 

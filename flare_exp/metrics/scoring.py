@@ -8,6 +8,7 @@ from pathlib import Path
 from flare_exp.data.predictions import load_rows, run_metadata
 from flare_exp.io import file_digest, write_jsonl
 from flare_exp.metrics import official, tasks, text
+from flare_exp.metrics.flare_reading import flare_reading_caveats
 from flare_exp.runtime import abspath
 
 TASK_METRICS = {"classification": tasks.classification_metrics, "multi_label": tasks.multi_label_metrics,
@@ -189,6 +190,9 @@ def evaluate_file(path: Path, scorers: ReportScorers, allow_partial: bool = Fals
                 [r.get("prediction", "") for r, _ in pairs], [r.get("answer", "") for r, _ in pairs]))
         elif green is not None:
             samples[task] = ([r["id"] for r in group], official.green_stats([s["green"] for s in green]))
+    reading = flare_reading_caveats({task: [row for row, _ in pairs] for task, pairs in by_task.items()})
+    if reading:
+        result["caveats"] = reading
     for dataset, pairs in sorted(by_dataset.items()):
         task = pairs[0][1]["task_type"]
         group = [row for _, row in pairs]

@@ -3,6 +3,7 @@ EXIF orientation applied), the same pixels in prepare, sft, rl and infer; images
 rejected at prepare with the reason."""
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -61,6 +62,31 @@ def test_every_mode_becomes_8_bit_rgb_by_the_rule(tmp_path):
     assert np.abs(rgba - np.asarray(decode_image(paths["RGB"])).astype(int) // 2).max() <= 1
     assert set(np.unique(np.asarray(decode_image(paths["1"])))) == {0, 255}
     assert decode_image(paths["exif"]).size == (32, 64)  # turned upright (the file holds it 64 x 32)
+
+
+def test_a_transparent_colour_declared_by_a_tRNS_chunk_is_ignored_in_every_mode(tmp_path):
+    """One grey picture saved as L, RGB, P (one transparent index, or a palette's alphas) and GIF, each declaring
+    its grey 40 transparent: every file decodes to the stored values (40 stays 40, not black as P's did), and
+    prepare's pixel digest, by which it finds one picture under two names, is the same for all."""
+    grey = np.full((32, 32), 40, np.uint8)
+    grey[:, 16:] = 200
+    palette = Image.fromarray(grey).convert("P")
+    index = palette.getpixel((0, 0))
+    files = {"L.png": (Image.fromarray(grey), 40), "RGB.png": (Image.fromarray(grey).convert("RGB"), (40, 40, 40)),
+             "P.png": (palette, index), "P_alphas.png": (palette, bytes(128 if i == index else 255 for i in range(256))),
+             "P.gif": (palette, index)}
+    for name, (im, transparency) in files.items():
+        im.save(tmp_path / name, transparency=transparency)
+        with Image.open(tmp_path / name) as opened:
+            assert "transparency" in opened.info, name  # the file declares it
+    Image.fromarray(grey).save(tmp_path / "plain.png")
+    expected = np.asarray(decode_image(tmp_path / "plain.png"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PIL's advice to convert a palette's alphas to RGBA is not said
+        for name in files:
+            assert (np.asarray(decode_image(tmp_path / name)) == expected).all(), name
+    checked = check_images([tmp_path / name for name in (*files, "plain.png")], workers=1)
+    assert len({check.pixels for check in checked.values()}) == 1
 
 
 def _png16(path, channels: np.ndarray, colour_type: int, exif: bytes = b""):

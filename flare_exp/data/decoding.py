@@ -10,9 +10,15 @@ gives the same pixels everywhere.
      from ``[low, high]`` to 0..255 (rounded, values outside clipped). ``[low, high]`` is the image's own
      minimum and maximum (a constant image becomes black), or the window the user set (data.image_window).
      PIL's own conversion would clip, not scale: a 16-bit X-ray became two grey levels, nearly all white.
-   - alpha (``LA``, ``La``, ``PA``, ``RGBA``, ``RGBa``, and ``P`` with a transparent colour): composited over
+   - alpha (``LA``, ``La``, ``PA``, ``RGBA``, ``RGBa``: an alpha channel, one value a pixel): composited over
      black, the colour of no signal on an X-ray: ``value * alpha / 255``, rounded (``La``, grey premultiplied by
      its alpha, is that already: its grey channel).
+   - transparency declared by colour (a PNG's tRNS chunk: one grey value, one RGB colour, or alphas for palette
+     entries; a GIF's transparent index; PIL's ``info["transparency"]``, in any mode) is ignored: the stored
+     colour values are the picture. Why: it applies to every pixel of that colour, so on an X-ray it punches
+     holes wherever the anatomy has that grey, and it was honoured for ``P`` only (a grey 40 marked transparent
+     became 0) while an ``L`` or ``RGB`` file declaring the same colour kept it: one picture gave two sets of
+     pixels by the way it was saved. An alpha channel (above) is set pixel by pixel, so it keeps its rule.
    - 16-bit colour files (RGB, grey + alpha, RGBA: 16 bits a channel, which PIL opens as ``RGB`` / ``RGBA``
      keeping each value's high byte, so 12-bit data became 16 grey levels of near black): read in full
      (wide_colour.py: PNG, uncompressed TIFF), the colour channels scaled together as a high-bit-depth grey is
@@ -21,6 +27,7 @@ gives the same pixels everywhere.
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -103,11 +110,14 @@ def to_rgb(im: Image.Image, window: tuple[float, float] | None = None) -> Image.
         return Image.fromarray(scale_to_8bit(np.asarray(im), window), mode="L").convert("RGB")
     if mode == "La":  # grey premultiplied by its alpha: already the grey over black (PIL cannot unpremultiply it)
         return im.getchannel(0).convert("RGB")
-    if mode in WITH_ALPHA or (mode == "P" and "transparency" in im.info):
+    if mode in WITH_ALPHA:  # an alpha channel; a declared transparent colour (info["transparency"]) is ignored
         return _over_black(im)
     if mode == "1":
         return im.convert("L").convert("RGB")
-    return im.convert("RGB")  # RGB (a copy), L, P, CMYK, YCbCr, LAB, HSV: PIL's own conversion
+    with warnings.catch_warnings():  # PIL's advice to turn a palette's alphas into RGBA: the rule ignores them
+        warnings.filterwarnings("ignore", "Palette images with Transparency", UserWarning)
+        # RGB (a copy), L, P, CMYK, YCbCr, LAB, HSV: PIL's own conversion, which keeps a transparent colour's values
+        return im.convert("RGB")
 
 
 def mode_label(im: Image.Image) -> str:

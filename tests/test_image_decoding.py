@@ -73,8 +73,8 @@ def test_a_transparent_colour_declared_by_a_tRNS_chunk_is_ignored_in_every_mode(
     palette = Image.fromarray(grey).convert("P")
     index = palette.getpixel((0, 0))
     files = {"L.png": (Image.fromarray(grey), 40), "RGB.png": (Image.fromarray(grey).convert("RGB"), (40, 40, 40)),
-             "P.png": (palette, index), "P_alphas.png": (palette, bytes(128 if i == index else 255 for i in range(256))),
-             "P.gif": (palette, index)}
+             "P.png": (palette, index), "P.gif": (palette, index),
+             "P_alphas.png": (palette, bytes(128 if i == index else 255 for i in range(256)))}
     for name, (im, transparency) in files.items():
         im.save(tmp_path / name, transparency=transparency)
         with Image.open(tmp_path / name) as opened:
@@ -247,6 +247,36 @@ def test_prepare_counts_modes_and_rejects_what_the_processor_cannot_take(tmp_pat
     # a.png is one flat grey and rgba.png all transparent black: kept, but named (the gradient is not)
     assert summary["nearly_uniform_images"] == {"count": 2, "first": [
         "training/Xray/chestdr/imagesTr/a.png", "training/Xray/chestdr/imagesTr/rgba.png"]}
+
+
+def test_a_dataset_mixing_8_bit_and_high_bit_depth_images_is_said_once_with_counts_and_examples(tmp_path, caplog):
+    """An 8-bit image is used as stored, a 16-bit one stretched to its own range: one dataset holding both gets
+    two contrast treatments, said once for it (counts per mode, one example each); a dataset of one kind is not
+    named, nor are two datasets each of one kind."""
+    from flare_exp.data.image_modes import mixed_bit_depths
+
+    root = tmp_path / "raw"
+    d = _small_tree(root, [GOOD, {**GOOD, "ImageName": "imagesTr/b.png", "Question": "q1"}]
+                    + [{**GOOD, "ImageName": f"imagesTr/x{i}.png", "Question": f"q{i}"} for i in (2, 3, 4)])
+    for i in (2, 3, 4):
+        Image.fromarray((GRADIENT + i).astype(np.uint16)).save(d / "imagesTr" / f"x{i}.png")
+    caplog.set_level("WARNING")
+    _prepare(tmp_path, root, "data.datasets=[chestdr]")
+    said = [r.getMessage() for r in caplog.records if "mixes 8-bit and high-bit-depth" in r.getMessage()]
+    images = "training/Xray/chestdr/imagesTr"
+    assert len(said) == 1 and "export them alike" in said[0]
+    assert f"dataset chestdr mixes 8-bit and high-bit-depth images (I;16: 3 (e.g. {images}/x2.png); RGB: 2 (e.g. " \
+        f"{images}/a.png))" in said[0]
+    def row(dataset, count=2):  # a record of ``count`` images, paths named dataset0, dataset1 ...
+        return {"dataset": dataset, "_paths": [Path(f"{dataset}{i}") for i in range(count)],
+                "images": [f"{dataset}/{i}.png" for i in range(count)]}
+
+    modes = {Path("a0"): "L", Path("a1"): "RGBA", Path("b0"): "I;16", Path("b1"): "F", Path("c1"): "L",
+             Path("c0"): "RGB;16 (high bytes only)"}  # PIL's high bytes: used as stored, as 8-bit is
+    assert mixed_bit_depths({"train": [row("a"), row("b")], "val": [row("c")]}, modes) == {}
+    modes[Path("c0")] = "RGB;16"  # read in full: stretched, beside an 8-bit L
+    assert mixed_bit_depths({"val": [row("c")]}, modes) == {
+        "c": {"L": {"count": 1, "example": "c/1.png"}, "RGB;16": {"count": 1, "example": "c/0.png"}}}
 
 
 def test_a_window_that_saturates_an_image_is_named_not_silent(tmp_path, caplog):

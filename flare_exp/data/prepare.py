@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from flare_exp.data import records as R
 from flare_exp.data.decoding import check_window
+from flare_exp.data.image_modes import say_modes
 from flare_exp.data.images import NEARLY_UNIFORM, ProcessorLimits, check_images, walk_files
 from flare_exp.data.question_files import (QuestionFile, discover, load_question_file, question_files, resolve_image,
                                            split_sources_of, unread_copies)
@@ -24,7 +25,6 @@ from flare_exp.data.prepare_inputs import INPUTS, record_inputs
 from flare_exp.data.record_doubts import DOUBTS, record_doubts
 from flare_exp.data.rejects import REJECTS, reason_kind
 from flare_exp.data.unzip import PrepareError, unzip_nested
-from flare_exp.data.wide_colour import HIGH_BYTE_ONLY
 from flare_exp.io import write_json, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -340,11 +340,7 @@ def accept_records(candidates: list, cfg_data, rejects: list,
         seen[record["id"]] = (len(split) - 1 if replaces is None else replaces, file, index)
     sha1s = {p: result.sha1 for p, result in checked.items() if result.sha1}
     flat = sorted(p for p in modes if (checked[p].uniform or 0) >= NEARLY_UNIFORM and not checked[p].framed)
-    high_bytes = sorted(p for p, mode in modes.items() if mode.endswith(HIGH_BYTE_ONLY))
-    if high_bytes:
-        log.warning("prepare: %d 16-bit colour image(s) are compressed TIFFs read by their high bytes only (PIL's "
-                    "reading: narrow 12-bit data comes out near black), e.g. %s: save them as 16-bit grey (PNG or "
-                    "TIFF) for their full depth", len(high_bytes), high_bytes[0])
+    say_modes(by_split, modes)  # compressed 16-bit colour TIFFs; a dataset mixing 8-bit and high-bit-depth images
     return Accepted(by_split, dict(sorted(Counter(modes.values()).items())), sha1s, flat,
                     sorted(p for p in modes if checked[p].framed), sorted(p for p in flat if checked[p].clipped),
                     sorted(p for p in modes if checked[p].frames > 1))

@@ -362,3 +362,44 @@ def test_a_load_without_liger_builds_transformers_code_again(tiny_model_dir, mon
     model = load_model(compose_cfg(["stage=infer", f"model.path={tiny_model_dir}"]).model, training=False).model
     assert not [m for m in model.modules() if type(m).__name__ == "LigerRMSNorm"]
     assert qwen3_vl.Qwen3VLTextRMSNorm is norm_class and qwen3_vl.apply_rotary_pos_emb is rope
+
+
+def _documented_defaults():
+    """(key, default as written) of docs/configuration.md's "Keys people change" table, for every default that is
+    a plain value (a number, true/false, null/none, one word); described ones ("base model", "$FLARE_EXP_...")
+    are left to the reader. Parentheses are remarks ("1.0 (flare)" is 1.0)."""
+    import re
+
+    text = (CONF.parent / "docs" / "configuration.md").read_text(encoding="utf-8")
+    table = text.split("## Keys people change", 1)[1].split("\n## ", 1)[0]
+    for line in table.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) < 3 or not cells[0].startswith("`"):
+            continue
+        keys = re.findall(r"`([^`]+)`", cells[0])
+        default = cells[1]
+        while re.search(r"\([^()]*\)", default):
+            default = re.sub(r"\s*\([^()]*\)", "", default)
+        values = [v.strip().strip("`") for v in default.split(";")[0].split(" / " if " / " in cells[0] else ", ")]
+        for key, value in zip(keys, values) if len(keys) == len(values) else ():
+            yield (keys[0].rsplit(".", 1)[0] + key if key.startswith(".") else key), value
+
+
+def test_the_documented_defaults_of_the_keys_people_change_are_the_configs():
+    """docs/configuration.md gave reward.report_generation.weights.radgraph as 1.0 while conf/reward/flare.yaml
+    says 0.6: each plain default in that table is the one `experiment=flare` composes to."""
+    import re
+
+    cfg = compose_cfg(["experiment=flare", "stage=sft"])
+    checked, wrong = 0, []
+    for key, value in _documented_defaults():
+        if not re.fullmatch(r"[\w.+-]+", value):
+            continue  # described, not a value
+        expected = {"true": True, "false": False, "null": None, "none": None}.get(value, value)
+        if isinstance(expected, str) and re.fullmatch(r"-?[\d.]+(e-?\d+)?", expected):
+            expected = float(expected)
+        actual = OmegaConf.select(cfg, key, throw_on_resolution_failure=False)
+        checked += 1
+        if actual != expected:
+            wrong.append(f"{key}: documented {value}, configured {actual!r}")
+    assert checked >= 30 and not wrong, wrong

@@ -336,3 +336,22 @@ def test_a_step_whose_groups_the_kill_tore_is_written_whole_by_the_resume(tmp_pa
     assert "step 5's last group was cut by the kill; the resume starts after that step (at 6)" in caplog.text
     journal.write_text(json.dumps(entry) + "\n" + '{"st')  # cut before its step: the whole steps stay
     assert RolloutLog(tmp_path, 1, 2, 1.0, tmp_path).steps_written == {1}
+
+
+def test_a_reward_term_with_steps_missing_is_drawn_as_dots_not_a_line_across_the_gap(tmp_path, monkeypatch):
+    """A term whose task had no prompt at some logged steps was drawn as a straight line between the steps it
+    had (1 -> 6 -> 9), which reads as measured data in between: the line breaks at the gaps, each step a dot."""
+    import math
+
+    from flare_exp import plotting
+    from flare_exp.rl_monitor.heldout_watch import write_curves
+
+    drawn = []
+    monkeypatch.setattr(plotting, "save_png", lambda fig, path: drawn.append(fig))
+    history = [{"step": s, "reward": 0.1 * s, "reward_term/a/x": 0.5,
+                **({"reward_term/b/y": 1.0} if s in (1, 6, 9) else {})} for s in range(1, 13)]
+    write_curves(history, ["reward", "reward_term/a/x", "reward_term/b/y"], "eval/m", tmp_path / "c.png", "t", "off")
+    lines = {line.get_label(): line for line in drawn[0].axes[0].get_lines()}
+    sparse = lines["b/y"]
+    assert len(sparse.get_xdata()) == 12 and sum(math.isnan(v) for v in sparse.get_ydata()) == 9
+    assert sparse.get_marker() == "o" and lines["a/x"].get_marker() in ("None", "", None)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -143,11 +144,17 @@ def write_curves(history: list[dict], series: list[str], key: str, path: Path, t
     from flare_exp.plotting import save_png, subplots
 
     fig, (left, right) = subplots(1, 2, figsize=(12, 4))
+    logged = [h for h in history if isinstance(h.get(series[0]), (int, float))] if series else []
     for i, name in enumerate(series):
         points = [(h["step"], h[name]) for h in history if isinstance(h.get(name), (int, float))]
-        if points:
-            left.plot(*zip(*points), "o-" if len(points) == 1 else "-", label=name.split("/", 1)[-1],  # 1: a dot
-                      lw=2 if i == 0 else 1, alpha=1 if i == 0 else 0.7)
+        if not points:
+            continue
+        if i and len(points) < len(logged):  # a term whose task had no prompt at some logged steps: the line
+            # breaks there (NaN) and each measured step is a dot, not a straight line drawn across the gap
+            points = [(h["step"], h[name] if isinstance(h.get(name), (int, float)) else math.nan) for h in logged]
+        gaps = any(math.isnan(v) for _, v in points)
+        left.plot(*zip(*points), "o-" if len(points) == 1 or gaps else "-", ms=3, label=name.split("/", 1)[-1],
+                  lw=2 if i == 0 else 1, alpha=1 if i == 0 else 0.7)  # one point: a dot
     left.set(title=title, xlabel="step")
     left.legend(fontsize=7)
     evals = [(h["step"], h[key]) for h in history if h.get(key) is not None]

@@ -189,6 +189,24 @@ def unfinished_eval(name: str, run_dir: Path) -> list[str]:
         "is unfinished (no DONE marker): its metrics may be partial")]
 
 
+def _read_compared(output_root: Path, name: str, dirs: dict, results: dict, samples: dict, inputs: dict) -> list:
+    """One named run's blocks, per-sample statistics and ids read into the comparison; its unfinished-eval notes."""
+    run_dir = find_run(output_root, name)
+    same = dirs.get(run_dir.resolve())
+    if same is not None:  # a link to a run dir, or its path beside its name: one eval, not two
+        raise ValueError(f"runs.compare: {same} and {name} are one run dir ({run_dir.resolve()}): name it once")
+    dirs[run_dir.resolve()] = name
+    for key, block in compared_blocks(output_root, name, run_dir).items():
+        results[key] = block
+        rows = scored_rows(block)
+        samples[key], inputs[key] = per_sample_stats(rows)
+        edited = disagreeing_value(block, rows, Path(block["green_samples"]) if "green_samples" in block else None)
+        if edited:
+            raise ValueError(f"runs.compare: {key}: {edited}: {metrics_file(run_dir)} was edited since its "
+                             "eval wrote it; rerun that eval")
+    return unfinished_eval(name, run_dir)
+
+
 def comparison(output_root: Path, names: list[str], resamples: int = 1000, seed: int = 0,
                ar_trials: int = 0, correction: str = "holm") -> list[str]:
     """Markdown: the runs' official metrics side by side, then the paired tests between every two of them."""
@@ -197,22 +215,17 @@ def comparison(output_root: Path, names: list[str], resamples: int = 1000, seed:
     from flare_exp.reports.tables import md_table
     from flare_exp.metrics.significance import compare, correct_family
 
-    results, samples, inputs, unfinished, dirs = {}, {}, {}, [], {}
+    results, samples, inputs, unfinished, dirs, problems = {}, {}, {}, [], {}, []
     for name in names:
-        run_dir = find_run(output_root, name)
-        same = dirs.get(run_dir.resolve())
-        if same is not None:  # a link to a run dir, or its path beside its name: one eval, not two
-            raise ValueError(f"runs.compare: {same} and {name} are one run dir ({run_dir.resolve()}): name it once")
-        dirs[run_dir.resolve()] = name
-        for key, block in compared_blocks(output_root, name, run_dir).items():
-            results[key] = block
-            rows = scored_rows(block)
-            samples[key], inputs[key] = per_sample_stats(rows)
-            edited = disagreeing_value(block, rows, Path(block["green_samples"]) if "green_samples" in block else None)
-            if edited:
-                raise ValueError(f"runs.compare: {key}: {edited}: {metrics_file(run_dir)} was edited since its "
-                                 "eval wrote it; rerun that eval")
-        unfinished += unfinished_eval(name, run_dir)
+        try:  # every named run's problem said at once, not the first alone
+            unfinished += _read_compared(output_root, name, dirs, results, samples, inputs)
+        except (ValueError, FileNotFoundError) as e:
+            problems.append(e)
+    if len(problems) == 1:
+        raise problems[0]
+    if problems:
+        raise ValueError(f"runs.compare: {len(problems)} problems:\n" + "\n".join(
+            f"  {i}. {str(e).removeprefix('runs.compare: ')}" for i, e in enumerate(problems, 1)))
     tests, warnings = compare(results, samples, resamples, seed, ar_trials, inputs)
     family = correct_family(tests, correction)
     lines = md_table(*official_table(results))

@@ -243,3 +243,13 @@ def test_a_sweep_report_does_not_rank_by_a_number_typed_into_a_jobs_metrics(tmp_
     assert rows["1"].startswith("| 1 |") and "| 0.99 |" not in text
     assert "multi_label.f1_score: 0.99 in metrics.json, 0.25 from the predictions it scored: metrics.json edited" \
         in rows["0"] and not rows["0"].startswith("| 1 |")
+
+
+def test_every_named_runs_problem_is_said_at_once(tmp_path):
+    """runs.compare=[a,nonexist] with a's predictions gone named a's problem alone; a rerun then named the next."""
+    root = tmp_path / "out"
+    _eval(root, "a", 1), _eval(root, "b", 4)
+    (root / "runs" / "infer-a" / "predictions.jsonl").unlink()
+    with pytest.raises(ValueError, match=r"runs.compare: 2 problems:\n  1\. a: its eval scored .*\n  2\. no run "
+                                         r"'nonexist' under"):
+        comparison(root, ["a", "nonexist", "b"], resamples=20)

@@ -13,10 +13,11 @@ from flare_exp.config import Config
 from flare_exp.context_checks import length_checks
 from flare_exp.data.prepare_inputs import check_prepared_questions
 from flare_exp.models.loading import check_model_settings
+from flare_exp.reward_config import check_reward_weights
 from flare_exp.run.layout import DONE
 from flare_exp.run.names import check_run_name
 from flare_exp.run.stage import declared_stages, several_ranks, stage
-from flare_exp.runtime import abspath, world_size
+from flare_exp.runtime import SettingProblems, abspath, world_size
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,8 @@ def _collect(problems: list, check, *args) -> None:
         check(*args)
     except MissingMandatoryValue:
         pass  # named once, with every other unset value
+    except SettingProblems as e:  # a stage's check: each of its refusals on its own line
+        problems += e.problems
     except (ValueError, FileNotFoundError, ImportError, RuntimeError) as e:
         problems.append(e)
 
@@ -109,9 +112,23 @@ def setting_problems(cfg: DictConfig, preload: bool = False) -> list[Exception]:
         _collect(problems, check_image_device, cfg.infer.image_device, True)
     if preload and not problems:  # Unsloth first (it patches transformers), then the stage modules' own checks
         _collect(problems, preload_backend, cfg)
-    for step in sorted(steps) if not ranged else ():  # they divide by those settings
-        _collect(problems, lambda name: stage(name).check(cfg), step)
-    return problems
+    named = {problem_key(p) for p in problems} - {None}
+    for step in sorted(steps):  # a value named above is not a second problem (sft.card_preset=huge: said once)
+        problems += [p for p in _stage_problems(cfg, step, ranged) if problem_key(p) not in named]
+    return list({str(p): p for p in problems}.values())  # two steps' checks saying the same words: said once
+
+
+def _stage_problems(cfg: DictConfig, step: str, ranged: list) -> list[Exception]:
+    """A stage's own checks (all of them: they no longer wait for the ranges to pass, so a problem there does
+    not hide one here). One that trips over a value its range refused (divides by a batch of 0) is left to that
+    range's line."""
+    found: list[Exception] = []
+    try:
+        _collect(found, stage(step).check, cfg)
+    except (ArithmeticError, TypeError):
+        if not ranged:
+            raise
+    return found
 
 
 def _collect_presets(problems: list, cfg: DictConfig, steps: set[str]) -> None:
@@ -341,22 +358,6 @@ def why_missing(path: Path) -> str:
         if e.errno == errno.ELOOP:
             return "a symbolic link that loops"
     return f"a symbolic link to {os.readlink(path)}, which does not exist"
-
-
-def check_reward_weights(reward: DictConfig) -> None:
-    """A NaN or infinite weight stops here, naming the key (it would poison every GRPO advantage); a negative
-    one is allowed (a penalty) and said."""
-    import math
-
-    from flare_exp.data.records import TASK_TYPES
-
-    for task in TASK_TYPES:
-        for term, weight in (reward[task].weights or {}).items():
-            key = f"reward.{task}.weights.{term}"
-            if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not math.isfinite(weight):
-                raise ValueError(f"{key}={weight!r}: a reward weight must be a finite number")
-            if weight < 0:
-                log.warning("%s=%s is negative: the term is a penalty", key, weight)
 
 
 def check_one_process_per_job(uses_gpu: bool = True, steps: set[str] | None = None,

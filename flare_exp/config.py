@@ -285,8 +285,8 @@ class RLConfig(TrainerSettings, DecodingConfig):
     metric_for_best_model: str = "official_mean"
     # The reward-hacking alarm over the last alarm_window logged steps: the reward rose by alarm_min_rise (mean of
     # the window's second half over its first) while the held-out metric fell, one term saturated while another
-    # fell, or the completions collapsed to alarm_length_collapse x their first steps' length or hit the cap in
-    # most groups. Said in the log and rl_summary.json; stop_on_alarm=true also stops the run.
+    # fell, or the completions collapsed to alarm_length_collapse (above 0, below 1) x their first steps' length or
+    # hit the cap in most groups. Said in the log and rl_summary.json; stop_on_alarm=true also stops the run.
     alarm_window: int = 20
     alarm_min_rise: float = 0.05
     alarm_length_collapse: float = 0.5

@@ -2,10 +2,14 @@
 by name in the registry (flare_exp/rewards), the terms' shared parameters, and RadGraph's scorer."""
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
 from omegaconf import MISSING
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -42,3 +46,17 @@ class RewardConfig:
     # Per-term parameters (term name -> {param: value}), shared by every task type that uses the term.
     terms: Dict[str, Any] = field(default_factory=dict)
     radgraph: RadGraphConfig = field(default_factory=RadGraphConfig)
+
+
+def check_reward_weights(reward) -> None:
+    """A NaN or infinite weight stops here, naming the key (it would poison every GRPO advantage); a negative
+    one is allowed (a penalty) and said."""
+    from flare_exp.data.records import TASK_TYPES
+
+    for task in TASK_TYPES:
+        for term, weight in (reward[task].weights or {}).items():
+            key = f"reward.{task}.weights.{term}"
+            if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not math.isfinite(weight):
+                raise ValueError(f"{key}={weight!r}: a reward weight must be a finite number")
+            if weight < 0:
+                log.warning("%s=%s is negative: the term is a penalty", key, weight)

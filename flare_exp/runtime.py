@@ -74,6 +74,34 @@ def check_choice(key: str, value, choices) -> None:
         raise ValueError(f"{key}={value!r}: choose {', '.join(names[:-1])} or {names[-1]}")
 
 
+class SettingProblems(ValueError):
+    """Several refusals of one check (a stage's check_settings): checks.setting_problems lists each of them
+    with the other problems; raised alone (a stage's own call), it reads as that list."""
+
+    def __init__(self, problems: list[ValueError]):
+        self.problems = problems
+        super().__init__(f"{len(problems)} problems with the settings:\n"
+                         + "\n".join(f"  {i}. {p}" for i, p in enumerate(problems, 1)))
+
+
+def check_each(*checks) -> None:
+    """Every check (a callable, or (callable, *args)) run and its refusal kept: one ValueError raised as itself,
+    several as SettingProblems. A stage's checks raising in turn hid each refusal behind the first one."""
+    found: list[ValueError] = []
+    for check in checks:
+        call, *args = check if isinstance(check, tuple) else (check,)
+        try:
+            call(*args)
+        except SettingProblems as e:
+            found += e.problems
+        except ValueError as e:
+            found.append(e)
+    if len(found) == 1:
+        raise found[0]
+    if found:
+        raise SettingProblems(found)
+
+
 @contextmanager
 def cpu_rng_kept(seed: int | None = None):
     """torch's CPU random state as it was, once the block ends (seeded with ``seed`` inside it, if given): what

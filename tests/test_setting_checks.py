@@ -158,11 +158,12 @@ def test_the_significance_and_crimson_settings_and_the_seed_are_ranged_before_an
     cfg = compose_cfg(["stage=eval", *base_overrides, "eval.significance.ar_trials=-5", "eval.significance.seed=-1",
                        "eval.crimson.max_new_tokens=0", "eval.crimson.batch_size=0", "seed=-3",
                        f"eval.crimson.model_path={tmp_path / 'nope'}"])
-    with pytest.raises(ValueError, match="6 problems") as e:
+    with pytest.raises(ValueError, match="7 problems") as e:
         validate(cfg, inputs=True)
     for said in ("seed=-3: must be an integer from 0 to 2**32 - 1", "eval.significance.ar_trials=-5: must be an integer from 0 to 1,000,000",
                  "eval.significance.seed=-1: must be", "eval.crimson.max_new_tokens=0: must be an integer >= 1",
-                 "eval.crimson.batch_size=0: must be", f"eval.crimson.model_path={tmp_path / 'nope'}: no such file"):
+                 "eval.crimson.batch_size=0: must be", f"eval.crimson.model_path={tmp_path / 'nope'}: no such file",
+                 "eval.predictions is empty"):  # eval's own check, no longer skipped beside the ranges'
         assert said in str(e.value), said
 
 
@@ -181,7 +182,8 @@ def test_a_green_cap_past_its_total_length_and_an_output_root_that_is_a_file_are
 def test_the_judges_named_settings_and_a_seed_past_numpys_range_are_checked_before_any_work(base_overrides):
     """A typo in eval.green.parser failed only after GREEN had judged every report; seed=2**32 in sft's seeding."""
     cfg = compose_cfg(["stage=eval", *base_overrides, "eval.green.parser=robst", "eval.green.decode_loop=grph",
-                       "eval.crimson.decode_loop=x", "eval.green.dtype=fp16", "seed=4294967296"])
+                       "eval.crimson.decode_loop=x", "eval.green.dtype=fp16", "seed=4294967296",
+                       "eval.predictions=[outputs/runs/x]"])  # a path, not none (eval's own check, said too)
     with pytest.raises(ValueError, match="5 problems") as e:
         validate(cfg)
     for said in ("seed=4294967296: must be an integer from 0 to 2**32 - 1", "eval.green.parser='robst': choose "
@@ -214,3 +216,48 @@ def test_a_green_held_out_metric_without_a_judge_is_refused(base_overrides):
                               "rl.metric_for_best_model=report_generation.green_score"]))
     validate(compose_cfg(["stage=rl", *base_overrides, "rl.eval_steps=0",  # no held-out eval: nothing to score
                           "rl.metric_for_best_model=report_generation.green_score"]))
+
+
+@pytest.mark.parametrize("settings, said", [
+    (["stage=rl", "rl.recompute_every_n_layers=-1", "rl.num_generations=3"],
+     ["rl.recompute_every_n_layers=-1: auto, 0", "not divisible by rl.num_generations=3"]),
+    (["stage=sft", "sft.recompute_above_tokens=-5", "sft.card_preset=large"],
+     ["sft.recompute_above_tokens=-5: a token count", "sft.card_preset=large: the large-card settings"]),
+    (["stage=rl", "rl.alarm_length_collapse=5", "rl.alarm_window=0"],
+     ["rl.alarm_length_collapse=5.0: a share of the first steps' mean completion length, above 0 and below 1",
+      "rl.alarm_window=0: the alarm compares"]),
+    (["stage=rl", "rl.max_steps=0", "rl.recompute_every_n_layers=-1"],  # a range beside a stage's own check
+     ["rl.max_steps=0: must be", "rl.recompute_every_n_layers=-1: auto, 0"]),
+    (["stage=sft", "sft.max_steps=0", "sft.recompute_above_tokens=-5"],
+     ["sft.max_steps=0: must be", "sft.recompute_above_tokens=-5: a token count"]),
+])
+def test_a_stages_own_refusals_are_listed_together_not_the_first_alone(settings, said, monkeypatch):
+    """A stage's check raised its first refusal and the ranges' problems skipped it altogether: a second
+    launch found the next one."""
+    import torch
+
+    from flare_exp.checks import setting_problems
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # sft.card_preset=large is then refused
+    problems = [str(p) for p in setting_problems(compose_cfg(settings))]
+    assert len(problems) == len(said), problems
+    for words in said:
+        assert any(words in p for p in problems), (words, problems)
+
+
+def test_a_problem_two_checks_find_is_listed_once():
+    """sft.card_preset=huge was refused by the preset names' check and by sft's own: the same line twice."""
+    from flare_exp.checks import setting_problems
+
+    problems = [str(p) for p in setting_problems(compose_cfg(["stage=sft", "sft.card_preset=huge"]))]
+    assert problems == ["sft.card_preset='huge': choose auto, large or none"]
+
+
+@pytest.mark.parametrize("share", [5, 1, 1.0, 0, -0.5, "nan"])
+def test_the_length_collapse_is_a_share_below_one(share):
+    """rl.alarm_length_collapse is a share of the first steps' mean length: 5 made a rising length "collapse"."""
+    from flare_exp.checks import setting_problems
+
+    problems = [str(p) for p in setting_problems(compose_cfg(["stage=rl", f"rl.alarm_length_collapse={share}"]))]
+    assert len(problems) == 1 and "above 0 and below 1" in problems[0], problems
+    assert setting_problems(compose_cfg(["stage=rl", "rl.alarm_length_collapse=0.9"])) == []

@@ -9,6 +9,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from flare_exp.io import write_json
+from flare_exp.runtime import check_each
 from flare_exp.rl_monitor.alarm import findings, no_signal
 from flare_exp.rl_monitor.heldout import HeldOutEval, higher_is_better
 from flare_exp.rl_monitor.heldout_watch import HeldOutWatch, check_metric_spec, write_curves
@@ -149,13 +150,31 @@ def write_alarms(out_dir: Path, alarms: list[dict]) -> None:
 
 
 def check_monitor_settings(rl) -> None:
-    """The watchers' settings, checked before any work."""
-    check_metric_spec("rl", rl.metric_for_best_model)
+    """The watchers' settings, checked before any work: each refusal with the others."""
+    check_each((check_metric_spec, "rl", rl.metric_for_best_model), (_check_pruning, rl), (_check_alarm_window, rl),
+               (_check_length_collapse, rl))
+
+
+def _check_pruning(rl) -> None:
     if rl.optuna_trial is not None and not rl.eval_steps:
         raise ValueError("rl.optuna_trial is set (the Optuna sweeper prunes this trial) but rl.eval_steps=0: the "
                          "pruner needs the in-training eval; pass rl.eval_steps=N")
+
+
+def _check_alarm_window(rl) -> None:
     if rl.alarm_window < 4:
-        raise ValueError(f"rl.alarm_window={rl.alarm_window}: the alarm compares two halves of at least 4 steps")
+        raise ValueError(f"rl.alarm_window={rl.alarm_window}: the alarm compares two halves of at least 4 steps; "
+                         "pass rl.alarm_window=4 or more")
+
+
+def _check_length_collapse(rl) -> None:
+    """A share of the first steps' mean completion length (alarm.length_findings): at 1 or more any length
+    (a rising one too) reads as a collapse, at 0 or less none ever does."""
+    share = rl.alarm_length_collapse
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share < 1:
+        raise ValueError(f"rl.alarm_length_collapse={share!r}: a share of the first steps' mean completion length, "
+                         "above 0 and below 1 (0.5: the alarm fires when completions shrink under half that length); "
+                         "pass e.g. rl.alarm_length_collapse=0.5")
 
 
 def build_monitor(cfg, out_dir: Path, reward, task_types: list[str], chat, meta) -> GRPOMonitor:

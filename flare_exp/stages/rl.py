@@ -29,7 +29,7 @@ from flare_exp.rl_monitor.heldout_watch import reporting_last
 from flare_exp.rl_monitor.reward_summary import reward_line, summarise
 from flare_exp.run.layout import summary_name
 from flare_exp.run.stage import Stage
-from flare_exp.runtime import abspath, check_choice, ranks
+from flare_exp.runtime import abspath, check_choice, check_each, ranks
 from flare_exp.step_batch import effective_batch
 from flare_exp.training import (CheckpointMeta, ProgressLog, cpu_ranks_args, data_fingerprints, half_precision,
                                 profiling, schedule_changes, setup_tracking, train_and_save, trainer_arguments)
@@ -87,8 +87,16 @@ def grpo_dataset(records: list[dict], chat: VisionChat):
 
 
 def check_settings(cfg) -> int:
-    """Fail at startup, saying what to change, instead of deep inside TRL. Returns the prompt length limit."""
-    rl, max_seq_length = cfg.rl, cfg.model.max_seq_length
+    """Fail at startup, saying what to change, instead of deep inside TRL: every refusal together (one does not
+    hide the next). Returns the prompt length limit."""
+    rl, backend = cfg.rl, cfg.model.backend
+    check_each((check_generation_round, rl), (check_trl_choices, rl), lambda: rollout_settings(rl, backend).check(),
+               (check_rollout_weights, rl, backend), (check_recompute, rl, backend), (check_monitor_settings, rl),
+               (prompt_length_limit, rl, cfg.model.max_seq_length), (check_vllm_installed, rl))
+    return prompt_length_limit(rl, cfg.model.max_seq_length)
+
+
+def check_generation_round(rl) -> None:
     generation_batch = rl.per_device_train_batch_size * rl.gradient_accumulation_steps
     if rl.num_generations < 2:
         raise ValueError(f"rl.num_generations={rl.num_generations}: GRPO needs at least 2 completions per prompt")
@@ -97,25 +105,29 @@ def check_settings(cfg) -> int:
             f"rl.per_device_train_batch_size x rl.gradient_accumulation_steps = {generation_batch} completions per "
             f"generation round is not divisible by rl.num_generations={rl.num_generations}. Make the batch a "
             f"multiple of it, e.g. rl.per_device_train_batch_size={rl.num_generations * max(1, round(rl.per_device_train_batch_size / rl.num_generations))}")
-    check_choice("rl.scale_rewards", rl.scale_rewards, ("none", "group", "batch"))
-    check_choice("rl.importance_sampling_level", rl.importance_sampling_level, ("token", "sequence"))
-    loss_types = trl_loss_types()
-    if loss_types:  # TRL itself would only refuse an unknown one at the first loss, after the first rollouts
-        check_choice("rl.loss_type", rl.loss_type, loss_types)
-    check_choice("rl.on_too_long", rl.on_too_long, ("error", "skip"))
-    rollout_settings(rl, cfg.model.backend).check()
-    check_rollout_weights(rl, cfg.model.backend)
-    check_recompute(rl, cfg.model.backend)
-    check_monitor_settings(rl)
+
+
+def check_trl_choices(rl) -> None:
+    loss_types = trl_loss_types()  # TRL itself would refuse an unknown one only at the first loss, after rollouts
+    check_each((check_choice, "rl.scale_rewards", rl.scale_rewards, ("none", "group", "batch")),
+               (check_choice, "rl.importance_sampling_level", rl.importance_sampling_level, ("token", "sequence")),
+               (check_choice, "rl.on_too_long", rl.on_too_long, ("error", "skip")),
+               *([(check_choice, "rl.loss_type", rl.loss_type, loss_types)] if loss_types else []))
+
+
+def prompt_length_limit(rl, max_seq_length: int) -> int:
     limit = rl.max_prompt_length or max_seq_length - rl.max_completion_length
     if limit <= 0:
         raise ValueError(f"rl.max_completion_length={rl.max_completion_length} leaves no room for the prompt in "
                          f"model.max_seq_length={max_seq_length}")
+    return limit
+
+
+def check_vllm_installed(rl) -> None:
     if rl.use_vllm and importlib.util.find_spec("vllm") is None:  # else TRL's ImportError after the model loads
         raise ValueError("rl.use_vllm=true: vLLM is not installed in this environment (TRL's vLLM rollouts import "
                          "it); install a vllm that matches torch on the GPU nodes, or leave rl.use_vllm=false (the "
                          "graph decode loop)")
-    return limit
 
 
 def check_rollout_weights(rl, backend: str) -> None:

@@ -22,7 +22,7 @@ from flare_exp.rl_monitor.heldout import HeldOutEval
 from flare_exp.rl_monitor.heldout_watch import HeldOutWatch, check_metric_spec, reporting_last, write_curves
 from flare_exp.run.layout import summary_name
 from flare_exp.run.stage import Stage
-from flare_exp.runtime import abspath, check_choice, is_compilation_error, ranks
+from flare_exp.runtime import abspath, check_choice, check_each, is_compilation_error, ranks
 from flare_exp.stages import sft_card
 from flare_exp.step_batch import effective_batch
 from flare_exp.training import (CheckpointMeta, ProgressLog, cpu_ranks_args, data_fingerprints, half_precision,
@@ -74,26 +74,37 @@ class RecordDataset:
 
 
 def check_settings(cfg) -> None:
+    """Every refusal of the sft settings together (one does not hide the next)."""
     sft = cfg.sft
-    if sft.early_stopping_patience and sft.save_steps % sft.eval_steps:
+    check_each((check_early_stopping, sft), (check_heldout_settings, sft), (sft_card.check_preset, cfg),
+               (check_choice, "sft.on_too_long", sft.on_too_long, ("skip", "error")),
+               (check_choice, "sft.rope_positions", sft.rope_positions, rope_positions.SETTINGS),
+               (check_choice, "sft.compile_precision", sft.compile_precision, PRECISIONS),
+               (check_recompute_above, sft, cfg.model.backend))
+
+
+def check_early_stopping(sft) -> None:
+    # eval_steps=0 with a patience is the ranges' problem (never evaluates), not a division by zero here
+    if sft.early_stopping_patience and sft.eval_steps and sft.save_steps % sft.eval_steps:
         raise ValueError(f"sft.early_stopping_patience needs sft.save_steps ({sft.save_steps}) to be a multiple "
                          f"of sft.eval_steps ({sft.eval_steps}) so the best checkpoint can be kept")
-    check_choice("sft.on_too_long", sft.on_too_long, ("skip", "error"))
-    check_heldout_settings(sft)
-    check_choice("sft.rope_positions", sft.rope_positions, rope_positions.SETTINGS)
-    sft_card.check_preset(cfg)
-    check_choice("sft.compile_precision", sft.compile_precision, PRECISIONS)
+
+
+def check_recompute_above(sft, backend: str) -> None:
     if sft.recompute_above_tokens < 0:
         raise ValueError(f"sft.recompute_above_tokens={sft.recompute_above_tokens}: a token count, or 0 for "
-                         "recomputing every batch")
-    if sft.recompute_above_tokens and cfg.model.backend != "hf":
+                         "recomputing every batch; pass sft.recompute_above_tokens=0 or more")
+    if sft.recompute_above_tokens and backend != "hf":
         raise ValueError("sft.recompute_above_tokens is for model.backend=hf (Unsloth checkpoints its own way); "
                          "set it to 0")
 
 
 def check_heldout_settings(sft) -> None:
     """The in-training task metrics' settings (sft.eval_per_task and the keys it reads)."""
-    check_metric_spec("sft", sft.metric_for_best_model)
+    check_each((check_metric_spec, "sft", sft.metric_for_best_model), (_check_eval_per_task, sft))
+
+
+def _check_eval_per_task(sft) -> None:
     if sft.eval_per_task < 0:
         raise ValueError(f"sft.eval_per_task={sft.eval_per_task}: records per task type, or 0 for none")
     if sft.eval_per_task and not (sft.eval_steps and sft.val_file):

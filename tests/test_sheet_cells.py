@@ -58,3 +58,19 @@ def test_a_text_longer_than_a_cell_holds_is_cut_with_a_warning_naming_its_row(tm
     assert len(cells[1][3]) == 32767 and cells[1][3] == ("word " * 10000)[:32767] and cells[2][3] == "fine"
     assert "1 row(s) with a text longer than a worksheet cell's 32767 characters, cut there" in caplog.text
     assert "(rows: id0)" in caplog.text
+
+
+def test_a_row_with_control_characters_is_kept_and_the_log_says_only_they_are_left_out(tmp_path, caplog):
+    """The log said such rows were "dropped there": every row is in the sheet, its text without the characters
+    a worksheet cannot store."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="flare_exp")
+    rows = [_row(0, "a bell\x07 rang"), _row(1, "fine")]
+    write_sheet(tmp_path / "predictions.xlsx", rows, "run")
+    cells = [[c.value for c in row] for row in load_workbook(tmp_path / "predictions.xlsx").active.iter_rows()]
+    ids = cells[0].index("id")
+    assert [r[ids] for r in cells[1:]] == ["id0", "id1"] and cells[1][3] == "a bell rang"
+    assert "1 row(s) with control characters a worksheet cannot store, kept there without those characters " \
+           "(rows: id0)" in caplog.text
+    assert "dropped" not in caplog.text

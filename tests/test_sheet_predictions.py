@@ -172,7 +172,8 @@ def test_an_edited_sheet_beside_the_jsonl_eval_scores_is_said_naming_the_sheet(t
     with caplog.at_level("INFO"):
         write_sheet(bell / "predictions.xlsx", rows, "my-run")
     bells = sum(r["task_type"] == "classification" for r in rows)
-    assert f"predictions.xlsx: {bells} row(s) with control characters a worksheet cannot store, dropped" in caplog.text
+    assert f"predictions.xlsx: {bells} row(s) with control characters a worksheet cannot store, kept there " \
+        "without those characters" in caplog.text
     assert "edited_sheet_note" not in load_rows(bell / "predictions.jsonl", False, prepared)[1]
     # the sheet itself scored: as it holds them, and said (the run dir would score the texts as generated)
     scored, said = load_rows(bell / "predictions.xlsx", False, prepared)

@@ -37,16 +37,18 @@ def write_sheet(path: Path, rows: list[dict], label: str, extra: tuple[str, ...]
                  for _, key in ROW_COLUMNS]
         values = [*cells[:PREDICTION_COLUMN], r["prediction"], *cells[PREDICTION_COLUMN:], *(r.get(k) for k in extra)]
         body.append([cell_value(v) for v in values])
-    cut, dropped = fill_sheet(ws, header, body, PREDICTION_WIDTHS + tuple(EXTRA_WIDTHS.get(k, 18) for k in extra),
-                              wrap=True)
+    cut, stripped = fill_sheet(ws, header, body, PREDICTION_WIDTHS + tuple(EXTRA_WIDTHS.get(k, 18) for k in extra),
+                               wrap=True)
     named = lambda rows: ", ".join([str(body[row][header.index("id")]) for row in rows][:5]) + (  # noqa: E731
         ", ..." if len(rows) > 5 else "")
     if cut:
         log.warning("%s: %d row(s) with a text longer than a worksheet cell's %d characters, cut there (rows: %s); "
                     "the whole texts are in the run's JSONL", path, len(cut), EXCEL_CELL_CHARACTERS, named(cut))
-    if dropped:  # an eval of the sheet itself warns that it scores other texts than the run dir's JSONL
-        log.info("%s: %d row(s) with control characters a worksheet cannot store, dropped there (rows: %s); the "
-                 "run's JSONL holds them as generated", path, len(dropped), named(dropped))
+    if stripped:  # an eval of the sheet itself warns that it scores other texts than the run dir's JSONL
+        # the rows stay, only those characters are left out of their cells (cells.as_stored)
+        log.info("%s: %d row(s) with control characters a worksheet cannot store, kept there without those "
+                 "characters (rows: %s); the run's JSONL holds the texts as generated", path, len(stripped),
+                 named(stripped))
     if metrics:
         fill_sheet(wb.create_sheet("metrics"), list(metrics[0]), [list(m) for m in metrics[1:]],
                    (48,) + (22,) * (len(metrics[0]) - 1), wrap=False)
@@ -116,12 +118,12 @@ def fill_sheet(ws, header: list[str], rows: list[list], widths: tuple[int, ...],
     text_cells(ws[1])
     for cell in ws[1]:
         cell.font = Font(bold=True)
-    cut, dropped = [], []
+    cut, stripped = [], []
     for index, values in enumerate(rows):
         if any(isinstance(v, str) and len(ILLEGAL_CHARACTERS_RE.sub("", v)) > EXCEL_CELL_CHARACTERS for v in values):
             cut.append(index)
         if any(isinstance(v, str) and ILLEGAL_CHARACTERS_RE.search(v) for v in values):
-            dropped.append(index)
+            stripped.append(index)
         ws.append([as_stored(v) for v in values])
         text_cells(ws[ws.max_row])  # untrusted text: never a formula, whatever it starts with
         for cell in ws[ws.max_row]:
@@ -135,7 +137,7 @@ def fill_sheet(ws, header: list[str], rows: list[list], widths: tuple[int, ...],
                 cell.alignment = Alignment(wrap_text=True, vertical="top")
     ws.freeze_panes = "A2"
     ws.auto_filter.ref = ws.dimensions
-    return cut, dropped
+    return cut, stripped
 
 
 def save_workbook(wb, path: Path) -> None:

@@ -3,7 +3,8 @@ metric), and chosen runs' official metrics compared side by side with the paired
 (``runs.compare=[a,b]``). Only reads: each run dir's state comes from its own records (run.record's markers,
 run_info.json, config.yaml, the lock), metrics from its eval's metrics.json.
 
-A run's status: DONE, FAILED (the first line of its error), "stopped by settings" (FAILED written before the run
+A run's status: DONE (with how an rl run stopped early: the reward-hacking alarm or Optuna's pruner, at step N of
+rl.max_steps), FAILED (the first line of its error), "stopped by settings" (FAILED written before the run
 started: no run_info.json), running (its lock is held by a live process), stopped (that process is stopped:
 SIGSTOP, Ctrl-Z, a suspended job), unfinished (crashed or killed; rerunning its command resumes it), or
 interrupted (retried) (an Optuna trial a killed search left running, tried again by its rerun as a new trial).
@@ -183,9 +184,10 @@ def run_summary(run_dir: Path) -> dict | None:
         _dt.datetime.fromisoformat(started) if started else None
     except ValueError:  # hand-edited: no time, not a crash of the whole listing
         started = None
-    seconds, error = None, None
+    seconds, error, note = None, None, None
     if found == DONE:
         status, seconds = DONE, _read_json(run_dir / DONE).get("seconds")
+        note = stopped_early(run_dir)
     elif found == FAILED:
         text = (run_dir / FAILED).read_text(errors="replace").strip()
         error = next((line for line in text.splitlines() if line.strip()), "")[:200]
@@ -219,7 +221,19 @@ def run_summary(run_dir: Path) -> dict | None:
     return {"name": run_dir.name, "stage": stage_of(run_dir) or "?", "status": status, "started": started,
             "seconds": seconds + sum(earlier) if known else seconds, "attempts": 1 + len(earlier),
             "all_attempts_timed": known, "headline": metric or headline(run_dir), "error": error,
-            "metrics_unreadable": unreadable}
+            "metrics_unreadable": unreadable, "note": note}
+
+
+def stopped_early(run_dir: Path) -> str | None:
+    """How a finished rl run (or a pipeline's rl step) ended short of rl.max_steps, stopped by the reward-hacking
+    alarm or Optuna's pruner (its rl_summary.json's stopped_early), else None: such a run is DONE, and a plain
+    DONE read as one that trained all its steps."""
+    from flare_exp.rl_monitor.reward_summary import ending
+    from flare_exp.run.layout import summary_name
+
+    found = own_or_step(run_dir, summary_name("rl"), ("rl",))
+    summary = _read_json(found) if found is not None else {}
+    return ending(summary) if isinstance(summary.get("stopped_early"), dict) else None
 
 
 def continued_attempts(run_dir: Path) -> list[float | None]:
@@ -300,6 +314,8 @@ def listing(output_root: Path, recheck=None) -> tuple[list[str], list[list[str]]
         status = row["status"] + (f": {row['error']}" if row["error"] and row["status"] != DONE else "")
         if row["metrics_unreadable"] and row["status"] == DONE:  # the why: in the headline column
             status += f" ({row['metrics_unreadable']})"
+        if row["note"]:  # DONE short of its steps: the row says so
+            status += f" ({row['note']})"
         attempts = "" if row["attempts"] == 1 else f" ({row['attempts']} attempts)" if row["all_attempts_timed"] \
             else f" (the last of {row['attempts']} attempts: an earlier one was killed, its time unknown)"
         rows.append([name, row["stage"], status[:90], (row["started"] or "").replace("T", " "),

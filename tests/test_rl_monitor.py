@@ -61,6 +61,29 @@ def test_a_window_without_any_learning_signal_is_said():
     assert no_signal(_history(flat[:3], frac_reward_zero_std=[1.0] * 3), 6) == []  # fewer steps than the window
 
 
+def test_a_run_the_alarm_stopped_says_so_in_its_summary_and_last_line(tmp_path):
+    """rl.stop_on_alarm=true ended a run at the alarm's step, and its summary and last log line read as a run
+    that trained its rl.max_steps: now both say where, of how many steps, and which alarm stopped it."""
+    from types import SimpleNamespace
+
+    from flare_exp.rl_monitor.callbacks import GRPOMonitor
+    from flare_exp.rl_monitor.reward_summary import ending
+
+    cfg = compose_cfg(["stage=rl", "rl.alarm_window=8", "rl.stop_on_alarm=true", "rl.max_steps=30"])
+    monitor = GRPOMonitor(cfg, tmp_path, None, None, None, None)
+    state = SimpleNamespace(global_step=8, log_history=_history(
+        RISING, completions__mean_length=[100, 100, 90, 80, 40, 30, 20, 20]))
+    assert monitor._alarm(state)
+    early = monitor.rl_summary(30)["stopped_early"]
+    assert early["step"] == 8 and early["max_steps"] == 30 and early["why"] == "the reward-hacking alarm (length collapse)"
+    assert ending({"stopped_early": early}) == "stopped early at step 8 of 30 by the reward-hacking alarm (length collapse)"
+    assert "completion length collapsed from 92.5 tokens" in early["findings"][0]
+    assert "stopped_early" not in monitor.rl_summary(8)  # stopped at its last step: not early
+    assert ending({}) == "finished"
+    quiet = GRPOMonitor(compose_cfg(["stage=rl", "rl.alarm_window=8"]), tmp_path, None, None, None, None)
+    assert not quiet._alarm(state) and "stopped_early" not in quiet.rl_summary(30)  # warned, not stopped
+
+
 def test_the_heldout_subset_is_stratified_and_fixed():
     records = [{"id": f"{d}-{i}", "dataset": d, "task_type": t, "answer": "x"}
                for t, ds in (("classification", ("a", "b")), ("regression", ("c",))) for d in ds for i in range(5)]
@@ -243,6 +266,7 @@ def test_the_alarm_fires_on_a_gameable_reward_and_stays_quiet_on_the_default(bas
     assert "frac_reward_zero_std 1" in gamed["no_learning_signal"]["finding"]
     assert gamed["alarms"][0]["finding"].startswith("reward rose by") and gamed["global_step"] == gamed["alarms"][0]["step"] < 10
     assert json.loads((tmp_path / "gamed" / "alarms.json").read_text()) == gamed["alarms"]
+    assert gamed["stopped_early"]["step"] == gamed["global_step"] and gamed["stopped_early"]["max_steps"] == 10
     default = run(compose_cfg([*common, "rl.max_steps=5"]), run_dir=tmp_path / "default")
     assert default["alarms"] == [] and not (tmp_path / "default" / "alarms.json").exists()
 

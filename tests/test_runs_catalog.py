@@ -165,6 +165,24 @@ def test_the_listing_names_a_done_eval_whose_metrics_file_is_torn(tmp_path):
     assert by_name["good"]["status"] == "DONE" and by_name["good"]["headline metric"] == "multi_label.f1_score=1.0000"
 
 
+def test_an_rl_run_the_alarm_stopped_early_is_not_a_plain_done(tmp_path):
+    """A run rl.stop_on_alarm ended at step 12 of 30 was listed as DONE like one that trained all 30 steps."""
+    root = tmp_path / "out"
+    early = {"step": 12, "max_steps": 30, "why": "the reward-hacking alarm (length collapse)", "findings": ["..."]}
+    for name, stage, summary in (("stopped", "rl", {"stopped_early": early}), ("whole", "rl", {}),
+                                 ("pipe", "pipeline", {"stopped_early": early})):
+        run_dir = root / "runs" / name
+        write_run_metadata(run_dir, compose_cfg([f"stage={stage}"]))
+        (run_dir / ("rl" if stage == "pipeline" else "")).mkdir(exist_ok=True)
+        (run_dir / ("rl" if stage == "pipeline" else "") / "rl_summary.json").write_text(json.dumps(summary))
+        run_with_markers(run_dir, lambda: {})
+    header, rows = listing(root)
+    by_name = {r[0]: dict(zip(header, r)) for r in rows}
+    said = "DONE (stopped early at step 12 of 30 by the reward-hacking alarm (length collapse))"
+    assert by_name["stopped"]["status"] == said and by_name["pipe"]["status"] == said
+    assert by_name["whole"]["status"] == "DONE"
+
+
 def test_a_run_whose_process_is_stopped_is_listed_as_stopped_not_running(tmp_path):
     """A holder stopped with SIGSTOP (Ctrl-Z, a suspended job) holds the lock but makes no progress: listed as
     stopped, with what makes it go on; continued, it is running again."""

@@ -64,6 +64,7 @@ class GRPOMonitor(HeldOutWatch):
         self.alarms: list[dict] = []
         self.no_signal: dict | None = None  # the first window in which GRPO's advantages were all 0 (once a run)
         self.pruned_at: int | None = None
+        self.stopped_by: dict | None = None  # {step, why}: the alarm (rl.stop_on_alarm) or the pruner stopped it
 
     def on_train_begin(self, args, state, control, **kwargs):
         if self.lead and self.rollouts is not None:  # a resume: the checkpoint's step, loaded by now
@@ -121,6 +122,10 @@ class GRPOMonitor(HeldOutWatch):
         for _kind, finding in no_signal(state.log_history, rl.alarm_window) if self.no_signal is None else []:
             self.no_signal = {"step": state.global_step, "finding": finding}  # no alarm (no gaming): its own field
             log.warning("rl: no learning signal at step %d: %s", state.global_step, finding)
+        if new and rl.stop_on_alarm:
+            self.stopped_by = {"step": state.global_step,
+                               "why": f"the reward-hacking alarm ({', '.join(kind for kind, _ in new)})",
+                               "findings": [finding for _, finding in new]}
         return bool(new) and rl.stop_on_alarm
 
     def _prune(self, state, logs: dict) -> bool:
@@ -129,6 +134,7 @@ class GRPOMonitor(HeldOutWatch):
             return False
         if self.pruner(state.global_step, value):
             self.pruned_at = state.global_step
+            self.stopped_by = {"step": state.global_step, "why": "Optuna's pruner"}
             log.warning("rl: Optuna's pruner stops this trial at step %d (%s = %.4g)", state.global_step,
                         self.rl.metric_for_best_model, value)
             return True
@@ -138,6 +144,8 @@ class GRPOMonitor(HeldOutWatch):
         out = {"alarms": self.alarms, "alarm_count": len(self.alarms), **self.summary()}  # the count: a sweep column
         if self.no_signal is not None:
             out["no_learning_signal"] = self.no_signal
+        if self.stopped_by is not None and self.stopped_by["step"] < max_steps:  # else it ended where it would
+            out["stopped_early"] = {"step": self.stopped_by["step"], "max_steps": max_steps, **self.stopped_by}
         if self.pruner is not None:
             out["pruned_at_step"] = self.pruned_at
             out["steps_saved"] = max_steps - self.pruned_at if self.pruned_at else 0

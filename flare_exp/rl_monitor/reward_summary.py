@@ -19,6 +19,15 @@ def reward_line(summary: dict) -> str:
     return line + (f"; {summary['reward_note']}" if "reward_note" in summary else "")
 
 
+def ending(summary: dict) -> str:
+    """How an rl run ended, for its last log line and the runs listing: a run the alarm or the pruner stopped
+    must not read as one that trained its rl.max_steps (the alarm's findings: its warning, rl_summary.json)."""
+    early = summary.get("stopped_early")
+    if not isinstance(early, dict):
+        return "finished"
+    return f"stopped early at step {early.get('step')} of {early.get('max_steps')} by {early.get('why')}"
+
+
 def summarise(history: list[dict], global_step: int) -> dict:
     """Final numbers for sweep comparison: the mean of the last quarter of logged steps, per metric."""
     steps = [h for h in history if "reward" in h]

@@ -26,7 +26,7 @@ from flare_exp.rewards.combine import build_reward
 from flare_exp.rl_monitor.callbacks import (RewardTermLog, RolloutWeightsLog, build_monitor, check_monitor_settings,
                                            finish_monitor, rollout_weights_spans, with_rollout_watch)
 from flare_exp.rl_monitor.heldout_watch import reporting_last
-from flare_exp.rl_monitor.reward_summary import reward_line, summarise
+from flare_exp.rl_monitor.reward_summary import ending, reward_line, summarise
 from flare_exp.run.layout import summary_name
 from flare_exp.run.stage import Stage
 from flare_exp.runtime import abspath, check_choice, check_each, ranks
@@ -338,7 +338,7 @@ def run(cfg, out_dir: Path, applied: dict | None = None) -> dict:
     if lead:
         summary.update(finish_monitor(monitor, trainer.state.log_history, out_dir, rl.max_steps))
         write_json(out_dir / summary_name("rl"), summary)
-    log.info("rl finished: adapter at %s; %s", final, reward_line(summary))
+    log.info("rl %s: adapter at %s; %s", ending(summary), final, reward_line(summary))
     return summary
 
 

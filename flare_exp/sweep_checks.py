@@ -15,6 +15,7 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
+from flare_exp.sweep_launch import job_names, override_pairs
 from flare_exp.sweep_watch import say
 
 
@@ -111,19 +112,15 @@ def kept_name(job_dir: Path, overrides, name: str) -> str:
     record = next((p for p in (job_dir / HYDRA / ACCEPTED_HYDRA / OVERRIDES, job_dir / HYDRA / OVERRIDES)
                    if p.is_file()), None)
     try:
-        made = _pairs(filter_overrides(yaml.safe_load(record.read_text()) or [])) if record else None
+        made = override_pairs(filter_overrides(yaml.safe_load(record.read_text()) or [])) if record else None
     except (OSError, yaml.YAMLError, AttributeError, TypeError):
         made = None
     if made is None:
         return name
-    asked = _pairs(filter_overrides(list(overrides)))
+    asked = override_pairs(filter_overrides(list(overrides)))
     differ = [k for k in dict.fromkeys([*made, *asked]) if made.get(k) != asked.get(k)]
     said = ", ".join(f"{k}={made[k]}" if k in made else f"{k} at its default" for k in differ)
     return f"{name}; the kept run was made with {said}" if differ else name
-
-
-def _pairs(overrides) -> dict[str, str]:
-    return dict(str(o).split("=", 1) for o in overrides if "=" in str(o))
 
 
 def dir_refusal(cfg, job_dir: Path) -> tuple[str, str] | None:
@@ -312,17 +309,6 @@ def shared_fix(targets: list, jobs: list[int], runs: list[int]) -> str:
 def joined(items: list[str]) -> str:
     """'a, b and c'."""
     return ", ".join(items[:-1]) + f" and {items[-1]}" if len(items) > 1 else "".join(items)
-
-
-def job_names(job_overrides) -> list[str]:
-    """Each job named by the overrides that tell it from the others (the swept keys), else by its last few."""
-    from hydra.core.utils import filter_overrides
-
-    pairs = [_pairs(filter_overrides(list(job))) for job in job_overrides]
-    keys = list(dict.fromkeys(k for p in pairs for k in p))
-    varying = [k for k in keys if len({p.get(k) for p in pairs}) > 1] if len(pairs) > 1 else []
-    return [" ".join(f"{k}={p[k]}" for k in (varying or [k for k in p if "/" not in p[k]][-4:]) if k in p)
-            or "(no overrides)" for p in pairs]
 
 
 def check_jobs(hydra_context, master_config, job_overrides, initial_job_idx: int) -> dict[int, str]:

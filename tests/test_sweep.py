@@ -187,8 +187,8 @@ def test_sweep_report_ranks_by_the_official_metric_and_draws_a_2d_sweep_as_a_hea
 def test_a_sweep_relaunched_smaller_with_another_setting_ranks_only_its_own_jobs(tmp_path):
     """overwrite=true into a sweep dir with a smaller grid and another fixed setting redid job 0 alone: the
     report ranked it beside the earlier launches' jobs 1 and 2 (another learning rate, their cells blank) and
-    showed overwrite as a swept setting. The earlier launches' jobs are named and left out of the ranking; each
-    job's own value fills the column; overwrite is no column."""
+    showed overwrite as a swept setting. The launcher records the jobs its launch made (.launch.json): the others
+    are named and left out of the ranking; each job's own value fills the column; overwrite is no column."""
     from conftest import compose_cfg
     from flare_exp.main import run
 
@@ -203,16 +203,15 @@ def test_a_sweep_relaunched_smaller_with_another_setting_ranks_only_its_own_jobs
         (job / ".hydra" / "config.yaml").write_text(f"rl:\n  learning_rate: {lr}\n")
         (job / "DONE").write_text("{}")
         (job / "rl_summary.json").write_text(json.dumps({"reward_last": reward}))
-    (sweep / "multirun.yaml").write_text(
-        "hydra:\n  overrides:\n    task:\n    - stage=rl\n    - reward.x.weights.a=0\n    - rl.learning_rate=0.002\n"
-        "    - overwrite=true\n  sweeper:\n    params: null\n")
+    (sweep / ".launch.json").write_text(json.dumps({"jobs": {"0": ["stage=rl", "reward.x.weights.a=0",
+                                                                   "rl.learning_rate=0.002", "overwrite=true"]}}))
     run(compose_cfg(["stage=sweep_report", f"sweep_report.sweep_dir={sweep}"]), run_dir=tmp_path / "r")
     rows = {r["job"]: r for r in csv.DictReader((sweep / "report" / "sweep.csv").open())}
     assert "overwrite" not in rows["0"]
     assert [rows[j]["rl.learning_rate"] for j in "012"] == ["0.002", "0.0005", "0.0005"]
     assert [rows[j]["rank"] for j in "012"] == ["1", "", ""]
-    assert "made by an earlier launch into this sweep dir" in rows["1"]["error"]
-    assert "reward.x.weights.a=1, the latest launch's 0" in rows["2"]["error"] and not rows["0"]["error"]
+    assert "made by an earlier launch into this sweep dir" in rows["1"]["error"] and not rows["0"]["error"]
+    assert "not one of the latest launch's 1 job(s)" in rows["2"]["error"]
 
 
 def test_a_reward_typed_into_a_jobs_rl_summary_is_named_and_not_ranked(tmp_path):
@@ -252,3 +251,13 @@ def test_a_sweep_report_pointed_at_one_runs_dir_says_so(tmp_path):
         write_sweep_report(run_dir, None)
     with pytest.raises(ValueError, match=r"no job directories \(0/, 1/, ... with .hydra/\).*sweeps/<run_name>/"):
         write_sweep_report((tmp_path / "empty").mkdir() or tmp_path / "empty", None)
+
+
+def test_two_spellings_of_one_setting_are_one_setting():
+    """A relaunch spelled ++key, other quotes, true for True or 5e-4 for 0.0005 is the same run: the kept job's
+    line said "made with ++key=2, key at its default"."""
+    from flare_exp.sweep_launch import override_pairs
+
+    assert override_pairs(["++rl.max_steps=2", "x='t 45'", "e=true", "lr=5e-4", "model=tiny"]) == override_pairs(
+        ["rl.max_steps=2", 'x="t 45"', "e=True", "lr=0.0005", "model=tiny"]) == {
+        "rl.max_steps": "2", "x": "t 45", "e": "True", "lr": "0.0005", "model": "tiny"}

@@ -243,3 +243,15 @@ def test_a_relaunched_sweep_says_its_kept_jobs_first_with_the_overrides_they_wer
     assert any("#1 (seed=5) DONE in" in line for line in lines[launching:])
     assert "seed=1" in (sweep / "0" / ".hydra" / "overrides.yaml").read_text()  # the kept run's record stays
     assert any("1 job(s) launched, 1 kept from an earlier launch:" in line for line in lines), lines
+    # a third launch, one job, the swept key spelled ++: job #1 is the earlier launch's now, and said so by the
+    # report (the launch's own record, not its spelling: "++seed=4" and "seed=4" are one setting)
+    third = subprocess.run([*argv, "++seed=4", "overwrite=true"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert third.returncode == 0, third.stderr[-2000:]
+    launched = json.loads((sweep / ".launch.json").read_text())["jobs"]
+    assert list(launched) == ["0"] and "++seed=4" in launched["0"] and "stage=eval" in launched["0"]
+    from flare_exp.reports.sweep_jobs import collect
+
+    jobs = {j["job"]: j for j in collect(sweep)}
+    assert not jobs["0"].get("earlier_launch") and jobs["1"]["earlier_launch"]
+    assert "not one of the latest launch's 1 job(s)" in jobs["1"]["error"]
+    assert jobs["0"]["overrides"]["seed"] == "4" and "++seed" not in jobs["0"]["overrides"]

@@ -94,8 +94,8 @@ def write_sweep_report(sweep_dir: Path, rank_by: str | None) -> dict:
         ranking += (f"{WINDOWS}\n\n")
     earlier = [j["job"] for j in jobs if j.get("earlier_launch")]
     if earlier:
-        ranking += (f"Job(s) {', '.join(earlier)}: made by an earlier launch into this sweep dir with other settings "
-                    "than the latest launch's (multirun.yaml; their error column names one): listed, not ranked.\n\n")
+        ranking += (f"Job(s) {', '.join(earlier)}: made by an earlier launch into this sweep dir, not by the latest "
+                    "(its .launch.json): listed, not ranked.\n\n")
     write_text(report / "sweep.md", f"# Sweep {sweep_dir.name}\n\n{ranking}" + markdown(header, rows))
     plot(jobs, key, report / "sweep.png")
     write_html(report / "sweep.html", f"Sweep {sweep_dir.name}", ranking.strip(), header, rows, report / "sweep.png")

@@ -9,27 +9,29 @@ from pathlib import Path
 import yaml
 
 from flare_exp.io import NON_FINITE
-from flare_exp.reports.sweep_launch import LAUNCH_KEYS, config_value, earlier_launch, latest_launch
-from flare_exp.run.layout import FAILED, HYDRA, LOG_HISTORY, METRICS, OVERRIDES, own_or_step, summary_name
+from flare_exp.run.layout import CONFIG, FAILED, HYDRA, LOG_HISTORY, METRICS, OVERRIDES, own_or_step, summary_name
 from flare_exp.run.record import marker
 from flare_exp.run.stage import declared_stages
+from flare_exp.sweep_launch import launched_jobs, override_pairs
 
 TRAINED = tuple(name for name, s in declared_stages().items() if s.trains)  # their summaries hold a job's numbers
 LOWER_IS_BETTER = ("mean_absolute_error", "loss", "mae", "rmse", "seconds")
+# how a job was launched (a rerun's overwrite=true, a search's own trial keys), not what it ran: no column
+LAUNCH_KEYS = ("overwrite", "resume", "rl.optuna_trial", "rl.optuna_study")
 
 
 def collect(sweep_dir: Path) -> list[dict]:
     """Every job dir of the sweep: its settings (the command line's, each swept key's value filled from the job's
-    own config where its command line left it out), status, numbers; a job no launch of the sweep dir's latest
-    (multirun.yaml) made is marked (an earlier, other launch's: left out of the ranking)."""
+    own config where its command line left it out), status, numbers; a job the sweep dir's latest launch did not
+    make (its .launch.json) is marked: an earlier launch's, left out of the ranking."""
     jobs = _read_jobs(sweep_dir)
-    launch = latest_launch(sweep_dir)
-    for job in jobs:
-        why = earlier_launch(job["overrides"], launch) if launch else None
-        if why:
+    launched = launched_jobs(sweep_dir)
+    for job in jobs if launched is not None else []:
+        if job["job"] not in launched:
             job["earlier_launch"] = True
             job["error"] = (f"{job.get('error', '')}; " if job.get("error") else "") + (
-                f"made by an earlier launch into this sweep dir, not the latest ({why}): left out of the ranking")
+                f"made by an earlier launch into this sweep dir, not one of the latest launch's {len(launched)} "
+                "job(s): left out of the ranking")
     fill_settings(jobs)
     return jobs
 
@@ -47,6 +49,21 @@ def fill_settings(jobs: list[dict]) -> None:
                 job["overrides"][key] = value
 
 
+def config_value(job_dir: Path, key: str) -> str | None:
+    """``key``'s value in the config a job ran with (its .hydra/config.yaml, else its config.yaml), as text; None
+    where neither is readable or the key is not there."""
+    from omegaconf import OmegaConf
+
+    for path in (job_dir / HYDRA / "config.yaml", job_dir / CONFIG):
+        try:
+            value = OmegaConf.select(OmegaConf.load(path), key, throw_on_missing=False)
+        except Exception:  # noqa: BLE001  (not there, cut, or an interpolation that does not resolve alone)
+            continue
+        if value is not None:
+            return str(OmegaConf.to_container(value) if OmegaConf.is_config(value) else value)
+    return None
+
+
 def _read_jobs(sweep_dir: Path) -> list[dict]:
     jobs = []
     for job_dir in sorted((p for p in sweep_dir.iterdir() if p.is_dir() and (p / HYDRA).is_dir()),
@@ -54,7 +71,7 @@ def _read_jobs(sweep_dir: Path) -> list[dict]:
         overrides_file = job_dir / HYDRA / OVERRIDES
         overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.exists() else []
         job = {"job": job_dir.name, "dir": str(job_dir), "status": marker(job_dir) or "unfinished",
-               "overrides": dict(o.split("=", 1) for o in overrides if "=" in o), "metrics": {}, "curve": []}
+               "overrides": override_pairs(overrides), "metrics": {}, "curve": []}
         for sub in ("", *TRAINED):  # a stage's job, or a pipeline job's steps
             for name in map(summary_name, TRAINED):
                 if (job_dir / sub / name).exists():

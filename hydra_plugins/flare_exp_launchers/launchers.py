@@ -20,14 +20,15 @@ class _Watched:
 
         super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
         # before the lock and the sweeper's multirun.yaml: put back if the sweep is refused unlaunched
-        self._record, self._launched = SweepRecord(config), False
+        self._record, self._launched, self._recorded = SweepRecord(config), False, False
         lock_sweep(config)  # another live sweep into this dir: refused here, before Hydra writes in it
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int):
         from contextlib import nullcontext
 
         from flare_exp.optuna_study import objective_list
-        from flare_exp.sweep_checks import SweepSettingsError, check_jobs, job_names
+        from flare_exp.sweep_checks import SweepSettingsError, check_jobs
+        from flare_exp.sweep_launch import job_names, record_launch
         from flare_exp.sweep_stop import ForwardStops, StopInProcess
         from flare_exp.sweep_watch import Progress, exit_with, record_results, results_per_job
 
@@ -41,6 +42,9 @@ class _Watched:
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         job_dirs = [sweep_dir / str(initial_job_idx + i) for i in range(len(job_overrides))]
         search = "optuna" in str(self.config.hydra.sweeper.get("_target_", ""))
+        if not search:  # which jobs this launch made: the sweep report tells an earlier launch's others apart
+            record_launch(sweep_dir, job_overrides, initial_job_idx, first=not getattr(self, "_recorded", False))
+            self._recorded = True
         objectives = objective_list(self.config.hydra.sweeper.get("objectives")) if search else None
         with Progress(job_dirs, job_names(job_overrides), kept=kept, objectives=objectives) as progress:
             stops = ForwardStops(job_dirs=job_dirs, trials=search) if getattr(self, "_EXECUTOR", "") == "local" \

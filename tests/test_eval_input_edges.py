@@ -237,10 +237,10 @@ def test_a_null_multi_label_prediction_is_said_as_left_out_of_flares_f1(tmp_path
     _, info = load_rows(_predictions(tmp_path, rows), False, prepared)
     assert info["empty_predictions"] == 2 and info["null_multi_label_predictions"] == 1
     (line,) = [c for c in caveat_lines({"r": {**info, "official": {}, "by_task": {}}}, []) if "empty" in c]
-    assert "2 empty" in line and "leaves out the 1 pair(s) whose prediction is null" in line
+    assert "2 empty" in line and "leaves out the 1 pair(s) whose prediction is null or a number" in line
     assert "every multi-label pair" not in line
     official = {"multi_label": {"f1_score": 0.0, "num_examples": 1}}  # every pair left out: an F1 over none
-    (line,) = [c for c in caveat_lines({"r": {**info, "official": official, "by_task": {}}}, []) if "empty" in c]
+    (line,) = [c for c in caveat_lines({"r": {**info, "official": official, "by_task": {}}}, []) if "leaves" in c]
     assert "here that is every multi-label pair, so its f1_score of 0 is FLARE's value for no pairs" in line
     assert multi_label_stats([None, ""], ["Mass", "Mass"]).tolist() == [[0, 0, 0], [0, 0, 1]]
 
@@ -391,3 +391,24 @@ def test_where_prepare_normalised_what_flares_evaluator_reads_otherwise_both_num
                              "as it is, 0.5714")
     assert "1 row(s) of TaskType 'Multilabel Classification'" in caveat and "1 answer(s) given as a list" in caveat
     assert "f1_score 1.0 by FLARE's evaluator" in (tmp_path / "eval" / "report.md").read_text()
+
+
+def test_json_number_predictions_are_read_as_flares_evaluator_reads_them(base_overrides, tmp_path):
+    """check_fields turned 5 and 3.0 into "5" and "3.0": multi-label scored them as labels (0.5455) where FLARE's
+    evaluator leaves a pair whose prediction is no text out (1.0), and a number was called an empty prediction.
+    Numbers stay numbers for the official rules; our variants score their text."""
+    from flare_exp.main import run
+
+    rows = [{"id": f"chestdr/{i}", "dataset": "chestdr", "task_type": "multi_label", "split": "val", "model": "m",
+             "answer": "Effusion", "prediction": p} for i, p in enumerate(["Effusion", 5, 3.0])] + [
+        {"id": f"boneresorption/{i}", "dataset": "boneresorption", "task_type": "regression", "split": "val",
+         "model": "m", "answer": "20", "prediction": p} for i, p in enumerate([20.0, 22])]
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    run(compose_cfg(["stage=eval", *base_overrides, f"eval.predictions=[{path}]", "eval.radgraph=false",
+                     f"data.prepared_dir={tmp_path / 'hand_made'}"]), run_dir=tmp_path / "eval")
+    block = json.loads((tmp_path / "eval" / "metrics.json").read_text())["m"]
+    assert block["official"]["multi_label"]["f1_score"] == 1.0  # the two number pairs left out, as FLARE does
+    assert block["official"]["regression"]["mean_absolute_error"] == 1.0  # float(20.0), float(22)
+    assert block["by_task"]["regression"]["mae_parseable"] == 1.0 and "empty_predictions" not in block
+    assert block["null_multi_label_predictions"] == 2

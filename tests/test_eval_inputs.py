@@ -136,7 +136,7 @@ def test_the_same_predictions_named_twice_are_refused_before_any_work(base_overr
 
 
 def test_numbers_missing_fields_and_a_killed_runs_torn_line(tmp_path):
-    """A number written as a JSON number is read as its text (one treatment everywhere); a file whose rows have
+    """A number written as a JSON number stays a number, as FLARE's evaluator reads it (no empty answer); a file whose rows have
     no 'prediction' field, or a row without an id, is refused by name; a killed infer run's torn last line is
     left out under eval.allow_partial and said, the file untouched."""
     prepared = _prepared(tmp_path)
@@ -144,7 +144,7 @@ def test_numbers_missing_fields_and_a_killed_runs_torn_line(tmp_path):
     write_jsonl(tmp_path / "prepared" / "val.jsonl", [{**r, "task_type": "regression", "answer": "3"}
                                                       for r in REFERENCE])
     rows, info = load_rows(_predictions(tmp_path, numeric), False, prepared)
-    assert {r["prediction"] for r in rows} == {"3.0"} and "empty_predictions" not in info
+    assert {r["prediction"] for r in rows} == {3.0} and "empty_predictions" not in info
     renamed = [{"id": r["id"], "Prediction": "A"} for r in REFERENCE]
     with pytest.raises(ValueError, match=r"no row has a 'prediction' field \(the first row's fields: 'id', "
                                          r"'Prediction'\)"):

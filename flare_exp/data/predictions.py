@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -89,11 +88,12 @@ def load_rows(path: Path, allow_partial: bool, prepared_dir: str | None = None) 
                f"their answers in the {split} split {info.get('answers_from', '')} are empty (edited since?): undo "
                "the edit, or rerun stage=prepare (overwrite=true)")
         raise ValueError(f"{path}: {len(missing)} predictions have no ground truth (e.g. {missing[0]['id']}); {why}")
-    empty = sum(not isinstance(r.get("prediction"), str) or not r["prediction"].strip() for r in rows)
+    empty = sum(r.get("prediction") is None or isinstance(r["prediction"], str) and not r["prediction"].strip()
+                for r in rows)  # a number is no empty answer (our variants score its text)
     if empty:
         info["empty_predictions"] = empty
     left_out = sum(r.get("task_type") == "multi_label" and not isinstance(r.get("prediction"), str) for r in rows)
-    if left_out:  # FLARE's multi-label F1 leaves a pair out whose prediction is no text; "" counts as no label
+    if left_out:  # FLARE's multi-label F1 leaves a pair out whose prediction is no text (null, a number); "" no label
         info["null_multi_label_predictions"] = left_out
     return rows, info
 
@@ -301,7 +301,7 @@ def _torn_at_the_end(path: Path) -> bool:
 
 def check_fields(path: Path, rows: list[dict]) -> None:
     """Every row an object with an id; the predictions under the key ``prediction`` (a file where no row has it
-    would score as all empty answers); a number (a tool writing 20.0, not "20.0") read as its text."""
+    would score as all empty answers); a number (a tool writing 20.0, not "20.0") kept a number, as FLARE reads it."""
     for line, row in enumerate(rows, 1):
         if isinstance(row, dict) and isinstance(row.get("id"), str):
             row["id"] = row["id"].strip()  # a space a spreadsheet or an editor added; two ids left equal are doubled
@@ -313,11 +313,10 @@ def check_fields(path: Path, rows: list[dict]) -> None:
                          f"{', '.join(map(repr, rows[0]))}); eval reads each row's answer to its question there")
     for line, row in enumerate(rows, 1):
         value = row.get("prediction")
-        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > sys.float_info.max:
-            continue  # kept a number: float() refuses it (FLARE's infinity), while its text reads as inf (an abort)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            row["prediction"] = str(value)
-        elif value is not None and not isinstance(value, str):  # FLARE's sheet holds text: no list, object, bool
+            continue  # kept a number, as FLARE's evaluator reads it (multi-label and GREEN leave it out, float() of
+            # an integer past a float's range fails: infinity); our variants score its text (scoring.scored_rows)
+        if value is not None and not isinstance(value, str):  # FLARE's sheet holds text: no list, object, bool
             raise ValueError(f"{path}, row {line} (id {row['id']}): the prediction is {type(value).__name__} "
                              f"{json.dumps(value)[:60]}, not text; write the answer as the model's text (a "
                              "multi-label answer as one string, labels separated as in the dataset's answers)")

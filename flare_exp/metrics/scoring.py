@@ -146,8 +146,11 @@ def samples_file(out_dir: Path, judge: str, label: str) -> Path:
 
 
 def scored_rows(rows: list[dict]) -> list[dict]:
-    """Our variants score a null, list or missing prediction as an empty answer (counted in the report)."""
-    return [{**r, "prediction": r["prediction"] if isinstance(r.get("prediction"), str) else ""} for r in rows]
+    """Our variants score a number's text, and a null or missing prediction as an empty answer (counted in the
+    report); FLARE's official numbers read the raw rows."""
+    return [{**r, "prediction": r["prediction"] if isinstance(r.get("prediction"), str) else
+             str(r["prediction"]) if isinstance(r.get("prediction"), (int, float)) and not isinstance(
+                 r.get("prediction"), bool) else ""} for r in rows]
 
 
 def official_green_of(scorers: ReportScorers, pairs: list, green_by_id: dict) -> dict | None:

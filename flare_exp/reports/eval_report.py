@@ -165,13 +165,14 @@ def caveat_lines(results: dict, warnings: list[str], caveats: list[str] | None =
             lines.append(res["partial"])
         elif res.get("coverage"):
             lines.append(res["coverage"])
-        if res.get("empty_predictions"):
-            null = res.get("null_multi_label_predictions")
+        null = res.get("null_multi_label_predictions")
+        if res.get("empty_predictions") or null:
             every = null and null >= ((res["official"].get("multi_label") or {}).get("num_examples") or math.inf)
-            lines.append(f"{res['empty_predictions']} empty (blank, null or non-text) prediction(s), scored as empty "
-                         "answers" + (f", except in FLARE's multi-label f1_score, which leaves out the {null} pair(s) "
-                                      "whose prediction is null (as its evaluator does; a blank text counts as no "
-                                      "label)" if null else "")
+            left_out = (f"FLARE's multi-label f1_score leaves out the {null} pair(s) whose prediction is null or a "
+                        "number, not text (as its evaluator does; a blank text counts as no label)")
+            lines.append((f"{res['empty_predictions']} empty (blank or null) prediction(s), scored as empty answers"
+                          + (f", except that {left_out}" if null else "") if res.get("empty_predictions") else
+                          left_out + "; our other metrics score a number's text")
                          + ("; here that is every multi-label pair, so its f1_score of 0 is FLARE's value for no "
                             "pairs, not a measurement" if every else ""))
         for note in ("rejected_at_prepare", "answers_note", "dataset_names_note", "sheet_note", "stored_sheet_note",

@@ -387,10 +387,15 @@ def test_where_prepare_normalised_what_flares_evaluator_reads_otherwise_both_num
     block = json.loads((tmp_path / "eval" / "metrics.json").read_text())["m"]
     assert block["official"]["multi_label"]["f1_score"] == pytest.approx(4 / 7)  # eval's reading: every row
     caveat, = block["caveats"]
-    assert caveat.startswith("multi-label classification: f1_score 1.0 by FLARE's evaluator on the question file "
-                             "as it is, 0.5714")
+    assert caveat.startswith("multi-label classification: f1_score 1.0000 by FLARE's evaluator on the question "
+                             "file as it is, 0.5714 here")
     assert "1 row(s) of TaskType 'Multilabel Classification'" in caveat and "1 answer(s) given as a list" in caveat
-    assert "f1_score 1.0 by FLARE's evaluator" in (tmp_path / "eval" / "report.md").read_text()
+    assert "f1_score 1.0000 by FLARE's evaluator" in (tmp_path / "eval" / "report.md").read_text()
+    from flare_exp.metrics.flare_reading import flare_reading_caveats
+
+    rows = [{"prediction": "a, b", "answer": "a, b, c", "raw_task_type": "Multi-label Classification"},
+            {"prediction": "a, b", "answer": "a, b, c", "raw_answer": "a, b, c", "raw_task_type": "Multilabel"}]
+    assert flare_reading_caveats({"multi_label": rows}) == []  # 0.8 both ways: no difference to say
 
 
 def test_json_number_predictions_are_read_as_flares_evaluator_reads_them(base_overrides, tmp_path):

@@ -273,8 +273,8 @@ def test_each_reject_reason(tmp_path):
     assert reasons[6:] == ["Question is not valid Unicode (a lone UTF-16 surrogate: text cut inside a character)",
                            "ImageName is not valid Unicode (a lone UTF-16 surrogate: text cut inside a character)",
                            "Question is not text (int)",
-                           "duplicate ImageName||Question with another answer ('Effusion, Mass'; the later "
-                           "'Effusion' kept, as FLARE's evaluator keeps the last)"]
+                           "duplicate ImageName||Question with another answer ('Effusion, Mass'; a later record "
+                           "of the question replaces it, as FLARE's evaluator keeps the last)"]
     assert json.loads((out / "summary.json").read_text())["rejects"][
         "duplicate ImageName||Question with another answer"] == 1
     assert all(r["file"] == "training/Xray/chestdr/chestdr_questions_train.json" for r in rejects)
@@ -665,3 +665,27 @@ def test_a_question_file_changed_since_prepare_is_refused_for_the_splits_a_stage
                                          r"read, e.g. testing/Xray/dental/dental_questions_test.json: changed"):
         check_prepared_questions(cfg("test"), [prepared / "test.jsonl"])
     check_prepared_questions(cfg("val"), [prepared / "val.jsonl"])  # another split's files: as they were
+
+
+def test_a_later_record_of_a_kept_question_that_prepare_refuses_is_what_flares_evaluator_reads(tmp_path):
+    """FLARE keys its ground truth by ImageName||Question, the last record winning: a later record prepare rejects
+    ("n/a", null) left the earlier answer scored silently (FLARE: another answer, an infinite MAE) and counted as a
+    question the split lacks. The kept record carries the later raw answer for eval's FLARE caveat; the reject is
+    a duplicate, not a missing question."""
+    from flare_exp.data.rejects import rejected_questions
+
+    root = tmp_path / "raw"
+    good = {"TaskType": "Multi-label Classification", "Modality": "Xray", "ImageName": "imagesTr/a.png",
+            "Split": "train"}
+    _small_tree(root, [{**good, "Question": "q0", "Answer": "Effusion"}, {**good, "Question": "q1", "Answer": "Mass"},
+                       {**good, "Question": "q0", "Answer": None}, {**good, "Question": "q1", "Answer": "  "},
+                       {**good, "Question": "q1", "Answer": "Mass", "TaskType": "Detection"}])
+    out = _prepare(tmp_path, root, "data.datasets=[chestdr]")
+    kept = {r["question"]: r for r in read_jsonl(out / "train.jsonl")}
+    assert kept["q0"]["answer"] == "Effusion" and kept["q0"]["raw_answer"] is None  # FLARE reads the null
+    assert kept["q1"]["answer"] == "Mass" and "raw_answer" not in kept["q1"]  # the last: "Mass" again
+    assert kept["q1"]["raw_task_type"] == "Detection" and "_at" not in kept["q1"]
+    rejects = read_jsonl(out / "rejects.jsonl")
+    assert all(r["reason"].startswith("duplicate ImageName||Question whose later record prepare refuses")
+               for r in rejects) and len(rejects) == 3
+    assert rejected_questions(out / "train.jsonl") is None  # no question of the split is missing

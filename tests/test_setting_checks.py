@@ -261,3 +261,13 @@ def test_the_length_collapse_is_a_share_below_one(share):
     problems = [str(p) for p in setting_problems(compose_cfg(["stage=rl", f"rl.alarm_length_collapse={share}"]))]
     assert len(problems) == 1 and "above 0 and below 1" in problems[0], problems
     assert setting_problems(compose_cfg(["stage=rl", "rl.alarm_length_collapse=0.9"])) == []
+
+
+@pytest.mark.parametrize("rise", ["-0.1", "nan", "inf", "-10"])
+def test_the_alarms_reward_rise_is_a_finite_number_not_below_zero(rise):
+    """rl.alarm_min_rise=nan or -10 let a falling reward read as a rise ("rose by -0.2635") and stop the run."""
+    from flare_exp.checks import setting_problems
+
+    problems = [str(p) for p in setting_problems(compose_cfg(["stage=rl", f"rl.alarm_min_rise={rise}"]))]
+    assert len(problems) == 1 and "a finite number of 0 or more" in problems[0], problems
+    assert setting_problems(compose_cfg(["stage=rl", "rl.alarm_min_rise=0"])) == []

@@ -19,6 +19,7 @@ from flare_exp.data import records as R
 from flare_exp.data.decoding import check_window
 from flare_exp.data.image_modes import say_modes
 from flare_exp.data.images import NEARLY_UNIFORM, ProcessorLimits, check_images, walk_files
+from flare_exp.data.later_answers import apply_later_answers, shadow
 from flare_exp.data.question_files import (QuestionFile, discover, load_question_file, question_files, resolve_image,
                                            split_sources_of, unread_copies)
 from flare_exp.data.prepare_inputs import INPUTS, record_inputs
@@ -158,6 +159,7 @@ def prepare(cfg_data, root: Path, out_dir: Path, limits: ProcessorLimits | None 
     candidates = read_records(root, cfg_data, split_sources, rejects, found, missing)
     accepted = accept_records(candidates, cfg_data, rejects, limits)
     by_split, modes = accepted.by_split, accepted.modes
+    apply_later_answers(by_split, rejects)
     rejects.sort(key=lambda r: (r["file"], r["index"]))
     write_jsonl(out_dir / REJECTS, rejects)  # first: an error below points at it
     check_requested(root, cfg_data, split_sources, by_split, rejects, out_dir / REJECTS, found)
@@ -166,7 +168,7 @@ def prepare(cfg_data, root: Path, out_dir: Path, limits: ProcessorLimits | None 
     write_jsonl(out_dir / DOUBTS, listed)  # before the splits lose their private fields: every case, in full
     for split, rows in by_split.items():
         for r in rows:
-            for private in ("_digests", "_paths", "_pixels"):
+            for private in ("_digests", "_paths", "_pixels", "_at"):
                 r.pop(private, None)
         rows.sort(key=lambda r: (r["dataset"], r["source_split"], r["id"]))
         write_jsonl(out_dir / f"{split}.jsonl", rows)
@@ -254,11 +256,12 @@ def questions_read(found: list[tuple], cfg_data, split_sources: dict) -> list[Pa
                    for qf in discover(found, list(cfg_data.datasets), sources)})
 
 
-def _reject(rejects: list, cfg_data, file: str, index: int, reason: str, split: str) -> None:
-    """A question left out, with the split it was for (infer and eval count a split's from it: data/rejects.py)."""
+def _reject(rejects: list, cfg_data, file: str, index: int, reason: str, split: str, key: dict | None = None) -> None:
+    """A question left out, with the split it was for (infer and eval count a split's from it: data/rejects.py)
+    and, where it names one, its id (a later record of a kept key: later_answers)."""
     if cfg_data.strict:
         raise PrepareError(f"{file} record {index}: {reason} (data.strict=true)")
-    rejects.append({"file": file, "index": index, "reason": reason, "split": split})
+    rejects.append({"file": file, "index": index, "reason": reason, "split": split, **(key or {})})
 
 
 def read_records(root: Path, cfg_data, split_sources: dict, rejects: list, found: list[tuple],
@@ -278,11 +281,12 @@ def read_records(root: Path, cfg_data, split_sources: dict, rejects: list, found
                                              leave=False, disable=len(raw_records) < 500)):
                 record, reason = convert_record(raw, qf, out_split, root, cfg_data)
                 if record is None:
-                    _reject(rejects, cfg_data, file, index, reason, out_split)
+                    _reject(rejects, cfg_data, file, index, reason, out_split, shadow(raw, qf.dataset, qf.split))
                     if reason.startswith("missing image") and missing is not None:
                         missing += [(qf.path.parent, n) for n in R.image_list(raw["ImageName"])
                                     if isinstance(resolve_image(qf.path.parent, n), str)]
                 else:
+                    record["_at"] = (file, index)  # where it came from: a later rejected record of its key
                     candidates.append((record, file, index))
     return candidates
 
@@ -321,8 +325,8 @@ def accept_records(candidates: list, cfg_data, rejects: list,
                 problem = "duplicate ImageName||Question"
             else:  # FLARE's evaluator keys its ground truth by ImageName||Question: the last record's answer counts
                 _reject(rejects, cfg_data, kept_file, kept_index, "duplicate ImageName||Question with another answer "
-                        f"({kept!r}; the later {record.get('answer')!r} kept, as FLARE's evaluator keeps the last)",
-                        record["split"])
+                        f"({kept!r}; a later record of the question replaces it, as FLARE's evaluator keeps the "
+                        "last)", record["split"])
                 replaces = place
         if problem:
             _reject(rejects, cfg_data, file, index, problem, record["split"])

@@ -6,6 +6,8 @@ number. Prepared records keep the raw ``raw_answer`` (where it differs) and ``ra
 keeps eval's reading and a caveat gives FLARE's number beside it."""
 from __future__ import annotations
 
+import math
+
 from flare_exp.metrics.official import FLARE_TASK_TYPE, OFFICIAL_METRIC, official_block
 
 RAW_FIELDS = ("raw_answer", "raw_task_type")  # joined from the prepared split with the answers
@@ -60,8 +62,24 @@ def flare_reading_caveats(by_task: dict[str, list[dict]]) -> list[str]:
             continue
         ours = official_block(task, rows).get(name)
         theirs = official_block(task, read).get(name) if read else None
-        if ours == theirs or (ours != ours and theirs != theirs):  # equal, NaN alike: nothing to say
+        if _same(ours, theirs):
             continue
-        lines.append(f"{FLARE_TASK_TYPE[task]}: {name} {theirs if theirs is not None else 'none'} by FLARE's "
-                     f"evaluator on the question file as it is, {ours} here: {'; '.join(why)}")
+        lines.append(f"{FLARE_TASK_TYPE[task]}: {name} {_shown(theirs)} by FLARE's evaluator on the question file "
+                     f"as it is, {_shown(ours)} here: {'; '.join(why)}")
     return lines
+
+
+def _same(a, b) -> bool:
+    """Equal to the sums' rounding (2/3 summed two ways), infinities and NaNs alike; None only to None."""
+    if a is None or b is None:
+        return a is b
+    if math.isnan(a) or math.isnan(b) or math.isinf(a) or math.isinf(b):
+        return a == b or (math.isnan(a) and math.isnan(b))
+    return abs(a - b) <= 1e-9 * max(1.0, abs(b))
+
+
+def _shown(value) -> str:
+    """A number as the report's tables show it (four decimals, Infinity), "none" for no number."""
+    if value is None:
+        return "none"
+    return ("-" if value < 0 else "") + "Infinity" if math.isinf(value) else f"{value:.4f}"

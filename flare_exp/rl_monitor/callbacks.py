@@ -160,7 +160,7 @@ def write_alarms(out_dir: Path, alarms: list[dict]) -> None:
 def check_monitor_settings(rl) -> None:
     """The watchers' settings, checked before any work: each refusal with the others."""
     check_each((check_metric_spec, "rl", rl.metric_for_best_model), (_check_pruning, rl), (_check_alarm_window, rl),
-               (_check_length_collapse, rl))
+               (_check_length_collapse, rl), (_check_min_rise, rl))
 
 
 def _check_pruning(rl) -> None:
@@ -183,6 +183,17 @@ def _check_length_collapse(rl) -> None:
         raise ValueError(f"rl.alarm_length_collapse={share!r}: a share of the first steps' mean completion length, "
                          "above 0 and below 1 (0.5: the alarm fires when completions shrink under half that length); "
                          "pass e.g. rl.alarm_length_collapse=0.5")
+
+
+def _check_min_rise(rl) -> None:
+    """How much the reward must rise over the window for an alarm (rising reward is part of every condition):
+    a negative one, or NaN, made a falling reward read as a rise ("rose by -0.26") and stopped such runs."""
+    import math
+
+    rise = rl.alarm_min_rise
+    if isinstance(rise, bool) or not isinstance(rise, (int, float)) or not math.isfinite(rise) or rise < 0:
+        raise ValueError(f"rl.alarm_min_rise={rise!r}: the reward's rise over rl.alarm_window steps that every alarm "
+                         "needs, a finite number of 0 or more; pass e.g. rl.alarm_min_rise=0.1")
 
 
 def build_monitor(cfg, out_dir: Path, reward, task_types: list[str], chat, meta) -> GRPOMonitor:

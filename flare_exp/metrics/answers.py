@@ -8,8 +8,8 @@
 - ``label_set`` / ``set_f1``: a multi-label answer as a set of labels split on the dataset's separator,
   compared case- and whitespace-insensitively.
 - ``parse_number``: the first number in a regression answer: ``22.9``, ``22.9%``, ``1,234``, ``about 20
-  percent``, ``1e1`` (10: the exponent is part of the number), a typeset minus sign as "-"; none in ``12,5``
-  (a decimal comma).
+  percent``, ``1e1`` (10: the exponent is part of the number), ``1_000`` (1000, as ``float()``), a typeset minus
+  sign or a dash before it as "-"; none in ``12,5`` (a decimal comma).
 """
 from __future__ import annotations
 
@@ -57,8 +57,11 @@ def set_f1(pred: set, gold: set) -> float:
     return 2 * len(pred & gold) / (len(pred) + len(gold))
 
 
-_NUMBER = re.compile(r"(?:[-+]?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|[-+]?\.\d+)(?:[eE][-+]?\d+)?")
-MINUS_SIGN = "\u2212"  # typeset minus: the number's sign, as "-"
+_NUMBER = re.compile(r"(?:[-+]?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+(?:_\d+)*)(?:\.\d+(?:_\d+)*)?|[-+]?\.\d+)"
+                     r"(?:[eE][-+]?\d+)?")  # "1_000" as float() reads it (1000), not 1
+# typeset minus signs and dashes written as one (minus, figure and en dash, small and full-width hyphen-minus):
+# the number's sign, as "-"
+MINUS_SIGNS = str.maketrans(dict.fromkeys("\u2212\u2012\u2013\ufe63\uff0d", "-"))
 
 
 def parse_number(text) -> float | None:
@@ -75,9 +78,9 @@ def parse_number(text) -> float | None:
     elif not isinstance(text, str):
         return None
     else:
-        text = text.replace(MINUS_SIGN, "-")
+        text = text.translate(MINUS_SIGNS)
         m = _NUMBER.search(text)
         if m and re.match(r",\d", text[m.end():]):  # a decimal comma ("12,5"): not read as its whole part
             return None
-        number = float(m.group(0).replace(",", "")) if m else math.nan
+        number = float(m.group(0).replace(",", "").replace("_", "")) if m else math.nan
     return number if math.isfinite(number) else None

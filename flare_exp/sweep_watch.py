@@ -99,7 +99,13 @@ class Progress:
         timed = left and ran > 0 and not stopped  # a stop (the sweep's, mostly) ends the rate's meaning
         ended = "all ended" if stopped else "all finished"  # a stopped job did not finish
         eta = f"{left} left, ETA ~{elapsed / ran * left:.0f} s" if timed else f"{left} left" if left else ended
-        say(f"{done}/{total} #{self.job_dirs[i].name} ({self.names[i]}) {status} in {seconds:.0f} s{headline}"
+        shown_status = status
+        if status == "DONE":  # the reward-hacking alarm's or the pruner's stop: not all its steps
+            from flare_exp.catalog import stopped_early
+
+            early = stopped_early(self.job_dirs[i])
+            shown_status = f"DONE ({early})" if early else status
+        say(f"{done}/{total} #{self.job_dirs[i].name} ({self.names[i]}) {shown_status} in {seconds:.0f} s{headline}"
             f"{f': {reason}' if status != 'DONE' and reason else ''} | {eta}")
 
     def objective_values(self, i: int) -> str | None:

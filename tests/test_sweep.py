@@ -261,3 +261,24 @@ def test_two_spellings_of_one_setting_are_one_setting():
     assert override_pairs(["++rl.max_steps=2", "x='t 45'", "e=true", "lr=5e-4", "model=tiny"]) == override_pairs(
         ["rl.max_steps=2", 'x="t 45"', "e=True", "lr=0.0005", "model=tiny"]) == {
         "rl.max_steps": "2", "x": "t 45", "e": "True", "lr": "0.0005", "model": "tiny"}
+
+
+def test_a_job_the_alarm_stopped_says_so_in_the_sweep_table(tmp_path):
+    """A job the reward-hacking alarm stopped at step 4 of 6 showed a plain DONE beside jobs that ran all steps."""
+    from conftest import compose_cfg
+    from flare_exp.main import run
+
+    sweep = tmp_path / "sweep"
+    for n in range(2):
+        job = sweep / str(n)
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text(f"- rl.max_completion_length={2 + n}\n")
+        (job / "DONE").write_text("{}")
+        summary = {"reward_last": 0.5 + n / 10, "global_step": 4 if n == 0 else 6}
+        if n == 0:
+            summary["stopped_early"] = {"step": 4, "max_steps": 6, "why": "the reward-hacking alarm (length cap)"}
+        (job / "rl_summary.json").write_text(json.dumps(summary))
+    run(compose_cfg(["stage=sweep_report", f"sweep_report.sweep_dir={sweep}"]), run_dir=tmp_path / "r")
+    rows = {r["job"]: r for r in csv.DictReader((sweep / "report" / "sweep.csv").open())}
+    assert rows["0"]["status"] == "DONE (stopped early at step 4 of 6 by the reward-hacking alarm (length cap))"
+    assert rows["1"]["status"] == "DONE" and rows["0"]["rank"] == "2"

@@ -25,7 +25,8 @@ def table(jobs: list[dict], key: str | None = None) -> tuple[list[str], list[lis
     metric_keys = sorted({k for j in jobs for k, v in j["metrics"].items() if isinstance(v, (int, float))},
                          key=lambda k: (k != key, not k.startswith("official/"), k != "reward_last", k))
     header = ["rank", "job", "status", *varying, *metric_keys, "error"]
-    rows = [[i + 1 if key and ranks_by(j, key) else "", j["job"], j["status"],
+    rows = [[i + 1 if key and ranks_by(j, key) else "", j["job"],
+             j["status"] + (f" ({j['stopped_early']})" if j.get("stopped_early") else ""),
              *(j["overrides"].get(k, "") for k in varying), *(j["metrics"].get(k, "") for k in metric_keys),
              j.get("error", "")] for i, j in enumerate(ranked(jobs, key))]
     return header, rows

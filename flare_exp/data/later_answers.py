@@ -37,8 +37,8 @@ def apply_later_answers(by_split: dict[str, list[dict]], rejects: list[dict]) ->
     for reject in sorted(rejects, key=lambda r: (r["file"], r["index"])):  # the last one of a key wins
         raw_answer, raw_type = reject.pop("_raw_answer", None), reject.pop("_raw_task_type", None)
         record = kept.get(reject.get("id"))
-        if record is None or tuple(record.get("_at", ("", -1))) > (reject["file"], reject["index"]) or \
-                record["_at"][0] != reject["file"]:
+        at = record.get("_at") if record is not None else None
+        if at is None or at[0] != reject["file"] or at[1] > reject["index"]:  # none kept, or kept after it
             continue
         answer = record.get("answer")
         record.pop("raw_answer", None)

@@ -94,6 +94,8 @@ def disagreeing_value(block: dict, rows: list[dict], green_samples: Path | None 
     not give (a number edited into metrics.json: the table would show it beside tests of the true one); None
     where they agree. A partial run's numbers (predictions missing: counted by eval over the whole split) are
     not recomputed here."""
+    import math
+
     from flare_exp.io import NON_FINITE
     from flare_exp.metrics.official import OFFICIAL_METRIC, dataset_groups, official_value
 
@@ -112,6 +114,8 @@ def disagreeing_value(block: dict, rows: list[dict], green_samples: Path | None 
             said = NON_FINITE.get(said, said) if isinstance(said, str) else said
             if said is None and (task == "report_generation" or not isinstance(found, dict)):
                 continue  # no judge or no FLARE number from the package (its reasons said), or no block written
+            if said is None and found.get("aborted") and isinstance(true, float) and math.isnan(true):
+                continue  # FLARE's evaluator stops on these rows: no number, as recomputed (NaN)
             if said is not None and true is not UNJUDGED and agrees(said, true):
                 continue
             where = group if part == "official" or group.endswith(f"({task})") else f"{group} ({task})"

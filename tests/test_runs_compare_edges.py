@@ -253,3 +253,19 @@ def test_every_named_runs_problem_is_said_at_once(tmp_path):
     with pytest.raises(ValueError, match=r"runs.compare: 2 problems:\n  1\. a: its eval scored .*\n  2\. no run "
                                          r"'nonexist' under"):
         comparison(root, ["a", "nonexist", "b"], resamples=20)
+
+
+def test_an_eval_whose_regression_flare_aborts_is_not_called_edited(tmp_path):
+    """A 'nan' prediction stops FLARE's evaluator: eval writes no number (aborted); the listing's recomputation gave
+    NaN and called the untouched metrics.json edited, and runs.compare refused it."""
+    from flare_exp.main import run
+    from flare_exp.runs_compare import listed_disagreement
+
+    root = tmp_path / "out"
+    rows = [{"id": f"boneresorption/{i}", "dataset": "boneresorption", "task_type": "regression", "split": "val",
+             "answer": "5", "prediction": p, "model": "m"} for i, p in enumerate(["nan", "4"])]
+    write_jsonl(tmp_path / "p.jsonl", rows)
+    run(compose_cfg(["stage=eval", f"paths.output_root={root}", f"eval.predictions=[{tmp_path / 'p.jsonl'}]",
+                     "eval.radgraph=false", f"data.prepared_dir={tmp_path / 'hand_made'}"]), run_dir=root / "runs" / "e")
+    assert json.loads((root / "runs" / "e" / "metrics.json").read_text())["m"]["official"]["regression"]["aborted"]
+    assert listed_disagreement(root / "runs" / "e", root) is None

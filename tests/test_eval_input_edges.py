@@ -395,7 +395,17 @@ def test_where_prepare_normalised_what_flares_evaluator_reads_otherwise_both_num
 
     rows = [{"prediction": "a, b", "answer": "a, b, c", "raw_task_type": "Multi-label Classification"},
             {"prediction": "a, b", "answer": "a, b, c", "raw_answer": "a, b, c", "raw_task_type": "Multilabel"}]
+    rows = [{**r, "task_type": "multi_label"} for r in rows]
     assert flare_reading_caveats({"multi_label": rows}) == []  # 0.8 both ways: no difference to say
+    # a row FLARE puts in another task's group (a later record's TaskType): that group's number is said too
+    moved = [{"task_type": "classification", "prediction": "K", "answer": "E", "raw_task_type": "Regression",
+              "raw_answer": "n/a"}, {"task_type": "classification", "prediction": "E", "answer": "E",
+                                     "raw_task_type": "Classification"}]
+    regression = [{"task_type": "regression", "prediction": "5", "answer": "5", "raw_task_type": "Regression"}]
+    lines = flare_reading_caveats({"classification": moved, "regression": regression})
+    assert any(line.startswith("regression: mean_absolute_error Infinity by FLARE's evaluator") and
+               "1 row(s) of TaskType 'Regression', which it scores as regression" in line for line in lines), lines
+    assert any(line.startswith("classification: balanced_accuracy 1.0000 by FLARE") for line in lines), lines
 
 
 def test_json_number_predictions_are_read_as_flares_evaluator_reads_them(base_overrides, tmp_path):

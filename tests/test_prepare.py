@@ -689,3 +689,29 @@ def test_a_later_record_of_a_kept_question_that_prepare_refuses_is_what_flares_e
     assert all(r["reason"].startswith("duplicate ImageName||Question whose later record prepare refuses")
                for r in rejects) and len(rejects) == 3
     assert rejected_questions(out / "train.jsonl") is None  # no question of the split is missing
+
+
+@pytest.mark.parametrize("answers,flare_reads,missing", [
+    (["Effusion", "n/a", "Effusion"], None, 0),      # good, refused, good again: FLARE reads the last, the kept one
+    (["", "Effusion"], None, 0),                     # refused, then good: the refused one is a duplicate
+    (["", None], None, 1),                           # refused twice, never kept: one question left out, not two
+    (["Effusion", "MISSING"], "", 0),                # a later record without an Answer: FLARE's get("Answer", "")
+])
+def test_each_order_of_a_questions_records_gives_what_flare_reads_and_counts_it_once(tmp_path, answers, flare_reads,
+                                                                                     missing):
+    from flare_exp.data.rejects import rejected_questions
+
+    root = tmp_path / "raw"
+    good = {"TaskType": "Multi-label Classification", "Modality": "Xray", "ImageName": "imagesTr/a.png",
+            "Split": "train", "Question": "q0"}
+    other = {**good, "Question": "q1", "Answer": "Mass"}  # a question that keeps the split from being empty
+    _small_tree(root, [other] + [{k: v for k, v in good.items()} if a == "MISSING" else {**good, "Answer": a}
+                                 for a in answers])
+    out = _prepare(tmp_path, root, "data.datasets=[chestdr]")
+    kept = {r["question"]: r for r in read_jsonl(out / "train.jsonl")}
+    if answers[-1] is None and not any(answers):
+        assert "q0" not in kept
+    else:
+        assert kept["q0"]["answer"] == "Effusion" and kept["q0"].get("raw_answer") == flare_reads
+    left = rejected_questions(out / "train.jsonl")
+    assert (left or {}).get("count", 0) == missing, read_jsonl(out / "rejects.jsonl")

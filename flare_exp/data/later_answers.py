@@ -24,29 +24,51 @@ def key_of(raw, dataset: str, split: str) -> str | None:
 
 
 def shadow(raw, dataset: str, split: str) -> dict:
-    """What a rejected record leaves for ``apply_later_answers``: its id, and its raw Answer and TaskType."""
+    """What a rejected record leaves for ``apply_later_answers``: its id, and its Answer (``""`` where it has none:
+    FLARE's ``get("Answer", "")``) and TaskType as FLARE reads them."""
     key = key_of(raw, dataset, split)
-    return {} if key is None else {"id": key, "_raw_answer": raw.get("Answer"), "_raw_task_type": raw.get("TaskType")}
+    return {} if key is None else {"id": key, "_raw_answer": raw.get("Answer", ""), "_raw_task_type": raw.get("TaskType")}
+
+
+def record_shadow(record: dict) -> dict:
+    """``shadow`` of a converted record that prepare rejects later (its image)."""
+    return {"id": record["id"], "_raw_answer": record.get("raw_answer", record.get("answer")),
+            "_raw_task_type": record.get("raw_task_type")}
+
+
+def read_later(kept: dict, later: dict, at: tuple) -> None:
+    """FLARE reads ``later`` (a record of ``kept``'s question further on, at ``at``; a converted record, or a
+    reject's ``shadow``): its raw answer and TaskType are the kept record's raw ones; its own answer stays the one
+    it trains and is scored on."""
+    raw_answer = later.get("raw_answer", later.get("answer"))
+    kept.pop("raw_answer", None)
+    if raw_answer != kept.get("answer"):
+        kept["raw_answer"] = raw_answer
+    kept["raw_task_type"], kept["_at"] = later.get("raw_task_type"), at
 
 
 def apply_later_answers(by_split: dict[str, list[dict]], rejects: list[dict]) -> int:
-    """Each kept record whose key a later, rejected record repeats takes that record's raw answer and TaskType as
-    FLARE reads them; the reject is named a duplicate. Returns how many records changed."""
+    """Each rejected record of a kept question: before the kept one, a duplicate (FLARE reads the kept); after it,
+    what FLARE reads (``read_later``), a duplicate too. A question rejected twice is one question left out.
+    Returns how many kept records FLARE reads otherwise."""
     kept = {r["id"]: r for rows in by_split.values() for r in rows}
-    changed = 0
-    for reject in sorted(rejects, key=lambda r: (r["file"], r["index"])):  # the last one of a key wins
-        raw_answer, raw_type = reject.pop("_raw_answer", None), reject.pop("_raw_task_type", None)
-        record = kept.get(reject.get("id"))
-        at = record.get("_at") if record is not None else None
-        if at is None or at[0] != reject["file"] or at[1] > reject["index"]:  # none kept, or kept after it
+    refused, changed = set(), 0
+    for reject in sorted(rejects, key=lambda r: (r["file"], r["index"])):  # prepare's reading order
+        if "_raw_answer" not in reject:
             continue
-        answer = record.get("answer")
-        record.pop("raw_answer", None)
-        if raw_answer != answer:
-            record["raw_answer"] = raw_answer
-        record["raw_task_type"] = raw_type
-        reject["reason"] = (f"{DUPLICATE} whose later record prepare refuses ({reject['reason']}): the earlier "
-                            f"answer {answer!r} kept for training; FLARE's evaluator reads this one (eval's caveat "
-                            "says its number)")
-        changed += 1
+        later = {"raw_answer": reject.pop("_raw_answer"), "raw_task_type": reject.pop("_raw_task_type")}
+        key, at, why = reject["id"], (reject["file"], reject["index"]), reject["reason"]
+        record = kept.get(key)
+        if record is None:
+            if key in refused:
+                reject["reason"] = f"{DUPLICATE} also refused ({why})"
+            refused.add(key)
+        elif at < tuple(record["_at"]):
+            reject["reason"] = f"{DUPLICATE} whose later record is kept ({why})"
+        else:
+            read_later(record, later, at)
+            reject["reason"] = (f"{DUPLICATE} whose later record prepare refuses ({why}): the earlier answer "
+                                f"{record.get('answer')!r} kept for training; FLARE's evaluator reads this one (eval's "
+                                "caveat says its number)")
+            changed += 1
     return changed

@@ -19,7 +19,7 @@ from flare_exp.data import records as R
 from flare_exp.data.decoding import check_window
 from flare_exp.data.image_modes import say_modes
 from flare_exp.data.images import NEARLY_UNIFORM, ProcessorLimits, check_images, walk_files
-from flare_exp.data.later_answers import apply_later_answers, shadow
+from flare_exp.data.later_answers import apply_later_answers, read_later, record_shadow, shadow
 from flare_exp.data.question_files import (QuestionFile, discover, load_question_file, question_files, resolve_image,
                                            split_sources_of, unread_copies)
 from flare_exp.data.prepare_inputs import INPUTS, record_inputs
@@ -321,15 +321,17 @@ def accept_records(candidates: list, cfg_data, rejects: list,
         if problem is None and record["id"] in seen:
             place, kept_file, kept_index = seen[record["id"]]
             kept = by_split[record["split"]][place].get("answer")
-            if kept == record.get("answer"):
+            if kept == record.get("answer"):  # FLARE reads this later one (its TaskType, its raw answer)
                 problem = "duplicate ImageName||Question"
+                read_later(by_split[record["split"]][place], record, (file, index))
             else:  # FLARE's evaluator keys its ground truth by ImageName||Question: the last record's answer counts
                 _reject(rejects, cfg_data, kept_file, kept_index, "duplicate ImageName||Question with another answer "
                         f"({kept!r}; a later record of the question replaces it, as FLARE's evaluator keeps the "
                         "last)", record["split"])
                 replaces = place
         if problem:
-            _reject(rejects, cfg_data, file, index, problem, record["split"])
+            _reject(rejects, cfg_data, file, index, problem, record["split"],  # its image: FLARE reads it still
+                    None if problem == "duplicate ImageName||Question" else record_shadow(record))
             continue
         record["_digests"] = [d for result in results for d in (result.sha1, result.pixels) if d]
         record["_pixels"] = [result.pixels or result.sha1 for result in results]  # one per image (record_doubts)

@@ -18,8 +18,9 @@ SPLIT_FILES = ("train.jsonl", "val.jsonl", "test.jsonl")
 
 def reason_kind(reason: str) -> str:
     """A reject's reason without its particulars (the file, the sizes), for counting."""
-    for prefix in (f"{DUPLICATE} with another answer", f"{DUPLICATE} whose later record prepare refuses",
-                   "missing image", "corrupt image", "decompression bomb", "missing key", "unknown TaskType",
+    if reason.startswith(DUPLICATE):  # the kind before its particulars: "... whose later record is kept (...)"
+        return reason.split(" (", 1)[0]
+    for prefix in ("missing image", "corrupt image", "decompression bomb", "missing key", "unknown TaskType",
                    OUTSIDE_ROOT, SMALLER_THAN_A_PATCH, PROCESSOR_REFUSES):
         if reason.startswith(prefix):
             return prefix

@@ -24,48 +24,60 @@ def flare_task(raw_task_type) -> str | None:
     return "report_generation" if name and name in "report_generation" else None  # its test is a substring test
 
 
-def as_flare_reads(task: str, rows: list[dict]) -> tuple[list[dict], list[str]]:
-    """The rows FLARE's evaluator scores in ``task``'s group, with the answers as the question file gives them;
-    and what differs from eval's reading, one phrase per kind."""
-    kept, other_type = [], {}
-    for row in rows:
-        if "raw_task_type" in row and flare_task(row["raw_task_type"]) != task:
-            other_type[repr(row["raw_task_type"])] = other_type.get(repr(row["raw_task_type"]), 0) + 1
-            continue
-        kept.append({**row, "answer": row["raw_answer"]} if "raw_answer" in row else row)
-    why = [f"{n} row(s) of TaskType {name}, which it does not score as {FLARE_TASK_TYPE[task]}"
-           for name, n in sorted(other_type.items())]
-    raw = [r["raw_answer"] for r in kept if "raw_answer" in r]
+def flare_groups(by_task: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    """FLARE task -> the rows its evaluator scores there, each with the answer as the question file gives it: a
+    row goes where its raw TaskType puts it (maybe another task's group than eval's, or none)."""
+    groups: dict[str, list[dict]] = {}
+    for task, rows in by_task.items():
+        for row in rows:
+            flare = flare_task(row["raw_task_type"]) if "raw_task_type" in row else task
+            if flare is not None:
+                groups.setdefault(flare, []).append({**row, "answer": row["raw_answer"]} if "raw_answer" in row
+                                                    else row)
+    return groups
+
+
+def differences(task: str, ours: list[dict], theirs: list[dict]) -> list[str]:
+    """What FLARE's reading of ``task``'s group differs by, one phrase per kind."""
+    why = []
+    gone = [r for r in ours if flare_task(r.get("raw_task_type", task)) != task]
+    come = [r for r in theirs if r["task_type"] != task]
+    for rows, verb in ((gone, "which it does not score as"), (come, "which it scores as")):
+        names: dict[str, int] = {}
+        for row in rows:
+            names[repr(row["raw_task_type"])] = names.get(repr(row["raw_task_type"]), 0) + 1
+        why += [f"{n} row(s) of TaskType {name}, {verb} {FLARE_TASK_TYPE[task]}" for name, n in sorted(names.items())]
+    raw = [r["raw_answer"] for r in ours if "raw_answer" in r and r not in gone]
     lists = sum(isinstance(a, list) for a in raw)
     if lists:
         why.append(f"{lists} answer(s) given as a list, which it leaves out (prepare joined them)")
     if raw and len(raw) > lists:
         example = next(a for a in raw if not isinstance(a, list))
         why.append(f"{len(raw) - lists} answer(s) as the file writes them (e.g. {example!r}), which prepare normalised")
-    return kept, why
+    return why
 
 
 def flare_reading_caveats(by_task: dict[str, list[dict]]) -> list[str]:
     """One line per task whose FLARE number, on the question file as it is, differs from eval's: both numbers
     and why. Report generation: the rows FLARE gives no green_score are said (the judge is not run again)."""
-    lines = []
-    for task, rows in sorted(by_task.items()):
-        if not any(k in row for row in rows for k in RAW_FIELDS):
-            continue
-        read, why = as_flare_reads(task, rows)
+    if not any(k in row for rows in by_task.values() for row in rows for k in RAW_FIELDS):
+        return []
+    groups, lines = flare_groups(by_task), []
+    for task in sorted(set(by_task) | set(groups)):
+        ours, theirs = by_task.get(task, []), groups.get(task, [])
+        why = differences(task, ours, theirs)
         if not why:
             continue
         name = OFFICIAL_METRIC[task]
         if task == "report_generation":
             lines.append(f"{FLARE_TASK_TYPE[task]}: FLARE's evaluator, reading the question file as it is, scores "
-                         f"{len(read)} of these {len(rows)} rows: {'; '.join(why)}")
+                         f"{len(theirs)} of these {len(ours)} rows: {'; '.join(why)}")
             continue
-        ours = official_block(task, rows).get(name)
-        theirs = official_block(task, read).get(name) if read else None
-        if _same(ours, theirs):
-            continue
-        lines.append(f"{FLARE_TASK_TYPE[task]}: {name} {_shown(theirs)} by FLARE's evaluator on the question file "
-                     f"as it is, {_shown(ours)} here: {'; '.join(why)}")
+        mine = official_block(task, ours).get(name) if ours else None
+        flares = official_block(task, theirs).get(name) if theirs else None
+        if not _same(mine, flares):
+            lines.append(f"{FLARE_TASK_TYPE[task]}: {name} {_shown(flares)} by FLARE's evaluator on the question file "
+                         f"as it is, {_shown(mine)} here: {'; '.join(why)}")
     return lines
 
 

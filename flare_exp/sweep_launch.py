@@ -9,9 +9,10 @@ from pathlib import Path
 LAUNCH_FILE = ".launch.json"
 
 
-def record_launch(sweep_dir: Path, job_overrides, initial_job_idx: int, first: bool) -> None:
+def record_launch(sweep_dir: Path, job_overrides, initial_job_idx: int, first: bool, kept=()) -> None:
     """The jobs this launch makes (its first batch: the record started afresh; a later batch of the same sweep:
-    added to it)."""
+    added to it), by job number (hydra.job.num): each one's overrides, and whether its dir's finished run is kept
+    (``kept``: their indices in ``job_overrides``)."""
     import json
 
     from flare_exp.io import write_json
@@ -22,20 +23,35 @@ def record_launch(sweep_dir: Path, job_overrides, initial_job_idx: int, first: b
             jobs = json.loads((sweep_dir / LAUNCH_FILE).read_text())["jobs"]
         except (OSError, ValueError, KeyError, TypeError):
             jobs = {}
-    jobs.update({str(initial_job_idx + i): list(map(str, o)) for i, o in enumerate(job_overrides)})
+    jobs.update({str(initial_job_idx + i): {"overrides": list(map(str, o)), "kept": i in kept}
+                 for i, o in enumerate(job_overrides)})
     write_json(sweep_dir / LAUNCH_FILE, {"jobs": jobs})
 
 
-def launched_jobs(sweep_dir: Path) -> set[str] | None:
-    """The job dirs' names the sweep dir's latest launch made; None where it has no readable record (a sweep of
-    an older flare-exp, an Optuna search: its study tells its trials apart)."""
+def launched_jobs(sweep_dir: Path) -> dict[str, dict] | None:
+    """Job number -> {"overrides", "kept"} of the sweep dir's latest launch; None where it has no readable record
+    (a sweep of an older flare-exp, an Optuna search: its study tells its trials apart)."""
     import json
 
     try:
         jobs = json.loads((sweep_dir / LAUNCH_FILE).read_text())["jobs"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return set(jobs) if isinstance(jobs, dict) else None
+    if not isinstance(jobs, dict):
+        return None
+    return {n: job if isinstance(job, dict) else {"overrides": job, "kept": True} for n, job in jobs.items()}
+
+
+def not_of_latest_launch(number: str, overrides: list, launched: dict[str, dict]) -> str | None:
+    """Why a job dir's run (its job number, its overrides.yaml) is no run of the latest launch: a number it did
+    not make, or one it was to run that still holds another launch's run (a killed relaunch never reached it);
+    None where it is (run by it, or a finished run it kept)."""
+    job = launched.get(str(number))
+    if job is None:
+        return f"not one of the latest launch's {len(launched)} job(s)"
+    if job.get("kept") or override_pairs(overrides) == override_pairs(job.get("overrides") or []):
+        return None
+    return "the latest launch was to run this job with other settings and did not (stopped before it?)"
 
 
 def override_pairs(overrides) -> dict[str, str]:

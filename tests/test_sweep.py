@@ -282,3 +282,26 @@ def test_a_job_the_alarm_stopped_says_so_in_the_sweep_table(tmp_path):
     rows = {r["job"]: r for r in csv.DictReader((sweep / "report" / "sweep.csv").open())}
     assert rows["0"]["status"] == "DONE (stopped early at step 4 of 6 by the reward-hacking alarm (length cap))"
     assert rows["1"]["status"] == "DONE" and rows["0"]["rank"] == "2"
+
+
+def test_a_killed_relaunch_leaves_no_earlier_run_ranked_as_its_own(tmp_path):
+    """A relaunch (overwrite=true) killed before it reached job 0 left the earlier launch's run there; the record
+    named job 0 as the latest launch's, so that run ranked as its own (the best). A job the latest launch was to
+    run, whose dir holds a run of other settings, is an earlier launch's; a job it kept is its own; the record is
+    read by job number (a custom hydra.sweep.subdir names the dirs otherwise)."""
+    from flare_exp.reports.sweep_jobs import collect
+
+    sweep = tmp_path / "sweep"
+    for name, num, made_with in (("job0", 0, "q3"), ("job1", 1, "q1"), ("job2", 2, "q2")):
+        job = sweep / name
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text(f"- eval.predictions=[{made_with}]\n")
+        (job / ".hydra" / "hydra.yaml").write_text(f"hydra:\n  job:\n    num: {num}\n")
+        (job / "DONE").write_text("{}")
+    (sweep / ".launch.json").write_text(json.dumps({"jobs": {
+        "0": {"overrides": ["eval.predictions=[q0]", "overwrite=true"], "kept": False},
+        "1": {"overrides": ["eval.predictions=[q1]"], "kept": True},
+        "2": {"overrides": ["++eval.predictions=[q2]"], "kept": False}}}))
+    jobs = {j["job"]: j for j in collect(sweep)}
+    assert jobs["job0"].get("earlier_launch") and "was to run this job with other settings" in jobs["job0"]["error"]
+    assert not jobs["job1"].get("earlier_launch") and not jobs["job2"].get("earlier_launch")

@@ -248,7 +248,7 @@ def test_a_relaunched_sweep_says_its_kept_jobs_first_with_the_overrides_they_wer
     third = subprocess.run([*argv, "++seed=4", "overwrite=true"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert third.returncode == 0, third.stderr[-2000:]
     launched = json.loads((sweep / ".launch.json").read_text())["jobs"]
-    assert list(launched) == ["0"] and "++seed=4" in launched["0"] and "stage=eval" in launched["0"]
+    assert list(launched) == ["0"] and "++seed=4" in launched["0"]["overrides"] and not launched["0"]["kept"]
     from flare_exp.reports.sweep_jobs import collect
 
     jobs = {j["job"]: j for j in collect(sweep)}

@@ -13,7 +13,7 @@ from flare_exp.io import NON_FINITE
 from flare_exp.run.layout import CONFIG, FAILED, HYDRA, LOG_HISTORY, METRICS, OVERRIDES, own_or_step, summary_name
 from flare_exp.run.record import marker
 from flare_exp.run.stage import declared_stages
-from flare_exp.sweep_launch import launched_jobs, override_pairs
+from flare_exp.sweep_launch import launched_jobs, not_of_latest_launch, override_pairs
 
 TRAINED = tuple(name for name, s in declared_stages().items() if s.trains)  # their summaries hold a job's numbers
 LOWER_IS_BETTER = ("mean_absolute_error", "loss", "mae", "rmse", "seconds")
@@ -27,14 +27,24 @@ def collect(sweep_dir: Path) -> list[dict]:
     make (its .launch.json) is marked: an earlier launch's, left out of the ranking."""
     jobs = _read_jobs(sweep_dir)
     launched = launched_jobs(sweep_dir)
-    for job in jobs if launched is not None else []:
-        if job["job"] not in launched:
+    for job in jobs:
+        raw = job.pop("raw_overrides")
+        why = not_of_latest_launch(job_number(Path(job["dir"])), raw, launched) if launched is not None else None
+        if why:
             job["earlier_launch"] = True
             job["error"] = (f"{job.get('error', '')}; " if job.get("error") else "") + (
-                f"made by an earlier launch into this sweep dir, not one of the latest launch's {len(launched)} "
-                "job(s): left out of the ranking")
+                f"made by an earlier launch into this sweep dir ({why}): left out of the ranking")
     fill_settings(jobs)
     return jobs
+
+
+def job_number(job_dir: Path) -> str:
+    """The job's number in its sweep (hydra.job.num, as Hydra recorded it: a custom hydra.sweep.subdir names the
+    dir otherwise), else the dir's name."""
+    try:
+        return str(yaml.safe_load((job_dir / HYDRA / "hydra.yaml").read_text())["hydra"]["job"]["num"])
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return job_dir.name
 
 
 def fill_settings(jobs: list[dict]) -> None:
@@ -72,7 +82,7 @@ def _read_jobs(sweep_dir: Path) -> list[dict]:
         overrides_file = job_dir / HYDRA / OVERRIDES
         overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.exists() else []
         job = {"job": job_dir.name, "dir": str(job_dir), "status": marker(job_dir) or "unfinished",
-               "overrides": override_pairs(overrides), "metrics": {}, "curve": []}
+               "overrides": override_pairs(overrides), "raw_overrides": overrides, "metrics": {}, "curve": []}
         for sub in ("", *TRAINED):  # a stage's job, or a pipeline job's steps
             for name in map(summary_name, TRAINED):
                 if (job_dir / sub / name).exists():

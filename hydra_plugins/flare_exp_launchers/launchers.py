@@ -43,7 +43,8 @@ class _Watched:
         job_dirs = [sweep_dir / str(initial_job_idx + i) for i in range(len(job_overrides))]
         search = "optuna" in str(self.config.hydra.sweeper.get("_target_", ""))
         if not search:  # which jobs this launch made: the sweep report tells an earlier launch's others apart
-            record_launch(sweep_dir, job_overrides, initial_job_idx, first=not getattr(self, "_recorded", False))
+            record_launch(sweep_dir, job_overrides, initial_job_idx, first=not getattr(self, "_recorded", False),
+                          kept=set(kept))
             self._recorded = True
         objectives = objective_list(self.config.hydra.sweeper.get("objectives")) if search else None
         with Progress(job_dirs, job_names(job_overrides), kept=kept, objectives=objectives) as progress:

@@ -339,10 +339,15 @@ def check_jobs(hydra_context, master_config, job_overrides, initial_job_idx: int
         del refused[where]  # said once, in shared_prepare_runs' line naming the jobs that share it
     if bad or clashes or refused:
         total = len(job_overrides)
-        said = [f"{len(bad)} of {total} jobs of the sweep have settings a run would refuse"] if bad else []
+        of = "of this batch" if initial_job_idx else "of the sweep"
+        said = [f"{len(bad)} of {total} jobs {of} have settings a run would refuse"] if bad else []
         said += held_headline(refused, total)
         said += ["jobs of the sweep would write over each other's prepared data"] if clashes else []
-        raise SweepSettingsError(" and ".join(said) + "; no job was launched:\n"
+        launched = ("no job was launched" if not initial_job_idx else  # hydra.sweeper.max_batch_size: by batch
+                    f"no job of this batch (#{initial_job_idx}-#{initial_job_idx + total - 1}) was launched; the "
+                    f"{initial_job_idx} job(s) of the batches before it ran (a sweep run in batches, "
+                    "hydra.sweeper.max_batch_size or a search's, checks each batch as it comes)")
+        raise SweepSettingsError(" and ".join(said) + f"; {launched}:\n"
                                  + "\n".join(bad + held_lines(refused) + clashes))
     return kept
 

@@ -52,8 +52,10 @@ def test_choice_refusals():
     ("12,5", None), ("0,25 %", None), ("1,2345", None),
     ("12, 5", 12.0),            # a comma and a space: two numbers, the first read
     ("\u22125 mm", -5.0),       # a typeset minus sign is the sign (it read as 5)
-    ("\u201312", -12.0), ("\uff0d5", -5.0), ("\ufe633", -3.0),  # an en dash, full-width and small hyphen-minus too
-    ("1_000", 1000.0), ("2_5.0_1", 25.01),  # digit groups as float() reads them (it read 1 and 2)
+    ("\uff0d5", -5.0), ("\ufe633", -3.0),  # full-width and small hyphen-minus too
+    ("Answer \u2013 30%", 30.0), ("\u201312", 12.0),  # a dash is no minus sign (a separator, a range)
+    ("1_000", 1000.0), ("2_5.0_1", 25.01), ("1e1_0", 1e10),  # digit groups as float() reads them (it read 1, 2, 10)
+    ("0,250", None), ("40\u066b5", None),  # a decimal comma, not 250 or 40
     ("about 20 percent", 20.0),  # the first number anywhere in the text
     ("-3.5 mm", -3.5),          # the sign is kept
     ("+3", 3.0),

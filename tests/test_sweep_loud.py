@@ -1,5 +1,6 @@
 """Sweeps fail loudly and can be stopped: every job's settings checked before any launch, a line per finished
 job, the failed ones named, SIGTERM reaching the workers, an Optuna search with failed trials ending non-zero."""
+import json
 import os
 import subprocess
 import sys
@@ -477,3 +478,18 @@ def test_a_missing_choice_all_jobs_share_is_named_once(capsys):
     assert "2 choices on the command line do not exist:" in err and "problems with the settings" not in err, err
     assert "- experiment=nonexist (in experiment=demo,nonexist) on the command line: no experiment/nonexist.yaml" \
         in err, err
+
+
+def test_a_batch_refused_after_earlier_batches_ran_says_so(session_dir, tmp_path):
+    """With hydra.sweeper.max_batch_size each batch is checked as it comes: a refused second batch said "no job
+    was launched" (and "1 of 1 jobs of the sweep") after job #0 had run."""
+    preds = tmp_path / "p.jsonl"
+    preds.write_text(json.dumps({"id": "d/1", "dataset": "dental", "task_type": "classification", "answer": "A",
+                                 "prediction": "A"}) + "\n")
+    proc = subprocess.run([sys.executable, "launch.py", "-m", "stage=eval", "eval.radgraph=false",
+                           f"eval.predictions=[{preds}],[{tmp_path / 'missing.jsonl'}]", "run_name=batches",
+                           f"paths.output_root={tmp_path / 'out'}", "hydra.sweeper.max_batch_size=1"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "1 of 1 jobs of this batch have settings a run would refuse; no job of this batch (#1-#1) was launched; " \
+           "the 1 job(s) of the batches before it ran" in proc.stderr, proc.stderr[-2000:]

@@ -8,8 +8,9 @@
 - ``label_set`` / ``set_f1``: a multi-label answer as a set of labels split on the dataset's separator,
   compared case- and whitespace-insensitively.
 - ``parse_number``: the first number in a regression answer: ``22.9``, ``22.9%``, ``1,234``, ``about 20
-  percent``, ``1e1`` (10: the exponent is part of the number), ``1_000`` (1000, as ``float()``), a typeset minus
-  sign or a dash before it as "-"; none in ``12,5`` (a decimal comma).
+  percent``, ``1e1`` (10: the exponent is part of the number), ``1_000`` (1000, as ``float()``), a typeset,
+  small or full-width minus sign as "-" (a dash is no sign); none in ``12,5``, ``0,250`` or ``40\u066b5`` (a
+  decimal comma).
 """
 from __future__ import annotations
 
@@ -57,12 +58,13 @@ def set_f1(pred: set, gold: set) -> float:
     return 2 * len(pred & gold) / (len(pred) + len(gold))
 
 
-_NUMBER = re.compile(r"(?:[-+]?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+(?:_\d+)*)(?:\.\d+(?:_\d+)*)?|[-+]?\.\d+)"
-                     r"(?:[eE][-+]?\d+)?")  # "1_000" as float() reads it (1000), not 1
-# typeset minus signs and dashes written as one (minus, figure and en dash, small and full-width hyphen-minus):
-# the number's sign, as "-"
-MINUS_SIGNS = str.maketrans(dict.fromkeys("\u2212\u2012\u2013\ufe63\uff0d", "-"))
-
+# thousands groups ("1,234": never "0,250", a decimal comma), or digits with float()'s underscores ("1_000")
+_NUMBER = re.compile(r"(?:[-+]?(?:(?!0,)\d{1,3}(?:,\d{3})+(?!\d)|\d+(?:_\d+)*)(?:\.\d+(?:_\d+)*)?|[-+]?\.\d+)"
+                     r"(?:[eE][-+]?\d+(?:_\d+)*)?")
+# a minus sign written otherwise (typeset, small or full-width hyphen-minus) is the number's sign; a dash (en, em,
+# figure) is not taken for one: "Answer \u2013 30%" is 30
+MINUS_SIGNS = str.maketrans(dict.fromkeys("\u2212\ufe63\uff0d", "-"))
+DECIMAL_COMMA = re.compile(r"[,\u066b]\d")  # "12,5", Arabic "40\u066b5": a decimal comma, not a whole number
 
 def parse_number(text) -> float | None:
     """The first number in the answer; None for none, for one past a float's range ("1e309", a 400-digit
@@ -80,7 +82,7 @@ def parse_number(text) -> float | None:
     else:
         text = text.translate(MINUS_SIGNS)
         m = _NUMBER.search(text)
-        if m and re.match(r",\d", text[m.end():]):  # a decimal comma ("12,5"): not read as its whole part
+        if m and DECIMAL_COMMA.match(text, m.end()):  # not read as its whole part
             return None
         number = float(m.group(0).replace(",", "").replace("_", "")) if m else math.nan
     return number if math.isfinite(number) else None

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sys
 from pathlib import Path
 
 from flare_exp.cells import EXCEL_CELL_CHARACTERS, as_stored
@@ -60,11 +59,11 @@ def write_sheet(path: Path, rows: list[dict], label: str, extra: tuple[str, ...]
 
 
 def cell_value(value):
-    """A value as a worksheet cell holds it: a list or object as its JSON, an integer past a float's range (a
-    worksheet's numbers are floats) as its digits."""
+    """A value as a worksheet cell holds it: a list or object as its JSON, an integer a float does not hold
+    exactly (past 2**53: a worksheet's numbers are floats) as its digits."""
     if isinstance(value, (list, dict)):
         return json.dumps(value, ensure_ascii=False)
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > sys.float_info.max:
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 2 ** 53:
         return str(value)
     return value
 

@@ -27,7 +27,9 @@ def shadow(raw, dataset: str, split: str) -> dict:
     """What a rejected record leaves for ``apply_later_answers``: its id, and its Answer (``""`` where it has none:
     FLARE's ``get("Answer", "")``) and TaskType as FLARE reads them."""
     key = key_of(raw, dataset, split)
-    return {} if key is None else {"id": key, "_raw_answer": raw.get("Answer", ""), "_raw_task_type": raw.get("TaskType")}
+    if key is None:
+        return {}
+    return {"id": key, "_raw_answer": raw.get("Answer", ""), "_raw_task_type": raw.get("TaskType")}
 
 
 def record_shadow(record: dict) -> dict:

@@ -20,6 +20,7 @@ from flare_exp.data.decoding import check_window
 from flare_exp.data.image_modes import say_modes
 from flare_exp.data.images import NEARLY_UNIFORM, ProcessorLimits, check_images, walk_files
 from flare_exp.data.later_answers import apply_later_answers, read_later, record_shadow, shadow
+from flare_exp.data.overlap import check_overlap
 from flare_exp.data.question_files import (QuestionFile, discover, load_question_file, question_files, resolve_image,
                                            split_sources_of, unread_copies)
 from flare_exp.data.prepare_inputs import INPUTS, record_inputs
@@ -101,40 +102,6 @@ def convert_record(raw, qf: QuestionFile, out_split: str, root: Path, cfg):
         "messages": R.build_messages(images, text, answer),
         "_paths": paths,  # for the image pass and the leakage check; not written out
     }, None
-
-
-def _study_keys(split_rows: list[dict]) -> dict[str, str]:
-    """key -> study: the study named after its images, and each image's content (same picture, other name)."""
-    keys = {}
-    for r in split_rows:
-        study = R.study_key(r["dataset"], r["images"])
-        keys[study] = study
-        for digest in r.get("_digests", []):
-            keys[f"sha1:{digest}"] = study
-    return keys
-
-
-def check_overlap(by_split: dict[str, list[dict]], allow: bool) -> list[str]:
-    """Studies in more than one split (train/val, train/test and val/test: a val study in test would make the
-    model selection leak too)."""
-    keys = {split: _study_keys(by_split.get(split, [])) for split in ("train", "val", "test")}
-    pairs = {(a, b): sorted({keys[a][k] for k in keys[a].keys() & keys[b].keys()})
-             for a, b in (("train", "val"), ("train", "test"), ("val", "test"))}
-    overlap = sorted({study for studies in pairs.values() for study in studies})
-    if overlap and not allow:
-        twins = defaultdict(set)  # a study -> its other names in the later split (same picture, renamed)
-        for a, b in pairs:
-            for k in keys[a].keys() & keys[b].keys():
-                if keys[a][k] != keys[b][k]:
-                    twins[keys[a][k]].add(f"{keys[b][k]} ({b})")
-        named = [study + (f" = {', '.join(sorted(twins[study]))}" if twins[study] else "") for study in overlap]
-        shown = "\n  ".join(named[:50]) + (f"\n  ... and {len(overlap) - 50} more" if len(overlap) > 50 else "")
-        where = ", ".join(f"{a}/{b}: {len(studies)}" for (a, b), studies in pairs.items() if studies)
-        raise PrepareError(
-            f"{len(overlap)} studies appear in more than one split ({where}; validation would leak):\n  {shown}\n"
-            "Remove them from one side (a study's picture under another name is shown as 'name = other name "
-            "(split)'), or pass data.allow_overlap=true to accept the leak.")
-    return overlap
 
 
 def prepare(cfg_data, root: Path, out_dir: Path, limits: ProcessorLimits | None = None) -> dict:
@@ -306,8 +273,9 @@ def accept_records(candidates: list, cfg_data, rejects: list,
                    limits: ProcessorLimits | None = None) -> "Accepted":
     """Decode every image the candidates name (once, in parallel; data.verify_images=false: headers only); a
     record with a broken image, one the processor cannot take, or a second record with the same
-    ImageName||Question and answer, is rejected; of two with other answers, the earlier (FLARE's rule). Also: the accepted images counted by PIL mode, each image's sha1, and the
-    accepted images that decoded to one nearly flat grey level, and those of several pages."""
+    ImageName||Question and answer, is rejected; of two with other answers, the earlier (FLARE's rule). Also: the
+    accepted images counted by PIL mode, each image's sha1, and the accepted images that decoded to one nearly
+    flat grey level, and those of several pages."""
     by_split: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
     images = [p for record, _, _ in candidates for p in record["_paths"]]
     window = check_window(cfg_data.image_window)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from flare_exp.catalog import (find_run, metrics_file, non_number, official_blocks, own_label, run_summary,
                                shown_label)
+from flare_exp.metrics.official import agrees
 from flare_exp.run.layout import DONE, FAILED, own_or_step
 from flare_exp.run.record import marker
 
@@ -127,17 +128,6 @@ def disagreeing_value(block: dict, rows: list[dict], green_samples: Path | None 
 
 UNJUDGED = object()  # a report group without the judgments to recompute its GREEN score from
 DATASET_GROUP = "dataset block"  # the key of eval's per-dataset block a row counts in (official.dataset_groups)
-
-
-def agrees(said: float, true: float) -> bool:
-    """Whether a number in metrics.json is the recomputed one (to rounding; an infinite or NaN one exactly)."""
-    import math
-
-    if math.isnan(said) or math.isnan(true):
-        return math.isnan(said) and math.isnan(true)
-    if math.isinf(said) or math.isinf(true):
-        return said == true
-    return abs(said - true) <= 1e-9 * max(1.0, abs(true))
 
 
 def compared_blocks(output_root: Path, name: str, run_dir: Path) -> dict:

@@ -6,9 +6,10 @@ number. Prepared records keep the raw ``raw_answer`` (where it differs) and ``ra
 keeps eval's reading and a caveat gives FLARE's number beside it."""
 from __future__ import annotations
 
-import math
+from collections import Counter
 
-from flare_exp.metrics.official import FLARE_TASK_TYPE, OFFICIAL_METRIC, official_block
+from flare_exp.metrics.official import FLARE_TASK_TYPE, OFFICIAL_METRIC, agrees, official_block
+from flare_exp.reports.tables import fmt
 
 RAW_FIELDS = ("raw_answer", "raw_task_type")  # joined from the prepared split with the answers
 
@@ -40,14 +41,13 @@ def flare_groups(by_task: dict[str, list[dict]]) -> dict[str, list[dict]]:
 def differences(task: str, ours: list[dict], theirs: list[dict]) -> list[str]:
     """What FLARE's reading of ``task``'s group differs by, one phrase per kind."""
     why = []
-    gone = [r for r in ours if flare_task(r.get("raw_task_type", task)) != task]
+    stays = [flare_task(r.get("raw_task_type", task)) == task for r in ours]
+    gone = [r for r, kept in zip(ours, stays) if not kept]
     come = [r for r in theirs if r["task_type"] != task]
     for rows, verb in ((gone, "which it does not score as"), (come, "which it scores as")):
-        names: dict[str, int] = {}
-        for row in rows:
-            names[repr(row["raw_task_type"])] = names.get(repr(row["raw_task_type"]), 0) + 1
+        names = Counter(repr(row["raw_task_type"]) for row in rows)
         why += [f"{n} row(s) of TaskType {name}, {verb} {FLARE_TASK_TYPE[task]}" for name, n in sorted(names.items())]
-    raw = [r["raw_answer"] for r in ours if "raw_answer" in r and r not in gone]
+    raw = [r["raw_answer"] for r, kept in zip(ours, stays) if kept and "raw_answer" in r]
     lists = sum(isinstance(a, list) for a in raw)
     if lists:
         why.append(f"{lists} answer(s) given as a list, which it leaves out (prepare joined them)")
@@ -75,23 +75,13 @@ def flare_reading_caveats(by_task: dict[str, list[dict]]) -> list[str]:
             continue
         mine = official_block(task, ours).get(name) if ours else None
         flares = official_block(task, theirs).get(name) if theirs else None
-        if not _same(mine, flares):
+        differ = mine is not flares if mine is None or flares is None else not agrees(mine, flares)
+        if differ:  # not a rounding's difference (2/3 summed two ways)
             lines.append(f"{FLARE_TASK_TYPE[task]}: {name} {_shown(flares)} by FLARE's evaluator on the question file "
                          f"as it is, {_shown(mine)} here: {'; '.join(why)}")
     return lines
 
 
-def _same(a, b) -> bool:
-    """Equal to the sums' rounding (2/3 summed two ways), infinities and NaNs alike; None only to None."""
-    if a is None or b is None:
-        return a is b
-    if math.isnan(a) or math.isnan(b) or math.isinf(a) or math.isinf(b):
-        return a == b or (math.isnan(a) and math.isnan(b))
-    return abs(a - b) <= 1e-9 * max(1.0, abs(b))
-
-
 def _shown(value) -> str:
     """A number as the report's tables show it (four decimals, Infinity), "none" for no number."""
-    if value is None:
-        return "none"
-    return ("-" if value < 0 else "") + "Infinity" if math.isinf(value) else f"{value:.4f}"
+    return "none" if value is None else fmt(value)

@@ -47,6 +47,15 @@ def dataset_groups(rows: list[dict]) -> list[str]:
             for row in rows]
 
 
+def agrees(said: float, true: float) -> bool:
+    """Whether a number is the recomputed one (to rounding: 2/3 summed two ways; an infinite or NaN one exactly)."""
+    if math.isnan(said) or math.isnan(true):
+        return math.isnan(said) and math.isnan(true)
+    if math.isinf(said) or math.isinf(true):
+        return said == true
+    return abs(said - true) <= 1e-9 * max(1.0, abs(true))
+
+
 def flare_text(value) -> str:
     return "" if value is None else str(value).strip().lower()
 

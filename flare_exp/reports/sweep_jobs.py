@@ -121,7 +121,7 @@ def edited_rewards(summary: dict, history_file: Path) -> str | None:
     """'key: V, W from its log_history.json' for the first reward number of a GRPO run's summary that its logged
     steps (beside it) do not give; None where they agree or there is no log to recompute from."""
     from flare_exp.rl_monitor.reward_summary import summarise
-    from flare_exp.runs_compare import agrees
+    from flare_exp.metrics.official import agrees
 
     if "reward_last" not in summary or not history_file.exists():
         return None

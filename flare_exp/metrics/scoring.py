@@ -90,11 +90,17 @@ class ReportScorers:
         return [judge for judge in (self.green(), self.crimson()) if judge is not None]
 
 
+def text_metrics(hyps: list[str], refs: list[str]) -> dict:
+    """The count and the report-text metrics of predictions against their references: ROUGE, corpus BLEU and
+    the original scripts' per-sample BLEU."""
+    return {"n": len(hyps), **text.rouge(hyps, refs), **text.corpus_bleu(hyps, refs),
+            "seed_bleu": text.seed_bleu(hyps, refs)}
+
+
 def report_metrics(rows: list[dict], scorers: ReportScorers, label: str) -> tuple[dict, list | None]:
     """Report-text metrics; also the GREEN judge's per-sample rows (None when no judge is configured)."""
     hyps, refs = [r["prediction"] for r in rows], [r["answer"] for r in rows]
-    out = {"n": len(rows), **text.rouge(hyps, refs), **text.corpus_bleu(hyps, refs),
-           "seed_bleu": text.seed_bleu(hyps, refs)}
+    out = text_metrics(hyps, refs)
     radgraph = scorers.radgraph()
     if radgraph is not None:
         from flare_exp.metrics.radgraph_f1 import MAX_WORDS, is_cut
@@ -148,9 +154,14 @@ def samples_file(out_dir: Path, judge: str, label: str) -> Path:
 def scored_rows(rows: list[dict]) -> list[dict]:
     """Our variants score a number's text, and a null or missing prediction as an empty answer (counted in the
     report); FLARE's official numbers read the raw rows."""
-    return [{**r, "prediction": r["prediction"] if isinstance(r.get("prediction"), str) else
-             str(r["prediction"]) if isinstance(r.get("prediction"), (int, float)) and not isinstance(
-                 r.get("prediction"), bool) else ""} for r in rows]
+    return [{**r, "prediction": prediction_text(r.get("prediction"))} for r in rows]
+
+
+def prediction_text(value) -> str:
+    """A prediction as our variants read it: its text, a number's digits, else empty."""
+    if isinstance(value, str):
+        return value
+    return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else ""
 
 
 def official_green_of(scorers: ReportScorers, pairs: list, green_by_id: dict) -> dict | None:
@@ -213,9 +224,7 @@ def report_group_metrics(group: list[dict], task_metrics: dict, task_pairs: list
     one report dataset); else the text metrics and GREEN of its rows alone, the rest named in by_task."""
     if len(group) == len(task_pairs):
         return dict(task_metrics)
-    hyps, refs = [r["prediction"] for r in group], [r["answer"] for r in group]
-    out = {"n": len(group), **text.rouge(hyps, refs), **text.corpus_bleu(hyps, refs),
-           "seed_bleu": text.seed_bleu(hyps, refs)}
+    out = text_metrics([r["prediction"] for r in group], [r["answer"] for r in group])
     if green_by_id:
         from flare_exp.metrics.green import summarise
 

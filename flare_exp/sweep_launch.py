@@ -37,9 +37,9 @@ def launched_jobs(sweep_dir: Path) -> dict[str, dict] | None:
         jobs = json.loads((sweep_dir / LAUNCH_FILE).read_text())["jobs"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    if not isinstance(jobs, dict):
-        return None
-    return {n: job if isinstance(job, dict) else {"overrides": job, "kept": True} for n, job in jobs.items()}
+    if not isinstance(jobs, dict) or not all(isinstance(job, dict) for job in jobs.values()):
+        return None  # edited by hand: no job is marked by it
+    return jobs
 
 
 def not_of_latest_launch(number: str, overrides: list, launched: dict[str, dict]) -> str | None:

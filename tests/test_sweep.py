@@ -203,8 +203,8 @@ def test_a_sweep_relaunched_smaller_with_another_setting_ranks_only_its_own_jobs
         (job / ".hydra" / "config.yaml").write_text(f"rl:\n  learning_rate: {lr}\n")
         (job / "DONE").write_text("{}")
         (job / "rl_summary.json").write_text(json.dumps({"reward_last": reward}))
-    (sweep / ".launch.json").write_text(json.dumps({"jobs": {"0": ["stage=rl", "reward.x.weights.a=0",
-                                                                   "rl.learning_rate=0.002", "overwrite=true"]}}))
+    (sweep / ".launch.json").write_text(json.dumps({"jobs": {"0": {"overrides": [
+        "stage=rl", "reward.x.weights.a=0", "rl.learning_rate=0.002", "overwrite=true"], "kept": False}}}))
     run(compose_cfg(["stage=sweep_report", f"sweep_report.sweep_dir={sweep}"]), run_dir=tmp_path / "r")
     rows = {r["job"]: r for r in csv.DictReader((sweep / "report" / "sweep.csv").open())}
     assert "overwrite" not in rows["0"]

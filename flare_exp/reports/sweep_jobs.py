@@ -83,11 +83,14 @@ def _read_jobs(sweep_dir: Path) -> list[dict]:
         overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.exists() else []
         job = {"job": job_dir.name, "dir": str(job_dir), "status": marker(job_dir) or "unfinished",
                "overrides": override_pairs(overrides), "raw_overrides": overrides, "metrics": {}, "curve": []}
+        history = own_or_step(job_dir, LOG_HISTORY, steps=("rl",))
+        logged = json.loads(history.read_text()) if history is not None else None  # read once: curve, checks
         for sub in ("", *TRAINED):  # a stage's job, or a pipeline job's steps
             for name in map(summary_name, TRAINED):
                 if (job_dir / sub / name).exists():
                     summary = json.loads((job_dir / sub / name).read_text())
-                    edited = edited_rewards(summary, job_dir / sub / LOG_HISTORY)
+                    beside = logged if history == job_dir / sub / LOG_HISTORY else None
+                    edited = edited_rewards(summary, beside)
                     if edited:  # a reward typed into the summary: not ranked as the job's own
                         job["error"] = (f"{sub or '.'}/{name}: {edited}: edited since its run wrote it; its reward "
                                         "numbers left out of the table and the ranking")
@@ -99,9 +102,7 @@ def _read_jobs(sweep_dir: Path) -> list[dict]:
             job["error"], official = (f"{edited}: metrics.json edited since its eval wrote it, left out of the "
                                       "ranking; rerun that eval"), {}
         job["metrics"].update(official)
-        history = own_or_step(job_dir, LOG_HISTORY, steps=("rl",))
-        if history is not None:
-            logged = json.loads(history.read_text())
+        if logged is not None:
             job["curve"] = [(h["step"], h["reward"]) for h in logged if "reward" in h]
             job["metrics"].update(run_term_means(logged))
         job["metrics"] = {k: NON_FINITE.get(v, v) if isinstance(v, str) else v for k, v in job["metrics"].items()}
@@ -117,17 +118,18 @@ def is_reward_number(key: str) -> bool:
     return key.startswith(("reward", "rewards/")) and key != "reward_note"
 
 
-def edited_rewards(summary: dict, history_file: Path) -> str | None:
+def edited_rewards(summary: dict, history: list | None) -> str | None:
     """'key: V, W from its log_history.json' for the first reward number of a GRPO run's summary that its logged
-    steps (beside it) do not give; None where they agree or there is no log to recompute from."""
-    from flare_exp.rl_monitor.reward_summary import summarise
+    steps (``history``: the log_history.json beside it) do not give; None where they agree or there is no log
+    to recompute from."""
     from flare_exp.metrics.official import agrees
+    from flare_exp.rl_monitor.reward_summary import summarise
 
-    if "reward_last" not in summary or not history_file.exists():
+    if "reward_last" not in summary or history is None:
         return None
     try:
-        recomputed = summarise(json.loads(history_file.read_text()), summary.get("global_step"))
-    except (OSError, ValueError, TypeError, KeyError):
+        recomputed = summarise(history, summary.get("global_step"))
+    except (ValueError, TypeError, KeyError, AttributeError):
         return None
     for key, true in recomputed.items():
         said = summary.get(key)

@@ -228,12 +228,11 @@ def stopped_early(run_dir: Path) -> str | None:
     """How a finished rl run (or a pipeline's rl step) ended short of rl.max_steps, stopped by the reward-hacking
     alarm or Optuna's pruner (its rl_summary.json's stopped_early), else None: such a run is DONE, and a plain
     DONE read as one that trained all its steps."""
-    from flare_exp.rl_monitor.reward_summary import ending
+    from flare_exp.rl_monitor.reward_summary import stop_note
     from flare_exp.run.layout import summary_name
 
     found = own_or_step(run_dir, summary_name("rl"), ("rl",))
-    summary = _read_json(found) if found is not None else {}
-    return ending(summary) if isinstance(summary.get("stopped_early"), dict) else None
+    return stop_note(_read_json(found) if found is not None else {})
 
 
 def continued_attempts(run_dir: Path) -> list[float | None]:

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import yaml
 
-from flare_exp.catalog import stopped_early
 from flare_exp.io import NON_FINITE
 from flare_exp.run.layout import CONFIG, FAILED, HYDRA, LOG_HISTORY, METRICS, OVERRIDES, own_or_step, summary_name
 from flare_exp.run.record import marker
+from flare_exp.rl_monitor.reward_summary import stop_note
 from flare_exp.run.stage import declared_stages
 from flare_exp.sweep_launch import launched_jobs, not_of_latest_launch, override_pairs
 
@@ -108,8 +108,8 @@ def _read_jobs(sweep_dir: Path) -> list[dict]:
         job["metrics"] = {k: NON_FINITE.get(v, v) if isinstance(v, str) else v for k, v in job["metrics"].items()}
         if job["status"] == "FAILED":
             job["error"] = (job_dir / FAILED).read_text().splitlines()[0][:200]
-        elif job["status"] == "DONE":  # the alarm's or the pruner's stop: its numbers are of fewer steps
-            job["stopped_early"] = stopped_early(job_dir)
+        elif job["status"] == "DONE":  # the alarm's or the pruner's stop (its rl_summary.json, read above)
+            job["stopped_early"] = stop_note(job["metrics"])
         jobs.append(job)
     return jobs
 

@@ -28,6 +28,11 @@ def ending(summary: dict) -> str:
     return f"stopped early at step {early.get('step')} of {early.get('max_steps')} by {early.get('why')}"
 
 
+def stop_note(summary: dict) -> str | None:
+    """``ending`` of a run the alarm or the pruner stopped short of rl.max_steps, else None (a plain finish)."""
+    return ending(summary) if isinstance(summary.get("stopped_early"), dict) else None
+
+
 def summarise(history: list[dict], global_step: int) -> dict:
     """Final numbers for sweep comparison: the mean of the last quarter of logged steps, per metric."""
     steps = [h for h in history if "reward" in h]

@@ -129,7 +129,7 @@ class DataConfig:
     unzip: bool = True
     # Decode every image in full at prepare (a broken one is a reject, not a crash in the first SFT batch).
     verify_images: bool = True
-    image_workers: int = 0  # processes decoding images at prepare; 0 = one per core, at most 16
+    image_workers: int = 0  # processes decoding images at prepare; 0 = one per core the job may use, at most 16
     # High-bit-depth images (16-bit, 32-bit, float) are scaled from this [low, high] to 0..255, in the images' own
     # units (e.g. [0, 4095] for 12-bit data in 16-bit files); null: each image from its own minimum and maximum.
     # Prepare records it in every record, so sft, rl and infer decode alike (docs/stages.md, Data layout).
@@ -341,6 +341,9 @@ class InferConfig(DecodingConfig):
     # The next batch's input (image processing, upload) built in the reader thread on a second CUDA stream while
     # this batch decodes (model and image_device on a GPU): auto wherever the batch fits the card.
     inputs_ahead: Any = "auto"  # auto | true | false
+    # Threads reading and decoding the next batch's image files while this batch decodes: auto = this process's
+    # share of its CPU cores, at most 8 (large X-rays take ~0.1 s each to decode; 1 = one thread, as before).
+    image_threads: Any = "auto"
 
 
 @dataclass

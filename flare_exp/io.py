@@ -204,17 +204,24 @@ def _remade_by(path: Path) -> str:
     return ""
 
 
-def read_journal(path: str | Path, key: str) -> dict[str, dict]:
+def read_journal(path: str | Path, key: str, replaced: list | None = None) -> dict[str, dict]:
     """Rows of an append-only JSONL journal (predictions, judgments) by ``row[key]``, for resuming. A torn last
     line (the job was killed mid-write, at any byte, inside a multi-byte character too) is dropped, logged, and
-    the file rewritten without it, so appends continue cleanly; a broken line elsewhere is an error naming it."""
+    the file rewritten without it, so appends continue cleanly; a broken line elsewhere, or a row that is no
+    object with its ``key``, is an error naming it; blank lines are skipped. Of two different rows of one key the
+    later is kept, the earlier appended to ``replaced`` where given."""
     path = Path(path)
     if not path.exists():
         return {}
     rows: dict[str, dict] = {}
     for row in mended_journal(path):
+        if not isinstance(row, dict) or not isinstance(row.get(key), (str, int)) or isinstance(row.get(key), bool):
+            raise ValueError(f"{path}: a row without its {key!r} ({json.dumps(row, ensure_ascii=False)[:120]}): "
+                             "edited by hand? fix or remove that line (the job writes one object per line)")
         if row[key] in rows and rows[row[key]] != row:  # never appended twice by a resume: an edit by hand
             log.warning("%s: two rows for %s %r that differ: the later one is kept", path, key, row[key])
+            if replaced is not None:
+                replaced.append(rows[row[key]])
         rows[row[key]] = row
     return rows
 
@@ -232,7 +239,7 @@ def mended_journal(path: Path) -> list[dict]:
     starts a line of its own instead of gluing onto the torn one. A broken line elsewhere is an error naming it."""
     import logging
 
-    rows, torn = _rows_up_to_a_torn_end(path, skip_blank=False)
+    rows, torn = _rows_up_to_a_torn_end(path, skip_blank=True)  # a blank line (an edit by hand) holds nothing
     if torn is not None:
         logging.getLogger(__name__).warning("%s: dropping a torn last line (interrupted write: %s)", path,
                                             str(torn).split(": ", 1)[1])

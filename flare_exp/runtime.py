@@ -28,6 +28,11 @@ def ranks() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (a SLURM job's cpus-per-task, taskset), else the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def barrier() -> None:
     """Wait for every rank (nothing to wait for in a one-process job)."""
     import torch.distributed as dist

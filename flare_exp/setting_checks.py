@@ -91,8 +91,10 @@ def _pair_problems(cfg, steps: set[str]) -> list[str]:
         problems.append(f"infer.min_new_tokens={least} is above infer.max_new_tokens={most}")
     if "infer" in steps:
         from flare_exp.models.batch_decoding import check_image_device, check_inputs_ahead
+        from flare_exp.models.image_reading import check_image_threads
 
         problems += _refusal(check_inputs_ahead, cfg.infer.inputs_ahead)
+        problems += _refusal(check_image_threads, cfg.infer.image_threads)
         problems += _refusal(check_image_device, cfg.infer.image_device, False)  # its spelling: no GPU looked at
     problems += _cache_problems(cfg, steps)
     if "sft" in steps and cfg.sft.early_stopping_patience and cfg.sft.eval_steps == 0:

@@ -44,9 +44,9 @@ def trainer_arguments(section, args_class, set_by_stage: tuple[str, ...] = ()) -
 def workers_for_cores(asked: int) -> int:
     """DataLoader workers beyond this process's CPU cores only add processes (a typo's 100000 would fork for
     minutes before the first step): at most one per core, said."""
-    import os
+    from flare_exp.runtime import usable_cores
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = usable_cores()
     if asked > cores:
         log.warning("dataloader_num_workers=%d: this job has %d CPU cores; using %d workers", asked, cores, cores)
     return min(asked, cores)

@@ -207,7 +207,7 @@ def test_a_compressed_16_bit_colour_tiff_is_named_by_prepare_and_keeps_pils_read
 
 
 def test_prepare_sft_rl_and_infer_see_the_same_pixels(tmp_path):
-    from flare_exp.models.batch_decoding import batches_with_images
+    from flare_exp.models.image_reading import batches_with_images
     from flare_exp.stages.rl import grpo_dataset
 
     paths = _files(tmp_path / "raw")
@@ -216,7 +216,7 @@ def test_prepare_sft_rl_and_infer_see_the_same_pixels(tmp_path):
     records = [{"id": mode, "images": [path.name], "image_window": [0, 6000], "task_type": "classification",
                 "answer": "A", "dataset": "d", "messages": [{"role": "user", "content": "q"}]}
                for mode, path in paths.items()]
-    _, infer_images = next(iter(batches_with_images(chat, records, len(records))))
+    _, infer_images = next(iter(batches_with_images(chat, records, len(records), threads=4)))
     rl_rows = grpo_dataset(records, chat)
     for i, (mode, path) in enumerate(paths.items()):
         digest = lambda im: hashlib.sha1(im.tobytes()).hexdigest()  # noqa: E731

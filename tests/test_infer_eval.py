@@ -78,6 +78,51 @@ def test_infer_resumes_after_a_torn_write(base_overrides, sft_adapter, tmp_path)
     assert len({r["id"] for r in rows}) == 6
 
 
+def test_a_resume_sets_aside_journal_rows_that_cannot_stand_for_their_question(base_overrides, sft_adapter, tmp_path,
+                                                                                caplog):
+    """Hand-edited or copied journal rows went into a test submission marked complete: a row whose id was edited
+    to another question's (that question answered twice in the submission, another missing), one made with
+    another adapter, a null or numeric prediction, a row without its prediction (a KeyError after all the
+    decoding). Each is set aside into predictions.set_aside.jsonl with why, its question decoded again; the
+    earlier of two differing rows of an id too. A row no object, or without its id, is an error naming it; a
+    blank line is skipped."""
+    import shutil
+
+    from flare_exp.io import read_jsonl
+
+    run_dir, overrides = tmp_path / "inf", (f"infer.checkpoint={sft_adapter}", "infer.split=test")
+    _infer(base_overrides, run_dir, *overrides)
+    clean = json.loads((run_dir / "submission" / "predictions.json").read_text())
+    rows = read_jsonl(run_dir / "predictions.jsonl")
+    edited = [{**rows[0], "id": rows[5]["id"]}, {**rows[1], "adapter": {"path": "/elsewhere", "sha256": "1" * 64}},
+              {**rows[2], "prediction": None}, {**rows[3], "prediction": 42},
+              {k: v for k, v in rows[4].items() if k != "prediction"}, {**rows[6], "prediction": "EDITED"}, rows[6]]
+    (run_dir / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in edited) + "\n")
+    (run_dir / "DONE").unlink()
+    shutil.rmtree(run_dir / "submission")
+    caplog.set_level("WARNING")
+    summary = _infer(base_overrides, run_dir, *overrides)
+    assert summary["submission_complete"] is True and summary["generated_now"] == len(rows) - 1
+    assert "infer: 6 prediction row(s) of an earlier attempt set aside into predictions.set_aside.jsonl" in caplog.text
+    aside = read_jsonl(run_dir / "predictions.set_aside.jsonl")
+    assert [a["row"] for a in aside] == [{**rows[6], "prediction": "EDITED"}, *edited[:5]]
+    assert [a["set_aside"].split(" (")[0] for a in aside] == [
+        "an earlier row of its id, which a later, different row replaced",
+        "its image_name, images, question, question_record are not those of the question its id names",
+        "made by another model",
+        "its prediction is null, not text", "its prediction is 42, not text", "its prediction is missing, not text"]
+    submitted = json.loads((run_dir / "submission" / "predictions.json").read_text())
+    key = lambda r: (json.dumps(r["ImageName"]), r["Question"])  # noqa: E731
+    assert sorted(map(key, submitted)) == sorted(map(key, clean))  # each question once
+    assert all(isinstance(r["Answer"], str) and r["Answer"] != "EDITED" for r in submitted)
+    (run_dir / "DONE").unlink()
+    with open(run_dir / "predictions.jsonl", "a") as f:
+        f.write("\n[1, 2, 3]\n")
+    with pytest.raises(ValueError, match=r"predictions.jsonl: a row without its 'id' \(\[1, 2, 3\]\): edited by "
+                                         r"hand\? fix or remove that line"):
+        _infer(base_overrides, run_dir, *overrides)
+
+
 def test_test_split_writes_a_flare_submission(base_overrides, tmp_path):
     """Each test question file's records as given (their Split, Modality and key order too), each once, with the
     model's Answer: all in predictions.json (the one file FLARE's evaluator reads), and split by dataset."""
@@ -438,7 +483,8 @@ def test_images_are_prefetched_in_order_and_image_device_is_checked(demo_prepare
     import torch
 
     from flare_exp.io import read_jsonl
-    from flare_exp.models.batch_decoding import batches_with_images, check_image_device, image_device
+    from flare_exp.models.batch_decoding import check_image_device, image_device
+    from flare_exp.models.image_reading import batches_with_images
 
     records = read_jsonl(demo_prepared / "val.jsonl")[:7]
     chat = SimpleNamespace(load_images=lambda r: [r["id"]] * len(r["images"]))
@@ -455,6 +501,88 @@ def test_images_are_prefetched_in_order_and_image_device_is_checked(demo_prepare
     with pytest.raises(ValueError, match=f"infer.image_device=cuda:{cards}: this process sees "
                                          + (f"{cards} GPU" if cards else "no GPU")):
         image_device(f"cuda:{cards}", model)  # a card this process does not have (it died on a driver error)
+
+
+def test_image_files_read_by_several_threads_keep_the_records_order_and_errors(demo_prepared, monkeypatch):
+    """infer.image_threads: a batch's files decoded by several threads, each record's pictures in its place
+    whatever order the threads finish in; an unreadable file stops the run with the first such record's error,
+    as one thread reading in order does; auto is this process's share of its cores, at most 8; a bad value is
+    refused by name."""
+    import random
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from flare_exp.io import read_jsonl
+    from flare_exp.models import image_reading
+    from flare_exp.models.image_reading import batches_with_images, check_image_threads, image_threads
+
+    records = read_jsonl(demo_prepared / "val.jsonl")[:11]
+    seen_threads, jitter = set(), random.Random(0)
+
+    def load_images(r):
+        seen_threads.add(threading.get_ident())
+        time.sleep(jitter.random() * 0.02)  # threads finish out of order
+        if r["id"] in (records[9]["id"], records[10]["id"]):
+            raise ValueError(f"record {r['id']}: cannot read image")
+        return [r["id"]] * len(r["images"])
+
+    chat = SimpleNamespace(load_images=load_images)
+    batches = batches_with_images(chat, records, 4, None, threads=3)
+    for b, imgs in [next(batches), next(batches)]:
+        assert imgs == [[r["id"]] * len(r["images"]) for r in b]
+    assert len(seen_threads) > 1  # the first batch: every thread reads while the decode waits
+    with pytest.raises(ValueError, match=f"record {records[9]['id']}: cannot read image"):
+        next(batches)
+    monkeypatch.setattr(image_reading, "MOST_IMAGE_THREADS", 8)
+    monkeypatch.setattr("flare_exp.runtime.usable_cores", lambda: 32)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert image_threads("auto") == 8 and image_threads(3) == 3
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # torchrun's 8 ranks on this node share its 32 cores
+    assert image_threads("auto") == 4
+    monkeypatch.setattr("flare_exp.runtime.usable_cores", lambda: 2)
+    assert image_threads("auto") == 1
+    check_image_threads("auto")
+    for bad in (0, -2, True, 2.5, "four", None):
+        with pytest.raises(ValueError, match=f"infer.image_threads={bad!r}: choose auto or a whole number"):
+            image_threads(bad)
+
+
+def test_one_thread_reads_ahead_until_the_decode_waits_on_the_reading():
+    """Reading threads slow the decode beside them: while reading keeps ahead of the decode one thread reads
+    the next batch; once the decode waits on it, every thread joins that batch, and later batches start with
+    twice as many. A run stopped early reads no more files."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from flare_exp.models.image_reading import ImageReader, batches_with_images
+
+    records = [{"id": str(i), "images": ["x"]} for i in range(40)]
+    readers_of = {}
+
+    def reading(seconds):
+        def load_images(r):
+            readers_of.setdefault(int(r["id"]) // 4, set()).add(threading.get_ident())
+            time.sleep(seconds)
+            return [r["id"]]
+        return SimpleNamespace(load_images=load_images)
+
+    batches = batches_with_images(reading(0.001), records[:16], 4, None, threads=4)
+    for _ in batches:
+        time.sleep(0.1)  # a decode far slower than the reading
+    assert [len(readers_of[b]) for b in (1, 2, 3)] == [1, 1, 1]
+    reader = ImageReader(reading(0.02), 4, None)
+    for i in range(4):  # a decode faster than the reading: it waits on every batch
+        reader.wait(reader.start(records[4 * i:4 * i + 4]), first=i == 0)
+    assert reader.ahead_threads == 4 and reader.waits == 2  # 1 -> 2 -> 4 after the second and third batch
+    reader.close(None)
+    read = []
+    batches = batches_with_images(SimpleNamespace(load_images=lambda r: read.append(r["id"]) or time.sleep(0.05)),
+                                  records, 4, None, threads=1)
+    next(batches)
+    batches.close()  # the consumer stopped: the batch being read ahead stops after its record in hand
+    assert 4 <= len(read) <= 5
 
 
 def test_infer_kv_cache_auto_and_a_failing_compiled_decode(base_overrides, tmp_path, monkeypatch, caplog):
@@ -609,7 +737,8 @@ def test_inputs_built_ahead_give_the_same_predictions_and_are_all_used(base_over
     from flare_exp.data.vision import VisionChat
     from flare_exp.io import read_jsonl
     from flare_exp.models import batch_decoding
-    from flare_exp.models.batch_decoding import Decoder, InputsAhead, batches_with_images, decode_in_parts
+    from flare_exp.models.batch_decoding import Decoder, InputsAhead, decode_in_parts
+    from flare_exp.models.image_reading import batches_with_images
     from flare_exp.models.batch_decoding import inputs_ahead
     from flare_exp.models.loading import load_model
     from flare_exp.runtime import abspath
@@ -646,7 +775,8 @@ def test_a_batch_out_of_memory_stops_building_inputs_ahead(base_overrides, demo_
 
     from flare_exp.data.vision import VisionChat
     from flare_exp.io import read_jsonl
-    from flare_exp.models.batch_decoding import Decoder, InputsAhead, batches_with_images, decode_in_parts
+    from flare_exp.models.batch_decoding import Decoder, InputsAhead, decode_in_parts
+    from flare_exp.models.image_reading import batches_with_images
     from flare_exp.models.loading import load_model
     from flare_exp.runtime import abspath
 

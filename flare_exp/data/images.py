@@ -315,10 +315,12 @@ def _within(check: ImageCheck, path: Path, limits: ProcessorLimits | None) -> Im
 
 def check_images(paths: list[Path], workers: int = 0, window: tuple[float, float] | None = None,
                  limits: ProcessorLimits | None = None, decode: bool = True) -> dict[Path, ImageCheck]:
-    """path -> its ImageCheck for every file, decoded by ``workers`` processes (0: one per core, at most
-    16)."""
+    """path -> its ImageCheck for every file, decoded by ``workers`` processes (0: one per core this job may
+    use, at most 16)."""
+    from flare_exp.runtime import usable_cores  # here: the workers import this module, not hydra's
+
     unique = sorted(set(paths))
-    workers = workers or min(os.cpu_count() or 1, 16)
+    workers = workers or min(usable_cores(), 16)  # the job's cores (SLURM's cpus-per-task), not the node's
     check = partial(_check_image, window=window, decode=decode)
     bar = dict(total=len(unique), desc="decode images", unit="img", disable=len(unique) < 200)
     if workers <= 1 or len(unique) < _INLINE_BELOW:

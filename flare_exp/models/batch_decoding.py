@@ -1,5 +1,6 @@
-"""Batches of records decoded with infer's settings: prompts batched and left-padded, images read ahead in a
-thread, generate() or the graph decode loop, a batch out of GPU memory decoded in halves."""
+"""Batches of records decoded with infer's settings: prompts batched and left-padded, the next batch's input built
+ahead (InputsAhead; its files read by image_reading.py), generate() or the graph decode loop, a batch out of GPU
+memory decoded in halves."""
 from __future__ import annotations
 
 import logging
@@ -208,27 +209,6 @@ def check_image_device(setting: str, here: bool) -> None:
             raise ValueError(f"infer.image_device={setting}: this process sees "
                              + (f"{cards} GPU(s) (cuda:0 to cuda:{cards - 1})" if cards else "no GPU")
                              + ": pass auto (the model's device) or cpu")
-
-
-def batches_with_images(chat: VisionChat, todo: list[dict], size: int, ahead: InputsAhead | None = None):
-    """(records, their decoded images) per batch; the next batch's files are read and decoded in a thread
-    while the current one generates (with ``ahead``, its model input built there too)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    chunks = [todo[i:i + size] for i in range(0, len(todo), size)]
-
-    def load(chunk):
-        images = [chat.load_images(r) for r in chunk]
-        if ahead is not None:
-            ahead.build(chunk, images)
-        return images
-
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(load, chunks[0]) if chunks else None
-        for i, chunk in enumerate(chunks):
-            images = pending.result()
-            pending = pool.submit(load, chunks[i + 1]) if i + 1 < len(chunks) else None
-            yield chunk, images
 
 
 class InputsAhead:

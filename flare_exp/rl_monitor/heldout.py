@@ -124,7 +124,8 @@ class HeldOutEval:
 
     def _run(self, model, step: int) -> tuple[dict, float]:
         from flare_exp.metrics.scoring import ReportScorers, evaluate_file
-        from flare_exp.models.batch_decoding import Decoder, batches_with_images, decode_in_parts
+        from flare_exp.models.batch_decoding import Decoder, decode_in_parts
+        from flare_exp.models.image_reading import batches_with_images, image_threads
 
         start, was_training = time.perf_counter(), model.training
         model.eval()
@@ -132,7 +133,8 @@ class HeldOutEval:
             if self.decoder is None:
                 self.decoder = Decoder(model, self.chat, self.infer, self.cfg.model.backend, self.tokens_key)
             rows = []
-            for chunk, images in batches_with_images(self.chat, self.records, self.infer.batch_size):
+            threads = image_threads(self.infer.image_threads)
+            for chunk, images in batches_with_images(self.chat, self.records, self.infer.batch_size, None, threads):
                 rows += [{"id": r["id"], "dataset": r["dataset"], "task_type": r["task_type"], "answer": r["answer"],
                           "prediction": p, "model": f"{self.stage} step {step}"}
                          for r, p in zip(chunk, decode_in_parts(self.decoder, chunk, images))]

@@ -22,9 +22,10 @@ from flare_exp.data.decoding import check_records_window
 from flare_exp.data.prepared_split import read_prepared_split
 from flare_exp.data.rejects import describe_rejected, rejected_questions
 from flare_exp.data.vision import VisionChat
-from flare_exp.io import atomic_dir, read_journal, write_json, write_jsonl
-from flare_exp.models.batch_decoding import (Decoder, batches_with_images, check_inputs_ahead, decode_in_parts,
-                                             decode_settings, image_device, inputs_ahead)
+from flare_exp.io import atomic_dir, write_json, write_jsonl
+from flare_exp.models.batch_decoding import (Decoder, check_inputs_ahead, decode_in_parts, decode_settings,
+                                             image_device, inputs_ahead)
+from flare_exp.models.image_reading import batches_with_images, image_threads
 from flare_exp.models.checkpoints import adapter_identity, checkpoint_label, resolve_adapter
 from flare_exp.models.grouped_attention import attention_used
 from flare_exp.models.loading import load_model
@@ -33,7 +34,8 @@ from flare_exp.run.layout import FOREIGN_PREDICTIONS, PREDICTIONS, SPARE_PREDICT
 from flare_exp.run.layout import RANK_PREDICTIONS as RANK_JOURNAL
 from flare_exp.run.lock import check_still_held
 from flare_exp.run.stage import Stage, infer_input_file
-from flare_exp.runtime import abspath, check_choice, ranks
+from flare_exp.runtime import abspath, barrier, check_choice, ranks
+from flare_exp.stages.infer_resume import usable_predictions
 
 
 STAGE = Stage(
@@ -45,7 +47,7 @@ STAGE = Stage(
     free=(
         "model speed", "infer.batch_size", "infer.num_samples", "infer.sort_by_length", "infer.bucket_by_task",
         "infer.cache_implementation", "infer.decode_loop", "infer.merge_adapter", "infer.image_device",
-        "infer.inputs_ahead", "infer.keep_long_cache", "infer.profile_batch"),
+        "infer.inputs_ahead", "infer.image_threads", "infer.keep_long_cache", "infer.profile_batch"),
     budget=("infer.num_samples",),
     fingerprinted=("infer.input_file",),
     starts_from="infer.checkpoint",
@@ -103,8 +105,9 @@ def write_submission(out_dir: Path, rows: list[dict], questions: int, rejected: 
     upload scores as wrong), said in the log."""
     folder = out_dir / ("submission" if len(rows) >= questions else "submission_subset")
     if folder.name != "submission":
-        why = (f"{describe_rejected(rejected, 'test')} have none: fix or re-download the images it names, then "
-               "rerun stage=prepare and this infer, each with overwrite=true" if rejected else "infer.num_samples")
+        why = (f"{describe_rejected(rejected, 'test')} have none: fix what each reject names (its image, or the "
+               "question record itself), then rerun stage=prepare and this infer, each with overwrite=true"
+               if rejected else "infer.num_samples")
         log.warning("infer: %d of the %d test questions answered (%s): the files are in %s/, not submission/; FLARE "
                     "scores every question an upload lacks as wrong", len(rows), questions, why, folder.name)
     rebuilt = sum(not isinstance(r.get("question_record"), dict) for r in rows)
@@ -137,16 +140,6 @@ def check_settings(cfg) -> None:
         check_choice("infer.split", cfg.infer.split, ("train", "val", "test"))
 
 
-def read_predictions(out_dir: Path) -> dict[str, dict]:
-    """Every prediction written so far: the merged file and any rank's journal (a resume may use another
-    number of ranks than the attempt it continues)."""
-    done = read_journal(out_dir / SPARE_PREDICTIONS, "id")
-    done.update(read_journal(out_dir / PREDICTIONS, "id"))
-    for journal in sorted(out_dir.glob(RANK_JOURNAL.format(rank="*"))):
-        done.update(read_journal(journal, "id"))
-    return done
-
-
 def predict(cfg, todo: list[dict], journal: Path, label: str, done: dict) -> tuple[int, float, str | None]:
     """Generate predictions for ``todo``, appended to ``journal`` batch by batch, each row naming the adapter
     (path and sha256) that made it; (generated, seconds, what decoded them: decode_loop, decode_attention and
@@ -169,7 +162,7 @@ def predict(cfg, todo: list[dict], journal: Path, label: str, done: dict) -> tup
     ahead = inputs_ahead(decode)
     with open(journal, "a", encoding="utf-8") as f, ahead or contextlib.nullcontext():
         start = time.perf_counter()  # reports/s over the whole loop: reading, processing, writing included
-        batches = batches_with_images(chat, todo, inf.batch_size, ahead)
+        batches = batches_with_images(chat, todo, inf.batch_size, ahead, image_threads(inf.image_threads))
         for number, (chunk, images) in enumerate(batches, 1):
             predicted = timed_batch(decode, chunk, images, number, journal.parent)
             check_still_held()  # stopped past the takeover wait: the journal is another's now
@@ -228,14 +221,17 @@ def run(cfg, out_dir: Path) -> dict:
     records = read_prepared_split(source)
     check_records_window(records, cfg.data.image_window, source)
     rejected = rejected_questions(source)  # the split's questions prepare left out: FLARE still scores them
-    questions, split_ids = len(records) + ((rejected or {}).get("count") or 0), {r["id"] for r in records}
+    questions, by_id = len(records) + ((rejected or {}).get("count") or 0), {r["id"]: r for r in records}
+    split_ids = set(by_id)
     if inf.num_samples and inf.num_samples > 0:
         records = records[:inf.num_samples]
     if not records:
         raise ValueError(f"{source}: no records to predict")
-    label = inf.label or checkpoint_label(used_adapter(cfg)["path"] if inf.checkpoint else None)  # what it names
+    adapter = used_adapter(cfg)
+    label = inf.label or checkpoint_label(adapter["path"] if inf.checkpoint else None)  # what it names
     rank, world = ranks()
-    done = read_predictions(out_dir)
+    done = usable_predictions(out_dir, by_id, adapter, writer=rank == 0)
+    barrier()  # the set-aside rows written before any rank appends
     mine = records[rank::world]  # each rank its share; rank 0 merges them in input order below
     todo = [r for r in mine if r["id"] not in done]
     if done:
@@ -252,7 +248,7 @@ def run(cfg, out_dir: Path) -> dict:
             return {"rank": rank, "generated_now": generated}
         generated, elapsed = sum(c[0] for c in counts), max(c[1] for c in counts)
         decoded_by = next((c[2] for c in counts if c[2]), None)
-        done = read_predictions(out_dir)
+        done = usable_predictions(out_dir, by_id, adapter, writer=False, quiet=True)  # every rank's rows
     return finish(cfg, out_dir, records, done, label, generated, elapsed, decoded_by, world, batch_choice, questions,
                   split_ids, rejected)
 

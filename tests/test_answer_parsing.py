@@ -56,6 +56,10 @@ def test_choice_refusals():
     ("Answer \u2013 30%", 30.0), ("\u201312", 12.0),  # a dash is no minus sign (a separator, a range)
     ("1_000", 1000.0), ("2_5.0_1", 25.01), ("1e1_0", 1e10),  # digit groups as float() reads them (it read 1, 2, 10)
     ("0,250", None), ("40\u066b5", None),  # a decimal comma, not 250 or 40
+    ("1 000", None), ("1\u202f000 mm", None), ("12 345.6", None), ("1\u00a0000", None),  # space-grouped
+    ("2 teeth", 2.0), ("5 mm, 100 um", 5.0), ("1 0000", 1.0),  # thousands (it read 1, 12): unreadable, not these
+    ("12.5.3", None), ("12.5. Next", 12.5), ("12. 5", 12.0),  # a second decimal point (it read 12.5)
+    ("grade-2", 2.0), ("x-3", 3.0), ("=-5", -5.0), ("(-5)", -5.0), ("3-4", 3.0),  # a hyphen after a letter: no sign
     ("about 20 percent", 20.0),  # the first number anywhere in the text
     ("-3.5 mm", -3.5),          # the sign is kept
     ("+3", 3.0),

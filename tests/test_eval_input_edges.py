@@ -406,6 +406,23 @@ def test_where_prepare_normalised_what_flares_evaluator_reads_otherwise_both_num
     assert any(line.startswith("regression: mean_absolute_error Infinity by FLARE's evaluator") and
                "1 row(s) of TaskType 'Regression', which it scores as regression" in line for line in lines), lines
     assert any(line.startswith("classification: balanced_accuracy 1.0000 by FLARE") for line in lines), lines
+    # TaskType texts FLARE scores by one rule are still groups of their own, a number each (its evaluator groups
+    # by the text): "Counting" beside "Regression", "report" beside "Report_Generation"
+    counted = [{"task_type": "regression", "prediction": p, "answer": "5", "raw_task_type": t}
+               for p, t in (("5", "Regression"), ("7", "regression "), ("5", "Counting"), ("6", "Counting"))]
+    line, = flare_reading_caveats({"regression": counted})
+    assert line.startswith("regression: mean_absolute_error 0.5000 for 'counting' (2 rows), 1.0000 for 'regression' "
+                           "(2 rows) by FLARE's evaluator on the question file as it is, 0.7500 here"), line
+    assert "2 row(s) of TaskType 'Counting', which it does not score as regression" not in line
+    assert line.endswith("it scores them in 2 groups by their TaskType's text, a number each, where eval pools them")
+    reports = [{"task_type": "report_generation", "prediction": "x", "answer": "y", "raw_task_type": t}
+               for t in ("Report_Generation", "report", "Report Generation")]
+    line, = flare_reading_caveats({"report_generation": reports})
+    assert line.startswith("report_generation: FLARE's evaluator, reading the question file as it is, scores 2 of "
+                           "these 3 rows: 1 row(s) of TaskType 'Report Generation', which it does not score"), line
+    assert "in 2 groups" in line
+    same = [{**r, "raw_task_type": "Regression"} for r in counted]  # one group, the same rows: nothing to say
+    assert flare_reading_caveats({"regression": same}) == []
 
 
 def test_json_number_predictions_are_read_as_flares_evaluator_reads_them(base_overrides, tmp_path):
@@ -427,3 +444,31 @@ def test_json_number_predictions_are_read_as_flares_evaluator_reads_them(base_ov
     assert block["official"]["regression"]["mean_absolute_error"] == 1.0  # float(20.0), float(22)
     assert block["by_task"]["regression"]["mae_parseable"] == 1.0 and "empty_predictions" not in block
     assert block["null_multi_label_predictions"] == 2
+
+
+def test_questions_of_two_datasets_sharing_imagename_and_question_are_said(base_overrides, tmp_path, caplog):
+    """FLARE's evaluator keys every dataset's ground truth of a split by ImageName||Question alone: two datasets'
+    questions of one key are one question there (it scores one), while eval scores each. prepare says so and
+    counts them; eval's report says it beside the numbers."""
+    from test_prepare import GOOD, _prepare, _small_tree
+
+    from flare_exp.main import run
+
+    root = tmp_path / "raw"
+    _small_tree(root, [GOOD, {**GOOD, "Question": "Other?"}])
+    _small_tree(root, [{**GOOD, "Answer": "Caries"}], dataset="periapical")
+    caplog.set_level("WARNING", logger="flare_exp.data.later_answers")
+    prepared = _prepare(tmp_path, root, "data.datasets=[chestdr,periapical]")
+    assert json.loads((prepared / "summary.json").read_text())["questions_sharing_a_flare_key"] == 2
+    assert "2 question(s) share their ImageName||Question with another dataset's question of the same FLARE " \
+           "split, e.g. chestdr/training/" in caplog.text
+    records = [json.loads(line) for line in (prepared / "train.jsonl").read_text().splitlines()]
+    path = _predictions(tmp_path / "p", [{"id": r["id"], "prediction": "Mass", "model": "m"} for r in records])
+    run(compose_cfg(["stage=eval", *base_overrides, f"eval.predictions=[{path}]", "eval.radgraph=false",
+                     f"data.prepared_dir={prepared}"]), run_dir=tmp_path / "eval")
+    caveats = json.loads((tmp_path / "eval" / "metrics.json").read_text())["m"]["caveats"]
+    assert any(c.startswith("2 row(s) share their ImageName||Question with another dataset's row (e.g. "
+                            "chestdr/training/") for c in caveats), caveats
+    from flare_exp.data.records import keys_shared_across_datasets
+
+    assert keys_shared_across_datasets(["a/x", "b/x", "chestdr/val/0123456789abcdef", None]) == []

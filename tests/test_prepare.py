@@ -715,3 +715,21 @@ def test_each_order_of_a_questions_records_gives_what_flare_reads_and_counts_it_
         assert kept["q0"]["answer"] == "Effusion" and kept["q0"].get("raw_answer") == flare_reads
     left = rejected_questions(out / "train.jsonl")
     assert (left or {}).get("count", 0) == missing, read_jsonl(out / "rejects.jsonl")
+
+
+def test_a_flare_split_folder_no_prepared_split_reads_is_said(demo_root, caplog):
+    """data=flare_xray leaves validation-hidden/ out of val by default (FLARE ships it later): found under
+    data.root, val silently lacked dental, periapical and boneresorption. Said, with the setting that adds it."""
+    from flare_exp.data.question_files import question_files, say_unread_splits
+
+    found = question_files(demo_root)
+    caplog.set_level("WARNING", logger="flare_exp.data.question_files")
+    sources = {"train": ["training"], "val": ["validation-public"], "test": ["testing"]}
+    say_unread_splits(found, ["IU_XRay", "chestdr", "dental", "periapical", "boneresorption"], sources)
+    assert ("validation-hidden/ under data.root holds question files of boneresorption, dental, periapical that no "
+            "split reads: add it to data.val_splits (e.g. data.val_splits=[validation-public,validation-hidden])"
+            in caplog.text)
+    caplog.clear()
+    say_unread_splits(found, ["IU_XRay", "chestdr"], sources)  # the datasets asked for are all read
+    say_unread_splits(found, ["dental"], {**sources, "val": ["validation-public", "validation-hidden"]})
+    assert not caplog.text

@@ -6,8 +6,12 @@ stays for training and inference, while FLARE's evaluator reads the later one's 
 from them: flare_exp.metrics.flare_reading), and the reject is a duplicate, not a question the split lacks."""
 from __future__ import annotations
 
+import logging
+
 from flare_exp.data import records as R
 from flare_exp.data.rejects import DUPLICATE
+
+log = logging.getLogger(__name__)
 
 
 def key_of(raw, dataset: str, split: str) -> str | None:
@@ -74,3 +78,15 @@ def apply_later_answers(by_split: dict[str, list[dict]], rejects: list[dict]) ->
                                 "caveat says its number)")
             changed += 1
     return changed
+
+
+def say_shared_keys(by_split: dict) -> int:
+    """Questions whose ImageName||Question another dataset's question of their FLARE split has too, said; their
+    number."""
+    groups = [g for rows in by_split.values() for g in R.keys_shared_across_datasets(r["id"] for r in rows)]
+    if groups:
+        log.warning("prepare: %d question(s) share their ImageName||Question with another dataset's question of the "
+                    "same FLARE split, e.g. %s: FLARE's evaluator joins answers to questions by ImageName||Question "
+                    "over all datasets, so it scores one question of each such key; eval scores each (its report "
+                    "says so)", sum(map(len, groups)), " and ".join(groups[0]))
+    return sum(map(len, groups))

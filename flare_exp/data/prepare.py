@@ -19,10 +19,10 @@ from flare_exp.data import records as R
 from flare_exp.data.decoding import check_window
 from flare_exp.data.image_modes import say_modes
 from flare_exp.data.images import NEARLY_UNIFORM, ProcessorLimits, check_images, walk_files
-from flare_exp.data.later_answers import apply_later_answers, read_later, record_shadow, shadow
+from flare_exp.data.later_answers import apply_later_answers, read_later, record_shadow, say_shared_keys, shadow
 from flare_exp.data.overlap import check_overlap
 from flare_exp.data.question_files import (QuestionFile, discover, load_question_file, question_files, resolve_image,
-                                           split_sources_of, unread_copies)
+                                           say_unread_splits, split_sources_of, unread_copies)
 from flare_exp.data.prepare_inputs import INPUTS, record_inputs
 from flare_exp.data.record_doubts import DOUBTS, record_doubts
 from flare_exp.data.rejects import REJECTS, reason_kind
@@ -122,6 +122,7 @@ def prepare(cfg_data, root: Path, out_dir: Path, limits: ProcessorLimits | None 
     if copies:
         log.warning("prepare: %d question file(s) not read, named or placed as a copy (no FLARE name), e.g. %s: give "
                     "them FLARE's names if they hold the data to prepare", len(copies), copies[0].relative_to(root))
+    say_unread_splits(found, list(cfg_data.datasets), split_sources)
     missing: list[tuple[Path, str]] = []
     candidates = read_records(root, cfg_data, split_sources, rejects, found, missing)
     accepted = accept_records(candidates, cfg_data, rejects, limits)
@@ -131,6 +132,7 @@ def prepare(cfg_data, root: Path, out_dir: Path, limits: ProcessorLimits | None 
     write_jsonl(out_dir / REJECTS, rejects)  # first: an error below points at it
     check_requested(root, cfg_data, split_sources, by_split, rejects, out_dir / REJECTS, found)
     overlap = check_overlap(by_split, cfg_data.allow_overlap)
+    shared = say_shared_keys(by_split)
     doubts, listed = record_doubts(by_split)
     write_jsonl(out_dir / DOUBTS, listed)  # before the splits lose their private fields: every case, in full
     for split, rows in by_split.items():
@@ -155,6 +157,7 @@ def prepare(cfg_data, root: Path, out_dir: Path, limits: ProcessorLimits | None 
         **doubts,
         "processor_limits": asdict(limits) if limits else None,
         "overlapping_studies_allowed": len(overlap),
+        "questions_sharing_a_flare_key": shared,
         "inputs": INPUTS,  # recorded beside: a later reuse check expects it
         "seconds": round(time.time() - start, 2),
     }

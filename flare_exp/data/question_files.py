@@ -254,3 +254,20 @@ def not_utf8(data: bytes, error: UnicodeDecodeError) -> str:
         return "it looks like UTF-16, an editor's 'Unicode' save"
     return (f"byte 0x{data[error.start]:02x} at position {error.start}: Latin-1 or Windows-1252, an editor's "
             "'ANSI' save?")
+
+
+def say_unread_splits(found: list[tuple], datasets: list[str], split_sources: dict) -> None:
+    """FLARE split folders under data.root holding question files of the datasets asked for that no prepared split
+    reads (validation-hidden, left out of data.val_splits by default: val then lacks dental, periapical and
+    boneresorption)."""
+    wanted = set(datasets)
+    read = {source for sources in split_sources.values() for source in sources}
+    unread: dict[str, set] = {}
+    for _, dataset, split, _ in found:
+        if split is not None and split not in read and dataset in wanted:
+            unread.setdefault(split, set()).add(dataset)
+    for split, datasets in sorted(unread.items()):
+        into = "val" if split.startswith("validation") else "train" if split == "training" else "test"
+        log.warning("prepare: %s/ under data.root holds question files of %s that no split reads: add it to "
+                    "data.%s_splits (e.g. data.%s_splits=[%s]) to prepare them", split, ", ".join(sorted(datasets)),
+                    into, into, ",".join([*split_sources[into], split]))

@@ -142,6 +142,19 @@ def record_id(dataset: str, source_split: str, image_name: Any, question: str) -
     return f"{dataset}/{source_split}/{digest}"
 
 
+def keys_shared_across_datasets(ids) -> list[list[str]]:
+    """Record ids (``record_id``'s form) of one FLARE split whose ImageName||Question a record of another dataset
+    has too, grouped by that key; ids of another form are left out. FLARE's evaluator keys its ground truth, read
+    from every dataset's file of a split, and a submission by ImageName||Question alone: of each such group it
+    scores one question (the file it reads last) against the prediction listed last."""
+    by_key: dict[tuple[str, str], list[str]] = {}
+    for rid in ids:
+        parts = rid.split("/") if isinstance(rid, str) else []
+        if len(parts) == 3 and re.fullmatch(r"[0-9a-f]{16}", parts[2]):
+            by_key.setdefault((parts[1], parts[2]), []).append(rid)
+    return [sorted(group) for group in by_key.values() if len({rid.split("/")[0] for rid in group}) > 1]
+
+
 def build_messages(images: list[str], prompt_text: str, answer: str | None) -> list[dict]:
     """One image part per view, then the text; the assistant turn holds the answer (absent when unknown)."""
     content = [{"type": "image", "image": p} for p in images] + [{"type": "text", "text": prompt_text}]

@@ -9,8 +9,9 @@
   compared case- and whitespace-insensitively.
 - ``parse_number``: the first number in a regression answer: ``22.9``, ``22.9%``, ``1,234``, ``about 20
   percent``, ``1e1`` (10: the exponent is part of the number), ``1_000`` (1000, as ``float()``), a typeset,
-  small or full-width minus sign as "-" (a dash is no sign); none in ``12,5``, ``0,250`` or ``40\u066b5`` (a
-  decimal comma).
+  small or full-width minus sign as "-" (a dash is no sign, nor a hyphen after a letter: ``grade-2`` is 2); none
+  in ``12,5``, ``0,250`` or ``40\u066b5`` (a decimal comma), ``1 000`` (thousands grouped by a space) or
+  ``12.5.3``.
 """
 from __future__ import annotations
 
@@ -59,12 +60,26 @@ def set_f1(pred: set, gold: set) -> float:
 
 
 # thousands groups ("1,234": never "0,250", a decimal comma), or digits with float()'s underscores ("1_000")
-_NUMBER = re.compile(r"(?:[-+]?(?:(?!0,)\d{1,3}(?:,\d{3})+(?!\d)|\d+(?:_\d+)*)(?:\.\d+(?:_\d+)*)?|[-+]?\.\d+)"
+# A sign only where no letter or digit stands right before it: "grade-2" is 2, "x-3" 3.
+_SIGN = r"(?:(?<![^\W_])[-+])?"
+_NUMBER = re.compile(rf"(?:{_SIGN}(?:(?!0,)\d{{1,3}}(?:,\d{{3}})+(?!\d)|\d+(?:_\d+)*)(?:\.\d+(?:_\d+)*)?|{_SIGN}\.\d+)"
                      r"(?:[eE][-+]?\d+(?:_\d+)*)?")
 # a minus sign written otherwise (typeset, small or full-width hyphen-minus) is the number's sign; a dash (en, em,
 # figure) is not taken for one: "Answer \u2013 30%" is 30
 MINUS_SIGNS = str.maketrans(dict.fromkeys("\u2212\ufe63\uff0d", "-"))
 DECIMAL_COMMA = re.compile(r"[,\u066b]\d")  # "12,5", Arabic "40\u066b5": a decimal comma, not a whole number
+# after the number: thousands grouped by a space ("1 000", a no-break or thin space too: not 1), or a second
+# decimal point ("12.5.3", a version or a typo: not 12.5); unreadable, as FLARE's float() finds them
+UNREADABLE_AFTER = re.compile(r"[ \u00a0\u2009\u202f]\d{3}(?!\d)|\.\d")
+
+def _unreadable_after(m: re.Match) -> bool:
+    """A space and three digits after a whole number of 1-3 digits (space-grouped thousands), or a decimal
+    point and a digit after a number (a second decimal point)."""
+    after = UNREADABLE_AFTER.match(m.string, m.end())
+    if after is None:
+        return False
+    return after.group(0).startswith(".") or re.fullmatch(r"[-+]?\d{1,3}", m.group(0)) is not None
+
 
 def parse_number(text) -> float | None:
     """The first number in the answer; None for none, for one past a float's range ("1e309", a 400-digit
@@ -82,7 +97,7 @@ def parse_number(text) -> float | None:
     else:
         text = text.translate(MINUS_SIGNS)
         m = _NUMBER.search(text)
-        if m and DECIMAL_COMMA.match(text, m.end()):  # not read as its whole part
+        if m and (DECIMAL_COMMA.match(text, m.end()) or _unreadable_after(m)):  # not read as a part
             return None
         number = float(m.group(0).replace(",", "").replace("_", "")) if m else math.nan
     return number if math.isfinite(number) else None

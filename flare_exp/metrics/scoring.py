@@ -8,7 +8,7 @@ from pathlib import Path
 from flare_exp.data.predictions import load_rows, run_metadata
 from flare_exp.io import file_digest, write_jsonl
 from flare_exp.metrics import official, tasks, text
-from flare_exp.metrics.flare_reading import flare_reading_caveats
+from flare_exp.metrics.flare_reading import flare_reading_caveats, shared_key_caveat
 from flare_exp.runtime import abspath
 
 TASK_METRICS = {"classification": tasks.classification_metrics, "multi_label": tasks.multi_label_metrics,
@@ -205,6 +205,7 @@ def evaluate_file(path: Path, scorers: ReportScorers, allow_partial: bool = Fals
         elif green is not None:
             samples[task] = ([r["id"] for r in group], official.green_stats([s["green"] for s in green]))
     reading = flare_reading_caveats({task: [row for row, _ in pairs] for task, pairs in by_task.items()})
+    reading += shared_key_caveat(r.get("id") for r in raw)
     if reading:
         result["caveats"] = reading
     for dataset, pairs in sorted(by_dataset.items()):

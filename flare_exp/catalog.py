@@ -117,7 +117,7 @@ def headline(run_dir: Path) -> str | None:
 
     blocks = official_blocks(run_dir)
     if not blocks:
-        return None
+        return training_headline(run_dir)
     own = own_label(blocks, run_dir)
     label = shown_label(blocks, run_dir)
     edited = non_number(blocks[label])
@@ -133,6 +133,24 @@ def headline(run_dir: Path) -> str | None:
             if marker(metrics_file(run_dir).parent) != DONE:  # a killed eval's (or an earlier attempt's) file
                 part += " (its eval unfinished)"
             return f"{task}.{metric}={fmt(value)}{part}"
+    return None
+
+
+# a training run without an eval: its summary's number, and what it is (no official metric: not ranked by it)
+TRAINING_HEADLINE = (("rl", "reward_last", "mean reward, last quarter of the steps"),
+                     ("sft", "last_loss", "last logged training loss"))
+
+
+def training_headline(run_dir: Path) -> str | None:
+    """An rl or sft run's (or a pipeline's step's, where it has no eval) own number, named."""
+    from flare_exp.reports.tables import fmt
+    from flare_exp.run.layout import summary_name
+
+    for stage, key, what in TRAINING_HEADLINE:
+        found = own_or_step(run_dir, summary_name(stage), (stage,))
+        value = _read_json(found).get(key) if found is not None else None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return f"{stage}.{key}={fmt(value)} ({what})"
     return None
 
 

@@ -158,6 +158,9 @@ MANDATORY_HINTS = {"data.root": "Download FLARE-Task5-MLLM-2D (Xray) and point d
 
 def check_set_values(cfg: DictConfig) -> None:
     missing = sorted(OmegaConf.missing_keys(cfg))
+    steps = steps_of(cfg) if not step_list_problems(cfg) else set()
+    if steps and "prepare" not in steps and not _loading_model(steps):  # eval, runs, ...: no image is read
+        missing = [k for k in missing if k != "data.root"]
     if missing:
         raise ValueError("; ".join(f"{k} must be set" + (f" ({MANDATORY_HINTS[k]})" if k in MANDATORY_HINTS else "")
                                    for k in missing) + f": python launch.py {missing[0]}=...")
@@ -207,7 +210,8 @@ def input_problems(cfg: DictConfig) -> list[Exception]:
     if any(stage(name).record != "none" for name in steps if name in declared_stages()):  # it makes a run dir
         run_dir = abspath(cfg.paths.output_root) / "runs" / str(OmegaConf.select(cfg, "run_name", default=""))
         _collect(problems, check_writable, "paths.output_root", cfg.paths.output_root, run_dir)
-    finished = (abspath(cfg.data.prepared_dir) / DONE).exists() and not cfg.overwrite
+    made = (abspath(cfg.data.prepared_dir) / DONE).exists()
+    finished = made and not cfg.overwrite
     if "prepare" in steps and not finished:  # a finished prepare is reused, read-only mount or not
         _collect(problems, check_writable, "data.prepared_dir", cfg.data.prepared_dir)
     if _loading_model(steps):
@@ -218,8 +222,8 @@ def input_problems(cfg: DictConfig) -> list[Exception]:
     if "prepare" in steps:
         _collect(problems, _check_exists, "data.root", root, cfg.data.demo is None, MANDATORY_HINTS["data.root"])
         return problems
-    if _loading_model(steps):  # the prepared records name their images relative to it
-        _collect(problems, _check_exists, "data.root", root, cfg.data.demo is None,
+    if _loading_model(steps):  # the prepared records name their images relative to it (the demo's too, once made)
+        _collect(problems, _check_exists, "data.root", root, cfg.data.demo is None or made,
                  "Point it at the folder stage=prepare read (the prepared records' images are under it)")
         before = len(problems)
         _collect(problems, check_prepared_images, cfg)

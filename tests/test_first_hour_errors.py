@@ -169,6 +169,12 @@ def test_an_unset_mandatory_value_is_a_line_of_the_list_not_a_traceback():
 
     with pytest.raises(ValueError, match=r"data.root must be set \(Download FLARE"):
         validate(compose_cfg(["experiment=flare", "stage=prepare"]), inputs=True)
+    for steps in (["stage=infer"], ["stage=pipeline", "stage.steps=[sft,eval]"]):  # they read the images
+        with pytest.raises(ValueError, match=r"data.root must be set"):
+            validate(compose_cfg(["experiment=flare", *steps]))
+    # eval and the listings read no image: a compute node with the prepared records only needs no download
+    validate(compose_cfg(["experiment=flare", "stage=eval", "eval.predictions=[p.jsonl]"]))
+    validate(compose_cfg(["experiment=flare", "stage=runs"]))
 
 
 def test_a_model_path_the_user_names_is_never_built_into(tmp_path):
@@ -1085,3 +1091,13 @@ def test_a_refusal_under_torchrun_names_the_rank_that_says_it(monkeypatch, capsy
         with pytest.raises(SystemExit):
             refuse(ValueError("bad key"))
         assert said in capsys.readouterr().err
+
+
+def test_a_stage_on_the_demos_prepared_records_names_a_missing_data_root_before_it_starts(base_overrides, tmp_path):
+    """data=demo skipped the data.root check (prepare generates the demo there); once prepared, the records' images
+    are under it: infer with data.root gone made its run dir and failed on the first image, the key unnamed."""
+    from flare_exp.checks import validate
+
+    with pytest.raises(Exception, match=r"data.root=\S*nowhere: no such file or directory"):
+        validate(compose_cfg(["stage=infer", *base_overrides, f"data.root={tmp_path / 'nowhere'}"]), inputs=True)
+    validate(compose_cfg(["stage=infer", *base_overrides]), inputs=True)  # the demo's own root: fine

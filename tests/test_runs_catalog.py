@@ -51,6 +51,18 @@ def test_the_listing_tells_each_run_state_and_the_comparison_tests_the_differenc
     assert by_name["broke"]["status"] == "FAILED: RuntimeError: CUDA out of memory"
     assert by_name["refused"]["status"].startswith("stopped by settings: ValueError: sft.max_steps=0")
     assert run_summary(root / "runs" / "not-a-run") is None
+    # a training run without an eval: its own number, named (it was blank)
+    for stage, summary in (("rl", {"reward_last": 0.41237, "global_step": 9}), ("sft", {"last_loss": 1.5})):
+        run_dir = root / "runs" / f"my-{stage}"
+        write_run_metadata(run_dir, compose_cfg([f"stage={stage}"]))
+        (run_dir / f"{stage}_summary.json").write_text(json.dumps(summary))
+        run_with_markers(run_dir, lambda: {})
+    assert run_summary(root / "runs" / "my-sft")["headline"] == "sft.last_loss=1.5000 (last logged training loss)"
+    (root / "runs" / "my-sft" / "sft_summary.json").write_text('{"last_loss": "NaN"}')  # hand-edited: nothing
+    header, rows = listing(root)
+    by_name = {r[0]: dict(zip(header, r)) for r in rows}
+    assert by_name["my-rl"]["headline metric"] == "rl.reward_last=0.4124 (mean reward, last quarter of the steps)"
+    assert by_name["my-sft"]["headline metric"] == ""
 
     text = "\n".join(comparison(root, ["good", "sweeps/grid/0"], resamples=200, ar_trials=200))
     assert "| multi-label classification: f1_score | 1.0000 | 0.1250 |" in text

@@ -141,12 +141,13 @@ def test_an_infer_split_that_is_no_prepared_split_is_named():
 
 def test_a_path_built_from_a_wrong_setting_is_not_a_second_problem(demo_prepared):
     """infer.split=tst also makes tst.jsonl, which does not exist: the split is named once, not twice."""
+    demo = [f"data.prepared_dir={demo_prepared}", f"data.root={demo_prepared.parent / 'raw'}"]  # its images' root
     with pytest.raises(ValueError) as raised:
-        validate(compose_cfg(["stage=infer", "infer.split=tst", f"data.prepared_dir={demo_prepared}"]), inputs=True)
+        validate(compose_cfg(["stage=infer", "infer.split=tst", *demo]), inputs=True)
     assert str(raised.value).startswith("infer.split='tst'") and "no such file" not in str(raised.value)
     with pytest.raises(ValueError, match=r"(?s)2 problems.*infer.split='tst'.*model.path=/nowhere") as raised:
-        validate(compose_cfg(["stage=infer", "infer.split=tst", f"data.prepared_dir={demo_prepared}",
-                              "model.path=/nowhere", "model.build_tiny=false"]), inputs=True)
+        validate(compose_cfg(["stage=infer", "infer.split=tst", *demo, "model.path=/nowhere",
+                              "model.build_tiny=false"]), inputs=True)
 
 
 def test_the_significance_and_crimson_settings_and_the_seed_are_ranged_before_any_work(base_overrides, tmp_path):

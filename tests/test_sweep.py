@@ -159,7 +159,8 @@ def test_sweep_report_ranks_by_the_official_metric_and_draws_a_2d_sweep_as_a_hea
         (job / ".hydra" / "overrides.yaml").write_text(f"- reward.x.weights.a={a}\n- reward.x.weights.b={b}\n")
         (job / "DONE").write_text("{}")
         (job / "rl").mkdir()
-        (job / "rl" / "rl_summary.json").write_text('{"reward_last": 0.5}')
+        (job / "rl" / "rl_summary.json").write_text('{"reward_last": 0.5, "reward_term/report_generation/radgraph": '
+                                                    'null}')  # no report prompt in the last quarter
         (job / "rl" / "log_history.json").write_text(json.dumps(
             [{"step": 1, "reward": 0.1, "reward_term/report_generation/radgraph": 0.2},
              {"step": 2, "reward": 0.3, "reward_term/report_generation/radgraph": 0.4}, {"step": 3, "reward": 0.2}]))
@@ -173,6 +174,7 @@ def test_sweep_report_ranks_by_the_official_metric_and_draws_a_2d_sweep_as_a_hea
     key = "official/classification/balanced_accuracy"
     assert [float(r[key]) for r in rows] == [0.6, 0.4, 0.2, 0.1] and [r["rank"] for r in rows] == ["1", "2", "3", "4"]
     assert all(float(r["reward_term_all/report_generation/radgraph"]) == 0.3 for r in rows)  # all steps' mean
+    assert all(r["reward_term/report_generation/radgraph"] == "" for r in rows)  # null everywhere: still a column
     assert "reward_term_all/*: means over all its logged steps" in (sweep / "report" / "sweep.md").read_text()
     assert drawn == [(["reward.x.weights.a", "reward.x.weights.b"], key)]
     assert "Ranked by official/classification/balanced_accuracy (highest first" in (

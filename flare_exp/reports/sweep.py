@@ -22,12 +22,15 @@ WINDOWS = ("reward_last, reward_std, rewards/* and reward_term/*: means over the
 
 def table(jobs: list[dict], key: str | None = None) -> tuple[list[str], list[list]]:
     varying = varying_keys(jobs)
-    metric_keys = sorted({k for j in jobs for k, v in j["metrics"].items() if isinstance(v, (int, float))},
+    # a reward term null in every job's last quarter keeps its (empty) column: WINDOWS says why it is empty
+    metric_keys = sorted({k for j in jobs for k, v in j["metrics"].items()
+                          if isinstance(v, (int, float)) or (v is None and k.startswith("reward_term/"))},
                          key=lambda k: (k != key, not k.startswith("official/"), k != "reward_last", k))
     header = ["rank", "job", "status", *varying, *metric_keys, "error"]
     rows = [[i + 1 if key and ranks_by(j, key) else "", j["job"],
              j["status"] + (f" ({j['stopped_early']})" if j.get("stopped_early") else ""),
-             *(j["overrides"].get(k, "") for k in varying), *(j["metrics"].get(k, "") for k in metric_keys),
+             *(j["overrides"].get(k, "") for k in varying),
+             *("" if j["metrics"].get(k) is None else j["metrics"][k] for k in metric_keys),
              j.get("error", "")] for i, j in enumerate(ranked(jobs, key))]
     return header, rows
 

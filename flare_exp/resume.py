@@ -6,8 +6,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from flare_exp.models.checkpoints import (check_training_state, checkpoint_step, incomplete, list_checkpoints,
-                                          newest_complete, numbered_checkpoints)
+from flare_exp.models.checkpoints import (check_training_state, checkpoint_choice, checkpoint_step, incomplete,
+                                          list_checkpoints, newest_complete, numbered_checkpoints)
 from flare_exp.runtime import abspath
 
 log = logging.getLogger(__name__)
@@ -106,37 +106,74 @@ def check_step_shape(checkpoint: str | None, args, stage: str) -> None:
         "with allow_intermediate_checkpoint=true).")
 
 
-def file_past_the_budget(out_dir: Path, max_steps: int | None) -> None:
-    """Checkpoints past a budget lowered since they were saved belong to the earlier attempt's longer schedule:
-    they move to its record (attempts/NN/), so the finished run dir holds only this schedule's checkpoints and a
-    later init_from= of one cannot take a step this run never trained (rank 0; the others pass them over)."""
-    from flare_exp.run.layout import ATTEMPTS
-    from flare_exp.run.record import attempt_numbers, next_attempt_dir
+def file_aside(out_dir: Path, stale: list[tuple[Path, str]]) -> None:
+    """Checkpoints a resume does not continue from (damaged, cut short while saving, past a budget lowered since,
+    newer than the one it takes) leave the run's checkpoint-N namespace before training goes on: the Trainer
+    would save its own step N into a stale checkpoint-N/ (a stray file of the old one then certified as the new
+    one's), and the next resume or an init_from= would meet them again. Each moves whole (a rename: nothing lost)
+    into the earlier attempt's record, said with where and why. Rank 0; the others pass them over."""
     from flare_exp.runtime import ranks
 
-    past = [c for c in numbered_checkpoints(out_dir) if max_steps and max_steps > 0
-            and (checkpoint_step(c) or 0) > max_steps]
-    if not past or ranks()[0] != 0:
+    if not stale or ranks()[0] != 0:
         return
-    numbers = attempt_numbers(out_dir)
-    dest = out_dir / ATTEMPTS / f"{max(numbers):02d}" if numbers else next_attempt_dir(out_dir)
-    for checkpoint in past:
+    dest = _record_for(out_dir, [checkpoint.name for checkpoint, _ in stale])
+    for checkpoint, why in stale:
         checkpoint.rename(dest / checkpoint.name)
-    log.info("%s: moved to %s with the earlier attempt's record (past max_steps=%d)",
-             ", ".join(c.name for c in past), dest, max_steps)
+        log.warning("skipping %s: %s; moved to %s with the earlier attempt's record", checkpoint, why,
+                    dest / checkpoint.name)
+
+
+def _record_for(out_dir: Path, names: list[str]) -> Path:
+    """Where checkpoints filed away go: the newest attempts/NN (the run's open filed the earlier attempt's config
+    there, the one they were trained under); a new attempts/NN when there is none or a name is taken there."""
+    from flare_exp.run.layout import ATTEMPTS
+    from flare_exp.run.record import attempt_numbers, next_attempt_dir
+
+    numbers = attempt_numbers(out_dir)
+    newest = out_dir / ATTEMPTS / f"{max(numbers):02d}" if numbers else None
+    if newest is None or any((newest / name).exists() for name in names):
+        return next_attempt_dir(out_dir)
+    return newest
+
+
+def _newer_than(out_dir: Path, checkpoint: Path) -> list[tuple[Path, str]]:
+    """The checkpoints in ``out_dir`` past the step ``checkpoint`` (named with resume=) continues from: the
+    Trainer would save into them."""
+    import json
+
+    try:
+        step = json.loads((checkpoint / "trainer_state.json").read_text())["global_step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        step = checkpoint_step(checkpoint.resolve()) or 0
+    return [(c, f"newer than {checkpoint} (step {step}), which resume= continues from")
+            for c in reversed(numbered_checkpoints(out_dir))
+            if (checkpoint_step(c) or 0) > step and c.resolve() != checkpoint.resolve()]
+
+
+def _resume_auto(out_dir: Path, max_steps: int | None) -> str | None:
+    """The newest complete checkpoint within the budget; the newer ones filed away first (file_aside), so an
+    unattended requeue goes on, from an earlier checkpoint or step 0, and loses none of them."""
+    ckpt, skipped = checkpoint_choice(out_dir, up_to=max_steps)
+    if ckpt:
+        check_training_state(ckpt)  # before anything moves: a refusal leaves the run dir as it was
+    file_aside(out_dir, skipped)
+    if ckpt:
+        log.info("resume=auto: continuing from %s", ckpt)
+    elif skipped:
+        log.warning("no complete checkpoint left in %s (%d skipped, each moved aside as said above): training starts "
+                    "again from step 0. To go on from one of them instead, repair it and pass resume=<its new path>",
+                    out_dir, len(skipped))
+    return str(ckpt) if ckpt else None
 
 
 def resume_checkpoint(resume: str, out_dir: Path, stage: str | None = None, cfg=None,
                       max_steps: int | None = None) -> str | None:
     """resume=auto: the newest complete checkpoint in out_dir, if any; never: none (refuse if some exist);
     anything else: that checkpoint path, if it is complete and (with ``stage`` and ``cfg``) made with this run's
-    deciding settings and inputs (``check_resumed_run``)."""
+    deciding settings and inputs (``check_resumed_run``). Whatever it takes, the checkpoints of out_dir past the
+    step it starts from are filed away first (file_aside): no save of this run lands in one."""
     if resume == "auto":
-        ckpt = newest_complete(out_dir, up_to=max_steps)
-        file_past_the_budget(out_dir, max_steps)
-        if ckpt:
-            log.info("resume=auto: continuing from %s", ckpt)
-        return str(ckpt) if ckpt else None
+        return _resume_auto(out_dir, max_steps)
     if resume == "never":
         ckpts = list_checkpoints(out_dir)
         if ckpts:  # the stage's declaration refuses this before the run starts; a later pipeline step lands here
@@ -144,6 +181,7 @@ def resume_checkpoint(resume: str, out_dir: Path, stage: str | None = None, cfg=
             from flare_exp.run.stage import resume_never_refusal
 
             raise RunSettingsChangedError(resume_never_refusal(out_dir, ckpts[-1].name))
+        file_aside(out_dir, [(c, incomplete(c)) for c in reversed(numbered_checkpoints(out_dir))])  # none whole
         return None
     path = abspath(resume)
     why = incomplete(path, verify=True)
@@ -156,6 +194,7 @@ def resume_checkpoint(resume: str, out_dir: Path, stage: str | None = None, cfg=
     check_training_state(path)
     if stage is not None and cfg is not None:
         check_resumed_run(resume, path, out_dir, stage, cfg)
+    file_aside(out_dir, _newer_than(out_dir, path))
     log.info("resume=%s: continuing from %s", resume, path)
     return str(path)
 

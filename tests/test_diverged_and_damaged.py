@@ -10,7 +10,7 @@ import torch
 
 from conftest import compose_cfg
 from flare_exp.main import run
-from flare_exp.models.checkpoints import incomplete, mark_complete, newest_complete
+from flare_exp.models.checkpoints import COMPLETE, incomplete, mark_complete, newest_complete
 
 
 def test_a_learning_rate_far_too_high_stops_the_run_naming_the_step_and_the_key(base_overrides, tmp_path):
@@ -178,3 +178,97 @@ def test_weights_that_stop_moving_are_said_once_and_kept_in_the_summary(base_ove
         State.global_step = step + 1
         watch.on_log(Args(), State(), None, logs={"loss": 3.0, "grad_norm": grad})
     assert watch.finding["since_step"] == 4 and watch.finding["step"] == 6
+
+
+def _files(directory):
+    """Every file under ``directory`` and its bytes: what a move must keep."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def _killed_run(stage, overrides, run_dir, max_steps):
+    """A training run that saved a checkpoint at every step and was killed before final/ (no DONE)."""
+    cfg = compose_cfg([f"stage={stage}", *overrides, f"{stage}.max_steps={max_steps}", f"{stage}.save_steps=1",
+                       f"{stage}.save_total_limit=null"])
+    run(cfg, run_dir=run_dir)
+    shutil.rmtree(run_dir / "final")
+    (run_dir / "DONE").unlink()
+    return cfg
+
+
+@pytest.mark.parametrize("stage", ["sft", "rl"])
+def test_damaged_checkpoints_are_filed_away_whole_and_the_resume_goes_on_before_them(stage, base_overrides, request,
+                                                                                     tmp_path, caplog):
+    """A checkpoint with trainer_state.json deleted (or its adapter cut to half) was skipped by the resume but left
+    in place: the new run's own checkpoint-N was saved over it, and the damaged one, maybe repairable, was lost.
+    Each skipped one now moves whole to the earlier attempt's record, said with where, before training goes on."""
+    run_dir = tmp_path / stage
+    small = {"sft": ["sft.eval_steps=0"], "rl": [f"rl.init_from={request.getfixturevalue('sft_adapter')}",
+                                                 "rl.per_device_train_batch_size=4", "rl.num_generations=2",
+                                                 "rl.max_completion_length=8"]}
+    cfg = _killed_run(stage, [*base_overrides, *small[stage]], run_dir, max_steps=3)
+    (run_dir / "checkpoint-3" / "trainer_state.json").unlink()
+    weights = run_dir / "checkpoint-2" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+    damaged = {n: _files(run_dir / n) for n in ("checkpoint-2", "checkpoint-3")}
+    caplog.set_level(logging.INFO)
+    summary = run(cfg, run_dir=run_dir)
+    assert summary["global_step"] == 3
+    filed = run_dir / "attempts" / "01"  # beside the config of the attempt that saved them
+    assert (filed / "config.yaml").is_file()
+    for name, files in damaged.items():
+        assert _files(filed / name) == files, name  # every byte kept, nothing added
+        assert f"skipping {run_dir / name}: " in caplog.text and f"; moved to {filed / name} " in caplog.text
+    assert "trainer_state.json is missing" in caplog.text and "adapter_model.safetensors has" in caplog.text
+    assert f"resume=auto: continuing from {run_dir / 'checkpoint-1'}" in caplog.text
+    for step in (2, 3):  # saved again by this attempt, whole
+        assert incomplete(run_dir / f"checkpoint-{step}", verify=True) is None
+    state = json.loads((run_dir / "checkpoint-3" / "trainer_state.json").read_text())
+    assert {"resumed_at": 1, "step": 1} in state["log_history"]
+
+
+def test_a_checkpoint_cut_short_leaves_no_stray_file_in_the_one_saved_again(base_overrides, tmp_path, caplog):
+    """A checkpoint-N/ cut short while saving (no marker) holding a file the Trainer does not write was passed
+    over, and the resumed run saved its own step N into the same dir: the stray file was then listed in the new
+    flare_exp_complete.json as the checkpoint's own. The cut-short dir now moves aside first, stray file kept."""
+    run_dir = tmp_path / "sft"
+    cfg = _killed_run("sft", [*base_overrides, "sft.eval_steps=0"], run_dir, max_steps=2)
+    cut = run_dir / "checkpoint-2"
+    (cut / COMPLETE).unlink()
+    (cut / "junk.bin").write_bytes(b"\x00stale\xff" * 100)
+    left = _files(cut)
+    caplog.set_level(logging.WARNING)
+    assert run(cfg, run_dir=run_dir)["global_step"] == 2
+    filed = run_dir / "attempts" / "01" / "checkpoint-2"
+    assert f"skipping {cut}: no {COMPLETE} (cut short while saving); moved to {filed} " in caplog.text
+    assert _files(filed) == left
+    assert not (cut / "junk.bin").exists() and incomplete(cut, verify=True) is None
+    assert "junk.bin" not in json.loads((cut / COMPLETE).read_text())["files"]
+
+
+def test_with_no_whole_checkpoint_left_the_resume_files_them_all_and_starts_at_step_0(tmp_path, caplog):
+    """No complete checkpoint: an unattended requeue is not refused, it trains from step 0, and every checkpoint
+    it passed over is kept in attempts/NN/ (a name taken there already: a new NN), none left to be saved over."""
+    from flare_exp.resume import resume_checkpoint
+
+    older, newer = _checkpoint(tmp_path, 40), _checkpoint(tmp_path, 80)
+    (newer / "trainer_state.json").unlink()
+    (older / "adapter_model.safetensors").write_bytes(b"\x01" * 512)  # cut to half
+    before = {c.name: _files(c) for c in (older, newer)}
+    (tmp_path / "attempts" / "01" / "checkpoint-80").mkdir(parents=True)  # an earlier attempt's, filed already
+    caplog.set_level(logging.WARNING)
+    assert resume_checkpoint("auto", tmp_path) is None
+    filed = tmp_path / "attempts" / "02"
+    assert {name: _files(filed / name) for name in before} == before
+    assert not older.exists() and not newer.exists()
+    assert (f"skipping {older}: adapter_model.safetensors has 512 bytes, 1024 were written; moved to "
+            f"{filed / older.name}") in caplog.text
+    assert "(2 skipped, each moved aside as said above): training starts again from step 0" in caplog.text
+    # resume=never and resume=<path> keep the namespace clear too: nothing past the step they start from stays
+    cut = _checkpoint(tmp_path, 80)
+    (cut / COMPLETE).unlink()
+    assert resume_checkpoint("never", tmp_path) is None and not cut.exists()
+    taken, after = _checkpoint(tmp_path, 40), _checkpoint(tmp_path, 80)
+    (taken / "trainer_state.json").write_text(json.dumps({"global_step": 40}))
+    mark_complete(taken)
+    assert resume_checkpoint(str(taken), tmp_path) == str(taken) and not after.exists() and taken.is_dir()
+    assert f"skipping {after}: newer than {taken} (step 40), which resume= continues from; moved to" in caplog.text

@@ -90,7 +90,7 @@ def test_a_resume_takes_the_newest_complete_checkpoint_and_keeps_its_optimizer(b
     import shutil
 
     from flare_exp.main import run
-    from flare_exp.models.checkpoints import COMPLETE, list_checkpoints, mark_complete
+    from flare_exp.models.checkpoints import COMPLETE, list_checkpoints, mark_complete, numbered_checkpoints
     from flare_exp.resume import resume_checkpoint
 
     run_dir = tmp_path / "sft"
@@ -102,20 +102,24 @@ def test_a_resume_takes_the_newest_complete_checkpoint_and_keeps_its_optimizer(b
     shutil.rmtree(run_dir / "final")
     (second / COMPLETE).unlink()
     assert resume_checkpoint("auto", run_dir) == str(first)
-    assert f"skipping {second}: no {COMPLETE} (cut short while saving)" in caplog.text
+    filed = run_dir / "attempts" / "01"  # out of the way of this run's own step 2, said where
+    assert f"skipping {second}: no {COMPLETE} (cut short while saving); moved to {filed / second.name}" in caplog.text
     (first / "trainer_state.json").write_text('{"global_st')  # torn after the fact: named, never read
     assert resume_checkpoint("auto", run_dir) is None
     assert f"skipping {first}: trainer_state.json has 11 bytes" in caplog.text
-    assert f"no complete checkpoint left in {run_dir} (2 skipped, said above): training starts again from step 0" \
-        in caplog.text
+    assert (f"no complete checkpoint left in {run_dir} (1 skipped, each moved aside as said above): training starts "
+            "again from step 0") in caplog.text
+    assert not numbered_checkpoints(run_dir) and numbered_checkpoints(filed) == [filed / first.name, filed / second.name]
     with pytest.raises(FileNotFoundError, match=r"checkpoint-1 is not a complete Trainer checkpoint: "
                                                 r"trainer_state.json has 11 bytes"):
-        resume_checkpoint(str(first), run_dir)
+        resume_checkpoint(str(filed / first.name), run_dir)
+    (filed / second.name).rename(second)
     (second / "optimizer.pt").unlink()  # a checkpoint saved whole but without the optimizer's state
     mark_complete(second)
     with pytest.raises(FileNotFoundError, match=r"checkpoint-2/optimizer.pt is missing: resuming from checkpoint-2 "
                                                 r"would go on with a fresh optimizer"):
         resume_checkpoint("auto", run_dir)
+    assert second.is_dir()  # refused before anything moved
 
 
 def _training_run(path, finished=True, checkpoints=()):

@@ -90,27 +90,35 @@ def check_training_state(checkpoint: Path) -> None:
                 "(resume=<path>), or start afresh (overwrite=true; the earlier attempt moves to attempts/NN/)")
 
 
-def newest_complete(run_dir: Path, up_to: int | None = None) -> Path | None:
-    """The newest complete checkpoint in ``run_dir`` (newer ones that are not are logged with why), its
-    training state checked; None when there is none. ``up_to``: a budget (max_steps) lowered since: the
-    checkpoints past it are passed over, said, so the adapter is the budget's, not a longer run's."""
-    skipped = 0
+def checkpoint_choice(run_dir: Path, up_to: int | None = None) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest complete checkpoint in ``run_dir`` (None when there is none) and the newer ones passed over on
+    the way, each with why, newest first. ``up_to``: a budget (max_steps) lowered since: the checkpoints past it
+    are passed over, so the adapter is the budget's, not a longer run's. Every file is read (verify): for a
+    resume, not for listings. Nothing is logged or moved: the caller says (and files away) what was skipped."""
+    skipped = []
     for checkpoint in reversed(numbered_checkpoints(run_dir)):
         if up_to and up_to > 0 and (checkpoint_step(checkpoint) or 0) > up_to:
-            log.warning("skipping %s: past max_steps=%d (the budget was lowered since it was saved)", checkpoint.name,
-                        up_to)
-            skipped += 1
+            skipped.append((checkpoint, f"past max_steps={up_to} (the budget was lowered since it was saved)"))
             continue
         why = incomplete(checkpoint, verify=True)
         if why is None:
-            check_training_state(checkpoint)
-            return checkpoint
+            return checkpoint, skipped
+        skipped.append((checkpoint, why))
+    return None, skipped
+
+
+def newest_complete(run_dir: Path, up_to: int | None = None) -> Path | None:
+    """``checkpoint_choice``'s checkpoint, its training state checked, the ones skipped logged with why (a
+    resume files them away too: resume.resume_checkpoint); None when there is none."""
+    taken, skipped = checkpoint_choice(run_dir, up_to)
+    for checkpoint, why in skipped:
         log.warning("skipping %s: %s", checkpoint, why)
-        skipped += 1
-    if skipped:
-        log.warning("no complete checkpoint left in %s (%d skipped, said above): training starts again from step "
-                    "0. To keep a skipped one's progress, stop and repair or restore it first", run_dir, skipped)
-    return None
+    if taken is not None:
+        check_training_state(taken)
+    elif skipped:
+        log.warning("no complete checkpoint left in %s (%d skipped, said above): training starts again from step 0",
+                    run_dir, len(skipped))
+    return taken
 
 
 ALLOW_INTERMEDIATE = "allow_intermediate_checkpoint"  # the key that lets a stage start from a checkpoint-N

@@ -260,6 +260,29 @@ def test_a_resume_without_its_fingerprint_is_held_to_the_settings_its_config_rec
         run(compose_cfg(args), run_dir=out)
 
 
+
+def test_a_resume_without_its_fingerprint_refuses_a_training_file_rewritten_in_place(base_overrides, tmp_path):
+    """config.yaml names the training file, not its bytes: with fingerprint.json gone, a file rewritten in place
+    was trained on after a checkpoint made from the other one, and final/ recorded only the second. The newest
+    checkpoint's own record of the data (flare_exp_checkpoint.json) decides."""
+    from flare_exp.main import run
+    from flare_exp.run.fingerprint import RunSettingsChangedError
+
+    data = tmp_path / "train.jsonl"
+    shutil.copy(Path(compose_cfg(base_overrides).data.prepared_dir).resolve() / "train.jsonl", data)
+    args = ["stage=sft", *base_overrides, "sft.max_steps=2", "sft.save_steps=1", "sft.eval_steps=0",
+            f"sft.train_file={data}"]
+    out = tmp_path / "sft"
+    run(compose_cfg([*args, "sft.max_steps=1"]), run_dir=out)
+    (out / "DONE").unlink()
+    (out / "fingerprint.json").unlink()
+    lines = data.read_text().splitlines(keepends=True)
+    data.write_text("".join(lines[:len(lines) // 2]))  # the same path, other rows
+    with pytest.raises(RunSettingsChangedError, match=r"sft.train_file sha256: \w{12} -> \w{12} \(as checkpoint-1 "
+                                                      r"recorded it\)"):
+        run(compose_cfg(args), run_dir=out)
+
+
 def test_a_run_dir_used_again_keeps_the_earlier_attempts_whole_record(tmp_path):
     """A pipeline's own record (its steps archive themselves) rerun with other settings: attempts/NN/ gets the
     earlier config, run info, how it ended (DONE), its fingerprint and Hydra's record of its launch."""

@@ -288,7 +288,8 @@ def check_resume(stage: str, run_dir: Path, new: dict, cfg=None) -> None:
                 + (f" ({CONFIG} lacks {len(lacking)} of them, e.g. {', '.join(lacking[:3])}: cut short or edited)"
                    if lacking else "") + ", so a resume could mix two runs. Pass overwrite=true to start afresh (the "
                 f"earlier attempt moves to attempts/NN/), or choose another {placed_by(run_dir)}=.")
-        changed = settings_differences(old, new)
+        paths = input_files(stage, cfg) if cfg is not None else {}
+        changed = settings_differences(old, new) + checkpoint_data_differences(left, new, paths)
         old = None
     changed = unless_moved(stage, changed, old, new, cfg)
     if changed:
@@ -297,6 +298,26 @@ def check_resume(stage: str, run_dir: Path, new: dict, cfg=None) -> None:
             f"settings, which a resume would mix with this one's: {'; '.join(changed)}. Rerun with the earlier "
             "settings to continue it, pass overwrite=true to start afresh (the earlier attempt moves to "
             f"attempts/NN/), or choose another {placed_by(run_dir)}=.")
+
+
+def checkpoint_data_differences(left: list[Path], new: dict, paths: dict[str, Path]) -> list[str]:
+    """The input files (``paths``: key -> file) whose bytes differ from those the newest checkpoint among ``left``
+    recorded (flare_exp_checkpoint.json's data: path and sha256): config.yaml names the files, not their
+    contents, so a run without its fingerprint would otherwise continue on a file rewritten in place."""
+    import json
+
+    from flare_exp.models.checkpoints import META
+
+    for checkpoint in reversed(left):
+        try:
+            recorded = json.loads((checkpoint / META).read_text()).get("data") or []
+        except (OSError, ValueError, AttributeError):
+            continue
+        by_path = {entry.get("path"): entry.get("sha256") for entry in recorded if isinstance(entry, dict)}
+        return [f"{key} sha256: {str(by_path[str(path)])[:12]} -> {new['files'][key][:12]} (as {checkpoint.name} "
+                "recorded it)" for key, path in paths.items()
+                if str(path) in by_path and key in new["files"] and by_path[str(path)] != new["files"][key]]
+    return []
 
 
 MISSING_FINGERPRINT = f"{FINGERPRINT}: missing (deleted?)"

@@ -258,7 +258,7 @@ def continued_attempts(run_dir: Path) -> list[float | None]:
     record alone was filed in attempts/NN/, its checkpoints stayed), newest first, back to one it did not continue
     (a finished run or one overwrite=true filed away whole, with its outputs); None for one killed without a
     FAILED marker (kill -9, a node lost), whose end is not known."""
-    from flare_exp.run.layout import FINGERPRINT
+    from flare_exp.run.layout import FILED_CHECKPOINTS, FINGERPRINT
     from flare_exp.run.record import attempt_numbers
 
     record_only = {CONFIG, RUN_INFO, FAILED, FINGERPRINT, HYDRA}
@@ -266,6 +266,9 @@ def continued_attempts(run_dir: Path) -> list[float | None]:
     for number in sorted(attempt_numbers(run_dir), reverse=True):
         attempt = run_dir / "attempts" / f"{number:02d}"
         names = {p.name for p in attempt.iterdir()} if attempt.is_dir() else set()
+        names -= {FILED_CHECKPOINTS, *_read_json(attempt / FILED_CHECKPOINTS)}  # a resume filed them: no output
+        if not names:  # only checkpoints a resume filed (their names taken in the attempt before): no attempt
+            continue
         started = _read_json(attempt / RUN_INFO).get("started")
         if RUN_INFO not in names or not names <= record_only:
             break

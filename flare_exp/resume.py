@@ -116,9 +116,18 @@ def file_aside(out_dir: Path, stale: list[tuple[Path, str]]) -> None:
 
     if not stale or ranks()[0] != 0:
         return
+    import json
+
+    from flare_exp.io import write_json
+    from flare_exp.run.layout import FILED_CHECKPOINTS
+
     dest = _record_for(out_dir, [checkpoint.name for checkpoint, _ in stale])
+    dest.mkdir(parents=True, exist_ok=True)
+    filed = json.loads((dest / FILED_CHECKPOINTS).read_text()) if (dest / FILED_CHECKPOINTS).is_file() else {}
     for checkpoint, why in stale:
         checkpoint.rename(dest / checkpoint.name)
+        filed[checkpoint.name] = why
+        write_json(dest / FILED_CHECKPOINTS, filed)  # the listing tells them from an earlier run's outputs
         log.warning("skipping %s: %s; moved to %s with the earlier attempt's record", checkpoint, why,
                     dest / checkpoint.name)
 

@@ -103,12 +103,13 @@ def test_a_resume_sets_aside_journal_rows_that_cannot_stand_for_their_question(b
     caplog.set_level("WARNING")
     summary = _infer(base_overrides, run_dir, *overrides)
     assert summary["submission_complete"] is True and summary["generated_now"] == len(rows) - 1
-    assert "infer: 6 prediction row(s) of an earlier attempt set aside into predictions.set_aside.jsonl" in caplog.text
+    assert ("infer: 6 prediction row(s) of an earlier attempt set aside into predictions.set_aside.jsonl, 5 "
+            "question(s) decoded again") in caplog.text
     aside = read_jsonl(run_dir / "predictions.set_aside.jsonl")
     assert [a["row"] for a in aside] == [{**rows[6], "prediction": "EDITED"}, *edited[:5]]
     assert [a["set_aside"].split(" (")[0] for a in aside] == [
         "an earlier row of its id, which a later, different row replaced",
-        "its image_name, images, question, question_record are not those of the question its id names",
+        "its image_name, images, question, question_record differ from the question its id names",
         "made by another model",
         "its prediction is null, not text", "its prediction is 42, not text", "its prediction is missing, not text"]
     submitted = json.loads((run_dir / "submission" / "predictions.json").read_text())
@@ -121,6 +122,35 @@ def test_a_resume_sets_aside_journal_rows_that_cannot_stand_for_their_question(b
     with pytest.raises(ValueError, match=r"predictions.jsonl: a row without its 'id' \(\[1, 2, 3\]\): edited by "
                                          r"hand\? fix or remove that line"):
         _infer(base_overrides, run_dir, *overrides)
+
+
+def test_rows_set_aside_once_across_killed_resumes_and_rows_cut_down_by_hand(tmp_path, caplog):
+    """A resume killed while decoding the set-aside questions again leaves the bad rows in the journal: the next
+    resume found them again (now replaced by a later row: another reason) and filed them twice. A row cut down by
+    hand (no image_name: the sheet's KeyError on every rerun; no adapter key: taken as this model's) is set aside."""
+    from flare_exp.io import read_jsonl
+    from flare_exp.stages.infer_resume import SET_ASIDE, usable_predictions
+
+    records = {f"d/val/{i:016x}": {"id": f"d/val/{i:016x}", "dataset": "d", "image_name": f"{i}.png",
+                                   "question": "q", "answer": "a"} for i in range(4)}
+    adapter = {"path": "/a", "sha256": "f" * 64}
+    good = {rid: {**r, "prediction": "p", "model": "m", "adapter": adapter} for rid, r in records.items()}
+    ids = list(records)
+    journal = tmp_path / "predictions.jsonl"
+    rows = [{**good[ids[0]], "prediction": None}, {k: v for k, v in good[ids[1]].items() if k != "image_name"},
+            {k: v for k, v in good[ids[2]].items() if k != "adapter"}, good[ids[3]]]
+    journal.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    caplog.set_level("WARNING")
+    assert set(usable_predictions(tmp_path, records, adapter, writer=True)) == {ids[3]}
+    assert "3 prediction row(s) of an earlier attempt set aside into predictions.set_aside.jsonl, 3 question(s) " \
+           "decoded again" in caplog.text
+    reasons = [a["set_aside"] for a in read_jsonl(tmp_path / SET_ASIDE)]
+    assert reasons == ["its prediction is null, not text", "its image_name missing", "its adapter missing"]
+    with open(journal, "a") as f:  # killed after the first question was decoded again
+        f.write(json.dumps(good[ids[0]]) + "\n")
+    caplog.clear()
+    assert set(usable_predictions(tmp_path, records, adapter, writer=True)) == {ids[0], ids[3]}
+    assert len(read_jsonl(tmp_path / SET_ASIDE)) == 3 and "set aside" not in caplog.text  # nothing new
 
 
 def test_test_split_writes_a_flare_submission(base_overrides, tmp_path):

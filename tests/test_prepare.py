@@ -283,7 +283,7 @@ def test_each_reject_reason(tmp_path):
 
 def test_strict_mode_names_file_and_index(tmp_path):
     root = tmp_path / "raw"
-    _small_tree(root, [GOOD, {**GOOD, "TaskType": "Counting", "Question": "q"}])
+    _small_tree(root, [GOOD, {**GOOD, "TaskType": "Segmentation", "Question": "q"}])
     with pytest.raises(ValueError, match=r"chestdr_questions_train.json record 1: unknown TaskType"):
         _prepare(tmp_path, root, "data.datasets=[chestdr]", "data.strict=true")
 
@@ -733,3 +733,13 @@ def test_a_flare_split_folder_no_prepared_split_reads_is_said(demo_root, caplog)
     say_unread_splits(found, ["IU_XRay", "chestdr"], sources)  # the datasets asked for are all read
     say_unread_splits(found, ["dental"], {**sources, "val": ["validation-public", "validation-hidden"]})
     assert not caplog.text
+
+
+def test_a_counting_question_is_prepared_as_regression(tmp_path):
+    """FLARE's evaluator scores TaskType 'Counting' by its regression rule (MAE): prepare rejected it as an unknown
+    TaskType, so a test split holding one had no complete submission, and nothing the user could fix."""
+    root = tmp_path / "raw"
+    _small_tree(root, [{**GOOD, "TaskType": "Counting", "Question": "How many?", "Answer": "3"}])
+    out = _prepare(tmp_path, root, "data.datasets=[chestdr]")
+    record, = read_jsonl(out / "train.jsonl")
+    assert record["task_type"] == "regression" and record["answer"] == "3" and record["raw_task_type"] == "Counting"

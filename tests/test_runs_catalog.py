@@ -307,3 +307,27 @@ def test_ranks_other_than_0_log_only_their_warnings(monkeypatch):
         assert logger.level == logging.WARNING
     finally:
         logger.setLevel(level)
+
+
+def test_checkpoints_a_resume_filed_away_do_not_end_the_count_of_attempts(tmp_path):
+    """A resume files damaged checkpoints into attempts/NN/ (beside the earlier attempt's record, or into a new
+    NN of their own on a name clash): the listing took them for an earlier run's outputs and stopped counting
+    there ("the last of 2 attempts" for 5, the time short)."""
+    from flare_exp.catalog import continued_attempts
+
+    run_dir = tmp_path / "sft"
+    for number, files in (("01", {"config.yaml": "a: 1\n", "run_info.json": '{"started": "2026-12-07T10:00:00"}',
+                                  "FAILED": "killed"}),
+                          ("02", {"config.yaml": "a: 1\n", "run_info.json": '{"started": "2026-12-07T11:00:00"}',
+                                  "filed_checkpoints.json": '{"checkpoint-4": "trainer_state.json is missing"}'}),
+                          ("03", {"filed_checkpoints.json": '{"checkpoint-4": "its sha256 changed"}'})):
+        attempt = run_dir / "attempts" / number
+        attempt.mkdir(parents=True)
+        for name, text in files.items():
+            (attempt / name).write_text(text)
+        if "filed_checkpoints.json" in files:
+            (attempt / "checkpoint-4").mkdir()
+            (attempt / "checkpoint-4" / "adapter_model.safetensors").write_text("x")
+    assert len(continued_attempts(run_dir)) == 2  # 02 (killed, no end known) and 01; 03 holds checkpoints only
+    (run_dir / "attempts" / "02" / "final").mkdir()  # an output no resume files: a whole earlier run
+    assert continued_attempts(run_dir) == []

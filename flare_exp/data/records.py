@@ -25,6 +25,7 @@ _RAW_TASK_TYPES = {
     "multilabel classification": "multi_label",
     "classification": "classification",
     "regression": "regression",
+    "counting": "regression",  # FLARE's evaluator scores a count as a regression answer (MAE)
     "multi label": "multi_label",  # ours, as a sheet or another tool may write it (MULTI_LABEL, Multi-label)
     "multilabel": "multi_label",
 }

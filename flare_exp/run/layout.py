@@ -16,6 +16,7 @@ DONE = "DONE"
 FAILED = "FAILED"
 LOCK = ".lock"
 ATTEMPTS = "attempts"
+FILED_CHECKPOINTS = "filed_checkpoints.json"  # in attempts/NN/: the checkpoints a resume moved there, and why
 HYDRA = ".hydra"  # Hydra's own record of a launch: its composed config and the overrides given
 OVERRIDES = "overrides.yaml"
 PREDICTIONS = "predictions.jsonl"

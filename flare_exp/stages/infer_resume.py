@@ -38,10 +38,13 @@ def row_problem(row: dict, record: dict, adapter: dict | None) -> str | None:
     prediction = row.get("prediction")
     if not isinstance(prediction, str):
         return f"its prediction is {'missing' if 'prediction' not in row else json.dumps(prediction)[:40]}, not text"
-    wrong = [k for k in COPIED if k in row and k in record and row[k] != record[k]]
+    missing = [k for k in (*COPIED, "adapter") if k not in row and (k in record or k == "adapter")]
+    if missing:  # infer writes each of them: a row cut down by hand (the sheet and submission read them)
+        return f"its {', '.join(missing)} missing"
+    wrong = [k for k in COPIED if k in record and row[k] != record[k]]
     if wrong:
-        return f"its {', '.join(wrong)} {'is' if len(wrong) == 1 else 'are'} not those of the question its id names"
-    if "adapter" in row and _sha(row["adapter"]) != _sha(adapter):
+        return f"its {', '.join(wrong)} {'differs' if len(wrong) == 1 else 'differ'} from the question its id names"
+    if _sha(row["adapter"]) != _sha(adapter):
         return (f"made by another model (adapter {_sha(row['adapter']) or 'none: the base model'}, this run's "
                 f"{_sha(adapter) or 'none: the base model'})")
     return None
@@ -64,18 +67,30 @@ def usable_predictions(out_dir: Path, split_records: dict[str, dict], adapter: d
         if why:
             aside.append((row, why))
             del done[key]
-    if aside and writer:
-        set_aside(out_dir / SET_ASIDE, aside)
-    if aside and not quiet:
-        log.warning("infer: %d prediction row(s) of an earlier attempt set aside into %s and their questions "
-                    "decoded again (first: %s: %s)", len(aside), SET_ASIDE, aside[0][0].get("id"), aside[0][1])
+    new = fresh(out_dir / SET_ASIDE, aside)
+    if new and writer:
+        set_aside(out_dir / SET_ASIDE, new)
+    if new and not quiet:
+        again = len({row.get("id") for row, _ in new} - set(done))
+        log.warning("infer: %d prediction row(s) of an earlier attempt set aside into %s, %d question(s) decoded "
+                    "again (first: %s: %s)", len(new), SET_ASIDE, again, new[0][0].get("id"), new[0][1])
     return done
 
 
-def set_aside(path: Path, aside: list[tuple[dict, str]]) -> None:
-    """Adds each (row, why) not already there (a resume killed before it merged sets the same rows aside again),
-    the file rewritten whole."""
+def fresh(path: Path, aside: list[tuple[dict, str]]) -> list[tuple[dict, str]]:
+    """The rows of ``aside`` not in the set-aside file yet (an attempt killed before it merged leaves the rows it
+    set aside in the journal: found again, for this reason or another), each once."""
+    seen = {json.dumps(entry["row"], sort_keys=True) for entry in (read_jsonl(path) if path.is_file() else [])}
+    new = []
+    for row, why in aside:
+        text = json.dumps(row, sort_keys=True)
+        if text not in seen:
+            seen.add(text)
+            new.append((row, why))
+    return new
+
+
+def set_aside(path: Path, new: list[tuple[dict, str]]) -> None:
+    """Adds each (row, why) to the set-aside file, rewritten whole."""
     kept = read_jsonl(path) if path.is_file() else []
-    there = {json.dumps(entry, sort_keys=True) for entry in kept}
-    new = [{"set_aside": why, "row": row} for row, why in aside]
-    write_jsonl(path, kept + [entry for entry in new if json.dumps(entry, sort_keys=True) not in there])
+    write_jsonl(path, kept + [{"set_aside": why, "row": row} for row, why in new])

@@ -72,6 +72,7 @@ DECIMAL_COMMA = re.compile(r"[,\u066b]\d")  # "12,5", Arabic "40\u066b5": a deci
 # decimal point ("12.5.3", a version or a typo: not 12.5); unreadable, as FLARE's float() finds them
 UNREADABLE_AFTER = re.compile(r"[ \u00a0\u2009\u202f]\d{3}(?!\d)|\.\d")
 
+
 def _unreadable_after(m: re.Match) -> bool:
     """A space and three digits after a whole number of 1-3 digits (space-grouped thousands), or a decimal
     point and a digit after a number (a second decimal point)."""

@@ -28,9 +28,14 @@ def flare_task(raw_task_type) -> str | None:
 def flare_group(row: dict, task: str) -> str | None:
     """The group FLARE's evaluator scores the row in: its TaskType as the question file gives it, stripped and
     lower-cased (each such text is a group with a number of its own: "regression" and "counting" are two MAEs),
-    or None where it gives that TaskType no number. A row without its raw TaskType: its task's own."""
-    raw = row.get("raw_task_type", FLARE_TASK_TYPE[task])
+    or None where it gives that TaskType no number."""
+    raw = raw_task_type(row, task)
     return raw.strip().lower() if flare_task(raw) is not None else None
+
+
+def raw_task_type(row: dict, task: str):
+    """The TaskType the row's question file gives; a row prepared before it was kept: its task's own."""
+    return row.get("raw_task_type", FLARE_TASK_TYPE[task])
 
 
 def flare_groups(by_task: dict[str, list[dict]]) -> dict[str, list[dict]]:
@@ -49,7 +54,7 @@ def flare_groups(by_task: dict[str, list[dict]]) -> dict[str, list[dict]]:
 def differences(task: str, ours: list[dict], theirs: list[dict], groups: int = 1) -> list[str]:
     """What FLARE's reading of ``task``'s rows (``theirs``, in ``groups`` groups) differs by, one phrase per kind."""
     why = []
-    stays = [flare_task(r.get("raw_task_type", FLARE_TASK_TYPE[task])) == task for r in ours]
+    stays = [flare_task(raw_task_type(r, task)) == task for r in ours]
     gone = [r for r, kept in zip(ours, stays) if not kept]
     come = [r for r in theirs if r["task_type"] != task]
     for rows, verb in ((gone, "which it does not score as"), (come, "which it scores as")):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
@@ -29,7 +28,6 @@ class BatchRead:
         self.errors: dict[int, BaseException] = {}
         self.next, self.left = 0, len(records)
         self.lock, self.done, self.stop = threading.Lock(), threading.Event(), False
-        self.thread_seconds = 0.0
         if not records:
             self.done.set()
 
@@ -40,13 +38,11 @@ class BatchRead:
                 if self.stop or self.next >= len(self.records):
                     return
                 index, self.next = self.next, self.next + 1
-            start = time.perf_counter()
             try:
                 self.images[index] = self.chat.load_images(self.records[index])
             except BaseException as e:  # noqa: BLE001 - raised in the consumer's thread, in record order
                 self.errors[index] = e
             with self.lock:
-                self.thread_seconds += time.perf_counter() - start
                 self.left -= 1
                 last = self.left == 0
             if last:

@@ -35,7 +35,7 @@ from flare_exp.run.layout import RANK_PREDICTIONS as RANK_JOURNAL
 from flare_exp.run.lock import check_still_held
 from flare_exp.run.stage import Stage, infer_input_file
 from flare_exp.runtime import abspath, barrier, check_choice, ranks
-from flare_exp.stages.infer_resume import usable_predictions
+from flare_exp.stages.infer_resume import prediction_row, usable_predictions
 
 
 STAGE = Stage(
@@ -140,12 +140,12 @@ def check_settings(cfg) -> None:
         check_choice("infer.split", cfg.infer.split, ("train", "val", "test"))
 
 
-def predict(cfg, todo: list[dict], journal: Path, label: str, done: dict) -> tuple[int, float, str | None]:
+def predict(cfg, todo: list[dict], journal: Path, label: str, done: dict,
+            adapter: dict | None) -> tuple[int, float, str | None]:
     """Generate predictions for ``todo``, appended to ``journal`` batch by batch, each row naming the adapter
-    (path and sha256) that made it; (generated, seconds, what decoded them: decode_loop, decode_attention and
-    how the inputs were built)."""
+    (path and sha256: ``used_adapter``) that made it; (generated, seconds, what decoded them: decode_loop,
+    decode_attention and how the inputs were built)."""
     inf = cfg.infer
-    adapter = used_adapter(cfg)
     loaded = load_model(cfg.model, init_from=inf.checkpoint, training=False, seed=cfg.seed,
                         merge_adapter=inf.merge_adapter)
     chat = VisionChat(loaded.processor, abspath(cfg.data.root), image_device(inf.image_device, loaded.model))
@@ -167,12 +167,7 @@ def predict(cfg, todo: list[dict], journal: Path, label: str, done: dict) -> tup
             predicted = timed_batch(decode, chunk, images, number, journal.parent)
             check_still_held()  # stopped past the takeover wait: the journal is another's now
             for r, p in zip(chunk, predicted):
-                row = {k: r[k] for k in ("id", "dataset", "task_type", "raw_task_type", "split", "image_name",
-                                         "images", "question", "answer")}
-                for kept in ("raw_question", "question_record"):  # the submission's Question, its record
-                    if kept in r:
-                        row[kept] = r[kept]
-                row.update(prediction=p, model=label, adapter=adapter)
+                row = prediction_row(r, p, label, adapter)
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
                 done[r["id"]] = row
             f.flush()
@@ -237,7 +232,7 @@ def run(cfg, out_dir: Path) -> dict:
     if done:
         log.info("resuming: %d of %d predictions already in %s", len(mine) - len(todo), len(mine), out_dir)
     journal = out_dir / (PREDICTIONS if world == 1 else RANK_JOURNAL.format(rank=rank))
-    generated, elapsed, decoded_by = predict(cfg, todo, journal, label, done) if todo else (0, 0.0, None)
+    generated, elapsed, decoded_by = predict(cfg, todo, journal, label, done, adapter) if todo else (0, 0.0, None)
     if world > 1:
         import torch.distributed as dist
 
@@ -250,15 +245,15 @@ def run(cfg, out_dir: Path) -> dict:
         decoded_by = next((c[2] for c in counts if c[2]), None)
         done = usable_predictions(out_dir, by_id, adapter, writer=False, quiet=True)  # every rank's rows
     return finish(cfg, out_dir, records, done, label, generated, elapsed, decoded_by, world, batch_choice, questions,
-                  split_ids, rejected)
+                  split_ids, rejected, adapter)
 
 
 def finish(cfg, out_dir: Path, records: list[dict], done: dict, label: str, generated: int, elapsed: float,
            decoded_by: dict | None, world: int, batch_choice: dict | None = None, questions: int = 0,
-           split_ids: set | None = None, rejected: dict | None = None) -> dict:
+           split_ids: set | None = None, rejected: dict | None = None, adapter: dict | None = None) -> dict:
     """One predictions file in input order (the ranks' journals merged into it), the sheet, the summary.
     ``split_ids``: every record's id in the split (default: those asked for); ``rejected``: the split's questions
-    prepare left out (data/rejects.py)."""
+    prepare left out (data/rejects.py); ``adapter``: this run's (``used_adapter``, computed once per run)."""
     inf, pred_path = cfg.infer, out_dir / PREDICTIONS
     missing = [r["id"] for r in records if r["id"] not in done]
     if missing:
@@ -285,7 +280,6 @@ def finish(cfg, out_dir: Path, records: list[dict], done: dict, label: str, gene
     write_jsonl(pred_path, rows)  # one row per record, in input order (the journals are in decoding order)
     for journal in out_dir.glob(RANK_JOURNAL.format(rank="*")):
         journal.unlink()  # merged above
-    adapter = used_adapter(cfg)
     write_sheet(out_dir / "predictions.xlsx", rows, label, adapter=adapter)
     submission = (write_submission(out_dir, rows, questions, rejected) if all(r["answer"] is None for r in rows)
                   else None)

@@ -16,9 +16,18 @@ from flare_exp.run.layout import RANK_PREDICTIONS as RANK_JOURNAL
 
 log = logging.getLogger(__name__)
 SET_ASIDE = "predictions.set_aside.jsonl"
-# what infer copies from a question's record into its prediction row (stages/infer.py)
-COPIED = ("dataset", "task_type", "raw_task_type", "split", "image_name", "images", "question", "answer",
-          "raw_question", "question_record")
+# what infer copies from a question's record into its prediction row (stages/infer.py): every record's fields,
+# then the submission's Question and its record where prepare kept them
+RECORD_FIELDS = ("dataset", "task_type", "raw_task_type", "split", "image_name", "images", "question", "answer")
+KEPT_IF_THERE = ("raw_question", "question_record")
+COPIED = RECORD_FIELDS + KEPT_IF_THERE
+
+
+def prediction_row(record: dict, prediction: str, label: str, adapter: dict | None) -> dict:
+    """The journal row infer writes for ``record``'s prediction (row_problem holds a resumed one to it)."""
+    return {"id": record["id"], **{k: record[k] for k in RECORD_FIELDS},
+            **{k: record[k] for k in KEPT_IF_THERE if k in record},
+            "prediction": prediction, "model": label, "adapter": adapter}
 
 
 def read_predictions(out_dir: Path, replaced: list | None = None) -> dict[str, dict]:
@@ -67,9 +76,7 @@ def usable_predictions(out_dir: Path, split_records: dict[str, dict], adapter: d
         if why:
             aside.append((row, why))
             del done[key]
-    new = fresh(out_dir / SET_ASIDE, aside)
-    if new and writer:
-        set_aside(out_dir / SET_ASIDE, new)
+    new = file_set_aside(out_dir / SET_ASIDE, aside, writer)
     if new and not quiet:
         again = len({row.get("id") for row, _ in new} - set(done))
         log.warning("infer: %d prediction row(s) of an earlier attempt set aside into %s, %d question(s) decoded "
@@ -77,20 +84,18 @@ def usable_predictions(out_dir: Path, split_records: dict[str, dict], adapter: d
     return done
 
 
-def fresh(path: Path, aside: list[tuple[dict, str]]) -> list[tuple[dict, str]]:
+def file_set_aside(path: Path, aside: list[tuple[dict, str]], writer: bool) -> list[tuple[dict, str]]:
     """The rows of ``aside`` not in the set-aside file yet (an attempt killed before it merged leaves the rows it
-    set aside in the journal: found again, for this reason or another), each once."""
-    seen = {json.dumps(entry["row"], sort_keys=True) for entry in (read_jsonl(path) if path.is_file() else [])}
+    set aside in the journal: found again, for this reason or another), each once; added to the file, rewritten
+    whole, by the ``writer`` rank."""
+    kept = read_jsonl(path) if path.is_file() else []
+    seen = {json.dumps(entry["row"], sort_keys=True) for entry in kept}
     new = []
     for row, why in aside:
         text = json.dumps(row, sort_keys=True)
         if text not in seen:
             seen.add(text)
             new.append((row, why))
+    if new and writer:
+        write_jsonl(path, kept + [{"set_aside": why, "row": row} for row, why in new])
     return new
-
-
-def set_aside(path: Path, new: list[tuple[dict, str]]) -> None:
-    """Adds each (row, why) to the set-aside file, rewritten whole."""
-    kept = read_jsonl(path) if path.is_file() else []
-    write_jsonl(path, kept + [{"set_aside": why, "row": row} for row, why in new])

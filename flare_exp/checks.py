@@ -101,7 +101,8 @@ def setting_problems(cfg: DictConfig, preload: bool = False) -> list[Exception]:
     _collect(problems, check_run_name, cfg.run_name)
     _collect(problems, check_reward_weights, cfg.reward)
     _collect(problems, check_model_settings, cfg.model)
-    _collect(problems, check_one_process_per_job, _loading_model(steps), steps, cfg.model.backend,
+    # the GPUs this process sees: the job's own process only (a sweep's launcher sees the login node's)
+    _collect(problems, check_one_process_per_job, preload and _loading_model(steps), steps, cfg.model.backend,
              cfg.stage.name == "pipeline")
     ranged = setting_checks.problems(cfg, steps, inputs=preload)  # every step's ranges, reward terms, judge paths
     problems += ranged

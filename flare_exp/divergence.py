@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from transformers import TrainerCallback
+from flare_exp.callback_base import TrainerCallback
 
 log = logging.getLogger(__name__)
 

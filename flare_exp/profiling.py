@@ -83,7 +83,7 @@ class Profiled:
 
 def profile_steps(path: Path, steps: int, first: int = PROFILE_FIRST):
     """A Trainer callback profiling ``steps`` training steps after the first ``first`` into ``path``."""
-    from transformers import TrainerCallback
+    from flare_exp.callback_base import TrainerCallback
 
     class ProfileSteps(TrainerCallback):
         running = None

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from omegaconf import OmegaConf
-from transformers import TrainerCallback
+from flare_exp.callback_base import TrainerCallback
 
 from flare_exp.divergence import SAMPLED_NAN, StopWhenDiverged, diverged
 from flare_exp.io import file_fingerprint, shared_as_umask

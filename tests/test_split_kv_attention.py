@@ -1,8 +1,8 @@
 """model.decode_attention=split_kv: the Triton decode kernel gives SDPA's attention (any boolean mask, grouped
 and plain heads, one slice or several) and the graph loop's tokens equal generate's with transformers' own
 attention. The kernels run under Triton's CPU interpreter, which must be chosen before Triton is first imported:
-``test_kernels_under_the_interpreter`` runs this file's interpreter tests in a child pytest with
-TRITON_INTERPRET=1 (they exist only there). The GPU numbers are in docs/performance.md."""
+``test_kernels_under_the_interpreter`` runs this file's interpreter tests (marked ``interpreter``: they exist
+only there) in a child pytest with TRITON_INTERPRET=1. The GPU numbers are in docs/performance.md."""
 import os
 import subprocess
 import sys
@@ -28,8 +28,8 @@ def test_kernels_under_the_interpreter(tmp_path):
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     child = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
-                            "--basetemp", str(tmp_path / "child"), __file__], env=env, capture_output=True,
-                           text=True, cwd=Path(__file__).resolve().parent.parent, timeout=600)
+                            "-m", "interpreter", "--basetemp", str(tmp_path / "child"), __file__], env=env,
+                           capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent, timeout=600)
     summary = child.stdout.strip().splitlines()[-1] if child.stdout.strip() else ""
     assert child.returncode == 0, child.stdout[-6000:] + child.stderr[-3000:]
     assert "passed" in summary and "failed" not in summary, summary
@@ -123,6 +123,7 @@ def test_shared_prefix_needs_the_split_kv_kernel():
 
 
 if INTERPRETED:  # the child run's tests (test_kernels_under_the_interpreter)
+    @pytest.mark.interpreter
     def test_the_self_check_agrees_and_catches_a_wrong_kernel(interpreter, monkeypatch):
         """Run at load time on a GPU: a kernel that compiles wrongly or not at all keeps SDPA, with the reason."""
         attend = interpreter.attend
@@ -135,6 +136,7 @@ if INTERPRETED:  # the child run's tests (test_kernels_under_the_interpreter)
         monkeypatch.setattr(interpreter, "attend", lambda *a, **k: 1 / 0)
         assert interpreter.self_check("cpu", torch.float32, 32).startswith("ZeroDivisionError")
 
+    @pytest.mark.interpreter
     @pytest.mark.parametrize("heads,kv_heads,keys,head_dim,splits,dtype", [
         (8, 2, 150, 32, None, torch.float32),  # grouped heads, slices chosen by the rule
         (4, 4, 70, 16, 3, torch.float32),  # plain multi-head (the GREEN judge), keys not a whole number of blocks
@@ -162,6 +164,7 @@ if INTERPRETED:  # the child run's tests (test_kernels_under_the_interpreter)
                                   atol=tolerance)
 
 
+    @pytest.mark.interpreter
     def test_what_the_kernel_leaves_to_sdpa(interpreter):
         query, key = torch.zeros(2, 8, 1, 32), torch.zeros(2, 2, 40, 32)
         mask = torch.ones(2, 1, 1, 40, dtype=torch.bool)
@@ -173,6 +176,7 @@ if INTERPRETED:  # the child run's tests (test_kernels_under_the_interpreter)
         assert not interpreter.supported(torch.zeros(2, 8, 1, 24), torch.zeros(2, 2, 40, 24), mask)  # head dim
         assert not interpreter.supported(query, key, mask, dropout=0.1)
 
+    @pytest.mark.interpreter
     def test_graph_loop_tokens_equal_generate_with_transformers_attention(interpreter, monkeypatch, base_overrides,
                                                                           demo_prepared):
         """The tiny Qwen3-VL (float32, padded batches, a reused cache): every decode step's attention goes through
@@ -212,6 +216,7 @@ if INTERPRETED:  # the child run's tests (test_kernels_under_the_interpreter)
             assert torch.equal(tokens[:, :reference.shape[1]], reference)
 
 
+    @pytest.mark.interpreter
     @pytest.mark.parametrize("heads,kv_heads,head_dim,dtype,splits", [
         (4, 4, 16, torch.float32, None),  # plain multi-head (the GREEN judge)
         (8, 2, 32, torch.float32, 3),  # grouped heads, several slices
@@ -223,7 +228,7 @@ if INTERPRETED:  # the child run's tests (test_kernels_under_the_interpreter)
         beginning does): read from the source row once per block of rows, the attention is SDPA's over each
         row's own cache; the rows' own copies of those keys are not read at all."""
         generator = torch.Generator().manual_seed(head_dim)
-        rows, keys, shared, source = 20, 230, 90, 1  # 20 rows: two blocks of 16 rows for the shared part
+        rows, keys, shared, source = 17, 160, 70, 1  # 17 rows: two blocks of 16 rows for the shared part
         query = torch.randn(rows, 1, heads, head_dim, generator=generator).transpose(1, 2).to(dtype)
         key, value = (torch.randn(rows, kv_heads, keys, head_dim, generator=generator).to(dtype) for _ in range(2))
         starts = torch.randint(0, 40, (rows,), generator=generator)
@@ -231,8 +236,8 @@ if INTERPRETED:  # the child run's tests (test_kernels_under_the_interpreter)
             for cache in (key, value):
                 cache[row, :, starts[row]:starts[row] + shared] = cache[source, :, starts[source]:starts[source] + shared]
         mask = (torch.arange(keys) >= starts[:, None])[:, None, None, :].clone()
-        mask[:, ..., 200:] = False  # the static cache's unwritten tail
-        mask[0, ..., 150] = False
+        mask[:, ..., 140:] = False  # the static cache's unwritten tail
+        mask[0, ..., 120] = False  # a hole in row 0's own keys, past its shared beginning
         span = torch.tensor([source, shared], dtype=torch.int32)
         got = interpreter.attend(query, key, value, mask, 0.3, splits=splits, shared=(starts.int(), span))
         want = _reference(query.float(), key.float(), value.float(), mask, 0.3)
@@ -246,6 +251,7 @@ if INTERPRETED:  # the child run's tests (test_kernels_under_the_interpreter)
         moved = interpreter.attend(query, changed, value, mask, 0.3, splits=splits, shared=(starts.int(), span))
         assert not torch.allclose(moved[2:].float(), want[2:], atol=tolerance)
 
+    @pytest.mark.interpreter
     def test_judge_with_a_shared_beginning_judges_as_generate(interpreter, monkeypatch, tmp_path):
         """The tiny Llama judge (float32) with eval.green.shared_prefix: its GREEN prompts' common beginning goes
         to the kernel's shared part at every decode step (where the prefill left it in each row's cache: the
@@ -270,7 +276,7 @@ if INTERPRETED:  # the child run's tests (test_kernels_under_the_interpreter)
         judged = {}
         for name, settings in {"ours": dict(decode_loop="graph", decode_attention="split_kv", shared_prefix=True),
                                "generate": dict(decode_loop="generate", decode_attention="transformers")}.items():
-            judge = GreenJudge.from_pretrained(path, "float32", device="cpu", batch_size=3, max_new_tokens=5,
+            judge = GreenJudge.from_pretrained(path, "float32", device="cpu", batch_size=3, max_new_tokens=3,
                                                **settings)
             with torch.no_grad():  # sharpen the random attention so that a wrong key shows in the tokens
                 judge.model.model.layers[0].self_attn.q_proj.weight.mul_(8)

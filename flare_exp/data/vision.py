@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from PIL import Image
 
 from flare_exp.data.decoding import check_window, decode_image
@@ -111,6 +110,8 @@ class VisionChat:
 
     def sft_batch(self, records: list[dict]) -> dict:
         """Inputs with labels on the answer tokens only (prompt, image and padding tokens = -100)."""
+        import torch  # here: the settings checks import this module, and need no torch
+
         texts = [self.full_text(r) for r in records]
         batch = self._encode(texts, records, padding_side="right")
         labels = torch.full_like(batch["input_ids"], IGNORE_INDEX)

@@ -123,16 +123,26 @@ def check_model_folder(key: str, path: Path, vision: bool | None = None) -> None
                              "copy? Copy the model's folder again")
 
 
+def image_text_to_text_kinds():
+    """The model types transformers loads with AutoModelForImageTextToText (read from its source: importing its
+    model registry imports torch)."""
+    from flare_exp.package_source import assigned_literal, parsed
+
+    names = assigned_literal(parsed("transformers", "models/auto/modeling_auto.py"),
+                             "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES")
+    if not isinstance(names, dict):
+        from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES as names
+    return names
+
+
 def _check_vision_model(key: str, path: Path, config: dict) -> None:
     """model.path: a vision-language model transformers loads as one, with its image processor's settings."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
-
     kind = config.get("model_type")
     if "vision_config" not in config:
         raise ValueError(f"{key}={path} holds a {config.get('model_type', 'text')} model without a vision tower "
                          "(no vision_config in its config.json): flare-exp fine-tunes a vision-language model "
                          "(Qwen3-VL-4B-Instruct); point model.path at one")
-    if kind not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+    if kind not in image_text_to_text_kinds():
         raise ValueError(f"{key}={path} holds a {kind!r} model, which transformers does not load as a "
                          "vision-language model (AutoModelForImageTextToText): point model.path at "
                          "Qwen3-VL-4B-Instruct's folder")

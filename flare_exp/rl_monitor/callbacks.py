@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from transformers import TrainerCallback
+from flare_exp.callback_base import TrainerCallback
 
 from flare_exp.io import write_json
 from flare_exp.runtime import check_each

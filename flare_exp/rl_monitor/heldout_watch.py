@@ -10,7 +10,7 @@ import logging
 import math
 from pathlib import Path
 
-from transformers import TrainerCallback
+from flare_exp.callback_base import TrainerCallback
 
 from flare_exp.io import atomic_dir, torn_line_step, write_text
 from flare_exp.rl_monitor.heldout import (OFFICIAL_MEAN, HeldOutEval, flat_metrics, higher_is_better,

@@ -172,13 +172,20 @@ def rollout_weights_of(rl, backend: str, graph_loop: bool) -> RolloutWeights:
 
 def trl_loss_types() -> tuple[str, ...]:
     """The GRPO loss types the installed TRL supports, as its GRPOConfig documents them ("Supported values are
-    'grpo', 'dr_grpo', ..."; the list grows between TRL versions); empty when that text is not found."""
-    import dataclasses
+    'grpo', 'dr_grpo', ..."; the list grows between TRL versions); empty when that text is not found. Read from
+    TRL's source where it can be: importing GRPOConfig imports transformers' trainer (~8 s), and a sweep's
+    launcher runs this check for every job before it submits any."""
     import re
 
-    from trl import GRPOConfig
+    from flare_exp.package_source import field_help, parsed
 
-    text = next((f.metadata.get("help", "") for f in dataclasses.fields(GRPOConfig) if f.name == "loss_type"), "")
+    text = field_help(parsed("trl", "trainer/grpo_config.py"), "GRPOConfig", "loss_type")
+    if text is None:
+        import dataclasses
+
+        from trl import GRPOConfig
+
+        text = next((f.metadata.get("help", "") for f in dataclasses.fields(GRPOConfig) if f.name == "loss_type"), "")
     supported = re.search(r"Supported values are (.*?)\.\s", text)
     return tuple(re.findall(r"'(\w+)'", supported.group(1))) if supported else ()
 

@@ -56,10 +56,12 @@ def card_changes(cfg, choice: SftChoice, liger_installed: bool) -> dict[str, tup
 def check_preset(cfg) -> None:
     """sft.card_preset's value, and that ``large`` has a GPU to apply to (checked with the other settings,
     before any work)."""
-    import torch
-
     check_choice("sft.card_preset", cfg.sft.card_preset, SETTINGS)
-    if cfg.sft.card_preset == "large" and cfg.model.backend == "hf" and not torch.cuda.is_available():
+    if cfg.sft.card_preset != "large" or cfg.model.backend != "hf":
+        return
+    import torch  # only here: the other values need no torch to check (a sweep's launcher checks every job)
+
+    if not torch.cuda.is_available():
         raise ValueError("sft.card_preset=large: the large-card settings (Liger's kernels, compiled blocks) need "
                          "a CUDA GPU; use sft.card_preset=auto or none on this machine")
 

@@ -60,6 +60,10 @@ def main(cfg: DictConfig):
     said_in_one_line = single and os.environ.get("HYDRA_FULL_ERROR") != "1"
     if single:  # a sweep's jobs: submitit's workers handle their own signals, the watched launcher its own (StopInProcess)
         stop_on_sigterm()
+    else:
+        from flare_exp.sweep_stop import hear_the_sweeps_stop
+
+        hear_the_sweeps_stop()
     try:
         return run(cfg)
     except (*INPUT_ERRORS, RunFinishedError, RunLockedError, RunSettingsChangedError, MemoryError) as e:

@@ -189,7 +189,7 @@ def resume_checkpoint(resume: str, out_dir: Path, stage: str | None = None, cfg=
             from flare_exp.run.record import RunSettingsChangedError
             from flare_exp.run.stage import resume_never_refusal
 
-            raise RunSettingsChangedError(resume_never_refusal(out_dir, ckpts[-1].name))
+            raise RunSettingsChangedError(resume_never_refusal(out_dir, ckpts))
         file_aside(out_dir, [(c, incomplete(c)) for c in reversed(numbered_checkpoints(out_dir))])  # none whole
         return None
     path = abspath(resume)
@@ -323,7 +323,9 @@ def _training_after_a_stop(cfg, stage: str, out_dir: Path, it: str) -> str | Non
         if left:
             taken = _quietly(newest_complete, out_dir, up_to=budget)
             then = f"continue from {'it' if taken == left[-1] else taken.name}" if taken else "continue"
-            return (f"is refused (resume=never and {left[-1].name} is there): pass resume=auto to {then}, or "
+            there = (f"{left[-1].name} is" if len(left) == 1
+                     else f"{len(left)} checkpoints, the newest {left[-1].name}, are")
+            return (f"is refused (resume=never and {there} there): pass resume=auto to {then}, or "
                     "overwrite=true to start afresh")
         return f"starts {it}again from step 0 {_why_step_0(cfg, stage, out_dir, budget)}"
     if resume != "auto":  # a checkpoint named on purpose: taken again, whatever the run saved since

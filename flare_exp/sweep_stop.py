@@ -79,6 +79,17 @@ def stop_workers(grace_s: float = 10.0) -> int:
     return len(workers)
 
 
+def hear_the_sweeps_stop() -> bool:
+    """In a local sweep's job process: SIGINT raises KeyboardInterrupt again where the job was handed it ignored
+    (a sweep started in the background from a script, ``python launch.py -m ... &``, whose shell ignores SIGINT
+    for it). stop_workers stops the jobs with SIGINT; ignoring it, a job would run on through the grace and be
+    killed without its FAILED marker. True when it was restored."""
+    if not os.environ.get("SUBMITIT_LOCAL_JOB_ID") or signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        return False
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    return True
+
+
 class ForwardStops:
     """While the sweep waits for its local jobs: SIGTERM / SIGINT / SIGHUP (its terminal closed) stop the
     workers, then this process (exit status 128 + the signal's number, as a shell reports it)."""

@@ -448,8 +448,8 @@ def test_out_of_memory_names_the_checkpoint_its_resume_takes(tmp_path):
         "run_name= (it starts from step 0; overwrite=true replaces this run)."), said("sft.max_steps=6")
     assert "it starts again from step 0 (checkpoint-9 is past sft.max_steps=2" in said("sft.max_steps=2")
     assert "it resumes from checkpoint-9 (step 9 of 20)" in said("sft.max_steps=20")
-    assert "it is refused (resume=never and checkpoint-9 is there): pass resume=auto" in said(
-        "sft.max_steps=20", "resume=never")
+    assert "it is refused (resume=never and 2 checkpoints, the newest checkpoint-9, are there): pass " \
+           "resume=auto to continue from it" in said("sft.max_steps=20", "resume=never")
     named = said("sft.max_steps=20", f"resume={run_dir / 'checkpoint-3'}")
     assert f"it resumes from {run_dir / 'checkpoint-3'} again (resume= names it); pass resume=auto to continue " \
            "from checkpoint-9" in named, named

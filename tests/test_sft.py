@@ -584,3 +584,13 @@ def test_a_resumed_runs_mean_loss_says_the_steps_it_covers():
     assert abs(fields["train_loss"] - (6 + 10 + 4 + 27 + 2 * 2 + 2 * 2) / 17) < 1e-9
     whole = loss_fields(history[:2], session_mean=(6 + 10) / 3, global_step=3)
     assert whole == {"train_loss": 16 / 3, "train_loss_steps": 3} and said(whole) == "5.3333"
+
+
+def test_resume_never_names_every_checkpoint_it_refuses_over(tmp_path):
+    from flare_exp.run.stage import resume_never_refusal
+
+    ckpts = [tmp_path / f"checkpoint-{n}" for n in (2, 4, 6)]
+    assert f"{tmp_path} already holds checkpoints (checkpoint-2, checkpoint-4, checkpoint-6) and resume=never" \
+        in resume_never_refusal(tmp_path, ckpts)
+    many = [tmp_path / f"checkpoint-{n}" for n in range(1, 11)]
+    assert "(checkpoint-1, ... 8 more ..., checkpoint-10) and resume=never" in resume_never_refusal(tmp_path, many)

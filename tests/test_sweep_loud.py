@@ -124,10 +124,12 @@ def test_a_job_with_a_child_of_its_own_gets_the_stop(tmp_path):
     that had a child at that moment was passed over and finished DONE after the sweep said its workers stopped."""
     job = textwrap.dedent(f"""
         import signal, subprocess, sys, time
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # as launch.py's jobs (hear_the_sweeps_stop)
         child = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGINT, "
                                   "signal.SIG_IGN); time.sleep(30)"])
+        open({str(tmp_path / 'ready')!r}, "w").write("its child started")
         try:
-            time.sleep(4)  # its work, which ends DONE unless stopped
+            time.sleep(8)  # its work, which ends DONE unless stopped
             open({str(tmp_path / 'stopped')!r}, "w").write("finished after the stop")
         except KeyboardInterrupt:
             open({str(tmp_path / 'stopped')!r}, "w").write("job")
@@ -135,11 +137,14 @@ def test_a_job_with_a_child_of_its_own_gets_the_stop(tmp_path):
     """)
     controller = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {job!r}])"
     script = textwrap.dedent(f"""
-        import subprocess, sys, time
+        import os, subprocess, sys, time
         sys.path.insert(0, {str(REPO)!r})
         from flare_exp import sweep_stop
         controller = subprocess.Popen([sys.executable, "-c", {controller!r}])
-        time.sleep(1.5)
+        deadline = time.time() + 40  # the job and its child running (a loaded machine starts them slowly)
+        while not os.path.exists({str(tmp_path / 'ready')!r}) and time.time() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.5)
         sweep_stop.stop_workers(grace_s=6.0)
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
@@ -493,3 +498,22 @@ def test_a_batch_refused_after_earlier_batches_ran_says_so(session_dir, tmp_path
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "1 of 1 jobs of this batch have settings a run would refuse; no job of this batch (#1-#1) was launched; " \
            "the 1 job(s) of the batches before it ran" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_a_local_job_handed_sigint_ignored_hears_the_stop(monkeypatch):
+    """A sweep started in the background from a script hands its jobs SIGINT ignored: a local job takes it back
+    (stop_workers stops jobs with SIGINT); a process that is no local job keeps what it was given."""
+    import signal
+
+    from flare_exp.sweep_stop import hear_the_sweeps_stop
+
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        monkeypatch.delenv("SUBMITIT_LOCAL_JOB_ID", raising=False)
+        assert not hear_the_sweeps_stop() and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        monkeypatch.setenv("SUBMITIT_LOCAL_JOB_ID", "12345")
+        assert hear_the_sweeps_stop() and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert not hear_the_sweeps_stop()  # already heard: nothing to change
+    finally:
+        signal.signal(signal.SIGINT, before)

@@ -96,7 +96,7 @@ class Stage:
 
             left = list_checkpoints(run_dir)
             if left:
-                raise RunSettingsChangedError(resume_never_refusal(run_dir, left[-1].name))
+                raise RunSettingsChangedError(resume_never_refusal(run_dir, left))
 
     def written_by(self) -> set[str]:
         """The earlier steps whose outputs fill its inputs in a pipeline."""
@@ -124,8 +124,11 @@ class Stage:
         return re.sub(r"\{([\w.]+)\}", lambda m: str(OmegaConf.select(cfg, m.group(1))), self.defaults[key])
 
 
-def resume_never_refusal(run_dir: Path, newest: str) -> str:
-    return (f"{run_dir} already holds checkpoints ({newest}) and resume=never: use resume=auto to continue, "
+def resume_never_refusal(run_dir: Path, checkpoints: list[Path]) -> str:
+    """The refusal of resume=never on ``checkpoints`` (oldest first): each named, the newest last."""
+    names = [c.name for c in checkpoints]
+    shown = ", ".join(names) if len(names) <= 4 else f"{names[0]}, ... {len(names) - 2} more ..., {names[-1]}"
+    return (f"{run_dir} already holds checkpoints ({shown}) and resume=never: use resume=auto to continue, "
             "overwrite=true to start afresh (the earlier attempt moves to attempts/NN/), or another "
             f"{placed_by(run_dir)}=")
 

@@ -14,9 +14,10 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
+import os
 from pathlib import Path
 
-from flare_exp.run.layout import CONFIG, DONE, FAILED, HYDRA, METRICS, RUN_INFO, own_or_step
+from flare_exp.run.layout import CONFIG, DONE, FAILED, FINGERPRINT, HYDRA, METRICS, RUN_INFO, own_or_step
 from flare_exp.run.record import marker
 
 log = logging.getLogger(__name__)
@@ -169,9 +170,13 @@ def _read_json(path: Path) -> dict:
 
 
 def stage_of(run_dir: Path) -> str | None:
-    """The stage a run dir's config.yaml names (a refused launch: its .hydra/config.yaml); None if none does."""
+    """The stage a run dir's fingerprint recorded as it ran, else the one its config.yaml names (a pipeline, which
+    records no fingerprint; a refused launch: its .hydra/config.yaml); None if none does."""
     from omegaconf import OmegaConf
 
+    recorded = _read_json(run_dir / FINGERPRINT).get("stage")
+    if isinstance(recorded, str) and recorded:
+        return recorded
     for saved in (run_dir / CONFIG, run_dir / HYDRA / CONFIG):  # the latter: a refused launch
         try:
             return OmegaConf.select(OmegaConf.load(saved), "stage.name")
@@ -195,7 +200,8 @@ def run_summary(run_dir: Path) -> dict | None:
     """One run dir's row: name, stage, status, started, seconds, headline, error; None for a dir that is no run."""
     info = _read_json(run_dir / RUN_INFO)
     found = marker(run_dir)
-    if not info and found is None:
+    torn_info = not info and (run_dir / RUN_INFO).is_file()  # cut or hand-broken: the run started all the same
+    if not info and found is None and not torn_info:
         return None
     started = info.get("started") if isinstance(info.get("started"), str) else None
     try:
@@ -209,7 +215,7 @@ def run_summary(run_dir: Path) -> dict | None:
     elif found == FAILED:
         text = (run_dir / FAILED).read_text(errors="replace").strip()
         error = next((line for line in text.splitlines() if line.strip()), "")[:200]
-        status = FAILED if info else "stopped by settings"
+        status = FAILED if info or torn_info else "stopped by settings"
         if started:
             seconds = (run_dir / FAILED).stat().st_mtime - _dt.datetime.fromisoformat(started).timestamp()
     else:
@@ -234,12 +240,28 @@ def run_summary(run_dir: Path) -> dict | None:
     elif marker(scored := run_dir if stage_of(run_dir) == "eval" else run_dir / "eval") == DONE:
         unreadable = f"{(scored / METRICS).relative_to(run_dir)} missing"
         metric = f"{unreadable}: deleted since its eval wrote it; rerun that eval"
+    note = "; ".join(n for n in (note, *record_doubts(run_dir, found, torn_info)) if n) or None
     earlier = continued_attempts(run_dir)
     known = seconds is not None and None not in earlier  # a killed attempt (kill -9: no FAILED) has no end time
     return {"name": run_dir.name, "stage": stage_of(run_dir) or "?", "status": status, "started": started,
             "seconds": seconds + sum(earlier) if known else seconds, "attempts": 1 + len(earlier),
             "all_attempts_timed": known, "headline": metric or headline(run_dir), "error": error,
             "metrics_unreadable": unreadable, "note": note}
+
+
+def record_doubts(run_dir: Path, found: str | None, torn_info: bool) -> list[str]:
+    """What in a run dir's record is not as the run left it: run_info.json unreadable, a FAILED beside its DONE
+    (an rsync of two attempts into one dir), config.yaml edited after the run (its stage or deciding settings
+    differ from the fingerprint it recorded)."""
+    from flare_exp.run.fingerprint import config_edits
+
+    doubts = [f"{RUN_INFO} unreadable"] if torn_info else []
+    if found == DONE and (run_dir / FAILED).is_file():
+        doubts.append("a FAILED marker lies beside DONE")
+    edits = config_edits(run_dir)
+    if edits:
+        doubts.append(f"{CONFIG} edited since: {edits[0]}" + (f" and {len(edits) - 1} more" if len(edits) > 1 else ""))
+    return doubts
 
 
 def stopped_early(run_dir: Path) -> str | None:
@@ -340,7 +362,16 @@ def listing(output_root: Path, recheck=None) -> tuple[list[str], list[list[str]]
             else f" (the last of {row['attempts']} attempts: an earlier one was killed, its time unknown)"
         rows.append([name, row["stage"], status[:90], (row["started"] or "").replace("T", " "),
                      duration(row["seconds"]) + attempts, row["headline"] or ""])
+    for link in dangling_links(output_root):  # a run dir on purged scratch: said, not dropped without a word
+        rows.append([link.name, "?", "a link to nothing (its target purged or unmounted)", "", "",
+                     f"{os.readlink(link)} does not exist"])
     return ["run", "stage", "status", "started", "duration", "headline metric"], rows
+
+
+def dangling_links(output_root: Path) -> list[Path]:
+    """runs/<name> entries that are symbolic links to nothing (scratch storage purged, a disk unmounted)."""
+    runs = output_root / "runs"
+    return [p for p in sorted(runs.glob("*")) if p.is_symlink() and not p.exists()] if runs.is_dir() else []
 
 
 def find_run(output_root: Path, name: str) -> Path:

@@ -300,6 +300,10 @@ def check_writable(key: str, value, where: Path | None = None) -> None:
     import os
 
     path = where or abspath(value)
+    link = next((p for p in (path, *path.parents) if p.is_symlink() and not p.exists()), None)
+    if link is not None:  # a run dir on scratch storage that was purged, an unmounted disk
+        raise ValueError(f"{key}={value}: {link} is a symbolic link to {os.readlink(link)}, which does not exist, "
+                         f"and this run writes {path}: mount or recreate its target, or remove the link")
     existing = next((p for p in (path, *path.parents) if p.exists()), None)
     if existing == path and path.is_dir():  # a pipeline's step dirs inside it are written too
         existing = next((p for p in (path, *sorted(path.iterdir())) if p.is_dir() and not p.name.startswith(".")

@@ -833,3 +833,24 @@ def test_a_batch_out_of_memory_stops_building_inputs_ahead(base_overrides, demo_
     assert decoder.ahead.stopped and decoder.ahead.ready == {}
     assert "building each batch's input in turn from now on (infer.inputs_ahead)" in caplog.text
     assert decoder.ahead.state() == "ahead, then in turn (a batch ran out of GPU memory)"
+
+
+def test_an_infer_config_edited_after_the_run_is_not_reported_as_its_settings(base_overrides, tmp_path, caplog):
+    """config.yaml edited by hand after the infer run (max_pixels, max_new_tokens): eval's run block gives the
+    settings the run recorded as it ran (fingerprint.json), says so in a warning and a caveat."""
+    from omegaconf import OmegaConf
+
+    _infer(base_overrides, tmp_path / "a", "infer.num_samples=4")
+    saved = tmp_path / "a" / "config.yaml"
+    edited = OmegaConf.load(saved)
+    ran_with = (edited.model.max_pixels, edited.infer.max_new_tokens)
+    edited.model.max_pixels, edited.infer.max_new_tokens = 262144, 512
+    OmegaConf.save(edited, saved)
+    cfg = compose_cfg(["stage=eval", *base_overrides, f"eval.predictions=[{tmp_path / 'a'}]", "eval.radgraph=false"])
+    run(cfg, run_dir=tmp_path / "eval")
+    block = next(iter(json.loads((tmp_path / "eval" / "metrics.json").read_text()).values()))
+    assert block["run"]["max_pixels"] == ran_with[0] and block["run"]["decoding"].startswith(
+        f"max_new_tokens={ran_with[1]},"), block["run"]
+    assert any(e.startswith("infer.max_new_tokens: 6 -> 512") for e in block["run"]["config_edited"])
+    assert any("was edited after its infer run" in c for c in block["caveats"])
+    assert "differs from the settings the run recorded as it ran" in caplog.text

@@ -278,7 +278,8 @@ def test_a_large_scan_is_no_bomb_below_pils_own_limit(tmp_path, monkeypatch):
     for side in (40, 50):  # 1,600 pixels: above the warning, below the error; 2,500: above both
         Image.fromarray((np.arange(side * side) % 251).reshape(side, side).astype(np.uint8)).save(tmp_path / f"{side}.png")
     assert _check_image(str(tmp_path / "40.png"), None).problem is None
-    assert _check_image(str(tmp_path / "50.png"), None).problem.startswith("decompression bomb 50.png")
+    bomb = _check_image(str(tmp_path / "50.png"), None).problem
+    assert bomb.startswith("decompression bomb 50.png") and "save it downscaled" in bomb  # and what to do
 
 
 def test_a_stage_started_on_a_root_whose_images_differ_from_the_prepared_ones_is_refused(base_overrides,

@@ -487,3 +487,18 @@ def test_a_pipeline_steps_move_into_its_attempts_cut_short_is_finished_too(tmp_p
     assert sorted(p.name for p in moved.iterdir()) == ["DONE", "adapter", "metrics.json"]
     assert (moved / "adapter" / "w").read_text() == "weights" and sorted(p.name for p in step.iterdir()) == ["attempts"]
     assert record.finish_interrupted_move(pipeline) == []
+
+
+def test_a_run_dir_that_is_a_dangling_link_is_named_before_anything_is_written(tmp_path):
+    """A run dir on scratch storage that was purged (the link left behind): the settings check names the link and
+    its missing target, where Hydra's own mkdir would stop with a FileExistsError traceback."""
+    import os
+
+    from flare_exp.checks import input_problems
+
+    (tmp_path / "out" / "runs").mkdir(parents=True)
+    os.symlink(tmp_path / "purged", tmp_path / "out" / "runs" / "gone")
+    cfg = compose_cfg(["stage=eval", f"paths.output_root={tmp_path / 'out'}", "run_name=gone"])
+    said = [str(p) for p in input_problems(cfg)]
+    assert any(f"{tmp_path / 'out' / 'runs' / 'gone'} is a symbolic link to {tmp_path / 'purged'}, which does not "
+               "exist" in p and "remove the link" in p for p in said), said

@@ -331,3 +331,43 @@ def test_checkpoints_a_resume_filed_away_do_not_end_the_count_of_attempts(tmp_pa
     assert len(continued_attempts(run_dir)) == 2  # 02 (killed, no end known) and 01; 03 holds checkpoints only
     (run_dir / "attempts" / "02" / "final").mkdir()  # an output no resume files: a whole earlier run
     assert continued_attempts(run_dir) == []
+
+
+def test_the_listing_holds_each_run_to_its_own_record(tmp_path):
+    """Hand-damaged records are said, not taken at their word: config.yaml edited to name another stage (the
+    stage the run recorded is listed), run_info.json cut in half (an unfinished run is still listed; a failed one
+    is FAILED, not refused by its settings), a FAILED marker beside DONE."""
+    from omegaconf import OmegaConf
+
+    from flare_exp.run.fingerprint import fingerprint
+
+    cfg = compose_cfg(["stage=eval"])
+    root = tmp_path / "out"
+    edited = root / "runs" / "edited"
+    _eval_run(edited, cfg, hits=8)
+    (edited / "fingerprint.json").write_text(json.dumps(fingerprint("eval", cfg)))
+    saved = OmegaConf.load(edited / "config.yaml")
+    saved.stage.name = "sft"
+    OmegaConf.save(saved, edited / "config.yaml")
+    torn = root / "runs" / "torn"
+    write_run_metadata(torn, cfg)
+    info = (torn / "run_info.json").read_text()
+    (torn / "run_info.json").write_text(info[:len(info) // 2])
+    torn_failed = root / "runs" / "torn-failed"
+    write_run_metadata(torn_failed, cfg)
+    write_failed(torn_failed, RuntimeError("CUDA out of memory"))
+    (torn_failed / "run_info.json").write_text("{\"started\": ")
+    both = root / "runs" / "both"
+    _eval_run(both, cfg, hits=4)
+    write_failed(both, RuntimeError("CUDA out of memory"))
+    os.symlink(tmp_path / "purged-scratch", root / "runs" / "gone")
+
+    header, rows = listing(root)
+    by_name = {r[0]: dict(zip(header, r)) for r in rows}
+    assert by_name["edited"]["stage"] == "eval"
+    assert by_name["edited"]["status"] == "DONE (config.yaml edited since: stage.name: eval -> sft)"
+    assert by_name["torn"]["status"] == "unfinished (run_info.json unreadable)"
+    assert by_name["torn-failed"]["status"].startswith("FAILED: RuntimeError: CUDA out of memory")
+    assert by_name["both"]["status"] == "DONE (a FAILED marker lies beside DONE)"
+    assert by_name["gone"]["status"] == "a link to nothing (its target purged or unmounted)"
+    assert by_name["gone"]["headline metric"] == f"{tmp_path / 'purged-scratch'} does not exist"

@@ -165,7 +165,9 @@ def _check_image(path: str, window: tuple[float, float] | None, decode: bool = T
                                   else framed_content(picture))
                         clipped = side is not None and not framed
     except Image.DecompressionBombError as e:
-        return ImageCheck(f"decompression bomb {Path(path).name}: {e} ({size})", digest, mode, None)
+        return ImageCheck(f"decompression bomb {Path(path).name}: {e} ({size}). If it is a true X-ray, save it "
+                          "downscaled (every stage resizes it to model.max_pixels anyway) and prepare again",
+                          digest, mode, None)
     except Image.UnidentifiedImageError:  # PIL's wording names an in-memory buffer, not the file
         reason = ("no image format Pillow reads: an empty or cut download, or another kind of file under an "
                   "image's name" if data else "the file is empty")

@@ -11,7 +11,7 @@ from pathlib import Path
 from flare_exp.data.sheet_predictions import OLE2, SHEET
 from flare_exp.io import read_jsonl, read_jsonl_of_unfinished_run
 from flare_exp.metrics import official
-from flare_exp.run.layout import CONFIG, DONE, RUN_INFO, predictions_file, summary_name
+from flare_exp.run.layout import CONFIG, DONE, FINGERPRINT, RUN_INFO, predictions_file, summary_name
 from flare_exp.run.stage import infer_input_file
 from flare_exp.runtime import abspath
 
@@ -367,6 +367,33 @@ def decoding_of(infer) -> str:
     return said + ("" if infer.get("do_sample") else ", greedy")
 
 
+def config_edits_said(run_dir: Path) -> list[str]:
+    """config.yaml's hand edits since the run (fingerprint.config_edits), warned once per run dir."""
+    from flare_exp.run.fingerprint import config_edits
+
+    edits = config_edits(run_dir)
+    if edits and run_dir not in _EDITS_SAID:
+        _EDITS_SAID.add(run_dir)
+        log.warning("%s/%s differs from the settings the run recorded as it ran (%s): %s. Edited after the run? "
+                    "The report gives the recorded ones", run_dir, CONFIG, FINGERPRINT, "; ".join(edits[:6]))
+    return edits
+
+
+_EDITS_SAID: set[Path] = set()
+
+
+def as_recorded(cfg, run_dir: Path):
+    """``cfg`` with the deciding settings the run's fingerprint recorded put back over its config.yaml's."""
+    from omegaconf import OmegaConf
+
+    from flare_exp.run.fingerprint import recorded_fingerprint
+
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg))
+    for key, value in recorded_fingerprint(run_dir).get("settings", {}).items():
+        OmegaConf.update(cfg, key, value, force_add=True)
+    return cfg
+
+
 def run_metadata(path: Path) -> dict:
     """What produced a predictions file, from its infer run dir when there is one: the model, the checkpoint,
     the backend, when and from which commit."""
@@ -381,6 +408,10 @@ def run_metadata(path: Path) -> dict:
                         adapter_sha256=adapter.get("sha256"), label=summary.get("label"))
         if (run_dir / CONFIG).exists():
             cfg = OmegaConf.load(run_dir / CONFIG)
+            edits = config_edits_said(run_dir)
+            if edits:  # the settings the run recorded as it ran, not a hand edit's
+                cfg = as_recorded(cfg, run_dir)
+                meta["config_edited"] = edits
             meta.update(model=str(cfg.model.get("name")), model_path=str(cfg.model.get("path")),
                         backend=str(cfg.model.get("backend")), max_pixels=cfg.model.get("max_pixels"),
                         decoding=decoding_of(cfg.get("infer") or {}))

@@ -206,6 +206,10 @@ def evaluate_file(path: Path, scorers: ReportScorers, allow_partial: bool = Fals
             samples[task] = ([r["id"] for r in group], official.green_stats([s["green"] for s in green]))
     reading = flare_reading_caveats({task: [row for row, _ in pairs] for task, pairs in by_task.items()})
     reading += shared_key_caveat(r.get("id") for r in raw)
+    edited = result["run"].get("config_edited")
+    if edited:
+        reading.append(f"{path.parent / 'config.yaml'} was edited after its infer run ({'; '.join(edited[:4])}): "
+                       "the run block gives the settings the run recorded as it ran (fingerprint.json)")
     if reading:
         result["caveats"] = reading
     for dataset, pairs in sorted(by_dataset.items()):

@@ -417,6 +417,29 @@ def config_settings(stage: str, run_dir: Path) -> dict:
     return settings_of(stage, OmegaConf.to_container(OmegaConf.load(run_dir / CONFIG)), launch_dir_of(run_dir))
 
 
+def config_edits(run_dir: Path) -> list[str]:
+    """Where a run dir's config.yaml (what reports and listings read) says otherwise than the fingerprint the run
+    recorded as it started: a hand edit after the run. The stage first ('stage.name: recorded -> config.yaml'),
+    else each deciding setting ('key: recorded -> config.yaml'). Empty where either file is missing or
+    unreadable (a pipeline records no fingerprint of its own)."""
+    try:
+        recorded = recorded_fingerprint(run_dir)
+        config = OmegaConf.to_container(OmegaConf.load(run_dir / CONFIG))
+    except Exception:  # noqa: BLE001  (missing, cut or hand-broken: nothing to compare)
+        return []
+    stage = recorded.get("stage")
+    if not isinstance(stage, str) or not isinstance(recorded.get("settings"), dict) or not isinstance(config, dict):
+        return []
+    named = config.get("stage", {}).get("name") if isinstance(config.get("stage"), dict) else None
+    if named != stage:
+        return [f"stage.name: {stage} -> {named}"]
+    try:
+        return settings_differences(recorded["settings"],
+                                    {"settings": settings_of(stage, config, launch_dir_of(run_dir))})
+    except Exception:  # noqa: BLE001  (a value the edit made unresolvable: said as such)
+        return ["config.yaml: its settings no longer resolve"]
+
+
 def settings_differences(old: dict, new: dict) -> list[str]:
     """What differs between recorded deciding settings and this run's fingerprint's."""
     return differences({"settings": old}, {"settings": new["settings"]})

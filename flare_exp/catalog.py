@@ -222,6 +222,7 @@ def run_summary(run_dir: Path) -> dict | None:
         status = _live_status(run_dir)
         if started and status != "unfinished":
             seconds = _dt.datetime.now().timestamp() - _dt.datetime.fromisoformat(started).timestamp()
+    stage = stage_of(run_dir)  # the fingerprint's, else config.yaml's: read once per row
     metrics, unreadable, metric = metrics_file(run_dir), None, None
     if metrics is not None:  # a torn or hand-broken metrics.json: said, not an empty metric beside a plain DONE
         try:
@@ -237,13 +238,13 @@ def run_summary(run_dir: Path) -> dict | None:
             unreadable = f"{metrics.relative_to(run_dir)} unreadable"
             metric = (f"{unreadable} ({why_unreadable(e)}): cut or edited since its eval wrote it; rerun "
                       "that eval")
-    elif marker(scored := run_dir if stage_of(run_dir) == "eval" else run_dir / "eval") == DONE:
+    elif marker(scored := run_dir if stage == "eval" else run_dir / "eval") == DONE:
         unreadable = f"{(scored / METRICS).relative_to(run_dir)} missing"
         metric = f"{unreadable}: deleted since its eval wrote it; rerun that eval"
     note = "; ".join(n for n in (note, *record_doubts(run_dir, found, torn_info)) if n) or None
     earlier = continued_attempts(run_dir)
     known = seconds is not None and None not in earlier  # a killed attempt (kill -9: no FAILED) has no end time
-    return {"name": run_dir.name, "stage": stage_of(run_dir) or "?", "status": status, "started": started,
+    return {"name": run_dir.name, "stage": stage or "?", "status": status, "started": started,
             "seconds": seconds + sum(earlier) if known else seconds, "attempts": 1 + len(earlier),
             "all_attempts_timed": known, "headline": metric or headline(run_dir), "error": error,
             "metrics_unreadable": unreadable, "note": note}

@@ -9,6 +9,7 @@ from flare_exp.data.predictions import load_rows, run_metadata
 from flare_exp.io import file_digest, write_jsonl
 from flare_exp.metrics import official, tasks, text
 from flare_exp.metrics.flare_reading import flare_reading_caveats, shared_key_caveat
+from flare_exp.run.layout import CONFIG, FINGERPRINT
 from flare_exp.runtime import abspath
 
 TASK_METRICS = {"classification": tasks.classification_metrics, "multi_label": tasks.multi_label_metrics,
@@ -208,8 +209,8 @@ def evaluate_file(path: Path, scorers: ReportScorers, allow_partial: bool = Fals
     reading += shared_key_caveat(r.get("id") for r in raw)
     edited = result["run"].get("config_edited")
     if edited:
-        reading.append(f"{path.parent / 'config.yaml'} was edited after its infer run ({'; '.join(edited[:4])}): "
-                       "the run block gives the settings the run recorded as it ran (fingerprint.json)")
+        reading.append(f"{path.parent / CONFIG} was edited after its infer run ({'; '.join(edited[:4])}): the run "
+                       f"block gives the settings the run recorded as it ran ({FINGERPRINT})")
     if reading:
         result["caveats"] = reading
     for dataset, pairs in sorted(by_dataset.items()):

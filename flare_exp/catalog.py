@@ -210,7 +210,7 @@ def run_summary(run_dir: Path) -> dict | None:
         started = None
     seconds, error, note = None, None, None
     if found == DONE:
-        status, seconds = DONE, _read_json(run_dir / DONE).get("seconds")
+        status, seconds = DONE, done_seconds(run_dir)
         note = stopped_early(run_dir)
     elif found == FAILED:
         text = (run_dir / FAILED).read_text(errors="replace").strip()
@@ -250,6 +250,13 @@ def run_summary(run_dir: Path) -> dict | None:
             "metrics_unreadable": unreadable, "note": note}
 
 
+def done_seconds(run_dir: Path) -> float | None:
+    """The seconds a finished run's DONE records; None for a DONE no run wrote (touched, emptied, hand-edited)."""
+    seconds = _read_json(run_dir / DONE).get("seconds")
+    ok = isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and seconds >= 0
+    return float(seconds) if ok and seconds == seconds and seconds != float("inf") else None
+
+
 def record_doubts(run_dir: Path, found: str | None, torn_info: bool) -> list[str]:
     """What in a run dir's record is not as the run left it: run_info.json unreadable, a FAILED beside its DONE
     (an rsync of two attempts into one dir), config.yaml edited after the run (its stage or deciding settings
@@ -257,6 +264,8 @@ def record_doubts(run_dir: Path, found: str | None, torn_info: bool) -> list[str
     from flare_exp.run.fingerprint import config_edits
 
     doubts = [f"{RUN_INFO} unreadable"] if torn_info else []
+    if found == DONE and done_seconds(run_dir) is None:
+        doubts.append(f"{DONE} not as a run writes it (empty or edited): how long it ran is not known")
     if found == DONE and (run_dir / FAILED).is_file():
         doubts.append("a FAILED marker lies beside DONE")
     edits = config_edits(run_dir)

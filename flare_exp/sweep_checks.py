@@ -311,18 +311,19 @@ def joined(items: list[str]) -> str:
     return ", ".join(items[:-1]) + f" and {items[-1]}" if len(items) > 1 else "".join(items)
 
 
-def check_jobs(hydra_context, master_config, job_overrides, initial_job_idx: int) -> dict[int, str]:
+def check_jobs(hydra_context, master_config, job_overrides, initial_job_idx: int,
+               job_dirs: list[Path]) -> dict[int, str]:
     """Every job's problems, or a SweepSettingsError naming each job and its problems (a run dir several jobs
-    share, refusing them all, said once with the jobs that share it). Returns the jobs whose dir holds a run they
-    keep (their index in ``job_overrides`` -> their ``kept_name``), for the watch to say before the others run."""
+    share, refusing them all, said once with the jobs that share it); ``job_dirs``: each job's dir
+    (sweep_dir.job_dirs). Returns the jobs whose dir holds a run they keep (their index in ``job_overrides`` ->
+    their ``kept_name``), for the watch to say before the others run."""
     say(f"checking the settings of {len(job_overrides)} job(s) before launching any")
     bad, prepares, refused, kept = [], [], {}, {}
     names = job_names(job_overrides)
-    # absolute, as each job's own output dir is (Hydra's runtime): the paths derived from it (a pipeline's steps
-    # feed on each other's dirs) are compared with those the jobs recorded
-    sweep_dir = Path(os.path.abspath(str(master_config.hydra.sweep.dir)))
     for idx, overrides in enumerate(job_overrides):
-        job_dir = sweep_dir / str(initial_job_idx + idx)
+        # absolute, as each job's own output dir is (Hydra's runtime): the paths derived from it (a pipeline's
+        # steps feed on each other's dirs) are compared with those the jobs recorded
+        job_dir = Path(os.path.abspath(job_dirs[idx]))
         problems, target, refusal, keeps = checked_job(hydra_context, master_config, overrides, job_dir)
         prepares.append(target)
         if keeps:

@@ -106,3 +106,59 @@ class SweepRecord:
                 folder.rmdir()
             except OSError:
                 break
+
+
+DEFAULT_SUBDIR = "${hydra.job.num}"  # conf/config.yaml's: a job's dir is its number
+_ID_AT_LAUNCH = "flare-exp-job-id-known-only-at-submission"
+
+
+def job_dirs(hydra_context, config, job_overrides, initial_job_idx: int, ids_known: bool) -> list[Path]:
+    """Each job's dir as Hydra's run_job names it: hydra.sweep.dir / hydra.sweep.subdir, a custom subdir resolved
+    with the job's own overrides and number (``${hydra.job.override_dirname}``, ...): the checks look at the
+    dirs the jobs will write, the watch at the markers they will leave. Refused (exit 2, nothing launched) where
+    the subdir names what only the submission decides (submitit's ``${hydra.job.id}``: ``ids_known`` False) or
+    gives several jobs one dir."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf, open_dict
+
+    sweep_dir = Path(str(config.hydra.sweep.dir))
+    numbers = range(initial_job_idx, initial_job_idx + len(job_overrides))
+    subdir = OmegaConf.to_container(config.hydra.sweep, resolve=False).get("subdir")
+    if subdir == DEFAULT_SUBDIR:
+        return [sweep_dir / str(n) for n in numbers]
+    dirs, saved = [], HydraConfig.instance().cfg
+    try:
+        for n, overrides in zip(numbers, job_overrides):
+            cfg = hydra_context.config_loader.load_sweep_config(config, list(overrides))
+            with open_dict(cfg):
+                cfg.hydra.job.num, cfg.hydra.job.id = n, n if ids_known else _ID_AT_LAUNCH
+            HydraConfig.instance().set_config(cfg)  # what a ${hydra:...} in the subdir reads
+            try:
+                named = str(OmegaConf.select(cfg, "hydra.sweep.subdir", throw_on_missing=True))
+            except Exception as e:  # noqa: BLE001  (an interpolation to nothing: Hydra would fail each job on it)
+                exit_with(f"hydra.sweep.subdir={subdir} does not resolve for job #{n} ({type(e).__name__}: {e}); "
+                          "nothing was launched", 2)
+            if _ID_AT_LAUNCH in named:
+                exit_with(f"hydra.sweep.subdir={subdir} names each job's dir by its submitit job id, which only the "
+                          "submission decides: the checks could not look at the dirs before launching, and a "
+                          "relaunch would start every job afresh in new dirs instead of resuming. Name the dirs by "
+                          f"what the job is: {DEFAULT_SUBDIR} (the default) or ${{hydra.job.override_dirname}}; "
+                          "nothing was launched", 2)
+            dirs.append(sweep_dir / named)
+    finally:
+        HydraConfig.instance().cfg = saved
+    _refuse_shared_dirs(dirs, subdir, initial_job_idx)
+    return dirs
+
+
+def _refuse_shared_dirs(dirs: list[Path], subdir: str, initial_job_idx: int) -> None:
+    where: dict[str, list[int]] = {}
+    for n, job_dir in enumerate(dirs, start=initial_job_idx):
+        where.setdefault(os.path.normpath(os.path.abspath(job_dir)), []).append(n)
+    shared = {d: jobs for d, jobs in where.items() if len(jobs) > 1}
+    if shared:
+        lines = [f"  {d}: jobs {', '.join(f'#{n}' for n in jobs)}" for d, jobs in shared.items()]
+        exit_with(f"hydra.sweep.subdir={subdir} gives several jobs one dir, where each would refuse or take over "
+                  f"the other's run:\n" + "\n".join(lines) + f"\nName each job's dir apart ({DEFAULT_SUBDIR}, the "
+                  "default, or ${hydra.job.override_dirname}); nothing was launched", 2)
+

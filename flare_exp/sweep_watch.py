@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -43,8 +44,10 @@ class Progress:
     unsaid until its last job ends."""
 
     def __init__(self, job_dirs: list[Path], names: list[str], poll_s: float = 1.0, kept: dict | None = None,
-                 objectives: list[str] | None = None):
+                 objectives: list[str] | None = None, first: int | None = None):
         self.job_dirs, self.names, self.poll_s = job_dirs, list(names), poll_s
+        # each job's number (hydra.job.num): its dir's name, unless a custom hydra.sweep.subdir names it otherwise
+        self.numbers = [str(first + i) if first is not None else d.name for i, d in enumerate(job_dirs)]
         self.objectives = objectives  # an Optuna search's: each job's line shows them, not the headline metric
         self.kept = dict(kept or {})
         for i, name in self.kept.items():
@@ -57,7 +60,10 @@ class Progress:
     def __enter__(self) -> "Progress":
         runs = len(self.job_dirs) - len(self.kept)
         kept = f", {len(self.kept)} kept from an earlier launch" if self.kept else ""
-        say(f"{runs} job(s) launched{kept}: {self.job_dirs[0].parent}/<job>/ (a line per finished job follows)")
+        parents = {d.parent for d in self.job_dirs}
+        where = f"{parents.pop()}/<job>/" if len(parents) == 1 else \
+            f"{os.path.commonpath([str(d) for d in self.job_dirs])}/ (hydra.sweep.subdir names each job's dir)"
+        say(f"{runs} job(s) launched{kept}: {where} (a line per finished job follows)")
         for i in self.kept:
             self.finished(i, KEPT)
         self._thread.start()
@@ -105,7 +111,7 @@ class Progress:
 
             early = stopped_early(self.job_dirs[i])
             shown_status = f"DONE ({early})" if early else status
-        say(f"{done}/{total} #{self.job_dirs[i].name} ({self.names[i]}) {shown_status} in {seconds:.0f} s{headline}"
+        say(f"{done}/{total} #{self.numbers[i]} ({self.names[i]}) {shown_status} in {seconds:.0f} s{headline}"
             f"{f': {reason}' if status != 'DONE' and reason else ''} | {eta}")
 
     def objective_values(self, i: int) -> str | None:
@@ -259,7 +265,7 @@ def record_results(progress: Progress, returns) -> list[str]:
         why = None if ok else str(ret._return_value) if died else first_line(ret._return_value)
         progress.finished(i, "DONE" if ok else "FAILED", why)
         if not ok:
-            FAILURES[str(progress.job_dirs[i])] = f"job #{progress.job_dirs[i].name} ({progress.names[i]}): {why}"
+            FAILURES[str(progress.job_dirs[i])] = f"job #{progress.numbers[i]} ({progress.names[i]}): {why}"
             earlier = (progress.job_dirs[i] / FAILED).exists()  # an earlier attempt's, not this launch's
             none = "its FAILED is an earlier attempt's" if earlier else "no FAILED file"
             if progress.written_now(i, FAILED):

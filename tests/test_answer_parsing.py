@@ -59,6 +59,8 @@ def test_choice_refusals():
     ("1 000", None), ("1\u202f000 mm", None), ("12 345.6", None), ("1\u00a0000", None),  # space-grouped
     ("2 teeth", 2.0), ("5 mm, 100 um", 5.0), ("1 0000", 1.0),  # thousands (it read 1, 12): unreadable, not these
     ("12.5.3", None), ("12.5. Next", 12.5), ("12. 5", 12.0),  # a second decimal point (it read 12.5)
+    ("1/2", None), ("12.5/100", None), ("1 1/2", None), ("1\u00bd", None), ("\u00bd", None),  # fractions (it
+    ("\u00be of 30", None), ("1\u20442", None), ("30 / 40", 30.0), ("3 mm/year", 3.0),  # read 1, 12.5, 1, 1, 30)
     ("grade-2", 2.0), ("x-3", 3.0), ("=-5", -5.0), ("(-5)", -5.0), ("3-4", 3.0),  # a hyphen after a letter: no sign
     ("about 20 percent", 20.0),  # the first number anywhere in the text
     ("-3.5 mm", -3.5),          # the sign is kept

@@ -3,6 +3,7 @@ the prepared split like a predictions.jsonl; what Excel did to typed text is rea
 (numbers) and refused, naming the cell, where it cannot (dates, booleans, formulas)."""
 import datetime
 import json
+import shutil
 
 import pytest
 from openpyxl import load_workbook
@@ -181,6 +182,14 @@ def test_an_edited_sheet_beside_the_jsonl_eval_scores_is_said_naming_the_sheet(t
     assert said["stored_sheet_note"].startswith(f"{bells} prediction(s) of predictions.xlsx lost characters a "
                                                 "worksheet cannot store")
     assert "stored_sheet_note" not in load_rows(_sheet(tmp_path), False, prepared)[1]  # nothing lost: nothing said
+    sent = tmp_path / "sent-on"  # the sheet alone, copied out of the run dir (to submit it): the workbook says it
+    sent.mkdir()
+    shutil.copy(bell / "predictions.xlsx", sent / "predictions.xlsx")
+    said = load_rows(sent / "predictions.xlsx", False, prepared)[1]
+    assert said["stored_sheet_note"].startswith(f"{bells} prediction(s) of predictions.xlsx lost characters a ")
+    assert "its sheet 'not stored whole' names them" in said["stored_sheet_note"]
+    listed = load_workbook(sent / "predictions.xlsx")["not stored whole"]
+    assert [c.value for c in listed[2]][1] == "1 control character(s) left out"
     sheet = _sheet(tmp_path)
     assert "edited_sheet_note" not in load_rows(tmp_path / "predictions.jsonl", False, prepared)[1]
     _edit(sheet, lambda ws: setattr(ws.cell(row=2, column=_column(ws, "my-run")), "value", "99"))

@@ -517,3 +517,57 @@ def test_a_local_job_handed_sigint_ignored_hears_the_stop(monkeypatch):
         assert not hear_the_sweeps_stop()  # already heard: nothing to change
     finally:
         signal.signal(signal.SIGINT, before)
+
+
+def test_a_custom_subdir_is_where_the_checks_and_the_watch_look(tmp_path):
+    """hydra.sweep.subdir=seed_${seed}: the launcher looked for job dirs named 0, 1 (its checks at dirs no job
+    writes, its watch at markers never written: a line per job only at the end, without the metric). Now each
+    job's dir is resolved as Hydra's run_job names it."""
+    preds = tmp_path / "p.jsonl"
+    preds.write_text(json.dumps({"id": "d/1", "dataset": "dental", "task_type": "classification", "answer": "A",
+                                 "prediction": "A"}) + "\n")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "launch.py", "-m", "stage=eval", "eval.radgraph=false", "seed=1,2",
+                           f"eval.predictions=[{preds}]", "run_name=named", f"paths.output_root={out}",
+                           "hydra.sweep.subdir=seed_${seed}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("[flare-exp sweep] ") and "/2 #" in line]
+    assert len(lines) == 2 and all("classification.balanced_accuracy=1.0000" in line for line in lines), lines
+    assert "#0 (seed=1) DONE" in lines[0] and "#1 (seed=2) DONE" in lines[1], lines
+    assert (out / "sweeps" / "named" / "seed_1" / "DONE").is_file() and not (out / "sweeps" / "named" / "0").exists()
+
+
+class _Loader:
+    """Hydra's config loader for job_dirs: the sweep's config with a job's ``seed=`` override."""
+
+    def load_sweep_config(self, master, overrides):
+        from omegaconf import OmegaConf
+
+        cfg = master.copy()
+        cfg.merge_with(OmegaConf.from_dotlist(list(overrides)))
+        return cfg
+
+
+@pytest.mark.parametrize("subdir,ids_known,said", [
+    ("same", True, "gives several jobs one dir, where each would refuse or take over the other's run:"),
+    ("${hydra.job.id}", False, "names each job's dir by its submitit job id, which only the submission decides"),
+    ("${nothing_here}", True, "does not resolve for job #3"),
+])
+def test_job_dirs_a_sweep_cannot_keep_apart_are_refused_before_any_job(tmp_path, capsys, subdir, ids_known, said):
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from flare_exp.sweep_dir import job_dirs
+
+    from hydra.conf import HydraConf
+
+    master = OmegaConf.create({"seed": 0, "hydra": OmegaConf.structured(HydraConf)})
+    master.hydra.sweep.dir, master.hydra.sweep.subdir = str(tmp_path), subdir
+    context = SimpleNamespace(config_loader=_Loader())
+    with pytest.raises(SystemExit) as stop:
+        job_dirs(context, master, [["seed=1"], ["seed=2"]], 3, ids_known=ids_known)
+    assert stop.value.code == 2 and said in capsys.readouterr().err
+    master.hydra.sweep.subdir = "s${seed}_${hydra.job.id}"  # told apart; the basic launcher's ids are the numbers
+    assert job_dirs(context, master, [["seed=1"], ["seed=2"]], 3, ids_known=True) == [tmp_path / "s1_3",
+                                                                                         tmp_path / "s2_4"]

@@ -21,6 +21,10 @@ ROW_COLUMNS = (("ImageName", "image_name"), ("Question", "question"), ("Answer",
                ("TaskType", "task_type"), ("id", "id"))
 PREDICTION_COLUMN = 3
 SCORE_COLUMNS = ("score", "score_kind")
+# the sheet, beside the predictions, naming those a worksheet could not hold whole (control characters, a text
+# past a cell's limit): it goes where the workbook goes (a copy to submit, a colleague's), the run dir may not
+ALTERED_SHEET = "not stored whole"
+ALTERED_HEADER = ("row", "the worksheet could not hold")
 KNOWN_COLUMNS = {header.lower(): key for header, key in ROW_COLUMNS}  # read case-insensitively
 UNHEADED = "(no header)"
 HEADER_SEARCH_ROWS = 20  # the header is looked for in this many rows: blank ones or a title may come first
@@ -267,18 +271,39 @@ def stored_sheet_note(sheet: Path, rows: list[dict]) -> dict:
     from flare_exp.cells import as_stored
 
     journal = sheet.with_suffix(".jsonl")
-    if not journal.is_file():
-        return {}
     try:
         generated = {r.get("id"): r.get("prediction") for r in read_jsonl(journal)}
-    except (OSError, ValueError):
-        return {}
-    altered = sum(isinstance(g := generated.get(r.get("id")), str) and g != r.get("prediction") and
-                  as_stored(g) == (r.get("prediction") or "") for r in rows)
+    except (OSError, ValueError):  # none beside it (a copy sent on): the sheet's own list of them
+        generated = None
+    if generated is not None:
+        altered = sum(isinstance(g := generated.get(r.get("id")), str) and g != r.get("prediction") and
+                      as_stored(g) == (r.get("prediction") or "") for r in rows)
+        held = f"{journal.name} beside it (the run dir) holds them as generated"
+    else:
+        listed = altered_rows(sheet)
+        altered = sum(str(r.get("id")) in listed for r in rows)
+        held = f"its sheet {ALTERED_SHEET!r} names them; the predictions.jsonl of the run that wrote it holds them"
     if not altered:
         return {}
     note = (f"{altered} prediction(s) of {sheet.name} lost characters a worksheet cannot store (control "
-            f"characters, or a text past a cell's limit) when infer wrote it: scored as the sheet holds them; "
-            f"{journal.name} beside it (the run dir) holds them as generated")
+            f"characters, or a text past a cell's limit) when infer wrote it: scored as the sheet holds them; {held}")
     log.warning("eval: %s", note)
     return {"stored_sheet_note": note}
+
+
+def altered_rows(sheet: Path) -> set[str]:
+    """The ids the workbook's ALTERED_SHEET names (the predictions the worksheet could not hold whole); none
+    where it has no such sheet or it cannot be read."""
+    from openpyxl import load_workbook
+
+    try:
+        workbook = load_workbook(sheet, read_only=True)
+    except Exception:  # noqa: BLE001  (read_sheet_predictions said why the workbook is unreadable)
+        return set()
+    try:
+        if ALTERED_SHEET not in workbook.sheetnames:
+            return set()
+        values = workbook[ALTERED_SHEET].iter_rows(min_row=2, max_col=1, values_only=True)
+        return {str(row[0]) for row in values if row and row[0] is not None}
+    finally:
+        workbook.close()

@@ -10,8 +10,8 @@
 - ``parse_number``: the first number in a regression answer: ``22.9``, ``22.9%``, ``1,234``, ``about 20
   percent``, ``1e1`` (10: the exponent is part of the number), ``1_000`` (1000, as ``float()``), a typeset,
   small or full-width minus sign as "-" (a dash is no sign, nor a hyphen after a letter: ``grade-2`` is 2); none
-  in ``12,5``, ``0,250`` or ``40\u066b5`` (a decimal comma), ``1 000`` (thousands grouped by a space) or
-  ``12.5.3``.
+  in ``12,5``, ``0,250`` or ``40\u066b5`` (a decimal comma), ``1 000`` (thousands grouped by a space),
+  ``12.5.3`` or a fraction (``1/2``, ``1\u00bd``).
 """
 from __future__ import annotations
 
@@ -68,14 +68,20 @@ _NUMBER = re.compile(rf"(?:{_SIGN}(?:(?!0,)\d{{1,3}}(?:,\d{{3}})+(?!\d)|\d+(?:_\
 # figure) is not taken for one: "Answer \u2013 30%" is 30
 MINUS_SIGNS = str.maketrans(dict.fromkeys("\u2212\ufe63\uff0d", "-"))
 DECIMAL_COMMA = re.compile(r"[,\u066b]\d")  # "12,5", Arabic "40\u066b5": a decimal comma, not a whole number
-# after the number: thousands grouped by a space ("1 000", a no-break or thin space too: not 1), or a second
-# decimal point ("12.5.3", a version or a typo: not 12.5); unreadable, as FLARE's float() finds them
-UNREADABLE_AFTER = re.compile(r"[ \u00a0\u2009\u202f]\d{3}(?!\d)|\.\d")
+# after the number: thousands grouped by a space ("1 000", a no-break or thin space too: not 1), a second
+# decimal point ("12.5.3", a version or a typo: not 12.5), or a fraction ("1/2", "1\u00bd", "1 1/2": the first
+# number is not its value); unreadable, as FLARE's float() finds them
+_SPACES = "[ \u00a0\u2009\u202f]"
+UNREADABLE_AFTER = re.compile(rf"{_SPACES}\d{{3}}(?!\d)|\.\d")
+VULGAR_FRACTION = "[\u00bc-\u00be\u2150-\u215e]"  # one character: "\u00bd" is a number float() cannot read
+FRACTION_AFTER = re.compile(rf"(?:{_SPACES}?\d+)?[/\u2044]\d|{_SPACES}?{VULGAR_FRACTION}")
 
 
 def _unreadable_after(m: re.Match) -> bool:
-    """A space and three digits after a whole number of 1-3 digits (space-grouped thousands), or a decimal
-    point and a digit after a number (a second decimal point)."""
+    """A space and three digits after a whole number of 1-3 digits (space-grouped thousands), a decimal
+    point and a digit after a number (a second decimal point), or a fraction after it."""
+    if FRACTION_AFTER.match(m.string, m.end()):
+        return True
     after = UNREADABLE_AFTER.match(m.string, m.end())
     if after is None:
         return False
@@ -99,6 +105,8 @@ def parse_number(text) -> float | None:
         text = text.translate(MINUS_SIGNS)
         m = _NUMBER.search(text)
         if m and (DECIMAL_COMMA.match(text, m.end()) or _unreadable_after(m)):  # not read as a part
+            return None
+        if re.search(VULGAR_FRACTION, text[:m.start()] if m else text):  # "\u00bd mm": the first number, unread
             return None
         number = float(m.group(0).replace(",", "").replace("_", "")) if m else math.nan
     return number if math.isfinite(number) else None

@@ -9,7 +9,8 @@ import math
 from pathlib import Path
 
 from flare_exp.cells import EXCEL_CELL_CHARACTERS, as_stored
-from flare_exp.data.sheet_predictions import PREDICTION_COLUMN, ROW_COLUMNS, SCORE_COLUMNS, SHEET
+from flare_exp.data.sheet_predictions import (ALTERED_HEADER, ALTERED_SHEET, PREDICTION_COLUMN, ROW_COLUMNS,
+                                              SCORE_COLUMNS, SHEET)
 from flare_exp.metrics.official import FLARE_TASK_TYPE, OFFICIAL_METRIC
 
 PREDICTION_WIDTHS = (38, 60, 50, 50, 16, 18, 30)  # ImageName, Question, Answer, prediction, Dataset, TaskType, id
@@ -48,6 +49,9 @@ def write_sheet(path: Path, rows: list[dict], label: str, extra: tuple[str, ...]
         log.info("%s: %d row(s) with control characters a worksheet cannot store, kept there without those "
                  "characters (rows: %s); the run's JSONL holds the texts as generated", path, len(stripped),
                  named(stripped))
+    altered = altered_predictions(rows)
+    if altered:  # said in the workbook itself: an eval of a copy of it, away from the run dir, says it too
+        fill_sheet(wb.create_sheet(ALTERED_SHEET), list(ALTERED_HEADER), altered, (30, 70), wrap=False)
     if metrics:
         fill_sheet(wb.create_sheet("metrics"), list(metrics[0]), [list(m) for m in metrics[1:]],
                    (48,) + (22,) * (len(metrics[0]) - 1), wrap=False)
@@ -56,6 +60,23 @@ def write_sheet(path: Path, rows: list[dict], label: str, extra: tuple[str, ...]
     about.append(["adapter sha256", (adapter or {}).get("sha256") or ""])
     about.column_dimensions["A"].width, about.column_dimensions["B"].width = 16, 80
     save_workbook(wb, path)
+
+
+def altered_predictions(rows: list[dict]) -> list[list[str]]:
+    """[id, what the worksheet could not hold] for each prediction a cell does not hold as generated."""
+    from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
+
+    altered = []
+    for r in rows:
+        text = r.get("prediction")
+        if not isinstance(text, str) or as_stored(text) == text:
+            continue
+        dropped = len(ILLEGAL_CHARACTERS_RE.findall(text))
+        lost = [f"{dropped} control character(s) left out"] if dropped else []
+        if len(text) - dropped > EXCEL_CELL_CHARACTERS:
+            lost.append(f"cut at {EXCEL_CELL_CHARACTERS} characters (of {len(text) - dropped})")
+        altered.append([str(r.get("id")), "; ".join(lost)])
+    return altered
 
 
 def cell_value(value):

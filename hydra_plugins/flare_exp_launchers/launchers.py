@@ -29,25 +29,31 @@ class _Watched:
         from flare_exp.optuna_study import objective_list
         from flare_exp.sweep_checks import SweepSettingsError, check_jobs
         from flare_exp.sweep_launch import job_names, record_launch
+        from flare_exp.sweep_dir import job_dirs as dirs_of
         from flare_exp.sweep_stop import ForwardStops, StopInProcess
         from flare_exp.sweep_watch import Progress, exit_with, record_results, results_per_job
 
         try:
-            kept = check_jobs(self.hydra_context, self.config, job_overrides, initial_job_idx)
-        except SweepSettingsError as e:
+            # the basic launcher numbers its jobs' ids itself; submitit's come with the submission
+            job_dirs = dirs_of(self.hydra_context, self.config, job_overrides, initial_job_idx,
+                               ids_known=isinstance(self, BasicLauncher))
+            kept = check_jobs(self.hydra_context, self.config, job_overrides, initial_job_idx, job_dirs)
+        except (SweepSettingsError, SystemExit) as e:
             if not getattr(self, "_launched", True):  # nothing of this sweep ran: its record was never true
                 self._record.restore()
+            if isinstance(e, SystemExit):
+                raise
             exit_with(str(e), 2)
         self._launched = True
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
-        job_dirs = [sweep_dir / str(initial_job_idx + i) for i in range(len(job_overrides))]
         search = "optuna" in str(self.config.hydra.sweeper.get("_target_", ""))
         if not search:  # which jobs this launch made: the sweep report tells an earlier launch's others apart
             record_launch(sweep_dir, job_overrides, initial_job_idx, first=not getattr(self, "_recorded", False),
                           kept=set(kept))
             self._recorded = True
         objectives = objective_list(self.config.hydra.sweeper.get("objectives")) if search else None
-        with Progress(job_dirs, job_names(job_overrides), kept=kept, objectives=objectives) as progress:
+        with Progress(job_dirs, job_names(job_overrides), kept=kept, objectives=objectives,
+                      first=initial_job_idx) as progress:
             stops = ForwardStops(job_dirs=job_dirs, trials=search) if getattr(self, "_EXECUTOR", "") == "local" \
                 else StopInProcess(job_dirs, trials=search) if isinstance(self, BasicLauncher) else nullcontext()
             # submitit's jobs: one whose worker died (kill -9, the OOM killer) is a failed job, not the sweep's end

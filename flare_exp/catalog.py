@@ -17,7 +17,8 @@ import logging
 import os
 from pathlib import Path
 
-from flare_exp.run.layout import CONFIG, DONE, FAILED, FINGERPRINT, HYDRA, METRICS, RUN_INFO, own_or_step
+from flare_exp.run.layout import (CONFIG, DONE, FAILED, FINGERPRINT, HYDRA, METRICS, RUN_INFO, in_a_sweep, own_or_step,
+                               sweep_job_dirs)
 from flare_exp.run.record import marker
 
 log = logging.getLogger(__name__)
@@ -319,8 +320,8 @@ def run_dirs(output_root: Path) -> list[tuple[str, Path]]:
     for path in sorted((output_root / "runs").glob("*")) if (output_root / "runs").is_dir() else []:
         found.append((path.name, path))
     for sweep in sorted((output_root / "sweeps").glob("*")) if (output_root / "sweeps").is_dir() else []:
-        jobs = sorted((p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
-        found += [(f"sweeps/{sweep.name}/{job.name}", job) for job in jobs]
+        if sweep.is_dir():
+            found += [(f"sweeps/{sweep.name}/{job.relative_to(sweep)}", job) for job in sweep_job_dirs(sweep)]
     # a link to a run dir listed already (or to one outside, linked twice) is that run, not a second one
     real = {path.resolve() for _, path in found if not path.is_symlink()}
     kept, seen = [], set()
@@ -333,8 +334,7 @@ def run_dirs(output_root: Path) -> list[tuple[str, Path]]:
 
 def listed_under(run_dir: Path, output_root: Path) -> bool:
     """Whether ``run_dirs(output_root)`` lists run_dir (made or not yet): runs/<name>, sweeps/<sweep>/<job>."""
-    return run_dir.parent == output_root / "runs" or (
-        run_dir.parent.parent == output_root / "sweeps" and run_dir.name.isdigit())
+    return run_dir.parent == output_root / "runs" or in_a_sweep(run_dir, output_root / "sweeps")
 
 
 def duration(seconds) -> str:

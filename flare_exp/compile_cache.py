@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 
 from flare_exp.quiet import quiet_gpu_messages
@@ -24,14 +25,13 @@ def use_compile_cache(cache_dir) -> Path:
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(directory)
     for key, value in CACHE_SWITCHES.items():
         os.environ.setdefault(key, value)
-    try:  # torch read its config at import: tell the live config too
-        from torch._functorch import config as functorch_config
-        from torch._inductor import config as inductor_config
-
+    # torch reads these at import; where it is imported already, its live config is told too (imported here
+    # only for that, inductor's config alone costs seconds: an eval scoring a file needs neither)
+    inductor_config, functorch_config = (sys.modules.get(f"torch._{m}.config") for m in ("inductor", "functorch"))
+    if inductor_config is not None:
         inductor_config.fx_graph_cache = os.environ["TORCHINDUCTOR_FX_GRAPH_CACHE"] == "1"
+    if functorch_config is not None:
         functorch_config.enable_autograd_cache = os.environ["TORCHINDUCTOR_AUTOGRAD_CACHE"] == "1"
-    except ImportError:  # a torch without inductor: nothing compiles through it
-        pass
     return directory
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
@@ -40,9 +41,11 @@ def limit_cpu_threads(threads: int | None) -> None:
     if threads < 1:
         raise ValueError(f"model.cpu_threads={threads}: give a positive number of threads, or null for torch's "
                          "default")
-    import torch
-
-    torch.set_num_threads(threads)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(threads)
+    else:  # torch takes them from here as it starts: a stage that never needs it (eval scoring a file) skips it
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
 
 
 def run(cfg: DictConfig, run_dir: Path | None = None):

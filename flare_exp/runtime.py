@@ -7,6 +7,7 @@ import datetime as _dt
 import logging
 import os
 import re
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -21,11 +22,17 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
+def _process_group():
+    """torch.distributed where a process group is up, else None. A group is only ever started through it: a
+    process that never imported it has none (and an eval scoring a file pays no seconds importing torch)."""
+    dist = sys.modules.get("torch.distributed")
+    return dist if dist is not None and dist.is_available() and dist.is_initialized() else None
+
+
 def ranks() -> tuple[int, int]:
     """(rank, world size) of a data-parallel job whose process group is up (start_process_group), else (0, 1)."""
-    import torch.distributed as dist
-
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    dist = _process_group()
+    return (dist.get_rank(), dist.get_world_size()) if dist is not None else (0, 1)
 
 
 def usable_cores() -> int:
@@ -35,9 +42,8 @@ def usable_cores() -> int:
 
 def barrier() -> None:
     """Wait for every rank (nothing to wait for in a one-process job)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
+    dist = _process_group()
+    if dist is not None:
         dist.barrier()
 
 

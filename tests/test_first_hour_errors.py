@@ -3,6 +3,7 @@ settings in one list, paths the user names never written into, and logs a person
 from __future__ import annotations
 
 import io
+import json
 import logging
 import re
 import sys
@@ -575,22 +576,28 @@ def test_sigterm_stops_a_run_with_its_failed_marker(name, code, base_overrides, 
 
 def test_a_refused_relaunch_leaves_the_runs_hydra_record_as_it_was(base_overrides, tmp_path):
     """Hydra writes .hydra/ before any check: a relaunch refused by a finished run gets its record put back; with
-    overwrite=true the earlier attempt's record moves to attempts/01/.hydra/ with the rest of it."""
+    overwrite=true the earlier attempt's record moves to attempts/01/.hydra/ with the rest of it. (An eval of a
+    file: the lightest stage to launch three times; the record is every stage's.)"""
     import subprocess
 
+    files = []
+    for name, prediction in (("first.jsonl", "A"), ("second.jsonl", "B")):
+        files.append(tmp_path / name)
+        files[-1].write_text(json.dumps({"id": "d/1", "dataset": "dental", "task_type": "classification",
+                                         "answer": "A", "prediction": prediction}) + "\n")
     hydra = tmp_path / "out" / "runs" / "rec" / ".hydra"
     launch = lambda *extra: subprocess.run(  # noqa: E731
-        [sys.executable, "launch.py", "stage=infer", *base_overrides, "run_name=rec", "infer.num_samples=2",
-         "infer.batch_size=2", *extra], cwd=REPO, capture_output=True, text=True, timeout=300)
-    first = launch("infer.max_new_tokens=4")
+        [sys.executable, "launch.py", "stage=eval", *base_overrides, "run_name=rec", "eval.radgraph=false", *extra],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    first = launch(f"eval.predictions=[{files[0]}]")
     assert first.returncode == 0, first.stderr[-2000:]
     record = {name: (hydra / name).read_text() for name in ("config.yaml", "overrides.yaml")}
-    refused = launch("infer.max_new_tokens=5")
-    assert refused.returncode != 0 and "already holds a finished infer run" in refused.stderr
+    refused = launch(f"eval.predictions=[{files[1]}]")
+    assert refused.returncode != 0 and "already holds a finished eval run" in refused.stderr, refused.stderr[-2000:]
     assert {name: (hydra / name).read_text() for name in record} == record  # as the finished run left it
-    again = launch("infer.max_new_tokens=5", "overwrite=true")
+    again = launch(f"eval.predictions=[{files[1]}]", "overwrite=true")
     assert again.returncode == 0, again.stderr[-2000:]
-    assert "infer.max_new_tokens=5" in (hydra / "overrides.yaml").read_text()
+    assert "second.jsonl" in (hydra / "overrides.yaml").read_text()
     kept = hydra.parent / "attempts" / "01" / ".hydra"
     assert {name: (kept / name).read_text() for name in record} == record
 

@@ -112,3 +112,28 @@ def test_source_readers_say_none_where_the_source_has_another_form():
     assert field_help(tree, "Config", "computed") is None and field_help(tree, "Config", "plain") is None
     assert parsed("no_such_package_here", "x.py") is None and parsed("trl", "no/such/file.py") is None
     assert field_help(None, "Config", "x") is None and assigned_literal(None, "NAMES") is None
+
+
+def test_an_eval_scoring_a_file_and_the_listing_import_no_torch(tmp_path):
+    """Scoring a predictions file without a scorer model (eval.radgraph=false) and stage=runs need no torch; the
+    compile cache's switches, model.cpu_threads and the ranks' barrier imported it (and inductor: ~6 s a launch,
+    each job of an eval sweep)."""
+    import json
+
+    preds = tmp_path / "p.jsonl"
+    preds.write_text(json.dumps({"id": "d/1", "dataset": "dental", "task_type": "classification", "answer": "A",
+                                 "prediction": "A"}) + "\n")
+    script = textwrap.dedent(f"""
+        import atexit, runpy, sys
+        atexit.register(lambda: print("heavy:", sorted(m for m in {HEAVY!r} if m in sys.modules)))
+        sys.argv = ["launch.py", *sys.argv[1:]]
+        runpy.run_path("launch.py", run_name="__main__")
+    """)
+    out = tmp_path / "out"
+    for args in (["stage=eval", "eval.radgraph=false", f"eval.predictions=[{preds}]", "model.cpu_threads=1"],
+                 ["stage=runs"]):
+        proc = subprocess.run([sys.executable, "-c", script, *args, f"paths.output_root={out}", "run_name=light"],
+                              cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout.strip().splitlines()[-1] == "heavy: []", (args, proc.stdout[-2000:])
+    assert (out / "runs" / "light" / "metrics.json").is_file()

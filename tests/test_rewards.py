@@ -1,4 +1,3 @@
-import time
 
 import pytest
 
@@ -224,27 +223,6 @@ def test_bad_input_gets_a_defined_score(tiny_radgraph):
 def test_clipping(tiny_radgraph):
     fn = _reward(tiny_radgraph, "flare", "reward.classification.weights.choice=10", "reward.clip_max=2.0")
     assert fn(completions=["H"], task_type=["classification"], answer=["H"], dataset=["dental"]) == [2.0]
-
-
-def test_reward_throughput_report_pairs(tiny_radgraph, capsys):
-    """Not a performance claim: prints rewards/s for 512 report pairs (tiny RadGraph, this machine)."""
-    import random
-
-    rng = random.Random(0)
-    words = "heart size normal lungs clear no effusion pneumothorax mild cardiomegaly opacity spine".split()
-    # GRPO-shaped: 64 prompts x 8 generations; short answers repeat within a group (3 distinct per prompt).
-    refs = [" ".join(rng.choices(words, k=6)) for _ in range(64)]
-    pairs_refs = [r for r in refs for _ in range(8)]
-    options = {r: [r] + [" ".join(rng.choices(words, k=6)) for _ in range(2)] for r in refs}
-    hyps = [rng.choice(options[r]) for r in pairs_refs]
-    rates = {}
-    for use_cache in (False, True):
-        term = get_term("radgraph")(model_dir=str(tiny_radgraph), use_cache=use_cache)
-        t0 = time.perf_counter()
-        term(hyps, pairs_refs)
-        rates[use_cache] = 512 / (time.perf_counter() - t0)
-    with capsys.disabled():
-        print(f"\nradgraph reward, 512 report pairs: {rates[False]:.0f}/s without cache, {rates[True]:.0f}/s with")
 
 
 def test_radgraph_parses_equal_those_made_on_transformers_4(tiny_radgraph):

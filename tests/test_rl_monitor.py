@@ -222,7 +222,7 @@ def test_a_demo_search_prunes_a_trailing_trial_and_sweep_report_shows_it(session
     from conftest import REPO
 
     run_name = "prune"
-    args = ["-m", "hydra/sweeper=optuna", "hydra/launcher=local", f"paths.cache_dir={session_dir / 'cache'}",
+    args = ["-m", "hydra/sweeper=optuna", f"paths.cache_dir={session_dir / 'cache'}",  # trials in its process
             f"paths.output_root={tmp_path / 'out'}", "stage=pipeline", "stage.steps=[rl,infer,eval]",
             f"rl.init_from={learned_sft_adapter}", "rl.max_steps=2", "rl.warmup_ratio=0", "rl.max_completion_length=8", "rl.eval_steps=1",
             "rl.per_device_train_batch_size=4", "rl.num_generations=2",
@@ -236,10 +236,10 @@ def test_a_demo_search_prunes_a_trailing_trial_and_sweep_report_shows_it(session
                           timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     sweep = tmp_path / "out" / "sweeps" / run_name
-    report = subprocess.run([sys.executable, "launch.py", "stage=sweep_report", f"sweep_report.sweep_dir={sweep}",
-                             f"paths.output_root={tmp_path / 'out'}"], cwd=REPO, env=env, capture_output=True,
-                            text=True, timeout=300)
-    assert report.returncode == 0, report.stderr[-3000:]
+    from flare_exp.main import run
+
+    run(compose_cfg(["stage=sweep_report", f"sweep_report.sweep_dir={sweep}", f"paths.output_root={tmp_path / 'out'}",
+                     f"paths.cache_dir={session_dir / 'cache'}"]), run_dir=tmp_path / "report_run")
     study = (sweep / "report" / "study.md").read_text()
     pruned = [d for d in sweep.iterdir() if (d / "rl" / "rl_summary.json").exists() and
               json.loads((d / "rl" / "rl_summary.json").read_text()).get("pruned_at_step")]

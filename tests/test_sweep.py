@@ -251,7 +251,8 @@ def test_a_sweep_report_pointed_at_one_runs_dir_says_so(tmp_path):
     (run_dir / "rl_summary.json").write_text("{}")
     with pytest.raises(ValueError, match=r"that is one run's dir, not a sweep's: a sweep \(python launch.py -m"):
         write_sweep_report(run_dir, None)
-    with pytest.raises(ValueError, match=r"no job directories \(0/, 1/, ... with .hydra/\).*sweeps/<run_name>/"):
+    with pytest.raises(ValueError, match=r"no job directories \(0/, 1/, ... or those a custom hydra.sweep.subdir "
+                                         r"named, with .hydra/\).*sweeps/<run_name>/"):
         write_sweep_report((tmp_path / "empty").mkdir() or tmp_path / "empty", None)
 
 

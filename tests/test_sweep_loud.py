@@ -2,10 +2,12 @@
 job, the failed ones named, SIGTERM reaching the workers, an Optuna search with failed trials ending non-zero."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 from conftest import REPO
@@ -535,6 +537,24 @@ def test_a_custom_subdir_is_where_the_checks_and_the_watch_look(tmp_path):
     assert len(lines) == 2 and all("classification.balanced_accuracy=1.0000" in line for line in lines), lines
     assert "#0 (seed=1) DONE" in lines[0] and "#1 (seed=2) DONE" in lines[1], lines
     assert (out / "sweeps" / "named" / "seed_1" / "DONE").is_file() and not (out / "sweeps" / "named" / "0").exists()
+    assert "is not where stage=runs looks" not in proc.stderr  # listed: stage=runs and the sweep report find them
+    from conftest import compose_cfg
+    from flare_exp.catalog import listing
+    from flare_exp.main import run
+    from flare_exp.run.layout import sweep_job_dirs
+
+    header, rows = listing(out)
+    listed = {r[0]: dict(zip(header, r)) for r in rows}
+    assert listed["sweeps/named/seed_2"]["status"] == "DONE", listed
+    nested = out / "sweeps" / "named" / "key=[" / "a" / "b]"  # a path in an override value nests the dir
+    shutil.copytree(out / "sweeps" / "named" / "seed_2", nested)
+    (out / "sweeps" / "named" / "report" / ".hydra").mkdir(parents=True)  # the report's dir is no job
+    assert [p.relative_to(out / "sweeps" / "named") for p in sweep_job_dirs(out / "sweeps" / "named")] == [
+        Path("key=[/a/b]"), Path("seed_1"), Path("seed_2")]
+    run(compose_cfg(["stage=sweep_report", f"sweep_report.sweep_dir={out / 'sweeps' / 'named'}"]),
+        run_dir=tmp_path / "report")
+    ranked = (out / "sweeps" / "named" / "report" / "sweep.csv").read_text()
+    assert "seed_1" in ranked and "seed_2" in ranked and "key=[/a/b]" in ranked, ranked
 
 
 class _Loader:

@@ -79,7 +79,7 @@ def write_sweep_report(sweep_dir: Path, rank_by: str | None) -> dict:
     if not jobs:
         one_run = (sweep_dir / ".hydra").is_dir() or (sweep_dir / "run_info.json").is_file()
         raise ValueError(f"sweep_report.sweep_dir={sweep_dir}: " + (
-            "that is one run's dir, not a sweep's" if one_run else "no job directories (0/, 1/, ... with .hydra/)")
+            "that is one run's dir, not a sweep's" if one_run else "no job directories (0/, 1/, ... or those a custom hydra.sweep.subdir named, with .hydra/)")
             + ": a sweep (python launch.py -m ...) writes its jobs into <paths.output_root>/sweeps/<run_name>/; "
             "pass that dir")
     search = (sweep_dir / STUDY_FILE).exists()  # an Optuna search: its objective ranks, its retried trials said

@@ -9,7 +9,8 @@ from pathlib import Path
 import yaml
 
 from flare_exp.io import NON_FINITE
-from flare_exp.run.layout import CONFIG, FAILED, HYDRA, LOG_HISTORY, METRICS, OVERRIDES, own_or_step, summary_name
+from flare_exp.run.layout import (CONFIG, FAILED, HYDRA, LOG_HISTORY, METRICS, OVERRIDES, own_or_step, summary_name,
+                               sweep_job_dirs)
 from flare_exp.run.record import marker
 from flare_exp.rl_monitor.reward_summary import stop_note
 from flare_exp.run.stage import declared_stages
@@ -77,11 +78,10 @@ def config_value(job_dir: Path, key: str) -> str | None:
 
 def _read_jobs(sweep_dir: Path) -> list[dict]:
     jobs = []
-    for job_dir in sorted((p for p in sweep_dir.iterdir() if p.is_dir() and (p / HYDRA).is_dir()),
-                          key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else p.name)):
+    for job_dir in (p for p in sweep_job_dirs(sweep_dir) if (p / HYDRA).is_dir()):
         overrides_file = job_dir / HYDRA / OVERRIDES
         overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.exists() else []
-        job = {"job": job_dir.name, "dir": str(job_dir), "status": marker(job_dir) or "unfinished",
+        job = {"job": str(job_dir.relative_to(sweep_dir)), "dir": str(job_dir), "status": marker(job_dir) or "unfinished",
                "overrides": override_pairs(overrides), "raw_overrides": overrides, "metrics": {}, "curve": []}
         history = own_or_step(job_dir, LOG_HISTORY, steps=("rl",))
         logged = json.loads(history.read_text()) if history is not None else None  # read once: curve, checks

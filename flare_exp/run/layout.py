@@ -50,3 +50,45 @@ def predictions_file(path: Path) -> Path | None:
         if candidate.is_file():
             return candidate
     return None
+
+
+SWEEP_REPORT_DIR = "report"  # <sweep dir>/report/: the sweep report's, no job
+SUBDIR_DEPTH = 6  # how deep a custom hydra.sweep.subdir's job dirs are looked for (a path in an override nests)
+
+
+def sweep_job_dirs(sweep_dir: Path) -> list[Path]:
+    """A sweep's job dirs: each dir named by its number right under it (the default ``hydra.sweep.subdir``,
+    whatever Hydra recorded), and each other dir below it, up to SUBDIR_DEPTH deep, that holds Hydra's record of
+    a job (``.hydra/``: a custom subdir such as ``seed_${seed}`` or ``${hydra.job.override_dirname}``, whose
+    override values may nest the dir). Not below a job dir: a pipeline job's steps are its own."""
+    import os
+
+    numbered, named = [], []
+    for child in sorted(sweep_dir.iterdir()) if sweep_dir.is_dir() else []:
+        if not child.is_dir() or child.name.startswith(".") or child.name == SWEEP_REPORT_DIR:
+            continue
+        if child.name.isdigit():
+            numbered.append(child)
+            continue
+        for root, dirs, _ in os.walk(child):  # a link to a job dir is followed right under the sweep dir only
+            here = Path(root)
+            if HYDRA in dirs:
+                named.append(here)
+                dirs.clear()
+            elif len(here.relative_to(sweep_dir).parts) < SUBDIR_DEPTH:
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            else:
+                dirs.clear()
+    return sorted(numbered, key=lambda p: int(p.name)) + named
+
+
+def in_a_sweep(run_dir: Path, sweeps: Path) -> bool:
+    """Whether ``run_dir`` is a job dir of a sweep under ``sweeps`` (<output root>/sweeps), as sweep_job_dirs
+    finds them (made or being made: Hydra writes ``.hydra/`` before the job starts)."""
+    try:
+        parts = run_dir.relative_to(sweeps).parts
+    except ValueError:
+        return False
+    if len(parts) == 2 and parts[1].isdigit():
+        return True
+    return 2 <= len(parts) <= SUBDIR_DEPTH + 1 and parts[1] != SWEEP_REPORT_DIR and (run_dir / HYDRA).is_dir()

@@ -12,6 +12,7 @@ interrupted (retried) (an Optuna trial a killed search left running, tried again
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from flare_exp.run.layout import (CONFIG, DONE, FAILED, FINGERPRINT, HYDRA, METRICS, RUN_INFO, in_a_sweep, own_or_step,
                                sweep_job_dirs)
+from flare_exp.run.doubts import done_seconds, record_doubts
 from flare_exp.run.record import marker
 
 log = logging.getLogger(__name__)
@@ -128,6 +130,8 @@ def headline(run_dir: Path) -> str | None:
     for task, metric in HEADLINE:
         found = blocks[label].get("official", {}).get(task)
         value = found.get(metric) if isinstance(found, dict) else None
+        if value is None and isinstance(found, dict) and found.get("aborted"):  # FLARE's evaluator stops: no number
+            value = "aborted (FLARE's evaluator stops on a NaN or infinite value)"
         if value is not None:  # a number of part of the split says so (a partial run, a cut file)
             part = " (partial)" if blocks[label].get("partial") or blocks[label].get("coverage") else ""
             if own is None and len(blocks) > 1:
@@ -251,30 +255,6 @@ def run_summary(run_dir: Path) -> dict | None:
             "metrics_unreadable": unreadable, "note": note}
 
 
-def done_seconds(run_dir: Path) -> float | None:
-    """The seconds a finished run's DONE records; None for a DONE no run wrote (touched, emptied, hand-edited)."""
-    seconds = _read_json(run_dir / DONE).get("seconds")
-    ok = isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and seconds >= 0
-    return float(seconds) if ok and seconds == seconds and seconds != float("inf") else None
-
-
-def record_doubts(run_dir: Path, found: str | None, torn_info: bool) -> list[str]:
-    """What in a run dir's record is not as the run left it: run_info.json unreadable, a FAILED beside its DONE
-    (an rsync of two attempts into one dir), config.yaml edited after the run (its stage or deciding settings
-    differ from the fingerprint it recorded)."""
-    from flare_exp.run.fingerprint import config_edits
-
-    doubts = [f"{RUN_INFO} unreadable"] if torn_info else []
-    if found == DONE and done_seconds(run_dir) is None:
-        doubts.append(f"{DONE} not as a run writes it (empty or edited): how long it ran is not known")
-    if found == DONE and (run_dir / FAILED).is_file():
-        doubts.append("a FAILED marker lies beside DONE")
-    edits = config_edits(run_dir)
-    if edits:
-        doubts.append(f"{CONFIG} edited since: {edits[0]}" + (f" and {len(edits) - 1} more" if len(edits) > 1 else ""))
-    return doubts
-
-
 def stopped_early(run_dir: Path) -> str | None:
     """How a finished rl run (or a pipeline's rl step) ended short of rl.max_steps, stopped by the reward-hacking
     alarm or Optuna's pruner (its rl_summary.json's stopped_early), else None: such a run is DONE, and a plain
@@ -373,8 +353,16 @@ def listing(output_root: Path, recheck=None) -> tuple[list[str], list[list[str]]
         rows.append([name, row["stage"], status[:90], (row["started"] or "").replace("T", " "),
                      duration(row["seconds"]) + attempts, row["headline"] or ""])
     for link in dangling_links(output_root):  # a run dir on purged scratch: said, not dropped without a word
-        rows.append([link.name, "?", "a link to nothing (its target purged or unmounted)", "", "",
-                     f"{os.readlink(link)} does not exist"])
+        try:
+            link.resolve(strict=True)
+            loop = False
+        except RuntimeError:  # links that lead back to each other (Python 3.11 says so with RuntimeError)
+            loop = True
+        except OSError as e:
+            loop = e.errno == errno.ELOOP
+        rows.append([link.name, "?", "a link that leads back to itself (a loop of links)" if loop else
+                     "a link to nothing (its target purged or unmounted)", "", "",
+                     f"{os.readlink(link)} " + ("leads back round" if loop else "does not exist")])
     return ["run", "stage", "status", "started", "duration", "headline metric"], rows
 
 

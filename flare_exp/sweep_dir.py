@@ -142,9 +142,15 @@ def job_dirs(hydra_context, config, job_overrides, initial_job_idx: int, ids_kno
                 exit_with(f"hydra.sweep.subdir={subdir} names each job's dir by its submitit job id, which only the "
                           "submission decides: the checks could not look at the dirs before launching, and a "
                           "relaunch would start every job afresh in new dirs instead of resuming. Name the dirs by "
-                          f"what the job is: {DEFAULT_SUBDIR} (the default) or ${{hydra.job.override_dirname}}; "
-                          "nothing was launched", 2)
+                          f"what the job is: {DEFAULT_SUBDIR} (the default) or the swept values (e.g. "
+                          "seed_${seed}); nothing was launched", 2)
             dirs.append(sweep_dir / named)
+            inside = os.path.normpath(os.path.abspath(dirs[-1]))
+            if not inside.startswith(os.path.abspath(sweep_dir) + os.sep):
+                exit_with(f"hydra.sweep.subdir={subdir} puts job #{n}'s dir at {inside}, outside the sweep dir "
+                          f"{os.path.abspath(sweep_dir)}: its report and stage=runs would not find it there, and it "
+                          "could land in another sweep's or run's dir. Keep the subdir inside (no '..', no absolute "
+                          "path); nothing was launched", 2)
     finally:
         HydraConfig.instance().cfg = saved
     _refuse_shared_dirs(dirs, subdir, initial_job_idx)
@@ -160,5 +166,5 @@ def _refuse_shared_dirs(dirs: list[Path], subdir: str, initial_job_idx: int) -> 
         lines = [f"  {d}: jobs {', '.join(f'#{n}' for n in jobs)}" for d, jobs in shared.items()]
         exit_with(f"hydra.sweep.subdir={subdir} gives several jobs one dir, where each would refuse or take over "
                   f"the other's run:\n" + "\n".join(lines) + f"\nName each job's dir apart ({DEFAULT_SUBDIR}, the "
-                  "default, or ${hydra.job.override_dirname}); nothing was launched", 2)
+                  "default, or by the swept values, e.g. seed_${seed}); nothing was launched", 2)
 

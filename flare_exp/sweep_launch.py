@@ -9,10 +9,11 @@ from pathlib import Path
 LAUNCH_FILE = ".launch.json"
 
 
-def record_launch(sweep_dir: Path, job_overrides, initial_job_idx: int, first: bool, kept=()) -> None:
+def record_launch(sweep_dir: Path, job_overrides, initial_job_idx: int, first: bool, kept=(),
+                  job_dirs: list[Path] | None = None) -> None:
     """The jobs this launch makes (its first batch: the record started afresh; a later batch of the same sweep:
-    added to it), by job number (hydra.job.num): each one's overrides, and whether its dir's finished run is kept
-    (``kept``: their indices in ``job_overrides``)."""
+    added to it), by job number (hydra.job.num): each one's overrides, whether its dir's finished run is kept
+    (``kept``: their indices in ``job_overrides``) and its dir (``job_dirs``), relative to the sweep dir."""
     import json
 
     from flare_exp.io import write_json
@@ -23,9 +24,18 @@ def record_launch(sweep_dir: Path, job_overrides, initial_job_idx: int, first: b
             jobs = json.loads((sweep_dir / LAUNCH_FILE).read_text())["jobs"]
         except (OSError, ValueError, KeyError, TypeError):
             jobs = {}
-    jobs.update({str(initial_job_idx + i): {"overrides": list(map(str, o)), "kept": i in kept}
+    where = [_relative(d, sweep_dir) for d in job_dirs] if job_dirs is not None else [None] * len(job_overrides)
+    jobs.update({str(initial_job_idx + i): {"overrides": list(map(str, o)), "kept": i in kept,
+                                            **({"dir": where[i]} if where[i] is not None else {})}
                  for i, o in enumerate(job_overrides)})
     write_json(sweep_dir / LAUNCH_FILE, {"jobs": jobs})
+
+
+def _relative(job_dir: Path, sweep_dir: Path) -> str | None:
+    import os
+
+    relative = os.path.relpath(os.path.abspath(job_dir), os.path.abspath(sweep_dir))
+    return Path(relative).as_posix() if not relative.startswith("..") else None
 
 
 def launched_jobs(sweep_dir: Path) -> dict[str, dict] | None:
@@ -42,13 +52,17 @@ def launched_jobs(sweep_dir: Path) -> dict[str, dict] | None:
     return jobs
 
 
-def not_of_latest_launch(number: str, overrides: list, launched: dict[str, dict]) -> str | None:
-    """Why a job dir's run (its job number, its overrides.yaml) is no run of the latest launch: a number it did
-    not make, or one it was to run that still holds another launch's run (a killed relaunch never reached it);
-    None where it is (run by it, or a finished run it kept)."""
+def not_of_latest_launch(number: str, overrides: list, launched: dict[str, dict], job_dir: str | None = None) -> \
+        str | None:
+    """Why a job dir's run (its job number, its overrides.yaml, its dir relative to the sweep dir) is no run of
+    the latest launch: a number it did not make, a dir other than the one it made under that number (another
+    hydra.sweep.subdir, a copy), or one it was to run that still holds another launch's run (a killed relaunch
+    never reached it); None where it is (run by it, or a finished run it kept)."""
     job = launched.get(str(number))
     if job is None:
         return f"not one of the latest launch's {len(launched)} job(s)"
+    if job_dir is not None and isinstance(job.get("dir"), str) and job["dir"] != job_dir:
+        return f"the latest launch made its job #{number} in {job['dir']}/, not here (another subdir, or a copy)"
     if job.get("kept") or override_pairs(overrides) == override_pairs(job.get("overrides") or []):
         return None
     return "the latest launch was to run this job with other settings and did not (stopped before it?)"

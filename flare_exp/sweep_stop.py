@@ -156,10 +156,11 @@ def jobs_after_stop(job_dirs: list[Path], trials: bool = False) -> str:
     done = len(job_dirs) - len(unfinished)
     if not unfinished:
         return f"all {done} job(s) had finished (DONE) before the stop: nothing was cut short"
-    then = "; ".join(f"#{d.name}: {job_after_stop(d)}" for d in unfinished) if not trials else (
+    label = lambda d: f"#{d.name}" if d.name.isdigit() else f"{d.name}/"  # noqa: E731  (a custom subdir's name)
+    then = "; ".join(f"{label(d)}: {job_after_stop(d)}" for d in unfinished) if not trials else (
         "the study keeps the finished trials and retries the stopped ones as new trials, each in a dir of its own "
         "from its first step (the stopped trials' dirs stay as they are)")
-    return (f"{len(unfinished)} job(s) not finished (#{', #'.join(d.name for d in unfinished)}: FAILED, stopped "
+    return (f"{len(unfinished)} job(s) not finished ({', '.join(map(label, unfinished))}: FAILED, stopped "
             f"from outside, or never started), {done} finished (DONE); rerunning the same command, per job: {then}")
 
 

@@ -61,6 +61,9 @@ def test_choice_refusals():
     ("12.5.3", None), ("12.5. Next", 12.5), ("12. 5", 12.0),  # a second decimal point (it read 12.5)
     ("1/2", None), ("12.5/100", None), ("1 1/2", None), ("1\u00bd", None), ("\u00bd", None),  # fractions (it
     ("\u00be of 30", None), ("1\u20442", None), ("30 / 40", 30.0), ("3 mm/year", 3.0),  # read 1, 12.5, 1, 1, 30)
+    ("\uff14\uff10\uff0e\uff15", None), ("\uff11\uff0c\uff10\uff10\uff10", None), ("\u0662\u066c\u0665\u0660\u0660", None),  # separators
+    ("1'000", None), ("1\u2019000", None), ("1__000", None), ("0x1A", None),  # float() refuses (it read 40, 1, 2, 1)
+    ("\uff14\uff10", 40.0), ("\u0664\u0660.\u0665", 40.5), ("it's 5", 5.0), ("5 x 3", 5.0),  # float() reads these
     ("grade-2", 2.0), ("x-3", 3.0), ("=-5", -5.0), ("(-5)", -5.0), ("3-4", 3.0),  # a hyphen after a letter: no sign
     ("about 20 percent", 20.0),  # the first number anywhere in the text
     ("-3.5 mm", -3.5),          # the sign is kept

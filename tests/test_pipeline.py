@@ -71,6 +71,16 @@ def test_the_demo_pipeline_end_to_end_and_again(base_overrides, tmp_path, caplog
     assert not (run_dir / "attempts").exists()
 
     assert "other settings" not in caplog.text
+    # a step's config.yaml edited by hand since: the listing says so (a pipeline's own records no fingerprint)
+    from omegaconf import OmegaConf
+
+    from flare_exp.catalog import run_summary
+
+    assert "edited since" not in (run_summary(run_dir)["note"] or "")
+    saved = OmegaConf.load(run_dir / "rl" / "config.yaml")
+    saved.rl.learning_rate = 0.5
+    OmegaConf.save(saved, run_dir / "rl" / "config.yaml")
+    assert "rl/config.yaml edited since: rl.learning_rate: " in run_summary(run_dir)["note"]
     first_config = (run_dir / "config.yaml").read_text()
     # the finished infer step did not decode with the new setting: it is not reused, and the run stops naming it
     with pytest.raises(RunSettingsChangedError, match=r"\[infer\] \S+ holds a finished step made with other "

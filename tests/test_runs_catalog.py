@@ -336,7 +336,7 @@ def test_checkpoints_a_resume_filed_away_do_not_end_the_count_of_attempts(tmp_pa
 def test_the_listing_holds_each_run_to_its_own_record(tmp_path):
     """Hand-damaged records are said, not taken at their word: config.yaml edited to name another stage (the
     stage the run recorded is listed), run_info.json cut in half (an unfinished run is still listed; a failed one
-    is FAILED, not refused by its settings), a FAILED marker beside DONE, a DONE touched or edited by hand."""
+    is FAILED, not refused by its settings), a FAILED marker beside DONE, a DONE edited by hand."""
     from omegaconf import OmegaConf
 
     from flare_exp.run.fingerprint import fingerprint
@@ -361,10 +361,12 @@ def test_the_listing_holds_each_run_to_its_own_record(tmp_path):
     _eval_run(both, cfg, hits=4)
     write_failed(both, RuntimeError("CUDA out of memory"))
     os.symlink(tmp_path / "purged-scratch", root / "runs" / "gone")
-    touched, hand_timed = root / "runs" / "touched", root / "runs" / "hand-timed"
-    for run_dir, done in ((touched, ""), (hand_timed, '{"seconds": "3 min"}')):
+    os.symlink(root / "runs" / "loop-b", root / "runs" / "loop-a")  # two links that lead to each other
+    os.symlink(root / "runs" / "loop-a", root / "runs" / "loop-b")
+    garbled, hand_timed, touched = root / "runs" / "garbled", root / "runs" / "hand-timed", root / "runs" / "touched"
+    for run_dir, done in ((garbled, "finished!"), (hand_timed, '{"seconds": "3 min"}'), (touched, "")):
         _eval_run(run_dir, cfg, hits=8)
-        (run_dir / "DONE").write_text(done)  # `touch DONE` by hand; a string where the seconds were (it crashed)
+        (run_dir / "DONE").write_text(done)  # typed over; a string where the seconds were (it crashed); `touch`
 
     header, rows = listing(root)
     by_name = {r[0]: dict(zip(header, r)) for r in rows}
@@ -374,7 +376,8 @@ def test_the_listing_holds_each_run_to_its_own_record(tmp_path):
     assert by_name["torn-failed"]["status"].startswith("FAILED: RuntimeError: CUDA out of memory")
     assert by_name["both"]["status"] == "DONE (a FAILED marker lies beside DONE)"
     assert by_name["gone"]["status"] == "a link to nothing (its target purged or unmounted)"
-    for name in ("touched", "hand-timed"):
-        assert by_name[name]["status"] == "DONE (DONE not as a run writes it (empty or edited): how long it ran is " \
-                                          "not known)"
+    assert by_name["loop-a"]["status"] == "a link that leads back to itself (a loop of links)"
+    for name in ("garbled", "hand-timed"):
+        assert by_name[name]["status"] == "DONE (DONE not as a run writes it (edited): how long it ran is not known)"
+    assert by_name["touched"]["status"] == "DONE"  # a marker touched by hand only lacks its time
     assert by_name["gone"]["headline metric"] == f"{tmp_path / 'purged-scratch'} does not exist"

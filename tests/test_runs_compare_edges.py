@@ -269,3 +269,21 @@ def test_an_eval_whose_regression_flare_aborts_is_not_called_edited(tmp_path):
                      "eval.radgraph=false", f"data.prepared_dir={tmp_path / 'hand_made'}"]), run_dir=root / "runs" / "e")
     assert json.loads((root / "runs" / "e" / "metrics.json").read_text())["m"]["official"]["regression"]["aborted"]
     assert listed_disagreement(root / "runs" / "e", root) is None
+
+
+def test_an_aborted_regression_is_said_in_the_listing_and_the_paired_table(tmp_path):
+    """FLARE's evaluator stops on a NaN or infinite regression value (no number): the listing's headline was
+    blank and the paired table read NaN."""
+    import math
+
+    from flare_exp.catalog import headline
+    from flare_exp.reports.eval_report import significance_rows
+
+    run_dir = tmp_path / "aborted"
+    run_dir.mkdir()
+    (run_dir / "metrics.json").write_text(json.dumps({"aborted": {"file": "p.jsonl", "n": 2, "official": {
+        "regression": {"mean_absolute_error": None, "aborted": True, "abort_ids": ["b/1"]}}}}))
+    assert headline(run_dir).startswith("regression.mean_absolute_error=aborted")
+    row = significance_rows([{"run_a": "A", "run_b": "E", "task": "regression", "metric": "mean_absolute_error",
+                              "a": 15.0625, "b": math.nan, "difference": math.nan, "n": 8}])[0]
+    assert row[2:5] == ["15.0625", "aborted", "n/a"] and "NaN" not in row, row

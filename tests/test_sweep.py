@@ -308,3 +308,50 @@ def test_a_killed_relaunch_leaves_no_earlier_run_ranked_as_its_own(tmp_path):
     jobs = {j["job"]: j for j in collect(sweep)}
     assert jobs["job0"].get("earlier_launch") and "was to run this job with other settings" in jobs["job0"]["error"]
     assert not jobs["job1"].get("earlier_launch") and not jobs["job2"].get("earlier_launch")
+
+
+def test_damaged_copied_and_foreign_job_dirs_are_said_not_ranked_as_the_launchs(tmp_path):
+    """One job's cut rl_summary.json crashed the whole report (a bare JSONDecodeError); a job dir copied inside the
+    sweep, or one an earlier launch made under another hydra.sweep.subdir, ranked as the latest launch's (matched
+    by job number and settings, not by its dir); a job dir without .hydra/ was left out unsaid; a DONE typed
+    over showed as a plain DONE."""
+    import shutil
+
+    from flare_exp.reports.sweep_jobs import collect
+
+    sweep = tmp_path / "sweep"
+    launched = {}
+    for num in (0, 1, 2):
+        job = sweep / str(num)
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text(f"- seed={num}\n")
+        (job / ".hydra" / "hydra.yaml").write_text(f"hydra:\n  job:\n    num: {num}\n")
+        (job / "DONE").write_text('{"seconds": 3}')
+        (job / "rl_summary.json").write_text(json.dumps({"reward_last": 0.1 * num, "global_step": 2}))
+        launched[str(num)] = {"overrides": [f"seed={num}"], "kept": False, "dir": str(num)}
+    (sweep / ".launch.json").write_text(json.dumps({"jobs": launched}))
+    (sweep / "1" / "rl_summary.json").write_text('{"reward_last": 0.')  # cut
+    (sweep / "2" / "DONE").write_text("done by hand")  # typed over
+    shutil.copytree(sweep / "0", sweep / "5")  # a copy: hydra.job.num 0, seed=0, as job 0
+    shutil.copytree(sweep / "0", sweep / "seed_0")  # an earlier launch's, under another subdir
+    shutil.copytree(sweep / "0", sweep / "3")
+    shutil.rmtree(sweep / "3" / ".hydra")  # copied without its dot-dirs
+    jobs = {j["job"]: j for j in collect(sweep)}
+    assert set(jobs) == {"0", "1", "2", "3", "5", "seed_0"}
+    assert "rl_summary.json unreadable (JSONDecodeError): cut or edited" in jobs["1"]["error"]
+    assert "reward_last" not in jobs["1"]["metrics"] and jobs["0"]["metrics"]["reward_last"] == 0.0
+    assert "DONE not as a run writes it (edited)" in jobs["2"]["error"]
+    for name in ("5", "seed_0"):
+        assert jobs[name].get("earlier_launch") and "made its job #0 in 0/, not here" in jobs[name]["error"]
+    assert not jobs["0"].get("earlier_launch") and ".hydra/overrides.yaml missing" in jobs["3"]["error"]
+    from conftest import compose_cfg
+    from flare_exp.main import run
+
+    from flare_exp.reports.sweep_jobs import rank_key
+
+    assert rank_key([{"metrics": {"official/regression/mean_absolute_error": 3.0}}],
+                    "regression.mean_absolute_error") == "official/regression/mean_absolute_error"  # as objectives
+    run(compose_cfg(["stage=sweep_report", f"sweep_report.sweep_dir={sweep}", "sweep_report.rank_by=reward_last"]),
+        run_dir=tmp_path / "report_run")  # written, the damaged job named in its error column
+    rows = {r["job"]: r for r in csv.DictReader((sweep / "report" / "sweep.csv").open())}
+    assert rows["0"]["rank"] == "2" and rows["2"]["rank"] == "1" and rows["1"]["rank"] in ("", "n/a", "-"), rows

@@ -572,6 +572,7 @@ class _Loader:
     ("same", True, "gives several jobs one dir, where each would refuse or take over the other's run:"),
     ("${hydra.job.id}", False, "names each job's dir by its submitit job id, which only the submission decides"),
     ("${nothing_here}", True, "does not resolve for job #3"),
+    ("../out_${seed}", True, "puts job #3's dir at"),  # outside the sweep dir: another sweep's, unreported
 ])
 def test_job_dirs_a_sweep_cannot_keep_apart_are_refused_before_any_job(tmp_path, capsys, subdir, ids_known, said):
     from types import SimpleNamespace

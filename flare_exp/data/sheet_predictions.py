@@ -278,7 +278,7 @@ def stored_sheet_note(sheet: Path, rows: list[dict]) -> dict:
     if generated is not None:
         altered = sum(isinstance(g := generated.get(r.get("id")), str) and g != r.get("prediction") and
                       as_stored(g) == (r.get("prediction") or "") for r in rows)
-        held = f"{journal.name} beside it (the run dir) holds them as generated"
+        held = f"{journal.name} beside it holds them as generated"
     else:
         listed = altered_rows(sheet)
         altered = sum(str(r.get("id")) in listed for r in rows)
@@ -286,7 +286,7 @@ def stored_sheet_note(sheet: Path, rows: list[dict]) -> dict:
     if not altered:
         return {}
     note = (f"{altered} prediction(s) of {sheet.name} lost characters a worksheet cannot store (control "
-            f"characters, or a text past a cell's limit) when infer wrote it: scored as the sheet holds them; {held}")
+            f"characters, or a text past a cell's limit) when it was written: scored as the sheet holds them; {held}")
     log.warning("eval: %s", note)
     return {"stored_sheet_note": note}
 

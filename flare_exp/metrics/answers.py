@@ -11,7 +11,8 @@
   percent``, ``1e1`` (10: the exponent is part of the number), ``1_000`` (1000, as ``float()``), a typeset,
   small or full-width minus sign as "-" (a dash is no sign, nor a hyphen after a letter: ``grade-2`` is 2); none
   in ``12,5``, ``0,250`` or ``40\u066b5`` (a decimal comma), ``1 000`` (thousands grouped by a space),
-  ``12.5.3`` or a fraction (``1/2``, ``1\u00bd``).
+  ``12.5.3``, a fraction (``1/2``, ``1\u00bd``) or a separator float() does not take (a full-width point,
+  ``1'000``).
 """
 from __future__ import annotations
 
@@ -75,12 +76,16 @@ _SPACES = "[ \u00a0\u2009\u202f]"
 UNREADABLE_AFTER = re.compile(rf"{_SPACES}\d{{3}}(?!\d)|\.\d")
 VULGAR_FRACTION = "[\u00bc-\u00be\u2150-\u215e]"  # one character: "\u00bd" is a number float() cannot read
 FRACTION_AFTER = re.compile(rf"(?:{_SPACES}?\d+)?[/\u2044]\d|{_SPACES}?{VULGAR_FRACTION}")
+# a separator float() does not take between digits: a full-width point or comma ("\uff14\uff10\uff0e\uff15"), the
+# Arabic thousands separator ("\u0662\u066c\u0665\u0660\u0660"), an apostrophe ("1'000"), a run of underscores
+# ("1__000"), a hexadecimal "0x1A": the first digits are not the number
+OTHER_SEPARATOR_AFTER = re.compile(r"[\uff0e\uff0c\u066c'\u2019]\d|_+\d|(?<=0)[xX][0-9a-fA-F]")
 
 
 def _unreadable_after(m: re.Match) -> bool:
     """A space and three digits after a whole number of 1-3 digits (space-grouped thousands), a decimal
     point and a digit after a number (a second decimal point), or a fraction after it."""
-    if FRACTION_AFTER.match(m.string, m.end()):
+    if FRACTION_AFTER.match(m.string, m.end()) or OTHER_SEPARATOR_AFTER.match(m.string, m.end()):
         return True
     after = UNREADABLE_AFTER.match(m.string, m.end())
     if after is None:

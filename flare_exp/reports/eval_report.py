@@ -86,8 +86,15 @@ def significance_rows(tests: list[dict]) -> list[list[str]]:
     def interval(ci):
         return "n/a" if not ci else f"[{ci[0]:.4f}, {ci[1]:.4f}]"
 
-    return [[f"{t['run_b']} vs {t['run_a']}", f"{t['task']}: {t['metric']}", fmt(t["a"]), fmt(t["b"]),
-             fmt(t["difference"]), interval(t.get("difference_ci95")), fmt(t.get("p_value")),
+    def value(t, v):  # a NaN mean absolute error: FLARE's evaluator stops on a NaN or infinite value
+        undefined = isinstance(v, float) and math.isnan(v)
+        return ("aborted" if t["task"] == "regression" else "undefined") if undefined else fmt(v)
+
+    def difference(t):
+        return "n/a" if any(isinstance(v, float) and math.isnan(v) for v in (t["a"], t["b"])) else fmt(t["difference"])
+
+    return [[f"{t['run_b']} vs {t['run_a']}", f"{t['task']}: {t['metric']}", value(t, t["a"]), value(t, t["b"]),
+             difference(t), interval(t.get("difference_ci95")), fmt(t.get("p_value")),
              fmt(t.get("p_value_adjusted")), fmt(t.get("ar_p_value")), fmt(t.get("ar_p_value_adjusted")), str(t["n"])]
             for t in tests]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from flare_exp.io import NON_FINITE
-from flare_exp.run.layout import (CONFIG, FAILED, HYDRA, LOG_HISTORY, METRICS, OVERRIDES, own_or_step, summary_name,
+from flare_exp.run.layout import (CONFIG, HYDRA, LOG_HISTORY, METRICS, OVERRIDES, own_or_step, summary_name,
                                sweep_job_dirs)
 from flare_exp.run.record import marker
 from flare_exp.rl_monitor.reward_summary import stop_note
@@ -30,7 +30,8 @@ def collect(sweep_dir: Path) -> list[dict]:
     launched = launched_jobs(sweep_dir)
     for job in jobs:
         raw = job.pop("raw_overrides")
-        why = not_of_latest_launch(job_number(Path(job["dir"])), raw, launched) if launched is not None else None
+        why = not_of_latest_launch(job_number(Path(job["dir"])), raw, launched, Path(job["job"]).as_posix()) \
+            if launched is not None else None
         if why:
             job["earlier_launch"] = True
             job["error"] = (f"{job.get('error', '')}; " if job.get("error") else "") + (
@@ -78,40 +79,92 @@ def config_value(job_dir: Path, key: str) -> str | None:
 
 def _read_jobs(sweep_dir: Path) -> list[dict]:
     jobs = []
-    for job_dir in (p for p in sweep_job_dirs(sweep_dir) if (p / HYDRA).is_dir()):
-        overrides_file = job_dir / HYDRA / OVERRIDES
-        overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.exists() else []
+    for job_dir in sweep_job_dirs(sweep_dir):
+        if not (job_dir / HYDRA).is_dir() and not job_dir.name.isdigit():
+            continue
         job = {"job": str(job_dir.relative_to(sweep_dir)), "dir": str(job_dir), "status": marker(job_dir) or "unfinished",
-               "overrides": override_pairs(overrides), "raw_overrides": overrides, "metrics": {}, "curve": []}
+               "metrics": {}, "curve": []}
+        overrides = _overrides(job_dir, job)
+        job.update(overrides=override_pairs(overrides), raw_overrides=overrides)
         history = own_or_step(job_dir, LOG_HISTORY, steps=("rl",))
-        logged = json.loads(history.read_text()) if history is not None else None  # read once: curve, checks
+        logged = _read(history, job, job_dir) if history is not None else None  # read once: curve, checks
+        logged = logged if isinstance(logged, list) else None
         for sub in ("", *TRAINED):  # a stage's job, or a pipeline job's steps
             for name in map(summary_name, TRAINED):
-                if (job_dir / sub / name).exists():
-                    summary = json.loads((job_dir / sub / name).read_text())
-                    beside = logged if history == job_dir / sub / LOG_HISTORY else None
-                    edited = edited_rewards(summary, beside)
-                    if edited:  # a reward typed into the summary: not ranked as the job's own
-                        job["error"] = (f"{sub or '.'}/{name}: {edited}: edited since its run wrote it; its reward "
-                                        "numbers left out of the table and the ranking")
-                        summary = {k: v for k, v in summary.items() if not is_reward_number(k)}
-                    job["metrics"].update(summary)
-        official = official_metrics(job_dir)
+                summary = _read(job_dir / sub / name, job, job_dir) if (job_dir / sub / name).exists() else None
+                if not isinstance(summary, dict):
+                    continue
+                edited = edited_rewards(summary, logged if history == job_dir / sub / LOG_HISTORY else None)
+                if edited:  # a reward typed into the summary: not ranked as the job's own
+                    _note(job, f"{sub or '.'}/{name}: {edited}: edited since its run wrote it; its reward numbers left "
+                               "out of the table and the ranking")
+                    summary = {k: v for k, v in summary.items() if not is_reward_number(k)}
+                job["metrics"].update(summary)
+        official = official_metrics(job_dir, job)
         edited = edited_metrics(job_dir, sweep_dir) if official else None
         if edited:  # a number typed into metrics.json: not ranked as the job's own
-            job["error"], official = (f"{edited}: metrics.json edited since its eval wrote it, left out of the "
-                                      "ranking; rerun that eval"), {}
+            _note(job, f"{edited}: metrics.json edited since its eval wrote it, left out of the ranking; rerun that eval")
+            official = {}
         job["metrics"].update(official)
         if logged is not None:
-            job["curve"] = [(h["step"], h["reward"]) for h in logged if "reward" in h]
+            job["curve"] = [(h["step"], h["reward"]) for h in logged if isinstance(h, dict) and "reward" in h]
             job["metrics"].update(run_term_means(logged))
         job["metrics"] = {k: NON_FINITE.get(v, v) if isinstance(v, str) else v for k, v in job["metrics"].items()}
         if job["status"] == "FAILED":
-            job["error"] = (job_dir / FAILED).read_text().splitlines()[0][:200]
+            from flare_exp.sweep_watch import failed_line
+
+            _note(job, (failed_line(job_dir, 200) or "FAILED (its marker is empty)"), first=True)
         elif job["status"] == "DONE":  # the alarm's or the pruner's stop (its rl_summary.json, read above)
             job["stopped_early"] = stop_note(job["metrics"])
+        _note_doubts(job, job_dir)
         jobs.append(job)
     return jobs
+
+
+def _note(job: dict, text: str, first: bool = False) -> None:
+    """One more thing said in the job's error column (its first line first: a FAILED job's why)."""
+    said = [text, job["error"]] if first and job.get("error") else [job["error"], text] if job.get("error") else [text]
+    job["error"] = "; ".join(said)
+
+
+def _read(path: Path, job: dict, job_dir: Path):
+    """A job file's JSON; None, said in the job's error column, where it is cut or unreadable (one damaged job
+    does not stop the report of the others)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        _note(job, f"{path.relative_to(job_dir)} unreadable ({type(e).__name__}): cut or edited since its run wrote "
+                   "it; its numbers left out of the table and the ranking")
+        return None
+
+
+def _overrides(job_dir: Path, job: dict) -> list:
+    """The job's command line as Hydra recorded it (.hydra/overrides.yaml); [] and said where there is none."""
+    path = job_dir / HYDRA / OVERRIDES
+    try:
+        found = yaml.safe_load(path.read_text()) if path.exists() else None
+    except (OSError, yaml.YAMLError):
+        found = None
+    if not isinstance(found, list):
+        _note(job, f"{HYDRA}/{OVERRIDES} " + ("unreadable" if path.exists() else "missing (copied without its dot-dirs?)")
+              + ": its command line is not known; its settings read from its config")
+        return []
+    return found
+
+
+def _note_doubts(job: dict, job_dir: Path) -> None:
+    """What in the job's record is not as its run left it (run.doubts.record_doubts: DONE emptied, run_info.json cut,
+    config.yaml edited), said as stage=runs says it."""
+    from flare_exp.run.doubts import record_doubts
+    from flare_exp.run.layout import RUN_INFO
+
+    info = job_dir / RUN_INFO
+    try:
+        torn = info.exists() and not isinstance(json.loads(info.read_text()), dict)
+    except (OSError, ValueError):
+        torn = True
+    for doubt in record_doubts(job_dir, marker(job_dir), torn):
+        _note(job, doubt)
 
 
 def is_reward_number(key: str) -> bool:
@@ -149,15 +202,16 @@ def edited_metrics(job_dir: Path, sweep_dir: Path) -> str | None:
     return listed_disagreement(job_dir, sweep_dir.parent.parent)  # sweeps/<name>/: the output root above
 
 
-def official_metrics(job_dir: Path) -> dict:
+def official_metrics(job_dir: Path, job: dict | None = None) -> dict:
     """FLARE's official numbers of the job's own model (catalog.own_block: not a model stage.compare scored beside
     it), as official/<task>/<metric>."""
     from flare_exp.catalog import own_block
 
     path = own_or_step(job_dir, METRICS)
-    if path is None:
+    found = _read(path, {} if job is None else job, job_dir) if path is not None else None
+    if not isinstance(found, dict):
         return {}
-    own = own_block(json.loads(path.read_text()), job_dir)
+    own = own_block(found, job_dir)
     return {f"official/{task}/{k}": v for task, block in own.get("official", {}).items() for k, v in block.items()
             if (isinstance(v, (int, float)) or v in NON_FINITE) and k not in ("num_examples",)}
 
@@ -183,6 +237,8 @@ def varying_keys(jobs: list[dict]) -> list[str]:
 def rank_key(jobs: list[dict], setting: str | None) -> str | None:
     """The metric the jobs are ranked by: sweep_report.rank_by, else the first official metric, else reward_last."""
     known = {k for j in jobs for k in j["metrics"]}
+    if setting and setting not in known and f"official/{setting.replace('.', '/', 1)}" in known:
+        setting = f"official/{setting.replace('.', '/', 1)}"  # task.metric, as objectives and the listing name it
     if setting:
         if setting not in known:
             raise ValueError(f"sweep_report.rank_by={setting}: no job has it; choose one of {', '.join(sorted(known))}")

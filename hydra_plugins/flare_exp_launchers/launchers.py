@@ -49,7 +49,7 @@ class _Watched:
         search = "optuna" in str(self.config.hydra.sweeper.get("_target_", ""))
         if not search:  # which jobs this launch made: the sweep report tells an earlier launch's others apart
             record_launch(sweep_dir, job_overrides, initial_job_idx, first=not getattr(self, "_recorded", False),
-                          kept=set(kept))
+                          kept=set(kept), job_dirs=job_dirs)
             self._recorded = True
         objectives = objective_list(self.config.hydra.sweeper.get("objectives")) if search else None
         with Progress(job_dirs, job_names(job_overrides), kept=kept, objectives=objectives,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from flare_exp.run.layout import (CONFIG, DONE, FAILED, FINGERPRINT, HYDRA, METRICS, RUN_INFO, in_a_sweep, own_or_step,
                                sweep_job_dirs)
-from flare_exp.run.doubts import done_seconds, record_doubts
+from flare_exp.run.doubts import done_seconds, info_torn, record_doubts
 from flare_exp.run.record import marker
 
 log = logging.getLogger(__name__)
@@ -205,7 +205,7 @@ def run_summary(run_dir: Path) -> dict | None:
     """One run dir's row: name, stage, status, started, seconds, headline, error; None for a dir that is no run."""
     info = _read_json(run_dir / RUN_INFO)
     found = marker(run_dir)
-    torn_info = not info and (run_dir / RUN_INFO).is_file()  # cut or hand-broken: the run started all the same
+    torn_info = info_torn(run_dir)  # cut or hand-broken: the run started all the same
     if not info and found is None and not torn_info:
         return None
     started = info.get("started") if isinstance(info.get("started"), str) else None

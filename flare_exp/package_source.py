@@ -50,3 +50,29 @@ def field_help(tree: ast.Module | None, class_name: str, field_name: str) -> str
                             return None
                         return help_text if isinstance(help_text, str) else None
     return None
+
+
+def enum_values(tree: ast.Module | None, class_name: str) -> tuple[str, ...] | None:
+    """The string values an enum class ``class_name`` assigns in its body (``LINEAR = "linear"``); None where
+    the class is not found or assigns none."""
+    for node in ast.walk(tree) if tree is not None else ():
+        if isinstance(node, ast.ClassDef) and node.name == class_name:
+            values = tuple(item.value.value for item in node.body if isinstance(item, ast.Assign)
+                           and isinstance(item.value, ast.Constant) and isinstance(item.value.value, str))
+            return values or None
+    return None
+
+
+def trainer_choices() -> dict[str, tuple[str, ...]]:
+    """transformers' TrainingArguments' named choices (the Trainer refuses another only once the model is loaded,
+    or at its first step): ``lr_scheduler_type`` and ``optim``, read from its source, else imported."""
+    found = {"lr_scheduler_type": enum_values(parsed("transformers", "trainer_utils.py"), "SchedulerType"),
+             "optim": enum_values(parsed("transformers", "training_args.py"), "OptimizerNames")}
+    if None in found.values():
+        from transformers.trainer_utils import SchedulerType
+        from transformers.training_args import OptimizerNames
+
+        found = {"lr_scheduler_type": tuple(e.value for e in SchedulerType),
+                 "optim": tuple(e.value for e in OptimizerNames)}
+    return found
+

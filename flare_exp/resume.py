@@ -27,6 +27,10 @@ def at_the_step_budget(trainer, checkpoint: str | None):
         return None
     trainer._load_from_checkpoint(checkpoint)  # the adapter's weights, as train(resume_from_checkpoint=) loads them
     trainer.state = state
+    for callback in trainer.callback_handler.callbacks:  # a stopped attempt's later rollouts, evals, best/ go
+        resumed_from = getattr(callback, "resumed_from", None)  # as at a resume that trains (on_train_begin)
+        if callable(resumed_from):
+            resumed_from(state.global_step)
     log.info("%s is at max_steps=%d already: its weights are the final ones (nothing left to train)",
              Path(checkpoint).name, trainer.args.max_steps)
     losses = [h["loss"] for h in state.log_history if "loss" in h]

@@ -36,9 +36,28 @@ def trainer_arguments(section, args_class, set_by_stage: tuple[str, ...] = ()) -
 
     names = {f.name for f in dataclasses.fields(args_class)} - set(set_by_stage)
     out = {name: section[name] for name in section if name in names}
+    if "warmup_ratio" in section and "warmup_ratio" not in names and "warmup_steps" in names:
+        out["warmup_steps"] = warmup_steps_for(section["warmup_ratio"])
     if out.get("dataloader_num_workers"):
         out["dataloader_num_workers"] = workers_for_cores(out["dataloader_num_workers"])
     return out
+
+
+def trainer_choice_checks(stage: str, section) -> list[tuple]:
+    """check_each's checks of the stage's settings that name one of the Trainer's choices (a scheduler, an
+    optimizer): refused before the model loads, not by TrainingArguments once it has."""
+    from flare_exp.package_source import trainer_choices
+    from flare_exp.runtime import check_choice
+
+    return [(check_choice, f"{stage}.{key}", section[key], choices) for key, choices in trainer_choices().items()
+            if key in section]
+
+
+def warmup_steps_for(ratio: float) -> float:
+    """``warmup_ratio`` as transformers 5 takes it: it has no such field (silently left out, no run warmed up),
+    and reads a ``warmup_steps`` below 1 as the share of the run's steps (ceil(steps x share)). A ratio of 1 (a
+    whole-run warmup) would read as one step: just below 1 is every step of any run under a million steps."""
+    return min(float(ratio), 0.999999) if ratio else 0
 
 
 def workers_for_cores(asked: int) -> int:

@@ -316,6 +316,11 @@ def test_a_resume_drops_the_stopped_attempts_rollouts_past_its_checkpoint(base_o
     run(_rl_cfg(base_overrides, sft_adapter, *extra), run_dir=run_dir)
     assert (run_dir / "rollouts.jsonl.damaged").read_text().startswith('{"step": 1, "id": BROKEN')
     assert sorted({json.loads(line)["step"] for line in journal.read_text().splitlines()}) == [2, 3]
+    # the budget lowered onto a checkpoint at it (nothing left to train): step 3's groups went there too
+    shutil.rmtree(run_dir / "final")
+    (run_dir / "DONE").unlink()
+    run(_rl_cfg(base_overrides, sft_adapter, "rl.max_steps=2", "rl.log_rollouts_steps=1"), run_dir=run_dir)
+    assert sorted({json.loads(line)["step"] for line in journal.read_text().splitlines()}) == [2]
 
 
 def test_the_runs_last_reward_is_said_as_the_mean_it_is_beside_the_last_step():

@@ -109,3 +109,26 @@ def test_the_bench_reports_each_in_training_eval():
     summary = summarise(history, 1)
     assert summary["heldout_eval_seconds"] == [8.5] and summary["eval_loss_seconds"] == [2.5]
     assert summary["step_seconds_median"] == 1.0 and "heldout_eval_seconds" not in summarise(history[:3], 1)
+
+
+def test_a_resume_files_away_a_best_of_the_stopped_attempts_later_steps(tmp_path, caplog):
+    """best/ of step 30, kept by an attempt stopped after it, and a resume from checkpoint-20: best/ stayed, its
+    step-30 eval dropped from heldout_evals.jsonl, a later eval only as good never replaced it (sft and rl)."""
+    from flare_exp.rl_monitor.heldout_watch import HeldOutWatch
+
+    (tmp_path / "best").mkdir()
+    (tmp_path / "best" / "flare_exp_checkpoint.json").write_text(json.dumps({"step": 30, "metric_value": 0.9}))
+    section = SimpleNamespace(metric_for_best_model="official_mean")
+    watch = HeldOutWatch("sft", section, tmp_path, None, None)
+    assert watch.best == {"step": 30, "value": 0.9}
+    with caplog.at_level("WARNING"):
+        watch.on_train_begin(None, SimpleNamespace(global_step=20), None)
+    assert watch.best is None and not (tmp_path / "best").exists()
+    filed = next(tmp_path.glob("attempts/*/best/flare_exp_checkpoint.json"))  # moved whole, not deleted
+    assert json.loads(filed.read_text())["step"] == 30
+    assert "the best/ of the stopped attempt (step 30) filed away" in caplog.text
+    (tmp_path / "best").mkdir()  # a best/ of a step up to the resume's is the run's own: kept
+    (tmp_path / "best" / "flare_exp_checkpoint.json").write_text(json.dumps({"step": 10, "metric_value": 0.5}))
+    kept = HeldOutWatch("sft", section, tmp_path, None, None)
+    kept.on_train_begin(None, SimpleNamespace(global_step=20), None)
+    assert kept.best == {"step": 10, "value": 0.5} and (tmp_path / "best").is_dir()

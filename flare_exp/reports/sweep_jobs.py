@@ -153,17 +153,11 @@ def _overrides(job_dir: Path, job: dict) -> list:
 
 
 def _note_doubts(job: dict, job_dir: Path) -> None:
-    """What in the job's record is not as its run left it (run.doubts.record_doubts: DONE emptied, run_info.json cut,
-    config.yaml edited), said as stage=runs says it."""
+    """What in the job's record is not as its run left it (run.doubts.record_doubts: run_info.json cut, DONE typed
+    over, config.yaml edited), said as stage=runs says it."""
     from flare_exp.run.doubts import record_doubts
-    from flare_exp.run.layout import RUN_INFO
 
-    info = job_dir / RUN_INFO
-    try:
-        torn = info.exists() and not isinstance(json.loads(info.read_text()), dict)
-    except (OSError, ValueError):
-        torn = True
-    for doubt in record_doubts(job_dir, marker(job_dir), torn):
+    for doubt in record_doubts(job_dir, marker(job_dir)):
         _note(job, doubt)
 
 

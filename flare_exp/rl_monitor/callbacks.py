@@ -66,10 +66,10 @@ class GRPOMonitor(HeldOutWatch):
         self.pruned_at: int | None = None
         self.stopped_by: dict | None = None  # {step, why}: the alarm (rl.stop_on_alarm) or the pruner stopped it
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def resumed_from(self, step: int) -> None:
         if self.lead and self.rollouts is not None:  # a resume: the checkpoint's step, loaded by now
-            self.rollouts.continue_from(state.global_step)
-        return super().on_train_begin(args, state, control, **kwargs)
+            self.rollouts.continue_from(step)
+        super().resumed_from(step)
 
     def saw_round(self, step: int, inputs: list[dict], output: dict) -> None:
         lengths = [int(n) for n in output["completion_mask"].sum(1).tolist()]

@@ -51,28 +51,52 @@ class HeldOutWatch(TrainerCallback):
         path = self.out_dir / "best" / "flare_exp_checkpoint.json"
         if not path.exists():  # a resumed run keeps the best of its earlier evals
             return None
-        meta = json.loads(path.read_text())
-        return {"step": meta.get("step"), "value": meta.get("metric_value")}
+        try:
+            meta = json.loads(path.read_text())
+        except (OSError, ValueError):  # cut by a kill or a hand: the next eval's adapter takes its place
+            return None
+        return {"step": meta.get("step"), "value": meta.get("metric_value")} if isinstance(meta, dict) else None
 
     def on_train_begin(self, args, state, control, **kwargs):
-        """A resume from the checkpoint at ``state.global_step``: the evals of later steps are the stopped
-        attempt's (the resume trains and evaluates those steps again); they go, as a torn last line does."""
+        self.resumed_from(state.global_step)
+
+    def resumed_from(self, resume_step: int) -> None:
+        """A resume from the checkpoint at ``resume_step`` (resume.at_the_step_budget calls it too where that
+        checkpoint is at the step budget and nothing trains): the evals of later steps are the stopped attempt's (the resume
+        trains and evaluates those steps again); they go, as a torn last line does, and so does a best/ of such a
+        step (filed with the attempt's record): the resumed run's best is its own."""
+        if self.lead:
+            self._file_a_later_best(resume_step)
         path = self.out_dir / EVALS
         if not self.lead or not path.exists():
             return
         lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
         steps = [_step_of(line) for line in lines]
-        kept = [line for line, step in zip(lines, steps) if step is not None and step <= state.global_step]
+        kept = [line for line, step in zip(lines, steps) if step is not None and step <= resume_step]
         torn = [torn_line_step(line) for line, step in zip(lines, steps) if step is None]
-        for step in (s for s in torn if s is not None and s <= state.global_step):  # the resume starts after it
+        for step in (s for s in torn if s is not None and s <= resume_step):  # the resume starts after it
             log.warning("%s: %s: step %d's held-out eval was cut by the kill and is lost (the resume starts after "
                         "it, at %d; log_history.json keeps its numbers where its log line was written)", self.stage,
-                        path.name, step, state.global_step)
+                        path.name, step, resume_step)
         if len(kept) < len(lines):
             check_still_held()
             write_text(path, "".join(f"{line}\n" for line in kept))
             log.info("%s: %s: %d eval(s) of steps after %d (the stopped attempt's) dropped: the resumed run "
-                     "evaluates those steps again", self.stage, path.name, len(lines) - len(kept), state.global_step)
+                     "evaluates those steps again", self.stage, path.name, len(lines) - len(kept), resume_step)
+
+    def _file_a_later_best(self, step: int) -> None:
+        best_step = (self.best or {}).get("step")
+        if not isinstance(best_step, int) or best_step <= step:
+            return
+        from flare_exp.resume import file_aside
+
+        check_still_held()
+        file_aside(self.out_dir, [(self.out_dir / "best", f"best/ is step {best_step}'s adapter, of the stopped "
+                                                          f"attempt past the resume's step {step}")])
+        log.warning("%s: the best/ of the stopped attempt (step %d) filed away; best/ is chosen again from this "
+                    "run's evals after step %d (the adapters of the evals up to it are not kept)", self.stage,
+                    best_step, step)
+        self.best = None
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if self.heldout is None or not self.heldout.due(state.global_step, state.max_steps) or not self.lead:

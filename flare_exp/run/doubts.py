@@ -36,13 +36,18 @@ def done_edited(run_dir: Path) -> bool:
     return not isinstance(found, dict) or "seconds" in found and done_seconds(run_dir) is None
 
 
-def record_doubts(run_dir: Path, found: str | None, torn_info: bool) -> list[str]:
+def info_torn(run_dir: Path) -> bool:
+    """run_info.json there but not readable as the object a run writes (cut, hand-broken): the run started."""
+    return not _read_json(run_dir / RUN_INFO) and (run_dir / RUN_INFO).is_file()
+
+
+def record_doubts(run_dir: Path, found: str | None, torn_info: bool | None = None) -> list[str]:
     """What in a run dir's record is not as the run left it: run_info.json unreadable, a FAILED beside its DONE
     (an rsync of two attempts into one dir), config.yaml edited after the run (its stage or deciding settings
     differ from the fingerprint it recorded)."""
     from flare_exp.run.fingerprint import config_edits
 
-    doubts = [f"{RUN_INFO} unreadable"] if torn_info else []
+    doubts = [f"{RUN_INFO} unreadable"] if (info_torn(run_dir) if torn_info is None else torn_info) else []
     if found == DONE and done_edited(run_dir):
         doubts.append(f"{DONE} not as a run writes it (edited): how long it ran is not known")
     if found == DONE and (run_dir / FAILED).is_file():

@@ -32,7 +32,8 @@ from flare_exp.run.stage import Stage
 from flare_exp.runtime import abspath, check_choice, check_each, ranks
 from flare_exp.step_batch import effective_batch
 from flare_exp.training import (CheckpointMeta, ProgressLog, cpu_ranks_args, data_fingerprints, half_precision,
-                                profiling, schedule_changes, setup_tracking, train_and_save, trainer_arguments)
+                                profiling, schedule_changes, setup_tracking, train_and_save, trainer_arguments,
+                                trainer_choice_checks)
 
 
 STAGE = Stage(
@@ -92,7 +93,8 @@ def check_settings(cfg) -> int:
     rl, backend = cfg.rl, cfg.model.backend
     check_each((check_generation_round, rl), (check_trl_choices, rl), lambda: rollout_settings(rl, backend).check(),
                (check_rollout_weights, rl, backend), (check_recompute, rl, backend), (check_monitor_settings, rl),
-               (prompt_length_limit, rl, cfg.model.max_seq_length), (check_vllm_installed, rl))
+               (prompt_length_limit, rl, cfg.model.max_seq_length), (check_vllm_installed, rl),
+               *trainer_choice_checks("rl", rl))
     return prompt_length_limit(rl, cfg.model.max_seq_length)
 
 

@@ -26,7 +26,8 @@ from flare_exp.runtime import abspath, check_choice, check_each, is_compilation_
 from flare_exp.stages import sft_card
 from flare_exp.step_batch import effective_batch
 from flare_exp.training import (CheckpointMeta, ProgressLog, cpu_ranks_args, data_fingerprints, half_precision,
-                                profiling, schedule_changes, setup_tracking, train_and_save, trainer_arguments)
+                                profiling, schedule_changes, setup_tracking, train_and_save, trainer_arguments,
+                                trainer_choice_checks)
 
 
 STAGE = Stage(
@@ -80,7 +81,7 @@ def check_settings(cfg) -> None:
                (check_choice, "sft.on_too_long", sft.on_too_long, ("skip", "error")),
                (check_choice, "sft.rope_positions", sft.rope_positions, rope_positions.SETTINGS),
                (check_choice, "sft.compile_precision", sft.compile_precision, PRECISIONS),
-               (check_recompute_above, sft, cfg.model.backend))
+               (check_recompute_above, sft, cfg.model.backend), *trainer_choice_checks("sft", sft))
 
 
 def check_early_stopping(sft) -> None:

@@ -43,6 +43,7 @@ STAGE = Stage(
     deciding=("seed", "data.root", "model", "rl", "reward"),
     free=(
         "model speed", "rl.max_steps", "rl.logging_steps", "rl.save_steps", "rl.save_total_limit",
+        "rl.log_rollouts_steps", "rl.rollouts_max_mb", "rl.rollouts_groups_per_step",  # what is logged, not learnt
         "rl.cache_implementation", "rl.compile_generation", "rl.decode_loop", "rl.use_vllm", "rl.profile_steps",
         "rl.rollout_weights", "rl.dataloader_num_workers", "rl.recompute_every_n_layers",
         "rl.report_to", "rl.wandb_project", "rl.wandb_mode", "reward.radgraph.cache_size",

@@ -9,7 +9,8 @@ from flare_exp.rewards.combine import CombinedReward
 BAD_RANGES = {"sft.eval_steps": 0, "sft.early_stopping_patience": 2, "infer.batch_size": 0, "sft.max_steps": 0,
               "sft.learning_rate": -1e-4, "sft.per_device_train_batch_size": 0, "rl.num_generations": 1,
               "rl.top_p": 1.5, "model.lora.dropout": 1.0, "rl.warmup_ratio": 2.0, "eval.green.batch_size": 0,
-              "infer.max_new_tokens": -1, "data.image_workers": -2}
+              "infer.max_new_tokens": -1, "data.image_workers": -2, "rl.log_rollouts_steps": -1,
+              "rl.rollouts_max_mb": -1.0, "rl.eval_max_new_tokens": 0}  # the last three: taken with a meaning unsaid
 
 
 def test_every_range_problem_is_reported_together_with_its_key():
@@ -272,3 +273,9 @@ def test_the_alarms_reward_rise_is_a_finite_number_not_below_zero(rise):
     problems = [str(p) for p in setting_problems(compose_cfg(["stage=rl", f"rl.alarm_min_rise={rise}"]))]
     assert len(problems) == 1 and "a finite number of 0 or more" in problems[0], problems
     assert setting_problems(compose_cfg(["stage=rl", "rl.alarm_min_rise=0"])) == []
+
+
+def test_a_heldout_eval_of_no_records_is_refused_before_the_model_loads():
+    """rl.eval_steps=2 rl.eval_per_task=0 failed once the model had loaded, blaming rl.eval_file ("no records")."""
+    with pytest.raises(ValueError, match=r"rl.eval_steps=2 evaluates held-out records but rl.eval_per_task=0"):
+        validate(compose_cfg(["stage=rl", "rl.eval_steps=2", "rl.eval_per_task=0"]))

@@ -160,7 +160,13 @@ def write_alarms(out_dir: Path, alarms: list[dict]) -> None:
 def check_monitor_settings(rl) -> None:
     """The watchers' settings, checked before any work: each refusal with the others."""
     check_each((check_metric_spec, "rl", rl.metric_for_best_model), (_check_pruning, rl), (_check_alarm_window, rl),
-               (_check_length_collapse, rl), (_check_min_rise, rl))
+               (_check_length_collapse, rl), (_check_min_rise, rl), (_check_heldout_size, rl))
+
+
+def _check_heldout_size(rl) -> None:
+    if rl.eval_steps and not rl.eval_per_task:  # else, once the model loaded: "no records" of rl.eval_file
+        raise ValueError(f"rl.eval_steps={rl.eval_steps} evaluates held-out records but rl.eval_per_task=0 takes none "
+                         "of them: pass rl.eval_per_task=N (records per task type), or rl.eval_steps=0")
 
 
 def _check_pruning(rl) -> None:

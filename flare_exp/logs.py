@@ -102,11 +102,11 @@ class BarSafeStream:
 
 def log_part(key: str, value: float) -> str:
     """``key value`` of a training log line, the number to 4 significant digits; float noise around zero (GRPO's
-    on-policy loss is 0 up to rounding) reads 0, not -0 or -9.313e-10. A learning rate of 0 is a warmup's first
-    step (the Trainer logs the rate the step used; a linear warmup starts at 0): said, not left to look like a bug."""
+    on-policy loss is 0 up to rounding) reads 0, not -0 or -9.313e-10. A learning rate of 0 (the Trainer logs the
+    rate the step used: a linear warmup's first step, a decay's end) is said, not left to look like a bug."""
     text = "0" if abs(value) < 1e-8 else f"{value:.4g}"
     if key == "learning_rate" and text == "0":
-        text += " (a linear warmup starts at 0: this step changes no weight)"
+        text += " (a linear warmup starts at 0, a decay ends there: this step changes no weight)"
     return f"{key} {text}"
 
 

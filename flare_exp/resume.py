@@ -58,11 +58,12 @@ def schedule_change(trainer, checkpoint: str | None) -> dict | None:
                     scheduler, state.max_steps, budget)
     else:
         log.warning("%s was trained for max_steps=%d; continuing it to max_steps=%d lays the learning-rate schedule "
-                    "(%s) out again for %d steps, so from step %d the rate follows the new curve: the adapter is "
-                    "neither a %d- nor a %d-step run (recorded as schedule_changed). For one schedule, start a new "
-                    "run from its weights (sft.init_from / rl.init_from=%s, allow_intermediate_checkpoint=true)",
-                    name, state.max_steps, budget, scheduler, budget, state.global_step + 1, state.max_steps, budget,
-                    checkpoint)
+                    "(%s) out again for %d steps, so from step %d the rate follows the new curve (step %d still "
+                    "runs at the rate the checkpoint's optimizer holds, the old curve's): the adapter is neither a "
+                    "%d- nor a %d-step run (recorded as schedule_changed). For one schedule, start a new run from its "
+                    "weights (sft.init_from / rl.init_from=%s, allow_intermediate_checkpoint=true)",
+                    name, state.max_steps, budget, scheduler, budget, state.global_step + 2, state.global_step + 1,
+                    state.max_steps, budget, checkpoint)
     return {"step": state.global_step, "schedule_changed": {"max_steps_before": state.max_steps,
                                                             "max_steps_after": budget}}
 

@@ -64,7 +64,7 @@ def test_overfitting_four_samples_lowers_the_loss(base_overrides, tmp_path, demo
     assert summary["last_loss"] < 0.5 * summary["first_loss"], summary
 
 
-def test_resume_continues_from_the_last_checkpoint(base_overrides, tmp_path):
+def test_resume_continues_from_the_last_checkpoint(base_overrides, tmp_path, caplog):
     run_dir = tmp_path / "sft"
     common = ["sft.save_steps=2", "sft.eval_steps=0", "sft.warmup_ratio=0", "sft.save_total_limit=null"]
     first = run(_sft_cfg(base_overrides, "sft.max_steps=2", *common), run_dir=run_dir)
@@ -73,8 +73,14 @@ def test_resume_continues_from_the_last_checkpoint(base_overrides, tmp_path):
     shutil.rmtree(run_dir / "final")
     (run_dir / "DONE").unlink()
     state_before = json.loads((run_dir / "checkpoint-2" / "trainer_state.json").read_text())
-    second = run(_sft_cfg(base_overrides, "sft.max_steps=4", *common), run_dir=run_dir)
+    with caplog.at_level("WARNING"):
+        second = run(_sft_cfg(base_overrides, "sft.max_steps=4", *common), run_dir=run_dir)
     assert second["global_step"] == 4
+    # the optimizer the checkpoint holds runs step 3 at the old curve's rate (its end: 0); the new curve from 4
+    rates = {h["step"]: h["learning_rate"] for h in json.loads((run_dir / "log_history.json").read_text())
+             if "learning_rate" in h}
+    assert rates[3] == 0 and rates[4] > 0, rates
+    assert "so from step 4 the rate follows the new curve (step 3 still runs at the rate" in caplog.text
     state = json.loads((run_dir / "checkpoint-4" / "trainer_state.json").read_text())
     steps = [h["step"] for h in state["log_history"] if "loss" in h]
     assert steps == [1, 2, 3, 4]  # steps 1-2 come from the first job, 3-4 from the resumed one

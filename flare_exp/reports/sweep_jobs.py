@@ -79,9 +79,7 @@ def config_value(job_dir: Path, key: str) -> str | None:
 
 def _read_jobs(sweep_dir: Path) -> list[dict]:
     jobs = []
-    for job_dir in sweep_job_dirs(sweep_dir):
-        if not (job_dir / HYDRA).is_dir() and not job_dir.name.isdigit():
-            continue
+    for job_dir in sweep_job_dirs(sweep_dir):  # numbered dirs, and the others that hold .hydra/
         job = {"job": str(job_dir.relative_to(sweep_dir)), "dir": str(job_dir), "status": marker(job_dir) or "unfinished",
                "metrics": {}, "curve": []}
         overrides = _overrides(job_dir, job)

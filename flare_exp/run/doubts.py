@@ -3,6 +3,7 @@ by stage=runs and in the sweep report's error column, never taken at its word.""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from flare_exp.run.layout import CONFIG, DONE, FAILED, FINGERPRINT, RUN_INFO
@@ -19,8 +20,8 @@ def _read_json(path: Path) -> dict:
 def done_seconds(run_dir: Path) -> float | None:
     """The seconds a finished run's DONE records; None for a DONE no run wrote (touched, emptied, hand-edited)."""
     seconds = _read_json(run_dir / DONE).get("seconds")
-    ok = isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and seconds >= 0
-    return float(seconds) if ok and seconds == seconds and seconds != float("inf") else None
+    ok = isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and math.isfinite(seconds)
+    return float(seconds) if ok and seconds >= 0 else None
 
 
 def done_edited(run_dir: Path) -> bool:

@@ -99,7 +99,7 @@ def outside_the_output_root(run_dir: Path, output_root: Path) -> None:
     if listed_under(run_dir, output_root.resolve()):
         return
     root = next((r for r in (run_dir.parent.parent, run_dir.parent.parent.parent) if listed_under(run_dir, r)), None)
-    log.warning("the run dir %s is not where stage=runs looks (<paths.output_root>/runs/<name> or "
-                "sweeps/<sweep>/<job>, with paths.output_root=%s; hydra.run.dir or hydra.sweep.dir set by hand): it "
-                "runs there, but is not listed%s", run_dir, output_root,
+    log.warning("the run dir %s is not where stage=runs looks (<paths.output_root>/runs/<name>, or a job dir under "
+                "sweeps/<sweep>/ as hydra.sweep.subdir names it, with paths.output_root=%s; hydra.run.dir or "
+                "hydra.sweep.dir set by hand): it runs there, but is not listed%s", run_dir, output_root,
                 f" (paths.output_root={root} lists it)" if root else "")

@@ -21,6 +21,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_collection_modifyitems(config, items):
+    """The whole launches (marked slow) first: on two workers the short tests then fill in around them, instead
+    of one worker ending the suite alone in a sweep collected late (test_readme, test_sweep*)."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def compose_cfg(overrides: list[str] | None = None):
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):

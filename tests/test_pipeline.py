@@ -10,13 +10,26 @@ from conftest import REPO, compose_cfg
 from flare_exp.run.fingerprint import RunSettingsChangedError
 
 
-def test_the_demo_pipeline_end_to_end_and_again(base_overrides, tmp_path, caplog):
+@pytest.mark.slow  # a whole launch
+def test_the_readme_demo_command_runs_the_pipeline_end_to_end_and_again(session_dir, tmp_path, tiny_model_dir,
+                                                                         demo_prepared, caplog):
+    """The README's `python launch.py` as a user runs it (a process of its own), then reruns in this process on
+    its run dir: the same settings reuse every step, a killed rerun keeps the finished record."""
     from flare_exp.main import run
+    from test_readme import readme_commands, run_command
 
-    run_dir = tmp_path / "demo-pipeline"
-    result = run(compose_cfg(base_overrides), run_dir=run_dir)
+    assert "python launch.py" in readme_commands()
+    base_overrides = [f"paths.cache_dir={session_dir / 'cache'}", f"paths.output_root={tmp_path}"]
+    proc = run_command("python launch.py", base_overrides)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "demo-pipeline"
+    log = proc.stdout + proc.stderr
+    assert f"Report: {run_dir / 'eval' / 'report.html'}" in log and (run_dir / "eval" / "report.html").exists()
+    # quiet logs: readable step lines, no raw log dicts, the known-harmless library messages filtered by text
+    assert "step 1/" in log and "{'loss'" not in log and "{'eval_loss'" not in log
+    assert "To copy construct from a tensor" not in log and "Using device:" not in log
     steps = ["prepare", "sft", "rl", "infer-base", "infer-sft", "infer", "eval"]  # stage.compare=[base,sft]
-    assert list(result["steps"]) == steps
+    assert list(json.loads((run_dir / "DONE").read_text())["result"]["steps"]) == steps
     for step in steps[1:]:
         assert (run_dir / step / "DONE").exists(), step
     assert (run_dir / "infer" / "predictions.xlsx").exists()
@@ -25,14 +38,14 @@ def test_the_demo_pipeline_end_to_end_and_again(base_overrides, tmp_path, caplog
         task for entry in metrics.values() for task in entry["by_task"]}
     assert (run_dir / "DONE").exists() and not (run_dir / "attempts").exists()
     _sft_beats_base(metrics, json.loads((run_dir / "eval" / "significance.json").read_text()))
-    import torch
-
-    assert torch.get_num_threads() == 1  # model=tiny: model.cpu_threads=1 (a second thread only spins)
 
     caplog.set_level("INFO", logger="flare_exp.stages.pipeline")
     record = {name: (run_dir / name).read_bytes() for name in ("DONE", "config.yaml", "run_info.json")}
     again = run(compose_cfg([*base_overrides, "infer.batch_size=4"]), run_dir=run_dir)  # a speed setting only
     assert all(again["results"][step] == {"reused": str(run_dir / step)} for step in steps[1:])
+    import torch
+
+    assert torch.get_num_threads() == 1  # model=tiny: model.cpu_threads=1 (a second thread only spins)
     assert not (run_dir / "attempts").exists()  # same settings, nothing failed: nothing new to keep
     # nothing ran: the record is still the run that made the outputs (its results, duration, config)
     assert record == {name: (run_dir / name).read_bytes() for name in record}

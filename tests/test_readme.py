@@ -1,5 +1,6 @@
-"""The README's commands run as written (on the demo experiment): the demo, and the grid sweep through the
-stand-in SLURM commands followed by its sweep_report command. A README that drifts from the code fails here."""
+"""The README's commands run as written (on the demo experiment): the grid sweep through the stand-in SLURM
+commands followed by its sweep_report command, the demo sweep (the demo itself: test_pipeline.py). A README that
+drifts from the code fails here."""
 import csv
 import json
 import os
@@ -31,44 +32,46 @@ def readme_commands() -> list[str]:
     return commands
 
 
-def _run(command: str, extra: list[str], env_extra=None, timeout=900):
+def run_command(command: str, extra: list[str], env_extra=None, timeout=900):
+    """A README command run as written (python: this interpreter), ``extra`` overrides after it."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", **(env_extra or {})}
     argv = shlex.split(command)
     argv[0] = sys.executable
     return subprocess.run([*argv, *extra], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def test_the_readme_demo_command_runs_the_pipeline(session_dir, tmp_path, tiny_model_dir, demo_prepared):
-    assert "python launch.py" in readme_commands()
-    proc = _run("python launch.py", [f"paths.cache_dir={session_dir / 'cache'}", f"paths.output_root={tmp_path}"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    run_dir = tmp_path / "runs" / "demo-pipeline"
-    assert all((run_dir / step / "DONE").exists() for step in ("sft", "rl", "infer", "eval"))
-    assert (run_dir / "eval" / "report.html").exists()
-    log = proc.stdout + proc.stderr
-    assert f"Report: {run_dir / 'eval' / 'report.html'}" in log
-    # quiet logs: readable step lines, no raw log dicts, the known-harmless library messages filtered by text
-    assert "step 1/" in log and "{'loss'" not in log and "{'eval_loss'" not in log
-    assert "To copy construct from a tensor" not in log and "Using device:" not in log
-
-
 def test_the_readme_grid_sweep_and_its_report(session_dir, tmp_path, learned_sft_adapter):
-    """From an SFT adapter that learned the reports, the four weight settings price the reports its GRPO policy
-    writes differently: four different reward curves (the weights, not the jobs' seeds: each job has the same)."""
+    """Through sbatch/srun/sacct/scancel stand-ins on PATH: the real submitit_slurm launcher submits one array
+    job with the cluster settings given. From an SFT adapter that learned the reports, the four weight settings
+    price the reports its GRPO policy writes differently: four different reward curves (the weights, not the
+    jobs' seeds: each job has the same)."""
     sweep = next(c for c in readme_commands() if c.startswith("python launch.py -m $F stage=rl"))
     report = next(c for c in readme_commands() if "stage=sweep_report" in c)
     assert "hydra/launcher=slurm" in sweep
     command = sweep.replace("$F", "experiment=demo").replace("rl.init_from=outputs/runs/sft-r16",
                                                               f"rl.init_from={learned_sft_adapter}")
     state = tmp_path / "slurm"
-    proc = _run(command, [f"paths.cache_dir={session_dir / 'cache'}", f"paths.output_root={tmp_path / 'out'}",
-                          "run_name=readme", "rl.max_steps=2", "rl.max_completion_length=8"],  # step 2 has report prompts
-                {"PATH": f"{FAKE_SLURM}:{os.environ['PATH']}", "FAKE_SLURM_DIR": str(state)})
+    proc = run_command(command, [f"paths.cache_dir={session_dir / 'cache'}", f"paths.output_root={tmp_path / 'out'}",
+                                 "run_name=readme", "rl.max_steps=2", "rl.max_completion_length=8",  # step 2 has
+                                 # report prompts; the launcher's settings as a cluster's user adds them:
+                                 "hydra.launcher.account=proj42", "hydra.launcher.qos=normal",
+                                 "hydra.launcher.timeout_min=90", "hydra.launcher.array_parallelism=2",
+                                 "hydra.launcher.setup=[module load cuda/12.4,source /opt/venv/bin/activate]"],
+                       {"PATH": f"{FAKE_SLURM}:{os.environ['PATH']}", "FAKE_SLURM_DIR": str(state)})
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "4/4 #" in proc.stderr and "all finished" in proc.stderr  # a line per finished job
+    lines = (state / "1000.sbatch").read_text().splitlines()  # the real submitit_slurm launcher's array job
+    for expected in ["#SBATCH --partition=gpu", "#SBATCH --account=proj42", "#SBATCH --qos=normal",
+                     "#SBATCH --time=90", "#SBATCH --gpus-per-node=1", "#SBATCH --array=0-3%2",
+                     "#SBATCH --cpus-per-task=8", "#SBATCH --mem=64GB", "module load cuda/12.4",
+                     "source /opt/venv/bin/activate"]:
+        assert expected in lines, f"{expected!r} not in the sbatch script:\n" + "\n".join(lines)
+    srun = next(i for i, line in enumerate(lines) if line.startswith("srun "))
+    assert lines.index("module load cuda/12.4") < srun
     sweep_dir = tmp_path / "out" / "sweeps" / "readme"
     jobs = sorted(p for p in sweep_dir.iterdir() if p.name.isdigit())
     assert len(jobs) == 4 and all((j / "DONE").exists() for j in jobs)
-    done = _run(report.replace("outputs/sweeps/<run_name>", str(sweep_dir)),
+    done = run_command(report.replace("outputs/sweeps/<run_name>", str(sweep_dir)),
                 [f"paths.cache_dir={session_dir / 'cache'}", f"paths.output_root={tmp_path / 'out'}"])
     assert done.returncode == 0, done.stderr[-3000:]
     assert (sweep_dir / "report" / "sweep.md").exists()
@@ -94,7 +97,7 @@ def test_the_readme_demo_sweep_whose_weights_change_the_official_outcome(session
     both jobs have the same)."""
     sweep = next(c for c in readme_commands() if "reward.regression.weights.numeric=0,1" in c)
     command = sweep.replace("rl.init_from=outputs/runs/demo-pipeline/sft", f"rl.init_from={learned_sft_adapter}")
-    proc = _run(command, [f"paths.cache_dir={session_dir / 'cache'}", f"paths.output_root={tmp_path}"])
+    proc = run_command(command, [f"paths.cache_dir={session_dir / 'cache'}", f"paths.output_root={tmp_path}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     official = {}
     for job in sorted((tmp_path / "sweeps" / "demo-weights").glob("[0-9]")):

@@ -23,6 +23,7 @@ def interpreter():
     return split_kv_attention
 
 
+@pytest.mark.slow  # a pytest run of its own, every kernel interpreted on the CPU
 @pytest.mark.skipif(INTERPRETED, reason="the child run itself")
 def test_kernels_under_the_interpreter(tmp_path):
     pytest.importorskip("triton")

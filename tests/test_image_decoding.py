@@ -299,6 +299,59 @@ def test_a_window_that_saturates_an_image_is_named_not_silent(tmp_path, caplog):
     assert json.loads((stretched / "summary.json").read_text())["nearly_uniform_images"]["count"] == 1
 
 
+def test_a_few_extreme_pixels_that_set_the_stretch_are_said_with_the_window_that_holds_the_rest(tmp_path, caplog):
+    """A 16-bit X-ray whose own range two hot pixels (or padding written as 65535 around the field) set: its
+    anatomy decodes to a handful of grey levels. Prepare names it with the values' range as data.image_window
+    (it called the hot-pixel image blank, and the padded one nothing); a real full-range X-ray is not named."""
+    from flare_exp.data.images import outlier_stretch
+
+    rng = np.random.default_rng(0)
+    anatomy = (961 + np.add.outer(np.arange(64), np.arange(64)) * 16 + rng.integers(0, 8, (64, 64))).astype(np.uint16)
+    hot = anatomy.copy()
+    hot[3, 5] = hot[40, 7] = 65535
+    padded = np.full((64, 64), 65535, dtype=np.uint16)
+    padded[13:51, 13:51] = anatomy[13:51, 13:51]  # 35% of the pixels are the field
+    assert len(np.unique(np.asarray(decode_image_array(hot)))) <= 12  # what the model saw
+    content = outlier_stretch(hot)
+    assert content[2:] == (anatomy.min(), 65535.0) and anatomy.min() <= content[0] < 1100 < 2900 < content[1] <= 3000
+    assert outlier_stretch(padded)[3] == 65535.0
+    assert outlier_stretch(anatomy) is None and outlier_stretch(None) is None
+    full = (np.arange(64 * 64) * 16).reshape(64, 64).astype(np.uint16)
+    full[0, 0] = 65535  # one hot pixel on a full-range X-ray: its content spans the range anyway
+    assert outlier_stretch(full) is None
+    binary = np.where(anatomy > 1500, 65535, 0).astype(np.uint16)  # nearly all at the extremes: said elsewhere
+    assert outlier_stretch(binary) is None
+
+    root = tmp_path / "raw"
+    d = _small_tree(root, [{**GOOD, "ImageName": "imagesTr/hot.png"}, {**GOOD, "ImageName": "imagesTr/pad.png"}],
+                    images=())
+    Image.fromarray(hot).save(d / "imagesTr" / "hot.png")
+    Image.fromarray(padded).save(d / "imagesTr" / "pad.png")
+    caplog.set_level("WARNING", logger="flare_exp.data.prepare")
+    out = _prepare(tmp_path, root, "data.datasets=[chestdr]")
+    summary = json.loads((out / "summary.json").read_text())
+    said = summary["stretched_by_outliers"]
+    assert said["count"] == 2 and summary["nearly_uniform_images"]["count"] == 0, summary
+    assert [entry["image"] for entry in said["first"]] == ["training/Xray/chestdr/imagesTr/hot.png",
+                                                          "training/Xray/chestdr/imagesTr/pad.png"]
+    low, high = said["window_holding_them"]
+    assert 961 <= low < 1100 and 2900 < high <= 3000
+    assert "2 high-bit-depth image(s) hold nearly all their values in a small part of their own range" in caplog.text
+    assert f"data.image_window=[{low:g},{high:g}]" in caplog.text and "blank" not in caplog.text
+    windowed = _prepare(tmp_path / "windowed", root, "data.datasets=[chestdr]", f"data.image_window=[{low},{high}]")
+    assert json.loads((windowed / "summary.json").read_text())["stretched_by_outliers"]["count"] == 0
+
+
+def decode_image_array(values):
+    """The 8-bit picture the stages decode a 16-bit array to (its own range)."""
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(values).save(buffer, format="PNG")
+    buffer.seek(0)
+    return np.asarray(decode_image(buffer))[..., 0]
+
+
 def test_processor_limits_come_from_the_models_processor_config(tmp_path):
     from flare_exp.data.images import processor_limits
 

@@ -314,6 +314,20 @@ def test_malformed_json_names_the_file(tmp_path):
     assert (tmp_path / "out" / "prepared" / "flare_xray" / "FAILED").exists()
 
 
+@pytest.mark.parametrize("text,said", [
+    ("", r"the file is empty \(0 bytes\): a download or copy cut short\?"),
+    ("\n  \n", r"the file holds only white space \(4 bytes\)"),
+    (json.dumps(GOOD) + "\n" + json.dumps({**GOOD, "Question": "q2"}) + "\n",
+     r"one JSON object per line \(JSON Lines\), while FLARE's question files are one JSON list")])
+def test_an_empty_or_json_lines_question_file_is_named_as_such(tmp_path, text, said):
+    """Not the parser's 'Expecting value' / 'Extra data': what the file is, and what FLARE's files are."""
+    root = tmp_path / "raw"
+    d = _small_tree(root, [GOOD])
+    (d / "chestdr_questions_train.json").write_text(text)
+    with pytest.raises(ValueError, match="chestdr_questions_train.json: " + said):
+        _prepare(tmp_path, root, "data.datasets=[chestdr]")
+
+
 def test_leakage_guard(tmp_path):
     root = tmp_path / "raw"
     _small_tree(root, [GOOD])
@@ -462,6 +476,11 @@ def test_an_image_name_in_another_unicode_form_is_found_and_a_missing_one_says_w
                            {**GOOD, "ImageName": "imagesTr/link.png", "Question": "q2"}],
                     images=("a.png", stored))
     os.symlink(d / "imagesTr" / "gone.png", d / "imagesTr" / "link.png")
+    os.symlink("loopb.png", d / "imagesTr" / "loopa.png")  # a loop: each link's target is there, no file is
+    os.symlink("loopa.png", d / "imagesTr" / "loopb.png")
+    questions = json.loads((d / "chestdr_questions_train.json").read_text())
+    (d / "chestdr_questions_train.json").write_text(json.dumps(
+        [*questions, {**GOOD, "ImageName": "imagesTr/loopa.png", "Question": "q3"}]))
     out = _prepare(tmp_path, root, "data.datasets=[chestdr]")
     (kept,) = read_jsonl(out / "train.jsonl")
     assert kept["images"] == [f"training/Xray/chestdr/imagesTr/{stored}"]
@@ -469,7 +488,9 @@ def test_an_image_name_in_another_unicode_form_is_found_and_a_missing_one_says_w
     assert reasons == ["missing image 'imagesTr/a.png ' (the dataset's folder holds imagesTr/a.png: an ImageName is "
                        "matched exactly, letter for letter; correct the ImageName or rename the file)",
                        f"missing image imagesTr/link.png (a symbolic link to {d / 'imagesTr' / 'gone.png'}, "
-                       "which is not there)"]
+                       "which is not there)",
+                       "missing image imagesTr/loopa.png (a loop of symbolic links: loopa.png -> loopb.png -> "
+                       "loopa.png)"]
 
 
 def test_a_missing_image_names_the_file_it_was_likely_meant_to_be(tmp_path):

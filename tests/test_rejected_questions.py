@@ -93,3 +93,29 @@ def test_an_infer_whose_rejects_name_no_split_does_not_call_its_submission_compl
                                "infer.max_new_tokens=2"]), run_dir=tmp_path / "infer")
     assert summary["submission_complete"] is None and summary["rejected_at_prepare"] == "up to 1, split unknown"
     assert "may have no prediction" in caplog.text and "the submission may lack some" in caplog.text
+
+
+def test_a_dataset_missing_from_the_test_folders_keeps_the_submission_a_subset(tmp_path, base_overrides,
+                                                                                 demo_prepared, caplog):
+    """An archive not unpacked: testing/ lacks periapical and training/ lacks chestdr, which other splits have.
+    Prepare says each (a warning), records them, and the test submission goes to submission_subset/ naming the
+    dataset (it said it was whole, with none of periapical's questions)."""
+    root = shutil.copytree(demo_prepared.parent / "raw", tmp_path / "raw")
+    shutil.rmtree(root / "testing" / "Xray" / "periapical")
+    shutil.rmtree(root / "training" / "Xray" / "chestdr")
+    prepared = tmp_path / "prepared"
+    data = [f"data.root={root}", f"data.prepared_dir={prepared}"]
+    with caplog.at_level("WARNING"):
+        run(compose_cfg(["stage=prepare", *base_overrides, *data]), run_dir=tmp_path / "prep")
+    summary = json.loads((prepared / "summary.json").read_text())
+    assert summary["datasets_without_questions"] == {"train": ["chestdr"], "test": ["periapical"]}
+    assert "prepare: test (FLARE folders testing/) has no question file of periapical, while other splits do" \
+           in caplog.text
+    assert "train (FLARE folders training/) has no question file of chestdr" in caplog.text
+
+    out = tmp_path / "infer"
+    summary = run(compose_cfg(["stage=infer", *base_overrides, *data, "infer.split=test", "infer.max_new_tokens=2"]),
+                  run_dir=out)
+    assert summary["submission_complete"] is False and summary["datasets_without_questions"] == ["periapical"]
+    assert (out / "submission_subset").is_dir() and not (out / "submission").exists()
+    assert "infer: the test split has no question of periapical" in caplog.text

@@ -70,6 +70,9 @@ class ImageCheck(NamedTuple):
     frames: int = 1  # pages of a multi-page file (TIFF): the stages read the first
     framed: bool = False  # nearly one level, but around a box that holds content (a collimated field, a margin)
     clipped: bool = False  # data.image_window clips most of its values (a high-bit-depth image)
+    # a high-bit-depth image stretched from its own range whose values nearly all lie in a small part of it:
+    # (content low, content high, own low, own high) (outlier_stretch)
+    stretched: tuple | None = None
 
 
 # an accepted image with this share of its pixels at one grey level is named in summary.json and the log: a
@@ -142,6 +145,7 @@ def _check_image(path: str, window: tuple[float, float] | None, decode: bool = T
         return ImageCheck(f"unreadable image {Path(path).name}: {e.strerror or e}", None, None, None)
     digest = hashlib.sha1(data).hexdigest()  # a rejected file too: replaced later, it is another input
     size, mode, pixels, uniform, frames, framed, clipped = f"{len(data):,} bytes", None, None, None, 1, False, False
+    stretched = None
     try:
         with warnings.catch_warnings():
             # PIL's own limit rejects (DecompressionBombError, twice MAX_IMAGE_PIXELS: ~179 MP); its warning at
@@ -155,7 +159,10 @@ def _check_image(path: str, window: tuple[float, float] | None, decode: bool = T
                     values = high_bit_values(im, wide)
                     picture = upright_rgb(im, window, wide)
                     pixels, uniform = hashlib.sha1(picture.tobytes()).hexdigest(), flat_share(picture)
-                    if window is None and (narrow_integer_range(values) or stretched_noise(values, picture)):
+                    stretched = outlier_stretch(values) if window is None else None
+                    if stretched:
+                        pass  # said apart: a few extreme pixels set the stretch, the picture is not blank
+                    elif window is None and (narrow_integer_range(values) or stretched_noise(values, picture)):
                         uniform = 1.0  # its own range stretched a blank frame's noise to full contrast
                     elif uniform >= NEARLY_UNIFORM:
                         side = clipped_side(window, values)
@@ -176,7 +183,7 @@ def _check_image(path: str, window: tuple[float, float] | None, decode: bool = T
         reason = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "this file", str(e))[:200]
         return ImageCheck(f"corrupt image {Path(path).name}: {type(e).__name__}: {reason} ({size})", digest, mode,
                           None)
-    return ImageCheck(None, digest, mode, pixels, stored, uniform, frames, framed, clipped)
+    return ImageCheck(None, digest, mode, pixels, stored, uniform, frames, framed, clipped, stretched)
 
 
 def high_bit_values(im, wide=None):
@@ -187,6 +194,32 @@ def high_bit_values(im, wide=None):
     if im.mode in HIGH_BIT_DEPTH:
         return np.asarray(im)
     return None if wide is None else colour_channels(wide)
+
+
+def outlier_stretch(values, levels: int = 16, share: float = 0.001) -> tuple | None:
+    """(content low, content high, own low, own high) for high-bit-depth values (``high_bit_values``) of which
+    all but ``share`` at each end, the pixels at the very minimum and maximum aside, lie within 1/``levels`` of
+    the own range that scales them: a few hot or dead pixels, a burned-in marker, or padding written as the
+    maximum set the stretch, and the anatomy decodes to fewer than ``levels`` grey levels. None otherwise, and
+    where the extremes hold nearly every pixel (a binary or flat image: the other checks say those)."""
+    import numpy as np
+
+    if values is None or values.size == 0:
+        return None
+    flat = values.reshape(-1)
+    flat = flat[::max(1, flat.size // 1_000_000)]  # a sample of a million values: cheap on large scans
+    if flat.dtype.kind == "f":
+        flat = flat[np.isfinite(flat)]
+    if flat.size == 0:
+        return None
+    low, high = (values.min(), values.max()) if values.dtype.kind != "f" else (flat.min(), flat.max())
+    inner = flat[(flat > low) & (flat < high)]
+    if high <= low or inner.size < 0.05 * flat.size:
+        return None
+    content_low, content_high = np.quantile(inner, [share, 1 - share])
+    if (content_high - content_low) * levels >= high - low:
+        return None
+    return tuple(round(float(v), 6) for v in (content_low, content_high, low, high))
 
 
 def narrow_integer_range(values, levels: int = 16) -> bool:

@@ -18,11 +18,13 @@ from tqdm.auto import tqdm
 from flare_exp.data import records as R
 from flare_exp.data.decoding import check_window
 from flare_exp.data.image_modes import say_modes
+from flare_exp.data.image_notes import named_images
 from flare_exp.data.images import NEARLY_UNIFORM, ProcessorLimits, check_images, walk_files
 from flare_exp.data.later_answers import apply_later_answers, read_later, record_shadow, say_shared_keys, shadow
 from flare_exp.data.overlap import check_overlap
-from flare_exp.data.question_files import (QuestionFile, discover, load_question_file, question_files, resolve_image,
-                                           say_unread_splits, split_sources_of, unread_copies)
+from flare_exp.data.question_files import (QuestionFile, datasets_without_questions, discover, load_question_file,
+                                           question_files, resolve_image, say_unread_splits, split_sources_of,
+                                           unread_copies)
 from flare_exp.data.prepare_inputs import INPUTS, record_inputs
 from flare_exp.data.record_doubts import DOUBTS, record_doubts
 from flare_exp.data.rejects import REJECTS, reason_kind
@@ -123,6 +125,7 @@ def prepare(cfg_data, root: Path, out_dir: Path, limits: ProcessorLimits | None 
         log.warning("prepare: %d question file(s) not read, named or placed as a copy (no FLARE name), e.g. %s: give "
                     "them FLARE's names if they hold the data to prepare", len(copies), copies[0].relative_to(root))
     say_unread_splits(found, list(cfg_data.datasets), split_sources)
+    lacking = datasets_without_questions(found, list(cfg_data.datasets), split_sources)
     missing: list[tuple[Path, str]] = []
     candidates = read_records(root, cfg_data, split_sources, rejects, found, missing)
     accepted = accept_records(candidates, cfg_data, rejects, limits)
@@ -148,6 +151,7 @@ def prepare(cfg_data, root: Path, out_dir: Path, limits: ProcessorLimits | None 
         "records": {s: len(rows) for s, rows in by_split.items()},
         "by_dataset_task": counts,
         "rejects": dict(Counter(reason_kind(r["reason"]) for r in rejects)),
+        "datasets_without_questions": lacking,  # infer's test submission is a subset where test lacks one
         "images": len({p for rows in by_split.values() for r in rows for p in r["images"]}),
         "images_by_mode": modes,
         "image_window": list(cfg_data.image_window) if cfg_data.image_window is not None else "own range",
@@ -187,37 +191,6 @@ def _said_labels(by_split: dict) -> dict:
                         "(multi_label_labels)", dataset, len(block["rare"]), block["answers"],
                         ", ".join(repr(label) for label in block["rare"][:3]))
     return found
-
-
-def named_images(accepted: Accepted, root: Path, window, decoded: bool = True) -> dict:
-    """The accepted images a user should look at, each kind counted, the first named, and said in the log:
-    those that decoded to nearly one flat level, those whose content is a box inside a wide border (said, not
-    warned: a collimated field is a picture), and multi-page files (only the first page is read)."""
-    def names(paths: list[Path]) -> list[str]:
-        return [str(p.relative_to(root)) if p.is_relative_to(root) else str(p) for p in paths]
-
-    flat, pages, framed = names(accepted.nearly_uniform), names(accepted.multi_frame), names(accepted.framed)
-    clipped = set(names(accepted.clipped))
-    for group, why in (([f for f in flat if f in clipped], f"data.image_window=[{window[0]:g}, {window[1]:g}] "
-                        "clips most of their values and may not suit them" if window is not None else ""),
-                       ([f for f in flat if f not in clipped], "blank or constant images (a blank exposure, a "
-                        "detector frame of noise only, one value throughout)")):
-        if group:
-            log.warning("prepare: %d accepted image(s) decoded to nearly one flat grey level (>= %d%% of the pixels),"
-                        " e.g. %s: %s. They are kept; summary.json lists the first ones", len(group),
-                        round(NEARLY_UNIFORM * 100), ", ".join(group[:3]), why)
-    if framed:
-        log.info("prepare: %d accepted image(s) hold their content in a box inside a border of one level (>= %d%% of "
-                 "the pixels: a collimated field, a wide margin), e.g. %s; kept as they are (the model sees the "
-                 "border too); summary.json lists the first ones", len(framed), round(NEARLY_UNIFORM * 100),
-                 ", ".join(framed[:3]))
-    if pages:
-        log.warning("prepare: %d accepted image(s) are multi-page files, e.g. %s: every stage reads their first "
-                    "page only. summary.json lists the first ones", len(pages), ", ".join(pages[:3]))
-    return {"nearly_uniform_images": {"count": len(flat), "first": flat[:20]} if decoded else
-            "not checked (data.verify_images=false: headers only)",
-            "framed_images": {"count": len(framed), "first": framed[:20]},
-            "multi_page_images": {"count": len(pages), "first": pages[:20]}}
 
 
 def questions_read(found: list[tuple], cfg_data, split_sources: dict) -> list[Path]:
@@ -269,6 +242,7 @@ class Accepted(NamedTuple):
     framed: list[Path]  # accepted images nearly all one level around a box of content (a collimated field)
     clipped: list[Path]  # accepted nearly flat images whose values data.image_window mostly clips
     multi_frame: list[Path]  # accepted multi-page files
+    stretched: dict[Path, tuple]  # accepted images whose few extreme values set their own range (outlier_stretch)
 
 
 
@@ -316,11 +290,13 @@ def accept_records(candidates: list, cfg_data, rejects: list,
             split[replaces] = record  # in the first one's place (a dict keeps its key's first place)
         seen[record["id"]] = (len(split) - 1 if replaces is None else replaces, file, index)
     sha1s = {p: result.sha1 for p, result in checked.items() if result.sha1}
-    flat = sorted(p for p in modes if (checked[p].uniform or 0) >= NEARLY_UNIFORM and not checked[p].framed)
+    flat = sorted(p for p in modes if (checked[p].uniform or 0) >= NEARLY_UNIFORM and not checked[p].framed
+                  and not checked[p].stretched)
     say_modes(by_split, modes)  # compressed 16-bit colour TIFFs; a dataset mixing 8-bit and high-bit-depth images
     return Accepted(by_split, dict(sorted(Counter(modes.values()).items())), sha1s, flat,
                     sorted(p for p in modes if checked[p].framed), sorted(p for p in flat if checked[p].clipped),
-                    sorted(p for p in modes if checked[p].frames > 1))
+                    sorted(p for p in modes if checked[p].frames > 1),
+                    {p: checked[p].stretched for p in sorted(modes) if checked[p].stretched})
 
 
 def check_requested(root: Path, cfg_data, split_sources: dict, by_split: dict, rejects: list,

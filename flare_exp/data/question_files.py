@@ -127,7 +127,7 @@ def resolve_image(dataset_dir: Path, name: str) -> Path | str:
     if direct.is_dir():
         return f"missing image {shown} (a directory of that name is there, not an image file)"
     if direct.is_symlink():
-        return f"missing image {shown} (a symbolic link to {os.readlink(direct)}, which is not there)"
+        return f"missing image {shown} ({link_chain(direct)})"
     near, more = near_names(dataset_dir, name)
     if near:  # Linux names differ in case; a converted export changes the suffix: said, never taken in its place
         also = f" and {more} more named alike" if more else ""
@@ -230,6 +230,20 @@ def _image_file(dataset_dir: Path, name: str) -> Path | None:
     return None
 
 
+def link_chain(link: Path, most: int = 40) -> str:
+    """Why a symbolic link leads to no file: that its chain of links loops, or where it ends."""
+    chain = [Path(os.path.normpath(link))]
+    while chain[-1].is_symlink() and len(chain) <= most:
+        target = Path(os.path.normpath(chain[-1].parent / os.readlink(chain[-1])))
+        if target in chain:
+            return "a loop of symbolic links: " + " -> ".join(step.name for step in [*chain, target])
+        chain.append(target)
+    if len(chain) > most:
+        return f"a chain of more than {most} symbolic links"
+    return f"a symbolic link to {os.readlink(link)}, which is not there" + (
+        f" (the chain of links ends at {chain[-1]})" if len(chain) > 2 else "")
+
+
 def load_question_file(qf: QuestionFile) -> list:
     try:
         data = json.loads(qf.path.read_text(encoding="utf-8-sig"))  # a byte-order mark (Notepad's) is not JSON
@@ -241,6 +255,13 @@ def load_question_file(qf: QuestionFile) -> list:
         if b"\x00" in data[:64]:  # UTF-16 without its byte-order mark: ASCII with a NUL beside each byte
             raise PrepareError(f"{qf.path}: not UTF-8 text, as JSON is (it looks like UTF-16 without a byte-order "
                                "mark): save it as UTF-8") from None
+        if not data.strip():
+            what = "is empty (0 bytes)" if not data else f"holds only white space ({len(data)} bytes)"
+            raise PrepareError(f"{qf.path}: the file {what}: a download or copy cut short? Replace it with the "
+                               "download's own") from None
+        if e.msg == "Extra data" and _json_lines(data):
+            raise PrepareError(f"{qf.path}: one JSON object per line (JSON Lines), while FLARE's question files are "
+                               "one JSON list of records: rewrite it as a list ([{...}, {...}])") from None
         raise PrepareError(f"{qf.path}: malformed JSON ({e})") from None
     if not isinstance(data, list):
         raise PrepareError(f"{qf.path}: expected a JSON list of records, got {type(data).__name__}")
@@ -271,3 +292,39 @@ def say_unread_splits(found: list[tuple], datasets: list[str], split_sources: di
         log.warning("prepare: %s/ under data.root holds question files of %s that no split reads: add it to "
                     "data.%s_splits (e.g. data.%s_splits=[%s]) to prepare them", split, ", ".join(sorted(datasets)),
                     into, into, ",".join([*split_sources[into], split]))
+
+
+def datasets_without_questions(found: list[tuple], datasets: list[str], split_sources: dict) -> dict[str, list]:
+    """{prepared split: [datasets]}: the datasets asked for that have question files under some split but none
+    under this split's FLARE folders, where those folders hold other datasets' (an archive not unpacked, a folder
+    not copied). A test submission made from such a split lacks the dataset's questions, and FLARE scores each
+    as wrong; train without it teaches nothing of its task. Said here: test and train as warnings, val at info
+    (FLARE's validation-public holds only IU_XRay and chestdr)."""
+    anywhere = {dataset for _, dataset, split, _ in found if split is not None}
+    out = {}
+    for into, sources in split_sources.items():
+        here = {dataset for _, dataset, split, _ in found if split in sources}
+        lacking = [d for d in datasets if d in anywhere and d not in here] if here else []
+        if lacking:
+            out[into] = lacking
+            (log.info if into == "val" else log.warning)(
+                "prepare: %s (FLARE folders %s) has no question file of %s, while other splits do: %s", into,
+                ", ".join(f"{s}/" for s in sources), ", ".join(lacking), CONSEQUENCE[into])
+    return out
+
+
+CONSEQUENCE = {"test": "a test submission misses their questions (FLARE scores each as wrong) and infer writes it to "
+                       "submission_subset/; unpack or copy their testing/ folders, then prepare with overwrite=true",
+               "train": "sft and rl train without their tasks; unpack or copy their training/ folders, then prepare "
+                        "with overwrite=true",
+               "val": "held-out metrics and in-training evals have none of them (add validation-hidden to "
+                      "data.val_splits where you have it)"}
+
+
+def _json_lines(data: bytes) -> bool:
+    """Whether every non-empty line is a JSON object of its own."""
+    try:
+        lines = [line for line in data.decode("utf-8-sig").splitlines() if line.strip()]
+        return len(lines) > 1 and all(isinstance(json.loads(line), dict) for line in lines)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return False

@@ -88,3 +88,19 @@ def describe_rejected(rejected: dict, split: str) -> str:
     reasons = ", ".join(f"{kind}: {n}" for kind, n in rejected["reasons"].items())
     return (f"{rejected['count']} question(s) of the {split} split that prepare rejected ({reasons}; see "
             f"{rejected['file']})")
+
+
+def datasets_without_questions(split_file: Path) -> list[str]:
+    """The datasets prepare found question files of in other splits but none in this prepared split's FLARE
+    folders (its summary.json; [] for a file that is no prepared split, or a prepare before the record)."""
+    import json
+
+    split_file = Path(split_file)
+    if split_file.name not in SPLIT_FILES:
+        return []
+    try:
+        lacking = json.loads((split_file.parent / "summary.json").read_text(encoding="utf-8"))
+        lacking = lacking.get("datasets_without_questions") or {}
+        return [str(d) for d in lacking.get(split_file.name.removesuffix(".jsonl")) or []]
+    except (OSError, ValueError, AttributeError, TypeError):
+        return []

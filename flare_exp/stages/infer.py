@@ -20,7 +20,7 @@ from flare_exp.card import sized_infer_batch
 from flare_exp.compile_cache import prepare_gpu_run
 from flare_exp.data.decoding import check_records_window
 from flare_exp.data.prepared_split import read_prepared_split
-from flare_exp.data.rejects import describe_rejected, rejected_questions
+from flare_exp.data.rejects import datasets_without_questions, describe_rejected, rejected_questions
 from flare_exp.data.vision import VisionChat
 from flare_exp.io import atomic_dir, write_json, write_jsonl
 from flare_exp.models.batch_decoding import (Decoder, check_inputs_ahead, decode_in_parts, decode_settings,
@@ -97,14 +97,22 @@ def submitted_record(row: dict) -> dict:
             "Question": row.get("raw_question", row["question"]), "Answer": row["prediction"], "Split": "test"}
 
 
-def write_submission(out_dir: Path, rows: list[dict], questions: int, rejected: dict | None = None) -> Path:
+def write_submission(out_dir: Path, rows: list[dict], questions: int, rejected: dict | None = None,
+                     lacking: list[str] | None = None) -> Path:
     """FLARE's format: the question records with Answer filled in, all in predictions.json (what FLARE's
     evaluator reads) and split by dataset (<dataset>_predictions.json); FLARE joins them to its ground truth on
     ImageName||Question. Written to submission/ when ``rows`` answer all ``questions`` of the
-    split (those prepare rejected included: ``rejected``), else to submission_subset/ (a question missing from an
+    split (those prepare rejected included: ``rejected``) and no dataset lacks its test question file
+    (``lacking``: prepare found none under testing/), else to submission_subset/ (a question missing from an
     upload scores as wrong), said in the log."""
-    folder = out_dir / ("submission" if len(rows) >= questions else "submission_subset")
-    if folder.name != "submission":
+    folder = out_dir / ("submission" if len(rows) >= questions and not lacking else "submission_subset")
+    if lacking:
+        log.warning("infer: the test split has no question of %s (prepare found no question file of theirs under "
+                    "the test split's FLARE folders, while other splits have them): the files are in %s/, not "
+                    "submission/; FLARE scores every question an upload lacks as wrong. Unpack or copy their "
+                    "testing/ folders, then rerun stage=prepare and this infer, each with overwrite=true",
+                    ", ".join(lacking), folder.name)
+    elif folder.name != "submission":
         why = (f"{describe_rejected(rejected, 'test')} have none: fix what each reject names (its image, or the "
                "question record itself), then rerun stage=prepare and this infer, each with overwrite=true"
                if rejected else "infer.num_samples")
@@ -281,8 +289,9 @@ def finish(cfg, out_dir: Path, records: list[dict], done: dict, label: str, gene
     for journal in out_dir.glob(RANK_JOURNAL.format(rank="*")):
         journal.unlink()  # merged above
     write_sheet(out_dir / "predictions.xlsx", rows, label, adapter=adapter)
-    submission = (write_submission(out_dir, rows, questions, rejected) if all(r["answer"] is None for r in rows)
-                  else None)
+    lacking = datasets_without_questions(abspath(infer_input_file(cfg))) if inf.split == "test" else []
+    submission = (write_submission(out_dir, rows, questions, rejected, lacking)
+                  if all(r["answer"] is None for r in rows) else None)
     unknown = bool(rejected) and rejected["count"] is None  # rejects no split can be told of: maybe this one's
     if unknown:
         log.warning("infer: %s may have no prediction: the predictions cover %d questions, %s", describe_rejected(
@@ -303,6 +312,8 @@ def finish(cfg, out_dir: Path, records: list[dict], done: dict, label: str, gene
                "rejected_at_prepare": (f"up to {rejected['at_most']}, split unknown" if unknown else
                                        rejected["count"] if rejected else 0),
                "world_size": world, **({"submission": str(submission), "submission_complete":  # unknown: null
-                                         None if unknown else submission.name == "submission"} if submission else {})}
+                                         None if unknown and not lacking else submission.name == "submission",
+                                         **({"datasets_without_questions": lacking} if lacking else {})}
+                                        if submission else {})}
     write_json(out_dir / summary_name("infer"), summary)
     return summary

@@ -6,11 +6,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from flare_exp.profile_gaps import REGION, gap_table
+
 
 def write_profile(path: Path, prof, wall: float, what: str) -> None:
     """Headed by kernel time vs wall time (how busy the GPU was): the top GPU kernels alone (the op rows that
     launch them would count their time twice), the top ops by input shape (which tensors the time went to), and
-    the top ops by CPU time. A table torch cannot draw is replaced by why, not left to stop the run."""
+    the top ops by CPU time, and where the GPU idled with what the host ran then. A table torch cannot draw is replaced by why, not left to stop the run."""
     import torch
     from torch.autograd.profiler_util import EventList
 
@@ -20,7 +22,9 @@ def write_profile(path: Path, prof, wall: float, what: str) -> None:
     tables = [("GPU kernels" if kernels else "ops (no GPU)", lambda: EventList(kernels or events).table(
                    sort_by="self_device_time_total" if kernels else "self_cpu_time_total", row_limit=25)),
               ("ops by input shape", lambda: shape_table(prof, on_gpu=bool(kernels))),
-              ("ops by CPU time", lambda: events.table(sort_by="self_cpu_time_total", row_limit=15))]
+              ("ops by CPU time", lambda: events.table(sort_by="self_cpu_time_total", row_limit=15)),
+              ("GPU idle: what the host was doing", lambda: gap_table(
+                  prof.events(), lambda e: e.device_type == torch.autograd.DeviceType.CUDA, annotation))]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(f"{what}: wall {wall:.3f} s, GPU kernels {device_us / 1e6:.3f} s (busy "
                     f"{device_us / 1e6 / wall:.0%})\n\n" + "\n\n".join(f"## {name}\n{drawn(table)}"
@@ -29,8 +33,9 @@ def write_profile(path: Path, prof, wall: float, what: str) -> None:
 
 def annotation(event) -> bool:
     """A named region on the GPU's timeline (torch.compile's "## Call CompiledFxGraph ... ##" around a compiled
-    graph's kernels), not a kernel: counted as one, the kernels inside it counted twice (busy 142% on an H100)."""
-    return bool(getattr(event, "is_user_annotation", False)) or str(event.key).startswith("## ")
+    graph's kernels; our own ``region``s, mirrored there), not a kernel: counted as one, the kernels inside it counted twice (busy 142% on an H100)."""
+    key = str(event.key)
+    return bool(getattr(event, "is_user_annotation", False)) or key.startswith("## ") or key.startswith(REGION)
 
 
 def drawn(table) -> str:

@@ -8,6 +8,7 @@ import re
 from typing import TYPE_CHECKING
 
 from flare_exp.models.decoding import DecodeSettings, decoder_for
+from flare_exp.profile_gaps import region
 
 if TYPE_CHECKING:  # the chat is passed in; models/ does not import data/
     from flare_exp.data.vision import VisionChat
@@ -122,8 +123,9 @@ class Decoder:
         """The batch's model input, built ahead by the reader thread or else now, its prompts (left-padded to the
         longest) and infer.max_new_tokens within the model's context: the longest prompts come first
         (infer.sort_by_length), so a run that does not fit stops at its first batch."""
-        batch = self.ahead.take(records) if self.ahead is not None else None
-        batch = batch if batch is not None else model_batch(self.model, self.chat, records, images)
+        with region("batch input"):
+            batch = self.ahead.take(records) if self.ahead is not None else None
+            batch = batch if batch is not None else model_batch(self.model, self.chat, records, images)
         check_room(getattr(self.model, "config", None), batch["input_ids"].shape[1], self.inf.max_new_tokens,
                    self.tokens_key)
         return batch
@@ -154,7 +156,8 @@ class Decoder:
                                               "the decode loop's step")
         if new_tokens is None:  # this batch's config asks for what the loop does not do
             return self._generate(records, images, self.decoding.cache, batch)
-        return decode_new_tokens(self.chat.tokenizer, new_tokens)
+        with region("detokenize"):
+            return decode_new_tokens(self.chat.tokenizer, new_tokens)
 
 
 def decode_in_parts(decode: Decoder, records: list[dict], images) -> list[str]:

@@ -26,6 +26,7 @@ import contextlib
 from dataclasses import dataclass
 
 from flare_exp.models.rope_positions import rope_index, rope_owner
+from flare_exp.profile_gaps import region
 
 # how the token step is compiled on a GPU: CUDA graphs (as generate compiles its decode step), fixed shapes
 COMPILE_ON_GPU = {"mode": "reduce-overhead", "dynamic": False}
@@ -301,10 +302,12 @@ class GraphDecoder:
         with torch.inference_mode(), input_grad_hooks_off(self.model):
             cache = self._static_cache(rows, prompt + max_new_tokens)
             shared = common_beginning(batch) if self.shared_prefix and self.split_kv else None
-            positions = prompt_positions(self.rope_owner, batch)
+            with region("rope positions"):
+                positions = prompt_positions(self.rope_owner, batch)
             # the prompt's forward (eager, as generate's) into the cache; each row's next-token logits (B, V)
-            last = self.model(**batch, position_ids=positions, past_key_values=cache, use_cache=True,
-                              logits_to_keep=1).logits[:, -1]
+            with region("prefill"):
+                last = self.model(**batch, position_ids=positions, past_key_values=cache, use_cache=True,
+                                  logits_to_keep=1).logits[:, -1]
             if self.rope_owner is not None:
                 # generate's decoding state (unused here: every step passes its positions), left as a fresh
                 # model has it: the compiled step is specialised on it, and a generate call in between set it
@@ -324,17 +327,18 @@ class GraphDecoder:
             finished = is_end[tokens[:, 0]] if limits is None else is_end[tokens[:, 0]] | (limits <= 1)
             cache_positions = torch.arange(prompt, prompt + max_new_tokens, device=device)  # no host copy per token
             made = 1
-            for made in range(1, max_new_tokens):
-                if (made - 1) % self.stop_check_every == 0 and bool(finished.all()):  # the host's only wait
-                    break
-                if self.cudagraphs:
-                    torch.compiler.cudagraph_mark_step_begin()
-                picked, now_finished = self.step(tokens[:, made - 1:made], cache_positions[made - 1:made],
-                                                 position_deltas, key_valid, finished, is_end, pad,
-                                                 may_end[made:made + 1], suppressed, shared)
-                tokens[:, made] = picked  # copies out of the graph's output buffers before the next replay
-                # outside the compiled step: the step's graph is the same with and without row limits
-                finished = now_finished.clone() if limits is None else now_finished | (limits <= made + 1)
-            else:
-                made = max_new_tokens
+            with region("decode steps"):  # the profile's idle table gives the host's gaps here to this
+                for made in range(1, max_new_tokens):
+                    if (made - 1) % self.stop_check_every == 0 and bool(finished.all()):  # the host's only wait
+                        break
+                    if self.cudagraphs:
+                        torch.compiler.cudagraph_mark_step_begin()
+                    picked, now_finished = self.step(tokens[:, made - 1:made], cache_positions[made - 1:made],
+                                                     position_deltas, key_valid, finished, is_end, pad,
+                                                     may_end[made:made + 1], suppressed, shared)
+                    tokens[:, made] = picked  # copies out of the graph's output buffers before the next replay
+                    # outside the compiled step: the step's graph is the same with and without row limits
+                    finished = now_finished.clone() if limits is None else now_finished | (limits <= made + 1)
+                else:
+                    made = max_new_tokens
         return tokens[:, :made]

@@ -15,10 +15,19 @@ from flare_exp.run.record import marker
 
 
 def scored_rows(block: dict) -> list[dict]:
-    """The rows of the predictions file a run's eval scored (``scored_file`` found it)."""
+    """The rows of the predictions file a run's eval scored (``scored_file`` found it), read without the
+    reader's warnings (which sheet it read, rows it skipped): the eval run said them; a listing or a comparison
+    printed them again above its table."""
+    import logging
+
     from flare_exp.data.predictions import load_rows
 
-    return load_rows(Path(block["file"]), allow_partial=True)[0]
+    readers = logging.getLogger("flare_exp.data")
+    level, readers.level = readers.level, logging.ERROR
+    try:
+        return load_rows(Path(block["file"]), allow_partial=True)[0]
+    finally:
+        readers.setLevel(level)
 
 
 def official_stats(rows: list[dict], field: str = "task_type") -> dict:

@@ -363,6 +363,13 @@ def test_processor_limits_come_from_the_models_processor_config(tmp_path):
     assert (limits.patch_size, limits.min_pixels, limits.max_pixels) == (14, 3136, 4096)
     assert limits.problem(13, 100) and limits.problem(14, 100) is None
     assert ProcessorLimits(16, 2, 1024, 4096, "x").problem(20, 5000).startswith("image the processor refuses")
+    # transformers 5 saves processor_config.json, the image processor's settings nested (the tiny model's form)
+    (tmp_path / "preprocessor_config.json").unlink()
+    (tmp_path / "processor_config.json").write_text(json.dumps({"image_processor": {
+        "patch_size": 14, "merge_size": 2, "size": {"shortest_edge": 3136, "longest_edge": 1000000}}}))
+    limits = processor_limits(OmegaConf.create({"path": str(tmp_path), "min_pixels": None, "max_pixels": None}))
+    assert (limits.patch_size, limits.min_pixels, limits.max_pixels) == (14, 3136, 1000000)
+    assert limits.source == str(tmp_path / "processor_config.json")
 
 
 def test_a_bad_window_is_named():

@@ -229,6 +229,13 @@ def test_eval_demo_and_comparison(base_overrides, sft_adapter, tmp_path):
     run(cfg, run_dir=tmp_path / "eval-both")
     assert list(json.loads((tmp_path / "eval-both" / "metrics.json").read_text())) == [
         "base", "base [2: predictions.xlsx]"]
+    # two runs of one adapter (an infer on train beside one on val): the second named by its run dir too
+    (tmp_path / "b-train").mkdir()
+    (tmp_path / "b-train" / "predictions.jsonl").write_bytes((tmp_path / "b" / "predictions.jsonl").read_bytes())
+    cfg = compose_cfg(["stage=eval", *base_overrides, f"eval.predictions=[{tmp_path / 'b'},{tmp_path / 'b-train'}]"])
+    run(cfg, run_dir=tmp_path / "eval-two-runs")
+    assert list(json.loads((tmp_path / "eval-two-runs" / "metrics.json").read_text())) == [
+        "base", "base [2: b-train/predictions.jsonl]"]
 
 
 def _rows(task, dataset, pairs):

@@ -211,12 +211,15 @@ def test_rerun_refuses_then_overwrite(tmp_path, demo_root):
 
 def test_the_run_dir_of_a_failed_prepare_into_another_dir_says_failed_not_the_last_done(tmp_path, demo_root):
     """Hydra's run dir records each prepare launch, whatever its prepared dir: a later prepare that failed left
-    the earlier one's DONE beside its own config, and the runs table listed the failure as DONE."""
+    the earlier one's DONE beside its own config, and the runs table listed the failure as DONE. (Into another
+    prepared dir under a finished prepare's record it is refused now, unless overwrite=true.)"""
     _prepare(tmp_path, demo_root, f"data.prepared_dir={tmp_path / 'pA'}")
     assert (tmp_path / "run" / "DONE").is_file()
     (tmp_path / "empty").mkdir()
-    with pytest.raises(Exception, match="no train or val records at all"):
+    with pytest.raises(Exception, match=f"holds the record of a finished prepare into {tmp_path / 'pA'}"):
         _prepare(tmp_path, tmp_path / "empty", f"data.prepared_dir={tmp_path / 'pB'}")
+    with pytest.raises(Exception, match="no train or val records at all"):
+        _prepare(tmp_path, tmp_path / "empty", f"data.prepared_dir={tmp_path / 'pB'}", "overwrite=true")
     assert not (tmp_path / "run" / "DONE").exists() and "no train or val records" in (
         tmp_path / "run" / "FAILED").read_text()
     filed = sorted((tmp_path / "run" / "attempts").iterdir())

@@ -76,6 +76,28 @@ def test_a_prepare_into_another_dir_under_a_record_in_use_is_refused(base_overri
     assert (tmp_path / "record" / "DONE").exists() and not (tmp_path / "record" / ".lock").exists()
 
 
+def test_a_prepare_into_another_dir_under_a_finished_prepares_record_is_refused(base_overrides, tmp_path):
+    """One run_name, two prepared dirs: the second prepare filed the first's finished record away (stage=runs then
+    listed only the second, and counted the prepares as attempts of one run). Refused, naming both dirs;
+    overwrite=true files it; the same dir again is the finished run's refusal as before."""
+    from flare_exp.run.record import RunFinishedError
+
+    first = compose_cfg(["stage=prepare", *base_overrides, f"data.prepared_dir={tmp_path / 'a'}"])
+    run(first, run_dir=tmp_path / "record")
+    record = {name: (tmp_path / "record" / name).read_bytes() for name in ("DONE", "config.yaml", "run_info.json")}
+    other = ["stage=prepare", *base_overrides, f"data.prepared_dir={tmp_path / 'b'}"]
+    with pytest.raises(RunFinishedError, match=rf"holds the record of a finished prepare into {tmp_path / 'a'}; "
+                                               rf"this prepare writes into {tmp_path / 'b'}"):
+        run(compose_cfg(other), run_dir=tmp_path / "record")
+    assert record == {name: (tmp_path / "record" / name).read_bytes() for name in record}
+    assert not any((tmp_path / "b").iterdir())  # at most its lock's dir, empty
+    assert not (tmp_path / "record" / "attempts").exists()
+    with pytest.raises(RunFinishedError, match="already holds a finished prepare run"):
+        run(first, run_dir=tmp_path / "record")
+    run(compose_cfg([*other, "overwrite=true"]), run_dir=tmp_path / "record")
+    assert (tmp_path / "b" / "DONE").exists() and (tmp_path / "record" / "attempts" / "01" / "DONE").exists()
+
+
 def test_a_refusal_names_only_the_setting_that_places_the_locked_dir(tmp_path, capsys):
     """Every refusal said "choose another run_name= (for prepare's dir, another data.prepared_dir=)": a sweep's,
     a search's, an sft run's too. Now the one setting whose other value is another dir: prepare's prepared dir

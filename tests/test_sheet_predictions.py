@@ -457,3 +457,24 @@ def test_the_adapter_sheet_is_never_read_as_predictions(tmp_path):
     workbook.save(sheet)
     with pytest.raises(ValueError, match=r"\(sheet 'adapter'\): no 'id' column"):
         load_rows(sheet, False, _prepared(tmp_path))
+
+
+def test_listing_an_eval_of_a_rearranged_workbook_does_not_say_the_workbooks_warnings_again(base_overrides,
+                                                                                          tmp_path, caplog, capsys):
+    """The eval said which sheet it read; stage=runs, checking the eval's record (its fingerprint reads the
+    inputs), printed the same warning above its table, once per listing."""
+    from flare_exp.run.doubts import record_doubts
+
+    prepared = _prepared(tmp_path)
+    sheet = _rearranged(tmp_path)
+    run(compose_cfg(["stage=eval", *base_overrides, f"eval.predictions=[{sheet}]", f"data.prepared_dir={prepared}",
+                     "run_name=e"]), run_dir=tmp_path / "e")
+    assert "predictions read from the sheet 'Sheet1', the only one with an id column" in caplog.text
+    caplog.clear()
+    (tmp_path / "out" / "runs").mkdir(parents=True)
+    shutil.copytree(tmp_path / "e", tmp_path / "out" / "runs" / "e")
+    with caplog.at_level("INFO"):
+        assert record_doubts(tmp_path / "e", "DONE") == []
+        run(compose_cfg(["stage=runs", *base_overrides]))
+    assert "| e | eval | DONE |" in capsys.readouterr().out
+    assert "Sheet1" not in caplog.text, caplog.text

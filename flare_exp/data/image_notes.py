@@ -5,20 +5,17 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from flare_exp.data.images import NEARLY_UNIFORM
-
-if TYPE_CHECKING:
-    from flare_exp.data.prepare import Accepted
 
 log = logging.getLogger("flare_exp.data.prepare")  # prepare's own lines: one logger for the stage's account
 
 
-def named_images(accepted: Accepted, root: Path, window, decoded: bool = True) -> dict:
-    """The accepted images a user should look at, each kind counted, the first named, and said in the log:
-    those that decoded to nearly one flat level, those whose content is a box inside a wide border (said, not
-    warned: a collimated field is a picture), and multi-page files (only the first page is read)."""
+def named_images(accepted, root: Path, window, decoded: bool = True) -> dict:
+    """The accepted images (prepare's Accepted) a user should look at, each kind counted, the first named, and
+    said in the log: those that decoded to nearly one flat level, those whose content is a box inside a wide
+    border (said, not warned: a collimated field is a picture), high-bit-depth ones a few extreme pixels
+    stretched (say_stretched), and multi-page files (only the first page is read)."""
     def names(paths: list[Path]) -> list[str]:
         return [str(p.relative_to(root)) if p.is_relative_to(root) else str(p) for p in paths]
 

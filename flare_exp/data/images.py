@@ -109,8 +109,8 @@ QWEN3_VL_LIMITS = dict(patch_size=16, merge_size=2, min_pixels=65536, max_pixels
 
 
 def processor_limits(model_cfg) -> ProcessorLimits:
-    """The limits of the processor at model.path (its preprocessor_config.json, read without loading the
-    model), with model.min_pixels / max_pixels applied as the stages apply them."""
+    """The limits of the processor at model.path (its preprocessor_config.json or processor_config.json, read
+    without loading the model), with model.min_pixels / max_pixels applied as the stages apply them."""
     import json
 
     from omegaconf import OmegaConf
@@ -118,10 +118,16 @@ def processor_limits(model_cfg) -> ProcessorLimits:
     from flare_exp.runtime import abspath
 
     path = OmegaConf.select(model_cfg, "path", default=None, throw_on_missing=False)
-    config_file = abspath(path) / "preprocessor_config.json" if path else None
-    values, source = dict(QWEN3_VL_LIMITS), "Qwen3-VL's defaults (no preprocessor_config.json at model.path)"
-    if config_file is not None and config_file.is_file():
+    # transformers 4 saves preprocessor_config.json; 5 saves processor_config.json, the image processor's
+    # settings nested under "image_processor"
+    files = [abspath(path) / name for name in ("preprocessor_config.json", "processor_config.json")] if path else []
+    config_file = next((f for f in files if f.is_file()), None)
+    values = dict(QWEN3_VL_LIMITS)
+    source = "Qwen3-VL's defaults (no preprocessor_config.json or processor_config.json at model.path)"
+    if config_file is not None:
         saved = json.loads(config_file.read_text(encoding="utf-8"))
+        if config_file.name == "processor_config.json":
+            saved = saved.get("image_processor") if isinstance(saved.get("image_processor"), dict) else {}
         size = saved.get("size") or {}
         for key, size_key in (("patch_size", None), ("merge_size", None), ("min_pixels", "shortest_edge"),
                               ("max_pixels", "longest_edge")):
@@ -206,13 +212,13 @@ def outlier_stretch(values, levels: int = 16, share: float = 0.001) -> tuple | N
 
     if values is None or values.size == 0:
         return None
-    flat = values.reshape(-1)
-    flat = flat[::max(1, flat.size // 1_000_000)]  # a sample of a million values: cheap on large scans
-    if flat.dtype.kind == "f":
-        flat = flat[np.isfinite(flat)]
-    if flat.size == 0:
+    every = values.reshape(-1)
+    if every.dtype.kind == "f":  # NaN and infinities decode as the ends: the finite values set the range
+        every = every[np.isfinite(every)]
+    if every.size == 0:
         return None
-    low, high = (values.min(), values.max()) if values.dtype.kind != "f" else (flat.min(), flat.max())
+    low, high = every.min(), every.max()  # all of them: two hot pixels set the range
+    flat = every[::max(1, every.size // 250_000)]  # the spread from a sample: cheap on large scans
     inner = flat[(flat > low) & (flat < high)]
     if high <= low or inner.size < 0.05 * flat.size:
         return None

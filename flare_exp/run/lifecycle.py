@@ -73,6 +73,8 @@ class Run:
                                 "the rest moved there too", self.out_dir, dest)
             if self.stage == "pipeline" and self.own_run and self.rank == 0:  # a single stage's run there
                 take_over_check(self.configured, self.out_dir)
+            if self.run_dir != self.out_dir and self.rank == 0:
+                record_of_other_output(self.configured, self.run_dir, self.out_dir)
             if self.declared is not None and self.own_run:  # nothing touched yet: a refusal leaves the dir as it was
                 self.declared.refuse_before_start(self.configured, self.out_dir)
             if not self.view:  # every rank runs with the same applied settings
@@ -179,6 +181,28 @@ def take_over_check(cfg, run_dir: Path) -> None:
             "finished run moves to attempts/NN/), or choose another run_name=.")
     else:
         raise other_stage_refusal("pipeline", held, run_dir, left)
+
+
+def record_of_other_output(cfg, run_dir: Path, out_dir: Path) -> None:
+    """A run dir that only records a run writing elsewhere (prepare: into data.prepared_dir) and holds a
+    finished one's record of another output dir: refused (it was filed away and its run dropped from stage=runs'
+    listing, as if the two prepares were attempts of one run); overwrite=true files it as before."""
+    if cfg.overwrite or not (run_dir / DONE).exists():
+        return
+    from omegaconf import OmegaConf
+
+    from flare_exp.runtime import abspath
+
+    try:
+        recorded = OmegaConf.select(OmegaConf.load(run_dir / CONFIG), "data.prepared_dir")
+    except Exception:  # noqa: BLE001  (an unreadable record: start_attempt's checks say what they can)
+        return
+    if recorded is None or Path(abspath(recorded)).resolve() == out_dir.resolve():
+        return
+    raise RunFinishedError(
+        f"{run_dir} holds the record of a finished prepare into {recorded}; this prepare writes into {out_dir}. "
+        "Nothing was changed. Choose another run_name= to keep both records, or pass overwrite=true to file the "
+        f"earlier record in {run_dir / ATTEMPTS}/NN/ (the data in {recorded} stays as it is).")
 
 
 FILED_AT_RERUN = ".filed_at_rerun"  # in attempts/NN: a finished record filed by a rerun that has not ended yet

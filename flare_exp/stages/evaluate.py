@@ -161,16 +161,18 @@ def run(cfg, out_dir: Path) -> dict:
         judge_shares(cfg, scorers, entries, rank, world)
         if rank != 0:
             return {"rank": rank}
-    results, samples, inputs = {}, {}, {}
+    results, samples, inputs, paths = {}, {}, {}, {}
     for k, entry in enumerate(entries):
         path = find_predictions(entry)
         label, res, per_sample, rows = evaluate_file(path, scorers, cfg.eval.allow_partial)
-        if label in results:  # two files of one run (its jsonl and its sheet, a copy) stay apart, named by file
-            label = f"{label} [{k + 1}: {path.name}]"
+        if label in results:  # two files of one run (its jsonl and its sheet, a copy) stay apart, named by file;
+            # two runs of one adapter (infer on two splits) by run dir and file
+            named = path.name if path.parent == paths[label].parent else f"{path.parent.name}/{path.name}"
+            label = f"{label} [{k + 1}: {named}]"
         while label in results:
             label += "'"
         res["scored_sheet"] = "scored.xlsx" if len(entries) == 1 else f"scored_{k + 1}.xlsx"  # in eval.predictions' order
-        results[label], samples[label] = res, per_sample
+        results[label], samples[label], paths[label] = res, per_sample, path
         inputs[label] = {r["id"] for r in rows}  # every row scored, reports too (samples lack them without a judge)
         write_scored_sheet(out_dir / res["scored_sheet"], rows, label, per_sample, res)
     meaningless = random_scorer_caveats(cfg)  # after scoring: a tiny RadGraph is built on first use

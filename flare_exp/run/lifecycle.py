@@ -194,11 +194,12 @@ def record_of_other_output(cfg, run_dir: Path, out_dir: Path) -> None:
     from flare_exp.runtime import abspath
 
     try:
-        recorded = OmegaConf.select(OmegaConf.load(run_dir / CONFIG), "data.prepared_dir")
+        config = OmegaConf.load(run_dir / CONFIG)
+        stage, recorded = OmegaConf.select(config, "stage.name"), OmegaConf.select(config, "data.prepared_dir")
     except Exception:  # noqa: BLE001  (an unreadable record: start_attempt's checks say what they can)
         return
-    if recorded is None or Path(abspath(recorded)).resolve() == out_dir.resolve():
-        return
+    if stage != "prepare" or recorded is None or Path(abspath(recorded)).resolve() == out_dir.resolve():
+        return  # another stage's record: the other-stage checks refuse it
     raise RunFinishedError(
         f"{run_dir} holds the record of a finished prepare into {recorded}; this prepare writes into {out_dir}. "
         "Nothing was changed. Choose another run_name= to keep both records, or pass overwrite=true to file the "

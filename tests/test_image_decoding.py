@@ -546,3 +546,19 @@ def test_one_outlying_pixel_of_a_smooth_image_is_no_blank_frames_noise():
         assert not stretched_noise(high_bit_values(image), upright_rgb(image, None))
     noise = Image.fromarray((1000 + np.random.default_rng(0).normal(0, 3, (128, 128))).astype(np.uint16))
     assert stretched_noise(high_bit_values(noise), upright_rgb(noise, None))
+
+
+def test_no_window_is_suggested_for_stretched_images_whose_values_differ(caplog):
+    """One image's anatomy at 1,000-3,000, another's at 40,000-42,000: their union [1000, 42000] would squeeze
+    both (and every other high-bit-depth image of the prepare); each range is listed instead."""
+    from flare_exp.data.image_notes import say_stretched
+
+    caplog.set_level("WARNING", logger="flare_exp.data.prepare")
+    said = say_stretched({Path("a.png"): (1000.0, 3000.0, 1000.0, 65535.0),
+                          Path("b.png"): (40000.0, 42000.0, 0.0, 42000.0)}, lambda paths: [str(p) for p in paths])
+    assert said["window_holding_them"] is None and [e["content_range"] for e in said["first"]] == [
+        [1000.0, 3000.0], [40000.0, 42000.0]]
+    assert "no one data.image_window suits them all" in caplog.text and "image_window=[" not in caplog.text
+    alike = say_stretched({Path("a.png"): (1000.0, 3000.0, 1000.0, 65535.0),
+                           Path("c.png"): (1100.0, 3100.0, 0.0, 65535.0)}, lambda paths: [str(p) for p in paths])
+    assert alike["window_holding_them"] == [1000.0, 3100.0]

@@ -76,7 +76,8 @@ def test_a_prepare_into_another_dir_under_a_record_in_use_is_refused(base_overri
     assert (tmp_path / "record" / "DONE").exists() and not (tmp_path / "record" / ".lock").exists()
 
 
-def test_a_prepare_into_another_dir_under_a_finished_prepares_record_is_refused(base_overrides, tmp_path):
+def test_a_prepare_into_another_dir_under_a_finished_prepares_record_is_refused(base_overrides, tmp_path,
+                                                                                 demo_prepared):
     """One run_name, two prepared dirs: the second prepare filed the first's finished record away (stage=runs then
     listed only the second, and counted the prepares as attempts of one run). Refused, naming both dirs;
     overwrite=true files it; the same dir again is the finished run's refusal as before."""
@@ -96,6 +97,17 @@ def test_a_prepare_into_another_dir_under_a_finished_prepares_record_is_refused(
         run(first, run_dir=tmp_path / "record")
     run(compose_cfg([*other, "overwrite=true"]), run_dir=tmp_path / "record")
     assert (tmp_path / "b" / "DONE").exists() and (tmp_path / "record" / "attempts" / "01" / "DONE").exists()
+    # another stage's finished record (an eval's here) under the run_name: refused too, naming its stage
+    from flare_exp.io import read_jsonl, write_jsonl
+
+    predictions = tmp_path / "p.jsonl"
+    row = next(r for r in read_jsonl(demo_prepared / "val.jsonl") if r["task_type"] == "classification")
+    write_jsonl(predictions, [{**row, "prediction": row["answer"]}])
+    run(compose_cfg(["stage=eval", *base_overrides, f"eval.predictions=[{predictions}]", "eval.radgraph=false"]),
+        run_dir=tmp_path / "an-eval")
+    with pytest.raises(RunFinishedError, match=rf"{tmp_path / 'an-eval'} holds a finished eval run; this prepare"):
+        run(compose_cfg(other), run_dir=tmp_path / "an-eval")
+    assert (tmp_path / "an-eval" / "metrics.json").exists() and not (tmp_path / "an-eval" / "attempts").exists()
 
 
 def test_a_refusal_names_only_the_setting_that_places_the_locked_dir(tmp_path, capsys):

@@ -46,16 +46,22 @@ def named_images(accepted, root: Path, window, decoded: bool = True) -> dict:
 
 def say_stretched(stretched: dict[Path, tuple], names) -> dict:
     """High-bit-depth images whose own range a few extreme pixels set (hot pixels, a marker, padding at the
-    maximum): warned of with the window that holds nearly all their values (data.image_window)."""
+    maximum): warned of, with a data.image_window only where one suits them all (their values' ranges together
+    span at most twice the widest one's; the window applies to every high-bit-depth image prepared)."""
     if not stretched:
         return {"count": 0, "first": []}
     first = [{"image": name, "content_range": list(v[:2]), "own_range": list(v[2:])}
              for name, v in zip(names(list(stretched)), stretched.values())][:20]
     low, high = min(v[0] for v in stretched.values()), max(v[1] for v in stretched.values())
+    one_window = high - low <= 2 * max(v[1] - v[0] for v in stretched.values())
+    remedy = (f"data.image_window=[{low:g},{high:g}] (their values' range) decodes them with their contrast: "
+              "prepare again with it and overwrite=true (the window applies to every high-bit-depth image)"
+              if one_window else "no one data.image_window suits them all (their values' ranges differ: "
+              "summary.json's stretched_by_outliers lists each): re-export them with their values scaled, or "
+              "prepare them apart, each set with its own window")
     log.warning("prepare: %d high-bit-depth image(s) hold nearly all their values in a small part of their own "
                 "range, e.g. %s: %g..%g of %g..%g. A few extreme pixels (hot or dead pixels, a burned-in marker, "
                 "padding written as the maximum) set the stretch from the image's own minimum and maximum, so the "
-                "anatomy decodes to a handful of grey levels. Kept; data.image_window=[%g,%g] (their values' "
-                "range) decodes them with their contrast: prepare again with it and overwrite=true",
-                len(stretched), first[0]["image"], *first[0]["content_range"], *first[0]["own_range"], low, high)
-    return {"count": len(stretched), "first": first, "window_holding_them": [low, high]}
+                "anatomy decodes to a handful of grey levels. Kept; %s", len(stretched), first[0]["image"],
+                *first[0]["content_range"], *first[0]["own_range"], remedy)
+    return {"count": len(stretched), "first": first, "window_holding_them": [low, high] if one_window else None}

@@ -4,11 +4,14 @@ is one a submission cannot answer, and a val question left out is one the metric
 count them from here instead of trusting the prepared split's length."""
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from pathlib import Path
 
 from flare_exp.data.images import OUTSIDE_ROOT, PROCESSOR_REFUSES, SMALLER_THAN_A_PATCH
 from flare_exp.io import read_jsonl
+
+log = logging.getLogger(__name__)
 
 REJECTS = "rejects.jsonl"
 # a second record of an ImageName||Question the split keeps once: its question is answered by the kept one
@@ -90,17 +93,24 @@ def describe_rejected(rejected: dict, split: str) -> str:
             f"{rejected['file']})")
 
 
-def datasets_without_questions(split_file: Path) -> list[str]:
+def datasets_without_questions(split_file: Path, present: set[str] = frozenset()) -> list[str]:
     """The datasets prepare found question files of in other splits but none in this prepared split's FLARE
-    folders (its summary.json; [] for a file that is no prepared split, or a prepare before the record)."""
+    folders (its summary.json; [] for a file that is no prepared split, or a prepare before the record), those
+    with records in the split (``present``) aside. A value summary.json does not hold as a list of names (a hand
+    edit) is said and read as none."""
     import json
 
     split_file = Path(split_file)
     if split_file.name not in SPLIT_FILES:
         return []
+    summary = split_file.parent / "summary.json"
     try:
-        lacking = json.loads((split_file.parent / "summary.json").read_text(encoding="utf-8"))
-        lacking = lacking.get("datasets_without_questions") or {}
-        return [str(d) for d in lacking.get(split_file.name.removesuffix(".jsonl")) or []]
+        lacking = json.loads(summary.read_text(encoding="utf-8")).get("datasets_without_questions") or {}
+        lacking = lacking.get(split_file.name.removesuffix(".jsonl")) or []
     except (OSError, ValueError, AttributeError, TypeError):
         return []
+    if not isinstance(lacking, list) or not all(isinstance(d, str) for d in lacking):
+        log.warning("%s: datasets_without_questions is not a list of dataset names (%r): not read; rerun stage=prepare "
+                    "with overwrite=true to record it again", summary, lacking)
+        return []
+    return [d for d in lacking if d not in present]

@@ -185,8 +185,9 @@ def take_over_check(cfg, run_dir: Path) -> None:
 
 def record_of_other_output(cfg, run_dir: Path, out_dir: Path) -> None:
     """A run dir that only records a run writing elsewhere (prepare: into data.prepared_dir) and holds a
-    finished one's record of another output dir: refused (it was filed away and its run dropped from stage=runs'
-    listing, as if the two prepares were attempts of one run); overwrite=true files it as before."""
+    finished run's record: another stage's, or a prepare's of another output dir, is refused (it was filed away
+    and its run dropped from stage=runs' listing, as if the two were attempts of one run; a finished pipeline
+    then read as a prepare); overwrite=true files it as before."""
     if cfg.overwrite or not (run_dir / DONE).exists():
         return
     from omegaconf import OmegaConf
@@ -198,8 +199,13 @@ def record_of_other_output(cfg, run_dir: Path, out_dir: Path) -> None:
         stage, recorded = OmegaConf.select(config, "stage.name"), OmegaConf.select(config, "data.prepared_dir")
     except Exception:  # noqa: BLE001  (an unreadable record: start_attempt's checks say what they can)
         return
-    if stage != "prepare" or recorded is None or Path(abspath(recorded)).resolve() == out_dir.resolve():
-        return  # another stage's record: the other-stage checks refuse it
+    if stage != "prepare":  # the checks on prepare's own dir never look here: a finished run's record is refused
+        raise RunFinishedError(
+            f"{run_dir} holds a finished {stage or 'unknown stage'} run; this prepare (writing into {out_dir}) would "
+            "file its record away. Nothing was changed. Choose another run_name= for the prepare, or pass "
+            f"overwrite=true to file that record in {run_dir / ATTEMPTS}/NN/.")
+    if recorded is None or Path(abspath(recorded)).resolve() == out_dir.resolve():
+        return
     raise RunFinishedError(
         f"{run_dir} holds the record of a finished prepare into {recorded}; this prepare writes into {out_dir}. "
         "Nothing was changed. Choose another run_name= to keep both records, or pass overwrite=true to file the "

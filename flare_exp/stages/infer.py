@@ -289,7 +289,8 @@ def finish(cfg, out_dir: Path, records: list[dict], done: dict, label: str, gene
     for journal in out_dir.glob(RANK_JOURNAL.format(rank="*")):
         journal.unlink()  # merged above
     write_sheet(out_dir / "predictions.xlsx", rows, label, adapter=adapter)
-    lacking = datasets_without_questions(abspath(infer_input_file(cfg))) if inf.split == "test" else []
+    # by the file read (a prepared test.jsonl given as infer.input_file is a test submission all the same)
+    lacking = datasets_without_questions(abspath(infer_input_file(cfg)), {r.get("dataset") for r in rows})
     submission = (write_submission(out_dir, rows, questions, rejected, lacking)
                   if all(r["answer"] is None for r in rows) else None)
     unknown = bool(rejected) and rejected["count"] is None  # rejects no split can be told of: maybe this one's

@@ -12,7 +12,8 @@ from flare_exp.profile_gaps import REGION, gap_table
 def write_profile(path: Path, prof, wall: float, what: str) -> None:
     """Headed by kernel time vs wall time (how busy the GPU was): the top GPU kernels alone (the op rows that
     launch them would count their time twice), the top ops by input shape (which tensors the time went to), and
-    the top ops by CPU time, and where the GPU idled with what the host ran then. A table torch cannot draw is replaced by why, not left to stop the run."""
+    the top ops by CPU time, and where the GPU idled with what the host ran then. A table torch cannot draw is
+    replaced by why, not left to stop the run."""
     import torch
     from torch.autograd.profiler_util import EventList
 
@@ -33,7 +34,8 @@ def write_profile(path: Path, prof, wall: float, what: str) -> None:
 
 def annotation(event) -> bool:
     """A named region on the GPU's timeline (torch.compile's "## Call CompiledFxGraph ... ##" around a compiled
-    graph's kernels; our own ``region``s, mirrored there), not a kernel: counted as one, the kernels inside it counted twice (busy 142% on an H100)."""
+    graph's kernels; our own ``region``s, mirrored there), not a kernel: counted as one, the kernels inside it
+    counted twice (busy 142% on an H100)."""
     key = str(event.key)
     return bool(getattr(event, "is_user_annotation", False)) or key.startswith("## ") or key.startswith(REGION)
 

@@ -23,7 +23,8 @@ def scored_rows(block: dict) -> list[dict]:
     from flare_exp.data.predictions import load_rows
 
     readers = logging.getLogger("flare_exp.data")
-    level, readers.level = readers.level, logging.ERROR
+    level = readers.level
+    readers.setLevel(logging.ERROR)  # setLevel, not the attribute: it clears the loggers' cached levels
     try:
         return load_rows(Path(block["file"]), allow_partial=True)[0]
     finally:

@@ -124,13 +124,13 @@ def test_a_dataset_missing_from_the_test_folders_keeps_the_submission_a_subset(t
                              "infer.max_new_tokens=2", "run_name=given"]), run_dir=tmp_path / "given")
     assert given["submission_complete"] is False and (tmp_path / "given" / "submission_subset").is_dir()
     # a hand-edited summary.json: a name, not a list, is said and not read letter by letter
-    from flare_exp.data.rejects import datasets_without_questions
+    from flare_exp.data.rejects import datasets_recorded_without_questions
 
     summary = json.loads((prepared / "summary.json").read_text())
     summary["datasets_without_questions"]["test"] = "periapical"
     (prepared / "summary.json").write_text(json.dumps(summary))
-    assert datasets_without_questions(prepared / "test.jsonl") == []
+    assert datasets_recorded_without_questions(prepared / "test.jsonl") == []
     assert "datasets_without_questions is not a list of dataset names ('periapical')" in caplog.text
     summary["datasets_without_questions"]["test"] = ["periapical", "chestdr"]  # chestdr has test records
     (prepared / "summary.json").write_text(json.dumps(summary))
-    assert datasets_without_questions(prepared / "test.jsonl", {"chestdr"}) == ["periapical"]
+    assert datasets_recorded_without_questions(prepared / "test.jsonl", {"chestdr"}) == ["periapical"]

@@ -93,11 +93,11 @@ def describe_rejected(rejected: dict, split: str) -> str:
             f"{rejected['file']})")
 
 
-def datasets_without_questions(split_file: Path, present: set[str] = frozenset()) -> list[str]:
+def datasets_recorded_without_questions(split_file: Path, present: set[str] = frozenset()) -> list[str]:
     """The datasets prepare found question files of in other splits but none in this prepared split's FLARE
-    folders (its summary.json; [] for a file that is no prepared split, or a prepare before the record), those
-    with records in the split (``present``) aside. A value summary.json does not hold as a list of names (a hand
-    edit) is said and read as none."""
+    folders, as it recorded them (its summary.json, question_files.datasets_without_questions; [] for a file
+    that is no prepared split, or a prepare before the record), those with records in the split (``present``)
+    aside. A value summary.json does not hold as a list of names (a hand edit) is said and read as none."""
     import json
 
     split_file = Path(split_file)

@@ -20,7 +20,7 @@ from flare_exp.card import sized_infer_batch
 from flare_exp.compile_cache import prepare_gpu_run
 from flare_exp.data.decoding import check_records_window
 from flare_exp.data.prepared_split import read_prepared_split
-from flare_exp.data.rejects import datasets_without_questions, describe_rejected, rejected_questions
+from flare_exp.data.rejects import datasets_recorded_without_questions, describe_rejected, rejected_questions
 from flare_exp.data.vision import VisionChat
 from flare_exp.io import atomic_dir, write_json, write_jsonl
 from flare_exp.models.batch_decoding import (Decoder, check_inputs_ahead, decode_in_parts, decode_settings,
@@ -225,6 +225,9 @@ def run(cfg, out_dir: Path) -> dict:
     check_records_window(records, cfg.data.image_window, source)
     rejected = rejected_questions(source)  # the split's questions prepare left out: FLARE still scores them
     questions, by_id = len(records) + ((rejected or {}).get("count") or 0), {r["id"]: r for r in records}
+    # datasets with no question file under the split's FLARE folders (by the file read: a prepared test.jsonl as
+    # infer.input_file is a test submission all the same)
+    lacking = datasets_recorded_without_questions(source, {r.get("dataset") for r in records})
     split_ids = set(by_id)
     if inf.num_samples and inf.num_samples > 0:
         records = records[:inf.num_samples]
@@ -253,15 +256,17 @@ def run(cfg, out_dir: Path) -> dict:
         decoded_by = next((c[2] for c in counts if c[2]), None)
         done = usable_predictions(out_dir, by_id, adapter, writer=False, quiet=True)  # every rank's rows
     return finish(cfg, out_dir, records, done, label, generated, elapsed, decoded_by, world, batch_choice, questions,
-                  split_ids, rejected, adapter)
+                  split_ids, rejected, adapter, lacking)
 
 
 def finish(cfg, out_dir: Path, records: list[dict], done: dict, label: str, generated: int, elapsed: float,
            decoded_by: dict | None, world: int, batch_choice: dict | None = None, questions: int = 0,
-           split_ids: set | None = None, rejected: dict | None = None, adapter: dict | None = None) -> dict:
+           split_ids: set | None = None, rejected: dict | None = None, adapter: dict | None = None,
+           lacking: list[str] | None = None) -> dict:
     """One predictions file in input order (the ranks' journals merged into it), the sheet, the summary.
     ``split_ids``: every record's id in the split (default: those asked for); ``rejected``: the split's questions
-    prepare left out (data/rejects.py); ``adapter``: this run's (``used_adapter``, computed once per run)."""
+    prepare left out (data/rejects.py); ``adapter``: this run's (``used_adapter``, computed once per run);
+    ``lacking``: the datasets the split has no question file of (``datasets_recorded_without_questions``)."""
     inf, pred_path = cfg.infer, out_dir / PREDICTIONS
     missing = [r["id"] for r in records if r["id"] not in done]
     if missing:
@@ -289,8 +294,6 @@ def finish(cfg, out_dir: Path, records: list[dict], done: dict, label: str, gene
     for journal in out_dir.glob(RANK_JOURNAL.format(rank="*")):
         journal.unlink()  # merged above
     write_sheet(out_dir / "predictions.xlsx", rows, label, adapter=adapter)
-    # by the file read (a prepared test.jsonl given as infer.input_file is a test submission all the same)
-    lacking = datasets_without_questions(abspath(infer_input_file(cfg)), {r.get("dataset") for r in rows})
     submission = (write_submission(out_dir, rows, questions, rejected, lacking)
                   if all(r["answer"] is None for r in rows) else None)
     unknown = bool(rejected) and rejected["count"] is None  # rejects no split can be told of: maybe this one's

@@ -62,9 +62,9 @@ class ForcedLengths(contextlib.AbstractContextManager):
             self._limits = [answer_length(r["id"], r["task_type"], self.cap) for r in records]
             return original_decode(decoder, records, images)
 
-        def call(loop, batch, max_new_tokens, pad_token_id, generation_config=None, row_limits=None):
+        def call(loop, batch, max_new_tokens, pad_token_id, generation_config=None, row_limits=None, positions=None):
             limits = self._limits if row_limits is None else row_limits
-            tokens = original_call(loop, batch, max_new_tokens, pad_token_id, generation_config, limits)
+            tokens = original_call(loop, batch, max_new_tokens, pad_token_id, generation_config, limits, positions)
             self.steps.append(tokens.shape[1])
             self.useful_row_steps += sum(min(n, tokens.shape[1]) for n in limits)
             self.idle_row_steps += tokens.shape[1] * len(limits) - sum(min(n, tokens.shape[1]) for n in limits)

@@ -769,8 +769,9 @@ def test_eval_says_runs_differ_in_their_reports_without_a_green_judge(base_overr
 
 
 def test_inputs_built_ahead_give_the_same_predictions_and_are_all_used(base_overrides, demo_prepared, monkeypatch):
-    """infer.inputs_ahead: the reader thread builds each batch's model input (its own processor copy); the
-    decoder takes it instead of building its own: same predictions, every built input used, none left over."""
+    """infer.inputs_ahead: the reader thread builds each batch's model input (its own processor copy) and the
+    graph loop's prompt positions; the decoder takes them instead of building its own: same predictions, every
+    built input used, none left over."""
     from flare_exp.data.vision import VisionChat
     from flare_exp.io import read_jsonl
     from flare_exp.models import batch_decoding
@@ -792,11 +793,25 @@ def test_inputs_built_ahead_give_the_same_predictions_and_are_all_used(base_over
     def not_called(*args):
         raise AssertionError("the decoder built an input the reader thread had built")
 
-    decoder.ahead = InputsAhead(loaded.model, chat)
+    import threading
+
+    from flare_exp.models import graph_decoding
+
+    positions_by = []  # the threads that computed a loop batch's prompt positions
+    original_positions = graph_decoding.prompt_positions
+
+    def positions(owner, batch):
+        positions_by.append(threading.current_thread() is threading.main_thread())
+        return original_positions(owner, batch)
+
+    monkeypatch.setattr(graph_decoding, "prompt_positions", positions)
+    decoder.ahead = InputsAhead(loaded.model, chat, batch_decoding.loop_positions(decoder.decoding.loop))
     assert decoder.ahead.chat.processor is not chat.processor
     monkeypatch.setattr(batch_decoding, "model_batch", not_called)
     ahead = [decode_in_parts(decoder, c, ims) for c, ims in batches_with_images(chat, records, 3, decoder.ahead)]
     assert ahead == built_in_turn and any(p for batch in ahead for p in batch)
+    # every batch's positions in the reader thread (the short last one's too, unused: generate decodes it)
+    assert positions_by == [False, False, False]
     assert decoder.ahead.ready == {}
     decoder.ahead.build(records[:3], [chat.load_images(r) for r in records[:3]])
     assert decoder.ahead.take(records[:2]) is None  # a half of a built batch builds its own

@@ -3,6 +3,7 @@ ahead (InputsAhead; its files read by image_reading.py), generate() or the graph
 memory decoded in halves."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from typing import TYPE_CHECKING
@@ -123,12 +124,19 @@ class Decoder:
         """The batch's model input, built ahead by the reader thread or else now, its prompts (left-padded to the
         longest) and infer.max_new_tokens within the model's context: the longest prompts come first
         (infer.sort_by_length), so a run that does not fit stops at its first batch."""
+        batch, _ = self._input_and_positions(records, images)
+        return batch
+
+    def _input_and_positions(self, records: list[dict], images) -> tuple[dict, object]:
+        """``_input``'s batch, and the graph loop's prompt positions where the reader thread computed them
+        (else None: the loop computes them)."""
         with region("batch input"):
-            batch = self.ahead.take(records) if self.ahead is not None else None
-            batch = batch if batch is not None else model_batch(self.model, self.chat, records, images)
+            built = self.ahead.take(records) if self.ahead is not None else None
+            batch, positions = built if built is not None else (
+                model_batch(self.model, self.chat, records, images), None)
         check_room(getattr(self.model, "config", None), batch["input_ids"].shape[1], self.inf.max_new_tokens,
                    self.tokens_key)
-        return batch
+        return batch, positions
 
     def _generate(self, records: list[dict], images, cache: str | None, batch: dict | None = None) -> list[str]:
         decoding = self.decoding  # compiled is read at each call: a failed compilation turns it off
@@ -151,9 +159,9 @@ class Decoder:
 
     def _loop_decode(self, records: list[dict], images) -> list[str]:
         config = self._generation_config()
-        batch = self._input(records, images)
+        batch, positions = self._input_and_positions(records, images)
         new_tokens = self.decoding.new_tokens(batch, config.max_new_tokens, config.pad_token_id, config,
-                                              "the decode loop's step")
+                                              "the decode loop's step", positions)
         if new_tokens is None:  # this batch's config asks for what the loop does not do
             return self._generate(records, images, self.decoding.cache, batch)
         with region("detokenize"):
@@ -217,9 +225,11 @@ def check_image_device(setting: str, here: bool) -> None:
 class InputsAhead:
     """The next batch's model input (the processor's resize and patching on the GPU, the ids uploaded) built in
     the reader thread on a second CUDA stream while the current batch decodes, so the decode thread finds it
-    ready. The thread has its own copy of the processor: a tokenizer is not shared between threads."""
+    ready. The thread has its own copy of the processor: a tokenizer is not shared between threads.
+    ``positions``: the graph loop's prompt positions for a built batch, computed there too (Qwen3-VL's rope index
+    reads tensors back to the host per row: ~0.2 s of an idle GPU per batch of 128 in the decode thread)."""
 
-    def __init__(self, model, chat: VisionChat):
+    def __init__(self, model, chat: VisionChat, positions=None):
         import copy
 
         import torch
@@ -230,6 +240,7 @@ class InputsAhead:
         self.chat = Chat(copy.deepcopy(chat.processor), chat.image_root, chat.image_device)
         # on a CPU (tests) the build runs in the thread without a stream, the order being the thread's own
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.positions = positions
         self.ready: dict[tuple, tuple] = {}
         self.stopped = False  # by a batch out of memory: the memory an input ahead holds goes to the decode
 
@@ -268,31 +279,31 @@ class InputsAhead:
     def _build(self, records: list[dict], images) -> None:
         import torch
 
-        if self.stream is None:
-            self.ready[self.key(records)] = (model_batch_on(self.device, self.chat, records, images), None)
-            return
-        with torch.cuda.stream(self.stream):
-            batch = model_batch_on(self.device, self.chat, records, images, non_blocking=True)
-            built = torch.cuda.Event()
-            built.record(self.stream)
-        self.ready[self.key(records)] = (batch, built)
+        with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
+            batch = model_batch_on(self.device, self.chat, records, images, non_blocking=self.stream is not None)
+            positions = self.positions(batch) if self.positions is not None else None
+            built = torch.cuda.Event() if self.stream is not None else None
+            if built is not None:
+                built.record(self.stream)
+        self.ready[self.key(records)] = (batch, positions, built)
 
-    def take(self, records: list[dict]) -> dict | None:
-        """The batch built for exactly these records (None for a half of one), usable on the current stream."""
+    def take(self, records: list[dict]) -> tuple[dict, object] | None:
+        """The batch built for exactly these records and its prompt positions (None where not computed), usable
+        on the current stream; None for a half of a built batch."""
         import torch
 
         found = self.ready.pop(self.key(records), None)
         if found is None:
             return None
-        batch, built = found
+        batch, positions, built = found
         if built is None:
-            return batch
+            return batch, positions
         current = torch.cuda.current_stream(self.device)
         current.wait_event(built)
-        for v in batch.values():
+        for v in [*batch.values(), positions]:
             if isinstance(v, torch.Tensor) and v.is_cuda:
                 v.record_stream(current)  # freed later, its memory waits for this stream's use
-        return batch
+        return batch, positions
 
 
 def check_inputs_ahead(value) -> None:
@@ -319,5 +330,14 @@ def inputs_ahead(decode: Decoder) -> InputsAhead | None:
                  "each batch's input is built in turn", why)
         if not fits:
             return None
-    decode.ahead = InputsAhead(model, chat)
+    decode.ahead = InputsAhead(model, chat, loop_positions(decode.decoding.loop))
     return decode.ahead
+
+
+def loop_positions(loop):
+    """The graph loop's prompt positions of a batch, as a function the reader thread calls (None: no loop)."""
+    if loop is None:
+        return None
+    from flare_exp.models.graph_decoding import prompt_positions
+
+    return lambda batch: prompt_positions(loop.rope_owner, batch)

@@ -99,12 +99,15 @@ class GraphLoop:
             return call()
         return retry_uncompiled(call, self.uncompile, what, "continuing uncompiled.")
 
-    def new_tokens(self, model, batch: dict, max_new_tokens: int, pad_token_id: int, generation_config, what: str):
+    def new_tokens(self, model, batch: dict, max_new_tokens: int, pad_token_id: int, generation_config, what: str,
+                   positions=None):
         """The loop's new tokens for a left-padded batch under a resolved generation config (a failed
-        compilation retried uncompiled), or None when the config sends the caller back to generate."""
+        compilation retried uncompiled), or None when the config sends the caller back to generate.
+        ``positions``: the batch's prompt positions where computed ahead."""
         def decode():
             loop = self.for_config(model, generation_config)
-            return None if loop is None else loop(batch, max_new_tokens, pad_token_id, generation_config)
+            return None if loop is None else loop(batch, max_new_tokens, pad_token_id, generation_config,
+                                                  positions=positions)
 
         return self.run(decode, what)
 
@@ -214,11 +217,13 @@ class Decoding:
         """What decoded: "graph", or "generate"."""
         return self.graph.used if self.graph is not None else "generate"
 
-    def new_tokens(self, batch: dict, max_new_tokens: int, pad_token_id: int, generation_config, what: str):
+    def new_tokens(self, batch: dict, max_new_tokens: int, pad_token_id: int, generation_config, what: str,
+                   positions=None):
         """The graph loop's new tokens for a left-padded batch, or None: the caller decodes with generate."""
         if self.graph is None:
             return None
-        return self.graph.new_tokens(self.model, batch, max_new_tokens, pad_token_id, generation_config, what)
+        return self.graph.new_tokens(self.model, batch, max_new_tokens, pad_token_id, generation_config, what,
+                                     positions)
 
     def attempt_compiled(self, call, what: str, also_off=None):
         """``call()``: a decode (generate with ``cache`` / ``compiled``, or a caller's that reaches the graph

@@ -287,11 +287,12 @@ class GraphDecoder:
         return torch.cat([batch["input_ids"], new], dim=1)
 
     def __call__(self, batch: dict, max_new_tokens: int, pad_token_id: int, generation_config=None,
-                 row_limits=None):
+                 row_limits=None, positions=None):
         """New tokens (B, T <= max_new_tokens) for a left-padded batch (the processor's output, on the model's
         device); rows that finished early are padded with pad_token_id. End tokens, min_new_tokens and
         suppressed tokens come from generation_config (default: the model's). ``row_limits``: each row's own
-        cap on new tokens (B,), where it finishes as at an end token (the benchmark's answer-length mix)."""
+        cap on new tokens (B,), where it finishes as at an end token (the benchmark's answer-length mix).
+        ``positions``: ``prompt_positions`` of the batch, where the caller computed them ahead."""
         import torch
 
         config = generation_config or self.model.generation_config
@@ -302,8 +303,9 @@ class GraphDecoder:
         with torch.inference_mode(), input_grad_hooks_off(self.model):
             cache = self._static_cache(rows, prompt + max_new_tokens)
             shared = common_beginning(batch) if self.shared_prefix and self.split_kv else None
-            with region("rope positions"):
-                positions = prompt_positions(self.rope_owner, batch)
+            if positions is None:
+                with region("rope positions"):
+                    positions = prompt_positions(self.rope_owner, batch)
             # the prompt's forward (eager, as generate's) into the cache; each row's next-token logits (B, V)
             with region("prefill"):
                 last = self.model(**batch, position_ids=positions, past_key_values=cache, use_cache=True,

@@ -117,20 +117,64 @@ def test_a_dataset_missing_from_the_test_folders_keeps_the_submission_a_subset(t
     summary = run(compose_cfg(["stage=infer", *base_overrides, *data, "infer.split=test", "infer.max_new_tokens=2"]),
                   run_dir=out)
     assert summary["submission_complete"] is False and summary["datasets_without_questions"] == ["periapical"]
+    assert "datasets_left_out" not in summary
     assert (out / "submission_subset").is_dir() and not (out / "submission").exists()
     assert "infer: the test split has no question of periapical" in caplog.text
     # the prepared test split given as infer.input_file (infer.split left at val): a test submission all the same
     given = run(compose_cfg(["stage=infer", *base_overrides, *data, f"infer.input_file={prepared / 'test.jsonl'}",
                              "infer.max_new_tokens=2", "run_name=given"]), run_dir=tmp_path / "given")
     assert given["submission_complete"] is False and (tmp_path / "given" / "submission_subset").is_dir()
-    # a hand-edited summary.json: a name, not a list, is said and not read letter by letter
-    from flare_exp.data.rejects import datasets_recorded_without_questions
+    # a link to the prepared file is read as the prepared file; a copy elsewhere (or a part of it) cannot be held
+    # against prepare's record: submission_subset/, completeness not known (it said submission/, complete)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "link.jsonl").symlink_to(prepared / "test.jsonl")
+    shutil.copy(prepared / "test.jsonl", tmp_path / "elsewhere" / "test.jsonl")
+    for name, complete in (("link.jsonl", False), ("test.jsonl", None)):
+        got = run(compose_cfg(["stage=infer", *base_overrides, *data, "infer.max_new_tokens=2", f"run_name={name}",
+                               f"infer.input_file={tmp_path / 'elsewhere' / name}"]), run_dir=tmp_path / name)
+        assert got["submission_complete"] is complete and (tmp_path / name / "submission_subset").is_dir(), name
+        assert got["split"] == "test"  # the records' own split (infer.split was left at val)
+    assert "is no prepared split" in got["submission_unverified"]
+    assert "whether these 14 test questions are all of the split's is not known" in caplog.text
+    # prepare's record edited or cut by hand: said, and nothing vouched for
+    from flare_exp.data.rejects import what_the_split_lacks
 
+    records = [json.loads(line) for line in (prepared / "test.jsonl").read_text().splitlines()]
+    assert what_the_split_lacks(prepared / "test.jsonl", records) == ({"datasets_without_questions": ["periapical"]},
+                                                                      None)
+    assert "prepare wrote 14 (edited or cut" in what_the_split_lacks(prepared / "test.jsonl", records[3:]).unverified
+    text = (prepared / "summary.json").read_text()
+    for edit in ({"test": "periapical"}, ["periapical"], None, {"testing": ["periapical"]}, {"test": [1]}):
+        (prepared / "summary.json").write_text(json.dumps({**json.loads(text), "datasets_without_questions": edit}))
+        lacking, unverified = what_the_split_lacks(prepared / "test.jsonl", records)
+        assert lacking == {} and "datasets_without_questions is not a list of dataset names by split" in unverified
+    (prepared / "summary.json").write_text(text[:300])
+    assert "summary.json does not read" in what_the_split_lacks(prepared / "test.jsonl", records).unverified
+
+
+def test_an_empty_test_question_file_and_datasets_left_out_keep_the_submission_a_subset(tmp_path, base_overrides,
+                                                                                         demo_prepared, caplog):
+    """A test question file holding [] is a dataset the split has no question of (prepare warned of the file, and
+    infer called the submission complete); data.datasets leaving out a dataset that testing/ holds makes a
+    submission FLARE scores as lacking it: both go to submission_subset/, each said with its own cause."""
+    root = shutil.copytree(demo_prepared.parent / "raw", tmp_path / "raw")
+    (emptied,) = (root / "testing" / "Xray" / "dental").glob("dental_questions_test*.json")
+    emptied.write_text("[]")
+    prepared = tmp_path / "prepared"
+    data = [f"data.root={root}", f"data.prepared_dir={prepared}", "data.datasets=[IU_XRay,chestdr,dental,periapical]"]
+    with caplog.at_level("INFO"):
+        run(compose_cfg(["stage=prepare", *base_overrides, *data]), run_dir=tmp_path / "prep")
     summary = json.loads((prepared / "summary.json").read_text())
-    summary["datasets_without_questions"]["test"] = "periapical"
-    (prepared / "summary.json").write_text(json.dumps(summary))
-    assert datasets_recorded_without_questions(prepared / "test.jsonl") == []
-    assert "datasets_without_questions is not a list of dataset names ('periapical')" in caplog.text
-    summary["datasets_without_questions"]["test"] = ["periapical", "chestdr"]  # chestdr has test records
-    (prepared / "summary.json").write_text(json.dumps(summary))
-    assert datasets_recorded_without_questions(prepared / "test.jsonl", {"chestdr"}) == ["periapical"]
+    assert summary["datasets_without_questions"] == {"test": ["dental"]}
+    assert summary["datasets_left_out"] == {"test": ["boneresorption"]}
+    assert "prepare: test has no question of dental (their question files there hold no record): a test submission " \
+           "misses their questions" in caplog.text and "put their records back in those files" in caplog.text
+    assert "data.datasets leaves out boneresorption, whose question files are under testing/" in caplog.text
+    out = tmp_path / "infer"
+    summary = run(compose_cfg(["stage=infer", *base_overrides, *data, "infer.split=test", "infer.max_new_tokens=2"]),
+                  run_dir=out)
+    assert summary["submission_complete"] is False and (out / "submission_subset").is_dir()
+    assert summary["datasets_without_questions"] == ["dental"]
+    assert summary["datasets_left_out"] == ["boneresorption"]
+    assert "infer: the test split has no question of dental (prepare read no question of theirs" in caplog.text
+    assert "infer: the test split has no question of boneresorption (data.datasets left them out" in caplog.text

@@ -3,6 +3,7 @@ import contextlib
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -108,6 +109,31 @@ def test_a_prepare_into_another_dir_under_a_finished_prepares_record_is_refused(
     with pytest.raises(RunFinishedError, match=rf"{tmp_path / 'an-eval'} holds a finished eval run; this prepare"):
         run(compose_cfg(other), run_dir=tmp_path / "an-eval")
     assert (tmp_path / "an-eval" / "metrics.json").exists() and not (tmp_path / "an-eval" / "attempts").exists()
+    # an infer under the finished prepare's record names the record's stage (it said "a finished infer run")
+    with pytest.raises(RunFinishedError, match="already holds a finished prepare run .*this launch is stage=infer"):
+        run(compose_cfg(["stage=infer", *base_overrides]), run_dir=tmp_path / "record")
+    # an infer under a finished record whose config.yaml does not read: not called an infer's
+    broken = tmp_path / "broken-record"
+    shutil.copytree(tmp_path / "record", broken, ignore=shutil.ignore_patterns("attempts"))
+    (broken / "config.yaml").write_text("stage: [unclosed\n")
+    with pytest.raises(RunFinishedError, match="holds a finished run whose config.yaml does not read"):
+        run(compose_cfg(["stage=infer", *base_overrides]), run_dir=broken)
+    # a prepare under an unfinished infer that left predictions: refused naming it (it marked that dir DONE as a
+    # prepare's, and the infer could not be resumed)
+    unfinished = tmp_path / "unfinished-infer"
+    unfinished.mkdir()
+    (unfinished / "config.yaml").write_text("stage:\n  name: infer\n")
+    (unfinished / "predictions.jsonl").write_text(json.dumps({"id": "x", "prediction": "y"}) + "\n")
+    from flare_exp.run.fingerprint import RunSettingsChangedError
+
+    with pytest.raises(RunSettingsChangedError, match="unfinished infer run"):
+        run(compose_cfg(other), run_dir=unfinished)
+    assert not (unfinished / "DONE").exists() and not (unfinished / "attempts").exists()
+    # a hand-broken config.yaml: which run the record is of is not known, so it is not filed away unasked
+    (tmp_path / "an-eval" / "config.yaml").write_text("stage:\n  name: eval\ndata: [unclosed\n")
+    with pytest.raises(RunFinishedError, match="holds a finished run whose config.yaml does not read"):
+        run(compose_cfg(other), run_dir=tmp_path / "an-eval")
+    assert not (tmp_path / "an-eval" / "attempts").exists()
 
 
 def test_a_refusal_names_only_the_setting_that_places_the_locked_dir(tmp_path, capsys):

@@ -22,9 +22,9 @@ from flare_exp.data.image_notes import named_images
 from flare_exp.data.images import NEARLY_UNIFORM, ProcessorLimits, check_images, walk_files
 from flare_exp.data.later_answers import apply_later_answers, read_later, record_shadow, say_shared_keys, shadow
 from flare_exp.data.overlap import check_overlap
-from flare_exp.data.question_files import (QuestionFile, datasets_without_questions, discover, load_question_file,
-                                           question_files, resolve_image, say_unread_splits, split_sources_of,
-                                           unread_copies)
+from flare_exp.data.question_files import (COST, QuestionFile, datasets_left_out, datasets_without_questions,
+                                           discover, load_question_file, question_files, resolve_image,
+                                           say_unread_splits, split_sources_of, unread_copies)
 from flare_exp.data.prepare_inputs import INPUTS, record_inputs
 from flare_exp.data.record_doubts import DOUBTS, record_doubts
 from flare_exp.data.rejects import REJECTS, reason_kind
@@ -127,7 +127,7 @@ def prepare(cfg_data, root: Path, out_dir: Path, limits: ProcessorLimits | None 
     say_unread_splits(found, list(cfg_data.datasets), split_sources)
     lacking = datasets_without_questions(found, list(cfg_data.datasets), split_sources)
     missing: list[tuple[Path, str]] = []
-    candidates = read_records(root, cfg_data, split_sources, rejects, found, missing)
+    candidates = read_records(root, cfg_data, split_sources, rejects, found, missing, lacking)
     accepted = accept_records(candidates, cfg_data, rejects, limits)
     by_split, modes = accepted.by_split, accepted.modes
     apply_later_answers(by_split, rejects)
@@ -152,6 +152,7 @@ def prepare(cfg_data, root: Path, out_dir: Path, limits: ProcessorLimits | None 
         "by_dataset_task": counts,
         "rejects": dict(Counter(reason_kind(r["reason"]) for r in rejects)),
         "datasets_without_questions": lacking,  # infer's test submission is a subset where test lacks one
+        "datasets_left_out": datasets_left_out(found, list(cfg_data.datasets), split_sources),
         "images": len({p for rows in by_split.values() for r in rows for p in r["images"]}),
         "images_by_mode": modes,
         "image_window": list(cfg_data.image_window) if cfg_data.image_window is not None else "own range",
@@ -208,18 +209,23 @@ def _reject(rejects: list, cfg_data, file: str, index: int, reason: str, split: 
 
 
 def read_records(root: Path, cfg_data, split_sources: dict, rejects: list, found: list[tuple],
-                 missing: list | None = None) -> list[tuple[dict, str, int]]:
+                 missing: list | None = None, lacking: dict | None = None) -> list[tuple[dict, str, int]]:
     """(record, file, index) of every record that passes the field checks, in file order; the others go to
     ``rejects`` with file, index and reason, and the images a record named that are not there to ``missing``
-    (dataset folder, ImageName: supplied later, they are a changed input)."""
+    (dataset folder, ImageName: supplied later, they are a changed input). A dataset whose question files under a
+    split's folders hold no record (an empty list) is added to ``lacking`` (datasets_without_questions) with
+    what that costs."""
     candidates = []
     for out_split, sources in split_sources.items():
+        records_of: Counter = Counter()
         for qf in discover(found, list(cfg_data.datasets), sources):
             raw_records = load_question_file(qf)
+            records_of[qf.dataset] += len(raw_records)
             file = str(qf.path.relative_to(root))
             if not raw_records:
-                log.warning("prepare: %s holds no records (an empty list): %s gets nothing from %s's %s split", file,
-                            out_split, qf.dataset, qf.split)
+                (log.info if out_split == "val" else log.warning)(
+                    "prepare: %s holds no records (an empty list): %s gets nothing from %s's %s split", file, out_split,
+                    qf.dataset, qf.split)
             for index, raw in enumerate(tqdm(raw_records, desc=f"{out_split}:{qf.dataset}", unit="q",
                                              leave=False, disable=len(raw_records) < 500)):
                 record, reason = convert_record(raw, qf, out_split, root, cfg_data)
@@ -231,6 +237,12 @@ def read_records(root: Path, cfg_data, split_sources: dict, rejects: list, found
                 else:
                     record["_at"] = (file, index)  # where it came from: a later rejected record of its key
                     candidates.append((record, file, index))
+        emptied = [d for d, n in sorted(records_of.items()) if not n]
+        if emptied and lacking is not None:
+            lacking[out_split] = sorted({*lacking.get(out_split, []), *emptied})
+            (log.info if out_split == "val" else log.warning)(
+                "prepare: %s has no question of %s (their question files there hold no record): %s; put their records "
+                "back in those files, then prepare with overwrite=true", out_split, ", ".join(emptied), COST[out_split])
     return candidates
 
 

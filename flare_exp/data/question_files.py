@@ -309,16 +309,36 @@ def datasets_without_questions(found: list[tuple], datasets: list[str], split_so
             out[into] = lacking
             (log.info if into == "val" else log.warning)(
                 "prepare: %s (FLARE folders %s) has no question file of %s, while other splits do: %s", into,
-                ", ".join(f"{s}/" for s in sources), ", ".join(lacking), CONSEQUENCE[into])
+                ", ".join(f"{s}/" for s in sources), ", ".join(lacking), f"{COST[into]}; {fix_for(into, sources)}")
     return out
 
 
-CONSEQUENCE = {"test": "a test submission misses their questions (FLARE scores each as wrong) and infer writes it to "
-                       "submission_subset/; unpack or copy their testing/ folders, then prepare with overwrite=true",
-               "train": "sft and rl train without their tasks; unpack or copy their training/ folders, then prepare "
-                        "with overwrite=true",
-               "val": "held-out metrics and in-training evals have none of them (add validation-hidden to "
-                      "data.val_splits where you have it)"}
+def datasets_left_out(found: list[tuple], datasets: list[str], split_sources: dict) -> dict[str, list]:
+    """{"test": [datasets]}: those with question files under the test split's FLARE folders that data.datasets
+    leaves out. A choice (a chest-only study), so said at info; recorded because a test submission from this
+    prepare lacks their questions, and FLARE scores each as wrong (infer writes it to submission_subset/)."""
+    sources = split_sources.get("test") or []
+    left_out = sorted({dataset for _, dataset, split, _ in found if split in sources} - set(datasets))
+    if not left_out:
+        return {}
+    log.info("prepare: data.datasets leaves out %s, whose question files are under %s: a test submission made from "
+             "this prepare lacks their questions (infer writes it to submission_subset/)", ", ".join(left_out),
+             ", ".join(f"{s}/" for s in sources))
+    return {"test": left_out}
+
+
+COST = {"test": "a test submission misses their questions (FLARE scores each as wrong) and infer writes it to "
+                "submission_subset/",
+        "train": "sft and rl train without their tasks",
+        "val": "held-out metrics and in-training evals have none of them"}
+
+
+def fix_for(split: str, sources: list[str]) -> str:
+    """What brings a lacking dataset's question files into a prepared split made from these FLARE folders."""
+    if split == "val":
+        return ("add validation-hidden to data.val_splits where you have it" if "validation-hidden" not in sources
+                else "unpack or copy their validation folders where you have them")
+    return f"unpack or copy their {', '.join(f'{s}/' for s in sources)} folders, then prepare with overwrite=true"
 
 
 def _json_lines(data: bytes) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from pathlib import Path
+from typing import NamedTuple
 
 from flare_exp.data.images import OUTSIDE_ROOT, PROCESSOR_REFUSES, SMALLER_THAN_A_PATCH
 from flare_exp.io import read_jsonl
@@ -17,6 +18,7 @@ REJECTS = "rejects.jsonl"
 # a second record of an ImageName||Question the split keeps once: its question is answered by the kept one
 DUPLICATE = "duplicate ImageName||Question"
 SPLIT_FILES = ("train.jsonl", "val.jsonl", "test.jsonl")
+SPLITS = {name.removesuffix(".jsonl") for name in SPLIT_FILES}
 
 
 def reason_kind(reason: str) -> str:
@@ -93,24 +95,49 @@ def describe_rejected(rejected: dict, split: str) -> str:
             f"{rejected['file']})")
 
 
-def datasets_recorded_without_questions(split_file: Path, present: set[str] = frozenset()) -> list[str]:
-    """The datasets prepare found question files of in other splits but none in this prepared split's FLARE
-    folders, as it recorded them (its summary.json, question_files.datasets_without_questions; [] for a file
-    that is no prepared split, or a prepare before the record), those with records in the split (``present``)
-    aside. A value summary.json does not hold as a list of names (a hand edit) is said and read as none."""
+# the summary.json keys of the datasets a prepared split has no question of: their question files missing or
+# empty under its FLARE folders, or left out by data.datasets (recorded for test only)
+LACKING = ("datasets_without_questions", "datasets_left_out")
+
+
+class SplitCheck(NamedTuple):
+    lacking: dict[str, list[str]]  # summary key (LACKING): [datasets]
+    unverified: str | None  # why the file cannot be held against prepare's record, or None
+
+
+def what_the_split_lacks(split_file: Path, records: list[dict]) -> SplitCheck:
+    """(the datasets it lacks by summary key (LACKING), why the file cannot be checked) for the ``records`` read from
+    ``split_file`` (links followed): the datasets prepare recorded the split as having no question of (its
+    summary.json; those with records in the file aside), and, where the file cannot be held against prepare's
+    record, why: no prepared split (a copy, a part, a file of one's own), a summary.json that does not read, another
+    count of records than prepare wrote (edited or cut since), a value that is not {split: [names]} (a hand edit).
+    A key a prepare before the record did not write is read as none."""
     import json
 
-    split_file = Path(split_file)
-    if split_file.name not in SPLIT_FILES:
-        return []
+    split_file = Path(split_file).resolve()
     summary = split_file.parent / "summary.json"
+    if split_file.name not in SPLIT_FILES or not summary.exists():
+        return SplitCheck({}, f"{split_file} is no prepared split (a data.prepared_dir's {', '.join(SPLIT_FILES)} beside its "
+                    "summary.json): a copy, a part or a file of one's own")
     try:
-        lacking = json.loads(summary.read_text(encoding="utf-8")).get("datasets_without_questions") or {}
-        lacking = lacking.get(split_file.name.removesuffix(".jsonl")) or []
-    except (OSError, ValueError, AttributeError, TypeError):
-        return []
-    if not isinstance(lacking, list) or not all(isinstance(d, str) for d in lacking):
-        log.warning("%s: datasets_without_questions is not a list of dataset names (%r): not read; rerun stage=prepare "
-                    "with overwrite=true to record it again", summary, lacking)
-        return []
-    return [d for d in lacking if d not in present]
+        recorded = json.loads(summary.read_text(encoding="utf-8"))
+        if not isinstance(recorded, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        return SplitCheck({}, f"{summary} does not read ({e})")
+    split = split_file.name.removesuffix(".jsonl")
+    written = recorded.get("records", {}).get(split) if isinstance(recorded.get("records"), dict) else None
+    if written != len(records):
+        return SplitCheck({}, f"{split_file} holds {len(records)} records where prepare wrote {written} (edited or "
+                                  "cut since)")
+    present, out = {r.get("dataset") for r in records}, {}
+    for key in LACKING:
+        by_split = recorded.get(key, {})
+        lacking = by_split.get(split, []) if isinstance(by_split, dict) and set(by_split) <= SPLITS else None
+        if not isinstance(lacking, list) or not all(isinstance(d, str) for d in lacking):
+            return SplitCheck({}, f"{summary}: {key} is not a list of dataset names by split ({by_split!r}; edited "
+                                  "since?)")
+        lacking = [d for d in lacking if d not in present]
+        if lacking:
+            out[key] = lacking
+    return SplitCheck(out, None)

@@ -30,7 +30,7 @@ from flare_exp.logs import run_summary
 from flare_exp.models.checkpoints import adapter_identity
 from flare_exp.run.fingerprint import (MISSING_FINGERPRINT, RunSettingsChangedError, check_other_stage, check_resume,
                                        finished_differences, fingerprint, held_stage, left_by, listed,
-                                       other_stage_refusal, recorded_fingerprint, starting_adapter)
+                                       other_stage_refusal, starting_adapter)
 from flare_exp.run.lock import RunLock, check_still_held, lock_lost
 from flare_exp.run.layout import ATTEMPTS, CONFIG, DONE, FAILED, FINGERPRINT, REPORT_HTML, RUN_INFO, SWEEP_TABLE
 from flare_exp.run.record import (RunFinishedError, archive_attempt, attempt_files, finish_interrupted_move,
@@ -185,10 +185,17 @@ def take_over_check(cfg, run_dir: Path) -> None:
 
 def record_of_other_output(cfg, run_dir: Path, out_dir: Path) -> None:
     """A run dir that only records a run writing elsewhere (prepare: into data.prepared_dir) and holds a
-    finished run's record: another stage's, or a prepare's of another output dir, is refused (it was filed away
-    and its run dropped from stage=runs' listing, as if the two were attempts of one run; a finished pipeline
-    then read as a prepare); overwrite=true files it as before."""
-    if cfg.overwrite or not (run_dir / DONE).exists():
+    finished run's record, another stage's or a prepare's of another output dir, or an unfinished run of another
+    stage that left outputs to continue from, is refused (it was filed away and its run dropped from stage=runs'
+    listing, as if the two were attempts of one run; a finished pipeline then read as a prepare; an unfinished
+    infer then marked DONE as a prepare); overwrite=true files it as before."""
+    if cfg.overwrite:
+        return
+    if not (run_dir / DONE).exists():  # an unfinished run of another stage that left outputs to continue from
+        held = held_stage(run_dir)
+        left = left_by(held, run_dir) if held not in (None, "prepare") and run_dir.is_dir() else []
+        if left:
+            raise other_stage_refusal("prepare", held, run_dir, left)
         return
     from omegaconf import OmegaConf
 
@@ -197,8 +204,13 @@ def record_of_other_output(cfg, run_dir: Path, out_dir: Path) -> None:
     try:
         config = OmegaConf.load(run_dir / CONFIG)
         stage, recorded = OmegaConf.select(config, "stage.name"), OmegaConf.select(config, "data.prepared_dir")
-    except Exception:  # noqa: BLE001  (an unreadable record: start_attempt's checks say what they can)
-        return
+    except Exception as e:  # noqa: BLE001  (missing, cut or hand-broken: which run it records is not known)
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RunFinishedError(
+            f"{run_dir} holds a finished run whose {CONFIG} does not read ({why}): which run it records is not "
+            f"known, and this prepare (writing into {out_dir}) would file its record away. Nothing was changed. "
+            f"Choose another run_name= for the prepare, or pass overwrite=true to file that record in "
+            f"{run_dir / ATTEMPTS}/NN/.") from None
     if stage != "prepare":  # the checks on prepare's own dir never look here: a finished run's record is refused
         raise RunFinishedError(
             f"{run_dir} holds a finished {stage or 'unknown stage'} run; this prepare (writing into {out_dir}) would "
@@ -331,27 +343,20 @@ def run_with_markers(run_dir: Path, fn, *args, after_clearing=None, **kwargs):
     return result
 
 
-def recorded_stage(run_dir: Path) -> str | None:
-    """The stage a run dir's fingerprint names (None: none recorded, or unreadable)."""
-    try:
-        return recorded_fingerprint(run_dir).get("stage")
-    except (OSError, RunSettingsChangedError):
-        return None
-
-
 def start_attempt(stage: str, cfg, run_dir: Path, ran=None, applied: dict | None = None) -> None:
     """Before a stage writes anything in run_dir: refuse a finished run (unless overwrite), archive the earlier
     attempt (overwrite) or check that a resume continues the same run, then record this attempt: the config
     that runs (``ran``, default ``cfg``) and what the card's sizing changed (``applied``); the fingerprint is
     the configured ``cfg``'s."""
     if (run_dir / DONE).exists() and not cfg.overwrite:
-        held = recorded_stage(run_dir) or stage
+        held = held_stage(run_dir)  # config.yaml's first: a prepare writes no fingerprint
         setting = dir_setting(stage, run_dir)
+        what = (f"a finished {held} run" if held else
+                f"a finished run whose {CONFIG} does not read (of which stage is not known)")
         other = f" (this launch is stage={stage}: another {setting}= keeps both)" if held != stage else ""
         raise RunFinishedError(
-            f"{run_dir} already holds a finished {held} run ({DONE} marker present){other}. Nothing of it was "
-            "changed (its launch.log notes this refused launch). Pass overwrite=true to redo it there (the finished "
-            "run moves to attempts/NN/), or choose another "
+            f"{run_dir} already holds {what} ({DONE} marker present){other}. Nothing of it was changed. Pass "
+            "overwrite=true to redo it there (the finished run moves to attempts/NN/), or choose another "
             f"{setting}={' (prepare writes there, whatever the run_name)' if stage == 'prepare' else ''}.")
     new = fingerprint(stage, cfg)
     requeued = cfg.overwrite and not (run_dir / DONE).exists() and this_jobs_attempt(run_dir)

@@ -20,7 +20,7 @@ from flare_exp.card import sized_infer_batch
 from flare_exp.compile_cache import prepare_gpu_run
 from flare_exp.data.decoding import check_records_window
 from flare_exp.data.prepared_split import read_prepared_split
-from flare_exp.data.rejects import datasets_recorded_without_questions, describe_rejected, rejected_questions
+from flare_exp.data.rejects import SplitCheck, describe_rejected, rejected_questions, what_the_split_lacks
 from flare_exp.data.vision import VisionChat
 from flare_exp.io import atomic_dir, write_json, write_jsonl
 from flare_exp.models.batch_decoding import (Decoder, check_inputs_ahead, decode_in_parts, decode_settings,
@@ -58,8 +58,8 @@ STAGE = Stage(
     pipeline_step=True,
     reads_doc="`infer.checkpoint` (none = base model; a run, pipeline or adapter dir), `infer.split`",
     writes_doc=("`predictions.jsonl`, `predictions.xlsx`, `submission/` (test split: `predictions.json` to upload, "
-                "and per dataset; `submission_subset/` when `infer.num_samples` or prepare's rejects leave questions "
-                "out; whole or absent), `infer_summary.json`"),
+                "and per dataset; `submission_subset/` when `infer.num_samples`, prepare's rejects or a dataset the "
+                "split lacks leave questions out; whole or absent), `infer_summary.json`"),
 )
 
 log = logging.getLogger(__name__)
@@ -97,22 +97,37 @@ def submitted_record(row: dict) -> dict:
             "Question": row.get("raw_question", row["question"]), "Answer": row["prediction"], "Split": "test"}
 
 
+def say_lacking(lacking: dict, folder: str) -> None:
+    """The warning for a test submission that lacks whole datasets, by why (``what_the_split_lacks``)."""
+    why = {"datasets_without_questions": "prepare read no question of theirs under the test split's FLARE folders "
+                                         "(their files missing or empty), while other splits have them: put their "
+                                         "testing/ question files in place",
+           "datasets_left_out": "data.datasets left them out of prepare, while testing/ holds their question "
+                                "files: prepare with every dataset FLARE scores"}
+    for key, datasets in lacking.items():
+        log.warning("infer: the test split has no question of %s (%s, then rerun stage=prepare and this infer, each "
+                    "with overwrite=true): the files are in %s/, not submission/; FLARE scores every question an "
+                    "upload lacks as wrong", ", ".join(datasets), why[key], folder)
+
+
 def write_submission(out_dir: Path, rows: list[dict], questions: int, rejected: dict | None = None,
-                     lacking: list[str] | None = None) -> Path:
+                     checked: SplitCheck | None = None) -> Path:
     """FLARE's format: the question records with Answer filled in, all in predictions.json (what FLARE's
     evaluator reads) and split by dataset (<dataset>_predictions.json); FLARE joins them to its ground truth on
     ImageName||Question. Written to submission/ when ``rows`` answer all ``questions`` of the
-    split (those prepare rejected included: ``rejected``) and no dataset lacks its test question file
-    (``lacking``: prepare found none under testing/), else to submission_subset/ (a question missing from an
-    upload scores as wrong), said in the log."""
-    folder = out_dir / ("submission" if len(rows) >= questions and not lacking else "submission_subset")
+    split (those prepare rejected included: ``rejected``), the split lacks no dataset and is prepare's as written
+    (``checked``: ``what_the_split_lacks``), else to submission_subset/ (a question missing from an upload scores
+    as wrong), each reason said in the log."""
+    lacking, unverified = checked or ({}, None)
+    short = len(rows) < questions
+    folder = out_dir / ("submission_subset" if short or lacking or unverified else "submission")
     if lacking:
-        log.warning("infer: the test split has no question of %s (prepare found no question file of theirs under "
-                    "the test split's FLARE folders, while other splits have them): the files are in %s/, not "
-                    "submission/; FLARE scores every question an upload lacks as wrong. Unpack or copy their "
-                    "testing/ folders, then rerun stage=prepare and this infer, each with overwrite=true",
-                    ", ".join(lacking), folder.name)
-    elif folder.name != "submission":
+        say_lacking(lacking, folder.name)
+    if unverified:
+        log.warning("infer: whether these %d test questions are all of the split's is not known: %s. The files are in "
+                    "%s/, not submission/; for an upload, infer the test.jsonl prepare wrote (infer.split=test)",
+                    len(rows), unverified, folder.name)
+    if short:
         why = (f"{describe_rejected(rejected, 'test')} have none: fix what each reject names (its image, or the "
                "question record itself), then rerun stage=prepare and this infer, each with overwrite=true"
                if rejected else "infer.num_samples")
@@ -227,7 +242,7 @@ def run(cfg, out_dir: Path) -> dict:
     questions, by_id = len(records) + ((rejected or {}).get("count") or 0), {r["id"]: r for r in records}
     # datasets with no question file under the split's FLARE folders (by the file read: a prepared test.jsonl as
     # infer.input_file is a test submission all the same)
-    lacking = datasets_recorded_without_questions(source, {r.get("dataset") for r in records})
+    checked = what_the_split_lacks(source, records)
     split_ids = set(by_id)
     if inf.num_samples and inf.num_samples > 0:
         records = records[:inf.num_samples]
@@ -256,17 +271,17 @@ def run(cfg, out_dir: Path) -> dict:
         decoded_by = next((c[2] for c in counts if c[2]), None)
         done = usable_predictions(out_dir, by_id, adapter, writer=False, quiet=True)  # every rank's rows
     return finish(cfg, out_dir, records, done, label, generated, elapsed, decoded_by, world, batch_choice, questions,
-                  split_ids, rejected, adapter, lacking)
+                  split_ids, rejected, adapter, checked)
 
 
 def finish(cfg, out_dir: Path, records: list[dict], done: dict, label: str, generated: int, elapsed: float,
            decoded_by: dict | None, world: int, batch_choice: dict | None = None, questions: int = 0,
            split_ids: set | None = None, rejected: dict | None = None, adapter: dict | None = None,
-           lacking: list[str] | None = None) -> dict:
+           checked: SplitCheck | None = None) -> dict:
     """One predictions file in input order (the ranks' journals merged into it), the sheet, the summary.
     ``split_ids``: every record's id in the split (default: those asked for); ``rejected``: the split's questions
     prepare left out (data/rejects.py); ``adapter``: this run's (``used_adapter``, computed once per run);
-    ``lacking``: the datasets the split has no question file of (``datasets_recorded_without_questions``)."""
+    ``checked``: the datasets the split has no question of, and why it cannot be checked (``what_the_split_lacks``)."""
     inf, pred_path = cfg.infer, out_dir / PREDICTIONS
     missing = [r["id"] for r in records if r["id"] not in done]
     if missing:
@@ -294,7 +309,7 @@ def finish(cfg, out_dir: Path, records: list[dict], done: dict, label: str, gene
     for journal in out_dir.glob(RANK_JOURNAL.format(rank="*")):
         journal.unlink()  # merged above
     write_sheet(out_dir / "predictions.xlsx", rows, label, adapter=adapter)
-    submission = (write_submission(out_dir, rows, questions, rejected, lacking)
+    submission = (write_submission(out_dir, rows, questions, rejected, checked)
                   if all(r["answer"] is None for r in rows) else None)
     unknown = bool(rejected) and rejected["count"] is None  # rejects no split can be told of: maybe this one's
     if unknown:
@@ -304,7 +319,7 @@ def finish(cfg, out_dir: Path, records: list[dict], done: dict, label: str, gene
         log.warning("infer: %s have no prediction: the predictions cover %d of the split's %d questions",
                     describe_rejected(rejected, inf.split), len(rows), questions)
     summary = {"predictions": str(pred_path), "sheet": str(out_dir / "predictions.xlsx"), "label": label,
-               "checkpoint": inf.checkpoint, "adapter": adapter, "split": inf.split, "samples": len(rows), "generated_now": generated,
+               "checkpoint": inf.checkpoint, "adapter": adapter, "split": split_of(rows, inf.split), "samples": len(rows), "generated_now": generated,
                "reports_per_second": round(generated / elapsed, 3) if elapsed else None,
                "batch_size": inf.batch_size, "batch_size_choice": batch_choice, "max_new_tokens": inf.max_new_tokens,
                **(decoded_by or {"decode_loop": None, "inputs": None}),  # none decoded now (all resumed)
@@ -315,9 +330,22 @@ def finish(cfg, out_dir: Path, records: list[dict], done: dict, label: str, gene
                **({"liger_kernel": "off: training kernels"} if cfg.model.liger_kernel else {}),
                "rejected_at_prepare": (f"up to {rejected['at_most']}, split unknown" if unknown else
                                        rejected["count"] if rejected else 0),
-               "world_size": world, **({"submission": str(submission), "submission_complete":  # unknown: null
-                                         None if unknown and not lacking else submission.name == "submission",
-                                         **({"datasets_without_questions": lacking} if lacking else {})}
+               "world_size": world, **(submission_record(submission, unknown, len(rows) < questions, checked)
                                         if submission else {})}
     write_json(out_dir / summary_name("infer"), summary)
     return summary
+
+
+def submission_record(submission: Path, unknown: bool, short: bool, checked: SplitCheck | None) -> dict:
+    """infer_summary.json's part on the submission: complete (true), not (false: questions or datasets known to
+    be missing) or null (not known: rejects of no known split, or a file not held against prepare's record)."""
+    lacking, unverified = checked or ({}, None)
+    complete = False if short or lacking else None if unknown or unverified else True
+    return {"submission": str(submission), "submission_complete": complete, **lacking,
+            **({"submission_unverified": unverified} if unverified else {})}
+
+
+def split_of(rows: list[dict], configured: str) -> str:
+    """The split the records name, where they all name one (an infer.input_file's too), else infer.split."""
+    named = {r.get("split") for r in rows}
+    return named.pop() if len(named) == 1 and isinstance(next(iter(named)), str) else configured

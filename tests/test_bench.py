@@ -126,15 +126,21 @@ def test_bench_grpo_both_rollout_loops(tmp_path, tiny_model_dir, bench):
     """A fresh work dir each (the first run once sampled <|vision_start|> as a completion's last token and
     crashed in the loss forward: rollouts now never sample vision tokens)."""
     for loop in ("generate", "graph"):
+        # graph: with --profile, steps 6 and 7 profiled (rollouts inside: the decode steps' kernels), their profile
+        # kept beside the results and those steps left out of the medians
+        profiled = ["--steps", "7", "--profile"] if loop == "graph" else ["--steps", "2"]
         result = bench("grpo", "--model-dir", str(tiny_model_dir), "--work", str(tmp_path / loop), "--image-size",
                        "96", "--dtype", "float32", "--out", str(tmp_path / "out"), "--num-generations", "2",
-                       "--batch", "2", "--steps", "2", "--warmup", "1", "--completion-length", "8",
+                       "--batch", "2", *profiled, "--warmup", "1", "--completion-length", "8",
                        "--set", f"rl.decode_loop={loop}")
-        assert result["steps_measured"] == 1 and result["overrides"] == [f"rl.decode_loop={loop}"]
+        assert result["steps_measured"] == (4 if loop == "graph" else 1)
+        assert result["overrides"] == [f"rl.decode_loop={loop}"]
         assert result["decode_loop"] == loop
         split = result["step_split_seconds"]  # the step's parts, each timed
         assert list(split) == ["rollout", "old_ref_logprobs", "reward", "loss_forward", "backward", "other"]
         assert split["rollout"] > 0 and split["reward"] > 0 and split["backward"] > 0 and split["loss_forward"] > 0
+    profile = (tmp_path / "out" / "profile-grpo-hf-bs2-ng2-dynamic-decode_loop-graph-IU_XRay.txt")
+    assert profile.read_text().startswith("2 steps: wall ") and "aten::mm" in profile.read_text()
 
 
 def test_bench_reward(tmp_path, bench):
@@ -157,26 +163,19 @@ def test_profiled_steps_stay_out_of_the_medians():
     assert summary["steps_measured"] == 5 and summary["step_seconds_median"] == 0.6
 
 
-def test_bench_sft_with_the_vision_encoder_forced(tmp_path, tiny_model_dir, bench):
+def test_bench_sft_with_the_vision_encoder_forced_and_profiled(tmp_path, tiny_model_dir, bench):
     """What the GPU piece measures under Unsloth (whose own copy of the vision code keeps the per-image
-    attention): the stage with the batched encoder installed over the model's code, outputs checked first."""
+    attention): the stage with the batched encoder installed over the model's code, outputs checked first.
+    --profile writes the profiled steps' top ops headed by GPU kernel time vs wall time, and leaves those steps
+    out of the medians (the profiler slows them)."""
     result = bench("sft", "--model-dir", str(tiny_model_dir), "--work", str(tmp_path / "work"), "--image-size", "96",
-                   "--dtype", "float32", "--out", str(tmp_path / "out"), "--steps", "2", "--warmup", "1",
-                   "--workers", "0", "--batch", "2", "--force-vision-encoder")
-    assert result["steps_measured"] == 1 and result["tokens_per_second_median"] > 0
+                   "--dtype", "float32", "--out", str(tmp_path / "out"), "--steps", "8", "--warmup", "1",
+                   "--workers", "0", "--batch", "2", "--force-vision-encoder", "--profile")
+    assert result["steps_measured"] == 8 - 1 - 2 and result["tokens_per_second_median"] > 0
     forced = result["vision_encoder_forced"]
     assert forced["modules_changed"] > 0 and forced["max_relative_difference"] < 0.05
     assert (tmp_path / "out" / "sft-hf-bs2-w0-forced-vision-IU_XRay.json").exists()
-
-
-def test_bench_sft_profile(tmp_path, tiny_model_dir, bench):
-    """--profile writes the profiled steps' top ops headed by GPU kernel time vs wall time, and leaves those steps
-    out of the medians (the profiler slows them)."""
-    result = bench("sft", "--steps", "8", "--warmup", "1", "--batch", "2", "--workers", "0", "--profile",
-                   "--model-dir", str(tiny_model_dir), "--work", str(tmp_path / "work"), "--image-size", "96",
-                   "--dtype", "float32", "--out", str(tmp_path / "out"))
-    assert result["steps_measured"] == 8 - 1 - 2
-    profile = (tmp_path / "out" / "profile-sft-hf-bs2-w0-IU_XRay.txt").read_text()
+    profile = (tmp_path / "out" / "profile-sft-hf-bs2-w0-forced-vision-IU_XRay.txt").read_text()
     assert profile.startswith("2 steps: wall ") and "GPU kernels" in profile and "aten::mm" in profile
 
 
@@ -206,14 +205,3 @@ def test_bench_infer_answer_length_mix(tmp_path, tiny_model_dir, bench):
     same = compare(runs / f"{name}-IU_XRay", runs / f"{name}-bucket_by_task-true-IU_XRay")
     assert same["records"] == same["identical"] == 12 and same["same_order"]  # the GPU check, here in small
     assert "| flare mix" in bench_report(tmp_path / "out")
-
-
-def test_bench_grpo_profile(tmp_path, tiny_model_dir, bench):
-    """grpo --profile: steps 6 and 7 profiled (rollouts inside: the decode steps' kernels), their profile kept
-    beside the results and those steps left out of the medians."""
-    result = bench("grpo", "--model-dir", str(tiny_model_dir), "--work", str(tmp_path / "work"), "--image-size",
-                   "96", "--dtype", "float32", "--out", str(tmp_path / "out"), "--num-generations", "2",
-                   "--batch", "2", "--steps", "7", "--warmup", "1", "--completion-length", "4", "--profile")
-    assert result["steps_measured"] == 4
-    profile = (tmp_path / "out" / "profile-grpo-hf-bs2-ng2-dynamic-IU_XRay.txt").read_text()
-    assert profile.startswith("2 steps: wall ") and "aten::mm" in profile

@@ -37,6 +37,7 @@ def test_the_readme_demo_command_runs_the_pipeline_end_to_end_and_again(session_
     assert {"report_generation", "classification", "multi_label", "regression"} <= {
         task for entry in metrics.values() for task in entry["by_task"]}
     assert (run_dir / "DONE").exists() and not (run_dir / "attempts").exists()
+    assert json.loads((run_dir / "run_info.json").read_text())["packages"]["hydra-core"] == "1.3.8"
     _sft_beats_base(metrics, json.loads((run_dir / "eval" / "significance.json").read_text()))
 
     caplog.set_level("INFO", logger="flare_exp.stages.pipeline")

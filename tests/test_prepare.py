@@ -380,24 +380,19 @@ def test_missing_root_is_clear(tmp_path):
         _prepare(tmp_path, tmp_path / "nope")
 
 
-def test_launch_py_subprocess(tmp_path):
-    """The real entry point: `python launch.py stage=prepare` on the demo writes its outputs and DONE."""
+def test_launch_py_subprocess_refusal_is_a_message(tmp_path, session_dir, demo_prepared):
+    """The real entry point refusing a finished prepare (the session's): exit 1 and the message only, the
+    traceback with HYDRA_FULL_ERROR=1 (a whole `python launch.py`: tests/test_pipeline.py)."""
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "launch.py", "stage=prepare", f"paths.output_root={tmp_path / 'out'}",
-           f"paths.cache_dir={tmp_path / 'cache'}"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "stage=prepare finished" in proc.stdout
-    assert (tmp_path / "cache" / "demo" / "prepared" / "DONE").exists()
-    run_dir = tmp_path / "out" / "runs" / "demo-prepare"
-    assert (run_dir / "DONE").exists() and (run_dir / "config.yaml").exists()
-    assert json.loads((run_dir / "run_info.json").read_text())["packages"]["hydra-core"] == "1.3.8"
+           f"paths.cache_dir={session_dir / 'cache'}"]
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 1 and "overwrite=true" in again.stderr
     assert "flare-exp: RunFinishedError:" in again.stderr and "Traceback" not in again.stderr  # message only
     verbose = subprocess.run(cmd, cwd=REPO, env={**env, "HYDRA_FULL_ERROR": "1"}, capture_output=True, text=True,
                              timeout=300)
     assert verbose.returncode == 1 and "Traceback" in verbose.stderr
+    assert (demo_prepared / "DONE").exists()
 
 
 def test_a_second_prepare_of_one_download_waits_for_the_first_ones_unzip(tmp_path):

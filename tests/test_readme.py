@@ -69,6 +69,7 @@ def test_the_readme_grid_sweep_and_its_report(session_dir, tmp_path, learned_sft
     srun = next(i for i, line in enumerate(lines) if line.startswith("srun "))
     assert lines.index("module load cuda/12.4") < srun
     sweep_dir = tmp_path / "out" / "sweeps" / "readme"
+    assert f"Report: python launch.py stage=sweep_report sweep_report.sweep_dir={sweep_dir}" in proc.stdout
     jobs = sorted(p for p in sweep_dir.iterdir() if p.name.isdigit())
     assert len(jobs) == 4 and all((j / "DONE").exists() for j in jobs)
     done = run_command(report.replace("outputs/sweeps/<run_name>", str(sweep_dir)),
@@ -89,6 +90,8 @@ def test_the_readme_grid_sweep_and_its_report(session_dir, tmp_path, learned_sft
     assert last["0.7", "0.1"] > last["0.5", "0.1"] and last["0.7", "0.3"] > last["0.5", "0.3"], rows
     assert last["0.5", "0.3"] > last["0.5", "0.1"] and last["0.7", "0.3"] > last["0.7", "0.1"], rows
     assert (sweep_dir / "report" / "sweep.png").stat().st_size > 1000
+    # ranked by each job's own reward, whose weights differ between the jobs: the report says it is no comparison
+    assert "not comparable by it" in (sweep_dir / "report" / "sweep.md").read_text()
 
 
 def test_the_readme_demo_sweep_whose_weights_change_the_official_outcome(session_dir, tmp_path, learned_sft_adapter):

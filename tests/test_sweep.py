@@ -1,12 +1,11 @@
-"""Reward-weight sweeps through Hydra multirun + submitit: local launcher, and SLURM through stand-in commands."""
+"""Reward-weight sweeps through Hydra multirun + submitit: SLURM through stand-in commands, the sweep report (the
+README's grid sweep and its report: tests/test_readme.py; the local launcher: test_optuna.py, test_sweep_loud.py)."""
 import csv
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
-
-import yaml
 
 from conftest import REPO
 from flare_exp.models.checkpoints import COMPLETE
@@ -28,36 +27,6 @@ def _rl_args(session_dir, tmp_path, sft_adapter):
     return [f"paths.cache_dir={session_dir / 'cache'}", f"paths.output_root={tmp_path / 'out'}", "stage=rl",
             f"rl.init_from={sft_adapter}", "rl.max_steps=1", "rl.max_completion_length=8", "run_name=sweep",
             "rl.per_device_train_batch_size=4", "rl.num_generations=2"]  # the mechanics: not the demo's rl budget
-
-
-def _sweep_report(session_dir, tmp_path, sweep):
-    """The sweep_report stage in this process (tests/test_readme.py runs its README command through launch.py)."""
-    from conftest import compose_cfg
-    from flare_exp.main import run
-
-    run(compose_cfg([f"paths.output_root={tmp_path / 'out'}", f"paths.cache_dir={session_dir / 'cache'}",
-                     "stage=sweep_report", f"sweep_report.sweep_dir={sweep}"]), run_dir=tmp_path / "report_run")
-    return list(csv.DictReader((sweep / "report" / "sweep.csv").open()))
-
-
-def test_local_sweep_and_report(session_dir, tmp_path, sft_adapter):
-    """Two jobs through the local launcher (the README's 2 x 2 grid and its report: tests/test_readme.py)."""
-    proc = _launch(["-m", *_rl_args(session_dir, tmp_path, sft_adapter), "hydra/launcher=local",
-                    "reward.report_generation.weights.radgraph=0.5,0.7"], tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    sweep = tmp_path / "out" / "sweeps" / "sweep"
-    assert f"Report: python launch.py stage=sweep_report sweep_report.sweep_dir={sweep}" in proc.stdout
-    jobs = sorted(p for p in sweep.iterdir() if p.name.isdigit())
-    assert len(jobs) == 2 and all((j / "DONE").exists() and (j / "rl_summary.json").exists() for j in jobs)
-    weights = {yaml.safe_load((j / ".hydra" / "overrides.yaml").read_text())[-1] for j in jobs}
-    assert weights == {"reward.report_generation.weights.radgraph=0.5", "reward.report_generation.weights.radgraph=0.7"}
-    rows = _sweep_report(session_dir, tmp_path, sweep)
-    assert [r["status"] for r in rows] == ["DONE"] * 2
-    assert {r["reward.report_generation.weights.radgraph"] for r in rows} == {"0.5", "0.7"}
-    assert all(r["reward_last"] != "" for r in rows)
-    assert (sweep / "report" / "sweep.png").stat().st_size > 1000
-    # ranked by each job's own reward, whose weights differ between the jobs: the report says it is no comparison
-    assert "not comparable by it" in (sweep / "report" / "sweep.md").read_text()
 
 
 def test_a_slurm_sweep_with_a_refused_job_submits_nothing(session_dir, tmp_path, sft_adapter):

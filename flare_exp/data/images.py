@@ -166,17 +166,8 @@ def _check_image(path: str, window: tuple[float, float] | None, decode: bool = T
                     picture = upright_rgb(im, window, wide)
                     pixels, uniform = hashlib.sha1(picture.tobytes()).hexdigest(), flat_share(picture)
                     stretched = outlier_stretch(values) if window is None else None
-                    if stretched:
-                        pass  # said apart: a few extreme pixels set the stretch, the picture is not blank
-                    elif window is None and (narrow_integer_range(values) or stretched_noise(values, picture)):
-                        uniform = 1.0  # its own range stretched a blank frame's noise to full contrast
-                    elif uniform >= NEARLY_UNIFORM:
-                        side = clipped_side(window, values)
-                        # clipped on the bright side: a window too narrow (what it leaves is anatomy or a band,
-                        # no box), unless a field fills a box that a bright border surrounds (shutters stored bright)
-                        framed = (framed_content(picture, filled=FIELD_FILLS, edges_touched=0) if side == "above"
-                                  else framed_content(picture))
-                        clipped = side is not None and not framed
+                    if not stretched:  # else said apart: a few extreme pixels set the stretch, not blank
+                        uniform, framed, clipped = flatness(picture, values, window, uniform)
     except Image.DecompressionBombError as e:
         return ImageCheck(f"decompression bomb {Path(path).name}: {e} ({size}). If it is a true X-ray, save it "
                           "downscaled (every stage resizes it to model.max_pixels anyway) and prepare again",
@@ -285,6 +276,22 @@ def framed_content(picture, levels: int = 6, busy: float = 0.05, filled: float =
             or fill < filled:
         return False
     return _near_median(np.bincount(inside[box], minlength=256), levels)[1] < NEARLY_UNIFORM
+
+
+def flatness(picture, values, window, uniform: float) -> tuple[float, bool, bool]:
+    """(uniform, framed, clipped) of a decoded picture whose share of its most common level is ``uniform``: a
+    blank frame's noise its own range stretched to full contrast counts as flat (1.0); a nearly flat one is
+    framed (a collimated field) or clipped (data.image_window leaves little)."""
+    if window is None and (narrow_integer_range(values) or stretched_noise(values, picture)):
+        return 1.0, False, False
+    if uniform < NEARLY_UNIFORM:
+        return uniform, False, False
+    side = clipped_side(window, values)
+    # clipped on the bright side: a window too narrow (what it leaves is anatomy or a band, no box), unless a
+    # field fills a box that a bright border surrounds (shutters stored bright)
+    framed = (framed_content(picture, filled=FIELD_FILLS, edges_touched=0) if side == "above"
+              else framed_content(picture))
+    return uniform, framed, side is not None and not framed
 
 
 def stretched_noise(values, picture) -> bool:

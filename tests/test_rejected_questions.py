@@ -4,6 +4,8 @@ cover fewer questions than the split has."""
 import json
 import shutil
 
+import pytest
+
 from conftest import compose_cfg
 from flare_exp.data.rejects import rejected_questions
 from flare_exp.io import read_jsonl
@@ -178,3 +180,11 @@ def test_an_empty_test_question_file_and_datasets_left_out_keep_the_submission_a
     assert summary["datasets_left_out"] == ["boneresorption"]
     assert "infer: the test split has no question of dental (prepare read no question of theirs" in caplog.text
     assert "infer: the test split has no question of boneresorption (data.datasets left them out" in caplog.text
+    # the same prepared dir with every dataset asked for: said as left out by that prepare (it said "added")
+    from flare_exp.data.prepare_inputs import check_prepared_questions
+
+    every = compose_cfg(["stage=infer", *base_overrides, f"data.root={root}", f"data.prepared_dir={prepared}",
+                         "infer.split=test"])
+    with pytest.raises(ValueError, match=r"data.datasets names boneresorption, which the prepare in \S+ left out "
+                                         r"while testing holds their question files"):
+        check_prepared_questions(every, [prepared / "test.jsonl"])

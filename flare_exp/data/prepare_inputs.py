@@ -256,7 +256,15 @@ def check_prepared_questions(cfg, record_files: list[Path]) -> None:
     recorded = recorded_inputs(prepared) if root.is_dir() and prepared_summary(prepared) else None
     if recorded is None or not sources:
         return
-    now = [qf.path for qf in discover(question_files(root), list(cfg.data.datasets), sorted(sources))]
+    found = discover(question_files(root), list(cfg.data.datasets), sorted(sources))
+    prepared_with = prepared_datasets(prepared)
+    beyond = sorted({qf.dataset for qf in found if prepared_with is not None and qf.dataset not in prepared_with})
+    if beyond:  # their question files would read as "added" since the prepare
+        raise ValueError(f"data.datasets names {', '.join(beyond)}, which the prepare in {prepared} left out while "
+                         f"{', '.join(sorted(sources))} holds their question files (it prepared data.datasets="
+                         f"[{','.join(prepared_with)}]): launch with those, or prepare again with every dataset "
+                         "(another data.prepared_dir, or overwrite=true), then this")
+    now = [qf.path for qf in found]
     before = {k: v for k, v in recorded["question_files"].items() if sources & set(k.split("/"))}  # its splits'
     changes = question_changes(before, root, now)
     if changes:
@@ -264,3 +272,16 @@ def check_prepared_questions(cfg, record_files: list[Path]) -> None:
                          f"differ from those the prepare in {prepared} read, e.g. {changes[0]}: its records lack or "
                          "misstate those questions (a test submission would miss them while it says it is whole). "
                          "Prepare again (stage=prepare overwrite=true, or another data.prepared_dir), then this")
+
+
+def prepared_datasets(prepared: Path) -> list[str] | None:
+    """The data.datasets the prepare in ``prepared`` was run with (its config.yaml; None where that does not read)."""
+    from omegaconf import OmegaConf
+
+    from flare_exp.run.layout import CONFIG
+
+    try:
+        datasets = OmegaConf.to_container(OmegaConf.select(OmegaConf.load(prepared / CONFIG), "data.datasets"))
+    except Exception:  # noqa: BLE001  (missing, cut or hand-broken: the file comparison below says what it can)
+        return None
+    return [str(d) for d in datasets] if isinstance(datasets, list) else None

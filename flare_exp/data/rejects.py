@@ -39,8 +39,8 @@ def rejected_questions(split_file: Path) -> dict | None:
     aside: {"count", "reasons" (kind -> count), "file"}; where prepare rejected questions but which split they
     were for cannot be told (its rejects.jsonl predates the split tags, cannot be read, or is gone while its
     summary.json counts rejects): {"count": None, "at_most", "why", "file"}. None when none were rejected or
-    the file is no prepared split (another infer.input_file)."""
-    split_file = Path(split_file)
+    the file is no prepared split (another infer.input_file). Links are followed to the prepared dir."""
+    split_file = Path(split_file).resolve()
     if split_file.name not in SPLIT_FILES:
         return None
     rejects, split = split_file.parent / REJECTS, split_file.name.removesuffix(".jsonl")

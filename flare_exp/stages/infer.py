@@ -240,8 +240,8 @@ def run(cfg, out_dir: Path) -> dict:
     check_records_window(records, cfg.data.image_window, source)
     rejected = rejected_questions(source)  # the split's questions prepare left out: FLARE still scores them
     questions, by_id = len(records) + ((rejected or {}).get("count") or 0), {r["id"]: r for r in records}
-    # datasets with no question file under the split's FLARE folders (by the file read: a prepared test.jsonl as
-    # infer.input_file is a test submission all the same)
+    # the datasets prepare recorded the split as lacking, and whether the file read is prepare's split as written
+    # (a prepared test.jsonl as infer.input_file is a test submission all the same; a copy or part is not known)
     checked = what_the_split_lacks(source, records)
     split_ids = set(by_id)
     if inf.num_samples and inf.num_samples > 0:

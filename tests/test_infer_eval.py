@@ -740,7 +740,13 @@ def test_a_submission_appears_whole_or_not_at_all_and_never_beside_an_earlier_at
     subset = infer.write_submission(out, rows[:1], 4)
     assert subset.name == "submission_subset" and not whole.exists()
     assert sorted(p.name for p in subset.iterdir()) == ["chestdr_predictions.json", "predictions.json"]
+    assert "1 of the 4 test questions answered (3 left out by infer.num_samples)" in caplog.text
     assert infer.write_submission(out, rows, 4) == whole and whole.is_dir() and not subset.exists()
+    # short for prepare's rejects and infer.num_samples together: each reason said (only the rejects were)
+    rejected = {"count": 1, "reasons": {"missing image": 1}, "file": "rejects.jsonl"}
+    assert infer.write_submission(out, rows[:2], 5, rejected).name == "submission_subset"
+    assert "2 of the 5 test questions answered (1 question(s) of the test split that prepare rejected" in caplog.text
+    assert "each with overwrite=true; 2 left out by infer.num_samples)" in caplog.text
     # rows prepared before prepare kept each test question's record: rebuilt, and said
     assert "4 of the 4 test questions were prepared before prepare kept each question's record" in caplog.text
 

@@ -128,9 +128,11 @@ def write_submission(out_dir: Path, rows: list[dict], questions: int, rejected: 
                     "%s/, not submission/; for an upload, infer the test.jsonl prepare wrote (infer.split=test)",
                     len(rows), unverified, folder.name)
     if short:
-        why = (f"{describe_rejected(rejected, 'test')} have none: fix what each reject names (its image, or the "
-               "question record itself), then rerun stage=prepare and this infer, each with overwrite=true"
-               if rejected else "infer.num_samples")
+        cut = questions - ((rejected or {}).get("count") or 0) - len(rows)  # the split's records not asked for
+        reasons = [f"{describe_rejected(rejected, 'test')} have none: fix what each reject names (its image, or the "
+                   "question record itself), then rerun stage=prepare and this infer, each with overwrite=true"
+                   ] if rejected else []
+        why = "; ".join(reasons + ([f"{cut} left out by infer.num_samples"] if cut > 0 else []))
         log.warning("infer: %d of the %d test questions answered (%s): the files are in %s/, not submission/; FLARE "
                     "scores every question an upload lacks as wrong", len(rows), questions, why, folder.name)
     rebuilt = sum(not isinstance(r.get("question_record"), dict) for r in rows)

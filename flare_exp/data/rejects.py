@@ -117,8 +117,8 @@ def what_the_split_lacks(split_file: Path, records: list[dict]) -> SplitCheck:
     split_file = Path(split_file).resolve()
     summary = split_file.parent / "summary.json"
     if split_file.name not in SPLIT_FILES or not summary.exists():
-        return SplitCheck({}, f"{split_file} is no prepared split (a data.prepared_dir's {', '.join(SPLIT_FILES)} beside its "
-                    "summary.json): a copy, a part or a file of one's own")
+        return SplitCheck({}, f"{split_file} is no prepared split (a data.prepared_dir's {', '.join(SPLIT_FILES)} "
+                                  "beside its summary.json): a copy, a part or a file of one's own")
     try:
         recorded = json.loads(summary.read_text(encoding="utf-8"))
         if not isinstance(recorded, dict):

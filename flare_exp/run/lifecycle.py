@@ -192,10 +192,7 @@ def record_of_other_output(cfg, run_dir: Path, out_dir: Path) -> None:
     if cfg.overwrite:
         return
     if not (run_dir / DONE).exists():  # an unfinished run of another stage that left outputs to continue from
-        held = held_stage(run_dir)
-        left = left_by(held, run_dir) if held not in (None, "prepare") and run_dir.is_dir() else []
-        if left:
-            raise other_stage_refusal("prepare", held, run_dir, left)
+        check_other_stage("prepare", run_dir)
         return
     from omegaconf import OmegaConf
 

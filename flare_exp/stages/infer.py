@@ -321,7 +321,8 @@ def finish(cfg, out_dir: Path, records: list[dict], done: dict, label: str, gene
         log.warning("infer: %s have no prediction: the predictions cover %d of the split's %d questions",
                     describe_rejected(rejected, inf.split), len(rows), questions)
     summary = {"predictions": str(pred_path), "sheet": str(out_dir / "predictions.xlsx"), "label": label,
-               "checkpoint": inf.checkpoint, "adapter": adapter, "split": split_of(rows, inf.split), "samples": len(rows), "generated_now": generated,
+               "checkpoint": inf.checkpoint, "adapter": adapter, "split": split_of(rows, inf.split), "samples": len(rows),
+               "generated_now": generated,
                "reports_per_second": round(generated / elapsed, 3) if elapsed else None,
                "batch_size": inf.batch_size, "batch_size_choice": batch_choice, "max_new_tokens": inf.max_new_tokens,
                **(decoded_by or {"decode_loop": None, "inputs": None}),  # none decoded now (all resumed)
